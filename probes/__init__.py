@@ -1,0 +1,29 @@
+"""probes: instrument PyTorch training for people who study how networks learn.
+
+``probes.attach(model, ["pathgram", "relu_zeros"], probe_data=(x, y), logdir="runs/exp1")``
+hooks probes onto any ``nn.Module``; each probe returns records that the session hands
+to TensorBoard (or any other sink). Third-party packages add probes through the
+``probes`` entry-point group.
+"""
+
+from __future__ import annotations
+
+from probes import records
+from probes.plugins import ProbeInfo, hookimpl
+from probes.probe import Activation, Context, Probe, ProbeBatch, Site
+from probes.records import Histogram, Image, Scalar
+from probes.session import Session, attach
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "attach", "available", "Session", "Probe", "ProbeBatch", "Context", "Site", "Activation",
+    "ProbeInfo", "hookimpl", "records", "Scalar", "Histogram", "Image", "__version__",
+]
+
+
+def available() -> list[ProbeInfo]:
+    """Every probe that ``attach`` accepts: name, one-line description, and where it came from."""
+    from probes.plugins import available as _available
+
+    return _available()

@@ -1,0 +1,135 @@
+"""Records: what a probe returns. Sinks turn them into TensorBoard events, lists, ...
+
+A record carries a tag ``probe/site/quantity``; the session stamps the step when it
+hands records to the sinks. Values may stay on the model's device: the sink moves
+them to the host once, when it writes, so a probe never forces a host sync.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Union
+
+import numpy as np
+import torch
+
+Number = Union[float, int, torch.Tensor]
+
+DEFAULT_BINS = 64
+
+
+@dataclass
+class Scalar:
+    """One number, ``tag = probe/site/quantity``. ``value`` may be a 0-d tensor on any device."""
+
+    tag: str
+    value: Number
+    step: int | None = None
+
+    def item(self) -> float:
+        v = self.value
+        return float(v.item()) if isinstance(v, torch.Tensor) else float(v)
+
+
+@dataclass
+class Histogram:
+    """A histogram already binned (on the values' device) with ``Histogram.of``.
+
+    ``counts[i]`` counts finite values in ``[edges[i], edges[i+1])`` (the last bin is
+    closed). Non-finite values are left out of the bins and counted in ``nonfinite``;
+    the TensorBoard sink writes them as the scalar ``<tag>/nonfinite``.
+    """
+
+    tag: str
+    counts: torch.Tensor
+    edges: torch.Tensor
+    num: torch.Tensor
+    sum: torch.Tensor
+    sum_squares: torch.Tensor
+    min: torch.Tensor
+    max: torch.Tensor
+    nonfinite: torch.Tensor
+    step: int | None = None
+
+    @classmethod
+    def of(cls, tag: str, values: torch.Tensor, bins: int = DEFAULT_BINS) -> Histogram:
+        """Bin ``values`` on their own device: ``bins`` equal bins between min and max."""
+        v = values.detach().reshape(-1)
+        if not v.is_floating_point():
+            v = v.double()
+        v = v.to(torch.float64) if v.dtype == torch.float64 else v.float()
+        finite = torch.isfinite(v)
+        nonfinite = (~finite).sum()
+        fv = v[finite] if v.numel() else v
+        if fv.numel() == 0:
+            zero = torch.zeros((), dtype=v.dtype, device=v.device)
+            return cls(tag, torch.zeros(bins, device=v.device), torch.linspace(0, 1, bins + 1, device=v.device),
+                       zero.clone(), zero.clone(), zero.clone(), zero.clone(), zero.clone(), nonfinite)
+        lo, hi = fv.min(), fv.max()
+        # widen a degenerate range so that every value falls in a bin
+        span = torch.where(hi > lo, hi - lo, torch.ones_like(hi))
+        hi_e = torch.where(hi > lo, hi, lo + span)
+        edges = lo + (hi_e - lo) * torch.linspace(0, 1, bins + 1, device=v.device, dtype=v.dtype)
+        idx = ((fv - lo) / (hi_e - lo) * bins).floor().clamp_(0, bins - 1).long()
+        counts = torch.bincount(idx, minlength=bins).to(v.dtype)
+        return cls(tag, counts, edges, torch.tensor(fv.numel(), device=v.device, dtype=v.dtype),
+                   fv.sum(), (fv * fv).sum(), lo, hi, nonfinite)
+
+    def to_numpy(self) -> dict[str, np.ndarray | float]:
+        """Host copy (one transfer): the arguments of ``add_histogram_raw`` plus ``nonfinite``."""
+        n = self.counts.numel()
+        stats = torch.stack([torch.as_tensor(getattr(self, k), device=self.counts.device).double().reshape(())
+                             for k in ("min", "max", "num", "sum", "sum_squares", "nonfinite")])
+        host = torch.cat([self.counts.detach().double().reshape(-1), self.edges.detach().double().reshape(-1)
+                          .to(self.counts.device), stats]).cpu().numpy()
+        return {
+            "min": float(host[-6]), "max": float(host[-5]), "num": float(host[-4]),
+            "sum": float(host[-3]), "sum_squares": float(host[-2]), "nonfinite": int(host[-1]),
+            "bucket_counts": host[:n], "bucket_limits": host[n + 1:2 * n + 1],
+        }
+
+    def on_host(self) -> Histogram:
+        """The same histogram with every tensor on the CPU (one transfer)."""
+        h = self.to_numpy()
+        t = lambda v: torch.as_tensor(v, dtype=torch.float64)  # noqa: E731
+        edges = torch.cat([t([h["min"]]), t(h["bucket_limits"])])
+        return Histogram(self.tag, t(h["bucket_counts"]), edges, t(h["num"]), t(h["sum"]), t(h["sum_squares"]),
+                         t(h["min"]), t(h["max"]), torch.as_tensor(h["nonfinite"]), self.step)
+
+
+@dataclass
+class Image:
+    """An RGB image, ``pixels`` a uint8 array of shape (H, W, 3) (or a float array in [0, 1])."""
+
+    tag: str
+    pixels: np.ndarray = field(repr=False)
+    step: int | None = None
+
+    def as_uint8(self) -> np.ndarray:
+        p = np.asarray(self.pixels)
+        if p.dtype != np.uint8:
+            p = (np.clip(p, 0.0, 1.0) * 255).round().astype(np.uint8)
+        if p.ndim == 2:
+            p = np.stack([p] * 3, axis=-1)
+        if p.shape[-1] == 4:
+            p = p[..., :3]
+        return p
+
+
+Record = Union[Scalar, Histogram, Image]
+
+
+def to_host(records: list[Record]) -> list[Record]:
+    """Move every record's values to the host: tensor scalars of one device in one transfer."""
+    out: list[Record] = list(records)
+    by_device: dict[torch.device, list[int]] = {}
+    for i, r in enumerate(out):
+        if isinstance(r, Scalar) and isinstance(r.value, torch.Tensor):
+            by_device.setdefault(r.value.device, []).append(i)
+        elif isinstance(r, Histogram) and r.counts.device.type != "cpu":
+            out[i] = r.on_host()
+    for idxs in by_device.values():
+        values = torch.stack([out[i].value.detach().reshape(()).double() for i in idxs]).cpu().tolist()
+        for i, v in zip(idxs, values):
+            out[i] = Scalar(out[i].tag, v, out[i].step)
+    return out
