@@ -113,7 +113,7 @@ class Capture:
         self.functional = functional  # None: auto (on until a forward shows there are no functional sites)
         self.multi: set[str] = set()
         self.kinds: dict[str, str] = {}
-        self._sites: dict[tuple[str, int, bool], Site] = {}
+        self._sites: dict[tuple[str, int, bool, str], Site] = {}
         self._counts: dict[tuple[str, bool], int] = {}
         self._buffer: list[tuple[str, int, bool, str, nn.Module | None, torch.Tensor, torch.Tensor]] = []
         self._depth = 0
@@ -128,11 +128,11 @@ class Capture:
 
     # -- naming ---------------------------------------------------------------------
     def site(self, path: str, call: int, functional: bool, kind: str, module: nn.Module | None) -> Site:
-        key = (path, call, functional)
+        key = (path, call, functional, kind)
         site = self._sites.get(key)
-        base = f"{path or 'forward'}:{kind}" if functional else path
-        name = site_name(base, call, base in self.multi)
-        if site is None or site.name != name:
+        if site is None:  # the cache is cleared whenever a module turns out to be called several times
+            base = f"{path or 'forward'}:{kind}" if functional else path
+            name = site_name(base, call, base in self.multi)
             site = Site(name=name, path=path, kind=kind, call=call, functional=functional, module=module)
             self._sites[key] = site
         return site
@@ -209,8 +209,9 @@ class Capture:
             if self.functional is None and not any(k[1] for k in self._counts):
                 self.functional = False  # auto: this model makes no functional activation calls
         for (base, _), n in self._counts.items():
-            if n > 1:
+            if n > 1 and base not in self.multi:
                 self.multi.add(base)
+                self._sites.clear()
         entries, self._buffer = self._buffer, []
         self._counts = {}
         self.forwards_seen += 1

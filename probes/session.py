@@ -154,7 +154,7 @@ class Session:
         self.failures: dict[str, str] = {}
         self._step = 0
         self._last_measured: int | None = None
-        self._wanted: dict[tuple[str, Site], bool] = {}
+        self._observers: dict[str, list[tuple[str, Probe]]] = {}
         self._closed = False
         self.capture = Capture(self.module, functional=functional)
         context = Context(self.module, self.x, self.y, self.logdir, self.device)
@@ -301,13 +301,12 @@ class Session:
         warnings.warn(msg, ProbeFailedWarning, stacklevel=3)
 
     def _observe(self, site: Site, pre: torch.Tensor, post: torch.Tensor) -> None:
-        for name in self.passive:
-            key = (name, site)
-            wanted = self._wanted.get(key)
-            probe = self.probes[name]
-            if wanted is None:
-                wanted = self._wanted[key] = bool(probe.wants(site))
-            if wanted and name not in self.failures:
+        observers = self._observers.get(site.name)
+        if observers is None:
+            observers = self._observers[site.name] = [
+                (n, self.probes[n]) for n in self.passive if self.probes[n].wants(site)]
+        for name, probe in observers:
+            if name not in self.failures:
                 try:
                     probe.observe(site, pre, post)
                 except Exception as exc:  # noqa: BLE001 - reported, probe disabled
