@@ -125,6 +125,8 @@ class Probe:
     passive: ClassVar[bool] = False
     needs_sites: ClassVar[bool] = False
     needs_probe_data: ClassVar[bool] = True
+    #: extra module types to treat as sites (beyond the activation modules), e.g. ``(nn.MaxPool2d,)``
+    site_types: ClassVar[tuple[type[nn.Module], ...]] = ()
 
     def setup(self, context: Context) -> None:
         """Called once at attach; raise a clear error here when the model does not fit."""

@@ -156,7 +156,8 @@ class Session:
         self._last_measured: int | None = None
         self._observers: dict[str, list[tuple[str, Probe]]] = {}
         self._closed = False
-        self.capture = Capture(self.module, functional=functional)
+        extra = tuple({t for p in self.probes.values() for t in getattr(p, "site_types", ())})
+        self.capture = Capture(self.module, extra_sites=extra, functional=functional)
         context = Context(self.module, self.x, self.y, self.logdir, self.device)
         for probe in self.probes.values():
             probe.setup(context)

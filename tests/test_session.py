@@ -266,3 +266,20 @@ def test_records_must_be_tagged_with_the_probe_name(shared_relu_mlp):
         s = probes.attach(shared_relu_mlp, [BadTags()], probe_data=torch.randn(2, 12))
     assert "badtags" in s.failures and "must start with" in s.failures["badtags"]
     assert any("badtags" in str(w.message) for w in rec)
+
+
+def test_a_probe_can_ask_for_more_site_types():
+    seen = {}
+
+    class PoolSites(probes.Probe):
+        name = "poolsites"
+        needs_sites = True
+        site_types = (nn.MaxPool1d,)
+
+        def measure(self, batch):
+            seen.update(batch.activations)
+            return []
+
+    model = nn.Sequential(nn.Conv1d(1, 2, 3), nn.MaxPool1d(2), nn.Flatten(), nn.Linear(12, 1))
+    probes.attach(model, [PoolSites()], probe_data=torch.randn(3, 1, 14)).close()
+    assert set(seen) == {"1"} and seen["1"].post.shape == (3, 2, 6)
