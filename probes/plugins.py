@@ -21,6 +21,13 @@ hookimpl = pluggy.HookimplMarker("probes")
 ENTRY_POINT_GROUP = "probes"
 
 
+class UnknownProbeError(KeyError):
+    """A probe or sink name that no plugin provides; the message lists what is available."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
 class ProbesPluginWarning(UserWarning):
     """A plugin could not be loaded or returned something that is not a probe."""
 
@@ -138,11 +145,11 @@ def probe_class(name: str) -> type:
         return table[name].cls
     close = difflib.get_close_matches(name, table, n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""
-    raise KeyError(f"unknown probe {name!r}.{hint} Available: {', '.join(sorted(table))}")
+    raise UnknownProbeError(f"unknown probe {name!r}.{hint} Available: {', '.join(sorted(table))}")
 
 
 def sink_class(name: str) -> type:
     table = sink_table()
     if name in table:
         return table[name]
-    raise KeyError(f"unknown sink {name!r}; available: {', '.join(sorted(table))}")
+    raise UnknownProbeError(f"unknown sink {name!r}; available: {', '.join(sorted(table))}")
