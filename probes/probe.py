@@ -80,7 +80,7 @@ class ProbeBatch:
     model: nn.Module
     x: Any
     y: torch.Tensor | None
-    output: torch.Tensor
+    output: torch.Tensor | None
     activations: dict[str, Activation]
     step: int
     logdir: str | None = None
@@ -88,7 +88,10 @@ class ProbeBatch:
 
     @property
     def size(self) -> int:
-        return int(self.output.shape[0])
+        """Number of probe samples P (0 when the session has no probe batch)."""
+        if isinstance(self.output, torch.Tensor):
+            return int(self.output.shape[0])
+        return int(self.x.shape[0]) if isinstance(self.x, torch.Tensor) else 0
 
     def targets(self, probe: str = "probe", num_classes: int | None = None) -> torch.Tensor:
         """Labels as a float64 P x C matrix (binary as +-1 in one column, classes one-hot)."""

@@ -1,0 +1,444 @@
+"""particles: the hidden units of a two-layer net as particles (seed 001; Chizat & Bach 2018).
+
+For ``f(x) = sum_j a_j sigma(w_j . x + b_j)`` (any output scale: ``nn.Linear`` pairs or the
+``1/m`` ``probes.meanfield.MeanField``), hidden unit ``j`` is a particle with position
+
+- ``signed=True`` (default, as the seed plots it): ``p_j = a_j w_j``;
+- ``signed=False`` (as Chizat & Bach's figures): ``p_j = |a_j| w_j``, coloured by the sign of ``a_j``;
+
+with ``w_j`` replaced by ``(w_j, b_j)`` when ``bias=True``. The scale factor of the output
+(``1/m`` in the mean-field module) is the particle's mass, not part of its position.
+Several outputs: ``a_j`` is the column ``A[:, j]`` of the output weight ``A`` (C x m);
+``output_index=c`` uses the scalar ``a_j = A[c, j]``; otherwise ``a_j`` is replaced by its
+Euclidean norm ``||A[:, j]||_2`` (signs are then undefined and particles are drawn in one colour).
+
+Positions in ``R^D`` are drawn as they are when ``D = 2``; otherwise projected on a basis
+``B`` (D x 2) fixed at the first measurement: the top two principal directions of the initial
+cloud (centred; ``basis="init"``, default), of the teacher rows (uncentred; ``basis="teacher"``),
+or a given matrix (used as it is, not orthonormalised).
+
+Records: scalar ``particles/mean_norm`` (mean of ``|a_j| ||w_j||``, the norm of ``p_j`` in
+``R^D``), histogram ``particles/norms`` (the ``|a_j| ||w_j||``), image ``particles/positions``
+(current particles as dots, red ``a_j >= 0``, blue ``a_j < 0``; faint trails since attach;
+teacher directions as black lines through the origin with a ring at each teacher row). Lines,
+not rays: without bias, ``relu(w.x) - relu(-w.x) = w.x`` is linear, so units at ``w*`` and
+``-w*`` have the same kinks and a student may split a teacher unit's mass between the two rays
+of its line, the linear remainder being made up by the other lines (the example
+``examples/meanfield_particles.py`` shows it). Axes are symmetric about the origin and only
+ever grow, so consecutive images make a movie.
+
+Trails live in one fixed-size tensor of ``trail`` positions per particle (part of the state
+dict). ``trail_mode="thin"`` (default) keeps the whole history since attach: when the buffer is
+full every other position is dropped and later ones are stored at half the rate, so the trail
+always starts at the initialisation. ``trail_mode="ring"`` keeps the last ``trail`` positions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from probes.meanfield import MeanField
+from probes.probe import Context, Probe, ProbeBatch
+from probes.records import Histogram, Image, Record, Scalar
+from probes.render import Canvas
+
+POSITIVE = np.array([214, 39, 40], dtype=np.uint8)
+NEGATIVE = np.array([31, 119, 180], dtype=np.uint8)
+UNSIGNED = np.array([148, 103, 189], dtype=np.uint8)
+TEACHER = np.array([0, 0, 0], dtype=np.uint8)
+
+
+def _faint(color: np.ndarray, alpha: float = 0.3) -> np.ndarray:
+    return np.round(alpha * color.astype(np.float64) + (1 - alpha) * 255.0).astype(np.uint8)
+
+
+def _leaves(model: nn.Module, prefix: str = "") -> list[tuple[str, nn.Module]]:
+    out = []
+    for path, mod in model.named_modules(prefix=prefix):
+        if not any(True for _ in mod.children()):
+            out.append((path, mod))
+    return out
+
+
+def _has_params(mod: nn.Module) -> bool:
+    return any(True for _ in mod.parameters(recurse=False))
+
+
+def _describe(leaves: list[tuple[str, nn.Module]]) -> str:
+    shown = [f"{p or '<root>'} ({type(m).__name__})" for p, m in leaves if _has_params(m)]
+    return ", ".join(shown[:12]) + (" ..." if len(shown) > 12 else "") if shown else "none"
+
+
+def find_two_layer(model: nn.Module, layer: str | None = None) -> tuple[str, nn.Linear, str, nn.Linear]:
+    """Locate the hidden and output ``nn.Linear`` of a two-layer net: ``(hidden_path, hidden, out_path, out)``.
+
+    ``layer`` names the hidden ``nn.Linear``, a ``MeanField`` module, or a sub-module that is itself
+    a two-layer net. Without it: the one ``MeanField`` inside ``model``, else the model's only two
+    parametrised leaves, which must be Linear layers with ``hidden.out_features == out.in_features``
+    (parameter-free modules such as activations may sit between them).
+    """
+    who = type(model).__name__
+    prefix = ""
+    target = model
+    if layer is not None:
+        try:
+            target = model.get_submodule(layer)
+        except AttributeError as exc:
+            names = [p for p, _ in model.named_modules() if p]
+            raise ValueError(f"particles: model {who} has no module {layer!r}; its modules: "
+                             f"{', '.join(names[:20]) or 'none'}") from exc
+        prefix = layer
+    if isinstance(target, MeanField):
+        p = f"{prefix}." if prefix else ""
+        return p + "hidden", target.hidden, p + "output", target.output
+    if layer is None:
+        fields = [(p, m) for p, m in model.named_modules() if isinstance(m, MeanField)]
+        if len(fields) == 1:
+            p = f"{fields[0][0]}." if fields[0][0] else ""
+            return p + "hidden", fields[0][1].hidden, p + "output", fields[0][1].output
+        if len(fields) > 1:
+            raise ValueError(f"particles: model {who} holds {len(fields)} MeanField modules "
+                             f"({', '.join(p for p, _ in fields)}); name one with layer=")
+    leaves = _leaves(model)
+    if isinstance(target, nn.Linear):
+        # the hidden layer is named: its output layer is the next Linear (registration order)
+        idx = next(i for i, (p, _) in enumerate(leaves) if p == layer)
+        for path, mod in leaves[idx + 1:]:
+            if isinstance(mod, nn.Linear):
+                if mod.in_features != target.out_features:
+                    raise ValueError(f"particles: in model {who}, the Linear after {layer!r} is {path!r} with "
+                                     f"{mod.in_features} inputs, but {layer!r} has {target.out_features} units; "
+                                     "this is not a two-layer net Linear -> activation -> Linear")
+                return layer, target, path, mod
+            if _has_params(mod) and not isinstance(mod, nn.PReLU):
+                raise ValueError(f"particles: in model {who}, {path!r} ({type(mod).__name__}) has parameters "
+                                 f"between the hidden layer {layer!r} and the output layer; particles needs "
+                                 "Linear -> activation -> Linear")
+        raise ValueError(f"particles: in model {who}, no Linear layer follows {layer!r}; particles needs "
+                         "Linear -> activation -> Linear")
+    sub = _leaves(target, prefix)
+    with_params = [(p, m) for p, m in sub if _has_params(m) and not isinstance(m, nn.PReLU)]
+    where = f"module {prefix!r} of model {who}" if prefix else f"model {who}"
+    if len(with_params) != 2 or not all(isinstance(m, nn.Linear) for _, m in with_params):
+        raise ValueError(f"particles: {where} is not a two-layer net Linear -> activation -> Linear "
+                         f"(parametrised modules: {_describe(sub)}); name the hidden Linear with layer=, "
+                         "or use probes.meanfield.MeanField")
+    (hp, hidden), (op, out) = with_params
+    if hidden.out_features != out.in_features:
+        raise ValueError(f"particles: in {where}, {hp!r} has {hidden.out_features} units but {op!r} takes "
+                         f"{out.in_features} inputs; this is not a two-layer net")
+    return hp, hidden, op, out
+
+
+def _complete(v: torch.Tensor, dim: int) -> torch.Tensor:
+    """Extend orthonormal columns ``v`` (dim x k, k <= 2) to two orthonormal columns."""
+    if v.shape[1] >= 2:
+        return v[:, :2]
+    eye = torch.eye(dim, dtype=v.dtype, device=v.device)
+    q, _ = torch.linalg.qr(torch.cat([v, eye], dim=1))
+    return q[:, :2]
+
+
+def _principal(points: torch.Tensor, center: bool) -> torch.Tensor:
+    """Top two principal directions (D x 2, float64) of the rows of ``points``, signs made deterministic."""
+    x = points.double()
+    if center:
+        x = x - x.mean(dim=0, keepdim=True)
+    _, _, vh = torch.linalg.svd(x, full_matrices=False)
+    v = _complete(vh[:2].T.contiguous(), x.shape[1])
+    # sign convention: the largest-magnitude entry of each direction is positive
+    pick = v.abs().argmax(dim=0)
+    sign = torch.sign(v[pick, torch.arange(2, device=v.device)])
+    return v * torch.where(sign == 0, torch.ones_like(sign), sign)
+
+
+def draw_segments(canvas: Canvas, x0, y0, x1, y1, colors: np.ndarray) -> None:
+    """Rasterise many segments at once (data coordinates), ``colors`` one RGB row per segment."""
+    a, b = canvas.to_pixels(np.asarray(x0), np.asarray(y0))
+    c, d = canvas.to_pixels(np.asarray(x1), np.asarray(y1))
+    ok = np.isfinite(a) & np.isfinite(b) & np.isfinite(c) & np.isfinite(d)
+    a, b, c, d, colors = a[ok], b[ok], c[ok], d[ok], np.asarray(colors, dtype=np.uint8)[ok]
+    if a.size == 0:
+        return
+    h, w = canvas.pixels.shape[:2]
+    n = np.clip(np.ceil(np.maximum(np.abs(c - a), np.abs(d - b))).astype(np.int64) + 1, 1, 2 * (w + h))
+    seg = np.repeat(np.arange(a.size), n)
+    start = np.cumsum(n) - n
+    t = (np.arange(seg.size) - start[seg]) / np.maximum(n - 1, 1)[seg]
+    xx = np.round(a[seg] + (c - a)[seg] * t).astype(np.int64)
+    yy = np.round(b[seg] + (d - b)[seg] * t).astype(np.int64)
+    keep = (xx >= 0) & (xx < w) & (yy >= 0) & (yy < h)
+    canvas.pixels[yy[keep], xx[keep]] = colors[seg[keep]]
+
+
+class Particles(Probe):
+    """Hidden units of a two-layer net as particles ``a_j w_j`` with trails (Chizat & Bach 2018).
+
+    Options: ``layer`` (module path of the hidden Linear, of a ``MeanField``, or of a two-layer
+    sub-module), ``teacher`` (an M x D tensor of teacher positions drawn as lines through the origin,
+    or a tuple ``(a, W)`` / ``(a, W, b)`` of teacher output weights (M,) and input weights (M x d),
+    turned into positions as the student's), ``trail`` (positions kept per particle),
+    ``trail_mode`` ("thin" or "ring"), ``basis`` ("init", "teacher" or a D x 2 matrix),
+    ``signed``, ``bias`` (append ``b_j`` to ``w_j``), ``output_index`` (which output's weight is
+    ``a_j`` when there are several), ``size`` (image side in pixels), ``limit`` (fixed half-width
+    of the axes instead of grow-only).
+    """
+
+    name = "particles"
+    description = "two-layer nets as particles a_j w_j with trails, teacher directions and norms (Chizat & Bach 2018)"
+    every = 20
+    passive = False
+    needs_sites = False
+    needs_probe_data = False
+
+    def __init__(self, layer: str | None = None, teacher: Any = None, trail: int = 200, trail_mode: str = "thin",
+                 basis: Any = "init", signed: bool = True, bias: bool = False, output_index: int | None = None,
+                 size: int = 480, limit: float | None = None) -> None:
+        if int(trail) < 2:
+            raise ValueError(f"particles: trail must keep at least 2 positions, got {trail}")
+        if trail_mode not in ("thin", "ring"):
+            raise ValueError(f"particles: trail_mode must be 'thin' or 'ring', got {trail_mode!r}")
+        if int(size) < 32:
+            raise ValueError(f"particles: size must be at least 32 pixels, got {size}")
+        if limit is not None and not (float(limit) > 0 and np.isfinite(float(limit))):
+            raise ValueError(f"particles: limit must be a positive number, got {limit}")
+        if isinstance(basis, str) and basis not in ("init", "teacher"):
+            raise ValueError(f"particles: basis must be 'init', 'teacher' or a D x 2 matrix, got {basis!r}")
+        if isinstance(basis, str) and basis == "teacher" and teacher is None:
+            raise ValueError("particles: basis='teacher' needs teacher=")
+        self.layer = layer
+        self._who = "particles"
+        self.teacher_spec = teacher
+        self.trail = int(trail)
+        self.trail_mode = trail_mode
+        self.basis_spec = basis
+        self.signed = bool(signed)
+        self.bias = bool(bias)
+        self.output_index = output_index
+        self.size = int(size)
+        self.fixed_limit = float(limit) if limit is not None else None
+        self.hidden: nn.Linear | None = None
+        self.out: nn.Linear | None = None
+        self.paths: tuple[str, str] = ("", "")
+        self.teacher: torch.Tensor | None = None  # M x D float64 positions
+        self.teacher_sign: torch.Tensor | None = None  # M bool (a >= 0) or None
+        self.basis: torch.Tensor | None = None  # D x 2 float64, fixed at the first measurement
+        self._buf: torch.Tensor | None = None  # trail x m x 2 float64 (CPU)
+        self._filled = 0
+        self._stride = 1
+        self._seen = 0
+        self._limit = 0.0
+
+    # -- set-up -----------------------------------------------------------------------
+    @property
+    def dim(self) -> int:
+        """``D``: the dimension of a particle's position (inputs, plus one with ``bias=True``)."""
+        assert self.hidden is not None
+        return self.hidden.in_features + int(self.bias)
+
+    @property
+    def width(self) -> int:
+        assert self.hidden is not None
+        return self.hidden.out_features
+
+    def setup(self, context: Context) -> None:
+        model = context.model
+        hp, hidden, op, out = find_two_layer(model, self.layer)
+        who = f"particles ({type(model).__name__}.{hp})"
+        if self.bias and hidden.bias is None:
+            raise ValueError(f"{who}: bias=True but the hidden layer has no bias")
+        c = out.out_features
+        if self.output_index is not None and not (0 <= int(self.output_index) < c):
+            raise ValueError(f"{who}: output_index={self.output_index} but the output layer has {c} outputs")
+        self.hidden, self.out, self.paths = hidden, out, (hp, op)
+        self._who = who
+        dev = hidden.weight.device
+        if self.teacher_spec is not None:
+            self.teacher, self.teacher_sign = self._teacher_positions(self.teacher_spec, dev)
+        if not isinstance(self.basis_spec, str) and self.basis_spec is not None:
+            b = torch.as_tensor(self.basis_spec).detach().to(device=dev, dtype=torch.float64)
+            if b.shape != (self.dim, 2):
+                raise ValueError(f"{who}: basis must be a {self.dim} x 2 matrix (D = {self.dim} = input dimension"
+                                 f"{' + 1 for the bias' if self.bias else ''}), got shape {tuple(b.shape)}")
+            if not torch.isfinite(b).all():
+                raise ValueError(f"{who}: basis has NaN or infinite entries")
+            self.basis = b
+        elif self.dim <= 2 and self.basis_spec != "teacher":
+            self.basis = torch.eye(self.dim, 2, dtype=torch.float64, device=dev)
+        elif self.basis_spec == "teacher":
+            assert self.teacher is not None
+            self.basis = _principal(self.teacher, center=False)
+        if self._buf is None or self._buf.shape[1] != self.width:
+            self._buf = torch.full((self.trail, self.width, 2), float("nan"), dtype=torch.float64)
+            self._filled, self._stride, self._seen, self._limit = 0, 1, 0, 0.0
+
+    def _teacher_positions(self, spec: Any, dev: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        who, dim = self._who, self.dim
+        if isinstance(spec, (tuple, list)):
+            if len(spec) not in (2, 3):
+                raise ValueError(f"{who}: teacher must be an M x {dim} tensor or a tuple (a, W) / (a, W, b)")
+            a = torch.as_tensor(spec[0]).detach().to(dev, torch.float64).reshape(-1)
+            w = torch.as_tensor(spec[1]).detach().to(dev, torch.float64)
+            if w.ndim != 2 or w.shape[0] != a.shape[0] or w.shape[1] != self.hidden.in_features:
+                raise ValueError(f"{who}: teacher (a, W) needs a of shape (M,) and W of shape "
+                                 f"(M, {self.hidden.in_features}), got {tuple(a.shape)} and {tuple(w.shape)}")
+            if self.bias:
+                if len(spec) != 3:
+                    raise ValueError(f"{who}: bias=True needs the teacher as (a, W, b)")
+                b = torch.as_tensor(spec[2]).detach().to(dev, torch.float64).reshape(-1, 1)
+                if b.shape[0] != a.shape[0]:
+                    raise ValueError(f"{who}: teacher b has {b.shape[0]} entries for {a.shape[0]} units")
+                w = torch.cat([w, b], dim=1)
+            pos = (a if self.signed else a.abs())[:, None] * w
+            sign = a >= 0
+        else:
+            pos = torch.as_tensor(spec).detach().to(dev, torch.float64)
+            if pos.ndim == 1:
+                pos = pos[None]
+            if pos.ndim != 2 or pos.shape[1] != dim:
+                raise ValueError(f"{who}: teacher must be an M x {dim} tensor of positions (D = input dimension"
+                                 f"{' + 1 for the bias' if self.bias else ''}), got shape {tuple(pos.shape)}")
+            sign = None
+        if pos.shape[0] == 0 or not torch.isfinite(pos).all():
+            raise ValueError(f"{who}: teacher must have at least one row and only finite entries")
+        return pos, sign
+
+    # -- measurement ----------------------------------------------------------------
+    @torch.no_grad()
+    def positions(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """``(p, sign, norms)``: positions (m x D float64), ``a_j >= 0`` (or None) and ``|a_j| ||w_j||``."""
+        if self.hidden is None:
+            raise RuntimeError("particles: positions() before setup; attach the probe first")
+        w = self.hidden.weight.detach().double()
+        if self.bias:
+            w = torch.cat([w, self.hidden.bias.detach().double()[:, None]], dim=1)
+        a_all = self.out.weight.detach().double()
+        if a_all.shape[0] == 1 or self.output_index is not None:
+            a = a_all[0 if self.output_index is None else int(self.output_index)]
+            sign = a >= 0
+        else:
+            a = a_all.norm(dim=0)
+            sign = None
+        p = (a if self.signed else a.abs())[:, None] * w
+        norms = a.abs() * w.norm(dim=1)
+        return p, sign, norms
+
+    def trails(self) -> torch.Tensor:
+        """Stored projected positions in time order, shape (k, m, 2) with ``k <= trail``."""
+        if self._buf is None:
+            return torch.zeros(0, 0, 2, dtype=torch.float64)
+        if self.trail_mode == "ring" and self._seen > self.trail:
+            return torch.roll(self._buf, -(self._seen % self.trail), dims=0)
+        return self._buf[:self._filled]
+
+    def _store(self, xy: torch.Tensor) -> None:
+        n = self._seen
+        self._seen += 1
+        buf = self._buf
+        if self.trail_mode == "ring":
+            buf[n % self.trail] = xy
+            self._filled = min(self._filled + 1, self.trail)
+            return
+        if n % self._stride:
+            return
+        if self._filled == self.trail:
+            kept = buf[0:self.trail:2].clone()
+            buf.fill_(float("nan"))
+            buf[:kept.shape[0]] = kept
+            self._filled = kept.shape[0]
+            self._stride *= 2
+            if n % self._stride:
+                return
+        buf[self._filled] = xy
+        self._filled += 1
+
+    def measure(self, batch: ProbeBatch) -> Sequence[Record]:
+        if self.hidden is None:
+            self.setup(Context(batch.model))
+        p, sign, norms = self.positions()
+        if self.basis is None:
+            if not torch.isfinite(p).all():
+                raise ValueError(f"{self._who}: non-finite weights at the first measurement; "
+                                 "cannot fix the projection basis")
+            self.basis = _principal(p, center=True)
+        xy = (p @ self.basis).cpu()
+        self._store(xy)
+        records: list[Record] = [Scalar("particles/mean_norm", norms.mean()),
+                                 Histogram.of("particles/norms", norms)]
+        records.append(Image("particles/positions", self.render(xy, None if sign is None else sign.cpu())))
+        return records
+
+    # -- image ----------------------------------------------------------------------
+    def render(self, xy: torch.Tensor, sign: torch.Tensor | None) -> np.ndarray:
+        """The image: trails, teacher lines, current particles ``xy`` (m x 2); uint8 (size, size, 3)."""
+        cur = xy.numpy()
+        hist = self.trails().numpy()
+        teacher = (self.teacher @ self.basis).cpu().numpy() if self.teacher is not None else np.zeros((0, 2))
+        if self.fixed_limit is not None:
+            lim = self.fixed_limit
+        else:
+            pts = np.concatenate([cur.reshape(-1), hist.reshape(-1), teacher.reshape(-1)])
+            pts = np.abs(pts[np.isfinite(pts)])
+            self._limit = max(self._limit, 1.08 * float(pts.max()) if pts.size else 0.0)
+            lim = self._limit if self._limit > 0 else 1.0
+        s = self.size
+        canvas = Canvas(s, s, (-lim, lim), (-lim, lim), margin=max(4, s // 40))
+        grey = np.array([[225, 225, 225]], dtype=np.uint8)
+        draw_segments(canvas, [-lim, 0.0], [0.0, -lim], [lim, 0.0], [0.0, lim], np.repeat(grey, 2, 0))
+        canvas.frame()
+        m = cur.shape[0]
+        if sign is None:
+            colors = np.repeat(UNSIGNED[None], m, 0)
+        else:
+            colors = np.where(sign.numpy()[:, None], POSITIVE[None], NEGATIVE[None]).astype(np.uint8)
+        # trails: the stored history, then on to the current position
+        path = np.concatenate([hist, cur[None]], axis=0) if hist.shape[0] else cur[None]
+        if path.shape[0] > 1:
+            a, b = path[:-1].reshape(-1, 2), path[1:].reshape(-1, 2)
+            seg_colors = np.tile(_faint(colors), (path.shape[0] - 1, 1))
+            draw_segments(canvas, a[:, 0], a[:, 1], b[:, 0], b[:, 1], seg_colors)
+        # teacher directions: lines through the origin and each row, a ring at the row itself
+        if teacher.shape[0]:
+            norm = np.linalg.norm(teacher, axis=1)
+            ok = norm > 0
+            ends = teacher[ok] / norm[ok, None] * lim * 1.5
+            if self.teacher_sign is not None and not self.signed:
+                tcol = np.where(self.teacher_sign.cpu().numpy()[ok, None], POSITIVE // 2, NEGATIVE // 2)
+            else:
+                tcol = np.repeat(TEACHER[None], int(ok.sum()), 0)
+            draw_segments(canvas, -ends[:, 0], -ends[:, 1], ends[:, 0], ends[:, 1], tcol.astype(np.uint8))
+            r = max(3, s // 100)
+            canvas.points(teacher[:, 0], teacher[:, 1], TEACHER, radius=r + 2)
+            canvas.points(teacher[:, 0], teacher[:, 1], (255, 255, 255), radius=r)
+        ok = np.isfinite(cur).all(axis=1)
+        canvas.points(cur[ok, 0], cur[ok, 1], colors[ok], radius=max(2, s // 160))
+        return canvas.pixels
+
+    # -- checkpoints ----------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"basis": None if self.basis is None else self.basis.detach().cpu().clone(),
+                "trail": None if self._buf is None else self._buf.clone(),
+                "filled": self._filled, "stride": self._stride, "seen": self._seen, "limit": self._limit}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        buf = state.get("trail")
+        if buf is not None:
+            if buf.shape[0] != self.trail or (self._buf is not None and buf.shape != self._buf.shape):
+                want = tuple(self._buf.shape) if self._buf is not None else (self.trail, "m", 2)
+                raise ValueError(f"particles: saved trail has shape {tuple(buf.shape)}, this probe keeps {want}")
+            self._buf = buf.clone().double()
+        basis = state.get("basis")
+        if basis is not None:
+            dev = self.hidden.weight.device if self.hidden is not None else torch.device("cpu")
+            if self.hidden is not None and basis.shape != (self.dim, 2):
+                raise ValueError(f"particles: saved basis has shape {tuple(basis.shape)}, expected ({self.dim}, 2)")
+            self.basis = basis.to(device=dev, dtype=torch.float64)
+        self._filled = int(state.get("filled", 0))
+        self._stride = int(state.get("stride", 1))
+        self._seen = int(state.get("seen", 0))
+        self._limit = float(state.get("limit", 0.0))
