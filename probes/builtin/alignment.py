@@ -1,0 +1,141 @@
+"""``alignment``: centered kernel alignment of each site's features with the labels (seed 004).
+
+For the features ``F`` of a site (the activation's **output**, ``Activation.post``, flattened per
+sample: the hidden features the next layer sees) and the targets ``Y`` (one-hot classes, +-1 for
+two classes, or the regression targets), the probe logs the centered alignment
+(Cortes, Mohri & Rostamizadeh 2012) of the linear kernel ``F F^T`` with ``Y Y^T``,
+
+    rho = ||Fc^T Yc||_F^2 / (||Fc^T Fc||_F ||Yc^T Yc||_F)     (column-centered Fc, Yc),
+
+i.e. linear CKA between features and labels. ``||Fc^T Fc||_F`` is computed from the ``d x d`` matrix
+when the feature dimension ``d`` is below ``P`` and from the ``P x P`` matrix ``Fc Fc^T`` otherwise;
+no ``P x P`` matrix is built when ``d < P``; float64 throughout (``probes.kernels``).
+
+Tags: ``alignment/<site>/cka`` for every selected activation site and ``alignment/output/cka`` for
+the model output. Options: ``sites`` (names or fnmatch patterns; default every activation site),
+``output`` (default True), ``degenerate`` (``"skip"``, the default: a site whose
+features center to zero on the probe batch, a dead layer, is left out with one warning, so the
+other sites keep logging; ``"raise"``: such a site is an error that switches the probe off).
+Constant labels are an error at attach.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import warnings
+from collections.abc import Sequence
+
+import torch
+
+from probes.kernels import DegenerateKernelError, _prepare, _Prepared
+from probes.probe import Context, Probe, ProbeBatch
+from probes.records import Record, Scalar
+from probes.targets import label_matrix
+
+OUTPUT = "output"
+
+
+class Alignment(Probe):
+    """Centered alignment (linear CKA) of each site's post-activation features with ``Y Y^T``."""
+
+    name = "alignment"
+    description = "centered kernel alignment (linear CKA) of each site's features and the output with Y Y^T"
+    every = 100
+    passive = False
+    needs_sites = True
+    needs_probe_data = True
+
+    def __init__(self, sites: str | Sequence[str] | None = None, output: bool = True,
+                 degenerate: str = "skip") -> None:
+        if isinstance(sites, str):
+            sites = [sites]
+        if sites is not None:
+            sites = list(sites)
+            if not all(isinstance(s, str) and s for s in sites):
+                raise TypeError(f"alignment: sites must be site names or fnmatch patterns, got {sites!r}")
+        if degenerate not in ("raise", "skip"):
+            raise ValueError(f"alignment: degenerate must be 'raise' or 'skip', got {degenerate!r}")
+        self.sites = sites
+        self.output = bool(output)
+        self.degenerate = degenerate
+        self._checked_patterns = False
+        self._warned: set[str] = set()
+
+    def setup(self, context: Context) -> None:
+        if context.y is None:
+            raise ValueError("alignment: this probe needs labels; pass probe_data=(x, y) to probes.attach")
+        Y = label_matrix(context.y, who="alignment")
+        if Y.shape[0] < 2:
+            raise ValueError(f"alignment: the probe batch has {Y.shape[0]} sample(s); centering needs at least 2")
+        Yc = Y - Y.mean(dim=0, keepdim=True)
+        if not bool(torch.linalg.vector_norm(Yc) > 1e-10 * torch.linalg.vector_norm(Y)):
+            raise DegenerateKernelError(
+                "alignment: the labels of the probe batch are all the same, so Y Y^T centers to zero and the "
+                "alignment is 0/0; use a probe batch with more than one class (or non-constant targets)")
+
+    # ------------------------------------------------------------------------------------------
+    def _select(self, names: list[str]) -> list[str]:
+        if self.sites is None:
+            return names
+        chosen = [n for n in names if any(n == p or fnmatch.fnmatchcase(n, p) for p in self.sites)]
+        if not self._checked_patterns:
+            unmatched = [p for p in self.sites if not any(n == p or fnmatch.fnmatchcase(n, p) for n in names)]
+            if unmatched:
+                raise ValueError(f"alignment: sites {unmatched} match no activation site of the model; "
+                                 f"its sites are {names}")
+            self._checked_patterns = True
+        return chosen
+
+    def measure(self, batch: ProbeBatch) -> list[Record]:
+        names = self._select(list(batch.activations))
+        if self.output and OUTPUT in names:
+            raise ValueError("alignment: the model has an activation site named 'output', which clashes with the "
+                             "tag alignment/output/cka of the model output; pass output=False or select sites")
+        features: list[tuple[str, torch.Tensor]] = [(n, batch.activations[n].post) for n in names]
+        if self.output:
+            if not isinstance(batch.output, torch.Tensor):
+                raise TypeError(f"alignment: the model output is a {type(batch.output).__name__}, not a tensor; "
+                                "pass output=False")
+            features.append((OUTPUT, batch.output))
+        if not features:
+            return []
+        P = batch.size
+        Y = batch.targets("alignment")
+        if Y.shape[0] != P:
+            raise ValueError(f"alignment: {Y.shape[0]} labels for a probe batch of {P} samples")
+        label_parts: dict[torch.device, _Prepared] = {}  # centered labels on each device that holds a site
+        values: list[torch.Tensor] = []
+        flags = []
+        for site, f in features:  # one site at a time: only its float64 copy is alive
+            if f.shape[0] != P:
+                raise ValueError(f"alignment: site {site!r} has {f.shape[0]} rows for a probe batch of {P} samples "
+                                 "(only activations with the batch as first axis are supported)")
+            flat = f.detach().reshape(P, -1)
+            F = flat.to(torch.float64)
+            p = _prepare(F, inplace=F.data_ptr() != flat.data_ptr())  # never center the capture itself
+            flags += [p.nonfinite, p.degenerate]
+            if F.device not in label_parts:
+                label_parts[F.device] = _prepare(Y.to(F.device))
+            py = label_parts[F.device]
+            cross = p.Fc.T @ py.Fc
+            values.append(torch.dot(cross.reshape(-1), cross.reshape(-1)) / torch.sqrt(p.self_ip * py.self_ip))
+            del F, p, cross
+        bad = [bool(b) for b in torch.stack([f.cpu() for f in flags]).tolist()]  # the one host sync of a measurement
+        if any(bool(p.degenerate) for p in label_parts.values()):
+            raise DegenerateKernelError("alignment: the labels of the probe batch center to zero (all the same)")
+        records: list[Record] = []
+        for i, ((site, _), value) in enumerate(zip(features, values)):
+            nonfinite, degenerate = bad[2 * i], bad[2 * i + 1]
+            if nonfinite:
+                raise ValueError(f"alignment: site {site!r} has NaN or infinite features at step {batch.step}")
+            if degenerate:
+                msg = (f"alignment: the features of site {site!r} are the same for every probe sample at step "
+                       f"{batch.step} (a dead layer?), so their kernel centers to zero and the alignment is 0/0")
+                if self.degenerate == "raise":
+                    raise DegenerateKernelError(msg + "; attach with degenerate='skip' to leave such sites out")
+                if site not in self._warned:
+                    self._warned.add(site)
+                    warnings.warn(msg + "; left out (warned once per site)", RuntimeWarning, stacklevel=2)
+                continue
+            records.append(Scalar(f"alignment/{site}/cka", value))
+        return records
