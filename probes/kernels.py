@@ -451,3 +451,10 @@ __all__ = [
 ]
 
 # re-exports added by the lead below
+# The empirical NTK and the float64 spectra live in their own modules; they are part of the
+# public kernel toolbox, so they are reachable as probes.kernels.* too.
+from probes.spectra import Spectrum, condition_number, effective_rank, kernel_distance, label_alignment, spectrum  # noqa: E402
+from probes.tangent import SampleMixingError, empirical_ntk, ntk_plan  # noqa: E402
+
+__all__ += ["empirical_ntk", "ntk_plan", "SampleMixingError", "Spectrum", "spectrum", "condition_number",
+            "effective_rank", "kernel_distance", "label_alignment"]

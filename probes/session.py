@@ -153,7 +153,7 @@ class Session:
         self.sinks: list[Sink] = self._make_sinks(sinks, logdir, writer) if self.rank == 0 else []
         self.failures: dict[str, str] = {}
         self._step = 0
-        self._last_measured: int | None = None
+        self._measured_at: dict[str, int] = {}
         self._observers: dict[str, list[tuple[str, Probe]]] = {}
         self._closed = False
         extra = tuple({t for p in self.probes.values() for t in getattr(p, "site_types", ())})
@@ -259,8 +259,9 @@ class Session:
             return
         try:
             self._flush([p for p in self.passive if self.enabled(p)])
-            if self._last_measured != self._step:
-                self.measure()
+            stale = [n for n in self.active if self._measured_at.get(n) != self._step]
+            if stale:
+                self.measure(stale)
         finally:
             self.detach()
             for s in self.sinks:
@@ -280,7 +281,7 @@ class Session:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self._step = int(state["step"])
-        self._last_measured = self._step
+        self._measured_at = {n: self._step for n in self.active}
         for name, sub in state.get("probes", {}).items():
             if name in self.probes:
                 self.probes[name].load_state_dict(sub)
@@ -347,7 +348,8 @@ class Session:
                 d.all_reduce(t, op=d.ReduceOp.SUM)
 
     def _measure(self, names: list[str]) -> None:
-        self._last_measured = self._step
+        for n in names:
+            self._measured_at[n] = self._step
         if not names or self.rank != 0:
             return
         module = self.module

@@ -283,3 +283,20 @@ def test_a_probe_can_ask_for_more_site_types():
     model = nn.Sequential(nn.Conv1d(1, 2, 3), nn.MaxPool1d(2), nn.Flatten(), nn.Linear(12, 1))
     probes.attach(model, [PoolSites()], probe_data=torch.randn(3, 1, 14)).close()
     assert set(seen) == {"1"} and seen["1"].post.shape == (3, 2, 6)
+
+
+def test_close_measures_every_probe_not_measured_at_the_last_step(shared_relu_mlp):
+    class Other(CountingProbe):
+        name = "other"
+
+        def measure(self, batch):
+            self.steps.append(batch.step)
+            return []
+
+    a, b = CountingProbe(), Other()
+    session = probes.attach(shared_relu_mlp, [a, b], probe_data=torch.randn(3, 12))
+    session.every.update(counting=2, other=3)
+    session.step(3)
+    session.close()  # 'other' measured at step 3 already; 'counting' was not: measured now
+    assert a.steps == [0, 2, 3]
+    assert b.steps == [0, 3]

@@ -1,0 +1,99 @@
+"""``margin``: how many probe samples are not yet fitted with margin ``m`` (seed 002; jamming).
+
+For a binary classifier with one output ``f`` and labels ``y = +-1`` (two classes map to -1 / +1, the
+larger class index to +1), the force on sample ``i`` is ``Delta_i = m - y_i f(x_i)`` (Geiger, Spigler,
+d'Ascoli, Sagun, Baity-Jesi, Biroli & Wyart 2019, "Jamming transition as a paradigm to understand the loss
+landscape of deep neural networks"). With ``C > 1`` outputs and integer class labels the multi-class
+margin is used, ``Delta_i = m - (f_{y_i}(x_i) - max_{c != y_i} f_c(x_i))``.
+
+Tags: ``margin/n_delta`` (``N_Delta = #{i: Delta_i > 0}``), ``margin/n_delta_fraction`` (``N_Delta / P``),
+``margin/n_delta_per_weight`` (``N_Delta / N``, ``N`` the number of trainable weights **without biases**, as
+in the papers: parameters whose name starts with ``bias`` are left out), ``margin/loss`` (the hinge-squared
+loss ``mean_i 1/2 max(0, Delta_i)^2``), histogram ``margin/delta``.
+
+Options: ``margin`` (1/2 as in the seed; the jamming papers use 1), ``bins`` (64), ``n_weights`` (override
+``N``). Default cadence: every 10 steps (one forward of the probe batch, shared with the other probes).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from probes.probe import Context, Probe, ProbeBatch
+from probes.records import Histogram, Record, Scalar
+from probes.targets import label_matrix
+
+
+def count_weights(model: nn.Module) -> int:
+    """Trainable parameters without biases (names whose last part starts with ``bias`` are left out)."""
+    return sum(p.numel() for n, p in model.named_parameters()
+               if p.requires_grad and not n.rsplit(".", 1)[-1].startswith("bias"))
+
+
+def forces(output: torch.Tensor, y: torch.Tensor, margin: float, who: str = "margin") -> torch.Tensor:
+    """``Delta = m - y f(x)`` (binary, one output) or ``m - (f_y - max_{c != y} f_c)`` (classes), float64 (P,)."""
+    if not isinstance(output, torch.Tensor):
+        raise TypeError(f"{who}: the model output is a {type(output).__name__}, not a tensor")
+    P = int(output.shape[0]) if output.ndim else 0
+    if P == 0:
+        raise ValueError(f"{who}: the model output has shape {tuple(output.shape)}; it needs the samples first")
+    f = output.detach().reshape(P, -1).to(torch.float64)
+    if not bool(torch.isfinite(f).all()):
+        raise ValueError(f"{who}: the model output contains NaN or infinite values")
+    if y.shape[0] != P:
+        raise ValueError(f"{who}: {y.shape[0]} labels for a probe batch of {P} samples")
+    if f.shape[1] == 1:
+        Y = label_matrix(y, num_classes=2, who=who)
+        if Y.shape[1] != 1 or not bool((Y.abs() == 1).all()):
+            raise ValueError(f"{who}: a model with one output needs binary labels (+-1, or two class indices); "
+                             f"got labels of shape {tuple(y.shape)} with values other than +-1")
+        return margin - Y[:, 0].to(f.device) * f[:, 0]
+    if y.is_floating_point() or y.ndim != 1:
+        raise ValueError(f"{who}: a model with {f.shape[1]} outputs needs integer class labels of shape (P,), "
+                         f"got {y.dtype} of shape {tuple(y.shape)}")
+    idx = y.to(f.device).long()
+    if bool((idx < 0).any()) or bool((idx >= f.shape[1]).any()):
+        raise ValueError(f"{who}: class labels must lie in 0..{f.shape[1] - 1} for {f.shape[1]} outputs")
+    true = f.gather(1, idx[:, None])[:, 0]
+    others = f.scatter(1, idx[:, None], float("-inf")).max(dim=1).values
+    return margin - (true - others)
+
+
+class Margin(Probe):
+    """Forces ``Delta = m - y f(x)`` on the probe batch: ``N_Delta``, per sample and per weight, hinge loss."""
+
+    name = "margin"
+    description = "jamming: N_Delta = #{m - y f(x) > 0} on the probe batch, per sample and per weight, hinge^2 loss"
+    every = 10
+    passive = False
+    needs_sites = False
+    needs_probe_data = True
+
+    def __init__(self, margin: float = 0.5, bins: int = 64, n_weights: int | None = None) -> None:
+        margin = float(margin)
+        if not margin >= 0 or margin == float("inf"):
+            raise ValueError(f"margin: the margin must be a finite number >= 0, got {margin}")
+        if n_weights is not None and int(n_weights) < 1:
+            raise ValueError(f"margin: n_weights must be positive, got {n_weights}")
+        self.margin = margin
+        self.bins = int(bins)
+        self.n_weights = None if n_weights is None else int(n_weights)
+
+    def setup(self, context: Context) -> None:
+        if context.y is None:
+            raise ValueError("margin: this probe needs labels; pass probe_data=(x, y) to probes.attach")
+        if self.n_weights is None and count_weights(context.model) == 0:
+            raise ValueError("margin: the model has no trainable weights (without biases); pass n_weights=N")
+
+    def measure(self, batch: ProbeBatch) -> list[Record]:
+        if batch.y is None:
+            raise ValueError("margin: this probe needs labels; pass probe_data=(x, y) to probes.attach")
+        delta = forces(batch.output, batch.y, self.margin)
+        P = delta.numel()
+        N = self.n_weights if self.n_weights is not None else count_weights(batch.model)
+        n_delta = (delta > 0).sum().to(torch.float64)
+        loss = 0.5 * delta.clamp(min=0).square().mean()
+        return [Scalar("margin/n_delta", n_delta), Scalar("margin/n_delta_fraction", n_delta / P),
+                Scalar("margin/n_delta_per_weight", n_delta / N), Scalar("margin/loss", loss),
+                Histogram.of("margin/delta", delta, bins=self.bins)]
