@@ -1,0 +1,287 @@
+"""``pathgram``: the neural path kernel of a Linear->ReLU chain and its label norm (seed 000).
+
+Lakshminarayanan & Singh 2020 ("Neural path features and neural path kernel") write a ReLU net as
+``f(x) = sum_p phi_p(x) v_p`` over input-to-output paths; the gram of the path features,
+``H = Phi Phi^T``, depends on the gates only:
+
+    bias-free:   H = (X X^T) * prod_l A_l A_l^T
+    with biases: S_0 = X X^T,  S_l = (S_{l-1} + b_l) * A_l A_l^T,  H = S_{L-1} + b_L
+
+(``A_l`` the 0/1 gates ``pre > 0`` of hidden layer ``l`` on the probe batch, ``b_k = 1`` when Linear ``k``
+has a bias; see ``probes.paths``). Logged, with ``Y`` the labels (binary +-1 in one column, classes one-hot):
+
+- ``pathgram/norm``: ``q(H) = tr(Y^T H^{-1} Y)`` of the unscaled path gram (counts of shared active paths
+  times ``<x, x'>``), float64. It scales like ``(n/2)^{-(L-1)}``: deep wide nets reach values below the
+  float32 range that TensorBoard stores, so ``pathgram/log10_norm`` gives ``log10 q(H)`` as well.
+- ``pathgram/norm_normalized``: ``q(H / tr H) = tr(H) q(H)``, the seed's ``y^T (H / tr H)^{-1} y``.
+- ``pathgram/jitter``: ``delta``, when ``H + delta * mean(diag H) * I`` had to be factorized because ``H``
+  is numerically singular (0 otherwise); both norms then refer to that matrix.
+- ``pathgram/condition``: ``lambda_max / lambda_min`` of the factorized matrix; by default a block Lanczos
+  estimate (Rayleigh-Ritz on Krylov spaces of ``H`` and of ``H^{-1}`` through the Cholesky factor), a lower
+  bound within 8% on the path grams tried, at a fraction of the cost of the factorization;
+  ``condition="exact"`` takes all eigenvalues (several times the cost of the factorization), ``"off"``
+  skips it.
+- image ``pathgram/gram``: ``H_ij / sqrt(H_ii H_jj)`` with samples grouped by label, at most ``image_side``
+  samples evenly spaced in that order (``image="raw"`` shows ``H / max H``; ``image=None`` turns it off).
+
+Cost: the input gram ``X X^T`` (float64) is computed at the first measurement and reused while the probe
+batch is unchanged (same storage and version counter); then each measurement costs one float32 ``A_l A_l^T``
+per layer, the Hadamard products, one float64 Cholesky factorization (``P^3 / 3``) and ``O(P^2)`` more,
+in buffers kept from one measurement to the next. On the CPU the symmetric products are computed only on
+and below the diagonal, blockwise.
+
+Options: ``condition`` (``"estimate"``, ``"exact"``, ``"off"``), ``image`` (``"cosine"``, ``"raw"``, None),
+``image_side``, ``jitter_start`` / ``jitter_max`` (relative jitter range), ``check`` (the recomposition check
+below; default on).
+
+The probe checks the structure it relies on: the probe pass must call ``Linear, ReLU, Linear, ...,
+ReLU, Linear`` (a leading ``nn.Flatten`` and identities/dropouts are allowed), and recomposing the
+chain from the Linear layers and the captured activations must reproduce each gate's input and the
+model output, which catches residual connections, scalings or ``F.linear`` calls that no hook sees.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from probes.paths import (
+    PathGram,
+    Workspace,
+    cholesky_jitter,
+    condition_estimate,
+    condition_exact,
+    input_gram,
+    path_gram,
+    quadratic_form,
+)
+from probes.probe import Context, Probe, ProbeBatch
+from probes.records import Image, Record, Scalar
+from probes.render import heatmap
+from probes.targets import label_matrix
+
+#: leaf modules that are the identity in eval mode and may sit anywhere in the chain
+PASS_THROUGH = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.AlphaDropout, nn.FeatureAlphaDropout)
+#: gate kinds for which post = pre * (pre > 0), i.e. the path kernel's 0/1 gates
+GATE_KINDS = frozenset({"relu"})
+#: relative tolerance of the recomposition check
+RECOMPOSE_RTOL = 1e-4
+
+
+@dataclass
+class Chain:
+    """A Linear->gate chain found in the probe pass: ``linears[k]`` then gate ``gates[k]`` (site names)."""
+
+    linears: list[tuple[str, nn.Linear]]
+    gates: list[str]
+
+    @property
+    def bias(self) -> list[bool]:
+        return [lin.bias is not None for _, lin in self.linears]
+
+
+def find_chain(batch: ProbeBatch, who: str = "pathgram") -> Chain:
+    """Read ``Linear, gate, Linear, ..., Linear`` off ``batch.calls``; raise naming the module that breaks it."""
+    if not batch.calls:
+        raise ValueError(f"{who}: the probe pass recorded no module calls; is the model an nn.Module whose "
+                         "forward calls Linear layers?")
+    linears: list[tuple[str, nn.Linear]] = []
+    gates: list[str] = []
+    expect_linear = True
+    for call in batch.calls:
+        where = f"module {call.path or '<root>'!r} ({call.kind})"
+        if call.site is None and isinstance(call.module, PASS_THROUGH):
+            continue
+        if call.site is None and isinstance(call.module, nn.Flatten):
+            if linears:
+                raise ValueError(f"{who}: {where} comes after Linear {linears[-1][0]!r}; only a leading Flatten "
+                                 "fits a Linear->ReLU chain")
+            continue
+        if expect_linear:
+            if call.site is None and isinstance(call.module, nn.Linear):
+                linears.append((call.path, call.module))
+                expect_linear = False
+                continue
+            what = f"activation site {call.site!r}" if call.site is not None else where
+            after = f"after gate {gates[-1]!r}" if gates else "at the start of the chain"
+            raise ValueError(f"{who}: {what} {after} where an nn.Linear was expected; the path gram applies to "
+                             "Linear->ReLU chains only")
+        if call.site is not None:
+            if call.kind not in GATE_KINDS:
+                raise ValueError(f"{who}: activation site {call.site!r} is a {call.kind}; the neural path kernel "
+                                 "needs 0/1 gates, i.e. ReLU (post = pre * (pre > 0)) after every hidden Linear")
+            gates.append(call.site)
+            expect_linear = True
+            continue
+        raise ValueError(f"{who}: {where} follows Linear {linears[-1][0]!r} where a ReLU was expected; the path "
+                         "gram applies to Linear->ReLU chains only")
+    if not linears:
+        raise ValueError(f"{who}: the probe pass called no nn.Linear; the path gram applies to Linear->ReLU chains")
+    if expect_linear:
+        raise ValueError(f"{who}: the chain ends with gate {gates[-1]!r}; the path gram needs a Linear output layer")
+    return Chain(linears, gates)
+
+
+def _relative_error(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    a, b = a.detach().double(), b.detach().double()
+    return (a - b).abs().max() / (b.abs().max() + a.abs().max() + 1e-30)
+
+
+def check_recomposition(batch: ProbeBatch, chain: Chain, X: torch.Tensor, who: str = "pathgram",
+                        rows: int = 256) -> None:
+    """Each gate's input must be its Linear applied to the previous gate's output (the flattened input
+    for the first), and the model output the last Linear applied to the last gate's output; checked on
+    the first ``rows`` samples (a chain is per sample: any sample shows a break)."""
+    m = min(rows, X.shape[0])
+    h = X[:m]
+    errors: list[torch.Tensor] = []
+    where: list[str] = []
+    with torch.no_grad():
+        for k, (path, lin) in enumerate(chain.linears):
+            if h.ndim != 2 or h.shape[-1] != lin.in_features:
+                src = "the flattened input" if k == 0 else f"the output of gate {chain.gates[k - 1]!r}"
+                raise ValueError(f"{who}: Linear {path!r} expects {lin.in_features} features but {src} has shape "
+                                 f"{tuple(h.shape)}; the path gram needs a plain Linear->ReLU chain on P x d inputs")
+            z = F.linear(h.to(lin.weight.dtype), lin.weight, lin.bias)
+            if k < len(chain.gates):
+                act = batch.activations.get(chain.gates[k])
+                if act is None:
+                    raise ValueError(f"{who}: gate site {chain.gates[k]!r} was not captured on the probe pass")
+                if act.pre.ndim != 2 or tuple(act.pre.shape) != (X.shape[0], z.shape[1]):
+                    raise ValueError(f"{who}: gate {chain.gates[k]!r} has input shape {tuple(act.pre.shape)} but "
+                                     f"Linear {path!r} gives {tuple(z.shape)}; something between them breaks "
+                                     "the Linear->ReLU chain")
+                errors.append(_relative_error(z, act.pre[:m]))
+                where.append(f"the input of gate {chain.gates[k]!r} is not the output of Linear {path!r} applied to "
+                             + ("the flattened input" if k == 0 else f"the output of gate {chain.gates[k - 1]!r}"))
+                h = act.post[:m]
+            else:
+                out = batch.output
+                if not isinstance(out, torch.Tensor) or out.ndim == 0 or out.shape[0] != X.shape[0] \
+                        or out[0].numel() != z.shape[1]:
+                    shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+                    raise ValueError(f"{who}: the model output {shape} is not the output of the last Linear "
+                                     f"{path!r} ({X.shape[0]} x {z.shape[1]}); the path gram needs the Linear as "
+                                     "output layer")
+                errors.append(_relative_error(z, out[:m].reshape(m, -1)))
+                where.append(f"the model output is not the output of Linear {path!r} applied to "
+                             + (f"the output of gate {chain.gates[k - 1]!r}" if k else "the flattened input"))
+    errs = torch.stack(errors).cpu().tolist()
+    for e, msg in zip(errs, where):
+        if not e <= RECOMPOSE_RTOL:
+            raise ValueError(f"{who}: {msg} (relative difference {e:.2e}); a residual connection, scaling, "
+                             "normalization or functional call in forward breaks the Linear->ReLU chain")
+
+
+def flatten_input(x: object, who: str = "pathgram") -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{who}: the probe batch x must be a tensor, got {type(x).__name__}")
+    if x.ndim < 2:
+        raise ValueError(f"{who}: the probe batch x must have a batch axis and features, got shape {tuple(x.shape)}")
+    return x.reshape(x.shape[0], -1)
+
+
+def _label_order(Y: torch.Tensor) -> torch.Tensor:
+    key = Y[:, 0] if Y.shape[1] == 1 else Y.argmax(dim=1).double()
+    return torch.argsort(key, stable=True)
+
+
+def gram_image(pg: PathGram, Y: torch.Tensor, mode: str = "cosine", side: int = 256) -> np.ndarray:
+    """Pixels of the path gram, samples sorted by label; above ``side`` samples, ``side`` of them evenly
+    spaced in that order (each pixel one entry of ``H``, the diagonal kept)."""
+    order = _label_order(Y.to(pg.h.device))
+    P = order.numel()
+    if P > side:
+        order = order[torch.linspace(0, P - 1, side, device=order.device).round().long()]
+    m = pg.entries(order, order)
+    if mode == "cosine":
+        d = torch.diagonal(m).clamp_min(1e-300).sqrt()
+        m = m / d[:, None] / d[None, :]
+    else:
+        m = m / m.abs().max().clamp_min(1e-300)
+    return heatmap(m.float().cpu().numpy(), cmap="viridis")
+
+
+class PathGramProbe(Probe):
+    """Neural path kernel ``H`` of a Linear->ReLU chain on the probe batch and ``tr(Y^T H^{-1} Y)``."""
+
+    name = "pathgram"
+    description = "neural path kernel H of a Linear->ReLU chain and the label norm tr(Y^T H^-1 Y) (seed 000)"
+    every = 100
+    passive = False
+    needs_sites = True
+    needs_probe_data = True
+
+    def __init__(self, condition: str = "estimate", image: str | None = "cosine", image_side: int = 256,
+                 jitter_start: float = 1e-12, jitter_max: float = 1e-2, check: bool = True) -> None:
+        if condition not in ("estimate", "exact", "off"):
+            raise ValueError(f"pathgram: condition must be 'estimate', 'exact' or 'off', got {condition!r}")
+        if image not in ("cosine", "raw", None):
+            raise ValueError(f"pathgram: image must be 'cosine', 'raw' or None, got {image!r}")
+        if not (0 < jitter_start <= jitter_max):
+            raise ValueError(f"pathgram: need 0 < jitter_start <= jitter_max, got {jitter_start}, {jitter_max}")
+        self.condition = condition
+        self.image = image
+        self.image_side = int(image_side)
+        self.jitter_start = float(jitter_start)
+        self.jitter_max = float(jitter_max)
+        self.check = bool(check)
+        self._xx: tuple | None = None
+        self._workspace = Workspace()
+
+    def setup(self, context: Context) -> None:
+        if context.y is None:
+            raise ValueError("pathgram: this probe needs labels; pass probe_data=(x, y) to probes.attach")
+        flatten_input(context.x)
+        Y = label_matrix(context.y, who="pathgram")
+        if Y.shape[0] != context.x.shape[0]:
+            raise ValueError(f"pathgram: {Y.shape[0]} labels for {context.x.shape[0]} probe samples")
+
+    def compute(self, batch: ProbeBatch) -> tuple[PathGram, Chain]:
+        """The rescaled path gram of the probe batch, after checking the chain structure."""
+        X = flatten_input(batch.x)
+        chain = find_chain(batch)
+        if self.check:
+            check_recomposition(batch, chain, X)
+        gates = [batch.activations[s].pre > 0 for s in chain.gates]
+        return path_gram(X, gates, chain.bias, xx=self._input_gram(X), workspace=self._workspace), chain
+
+    def _input_gram(self, X: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """``X X^T`` of the probe batch, computed once and reused while ``X`` is unchanged."""
+        key = (X.data_ptr(), X._version, tuple(X.shape), X.dtype, X.device)
+        if self._xx is None or self._xx[0] != key:
+            self._xx = (key, input_gram(X))
+        return self._xx[1]
+
+    def measure(self, batch: ProbeBatch) -> list[Record]:
+        pg, _ = self.compute(batch)
+        Y = batch.targets("pathgram")
+        P = pg.h.shape[0]
+        if Y.shape[0] != P:
+            raise ValueError(f"pathgram: {Y.shape[0]} label rows for a probe batch of {P} samples")
+        Y = Y.to(pg.h.device)
+        if not bool(torch.diagonal(pg.h).max() > 0):
+            raise ValueError("pathgram: H = 0: no input-to-output path is open for any probe sample (a layer "
+                             "whose gates are all closed, i.e. the net is dead on the probe batch, or x = 0)")
+        fact = cholesky_jitter(pg.h, self.jitter_start, self.jitter_max)
+        q = quadratic_form(fact, Y)  # q(h); H = 2^e h  =>  q(H) = 2^-e q(h)
+        trace = torch.diagonal(pg.h).sum() + fact.shift * P
+        e = torch.tensor(-pg.exponent, dtype=torch.float64, device=q.device)
+        records: list[Record] = [
+            Scalar("pathgram/norm", torch.ldexp(q, e)),
+            Scalar("pathgram/log10_norm", torch.log10(q) + e * math.log10(2.0)),
+            Scalar("pathgram/norm_normalized", q * trace),
+            Scalar("pathgram/jitter", fact.jitter),
+        ]
+        if self.condition == "estimate":
+            records.append(Scalar("pathgram/condition", condition_estimate(pg, fact)))
+        elif self.condition == "exact":
+            records.append(Scalar("pathgram/condition", condition_exact(pg, fact)))
+        if self.image is not None:
+            records.append(Image("pathgram/gram", gram_image(pg, Y, self.image, self.image_side)))
+        return records

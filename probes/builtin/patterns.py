@@ -1,0 +1,191 @@
+"""``patterns``: the gates ``pre > 0`` of every activation site on the probe batch, and how they move.
+
+For each site (every activation kind; a gate is ``pre > 0`` on the activation's input, for ReLU exactly
+the non-zero outputs) and the ``P`` probe samples:
+
+- ``patterns/<site>/active_fraction``: fraction of gate bits that are open;
+- ``patterns/<site>/dead_units`` / ``always_on_units``: units closed / open for every sample (a unit is a
+  feature, the last axis, of 2-D and 3-D activations and a channel, axis 1, of 4-D/5-D ones; ``unit_dim``
+  overrides);
+- ``patterns/<site>/churn``: fraction of gate bits that flipped since the previous measurement, and
+  ``patterns/<site>/churn_from_init`` since the first one (both 0 at the first measurement);
+- ``patterns/distinct``: the number of distinct whole-network patterns (all selected sites together) among
+  the ``P`` inputs, i.e. the linear regions of a piecewise-linear net that the probe batch meets;
+- image ``patterns/<site>``: the ``P x units`` gate matrix (bright = open), samples grouped by label with a
+  grey row between groups.
+
+With ``save=True`` every measurement is also written as a packed snapshot (``np.packbits``) to
+``<logdir>/patterns/step_XXXXXXXX.npz``; ``probes.snapshots.load_gates`` / ``load_all`` read them back
+without pickle. The previous and the first snapshots are kept on the device and go through
+``state_dict`` so that churn continues across a checkpoint.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from probes.probe import Context, Probe, ProbeBatch
+from probes.records import Image, Record, Scalar
+from probes.render import heatmap
+from probes.snapshots import save_gates, snapshot_path
+
+
+def _unit_dim(ndim: int, override: int | None) -> int:
+    if override is not None:
+        return override % ndim
+    if ndim <= 1:
+        return 0
+    return ndim - 1 if ndim <= 3 else 1
+
+
+def _groups(y: torch.Tensor | None, P: int) -> tuple[torch.Tensor, list[int]]:
+    """Sample order grouping equal labels, and the positions where a new group starts."""
+    if y is None or not isinstance(y, torch.Tensor) or y.shape[0] != P:
+        return torch.arange(P), []
+    key = y.detach().cpu()
+    if key.ndim > 1:
+        key = key.reshape(P, -1)
+        key = key.argmax(dim=1) if key.shape[1] > 1 else key[:, 0]
+    order = torch.argsort(key.double(), stable=True)
+    sorted_key = key[order]
+    if torch.unique(sorted_key).numel() > 64:  # regression targets: ordered, not grouped
+        return order, []
+    starts = (torch.nonzero(sorted_key[1:] != sorted_key[:-1]).flatten() + 1).tolist()
+    return order, starts
+
+
+def gate_image(gates: torch.Tensor, order: torch.Tensor, starts: list[int]) -> np.ndarray:
+    """Pixels of a P x units gate matrix, rows in ``order``, a separator row before every group start."""
+    m = gates.reshape(gates.shape[0], -1).to(torch.uint8).cpu().numpy()[order.numpy()].astype(np.float32)
+    if starts:
+        sep = np.full((1, m.shape[1]), 0.5, dtype=np.float32)
+        pieces, prev = [], 0
+        for s in starts:
+            pieces += [m[prev:s], sep]
+            prev = s
+        pieces.append(m[prev:])
+        m = np.concatenate(pieces, axis=0)
+    return heatmap(m, lo=0.0, hi=1.0)
+
+
+def distinct_rows(bits: torch.Tensor) -> torch.Tensor:
+    """Number of distinct rows of a P x B boolean matrix (packed into bytes, then ``torch.unique``)."""
+    P, B = bits.shape
+    if B == 0:
+        return torch.tensor(1 if P else 0)
+    pad = (-B) % 8
+    if pad:
+        bits = torch.cat([bits, bits.new_zeros(P, pad)], dim=1)
+    weights = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8, device=bits.device)
+    packed = (bits.reshape(P, -1, 8).to(torch.uint8) * weights).sum(dim=2, dtype=torch.uint8)
+    return torch.tensor(torch.unique(packed, dim=0).shape[0])
+
+
+class Patterns(Probe):
+    """Gate patterns ``pre > 0`` per site on the probe batch: activity, dead units, churn, distinct regions."""
+
+    name = "patterns"
+    description = "gate patterns (pre > 0) on the probe batch: active fraction, dead units, churn, distinct regions"
+    every = 100
+    passive = False
+    needs_sites = True
+    needs_probe_data = True
+
+    def __init__(self, sites: str | Sequence[str] | None = None, unit_dim: int | None = None, image: bool = True,
+                 save: bool = False, directory: str | None = None) -> None:
+        if isinstance(sites, str):
+            sites = [sites]
+        self.sites = list(sites) if sites is not None else None
+        if self.sites is not None and not all(isinstance(s, str) and s for s in self.sites):
+            raise TypeError(f"patterns: sites must be site names or fnmatch patterns, got {sites!r}")
+        self.unit_dim = unit_dim
+        self.image = bool(image)
+        self.save = bool(save)
+        self.directory = directory
+        self.first: dict[str, torch.Tensor] = {}
+        self.previous: dict[str, torch.Tensor] = {}
+        self.first_step: int | None = None
+
+    def setup(self, context: Context) -> None:
+        if self.save and self.directory is None:
+            if context.logdir is None:
+                raise ValueError("patterns: save=True needs a log directory (attach(..., logdir=...)) or "
+                                 "directory=... for the snapshots")
+            self.directory = str(Path(context.logdir) / "patterns")
+
+    def _select(self, names: list[str]) -> list[str]:
+        if self.sites is None:
+            return names
+        unmatched = [p for p in self.sites if not any(n == p or fnmatch.fnmatchcase(n, p) for n in names)]
+        if unmatched:
+            raise ValueError(f"patterns: sites {unmatched} match no activation site of the model; its sites are "
+                             f"{names}")
+        return [n for n in names if any(n == p or fnmatch.fnmatchcase(n, p) for p in self.sites)]
+
+    def measure(self, batch: ProbeBatch) -> list[Record]:
+        names = self._select(list(batch.activations))
+        if not names:
+            raise ValueError("patterns: the model has no activation site on the probe pass (no ReLU, GELU, ... "
+                             "module or functional call was seen)")
+        P = batch.size
+        gates: dict[str, torch.Tensor] = {}
+        for n in names:
+            pre = batch.activations[n].pre
+            if pre.ndim == 0 or pre.shape[0] != P:
+                raise ValueError(f"patterns: site {n!r} has shape {tuple(pre.shape)}; its first axis must be the "
+                                 f"{P} probe samples")
+            gates[n] = pre.detach() > 0
+        for n, g in gates.items():
+            for store, what in ((self.previous, "previous"), (self.first, "first")):
+                old = store.get(n)
+                if old is not None and tuple(old.shape) != tuple(g.shape):
+                    raise ValueError(f"patterns: site {n!r} has gate shape {tuple(g.shape)} but the {what} snapshot "
+                                     f"had {tuple(old.shape)}; the probe batch or the model changed")
+        order, starts = _groups(batch.y, P) if self.image else (None, [])
+        records: list[Record] = []
+        for n, g in gates.items():
+            ud = _unit_dim(g.ndim, self.unit_dim)
+            dims = tuple(d for d in range(g.ndim) if d != ud)
+            if g.ndim > 1:
+                per_unit_any, per_unit_all = g.any(dim=dims) if dims else g, g.all(dim=dims) if dims else g
+            else:
+                per_unit_any, per_unit_all = g.any().reshape(1), g.all().reshape(1)
+            prev = self.previous.get(n, g).to(g.device)
+            first = self.first.get(n, g).to(g.device)
+            records += [
+                Scalar(f"patterns/{n}/active_fraction", g.double().mean()),
+                Scalar(f"patterns/{n}/dead_units", (~per_unit_any).sum()),
+                Scalar(f"patterns/{n}/always_on_units", per_unit_all.sum()),
+                Scalar(f"patterns/{n}/churn", (g != prev).double().mean()),
+                Scalar(f"patterns/{n}/churn_from_init", (g != first).double().mean()),
+            ]
+            if self.image:
+                records.append(Image(f"patterns/{n}", gate_image(g, order, starts)))
+        flat = torch.cat([g.reshape(P, -1) for g in gates.values()], dim=1)
+        records.insert(0, Scalar("patterns/distinct", distinct_rows(flat)))
+        for n, g in gates.items():
+            self.previous[n] = g
+            if n not in self.first:
+                self.first[n] = g
+        if self.first_step is None:
+            self.first_step = batch.step
+        if self.save:
+            save_gates(snapshot_path(self.directory, batch.step), gates, batch.step,
+                       labels=batch.y if isinstance(batch.y, torch.Tensor) else None)
+        return records
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"first": {n: g.clone() for n, g in self.first.items()},
+                "previous": {n: g.clone() for n, g in self.previous.items()},
+                "first_step": self.first_step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.first = {n: torch.as_tensor(g).bool().clone() for n, g in state.get("first", {}).items()}
+        self.previous = {n: torch.as_tensor(g).bool().clone() for n, g in state.get("previous", {}).items()}
+        self.first_step = state.get("first_step")

@@ -1,0 +1,416 @@
+"""pathgram against explicitly enumerated path features, numpy solves and eigenvalues."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import SharedReluMLP
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import probes
+from probes.builtin.pathgram import PathGramProbe
+from probes.paths import cholesky_jitter, condition_estimate, enumerate_paths, path_gram
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class Spy(PathGramProbe):
+    """The pathgram probe, keeping what it computed on the last measurement (``gram_only``: no norms)."""
+
+    def __init__(self, gram_only: bool = False, **opts):
+        super().__init__(**opts)
+        self.gram_only = gram_only
+
+    def measure(self, batch):
+        self.pg, self.chain = self.compute(batch)
+        self.batch = batch
+        return [] if self.gram_only else super().measure(batch)
+
+
+def chain(sizes, bias) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for k, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(nn.Linear(a, b, bias=bias[k]))
+        if k < len(sizes) - 2:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+def manual_forward(model: nn.Sequential, x: torch.Tensor):
+    """Gates and output by hand (no hooks): the independent side of the comparisons."""
+    linears = [m for m in model if isinstance(m, nn.Linear)]
+    h, gates = x, []
+    for k, lin in enumerate(linears):
+        z = F.linear(h, lin.weight, lin.bias)
+        if k < len(linears) - 1:
+            gates.append((z > 0).numpy().astype(np.float64))
+            h = torch.clamp(z, min=0)
+        else:
+            return gates, z, linears
+
+
+def enumerate_model(model: nn.Sequential, x: torch.Tensor):
+    gates, out, linears = manual_forward(model, x)
+    Phi, V = enumerate_paths(x.numpy(), gates, [lin.weight.detach().numpy() for lin in linears],
+                             [None if lin.bias is None else lin.bias.detach().numpy() for lin in linears])
+    return Phi, V, out.detach().numpy()
+
+
+def probe_on(model, x, y, probe=None, **opts):
+    probe = probe or Spy(**opts)
+    session = probes.attach(model, [probe], probe_data=(x, y), sinks=["memory"], strict=True)
+    return probe, session
+
+
+@settings(max_examples=30, deadline=None)
+@given(depth=st.integers(2, 5), data=st.data(), seed=st.integers(0, 2 ** 31 - 1))
+def test_path_gram_equals_enumerated_path_features(depth, data, seed):
+    widths = data.draw(st.lists(st.integers(1, 6), min_size=depth - 1, max_size=depth - 1), label="widths")
+    d = data.draw(st.integers(1, 4), label="d")
+    C = data.draw(st.integers(1, 2), label="outputs")
+    P = data.draw(st.integers(1, 6), label="P")
+    bias = data.draw(st.lists(st.booleans(), min_size=depth, max_size=depth), label="bias")
+    torch.manual_seed(seed)
+    model = chain([d, *widths, C], bias).double()
+    x = torch.randn(P, d, dtype=torch.float64)
+    y = torch.randn(P, dtype=torch.float64)
+    probe, session = probe_on(model, x, y, gram_only=True)
+    Phi, V, out = enumerate_model(model, x)
+    H = probe.pg.full().numpy()
+    ref = Phi @ Phi.T
+    np.testing.assert_allclose(H, ref, rtol=1e-10, atol=1e-12 * max(1.0, np.abs(ref).max()))
+    np.testing.assert_allclose(Phi @ V, out, rtol=1e-10, atol=1e-12)
+    assert probe.chain.bias == bias
+    # the number of paths: inputs times every hidden width, plus those started by each bias
+    n = [d, *widths, C]
+    expected = d * math.prod(widths) + sum(math.prod(n[k:depth]) for k in range(1, depth + 1) if bias[k - 1])
+    assert Phi.shape[1] == expected
+    session.close()
+
+
+def test_bias_paths_matter():
+    """With biases the kernel gains the bias terms: the bias-free formula is then wrong."""
+    torch.manual_seed(0)
+    model = chain([3, 5, 4, 2], [True, True, True]).double()
+    x = torch.randn(6, 3, dtype=torch.float64)
+    probe, s = probe_on(model, x, torch.randn(6, dtype=torch.float64), image=None)
+    Phi, _, _ = enumerate_model(model, x)
+    gates, _, _ = manual_forward(model, x)
+    bias_free = (x @ x.T).numpy() * np.prod([g @ g.T for g in gates], axis=0)
+    np.testing.assert_allclose(probe.pg.full().numpy(), Phi @ Phi.T, rtol=1e-10)
+    assert not np.allclose(bias_free, Phi @ Phi.T, rtol=1e-3)
+
+
+def test_shared_relu_module_and_functional_relu():
+    torch.manual_seed(1)
+    model = SharedReluMLP(sizes=(4, 5, 3, 2), bias=True).double()
+    x = torch.randn(7, 4, dtype=torch.float64)
+    probe, s = probe_on(model, x, torch.randn(7, dtype=torch.float64), image=None)
+    assert probe.chain.gates == ["act#1", "act#2"]
+    seq = nn.Sequential(model.layers[0], nn.ReLU(), model.layers[1], nn.ReLU(), model.layers[2])
+    Phi, _, _ = enumerate_model(seq, x)
+    np.testing.assert_allclose(probe.pg.full().numpy(), Phi @ Phi.T, rtol=1e-10)
+
+    class Functional(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = model.layers[0], model.layers[1]
+            self.c = model.layers[2]
+
+        def forward(self, x):
+            return self.c(torch.relu(self.b(F.relu(self.a(x)))))
+
+    probe2, _ = probe_on(Functional(), x, torch.randn(7, dtype=torch.float64), image=None)
+    np.testing.assert_allclose(probe2.pg.full().numpy(), Phi @ Phi.T, rtol=1e-10)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_norms_against_numpy(bias):
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Flatten(), chain([16, 12, 10, 3], [bias] * 3))
+    x = torch.rand(40, 4, 4)
+    y = torch.randint(0, 3, (40,))
+    probe, s = probe_on(model, x, y, condition="exact")
+    X = x.reshape(40, -1).double()
+    h = X
+    H = X @ X.T
+    for k, lin in enumerate(m for m in model[1] if isinstance(m, nn.Linear)):
+        z = F.linear(h.float(), lin.weight, lin.bias).double()
+        if bias:
+            H = H + 1
+        if k == 2:
+            break
+        A = (z > 0).double()
+        H = H * (A @ A.T)
+        h = torch.clamp(z, min=0)
+    H = H.numpy()
+    Y = np.eye(3)[y.numpy()]
+    q = np.trace(Y.T @ np.linalg.solve(H, Y))
+    mem = s.memory
+    assert mem.last("pathgram/jitter") == 0.0
+    assert math.isclose(mem.last("pathgram/norm"), q, rel_tol=1e-8)
+    assert math.isclose(mem.last("pathgram/log10_norm"), math.log10(q), rel_tol=1e-9)
+    assert math.isclose(mem.last("pathgram/norm_normalized"), q * np.trace(H), rel_tol=1e-8)
+    ev = np.linalg.eigvalsh(H)
+    assert math.isclose(mem.last("pathgram/condition"), ev[-1] / ev[0], rel_tol=1e-6)
+    img = mem.images()["pathgram/gram"][-1].pixels
+    assert img.dtype == np.uint8 and img.ndim == 3 and img.shape[2] == 3
+
+
+def test_condition_estimate_is_a_close_lower_bound():
+    torch.manual_seed(3)
+    for P, width in [(60, 20), (200, 50)]:
+        x = torch.rand(P, 30, dtype=torch.float64)
+        gates = [torch.rand(P, width) > 0.5 for _ in range(4)]
+        pg = path_gram(x, gates)
+        fact = cholesky_jitter(pg.h)
+        est = float(condition_estimate(pg, fact))
+        ev = torch.linalg.eigvalsh(pg.symmetric())
+        exact = float(ev[-1] / ev[0])
+        assert est <= exact * (1 + 1e-9)
+        assert est >= 0.8 * exact, (est, exact)
+
+
+def test_singular_gram_uses_jitter():
+    """Duplicated samples make H singular: Cholesky needs jitter, and the norm is that of H + jitter."""
+    torch.manual_seed(4)
+    model = chain([5, 8, 6, 1], [False] * 3)
+    x = torch.rand(10, 5)
+    x = torch.cat([x, x[:3]])
+    y = torch.tensor([1, -1] * 6 + [1], dtype=torch.float32)
+    y[10:] = y[:3]
+    probe, s = probe_on(model, x, y)
+    mem = s.memory
+    delta = mem.last("pathgram/jitter")
+    assert delta > 0
+    H = probe.pg.full().numpy()
+    M = H + delta * np.mean(np.diag(H)) * np.eye(13)
+    yy = y.double().numpy()
+    q = yy @ np.linalg.solve(M, yy)
+    assert math.isclose(mem.last("pathgram/norm"), q, rel_tol=1e-6)
+    assert math.isclose(mem.last("pathgram/norm_normalized"), q * np.trace(M), rel_tol=1e-6)
+    assert np.isfinite(mem.last("pathgram/condition"))
+    # without the duplicates no jitter is needed
+    _, s2 = probe_on(model, x[:10], y[:10])
+    assert s2.memory.last("pathgram/jitter") == 0.0
+
+
+def test_depth_20_width_1000_stays_finite():
+    torch.manual_seed(5)
+    width, depth, P = 1000, 20, 24
+    model = chain([16] + [width] * (depth - 1) + [1], [False] * depth)
+    with torch.no_grad():
+        for m in model:
+            if isinstance(m, nn.Linear):
+                m.weight.copy_(torch.sign(torch.randn_like(m.weight)) * math.sqrt(2 / width))
+    x = torch.rand(P, 16)
+    y = torch.tensor([1.0, -1.0] * (P // 2))
+    probe, s = probe_on(model, x, y)
+    mem = s.memory
+    # reference: float64 without rescaling (about 1e57 here, fine in float64, inf in float32)
+    gates = [probe.batch.activations[n].pre > 0 for n in probe.chain.gates]
+    lam = [(g.double() @ g.double().T) for g in gates]
+    H = (x.double() @ x.double().T) * torch.stack(lam).prod(dim=0)
+    assert not torch.isfinite((x @ x.T) * torch.stack([la.float() for la in lam]).prod(dim=0)).all()
+    yy = y.double()
+    q = float(yy @ torch.linalg.solve(H, yy))
+    assert math.isclose(mem.last("pathgram/log10_norm"), math.log10(q), rel_tol=1e-9)
+    assert math.isclose(mem.last("pathgram/norm"), q, rel_tol=1e-7)
+    assert math.isclose(mem.last("pathgram/norm_normalized"), q * float(torch.trace(H)), rel_tol=1e-7)
+    assert math.isfinite(mem.last("pathgram/condition"))
+
+
+def test_rescaling_survives_beyond_float64_range():
+    """200 layers of width 1000: H ~ 1e570 overflows float64; h and the exponent stay exact in log space."""
+    g = torch.Generator().manual_seed(6)
+    P = 6
+    x = torch.rand(P, 5, generator=g, dtype=torch.float64) + 0.1
+    gates = [torch.rand(P, 1000, generator=g) > 0.3 for _ in range(200)]
+    pg = path_gram(x, gates)
+    assert torch.isfinite(pg.symmetric()).all() and pg.h.abs().max() > 0
+    log_ref = torch.log(x @ x.T) + sum(torch.log(a.double() @ a.double().T) for a in gates)
+    log_ours = torch.log(pg.symmetric()) + pg.exponent * math.log(2)
+    assert log_ref.max() > math.log(1e308)
+    torch.testing.assert_close(log_ours, log_ref, rtol=1e-12, atol=1e-9)
+
+
+class Residual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(5, 5), nn.Linear(5, 5), nn.Linear(5, 1)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        return self.c(torch.relu(self.b(h) + h))
+
+
+class FunctionalLinear(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(5, 5), nn.Linear(5, 1)
+
+    def forward(self, x):
+        h = F.linear(x, self.a.weight, self.a.bias)
+        return self.b(torch.relu(h) * 2)
+
+
+@pytest.mark.parametrize("model, match", [
+    (Residual(), "input of gate 'forward:relu#2' is not the output of Linear 'b'"),
+    (FunctionalLinear(), "activation site 'forward:relu' at the start of the chain"),
+    (nn.Sequential(nn.Linear(5, 5), nn.Tanh(), nn.Linear(5, 1)), "site '1' is a tanh"),
+    (nn.Sequential(nn.Linear(5, 5), nn.LeakyReLU(), nn.Linear(5, 1)), "site '1' is a leakyrelu"),
+    (nn.Sequential(nn.Linear(5, 5), nn.ReLU()), "ends with gate '1'"),
+    (nn.Sequential(nn.Linear(5, 5), nn.BatchNorm1d(5), nn.ReLU(), nn.Linear(5, 1)), "module '1' \\(batchnorm1d\\)"),
+    (nn.Sequential(nn.Linear(5, 5), nn.ReLU(), nn.ReLU(), nn.Linear(5, 1)), "activation site '2'"),
+    (nn.Sequential(nn.Linear(5, 5), nn.ReLU(), nn.Flatten(), nn.Linear(5, 1)), "module '2' \\(flatten\\)"),
+])
+def test_structure_errors_name_the_module(model, match):
+    x, y = torch.randn(8, 5), torch.randn(8)
+    with pytest.raises(ValueError, match=match):
+        probes.attach(model, ["pathgram"], probe_data=(x, y), sinks=["memory"], strict=True)
+
+
+def test_without_strict_a_bad_model_switches_the_probe_off():
+    model = Residual()
+    with pytest.warns(probes.session.ProbeFailedWarning, match="Linear 'b'"):
+        s = probes.attach(model, ["pathgram"], probe_data=(torch.randn(8, 5), torch.randn(8)), sinks=["memory"])
+    assert "pathgram" in s.failures
+
+
+def test_labels_required():
+    model = chain([5, 4, 1], [True, True])
+    with pytest.raises(ValueError, match="pathgram: this probe needs labels"):
+        probes.attach(model, ["pathgram"], probe_data=(torch.randn(8, 5),), strict=True)
+    with pytest.raises(ValueError, match="pathgram: this probe needs labels"):
+        probes.attach(model, ["pathgram"], probe_data=torch.randn(8, 5), strict=True)
+
+
+def test_bad_options():
+    with pytest.raises(ValueError, match="condition"):
+        probes.attach(chain([5, 4, 1], [True, True]), {"pathgram": {"condition": "fast"}},
+                      probe_data=(torch.randn(8, 5), torch.randn(8)))
+
+
+def _load(path: Path, name: str):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_example_smoke(tmp_path):
+    example = _load(ROOT / "examples" / "pathgram_binary_digits.py", "pathgram_binary_digits")
+    out = tmp_path / "norm.png"
+    result = example.main(["--smoke", "--logdir", str(tmp_path / "runs"), "--out", str(out)])
+    assert out.exists() and out.stat().st_size > 1000
+    assert result["epochs"][0] == 0 and len(result["mean"]) == len(result["epochs"])
+    assert np.all(np.isfinite(result["mean"]))
+    assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "runs").rglob("*"))
+
+
+def test_benchmark_smoke(capsys):
+    bench = _load(ROOT / "benchmarks" / "pathgram.py", "bench_pathgram")
+    rows = bench.main(["--smoke"])
+    assert rows and all(r["rel_diff"] < 1e-6 for r in rows)
+    assert "np/warm" in capsys.readouterr().out
+
+
+def _write_idx(path: Path, array: np.ndarray) -> None:
+    code = {np.dtype(np.uint8): 0x08}[array.dtype]
+    header = bytes([0, 0, code, array.ndim]) + b"".join(int(n).to_bytes(4, "big") for n in array.shape)
+    path.write_bytes(header + array.tobytes())
+
+
+def test_example_reads_mnist_idx_files(tmp_path):
+    """``--data mnist`` with IDX files in ``--root`` (here the embedded digits at 28 x 28), no download."""
+    from probes.data import load_digits
+
+    x, y = load_digits(size=28)
+    keep = torch.isin(y, torch.tensor([3, 4, 7]))
+    images = (x[keep].reshape(-1, 28, 28).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+    _write_idx(tmp_path / "train-images-idx3-ubyte", images)
+    _write_idx(tmp_path / "train-labels-idx1-ubyte", y[keep].to(torch.uint8).numpy())
+    example = _load(ROOT / "examples" / "pathgram_binary_digits.py", "pathgram_binary_digits")
+    result = example.main(["--smoke", "--data", "mnist", "--root", str(tmp_path), "--logdir",
+                           str(tmp_path / "runs")])
+    assert Path(result["out"]).exists() and np.all(np.isfinite(result["mean"]))
+    from probes.data import torchvision_available
+
+    if torchvision_available():  # torchvision would download MNIST into the empty directory
+        return
+    with pytest.raises(FileNotFoundError, match="never downloads"):
+        example.main(["--smoke", "--data", "mnist", "--root", str(tmp_path / "empty"), "--logdir",
+                      str(tmp_path / "runs2")])
+
+
+@pytest.mark.parametrize("P", [1, 2, 3, 5, 17])
+def test_condition_estimate_small_and_degenerate(P):
+    from probes.paths import PathGram, condition_exact
+
+    g = torch.Generator().manual_seed(P)
+    A = torch.randn(P, P, generator=g, dtype=torch.float64)
+    for M in (A @ A.T + 0.1 * torch.eye(P, dtype=torch.float64), 3.0 * torch.eye(P, dtype=torch.float64)):
+        pg = PathGram(M, 0)
+        fact = cholesky_jitter(M)
+        est, exact = float(condition_estimate(pg, fact)), float(condition_exact(pg, fact))
+        assert est <= exact * (1 + 1e-9) and est >= 0.8 * exact, (est, exact)
+
+
+def test_blocked_lower_route_and_workspace_match_the_full_products():
+    """P >= 800 on the CPU: products on and below the diagonal only, buffers reused between calls."""
+    from probes.paths import Workspace, condition_exact, input_gram, quadratic_form, row_blocks
+
+    g = torch.Generator().manual_seed(7)
+    P = 1000
+    assert len(row_blocks(P, torch.device("cpu"))) > 1
+    x = torch.rand(P, 40, generator=g)
+    y = torch.where(torch.rand(P, generator=g) > 0.5, 1.0, -1.0).double()
+    ws = Workspace()
+    xx = input_gram(x)
+    assert xx[1]  # lower only
+    for trial in range(2):  # the second call reuses the workspace with other gates
+        gates = [torch.rand(P, 30, generator=g) > 0.5 for _ in range(3)]
+        bias = [trial == 1, False, trial == 1, True]
+        pg = path_gram(x, gates, bias, xx=xx, workspace=ws)
+        assert pg.lower_only and pg.h.data_ptr() == ws.buffers["h"].data_ptr()
+        X = x.double()
+        ref = X @ X.T
+        for k, A in enumerate(gates):
+            a = A.double()
+            ref = (ref + bias[k]) * (a @ a.T)
+        ref = ref + bias[-1]
+        torch.testing.assert_close(pg.full(), ref, rtol=1e-12, atol=0)
+        # the Cholesky factor reads the lower triangle only: same factor as from the full matrix
+        fact = cholesky_jitter(pg.h)
+        torch.testing.assert_close(fact.L * 2 ** (pg.exponent / 2), torch.linalg.cholesky(ref), rtol=1e-9, atol=0)
+        q = float(quadratic_form(fact, y)) * 2.0 ** -pg.exponent
+        assert math.isclose(q, float(y @ torch.linalg.solve(ref, y)), rel_tol=1e-7)
+        V = torch.randn(P, 3, generator=g, dtype=torch.float64)
+        full = pg.symmetric() @ V
+        torch.testing.assert_close(pg.matmul(V), full, rtol=1e-10, atol=1e-12 * float(full.abs().max()))
+        idx = torch.randperm(P, generator=g)[:50]
+        torch.testing.assert_close(pg.entries(idx, idx), pg.symmetric()[idx][:, idx])
+        est, exact = float(condition_estimate(pg, fact)), float(condition_exact(pg, fact))
+        assert 0.8 * exact <= est <= exact * (1 + 1e-9)
+    torch.testing.assert_close(xx[0].tril(), (x.double() @ x.double().T).tril())  # the cached gram is untouched
+
+
+def test_flatten_inplace_relu_and_dropout_are_part_of_a_chain():
+    torch.manual_seed(8)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 6), nn.ReLU(inplace=True), nn.Dropout(0.5), nn.Linear(6, 5),
+                          nn.ReLU(inplace=True), nn.Identity(), nn.Linear(5, 2)).double()
+    x = torch.rand(9, 4, 4, dtype=torch.float64)
+    probe, s = probe_on(model, x, torch.randint(0, 2, (9,)), gram_only=True)
+    assert probe.chain.gates == ["2", "5"] and [p for p, _ in probe.chain.linears] == ["1", "4", "7"]
+    Phi, _, _ = enumerate_model(nn.Sequential(model[1], nn.ReLU(), model[4], nn.ReLU(), model[7]), x.reshape(9, -1))
+    np.testing.assert_allclose(probe.pg.full().numpy(), Phi @ Phi.T, rtol=1e-10)
