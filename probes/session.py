@@ -329,23 +329,56 @@ class Session:
 
     def _flush(self, names: list[str]) -> None:
         if self.world_size > 1:
-            self._all_reduce(names)
+            names = self._all_reduce(names)
         for name in names:
             try:
                 self._write(name, self.probes[name].flush(self._step))
             except Exception as exc:  # noqa: BLE001
                 self._fail(name, exc)
 
-    def _all_reduce(self, names: list[str]) -> None:
+    def _all_reduce(self, names: list[str]) -> list[str]:
+        """Sum each probe's ``reducible()`` tensors over the ranks; return the probes that may flush.
+
+        The ranks first compare a signature of what they are about to reduce (one small all-reduce
+        per probe: failed or not, number of tensors, a checksum of their shapes and dtypes). Ranks whose
+        accumulators differ (a rank that saw no forward in the window, a site seen on some ranks only)
+        would otherwise pair unrelated tensors, hang, or crash training in the collective; instead the
+        probe is switched off on every rank with a message saying so.
+        """
+        import zlib
+
         d = torch.distributed
+        ok: list[str] = []
         for name in names:
+            error: BaseException | None = None
             try:
-                tensors = self.probes[name].reducible()
-            except Exception as exc:  # noqa: BLE001
-                self._fail(name, exc)
+                tensors = list(self.probes[name].reducible())
+            except Exception as exc:  # noqa: BLE001 - reported below, on every rank alike
+                tensors, error = [], exc
+            layout = ";".join(f"{tuple(t.shape)}/{t.dtype}" for t in tensors)
+            sig = torch.tensor([int(error is not None), len(tensors), zlib.crc32(layout.encode())],
+                               dtype=torch.int64, device=self.device)
+            both = torch.cat([sig, -sig])
+            d.all_reduce(both, op=d.ReduceOp.MAX)  # max and -min of every entry, in one collective
+            hi, lo = both[:3].tolist(), (-both[3:]).tolist()
+            if error is not None:
+                self._fail(name, error)
+                continue
+            if hi[0]:
+                self._fail(name, RuntimeError(f"probe {name!r} raised on another rank while preparing its counts "
+                                              f"for the all-reduce at step {self._step}"))
+                continue
+            if hi != lo:
+                self._fail(name, RuntimeError(
+                    f"probe {name!r}: the ranks hold different accumulators at step {self._step} (rank "
+                    f"{self.rank}: {len(tensors)} tensors [{layout or 'none'}]; the ranks hold {lo[1]} to {hi[1]}), "
+                    "e.g. a rank ran no training forward in the window or saw other sites; summing them "
+                    "would mix unrelated counts"))
                 continue
             for t in tensors:
                 d.all_reduce(t, op=d.ReduceOp.SUM)
+            ok.append(name)
+        return ok
 
     def _measure(self, names: list[str]) -> None:
         for n in names:

@@ -1,0 +1,197 @@
+"""Probes under DDP: 2 CPU processes (gloo) give the totals of one process on the union of the data.
+
+Each rank trains a DDP-wrapped ReLU MLP on its half of every batch; ``relu_zeros`` counts are
+summed over the ranks at each flush, the active probes run once (rank 0), and only rank 0 writes.
+The reference is one process whose forwards see both halves. The weights are not updated (forward
+and backward only; DDP still all-reduces the gradients), so both runs see the same network and the
+counts must agree exactly. A second test gives the ranks different accumulators: the probe is
+switched off on every rank with a clear message, instead of crashing training in the collective.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+import probes
+from probes.records import Scalar
+
+WORLD = 2
+STEPS = 4
+EVERY = 2
+PER_RANK = 8
+
+
+class CountingProbe(probes.Probe):
+    """Active probe: counts its measurements and logs the mean output on the probe batch."""
+
+    name = "counting"
+    every = 2
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def measure(self, batch):
+        self.calls += 1
+        return [Scalar("counting/mean_output", batch.output.double().mean())]
+
+
+def make_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(10, 24), nn.ReLU(), nn.Linear(24, 16), nn.ReLU(), nn.Linear(16, 3))
+
+
+def data():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(STEPS, WORLD * PER_RANK, 10, generator=g)
+    y = torch.randint(0, 3, (STEPS, WORLD * PER_RANK), generator=g)
+    probe = (torch.randn(20, 10, generator=g), torch.arange(20) % 3)
+    return x, y, probe
+
+
+SPEC = {"relu_zeros": {"every": EVERY}, "alignment": {"every": EVERY}, "ntk": {"every": EVERY, "image": False}}
+
+
+def _worker(rank: int, root: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{root}/pg", rank=rank, world_size=WORLD,
+                           timeout=datetime.timedelta(seconds=60))
+    try:
+        torch.set_num_threads(1)
+        model = nn.parallel.DistributedDataParallel(make_model())
+        x, y, probe_data = data()
+        counting = CountingProbe()
+        session = probes.attach(model, {**SPEC, counting: None}, probe_data=probe_data,
+                                logdir=os.path.join(root, f"tb_rank{rank}"))
+        for s in range(STEPS):
+            xb = x[s, rank * PER_RANK:(rank + 1) * PER_RANK]  # this rank's half of the global batch
+            yb = y[s, rank * PER_RANK:(rank + 1) * PER_RANK]
+            F.cross_entropy(model(xb), yb).backward()
+            model.zero_grad()
+            session.step()
+        session.close()
+        with open(os.path.join(root, f"rank{rank}.json"), "w") as f:
+            json.dump({"sinks": len(session.sinks), "measure_calls": counting.calls,
+                       "failures": sorted(session.failures)}, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def read_scalars(logdir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(logdir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def test_ddp_totals_equal_a_single_process_run_on_the_union(tmp_path):
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    import torch.multiprocessing as mp
+
+    ctx = mp.spawn(_worker, args=(str(tmp_path),), nprocs=WORLD, join=False)
+    deadline = time.monotonic() + 120
+    try:
+        while not ctx.join(timeout=1):
+            if time.monotonic() > deadline:
+                pytest.fail("the DDP workers did not finish in 120 s")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.terminate()
+
+    # reference: one process, every forward sees both halves, same weights
+    model = make_model()
+    x, y, probe_data = data()
+    counting = CountingProbe()
+    ref = probes.attach(model, {**SPEC, counting: None}, probe_data=probe_data, sinks=["memory"])
+    for s in range(STEPS):
+        F.cross_entropy(model(x[s]), y[s]).backward()
+        model.zero_grad()
+        ref.step()
+    ref.close()
+    expected = ref.memory.scalars()
+
+    info = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD)]
+    assert [i["failures"] for i in info] == [[], []]
+    assert info[0]["sinks"] == 1 and info[1]["sinks"] == 0  # only rank 0 writes
+    assert info[0]["measure_calls"] == counting.calls == 1 + STEPS // EVERY  # attach + cadence (close: none due)
+    assert info[1]["measure_calls"] == 0  # active probes run once, on rank 0
+    assert not (tmp_path / "tb_rank1").exists()
+
+    got = read_scalars(tmp_path / "tb_rank0")
+    zero_tags = [t for t in expected if t.startswith("relu_zeros/")]
+    assert {"relu_zeros/1/zeros", "relu_zeros/3/zeros", "relu_zeros/1/dead_units", "relu_zeros/total/fraction"} \
+        <= set(expected)
+    assert zero_tags and set(zero_tags) <= set(got)
+    for tag in zero_tags:
+        steps_expected = [st for st, _ in expected[tag]]
+        assert [st for st, _ in got[tag]] == steps_expected == [2, 4], tag
+        for (_, a), (_, b) in zip(got[tag], expected[tag]):
+            if tag.endswith(("/zeros", "/dead_units")):
+                assert a == b, (tag, a, b)  # integer counts: exact
+            else:
+                assert a == pytest.approx(b, rel=1e-6), (tag, a, b)
+    # the counts really are sums over ranks: 2 flush windows x 2 steps x 16 samples x 24 units
+    zeros = dict(got["relu_zeros/1/zeros"])
+    frac = dict(got["relu_zeros/1/fraction"])
+    assert zeros[2] == pytest.approx(frac[2] * EVERY * WORLD * PER_RANK * 24, rel=1e-6)
+    # ntk's backward passes on rank 0 (autograd.grad on the inner module) do not trigger DDP's reducer
+    for tag in ("alignment/1/cka", "alignment/3/cka", "counting/mean_output", "ntk/trace", "ntk/eig_max"):
+        assert [st for st, _ in got[tag]] == [st for st, _ in expected[tag]] == [0, 2, 4]
+        assert [v for _, v in got[tag]] == pytest.approx([v for _, v in expected[tag]], rel=1e-5)
+
+
+def _uneven_worker(rank: int, root: str) -> None:
+    """Rank 1 runs no training forward in the first window: the ranks hold different accumulators."""
+    dist.init_process_group("gloo", init_method=f"file://{root}/pg", rank=rank, world_size=WORLD,
+                           timeout=datetime.timedelta(seconds=20))
+    try:
+        torch.set_num_threads(1)
+        model = make_model()  # the session only needs torch.distributed; no DDP wrapper, so ranks may differ
+        x, y, probe_data = data()
+        session = probes.attach(model, SPEC, probe_data=probe_data,
+                                sinks=["memory"])
+        for s in range(STEPS):
+            if rank == 0 or s >= EVERY:
+                model(x[s, rank * PER_RANK:(rank + 1) * PER_RANK])
+            session.step()
+        session.close()
+        mem = session.memory.scalars() if session.sinks else {}
+        with open(os.path.join(root, f"uneven{rank}.json"), "w") as f:
+            json.dump({"failures": {k: v.strip().splitlines()[-1] for k, v in session.failures.items()},
+                       "zeros_steps": [st for st, _ in mem.get("relu_zeros/1/zeros", [])],
+                       "cka_steps": [st for st, _ in mem.get("alignment/1/cka", [])]}, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_with_different_accumulators_fail_the_probe_clearly_instead_of_hanging(tmp_path):
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    import torch.multiprocessing as mp
+
+    ctx = mp.spawn(_uneven_worker, args=(str(tmp_path),), nprocs=WORLD, join=False)
+    deadline = time.monotonic() + 120
+    try:
+        while not ctx.join(timeout=1):
+            if time.monotonic() > deadline:
+                pytest.fail("the workers did not finish in 120 s")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.terminate()
+    info = [json.loads((tmp_path / f"uneven{r}.json").read_text()) for r in range(WORLD)]
+    for r in range(WORLD):
+        assert list(info[r]["failures"]) == ["relu_zeros"], info[r]
+        assert "ranks hold different accumulators" in info[r]["failures"]["relu_zeros"]
+    assert info[0]["zeros_steps"] == []  # nothing written from mismatched sums
+    assert info[0]["cka_steps"] == [0, 2, 4]  # the other probes keep working

@@ -1,0 +1,169 @@
+"""The Lightning callback: a 2-epoch CPU fit with probes writing to the trainer's TensorBoard logger."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+pl = pytest.importorskip("lightning.pytorch")
+
+from probes.integrations.lightning import ProbesCallback  # noqa: E402
+
+
+class Net(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = F.cross_entropy(self(x), y)
+        self.log("train_loss", loss)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", F.cross_entropy(self(x), y))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def loaders():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(96, 8, generator=g)
+    y = torch.randint(0, 3, (96,), generator=g)
+    xv, yv = torch.randn(24, 8, generator=g), torch.randint(0, 3, (24,), generator=g)
+    return DataLoader(TensorDataset(x, y), batch_size=16), DataLoader(TensorDataset(xv, yv), batch_size=24), (xv, yv)
+
+
+def trainer(tmp_path, callbacks, logger=True, **kw):
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    return pl.Trainer(max_epochs=2, accelerator="cpu", devices=1, callbacks=callbacks,
+                      logger=TensorBoardLogger(str(tmp_path), name="lt") if logger else False,
+                      enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                      num_sanity_val_steps=0, log_every_n_steps=1, **kw)
+
+
+def read_scalars(logdir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(logdir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def test_two_epoch_fit_writes_probes_to_the_trainers_logger(tmp_path):
+    torch.manual_seed(0)
+    train, val, (xv, yv) = loaders()
+    cb = ProbesCallback({"relu_zeros": {"every": 2}, "alignment": {"every": 3}})
+    t = trainer(tmp_path, [cb])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t.fit(Net(), train, val)
+    assert t.global_step == 12  # 6 batches x 2 epochs
+    s = cb.session
+    assert s._closed and s.global_step == 12
+    # the probe batch is the first validation batch
+    assert torch.equal(s.x, xv) and torch.equal(s.y, yv)
+    scalars = read_scalars(t.logger.log_dir)
+    assert "train_loss" in scalars  # the module's own curves and the probes share one event file
+    zeros_steps = [st for st, _ in scalars["relu_zeros/net.1/fraction"]]
+    assert zeros_steps == [2, 4, 6, 8, 10, 12]
+    cka_steps = [st for st, _ in scalars["alignment/net.1/cka"]]
+    assert cka_steps == [0, 3, 6, 9, 12]
+    assert all(0.0 <= v <= 1.0 for _, v in scalars["relu_zeros/total/fraction"])
+    # no hook is left on the module after fit
+    model = t.lightning_module
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+def test_relu_zeros_totals_match_a_manual_count(tmp_path):
+    """Every training forward is observed: the zero count over the fit equals a recount of the same forwards."""
+    torch.manual_seed(1)
+    train, val, _ = loaders()
+    seen = []
+
+    class Recount(Net):
+        def training_step(self, batch, batch_idx):
+            x, _ = batch
+            with torch.no_grad():
+                seen.append(int((torch.relu(self.net[0](x)) == 0).sum()))  # not a site call
+            return super().training_step(batch, batch_idx)
+
+    cb = ProbesCallback({"relu_zeros": {"every": 6}}, sinks=["memory"])
+    t = trainer(tmp_path, [cb], logger=False)
+    t.fit(Recount(), train, val)
+    zeros = cb.session.memory.scalars()["relu_zeros/net.1/zeros"]
+    assert [st for st, _ in zeros] == [6, 12]
+    assert zeros[0][1] == sum(seen[:6]) and zeros[1][1] == sum(seen[6:])
+
+
+def test_explicit_probe_data_logdir_and_checkpoint_state(tmp_path):
+    torch.manual_seed(2)
+    train, val, _ = loaders()
+    xp, yp = torch.randn(10, 8), torch.arange(10) % 3
+    cb = ProbesCallback(["alignment"], probe_data=(xp, yp), logdir=str(tmp_path / "probes"))
+    t = trainer(tmp_path, [cb], logger=False, max_steps=5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t.fit(Net(), train)  # no validation loader: the explicit probe batch is used
+    assert torch.equal(cb.session.x, xp)
+    assert "alignment/output/cka" in read_scalars(tmp_path / "probes")
+    state = cb.state_dict()
+    assert state["step"] == 5
+    fresh = ProbesCallback(["alignment"], probe_data=(xp, yp), sinks=["memory"])
+    fresh.load_state_dict(state)  # before fit: kept until the session exists
+    assert fresh._pending_state["step"] == 5
+
+
+def test_active_probes_without_any_probe_batch_is_a_clear_error(tmp_path):
+    train, _, _ = loaders()
+
+    cb = ProbesCallback(["alignment"], sinks=["memory"])
+    t = trainer(tmp_path, [cb], logger=False)
+    with pytest.raises(ValueError, match="probe_data"):
+        t.fit(Net(), train)
+
+
+def test_resume_from_a_lightning_checkpoint_continues_the_probe_step(tmp_path):
+    torch.manual_seed(3)
+    train, val, _ = loaders()
+    cb = ProbesCallback({"relu_zeros": {"every": 2}}, sinks=["memory"])
+    t = trainer(tmp_path, [cb], logger=False, max_steps=4)
+    t.fit(Net(), train, val)
+    ckpt = tmp_path / "four.ckpt"
+    t.save_checkpoint(str(ckpt))
+    saved = torch.load(str(ckpt), weights_only=False)["callbacks"]
+    assert any(v.get("step") == 4 for v in saved.values() if isinstance(v, dict))  # Lightning stored our state
+
+    cb2 = ProbesCallback({"relu_zeros": {"every": 2}}, sinks=["memory"])
+    t2 = trainer(tmp_path, [cb2], logger=False, max_steps=8)
+    t2.fit(Net(), train, val, ckpt_path=str(ckpt))
+    end = t2.global_step
+    assert end > 4 and cb2.session.global_step == end  # the probe step continues from 4, not from 0
+    assert [st for st, _ in cb2.session.memory.scalars()["relu_zeros/total/fraction"]] == list(range(6, end + 1, 2))
+
+
+def test_resume_without_probe_state_continues_from_the_trainers_step(tmp_path):
+    torch.manual_seed(4)
+    train, val, _ = loaders()
+    t = trainer(tmp_path, [], logger=False, max_steps=4)
+    t.fit(Net(), train, val)
+    ckpt = tmp_path / "plain.ckpt"
+    t.save_checkpoint(str(ckpt))  # written without the callback: no probe state in it
+    cb = ProbesCallback({"relu_zeros": {"every": 2}}, sinks=["memory"])
+    t2 = trainer(tmp_path, [cb], logger=False, max_steps=8)
+    t2.fit(Net(), train, val, ckpt_path=str(ckpt))
+    end = t2.global_step
+    assert end > 4 and cb.session.global_step == end
+    assert [st for st, _ in cb.session.memory.scalars()["relu_zeros/total/fraction"]] == list(range(6, end + 1, 2))
