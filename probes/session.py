@@ -221,7 +221,7 @@ class Session:
         for _ in range(n):
             self._step += 1
             s = self._step
-            due_passive = [p for p in self.passive if s % self.every[p] == 0 and self.enabled(p)]
+            due_passive = [p for p in self._flushable() if s % self.every[p] == 0]
             if due_passive:
                 self._flush(due_passive)
             due_active = [p for p in self.active if s % self.every[p] == 0 and self.enabled(p)]
@@ -242,7 +242,7 @@ class Session:
 
     def flush(self) -> None:
         """Write what passive probes accumulated so far and flush the sinks."""
-        self._flush([p for p in self.passive if self.enabled(p)])
+        self._flush(self._flushable())
         for s in self.sinks:
             s.flush()
 
@@ -258,7 +258,7 @@ class Session:
         if self._closed:
             return
         try:
-            self._flush([p for p in self.passive if self.enabled(p)])
+            self._flush(self._flushable())
             stale = [n for n in self.active if self._measured_at.get(n) != self._step]
             if stale:
                 self.measure(stale)
@@ -327,6 +327,14 @@ class Session:
         for sink in self.sinks:
             sink.write(records, self._step)
 
+    def _flushable(self) -> list[str]:
+        """Passive probes to flush. Under DDP every rank takes part in every probe's collective,
+        also for a probe switched off on this rank only, so that the ranks stay in step and
+        the others learn of the failure (and switch the probe off too) instead of hanging."""
+        if self.world_size > 1:
+            return list(self.passive)
+        return [p for p in self.passive if self.enabled(p)]
+
     def _flush(self, names: list[str]) -> None:
         if self.world_size > 1:
             names = self._all_reduce(names)
@@ -351,12 +359,13 @@ class Session:
         ok: list[str] = []
         for name in names:
             error: BaseException | None = None
+            failed_here = name in self.failures
             try:
-                tensors = list(self.probes[name].reducible())
+                tensors = [] if failed_here else list(self.probes[name].reducible())
             except Exception as exc:  # noqa: BLE001 - reported below, on every rank alike
                 tensors, error = [], exc
             layout = ";".join(f"{tuple(t.shape)}/{t.dtype}" for t in tensors)
-            sig = torch.tensor([int(error is not None), len(tensors), zlib.crc32(layout.encode())],
+            sig = torch.tensor([int(error is not None or failed_here), len(tensors), zlib.crc32(layout.encode())],
                                dtype=torch.int64, device=self.device)
             both = torch.cat([sig, -sig])
             d.all_reduce(both, op=d.ReduceOp.MAX)  # max and -min of every entry, in one collective
@@ -365,8 +374,8 @@ class Session:
                 self._fail(name, error)
                 continue
             if hi[0]:
-                self._fail(name, RuntimeError(f"probe {name!r} raised on another rank while preparing its counts "
-                                              f"for the all-reduce at step {self._step}"))
+                self._fail(name, RuntimeError(f"probe {name!r} raised on another rank (or was switched off there) "
+                                              f"before the all-reduce at step {self._step}"))
                 continue
             if hi != lo:
                 self._fail(name, RuntimeError(

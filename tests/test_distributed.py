@@ -195,3 +195,70 @@ def test_ranks_with_different_accumulators_fail_the_probe_clearly_instead_of_han
         assert "ranks hold different accumulators" in info[r]["failures"]["relu_zeros"]
     assert info[0]["zeros_steps"] == []  # nothing written from mismatched sums
     assert info[0]["cka_steps"] == [0, 2, 4]  # the other probes keep working
+
+
+class FlakyPassive(probes.Probe):
+    """Passive probe that raises on rank 1 only (a NaN there, say)."""
+
+    name = "flaky"
+    passive = True
+    needs_probe_data = False
+    every = EVERY
+
+    def __init__(self) -> None:
+        self.count = torch.zeros(1, dtype=torch.int64)
+
+    def observe(self, site, pre, post):
+        if dist.get_rank() == 1:
+            raise ValueError("flaky: bad values on this rank")
+        self.count += 1
+
+    def reducible(self):
+        return [self.count]
+
+    def flush(self, step):
+        out = [Scalar("flaky/count", self.count.clone())]
+        self.count.zero_()
+        return out
+
+
+def _one_rank_fails_worker(rank: int, root: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{root}/pg", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=20))
+    try:
+        torch.set_num_threads(1)
+        model = make_model()
+        x, _, _ = data()
+        session = probes.attach(model, [FlakyPassive(), "relu_zeros"], sinks=["memory"])
+        session.every.update(flaky=EVERY, relu_zeros=EVERY)
+        for s in range(STEPS):
+            model(x[s, rank * PER_RANK:(rank + 1) * PER_RANK])
+            session.step()
+        session.close()
+        mem = session.memory.scalars() if session.sinks else {}
+        with open(os.path.join(root, f"fails{rank}.json"), "w") as f:
+            json.dump({"failures": sorted(session.failures), "flaky": mem.get("flaky/count", []),
+                       "zeros_steps": [st for st, _ in mem.get("relu_zeros/1/zeros", [])]}, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_probe_failing_on_one_rank_is_switched_off_on_all_without_hanging(tmp_path):
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    import torch.multiprocessing as mp
+
+    ctx = mp.spawn(_one_rank_fails_worker, args=(str(tmp_path),), nprocs=WORLD, join=False)
+    deadline = time.monotonic() + 120
+    try:
+        while not ctx.join(timeout=1):
+            if time.monotonic() > deadline:
+                pytest.fail("the workers did not finish in 120 s")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.terminate()
+    info = [json.loads((tmp_path / f"fails{r}.json").read_text()) for r in range(WORLD)]
+    assert info[0]["failures"] == info[1]["failures"] == ["flaky"]
+    assert info[0]["flaky"] == []  # never written: the sum would have missed rank 1
+    assert info[0]["zeros_steps"] == [2, 4]  # relu_zeros keeps working on both ranks
