@@ -1,0 +1,371 @@
+"""Local affine maps of piecewise-linear networks, their linear regions, and the ``L_gen`` identity (seed 003).
+
+A network built from affine layers and piecewise-linear activations is affine on each linear region
+(the set of inputs with one activation pattern; Montufar, Pascanu, Cho & Bengio 2014):
+
+    f(z) = A(x) z + c(x)   for z in the region of x,   A(x) = df/dx (the input Jacobian),  c(x) = f(x) - A(x) x,
+
+and ``c = 0`` for a bias-free net of ReLU / LeakyReLU / PReLU units (positive homogeneity).
+With ``x* = x + x'`` and ``P* = P + P'`` (parameters), the generalisation term of seed 003 is
+
+    L_gen = (f(x, P) - f(x, P*)) - (f(x*, P) - f(x*, P*)),
+
+and when ``x`` and ``x*`` share their pattern under ``P`` and under ``P*``, ``L_gen = (A(x, P*) - A(x, P)) x'``
+exactly (the offsets ``c`` cancel within each parameter set, so biases drop out).
+
+Public functions:
+
+- ``check_piecewise_linear(model, x=None)``: raises ``NotPiecewiseLinearError`` naming the module.
+  The check lives here, in three layers: (1) a **scan of the leaf modules** against
+  ``PIECEWISE_LINEAR_MODULES`` (training-mode Dropout / RReLU and BatchNorm with batch statistics are
+  rejected too: they are random or mix samples); (2) with an input, a **trace of one forward** under a
+  ``TorchFunctionMode`` that rejects smooth functional calls (``torch.tanh``, ``F.gelu``, ``exp``, ...) made
+  in any ``forward``, naming the calling module; (3) a **curvature test**: the second directional derivative
+  ``d^2/dt^2 f(x + t v)`` by nested ``torch.func.jvp`` is exactly zero for a piecewise-linear map, so any
+  nonzero value (a custom smooth forward the first two missed) is an error.
+- ``local_affine_map(model, x)`` -> ``LocalAffineMap(A, c, f)``: ``A`` (P, C, D) by batched
+  ``vmap(jacrev)`` (``jacfwd`` when C > D), chunked; ``c = f - A x`` (P, C); ``f`` (P, C). Outputs and
+  inputs are flattened per sample (C and D numbers per sample).
+- ``region_patterns(model, x, params)``: the output and the activation pattern at every gated site
+  (``pre > 0`` for the ReLU family, both kinks for ReLU6 / Hardtanh, the argmax indices for max pooling).
+- ``patterns_differ(a, b)``: (P,) bool, True where any bit of a sample's pattern differs; ``flip_rate(a, b)``
+  the fraction of all pattern entries that differ.
+- ``perturb_inputs``, ``perturb_params``, ``directional``, ``l_gen``: the pieces of the probe.
+
+Nothing here changes the model: parameters are swapped in through ``torch.func.functional_call``
+(copies in the chosen dtype), no ``.backward()``, no ``.grad``, modes untouched, hooks removed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager, nullcontext
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, jacfwd, jacrev, jvp, vmap
+from torch.overrides import TorchFunctionMode
+
+from probes.capture import Capture
+
+Params = dict[str, torch.Tensor]
+
+#: leaf modules that are piecewise linear in their input (in eval mode where noted in the check)
+PIECEWISE_LINEAR_MODULES: tuple[type[nn.Module], ...] = (
+    nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
+    nn.ReLU, nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.ReLU6, nn.Hardtanh,
+    nn.Flatten, nn.Unflatten, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
+    nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
+    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d,
+    nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d,
+)
+
+#: max-pooling modules: their argmax indices are part of the activation pattern
+MAX_POOLS: tuple[type[nn.Module], ...] = (
+    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
+
+#: site kinds whose pattern is ``pre > 0``
+_ONE_KINK = frozenset({"relu", "leakyrelu", "leaky_relu", "prelu", "rrelu"})
+
+#: names of smooth (not piecewise-linear) torch functions rejected when a ``forward`` calls them
+SMOOTH_FUNCTIONS = frozenset({
+    "tanh", "tanh_", "sigmoid", "sigmoid_", "gelu", "silu", "elu", "elu_", "selu", "celu", "softplus", "mish",
+    "hardswish", "logsigmoid", "exp", "exp_", "expm1", "log", "log_", "log1p", "log2", "log10", "erf", "erfc",
+    "sin", "cos", "tan", "sinh", "cosh", "atan", "softmax", "log_softmax", "softmin", "layer_norm",
+    "group_norm", "instance_norm", "rms_norm", "normalize", "sqrt", "rsqrt", "pow", "__pow__", "reciprocal",
+    "square",
+})
+
+
+class NotPiecewiseLinearError(ValueError):
+    """The network is not piecewise linear in its input (or not per sample), so it has no local affine map."""
+
+
+class LocalAffineMap(NamedTuple):
+    """``f(z) = A z + c`` near each sample: ``A`` (P, C, D), ``c`` (P, C), ``f`` (P, C) (flattened per sample)."""
+
+    A: torch.Tensor
+    c: torch.Tensor
+    f: torch.Tensor
+
+
+# ------------------------------------------------------------------------------------------------
+# the check
+# ------------------------------------------------------------------------------------------------
+def _leaf_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(p, m) for p, m in model.named_modules() if not any(True for _ in m.children())]
+
+
+def _scan_modules(model: nn.Module, who: str, allow: tuple[type[nn.Module], ...], assume_eval: bool) -> None:
+    for path, m in _leaf_modules(model):
+        name = f"{path or '<root>'!r} ({type(m).__name__})"
+        if isinstance(m, allow):
+            continue
+        if not isinstance(m, PIECEWISE_LINEAR_MODULES):
+            raise NotPiecewiseLinearError(
+                f"{who}: module {name} is not a known piecewise-linear layer; the local affine map f = A(x) x + c(x) "
+                "needs affine layers (Linear, Conv, pooling, BatchNorm in eval) and ReLU / LeakyReLU / PReLU / "
+                "ReLU6 / Hardtanh activations (pass allow=(YourModule,) if you know it is piecewise linear)")
+        if isinstance(m, (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.RReLU)) \
+                and m.training and not assume_eval:
+            raise NotPiecewiseLinearError(f"{who}: module {name} is random in training mode; call model.eval() "
+                                          "(the probe runs in eval mode)")
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and ((m.training and not assume_eval)
+                                                                 or not m.track_running_stats):
+            raise NotPiecewiseLinearError(
+                f"{who}: module {name} normalises with batch statistics (training mode or track_running_stats="
+                "False), which mixes samples; in eval mode with running statistics it is affine")
+
+
+class _TraceMode(TorchFunctionMode):
+    """Records the smooth functional calls of one forward, with the calling module's path."""
+
+    def __init__(self, capture: Capture) -> None:
+        super().__init__()
+        self.capture = capture
+        self.found: list[tuple[str, str]] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name in SMOOTH_FUNCTIONS:
+            path = self.capture.calling_path()
+            self.found.append((path if path is not None else "<activation module>", name))
+        return func(*args, **(kwargs or {}))
+
+
+def _curvature(model: nn.Module, x: torch.Tensor, params: Params) -> torch.Tensor:
+    """``max |d^2/dt^2 f(x + t v)|`` over a few samples, by nested forward-mode AD (0 for piecewise-linear f)."""
+    g = torch.Generator(device=x.device).manual_seed(12345)
+    v = torch.randn(x.shape, generator=g, device=x.device, dtype=x.dtype)
+
+    def f(z):
+        return functional_call(model, params, (z,))
+
+    def df(z):
+        return jvp(f, (z,), (v,))[1]
+
+    second = jvp(df, (x,), (v,))[1]
+    return second.detach().abs().max()
+
+
+@contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def check_piecewise_linear(model: nn.Module, x: torch.Tensor | None = None, *, who: str = "linear_region",
+                           allow: tuple[type[nn.Module], ...] = (), curvature: bool = True,
+                           assume_eval: bool = False) -> None:
+    """Raise ``NotPiecewiseLinearError`` (naming the module) unless ``model`` is piecewise linear per sample.
+
+    Module scan always; with ``x`` (a few samples suffice) a traced forward for smooth functional calls and,
+    with ``curvature=True``, the nested-``jvp`` second derivative, which must vanish exactly.
+    ``assume_eval=True`` (the probe at attach) judges the model as it will run, in eval mode: the forwards of
+    the check then run in eval mode (modes restored afterwards), so nothing random runs and no buffer changes.
+    """
+    _scan_modules(model, who, tuple(allow), assume_eval)
+    if x is None:
+        return
+    with _eval_mode(model) if assume_eval else nullcontext():
+        _check_forward(model, x, who, curvature)
+
+
+def _check_forward(model: nn.Module, x: torch.Tensor, who: str, curvature: bool) -> None:
+    if not isinstance(x, torch.Tensor) or x.ndim == 0 or not x.is_floating_point():
+        raise TypeError(f"{who}: the input must be a floating tensor with samples first, got "
+                        f"{type(x).__name__}{'' if not isinstance(x, torch.Tensor) else tuple(x.shape)}")
+    xs = x[:2].detach().to(_model_dtype(model, x))
+    capture = Capture(model)
+    mode = _TraceMode(capture)
+    with torch.no_grad(), mode:
+        model(xs)
+    if mode.found:
+        where = ", ".join(f"{fn} in the forward of {path or '<root>'!r}" for path, fn in mode.found[:5])
+        raise NotPiecewiseLinearError(f"{who}: the model calls smooth functions ({where}); it is not piecewise "
+                                      "linear, so it has no local affine map f = A(x) x + c(x)")
+    if curvature:
+        params = _state(model, None)
+        try:
+            second = _curvature(model, xs, params)
+        except (NotImplementedError, RuntimeError):  # an op without forward-mode AD: the scans above stand
+            return
+        with torch.no_grad():
+            scale = 1.0 + float(functional_call(model, params, (xs,)).abs().max())
+        if float(second) > 1e-9 * scale:
+            raise NotPiecewiseLinearError(
+                f"{who}: the output of {type(model).__name__} has a nonzero second derivative along a random "
+                f"direction (max |d2f/dt2| = {float(second):.3g}): some custom forward is not piecewise linear")
+
+
+# ------------------------------------------------------------------------------------------------
+# affine maps
+# ------------------------------------------------------------------------------------------------
+def _state(model: nn.Module, dtype: torch.dtype | None) -> Params:
+    """Detached parameters and buffers (floating ones cast to ``dtype``): what ``functional_call`` swaps in."""
+    out: Params = {}
+    for n, t in list(model.named_parameters()) + list(model.named_buffers()):
+        t = t.detach()
+        out[n] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+    return out
+
+
+def _model_dtype(model: nn.Module, x: torch.Tensor) -> torch.dtype:
+    p = next((t for t in model.parameters() if t.is_floating_point()), None)
+    return p.dtype if p is not None else x.dtype
+
+
+def local_affine_map(model: nn.Module, x: torch.Tensor, *, params: Mapping[str, torch.Tensor] | None = None,
+                     dtype: torch.dtype | None = None, chunk_size: int | None = None, check: bool = True
+                     ) -> LocalAffineMap:
+    """The affine map ``f(z) = A(x) z + c(x)`` of a piecewise-linear ``model`` around each row of ``x``.
+
+    ``A(x)`` is the input Jacobian (P, C, D), one per sample, by ``vmap(jacrev)`` (``jacfwd`` when C > D),
+    ``chunk_size`` samples at a time; ``c(x) = f(x) - A(x) x`` (P, C). ``params`` overrides parameters /
+    buffers by name (e.g. perturbed copies, for ``A(x, P + P')``); ``dtype`` casts parameters, buffers and
+    ``x`` (float64 for exact identities). ``check`` runs ``check_piecewise_linear`` first (module scan and
+    functional trace; the curvature test is left to ``check_piecewise_linear``).
+    """
+    if not isinstance(x, torch.Tensor) or x.ndim == 0 or x.shape[0] == 0:
+        raise ValueError(f"local_affine_map: x must be a tensor with samples first, got "
+                         f"{type(x).__name__}{tuple(x.shape) if isinstance(x, torch.Tensor) else ''}")
+    if check:
+        check_piecewise_linear(model, x, who="local_affine_map", curvature=False)
+    dtype = dtype or _model_dtype(model, x)
+    state = _state(model, dtype)
+    if params is not None:
+        state.update({n: (t.detach().to(dtype) if t.is_floating_point() else t.detach()) for n, t in params.items()})
+    xd = x.detach().to(dtype)
+    P = xd.shape[0]
+
+    def one(xi: torch.Tensor) -> torch.Tensor:
+        return functional_call(model, state, (xi.unsqueeze(0),)).reshape(-1)
+
+    with torch.no_grad():
+        f = functional_call(model, state, (xd,)).reshape(P, -1)
+    C, D = f.shape[1], xd[0].numel()
+    jac = jacrev(one) if C <= D else jacfwd(one)
+    A = vmap(jac, chunk_size=chunk_size)(xd).reshape(P, C, D).detach()
+    c = f - torch.einsum("pcd,pd->pc", A, xd.reshape(P, D))
+    return LocalAffineMap(A, c, f)
+
+
+def directional(model: nn.Module, state: Params, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``A(x) v`` per sample (P, C) by one forward-mode ``jvp`` (samples must not interact: eval mode)."""
+    out = jvp(lambda z: functional_call(model, state, (z,)), (x,), (v,))[1]
+    return out.detach().reshape(x.shape[0], -1)
+
+
+# ------------------------------------------------------------------------------------------------
+# regions
+# ------------------------------------------------------------------------------------------------
+def _site_pattern(kind: str, module: nn.Module | None, pre: torch.Tensor) -> torch.Tensor:
+    if kind in _ONE_KINK:
+        return pre > 0
+    if kind in ("relu6", "hardtanh"):
+        lo, hi = (module.min_val, module.max_val) if isinstance(module, nn.Hardtanh) else (0.0, 6.0)
+        return torch.stack([pre > lo, pre < hi], dim=-1)
+    if isinstance(module, (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)):
+        fn = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}[int(type(module).__name__[-2])]
+        return fn(pre, module.kernel_size, module.stride, module.padding, module.dilation, module.ceil_mode,
+                  return_indices=True)[1]
+    if isinstance(module, (nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)):
+        fn = {1: F.adaptive_max_pool1d, 2: F.adaptive_max_pool2d, 3: F.adaptive_max_pool3d}[
+            int(type(module).__name__[-2])]
+        return fn(pre, module.output_size, return_indices=True)[1]
+    raise NotPiecewiseLinearError(f"linear_region: site of kind {kind!r} has no activation pattern "
+                                  "(not piecewise linear)")
+
+
+def region_patterns(model: nn.Module, x: torch.Tensor, state: Params | None = None,
+                    capture: Capture | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One forward (no grad) with parameters ``state``: output (P, C) and site -> per-sample pattern (P, ...).
+
+    Patterns: ``pre > 0`` (ReLU, LeakyReLU, PReLU, RReLU, functional relu / leaky_relu), ``(pre > lo, pre < hi)``
+    (ReLU6, Hardtanh), argmax indices (max pooling). Two inputs lie in one linear region iff all patterns agree.
+    """
+    capture = capture or Capture(model, extra_sites=MAX_POOLS)
+    state = state if state is not None else _state(model, None)
+    with torch.no_grad(), capture.recording() as rec:
+        out = functional_call(model, state, (x,))
+    P = x.shape[0]
+    pats: dict[str, torch.Tensor] = {}
+    for name, act in rec["activations"].items():
+        if act.pre.ndim == 0 or act.pre.shape[0] != P:
+            raise ValueError(f"linear_region: site {name!r} sees shape {tuple(act.pre.shape)}, not the {P} samples "
+                             "first; patterns are per sample")
+        pats[name] = _site_pattern(act.site.kind, act.site.module, act.pre)
+    return out.detach().reshape(P, -1), pats
+
+
+def patterns_differ(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """(P,) bool: True for the samples whose pattern differs at any site (different linear regions)."""
+    if set(a) != set(b):
+        raise ValueError(f"linear_region: the two passes met different sites ({sorted(set(a) ^ set(b))})")
+    flips = None
+    for name, pa in a.items():
+        d = (pa != b[name]).reshape(pa.shape[0], -1).any(dim=1)
+        flips = d if flips is None else flips | d
+    if flips is None:
+        raise ValueError("linear_region: the model has no gated site (ReLU family, ReLU6, Hardtanh, max pooling); "
+                         "it is affine and has a single linear region")
+    return flips
+
+
+def flip_rate(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Fraction of all pattern entries (gate bits, pooling indices) that differ, over samples and sites (0-d)."""
+    if set(a) != set(b) or not a:
+        raise ValueError("linear_region: the two passes must meet the same, non-empty set of gated sites")
+    changed = sum((pa != b[n]).sum() for n, pa in a.items())
+    return changed.double() / sum(pa.numel() for pa in a.values())
+
+
+# ------------------------------------------------------------------------------------------------
+# perturbations and L_gen
+# ------------------------------------------------------------------------------------------------
+def perturb_inputs(x: torch.Tensor, eps: float, generator: torch.Generator) -> torch.Tensor:
+    """``x'`` with ``||x'_i|| = eps ||x_i||`` (``eps`` where ``x_i = 0``), Gaussian direction per sample."""
+    P = x.shape[0]
+    u = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    norm_x = x.reshape(P, -1).norm(dim=1)
+    scale = torch.where(norm_x > 0, norm_x, torch.ones_like(norm_x)) * eps
+    u_norm = u.reshape(P, -1).norm(dim=1).clamp_min(torch.finfo(x.dtype).tiny)
+    return u * (scale / u_norm).reshape((P,) + (1,) * (x.ndim - 1))
+
+
+def perturb_params(state: Params, names: list[str], delta: float, generator: torch.Generator) -> Params:
+    """``P + P'`` with ``||P'_k||_F = delta ||P_k||_F`` for each tensor named in ``names`` (copies; others shared)."""
+    out = dict(state)
+    for n in names:
+        p = state[n]
+        u = torch.randn(p.shape, generator=generator, device=p.device, dtype=p.dtype)
+        out[n] = p + u * (delta * p.norm() / u.norm().clamp_min(torch.finfo(p.dtype).tiny))
+    return out
+
+
+def l_gen(f_x_p: torch.Tensor, f_x_ps: torch.Tensor, f_xs_p: torch.Tensor, f_xs_ps: torch.Tensor) -> torch.Tensor:
+    """``L_gen = (f(x, P) - f(x, P*)) - (f(x*, P) - f(x*, P*))`` per sample (seed 003)."""
+    return (f_x_p - f_x_ps) - (f_xs_p - f_xs_ps)
+
+
+def trainable_names(model: nn.Module) -> list[str]:
+    """Names of the floating trainable parameters (the ones parameter perturbations touch)."""
+    return [n for n, p in model.named_parameters() if p.requires_grad and p.is_floating_point()]
+
+
+def default_dtype_of(name: Any) -> torch.dtype | None:
+    """``"float64"`` / ``torch.float64`` / ``None`` (the model's own) -> a torch dtype or None."""
+    if name is None or isinstance(name, torch.dtype):
+        return name
+    dt = getattr(torch, str(name), None)
+    if not isinstance(dt, torch.dtype) or not dt.is_floating_point:
+        raise ValueError(f"linear_region: dtype must be a floating torch dtype name, got {name!r}")
+    return dt
