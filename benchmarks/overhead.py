@@ -1,6 +1,6 @@
 """Training-step overhead of probes, as ratios against the plain step in the same run.
 
-Model: the seed-003 784-750-320-50-10 ReLU MLP (one shared nn.ReLU), batch 64, SGD.
+Model: the seed-003 784-750-320-50-10 ReLU MLP (one shared nn.ReLU called 4 times), batch 64, SGD.
 Cases: no probes (anchor); ``relu_zeros`` attached (passive, counts every forward);
 active probes attached but not due (only ``session.step()`` runs); and the same MLP
 written with ``F.relu`` in ``forward``, without and with ``relu_zeros`` (the cost of
@@ -20,12 +20,16 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _timing import interleaved, table  # noqa: E402
+import statistics  # noqa: E402
+
+from _timing import paired_ratios, samples, table  # noqa: E402
 
 import probes  # noqa: E402
 
 
 class SeedMLP(nn.Module):
+    """The seed-003 net: one shared nn.ReLU applied after each of the four Linears (logits too)."""
+
     def __init__(self, sizes=(784, 750, 320, 50, 10), functional: bool = False) -> None:
         super().__init__()
         self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:]))
@@ -33,9 +37,9 @@ class SeedMLP(nn.Module):
         self.functional = functional
 
     def forward(self, x):
-        for layer in self.layers[:-1]:
+        for layer in self.layers:
             x = F.relu(layer(x)) if self.functional else self.act(layer(x))
-        return self.layers[-1](x)
+        return x
 
 
 def make_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, session=None):
@@ -56,8 +60,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     args = ap.parse_args(argv)
-    rounds, repeat = (15, 20) if not (args.quick or args.smoke) else ((7, 10) if args.quick else (2, 2))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rounds, repeat = (60, 10) if not (args.quick or args.smoke) else ((20, 10) if args.quick else (2, 2))
     torch.manual_seed(0)
     x, y = torch.randn(64, 784), torch.randint(0, 10, (64,))
     probe_x, probe_y = torch.randn(64, 784), torch.randint(0, 10, (64,))
@@ -80,11 +87,14 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         "F.relu model, plain": make_step(m_f, x, y),
         "F.relu model + relu_zeros": make_step(m_frz, x, y, s_frz),
     }
-    times = interleaved(cases, rounds=rounds, repeat=repeat)
+    measured = samples(cases, rounds=rounds, repeat=repeat)
+    times = {name: statistics.median(v) for name, v in measured.items()}
+    ratios = paired_ratios(measured, "plain step")
     print(table(times, "plain step", f"training step, 784-750-320-50-10 MLP, batch 64, "
-                f"{torch.get_num_threads()} threads (median of {rounds} rounds x {repeat} steps)"))
-    print(f"functional capture: {times['F.relu model + relu_zeros'] / times['F.relu model, plain']:.3f}x "
-          "the same F.relu model without probes")
+                f"{torch.get_num_threads()} threads (median of {rounds} interleaved rounds x {repeat} steps; "
+                "ratios: median of the per-round ratios)", ratios=ratios))
+    fr = paired_ratios(measured, "F.relu model, plain")["F.relu model + relu_zeros"]
+    print(f"functional capture: {fr:.3f}x the same F.relu model without probes")
     print(f"not-due active probes: {', '.join(active) or '(none available)'}")
     for s in (s_rz, s_idle, s_frz):
         if s is not None:

@@ -29,7 +29,7 @@ def seed_count(model: SeedMLP, x: torch.Tensor) -> int:
     count = 0
     with torch.no_grad():
         h = x
-        for layer in model.layers[:-1]:
+        for layer in model.layers:
             h = model.act(layer(h))
             for e in torch.flatten(h):
                 if e.item() == 0:

@@ -47,14 +47,16 @@ def probes_add_probes():
 @pytest.fixture
 def site_dir(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
-    return tmp_path
+    yield tmp_path
+    for name in ("probes_fake_norm", "probes_broken"):  # later tests must not import these copies
+        sys.modules.pop(name, None)
 
 
 def test_entry_point_plugin_is_attached_by_name(site_dir):
-    make_distribution(site_dir, "probes_weightnorm", "probes_weightnorm", PLUGIN, "weightnorm = probes_weightnorm")
+    make_distribution(site_dir, "probes_fake_norm", "probes_fake_norm", PLUGIN, "fakenorm = probes_fake_norm")
     plugins.reset()
     info = {i.name: i for i in probes.available()}
-    assert info["weight_norm"].source == "probes_weightnorm 1.0"
+    assert info["weight_norm"].source == "probes_fake_norm 1.0"
     assert info["relu_zeros"].source == "builtin"
     model = nn.Linear(3, 2)
     s = probes.attach(model, ["weight_norm", "relu_zeros"])
@@ -66,7 +68,7 @@ def test_entry_point_plugin_is_attached_by_name(site_dir):
 def test_broken_plugin_is_reported_by_name_and_others_work(site_dir):
     make_distribution(site_dir, "probes_broken", "probes_broken", "raise ImportError('missing dep xyz')",
                       "broken = probes_broken")
-    make_distribution(site_dir, "probes_weightnorm", "probes_weightnorm", PLUGIN, "weightnorm = probes_weightnorm")
+    make_distribution(site_dir, "probes_fake_norm", "probes_fake_norm", PLUGIN, "fakenorm = probes_fake_norm")
     plugins.reset()
     with pytest.warns(ProbesPluginWarning, match="broken"):
         names = [i.name for i in probes.available()]
@@ -75,7 +77,7 @@ def test_broken_plugin_is_reported_by_name_and_others_work(site_dir):
 
 
 def test_autoload_can_be_disabled(site_dir, monkeypatch):
-    make_distribution(site_dir, "probes_weightnorm", "probes_weightnorm", PLUGIN, "weightnorm = probes_weightnorm")
+    make_distribution(site_dir, "probes_fake_norm", "probes_fake_norm", PLUGIN, "fakenorm = probes_fake_norm")
     monkeypatch.setenv("PROBES_DISABLE_PLUGIN_AUTOLOAD", "1")
     plugins.reset()
     names = [i.name for i in probes.available()]

@@ -5,7 +5,8 @@ Per site and window (the steps between two flushes): ``zeros`` (count of outputs
 histogram of each unit's activity frequency (fraction of its outputs that are non-zero);
 ``relu_zeros/total/fraction`` over all observed sites. A unit is a feature (last dim) of a
 2-D or 3-D (sequence) activation and a channel (dim 1) of a 4-D/5-D one; ``unit_dim`` overrides.
-Counting stays on the device: one ``count_nonzero`` per site and forward, one host copy per flush.
+Counting stays on the device: one ``!= 0`` test and one reduction per site and forward, one host
+copy per flush.
 """
 
 from __future__ import annotations
@@ -66,7 +67,10 @@ class ReluZeros(Probe):
         elif post.shape[w.unit_dim] != w.nonzero.shape[0]:
             raise ValueError(f"relu_zeros: site {site.name!r} changed its number of units from "
                              f"{w.nonzero.shape[0]} to {post.shape[w.unit_dim]}")
-        w.nonzero += torch.count_nonzero(post.detach(), dim=w.dims) if w.dims else (post.detach() != 0).long()
+        # bool() is the "!= 0" test (NaN counts as non-zero); summing its bytes as int32 is several
+        # times faster on the CPU than count_nonzero(dim=...) and exact for < 2**31 outputs per unit
+        w.nonzero += post.detach().bool().view(torch.uint8).sum(w.dims, dtype=torch.int32) if w.dims \
+            else post.detach().bool().long()
         n = post.numel()
         w.outputs += n
         w.per_unit += n // w.nonzero.shape[0]
