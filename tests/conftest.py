@@ -59,3 +59,15 @@ def shared_relu_mlp():
 def functional_mlp():
     torch.manual_seed(0)
     return FunctionalMLP()
+
+
+def load_script(path, name: str):
+    """Import an example or benchmark script (they are not packages) as module ``name``."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module

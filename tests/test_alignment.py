@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import load_script as _load
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -194,14 +193,6 @@ def test_random_nets_match_pxp_reference(widths, P, classes, acts, seed) -> None
     assert set(got) == set(expected)
     for tag, value in expected.items():
         assert got[tag] == pytest.approx(value, rel=1e-6, abs=1e-9)
-
-
-def _load(path: Path, name: str):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_example_smoke(tmp_path: Path) -> None:

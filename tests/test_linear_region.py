@@ -7,15 +7,14 @@ the probe's draws for its flip fractions.
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from conftest import FunctionalMLP, SharedReluMLP
+from conftest import load_script as _load
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -457,14 +456,6 @@ def test_probe_options_are_checked() -> None:
 # ------------------------------------------------------------------------------------------------
 # the example
 # ------------------------------------------------------------------------------------------------
-def _load(path: Path, name: str):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_spearman_with_ties_against_scipy() -> None:
     example = _load(ROOT / "examples" / "relu_zeros_at_init.py", "_example_relu_zeros_at_init")
     stats = pytest.importorskip("scipy.stats")

@@ -6,14 +6,13 @@ autograd loop; numpy for the eigen statistics.
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import load_script as _load
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -607,14 +606,6 @@ def test_probe_constant_labels_fail_at_attach() -> None:
 # ------------------------------------------------------------------------------------------------
 # example and benchmark stay runnable
 # ------------------------------------------------------------------------------------------------
-def _load(path: Path, name: str):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_example_smoke(tmp_path: Path) -> None:
     example = _load(ROOT / "examples" / "ntk_jamming.py", "_example_ntk_jamming")
     result = example.main(["--smoke", "--logdir", str(tmp_path)])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import os
 from pathlib import Path
@@ -360,11 +359,10 @@ def test_session_reports_a_model_that_is_not_two_layer():
 
 # -- the example ------------------------------------------------------------------------------
 def _example_main():
+    from conftest import load_script
+
     path = Path(__file__).resolve().parents[1] / "examples" / "meanfield_particles.py"
-    spec = importlib.util.spec_from_file_location("meanfield_particles_example", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+    return load_script(path, "meanfield_particles_example").main
 
 
 def test_example_smoke(tmp_path):

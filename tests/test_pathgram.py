@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import SharedReluMLP
+from conftest import load_script as _load
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -298,14 +297,6 @@ def test_bad_options():
     with pytest.raises(ValueError, match="condition"):
         probes.attach(chain([5, 4, 1], [True, True]), {"pathgram": {"condition": "fast"}},
                       probe_data=(torch.randn(8, 5), torch.randn(8)))
-
-
-def _load(path: Path, name: str):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_example_smoke(tmp_path):
