@@ -168,3 +168,19 @@ def test_state_dict_keeps_the_open_window(shared_relu_mlp):
     expected = naive_zero_counts_shared(model, [x1, x2])
     assert s2.memory.last("relu_zeros/act#1/zeros") == expected["act#1"][0]
     s2.close()
+
+
+def test_long_windows_and_changing_batch_sizes_fold_exactly():
+    """More than 255 forwards in one window and a ragged last batch: counts stay exact."""
+    torch.manual_seed(5)
+    model = SharedReluMLP(sizes=(6, 5, 4, 3, 2))
+    session = probes.attach(model, {"relu_zeros": {"every": 10**6}})
+    xs = [torch.randn(3, 6) for _ in range(300)] + [torch.randn(2, 6)]
+    with torch.no_grad():
+        for x in xs:
+            model(x)
+    session.close()
+    expected = naive_zero_counts_shared(model, xs)
+    for site, (zeros, _, units) in expected.items():
+        assert session.memory.last(f"relu_zeros/{site}/zeros") == zeros
+        assert session.memory.last(f"relu_zeros/{site}/dead_units") == sum(1 for u in units if u == 0)

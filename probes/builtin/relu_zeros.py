@@ -5,8 +5,8 @@ Per site and window (the steps between two flushes): ``zeros`` (count of outputs
 histogram of each unit's activity frequency (fraction of its outputs that are non-zero);
 ``relu_zeros/total/fraction`` over all observed sites. A unit is a feature (last dim) of a
 2-D or 3-D (sequence) activation and a channel (dim 1) of a 4-D/5-D one; ``unit_dim`` overrides.
-Counting stays on the device: one ``!= 0`` test and one reduction per site and forward, one host
-copy per flush.
+Counting stays on the device: per site and forward one ``!= 0`` test added as bytes into a stash
+(reduced every 255 forwards), one host copy per flush.
 """
 
 from __future__ import annotations
@@ -18,9 +18,20 @@ import torch
 from probes.probe import Probe, Site
 from probes.records import Histogram, Record, Scalar
 
+#: activations up to this many elements are stashed as bytes and reduced every <= 255 forwards
+STASH_MAX_ELEMENTS = 1 << 22
+
 
 class _Window:
-    __slots__ = ("nonzero", "outputs", "per_unit", "unit_dim", "dims", "count_tensor")
+    """Counts of one site over one window.
+
+    Each forward adds ``post != 0`` as bytes into ``stash`` (one elementwise add, no reduction);
+    every 255 forwards, at a change of shape, and before anything reads the counts, the stash is
+    reduced into the per-unit ``nonzero`` counts. Large activations skip the stash and are reduced
+    at once.
+    """
+
+    __slots__ = ("nonzero", "outputs", "per_unit", "unit_dim", "dims", "count_tensor", "stash", "stashed")
 
     def __init__(self, post: torch.Tensor, unit_dim: int) -> None:
         self.unit_dim = unit_dim
@@ -29,6 +40,33 @@ class _Window:
         self.outputs = 0  # python ints: known from shapes, no sync
         self.per_unit = 0
         self.count_tensor: torch.Tensor | None = None
+        self.stash: torch.Tensor | None = None
+        self.stashed = 0
+
+    def add(self, post: torch.Tensor) -> None:
+        # bool() is the "!= 0" test (NaN counts as non-zero, -0.0 as zero)
+        nz = post.detach().bool()
+        if not self.dims:
+            self.nonzero += nz
+        elif post.numel() > STASH_MAX_ELEMENTS:
+            self.nonzero += nz.view(torch.uint8).sum(self.dims, dtype=torch.int64)
+        else:
+            if self.stash is not None and (self.stash.shape != nz.shape or self.stashed == 255):
+                self.fold()
+            if self.stash is None:
+                self.stash = nz.to(torch.uint8)
+            else:
+                self.stash += nz.view(torch.uint8)
+            self.stashed += 1
+        n = post.numel()
+        self.outputs += n
+        self.per_unit += n // self.nonzero.shape[0]
+
+    def fold(self) -> None:
+        """Reduce the stashed bytes into the per-unit counts."""
+        if self.stash is not None:
+            self.nonzero += self.stash.sum(self.dims, dtype=torch.int64)
+            self.stash, self.stashed = None, 0
 
 
 class ReluZeros(Probe):
@@ -67,17 +105,12 @@ class ReluZeros(Probe):
         elif post.shape[w.unit_dim] != w.nonzero.shape[0]:
             raise ValueError(f"relu_zeros: site {site.name!r} changed its number of units from "
                              f"{w.nonzero.shape[0]} to {post.shape[w.unit_dim]}")
-        # bool() is the "!= 0" test (NaN counts as non-zero); summing its bytes as int32 is several
-        # times faster on the CPU than count_nonzero(dim=...) and exact for < 2**31 outputs per unit
-        w.nonzero += post.detach().bool().view(torch.uint8).sum(w.dims, dtype=torch.int32) if w.dims \
-            else post.detach().bool().long()
-        n = post.numel()
-        w.outputs += n
-        w.per_unit += n // w.nonzero.shape[0]
+        w.add(post)
 
     def reducible(self) -> list[torch.Tensor]:
         out = []
         for w in self.windows.values():
+            w.fold()
             w.count_tensor = torch.tensor([w.outputs, w.per_unit], dtype=torch.int64, device=w.nonzero.device)
             out += [w.nonzero, w.count_tensor]
         return out
@@ -87,6 +120,8 @@ class ReluZeros(Probe):
             return []
         records: list[Record] = []
         zeros_all, outputs_all = [], []
+        for w in self.windows.values():
+            w.fold()
         for name, w in self.windows.items():
             if w.count_tensor is not None:  # summed over ranks
                 outputs, per_unit = w.count_tensor.double()[0], w.count_tensor.double()[1]
@@ -110,6 +145,8 @@ class ReluZeros(Probe):
         return records
 
     def state_dict(self) -> dict[str, Any]:
+        for w in self.windows.values():
+            w.fold()
         return {name: {"nonzero": w.nonzero.clone(), "outputs": w.outputs, "per_unit": w.per_unit,
                        "unit_dim": w.unit_dim, "ndim": len(w.dims) + 1} for name, w in self.windows.items()}
 
@@ -119,4 +156,5 @@ class ReluZeros(Probe):
             w = _Window.__new__(_Window)
             w.unit_dim, w.dims = s["unit_dim"], tuple(d for d in range(s["ndim"]) if d != s["unit_dim"])
             w.nonzero, w.outputs, w.per_unit, w.count_tensor = s["nonzero"].clone(), s["outputs"], s["per_unit"], None
+            w.stash, w.stashed = None, 0
             self.windows[name] = w
