@@ -148,6 +148,9 @@ class ProbesCallback(Callback):
             writer = self._writer(trainer)
             if writer is not None and trainer.global_rank == 0:
                 kwargs["writer"] = writer
+        # the first measurement waits for on_train_start, when the trainer's step is known: a fresh fit
+        # measures the initialization at step 0, a resumed one does not write a stray step-0 point
+        kwargs.setdefault("measure_at_attach", False)
         self.session = probes.attach(pl_module, self.probes, probe_data=probe_data, logdir=self.logdir, **kwargs)
         self._restored = self._pending_state is not None
         if self._pending_state is not None:
@@ -157,8 +160,12 @@ class ProbesCallback(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # the loops (and global_step) are restored after on_fit_start; a checkpoint without probe state
         # continues from the trainer's step instead of replaying the gap step by step
-        if self.session is not None and not self._restored and trainer.global_step > self.session.global_step:
+        if self.session is None:
+            return
+        if not self._restored and trainer.global_step > self.session.global_step:
             self.session.load_state_dict({"step": trainer.global_step})
+        elif not self._restored and trainer.global_step == 0 and not self.attach_kwargs.get("measure_at_attach"):
+            self.session.measure()  # the initialization, step 0
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:

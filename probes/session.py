@@ -129,7 +129,7 @@ class Session:
 
     def __init__(self, model: nn.Module, probes: Any, *, probe_data: Any = None, logdir: str | None = None,
                  writer: Any = None, sinks: Any = None, optimizer: torch.optim.Optimizer | None = None,
-                 strict: bool = False, functional: bool | None = None) -> None:
+                 strict: bool = False, functional: bool | None = None, measure_at_attach: bool = True) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"attach needs an nn.Module, got {type(model).__name__}")
         self.model = model
@@ -164,7 +164,7 @@ class Session:
         if self.passive:
             self.capture.install_passive(self._observe)
         self._opt_handle = optimizer.register_step_post_hook(self._after_optimizer_step) if optimizer else None
-        if self.active:
+        if self.active and measure_at_attach:
             self._measure(self.active)
 
     # -- set-up ---------------------------------------------------------------------
@@ -423,7 +423,7 @@ class Session:
 
 def attach(model: nn.Module, probes: Any, *, probe_data: Any = None, logdir: str | None = None, writer: Any = None,
            sinks: Any = None, optimizer: torch.optim.Optimizer | None = None, strict: bool = False,
-           functional: bool | None = None) -> Session:
+           functional: bool | None = None, measure_at_attach: bool = True) -> Session:
     """Attach probes to ``model`` and return the ``Session``.
 
     ``probes``: a list of names, or ``{name: options}`` (``every`` sets the cadence in steps).
@@ -433,6 +433,8 @@ def attach(model: nn.Module, probes: Any, *, probe_data: Any = None, logdir: str
     ``optimizer``: step automatically after every ``optimizer.step()``.
     ``strict``: re-raise a probe's error instead of switching the probe off.
     ``functional``: catch functional activations (``F.relu`` in ``forward``); default auto.
+    ``measure_at_attach``: measure the active probes once now, the initialization (step 0); a resumed
+    run that loads ``state_dict`` afterwards passes False.
     """
     return Session(model, probes, probe_data=probe_data, logdir=logdir, writer=writer, sinks=sinks,
-                   optimizer=optimizer, strict=strict, functional=functional)
+                   optimizer=optimizer, strict=strict, functional=functional, measure_at_attach=measure_at_attach)

@@ -146,12 +146,14 @@ def test_resume_from_a_lightning_checkpoint_continues_the_probe_step(tmp_path):
     saved = torch.load(str(ckpt), weights_only=False)["callbacks"]
     assert any(v.get("step") == 4 for v in saved.values() if isinstance(v, dict))  # Lightning stored our state
 
-    cb2 = ProbesCallback({"relu_zeros": {"every": 2}}, sinks=["memory"])
+    cb2 = ProbesCallback({"relu_zeros": {"every": 2}, "alignment": {"every": 2}}, sinks=["memory"])
     t2 = trainer(tmp_path, [cb2], logger=False, max_steps=8)
     t2.fit(Net(), train, val, ckpt_path=str(ckpt))
     end = t2.global_step
     assert end > 4 and cb2.session.global_step == end  # the probe step continues from 4, not from 0
     assert [st for st, _ in cb2.session.memory.scalars()["relu_zeros/total/fraction"]] == list(range(6, end + 1, 2))
+    # the resumed run writes no stray measurement of the initialization at step 0
+    assert [st for st, _ in cb2.session.memory.scalars()["alignment/output/cka"]] == list(range(6, end + 1, 2))
 
 
 def test_resume_without_probe_state_continues_from_the_trainers_step(tmp_path):

@@ -300,3 +300,12 @@ def test_close_measures_every_probe_not_measured_at_the_last_step(shared_relu_ml
     session.close()  # 'other' measured at step 3 already; 'counting' was not: measured now
     assert a.steps == [0, 2, 3]
     assert b.steps == [0, 3]
+
+
+def test_measure_at_attach_can_be_skipped_for_a_resumed_run(shared_relu_mlp):
+    probe = CountingProbe()
+    s = probes.attach(shared_relu_mlp, [probe], probe_data=torch.randn(3, 12), measure_at_attach=False)
+    s.load_state_dict({"step": 9})
+    s.step(3)
+    s.close()
+    assert probe.steps == [12]
