@@ -60,6 +60,32 @@ def data():
 SPEC = {"relu_zeros": {"every": EVERY}, "alignment": {"every": EVERY}, "ntk": {"every": EVERY, "image": False}}
 
 
+def shut_down() -> None:
+    """Leave together: a rank that tears gloo down while another still works can abort at exit."""
+    try:
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def run_ranks(worker, tmp_path) -> None:
+    """Spawn ``WORLD`` gloo processes running ``worker(rank, tmp_path)``; fail (never hang) after 120 s."""
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    import torch.multiprocessing as mp
+
+    ctx = mp.spawn(worker, args=(str(tmp_path),), nprocs=WORLD, join=False)
+    deadline = time.monotonic() + 120
+    try:
+        while not ctx.join(timeout=1):
+            if time.monotonic() > deadline:
+                pytest.fail("the workers did not finish in 120 s")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.terminate()
+
+
 def _worker(rank: int, root: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{root}/pg", rank=rank, world_size=WORLD,
                            timeout=datetime.timedelta(seconds=60))
@@ -81,7 +107,7 @@ def _worker(rank: int, root: str) -> None:
             json.dump({"sinks": len(session.sinks), "measure_calls": counting.calls,
                        "failures": sorted(session.failures)}, f)
     finally:
-        dist.destroy_process_group()
+        shut_down()
 
 
 def read_scalars(logdir):
@@ -93,20 +119,7 @@ def read_scalars(logdir):
 
 
 def test_ddp_totals_equal_a_single_process_run_on_the_union(tmp_path):
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available")
-    import torch.multiprocessing as mp
-
-    ctx = mp.spawn(_worker, args=(str(tmp_path),), nprocs=WORLD, join=False)
-    deadline = time.monotonic() + 120
-    try:
-        while not ctx.join(timeout=1):
-            if time.monotonic() > deadline:
-                pytest.fail("the DDP workers did not finish in 120 s")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.terminate()
+    run_ranks(_worker, tmp_path)
 
     # reference: one process, every forward sees both halves, same weights
     model = make_model()
@@ -171,24 +184,11 @@ def _uneven_worker(rank: int, root: str) -> None:
                        "zeros_steps": [st for st, _ in mem.get("relu_zeros/1/zeros", [])],
                        "cka_steps": [st for st, _ in mem.get("alignment/1/cka", [])]}, f)
     finally:
-        dist.destroy_process_group()
+        shut_down()
 
 
 def test_ranks_with_different_accumulators_fail_the_probe_clearly_instead_of_hanging(tmp_path):
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available")
-    import torch.multiprocessing as mp
-
-    ctx = mp.spawn(_uneven_worker, args=(str(tmp_path),), nprocs=WORLD, join=False)
-    deadline = time.monotonic() + 120
-    try:
-        while not ctx.join(timeout=1):
-            if time.monotonic() > deadline:
-                pytest.fail("the workers did not finish in 120 s")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.terminate()
+    run_ranks(_uneven_worker, tmp_path)
     info = [json.loads((tmp_path / f"uneven{r}.json").read_text()) for r in range(WORLD)]
     for r in range(WORLD):
         assert list(info[r]["failures"]) == ["relu_zeros"], info[r]
@@ -240,24 +240,11 @@ def _one_rank_fails_worker(rank: int, root: str) -> None:
             json.dump({"failures": sorted(session.failures), "flaky": mem.get("flaky/count", []),
                        "zeros_steps": [st for st, _ in mem.get("relu_zeros/1/zeros", [])]}, f)
     finally:
-        dist.destroy_process_group()
+        shut_down()
 
 
 def test_a_probe_failing_on_one_rank_is_switched_off_on_all_without_hanging(tmp_path):
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available")
-    import torch.multiprocessing as mp
-
-    ctx = mp.spawn(_one_rank_fails_worker, args=(str(tmp_path),), nprocs=WORLD, join=False)
-    deadline = time.monotonic() + 120
-    try:
-        while not ctx.join(timeout=1):
-            if time.monotonic() > deadline:
-                pytest.fail("the workers did not finish in 120 s")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.terminate()
+    run_ranks(_one_rank_fails_worker, tmp_path)
     info = [json.loads((tmp_path / f"fails{r}.json").read_text()) for r in range(WORLD)]
     assert info[0]["failures"] == info[1]["failures"] == ["flaky"]
     assert info[0]["flaky"] == []  # never written: the sum would have missed rank 1
