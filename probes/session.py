@@ -41,8 +41,7 @@ def _dist() -> tuple[int, int]:
     return 0, 1
 
 
-def _make_probe(name: str, options: Mapping[str, Any]) -> tuple[Probe, int]:
-    cls = plugins.probe_class(name)
+def _make_probe(cls: type[Probe], name: str, options: Mapping[str, Any]) -> tuple[Probe, int]:
     opts = dict(options or {})
     every = opts.pop("every", None)
     every = int(every) if every is not None else int(cls.every)
@@ -72,15 +71,15 @@ def _normalise_spec(probes: Any) -> list[tuple[str, Probe, int]]:
         if isinstance(key, Probe):
             out.append((key.name, key, int(type(key).every)))
             continue
+        if opts is not None and not isinstance(opts, Mapping):
+            raise TypeError(f"options of probe {key!r} must be a mapping, got {opts!r}")
         if isinstance(key, type) and issubclass(key, Probe):
-            probe, every = key(**dict(opts or {})), int((opts or {}).get("every", key.every))
+            probe, every = _make_probe(key, key.name, opts or {})
             out.append((key.name, probe, every))
             continue
         if not isinstance(key, str):
             raise TypeError(f"probe names must be strings, got {key!r}")
-        if opts is not None and not isinstance(opts, Mapping):
-            raise TypeError(f"options of probe {key!r} must be a mapping, got {opts!r}")
-        probe, every = _make_probe(key, opts or {})
+        probe, every = _make_probe(plugins.probe_class(key), key, opts or {})
         out.append((key, probe, every))
     names = [n for n, _, _ in out]
     dup = {n for n in names if names.count(n) > 1}
@@ -193,9 +192,9 @@ class Session:
                 out.append(plugins.sink_class(s)())
             else:
                 raise TypeError(f"a sink is a name or a probes.sinks.Sink, got {s!r}")
-        if (logdir is not None or writer is not None) and not any(
-                type(s).__name__ == "TensorBoardSink" for s in out):
-            out.append(plugins.sink_class("tensorboard")(logdir=logdir, writer=writer))
+        tensorboard = plugins.sink_class("tensorboard")
+        if (logdir is not None or writer is not None) and not any(isinstance(s, tensorboard) for s in out):
+            out.append(tensorboard(logdir=logdir, writer=writer))
         return out
 
     # -- public ---------------------------------------------------------------------

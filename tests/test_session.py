@@ -309,3 +309,10 @@ def test_measure_at_attach_can_be_skipped_for_a_resumed_run(shared_relu_mlp):
     s.step(3)
     s.close()
     assert probe.steps == [12]
+
+
+def test_a_probe_class_with_options_is_attached_like_a_name(shared_relu_mlp):
+    s = probes.attach(shared_relu_mlp, {CountingProbe: {"every": 2}}, probe_data=torch.randn(3, 12))
+    s.step(4)
+    s.close()
+    assert s.probes["counting"].steps == [0, 2, 4]
