@@ -2,7 +2,7 @@
 
 Cases, measured round-robin in one process (``benchmarks/_timing.py``):
 
-- ``probes (float64)``: ``probes.tangent.empirical_ntk`` with its defaults (products in float64);
+- ``probes (float64)``: ``probes.functional.ntk.empirical_ntk`` with its defaults (products in float64);
 - ``probes (float32)``: the same with ``dtype=torch.float32`` (the precision of the two references);
 - ``torch.func``: ``vmap(jacrev)`` per-sample Jacobians of every parameter, then ``J J^T`` (the anchor);
 - ``autograd loop``: one ``torch.autograd.grad`` per sample, then ``J J^T``;
@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _timing import interleaved  # noqa: E402
 
-import probes.tangent as tangent  # noqa: E402
+import probes.functional.ntk as tangent  # noqa: E402
 
 ANCHOR = "torch.func"
 

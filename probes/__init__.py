@@ -9,7 +9,8 @@ to TensorBoard (or any other sink). Third-party packages add probes through the
 from __future__ import annotations
 
 from probes import records
-from probes.plugins import ProbeInfo, hookimpl
+from probes.hookspecs import hookimpl
+from probes.plugins import ProbeInfo
 from probes.probe import Activation, Context, Probe, ProbeBatch, Site
 from probes.records import Histogram, Image, Scalar
 from probes.session import Session, attach

@@ -1,4 +1,4 @@
-"""Hook specifications: how built-in and third-party packages add probes and sinks.
+"""Hook specifications and markers: how built-in and third-party packages add probes and sinks.
 
 A plugin module implements these with ``@probes.hookimpl`` and is found through the
 ``probes`` entry-point group (``[project.entry-points.probes]`` in its pyproject.toml).
@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import pluggy
 
-hookspec = pluggy.HookspecMarker("probes")
+PROJECT = "probes"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
 
 
 @hookspec
@@ -19,3 +21,8 @@ def probes_add_probes() -> list:
 @hookspec
 def probes_add_sinks() -> dict:
     """Return ``{name: sink class}``; a sink class takes keyword options and writes records."""
+
+
+@hookspec
+def probes_add_activations() -> list:
+    """Return extra activation module classes (or class names) to treat as sites, e.g. a library's own GELU."""

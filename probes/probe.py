@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from probes.records import Record
-from probes.targets import label_matrix
+from probes.functional.labels import label_matrix
 
 #: activation kinds whose zeros mean "gate closed" (module class names, lower case, and functional names)
 RELU_FAMILY = frozenset({"relu", "relu6", "leakyrelu", "leaky_relu", "prelu", "rrelu"})

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import probes
-from probes import demo, report
+from probes.app import demo, report
 
 
 def event_scalars(run_dir):
@@ -99,7 +99,7 @@ def test_report_is_one_self_contained_page(demo_run, tmp_path):
 
 
 def test_report_cli_default_output_and_numpy_plots(demo_run, tmp_path, monkeypatch, capsys):
-    from probes.cli import main
+    from probes.app.cli import main
 
     logdir, _, _ = demo_run
     monkeypatch.setattr(report, "_plotter", lambda: report._plot_numpy)  # as without matplotlib

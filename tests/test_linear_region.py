@@ -1,4 +1,4 @@
-"""Local affine maps (probes.linear), the L_gen identity of seed 003, and the ``linear_region`` probe.
+"""Local affine maps (probes.functional.local_affine), the L_gen identity of seed 003, and the ``linear_region`` probe.
 
 References: an explicit layer loop for the gates and the product ``W_L D_{L-1} W_{L-1} ... D_1 W_1`` for
 ``A(x)``; ``torch.autograd.functional.jacobian`` per sample for other layers; a naive re-implementation of
@@ -20,7 +20,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 import probes
-from probes.linear import (
+from probes.builtin.linear_region import region_patterns
+from probes.functional.local_affine import (
     NotPiecewiseLinearError,
     check_piecewise_linear,
     l_gen,
@@ -28,7 +29,6 @@ from probes.linear import (
     patterns_differ,
     perturb_inputs,
     perturb_params,
-    region_patterns,
 )
 from probes.probe import ProbeBatch
 

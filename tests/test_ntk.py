@@ -1,4 +1,4 @@
-"""The empirical NTK (probes.tangent), its eigen statistics (probes.spectra) and the ``ntk`` probe.
+"""The empirical NTK (probes.functional.ntk), its eigen statistics (probes.functional.spectra) and the ``ntk`` probe.
 
 References: ``torch.func`` ``vmap(jacrev)`` contraction over every parameter, and a naive per-sample
 autograd loop; numpy for the eigen statistics.
@@ -19,11 +19,11 @@ from torch import nn
 from torch.func import functional_call, jacrev, vmap
 
 import probes
-import probes.tangent as tangent
+import probes.functional.ntk as tangent
 from probes.kernels import DegenerateKernelError
 from probes.probe import ProbeBatch
-from probes.spectra import condition_number, effective_rank, kernel_distance, label_alignment, spectrum
-from probes.tangent import SampleMixingError, empirical_ntk, ntk_plan
+from probes.functional.spectra import condition_number, effective_rank, kernel_distance, label_alignment, spectrum
+from probes.functional.ntk import SampleMixingError, empirical_ntk, ntk_plan
 
 ROOT = Path(__file__).resolve().parents[1]
 TOL = 1e-10

@@ -15,7 +15,7 @@ from torch import nn
 
 import probes
 from probes.builtin.particles import Particles, find_two_layer
-from probes.meanfield import MeanField, sphere_
+from probes.functional.meanfield import MeanField, sphere_
 from probes.probe import Context, ProbeBatch
 
 SETTINGS = settings(max_examples=25, deadline=None)
@@ -261,7 +261,7 @@ def test_image_shape_colours_and_stable_axes():
     assert img.shape == (200, 200, 3) and img.dtype == np.uint8
     lim = probe._limit
     assert lim == pytest.approx(1.08 * 2.0)  # the teacher row is the farthest point
-    from probes.render import Canvas
+    from probes.figures import Canvas
 
     canvas = Canvas(200, 200, (-lim, lim), (-lim, lim), margin=5)
 

@@ -17,7 +17,7 @@ from torch import nn
 
 import probes
 from probes.builtin.pathgram import PathGramProbe
-from probes.paths import cholesky_jitter, condition_estimate, enumerate_paths, path_gram
+from probes.functional.path_gram import cholesky_jitter, condition_estimate, enumerate_paths, path_gram
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -346,7 +346,7 @@ def test_example_reads_mnist_idx_files(tmp_path):
 
 @pytest.mark.parametrize("P", [1, 2, 3, 5, 17])
 def test_condition_estimate_small_and_degenerate(P):
-    from probes.paths import PathGram, condition_exact
+    from probes.functional.path_gram import PathGram, condition_exact
 
     g = torch.Generator().manual_seed(P)
     A = torch.randn(P, P, generator=g, dtype=torch.float64)
@@ -359,7 +359,7 @@ def test_condition_estimate_small_and_degenerate(P):
 
 def test_blocked_lower_route_and_workspace_match_the_full_products():
     """P >= 800 on the CPU: products on and below the diagonal only, buffers reused between calls."""
-    from probes.paths import Workspace, condition_exact, input_gram, quadratic_form, row_blocks
+    from probes.functional.path_gram import Workspace, condition_exact, input_gram, quadratic_form, row_blocks
 
     g = torch.Generator().manual_seed(7)
     P = 1000

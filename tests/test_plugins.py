@@ -73,7 +73,7 @@ def test_broken_plugin_is_reported_by_name_and_others_work(site_dir):
     with pytest.warns(ProbesPluginWarning, match="broken"):
         names = [i.name for i in probes.available()]
     assert "weight_norm" in names and "relu_zeros" in names
-    assert "missing dep xyz" in plugins.failed_plugins["broken"]
+    assert "missing dep xyz" in plugins.registry.failed["broken"]
 
 
 def test_autoload_can_be_disabled(site_dir, monkeypatch):

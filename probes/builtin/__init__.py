@@ -1,27 +1,21 @@
-"""Built-in probes, one module each. They register through the same hook as third parties."""
+"""Built-in probes, one module each, named like the probe. They register through the same hook as third parties."""
 
 from __future__ import annotations
 
-import importlib
-import inspect
-import pkgutil
-
-from probes.plugins import hookimpl
+from probes.builtin.alignment import Alignment
+from probes.builtin.linear_region import LinearRegion
+from probes.builtin.margin import Margin
+from probes.builtin.ntk import NTK
+from probes.builtin.particles import Particles
+from probes.builtin.pathgram import PathGramProbe
+from probes.builtin.patterns import Patterns
+from probes.builtin.relu_zeros import ReluZeros
+from probes.hookspecs import hookimpl
 from probes.probe import Probe
 
-
-def _probe_classes() -> list[type[Probe]]:
-    found: list[type[Probe]] = []
-    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
-        if info.name.startswith("_"):
-            continue
-        module = importlib.import_module(f"{__name__}.{info.name}")
-        for _, obj in inspect.getmembers(module, inspect.isclass):
-            if issubclass(obj, Probe) and obj.__module__ == module.__name__ and obj.name:
-                found.append(obj)
-    return found
+BUILTIN_PROBES: list[type[Probe]] = [Alignment, LinearRegion, Margin, NTK, Particles, PathGramProbe, Patterns, ReluZeros]
 
 
 @hookimpl
 def probes_add_probes() -> list[type[Probe]]:
-    return _probe_classes()
+    return list(BUILTIN_PROBES)

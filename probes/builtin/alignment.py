@@ -9,7 +9,7 @@ two classes, or the regression targets), the probe logs the centered alignment
 
 i.e. linear CKA between features and labels. ``||Fc^T Fc||_F`` is computed from the ``d x d`` matrix
 when the feature dimension ``d`` is below ``P`` and from the ``P x P`` matrix ``Fc Fc^T`` otherwise;
-no ``P x P`` matrix is built when ``d < P``; float64 throughout (``probes.kernels``).
+no ``P x P`` matrix is built when ``d < P``; float64 throughout (``probes.functional.alignment``).
 
 Tags: ``alignment/<site>/cka`` for every selected activation site and ``alignment/output/cka`` for
 the model output. Options: ``sites`` (names or fnmatch patterns; default every activation site),
@@ -27,10 +27,10 @@ from collections.abc import Sequence
 
 import torch
 
-from probes.kernels import DegenerateKernelError, _prepare, _Prepared
+from probes.functional.alignment import DegenerateKernelError, prepare, Prepared
 from probes.probe import Context, Probe, ProbeBatch
 from probes.records import Record, Scalar
-from probes.targets import label_matrix
+from probes.functional.labels import label_matrix
 
 OUTPUT = "output"
 
@@ -103,7 +103,7 @@ class Alignment(Probe):
         Y = batch.targets("alignment")
         if Y.shape[0] != P:
             raise ValueError(f"alignment: {Y.shape[0]} labels for a probe batch of {P} samples")
-        label_parts: dict[torch.device, _Prepared] = {}  # centered labels on each device that holds a site
+        label_parts: dict[torch.device, Prepared] = {}  # centered labels on each device that holds a site
         values: list[torch.Tensor] = []
         flags = []
         for site, f in features:  # one site at a time: only its float64 copy is alive
@@ -112,10 +112,10 @@ class Alignment(Probe):
                                  "(only activations with the batch as first axis are supported)")
             flat = f.detach().reshape(P, -1)
             F = flat.to(torch.float64)
-            p = _prepare(F, inplace=F.data_ptr() != flat.data_ptr())  # never center the capture itself
+            p = prepare(F, inplace=F.data_ptr() != flat.data_ptr())  # never center the capture itself
             flags += [p.nonfinite, p.degenerate]
             if F.device not in label_parts:
-                label_parts[F.device] = _prepare(Y.to(F.device))
+                label_parts[F.device] = prepare(Y.to(F.device))
             py = label_parts[F.device]
             cross = p.Fc.T @ py.Fc
             values.append(torch.dot(cross.reshape(-1), cross.reshape(-1)) / torch.sqrt(p.self_ip * py.self_ip))

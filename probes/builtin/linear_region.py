@@ -1,6 +1,6 @@
 """``linear_region``: how stable the probe samples' linear regions are under small perturbations (seed 003).
 
-A piecewise-linear net is ``f(x) = A(x) x + c(x)`` on the linear region of ``x`` (``probes.linear``). On the
+A piecewise-linear net is ``f(x) = A(x) x + c(x)`` on the linear region of ``x`` (``probes.functional.local_affine``). On the
 probe batch, with a generator owned by the probe (the global RNG is never drawn from; it is reseeded with
 ``seed`` at every measurement, so every measurement uses the same directions and changes over training come
 from the model, not from new draws):
@@ -30,7 +30,7 @@ Tags (``<eps>``, ``<delta>`` formatted with ``:g``, e.g. ``linear_region/eps_0.0
 - ``linear_region/identity_error``: max over the same samples of ``||L_gen - A'x'||`` (0 up to rounding).
 
 The last three are NaN when no sample keeps its gates (nothing to average). Where the check lives: at attach
-``probes.linear.check_piecewise_linear`` scans the leaf modules (judged as in eval mode, the mode the probe runs
+``probes.functional.local_affine.check_piecewise_linear`` scans the leaf modules (judged as in eval mode, the mode the probe runs
 in), traces one forward for smooth functional calls and tests the second derivative; a model that is not
 piecewise linear is an error naming the module.
 
@@ -48,11 +48,12 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.func import functional_call
 
 from probes.capture import Capture
-from probes.linear import (
+from probes.functional.local_affine import (
     MAX_POOLS,
-    _state,
+    parameter_state,
     check_piecewise_linear,
     default_dtype_of,
     directional,
@@ -61,7 +62,7 @@ from probes.linear import (
     patterns_differ,
     perturb_inputs,
     perturb_params,
-    region_patterns,
+    site_pattern,
     trainable_names,
 )
 from probes.probe import Context, Probe, ProbeBatch
@@ -76,6 +77,27 @@ def _sizes(values: Any, what: str) -> tuple[float, ...]:
     if not all(v > 0 and v != float("inf") for v in out):
         raise ValueError(f"linear_region: every {what} must be a positive finite number, got {vals}")
     return out
+
+
+def region_patterns(model: nn.Module, x: torch.Tensor, state: Params | None = None,
+                    capture: Capture | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One forward (no grad) with parameters ``state``: output (P, C) and site -> per-sample pattern (P, ...).
+
+    Patterns: ``pre > 0`` (ReLU, LeakyReLU, PReLU, RReLU, functional relu / leaky_relu), ``(pre > lo, pre < hi)``
+    (ReLU6, Hardtanh), argmax indices (max pooling). Two inputs lie in one linear region iff all patterns agree.
+    """
+    capture = capture or Capture(model, extra_sites=MAX_POOLS)
+    state = state if state is not None else parameter_state(model, None)
+    with torch.no_grad(), capture.recording() as rec:
+        out = functional_call(model, state, (x,))
+    P = x.shape[0]
+    pats: dict[str, torch.Tensor] = {}
+    for name, act in rec["activations"].items():
+        if act.pre.ndim == 0 or act.pre.shape[0] != P:
+            raise ValueError(f"linear_region: site {name!r} sees shape {tuple(act.pre.shape)}, not the {P} samples "
+                             "first; patterns are per sample")
+        pats[name] = site_pattern(act.site.kind, act.site.module, act.pre)
+    return out.detach().reshape(P, -1), pats
 
 
 class LinearRegion(Probe):
@@ -134,7 +156,7 @@ class LinearRegion(Probe):
         if self._capture is None or self._capture.model is not model:
             self._capture = Capture(model, extra_sites=MAX_POOLS)
         cap = self._capture
-        state = _state(model, dtype)
+        state = parameter_state(model, dtype)
         names = trainable_names(model)
 
         f_x_p, pat_x_p = region_patterns(model, x, state, cap)

@@ -22,7 +22,7 @@ from torch import nn
 
 from probes.probe import Context, Probe, ProbeBatch
 from probes.records import Histogram, Record, Scalar
-from probes.targets import label_matrix
+from probes.functional.labels import label_matrix
 
 
 def count_weights(model: nn.Module) -> int:

@@ -1,6 +1,6 @@
 """``ntk``: the empirical neural tangent kernel on the probe batch and its spectrum (seed 002).
 
-``Theta = J J^T`` over every trainable parameter (``probes.tangent.empirical_ntk``: a layerwise formula for
+``Theta = J J^T`` over every trainable parameter (``probes.functional.ntk.empirical_ntk``: a layerwise formula for
 ``nn.Linear`` layers, per-sample Jacobians with ``torch.func`` for everything else; exact for any model
 whose samples do not interact). By default the ``P x P`` kernel **summed** over outputs is logged
 (``reduction="mean"`` divides by the number of outputs, neural-tangents' default); ``mode="full"``
@@ -31,13 +31,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from probes.kernels import DegenerateKernelError
+from probes.functional.alignment import DegenerateKernelError
 from probes.probe import Context, Probe, ProbeBatch
 from probes.records import Histogram, Image, Record, Scalar
-from probes.render import plot
-from probes.spectra import kernel_distance, label_alignment, spectrum
-from probes.tangent import MODES, REDUCTIONS, NTKPlan, empirical_ntk, ntk_plan, trace_over_outputs
-from probes.targets import label_matrix
+from probes.figures import plot
+from probes.functional.spectra import kernel_distance, label_alignment, spectrum
+from probes.functional.ntk import MODES, REDUCTIONS, NTKPlan, empirical_ntk, ntk_plan, trace_over_outputs
+from probes.functional.labels import label_matrix
 
 
 class NTK(Probe):

@@ -1,7 +1,7 @@
 """particles: the hidden units of a two-layer net as particles (seed 001; Chizat & Bach 2018).
 
 For ``f(x) = sum_j a_j sigma(w_j . x + b_j)`` (any output scale: ``nn.Linear`` pairs or the
-``1/m`` ``probes.meanfield.MeanField``), hidden unit ``j`` is a particle with position
+``1/m`` ``probes.functional.meanfield.MeanField``), hidden unit ``j`` is a particle with position
 
 - ``signed=True`` (default, as the seed plots it): ``p_j = a_j w_j``;
 - ``signed=False`` (as Chizat & Bach's figures): ``p_j = |a_j| w_j``, coloured by the sign of ``a_j``;
@@ -42,10 +42,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from probes.meanfield import MeanField
+from probes.functional.meanfield import MeanField
 from probes.probe import Context, Probe, ProbeBatch
 from probes.records import Histogram, Image, Record, Scalar
-from probes.render import Canvas
+from probes.figures import Canvas
 
 POSITIVE = np.array([214, 39, 40], dtype=np.uint8)
 NEGATIVE = np.array([31, 119, 180], dtype=np.uint8)
@@ -127,7 +127,7 @@ def find_two_layer(model: nn.Module, layer: str | None = None) -> tuple[str, nn.
     if len(with_params) != 2 or not all(isinstance(m, nn.Linear) for _, m in with_params):
         raise ValueError(f"particles: {where} is not a two-layer net Linear -> activation -> Linear "
                          f"(parametrised modules: {_describe(sub)}); name the hidden Linear with layer=, "
-                         "or use probes.meanfield.MeanField")
+                         "or use probes.functional.meanfield.MeanField")
     (hp, hidden), (op, out) = with_params
     if hidden.out_features != out.in_features:
         raise ValueError(f"particles: in {where}, {hp!r} has {hidden.out_features} units but {op!r} takes "

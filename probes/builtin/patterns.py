@@ -15,7 +15,7 @@ the non-zero outputs) and the ``P`` probe samples:
   grey row between groups.
 
 With ``save=True`` every measurement is also written as a packed snapshot (``np.packbits``) to
-``<logdir>/patterns/step_XXXXXXXX.npz``; ``probes.snapshots.load_gates`` / ``load_all`` read them back
+``<logdir>/patterns/step_XXXXXXXX.npz``; ``probes.functional.patterns.load_gates`` / ``load_all`` read them back
 without pickle. The previous and the first snapshots are kept on the device and go through
 ``state_dict`` so that churn continues across a checkpoint.
 """
@@ -32,8 +32,8 @@ import torch
 
 from probes.probe import Context, Probe, ProbeBatch
 from probes.records import Image, Record, Scalar
-from probes.render import heatmap
-from probes.snapshots import save_gates, snapshot_path
+from probes.figures import heatmap
+from probes.functional.patterns import save_gates, snapshot_path
 
 
 def _unit_dim(ndim: int, override: int | None) -> int:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from probes.plugins import hookimpl
+from probes.hookspecs import hookimpl
 from probes.sinks.base import Sink
 from probes.sinks.memory import MemorySink
 from probes.sinks.tensorboard import TensorBoardSink

@@ -15,19 +15,19 @@ def _cmd_list(args: argparse.Namespace) -> int:
     print(f"{'probe':<{width}}  {'from':<{swidth}}  description")
     for info in infos:
         print(f"{info.name:<{width}}  {info.source:<{swidth}}  {info.description}")
-    for name, err in plugins.failed_plugins.items():
+    for name, err in plugins.registry.failed.items():
         print(f"(plugin {name!r} failed to load: {err})")
     return 0
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from probes.demo import run_demo
+    from probes.app.demo import run_demo
 
     return run_demo(logdir=args.logdir, epochs=args.epochs, smoke=args.smoke, progress=not args.no_progress)
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from probes.report import write_report
+    from probes.app.report import write_report
 
     path = write_report(args.logdir, args.output)
     print(f"wrote {path}")

@@ -5,7 +5,7 @@ TensorBoard's own reader (``EventMultiplexer``, one run per directory that holds
 the page has a table of the last value of every scalar, one PNG plot per scalar tag (every run
 that logged the tag drawn in the same axes), and the latest image of every image tag. Everything
 (plots, images, style) is inlined as base64 data, so the page opens anywhere without the log
-directory. Plots use matplotlib (Agg) when it is installed, else ``probes.render.plot``.
+directory. Plots use matplotlib (Agg) when it is installed, else ``probes.figures.plot``.
 """
 
 from __future__ import annotations
@@ -109,7 +109,7 @@ def _plot_matplotlib(tag: str, series: list[tuple[str, np.ndarray, np.ndarray]])
 
 
 def _plot_numpy(tag: str, series: list[tuple[str, np.ndarray, np.ndarray]]) -> bytes:
-    from probes.render import plot
+    from probes.figures import plot
 
     finite = np.concatenate([v[np.isfinite(v)] for _, _, v in series])
     logy = bool(finite.size and finite.min() > 0 and finite.max() / finite.min() > 1e3)

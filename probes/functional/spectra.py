@@ -8,7 +8,7 @@
 - effective rank ``exp(H(p))``, ``p_k = max(lambda_k, 0) / sum_k max(lambda_k, 0)``, ``H`` the Shannon entropy
   (Roy & Vetterli 2007): 1 for a rank-one kernel, ``P`` for a multiple of the identity;
 - alignment with labels: centered alignment ``rho(K, Y Y^T)`` (Cortes, Mohri & Rostamizadeh 2012), through
-  ``probes.kernels.alignment``;
+  ``probes.functional.alignment.alignment``;
 - distance between two kernels ``1 - <A, B>_F / (||A||_F ||B||_F)`` (the NTK "distance from init"; clamped
   at 0 against rounding).
 """
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from probes.kernels import alignment as _centered_alignment
+from probes.functional.alignment import alignment as _centered_alignment
 
 
 @dataclass
@@ -88,7 +88,7 @@ def spectrum(K: torch.Tensor) -> Spectrum:
 def label_alignment(K: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
     """Centered alignment of the ``P x P`` kernel ``K`` with ``Y Y^T`` (``Y`` P x C, e.g. +-1 labels or one-hot).
 
-    ``<Kc, (YY^T)c>_F / (||Kc||_F ||(YY^T)c||_F)``; raises ``probes.kernels.DegenerateKernelError`` for
+    ``<Kc, (YY^T)c>_F / (||Kc||_F ||(YY^T)c||_F)``; raises ``probes.functional.alignment.DegenerateKernelError`` for
     constant labels.
     """
     Y = Y.to(torch.float64).reshape(Y.shape[0], -1)

@@ -26,7 +26,7 @@ Public functions:
 - ``local_affine_map(model, x)`` -> ``LocalAffineMap(A, c, f)``: ``A`` (P, C, D) by batched
   ``vmap(jacrev)`` (``jacfwd`` when C > D), chunked; ``c = f - A x`` (P, C); ``f`` (P, C). Outputs and
   inputs are flattened per sample (C and D numbers per sample).
-- ``region_patterns(model, x, params)``: the output and the activation pattern at every gated site
+- ``site_pattern(kind, module, pre)``: the activation pattern of one gated site
   (``pre > 0`` for the ReLU family, both kinks for ReLU6 / Hardtanh, the argmax indices for max pooling).
 - ``patterns_differ(a, b)``: (P,) bool, True where any bit of a sample's pattern differs; ``flip_rate(a, b)``
   the fraction of all pattern entries that differ.
@@ -48,7 +48,7 @@ from torch import nn
 from torch.func import functional_call, jacfwd, jacrev, jvp, vmap
 from torch.overrides import TorchFunctionMode
 
-from probes.capture import Capture
+from probes.functional._frames import calling_module
 
 Params = dict[str, torch.Tensor]
 
@@ -123,16 +123,18 @@ def _scan_modules(model: nn.Module, who: str, allow: tuple[type[nn.Module], ...]
 class _TraceMode(TorchFunctionMode):
     """Records the smooth functional calls of one forward, with the calling module's path."""
 
-    def __init__(self, capture: Capture) -> None:
+    def __init__(self, model: nn.Module) -> None:
         super().__init__()
-        self.capture = capture
+        self.paths: dict[nn.Module, str] = {}
+        for path, module in model.named_modules():
+            self.paths.setdefault(module, path)
         self.found: list[tuple[str, str]] = []
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         name = getattr(func, "__name__", "")
         if name in SMOOTH_FUNCTIONS:
-            path = self.capture.calling_path()
-            self.found.append((path if path is not None else "<activation module>", name))
+            module = calling_module(self.paths)
+            self.found.append((self.paths.get(module, ""), name))
         return func(*args, **(kwargs or {}))
 
 
@@ -184,8 +186,7 @@ def _check_forward(model: nn.Module, x: torch.Tensor, who: str, curvature: bool)
         raise TypeError(f"{who}: the input must be a floating tensor with samples first, got "
                         f"{type(x).__name__}{'' if not isinstance(x, torch.Tensor) else tuple(x.shape)}")
     xs = x[:2].detach().to(_model_dtype(model, x))
-    capture = Capture(model)
-    mode = _TraceMode(capture)
+    mode = _TraceMode(model)
     with torch.no_grad(), mode:
         model(xs)
     if mode.found:
@@ -193,7 +194,7 @@ def _check_forward(model: nn.Module, x: torch.Tensor, who: str, curvature: bool)
         raise NotPiecewiseLinearError(f"{who}: the model calls smooth functions ({where}); it is not piecewise "
                                       "linear, so it has no local affine map f = A(x) x + c(x)")
     if curvature:
-        params = _state(model, None)
+        params = parameter_state(model, None)
         try:
             second = _curvature(model, xs, params)
         except (NotImplementedError, RuntimeError):  # an op without forward-mode AD: the scans above stand
@@ -209,7 +210,7 @@ def _check_forward(model: nn.Module, x: torch.Tensor, who: str, curvature: bool)
 # ------------------------------------------------------------------------------------------------
 # affine maps
 # ------------------------------------------------------------------------------------------------
-def _state(model: nn.Module, dtype: torch.dtype | None) -> Params:
+def parameter_state(model: nn.Module, dtype: torch.dtype | None) -> Params:
     """Detached parameters and buffers (floating ones cast to ``dtype``): what ``functional_call`` swaps in."""
     out: Params = {}
     for n, t in list(model.named_parameters()) + list(model.named_buffers()):
@@ -240,7 +241,7 @@ def local_affine_map(model: nn.Module, x: torch.Tensor, *, params: Mapping[str, 
     if check:
         check_piecewise_linear(model, x, who="local_affine_map", curvature=False)
     dtype = dtype or _model_dtype(model, x)
-    state = _state(model, dtype)
+    state = parameter_state(model, dtype)
     if params is not None:
         state.update({n: (t.detach().to(dtype) if t.is_floating_point() else t.detach()) for n, t in params.items()})
     xd = x.detach().to(dtype)
@@ -267,7 +268,7 @@ def directional(model: nn.Module, state: Params, x: torch.Tensor, v: torch.Tenso
 # ------------------------------------------------------------------------------------------------
 # regions
 # ------------------------------------------------------------------------------------------------
-def _site_pattern(kind: str, module: nn.Module | None, pre: torch.Tensor) -> torch.Tensor:
+def site_pattern(kind: str, module: nn.Module | None, pre: torch.Tensor) -> torch.Tensor:
     if kind in _ONE_KINK:
         return pre > 0
     if kind in ("relu6", "hardtanh"):
@@ -283,27 +284,6 @@ def _site_pattern(kind: str, module: nn.Module | None, pre: torch.Tensor) -> tor
         return fn(pre, module.output_size, return_indices=True)[1]
     raise NotPiecewiseLinearError(f"linear_region: site of kind {kind!r} has no activation pattern "
                                   "(not piecewise linear)")
-
-
-def region_patterns(model: nn.Module, x: torch.Tensor, state: Params | None = None,
-                    capture: Capture | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """One forward (no grad) with parameters ``state``: output (P, C) and site -> per-sample pattern (P, ...).
-
-    Patterns: ``pre > 0`` (ReLU, LeakyReLU, PReLU, RReLU, functional relu / leaky_relu), ``(pre > lo, pre < hi)``
-    (ReLU6, Hardtanh), argmax indices (max pooling). Two inputs lie in one linear region iff all patterns agree.
-    """
-    capture = capture or Capture(model, extra_sites=MAX_POOLS)
-    state = state if state is not None else _state(model, None)
-    with torch.no_grad(), capture.recording() as rec:
-        out = functional_call(model, state, (x,))
-    P = x.shape[0]
-    pats: dict[str, torch.Tensor] = {}
-    for name, act in rec["activations"].items():
-        if act.pre.ndim == 0 or act.pre.shape[0] != P:
-            raise ValueError(f"linear_region: site {name!r} sees shape {tuple(act.pre.shape)}, not the {P} samples "
-                             "first; patterns are per sample")
-        pats[name] = _site_pattern(act.site.kind, act.site.module, act.pre)
-    return out.detach().reshape(P, -1), pats
 
 
 def patterns_differ(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> torch.Tensor:
