@@ -15,8 +15,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from probes.records import Record
 from probes.functional.labels import label_matrix
+from probes.records import Record
 
 #: activation kinds whose zeros mean "gate closed" (module class names, lower case, and functional names)
 RELU_FAMILY = frozenset({"relu", "relu6", "leakyrelu", "leaky_relu", "prelu", "rrelu"})

@@ -20,10 +20,10 @@ from torch.func import functional_call, jacrev, vmap
 
 import probes
 import probes.functional.ntk as tangent
+from probes.functional.ntk import SampleMixingError, empirical_ntk, ntk_plan
+from probes.functional.spectra import condition_number, effective_rank, kernel_distance, label_alignment, spectrum
 from probes.kernels import DegenerateKernelError
 from probes.probe import ProbeBatch
-from probes.functional.spectra import condition_number, effective_rank, kernel_distance, label_alignment, spectrum
-from probes.functional.ntk import SampleMixingError, empirical_ntk, ntk_plan
 
 ROOT = Path(__file__).resolve().parents[1]
 TOL = 1e-10

@@ -13,7 +13,9 @@ from probes.builtin.relu_zeros import ReluZeros
 from probes.hookspecs import hookimpl
 from probes.probe import Probe
 
-BUILTIN_PROBES: list[type[Probe]] = [Alignment, LinearRegion, Margin, NTK, Particles, PathGramProbe, Patterns, ReluZeros]
+BUILTIN_PROBES: list[type[Probe]] = [
+    Alignment, LinearRegion, Margin, NTK, Particles, PathGramProbe, Patterns, ReluZeros,
+]
 
 
 @hookimpl

@@ -27,10 +27,10 @@ from collections.abc import Sequence
 
 import torch
 
-from probes.functional.alignment import DegenerateKernelError, prepare, Prepared
+from probes.functional.alignment import DegenerateKernelError, Prepared, prepare
+from probes.functional.labels import label_matrix
 from probes.probe import Context, Probe, ProbeBatch
 from probes.records import Record, Scalar
-from probes.functional.labels import label_matrix
 
 OUTPUT = "output"
 

@@ -1,6 +1,6 @@
 """``linear_region``: how stable the probe samples' linear regions are under small perturbations (seed 003).
 
-A piecewise-linear net is ``f(x) = A(x) x + c(x)`` on the linear region of ``x`` (``probes.functional.local_affine``). On the
+A piecewise-linear net is ``f(x) = A(x) x + c(x)`` on the linear region of ``x`` (``functional.local_affine``). On the
 probe batch, with a generator owned by the probe (the global RNG is never drawn from; it is reseeded with
 ``seed`` at every measurement, so every measurement uses the same directions and changes over training come
 from the model, not from new draws):
@@ -30,8 +30,8 @@ Tags (``<eps>``, ``<delta>`` formatted with ``:g``, e.g. ``linear_region/eps_0.0
 - ``linear_region/identity_error``: max over the same samples of ``||L_gen - A'x'||`` (0 up to rounding).
 
 The last three are NaN when no sample keeps its gates (nothing to average). Where the check lives: at attach
-``probes.functional.local_affine.check_piecewise_linear`` scans the leaf modules (judged as in eval mode, the mode the probe runs
-in), traces one forward for smooth functional calls and tests the second derivative; a model that is not
+``functional.local_affine.check_piecewise_linear`` scans the leaf modules (judged in eval mode, where the probe runs
+), traces one forward for smooth functional calls and tests the second derivative; a model that is not
 piecewise linear is an error naming the module.
 
 Options: ``eps`` (1e-3, 1e-2, 1e-1), ``delta`` (1e-3, 1e-2, 1e-1), ``seed`` (0), ``dtype`` ("float64": the
@@ -53,12 +53,13 @@ from torch.func import functional_call
 from probes.capture import Capture
 from probes.functional.local_affine import (
     MAX_POOLS,
-    parameter_state,
+    Params,
     check_piecewise_linear,
     default_dtype_of,
     directional,
     flip_rate,
     l_gen,
+    parameter_state,
     patterns_differ,
     perturb_inputs,
     perturb_params,

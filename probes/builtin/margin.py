@@ -20,9 +20,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from probes.functional.labels import label_matrix
 from probes.probe import Context, Probe, ProbeBatch
 from probes.records import Histogram, Record, Scalar
-from probes.functional.labels import label_matrix
 
 
 def count_weights(model: nn.Module) -> int:

@@ -31,13 +31,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from probes.figures import plot
 from probes.functional.alignment import DegenerateKernelError
+from probes.functional.labels import label_matrix
+from probes.functional.ntk import MODES, REDUCTIONS, NTKPlan, empirical_ntk, ntk_plan, trace_over_outputs
+from probes.functional.spectra import kernel_distance, label_alignment, spectrum
 from probes.probe import Context, Probe, ProbeBatch
 from probes.records import Histogram, Image, Record, Scalar
-from probes.figures import plot
-from probes.functional.spectra import kernel_distance, label_alignment, spectrum
-from probes.functional.ntk import MODES, REDUCTIONS, NTKPlan, empirical_ntk, ntk_plan, trace_over_outputs
-from probes.functional.labels import label_matrix
 
 
 class NTK(Probe):

@@ -42,10 +42,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from probes.figures import Canvas
 from probes.functional.meanfield import MeanField
 from probes.probe import Context, Probe, ProbeBatch
 from probes.records import Histogram, Image, Record, Scalar
-from probes.figures import Canvas
 
 POSITIVE = np.array([214, 39, 40], dtype=np.uint8)
 NEGATIVE = np.array([31, 119, 180], dtype=np.uint8)

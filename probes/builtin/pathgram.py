@@ -8,7 +8,7 @@ Lakshminarayanan & Singh 2020 ("Neural path features and neural path kernel") wr
     with biases: S_0 = X X^T,  S_l = (S_{l-1} + b_l) * A_l A_l^T,  H = S_{L-1} + b_L
 
 (``A_l`` the 0/1 gates ``pre > 0`` of hidden layer ``l`` on the probe batch, ``b_k = 1`` when Linear ``k``
-has a bias; see ``probes.functional.path_gram``). Logged, with ``Y`` the labels (binary +-1 in one column, classes one-hot):
+has a bias; see ``functional.path_gram``). Logged, with ``Y`` the labels (binary +-1 in one column, classes one-hot):
 
 - ``pathgram/norm``: ``q(H) = tr(Y^T H^{-1} Y)`` of the unscaled path gram (counts of shared active paths
   times ``<x, x'>``), float64. It scales like ``(n/2)^{-(L-1)}``: deep wide nets reach values below the
@@ -50,6 +50,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from probes.figures import heatmap
+from probes.functional.labels import label_matrix
 from probes.functional.path_gram import (
     PathGram,
     Workspace,
@@ -62,8 +64,6 @@ from probes.functional.path_gram import (
 )
 from probes.probe import Context, Probe, ProbeBatch
 from probes.records import Image, Record, Scalar
-from probes.figures import heatmap
-from probes.functional.labels import label_matrix
 
 #: leaf modules that are the identity in eval mode and may sit anywhere in the chain
 PASS_THROUGH = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.AlphaDropout, nn.FeatureAlphaDropout)

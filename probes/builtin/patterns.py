@@ -30,10 +30,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from probes.probe import Context, Probe, ProbeBatch
-from probes.records import Image, Record, Scalar
 from probes.figures import heatmap
 from probes.functional.patterns import save_gates, snapshot_path
+from probes.probe import Context, Probe, ProbeBatch
+from probes.records import Image, Record, Scalar
 
 
 def _unit_dim(ndim: int, override: int | None) -> int:
