@@ -1,33 +1,50 @@
 """Where activations come from: module hooks, functional calls, call sites.
 
-A **site** is an activation module (``nn.ReLU``, ``nn.GELU``, ... or any module a probe asks
-for) or a functional activation call (``F.relu``, ``torch.relu``, ``Tensor.relu``, ...) made
-inside some module's ``forward``. A module called k > 1 times per forward gives sites
-``path#1`` ... ``path#k``; a functional call in the forward of the module at ``path`` is the site
-``path:relu`` (``forward:relu`` for the root module), ``#k`` again when there are several.
+A **site** is an activation module (``nn.ReLU``, ``nn.GELU``, ..., the activation classes of
+Hugging Face transformers and timm recognised by class name, those that plugins declare through
+``probes_add_activations``, or any module a probe asks for) or a functional activation call
+(``F.relu``, ``torch.relu``, ``Tensor.relu``, ...) made inside some module's ``forward``. A module
+called k > 1 times per forward gives sites ``path#1`` ... ``path#k``; a functional call in the
+forward of the module at ``path`` is the site ``path:relu`` (``forward:relu`` for the root module),
+``#k`` again when there are several.
 
-Functional calls are caught by a ``TorchFunctionMode`` that a root forward pre-hook enters
-and the root forward hook leaves, only while someone needs them: torch is never patched.
+Hooks are process-wide module hooks (``register_module_forward_hook``) that react only to this
+model's modules, so the model itself carries no hook: it can be copied, pickled and averaged
+(SWA / EMA) while attached, and copies are not observed. Functional calls are caught by a
+``TorchFunctionMode`` entered around the root module's forward, only while someone needs them:
+torch is never patched. Forwards recomputed by activation checkpointing (they run inside the
+backward pass) and forwards under ``torch.func`` transforms are not observed.
 """
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as _module_hooks
 from torch.overrides import TorchFunctionMode
 
+from probes.functional._frames import calling_module
 from probes.probe import Activation, Call, Site
 
 ACTIVATION_MODULES: tuple[type[nn.Module], ...] = (
     nn.ReLU, nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.ELU, nn.CELU, nn.SELU, nn.GELU, nn.SiLU, nn.Mish,
     nn.Tanh, nn.Sigmoid, nn.Softplus, nn.Hardtanh, nn.ReLU6, nn.Hardswish, nn.Hardsigmoid,
 )
+
+#: activation classes of other libraries, by class name (their packages are never imported):
+#: Hugging Face ``transformers.activations`` and ``timm.layers.activations``
+ACTIVATION_CLASS_NAMES = frozenset({
+    "NewGELUActivation", "GELUActivation", "FastGELUActivation", "QuickGELUActivation", "SiLUActivation",
+    "GELUTanh", "PytorchGELUTanh", "ClippedGELUActivation", "AccurateGELUActivation", "MishActivation",
+    "LaplaceActivation", "ReLUSquaredActivation", "XIELUActivation",
+    "Swish", "QuickGELU", "HardSwish", "HardSigmoid", "HardMish", "GELU", "Mish", "Sigmoid", "Tanh", "PReLU",
+})
 
 #: functional activations caught inside ``forward``: function -> (kind, in place)
 FUNCTIONAL_ACTIVATIONS: dict[Callable, tuple[str, bool]] = {
@@ -49,12 +66,12 @@ def unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
-def is_activation(module: nn.Module) -> bool:
-    return isinstance(module, ACTIVATION_MODULES)
-
-
 def kind_of(module: nn.Module) -> str:
-    return type(module).__name__.lower()
+    """Lower-case activation kind of a module: ``relu``, ``gelu``, ``newgelu`` (``NewGELUActivation``), ..."""
+    name = type(module).__name__
+    if name.endswith("Activation") and len(name) > len("Activation"):
+        name = name[: -len("Activation")]
+    return name.lower()
 
 
 def site_name(path: str, call: int, multi: bool) -> str:
@@ -68,6 +85,35 @@ def _first_tensor(args: tuple) -> torch.Tensor | None:
     return None
 
 
+def observable() -> bool:
+    """False inside the backward pass (checkpoint recomputation) and under ``torch.func`` transforms."""
+    if torch._C._current_graph_task_id() != -1:
+        return False
+    return torch._C._functorch.peek_interpreter_stack() is None
+
+
+@dataclass
+class Recording:
+    """What one probe pass saw: ``activations`` (site name -> Activation) and ``calls`` (in order).
+
+    ``keep(site)`` decides which sites' activations are kept (their inputs cloned before in-place
+    activations overwrite them); the call trace is always complete.
+    """
+
+    keep: Callable[[Site], bool] = lambda site: True
+    activations: dict[str, Activation] = field(default_factory=dict)
+    calls: list[Call] = field(default_factory=list)
+    _raw_calls: list[tuple[bool, str, str, nn.Module | None]] = field(default_factory=list, repr=False)
+    _site_order: list[str] = field(default_factory=list, repr=False)
+
+    def _resolve(self) -> None:
+        calls: list[Call] = []
+        names = iter(self._site_order)
+        for is_site, path, kind, module in self._raw_calls:
+            calls.append(Call(path, kind, module, next(names, None) if is_site else None))
+        self.calls = calls
+
+
 class _FunctionalMode(TorchFunctionMode):
     """Catches functional activation calls and reports them to the capture."""
 
@@ -78,11 +124,12 @@ class _FunctionalMode(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         entry = FUNCTIONAL_ACTIVATIONS.get(func)
-        if entry is None or not args or not isinstance(args[0], torch.Tensor):
+        if entry is None or not args or not isinstance(args[0], torch.Tensor) or not observable():
             return func(*args, **kwargs)
-        path = self.capture.calling_path()
-        if path is None:  # inside an activation module that is a site already
+        module = calling_module(self.capture.paths)
+        if module in self.capture.site_modules:  # inside an activation module that is a site already
             return func(*args, **kwargs)
+        path = self.capture.paths.get(module, "")
         kind, inplace = entry
         inplace = inplace or bool(kwargs.get("inplace", False))
         pre = args[0]
@@ -103,28 +150,31 @@ class Capture:
     """
 
     def __init__(self, model: nn.Module, extra_sites: tuple[type[nn.Module], ...] = (),
-                 functional: bool | None = None) -> None:
+                 functional: bool | None = None, extra_names: frozenset[str] = frozenset()) -> None:
         self.model = unwrap(model)
         self.paths: dict[nn.Module, str] = {}
         for path, module in self.model.named_modules():
             self.paths.setdefault(module, path)
         self.site_types = ACTIVATION_MODULES + tuple(extra_sites)
-        self.site_modules = {m: p for m, p in self.paths.items() if isinstance(m, self.site_types)}
+        names = ACTIVATION_CLASS_NAMES | extra_names
+        self.site_modules = {m: p for m, p in self.paths.items()
+                             if isinstance(m, self.site_types) or type(m).__name__ in names}
+        self.leaves = {m for m in self.paths if m not in self.site_modules and not any(True for _ in m.children())}
         self.functional = functional  # None: auto (on until a forward shows there are no functional sites)
         self.multi: set[str] = set()
-        self.kinds: dict[str, str] = {}
         self._sites: dict[tuple[str, int, bool, str], Site] = {}
         self._counts: dict[tuple[str, bool], int] = {}
         self._buffer: list[tuple[str, int, bool, str, nn.Module | None, torch.Tensor, torch.Tensor]] = []
+        self._pre_stack: list[torch.Tensor | None] = []
         self._depth = 0
+        self._training_forward = False
         self._mode: _FunctionalMode | None = None
-        self._passive_handles: list[Any] = []
-        self._root_handles: list[Any] = []
+        self._handles: list[Any] = []
         self.on_observe: Callable[[Site, torch.Tensor, torch.Tensor], None] | None = None
+        self.on_forward: Callable[[list[Site]], None] | None = None  # after each observed training forward
         self.observing = False
         self.keep_pre = False
-        self._recording: dict[str, Any] | None = None
-        self.forwards_seen = 0
+        self._recording: Recording | None = None
 
     # -- naming ---------------------------------------------------------------------
     def site(self, path: str, call: int, functional: bool, kind: str, module: nn.Module | None) -> Site:
@@ -137,23 +187,19 @@ class Capture:
             self._sites[key] = site
         return site
 
-    def calling_path(self) -> str | None:
-        """Module path of the nearest ``forward`` on the stack; None inside a site module."""
-        frame = sys._getframe(2)
-        while frame is not None:
-            obj = frame.f_locals.get("self") if "self" in frame.f_code.co_varnames else None
-            if isinstance(obj, nn.Module) and obj in self.paths:
-                return None if obj in self.site_modules else self.paths[obj]
-            frame = frame.f_back
-        return ""
+    def module_sites(self) -> list[Site]:
+        """The sites of activation modules (functional sites are known only after a forward)."""
+        return [self.site(p, 1, False, kind_of(m), m) for m, p in self.site_modules.items()]
 
     # -- hooks ----------------------------------------------------------------------
-    def record(self, path: str, kind: str, module: nn.Module | None, pre: torch.Tensor, post: torch.Tensor,
+    def _active(self) -> bool:
+        return self._recording is not None or (self.observing and self.model.training)
+
+    def record(self, path: str, kind: str, module: nn.Module | None, pre: torch.Tensor | None, post: torch.Tensor,
                functional: bool = False) -> None:
         key = (path if not functional else f"{path or 'forward'}:{kind}", functional)
         call = self._counts.get(key, 0) + 1
         self._counts[key] = call
-        self.kinds[key[0]] = kind
         entry = (path, call, functional, kind, module, pre, post)
         if self._depth > 0:
             self._buffer.append(entry)
@@ -161,31 +207,47 @@ class Capture:
             self._dispatch([entry])
             self._counts.clear()
         if self._recording is not None:
-            self._recording["calls"].append((True, path, kind, module))
+            self._recording._raw_calls.append((True, path, kind, module))
 
     def _dispatch(self, entries) -> None:
+        rec = self._recording
         for path, call, functional, kind, module, pre, post in entries:
             site = self.site(path, call, functional, kind, module)
-            if self._recording is not None:
-                self._recording["activations"][site.name] = Activation(site, pre, post)
-                self._recording["sites"].append(site.name)
+            if rec is not None:
+                rec._site_order.append(site.name)
+                if pre is not None:
+                    rec.activations[site.name] = Activation(site, pre, post)
             elif self.observing and self.on_observe is not None:
                 self.on_observe(site, pre, post)
 
-    def _site_pre_hook(self, module: nn.Module, args: tuple) -> None:
-        if self.keep_pre:
+    def _wanted(self, module: nn.Module) -> bool:
+        """During a recording: keep this module's activation? (decided on the site as currently named)"""
+        rec = self._recording
+        path = self.site_modules[module]
+        call = self._counts.get((path, False), 0) + 1
+        return rec.keep(self.site(path, call, False, kind_of(module), module))
+
+    def _pre_hook(self, module: nn.Module, args: tuple) -> None:
+        if module is self.model:
+            self._root_pre_hook(module, args)
+        if module in self.site_modules and self._recording is not None and self.keep_pre:
             t = _first_tensor(args)
-            if t is not None:
-                self._pre_stack.append(t.detach().clone())
+            self._pre_stack.append(t.detach().clone() if t is not None and self._wanted(module) else None)
+
+    def _post_hook(self, module: nn.Module, args: tuple, output: Any) -> None:
+        if module in self.site_modules:
+            self._site_hook(module, args, output)
+        elif self._recording is not None and module in self.leaves:
+            self._recording._raw_calls.append((False, self.paths[module], kind_of(module), module))
+        if module is self.model:
+            self._root_hook(module, args, output)
 
     def _site_hook(self, module: nn.Module, args: tuple, output: Any) -> None:
-        if not isinstance(output, torch.Tensor):
+        recording = self._recording is not None
+        pre = self._pre_stack.pop() if recording and self.keep_pre and self._pre_stack else None
+        if not isinstance(output, torch.Tensor) or not self._active() or not observable():
             return
-        if self._recording is None and not (self.observing and self.model.training):
-            return
-        if self.keep_pre:
-            pre = self._pre_stack.pop() if self._pre_stack else _first_tensor(args)
-        else:
+        if not recording:
             pre = _first_tensor(args)
         self.record(self.site_modules[module], kind_of(module), module, pre, output)
 
@@ -194,13 +256,14 @@ class Capture:
         if self._depth == 1:
             self._counts.clear()
             self._buffer.clear()
-            if self.functional is not False and (self._recording is not None
-                                                 or (self.observing and self.model.training)):
+            self._training_forward = self._recording is None and self.observing and self.model.training \
+                and observable()
+            if self.functional is not False and self._active() and observable():
                 self._mode = _FunctionalMode(self)
                 self._mode.__enter__()
 
     def _root_hook(self, module: nn.Module, args: tuple, output: Any) -> None:
-        self._depth -= 1
+        self._depth = max(0, self._depth - 1)
         if self._depth > 0:
             return
         if self._mode is not None:
@@ -214,81 +277,50 @@ class Capture:
                 self._sites.clear()
         entries, self._buffer = self._buffer, []
         self._counts = {}
-        self.forwards_seen += 1
         self._dispatch(entries)
+        if self._training_forward and self.on_forward is not None:
+            self._training_forward = False
+            self.on_forward([self.site(*e[:4], e[4]) for e in entries])
 
-    def _ensure_root(self) -> None:
-        if not self._root_handles:
-            self._root_handles = [
-                self.model.register_forward_pre_hook(self._root_pre_hook),
-                self.model.register_forward_hook(self._root_hook, always_call=True),
+    def _install(self) -> None:
+        if not self._handles:
+            self._handles = [
+                _module_hooks.register_module_forward_pre_hook(self._pre_hook),
+                _module_hooks.register_module_forward_hook(self._post_hook, always_call=True),
             ]
 
     def install_passive(self, on_observe: Callable[[Site, torch.Tensor, torch.Tensor], None]) -> None:
         """Observe every training forward (``model.training``) from now on."""
         self.on_observe = on_observe
-        self._pre_stack: list[torch.Tensor] = []
-        self._ensure_root()
-        for m in self.site_modules:
-            self._passive_handles.append(m.register_forward_hook(self._site_hook))
+        self._install()
         self.observing = True
 
     def remove(self) -> None:
-        for h in self._passive_handles + self._root_handles:
+        for h in self._handles:
             h.remove()
-        self._passive_handles, self._root_handles = [], []
+        self._handles = []
         self.observing = False
         if self._mode is not None:
             self._mode.__exit__(None, None, None)
             self._mode = None
 
     @contextmanager
-    def recording(self) -> Iterator[dict[str, Any]]:
-        """One probe pass: collects ``activations`` (site -> Activation) and ``calls`` (list of Call)."""
-        was_observing = self.observing
+    def recording(self, keep: Callable[[Site], bool] | None = None) -> Iterator[Recording]:
+        """One probe pass: collects the activations of the sites ``keep`` accepts (default all) and the calls."""
+        was_observing, had_hooks = self.observing, bool(self._handles)
         self.observing = False
         self.keep_pre = True
         self._pre_stack = []
-        rec: dict[str, Any] = {"activations": {}, "calls": [], "sites": []}
+        rec = Recording(keep) if keep is not None else Recording()
         self._recording = rec
-        handles = []
-        own_root = not self._root_handles
-        if own_root:
-            self._ensure_root()
-        if not self._passive_handles:
-            for m in self.site_modules:
-                handles.append(m.register_forward_pre_hook(self._site_pre_hook))
-                handles.append(m.register_forward_hook(self._site_hook))
-        else:
-            for m in self.site_modules:
-                handles.append(m.register_forward_pre_hook(self._site_pre_hook))
-        def leaf_hook(module: nn.Module, args: tuple, output: Any) -> None:
-            if module not in self.site_modules:
-                rec["calls"].append((False, self.paths[module], kind_of(module), module))
-
-        for m in self.paths:
-            if m not in self.site_modules and not any(True for _ in m.children()):
-                handles.append(m.register_forward_hook(leaf_hook))
+        self._install()
         try:
             yield rec
         finally:
-            for h in handles:
-                h.remove()
-            if own_root:
-                for h in self._root_handles:
-                    h.remove()
-                self._root_handles = []
+            if not had_hooks:
+                self.remove()
             self._recording = None
             self.keep_pre = False
             self.observing = was_observing
-            # the site names are final now; resolve the trace
-            names = rec["sites"]
-            calls: list[Call] = []
-            i = 0
-            for is_site, path, kind, module in rec["calls"]:
-                if not is_site:
-                    calls.append(Call(path, kind, module, None))
-                else:
-                    calls.append(Call(path, kind, module, names[i] if i < len(names) else None))
-                    i += 1
-            rec["calls"] = calls
+            self._depth = 0
+            rec._resolve()  # the site names are final now

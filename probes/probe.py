@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from probes.functional.labels import label_matrix
+from probes.inputs import call_model, sample_count, select_output
 from probes.records import Record
 
 #: activation kinds whose zeros mean "gate closed" (module class names, lower case, and functional names)
@@ -71,10 +72,12 @@ class Call:
 class ProbeBatch:
     """What an active probe's ``measure`` receives: the probe batch and one shared capture.
 
-    ``model`` is the user's module (unwrapped from DDP), in eval mode while probes run;
-    ``output = model(x)`` computed without gradients; ``activations`` maps site names to
-    captures in call order (filled when a due probe has ``needs_sites``); ``calls`` lists every
-    leaf-module call and functional activation of the pass in order.
+    ``model`` is the user's module (unwrapped from DDP), in eval mode while probes run; ``x`` the
+    probe inputs as given (a tensor, a tuple for ``model(*x)``, a dict for ``model(**x)``); ``output``
+    the tensor picked from ``model(x)`` (computed without gradients; see ``probes.inputs``);
+    ``activations`` maps site names to captures in call order (only the sites that the due probes
+    need); ``calls`` lists every leaf-module call and functional activation of the pass in order.
+    ``forward(x)`` runs the model the same way on other inputs (perturbed copies, say).
     """
 
     model: nn.Module
@@ -85,54 +88,129 @@ class ProbeBatch:
     step: int
     logdir: str | None = None
     calls: list[Call] = field(default_factory=list)
+    output_spec: Any = None
 
     @property
     def size(self) -> int:
         """Number of probe samples P (0 when the session has no probe batch)."""
-        if isinstance(self.output, torch.Tensor):
+        if isinstance(self.output, torch.Tensor) and self.output.ndim > 0:
             return int(self.output.shape[0])
-        return int(self.x.shape[0]) if isinstance(self.x, torch.Tensor) else 0
+        return sample_count(self.x) if self.x is not None else 0
+
+    def forward(self, x: Any = None, model: Any = None) -> torch.Tensor:
+        """``model(x)`` with the session's input convention and output selection (default: the probe batch)."""
+        out = call_model(model if model is not None else self.model, self.x if x is None else x)
+        return select_output(out, self.output_spec)
+
+    def tensor_input(self, probe: str) -> torch.Tensor:
+        """The probe batch as one tensor; probes that perturb or differentiate the input need this."""
+        if not isinstance(self.x, torch.Tensor):
+            raise TypeError(f"{probe}: this probe needs the probe inputs as one tensor (model(x)); this session's "
+                            f"probe batch is a {type(self.x).__name__}")
+        return self.x
 
     def targets(self, probe: str = "probe", num_classes: int | None = None) -> torch.Tensor:
         """Labels as a float64 P x C matrix (binary as +-1 in one column, classes one-hot)."""
         if self.y is None:
             raise ValueError(f"{probe}: this probe needs labels; pass probe_data=(x, y) to probes.attach")
-        if num_classes is None and self.output.ndim == 2 and self.output.shape[1] > 1:
+        if num_classes is None and self.output is not None and self.output.ndim == 2 and self.output.shape[1] > 1:
             num_classes = int(self.output.shape[1])
         return label_matrix(self.y, num_classes=num_classes, who=probe)
 
 
 @dataclass
 class Context:
-    """What a probe learns at attach: the unwrapped model, the probe batch, the log directory."""
+    """What a probe learns at attach: the unwrapped model, the probe batch, the log directory, the sites."""
 
     model: nn.Module
     x: Any = None
     y: torch.Tensor | None = None
     logdir: str | None = None
     device: torch.device = torch.device("cpu")
+    output_spec: Any = None
+
+    def forward(self, x: Any = None) -> torch.Tensor:
+        """``model(x)`` with the session's input convention and output selection (no gradients, as called)."""
+        return select_output(call_model(self.model, self.x if x is None else x), self.output_spec)
+
+
+REDUCTIONS = ("sum", "max", "min", "cat", None)
+
+
+@dataclass
+class State:
+    """A declared accumulator: its default (reset value), its reduction over ranks, and whether it is per window."""
+
+    name: str
+    default: Any
+    reduce: str | None
+    window: bool
+
+
+def _fresh(default: Any) -> Any:
+    if isinstance(default, torch.Tensor):
+        return default.clone()
+    if isinstance(default, (dict, list)):
+        return type(default)()
+    return default
 
 
 class Probe:
     """Base class of every probe (built-in or third party).
 
     Class attributes say what a probe needs: ``passive`` (observes training forwards),
-    ``needs_sites`` (an active probe reading ``ProbeBatch.activations``), ``needs_probe_data``,
-    and its default cadence ``every`` (in steps). Options given to ``attach`` arrive as
-    keyword arguments of ``__init__``; ``every`` is taken by the session.
+    ``needs_sites`` (an active probe reading ``ProbeBatch.activations``; ``wants_site`` narrows it),
+    ``needs_probe_data``, and its default cadence ``every`` (a positive int, or a schedule
+    ``step -> bool`` from ``probes.schedules``). Options given to ``attach`` arrive as keyword
+    arguments of ``__init__``; ``every`` is taken by the session and stored on the instance.
+
+    Accumulators are declared with ``add_state(name, default, reduce=...)`` (torchmetrics' idea): the
+    session resets window state after each flush, reduces it over ranks under DDP and saves it in
+    ``state_dict``. A state is read and written as an attribute, ``self.<name>``.
     """
 
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
-    every: ClassVar[int] = 100
+    every: Any = 100
     passive: ClassVar[bool] = False
     needs_sites: ClassVar[bool] = False
     needs_probe_data: ClassVar[bool] = True
     #: extra module types to treat as sites (beyond the activation modules), e.g. ``(nn.MaxPool2d,)``
     site_types: ClassVar[tuple[type[nn.Module], ...]] = ()
 
-    def setup(self, context: Context) -> None:
-        """Called once at attach; raise a clear error here when the model does not fit."""
+    # -- declared state ---------------------------------------------------------------
+    def add_state(self, name: str, default: Any, reduce: str | None = "sum", window: bool = True) -> None:
+        """Declare an accumulator ``self.<name>``.
+
+        ``default``: a tensor (reset to a copy), a number, a ``dict`` (reset to ``{}``; values are tensors
+        or numbers, reduced key by key) or a ``list`` (reset to ``[]``; ``reduce="cat"`` gathers the
+        items of every rank). ``reduce``: ``"sum" | "max" | "min" | "cat" | None`` (None: not reduced).
+        ``window=False`` keeps the state across flushes (still checkpointed).
+        """
+        if not name.isidentifier() or name.startswith("_"):
+            raise ValueError(f"{self.name or type(self).__name__}: state name {name!r} must be a public identifier")
+        if reduce not in REDUCTIONS:
+            raise ValueError(f"{self.name or type(self).__name__}: state {name!r}: reduce must be one of "
+                             f"{REDUCTIONS}, got {reduce!r}")
+        if reduce == "cat" and not isinstance(default, list):
+            raise ValueError(f"{self.name or type(self).__name__}: state {name!r}: reduce='cat' needs a list default")
+        specs = self.__dict__.setdefault("_states", {})
+        specs[name] = State(name, default, reduce, window)
+        setattr(self, name, _fresh(default))
+
+    @property
+    def states(self) -> dict[str, State]:
+        """The declared states, in declaration order."""
+        return self.__dict__.get("_states", {})
+
+    def reset_window(self) -> None:
+        """Reset every window state to its default (the session calls this after each flush)."""
+        for spec in self.states.values():
+            if spec.window:
+                setattr(self, spec.name, _fresh(spec.default))
+
+    def settle(self) -> None:
+        """Bring the declared state up to date (fold caches into it); called before it is read, reduced or saved."""
 
     # -- passive probes -------------------------------------------------------------
     def wants(self, site: Site) -> bool:
@@ -143,21 +221,38 @@ class Probe:
         """Hot path, every training forward: accumulate on the device, never sync."""
 
     def flush(self, step: int) -> Sequence[Record]:
-        """Return the window's records and start a new window (passive probes)."""
-        return []
-
-    def reducible(self) -> list[torch.Tensor]:
-        """Accumulators that the session sums over ranks before ``flush`` under DDP."""
+        """Return the window's records (passive probes); the session then resets the window state."""
         return []
 
     # -- active probes --------------------------------------------------------------
+    def wants_site(self, site: Site) -> bool:
+        """Which sites an active probe with ``needs_sites`` reads in the probe pass (default: all)."""
+        return True
+
+    def setup(self, context: Context) -> None:
+        """Called once at attach; raise a clear error here when the model does not fit."""
+
     def measure(self, batch: ProbeBatch) -> Sequence[Record]:
         """Return records for one measurement on the probe batch (active probes)."""
         return []
 
     # -- checkpoints ----------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {}
+        """The declared states (a probe with other state extends this)."""
+        self.settle()
+        return {name: _copy_state(getattr(self, name)) for name in self.states}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
+        for name in self.states:
+            if name in state:
+                setattr(self, name, _copy_state(state[name]))
+
+
+def _copy_state(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, dict):
+        return {k: _copy_state(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_copy_state(v) for v in value]
+    return value

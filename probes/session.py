@@ -1,11 +1,18 @@
-"""``attach()`` and ``Session``: hook lifecycle, cadence, probe-batch passes, sinks.
+"""``attach()`` and ``Session``: lifecycle, cadence, probe-batch passes, failure policy.
 
-Passive probes observe the training forwards (``model.training``) through the capture's
-hooks; active probes run at their cadence on the fixed probe batch, in one extra pass in
-eval mode that all probes due at that step share, after which the model's modes and the
-RNG state are restored. A probe that raises is reported once and switched off (re-raised
-with ``strict=True``). Under ``torch.distributed`` passive counts are summed over ranks,
-active probes run on rank 0, and only rank 0 writes.
+Passive probes observe the training forwards (``model.training``) through the capture's hooks;
+active probes run at their cadence on the fixed probe batch, in one extra pass in eval mode that
+all probes due at that step share, after which the modules' modes (through their own ``train()``)
+and the RNG state are restored. A probe that raises is reported once and switched off (re-raised
+with ``strict=True``). Under ``torch.distributed`` declared state is reduced over ranks
+(``probes.distributed``), active probes run on rank 0 (on every rank for a sharded model), and
+only rank 0 writes.
+
+Lifecycle: ``attach`` either returns a working session or raises and leaves nothing behind (no
+hook, no writer, no file). The at-attach measurement (step 0) is held back until the session is
+first used, so that ``load_state_dict`` right after ``attach`` (a resumed run) drops it instead of
+writing a second step-0 point. After ``close()`` every method but ``close()`` raises
+``ProbesClosedError``.
 """
 
 from __future__ import annotations
@@ -14,102 +21,97 @@ import inspect
 import logging
 import traceback
 import warnings
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
-from probes import plugins
+from probes import distributed, inputs, plugins
 from probes.capture import Capture, unwrap
 from probes.probe import Context, Probe, ProbeBatch, Site
 from probes.records import Record, to_host
+from probes.schedules import Schedule, as_schedule
 from probes.sinks.base import Sink
 from probes.sinks.memory import MemorySink
 
 log = logging.getLogger("probes")
+
+__all__ = ["attach", "Session", "ProbesClosedError", "ProbeFailedWarning", "ProbesNoticeWarning"]
 
 
 class ProbeFailedWarning(RuntimeWarning):
     """A probe raised; it is switched off and training goes on."""
 
 
-def _dist() -> tuple[int, int]:
-    d = torch.distributed
-    if d.is_available() and d.is_initialized():
-        return d.get_rank(), d.get_world_size()
-    return 0, 1
+class ProbesNoticeWarning(UserWarning):
+    """Something a user should know once: a probe that sees nothing on this model, a window without training."""
 
 
-def _make_probe(cls: type[Probe], name: str, options: Mapping[str, Any]) -> tuple[Probe, int]:
+class ProbesClosedError(RuntimeError):
+    """The session was closed; only ``close()`` may be called again."""
+
+
+def _make_probe(cls: type[Probe], name: str, options: Mapping[str, Any]) -> Probe:
     opts = dict(options or {})
     every = opts.pop("every", None)
-    every = int(every) if every is not None else int(cls.every)
-    if every < 1:
-        raise ValueError(f"probe {name!r}: every must be a positive number of steps, got {every}")
+    schedule = as_schedule(every if every is not None else cls.every, who=f"probe {name!r}")
     try:
         probe = cls(**opts)
     except TypeError as exc:
         params = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "args", "kwargs")]
         raise TypeError(f"probe {name!r}: bad options {sorted(opts)} ({exc}); it accepts: every, "
                         f"{', '.join(params) or '(no other options)'}") from exc
-    return probe, every
+    except (ValueError, KeyError) as exc:
+        raise _named(exc, name) from exc
+    if every is not None:
+        probe.every = schedule if not isinstance(every, int) else every
+    return probe
 
 
-def _normalise_spec(probes: Any) -> list[tuple[str, Probe, int]]:
-    if isinstance(probes, (str, Probe)):
+def _named(exc: BaseException, name: str) -> BaseException:
+    """``exc`` with a message that names the probe (unchanged when it already does)."""
+    text = str(exc)
+    if text.startswith((f"{name}:", f"{name} ", f"probe {name!r}")):
+        return exc
+    try:
+        new = type(exc)(f"probe {name!r}: {text}")
+    except Exception:  # noqa: BLE001 - an exception class with an unusual constructor
+        if hasattr(exc, "add_note"):
+            exc.add_note(f"(in probe {name!r})")
+        return exc
+    return new
+
+
+def _normalise_spec(probes: Any) -> list[tuple[str, Probe]]:
+    if isinstance(probes, (str, Probe)) or (isinstance(probes, type) and issubclass(probes, Probe)):
         probes = [probes]
-    items: list[tuple[str, Any]]
+    items: list[tuple[Any, Any]]
     if isinstance(probes, Mapping):
         items = list(probes.items())
     elif isinstance(probes, Iterable):
         items = [(p, None) for p in probes]
     else:
         raise TypeError(f"probes must be a list of names or a {{name: options}} mapping, got {type(probes).__name__}")
-    out: list[tuple[str, Probe, int]] = []
+    out: list[tuple[str, Probe]] = []
     for key, opts in items:
-        if isinstance(key, Probe):
-            out.append((key.name, key, int(type(key).every)))
-            continue
         if opts is not None and not isinstance(opts, Mapping):
             raise TypeError(f"options of probe {key!r} must be a mapping, got {opts!r}")
-        if isinstance(key, type) and issubclass(key, Probe):
-            probe, every = _make_probe(key, key.name, opts or {})
-            out.append((key.name, probe, every))
-            continue
-        if not isinstance(key, str):
+        if isinstance(key, Probe):
+            as_schedule(key.every, who=f"probe {key.name!r}")
+            out.append((key.name, key))
+        elif isinstance(key, type) and issubclass(key, Probe):
+            out.append((key.name, _make_probe(key, key.name, opts or {})))
+        elif isinstance(key, str):
+            out.append((key, _make_probe(plugins.probe_class(key), key, opts or {})))
+        else:
             raise TypeError(f"probe names must be strings, got {key!r}")
-        probe, every = _make_probe(plugins.probe_class(key), key, opts or {})
-        out.append((key, probe, every))
-    names = [n for n, _, _ in out]
-    dup = {n for n in names if names.count(n) > 1}
+    names = [n for n, _ in out]
+    dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
-        raise ValueError(f"probe(s) {sorted(dup)} given more than once")
+        raise ValueError(f"probe(s) {dup} given more than once")
     return out
-
-
-def _split_probe_data(probe_data: Any) -> tuple[Any, torch.Tensor | None]:
-    if probe_data is None:
-        return None, None
-    if isinstance(probe_data, (tuple, list)):
-        if len(probe_data) == 2:
-            return probe_data[0], probe_data[1]
-        if len(probe_data) == 1:
-            return probe_data[0], None
-        raise ValueError(f"probe_data must be x or (x, y), got a sequence of {len(probe_data)} items")
-    if isinstance(probe_data, Mapping):
-        return probe_data["x"], probe_data.get("y")
-    return probe_data, None
-
-
-def _to(x: Any, device: torch.device) -> Any:
-    if isinstance(x, torch.Tensor):
-        return x.to(device)
-    if isinstance(x, (tuple, list)):
-        return type(x)(_to(v, device) for v in x)
-    if isinstance(x, dict):
-        return {k: _to(v, device) for k, v in x.items()}
-    return x
 
 
 def _rng_state() -> tuple[torch.Tensor, list[torch.Tensor] | None]:
@@ -123,81 +125,186 @@ def _set_rng_state(state: tuple[torch.Tensor, list[torch.Tensor] | None]) -> Non
         torch.cuda.set_rng_state_all(state[1])
 
 
+def _restore_modes(root: nn.Module, modes: list[tuple[nn.Module, bool]]) -> None:
+    """Put every module back in its mode through its own ``train()`` (overrides run), parents first."""
+    root.train(modes[0][1])
+    for m, training in modes[1:]:
+        if m.training != training:
+            m.train(training)
+
+
+def _sink_spec(sinks: Any, logdir: str | None, writer: Any) -> list[Any]:
+    """Validated sink names/instances; instances of named sinks are made only once attach has succeeded."""
+    if sinks is None:
+        sinks = ["tensorboard"] if (logdir is not None or writer is not None) else ["memory"]
+    elif isinstance(sinks, (str, Sink)):
+        sinks = [sinks]
+    spec: list[Any] = []
+    for s in sinks:
+        if isinstance(s, Sink):
+            spec.append(s)
+        elif isinstance(s, str):
+            spec.append((s, plugins.sink_class(s)))
+        else:
+            raise TypeError(f"a sink is a name or a probes.sinks.Sink, got {s!r}")
+    tensorboard = plugins.sink_class("tensorboard")
+    if (logdir is not None or writer is not None) and not any(
+            isinstance(s, tensorboard) or (isinstance(s, tuple) and s[1] is tensorboard) for s in spec):
+        spec.append(("tensorboard", tensorboard))
+    return spec
+
+
 class Session:
     """Probes attached to one model. Use ``step()`` (or give ``optimizer``), then ``close()``."""
 
-    def __init__(self, model: nn.Module, probes: Any, *, probe_data: Any = None, logdir: str | None = None,
-                 writer: Any = None, sinks: Any = None, optimizer: torch.optim.Optimizer | None = None,
-                 strict: bool = False, functional: bool | None = None, measure_at_attach: bool = True) -> None:
+    def __init__(self, model: nn.Module, probes: Any, *, probe_data: Any = None, label_key: str | None = None,
+                 output: Any = None, logdir: str | None = None, writer: Any = None, sinks: Any = None,
+                 optimizer: torch.optim.Optimizer | None = None, strict: bool = False,
+                 functional: bool | None = None, measure_at_attach: bool = True,
+                 state: Mapping[str, Any] | None = None) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"attach needs an nn.Module, got {type(model).__name__}")
+        if logdir is not None and writer is not None:
+            raise ValueError("attach: give logdir= or writer=, not both (with a writer, everything goes to "
+                             "writer.get_logdir())")
+        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"attach(optimizer=...) must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if not isinstance(strict, bool):
+            raise TypeError(f"attach(strict=...) must be True or False, got {strict!r}")
+        inputs.check_output_option(output)
         self.model = model
         self.module = unwrap(model)
         self.strict = strict
-        self.rank, self.world_size = _dist()
+        self.output_spec = output
+        self.rank, self.world_size = distributed.rank_and_world()
+        self.sharded = distributed.is_sharded(self.module)
         self.logdir = str(logdir) if logdir is not None else (writer.get_logdir() if writer is not None else None)
         param = next(self.module.parameters(), None)
         self.device = param.device if param is not None else torch.device("cpu")
-        x, y = _split_probe_data(probe_data)
-        self.x, self.y = _to(x, self.device), _to(y, self.device)
-        self._check_probe_data()
+        self.x, self.y = self._prepare_probe_data(probe_data, label_key)
         self.entries = _normalise_spec(probes)
-        self.probes: dict[str, Probe] = {n: p for n, p, _ in self.entries}
-        self.every: dict[str, int] = {n: e for n, _, e in self.entries}
-        self.passive = [n for n, p, _ in self.entries if p.passive]
-        self.active = [n for n, p, _ in self.entries if not p.passive]
+        self.probes: dict[str, Probe] = dict(self.entries)
+        self.schedules: dict[str, Schedule] = {n: as_schedule(p.every, who=f"probe {n!r}") for n, p in self.entries}
+        self.passive = [n for n, p in self.entries if p.passive]
+        self.active = [n for n, p in self.entries if not p.passive]
         for name in self.active:
             if self.probes[name].needs_probe_data and self.x is None:
                 raise ValueError(f"probe {name!r} runs on a fixed probe batch: pass probe_data=(x, y) to attach")
-        self.sinks: list[Sink] = self._make_sinks(sinks, logdir, writer) if self.rank == 0 else []
+        self._sink_spec = _sink_spec(sinks, logdir, writer) if self.rank == 0 else []
+        self._writer, self.sinks = writer, []
         self.failures: dict[str, str] = {}
         self._step = 0
         self._measured_at: dict[str, int] = {}
         self._observers: dict[str, list[tuple[str, Probe]]] = {}
+        self._pending: list[tuple[str, list[Record], int]] = []
+        self._notices: set[tuple[str, str]] = set()
+        self._forwards = 0
+        self._forwards_at_flush: dict[str, int] = dict.fromkeys(self.passive, 0)
         self._closed = False
+        self._opt_handle: Any = None
         extra = tuple({t for p in self.probes.values() for t in getattr(p, "site_types", ())})
-        self.capture = Capture(self.module, extra_sites=extra, functional=functional)
-        context = Context(self.module, self.x, self.y, self.logdir, self.device)
-        for probe in self.probes.values():
-            probe.setup(context)
-        if self.passive:
-            self.capture.install_passive(self._observe)
-        self._opt_handle = optimizer.register_step_post_hook(self._after_optimizer_step) if optimizer else None
-        if self.active and measure_at_attach:
-            self._measure(self.active)
+        classes, names = plugins.registry.activation_types()
+        self.capture = Capture(self.module, extra_sites=extra + classes, functional=functional, extra_names=names)
+        try:
+            self._setup(optimizer, measure_at_attach and state is None)
+            if state is not None:
+                self.load_state_dict(state)
+            for spec in self._sink_spec:  # files and writers only once everything else has worked
+                self.sinks.append(spec if isinstance(spec, Sink) else self._make_sink(*spec))
+        except BaseException:
+            self._teardown()
+            raise
 
     # -- set-up ---------------------------------------------------------------------
-    def _check_probe_data(self) -> None:
-        tensors = [self.x] if isinstance(self.x, torch.Tensor) else []
-        for t in tensors:
+    def _prepare_probe_data(self, probe_data: Any, label_key: str | None) -> tuple[Any, Any]:
+        """Split, move to the model's device, cast floating inputs to its dtype, and check the probe batch."""
+        x, y = inputs.split_probe_data(probe_data, label_key)
+        if x is None:
+            return None, None
+        dtype = inputs.model_dtype(self.module)
+
+        def to_model(t: torch.Tensor) -> torch.Tensor:
+            t = t.to(self.device)
+            return t.to(dtype) if dtype is not None and t.is_floating_point() and t.dtype != dtype else t
+
+        x = inputs.map_tensors(x, to_model)
+        y = y.to(self.device) if isinstance(y, torch.Tensor) else (torch.as_tensor(y, device=self.device)
+                                                                  if y is not None else None)
+        n = inputs.sample_count(x)
+        if n == 0:
+            raise ValueError("probe_data: the probe batch is empty (0 samples)")
+        for where, t in inputs.iter_tensors(x):
             if t.is_floating_point() and not torch.isfinite(t).all():
                 bad = int((~torch.isfinite(t)).sum())
-                raise ValueError(f"probe_data: x has {bad} NaN or infinite values; the probe batch must be finite")
-        if isinstance(self.x, torch.Tensor) and isinstance(self.y, torch.Tensor) and self.y.shape[0] != self.x.shape[0]:
-            raise ValueError(f"probe_data: x has {self.x.shape[0]} samples but y has {self.y.shape[0]}")
+                raise ValueError(f"probe_data: {where} has {bad} NaN or infinite values; the probe batch must be "
+                                 "finite")
+        if y is not None:
+            if y.ndim == 0 or y.shape[0] != n:
+                raise ValueError(f"probe_data: x has {n} samples but y has shape {tuple(y.shape)}")
+            if y.is_floating_point() and not torch.isfinite(y).all():
+                raise ValueError("probe_data: y has NaN or infinite values")
+        return x, y
 
-    @staticmethod
-    def _make_sinks(sinks: Any, logdir: str | None, writer: Any) -> list[Sink]:
-        out: list[Sink] = []
-        if sinks is None:
-            sinks = ["tensorboard"] if (logdir is not None or writer is not None) else ["memory"]
-        elif isinstance(sinks, (str, Sink)):
-            sinks = [sinks]
-        for s in sinks:
-            if isinstance(s, Sink):
-                out.append(s)
-            elif s == "tensorboard":
-                out.append(plugins.sink_class("tensorboard")(logdir=logdir, writer=writer))
-            elif isinstance(s, str):
-                out.append(plugins.sink_class(s)())
-            else:
-                raise TypeError(f"a sink is a name or a probes.sinks.Sink, got {s!r}")
-        tensorboard = plugins.sink_class("tensorboard")
-        if (logdir is not None or writer is not None) and not any(isinstance(s, tensorboard) for s in out):
-            out.append(tensorboard(logdir=logdir, writer=writer))
-        return out
+    def _setup(self, optimizer: Any, measure_now: bool) -> None:
+        context = Context(self.module, self.x, self.y, self.logdir, self.device, self.output_spec)
+        for name, probe in self.probes.items():
+            if self.sharded and not getattr(probe, "supports_sharding", True):
+                self._switch_off(name, f"probe {name!r} needs direct access to whole parameters, which a sharded "
+                                       "(FSDP) model does not give; it is switched off on every rank")
+                continue
+            try:
+                probe.setup(context)
+            except Exception as exc:
+                raise _named(exc, name) from exc
+        if self.passive:
+            self.capture.on_forward = self._on_training_forward
+            self.capture.install_passive(self._observe)
+        if optimizer is not None:
+            self._opt_handle = optimizer.register_step_post_hook(_OptimizerStep(self))
+        if self.active and measure_now:
+            self._measure(self.active, pending=True)
+
+    def _make_sink(self, name: str, cls: type) -> Sink:
+        if name == "tensorboard" or cls is plugins.sink_class("tensorboard"):
+            return cls(logdir=None if self._writer is not None else self.logdir, writer=self._writer)
+        return cls()
+
+    def _switch_off(self, name: str, message: str) -> None:
+        self.failures[name] = message
+        log.warning(message)
+        warnings.warn(message, ProbesNoticeWarning, stacklevel=4)
+
+    def _teardown(self) -> None:
+        self.capture.remove()
+        if self._opt_handle is not None:
+            self._opt_handle.remove()
+            self._opt_handle = None
+
+    def _notice(self, name: str, key: str, message: str) -> None:
+        if (name, key) in self._notices or self.rank != 0:
+            return
+        self._notices.add((name, key))
+        log.warning(message)
+        warnings.warn(message, ProbesNoticeWarning, stacklevel=4)
+
+    def _on_training_forward(self, sites: list[Site]) -> None:
+        self._forwards += 1
+        if self._forwards == 1:
+            kinds = Counter(s.kind for s in sites)
+            for name in self.passive:
+                probe = self.probes[name]
+                if not any(probe.wants(s) for s in sites):
+                    found = ", ".join(f"{k} x{n}" for k, n in sorted(kinds.items())) or "none"
+                    self._notice(name, "no-site", f"probe {name!r} observes no site of this model: it counts "
+                                 f"ReLU-family activations and the model has none (activation sites found: {found}); "
+                                 "it will write nothing")
 
     # -- public ---------------------------------------------------------------------
+    @property
+    def closed(self) -> bool:
+        """True after ``close()``."""
+        return self._closed
+
     @property
     def global_step(self) -> int:
         return self._step
@@ -205,6 +312,7 @@ class Session:
     @property
     def memory(self) -> MemorySink:
         """The first memory sink (``sinks=["memory"]``, or the default without a logdir)."""
+        self._release()
         for s in self.sinks:
             if isinstance(s, MemorySink):
                 return s
@@ -214,55 +322,64 @@ class Session:
         return name in self.probes and name not in self.failures
 
     def step(self, n: int = 1) -> None:
-        """Advance the step counter by ``n``; flush/measure the probes that fall due."""
-        if self._closed:
-            return
+        """Advance the step counter by ``n``; flush/measure the probes that fall due at each step."""
+        self._check_open("step")
+        self._release()
         for _ in range(n):
             self._step += 1
-            s = self._step
-            due_passive = [p for p in self._flushable() if s % self.every[p] == 0]
-            if due_passive:
-                self._flush(due_passive)
-            due_active = [p for p in self.active if s % self.every[p] == 0 and self.enabled(p)]
-            if due_active:
-                self._measure(due_active)
+            self._run_due()
+
+    def advance_to(self, step: int) -> None:
+        """Jump to ``step`` and run what falls due at that step only (integrations that follow a trainer)."""
+        self._check_open("advance_to")
+        self._release()
+        if step != self._step:
+            self._step = int(step)
+            self._run_due()
 
     def set_step(self, step: int) -> None:
-        """Jump the counter (integrations follow the trainer's global step)."""
-        if step > self._step:
-            self.step(step - self._step)
-        else:
-            self._step = int(step)
+        """Jump the counter to ``step``, forward or backward; nothing is measured or flushed for the steps between."""
+        self._check_open("set_step")
+        self._release()
+        self._step = int(step)
 
     def measure(self, names: Iterable[str] | None = None) -> None:
         """Measure the given (default: all) active probes now, at the current step."""
+        self._check_open("measure")
+        self._release()
         chosen = self.active if names is None else [n for n in names if n in self.active]
         self._measure([n for n in chosen if self.enabled(n)])
 
     def flush(self) -> None:
         """Write what passive probes accumulated so far and flush the sinks."""
+        self._check_open("flush")
+        self._release()
         self._flush(self._flushable())
         for s in self.sinks:
             s.flush()
 
     def detach(self) -> None:
-        """Remove every hook; the model is left exactly as it was."""
-        self.capture.remove()
-        if self._opt_handle is not None:
-            self._opt_handle.remove()
-            self._opt_handle = None
+        """Remove every hook; the model is left exactly as it was (``close()`` does this too)."""
+        self._teardown()
+        for sink in self.sinks:
+            sink.flush()
 
-    def close(self) -> None:
-        """Flush passive probes, write a last measurement, remove hooks, close the sinks."""
+    def close(self, _during_error: bool = False) -> None:
+        """Flush passive probes, write a last measurement, remove hooks, close the sinks. Harmless twice."""
         if self._closed:
             return
+        strict = self.strict
+        if _during_error:
+            self.strict = False  # the user's exception wins; a probe error here is only reported
         try:
+            self._release()
             self._flush(self._flushable())
-            stale = [n for n in self.active if self._measured_at.get(n) != self._step]
+            stale = [n for n in self.active if self._measured_at.get(n) != self._step and self.enabled(n)]
             if stale:
-                self.measure(stale)
+                self._measure(stale)
         finally:
-            self.detach()
+            self.strict = strict
+            self._teardown()
             for s in self.sinks:
                 s.close()
             self._closed = True
@@ -270,24 +387,48 @@ class Session:
     def __enter__(self) -> Session:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        self.close(_during_error=exc_type is not None)
 
     def state_dict(self) -> dict[str, Any]:
         """Step counter and probe state, for a checkpoint (``torch.save`` it with the model)."""
+        self._check_open("state_dict")
         return {"step": self._step, "probes": {n: p.state_dict() for n, p in self.probes.items()},
                 "failures": dict(self.failures)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Resume: restore the step and probe state. Right after ``attach`` this also drops the held-back
+        at-attach measurement, so a resumed run writes no second step-0 point."""
+        self._check_open("load_state_dict")
+        if not isinstance(state, Mapping) or "step" not in state:
+            raise ValueError("load_state_dict: expected what Session.state_dict() returned (a dict with 'step')")
+        self._pending = []
         self._step = int(state["step"])
-        self._measured_at = {n: self._step for n in self.active}
+        self._measured_at = dict.fromkeys(self.active, self._step)
         for name, sub in state.get("probes", {}).items():
             if name in self.probes:
                 self.probes[name].load_state_dict(sub)
 
     # -- internals --------------------------------------------------------------------
-    def _after_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        self.step()
+    def _check_open(self, what: str) -> None:
+        if self._closed:
+            raise ProbesClosedError(f"Session.{what}(): this probes session is closed; attach again to measure more")
+
+    def _release(self) -> None:
+        """Write the held-back at-attach records."""
+        if self._pending:
+            pending, self._pending = self._pending, []
+            for _name, records, step in pending:
+                self._emit(records, step)
+
+    def _run_due(self) -> None:
+        s = self._step
+        due_passive = [p for p in self._flushable() if self.schedules[p](s)]
+        if due_passive:
+            self._flush(due_passive, scheduled=True)
+        due_active = [p for p in self.active if self.enabled(p) and self.schedules[p](s)]
+        if due_active:
+            self._measure(due_active)
 
     def _fail(self, name: str, exc: BaseException) -> None:
         if self.strict:
@@ -313,18 +454,30 @@ class Session:
                 except Exception as exc:  # noqa: BLE001 - reported, probe disabled
                     self._fail(name, exc)
 
-    def _write(self, name: str, records: Any) -> None:
+    def _check_records(self, name: str, records: Any) -> list[Record]:
         records = list(records or [])
         for r in records:
             if not isinstance(r, Record.__args__):  # type: ignore[attr-defined]
                 raise TypeError(f"probe {name!r} returned {r!r}, not a Scalar/Histogram/Image record")
             if not (r.tag == name or r.tag.startswith(name + "/")):
                 raise ValueError(f"probe {name!r} returned tag {r.tag!r}: tags must start with '{name}/'")
-        if not records or not self.sinks:
+        return records
+
+    def _write(self, name: str, records: Any, pending: bool = False) -> None:
+        records = self._check_records(name, records)
+        if not records or self.rank != 0:
+            return
+        if pending:
+            self._pending.append((name, records, self._step))
+        else:
+            self._emit(records, self._step)
+
+    def _emit(self, records: list[Record], step: int) -> None:
+        if not self.sinks:
             return
         records = to_host(records)
         for sink in self.sinks:
-            sink.write(records, self._step)
+            sink.write(records, step)
 
     def _flushable(self) -> list[str]:
         """Passive probes to flush. Under DDP every rank takes part in every probe's collective,
@@ -334,64 +487,33 @@ class Session:
             return list(self.passive)
         return [p for p in self.passive if self.enabled(p)]
 
-    def _flush(self, names: list[str]) -> None:
-        if self.world_size > 1:
-            names = self._all_reduce(names)
+    def _flush(self, names: list[str], scheduled: bool = False) -> None:
         for name in names:
+            probe = self.probes[name]
+            if self.world_size > 1:
+                outcome = distributed.reduce_states(probe, name in self.failures, self.device, self._step, self.rank)
+                if not outcome.ok:
+                    self._fail(name, outcome.reason)
+                    continue
+            if name in self.failures:
+                continue
+            if self._forwards == (self._forwards_at_flush.get(name, 0) if scheduled else 0):
+                self._notice(name, "no-forward", f"probe {name!r} saw no training-mode forward before step "
+                             f"{self._step}: passive probes count forwards while model.training is True "
+                             "(call model.train() to count, or this is a window without training)")
+            self._forwards_at_flush[name] = self._forwards
             try:
-                self._write(name, self.probes[name].flush(self._step))
+                probe.settle()
+                self._write(name, probe.flush(self._step))
             except Exception as exc:  # noqa: BLE001
                 self._fail(name, exc)
+            finally:
+                probe.reset_window()
 
-    def _all_reduce(self, names: list[str]) -> list[str]:
-        """Sum each probe's ``reducible()`` tensors over the ranks; return the probes that may flush.
-
-        The ranks first compare a signature of what they are about to reduce (one small all-reduce
-        per probe: failed or not, number of tensors, a checksum of their shapes and dtypes). Ranks whose
-        accumulators differ (a rank that saw no forward in the window, a site seen on some ranks only)
-        would otherwise pair unrelated tensors, hang, or crash training in the collective; instead the
-        probe is switched off on every rank with a message saying so.
-        """
-        import zlib
-
-        d = torch.distributed
-        ok: list[str] = []
-        for name in names:
-            error: BaseException | None = None
-            failed_here = name in self.failures
-            try:
-                tensors = [] if failed_here else list(self.probes[name].reducible())
-            except Exception as exc:  # noqa: BLE001 - reported below, on every rank alike
-                tensors, error = [], exc
-            layout = ";".join(f"{tuple(t.shape)}/{t.dtype}" for t in tensors)
-            sig = torch.tensor([int(error is not None or failed_here), len(tensors), zlib.crc32(layout.encode())],
-                               dtype=torch.int64, device=self.device)
-            both = torch.cat([sig, -sig])
-            d.all_reduce(both, op=d.ReduceOp.MAX)  # max and -min of every entry, in one collective
-            hi, lo = both[:3].tolist(), (-both[3:]).tolist()
-            if error is not None:
-                self._fail(name, error)
-                continue
-            if hi[0]:
-                self._fail(name, RuntimeError(f"probe {name!r} raised on another rank (or was switched off there) "
-                                              f"before the all-reduce at step {self._step}"))
-                continue
-            if hi != lo:
-                self._fail(name, RuntimeError(
-                    f"probe {name!r}: the ranks hold different accumulators at step {self._step} (rank "
-                    f"{self.rank}: {len(tensors)} tensors [{layout or 'none'}]; the ranks hold {lo[1]} to {hi[1]}), "
-                    "e.g. a rank ran no training forward in the window or saw other sites; summing them "
-                    "would mix unrelated counts"))
-                continue
-            for t in tensors:
-                d.all_reduce(t, op=d.ReduceOp.SUM)
-            ok.append(name)
-        return ok
-
-    def _measure(self, names: list[str]) -> None:
+    def _measure(self, names: list[str], pending: bool = False) -> None:
         for n in names:
             self._measured_at[n] = self._step
-        if not names or self.rank != 0:
+        if not names or (self.rank != 0 and not self.sharded):
             return
         module = self.module
         modes = [(m, m.training) for m in module.modules()]
@@ -400,40 +522,84 @@ class Session:
             module.eval()
             output, activations, calls = None, {}, []
             if self.x is not None:
+                wanted = [self.probes[n] for n in names if self.probes[n].needs_sites]
                 try:
-                    with torch.no_grad(), self.capture.recording() as rec:
-                        output = module(self.x)
+                    if wanted:
+                        with torch.no_grad(), self.capture.recording(
+                                keep=lambda site: any(p.wants_site(site) for p in wanted)) as rec:
+                            raw = inputs.call_model(module, self.x)
+                        activations, calls = rec.activations, rec.calls
+                    else:
+                        with torch.no_grad():
+                            raw = inputs.call_model(module, self.x)
+                    output = inputs.select_output(raw, self.output_spec)
                 except Exception as exc:  # noqa: BLE001 - the pass itself failed: every due probe is off
                     for name in names:
                         self._fail(name, exc)
                     return
-                activations, calls = rec["activations"], rec["calls"]
-            batch = ProbeBatch(module, self.x, self.y, output, activations, self._step, self.logdir, calls)
+            batch = ProbeBatch(module, self.x, self.y, output, activations, self._step, self.logdir, calls,
+                               self.output_spec)
             for name in names:
                 try:
-                    self._write(name, self.probes[name].measure(batch))
+                    self._write(name, self.probes[name].measure(batch), pending=pending)
                 except Exception as exc:  # noqa: BLE001
                     self._fail(name, exc)
         finally:
-            for m, training in modes:
-                m.training = training
+            _restore_modes(module, modes)
             _set_rng_state(rng)
 
 
-def attach(model: nn.Module, probes: Any, *, probe_data: Any = None, logdir: str | None = None, writer: Any = None,
-           sinks: Any = None, optimizer: torch.optim.Optimizer | None = None, strict: bool = False,
-           functional: bool | None = None, measure_at_attach: bool = True) -> Session:
-    """Attach probes to ``model`` and return the ``Session``.
+class _OptimizerStep:
+    """The optimizer's step hook: steps the session. A copied or pickled optimizer carries no session."""
 
-    ``probes``: a list of names, or ``{name: options}`` (``every`` sets the cadence in steps).
-    ``probe_data``: the fixed probe batch ``(x, y)`` (or ``x``) that active probes measure on.
-    ``logdir`` / ``writer``: TensorBoard output (a user's ``SummaryWriter`` is shared, not closed);
-    ``sinks``: more sinks by name or instance (default ``memory`` when there is no logdir).
-    ``optimizer``: step automatically after every ``optimizer.step()``.
-    ``strict``: re-raise a probe's error instead of switching the probe off.
-    ``functional``: catch functional activations (``F.relu`` in ``forward``); default auto.
-    ``measure_at_attach``: measure the active probes once now, the initialization (step 0); a resumed
-    run that loads ``state_dict`` afterwards passes False.
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    def __call__(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        if not self.session.closed:
+            self.session.step()
+
+    def __reduce__(self) -> Any:
+        return (_noop_step_hook, ())
+
+    def __deepcopy__(self, memo: Any) -> Any:
+        return _noop_step_hook()
+
+
+class _noop_step_hook:  # noqa: N801
+    def __call__(self, *args: Any) -> None:
+        return None
+
+
+def attach(model: nn.Module, probes: Any, *, probe_data: Any = None, label_key: str | None = None,
+           output: Any = None, logdir: str | None = None, writer: Any = None, sinks: Any = None,
+           optimizer: torch.optim.Optimizer | None = None, strict: bool = False, functional: bool | None = None,
+           measure_at_attach: bool = True, state: Mapping[str, Any] | None = None) -> Session:
+    """Attach probes to ``model`` and return the ``Session`` (or raise and leave nothing behind).
+
+    Args:
+        model: any ``nn.Module`` (DDP, ``torch.compile`` and FSDP2-sharded models too).
+        probes: a list of names, or ``{name: options}``; ``every`` (an int or a schedule from
+            ``probes.schedules``) sets a probe's cadence.
+        probe_data: the fixed probe batch of active probes: ``(x, y)`` or ``x``, with ``x`` a tensor
+            (``model(x)``), a tuple/list (``model(*x)``) or a dict (``model(**x)``); or a dict batch with the
+            labels inside under ``label_key``. The samples are the leading dimension of every tensor. Tensors
+            move to the model's device; floating ones are cast to the model's parameter dtype.
+        label_key: the key of the labels in a dict ``probe_data`` (Hugging Face batches: ``"labels"``).
+        output: which tensor of what the model returns the probes use: a key or attribute name, or a callable
+            ``output -> tensor`` (default: a tensor itself, ``logits`` of a ModelOutput/dict, the first tensor
+            of a tuple).
+        logdir / writer: TensorBoard output (one or the other; a user's ``SummaryWriter`` is shared, not closed).
+        sinks: more sinks by name or instance (default ``memory`` when there is no logdir).
+        optimizer: step automatically after every ``optimizer.step()``.
+        strict: re-raise a probe's error instead of switching the probe off.
+        functional: catch functional activations (``F.relu`` in ``forward``); default auto.
+        measure_at_attach: measure the active probes once now, the initialization (step 0).
+        state: a ``Session.state_dict()`` to resume from (no step-0 measurement is written).
+
+    Returns:
+        The ``Session``: ``step()``, ``close()`` (or use it as a context manager), ``state_dict()``.
     """
-    return Session(model, probes, probe_data=probe_data, logdir=logdir, writer=writer, sinks=sinks,
-                   optimizer=optimizer, strict=strict, functional=functional, measure_at_attach=measure_at_attach)
+    return Session(model, probes, probe_data=probe_data, label_key=label_key, output=output, logdir=logdir,
+                   writer=writer, sinks=sinks, optimizer=optimizer, strict=strict, functional=functional,
+                   measure_at_attach=measure_at_attach, state=state)

@@ -142,14 +142,14 @@ def test_ddp_totals_equal_a_single_process_run_on_the_union(tmp_path):
 
     got = read_scalars(tmp_path / "tb_rank0")
     zero_tags = [t for t in expected if t.startswith("relu_zeros/")]
-    assert {"relu_zeros/1/zeros", "relu_zeros/3/zeros", "relu_zeros/1/dead_units", "relu_zeros/total/fraction"} \
+    assert {"relu_zeros/1/zeros", "relu_zeros/3/zeros", "relu_zeros/1/dead_in_window", "relu_zeros/total/fraction"} \
         <= set(expected)
     assert zero_tags and set(zero_tags) <= set(got)
     for tag in zero_tags:
         steps_expected = [st for st, _ in expected[tag]]
         assert [st for st, _ in got[tag]] == steps_expected == [2, 4], tag
         for (_, a), (_, b) in zip(got[tag], expected[tag]):
-            if tag.endswith(("/zeros", "/dead_units")):
+            if tag.endswith(("/zeros", "/dead_in_window")):
                 assert a == b, (tag, a, b)  # integer counts: exact
             else:
                 assert a == pytest.approx(b, rel=1e-6), (tag, a, b)
@@ -206,20 +206,15 @@ class FlakyPassive(probes.Probe):
     every = EVERY
 
     def __init__(self) -> None:
-        self.count = torch.zeros(1, dtype=torch.int64)
+        self.add_state("count", torch.zeros(1, dtype=torch.int64), reduce="sum")
 
     def observe(self, site, pre, post):
         if dist.get_rank() == 1:
             raise ValueError("flaky: bad values on this rank")
         self.count += 1
 
-    def reducible(self):
-        return [self.count]
-
     def flush(self, step):
-        out = [Scalar("flaky/count", self.count.clone())]
-        self.count.zero_()
-        return out
+        return [Scalar("flaky/count", self.count)]
 
 
 def _one_rank_fails_worker(rank: int, root: str) -> None:
@@ -229,8 +224,7 @@ def _one_rank_fails_worker(rank: int, root: str) -> None:
         torch.set_num_threads(1)
         model = make_model()
         x, _, _ = data()
-        session = probes.attach(model, [FlakyPassive(), "relu_zeros"], sinks=["memory"])
-        session.every.update(flaky=EVERY, relu_zeros=EVERY)
+        session = probes.attach(model, {FlakyPassive(): None, "relu_zeros": {"every": EVERY}}, sinks=["memory"])
         for s in range(STEPS):
             model(x[s, rank * PER_RANK:(rank + 1) * PER_RANK])
             session.step()

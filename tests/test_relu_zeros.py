@@ -45,7 +45,7 @@ def test_shared_relu_called_four_times_gives_four_sites(shared_relu_mlp):
     for site, (zeros, n, units) in expected.items():
         assert mem.last(f"relu_zeros/{site}/zeros") == zeros
         assert math.isclose(mem.last(f"relu_zeros/{site}/fraction"), zeros / n, rel_tol=1e-12)
-        assert mem.last(f"relu_zeros/{site}/dead_units") == sum(1 for u in units if u == 0)
+        assert mem.last(f"relu_zeros/{site}/dead_in_window") == sum(1 for u in units if u == 0)
         hist = mem.histograms()[f"relu_zeros/{site}/unit_activity"][-1]
         assert int(hist.num) == len(units)
         np.testing.assert_allclose(float(hist.sum), sum(u / (n // len(units)) for u in units), rtol=1e-9)
@@ -148,7 +148,7 @@ def test_conv_units_are_channels():
     hist = session.memory.histograms()["relu_zeros/1/unit_activity"][-1]
     assert int(hist.num) == 5
     np.testing.assert_allclose(float(hist.sum), (per_channel.double() / (3 * 36)).sum().item(), rtol=1e-9)
-    assert session.memory.last("relu_zeros/1/dead_units") == int((per_channel == 0).sum())
+    assert session.memory.last("relu_zeros/1/dead_in_window") == int((per_channel == 0).sum())
     session.close()
 
 
@@ -183,4 +183,4 @@ def test_long_windows_and_changing_batch_sizes_fold_exactly():
     expected = naive_zero_counts_shared(model, xs)
     for site, (zeros, _, units) in expected.items():
         assert session.memory.last(f"relu_zeros/{site}/zeros") == zeros
-        assert session.memory.last(f"relu_zeros/{site}/dead_units") == sum(1 for u in units if u == 0)
+        assert session.memory.last(f"relu_zeros/{site}/dead_in_window") == sum(1 for u in units if u == 0)

@@ -53,6 +53,12 @@ class TestPlugin:
         return [CountingProbe, FailingProbe]
 
 
+def global_hooks() -> int:
+    from torch.nn.modules import module as m
+
+    return len(m._global_forward_hooks) + len(m._global_forward_pre_hooks) + len(m._global_backward_hooks)
+
+
 def all_hooks(model: nn.Module) -> int:
     n = 0
     for m in model.modules():
@@ -97,12 +103,14 @@ def test_attach_detach_leaves_model_exactly_as_it_was(shared_relu_mlp):
     out_before.sum().backward()
     grads_before = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
+    globals_before = global_hooks()
     with probes.attach(model, {"relu_zeros": {"every": 1}, "counting": {"every": 1}}, probe_data=(x, None)) as s:
-        assert all_hooks(model) > hooks_before
+        assert all_hooks(model) == hooks_before  # the model itself carries no hook: copies carry no probes
+        assert global_hooks() > globals_before
         model(x).sum().backward()
         s.step()
         model.zero_grad()
-    assert all_hooks(model) == hooks_before
+    assert all_hooks(model) == hooks_before and global_hooks() == globals_before
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     out_after = model(x)
@@ -294,8 +302,8 @@ def test_close_measures_every_probe_not_measured_at_the_last_step(shared_relu_ml
             return []
 
     a, b = CountingProbe(), Other()
+    a.every, b.every = 2, 3  # a cadence per instance
     session = probes.attach(shared_relu_mlp, [a, b], probe_data=torch.randn(3, 12))
-    session.every.update(counting=2, other=3)
     session.step(3)
     session.close()  # 'other' measured at step 3 already; 'counting' was not: measured now
     assert a.steps == [0, 2, 3]

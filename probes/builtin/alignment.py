@@ -29,6 +29,7 @@ import torch
 
 from probes.functional.alignment import DegenerateKernelError, Prepared, prepare
 from probes.functional.labels import label_matrix
+from probes import options
 from probes.probe import Context, Probe, ProbeBatch
 from probes.records import Record, Scalar
 
@@ -39,7 +40,7 @@ class Alignment(Probe):
     """Centered alignment (linear CKA) of each site's post-activation features with ``Y Y^T``."""
 
     name = "alignment"
-    description = "centered kernel alignment (linear CKA) of each site's features and the output with Y Y^T"
+    description = "how well each layer's features line up with the labels (centered CKA)"
     every = 100
     passive = False
     needs_sites = True
@@ -47,16 +48,9 @@ class Alignment(Probe):
 
     def __init__(self, sites: str | Sequence[str] | None = None, output: bool = True,
                  degenerate: str = "skip") -> None:
-        if isinstance(sites, str):
-            sites = [sites]
-        if sites is not None:
-            sites = list(sites)
-            if not all(isinstance(s, str) and s for s in sites):
-                raise TypeError(f"alignment: sites must be site names or fnmatch patterns, got {sites!r}")
-        if degenerate not in ("raise", "skip"):
-            raise ValueError(f"alignment: degenerate must be 'raise' or 'skip', got {degenerate!r}")
-        self.sites = sites
-        self.output = bool(output)
+        self.sites = options.names("alignment", "sites", sites)
+        self.output = options.flag("alignment", "output", output)
+        options.choice("alignment", "degenerate", degenerate, ("raise", "skip"))
         self.degenerate = degenerate
         self._checked_patterns = False
         self._warned: set[str] = set()

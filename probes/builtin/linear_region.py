@@ -17,19 +17,20 @@ from the model, not from new draws):
 Patterns: ``pre > 0`` at every ReLU / LeakyReLU / PReLU / RReLU site (module or functional), both kinks of
 ReLU6 / Hardtanh, the argmax of max pooling. ``A'x'`` is two forward-mode ``jvp`` of ``functional_call``.
 
-Tags (``<eps>``, ``<delta>`` formatted with ``:g``, e.g. ``linear_region/eps_0.01/flip_fraction``):
+Tags (``<eps>``, ``<delta>`` formatted with ``:g``, e.g. ``linear_region/flip_fraction_eps_0.01``; the size
+ends the tag, so TensorBoard's shortened card titles still tell the variants apart):
 
-- ``linear_region/eps_<eps>/flip_fraction``: fraction of samples whose pattern flips under ``x'`` of size eps;
-- ``linear_region/delta_<delta>/flip_fraction``: the same under ``P'`` of relative size delta;
-- ``linear_region/eps_<eps>/gate_flip_rate``, ``linear_region/delta_<delta>/gate_flip_rate``: the fraction of
+- ``linear_region/flip_fraction_eps_<eps>``: fraction of samples whose pattern flips under ``x'`` of size eps;
+- ``linear_region/flip_fraction_delta_<delta>``: the same under ``P'`` of relative size delta;
+- ``linear_region/gate_flip_rate_eps_<eps>``, ``linear_region/gate_flip_rate_delta_<delta>``: the fraction of
   all gate bits (samples x units x sites; pooling indices count one each) that flip. In a wide net almost
   every sample flips *some* gate even for tiny perturbations; this rate says how many;
 - ``linear_region/flip_fraction``: fraction of samples that do not keep their gates under the joint perturbation;
-- ``linear_region/l_gen``: mean over the samples that keep their gates of ``||L_gen||`` (Euclidean over outputs);
-- ``linear_region/a_prime_x_prime``: mean over the same samples of ``||A'x'||``;
+- ``linear_region/l_gen``: mean over the samples that keep their gates of ``||L_gen||`` (Euclidean over outputs),
+  which equals the mean of ``||A'x'||`` there (so that one is not written separately);
 - ``linear_region/identity_error``: max over the same samples of ``||L_gen - A'x'||`` (0 up to rounding).
 
-The last three are NaN when no sample keeps its gates (nothing to average). Where the check lives: at attach
+The last two are NaN when no sample keeps its gates (nothing to average). Where the check lives: at attach
 ``functional.local_affine.check_piecewise_linear`` scans the leaf modules (judged in eval mode, where the probe runs
 ), traces one forward for smooth functional calls and tests the second derivative; a model that is not
 piecewise linear is an error naming the module.
@@ -93,7 +94,7 @@ def region_patterns(model: nn.Module, x: torch.Tensor, state: Params | None = No
         out = functional_call(model, state, (x,))
     P = x.shape[0]
     pats: dict[str, torch.Tensor] = {}
-    for name, act in rec["activations"].items():
+    for name, act in rec.activations.items():
         if act.pre.ndim == 0 or act.pre.shape[0] != P:
             raise ValueError(f"linear_region: site {name!r} sees shape {tuple(act.pre.shape)}, not the {P} samples "
                              "first; patterns are per sample")
@@ -105,7 +106,7 @@ class LinearRegion(Probe):
     """Gate flips under input / parameter perturbations, and ``L_gen`` against ``A'x'`` where gates are kept."""
 
     name = "linear_region"
-    description = "fraction of probe samples whose ReLU gates flip under input/parameter perturbations; |L_gen|, |A'x'|"
+    description = "samples whose linear region changes under small input/weight nudges"
     every = 100
     passive = False
     needs_sites = False
@@ -167,17 +168,17 @@ class LinearRegion(Probe):
         for eps in self.eps:
             xp = perturb_inputs(x, eps, g)
             f, pat = region_patterns(model, x + xp, state, cap)
-            records += [Scalar(f"linear_region/eps_{eps:g}/flip_fraction",
+            records += [Scalar(f"linear_region/flip_fraction_eps_{eps:g}",
                                patterns_differ(pat_x_p, pat).double().mean()),
-                        Scalar(f"linear_region/eps_{eps:g}/gate_flip_rate", flip_rate(pat_x_p, pat))]
+                        Scalar(f"linear_region/gate_flip_rate_eps_{eps:g}", flip_rate(pat_x_p, pat))]
             if first_x is None:
                 first_x, f_xs_p, pat_xs_p = xp, f, pat
         for delta in self.delta:
             sp = perturb_params(state, names, delta, g)
             f, pat = region_patterns(model, x, sp, cap)
-            records += [Scalar(f"linear_region/delta_{delta:g}/flip_fraction",
+            records += [Scalar(f"linear_region/flip_fraction_delta_{delta:g}",
                                patterns_differ(pat_x_p, pat).double().mean()),
-                        Scalar(f"linear_region/delta_{delta:g}/gate_flip_rate", flip_rate(pat_x_p, pat))]
+                        Scalar(f"linear_region/gate_flip_rate_delta_{delta:g}", flip_rate(pat_x_p, pat))]
             if first_state is None:
                 first_state, f_x_ps, pat_x_ps = sp, f, pat
         f_xs_ps, pat_xs_ps = region_patterns(model, x + first_x, first_state, cap)
@@ -189,7 +190,6 @@ class LinearRegion(Probe):
         records += [
             Scalar("linear_region/flip_fraction", 1.0 - w.mean().double()),
             Scalar("linear_region/l_gen", ((lg.norm(dim=1) * w).sum() / n_keep).double()),
-            Scalar("linear_region/a_prime_x_prime", ((axp.norm(dim=1) * w).sum() / n_keep).double()),
             Scalar("linear_region/identity_error",
                    torch.where(n_keep > 0, ((lg - axp).norm(dim=1) * w).max(), torch.nan).double()),
         ]

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from probes.functional.labels import label_matrix
+from probes import options
 from probes.probe import Context, Probe, ProbeBatch
 from probes.records import Histogram, Record, Scalar
 
@@ -64,21 +65,16 @@ class Margin(Probe):
     """Forces ``Delta = m - y f(x)`` on the probe batch: ``N_Delta``, per sample and per weight, hinge loss."""
 
     name = "margin"
-    description = "jamming: N_Delta = #{m - y f(x) > 0} on the probe batch, per sample and per weight, hinge^2 loss"
+    description = "samples not yet fitted with a margin (jamming): count, share, loss"
     every = 10
     passive = False
     needs_sites = False
     needs_probe_data = True
 
     def __init__(self, margin: float = 0.5, bins: int = 64, n_weights: int | None = None) -> None:
-        margin = float(margin)
-        if not margin >= 0 or margin == float("inf"):
-            raise ValueError(f"margin: the margin must be a finite number >= 0, got {margin}")
-        if n_weights is not None and int(n_weights) < 1:
-            raise ValueError(f"margin: n_weights must be positive, got {n_weights}")
-        self.margin = margin
-        self.bins = int(bins)
-        self.n_weights = None if n_weights is None else int(n_weights)
+        self.margin = options.number("margin", "margin", margin, minimum=0.0)
+        self.bins = options.integer("margin", "bins", bins, minimum=1)
+        self.n_weights = options.integer("margin", "n_weights", n_weights, minimum=1, optional=True)
 
     def setup(self, context: Context) -> None:
         if context.y is None:

@@ -1,17 +1,20 @@
 """``relu_zeros``: exactly-zero outputs of ReLU-family sites on the training forwards (seed 003).
 
 Per site and window (the steps between two flushes): ``zeros`` (count of outputs == 0),
-``fraction = zeros / outputs``, ``dead_units`` (units never non-zero in the window), and a
+``fraction = zeros / outputs``, ``dead_in_window`` (units never non-zero in the window), and a
 histogram of each unit's activity frequency (fraction of its outputs that are non-zero);
 ``relu_zeros/total/fraction`` over all observed sites. A unit is a feature (last dim) of a
 2-D or 3-D (sequence) activation and a channel (dim 1) of a 4-D/5-D one; ``unit_dim`` overrides.
 Counting stays on the device: per site and forward one ``!= 0`` test added as bytes into a stash
-(reduced every 255 forwards), one host copy per flush.
+(reduced every 255 forwards), one host copy per flush. The counts are declared state
+(``add_state``): the session resets them per window, sums them over ranks and checkpoints them.
+
+Tags: ``relu_zeros/<site>/fraction``, ``relu_zeros/<site>/zeros``, ``relu_zeros/<site>/dead_in_window``
+(units never non-zero over the training forwards of the window; compare ``patterns/<site>/dead_on_probe_batch``,
+which is over the probe batch), histogram ``relu_zeros/<site>/unit_activity``, ``relu_zeros/total/fraction``.
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 import torch
 
@@ -22,139 +25,121 @@ from probes.records import Histogram, Record, Scalar
 STASH_MAX_ELEMENTS = 1 << 22
 
 
-class _Window:
-    """Counts of one site over one window.
+class _Stash:
+    """Per-site cache of ``post != 0`` bytes, added elementwise each forward and folded every <= 255 forwards."""
 
-    Each forward adds ``post != 0`` as bytes into ``stash`` (one elementwise add, no reduction);
-    every 255 forwards, at a change of shape, and before anything reads the counts, the stash is
-    reduced into the per-unit ``nonzero`` counts. Large activations skip the stash and are reduced
-    at once.
-    """
+    __slots__ = ("bytes", "count", "dims")
 
-    __slots__ = ("nonzero", "outputs", "per_unit", "unit_dim", "dims", "count_tensor", "stash", "stashed")
-
-    def __init__(self, post: torch.Tensor, unit_dim: int) -> None:
-        self.unit_dim = unit_dim
-        self.dims = tuple(d for d in range(post.ndim) if d != unit_dim)
-        self.nonzero = torch.zeros(post.shape[unit_dim], dtype=torch.int64, device=post.device)
-        self.outputs = 0  # python ints: known from shapes, no sync
-        self.per_unit = 0
-        self.count_tensor: torch.Tensor | None = None
-        self.stash: torch.Tensor | None = None
-        self.stashed = 0
-
-    def add(self, post: torch.Tensor) -> None:
-        # bool() is the "!= 0" test (NaN counts as non-zero, -0.0 as zero)
-        nz = post.detach().bool()
-        if not self.dims:
-            self.nonzero += nz
-        elif post.numel() > STASH_MAX_ELEMENTS:
-            self.nonzero += nz.view(torch.uint8).sum(self.dims, dtype=torch.int64)
-        else:
-            if self.stash is not None and (self.stash.shape != nz.shape or self.stashed == 255):
-                self.fold()
-            if self.stash is None:
-                self.stash = nz.to(torch.uint8)
-            else:
-                self.stash += nz.view(torch.uint8)
-            self.stashed += 1
-        n = post.numel()
-        self.outputs += n
-        self.per_unit += n // self.nonzero.shape[0]
-
-    def fold(self) -> None:
-        """Reduce the stashed bytes into the per-unit counts."""
-        if self.stash is not None:
-            self.nonzero += self.stash.sum(self.dims, dtype=torch.int64)
-            self.stash, self.stashed = None, 0
+    def __init__(self, dims: tuple[int, ...]) -> None:
+        self.bytes: torch.Tensor | None = None
+        self.count = 0
+        self.dims = dims
 
 
 class ReluZeros(Probe):
     """Counts exactly-zero ReLU outputs per site on training forwards (on device, one sync per flush)."""
 
     name = "relu_zeros"
-    description = "fraction/count of exactly-zero ReLU outputs per site, dead units, unit activity (passive)"
+    description = "how many ReLU outputs are exactly zero in training, per layer; dead units (passive)"
     every = 100
     passive = True
     needs_probe_data = False
 
     def __init__(self, unit_dim: int | None = None, sites: str = "relu", bins: int = 20) -> None:
         if sites not in ("relu", "all"):
-            raise ValueError(f"relu_zeros: sites must be 'relu' (ReLU family) or 'all', got {sites!r}")
+            raise ValueError(f"relu_zeros: option 'sites' must be 'relu' (ReLU family) or 'all', got {sites!r}")
+        if unit_dim is not None and (isinstance(unit_dim, bool) or not isinstance(unit_dim, int)):
+            raise TypeError(f"relu_zeros: option 'unit_dim' must be an int axis or None, got {unit_dim!r}")
+        if isinstance(bins, bool) or not isinstance(bins, int) or bins < 1:
+            raise ValueError(f"relu_zeros: option 'bins' must be a positive int, got {bins!r}")
         self.unit_dim = unit_dim
         self.sites = sites
         self.bins = bins
-        self.windows: dict[str, _Window] = {}
+        self.add_state("nonzero", {}, reduce="sum")  # site -> (units,) int64: outputs != 0 per unit
+        self.add_state("outputs", {}, reduce="sum")  # site -> number of outputs seen (python int: from shapes)
+        self.add_state("per_unit", {}, reduce="sum")  # site -> outputs per unit
+        self._stash: dict[str, _Stash] = {}
+        self._units: dict[str, tuple[int, int]] = {}  # site -> (unit axis, number of units)
 
     def wants(self, site: Site) -> bool:
         return self.sites == "all" or site.relu_family
 
-    def _unit_dim(self, ndim: int) -> int:
+    def _unit_dim(self, site: str, ndim: int) -> int:
         if self.unit_dim is not None:
+            if not -ndim <= self.unit_dim < ndim:
+                raise ValueError(f"relu_zeros: option 'unit_dim'={self.unit_dim} is out of range for the "
+                                 f"{ndim}-d activations of site {site!r}")
             return self.unit_dim % ndim
         if ndim <= 1:
             return 0
         return ndim - 1 if ndim <= 3 else 1
 
     def observe(self, site: Site, pre: torch.Tensor, post: torch.Tensor) -> None:
-        w = self.windows.get(site.name)
-        if w is None:
+        name = site.name
+        known = self._units.get(name)
+        if known is None:
             if post.ndim == 0:
-                raise ValueError(f"relu_zeros: site {site.name!r} produced a 0-d tensor; nothing to count")
-            w = self.windows[site.name] = _Window(post, self._unit_dim(post.ndim))
-        elif post.shape[w.unit_dim] != w.nonzero.shape[0]:
-            raise ValueError(f"relu_zeros: site {site.name!r} changed its number of units from "
-                             f"{w.nonzero.shape[0]} to {post.shape[w.unit_dim]}")
-        w.add(post)
+                raise ValueError(f"relu_zeros: site {name!r} produced a 0-d tensor; nothing to count")
+            axis = self._unit_dim(name, post.ndim)
+            known = self._units[name] = (axis, post.shape[axis])
+        axis, units = known
+        if post.ndim <= axis or post.shape[axis] != units:
+            raise ValueError(f"relu_zeros: site {name!r} changed its number of units from {units} to "
+                             f"{post.shape[axis] if post.ndim > axis else 'none'}")
+        nonzero = self.nonzero.get(name)
+        if nonzero is None:
+            nonzero = self.nonzero[name] = torch.zeros(units, dtype=torch.int64, device=post.device)
+            self.outputs[name], self.per_unit[name] = 0, 0
+        dims = tuple(d for d in range(post.ndim) if d != axis)
+        nz = post.detach().bool()  # the "!= 0" test (NaN counts as non-zero, -0.0 as zero)
+        if not dims:
+            nonzero += nz
+        elif post.numel() > STASH_MAX_ELEMENTS:
+            nonzero += nz.view(torch.uint8).sum(dims, dtype=torch.int64)
+        else:
+            stash = self._stash.get(name)
+            if stash is not None and stash.bytes is not None and (stash.bytes.shape != nz.shape or stash.count == 255):
+                self._fold(name)
+                stash = None
+            if stash is None or stash.bytes is None:
+                stash = self._stash[name] = _Stash(dims)
+                stash.bytes = nz.to(torch.uint8)
+            else:
+                stash.bytes += nz.view(torch.uint8)
+            stash.count += 1
+        n = post.numel()
+        self.outputs[name] += n
+        self.per_unit[name] += n // units
 
-    def reducible(self) -> list[torch.Tensor]:
-        out = []
-        for w in self.windows.values():
-            w.fold()
-            w.count_tensor = torch.tensor([w.outputs, w.per_unit], dtype=torch.int64, device=w.nonzero.device)
-            out += [w.nonzero, w.count_tensor]
-        return out
+    def _fold(self, name: str) -> None:
+        stash = self._stash.pop(name, None)
+        if stash is not None and stash.bytes is not None:
+            self.nonzero[name] += stash.bytes.sum(stash.dims, dtype=torch.int64)
+
+    def settle(self) -> None:
+        for name in list(self._stash):
+            self._fold(name)
+
+    def reset_window(self) -> None:
+        super().reset_window()
+        self._stash = {}
 
     def flush(self, step: int) -> list[Record]:
-        if not self.windows:
-            return []
         records: list[Record] = []
         zeros_all, outputs_all = [], []
-        for w in self.windows.values():
-            w.fold()
-        for name, w in self.windows.items():
-            if w.count_tensor is not None:  # summed over ranks
-                outputs, per_unit = w.count_tensor.double()[0], w.count_tensor.double()[1]
-            else:
-                outputs, per_unit = float(w.outputs), float(w.per_unit)
-            if isinstance(outputs, float) and outputs == 0:
+        for name, nonzero in self.nonzero.items():
+            outputs, per_unit = self.outputs[name], self.per_unit[name]
+            if outputs == 0:
                 continue
-            zeros = outputs - w.nonzero.sum().double()
+            zeros = outputs - nonzero.sum().double()
             zeros_all.append(zeros)
-            outputs_all.append(torch.as_tensor(outputs, dtype=torch.float64, device=w.nonzero.device))
+            outputs_all.append(float(outputs))
             records += [
                 Scalar(f"relu_zeros/{name}/fraction", zeros / outputs),
                 Scalar(f"relu_zeros/{name}/zeros", zeros),
-                Scalar(f"relu_zeros/{name}/dead_units", (w.nonzero == 0).sum()),
-                Histogram.of(f"relu_zeros/{name}/unit_activity", w.nonzero.double() / per_unit, bins=self.bins),
+                Scalar(f"relu_zeros/{name}/dead_in_window", (nonzero == 0).sum()),
+                Histogram.of(f"relu_zeros/{name}/unit_activity", nonzero.double() / per_unit, bins=self.bins),
             ]
         if zeros_all:
-            records.insert(0, Scalar("relu_zeros/total/fraction",
-                                     torch.stack(zeros_all).sum() / torch.stack(outputs_all).sum()))
-        self.windows = {}
+            records.insert(0, Scalar("relu_zeros/total/fraction", torch.stack(zeros_all).sum() / sum(outputs_all)))
         return records
-
-    def state_dict(self) -> dict[str, Any]:
-        for w in self.windows.values():
-            w.fold()
-        return {name: {"nonzero": w.nonzero.clone(), "outputs": w.outputs, "per_unit": w.per_unit,
-                       "unit_dim": w.unit_dim, "ndim": len(w.dims) + 1} for name, w in self.windows.items()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.windows = {}
-        for name, s in state.items():
-            w = _Window.__new__(_Window)
-            w.unit_dim, w.dims = s["unit_dim"], tuple(d for d in range(s["ndim"]) if d != s["unit_dim"])
-            w.nonzero, w.outputs, w.per_unit, w.count_tensor = s["nonzero"].clone(), s["outputs"], s["per_unit"], None
-            w.stash, w.stashed = None, 0
-            self.windows[name] = w

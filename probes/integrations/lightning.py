@@ -170,7 +170,7 @@ class ProbesCallback(Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         if self.session is not None:
-            self.session.set_step(trainer.global_step)
+            self.session.advance_to(trainer.global_step)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._close()
@@ -179,20 +179,20 @@ class ProbesCallback(Callback):
         self._close()
 
     def _close(self) -> None:
-        if self.session is not None:
+        if self.session is not None and not self.session.closed:
             self._last_state = self.session.state_dict()
             self.session.close()
 
     # -- checkpoints --------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        if self.session is not None and not self.session._closed:
+        if self.session is not None and not self.session.closed:
             return self.session.state_dict()
         return dict(self._last_state or self._pending_state or {})
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if not state_dict:
             return
-        if self.session is not None and not self.session._closed:
+        if self.session is not None and not self.session.closed:
             self.session.load_state_dict(state_dict)
             self._restored = True
         else:
