@@ -146,3 +146,35 @@ def split_probe_data(probe_data: Any, label_key: str | None = None) -> tuple[Any
 def model_dtype(model: nn.Module) -> torch.dtype | None:
     p = next((t for t in model.parameters() if t.is_floating_point()), None)
     return p.dtype if p is not None else None
+
+
+class Positional(nn.Module):
+    """``model`` seen as ``f(*tensors) -> tensor``: the probe inputs flattened to positional tensors, the output
+    selected. For code that needs one tensor out and tensors in (per-sample Jacobians, ``torch.func``).
+
+    ``Positional.wrap(model, x, output)`` returns the module and the positional tensors; its parameters are the
+    model's (named ``model.<name>``).
+    """
+
+    def __init__(self, model: nn.Module, rebuild: Callable[[tuple[torch.Tensor, ...]], Any], output: Any) -> None:
+        super().__init__()
+        self.model = model
+        self._rebuild = rebuild
+        self._output = output
+
+    def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
+        return select_output(call_model(self.model, self._rebuild(tensors)), self._output)
+
+    @classmethod
+    def wrap(cls, model: nn.Module, x: Any, output: Any = None, force: bool = False
+             ) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+        """``(module, args)`` with ``module(*args)`` the selected output; the model itself when nothing is to do."""
+        if isinstance(x, torch.Tensor) and output is None and not force:
+            return model, (x,)
+        leaves = [t for _, t in iter_tensors(x)]
+
+        def rebuild(tensors: tuple[torch.Tensor, ...]) -> Any:
+            it = iter(tensors)
+            return map_tensors(x, lambda _t: next(it))
+
+        return cls(model, rebuild, output), tuple(leaves)

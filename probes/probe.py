@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from probes.functional.labels import label_matrix
-from probes.inputs import call_model, sample_count, select_output
+from probes.inputs import Positional, call_model, sample_count, select_output
 from probes.records import Record
 
 #: activation kinds whose zeros mean "gate closed" (module class names, lower case, and functional names)
@@ -89,6 +89,13 @@ class ProbeBatch:
     logdir: str | None = None
     calls: list[Call] = field(default_factory=list)
     output_spec: Any = None
+    tensor_output: bool = True  # the model returned one tensor (no selection was needed)
+
+    def positional(self) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+        """``(module, args)`` with ``module(*args)`` the probes' output tensor: the model itself for ``model(x)``
+        returning a tensor, else a wrapper (``probes.inputs.Positional``) sharing the model's parameters."""
+        force = not self.tensor_output
+        return Positional.wrap(self.model, self.x, self.output_spec, force=force)
 
     @property
     def size(self) -> int:

@@ -182,6 +182,11 @@ class Session:
         param = next(self.module.parameters(), None)
         self.device = param.device if param is not None else torch.device("cpu")
         self.x, self.y = self._prepare_probe_data(probe_data, label_key)
+        if self.sharded and self.world_size > 1:  # every rank runs the probe pass: on rank 0's batch
+            self.x, self.y, replaced = distributed.same_probe_batch(self.x, self.y, self.device)
+            if replaced and self.rank == 0:
+                warnings.warn("probe_data differs between the ranks of this sharded model; every rank uses rank "
+                              "0's probe batch", ProbesNoticeWarning, stacklevel=3)
         self.entries = _normalise_spec(probes)
         self.probes: dict[str, Probe] = dict(self.entries)
         self.schedules: dict[str, Schedule] = {n: as_schedule(p.every, who=f"probe {n!r}") for n, p in self.entries}
@@ -271,8 +276,9 @@ class Session:
 
     def _switch_off(self, name: str, message: str) -> None:
         self.failures[name] = message
-        log.warning(message)
-        warnings.warn(message, ProbesNoticeWarning, stacklevel=4)
+        if self.rank == 0:  # every rank switches it off; one message says so
+            log.warning(message)
+            warnings.warn(message, ProbesNoticeWarning, stacklevel=4)
 
     def _teardown(self) -> None:
         self.capture.remove()
@@ -511,6 +517,26 @@ class Session:
                 probe.reset_window()
 
     def _measure(self, names: list[str], pending: bool = False) -> None:
+        """Measure ``names`` (those not switched off). For a sharded model every rank measures, and the ranks
+        then agree on which probes failed anywhere, so that the next pass runs the same probes on every rank."""
+        names = [n for n in names if n not in self.failures]  # e.g. switched off at attach (supports_sharding)
+        if not (self.sharded and self.world_size > 1):
+            return self._measure_here(names, pending)
+        before, error = set(self.failures), None
+        try:
+            self._measure_here(names, pending)
+        except Exception as exc:  # strict=True re-raised a probe's error: the other ranks must still learn of it
+            error = exc
+        here = {n for n in names if n in self.failures and n not in before} | (set(names) if error else set())
+        elsewhere = distributed.failed_anywhere(names, here, self.device) - here
+        for name in [n for n in names if n in elsewhere]:
+            self._fail(name, RuntimeError(f"probe {name!r} raised on another rank during the probe pass at step "
+                                          f"{self._step}; it is switched off on every rank, so that all ranks "
+                                          "keep running the same probe passes"))
+        if error is not None:
+            raise error
+
+    def _measure_here(self, names: list[str], pending: bool = False) -> None:
         for n in names:
             self._measured_at[n] = self._step
         if not names or (self.rank != 0 and not self.sharded):
@@ -532,13 +558,22 @@ class Session:
                     else:
                         with torch.no_grad():
                             raw = inputs.call_model(module, self.x)
-                    output = inputs.select_output(raw, self.output_spec)
                 except Exception as exc:  # noqa: BLE001 - the pass itself failed: every due probe is off
                     for name in names:
                         self._fail(name, exc)
                     return
+                # an output the probes cannot use is a configuration error: at attach it is raised
+                output = inputs.select_output(raw, self.output_spec) if pending else None
+                if output is None:
+                    try:
+                        output = inputs.select_output(raw, self.output_spec)
+                    except (TypeError, ValueError) as exc:
+                        for name in names:
+                            self._fail(name, exc)
+                        return
             batch = ProbeBatch(module, self.x, self.y, output, activations, self._step, self.logdir, calls,
-                               self.output_spec)
+                               self.output_spec, tensor_output=isinstance(raw, torch.Tensor) if self.x is not None
+                               else True)
             for name in names:
                 try:
                     self._write(name, self.probes[name].measure(batch), pending=pending)

@@ -1,0 +1,105 @@
+"""probes.testing on every built-in probe and on a third-party passive probe written only with add_state."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import probes
+from probes import testing
+from probes.records import Histogram, Scalar
+
+BUILTIN_OPTIONS = {
+    "relu_zeros": {},
+    "patterns": {"image": False},
+    "alignment": {},
+    "margin": {},
+    "ntk": {"image": False},
+    "pathgram": {"image": None},
+    "linear_region": {"eps": (0.01,), "delta": (0.01,)},
+    "particles": {"image": False},
+}
+
+
+def two_layer() -> torch.nn.Module:
+    return torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 3))
+
+
+def bias_free() -> torch.nn.Module:
+    return torch.nn.Sequential(torch.nn.Linear(8, 16, bias=False), torch.nn.ReLU(),
+                               torch.nn.Linear(16, 3, bias=False))
+
+
+MODELS = {"particles": two_layer, "pathgram": bias_free}
+
+
+@pytest.mark.parametrize("name", sorted(BUILTIN_OPTIONS))
+def test_builtin_probe_passes_the_harness(name):
+    cls = probes.plugins.probe_class(name)
+    options = {k: v for k, v in BUILTIN_OPTIONS[name].items() if k in _accepted(cls)}
+    testing.check_probe(cls, options, model=MODELS.get(name, testing.small_mlp),
+                        allow_nan=("linear_region/l_gen", "linear_region/identity_error", "ntk/condition"))
+
+
+def _accepted(cls) -> set[str]:
+    import inspect
+
+    return set(inspect.signature(cls.__init__).parameters)
+
+
+class SignCounter(probes.Probe):
+    """A third-party passive probe written only with add_state: positive outputs and the largest output."""
+
+    name = "sign_counter"
+    description = "positive outputs per site (test plugin)"
+    passive = True
+    needs_probe_data = False
+    every = 3
+
+    def __init__(self) -> None:
+        self.add_state("positive", {}, reduce="sum")
+        self.add_state("seen", 0, reduce="sum")
+        self.add_state("largest", torch.tensor(float("-inf")), reduce="max")
+
+    def observe(self, site, pre, post):
+        count = self.positive.get(site.name)
+        self.positive[site.name] = (post > 0).sum() if count is None else count + (post > 0).sum()
+        self.seen += post.numel()
+        self.largest = torch.maximum(self.largest, post.detach().max())
+
+    def flush(self, step):
+        if not self.positive:
+            return []
+        out = [Scalar(f"sign_counter/{n}/positive", c) for n, c in self.positive.items()]
+        out.append(Scalar("sign_counter/fraction", sum(self.positive.values()) / max(self.seen, 1)))
+        out.append(Scalar("sign_counter/largest", self.largest))
+        out.append(Histogram.of("sign_counter/counts", torch.stack(list(self.positive.values())).double()))
+        return out
+
+
+def test_a_third_party_passive_probe_with_only_add_state_gets_windows_checkpoints_and_ddp_sums():
+    testing.check_probe(SignCounter, ddp=True)
+
+
+def test_windows_reset_after_each_flush_by_hand_count():
+    net = testing.small_mlp()
+    s = probes.attach(net, [SignCounter()])
+    xs = [torch.randn(4, 8) for _ in range(6)]
+    for x in xs:
+        net(x)
+        s.step()
+    s.close()
+    hidden = [torch.relu(net[0](x)) for x in xs]
+    with torch.no_grad():
+        expected = [int(sum((h > 0).sum() for h in hidden[k:k + 3])) for k in (0, 3)]
+    got = [v for _, v in s.memory.scalars()["sign_counter/1/positive"]]
+    assert got == expected
+
+
+def test_the_example_plugin_passes_the_harness(monkeypatch):
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parent.parent / "examples" / "plugin"))
+    from probes_weightnorm import WeightNorm
+
+    testing.check_probe(WeightNorm)
