@@ -92,6 +92,24 @@ def observable() -> bool:
     return torch._C._functorch.peek_interpreter_stack() is None
 
 
+ALL_VALUES = frozenset({"pre", "post"})
+
+
+def keep_everything(site: Site) -> frozenset[str]:
+    return ALL_VALUES
+
+
+def _kept_input(t: torch.Tensor | None, want: frozenset[str], inplace: bool) -> torch.Tensor | None:
+    """What to keep of a site's input: a clone (values, safe from in-place ops), its gates, or nothing."""
+    if t is None:
+        return None
+    if "pre" in want:
+        return t.detach().clone() if inplace else t.detach()
+    if "gate" in want:
+        return t.detach() > 0
+    return None
+
+
 @dataclass
 class Recording:
     """What one probe pass saw: ``activations`` (site name -> Activation) and ``calls`` (in order).
@@ -133,10 +151,14 @@ class _FunctionalMode(TorchFunctionMode):
         kind, inplace = entry
         inplace = inplace or bool(kwargs.get("inplace", False))
         pre = args[0]
-        if self.capture.keep_pre:
-            pre = pre.detach().clone() if inplace else pre.detach()
+        rec = self.capture._recording
+        want = ALL_VALUES
+        if rec is not None:
+            want = self.capture._wanted(path, kind, None, functional=True)
+            pre = _kept_input(pre, want, inplace)
         out = func(*args, **kwargs)
-        self.capture.record(path, kind, None, pre, out, functional=True)
+        self.capture.record(path, kind, None, pre, out if "post" in want else None, functional=True,
+                            kept=rec is None or bool(want))
         return out
 
 
@@ -165,7 +187,7 @@ class Capture:
         self._sites: dict[tuple[str, int, bool, str], Site] = {}
         self._counts: dict[tuple[str, bool], int] = {}
         self._buffer: list[tuple[str, int, bool, str, nn.Module | None, torch.Tensor, torch.Tensor]] = []
-        self._pre_stack: list[torch.Tensor | None] = []
+        self._pre_stack: list[tuple[torch.Tensor | None, frozenset[str]]] = []
         self._depth = 0
         self._training_forward = False
         self._mode: _FunctionalMode | None = None
@@ -195,12 +217,12 @@ class Capture:
     def _active(self) -> bool:
         return self._recording is not None or (self.observing and self.model.training)
 
-    def record(self, path: str, kind: str, module: nn.Module | None, pre: torch.Tensor | None, post: torch.Tensor,
-               functional: bool = False) -> None:
+    def record(self, path: str, kind: str, module: nn.Module | None, pre: torch.Tensor | None,
+               post: torch.Tensor | None, functional: bool = False, kept: bool = True) -> None:
         key = (path if not functional else f"{path or 'forward'}:{kind}", functional)
         call = self._counts.get(key, 0) + 1
         self._counts[key] = call
-        entry = (path, call, functional, kind, module, pre, post)
+        entry = (path, call, functional, kind, module, pre, post, kept)
         if self._depth > 0:
             self._buffer.append(entry)
         else:  # a submodule called outside the root forward
@@ -211,28 +233,27 @@ class Capture:
 
     def _dispatch(self, entries) -> None:
         rec = self._recording
-        for path, call, functional, kind, module, pre, post in entries:
+        for path, call, functional, kind, module, pre, post, kept in entries:
             site = self.site(path, call, functional, kind, module)
             if rec is not None:
                 rec._site_order.append(site.name)
-                if pre is not None:
+                if kept:
                     rec.activations[site.name] = Activation(site, pre, post)
             elif self.observing and self.on_observe is not None:
                 self.on_observe(site, pre, post)
 
-    def _wanted(self, module: nn.Module) -> bool:
-        """During a recording: keep this module's activation? (decided on the site as currently named)"""
-        rec = self._recording
-        path = self.site_modules[module]
-        call = self._counts.get((path, False), 0) + 1
-        return rec.keep(self.site(path, call, False, kind_of(module), module))
+    def _wanted(self, path: str, kind: str, module: nn.Module | None, functional: bool = False) -> frozenset[str]:
+        """During a recording: what to keep of this call's site (decided on the site as currently named)."""
+        key = (f"{path or 'forward'}:{kind}" if functional else path, functional)
+        call = self._counts.get(key, 0) + 1
+        return frozenset(self._recording.keep(self.site(path, call, functional, kind, module)))
 
     def _pre_hook(self, module: nn.Module, args: tuple) -> None:
         if module is self.model:
             self._root_pre_hook(module, args)
         if module in self.site_modules and self._recording is not None and self.keep_pre:
-            t = _first_tensor(args)
-            self._pre_stack.append(t.detach().clone() if t is not None and self._wanted(module) else None)
+            want = self._wanted(self.site_modules[module], kind_of(module), module)
+            self._pre_stack.append((_kept_input(_first_tensor(args), want, inplace=True), want))
 
     def _post_hook(self, module: nn.Module, args: tuple, output: Any) -> None:
         if module in self.site_modules:
@@ -244,12 +265,14 @@ class Capture:
 
     def _site_hook(self, module: nn.Module, args: tuple, output: Any) -> None:
         recording = self._recording is not None
-        pre = self._pre_stack.pop() if recording and self.keep_pre and self._pre_stack else None
+        pre, want = self._pre_stack.pop() if recording and self.keep_pre and self._pre_stack else (None, ALL_VALUES)
         if not isinstance(output, torch.Tensor) or not self._active() or not observable():
             return
         if not recording:
-            pre = _first_tensor(args)
-        self.record(self.site_modules[module], kind_of(module), module, pre, output)
+            self.record(self.site_modules[module], kind_of(module), module, _first_tensor(args), output)
+        else:
+            self.record(self.site_modules[module], kind_of(module), module, pre, output if "post" in want else None,
+                        kept=bool(want))
 
     def _root_pre_hook(self, module: nn.Module, args: tuple) -> None:
         self._depth += 1
@@ -280,7 +303,7 @@ class Capture:
         self._dispatch(entries)
         if self._training_forward and self.on_forward is not None:
             self._training_forward = False
-            self.on_forward([self.site(*e[:4], e[4]) for e in entries])
+            self.on_forward([self.site(*e[:5]) for e in entries])
 
     def _install(self) -> None:
         if not self._handles:
@@ -305,13 +328,13 @@ class Capture:
             self._mode = None
 
     @contextmanager
-    def recording(self, keep: Callable[[Site], bool] | None = None) -> Iterator[Recording]:
-        """One probe pass: collects the activations of the sites ``keep`` accepts (default all) and the calls."""
+    def recording(self, keep: Callable[[Site], frozenset[str]] | None = None) -> Iterator[Recording]:
+        """One probe pass: collects what ``keep(site)`` asks of each site (default pre and post) and the calls."""
         was_observing, had_hooks = self.observing, bool(self._handles)
         self.observing = False
         self.keep_pre = True
         self._pre_stack = []
-        rec = Recording(keep) if keep is not None else Recording()
+        rec = Recording(keep if keep is not None else keep_everything)
         self._recording = rec
         self._install()
         try:

@@ -46,16 +46,21 @@ class Site:
 
 @dataclass
 class Activation:
-    """What the probe pass saw at one site: ``pre`` the activation's input, ``post`` its output."""
+    """What the probe pass saw at one site: ``pre`` the activation's input, ``post`` its output.
+
+    Only what the due probes asked for is kept (``Probe.site_values``): when they need only the gates,
+    ``pre`` is the boolean ``pre > 0`` itself (so ``pre > 0`` still reads the gates), and ``post`` is
+    None when no due probe reads it.
+    """
 
     site: Site
-    pre: torch.Tensor
-    post: torch.Tensor
+    pre: torch.Tensor | None
+    post: torch.Tensor | None
 
     @property
     def gate(self) -> torch.Tensor:
         """``pre > 0``: for ReLU exactly the units whose output is non-zero."""
-        return self.pre > 0
+        return self.pre if self.pre.dtype == torch.bool else self.pre > 0
 
 
 @dataclass(frozen=True)
@@ -181,6 +186,8 @@ class Probe:
     every: Any = 100
     passive: ClassVar[bool] = False
     needs_sites: ClassVar[bool] = False
+    #: what of each site an active probe reads: "pre" (the input values), "gate" (only ``pre > 0``), "post"
+    site_values: ClassVar[frozenset[str]] = frozenset({"pre", "post"})
     needs_probe_data: ClassVar[bool] = True
     #: extra module types to treat as sites (beyond the activation modules), e.g. ``(nn.MaxPool2d,)``
     site_types: ClassVar[tuple[type[nn.Module], ...]] = ()

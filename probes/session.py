@@ -30,13 +30,16 @@ from torch import nn
 
 from probes import distributed, inputs, plugins
 from probes.capture import Capture, unwrap
-from probes.probe import Context, Probe, ProbeBatch, Site
+from probes.probe import Activation, Context, Probe, ProbeBatch, Site
 from probes.records import Record, to_host
 from probes.schedules import Schedule, as_schedule
 from probes.sinks.base import Sink
 from probes.sinks.memory import MemorySink
 
 log = logging.getLogger("probes")
+
+#: samples per chunk of the probe pass (a laptop holds the activations of this many CIFAR images in a ResNet)
+DEFAULT_PROBE_BATCH_SIZE = 256
 
 __all__ = ["attach", "Session", "ProbesClosedError", "ProbeFailedWarning", "ProbesNoticeWarning"]
 
@@ -161,7 +164,8 @@ class Session:
                  output: Any = None, logdir: str | None = None, writer: Any = None, sinks: Any = None,
                  optimizer: torch.optim.Optimizer | None = None, strict: bool = False,
                  functional: bool | None = None, measure_at_attach: bool = True,
-                 state: Mapping[str, Any] | None = None) -> None:
+                 state: Mapping[str, Any] | None = None,
+                 probe_batch_size: int | None = DEFAULT_PROBE_BATCH_SIZE) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"attach needs an nn.Module, got {type(model).__name__}")
         if logdir is not None and writer is not None:
@@ -172,6 +176,10 @@ class Session:
         if not isinstance(strict, bool):
             raise TypeError(f"attach(strict=...) must be True or False, got {strict!r}")
         inputs.check_output_option(output)
+        if probe_batch_size is not None and (isinstance(probe_batch_size, bool) or not isinstance(
+                probe_batch_size, int) or probe_batch_size < 1):
+            raise ValueError(f"attach(probe_batch_size=...) must be a positive int or None, got {probe_batch_size!r}")
+        self.probe_batch_size = probe_batch_size
         self.model = model
         self.module = unwrap(model)
         self.strict = strict
@@ -516,6 +524,44 @@ class Session:
             finally:
                 probe.reset_window()
 
+    def _probe_pass(self, module: nn.Module, names: list[str]
+                    ) -> tuple[torch.Tensor, dict[str, Activation], list[Any], bool]:
+        """The probe batch through the model, in chunks of ``probe_batch_size``, keeping what the due probes need."""
+        due = [self.probes[n] for n in names if self.probes[n].needs_sites]
+        P = inputs.sample_count(self.x)
+        chunk = self.probe_batch_size or P
+        outputs: list[torch.Tensor] = []
+        parts: dict[str, list[Activation]] = {}
+        sizes: list[int] = []
+        calls: list[Any] = []
+        raw_is_tensor = True
+        for start in range(0, P, chunk):
+            xb = self.x if chunk >= P else inputs.take(self.x, slice(start, start + chunk))
+            with torch.no_grad():
+                if due:
+                    with self.capture.recording(keep=_keeper(due)) as rec:
+                        raw = inputs.call_model(module, xb)
+                else:
+                    rec, raw = None, inputs.call_model(module, xb)
+            try:
+                out = inputs.select_output(raw, self.output_spec)
+            except (TypeError, ValueError) as exc:
+                raise _OutputError(str(exc)) from exc
+            raw_is_tensor = isinstance(raw, torch.Tensor)
+            outputs.append(out)
+            sizes.append(min(chunk, P - start))
+            if rec is not None:
+                calls = rec.calls
+                for site_name, act in rec.activations.items():
+                    parts.setdefault(site_name, []).append(act)
+            del raw, rec
+        if len(outputs) == 1:
+            activations = {n: acts[0] for n, acts in parts.items()}
+            return outputs[0], activations, calls, raw_is_tensor
+        activations = {n: Activation(acts[0].site, _concat(n, [a.pre for a in acts], sizes),
+                                     _concat(n, [a.post for a in acts], sizes)) for n, acts in parts.items()}
+        return _concat("output", outputs, sizes), activations, calls, raw_is_tensor
+
     def _measure(self, names: list[str], pending: bool = False) -> None:
         """Measure ``names`` (those not switched off). For a sharded model every rank measures, and the ranks
         then agree on which probes failed anywhere, so that the next pass runs the same probes on every rank."""
@@ -547,33 +593,22 @@ class Session:
         try:
             module.eval()
             output, activations, calls = None, {}, []
+            raw_is_tensor = True
             if self.x is not None:
-                wanted = [self.probes[n] for n in names if self.probes[n].needs_sites]
                 try:
-                    if wanted:
-                        with torch.no_grad(), self.capture.recording(
-                                keep=lambda site: any(p.wants_site(site) for p in wanted)) as rec:
-                            raw = inputs.call_model(module, self.x)
-                        activations, calls = rec.activations, rec.calls
-                    else:
-                        with torch.no_grad():
-                            raw = inputs.call_model(module, self.x)
+                    output, activations, calls, raw_is_tensor = self._probe_pass(module, names)
+                except _OutputError as exc:
+                    if pending:
+                        raise exc.__cause__ from None
+                    for name in names:
+                        self._fail(name, exc.__cause__)
+                    return
                 except Exception as exc:  # noqa: BLE001 - the pass itself failed: every due probe is off
                     for name in names:
                         self._fail(name, exc)
                     return
-                # an output the probes cannot use is a configuration error: at attach it is raised
-                output = inputs.select_output(raw, self.output_spec) if pending else None
-                if output is None:
-                    try:
-                        output = inputs.select_output(raw, self.output_spec)
-                    except (TypeError, ValueError) as exc:
-                        for name in names:
-                            self._fail(name, exc)
-                        return
             batch = ProbeBatch(module, self.x, self.y, output, activations, self._step, self.logdir, calls,
-                               self.output_spec, tensor_output=isinstance(raw, torch.Tensor) if self.x is not None
-                               else True)
+                               self.output_spec, tensor_output=raw_is_tensor)
             for name in names:
                 try:
                     self._write(name, self.probes[name].measure(batch), pending=pending)
@@ -582,6 +617,35 @@ class Session:
         finally:
             _restore_modes(module, modes)
             _set_rng_state(rng)
+
+
+class _OutputError(Exception):
+    """The model's output cannot be reduced to one tensor (the cause says why)."""
+
+
+def _keeper(due: list[Probe]) -> Any:
+    """``site -> what to keep``: the union of what the due probes that read the site need of it."""
+    cache: dict[str, frozenset[str]] = {}
+
+    def keep(site: Site) -> frozenset[str]:
+        want = cache.get(site.name)
+        if want is None:
+            want = frozenset().union(*[p.site_values for p in due if p.wants_site(site)])
+            cache[site.name] = want
+        return want
+
+    return keep
+
+
+def _concat(site_name: str, parts: list[torch.Tensor | None], sizes: list[int]) -> torch.Tensor | None:
+    if parts[0] is None:
+        return None
+    for t, n in zip(parts, sizes):
+        if t.ndim == 0 or t.shape[0] != n:
+            raise ValueError(f"probe_batch_size: site {site_name!r} has shape {tuple(t.shape)} for a chunk of {n} "
+                             "samples; chunked probe passes need the samples along the first axis of every site "
+                             "(pass probe_batch_size=None to run the probe batch in one pass)")
+    return torch.cat(parts, dim=0)
 
 
 class _OptimizerStep:
@@ -609,7 +673,8 @@ class _noop_step_hook:  # noqa: N801
 def attach(model: nn.Module, probes: Any, *, probe_data: Any = None, label_key: str | None = None,
            output: Any = None, logdir: str | None = None, writer: Any = None, sinks: Any = None,
            optimizer: torch.optim.Optimizer | None = None, strict: bool = False, functional: bool | None = None,
-           measure_at_attach: bool = True, state: Mapping[str, Any] | None = None) -> Session:
+           measure_at_attach: bool = True, state: Mapping[str, Any] | None = None,
+           probe_batch_size: int | None = DEFAULT_PROBE_BATCH_SIZE) -> Session:
     """Attach probes to ``model`` and return the ``Session`` (or raise and leave nothing behind).
 
     Args:
@@ -631,10 +696,12 @@ def attach(model: nn.Module, probes: Any, *, probe_data: Any = None, label_key: 
         functional: catch functional activations (``F.relu`` in ``forward``); default auto.
         measure_at_attach: measure the active probes once now, the initialization (step 0).
         state: a ``Session.state_dict()`` to resume from (no step-0 measurement is written).
+        probe_batch_size: the probe pass runs the probe batch in chunks of this many samples, keeping of each
+            site only what the due probes read (gates as bits for ``patterns``); None: one pass.
 
     Returns:
         The ``Session``: ``step()``, ``close()`` (or use it as a context manager), ``state_dict()``.
     """
     return Session(model, probes, probe_data=probe_data, label_key=label_key, output=output, logdir=logdir,
                    writer=writer, sinks=sinks, optimizer=optimizer, strict=strict, functional=functional,
-                   measure_at_attach=measure_at_attach, state=state)
+                   measure_at_attach=measure_at_attach, state=state, probe_batch_size=probe_batch_size)
