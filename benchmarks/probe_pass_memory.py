@@ -1,0 +1,123 @@
+"""Peak resident memory of one probe measurement on a CIFAR ResNet-18, one pass vs chunked passes.
+
+Each case runs in a fresh process (``ru_maxrss`` of the child): build a ResNet-18 for 3 x 32 x 32 inputs
+(BasicBlocks, BatchNorm, one in-place ReLU module reused twice per block, as torchvision writes it), attach
+``patterns``, ``alignment`` and ``margin`` with a probe batch of P images, measure once at attach. The
+anchor is the model's plain forward of the same P images without probes (the floor a probe pass cannot go
+under when run in one piece), printed beside ``probe_batch_size=None`` (one pass) and chunked passes; the
+values of the chunked run are compared with the one-pass run.
+
+    .venv/bin/python benchmarks/probe_pass_memory.py [--quick | --smoke] [--P 1024]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+
+CHILD = r"""
+import json, resource, sys, time
+import torch
+from torch import nn
+torch.set_num_threads(2)
+P, chunk, width, mode = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4]
+chunk = None if chunk == "none" else int(chunk)
+
+class Block(nn.Module):
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.downsample = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += self.downsample(x)
+        return self.relu(out)
+
+class ResNet18(nn.Module):
+    def __init__(self, w=64, classes=10):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, w, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(w)
+        self.relu = nn.ReLU(inplace=True)
+        layers, cin = [], w
+        for i, cout in enumerate([w, 2 * w, 4 * w, 8 * w]):
+            for j in range(2):
+                layers.append(Block(cin, cout, 2 if (j == 0 and i > 0) else 1))
+                cin = cout
+        self.layers = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(cin, classes)
+    def forward(self, x):
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.layers(x)
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+torch.manual_seed(0)
+model = ResNet18(width).eval()
+x = torch.randn(P, 3, 32, 32)
+y = torch.arange(P) % 10
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+t0 = time.perf_counter()
+values = {}
+if mode == "forward":
+    with torch.no_grad():
+        model(x)
+else:
+    import probes
+    s = probes.attach(model, ["patterns", "alignment", "margin"], probe_data=(x, y), probe_batch_size=chunk,
+                      strict=True)
+    s.close()
+    values = {t: s.memory.last(t) for t in sorted(s.memory.tags()) if s.memory.scalars().get(t)}
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"peak_kib": peak, "base_kib": base, "seconds": time.perf_counter() - t0, "values": values}))
+"""
+
+
+def run(P: int, chunk: str, width: int, mode: str) -> dict:
+    out = subprocess.run([sys.executable, "-c", CHILD, str(P), chunk, str(width), mode], capture_output=True,
+                         text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--P", type=int, default=None)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--smoke", action="store_true")
+    args = ap.parse_args(argv)
+    P = args.P or (16 if args.smoke else 256 if args.quick else 1024)
+    width = 8 if args.smoke else 64
+    chunks = ["none", "4"] if args.smoke else ["none", "256", "64"]
+    gib = 1 / (1024 * 1024)
+    t0 = time.perf_counter()
+    floor = run(P, "none", width, "forward")
+    print(f"ResNet-18 (width {width}), P = {P}: plain forward peak {floor['peak_kib'] * gib:.2f} GiB "
+          f"(torch imported: {floor['base_kib'] * gib:.2f} GiB)")
+    ref = None
+    for chunk in chunks:
+        r = run(P, chunk, width, "probes")
+        label = "one pass" if chunk == "none" else f"chunks of {chunk}"
+        worst = ""
+        if ref is None:
+            ref = r["values"]
+        else:
+            diffs = [abs(r["values"][t] - v) / max(abs(v), 1e-12) for t, v in ref.items() if t in r["values"]]
+            worst = f", max rel. difference to one pass {max(diffs):.1e}" if diffs else ""
+        print(f"  patterns + alignment + margin, {label:>14}: peak {r['peak_kib'] * gib:.2f} GiB "
+              f"({r['peak_kib'] / floor['peak_kib']:.2f}x the plain forward), {r['seconds']:.1f} s{worst}")
+    print(f"({time.perf_counter() - t0:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,8 @@
+"""The plugin's own tests: the harness every probe runs (``probes.testing``)."""
+
+from probes import testing
+from probes_weightnorm import WeightNorm
+
+
+def test_weightnorm_passes_the_probes_harness():
+    testing.check_probe(WeightNorm)
