@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
+import time
 import traceback
 import warnings
 from collections import Counter
@@ -32,7 +34,7 @@ from probes import distributed, inputs, plugins
 from probes.capture import Capture, unwrap
 from probes.probe import Activation, Context, Probe, ProbeBatch, Site
 from probes.records import Record, to_host
-from probes.schedules import Schedule, as_schedule
+from probes.schedules import Schedule, as_schedule, every
 from probes.sinks.base import Sink
 from probes.sinks.memory import MemorySink
 
@@ -165,7 +167,7 @@ class Session:
                  optimizer: torch.optim.Optimizer | None = None, strict: bool = False,
                  functional: bool | None = None, measure_at_attach: bool = True,
                  state: Mapping[str, Any] | None = None,
-                 probe_batch_size: int | None = DEFAULT_PROBE_BATCH_SIZE) -> None:
+                 probe_batch_size: int | None = DEFAULT_PROBE_BATCH_SIZE, overhead: float | None = None) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"attach needs an nn.Module, got {type(model).__name__}")
         if logdir is not None and writer is not None:
@@ -180,6 +182,12 @@ class Session:
                 probe_batch_size, int) or probe_batch_size < 1):
             raise ValueError(f"attach(probe_batch_size=...) must be a positive int or None, got {probe_batch_size!r}")
         self.probe_batch_size = probe_batch_size
+        if overhead is not None and (isinstance(overhead, bool) or not isinstance(overhead, (int, float))
+                                     or not 0 < overhead < 1):
+            raise ValueError(f"attach(overhead=...) must be a fraction of training time in (0, 1), got {overhead!r}")
+        self.overhead = None if overhead is None else float(overhead)
+        self._train_seconds, self._train_steps, self._last_step_at = 0.0, 0, None
+        self._cost: dict[str, float] = {}
         self.model = model
         self.module = unwrap(model)
         self.strict = strict
@@ -260,6 +268,7 @@ class Session:
 
     def _setup(self, optimizer: Any, measure_now: bool) -> None:
         context = Context(self.module, self.x, self.y, self.logdir, self.device, self.output_spec)
+        failed: tuple[str, Exception] | None = None
         for name, probe in self.probes.items():
             if self.sharded and not getattr(probe, "supports_sharding", True):
                 self._switch_off(name, f"probe {name!r} needs direct access to whole parameters, which a sharded "
@@ -268,7 +277,14 @@ class Session:
             try:
                 probe.setup(context)
             except Exception as exc:
-                raise _named(exc, name) from exc
+                failed = (name, exc)
+                break
+        if self.sharded and self.world_size > 1 and distributed.broadcast_flag(failed is not None, self.device) \
+                and failed is None:  # the other ranks must not go on into a probe pass that rank skips
+            raise RuntimeError("attach failed on another rank of this sharded model (a probe's setup raised there; "
+                               "that rank's error says which)")
+        if failed is not None:
+            raise _named(failed[1], failed[0]) from failed[1]
         if self.passive:
             self.capture.on_forward = self._on_training_forward
             self.capture.install_passive(self._observe)
@@ -340,8 +356,13 @@ class Session:
         self._check_open("step")
         self._release()
         for _ in range(n):
+            now = time.perf_counter()
+            if self._last_step_at is not None:  # training time since the end of the last step's probe work
+                self._train_seconds += now - self._last_step_at
+                self._train_steps += 1
             self._step += 1
             self._run_due()
+            self._last_step_at = time.perf_counter()
 
     def advance_to(self, step: int) -> None:
         """Jump to ``step`` and run what falls due at that step only (integrations that follow a trainer)."""
@@ -443,6 +464,25 @@ class Session:
         due_active = [p for p in self.active if self.enabled(p) and self.schedules[p](s)]
         if due_active:
             self._measure(due_active)
+            if self.overhead is not None:
+                self._space_out(due_active)
+
+    def _space_out(self, names: list[str]) -> None:
+        """Widen ``every(k)`` cadences so that each probe costs at most ``overhead`` of the training time."""
+        if self._train_steps < 1:
+            return
+        per_step = self._train_seconds / self._train_steps
+        for name in names:
+            schedule, cost = self.schedules[name], self._cost.get(name)
+            if not isinstance(schedule, every) or cost is None or per_step <= 0:
+                continue
+            if cost / (schedule.k * per_step) > self.overhead:
+                k = max(schedule.k + 1, math.ceil(cost / (self.overhead * per_step)))
+                self.schedules[name] = every(k)
+                self._notice(name, "overhead", f"probe {name!r} takes {cost * 1e3:.3g} ms per measurement against "
+                             f"{per_step * 1e3:.3g} ms per training step: measuring every {schedule.k} steps would "
+                             f"cost {cost / (schedule.k * per_step):.0%} of training (overhead={self.overhead:g}); it "
+                             f"now measures every {k} steps")
 
     def _fail(self, name: str, exc: BaseException) -> None:
         if self.strict:
@@ -590,6 +630,7 @@ class Session:
         module = self.module
         modes = [(m, m.training) for m in module.modules()]
         rng = _rng_state()
+        started = time.perf_counter()
         try:
             module.eval()
             output, activations, calls = None, {}, []
@@ -609,11 +650,14 @@ class Session:
                     return
             batch = ProbeBatch(module, self.x, self.y, output, activations, self._step, self.logdir, calls,
                                self.output_spec, tensor_output=raw_is_tensor)
+            shared = (time.perf_counter() - started) / len(names)  # the pass, shared by the due probes
             for name in names:
+                t0 = time.perf_counter()
                 try:
                     self._write(name, self.probes[name].measure(batch), pending=pending)
                 except Exception as exc:  # noqa: BLE001
                     self._fail(name, exc)
+                self._cost[name] = shared + time.perf_counter() - t0
         finally:
             _restore_modes(module, modes)
             _set_rng_state(rng)
@@ -674,7 +718,7 @@ def attach(model: nn.Module, probes: Any, *, probe_data: Any = None, label_key: 
            output: Any = None, logdir: str | None = None, writer: Any = None, sinks: Any = None,
            optimizer: torch.optim.Optimizer | None = None, strict: bool = False, functional: bool | None = None,
            measure_at_attach: bool = True, state: Mapping[str, Any] | None = None,
-           probe_batch_size: int | None = DEFAULT_PROBE_BATCH_SIZE) -> Session:
+           probe_batch_size: int | None = DEFAULT_PROBE_BATCH_SIZE, overhead: float | None = None) -> Session:
     """Attach probes to ``model`` and return the ``Session`` (or raise and leave nothing behind).
 
     Args:
@@ -698,10 +742,13 @@ def attach(model: nn.Module, probes: Any, *, probe_data: Any = None, label_key: 
         state: a ``Session.state_dict()`` to resume from (no step-0 measurement is written).
         probe_batch_size: the probe pass runs the probe batch in chunks of this many samples, keeping of each
             site only what the due probes read (gates as bits for ``patterns``); None: one pass.
+        overhead: a fraction of training time (e.g. 0.05): an active probe whose measurements would cost more
+            at its ``every(k)`` cadence measures less often, timed on its own measurements; said once.
 
     Returns:
         The ``Session``: ``step()``, ``close()`` (or use it as a context manager), ``state_dict()``.
     """
     return Session(model, probes, probe_data=probe_data, label_key=label_key, output=output, logdir=logdir,
                    writer=writer, sinks=sinks, optimizer=optimizer, strict=strict, functional=functional,
-                   measure_at_attach=measure_at_attach, state=state, probe_batch_size=probe_batch_size)
+                   measure_at_attach=measure_at_attach, state=state, probe_batch_size=probe_batch_size,
+                   overhead=overhead)

@@ -324,3 +324,34 @@ def test_a_probe_class_with_options_is_attached_like_a_name(shared_relu_mlp):
     s.step(4)
     s.close()
     assert s.probes["counting"].steps == [0, 2, 4]
+
+
+def test_an_overhead_budget_spaces_out_a_costly_probe_and_says_so_once(shared_relu_mlp):
+    import time
+
+    class Slow(probes.Probe):
+        name = "slow"
+        every = 1
+        needs_probe_data = False
+
+        def __init__(self) -> None:
+            self.steps: list[int] = []
+
+        def measure(self, batch):
+            self.steps.append(batch.step)
+            time.sleep(0.02)
+            return []
+
+    probe = Slow()
+    s = probes.attach(shared_relu_mlp, [probe], overhead=0.1)
+    with pytest.warns(probes.session.ProbesNoticeWarning, match="now measures every"):
+        for _ in range(40):
+            time.sleep(0.01)  # a 10 ms training step
+            s.step()
+    s.close()
+    k = s.schedules["slow"].k
+    assert k >= 20  # 20 ms / (0.1 x 10 ms)
+    later = [st for st in probe.steps if st > probe.steps[2]]
+    assert all(b - a >= k for a, b in zip(later, later[1:-1]))  # the last point is the one at close
+    with pytest.raises(ValueError, match="overhead"):
+        probes.attach(shared_relu_mlp, ["relu_zeros"], overhead=5)
