@@ -209,7 +209,7 @@ def _set_counter(model: nn.Sequential, k: int) -> None:
 def test_trail_memory_stays_bounded_over_10000_measurements(mode):
     model = _counter_model()
     n_keep, total = 50, 10_000
-    probe = _attached(model, trail=n_keep, trail_mode=mode, size=32)
+    probe = _attached(model, trail=n_keep, trail_mode=mode, size=240)
     buf = probe.state_dict()["trail"]
     ptr = probe._buf.data_ptr()
     for k in range(total):
@@ -250,36 +250,57 @@ def test_state_dict_round_trip():
 
 
 # -- the image -------------------------------------------------------------------------------
-def test_image_shape_colours_and_stable_axes():
+def _colour_pixels(img: np.ndarray, hex_colour: str) -> np.ndarray:
+    """(row, column) of the pixels of this colour (up to the figure's reduction to 256 colours)."""
+    rgb = np.array([int(hex_colour[k:k + 2], 16) for k in (1, 3, 5)], dtype=np.float64)
+    return np.argwhere(np.abs(img.astype(np.float64) - rgb).max(axis=2) <= 24)
+
+
+def test_image_is_a_labelled_figure_with_colours_in_place_and_stable_axes(monkeypatch):
+    from probes import figures
+    from probes.builtin import particles
+
+    # the legend's markers share the particles' colours: leave it out to locate the particles by colour
+    monkeypatch.setattr(particles, "particles_figure",
+                        lambda *a, **k: figures.particles_figure(*a, **{**k, "legend": False}))
+
     model = _counter_model()
     _set_counter(model, 1)
     with torch.no_grad():
         model[2].weight.copy_(torch.tensor([[1.0, -1.0]]))  # w_0 = (1, 0), a_0 = 1; w_1 = (0, -1), a_1 = -1
     teacher = torch.tensor([[0.0, -2.0]])
-    probe = _attached(model, teacher=teacher, size=200)
-    img = {r.tag: r for r in probe.measure(_batch(model))}["particles/positions"].pixels
-    assert img.shape == (200, 200, 3) and img.dtype == np.uint8
+    probe = _attached(model, teacher=teacher, size=320)
+    img = {r.tag: r for r in probe.measure(_batch(model, 7))}["particles/positions"].pixels
+    assert img.shape == (320, 320, 3) and img.dtype == np.uint8
     lim = probe._limit
     assert lim == pytest.approx(1.08 * 2.0)  # the teacher row is the farthest point
-    from probes.figures import Canvas
-
-    canvas = Canvas(200, 200, (-lim, lim), (-lim, lim), margin=5)
-
-    def pixel(x, y):
-        px, py = canvas.to_pixels(x, y)
-        return img[int(round(float(py))), int(round(float(px)))]
-
-    assert tuple(pixel(1.0, 0.0)) == (214, 39, 40)  # red: a_0 > 0
-    assert tuple(pixel(0.0, 1.0)) == (31, 119, 180)  # blue: a_1 < 0, position a_1 w_1 = (0, 1)
-    assert tuple(pixel(0.0, -1.0)) == (0, 0, 0)  # the teacher line (0, -2) R passes through the origin,
-    assert tuple(pixel(0.0, 1.6)) == (0, 0, 0)  # on both sides
-    assert tuple(pixel(0.0, -2.0)) == (255, 255, 255)  # inside the ring that marks the teacher row
-    assert tuple(pixel(-1.5, 1.5)) == (255, 255, 255)
+    red = _colour_pixels(img, figures.POSITIVE)  # a_0 > 0 at (1, 0): right of the centre
+    blue = _colour_pixels(img, figures.NEGATIVE)  # a_1 < 0 at a_1 w_1 = (0, 1): above it
+    black = _colour_pixels(img, "#000000")  # the teacher line through (0, -2) is vertical
+    assert len(red) and len(blue) and len(black)
+    (rr, rc), (br, bc) = red.mean(axis=0), blue.mean(axis=0)
+    assert rc > bc + 20 and br < rr - 20
+    # the axes, their labels and the title are text on the figure (not checkable by pixels): the labels say
+    # what the coordinates are
+    assert probe._axis_labels() == ("a_j w_j, coordinate 1", "a_j w_j, coordinate 2")
     # shrink the particles: the axes never zoom back in
     with torch.no_grad():
         model[0].weight.mul_(0.01)
-    img2 = probe.measure(_batch(model, 1))[2].pixels
+    img2 = probe.measure(_batch(model, 8))[2].pixels
     assert probe._limit == lim and img2.shape == img.shape
+
+
+def test_image_every_thins_the_images_not_the_trail():
+    model = _counter_model()
+    _set_counter(model, 1)
+    probe = _attached(model, image_every=10, size=240)
+    tags = [[r.tag for r in probe.measure(_batch(model, step))] for step in (0, 4, 8, 10, 12, 20)]
+    drawn = ["particles/positions" in t for t in tags]
+    assert drawn == [True, False, False, True, False, True]
+    assert probe._seen == 6  # every measurement still adds to the trail
+    for bad in (0, -3, 2.5, True, "10"):
+        with pytest.raises(ValueError, match=r"particles: image_every must be a positive"):
+            Particles(image_every=bad)
 
 
 def test_unsigned_positions_colour_by_sign():
@@ -287,13 +308,13 @@ def test_unsigned_positions_colour_by_sign():
     _set_counter(model, 1)
     with torch.no_grad():
         model[2].weight.copy_(torch.tensor([[1.0, -1.0]]))
-    probe = _attached(model, signed=False, limit=2.0, size=100)
+    probe = _attached(model, signed=False, limit=2.0, size=240)
     p, sign, _ = probe.positions()
     # |a_1| w_1 = (0, -1): the same point as a_1 w_1 would be for w_1 = (0, 1), told apart by the colour
     torch.testing.assert_close(p, torch.tensor([[1.0, 0.0], [0.0, -1.0]], dtype=torch.float64))
     assert sign.tolist() == [True, False]
     img = probe.measure(_batch(model))[2].pixels
-    assert img.shape == (100, 100, 3) and probe._limit == 0.0  # fixed limit: no growth bookkeeping
+    assert img.shape == (240, 240, 3) and probe._limit == 0.0  # fixed limit: no growth bookkeeping
 
 
 # -- structure and errors ----------------------------------------------------------------
@@ -344,6 +365,8 @@ def test_bad_options_are_reported():
         _attached(model, basis=torch.ones(2, 2))
     with pytest.raises(ValueError, match="trail"):
         Particles(trail=1)
+    with pytest.raises(ValueError, match="option .size. must be >= 240"):
+        Particles(size=100)
     with pytest.raises(ValueError, match="teacher"):
         Particles(basis="teacher")
     # a teacher given as (a, W) becomes positions the student's way

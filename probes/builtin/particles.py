@@ -19,8 +19,9 @@ or a given matrix (used as it is, not orthonormalised).
 
 Records: scalar ``particles/mean_norm`` (mean of ``|a_j| ||w_j||``, the norm of ``p_j`` in
 ``R^D``), histogram ``particles/norms`` (the ``|a_j| ||w_j||``), image ``particles/positions``
-(current particles as dots, red ``a_j >= 0``, blue ``a_j < 0``; faint trails since attach;
-teacher directions as black lines through the origin with a ring at each teacher row). Lines,
+(a labelled matplotlib figure: current particles as dots, red ``a_j >= 0``, blue ``a_j < 0``; faint trails
+since attach; teacher directions as black lines through the origin with a ring at each teacher row; axes
+in the units of the positions, a legend). Lines,
 not rays: without bias, ``relu(w.x) - relu(-w.x) = w.x`` is linear, so units at ``w*`` and
 ``-w*`` have the same kinks and a student may split a teacher unit's mass between the two rays
 of its line, the linear remainder being made up by the other lines (the example
@@ -42,19 +43,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from probes.figures import Canvas
+from probes.figures import ImageCadence, particles_figure
 from probes.functional.meanfield import MeanField
+from probes import options
 from probes.probe import Context, Probe, ProbeBatch
 from probes.records import Histogram, Image, Record, Scalar
-
-POSITIVE = np.array([214, 39, 40], dtype=np.uint8)
-NEGATIVE = np.array([31, 119, 180], dtype=np.uint8)
-UNSIGNED = np.array([148, 103, 189], dtype=np.uint8)
-TEACHER = np.array([0, 0, 0], dtype=np.uint8)
-
-
-def _faint(color: np.ndarray, alpha: float = 0.3) -> np.ndarray:
-    return np.round(alpha * color.astype(np.float64) + (1 - alpha) * 255.0).astype(np.uint8)
 
 
 def _leaves(model: nn.Module, prefix: str = "") -> list[tuple[str, nn.Module]]:
@@ -157,25 +150,6 @@ def _principal(points: torch.Tensor, center: bool) -> torch.Tensor:
     return v * torch.where(sign == 0, torch.ones_like(sign), sign)
 
 
-def draw_segments(canvas: Canvas, x0, y0, x1, y1, colors: np.ndarray) -> None:
-    """Rasterise many segments at once (data coordinates), ``colors`` one RGB row per segment."""
-    a, b = canvas.to_pixels(np.asarray(x0), np.asarray(y0))
-    c, d = canvas.to_pixels(np.asarray(x1), np.asarray(y1))
-    ok = np.isfinite(a) & np.isfinite(b) & np.isfinite(c) & np.isfinite(d)
-    a, b, c, d, colors = a[ok], b[ok], c[ok], d[ok], np.asarray(colors, dtype=np.uint8)[ok]
-    if a.size == 0:
-        return
-    h, w = canvas.pixels.shape[:2]
-    n = np.clip(np.ceil(np.maximum(np.abs(c - a), np.abs(d - b))).astype(np.int64) + 1, 1, 2 * (w + h))
-    seg = np.repeat(np.arange(a.size), n)
-    start = np.cumsum(n) - n
-    t = (np.arange(seg.size) - start[seg]) / np.maximum(n - 1, 1)[seg]
-    xx = np.round(a[seg] + (c - a)[seg] * t).astype(np.int64)
-    yy = np.round(b[seg] + (d - b)[seg] * t).astype(np.int64)
-    keep = (xx >= 0) & (xx < w) & (yy >= 0) & (yy < h)
-    canvas.pixels[yy[keep], xx[keep]] = colors[seg[keep]]
-
-
 class Particles(Probe):
     """Hidden units of a two-layer net as particles ``a_j w_j`` with trails (Chizat & Bach 2018).
 
@@ -185,12 +159,15 @@ class Particles(Probe):
     turned into positions as the student's), ``trail`` (positions kept per particle),
     ``trail_mode`` ("thin" or "ring"), ``basis`` ("init", "teacher" or a D x 2 matrix),
     ``signed``, ``bias`` (append ``b_j`` to ``w_j``), ``output_index`` (which output's weight is
-    ``a_j`` when there are several), ``size`` (image side in pixels), ``limit`` (fixed half-width
-    of the axes instead of grow-only).
+    ``a_j`` when there are several), ``size`` (image side in pixels, at least 240), ``limit`` (fixed
+    half-width of the axes instead of grow-only), ``image_every`` (None: an image at every measurement;
+    k: at the first, then once at least k steps have passed since the last image; the trail is still
+    updated at every measurement).
     """
 
     name = "particles"
-    description = "two-layer nets as particles a_j w_j with trails, teacher directions and norms (Chizat & Bach 2018)"
+    supports_sharding = False  # FSDP: reads the hidden and output weights directly
+    description = "hidden units of a two-layer net as moving points, with trails"
     every = 20
     passive = False
     needs_sites = False
@@ -198,13 +175,17 @@ class Particles(Probe):
 
     def __init__(self, layer: str | None = None, teacher: Any = None, trail: int = 200, trail_mode: str = "thin",
                  basis: Any = "init", signed: bool = True, bias: bool = False, output_index: int | None = None,
-                 size: int = 480, limit: float | None = None) -> None:
-        if int(trail) < 2:
-            raise ValueError(f"particles: trail must keep at least 2 positions, got {trail}")
+                 size: int = 480, limit: float | None = None, image_every: int | None = None) -> None:
+        options.integer("particles", "trail", trail, minimum=2)
+        options.integer("particles", "size", size, minimum=240)
+        options.integer("particles", "output_index", output_index, minimum=0, optional=True)
+        options.flag("particles", "signed", signed)
+        options.flag("particles", "bias", bias)
+        options.number("particles", "limit", limit, positive=True, optional=True)
         if trail_mode not in ("thin", "ring"):
             raise ValueError(f"particles: trail_mode must be 'thin' or 'ring', got {trail_mode!r}")
-        if int(size) < 32:
-            raise ValueError(f"particles: size must be at least 32 pixels, got {size}")
+        if int(size) < 240:
+            raise ValueError(f"particles: size must be at least 240 pixels (room for the axes), got {size}")
         if limit is not None and not (float(limit) > 0 and np.isfinite(float(limit))):
             raise ValueError(f"particles: limit must be a positive number, got {limit}")
         if isinstance(basis, str) and basis not in ("init", "teacher"):
@@ -222,6 +203,7 @@ class Particles(Probe):
         self.output_index = output_index
         self.size = int(size)
         self.fixed_limit = float(limit) if limit is not None else None
+        self.image_cadence = ImageCadence("particles", image_every)
         self.hidden: nn.Linear | None = None
         self.out: nn.Linear | None = None
         self.paths: tuple[str, str] = ("", "")
@@ -370,11 +352,13 @@ class Particles(Probe):
         self._store(xy)
         records: list[Record] = [Scalar("particles/mean_norm", norms.mean()),
                                  Histogram.of("particles/norms", norms)]
-        records.append(Image("particles/positions", self.render(xy, None if sign is None else sign.cpu())))
+        if self.image_cadence.due(batch.step):
+            records.append(Image("particles/positions", self.render(xy, None if sign is None else sign.cpu(),
+                                                                    step=batch.step)))
         return records
 
     # -- image ----------------------------------------------------------------------
-    def render(self, xy: torch.Tensor, sign: torch.Tensor | None) -> np.ndarray:
+    def render(self, xy: torch.Tensor, sign: torch.Tensor | None, step: int | None = None) -> np.ndarray:
         """The image: trails, teacher lines, current particles ``xy`` (m x 2); uint8 (size, size, 3)."""
         cur = xy.numpy()
         hist = self.trails().numpy()
@@ -386,38 +370,29 @@ class Particles(Probe):
             pts = np.abs(pts[np.isfinite(pts)])
             self._limit = max(self._limit, 1.08 * float(pts.max()) if pts.size else 0.0)
             lim = self._limit if self._limit > 0 else 1.0
-        s = self.size
-        canvas = Canvas(s, s, (-lim, lim), (-lim, lim), margin=max(4, s // 40))
-        grey = np.array([[225, 225, 225]], dtype=np.uint8)
-        draw_segments(canvas, [-lim, 0.0], [0.0, -lim], [lim, 0.0], [0.0, lim], np.repeat(grey, 2, 0))
-        canvas.frame()
-        m = cur.shape[0]
-        if sign is None:
-            colors = np.repeat(UNSIGNED[None], m, 0)
-        else:
-            colors = np.where(sign.numpy()[:, None], POSITIVE[None], NEGATIVE[None]).astype(np.uint8)
-        # trails: the stored history, then on to the current position
-        path = np.concatenate([hist, cur[None]], axis=0) if hist.shape[0] else cur[None]
-        if path.shape[0] > 1:
-            a, b = path[:-1].reshape(-1, 2), path[1:].reshape(-1, 2)
-            seg_colors = np.tile(_faint(colors), (path.shape[0] - 1, 1))
-            draw_segments(canvas, a[:, 0], a[:, 1], b[:, 0], b[:, 1], seg_colors)
-        # teacher directions: lines through the origin and each row, a ring at the row itself
-        if teacher.shape[0]:
-            norm = np.linalg.norm(teacher, axis=1)
-            ok = norm > 0
-            ends = teacher[ok] / norm[ok, None] * lim * 1.5
-            if self.teacher_sign is not None and not self.signed:
-                tcol = np.where(self.teacher_sign.cpu().numpy()[ok, None], POSITIVE // 2, NEGATIVE // 2)
-            else:
-                tcol = np.repeat(TEACHER[None], int(ok.sum()), 0)
-            draw_segments(canvas, -ends[:, 0], -ends[:, 1], ends[:, 0], ends[:, 1], tcol.astype(np.uint8))
-            r = max(3, s // 100)
-            canvas.points(teacher[:, 0], teacher[:, 1], TEACHER, radius=r + 2)
-            canvas.points(teacher[:, 0], teacher[:, 1], (255, 255, 255), radius=r)
-        ok = np.isfinite(cur).all(axis=1)
-        canvas.points(cur[ok, 0], cur[ok, 1], colors[ok], radius=max(2, s // 160))
-        return canvas.pixels
+        tsign = None
+        if self.teacher_sign is not None and not self.signed:
+            tsign = self.teacher_sign.cpu().numpy()
+        at = f", step {step}" if step is not None else ""
+        title = f"particles/positions: {self._position_name()} of {cur.shape[0]} hidden units{at}"
+        return particles_figure(cur, hist, None if sign is None else sign.numpy(), teacher, tsign, lim,
+                                title=title, axis_labels=self._axis_labels(), size=self.size)
+
+    def _position_name(self) -> str:
+        w = "(w_j, b_j)" if self.bias else "w_j"
+        if self.out is not None and self.out.out_features > 1 and self.output_index is None:
+            return f"||a_j|| {w}"  # a_j is the norm of the output weights' column j
+        return f"a_j {w}" if self.signed else f"|a_j| {w}"
+
+    def _axis_labels(self) -> tuple[str, str]:
+        pos = self._position_name()
+        if isinstance(self.basis_spec, str) and self.basis_spec == "teacher":
+            return tuple(f"{pos} on PC {k} of the teacher" for k in (1, 2))
+        if not isinstance(self.basis_spec, str) and self.basis_spec is not None:
+            return tuple(f"{pos} on basis column {k}" for k in (1, 2))
+        if self.hidden is not None and self.dim <= 2:
+            return f"{pos}, coordinate 1", (f"{pos}, coordinate 2" if self.dim == 2 else "(one-dimensional)")
+        return tuple(f"{pos} on PC {k} (at init)" for k in (1, 2))
 
     # -- checkpoints ----------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
