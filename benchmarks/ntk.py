@@ -1,28 +1,42 @@
-"""Empirical NTK of a 20-200-200-1 tanh MLP (float32) on P samples: probes vs torch.func vs a per-sample loop.
+"""Empirical NTK: probes' layerwise kernels against ``torch.func``, and the matrix-free spectrum at large P.
 
-Cases, measured round-robin in one process (``benchmarks/_timing.py``):
+Cases, each measured in one process, the ratios as medians over interleaved rounds (``benchmarks/_timing.py``):
 
-- ``probes (float64)``: ``probes.functional.ntk.empirical_ntk`` with its defaults (products in float64);
-- ``probes (float32)``: the same with ``dtype=torch.float32`` (the precision of the two references);
-- ``torch.func``: ``vmap(jacrev)`` per-sample Jacobians of every parameter, then ``J J^T`` (the anchor);
-- ``autograd loop``: one ``torch.autograd.grad`` per sample, then ``J J^T``;
-- ``products (float64/32)``: only the ``P x P`` products the layerwise formula cannot avoid,
-  ``sum_l (G_l G_l^T) * ([Z_l 1][Z_l 1]^T)`` as full matrix products on precomputed factors;
-- ``neural-tangents``: ``empirical_ntk_fn`` on the same weights, when JAX and neural-tangents import.
+- ``mlp``: a 20-200-200-1 tanh MLP (float32), P = 250, 500, 1000: ``probes`` (float64 and float32 products),
+  ``torch.func`` (``vmap(jacrev)`` per-sample Jacobians of every parameter, then ``J J^T``: the anchor), a
+  per-sample autograd loop, only the ``P x P`` products of the layerwise formula, and neural-tangents when JAX
+  and neural-tangents import;
+- ``resnet``: a small ResNet (conv-BN-ReLU stem, two BasicBlocks with residuals, the second strided with a 1x1
+  conv-BN shortcut, BatchNorm in eval mode, mean pooling, Linear head; 3x16x16 inputs, 10 outputs, float64),
+  P = 512: ``probes`` against ``torch.func``, ratio = median over rounds of ``torch.func / probes``;
+- ``transformer``: a 2-layer pre-norm transformer encoder (token and position Embedding, LayerNorm, 2-head
+  attention from nn.Linear projections, GELU MLP, mean pooling, Linear head; d = 32, vocab 100, 10 outputs,
+  float64), P = 256 sequences of 16 tokens;
+- ``topk``: MLP 64-256-256-10 (float32), P = 4,000: top-10 eigenvalues from ``ntk_operator`` + block Krylov
+  (``top_eigenvalues``) against ``eigvalsh`` of the dense kernel (time of each, largest relative error);
+- ``large``: the same MLP at P = 50,000 in a fresh process: top-10 eigenvalues and the exact trace, wall time
+  and peak resident memory (``ru_maxrss``, torch included).
 
-Peak memory: on CUDA ``torch.cuda.max_memory_allocated``; on the CPU the running total of the allocations
-that ``torch.profiler(profile_memory=True)`` attributes to operators. Times are medians; never asserted.
+Peak memory of the mlp cases: on CUDA ``torch.cuda.max_memory_allocated``; on the CPU the running total of the
+allocations that ``torch.profiler(profile_memory=True)`` attributes to operators. Times are medians; never
+asserted. The machine may be shared: the spread of the per-round ratios is printed with each median.
 
-    python benchmarks/ntk.py            # P = 250, 500, 1000
-    python benchmarks/ntk.py --quick    # P = 250, 500
-    python benchmarks/ntk.py --smoke    # seconds (the test suite runs it)
+    python benchmarks/ntk.py                      # every case at the sizes above
+    python benchmarks/ntk.py --cases resnet,transformer
+    python benchmarks/ntk.py --quick              # smaller P (ResNet 128, transformer 64, top-k 2,000, large 10,000)
+    python benchmarks/ntk.py --smoke              # seconds (the test suite runs it)
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import json
+import math
+import statistics
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -32,23 +46,118 @@ from torch.func import functional_call, jacrev, vmap
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _timing import interleaved  # noqa: E402
+from _timing import interleaved, samples  # noqa: E402
 
 import probes.functional.ntk as tangent  # noqa: E402
+from probes.functional.spectra import top_eigenvalues  # noqa: E402
 
 ANCHOR = "torch.func"
+CASES = ("mlp", "resnet", "transformer", "topk", "large")
 
 
-def build(P: int, sizes: tuple[int, ...], device: str, seed: int = 0) -> tuple[nn.Module, torch.Tensor]:
+# ------------------------------------------------------------------------------------------------
+# models
+# ------------------------------------------------------------------------------------------------
+def build(P: int, sizes: tuple[int, ...], device: str, seed: int = 0,
+          act: type[nn.Module] = nn.Tanh) -> tuple[nn.Module, torch.Tensor]:
     torch.manual_seed(seed)
     layers: list[nn.Module] = []
     for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
         layers.append(nn.Linear(a, b))
         if i < len(sizes) - 2:
-            layers.append(nn.Tanh())
+            layers.append(act())
     return nn.Sequential(*layers).to(device), torch.randn(P, sizes[0], device=device)
 
 
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.b1 = nn.BatchNorm2d(cout)
+        self.c2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.b2 = nn.BatchNorm2d(cout)
+        self.short = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.short = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        return torch.relu(self.b2(self.c2(torch.relu(self.b1(self.c1(x))))) + self.short(x))
+
+
+class SmallResNet(nn.Module):
+    def __init__(self, width: int = 16, out: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, width, 3, 1, 1, bias=False)
+        self.bn = nn.BatchNorm2d(width)
+        self.layer1 = BasicBlock(width, width, 1)
+        self.layer2 = BasicBlock(width, 2 * width, 2)
+        self.fc = nn.Linear(2 * width, out)
+
+    def forward(self, x):
+        h = torch.relu(self.bn(self.stem(x)))
+        return self.fc(self.layer2(self.layer1(h)).mean(dim=(2, 3)))
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, d: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+
+    def forward(self, h):
+        B, T, d = h.shape
+        split = (B, T, self.heads, d // self.heads)
+        q, k, v = (f(h).view(split).transpose(1, 2) for f in (self.q, self.k, self.v))
+        a = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(d // self.heads), dim=-1) @ v
+        return self.o(a.transpose(1, 2).reshape(B, T, d))
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, d: int, heads: int, ff: int) -> None:
+        super().__init__()
+        self.ln1, self.att, self.ln2 = nn.LayerNorm(d), SelfAttention(d, heads), nn.LayerNorm(d)
+        self.fc1, self.fc2 = nn.Linear(d, ff), nn.Linear(ff, d)
+
+    def forward(self, h):
+        h = h + self.att(self.ln1(h))
+        return h + self.fc2(torch.nn.functional.gelu(self.fc1(self.ln2(h))))
+
+
+class Encoder(nn.Module):
+    def __init__(self, vocab: int = 100, T: int = 16, d: int = 32, heads: int = 2, layers: int = 2,
+                 out: int = 10) -> None:
+        super().__init__()
+        self.tok, self.pos = nn.Embedding(vocab, d), nn.Embedding(T, d)
+        self.layers = nn.ModuleList(EncoderLayer(d, heads, 2 * d) for _ in range(layers))
+        self.ln, self.head = nn.LayerNorm(d), nn.Linear(d, out)
+
+    def forward(self, t):
+        h = self.tok(t) + self.pos(torch.arange(t.shape[1], device=t.device).expand(t.shape[0], -1))
+        for layer in self.layers:
+            h = layer(h)
+        return self.head(self.ln(h).mean(dim=1))
+
+
+def resnet_case(P: int, width: int = 16, side: int = 16, out: int = 10, seed: int = 0):
+    torch.manual_seed(seed)
+    model = SmallResNet(width, out).double()
+    g = torch.Generator().manual_seed(seed + 1)
+    for m in model.modules():  # running statistics as after some training, so BatchNorm is not the identity
+        if isinstance(m, nn.BatchNorm2d):
+            with torch.no_grad():
+                m.running_mean.copy_(0.2 * torch.randn(m.num_features, generator=g))
+                m.running_var.copy_(0.5 + torch.rand(m.num_features, generator=g))
+    return model.eval(), torch.randn(P, 3, side, side, dtype=torch.float64)
+
+
+def transformer_case(P: int, T: int = 16, d: int = 32, vocab: int = 100, out: int = 10, seed: int = 0):
+    torch.manual_seed(seed)
+    return Encoder(vocab, T, d, 2, 2, out).double().eval(), torch.randint(0, vocab, (P, T))
+
+
+# ------------------------------------------------------------------------------------------------
+# references
+# ------------------------------------------------------------------------------------------------
 def ntk_torch_func(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     params = {n: p.detach() for n, p in model.named_parameters()}
 
@@ -71,9 +180,15 @@ def ntk_loop(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def product_factors(model: nn.Module, x: torch.Tensor, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``(G, [Z 1])`` of every Linear of an MLP with one output (the factors the products need)."""
     plan = tangent.ntk_plan(model, x)
-    f = tangent._linear_factors(model, (x,), x.shape[0], plan, "trace", x.shape[0], dtype, "bench")
-    return [(G[:, 0, 0], Z[:, 0]) for G, Z in f.values()]
+    saved = tangent.PAIRS_METHOD
+    tangent.PAIRS_METHOD = "pairs"
+    try:
+        terms = tangent._layer_terms(model, (x,), x.shape[0], plan, "trace", None, dtype, "bench")
+    finally:
+        tangent.PAIRS_METHOD = saved
+    return [(t.G[:, 0, 0, 0], t.Z[:, 0, 0]) for t in terms.values()]
 
 
 def products(factors: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
@@ -109,24 +224,6 @@ def neural_tangents_case(model: nn.Module, x: torch.Tensor):
     return lambda: fn(xs, None, params).block_until_ready()
 
 
-def cases(model: nn.Module, x: torch.Tensor, loop: bool = True) -> dict:
-    f64 = product_factors(model, x, torch.float64)
-    f32 = product_factors(model, x, torch.float32)
-    out = {
-        "probes (float64)": lambda: tangent.empirical_ntk(model, x),
-        "probes (float32)": lambda: tangent.empirical_ntk(model, x, dtype=torch.float32),
-        ANCHOR: lambda: ntk_torch_func(model, x),
-        "products (float64)": lambda: products(f64),
-        "products (float32)": lambda: products(f32),
-    }
-    if loop:
-        out["autograd loop"] = lambda: ntk_loop(model, x)
-    nt_case = neural_tangents_case(model, x)
-    if nt_case is not None:
-        out["neural-tangents"] = nt_case
-    return out
-
-
 def sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -156,42 +253,38 @@ def peak_memory(fn, device: str) -> float:
     return peak / 2**20
 
 
-def main(argv=None) -> list[dict]:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--smoke", action="store_true")
-    p.add_argument("--sizes", default="20,200,200,1")
-    p.add_argument("--P", default=None, help="comma-separated probe-batch sizes")
-    p.add_argument("--rounds", type=int, default=None)
-    p.add_argument("--no-memory", action="store_true")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    sizes = tuple(int(s) for s in args.sizes.split(","))
-    if args.smoke:
-        Ps, rounds, sizes, memory = [24], 1, (5, 16, 16, 1), False
-    elif args.quick:
-        Ps, rounds, memory = [250, 500], 3, not args.no_memory
-    else:
-        Ps, rounds, memory = [250, 500, 1000], 5, not args.no_memory
-    if args.P:
-        Ps = [int(v) for v in args.P.split(",")]
-    rounds = args.rounds or rounds
-    print(f"empirical NTK (trace over outputs) of MLP {'-'.join(map(str, sizes))} (tanh, float32), "
-          f"device {args.device}, {torch.get_num_threads()} threads; medians of {rounds} interleaved rounds")
+def rel_error(a: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((a.double() - ref.double()).abs().max() / ref.double().abs().max())
+
+
+# ------------------------------------------------------------------------------------------------
+# sections
+# ------------------------------------------------------------------------------------------------
+def mlp_section(Ps: list[int], sizes: tuple[int, ...], rounds: int, memory: bool, device: str) -> list[dict]:
+    print(f"\n== mlp: empirical NTK (trace over outputs) of MLP {'-'.join(map(str, sizes))} (tanh, float32), "
+          f"device {device}; medians of {rounds} interleaved rounds")
     rows: list[dict] = []
     for P in Ps:
-        model, x = build(P, sizes, args.device)
-        fns = cases(model, x)
+        model, x = build(P, sizes, device)
+        f64 = product_factors(model, x, torch.float64)
+        f32 = product_factors(model, x, torch.float32)
+        fns = {
+            "probes (float64)": lambda m=model, x=x: tangent.empirical_ntk(m, x),
+            "probes (float32)": lambda m=model, x=x: tangent.empirical_ntk(m, x, dtype=torch.float32),
+            ANCHOR: lambda m=model, x=x: ntk_torch_func(m, x),
+            "products (float64)": lambda f=f64: products(f),
+            "products (float32)": lambda f=f32: products(f),
+            "autograd loop": lambda m=model, x=x: ntk_loop(m, x),
+        }
+        nt_case = neural_tangents_case(model, x)
+        if nt_case is not None:
+            fns["neural-tangents"] = nt_case
         ref = ntk_torch_func(model, x).double()
-        errors = {}
-        for name in ("probes (float64)", "probes (float32)", "autograd loop"):
-            errors[name] = float((fns[name]().double() - ref).abs().max() / ref.abs().max())
-        timed = {k: (lambda f=f: (f(), sync(args.device))) for k, f in fns.items()}
+        errors = {name: rel_error(fns[name](), ref) for name in ("probes (float64)", "probes (float32)",
+                                                                    "autograd loop")}
+        timed = {k: (lambda f=f: (f(), sync(device))) for k, f in fns.items()}
         times = interleaved(timed, rounds=rounds, warmup=1)
-        mems = {k: peak_memory(f, args.device) for k, f in fns.items()} if memory else {}
+        mems = {k: peak_memory(f, device) for k, f in fns.items()} if memory else {}
         print(f"\nP = {P}")
         print(f"{'case':<20} {'time (ms)':>11} {'ratio vs ' + ANCHOR:>20} {'x products':>11} {'peak MiB':>9} "
               f"{'rel. error':>11}")
@@ -203,11 +296,158 @@ def main(argv=None) -> list[dict]:
             err = errors.get(name)
             err_s = f"{err:>11.1e}" if err is not None else f"{'':>11}"
             print(f"{name:<20} {t * 1e3:>11.2f} {times[ANCHOR] / t:>19.2f}x {vs_products} {mem_s} {err_s}")
-            rows.append({"P": P, "case": name, "time": t, "speedup_vs_func": times[ANCHOR] / t,
+            rows.append({"section": "mlp", "P": P, "case": name, "time": t, "speedup_vs_func": times[ANCHOR] / t,
                          "vs_products": t / prod if name.startswith("probes") else None,
                          "peak_mib": mem, "max_error": err})
-    print("\nratio vs torch.func = torch.func time / case time (higher is faster); x products = case time / time "
+    print("ratio vs torch.func = torch.func time / case time (higher is faster); x products = case time / time "
           "of the P x P products of the layerwise formula in the same precision")
+    return rows
+
+
+def model_section(name: str, model: nn.Module, x: torch.Tensor, rounds: int, describe: str) -> list[dict]:
+    """probes vs torch.func on one model: times, the median of the per-round ratios, and the exactness."""
+    P = x.shape[0]
+    plan = tangent.ntk_plan(model, x)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"\n== {name}: {describe}; P = {P}, {n_params} parameters, {plan.outputs} outputs, float64; "
+          f"layerwise: {len(plan.fast)} layers, fallback: {plan.fallback or 'none'}")
+    K = tangent.empirical_ntk(model, x)
+    ref = ntk_torch_func(model, x)
+    lam, lam_ref = torch.linalg.eigvalsh(K).flip(0)[:5], torch.linalg.eigvalsh(ref).flip(0)[:5]
+    err = rel_error(K, ref)
+    eig_err = float(((lam - lam_ref).abs() / lam_ref[0]).max())
+    trace_err = abs(float(K.trace() / ref.trace()) - 1)
+    del K, ref
+    cases = {"probes": lambda: tangent.empirical_ntk(model, x, plan=plan), ANCHOR: lambda: ntk_torch_func(model, x)}
+    measured = samples(cases, rounds=rounds, warmup=0)  # round 1 warms both alike; medians over rounds
+    ratios = [f / p for p, f in zip(measured["probes"], measured[ANCHOR])]
+    times = {k: statistics.median(v) for k, v in measured.items()}
+    ratio = statistics.median(ratios)
+    print(f"{'case':<12} {'median (s)':>11}   per round (s)")
+    for k, v in measured.items():
+        print(f"{k:<12} {times[k]:>11.3f}   {', '.join(f'{t:.2f}' for t in v)}")
+    print(f"ratio torch.func / probes: median {ratio:.2f}x (per round: {', '.join(f'{r:.2f}' for r in ratios)}); "
+          f"max |K - K_func| / max|K_func| = {err:.1e}, trace {trace_err:.1e}, top-5 eigenvalues {eig_err:.1e}")
+    return [{"section": name, "P": P, "case": "probes", "time": times["probes"], "speedup_vs_func": ratio,
+             "ratios": ratios, "max_error": err, "trace_error": trace_err, "eig_error": eig_err},
+            {"section": name, "P": P, "case": ANCHOR, "time": times[ANCHOR], "speedup_vs_func": 1.0}]
+
+
+def topk_section(P: int, sizes: tuple[int, ...], k: int = 10) -> list[dict]:
+    model, x = build(P, sizes, "cpu", act=nn.ReLU)
+    print(f"\n== topk: top-{k} eigenvalues of the NTK of MLP {'-'.join(map(str, sizes))} (ReLU, float32 model, "
+          f"float64 products), P = {P}")
+    t0 = time.perf_counter()
+    K = tangent.empirical_ntk(model, x)
+    t1 = time.perf_counter()
+    lam = torch.linalg.eigvalsh(K).flip(0)[:k]
+    t2 = time.perf_counter()
+    trace_ref = float(K.trace())
+    del K
+    op = tangent.ntk_operator(model, x)
+    t3 = time.perf_counter()
+    top = top_eigenvalues(op.matmat, op.shape[0], k)
+    trace = float(op.trace())
+    t4 = time.perf_counter()
+    err = float(((top.values - lam).abs() / lam).max())
+    print(f"dense kernel {t1 - t0:.2f} s + eigvalsh {t2 - t1:.2f} s; operator {t3 - t0 - (t2 - t0):.2f} s "
+          f"+ block Krylov {t4 - t3:.2f} s ({top.products} products, converged: {top.converged})")
+    print(f"largest relative error of the top-{k}: {err:.1e}; trace relative error {abs(trace / trace_ref - 1):.1e}; "
+          f"lambda_{k} / lambda_1 = {float(lam[-1] / lam[0]):.2e}")
+    return [{"section": "topk", "P": P, "case": "topk", "time": t4 - t2, "dense_time": t2 - t0,
+             "eig_error": err, "products": top.products}]
+
+
+def large_child(P: int, sizes: tuple[int, ...], k: int) -> None:
+    """Run in a fresh process: the operator, top-k and trace; print one JSON line."""
+    import resource
+
+    model, x = build(P, sizes, "cpu", act=nn.ReLU)
+    t0 = time.perf_counter()
+    op = tangent.ntk_operator(model, x)
+    t1 = time.perf_counter()
+    top = top_eigenvalues(op.matmat, op.shape[0], k)
+    t2 = time.perf_counter()
+    trace = float(op.trace())
+    t3 = time.perf_counter()
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+    print(json.dumps({"P": P, "factors_s": t1 - t0, "krylov_s": t2 - t1, "trace_s": t3 - t2, "total_s": t3 - t0,
+                      "products": top.products, "converged": top.converged, "peak_rss_gib": rss,
+                      "top": top.values.tolist(), "trace": trace}))
+
+
+def large_section(P: int, sizes: tuple[int, ...], k: int = 10, threads: int | None = None) -> list[dict]:
+    print(f"\n== large: top-{k} eigenvalues and trace of the NTK of MLP {'-'.join(map(str, sizes))} (ReLU, float32 "
+          f"model, float64 products) at P = {P}, fresh process")
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--large-child", str(P), "--sizes", ",".join(map(str, sizes)),
+           "--k", str(k)] + (["--threads", str(threads)] if threads else [])
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+    r = json.loads(out)
+    print(f"factors {r['factors_s']:.1f} s, block Krylov {r['krylov_s']:.1f} s ({r['products']} products, converged: "
+          f"{r['converged']}), trace {r['trace_s']:.1f} s; total {r['total_s']:.1f} s; peak RSS "
+          f"{r['peak_rss_gib']:.2f} GiB (a P x P float64 kernel would be {P * P * 8 / 2**30:.1f} GiB)")
+    print(f"top eigenvalues: {', '.join(f'{v:.4g}' for v in r['top'][:5])}, ...; trace {r['trace']:.6g}")
+    return [{"section": "large", "P": P, "case": "topk", "time": r["total_s"], "peak_rss_gib": r["peak_rss_gib"]}]
+
+
+def main(argv=None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--smoke", action="store_true")
+    p.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, of {CASES}")
+    p.add_argument("--sizes", default=None, help="MLP widths of the mlp case (default 20,200,200,1)")
+    p.add_argument("--P", default=None, help="comma-separated probe-batch sizes of the mlp case")
+    p.add_argument("--rounds", type=int, default=None)
+    p.add_argument("--no-memory", action="store_true")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--large-child", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--k", type=int, default=10, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    big_sizes = (64, 256, 256, 10)
+    if args.large_child is not None:
+        large_child(args.large_child, tuple(int(s) for s in args.sizes.split(",")), args.k)
+        return []
+    cases = [c.strip() for c in args.cases.split(",") if c.strip()]
+    unknown = set(cases) - set(CASES)
+    if unknown:
+        p.error(f"unknown cases {sorted(unknown)}; choose from {CASES}")
+    sizes = tuple(int(s) for s in args.sizes.split(",")) if args.sizes else (20, 200, 200, 1)
+    if args.smoke:
+        Ps, rounds, memory, sizes = [24], 1, False, (5, 16, 16, 1)
+        P_res, P_tr, P_topk, P_large, rounds_models = 6, 4, 200, 1000, 1
+        res_kw, tr_kw = {"width": 4, "side": 8}, {"T": 4, "d": 8, "vocab": 11}
+        topk_sizes = large_sizes = (8, 16, 16, 3)
+    elif args.quick:
+        Ps, rounds, memory = [250, 500], 3, not args.no_memory
+        P_res, P_tr, P_topk, P_large, rounds_models = 128, 64, 2000, 10_000, 3
+        res_kw, tr_kw, topk_sizes, large_sizes = {}, {}, big_sizes, big_sizes
+    else:
+        Ps, rounds, memory = [250, 500, 1000], 5, not args.no_memory
+        P_res, P_tr, P_topk, P_large, rounds_models = 512, 256, 4000, 50_000, 3
+        res_kw, tr_kw, topk_sizes, large_sizes = {}, {}, big_sizes, big_sizes
+    if args.P:
+        Ps = [int(v) for v in args.P.split(",")]
+    rounds = args.rounds or rounds
+    rounds_models = args.rounds or rounds_models
+    print(f"empirical NTK benchmarks, device {args.device}, {torch.get_num_threads()} torch threads; cases {cases}")
+    rows: list[dict] = []
+    if "mlp" in cases:
+        rows += mlp_section(Ps, sizes, rounds, memory, args.device)
+    if "resnet" in cases:
+        model, x = resnet_case(P_res, **res_kw)
+        rows += model_section("resnet", model, x, rounds_models,
+                              "small ResNet (conv-BN-ReLU stem, 2 BasicBlocks, residuals, BN eval), 3x16x16 inputs")
+    if "transformer" in cases:
+        model, t = transformer_case(P_tr, **tr_kw)
+        rows += model_section("transformer", model, t, rounds_models,
+                              f"2-layer transformer encoder (Embedding, LayerNorm, attention), {t.shape[1]} tokens")
+    if "topk" in cases:
+        rows += topk_section(P_topk, topk_sizes)
+    if "large" in cases:
+        rows += large_section(P_large, large_sizes, threads=args.threads)
     return rows
 
 

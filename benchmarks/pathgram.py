@@ -13,6 +13,15 @@ the diagonal on the CPU, their Hadamard product) plus one float64 Cholesky facto
     python benchmarks/pathgram.py            # P = 500, 1000, 2000
     python benchmarks/pathgram.py --big      # also P = 10,000 (about a minute for the anchor)
     python benchmarks/pathgram.py --smoke    # seconds (a test runs it)
+    python benchmarks/pathgram.py --memory 10000 --sizes   # peak memory only, P = 10,000
+
+Memory: ``--memory P [P ...]`` (``--big`` adds P = 10,000; ``--smoke`` P = 300) runs, for each ``P``, a fresh Python
+process that imports torch and probes, builds a depth-``--depth`` width-``--width`` bias-free ReLU MLP on 64-d inputs
+(the embedded 8 x 8 digits, repeated with noise), attaches ``pathgram`` and so measures once (the at-attach
+measurement, condition estimate and image included). The child reports its peak resident memory
+(``resource.getrusage(RUSAGE_SELF).ru_maxrss``) and its resident memory just before ``attach`` (torch, data and
+model loaded); the table prints both beside the size of one P x P float64 matrix, and the extra memory of the
+measurement in units of that matrix.
 
 Inputs are the embedded digits resized to 28 x 28 (MNIST-sized, 784 features), repeated with a little
 uniform noise to reach ``P``; labels +-1 by digit parity. Times are the best of ``--repeat`` runs.
@@ -21,8 +30,12 @@ uniform noise to reach ``P``; labels +-1 by digit parity. Times are the best of 
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -128,6 +141,67 @@ def run(P: int, depth: int, width: int, repeat: int, anchor: bool = True) -> dic
     return row
 
 
+def _rss_now() -> float:
+    """Resident memory of this process now, in bytes (Linux ``/proc``; the peak where that is unavailable)."""
+    try:
+        with open("/proc/self/statm") as f:
+            import os
+
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return _rss_peak()
+
+
+def _rss_peak() -> float:
+    """Peak resident memory of this process, in bytes (``ru_maxrss`` is KiB on Linux, bytes on macOS)."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return float(peak if sys.platform == "darwin" else peak * 1024)
+
+
+def memory_child(P: int, depth: int, width: int) -> dict:
+    """In a fresh process: attach ``pathgram`` (one measurement) at ``P`` on 64-d inputs; peak and base RSS."""
+    g = torch.Generator().manual_seed(P)
+    x, y = load_digits()  # 8 x 8: 64 features
+    idx = torch.arange(P) % x.shape[0]
+    xs = (x[idx] + 0.05 * torch.rand(P, x.shape[1], generator=g)).clamp(0, 1)
+    ys = torch.where(y[idx] % 2 == 0, 1.0, -1.0)
+    model = make_net(xs.shape[1], depth, width, g)
+    base = _rss_now()
+    t = time.perf_counter()
+    session = probes.attach(model, ["pathgram"], probe_data=(xs, ys), sinks=["memory"], strict=True)
+    seconds = time.perf_counter() - t
+    norm = session.memory.last("pathgram/norm")
+    session.close()
+    return {"P": P, "base_bytes": base, "peak_bytes": _rss_peak(), "seconds": seconds, "norm": norm}
+
+
+def memory_run(P: int, depth: int, width: int) -> dict:
+    """``memory_child`` in a fresh interpreter (same torch thread count); its JSON line back."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child-memory", str(P), "--depth", str(depth),
+           "--width", str(width), "--threads", str(torch.get_num_threads())]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"memory child for P = {P} failed:\n{out.stderr[-4000:]}")
+    row = json.loads(out.stdout.strip().splitlines()[-1])
+    pp = 8.0 * P * P
+    row.update(pp_bytes=pp, extra_pp=(row["peak_bytes"] - row["base_bytes"]) / pp)
+    return row
+
+
+def print_memory(rows: list[dict]) -> None:
+    gib = 2.0 ** 30
+    print(f"{'P':>6} {'P x P f64 (GiB)':>16} {'peak RSS (GiB)':>15} {'before attach (GiB)':>20} "
+          f"{'extra / (P x P)':>16} {'attach (s)':>11}")
+    for r in rows:
+        print(f"{r['P']:>6} {r['pp_bytes'] / gib:>16.3f} {r['peak_bytes'] / gib:>15.3f} {r['base_bytes'] / gib:>20.3f} "
+              f"{r['extra_pp']:>16.2f} {r['seconds']:>11.2f}", flush=True)
+    print("peak RSS: ru_maxrss of a fresh process that imports torch, attaches pathgram and measures once; "
+          "before attach: its RSS with torch, data and model loaded; extra / (P x P): (peak - before) in units "
+          "of one P x P float64 matrix (target: at most 3).")
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description="pathgram probe vs the seed's numpy route")
     p.add_argument("--sizes", type=int, nargs="*", default=[500, 1000, 2000])
@@ -138,14 +212,27 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     p.add_argument("--quick", action="store_true", help="P = 500, 1000 once each")
     p.add_argument("--smoke", action="store_true", help="P = 100 and 200, a tiny net (seconds)")
+    p.add_argument("--memory", type=int, nargs="*", default=None,
+                   help="peak memory of a fresh process measuring once at these P (default with --big: 10,000)")
+    p.add_argument("--child-memory", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.child_memory is not None:  # the fresh process of a memory case
+        if args.threads > 0:
+            torch.set_num_threads(args.threads)
+        row = memory_child(args.child_memory, args.depth, args.width)
+        print(json.dumps(row))
+        return [row]
+    memory = list(args.memory or [])
     sizes = list(args.sizes)
     if args.quick:
         sizes, args.repeat = [500, 1000], 1
     if args.smoke:
         sizes, args.repeat, args.depth, args.width = [100, 200], 1, 4, 32
+    if args.smoke:
+        memory = [300]
     if args.big:
         sizes.append(10_000)
+        memory = sorted(set(memory) | {10_000})
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; depth {args.depth} "
@@ -153,8 +240,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     header = (f"{'P':>6} {'numpy (s)':>10} {'cold (s)':>9} {'warm (s)':>9} {'np/cold':>8} {'np/warm':>8} "
               f"{'floor c (s)':>11} {'floor w (s)':>11} {'cold/fl c':>10} {'warm/fl w':>10} {'core (s)':>9} "
               f"{'rel diff q':>11}")
-    print(header)
     rows = []
+    if sizes:
+        print(header)
     for P in sizes:
         r = run(P, args.depth, args.width, 1 if P >= 10_000 else args.repeat)
         rows.append(r)
@@ -162,17 +250,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
               f"{r['numpy_s'] / r['cold_s']:>8.2f} {r['numpy_s'] / r['warm_s']:>8.2f} {r['floor_cold_s']:>11.4f} "
               f"{r['floor_warm_s']:>11.4f} {r['cold_s'] / r['floor_cold_s']:>10.2f} "
               f"{r['warm_s'] / r['floor_warm_s']:>10.2f} {r['core_s']:>9.4f} {r['rel_diff']:>11.2e}", flush=True)
-    print("numpy: the seed's route (np.linalg.inv). cold: the probe's first measurement (computes X X^T); warm: any "
-          "later one (X X^T of the fixed probe batch reused). np/cold, np/warm: speed-up ratios (higher is "
-          "better). floor c / floor w: the same products + one Cholesky, with / without X X^T; cold/fl c and "
-          "warm/fl w: the probe's time over its floor. core: warm probe without condition estimate and image.")
-    try:
-        import resource
-
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB on Linux
-        print(f"peak resident memory of this process: {peak:.2f} GiB")
-    except (ImportError, AttributeError):  # not on every platform
-        pass
+    if sizes:
+        print("numpy: the seed's route (np.linalg.inv). cold: the probe's first measurement (computes X X^T); warm: "
+              "any later one (X X^T of the fixed probe batch reused). np/cold, np/warm: speed-up ratios (higher is "
+              "better). floor c / floor w: the same products + one Cholesky, with / without X X^T; cold/fl c and "
+              "warm/fl w: the probe's time over its floor. core: warm probe without condition estimate and image.")
+    if memory:
+        mem_rows = [dict(memory_run(P, args.depth, args.width), kind="memory") for P in memory]
+        print_memory(mem_rows)
+        rows += mem_rows
     return rows
 
 

@@ -20,7 +20,7 @@ normal, orthogonal, and He normal with biases shifted by +-0.1 to move the zero 
 The PNG scatters the final test accuracy against the zero fraction at initialisation, one colour per scheme,
 with Spearman's rank correlation (ties averaged) and a permutation p-value in the title. Since the seed's ReLU
 also acts on the logits, a logit unit that is zero on every training input at initialisation
-(``relu_zeros/act#4/dead_units``) never receives a gradient and its class is never predicted; the rank
+(``relu_zeros/act#4/dead_in_window``) never receives a gradient and its class is never predicted; the rank
 correlation of the test accuracy with that count is printed and shown as well.
 
     python examples/relu_zeros_at_init.py            # 7 schemes x 5 seeds = 35 inits, 5 epochs
@@ -166,7 +166,7 @@ def zeros_at_init(model: nn.Module, x: torch.Tensor, batch: int) -> tuple[float,
             model(x[i:i + batch])
     session.close()
     mem = session.memory
-    dead = mem.last("relu_zeros/act#4/dead_units") if "relu_zeros/act#4/dead_units" in mem.tags() else math.nan
+    dead = mem.last("relu_zeros/act#4/dead_in_window") if "relu_zeros/act#4/dead_in_window" in mem.tags() else math.nan
     return mem.last("relu_zeros/total/fraction"), dead
 
 

@@ -8,7 +8,16 @@ pair unrelated tensors, hang, or crash training in the collective; instead the p
 on every rank with a message saying so. Only rank 0 writes.
 
 Sharded models (FSDP2 ``fully_shard``, the legacy ``FullyShardedDataParallel``) all-gather
-parameters inside every forward, so every rank must run the probe pass too, in the same order.
+parameters inside every forward, so every rank must run the probe pass too, in the same order and on
+the same probe batch (``same_probe_batch`` checks it at attach and hands every rank rank 0's batch when
+they differ). A probe that raises during the pass on one rank only would leave the ranks disagreeing
+about which probes run next time, and the next pass would then hang in FSDP's all-gathers; after each
+sharded measurement ``failed_anywhere`` tells every rank which probes failed on any rank, so that they
+are switched off everywhere (``broadcast_flag`` does the same for a probe whose ``setup`` raises on one
+rank: attach raises on every rank). A forward without backward leaves FSDP2's root gathered, so the
+session ``reshard``s what ``sharded_now`` found sharded before each probe pass. Passive flushes
+(``reduce_states``) run in ``Session.step()``, after the optimizer step, outside FSDP's own forward and
+backward collectives.
 """
 
 from __future__ import annotations
@@ -20,7 +29,10 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["rank_and_world", "is_sharded", "ReduceOutcome", "reduce_states", "broadcast_flag"]
+from probes.inputs import iter_tensors, map_tensors
+
+__all__ = ["rank_and_world", "is_sharded", "ReduceOutcome", "reduce_states", "broadcast_flag", "failed_anywhere",
+           "same_probe_batch", "sharded_now", "reshard"]
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -46,6 +58,47 @@ def is_sharded(model: nn.Module) -> bool:
     except ImportError:
         pass
     return bool(kinds) and any(isinstance(m, tuple(kinds)) for m in model.modules())
+
+
+def _group_sharded(group: Any) -> bool:
+    flag = group.is_sharded
+    return bool(flag() if callable(flag) else flag)
+
+
+def sharded_now(model: nn.Module) -> list[nn.Module]:
+    """The FSDP2 modules of ``model`` whose parameters are sharded now.
+
+    A forward without a backward (the probe pass: eval, no_grad) leaves the parameters of the root FSDP
+    module gathered (FSDP2 does not reshard the root after forward, expecting the backward), so the
+    model would hold plain unsharded tensors where training leaves DTensors (``state_dict``, memory).
+    The session takes this list before a probe pass and ``reshard``s these modules after it. ``reshard``
+    is local (no collective).
+    """
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return []
+    found: list[nn.Module] = []
+    for m in model.modules():
+        if not isinstance(m, FSDPModule):
+            continue
+        try:
+            state = m._get_fsdp_state()
+            groups = getattr(state, "_fsdp_param_groups", None)
+            if groups is None:  # older FSDP2: one group per module
+                group = getattr(state, "_fsdp_param_group", None)
+                groups = [group] if group is not None else []
+            if all(_group_sharded(g) for g in groups):
+                found.append(m)
+        except Exception:  # noqa: BLE001 - internals moved: reshard anyway, as a training step leaves it
+            found.append(m)
+    return found
+
+
+def reshard(modules: list[nn.Module]) -> None:
+    """``FSDPModule.reshard()`` on each module (free the gathered parameters, register the shards again)."""
+    for m in modules:
+        m.reshard()
 
 
 def _flatten(value: Any, reduce: str, out: list[tuple[str, torch.Tensor]], where: str,
@@ -145,3 +198,67 @@ def broadcast_flag(flag: bool, device: torch.device) -> bool:
 
 def any_rank(fn: Callable[[], bool], device: torch.device) -> bool:
     return broadcast_flag(fn(), device)
+
+
+def failed_anywhere(names: list[str], failed_here: set[str], device: torch.device) -> set[str]:
+    """The probes among ``names`` that failed on any rank (every rank must call this with the same ``names``).
+
+    One all-reduce (max) of a 0/1 mask, so it costs one small collective per sharded measurement.
+    """
+    if not names:
+        return set()
+    d = torch.distributed
+    mask = torch.tensor([int(n in failed_here) for n in names], dtype=torch.int64, device=device)
+    d.all_reduce(mask, op=d.ReduceOp.MAX)
+    return {n for n, bad in zip(names, mask.tolist()) if bad}
+
+
+def _batch_layout(x: Any, y: Any) -> tuple[str, list[torch.Tensor]]:
+    tensors = list(iter_tensors(x)) + ([("y", y)] if isinstance(y, torch.Tensor) else [])
+    layout = f"x:{x is not None};y:{y is not None};" + ";".join(
+        f"{w}:{tuple(t.shape)}/{t.dtype}" for w, t in tensors)
+    return layout, [t for _, t in tensors]
+
+
+def _checksum(t: torch.Tensor) -> int:
+    """A checksum of the bytes of ``t`` (exact: equal tensors give equal sums on every rank)."""
+    data = t.detach().contiguous().cpu()
+    if data.dtype == torch.bool:
+        data = data.to(torch.uint8)
+    raw = data.reshape(-1).view(torch.uint8).numpy().tobytes() if data.numel() else b""
+    return zlib.crc32(raw)
+
+
+def same_probe_batch(x: Any, y: Any, device: torch.device) -> tuple[Any, Any, bool]:
+    """Make sure every rank holds rank 0's probe batch (every rank must call this).
+
+    Returns ``(x, y, replaced)``: the ranks compare a checksum of layout and bytes in one all-reduce; when
+    the batches differ but have the same layout, rank 0's tensors are broadcast (``replaced`` is True on
+    every rank); a different layout (shapes, dtypes, a rank without probe data) is a ``ValueError`` on
+    every rank alike, raised at attach instead of a mismatched all-gather later.
+    """
+    d = torch.distributed
+    layout, tensors = _batch_layout(x, y)
+    crc = zlib.crc32(layout.encode())
+    content = zlib.crc32(b"".join(_checksum(t).to_bytes(4, "little") for t in tensors))
+    sig = torch.tensor([crc, content], dtype=torch.int64, device=device)
+    both = torch.cat([sig, -sig])
+    d.all_reduce(both, op=d.ReduceOp.MAX)
+    hi, lo = both[:2].tolist(), (-both[2:]).tolist()
+    if hi[0] != lo[0]:
+        raise ValueError("probe_data differs in shape, dtype or presence between the ranks of a sharded (FSDP) "
+                         f"model (rank {d.get_rank()}: {layout}); every rank runs the probe pass, so every rank "
+                         "must pass the same probe batch to attach")
+    if hi[1] == lo[1]:
+        return x, y, False
+    received = iter([_broadcast_copy(t) for t in tensors])  # same layout, other values: rank 0's batch
+    x = map_tensors(x, lambda _t: next(received))
+    y = next(received) if isinstance(y, torch.Tensor) else y
+    return x, y, True
+
+
+def _broadcast_copy(t: torch.Tensor) -> torch.Tensor:
+    buf = t.detach().clone().contiguous()
+    wire = buf.to(torch.uint8) if buf.dtype == torch.bool else buf  # gloo has no bool
+    torch.distributed.broadcast(wire, src=0)
+    return wire.to(torch.bool) if buf.dtype == torch.bool else wire

@@ -606,13 +606,18 @@ class Session:
         """Measure ``names`` (those not switched off). For a sharded model every rank measures, and the ranks
         then agree on which probes failed anywhere, so that the next pass runs the same probes on every rank."""
         names = [n for n in names if n not in self.failures]  # e.g. switched off at attach (supports_sharding)
-        if not (self.sharded and self.world_size > 1):
+        if not self.sharded or not names:
             return self._measure_here(names, pending)
-        before, error = set(self.failures), None
+        sharded_before, before, error = distributed.sharded_now(self.module), set(self.failures), None
         try:
             self._measure_here(names, pending)
         except Exception as exc:  # strict=True re-raised a probe's error: the other ranks must still learn of it
             error = exc
+        distributed.reshard(sharded_before)  # FSDP2 keeps the root gathered after a forward without backward
+        if self.world_size == 1:
+            if error is not None:
+                raise error
+            return
         here = {n for n in names if n in self.failures and n not in before} | (set(names) if error else set())
         elsewhere = distributed.failed_anywhere(names, here, self.device) - here
         for name in [n for n in names if n in elsewhere]:

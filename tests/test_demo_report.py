@@ -17,10 +17,10 @@ from probes.app import demo, report
 def event_scalars(run_dir):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "images": 0})
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "images": 0, "histograms": 1})
     acc.Reload()
     return ({t: [(e.step, e.value) for e in acc.Scalars(t)] for t in acc.Tags()["scalars"]},
-            acc.Tags()["images"])
+            acc.Tags()["images"], acc.Tags()["histograms"])
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +42,8 @@ def test_demo_attaches_every_builtin_probe_and_prints_the_table(demo_run):
     assert sorted(re.findall(r"(\w+) \(every \d+\)", listed)) == builtins
     assert "left out" not in text and "failed" not in text
     assert "\r[" in text  # the progress bar
-    assert f"tensorboard --logdir {logdir}" in text
-    scalars, images = event_scalars(run)
+    assert f"tensorboard --logdir {logdir.absolute()}" in text
+    scalars, images, _ = event_scalars(run)
     rows = re.findall(r"^  (\S+/\S+)\s+(\d+)\s+(\S+)$", text, flags=re.M)
     shown = {tag: (int(step), float(value)) for tag, step, value in rows}
     for key in ("relu_zeros/total/fraction", "alignment/1/cka", "ntk/condition", "margin/n_delta_fraction",
@@ -65,7 +65,7 @@ def test_a_probe_that_cannot_apply_is_left_out_with_the_reason(monkeypatch):
     model = demo.build_model()
     chosen = demo.choose_probes(model, (torch.randn(4, 64), torch.arange(4)), smoke=True, out=out)
     assert "relu_zeros" not in chosen and "alignment" in chosen
-    assert "left out relu_zeros: relu_zeros: sites must be" in out.getvalue()
+    assert "left out relu_zeros: relu_zeros: option 'sites' must be" in out.getvalue()
 
 
 def test_demo_rejects_zero_epochs(tmp_path):
@@ -81,34 +81,57 @@ def test_report_is_one_self_contained_page(demo_run, tmp_path):
     path = report.write_report(logdir, tmp_path / "out" / "report.html")
     page = path.read_text()
     assert "http://" not in page and "https://" not in page and "<script" not in page
-    scalars, image_tags = event_scalars(run)
+    assert f"<h2 id='run-0'>run: {run.name}</h2>" in page  # a section per run
+    scalars, image_tags, histogram_tags = event_scalars(run)
     captions = re.findall(r"<figcaption>([^<]*)</figcaption>", page)
-    assert sorted(c for c in captions if "(step" not in c) == sorted(scalars)  # one plot per scalar tag
-    assert len([c for c in captions if "(step" in c]) == len(image_tags)  # the latest of every image tag
+    charts = [c for c in captions if "(step" not in c]
+    plotted = [t for c in charts for t in c.split(", ")]
+    assert sorted(plotted) == sorted(scalars)  # every scalar tag in exactly one chart
+    assert len(charts) < len(scalars)  # the sites of one quantity share a chart
+    assert "relu_zeros/1/fraction, relu_zeros/3/fraction, relu_zeros/total/fraction" in charts
+    shots = [c for c in captions if "(step" in c]
+    for tag in histogram_tags:  # the final shape of each histogram
+        assert sum(c.startswith(f"{tag} (step") for c in shots) == 1, tag
+    for tag in image_tags:  # the first (step 0) and the latest image of each tag
+        assert f"{tag} (step 0)" in shots, tag
+        assert sum(c.startswith(f"{tag} (step") for c in shots) == 2, tag
     pngs = _images(page)
-    assert len(pngs) == len(scalars) + len(image_tags)
+    assert len(pngs) == len(captions)
     assert all(p.startswith(b"\x89PNG\r\n\x1a\n") for p in pngs)
     # the table holds the last value of every scalar
     for tag, series in scalars.items():
         step, value = series[-1]
-        m = re.search(rf"<tr><td>{re.escape(tag)}</td><td>[^<]*</td><td class='num'>(\d+)</td>"
+        m = re.search(rf"<tr><td>{re.escape(tag)}</td><td class='num'>(\d+)</td>"
                       rf"<td class='num'>([^<]+)</td>", page)
         assert m, tag
         assert int(m.group(1)) == step
         assert float(m.group(2)) == pytest.approx(value, rel=1e-5, abs=1e-12) or np.isnan(value)
 
 
-def test_report_cli_default_output_and_numpy_plots(demo_run, tmp_path, monkeypatch, capsys):
+def test_report_plots_are_large_and_labelled(demo_run):
+    from PIL import Image
+
+    logdir, run, _ = demo_run
+    scalars, _, _ = event_scalars(run)
+    members = ["alignment/1/cka", "alignment/3/cka", "alignment/output/cka"]
+    png = report._scalar_plot("cka per site", members, {t: (np.array([s for s, _ in scalars[t]]),
+                                                            np.array([v for _, v in scalars[t]])) for t in members})
+    assert Image.open(io.BytesIO(png)).size == report.PLOT_SIZE
+    assert report._ylabel(members) == "cka" and report._series_label("alignment/3/cka", members) == "3"
+    assert report._ylabel(["linear_region/flip_fraction_eps_0.1", "linear_region/flip_fraction_eps_0.01"]) \
+        == "flip_fraction"
+
+
+def test_report_cli_default_output_and_plot_limit(demo_run, tmp_path, monkeypatch, capsys):
     from probes.app.cli import main
 
     logdir, _, _ = demo_run
-    monkeypatch.setattr(report, "_plotter", lambda: report._plot_numpy)  # as without matplotlib
     monkeypatch.setattr(report, "MAX_PLOTS", 3)
     out = tmp_path / "r.html"
     assert main(["report", str(logdir), "-o", str(out)]) == 0
     assert f"wrote {out}" in capsys.readouterr().out
     page = out.read_text()
-    assert "more scalar tags are in the table only" in page
+    assert "more charts are in the tables only" in page
     assert len(re.findall(r"<figcaption>[^<(]*</figcaption>", page)) == 3
 
 

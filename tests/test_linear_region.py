@@ -322,16 +322,16 @@ def naive_flip_fractions(model, slope, sizes, x, eps, delta, seed):
         u = torch.randn(x.shape, generator=g, dtype=x.dtype)
         xp = u / u.norm(dim=1, keepdim=True) * (e * x.norm(dim=1, keepdim=True))
         g1 = ref_forward(params, n, slope, x + xp)[1]
-        out[f"linear_region/eps_{e:g}/flip_fraction"] = float((~same_gates(g0, g1)).double().mean())
-        out[f"linear_region/eps_{e:g}/gate_flip_rate"] = bit_rate(g0, g1)
+        out[f"linear_region/flip_fraction_eps_{e:g}"] = float((~same_gates(g0, g1)).double().mean())
+        out[f"linear_region/gate_flip_rate_eps_{e:g}"] = bit_rate(g0, g1)
     for d in delta:
         ps = {}
         for name, p in params.items():
             u = torch.randn(p.shape, generator=g, dtype=p.dtype)
             ps[name] = p + u * (d * p.norm() / u.norm())
         g1 = ref_forward(ps, n, slope, x)[1]
-        out[f"linear_region/delta_{d:g}/flip_fraction"] = float((~same_gates(g0, g1)).double().mean())
-        out[f"linear_region/delta_{d:g}/gate_flip_rate"] = bit_rate(g0, g1)
+        out[f"linear_region/flip_fraction_delta_{d:g}"] = float((~same_gates(g0, g1)).double().mean())
+        out[f"linear_region/gate_flip_rate_delta_{d:g}"] = bit_rate(g0, g1)
     return out
 
 
@@ -341,18 +341,17 @@ def test_probe_flip_fractions_match_naive_replay(slope) -> None:
     model = make_mlp(5, sizes, slope, True).float()
     x = torch.randn(200, 6)
     eps, delta = (1e-3, 3e-2, 0.3), (1e-2, 0.2)
-    session = probes.attach(model, {"linear_region": {"eps": eps, "delta": delta, "seed": 7}},
+    session = probes.attach(model, {"linear_region": {"eps": eps, "delta": delta, "seed": 7, "dtype": "float64"}},
                             probe_data=(x, torch.arange(200) % 3), sinks=["memory"], strict=True)
     mem = session.memory
     expected = naive_flip_fractions(model, slope, sizes, x, eps, delta, 7)
     for tag, value in expected.items():
         assert mem.last(tag) == pytest.approx(value, abs=1e-12), tag
-    assert 0 < expected["linear_region/eps_0.3/flip_fraction"]  # the check can fail
+    assert 0 < expected["linear_region/flip_fraction_eps_0.3"]  # the check can fail
     tags = mem.tags()
-    assert {"linear_region/flip_fraction", "linear_region/l_gen", "linear_region/a_prime_x_prime",
-            "linear_region/identity_error"} <= tags
+    assert {"linear_region/flip_fraction", "linear_region/l_gen", "linear_region/identity_error"} <= tags
+    assert "linear_region/a_prime_x_prime" not in tags  # equal to l_gen: not written twice
     assert mem.last("linear_region/identity_error") < 1e-12 * (1 + mem.last("linear_region/l_gen"))
-    assert mem.last("linear_region/l_gen") == pytest.approx(mem.last("linear_region/a_prime_x_prime"), rel=1e-9)
     assert 0 <= mem.last("linear_region/flip_fraction") <= 1
     session.close()
 
@@ -372,7 +371,7 @@ def test_probe_joint_quantities_against_reference() -> None:
     assert 0 < keep.sum() < 50  # some samples keep their gates, some do not
     assert records["linear_region/flip_fraction"] == pytest.approx(1 - keep.double().mean().item(), abs=1e-12)
     assert records["linear_region/l_gen"] == pytest.approx(lg[keep].norm(dim=1).mean().item(), rel=1e-10)
-    assert records["linear_region/a_prime_x_prime"] == pytest.approx(axp[keep].norm(dim=1).mean().item(), rel=1e-10)
+    assert records["linear_region/l_gen"] == pytest.approx(axp[keep].norm(dim=1).mean().item(), rel=1e-10)
     # on the flipped samples the identity does not hold, so averaging them in would differ
     assert not torch.allclose(lg[~keep], axp[~keep])
 
@@ -484,9 +483,168 @@ def test_probe_in_the_model_dtype_and_under_no_grad() -> None:
     with torch.no_grad():
         s32 = probes.attach(model, {"linear_region": {"dtype": None}}, probe_data=x, sinks=["memory"], strict=True)
         s64 = probes.attach(model, ["linear_region"], probe_data=x, sinks=["memory"], strict=True)
-    for tag in ("linear_region/eps_0.1/flip_fraction", "linear_region/delta_0.1/flip_fraction"):
+    for tag in ("linear_region/flip_fraction_eps_0.1", "linear_region/flip_fraction_delta_0.1"):
         assert 0 < s32.memory.last(tag) < 1 and 0 < s64.memory.last(tag) < 1  # draws differ between dtypes
     assert s64.memory.last("linear_region/identity_error") < 1e-14
     assert s32.memory.last("linear_region/identity_error") > s64.memory.last("linear_region/identity_error")
     s32.close()
     s64.close()
+
+
+# ------------------------------------------------------------------------------------------------
+# identity modules and the dtype choice (issue 13, item 5)
+# ------------------------------------------------------------------------------------------------
+class BasicBlock(nn.Module):
+    """A CIFAR ResNet block: the shortcut is an empty ``nn.Sequential()`` unless it downsamples; one in-place
+    ReLU module called twice."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + self.shortcut(x))
+
+
+def tiny_resnet() -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, 1, 1, bias=False), nn.BatchNorm2d(4), nn.ReLU(), BasicBlock(4, 4),
+                          BasicBlock(4, 6, 2), nn.Identity(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 3))
+    with torch.no_grad():
+        for _ in range(3):  # running statistics that are not the defaults
+            model(torch.randn(16, 3, 6, 6))
+    return model
+
+
+def test_identity_modules_are_piecewise_linear() -> None:
+    """The empty ``nn.Sequential()`` shortcut of a standard ResNet block (rejected before as 'not a known
+    piecewise-linear layer') and ``nn.Identity`` pass the check, and the probe measures the net."""
+    model = tiny_resnet()
+    check_piecewise_linear(model, torch.randn(4, 3, 6, 6), assume_eval=True)
+    check_piecewise_linear(nn.Sequential(nn.Linear(3, 3), nn.Sequential(), nn.ReLU(), nn.Identity()), torch.randn(2, 3))
+    x = torch.randn(40, 3, 6, 6)
+    opts = {"eps": (1e-7, 1e-2), "delta": (1e-7, 1e-2), "dtype": "float64"}
+    session = probes.attach(model, {"linear_region": opts}, probe_data=x, sinks=["memory"], strict=True)
+    mem = session.memory
+    assert mem.last("linear_region/flip_fraction") < 1  # some samples keep their regions at 1e-7
+    assert mem.last("linear_region/identity_error") <= 1e-12 * (1 + mem.last("linear_region/l_gen"))
+    assert 0 <= mem.last("linear_region/flip_fraction_eps_0.01") <= 1
+    session.close()
+    # a container with children is not a leaf: its children are judged
+    with pytest.raises(NotPiecewiseLinearError, match=r"'1.0' \(Tanh\)"):
+        check_piecewise_linear(nn.Sequential(nn.Linear(3, 3), nn.Sequential(nn.Tanh())), torch.randn(2, 3))
+
+
+def test_auto_dtype_sweeps_in_the_model_dtype_and_checks_the_identity_in_float64(caplog) -> None:
+    """Default ``dtype="auto"`` on a float32 model: the per-size flip fractions are those of a float32 run
+    (``dtype=None``: same draws, same dtype), the joint quantities those of float64 copies of the same draws, and
+    the choice is logged once."""
+    import copy
+    import logging
+
+    sizes = [6, 10, 8, 3]
+    model = make_mlp(5, sizes, 0.0, True).float()
+    x = torch.randn(200, 6)
+    eps, delta = (2e-3, 3e-2, 0.3), (2e-3, 0.2)
+    opts = {"eps": eps, "delta": delta, "seed": 7}
+    with caplog.at_level(logging.INFO, logger="probes.linear_region"):
+        auto = probes.attach(model, {"linear_region": opts}, probe_data=x, sinks=["memory"], strict=True)
+        auto.measure()
+    said = [r.getMessage() for r in caplog.records if r.name == "probes.linear_region"]
+    assert len(said) == 1 and "in float32" in said[0] and "in float64" in said[0] and "L_gen" in said[0]
+    f32 = probes.attach(model, {"linear_region": dict(opts, dtype=None)}, probe_data=x, sinks=["memory"],
+                        strict=True)
+    a, b = auto.memory, f32.memory
+    swept = [t for t in a.tags() if "_eps_" in t or "_delta_" in t]
+    assert len(swept) == 2 * (len(eps) + len(delta))
+    for tag in swept:
+        assert a.last(tag) == b.last(tag), tag
+    # the joint quantities: float64 copies of the float32 draws (first eps, first delta)
+    g = torch.Generator().manual_seed(7)
+    xp = perturb_inputs(x, eps[0], g)
+    for e in eps[1:]:
+        perturb_inputs(x, e, g)
+    p32 = {n: p.detach() for n, p in model.named_parameters()}
+    pstar = perturb_params(p32, list(p32), delta[0], g)
+    m64 = copy.deepcopy(model).double()
+    keep, lg, axp = _l_gen_and_axp(m64, sizes, 0.0, x.double(), xp.double(), net_params(m64),
+                                   {n: t.double() for n, t in pstar.items()})
+    assert 0 < keep.sum() < 200
+    assert a.last("linear_region/flip_fraction") == pytest.approx(1 - keep.double().mean().item(), abs=1e-12)
+    assert a.last("linear_region/l_gen") == pytest.approx(lg[keep].norm(dim=1).mean().item(), rel=1e-10)
+    assert a.last("linear_region/identity_error") < 1e-12 * (1 + a.last("linear_region/l_gen"))
+    assert b.last("linear_region/identity_error") > 1e3 * a.last("linear_region/identity_error")  # float32: rounding
+    auto.close()
+    f32.close()
+
+
+def test_dtype_of_a_float64_model_and_explicit_dtypes(caplog) -> None:
+    import logging
+
+    model = make_mlp(3, [4, 6, 2], 0.0, True)  # float64
+    probe = probes.plugins.probe_class("linear_region")()
+    assert probe.dtypes(model, torch.randn(2, 4)) == (torch.float64, torch.float64)
+    assert probe.dtypes(model.float(), torch.randn(2, 4)) == (torch.float32, torch.float64)
+    cls = probes.plugins.probe_class("linear_region")
+    assert cls(dtype=None).dtypes(model.float(), torch.randn(2, 4)) == (torch.float32, torch.float32)
+    assert cls(dtype="float64").dtypes(model.float(), torch.randn(2, 4)) == (torch.float64, torch.float64)
+    assert cls(dtype=torch.float64).dtypes(model.float(), torch.randn(2, 4)) == (torch.float64, torch.float64)
+    with caplog.at_level(logging.INFO, logger="probes.linear_region"):
+        s = probes.attach(model.double(), ["linear_region"], probe_data=torch.randn(20, 4, dtype=torch.float64),
+                          sinks=["memory"], strict=True)
+    said = [r.getMessage() for r in caplog.records if r.name == "probes.linear_region"]
+    assert said == ["linear_region: everything in float64 (the model's dtype)."]
+    s.close()
+
+
+@pytest.mark.parametrize("options, error, match", [
+    ({"eps": "0.1"}, TypeError, "linear_region: option 'eps' must be a positive finite number or a non-empty "
+                                "sequence of them, got '0.1'"),
+    ({"eps": ()}, ValueError, "option 'eps'"),
+    ({"eps": (0.1, "0.2")}, TypeError, "option 'eps'"),
+    ({"eps": (0.1, float("nan"))}, ValueError, "option 'eps'"),
+    ({"eps": True}, TypeError, "option 'eps'"),
+    ({"delta": (-1.0,)}, ValueError, "option 'delta'"),
+    ({"delta": float("inf")}, ValueError, "option 'delta'"),
+    ({"delta": None}, TypeError, "option 'delta'"),
+    ({"seed": 1.5}, TypeError, "linear_region: option 'seed' must be a non-negative int, got 1.5"),
+    ({"seed": "0"}, TypeError, "option 'seed'"),
+    ({"seed": -1}, ValueError, "option 'seed'"),
+    ({"seed": True}, TypeError, "option 'seed'"),
+    ({"dtype": "int32"}, ValueError, "linear_region: option 'dtype'"),
+    ({"dtype": "double64"}, ValueError, "option 'dtype'"),
+    ({"dtype": torch.int64}, ValueError, "option 'dtype'"),
+    ({"dtype": 64}, TypeError, "option 'dtype'"),
+    ({"max_samples": 0}, ValueError, "option 'max_samples'"),
+    ({"max_samples": 2.7}, TypeError, "linear_region: option 'max_samples' must be None or a positive int, got 2.7"),
+    ({"max_samples": "10"}, TypeError, "option 'max_samples'"),
+    ({"max_samples": True}, TypeError, "option 'max_samples'"),
+    ({"allow": "MyRelu"}, TypeError, "linear_region: option 'allow'"),
+    ({"allow": (int,)}, TypeError, "option 'allow'"),
+    ({"allow": MyRelu()}, TypeError, "option 'allow'"),
+])
+def test_every_option_is_checked_at_construction(options, error, match) -> None:
+    cls = probes.plugins.probe_class("linear_region")
+    with pytest.raises(error, match=match.replace("(", "\\(").replace(")", "\\)")):
+        cls(**options)
+    with pytest.raises(error, match="linear_region"):  # and through attach, before anything runs
+        probes.attach(nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)), {"linear_region": options},
+                      probe_data=torch.randn(6, 3), sinks=["memory"])
+
+
+def test_good_options_are_normalised() -> None:
+    cls = probes.plugins.probe_class("linear_region")
+    p = cls(eps=0.5, delta=np.array([1e-3, 1e-2]), seed=np.int64(3), dtype="float32", max_samples=np.int32(7),
+            allow=MyRelu)
+    assert p.eps == (0.5,) and p.delta == (1e-3, 1e-2) and p.seed == 3 and p.dtype == torch.float32
+    assert p.max_samples == 7 and type(p.max_samples) is int and p.allow == (MyRelu,)
+    assert cls(allow=[MyRelu, nn.Tanh]).allow == (MyRelu, nn.Tanh) and cls().dtype == "auto"

@@ -299,7 +299,7 @@ def test_image_every_thins_the_images_not_the_trail():
     assert drawn == [True, False, False, True, False, True]
     assert probe._seen == 6  # every measurement still adds to the trail
     for bad in (0, -3, 2.5, True, "10"):
-        with pytest.raises(ValueError, match=r"particles: image_every must be a positive"):
+        with pytest.raises(ValueError, match=r"particles: option 'image_every' must be a positive int"):
             Particles(image_every=bad)
 
 

@@ -29,10 +29,16 @@ class Spy(PathGramProbe):
         super().__init__(**opts)
         self.gram_only = gram_only
 
-    def measure(self, batch):
-        self.pg, self.chain = self.compute(batch)
+    def compute(self, batch):
+        self.pg, self.chain = super().compute(batch)  # the very object the measurement then factorizes
         self.batch = batch
-        return [] if self.gram_only else super().measure(batch)
+        return self.pg, self.chain
+
+    def measure(self, batch):
+        if self.gram_only:
+            self.compute(batch)
+            return []
+        return super().measure(batch)
 
 
 def chain(sizes, bias) -> nn.Sequential:
@@ -312,8 +318,12 @@ def test_example_smoke(tmp_path):
 def test_benchmark_smoke(capsys):
     bench = _load(ROOT / "benchmarks" / "pathgram.py", "bench_pathgram")
     rows = bench.main(["--smoke"])
-    assert rows and all(r["rel_diff"] < 1e-6 for r in rows)
-    assert "np/warm" in capsys.readouterr().out
+    timed = [r for r in rows if r.get("kind") != "memory"]
+    assert timed and all(r["rel_diff"] < 1e-6 for r in timed)
+    memory = [r for r in rows if r.get("kind") == "memory"]
+    assert memory and all(r["peak_bytes"] >= r["base_bytes"] > 0 and math.isfinite(r["norm"]) for r in memory)
+    out = capsys.readouterr().out
+    assert "np/warm" in out and "peak RSS (GiB)" in out
 
 
 def _write_idx(path: Path, array: np.ndarray) -> None:
@@ -405,3 +415,255 @@ def test_flatten_inplace_relu_and_dropout_are_part_of_a_chain():
     assert probe.chain.gates == ["2", "5"] and [p for p, _ in probe.chain.linears] == ["1", "4", "7"]
     Phi, _, _ = enumerate_model(nn.Sequential(model[1], nn.ReLU(), model[4], nn.ReLU(), model[7]), x.reshape(9, -1))
     np.testing.assert_allclose(probe.pg.full().numpy(), Phi @ Phi.T, rtol=1e-10)
+
+
+# ------------------------------------------------------------------------------------------------
+# bounded memory: the products and the factorization in one P x P buffer (issue 13, item 3)
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("block", [1, 7, 64, 512])
+def test_cholesky_in_place_matches_lapack_and_keeps_the_upper_triangle(block):
+    from probes.functional.path_gram import cholesky_in_place
+
+    g = torch.Generator().manual_seed(block)
+    P = 150
+    A = torch.randn(P, P + 3, generator=g, dtype=torch.float64)
+    M = A @ A.T / P
+    h = M.clone()
+    h.triu_(1).add_(torch.triu(torch.full((P, P), 7.0, dtype=torch.float64), 1))  # other data above: kept
+    h += torch.tril(M)
+    upper = torch.triu(h, 1).clone()
+    assert cholesky_in_place(h, block) == 0
+    torch.testing.assert_close(torch.tril(h), torch.linalg.cholesky(M), rtol=1e-10, atol=1e-12)
+    assert torch.equal(torch.triu(h, 1), upper)
+    # not positive definite: the 1-based index of the first bad pivot, as LAPACK reports it
+    N = M.clone()
+    N[100, 100] = -1.0
+    assert cholesky_in_place(N.clone(), block) == int(torch.linalg.cholesky_ex(N).info) == 101
+
+
+def test_factored_layout_reads_h_and_restores_it():
+    """After ``factorize`` the buffer holds the factor below the diagonal and H above it; every read of H
+    (entries, products, the full matrix) and the restoration of the lower triangle give H back."""
+    from probes.functional.path_gram import factorize, input_gram, quadratic_form
+
+    g = torch.Generator().manual_seed(9)
+    P = 850  # several row blocks and several Cholesky blocks
+    x = torch.rand(P, 30, generator=g)
+    gates = [torch.rand(P, 40, generator=g) > 0.4 for _ in range(3)]
+    pg = path_gram(x, gates, [True, False, True, False], xx=input_gram(x))
+    H = pg.symmetric().clone()
+    V = torch.randn(P, 5, generator=g, dtype=torch.float64)
+    y = torch.randn(P, 2, generator=g, dtype=torch.float64)
+    fact = factorize(pg)
+    assert pg.factored and fact.L.data_ptr() == pg.h.data_ptr() and fact.jitter == 0 and not fact.singular
+    ref = torch.linalg.cholesky(H)
+    torch.testing.assert_close(torch.tril(fact.L), ref, rtol=1e-9, atol=1e-12 * float(ref.abs().max()))
+    torch.testing.assert_close(pg.symmetric(), H, rtol=0, atol=0)
+    torch.testing.assert_close(pg.diagonal(), torch.diagonal(H), rtol=0, atol=0)
+    HV = H @ V
+    torch.testing.assert_close(pg.matmul(V), HV, rtol=1e-12, atol=1e-12 * float(HV.abs().max()))
+    idx = torch.randperm(P, generator=g)[:60]
+    torch.testing.assert_close(pg.entries(idx, idx), H[idx][:, idx], rtol=0, atol=0)
+    q = float(quadratic_form(fact, y))
+    assert math.isclose(q, float(torch.trace(y.T @ torch.linalg.solve(H, y))), rel_tol=1e-8)
+    ev = torch.linalg.eigvalsh(H)
+    assert 0.8 * float(ev[-1] / ev[0]) <= float(fact.condition) <= float(ev[-1] / ev[0]) * (1 + 1e-9)
+    pg.restore_lower()
+    torch.testing.assert_close(torch.tril(pg.h), torch.tril(H), rtol=0, atol=0)
+    again = factorize(pg)  # from the factored layout: starts again from H
+    torch.testing.assert_close(torch.tril(again.L), torch.tril(fact.L), rtol=0, atol=0)
+
+
+def test_repeated_measurements_reuse_the_buffer_and_agree():
+    """A second measurement writes the path gram over the factor of the first (same workspace)."""
+    torch.manual_seed(10)
+    model = chain([12, 30, 20, 1], [True, False, True])
+    x = torch.rand(900, 12)
+    y = torch.where(torch.rand(900) > 0.5, 1.0, -1.0)
+    probe, s = probe_on(model, x, y, image=None)
+    first = {t: s.memory.last(t) for t in ("pathgram/norm", "pathgram/condition", "pathgram/singular")}
+    ptr = probe.pg.h.data_ptr()
+    s.measure()
+    assert probe.pg.h.data_ptr() == ptr
+    for tag, value in first.items():
+        assert s.memory.last(tag) == pytest.approx(value, rel=1e-12, abs=0), tag
+    H = probe.pg.full().numpy()
+    yy = y.double().numpy()
+    assert math.isclose(first["pathgram/norm"], yy @ np.linalg.solve(H, yy), rel_tol=1e-7)
+    s.close()
+
+
+_MEMORY_CHILD = r"""
+import json, resource, sys, torch
+from torch import nn
+import probes
+torch.set_num_threads(1)
+P, d, width, depth = int(sys.argv[1]), 64, 100, 6
+
+def net():
+    g = torch.Generator().manual_seed(0)
+    sizes = [d] + [width] * (depth - 1) + [1]
+    layers = []
+    for k, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers += [nn.Linear(a, b, bias=False)] + ([nn.ReLU()] if k < depth - 1 else [])
+    return nn.Sequential(*layers)
+
+def data(n):
+    g = torch.Generator().manual_seed(n)
+    return torch.rand(n, d, generator=g), torch.where(torch.rand(n, generator=g) > 0.5, 1.0, -1.0)
+
+model = net()
+probes.attach(model, {"pathgram": {"image": None}}, probe_data=data(64), sinks=["memory"], strict=True).close()
+x, y = data(P)  # libraries warmed up; what follows is the measurement's own memory
+base = int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize()
+s = probes.attach(model, {"pathgram": {"image": None}}, probe_data=(x, y), sinks=["memory"], strict=True)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps({"base": base, "peak": peak, "norm": s.memory.last("pathgram/norm")}))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="reads /proc (Linux)")
+def test_one_measurement_holds_at_most_three_p_by_p_matrices():
+    """Issue 13 item 3: the extra peak memory of one measurement (a fresh process, libraries warmed up on a
+    tiny batch first) stays within 3 P x P float64 matrices; it is about 2 (the cached X X^T and the buffer
+    of the in-place products and factorization). Before, the float32 and float64 gate grams and a separate
+    Cholesky factor made it about 4.5."""
+    import json
+    import subprocess
+    import sys
+
+    P = 4000
+    out = subprocess.run([sys.executable, "-c", _MEMORY_CHILD, str(P)], capture_output=True, text=True,
+                         check=False, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    row = json.loads(out.stdout.strip().splitlines()[-1])
+    extra = (row["peak"] - row["base"]) / (8 * P * P)
+    assert math.isfinite(row["norm"]) and row["norm"] > 0
+    assert extra <= 3.0, f"one measurement took {extra:.2f} P x P float64 matrices of extra memory"
+
+
+# ------------------------------------------------------------------------------------------------
+# numerically singular H (issue 12, item 9)
+# ------------------------------------------------------------------------------------------------
+def _rank_deficient_case():
+    """All gates open (positive weights and inputs): Lambda is constant and H = 30 X X^T has rank 9 with
+    10 samples in 9 dimensions; with this seed float64 Cholesky of H succeeds (condition ~3e16)."""
+    g = torch.Generator().manual_seed(7)
+    model = chain([9, 6, 5, 1], [False] * 3)
+    with torch.no_grad():
+        for m in model:
+            if isinstance(m, nn.Linear):
+                m.weight.abs_()
+    x = torch.rand(10, 9, generator=g)
+    y = torch.tensor([1.0, -1.0] * 5)
+    return model, x, y
+
+
+@pytest.mark.parametrize("condition", ["estimate", "off", "exact"])
+def test_numerically_singular_gram_is_flagged_not_reported(condition):
+    model, x, y = _rank_deficient_case()
+    H = (x.double() @ x.double().T) * 30
+    # the report: the float64 Cholesky succeeds although H has rank 9, and q(H) is a number made of rounding
+    L, info = torch.linalg.cholesky_ex(H)
+    assert int(info) == 0 and int(torch.linalg.matrix_rank(H)) == 9
+    yy = y.double()
+    assert float(yy @ torch.cholesky_solve(yy[:, None], L)[:, 0]) > 1e10
+    probe, s = probe_on(model, x, y, condition=condition, image=None)
+    mem = s.memory
+    torch.testing.assert_close(probe.pg.full(), H, rtol=1e-12, atol=0)
+    assert mem.last("pathgram/singular") == 1.0
+    delta = mem.last("pathgram/jitter")
+    assert delta > 0
+    M = H.numpy() + delta * np.mean(np.diag(H.numpy())) * np.eye(10)
+    q = yy.numpy() @ np.linalg.solve(M, yy.numpy())
+    ev = np.linalg.eigvalsh(M)
+    eps = np.finfo(np.float64).eps
+    assert ev[-1] / ev[0] <= 1 / (10 * eps)  # what float64 resolves
+    assert math.isclose(mem.last("pathgram/norm"), q, rel_tol=10 * eps * ev[-1] / ev[0])  # digits left: ~3
+    if condition == "off":
+        assert "pathgram/condition" not in mem.tags()
+    else:
+        assert mem.last("pathgram/condition") <= ev[-1] / ev[0] * (1 + 1e-9)
+        assert mem.last("pathgram/condition") >= 0.5 * ev[-1] / ev[0]
+    s.close()
+
+
+def test_rcond_option_sets_what_counts_as_singular():
+    torch.manual_seed(2)
+    model = chain([6, 12, 8, 1], [False] * 3)
+    x = torch.rand(30, 6)
+    y = torch.where(torch.rand(30) > 0.5, 1.0, -1.0)
+    _, s = probe_on(model, x, y, condition="exact", image=None)
+    cond = s.memory.last("pathgram/condition")
+    assert s.memory.last("pathgram/singular") == 0.0 and s.memory.last("pathgram/jitter") == 0.0
+    assert 10 < cond < 1 / (30 * np.finfo(np.float64).eps)
+    _, s2 = probe_on(model, x, y, condition="exact", image=None, rcond=2.0 / cond)  # H now counts as singular
+    assert s2.memory.last("pathgram/singular") == 1.0 and s2.memory.last("pathgram/jitter") > 0
+    assert s2.memory.last("pathgram/condition") <= cond / 2
+
+
+# ------------------------------------------------------------------------------------------------
+# options checked at construction (issue 12, item 6)
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("options, error, match", [
+    ({"jitter_start": "1e-3"}, TypeError,
+     "pathgram: option 'jitter_start' must be a positive finite float, got '1e-3'"),
+    ({"jitter_start": 0.0}, ValueError, "option 'jitter_start'"),
+    ({"jitter_start": -1e-3}, ValueError, "option 'jitter_start'"),
+    ({"jitter_max": float("nan")}, ValueError, "option 'jitter_max'"),
+    ({"jitter_max": float("inf")}, ValueError, "option 'jitter_max'"),
+    ({"jitter_max": True}, TypeError, "option 'jitter_max'"),
+    ({"jitter_start": 1e-2, "jitter_max": 1e-3}, ValueError, "'jitter_start' must not exceed option 'jitter_max'"),
+    ({"condition": "fast"}, ValueError, "pathgram: option 'condition' must be one of 'estimate', 'exact', 'off'"),
+    ({"condition": None}, ValueError, "option 'condition'"),
+    ({"condition": 1}, TypeError, "option 'condition'"),
+    ({"image": "gray"}, ValueError, "option 'image'"),
+    ({"image": False}, TypeError, "option 'image'"),
+    ({"image_side": "128"}, TypeError, "pathgram: option 'image_side' must be a positive int, got '128'"),
+    ({"image_side": 12.5}, TypeError, "option 'image_side'"),
+    ({"image_side": 0}, ValueError, "option 'image_side'"),
+    ({"image_side": True}, TypeError, "option 'image_side'"),
+    ({"check": "no"}, TypeError, "pathgram: option 'check' must be a bool, got 'no'"),
+    ({"check": 0}, TypeError, "option 'check'"),
+    ({"rcond": 0.0}, ValueError, "option 'rcond'"),
+    ({"rcond": 1.0}, ValueError, "option 'rcond'"),
+    ({"rcond": "1e-10"}, TypeError, "option 'rcond'"),
+    ({"image_every": 2.5}, ValueError, "pathgram: option 'image_every'"),
+])
+def test_options_are_checked_at_construction(options, error, match):
+    with pytest.raises(error, match=match.replace("(", "\\(").replace(")", "\\)")):
+        PathGramProbe(**options)
+    with pytest.raises(error, match="pathgram"):  # and through attach, before anything is measured
+        probes.attach(chain([5, 4, 1], [True, True]), {"pathgram": options},
+                      probe_data=(torch.randn(8, 5), torch.randn(8)), sinks=["memory"])
+
+
+def test_good_options_are_kept():
+    p = PathGramProbe(condition="off", image=None, image_side=np.int64(64), jitter_start=1e-10, jitter_max=1,
+                      check=np.bool_(False), rcond=1e-12)
+    assert (p.condition, p.image, p.image_side, p.jitter_start, p.jitter_max, p.check, p.rcond) == \
+        ("off", None, 64, 1e-10, 1.0, False, 1e-12)
+    assert type(p.image_side) is int and type(p.jitter_max) is float
+
+
+def test_jitter_is_sized_from_lambda_max(monkeypatch):
+    """A singular H (duplicated samples) gets a jitter that makes its condition resolvable in one retry:
+    the shift is sized from block Lanczos on H instead of climbing tenfold from 1e-12."""
+    import probes.functional.path_gram as fpg
+
+    calls = []
+    real = fpg.cholesky_in_place
+    monkeypatch.setattr(fpg, "cholesky_in_place", lambda h, block=fpg.CHOLESKY_BLOCK: calls.append(1) or real(h, block))
+    g = torch.Generator().manual_seed(11)
+    x = torch.rand(150, 8, generator=g)
+    x = torch.cat([x, x[:50]])  # P = 200, rank <= 150
+    gates = [torch.rand(150, 30, generator=g) > 0.5 for _ in range(2)]
+    gates = [torch.cat([A, A[:50]]) for A in gates]
+    pg = path_gram(x, gates)
+    H = pg.symmetric().clone()
+    fact = fpg.factorize(pg, condition="exact")
+    assert fact.singular and fact.jitter > 1e-12 and len(calls) == 2, (len(calls), fact.jitter)
+    M = H + fact.shift * torch.eye(200, dtype=torch.float64)
+    ev = torch.linalg.eigvalsh(M)
+    assert float(ev[-1] / ev[0]) <= 1 / (200 * torch.finfo(torch.float64).eps)
+    assert float(fact.condition) == pytest.approx(float(ev[-1] / ev[0]), rel=1e-3)

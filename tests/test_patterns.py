@@ -60,7 +60,7 @@ def test_against_naive_loops_and_churn():
     for site, bits in first.items():  # every activation kind is a site: ReLU, GELU and Tanh
         active, dead, always = stats(bits)
         assert mem.last(f"patterns/{site}/active_fraction") == pytest.approx(active, abs=1e-12)
-        assert mem.last(f"patterns/{site}/dead_units") == dead
+        assert mem.last(f"patterns/{site}/dead_on_probe_batch") == dead
         assert mem.last(f"patterns/{site}/always_on_units") == always
         assert mem.last(f"patterns/{site}/churn") == 0.0
         assert mem.last(f"patterns/{site}/churn_from_init") == 0.0
@@ -182,21 +182,41 @@ def test_image_groups_samples_by_label():
     y = torch.tensor([0, 1] * 5)
     gates = (y[:, None] == 0).expand(P, n)  # label 0: all open, label 1: all closed
     order = torch.argsort(y, stable=True)
-    img = gate_image(gates, order, [5]).astype(float)
-    h = img.shape[0]
-    rows = h // 11  # 10 samples + one separator row, repeated to the same height each
-    top, bottom = img[: 5 * rows].mean(), img[6 * rows:].mean()
-    sep = img[5 * rows: 6 * rows].mean(axis=(0, 1))
-    assert top > bottom + 50  # open gates are bright (yellow), closed dark (purple)
-    assert not np.allclose(sep, img[0].mean(axis=0)) and not np.allclose(sep, img[-1].mean(axis=0))
-    # the probe does the grouping itself
+    img = gate_image(gates, order, [5], ["0", "1"]).astype(float)
+    assert img.ndim == 3 and img.shape[2] == 3
+    # units (y) by samples (x): the open (bright) gates of label 0 lie left of the closed ones of label 1
+    bright = np.argwhere(np.abs(img - np.array([0xf2, 0xd6, 0x4b])).max(axis=2) <= 16)
+    dark = np.argwhere(np.abs(img - np.array([0x2b, 0x2b, 0x50])).max(axis=2) <= 16)
+    assert len(bright) and len(dark)
+    inside = lambda px, rows: px[(px[:, 0] > rows[0]) & (px[:, 0] < rows[1])]  # noqa: E731
+    rows = (dark[:, 0].min(), dark[:, 0].max())  # the matrix's rows, without the legend's patch
+    assert np.median(inside(bright, rows)[:, 1]) < np.median(dark[:, 1])
+    # the probe does the grouping itself, labels included
     probe = Patterns()
     batch = probes.probe.ProbeBatch(nn.Identity(), torch.zeros(P, n), y, torch.zeros(P, 1), {}, 0)
     site = probes.probe.Site("s", "s", "relu")
     pre = torch.where(gates, 1.0, -1.0)
     batch.activations["s"] = probes.probe.Activation(site, pre, torch.relu(pre))
     records = probe.measure(batch)
-    np.testing.assert_array_equal(next(r for r in records if r.tag == "patterns/s").pixels, img.astype(np.uint8))
+    expected = gate_image(gates, order, [5], ["0", "1"], "patterns/s: gates on the probe batch, step 0")
+    np.testing.assert_array_equal(next(r for r in records if r.tag == "patterns/s").pixels, expected)
+
+
+def test_image_every_thins_images_and_is_checked():
+    P, n = 8, 4
+    probe = Patterns(image_every=5)
+    site = probes.probe.Site("s", "s", "relu")
+    drawn = []
+    for step in (0, 2, 5, 7, 9, 10):
+        batch = probes.probe.ProbeBatch(nn.Identity(), torch.zeros(P, n), None, torch.zeros(P, 1), {}, step)
+        pre = torch.randn(P, n)
+        batch.activations["s"] = probes.probe.Activation(site, pre, torch.relu(pre))
+        tags = [r.tag for r in probe.measure(batch)]
+        assert "patterns/s/churn" in tags  # the scalars at every measurement
+        drawn.append("patterns/s" in tags)
+    assert drawn == [True, False, True, False, False, True]
+    with pytest.raises(ValueError, match="patterns: option 'image_every' must be a positive int"):
+        Patterns(image_every=0)
 
 
 def test_conv_units_are_channels():
@@ -207,7 +227,7 @@ def test_conv_units_are_channels():
         model[0].bias[1] = 100.0  # channel 1 always on
     x = torch.randn(5, 1, 8, 8)
     s = probes.attach(model, ["patterns"], probe_data=(x, torch.randint(0, 2, (5,))), sinks=["memory"], strict=True)
-    assert s.memory.last("patterns/1/dead_units") == 1
+    assert s.memory.last("patterns/1/dead_on_probe_batch") == 1
     assert s.memory.last("patterns/1/always_on_units") == 1
 
 

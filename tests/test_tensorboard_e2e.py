@@ -3,7 +3,8 @@
 The demo runs briefly (``--smoke``) through the command line; TensorBoard starts on 127.0.0.1 with a
 free port (loopback only, nothing leaves the machine) and is always stopped. The run and the probe
 tags are read back through the same JSON endpoints TensorBoard's web page uses, and every probe
-scalar must equal what TensorBoard's event reader finds in the files.
+scalar must equal what TensorBoard's event reader finds in the files; the custom-scalars layout the
+tensorboard sink writes is served by the custom-scalars dashboard, and the images are small PNGs.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -62,7 +64,7 @@ def demo_logdir(tmp_path_factory) -> Path:
     out = subprocess.run([sys.executable, "-m", "probes", "demo", "--smoke", "--no-progress", "--logdir", str(logdir)],
                          capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert f"tensorboard --logdir {logdir}" in out.stdout
+    assert f"tensorboard --logdir {logdir.absolute()}" in out.stdout
     return logdir
 
 
@@ -115,3 +117,41 @@ def test_tensorboard_serves_the_probe_scalars_from_the_event_files(demo_logdir, 
             assert value == want or (math.isnan(value) and math.isnan(want)), (tag, value, want)
     images = get_json(base, "/data/plugin/images/tags")
     assert "ntk/spectrum" in images.get(run, {}) and "pathgram/gram" in images.get(run, {})
+
+
+def test_custom_scalars_layout_is_served(demo_logdir, server):
+    base, proc = server
+    deadline = time.monotonic() + TIMEOUT
+    layout = wait_for("the custom-scalars layout",
+                      lambda: (lambda lay: lay if lay.get("category") else None)(
+                          get_json(base, "/data/plugin/custom_scalars/layout")), deadline, proc)
+    charts = {c["title"]: c["multiline"]["tag"] for cat in layout["category"] for c in cat["chart"]}
+    assert {cat["title"] for cat in layout["category"]} >= {"relu_zeros", "alignment", "ntk", "linear_region"}
+    (run,) = [p.name for p in demo_logdir.iterdir() if p.is_dir()]
+    served = get_json(base, "/data/plugin/scalars/tags")[run]
+    for title_part, expected in [("(relu_zeros/<site>/fraction)", {"relu_zeros/1/fraction", "relu_zeros/3/fraction"}),
+                                 ("(alignment/<site>/cka)", {"alignment/1/cka", "alignment/3/cka",
+                                                             "alignment/output/cka"}),
+                                 ("NTK top eigenvalues", {f"ntk/eig_top/{k}" for k in range(1, 6)}),
+                                 ("samples whose gates flip, per input", {"linear_region/flip_fraction_eps_0.001",
+                                                                          "linear_region/flip_fraction_eps_0.01",
+                                                                          "linear_region/flip_fraction_eps_0.1"})]:
+        (regexes,) = [tags for title, tags in charts.items() if title_part in title]
+        matched = {t for t in served if any(re.match(r, t) for r in regexes)}
+        assert expected <= matched, (title_part, matched)
+        # the dashboard's own data route answers for the chart's tags
+        points = get_json(base, "/data/plugin/custom_scalars/scalars", run=run, tag=regexes[0])
+        assert points["regex_valid"] and expected <= set(points["tag_to_events"]), title_part
+
+
+def test_images_are_small_pngs(demo_logdir, server):
+    base, proc = server
+    (run,) = [p.name for p in demo_logdir.iterdir() if p.is_dir()]
+    tags = get_json(base, "/data/plugin/images/tags")[run]
+    for tag in tags:
+        entries = get_json(base, "/data/plugin/images/images", run=run, tag=tag, sample=0)
+        assert entries and entries[0]["step"] == 0, tag  # the initialization is kept
+        url = f"{base}/data/plugin/images/individualImage?{entries[-1]['query']}"
+        with urllib.request.urlopen(url, timeout=10) as r:  # noqa: S310 - loopback only
+            body = r.read()
+        assert body.startswith(b"\x89PNG") and len(body) < 48 * 1024, (tag, len(body))

@@ -1,22 +1,47 @@
-"""The ``probes`` command: ``probes list``, ``probes demo``, ``probes report``."""
+"""The ``probes`` command: ``probes list``, ``probes demo``, ``probes report``, ``probes tensorboard``."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
+#: ``probes list`` fits this many columns (descriptions wrap under their column)
+LIST_WIDTH = 100
 
-def _cmd_list(args: argparse.Namespace) -> int:
+
+def _cadence(cls: type) -> str:
+    """A probe's default cadence: its ``every`` in steps, or the schedule's repr (``-`` when it has none)."""
+    every = getattr(cls, "every", None)
+    if isinstance(every, int) and not isinstance(every, bool):
+        return str(every)
+    return repr(every) if every is not None else "-"
+
+
+def list_lines(width: int = LIST_WIDTH) -> list[str]:
+    """The lines of ``probes list``: name, default cadence (steps), where it came from, description."""
+    import textwrap
+
     from probes import plugins
 
     infos = plugins.available()
-    width = max((len(i.name) for i in infos), default=4)
-    swidth = max((len(i.source) for i in infos), default=6)
-    print(f"{'probe':<{width}}  {'from':<{swidth}}  description")
-    for info in infos:
-        print(f"{info.name:<{width}}  {info.source:<{swidth}}  {info.description}")
+    rows = [(i.name, _cadence(i.cls), i.source, " ".join(str(i.description or "").split())) for i in infos]
+    head = ("probe", "every", "from", "description")
+    w = [max([len(head[k])] + [len(r[k]) for r in rows]) for k in range(3)]
+    indent = w[0] + w[1] + w[2] + 6
+    room = max(30, width - indent)
+    lines = [f"{head[0]:<{w[0]}}  {head[1]:>{w[1]}}  {head[2]:<{w[2]}}  {head[3]}"]
+    for name, every, source, text in rows:
+        wrapped = textwrap.wrap(text, room) or [""]
+        lines.append(f"{name:<{w[0]}}  {every:>{w[1]}}  {source:<{w[2]}}  {wrapped[0]}")
+        lines += [" " * indent + more for more in wrapped[1:]]
     for name, err in plugins.registry.failed.items():
-        print(f"(plugin {name!r} failed to load: {err})")
+        lines += textwrap.wrap(f"(plugin {name!r} failed to load: {err})", width, subsequent_indent="  ")
+    lines.append("every: the default cadence in training steps (change it with {name: {\"every\": k}}).")
+    return lines
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    print("\n".join(list_lines()))
     return 0
 
 
@@ -34,6 +59,27 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_tensorboard(args: argparse.Namespace, extra: list[str]) -> int:
+    import shlex
+    import subprocess
+    from pathlib import Path
+
+    from probes.app.demo import tensorboard_command
+
+    if not Path(args.logdir).exists():
+        print(f"probes tensorboard: {args.logdir!r} does not exist yet; TensorBoard will show runs as they appear",
+              file=sys.stderr)
+    cmd = [*tensorboard_command(args.logdir), *extra]
+    if args.dry_run:
+        print(shlex.join(cmd))
+        return 0
+    print(f"running: {shlex.join(cmd)}", flush=True)
+    try:
+        return subprocess.call(cmd)
+    except KeyboardInterrupt:
+        return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="probes", description="Instrument PyTorch training with probes.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -49,11 +95,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("logdir")
     p.add_argument("-o", "--output", default=None, help="HTML file (default LOGDIR/report.html)")
     p.set_defaults(func=_cmd_report)
+    p = sub.add_parser("tensorboard", help="open TensorBoard on a log directory (the venv's own, keeping every image)",
+                       description="Run this environment's TensorBoard on LOGDIR with --samples_per_plugin images=100 "
+                                   "(so the step-0 image stays visible); other options go to tensorboard as they are, "
+                                   "e.g. probes tensorboard runs --port 6007.")
+    p.add_argument("logdir")
+    p.add_argument("--dry-run", action="store_true", help="print the tensorboard command instead of running it")
+    p.set_defaults(func=_cmd_tensorboard, passthrough=True)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if getattr(args, "passthrough", False):
+        return int(args.func(args, extra) or 0)
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     return int(args.func(args) or 0)
 
 

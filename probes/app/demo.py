@@ -26,23 +26,28 @@ SMOKE_EPOCHS = 2
 BATCH = 50
 PROBE_PER_CLASS = 30
 
-#: options per built-in probe for this model (sites "1" and "3" are the two ReLUs); cadence in steps
+#: options per built-in probe for this model (sites "1" and "3" are the two ReLUs); cadence in steps. Images
+#: every 100 steps (and at step 0): 10 per tag in the default 30 epochs, enough to watch them change, all kept
+#: by TensorBoard's default of 10 images per tag, and the event files stay small
 OPTIONS: dict[str, dict[str, Any]] = {
     "relu_zeros": {"every": 10},
     "margin": {"every": 10},
-    "patterns": {"every": 20},
-    "pathgram": {"every": 20},
+    "patterns": {"every": 20, "image_every": 100},
+    "pathgram": {"every": 20, "image_every": 100},
     "alignment": {"every": 20},
-    "particles": {"every": 20, "layer": "2"},
+    "particles": {"every": 20, "layer": "2", "image_every": 100},
     "linear_region": {"every": 30},
-    "ntk": {"every": 50},
+    "ntk": {"every": 50, "image_every": 100},
 }
+#: TensorBoard keeps 10 images per tag unless told otherwise; this keeps every one (the demo writes < 20)
+SAMPLES_PER_PLUGIN = "images=100"
 
 #: scalars shown in the final table, in this order, when they were written
 KEY_SCALARS = [
     "train/loss", "train/accuracy", "test/accuracy",
-    "relu_zeros/total/fraction", "relu_zeros/1/dead_units", "relu_zeros/3/dead_units",
-    "patterns/distinct", "patterns/1/churn_from_init", "patterns/3/churn_from_init",
+    "relu_zeros/total/fraction", "relu_zeros/1/dead_in_window", "relu_zeros/3/dead_in_window",
+    "patterns/1/dead_on_probe_batch", "patterns/3/dead_on_probe_batch", "patterns/distinct",
+    "patterns/1/churn_from_init", "patterns/3/churn_from_init",
     "pathgram/norm_normalized", "pathgram/condition",
     "alignment/1/cka", "alignment/3/cka", "alignment/output/cka",
     "ntk/trace", "ntk/condition", "ntk/effective_rank", "ntk/alignment", "ntk/distance_from_init",
@@ -81,6 +86,8 @@ def choose_probes(model: nn.Module, probe_data: tuple[torch.Tensor, torch.Tensor
         opts = dict(OPTIONS.get(info.name, {}))
         if smoke:
             opts["every"] = max(1, int(opts.get("every", info.cls.every)) // 5)
+            if "image_every" in opts:
+                opts["image_every"] = max(1, int(opts["image_every"]) // 5)
         trial = {k: v for k, v in opts.items() if k != "every"}
         try:
             info.cls(**trial).setup(Context(model, probe_data[0], probe_data[1], None, torch.device("cpu")))
@@ -226,6 +233,30 @@ def _run(logdir: str, epochs: int, smoke: bool, progress: bool, out: Any) -> int
         print(f"  {tag:<{width}}  {st:>6}  {_format(float(v))}", file=out)
     for name, tb in session.failures.items():
         print(f"  probe {name} failed and was switched off: {tb.strip().splitlines()[-1]}", file=out)
-    print(f"\nopen TensorBoard:  tensorboard --logdir {logdir}", file=out)
-    print(f"or one HTML file:  probes report {logdir} -o report.html", file=out)
+    for line in closing_lines(logdir):
+        print(line, file=out)
     return 0
+
+
+def _venv_command(name: str, module: str) -> list[str]:
+    """The command of console script ``name`` next to this Python (the venv's own), else ``python -m module``."""
+    exe = Path(sys.executable).parent / name
+    return [str(exe)] if exe.is_file() else [sys.executable, "-m", module]
+
+
+def tensorboard_command(logdir: str | Path) -> list[str]:
+    """The command that opens TensorBoard on ``logdir`` and keeps every demo image (step 0 included)."""
+    return [*_venv_command("tensorboard", "tensorboard.main"), "--logdir", str(Path(logdir).absolute()),
+            "--samples_per_plugin", SAMPLES_PER_PLUGIN]
+
+
+def closing_lines(logdir: str | Path) -> list[str]:
+    """The demo's last lines: commands that work as printed (absolute paths, no activated venv needed)."""
+    import shlex
+
+    probes_cmd = _venv_command("probes", "probes")
+    where = str(Path(logdir).absolute())
+    return ["",
+            f"open TensorBoard:  {shlex.join([*probes_cmd, 'tensorboard', where])}",
+            f"  (the same as:    {shlex.join(tensorboard_command(logdir))})",
+            f"or one HTML file:  {shlex.join([*probes_cmd, 'report', where, '-o', 'report.html'])}"]

@@ -1,11 +1,12 @@
 """``probes report LOGDIR``: one self-contained HTML page from TensorBoard event files.
 
 For people who want a file to share rather than a server. The event files are read with
-TensorBoard's own reader (``EventMultiplexer``, one run per directory that holds event files);
-the page has a table of the last value of every scalar, one PNG plot per scalar tag (every run
-that logged the tag drawn in the same axes), and the latest image of every image tag. Everything
-(plots, images, style) is inlined as base64 data, so the page opens anywhere without the log
-directory. Plots use matplotlib (Agg) when it is installed, else ``probes.figures.plot``.
+TensorBoard's own reader (``EventMultiplexer``, one run per directory that holds event files).
+The page has one section per run: a table of the last value of every scalar; the scalars plotted
+(matplotlib, ``probes.figures``) with one chart per quantity, where the sites of one quantity share one
+chart and so one scale (the grouping of the TensorBoard custom-scalars layout); the final-step shape of
+every histogram; and the first and the latest image of every image tag. Everything (plots, images,
+style) is inlined as base64 data, so the page opens anywhere without the log directory.
 """
 
 from __future__ import annotations
@@ -13,53 +14,49 @@ from __future__ import annotations
 import base64
 import datetime
 import html
-import io
 import math
-import struct
-import zlib
+import re
 from pathlib import Path
 
 import numpy as np
 
-#: most plots on one page; the table still lists every scalar
+from probes import figures
+
+#: most plots on one page; the tables still list every scalar
 MAX_PLOTS = 300
+#: plot size in pixels
+PLOT_SIZE = (560, 340)
 
 _STYLE = """
-body { font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }
-h1 { font-size: 1.4em; } h2 { font-size: 1.15em; margin-top: 1.6em; border-bottom: 1px solid #ddd; }
+body { font-family: system-ui, sans-serif; margin: 1.5em; color: #222; max-width: 1800px; }
+h1 { font-size: 1.5em; } h2 { font-size: 1.3em; margin-top: 2em; border-bottom: 2px solid #bbb; }
+h3 { font-size: 1.05em; margin-top: 1.4em; color: #444; }
 table { border-collapse: collapse; font-size: 0.85em; }
 td, th { padding: 2px 10px; border-bottom: 1px solid #eee; text-align: left; }
 td.num { text-align: right; font-family: ui-monospace, monospace; }
-.grid { display: flex; flex-wrap: wrap; gap: 12px; }
-figure { margin: 0; } figcaption { font-size: 0.8em; font-family: ui-monospace, monospace; }
-img { max-width: 100%; image-rendering: pixelated; }
+.grid { display: flex; flex-wrap: wrap; gap: 14px; }
+figure { margin: 0; } figcaption { font-size: 0.8em; font-family: ui-monospace, monospace; max-width: 560px; }
+img { max-width: 100%; }
 .note { color: #777; font-size: 0.85em; }
+details { margin: 0.6em 0; } summary { cursor: pointer; }
 """
 
 
 def png_bytes(pixels: np.ndarray) -> bytes:
-    """Encode an (H, W, 3) uint8 array as PNG (zlib only, no imaging library)."""
-    p = np.ascontiguousarray(pixels, dtype=np.uint8)
-    if p.ndim == 2:
-        p = np.stack([p] * 3, axis=-1)
-    h, w = p.shape[:2]
-    raw = b"".join(b"\x00" + p[i].tobytes() for i in range(h))
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b""))
+    """Encode an (H, W, 3) uint8 array as PNG (``probes.figures.encode_png``)."""
+    return figures.encode_png(pixels)
 
 
 def read_runs(logdir: str | Path) -> dict[str, dict[str, dict]]:
-    """``{run: {"scalars": {tag: (steps, values)}, "images": {tag: (step, png bytes)}}}`` from the event files."""
+    """``{run: {"scalars": {tag: (steps, values)}, "images": {tag: [(step, png bytes), ...]},
+    "histograms": {tag: (step, limits, counts)}}}`` from the event files: every scalar, the first and the
+    last image of each tag, the last histogram of each tag."""
     from tensorboard.backend.event_processing import event_multiplexer
 
     logdir = Path(logdir)
     if not logdir.exists():
         raise FileNotFoundError(f"probes report: no such directory {str(logdir)!r}")
-    mux = event_multiplexer.EventMultiplexer(size_guidance={"scalars": 0, "images": 1, "histograms": 1,
+    mux = event_multiplexer.EventMultiplexer(size_guidance={"scalars": 0, "images": 0, "histograms": 1,
                                                             "tensors": 1, "compressedHistograms": 1})
     mux.AddRunsFromDirectory(str(logdir))
     mux.Reload()
@@ -75,53 +72,91 @@ def read_runs(logdir: str | Path) -> dict[str, dict[str, dict]]:
         for tag in tags.get("images", []):
             events = acc.Images(tag)
             if events:
-                images[tag] = (events[-1].step, events[-1].encoded_image_string)
-        if scalars or images:
-            runs[run] = {"scalars": scalars, "images": images}
+                keep = [events[0], events[-1]] if len(events) > 1 else [events[-1]]
+                images[tag] = [(e.step, e.encoded_image_string) for e in keep]
+        histograms = {}
+        for tag in tags.get("histograms", []):
+            events = acc.Histograms(tag)
+            if events:
+                h = events[-1].histogram_value
+                histograms[tag] = (events[-1].step, float(h.min), np.array(h.bucket_limit, dtype=np.float64),
+                                   np.array(h.bucket, dtype=np.float64))
+        if scalars or images or histograms:
+            runs[run] = {"scalars": scalars, "images": images, "histograms": histograms}
     if not runs:
         raise ValueError(f"probes report: no TensorBoard scalars or images under {str(logdir)!r}")
     return runs
 
 
-def _plot_matplotlib(tag: str, series: list[tuple[str, np.ndarray, np.ndarray]]) -> bytes:
-    import matplotlib
+def group_scalars(tags: list[str]) -> list[tuple[str, list[str]]]:
+    """Charts ``[(title, [tag, ...]), ...]``: one per quantity, the tags of one quantity across sites (or sizes,
+    or ranks) together as in the TensorBoard custom-scalars layout, every other tag alone; by probe, then tag."""
+    from probes.sinks.tensorboard import layout_for
 
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(4.2, 2.8), dpi=80)
-    for run, steps, values in series:
-        ax.plot(steps, values, marker="." if len(steps) < 30 else None, lw=1.2, label=run)
-    ax.set_title(tag, fontsize=9)
-    ax.set_xlabel("step", fontsize=8)
-    ax.tick_params(labelsize=7)
-    finite = np.concatenate([v[np.isfinite(v)] for _, _, v in series])
-    if finite.size and finite.min() > 0 and finite.max() / finite.min() > 1e3:
-        ax.set_yscale("log")
-    if len(series) > 1:
-        ax.legend(fontsize=6)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    charts: list[tuple[str, list[str]]] = []
+    claimed: set[str] = set()
+    for _, category in layout_for(tags).items():
+        for title, (_, regexes) in category.items():
+            members = [t for t in tags if t not in claimed and any(re.match(r, t) for r in regexes)]
+            if members:
+                charts.append((title, members))
+                claimed.update(members)
+    charts += [(t, [t]) for t in tags if t not in claimed]
+    return sorted(charts, key=lambda c: (c[1][0].split("/")[0], c[1][0]))
 
 
-def _plot_numpy(tag: str, series: list[tuple[str, np.ndarray, np.ndarray]]) -> bytes:
-    from probes.figures import plot
+def _series_label(tag: str, members: list[str]) -> str:
+    """What tells the lines of one chart apart: the part of the tag that differs."""
+    if len(members) == 1:
+        return tag
+    parts = tag.split("/")
+    common = [p for p in parts if all(p in m.split("/") for m in members)]
+    rest = [p for p in parts if p not in common]
+    return "/".join(rest) or tag
 
-    finite = np.concatenate([v[np.isfinite(v)] for _, _, v in series])
+
+def _ylabel(members: list[str]) -> str:
+    """The quantity a chart shows: the last tag component its lines share (``cka``, ``eig_top``, ...)."""
+    parts = [m.split("/") for m in members]
+    shared = [p for p in parts[0][1:] if all(p in q[1:] for q in parts)]
+    if shared:
+        return shared[-1]
+    stem = {re.sub(r"_(eps|delta)_[^/]+$", "", m.split("/")[-1]) for m in members}
+    if len(stem) == 1:
+        return stem.pop()
+    return "value"
+
+
+def _scalar_plot(title: str, members: list[str], scalars: dict) -> bytes:
+    series = [(_series_label(t, members), *scalars[t]) for t in members]
+    finite = np.concatenate([v[np.isfinite(v)] for _, _, v in series]) if series else np.zeros(0)
     logy = bool(finite.size and finite.min() > 0 and finite.max() / finite.min() > 1e3)
-    return png_bytes(plot([(s, v) for _, s, v in series], logy=logy, width=336, height=224, markers=True))
+    with figures.style():
+        fig = figures.new_figure(*PLOT_SIZE)
+        ax = fig.add_subplot()
+        figures.line_axes(ax, series, title=title, xlabel="training step", ylabel=_ylabel(members), logy=logy)
+        return figures.png(fig)
 
 
-def _plotter():
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        return _plot_numpy
-    return _plot_matplotlib
+def _histogram_plot(tag: str, step: int, lo: float, limits: np.ndarray, counts: np.ndarray) -> bytes:
+    """The histogram's last step as bars: TensorBoard stores right bucket edges, the first left edge is min."""
+    with figures.style():
+        return _draw_histogram(tag, step, np.concatenate([[lo], limits]), counts)
+
+
+def _draw_histogram(tag: str, step: int, edges: np.ndarray, counts: np.ndarray) -> bytes:
+    fig = figures.new_figure(*PLOT_SIZE)
+    ax = fig.add_subplot()
+    if edges.size == counts.size + 1 and np.isfinite(edges).all() and np.abs(edges).max() < 1e300:
+        ax.stairs(counts, edges, fill=True, alpha=0.7, color="#1f77b4")
+        ax.set_xlabel(tag.split("/")[-1])
+    else:  # edges TensorBoard filled with +-DBL_MAX: bucket index instead
+        ax.bar(np.arange(counts.size), counts, width=1.0, color="#1f77b4")
+        ax.set_xlabel(f"{tag.split('/')[-1]} (bucket)")
+    ax.set_title(f"{tag}, step {step}")
+    ax.set_ylabel("count")
+    ax.grid(alpha=0.3)
+    return figures.png(fig)
 
 
 def _fmt(v: float) -> str:
@@ -134,61 +169,71 @@ def _data_uri(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
 
+def _figure(png: bytes, alt: str, caption: str) -> str:
+    return (f"<figure><img alt='{html.escape(alt, quote=True)}' src='{_data_uri(png)}'>"
+            f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+
+
 def write_report(logdir: str | Path, output: str | Path | None = None) -> Path:
     """Write the HTML report of ``logdir`` to ``output`` (default ``LOGDIR/report.html``); return its path."""
     logdir = Path(logdir)
     runs = read_runs(logdir)
     output = Path(output) if output is not None else logdir / "report.html"
-    plotter = _plotter()
-
-    by_tag: dict[str, list[tuple[str, np.ndarray, np.ndarray]]] = {}
-    for run, data in runs.items():
-        for tag, (steps, values) in data["scalars"].items():
-            by_tag.setdefault(tag, []).append((run, steps, values))
-    tags = sorted(by_tag)
-    sections: dict[str, list[str]] = {}
-    for tag in tags:
-        sections.setdefault(tag.split("/", 1)[0], []).append(tag)
-
+    n_tags = len({t for data in runs.values() for t in data["scalars"]})
     out: list[str] = [
         "<!DOCTYPE html>", "<html><head><meta charset='utf-8'>",
         f"<title>probes report: {html.escape(str(logdir))}</title><style>{_STYLE}</style></head><body>",
         f"<h1>probes report: {html.escape(str(logdir))}</h1>",
-        f"<p class='note'>{len(runs)} run(s), {len(tags)} scalar tags; written "
-        f"{datetime.datetime.now().strftime('%Y-%m-%d %H:%M')} by <code>probes report</code>.</p>",
-        "<h2>Last values</h2><table><tr><th>tag</th><th>run</th><th>step</th><th>value</th></tr>",
+        f"<p class='note'>{len(runs)} run(s), {n_tags} scalar tags; written "
+        f"{datetime.datetime.now().strftime('%Y-%m-%d %H:%M')} by <code>probes report</code>. One section per "
+        "run; in each, one chart per quantity (the sites of a quantity share a chart and its scale), the "
+        "final shape of each histogram, and the first and the latest image of each image tag.</p>",
     ]
-    for tag in tags:
-        for run, steps, values in by_tag[tag]:
-            if len(steps):
-                out.append(f"<tr><td>{html.escape(tag)}</td><td>{html.escape(run)}</td>"
-                           f"<td class='num'>{int(steps[-1])}</td><td class='num'>{_fmt(float(values[-1]))}</td></tr>")
-    out.append("</table>")
-
+    if len(runs) > 1:
+        out.append("<p>Runs: " + ", ".join(f"<a href='#run-{i}'>{html.escape(r)}</a>" for i, r in enumerate(runs))
+                   + "</p>")
     plotted = 0
-    for section, section_tags in sections.items():
-        out.append(f"<h2>{html.escape(section)}</h2><div class='grid'>")
-        for tag in section_tags:
+    skipped = 0
+    for i, (run, data) in enumerate(runs.items()):
+        scalars, tags = data["scalars"], sorted(data["scalars"])
+        out.append(f"<h2 id='run-{i}'>run: {html.escape(run)}</h2>")
+        out.append(f"<details><summary>Last values ({len(tags)} scalars)</summary>"
+                   "<table><tr><th>tag</th><th>step</th><th>value</th></tr>")
+        for tag in tags:
+            steps, values = scalars[tag]
+            if len(steps):
+                out.append(f"<tr><td>{html.escape(tag)}</td><td class='num'>{int(steps[-1])}</td>"
+                           f"<td class='num'>{_fmt(float(values[-1]))}</td></tr>")
+        out.append("</table></details>")
+        section = None
+        for title, members in group_scalars(tags):
+            probe = members[0].split("/")[0]
+            if probe != section:
+                out.append(("</div>" if section is not None else "")
+                           + f"<h3>{html.escape(probe)}</h3><div class='grid'>")
+                section = probe
             if plotted >= MAX_PLOTS:
-                break
-            png = plotter(tag, by_tag[tag])
+                skipped += 1
+                continue
+            png = _scalar_plot(title, members, scalars)
             plotted += 1
-            out.append(f"<figure><img alt='{html.escape(tag, quote=True)}' src='{_data_uri(png)}'>"
-                       f"<figcaption>{html.escape(tag)}</figcaption></figure>")
-        out.append("</div>")
-    if plotted < len(tags):
-        out.append(f"<p class='note'>{len(tags) - plotted} more scalar tags are in the table only "
+            out.append(_figure(png, title, ", ".join(members)))
+        if section is not None:
+            out.append("</div>")
+        if data["histograms"]:
+            out.append("<h3>histograms (final step)</h3><div class='grid'>")
+            for tag, (step, lo, limits, counts) in sorted(data["histograms"].items()):
+                out.append(_figure(_histogram_plot(tag, step, lo, limits, counts), tag, f"{tag} (step {step})"))
+            out.append("</div>")
+        if data["images"]:
+            out.append("<h3>images (first and latest)</h3><div class='grid'>")
+            for tag, shots in sorted(data["images"].items()):
+                for step, png in shots:
+                    out.append(_figure(png, tag, f"{tag} (step {step})"))
+            out.append("</div>")
+    if skipped:
+        out.append(f"<p class='note'>{skipped} more charts are in the tables only "
                    f"(at most {MAX_PLOTS} plots per page).</p>")
-
-    images = [(run, tag, step, png) for run, data in runs.items()
-              for tag, (step, png) in sorted(data["images"].items())]
-    if images:
-        out.append("<h2>Latest images</h2><div class='grid'>")
-        for run, tag, step, png in images:
-            caption = f"{tag} (step {step}{', ' + run if len(runs) > 1 else ''})"
-            out.append(f"<figure><img alt='{html.escape(tag, quote=True)}' src='{_data_uri(png)}'>"
-                       f"<figcaption>{html.escape(caption)}</figcaption></figure>")
-        out.append("</div>")
     out.append("</body></html>")
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text("\n".join(out), encoding="utf-8")

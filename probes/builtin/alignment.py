@@ -27,9 +27,9 @@ from collections.abc import Sequence
 
 import torch
 
+from probes import options
 from probes.functional.alignment import DegenerateKernelError, Prepared, prepare
 from probes.functional.labels import label_matrix
-from probes import options
 from probes.probe import Context, Probe, ProbeBatch
 from probes.records import Record, Scalar
 
@@ -44,6 +44,7 @@ class Alignment(Probe):
     every = 100
     passive = False
     needs_sites = True
+    site_values = frozenset({"post"})
     needs_probe_data = True
 
     def __init__(self, sites: str | Sequence[str] | None = None, output: bool = True,

@@ -20,8 +20,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from probes.functional.labels import label_matrix
 from probes import options
+from probes.functional.labels import label_matrix
 from probes.probe import Context, Probe, ProbeBatch
 from probes.records import Histogram, Record, Scalar
 

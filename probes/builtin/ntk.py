@@ -1,8 +1,9 @@
 """``ntk``: the empirical neural tangent kernel on the probe batch and its spectrum (seed 002).
 
-``Theta = J J^T`` over every trainable parameter (``probes.functional.ntk.empirical_ntk``: a layerwise formula for
-``nn.Linear`` layers, per-sample Jacobians with ``torch.func`` for everything else; exact for any model
-whose samples do not interact). By default the ``P x P`` kernel **summed** over outputs is logged
+``Theta = J J^T`` over every trainable parameter (``probes.functional.ntk.empirical_ntk``: layerwise formulas for
+Linear, Conv1d/2d/3d, LayerNorm, GroupNorm, BatchNorm (eval) and Embedding layers, per-sample Jacobians with
+``torch.func`` for everything else; exact for any model whose samples do not interact). By default the
+``P x P`` kernel **summed** over outputs is logged
 (``reduction="mean"`` divides by the number of outputs, neural-tangents' default); ``mode="full"``
 analyses the ``PC x PC`` kernel instead. The session runs the probe with the model in eval mode, so
 BatchNorm uses its running statistics; a model that still mixes samples is an error.
@@ -16,12 +17,26 @@ Tags (eigenvalues in float64, ``torch.linalg.eigvalsh``):
   with ``Y Y^T`` (left out when the probe batch has no labels);
 - ``ntk/distance_from_init``: ``1 - <Theta_0, Theta_t>_F / (||Theta_0|| ||Theta_t||)`` with ``Theta_0`` the
   first kernel this probe measured (kept in ``state_dict`` for checkpoints);
-- histograms ``ntk/eigenvalues`` and ``ntk/log10_eigenvalues`` (positive eigenvalues only);
-- image ``ntk/spectrum``: eigenvalues against their rank, log-log (blue: now, orange: the first kernel).
+- histogram ``ntk/log10_eigenvalues`` (positive eigenvalues only; a linear histogram would put nearly all of
+  them in its first bin);
+- image ``ntk/spectrum``: a labelled plot of the eigenvalues against their rank (1 = largest), log y: now
+  (solid) and at the first measurement, the initialization (dashed).
 
 Options: ``mode``, ``reduction``, ``top_k`` (5), ``bins`` (64), ``chunk_size`` (None: automatic),
-``image`` (True). Default cadence: every 1000 steps (the kernel costs about ``P^2`` times the layer widths,
-the eigenvalues ``P^3``).
+``image`` (True), ``image_every`` (None: an image at every measurement; k: at the first measurement, then
+once at least k steps have passed since the last image), ``spectrum`` ("auto"), ``memory_budget`` (2 GiB).
+
+``spectrum="full"`` computes the ``n x n`` kernel (``n = P``, or ``P C`` in ``mode="full"``) and every eigenvalue.
+``spectrum="topk"`` never forms it: ``Theta V`` comes blockwise from the layerwise factors
+(``probes.functional.ntk.ntk_operator``), the ``top_k`` largest eigenvalues from block Krylov iterations in float64
+(``probes.functional.spectra.top_eigenvalues``), ``ntk/trace`` exactly from the per-sample gradient norms, and
+``ntk/effective_rank`` is estimated from the top eigenvalues and the trace (geometric mean of the bounds of a
+flat and of a packed tail, ``probes.functional.spectra.effective_rank_bounds``); only ``ntk/trace``,
+``ntk/eig_max``, ``ntk/eig_top/<k>`` and ``ntk/effective_rank`` are logged then (the others need every eigenvalue
+or the kernel itself). ``spectrum="auto"`` takes "topk" when the full route's four ``n x n`` float64 matrices
+would exceed ``memory_budget`` bytes (at the default, ``n`` above 8,192).
+
+Default cadence: every 1000 steps (the kernel costs about ``P^2`` times the layer widths, the eigenvalues ``P^3``).
 """
 
 from __future__ import annotations
@@ -31,27 +46,34 @@ from typing import Any
 import numpy as np
 import torch
 
-from probes.figures import plot
+from probes.figures import ImageCadence, spectrum_figure
 from probes.functional.alignment import DegenerateKernelError
 from probes.functional.labels import label_matrix
-from probes.functional.ntk import MODES, REDUCTIONS, NTKPlan, empirical_ntk, ntk_plan, trace_over_outputs
-from probes.functional.spectra import kernel_distance, label_alignment, spectrum
+from probes.functional.ntk import MODES, REDUCTIONS, NTKPlan, empirical_ntk, ntk_operator, ntk_plan, trace_over_outputs
+from probes.functional.spectra import effective_rank_bounds, kernel_distance, label_alignment, spectrum, top_eigenvalues
 from probes.probe import Context, Probe, ProbeBatch
 from probes.records import Histogram, Image, Record, Scalar
+
+#: ``spectrum`` option: every eigenvalue from the P x P kernel, the top-k matrix-free, or by memory_budget
+SPECTRA = ("full", "topk", "auto")
+#: default ``memory_budget`` (bytes) of the "full" route: about four n x n float64 matrices
+MEMORY_BUDGET = 2 << 30
 
 
 class NTK(Probe):
     """Empirical NTK on the probe batch: spectrum, alignment with the labels, distance from the first kernel."""
 
     name = "ntk"
-    description = "empirical NTK on the probe batch: eigenvalues, condition, effective rank, label alignment, drift"
+    supports_sharding = False  # FSDP: reads the parameters and runs torch.func / backward passes on whole tensors
+    description = "neural tangent kernel on the probe batch: spectrum, label fit, drift"
     every = 1000
     passive = False
     needs_sites = False
     needs_probe_data = True
 
     def __init__(self, mode: str = "trace", reduction: str = "sum", top_k: int = 5, bins: int = 64,
-                 chunk_size: int | None = None, image: bool = True) -> None:
+                 chunk_size: int | None = None, image: bool = True, image_every: int | None = None,
+                 spectrum: str = "auto", memory_budget: int | float = MEMORY_BUDGET) -> None:
         if mode not in MODES:
             raise ValueError(f"ntk: mode must be one of {MODES}, got {mode!r}")
         if reduction not in REDUCTIONS:
@@ -60,10 +82,18 @@ class NTK(Probe):
             raise ValueError("ntk: reduction='mean' applies to the trace over outputs; use it with mode='trace'")
         if int(top_k) < 0 or int(bins) < 1:
             raise ValueError(f"ntk: top_k must be >= 0 and bins >= 1, got top_k={top_k}, bins={bins}")
+        if spectrum not in SPECTRA:
+            raise ValueError(f"ntk: spectrum must be one of {SPECTRA}, got {spectrum!r}")
+        if spectrum == "topk" and int(top_k) < 1:
+            raise ValueError(f"ntk: spectrum='topk' needs top_k >= 1 (the eigenvalues to compute), got {top_k}")
+        if isinstance(memory_budget, bool) or not isinstance(memory_budget, (int, float)) or not memory_budget > 0:
+            raise ValueError(f"ntk: memory_budget must be a positive number of bytes, got {memory_budget!r}")
+        self.spectrum, self.memory_budget = spectrum, float(memory_budget)
         self.mode, self.reduction = mode, reduction
         self.top_k, self.bins = int(top_k), int(bins)
         self.chunk_size = chunk_size
         self.image = bool(image)
+        self.image_cadence = ImageCadence("ntk", image_every)
         self.init_kernel: torch.Tensor | None = None
         self.init_eigenvalues: torch.Tensor | None = None
         self.init_step: int | None = None
@@ -80,11 +110,14 @@ class NTK(Probe):
                                             "zero and ntk/alignment is 0/0; use a probe batch with both classes")
 
     def measure(self, batch: ProbeBatch) -> list[Record]:
+        model, args = batch.positional()  # model(*args) is the output tensor (dict inputs, selected outputs)
         key = (id(batch.model), tuple((n, id(p), p.requires_grad) for n, p in batch.model.named_parameters()),
-               tuple(tuple(t.shape) for t in (batch.x if isinstance(batch.x, (tuple, list)) else (batch.x,))))
+               tuple(tuple(t.shape) for t in args))
         if self._plan is None or self._plan[0] != key:  # the two discovery passes only when the model changed
-            self._plan = (key, ntk_plan(batch.model, batch.x, who="ntk"))
-        theta = empirical_ntk(batch.model, batch.x, mode=self.mode, reduction=self.reduction,
+            self._plan = (key, ntk_plan(model, args, who="ntk"))
+        if self.uses_topk(batch.size * (self._plan[1].outputs if self.mode == "full" else 1)):
+            return self._measure_topk(model, args)
+        theta = empirical_ntk(model, args, mode=self.mode, reduction=self.reduction,
                               chunk_size=self.chunk_size, dtype=torch.float64, plan=self._plan[1])
         P = batch.size
         C = theta.shape[0] // P
@@ -104,11 +137,31 @@ class NTK(Probe):
             self.init_step = batch.step
         records.append(Scalar("ntk/distance_from_init", kernel_distance(self.init_kernel.to(theta.device), theta)))
         lam = s.eigenvalues
-        records.append(Histogram.of("ntk/eigenvalues", lam, bins=self.bins))
         positive = lam[lam > 0]
         records.append(Histogram.of("ntk/log10_eigenvalues", torch.log10(positive), bins=self.bins))
-        if self.image:
-            records.append(Image("ntk/spectrum", spectrum_image(lam, self.init_eigenvalues)))
+        if self.image and self.image_cadence.due(batch.step):
+            records.append(Image("ntk/spectrum", spectrum_image(lam, self.init_eigenvalues, batch.step,
+                                                                self.init_step, self.reduction, self.mode)))
+        return records
+
+    def uses_topk(self, n: int) -> bool:
+        """Whether an ``n x n`` kernel takes the matrix-free top-k route: ``spectrum="topk"``, or ``"auto"`` when
+        the full route's four ``n x n`` float64 matrices (kernel, symmetrised copy for ``eigvalsh``, its workspace,
+        the first kernel for ``distance_from_init``) exceed ``memory_budget``."""
+        return self.spectrum == "topk" or (self.spectrum == "auto" and 4 * 8 * n * n > self.memory_budget)
+
+    def _measure_topk(self, model: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> list[Record]:
+        """Trace (exact), the ``top_k`` largest eigenvalues (block Krylov on ``Theta V`` from the layerwise factors,
+        float64) and the effective rank estimated from them (``effective_rank_bounds``); no ``n x n`` matrix."""
+        op = ntk_operator(model, args, mode=self.mode, reduction=self.reduction,
+                          chunk_size=self.chunk_size, dtype=torch.float64, plan=self._plan[1])
+        n = op.shape[0]
+        trace = op.trace()
+        top = top_eigenvalues(op.matmat, n, max(1, self.top_k), device=trace.device).values
+        estimate = effective_rank_bounds(top, trace, n)[0]
+        records: list[Record] = [Scalar("ntk/trace", trace), Scalar("ntk/eig_max", top[0]),
+                                 Scalar("ntk/effective_rank", torch.tensor(estimate, dtype=torch.float64))]
+        records += [Scalar(f"ntk/eig_top/{k + 1}", top[k]) for k in range(min(self.top_k, top.numel()))]
         return records
 
     def state_dict(self) -> dict[str, Any]:
@@ -121,15 +174,17 @@ class NTK(Probe):
         self.init_step = state.get("init_step")
 
 
-def spectrum_image(eigs: torch.Tensor, reference: torch.Tensor | None = None) -> np.ndarray:
-    """Log-log plot of the positive eigenvalues against their rank (largest first); ``reference`` second."""
-    series = []
-    for lam in (eigs, reference):
-        if lam is None:
-            continue
-        v = np.sort(lam.detach().double().cpu().numpy())[::-1]
-        v = v[v > 0]
-        if v.size == 0:
-            v = np.array([1.0])
-        series.append((np.arange(1, v.size + 1, dtype=np.float64), v))
-    return plot(series, logx=True, logy=True)
+def spectrum_image(eigs: torch.Tensor, reference: torch.Tensor | None = None, step: int | None = None,
+                   reference_step: int | None = None, reduction: str = "sum", mode: str = "trace") -> np.ndarray:
+    """Labelled plot of the positive eigenvalues against their rank (largest first), log y; ``reference``
+    (the first kernel's) dashed."""
+    what = "PC x PC kernel" if mode == "full" else f"kernel {'summed' if reduction == 'sum' else 'averaged'} " \
+        "over outputs"
+    title = f"ntk/spectrum: NTK eigenvalues ({what})" + (f", step {step}" if step is not None else "")
+    if reference is not None and step is not None and step == reference_step:
+        reference = None  # at the first measurement, now is the initialization: one curve
+    return spectrum_figure(eigs.detach().double().cpu().numpy(),
+                           None if reference is None else reference.detach().double().cpu().numpy(),
+                           step=step, init_step=reference_step,
+                           title=title,
+                           ylabel="eigenvalue of the NTK (log scale)")

@@ -43,9 +43,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from probes import options
 from probes.figures import ImageCadence, particles_figure
 from probes.functional.meanfield import MeanField
-from probes import options
 from probes.probe import Context, Probe, ProbeBatch
 from probes.records import Histogram, Image, Record, Scalar
 

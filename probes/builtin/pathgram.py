@@ -16,13 +16,26 @@ has a bias; see ``functional.path_gram``). Logged, with ``Y`` the labels (binary
 - ``pathgram/norm_normalized``: ``q(H / tr H) = tr(H) q(H)``, the seed's ``y^T (H / tr H)^{-1} y``.
 - ``pathgram/jitter``: ``delta``, when ``H + delta * mean(diag H) * I`` had to be factorized because ``H``
   is numerically singular (0 otherwise); both norms then refer to that matrix.
+- ``pathgram/singular``: 1 when ``H`` is numerically singular, 0 otherwise: its float64 Cholesky failed, *or* it
+  succeeded but the condition of ``H`` exceeds ``1 / rcond`` (default ``rcond = P * eps``, ``eps = 2.2e-16``,
+  the tolerance of ``numpy.linalg.matrix_rank``: beyond it ``H^{-1} Y`` keeps no reliable digit, and ``q(H)``
+  would be a number made of rounding errors, e.g. 7e14 for a rank-9 10 x 10 ``H`` of condition 3e16). ``H`` is
+  then never reported as it is: the jitter route is taken, ``delta`` growing tenfold from ``jitter_start`` until
+  the shifted matrix factorizes with a condition within ``1 / rcond`` (so ``pathgram/jitter > 0`` whenever this
+  flag is 1). The condition that decides: with ``condition="exact"`` all eigenvalues, otherwise the block
+  Lanczos estimate combined with the pivot bounds ``max diag H / min L_ii^2`` of the factor; the estimate runs
+  for this check even with ``condition="off"`` (which then only leaves ``pathgram/condition`` out), since the
+  pivot bounds alone miss singular path grams.
 - ``pathgram/condition``: ``lambda_max / lambda_min`` of the factorized matrix; by default a block Lanczos
   estimate (Rayleigh-Ritz on Krylov spaces of ``H`` and of ``H^{-1}`` through the Cholesky factor), a lower
   bound within 8% on the path grams tried, at a fraction of the cost of the factorization;
-  ``condition="exact"`` takes all eigenvalues (several times the cost of the factorization), ``"off"``
-  skips it.
-- image ``pathgram/gram``: ``H_ij / sqrt(H_ii H_jj)`` with samples grouped by label, at most ``image_side``
-  samples evenly spaced in that order (``image="raw"`` shows ``H / max H``; ``image=None`` turns it off).
+  ``condition="exact"`` takes all eigenvalues (several times the cost of the factorization, P x P
+  temporaries), ``"off"`` leaves the tag out (the estimate still runs for ``pathgram/singular``). The
+  estimate is combined with the pivot bounds of the factor; both are lower bounds of the true condition.
+- image ``pathgram/gram``: a heat map of ``H_ij / sqrt(H_ii H_jj)`` with a colour bar, samples grouped by
+  label (lines between groups, the label on each), at most ``image_side`` samples evenly spaced in that order
+  (``image="raw"`` shows ``H / max |H|``; ``image=None`` turns it off; ``image_every`` thins the images:
+  None draws one at every measurement, k at the first, then once at least k steps have passed since the last).
 
 Cost: the input gram ``X X^T`` (float64) is computed at the first measurement and reused while the probe
 batch is unchanged (same storage and version counter); then each measurement costs one float32 ``A_l A_l^T``
@@ -30,9 +43,16 @@ per layer, the Hadamard products, one float64 Cholesky factorization (``P^3 / 3`
 in buffers kept from one measurement to the next. On the CPU the symmetric products are computed only on
 and below the diagonal, blockwise.
 
-Options: ``condition`` (``"estimate"``, ``"exact"``, ``"off"``), ``image`` (``"cosine"``, ``"raw"``, None),
-``image_side``, ``jitter_start`` / ``jitter_max`` (relative jitter range), ``check`` (the recomposition check
-below; default on).
+Options (checked when the probe is made; a bad type is a ``TypeError``, a bad value a ``ValueError``, both
+naming the probe and the option): ``condition`` (``"estimate"``, ``"exact"``, ``"off"``), ``image``
+(``"cosine"``, ``"raw"``, None), ``image_side`` (a positive int, 128), ``image_every`` (None or a positive
+int), ``jitter_start`` / ``jitter_max`` (relative jitter range: positive finite floats, start <= max; 1e-12 and
+1e-2), ``rcond`` (None for ``P * eps``, or a float in (0, 1): ``H`` is singular when
+``lambda_min < rcond * lambda_max``), ``check`` (a bool: the recomposition check below; default on).
+
+Memory: one measurement holds two P x P float64 matrices, the cached ``X X^T`` and the buffer in which the
+products and then the Cholesky factorization are done in place (``functional.path_gram``), plus panels of a
+few rows; at P = 10,000 about 1.5 GiB (``condition="exact"`` adds P x P temporaries for the eigenvalues).
 
 The probe checks the structure it relies on: the probe pass must call ``Linear, ReLU, Linear, ...,
 ReLU, Linear`` (a leading ``nn.Flatten`` and identities/dropouts are allowed), and recomposing the
@@ -43,6 +63,7 @@ model output, which catches residual connections, scalings or ``F.linear`` calls
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -50,14 +71,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from probes.figures import heatmap
+from probes.figures import ImageCadence, matrix_figure
 from probes.functional.labels import label_matrix
 from probes.functional.path_gram import (
     PathGram,
     Workspace,
-    cholesky_jitter,
-    condition_estimate,
-    condition_exact,
+    factorize,
     input_gram,
     path_gram,
     quadratic_form,
@@ -191,10 +210,12 @@ def _label_order(Y: torch.Tensor) -> torch.Tensor:
     return torch.argsort(key, stable=True)
 
 
-def gram_image(pg: PathGram, Y: torch.Tensor, mode: str = "cosine", side: int = 256) -> np.ndarray:
-    """Pixels of the path gram, samples sorted by label; above ``side`` samples, ``side`` of them evenly
-    spaced in that order (each pixel one entry of ``H``, the diagonal kept)."""
-    order = _label_order(Y.to(pg.h.device))
+def gram_image(pg: PathGram, Y: torch.Tensor, mode: str = "cosine", side: int = 128,
+               title: str = "pathgram/gram") -> np.ndarray:
+    """Figure of the path gram, samples sorted by label; above ``side`` samples, ``side`` of them evenly
+    spaced in that order (each cell one entry of ``H``, the diagonal kept); label groups marked."""
+    Y = Y.to(pg.h.device)
+    order = _label_order(Y)
     P = order.numel()
     if P > side:
         order = order[torch.linspace(0, P - 1, side, device=order.device).round().long()]
@@ -202,34 +223,75 @@ def gram_image(pg: PathGram, Y: torch.Tensor, mode: str = "cosine", side: int = 
     if mode == "cosine":
         d = torch.diagonal(m).clamp_min(1e-300).sqrt()
         m = m / d[:, None] / d[None, :]
+        bar, vmax = "cosine H_ij / sqrt(H_ii H_jj)", 1.0
     else:
         m = m / m.abs().max().clamp_min(1e-300)
-    return heatmap(m.float().cpu().numpy(), cmap="viridis")
+        bar, vmax = "H_ij / max |H|", None
+    key = (Y[:, 0] if Y.shape[1] == 1 else Y.argmax(dim=1).double())[order].cpu()
+    starts = (torch.nonzero(key[1:] != key[:-1]).flatten() + 1).tolist()
+    names = [f"{v:g}" for v in key[[0, *starts]].tolist()] if key.numel() else []
+    shown = f"{order.numel()} of {P} samples" if order.numel() < P else f"{P} samples"
+    return matrix_figure(m.double().cpu().numpy(), starts, names, title=title, colorbar_label=bar, vmax=vmax,
+                         xlabel=f"probe sample j ({shown}, grouped by label)",
+                         ylabel="probe sample i (same order)")
+
+
+def _choice(option: str, value: object, choices: tuple) -> object:
+    """``value`` when it is one of ``choices`` (strings, or None); else a TypeError / ValueError naming it."""
+    shown = ", ".join(repr(c) for c in choices)
+    if not (value is None or isinstance(value, str)):
+        raise TypeError(f"pathgram: option {option!r} must be one of {shown}, got {value!r}")
+    if value not in choices:
+        raise ValueError(f"pathgram: option {option!r} must be one of {shown}, got {value!r}")
+    return value
+
+
+def _real(option: str, value: object, what: str, ok) -> float:
+    """``float(value)`` for a real number (not a bool, not a string) that is finite and satisfies ``ok``."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"pathgram: option {option!r} must be {what}, got {value!r}")
+    v = float(value)
+    if not (math.isfinite(v) and ok(v)):
+        raise ValueError(f"pathgram: option {option!r} must be {what}, got {value!r}")
+    return v
+
+
+def _whole(option: str, value: object, what: str, ok) -> int:
+    """``int(value)`` for an integer (not a bool, not a float) that satisfies ``ok``."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"pathgram: option {option!r} must be {what}, got {value!r}")
+    if not ok(int(value)):
+        raise ValueError(f"pathgram: option {option!r} must be {what}, got {value!r}")
+    return int(value)
 
 
 class PathGramProbe(Probe):
     """Neural path kernel ``H`` of a Linear->ReLU chain on the probe batch and ``tr(Y^T H^{-1} Y)``."""
 
     name = "pathgram"
-    description = "neural path kernel H of a Linear->ReLU chain and the label norm tr(Y^T H^-1 Y) (seed 000)"
+    supports_sharding = False  # FSDP: recomposes the chain with each Linear's whole weight
+    description = "neural path kernel of the ReLU gates and how well it fits the labels"
     every = 100
     passive = False
     needs_sites = True
     needs_probe_data = True
 
-    def __init__(self, condition: str = "estimate", image: str | None = "cosine", image_side: int = 256,
-                 jitter_start: float = 1e-12, jitter_max: float = 1e-2, check: bool = True) -> None:
-        if condition not in ("estimate", "exact", "off"):
-            raise ValueError(f"pathgram: condition must be 'estimate', 'exact' or 'off', got {condition!r}")
-        if image not in ("cosine", "raw", None):
-            raise ValueError(f"pathgram: image must be 'cosine', 'raw' or None, got {image!r}")
-        if not (0 < jitter_start <= jitter_max):
-            raise ValueError(f"pathgram: need 0 < jitter_start <= jitter_max, got {jitter_start}, {jitter_max}")
-        self.condition = condition
-        self.image = image
-        self.image_side = int(image_side)
-        self.jitter_start = float(jitter_start)
-        self.jitter_max = float(jitter_max)
+    def __init__(self, condition: str = "estimate", image: str | None = "cosine", image_side: int = 128,
+                 jitter_start: float = 1e-12, jitter_max: float = 1e-2, check: bool = True,
+                 image_every: int | None = None, rcond: float | None = None) -> None:
+        self.condition = _choice("condition", condition, ("estimate", "exact", "off"))
+        self.image = _choice("image", image, ("cosine", "raw", None))
+        self.image_side = _whole("image_side", image_side, "a positive int", lambda v: v >= 1)
+        self.image_cadence = ImageCadence("pathgram", image_every)
+        self.jitter_start = _real("jitter_start", jitter_start, "a positive finite float", lambda v: v > 0)
+        self.jitter_max = _real("jitter_max", jitter_max, "a positive finite float", lambda v: v > 0)
+        if self.jitter_start > self.jitter_max:
+            raise ValueError(f"pathgram: option 'jitter_start' must not exceed option 'jitter_max', got "
+                             f"{jitter_start!r} > {jitter_max!r}")
+        self.rcond = None if rcond is None else _real("rcond", rcond, "None or a float in (0, 1)",
+                                                      lambda v: 0 < v < 1)
+        if not isinstance(check, (bool, np.bool_)):
+            raise TypeError(f"pathgram: option 'check' must be a bool, got {check!r}")
         self.check = bool(check)
         self._xx: tuple | None = None
         self._workspace = Workspace()
@@ -265,23 +327,24 @@ class PathGramProbe(Probe):
         if Y.shape[0] != P:
             raise ValueError(f"pathgram: {Y.shape[0]} label rows for a probe batch of {P} samples")
         Y = Y.to(pg.h.device)
-        if not bool(torch.diagonal(pg.h).max() > 0):
+        if not bool(pg.diagonal().max() > 0):
             raise ValueError("pathgram: H = 0: no input-to-output path is open for any probe sample (a layer "
                              "whose gates are all closed, i.e. the net is dead on the probe batch, or x = 0)")
-        fact = cholesky_jitter(pg.h, self.jitter_start, self.jitter_max)
+        # in place: pg.h then holds the factor below the diagonal and H above it (no second P x P matrix)
+        fact = factorize(pg, self.jitter_start, self.jitter_max, condition=self.condition, rcond=self.rcond)
         q = quadratic_form(fact, Y)  # q(h); H = 2^e h  =>  q(H) = 2^-e q(h)
-        trace = torch.diagonal(pg.h).sum() + fact.shift * P
+        trace = pg.diagonal().sum() + fact.shift * P
         e = torch.tensor(-pg.exponent, dtype=torch.float64, device=q.device)
         records: list[Record] = [
             Scalar("pathgram/norm", torch.ldexp(q, e)),
             Scalar("pathgram/log10_norm", torch.log10(q) + e * math.log10(2.0)),
             Scalar("pathgram/norm_normalized", q * trace),
             Scalar("pathgram/jitter", fact.jitter),
+            Scalar("pathgram/singular", float(fact.singular)),
         ]
-        if self.condition == "estimate":
-            records.append(Scalar("pathgram/condition", condition_estimate(pg, fact)))
-        elif self.condition == "exact":
-            records.append(Scalar("pathgram/condition", condition_exact(pg, fact)))
-        if self.image is not None:
-            records.append(Image("pathgram/gram", gram_image(pg, Y, self.image, self.image_side)))
+        if self.condition != "off":
+            records.append(Scalar("pathgram/condition", fact.condition))
+        if self.image is not None and self.image_cadence.due(batch.step):
+            title = f"pathgram/gram: {'cosine of ' if self.image == 'cosine' else ''}path kernel H, step {batch.step}"
+            records.append(Image("pathgram/gram", gram_image(pg, Y, self.image, self.image_side, title)))
         return records

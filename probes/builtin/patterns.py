@@ -4,19 +4,22 @@ For each site (every activation kind; a gate is ``pre > 0`` on the activation's 
 the non-zero outputs) and the ``P`` probe samples:
 
 - ``patterns/<site>/active_fraction``: fraction of gate bits that are open;
-- ``patterns/<site>/dead_units`` / ``always_on_units``: units closed / open for every sample (a unit is a
-  feature, the last axis, of 2-D and 3-D activations and a channel, axis 1, of 4-D/5-D ones; ``unit_dim``
-  overrides);
+- ``patterns/<site>/dead_on_probe_batch`` / ``always_on_units``: units closed / open for every sample of
+  the probe batch (``relu_zeros/<site>/dead_in_window`` counts units never open in the training window
+  instead; a unit is a feature, the last axis, of 2-D and 3-D activations and a channel, axis 1, of 4-D/5-D
+  ones; ``unit_dim`` overrides);
 - ``patterns/<site>/churn``: fraction of gate bits that flipped since the previous measurement, and
   ``patterns/<site>/churn_from_init`` since the first one (both 0 at the first measurement);
 - ``patterns/distinct``: the number of distinct whole-network patterns (all selected sites together) among
   the ``P`` inputs, i.e. the linear regions of a piecewise-linear net that the probe batch meets;
-- image ``patterns/<site>``: the ``P x units`` gate matrix (bright = open), samples grouped by label with a
-  grey row between groups.
+- image ``patterns/<site>``: a labelled figure of the gate matrix, units (y) by probe samples (x), open gates
+  bright; samples grouped by label, a white line between groups and the label under each group.
 
 With ``save=True`` every measurement is also written as a packed snapshot (``np.packbits``) to
 ``<logdir>/patterns/step_XXXXXXXX.npz``; ``probes.functional.patterns.load_gates`` / ``load_all`` read them back
-without pickle. The previous and the first snapshots are kept on the device and go through
+without pickle. ``image_every`` (None: an image at every measurement; k: at the first, then once at least k
+steps have passed since the last image) thins the images without thinning the scalars. The previous and the
+first snapshots are kept on the device and go through
 ``state_dict`` so that churn continues across a checkpoint.
 """
 
@@ -30,7 +33,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from probes.figures import heatmap
+from probes import options
+from probes.figures import ImageCadence, gates_figure
 from probes.functional.patterns import save_gates, snapshot_path
 from probes.probe import Context, Probe, ProbeBatch
 from probes.records import Image, Record, Scalar
@@ -44,10 +48,10 @@ def _unit_dim(ndim: int, override: int | None) -> int:
     return ndim - 1 if ndim <= 3 else 1
 
 
-def _groups(y: torch.Tensor | None, P: int) -> tuple[torch.Tensor, list[int]]:
-    """Sample order grouping equal labels, and the positions where a new group starts."""
+def _groups(y: torch.Tensor | None, P: int) -> tuple[torch.Tensor, list[int], list[str]]:
+    """Sample order grouping equal labels, the positions where a new group starts, and the groups' labels."""
     if y is None or not isinstance(y, torch.Tensor) or y.shape[0] != P:
-        return torch.arange(P), []
+        return torch.arange(P), [], []
     key = y.detach().cpu()
     if key.ndim > 1:
         key = key.reshape(P, -1)
@@ -55,23 +59,34 @@ def _groups(y: torch.Tensor | None, P: int) -> tuple[torch.Tensor, list[int]]:
     order = torch.argsort(key.double(), stable=True)
     sorted_key = key[order]
     if torch.unique(sorted_key).numel() > 64:  # regression targets: ordered, not grouped
-        return order, []
+        return order, [], []
     starts = (torch.nonzero(sorted_key[1:] != sorted_key[:-1]).flatten() + 1).tolist()
-    return order, starts
+    names = [f"{v:g}" for v in sorted_key[[0, *starts]].double().tolist()]
+    return order, starts, names
 
 
-def gate_image(gates: torch.Tensor, order: torch.Tensor, starts: list[int]) -> np.ndarray:
-    """Pixels of a P x units gate matrix, rows in ``order``, a separator row before every group start."""
-    m = gates.reshape(gates.shape[0], -1).to(torch.uint8).cpu().numpy()[order.numpy()].astype(np.float32)
-    if starts:
-        sep = np.full((1, m.shape[1]), 0.5, dtype=np.float32)
-        pieces, prev = [], 0
-        for s in starts:
-            pieces += [m[prev:s], sep]
-            prev = s
-        pieces.append(m[prev:])
-        m = np.concatenate(pieces, axis=0)
-    return heatmap(m, lo=0.0, hi=1.0)
+#: a gate image has at most this many rows (blocks of gates averaged beyond it)
+MAX_IMAGE_ROWS = 512
+
+
+def gate_image(gates: torch.Tensor, order: torch.Tensor, starts: list[int], names: Sequence[str] = (),
+               title: str = "gates on the probe batch", ndim: int = 2) -> np.ndarray:
+    """Figure of a P x units gate matrix: units (y) by samples (x) in ``order``, a line before every group
+    start, the groups' labels ``names`` under them."""
+    flat = gates.reshape(gates.shape[0], -1)
+    unit = "unit" if ndim <= 2 else "gate (unit x position, flattened)"
+    units = flat.shape[1]
+    if units > MAX_IMAGE_ROWS:  # more gates than pixel rows: show the open fraction of blocks of gates
+        block = -(-units // MAX_IMAGE_ROWS)
+        pad = block * MAX_IMAGE_ROWS - units
+        if pad:
+            flat = torch.cat([flat, flat.new_zeros(flat.shape[0], pad)], dim=1)
+        counts = flat.reshape(flat.shape[0], MAX_IMAGE_ROWS, block).sum(dim=2, dtype=torch.int32)
+        m = (counts.float() / block).cpu().numpy()[order.numpy()]
+        unit = f"{unit}, open fraction of blocks of {block}"
+    else:
+        m = flat.to(torch.uint8).cpu().numpy()[order.numpy()]
+    return gates_figure(m, starts, names, title=title, unit_label=unit, total=units)
 
 
 def distinct_rows(bits: torch.Tensor) -> torch.Tensor:
@@ -91,22 +106,20 @@ class Patterns(Probe):
     """Gate patterns ``pre > 0`` per site on the probe batch: activity, dead units, churn, distinct regions."""
 
     name = "patterns"
-    description = "gate patterns (pre > 0) on the probe batch: active fraction, dead units, churn, distinct regions"
+    description = "which ReLU gates are open on the probe batch and how they change"
     every = 100
     passive = False
     needs_sites = True
+    site_values = frozenset({"gate"})
     needs_probe_data = True
 
     def __init__(self, sites: str | Sequence[str] | None = None, unit_dim: int | None = None, image: bool = True,
-                 save: bool = False, directory: str | None = None) -> None:
-        if isinstance(sites, str):
-            sites = [sites]
-        self.sites = list(sites) if sites is not None else None
-        if self.sites is not None and not all(isinstance(s, str) and s for s in self.sites):
-            raise TypeError(f"patterns: sites must be site names or fnmatch patterns, got {sites!r}")
-        self.unit_dim = unit_dim
-        self.image = bool(image)
-        self.save = bool(save)
+                 save: bool = False, directory: str | None = None, image_every: int | None = None) -> None:
+        self.sites = options.names("patterns", "sites", sites)
+        self.unit_dim = options.integer("patterns", "unit_dim", unit_dim, optional=True)
+        self.image = options.flag("patterns", "image", image)
+        self.image_cadence = ImageCadence("patterns", image_every)
+        self.save = options.flag("patterns", "save", save)
         self.directory = directory
         self.first: dict[str, torch.Tensor] = {}
         self.previous: dict[str, torch.Tensor] = {}
@@ -147,7 +160,8 @@ class Patterns(Probe):
                 if old is not None and tuple(old.shape) != tuple(g.shape):
                     raise ValueError(f"patterns: site {n!r} has gate shape {tuple(g.shape)} but the {what} snapshot "
                                      f"had {tuple(old.shape)}; the probe batch or the model changed")
-        order, starts = _groups(batch.y, P) if self.image else (None, [])
+        draw = self.image and self.image_cadence.due(batch.step)
+        order, starts, group_names = _groups(batch.y, P) if draw else (None, [], [])
         records: list[Record] = []
         for n, g in gates.items():
             ud = _unit_dim(g.ndim, self.unit_dim)
@@ -159,14 +173,15 @@ class Patterns(Probe):
             prev = self.previous.get(n, g).to(g.device)
             first = self.first.get(n, g).to(g.device)
             records += [
-                Scalar(f"patterns/{n}/active_fraction", g.double().mean()),
-                Scalar(f"patterns/{n}/dead_units", (~per_unit_any).sum()),
+                Scalar(f"patterns/{n}/active_fraction", g.sum(dtype=torch.int64).double() / g.numel()),
+                Scalar(f"patterns/{n}/dead_on_probe_batch", (~per_unit_any).sum()),
                 Scalar(f"patterns/{n}/always_on_units", per_unit_all.sum()),
-                Scalar(f"patterns/{n}/churn", (g != prev).double().mean()),
-                Scalar(f"patterns/{n}/churn_from_init", (g != first).double().mean()),
+                Scalar(f"patterns/{n}/churn", (g != prev).sum(dtype=torch.int64).double() / g.numel()),
+                Scalar(f"patterns/{n}/churn_from_init", (g != first).sum(dtype=torch.int64).double() / g.numel()),
             ]
-            if self.image:
-                records.append(Image(f"patterns/{n}", gate_image(g, order, starts)))
+            if draw:
+                title = f"patterns/{n}: gates on the probe batch, step {batch.step}"
+                records.append(Image(f"patterns/{n}", gate_image(g, order, starts, group_names, title, g.ndim)))
         flat = torch.cat([g.reshape(P, -1) for g in gates.values()], dim=1)
         records.insert(0, Scalar("patterns/distinct", distinct_rows(flat)))
         for n, g in gates.items():

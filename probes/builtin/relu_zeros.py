@@ -40,7 +40,7 @@ class ReluZeros(Probe):
     """Counts exactly-zero ReLU outputs per site on training forwards (on device, one sync per flush)."""
 
     name = "relu_zeros"
-    description = "how many ReLU outputs are exactly zero in training, per layer; dead units (passive)"
+    description = "ReLU outputs that are exactly zero in training, per layer; dead units"
     every = 100
     passive = True
     needs_probe_data = False

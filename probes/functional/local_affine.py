@@ -17,8 +17,9 @@ Public functions:
 
 - ``check_piecewise_linear(model, x=None)``: raises ``NotPiecewiseLinearError`` naming the module.
   The check lives here, in three layers: (1) a **scan of the leaf modules** against
-  ``PIECEWISE_LINEAR_MODULES`` (training-mode Dropout / RReLU and BatchNorm with batch statistics are
-  rejected too: they are random or mix samples); (2) with an input, a **trace of one forward** under a
+  ``PIECEWISE_LINEAR_MODULES`` (identities count: ``nn.Identity`` and an empty ``nn.Sequential()``, the
+  shortcut of a standard ResNet block; training-mode Dropout / RReLU and BatchNorm with batch statistics are
+  rejected: they are random or mix samples); (2) with an input, a **trace of one forward** under a
   ``TorchFunctionMode`` that rejects smooth functional calls (``torch.tanh``, ``F.gelu``, ``exp``, ...) made
   in any ``forward``, naming the calling module; (3) a **curvature test**: the second directional derivative
   ``d^2/dt^2 f(x + t v)`` by nested ``torch.func.jvp`` is exactly zero for a piecewise-linear map, so any
@@ -99,10 +100,21 @@ def _leaf_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(p, m) for p, m in model.named_modules() if not any(True for _ in m.children())]
 
 
+#: containers that, left empty, are leaves of the module tree: an empty ``nn.Sequential`` is the identity (the
+#: shortcut of a ResNet block without downsampling), the other two are never called
+EMPTY_CONTAINERS: tuple[type[nn.Module], ...] = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
+def is_identity_module(m: nn.Module) -> bool:
+    """``nn.Identity`` or an empty container (``nn.Sequential()`` returns its input unchanged); a subclass of a
+    container may define its own ``forward``, so only the containers themselves count."""
+    return isinstance(m, nn.Identity) or (type(m) in EMPTY_CONTAINERS and not any(True for _ in m.children()))
+
+
 def _scan_modules(model: nn.Module, who: str, allow: tuple[type[nn.Module], ...], assume_eval: bool) -> None:
     for path, m in _leaf_modules(model):
         name = f"{path or '<root>'!r} ({type(m).__name__})"
-        if isinstance(m, allow):
+        if isinstance(m, allow) or is_identity_module(m):
             continue
         if not isinstance(m, PIECEWISE_LINEAR_MODULES):
             raise NotPiecewiseLinearError(
@@ -343,9 +355,9 @@ def trainable_names(model: nn.Module) -> list[str]:
 
 def default_dtype_of(name: Any) -> torch.dtype | None:
     """``"float64"`` / ``torch.float64`` / ``None`` (the model's own) -> a torch dtype or None."""
-    if name is None or isinstance(name, torch.dtype):
-        return name
-    dt = getattr(torch, str(name), None)
+    if name is None:
+        return None
+    dt = name if isinstance(name, torch.dtype) else getattr(torch, str(name), None)
     if not isinstance(dt, torch.dtype) or not dt.is_floating_point:
         raise ValueError(f"linear_region: dtype must be a floating torch dtype name, got {name!r}")
     return dt

@@ -9,27 +9,54 @@ every trainable parameter (``requires_grad=True``). Two kernels are offered:
 - ``mode="full"``: the ``PC x PC`` kernel ``Theta_(i,a),(j,b) = J_a(x_i) . J_b(x_j)``, row ``i * C + a``
   (``.reshape(P, C, P, C)`` gives neural-tangents' ``(P, P, C, C)`` layout after a transpose).
 
-Fast path (Linear layers). For an ``nn.Linear`` with inputs ``z`` and output gradients
-``g = df_c / d(output)``, the per-sample weight gradient is ``sum_k g_k z_k^T`` and the bias gradient
-``sum_k g_k`` (``k`` runs over the calls of the layer within one sample's forward and over positions
-of a sequence axis). Hence
+Layerwise path (structured derivatives, as in Novak et al. 2022, "Fast finite width neural tangent kernel").
+``Theta = sum_l Theta_l`` over parameter-owning layers; for a layer with inputs ``z`` and output gradients
+``g = df_c / d(output)`` (from one ``torch.autograd.grad`` per output ``c`` of ``sum_i f_c(x_i)``, valid because
+samples do not interact, which is checked), the per-sample gradient of each standard layer is a sum over
+*positions* ``k`` (calls of the layer within one sample's forward, sequence positions, output pixels):
 
-    Theta_ij += sum_{k,k'} (g_ik . g_jk') (z_ik . z_jk' + 1_bias),
+- ``nn.Linear``: ``dW = sum_k g_k z_k^T``, ``db = sum_k g_k``;
+- ``nn.Conv1d/2d/3d`` (any stride, padding, padding mode, dilation, groups): the same with ``z_k`` the
+  unfolded input patch of output position ``k``, per group (the weight is block diagonal over groups);
+- ``nn.LayerNorm``, ``nn.GroupNorm``, ``nn.BatchNorm1d/2d/3d`` in eval mode: ``dgamma = sum_k g_k * xhat_k``,
+  ``dbeta = sum_k g_k`` (``xhat`` the normalised input, recomputed with torch's own formula);
+- ``nn.Embedding``: ``dE = sum_k e_{t_k} g_k^T`` (rows selected by the tokens ``t``).
 
-which for a layer called once per sample is ``(G G^T) * (Z Z^T + 1)``. ``Z`` comes from a forward hook,
-``G`` from one ``torch.autograd.grad`` per output ``c`` of ``sum_i f_c(x_i)`` with respect to the
-layer's outputs (valid because samples do not interact, which is checked). No ``P x n_params``
-Jacobian is formed. Pairs of calls are summed (nngeometry's ``Linear`` handler counts a layer called
-twice wrongly); when a layer has many positions, the per-sample outer products ``sum_k g_k z_k^T``
-are contracted instead, whichever costs fewer operations.
+Hence, with a bias as a constant input 1 appended to ``z``,
 
-Fallback (everything else: convolutions, norm layers, embeddings, a Linear whose weight is tied or
-used outside its own ``forward``, any custom module). Per-sample Jacobians of those parameters only,
-``torch.func.vmap(jacrev(functional_call))``, in chunks of samples, contracted block by block.
+    Theta_ij += sum_grp sum_{k,k'} (g_ik . g_jk') (z_ik . z_jk')                  (Linear, Conv)
+    Theta_ij += sum_{k,k'} [t_ik = t_jk'] g_ik . g_jk'                             (Embedding)
+    Theta_ij += D_i . D_j,  D_i the per-sample gradient (gamma, beta)              (norm layers)
 
-A Linear is on the fast path when, in two small discovery passes (1 and 2 samples), every call sees
-the sample axis first (``input.shape[0] ==`` batch size) and the gradients from the hooks reproduce
-autograd's gradient of its weight and bias; ``ntk_plan`` shows the decision and the reasons.
+Each layer takes, automatically, the cheaper of two contractions: the *pairwise-position* one above
+(``K^2 (n + d)`` per pair of samples, ``K`` positions, ``n`` outputs, ``d`` inputs) or the *outer-product* one,
+forming the per-sample gradients ``D_i = sum_k g_ik z_ik^T`` (``n d`` per pair, when they fit in memory).
+No ``P x n_params`` Jacobian of the whole model is formed. nngeometry's ``Linear`` handler counts a layer
+called twice wrongly (it drops the cross terms ``k != k'``); they are summed here.
+
+Cost: ``C`` backward passes (one per output; ``torch.func`` needs the same vector-Jacobian products) plus
+``P^2 sum_l min(C n_l d_l, K_l^2 (C n_l + d_l))`` for the products (``C`` replaced by 1 in ``n``-dimension counts
+of ``mode="full"``). For ``K = 1`` (MLPs) the second term is far below ``torch.func``'s ``P^2 C n_params``; for
+layers with many positions (convolutions over images, Linear layers over long sequences) the outer-product
+route wins and costs what ``J J^T`` costs, so the gain there comes only from the per-sample gradients
+(measured 1.3-1.4x ``torch.func`` on a small ResNet and a small transformer, one thread; see benchmarks/ntk.py).
+
+Fallback (a parameter of any other module, a layer whose weight is tied to another module, used outside its
+own ``forward``, or computed by a parametrization). Per-sample Jacobians of those parameters only,
+``torch.func.vmap(jacrev(functional_call))``. Each per-sample Jacobian is computed once: the parameters are
+split into groups whose Jacobians for all ``P`` samples fit ``FALLBACK_BUDGET`` (a larger tensor into slices
+along its first axis), and ``Theta += J_grp J_grp^T`` group by group (cost linear in ``P`` per Jacobian). Only
+when one row of one parameter does not fit are its sample blocks recomputed per pair of blocks.
+
+A layer is on the layerwise path when, in two small discovery passes (1 and 2 samples), every call sees the
+sample axis first, is called equally often per sample, and the gradients of its parameters through its own
+calls (the module re-run on the recorded inputs) reproduce autograd's gradient of the whole model;
+``ntk_plan`` shows the decision and, for every parameter left to the fallback, the reason.
+
+Large ``P``: ``ntk_operator`` keeps the same layerwise factors and gives ``Theta V`` blockwise without forming
+the ``P x P`` kernel (for ``D`` held: ``D (D^T V)``; for factors: ``W = sum_j v_j g_j z_j^T``, then
+``(Theta v)_i = sum_k g_ik^T W z_ik``; for embeddings a scatter-add into the table), and the diagonal exactly
+(per-sample gradient norms), for the Krylov eigen solver ``probes.functional.spectra.top_eigenvalues``.
 
 Samples must not interact: a BatchNorm that normalises with batch statistics (training mode, or
 ``track_running_stats=False``) is rejected by name, active dropout too, and the output of sample 0 alone
@@ -40,26 +67,30 @@ parameter is touched.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, jacrev, vmap
 
 MODES = ("trace", "full")
 REDUCTIONS = ("sum", "mean")
 
-#: bytes of fallback Jacobians (all samples) kept at once; above it, blocks are recomputed per pair
+#: bytes of fallback Jacobians (all samples) of one parameter group; also the cap on per-sample gradients D
 FALLBACK_BUDGET = 1 << 30
 #: bytes of one chunk of per-sample Jacobians in the fallback (sets its default chunk size)
 FALLBACK_CHUNK_BYTES = 1 << 27
 #: bytes of the temporaries of one row strip of the layerwise products (sets the strip height)
 STRIP_BYTES = 1 << 28
-#: default samples per forward/backward of the fast path
+#: default samples per forward/backward of the layerwise path (lowered for layers with many positions)
 FAST_CHUNK = 2048
-#: how a Linear called k > 1 times is contracted: "auto" (fewer operations), "pairs" or "outer" (for tests)
+#: bytes of the recorded factors of one forward/backward chunk (sets the chunk when FAST_CHUNK is too many)
+FACTOR_CHUNK_BYTES = 1 << 28
+#: how a layer is contracted: "auto" (fewer operations), "pairs" or "outer" (for tests)
 PAIRS_METHOD = "auto"
 
 
@@ -69,20 +100,19 @@ class SampleMixingError(ValueError):
 
 @dataclass
 class NTKPlan:
-    """How ``empirical_ntk`` splits a model: Linear modules on the fast path, parameters for ``torch.func``.
+    """How ``empirical_ntk`` splits a model: layers on the layerwise path, parameters for ``torch.func``.
 
-    ``fast``: module path -> number of calls per forward; ``fallback``: parameter names handled by
-    per-sample Jacobians; ``reasons``: module path -> why a Linear was left off the fast path;
-    ``outputs``: ``C``, the number of output values per sample.
+    ``fast``: module path -> number of calls per forward; ``kinds``: module path -> layer kind ("Linear",
+    "Conv2d", "LayerNorm", ...); ``fallback``: parameter names handled by per-sample Jacobians; ``reasons``:
+    module path -> why its parameters were left to the fallback; ``outputs``: ``C``, output values per sample.
     """
 
     fast: dict[str, int] = field(default_factory=dict)
     fallback: list[str] = field(default_factory=list)
     reasons: dict[str, str] = field(default_factory=dict)
     outputs: int = 0
-    modules: dict[str, nn.Linear] = field(default_factory=dict, repr=False)
-
-
+    kinds: dict[str, str] = field(default_factory=dict)
+    modules: dict[str, nn.Module] = field(default_factory=dict, repr=False)
 # ------------------------------------------------------------------------------------------------
 # inputs
 # ------------------------------------------------------------------------------------------------
@@ -151,77 +181,334 @@ def _owners(model: nn.Module) -> dict[int, set[int]]:
     return owners
 
 
-def _is_plain_linear(m: nn.Module) -> bool:
-    return isinstance(m, nn.Linear) and type(m).forward is nn.Linear.forward
+
+# ------------------------------------------------------------------------------------------------
+# per-layer structure: terms of the kernel
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class _Grad:
+    """Per-sample gradients ``D`` (B, Ce, n): ``Theta_(i,a),(j,b) += D_ia . D_jb``."""
+
+    D: torch.Tensor
 
 
-def _linear_input(args: tuple, kwargs: dict) -> torch.Tensor:
-    return args[0] if args else kwargs["input"]
+@dataclass
+class _Pairs:
+    """``G`` (B, Ce, K, g, n), ``Z`` (B, K, g, d): ``Theta += sum_grp sum_{k,k'} (G_k . G_k') (Z_k . Z_k')``."""
+
+    G: torch.Tensor
+    Z: torch.Tensor
+
+
+@dataclass
+class _Embed:
+    """``G`` (B, Ce, K, d), tokens ``T`` (B, K) into ``V`` rows: ``Theta += sum_{k,k'} [T_k = T_k'] G_k . G_k'``."""
+
+    G: torch.Tensor
+    T: torch.Tensor
+    V: int
+
+
+_Term = _Grad | _Pairs | _Embed
+
+
+def _first(args: tuple, kwargs: dict, name: str = "input") -> Any:
+    return args[0] if args else kwargs.get(name)
+
+
+class _Kind:
+    """A standard layer with a layerwise formula: which modules, the sample layout, the kernel term of one call."""
+
+    bases: tuple[type, ...] = ()
+
+    def matches(self, m: nn.Module) -> bool:
+        return any(isinstance(m, b) and type(m).forward is b.forward for b in self.bases)
+
+    def unsupported(self, m: nn.Module) -> str | None:
+        """Why a module of this kind cannot take the layerwise path whatever its inputs (None: it can)."""
+        return None
+
+    def layout(self, m: nn.Module, x: Any) -> str | None:
+        """Why this input does not have the samples along its first axis in the expected layout (None: fine)."""
+        return None if isinstance(x, torch.Tensor) and x.ndim >= 1 else "its input is not a tensor with a sample axis"
+
+    def term(self, m: nn.Module, x: torch.Tensor, g: torch.Tensor) -> _Term:
+        """The kernel term of one call: input ``x`` (B, ...), output gradients ``g`` (B, C, *output.shape[1:])."""
+        raise NotImplementedError
+
+
+def _with_ones(Z: torch.Tensor, m: nn.Module) -> torch.Tensor:
+    """``[z, 1]`` for a trainable weight and bias, ``z`` or ``1`` alone when only one of them trains."""
+    parts = []
+    if m.weight.requires_grad:
+        parts.append(Z)
+    if m.bias is not None and m.bias.requires_grad:
+        parts.append(Z.new_ones(Z.shape[:-1] + (1,)))
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+
+
+class _LinearKind(_Kind):
+    bases = (nn.Linear,)
+
+    def layout(self, m, x):
+        if not isinstance(x, torch.Tensor) or x.ndim < 2:
+            return "its input has no sample axis (an unbatched call)"
+        return None
+
+    def term(self, m, x, g):
+        B, C = g.shape[:2]
+        Z = x.reshape(B, -1, 1, x.shape[-1])
+        G = g.reshape(B, C, Z.shape[1], 1, g.shape[-1])
+        return _Pairs(G, _with_ones(Z.to(g.dtype), m))
+
+
+class _ConvKind(_Kind):
+    bases = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+    def layout(self, m, x):
+        n = len(m.kernel_size)
+        if not isinstance(x, torch.Tensor) or x.ndim != n + 2:
+            return f"its input is not batched (expected {n + 2} dimensions)"
+        return None
+
+    def term(self, m, x, g):
+        """Patches ``z_k`` by unfolding the padded input (``Tensor.unfold`` per spatial axis, then ``::dilation``)."""
+        B, C = g.shape[:2]
+        groups, n = m.groups, len(m.kernel_size)
+        pad = list(m._reversed_padding_repeated_twice)
+        if any(pad):
+            mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
+            x = F.pad(x, pad, mode=mode)
+        for i in range(n):
+            x = x.unfold(2 + i, m.dilation[i] * (m.kernel_size[i] - 1) + 1, m.stride[i])
+        x = x[(Ellipsis,) + tuple(slice(None, None, d) for d in m.dilation)]  # (B, Cin, *O, *k)
+        out_shape = x.shape[2:2 + n]
+        K = math.prod(out_shape)
+        perm = (0,) + tuple(range(2, 2 + n)) + (1,) + tuple(range(2 + n, 2 + 2 * n))
+        Z = x.permute(perm).reshape(B, K, groups, -1)  # per group: (Cin / groups) * prod(k), the weight's layout
+        G = g.reshape(B, C, m.out_channels, K).transpose(2, 3).reshape(B, C, K, groups, m.out_channels // groups)
+        return _Pairs(G, _with_ones(Z.to(g.dtype), m))
+
+
+class _NormKind(_Kind):
+    """LayerNorm, GroupNorm, BatchNorm (eval): ``D = [sum_k g_k * xhat_k, sum_k g_k]`` per sample."""
+
+    bases = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+    def unsupported(self, m):
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.training or m.running_mean is None):
+            return "a BatchNorm normalising with batch statistics"
+        return None
+
+    def layout(self, m, x):
+        if not isinstance(x, torch.Tensor):
+            return "its input is not a tensor"
+        if isinstance(m, nn.LayerNorm):
+            if x.ndim <= len(m.normalized_shape):
+                return "its input has no sample axis outside the normalized shape"
+        elif x.ndim < 2:
+            return "its input has no sample axis (an unbatched call)"
+        return None
+
+    def term(self, m, x, g):
+        B, C = g.shape[:2]
+        if isinstance(m, nn.LayerNorm):
+            xhat = F.layer_norm(x, m.normalized_shape, None, None, m.eps)
+            nd = len(m.normalized_shape)
+            sum_dims = tuple(range(2, g.ndim - nd))
+        else:
+            if isinstance(m, nn.GroupNorm):
+                xhat = F.group_norm(x, m.num_groups, None, None, m.eps)
+            else:
+                xhat = F.batch_norm(x, m.running_mean, m.running_var, None, None, False, 0.0, m.eps)
+            sum_dims = tuple(range(3, g.ndim))
+        parts = []
+        if m.weight is not None and m.weight.requires_grad:
+            gx = g * xhat.unsqueeze(1).to(g.dtype)
+            parts.append((gx.sum(sum_dims) if sum_dims else gx).reshape(B, C, -1))
+        if m.bias is not None and m.bias.requires_grad:
+            parts.append((g.sum(sum_dims) if sum_dims else g).reshape(B, C, -1))
+        return _Grad(parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1))
+
+
+class _EmbeddingKind(_Kind):
+    bases = (nn.Embedding,)
+
+    def unsupported(self, m):
+        if m.max_norm is not None:
+            return "max_norm renormalises the weight in place during the forward"
+        if m.scale_grad_by_freq:
+            return "scale_grad_by_freq scales its gradient by token counts of the whole batch"
+        return None
+
+    def term(self, m, x, g):
+        B, C = g.shape[:2]
+        T = x.reshape(B, -1).long()
+        G = g.reshape(B, C, T.shape[1], m.embedding_dim)
+        if m.padding_idx is not None:  # the padding row gets no gradient
+            G = G * (T != m.padding_idx)[:, None, :, None].to(G.dtype)
+        return _Embed(G, T, m.num_embeddings)
+
+
+_KINDS: tuple[_Kind, ...] = (_LinearKind(), _ConvKind(), _NormKind(), _EmbeddingKind())
+
+
+def _kind_of(m: nn.Module) -> _Kind | None:
+    for k in _KINDS:
+        if k.matches(m):
+            return k
+    return None
+
+
+def _own_params(m: nn.Module) -> dict[str, torch.Tensor]:
+    """The trainable parameters a layer registers itself (``weight``, ``bias``)."""
+    return {n: p for n, p in m._parameters.items() if p is not None and p.requires_grad}
+
+
+def _merge(terms: list[_Term]) -> _Term:
+    """One term for all calls of a layer within a forward: positions concatenated, gradients summed."""
+    t0 = terms[0]
+    if len(terms) == 1:
+        return t0
+    if isinstance(t0, _Grad):
+        return _Grad(torch.stack([t.D for t in terms]).sum(0))
+    if isinstance(t0, _Pairs):
+        return _Pairs(torch.cat([t.G for t in terms], dim=2), torch.cat([t.Z for t in terms], dim=1))
+    return _Embed(torch.cat([t.G for t in terms], dim=2), torch.cat([t.T for t in terms], dim=1), t0.V)
+
+
+def _traced(t: _Term, mode: str) -> _Term:
+    """``mode="trace"``: fold the output axis into the feature axis (``sum_c g_c . g'_c = [g_c]_c . [g'_c]_c``)."""
+    if mode == "full":
+        return t
+    if isinstance(t, _Grad):
+        return _Grad(t.D.reshape(t.D.shape[0], 1, -1))
+    if isinstance(t, _Pairs):
+        B, C, K, g, n = t.G.shape
+        return _Pairs(t.G.permute(0, 2, 3, 1, 4).reshape(B, 1, K, g, C * n), t.Z)
+    B, C, K, d = t.G.shape
+    return _Embed(t.G.permute(0, 2, 1, 3).reshape(B, 1, K, C * d), t.T, t.V)
+
+
+def _embed_dense(t: _Embed) -> torch.Tensor:
+    """Per-sample gradients of the table, ``D_i = sum_k e_{t_ik} g_ik^T`` (B, Ce, V d), by a scatter-add."""
+    B, Ce, K, d = t.G.shape
+    D = t.G.new_zeros(B, t.V, Ce, d)
+    D.scatter_add_(1, t.T[:, :, None, None].expand(B, K, Ce, d), t.G.permute(0, 2, 1, 3))
+    return D.permute(0, 2, 1, 3).reshape(B, Ce, t.V * d)
+
+
+def _route(t: _Term, P: int, itemsize: int, target: str) -> str:
+    """"outer" (per-sample gradients D) or "pairs" (pairwise positions), by operation count per pair of samples
+    (``target="dense"``: the ``P x P`` products) or by memory (``target="operator"``: what ``Theta v`` keeps)."""
+    if isinstance(t, _Grad):
+        return "outer"
+    if isinstance(t, _Pairs):
+        B, Ce, K, g, n = t.G.shape
+        d = t.Z.shape[-1]
+        outer_size = Ce * g * n * d
+        pair_cost, factor_size = g * K * K * (Ce * Ce * n + d), Ce * K * g * n + K * g * d
+    else:
+        B, Ce, K, d = t.G.shape
+        outer_size = Ce * t.V * d
+        pair_cost, factor_size = K * K * (Ce * Ce * d + 1), Ce * K * d + K
+    fits = P * outer_size * itemsize <= FALLBACK_BUDGET
+    if PAIRS_METHOD != "auto":
+        return "outer" if (PAIRS_METHOD == "outer" and fits) else "pairs"
+    if target == "operator":
+        return "outer" if fits and outer_size <= factor_size else "pairs"
+    return "outer" if fits and Ce * outer_size < pair_cost else "pairs"
+
+
+def _to_outer(t: _Term) -> _Grad:
+    if isinstance(t, _Grad):
+        return t
+    if isinstance(t, _Pairs):
+        B, Ce = t.G.shape[:2]
+        return _Grad(torch.einsum("pckgn,pkgd->pcgnd", t.G, t.Z).reshape(B, Ce, -1))
+    return _Grad(_embed_dense(t))
 
 
 # ------------------------------------------------------------------------------------------------
-# plan: which Linear layers take the fast path
+# plan: which layers take the layerwise path
 # ------------------------------------------------------------------------------------------------
 def ntk_plan(model: nn.Module, x: Any, *, fast_path: bool = True, who: str = "empirical_ntk") -> NTKPlan:
-    """Decide the fast-path Linears and the fallback parameters (two forwards on one and two samples).
+    """Decide the layerwise layers and the fallback parameters (two forwards on one and two samples).
 
-    Also checks that samples do not interact (``SampleMixingError``).
+    Also checks that samples do not interact (``SampleMixingError``). ``reasons`` names every module whose
+    parameters go to the fallback and why (no layerwise formula for its type, tied weights, use outside its
+    own ``forward``, ...).
     """
     args, P = _as_args(x, who)
     _check_modules(model, who)
     params = _trainable(model, who)
     name_of = {id(p): n for n, p in params.items()}
     plan = NTKPlan()
-    candidates: dict[str, nn.Linear] = {}
+    candidates: dict[str, tuple[nn.Module, _Kind]] = {}
     owners = _owners(model)
     for path, m in model.named_modules():
-        if not isinstance(m, nn.Linear):
+        direct = [p for p in m._parameters.values() if p is not None and p.requires_grad]
+        kind = _kind_of(m)
+        label = path or "<root>"
+        if kind is None:
+            base = next((b for k in _KINDS for b in k.bases if isinstance(m, b)), None)
+            if base is not None and direct:
+                plan.reasons[label] = f"{type(m).__name__} overrides {base.__name__}.forward"
+            elif base is not None and any(p.requires_grad for p in m.parameters()):
+                plan.reasons[label] = "its weight or bias is computed (a parametrization), not a plain parameter"
+            elif direct:
+                plan.reasons[label] = f"no layerwise formula for {type(m).__name__}"
             continue
-        own = [p for p in (m.weight, m.bias) if p is not None and p.requires_grad]
-        if not own:
+        params_m = [p for n, p in m.named_parameters() if p.requires_grad]
+        if not params_m:
             continue
-        direct = all(any(p is q for q in m._parameters.values()) for p in own)
-        if not fast_path:
-            plan.reasons[path] = "fast_path=False"
-        elif not direct:
-            plan.reasons[path] = "its weight or bias is computed (a parametrization), not a plain parameter"
-        elif not _is_plain_linear(m):
-            plan.reasons[path] = f"{type(m).__name__} overrides Linear.forward"
-        elif any(len(owners.get(id(p), ())) > 1 for p in own):
-            plan.reasons[path] = "its parameters are registered in another module too (tied weights)"
+        if len(direct) != len(params_m):
+            plan.reasons[label] = "its weight or bias is computed (a parametrization), not a plain parameter"
+        elif not fast_path:
+            plan.reasons[label] = "fast_path=False"
+        elif (why := kind.unsupported(m)) is not None:
+            plan.reasons[label] = why
+        elif any(len(owners.get(id(p), ())) > 1 for p in direct):
+            plan.reasons[label] = "its parameters are registered in another module too (tied weights)"
         else:
-            candidates[path] = m
+            candidates[path] = (m, kind)
 
-    calls: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {p: [] for p in candidates}
-    leading: dict[str, list[tuple[int, int]]] = {p: [] for p in candidates}  # (batch size, input.shape[0])
+    calls: dict[str, list[tuple[tuple, dict, torch.Tensor]]] = {p: [] for p in candidates}
+    layouts: dict[str, list[str | None]] = {p: [] for p in candidates}
     recording = {"on": False, "b": 0}
 
-    def make_hook(path: str):
+    def make_hook(path: str, kind: _Kind):
         def hook(module, hargs, hkwargs, output):
-            z = _linear_input(hargs, hkwargs)
-            leading[path].append((recording["b"], int(z.shape[0]) if z.ndim else -1))
-            if recording["on"]:
-                calls[path].append((z.detach(), output))
+            xin = _first(hargs, hkwargs)
+            why = kind.layout(module, xin)
+            b = recording["b"]
+            if why is None and int(xin.shape[0]) != b:
+                why = "a call does not see the samples along the input's first axis"
+            if why is None and not (isinstance(output, torch.Tensor) and output.ndim >= 1 and output.shape[0] == b):
+                why = "a call does not return the samples along the output's first axis"
+            layouts[path].append(why)
+            if recording["on"] and isinstance(output, torch.Tensor):
+                calls[path].append((_detached(hargs), _detached(hkwargs), output))
                 return output.clone()  # later in-place ops must not alter the recorded output
             return None
         return hook
 
-    handles = [m.register_forward_hook(make_hook(p), with_kwargs=True) for p, m in candidates.items()]
+    handles = [m.register_forward_hook(make_hook(p, k), with_kwargs=True) for p, (m, k) in candidates.items()]
     b2 = min(P, 2)
     weights = torch.linspace(1.0, 2.0, 7)
     try:
-        with torch.no_grad():
+        with torch.enable_grad():  # as in the measured passes (some modules take fused paths without grad)
             recording["b"] = 1
-            out1 = _flat_output(model(*_take(args, 0, 1)), 1, who)
-        counts1 = {p: len(v) for p, v in leading.items()}
+            out1 = _flat_output(model(*_take(args, 0, 1)), 1, who).detach()
+        counts1 = {p: len(v) for p, v in layouts.items()}
         if b2 == 2:
             clones = {name_of[id(p)]: p.detach().clone().requires_grad_(True)
-                      for m in candidates.values() for p in (m.weight, m.bias) if p is not None and p.requires_grad}
+                      for m, _ in candidates.values() for p in _own_params(m).values()}
             recording.update(on=True, b=2)
             with torch.enable_grad():
                 out2 = _flat_output(functional_call(model, clones, _take(args, 0, 2)), 2, who)
                 w = weights.to(out2.device, out2.dtype).repeat(out2.shape[1] // 7 + 1)[:out2.shape[1]]
-                recorded = [o for p in candidates for _, o in calls[p]]
+                recorded = [o for p in candidates for _, _, o in calls[p]]
                 targets = list(clones.values()) + recorded
                 if targets and out2.requires_grad:
                     grads = list(torch.autograd.grad((out2 * w).sum(), targets, allow_unused=True))
@@ -231,27 +518,46 @@ def ntk_plan(model: nn.Module, x: Any, *, fast_path: bool = True, who: str = "em
             _check_mixing(out1, out2, who)
             pgrad = dict(zip(clones, grads[:len(clones)]))
             ograd = iter(grads[len(clones):])
-            for path, m in candidates.items():
+            for path, (m, _kind) in candidates.items():
                 gs = [next(ograd) for _ in calls[path]]
-                reason = _check_linear(path, m, leading[path], counts1[path], calls[path], gs, pgrad, name_of)
+                reason = next((why for why in layouts[path] if why), None)
+                if reason is None and len(calls[path]) != counts1[path]:
+                    reason = (f"called {counts1[path]} time(s) in a forward of one sample but {len(calls[path])} for "
+                              "two (data-dependent)")
+                if reason is None:
+                    reason = _check_own_gradient(m, calls[path], gs, pgrad, name_of)
                 if reason:
-                    plan.reasons[path] = reason
+                    plan.reasons[path or "<root>"] = reason
         else:
             for path in candidates:
-                if any(b != lead for b, lead in leading[path]):
-                    plan.reasons[path] = "a call does not see the samples along the input's first axis"
+                reason = next((why for why in layouts[path] if why), None)
+                if reason:
+                    plan.reasons[path or "<root>"] = reason
     finally:
         for h in handles:
             h.remove()
         calls.clear()
     plan.outputs = int(out1.shape[1])
-    for path, m in candidates.items():
-        if path not in plan.reasons and counts1[path] > 0:
+    for path, (m, _kind) in candidates.items():
+        if (path or "<root>") not in plan.reasons and counts1[path] > 0:
             plan.fast[path] = counts1[path]
+            plan.kinds[path] = type(m).__name__
             plan.modules[path] = m
-    fast_ids = {id(p) for m in plan.modules.values() for p in (m.weight, m.bias) if p is not None}
+    fast_ids = {id(p) for m in plan.modules.values() for p in _own_params(m).values()}
     plan.fallback = [n for n, p in params.items() if id(p) not in fast_ids]
     return plan
+
+
+def _detached(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.detach()
+    if isinstance(obj, tuple):
+        return tuple(_detached(o) for o in obj)
+    if isinstance(obj, list):
+        return [_detached(o) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _detached(v) for k, v in obj.items()}
+    return obj
 
 
 def _check_mixing(out1: torch.Tensor, out2: torch.Tensor, who: str) -> None:
@@ -267,62 +573,74 @@ def _check_mixing(out1: torch.Tensor, out2: torch.Tensor, who: str) -> None:
             "so the per-sample NTK is undefined. Evaluate in eval mode without cross-sample operations")
 
 
-def _check_linear(path: str, m: nn.Linear, leading: list[tuple[int, int]], calls1: int,
-                  calls: list[tuple[torch.Tensor, torch.Tensor]], grads: list[torch.Tensor | None],
-                  pgrad: dict[str, torch.Tensor | None], name_of: dict[int, str]) -> str | None:
-    """Why this Linear cannot take the fast path, or None."""
-    if any(b != lead for b, lead in leading):
-        return "a call does not see the samples along the input's first axis"
-    if len(calls) != calls1:
-        return f"called {calls1} time(s) in a forward of one sample but {len(calls)} for two (data-dependent)"
+def _check_own_gradient(m: nn.Module, calls: list[tuple[tuple, dict, torch.Tensor]],
+                        grads: list[torch.Tensor | None], pgrad: dict[str, torch.Tensor | None],
+                        name_of: dict[int, str]) -> str | None:
+    """Why the layer's own calls do not account for its parameters' whole gradient, or None.
+
+    The module is re-run on each recorded input with fresh leaves for its parameters; the gradient of
+    ``sum_calls <output, recorded output gradient>`` must equal autograd's gradient through the whole model.
+    """
+    own = _own_params(m)
     if not calls:
         return None
-    dw = torch.zeros_like(m.weight)
-    db = torch.zeros_like(m.bias) if m.bias is not None else None
-    for (z, _), g in zip(calls, grads):
-        if g is None:
-            continue
-        g2 = g.reshape(-1, g.shape[-1])
-        dw += g2.T @ z.reshape(-1, z.shape[-1]).to(g2.dtype)
-        if db is not None:
-            db += g2.sum(0)
-    for p, mine in ((m.weight, dw), (m.bias, db)):
-        if p is None or not p.requires_grad:
-            continue
+    leaves = {n: p.detach().clone().requires_grad_(True) for n, p in own.items()}
+    total = None
+    with torch.enable_grad():
+        for (a, kw, _), g in zip(calls, grads):
+            if g is None:
+                continue
+            out = functional_call(m, leaves, a, kw)
+            s = (out * g).sum()
+            total = s if total is None else total + s
+    mine = (torch.autograd.grad(total, list(leaves.values()), allow_unused=True) if total is not None
+            else [None] * len(leaves))
+    for p, dp in zip(own.values(), mine):
         ref = pgrad.get(name_of[id(p)])
-        ref = torch.zeros_like(p) if ref is None else ref
-        tol = torch.finfo(p.dtype).eps ** 0.5 * (float(ref.abs().max()) + float(mine.abs().max())) + 1e-30
-        if float((ref - mine).abs().max()) > tol:
+        ref = torch.zeros_like(p) if ref is None else (ref.to_dense() if ref.is_sparse else ref)
+        dp = torch.zeros_like(p) if dp is None else (dp.to_dense() if dp.is_sparse else dp)
+        tol = torch.finfo(p.dtype).eps ** 0.5 * (float(ref.abs().max()) + float(dp.abs().max())) + 1e-30
+        if float((ref - dp).abs().max()) > tol:
             return "its parameters receive gradient from outside its own calls (used functionally elsewhere?)"
     return None
 
 
 # ------------------------------------------------------------------------------------------------
-# fast path: factors Z and G of each Linear
+# layerwise path: the terms of every layer, chunk by chunk
 # ------------------------------------------------------------------------------------------------
-@dataclass
-class _Factors:
-    G: list[torch.Tensor]  # per chunk: (m, Ce, K, n_out)
-    Z: list[torch.Tensor]  # per chunk: (m, K, d), d = n_in (+1 with a trainable bias)
+def _term_bytes(t: _Term) -> int:
+    if isinstance(t, _Grad):
+        return t.D.numel() * t.D.element_size()
+    if isinstance(t, _Pairs):
+        return (t.G.numel() + t.Z.numel()) * t.G.element_size()
+    return t.G.numel() * t.G.element_size() + t.T.numel() * 8
 
 
-def _linear_factors(model: nn.Module, args: tuple[torch.Tensor, ...], P: int, plan: NTKPlan, mode: str,
-                    chunk: int, dtype: torch.dtype, who: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """``G`` (P, Ce, K, n_out) and ``Z`` (P, K, d) in ``dtype`` for every fast-path Linear."""
+def _layer_terms(model: nn.Module, args: tuple[torch.Tensor, ...], P: int, plan: NTKPlan, mode: str,
+                 chunk: int | None, dtype: torch.dtype, who: str, target: str = "dense") -> dict[str, _Term]:
+    """One term per layerwise layer over all ``P`` samples, each reduced to its route (``_route``).
+
+    Terms whose route is "outer" are per-sample gradients ``D`` in ``dtype``; "pairs" factors are in ``dtype``
+    for ``target="dense"`` and in the precision they were computed in for ``target="operator"`` (converted
+    block by block later; exact, and half the memory for a float32 model).
+    """
     C = plan.outputs
-    factors = {p: _Factors([], []) for p in plan.fast}
-    calls: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {p: [] for p in plan.fast}
+    calls: dict[str, list[tuple[tuple, dict, torch.Tensor]]] = {p: [] for p in plan.fast}
+    kinds = {p: _kind_of(m) for p, m in plan.modules.items()}
+    full: dict[str, _Term] = {}
+    routes: dict[str, str] = {}
 
     def make_hook(path: str):
         def hook(module, hargs, hkwargs, output):
-            calls[path].append((_linear_input(hargs, hkwargs).detach(), output))
+            calls[path].append((hargs, hkwargs, output))
             return output.clone()
         return hook
 
     handles = [m.register_forward_hook(make_hook(p), with_kwargs=True) for p, m in plan.modules.items()]
     try:
-        for start in range(0, P, chunk):
-            stop = min(P, start + chunk)
+        start, size = 0, min(P, int(chunk) if chunk is not None else 8)
+        while start < P:
+            stop = min(P, start + size)
             m = stop - start
             for v in calls.values():
                 v.clear()
@@ -334,58 +652,82 @@ def _linear_factors(model: nn.Module, args: tuple[torch.Tensor, ...], P: int, pl
                 recorded = []
                 for path, k in plan.fast.items():
                     if len(calls[path]) != k:
-                        raise RuntimeError(f"{who}: Linear {path!r} was called {len(calls[path])} times in a forward "
-                                           f"of {m} samples and {k} times for one sample")
-                    for z, o in calls[path]:
-                        if int(z.shape[0]) != m:
-                            raise RuntimeError(f"{who}: Linear {path!r} saw an input of shape {tuple(z.shape)} in a "
-                                               f"forward of {m} samples (sample axis not first)")
+                        raise RuntimeError(f"{who}: {plan.kinds[path]} {path!r} was called {len(calls[path])} times "
+                                           f"in a forward of {m} samples and {k} times for one sample")
+                    for _, _, o in calls[path]:
+                        if int(o.shape[0]) != m:
+                            raise RuntimeError(f"{who}: {plan.kinds[path]} {path!r} returned an output of shape "
+                                               f"{tuple(o.shape)} in a forward of {m} samples (sample axis not first)")
                         recorded.append(o)
                 per_c: list[tuple[torch.Tensor | None, ...]] = []
                 for c in range(C):
-                    if not out.requires_grad:  # no fast-path layer reaches the output
+                    if not out.requires_grad:  # no layerwise layer reaches the output
                         per_c.append((None,) * len(recorded))
                         continue
                     per_c.append(torch.autograd.grad(out[:, c].sum(), recorded, retain_graph=c < C - 1,
                                                      allow_unused=True))
             del out
-            i = 0
+            i, chunk_bytes = 0, 0
             for path, k in plan.fast.items():
-                mod = plan.modules[path]
-                zs, gs = [], []
-                for j, (z, o) in enumerate(calls[path]):
-                    n_out = o.shape[-1]
-                    zs.append(z.reshape(m, -1, z.shape[-1]))
+                mod, kind = plan.modules[path], kinds[path]
+                terms = []
+                for j, (a, kw, o) in enumerate(calls[path]):
                     g = torch.stack([o.new_zeros(o.shape) if per_c[c][i + j] is None else per_c[c][i + j]
-                                     for c in range(C)], dim=1)  # (m, C, *, n_out)
-                    gs.append(g.reshape(m, C, -1, n_out))
+                                     for c in range(C)], dim=1)  # (m, C, *out)
+                    terms.append(kind.term(mod, _detached(_first(a, kw)), g))
                 i += k
-                G = torch.cat(gs, dim=2).to(dtype)  # (m, C, K, n_out)
-                if mode == "trace":
-                    G = G.permute(0, 2, 1, 3).reshape(m, 1, G.shape[2], C * G.shape[3])
-                Zc = torch.cat(zs, dim=1).to(dtype)  # (m, K, n_in)
-                parts = []
-                if mod.weight.requires_grad:
-                    parts.append(Zc)
-                if mod.bias is not None and mod.bias.requires_grad:
-                    parts.append(Zc.new_ones(Zc.shape[0], Zc.shape[1], 1))
-                factors[path].G.append(G)
-                factors[path].Z.append(torch.cat(parts, dim=2) if len(parts) > 1 else parts[0])
+                t = _traced(_merge(terms), mode)
+                chunk_bytes += _term_bytes(t)
+                if path not in routes:
+                    routes[path] = _route(t, P, torch.finfo(dtype).bits // 8, target)
+                if routes[path] == "outer":
+                    t = _to_outer(_as_dtype(t, dtype))
+                elif target == "dense":
+                    t = _as_dtype(t, dtype)
+                if path not in full:  # all P samples preallocated (no second copy from concatenating chunks)
+                    full[path] = _alloc(t, P)
+                _copy_rows(full[path], t, start)
+                del t
             del per_c
+            for v in calls.values():
+                v.clear()
+            start = stop
+            if chunk is None:  # after the first chunk: as many samples as FACTOR_CHUNK_BYTES of factors allow
+                per_sample = max(1, chunk_bytes // m)
+                size = max(1, min(FAST_CHUNK, FACTOR_CHUNK_BYTES // per_sample))
     finally:
         for h in handles:
             h.remove()
         calls.clear()
-    out_f: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    for path, f in factors.items():
-        G = f.G[0] if len(f.G) == 1 else torch.cat(f.G)
-        Z = f.Z[0] if len(f.Z) == 1 else torch.cat(f.Z)
-        f.G.clear()
-        f.Z.clear()
-        out_f[path] = (G, Z)
-    return out_f
+    return {path: full[path] for path in plan.fast}
 
 
+def _fields(t: _Term) -> list[torch.Tensor]:
+    return [t.D] if isinstance(t, _Grad) else [t.G, t.Z] if isinstance(t, _Pairs) else [t.G, t.T]
+
+
+def _alloc(t: _Term, P: int) -> _Term:
+    """A term like ``t`` with room for ``P`` samples."""
+    new = [v.new_empty((P,) + tuple(v.shape[1:])) for v in _fields(t)]
+    return _Grad(*new) if isinstance(t, _Grad) else _Pairs(*new) if isinstance(t, _Pairs) else _Embed(*new, t.V)
+
+
+def _copy_rows(dst: _Term, src: _Term, start: int) -> None:
+    for a, b in zip(_fields(dst), _fields(src)):
+        a[start:start + b.shape[0]].copy_(b)
+
+
+def _as_dtype(t: _Term, dtype: torch.dtype) -> _Term:
+    if isinstance(t, _Grad):
+        return _Grad(t.D.to(dtype))
+    if isinstance(t, _Pairs):
+        return _Pairs(t.G.to(dtype), t.Z.to(dtype))
+    return _Embed(t.G.to(dtype), t.T, t.V)
+
+
+# ------------------------------------------------------------------------------------------------
+# dense products, row strip by row strip
+# ------------------------------------------------------------------------------------------------
 def _strip_rows(P: int, per_pair: int, itemsize: int, chunk: int | None) -> int:
     """Rows per strip: ``chunk`` if given, else about P/4 (so that the strips above the diagonal skip ~3/8 of
     the products of a full ``P x P`` product) and small enough that a strip's temporaries, ``per_pair``
@@ -406,26 +748,20 @@ def _add_strip(theta: torch.Tensor, blk: torch.Tensor, s: int, e: int, Ce: int) 
         theta[r1:, r0:r1] += blk[:, r1 - r0:].T
 
 
-def _accumulate_linear(theta: torch.Tensor, G: torch.Tensor, Z: torch.Tensor, chunk: int | None) -> None:
-    """``theta += sum_{k,k'} (G_k G_k'^T) * (Z_k Z_k'^T)`` for one layer, row strip by row strip."""
+def _accumulate_gram(theta: torch.Tensor, D: torch.Tensor, Ce: int, chunk: int | None) -> None:
+    """``theta += D D^T`` for rows ``D`` (P Ce, n), strip by strip."""
+    P = D.shape[0] // Ce
+    rows = _strip_rows(P, Ce * Ce, D.element_size(), chunk)
+    for s in range(0, P, rows):
+        e = min(P, s + rows)
+        _add_strip(theta, D[s * Ce:e * Ce] @ D[s * Ce:].T, s, e, Ce)
+
+
+def _accumulate_pairs(theta: torch.Tensor, G: torch.Tensor, Z: torch.Tensor, chunk: int | None) -> None:
+    """``theta += sum_{k,k'} (G_k G_k'^T) * (Z_k Z_k'^T)`` for one group, ``G`` (P, Ce, K, n), ``Z`` (P, K, d)."""
     P, Ce, K, n = G.shape
     d = Z.shape[2]
-    itemsize = G.element_size()
-    pair_cost = Ce * Ce * K * K * n + K * K * d
-    outer_cost = Ce * Ce * n * d
-    fits = P * Ce * n * d * itemsize <= FALLBACK_BUDGET
-    if K == 1:  # (G G^T) * (Z Z^T) = D D^T with D_i = g_i z_i^T: cheaper when g or z has one entry
-        use_outer = fits and outer_cost < Ce * Ce * n + d
-    else:
-        use_outer = fits and (PAIRS_METHOD == "outer" or (PAIRS_METHOD == "auto" and outer_cost < pair_cost))
-    if use_outer:
-        D = torch.einsum("pckn,pkd->pcnd", G, Z).reshape(P * Ce, n * d)
-        rows = _strip_rows(P, Ce * Ce, itemsize, chunk)
-        for s in range(0, P, rows):
-            e = min(P, s + rows)
-            _add_strip(theta, D[s * Ce:e * Ce] @ D[s * Ce:].T, s, e, Ce)
-        return
-    rows = _strip_rows(P, Ce * Ce * K * K * 2, itemsize, chunk)
+    rows = _strip_rows(P, Ce * Ce * K * K * 2, G.element_size(), chunk)
     for s in range(0, P, rows):
         e = min(P, s + rows)
         ga, gc = G[s:e], G[s:]
@@ -443,25 +779,70 @@ def _accumulate_linear(theta: torch.Tensor, G: torch.Tensor, Z: torch.Tensor, ch
         _add_strip(theta, blk, s, e, Ce)
 
 
+def _accumulate_embed(theta: torch.Tensor, t: _Embed, chunk: int | None) -> None:
+    """``theta += sum_{k,k'} [T_k = T_k'] (G_k G_k'^T)``, strip by strip."""
+    P, Ce, K, d = t.G.shape
+    rows = _strip_rows(P, Ce * Ce * K * K * 2, t.G.element_size(), chunk)
+    for s in range(0, P, rows):
+        e = min(P, s + rows)
+        gg = (t.G[s:e].reshape(-1, d) @ t.G[s:].reshape(-1, d).T).view(e - s, Ce, K, P - s, Ce, K)
+        same = (t.T[s:e].view(e - s, 1, K, 1, 1, 1) == t.T[s:].view(1, 1, 1, P - s, 1, K))
+        blk = gg.mul_(same.to(gg.dtype)).sum(dim=(2, 5)).reshape((e - s) * Ce, (P - s) * Ce)
+        _add_strip(theta, blk, s, e, Ce)
+
+
+def _accumulate_term(theta: torch.Tensor, t: _Term, chunk: int | None) -> None:
+    if isinstance(t, _Grad):
+        P, Ce = t.D.shape[:2]
+        _accumulate_gram(theta, t.D.reshape(P * Ce, -1), Ce, chunk)
+    elif isinstance(t, _Pairs):
+        for j in range(t.G.shape[3]):
+            _accumulate_pairs(theta, t.G[:, :, :, j], t.Z[:, :, j], chunk)
+    else:
+        _accumulate_embed(theta, t, chunk)
+
+
 # ------------------------------------------------------------------------------------------------
-# fallback: per-sample Jacobians with torch.func
+# fallback: per-sample Jacobians with torch.func, each computed once
 # ------------------------------------------------------------------------------------------------
-def _accumulate_fallback(theta: torch.Tensor, model: nn.Module, args: tuple[torch.Tensor, ...], P: int,
-                         names: Sequence[str], C: int, mode: str, chunk: int | None, dtype: torch.dtype,
-                         who: str) -> None:
+def _fallback_groups(sizes: dict[str, int], rows: int, itemsize: int) -> list[list[str]]:
+    """Consecutive parameters grouped so that a group's Jacobian for all samples, ``rows x n_grp``, fits
+    FALLBACK_BUDGET (a parameter larger than that alone forms its own group)."""
+    cap = max(1, FALLBACK_BUDGET // max(1, rows * itemsize))
+    groups: list[list[str]] = []
+    cur: list[str] = []
+    size = 0
+    for n, k in sizes.items():
+        if cur and size + k > cap:
+            groups.append(cur)
+            cur, size = [], 0
+        cur.append(n)
+        size += k
+    if cur:
+        groups.append(cur)
+    return groups
+
+
+def _jacobian_fn(model: nn.Module, args: tuple[torch.Tensor, ...], names: Sequence[str], C: int, mode: str,
+                 dtype: torch.dtype, who: str,
+                 rows: tuple[int, int] | None = None) -> Callable[[int, int], torch.Tensor]:
+    """``jac(s, e)``: per-sample Jacobians of the parameters ``names`` for samples ``s:e``, as rows
+    ``(e - s) x (C n)`` (trace) or ``(e - s) C x n`` (full), in ``dtype``. ``rows=(a, b)`` (one parameter):
+    only with respect to its slice ``[a:b]`` along the first axis (the rest held constant)."""
     params = dict(model.named_parameters())
     sub = {n: params[n].detach() for n in names}
-    n_params = sum(p.numel() for p in sub.values())
     Ce = C if mode == "full" else 1
+    if rows is not None:
+        (name,) = names
+        whole, (a, b) = sub[name], rows
+        sub = {name: whole[a:b]}
 
     def f(p: dict[str, torch.Tensor], *xi: torch.Tensor) -> torch.Tensor:
-        out = functional_call(model, p, tuple(t.unsqueeze(0) for t in xi))
-        return out.reshape(-1)
+        if rows is not None:
+            p = {name: torch.cat([whole[:a], p[name], whole[b:]])}
+        return functional_call(model, p, tuple(t.unsqueeze(0) for t in xi)).reshape(-1)
 
     jac_fn = vmap(jacrev(f), in_dims=(None,) + (0,) * len(args))
-    src_item = next(iter(sub.values())).element_size()
-    if chunk is None:
-        chunk = max(1, min(P, FALLBACK_CHUNK_BYTES // max(1, 3 * C * n_params * src_item)))
 
     def jac(s: int, e: int) -> torch.Tensor:
         try:
@@ -473,28 +854,270 @@ def _accumulate_fallback(theta: torch.Tensor, model: nn.Module, args: tuple[torc
                                "work on one sample at a time under torch.func.vmap (no .item(), no data-dependent "
                                "Python control flow)") from exc
         flat = torch.cat([v.reshape(e - s, C, -1) for v in j.values()], dim=2).to(dtype)
-        return flat.reshape((e - s) * Ce, -1)  # trace: (m, C N); full: (m C, N)
+        return flat.reshape((e - s) * Ce, -1)
 
-    bounds = [(s, min(P, s + chunk)) for s in range(0, P, chunk)]
-    if P * C * n_params * torch.finfo(dtype).bits // 8 <= FALLBACK_BUDGET:
-        J = torch.cat([jac(s, e) for s, e in bounds]) if len(bounds) > 1 else jac(*bounds[0])
-        for s, e in bounds:
-            _add_strip(theta, J[s * Ce:e * Ce] @ J[s * Ce:].T, s, e, Ce)
-        return
-    # too large to hold: recompute the column blocks for every row block (n_blocks (n_blocks + 1) / 2 Jacobians)
-    for a, (s, e) in enumerate(bounds):
-        Ja = jac(s, e)
-        blk = Ja @ Ja.T
-        theta[s * Ce:e * Ce, s * Ce:e * Ce] += (blk + blk.T) / 2
-        for s2, e2 in bounds[a + 1:]:
-            blk = Ja @ jac(s2, e2).T
-            theta[s * Ce:e * Ce, s2 * Ce:e2 * Ce] += blk
-            theta[s2 * Ce:e2 * Ce, s * Ce:e * Ce] += blk.T
+    return jac
+
+
+def _fallback_chunk(model: nn.Module, names: Sequence[str], P: int, C: int, chunk: int | None) -> int:
+    if chunk is not None:
+        return max(1, min(P, int(chunk)))
+    params = dict(model.named_parameters())
+    n = sum(params[k].numel() for k in names)
+    return max(1, min(P, FALLBACK_CHUNK_BYTES // max(1, 3 * C * n * params[names[0]].element_size())))
+
+
+def _fallback_blocks(model: nn.Module, args: tuple[torch.Tensor, ...], P: int, names: Sequence[str], C: int,
+                     mode: str, chunk: int | None, dtype: torch.dtype, who: str):
+    """Yield ``(group, J, jac)``: for each parameter group, its Jacobian rows for all samples (computed once,
+    sample chunk by sample chunk). A parameter whose Jacobian alone exceeds FALLBACK_BUDGET is split into slices
+    along its first axis that fit (each entry still computed once); only when one slice of one row does not fit,
+    ``J = None`` comes with the chunk function ``jac`` (its blocks are then recomputed per pair)."""
+    params = dict(model.named_parameters())
+    Ce = C if mode == "full" else 1
+    itemsize = torch.finfo(dtype).bits // 8
+    sizes = {n: params[n].numel() * (C // Ce) for n in names}
+    for group in _fallback_groups(sizes, P * Ce, itemsize):
+        step = _fallback_chunk(model, group, P, C, chunk)
+        bounds = [(s, min(P, s + step)) for s in range(0, P, step)]
+        slices: list[tuple[int, int] | None] = [None]
+        if P * Ce * sum(sizes[n] for n in group) * itemsize > FALLBACK_BUDGET:
+            p = params[group[0]]
+            per_row = P * Ce * (sizes[group[0]] // max(1, p.shape[0] if p.ndim else 1)) * itemsize
+            if p.ndim == 0 or per_row > FALLBACK_BUDGET:
+                yield group, None, (_jacobian_fn(model, args, group, C, mode, dtype, who), bounds)
+                continue
+            height = max(1, FALLBACK_BUDGET // per_row)
+            slices = [(a, min(p.shape[0], a + height)) for a in range(0, p.shape[0], height)]
+        for rows in slices:
+            jac = _jacobian_fn(model, args, group, C, mode, dtype, who, rows)
+            J = torch.cat([jac(s, e) for s, e in bounds]) if len(bounds) > 1 else jac(*bounds[0])
+            yield group, J, None
+
+
+def _accumulate_fallback(theta: torch.Tensor, model: nn.Module, args: tuple[torch.Tensor, ...], P: int,
+                         names: Sequence[str], C: int, mode: str, chunk: int | None, dtype: torch.dtype,
+                         who: str) -> None:
+    Ce = C if mode == "full" else 1
+    for _, J, streamed in _fallback_blocks(model, args, P, names, C, mode, chunk, dtype, who):
+        if J is not None:
+            _accumulate_gram(theta, J, Ce, chunk)
+            del J
+            continue
+        # one parameter too large to hold for all samples: sample blocks, recomputed per pair of blocks
+        jac, bounds = streamed
+        for a, (s, e) in enumerate(bounds):
+            Ja = jac(s, e)
+            blk = Ja @ Ja.T
+            theta[s * Ce:e * Ce, s * Ce:e * Ce] += (blk + blk.T) / 2
+            for s2, e2 in bounds[a + 1:]:
+                blk = Ja @ jac(s2, e2).T
+                theta[s * Ce:e * Ce, s2 * Ce:e2 * Ce] += blk
+                theta[s2 * Ce:e2 * Ce, s * Ce:e * Ce] += blk.T
+
+
+# ------------------------------------------------------------------------------------------------
+# matrix-free: Theta V from the same factors
+# ------------------------------------------------------------------------------------------------
+def _block_rows(P: int, per_row: int, itemsize: int) -> int:
+    return max(1, min(P, STRIP_BYTES // max(1, per_row * itemsize)))
+
+
+#: a factor's feature axis is compressed when its numerical rank is at most this fraction of its length
+COMPRESS_RATIO = 0.75
+#: longest feature axis tried for compression (its Gram's eigh costs about 10 m^3)
+COMPRESS_MAX = 4096
+
+
+def _row_basis(F2: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+    """An orthonormal basis ``Q`` (m x r) of the row space of ``F2`` (rows x m) when ``r <= COMPRESS_RATIO m``.
+
+    From the eigenvectors of the Gram ``F2^T F2`` (float64, accumulated by row blocks) whose eigenvalues exceed
+    ``m eps lambda_max``: ``F2 Q Q^T = F2`` up to that level, so every inner product ``f . f'`` of two rows is kept.
+    """
+    rows, m = F2.shape
+    if m < 16 or m > COMPRESS_MAX or rows < 2 * m:  # the Gram and its eigh must pay off over many products
+        return None
+    step = _block_rows(rows, m, 8)
+    gram = torch.zeros(m, m, dtype=torch.float64, device=F2.device)
+    for s in range(0, rows, step):
+        blk = F2[s:s + step].to(torch.float64)
+        gram += blk.T @ blk
+    lam, vec = torch.linalg.eigh(gram)
+    keep = lam > m * torch.finfo(torch.float64).eps * lam[-1].clamp(min=torch.finfo(torch.float64).tiny)
+    if int(keep.sum()) > COMPRESS_RATIO * m:
+        return None
+    return vec[:, keep].to(dtype)
+
+
+def _compressed(t: _Pairs, dtype: torch.dtype) -> _Pairs:
+    """``G`` and ``Z`` of a one-group layer expressed in bases of their row spaces (inner products unchanged):
+    e.g. in ``mode="trace"`` the ``C n`` output-gradient axis of the layer before a linear head has rank ``n``.
+    Costs one Gram per factor (about two or three products ``Theta V``); each product then shrinks likewise."""
+    P, Ce, K, g, n = t.G.shape
+    if g != 1:
+        return t
+    G, Z = t.G, t.Z
+    Q = _row_basis(G.reshape(-1, n), dtype)
+    if Q is not None:
+        G = torch.cat([G[s:s + 4096].to(dtype).reshape(-1, n) @ Q for s in range(0, P, 4096)])
+        G = G.reshape(P, Ce, K, 1, -1)
+    d = Z.shape[-1]
+    Q = _row_basis(Z.reshape(-1, d), dtype)
+    if Q is not None:
+        Z = (Z.to(dtype).reshape(-1, d) @ Q).reshape(P, K, 1, -1)
+    return _Pairs(G, Z)
+
+
+class NTKOperator:
+    """``Theta`` (``n x n``, ``n = P`` or ``P C``) as an operator over the layerwise factors, never ``n x n``.
+
+    ``matmat(V)`` = ``Theta V`` (``V``: ``n`` or ``n x b``), blockwise over samples: per-sample gradients held
+    as ``D`` give ``D (D^T V)``; factors give ``W = sum_j v_j sum_k g_jk z_jk^T`` per group, then
+    ``(Theta v)_i = sum_k g_ik^T W z_ik`` (embeddings: ``W`` scatter-added by token, then gathered); fallback
+    Jacobians are held when they fit ``FALLBACK_BUDGET``, else recomputed twice per product.
+    ``diagonal()`` is exact: the squared norms of the per-sample gradients (``sum_{k,k'}`` within a sample).
+    Work per product: about ``2 P C_e K g n d`` per layer and vector, memory: the factors.
+    """
+
+    def __init__(self, terms: list[_Term], fallback: list[tuple[torch.Tensor | None, Any]], P: int, Ce: int,
+                 dtype: torch.dtype, device: torch.device, scale: float = 1.0) -> None:
+        self.terms, self.fallback = terms, fallback
+        self.P, self.Ce, self.dtype, self.device, self.scale = P, Ce, dtype, device, scale
+        self.products = 0
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.P * self.Ce, self.P * self.Ce)
+
+    def matmat(self, V: torch.Tensor) -> torch.Tensor:
+        vec = V.ndim == 1
+        V = (V[:, None] if vec else V).to(self.dtype)
+        if V.shape[0] != self.shape[0]:
+            raise ValueError(f"NTKOperator.matmat: V has {V.shape[0]} rows for an {self.shape[0]}-row kernel")
+        out = torch.zeros_like(V)
+        for t in self.terms:
+            self._term_matmat(t, V, out)
+        for J, streamed in self.fallback:
+            if J is not None:
+                out += J @ (J.T @ V)
+                continue
+            jac, bounds = streamed
+            W = None
+            for s, e in bounds:
+                blk = jac(s, e).T @ V[s * self.Ce:e * self.Ce]
+                W = blk if W is None else W.add_(blk)
+            for s, e in bounds:
+                out[s * self.Ce:e * self.Ce] += jac(s, e) @ W
+        if self.scale != 1.0:
+            out *= self.scale
+        self.products += V.shape[1]
+        return out[:, 0] if vec else out
+
+    def _term_matmat(self, t: _Term, V: torch.Tensor, out: torch.Tensor) -> None:
+        P, Ce, b, dt = self.P, self.Ce, V.shape[1], self.dtype
+        Vs = V.view(P, Ce, b)
+        outs = out.view(P, Ce, b)
+        if isinstance(t, _Grad):
+            D = t.D.reshape(P * Ce, -1)
+            out += D @ (D.T @ V)
+            return
+        if isinstance(t, _Pairs):
+            _, _, K, g, n = t.G.shape
+            d = t.Z.shape[-1]
+            # W_grp = sum_{i,c,k} g_ick (v_icb z_ik)^T: one GEMM (n x rows) @ (rows x b d) per block and group;
+            # (Theta v)_icb = sum_k (g_ick^T W_b) . z_ik: a GEMM (rows x n) @ (n x b d), then a dot over d
+            rows = _block_rows(P, Ce * K * (n + 2 * b * d) + K * d, 8)
+            W = torch.zeros(g, n, b * d, dtype=dt, device=V.device)
+            for s in range(0, P, rows):
+                G, Z = t.G[s:s + rows].to(dt), t.Z[s:s + rows].to(dt)
+                ZV = Z[:, None, :, :, None, :] * Vs[s:s + rows, :, None, None, :, None]  # (r, Ce, K, g, b, d)
+                for j in range(g):
+                    W[j] += G[:, :, :, j].reshape(-1, n).T @ ZV[:, :, :, j].reshape(-1, b * d)
+            for s in range(0, P, rows):
+                G, Z = t.G[s:s + rows].to(dt), t.Z[s:s + rows].to(dt)
+                r = G.shape[0]
+                for j in range(g):
+                    GW = (G[:, :, :, j].reshape(-1, n) @ W[j]).view(r, Ce, K, b, d)
+                    outs[s:s + rows] += torch.einsum("rckbd,rkd->rcb", GW, Z[:, :, j])
+            return
+        _, _, K, d = t.G.shape
+        rows = _block_rows(P, K * (2 * d * b + Ce * d), 8)
+        W = torch.zeros(t.V, d * b, dtype=dt, device=V.device)
+        for s in range(0, P, rows):
+            G = t.G[s:s + rows].to(dt)
+            Gv = torch.einsum("rckd,rcb->rkdb", G, Vs[s:s + rows])
+            W.index_add_(0, t.T[s:s + rows].reshape(-1), Gv.reshape(-1, d * b))
+        for s in range(0, P, rows):
+            G, T = t.G[s:s + rows].to(dt), t.T[s:s + rows]
+            outs[s:s + rows] += torch.einsum("rckd,rkdb->rcb", G, W[T].view(T.shape[0], K, d, b))
+
+    def diagonal(self) -> torch.Tensor:
+        """``Theta_ii`` exactly: squared norms of the per-sample gradients (``n`` values)."""
+        P, Ce, dt = self.P, self.Ce, self.dtype
+        diag = torch.zeros(P, Ce, dtype=dt, device=self.device)
+        for t in self.terms:
+            if isinstance(t, _Grad):
+                diag += t.D.to(dt).pow(2).sum(-1)
+            elif isinstance(t, _Pairs):
+                _, _, K, g, n = t.G.shape
+                rows = _block_rows(P, K * K * g * (Ce + 1) + Ce * K * g * n, 8)
+                for s in range(0, P, rows):
+                    G, Z = t.G[s:s + rows].to(dt), t.Z[s:s + rows].to(dt)
+                    gg = torch.einsum("rckgn,rclgn->rcgkl", G, G)
+                    zz = torch.einsum("rkgd,rlgd->rgkl", Z, Z)
+                    diag[s:s + rows] += (gg * zz[:, None]).sum(dim=(2, 3, 4))
+            else:
+                _, _, K, d = t.G.shape
+                rows = _block_rows(P, K * K * (Ce + 1) + Ce * K * d, 8)
+                for s in range(0, P, rows):
+                    G, T = t.G[s:s + rows].to(dt), t.T[s:s + rows]
+                    gg = torch.einsum("rckd,rcld->rckl", G, G)
+                    diag[s:s + rows] += (gg * (T[:, :, None] == T[:, None, :])[:, None].to(dt)).sum(dim=(2, 3))
+        diag = diag.reshape(-1)
+        for J, streamed in self.fallback:
+            if J is not None:
+                diag += J.pow(2).sum(1)
+                continue
+            jac, bounds = streamed
+            for s, e in bounds:
+                diag[s * Ce:e * Ce] += jac(s, e).pow(2).sum(1)
+        return diag * self.scale
+
+    def trace(self) -> torch.Tensor:
+        """``tr Theta = sum_i ||J(x_i)||^2`` (exact, no kernel)."""
+        return self.diagonal().sum()
+
+    def dense(self, block: int = 1024) -> torch.Tensor:
+        """The ``n x n`` kernel by products with blocks of the identity (tests, small ``n``)."""
+        n = self.shape[0]
+        cols = [self.matmat(torch.eye(n, dtype=self.dtype, device=self.device)[:, s:s + block])
+                for s in range(0, n, block)]
+        K = torch.cat(cols, dim=1)
+        return (K + K.T) / 2
 
 
 # ------------------------------------------------------------------------------------------------
 # public
 # ------------------------------------------------------------------------------------------------
+def _validated(model: nn.Module, x: Any, mode: str, reduction: str, chunk_size: int | None, dtype: torch.dtype,
+               who: str) -> tuple[tuple[torch.Tensor, ...], int]:
+    if mode not in MODES:
+        raise ValueError(f"{who}: mode must be one of {MODES}, got {mode!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"{who}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if mode == "full" and reduction != "sum":
+        raise ValueError(f"{who}: reduction={reduction!r} applies to the trace over outputs; mode='full' keeps "
+                         "every output pair (use reduction='sum')")
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"{who}: dtype must be a floating torch.dtype, got {dtype!r}")
+    if chunk_size is not None and int(chunk_size) < 1:
+        raise ValueError(f"{who}: chunk_size must be a positive number of samples, got {chunk_size}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{who}: model must be an nn.Module, got {type(model).__name__}")
+    return _as_args(x, who)
+
+
 def empirical_ntk(model: nn.Module, x: Any, *, mode: str = "trace", reduction: str = "sum",
                   chunk_size: int | None = None, dtype: torch.dtype = torch.float64,
                   fast_path: bool = True, plan: NTKPlan | None = None) -> torch.Tensor:
@@ -510,40 +1133,47 @@ def empirical_ntk(model: nn.Module, x: Any, *, mode: str = "trace", reduction: s
     input shape, to skip the two discovery passes when the same kernel is measured repeatedly.
     """
     who = "empirical_ntk"
-    if mode not in MODES:
-        raise ValueError(f"{who}: mode must be one of {MODES}, got {mode!r}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"{who}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if mode == "full" and reduction != "sum":
-        raise ValueError(f"{who}: reduction={reduction!r} applies to the trace over outputs; mode='full' keeps "
-                         "every output pair (use reduction='sum')")
-    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        raise TypeError(f"{who}: dtype must be a floating torch.dtype, got {dtype!r}")
-    if chunk_size is not None and int(chunk_size) < 1:
-        raise ValueError(f"{who}: chunk_size must be a positive number of samples, got {chunk_size}")
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"{who}: model must be an nn.Module, got {type(model).__name__}")
-    args, P = _as_args(x, who)
+    args, P = _validated(model, x, mode, reduction, chunk_size, dtype, who)
     if plan is None:
         plan = ntk_plan(model, args, fast_path=fast_path, who=who)
     else:
         _check_modules(model, who)
     C = plan.outputs
     Ce = C if mode == "full" else 1
-    device = args[0].device
-    theta = torch.zeros(P * Ce, P * Ce, dtype=dtype, device=device)
+    theta = torch.zeros(P * Ce, P * Ce, dtype=dtype, device=args[0].device)
     if plan.fast:
-        fchunk = min(P, int(chunk_size) if chunk_size is not None else FAST_CHUNK)
-        factors = _linear_factors(model, args, P, plan, mode, fchunk, dtype, who)
-        for path in list(factors):
-            G, Z = factors.pop(path)
-            _accumulate_linear(theta, G, Z, chunk_size)
-            del G, Z
+        terms = _layer_terms(model, args, P, plan, mode, chunk_size, dtype, who, "dense")
+        for path in list(terms):
+            _accumulate_term(theta, terms.pop(path), chunk_size)
     if plan.fallback:
         _accumulate_fallback(theta, model, args, P, plan.fallback, C, mode, chunk_size, dtype, who)
     if reduction == "mean":
         theta /= C
     return theta
+
+
+def ntk_operator(model: nn.Module, x: Any, *, mode: str = "trace", reduction: str = "sum",
+                 chunk_size: int | None = None, dtype: torch.dtype = torch.float64, fast_path: bool = True,
+                 plan: NTKPlan | None = None) -> NTKOperator:
+    """The kernel of ``empirical_ntk`` (same arguments) as a matrix-free ``NTKOperator``: ``Theta V`` and the
+    exact diagonal from the layerwise factors, memory linear in ``P``; for the top eigenvalues at large ``P``
+    (``probes.functional.spectra.top_eigenvalues``)."""
+    who = "ntk_operator"
+    args, P = _validated(model, x, mode, reduction, chunk_size, dtype, who)
+    if plan is None:
+        plan = ntk_plan(model, args, fast_path=fast_path, who=who)
+    else:
+        _check_modules(model, who)
+    C = plan.outputs
+    Ce = C if mode == "full" else 1
+    terms = list(_layer_terms(model, args, P, plan, mode, chunk_size, dtype, who, "operator").values()) \
+        if plan.fast else []
+    terms = [_compressed(t, dtype) if isinstance(t, _Pairs) else t for t in terms]
+    fallback: list[tuple[torch.Tensor | None, Any]] = []
+    if plan.fallback:
+        fallback = [(J, streamed) for _, J, streamed in
+                    _fallback_blocks(model, args, P, plan.fallback, C, mode, chunk_size, dtype, who)]
+    return NTKOperator(terms, fallback, P, Ce, dtype, args[0].device, 1.0 / C if reduction == "mean" else 1.0)
 
 
 def trace_over_outputs(theta_full: torch.Tensor, outputs: int) -> torch.Tensor:
@@ -552,4 +1182,5 @@ def trace_over_outputs(theta_full: torch.Tensor, outputs: int) -> torch.Tensor:
     return theta_full.view(n, outputs, n, outputs).diagonal(dim1=1, dim2=3).sum(-1)
 
 
-__all__ = ["empirical_ntk", "ntk_plan", "NTKPlan", "SampleMixingError", "trace_over_outputs", "MODES", "REDUCTIONS"]
+__all__ = ["empirical_ntk", "ntk_operator", "ntk_plan", "NTKOperator", "NTKPlan", "SampleMixingError",
+           "trace_over_outputs", "MODES", "REDUCTIONS"]

@@ -10,11 +10,16 @@
 - alignment with labels: centered alignment ``rho(K, Y Y^T)`` (Cortes, Mohri & Rostamizadeh 2012), through
   ``probes.functional.alignment.alignment``;
 - distance between two kernels ``1 - <A, B>_F / (||A||_F ||B||_F)`` (the NTK "distance from init"; clamped
-  at 0 against rounding).
+  at 0 against rounding);
+- matrix-free, for kernels too large to hold: the ``k`` largest eigenvalues from products ``K V`` only
+  (``top_eigenvalues``: block Krylov with full reorthogonalisation and Rayleigh-Ritz, float64), and the effective
+  rank bracketed from those plus the exact trace (``effective_rank_bounds``).
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -107,5 +112,110 @@ def kernel_distance(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     return (1.0 - cos).clamp(min=0.0)  # rounding can push the cosine of equal kernels just above 1
 
 
-__all__ = ["Spectrum", "eigenvalues", "effective_rank", "condition_number", "spectrum", "label_alignment",
+@dataclass
+class TopEigen:
+    """The ``k`` largest eigenvalues (descending, float64), Ritz vectors (n x k), residual norms
+    ``||K u - theta u||``, whether every one met the tolerance, and the number of products ``K v`` used."""
+
+    values: torch.Tensor
+    vectors: torch.Tensor
+    residuals: torch.Tensor
+    converged: bool
+    products: int
+
+
+def top_eigenvalues(matmat: Callable[[torch.Tensor], torch.Tensor], n: int, k: int, *, block: int | None = None,
+                    tol: float = 1e-10, max_basis: int | None = None, device: torch.device | str | None = None,
+                    seed: int = 0) -> TopEigen:
+    """The ``k`` largest eigenvalues of a symmetric ``n x n`` matrix given only ``V -> K V`` (float64).
+
+    Block Krylov (block Lanczos with full reorthogonalisation; Golub & Underwood 1977, Musco & Musco 2015):
+    the basis ``V = orth[Q, K Q, K^2 Q, ...]`` of a random ``n x b`` start ``Q`` grows one block per product;
+    each step the Rayleigh-Ritz pairs ``(theta_j, u_j)`` of ``V^T K V`` (kept products, no extra ``K V``) are
+    tested by their residuals ``r_j = ||K u_j - theta_j u_j||``: ``theta_j`` is within ``r_j`` of an eigenvalue,
+    and within ``r_j^2 / delta_j`` (Kato-Temple; ``delta_j`` the gap to the next Ritz value), so a pair is
+    accepted when ``min(r_j, r_j^2 / delta_j) <= tol * max(|theta_j|, n eps theta_max)``.
+    Stops when all ``k`` are accepted, the basis reaches ``n`` (then exact) or ``max_basis`` columns
+    (default ``min(n, max(300, 20 b))``; ``converged=False``). Block ``b`` default ``max(4, ceil(k / 2))``.
+    Memory: ``2 n max_basis`` numbers.
+    """
+    if k < 1 or n < 1:
+        raise ValueError(f"top_eigenvalues: need k >= 1 and n >= 1, got k={k}, n={n}")
+    k = min(k, n)
+    b = min(n, int(block) if block else max(4, (k + 1) // 2))
+    cap = min(n, int(max_basis) if max_basis else max(300, 20 * b))
+    gen = torch.Generator().manual_seed(seed)
+    Q = torch.linalg.qr(torch.randn(n, b, generator=gen, dtype=torch.float64).to(device))[0]
+    basis, images = [Q], [matmat(Q).to(torch.float64)]
+    products = b
+    eps = torch.finfo(torch.float64).eps
+    while True:
+        V, AV = torch.cat(basis, 1), torch.cat(images, 1)
+        H = V.T @ AV
+        theta, S = torch.linalg.eigh((H + H.T) / 2)
+        theta, S = theta.flip(0), S.flip(1)
+        m = theta.numel()
+        kk = min(k, m)
+        U = V @ S[:, :kk]
+        res = torch.linalg.vector_norm(AV @ S[:, :kk] - U * theta[:kk], dim=0)
+        top = float(theta.abs().max())
+        gaps = torch.full((kk,), float("inf"), dtype=torch.float64, device=theta.device)
+        if m > 1:
+            diffs = (theta[:kk, None] - theta[None, :]).abs()
+            idx = torch.arange(kk, device=theta.device)
+            diffs[idx, idx] = float("inf")
+            gaps = diffs.min(dim=1).values
+        bound = torch.minimum(res, res * res / gaps.clamp(min=1e-300))
+        floor = torch.clamp(theta[:kk].abs(), min=n * eps * top)
+        ok = bool((bound <= tol * floor).all()) and kk == k
+        exhausted = m >= n
+        if ok or exhausted or m >= cap:
+            return TopEigen(theta[:k], U[:, :k], res[:k], ok or exhausted, products)
+        W = images[-1]
+        for _ in range(2):  # twice is enough (Giraud et al. 2005)
+            W = W - V @ (V.T @ W)
+        Qn, R = torch.linalg.qr(W)
+        keep = R.diagonal().abs() > n * eps * max(top, 1e-300)
+        if not bool(keep.any()):  # an invariant subspace: the Ritz values are exact
+            return TopEigen(theta[:k], U[:, :k], res[:k], True, products)
+        Qn = Qn[:, keep][:, :cap - m]
+        basis.append(Qn)
+        images.append(matmat(Qn).to(torch.float64))
+        products += Qn.shape[1]
+
+
+def effective_rank_bounds(top: torch.Tensor, trace: float | torch.Tensor, n: int) -> tuple[float, float, float]:
+    """``(estimate, lower, upper)`` of the effective rank ``exp(H(lambda / tr))`` from the ``k`` largest
+    eigenvalues and the exact trace of an ``n x n`` PSD matrix.
+
+    The ``n - k`` unknown eigenvalues lie in ``[0, lambda_k]`` and sum to ``R = tr - sum top``. Entropy is
+    concave, so it is largest when the tail is flat (``R / (n - k)`` each: the upper bound) and smallest when the
+    tail is packed into as few eigenvalues as possible (``floor(R / lambda_k)`` copies of ``lambda_k`` and the
+    rest in one: the lower bound). The estimate is the geometric mean of the two, within a factor
+    ``sqrt(upper / lower)`` of the truth; all three agree when ``k = n`` or the tail is empty.
+    """
+    lam = top.to(torch.float64).clamp(min=0).flatten().tolist()
+    T = float(trace)
+    if T <= 0 or not lam:
+        return 0.0, 0.0, 0.0
+    head = -sum(v / T * math.log(v / T) for v in lam if v > 0)
+    R = max(T - sum(lam), 0.0)
+    m = n - len(lam)
+    if m <= 0 or R <= 0:
+        h = math.exp(head)
+        return h, h, h
+    r, a = R / T, min(lam) / T
+    hi = head - r * math.log(r / m)
+    if a <= 0:
+        lo = hi
+    else:
+        j = min(m, math.floor(r / a))
+        rest = r - j * a
+        lo = head - (j * a * math.log(a) if j else 0.0) - (rest * math.log(rest) if rest > 0 else 0.0)
+    lo, hi = math.exp(min(lo, hi)), math.exp(hi)
+    return math.sqrt(lo * hi), lo, hi
+
+
+__all__ = ["TopEigen", "top_eigenvalues", "effective_rank_bounds",
+           "Spectrum", "eigenvalues", "effective_rank", "condition_number", "spectrum", "label_alignment",
            "kernel_distance"]

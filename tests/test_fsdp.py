@@ -1,0 +1,350 @@
+"""Probes under FSDP2 (``fully_shard``): 2 CPU processes (gloo) never hang or crash and count like one process.
+
+Each rank trains a ``fully_shard`` ReLU MLP (each Linear sharded, then the root) on its half of every batch.
+Every forward all-gathers the parameters, so the active probes run on every rank (same probes, same order,
+same probe batch); passive counts are summed over the ranks at each flush; only rank 0 writes. The reference
+is one process training the same MLP on the union of the data: relu_zeros counts agree to a few gate flips
+(the reduce-scattered gradients differ from one process's only by rounding), the step-0 measurements agree
+exactly, and the parameters trained under FSDP with probes are bit-identical to those trained without.
+A probe that raises on one rank only (passive or active) is switched off on every rank, and the ranks go on
+running the same probe passes, instead of hanging in FSDP's all-gathers; a probe whose setup raises on one
+rank makes attach raise on every rank; a rank with other probe-batch values measures on rank 0's. The
+example ``examples/distributed.py --fsdp --smoke`` runs under torchrun. Every worker runs under a gloo
+timeout and a deadline, so a hang is a failure, not a stuck test run.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+import probes
+from probes.records import Scalar
+
+try:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+except ImportError:  # torch without FSDP2
+    fully_shard = init_device_mesh = None
+
+pytestmark = pytest.mark.skipif(
+    fully_shard is None or not dist.is_available() or not dist.is_gloo_available(),
+    reason="FSDP2 (torch.distributed.fsdp.fully_shard) with gloo is not available")
+
+ROOT = Path(__file__).resolve().parents[1]
+WORLD = 2
+STEPS = 4
+EVERY = 2
+PER_RANK = 8
+SPEC = {"relu_zeros": {"every": EVERY}, "patterns": {"every": EVERY}, "alignment": {"every": EVERY}}
+
+
+class CountingProbe(probes.Probe):
+    """Active probe: counts its measurements (on every rank) and logs the mean output."""
+
+    name = "counting"
+    every = EVERY
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def measure(self, batch):
+        self.calls += 1
+        return [Scalar("counting/mean_output", batch.output.double().mean())]
+
+
+def make_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(10, 24), nn.ReLU(), nn.Linear(24, 16), nn.ReLU(), nn.Linear(16, 3))
+
+
+def shard(model: nn.Module, mesh, root_owns: bool = False) -> nn.Module:
+    """Each Linear, then the root; ``root_owns``: only the first Linear, so the root holds the others."""
+    for layer in model[:1] if root_owns else model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def data():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(STEPS, WORLD * PER_RANK, 10, generator=g)
+    y = torch.randint(0, 3, (STEPS, WORLD * PER_RANK), generator=g)
+    probe = (torch.randn(20, 10, generator=g), torch.arange(20) % 3)
+    return x, y, probe
+
+
+def train(model, session, rank: int | None) -> None:
+    """SGD steps on this rank's half of each global batch (``rank=None``: one process, the whole batch)."""
+    x, y, _ = data()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    if session is not None:
+        session_hook = opt.register_step_post_hook(lambda *_: session.step())
+    for s in range(STEPS):
+        part = slice(None) if rank is None else slice(rank * PER_RANK, (rank + 1) * PER_RANK)
+        F.cross_entropy(model(x[s, part]), y[s, part]).backward()
+        opt.step()
+        opt.zero_grad()
+    if session is not None:
+        session_hook.remove()
+
+
+def start(rank: int, root: str):
+    dist.init_process_group("gloo", init_method=f"file://{root}/pg", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=30))
+    torch.set_num_threads(1)
+    return init_device_mesh("cpu", (WORLD,))
+
+
+def shut_down() -> None:
+    """Leave together: a rank that tears gloo down while another still works can abort at exit."""
+    try:
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def run_ranks(worker, tmp_path, deadline_s: float = 120) -> None:
+    """Spawn ``WORLD`` gloo processes running ``worker(rank, tmp_path)``; fail (never hang) after the deadline."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.spawn(worker, args=(str(tmp_path),), nprocs=WORLD, join=False)
+    deadline = time.monotonic() + deadline_s
+    try:
+        while not ctx.join(timeout=1):
+            if time.monotonic() > deadline:
+                pytest.fail(f"the workers did not finish in {deadline_s:.0f} s (a hang)")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.terminate()
+
+
+def _worker(rank: int, root: str) -> None:
+    mesh = start(rank, root)
+    try:
+        _, _, probe_data = data()
+        model = shard(make_model(), mesh)
+        counting = CountingProbe()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            session = probes.attach(model, {**SPEC, "ntk": {"every": EVERY}, counting: None},
+                                    probe_data=probe_data, logdir=os.path.join(root, f"tb_rank{rank}"))
+        train(model, session, rank)
+        session.close()
+        with_probes = {n: p.full_tensor() for n, p in model.named_parameters()}  # collective: every rank
+
+        plain = shard(make_model(), mesh)
+        train(plain, None, rank)
+        without = {n: p.full_tensor() for n, p in plain.named_parameters()}
+        # a root that holds parameters: FSDP2 keeps them gathered after a forward without backward (the
+        # probe pass), so the session reshards them; the model is left as training leaves it
+        rooted = shard(make_model(), mesh, root_owns=True)
+        rooted_session = probes.attach(rooted, SPEC, probe_data=probe_data, sinks=["memory"])
+        train(rooted, rooted_session, rank)
+        rooted_session.close()
+        kinds = sorted({type(p).__name__ for p in rooted.parameters()})
+        rooted_with = {n: p.full_tensor() for n, p in rooted.named_parameters()}
+        plain = shard(make_model(), mesh, root_owns=True)
+        train(plain, None, rank)
+        rooted_without = {n: p.full_tensor() for n, p in plain.named_parameters()}
+        if rank == 0:
+            torch.save({"with": with_probes, "without": without, "rooted_with": rooted_with,
+                        "rooted_without": rooted_without}, os.path.join(root, "params.pt"))
+        with open(os.path.join(root, f"rank{rank}.json"), "w") as f:
+            json.dump({"sharded": session.sharded, "sinks": len(session.sinks), "measure_calls": counting.calls,
+                       "rooted_parameter_kinds": kinds,
+                       "failures": sorted(session.failures),
+                       "ntk_messages": [str(w.message) for w in caught if "'ntk'" in str(w.message)]}, f)
+        failing_probes(rank, root, mesh)
+    finally:
+        shut_down()
+
+
+def read_scalars(logdir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(logdir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(tmp_path_factory):
+    """One spawn of 2 ranks (process start-up dominates the cost) serves the tests that read its files."""
+    root = tmp_path_factory.mktemp("fsdp")
+    run_ranks(_worker, root)
+    return root
+
+
+def test_fully_shard_mlp_counts_like_one_process_and_trains_unchanged(fsdp_run):
+    tmp_path = fsdp_run
+
+    # reference: one process, the same MLP trained on the union of every rank's data
+    model = make_model()
+    _, _, probe_data = data()
+    counting = CountingProbe()
+    ref = probes.attach(model, {**SPEC, counting: None}, probe_data=probe_data, sinks=["memory"])
+    train(model, ref, None)
+    ref.close()
+    expected = ref.memory.scalars()
+
+    info = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD)]
+    assert info[0]["sharded"] and info[1]["sharded"]
+    # ntk needs whole parameters: off on every rank at attach, one message (rank 0) saying why
+    assert info[0]["failures"] == info[1]["failures"] == ["ntk"]
+    assert len(info[0]["ntk_messages"]) == 1 and "sharded" in info[0]["ntk_messages"][0]
+    assert info[1]["ntk_messages"] == []
+    # the probe pass ran on every rank, as often as in one process; only rank 0 writes
+    assert info[0]["measure_calls"] == info[1]["measure_calls"] == counting.calls == 1 + STEPS // EVERY
+    assert info[0]["sinks"] == 1 and info[1]["sinks"] == 0
+    assert not (tmp_path / "tb_rank1").exists()
+
+    got = read_scalars(tmp_path / "tb_rank0")
+    zero_tags = [t for t in expected if t.startswith("relu_zeros/") and t.endswith("/zeros")]
+    assert {"relu_zeros/1/zeros", "relu_zeros/3/zeros"} <= set(zero_tags) and set(zero_tags) <= set(got)
+    for tag in zero_tags:
+        assert [st for st, _ in got[tag]] == [st for st, _ in expected[tag]] == [2, 4], tag
+        for (_, a), (_, b) in zip(got[tag], expected[tag]):
+            assert abs(a - b) <= 3, (tag, a, b)  # summed over ranks = one process, to a few gate flips
+    assert got["relu_zeros/total/fraction"][0][1] == pytest.approx(expected["relu_zeros/total/fraction"][0][1],
+                                                                   abs=3 / (EVERY * WORLD * PER_RANK * 40))
+    # step 0: the same network on the same probe batch, so the active probes agree exactly
+    for tag in ("alignment/1/cka", "alignment/3/cka", "alignment/output/cka", "patterns/1/active_fraction",
+                "patterns/3/active_fraction", "patterns/distinct", "counting/mean_output"):
+        assert [st for st, _ in got[tag]] == [st for st, _ in expected[tag]] == [0, 2, 4], tag
+        assert got[tag][0][1] == pytest.approx(expected[tag][0][1], rel=1e-6, abs=1e-12), tag
+        assert [v for _, v in got[tag]] == pytest.approx([v for _, v in expected[tag]], rel=1e-3, abs=1e-6), tag
+
+    params = torch.load(tmp_path / "params.pt", weights_only=True)
+    for name, p in params["with"].items():
+        assert torch.equal(p, params["without"][name]), name  # probes leave FSDP training bit for bit
+    for name, p in params["rooted_with"].items():
+        assert torch.equal(p, params["rooted_without"][name]), name
+    assert info[0]["rooted_parameter_kinds"] == info[1]["rooted_parameter_kinds"] == ["DTensor"]
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(params["with"][name], p.detach(), rtol=1e-5, atol=1e-6)
+
+
+class FlakyPassive(probes.Probe):
+    """Passive probe that raises on rank 1 only (a NaN there, say)."""
+
+    name = "flaky"
+    passive = True
+    needs_probe_data = False
+    every = EVERY
+
+    def __init__(self) -> None:
+        self.add_state("count", torch.zeros(1, dtype=torch.int64), reduce="sum")
+
+    def observe(self, site, pre, post):
+        if dist.get_rank() == 1:
+            raise ValueError("flaky: bad values on this rank")
+        self.count += 1
+
+    def flush(self, step):
+        return [Scalar("flaky/count", self.count)]
+
+
+class FlakyActive(probes.Probe):
+    """Active probe, due at every step, that raises on rank 1 from step 1 on. At odd steps it is the only
+    probe due: a rank that switched it off alone would skip the probe pass the other rank runs (a hang)."""
+
+    name = "flaky_active"
+    every = 1
+
+    def __init__(self) -> None:
+        self.x_sums: list[float] = []
+
+    def measure(self, batch):
+        self.x_sums.append(float(batch.x.double().sum()))
+        if dist.get_rank() == 1 and batch.step >= 1:
+            raise ValueError("flaky_active: bad values on this rank")
+        return [Scalar("flaky_active/mean_output", batch.output.double().mean())]
+
+
+class SetupFails(probes.Probe):
+    """Active probe whose setup raises on rank 1 only (a missing directory there, say)."""
+
+    name = "setup_fails"
+
+    def setup(self, context):
+        if dist.get_rank() == 1:
+            raise ValueError("no log directory on this rank")
+
+
+def failing_probes(rank: int, root: str, mesh) -> None:
+    """Rank 1 raises in a passive and in an active probe, and passes another probe batch."""
+    _, _, (px, py) = data()
+    if rank == 1:
+        px = px + 1.0  # a rank with another probe batch: every rank must use rank 0's
+    model = shard(make_model(), mesh)
+    flaky_active = FlakyActive()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        session = probes.attach(model, {FlakyPassive(): None, flaky_active: None, **SPEC},
+                                probe_data=(px, py), sinks=["memory"])
+        train(model, session, rank)
+        session.close()
+    mem = session.memory.scalars() if session.sinks else {}
+    try:  # attach raises on every rank, instead of rank 0 going on into a probe pass alone
+        probes.attach(shard(make_model(), mesh), {SetupFails(): None, "alignment": {}}, probe_data=(px, py))
+        attach_error = None
+    except Exception as exc:  # noqa: BLE001
+        attach_error = f"{type(exc).__name__}: {exc}"
+    with open(os.path.join(root, f"fails{rank}.json"), "w") as f:
+        json.dump({"failures": {k: v.strip().splitlines()[-1] for k, v in session.failures.items()},
+                   "x_sums": flaky_active.x_sums, "steps": {t: [st for st, _ in v] for t, v in mem.items()},
+                   "warnings": [str(w.message) for w in caught], "attach_error": attach_error}, f)
+
+
+def test_a_probe_failing_on_one_rank_is_switched_off_on_every_rank_without_hanging(fsdp_run):
+    tmp_path = fsdp_run
+    info = [json.loads((tmp_path / f"fails{r}.json").read_text()) for r in range(WORLD)]
+    for r in range(WORLD):
+        assert sorted(info[r]["failures"]) == ["flaky", "flaky_active"], info[r]["failures"]
+    assert "raised on another rank" in info[0]["failures"]["flaky_active"]
+    assert "bad values on this rank" in info[1]["failures"]["flaky_active"]
+    assert "another rank" in info[0]["failures"]["flaky"]
+    # both ranks measured on rank 0's probe batch, and stopped at the same step
+    assert info[0]["x_sums"] == info[1]["x_sums"] and len(info[0]["x_sums"]) == 2  # steps 0 and 1
+    assert any("probe_data differs between the ranks" in w for w in info[0]["warnings"])
+    steps = info[0]["steps"]
+    assert "flaky/count" not in steps  # never written: the sum would have missed rank 1
+    assert steps["flaky_active/mean_output"] == [0, 1]  # rank 0's own step-1 value stands; then off everywhere
+    assert steps["alignment/1/cka"] == [0, 2, 4] and steps["relu_zeros/1/zeros"] == [2, 4]  # the others go on
+    assert info[1]["steps"] == {}
+    # a probe whose setup raises on one rank only: attach raises on every rank
+    assert "attach failed on another rank" in info[0]["attach_error"]
+    assert "no log directory on this rank" in info[1]["attach_error"]
+
+
+def test_example_runs_under_torchrun_with_fsdp(tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD),
+           str(ROOT / "examples" / "distributed.py"), "--backend", "gloo", "--fsdp", "--smoke",
+           "--logdir", str(tmp_path / "runs")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=150, env=env, cwd=tmp_path)
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"torchrun did not finish in 150 s (a hang): {exc.stdout!s}{exc.stderr!s}"[-3000:])
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    assert "test accuracy" in done.stdout
+    assert [p.name for p in (tmp_path / "runs").iterdir()] == ["fsdp"]  # one run, written by rank 0
+    got = read_scalars(tmp_path / "runs" / "fsdp")
+    assert {"relu_zeros/total/fraction", "alignment/1/cka", "patterns/distinct", "train/loss",
+            "test/accuracy"} <= set(got)
+    assert [st for st, _ in got["alignment/1/cka"]] == [0, 4, 8, 12]
