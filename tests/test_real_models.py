@@ -233,3 +233,73 @@ def test_a_passive_probe_that_sees_nothing_says_so_once():
     with pytest.warns(ProbesNoticeWarning, match="no training-mode forward.*model.train"):
         s.step(2)
     s.close()
+
+
+class TinyResNet(nn.Module):
+    """Conv-BN-ReLU blocks with an empty nn.Sequential shortcut and one in-place ReLU reused per block."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6), nn.ReLU(inplace=True))
+        self.conv1, self.bn1 = nn.Conv2d(6, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6)
+        self.conv2, self.bn2 = nn.Conv2d(6, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6)
+        self.relu = nn.ReLU(inplace=True)
+        self.shortcut = nn.Sequential()
+        self.head = nn.Linear(6, 4)
+
+    def forward(self, x):
+        x = self.stem(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += self.shortcut(x)
+        out = self.relu(out)
+        return self.head(out.mean(dim=(2, 3)))
+
+
+def test_chunked_probe_passes_give_the_values_of_one_pass():
+    torch.manual_seed(3)
+    model = TinyResNet()
+    model.train()
+    for _ in range(3):  # give BatchNorm running statistics
+        model(torch.randn(16, 3, 8, 8))
+    x, y = torch.randn(23, 3, 8, 8), torch.arange(23) % 4
+    spec = ["patterns", "alignment", "margin", "linear_region"]
+    one = probes.attach(model, spec, probe_data=(x, y), probe_batch_size=None, strict=True)
+    one.close()
+    chunked = probes.attach(model, spec, probe_data=(x, y), probe_batch_size=5, strict=True)
+    chunked.close()
+    a, b = one.memory, chunked.memory
+    assert a.tags() == b.tags() and {"patterns/relu#1/active_fraction", "alignment/relu#2/cka"} <= a.tags()
+    for tag in a.scalars():
+        assert b.last(tag) == pytest.approx(a.last(tag), rel=1e-5, abs=1e-7), tag
+    assert model.training  # modes restored
+
+
+def test_a_site_without_samples_first_is_a_clear_error_when_chunking():
+    class SequenceFirst(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+            self.act = nn.ReLU()
+
+        def forward(self, x):
+            return self.act(self.lin(x).transpose(0, 1)).transpose(0, 1).mean(dim=1)
+
+    x = torch.randn(6, 3, 4)
+    s = probes.attach(SequenceFirst(), ["patterns"], probe_data=(x, torch.arange(6) % 2), probe_batch_size=4)
+    s.close()
+    assert "samples along the first axis" in s.failures["patterns"]
+    s = probes.attach(SequenceFirst(), ["patterns"], probe_data=(x, torch.arange(6) % 2), probe_batch_size=None)
+    s.close()  # one pass: the probe itself says what it needs
+    assert "first axis must be" in s.failures["patterns"]
+
+
+def test_the_probe_pass_memory_benchmark_runs():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "probe_pass_memory.py"
+    out = subprocess.run([sys.executable, str(script), "--smoke", "--sets", "margin"], capture_output=True,
+                         text=True, check=True, timeout=300)
+    assert "chunks of 4" in out.stdout and "max rel. difference to one pass 0.0e+00" in out.stdout
