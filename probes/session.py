@@ -570,37 +570,46 @@ class Session:
         due = [self.probes[n] for n in names if self.probes[n].needs_sites]
         P = inputs.sample_count(self.x)
         chunk = self.probe_batch_size or P
-        outputs: list[torch.Tensor] = []
-        parts: dict[str, list[Activation]] = {}
-        sizes: list[int] = []
+        if chunk >= P:
+            with torch.no_grad():
+                if due:
+                    with self.capture.recording(keep=_keeper(due)) as rec:
+                        raw = inputs.call_model(module, self.x)
+                    activations, calls = rec.activations, rec.calls
+                else:
+                    raw, activations, calls = inputs.call_model(module, self.x), {}, []
+            return self._select(raw), activations, calls, isinstance(raw, torch.Tensor)
+        # chunked: every kept tensor goes straight into its place in one preallocated tensor per site
+        output: torch.Tensor | None = None
+        activations: dict[str, Activation] = {}
         calls: list[Any] = []
         raw_is_tensor = True
         for start in range(0, P, chunk):
-            xb = self.x if chunk >= P else inputs.take(self.x, slice(start, start + chunk))
+            stop = min(start + chunk, P)
+            xb = inputs.take(self.x, slice(start, stop))
             with torch.no_grad():
                 if due:
                     with self.capture.recording(keep=_keeper(due)) as rec:
                         raw = inputs.call_model(module, xb)
+                    chunk_acts, calls = rec.activations, rec.calls
                 else:
-                    rec, raw = None, inputs.call_model(module, xb)
-            try:
-                out = inputs.select_output(raw, self.output_spec)
-            except (TypeError, ValueError) as exc:
-                raise _OutputError(str(exc)) from exc
+                    raw, chunk_acts = inputs.call_model(module, xb), {}
+            out = self._select(raw)
             raw_is_tensor = isinstance(raw, torch.Tensor)
-            outputs.append(out)
-            sizes.append(min(chunk, P - start))
-            if rec is not None:
-                calls = rec.calls
-                for site_name, act in rec.activations.items():
-                    parts.setdefault(site_name, []).append(act)
-            del raw, rec
-        if len(outputs) == 1:
-            activations = {n: acts[0] for n, acts in parts.items()}
-            return outputs[0], activations, calls, raw_is_tensor
-        activations = {n: Activation(acts[0].site, _concat(n, [a.pre for a in acts], sizes),
-                                     _concat(n, [a.post for a in acts], sizes)) for n, acts in parts.items()}
-        return _concat("output", outputs, sizes), activations, calls, raw_is_tensor
+            output = _place(output, out, "output", start, stop, P)
+            for name, act in chunk_acts.items():
+                whole = activations.get(name)
+                activations[name] = Activation(act.site, _place(whole.pre if whole else None, act.pre, name, start,
+                                                                stop, P),
+                                               _place(whole.post if whole else None, act.post, name, start, stop, P))
+            del raw, chunk_acts, out
+        return output, activations, calls, raw_is_tensor
+
+    def _select(self, raw: Any) -> torch.Tensor:
+        try:
+            return inputs.select_output(raw, self.output_spec)
+        except (TypeError, ValueError) as exc:
+            raise _OutputError(str(exc)) from exc
 
     def _measure(self, names: list[str], pending: bool = False) -> None:
         """Measure ``names`` (those not switched off). For a sharded model every rank measures, and the ranks
@@ -686,15 +695,19 @@ def _keeper(due: list[Probe]) -> Any:
     return keep
 
 
-def _concat(site_name: str, parts: list[torch.Tensor | None], sizes: list[int]) -> torch.Tensor | None:
-    if parts[0] is None:
+def _place(whole: torch.Tensor | None, part: torch.Tensor | None, site_name: str, start: int, stop: int,
+           total: int) -> torch.Tensor | None:
+    """Copy the rows ``start:stop`` of a chunked pass into ``whole`` (allocated at the first chunk)."""
+    if part is None:
         return None
-    for t, n in zip(parts, sizes):
-        if t.ndim == 0 or t.shape[0] != n:
-            raise ValueError(f"probe_batch_size: site {site_name!r} has shape {tuple(t.shape)} for a chunk of {n} "
-                             "samples; chunked probe passes need the samples along the first axis of every site "
-                             "(pass probe_batch_size=None to run the probe batch in one pass)")
-    return torch.cat(parts, dim=0)
+    if part.ndim == 0 or part.shape[0] != stop - start:
+        raise ValueError(f"probe_batch_size: site {site_name!r} has shape {tuple(part.shape)} for a chunk of "
+                         f"{stop - start} samples; chunked probe passes need the samples along the first axis of "
+                         "every site (pass probe_batch_size=None to run the probe batch in one pass)")
+    if whole is None:
+        whole = torch.empty((total, *part.shape[1:]), dtype=part.dtype, device=part.device)
+    whole[start:stop] = part
+    return whole
 
 
 class _OptimizerStep:

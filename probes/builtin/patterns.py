@@ -26,6 +26,7 @@ first snapshots are kept on the device and go through
 from __future__ import annotations
 
 import fnmatch
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -89,17 +90,55 @@ def gate_image(gates: torch.Tensor, order: torch.Tensor, starts: list[int], name
     return gates_figure(m, starts, names, title=title, unit_label=unit, total=units)
 
 
+class PackedGates:
+    """A boolean gate tensor (samples first) kept at one bit per gate: ``bits`` is P x ceil(n / 8) uint8."""
+
+    __slots__ = ("bits", "shape")
+
+    def __init__(self, bits: torch.Tensor, shape: tuple[int, ...]) -> None:
+        self.bits, self.shape = bits, shape
+
+    @classmethod
+    def of(cls, gates: torch.Tensor) -> PackedGates:
+        return cls(pack_rows(gates.reshape(gates.shape[0], -1)), tuple(gates.shape))
+
+    def unpack(self, device: torch.device | None = None) -> torch.Tensor:
+        bits = self.bits if device is None else self.bits.to(device)
+        n = math.prod(self.shape[1:])
+        unpacked = (bits.unsqueeze(-1) & _BIT_WEIGHTS.to(bits.device)).ne(0).reshape(bits.shape[0], -1)[:, :n]
+        return unpacked.reshape(self.shape)
+
+
+_BIT_WEIGHTS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
+
+
+def pack_rows(bits: torch.Tensor) -> torch.Tensor:
+    """P x B booleans -> P x ceil(B / 8) bytes, most significant bit first (as ``np.packbits``)."""
+    P, B = bits.shape
+    pad = (-B) % 8
+    if pad:
+        bits = torch.cat([bits, bits.new_zeros(P, pad)], dim=1)
+    weights = _BIT_WEIGHTS.to(bits.device)
+    return (bits.reshape(P, -1, 8).to(torch.uint8) * weights).sum(dim=2, dtype=torch.uint8)
+
+
+def distinct_packed_rows(parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Number of distinct rows of row-packed gate matrices placed side by side."""
+    if not parts:
+        return torch.tensor(0)
+    rows = np.ascontiguousarray(torch.cat(list(parts), dim=1).cpu().numpy())
+    if rows.shape[1] == 0:
+        return torch.tensor(1 if rows.shape[0] else 0)
+    # each row as one opaque value: numpy sorts them without the per-element copies of torch.unique(dim=0)
+    return torch.tensor(np.unique(rows.view(np.dtype((np.void, rows.shape[1]))).ravel()).shape[0])
+
+
 def distinct_rows(bits: torch.Tensor) -> torch.Tensor:
     """Number of distinct rows of a P x B boolean matrix (packed into bytes, then ``torch.unique``)."""
     P, B = bits.shape
     if B == 0:
         return torch.tensor(1 if P else 0)
-    pad = (-B) % 8
-    if pad:
-        bits = torch.cat([bits, bits.new_zeros(P, pad)], dim=1)
-    weights = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8, device=bits.device)
-    packed = (bits.reshape(P, -1, 8).to(torch.uint8) * weights).sum(dim=2, dtype=torch.uint8)
-    return torch.tensor(torch.unique(packed, dim=0).shape[0])
+    return distinct_packed_rows([pack_rows(bits)])
 
 
 class Patterns(Probe):
@@ -121,8 +160,8 @@ class Patterns(Probe):
         self.image_cadence = ImageCadence("patterns", image_every)
         self.save = options.flag("patterns", "save", save)
         self.directory = directory
-        self.first: dict[str, torch.Tensor] = {}
-        self.previous: dict[str, torch.Tensor] = {}
+        self.first: dict[str, PackedGates] = {}
+        self.previous: dict[str, PackedGates] = {}
         self.first_step: int | None = None
 
     def setup(self, context: Context) -> None:
@@ -149,17 +188,18 @@ class Patterns(Probe):
         P = batch.size
         gates: dict[str, torch.Tensor] = {}
         for n in names:
-            pre = batch.activations[n].pre
-            if pre.ndim == 0 or pre.shape[0] != P:
-                raise ValueError(f"patterns: site {n!r} has shape {tuple(pre.shape)}; its first axis must be the "
+            gate = batch.activations[n].gate  # the pass kept only the gates: no copy
+            if gate.ndim == 0 or gate.shape[0] != P:
+                raise ValueError(f"patterns: site {n!r} has shape {tuple(gate.shape)}; its first axis must be the "
                                  f"{P} probe samples")
-            gates[n] = pre.detach() > 0
+            gates[n] = gate
         for n, g in gates.items():
             for store, what in ((self.previous, "previous"), (self.first, "first")):
                 old = store.get(n)
                 if old is not None and tuple(old.shape) != tuple(g.shape):
                     raise ValueError(f"patterns: site {n!r} has gate shape {tuple(g.shape)} but the {what} snapshot "
                                      f"had {tuple(old.shape)}; the probe batch or the model changed")
+        packed = {n: PackedGates.of(g) for n, g in gates.items()}  # snapshots kept at one bit per gate
         draw = self.image and self.image_cadence.due(batch.step)
         order, starts, group_names = _groups(batch.y, P) if draw else (None, [], [])
         records: list[Record] = []
@@ -170,8 +210,8 @@ class Patterns(Probe):
                 per_unit_any, per_unit_all = g.any(dim=dims) if dims else g, g.all(dim=dims) if dims else g
             else:
                 per_unit_any, per_unit_all = g.any().reshape(1), g.all().reshape(1)
-            prev = self.previous.get(n, g).to(g.device)
-            first = self.first.get(n, g).to(g.device)
+            prev = self.previous[n].unpack(g.device) if n in self.previous else g
+            first = self.first[n].unpack(g.device) if n in self.first else g
             records += [
                 Scalar(f"patterns/{n}/active_fraction", g.sum(dtype=torch.int64).double() / g.numel()),
                 Scalar(f"patterns/{n}/dead_on_probe_batch", (~per_unit_any).sum()),
@@ -182,12 +222,12 @@ class Patterns(Probe):
             if draw:
                 title = f"patterns/{n}: gates on the probe batch, step {batch.step}"
                 records.append(Image(f"patterns/{n}", gate_image(g, order, starts, group_names, title, g.ndim)))
-        flat = torch.cat([g.reshape(P, -1) for g in gates.values()], dim=1)
-        records.insert(0, Scalar("patterns/distinct", distinct_rows(flat)))
-        for n, g in gates.items():
-            self.previous[n] = g
+            del prev, first
+        records.insert(0, Scalar("patterns/distinct", distinct_packed_rows([p.bits for p in packed.values()])))
+        for n, p in packed.items():
+            self.previous[n] = p
             if n not in self.first:
-                self.first[n] = g
+                self.first[n] = p
         if self.first_step is None:
             self.first_step = batch.step
         if self.save:
@@ -196,11 +236,11 @@ class Patterns(Probe):
         return records
 
     def state_dict(self) -> dict[str, Any]:
-        return {"first": {n: g.clone() for n, g in self.first.items()},
-                "previous": {n: g.clone() for n, g in self.previous.items()},
+        return {"first": {n: g.unpack() for n, g in self.first.items()},
+                "previous": {n: g.unpack() for n, g in self.previous.items()},
                 "first_step": self.first_step}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.first = {n: torch.as_tensor(g).bool().clone() for n, g in state.get("first", {}).items()}
-        self.previous = {n: torch.as_tensor(g).bool().clone() for n, g in state.get("previous", {}).items()}
+        self.first = {n: PackedGates.of(torch.as_tensor(g).bool()) for n, g in state.get("first", {}).items()}
+        self.previous = {n: PackedGates.of(torch.as_tensor(g).bool()) for n, g in state.get("previous", {}).items()}
         self.first_step = state.get("first_step")
