@@ -91,6 +91,7 @@ from probes.functional.local_affine import (
     site_pattern,
     trainable_names,
 )
+from probes.inputs import Positional
 from probes.probe import Context, Probe, ProbeBatch
 from probes.records import Record, Scalar
 
@@ -201,6 +202,7 @@ class LinearRegion(Probe):
         self.allow = _allow_option(allow)
         self.generator: torch.Generator | None = None
         self._capture: Capture | None = None
+        self._wrapped: tuple[Any, nn.Module] | None = None
         self._announced: tuple | None = None
 
     def setup(self, context: Context) -> None:
@@ -208,7 +210,25 @@ class LinearRegion(Probe):
             raise TypeError("linear_region: the probe batch x must be one floating tensor with samples first")
         p = next((t for t in context.model.parameters() if t.is_floating_point()), None)
         x = context.x[:2].to(p.dtype if p is not None else context.x.dtype)
-        check_piecewise_linear(context.model, x, who="linear_region", allow=self.allow, assume_eval=True)
+        model = self._tensor_model(context.model, context.output_spec, False)
+        try:
+            check_piecewise_linear(model, x, who="linear_region", allow=self.allow, assume_eval=True)
+        except (AttributeError, TypeError):
+            if model is not context.model:
+                raise
+            # the model returns a dict / tuple / ModelOutput: check the output the probes use
+            check_piecewise_linear(self._tensor_model(context.model, context.output_spec, True), x,
+                                   who="linear_region", allow=self.allow, assume_eval=True)
+
+    def _tensor_model(self, model: nn.Module, output_spec: Any, needed: bool) -> nn.Module:
+        """``model`` as ``x -> the probes' output tensor`` when its output needs picking (one wrapper, kept, so the
+        capture stays valid); the model itself otherwise."""
+        if not needed and output_spec is None:
+            return model
+        key = (id(model), id(output_spec))
+        if self._wrapped is None or self._wrapped[0] != key:
+            self._wrapped = (key, Positional.wrap(model, torch.empty(0), output_spec, force=True)[0])
+        return self._wrapped[1]
 
     def dtypes(self, model: nn.Module, x: torch.Tensor) -> tuple[torch.dtype, torch.dtype]:
         """``(sweep, joint)``: the dtype of the per-size flip fractions and that of the joint perturbation
@@ -253,7 +273,7 @@ class LinearRegion(Probe):
         return self.generator.manual_seed(self.seed)
 
     def measure(self, batch: ProbeBatch) -> list[Record]:
-        model = batch.model
+        model = self._tensor_model(batch.model, batch.output_spec, not batch.tensor_output)
         if not isinstance(batch.x, torch.Tensor):
             raise TypeError("linear_region: the probe batch x must be one floating tensor with samples first")
         x0 = batch.x.detach()

@@ -34,12 +34,13 @@ forming the per-sample gradients ``D_i = sum_k g_ik z_ik^T`` (``n d`` per pair, 
 No ``P x n_params`` Jacobian of the whole model is formed. nngeometry's ``Linear`` handler counts a layer
 called twice wrongly (it drops the cross terms ``k != k'``); they are summed here.
 
-Cost: ``C`` backward passes (one per output; ``torch.func`` needs the same vector-Jacobian products) plus
-``P^2 sum_l min(C n_l d_l, K_l^2 (C n_l + d_l))`` for the products (``C`` replaced by 1 in ``n``-dimension counts
-of ``mode="full"``). For ``K = 1`` (MLPs) the second term is far below ``torch.func``'s ``P^2 C n_params``; for
-layers with many positions (convolutions over images, Linear layers over long sequences) the outer-product
-route wins and costs what ``J J^T`` costs, so the gain there comes only from the per-sample gradients
-(measured 1.3-1.4x ``torch.func`` on a small ResNet and a small transformer, one thread; see benchmarks/ntk.py).
+Cost: ``C`` backward passes (one per output; ``torch.func`` needs the same vector-Jacobian products) plus, in
+``mode="trace"``, ``P^2 sum_l min(C n_l d_l, K_l^2 (C n_l + d_l))`` for the products (``mode="full"``:
+``(P C)^2 sum_l min(n_l d_l, K_l^2 (n_l + d_l))``). For ``K = 1`` (MLPs) the second term is far below
+``torch.func``'s ``P^2 C n_params``; for layers with many positions (convolutions over images, Linear layers
+over long sequences) the outer-product route wins and costs what ``J J^T`` costs, so the gain there comes only
+from the per-sample gradients (measured 1.3-1.4x ``torch.func`` on a small ResNet and a small transformer,
+one thread; see benchmarks/ntk.py).
 
 Fallback (a parameter of any other module, a layer whose weight is tied to another module, used outside its
 own ``forward``, or computed by a parametrization). Per-sample Jacobians of those parameters only,
@@ -56,7 +57,9 @@ calls (the module re-run on the recorded inputs) reproduce autograd's gradient o
 Large ``P``: ``ntk_operator`` keeps the same layerwise factors and gives ``Theta V`` blockwise without forming
 the ``P x P`` kernel (for ``D`` held: ``D (D^T V)``; for factors: ``W = sum_j v_j g_j z_j^T``, then
 ``(Theta v)_i = sum_k g_ik^T W z_ik``; for embeddings a scatter-add into the table), and the diagonal exactly
-(per-sample gradient norms), for the Krylov eigen solver ``probes.functional.spectra.top_eigenvalues``.
+(per-sample gradient norms), for the Krylov eigen solver ``probes.functional.spectra.top_eigenvalues``. Factors
+are first expressed in bases of their row spaces when those are much smaller (``_compressed``; in trace mode the
+``C n`` output-gradient axis of the layer before a linear head has rank ``n``), which keeps every inner product.
 
 Samples must not interact: a BatchNorm that normalises with batch statistics (training mode, or
 ``track_running_stats=False``) is rejected by name, active dropout too, and the output of sample 0 alone
@@ -938,13 +941,19 @@ def _row_basis(F2: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
     rows, m = F2.shape
     if m < 16 or m > COMPRESS_MAX or rows < 2 * m:  # the Gram and its eigh must pay off over many products
         return None
+    eps = torch.finfo(torch.float64).eps
+    if rows > 4 * m:  # rank of 2m spread rows first (a lower bound of the rank): cheap rejection of full rank
+        sub = F2[torch.linspace(0, rows - 1, 2 * m, device=F2.device).long()].to(torch.float64)
+        lam = torch.linalg.eigvalsh(sub.T @ sub)
+        if int((lam > m * eps * lam[-1].clamp(min=torch.finfo(torch.float64).tiny)).sum()) > COMPRESS_RATIO * m:
+            return None
     step = _block_rows(rows, m, 8)
     gram = torch.zeros(m, m, dtype=torch.float64, device=F2.device)
     for s in range(0, rows, step):
         blk = F2[s:s + step].to(torch.float64)
         gram += blk.T @ blk
     lam, vec = torch.linalg.eigh(gram)
-    keep = lam > m * torch.finfo(torch.float64).eps * lam[-1].clamp(min=torch.finfo(torch.float64).tiny)
+    keep = lam > m * eps * lam[-1].clamp(min=torch.finfo(torch.float64).tiny)
     if int(keep.sum()) > COMPRESS_RATIO * m:
         return None
     return vec[:, keep].to(dtype)
