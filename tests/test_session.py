@@ -339,19 +339,19 @@ def test_an_overhead_budget_spaces_out_a_costly_probe_and_says_so_once(shared_re
 
         def measure(self, batch):
             self.steps.append(batch.step)
-            time.sleep(0.02)
+            time.sleep(0.05)
             return []
 
     probe = Slow()
     s = probes.attach(shared_relu_mlp, [probe], overhead=0.1)
     with pytest.warns(probes.session.ProbesNoticeWarning, match="now measures every"):
         for _ in range(40):
-            time.sleep(0.01)  # a 10 ms training step
+            time.sleep(0.005)  # a 5 ms training step
             s.step()
     s.close()
-    k = s.schedules["slow"].k
-    assert k >= 20  # 20 ms / (0.1 x 10 ms)
-    later = [st for st in probe.steps if st > probe.steps[2]]
-    assert all(b - a >= k for a, b in zip(later, later[1:-1]))  # the last point is the one at close
+    # 50 ms per measurement against >= 5 ms per step at 10%: every 100 steps nominally; even a machine 10x
+    # slower at training than at sleeping leaves k >= 10, so step 0, 1, 2 and close at most, plus a few
+    assert s.schedules["slow"].k >= 10
+    assert len(probe.steps) <= 7, probe.steps
     with pytest.raises(ValueError, match="overhead"):
         probes.attach(shared_relu_mlp, ["relu_zeros"], overhead=5)

@@ -124,7 +124,7 @@ def test_probes_list_shows_where_each_probe_comes_from(installed):
                          timeout=120, check=True).stdout
     rows = {line.split()[0]: line for line in out.splitlines()[1:] if line.strip()}
     assert "probes-weightnorm 0.1.0" in rows["weightnorm"]
-    assert rows["relu_zeros"].split()[1] == "builtin"
+    assert rows["relu_zeros"].split()[2] == "builtin"  # probe, every, from, description
     env["PROBES_DISABLE_PLUGIN_AUTOLOAD"] = "1"
     out = subprocess.run([sys.executable, "-m", "probes", "list"], capture_output=True, text=True, env=env,
                          timeout=120, check=True).stdout
