@@ -97,9 +97,8 @@ def test_windows_reset_after_each_flush_by_hand_count():
 
 
 def test_the_example_plugin_passes_the_harness(monkeypatch):
-    from pathlib import Path
-
     import sys
+    from pathlib import Path
 
     monkeypatch.syspath_prepend(str(Path(__file__).parent.parent / "examples" / "plugin"))
     monkeypatch.delitem(sys.modules, "probes_weightnorm", raising=False)  # later tests import the installed copy
