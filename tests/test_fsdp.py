@@ -28,6 +28,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from test_distributed import FlakyPassive  # noqa: F401 - the same rank-1 failure, shared
 from torch import nn
 
 import probes
@@ -237,26 +238,6 @@ def test_fully_shard_mlp_counts_like_one_process_and_trains_unchanged(fsdp_run):
     assert info[0]["rooted_parameter_kinds"] == info[1]["rooted_parameter_kinds"] == ["DTensor"]
     for name, p in model.named_parameters():
         torch.testing.assert_close(params["with"][name], p.detach(), rtol=1e-5, atol=1e-6)
-
-
-class FlakyPassive(probes.Probe):
-    """Passive probe that raises on rank 1 only (a NaN there, say)."""
-
-    name = "flaky"
-    passive = True
-    needs_probe_data = False
-    every = EVERY
-
-    def __init__(self) -> None:
-        self.add_state("count", torch.zeros(1, dtype=torch.int64), reduce="sum")
-
-    def observe(self, site, pre, post):
-        if dist.get_rank() == 1:
-            raise ValueError("flaky: bad values on this rank")
-        self.count += 1
-
-    def flush(self, step):
-        return [Scalar("flaky/count", self.count)]
 
 
 class FlakyActive(probes.Probe):
