@@ -307,7 +307,7 @@ def test_ntk_on_bert_with_an_attention_mask():
             session.close()
         assert session.failures == {}, list(session.failures.values())[0][-800:]
         traces.append(session.memory.scalars()["ntk/trace"][0][1])
-    assert traces[1] == pytest.approx(traces[0], rel=1e-9)
+    assert traces[1] == pytest.approx(traces[0], rel=1e-6)  # a float32 model; vmap vs one sample at a time
 
 
 def test_importing_probes_does_not_import_transformers():

@@ -845,17 +845,29 @@ def _jacobian_fn(model: nn.Module, args: tuple[torch.Tensor, ...], names: Sequen
             p = {name: torch.cat([whole[:a], p[name], whole[b:]])}
         return functional_call(model, p, tuple(t.unsqueeze(0) for t in xi)).reshape(-1)
 
-    jac_fn = vmap(jacrev(f), in_dims=(None,) + (0,) * len(args))
+    one = jacrev(f)
+    jac_fn = vmap(one, in_dims=(None,) + (0,) * len(args))
+    looped = [False]  # vmap failed once (data-dependent control flow, e.g. attention-mask checks): loop samples
+
+    def per_sample(s: int, e: int) -> dict[str, torch.Tensor]:
+        parts = [one(sub, *(a[i] for a in args)) for i in range(s, e)]
+        return {k: torch.stack([part[k] for part in parts]) for k in parts[0]}
 
     def jac(s: int, e: int) -> torch.Tensor:
-        try:
-            with torch.no_grad():  # the transform still differentiates; no graph to the other parameters
-                j = jac_fn(sub, *_take(args, s, e))
-        except Exception as exc:  # noqa: BLE001 - add which parameters and why
-            raise RuntimeError(f"{who}: torch.func could not take per-sample Jacobians of {list(names)[:6]}"
-                               f"{'...' if len(names) > 6 else ''} ({type(exc).__name__}: {exc}); the model must "
-                               "work on one sample at a time under torch.func.vmap (no .item(), no data-dependent "
-                               "Python control flow)") from exc
+        with torch.no_grad():  # the transforms still differentiate; no graph to the other parameters
+            if not looped[0]:
+                try:
+                    j = jac_fn(sub, *_take(args, s, e))
+                except Exception:  # noqa: BLE001 - vmap refused the model: the same Jacobians one sample at a time
+                    looped[0] = True
+            if looped[0]:
+                try:
+                    j = per_sample(s, e)
+                except Exception as exc:  # noqa: BLE001 - add which parameters and why
+                    raise RuntimeError(
+                        f"{who}: torch.func could not take per-sample Jacobians of {list(names)[:6]}"
+                        f"{'...' if len(names) > 6 else ''} ({type(exc).__name__}: {exc}); the model must work on "
+                        "one sample at a time under torch.func (no .item() on values that need gradients)") from exc
         flat = torch.cat([v.reshape(e - s, C, -1) for v in j.values()], dim=2).to(dtype)
         return flat.reshape((e - s) * Ce, -1)
 
