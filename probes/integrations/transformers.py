@@ -219,7 +219,7 @@ class ProbesCallback(TrainerCallback):
 
     @property
     def _open(self) -> bool:
-        return self.session is not None and not _session_closed(self.session)
+        return self.session is not None and not self.session.closed
 
     def _output(self, args: Any, state: Any, trainer: Any, attach_kwargs: dict[str, Any]) -> str | None:
         """The logdir for ``probes.attach``; may put the Trainer's writer into ``attach_kwargs``."""
@@ -340,9 +340,3 @@ class ProbesCallback(TrainerCallback):
             raise ValueError(f"ProbesCallback: {path} is not a probes state file")
         return dict(payload["session"])
 
-
-def _session_closed(session: Session) -> bool:
-    closed = getattr(type(session), "closed", None)
-    if isinstance(closed, property):
-        return bool(session.closed)
-    return bool(session._closed)  # engines before Session.closed
