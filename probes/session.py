@@ -288,6 +288,7 @@ class Session:
         if self.passive:
             self.capture.on_forward = self._on_training_forward
             self.capture.install_passive(self._observe)
+            self._check_module_sites()
         if optimizer is not None:
             self._opt_handle = optimizer.register_step_post_hook(_OptimizerStep(self))
         if self.active and measure_now:
@@ -316,6 +317,20 @@ class Session:
         self._notices.add((name, key))
         log.warning(message)
         warnings.warn(message, ProbesNoticeWarning, stacklevel=4)
+
+    def _check_module_sites(self) -> None:
+        """At attach: a passive probe that wants none of the model's activation modules is told so once (functional
+        calls such as ``F.relu`` inside ``forward`` are seen only at the first training forward, and still count)."""
+        sites = self.capture.module_sites()
+        if not sites:
+            return
+        kinds = Counter(s.kind for s in sites)
+        found = ", ".join(f"{k} x{n}" for k, n in sorted(kinds.items()))
+        for name in self.passive:
+            if not any(self.probes[name].wants(s) for s in sites):
+                self._notice(name, "no-site", f"probe {name!r} observes no activation module of this model: it "
+                             f"counts ReLU-family activations and the model has {found}; it will write nothing "
+                             "unless forward calls F.relu or the like")
 
     def _on_training_forward(self, sites: list[Site]) -> None:
         self._forwards += 1

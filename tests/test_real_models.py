@@ -220,12 +220,12 @@ def test_other_libraries_activation_classes_and_plugin_declared_ones_are_sites()
 
 def test_a_passive_probe_that_sees_nothing_says_so_once():
     gelu = nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.Linear(8, 2))
-    s = probes.attach(gelu, {"relu_zeros": {"every": 1}})
     with pytest.warns(ProbesNoticeWarning, match=r"relu_zeros.*gelu x1"):
-        gelu(torch.randn(3, 4))
+        s = probes.attach(gelu, {"relu_zeros": {"every": 1}})
     with warnings.catch_warnings():
         warnings.simplefilter("error", ProbesNoticeWarning)
-        gelu(torch.randn(3, 4))  # once only
+        gelu(torch.randn(3, 4))  # once only: not again at the first training forward
+        gelu(torch.randn(3, 4))
     s.close()
     relu = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)).eval()
     s = probes.attach(relu, {"relu_zeros": {"every": 2}})
@@ -303,3 +303,10 @@ def test_the_probe_pass_memory_benchmark_runs():
     out = subprocess.run([sys.executable, str(script), "--smoke", "--sets", "margin"], capture_output=True,
                          text=True, check=True, timeout=300)
     assert "chunks of 4" in out.stdout and "max rel. difference to one pass 0.0e+00" in out.stdout
+
+
+def test_a_gelu_model_is_reported_at_attach_even_when_it_never_trains():
+    gelu = nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.Linear(8, 2)).eval()
+    with pytest.warns(ProbesNoticeWarning, match=r"relu_zeros.*gelu x1"):
+        s = probes.attach(gelu, ["relu_zeros"])
+    s.close()
