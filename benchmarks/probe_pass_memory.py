@@ -2,8 +2,8 @@
 
 Each case runs in a fresh process (``ru_maxrss`` of the child): build a ResNet-18 for 3 x 32 x 32 inputs
 (BasicBlocks, BatchNorm, one in-place ReLU module reused twice per block, as torchvision writes it), attach
-``margin``, ``patterns``, ``alignment`` (and the three together) with a probe batch of P images, measure once
-at attach. The
+``margin``, ``patterns``, ``alignment`` (and the three together, also with ``alignment``'s ``memory_budget``
+of 512 MiB: its sites in groups over its own passes) with a probe batch of P images, measure once at attach. The
 anchor is the model's plain forward of the same P images without probes (the floor a probe pass cannot go
 under when run in one piece), printed beside ``probe_batch_size=None`` (one pass) and chunked passes; the
 values of the chunked run are compared with the one-pass run.
@@ -75,7 +75,11 @@ if mode == "forward":
         model(x)
 else:
     import probes
-    s = probes.attach(model, sys.argv[5].split(","), probe_data=(x, y), probe_batch_size=chunk,
+    spec = {}
+    for item in sys.argv[5].split(","):  # "alignment:512": alignment with memory_budget=512 MiB
+        name, _, mib = item.partition(":")
+        spec[name] = {"memory_budget": int(mib) << 20} if mib else {}
+    s = probes.attach(model, spec, probe_data=(x, y), probe_batch_size=chunk,
                       strict=True)
     s.close()
     values = {t: s.memory.last(t) for t in sorted(s.memory.tags()) if s.memory.scalars().get(t)}
@@ -95,8 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--P", type=int, default=None)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--smoke", action="store_true")
-    ap.add_argument("--sets", nargs="+", default=["margin", "patterns", "alignment", "patterns,alignment,margin"],
-                    help="probe sets to measure, comma-separated names")
+    ap.add_argument("--sets", nargs="+", default=["margin", "patterns", "alignment", "patterns,alignment,margin",
+                                                  "patterns,alignment:512,margin"],
+                    help="probe sets to measure, comma-separated names (alignment:512: memory_budget=512 MiB)")
     args = ap.parse_args(argv)
     P = args.P or (16 if args.smoke else 256 if args.quick else 1024)
     width = 8 if args.smoke else 64

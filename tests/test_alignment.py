@@ -216,3 +216,21 @@ def test_benchmark_smoke(capsys) -> None:
     for (P, _), value in measured.items():
         assert value == pytest.approx(measured[(P, "features")], abs=1e-9)
     assert any(r["route"] == "seed" and r["P"] == 400 and "extrapolated" in r["note"] for r in rows)
+
+
+def test_a_memory_budget_gives_the_values_of_the_shared_pass() -> None:
+    """Sites in groups over the probe's own passes (budget of about one site) equal the shared pass."""
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(6, 40), nn.ReLU(), nn.Linear(40, 30), nn.ReLU(), nn.Linear(30, 20), nn.Tanh(),
+                          nn.Linear(20, 3))
+    x, y = torch.randn(300, 6), torch.arange(300) % 3
+    shared = probes.attach(model, ["alignment"], probe_data=(x, y))
+    shared.close()
+    grouped = probes.attach(model, {"alignment": {"memory_budget": 300 * 40 * 4}}, probe_data=(x, y), strict=True)
+    grouped.close()
+    a, b = shared.memory, grouped.memory
+    assert a.tags() == b.tags() and len(a.tags()) == 4
+    for tag in a.tags():
+        assert b.last(tag) == pytest.approx(a.last(tag), rel=1e-9), tag
+    with pytest.raises(TypeError, match="memory_budget"):
+        probes.attach(model, {"alignment": {"memory_budget": 1.5}}, probe_data=(x, y))

@@ -15,25 +15,33 @@ Tags: ``alignment/<site>/cka`` for every selected activation site and ``alignmen
 the model output. Options: ``sites`` (names or fnmatch patterns; default every activation site),
 ``output`` (default True), ``degenerate`` (``"skip"``, the default: a site whose
 features center to zero on the probe batch, a dead layer, is left out with one warning, so the
-other sites keep logging; ``"raise"``: such a site is an error that switches the probe off).
+other sites keep logging; ``"raise"``: such a site is an error that switches the probe off),
+``memory_budget`` (bytes; default None: the features of every chosen site come from the shared probe pass,
+all at once). With a budget the probe runs its own passes, one per group of sites whose features fit it
+(P x d_s floats each), so memory stays bounded at the cost of one more forward of the probe batch per group.
 Constant labels are an error at attach.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import itertools
 import warnings
 from collections.abc import Sequence
 
 import torch
 
 from probes import options
+from probes.capture import Capture
 from probes.functional.alignment import DegenerateKernelError, Prepared, prepare
 from probes.functional.labels import label_matrix
-from probes.probe import Context, Probe, ProbeBatch
+from probes.inputs import take
+from probes.probe import Context, Probe, ProbeBatch, Site
 from probes.records import Record, Scalar
 
 OUTPUT = "output"
+#: samples per forward of the passes that the probe runs itself (with ``memory_budget``)
+GROUP_CHUNK = 256
 
 
 class Alignment(Probe):
@@ -48,9 +56,11 @@ class Alignment(Probe):
     needs_probe_data = True
 
     def __init__(self, sites: str | Sequence[str] | None = None, output: bool = True,
-                 degenerate: str = "skip") -> None:
+                 degenerate: str = "skip", memory_budget: int | None = None) -> None:
         self.sites = options.names("alignment", "sites", sites)
         self.output = options.flag("alignment", "output", output)
+        self.memory_budget = options.integer("alignment", "memory_budget", memory_budget, minimum=1, optional=True)
+        self._capture: Capture | None = None
         options.choice("alignment", "degenerate", degenerate, ("raise", "skip"))
         self.degenerate = degenerate
         self._checked_patterns = False
@@ -68,6 +78,50 @@ class Alignment(Probe):
                 "alignment: the labels of the probe batch are all the same, so Y Y^T centers to zero and the "
                 "alignment is 0/0; use a probe batch with more than one class (or non-constant targets)")
 
+    def wants_site(self, site: Site) -> bool:
+        return self.memory_budget is None  # with a budget the probe runs its own passes, site group by group
+
+    def _groups(self, batch: ProbeBatch) -> tuple[list[str], list[list[str]]]:
+        """The chosen sites, and groups of them whose features (P x d_s floats) fit the memory budget."""
+        if self._capture is None or self._capture.model is not batch.model:
+            self._capture = Capture(batch.model)
+        with torch.no_grad(), self._capture.recording(keep=lambda site: frozenset({"post"})) as rec:
+            batch.forward(take(batch.x, slice(0, 2)))  # two samples: the sites and their sizes
+        names = self._select(list(rec.activations))
+        P = batch.size
+        groups: list[list[str]] = []
+        used = 0
+        for n in names:
+            post = rec.activations[n].post
+            size = P * post[0].numel() * post.element_size()
+            if groups and used + size <= self.memory_budget:
+                groups[-1].append(n)
+                used += size
+            else:
+                groups.append([n])
+                used = size
+        return names, groups
+
+    def _grouped_features(self, batch: ProbeBatch, groups: list[list[str]]):
+        """``(site, features)`` group by group: one chunked pass over the probe batch per group of sites."""
+        P = batch.size
+        for group in groups:
+            wanted = set(group)
+            kept: dict[str, torch.Tensor] = {}
+            for start in range(0, P, GROUP_CHUNK):
+                stop = min(start + GROUP_CHUNK, P)
+                with torch.no_grad(), self._capture.recording(
+                        keep=lambda site, w=wanted: frozenset({"post"}) if site.name in w else frozenset()) as rec:
+                    batch.forward(take(batch.x, slice(start, stop)))
+                for n in group:
+                    post = rec.activations[n].post
+                    if n not in kept:
+                        kept[n] = torch.empty((P, *post.shape[1:]), dtype=post.dtype, device=post.device)
+                    kept[n][start:stop] = post
+                del rec
+            for n in group:
+                yield n, kept.pop(n)
+
     # ------------------------------------------------------------------------------------------
     def _select(self, names: list[str]) -> list[str]:
         if self.sites is None:
@@ -82,17 +136,22 @@ class Alignment(Probe):
         return chosen
 
     def measure(self, batch: ProbeBatch) -> list[Record]:
-        names = self._select(list(batch.activations))
+        if self.memory_budget is not None:
+            names, groups = self._groups(batch)
+            features = self._grouped_features(batch, groups)
+        else:
+            names = self._select(list(batch.activations))
+            features = ((n, batch.activations[n].post) for n in names)
         if self.output and OUTPUT in names:
             raise ValueError("alignment: the model has an activation site named 'output', which clashes with the "
                              "tag alignment/output/cka of the model output; pass output=False or select sites")
-        features: list[tuple[str, torch.Tensor]] = [(n, batch.activations[n].post) for n in names]
         if self.output:
             if not isinstance(batch.output, torch.Tensor):
                 raise TypeError(f"alignment: the model output is a {type(batch.output).__name__}, not a tensor; "
                                 "pass output=False")
-            features.append((OUTPUT, batch.output))
-        if not features:
+            features = itertools.chain(features, [(OUTPUT, batch.output)])
+            names = [*names, OUTPUT]
+        if not names:
             return []
         P = batch.size
         Y = batch.targets("alignment")
@@ -101,7 +160,7 @@ class Alignment(Probe):
         label_parts: dict[torch.device, Prepared] = {}  # centered labels on each device that holds a site
         values: list[torch.Tensor] = []
         flags = []
-        for site, f in features:  # one site at a time: only its float64 copy is alive
+        for site, f in features:  # one site at a time: only its float64 copy (and, with a budget, its group) alive
             if f.shape[0] != P:
                 raise ValueError(f"alignment: site {site!r} has {f.shape[0]} rows for a probe batch of {P} samples "
                                  "(only activations with the batch as first axis are supported)")
@@ -119,7 +178,7 @@ class Alignment(Probe):
         if any(bool(p.degenerate) for p in label_parts.values()):
             raise DegenerateKernelError("alignment: the labels of the probe batch center to zero (all the same)")
         records: list[Record] = []
-        for i, ((site, _), value) in enumerate(zip(features, values)):
+        for i, (site, value) in enumerate(zip(names, values)):
             nonfinite, degenerate = bad[2 * i], bad[2 * i + 1]
             if nonfinite:
                 raise ValueError(f"alignment: site {site!r} has NaN or infinite features at step {batch.step}")
