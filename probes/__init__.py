@@ -8,18 +8,19 @@ to TensorBoard (or any other sink). Third-party packages add probes through the
 
 from __future__ import annotations
 
-from probes import records
+from probes import records, schedules
 from probes.hookspecs import hookimpl
 from probes.plugins import ProbeInfo
 from probes.probe import Activation, Context, Probe, ProbeBatch, Site
 from probes.records import Histogram, Image, Scalar
-from probes.session import Session, attach
+from probes.session import ProbesClosedError, Session, attach
 
 __version__ = "0.1.0"
 
 __all__ = [
     "attach", "available", "Session", "Probe", "ProbeBatch", "Context", "Site", "Activation",
-    "ProbeInfo", "hookimpl", "records", "Scalar", "Histogram", "Image", "__version__",
+    "ProbeInfo", "hookimpl", "records", "schedules", "Scalar", "Histogram", "Image", "ProbesClosedError",
+    "__version__",
 ]
 
 
