@@ -28,7 +28,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from test_distributed import FlakyPassive  # noqa: F401 - the same rank-1 failure, shared
+from test_distributed import CountingProbe, FlakyPassive, make_model  # noqa: F401 - shared with the DDP tests
 from torch import nn
 
 import probes
@@ -50,25 +50,6 @@ STEPS = 4
 EVERY = 2
 PER_RANK = 8
 SPEC = {"relu_zeros": {"every": EVERY}, "patterns": {"every": EVERY}, "alignment": {"every": EVERY}}
-
-
-class CountingProbe(probes.Probe):
-    """Active probe: counts its measurements (on every rank) and logs the mean output."""
-
-    name = "counting"
-    every = EVERY
-
-    def __init__(self) -> None:
-        self.calls = 0
-
-    def measure(self, batch):
-        self.calls += 1
-        return [Scalar("counting/mean_output", batch.output.double().mean())]
-
-
-def make_model() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(10, 24), nn.ReLU(), nn.Linear(24, 16), nn.ReLU(), nn.Linear(16, 3))
 
 
 def shard(model: nn.Module, mesh, root_owns: bool = False) -> nn.Module:
