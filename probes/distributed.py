@@ -23,7 +23,6 @@ backward collectives.
 from __future__ import annotations
 
 import zlib
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -101,11 +100,19 @@ def reshard(modules: list[nn.Module]) -> None:
         m.reshard()
 
 
-def _flatten(value: Any, reduce: str, out: list[tuple[str, torch.Tensor]], where: str,
-             device: torch.device) -> None:
+def _max_and_min(values: list[int], device: torch.device) -> tuple[list[int], list[int]]:
+    """The max and the min of every entry over the ranks, in one collective (an all-reduce of ``[v, -v]``)."""
+    sig = torch.tensor(values, dtype=torch.int64, device=device)
+    both = torch.cat([sig, -sig])
+    torch.distributed.all_reduce(both, op=torch.distributed.ReduceOp.MAX)
+    n = len(values)
+    return both[:n].tolist(), (-both[n:]).tolist()
+
+
+def _flatten(value: Any, out: list[tuple[str, torch.Tensor]], where: str, device: torch.device) -> None:
     if isinstance(value, dict):
         for k in sorted(value, key=str):
-            _flatten(value[k], reduce, out, f"{where}[{k}]", device)
+            _flatten(value[k], out, f"{where}[{k}]", device)
     elif isinstance(value, torch.Tensor):
         out.append((where, value))
     elif isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -151,17 +158,13 @@ def reduce_states(probe: Any, failed_here: bool, device: torch.device, step: int
                 if spec.reduce == "cat":
                     continue
                 parts: list[tuple[str, torch.Tensor]] = []
-                _flatten(value, spec.reduce, parts, spec.name, device)
+                _flatten(value, parts, spec.name, device)
                 flat += [(w, t, spec.reduce) for w, t in parts]
         except Exception as exc:  # noqa: BLE001 - reported below, on every rank alike
             error, items, flat = exc, [], []
     layout = ";".join(f"{w}:{tuple(t.shape)}/{t.dtype}/{r}" for w, t, r in flat)
     layout += "|" + ";".join(f"{n}:cat" for n, r, _ in items if r == "cat")
-    sig = torch.tensor([int(error is not None or failed_here), len(flat), zlib.crc32(layout.encode())],
-                       dtype=torch.int64, device=device)
-    both = torch.cat([sig, -sig])
-    d.all_reduce(both, op=d.ReduceOp.MAX)  # max and -min of every entry, in one collective
-    hi, lo = both[:3].tolist(), (-both[3:]).tolist()
+    hi, lo = _max_and_min([int(error is not None or failed_here), len(flat), zlib.crc32(layout.encode())], device)
     if error is not None:
         return ReduceOutcome(False, error)
     if hi[0]:
@@ -190,27 +193,18 @@ def reduce_states(probe: Any, failed_here: bool, device: torch.device, step: int
 
 def broadcast_flag(flag: bool, device: torch.device) -> bool:
     """True on every rank when ``flag`` is True on any rank."""
-    d = torch.distributed
-    t = torch.tensor([int(flag)], dtype=torch.int64, device=device)
-    d.all_reduce(t, op=d.ReduceOp.MAX)
-    return bool(t.item())
-
-
-def any_rank(fn: Callable[[], bool], device: torch.device) -> bool:
-    return broadcast_flag(fn(), device)
+    return bool(_max_and_min([int(flag)], device)[0][0])
 
 
 def failed_anywhere(names: list[str], failed_here: set[str], device: torch.device) -> set[str]:
     """The probes among ``names`` that failed on any rank (every rank must call this with the same ``names``).
 
-    One all-reduce (max) of a 0/1 mask, so it costs one small collective per sharded measurement.
+    One all-reduce of a 0/1 mask, so it costs one small collective per sharded measurement.
     """
     if not names:
         return set()
-    d = torch.distributed
-    mask = torch.tensor([int(n in failed_here) for n in names], dtype=torch.int64, device=device)
-    d.all_reduce(mask, op=d.ReduceOp.MAX)
-    return {n for n, bad in zip(names, mask.tolist()) if bad}
+    hi, _ = _max_and_min([int(n in failed_here) for n in names], device)
+    return {n for n, bad in zip(names, hi) if bad}
 
 
 def _batch_layout(x: Any, y: Any) -> tuple[str, list[torch.Tensor]]:
@@ -241,10 +235,7 @@ def same_probe_batch(x: Any, y: Any, device: torch.device) -> tuple[Any, Any, bo
     layout, tensors = _batch_layout(x, y)
     crc = zlib.crc32(layout.encode())
     content = zlib.crc32(b"".join(_checksum(t).to_bytes(4, "little") for t in tensors))
-    sig = torch.tensor([crc, content], dtype=torch.int64, device=device)
-    both = torch.cat([sig, -sig])
-    d.all_reduce(both, op=d.ReduceOp.MAX)
-    hi, lo = both[:2].tolist(), (-both[2:]).tolist()
+    hi, lo = _max_and_min([crc, content], device)
     if hi[0] != lo[0]:
         raise ValueError("probe_data differs in shape, dtype or presence between the ranks of a sharded (FSDP) "
                          f"model (rank {d.get_rank()}: {layout}); every rank runs the probe pass, so every rank "
