@@ -61,7 +61,7 @@ class ProbesClosedError(RuntimeError):
 def _make_probe(cls: type[Probe], name: str, options: Mapping[str, Any]) -> Probe:
     opts = dict(options or {})
     every = opts.pop("every", None)
-    schedule = as_schedule(every if every is not None else cls.every, who=f"probe {name!r}")
+    as_schedule(every if every is not None else cls.every, who=f"probe {name!r}")  # checked before the probe is built
     try:
         probe = cls(**opts)
     except TypeError as exc:
@@ -71,7 +71,7 @@ def _make_probe(cls: type[Probe], name: str, options: Mapping[str, Any]) -> Prob
     except (ValueError, KeyError) as exc:
         raise _named(exc, name) from exc
     if every is not None:
-        probe.every = schedule if not isinstance(every, int) else every
+        probe.every = every
     return probe
 
 
@@ -300,10 +300,8 @@ class Session:
         return cls()
 
     def _switch_off(self, name: str, message: str) -> None:
-        self.failures[name] = message
-        if self.rank == 0:  # every rank switches it off; one message says so
-            log.warning(message)
-            warnings.warn(message, ProbesNoticeWarning, stacklevel=4)
+        self.failures[name] = message  # every rank switches it off; one message (rank 0) says so
+        self._notice(name, "off", message)
 
     def _teardown(self) -> None:
         self.capture.remove()
@@ -322,27 +320,22 @@ class Session:
         """At attach: a passive probe that wants none of the model's activation modules is told so once (functional
         calls such as ``F.relu`` inside ``forward`` are seen only at the first training forward, and still count)."""
         sites = self.capture.module_sites()
-        if not sites:
-            return
-        kinds = Counter(s.kind for s in sites)
-        found = ", ".join(f"{k} x{n}" for k, n in sorted(kinds.items()))
-        for name in self.passive:
-            if not any(self.probes[name].wants(s) for s in sites):
-                self._notice(name, "no-site", f"probe {name!r} observes no activation module of this model: it "
-                             f"counts ReLU-family activations and the model has {found}; it will write nothing "
-                             "unless forward calls F.relu or the like")
+        if sites:
+            self._notice_no_site(sites, "activation module", "; it will write nothing unless forward calls F.relu "
+                                                              "or the like")
 
     def _on_training_forward(self, sites: list[Site]) -> None:
         self._forwards += 1
         if self._forwards == 1:
-            kinds = Counter(s.kind for s in sites)
-            for name in self.passive:
-                probe = self.probes[name]
-                if not any(probe.wants(s) for s in sites):
-                    found = ", ".join(f"{k} x{n}" for k, n in sorted(kinds.items())) or "none"
-                    self._notice(name, "no-site", f"probe {name!r} observes no site of this model: it counts "
-                                 f"ReLU-family activations and the model has none (activation sites found: {found}); "
-                                 "it will write nothing")
+            self._notice_no_site(sites, "site", "; it will write nothing")
+
+    def _notice_no_site(self, sites: list[Site], what: str, consequence: str) -> None:
+        kinds = Counter(s.kind for s in sites)
+        found = ", ".join(f"{k} x{n}" for k, n in sorted(kinds.items())) or "none"
+        for name in self.passive:
+            if not any(self.probes[name].wants(s) for s in sites):
+                self._notice(name, "no-site", f"probe {name!r} observes no {what} of this model: it counts "
+                             f"ReLU-family activations and the model has {found}{consequence}")
 
     # -- public ---------------------------------------------------------------------
     @property
@@ -371,13 +364,13 @@ class Session:
         self._check_open("step")
         self._release()
         for _ in range(n):
-            now = time.perf_counter()
-            if self._last_step_at is not None:  # training time since the end of the last step's probe work
-                self._train_seconds += now - self._last_step_at
+            if self.overhead is not None and self._last_step_at is not None:  # training time since the last
+                self._train_seconds += time.perf_counter() - self._last_step_at  # step's probe work ended
                 self._train_steps += 1
             self._step += 1
             self._run_due()
-            self._last_step_at = time.perf_counter()
+            if self.overhead is not None:
+                self._last_step_at = time.perf_counter()
 
     def advance_to(self, step: int) -> None:
         """Jump to ``step`` and run what falls due at that step only (integrations that follow a trainer)."""
@@ -586,29 +579,15 @@ class Session:
         P = inputs.sample_count(self.x)
         chunk = self.probe_batch_size or P
         if chunk >= P:
-            with torch.no_grad():
-                if due:
-                    with self.capture.recording(keep=_keeper(due)) as rec:
-                        raw = inputs.call_model(module, self.x)
-                    activations, calls = rec.activations, rec.calls
-                else:
-                    raw, activations, calls = inputs.call_model(module, self.x), {}, []
+            raw, activations, calls = self._forward(module, self.x, due)
             return self._select(raw), activations, calls, isinstance(raw, torch.Tensor)
         # chunked: every kept tensor goes straight into its place in one preallocated tensor per site
         output: torch.Tensor | None = None
-        activations: dict[str, Activation] = {}
-        calls: list[Any] = []
+        activations = {}
         raw_is_tensor = True
         for start in range(0, P, chunk):
             stop = min(start + chunk, P)
-            xb = inputs.take(self.x, slice(start, stop))
-            with torch.no_grad():
-                if due:
-                    with self.capture.recording(keep=_keeper(due)) as rec:
-                        raw = inputs.call_model(module, xb)
-                    chunk_acts, calls = rec.activations, rec.calls
-                else:
-                    raw, chunk_acts = inputs.call_model(module, xb), {}
+            raw, chunk_acts, calls = self._forward(module, inputs.take(self.x, slice(start, stop)), due)
             out = self._select(raw)
             raw_is_tensor = isinstance(raw, torch.Tensor)
             output = _place(output, out, "output", start, stop, P)
@@ -619,6 +598,15 @@ class Session:
                                                _place(whole.post if whole else None, act.post, name, start, stop, P))
             del raw, chunk_acts, out
         return output, activations, calls, raw_is_tensor
+
+    def _forward(self, module: nn.Module, x: Any, due: list[Probe]) -> tuple[Any, dict[str, Activation], list[Any]]:
+        """``module(x)`` without gradients, recording what the due probes keep (nothing when none reads sites)."""
+        with torch.no_grad():
+            if not due:
+                return inputs.call_model(module, x), {}, []
+            with self.capture.recording(keep=_keeper(due)) as rec:
+                raw = inputs.call_model(module, x)
+        return raw, rec.activations, rec.calls
 
     def _select(self, raw: Any) -> torch.Tensor:
         try:
