@@ -28,7 +28,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from test_distributed import CountingProbe, FlakyPassive, make_model  # noqa: F401 - shared with the DDP tests
+from test_distributed import CountingProbe, FlakyPassive, make_model, read_scalars  # noqa: F401 - shared with the DDP tests
 from torch import nn
 
 import probes
@@ -154,14 +154,6 @@ def _worker(rank: int, root: str) -> None:
         failing_probes(rank, root, mesh)
     finally:
         shut_down()
-
-
-def read_scalars(logdir):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(logdir), size_guidance={"scalars": 0})
-    acc.Reload()
-    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
 @pytest.fixture(scope="module")

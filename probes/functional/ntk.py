@@ -1139,6 +1139,18 @@ def _validated(model: nn.Module, x: Any, mode: str, reduction: str, chunk_size: 
     return _as_args(x, who)
 
 
+def _inputs_and_plan(model: nn.Module, x: Any, mode: str, reduction: str, chunk_size: int | None,
+                     dtype: torch.dtype, fast_path: bool, plan: NTKPlan | None, who: str
+                     ) -> tuple[tuple[torch.Tensor, ...], int, NTKPlan]:
+    """The checked inputs, their sample count, and the plan (made now, or the given one checked)."""
+    args, P = _validated(model, x, mode, reduction, chunk_size, dtype, who)
+    if plan is None:
+        plan = ntk_plan(model, args, fast_path=fast_path, who=who)
+    else:
+        _check_modules(model, who)
+    return args, P, plan
+
+
 def empirical_ntk(model: nn.Module, x: Any, *, mode: str = "trace", reduction: str = "sum",
                   chunk_size: int | None = None, dtype: torch.dtype = torch.float64,
                   fast_path: bool = True, plan: NTKPlan | None = None) -> torch.Tensor:
@@ -1154,11 +1166,7 @@ def empirical_ntk(model: nn.Module, x: Any, *, mode: str = "trace", reduction: s
     input shape, to skip the two discovery passes when the same kernel is measured repeatedly.
     """
     who = "empirical_ntk"
-    args, P = _validated(model, x, mode, reduction, chunk_size, dtype, who)
-    if plan is None:
-        plan = ntk_plan(model, args, fast_path=fast_path, who=who)
-    else:
-        _check_modules(model, who)
+    args, P, plan = _inputs_and_plan(model, x, mode, reduction, chunk_size, dtype, fast_path, plan, who)
     C = plan.outputs
     Ce = C if mode == "full" else 1
     theta = torch.zeros(P * Ce, P * Ce, dtype=dtype, device=args[0].device)
@@ -1180,11 +1188,7 @@ def ntk_operator(model: nn.Module, x: Any, *, mode: str = "trace", reduction: st
     exact diagonal from the layerwise factors, memory linear in ``P``; for the top eigenvalues at large ``P``
     (``probes.functional.spectra.top_eigenvalues``)."""
     who = "ntk_operator"
-    args, P = _validated(model, x, mode, reduction, chunk_size, dtype, who)
-    if plan is None:
-        plan = ntk_plan(model, args, fast_path=fast_path, who=who)
-    else:
-        _check_modules(model, who)
+    args, P, plan = _inputs_and_plan(model, x, mode, reduction, chunk_size, dtype, fast_path, plan, who)
     C = plan.outputs
     Ce = C if mode == "full" else 1
     terms = list(_layer_terms(model, args, P, plan, mode, chunk_size, dtype, who, "operator").values()) \
