@@ -142,7 +142,6 @@ class ProbesCallback(Callback):
                 raise ValueError("ProbesCallback: active probes need a probe batch: pass probe_data=(x, y) or give "
                                  "the trainer a validation loader (its first batch is used)")
             probe_data = _as_probe_data(batch)
-        probe_data = _to_device(probe_data, pl_module.device)
         kwargs = dict(self.attach_kwargs)
         if self.logdir is None and "writer" not in kwargs:
             writer = self._writer(trainer)
@@ -197,11 +196,3 @@ class ProbesCallback(Callback):
             self._restored = True
         else:
             self._pending_state = dict(state_dict)
-
-
-def _to_device(data: Any, device: torch.device) -> Any:
-    if isinstance(data, torch.Tensor):
-        return data.to(device)
-    if isinstance(data, (tuple, list)):
-        return type(data)(_to_device(v, device) for v in data)
-    return data

@@ -144,21 +144,6 @@ def _first_eval_batch(trainer: Any, eval_dataloader: Any) -> Any:
         return next(iter(loader), None)
 
 
-def _to_device(data: Any, device: torch.device) -> Any:
-    if isinstance(data, torch.Tensor):
-        return data.to(device)
-    if isinstance(data, Mapping):
-        return {k: _to_device(v, device) for k, v in data.items()}
-    if isinstance(data, (tuple, list)):
-        return type(data)(_to_device(v, device) for v in data)
-    return data
-
-
-def _model_device(model: torch.nn.Module) -> torch.device:
-    p = next(model.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
-
-
 # -- checkpoint files ---------------------------------------------------------------------------
 def _safe(value: Any, where: str) -> Any:
     """``value`` as what ``torch.load(weights_only=True)`` reads back: tensors and plain data."""
@@ -257,8 +242,6 @@ class ProbesCallback(TrainerCallback):
             model = trainer.model
         if model is None:
             raise ValueError("ProbesCallback: the Trainer passed no model to on_train_begin")
-        device = _model_device(model)
-
         probe_data = self.probe_data
         if probe_data is None and self._needs_probe_data():
             probe_data = _first_eval_batch(trainer, kwargs.get("eval_dataloader"))
@@ -266,7 +249,6 @@ class ProbesCallback(TrainerCallback):
                 raise ValueError("ProbesCallback: active probes need a probe batch: pass probe_data=(x, y) (or a "
                                  "dict batch with 'labels') or give the Trainer an eval_dataset (its first batch is "
                                  "used)")
-        probe_data = _to_device(probe_data, device)
 
         attach_kwargs = dict(self.attach_kwargs)
         if isinstance(probe_data, Mapping) and "labels" in probe_data:
