@@ -114,13 +114,6 @@ class ProbeBatch:
         out = call_model(model if model is not None else self.model, self.x if x is None else x)
         return select_output(out, self.output_spec)
 
-    def tensor_input(self, probe: str) -> torch.Tensor:
-        """The probe batch as one tensor; probes that perturb or differentiate the input need this."""
-        if not isinstance(self.x, torch.Tensor):
-            raise TypeError(f"{probe}: this probe needs the probe inputs as one tensor (model(x)); this session's "
-                            f"probe batch is a {type(self.x).__name__}")
-        return self.x
-
     def targets(self, probe: str = "probe", num_classes: int | None = None) -> torch.Tensor:
         """Labels as a float64 P x C matrix (binary as +-1 in one column, classes one-hot)."""
         if self.y is None:
@@ -132,7 +125,7 @@ class ProbeBatch:
 
 @dataclass
 class Context:
-    """What a probe learns at attach: the unwrapped model, the probe batch, the log directory, the sites."""
+    """What a probe learns at attach: the unwrapped model, the probe batch, the log directory, the output option."""
 
     model: nn.Module
     x: Any = None
@@ -140,10 +133,6 @@ class Context:
     logdir: str | None = None
     device: torch.device = torch.device("cpu")
     output_spec: Any = None
-
-    def forward(self, x: Any = None) -> torch.Tensor:
-        """``model(x)`` with the session's input convention and output selection (no gradients, as called)."""
-        return select_output(call_model(self.model, self.x if x is None else x), self.output_spec)
 
 
 REDUCTIONS = ("sum", "max", "min", "cat", None)
