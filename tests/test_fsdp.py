@@ -28,7 +28,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from test_distributed import CountingProbe, FlakyPassive, make_model, read_scalars  # noqa: F401 - shared with the DDP tests
+from test_distributed import CountingProbe, FlakyPassive, data, make_model, read_scalars  # noqa: F401 - shared with the DDP tests
 from torch import nn
 
 import probes
@@ -59,14 +59,6 @@ def shard(model: nn.Module, mesh, root_owns: bool = False) -> nn.Module:
             fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
     return model
-
-
-def data():
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(STEPS, WORLD * PER_RANK, 10, generator=g)
-    y = torch.randint(0, 3, (STEPS, WORLD * PER_RANK), generator=g)
-    probe = (torch.randn(20, 10, generator=g), torch.arange(20) % 3)
-    return x, y, probe
 
 
 def train(model, session, rank: int | None) -> None:
