@@ -34,7 +34,8 @@ import probes
 from probes.probe import Probe
 
 __all__ = ["check_probe", "check_training_unchanged", "check_records", "check_state_round_trip",
-           "check_failure_isolation", "check_ddp_flush", "small_mlp", "default_data"]
+           "check_failure_isolation", "check_ddp_flush", "small_mlp", "default_data", "run_ranks", "join_group",
+           "leave_group"]
 
 STEPS = 12
 EVERY = 3
@@ -182,29 +183,76 @@ def check_failure_isolation(cls: type[Probe], options: Mapping[str, Any] | None 
         assert torch.equal(a, b), f"{cls.name}: a failing probe changed training"
 
 
-def _ddp_worker(rank: int, world: int, root: str, cls: type[Probe], options: Any, model: Any) -> None:
+def join_group(rank: int, world: int, root: str, timeout_s: float = 60) -> None:
+    """Join a gloo process group rendezvousing through the file ``root/pg`` (one thread per rank)."""
     torch.distributed.init_process_group("gloo", init_method=f"file://{root}/pg", rank=rank, world_size=world,
-                                         timeout=datetime.timedelta(seconds=60))
+                                         timeout=datetime.timedelta(seconds=timeout_s))
+    torch.set_num_threads(1)
+
+
+def leave_group() -> None:
+    """Leave together: a barrier, then ``destroy_process_group`` (a rank that tears gloo down early aborts others)."""
     try:
-        torch.set_num_threads(1)
-        _, session = _train(cls, options, model, rank=rank, world=world)
-        session.close()
-        if rank == 0:
-            torch.save({"scalars": _records(session), "failures": sorted(session.failures)}, f"{root}/out.pt")
         torch.distributed.barrier()
     finally:
         torch.distributed.destroy_process_group()
 
 
+def _rank_main(rank: int, worker: Callable[..., None], args: tuple[Any, ...]) -> None:
+    worker(rank, *args)
+    # The worker returned: its results are on disk and it has left the group. End the process here, without the
+    # interpreter's teardown, where gloo's threads can still abort the process now and then ("terminate called
+    # without an active exception", SIGABRT) after everything succeeded. An exception skips this and is reported.
+    import sys
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def run_ranks(worker: Callable[..., None], args: tuple[Any, ...] = (), world: int = 2,
+              deadline_s: float = 120) -> None:
+    """Run ``worker(rank, *args)`` in ``world`` spawned processes; raise if one fails, or after ``deadline_s``.
+
+    ``worker`` must be importable (module-level). A worker that fails raises here with its traceback; a hang
+    (a collective some rank never joins) raises ``TimeoutError`` instead of blocking the caller.
+    """
+    import time
+
+    import torch.multiprocessing as mp
+
+    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+        raise RuntimeError("run_ranks needs torch.distributed with the gloo backend")
+    ctx = mp.spawn(_rank_main, args=(worker, tuple(args)), nprocs=world, join=False)
+    deadline = time.monotonic() + deadline_s
+    try:
+        while not ctx.join(timeout=1):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the {world} workers did not finish in {deadline_s:.0f} s (a hang?)")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.terminate()
+
+
+def _ddp_worker(rank: int, world: int, root: str, cls: type[Probe], options: Any, model: Any) -> None:
+    join_group(rank, world, root)
+    try:
+        _, session = _train(cls, options, model, rank=rank, world=world)
+        session.close()
+        if rank == 0:
+            torch.save({"scalars": _records(session), "failures": sorted(session.failures)}, f"{root}/out.pt")
+    finally:
+        leave_group()
+
+
 def check_ddp_flush(cls: type[Probe], options: Mapping[str, Any] | None = None,
                     model: Callable[[], nn.Module] = small_mlp, world: int = 2, rel: float = 1e-6) -> None:
     """2 gloo processes on halves of every batch write what one process writes on the whole batches."""
-    import torch.multiprocessing as mp
-
     _, single = _train(cls, options, model)
     single.close()
     with tempfile.TemporaryDirectory() as root:
-        mp.spawn(_ddp_worker, args=(world, root, cls, dict(options or {}), model), nprocs=world, join=True)
+        run_ranks(_ddp_worker, (world, root, cls, dict(options or {}), model), world=world)
         out = torch.load(os.path.join(root, "out.pt"), weights_only=True)
     assert out["failures"] == [], f"{cls.name}: failed under DDP: {out['failures']}"
     expected = _records(single)

@@ -10,10 +10,8 @@ switched off on every rank with a clear message, instead of crashing training in
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
-import time
 
 import pytest
 import torch
@@ -23,6 +21,7 @@ from torch import nn
 
 import probes
 from probes.records import Scalar
+from probes.testing import join_group, leave_group, run_ranks
 
 WORLD = 2
 STEPS = 4
@@ -60,37 +59,9 @@ def data():
 SPEC = {"relu_zeros": {"every": EVERY}, "alignment": {"every": EVERY}, "ntk": {"every": EVERY, "image": False}}
 
 
-def shut_down() -> None:
-    """Leave together: a rank that tears gloo down while another still works can abort at exit."""
-    try:
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-
-
-def run_ranks(worker, tmp_path) -> None:
-    """Spawn ``WORLD`` gloo processes running ``worker(rank, tmp_path)``; fail (never hang) after 120 s."""
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available")
-    import torch.multiprocessing as mp
-
-    ctx = mp.spawn(worker, args=(str(tmp_path),), nprocs=WORLD, join=False)
-    deadline = time.monotonic() + 120
-    try:
-        while not ctx.join(timeout=1):
-            if time.monotonic() > deadline:
-                pytest.fail("the workers did not finish in 120 s")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.terminate()
-
-
 def _worker(rank: int, root: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{root}/pg", rank=rank, world_size=WORLD,
-                           timeout=datetime.timedelta(seconds=60))
+    join_group(rank, WORLD, root, timeout_s=60)
     try:
-        torch.set_num_threads(1)
         model = nn.parallel.DistributedDataParallel(make_model())
         x, y, probe_data = data()
         counting = CountingProbe()
@@ -107,7 +78,7 @@ def _worker(rank: int, root: str) -> None:
             json.dump({"sinks": len(session.sinks), "measure_calls": counting.calls,
                        "failures": sorted(session.failures)}, f)
     finally:
-        shut_down()
+        leave_group()
 
 
 def read_scalars(logdir):
@@ -119,7 +90,7 @@ def read_scalars(logdir):
 
 
 def test_ddp_totals_equal_a_single_process_run_on_the_union(tmp_path):
-    run_ranks(_worker, tmp_path)
+    run_ranks(_worker, (str(tmp_path),), world=WORLD)
 
     # reference: one process, every forward sees both halves, same weights
     model = make_model()
@@ -165,10 +136,8 @@ def test_ddp_totals_equal_a_single_process_run_on_the_union(tmp_path):
 
 def _uneven_worker(rank: int, root: str) -> None:
     """Rank 1 runs no training forward in the first window: the ranks hold different accumulators."""
-    dist.init_process_group("gloo", init_method=f"file://{root}/pg", rank=rank, world_size=WORLD,
-                           timeout=datetime.timedelta(seconds=20))
+    join_group(rank, WORLD, root, timeout_s=20)
     try:
-        torch.set_num_threads(1)
         model = make_model()  # the session only needs torch.distributed; no DDP wrapper, so ranks may differ
         x, y, probe_data = data()
         session = probes.attach(model, SPEC, probe_data=probe_data,
@@ -184,11 +153,11 @@ def _uneven_worker(rank: int, root: str) -> None:
                        "zeros_steps": [st for st, _ in mem.get("relu_zeros/1/zeros", [])],
                        "cka_steps": [st for st, _ in mem.get("alignment/1/cka", [])]}, f)
     finally:
-        shut_down()
+        leave_group()
 
 
 def test_ranks_with_different_accumulators_fail_the_probe_clearly_instead_of_hanging(tmp_path):
-    run_ranks(_uneven_worker, tmp_path)
+    run_ranks(_uneven_worker, (str(tmp_path),), world=WORLD)
     info = [json.loads((tmp_path / f"uneven{r}.json").read_text()) for r in range(WORLD)]
     for r in range(WORLD):
         assert list(info[r]["failures"]) == ["relu_zeros"], info[r]
@@ -218,10 +187,8 @@ class FlakyPassive(probes.Probe):
 
 
 def _one_rank_fails_worker(rank: int, root: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{root}/pg", rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=20))
+    join_group(rank, WORLD, root, timeout_s=20)
     try:
-        torch.set_num_threads(1)
         model = make_model()
         x, _, _ = data()
         session = probes.attach(model, {FlakyPassive(): None, "relu_zeros": {"every": EVERY}}, sinks=["memory"])
@@ -234,11 +201,11 @@ def _one_rank_fails_worker(rank: int, root: str) -> None:
             json.dump({"failures": sorted(session.failures), "flaky": mem.get("flaky/count", []),
                        "zeros_steps": [st for st, _ in mem.get("relu_zeros/1/zeros", [])]}, f)
     finally:
-        shut_down()
+        leave_group()
 
 
 def test_a_probe_failing_on_one_rank_is_switched_off_on_all_without_hanging(tmp_path):
-    run_ranks(_one_rank_fails_worker, tmp_path)
+    run_ranks(_one_rank_fails_worker, (str(tmp_path),), world=WORLD)
     info = [json.loads((tmp_path / f"fails{r}.json").read_text()) for r in range(WORLD)]
     assert info[0]["failures"] == info[1]["failures"] == ["flaky"]
     assert info[0]["flaky"] == []  # never written: the sum would have missed rank 1

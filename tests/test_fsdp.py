@@ -15,12 +15,10 @@ timeout and a deadline, so a hang is a failure, not a stuck test run.
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
 import subprocess
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -33,6 +31,7 @@ from torch import nn
 
 import probes
 from probes.records import Scalar
+from probes.testing import join_group, leave_group, run_ranks
 
 try:
     from torch.distributed.device_mesh import init_device_mesh
@@ -77,34 +76,8 @@ def train(model, session, rank: int | None) -> None:
 
 
 def start(rank: int, root: str):
-    dist.init_process_group("gloo", init_method=f"file://{root}/pg", rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=30))
-    torch.set_num_threads(1)
+    join_group(rank, WORLD, root, timeout_s=30)
     return init_device_mesh("cpu", (WORLD,))
-
-
-def shut_down() -> None:
-    """Leave together: a rank that tears gloo down while another still works can abort at exit."""
-    try:
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-
-
-def run_ranks(worker, tmp_path, deadline_s: float = 120) -> None:
-    """Spawn ``WORLD`` gloo processes running ``worker(rank, tmp_path)``; fail (never hang) after the deadline."""
-    import torch.multiprocessing as mp
-
-    ctx = mp.spawn(worker, args=(str(tmp_path),), nprocs=WORLD, join=False)
-    deadline = time.monotonic() + deadline_s
-    try:
-        while not ctx.join(timeout=1):
-            if time.monotonic() > deadline:
-                pytest.fail(f"the workers did not finish in {deadline_s:.0f} s (a hang)")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.terminate()
 
 
 def _worker(rank: int, root: str) -> None:
@@ -145,14 +118,14 @@ def _worker(rank: int, root: str) -> None:
                        "ntk_messages": [str(w.message) for w in caught if "'ntk'" in str(w.message)]}, f)
         failing_probes(rank, root, mesh)
     finally:
-        shut_down()
+        leave_group()
 
 
 @pytest.fixture(scope="module")
 def fsdp_run(tmp_path_factory):
     """One spawn of 2 ranks (process start-up dominates the cost) serves the tests that read its files."""
     root = tmp_path_factory.mktemp("fsdp")
-    run_ranks(_worker, root)
+    run_ranks(_worker, (str(root),), world=WORLD)
     return root
 
 
