@@ -42,6 +42,10 @@ log = logging.getLogger("probes")
 
 #: samples per chunk of the probe pass (a laptop holds the activations of this many CIFAR images in a ResNet)
 DEFAULT_PROBE_BATCH_SIZE = 256
+#: ``attach(overhead="auto")``: a probe left at its default cadence keeps within this fraction of training time,
+AUTO_OVERHEAD = 0.1
+#: once its measurements have taken this many seconds in all (short runs, tests, keep the default cadences exactly)
+AUTO_GRACE_SECONDS = 2.0
 
 __all__ = ["attach", "Session", "ProbesClosedError", "ProbeFailedWarning", "ProbesNoticeWarning"]
 
@@ -119,6 +123,16 @@ def _normalise_spec(probes: Any) -> list[tuple[str, Probe]]:
     return out
 
 
+def _round_up_125(k: int) -> int:
+    """The smallest of 1, 2, 5, 10, 20, 50, ... that is at least ``k``."""
+    scale = 1
+    while True:
+        for m in (1, 2, 5):
+            if m * scale >= k:
+                return m * scale
+        scale *= 10
+
+
 def _rng_state() -> tuple[torch.Tensor, list[torch.Tensor] | None]:
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
     return torch.get_rng_state(), cuda
@@ -167,7 +181,8 @@ class Session:
                  optimizer: torch.optim.Optimizer | None = None, strict: bool = False,
                  functional: bool | None = None, measure_at_attach: bool = True,
                  state: Mapping[str, Any] | None = None,
-                 probe_batch_size: int | None = DEFAULT_PROBE_BATCH_SIZE, overhead: float | None = None) -> None:
+                 probe_batch_size: int | None = DEFAULT_PROBE_BATCH_SIZE, overhead: float | str | None = "auto"
+                 ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"attach needs an nn.Module, got {type(model).__name__}")
         if logdir is not None and writer is not None:
@@ -182,10 +197,13 @@ class Session:
                 probe_batch_size, int) or probe_batch_size < 1):
             raise ValueError(f"attach(probe_batch_size=...) must be a positive int or None, got {probe_batch_size!r}")
         self.probe_batch_size = probe_batch_size
-        if overhead is not None and (isinstance(overhead, bool) or not isinstance(overhead, (int, float))
-                                     or not 0 < overhead < 1):
-            raise ValueError(f"attach(overhead=...) must be a fraction of training time in (0, 1), got {overhead!r}")
-        self.overhead = None if overhead is None else float(overhead)
+        self._overhead_auto = isinstance(overhead, str) and overhead == "auto"
+        if not self._overhead_auto and overhead is not None and (
+                isinstance(overhead, bool) or not isinstance(overhead, (int, float)) or not 0 < overhead < 1):
+            raise ValueError(f"attach(overhead=...) must be 'auto', None or a fraction of training time in (0, 1), "
+                             f"got {overhead!r}")
+        self.overhead = AUTO_OVERHEAD if self._overhead_auto else None if overhead is None else float(overhead)
+        self._spent: dict[str, float] = {}
         self._train_seconds, self._train_steps, self._last_step_at = 0.0, 0, None
         self._cost: dict[str, float] = {}
         self.model = model
@@ -206,6 +224,7 @@ class Session:
         self.entries = _normalise_spec(probes)
         self.probes: dict[str, Probe] = dict(self.entries)
         self.schedules: dict[str, Schedule] = {n: as_schedule(p.every, who=f"probe {n!r}") for n, p in self.entries}
+        self._given_cadence = {n for n, p in self.entries if "every" in vars(p)}  # set on the instance: given
         self.passive = [n for n, p in self.entries if p.passive]
         self.active = [n for n, p in self.entries if not p.passive]
         for name in self.active:
@@ -476,21 +495,37 @@ class Session:
                 self._space_out(due_active)
 
     def _space_out(self, names: list[str]) -> None:
-        """Widen ``every(k)`` cadences so that each probe costs at most ``overhead`` of the training time."""
-        if self._train_steps < 1:
-            return
-        per_step = self._train_seconds / self._train_steps
+        """Widen ``every(k)`` cadences so that each probe costs at most ``overhead`` of the training time.
+
+        The new ``k`` is rounded up to 1, 2 or 5 times a power of ten. With ``overhead="auto"`` only probes at
+        their default cadence are widened, and only once they have spent ``AUTO_GRACE_SECONDS``. Under a sharded
+        model every rank runs the probe pass, so the ranks take the widest ``k`` of any rank (one all-reduce).
+        """
+        per_step = self._train_seconds / self._train_steps if self._train_steps else 0.0
+        proposals: dict[str, int] = {}
         for name in names:
             schedule, cost = self.schedules[name], self._cost.get(name)
-            if not isinstance(schedule, every) or cost is None or per_step <= 0:
+            if not isinstance(schedule, every):
                 continue
-            if cost / (schedule.k * per_step) > self.overhead:
-                k = max(schedule.k + 1, math.ceil(cost / (self.overhead * per_step)))
-                self.schedules[name] = every(k)
-                self._notice(name, "overhead", f"probe {name!r} takes {cost * 1e3:.3g} ms per measurement against "
-                             f"{per_step * 1e3:.3g} ms per training step: measuring every {schedule.k} steps would "
-                             f"cost {cost / (schedule.k * per_step):.0%} of training (overhead={self.overhead:g}); it "
-                             f"now measures every {k} steps")
+            if self._overhead_auto and (name in self._given_cadence
+                                        or self._spent.get(name, 0.0) < AUTO_GRACE_SECONDS):
+                continue
+            if cost is not None and per_step > 0 and cost / (schedule.k * per_step) > self.overhead:
+                proposals[name] = _round_up_125(max(schedule.k + 1, math.ceil(cost / (self.overhead * per_step))))
+        if self.sharded and self.world_size > 1:
+            ks = [proposals.get(n, 0) if isinstance(self.schedules[n], every) else 0 for n in names]
+            agreed, _ = distributed._max_and_min(ks, self.device)
+            proposals = {n: k for n, k in zip(names, agreed) if k > 0}
+        for name, k in proposals.items():
+            old, cost = self.schedules[name], self._cost.get(name)
+            self.schedules[name] = every(k)
+            share = f"{cost / (old.k * per_step):.0%}" if cost is not None and per_step > 0 else "too much"
+            timing = (f"takes {cost * 1e3:.3g} ms per measurement against {per_step * 1e3:.3g} ms per training step"
+                      if cost is not None and per_step > 0 else "is costly on another rank")
+            how = ("at its default cadence; give it every=... to keep a cadence, or attach(overhead=None)"
+                   if self._overhead_auto else f"overhead={self.overhead:g}")
+            self._notice(name, "overhead", f"probe {name!r} {timing}: measuring every {old.k} steps would cost "
+                         f"{share} of training (at most {self.overhead:.0%}, {how}); it now measures every {k} steps")
 
     def _fail(self, name: str, exc: BaseException) -> None:
         if self.strict:
@@ -675,6 +710,7 @@ class Session:
                 except Exception as exc:  # noqa: BLE001
                     self._fail(name, exc)
                 self._cost[name] = shared + time.perf_counter() - t0
+                self._spent[name] = self._spent.get(name, 0.0) + self._cost[name]
         finally:
             _restore_modes(module, modes)
             _set_rng_state(rng)
@@ -739,7 +775,8 @@ def attach(model: nn.Module, probes: Any, *, probe_data: Any = None, label_key: 
            output: Any = None, logdir: str | None = None, writer: Any = None, sinks: Any = None,
            optimizer: torch.optim.Optimizer | None = None, strict: bool = False, functional: bool | None = None,
            measure_at_attach: bool = True, state: Mapping[str, Any] | None = None,
-           probe_batch_size: int | None = DEFAULT_PROBE_BATCH_SIZE, overhead: float | None = None) -> Session:
+           probe_batch_size: int | None = DEFAULT_PROBE_BATCH_SIZE, overhead: float | str | None = "auto"
+           ) -> Session:
     """Attach probes to ``model`` and return the ``Session`` (or raise and leave nothing behind).
 
     Args:
@@ -764,7 +801,9 @@ def attach(model: nn.Module, probes: Any, *, probe_data: Any = None, label_key: 
         probe_batch_size: the probe pass runs the probe batch in chunks of this many samples, keeping of each
             site only what the due probes read (gates as bits for ``patterns``); None: one pass.
         overhead: a fraction of training time (e.g. 0.05): an active probe whose measurements would cost more
-            at its ``every(k)`` cadence measures less often, timed on its own measurements; said once.
+            at its ``every(k)`` cadence measures less often (``k`` rounded up to 1, 2, 5 x 10^n), timed on its own
+            measurements; said once. "auto" (default): 10%, for probes left at their default cadence only, once
+            they have spent 2 s measuring; a cadence you give is kept. None: every cadence exactly as it is.
 
     Returns:
         The ``Session``: ``step()``, ``close()`` (or use it as a context manager), ``state_dict()``.

@@ -224,7 +224,7 @@ def test_a_memory_budget_gives_the_values_of_the_shared_pass() -> None:
     model = nn.Sequential(nn.Linear(6, 40), nn.ReLU(), nn.Linear(40, 30), nn.ReLU(), nn.Linear(30, 20), nn.Tanh(),
                           nn.Linear(20, 3))
     x, y = torch.randn(300, 6), torch.arange(300) % 3
-    shared = probes.attach(model, ["alignment"], probe_data=(x, y))
+    shared = probes.attach(model, {"alignment": {"memory_budget": None}}, probe_data=(x, y))
     shared.close()
     grouped = probes.attach(model, {"alignment": {"memory_budget": 300 * 40 * 4}}, probe_data=(x, y), strict=True)
     grouped.close()
@@ -234,3 +234,24 @@ def test_a_memory_budget_gives_the_values_of_the_shared_pass() -> None:
         assert b.last(tag) == pytest.approx(a.last(tag), rel=1e-9), tag
     with pytest.raises(TypeError, match="memory_budget"):
         probes.attach(model, {"alignment": {"memory_budget": 1.5}}, probe_data=(x, y))
+
+
+def test_the_default_budget_uses_the_shared_pass_once_the_sites_are_known_to_fit() -> None:
+    """Default budget: the first measurement sizes the sites over its own passes; later ones read the shared pass."""
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Linear(6, 40), nn.ReLU(), nn.Linear(40, 3))
+    x, y = torch.randn(50, 6), torch.arange(50) % 3
+    forwards: list[int] = []
+    model.register_forward_hook(lambda m, a, o: forwards.append(a[0].shape[0]))
+    session = probes.attach(model, {"alignment": {"every": 1}}, probe_data=(x, y), strict=True)
+    at_attach = list(forwards)
+    forwards.clear()
+    session.step()  # step 1: due
+    later = list(forwards)
+    session.close()
+    assert at_attach == [50, 2, 50]  # the shared pass (nothing kept), 2 samples to size the sites, the own pass
+    assert later == [50]  # the shared pass alone
+    ref = probes.attach(model, {"alignment": {"memory_budget": None}}, probe_data=(x, y))
+    ref.close()
+    for tag in ref.memory.tags():
+        assert [v for _, v in session.memory.scalars()[tag]][-1] == pytest.approx(ref.memory.last(tag), rel=1e-12)

@@ -355,3 +355,48 @@ def test_an_overhead_budget_spaces_out_a_costly_probe_and_says_so_once(shared_re
     assert len(probe.steps) <= 7, probe.steps
     with pytest.raises(ValueError, match="overhead"):
         probes.attach(shared_relu_mlp, ["relu_zeros"], overhead=5)
+
+
+def test_auto_overhead_widens_only_default_cadences_after_the_grace_and_to_a_round_number(shared_relu_mlp,
+                                                                                          monkeypatch):
+    import time
+
+    import probes.session as session_module
+
+    class Slow(probes.Probe):
+        name = "slow"
+        every = 1
+        needs_probe_data = False
+
+        def measure(self, batch):
+            time.sleep(0.02)
+            return []
+
+    class Given(Slow):
+        name = "given"
+
+    monkeypatch.setattr(session_module, "AUTO_GRACE_SECONDS", 0.05)
+    given = Given()
+    given.every = 1  # a cadence the user gave: kept
+    s = probes.attach(shared_relu_mlp, [Slow(), given])  # overhead="auto" by default
+    with pytest.warns(probes.session.ProbesNoticeWarning, match="'slow'.*default cadence.*now measures every"):
+        for _ in range(12):
+            time.sleep(0.002)
+            s.step()
+    s.close()
+    k = s.schedules["slow"].k
+    assert k >= 10 and str(k).lstrip("125")[:1] in ("", "0") and set(str(k)[1:]) <= {"0"}, k  # 1, 2, 5 x 10^n
+    assert s.schedules["given"].k == 1
+    off = probes.attach(shared_relu_mlp, [Slow()], overhead=None)
+    for _ in range(12):
+        time.sleep(0.002)
+        off.step()
+    off.close()
+    assert off.schedules["slow"].k == 1
+
+
+def test_round_up_125():
+    from probes.session import _round_up_125
+
+    assert [_round_up_125(k) for k in (1, 2, 3, 5, 6, 10, 11, 21, 51, 999, 1000, 1001)] == \
+        [1, 2, 5, 5, 10, 10, 20, 50, 100, 1000, 1000, 2000]
