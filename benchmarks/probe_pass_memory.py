@@ -2,11 +2,11 @@
 
 Each case runs in a fresh process (``ru_maxrss`` of the child): build a ResNet-18 for 3 x 32 x 32 inputs
 (BasicBlocks, BatchNorm, one in-place ReLU module reused twice per block, as torchvision writes it), attach
-``margin``, ``patterns``, ``alignment`` (and the three together, also with ``alignment``'s ``memory_budget``
-of 512 MiB: its sites in groups over its own passes) with a probe batch of P images, measure once at attach. The
-anchor is the model's plain forward of the same P images without probes (the floor a probe pass cannot go
-under when run in one piece), printed beside ``probe_batch_size=None`` (one pass) and chunked passes; the
-values of the chunked run are compared with the one-pass run.
+``margin``, ``patterns``, ``alignment`` (and the three together, also with ``alignment``'s ``memory_budget=None``:
+every chosen site's features held at once, instead of the default 512 MiB budget) with a probe batch of P images,
+measure once at attach. The anchor is the model's plain forward of the same P images without probes (the floor
+a probe pass cannot go under when run in one piece), printed beside ``probe_batch_size=None`` (one pass) and
+chunked passes; the values of the chunked run are compared with the one-pass run.
 
     .venv/bin/python benchmarks/probe_pass_memory.py [--quick | --smoke] [--P 1024] [--sets margin patterns]
 """
@@ -18,6 +18,9 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
 
 CHILD = r"""
 import json, resource, sys, time
@@ -27,41 +30,8 @@ torch.set_num_threads(2)
 P, chunk, width, mode = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4]
 chunk = None if chunk == "none" else int(chunk)
 
-class Block(nn.Module):
-    def __init__(self, cin, cout, stride):
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.relu = nn.ReLU(inplace=True)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.downsample = nn.Sequential()
-        if stride != 1 or cin != cout:
-            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-    def forward(self, x):
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        out += self.downsample(x)
-        return self.relu(out)
-
-class ResNet18(nn.Module):
-    def __init__(self, w=64, classes=10):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, w, 3, 1, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(w)
-        self.relu = nn.ReLU(inplace=True)
-        layers, cin = [], w
-        for i, cout in enumerate([w, 2 * w, 4 * w, 8 * w]):
-            for j in range(2):
-                layers.append(Block(cin, cout, 2 if (j == 0 and i > 0) else 1))
-                cin = cout
-        self.layers = nn.Sequential(*layers)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(cin, classes)
-    def forward(self, x):
-        x = self.relu(self.bn1(self.conv1(x)))
-        x = self.layers(x)
-        return self.fc(torch.flatten(self.pool(x), 1))
+sys.path.insert(0, sys.argv[6])
+from _resnet import ResNet18
 
 torch.manual_seed(0)
 model = ResNet18(width).eval()
@@ -76,9 +46,9 @@ if mode == "forward":
 else:
     import probes
     spec = {}
-    for item in sys.argv[5].split(","):  # "alignment:512": alignment with memory_budget=512 MiB
+    for item in sys.argv[5].split(","):  # "alignment:512": memory_budget=512 MiB; "alignment:none": no budget
         name, _, mib = item.partition(":")
-        spec[name] = {"memory_budget": int(mib) << 20} if mib else {}
+        spec[name] = {"memory_budget": None if mib == "none" else int(mib) << 20} if mib else {}
     s = probes.attach(model, spec, probe_data=(x, y), probe_batch_size=chunk,
                       strict=True)
     s.close()
@@ -89,8 +59,8 @@ print(json.dumps({"peak_kib": peak, "base_kib": base, "seconds": time.perf_count
 
 
 def run(P: int, chunk: str, width: int, mode: str, names: str = "margin") -> dict:
-    out = subprocess.run([sys.executable, "-c", CHILD, str(P), chunk, str(width), mode, names], capture_output=True,
-                         text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", CHILD, str(P), chunk, str(width), mode, names, str(HERE)],
+                         capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -100,8 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--sets", nargs="+", default=["margin", "patterns", "alignment", "patterns,alignment,margin",
-                                                  "patterns,alignment:512,margin"],
-                    help="probe sets to measure, comma-separated names (alignment:512: memory_budget=512 MiB)")
+                                                  "patterns,alignment:none,margin"],
+                    help="probe sets to measure, comma-separated names (alignment:512: memory_budget=512 MiB, "
+                         "alignment:none: no budget, every site's features held at once)")
     args = ap.parse_args(argv)
     P = args.P or (16 if args.smoke else 256 if args.quick else 1024)
     width = 8 if args.smoke else 64

@@ -42,7 +42,7 @@ log = logging.getLogger("probes")
 
 #: samples per chunk of the probe pass (a laptop holds the activations of this many CIFAR images in a ResNet)
 DEFAULT_PROBE_BATCH_SIZE = 256
-#: ``attach(overhead="auto")``: a probe left at its default cadence keeps within this fraction of training time,
+#: ``attach(overhead="auto")``: probes left at their default cadence keep within this fraction of training time,
 AUTO_OVERHEAD = 0.1
 #: once its measurements have taken this many seconds in all (short runs, tests, keep the default cadences exactly)
 AUTO_GRACE_SECONDS = 2.0
@@ -495,13 +495,15 @@ class Session:
                 self._space_out(due_active)
 
     def _space_out(self, names: list[str]) -> None:
-        """Widen ``every(k)`` cadences so that each probe costs at most ``overhead`` of the training time.
+        """Widen ``every(k)`` cadences so that the active probes together cost at most ``overhead`` of the
+        training time, an equal share each.
 
         The new ``k`` is rounded up to 1, 2 or 5 times a power of ten. With ``overhead="auto"`` only probes at
         their default cadence are widened, and only once they have spent ``AUTO_GRACE_SECONDS``. Under a sharded
         model every rank runs the probe pass, so the ranks take the widest ``k`` of any rank (one all-reduce).
         """
         per_step = self._train_seconds / self._train_steps if self._train_steps else 0.0
+        budget = self.overhead / max(1, sum(self.enabled(n) for n in self.active))  # an equal share per probe
         proposals: dict[str, int] = {}
         for name in names:
             schedule, cost = self.schedules[name], self._cost.get(name)
@@ -510,8 +512,8 @@ class Session:
             if self._overhead_auto and (name in self._given_cadence
                                         or self._spent.get(name, 0.0) < AUTO_GRACE_SECONDS):
                 continue
-            if cost is not None and per_step > 0 and cost / (schedule.k * per_step) > self.overhead:
-                proposals[name] = _round_up_125(max(schedule.k + 1, math.ceil(cost / (self.overhead * per_step))))
+            if cost is not None and per_step > 0 and cost / (schedule.k * per_step) > budget:
+                proposals[name] = _round_up_125(max(schedule.k + 1, math.ceil(cost / (budget * per_step))))
         if self.sharded and self.world_size > 1:
             ks = [proposals.get(n, 0) if isinstance(self.schedules[n], every) else 0 for n in names]
             agreed, _ = distributed._max_and_min(ks, self.device)
@@ -525,7 +527,8 @@ class Session:
             how = ("at its default cadence; give it every=... to keep a cadence, or attach(overhead=None)"
                    if self._overhead_auto else f"overhead={self.overhead:g}")
             self._notice(name, "overhead", f"probe {name!r} {timing}: measuring every {old.k} steps would cost "
-                         f"{share} of training (at most {self.overhead:.0%}, {how}); it now measures every {k} steps")
+                         f"{share} of training (its share is {budget:.1%}: {self.overhead:.0%} for all active probes, "
+                         f"{how}); it now measures every {k} steps")
 
     def _fail(self, name: str, exc: BaseException) -> None:
         if self.strict:
@@ -800,10 +803,11 @@ def attach(model: nn.Module, probes: Any, *, probe_data: Any = None, label_key: 
         state: a ``Session.state_dict()`` to resume from (no step-0 measurement is written).
         probe_batch_size: the probe pass runs the probe batch in chunks of this many samples, keeping of each
             site only what the due probes read (gates as bits for ``patterns``); None: one pass.
-        overhead: a fraction of training time (e.g. 0.05): an active probe whose measurements would cost more
-            at its ``every(k)`` cadence measures less often (``k`` rounded up to 1, 2, 5 x 10^n), timed on its own
-            measurements; said once. "auto" (default): 10%, for probes left at their default cadence only, once
-            they have spent 2 s measuring; a cadence you give is kept. None: every cadence exactly as it is.
+        overhead: a fraction of training time (e.g. 0.05) for the active probes together: a probe whose
+            measurements would cost more than its equal share at its ``every(k)`` cadence measures less often
+            (``k`` rounded up to 1, 2, 5 x 10^n), timed on its own measurements; said once. "auto" (default): 10%,
+            for probes left at their default cadence only, once they have spent 2 s measuring; a cadence you give
+            is kept. None: every cadence exactly as it is.
 
     Returns:
         The ``Session``: ``step()``, ``close()`` (or use it as a context manager), ``state_dict()``.

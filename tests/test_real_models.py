@@ -310,3 +310,14 @@ def test_a_gelu_model_is_reported_at_attach_even_when_it_never_trains():
     with pytest.warns(ProbesNoticeWarning, match=r"relu_zeros.*gelu x1"):
         s = probes.attach(gelu, ["relu_zeros"])
     s.close()
+
+
+def test_the_default_cadence_benchmark_runs():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "default_cadence.py"
+    out = subprocess.run([sys.executable, str(script), "--smoke", "--threads", "1"], capture_output=True,
+                         text=True, check=True, timeout=300)
+    assert out.stdout.count("x plain training") == 3 and "margin every" in out.stdout, out.stdout
