@@ -66,6 +66,18 @@ def unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
+#: attribute names under which wrappers hold the user's module: legacy FSDP, activation checkpointing, torch.compile
+WRAPPER_ATTRIBUTES = frozenset({"_fsdp_wrapped_module", "_fpw_module", "_checkpoint_wrapped_module", "_orig_mod"})
+
+
+def site_path(path: str) -> str:
+    """A module path without the wrappers' own components: ``layer1._fsdp_wrapped_module.act`` -> ``layer1.act``,
+    so that a site keeps the name it has in the unwrapped model."""
+    if "_" not in path:
+        return path
+    return ".".join(part for part in path.split(".") if part not in WRAPPER_ATTRIBUTES)
+
+
 def kind_of(module: nn.Module) -> str:
     """Lower-case activation kind of a module: ``relu``, ``gelu``, ``newgelu`` (``NewGELUActivation``), ..."""
     name = type(module).__name__
@@ -176,7 +188,7 @@ class Capture:
         self.model = unwrap(model)
         self.paths: dict[nn.Module, str] = {}
         for path, module in self.model.named_modules():
-            self.paths.setdefault(module, path)
+            self.paths.setdefault(module, site_path(path))
         self.site_types = ACTIVATION_MODULES + tuple(extra_sites)
         names = ACTIVATION_CLASS_NAMES | extra_names
         self.site_modules = {m: p for m, p in self.paths.items()

@@ -82,7 +82,9 @@ class ProbeBatch:
     the tensor picked from ``model(x)`` (computed without gradients; see ``probes.inputs``);
     ``activations`` maps site names to captures in call order (only the sites that the due probes
     need); ``calls`` lists every leaf-module call and functional activation of the pass in order.
-    ``forward(x)`` runs the model the same way on other inputs (perturbed copies, say).
+    ``forward(x)`` runs the model the same way on other inputs (perturbed copies, say). ``writes``: whether this
+    process writes (rank 0, or no ``torch.distributed``); under FSDP every rank measures, and a probe that writes
+    files itself (``patterns(save=True)``) does so only where ``writes`` is True.
     """
 
     model: nn.Module
@@ -95,6 +97,7 @@ class ProbeBatch:
     calls: list[Call] = field(default_factory=list)
     output_spec: Any = None
     tensor_output: bool = True  # the model returned one tensor (no selection was needed)
+    writes: bool = True
 
     def positional(self) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
         """``(module, args)`` with ``module(*args)`` the probes' output tensor: the model itself for ``model(x)``

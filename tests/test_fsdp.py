@@ -88,7 +88,8 @@ def _worker(rank: int, root: str) -> None:
         counting = CountingProbe()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            session = probes.attach(model, {**SPEC, "ntk": {"every": EVERY}, counting: None},
+            gates = {"every": EVERY, "save": True, "directory": os.path.join(root, f"gates_rank{rank}")}
+            session = probes.attach(model, {**SPEC, "patterns": gates, "ntk": {"every": EVERY}, counting: None},
                                     probe_data=probe_data, logdir=os.path.join(root, f"tb_rank{rank}"))
         train(model, session, rank)
         session.close()
@@ -151,6 +152,8 @@ def test_fully_shard_mlp_counts_like_one_process_and_trains_unchanged(fsdp_run):
     assert info[0]["measure_calls"] == info[1]["measure_calls"] == counting.calls == 1 + STEPS // EVERY
     assert info[0]["sinks"] == 1 and info[1]["sinks"] == 0
     assert not (tmp_path / "tb_rank1").exists()
+    assert len(list((tmp_path / "gates_rank0").iterdir())) == 1 + STEPS // EVERY  # gate snapshots: rank 0 only
+    assert not (tmp_path / "gates_rank1").exists()
 
     got = read_scalars(tmp_path / "tb_rank0")
     zero_tags = [t for t in expected if t.startswith("relu_zeros/") and t.endswith("/zeros")]

@@ -165,6 +165,25 @@ def test_checkpointed_forwards_count_once(mode):
     assert got == {k: float(v) for k, v in expected.items()}
 
 
+def test_wrapped_blocks_keep_the_site_names_of_the_unwrapped_model_and_count_once():
+    """``checkpoint_wrapper`` (what FSDP users apply per block) adds ``_checkpoint_wrapped_module`` to the paths."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    torch.manual_seed(1)
+    model = Blocks(None)
+    xs = [torch.randn(7, 6, requires_grad=True) for _ in range(3)]
+    expected = hand_count(model, xs)
+    for i in range(2):
+        model.blocks[i] = checkpoint_wrapper(model.blocks[i])
+    assert any("_checkpoint_wrapped_module" in n for n, _ in model.named_modules())
+    s = probes.attach(model, {"relu_zeros": {"every": 3}})
+    for x in xs:
+        model(x).sum().backward()
+        s.step()
+    s.close()
+    assert zeros_per_site(s.memory) == {k: float(v) for k, v in expected.items()}  # blocks.0.1, not blocks.0._c...
+
+
 def test_forwards_under_torch_func_transforms_are_not_observed():
     torch.manual_seed(2)
     model = Blocks(None)

@@ -230,7 +230,7 @@ class Patterns(Probe):
                 self.first[n] = p
         if self.first_step is None:
             self.first_step = batch.step
-        if self.save:
+        if self.save and batch.writes:  # under FSDP every rank measures; rank 0 alone writes
             save_gates(snapshot_path(self.directory, batch.step), gates, batch.step,
                        labels=batch.y if isinstance(batch.y, torch.Tensor) else None)
         return records
