@@ -8,7 +8,9 @@ Cases, each measured in one process, the ratios as medians over interleaved roun
   and neural-tangents import;
 - ``resnet``: a small ResNet (conv-BN-ReLU stem, two BasicBlocks with residuals, the second strided with a 1x1
   conv-BN shortcut, BatchNorm in eval mode, mean pooling, Linear head; 3x16x16 inputs, 10 outputs, float64),
-  P = 512: ``probes`` against ``torch.func``, ratio = median over rounds of ``torch.func / probes``;
+  P = 512: ``probes`` against ``torch.func``, ratio = median over rounds of ``torch.func / probes``, and the
+  "products floor": only the ``P x P`` products of the per-sample gradients (what ``J J^T`` costs in symmetric
+  strips), so ``torch.func / floor`` is the best ratio any exact method forming ``J J^T`` could reach;
 - ``transformer``: a 2-layer pre-norm transformer encoder (token and position Embedding, LayerNorm, 2-head
   attention from nn.Linear projections, GELU MLP, mean pooling, Linear head; d = 32, vocab 100, 10 outputs,
   float64), P = 256 sequences of 16 tokens;
@@ -52,6 +54,7 @@ import probes.functional.ntk as tangent  # noqa: E402
 from probes.functional.spectra import top_eigenvalues  # noqa: E402
 
 ANCHOR = "torch.func"
+FLOOR = "products floor"
 CASES = ("mlp", "resnet", "transformer", "topk", "large")
 
 
@@ -199,6 +202,22 @@ def products(factors: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
     return out
 
 
+def products_floor(model: nn.Module, x: torch.Tensor, plan: tangent.NTKPlan):
+    """A callable doing only the ``P x P`` products of ``empirical_ntk`` (float64, trace): the Gram of the
+    per-sample gradients of every layer (``_accumulate_term``), on factors computed once beforehand. Any exact
+    method that forms ``J J^T`` pays at least this (``P^2 C n_params / 2`` multiply-adds)."""
+    P = x.shape[0]
+    terms = list(tangent._layer_terms(model, (x,), P, plan, "trace", None, torch.float64, "bench").values())
+
+    def run() -> torch.Tensor:
+        theta = torch.zeros(P, P, dtype=torch.float64)
+        for t in terms:
+            tangent._accumulate_term(theta, t, None)
+        return theta
+
+    return run
+
+
 def neural_tangents_case(model: nn.Module, x: torch.Tensor):
     """A callable computing neural-tangents' empirical NTK (trace, summed) on the same weights, or None."""
     try:
@@ -318,19 +337,27 @@ def model_section(name: str, model: nn.Module, x: torch.Tensor, rounds: int, des
     eig_err = float(((lam - lam_ref).abs() / lam_ref[0]).max())
     trace_err = abs(float(K.trace() / ref.trace()) - 1)
     del K, ref
-    cases = {"probes": lambda: tangent.empirical_ntk(model, x, plan=plan), ANCHOR: lambda: ntk_torch_func(model, x)}
-    measured = samples(cases, rounds=rounds, warmup=0)  # round 1 warms both alike; medians over rounds
+    floor = products_floor(model, x, plan)
+    cases = {"probes": lambda: tangent.empirical_ntk(model, x, plan=plan), ANCHOR: lambda: ntk_torch_func(model, x),
+             FLOOR: floor}
+    measured = samples(cases, rounds=rounds, warmup=0)  # round 1 warms all alike; medians over rounds
+    del floor
     ratios = [f / p for p, f in zip(measured["probes"], measured[ANCHOR])]
+    floor_ratios = [f / p for p, f in zip(measured[FLOOR], measured[ANCHOR])]
     times = {k: statistics.median(v) for k, v in measured.items()}
-    ratio = statistics.median(ratios)
-    print(f"{'case':<12} {'median (s)':>11}   per round (s)")
+    ratio, best = statistics.median(ratios), statistics.median(floor_ratios)
+    print(f"{'case':<15} {'median (s)':>11}   per round (s)")
     for k, v in measured.items():
-        print(f"{k:<12} {times[k]:>11.3f}   {', '.join(f'{t:.2f}' for t in v)}")
+        print(f"{k:<15} {times[k]:>11.3f}   {', '.join(f'{t:.2f}' for t in v)}")
     print(f"ratio torch.func / probes: median {ratio:.2f}x (per round: {', '.join(f'{r:.2f}' for r in ratios)}); "
           f"max |K - K_func| / max|K_func| = {err:.1e}, trace {trace_err:.1e}, top-5 eigenvalues {eig_err:.1e}")
+    print(f"{FLOOR}: {times[FLOOR]:.3f} s, the P x P products alone (the Gram of the per-sample gradients, J J^T "
+          f"in symmetric strips); torch.func / floor = {best:.2f}x, the best ratio of any exact method that forms "
+          f"J J^T; probes = {times['probes'] / times[FLOOR]:.2f}x the floor")
     return [{"section": name, "P": P, "case": "probes", "time": times["probes"], "speedup_vs_func": ratio,
              "ratios": ratios, "max_error": err, "trace_error": trace_err, "eig_error": eig_err},
-            {"section": name, "P": P, "case": ANCHOR, "time": times[ANCHOR], "speedup_vs_func": 1.0}]
+            {"section": name, "P": P, "case": ANCHOR, "time": times[ANCHOR], "speedup_vs_func": 1.0},
+            {"section": name, "P": P, "case": FLOOR, "time": times[FLOOR], "speedup_vs_func": best}]
 
 
 def topk_section(P: int, sizes: tuple[int, ...], k: int = 10) -> list[dict]:

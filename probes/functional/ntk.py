@@ -11,9 +11,10 @@ every trainable parameter (``requires_grad=True``). Two kernels are offered:
 
 Layerwise path (structured derivatives, as in Novak et al. 2022, "Fast finite width neural tangent kernel").
 ``Theta = sum_l Theta_l`` over parameter-owning layers; for a layer with inputs ``z`` and output gradients
-``g = df_c / d(output)`` (from one ``torch.autograd.grad`` per output ``c`` of ``sum_i f_c(x_i)``, valid because
-samples do not interact, which is checked), the per-sample gradient of each standard layer is a sum over
-*positions* ``k`` (calls of the layer within one sample's forward, sequence positions, output pixels):
+``g = df_c / d(output)`` (the gradients of ``sum_i f_c(x_i)`` for every output ``c``, valid because samples do not
+interact, which is checked; one backward pass vectorised over the ``C`` cotangents, ``is_grads_batched``, or one
+pass per output where the model's backward cannot be vectorised), the per-sample gradient of each standard layer
+is a sum over *positions* ``k`` (calls of the layer within one sample's forward, sequence positions, output pixels):
 
 - ``nn.Linear``: ``dW = sum_k g_k z_k^T``, ``db = sum_k g_k``;
 - ``nn.Conv1d/2d/3d`` (any stride, padding, padding mode, dilation, groups): the same with ``z_k`` the
@@ -34,13 +35,19 @@ forming the per-sample gradients ``D_i = sum_k g_ik z_ik^T`` (``n d`` per pair, 
 No ``P x n_params`` Jacobian of the whole model is formed. nngeometry's ``Linear`` handler counts a layer
 called twice wrongly (it drops the cross terms ``k != k'``); they are summed here.
 
-Cost: ``C`` backward passes (one per output; ``torch.func`` needs the same vector-Jacobian products) plus, in
-``mode="trace"``, ``P^2 sum_l min(C n_l d_l, K_l^2 (C n_l + d_l))`` for the products (``mode="full"``:
+Cost: the ``C`` vector-Jacobian products (``torch.func`` needs the same) plus, in ``mode="trace"``,
+``P^2 sum_l min(C n_l d_l, K_l^2 (C n_l + d_l))`` for the products (``mode="full"``:
 ``(P C)^2 sum_l min(n_l d_l, K_l^2 (n_l + d_l))``). For ``K = 1`` (MLPs) the second term is far below
 ``torch.func``'s ``P^2 C n_params``; for layers with many positions (convolutions over images, Linear layers
-over long sequences) the outer-product route wins and costs what ``J J^T`` costs, so the gain there comes only
-from the per-sample gradients (measured 1.3-1.4x ``torch.func`` on a small ResNet and a small transformer,
-one thread; see benchmarks/ntk.py).
+over long sequences) the outer-product route wins and costs what ``J J^T`` costs, so the gain there comes from
+the per-sample gradients: ``D_i = sum_k g_ik z_ik^T`` for all outputs is one batched GEMM ``(C n x K) @ (K x d)``
+per sample, written in place into the ``P``-sample buffer (the bias as ``sum_k g_ik``, no column of ones; the
+output gradients copied once; on the CPU chunks of about ``CPU_FACTOR_CHUNK_BYTES`` of factors, as temporaries of
+tens of MB cost more in page faults than in arithmetic). Measured (one thread, float64, medians of 3 rounds;
+benchmarks/ntk.py; a shared 2-core VM, +-15%): small ResNet, P = 512: 4.7-5.3 s against ``torch.func``'s
+8.3-10.6 s (1.8-2.0x; before these changes 1.4x), where the ``P x P`` products alone take 1.7 s (``torch.func`` /
+products = 6.7x, the bound for any exact method that forms ``J J^T``); small transformer, P = 256: 1.06-1.08 s
+against 1.4-1.7 s (1.4-1.55x; before 1.1x), products alone 0.5 s (bound 3.3x).
 
 Fallback (a parameter of any other module, a layer whose weight is tied to another module, used outside its
 own ``forward``, or computed by a parametrization). Per-sample Jacobians of those parameters only,
@@ -71,6 +78,7 @@ parameter is touched.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -93,6 +101,13 @@ STRIP_BYTES = 1 << 28
 FAST_CHUNK = 2048
 #: bytes of the recorded factors of one forward/backward chunk (sets the chunk when FAST_CHUNK is too many)
 FACTOR_CHUNK_BYTES = 1 << 28
+#: the same on the CPU: smaller, because temporaries of tens of MB come as fresh pages from the operating system
+#: at every allocation (glibc maps them), and the page faults cost more than the arithmetic on them
+CPU_FACTOR_CHUNK_BYTES = 1 << 24
+#: bytes of the temporaries of one block of outputs (norm layers' ``g * xhat``)
+OUTPUT_BLOCK_BYTES = 1 << 23
+#: one backward pass vectorised over the outputs (``is_grads_batched``) instead of one per output
+BATCHED_GRADS = True
 #: how a layer is contracted: "auto" (fewer operations), "pairs" or "outer" (for tests)
 PAIRS_METHOD = "auto"
 
@@ -197,10 +212,15 @@ class _Grad:
 
 @dataclass
 class _Pairs:
-    """``G`` (B, Ce, K, g, n), ``Z`` (B, K, g, d): ``Theta += sum_grp sum_{k,k'} (G_k . G_k') (Z_k . Z_k')``."""
+    """``G`` (B, Ce, K, g, n), ``Z`` (B, K, g, d): ``Theta += sum_grp sum_{k,k'} (G_k . G_k') (Z_k . Z_k')``.
+
+    ``bias=True``: ``Z`` stands for ``[Z, 1]`` (a trailing input 1 per position, the bias) not yet appended;
+    only a layer's fresh term carries it (``_materialized`` appends the ones; the outer route never needs them).
+    """
 
     G: torch.Tensor
     Z: torch.Tensor
+    bias: bool = False
 
 
 @dataclass
@@ -240,14 +260,20 @@ class _Kind:
         raise NotImplementedError
 
 
-def _with_ones(Z: torch.Tensor, m: nn.Module) -> torch.Tensor:
-    """``[z, 1]`` for a trainable weight and bias, ``z`` or ``1`` alone when only one of them trains."""
-    parts = []
-    if m.weight.requires_grad:
-        parts.append(Z)
-    if m.bias is not None and m.bias.requires_grad:
-        parts.append(Z.new_ones(Z.shape[:-1] + (1,)))
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+def _with_ones(Z: torch.Tensor, G: torch.Tensor, m: nn.Module) -> _Pairs:
+    """The term of ``[z, 1]`` for a trainable weight and bias (the ones left implicit, ``bias=True``), ``z`` or
+    ``1`` alone when only one of them trains."""
+    bias = m.bias is not None and m.bias.requires_grad
+    if not m.weight.requires_grad:
+        return _Pairs(G, Z.new_ones(Z.shape[:-1] + (1,)))
+    return _Pairs(G, Z, bias)
+
+
+def _materialized(t: _Term) -> _Term:
+    """The term with the implicit bias column of ones appended to ``Z`` (other terms unchanged)."""
+    if not (isinstance(t, _Pairs) and t.bias):
+        return t
+    return _Pairs(t.G, torch.cat([t.Z, t.Z.new_ones(t.Z.shape[:-1] + (1,))], dim=-1))
 
 
 class _LinearKind(_Kind):
@@ -262,7 +288,7 @@ class _LinearKind(_Kind):
         B, C = g.shape[:2]
         Z = x.reshape(B, -1, 1, x.shape[-1])
         G = g.reshape(B, C, Z.shape[1], 1, g.shape[-1])
-        return _Pairs(G, _with_ones(Z.to(g.dtype), m))
+        return _with_ones(Z.to(g.dtype), G, m)
 
 
 class _ConvKind(_Kind):
@@ -285,12 +311,13 @@ class _ConvKind(_Kind):
         for i in range(n):
             x = x.unfold(2 + i, m.dilation[i] * (m.kernel_size[i] - 1) + 1, m.stride[i])
         x = x[(Ellipsis,) + tuple(slice(None, None, d) for d in m.dilation)]  # (B, Cin, *O, *k)
-        out_shape = x.shape[2:2 + n]
-        K = math.prod(out_shape)
-        perm = (0,) + tuple(range(2, 2 + n)) + (1,) + tuple(range(2 + n, 2 + 2 * n))
-        Z = x.permute(perm).reshape(B, K, groups, -1)  # per group: (Cin / groups) * prod(k), the weight's layout
+        K = math.prod(x.shape[2:2 + n])
+        perm = (0, 1) + tuple(range(2 + n, 2 + 2 * n)) + tuple(range(2, 2 + n))
+        # copied as (B, Cin, *k, *O), positions innermost (a fast copy); per group (Cin / groups) * prod(k) inputs
+        # in the weight's layout; Z (B, K, groups, d) is a transposed view of it
+        Z = x.permute(perm).reshape(B, groups, -1, K).permute(0, 3, 1, 2)
         G = g.reshape(B, C, m.out_channels, K).transpose(2, 3).reshape(B, C, K, groups, m.out_channels // groups)
-        return _Pairs(G, _with_ones(Z.to(g.dtype), m))
+        return _with_ones(Z.to(g.dtype), G, m)
 
 
 class _NormKind(_Kind):
@@ -325,13 +352,24 @@ class _NormKind(_Kind):
             else:
                 xhat = F.batch_norm(x, m.running_mean, m.running_var, None, None, False, 0.0, m.eps)
             sum_dims = tuple(range(3, g.ndim))
-        parts = []
-        if m.weight is not None and m.weight.requires_grad:
-            gx = g * xhat.unsqueeze(1).to(g.dtype)
-            parts.append((gx.sum(sum_dims) if sum_dims else gx).reshape(B, C, -1))
-        if m.bias is not None and m.bias.requires_grad:
-            parts.append((g.sum(sum_dims) if sum_dims else g).reshape(B, C, -1))
-        return _Grad(parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1))
+        weight = m.weight is not None and m.weight.requires_grad
+        bias = m.bias is not None and m.bias.requires_grad
+        xhat = xhat.unsqueeze(1).to(g.dtype)
+        n = math.prod(s for i, s in enumerate(g.shape) if i >= 2 and i not in sum_dims)
+        D = g.new_empty(B, C, (weight + bias) * n)
+        # a block of outputs at a time: the product g * xhat stays a small temporary (g is C x a layer's output)
+        step = max(1, OUTPUT_BLOCK_BYTES // max(1, g[:, :1].numel() * g.element_size()))
+        for c in range(0, C, step):
+            gc = g[:, c:c + step]
+            if weight:
+                D[:, c:c + step, :n] = _summed(gc * xhat, sum_dims).reshape(B, -1, n)
+            if bias:
+                D[:, c:c + step, weight * n:] = _summed(gc, sum_dims).reshape(B, -1, n)
+        return _Grad(D)
+
+
+def _summed(t: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+    return t.sum(dims) if dims else t
 
 
 class _EmbeddingKind(_Kind):
@@ -376,7 +414,7 @@ def _merge(terms: list[_Term]) -> _Term:
     if isinstance(t0, _Grad):
         return _Grad(torch.stack([t.D for t in terms]).sum(0))
     if isinstance(t0, _Pairs):
-        return _Pairs(torch.cat([t.G for t in terms], dim=2), torch.cat([t.Z for t in terms], dim=1))
+        return _Pairs(torch.cat([t.G for t in terms], dim=2), torch.cat([t.Z for t in terms], dim=1), t0.bias)
     return _Embed(torch.cat([t.G for t in terms], dim=2), torch.cat([t.T for t in terms], dim=1), t0.V)
 
 
@@ -388,33 +426,29 @@ def _traced(t: _Term, mode: str) -> _Term:
         return _Grad(t.D.reshape(t.D.shape[0], 1, -1))
     if isinstance(t, _Pairs):
         B, C, K, g, n = t.G.shape
-        return _Pairs(t.G.permute(0, 2, 3, 1, 4).reshape(B, 1, K, g, C * n), t.Z)
+        return _Pairs(t.G.permute(0, 2, 3, 1, 4).reshape(B, 1, K, g, C * n), t.Z, t.bias)
     B, C, K, d = t.G.shape
     return _Embed(t.G.permute(0, 2, 1, 3).reshape(B, 1, K, C * d), t.T, t.V)
 
 
-def _embed_dense(t: _Embed) -> torch.Tensor:
-    """Per-sample gradients of the table, ``D_i = sum_k e_{t_ik} g_ik^T`` (B, Ce, V d), by a scatter-add."""
-    B, Ce, K, d = t.G.shape
-    D = t.G.new_zeros(B, t.V, Ce, d)
-    D.scatter_add_(1, t.T[:, :, None, None].expand(B, K, Ce, d), t.G.permute(0, 2, 1, 3))
-    return D.permute(0, 2, 1, 3).reshape(B, Ce, t.V * d)
-
-
-def _route(t: _Term, P: int, itemsize: int, target: str) -> str:
+def _route(t: _Term, P: int, itemsize: int, target: str, Ce: int) -> str:
     """"outer" (per-sample gradients D) or "pairs" (pairwise positions), by operation count per pair of samples
-    (``target="dense"``: the ``P x P`` products) or by memory (``target="operator"``: what ``Theta v`` keeps)."""
+    (``target="dense"``: the ``P x P`` products) or by memory (``target="operator"``: what ``Theta v`` keeps).
+
+    ``t`` has all ``C`` outputs (not traced); ``Ce`` is ``C`` (``mode="full"``) or 1 (trace: the outputs then
+    fold into the feature axis, ``n -> C n``). Per pair of samples the outer route costs ``Ce^2 (C / Ce) g n d``,
+    the pairwise one ``g K^2 (Ce C n + d)``."""
     if isinstance(t, _Grad):
         return "outer"
     if isinstance(t, _Pairs):
-        B, Ce, K, g, n = t.G.shape
-        d = t.Z.shape[-1]
-        outer_size = Ce * g * n * d
-        pair_cost, factor_size = g * K * K * (Ce * Ce * n + d), Ce * K * g * n + K * g * d
+        B, C, K, g, n = t.G.shape
+        d = t.Z.shape[-1] + t.bias
+        outer_size = C * g * n * d
+        pair_cost, factor_size = g * K * K * (Ce * C * n + d), C * K * g * n + K * g * d
     else:
-        B, Ce, K, d = t.G.shape
-        outer_size = Ce * t.V * d
-        pair_cost, factor_size = K * K * (Ce * Ce * d + 1), Ce * K * d + K
+        B, C, K, d = t.G.shape
+        outer_size = C * t.V * d
+        pair_cost, factor_size = K * K * (Ce * C * d + 1), C * K * d + K
     fits = P * outer_size * itemsize <= FALLBACK_BUDGET
     if PAIRS_METHOD != "auto":
         return "outer" if (PAIRS_METHOD == "outer" and fits) else "pairs"
@@ -423,13 +457,47 @@ def _route(t: _Term, P: int, itemsize: int, target: str) -> str:
     return "outer" if fits and Ce * outer_size < pair_cost else "pairs"
 
 
-def _to_outer(t: _Term) -> _Grad:
+def _outer_features(t: _Term) -> int:
+    """Length of one output's per-sample gradient ``D_ic`` of the term's layer."""
     if isinstance(t, _Grad):
-        return t
+        return t.D.shape[2]
     if isinstance(t, _Pairs):
-        B, Ce = t.G.shape[:2]
-        return _Grad(torch.einsum("pckgn,pkgd->pcgnd", t.G, t.Z).reshape(B, Ce, -1))
-    return _Grad(_embed_dense(t))
+        _, _, _, g, n = t.G.shape
+        return g * n * (t.Z.shape[-1] + t.bias)
+    return t.V * t.G.shape[3]
+
+
+def _outer_into(t: _Term, out: torch.Tensor) -> None:
+    """Write the per-sample gradients ``D_ic`` of every sample and output of ``t`` (all ``C`` outputs, not traced)
+    into ``out`` (B, C, F), in ``out``'s dtype; the trace over outputs is then a view ``(B, 1, C F)``.
+
+    ``_Pairs``: per group, ``D_ic = [sum_k g_ick z_ik^T, sum_k g_ick]`` (weight ``n x d``, then the bias), one
+    batched GEMM ``(B, C n, K) @ (B, K, d)`` written in place; ``_Embed``: ``D_ic = sum_k e_{t_ik} g_ick^T``
+    (``V x d``) by a scatter-add; ``_Grad``: copied.
+    """
+    if isinstance(t, _Grad):
+        out.copy_(t.D)
+        return
+    B, C = out.shape[:2]
+    if isinstance(t, _Embed):
+        _, _, K, d = t.G.shape
+        D = out.view(B, C, t.V, d).zero_()
+        D.scatter_add_(2, t.T[:, None, :, None].expand(B, C, K, d), t.G.to(out.dtype))
+        return
+    _, _, K, g, n = t.G.shape
+    d = t.Z.shape[-1]
+    D = out.view(B, C, g, n, d + t.bias)
+    A = out.new_empty(B, C, n, K)  # one group's output gradients, rows (c, n) per sample (one copy of G)
+    for j in range(g):
+        A.copy_(t.G[:, :, :, j].transpose(2, 3))
+        Z = t.Z[:, :, j].to(out.dtype)  # (B, K, d), any strides (a transposed view for convolutions)
+        W = D[:, :, j, :, :d]
+        if g == 1:  # (c, n) rows of the weight block are equally spaced: the GEMM writes them in place
+            torch.bmm(A.view(B, C * n, K), Z, out=W.view(B, C * n, d))
+        else:
+            W.copy_(torch.bmm(A.view(B, C * n, K), Z).view(B, C, n, d))
+        if t.bias:
+            D[:, :, j, :, d] = A.sum(-1)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -662,47 +730,75 @@ def _layer_terms(model: nn.Module, args: tuple[torch.Tensor, ...], P: int, plan:
                             raise RuntimeError(f"{who}: {plan.kinds[path]} {path!r} returned an output of shape "
                                                f"{tuple(o.shape)} in a forward of {m} samples (sample axis not first)")
                         recorded.append(o)
-                per_c: list[tuple[torch.Tensor | None, ...]] = []
-                for c in range(C):
-                    if not out.requires_grad:  # no layerwise layer reaches the output
-                        per_c.append((None,) * len(recorded))
-                        continue
-                    per_c.append(torch.autograd.grad(out[:, c].sum(), recorded, retain_graph=c < C - 1,
-                                                     allow_unused=True))
-            del out
+                grads = _output_grads(out, recorded, C)
+            for v in calls.values():  # nothing refers to the graph any more: it is freed
+                v[:] = [(_detached(a), _detached(kw), o.detach()) for a, kw, o in v]
+            del out, recorded
             i, chunk_bytes = 0, 0
+            Ce = C if mode == "full" else 1
             for path, k in plan.fast.items():
                 mod, kind = plan.modules[path], kinds[path]
                 terms = []
                 for j, (a, kw, o) in enumerate(calls[path]):
-                    g = torch.stack([o.new_zeros(o.shape) if per_c[c][i + j] is None else per_c[c][i + j]
-                                     for c in range(C)], dim=1)  # (m, C, *out)
-                    terms.append(kind.term(mod, _detached(_first(a, kw)), g))
+                    gb = grads[i + j]
+                    g = (o.new_zeros((C,) + tuple(o.shape)) if gb is None else gb).transpose(0, 1)  # (m, C, *out)
+                    terms.append(kind.term(mod, _first(a, kw), g))
+                    grads[i + j] = None
                 i += k
-                t = _traced(_merge(terms), mode)
+                t = _merge(terms)
+                del terms
                 chunk_bytes += _term_bytes(t)
                 if path not in routes:
-                    routes[path] = _route(t, P, torch.finfo(dtype).bits // 8, target)
-                if routes[path] == "outer":
-                    t = _to_outer(_as_dtype(t, dtype))
-                elif target == "dense":
+                    routes[path] = _route(t, P, torch.finfo(dtype).bits // 8, target, Ce)
+                if routes[path] == "outer":  # per-sample gradients written in place, all outputs: (P, C, F)
+                    if path not in full:
+                        full[path] = _Grad(g.new_empty(P, C, _outer_features(t), dtype=dtype))
+                    _outer_into(t, full[path].D[start:stop])
+                    del t
+                    continue
+                t = _traced(_materialized(t), mode)
+                if target == "dense":
                     t = _as_dtype(t, dtype)
                 if path not in full:  # all P samples preallocated (no second copy from concatenating chunks)
                     full[path] = _alloc(t, P)
                 _copy_rows(full[path], t, start)
                 del t
-            del per_c
+            del grads
             for v in calls.values():
                 v.clear()
             start = stop
             if chunk is None:  # after the first chunk: as many samples as FACTOR_CHUNK_BYTES of factors allow
                 per_sample = max(1, chunk_bytes // m)
-                size = max(1, min(FAST_CHUNK, FACTOR_CHUNK_BYTES // per_sample))
+                budget = CPU_FACTOR_CHUNK_BYTES if args[0].device.type == "cpu" else FACTOR_CHUNK_BYTES
+                size = max(1, min(FAST_CHUNK, budget // per_sample))
     finally:
         for h in handles:
             h.remove()
         calls.clear()
-    return {path: full[path] for path in plan.fast}
+    return {path: _traced(full[path], mode) if routes[path] == "outer" else full[path] for path in plan.fast}
+
+
+def _output_grads(out: torch.Tensor, recorded: list[torch.Tensor], C: int) -> list[torch.Tensor | None]:
+    """``g_c = d(sum_i f_c(x_i)) / d(recorded)`` for every output ``c``, as one (C, B, *shape) tensor per recorded
+    tensor (None: not reached).
+
+    One backward pass vectorised over the ``C`` cotangents (the rows of the identity, ``is_grads_batched``);
+    if the model's backward cannot be vectorised, ``C`` passes of ``sum_i f_c(x_i)`` (same values).
+    """
+    if not recorded or not out.requires_grad:  # no layerwise layer reaches the output
+        return [None] * len(recorded)
+    if BATCHED_GRADS:
+        eye = torch.eye(C, dtype=out.dtype, device=out.device)[:, None, :].expand(C, out.shape[0], C)
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="There is a performance drop")
+                return list(torch.autograd.grad(out, recorded, eye, retain_graph=True, allow_unused=True,
+                                                is_grads_batched=True))
+        except Exception:  # noqa: BLE001 - an operation without a batching rule for its backward: one pass each
+            pass
+    per_c = [torch.autograd.grad(out[:, c].sum(), recorded, retain_graph=c < C - 1, allow_unused=True)
+             for c in range(C)]
+    return [None if per_c[0][r] is None else torch.stack([p[r] for p in per_c]) for r in range(len(recorded))]
 
 
 def _fields(t: _Term) -> list[torch.Tensor]:
@@ -847,27 +943,45 @@ def _jacobian_fn(model: nn.Module, args: tuple[torch.Tensor, ...], names: Sequen
 
     one = jacrev(f)
     jac_fn = vmap(one, in_dims=(None,) + (0,) * len(args))
-    looped = [False]  # vmap failed once (data-dependent control flow, e.g. attention-mask checks): loop samples
+    # 0: vmap over samples; 1: jacrev one sample at a time (vmap refused the model: data-dependent control flow,
+    # e.g. attention-mask checks); 2: plain autograd, one sample and one output at a time (jacrev's own vmap over
+    # the outputs refused a kernel without a batching rule, e.g. nn.LSTM)
+    level = [0]
 
     def per_sample(s: int, e: int) -> dict[str, torch.Tensor]:
         parts = [one(sub, *(a[i] for a in args)) for i in range(s, e)]
         return {k: torch.stack([part[k] for part in parts]) for k in parts[0]}
 
+    def by_autograd(s: int, e: int) -> dict[str, torch.Tensor]:
+        live = [params[n] for n in names]
+        out: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+        with torch.enable_grad():
+            for i in range(s, e):
+                y = _flat_output(model(*(a[i:i + 1] for a in args)), 1, who)[0]
+                for c in range(y.shape[0]):
+                    grads = torch.autograd.grad(y[c], live, retain_graph=c < y.shape[0] - 1, allow_unused=True)
+                    for n, p, g in zip(names, live, grads):
+                        g = torch.zeros_like(p) if g is None else g
+                        out[n].append(g[rows[0]:rows[1]] if rows is not None else g)
+        return {n: torch.stack(v).reshape((e - s, C) + v[0].shape) for n, v in out.items()}
+
     def jac(s: int, e: int) -> torch.Tensor:
         with torch.no_grad():  # the transforms still differentiate; no graph to the other parameters
-            if not looped[0]:
+            j = None
+            for lvl, fn in enumerate((lambda: jac_fn(sub, *_take(args, s, e)), lambda: per_sample(s, e),
+                                      lambda: by_autograd(s, e))):
+                if lvl < level[0]:
+                    continue
                 try:
-                    j = jac_fn(sub, *_take(args, s, e))
-                except Exception:  # noqa: BLE001 - vmap refused the model: the same Jacobians one sample at a time
-                    looped[0] = True
-            if looped[0]:
-                try:
-                    j = per_sample(s, e)
-                except Exception as exc:  # noqa: BLE001 - add which parameters and why
-                    raise RuntimeError(
-                        f"{who}: torch.func could not take per-sample Jacobians of {list(names)[:6]}"
-                        f"{'...' if len(names) > 6 else ''} ({type(exc).__name__}: {exc}); the model must work on "
-                        "one sample at a time under torch.func (no .item() on values that need gradients)") from exc
+                    j = fn()
+                    break
+                except Exception as exc:  # noqa: BLE001 - the next, slower route; the last one says why
+                    level[0] = lvl + 1
+                    if lvl == 2:
+                        raise RuntimeError(
+                            f"{who}: could not take per-sample Jacobians of {list(names)[:6]}"
+                            f"{'...' if len(names) > 6 else ''} ({type(exc).__name__}: {exc}); the model must work "
+                            "on one sample at a time (no .item() on values that need gradients)") from exc
         flat = torch.cat([v.reshape(e - s, C, -1) for v in j.values()], dim=2).to(dtype)
         return flat.reshape((e - s) * Ce, -1)
 
