@@ -339,6 +339,7 @@ def test_probe_topk_route_and_options() -> None:
         for tag in ("ntk/trace", "ntk/eig_max", "ntk/eig_top/1", "ntk/eig_top/4"):
             assert topk[tag].item() == pytest.approx(full[tag].item(), rel=1e-9), tag
         assert topk["ntk/effective_rank"].item() > 1
+        assert topk["ntk/spectrum"].pixels.ndim == 3  # an image of the top eigenvalues, now and at the start
     assert not NTK().uses_topk(40) and NTK().uses_topk(10_000)
     for bad, match in (({"spectrum": "some"}, "spectrum"), ({"spectrum": "topk", "top_k": 0}, "top_k"),
                        ({"memory_budget": 0}, "memory_budget"), ({"memory_budget": "1GB"}, "memory_budget")):

@@ -32,9 +32,10 @@ once at least k steps have passed since the last image), ``spectrum`` ("auto"), 
 (``probes.functional.spectra.top_eigenvalues``), ``ntk/trace`` exactly from the per-sample gradient norms, and
 ``ntk/effective_rank`` is estimated from the top eigenvalues and the trace (geometric mean of the bounds of a
 flat and of a packed tail, ``probes.functional.spectra.effective_rank_bounds``); only ``ntk/trace``,
-``ntk/eig_max``, ``ntk/eig_top/<k>`` and ``ntk/effective_rank`` are logged then (the others need every eigenvalue
-or the kernel itself). ``spectrum="auto"`` takes "topk" when the full route's four ``n x n`` float64 matrices
-would exceed ``memory_budget`` bytes (at the default, ``n`` above 8,192).
+``ntk/eig_max``, ``ntk/eig_top/<k>``, ``ntk/effective_rank`` and the image of the top eigenvalues are logged then
+(``eig_min``, ``condition`` and the histogram need every eigenvalue; ``alignment`` and ``distance_from_init`` need
+``||Theta||_F``, i.e. every entry of the kernel). ``spectrum="auto"`` takes "topk" when the full route's four
+``n x n`` float64 matrices would exceed ``memory_budget`` bytes (at the default, ``n`` above 8,192).
 
 Default cadence: every 1000 steps (the kernel costs about ``P^2`` times the layer widths, the eigenvalues ``P^3``).
 """
@@ -116,7 +117,7 @@ class NTK(Probe):
         if self._plan is None or self._plan[0] != key:  # the two discovery passes only when the model changed
             self._plan = (key, ntk_plan(model, args, who="ntk"))
         if self.uses_topk(batch.size * (self._plan[1].outputs if self.mode == "full" else 1)):
-            return self._measure_topk(model, args)
+            return self._measure_topk(model, args, batch.step)
         theta = empirical_ntk(model, args, mode=self.mode, reduction=self.reduction,
                               chunk_size=self.chunk_size, dtype=torch.float64, plan=self._plan[1])
         P = batch.size
@@ -150,9 +151,10 @@ class NTK(Probe):
         the first kernel for ``distance_from_init``) exceed ``memory_budget``."""
         return self.spectrum == "topk" or (self.spectrum == "auto" and 4 * 8 * n * n > self.memory_budget)
 
-    def _measure_topk(self, model: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> list[Record]:
+    def _measure_topk(self, model: torch.nn.Module, args: tuple[torch.Tensor, ...], step: int) -> list[Record]:
         """Trace (exact), the ``top_k`` largest eigenvalues (block Krylov on ``Theta V`` from the layerwise factors,
-        float64) and the effective rank estimated from them (``effective_rank_bounds``); no ``n x n`` matrix."""
+        float64) and the effective rank estimated from them (``effective_rank_bounds``); no ``n x n`` matrix. The
+        image plots the top eigenvalues, now and at the first measurement."""
         op = ntk_operator(model, args, mode=self.mode, reduction=self.reduction,
                           chunk_size=self.chunk_size, dtype=torch.float64, plan=self._plan[1])
         n = op.shape[0]
@@ -162,6 +164,11 @@ class NTK(Probe):
         records: list[Record] = [Scalar("ntk/trace", trace), Scalar("ntk/eig_max", top[0]),
                                  Scalar("ntk/effective_rank", torch.tensor(estimate, dtype=torch.float64))]
         records += [Scalar(f"ntk/eig_top/{k + 1}", top[k]) for k in range(min(self.top_k, top.numel()))]
+        if self.init_eigenvalues is None:
+            self.init_eigenvalues, self.init_step = top.detach().clone(), step
+        if self.image and self.image_cadence.due(step):
+            records.append(Image("ntk/spectrum", spectrum_image(top, self.init_eigenvalues, step, self.init_step,
+                                                                self.reduction, self.mode, of=n)))
         return records
 
     def state_dict(self) -> dict[str, Any]:
@@ -175,12 +182,14 @@ class NTK(Probe):
 
 
 def spectrum_image(eigs: torch.Tensor, reference: torch.Tensor | None = None, step: int | None = None,
-                   reference_step: int | None = None, reduction: str = "sum", mode: str = "trace") -> np.ndarray:
+                   reference_step: int | None = None, reduction: str = "sum", mode: str = "trace",
+                   of: int | None = None) -> np.ndarray:
     """Labelled plot of the positive eigenvalues against their rank (largest first), log y; ``reference``
-    (the first kernel's) dashed."""
+    (the first kernel's) dashed. ``of``: the kernel's size when ``eigs`` are only its largest eigenvalues."""
     what = "PC x PC kernel" if mode == "full" else f"kernel {'summed' if reduction == 'sum' else 'averaged'} " \
         "over outputs"
-    title = f"ntk/spectrum: NTK eigenvalues ({what})" + (f", step {step}" if step is not None else "")
+    which = f"top {eigs.numel()} of {of:,} NTK eigenvalues" if of is not None else "NTK eigenvalues"
+    title = f"ntk/spectrum: {which}" + (f", step {step}" if step is not None else "") + f"\n({what})"
     if reference is not None and step is not None and step == reference_step:
         reference = None  # at the first measurement, now is the initialization: one curve
     return spectrum_figure(eigs.detach().double().cpu().numpy(),
