@@ -396,8 +396,13 @@ class Session:
         self._check_open("advance_to")
         self._release()
         if step != self._step:
+            if self.overhead is not None and self._last_step_at is not None and step > self._step:
+                self._train_seconds += time.perf_counter() - self._last_step_at  # training since the last call
+                self._train_steps += int(step) - self._step
             self._step = int(step)
             self._run_due()
+            if self.overhead is not None:
+                self._last_step_at = time.perf_counter()
 
     def set_step(self, step: int) -> None:
         """Jump the counter to ``step``, forward or backward; nothing is measured or flushed for the steps between."""

@@ -400,3 +400,25 @@ def test_round_up_125():
 
     assert [_round_up_125(k) for k in (1, 2, 3, 5, 6, 10, 11, 21, 51, 999, 1000, 1001)] == \
         [1, 2, 5, 5, 10, 10, 20, 50, 100, 1000, 1000, 2000]
+
+
+def test_the_overhead_budget_also_follows_a_trainer_that_advances_the_step(shared_relu_mlp):
+    """Integrations call advance_to(global_step); the training time between calls is timed the same way."""
+    import time
+
+    class Slow(probes.Probe):
+        name = "slow"
+        every = 1
+        needs_probe_data = False
+
+        def measure(self, batch):
+            time.sleep(0.02)
+            return []
+
+    s = probes.attach(shared_relu_mlp, [Slow()], overhead=0.1)
+    with pytest.warns(probes.session.ProbesNoticeWarning, match="now measures every"):
+        for step in range(1, 13):
+            time.sleep(0.002)
+            s.advance_to(step)
+    s.close()
+    assert s.schedules["slow"].k >= 10
