@@ -98,6 +98,7 @@ class ProbeBatch:
     output_spec: Any = None
     tensor_output: bool = True  # the model returned one tensor (no selection was needed)
     writes: bool = True
+    chunk_size: int | None = None  # the session's probe_batch_size: samples per forward of a probe's own passes
 
     def positional(self) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
         """``(module, args)`` with ``module(*args)`` the probes' output tensor: the model itself for ``model(x)``

@@ -709,7 +709,8 @@ class Session:
                         self._fail(name, exc)
                     return
             batch = ProbeBatch(module, self.x, self.y, output, activations, self._step, self.logdir, calls,
-                               self.output_spec, tensor_output=raw_is_tensor, writes=self.rank == 0)
+                               self.output_spec, tensor_output=raw_is_tensor, writes=self.rank == 0,
+                               chunk_size=self.probe_batch_size)
             shared = (time.perf_counter() - started) / len(names)  # the pass, shared by the due probes
             for name in names:
                 t0 = time.perf_counter()

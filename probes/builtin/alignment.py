@@ -42,8 +42,6 @@ from probes.probe import Context, Probe, ProbeBatch, Site
 from probes.records import Record, Scalar
 
 OUTPUT = "output"
-#: samples per forward of the passes that the probe runs itself (with ``memory_budget``)
-GROUP_CHUNK = 256
 #: default ``memory_budget`` (bytes) for the features held at once: a CIFAR ResNet-18 at P = 1,024 holds 2.2 GiB
 MEMORY_BUDGET = 512 << 20
 
@@ -121,8 +119,9 @@ class Alignment(Probe):
         for group in groups:
             wanted = set(group)
             kept: dict[str, torch.Tensor] = {}
-            for start in range(0, P, GROUP_CHUNK):
-                stop = min(start + GROUP_CHUNK, P)
+            step = batch.chunk_size or P  # the session's probe_batch_size (None: one pass)
+            for start in range(0, P, step):
+                stop = min(start + step, P)
                 with torch.no_grad(), self._capture.recording(
                         keep=lambda site, w=wanted: frozenset({"post"}) if site.name in w else frozenset()) as rec:
                     batch.forward(take(batch.x, slice(start, stop)))
