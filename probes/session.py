@@ -383,26 +383,25 @@ class Session:
         self._check_open("step")
         self._release()
         for _ in range(n):
-            if self.overhead is not None and self._last_step_at is not None:  # training time since the last
-                self._train_seconds += time.perf_counter() - self._last_step_at  # step's probe work ended
-                self._train_steps += 1
-            self._step += 1
-            self._run_due()
-            if self.overhead is not None:
-                self._last_step_at = time.perf_counter()
+            self._move_to(self._step + 1)
 
     def advance_to(self, step: int) -> None:
         """Jump to ``step`` and run what falls due at that step only (integrations that follow a trainer)."""
         self._check_open("advance_to")
         self._release()
         if step != self._step:
-            if self.overhead is not None and self._last_step_at is not None and step > self._step:
-                self._train_seconds += time.perf_counter() - self._last_step_at  # training since the last call
-                self._train_steps += int(step) - self._step
-            self._step = int(step)
-            self._run_due()
-            if self.overhead is not None:
-                self._last_step_at = time.perf_counter()
+            self._move_to(int(step))
+
+    def _move_to(self, step: int) -> None:
+        """Set the counter to ``step`` and run what falls due there; under an overhead budget, the time since the
+        last call (training, the probe work excluded) counts for the steps moved forward."""
+        if self.overhead is not None and self._last_step_at is not None and step > self._step:
+            self._train_seconds += time.perf_counter() - self._last_step_at
+            self._train_steps += step - self._step
+        self._step = step
+        self._run_due()
+        if self.overhead is not None:
+            self._last_step_at = time.perf_counter()
 
     def set_step(self, step: int) -> None:
         """Jump the counter to ``step``, forward or backward; nothing is measured or flushed for the steps between."""
@@ -520,8 +519,7 @@ class Session:
             if cost is not None and per_step > 0 and cost / (schedule.k * per_step) > budget:
                 proposals[name] = _round_up_125(max(schedule.k + 1, math.ceil(cost / (budget * per_step))))
         if self.sharded and self.world_size > 1:
-            ks = [proposals.get(n, 0) if isinstance(self.schedules[n], every) else 0 for n in names]
-            agreed, _ = distributed._max_and_min(ks, self.device)
+            agreed, _ = distributed._max_and_min([proposals.get(n, 0) for n in names], self.device)
             proposals = {n: k for n, k in zip(names, agreed) if k > 0}
         for name, k in proposals.items():
             old, cost = self.schedules[name], self._cost.get(name)
