@@ -22,6 +22,7 @@ TOL = 1e-10
 
 
 def ntk_func(model: nn.Module, x: torch.Tensor, mode: str = "trace") -> torch.Tensor:
+    """The reference kernel: ``torch.func`` per-sample Jacobians of every trainable parameter, ``J J^T`` in float64."""
     params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
 
     def f(p, xi):
@@ -29,7 +30,7 @@ def ntk_func(model: nn.Module, x: torch.Tensor, mode: str = "trace") -> torch.Te
 
     j = vmap(jacrev(f), in_dims=(None, 0))(params, x)
     P = x.shape[0]
-    J = torch.cat([v.reshape(P, v.shape[1], -1) for v in j.values()], dim=2)
+    J = torch.cat([v.reshape(P, v.shape[1], -1).double() for v in j.values()], dim=2)
     if mode == "trace":
         return torch.einsum("icn,jcn->ij", J, J)
     C = J.shape[1]

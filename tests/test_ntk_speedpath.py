@@ -8,28 +8,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_ntk_layers import ntk_func  # the torch.func reference, float64
 from torch import nn
-from torch.func import functional_call, jacrev, vmap
 
 import probes.functional.ntk as tangent
 from probes.functional.ntk import empirical_ntk, ntk_operator, ntk_plan
 
 TOL = 1e-12
-
-
-def ntk_func(model: nn.Module, x: torch.Tensor, mode: str = "trace") -> torch.Tensor:
-    params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
-
-    def f(p, xi):
-        return functional_call(model, p, (xi[None],)).reshape(-1)
-
-    j = vmap(jacrev(f), in_dims=(None, 0))(params, x)
-    P = x.shape[0]
-    J = torch.cat([v.reshape(P, v.shape[1], -1).double() for v in j.values()], dim=2)
-    if mode == "trace":
-        return torch.einsum("icn,jcn->ij", J, J)
-    C = J.shape[1]
-    return torch.einsum("ian,jbn->iajb", J, J).reshape(P * C, P * C)
 
 
 def assert_close(a: torch.Tensor, b: torch.Tensor, tol: float = TOL) -> None:
