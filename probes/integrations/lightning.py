@@ -42,6 +42,7 @@ except ImportError:  # pragma: no cover - depends on what is installed
                           "(or pytorch_lightning)") from exc
 
 import probes
+from probes.integrations import needs_probe_data
 from probes.session import Session
 
 __all__ = ["ProbesCallback"]
@@ -96,15 +97,6 @@ class ProbesCallback(Callback):
         self._restored = False
 
     # -- the probe batch and the writer --------------------------------------------------
-    def _needs_probe_data(self) -> bool:
-        from probes import plugins
-
-        spec = self.probes
-        keys = [spec] if isinstance(spec, (str, probes.Probe, type)) else list(spec)
-        classes = [k if isinstance(k, type) else type(k) if isinstance(k, probes.Probe) else plugins.probe_class(k)
-                   for k in keys]
-        return any(not c.passive and c.needs_probe_data for c in classes)
-
     def _validation_batch(self, trainer: pl.Trainer) -> Any:
         if getattr(trainer, "datamodule", None) is not None:
             try:
@@ -136,7 +128,7 @@ class ProbesCallback(Callback):
     # -- hooks ------------------------------------------------------------------------------
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         probe_data = self.probe_data
-        if probe_data is None and self._needs_probe_data():
+        if probe_data is None and needs_probe_data(self.probes):
             batch = self._validation_batch(trainer)
             if batch is None:
                 raise ValueError("ProbesCallback: active probes need a probe batch: pass probe_data=(x, y) or give "

@@ -53,6 +53,7 @@ except ImportError as exc:  # pragma: no cover - depends on what is installed
                       "pip install 'probes[transformers]'") from exc
 
 import probes
+from probes.integrations import needs_probe_data
 from probes.session import Session
 
 __all__ = ["ProbesCallback", "STATE_FILE"]
@@ -193,15 +194,6 @@ class ProbesCallback(TrainerCallback):
         self._shared_writer: Any = None
 
     # -- helpers ----------------------------------------------------------------------------------
-    def _needs_probe_data(self) -> bool:
-        from probes import plugins
-
-        spec = self.probes
-        keys = [spec] if isinstance(spec, (str, probes.Probe, type)) else list(spec)
-        classes = [k if isinstance(k, type) else type(k) if isinstance(k, probes.Probe) else plugins.probe_class(k)
-                   for k in keys]
-        return any(not c.passive and c.needs_probe_data for c in classes)
-
     @property
     def _open(self) -> bool:
         return self.session is not None and not self.session.closed
@@ -243,7 +235,7 @@ class ProbesCallback(TrainerCallback):
         if model is None:
             raise ValueError("ProbesCallback: the Trainer passed no model to on_train_begin")
         probe_data = self.probe_data
-        if probe_data is None and self._needs_probe_data():
+        if probe_data is None and needs_probe_data(self.probes):
             probe_data = _first_eval_batch(trainer, kwargs.get("eval_dataloader"))
             if probe_data is None:
                 raise ValueError("ProbesCallback: active probes need a probe batch: pass probe_data=(x, y) (or a "
