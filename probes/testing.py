@@ -21,7 +21,9 @@ from __future__ import annotations
 import datetime
 import math
 import os
+import sys
 import tempfile
+import time
 import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -203,8 +205,6 @@ def _rank_main(rank: int, worker: Callable[..., None], args: tuple[Any, ...]) ->
     # The worker returned: its results are on disk and it has left the group. End the process here, without the
     # interpreter's teardown, where gloo's threads can still abort the process now and then ("terminate called
     # without an active exception", SIGABRT) after everything succeeded. An exception skips this and is reported.
-    import sys
-
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
@@ -217,8 +217,6 @@ def run_ranks(worker: Callable[..., None], args: tuple[Any, ...] = (), world: in
     ``worker`` must be importable (module-level). A worker that fails raises here with its traceback; a hang
     (a collective some rank never joins) raises ``TimeoutError`` instead of blocking the caller.
     """
-    import time
-
     import torch.multiprocessing as mp
 
     if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
