@@ -9,11 +9,11 @@ to TensorBoard (or any other sink). Third-party packages add probes through the
 from __future__ import annotations
 
 from probes import records, schedules
+from probes.engine.session import ProbesClosedError, Session, attach
 from probes.hookspecs import hookimpl
 from probes.plugins import ProbeInfo
 from probes.probe import Activation, Context, Probe, ProbeBatch, Site
 from probes.records import Histogram, Image, Scalar
-from probes.session import ProbesClosedError, Session, attach
 
 __version__ = "0.1.0"
 

@@ -15,8 +15,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from probes.engine.inputs import Positional, call_model, sample_count, select_output
 from probes.functional.labels import label_matrix
-from probes.inputs import Positional, call_model, sample_count, select_output
 from probes.records import Record
 
 #: activation kinds whose zeros mean "gate closed" (module class names, lower case, and functional names)
@@ -79,7 +79,7 @@ class ProbeBatch:
 
     ``model`` is the user's module (unwrapped from DDP), in eval mode while probes run; ``x`` the
     probe inputs as given (a tensor, a tuple for ``model(*x)``, a dict for ``model(**x)``); ``output``
-    the tensor picked from ``model(x)`` (computed without gradients; see ``probes.inputs``);
+    the tensor picked from ``model(x)`` (computed without gradients; see ``probes.engine.inputs``);
     ``activations`` maps site names to captures in call order (only the sites that the due probes
     need); ``calls`` lists every leaf-module call and functional activation of the pass in order.
     ``forward(x)`` runs the model the same way on other inputs (perturbed copies, say). ``writes``: whether this
@@ -102,7 +102,7 @@ class ProbeBatch:
 
     def positional(self) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
         """``(module, args)`` with ``module(*args)`` the probes' output tensor: the model itself for ``model(x)``
-        returning a tensor, else a wrapper (``probes.inputs.Positional``) sharing the model's parameters."""
+        returning a tensor, else a wrapper (``probes.engine.inputs.Positional``) sharing the model's parameters."""
         force = not self.tensor_output
         return Positional.wrap(self.model, self.x, self.output_spec, force=force)
 

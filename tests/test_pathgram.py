@@ -287,7 +287,7 @@ def test_structure_errors_name_the_module(model, match):
 
 def test_without_strict_a_bad_model_switches_the_probe_off():
     model = Residual()
-    with pytest.warns(probes.session.ProbeFailedWarning, match="Linear 'b'"):
+    with pytest.warns(probes.engine.session.ProbeFailedWarning, match="Linear 'b'"):
         s = probes.attach(model, ["pathgram"], probe_data=(torch.randn(8, 5), torch.randn(8)), sinks=["memory"])
     assert "pathgram" in s.failures
 

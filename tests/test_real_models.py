@@ -14,7 +14,7 @@ from torch.utils.checkpoint import checkpoint
 
 import probes
 from probes import plugins
-from probes.session import ProbesNoticeWarning
+from probes.engine.session import ProbesNoticeWarning
 
 
 class TwoInputs(nn.Module):

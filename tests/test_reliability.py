@@ -90,7 +90,7 @@ def test_dropout_and_batchnorm_training_is_bit_identical(extra):
 # -- issue 12: what a hostile user found ---------------------------------------------------------------
 from torch.nn.modules import module as _hooks  # noqa: E402
 
-from probes.session import ProbesClosedError  # noqa: E402
+from probes.engine.session import ProbesClosedError  # noqa: E402
 
 
 def _global_hooks() -> int:

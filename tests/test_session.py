@@ -12,8 +12,8 @@ from torch import nn
 
 import probes
 from probes import plugins
+from probes.engine.session import ProbeFailedWarning
 from probes.records import Scalar
-from probes.session import ProbeFailedWarning
 
 
 class CountingProbe(probes.Probe):
@@ -347,7 +347,7 @@ class Slow(probes.Probe):
 def test_an_overhead_budget_spaces_out_a_costly_probe_and_says_so_once(shared_relu_mlp):
     probe = Slow(0.05)
     s = probes.attach(shared_relu_mlp, [probe], overhead=0.1)
-    with pytest.warns(probes.session.ProbesNoticeWarning, match="now measures every"):
+    with pytest.warns(probes.engine.session.ProbesNoticeWarning, match="now measures every"):
         for _ in range(40):
             time.sleep(0.005)  # a 5 ms training step
             s.step()
@@ -362,7 +362,7 @@ def test_an_overhead_budget_spaces_out_a_costly_probe_and_says_so_once(shared_re
 
 def test_auto_overhead_widens_only_default_cadences_after_the_grace_and_to_a_round_number(shared_relu_mlp,
                                                                                           monkeypatch):
-    import probes.session as session_module
+    import probes.engine.session as session_module
 
     class Given(Slow):
         name = "given"
@@ -371,7 +371,7 @@ def test_auto_overhead_widens_only_default_cadences_after_the_grace_and_to_a_rou
     given = Given()
     given.every = 1  # a cadence the user gave: kept
     s = probes.attach(shared_relu_mlp, [Slow(), given])  # overhead="auto" by default
-    with pytest.warns(probes.session.ProbesNoticeWarning, match="'slow'.*default cadence.*now measures every"):
+    with pytest.warns(probes.engine.session.ProbesNoticeWarning, match="'slow'.*default cadence.*now measures every"):
         for _ in range(12):
             time.sleep(0.002)
             s.step()
@@ -388,7 +388,7 @@ def test_auto_overhead_widens_only_default_cadences_after_the_grace_and_to_a_rou
 
 
 def test_round_up_125():
-    from probes.session import _round_up_125
+    from probes.engine.session import _round_up_125
 
     assert [_round_up_125(k) for k in (1, 2, 3, 5, 6, 10, 11, 21, 51, 999, 1000, 1001)] == \
         [1, 2, 5, 5, 10, 10, 20, 50, 100, 1000, 1000, 2000]
@@ -397,7 +397,7 @@ def test_round_up_125():
 def test_the_overhead_budget_also_follows_a_trainer_that_advances_the_step(shared_relu_mlp):
     """Integrations call advance_to(global_step); the training time between calls is timed the same way."""
     s = probes.attach(shared_relu_mlp, [Slow()], overhead=0.1)
-    with pytest.warns(probes.session.ProbesNoticeWarning, match="now measures every"):
+    with pytest.warns(probes.engine.session.ProbesNoticeWarning, match="now measures every"):
         for step in range(1, 13):
             time.sleep(0.002)
             s.advance_to(step)

@@ -157,7 +157,7 @@ def _run(logdir: str, epochs: int, smoke: bool, progress: bool, out: Any) -> int
     from torch.utils.tensorboard import SummaryWriter
 
     import probes
-    from probes.session import ProbeFailedWarning
+    from probes.engine.session import ProbeFailedWarning
 
     torch.manual_seed(0)
     xtr, ytr, xte, yte, xp, yp = _split()

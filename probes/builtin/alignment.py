@@ -34,10 +34,10 @@ from collections.abc import Sequence
 import torch
 
 from probes import options
-from probes.capture import Capture
+from probes.engine.capture import Capture
+from probes.engine.inputs import take
 from probes.functional.alignment import DegenerateKernelError, Prepared, prepare
 from probes.functional.labels import label_matrix
-from probes.inputs import take
 from probes.probe import Context, Probe, ProbeBatch, Site
 from probes.records import Record, Scalar
 

@@ -75,7 +75,8 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from probes.capture import Capture
+from probes.engine.capture import Capture
+from probes.engine.inputs import Positional
 from probes.functional.local_affine import (
     MAX_POOLS,
     Params,
@@ -91,7 +92,6 @@ from probes.functional.local_affine import (
     site_pattern,
     trainable_names,
 )
-from probes.inputs import Positional
 from probes.probe import Context, Probe, ProbeBatch
 from probes.records import Record, Scalar
 

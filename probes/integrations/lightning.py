@@ -42,8 +42,8 @@ except ImportError:  # pragma: no cover - depends on what is installed
                           "(or pytorch_lightning)") from exc
 
 import probes
+from probes.engine.session import Session
 from probes.integrations import needs_probe_data
-from probes.session import Session
 
 __all__ = ["ProbesCallback"]
 

@@ -53,8 +53,8 @@ except ImportError as exc:  # pragma: no cover - depends on what is installed
                       "pip install 'probes[transformers]'") from exc
 
 import probes
+from probes.engine.session import Session
 from probes.integrations import needs_probe_data
-from probes.session import Session
 
 __all__ = ["ProbesCallback", "STATE_FILE"]
 

@@ -5,7 +5,7 @@ active probes run at their cadence on the fixed probe batch, in one extra pass i
 all probes due at that step share, after which the modules' modes (through their own ``train()``)
 and the RNG state are restored. A probe that raises is reported once and switched off (re-raised
 with ``strict=True``). Under ``torch.distributed`` declared state is reduced over ranks
-(``probes.distributed``), active probes run on rank 0 (on every rank for a sharded model), and
+(``probes.engine.distributed``), active probes run on rank 0 (on every rank for a sharded model), and
 only rank 0 writes.
 
 Lifecycle: ``attach`` either returns a working session or raises and leaves nothing behind (no
@@ -30,8 +30,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from probes import distributed, inputs, plugins
-from probes.capture import Capture, unwrap
+from probes import plugins
+from probes.engine import distributed, inputs
+from probes.engine.capture import Capture, unwrap
 from probes.probe import Activation, Context, Probe, ProbeBatch, Site
 from probes.records import Record, to_host
 from probes.schedules import Schedule, as_schedule, every

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from probes.inputs import iter_tensors, map_tensors
+from probes.engine.inputs import iter_tensors, map_tensors
 
 __all__ = ["rank_and_world", "is_sharded", "ReduceOutcome", "reduce_states", "broadcast_flag", "failed_anywhere",
            "same_probe_batch", "sharded_now", "reshard"]
