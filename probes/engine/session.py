@@ -17,7 +17,6 @@ writing a second step-0 point. After ``close()`` every method but ``close()`` ra
 
 from __future__ import annotations
 
-import inspect
 import logging
 import math
 import time
@@ -33,6 +32,7 @@ from torch import nn
 from probes import plugins
 from probes.engine import distributed, inputs
 from probes.engine.capture import Capture, unwrap
+from probes.engine.spec import named, parse_probes, parse_sinks
 from probes.probe import Activation, Context, Probe, ProbeBatch, Site
 from probes.records import Record, to_host
 from probes.schedules import Schedule, as_schedule, every
@@ -63,65 +63,10 @@ class ProbesClosedError(RuntimeError):
     """The session was closed; only ``close()`` may be called again."""
 
 
-def _make_probe(cls: type[Probe], name: str, options: Mapping[str, Any]) -> Probe:
-    opts = dict(options or {})
-    every = opts.pop("every", None)
-    as_schedule(every if every is not None else cls.every, who=f"probe {name!r}")  # checked before the probe is built
-    try:
-        probe = cls(**opts)
-    except TypeError as exc:
-        params = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "args", "kwargs")]
-        raise TypeError(f"probe {name!r}: bad options {sorted(opts)} ({exc}); it accepts: every, "
-                        f"{', '.join(params) or '(no other options)'}") from exc
-    except (ValueError, KeyError) as exc:
-        raise _named(exc, name) from exc
-    if every is not None:
-        probe.every = every
-    return probe
 
 
-def _named(exc: BaseException, name: str) -> BaseException:
-    """``exc`` with a message that names the probe (unchanged when it already does)."""
-    text = str(exc)
-    if text.startswith((f"{name}:", f"{name} ", f"probe {name!r}")):
-        return exc
-    try:
-        new = type(exc)(f"probe {name!r}: {text}")
-    except Exception:  # noqa: BLE001 - an exception class with an unusual constructor
-        if hasattr(exc, "add_note"):
-            exc.add_note(f"(in probe {name!r})")
-        return exc
-    return new
 
 
-def _normalise_spec(probes: Any) -> list[tuple[str, Probe]]:
-    if isinstance(probes, (str, Probe)) or (isinstance(probes, type) and issubclass(probes, Probe)):
-        probes = [probes]
-    items: list[tuple[Any, Any]]
-    if isinstance(probes, Mapping):
-        items = list(probes.items())
-    elif isinstance(probes, Iterable):
-        items = [(p, None) for p in probes]
-    else:
-        raise TypeError(f"probes must be a list of names or a {{name: options}} mapping, got {type(probes).__name__}")
-    out: list[tuple[str, Probe]] = []
-    for key, opts in items:
-        if opts is not None and not isinstance(opts, Mapping):
-            raise TypeError(f"options of probe {key!r} must be a mapping, got {opts!r}")
-        if isinstance(key, Probe):
-            as_schedule(key.every, who=f"probe {key.name!r}")
-            out.append((key.name, key))
-        elif isinstance(key, type) and issubclass(key, Probe):
-            out.append((key.name, _make_probe(key, key.name, opts or {})))
-        elif isinstance(key, str):
-            out.append((key, _make_probe(plugins.probe_class(key), key, opts or {})))
-        else:
-            raise TypeError(f"probe names must be strings, got {key!r}")
-    names = [n for n, _ in out]
-    dup = sorted({n for n in names if names.count(n) > 1})
-    if dup:
-        raise ValueError(f"probe(s) {dup} given more than once")
-    return out
 
 
 def _round_up_125(k: int) -> int:
@@ -153,25 +98,6 @@ def _restore_modes(root: nn.Module, modes: list[tuple[nn.Module, bool]]) -> None
             m.train(training)
 
 
-def _sink_spec(sinks: Any, logdir: str | None, writer: Any) -> list[Any]:
-    """Validated sink names/instances; instances of named sinks are made only once attach has succeeded."""
-    if sinks is None:
-        sinks = ["tensorboard"] if (logdir is not None or writer is not None) else ["memory"]
-    elif isinstance(sinks, (str, Sink)):
-        sinks = [sinks]
-    spec: list[Any] = []
-    for s in sinks:
-        if isinstance(s, Sink):
-            spec.append(s)
-        elif isinstance(s, str):
-            spec.append((s, plugins.sink_class(s)))
-        else:
-            raise TypeError(f"a sink is a name or a probes.sinks.Sink, got {s!r}")
-    tensorboard = plugins.sink_class("tensorboard")
-    if (logdir is not None or writer is not None) and not any(
-            isinstance(s, tensorboard) or (isinstance(s, tuple) and s[1] is tensorboard) for s in spec):
-        spec.append(("tensorboard", tensorboard))
-    return spec
 
 
 class Session:
@@ -222,7 +148,7 @@ class Session:
             if replaced and self.rank == 0:
                 warnings.warn("probe_data differs between the ranks of this sharded model; every rank uses rank "
                               "0's probe batch", ProbesNoticeWarning, stacklevel=3)
-        self.entries = _normalise_spec(probes)
+        self.entries = parse_probes(probes)
         self.probes: dict[str, Probe] = dict(self.entries)
         self.schedules: dict[str, Schedule] = {n: as_schedule(p.every, who=f"probe {n!r}") for n, p in self.entries}
         self._given_cadence = {n for n, p in self.entries if "every" in vars(p)}  # set on the instance: given
@@ -231,7 +157,7 @@ class Session:
         for name in self.active:
             if self.probes[name].needs_probe_data and self.x is None:
                 raise ValueError(f"probe {name!r} runs on a fixed probe batch: pass probe_data=(x, y) to attach")
-        self._sink_spec = _sink_spec(sinks, logdir, writer) if self.rank == 0 else []
+        self._sink_spec = parse_sinks(sinks, logdir, writer) if self.rank == 0 else []
         self._writer, self.sinks = writer, []
         self.failures: dict[str, str] = {}
         self._step = 0
@@ -304,7 +230,7 @@ class Session:
             raise RuntimeError("attach failed on another rank of this sharded model (a probe's setup raised there; "
                                "that rank's error says which)")
         if failed is not None:
-            raise _named(failed[1], failed[0]) from failed[1]
+            raise named(failed[1], failed[0]) from failed[1]
         if self.passive:
             self.capture.on_forward = self._on_training_forward
             self.capture.install_passive(self._observe)

@@ -1,0 +1,97 @@
+"""Probe and sink specs: what ``attach(probes=..., sinks=...)`` accepts, parsed into probe instances and sink
+factories. The integrations parse their specs here too."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from probes import plugins
+from probes.probe import Probe
+from probes.schedules import as_schedule
+from probes.sinks.base import Sink
+
+__all__ = ["parse_probes", "parse_sinks", "make_probe", "named"]
+
+
+def make_probe(cls: type[Probe], name: str, options: Mapping[str, Any]) -> Probe:
+    opts = dict(options or {})
+    every = opts.pop("every", None)
+    as_schedule(every if every is not None else cls.every, who=f"probe {name!r}")  # checked before the probe is built
+    try:
+        probe = cls(**opts)
+    except TypeError as exc:
+        params = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "args", "kwargs")]
+        raise TypeError(f"probe {name!r}: bad options {sorted(opts)} ({exc}); it accepts: every, "
+                        f"{', '.join(params) or '(no other options)'}") from exc
+    except (ValueError, KeyError) as exc:
+        raise named(exc, name) from exc
+    if every is not None:
+        probe.every = every
+    return probe
+
+
+def named(exc: BaseException, name: str) -> BaseException:
+    """``exc`` with a message that names the probe (unchanged when it already does)."""
+    text = str(exc)
+    if text.startswith((f"{name}:", f"{name} ", f"probe {name!r}")):
+        return exc
+    try:
+        new = type(exc)(f"probe {name!r}: {text}")
+    except Exception:  # noqa: BLE001 - an exception class with an unusual constructor
+        if hasattr(exc, "add_note"):
+            exc.add_note(f"(in probe {name!r})")
+        return exc
+    return new
+
+
+def parse_probes(probes: Any) -> list[tuple[str, Probe]]:
+    if isinstance(probes, (str, Probe)) or (isinstance(probes, type) and issubclass(probes, Probe)):
+        probes = [probes]
+    items: list[tuple[Any, Any]]
+    if isinstance(probes, Mapping):
+        items = list(probes.items())
+    elif isinstance(probes, Iterable):
+        items = [(p, None) for p in probes]
+    else:
+        raise TypeError(f"probes must be a list of names or a {{name: options}} mapping, got {type(probes).__name__}")
+    out: list[tuple[str, Probe]] = []
+    for key, opts in items:
+        if opts is not None and not isinstance(opts, Mapping):
+            raise TypeError(f"options of probe {key!r} must be a mapping, got {opts!r}")
+        if isinstance(key, Probe):
+            as_schedule(key.every, who=f"probe {key.name!r}")
+            out.append((key.name, key))
+        elif isinstance(key, type) and issubclass(key, Probe):
+            out.append((key.name, make_probe(key, key.name, opts or {})))
+        elif isinstance(key, str):
+            out.append((key, make_probe(plugins.probe_class(key), key, opts or {})))
+        else:
+            raise TypeError(f"probe names must be strings, got {key!r}")
+    names = [n for n, _ in out]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ValueError(f"probe(s) {dup} given more than once")
+    return out
+
+
+def parse_sinks(sinks: Any, logdir: str | None, writer: Any) -> list[Any]:
+    """Validated sink names/instances; instances of named sinks are made only once attach has succeeded."""
+    if sinks is None:
+        sinks = ["tensorboard"] if (logdir is not None or writer is not None) else ["memory"]
+    elif isinstance(sinks, (str, Sink)):
+        sinks = [sinks]
+    spec: list[Any] = []
+    for s in sinks:
+        if isinstance(s, Sink):
+            spec.append(s)
+        elif isinstance(s, str):
+            spec.append((s, plugins.sink_class(s)))
+        else:
+            raise TypeError(f"a sink is a name or a probes.sinks.Sink, got {s!r}")
+    tensorboard = plugins.sink_class("tensorboard")
+    if (logdir is not None or writer is not None) and not any(
+            isinstance(s, tensorboard) or (isinstance(s, tuple) and s[1] is tensorboard) for s in spec):
+        spec.append(("tensorboard", tensorboard))
+    return spec
