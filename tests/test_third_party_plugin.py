@@ -75,7 +75,7 @@ def test_pyproject_declares_the_entry_point():
     tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
     meta = tomllib.loads((PLUGIN / "pyproject.toml").read_text())["project"]
     assert meta["entry-points"]["probes"] == {"weightnorm": "probes_weightnorm"}
-    assert "probes" in meta["dependencies"]
+    assert "torch-probes" in meta["dependencies"]  # the distribution name of probes on the index
 
 
 def test_plugin_probe_attaches_by_name_next_to_builtins(on_path):
