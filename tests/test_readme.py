@@ -24,3 +24,10 @@ def test_readme_block_runs(index, tmp_path, monkeypatch):
         session = namespace["session"]
         assert session.failures == {}
         assert any((tmp_path / "runs" / "quickstart").iterdir())
+    if index == 1:  # a probe of one's own measures at attach, at its cadence, and at close
+        steps = [step for step, _ in namespace["session"].memory.scalars()["output_norm/mean"]]
+        assert steps == [0, 10, 20]
+
+
+def test_readme_is_short():
+    assert len(README.read_text().splitlines()) <= 150
