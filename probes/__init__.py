@@ -9,7 +9,8 @@ to TensorBoard (or any other sink). Third-party packages add probes through the
 from __future__ import annotations
 
 from probes import records, schedules
-from probes.engine.session import ProbesClosedError, Session, attach
+from probes.engine.attach import attach
+from probes.engine.session import ProbesClosedError, Session
 from probes.hookspecs import hookimpl
 from probes.plugins import ProbeInfo
 from probes.probe import Activation, Context, Probe, ProbeBatch, Site

@@ -264,9 +264,8 @@ def test_float64_and_integer_probe_inputs_are_cast_to_the_model_dtype():
     s = probes.attach(two_layer(), ["alignment", "margin", "ntk"], probe_data=(px, torch.sign(px[:, 0])))
     s.close()
     assert s.failures == {}
-    s = probes.attach(two_layer(), ["margin"], probe_data=(torch.randint(0, 3, (10, 8)), torch.ones(10)))
-    s.close()
-    assert "mat1 and mat2" in s.failures.get("margin", "")  # integer inputs are ids: never cast, said clearly
+    with pytest.raises(RuntimeError, match="probe 'margin'.*mat1 and mat2"):  # integer inputs are ids: never cast
+        probes.attach(two_layer(), ["margin"], probe_data=(torch.randint(0, 3, (10, 8)), torch.ones(10)))
 
 
 def test_logdir_and_writer_together_are_refused(tmp_path):

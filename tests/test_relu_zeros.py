@@ -34,10 +34,9 @@ def test_shared_relu_called_four_times_gives_four_sites(shared_relu_mlp):
     torch.manual_seed(1)
     xs = [torch.randn(17, 12) for _ in range(3)]
     session = probes.attach(model, {"relu_zeros": {"every": 3}})
-    with torch.no_grad():
-        for x in xs:
-            model(x)
-            session.step()
+    for x in xs:  # training forwards: train mode, gradients enabled
+        model(x)
+        session.step()
     mem = session.memory
     expected = naive_zero_counts_shared(model, xs)
     assert set(expected) == {"act#1", "act#2", "act#3"}
@@ -176,9 +175,8 @@ def test_long_windows_and_changing_batch_sizes_fold_exactly():
     model = SharedReluMLP(sizes=(6, 5, 4, 3, 2))
     session = probes.attach(model, {"relu_zeros": {"every": 10**6}})
     xs = [torch.randn(3, 6) for _ in range(300)] + [torch.randn(2, 6)]
-    with torch.no_grad():
-        for x in xs:
-            model(x)
+    for x in xs:
+        model(x)
     session.close()
     expected = naive_zero_counts_shared(model, xs)
     for site, (zeros, _, units) in expected.items():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 import warnings
 
 import pytest
@@ -11,6 +10,7 @@ from conftest import SharedReluMLP
 from torch import nn
 
 import probes
+import probes.engine.cadence
 from probes import plugins
 from probes.engine.session import ProbeFailedWarning
 from probes.records import Scalar
@@ -171,7 +171,8 @@ def test_failing_probe_is_reported_once_and_switched_off(shared_relu_mlp):
     plugins.register(TestPlugin())
     failing = FailingProbe()
     with pytest.warns(ProbeFailedWarning, match="failing") as rec:
-        s = probes.attach(shared_relu_mlp, [failing, "relu_zeros"], probe_data=torch.randn(4, 12))
+        s = probes.attach(shared_relu_mlp, [failing, "relu_zeros"], probe_data=torch.randn(4, 12),
+                          measure_at_attach=False)
         for _ in range(5):
             shared_relu_mlp(torch.randn(4, 12))
             s.step()
@@ -180,6 +181,18 @@ def test_failing_probe_is_reported_once_and_switched_off(shared_relu_mlp):
     assert failing.calls == 1
     assert "failing" in s.failures and "boom" in s.failures["failing"]
     assert "relu_zeros/total/fraction" in s.memory.tags()
+
+
+def test_a_probe_whose_first_measurement_raises_makes_attach_raise_and_leaves_nothing(shared_relu_mlp, tmp_path):
+    from torch.nn.modules import module as hooks
+
+    plugins.register(TestPlugin())
+    before = (len(hooks._global_forward_hooks), len(hooks._global_forward_pre_hooks))
+    with pytest.raises(RuntimeError, match="probe 'failing': boom"):
+        probes.attach(shared_relu_mlp, ["failing", "relu_zeros"], probe_data=torch.randn(4, 12),
+                      logdir=str(tmp_path / "run"))
+    assert (len(hooks._global_forward_hooks), len(hooks._global_forward_pre_hooks)) == before
+    assert not (tmp_path / "run").exists()
 
 
 def test_strict_reraises(shared_relu_mlp):
@@ -270,9 +283,12 @@ def test_records_must_be_tagged_with_the_probe_name(shared_relu_mlp):
         def measure(self, batch):
             return [Scalar("other/x", 1.0)]
 
+    with pytest.raises(ValueError, match="probe 'badtags' returned tag 'other/x': tags must start with"):
+        probes.attach(shared_relu_mlp, [BadTags()], probe_data=torch.randn(2, 12))
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
-        s = probes.attach(shared_relu_mlp, [BadTags()], probe_data=torch.randn(2, 12))
+        s = probes.attach(shared_relu_mlp, [BadTags()], probe_data=torch.randn(2, 12), measure_at_attach=False)
+        s.step(100)
     assert "badtags" in s.failures and "must start with" in s.failures["badtags"]
     assert any("badtags" in str(w.message) for w in rec)
 
@@ -327,79 +343,102 @@ def test_a_probe_class_with_options_is_attached_like_a_name(shared_relu_mlp):
     assert s.probes["counting"].steps == [0, 2, 4]
 
 
+class FakeClock:
+    """The engine's clock, advanced by hand: a training step or a measurement takes exactly what the test says."""
+
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+    def advance(self, seconds: float) -> None:
+        self.t += seconds
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    fake = FakeClock()
+    monkeypatch.setattr(probes.engine.cadence, "clock", fake)
+    return fake
+
+
 class Slow(probes.Probe):
-    """An active probe at its default cadence (every step) that takes ``seconds`` per measurement."""
+    """An active probe at its default cadence (every step) whose measurements take ``seconds`` of the fake clock."""
 
     name = "slow"
     every = 1
     needs_probe_data = False
 
-    def __init__(self, seconds: float = 0.02) -> None:
-        self.seconds = seconds
+    def __init__(self, clock: FakeClock, seconds: float = 0.03) -> None:
+        self.clock, self.seconds = clock, seconds
         self.steps: list[int] = []
 
     def measure(self, batch):
         self.steps.append(batch.step)
-        time.sleep(self.seconds)
+        self.clock.advance(self.seconds)
         return []
 
 
-def test_an_overhead_budget_spaces_out_a_costly_probe_and_says_so_once(shared_relu_mlp):
-    probe = Slow(0.05)
+def test_an_overhead_budget_spaces_out_a_costly_probe_and_says_so_once(shared_relu_mlp, clock):
+    probe = Slow(clock, 0.05)
     s = probes.attach(shared_relu_mlp, [probe], overhead=0.1)
-    with pytest.warns(probes.engine.session.ProbesNoticeWarning, match="now measures every"):
+    with pytest.warns(probes.engine.session.ProbesNoticeWarning, match="now measures every") as rec:
         for _ in range(40):
-            time.sleep(0.005)  # a 5 ms training step
+            clock.advance(0.004)  # a 4 ms training step
             s.step()
     s.close()
-    # 50 ms per measurement against >= 5 ms per step at 10%: every 100 steps nominally; even a machine 10x
-    # slower at training than at sleeping leaves k >= 10, so step 0, 1, 2 and close at most, plus a few
-    assert s.schedules["slow"].k >= 10
-    assert len(probe.steps) <= 7, probe.steps
+    # 50 ms per measurement against 4 ms per step at 10%: k = 50 / (0.1 * 4) = 125, rounded up to 200, decided at
+    # the second step (the first has no training time yet), so measurements at 0 (attach), 1, 2 and 40 (close)
+    assert s.schedules["slow"].k == 200
+    assert probe.steps == [0, 1, 2, 40]
+    assert sum("now measures every" in str(w.message) for w in rec) == 1
     with pytest.raises(ValueError, match="overhead"):
         probes.attach(shared_relu_mlp, ["relu_zeros"], overhead=5)
 
 
-def test_auto_overhead_widens_only_default_cadences_after_the_grace_and_to_a_round_number(shared_relu_mlp,
+def test_auto_overhead_widens_only_default_cadences_after_the_grace_and_to_a_round_number(shared_relu_mlp, clock,
                                                                                           monkeypatch):
-    import probes.engine.session as session_module
+    monkeypatch.setattr(probes.engine.cadence, "AUTO_GRACE_SECONDS", 0.05)
 
     class Given(Slow):
         name = "given"
 
-    monkeypatch.setattr(session_module, "AUTO_GRACE_SECONDS", 0.05)
-    given = Given()
+    given = Given(clock)
     given.every = 1  # a cadence the user gave: kept
-    s = probes.attach(shared_relu_mlp, [Slow(), given])  # overhead="auto" by default
+    slow = Slow(clock)
+    s = probes.attach(shared_relu_mlp, [slow, given])  # overhead="auto" by default
     with pytest.warns(probes.engine.session.ProbesNoticeWarning, match="'slow'.*default cadence.*now measures every"):
         for _ in range(12):
-            time.sleep(0.002)
+            clock.advance(0.002)
             s.step()
     s.close()
-    k = s.schedules["slow"].k
-    assert k >= 10 and k in {m * 10**e for m in (1, 2, 5) for e in range(7)}, k  # 1, 2 or 5 x 10^n
-    assert s.schedules["given"].k == 1
-    off = probes.attach(shared_relu_mlp, [Slow()], overhead=None)
+    # 30 ms against 2 ms per step, each probe's share 5%: k = 0.03 / (0.05 * 0.002) = 300, rounded up to 500, at
+    # step 2: slow has spent the grace (0.05 s) by step 1, and step 2 is the first with a training time
+    assert s.schedules["slow"].k == 500
+    assert slow.steps == [0, 1, 2, 12]
+    assert s.schedules["given"].k == 1 and given.steps == list(range(13))
+    off = probes.attach(shared_relu_mlp, [Slow(clock)], overhead=None)
     for _ in range(12):
-        time.sleep(0.002)
+        clock.advance(0.002)
         off.step()
     off.close()
     assert off.schedules["slow"].k == 1
 
 
 def test_round_up_125():
-    from probes.engine.session import _round_up_125
+    from probes.engine.cadence import round_up_125 as _round_up_125
 
     assert [_round_up_125(k) for k in (1, 2, 3, 5, 6, 10, 11, 21, 51, 999, 1000, 1001)] == \
         [1, 2, 5, 5, 10, 10, 20, 50, 100, 1000, 1000, 2000]
 
 
-def test_the_overhead_budget_also_follows_a_trainer_that_advances_the_step(shared_relu_mlp):
+def test_the_overhead_budget_also_follows_a_trainer_that_advances_the_step(shared_relu_mlp, clock):
     """Integrations call advance_to(global_step); the training time between calls is timed the same way."""
-    s = probes.attach(shared_relu_mlp, [Slow()], overhead=0.1)
+    s = probes.attach(shared_relu_mlp, [Slow(clock)], overhead=0.1)
     with pytest.warns(probes.engine.session.ProbesNoticeWarning, match="now measures every"):
         for step in range(1, 13):
-            time.sleep(0.002)
+            clock.advance(0.002)
             s.advance_to(step)
     s.close()
-    assert s.schedules["slow"].k >= 10
+    assert s.schedules["slow"].k == 200  # 30 ms against 2 ms per step at 10%: 0.03 / (0.1 * 0.002) = 150

@@ -18,6 +18,7 @@ backward pass) and forwards under ``torch.func`` transforms are not observed.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules import module as _module_hooks
-from torch.overrides import TorchFunctionMode
+from torch.overrides import TorchFunctionMode, _get_current_function_mode_stack
 
 from probes.functional._frames import calling_module
 from probes.probe import Activation, Call, Site
@@ -154,7 +155,8 @@ class _FunctionalMode(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         entry = FUNCTIONAL_ACTIVATIONS.get(func)
-        if entry is None or not args or not isinstance(args[0], torch.Tensor) or not observable():
+        if entry is None or not args or not isinstance(args[0], torch.Tensor) or self.capture._mode is not self \
+                or not self.capture._active() or not observable():
             return func(*args, **kwargs)
         module = calling_module(self.capture.paths)
         if module in self.capture.site_modules:  # inside an activation module that is a site already
@@ -202,6 +204,8 @@ class Capture:
         self._pre_stack: list[tuple[torch.Tensor | None, frozenset[str]]] = []
         self._depth = 0
         self._training_forward = False
+        self._root_frame: Any = None  # the frame running the outermost forward of the model (while it runs)
+        self._error_at_entry: BaseException | None = None
         self._mode: _FunctionalMode | None = None
         self._handles: list[Any] = []
         self.on_observe: Callable[[Site, torch.Tensor, torch.Tensor], None] | None = None
@@ -227,7 +231,11 @@ class Capture:
 
     # -- hooks ----------------------------------------------------------------------
     def _active(self) -> bool:
-        return self._recording is not None or (self.observing and self.model.training)
+        if self._recording is not None:
+            return True
+        if self._depth > 0:
+            return self._training_forward
+        return self.observing and self.model.training and torch.is_grad_enabled() and observable()
 
     def record(self, path: str, kind: str, module: nn.Module | None, pre: torch.Tensor | None,
                post: torch.Tensor | None, functional: bool = False, kept: bool = True) -> None:
@@ -287,12 +295,18 @@ class Capture:
                         kept=bool(want))
 
     def _root_pre_hook(self, module: nn.Module, args: tuple) -> None:
+        if self._depth > 0 and not self._in_flight():
+            self.recover(force=True)  # an interrupt (KeyboardInterrupt) left the last forward unfinished
         self._depth += 1
         if self._depth == 1:
+            self._root_frame = sys._getframe(1)
+            self._error_at_entry = sys.exc_info()[1]
             self._counts.clear()
             self._buffer.clear()
+            # a training forward: train mode with gradients enabled (not no_grad / inference_mode), outside the
+            # backward pass (checkpoint recomputation) and torch.func transforms
             self._training_forward = self._recording is None and self.observing and self.model.training \
-                and observable()
+                and torch.is_grad_enabled() and observable()
             if self.functional is not False and self._active() and observable():
                 self._mode = _FunctionalMode(self)
                 self._mode.__enter__()
@@ -300,6 +314,11 @@ class Capture:
     def _root_hook(self, module: nn.Module, args: tuple, output: Any) -> None:
         self._depth = max(0, self._depth - 1)
         if self._depth > 0:
+            return
+        self._root_frame = None
+        error = sys.exc_info()[1]
+        if error is not None and error is not self._error_at_entry:  # the forward raised: nothing of it counts
+            self._forget()
             return
         if self._mode is not None:
             mode, self._mode = self._mode, None
@@ -316,6 +335,31 @@ class Capture:
         if self._training_forward and self.on_forward is not None:
             self._training_forward = False
             self.on_forward([self.site(*e[:5]) for e in entries])
+
+    def _in_flight(self) -> bool:
+        """Whether the outermost forward that raised ``_depth`` is still running (its frame is on the stack)."""
+        frame = sys._getframe(1)
+        while frame is not None:
+            if frame is self._root_frame:
+                return True
+            frame = frame.f_back
+        return False
+
+    def recover(self, force: bool = False) -> None:
+        """Forget a forward that an exception outside ``Exception`` (KeyboardInterrupt, SystemExit) left unfinished:
+        torch runs ``always_call`` hooks for ``Exception`` only. Nothing of it is counted; the next forward counts
+        normally. Without ``force`` only when no forward of the model is running now."""
+        if self._depth > 0 and (force or not self._in_flight()):
+            self._forget()
+
+    def _forget(self) -> None:
+        mode, self._mode = self._mode, None
+        if mode is not None:
+            stack = _get_current_function_mode_stack()
+            if stack and stack[-1] is mode:
+                mode.__exit__(None, None, None)
+        self._depth, self._root_frame, self._training_forward = 0, None, False
+        self._buffer, self._counts, self._pre_stack = [], {}, []
 
     def _install(self) -> None:
         if not self._handles:

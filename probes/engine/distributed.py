@@ -100,7 +100,7 @@ def reshard(modules: list[nn.Module]) -> None:
         m.reshard()
 
 
-def _max_and_min(values: list[int], device: torch.device) -> tuple[list[int], list[int]]:
+def max_and_min(values: list[int], device: torch.device) -> tuple[list[int], list[int]]:
     """The max and the min of every entry over the ranks, in one collective (an all-reduce of ``[v, -v]``)."""
     sig = torch.tensor(values, dtype=torch.int64, device=device)
     both = torch.cat([sig, -sig])
@@ -164,7 +164,7 @@ def reduce_states(probe: Any, failed_here: bool, device: torch.device, step: int
             error, items, flat = exc, [], []
     layout = ";".join(f"{w}:{tuple(t.shape)}/{t.dtype}/{r}" for w, t, r in flat)
     layout += "|" + ";".join(f"{n}:cat" for n, r, _ in items if r == "cat")
-    hi, lo = _max_and_min([int(error is not None or failed_here), len(flat), zlib.crc32(layout.encode())], device)
+    hi, lo = max_and_min([int(error is not None or failed_here), len(flat), zlib.crc32(layout.encode())], device)
     if error is not None:
         return ReduceOutcome(False, error)
     if hi[0]:
@@ -193,7 +193,7 @@ def reduce_states(probe: Any, failed_here: bool, device: torch.device, step: int
 
 def broadcast_flag(flag: bool, device: torch.device) -> bool:
     """True on every rank when ``flag`` is True on any rank."""
-    return bool(_max_and_min([int(flag)], device)[0][0])
+    return bool(max_and_min([int(flag)], device)[0][0])
 
 
 def failed_anywhere(names: list[str], failed_here: set[str], device: torch.device) -> set[str]:
@@ -203,7 +203,7 @@ def failed_anywhere(names: list[str], failed_here: set[str], device: torch.devic
     """
     if not names:
         return set()
-    hi, _ = _max_and_min([int(n in failed_here) for n in names], device)
+    hi, _ = max_and_min([int(n in failed_here) for n in names], device)
     return {n for n, bad in zip(names, hi) if bad}
 
 
@@ -235,7 +235,7 @@ def same_probe_batch(x: Any, y: Any, device: torch.device) -> tuple[Any, Any, bo
     layout, tensors = _batch_layout(x, y)
     crc = zlib.crc32(layout.encode())
     content = zlib.crc32(b"".join(_checksum(t).to_bytes(4, "little") for t in tensors))
-    hi, lo = _max_and_min([crc, content], device)
+    hi, lo = max_and_min([crc, content], device)
     if hi[0] != lo[0]:
         raise ValueError("probe_data differs in shape, dtype or presence between the ranks of a sharded (FSDP) "
                          f"model (rank {d.get_rank()}: {layout}); every rank runs the probe pass, so every rank "

@@ -7,12 +7,16 @@ import inspect
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import torch
+from torch import nn
+
 from probes import plugins
+from probes.engine.inputs import check_output_option
 from probes.probe import Probe
 from probes.schedules import as_schedule
 from probes.sinks.base import Sink
 
-__all__ = ["parse_probes", "parse_sinks", "make_probe", "named"]
+__all__ = ["parse_probes", "parse_sinks", "make_sinks", "make_probe", "named", "check_attach_options"]
 
 
 def make_probe(cls: type[Probe], name: str, options: Mapping[str, Any]) -> Probe:
@@ -95,3 +99,38 @@ def parse_sinks(sinks: Any, logdir: str | None, writer: Any) -> list[Any]:
             isinstance(s, tensorboard) or (isinstance(s, tuple) and s[1] is tensorboard) for s in spec):
         spec.append(("tensorboard", tensorboard))
     return spec
+
+
+def make_sinks(spec: list[Any], logdir: str | None, writer: Any) -> list[Sink]:
+    """The sinks of a parsed spec: instances as given, named sinks made now (the TensorBoard sink on ``logdir``, or
+    sharing the user's ``writer``)."""
+    tensorboard = plugins.sink_class("tensorboard")
+    sinks: list[Sink] = []
+    for item in spec:
+        if isinstance(item, Sink):
+            sinks.append(item)
+            continue
+        name, cls = item
+        if name == "tensorboard" or cls is tensorboard:
+            sinks.append(cls(logdir=None if writer is not None else logdir, writer=writer))
+        else:
+            sinks.append(cls())
+    return sinks
+
+
+def check_attach_options(model: Any, logdir: Any, writer: Any, optimizer: Any, strict: Any, output: Any,
+                         probe_batch_size: Any) -> None:
+    """Raise a clear error for a bad ``attach`` option (the probe batch, probes and sinks are checked apart)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"attach needs an nn.Module, got {type(model).__name__}")
+    if logdir is not None and writer is not None:
+        raise ValueError("attach: give logdir= or writer=, not both (with a writer, everything goes to "
+                         "writer.get_logdir())")
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"attach(optimizer=...) must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    if not isinstance(strict, bool):
+        raise TypeError(f"attach(strict=...) must be True or False, got {strict!r}")
+    check_output_option(output)
+    if probe_batch_size is not None and (isinstance(probe_batch_size, bool) or not isinstance(
+            probe_batch_size, int) or probe_batch_size < 1):
+        raise ValueError(f"attach(probe_batch_size=...) must be a positive int or None, got {probe_batch_size!r}")

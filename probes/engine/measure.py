@@ -1,0 +1,127 @@
+"""Active probes: a measurement runs the shared probe pass once for the due probes, then each due probe's
+``measure`` on the ``ProbeBatch``. Under a sharded model (FSDP2) every rank measures and the ranks then agree on
+which probes failed anywhere, so that the next pass runs the same probes everywhere; otherwise rank 0 measures."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from probes.engine import distributed
+from probes.engine.cadence import Cadence, now
+from probes.engine.failures import Failures
+from probes.engine.probe_pass import OutputError, ProbeData, ProbePass, keeper, lazy_pending
+from probes.engine.spec import named
+from probes.probe import Pass, Probe, ProbeBatch
+from probes.records import Record
+
+
+class ActiveProbes:
+    """The active probes of a session and their measurements.
+
+    Args:
+        probes: the active probes by name.
+        data: the probe batch; probe_pass: the engine's probe pass over the model.
+        failures, cadence: the session's failure policy and cadence (charged with each measurement's time).
+        write: ``write(name, records, hold)`` hands a probe's records to the session's output.
+        logdir, rank, world_size, sharded, device: where the session writes and how the ranks share the work.
+    """
+
+    def __init__(self, probes: dict[str, Probe], data: ProbeData, probe_pass: ProbePass, failures: Failures,
+                 cadence: Cadence, write: Callable[[str, list[Record], bool], None], logdir: str | None = None,
+                 rank: int = 0, world_size: int = 1, sharded: bool = False, device: torch.device | None = None
+                 ) -> None:
+        self.probes, self.data, self.probe_pass = probes, data, probe_pass
+        self.failures, self.cadence, self.write = failures, cadence, write
+        self.logdir, self.rank, self.world_size, self.sharded, self.device = logdir, rank, world_size, sharded, device
+        self.measured_at: dict[str, int] = {}
+
+    def measure(self, names: list[str], step: int, at_attach: bool = False) -> None:
+        """Measure ``names`` (those not switched off) at ``step``. ``at_attach``: the first measurement, whose
+        errors raise (attach fails) and whose records are held back."""
+        names = [n for n in names if self.failures.enabled(n)]
+        if not names:
+            return
+        if lazy_pending(self.probe_pass.module):  # a pass now would initialise lazy parameters
+            for n in names:
+                self.failures.notice(n, "lazy", f"probe {n!r}: the model has uninitialised lazy modules; it "
+                                     "measures from the first due step after a training forward initialised them "
+                                     "(run one forward before attach to measure the initialization)")
+            return
+        if not self.sharded:
+            return self._measure_here(names, step, at_attach)
+        sharded_before, before, error = distributed.sharded_now(self.probe_pass.module), set(self.failures.failed), None
+        try:
+            self._measure_here(names, step, at_attach)
+        except Exception as exc:  # a raised error: the other ranks must still learn of it
+            error = exc
+        distributed.reshard(sharded_before)  # FSDP2 keeps the root gathered after a forward without backward
+        if self.world_size == 1:
+            if error is not None:
+                raise error
+            return
+        here = {n for n in names if n in self.failures.failed and n not in before} | (set(names) if error else set())
+        elsewhere = distributed.failed_anywhere(names, here, self.device) - here
+        if at_attach and elsewhere and error is None:
+            raise RuntimeError(f"attach failed on another rank of this sharded model: probe(s) {sorted(elsewhere)} "
+                               "raised there at the first measurement (that rank's error says why)")
+        for name in [n for n in names if n in elsewhere]:
+            self.failures.fail(name, RuntimeError(
+                f"probe {name!r} raised on another rank during the probe pass at step {step}; it is switched off on "
+                "every rank, so that all ranks keep running the same probe passes"), step)
+        if error is not None:
+            raise error
+
+    def validate(self, step: int) -> None:
+        """At attach without a measurement: the shared pass once, and each probe's ``validate`` (errors raise)."""
+        if not self.probes or not self.data.present or lazy_pending(self.probe_pass.module):
+            return
+        with self.probe_pass.guarded():
+            batch = self._batch(list(self.probes), step)
+            for name, probe in self.probes.items():
+                try:
+                    probe.validate(batch)
+                except Exception as exc:
+                    raise named(exc, name) from exc
+
+    def _batch(self, names: list[str], step: int) -> ProbeBatch:
+        x, y = self.data.current()
+        shared = Pass(None, {}, [])
+        if x is not None:
+            due = [self.probes[n] for n in names if self.probes[n].needs_sites]
+            shared = self.probe_pass.run(x, keeper(due) if due else None)
+        return ProbeBatch(self.probe_pass.module, x, y, shared.output, shared.activations, step, self.logdir,
+                          shared.calls, self.probe_pass.output_spec, tensor_output=shared.tensor_output,
+                          writes=self.rank == 0, chunk_size=self.probe_pass.chunk_size, runner=self.probe_pass.run)
+
+    def _measure_here(self, names: list[str], step: int, at_attach: bool) -> None:
+        for n in names:
+            self.measured_at[n] = step
+        if self.rank != 0 and not self.sharded:
+            return
+        started = now()
+        with self.probe_pass.guarded():
+            try:
+                batch = self._batch(names, step)
+            except Exception as exc:  # the pass itself failed: every due probe is off (attach raises)
+                cause = exc.__cause__ if isinstance(exc, OutputError) else exc
+                if at_attach:  # a model that cannot run its probe batch: say so now, naming the probes
+                    if isinstance(exc, OutputError) or len(names) > 1:
+                        raise cause from None
+                    raise named(cause, names[0]) from cause
+                for name in names:
+                    self.failures.fail(name, cause, step)
+                return
+            shared = (now() - started) / len(names)  # the pass, shared by the due probes
+            for name in names:
+                t0 = now()
+                try:
+                    if at_attach:
+                        self.probes[name].validate(batch)
+                    self.write(name, self.probes[name].measure(batch), at_attach)
+                except Exception as exc:  # noqa: BLE001
+                    if at_attach:
+                        raise named(exc, name) from exc
+                    self.failures.fail(name, exc, step)
+                self.cadence.charge(name, shared + now() - t0)

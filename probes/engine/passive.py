@@ -1,0 +1,108 @@
+"""Passive probes: they observe the activations of training forwards (through the capture's hooks), accumulate
+on the device, and write their window at their cadence. Under DDP the declared state of every probe is reduced
+over the ranks before it is written (``probes.engine.distributed``)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+
+import torch
+
+from probes.engine import distributed
+from probes.engine.capture import Capture
+from probes.engine.failures import Failures
+from probes.probe import Probe, Site
+from probes.records import Record
+
+
+class PassiveProbes:
+    """The passive probes of a session.
+
+    Args:
+        probes: the passive probes by name.
+        failures: the session's failure policy.
+        write: ``write(name, records)`` hands a probe's records to the session's output.
+        step: the session's current step (for messages).
+        world_size, rank, device: the ranks that reduce together (1, 0 and the model's device without them).
+    """
+
+    def __init__(self, probes: dict[str, Probe], failures: Failures, write: Callable[[str, list[Record]], None],
+                 step: Callable[[], int], world_size: int = 1, rank: int = 0, device: torch.device | None = None
+                 ) -> None:
+        self.probes, self.failures, self.write, self.step = probes, failures, write, step
+        self.world_size, self.rank, self.device = world_size, rank, device
+        self.forwards = 0  # completed training forwards seen
+        self._observers: dict[str, list[tuple[str, Probe]]] = {}
+        self._window: dict[str, tuple[int, int]] = {}  # name -> (step, forwards) of its last flush
+
+    def install(self, capture: Capture) -> None:
+        """Observe every training forward from now on; say once which probes see no site of this model."""
+        if not self.probes:
+            return
+        capture.on_forward = self._on_training_forward
+        capture.install_passive(self._observe)
+        if capture.module_sites():
+            self._notice_no_site(capture.module_sites(), "activation module",
+                                 "; it will write nothing unless forward calls F.relu or the like")
+
+    def _observe(self, site: Site, pre: torch.Tensor, post: torch.Tensor) -> None:
+        observers = self._observers.get(site.name)
+        if observers is None:
+            observers = self._observers[site.name] = [(n, p) for n, p in self.probes.items() if p.wants(site)]
+        for name, probe in observers:
+            if self.failures.enabled(name):
+                try:
+                    probe.observe(site, pre, post)
+                except Exception as exc:  # noqa: BLE001 - reported, probe disabled
+                    self.failures.fail(name, exc, self.step())
+
+    def _on_training_forward(self, sites: list[Site]) -> None:
+        self.forwards += 1
+        if self.forwards == 1:
+            self._notice_no_site(sites, "site", "; it will write nothing")
+
+    def _notice_no_site(self, sites: list[Site], what: str, consequence: str) -> None:
+        kinds = Counter(s.kind for s in sites)
+        found = ", ".join(f"{k} x{n}" for k, n in sorted(kinds.items())) or "none"
+        for name, probe in self.probes.items():
+            if not any(probe.wants(s) for s in sites):
+                self.failures.notice(name, "no-site", f"probe {name!r} observes no {what} of this model: it counts "
+                                     f"ReLU-family activations and the model has {found}{consequence}")
+
+    def flushable(self) -> list[str]:
+        """Passive probes to flush. Under DDP every rank takes part in every probe's collective, also for a probe
+        switched off on this rank only, so that the ranks stay in step and learn of the failure instead of hanging."""
+        if self.world_size > 1:
+            return list(self.probes)
+        return [n for n in self.probes if self.failures.enabled(n)]
+
+    def flush(self, names: list[str], step: int, scheduled: bool = False) -> None:
+        """Write the windows of ``names`` at ``step`` and start new ones. A window already written at this step
+        with no training forward since is not written again (one point per tag per step)."""
+        for name in names:
+            last_step, last_forwards = self._window.get(name, (None, 0))
+            if not scheduled and last_step == step and (self.world_size > 1 or last_forwards == self.forwards):
+                continue  # under DDP decided on the step alone: every rank decides alike
+            probe = self.probes[name]
+            if self.world_size > 1:
+                outcome = distributed.reduce_states(probe, not self.failures.enabled(name), self.device, step,
+                                                    self.rank)
+                if not outcome.ok:
+                    self.failures.fail(name, outcome.reason, step)
+                    continue
+            if not self.failures.enabled(name):
+                continue
+            if self.forwards == (last_forwards if scheduled else 0):
+                self.failures.notice(name, "no-forward", f"probe {name!r} saw no training forward before step "
+                                     f"{step}: passive probes count forwards in train mode with gradients enabled "
+                                     "(call model.train() and run outside torch.no_grad(), or this is a window "
+                                     "without training)")
+            self._window[name] = (step, self.forwards)
+            try:
+                probe.settle()
+                self.write(name, list(probe.flush(step)))
+            except Exception as exc:  # noqa: BLE001
+                self.failures.fail(name, exc, step)
+            finally:
+                probe.reset_window()
