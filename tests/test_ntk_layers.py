@@ -13,8 +13,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, jacrev, vmap
 
-import probes.functional.ntk as tangent
-from probes.functional.ntk import empirical_ntk, ntk_operator, ntk_plan
+from probes.functional.ntk import empirical_ntk, fallback, ntk_operator, ntk_plan, settings
 from probes.functional.spectra import effective_rank, effective_rank_bounds, top_eigenvalues
 from probes.probe import ProbeBatch
 
@@ -183,7 +182,7 @@ def test_conv_net_batchnorm_residual_strides_groups() -> None:
 
 @pytest.mark.parametrize("method", ["pairs", "outer"])
 def test_both_contractions(method, monkeypatch) -> None:
-    monkeypatch.setattr(tangent, "PAIRS_METHOD", method)
+    monkeypatch.setattr(settings, "PAIRS_METHOD", method)
     torch.manual_seed(1)
     model = _randomise_bn(ResNetish().double())
     x = torch.randn(5, 3, 6, 6, dtype=torch.float64)
@@ -277,18 +276,18 @@ def test_fallback_computes_each_jacobian_once(monkeypatch) -> None:
     model = _randomise_bn(ResNetish().double())
     x = torch.randn(6, 3, 4, 4, dtype=torch.float64)
     seen: list[list[int]] = []
-    real = tangent._jacobian_fn
+    real = fallback._jacobian_fn
 
     def counting(*a, **k):
         jac, mine = real(*a, **k), []
         seen.append(mine)
         return lambda s, e: (mine.append(e - s), jac(s, e))[1]
 
-    monkeypatch.setattr(tangent, "_jacobian_fn", counting)
+    monkeypatch.setattr(fallback, "_jacobian_fn", counting)
     ref = ntk_func(model, x)
     for params_per_block, chunk in ((400, 4), (150, None)):  # at 150, the larger tensors are cut into row slices
         seen.clear()
-        monkeypatch.setattr(tangent, "FALLBACK_BUDGET", 6 * 3 * 8 * params_per_block)
+        monkeypatch.setattr(settings, "FALLBACK_BUDGET", 6 * 3 * 8 * params_per_block)
         assert_close(empirical_ntk(model, x, fast_path=False, chunk_size=chunk), ref)
         assert len(seen) > 3 and all(sum(m) == 6 for m in seen)  # every sample once per group or slice
     op = ntk_operator(model, x, fast_path=False)

@@ -11,8 +11,7 @@ import torch
 from test_ntk_layers import ntk_func  # the torch.func reference, float64
 from torch import nn
 
-import probes.functional.ntk as tangent
-from probes.functional.ntk import empirical_ntk, ntk_operator, ntk_plan
+from probes.functional.ntk import empirical_ntk, ntk_operator, ntk_plan, settings, terms
 
 TOL = 1e-12
 
@@ -52,7 +51,7 @@ def _model(seed: int = 0) -> tuple[nn.Module, torch.Tensor]:
 @pytest.mark.parametrize("mode", ["trace", "full"])
 @pytest.mark.parametrize("method", ["auto", "outer", "pairs"])
 def test_every_route_and_mode_against_torch_func(mode, method, monkeypatch) -> None:
-    monkeypatch.setattr(tangent, "PAIRS_METHOD", method)
+    monkeypatch.setattr(settings, "PAIRS_METHOD", method)
     model, x = _model()
     ref = ntk_func(model, x, mode)
     assert_close(empirical_ntk(model, x, mode=mode), ref)
@@ -62,7 +61,7 @@ def test_every_route_and_mode_against_torch_func(mode, method, monkeypatch) -> N
 def test_per_output_backward_passes_give_the_same_kernel(monkeypatch) -> None:
     model, x = _model(1)
     batched = empirical_ntk(model, x, mode="full")
-    monkeypatch.setattr(tangent, "BATCHED_GRADS", False)
+    monkeypatch.setattr(settings, "BATCHED_GRADS", False)
     assert_close(empirical_ntk(model, x, mode="full"), batched)
     assert_close(batched, ntk_func(model, x, "full"))
 
@@ -90,8 +89,8 @@ def test_vectorised_backward_falls_back_to_one_pass_per_output(monkeypatch) -> N
 
 def test_small_cpu_chunks_and_blocks_of_outputs(monkeypatch) -> None:
     model, x = _model(3)
-    monkeypatch.setattr(tangent, "CPU_FACTOR_CHUNK_BYTES", 1)  # one sample per chunk after the first
-    monkeypatch.setattr(tangent, "OUTPUT_BLOCK_BYTES", 1)  # norm layers: one output at a time
+    monkeypatch.setattr(settings, "CPU_FACTOR_CHUNK_BYTES", 1)  # one sample per chunk after the first
+    monkeypatch.setattr(settings, "OUTPUT_BLOCK_BYTES", 1)  # norm layers: one output at a time
     for mode in ("trace", "full"):
         assert_close(empirical_ntk(model, x, mode=mode), ntk_func(model, x, mode))
 
@@ -107,7 +106,7 @@ def test_float32_model_float64_per_sample_gradients() -> None:
 @pytest.mark.parametrize("frozen", ["weight", "bias"])
 @pytest.mark.parametrize("method", ["outer", "pairs"])
 def test_frozen_weight_or_bias_with_the_implicit_ones_column(frozen, method, monkeypatch) -> None:
-    monkeypatch.setattr(tangent, "PAIRS_METHOD", method)
+    monkeypatch.setattr(settings, "PAIRS_METHOD", method)
     model, x = _model(5)
     for m in (model.c1, model.c2, model.lin):
         getattr(m, frozen).requires_grad_(False)
@@ -123,13 +122,13 @@ def test_outer_into_matches_einsum(groups, bias) -> None:
     B, C, K, n, d = 3, 4, 5, 2, 6
     gb = torch.randn(C, B, K, groups, n, dtype=torch.float64)
     Z = torch.randn(B, groups, d, K, dtype=torch.float64).permute(0, 3, 1, 2)  # a transposed view, as for convs
-    t = tangent._Pairs(gb.transpose(0, 1), Z, bias)
-    out = torch.full((B, C, tangent._outer_features(t)), float("nan"), dtype=torch.float64)
-    tangent._outer_into(t, out)
+    t = terms._Pairs(gb.transpose(0, 1), Z, bias)
+    out = torch.full((B, C, terms._outer_features(t)), float("nan"), dtype=torch.float64)
+    terms._outer_into(t, out)
     G = gb.transpose(0, 1)
     W = torch.einsum("bckgn,bkgd->bcgnd", G, Z)
     if bias:
         W = torch.cat([W, G.sum(2)[..., None]], dim=-1)
     assert torch.allclose(out, W.reshape(B, C, -1), rtol=1e-14, atol=1e-14)
-    t2 = tangent._materialized(t)
+    t2 = terms._materialized(t)
     assert t2.Z.shape[-1] == d + bias and not t2.bias

@@ -1,0 +1,148 @@
+"""The layerwise factors of every planned layer for all ``P`` samples, chunk by chunk.
+
+Each chunk is one forward with hooks on the planned layers (their inputs and outputs recorded) and one
+backward pass vectorised over the ``C`` output cotangents (``is_grads_batched``; one pass per output where the
+model's backward cannot be vectorised) giving ``g = df_c / d(output)`` of every call. Each layer's term is then
+reduced to its route (``_route``) and written into buffers for all ``P`` samples.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+from probes.functional.ntk import settings
+from probes.functional.ntk.inputs import _detached, _flat_output, _take
+from probes.functional.ntk.layers import _first, _kind_of
+from probes.functional.ntk.plan import NTKPlan
+from probes.functional.ntk.terms import (
+    _alloc,
+    _as_dtype,
+    _copy_rows,
+    _Grad,
+    _materialized,
+    _merge,
+    _outer_features,
+    _outer_into,
+    _route,
+    _Term,
+    _term_bytes,
+    _traced,
+)
+
+
+def _layer_terms(model: nn.Module, args: tuple[torch.Tensor, ...], P: int, plan: NTKPlan, mode: str,
+                 chunk: int | None, dtype: torch.dtype, who: str, target: str = "dense") -> dict[str, _Term]:
+    """One term per layerwise layer over all ``P`` samples, each reduced to its route (``_route``).
+
+    Terms whose route is "outer" are per-sample gradients ``D`` in ``dtype``; "pairs" factors are in ``dtype``
+    for ``target="dense"`` and in the precision they were computed in for ``target="operator"`` (converted
+    block by block later; exact, and half the memory for a float32 model).
+    """
+    C = plan.outputs
+    calls: dict[str, list[tuple[tuple, dict, torch.Tensor]]] = {p: [] for p in plan.fast}
+    kinds = {p: _kind_of(m) for p, m in plan.modules.items()}
+    full: dict[str, _Term] = {}
+    routes: dict[str, str] = {}
+
+    def make_hook(path: str):
+        def hook(module, hargs, hkwargs, output):
+            calls[path].append((hargs, hkwargs, output))
+            return output.clone()
+        return hook
+
+    handles = [m.register_forward_hook(make_hook(p), with_kwargs=True) for p, m in plan.modules.items()]
+    try:
+        start, size = 0, min(P, int(chunk) if chunk is not None else 8)
+        while start < P:
+            stop = min(P, start + size)
+            m = stop - start
+            for v in calls.values():
+                v.clear()
+            with torch.enable_grad():
+                out = _flat_output(model(*_take(args, start, stop)), m, who)
+                if out.shape[1] != C:
+                    raise ValueError(f"{who}: the model gives {out.shape[1]} outputs per sample for a batch of {m} "
+                                     f"but {C} for one sample")
+                recorded = []
+                for path, k in plan.fast.items():
+                    if len(calls[path]) != k:
+                        raise RuntimeError(f"{who}: {plan.kinds[path]} {path!r} was called {len(calls[path])} times "
+                                           f"in a forward of {m} samples and {k} times for one sample")
+                    for _, _, o in calls[path]:
+                        if int(o.shape[0]) != m:
+                            raise RuntimeError(f"{who}: {plan.kinds[path]} {path!r} returned an output of shape "
+                                               f"{tuple(o.shape)} in a forward of {m} samples (sample axis not first)")
+                        recorded.append(o)
+                grads = _output_grads(out, recorded, C)
+            for v in calls.values():  # nothing refers to the graph any more: it is freed
+                v[:] = [(_detached(a), _detached(kw), o.detach()) for a, kw, o in v]
+            del out, recorded
+            i, chunk_bytes = 0, 0
+            Ce = C if mode == "full" else 1
+            for path, k in plan.fast.items():
+                mod, kind = plan.modules[path], kinds[path]
+                terms = []
+                for j, (a, kw, o) in enumerate(calls[path]):
+                    gb = grads[i + j]
+                    g = (o.new_zeros((C,) + tuple(o.shape)) if gb is None else gb).transpose(0, 1)  # (m, C, *out)
+                    terms.append(kind.term(mod, _first(a, kw), g))
+                    grads[i + j] = None
+                i += k
+                t = _merge(terms)
+                del terms
+                chunk_bytes += _term_bytes(t)
+                if path not in routes:
+                    routes[path] = _route(t, P, torch.finfo(dtype).bits // 8, target, Ce)
+                if routes[path] == "outer":  # per-sample gradients written in place, all outputs: (P, C, F)
+                    if path not in full:
+                        full[path] = _Grad(g.new_empty(P, C, _outer_features(t), dtype=dtype))
+                    _outer_into(t, full[path].D[start:stop])
+                    del t
+                    continue
+                t = _traced(_materialized(t), mode)
+                if target == "dense":
+                    t = _as_dtype(t, dtype)
+                if path not in full:  # all P samples preallocated (no second copy from concatenating chunks)
+                    full[path] = _alloc(t, P)
+                _copy_rows(full[path], t, start)
+                del t
+            del grads
+            for v in calls.values():
+                v.clear()
+            start = stop
+            if chunk is None:  # after the first chunk: as many samples as FACTOR_CHUNK_BYTES of factors allow
+                per_sample = max(1, chunk_bytes // m)
+                cpu = args[0].device.type == "cpu"
+                budget = settings.CPU_FACTOR_CHUNK_BYTES if cpu else settings.FACTOR_CHUNK_BYTES
+                size = max(1, min(settings.FAST_CHUNK, budget // per_sample))
+    finally:
+        for h in handles:
+            h.remove()
+        calls.clear()
+    return {path: _traced(full[path], mode) if routes[path] == "outer" else full[path] for path in plan.fast}
+
+
+def _output_grads(out: torch.Tensor, recorded: list[torch.Tensor], C: int) -> list[torch.Tensor | None]:
+    """``g_c = d(sum_i f_c(x_i)) / d(recorded)`` for every output ``c``, as one (C, B, *shape) tensor per recorded
+    tensor (None: not reached).
+
+    One backward pass vectorised over the ``C`` cotangents (the rows of the identity, ``is_grads_batched``);
+    if the model's backward cannot be vectorised, ``C`` passes of ``sum_i f_c(x_i)`` (same values).
+    """
+    if not recorded or not out.requires_grad:  # no layerwise layer reaches the output
+        return [None] * len(recorded)
+    if settings.BATCHED_GRADS:
+        eye = torch.eye(C, dtype=out.dtype, device=out.device)[:, None, :].expand(C, out.shape[0], C)
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="There is a performance drop")
+                return list(torch.autograd.grad(out, recorded, eye, retain_graph=True, allow_unused=True,
+                                                is_grads_batched=True))
+        except Exception:  # noqa: BLE001 - an operation without a batching rule for its backward: one pass each
+            pass
+    per_c = [torch.autograd.grad(out[:, c].sum(), recorded, retain_graph=c < C - 1, allow_unused=True)
+             for c in range(C)]
+    return [None if per_c[0][r] is None else torch.stack([p[r] for p in per_c]) for r in range(len(recorded))]
