@@ -130,3 +130,25 @@ def rank_agreement(device: Any) -> Callable[[list[int]], list[int]]:
         widest, _ = distributed.max_and_min(proposals, device)
         return list(widest)
     return agree
+
+
+class OptimizerStep:
+    """The optimizer's step hook: steps the session. A copied or pickled optimizer carries no session."""
+
+    def __init__(self, session: Any) -> None:
+        self.session = session
+
+    def __call__(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        if not self.session.closed:
+            self.session.step()
+
+    def __reduce__(self) -> Any:
+        return (_noop_step_hook, ())
+
+    def __deepcopy__(self, memo: Any) -> Any:
+        return _noop_step_hook()
+
+
+class _noop_step_hook:  # noqa: N801
+    def __call__(self, *args: Any) -> None:
+        return None

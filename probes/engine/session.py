@@ -24,7 +24,7 @@ from torch import nn
 
 from probes import plugins
 from probes.engine import distributed
-from probes.engine.cadence import Cadence, rank_agreement
+from probes.engine.cadence import Cadence, OptimizerStep, rank_agreement
 from probes.engine.capture import Capture, unwrap
 from probes.engine.failures import Failures, ProbeFailedWarning, ProbesClosedError, ProbesNoticeWarning
 from probes.engine.measure import ActiveProbes
@@ -115,7 +115,7 @@ class Session:
             raise named(failed[1], failed[0]) from failed[1]
         self._passive.install(self.capture)
         if optimizer is not None:
-            self._opt_handle = optimizer.register_step_post_hook(_OptimizerStep(self))
+            self._opt_handle = optimizer.register_step_post_hook(OptimizerStep(self))
         if self.active and measure_now:
             self._active.measure(self.active, self._step, at_attach=True)
         elif self.active:
@@ -281,25 +281,3 @@ class Session:
         if self._opt_handle is not None:
             self._opt_handle.remove()
             self._opt_handle = None
-
-
-class _OptimizerStep:
-    """The optimizer's step hook: steps the session. A copied or pickled optimizer carries no session."""
-
-    def __init__(self, session: Session) -> None:
-        self.session = session
-
-    def __call__(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        if not self.session.closed:
-            self.session.step()
-
-    def __reduce__(self) -> Any:
-        return (_noop_step_hook, ())
-
-    def __deepcopy__(self, memo: Any) -> Any:
-        return _noop_step_hook()
-
-
-class _noop_step_hook:  # noqa: N801
-    def __call__(self, *args: Any) -> None:
-        return None
