@@ -22,7 +22,7 @@ from torch.func import functional_call
 
 from probes.engine import inputs
 from probes.engine.capture import Capture
-from probes.probe import Activation, Pass, Probe, Site
+from probes.probe import Activation, Pass, Probe, ProbeBatch, Site
 
 Keep = Callable[[Site], frozenset[str]]
 
@@ -184,6 +184,21 @@ class ProbePass:
         finally:
             _restore_modes(module, modes)
             _set_rng_state(rng)
+
+
+def standalone_batch(model: nn.Module, x: Any, y: torch.Tensor | None = None, *, step: int = 0, output: Any = None,
+                     probe_batch_size: int | None = None) -> ProbeBatch:
+    """A ``ProbeBatch`` outside a session (``probes.testing.probe_batch``): the model's output on ``x`` and a probe
+    pass of its own for ``batch.run``, each run in eval mode with the modes and RNG state restored."""
+    probe_pass = ProbePass(model, Capture(model), output, probe_batch_size)
+
+    def run(x: Any, keep: Keep | None = None, params: Mapping[str, torch.Tensor] | None = None) -> Pass:
+        with probe_pass.guarded():
+            return probe_pass.run(x, keep, params)
+
+    shared = run(x)
+    return ProbeBatch(model, x, y, shared.output, {}, step, output_spec=output, tensor_output=shared.tensor_output,
+                      chunk_size=probe_batch_size, runner=run)
 
 
 def _rng_state() -> tuple[torch.Tensor, list[torch.Tensor] | None]:
