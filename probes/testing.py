@@ -273,3 +273,26 @@ def check_probe(cls: type[Probe], options: Mapping[str, Any] | None = None, *,
     check_failure_isolation(cls, options, model)
     if ddp:
         check_ddp_flush(cls, options, model)
+
+
+def probe_batch(model: nn.Module, x: Any, y: torch.Tensor | None = None, *, step: int = 0, output: Any = None,
+                probe_batch_size: int | None = None, site_types: tuple[type[nn.Module], ...] = ()) -> Any:
+    """A ``ProbeBatch`` for calling a probe's ``measure`` by hand, as the session would build it: the model's output
+    on ``x`` (no gradients, eval mode) and a probe pass for ``batch.run`` over a capture of its own.
+
+    Args:
+        model: the model.
+        x: the probe inputs (a tensor, a tuple for ``model(*x)`` or a dict for ``model(**x)``).
+        y: the labels, or None.
+        step: the step the batch reports.
+        output: the ``attach(output=...)`` option.
+        probe_batch_size: samples per chunk of the probe passes (None: one pass).
+        site_types: extra module types to treat as sites, as a session takes them from its probes' ``site_types``
+            (e.g. ``LinearRegion.site_types``).
+
+    Returns:
+        A ``probes.ProbeBatch`` without site activations (``needs_sites`` probes get them through a session).
+    """
+    from probes.engine.probe_pass import standalone_batch
+
+    return standalone_batch(model, x, y, step=step, output=output, probe_batch_size=probe_batch_size)
