@@ -126,7 +126,7 @@ def runs(tmp_path_factory):
         init = copy.deepcopy(model)
         hand = HandCount(model)
         mp.setenv("TENSORBOARD_LOGGING_DIR", str(root / "tb"))
-        cb = ProbesCallback(PROBES)
+        cb = ProbesCallback(PROBES, probe_data=EVAL)  # the eval set's first per_device_eval_batch_size samples
         t = trainer(model, root / "out", callbacks=[cb], save_steps=10)
         t.train()
         hand.remove()
@@ -142,8 +142,7 @@ def test_callback_writes_into_the_trainers_tensorboard_run(runs):
         assert [s for s, _ in scalars[f"alignment/{site}/cka"]] == [0, 10, 20]
     assert [s for s, _ in scalars["alignment/output/cka"]] == [0, 10, 20]
     assert all(0.0 <= v <= 1.0 for _, v in scalars["relu_zeros/total/fraction"])
-    # step 20 of patterns is the last measurement at on_train_end, after the Trainer's TensorBoardCallback
-    # closed the shared writer: it still lands in the run, and the writer is left closed
+    # step 20 of patterns is the last measurement at on_train_end: it lands in the run, and the writer is closed
     assert [s for s, _ in scalars["patterns/distinct"]] == [0, 7, 14, 20]
     assert [s for s, _ in scalars["ntk/trace"]] == [0, 10, 20] and cb.session.failures == {}
     writer = cb.session.sinks[0].writer
@@ -205,7 +204,7 @@ def test_resume_from_checkpoint_continues_the_probe_steps(runs, monkeypatch):
     assert saved["global_step"] == 10 and saved["session"]["step"] == 10
 
     monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(root / "tb_resumed"))
-    cb = ProbesCallback(PROBES)
+    cb = ProbesCallback(PROBES, probe_data=EVAL)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer(bert(), root / "out", callbacks=[cb]).train(resume_from_checkpoint=str(ckpt))
@@ -236,11 +235,33 @@ def test_logdir_given_wins_and_the_probe_batch_can_be_given(tmp_path, monkeypatc
     assert "train/loss" in read_scalars(tmp_path / "tb")
 
 
-def test_active_probes_need_a_probe_batch(tmp_path):
+def test_without_probe_data_the_probe_batch_is_the_first_training_samples_and_training_is_unchanged(runs, tmp_path):
+    # no eval set, and the Trainer has not evaluated: the first per_device_eval_batch_size training samples in
+    # index order, collated as the Trainer collates; the sampler and the random streams are left alone
     cb = ProbesCallback(["alignment"], sinks=["memory"])
+    model = bert()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer(model, tmp_path, callbacks=[cb], report_to=(), eval_dataset=None).train()
+    assert torch.equal(cb.session.y, TRAIN.labels[:len(EVAL)]) and torch.equal(cb.session.x["input_ids"],
+                                                                                TRAIN.ids[:len(EVAL)])
+    for (name, p), q in zip(runs["plain"].named_parameters(), model.parameters()):
+        assert torch.equal(p, q), name
+
+
+def test_an_iterable_training_set_without_probe_data_is_a_clear_error(tmp_path):
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return (TRAIN[i] for i in range(len(TRAIN)))
+
+    cb = ProbesCallback(["alignment"], sinks=["memory"])
+    from transformers import Trainer, TrainingArguments
+
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=8, use_cpu=True,
+                             report_to=[], disable_tqdm=True, save_strategy="no")
     with warnings.catch_warnings(), pytest.raises(ValueError, match="probe_data"):
         warnings.simplefilter("ignore")
-        trainer(bert(), tmp_path, callbacks=[cb], report_to=(), eval_dataset=None).train()
+        Trainer(model=bert(), args=args, train_dataset=Stream(), callbacks=[cb]).train()
 
 
 def test_default_tensorboard_dir(tmp_path, monkeypatch):
