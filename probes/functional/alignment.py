@@ -54,7 +54,20 @@ def _check_finite(a: torch.Tensor, name: str, who: str) -> None:
 
 
 def as_features(F, name: str = "F", who: str = "kernels") -> torch.Tensor:
-    """``F`` as a float64 ``P x d`` matrix: samples are rows; 1-D is one feature, >2-D is flattened per sample."""
+    """``F`` as a float64 ``P x d`` matrix: samples are rows; 1-D is one feature, >2-D is flattened per sample.
+
+    Args:
+        F: a tensor or array-like, samples along the first axis.
+        name: the argument's name in error messages.
+        who: the function name that error messages start with.
+
+    Returns:
+        A ``P x d`` float64 tensor on ``F``'s device (``F`` itself when it already is one).
+
+    Raises:
+        TypeError: ``F`` is not array-like, or is complex.
+        ValueError: ``F`` is a scalar, has fewer than 2 samples, or has no features.
+    """
     return _features64(F, name, who)[0]
 
 
@@ -106,6 +119,16 @@ def center(K: torch.Tensor) -> torch.Tensor:
     """Double-centered kernel ``C K C`` (``C = I - 11^T/P``) by mean subtraction, in float64.
 
     ``Kc_ij = K_ij - mean_i' K_i'j - mean_j' K_ij' + mean K``: no ``P x P`` product is formed.
+
+    Args:
+        K: a ``P x P`` kernel matrix (tensor or array-like), ``P >= 2``.
+
+    Returns:
+        ``Kc``, ``P x P`` float64 on ``K``'s device.
+
+    Raises:
+        TypeError: ``K`` is not array-like, or is complex.
+        ValueError: ``K`` is not square or has fewer than 2 rows.
     """
     K = _as_kernel(K, "K", "center")
     col, row = K.mean(dim=0, keepdim=True), K.mean(dim=1, keepdim=True)
@@ -114,7 +137,18 @@ def center(K: torch.Tensor) -> torch.Tensor:
 
 
 def center_features(F: torch.Tensor) -> torch.Tensor:
-    """Column-centered features ``Fc = F - 1 mean(F)`` (float64, samples x features); ``Fc Fc^T = C F F^T C``."""
+    """Column-centered features ``Fc = F - 1 mean(F)``; ``Fc Fc^T = C F F^T C``.
+
+    Args:
+        F: samples x features (see ``as_features``).
+
+    Returns:
+        ``Fc``, ``P x d`` float64.
+
+    Raises:
+        TypeError: as ``as_features``.
+        ValueError: as ``as_features``.
+    """
     F = as_features(F, "F", "center_features")
     return F - F.mean(dim=0, keepdim=True)
 
@@ -136,6 +170,19 @@ def hsic(K: torch.Tensor, L: torch.Tensor, *, unbiased: bool = False) -> torch.T
     Biased (Gretton et al. 2005): ``tr(K C L C) / (P-1)^2 = <Kc, Lc>_F / (P-1)^2``.
     Unbiased (Song et al. 2012), ``P >= 4``: ``[tr(K~ L~) + 1^T K~ 1 1^T L~ 1 / ((P-1)(P-2))
     - 2/(P-2) 1^T K~ L~ 1] / (P (P-3))`` with ``K~ = K - diag(K)``.
+
+    Args:
+        K: a ``P x P`` kernel matrix.
+        L: a ``P x P`` kernel matrix, same ``P``.
+        unbiased: use Song et al.'s unbiased estimator.
+
+    Returns:
+        A 0-d float64 tensor.
+
+    Raises:
+        TypeError: an argument is not array-like, or is complex.
+        ValueError: the shapes differ or are not square, ``P < 2`` (``P < 4`` when unbiased), or NaN or
+            infinite entries.
     """
     who = "hsic"
     K, L = _as_kernel(K, "K", who), _as_kernel(L, "L", who)
@@ -161,7 +208,21 @@ def alignment(K: torch.Tensor, L: torch.Tensor, *, debiased: bool = False) -> to
     ``rho(K, L) = <Kc, Lc>_F / (||Kc||_F ||Lc||_F)`` with ``Kc = C K C`` (Cortes, Mohri & Rostamizadeh
     2012); in [0, 1] for positive semi-definite kernels. ``debiased=True`` replaces the three inner
     products by the unbiased HSIC estimator (Song et al. 2012), which needs ``P >= 4``.
-    Raises ``DegenerateKernelError`` when a kernel centers to zero (e.g. ``Y Y^T`` for constant labels).
+
+    Args:
+        K: a ``P x P`` kernel matrix.
+        L: a ``P x P`` kernel matrix, same ``P``.
+        debiased: use the unbiased HSIC estimator.
+
+    Returns:
+        A 0-d float64 tensor.
+
+    Raises:
+        DegenerateKernelError: a kernel centers to zero (e.g. ``Y Y^T`` for constant labels), or, debiased, the
+            unbiased HSIC of a kernel with itself is not positive.
+        TypeError: an argument is not array-like, or is complex.
+        ValueError: the shapes differ or are not square, ``P < 2`` (``P < 4`` when debiased), or NaN or
+            infinite entries.
     """
     who = "alignment"
     K, L = _as_kernel(K, "K", who), _as_kernel(L, "L", who)
@@ -210,6 +271,7 @@ class Prepared:
 
     @property
     def n(self) -> int:
+        """``P``, the number of samples."""
         return int(self.Fc.shape[0])
 
 
@@ -219,6 +281,14 @@ def prepare(F: torch.Tensor, method: str = "auto", inplace: bool = False) -> Pre
     Feature space ``||Fc^T Fc||_F^2`` costs ``P d^2``; the P x P form ``||Fc Fc^T||_F^2`` costs ``P^2 d``.
     ``inplace=True`` centers ``F`` itself (for a private copy). Non-finite entries show up in the
     column means, so ``nonfinite`` costs no extra pass.
+
+    Args:
+        F: ``P x d`` float64 features (``as_features`` makes them).
+        method: ``"auto"`` (the ``P x P`` form when ``d >= P``), ``"features"`` or ``"gram"``.
+        inplace: center ``F`` itself instead of a copy.
+
+    Returns:
+        The ``Prepared`` features; its checks are 0-d bool tensors, not yet read on the host.
     """
     n, d = F.shape
     mean = F.mean(dim=0, keepdim=True)
@@ -304,6 +374,21 @@ def cka(F1, F2, *, debiased: bool = False, method: str = "auto") -> torch.Tensor
     otherwise; ``"features"`` / ``"gram"`` force one route. ``debiased=True`` uses the unbiased HSIC
     estimator (Song et al. 2012) in its feature-space form (needs ``P >= 4``). float64 throughout.
     A row is a sample: a transposed argument is rejected when the sample counts disagree.
+
+    Args:
+        F1: ``P x d1`` features (1-D: one feature; more than 2-D: flattened per sample).
+        F2: ``P x d2`` features.
+        debiased: use the unbiased HSIC estimator.
+        method: ``"auto"``, ``"features"`` or ``"gram"``.
+
+    Returns:
+        A 0-d float64 tensor, in [0, 1].
+
+    Raises:
+        DegenerateKernelError: features center to zero, or, debiased, a self-HSIC is not positive.
+        TypeError: an argument is not array-like, or is complex.
+        ValueError: an unknown ``method``, different sample counts, fewer than 2 samples (4 when debiased), no
+            features, or NaN or infinite entries.
     """
     who = "cka"
     a, b = _prepare_pair(F1, F2, who, method)
@@ -324,6 +409,20 @@ def linear_hsic(F1, F2, *, unbiased: bool = False, method: str = "auto") -> torc
 
     Biased: ``||F1c^T F2c||_F^2 / (P-1)^2``; unbiased: Song et al. 2012 in the feature-space form of
     ``_hsic_u`` (``P >= 4``). Equals ``hsic(F1 F1^T, F2 F2^T, unbiased=...)`` without the P x P matrices.
+
+    Args:
+        F1: ``P x d1`` features.
+        F2: ``P x d2`` features.
+        unbiased: use the unbiased estimator.
+        method: ``"auto"``, ``"features"`` or ``"gram"``.
+
+    Returns:
+        A 0-d float64 tensor.
+
+    Raises:
+        TypeError: an argument is not array-like, or is complex.
+        ValueError: an unknown ``method``, different sample counts, fewer than 2 samples (4 when unbiased), no
+            features, or NaN or infinite entries.
     """
     who = "linear_hsic"
     _check_method(method, who)
@@ -364,6 +463,7 @@ class StreamingCKA:
         self.reset()
 
     def reset(self) -> None:
+        """Forget every batch."""
         self.batches = 0
         self.samples = 0
         self._xy: torch.Tensor | None = None
@@ -375,6 +475,17 @@ class StreamingCKA:
         self._single: bool | None = None
 
     def update(self, X: torch.Tensor | Sequence[torch.Tensor], Y: torch.Tensor | Sequence[torch.Tensor]) -> None:
+        """Add one batch.
+
+        Args:
+            X: ``P x d`` features, or a list or tuple of them (the same ``P``).
+            Y: the same kind as ``X``: one feature matrix, or a sequence.
+
+        Raises:
+            TypeError: one of ``X``, ``Y`` is a sequence and the other is not; a non-array or complex input.
+            ValueError: an empty sequence, a different number of matrices than in earlier batches, different
+                sample counts, fewer than 4 samples, or NaN or infinite entries.
+        """
         who = "StreamingCKA.update"
         single = isinstance(X, torch.Tensor) or not isinstance(X, (list, tuple))
         if single != (isinstance(Y, torch.Tensor) or not isinstance(Y, (list, tuple))):
@@ -420,7 +531,15 @@ class StreamingCKA:
         self.samples += n
 
     def compute(self) -> torch.Tensor:
-        """The minibatch CKA so far (0-d tensor, or the CKA matrix for sequences)."""
+        """The minibatch CKA so far.
+
+        Returns:
+            A 0-d float64 tensor for feature matrices, the ``len(X) x len(Y)`` CKA matrix for sequences.
+
+        Raises:
+            ValueError: no batch yet.
+            DegenerateKernelError: an averaged self-HSIC is not positive.
+        """
         who = "StreamingCKA.compute"
         if self._xy is None:
             raise ValueError(f"{who}: no batches yet; call update(X, Y) first")
@@ -438,7 +557,20 @@ class StreamingCKA:
 
 
 def minibatch_cka(batches, method: str = "auto") -> torch.Tensor:
-    """Minibatch CKA over an iterable of ``(X_b, Y_b)`` pairs (samples x features): see ``StreamingCKA``."""
+    """Minibatch CKA over an iterable of ``(X_b, Y_b)`` pairs (samples x features): see ``StreamingCKA``.
+
+    Args:
+        batches: an iterable of ``(X_b, Y_b)``, each a feature matrix or a sequence of them.
+        method: ``"auto"``, ``"features"`` or ``"gram"``.
+
+    Returns:
+        A 0-d float64 tensor, or the CKA matrix for sequences.
+
+    Raises:
+        ValueError: as ``StreamingCKA.update`` and ``StreamingCKA.compute``.
+        TypeError: as ``StreamingCKA.update``.
+        DegenerateKernelError: as ``StreamingCKA.compute``.
+    """
     est = StreamingCKA(method)
     for X, Y in batches:
         est.update(X, Y)

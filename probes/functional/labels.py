@@ -12,6 +12,18 @@ def label_matrix(y: torch.Tensor, num_classes: int | None = None, who: str = "la
     - integer ``y`` with two distinct values and ``num_classes in (None, 1, 2)``: +-1 in one column
       (the larger value maps to +1);
     - other integer ``y``: one-hot with ``num_classes`` (default ``max(y) + 1``) columns.
+
+    Args:
+        y: labels, one row per sample (tensor or array-like; bool counts as integer).
+        num_classes: columns of the one-hot matrix for integer labels (default ``max(y) + 1``).
+        who: the name that error messages start with.
+
+    Returns:
+        ``Y``, a float64 ``P x C`` tensor on ``y``'s device.
+
+    Raises:
+        ValueError: no sample, NaN or infinite floating labels, integer labels that are not one index per sample,
+            a negative class index, or an index at least ``num_classes``.
     """
     if not isinstance(y, torch.Tensor):
         y = torch.as_tensor(y)

@@ -107,7 +107,14 @@ EMPTY_CONTAINERS: tuple[type[nn.Module], ...] = (nn.Sequential, nn.ModuleList, n
 
 def is_identity_module(m: nn.Module) -> bool:
     """``nn.Identity`` or an empty container (``nn.Sequential()`` returns its input unchanged); a subclass of a
-    container may define its own ``forward``, so only the containers themselves count."""
+    container may define its own ``forward``, so only the containers themselves count.
+
+    Args:
+        m: a module.
+
+    Returns:
+        Whether ``m`` returns its input unchanged.
+    """
     return isinstance(m, nn.Identity) or (type(m) in EMPTY_CONTAINERS and not any(True for _ in m.children()))
 
 
@@ -185,6 +192,20 @@ def check_piecewise_linear(model: nn.Module, x: torch.Tensor | None = None, *, w
     with ``curvature=True``, the nested-``jvp`` second derivative, which must vanish exactly.
     ``assume_eval=True`` (the probe at attach) judges the model as it will run, in eval mode: the forwards of
     the check then run in eval mode (modes restored afterwards), so nothing random runs and no buffer changes.
+
+    Args:
+        model: the network.
+        x: a few input samples (samples first), for the traced forward and the curvature test; ``None``: the
+            module scan only.
+        who: the name that error messages start with.
+        allow: module classes to accept as piecewise linear without the scan.
+        curvature: run the second-derivative test (with ``x``).
+        assume_eval: judge the model as it runs in eval mode.
+
+    Raises:
+        NotPiecewiseLinearError: a module that is not a known piecewise-linear layer, random or mixing samples,
+            a smooth functional call in some ``forward``, or a nonzero second derivative.
+        TypeError: ``x`` is not a floating tensor with samples first.
     """
     _scan_modules(model, who, tuple(allow), assume_eval)
     if x is None:
@@ -223,7 +244,15 @@ def _check_forward(model: nn.Module, x: torch.Tensor, who: str, curvature: bool)
 # affine maps
 # ------------------------------------------------------------------------------------------------
 def parameter_state(model: nn.Module, dtype: torch.dtype | None) -> Params:
-    """Detached parameters and buffers (floating ones cast to ``dtype``): what ``functional_call`` swaps in."""
+    """Detached parameters and buffers (floating ones cast to ``dtype``): what ``functional_call`` swaps in.
+
+    Args:
+        model: the network.
+        dtype: the dtype of the floating tensors; ``None`` keeps each one's own.
+
+    Returns:
+        Name -> detached tensor, parameters then buffers.
+    """
     out: Params = {}
     for n, t in list(model.named_parameters()) + list(model.named_buffers()):
         t = t.detach()
@@ -246,6 +275,21 @@ def local_affine_map(model: nn.Module, x: torch.Tensor, *, params: Mapping[str, 
     buffers by name (e.g. perturbed copies, for ``A(x, P + P')``); ``dtype`` casts parameters, buffers and
     ``x`` (float64 for exact identities). ``check`` runs ``check_piecewise_linear`` first (module scan and
     functional trace; the curvature test is left to ``check_piecewise_linear``).
+
+    Args:
+        model: a piecewise-linear network that does not mix samples.
+        x: inputs, samples first.
+        params: parameters or buffers to use instead of the model's, by name.
+        dtype: the precision of the map (default: the model's).
+        chunk_size: samples per ``vmap`` chunk (default: all).
+        check: run the module scan and the traced forward first.
+
+    Returns:
+        ``LocalAffineMap(A, c, f)``: ``A`` (P, C, D), ``c`` (P, C), ``f`` (P, C).
+
+    Raises:
+        ValueError: ``x`` is not a tensor with at least one sample.
+        NotPiecewiseLinearError: as ``check_piecewise_linear`` (with ``check=True``).
     """
     if not isinstance(x, torch.Tensor) or x.ndim == 0 or x.shape[0] == 0:
         raise ValueError(f"local_affine_map: x must be a tensor with samples first, got "
@@ -272,7 +316,17 @@ def local_affine_map(model: nn.Module, x: torch.Tensor, *, params: Mapping[str, 
 
 
 def directional(model: nn.Module, state: Params, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """``A(x) v`` per sample (P, C) by one forward-mode ``jvp`` (samples must not interact: eval mode)."""
+    """``A(x) v`` per sample (P, C) by one forward-mode ``jvp`` (samples must not interact: eval mode).
+
+    Args:
+        model: the network.
+        state: its parameters and buffers (``parameter_state``).
+        x: inputs, samples first.
+        v: a direction per sample, shaped like ``x``.
+
+    Returns:
+        ``A(x) v``, ``(P, C)``, detached.
+    """
     out = jvp(lambda z: functional_call(model, state, (z,)), (x,), (v,))[1]
     return out.detach().reshape(x.shape[0], -1)
 
@@ -281,6 +335,20 @@ def directional(model: nn.Module, state: Params, x: torch.Tensor, v: torch.Tenso
 # regions
 # ------------------------------------------------------------------------------------------------
 def site_pattern(kind: str, module: nn.Module | None, pre: torch.Tensor) -> torch.Tensor:
+    """The activation pattern of one gated site: which piece of the activation each entry is on.
+
+    Args:
+        kind: the site's kind (the ReLU family, ``"relu6"``, ``"hardtanh"``, or a max-pooling site).
+        module: the activation or pooling module (its thresholds, kernel size, ...).
+        pre: the site's input.
+
+    Returns:
+        ``pre > 0`` for the ReLU family; both kinks, stacked on a last axis, for ReLU6 and Hardtanh; the argmax
+        indices for max pooling.
+
+    Raises:
+        NotPiecewiseLinearError: a kind without an activation pattern.
+    """
     if kind in _ONE_KINK:
         return pre > 0
     if kind in ("relu6", "hardtanh"):
@@ -299,7 +367,18 @@ def site_pattern(kind: str, module: nn.Module | None, pre: torch.Tensor) -> torc
 
 
 def patterns_differ(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """(P,) bool: True for the samples whose pattern differs at any site (different linear regions)."""
+    """Which samples changed linear region: their pattern differs at some site.
+
+    Args:
+        a: site -> pattern (samples first), from one pass.
+        b: the same sites from another pass.
+
+    Returns:
+        ``(P,)`` bool.
+
+    Raises:
+        ValueError: the passes met different sites, or none.
+    """
     if set(a) != set(b):
         raise ValueError(f"linear_region: the two passes met different sites ({sorted(set(a) ^ set(b))})")
     flips = None
@@ -313,7 +392,18 @@ def patterns_differ(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]
 
 
 def flip_rate(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """Fraction of all pattern entries (gate bits, pooling indices) that differ, over samples and sites (0-d)."""
+    """Fraction of all pattern entries (gate bits, pooling indices) that differ, over samples and sites.
+
+    Args:
+        a: site -> pattern, from one pass.
+        b: the same sites from another pass.
+
+    Returns:
+        A 0-d float64 tensor in [0, 1].
+
+    Raises:
+        ValueError: the passes met different sites, or none.
+    """
     if set(a) != set(b) or not a:
         raise ValueError("linear_region: the two passes must meet the same, non-empty set of gated sites")
     changed = sum((pa != b[n]).sum() for n, pa in a.items())
@@ -324,7 +414,16 @@ def flip_rate(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> t
 # perturbations and L_gen
 # ------------------------------------------------------------------------------------------------
 def perturb_inputs(x: torch.Tensor, eps: float, generator: torch.Generator) -> torch.Tensor:
-    """``x'`` with ``||x'_i|| = eps ||x_i||`` (``eps`` where ``x_i = 0``), Gaussian direction per sample."""
+    """``x'`` with ``||x'_i|| = eps ||x_i||`` (``eps`` where ``x_i = 0``), Gaussian direction per sample.
+
+    Args:
+        x: inputs, samples first.
+        eps: relative size of the perturbation.
+        generator: the random source (on ``x``'s device).
+
+    Returns:
+        ``x'``, shaped like ``x`` (the perturbation, not ``x + x'``).
+    """
     P = x.shape[0]
     u = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
     norm_x = x.reshape(P, -1).norm(dim=1)
@@ -334,7 +433,17 @@ def perturb_inputs(x: torch.Tensor, eps: float, generator: torch.Generator) -> t
 
 
 def perturb_params(state: Params, names: list[str], delta: float, generator: torch.Generator) -> Params:
-    """``P + P'`` with ``||P'_k||_F = delta ||P_k||_F`` for each tensor named in ``names`` (copies; others shared)."""
+    """``P + P'`` with ``||P'_k||_F = delta ||P_k||_F`` for each tensor named in ``names`` (copies; others shared).
+
+    Args:
+        state: name -> tensor (``parameter_state``).
+        names: the tensors to perturb.
+        delta: relative size of each perturbation.
+        generator: the random source (on the tensors' device).
+
+    Returns:
+        A new mapping: perturbed copies for ``names``, the other tensors shared with ``state``.
+    """
     out = dict(state)
     for n in names:
         p = state[n]
@@ -344,17 +453,44 @@ def perturb_params(state: Params, names: list[str], delta: float, generator: tor
 
 
 def l_gen(f_x_p: torch.Tensor, f_x_ps: torch.Tensor, f_xs_p: torch.Tensor, f_xs_ps: torch.Tensor) -> torch.Tensor:
-    """``L_gen = (f(x, P) - f(x, P*)) - (f(x*, P) - f(x*, P*))`` per sample (seed 003)."""
+    """``L_gen = (f(x, P) - f(x, P*)) - (f(x*, P) - f(x*, P*))`` per sample (seed 003).
+
+    Args:
+        f_x_p: ``f(x, P)``.
+        f_x_ps: ``f(x, P*)``.
+        f_xs_p: ``f(x*, P)``.
+        f_xs_ps: ``f(x*, P*)``.
+
+    Returns:
+        ``L_gen``, shaped like the arguments.
+    """
     return (f_x_p - f_x_ps) - (f_xs_p - f_xs_ps)
 
 
 def trainable_names(model: nn.Module) -> list[str]:
-    """Names of the floating trainable parameters (the ones parameter perturbations touch)."""
+    """Names of the floating trainable parameters (the ones parameter perturbations touch).
+
+    Args:
+        model: the network.
+
+    Returns:
+        Parameter names, in ``named_parameters`` order.
+    """
     return [n for n, p in model.named_parameters() if p.requires_grad and p.is_floating_point()]
 
 
 def default_dtype_of(name: Any) -> torch.dtype | None:
-    """``"float64"`` / ``torch.float64`` / ``None`` (the model's own) -> a torch dtype or None."""
+    """``"float64"`` / ``torch.float64`` / ``None`` (the model's own) -> a torch dtype or None.
+
+    Args:
+        name: a floating dtype, its name, or ``None``.
+
+    Returns:
+        The dtype, or ``None``.
+
+    Raises:
+        ValueError: not a floating dtype.
+    """
     if name is None:
         return None
     dt = name if isinstance(name, torch.dtype) else getattr(torch, str(name), None)

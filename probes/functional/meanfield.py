@@ -34,6 +34,20 @@ class MeanField(nn.Module):
     Initialisation: ``init="sphere"`` (default) puts every particle on the sphere of radius
     ``radius`` (see ``sphere_``); ``init="torch"`` keeps ``nn.Linear``'s defaults (which
     shrink the output weights like ``1/sqrt(m)`` and so are not a mean-field initialisation).
+
+    Args:
+        in_features: input dimension.
+        width: ``m``, hidden units (particles).
+        out_features: output dimension.
+        bias: whether the hidden layer has a bias ``b_j``.
+        activation: ``sigma`` (default ``nn.ReLU()``).
+        init: ``"sphere"`` or ``"torch"``.
+        radius: particle norm for ``init="sphere"``.
+        balanced: see ``sphere_``.
+        generator: the random source for ``init="sphere"``.
+
+    Raises:
+        ValueError: a dimension below 1, an unknown ``init``, or a radius that is not positive and finite.
     """
 
     def __init__(self, in_features: int, width: int, out_features: int = 1, bias: bool = True,
@@ -54,17 +68,34 @@ class MeanField(nn.Module):
 
     @property
     def in_features(self) -> int:
+        """Input dimension."""
         return self.hidden.in_features
 
     @property
     def out_features(self) -> int:
+        """Output dimension."""
         return self.output.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``output(activation(hidden(x))) / width``.
+
+        Args:
+            x: inputs, ``(N, in_features)``.
+
+        Returns:
+            ``(N, out_features)``.
+        """
         return self.output(self.activation(self.hidden(x))) / self.width
 
     def mean_field_lr(self, eta: float) -> float:
-        """The SGD step on these parameters that advances mean-field time by ``eta`` per step: ``eta * m``."""
+        """The SGD step on these parameters that advances mean-field time by ``eta`` per step: ``eta * m``.
+
+        Args:
+            eta: mean-field time per step.
+
+        Returns:
+            The learning rate ``eta * width``.
+        """
         return float(eta) * self.width
 
     def extra_repr(self) -> str:
@@ -81,6 +112,18 @@ def sphere_(model: MeanField, radius: float, balanced: bool = True,
     when there are several outputs). For ReLU, gradient flow conserves ``|a_j|^2 - ||(w_j, b_j)||^2``
     (positive homogeneity), so balanced particles stay balanced. ``balanced=False``: ``theta_j``
     is uniform on the sphere of radius ``radius`` in all its coordinates at once.
+
+    Args:
+        model: the ``MeanField`` network whose parameters are overwritten.
+        radius: the norm of every particle.
+        balanced: input and output parts of equal norm (see above).
+        generator: the random source (default: torch's global generator).
+
+    Returns:
+        ``model``, for chaining.
+
+    Raises:
+        ValueError: ``radius`` is not positive and finite.
     """
     if not radius > 0 or not math.isfinite(radius):
         raise ValueError(f"sphere_: radius must be positive and finite, got {radius}")

@@ -79,11 +79,19 @@ class PathGram:
         return self.diag is not None
 
     def diagonal(self) -> torch.Tensor:
-        """The diagonal of ``h`` (of ``H / 2^e``) in any layout."""
+        """The diagonal of ``h`` (of ``H / 2^e``) in any layout.
+
+        Returns:
+            ``P`` float64 values (a view or ``diag`` itself, not a copy).
+        """
         return self.diag if self.diag is not None else torch.diagonal(self.h)
 
     def symmetric(self) -> torch.Tensor:
-        """``h`` with both triangles filled (a new P x P tensor unless the layout is full)."""
+        """``h`` with both triangles filled.
+
+        Returns:
+            The symmetric ``P x P`` ``H / 2^e``: a new tensor unless the layout is full (then ``h`` itself).
+        """
         if self.diag is not None:
             s = torch.triu(self.h, 1)
             s = s + s.T
@@ -94,12 +102,25 @@ class PathGram:
         return torch.tril(self.h) + torch.tril(self.h, -1).T
 
     def full(self) -> torch.Tensor:
-        """``H`` itself (float64; overflows for very deep nets: use ``h`` and ``exponent`` there)."""
+        """``H`` itself.
+
+        Returns:
+            The symmetric ``P x P`` float64 ``H`` (infinite entries for very deep nets: use ``h`` and
+            ``exponent`` there).
+        """
         e = torch.tensor(self.exponent, dtype=torch.float64, device=self.h.device)
         return torch.ldexp(self.symmetric(), e)
 
     def entries(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-        """``h[rows[:, None], cols[None, :]]`` of the symmetric ``h``, read from the layout's triangle."""
+        """``h[rows[:, None], cols[None, :]]`` of the symmetric ``h``, read from the layout's triangle.
+
+        Args:
+            rows: row indices (1-D long tensor).
+            cols: column indices (1-D long tensor).
+
+        Returns:
+            ``len(rows) x len(cols)`` entries of ``H / 2^e``.
+        """
         r, c = rows[:, None], cols[None, :]
         if self.diag is not None:
             vals = self.h[torch.minimum(r, c), torch.maximum(r, c)]
@@ -110,7 +131,14 @@ class PathGram:
 
     def matmul(self, V: torch.Tensor) -> torch.Tensor:
         """``h @ V`` for the symmetric ``h``, blockwise from the triangle that holds it (temporaries of one
-        block at a time)."""
+        block at a time).
+
+        Args:
+            V: a ``P x k`` float64 block on ``h``'s device.
+
+        Returns:
+            ``h V``, ``P x k``.
+        """
         if self.diag is not None:
             P = self.h.shape[0]
             out = torch.zeros_like(V)
@@ -135,7 +163,11 @@ class PathGram:
 
     def mirror(self) -> None:
         """Copy the lower triangle into the strict upper one and keep the diagonal aside (``diag``): the layout
-        ``factorize`` needs before it overwrites the lower triangle. Blockwise, no P x P temporary."""
+        ``factorize`` needs before it overwrites the lower triangle. Blockwise, no P x P temporary.
+
+        Raises:
+            ValueError: the layout is already factored.
+        """
         if self.diag is not None:
             raise ValueError("path_gram: this path gram is already factored")
         h, P = self.h, self.h.shape[0]
@@ -147,7 +179,11 @@ class PathGram:
 
     def restore_lower(self) -> None:
         """In the factored layout, overwrite the lower triangle (the factor) with ``H / 2^e`` again, from the
-        strict upper triangle and ``diag``."""
+        strict upper triangle and ``diag``.
+
+        Raises:
+            ValueError: the layout is not factored.
+        """
         if self.diag is None:
             raise ValueError("path_gram: restore_lower needs the factored layout")
         h, P = self.h, self.h.shape[0]
@@ -178,7 +214,15 @@ def _transpose_into(h: torch.Tensor, cols: tuple[int, int], rows: tuple[int, int
 
 
 def chunks(P: int, size: int = CHUNK) -> list[tuple[int, int]]:
-    """``[(0, size), (size, 2 size), ..., (., P)]``."""
+    """``[(0, size), (size, 2 size), ..., (., P)]``.
+
+    Args:
+        P: rows.
+        size: rows per chunk.
+
+    Returns:
+        Half-open ``(start, stop)`` ranges covering ``0:P``.
+    """
     return [(a, min(a + size, P)) for a in range(0, P, size)]
 
 
@@ -188,7 +232,15 @@ def _pow2_at_least(n: int) -> int:
 
 
 def row_blocks(P: int, device: torch.device) -> list[tuple[int, int]]:
-    """Row blocks for symmetric products: on the CPU about ``P / 400`` of them (at most 8), one elsewhere."""
+    """Row blocks for symmetric products: on the CPU about ``P / 400`` of them (at most 8), one elsewhere.
+
+    Args:
+        P: rows.
+        device: where the product runs.
+
+    Returns:
+        Half-open ``(start, stop)`` ranges of nearly equal size covering ``0:P``.
+    """
     nb = 1 if device.type != "cpu" else max(1, min(8, P // 400))
     edges = [round(i * P / nb) for i in range(nb + 1)]
     return list(zip(edges[:-1], edges[1:]))
@@ -205,6 +257,17 @@ class Workspace:
         self.buffers: dict[str, torch.Tensor] = {}
 
     def get(self, name: str, n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """The ``n x n`` buffer ``name``: the one held if it matches, else a new zero-filled one.
+
+        Args:
+            name: the buffer's name.
+            n: its size.
+            dtype: its dtype.
+            device: its device.
+
+        Returns:
+            The buffer, holding whatever the last user left in it.
+        """
         buf = self.buffers.get(name)
         if buf is None or buf.shape != (n, n) or buf.dtype != dtype or buf.device != device:
             self.buffers.pop(name, None)
@@ -212,7 +275,17 @@ class Workspace:
         return buf
 
     def flat(self, name: str, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        """A 1-d buffer of at least ``numel`` elements (uninitialised; grown when too small)."""
+        """A 1-d buffer of at least ``numel`` elements (uninitialised; grown when too small).
+
+        Args:
+            name: the buffer's name.
+            numel: the elements needed.
+            dtype: its dtype.
+            device: its device.
+
+        Returns:
+            The buffer (possibly longer than ``numel``).
+        """
         buf = self.buffers.get(name)
         if buf is None or buf.ndim != 1 or buf.numel() < numel or buf.dtype != dtype or buf.device != device:
             self.buffers.pop(name, None)
@@ -226,7 +299,16 @@ def gram(M: torch.Tensor, dtype: torch.dtype = torch.float64, out: torch.Tensor 
 
     With several row ``blocks`` (default ``row_blocks``: on the CPU) only the blocks on and below the
     diagonal are multiplied, ``(nb + 1) / (2 nb)`` of the work of ``M @ M.T``; the blocks above keep what
-    ``out`` held (zeros in a fresh buffer). ``out``: a P x P buffer of that dtype.
+    ``out`` held (zeros in a fresh buffer).
+
+    Args:
+        M: a ``P x n`` matrix.
+        dtype: the precision of the product.
+        out: a ``P x P`` buffer of that dtype to write into.
+        blocks: row blocks (default ``row_blocks(P, M.device)``).
+
+    Returns:
+        ``(gram, lower_only)``.
     """
     m = M.detach().to(dtype)
     P = m.shape[0]
@@ -244,7 +326,16 @@ def gram(M: torch.Tensor, dtype: torch.dtype = torch.float64, out: torch.Tensor 
 def gate_gram(A: torch.Tensor, workspace: Workspace | None = None,
               blocks: list[tuple[int, int]] | None = None) -> tuple[torch.Tensor, bool]:
     """``A A^T`` for a 0/1 matrix ``A`` (P x n) as exact float64 counts: products in float32 (exact while
-    ``n <= 2^24``, float64 beyond), converted after; ``(gram, lower_only)`` as for ``gram``."""
+    ``n <= 2^24``, float64 beyond), converted after.
+
+    Args:
+        A: a ``P x n`` 0/1 (or bool) matrix.
+        workspace: reuse its ``lam32`` / ``lam64`` buffers.
+        blocks: row blocks, as for ``gram``.
+
+    Returns:
+        ``(gram, lower_only)`` as for ``gram``, the gram in float64.
+    """
     dtype = torch.float32 if A.shape[1] <= EXACT_FLOAT32 else torch.float64
     if workspace is None:
         lam, lower = gram(A, dtype, blocks=blocks)
@@ -257,7 +348,14 @@ def gate_gram(A: torch.Tensor, workspace: Workspace | None = None,
 
 
 def input_gram(X: torch.Tensor) -> tuple[torch.Tensor, bool]:
-    """``X X^T`` in float64 (``X`` flattened to P x d); ``(gram, lower_only)`` as for ``gram``."""
+    """``X X^T`` in float64 (``X`` flattened to P x d).
+
+    Args:
+        X: inputs, samples first.
+
+    Returns:
+        ``(gram, lower_only)`` as for ``gram``.
+    """
     return gram(X.reshape(X.shape[0], -1), torch.float64)
 
 
@@ -282,6 +380,20 @@ def path_gram(X: torch.Tensor, gates: Sequence[torch.Tensor], bias: Sequence[boo
     only P x P matrix written. ``xx``: ``input_gram(X)`` computed before (the probe batch is fixed, so a probe
     computes it once); it is not modified. ``workspace``: reuse its buffers (the result then lives in the
     workspace until the next call).
+
+    Args:
+        X: ``P x d`` inputs.
+        gates: the ``L - 1`` gate matrices, each ``P x n_l``, bool or 0/1.
+        bias: ``L`` flags, whether each Linear has a bias (default: none has).
+        xx: ``input_gram(X)``, computed before.
+        workspace: buffers to reuse.
+
+    Returns:
+        The ``PathGram`` (``h``, ``exponent`` and the layout).
+
+    Raises:
+        ValueError: ``X`` is not 2-D, the number of bias flags is not ``len(gates) + 1``, or a gate matrix is
+            not ``P x n``.
     """
     if X.ndim != 2:
         raise ValueError(f"path_gram: X must be P x d, got shape {tuple(X.shape)}")
@@ -404,7 +516,20 @@ def cholesky_jitter(M: torch.Tensor, jitter_start: float = 1e-12, jitter_max: fl
                     who: str = "pathgram") -> Factorization:
     """Cholesky of the float64 SPD matrix ``M`` (a new factor; ``M`` unchanged); on failure add
     ``delta * mean(diag M)`` to the diagonal, ``delta = jitter_start, 10 jitter_start, ...`` up to ``jitter_max``.
-    ``factorize`` is the in-place route of the probe, which also judges the condition."""
+    ``factorize`` is the in-place route of the probe, which also judges the condition.
+
+    Args:
+        M: a symmetric positive semi-definite matrix.
+        jitter_start: the first relative shift tried.
+        jitter_max: the largest relative shift tried.
+        who: the name that error messages start with.
+
+    Returns:
+        The ``Factorization`` (``singular`` when a shift was needed; ``condition`` None).
+
+    Raises:
+        ValueError: the mean diagonal is not positive and finite, or no shift up to ``jitter_max`` factorizes.
+    """
     M = M.to(torch.float64)
     L, info = torch.linalg.cholesky_ex(M)
     if int(info) == 0:
@@ -432,8 +557,15 @@ def cholesky_in_place(h: torch.Tensor, block: int = CHOLESKY_BLOCK) -> int:
 
     Blocked left-looking Cholesky (``block`` columns per step): ``torch.linalg.cholesky_ex`` of each diagonal
     block after its ``addmm`` update, then one triangular solve for the panel below it. Temporaries: one
-    ``P x block`` panel. Returns 0, or the 1-based index of the first pivot that is not positive (the lower
-    triangle is then partly overwritten).
+    ``P x block`` panel.
+
+    Args:
+        h: a square float64 matrix whose lower triangle holds a symmetric matrix; overwritten in place.
+        block: columns per step.
+
+    Returns:
+        0, or the 1-based index of the first pivot that is not positive (the lower triangle is then partly
+        overwritten).
     """
     P = h.shape[0]
     for j0 in range(0, P, block):
@@ -495,8 +627,22 @@ def factorize(pg: PathGram, jitter_start: float = 1e-12, jitter_max: float = 1e-
     factorizes with a condition within ``1 / rcond``, at most ``jitter_max``; past that the last successful
     factorization is returned (still flagged), and an error is raised when none succeeded.
 
-    Returns the ``Factorization`` (``L`` is ``pg.h``, read as its lower triangle) with ``jitter``, ``shift``,
-    ``singular`` and ``condition`` (the lower bound just described, of the matrix finally factorized).
+    Args:
+        pg: the path gram; its buffer is overwritten (factored layout).
+        jitter_start: the first relative shift tried.
+        jitter_max: the largest relative shift tried.
+        condition: ``"estimate"``, ``"exact"`` or ``"off"``.
+        rcond: reciprocal of the largest condition accepted (default ``P eps``).
+        block: columns per step of ``cholesky_in_place``.
+        who: the name that error messages start with.
+
+    Returns:
+        The ``Factorization`` (``L`` is ``pg.h``, read as its lower triangle) with ``jitter``, ``shift``,
+        ``singular`` and ``condition`` (the lower bound just described, of the matrix finally factorized).
+
+    Raises:
+        ValueError: an unknown ``condition``, a mean diagonal that is not positive and finite, or no shift up
+            to ``jitter_max`` factorizes.
     """
     if condition not in ("estimate", "exact", "off"):
         raise ValueError(f"{who}: condition must be 'estimate', 'exact' or 'off', got {condition!r}")
@@ -548,7 +694,15 @@ def factorize(pg: PathGram, jitter_start: float = 1e-12, jitter_max: float = 1e-
 # -- quadratic form ------------------------------------------------------------------------------
 
 def quadratic_form(fact: Factorization, Y: torch.Tensor) -> torch.Tensor:
-    """``tr(Y^T M^{-1} Y) = ||L^{-1} Y||_F^2`` (float64 0-d tensor) from the factorization of ``M``."""
+    """``tr(Y^T M^{-1} Y) = ||L^{-1} Y||_F^2`` from the factorization of ``M``.
+
+    Args:
+        fact: the factorization of ``M``.
+        Y: ``P`` values or a ``P x C`` matrix.
+
+    Returns:
+        A 0-d float64 tensor.
+    """
     Y = Y.to(device=fact.L.device, dtype=torch.float64)
     if Y.ndim == 1:
         Y = Y[:, None]
@@ -632,6 +786,16 @@ def condition_estimate(pg: PathGram, fact: Factorization, block: int = 4, steps:
     tests check 20%). ``factorize`` combines it with the pivot bounds (``_extremes``).
     Cost: ``steps + 1``
     products ``h V`` and ``2 steps + 1`` triangular solves with ``P x block (steps + 1)`` blocks, no host sync.
+
+    Args:
+        pg: the path gram, factored by ``factorize``.
+        fact: its factorization.
+        block: start vectors.
+        steps: Krylov steps.
+        seed: seed of the random start vectors.
+
+    Returns:
+        A 0-d float64 tensor, ``inf`` when the smallest Ritz value is not positive.
     """
     top, low = _lanczos_extremes(pg, fact, block, steps, seed)
     return torch.where(torch.isfinite(low), top / low, torch.full_like(top, math.inf))
@@ -639,7 +803,15 @@ def condition_estimate(pg: PathGram, fact: Factorization, block: int = 4, steps:
 
 def condition_exact(pg: PathGram, fact: Factorization) -> torch.Tensor:
     """``lambda_max / lambda_min`` of ``h + shift I`` from all eigenvalues (float64; O(P^3), several times the
-    cost of the factorization, and P x P temporaries). ``inf`` when the smallest eigenvalue is not positive."""
+    cost of the factorization, and P x P temporaries).
+
+    Args:
+        pg: the path gram (any layout).
+        fact: its factorization (for the shift).
+
+    Returns:
+        A 0-d float64 tensor, ``inf`` when the smallest eigenvalue is not positive.
+    """
     return _ratio(*_extremes(pg, fact, "exact"))
 
 
@@ -653,9 +825,17 @@ def enumerate_paths(x: np.ndarray, gates: Sequence[np.ndarray], weights: Sequenc
     ``biases[k]`` its bias or None. A path starts at an input coordinate ``i`` or at a unit ``j`` of a
     layer whose Linear has a bias, visits one unit per later hidden layer, and ends at the output layer
     (a path's value is a vector over the C outputs; the output bias is one path of length zero).
-    Returns ``Phi`` (P x #paths: the start value ``x_i`` or 1 times the gates crossed) and ``V``
-    (#paths x C: the product of the weights along the path, times the bias for bias paths), so that
-    ``Phi @ V`` is the network output and ``Phi @ Phi.T`` the path gram.
+
+    Args:
+        x: ``P x d`` inputs.
+        gates: ``L - 1`` gate matrices, ``P x n_l`` (0/1).
+        weights: the ``L`` weight matrices, ``out x in``.
+        biases: the ``L`` biases, or None where a Linear has none.
+
+    Returns:
+        ``(Phi, V)``: ``Phi`` (P x #paths: the start value ``x_i`` or 1 times the gates crossed) and ``V``
+        (#paths x C: the product of the weights along the path, times the bias for bias paths), so that
+        ``Phi @ V`` is the network output and ``Phi @ Phi.T`` the path gram.
     """
     P, d = x.shape
     L = len(weights)

@@ -41,12 +41,37 @@ def _as_bool(a: np.ndarray | torch.Tensor, name: str) -> np.ndarray:
 
 
 def snapshot_path(directory: str | os.PathLike, step: int) -> Path:
+    """The file of the snapshot at ``step`` in ``directory``.
+
+    Args:
+        directory: the snapshot folder.
+        step: the training step.
+
+    Returns:
+        ``directory / "step_XXXXXXXX.npz"`` (the step zero-padded to 8 digits).
+    """
     return Path(directory) / f"step_{int(step):08d}.npz"
 
 
 def save_gates(path: str | os.PathLike, gates: Mapping[str, np.ndarray | torch.Tensor], step: int,
                labels: np.ndarray | torch.Tensor | None = None) -> Path:
-    """Write ``gates`` (site -> bool array) packed 8 per byte to ``path`` (a compressed ``.npz``)."""
+    """Write ``gates`` (site -> bool array) packed 8 per byte to ``path`` (a compressed ``.npz``).
+
+    The file is written beside ``path`` and renamed onto it, so a reader never sees half a snapshot.
+
+    Args:
+        path: the file to write (its folder is created).
+        gates: site name -> boolean (or 0/1) array or tensor, samples first.
+        step: the training step stored with the gates.
+        labels: the probe labels to store with them, a numeric array or tensor.
+
+    Returns:
+        ``path`` as a ``Path``.
+
+    Raises:
+        ValueError: gates that are neither boolean nor 0/1.
+        TypeError: labels that are not numeric.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     names = list(gates)
@@ -72,7 +97,19 @@ def save_gates(path: str | os.PathLike, gates: Mapping[str, np.ndarray | torch.T
 
 
 def load_gates(path: str | os.PathLike) -> GateSnapshot:
-    """Read a snapshot written by ``save_gates`` (no pickle); raise on a foreign or damaged file."""
+    """Read a snapshot written by ``save_gates``; nothing is unpickled.
+
+    Args:
+        path: a file written by ``save_gates``.
+
+    Returns:
+        The ``GateSnapshot``: its step, site name -> bool array, and the labels if they were saved.
+
+    Raises:
+        ValueError: a foreign file (no ``probes.gates.v1`` format entry), or a damaged one (missing entries, a
+            wrong number of bytes for a shape), or an object array that would need pickle.
+        OSError: the file cannot be read.
+    """
     path = Path(path)
     with np.load(path, allow_pickle=False) as data:
         keys = set(data.files)
@@ -95,7 +132,14 @@ def load_gates(path: str | os.PathLike) -> GateSnapshot:
 
 
 def list_snapshots(directory: str | os.PathLike) -> list[Path]:
-    """The ``step_XXXXXXXX.npz`` files in ``directory``, by step."""
+    """The ``step_XXXXXXXX.npz`` files in ``directory``, by step.
+
+    Args:
+        directory: the snapshot folder.
+
+    Returns:
+        The files in order of step; empty when the folder does not exist.
+    """
     d = Path(directory)
     if not d.is_dir():
         return []
@@ -104,5 +148,15 @@ def list_snapshots(directory: str | os.PathLike) -> list[Path]:
 
 
 def load_all(directory: str | os.PathLike) -> list[GateSnapshot]:
-    """Every snapshot in ``directory``, by step."""
+    """Every snapshot in ``directory``, by step.
+
+    Args:
+        directory: the snapshot folder.
+
+    Returns:
+        One ``GateSnapshot`` per file of ``list_snapshots``.
+
+    Raises:
+        ValueError: as ``load_gates``.
+    """
     return [load_gates(p) for p in list_snapshots(directory)]

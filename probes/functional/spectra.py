@@ -39,7 +39,14 @@ class Spectrum:
     effective_rank: torch.Tensor
 
     def top(self, k: int) -> torch.Tensor:
-        """The ``k`` largest eigenvalues, largest first."""
+        """The ``k`` largest eigenvalues, largest first.
+
+        Args:
+            k: how many.
+
+        Returns:
+            At most ``k`` eigenvalues (float64), descending.
+        """
         return self.eigenvalues.flip(0)[:k]
 
 
@@ -61,12 +68,31 @@ def _as_symmetric(K, who: str, rtol: float = 1e-6) -> torch.Tensor:
 
 
 def eigenvalues(K: torch.Tensor) -> torch.Tensor:
-    """Eigenvalues of the symmetric matrix ``K`` in ascending order (float64)."""
+    """Eigenvalues of the symmetric matrix ``K`` in ascending order (float64).
+
+    Args:
+        K: a symmetric ``n x n`` matrix (tensor or array-like); ``(K + K^T) / 2`` is decomposed.
+
+    Returns:
+        ``n`` eigenvalues, ascending, float64 on ``K``'s device.
+
+    Raises:
+        TypeError: ``K`` is complex.
+        ValueError: ``K`` is empty, not square, not symmetric (relative tolerance 1e-6), or has NaN or infinite
+            entries.
+    """
     return torch.linalg.eigvalsh(_as_symmetric(K, "eigenvalues"))
 
 
 def effective_rank(eigs: torch.Tensor) -> torch.Tensor:
-    """``exp(entropy(lambda / sum lambda))`` of non-negative eigenvalues (negatives count as 0)."""
+    """``exp(entropy(lambda / sum lambda))`` of non-negative eigenvalues (negatives count as 0).
+
+    Args:
+        eigs: eigenvalues, any order.
+
+    Returns:
+        A 0-d float64 tensor: 1 for rank one, ``n`` for equal eigenvalues, 0 when none is positive.
+    """
     lam = eigs.to(torch.float64).clamp(min=0)
     total = lam.sum()
     p = lam / torch.where(total > 0, total, torch.ones_like(total))
@@ -75,7 +101,14 @@ def effective_rank(eigs: torch.Tensor) -> torch.Tensor:
 
 
 def condition_number(eigs: torch.Tensor) -> torch.Tensor:
-    """``lambda_max / lambda_min``; ``inf`` when ``lambda_min <= n eps lambda_max`` (numerically singular)."""
+    """``lambda_max / lambda_min``; ``inf`` when ``lambda_min <= n eps lambda_max`` (numerically singular).
+
+    Args:
+        eigs: ``n`` eigenvalues, any order.
+
+    Returns:
+        A 0-d float64 tensor.
+    """
     lam = eigs.to(torch.float64)
     lo, hi = lam.min(), lam.max()
     floor = lam.numel() * torch.finfo(torch.float64).eps * hi.abs()
@@ -84,7 +117,20 @@ def condition_number(eigs: torch.Tensor) -> torch.Tensor:
 
 
 def spectrum(K: torch.Tensor) -> Spectrum:
-    """Eigenvalues and statistics of the symmetric PSD matrix ``K`` (float64, on ``K``'s device)."""
+    """Eigenvalues and statistics of the symmetric PSD matrix ``K`` (float64, on ``K``'s device).
+
+    Args:
+        K: a symmetric ``n x n`` matrix.
+
+    Returns:
+        The ``Spectrum``: eigenvalues (ascending), trace, largest and smallest eigenvalue, condition number,
+        effective rank.
+
+    Raises:
+        TypeError: ``K`` is complex.
+        ValueError: ``K`` is empty, not square, not symmetric (relative tolerance 1e-6), or has NaN or infinite
+            entries.
+    """
     S = _as_symmetric(K, "spectrum")
     lam = torch.linalg.eigvalsh(S)
     return Spectrum(lam, torch.diagonal(S).sum(), lam[-1], lam[0], condition_number(lam), effective_rank(lam))
@@ -93,8 +139,18 @@ def spectrum(K: torch.Tensor) -> Spectrum:
 def label_alignment(K: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
     """Centered alignment of the ``P x P`` kernel ``K`` with ``Y Y^T`` (``Y`` P x C, e.g. +-1 labels or one-hot).
 
-    ``<Kc, (YY^T)c>_F / (||Kc||_F ||(YY^T)c||_F)``; raises ``probes.functional.alignment.DegenerateKernelError`` for
-    constant labels.
+    ``<Kc, (YY^T)c>_F / (||Kc||_F ||(YY^T)c||_F)``.
+
+    Args:
+        K: a ``P x P`` kernel.
+        Y: labels, ``P`` rows (more than 2-D: flattened per row).
+
+    Returns:
+        A 0-d float64 tensor.
+
+    Raises:
+        ValueError: ``Y`` does not have ``P`` rows, and the errors of ``probes.functional.alignment.alignment``.
+        DegenerateKernelError: constant labels, or a kernel that centers to zero.
     """
     Y = Y.to(torch.float64).reshape(Y.shape[0], -1)
     if Y.shape[0] != K.shape[0]:
@@ -104,7 +160,18 @@ def label_alignment(K: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
 
 
 def kernel_distance(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-    """``1 - <A, B>_F / (||A||_F ||B||_F)`` (0 for proportional kernels; in [0, 1] for PSD kernels)."""
+    """``1 - <A, B>_F / (||A||_F ||B||_F)`` (0 for proportional kernels; in [0, 1] for PSD kernels).
+
+    Args:
+        A: a kernel.
+        B: a kernel of the same shape.
+
+    Returns:
+        A 0-d float64 tensor on ``A``'s device, clamped at 0 against rounding.
+
+    Raises:
+        ValueError: the shapes differ.
+    """
     if A.shape != B.shape:
         raise ValueError(f"kernel_distance: shapes {tuple(A.shape)} and {tuple(B.shape)} differ")
     a, b = A.reshape(-1).to(torch.float64), B.reshape(-1).to(torch.float64).to(A.device)
@@ -138,6 +205,23 @@ def top_eigenvalues(matmat: Callable[[torch.Tensor], torch.Tensor], n: int, k: i
     Stops when all ``k`` are accepted, the basis reaches ``n`` (then exact) or ``max_basis`` columns
     (default ``min(n, max(300, 20 b))``; ``converged=False``). Block ``b`` default ``max(4, ceil(k / 2))``.
     Memory: ``2 n max_basis`` numbers.
+
+    Args:
+        matmat: ``V -> K V`` for an ``n x b`` float64 block ``V`` (e.g. ``NTKOperator.matmat``).
+        n: the matrix size.
+        k: how many eigenvalues (at most ``n``).
+        block: ``b``, columns per product.
+        tol: relative accuracy at which a Ritz value is accepted.
+        max_basis: largest basis, in columns.
+        device: where the basis lives (default: the CPU).
+        seed: seed of the random start block.
+
+    Returns:
+        ``TopEigen``: the values (descending), Ritz vectors, residual norms, whether all met ``tol``, and the
+        number of products.
+
+    Raises:
+        ValueError: ``k < 1`` or ``n < 1``.
     """
     if k < 1 or n < 1:
         raise ValueError(f"top_eigenvalues: need k >= 1 and n >= 1, got k={k}, n={n}")
@@ -193,6 +277,14 @@ def effective_rank_bounds(top: torch.Tensor, trace: float | torch.Tensor, n: int
     tail is packed into as few eigenvalues as possible (``floor(R / lambda_k)`` copies of ``lambda_k`` and the
     rest in one: the lower bound). The estimate is the geometric mean of the two, within a factor
     ``sqrt(upper / lower)`` of the truth; all three agree when ``k = n`` or the tail is empty.
+
+    Args:
+        top: the ``k`` largest eigenvalues (negatives count as 0).
+        trace: the exact trace.
+        n: the matrix size.
+
+    Returns:
+        ``(estimate, lower, upper)`` as floats; all 0 when the trace is not positive.
     """
     lam = top.to(torch.float64).clamp(min=0).flatten().tolist()
     T = float(trace)

@@ -117,16 +117,35 @@ def _accumulate_fallback(theta: torch.Tensor, model: nn.Module, args: tuple[torc
 def empirical_ntk(model: nn.Module, x: Any, *, mode: str = "trace", reduction: str = "sum",
                   chunk_size: int | None = None, dtype: torch.dtype = torch.float64,
                   fast_path: bool = True, plan: NTKPlan | None = None) -> torch.Tensor:
-    """The empirical NTK ``J J^T`` of ``model`` on the samples ``x`` (samples along the first axis).
+    """The empirical NTK ``J J^T`` of ``model`` on the samples ``x``, over every trainable parameter.
 
-    ``mode="trace"``: ``P x P``, summed over the ``C`` outputs (``reduction="mean"`` divides by ``C``, as
-    neural-tangents does by default); ``mode="full"``: ``PC x PC`` with row ``i * C + c``.
-    Every trainable parameter counts. ``chunk_size`` bounds the samples per forward/backward and the rows
-    per block of products (default: automatic); ``dtype`` is the precision of the products and of the result
-    (the forward and backward run in the model's own precision). ``fast_path=False`` sends every parameter
-    through ``torch.func`` (a reference). The model is used as it is (its train/eval mode is not changed);
-    it must not mix samples (``SampleMixingError``). ``plan``: a result of ``ntk_plan`` for this model and
-    input shape, to skip the two discovery passes when the same kernel is measured repeatedly.
+    The model is used as it is (its train/eval mode is not changed, no ``.grad`` is written); the forward and
+    backward passes run in the model's own precision.
+
+    Args:
+        model: any ``nn.Module`` that does not mix samples, taking ``x`` positionally.
+        x: a tensor, or a tuple or list of tensors (the model's positional inputs), samples along the first axis.
+        mode: ``"trace"``: the ``P x P`` kernel summed over the ``C`` outputs; ``"full"``: the ``PC x PC`` kernel,
+            row ``i * C + c``.
+        reduction: ``"sum"`` or ``"mean"`` over outputs (``"mean"`` divides by ``C``, neural-tangents'
+            default; ``mode="trace"`` only).
+        chunk_size: samples per forward/backward and rows per block of products (default: automatic).
+        dtype: the precision of the products and of the result.
+        fast_path: ``False`` sends every parameter through ``torch.func`` (a reference).
+        plan: a result of ``ntk_plan`` for this model and input shape, to skip its two discovery passes when the
+            same kernel is measured repeatedly.
+
+    Returns:
+        The symmetric kernel, ``P x P`` or ``PC x PC``, in ``dtype`` on the inputs' device.
+
+    Raises:
+        ValueError: an unknown ``mode`` or ``reduction``, ``reduction="mean"`` with ``mode="full"``, a
+            ``chunk_size`` below 1, and the input errors of ``ntk_plan``.
+        TypeError: ``dtype`` is not a floating dtype, ``model`` is not an ``nn.Module``, and the type errors of
+            ``ntk_plan``.
+        SampleMixingError: the model mixes samples.
+        RuntimeError: the model cannot be differentiated one sample at a time (the fallback's last route), or
+            calls a planned layer a different number of times than in the plan.
     """
     who = "empirical_ntk"
     args, P, plan = _inputs_and_plan(model, x, mode, reduction, chunk_size, dtype, fast_path, plan, who)
@@ -145,6 +164,14 @@ def empirical_ntk(model: nn.Module, x: Any, *, mode: str = "trace", reduction: s
 
 
 def trace_over_outputs(theta_full: torch.Tensor, outputs: int) -> torch.Tensor:
-    """``P x P`` sum over outputs of a full ``PC x PC`` kernel (row ``i * C + c``)."""
+    """The trace over outputs of a full kernel: ``Theta_ij = sum_c Theta_(i,c),(j,c)``.
+
+    Args:
+        theta_full: a ``PC x PC`` kernel with row ``i * C + c`` (``empirical_ntk(..., mode="full")``).
+        outputs: ``C``, output values per sample.
+
+    Returns:
+        The ``P x P`` kernel, equal to ``empirical_ntk(..., mode="trace")``.
+    """
     n = theta_full.shape[0] // outputs
     return theta_full.view(n, outputs, n, outputs).diagonal(dim1=1, dim2=3).sum(-1)

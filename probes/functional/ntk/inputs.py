@@ -17,7 +17,11 @@ REDUCTIONS = ("sum", "mean")
 
 
 class SampleMixingError(ValueError):
-    """The model's output for one sample depends on other samples of the batch: no per-sample NTK."""
+    """The model's output for one sample depends on other samples of the batch: no per-sample NTK.
+
+    Raised by ``ntk_plan``, ``empirical_ntk`` and ``ntk_operator`` for a BatchNorm that normalises with batch
+    statistics, and when sample 0 gives another output alone than in a batch of two.
+    """
 
 
 def _as_args(x: Any, who: str) -> tuple[tuple[torch.Tensor, ...], int]:

@@ -76,9 +76,18 @@ class NTKOperator:
     ``matmat(V)`` = ``Theta V`` (``V``: ``n`` or ``n x b``), blockwise over samples: per-sample gradients held
     as ``D`` give ``D (D^T V)``; factors give ``W = sum_j v_j sum_k g_jk z_jk^T`` per group, then
     ``(Theta v)_i = sum_k g_ik^T W z_ik`` (embeddings: ``W`` scatter-added by token, then gathered); fallback
-    Jacobians are held when they fit ``FALLBACK_BUDGET``, else recomputed twice per product.
+    Jacobians are held when they fit ``settings.FALLBACK_BUDGET``, else recomputed twice per product.
     ``diagonal()`` is exact: the squared norms of the per-sample gradients (``sum_{k,k'}`` within a sample).
-    Work per product: about ``2 P C_e K g n d`` per layer and vector, memory: the factors.
+    Work per product: about ``2 P C_e K g n d`` per layer and vector, memory: the factors. Built by
+    ``ntk_operator``.
+
+    Attributes:
+        P: samples.
+        Ce: rows per sample (``C`` in ``mode="full"``, else 1).
+        dtype: the precision of the products.
+        device: where the factors and the products are.
+        scale: ``1 / C`` for ``reduction="mean"``, else 1.
+        products: vectors multiplied so far (columns of every ``V`` given to ``matmat``).
     """
 
     def __init__(self, terms: list[_Term], fallback: list[tuple[torch.Tensor | None, Any]], P: int, Ce: int,
@@ -89,9 +98,21 @@ class NTKOperator:
 
     @property
     def shape(self) -> tuple[int, int]:
+        """``(n, n)``, ``n = P Ce``."""
         return (self.P * self.Ce, self.P * self.Ce)
 
     def matmat(self, V: torch.Tensor) -> torch.Tensor:
+        """``Theta V``.
+
+        Args:
+            V: ``n`` values or an ``n x b`` block (``n = shape[0]``), on the operator's device.
+
+        Returns:
+            ``Theta V`` in the operator's dtype, shaped like ``V``.
+
+        Raises:
+            ValueError: ``V`` does not have ``n`` rows.
+        """
         vec = V.ndim == 1
         V = (V[:, None] if vec else V).to(self.dtype)
         if V.shape[0] != self.shape[0]:
@@ -154,7 +175,11 @@ class NTKOperator:
             outs[s:s + rows] += torch.einsum("rckd,rkdb->rcb", G, W[T].view(T.shape[0], K, d, b))
 
     def diagonal(self) -> torch.Tensor:
-        """``Theta_ii`` exactly: squared norms of the per-sample gradients (``n`` values)."""
+        """``Theta_ii`` exactly: the squared norms of the per-sample gradients.
+
+        Returns:
+            ``n`` values in the operator's dtype.
+        """
         P, Ce, dt = self.P, self.Ce, self.dtype
         diag = torch.zeros(P, Ce, dtype=dt, device=self.device)
         for t in self.terms:
@@ -186,11 +211,22 @@ class NTKOperator:
         return diag * self.scale
 
     def trace(self) -> torch.Tensor:
-        """``tr Theta = sum_i ||J(x_i)||^2`` (exact, no kernel)."""
+        """``tr Theta = sum_i ||J(x_i)||^2``, exact, without the kernel.
+
+        Returns:
+            A 0-d tensor in the operator's dtype.
+        """
         return self.diagonal().sum()
 
     def dense(self, block: int = 1024) -> torch.Tensor:
-        """The ``n x n`` kernel by products with blocks of the identity (tests, small ``n``)."""
+        """The ``n x n`` kernel by products with blocks of the identity (tests, small ``n``).
+
+        Args:
+            block: columns of the identity per product.
+
+        Returns:
+            The symmetric ``n x n`` kernel in the operator's dtype.
+        """
         n = self.shape[0]
         cols = [self.matmat(torch.eye(n, dtype=self.dtype, device=self.device)[:, s:s + block])
                 for s in range(0, n, block)]
@@ -201,9 +237,30 @@ class NTKOperator:
 def ntk_operator(model: nn.Module, x: Any, *, mode: str = "trace", reduction: str = "sum",
                  chunk_size: int | None = None, dtype: torch.dtype = torch.float64, fast_path: bool = True,
                  plan: NTKPlan | None = None) -> NTKOperator:
-    """The kernel of ``empirical_ntk`` (same arguments) as a matrix-free ``NTKOperator``: ``Theta V`` and the
-    exact diagonal from the layerwise factors, memory linear in ``P``; for the top eigenvalues at large ``P``
-    (``probes.functional.spectra.top_eigenvalues``)."""
+    """The kernel of ``empirical_ntk`` as a matrix-free operator, memory linear in ``P``.
+
+    For the top eigenvalues at large ``P``: ``top_eigenvalues(op.matmat, op.shape[0], k)``
+    (``probes.functional.spectra``); ``op.trace()`` and ``op.diagonal()`` are exact.
+
+    Args:
+        model: as for ``empirical_ntk``.
+        x: as for ``empirical_ntk``.
+        mode: as for ``empirical_ntk``.
+        reduction: as for ``empirical_ntk``.
+        chunk_size: as for ``empirical_ntk``.
+        dtype: the precision of the products ``Theta V`` (the factors are kept in the model's precision).
+        fast_path: as for ``empirical_ntk``.
+        plan: as for ``empirical_ntk``.
+
+    Returns:
+        An ``NTKOperator`` holding the layerwise factors (and the fallback Jacobians that fit the budget).
+
+    Raises:
+        ValueError: as ``empirical_ntk``.
+        TypeError: as ``empirical_ntk``.
+        SampleMixingError: the model mixes samples.
+        RuntimeError: as ``empirical_ntk``.
+    """
     who = "ntk_operator"
     args, P, plan = _inputs_and_plan(model, x, mode, reduction, chunk_size, dtype, fast_path, plan, who)
     C = plan.outputs

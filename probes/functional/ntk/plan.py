@@ -33,9 +33,13 @@ from probes.functional.ntk.layers import _KINDS, _first, _Kind, _kind_of, _own_p
 class NTKPlan:
     """How ``empirical_ntk`` splits a model: layers on the layerwise path, parameters for ``torch.func``.
 
-    ``fast``: module path -> number of calls per forward; ``kinds``: module path -> layer kind ("Linear",
-    "Conv2d", "LayerNorm", ...); ``fallback``: parameter names handled by per-sample Jacobians; ``reasons``:
-    module path -> why its parameters were left to the fallback; ``outputs``: ``C``, output values per sample.
+    Attributes:
+        fast: module path -> number of calls per forward, for the layers on the layerwise path.
+        fallback: names of the trainable parameters handled by per-sample Jacobians (``torch.func``).
+        reasons: module path (``"<root>"`` for the model itself) -> why its parameters were left to the fallback.
+        outputs: ``C``, output values per sample.
+        kinds: module path -> layer kind (``"Linear"``, ``"Conv2d"``, ``"LayerNorm"``, ...).
+        modules: module path -> the module itself (not in the ``repr``).
     """
 
     fast: dict[str, int] = field(default_factory=dict)
@@ -49,9 +53,27 @@ class NTKPlan:
 def ntk_plan(model: nn.Module, x: Any, *, fast_path: bool = True, who: str = "empirical_ntk") -> NTKPlan:
     """Decide the layerwise layers and the fallback parameters (two forwards on one and two samples).
 
-    Also checks that samples do not interact (``SampleMixingError``). ``reasons`` names every module whose
-    parameters go to the fallback and why (no layerwise formula for its type, tied weights, use outside its
-    own ``forward``, ...).
+    Also checks that samples do not interact. The plan's ``reasons`` name every module whose parameters go to
+    the fallback and why (no layerwise formula for its type, tied weights, use outside its own ``forward``, ...).
+    Nothing in the model changes (no ``.grad`` written, no mode switched).
+
+    Args:
+        model: any ``nn.Module`` with at least one trainable parameter, taking ``x`` positionally.
+        x: a tensor, or a tuple or list of tensors (the model's positional inputs), samples along the first axis.
+        fast_path: ``False`` sends every parameter to the fallback (a reference).
+        who: the name that error messages start with.
+
+    Returns:
+        The ``NTKPlan``, reusable by ``empirical_ntk(..., plan=)`` and ``ntk_operator(..., plan=)`` for the same
+        model and input shape.
+
+    Raises:
+        SampleMixingError: a BatchNorm normalises with batch statistics, or sample 0's output changes when another
+            sample is in the batch.
+        ValueError: active dropout, no trainable parameter, inputs without samples or with NaN or infinite values,
+            a model output without the samples along its first axis.
+        TypeError: ``x`` is not a tensor or a sequence of tensors, or the model does not return a floating
+            tensor.
     """
     args, P = _as_args(x, who)
     _check_modules(model, who)
