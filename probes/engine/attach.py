@@ -17,8 +17,8 @@ def attach(model: nn.Module, probes: Any, *, probe_data: Any = None, label_key: 
            output: Any = None, logdir: str | None = None, writer: Any = None, sinks: Any = None,
            optimizer: torch.optim.Optimizer | None = None, strict: bool = False, functional: bool | None = None,
            measure_at_attach: bool = True, state: Mapping[str, Any] | None = None,
-           probe_batch_size: int | None = DEFAULT_PROBE_BATCH_SIZE, overhead: float | str | None = "auto"
-           ) -> Session:
+           probe_batch_size: int | None = DEFAULT_PROBE_BATCH_SIZE, overhead: float | str | None = "auto",
+           mask: str | None = "attention_mask") -> Session:
     """Attach probes to ``model`` and return the ``Session`` (or raise and leave nothing behind).
 
     Args:
@@ -49,6 +49,10 @@ def attach(model: nn.Module, probes: Any, *, probe_data: Any = None, label_key: 
             (``k`` rounded up to 1, 2, 5 x 10^n), timed on its own measurements; said once. "auto" (default): 10%,
             for probes left at their default cadence only, once they have spent 2 s measuring; a cadence you give
             is kept. None: every cadence exactly as it is.
+        mask: the keyword argument (or dict entry) of the model's forward that holds the attention mask, ``(batch,
+            positions)`` with 0 at padding: passive probes leave padded positions of site tensors shaped ``(batch,
+            positions, ...)`` out, and active probes get the probe batch's mask as ``ProbeBatch.mask``. None: no
+            masking.
 
     Returns:
         The ``Session``: ``step()``, ``close()`` (or use it as a context manager), ``state_dict()``.
@@ -60,4 +64,4 @@ def attach(model: nn.Module, probes: Any, *, probe_data: Any = None, label_key: 
     return Session(model, probes, probe_data=probe_data, label_key=label_key, output=output, logdir=logdir,
                    writer=writer, sinks=sinks, optimizer=optimizer, strict=strict, functional=functional,
                    measure_at_attach=measure_at_attach, state=state, probe_batch_size=probe_batch_size,
-                   overhead=overhead)
+                   overhead=overhead, mask=mask)

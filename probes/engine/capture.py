@@ -9,8 +9,11 @@ forward of the module at ``path`` is the site ``path:relu`` (``forward:relu`` fo
 ``#k`` again when there are several.
 
 Hooks are process-wide module hooks (``register_module_forward_hook``) that react only to this
-model's modules, so the model itself carries no hook: it can be copied, pickled and averaged
-(SWA / EMA) while attached, and copies are not observed. Functional calls are caught by a
+model's modules, so the model can be copied, pickled and averaged (SWA / EMA) while attached, and
+copies are not observed. The one hook on the model itself reads the attention mask of training
+forwards (keyword arguments reach no process-wide hook); copies carry a no-op in its place.
+Padded positions (mask 0) of site tensors shaped ``(batch, positions, ...)`` are left out of what
+passive probes observe. Functional calls are caught by a
 ``TorchFunctionMode`` entered around the root module's forward, only while someone needs them:
 torch is never patched. Forwards recomputed by activation checkpointing (they run inside the
 backward pass) and forwards under ``torch.func`` transforms are not observed.
@@ -19,7 +22,7 @@ backward pass) and forwards under ``torch.func`` transforms are not observed.
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -186,8 +189,12 @@ class Capture:
     """
 
     def __init__(self, model: nn.Module, extra_sites: tuple[type[nn.Module], ...] = (),
-                 functional: bool | None = None, extra_names: frozenset[str] = frozenset()) -> None:
+                 functional: bool | None = None, extra_names: frozenset[str] = frozenset(),
+                 mask_key: str | None = None) -> None:
         self.model = unwrap(model)
+        self.mask_key = mask_key  # the forward's keyword argument (or dict entry) holding the attention mask
+        self._mask: torch.Tensor | None = None  # (batch, positions) of the running training forward
+        self._mask_rows: torch.Tensor | None = None
         self.paths: dict[nn.Module, str] = {}
         for path, module in self.model.named_modules():
             self.paths.setdefault(module, site_path(path))
@@ -208,6 +215,7 @@ class Capture:
         self._error_at_entry: BaseException | None = None
         self._mode: _FunctionalMode | None = None
         self._handles: list[Any] = []
+        self._mask_handle: Any = None
         self.on_observe: Callable[[Site, torch.Tensor, torch.Tensor], None] | None = None
         self.on_forward: Callable[[list[Site]], None] | None = None  # after each observed training forward
         self.observing = False
@@ -260,7 +268,27 @@ class Capture:
                 if kept:
                     rec.activations[site.name] = Activation(site, pre, post)
             elif self.observing and self.on_observe is not None:
-                self.on_observe(site, pre, post)
+                self.on_observe(site, self._masked(pre), self._masked(post))
+
+    def _read_mask(self, args: tuple, kwargs: dict) -> None:
+        """At the outermost forward: the attention mask among its keyword arguments (or in a dict argument)."""
+        if self._depth != 1 or not self._training_forward:
+            return
+        mask = kwargs.get(self.mask_key)
+        if mask is None and args and isinstance(args[0], Mapping):
+            mask = args[0].get(self.mask_key)
+        if isinstance(mask, torch.Tensor) and mask.ndim == 2:
+            self._mask = mask.detach() != 0
+
+    def _masked(self, t: torch.Tensor | None) -> torch.Tensor | None:
+        """``t`` with the padded positions left out, as one sequence of the real ones, ``(1, kept, ...)``, when its
+        first two axes are those of the forward's attention mask (``(batch, positions)``); ``t`` otherwise."""
+        mask = self._mask
+        if mask is None or t is None or t.ndim < 2 or t.shape[:2] != mask.shape:
+            return t
+        if self._mask_rows is None:  # one index per forward, shared by every site
+            self._mask_rows = mask.reshape(-1).nonzero().squeeze(1)
+        return t.reshape(-1, *t.shape[2:]).index_select(0, self._mask_rows).unsqueeze(0)
 
     def _wanted(self, path: str, kind: str, module: nn.Module | None, functional: bool = False) -> frozenset[str]:
         """During a recording: what to keep of this call's site (decided on the site as currently named)."""
@@ -303,6 +331,7 @@ class Capture:
             self._error_at_entry = sys.exc_info()[1]
             self._counts.clear()
             self._buffer.clear()
+            self._mask = self._mask_rows = None  # the mask reader (a hook after this one) sets this forward's mask
             # a training forward: train mode with gradients enabled (not no_grad / inference_mode), outside the
             # backward pass (checkpoint recomputation) and torch.func transforms
             self._training_forward = self._recording is None and self.observing and self.model.training \
@@ -332,6 +361,7 @@ class Capture:
         entries, self._buffer = self._buffer, []
         self._counts = {}
         self._dispatch(entries)
+        self._mask = self._mask_rows = None
         if self._training_forward and self.on_forward is not None:
             self._training_forward = False
             self.on_forward([self.site(*e[:5]) for e in entries])
@@ -359,6 +389,7 @@ class Capture:
             if stack and stack[-1] is mode:
                 mode.__exit__(None, None, None)
         self._depth, self._root_frame, self._training_forward = 0, None, False
+        self._mask = self._mask_rows = None
         self._buffer, self._counts, self._pre_stack = [], {}, []
 
     def _install(self) -> None:
@@ -369,15 +400,20 @@ class Capture:
             ]
 
     def install_passive(self, on_observe: Callable[[Site, torch.Tensor, torch.Tensor], None]) -> None:
-        """Observe every training forward (``model.training``) from now on."""
+        """Observe every training forward from now on (and read its attention mask, with ``mask_key``)."""
         self.on_observe = on_observe
         self._install()
+        if self.mask_key is not None and self._mask_handle is None:
+            self._mask_handle = self.model.register_forward_pre_hook(_MaskReader(self), with_kwargs=True)
         self.observing = True
 
     def remove(self) -> None:
         for h in self._handles:
             h.remove()
         self._handles = []
+        if self._mask_handle is not None:
+            self._mask_handle.remove()
+            self._mask_handle = None
         self.observing = False
         if self._mode is not None:
             self._mode.__exit__(None, None, None)
@@ -403,3 +439,25 @@ class Capture:
             self.observing = was_observing
             self._depth = 0
             rec._resolve()  # the site names are final now
+
+
+class _MaskReader:
+    """The root module's forward pre-hook (with keyword arguments) that hands each forward's attention mask to the
+    capture: the one hook the model itself carries. A copied or pickled model carries a no-op instead."""
+
+    def __init__(self, capture: Capture) -> None:
+        self.capture = capture
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self.capture._read_mask(args, kwargs)
+
+    def __reduce__(self) -> Any:
+        return (_NoMask, ())
+
+    def __deepcopy__(self, memo: Any) -> Any:
+        return _NoMask()
+
+
+class _NoMask:
+    def __call__(self, *args: Any) -> None:
+        return None

@@ -26,15 +26,17 @@ class ActiveProbes:
         failures, cadence: the session's failure policy and cadence (charged with each measurement's time).
         write: ``write(name, records, hold)`` hands a probe's records to the session's output.
         logdir, rank, world_size, sharded, device: where the session writes and how the ranks share the work.
+        mask_key: the probe inputs' entry holding the attention mask (``ProbeBatch.mask``).
     """
 
     def __init__(self, probes: dict[str, Probe], data: ProbeData, probe_pass: ProbePass, failures: Failures,
                  cadence: Cadence, write: Callable[[str, list[Record], bool], None], logdir: str | None = None,
-                 rank: int = 0, world_size: int = 1, sharded: bool = False, device: torch.device | None = None
-                 ) -> None:
+                 rank: int = 0, world_size: int = 1, sharded: bool = False, device: torch.device | None = None,
+                 mask_key: str | None = None) -> None:
         self.probes, self.data, self.probe_pass = probes, data, probe_pass
         self.failures, self.cadence, self.write = failures, cadence, write
         self.logdir, self.rank, self.world_size, self.sharded, self.device = logdir, rank, world_size, sharded, device
+        self.mask_key = mask_key
         self.measured_at: dict[str, int] = {}
 
     def measure(self, names: list[str], step: int, at_attach: bool = False) -> None:
@@ -93,7 +95,8 @@ class ActiveProbes:
             shared = self.probe_pass.run(x, keeper(due) if due else None)
         return ProbeBatch(self.probe_pass.module, x, y, shared.output, shared.activations, step, self.logdir,
                           shared.calls, self.probe_pass.output_spec, tensor_output=shared.tensor_output,
-                          writes=self.rank == 0, chunk_size=self.probe_pass.chunk_size, runner=self.probe_pass.run)
+                          writes=self.rank == 0, chunk_size=self.probe_pass.chunk_size, runner=self.probe_pass.run,
+                          mask=self.data.mask(self.mask_key))
 
     def _measure_here(self, names: list[str], step: int, at_attach: bool) -> None:
         for n in names:

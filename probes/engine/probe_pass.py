@@ -88,6 +88,12 @@ class ProbeData:
         """Use another probe batch from now on (under FSDP every rank takes rank 0's)."""
         self.given_x, self.given_y, self._at = x, y, None
 
+    def mask(self, key: str | None) -> torch.Tensor | None:
+        """The probe inputs' attention mask (``x[key]`` of dict inputs) as a bool ``(P, positions)`` tensor, or None."""
+        x = self.current()[0]
+        m = x.get(key) if key is not None and isinstance(x, Mapping) else None
+        return m != 0 if isinstance(m, torch.Tensor) and m.ndim == 2 else None
+
     @property
     def present(self) -> bool:
         return self.given_x is not None
@@ -187,10 +193,11 @@ class ProbePass:
 
 
 def standalone_batch(model: nn.Module, x: Any, y: torch.Tensor | None = None, *, step: int = 0, output: Any = None,
-                     probe_batch_size: int | None = None) -> ProbeBatch:
+                     probe_batch_size: int | None = None, site_types: tuple[type[nn.Module], ...] = ()) -> ProbeBatch:
     """A ``ProbeBatch`` outside a session (``probes.testing.probe_batch``): the model's output on ``x`` and a probe
-    pass of its own for ``batch.run``, each run in eval mode with the modes and RNG state restored."""
-    probe_pass = ProbePass(model, Capture(model), output, probe_batch_size)
+    pass of its own for ``batch.run``, each run in eval mode with the modes and RNG state restored (``site_types``:
+    extra module types to treat as sites, as a session takes them from its probes)."""
+    probe_pass = ProbePass(model, Capture(model, extra_sites=tuple(site_types)), output, probe_batch_size)
 
     def run(x: Any, keep: Keep | None = None, params: Mapping[str, torch.Tensor] | None = None) -> Pass:
         with probe_pass.guarded():

@@ -49,9 +49,9 @@ class Session:
                  optimizer: torch.optim.Optimizer | None = None, strict: bool = False,
                  functional: bool | None = None, measure_at_attach: bool = True,
                  state: Mapping[str, Any] | None = None,
-                 probe_batch_size: int | None = DEFAULT_PROBE_BATCH_SIZE, overhead: float | str | None = "auto"
-                 ) -> None:
-        check_attach_options(model, logdir, writer, optimizer, strict, output, probe_batch_size)
+                 probe_batch_size: int | None = DEFAULT_PROBE_BATCH_SIZE, overhead: float | str | None = "auto",
+                 mask: str | None = "attention_mask") -> None:
+        check_attach_options(model, logdir, writer, optimizer, strict, output, probe_batch_size, mask)
         self.model, self.module = model, unwrap(model)
         self.rank, self.world_size = distributed.rank_and_world()
         self.sharded = distributed.is_sharded(self.module)
@@ -77,13 +77,14 @@ class Session:
         self._output, self._step, self._closed, self._opt_handle = Output(), 0, False, None
         extra = tuple({t for p in self.probes.values() for t in p.site_types})
         classes, names = plugins.registry.activation_types()
-        self.capture = Capture(self.module, extra_sites=extra + classes, functional=functional, extra_names=names)
+        self.capture = Capture(self.module, extra_sites=extra + classes, functional=functional, extra_names=names,
+                               mask_key=mask)
         self._passive = PassiveProbes({n: self.probes[n] for n in self.passive}, self._failures, self._write,
                                       lambda: self._step, self.world_size, self.rank, self.device)
         probe_pass = ProbePass(self.module, self.capture, output, probe_batch_size)
         self._active = ActiveProbes({n: self.probes[n] for n in self.active}, self.data, probe_pass, self._failures,
                                     self.cadence, self._write, self.logdir, self.rank, self.world_size, self.sharded,
-                                    self.device)
+                                    self.device, mask)
         try:
             self._setup(optimizer, measure_at_attach and state is None)
             if state is not None:

@@ -119,7 +119,7 @@ def make_sinks(spec: list[Any], logdir: str | None, writer: Any) -> list[Sink]:
 
 
 def check_attach_options(model: Any, logdir: Any, writer: Any, optimizer: Any, strict: Any, output: Any,
-                         probe_batch_size: Any) -> None:
+                         probe_batch_size: Any, mask: Any = None) -> None:
     """Raise a clear error for a bad ``attach`` option (the probe batch, probes and sinks are checked apart)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"attach needs an nn.Module, got {type(model).__name__}")
@@ -134,3 +134,6 @@ def check_attach_options(model: Any, logdir: Any, writer: Any, optimizer: Any, s
     if probe_batch_size is not None and (isinstance(probe_batch_size, bool) or not isinstance(
             probe_batch_size, int) or probe_batch_size < 1):
         raise ValueError(f"attach(probe_batch_size=...) must be a positive int or None, got {probe_batch_size!r}")
+    if mask is not None and not (isinstance(mask, str) and mask):
+        raise TypeError(f"attach(mask=...) must be the name of the attention mask's keyword argument or dict entry "
+                        f"(default 'attention_mask'), or None to count padded positions too; got {mask!r}")
