@@ -4,6 +4,9 @@
 hooks probes onto any ``nn.Module``; each probe returns records that the session hands
 to TensorBoard (or any other sink). Third-party packages add probes through the
 ``probes`` entry-point group.
+
+The distribution is ``torch-probes`` (``pip install torch-probes``); the import name, the ``probes``
+command and the entry-point group are ``probes``. Documentation: the MkDocs site under ``docs/``.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from probes.plugins import ProbeInfo
 from probes.probe import Activation, Context, Probe, ProbeBatch, Site
 from probes.records import Histogram, Image, Scalar
 
+# the one place the version is written: pyproject.toml reads it (dynamic = ["version"]), and so
+# does tests/test_release.py for the archives
 __version__ = "0.1.0"
 
 __all__ = [
@@ -26,7 +31,12 @@ __all__ = [
 
 
 def available() -> list[ProbeInfo]:
-    """Every probe that ``attach`` accepts: name, one-line description, and where it came from."""
+    """Every probe that ``attach`` accepts: the built-in ones, those of installed plugins, registered ones.
+
+    Returns:
+        One ``ProbeInfo`` per probe: its name, one-line description, class and where it came from
+        (``builtin``, ``registered``, or the distribution that added it).
+    """
     from probes.plugins import available as _available
 
     return _available()

@@ -4,7 +4,10 @@
   the package as ``_data/digits.npz`` (read with ``allow_pickle=False``).
 - ``load_mnist``: reads the four MNIST IDX files (optionally gzipped) from a directory the
   user already has; ``read_idx`` is the plain IDX reader.
-- ``load_mnist_torchvision``: torchvision's MNIST, only where torchvision imports.
+- ``load_mnist_torchvision``: torchvision's MNIST, only where torchvision imports. torchvision is not a
+  dependency of probes: install the build that matches your torch yourself (see Getting started).
+- ``load``: one of the above by name (``--data digits`` / ``--data mnist`` in the examples);
+  ``balanced_subset`` picks a class-balanced probe batch.
 """
 
 from __future__ import annotations
@@ -23,10 +26,16 @@ _IDX_TYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f
 
 def load_digits(classes: tuple[int, ...] | None = None, size: int | None = None,
                 dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-    """The embedded digits as ``(x, y)``: ``x`` of shape (N, size*size) in [0, 1], ``y`` class indices.
+    """The embedded digits (scikit-learn's 1,797 8 x 8 images), read without pickle.
 
-    ``classes`` keeps only those digits (labels stay the digit values); ``size`` resizes the
-    8 x 8 images bilinearly (28 gives MNIST-sized 784-dimensional inputs).
+    Args:
+        classes: keep only these digits (the labels stay the digit values); None keeps all ten.
+        size: resize the 8 x 8 images bilinearly to ``size x size`` (28 gives MNIST-sized 784-dimensional
+            inputs); None keeps 8 x 8.
+        dtype: the dtype of ``x``.
+
+    Returns:
+        ``(x, y)``: ``x`` of shape (N, size * size) with values in [0, 1], ``y`` the int64 class indices.
     """
     with resources.files("probes").joinpath("_data/digits.npz").open("rb") as f:
         data = np.load(f, allow_pickle=False)
@@ -42,7 +51,18 @@ def load_digits(classes: tuple[int, ...] | None = None, size: int | None = None,
 
 
 def read_idx(path: str | os.PathLike) -> np.ndarray:
-    """Read one IDX file (the MNIST format), gzipped or not, without pickle."""
+    """Read one IDX file (the MNIST format), gzipped or not, without pickle.
+
+    Args:
+        path: the file; a ``.gz`` suffix is read through gzip.
+
+    Returns:
+        The array, with the shape and element type its header gives, in native byte order.
+
+    Raises:
+        ValueError: the file is not an IDX file, has an unknown element type, or is shorter or longer than
+            its header promises.
+    """
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rb") as f:
@@ -71,9 +91,21 @@ def _find(root: Path, stem: str) -> Path:
 
 def load_mnist(root: str | os.PathLike, train: bool = True, classes: tuple[int, ...] | None = None,
                dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-    """MNIST from the IDX files in ``root`` (also ``root/MNIST/raw``, torchvision's layout).
+    """MNIST from IDX files you already have; nothing is downloaded.
 
-    Returns ``x`` (N, 784) in [0, 1] and ``y`` class indices.
+    Args:
+        root: the directory holding ``train-images-idx3-ubyte`` and the three other files (gzipped or
+            not; ``.idx`` spellings too), or one whose ``MNIST/raw`` does (torchvision's layout).
+        train: the 60,000 training images, else the 10,000 test images.
+        classes: keep only these digits; None keeps all ten.
+        dtype: the dtype of ``x``.
+
+    Returns:
+        ``(x, y)``: ``x`` of shape (N, 784) with values in [0, 1], ``y`` the int64 class indices.
+
+    Raises:
+        FileNotFoundError: a file is missing (the message says where to put it).
+        ValueError: the images and labels do not match.
     """
     root = Path(root)
     if (root / "MNIST" / "raw").is_dir():
@@ -92,6 +124,11 @@ def load_mnist(root: str | os.PathLike, train: bool = True, classes: tuple[int, 
 
 
 def torchvision_available() -> bool:
+    """Whether torchvision imports here (a torchvision built for another torch fails in many ways).
+
+    Returns:
+        True when ``import torchvision`` succeeds.
+    """
     try:
         import torchvision  # noqa: F401
     except Exception:  # noqa: BLE001 - a broken install raises all sorts of errors
@@ -101,10 +138,22 @@ def torchvision_available() -> bool:
 
 def load_mnist_torchvision(root: str | os.PathLike, train: bool = True,
                            classes: tuple[int, ...] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """MNIST through torchvision (which may download it into ``root``) where torchvision works."""
+    """MNIST through torchvision's dataset class, which may download it into ``root``.
+
+    Args:
+        root: where torchvision keeps (or downloads) MNIST.
+        train: the training images, else the test images.
+        classes: keep only these digits; None keeps all ten.
+
+    Returns:
+        ``(x, y)`` as :func:`load_mnist` returns them (float32 ``x``).
+
+    Raises:
+        RuntimeError: torchvision does not import here.
+    """
     if not torchvision_available():
-        raise RuntimeError("torchvision does not import here; install the 'torchvision' extra on a machine "
-                           "where it matches torch, or use load_mnist(root) on IDX files you have")
+        raise RuntimeError("torchvision does not import here; install the torchvision build that "
+                           "matches your torch (with --no-deps), or use load_mnist(root) on IDX files you have")
     from torchvision.datasets import MNIST
 
     ds = MNIST(str(root), train=train, download=True)
@@ -118,7 +167,23 @@ def load_mnist_torchvision(root: str | os.PathLike, train: bool = True,
 
 def load(name: str, root: str | os.PathLike = "data", train: bool = True,
          classes: tuple[int, ...] | None = None, size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``name`` is ``digits`` (embedded) or ``mnist`` (IDX files in ``root``, else torchvision)."""
+    """A data set by name, as the examples' ``--data`` option gives it.
+
+    Args:
+        name: ``"digits"`` (embedded) or ``"mnist"`` (IDX files in ``root``, else torchvision where it
+            imports).
+        root: the MNIST directory (ignored for the digits).
+        train: MNIST's training or test split (the digits have one split).
+        classes: keep only these classes; None keeps all.
+        size: the digits' image side (see :func:`load_digits`); ignored for MNIST.
+
+    Returns:
+        ``(x, y)``: flattened images in [0, 1] and int64 class indices.
+
+    Raises:
+        ValueError: an unknown name.
+        FileNotFoundError: MNIST files are missing and torchvision does not import.
+    """
     if name == "digits":
         return load_digits(classes=classes, size=size)
     if name == "mnist":
@@ -132,7 +197,19 @@ def load(name: str, root: str | os.PathLike = "data", train: bool = True,
 
 
 def balanced_subset(y: torch.Tensor, per_class: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Indices of ``per_class`` random samples of every class in ``y`` (a class-balanced probe batch)."""
+    """Indices of ``per_class`` random samples of every class in ``y``: a class-balanced probe batch.
+
+    Args:
+        y: class labels, one per sample.
+        per_class: how many samples of each class.
+        generator: the random generator (None: torch's global one).
+
+    Returns:
+        The indices, class by class in increasing class order.
+
+    Raises:
+        ValueError: a class has fewer than ``per_class`` samples.
+    """
     picks = []
     for c in torch.unique(y):
         idx = torch.nonzero(y == c).flatten()

@@ -20,7 +20,14 @@ __all__ = ["Schedule", "every", "log", "at", "as_schedule"]
 
 @dataclass(frozen=True)
 class every:  # noqa: N801 - reads as a function: every(10)
-    """Steps ``k, 2k, 3k, ...``."""
+    """Steps ``k, 2k, 3k, ...`` (step 0, the initialization, is measured at attach anyway).
+
+    Args:
+        k: the period in steps, a positive int.
+
+    Raises:
+        ValueError: ``k`` is not a positive int.
+    """
 
     k: int
 
@@ -34,7 +41,14 @@ class every:  # noqa: N801 - reads as a function: every(10)
 
 @dataclass(frozen=True)
 class at:  # noqa: N801
-    """Exactly the listed steps."""
+    """Exactly the listed steps.
+
+    Args:
+        steps: the steps at which to measure, non-negative ints in any order.
+
+    Raises:
+        ValueError: a step is not a non-negative int.
+    """
 
     steps: frozenset[int]
 
@@ -51,7 +65,15 @@ class at:  # noqa: N801
 @dataclass(frozen=True)
 class log:  # noqa: N801
     """Log-spaced steps ``max(start, round(10 ** (i / per_decade)))``, ``i = 0, 1, 2, ...``: at most
-    ``per_decade`` per decade. The default gives 1, 2, 3, 4, 6, 10, 16, 25, 40, 63, 100, 158, ...
+    ``per_decade`` per decade, dense early when kernels and gates move fastest. The default gives
+    1, 2, 3, 4, 6, 10, 16, 25, 40, 63, 100, 158, ...
+
+    Args:
+        per_decade: at most this many steps per factor of ten, a positive int.
+        start: no step before this one, a positive int.
+
+    Raises:
+        ValueError: ``per_decade`` or ``start`` is not a positive int.
     """
 
     per_decade: int = 5
@@ -75,7 +97,19 @@ class log:  # noqa: N801
 
 
 def as_schedule(value: object, who: str = "probe") -> Schedule:
-    """A positive int (``every(k)``) or a callable ``step -> bool``; anything else raises naming ``who``."""
+    """The schedule of a probe's ``every`` option.
+
+    Args:
+        value: a positive int (``every(k)``) or a callable ``step -> bool`` (returned as it is).
+        who: the name errors start with (the probe's).
+
+    Returns:
+        A callable ``step -> bool``.
+
+    Raises:
+        TypeError: ``value`` is None, a bool, a float or not callable.
+        ValueError: ``value`` is an int below 1.
+    """
     if isinstance(value, bool) or value is None:
         raise TypeError(f"{who}: option 'every' must be a positive int or a schedule (step -> bool), got {value!r}")
     if isinstance(value, int):
