@@ -1,20 +1,27 @@
 """Labelled figures for probe images and reports, drawn with matplotlib (Agg, no display, no pyplot).
 
-Every function returns the pixels of one figure as a uint8 ``(H, W, 3)`` array, what
+Every figure function returns the pixels of one figure as a uint8 ``(H, W, 3)`` array, what
 ``probes.records.Image`` carries (``png`` returns encoded bytes for the HTML report). Each figure has a
 title, labelled axes and a legend or colour bar where there is more than one series or a colour scale.
 
 Figures are only drawn at a probe's cadence (and, for the images, at its ``image_every``; see
-``ImageCadence``), never in a training step. They are kept small: about 560 x 400 pixels at 80 dpi, few
-colours for the heat maps (a quantised colour map), so that one PNG in an event file takes a few tens of KB.
-matplotlib is imported on the first figure, not when ``probes`` is imported.
+``ImageCadence``), and a probe hands them to the sinks as a ``probes.records.Drawing`` (the function and
+host copies of its arrays), so the TensorBoard sink draws them on its own thread while training goes on.
+They are drawn cheaply: fixed margins in pixels instead of a layout engine (text that would not fit is
+wrapped), no minor ticks on wide log axes, about 560 x 400 pixels at 80 dpi, few colours for the heat maps
+(a quantised colour map), so that one PNG in an event file takes a few tens of KB. Drawing holds one lock
+(``style()``): matplotlib's settings are global. matplotlib is imported on the first figure, not when
+``probes`` is imported.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
-from collections.abc import Sequence
+import textwrap
+import threading
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -32,13 +39,21 @@ TEACHER = "#000000"
 #: text sizes (points; 1 pt = 1.1 pixels at 80 dpi) large enough to read when TensorBoard shrinks an image
 STYLE = {"font.size": 12, "axes.titlesize": 12, "axes.labelsize": 12, "xtick.labelsize": 10.5,
          "ytick.labelsize": 10.5, "legend.fontsize": 10, "figure.facecolor": "white", "axes.titlelocation": "left"}
+#: pixels of one line of 12 pt text, and of an average character (DejaVu Sans), for the fixed margins
+LINE = 17
+CHAR = 7.6
+
+_LOCK = threading.RLock()
 
 
-def style() -> Any:
-    """The context in which every figure here is drawn (``matplotlib.rc_context(STYLE)``)."""
+@contextlib.contextmanager
+def style() -> Iterator[None]:
+    """The context in which every figure here is drawn: ``matplotlib.rc_context(STYLE)`` under the drawing
+    lock (matplotlib's settings are global, and the sinks draw on their own thread)."""
     import matplotlib
 
-    return matplotlib.rc_context(STYLE)
+    with _LOCK, matplotlib.rc_context(STYLE):
+        yield
 
 
 def _styled(draw: Any) -> Any:
@@ -51,19 +66,94 @@ def _styled(draw: Any) -> Any:
 
 
 def new_figure(width: int = 560, height: int = 400) -> Any:
-    """A matplotlib ``Figure`` of ``width x height`` pixels on an Agg canvas (constrained layout); draw it
-    inside ``with style():`` for the sizes the probes' figures use."""
+    """A matplotlib ``Figure`` of ``width x height`` pixels on an Agg canvas, without a layout engine (place
+    axes with ``frame``); draw it inside ``with style():`` for the sizes the probes' figures use."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(width / DPI, height / DPI), dpi=DPI, layout="constrained")
+    fig = Figure(figsize=(width / DPI, height / DPI), dpi=DPI)
     FigureCanvasAgg(fig)
     return fig
 
 
+def wrap(text: str, pixels: float, size: float = 1.0) -> str:
+    """``text`` broken into lines of at most ``pixels`` wide (estimated from the average character width of
+    the style's 12 pt text, times ``size``); existing line breaks are kept."""
+    width = max(8, int(pixels / (CHAR * size)))
+    return "\n".join(textwrap.fill(line, width, break_long_words=True, break_on_hyphens=False) or line
+                     for line in str(text).split("\n"))
+
+
+def place(fig: Any, ax: Any, title: str, xlabel: str, ylabel: str, *, left: float = 78, right: float = 16,
+          bottom: float = 48, top_extra: float = 0) -> None:
+    """Place ``ax`` at fixed margins (pixels) that leave room for the title (wrapped to the figure's width),
+    the tick labels and the axis labels (the y label wrapped to the axes' height), and set those texts.
+
+    Args:
+        fig: the figure.
+        ax: its axes.
+        title: the title (left-aligned with the figure's edge).
+        xlabel: the x label.
+        ylabel: the y label.
+        left: pixels left of the axes for the y tick labels and one line of y label.
+        right: pixels right of the axes.
+        bottom: pixels under the axes for the x tick labels and one line of x label.
+        top_extra: pixels between the title and the axes.
+    """
+    W, H = fig.bbox.width, fig.bbox.height
+    title = wrap(title, W - 16)
+    top = 10 + LINE * (title.count("\n") + 1) + top_extra
+    ylabel = wrap(ylabel, H - top - bottom)
+    left += LINE * ylabel.count("\n")
+    xlabel = wrap(xlabel, W - left - right)
+    bottom += LINE * xlabel.count("\n")
+    ax.set_position((left / W, bottom / H, max(W - left - right, 10) / W, max(H - bottom - top, 10) / H))
+    ax.set_title(title, loc="left", x=-(left - 8) / max(W - left - right, 10), y=1.0, pad=6)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+
+
+def frame(fig: Any, title: str, xlabel: str, ylabel: str, **margins: float) -> Any:
+    """New axes in ``fig`` placed by ``place`` (same arguments); returns the axes."""
+    ax = fig.add_axes((0.1, 0.1, 0.8, 0.8))
+    place(fig, ax, title, xlabel, ylabel, **margins)
+    return ax
+
+
+#: figures kept between draws (one per kind and size): their artists get new data instead of being built again
+_KEPT: dict[tuple, dict[str, Any]] = {}
+#: most figures kept at once (the oldest is dropped)
+MAX_KEPT = 16
+
+
+def _kept(key: tuple, build: Any) -> dict[str, Any]:
+    """The kept figure of ``key`` (``build()`` makes it the first time: a dict of the figure and its artists)."""
+    entry = _KEPT.pop(key, None)
+    if entry is None:
+        entry = build()
+        while len(_KEPT) >= MAX_KEPT:
+            _KEPT.pop(next(iter(_KEPT)))
+    _KEPT[key] = entry  # most recent last
+    return entry
+
+
+def _set_ticks(axis: Any, centres: Sequence[float] | None, names: Sequence[str] = ()) -> None:
+    """Fixed ticks with ``names`` at ``centres``, or (None) matplotlib's automatic integer ticks again."""
+    from matplotlib.ticker import FixedFormatter, FixedLocator, MaxNLocator, ScalarFormatter
+
+    if centres is None:
+        axis.set_major_locator(MaxNLocator(nbins="auto", steps=[1, 2, 2.5, 5, 10], integer=True))
+        axis.set_major_formatter(ScalarFormatter())
+        axis.set_tick_params(labelsize=STYLE["xtick.labelsize"])
+    else:
+        axis.set_major_locator(FixedLocator(list(centres)))
+        axis.set_major_formatter(FixedFormatter(list(names)))
+        axis.set_tick_params(labelsize=STYLE["xtick.labelsize"] if len(names) <= 12 else "x-small")
+
+
 def pixels(fig: Any, colors: int = 256) -> np.ndarray:
     """Draw ``fig`` and return its RGB pixels, uint8 ``(H, W, 3)``, reduced to at most ``colors`` colours
-    (median cut, no dithering: the eye sees no difference on a figure, and the TensorBoard sink then
+    (fast octree, no dithering: the eye sees no difference on a figure, and the TensorBoard sink then
     writes it as a palette PNG, a third of the size)."""
     from PIL import Image as PILImage
 
@@ -72,7 +162,7 @@ def pixels(fig: Any, colors: int = 256) -> np.ndarray:
     if colors:
         im = PILImage.fromarray(rgb)
         if im.getcolors(colors) is None:
-            im = im.quantize(colors, method=PILImage.Quantize.MEDIANCUT, dither=PILImage.Dither.NONE).convert("RGB")
+            im = im.quantize(colors, method=PILImage.Quantize.FASTOCTREE, dither=PILImage.Dither.NONE).convert("RGB")
             rgb = np.asarray(im).copy()
     return rgb
 
@@ -84,25 +174,32 @@ def png(fig: Any) -> bytes:
 
 def encode_png(pixels: np.ndarray) -> bytes:
     """PNG bytes of an (H, W, 3) uint8 array: a palette PNG when it has at most 256 colours (lossless, a third
-    of the size), else RGB."""
+    of the size), else RGB.
+
+    Args:
+        pixels: uint8 ``(H, W, 3)`` (or ``(H, W)`` grey).
+
+    Returns:
+        The PNG file's bytes.
+    """
     from PIL import Image as PILImage
 
     p = np.ascontiguousarray(pixels, dtype=np.uint8)
     if p.ndim == 2:
         p = np.stack([p] * 3, axis=-1)
-    h, w = p.shape[:2]
-    im = None
-    if h * w <= 16_000_000:
+    p = np.ascontiguousarray(p[..., :3])
+    im = PILImage.fromarray(p)
+    counted = im.getcolors(256)
+    if counted is not None:  # at most 256 colours: an exact palette
+        palette = np.array(sorted((r << 16) | (g << 8) | b for _, (r, g, b) in counted), dtype=np.uint32)
         flat = (p[..., 0].astype(np.uint32) << 16) | (p[..., 1].astype(np.uint32) << 8) | p[..., 2]
-        palette, index = np.unique(flat.reshape(-1), return_inverse=True)
-        if palette.size <= 256:
-            im = PILImage.frombytes("P", (w, h), index.astype(np.uint8).tobytes())
-            rgb = np.stack([(palette >> 16) & 255, (palette >> 8) & 255, palette & 255], axis=1).astype(np.uint8)
-            im.putpalette(rgb.reshape(-1).tolist())
-    if im is None:
-        im = PILImage.fromarray(np.ascontiguousarray(p[..., :3]))
+        index = np.searchsorted(palette, flat).astype(np.uint8)
+        h, w = p.shape[:2]
+        im = PILImage.frombytes("P", (w, h), index.tobytes())
+        rgb = np.stack([(palette >> 16) & 255, (palette >> 8) & 255, palette & 255], axis=1).astype(np.uint8)
+        im.putpalette(rgb.reshape(-1).tolist())
     buf = io.BytesIO()
-    im.save(buf, format="PNG", optimize=True)
+    im.save(buf, format="PNG", compress_level=6)
     return buf.getvalue()
 
 
@@ -117,37 +214,168 @@ def _finite_positive(v: np.ndarray) -> np.ndarray:
     return v[np.isfinite(v) & (v > 0)]
 
 
+def _log_ticks(axis: Any, lo: float, hi: float) -> None:
+    """Ticks of a log axis labelled as plain text (``10⁻⁵``: no mathtext to parse); over more than a decade and
+    a half, major ticks only (minor ticks, their labels and a minor grid cost more to draw than everything
+    else and add nothing to read there)."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter, NullLocator
+
+    axis.set_major_locator(LogLocator(base=10, numticks=8))
+    axis.set_major_formatter(FuncFormatter(_power_of_ten))
+    if hi > 0 and lo > 0 and hi / lo > 30:
+        axis.set_minor_locator(NullLocator())
+        axis.set_minor_formatter(NullFormatter())
+    else:
+        axis.set_minor_locator(LogLocator(base=10, subs=(2.0, 5.0), numticks=8))
+        axis.set_minor_formatter(FuncFormatter(_power_of_ten))
+
+
+_SUPERSCRIPT = str.maketrans("-0123456789", "\u207b\u2070\u00b9\u00b2\u00b3\u2074\u2075\u2076\u2077\u2078\u2079")
+
+
+def _power_of_ten(value: float, _pos: Any = None) -> str:
+    """A log tick's label as plain text, ``10⁻⁵`` (no mathtext to parse)."""
+    if not value > 0 or not np.isfinite(value):
+        return ""
+    e = np.log10(value)
+    if abs(e - round(e)) > 1e-6:
+        return f"{value:.2g}"
+    return "10" + str(int(round(e))).translate(_SUPERSCRIPT)
+
+
+def _single_point_axis(ax: Any, xs: np.ndarray) -> None:
+    """A sensible x axis when every point has the same x: from 0 (or -1) to twice it, integer ticks."""
+    from matplotlib.ticker import MaxNLocator
+
+    x = float(xs[0])
+    lo, hi = (0.0, 2 * x) if x > 0 else ((2 * x, 0.0) if x < 0 else (-1.0, 1.0))
+    ax.set_xlim(lo, hi)
+    ax.xaxis.set_major_locator(MaxNLocator(nbins=4, integer=True))
+
+
 # -- line plots --------------------------------------------------------------------------------------
-def line_axes(ax: Any, series: Sequence[tuple[str, Any, Any]], *, title: str, xlabel: str, ylabel: str,
-              logx: bool = False, logy: bool = False, ylim: tuple[float, float] | None = None,
-              markers: bool | None = None, title_size: float | None = None) -> None:
-    """Draw ``series = [(label, x, y), ...]`` in ``ax`` with a title, axis labels, a grid and a legend when
-    there is more than one series. ``markers=None`` puts a dot on every point of short series."""
+#: at most this many series get a line of their own; the rest become one "others" band (``line_axes``)
+MAX_LINES = 6
+
+
+def _others_band(ax: Any, rest: Sequence[tuple[str, Any, Any]]) -> None:
+    """The range (min to max at each step) of the series in ``rest``, as one grey band."""
+    xs = np.unique(np.concatenate([np.asarray(x, dtype=np.float64) for _, x, _ in rest]))
+    ys = []
+    for _, x, y in rest:
+        x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+        ok = np.isfinite(y)
+        if ok.sum():
+            ys.append(np.interp(xs, x[ok], y[ok], left=np.nan, right=np.nan))
+    if not ys:
+        return
+    with np.errstate(all="ignore"):
+        stack = np.vstack(ys)
+        lo, hi = np.nanmin(stack, axis=0), np.nanmax(stack, axis=0)
+    ax.fill_between(xs, lo, hi, color="#999999", alpha=0.35, lw=0, label=f"{len(rest)} others (min to max)")
+
+
+def line_axes(ax: Any, series: Sequence[tuple[str, Any, Any]], *, title: str | None = None,
+              xlabel: str | None = None, ylabel: str | None = None, logx: bool = False, logy: bool = False,
+              ylim: tuple[float, float] | None = None, markers: bool | None = None,
+              title_size: float | None = None, max_lines: int = MAX_LINES) -> None:
+    """Draw ``series = [(label, x, y), ...]`` in ``ax`` with a grid and a legend when there is more than one
+    series (and the title and axis labels when given).
+
+    More than ``max_lines`` series: the ``max_lines`` with the largest last finite value get a line each (in
+    distinct colours), the others one grey band from their minimum to their maximum. Series without any
+    finite value are named in a note instead of drawn; a chart without any says so in words. When every
+    point has the same x, the x axis runs from 0 to twice it.
+
+    Args:
+        ax: matplotlib axes.
+        series: ``(label, x, y)`` triples.
+        title: the axes' title (None: leave it).
+        xlabel: the x label (None: leave it).
+        ylabel: the y label (None: leave it).
+        logx: log x axis.
+        logy: log y axis.
+        ylim: y limits.
+        markers: a dot on every point (None: on series of fewer than 40 points).
+        title_size: the title's font size.
+        max_lines: series drawn as lines before the rest become a band.
+    """
+    clean, empty = [], []
     for label, x, y in series:
-        x = np.asarray(x, dtype=np.float64)
-        y = np.asarray(y, dtype=np.float64)
+        x = np.asarray(x, dtype=np.float64).ravel()
+        y = np.asarray(y, dtype=np.float64).ravel()
+        (clean if np.isfinite(y).any() else empty).append((label, x, y))
+    last = lambda s: s[2][np.isfinite(s[2])][-1]  # noqa: E731
+    lines, rest = clean, []
+    if len(clean) > max_lines:
+        ranked = sorted(clean, key=last, reverse=True)
+        lines, rest = ranked[:max_lines], ranked[max_lines:]
+    colors = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
+              "#bcbd22", "#17becf"]
+    for i, (label, x, y) in enumerate(lines):
         dots = markers if markers is not None else x.size < 40
-        ax.plot(x, y, lw=1.4, marker="." if dots else None, ms=5, label=label)
+        ax.plot(x, y, lw=1.4, marker="." if dots or x.size == 1 else None, ms=5 if x.size > 1 else 9, label=label,
+                color=colors[i % len(colors)])
+    if rest:
+        _others_band(ax, rest)
     if logx:
         ax.set_xscale("log")
+    finite = np.concatenate([y[np.isfinite(y)] for _, _, y in clean]) if clean else np.zeros(0)
     if logy:
         ax.set_yscale("log")
+        pos = finite[finite > 0]
+        if pos.size:
+            _log_ticks(ax.yaxis, float(pos.min()), float(pos.max()))
     if ylim is not None:
         ax.set_ylim(*ylim)
-    ax.set_title(title, fontsize=title_size) if title_size else ax.set_title(title)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.grid(alpha=0.3, which="both" if logy else "major")
-    if len(series) > 1:
-        ax.legend(loc="best")
+    xs = np.concatenate([x[np.isfinite(x)] for _, x, _ in clean]) if clean else np.zeros(0)
+    if xs.size and np.all(xs == xs[0]):
+        _single_point_axis(ax, xs)
+    if finite.size and np.all(finite == finite[0]) and ylim is None and not logy:
+        v = float(finite[0])
+        d = max(abs(v) * 0.5, 0.5) if v else 0.5
+        ax.set_ylim(v - d, v + d)
+    if title is not None:
+        ax.set_title(title, fontsize=title_size) if title_size else ax.set_title(title)
+    if xlabel is not None:
+        ax.set_xlabel(xlabel)
+    if ylabel is not None:
+        ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3, which="major")
+    if not clean:
+        n = sum(y.size for _, _, y in empty)
+        ax.text(0.5, 0.5, f"no finite value to draw: all {n} points are NaN or infinite", transform=ax.transAxes,
+                ha="center", va="center", wrap=True)
+        ax.set_yticks([])
+    elif empty:
+        names = ", ".join(label for label, _, _ in empty[:3]) + (" ..." if len(empty) > 3 else "")
+        ax.text(0.01, 0.01, f"only NaN / inf, not drawn: {names}", transform=ax.transAxes, fontsize=9,
+                color="#777777")
+    if len(lines) + bool(rest) > 1:
+        ax.legend(loc="best", fontsize=9, framealpha=0.8)
 
 
 @_styled
 def line_plot(series: Sequence[tuple[str, Any, Any]], *, title: str, xlabel: str, ylabel: str,
               logx: bool = False, logy: bool = False, width: int = 560, height: int = 400) -> np.ndarray:
-    """Pixels of a line plot of ``series = [(label, x, y), ...]`` (legend when more than one)."""
+    """Pixels of a line plot of ``series = [(label, x, y), ...]`` (legend when more than one; see
+    ``line_axes``).
+
+    Args:
+        series: ``(label, x, y)`` triples.
+        title: the title.
+        xlabel: the x label.
+        ylabel: the y label.
+        logx: log x axis.
+        logy: log y axis.
+        width: pixels.
+        height: pixels.
+
+    Returns:
+        uint8 ``(height, width, 3)``.
+    """
     fig = new_figure(width, height)
-    line_axes(fig.add_subplot(), series, title=title, xlabel=xlabel, ylabel=ylabel, logx=logx, logy=logy)
+    line_axes(frame(fig, title, xlabel, ylabel), series, logx=logx, logy=logy)
     return pixels(fig)
 
 
@@ -157,30 +385,58 @@ def spectrum_figure(now: Any, init: Any = None, *, step: int | None = None, init
                     height: int = 400) -> np.ndarray:
     """Eigenvalues against their rank (1 = largest), log y: ``now`` and, when given, ``init``.
 
-    Only positive eigenvalues can be drawn on a log axis; the legend says how many each curve has.
+    Only positive eigenvalues can be drawn on a log axis; the legend says how many each curve has. The figure
+    is kept and its lines updated at the next call.
+
+    Args:
+        now: the eigenvalues now.
+        init: the eigenvalues at the first measurement (dashed), or None.
+        step: the step of ``now``.
+        init_step: the step of ``init``.
+        title: the title.
+        ylabel: the y label.
+        width: pixels.
+        height: pixels.
+
+    Returns:
+        uint8 ``(height, width, 3)``.
     """
-    fig = new_figure(width, height)
-    ax = fig.add_subplot()
-    drawn = 0
-    for values, what, s, style in ((now, "now", step, "-"), (init, "initialization", init_step, "--")):
-        if values is None:
-            continue
-        v = np.sort(_finite_positive(values))[::-1]
-        n = np.asarray(values).size
-        at = f"step {s}, " if s is not None else ""
-        label = f"{what} ({at}{v.size} of {n} > 0)"
+    def build() -> dict[str, Any]:
+        fig = new_figure(width, height)
+        ax = fig.add_axes((0.1, 0.1, 0.8, 0.8))
+        lines = [ax.plot([], [], dash, lw=1.6)[0] for dash in ("-", "--")]
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3, which="major")
+        note = ax.text(0.5, 0.5, "no positive eigenvalue", transform=ax.transAxes, ha="center")
+        return {"fig": fig, "ax": ax, "lines": lines, "note": note}
+
+    k = _kept(("spectrum", width, height), build)
+    fig, ax = k["fig"], k["ax"]
+    place(fig, ax, title, "rank k (1 = largest eigenvalue)", ylabel)
+    handles, lo, hi = [], np.inf, 0.0
+    for line, (values, what, s) in zip(k["lines"], ((now, "now", step), (init, "initialization", init_step))):
+        v = np.sort(_finite_positive(values))[::-1] if values is not None else np.zeros(0)
+        line.set_data(np.arange(1, v.size + 1), v)
+        line.set_visible(bool(v.size))
+        line.set_marker("." if 0 < v.size < 3 else "None")
         if v.size:
-            ax.plot(np.arange(1, v.size + 1), v, style, lw=1.6, label=label)
-            drawn += 1
-    ax.set_yscale("log")
-    ax.set_xlabel("rank k (1 = largest eigenvalue)")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.grid(alpha=0.3, which="both")
-    if drawn:
-        ax.legend(loc="upper right")
+            at = f"step {s}, " if s is not None else ""
+            line.set_label(f"{what} ({at}{v.size} of {np.asarray(values).size} > 0)")
+            handles.append(line)
+            lo, hi = min(lo, float(v[-1])), max(hi, float(v[0]))
+    k["note"].set_visible(not handles)
+    if ax.get_legend() is not None:
+        ax.get_legend().remove()
+    if handles:
+        n = max(len(line.get_xdata()) for line in handles)
+        ax.set_xlim(0.5 - 0.02 * n, n + 0.5 + 0.02 * n)
+        ax.set_ylim(lo / 10 ** (0.05 * np.log10(hi / lo) + 0.05), hi * 10 ** (0.05 * np.log10(hi / lo) + 0.05))
+        _log_ticks(ax.yaxis, lo, hi)
+        ax.legend(handles=handles, loc="upper right")
     else:
-        ax.text(0.5, 0.5, "no positive eigenvalue", transform=ax.transAxes, ha="center")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0.1, 10)
+        _log_ticks(ax.yaxis, 0.1, 10)
     return pixels(fig)
 
 
@@ -193,72 +449,112 @@ def particles_figure(current: np.ndarray, trails: np.ndarray, sign: np.ndarray |
     teacher rows (M x 2) as black lines through the origin with a ring at each row, axes ``[-limit, limit]``.
 
     ``sign`` (m bools, ``a_j >= 0``) colours particles red / blue (None: one colour); ``teacher_sign`` colours
-    the teacher lines the same way (None: black).
+    the teacher lines the same way (None: black). The figure is kept and its artists updated at the next call.
+
+    Args:
+        current: m x 2 positions.
+        trails: k x m x 2 earlier positions, oldest first.
+        sign: m bools, or None.
+        teacher: M x 2 teacher rows.
+        teacher_sign: M bools, or None.
+        limit: half the width of the square shown.
+        title: the title.
+        axis_labels: the x and y labels.
+        size: pixels of the square figure.
+        legend: draw the legend under the axes.
+
+    Returns:
+        uint8 ``(size, size, 3)``.
     """
     from matplotlib.collections import LineCollection
     from matplotlib.lines import Line2D
 
-    fig = new_figure(size, size)
-    ax = fig.add_subplot()
-    lim = float(limit) if limit > 0 and np.isfinite(limit) else 1.0
+    def build() -> dict[str, Any]:
+        fig = new_figure(size, size)
+        ax = fig.add_axes((0.1, 0.1, 0.8, 0.8))
+        ax.axhline(0.0, color="#dddddd", lw=0.8, zorder=0)
+        ax.axvline(0.0, color="#dddddd", lw=0.8, zorder=0)
+        trail = ax.add_collection(LineCollection([], linewidths=0.8, alpha=0.3, zorder=1), autolim=False)
+        tlines = ax.add_collection(LineCollection([], linewidths=1.0, zorder=2), autolim=False)
+        rings = ax.scatter(np.zeros(0), np.zeros(0), s=90, facecolors="white", edgecolors=TEACHER, linewidths=1.5,
+                           zorder=3)
+        dots = ax.scatter(np.zeros(0), np.zeros(0), s=14, edgecolors="none", zorder=4)
+        ax.set_aspect("auto")
+        return {"fig": fig, "ax": ax, "trail": trail, "tlines": tlines, "rings": rings, "dots": dots, "legend": None}
+
+    k = _kept(("particles", size), build)
+    fig, ax = k["fig"], k["ax"]
     cur = np.asarray(current, dtype=np.float64).reshape(-1, 2)
     m = cur.shape[0]
-    if sign is None:
-        colors = np.array([UNSIGNED] * m, dtype=object)
-    else:
-        colors = np.where(np.asarray(sign, dtype=bool), POSITIVE, NEGATIVE).astype(object)
-    ax.axhline(0.0, color="#dddddd", lw=0.8, zorder=0)
-    ax.axvline(0.0, color="#dddddd", lw=0.8, zorder=0)
+    teacher = np.asarray(teacher, dtype=np.float64).reshape(-1, 2)
+    lim = float(limit) if limit > 0 and np.isfinite(limit) else 1.0
+    colors = np.array([UNSIGNED] * m, dtype=object) if sign is None else \
+        np.where(np.asarray(sign, dtype=bool), POSITIVE, NEGATIVE).astype(object)
     handles: list[Any] = []
     hist = np.asarray(trails, dtype=np.float64).reshape(-1, m, 2) if m else np.zeros((0, 0, 2))
     path = np.concatenate([hist, cur[None]], axis=0) if hist.shape[0] else cur[None]
     if path.shape[0] > 1 and m:
-        lines = [path[:, j] for j in range(m)]
-        ax.add_collection(LineCollection(lines, colors=list(colors), linewidths=0.8, alpha=0.3, zorder=1))
+        k["trail"].set_segments([path[:, j] for j in range(m)])
+        k["trail"].set_color(list(colors))
         handles.append(Line2D([], [], color="#999999", lw=1, label="trail since attach"))
-    teacher = np.asarray(teacher, dtype=np.float64).reshape(-1, 2)
+    else:
+        k["trail"].set_segments([])
     if teacher.shape[0]:
         norm = np.linalg.norm(teacher, axis=1)
         ok = norm > 0
         ends = teacher[ok] / norm[ok, None] * lim * 1.5
-        if teacher_sign is not None:
-            tcol = np.where(np.asarray(teacher_sign, dtype=bool)[ok], "#7f1010", "#0f3b5a")
-        else:
-            tcol = np.array([TEACHER] * int(ok.sum()))
-        for (ex, ey), c in zip(ends, tcol):
-            ax.plot([-ex, ex], [-ey, ey], color=c, lw=1.0, zorder=2)
-        ax.scatter(teacher[:, 0], teacher[:, 1], s=90, facecolors="white", edgecolors=TEACHER, linewidths=1.5,
-                   zorder=3)
+        tcol = list(np.where(np.asarray(teacher_sign, dtype=bool)[ok], "#7f1010", "#0f3b5a")) \
+            if teacher_sign is not None else [TEACHER] * int(ok.sum())
+        k["tlines"].set_segments([np.array([[-ex, -ey], [ex, ey]]) for ex, ey in ends])
+        k["tlines"].set_color(tcol)
         handles.append(Line2D([], [], color=TEACHER, lw=1, marker="o", mfc="white", ms=8,
                               label="teacher line (ring: unit)"))
+    else:
+        k["tlines"].set_segments([])
+    k["rings"].set_offsets(teacher)
     ok = np.isfinite(cur).all(axis=1)
-    ax.scatter(cur[ok, 0], cur[ok, 1], s=14, c=list(colors[ok]), edgecolors="none", zorder=4)
+    k["dots"].set_offsets(cur[ok])
+    k["dots"].set_facecolor(list(colors[ok]))
     if sign is None:
         handles.append(Line2D([], [], ls="", marker="o", color=UNSIGNED, label="hidden unit j"))
     else:
         handles += [Line2D([], [], ls="", marker="o", color=POSITIVE, label="a_j >= 0"),
                     Line2D([], [], ls="", marker="o", color=NEGATIVE, label="a_j < 0")]
+    legend_rows = -(-len(handles) // 2) if legend else 0
+    title_lines = wrap(title, size - 16).count("\n") + 1
+    side = max(size - 48 - LINE * legend_rows - 10 - LINE * title_lines, 60)  # the axes stay square
+    left = max(56.0, (size - side) / 2)
+    place(fig, ax, title, axis_labels[0], axis_labels[1], left=left, right=size - left - side,
+          bottom=48 + LINE * legend_rows)
     ax.set_xlim(-lim, lim)
     ax.set_ylim(-lim, lim)
-    ax.set_aspect("equal")
-    ax.set_xlabel(axis_labels[0])
-    ax.set_ylabel(axis_labels[1])
-    ax.set_title(title)
+    if k["legend"] is not None:
+        k["legend"].remove()
+        k["legend"] = None
     if legend:
-        fig.legend(handles=handles, loc="outside lower center", ncol=2, fontsize="small", frameon=False)
+        k["legend"] = fig.legend(handles=handles, loc="lower center", ncol=2, fontsize="small", frameon=False,
+                                 bbox_to_anchor=(0.5, 0.0))
     return pixels(fig)
 
 
 # -- matrices ----------------------------------------------------------------------------------------
-def _mark_groups(ax: Any, starts: Sequence[int], names: Sequence[str], n: int, axis: str, color: str) -> None:
-    """Lines between label groups along ``axis`` ("x" or "y") and a tick with the group's name at its centre."""
+def _group_lines(starts: Sequence[int], axis: str) -> list[np.ndarray]:
+    """Segments between label groups along ``axis`` ("x": vertical lines), in data units, long enough to cross
+    any axes."""
+    big = 1e9
+    if axis == "x":
+        return [np.array([[s - 0.5, -big], [s - 0.5, big]]) for s in starts]
+    return [np.array([[-big, s - 0.5], [big, s - 0.5]]) for s in starts]
+
+
+def _group_ticks(axis: Any, starts: Sequence[int], names: Sequence[str], n: int) -> None:
+    """A tick with the group's name at the centre of each label group (automatic ticks without names)."""
     edges = [0, *starts, n]
     centres = [(a + b) / 2 - 0.5 for a, b in zip(edges[:-1], edges[1:])]
-    for s in starts:
-        (ax.axvline if axis == "x" else ax.axhline)(s - 0.5, color=color, lw=1.0)
     if names and len(names) == len(centres) and len(names) <= 40:
-        setter = ax.set_xticks if axis == "x" else ax.set_yticks
-        setter(centres, list(names), fontsize=None if len(names) <= 12 else "x-small")
+        _set_ticks(axis, centres, names)
+    else:
+        _set_ticks(axis, None)
 
 
 @_styled
@@ -267,24 +563,56 @@ def gates_figure(gates: np.ndarray, starts: Sequence[int] = (), names: Sequence[
                  ) -> np.ndarray:
     """A ``P x units`` 0/1 gate matrix drawn units (y) by samples (x), samples in the given order; ``starts``
     are the sample positions where a new label group begins (a white line), ``names`` the groups' labels.
-    Values between 0 and 1 (open fractions of blocks of gates, ``total`` gates in all) shade between the two."""
-    from matplotlib.colors import LinearSegmentedColormap
+    Values between 0 and 1 (open fractions of blocks of gates, ``total`` gates in all) shade between the two.
+    The figure is kept and its artists updated at the next call.
+
+    Args:
+        gates: ``P x units`` in [0, 1].
+        starts: sample positions where a label group begins.
+        names: the groups' labels.
+        title: the title.
+        unit_label: what a row is (the y label says how many).
+        width: pixels.
+        height: pixels.
+        total: the number of gates (when rows are blocks of gates).
+
+    Returns:
+        uint8 ``(height, width, 3)``.
+    """
+    from matplotlib.collections import LineCollection
+    from matplotlib.colors import ListedColormap
     from matplotlib.patches import Patch
 
-    g = np.asarray(gates, dtype=np.float32).reshape(np.asarray(gates).shape[0], -1)
-    P, U = g.shape
-    fig = new_figure(width, height)
-    ax = fig.add_subplot()
     closed, open_ = "#2b2b50", "#f2d64b"
-    ax.imshow(g.T, aspect="auto", interpolation="nearest", cmap=LinearSegmentedColormap.from_list(
-              "gates", [closed, open_]), vmin=0, vmax=1, origin="lower", extent=(-0.5, P - 0.5, -0.5, U - 0.5))
-    U = total if total is not None else U
-    _mark_groups(ax, starts, names, P, "x", "white")
-    ax.set_xlabel(f"probe sample ({P}, grouped by label)" if starts or names else f"probe sample ({P})")
-    ax.set_ylabel(f"{unit_label} ({U})")
-    ax.set_title(title)
-    fig.legend(handles=[Patch(color=open_, label="open (pre > 0)"), Patch(color=closed, label="closed")],
-               loc="outside right upper")
+
+    def build() -> dict[str, Any]:
+        fig = new_figure(width, height)
+        ax = fig.add_axes((0.1, 0.1, 0.8, 0.8))
+        c0, c1 = np.array([0x2b, 0x2b, 0x50]) / 255, np.array([0xf2, 0xd6, 0x4b]) / 255
+        cmap = ListedColormap(c0 + (c1 - c0) * np.linspace(0, 1, LEVELS)[:, None])
+        im = ax.imshow(np.zeros((2, 2)), aspect="auto", interpolation="nearest", cmap=cmap, vmin=0, vmax=1,
+                       origin="lower")
+        groups = ax.add_collection(LineCollection([], colors="white", linewidths=1.0), autolim=False)
+        legend = fig.legend(handles=[Patch(color=open_, label="open (pre > 0)"), Patch(color=closed, label="closed")],
+                            loc="upper right", frameon=False)
+        return {"fig": fig, "ax": ax, "im": im, "groups": groups, "legend": legend}
+
+    k = _kept(("gates", width, height), build)
+    fig, ax = k["fig"], k["ax"]
+    g = np.asarray(gates, dtype=np.float32).reshape(np.asarray(gates).shape[0], -1)
+    P, rows = g.shape
+    U = total if total is not None else rows
+    xlabel = f"probe sample ({P}, grouped by label)" if starts or names else f"probe sample ({P})"
+    place(fig, ax, title, xlabel, f"{unit_label} ({U})", right=150)
+    k["im"].set_data(g.T)
+    k["im"].set_extent((-0.5, P - 0.5, -0.5, rows - 0.5))
+    k["groups"].set_segments(_group_lines(starts, "x"))
+    _group_ticks(ax.xaxis, starts, names, P)
+    _set_ticks(ax.yaxis, None)
+    ax.set_xlim(-0.5, P - 0.5)
+    ax.set_ylim(-0.5, rows - 0.5)
+    k["legend"].set_bbox_to_anchor((1.0, 1 - (10 + LINE * (wrap(title, width - 16).count("\n") + 1)) / height),
+                                   transform=fig.transFigure)
     return pixels(fig)
 
 
@@ -293,26 +621,64 @@ def matrix_figure(matrix: np.ndarray, starts: Sequence[int] = (), names: Sequenc
                   colorbar_label: str, xlabel: str = "probe sample j", ylabel: str = "probe sample i",
                   vmin: float | None = None, vmax: float | None = None, width: int = 500,
                   height: int = 420) -> np.ndarray:
-    """A square matrix as a heat map (rows top to bottom) with a labelled colour bar; ``starts`` / ``names``
-    mark label groups on both axes."""
+    """A matrix as a heat map (rows top to bottom; a square one in square axes) with a labelled colour bar;
+    ``starts`` / ``names`` mark label groups on both axes. The figure is kept and its artists updated at the
+    next call.
+
+    Args:
+        matrix: ``n x m``.
+        starts: positions where a label group begins.
+        names: the groups' labels.
+        title: the title.
+        colorbar_label: what the colours mean.
+        xlabel: the x label.
+        ylabel: the y label.
+        vmin: the colour scale's low end (None: the smallest finite entry).
+        vmax: its high end (None: the largest).
+        width: pixels.
+        height: pixels.
+
+    Returns:
+        uint8 ``(height, width, 3)``.
+    """
+    from matplotlib.collections import LineCollection
+
+    def build() -> dict[str, Any]:
+        fig = new_figure(width, height)
+        ax = fig.add_axes((0.1, 0.1, 0.8, 0.8))
+        im = ax.imshow(np.zeros((2, 2)), interpolation="nearest", cmap=_cmap(), aspect="auto")
+        xg = ax.add_collection(LineCollection([], colors="white", linewidths=1.0), autolim=False)
+        yg = ax.add_collection(LineCollection([], colors="white", linewidths=1.0), autolim=False)
+        cax = fig.add_axes((0.9, 0.1, 0.02, 0.8))
+        bar = fig.colorbar(im, cax=cax)
+        return {"fig": fig, "ax": ax, "im": im, "xg": xg, "yg": yg, "cax": cax, "bar": bar}
+
+    k = _kept(("matrix", width, height), build)
+    fig, ax = k["fig"], k["ax"]
     m = np.asarray(matrix, dtype=np.float64)
-    n = m.shape[0]
-    fig = new_figure(width, height)
-    ax = fig.add_subplot()
+    n, cols = m.shape[0], m.shape[1]
+    place(fig, ax, title, xlabel, ylabel, right=90)
     finite = m[np.isfinite(m)]
     lo = vmin if vmin is not None else (float(finite.min()) if finite.size else 0.0)
     hi = vmax if vmax is not None else (float(finite.max()) if finite.size else 1.0)
     if not hi > lo:
         hi = lo + 1.0
-    im = ax.imshow(m, interpolation="nearest", cmap=_cmap(), vmin=lo, vmax=hi,
-                   extent=(-0.5, m.shape[1] - 0.5, n - 0.5, -0.5))
-    _mark_groups(ax, starts, names, m.shape[1], "x", "white")
-    _mark_groups(ax, starts, names, n, "y", "white")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    bar = fig.colorbar(im, ax=ax, shrink=0.9)
-    bar.set_label(colorbar_label)
+    k["im"].set_data(m)
+    k["im"].set_extent((-0.5, cols - 0.5, n - 0.5, -0.5))
+    k["im"].set_clim(lo, hi)
+    k["xg"].set_segments(_group_lines(starts, "x"))
+    k["yg"].set_segments(_group_lines(starts, "y"))
+    _group_ticks(ax.xaxis, starts, names, cols)
+    _group_ticks(ax.yaxis, starts, names, n)
+    ax.set_xlim(-0.5, cols - 0.5)
+    ax.set_ylim(n - 0.5, -0.5)
+    x0, y0, w, h = ax.get_position().bounds
+    if n == cols:  # a square matrix in square axes, under the title
+        side = min(w * width, h * height)
+        y0, w, h = y0 + h - side / height, side / width, side / height
+        ax.set_position((x0, y0, w, h))
+    k["cax"].set_position((x0 + w + 12 / width, y0, 14 / width, h))
+    k["bar"].set_label(wrap(colorbar_label, h * height))
     return pixels(fig)
 
 

@@ -17,7 +17,7 @@ from torch import nn
 
 from probes.engine.inputs import Positional, call_model, sample_count, select_output
 from probes.functional.labels import label_matrix
-from probes.records import Record
+from probes.records import Chart, Record
 
 #: activation kinds whose zeros mean "gate closed" (module class names, lower case, and functional names)
 RELU_FAMILY = frozenset({"relu", "relu6", "leakyrelu", "leaky_relu", "prelu", "rrelu"})
@@ -184,6 +184,9 @@ class Probe:
     needs_probe_data: ClassVar[bool] = True
     #: extra module types to treat as sites (beyond the activation modules), e.g. ``(nn.MaxPool2d,)``
     site_types: ClassVar[tuple[type[nn.Module], ...]] = ()
+    #: chart groups of this probe's scalar tags that are not ``<probe>/<site>/<quantity>`` (``probes.records.Chart``):
+    #: the sinks and the report draw each group in one chart (sites of one quantity are grouped without it)
+    charts: ClassVar[tuple[Chart, ...]] = ()
 
     # -- declared state ---------------------------------------------------------------
     def add_state(self, name: str, default: Any, reduce: str | None = "sum", window: bool = True) -> None:

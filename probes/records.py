@@ -7,8 +7,10 @@ them to the host once, when it writes, so a probe never forces a host sync.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Union
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Union
 
 import numpy as np
 import torch
@@ -97,15 +99,103 @@ class Histogram:
                          t(h["min"]), t(h["max"]), torch.as_tensor(h["nonfinite"]), self.step)
 
 
-@dataclass
-class Image:
-    """An RGB image, ``pixels`` a uint8 array of shape (H, W, 3) (or a float array in [0, 1])."""
+def _host_copy(value: Any) -> Any:
+    """A host copy of an array argument (a tensor becomes a numpy array), so that later in-place changes by the
+    probe cannot reach a figure that is drawn later; other values as they are."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().numpy().copy()
+    if isinstance(value, np.ndarray):
+        return value.copy()
+    return value
 
-    tag: str
-    pixels: np.ndarray = field(repr=False)
-    step: int | None = None
+
+class Drawing:
+    """A figure to draw later: ``draw(*args, **kwargs)`` returns its pixels, uint8 ``(H, W, 3)``.
+
+    The arguments are host values (numpy arrays, numbers, strings) copied when the probe measures, so a
+    sink can draw on another thread while training goes on. The pixels are drawn once, on the first
+    ``result()``, and kept (the arguments are then dropped); every copy of an ``Image`` shares them.
+    """
+
+    __slots__ = ("draw", "args", "kwargs", "_pixels", "_error", "_lock")
+
+    def __init__(self, draw: Callable[..., np.ndarray], *args: Any, **kwargs: Any) -> None:
+        self.draw = draw
+        self.args = tuple(_host_copy(a) for a in args)
+        self.kwargs = {k: _host_copy(v) for k, v in kwargs.items()}
+        self._pixels: np.ndarray | None = None
+        self._error: BaseException | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def done(self) -> bool:
+        """Whether the pixels were drawn (or the drawing failed)."""
+        return self._pixels is not None or self._error is not None
+
+    def result(self) -> np.ndarray:
+        """The pixels, drawn on the first call (in the calling thread).
+
+        Raises:
+            Exception: what drawing raised (again on every later call).
+        """
+        with self._lock:
+            if self._pixels is None and self._error is None:
+                try:
+                    self._pixels = np.asarray(self.draw(*self.args, **self.kwargs))
+                except Exception as exc:
+                    self._error = exc
+                finally:
+                    self.args, self.kwargs = (), {}
+            if self._error is not None:
+                raise self._error
+            return self._pixels
+
+    def __repr__(self) -> str:
+        name = getattr(self.draw, "__qualname__", repr(self.draw))
+        return f"Drawing({name}, {'drawn' if self.done else 'pending'})"
+
+
+class Image:
+    """An RGB image, ``pixels`` a uint8 array of shape (H, W, 3) (or a float array in [0, 1]).
+
+    ``pixels`` may be given as a ``Drawing``: the figure is then drawn when a sink (or a reader) first asks
+    for the pixels, on the sink's drawing thread for the TensorBoard sink, so a measurement does not wait
+    for matplotlib.
+
+    Args:
+        tag: ``probe/...``.
+        pixels: the pixels, or a ``Drawing`` that returns them.
+        step: the step (stamped by the session).
+    """
+
+    __slots__ = ("tag", "step", "_source")
+
+    def __init__(self, tag: str, pixels: np.ndarray | Drawing, step: int | None = None) -> None:
+        self.tag, self.step = tag, step
+        self._source = pixels
+
+    @property
+    def drawing(self) -> Drawing | None:
+        """The pending ``Drawing`` (None once the pixels are given or drawn)."""
+        src = self._source
+        return src if isinstance(src, Drawing) and not src.done else None
+
+    @property
+    def pixels(self) -> np.ndarray:
+        """The pixels (drawn now, in the calling thread, when they were deferred and not drawn yet)."""
+        src = self._source
+        return src.result() if isinstance(src, Drawing) else src
+
+    @pixels.setter
+    def pixels(self, value: np.ndarray | Drawing) -> None:
+        self._source = value
+
+    def at(self, step: int | None) -> Image:
+        """A copy stamped with ``step`` that shares the pixels (or the pending drawing)."""
+        return Image(self.tag, self._source, step)
 
     def as_uint8(self) -> np.ndarray:
+        """The pixels as uint8 ``(H, W, 3)``."""
         p = np.asarray(self.pixels)
         if p.dtype != np.uint8:
             p = (np.clip(p, 0.0, 1.0) * 255).round().astype(np.uint8)
@@ -114,6 +204,25 @@ class Image:
         if p.shape[-1] == 4:
             p = p[..., :3]
         return p
+
+    def __repr__(self) -> str:
+        src = self._source
+        what = repr(src) if isinstance(src, Drawing) else f"pixels {getattr(src, 'shape', '?')}"
+        return f"Image(tag={self.tag!r}, {what}, step={self.step!r})"
+
+
+@dataclass(frozen=True)
+class Chart:
+    """A chart group a probe declares (``Probe.charts``): the scalar tags that match ``pattern`` (a regular
+    expression) share one multi-line chart titled ``title`` in TensorBoard's custom scalars and in the report.
+
+    Args:
+        title: the chart's title.
+        pattern: a regular expression (``re.match``) over scalar tags.
+    """
+
+    title: str
+    pattern: str
 
 
 Record = Union[Scalar, Histogram, Image]

@@ -85,7 +85,11 @@ def test_layout_groups_one_quantity_across_sites():
             "linear_region/flip_fraction_eps_0.001", "linear_region/flip_fraction_eps_0.1",
             "linear_region/flip_fraction_delta_0.01", "linear_region/flip_fraction", "patterns/distinct",
             "margin/delta/nonfinite", "particles/norms/nonfinite"]
-    layout = layout_for(tags)
+    from probes import plugins
+
+    declared = plugins.probe_class("ntk").charts + plugins.probe_class("linear_region").charts
+    assert set(layout_for(tags)) == {"relu_zeros", "alignment"}  # the sink knows no probe's own charts
+    layout = layout_for(tags, declared)
     assert set(layout) == {"relu_zeros", "ntk", "alignment", "linear_region"}
     charts = {title: regexes for category in layout.values() for title, (kind, regexes) in category.items()}
     assert all(kind == "Multiline" for category in layout.values() for kind, _ in category.values())

@@ -59,15 +59,23 @@ def test_tensorboard_sink_writes_scalars_histograms_images(tmp_path):
 
 
 def test_shared_summary_writer_is_not_closed(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from torch.utils.tensorboard import SummaryWriter
 
     writer = SummaryWriter(str(tmp_path))
+    closes = []
+    writer.close, close = (lambda: closes.append(1)), writer.close  # SummaryWriter reopens a closed file writer
     model = nn.Sequential(nn.Linear(3, 4), nn.ReLU())
     s = probes.attach(model, {"relu_zeros": {"every": 1}}, writer=writer)
     model(torch.randn(2, 3))
     s.close()
-    writer.add_scalar("user/loss", 1.0, 0)  # still usable
-    writer.close()
+    assert closes == []  # the session left the user's writer open
+    writer.add_scalar("user/loss", 1.0, 0)
+    close()
+    # one event file: a closed writer would have started a second one for user/loss
+    (events,) = tmp_path.glob("events.out.tfevents.*")
+    acc = EventAccumulator(str(events)).Reload()
+    assert "user/loss" in acc.Tags()["scalars"] and "relu_zeros/1/zeros" in acc.Tags()["scalars"]
 
 
 def test_memory_sink_series():

@@ -93,7 +93,7 @@ from probes.functional.local_affine import (
     trainable_names,
 )
 from probes.probe import Context, Probe, ProbeBatch
-from probes.records import Record, Scalar
+from probes.records import Chart, Record, Scalar
 
 log = logging.getLogger("probes.linear_region")
 
@@ -173,6 +173,16 @@ class LinearRegion(Probe):
     """Gate flips under input / parameter perturbations, and ``L_gen`` against ``A'x'`` where gates are kept."""
 
     name = "linear_region"
+    charts = (
+        Chart("fraction of samples whose gates flip, per input perturbation size eps",
+              r"^linear_region/flip_fraction_eps_[^/]+$"),
+        Chart("fraction of samples whose gates flip, per parameter perturbation size delta",
+              r"^linear_region/flip_fraction_delta_[^/]+$"),
+        Chart("fraction of gate bits that flip, per input perturbation size eps",
+              r"^linear_region/gate_flip_rate_eps_[^/]+$"),
+        Chart("fraction of gate bits that flip, per parameter perturbation size delta",
+              r"^linear_region/gate_flip_rate_delta_[^/]+$"),
+    )
     supports_sharding = False  # FSDP: functional_call and jvp on whole parameters
     description = "samples whose linear region changes under small input/weight nudges"
     every = 100

@@ -53,7 +53,7 @@ from probes.functional.labels import label_matrix
 from probes.functional.ntk import MODES, REDUCTIONS, NTKPlan, empirical_ntk, ntk_operator, ntk_plan, trace_over_outputs
 from probes.functional.spectra import effective_rank_bounds, kernel_distance, label_alignment, spectrum, top_eigenvalues
 from probes.probe import Context, Probe, ProbeBatch
-from probes.records import Histogram, Image, Record, Scalar
+from probes.records import Chart, Drawing, Histogram, Image, Record, Scalar
 
 #: ``spectrum`` option: every eigenvalue from the P x P kernel, the top-k matrix-free, or by memory_budget
 SPECTRA = ("full", "topk", "auto")
@@ -65,6 +65,7 @@ class NTK(Probe):
     """Empirical NTK on the probe batch: spectrum, alignment with the labels, distance from the first kernel."""
 
     name = "ntk"
+    charts = (Chart("NTK top eigenvalues (ntk/eig_top/<k>, k = 1 largest)", r"^ntk/eig_top/\d+$"),)
     supports_sharding = False  # FSDP: reads the parameters and runs torch.func / backward passes on whole tensors
     description = "neural tangent kernel on the probe batch: spectrum, label fit, drift"
     every = 1000
@@ -141,8 +142,8 @@ class NTK(Probe):
         positive = lam[lam > 0]
         records.append(Histogram.of("ntk/log10_eigenvalues", torch.log10(positive), bins=self.bins))
         if self.image and self.image_cadence.due(batch.step):
-            records.append(Image("ntk/spectrum", spectrum_image(lam, self.init_eigenvalues, batch.step,
-                                                                self.init_step, self.reduction, self.mode)))
+            records.append(Image("ntk/spectrum", spectrum_drawing(lam, self.init_eigenvalues, batch.step,
+                                                                  self.init_step, self.reduction, self.mode)))
         return records
 
     def uses_topk(self, n: int) -> bool:
@@ -167,8 +168,8 @@ class NTK(Probe):
         if self.init_eigenvalues is None:
             self.init_eigenvalues, self.init_step = top.detach().clone(), step
         if self.image and self.image_cadence.due(step):
-            records.append(Image("ntk/spectrum", spectrum_image(top, self.init_eigenvalues, step, self.init_step,
-                                                                self.reduction, self.mode, of=n)))
+            records.append(Image("ntk/spectrum", spectrum_drawing(top, self.init_eigenvalues, step, self.init_step,
+                                                                  self.reduction, self.mode, of=n)))
         return records
 
     def state_dict(self) -> dict[str, Any]:
@@ -181,19 +182,25 @@ class NTK(Probe):
         self.init_step = state.get("init_step")
 
 
-def spectrum_image(eigs: torch.Tensor, reference: torch.Tensor | None = None, step: int | None = None,
+def spectrum_drawing(eigs: torch.Tensor, reference: torch.Tensor | None = None, step: int | None = None,
                    reference_step: int | None = None, reduction: str = "sum", mode: str = "trace",
-                   of: int | None = None) -> np.ndarray:
+                   of: int | None = None) -> Drawing:
     """Labelled plot of the positive eigenvalues against their rank (largest first), log y; ``reference``
-    (the first kernel's) dashed. ``of``: the kernel's size when ``eigs`` are only its largest eigenvalues."""
+    (the first kernel's) dashed, to draw later (host copies of the eigenvalues). ``of``: the kernel's size when
+    ``eigs`` are only its largest eigenvalues."""
     what = "PC x PC kernel" if mode == "full" else f"kernel {'summed' if reduction == 'sum' else 'averaged'} " \
         "over outputs"
     which = f"top {eigs.numel()} of {of:,} NTK eigenvalues" if of is not None else "NTK eigenvalues"
     title = f"ntk/spectrum: {which}" + (f", step {step}" if step is not None else "") + f"\n({what})"
     if reference is not None and step is not None and step == reference_step:
         reference = None  # at the first measurement, now is the initialization: one curve
-    return spectrum_figure(eigs.detach().double().cpu().numpy(),
-                           None if reference is None else reference.detach().double().cpu().numpy(),
-                           step=step, init_step=reference_step,
-                           title=title,
-                           ylabel="eigenvalue of the NTK (log scale)")
+    return Drawing(spectrum_figure, eigs.detach().double().cpu().numpy(),
+                   None if reference is None else reference.detach().double().cpu().numpy(),
+                   step=step, init_step=reference_step, title=title, ylabel="eigenvalue of the NTK (log scale)")
+
+
+def spectrum_image(eigs: torch.Tensor, reference: torch.Tensor | None = None, step: int | None = None,
+                   reference_step: int | None = None, reduction: str = "sum", mode: str = "trace",
+                   of: int | None = None) -> np.ndarray:
+    """The pixels of ``spectrum_drawing`` (drawn now)."""
+    return spectrum_drawing(eigs, reference, step, reference_step, reduction, mode, of).result()

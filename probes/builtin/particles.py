@@ -47,7 +47,7 @@ from probes import options
 from probes.figures import ImageCadence, particles_figure
 from probes.functional.meanfield import MeanField
 from probes.probe import Context, Probe, ProbeBatch
-from probes.records import Histogram, Image, Record, Scalar
+from probes.records import Drawing, Histogram, Image, Record, Scalar
 
 
 def _leaves(model: nn.Module, prefix: str = "") -> list[tuple[str, nn.Module]]:
@@ -353,13 +353,17 @@ class Particles(Probe):
         records: list[Record] = [Scalar("particles/mean_norm", norms.mean()),
                                  Histogram.of("particles/norms", norms)]
         if self.image_cadence.due(batch.step):
-            records.append(Image("particles/positions", self.render(xy, None if sign is None else sign.cpu(),
-                                                                    step=batch.step)))
+            records.append(Image("particles/positions", self.drawing(xy, None if sign is None else sign.cpu(),
+                                                                     step=batch.step)))
         return records
 
     # -- image ----------------------------------------------------------------------
     def render(self, xy: torch.Tensor, sign: torch.Tensor | None, step: int | None = None) -> np.ndarray:
         """The image: trails, teacher lines, current particles ``xy`` (m x 2); uint8 (size, size, 3)."""
+        return self.drawing(xy, sign, step).result()
+
+    def drawing(self, xy: torch.Tensor, sign: torch.Tensor | None, step: int | None = None) -> Drawing:
+        """The image of ``render``, to draw later (host copies of the positions)."""
         cur = xy.numpy()
         hist = self.trails().numpy()
         teacher = (self.teacher @ self.basis).cpu().numpy() if self.teacher is not None else np.zeros((0, 2))
@@ -375,8 +379,8 @@ class Particles(Probe):
             tsign = self.teacher_sign.cpu().numpy()
         at = f", step {step}" if step is not None else ""
         title = f"particles/positions: {self._position_name()} of {cur.shape[0]} hidden units{at}"
-        return particles_figure(cur, hist, None if sign is None else sign.numpy(), teacher, tsign, lim,
-                                title=title, axis_labels=self._axis_labels(), size=self.size)
+        return Drawing(particles_figure, cur, hist, None if sign is None else sign.numpy(), teacher, tsign, lim,
+                       title=title, axis_labels=self._axis_labels(), size=self.size)
 
     def _position_name(self) -> str:
         w = "(w_j, b_j)" if self.bias else "w_j"

@@ -82,7 +82,7 @@ from probes.functional.path_gram import (
     quadratic_form,
 )
 from probes.probe import Context, Probe, ProbeBatch
-from probes.records import Image, Record, Scalar
+from probes.records import Drawing, Image, Record, Scalar
 
 #: leaf modules that are the identity in eval mode and may sit anywhere in the chain
 PASS_THROUGH = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.AlphaDropout, nn.FeatureAlphaDropout)
@@ -212,8 +212,15 @@ def _label_order(Y: torch.Tensor) -> torch.Tensor:
 
 def gram_image(pg: PathGram, Y: torch.Tensor, mode: str = "cosine", side: int = 128,
                title: str = "pathgram/gram") -> np.ndarray:
-    """Figure of the path gram, samples sorted by label; above ``side`` samples, ``side`` of them evenly
-    spaced in that order (each cell one entry of ``H``, the diagonal kept); label groups marked."""
+    """The pixels of ``gram_drawing`` (drawn now)."""
+    return gram_drawing(pg, Y, mode, side, title).result()
+
+
+def gram_drawing(pg: PathGram, Y: torch.Tensor, mode: str = "cosine", side: int = 128,
+                 title: str = "pathgram/gram") -> Drawing:
+    """Figure of the path gram, to draw later (host copies of the entries shown), samples sorted by label;
+    above ``side`` samples, ``side`` of them evenly spaced in that order (each cell one entry of ``H``, the
+    diagonal kept); label groups marked."""
     Y = Y.to(pg.h.device)
     order = _label_order(Y)
     P = order.numel()
@@ -231,9 +238,9 @@ def gram_image(pg: PathGram, Y: torch.Tensor, mode: str = "cosine", side: int = 
     starts = (torch.nonzero(key[1:] != key[:-1]).flatten() + 1).tolist()
     names = [f"{v:g}" for v in key[[0, *starts]].tolist()] if key.numel() else []
     shown = f"{order.numel()} of {P} samples" if order.numel() < P else f"{P} samples"
-    return matrix_figure(m.double().cpu().numpy(), starts, names, title=title, colorbar_label=bar, vmax=vmax,
-                         xlabel=f"probe sample j ({shown}, grouped by label)",
-                         ylabel="probe sample i (same order)")
+    return Drawing(matrix_figure, m.double().cpu().numpy(), starts, names, title=title, colorbar_label=bar,
+                   vmax=vmax, xlabel=f"probe sample j ({shown}, grouped by label)",
+                   ylabel="probe sample i (same order)")
 
 
 def _choice(option: str, value: object, choices: tuple) -> object:
@@ -346,5 +353,5 @@ class PathGramProbe(Probe):
             records.append(Scalar("pathgram/condition", fact.condition))
         if self.image is not None and self.image_cadence.due(batch.step):
             title = f"pathgram/gram: {'cosine of ' if self.image == 'cosine' else ''}path kernel H, step {batch.step}"
-            records.append(Image("pathgram/gram", gram_image(pg, Y, self.image, self.image_side, title)))
+            records.append(Image("pathgram/gram", gram_drawing(pg, Y, self.image, self.image_side, title)))
         return records

@@ -38,7 +38,7 @@ from probes import options
 from probes.figures import ImageCadence, gates_figure
 from probes.functional.patterns import save_gates, snapshot_path
 from probes.probe import Context, Probe, ProbeBatch
-from probes.records import Image, Record, Scalar
+from probes.records import Drawing, Image, Record, Scalar
 
 
 def _unit_dim(ndim: int, override: int | None) -> int:
@@ -72,8 +72,14 @@ MAX_IMAGE_ROWS = 512
 
 def gate_image(gates: torch.Tensor, order: torch.Tensor, starts: list[int], names: Sequence[str] = (),
                title: str = "gates on the probe batch", ndim: int = 2) -> np.ndarray:
-    """Figure of a P x units gate matrix: units (y) by samples (x) in ``order``, a line before every group
-    start, the groups' labels ``names`` under them."""
+    """The pixels of ``gate_drawing`` (drawn now)."""
+    return gate_drawing(gates, order, starts, names, title, ndim).result()
+
+
+def gate_drawing(gates: torch.Tensor, order: torch.Tensor, starts: list[int], names: Sequence[str] = (),
+                 title: str = "gates on the probe batch", ndim: int = 2) -> Drawing:
+    """Figure of a P x units gate matrix, to draw later (a host copy of the gates): units (y) by samples (x)
+    in ``order``, a line before every group start, the groups' labels ``names`` under them."""
     flat = gates.reshape(gates.shape[0], -1)
     unit = "unit" if ndim <= 2 else "gate (unit x position, flattened)"
     units = flat.shape[1]
@@ -87,7 +93,7 @@ def gate_image(gates: torch.Tensor, order: torch.Tensor, starts: list[int], name
         unit = f"{unit}, open fraction of blocks of {block}"
     else:
         m = flat.to(torch.uint8).cpu().numpy()[order.numpy()]
-    return gates_figure(m, starts, names, title=title, unit_label=unit, total=units)
+    return Drawing(gates_figure, m, starts, names, title=title, unit_label=unit, total=units)
 
 
 class PackedGates:
@@ -221,7 +227,7 @@ class Patterns(Probe):
             ]
             if draw:
                 title = f"patterns/{n}: gates on the probe batch, step {batch.step}"
-                records.append(Image(f"patterns/{n}", gate_image(g, order, starts, group_names, title, g.ndim)))
+                records.append(Image(f"patterns/{n}", gate_drawing(g, order, starts, group_names, title, g.ndim)))
             del prev, first
         records.insert(0, Scalar("patterns/distinct", distinct_packed_rows([p.bits for p in packed.values()])))
         for n, p in packed.items():

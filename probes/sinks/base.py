@@ -4,11 +4,31 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from probes.records import Record
+from probes.records import Chart, Record
 
 
 class Sink:
-    """Write records somewhere. Only rank 0 of a distributed run has sinks that write."""
+    """Write records somewhere. Only rank 0 of a distributed run has sinks that write.
+
+    ``declare(charts)`` hands the sink the chart groups the attached probes declare (``Probe.charts``), before
+    the first ``write``; a sink that draws charts groups the scalar tags by them and names no probe itself.
+    Until ``declare`` is called, ``charts`` are those of every registered probe (``registered_charts``).
+    """
+
+    _declared: tuple[Chart, ...] | None = None
+
+    @property
+    def charts(self) -> tuple[Chart, ...]:
+        """The declared chart groups (before ``declare``: those of every registered probe)."""
+        return self._declared if self._declared is not None else registered_charts()
+
+    def declare(self, charts: Sequence[Chart]) -> None:
+        """Take the chart groups of the attached probes (the session calls it once, at attach).
+
+        Args:
+            charts: every ``Chart`` the attached probes declare.
+        """
+        self._declared = tuple(dict.fromkeys(charts))
 
     def write(self, records: Sequence[Record], step: int) -> None:
         raise NotImplementedError
@@ -18,3 +38,19 @@ class Sink:
 
     def close(self) -> None:
         self.flush()
+
+
+def registered_charts() -> tuple[Chart, ...]:
+    """The chart groups every registered probe class declares (``Probe.charts``), for a sink used without a
+    session's ``declare``; none when the plugins cannot be loaded.
+
+    Returns:
+        The charts, each once, in the probes' order.
+    """
+    try:
+        from probes import plugins
+
+        infos = plugins.available()
+    except Exception:  # noqa: BLE001 - a sink never fails over chart grouping
+        return ()
+    return tuple(dict.fromkeys(c for info in infos for c in getattr(info.cls, "charts", ())))

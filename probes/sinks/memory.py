@@ -11,7 +11,11 @@ from probes.sinks.base import Sink
 
 class MemorySink(Sink):
     """``records`` is the list of everything written (steps filled in, values on the host);
-    ``scalars()`` gives ``{tag: [(step, value), ...]}``."""
+    ``scalars()`` gives ``{tag: [(step, value), ...]}``.
+
+    An image whose figure is deferred (``probes.records.Drawing``) is kept as it is and drawn when its
+    ``pixels`` are first read (once, shared with the other sinks), so keeping images costs training nothing.
+    """
 
     def __init__(self) -> None:
         self.records: list[Record] = []
@@ -24,6 +28,8 @@ class MemorySink(Sink):
                 r = dataclasses.replace(r, **{f.name: getattr(r, f.name).detach().cpu()
                                               for f in dataclasses.fields(r) if f.name not in ("tag", "step")},
                                         step=step)
+            elif isinstance(r, Image):
+                r = r.at(step)
             else:
                 r = dataclasses.replace(r, step=step)
             self.records.append(r)
@@ -50,6 +56,7 @@ class MemorySink(Sink):
         return out
 
     def images(self) -> dict[str, list[Image]]:
+        """``{tag: [Image, ...]}``; a deferred figure is drawn when its ``pixels`` are read."""
         out: dict[str, list[Image]] = {}
         for r in self.records:
             if isinstance(r, Image):

@@ -2,64 +2,69 @@
 
 Shares a user's ``SummaryWriter`` when one is given (and then leaves closing it to them).
 
-Images are written as PNG; one with at most 256 colours (every figure of ``probes.figures``) as a palette
-PNG, a third of the size of the RGB one, and still lossless.
+Images are drawn and encoded on the sink's own thread, fed by a bounded queue (``queue_size`` images): a
+measurement hands over the image (a ``probes.records.Drawing``: the figure function and host copies of its
+arrays) and training goes on; it waits only when the queue is full. ``flush()`` and ``close()`` wait until
+every queued image is written. An error while drawing is reported once, as a ``RuntimeWarning`` at the next
+write, flush or close, and costs only that image. Images are written as PNG; one with at most 256 colours
+(every figure of ``probes.figures``) as a palette PNG, a third of the size of the RGB one, and still lossless.
 
 The custom-scalars layout (``SummaryWriter.add_custom_scalars``; TensorBoard's "Custom Scalars" dashboard)
-puts one quantity of every site in one multi-line chart: ``relu_zeros/<site>/fraction`` of all sites
-together, the NTK's top eigenvalues, ``alignment/<site>/cka``, the ``linear_region`` flip fractions of
-every perturbation size, ... (``layout_for``). It is built from the scalar tags this sink has written and
-written again only when a new chart appears (TensorBoard shows the latest one), so a run has its layout
-after its first measurement. ``layout=False`` turns it off (e.g. when you write your own layout to a shared
-writer).
+puts related scalars in one multi-line chart: every chart group the attached probes declare
+(``Probe.charts``, handed over with ``declare``), then one quantity of every site, ``<probe>/<site>/<quantity>``
+(``layout_for``). It is built from the scalar tags this sink has written and written again only when a new
+chart appears (TensorBoard shows the latest one), so a run has its layout after its first measurement.
+``layout=False`` turns it off (e.g. when you write your own layout to a shared writer).
 """
 
 from __future__ import annotations
 
+import logging
+import queue
 import re
+import threading
+import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
 
 from probes.figures import encode_png
-from probes.records import Histogram, Image, Record, Scalar
+from probes.records import Chart, Histogram, Image, Record, Scalar
 from probes.sinks.base import Sink
 
-#: charts across tags that are not ``probe/<site>/<quantity>``: (category, title, regex); category None = probe
-CHARTS: list[tuple[str | None, str, str]] = [
-    ("ntk", "NTK top eigenvalues (ntk/eig_top/<k>, k = 1 largest)", r"^ntk/eig_top/\d+$"),
-    ("linear_region", "fraction of samples whose gates flip, per input perturbation size eps",
-     r"^linear_region/flip_fraction_eps_[^/]+$"),
-    ("linear_region", "fraction of samples whose gates flip, per parameter perturbation size delta",
-     r"^linear_region/flip_fraction_delta_[^/]+$"),
-    ("linear_region", "fraction of gate bits that flip, per input perturbation size eps",
-     r"^linear_region/gate_flip_rate_eps_[^/]+$"),
-    ("linear_region", "fraction of gate bits that flip, per parameter perturbation size delta",
-     r"^linear_region/gate_flip_rate_delta_[^/]+$"),
-]
-#: ``probe/<x>/<quantity>`` tags left out of the per-site charts (``x`` is not a site there)
-NOT_SITES = {"ntk", "linear_region"}
+log = logging.getLogger("probes")
+
+#: images waiting to be drawn before a measurement waits for the drawing thread
+QUEUE_SIZE = 16
 
 
-def layout_for(tags: Iterable[str]) -> dict[str, dict[str, list[Any]]]:
+def layout_for(tags: Iterable[str], charts: Sequence[Chart] = ()) -> dict[str, dict[str, list[Any]]]:
     """The custom-scalars layout ``{category: {title: ["Multiline", [regex]]}}`` for these scalar tags.
 
-    Every chart of ``CHARTS`` that matches at least two tags, then one chart per ``<probe>/*/<quantity>``
-    with at least two sites (``<quantity> per site``); categories are the probes' names.
+    Every declared chart that matches at least two tags (its category: the first component of its tags, the
+    probe's name), then one chart per ``<probe>/*/<quantity>`` with at least two sites (``<quantity> per
+    site``), leaving out tags that a declared chart matches (their middle component is not a site).
+
+    Args:
+        tags: scalar tags.
+        charts: chart groups declared by the probes.
+
+    Returns:
+        The layout, categories and titles sorted.
     """
     tags = sorted(set(tags))
     layout: dict[str, dict[str, list[Any]]] = {}
     claimed: set[str] = set()
-    for category, title, regex in CHARTS:
-        hit = [t for t in tags if re.match(regex, t)]
+    for chart in charts:
+        hit = [t for t in tags if re.match(chart.pattern, t)]
+        claimed.update(hit)
         if len(hit) >= 2:
-            layout.setdefault(category or hit[0].split("/")[0], {})[title] = ["Multiline", [regex]]
-            claimed.update(hit)
+            layout.setdefault(hit[0].split("/")[0], {})[chart.title] = ["Multiline", [chart.pattern]]
     per_site: dict[tuple[str, str], list[str]] = {}
     for t in tags:
         parts = t.split("/")
-        if len(parts) != 3 or t in claimed or parts[0] in NOT_SITES or parts[2] == "nonfinite":
+        if len(parts) != 3 or t in claimed or parts[2] == "nonfinite":
             continue
         per_site.setdefault((parts[0], parts[2]), []).append(parts[1])
     for (probe, quantity), sites in sorted(per_site.items()):
@@ -71,8 +76,21 @@ def layout_for(tags: Iterable[str]) -> dict[str, dict[str, list[Any]]]:
 
 
 class TensorBoardSink(Sink):
+    """Write records to TensorBoard event files.
+
+    Args:
+        logdir: where a new ``SummaryWriter`` writes (when ``writer`` is None).
+        writer: a ``SummaryWriter`` (or one with its methods) to share; left open at ``close``.
+        layout: write the custom-scalars layout.
+        queue_size: images waiting for the drawing thread before a ``write`` waits (0: draw in ``write``).
+        **writer_options: passed to ``SummaryWriter``.
+
+    Raises:
+        ValueError: neither ``logdir`` nor ``writer``.
+    """
+
     def __init__(self, logdir: str | None = None, writer: Any = None, layout: bool = True,
-                 **writer_options: Any) -> None:
+                 queue_size: int = QUEUE_SIZE, **writer_options: Any) -> None:
         if writer is None:
             if logdir is None:
                 raise ValueError("tensorboard sink: give a logdir or a SummaryWriter")
@@ -86,12 +104,34 @@ class TensorBoardSink(Sink):
         self.layout = bool(layout)
         self._scalar_tags: set[str] = set()
         self._written_layout: dict | None = None
+        self._queue_size = max(0, int(queue_size))
+        self._queue: queue.Queue | None = None
+        self._thread: threading.Thread | None = None
+        self._errors: list[str] = []
+        self._reported = False
+        self._closed = False
 
     @property
     def logdir(self) -> str:
         return self.writer.get_logdir()
 
+    def declare(self, charts: Sequence[Chart]) -> None:
+        """Take the probes' chart groups; the layout is rewritten when they change it."""
+        super().declare(charts)
+        if self._scalar_tags and self.layout:
+            self._write_layout()
+
     def write(self, records: Sequence[Record], step: int) -> None:
+        """Write scalars and histograms now, queue images for the drawing thread.
+
+        Args:
+            records: the records of one step.
+            step: their step.
+
+        Raises:
+            TypeError: something that is not a record.
+        """
+        self._report_errors()
         w = self.writer
         new_tags = False
         for r in records:
@@ -109,13 +149,42 @@ class TensorBoardSink(Sink):
                                         sum_squares=h["sum_squares"], bucket_limits=h["bucket_limits"].tolist(),
                                         bucket_counts=h["bucket_counts"].tolist(), global_step=step)
             elif isinstance(r, Image):
-                self._write_image(r.tag, r.as_uint8(), step)
+                self._queue_image(r.at(step))
             else:
                 raise TypeError(f"tensorboard sink: not a record: {r!r}")
         if new_tags and self.layout:
             self._write_layout()
 
-    def _write_image(self, tag: str, pixels: np.ndarray, step: int) -> None:
+    # -- images, on the drawing thread -----------------------------------------------------------------
+    def _queue_image(self, image: Image) -> None:
+        if self._queue_size == 0:
+            self._draw(image)
+            return
+        if self._thread is None or not self._thread.is_alive():
+            self._queue = queue.Queue(maxsize=self._queue_size)
+            self._thread = threading.Thread(target=self._drain, name="probes-tensorboard-images", daemon=True)
+            self._thread.start()
+        self._queue.put(image)  # waits only when the queue is full
+
+    def _drain(self) -> None:
+        q = self._queue
+        while True:
+            image = q.get()
+            try:
+                if image is None:
+                    return
+                self._draw(image)
+            finally:
+                q.task_done()
+
+    def _draw(self, image: Image) -> None:
+        try:
+            self._write_image(image.tag, image.as_uint8(), image.step)
+        except Exception as exc:  # noqa: BLE001 - one image lost, reported once; scalars go on
+            self._errors.append(f"{image.tag} at step {image.step}: {exc!r}")
+            log.debug("tensorboard sink: image %s at step %s failed", image.tag, image.step, exc_info=True)
+
+    def _write_image(self, tag: str, pixels: np.ndarray, step: int | None) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
         w = self.writer
@@ -128,16 +197,44 @@ class TensorBoardSink(Sink):
         image = Summary.Image(height=h, width=wd, colorspace=3, encoded_image_string=encode_png(pixels))
         w._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), step)
 
+    def _wait_for_images(self) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            self._queue.join()
+
+    def _report_errors(self) -> None:
+        """One warning for the first image that failed to draw (and a count at close if more did)."""
+        if self._errors and not self._reported:
+            self._reported = True
+            warnings.warn(f"tensorboard sink: an image could not be drawn and was left out (scalars and other "
+                          f"images are written): {self._errors[0]}", RuntimeWarning, stacklevel=3)
+
+    # -- layout -----------------------------------------------------------------------------------------
     def _write_layout(self) -> None:
-        layout = layout_for(self._scalar_tags)
+        layout = layout_for(self._scalar_tags, self.charts)
         if layout and layout != self._written_layout and hasattr(self.writer, "add_custom_scalars"):
             self.writer.add_custom_scalars(layout)
             self._written_layout = layout
 
     def flush(self) -> None:
+        """Wait until every queued image is written, then flush the writer."""
+        self._wait_for_images()
+        self._report_errors()
         self.writer.flush()
 
     def close(self) -> None:
+        """Write every queued image, stop the drawing thread, flush (and close a writer this sink made)."""
+        if self._closed:
+            return
+        self._wait_for_images()
+        if self._thread is not None and self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+        self._thread = None
+        self._report_errors()
+        if len(self._errors) > 1:
+            warnings.warn(f"tensorboard sink: {len(self._errors)} images could not be drawn in all; the first: "
+                          f"{self._errors[0]}", RuntimeWarning, stacklevel=2)
+        self._closed = True
         self.writer.flush()
         if self._owns:
             self.writer.close()
