@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Creates .venv with torch 2.13.0 (CPU wheel, installed first so nothing pulls a CUDA build),
-# then probes itself with the dev extra. Safe to run again: it only adds what is missing.
+# then this checkout in editable mode (distribution torch-probes, import name probes) with the dev extra:
+# tests, lint, the docs extra (mkdocs, Material, mkdocstrings) and the release tools (build, twine).
+# Safe to run again: it only adds what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -8,6 +10,10 @@ PY=${PYTHON:-python3}
 V=.venv/bin/python
 if ! $V -c 'import torch, sys; sys.exit(0 if torch.__version__.startswith("2.13.0") else 1)' 2>/dev/null; then
   $V -m pip install -q "torch==2.13.0"
+fi
+# a venv made before the rename holds this checkout under its old distribution name, probes
+if $V -m pip show probes 2>/dev/null | grep -qx "Editable project location: $PWD"; then
+  $V -m pip uninstall -q -y probes
 fi
 $V -m pip install -q -e ".[dev]"
 # guard: the extras must not have replaced torch
