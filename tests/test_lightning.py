@@ -45,13 +45,13 @@ def loaders():
     return DataLoader(TensorDataset(x, y), batch_size=16), DataLoader(TensorDataset(xv, yv), batch_size=24), (xv, yv)
 
 
-def trainer(tmp_path, callbacks, logger=True, **kw):
+def trainer(tmp_path, callbacks, logger=True, log_every_n_steps=1, max_epochs=2, **kw):
     from lightning.pytorch.loggers import TensorBoardLogger
 
-    return pl.Trainer(max_epochs=2, accelerator="cpu", devices=1, callbacks=callbacks,
+    return pl.Trainer(max_epochs=max_epochs, accelerator="cpu", devices=1, callbacks=callbacks,
                       logger=TensorBoardLogger(str(tmp_path), name="lt") if logger else False,
                       enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-                      num_sanity_val_steps=0, log_every_n_steps=1, **kw)
+                      num_sanity_val_steps=0, log_every_n_steps=log_every_n_steps, **kw)
 
 
 def read_scalars(logdir):
@@ -72,13 +72,14 @@ def test_two_epoch_fit_writes_probes_to_the_trainers_logger(tmp_path):
         t.fit(Net(), train, val)
     assert t.global_step == 12  # 6 batches x 2 epochs
     s = cb.session
-    assert s._closed and s.global_step == 12
+    assert s.closed and s.global_step == 12
     # the probe batch is the first validation batch
     assert torch.equal(s.x, xv) and torch.equal(s.y, yv)
     scalars = read_scalars(t.logger.log_dir)
     assert "train_loss" in scalars  # the module's own curves and the probes share one event file
+    # a passive window of batches 1-2 lands at Lightning's logger step of batch 2 (1), where self.log writes it
     zeros_steps = [st for st, _ in scalars["relu_zeros/net.1/fraction"]]
-    assert zeros_steps == [2, 4, 6, 8, 10, 12]
+    assert zeros_steps == [1, 3, 5, 7, 9, 11]
     cka_steps = [st for st, _ in scalars["alignment/net.1/cka"]]
     assert cka_steps == [0, 3, 6, 9, 12]
     assert all(0.0 <= v <= 1.0 for _, v in scalars["relu_zeros/total/fraction"])
@@ -104,7 +105,7 @@ def test_relu_zeros_totals_match_a_manual_count(tmp_path):
     t = trainer(tmp_path, [cb], logger=False)
     t.fit(Recount(), train, val)
     zeros = cb.session.memory.scalars()["relu_zeros/net.1/zeros"]
-    assert [st for st, _ in zeros] == [6, 12]
+    assert [st for st, _ in zeros] == [5, 11]  # the logger steps of batches 6 and 12
     assert zeros[0][1] == sum(seen[:6]) and zeros[1][1] == sum(seen[6:])
 
 
@@ -123,7 +124,7 @@ def test_explicit_probe_data_logdir_and_checkpoint_state(tmp_path):
     assert state["step"] == 5
     fresh = ProbesCallback(["alignment"], probe_data=(xp, yp), sinks=["memory"])
     fresh.load_state_dict(state)  # before fit: kept until the session exists
-    assert fresh._pending_state["step"] == 5
+    assert fresh.state_dict()["step"] == 5
 
 
 def test_active_probes_without_any_probe_batch_is_a_clear_error(tmp_path):
@@ -151,7 +152,7 @@ def test_resume_from_a_lightning_checkpoint_continues_the_probe_step(tmp_path):
     t2.fit(Net(), train, val, ckpt_path=str(ckpt))
     end = t2.global_step
     assert end > 4 and cb2.session.global_step == end  # the probe step continues from 4, not from 0
-    assert [st for st, _ in cb2.session.memory.scalars()["relu_zeros/total/fraction"]] == list(range(6, end + 1, 2))
+    assert [st for st, _ in cb2.session.memory.scalars()["relu_zeros/total/fraction"]] == list(range(5, end, 2))
     # the resumed run writes no stray measurement of the initialization at step 0
     assert [st for st, _ in cb2.session.memory.scalars()["alignment/output/cka"]] == list(range(6, end + 1, 2))
 
@@ -168,4 +169,89 @@ def test_resume_without_probe_state_continues_from_the_trainers_step(tmp_path):
     t2.fit(Net(), train, val, ckpt_path=str(ckpt))
     end = t2.global_step
     assert end > 4 and cb.session.global_step == end
-    assert [st for st, _ in cb.session.memory.scalars()["relu_zeros/total/fraction"]] == list(range(6, end + 1, 2))
+    assert [st for st, _ in cb.session.memory.scalars()["relu_zeros/total/fraction"]] == list(range(5, end, 2))
+
+
+def centered_alignment(logits, labels):
+    """rho(K, L) with P x P kernels: K = F F^T of the logits, L = Y Y^T of the one-hot labels, Kc = C K C."""
+    f, y = logits.double(), F.one_hot(labels, 3).double()
+    c = torch.eye(len(f), dtype=torch.float64) - 1.0 / len(f)
+    kc, lc = c @ f @ f.T @ c, c @ y @ y.T @ c
+    return float((kc * lc).sum() / (kc.norm() * lc.norm()))
+
+
+class WeightsSeen(pl.Callback):
+    """The weights each training batch's forward uses, by the batch's global step when it starts."""
+
+    def __init__(self) -> None:
+        self.weights = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.weights[trainer.global_step] = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+
+
+def test_probe_points_sit_on_the_steps_of_self_log(tmp_path):
+    torch.manual_seed(5)
+    train, val, (xv, yv) = loaders()
+    cb = ProbesCallback({"relu_zeros": {"every": 2}, "alignment": {"every": 2}})
+    seen = WeightsSeen()
+    t = trainer(tmp_path, [cb, seen], log_every_n_steps=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t.fit(Net(), train, val)
+    scalars = read_scalars(t.logger.log_dir)
+    loss_steps = [st for st, _ in scalars["train_loss"]]
+    assert loss_steps == [1, 3, 5, 7, 9, 11]  # Lightning's logger: every 2nd batch, at the steps done before it
+    assert [st for st, _ in scalars["relu_zeros/net.1/fraction"]] == loss_steps
+    assert [st for st, _ in scalars["relu_zeros/total/fraction"]] == loss_steps
+    # an active probe at step k measures the weights that the forward logged at step k uses (k = 0: the init)
+    cka = dict(scalars["alignment/output/cka"])
+    assert sorted(cka) == [0, 2, 4, 6, 8, 10, 12]
+    model = Net().eval()
+    for step in (0, 4, 10):
+        model.load_state_dict(seen.weights[step])
+        with torch.no_grad():
+            assert cka[step] == pytest.approx(centered_alignment(model(xv), yv), abs=1e-5)
+
+
+def test_two_callbacks_checkpoint_and_resume_without_collision(tmp_path):
+    """Each callback keeps its state under its own key; resumed, each window continues as if never stopped."""
+    train, val, (xv, yv) = loaders()
+
+    def callbacks():
+        return [ProbesCallback({"relu_zeros": {"every": 4}}, sinks=["memory"]),
+                ProbesCallback({"patterns": {"every": 2}}, probe_data=(xv, yv), sinks=["memory"])]
+
+    def fit(cbs, epochs, ckpt=None):
+        torch.manual_seed(6)
+        t = trainer(tmp_path, cbs, logger=False, max_epochs=epochs)
+        t.fit(Net(), train, val, ckpt_path=ckpt)
+        assert t.global_step == 6 * epochs
+        return t
+
+    full = callbacks()
+    fit(full, 2)
+    first = callbacks()
+    t = fit(first, 1)  # the end of the first epoch (6 batches): the loader restarts cleanly on resume
+    ckpt = str(tmp_path / "six.ckpt")
+    t.save_checkpoint(ckpt)
+    saved = torch.load(ckpt, weights_only=False)["callbacks"]
+    keys = [cb.state_key for cb in first]
+    assert keys[0] != keys[1] and "relu_zeros" in keys[0] and "patterns" in keys[1]
+    assert {k: sorted(saved[k]["probes"]) for k in keys} == {keys[0]: ["relu_zeros"], keys[1]: ["patterns"]}
+    assert saved[keys[0]]["step"] == saved[keys[1]]["step"] == 6
+
+    resumed = callbacks()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fit(resumed, 2, ckpt)
+    for before, after in zip(full, resumed):
+        whole, rest = before.session.memory.scalars(), after.session.memory.scalars()
+        tags = sorted(whole)
+        assert tags == sorted(rest)
+        for tag in tags:
+            # relu_zeros' window 5..8 straddles the checkpoint; patterns' churn_from_init compares with the
+            # snapshot of step 0, which only the checkpoint holds
+            assert rest[tag] == [pt for pt in whole[tag] if pt[0] > 6], tag
+    assert any(tag.startswith("relu_zeros") and [st for st, _ in pts] == [3, 7, 11]
+               for tag, pts in full[0].session.memory.scalars().items())

@@ -1,4 +1,4 @@
-"""Lightning: ``ProbesCallback`` attaches probes to the ``LightningModule`` when ``fit`` starts.
+"""Lightning: ``ProbesCallback`` attaches probes to the ``LightningModule`` while ``fit`` trains.
 
 ```python
 from probes.integrations.lightning import ProbesCallback
@@ -6,15 +6,22 @@ trainer = L.Trainer(callbacks=[ProbesCallback(["relu_zeros", "alignment"])], max
 trainer.fit(model, train_loader, val_loader)
 ```
 
-- The probe step follows ``trainer.global_step`` (optimizer steps, so gradient accumulation counts once).
-- Records go to the trainer's ``TensorBoardLogger`` (its ``SummaryWriter``) when it has one, so the
-  probe tags sit next to the module's own ``self.log`` curves; else to ``logdir``; else to memory
-  (``callback.session.memory``).
-- The probe batch is ``probe_data`` or, when not given, the first batch of the first validation
-  loader (``(x, y, ...)``, ``{"x": .., "y": ..}`` or ``x``), moved to the module's device.
+- The probe cadence follows ``trainer.global_step`` (optimizer steps, so gradient accumulation counts once).
+- Points land on the steps of Lightning's logger, next to the module's own ``self.log`` points. Lightning logs what
+  a training batch computes at the number of optimizer steps before that batch's own step (``self.log`` in
+  ``training_step`` of the first batch writes at step 0; with ``log_every_n_steps=2`` at 1, 3, 5, ...). So a passive
+  probe (which observes the training forwards, as ``training_step`` does) writes its window at the logger step of
+  the window's last batch: with ``every=2``, at 1, 3, 5, ..., on the points of ``self.log`` with
+  ``log_every_n_steps=2``. An active probe measures the weights after ``k`` optimizer steps and writes at step
+  ``k``, the logger step of the batch whose forward uses exactly those weights (step 0 is the initialization).
+- Records go to the trainer's ``TensorBoardLogger`` (its ``SummaryWriter``) when it has one; else to ``logdir``;
+  else to memory (``callback.session.memory``).
+- The probe batch is ``probe_data`` or, when not given, the first batch of the first validation loader
+  (``(x, y, ...)``, ``{"x": .., "y": ..}``, a dict batch with ``labels``, or ``x``), moved to the module's device.
   Active probes call ``pl_module(x)``, so the module needs a ``forward``.
-- Lightning saves the callback's ``state_dict`` (step counter and probe state) in its checkpoints
-  and hands it back on resume; the session closes at the end of ``fit`` (or on an exception).
+- Lightning saves the callback's ``state_dict`` (step counter and probe state) in its checkpoints under
+  ``state_key``, which holds the probe names, so two callbacks in one Trainer keep separate states; a resumed
+  ``fit`` continues the probe step. The session closes at the end of ``fit`` (or on an exception).
 - Under a DDP strategy the session sums passive counts over ranks and only rank 0 writes.
 
 ``lightning`` is an optional extra (``pip install probes[lightning]``); ``pytorch_lightning`` works too.
@@ -23,10 +30,8 @@ Importing ``probes`` never imports it.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Sequence
 from typing import Any
-
-import torch
 
 try:  # the unified package first, then the standalone one
     import lightning.pytorch as pl
@@ -41,150 +46,215 @@ except ImportError:  # pragma: no cover - depends on what is installed
         raise ImportError("probes.integrations.lightning needs Lightning: pip install 'probes[lightning]' "
                           "(or pytorch_lightning)") from exc
 
-import probes
+from probes import plugins
 from probes.engine.session import Session
-from probes.integrations import needs_probe_data
+from probes.engine.spec import parse_sinks
+from probes.integrations.core import CallbackCore, as_probe_data, first_batch
+from probes.records import Record
+from probes.sinks.base import Sink
 
 __all__ = ["ProbesCallback"]
 
 
-def _first_batch(loaders: Any) -> Any:
-    """First batch of the first loader in ``loaders`` (a loader, or a list/dict of them)."""
-    if loaders is None:
-        return None
-    if isinstance(loaders, Mapping):
-        loaders = list(loaders.values())
-    if isinstance(loaders, (list, tuple)):
-        if not loaders:
-            return None
-        loaders = loaders[0]
-    return next(iter(loaders), None)
+class _AtLoggerStep:
+    """A sink mixin: the records of passive probes go one step earlier, to Lightning's logger step of the last
+    batch of their window (the session's step counts the optimizer steps done, that batch's included)."""
+
+    passive: frozenset[str] = frozenset()
+
+    def write(self, records: Sequence[Record], step: int) -> None:
+        passive = [r for r in records if r.tag.split("/", 1)[0] in self.passive]
+        others = [r for r in records if r.tag.split("/", 1)[0] not in self.passive]
+        if passive:
+            super().write(passive, max(step - 1, 0))  # type: ignore[misc]
+        if others:
+            super().write(others, step)  # type: ignore[misc]
 
 
-def _as_probe_data(batch: Any) -> Any:
-    """A validation batch as ``(x, y)`` / ``x`` for ``probes.attach``."""
-    if isinstance(batch, torch.Tensor):
-        return batch
-    if isinstance(batch, Mapping):
-        if "x" in batch:
-            return (batch["x"], batch.get("y"))
-        raise ValueError(f"ProbesCallback: a dict validation batch needs keys 'x' (and 'y'); got {sorted(batch)}; "
-                         "pass probe_data=(x, y) to the callback")
-    if isinstance(batch, (tuple, list)) and batch:
-        return (batch[0], batch[1]) if len(batch) >= 2 else batch[0]
-    raise ValueError(f"ProbesCallback: cannot use a validation batch of type {type(batch).__name__} as the probe "
-                     "batch; pass probe_data=(x, y) to the callback")
+class _AtLoggerStepProxy(Sink):
+    """A sink instance the user made, written through at Lightning's logger steps."""
+
+    def __init__(self, inner: Sink, passive: frozenset[str]) -> None:
+        self.inner, self.passive = inner, passive
+
+    def write(self, records: Sequence[Record], step: int) -> None:
+        passive = [r for r in records if r.tag.split("/", 1)[0] in self.passive]
+        others = [r for r in records if r.tag.split("/", 1)[0] not in self.passive]
+        if passive:
+            self.inner.write(passive, max(step - 1, 0))
+        if others:
+            self.inner.write(others, step)
+
+    def flush(self) -> None:
+        self.inner.flush()
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def _logger_step_sinks(sinks: Any, logdir: str | None, writer: Any, passive: frozenset[str]) -> list[Sink]:
+    """The sinks ``attach`` would make from ``sinks``/``logdir``/``writer``, writing at Lightning's logger steps."""
+    tensorboard = plugins.sink_class("tensorboard")
+    made: list[Sink] = []
+    try:
+        for spec in parse_sinks(sinks, logdir, writer):
+            if isinstance(spec, Sink):
+                made.append(_AtLoggerStepProxy(spec, passive))
+                continue
+            name, cls = spec
+            shifted = type(cls.__name__, (_AtLoggerStep, cls), {"passive": passive, "__module__": cls.__module__})
+            if name == "tensorboard" or cls is tensorboard:
+                made.append(shifted(logdir=None if writer is not None else logdir, writer=writer))
+            else:
+                made.append(shifted())
+    except BaseException:
+        for sink in made:
+            sink.close()
+        raise
+    return made
 
 
 class ProbesCallback(Callback):
-    """Attach ``probes`` (names or ``{name: options}``) to the LightningModule for the length of ``fit``.
+    """Attach ``probes`` to the LightningModule for the length of ``fit``.
 
-    ``probe_data``: the fixed probe batch ``(x, y)``; default: the first validation batch.
-    ``logdir``: TensorBoard directory when the trainer has no ``TensorBoardLogger``.
-    Other keyword arguments go to ``probes.attach`` (``sinks``, ``strict``, ``functional``, ``writer``).
+    Args:
+        probes: names, or ``{name: options}`` (what ``probes.attach`` takes).
+        probe_data: the fixed probe batch ``(x, y)``; default: the first validation batch.
+        logdir: TensorBoard directory when the trainer has no ``TensorBoardLogger``.
+        **attach_kwargs: more ``probes.attach`` keywords (``sinks``, ``strict``, ``functional``, ``writer``).
+
+    Attributes:
+        session: the ``probes`` session of the current (or last) ``fit``.
+
+    Raises:
+        TypeError: ``optimizer=`` given (the step follows ``trainer.global_step``), or a bad probe spec.
+        probes.plugins.UnknownProbeError: a probe name no plugin provides.
     """
 
     def __init__(self, probes: Any, probe_data: Any = None, logdir: str | None = None, **attach_kwargs: Any) -> None:
-        if "optimizer" in attach_kwargs:
-            raise TypeError("ProbesCallback: the step follows trainer.global_step; do not pass optimizer=")
+        self.core = CallbackCore("ProbesCallback", probes, attach_kwargs)
         self.probes = probes
         self.probe_data = probe_data
         self.logdir = logdir
         self.attach_kwargs = attach_kwargs
-        self.session: Session | None = None
-        self._pending_state: dict[str, Any] | None = None
-        self._last_state: dict[str, Any] | None = None
-        self._restored = False
+
+    @property
+    def session(self) -> Session | None:
+        """The session of the current (or last) ``fit``; None before the first."""
+        return self.core.session
+
+    @property
+    def state_key(self) -> str:
+        """The key of this callback's state in a checkpoint: the class and the probe names.
+
+        Returns:
+            e.g. ``"ProbesCallback{'probes': ['relu_zeros', 'alignment']}"``.
+        """
+        return self._generate_state_key(probes=list(self.core.names))
 
     # -- the probe batch and the writer --------------------------------------------------
-    def _validation_batch(self, trainer: pl.Trainer) -> Any:
-        if getattr(trainer, "datamodule", None) is not None:
+    @staticmethod
+    def _validation_batch(trainer: pl.Trainer) -> Any:
+        datamodule = getattr(trainer, "datamodule", None)
+        if datamodule is not None:
             try:
-                batch = _first_batch(trainer.datamodule.val_dataloader())
+                batch = first_batch(datamodule.val_dataloader())
                 if batch is not None:
                     return batch
             except (NotImplementedError, AttributeError):
                 pass
-        val_loop = trainer.fit_loop.epoch_loop.val_loop
-        source = getattr(val_loop, "_data_source", None)
-        if source is not None and not source.is_defined():
-            return None  # no loader given to fit() and no val_dataloader() hook
         try:
-            val_loop.setup_data()  # what the first validation would do; Lightning keeps the loaders
+            trainer.fit_loop.epoch_loop.val_loop.setup_data()  # what the first validation does; Lightning keeps them
         except Exception as exc:  # noqa: BLE001 - Lightning's own complaint, with the way out added
             raise ValueError(f"ProbesCallback: could not load the first validation batch as the probe batch "
                              f"({exc}); pass probe_data=(x, y) to the callback") from exc
-        batch = _first_batch(trainer.val_dataloaders)
-        if batch is None and source is not None:
-            batch = _first_batch(source.dataloader())
-        return batch
+        return first_batch(trainer.val_dataloaders)
 
-    def _writer(self, trainer: pl.Trainer) -> Any:
+    @staticmethod
+    def _writer(trainer: pl.Trainer) -> Any:
         for logger in getattr(trainer, "loggers", []) or []:
             if isinstance(logger, TensorBoardLogger):
                 return logger.experiment
         return None
 
     # -- hooks ------------------------------------------------------------------------------
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        probe_data = self.probe_data
-        if probe_data is None and needs_probe_data(self.probes):
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Attach, once the trainer's step is known (restored from a checkpoint or 0).
+
+        Args:
+            trainer: the Trainer.
+            pl_module: the module it trains.
+
+        Raises:
+            ValueError: active probes and no probe batch.
+        """
+        probe_data, label_key = self.probe_data, None
+        if probe_data is None and self.core.needs_probe_batch:
             batch = self._validation_batch(trainer)
             if batch is None:
                 raise ValueError("ProbesCallback: active probes need a probe batch: pass probe_data=(x, y) or give "
                                  "the trainer a validation loader (its first batch is used)")
-            probe_data = _as_probe_data(batch)
-        kwargs = dict(self.attach_kwargs)
-        if self.logdir is None and "writer" not in kwargs:
+            probe_data, label_key = as_probe_data(batch, "ProbesCallback")
+        writer = self.attach_kwargs.get("writer")
+        if self.logdir is None and writer is None and trainer.global_rank == 0:
             writer = self._writer(trainer)
-            if writer is not None and trainer.global_rank == 0:
-                kwargs["writer"] = writer
-        # the first measurement waits for on_train_start, when the trainer's step is known: a fresh fit
-        # measures the initialization at step 0, a resumed one does not write a stray step-0 point
-        kwargs.setdefault("measure_at_attach", False)
-        self.session = probes.attach(pl_module, self.probes, probe_data=probe_data, logdir=self.logdir, **kwargs)
-        self._restored = self._pending_state is not None
-        if self._pending_state is not None:
-            self.session.load_state_dict(self._pending_state)
-            self._pending_state = None
-
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # the loops (and global_step) are restored after on_fit_start; a checkpoint without probe state
-        # continues from the trainer's step instead of replaying the gap step by step
-        if self.session is None:
-            return
-        if not self._restored and trainer.global_step > self.session.global_step:
-            self.session.load_state_dict({"step": trainer.global_step})
-        elif not self._restored and trainer.global_step == 0 and not self.attach_kwargs.get("measure_at_attach"):
-            self.session.measure()  # the initialization, step 0
+        extra: dict[str, Any] = {"logdir": self.logdir, "writer": writer}
+        if label_key is not None and "label_key" not in self.attach_kwargs:
+            extra["label_key"] = label_key
+        sinks = _logger_step_sinks(self.attach_kwargs.get("sinks"), self.logdir, writer, self.core.passive) \
+            if trainer.global_rank == 0 else []
+        try:
+            self.core.start(pl_module, probe_data, step=trainer.global_step, sinks=sinks, **extra)
+        except BaseException:
+            for sink in sinks:
+                sink.close()
+            raise
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        if self.session is not None:
-            self.session.advance_to(trainer.global_step)
+        """Follow ``trainer.global_step`` and run what falls due there.
+
+        Args:
+            trainer: the Trainer.
+            pl_module: the module it trains.
+            outputs: what ``training_step`` returned.
+            batch: the batch.
+            batch_idx: its index.
+        """
+        self.core.advance(trainer.global_step)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._close()
+        """Flush passive probes, write the last measurement and close the session.
+
+        Args:
+            trainer: the Trainer.
+            pl_module: the module it trained.
+        """
+        self.core.close()
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self._close()
+        """Close the session when ``fit`` raises.
 
-    def _close(self) -> None:
-        if self.session is not None and not self.session.closed:
-            self._last_state = self.session.state_dict()
-            self.session.close()
+        Args:
+            trainer: the Trainer.
+            pl_module: the module it trained.
+            exception: what was raised.
+        """
+        self.core.close()
 
     # -- checkpoints --------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        if self.session is not None and not self.session.closed:
-            return self.session.state_dict()
-        return dict(self._last_state or self._pending_state or {})
+        """The probe state Lightning keeps in a checkpoint (step counter and probe state).
+
+        Returns:
+            The session's state (the last one after ``fit``, the pending one before).
+        """
+        return self.core.state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if not state_dict:
-            return
-        if self.session is not None and not self.session.closed:
-            self.session.load_state_dict(state_dict)
-            self._restored = True
-        else:
-            self._pending_state = dict(state_dict)
+        """Restore the probe state from a checkpoint; loaded into the session when ``fit`` trains.
+
+        Args:
+            state_dict: what ``state_dict`` returned.
+        """
+        self.core.load_state_dict(state_dict)
