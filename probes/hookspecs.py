@@ -1,7 +1,8 @@
 """Hook specifications and markers: how built-in and third-party packages add probes and sinks.
 
-A plugin module implements these with ``@probes.hookimpl`` and is found through the
-``probes`` entry-point group (``[project.entry-points.probes]`` in its pyproject.toml).
+A plugin module implements these with ``@probes.hookimpl`` and is found through the ``probes`` entry-point group
+(``[project.entry-points.probes]`` in its pyproject.toml). A ``@probes.hookimpl`` function whose name is not one of
+these hooks (a misspelling) makes the plugin fail to load, with a message that names it.
 """
 
 from __future__ import annotations
@@ -15,14 +16,26 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 
 @hookspec
 def probes_add_probes() -> list:
-    """Return probe classes (subclasses of ``probes.Probe`` with a ``name``)."""
+    """Add probes.
+
+    Returns:
+        Probe classes (subclasses of ``probes.Probe`` with a ``name``).
+    """
 
 
 @hookspec
 def probes_add_sinks() -> dict:
-    """Return ``{name: sink class}``; a sink class takes keyword options and writes records."""
+    """Add sinks.
+
+    Returns:
+        ``{name: sink class}``; a sink class takes keyword options and writes records.
+    """
 
 
 @hookspec
 def probes_add_activations() -> list:
-    """Return extra activation module classes (or class names) to treat as sites, e.g. a library's own GELU."""
+    """Add activation sites.
+
+    Returns:
+        Extra activation module classes (or class names) to treat as sites, e.g. a library's own GELU.
+    """

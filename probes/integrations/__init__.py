@@ -1,17 +1,27 @@
-"""Adapters for training frameworks, imported as ``probes.integrations.*``."""
+"""Adapters for training frameworks, imported as ``probes.integrations.*``.
+
+``lightning`` and ``transformers`` hold one callback each; both run on ``core.CallbackCore`` (spec parsing, the
+probe batch, the session's life and its checkpoint state).
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
-from probes import plugins
-from probes.probe import Probe
+from probes.engine.spec import parse_probes
 
 
 def needs_probe_data(spec: Any) -> bool:
-    """Whether the probes of an ``attach`` spec (names, classes, instances, or a ``{name: options}`` mapping)
-    include an active probe that measures on a probe batch (so a callback must find one)."""
-    keys = [spec] if isinstance(spec, (str, Probe, type)) else list(spec)
-    classes = [k if isinstance(k, type) else type(k) if isinstance(k, Probe) else plugins.probe_class(k)
-               for k in keys]
-    return any(not c.passive and c.needs_probe_data for c in classes)
+    """Whether the probes of an ``attach`` spec include an active probe that measures on a probe batch.
+
+    Args:
+        spec: names, classes, instances, or a ``{name: options}`` mapping.
+
+    Returns:
+        True when a callback must find a probe batch for these probes.
+
+    Raises:
+        probes.plugins.UnknownProbeError: a name no plugin provides.
+        TypeError: a spec of another form, or options a probe does not take.
+    """
+    return any(not p.passive and p.needs_probe_data for _, p in parse_probes(spec))
