@@ -107,7 +107,7 @@ def test_arrows_point_down_app_builtin_engine():
 def test_a_wheel_built_from_the_repository_carries_every_module(tmp_path):
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
                     str(tmp_path), str(ROOT)], check=True, capture_output=True)
-    wheel = next(tmp_path.glob("probes-*.whl"))
+    wheel = next(tmp_path.glob("torch_probes-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
     expected = {str(p.relative_to(ROOT)) for p in PACKAGE.rglob("*.py")} | {"probes/_data/digits.npz"}
     assert expected <= names, sorted(expected - names)
