@@ -137,6 +137,53 @@ def _kept(key: tuple, build: Any) -> dict[str, Any]:
     return entry
 
 
+def kept_axes(key: str, title: str, xlabel: str, ylabel: str, *, width: int = 560, height: int = 400,
+              **margins: float) -> tuple[Any, Any]:
+    """A kept figure (one per ``key`` and size) with one empty axes, placed by ``place``: what was drawn there
+    before is removed and the scales, limits and tick locators are reset, so drawing many charts does not build
+    a figure, its axes and their ticks for each. Draw inside ``with style():``.
+
+    Args:
+        key: which kept figure (charts of one kind share it).
+        title: the title.
+        xlabel: the x label.
+        ylabel: the y label.
+        width: pixels.
+        height: pixels.
+        **margins: ``place``'s margins.
+
+    Returns:
+        ``(figure, axes)``.
+    """
+    from matplotlib.ticker import MaxNLocator, NullLocator, ScalarFormatter
+
+    def build() -> dict[str, Any]:
+        fig = new_figure(width, height)
+        return {"fig": fig, "ax": fig.add_axes((0.1, 0.1, 0.8, 0.8))}
+
+    k = _kept(("axes", key, width, height), build)
+    fig, ax = k["fig"], k["ax"]
+    for artist in [*ax.lines, *ax.collections, *ax.patches, *ax.texts, *ax.images]:
+        artist.remove()
+    if ax.get_legend() is not None:
+        ax.get_legend().remove()
+    ax.set_xscale("linear")
+    ax.set_yscale("linear")
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_major_locator(MaxNLocator(nbins=6, steps=[1, 2, 2.5, 5, 10]))  # few tick labels: each costs
+        axis.set_major_formatter(ScalarFormatter())
+        axis.set_minor_locator(NullLocator())
+        axis.set_tick_params(labelsize=STYLE["xtick.labelsize"])
+    ax.grid(False)
+    ax.relim()
+    ax.set_autoscale_on(True)
+    ax.set_xlim(auto=True)
+    ax.set_ylim(auto=True)
+    ax.set_prop_cycle(None)
+    place(fig, ax, title, xlabel, ylabel, **margins)
+    return fig, ax
+
+
 def _set_ticks(axis: Any, centres: Sequence[float] | None, names: Sequence[str] = ()) -> None:
     """Fixed ticks with ``names`` at ``centres``, or (None) matplotlib's automatic integer ticks again."""
     from matplotlib.ticker import FixedFormatter, FixedLocator, MaxNLocator, ScalarFormatter

@@ -119,7 +119,7 @@ def test_report_plots_are_large_and_labelled(demo_run):
     assert Image.open(io.BytesIO(png)).size == report.PLOT_SIZE
     assert report._ylabel(members) == "cka" and report._series_label("alignment/3/cka", members) == "3"
     assert report._ylabel(["linear_region/flip_fraction_eps_0.1", "linear_region/flip_fraction_eps_0.01"]) \
-        == "flip_fraction"
+        == "flip_fraction_eps"
 
 
 def test_report_cli_default_output_and_plot_limit(demo_run, tmp_path, monkeypatch, capsys):

@@ -39,6 +39,14 @@ OPTIONS: dict[str, dict[str, Any]] = {
     "linear_region": {"every": 30},
     "ntk": {"every": 50, "image_every": 100},
 }
+#: options that turn each probe's images off (``run_demo(images=False)``, to measure what the images cost);
+#: particles keeps its first image (its positions are the probe's point)
+IMAGES_OFF: dict[str, dict[str, Any]] = {
+    "patterns": {"image": False},
+    "pathgram": {"image": None},
+    "particles": {"image_every": 10**9},
+    "ntk": {"image": False},
+}
 #: TensorBoard keeps 10 images per tag unless told otherwise; this keeps every one (the demo writes < 20)
 SAMPLES_PER_PLUGIN = "images=100"
 
@@ -74,8 +82,9 @@ def _split(seed: int = 0) -> tuple[torch.Tensor, ...]:
 
 
 def choose_probes(model: nn.Module, probe_data: tuple[torch.Tensor, torch.Tensor], smoke: bool,
-                  out: Any = sys.stdout) -> dict[str, dict[str, Any]]:
-    """Every built-in probe whose set-up accepts this model, with its demo options."""
+                  out: Any = sys.stdout, images: bool = True) -> dict[str, dict[str, Any]]:
+    """Every built-in probe whose set-up accepts this model, with its demo options (``images=False``: with
+    ``IMAGES_OFF`` too)."""
     import probes
     from probes.probe import Context
 
@@ -84,9 +93,11 @@ def choose_probes(model: nn.Module, probe_data: tuple[torch.Tensor, torch.Tensor
         if info.source != "builtin":
             continue
         opts = dict(OPTIONS.get(info.name, {}))
+        if not images:
+            opts.update(IMAGES_OFF.get(info.name, {}))
         if smoke:
             opts["every"] = max(1, int(opts.get("every", info.cls.every)) // 5)
-            if "image_every" in opts:
+            if "image_every" in opts and images:
                 opts["image_every"] = max(1, int(opts["image_every"]) // 5)
         trial = {k: v for k, v in opts.items() if k != "every"}
         try:
@@ -136,8 +147,21 @@ def _format(v: float) -> str:
 
 
 def run_demo(logdir: str = "runs/demo", epochs: int | None = None, smoke: bool = False, progress: bool = True,
-             out: Any = None) -> int:
-    """Train the demo MLP with every built-in probe; write TensorBoard events under ``logdir/<run>``."""
+             out: Any = None, images: bool = True, result: dict[str, float] | None = None) -> int:
+    """Train the demo MLP with every built-in probe; write TensorBoard events under ``logdir/<run>``.
+
+    Args:
+        logdir: the parent of the run's directory.
+        epochs: training epochs (default ``DEFAULT_EPOCHS``, ``SMOKE_EPOCHS`` with ``smoke``).
+        smoke: a short run on fewer digits, probes 5 times as often (tests).
+        progress: show the progress bar.
+        out: where the text goes (default stdout).
+        images: False: the probes' images off (``IMAGES_OFF``), to measure what they cost.
+        result: filled with ``train_s`` (seconds from attach to the end of ``close``) and ``steps``.
+
+    Returns:
+        The exit code: 0, or 2 for a bad ``epochs``.
+    """
     out = out or sys.stdout
     epochs = int(epochs) if epochs is not None else (SMOKE_EPOCHS if smoke else DEFAULT_EPOCHS)
     if epochs < 1:
@@ -148,12 +172,13 @@ def run_demo(logdir: str = "runs/demo", epochs: int | None = None, smoke: bool =
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _run(logdir, epochs, smoke, progress, out)
+        return _run(logdir, epochs, smoke, progress, out, images, result)
     finally:
         torch.set_num_threads(threads)
 
 
-def _run(logdir: str, epochs: int, smoke: bool, progress: bool, out: Any) -> int:
+def _run(logdir: str, epochs: int, smoke: bool, progress: bool, out: Any, images: bool = True,
+         result: dict[str, float] | None = None) -> int:
     from torch.utils.tensorboard import SummaryWriter
 
     import probes
@@ -172,7 +197,7 @@ def _run(logdir: str, epochs: int, smoke: bool, progress: bool, out: Any) -> int
         run = run.with_name(f"{run.name.split('+')[0]}+{suffix}")
     print(f"probes demo: ReLU MLP 64-64-32-10 on {xtr.shape[0]} digits ({xte.shape[0]} held out), "
           f"probe batch {xp.shape[0]}, {epochs} epochs -> {run}", file=out)
-    chosen = choose_probes(model, (xp, yp), smoke, out=out)
+    chosen = choose_probes(model, (xp, yp), smoke, out=out, images=images)
     listed = ", ".join(f"{n} (every {o.get('every')})" for n, o in chosen.items())
     print(f"  probes: {listed}", file=out)
 
@@ -216,6 +241,8 @@ def _run(logdir: str, epochs: int, smoke: bool, progress: bool, out: Any) -> int
             session.close()
             writer.close()
     seconds = time.perf_counter() - t0
+    if result is not None:
+        result.update(train_s=seconds, steps=step)
 
     last: dict[str, tuple[int, float]] = {}
     for tag, series in session.memory.scalars().items():

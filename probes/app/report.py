@@ -15,8 +15,10 @@ import base64
 import datetime
 import html
 import math
+import os
 import re
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -49,8 +51,20 @@ def png_bytes(pixels: np.ndarray) -> bytes:
 
 def read_runs(logdir: str | Path) -> dict[str, dict[str, dict]]:
     """``{run: {"scalars": {tag: (steps, values)}, "images": {tag: [(step, png bytes), ...]},
-    "histograms": {tag: (step, limits, counts)}}}`` from the event files: every scalar, the first and the
-    last image of each tag, the last histogram of each tag."""
+    "histograms": {tag: (step, limits, counts)}, "layout": [(title, [regex, ...]), ...] or None}}`` from the
+    event files: every scalar, the first and the last image of each tag, the last histogram of each tag, and
+    the charts of the custom-scalars layout the TensorBoard sink wrote (None without one).
+
+    Args:
+        logdir: a directory of runs (or one run).
+
+    Returns:
+        The runs, by name.
+
+    Raises:
+        FileNotFoundError: no such directory.
+        ValueError: no scalars or images in it.
+    """
     from tensorboard.backend.event_processing import event_multiplexer
 
     logdir = Path(logdir)
@@ -74,6 +88,7 @@ def read_runs(logdir: str | Path) -> dict[str, dict[str, dict]]:
             if events:
                 keep = [events[0], events[-1]] if len(events) > 1 else [events[-1]]
                 images[tag] = [(e.step, e.encoded_image_string) for e in keep]
+        layout = _layout(acc, tags)
         histograms = {}
         for tag in tags.get("histograms", []):
             events = acc.Histograms(tag)
@@ -82,25 +97,50 @@ def read_runs(logdir: str | Path) -> dict[str, dict[str, dict]]:
                 histograms[tag] = (events[-1].step, float(h.min), np.array(h.bucket_limit, dtype=np.float64),
                                    np.array(h.bucket, dtype=np.float64))
         if scalars or images or histograms:
-            runs[run] = {"scalars": scalars, "images": images, "histograms": histograms}
+            runs[run] = {"scalars": scalars, "images": images, "histograms": histograms, "layout": layout}
     if not runs:
         raise ValueError(f"probes report: no TensorBoard scalars or images under {str(logdir)!r}")
     return runs
 
 
-def group_scalars(tags: list[str]) -> list[tuple[str, list[str]]]:
-    """Charts ``[(title, [tag, ...]), ...]``: one per quantity, the tags of one quantity across sites (or sizes,
-    or ranks) together as in the TensorBoard custom-scalars layout, every other tag alone; by probe, then tag."""
+def _layout(acc: Any, tags: dict) -> list[tuple[str, list[str]]] | None:
+    """The charts ``[(title, [regex, ...]), ...]`` of the last custom-scalars layout in a run, if any."""
+    if "custom_scalars__config__" not in tags.get("tensors", []):
+        return None
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    layout = layout_pb2.Layout()
+    layout.ParseFromString(acc.Tensors("custom_scalars__config__")[-1].tensor_proto.string_val[0])
+    return [(chart.title, list(chart.multiline.tag)) for category in layout.category for chart in category.chart
+            if chart.HasField("multiline")]
+
+
+def group_scalars(tags: list[str], layout: list[tuple[str, list[str]]] | None = None
+                  ) -> list[tuple[str, list[str]]]:
+    """Charts ``[(title, [tag, ...]), ...]``: the charts of the run's custom-scalars layout (the chart groups
+    the probes declared and one quantity across sites), computed as the TensorBoard sink does when the run has
+    none, then every other tag alone; by probe, then tag.
+
+    Args:
+        tags: the run's scalar tags.
+        layout: ``[(title, [regex, ...]), ...]`` from the run (``read_runs``), or None.
+
+    Returns:
+        The charts.
+    """
+    from probes.sinks.base import registered_charts
     from probes.sinks.tensorboard import layout_for
 
+    if layout is None:
+        layout = [(title, regexes) for category in layout_for(tags, registered_charts()).values()
+                  for title, (_, regexes) in category.items()]
     charts: list[tuple[str, list[str]]] = []
     claimed: set[str] = set()
-    for _, category in layout_for(tags).items():
-        for title, (_, regexes) in category.items():
-            members = [t for t in tags if t not in claimed and any(re.match(r, t) for r in regexes)]
-            if members:
-                charts.append((title, members))
-                claimed.update(members)
+    for title, regexes in layout:
+        members = [t for t in tags if t not in claimed and any(re.match(r, t) for r in regexes)]
+        if members:
+            charts.append((title, members))
+            claimed.update(members)
     charts += [(t, [t]) for t in tags if t not in claimed]
     return sorted(charts, key=lambda c: (c[1][0].split("/")[0], c[1][0]))
 
@@ -116,25 +156,29 @@ def _series_label(tag: str, members: list[str]) -> str:
 
 
 def _ylabel(members: list[str]) -> str:
-    """The quantity a chart shows: the last tag component its lines share (``cka``, ``eig_top``, ...)."""
+    """The quantity a chart shows: the last tag component its lines share (``cka``, ``eig_top``, ...), else the
+    words the last components start with (``flip_fraction_eps`` of ``flip_fraction_eps_0.1``, ...)."""
     parts = [m.split("/") for m in members]
     shared = [p for p in parts[0][1:] if all(p in q[1:] for q in parts)]
     if shared:
         return shared[-1]
-    stem = {re.sub(r"_(eps|delta)_[^/]+$", "", m.split("/")[-1]) for m in members}
-    if len(stem) == 1:
-        return stem.pop()
-    return "value"
+    last = [q[-1] for q in parts]
+    prefix = last[0][:len(os.path.commonprefix(last))]
+    if len(members) > 1 and "_" in prefix:
+        prefix = prefix[:prefix.rindex("_")]
+    return prefix.strip("_") or "value"
 
 
 def _scalar_plot(title: str, members: list[str], scalars: dict) -> bytes:
+    """A chart of ``members``: at most ``figures.MAX_LINES`` lines and a band for the rest, a note where values
+    are all NaN, sensible axes for one point (``figures.line_axes``)."""
     series = [(_series_label(t, members), *scalars[t]) for t in members]
     finite = np.concatenate([v[np.isfinite(v)] for _, _, v in series]) if series else np.zeros(0)
     logy = bool(finite.size and finite.min() > 0 and finite.max() / finite.min() > 1e3)
     with figures.style():
-        fig = figures.new_figure(*PLOT_SIZE)
-        ax = fig.add_subplot()
-        figures.line_axes(ax, series, title=title, xlabel="training step", ylabel=_ylabel(members), logy=logy)
+        fig, ax = figures.kept_axes("report chart", title, "training step", _ylabel(members), width=PLOT_SIZE[0],
+                                    height=PLOT_SIZE[1])
+        figures.line_axes(ax, series, logy=logy)
         return figures.png(fig)
 
 
@@ -145,16 +189,14 @@ def _histogram_plot(tag: str, step: int, lo: float, limits: np.ndarray, counts: 
 
 
 def _draw_histogram(tag: str, step: int, edges: np.ndarray, counts: np.ndarray) -> bytes:
-    fig = figures.new_figure(*PLOT_SIZE)
-    ax = fig.add_subplot()
+    size = {"width": PLOT_SIZE[0], "height": PLOT_SIZE[1]}
     if edges.size == counts.size + 1 and np.isfinite(edges).all() and np.abs(edges).max() < 1e300:
+        fig, ax = figures.kept_axes("report chart", f"{tag}, step {step}", tag.split("/")[-1], "count", **size)
         ax.stairs(counts, edges, fill=True, alpha=0.7, color="#1f77b4")
-        ax.set_xlabel(tag.split("/")[-1])
     else:  # edges TensorBoard filled with +-DBL_MAX: bucket index instead
+        fig, ax = figures.kept_axes("report chart", f"{tag}, step {step}", f"{tag.split('/')[-1]} (bucket)", "count",
+                                    **size)
         ax.bar(np.arange(counts.size), counts, width=1.0, color="#1f77b4")
-        ax.set_xlabel(f"{tag.split('/')[-1]} (bucket)")
-    ax.set_title(f"{tag}, step {step}")
-    ax.set_ylabel("count")
     ax.grid(alpha=0.3)
     return figures.png(fig)
 
@@ -206,7 +248,7 @@ def write_report(logdir: str | Path, output: str | Path | None = None) -> Path:
                            f"<td class='num'>{_fmt(float(values[-1]))}</td></tr>")
         out.append("</table></details>")
         section = None
-        for title, members in group_scalars(tags):
+        for title, members in group_scalars(tags, data.get("layout")):
             probe = members[0].split("/")[0]
             if probe != section:
                 out.append(("</div>" if section is not None else "")
