@@ -111,11 +111,11 @@ class Registry:
                 pm.register(plugin, name=name)
                 self._sources[name] = BUILTIN
             pm.check_pending()
+            self._pm = pm  # before the entry points: a plugin that asks the registry at import finds this one
             autoload = self._autoload if self._autoload is not None else \
                 not os.environ.get("PROBES_DISABLE_PLUGIN_AUTOLOAD")
             if autoload:
                 self._load_entrypoints(pm)
-            self._pm = pm
         return self._pm
 
     def _load_entrypoints(self, pm: pluggy.PluginManager) -> None:
