@@ -1,57 +1,224 @@
-"""Checks of probe options at construction: every message names the probe and the option."""
+"""The one schema of probe options: every probe checks each option of ``__init__`` through these functions.
+
+Each function returns the value normalised (a Python ``int`` for a numpy integer, a tuple for a sequence) or raises
+naming the probe and the option: a ``TypeError`` for a value of the wrong type, a ``ValueError`` for a value of the
+right type out of range. A bad option therefore fails when the probe is made, i.e. inside ``attach``, before
+anything is measured.
+"""
 
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-__all__ = ["integer", "number", "choice", "flag", "names"]
+import numpy as np
+import torch
+from torch import nn
+
+__all__ = ["integer", "number", "choice", "flag", "names", "sizes", "floating_dtype", "module_types", "ordered"]
 
 
-def integer(probe: str, option: str, value: Any, *, minimum: int | None = None, optional: bool = False) -> int | None:
-    """An int (not a bool, not a float) ``>= minimum``; None passes when ``optional``."""
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+
+
+def _int_words(minimum: int | None, optional: bool) -> str:
+    words = {None: "an int", 0: "a non-negative int", 1: "a positive int"}.get(minimum, f"an int >= {minimum}")
+    return f"None or {words}" if optional else words
+
+
+def integer(probe: str, option: str, value: Any, *, minimum: int | None = None, optional: bool = False,
+            what: str | None = None) -> int | None:
+    """An integer (Python or numpy; not a bool, not a float) ``>= minimum``.
+
+    Args:
+        probe: the probe's name, for the message.
+        option: the option's name, for the message.
+        value: the value given.
+        minimum: the smallest allowed value (None: no bound).
+        optional: whether None is allowed (and returned).
+        what: how the message describes a valid value (default from ``minimum`` and ``optional``).
+
+    Returns:
+        ``int(value)``, or None when ``optional`` and ``value`` is None.
+
+    Raises:
+        TypeError: not an integer.
+        ValueError: below ``minimum``.
+    """
     if value is None and optional:
         return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{probe}: option {option!r} must be an int, got {value!r}")
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{probe}: option {option!r} must be >= {minimum}, got {value}")
+    what = what or _int_words(minimum, optional)
+    if not _is_int(value):
+        raise TypeError(f"{probe}: option {option!r} must be {what}, got {value!r}")
+    if minimum is not None and int(value) < minimum:
+        raise ValueError(f"{probe}: option {option!r} must be {what}, got {value!r}")
     return int(value)
 
 
 def number(probe: str, option: str, value: Any, *, minimum: float | None = None, positive: bool = False,
-           optional: bool = False) -> float | None:
-    """A finite real number (int or float, not a bool or a string) in range; None passes when ``optional``."""
+           below: float | None = None, optional: bool = False, what: str | None = None) -> float | None:
+    """A finite real number (int, float or numpy scalar; not a bool, not a string) in range.
+
+    Args:
+        probe: the probe's name, for the message.
+        option: the option's name, for the message.
+        value: the value given.
+        minimum: the smallest allowed value (inclusive).
+        positive: whether the value must be > 0.
+        below: an exclusive upper bound.
+        optional: whether None is allowed (and returned).
+        what: how the message describes a valid value.
+
+    Returns:
+        ``float(value)``, or None when ``optional`` and ``value`` is None.
+
+    Raises:
+        TypeError: not a real number.
+        ValueError: NaN, infinite or out of range.
+    """
     if value is None and optional:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise TypeError(f"{probe}: option {option!r} must be a finite number, got {value!r}")
-    if positive and not value > 0:
-        raise ValueError(f"{probe}: option {option!r} must be > 0, got {value}")
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{probe}: option {option!r} must be >= {minimum}, got {value}")
-    return float(value)
+    if what is None:
+        if positive and below is not None:
+            what = f"a number in (0, {below:g})"
+        else:
+            what = "a positive finite number" if positive else "a finite number"
+            if minimum is not None:
+                what += f" >= {minimum:g}"
+            if below is not None:
+                what += f" < {below:g}"
+        what = f"None or {what}" if optional else what
+    if not _is_real(value):
+        raise TypeError(f"{probe}: option {option!r} must be {what}, got {value!r}")
+    v = float(value)
+    if not math.isfinite(v) or (positive and not v > 0) or (minimum is not None and v < minimum) \
+            or (below is not None and not v < below):
+        raise ValueError(f"{probe}: option {option!r} must be {what}, got {value!r}")
+    return v
 
 
 def choice(probe: str, option: str, value: Any, allowed: Iterable[Any]) -> Any:
+    """One of ``allowed`` (strings, None, ...).
+
+    Args:
+        probe: the probe's name, for the message.
+        option: the option's name, for the message.
+        value: the value given.
+        allowed: the valid values.
+
+    Returns:
+        ``value``.
+
+    Raises:
+        TypeError: of a type none of ``allowed`` has (e.g. a number where names are expected).
+        ValueError: of the right type but not among ``allowed``.
+    """
     allowed = tuple(allowed)
-    if value not in allowed:
-        raise ValueError(f"{probe}: option {option!r} must be one of {allowed}, got {value!r}")
+    shown = ", ".join(repr(a) for a in allowed)
+    if not any(value is a or (type(value) is type(a) and value == a) for a in allowed):
+        kinds = {type(a) for a in allowed}
+        error = ValueError if type(value) in kinds or value is None else TypeError
+        raise error(f"{probe}: option {option!r} must be one of {shown}, got {value!r}")
     return value
 
 
 def flag(probe: str, option: str, value: Any) -> bool:
-    if not isinstance(value, bool):
+    """True or False (a Python or numpy bool; not 0 or 1, not a string).
+
+    Raises:
+        TypeError: anything else.
+    """
+    if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{probe}: option {option!r} must be True or False, got {value!r}")
-    return value
+    return bool(value)
 
 
 def names(probe: str, option: str, value: Any) -> list[str] | None:
-    """None, one name / fnmatch pattern, or a sequence of them."""
+    """None, one site name / fnmatch pattern, or a non-empty sequence of them.
+
+    Raises:
+        TypeError: anything else.
+    """
     if value is None:
         return None
     items: Sequence[Any] = [value] if isinstance(value, str) else value
     if not isinstance(items, (list, tuple)) or not items or not all(isinstance(s, str) and s for s in items):
         raise TypeError(f"{probe}: option {option!r} must be site names or fnmatch patterns, got {value!r}")
     return list(items)
+
+
+def sizes(probe: str, option: str, value: Any) -> tuple[float, ...]:
+    """One positive finite number or a non-empty sequence (list, tuple, 1-d array or tensor) of them.
+
+    Raises:
+        TypeError: not a number or a sequence of numbers.
+        ValueError: empty, or a number that is not positive and finite.
+    """
+    wanted = "a positive finite number or a non-empty sequence of them"
+    if _is_real(value):
+        values: tuple = (value,)
+    elif isinstance(value, (str, bytes)) or not isinstance(value, (Sequence, np.ndarray, torch.Tensor)):
+        raise TypeError(f"{probe}: option {option!r} must be {wanted}, got {value!r}")
+    else:
+        values = tuple(value.tolist() if isinstance(value, (np.ndarray, torch.Tensor)) else value)
+    if not values:
+        raise ValueError(f"{probe}: option {option!r} must be {wanted}, got {value!r}")
+    if not all(_is_real(v) for v in values):
+        raise TypeError(f"{probe}: option {option!r} must be {wanted}, got {value!r}")
+    out = tuple(float(v) for v in values)
+    if not all(v > 0 and math.isfinite(v) for v in out):
+        raise ValueError(f"{probe}: option {option!r} must be {wanted}, got {value!r}")
+    return out
+
+
+def floating_dtype(probe: str, option: str, value: Any, *, keywords: tuple[Any, ...] = ()) -> Any:
+    """A floating torch dtype or its name (``torch.float64``, ``"float64"``, ``"double"``), or one of ``keywords``.
+
+    Returns:
+        The keyword itself, or the ``torch.dtype``.
+
+    Raises:
+        TypeError: neither a dtype nor a string.
+        ValueError: not a floating dtype (nor a keyword).
+    """
+    if any(value is k or (isinstance(value, str) and value == k) for k in keywords):
+        return value
+    what = ", ".join(repr(k) for k in keywords) + (" or " if keywords else "") + "a floating torch dtype (or its name)"
+    if not isinstance(value, (str, torch.dtype)):
+        raise TypeError(f"{probe}: option {option!r} must be {what}, got {value!r}")
+    dtype = value if isinstance(value, torch.dtype) else getattr(torch, value, None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"{probe}: option {option!r} must be {what}, got {value!r}")
+    return dtype
+
+
+def module_types(probe: str, option: str, value: Any) -> tuple[type[nn.Module], ...]:
+    """An ``nn.Module`` subclass or a sequence (or set) of them.
+
+    Raises:
+        TypeError: anything else (an instance, a name, another class).
+    """
+    items = (value,) if isinstance(value, type) else value
+    if isinstance(items, (str, bytes)) or not isinstance(items, (Sequence, set, frozenset)) or not all(
+            isinstance(c, type) and issubclass(c, nn.Module) for c in items):
+        raise TypeError(f"{probe}: option {option!r} must be an nn.Module subclass or a sequence of them, "
+                        f"got {value!r}")
+    return tuple(items)
+
+
+def ordered(probe: str, low_option: str, low: float, high_option: str, high: float) -> None:
+    """``low <= high`` for two options that bound a range.
+
+    Raises:
+        ValueError: ``low > high``.
+    """
+    if low > high:
+        raise ValueError(f"{probe}: option {low_option!r} must not exceed option {high_option!r}, got {low!r} > "
+                         f"{high!r}")

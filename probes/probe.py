@@ -8,10 +8,11 @@ TensorBoard: the session hands the records to every sink.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -42,6 +43,14 @@ class Site:
     @property
     def relu_family(self) -> bool:
         return self.kind in RELU_FAMILY
+
+    @property
+    def extra(self) -> bool:
+        """Whether this site is a module some probe declared in its ``site_types`` (max pooling for
+        ``linear_region``) rather than an activation: the session's one capture sees the union of those types, so
+        a probe that reads activations meets them only when another probe asked for them."""
+        return (not self.functional and self.module is not None and not self.relu_family
+                and isinstance(self.module, tuple(_EXTRA_SITE_TYPES)))
 
 
 @dataclass
@@ -74,6 +83,18 @@ class Call:
 
 
 @dataclass
+class Pass:
+    """What one run of the probe pass returns: ``output`` (the selected output tensor, samples first),
+    ``activations`` (site name -> what was kept of it), ``calls`` (every leaf-module call and functional activation in
+    order), and whether the model returned a single tensor."""
+
+    output: torch.Tensor | None
+    activations: dict[str, Activation]
+    calls: list[Call]
+    tensor_output: bool = True
+
+
+@dataclass
 class ProbeBatch:
     """What an active probe's ``measure`` receives: the probe batch and one shared capture.
 
@@ -99,6 +120,27 @@ class ProbeBatch:
     tensor_output: bool = True  # the model returned one tensor (no selection was needed)
     writes: bool = True
     chunk_size: int | None = None  # the session's probe_batch_size: samples per forward of a probe's own passes
+    runner: Callable[..., Pass] | None = field(default=None, repr=False)  # the engine's probe pass (``run``)
+    mask: torch.Tensor | None = None  # (P, positions) bool: True at real tokens, from the inputs' attention mask
+
+    def run(self, x: Any = None, *, keep: Callable[[Site], frozenset[str]] | None = None,
+            params: Mapping[str, torch.Tensor] | None = None) -> Pass:
+        """One more pass of the engine's probe pass: ``model(x)`` without gradients, in eval mode, in chunks of the
+        session's ``probe_batch_size``, through the same sites as the shared pass.
+
+        Args:
+            x: inputs in the probe batch's convention (default: the probe batch itself).
+            keep: ``site -> what to keep`` among ``{"pre", "gate", "post"}`` (default: nothing, the output only).
+            params: parameters and buffers by name to run the model with instead of its own
+                (``torch.func.functional_call``), e.g. perturbed weights.
+
+        Returns:
+            A ``Pass``: the selected output tensor (samples first), the kept activations and the call trace.
+        """
+        if self.runner is None:
+            raise RuntimeError("this ProbeBatch has no probe pass to run: the session gives one; in a test, build the "
+                               "batch with probes.testing.probe_batch(model, x, y)")
+        return self.runner(self.x if x is None else x, keep=keep, params=params)
 
     def positional(self) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
         """``(module, args)`` with ``module(*args)`` the probes' output tensor: the model itself for ``model(x)``
@@ -122,9 +164,17 @@ class ProbeBatch:
         """Labels as a float64 P x C matrix (binary as +-1 in one column, classes one-hot)."""
         if self.y is None:
             raise ValueError(f"{probe}: this probe needs labels; pass probe_data=(x, y) to probes.attach")
-        if num_classes is None and self.output is not None and self.output.ndim == 2 and self.output.shape[1] > 1:
+        from_output = num_classes is None and isinstance(self.output, torch.Tensor) and self.output.ndim == 2 \
+            and self.output.shape[1] > 1
+        if from_output:
             num_classes = int(self.output.shape[1])
-        return label_matrix(self.y, num_classes=num_classes, who=probe)
+        try:
+            return label_matrix(self.y, num_classes=num_classes, who=probe)
+        except ValueError as exc:
+            if not from_output:
+                raise
+            raise ValueError(f"{exc}: the model has {num_classes} outputs, so class labels must lie in "
+                             f"0..{num_classes - 1}; pass labels that fit the model's outputs in probe_data") from None
 
 
 @dataclass
@@ -141,6 +191,9 @@ class Context:
 
 REDUCTIONS = ("sum", "max", "min", "cat", None)
 
+#: every module type that some probe class declares in ``site_types`` (filled as probe classes are defined)
+_EXTRA_SITE_TYPES: set[type[nn.Module]] = set()
+
 
 @dataclass
 class State:
@@ -153,8 +206,11 @@ class State:
 
 
 def _fresh(default: Any) -> Any:
+    """A new value equal to ``default`` sharing no storage with it (dicts and lists start empty)."""
     if isinstance(default, torch.Tensor):
         return default.clone()
+    if isinstance(default, np.ndarray):
+        return default.copy()
     if isinstance(default, (dict, list)):
         return type(default)()
     return default
@@ -182,28 +238,50 @@ class Probe:
     #: what of each site an active probe reads: "pre" (the input values), "gate" (only ``pre > 0``), "post"
     site_values: ClassVar[frozenset[str]] = frozenset({"pre", "post"})
     needs_probe_data: ClassVar[bool] = True
-    #: extra module types to treat as sites (beyond the activation modules), e.g. ``(nn.MaxPool2d,)``
+    #: extra module types to treat as sites (beyond the activation modules), e.g. ``(nn.MaxPool2d,)``; the session's
+    #: one capture sees the union over the attached probes, so other probes may meet them (``wants_site`` filters)
     site_types: ClassVar[tuple[type[nn.Module], ...]] = ()
+    #: whether the probe can run on a sharded (FSDP) model; False: switched off there at attach, on every rank
+    supports_sharding: ClassVar[bool] = True
     #: chart groups of this probe's scalar tags that are not ``<probe>/<site>/<quantity>`` (``probes.records.Chart``):
     #: the sinks and the report draw each group in one chart (sites of one quantity are grouped without it)
     charts: ClassVar[tuple[Chart, ...]] = ()
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        _EXTRA_SITE_TYPES.update(cls.__dict__.get("site_types", ()))
+
     # -- declared state ---------------------------------------------------------------
     def add_state(self, name: str, default: Any, reduce: str | None = "sum", window: bool = True) -> None:
-        """Declare an accumulator ``self.<name>``.
+        """Declare a state ``self.<name>``: reset, reduced over ranks and checkpointed by the base class.
 
-        ``default``: a tensor (reset to a copy), a number, a ``dict`` (reset to ``{}``; values are tensors
-        or numbers, reduced key by key) or a ``list`` (reset to ``[]``; ``reduce="cat"`` gathers the
-        items of every rank). ``reduce``: ``"sum" | "max" | "min" | "cat" | None`` (None: not reduced).
-        ``window=False`` keeps the state across flushes (still checkpointed).
+        Args:
+            name: a public identifier; the state is read and written as ``self.<name>``.
+            default: the value at construction and after each reset: a tensor (reset to a copy), a number,
+                None (a reference not taken yet, e.g. the first kernel), a numpy array (a copy), a ``dict``
+                (reset to ``{}``; values are tensors, numbers, None or dicts of them, nested as deep as needed)
+                or a ``list`` (reset to ``[]``; ``reduce="cat"`` gathers the items of every rank).
+            reduce: ``"sum" | "max" | "min" | "cat" | None`` over ranks under DDP (None: not reduced, e.g. a
+                reference that every rank computes alike). None and numpy defaults take ``reduce=None``.
+            window: True: reset after each flush (an accumulator); False: kept across flushes (a persistent
+                reference: the first snapshot, a trail), still checkpointed.
+
+        Raises:
+            ValueError: a bad name, an unknown reduction, or a reduction the default cannot take.
+
+        ``state_dict`` copies every state (tensors detached and cloned, dicts and lists copied deeply);
+        ``load_state_dict`` puts saved tensors on the device of the value they replace.
         """
+        who = self.name or type(self).__name__
         if not name.isidentifier() or name.startswith("_"):
-            raise ValueError(f"{self.name or type(self).__name__}: state name {name!r} must be a public identifier")
+            raise ValueError(f"{who}: state name {name!r} must be a public identifier")
         if reduce not in REDUCTIONS:
-            raise ValueError(f"{self.name or type(self).__name__}: state {name!r}: reduce must be one of "
-                             f"{REDUCTIONS}, got {reduce!r}")
+            raise ValueError(f"{who}: state {name!r}: reduce must be one of {REDUCTIONS}, got {reduce!r}")
         if reduce == "cat" and not isinstance(default, list):
-            raise ValueError(f"{self.name or type(self).__name__}: state {name!r}: reduce='cat' needs a list default")
+            raise ValueError(f"{who}: state {name!r}: reduce='cat' needs a list default")
+        if reduce is not None and (default is None or isinstance(default, np.ndarray)):
+            raise ValueError(f"{who}: state {name!r}: a {type(default).__name__} default is not reduced over "
+                             "ranks; declare it with reduce=None")
         specs = self.__dict__.setdefault("_states", {})
         specs[name] = State(name, default, reduce, window)
         setattr(self, name, _fresh(default))
@@ -236,11 +314,28 @@ class Probe:
 
     # -- active probes --------------------------------------------------------------
     def wants_site(self, site: Site) -> bool:
-        """Which sites an active probe with ``needs_sites`` reads in the probe pass (default: all)."""
-        return True
+        """Which sites an active probe with ``needs_sites`` reads in the probe pass (default: every activation site,
+        and sites of this probe's own ``site_types``; not the extra sites that other probes asked for)."""
+        return not site.extra or isinstance(site.module, type(self).site_types)
 
     def setup(self, context: Context) -> None:
         """Called once at attach; raise a clear error here when the model does not fit."""
+
+    def validate(self, batch: ProbeBatch) -> None:
+        """Check, once at attach, what the at-attach probe pass reveals: raise when this probe cannot apply.
+
+        The session calls it on the at-attach probe batch (with the model's output), also when
+        ``measure_at_attach=False``, so that labels of the wrong kind or range for the model's output width, or a
+        model whose structure the probe cannot handle, make ``attach`` raise instead of switching the probe off at
+        its first measurement. Keep it cheap: checks, not the measurement. The default checks nothing.
+
+        Args:
+            batch: the at-attach probe batch; ``batch.output`` is the model's output on it, ``batch.run`` runs
+                more passes (a couple of samples are enough to see the call structure).
+
+        Raises:
+            Exception: any error, with a message naming the probe, the problem and the fix; ``attach`` raises it.
+        """
 
     def measure(self, batch: ProbeBatch) -> Sequence[Record]:
         """Return records for one measurement on the probe batch (active probes)."""
@@ -248,21 +343,57 @@ class Probe:
 
     # -- checkpoints ----------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """The declared states (a probe with other state extends this)."""
+        """Every declared state, copied (``settle`` first): what a checkpoint holds of this probe.
+
+        Returns:
+            ``{state name: value}``; tensors detached and cloned, containers copied.
+        """
         self.settle()
         return {name: _copy_state(getattr(self, name)) for name in self.states}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore the declared states from ``state_dict()`` output (names it lacks keep their value).
+
+        A saved tensor goes to the device of the value it replaces (a checkpoint written on another device); a
+        tensor replacing a tensor of another shape is an error (a checkpoint of another configuration).
+
+        Args:
+            state: what ``state_dict()`` returned, possibly after ``torch.save`` / ``torch.load``.
+
+        Raises:
+            ValueError: a saved tensor's shape differs from the one this probe holds.
+        """
+        who = self.name or type(self).__name__
         for name in self.states:
             if name in state:
-                setattr(self, name, _copy_state(state[name]))
+                setattr(self, name, _load_like(getattr(self, name, None), state[name], f"{who}: saved state {name!r}"))
 
 
 def _copy_state(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
         return value.detach().clone()
+    if isinstance(value, np.ndarray):
+        return value.copy()
     if isinstance(value, dict):
         return {k: _copy_state(v) for k, v in value.items()}
     if isinstance(value, list):
         return [_copy_state(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_copy_state(v) for v in value)
     return value
+
+
+def _load_like(current: Any, saved: Any, where: str) -> Any:
+    """A copy of ``saved``, its tensors on the device of the tensors of ``current`` they replace."""
+    if isinstance(saved, torch.Tensor):
+        saved = saved.detach().clone()
+        if isinstance(current, torch.Tensor):
+            if current.shape != saved.shape:
+                raise ValueError(f"{where} has shape {tuple(saved.shape)}, but this probe holds "
+                                 f"{tuple(current.shape)}: the checkpoint comes from another configuration")
+            saved = saved.to(current.device)
+        return saved
+    if isinstance(saved, dict):
+        inner = current if isinstance(current, dict) else {}
+        return {k: _load_like(inner.get(k), v, f"{where}[{k!r}]") for k, v in saved.items()}
+    return _copy_state(saved)

@@ -165,11 +165,14 @@ def check_failure_isolation(cls: type[Probe], options: Mapping[str, Any] | None 
                             model: Callable[[], nn.Module] = small_mlp) -> None:
     """A probe that raises is switched off once, training goes on unchanged, other probes keep working."""
     method = "observe" if cls.passive else "measure"
+    original = getattr(cls, method)
 
     class Failing(cls):  # type: ignore[misc, valid-type]
         pass
 
     def boom(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if not cls.passive and getattr(args[0] if args else None, "step", 1) == 0:
+            return original(self, *args, **kwargs)  # a failure at attach makes attach raise: fail in training
         raise RuntimeError(f"{cls.name}: injected failure")
 
     setattr(Failing, method, boom)
@@ -295,4 +298,5 @@ def probe_batch(model: nn.Module, x: Any, y: torch.Tensor | None = None, *, step
     """
     from probes.engine.probe_pass import standalone_batch
 
-    return standalone_batch(model, x, y, step=step, output=output, probe_batch_size=probe_batch_size)
+    return standalone_batch(model, x, y, step=step, output=output, probe_batch_size=probe_batch_size,
+                            site_types=site_types)

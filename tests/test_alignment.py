@@ -255,3 +255,16 @@ def test_the_default_budget_uses_the_shared_pass_once_the_sites_are_known_to_fit
     ref.close()
     for tag in ref.memory.tags():
         assert [v for _, v in session.memory.scalars()[tag]][-1] == pytest.approx(ref.memory.last(tag), rel=1e-12)
+
+
+@pytest.mark.parametrize("measure_at_attach", [True, False])
+def test_labels_out_of_range_of_the_outputs_raise_at_attach(measure_at_attach) -> None:
+    from torch.nn.modules import module as hooks
+
+    before = (len(hooks._global_forward_hooks), len(hooks._global_forward_pre_hooks))
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 3))
+    y = torch.tensor([0, 1, 5, 1, 0, 2])  # class 5 for a model with 3 outputs
+    with pytest.raises(ValueError, match=r"alignment: class index 5 out of range.*3 outputs.*0\.\.2"):
+        probes.attach(model, ["alignment"], probe_data=(torch.randn(6, 3), y), sinks=["memory"],
+                      measure_at_attach=measure_at_attach)
+    assert (len(hooks._global_forward_hooks), len(hooks._global_forward_pre_hooks)) == before

@@ -22,6 +22,7 @@ from torch import nn
 import probes
 from probes.builtin.linear_region import region_patterns
 from probes.functional.local_affine import (
+    MAX_POOLS,
     NotPiecewiseLinearError,
     check_piecewise_linear,
     l_gen,
@@ -30,7 +31,7 @@ from probes.functional.local_affine import (
     perturb_inputs,
     perturb_params,
 )
-from probes.probe import ProbeBatch
+from probes.testing import probe_batch
 
 ROOT = Path(__file__).resolve().parents[1]
 HYP = settings(max_examples=40, deadline=None, derandomize=True,
@@ -138,9 +139,9 @@ def test_affine_map_of_conv_pool_batchnorm_against_per_sample_jacobian() -> None
         torch.testing.assert_close(A[i], J, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(torch.einsum("pcd,pd->pc", A, x.reshape(5, -1)) + c, f, rtol=1e-12, atol=1e-12)
     # in the region of x the map is exact: a tiny step that keeps every pattern moves f by A x'
-    _, pats = region_patterns(model, x)
+    _, pats = region_patterns(probe_batch(model, x, site_types=MAX_POOLS), x)
     xp = 1e-7 * torch.randn_like(x)
-    f2, pats2 = region_patterns(model, x + xp)
+    f2, pats2 = region_patterns(probe_batch(model, x, site_types=MAX_POOLS), x + xp)
     assert not patterns_differ(pats, pats2).any()
     torch.testing.assert_close(f2 - f, torch.einsum("pcd,pd->pc", A, xp.reshape(5, -1)), rtol=1e-7, atol=1e-16)
     assert set(pats) == {"2", "3", "5", "10"} and pats["3"].dtype == torch.int64  # max pool: argmax indices
@@ -362,7 +363,7 @@ def test_probe_joint_quantities_against_reference() -> None:
     x = torch.randn(50, 4, dtype=torch.float64)
     probe = probes.plugins.probe_class("linear_region")(eps=(0.05,), delta=(0.05,), seed=3)
     probe.setup(probes.probe.Context(model, x))
-    records = {r.tag: r.item() for r in probe.measure(ProbeBatch(model, x, None, model(x).detach(), {}, 0))}
+    records = {r.tag: r.item() for r in probe.measure(probe_batch(model, x))}
     g = torch.Generator().manual_seed(3)
     xp = perturb_inputs(x, 0.05, g)
     params = net_params(model)
@@ -397,7 +398,8 @@ def test_probe_on_functional_relu_and_shared_relu_sites() -> None:
         session = probes.attach(model, {"linear_region": {"eps": (1e-2,), "delta": (1e-2,)}},
                                 probe_data=(x, torch.arange(40) % 2), sinks=["memory"], strict=True)
         assert session.memory.last("linear_region/identity_error") < 1e-10
-        _, pats = region_patterns(model, x.double(), {n: t.double() for n, t in model.state_dict().items()})
+        _, pats = region_patterns(probe_batch(model, x), x.double(),
+                                  {n: t.double() for n, t in model.state_dict().items()})
         assert len(pats) == 3  # three functional sites / three calls of the shared ReLU
         session.close()
 
@@ -407,9 +409,10 @@ def test_relu6_second_kink_counts_as_a_flip() -> None:
     with torch.no_grad():
         model[0].weight.fill_(1.0)
         model[2].weight.fill_(1.0)
-    _, a = region_patterns(model, torch.tensor([[5.9]], dtype=torch.float64))
-    _, b = region_patterns(model, torch.tensor([[6.1]], dtype=torch.float64))
-    _, c = region_patterns(model, torch.tensor([[3.0]], dtype=torch.float64))
+    batch = probe_batch(model, torch.zeros(1, 1, dtype=torch.float64))
+    _, a = region_patterns(batch, torch.tensor([[5.9]], dtype=torch.float64))
+    _, b = region_patterns(batch, torch.tensor([[6.1]], dtype=torch.float64))
+    _, c = region_patterns(batch, torch.tensor([[3.0]], dtype=torch.float64))
     assert bool(patterns_differ(a, b)) and not bool(patterns_differ(a, c))
 
 

@@ -96,13 +96,13 @@ def test_lstm_alignment_and_relu_zeros_equal_hand_computations():
                       strict=True)
     zeros = 0
     model.train()
-    with torch.no_grad():
-        for i in range(3):
-            xb = x[8 * i:8 * (i + 1)]
+    for i in range(3):
+        xb = x[8 * i:8 * (i + 1)]
+        with torch.no_grad():  # the hand count (a forward under no_grad is not a training forward: not counted)
             h, _ = model.lstm(model.embed(xb))
             zeros += int((model.fc(h[:, -1]) <= 0).sum())
-            model(xb)
-            s.step()
+        model(xb)  # the training forward: train mode, gradients enabled
+        s.step()
     s.close()
     assert s.memory.scalars()["relu_zeros/act/zeros"][0] == (3, zeros)
     model.eval()

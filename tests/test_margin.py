@@ -110,3 +110,21 @@ def test_session_tags_and_training_reaches_zero() -> None:
     n = mem.scalars()["margin/n_delta"]
     assert n[0][0] == 0 and n[0][1] > 0 and n[-1][1] == 0  # a separable problem gets fitted: no forces left
     assert mem.scalars()["margin/loss"][-1][1] == 0.0
+
+
+@pytest.mark.parametrize("measure_at_attach", [True, False])
+@pytest.mark.parametrize("y, match", [
+    (torch.tensor([0.0, 1.0, 2.0, 1.0, 0.0, 2.0]), r"integer class labels.*y\.long\(\)"),  # float class labels
+    (torch.tensor([0, 1, 5, 1, 0, 2]), r"0\.\.2 for 3 outputs, got 0\.\.5"),  # out of range of the 3 outputs
+])
+def test_labels_that_do_not_fit_the_outputs_raise_at_attach(y, match, measure_at_attach) -> None:
+    """Knowable at attach (the at-attach pass gives the output width): attach raises, without strict too, and
+    leaves no hook behind, instead of switching the probe off at step 0 with a warning."""
+    from torch.nn.modules import module as hooks
+
+    before = (len(hooks._global_forward_hooks), len(hooks._global_forward_pre_hooks))
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 3))
+    with pytest.raises(ValueError, match=match):
+        probes.attach(model, ["margin"], probe_data=(torch.randn(6, 3), y), sinks=["memory"],
+                      measure_at_attach=measure_at_attach)
+    assert (len(hooks._global_forward_hooks), len(hooks._global_forward_pre_hooks)) == before

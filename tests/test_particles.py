@@ -211,22 +211,22 @@ def test_trail_memory_stays_bounded_over_10000_measurements(mode):
     n_keep, total = 50, 10_000
     probe = _attached(model, trail=n_keep, trail_mode=mode, size=240)
     buf = probe.state_dict()["trail"]
-    ptr = probe._buf.data_ptr()
+    ptr = probe.trail.data_ptr()
     for k in range(total):
         _set_counter(model, k)
         if k % 1000 == 0 or k == total - 1:
             probe.measure(_batch(model, k))  # the whole measurement, image included
         else:
             probe._store(probe.positions()[0] @ probe.basis)  # the trail update alone (fast)
-        assert probe._filled <= n_keep
-    assert probe._buf.data_ptr() == ptr and probe._buf.shape == buf.shape == (n_keep, 2, 2)
+        assert probe.filled <= n_keep
+    assert probe.trail.data_ptr() == ptr and probe.trail.shape == buf.shape == (n_keep, 2, 2)
     kept = probe.trails()[:, 0, 0].numpy()
     assert len(kept) <= n_keep
     np.testing.assert_array_equal(probe.trails()[:, 1, 1].numpy(), -kept)
     if mode == "ring":  # exactly the last n_keep measurements
         np.testing.assert_array_equal(kept, np.arange(total - n_keep, total))
     else:  # the whole history since attach, thinned evenly: starts at the first measurement
-        stride = probe._stride
+        stride = probe.stride
         assert kept[0] == 0 and stride > 1
         np.testing.assert_array_equal(kept, np.arange(len(kept)) * stride)
         assert kept[-1] + stride > total - 1 - stride  # reaches the recent past
@@ -244,7 +244,7 @@ def test_state_dict_round_trip():
     other = _attached(model, trail=8)
     other.load_state_dict(state)
     torch.testing.assert_close(other.trails(), probe.trails(), rtol=0, atol=0)
-    assert (other._stride, other._seen, other._limit) == (probe._stride, probe._seen, probe._limit)
+    assert (other.stride, other.seen, other.limit) == (probe.stride, probe.seen, probe.limit)
     with pytest.raises(ValueError, match="trail"):
         _attached(model, trail=9).load_state_dict(state)
 
@@ -272,7 +272,7 @@ def test_image_is_a_labelled_figure_with_colours_in_place_and_stable_axes(monkey
     probe = _attached(model, teacher=teacher, size=320)
     img = {r.tag: r for r in probe.measure(_batch(model, 7))}["particles/positions"].pixels
     assert img.shape == (320, 320, 3) and img.dtype == np.uint8
-    lim = probe._limit
+    lim = probe.limit
     assert lim == pytest.approx(1.08 * 2.0)  # the teacher row is the farthest point
     red = _colour_pixels(img, figures.POSITIVE)  # a_0 > 0 at (1, 0): right of the centre
     blue = _colour_pixels(img, figures.NEGATIVE)  # a_1 < 0 at a_1 w_1 = (0, 1): above it
@@ -287,7 +287,7 @@ def test_image_is_a_labelled_figure_with_colours_in_place_and_stable_axes(monkey
     with torch.no_grad():
         model[0].weight.mul_(0.01)
     img2 = probe.measure(_batch(model, 8))[2].pixels
-    assert probe._limit == lim and img2.shape == img.shape
+    assert probe.limit == lim and img2.shape == img.shape
 
 
 def test_image_every_thins_the_images_not_the_trail():
@@ -297,7 +297,7 @@ def test_image_every_thins_the_images_not_the_trail():
     tags = [[r.tag for r in probe.measure(_batch(model, step))] for step in (0, 4, 8, 10, 12, 20)]
     drawn = ["particles/positions" in t for t in tags]
     assert drawn == [True, False, False, True, False, True]
-    assert probe._seen == 6  # every measurement still adds to the trail
+    assert probe.seen == 6  # every measurement still adds to the trail
     for bad in (0, -3, 2.5, True, "10"):
         with pytest.raises(ValueError, match=r"particles: option 'image_every' must be a positive int"):
             Particles(image_every=bad)
@@ -314,7 +314,7 @@ def test_unsigned_positions_colour_by_sign():
     torch.testing.assert_close(p, torch.tensor([[1.0, 0.0], [0.0, -1.0]], dtype=torch.float64))
     assert sign.tolist() == [True, False]
     img = probe.measure(_batch(model))[2].pixels
-    assert img.shape == (240, 240, 3) and probe._limit == 0.0  # fixed limit: no growth bookkeeping
+    assert img.shape == (240, 240, 3) and probe.limit == 0.0  # fixed limit: no growth bookkeeping
 
 
 # -- structure and errors ----------------------------------------------------------------
@@ -365,7 +365,7 @@ def test_bad_options_are_reported():
         _attached(model, basis=torch.ones(2, 2))
     with pytest.raises(ValueError, match="trail"):
         Particles(trail=1)
-    with pytest.raises(ValueError, match="option .size. must be >= 240"):
+    with pytest.raises(ValueError, match="option .size. must be an int >= 240"):
         Particles(size=100)
     with pytest.raises(ValueError, match="teacher"):
         Particles(basis="teacher")

@@ -243,6 +243,6 @@ def test_errors():
     s = probes.attach(model, {"patterns": {"sites": ["1", "5"]}}, probe_data=(x, y), sinks=["memory"], strict=True)
     assert {t.split("/")[1] for t in s.memory.tags() if t.count("/") == 2} == {"1", "5"}
     # a different probe batch against the stored snapshots is an error, not a silent wrong churn
-    s.probes["patterns"].previous["1"] = torch.zeros(3, 9, dtype=torch.bool)
+    s.probes["patterns"].shapes["1"] = (3, 9)
     with pytest.raises(ValueError, match="gate shape"):
         s.measure()

@@ -34,7 +34,6 @@ from collections.abc import Sequence
 import torch
 
 from probes import options
-from probes.engine.capture import Capture
 from probes.engine.inputs import take
 from probes.functional.alignment import DegenerateKernelError, Prepared, prepare
 from probes.functional.labels import label_matrix
@@ -62,13 +61,13 @@ class Alignment(Probe):
         self.sites = options.names("alignment", "sites", sites)
         self.output = options.flag("alignment", "output", output)
         self.memory_budget = options.integer("alignment", "memory_budget", memory_budget, minimum=1, optional=True)
-        self._capture: Capture | None = None
         #: the shared probe pass keeps the chosen sites (no budget, or they fit it: known after one measurement)
         self._shared = self.memory_budget is None
         options.choice("alignment", "degenerate", degenerate, ("raise", "skip"))
         self.degenerate = degenerate
         self._checked_patterns = False
         self._warned: set[str] = set()
+        self._seen: tuple | None = None  # ((step, model, x), sites seen on two samples): see _probe_sites
 
     def setup(self, context: Context) -> None:
         if context.y is None:
@@ -83,27 +82,40 @@ class Alignment(Probe):
                 "alignment is 0/0; use a probe batch with more than one class (or non-constant targets)")
 
     def wants_site(self, site: Site) -> bool:
-        return self._shared  # otherwise the probe runs its own passes, group of sites by group
+        # otherwise the probe runs its own passes, group of sites by group
+        return self._shared and super().wants_site(site)
+
+    def _activation_names(self, activations: dict) -> list[str]:
+        """The chosen sites among ``activations`` (activation sites only: not other probes' extra sites)."""
+        return self._select([n for n, a in activations.items() if Probe.wants_site(self, a.site)])
 
     def _held(self, batch: ProbeBatch) -> bool:
         """Whether the probe pass kept the outputs of every chosen site (for this probe or another)."""
         acts = batch.activations
         if self._shared or not acts:
             return self._shared
-        return all(acts[n].post is not None for n in self._select(list(acts)))
+        return all(acts[n].post is not None for n in self._activation_names(acts))
+
+    def _probe_sites(self, batch: ProbeBatch) -> dict:
+        """The sites of the model and what each gives, from one pass over two probe samples (kept for the rest of
+        this step: ``validate`` at attach, then the at-attach measurement)."""
+        key = (batch.step, id(batch.model), id(batch.x))
+        if self._seen is None or self._seen[0] != key:
+            acts = batch.run(take(batch.x, slice(0, 2)),
+                             keep=lambda site: frozenset({"post"}) if Probe.wants_site(self, site) else frozenset()
+                             ).activations
+            self._seen = (key, acts)
+        return self._seen[1]
 
     def _groups(self, batch: ProbeBatch) -> tuple[list[str], list[list[str]]]:
         """The chosen sites, and groups of them whose features (P x d_s floats) fit the memory budget."""
-        if self._capture is None or self._capture.model is not batch.model:
-            self._capture = Capture(batch.model)
-        with torch.no_grad(), self._capture.recording(keep=lambda site: frozenset({"post"})) as rec:
-            batch.forward(take(batch.x, slice(0, 2)))  # two samples: the sites and their sizes
-        names = self._select(list(rec.activations))
+        acts = self._probe_sites(batch)
+        names = self._activation_names(acts)
         P = batch.size
         groups: list[list[str]] = []
         used = 0
         for n in names:
-            post = rec.activations[n].post
+            post = acts[n].post
             size = P * post[0].numel() * post.element_size()
             if groups and used + size <= self.memory_budget:
                 groups[-1].append(n)
@@ -114,25 +126,27 @@ class Alignment(Probe):
         return names, groups
 
     def _grouped_features(self, batch: ProbeBatch, groups: list[list[str]]):
-        """``(site, features)`` group by group: one chunked pass over the probe batch per group of sites."""
-        P = batch.size
+        """``(site, features)`` group by group: one pass of the engine's probe pass over the probe batch per group
+        of sites (in chunks of the session's ``probe_batch_size``)."""
         for group in groups:
             wanted = set(group)
-            kept: dict[str, torch.Tensor] = {}
-            step = batch.chunk_size or P  # the session's probe_batch_size (None: one pass)
-            for start in range(0, P, step):
-                stop = min(start + step, P)
-                with torch.no_grad(), self._capture.recording(
-                        keep=lambda site, w=wanted: frozenset({"post"}) if site.name in w else frozenset()) as rec:
-                    batch.forward(take(batch.x, slice(start, stop)))
-                for n in group:
-                    post = rec.activations[n].post
-                    if n not in kept:
-                        kept[n] = torch.empty((P, *post.shape[1:]), dtype=post.dtype, device=post.device)
-                    kept[n][start:stop] = post
-                del rec
+            kept = batch.run(keep=lambda site, w=wanted: frozenset({"post"}) if site.name in w else frozenset())
+            acts = kept.activations
+            del kept
             for n in group:
-                yield n, kept.pop(n)
+                yield n, acts.pop(n).post
+
+    def validate(self, batch: ProbeBatch) -> None:
+        """Labels that index the model's outputs, chosen sites that exist, a tensor output when it is aligned too."""
+        if self.output and not isinstance(batch.output, torch.Tensor):
+            raise TypeError(f"alignment: the model output is a {type(batch.output).__name__}, not a tensor; "
+                            "pass output=False (or output= to attach, to pick a tensor)")
+        if batch.y is not None and isinstance(batch.output, torch.Tensor):
+            batch.targets("alignment")
+        names = self._activation_names(self._probe_sites(batch))
+        if self.output and OUTPUT in names:
+            raise ValueError("alignment: the model has an activation site named 'output', which clashes with the "
+                             "tag alignment/output/cka of the model output; pass output=False or select sites")
 
     # ------------------------------------------------------------------------------------------
     def _select(self, names: list[str]) -> list[str]:
@@ -153,7 +167,7 @@ class Alignment(Probe):
             self._shared = len(groups) <= 1  # all fit: from the next measurement on, the shared pass keeps them
             features = self._grouped_features(batch, groups)
         else:
-            names = self._select(list(batch.activations))
+            names = self._activation_names(batch.activations)
             features = ((n, batch.activations[n].post) for n in names)
         if self.output and OUTPUT in names:
             raise ValueError("alignment: the model has an activation site named 'output', which clashes with the "

@@ -65,24 +65,19 @@ two ``jvp``).
 from __future__ import annotations
 
 import logging
-import math
-import numbers
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
-from torch.func import functional_call
+from torch.func import functional_call, jvp
 
-from probes.engine.capture import Capture
-from probes.engine.inputs import Positional
+from probes import options
+from probes.engine.inputs import Positional, select_output
 from probes.functional.local_affine import (
     MAX_POOLS,
     Params,
     check_piecewise_linear,
-    default_dtype_of,
-    directional,
     flip_rate,
     l_gen,
     parameter_state,
@@ -92,7 +87,7 @@ from probes.functional.local_affine import (
     site_pattern,
     trainable_names,
 )
-from probes.probe import Context, Probe, ProbeBatch
+from probes.probe import Context, Probe, ProbeBatch, Site
 from probes.records import Chart, Record, Scalar
 
 log = logging.getLogger("probes.linear_region")
@@ -101,72 +96,40 @@ log = logging.getLogger("probes.linear_region")
 EXACT_DTYPE = torch.float64
 
 
-def _is_real(v: object) -> bool:
-    return isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_))
-
-
-def _sizes(values: Any, what: str) -> tuple[float, ...]:
-    """``eps`` / ``delta``: one positive finite number or a non-empty sequence of them."""
-    wanted = "a positive finite number or a non-empty sequence of them"
-    if _is_real(values):
-        vals: tuple = (values,)
-    elif isinstance(values, (str, bytes)) or not isinstance(values, (Sequence, np.ndarray, torch.Tensor)):
-        raise TypeError(f"linear_region: option {what!r} must be {wanted}, got {values!r}")
-    else:
-        vals = tuple(values.tolist() if isinstance(values, (np.ndarray, torch.Tensor)) else values)
-    if not vals:
-        raise ValueError(f"linear_region: option {what!r} must be {wanted}, got {values!r}")
-    if not all(_is_real(v) for v in vals):
-        raise TypeError(f"linear_region: option {what!r} must be {wanted}, got {values!r}")
-    out = tuple(float(v) for v in vals)
-    if not all(v > 0 and math.isfinite(v) for v in out):
-        raise ValueError(f"linear_region: option {what!r} must be {wanted}, got {values!r}")
-    return out
-
-
-def _dtype_option(dtype: Any) -> torch.dtype | str | None:
-    """``"auto"``, None (the model's dtype) or a floating dtype (``torch.float64`` or its name)."""
-    if dtype is None or (isinstance(dtype, str) and dtype == "auto"):
-        return dtype
-    if not isinstance(dtype, (str, torch.dtype)):
-        raise TypeError(f"linear_region: option 'dtype' must be 'auto', None or a floating torch dtype (or its "
-                        f"name), got {dtype!r}")
-    try:
-        return default_dtype_of(dtype)
-    except ValueError:
-        raise ValueError(f"linear_region: option 'dtype' must be 'auto', None or a floating torch dtype (or its "
-                         f"name), got {dtype!r}") from None
-
-
-def _allow_option(allow: Any) -> tuple[type[nn.Module], ...]:
-    """``allow``: an ``nn.Module`` subclass or a sequence of them."""
-    items = (allow,) if isinstance(allow, type) else allow
-    if isinstance(items, (str, bytes)) or not isinstance(items, (Sequence, set, frozenset)) or not all(
-            isinstance(c, type) and issubclass(c, nn.Module) for c in items):
-        raise TypeError(f"linear_region: option 'allow' must be an nn.Module subclass or a sequence of them, "
-                        f"got {allow!r}")
-    return tuple(items)
-
-
-def region_patterns(model: nn.Module, x: torch.Tensor, state: Params | None = None,
-                    capture: Capture | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """One forward (no grad) with parameters ``state``: output (P, C) and site -> per-sample pattern (P, ...).
+def region_patterns(batch: ProbeBatch, x: torch.Tensor, state: Params | None = None,
+                    site_types: tuple[type[nn.Module], ...] = MAX_POOLS
+                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One pass of the engine's probe pass (``batch.run``: no grad, eval mode) with parameters ``state``: output
+    (P, C) and site -> per-sample pattern (P, ...).
 
     Patterns: ``pre > 0`` (ReLU, LeakyReLU, PReLU, RReLU, functional relu / leaky_relu), ``(pre > lo, pre < hi)``
     (ReLU6, Hardtanh), argmax indices (max pooling). Two inputs lie in one linear region iff all patterns agree.
+    ``site_types``: the extra module types whose patterns count (the session's capture sees them when the probe
+    declares them in ``site_types``; ``probes.testing.probe_batch(..., site_types=...)`` for a batch built by hand).
     """
-    capture = capture or Capture(model, extra_sites=MAX_POOLS)
-    state = state if state is not None else parameter_state(model, None)
-    with torch.no_grad(), capture.recording() as rec:
-        out = functional_call(model, state, (x,))
+    extra = tuple(site_types)
+
+    def keep(site: Site) -> frozenset[str]:
+        return frozenset({"pre"}) if not site.extra or isinstance(site.module, extra) else frozenset()
+
+    run = batch.run(x, keep=keep, params=state)
     P = x.shape[0]
     pats: dict[str, torch.Tensor] = {}
-    for name, act in rec.activations.items():
+    for name, act in run.activations.items():
+        if act.pre is None:
+            continue
         if act.pre.ndim == 0 or act.pre.shape[0] != P:
             raise ValueError(f"linear_region: site {name!r} sees shape {tuple(act.pre.shape)}, not the {P} samples "
                              "first; patterns are per sample")
         pats[name] = site_pattern(act.site.kind, act.site.module, act.pre)
-    return out.detach().reshape(P, -1), pats
+    return run.output.detach().reshape(P, -1), pats
+
+
+def _directional(batch: ProbeBatch, state: Params, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``A(x) v`` per sample (P, C) by one forward-mode ``jvp`` of the probes' output tensor."""
+    model, spec = batch.model, batch.output_spec
+    out = jvp(lambda z: select_output(functional_call(model, state, (z,)), spec), (x,), (v,))[1]
+    return out.detach().reshape(x.shape[0], -1)
 
 
 class LinearRegion(Probe):
@@ -189,29 +152,20 @@ class LinearRegion(Probe):
     passive = False
     needs_sites = False
     needs_probe_data = True
+    site_types = MAX_POOLS  # the argmax of max pooling is part of a sample's linear region
 
     def __init__(self, eps: Sequence[float] | float = (1e-3, 1e-2, 1e-1),
                  delta: Sequence[float] | float = (1e-3, 1e-2, 1e-1), seed: int = 0, dtype: Any = "auto",
                  max_samples: int | None = None, allow: tuple[type[nn.Module], ...] = ()) -> None:
-        self.eps = _sizes(eps, "eps")
-        self.delta = _sizes(delta, "delta")
-        if not isinstance(seed, (numbers.Integral)) or isinstance(seed, (bool, np.bool_)):
-            raise TypeError(f"linear_region: option 'seed' must be a non-negative int, got {seed!r}")
-        if not 0 <= int(seed) < 2 ** 63:
-            raise ValueError(f"linear_region: option 'seed' must be a non-negative int, got {seed!r}")
-        self.seed = int(seed)
-        self.dtype = _dtype_option(dtype)
-        if max_samples is not None:
-            if not isinstance(max_samples, numbers.Integral) or isinstance(max_samples, (bool, np.bool_)):
-                raise TypeError(f"linear_region: option 'max_samples' must be None or a positive int, got "
-                                f"{max_samples!r}")
-            if int(max_samples) < 1:
-                raise ValueError(f"linear_region: option 'max_samples' must be None or a positive int, got "
-                                 f"{max_samples!r}")
-        self.max_samples = None if max_samples is None else int(max_samples)
-        self.allow = _allow_option(allow)
+        self.eps = options.sizes("linear_region", "eps", eps)
+        self.delta = options.sizes("linear_region", "delta", delta)
+        self.seed = options.integer("linear_region", "seed", seed, minimum=0)
+        if self.seed >= 2 ** 63:
+            raise ValueError(f"linear_region: option 'seed' must be a non-negative int below 2**63, got {seed!r}")
+        self.dtype = options.floating_dtype("linear_region", "dtype", dtype, keywords=("auto", None))
+        self.max_samples = options.integer("linear_region", "max_samples", max_samples, minimum=1, optional=True)
+        self.allow = options.module_types("linear_region", "allow", allow)
         self.generator: torch.Generator | None = None
-        self._capture: Capture | None = None
         self._wrapped: tuple[Any, nn.Module] | None = None
         self._announced: tuple | None = None
 
@@ -283,9 +237,9 @@ class LinearRegion(Probe):
         return self.generator.manual_seed(self.seed)
 
     def measure(self, batch: ProbeBatch) -> list[Record]:
-        model = self._tensor_model(batch.model, batch.output_spec, not batch.tensor_output)
         if not isinstance(batch.x, torch.Tensor):
             raise TypeError("linear_region: the probe batch x must be one floating tensor with samples first")
+        model = batch.model
         x0 = batch.x.detach()
         if self.max_samples is not None:
             x0 = x0[:self.max_samples]
@@ -293,19 +247,19 @@ class LinearRegion(Probe):
         self._announce(sweep, joint)
         x = x0.to(sweep)
         g = self._gen(x.device)
-        if self._capture is None or self._capture.model is not model:
-            self._capture = Capture(model, extra_sites=MAX_POOLS)
-        cap = self._capture
         state = parameter_state(model, sweep)
         names = trainable_names(model)
 
-        f_x_p, pat_x_p = region_patterns(model, x, state, cap)
+        def patterns(inputs: torch.Tensor, params: Params) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+            return region_patterns(batch, inputs, params, self.site_types)
+
+        f_x_p, pat_x_p = patterns(x, state)
         records: list[Record] = []
         first_x = first_state = None
         f_xs_p = pat_xs_p = f_x_ps = pat_x_ps = None
         for eps in self.eps:
             xp = perturb_inputs(x, eps, g)
-            f, pat = region_patterns(model, x + xp, state, cap)
+            f, pat = patterns(x + xp, state)
             records += [Scalar(f"linear_region/flip_fraction_eps_{eps:g}",
                                patterns_differ(pat_x_p, pat).double().mean()),
                         Scalar(f"linear_region/gate_flip_rate_eps_{eps:g}", flip_rate(pat_x_p, pat))]
@@ -313,7 +267,7 @@ class LinearRegion(Probe):
                 first_x, f_xs_p, pat_xs_p = xp, f, pat
         for delta in self.delta:
             sp = perturb_params(state, names, delta, g)
-            f, pat = region_patterns(model, x, sp, cap)
+            f, pat = patterns(x, sp)
             records += [Scalar(f"linear_region/flip_fraction_delta_{delta:g}",
                                patterns_differ(pat_x_p, pat).double().mean()),
                         Scalar(f"linear_region/gate_flip_rate_delta_{delta:g}", flip_rate(pat_x_p, pat))]
@@ -323,13 +277,13 @@ class LinearRegion(Probe):
             x, state = x0.to(joint), parameter_state(model, joint)
             first_x = first_x.to(joint)
             first_state = {n: t.to(joint) if t.is_floating_point() else t for n, t in first_state.items()}
-            f_x_p, pat_x_p = region_patterns(model, x, state, cap)
-            f_xs_p, pat_xs_p = region_patterns(model, x + first_x, state, cap)
-            f_x_ps, pat_x_ps = region_patterns(model, x, first_state, cap)
-        f_xs_ps, pat_xs_ps = region_patterns(model, x + first_x, first_state, cap)
+            f_x_p, pat_x_p = patterns(x, state)
+            f_xs_p, pat_xs_p = patterns(x + first_x, state)
+            f_x_ps, pat_x_ps = patterns(x, first_state)
+        f_xs_ps, pat_xs_ps = patterns(x + first_x, first_state)
         keep = ~(patterns_differ(pat_x_p, pat_xs_p) | patterns_differ(pat_x_ps, pat_xs_ps))
         lg = l_gen(f_x_p, f_x_ps, f_xs_p, f_xs_ps)
-        axp = directional(model, first_state, x, first_x) - directional(model, state, x, first_x)
+        axp = _directional(batch, first_state, x, first_x) - _directional(batch, state, x, first_x)
         w = keep.to(lg.dtype)
         n_keep = w.sum()
         records += [

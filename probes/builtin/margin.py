@@ -52,10 +52,11 @@ def forces(output: torch.Tensor, y: torch.Tensor, margin: float, who: str = "mar
         return margin - Y[:, 0].to(f.device) * f[:, 0]
     if y.is_floating_point() or y.ndim != 1:
         raise ValueError(f"{who}: a model with {f.shape[1]} outputs needs integer class labels of shape (P,), "
-                         f"got {y.dtype} of shape {tuple(y.shape)}")
+                         f"got {y.dtype} of shape {tuple(y.shape)}; pass class indices (y.long()) in probe_data")
     idx = y.to(f.device).long()
     if bool((idx < 0).any()) or bool((idx >= f.shape[1]).any()):
-        raise ValueError(f"{who}: class labels must lie in 0..{f.shape[1] - 1} for {f.shape[1]} outputs")
+        raise ValueError(f"{who}: class labels must lie in 0..{f.shape[1] - 1} for {f.shape[1]} outputs, got "
+                         f"{int(idx.min())}..{int(idx.max())}; the labels do not fit the model's output width")
     true = f.gather(1, idx[:, None])[:, 0]
     others = f.scatter(1, idx[:, None], float("-inf")).max(dim=1).values
     return margin - (true - others)
@@ -81,6 +82,13 @@ class Margin(Probe):
             raise ValueError("margin: this probe needs labels; pass probe_data=(x, y) to probes.attach")
         if self.n_weights is None and count_weights(context.model) == 0:
             raise ValueError("margin: the model has no trainable weights (without biases); pass n_weights=N")
+
+    def validate(self, batch: ProbeBatch) -> None:
+        """Labels of the kind and range the model's output width needs (binary +-1 or two classes for one output,
+        integer class indices ``0..C-1`` for ``C`` outputs), checked on the at-attach output."""
+        if batch.y is None:
+            raise ValueError("margin: this probe needs labels; pass probe_data=(x, y) to probes.attach")
+        forces(batch.output, batch.y, self.margin)
 
     def measure(self, batch: ProbeBatch) -> list[Record]:
         if batch.y is None:

@@ -47,6 +47,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from probes import options
 from probes.figures import ImageCadence, spectrum_figure
 from probes.functional.alignment import DegenerateKernelError
 from probes.functional.labels import label_matrix
@@ -76,30 +77,27 @@ class NTK(Probe):
     def __init__(self, mode: str = "trace", reduction: str = "sum", top_k: int = 5, bins: int = 64,
                  chunk_size: int | None = None, image: bool = True, image_every: int | None = None,
                  spectrum: str = "auto", memory_budget: int | float = MEMORY_BUDGET) -> None:
-        if mode not in MODES:
-            raise ValueError(f"ntk: mode must be one of {MODES}, got {mode!r}")
-        if reduction not in REDUCTIONS:
-            raise ValueError(f"ntk: reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        self.mode = options.choice("ntk", "mode", mode, MODES)
+        self.reduction = options.choice("ntk", "reduction", reduction, REDUCTIONS)
         if mode == "full" and reduction != "sum":
-            raise ValueError("ntk: reduction='mean' applies to the trace over outputs; use it with mode='trace'")
-        if int(top_k) < 0 or int(bins) < 1:
-            raise ValueError(f"ntk: top_k must be >= 0 and bins >= 1, got top_k={top_k}, bins={bins}")
-        if spectrum not in SPECTRA:
-            raise ValueError(f"ntk: spectrum must be one of {SPECTRA}, got {spectrum!r}")
-        if spectrum == "topk" and int(top_k) < 1:
-            raise ValueError(f"ntk: spectrum='topk' needs top_k >= 1 (the eigenvalues to compute), got {top_k}")
-        if isinstance(memory_budget, bool) or not isinstance(memory_budget, (int, float)) or not memory_budget > 0:
-            raise ValueError(f"ntk: memory_budget must be a positive number of bytes, got {memory_budget!r}")
-        self.spectrum, self.memory_budget = spectrum, float(memory_budget)
-        self.mode, self.reduction = mode, reduction
-        self.top_k, self.bins = int(top_k), int(bins)
-        self.chunk_size = chunk_size
-        self.image = bool(image)
+            raise ValueError("ntk: option 'reduction'='mean' applies to the trace over outputs; use it with "
+                             "mode='trace'")
+        self.top_k = options.integer("ntk", "top_k", top_k, minimum=0)
+        self.bins = options.integer("ntk", "bins", bins, minimum=1)
+        self.spectrum = options.choice("ntk", "spectrum", spectrum, SPECTRA)
+        if spectrum == "topk" and self.top_k < 1:
+            raise ValueError(f"ntk: option 'top_k' must be >= 1 with spectrum='topk' (the eigenvalues to compute), "
+                             f"got {top_k}")
+        self.memory_budget = options.number("ntk", "memory_budget", memory_budget, positive=True,
+                                            what="a positive number of bytes")
+        self.chunk_size = options.integer("ntk", "chunk_size", chunk_size, minimum=1, optional=True)
+        self.image = options.flag("ntk", "image", image)
         self.image_cadence = ImageCadence("ntk", image_every)
-        self.init_kernel: torch.Tensor | None = None
-        self.init_eigenvalues: torch.Tensor | None = None
-        self.init_step: int | None = None
-        self._plan: tuple[Any, NTKPlan] | None = None
+        # the first kernel and its spectrum: persistent references, checkpointed with the session
+        self.add_state("init_kernel", None, reduce=None, window=False)
+        self.add_state("init_eigenvalues", None, reduce=None, window=False)
+        self.add_state("init_step", None, reduce=None, window=False)
+        self._plan: tuple[Any, NTKPlan] | None = None  # a cache (re-planned when the model or its placement changes)
 
     def setup(self, context: Context) -> None:
         if not any(p.requires_grad for p in context.model.parameters()):
@@ -111,10 +109,16 @@ class NTK(Probe):
                 raise DegenerateKernelError("ntk: the labels of the probe batch are all the same, so Y Y^T centers to "
                                             "zero and ntk/alignment is 0/0; use a probe batch with both classes")
 
+    def validate(self, batch: ProbeBatch) -> None:
+        """Class labels must index the model's outputs (``ntk/alignment`` builds ``Y`` from them)."""
+        if batch.y is not None and isinstance(batch.output, torch.Tensor):
+            batch.targets("ntk")
+
     def measure(self, batch: ProbeBatch) -> list[Record]:
         model, args = batch.positional()  # model(*args) is the output tensor (dict inputs, selected outputs)
-        key = (id(batch.model), tuple((n, id(p), p.requires_grad) for n, p in batch.model.named_parameters()),
-               tuple(tuple(t.shape) for t in args))
+        key = (id(batch.model),
+               tuple((n, id(p), p.requires_grad, p.dtype, p.device) for n, p in batch.model.named_parameters()),
+               tuple((tuple(t.shape), t.dtype, t.device) for t in args))
         if self._plan is None or self._plan[0] != key:  # the two discovery passes only when the model changed
             self._plan = (key, ntk_plan(model, args, who="ntk"))
         if self.uses_topk(batch.size * (self._plan[1].outputs if self.mode == "full" else 1)):
@@ -171,15 +175,6 @@ class NTK(Probe):
             records.append(Image("ntk/spectrum", spectrum_drawing(top, self.init_eigenvalues, step, self.init_step,
                                                                   self.reduction, self.mode, of=n)))
         return records
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"init_kernel": self.init_kernel, "init_eigenvalues": self.init_eigenvalues,
-                "init_step": self.init_step}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.init_kernel = state.get("init_kernel")
-        self.init_eigenvalues = state.get("init_eigenvalues")
-        self.init_step = state.get("init_step")
 
 
 def spectrum_drawing(eigs: torch.Tensor, reference: torch.Tensor | None = None, step: int | None = None,

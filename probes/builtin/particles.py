@@ -182,20 +182,15 @@ class Particles(Probe):
         options.flag("particles", "signed", signed)
         options.flag("particles", "bias", bias)
         options.number("particles", "limit", limit, positive=True, optional=True)
-        if trail_mode not in ("thin", "ring"):
-            raise ValueError(f"particles: trail_mode must be 'thin' or 'ring', got {trail_mode!r}")
-        if int(size) < 240:
-            raise ValueError(f"particles: size must be at least 240 pixels (room for the axes), got {size}")
-        if limit is not None and not (float(limit) > 0 and np.isfinite(float(limit))):
-            raise ValueError(f"particles: limit must be a positive number, got {limit}")
-        if isinstance(basis, str) and basis not in ("init", "teacher"):
-            raise ValueError(f"particles: basis must be 'init', 'teacher' or a D x 2 matrix, got {basis!r}")
+        options.choice("particles", "trail_mode", trail_mode, ("thin", "ring"))
+        if isinstance(basis, str):
+            options.choice("particles", "basis", basis, ("init", "teacher"))
         if isinstance(basis, str) and basis == "teacher" and teacher is None:
-            raise ValueError("particles: basis='teacher' needs teacher=")
+            raise ValueError("particles: option basis='teacher' needs option 'teacher'")
         self.layer = layer
         self._who = "particles"
         self.teacher_spec = teacher
-        self.trail = int(trail)
+        self.trail_length = int(trail)
         self.trail_mode = trail_mode
         self.basis_spec = basis
         self.signed = bool(signed)
@@ -209,12 +204,14 @@ class Particles(Probe):
         self.paths: tuple[str, str] = ("", "")
         self.teacher: torch.Tensor | None = None  # M x D float64 positions
         self.teacher_sign: torch.Tensor | None = None  # M bool (a >= 0) or None
-        self.basis: torch.Tensor | None = None  # D x 2 float64, fixed at the first measurement
-        self._buf: torch.Tensor | None = None  # trail x m x 2 float64 (CPU)
-        self._filled = 0
-        self._stride = 1
-        self._seen = 0
-        self._limit = 0.0
+        # checkpointed state (add_state): the projection basis fixed at the first measurement (D x 2 float64), the
+        # trail buffer (trail x m x 2 float64, CPU) and its bookkeeping, the grow-only half-width of the axes
+        self.add_state("basis", None, reduce=None, window=False)
+        self.add_state("trail", None, reduce=None, window=False)
+        self.add_state("filled", 0, reduce=None, window=False)
+        self.add_state("stride", 1, reduce=None, window=False)
+        self.add_state("seen", 0, reduce=None, window=False)
+        self.add_state("limit", 0.0, reduce=None, window=False)
 
     # -- set-up -----------------------------------------------------------------------
     @property
@@ -255,9 +252,9 @@ class Particles(Probe):
         elif self.basis_spec == "teacher":
             assert self.teacher is not None
             self.basis = _principal(self.teacher, center=False)
-        if self._buf is None or self._buf.shape[1] != self.width:
-            self._buf = torch.full((self.trail, self.width, 2), float("nan"), dtype=torch.float64)
-            self._filled, self._stride, self._seen, self._limit = 0, 1, 0, 0.0
+        if self.trail is None or self.trail.shape[1] != self.width:
+            self.trail = torch.full((self.trail_length, self.width, 2), float("nan"), dtype=torch.float64)
+            self.filled, self.stride, self.seen, self.limit = 0, 1, 0, 0.0
 
     def _teacher_positions(self, spec: Any, dev: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
         who, dim = self._who, self.dim
@@ -312,32 +309,32 @@ class Particles(Probe):
 
     def trails(self) -> torch.Tensor:
         """Stored projected positions in time order, shape (k, m, 2) with ``k <= trail``."""
-        if self._buf is None:
+        if self.trail is None:
             return torch.zeros(0, 0, 2, dtype=torch.float64)
-        if self.trail_mode == "ring" and self._seen > self.trail:
-            return torch.roll(self._buf, -(self._seen % self.trail), dims=0)
-        return self._buf[:self._filled]
+        if self.trail_mode == "ring" and self.seen > self.trail_length:
+            return torch.roll(self.trail, -(self.seen % self.trail_length), dims=0)
+        return self.trail[:self.filled]
 
     def _store(self, xy: torch.Tensor) -> None:
-        n = self._seen
-        self._seen += 1
-        buf = self._buf
+        n = self.seen
+        self.seen += 1
+        buf = self.trail
         if self.trail_mode == "ring":
-            buf[n % self.trail] = xy
-            self._filled = min(self._filled + 1, self.trail)
+            buf[n % self.trail_length] = xy
+            self.filled = min(self.filled + 1, self.trail_length)
             return
-        if n % self._stride:
+        if n % self.stride:
             return
-        if self._filled == self.trail:
-            kept = buf[0:self.trail:2].clone()
+        if self.filled == self.trail_length:
+            kept = buf[0:self.trail_length:2].clone()
             buf.fill_(float("nan"))
             buf[:kept.shape[0]] = kept
-            self._filled = kept.shape[0]
-            self._stride *= 2
-            if n % self._stride:
+            self.filled = kept.shape[0]
+            self.stride *= 2
+            if n % self.stride:
                 return
-        buf[self._filled] = xy
-        self._filled += 1
+        buf[self.filled] = xy
+        self.filled += 1
 
     def measure(self, batch: ProbeBatch) -> Sequence[Record]:
         if self.hidden is None:
@@ -348,7 +345,7 @@ class Particles(Probe):
                 raise ValueError(f"{self._who}: non-finite weights at the first measurement; "
                                  "cannot fix the projection basis")
             self.basis = _principal(p, center=True)
-        xy = (p @ self.basis).cpu()
+        xy = (p @ self.basis.to(p.device)).cpu()  # the basis may come from another device (a moved model)
         self._store(xy)
         records: list[Record] = [Scalar("particles/mean_norm", norms.mean()),
                                  Histogram.of("particles/norms", norms)]
@@ -366,14 +363,15 @@ class Particles(Probe):
         """The image of ``render``, to draw later (host copies of the positions)."""
         cur = xy.numpy()
         hist = self.trails().numpy()
-        teacher = (self.teacher @ self.basis).cpu().numpy() if self.teacher is not None else np.zeros((0, 2))
+        teacher = (self.teacher.to(self.basis.device) @ self.basis).cpu().numpy() if self.teacher is not None \
+            else np.zeros((0, 2))
         if self.fixed_limit is not None:
             lim = self.fixed_limit
         else:
             pts = np.concatenate([cur.reshape(-1), hist.reshape(-1), teacher.reshape(-1)])
             pts = np.abs(pts[np.isfinite(pts)])
-            self._limit = max(self._limit, 1.08 * float(pts.max()) if pts.size else 0.0)
-            lim = self._limit if self._limit > 0 else 1.0
+            self.limit = max(self.limit, 1.08 * float(pts.max()) if pts.size else 0.0)
+            lim = self.limit if self.limit > 0 else 1.0
         tsign = None
         if self.teacher_sign is not None and not self.signed:
             tsign = self.teacher_sign.cpu().numpy()
@@ -397,27 +395,3 @@ class Particles(Probe):
         if self.hidden is not None and self.dim <= 2:
             return f"{pos}, coordinate 1", (f"{pos}, coordinate 2" if self.dim == 2 else "(one-dimensional)")
         return tuple(f"{pos} on PC {k} (at init)" for k in (1, 2))
-
-    # -- checkpoints ----------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        return {"basis": None if self.basis is None else self.basis.detach().cpu().clone(),
-                "trail": None if self._buf is None else self._buf.clone(),
-                "filled": self._filled, "stride": self._stride, "seen": self._seen, "limit": self._limit}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        buf = state.get("trail")
-        if buf is not None:
-            if buf.shape[0] != self.trail or (self._buf is not None and buf.shape != self._buf.shape):
-                want = tuple(self._buf.shape) if self._buf is not None else (self.trail, "m", 2)
-                raise ValueError(f"particles: saved trail has shape {tuple(buf.shape)}, this probe keeps {want}")
-            self._buf = buf.clone().double()
-        basis = state.get("basis")
-        if basis is not None:
-            dev = self.hidden.weight.device if self.hidden is not None else torch.device("cpu")
-            if self.hidden is not None and basis.shape != (self.dim, 2):
-                raise ValueError(f"particles: saved basis has shape {tuple(basis.shape)}, expected ({self.dim}, 2)")
-            self.basis = basis.to(device=dev, dtype=torch.float64)
-        self._filled = int(state.get("filled", 0))
-        self._stride = int(state.get("stride", 1))
-        self._seen = int(state.get("seen", 0))
-        self._limit = float(state.get("limit", 0.0))

@@ -63,7 +63,6 @@ model output, which catches residual connections, scalings or ``F.linear`` calls
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -71,6 +70,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from probes import options
+from probes.engine.inputs import take
 from probes.figures import ImageCadence, matrix_figure
 from probes.functional.labels import label_matrix
 from probes.functional.path_gram import (
@@ -81,7 +82,7 @@ from probes.functional.path_gram import (
     path_gram,
     quadratic_form,
 )
-from probes.probe import Context, Probe, ProbeBatch
+from probes.probe import Context, Pass, Probe, ProbeBatch
 from probes.records import Drawing, Image, Record, Scalar
 
 #: leaf modules that are the identity in eval mode and may sit anywhere in the chain
@@ -104,7 +105,7 @@ class Chain:
         return [lin.bias is not None for _, lin in self.linears]
 
 
-def find_chain(batch: ProbeBatch, who: str = "pathgram") -> Chain:
+def find_chain(batch: ProbeBatch | Pass, who: str = "pathgram") -> Chain:
     """Read ``Linear, gate, Linear, ..., Linear`` off ``batch.calls``; raise naming the module that breaks it."""
     if not batch.calls:
         raise ValueError(f"{who}: the probe pass recorded no module calls; is the model an nn.Module whose "
@@ -129,7 +130,8 @@ def find_chain(batch: ProbeBatch, who: str = "pathgram") -> Chain:
             what = f"activation site {call.site!r}" if call.site is not None else where
             after = f"after gate {gates[-1]!r}" if gates else "at the start of the chain"
             raise ValueError(f"{who}: {what} {after} where an nn.Linear was expected; the path gram applies to "
-                             "Linear->ReLU chains only")
+                             "Linear->ReLU chains only (an MLP of nn.Linear and nn.ReLU); leave pathgram out for "
+                             "this model")
         if call.site is not None:
             if call.kind not in GATE_KINDS:
                 raise ValueError(f"{who}: activation site {call.site!r} is a {call.kind}; the neural path kernel "
@@ -138,7 +140,8 @@ def find_chain(batch: ProbeBatch, who: str = "pathgram") -> Chain:
             expect_linear = True
             continue
         raise ValueError(f"{who}: {where} follows Linear {linears[-1][0]!r} where a ReLU was expected; the path "
-                         "gram applies to Linear->ReLU chains only")
+                         "gram applies to Linear->ReLU chains only (an MLP of nn.Linear and nn.ReLU); leave pathgram "
+                         "out for this model")
     if not linears:
         raise ValueError(f"{who}: the probe pass called no nn.Linear; the path gram applies to Linear->ReLU chains")
     if expect_linear:
@@ -151,7 +154,7 @@ def _relative_error(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a - b).abs().max() / (b.abs().max() + a.abs().max() + 1e-30)
 
 
-def check_recomposition(batch: ProbeBatch, chain: Chain, X: torch.Tensor, who: str = "pathgram",
+def check_recomposition(batch: ProbeBatch | Pass, chain: Chain, X: torch.Tensor, who: str = "pathgram",
                         rows: int = 256) -> None:
     """Each gate's input must be its Linear applied to the previous gate's output (the flattened input
     for the first), and the model output the last Linear applied to the last gate's output; checked on
@@ -243,35 +246,6 @@ def gram_drawing(pg: PathGram, Y: torch.Tensor, mode: str = "cosine", side: int 
                    ylabel="probe sample i (same order)")
 
 
-def _choice(option: str, value: object, choices: tuple) -> object:
-    """``value`` when it is one of ``choices`` (strings, or None); else a TypeError / ValueError naming it."""
-    shown = ", ".join(repr(c) for c in choices)
-    if not (value is None or isinstance(value, str)):
-        raise TypeError(f"pathgram: option {option!r} must be one of {shown}, got {value!r}")
-    if value not in choices:
-        raise ValueError(f"pathgram: option {option!r} must be one of {shown}, got {value!r}")
-    return value
-
-
-def _real(option: str, value: object, what: str, ok) -> float:
-    """``float(value)`` for a real number (not a bool, not a string) that is finite and satisfies ``ok``."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
-        raise TypeError(f"pathgram: option {option!r} must be {what}, got {value!r}")
-    v = float(value)
-    if not (math.isfinite(v) and ok(v)):
-        raise ValueError(f"pathgram: option {option!r} must be {what}, got {value!r}")
-    return v
-
-
-def _whole(option: str, value: object, what: str, ok) -> int:
-    """``int(value)`` for an integer (not a bool, not a float) that satisfies ``ok``."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"pathgram: option {option!r} must be {what}, got {value!r}")
-    if not ok(int(value)):
-        raise ValueError(f"pathgram: option {option!r} must be {what}, got {value!r}")
-    return int(value)
-
-
 class PathGramProbe(Probe):
     """Neural path kernel ``H`` of a Linear->ReLU chain on the probe batch and ``tr(Y^T H^{-1} Y)``."""
 
@@ -286,20 +260,15 @@ class PathGramProbe(Probe):
     def __init__(self, condition: str = "estimate", image: str | None = "cosine", image_side: int = 128,
                  jitter_start: float = 1e-12, jitter_max: float = 1e-2, check: bool = True,
                  image_every: int | None = None, rcond: float | None = None) -> None:
-        self.condition = _choice("condition", condition, ("estimate", "exact", "off"))
-        self.image = _choice("image", image, ("cosine", "raw", None))
-        self.image_side = _whole("image_side", image_side, "a positive int", lambda v: v >= 1)
+        self.condition = options.choice("pathgram", "condition", condition, ("estimate", "exact", "off"))
+        self.image = options.choice("pathgram", "image", image, ("cosine", "raw", None))
+        self.image_side = options.integer("pathgram", "image_side", image_side, minimum=1)
         self.image_cadence = ImageCadence("pathgram", image_every)
-        self.jitter_start = _real("jitter_start", jitter_start, "a positive finite float", lambda v: v > 0)
-        self.jitter_max = _real("jitter_max", jitter_max, "a positive finite float", lambda v: v > 0)
-        if self.jitter_start > self.jitter_max:
-            raise ValueError(f"pathgram: option 'jitter_start' must not exceed option 'jitter_max', got "
-                             f"{jitter_start!r} > {jitter_max!r}")
-        self.rcond = None if rcond is None else _real("rcond", rcond, "None or a float in (0, 1)",
-                                                      lambda v: 0 < v < 1)
-        if not isinstance(check, (bool, np.bool_)):
-            raise TypeError(f"pathgram: option 'check' must be a bool, got {check!r}")
-        self.check = bool(check)
+        self.jitter_start = options.number("pathgram", "jitter_start", jitter_start, positive=True)
+        self.jitter_max = options.number("pathgram", "jitter_max", jitter_max, positive=True)
+        options.ordered("pathgram", "jitter_start", jitter_start, "jitter_max", jitter_max)
+        self.rcond = options.number("pathgram", "rcond", rcond, positive=True, below=1, optional=True)
+        self.check = options.flag("pathgram", "check", check)
         self._xx: tuple | None = None
         self._workspace = Workspace()
 
@@ -310,6 +279,19 @@ class PathGramProbe(Probe):
         Y = label_matrix(context.y, who="pathgram")
         if Y.shape[0] != context.x.shape[0]:
             raise ValueError(f"pathgram: {Y.shape[0]} labels for {context.x.shape[0]} probe samples")
+
+    def validate(self, batch: ProbeBatch) -> None:
+        """The model is a Linear->ReLU chain that recomposes from its layers (read off the at-attach pass), and the
+        labels fit the model's outputs: what would otherwise fail at the first measurement."""
+        found: ProbeBatch | Pass = batch
+        if not batch.calls:  # a batch without the shared pass's trace: one pass over two samples shows the chain
+            found = batch.run(take(batch.x, slice(0, 2)),
+                              keep=lambda site: frozenset({"pre", "post"}) if self.wants_site(site) else frozenset())
+        X = flatten_input(batch.x)[:found.output.shape[0]]
+        chain = find_chain(found)
+        if self.check:
+            check_recomposition(found, chain, X, rows=min(X.shape[0], 16))
+        batch.targets("pathgram")
 
     def compute(self, batch: ProbeBatch) -> tuple[PathGram, Chain]:
         """The rescaled path gram of the probe batch, after checking the chain structure."""

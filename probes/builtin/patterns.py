@@ -29,12 +29,12 @@ import fnmatch
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
 from probes import options
+from probes.engine.inputs import take
 from probes.figures import ImageCadence, gates_figure
 from probes.functional.patterns import save_gates, snapshot_path
 from probes.probe import Context, Probe, ProbeBatch
@@ -165,10 +165,15 @@ class Patterns(Probe):
         self.image = options.flag("patterns", "image", image)
         self.image_cadence = ImageCadence("patterns", image_every)
         self.save = options.flag("patterns", "save", save)
-        self.directory = directory
-        self.first: dict[str, PackedGates] = {}
-        self.previous: dict[str, PackedGates] = {}
-        self.first_step: int | None = None
+        if directory is not None and not isinstance(directory, (str, Path)):
+            raise TypeError(f"patterns: option 'directory' must be None or a path, got {directory!r}")
+        self.directory = None if directory is None else str(directory)
+        # persistent references (checkpointed): the first and the previous gates of each site, packed one bit per
+        # gate (``pack_rows``: P x ceil(n / 8) uint8), with each site's gate shape
+        self.add_state("first", {}, reduce=None, window=False)
+        self.add_state("previous", {}, reduce=None, window=False)
+        self.add_state("shapes", {}, reduce=None, window=False)
+        self.add_state("first_step", None, reduce=None, window=False)
 
     def setup(self, context: Context) -> None:
         if self.save and self.directory is None:
@@ -186,11 +191,20 @@ class Patterns(Probe):
                              f"{names}")
         return [n for n in names if any(n == p or fnmatch.fnmatchcase(n, p) for p in self.sites)]
 
-    def measure(self, batch: ProbeBatch) -> list[Record]:
-        names = self._select(list(batch.activations))
+    def _site_names(self, activations: dict) -> list[str]:
+        names = self._select([n for n, a in activations.items() if self.wants_site(a.site)])
         if not names:
             raise ValueError("patterns: the model has no activation site on the probe pass (no ReLU, GELU, ... "
-                             "module or functional call was seen)")
+                             "module or functional call was seen); patterns reads the gates of activations, so "
+                             "it cannot apply to this model")
+        return names
+
+    def validate(self, batch: ProbeBatch) -> None:
+        """The model has activation sites, and ``sites`` matches some of them (two samples show them)."""
+        self._site_names(batch.run(take(batch.x, slice(0, 2)), keep=lambda site: frozenset({"gate"})).activations)
+
+    def measure(self, batch: ProbeBatch) -> list[Record]:
+        names = self._site_names(batch.activations)
         P = batch.size
         gates: dict[str, torch.Tensor] = {}
         for n in names:
@@ -200,11 +214,10 @@ class Patterns(Probe):
                                  f"{P} probe samples")
             gates[n] = gate
         for n, g in gates.items():
-            for store, what in ((self.previous, "previous"), (self.first, "first")):
-                old = store.get(n)
-                if old is not None and tuple(old.shape) != tuple(g.shape):
-                    raise ValueError(f"patterns: site {n!r} has gate shape {tuple(g.shape)} but the {what} snapshot "
-                                     f"had {tuple(old.shape)}; the probe batch or the model changed")
+            old = self.shapes.get(n)
+            if old is not None and tuple(old) != tuple(g.shape):
+                raise ValueError(f"patterns: site {n!r} has gate shape {tuple(g.shape)} but the first snapshot had "
+                                 f"{tuple(old)}; the probe batch or the model changed")
         packed = {n: PackedGates.of(g) for n, g in gates.items()}  # snapshots kept at one bit per gate
         draw = self.image and self.image_cadence.due(batch.step)
         order, starts, group_names = _groups(batch.y, P) if draw else (None, [], [])
@@ -216,8 +229,8 @@ class Patterns(Probe):
                 per_unit_any, per_unit_all = g.any(dim=dims) if dims else g, g.all(dim=dims) if dims else g
             else:
                 per_unit_any, per_unit_all = g.any().reshape(1), g.all().reshape(1)
-            prev = self.previous[n].unpack(g.device) if n in self.previous else g
-            first = self.first[n].unpack(g.device) if n in self.first else g
+            prev = self._unpack(self.previous, n, g) if n in self.previous else g
+            first = self._unpack(self.first, n, g) if n in self.first else g
             records += [
                 Scalar(f"patterns/{n}/active_fraction", g.sum(dtype=torch.int64).double() / g.numel()),
                 Scalar(f"patterns/{n}/dead_on_probe_batch", (~per_unit_any).sum()),
@@ -231,9 +244,10 @@ class Patterns(Probe):
             del prev, first
         records.insert(0, Scalar("patterns/distinct", distinct_packed_rows([p.bits for p in packed.values()])))
         for n, p in packed.items():
-            self.previous[n] = p
+            self.previous[n] = p.bits
             if n not in self.first:
-                self.first[n] = p
+                self.first[n] = p.bits
+                self.shapes[n] = tuple(p.shape)
         if self.first_step is None:
             self.first_step = batch.step
         if self.save and batch.writes:  # under FSDP every rank measures; rank 0 alone writes
@@ -241,12 +255,6 @@ class Patterns(Probe):
                        labels=batch.y if isinstance(batch.y, torch.Tensor) else None)
         return records
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"first": {n: g.unpack() for n, g in self.first.items()},
-                "previous": {n: g.unpack() for n, g in self.previous.items()},
-                "first_step": self.first_step}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.first = {n: PackedGates.of(torch.as_tensor(g).bool()) for n, g in state.get("first", {}).items()}
-        self.previous = {n: PackedGates.of(torch.as_tensor(g).bool()) for n, g in state.get("previous", {}).items()}
-        self.first_step = state.get("first_step")
+    def _unpack(self, store: dict[str, torch.Tensor], name: str, like: torch.Tensor) -> torch.Tensor:
+        """A kept snapshot as booleans on the device of ``like`` (a checkpoint from elsewhere, a moved model)."""
+        return PackedGates(store[name], tuple(self.shapes[name])).unpack(like.device)

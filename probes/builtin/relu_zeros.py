@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from probes import options
 from probes.probe import Probe, Site
 from probes.records import Histogram, Record, Scalar
 
@@ -46,15 +47,12 @@ class ReluZeros(Probe):
     needs_probe_data = False
 
     def __init__(self, unit_dim: int | None = None, sites: str = "relu", bins: int = 20) -> None:
-        if sites not in ("relu", "all"):
-            raise ValueError(f"relu_zeros: option 'sites' must be 'relu' (ReLU family) or 'all', got {sites!r}")
-        if unit_dim is not None and (isinstance(unit_dim, bool) or not isinstance(unit_dim, int)):
-            raise TypeError(f"relu_zeros: option 'unit_dim' must be an int axis or None, got {unit_dim!r}")
-        if isinstance(bins, bool) or not isinstance(bins, int) or bins < 1:
-            raise ValueError(f"relu_zeros: option 'bins' must be a positive int, got {bins!r}")
-        self.unit_dim = unit_dim
+        options.choice("relu_zeros", "sites", sites, ("relu", "all"))
+        options.integer("relu_zeros", "unit_dim", unit_dim, optional=True, what="None or an int axis")
+        options.integer("relu_zeros", "bins", bins, minimum=1)
+        self.unit_dim = None if unit_dim is None else int(unit_dim)
         self.sites = sites
-        self.bins = bins
+        self.bins = int(bins)
         self.add_state("nonzero", {}, reduce="sum")  # site -> (units,) int64: outputs != 0 per unit
         self.add_state("outputs", {}, reduce="sum")  # site -> number of outputs seen (python int: from shapes)
         self.add_state("per_unit", {}, reduce="sum")  # site -> outputs per unit
@@ -62,7 +60,8 @@ class ReluZeros(Probe):
         self._units: dict[str, tuple[int, int]] = {}  # site -> (unit axis, number of units)
 
     def wants(self, site: Site) -> bool:
-        return self.sites == "all" or site.relu_family
+        # "all": every activation site, not the extra module types that active probes asked the capture for
+        return site.relu_family or (self.sites == "all" and not site.extra)
 
     def _unit_dim(self, site: str, ndim: int) -> int:
         if self.unit_dim is not None:
