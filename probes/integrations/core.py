@@ -99,26 +99,22 @@ def as_probe_data(batch: Any, who: str) -> tuple[Any, str | None]:
     """A batch as ``probes.attach`` takes it.
 
     Args:
-        batch: a tensor ``x``; a tuple/list ``(x, y, ...)``; a dict with ``"x"`` (and ``"y"``); or a dict batch with
-            ``"labels"`` inside (Hugging Face: the model is called as ``model(**inputs)``, the labels are the
-            targets).
+        batch: a tensor ``x``; a tuple/list ``(x, y, ...)``; a dict with ``"x"`` (and ``"y"``); or another dict
+            batch (Hugging Face: the model is called as ``model(**inputs)``; ``"labels"`` inside are the targets).
         who: the callback's name, for the error message.
 
     Returns:
         ``(probe_data, label_key)`` for ``attach(probe_data=..., label_key=...)``.
 
     Raises:
-        ValueError: a batch of another form.
+        ValueError: a batch of another form (an empty sequence, a string, ...).
     """
     if isinstance(batch, torch.Tensor):
         return batch, None
     if isinstance(batch, Mapping):
         if "x" in batch:
             return (batch["x"], batch.get("y")), None
-        if "labels" in batch:
-            return dict(batch), "labels"
-        raise ValueError(f"{who}: a dict batch needs keys 'x' (and 'y') or 'labels'; got {sorted(batch)}; pass "
-                         "probe_data=(x, y) to the callback")
+        return dict(batch), ("labels" if "labels" in batch else None)  # model(**inputs); no labels: none
     if isinstance(batch, (tuple, list)) and batch:
         return ((batch[0], batch[1]) if len(batch) >= 2 else batch[0]), None
     raise ValueError(f"{who}: cannot use a batch of type {type(batch).__name__} as the probe batch; pass "

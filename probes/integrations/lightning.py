@@ -17,7 +17,8 @@ trainer.fit(model, train_loader, val_loader)
 - Records go to the trainer's ``TensorBoardLogger`` (its ``SummaryWriter``) when it has one; else to ``logdir``;
   else to memory (``callback.session.memory``).
 - The probe batch is ``probe_data`` or, when not given, the first batch of the first validation loader
-  (``(x, y, ...)``, ``{"x": .., "y": ..}``, a dict batch with ``labels``, or ``x``), moved to the module's device.
+  (``(x, y, ...)``, ``{"x": .., "y": ..}``, a dict batch for ``model(**batch)`` with ``labels`` as the targets, or
+  ``x``), moved to the module's device.
   Active probes call ``pl_module(x)``, so the module needs a ``forward``.
 - Lightning saves the callback's ``state_dict`` (step counter and probe state) in its checkpoints under
   ``state_key``, which holds the probe names, so two callbacks in one Trainer keep separate states; a resumed
