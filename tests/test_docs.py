@@ -25,12 +25,6 @@ DOCS = ROOT / "docs"
 FENCE = re.compile(r"```python\n(.*?)```", flags=re.S)
 # blocks that train under a framework take a while: still run in CI, as the slow marker says
 SLOW_PAGES = {"integrations.md"}
-# blocks that fail for a reason outside the docs, each with that reason (remove an entry once it passes)
-KNOWN_FAILURES = {
-    "plugins.md:2": "probes.testing.check_failure_isolation injects its failure into measure(), which attach now "
-                    "runs (a first measurement that raises makes attach raise): the harness fails for every active "
-                    "probe (tests/test_harness.py too)",
-}
 
 
 def _blocks() -> list[tuple[str, int, str]]:
@@ -86,10 +80,7 @@ def test_the_changelog_starts_with_this_version() -> None:
 
 
 @pytest.mark.parametrize("page, index, code", [
-    pytest.param(page, i, code, id=f"{page}:{i}",
-                 marks=([pytest.mark.slow] if page in SLOW_PAGES else [])
-                 + ([pytest.mark.xfail(reason=KNOWN_FAILURES[f"{page}:{i}"], strict=False)]
-                    if f"{page}:{i}" in KNOWN_FAILURES else []))
+    pytest.param(page, i, code, id=f"{page}:{i}", marks=[pytest.mark.slow] if page in SLOW_PAGES else [])
     for page, i, code in BLOCKS])
 def test_docs_example_runs(page: str, index: int, code: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
