@@ -25,7 +25,7 @@ trainer.fit(model, train_loader, val_loader)
   ``fit`` continues the probe step. The session closes at the end of ``fit`` (or on an exception).
 - Under a DDP strategy the session sums passive counts over ranks and only rank 0 writes.
 
-``lightning`` is an optional extra (``pip install probes[lightning]``); ``pytorch_lightning`` works too.
+``lightning`` is an optional extra (``pip install 'torch-probes[lightning]'``); ``pytorch_lightning`` works too.
 Importing ``probes`` never imports it.
 """
 
@@ -44,7 +44,7 @@ except ImportError:  # pragma: no cover - depends on what is installed
         from pytorch_lightning.callbacks import Callback
         from pytorch_lightning.loggers import TensorBoardLogger
     except ImportError as exc:
-        raise ImportError("probes.integrations.lightning needs Lightning: pip install 'probes[lightning]' "
+        raise ImportError("probes.integrations.lightning needs Lightning: pip install 'torch-probes[lightning]' "
                           "(or pytorch_lightning)") from exc
 
 from probes import plugins
