@@ -84,7 +84,18 @@ def test_the_changelog_starts_with_this_version() -> None:
     for page, i, code in BLOCKS])
 def test_docs_example_runs(page: str, index: int, code: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
-    exec(compile(code, f"docs/{page} block {index}", "exec"), {"__name__": "docs_example"})
+    registered: list[str] = []  # plugins an example registers are unregistered after it, for the tests that follow
+
+    def register(plugin: object, name: str | None = None) -> str:
+        registered.append(probes.plugins.registry.register(plugin, name))
+        return registered[-1]
+
+    monkeypatch.setattr(probes.plugins, "register", register)
+    try:
+        exec(compile(code, f"docs/{page} block {index}", "exec"), {"__name__": "docs_example"})
+    finally:
+        for name in registered:
+            probes.plugins.registry.unregister(name)
 
 
 # ---------------------------------------------------------------------------------------------------------
