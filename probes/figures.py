@@ -704,7 +704,7 @@ def matrix_figure(matrix: np.ndarray, starts: Sequence[int] = (), names: Sequenc
     fig, ax = k["fig"], k["ax"]
     m = np.asarray(matrix, dtype=np.float64)
     n, cols = m.shape[0], m.shape[1]
-    place(fig, ax, title, xlabel, ylabel, right=90)
+    place(fig, ax, title, xlabel, ylabel, right=90 + LINE * wrap(colorbar_label, height - 110).count("\n"))
     finite = m[np.isfinite(m)]
     lo = vmin if vmin is not None else (float(finite.min()) if finite.size else 0.0)
     hi = vmax if vmax is not None else (float(finite.max()) if finite.size else 1.0)

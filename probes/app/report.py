@@ -157,7 +157,7 @@ def _series_label(tag: str, members: list[str]) -> str:
 
 def _ylabel(members: list[str]) -> str:
     """The quantity a chart shows: the last tag component its lines share (``cka``, ``eig_top``, ...), else the
-    words the last components start with (``flip_fraction_eps`` of ``flip_fraction_eps_0.1``, ...)."""
+    words the last components start with (``rate_at`` of ``rate_at_0.1`` and ``rate_at_1``)."""
     parts = [m.split("/") for m in members]
     shared = [p for p in parts[0][1:] if all(p in q[1:] for q in parts)]
     if shared:

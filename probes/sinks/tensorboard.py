@@ -6,8 +6,9 @@ Images are drawn and encoded on the sink's own thread, fed by a bounded queue (`
 measurement hands over the image (a ``probes.records.Drawing``: the figure function and host copies of its
 arrays) and training goes on; it waits only when the queue is full. ``flush()`` and ``close()`` wait until
 every queued image is written. An error while drawing is reported once, as a ``RuntimeWarning`` at the next
-write, flush or close, and costs only that image. Images are written as PNG; one with at most 256 colours
-(every figure of ``probes.figures``) as a palette PNG, a third of the size of the RGB one, and still lossless.
+write, flush or close (the count of failed images goes to the log at close), and costs only that image.
+Images are written as PNG; one with at most 256 colours (every figure of ``probes.figures``) as a palette PNG,
+a third of the size of the RGB one, and still lossless.
 
 The custom-scalars layout (``SummaryWriter.add_custom_scalars``; TensorBoard's "Custom Scalars" dashboard)
 puts related scalars in one multi-line chart: every chart group the attached probes declare
@@ -231,9 +232,9 @@ class TensorBoardSink(Sink):
             self._thread.join()
         self._thread = None
         self._report_errors()
-        if len(self._errors) > 1:
-            warnings.warn(f"tensorboard sink: {len(self._errors)} images could not be drawn in all; the first: "
-                          f"{self._errors[0]}", RuntimeWarning, stacklevel=2)
+        if len(self._errors) > 1:  # warned once already: the count goes to the log
+            log.warning("tensorboard sink: %d images could not be drawn in all; the first: %s", len(self._errors),
+                        self._errors[0])
         self._closed = True
         self.writer.flush()
         if self._owns:
