@@ -7,6 +7,7 @@ import torch
 
 import probes
 from probes import testing
+from probes.builtin.ntk import NTK
 from probes.records import Histogram, Scalar
 
 BUILTIN_OPTIONS = {
@@ -38,7 +39,12 @@ def test_builtin_probe_passes_the_harness(name):
     cls = probes.plugins.probe_class(name)
     options = {k: v for k, v in BUILTIN_OPTIONS[name].items() if k in _accepted(cls)}
     testing.check_probe(cls, options, model=MODELS.get(name, testing.small_mlp),
-                        allow_nan=("linear_region/l_gen", "linear_region/identity_error", "ntk/condition"))
+                        allow_nan=("linear_region/l_gen", "linear_region/identity_error", "ntk/condition"),
+                        references=REFERENCES)
+
+
+#: tags compared with what a probe kept from before a move of the model (check_follows_model: finite, not equal)
+REFERENCES = ("ntk/distance_from_init", "patterns/*/churn", "patterns/*/churn_from_init")
 
 
 def _accepted(cls) -> set[str]:
@@ -108,3 +114,39 @@ def test_the_example_plugin_passes_the_harness(monkeypatch):
         testing.check_probe(WeightNorm)
     finally:
         sys.modules.pop("probes_weightnorm", None)
+
+
+class _ForgetfulNTK(NTK):
+    """An NTK that checkpoints nothing: its state round-trips trivially, but a resumed run measures the distance
+    from the kernel at the resume instead of the first one."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state) -> None:
+        pass
+
+
+class _StaleCache(probes.Probe):
+    """Keeps the probe inputs of its first measurement and multiplies them with the model's weight later."""
+
+    name = "stale_cache"
+    every = 1
+
+    def __init__(self) -> None:
+        self._x = None
+
+    def measure(self, batch):
+        if self._x is None:
+            self._x = batch.x.clone()
+        return [Scalar("stale_cache/sum", (self._x @ batch.model[0].weight.T).sum())]
+
+
+def test_the_resume_check_compares_with_the_unbroken_run():
+    with pytest.raises(AssertionError, match=r"ntk/distance_from_init = .* after resuming, .* unbroken"):
+        testing.check_state_round_trip(_ForgetfulNTK, {"image": False})
+
+
+def test_the_follows_model_check_fails_on_a_cache_kept_across_a_move():
+    with pytest.raises(RuntimeError, match="dtype"):
+        testing.check_follows_model(_StaleCache)
