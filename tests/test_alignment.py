@@ -268,3 +268,12 @@ def test_labels_out_of_range_of_the_outputs_raise_at_attach(measure_at_attach) -
         probes.attach(model, ["alignment"], probe_data=(torch.randn(6, 3), y), sinks=["memory"],
                       measure_at_attach=measure_at_attach)
     assert (len(hooks._global_forward_hooks), len(hooks._global_forward_pre_hooks)) == before
+
+
+@pytest.mark.parametrize("memory_budget", [None, 64])
+def test_alignment_follows_the_model(memory_budget) -> None:
+    """After model.double() the shared pass or the probe's own passes (a budget of 64 bytes: one pass per site)
+    give what a fresh attach on the moved model gives."""
+    from probes import testing
+
+    testing.check_follows_model(Alignment, {"memory_budget": memory_budget}, move=lambda m: m.double())

@@ -651,3 +651,12 @@ def test_good_options_are_normalised() -> None:
     assert p.eps == (0.5,) and p.delta == (1e-3, 1e-2) and p.seed == 3 and p.dtype == torch.float32
     assert p.max_samples == 7 and type(p.max_samples) is int and p.allow == (MyRelu,)
     assert cls(allow=[MyRelu, nn.Tanh]).allow == (MyRelu, nn.Tanh) and cls().dtype == "auto"
+
+
+@pytest.mark.parametrize("dtype", ["auto", None])
+def test_linear_region_follows_the_model(dtype) -> None:
+    from probes import testing
+
+    testing.check_follows_model(probes.plugins.probe_class("linear_region"), {"eps": (0.01,), "delta": (0.01,),
+                                                                              "dtype": dtype},
+                                move=lambda m: m.double())

@@ -128,3 +128,9 @@ def test_labels_that_do_not_fit_the_outputs_raise_at_attach(y, match, measure_at
         probes.attach(model, ["margin"], probe_data=(torch.randn(6, 3), y), sinks=["memory"],
                       measure_at_attach=measure_at_attach)
     assert (len(hooks._global_forward_hooks), len(hooks._global_forward_pre_hooks)) == before
+
+
+def test_margin_follows_the_model() -> None:
+    from probes import testing
+
+    testing.check_follows_model(Margin, {}, move=lambda m: m.half())

@@ -643,3 +643,23 @@ def test_benchmark_smoke(capsys) -> None:
     out = capsys.readouterr().out
     assert "torch.func" in out and "ratio" in out
     assert all(r["max_error"] < 1e-4 for r in rows if r.get("max_error") is not None)
+
+
+@pytest.mark.parametrize("move", ["double", "double-float"])
+def test_the_plan_and_the_first_kernel_follow_the_model(move):
+    """After model.double() the NTK is re-planned and measures what a fresh attach on the moved model measures; the
+    first kernel, kept from before the move, still gives a finite distance_from_init."""
+    from probes import testing
+    from probes.builtin.ntk import NTK
+
+    moves = {"double": lambda m: m.double(), "double-float": lambda m: m.double().float()}
+    testing.check_follows_model(NTK, {"image": False}, move=moves[move], references=("ntk/distance_from_init",))
+
+
+@pytest.mark.parametrize("measure_at_attach", [True, False])
+def test_labels_out_of_range_of_the_outputs_raise_at_attach(measure_at_attach):
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 3))
+    y = torch.tensor([0, 1, 5, 1, 0, 2])  # class 5 for a model with 3 outputs
+    with pytest.raises(ValueError, match=r"ntk: class index 5 out of range.*3 outputs.*0\.\.2"):
+        probes.attach(model, ["ntk"], probe_data=(torch.randn(6, 3), y), sinks=["memory"],
+                      measure_at_attach=measure_at_attach)

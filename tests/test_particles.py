@@ -406,3 +406,14 @@ def test_example_particles_move_towards_the_teacher_lines(tmp_path):
     assert run["angles"][0][0] == run["losses"][0][0] == 0
     assert run["angles"][-1][1] < 0.6 * run["angles"][0][1]
     assert run["losses"][-1][1] < 0.01 * run["losses"][0][1]
+
+
+def test_the_basis_follows_the_model():
+    """The projection basis is fixed at the first measurement; after model.double() the positions and norms are
+    those of a fresh attach on the moved model."""
+    from probes import testing
+
+    def two_layer() -> nn.Module:
+        return nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 3))
+
+    testing.check_follows_model(Particles, {"image_every": 10**6}, model=two_layer)

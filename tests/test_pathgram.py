@@ -704,3 +704,17 @@ def test_jitter_is_sized_from_lambda_max(monkeypatch):
     ev = torch.linalg.eigvalsh(M)
     assert float(ev[-1] / ev[0]) <= 1 / (200 * torch.finfo(torch.float64).eps)
     assert float(fact.condition) == pytest.approx(float(ev[-1] / ev[0]), rel=1e-3)
+
+
+def _three_class_chain() -> nn.Module:
+    return nn.Sequential(nn.Linear(8, 12), nn.ReLU(), nn.Linear(12, 10), nn.ReLU(), nn.Linear(10, 3))
+
+
+@pytest.mark.parametrize("move", ["double", "half", "double-float"])
+def test_the_cached_input_gram_follows_the_model(move):
+    """X X^T is cached from the probe batch of the first measurement: after model.double() / .half() (the engine
+    then hands the probe batch at the model's dtype) pathgram measures what a fresh attach measures."""
+    from probes import testing
+
+    moves = {"double": lambda m: m.double(), "half": lambda m: m.half(), "double-float": lambda m: m.double().float()}
+    testing.check_follows_model(PathGramProbe, {"image": None}, model=_three_class_chain, move=moves[move])

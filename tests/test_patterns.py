@@ -246,3 +246,15 @@ def test_errors():
     s.probes["patterns"].shapes["1"] = (3, 9)
     with pytest.raises(ValueError, match="gate shape"):
         s.measure()
+
+
+@pytest.mark.parametrize("move", ["double", "half"])
+def test_the_snapshots_follow_the_model(move):
+    """The first and previous gates are kept packed: after model.double() / .half() the gates are those of a fresh
+    attach on the moved model (churn compares with the gates from before the move: finite)."""
+    from probes import testing
+    from probes.builtin.patterns import Patterns
+
+    moves = {"double": lambda m: m.double(), "half": lambda m: m.half()}
+    testing.check_follows_model(Patterns, {"image": False}, move=moves[move],
+                                references=("patterns/*/churn", "patterns/*/churn_from_init"))
