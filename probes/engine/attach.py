@@ -18,13 +18,14 @@ def attach(model: nn.Module, probes: Any, *, probe_data: Any = None, label_key: 
            optimizer: torch.optim.Optimizer | None = None, strict: bool = False, functional: bool | None = None,
            measure_at_attach: bool = True, state: Mapping[str, Any] | None = None,
            probe_batch_size: int | None = DEFAULT_PROBE_BATCH_SIZE, overhead: float | str | None = "auto",
-           mask: str | None = "attention_mask") -> Session:
+           mask: str | None = "attention_mask", norm_stats: str = "running") -> Session:
     """Attach probes to ``model`` and return the ``Session`` (or raise and leave nothing behind).
 
     Args:
         model: any ``nn.Module`` (DDP, ``torch.compile`` and FSDP2-sharded models too).
         probes: a list of names, or ``{name: options}``; ``every`` (an int or a schedule from
-            ``probes.schedules``) sets a probe's cadence.
+            ``probes.schedules``) sets a probe's cadence. ``"auto"``: every available probe that applies to this
+            model at its defaults; each one left out is said in one line (explicit names raise instead).
         probe_data: the fixed probe batch of active probes: ``(x, y)`` or ``x``, with ``x`` a tensor
             (``model(x)``), a tuple/list (``model(*x)``) or a dict (``model(**x)``); or a dict batch with the
             labels inside under ``label_key``. The samples are the leading dimension of every tensor. At each
@@ -53,6 +54,9 @@ def attach(model: nn.Module, probes: Any, *, probe_data: Any = None, label_key: 
             positions)`` with 0 at padding: passive probes leave padded positions of site tensors shaped ``(batch,
             positions, ...)`` out, and active probes get the probe batch's mask as ``ProbeBatch.mask``. None: no
             masking.
+        norm_stats: what batch-norm layers normalise by in the probe pass (eval mode): "running" (their running
+            statistics; a notice says once when the predictions disagree sharply with batch statistics) or "batch"
+            (the statistics of the probe batch, of each chunk; the running statistics are left untouched).
 
     Returns:
         The ``Session``: ``step()``, ``close()`` (or use it as a context manager), ``state_dict()``.
@@ -64,4 +68,4 @@ def attach(model: nn.Module, probes: Any, *, probe_data: Any = None, label_key: 
     return Session(model, probes, probe_data=probe_data, label_key=label_key, output=output, logdir=logdir,
                    writer=writer, sinks=sinks, optimizer=optimizer, strict=strict, functional=functional,
                    measure_at_attach=measure_at_attach, state=state, probe_batch_size=probe_batch_size,
-                   overhead=overhead, mask=mask)
+                   overhead=overhead, mask=mask, norm_stats=norm_stats)

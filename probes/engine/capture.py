@@ -233,6 +233,10 @@ class Capture:
             self._sites[key] = site
         return site
 
+    def seen_sites(self) -> list[Site]:
+        """Every site met so far, functional ones included (after a forward or a probe pass)."""
+        return list(self._sites.values())
+
     def module_sites(self) -> list[Site]:
         """The sites of activation modules (functional sites are known only after a forward)."""
         return [self.site(p, 1, False, kind_of(m), m) for m, p in self.site_modules.items()]

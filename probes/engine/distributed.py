@@ -196,6 +196,13 @@ def broadcast_flag(flag: bool, device: torch.device) -> bool:
     return bool(max_and_min([int(flag)], device)[0][0])
 
 
+def raise_if_failed_elsewhere(failed_here: bool, device: torch.device) -> None:
+    """At attach under a sharded model: raise on every rank where attach went well when it failed on another."""
+    if broadcast_flag(failed_here, device) and not failed_here:
+        raise RuntimeError("attach failed on another rank of this sharded model (a probe's setup raised there; "
+                           "that rank's error says which)")
+
+
 def failed_anywhere(names: list[str], failed_here: set[str], device: torch.device) -> set[str]:
     """The probes among ``names`` that failed on any rank (every rank must call this with the same ``names``).
 

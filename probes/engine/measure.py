@@ -5,6 +5,7 @@ which probes failed anywhere, so that the next pass runs the same probes everywh
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -15,6 +16,11 @@ from probes.engine.probe_pass import OutputError, ProbeData, ProbePass, keeper, 
 from probes.engine.spec import named
 from probes.probe import Pass, Probe, ProbeBatch
 from probes.records import Record
+
+
+#: a fraction of the probe batch whose predicted class changes between running and batch statistics (or a relative
+#: change of the outputs) above which the probe pass measures another model than the one that trains
+NORM_STATS_GAP = 0.25
 
 
 class ActiveProbes:
@@ -38,6 +44,10 @@ class ActiveProbes:
         self.logdir, self.rank, self.world_size, self.sharded, self.device = logdir, rank, world_size, sharded, device
         self.mask_key = mask_key
         self.measured_at: dict[str, int] = {}
+        #: ``attach(model, "auto")``: called with ``(name, error)`` for a probe whose first measurement or validation
+        #: raised, instead of raising (the probe is left out)
+        self.on_attach_error: Callable[[str, Exception], None] | None = None
+        self._norms_checked = False
 
     def measure(self, names: list[str], step: int, at_attach: bool = False) -> None:
         """Measure ``names`` (those not switched off) at ``step``. ``at_attach``: the first measurement, whose
@@ -81,11 +91,16 @@ class ActiveProbes:
             return
         with self.probe_pass.guarded():
             batch = self._batch(list(self.probes), step)
-            for name, probe in self.probes.items():
+            for name, probe in list(self.probes.items()):
                 try:
                     probe.validate(batch)
                 except Exception as exc:
-                    raise named(exc, name) from exc
+                    self._attach_error(name, exc)
+
+    def _attach_error(self, name: str, exc: Exception) -> None:
+        if self.on_attach_error is None:
+            raise named(exc, name) from exc
+        self.on_attach_error(name, exc)
 
     def _batch(self, names: list[str], step: int) -> ProbeBatch:
         x, y = self.data.current()
@@ -93,6 +108,7 @@ class ActiveProbes:
         if x is not None:
             due = [self.probes[n] for n in names if self.probes[n].needs_sites]
             shared = self.probe_pass.run(x, keeper(due) if due else None)
+            self._check_norms(x, shared.output, step)
         return ProbeBatch(self.probe_pass.module, x, y, shared.output, shared.activations, step, self.logdir,
                           shared.calls, self.probe_pass.output_spec, tensor_output=shared.tensor_output,
                           writes=self.rank == 0, chunk_size=self.probe_pass.chunk_size, runner=self.probe_pass.run,
@@ -125,6 +141,23 @@ class ActiveProbes:
                     self.write(name, self.probes[name].measure(batch), at_attach)
                 except Exception as exc:  # noqa: BLE001
                     if at_attach:
-                        raise named(exc, name) from exc
+                        self._attach_error(name, exc)
+                        continue
                     self.failures.fail(name, exc, step)
                 self.cadence.charge(name, shared + now() - t0)
+
+    def _check_norms(self, x: Any, output: torch.Tensor | None, step: int) -> None:
+        """Once a measurement finds the eval-mode predictions far from those with batch statistics, say so (once)."""
+        if self._norms_checked:
+            return
+        gap = self.probe_pass.disagreement(x, output)
+        if gap is None:
+            self._norms_checked = True
+        elif gap > NORM_STATS_GAP:
+            self._norms_checked = True
+            self.failures.notice("probes", "norm-stats", (
+                f"the probe pass runs in eval mode, and at step {step} its predictions with the batch-norm running "
+                f"statistics differ from those with batch statistics (training mode) on {gap:.0%} of the probe "
+                "batch: the running statistics do not describe the model as it trains, and the probes measure a "
+                "model other than the trained one; attach(norm_stats='batch') measures with batch statistics and "
+                "leaves the running ones untouched"))

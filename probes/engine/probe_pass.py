@@ -12,6 +12,7 @@ floating dtype as they are now (after ``model.double()`` or a device move, equal
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -20,8 +21,9 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from probes.engine import inputs
+from probes.engine import distributed, inputs
 from probes.engine.capture import Capture
+from probes.engine.failures import ProbesNoticeWarning
 from probes.probe import Activation, Pass, Probe, ProbeBatch, Site
 
 Keep = Callable[[Site], frozenset[str]]
@@ -94,6 +96,16 @@ class ProbeData:
         m = x.get(key) if key is not None and isinstance(x, Mapping) else None
         return m != 0 if isinstance(m, torch.Tensor) and m.ndim == 2 else None
 
+    def same_on_every_rank(self, device: torch.device, rank: int) -> None:
+        """Under a sharded model every rank runs the probe pass: all take rank 0's probe batch (said once)."""
+        if not self.present:
+            return
+        x, y, replaced = distributed.same_probe_batch(*self.current(), device)
+        self.replace(x, y)
+        if replaced and rank == 0:
+            warnings.warn("probe_data differs between the ranks of this sharded model; every rank uses rank 0's "
+                          "probe batch", ProbesNoticeWarning, stacklevel=4)
+
     @property
     def present(self) -> bool:
         return self.given_x is not None
@@ -133,8 +145,11 @@ class ProbePass:
     """Runs the model on probe inputs through one ``Capture`` (see the module docstring)."""
 
     def __init__(self, module: nn.Module, capture: Capture, output_spec: Any = None,
-                 chunk_size: int | None = None) -> None:
+                 chunk_size: int | None = None, norm_stats: str = "running") -> None:
         self.module, self.capture, self.output_spec, self.chunk_size = module, capture, output_spec, chunk_size
+        self.norm_stats = norm_stats
+        self.norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._NormBase)
+                      and m.track_running_stats]
 
     def run(self, x: Any, keep: Keep | None = None, params: Mapping[str, torch.Tensor] | None = None) -> Pass:
         """``model(x)`` without gradients, in chunks, keeping of each site what ``keep`` asks (default nothing)."""
@@ -186,10 +201,40 @@ class ProbePass:
         rng = _rng_state()
         try:
             module.eval()
-            yield
+            if self.norm_stats == "batch":
+                with self.batch_statistics():
+                    yield
+            else:
+                yield
         finally:
             _restore_modes(module, modes)
             _set_rng_state(rng)
+
+    @contextmanager
+    def batch_statistics(self) -> Iterator[None]:
+        """Batch normalization with the statistics of the batch at hand (of each chunk) instead of the running ones,
+        in eval mode: the running statistics are set aside (a norm layer without them normalises by the batch) and
+        put back untouched."""
+        kept = [(m, m.running_mean, m.running_var) for m in self.norms]
+        try:
+            for m, _, _ in kept:
+                m.running_mean = m.running_var = None
+            yield
+        finally:
+            for m, mean, var in kept:
+                m.running_mean, m.running_var = mean, var
+
+    def disagreement(self, x: Any, output: torch.Tensor) -> float | None:
+        """How far the eval-mode output (running statistics) is from the output with batch statistics: the fraction
+        of samples whose predicted class differs (or the relative distance of the outputs when there are no classes);
+        None without norm layers that keep running statistics."""
+        if not self.norms or self.norm_stats != "running" or output is None:
+            return None
+        with self.batch_statistics():
+            other = self.run(x).output
+        if output.ndim == 2 and output.shape[1] > 1:
+            return float((output.argmax(1) != other.argmax(1)).double().mean())
+        return float((output - other).double().norm() / other.double().norm().clamp_min(1e-300))
 
 
 def standalone_batch(model: nn.Module, x: Any, y: torch.Tensor | None = None, *, step: int = 0, output: Any = None,

@@ -1,9 +1,4 @@
-"""``Session``: the lifecycle and the public methods; the work is done by the engine's parts.
-
-- ``spec``: probe and sink specs; ``probe_pass``: the one probe pass and the probe batch that follows the model;
-- ``passive``: training forwards observed and flushed; ``measure``: measurements of the active probes;
-- ``cadence``: due steps and the overhead budget; ``failures``: switched-off probes and notices;
-- ``output``: records to the sinks, one point per tag and step.
+"""``Session``: the lifecycle and the public methods; the work is done by the engine's parts (``probes.engine``).
 
 Lifecycle: ``attach`` either returns a working session or raises and leaves nothing behind (no hook, no writer, no
 file). Everything knowable at attach raises there: options, the probe batch, a probe that cannot apply to this
@@ -15,7 +10,6 @@ measurement (step 0) is held back until the session is first used, so that ``loa
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -31,7 +25,7 @@ from probes.engine.measure import ActiveProbes
 from probes.engine.output import Output, check_records
 from probes.engine.passive import PassiveProbes
 from probes.engine.probe_pass import ProbeData, ProbePass, model_placement
-from probes.engine.spec import check_attach_options, make_sinks, named, parse_probes, parse_sinks
+from probes.engine.spec import AUTO, check_attach_options, make_sinks, named, parse_probes, parse_sinks
 from probes.probe import Context, Probe
 from probes.sinks.memory import MemorySink
 
@@ -50,27 +44,24 @@ class Session:
                  functional: bool | None = None, measure_at_attach: bool = True,
                  state: Mapping[str, Any] | None = None,
                  probe_batch_size: int | None = DEFAULT_PROBE_BATCH_SIZE, overhead: float | str | None = "auto",
-                 mask: str | None = "attention_mask") -> None:
-        check_attach_options(model, logdir, writer, optimizer, strict, output, probe_batch_size, mask)
+                 mask: str | None = "attention_mask", norm_stats: str = "running") -> None:
+        check_attach_options(model, logdir, writer, optimizer, strict, output, probe_batch_size, mask, norm_stats)
         self.model, self.module = model, unwrap(model)
         self.rank, self.world_size = distributed.rank_and_world()
         self.sharded = distributed.is_sharded(self.module)
         self.logdir = str(logdir) if logdir is not None else (writer.get_logdir() if writer is not None else None)
         self.device = model_placement(self.module)[0]
         self.data = ProbeData.from_probe_data(probe_data, label_key, self.module)
-        if self.sharded and self.world_size > 1 and self.data.present:  # every rank runs the probe pass: rank 0's
-            x, y, replaced = distributed.same_probe_batch(*self.data.current(), self.device)
-            self.data.replace(x, y)
-            if replaced and self.rank == 0:
-                warnings.warn("probe_data differs between the ranks of this sharded model; every rank uses rank "
-                              "0's probe batch", ProbesNoticeWarning, stacklevel=3)
+        if self.sharded and self.world_size > 1:  # every rank runs the probe pass, on rank 0's batch
+            self.data.same_on_every_rank(self.device, self.rank)
         self.probes: dict[str, Probe] = dict(parse_probes(probes))
-        self.passive = [n for n, p in self.probes.items() if p.passive]
-        self.active = [n for n, p in self.probes.items() if not p.passive]
-        for name in self.active:
-            if self.probes[name].needs_probe_data and not self.data.present:
-                raise ValueError(f"probe {name!r} runs on a fixed probe batch: pass probe_data=(x, y) to attach")
         self._failures = Failures(strict, self.rank)
+        self.auto = isinstance(probes, str) and probes == AUTO  # leave out what does not apply, saying why
+        for name in [n for n, p in self.probes.items() if not p.passive and p.needs_probe_data]:
+            if not self.data.present and not self.auto:
+                raise ValueError(f"probe {name!r} runs on a fixed probe batch: pass probe_data=(x, y) to attach")
+            if not self.data.present:
+                self._leave_out(name, "it measures on a probe batch; pass probe_data=(x, y)")
         self.cadence = Cadence(self.probes, overhead, self._failures,
                                rank_agreement(self.device) if self.sharded and self.world_size > 1 else None)
         sink_spec = parse_sinks(sinks, logdir, writer) if self.rank == 0 else []
@@ -81,10 +72,11 @@ class Session:
                                mask_key=mask)
         self._passive = PassiveProbes({n: self.probes[n] for n in self.passive}, self._failures, self._write,
                                       lambda: self._step, self.world_size, self.rank, self.device)
-        probe_pass = ProbePass(self.module, self.capture, output, probe_batch_size)
+        probe_pass = ProbePass(self.module, self.capture, output, probe_batch_size, norm_stats)
         self._active = ActiveProbes({n: self.probes[n] for n in self.active}, self.data, probe_pass, self._failures,
                                     self.cadence, self._write, self.logdir, self.rank, self.world_size, self.sharded,
                                     self.device, mask)
+        self._active.on_attach_error = self._leave_out if self.auto else None
         try:
             self._setup(optimizer, measure_at_attach and state is None)
             if state is not None:
@@ -98,7 +90,7 @@ class Session:
         x, y = self.data.current()
         context = Context(self.module, x, y, self.logdir, self.device, self._active.probe_pass.output_spec)
         failed: tuple[str, Exception] | None = None
-        for name, probe in self.probes.items():
+        for name, probe in list(self.probes.items()):
             if self.sharded and not probe.supports_sharding:
                 self._failures.switch_off(name, f"probe {name!r} needs direct access to whole parameters, which a "
                                                 "sharded (FSDP) model does not give; it is switched off on every rank")
@@ -106,12 +98,13 @@ class Session:
             try:
                 probe.setup(context)
             except Exception as exc:
+                if self.auto:
+                    self._leave_out(name, exc)
+                    continue
                 failed = (name, exc)
                 break
-        if self.sharded and self.world_size > 1 and distributed.broadcast_flag(failed is not None, self.device) \
-                and failed is None:  # the other ranks must not go on into a probe pass that rank skips
-            raise RuntimeError("attach failed on another rank of this sharded model (a probe's setup raised there; "
-                               "that rank's error says which)")
+        if self.sharded and self.world_size > 1:  # no rank goes on into a probe pass that another rank skips
+            distributed.raise_if_failed_elsewhere(failed is not None, self.device)
         if failed is not None:
             raise named(failed[1], failed[0]) from failed[1]
         self._passive.install(self.capture)
@@ -121,8 +114,20 @@ class Session:
             self._active.measure(self.active, self._step, at_attach=True)
         elif self.active:
             self._active.validate(self._step)
+        if self.auto:  # passive probes: among the module sites, and the functional ones the probe pass met
+            sites = self.capture.module_sites() + self.capture.seen_sites()
+            kinds = ", ".join(sorted({s.kind for s in sites})) or "none"
+            for name in [n for n in self.passive if not any(self.probes[n].wants(s) for s in sites)]:
+                self._leave_out(name, f"no activation of this model is one it observes (the model has: {kinds})")
 
-    # -- public ---------------------------------------------------------------------
+    def _leave_out(self, name: str, why: Any) -> None:
+        """``attach(model, "auto")``: drop a probe that does not apply, saying why in one line."""
+        for part in (self, getattr(self, "_active", None), getattr(self, "_passive", None)):
+            if part is not None:
+                part.probes.pop(name, None)
+        reason = str(why).splitlines()[0] if str(why) else type(why).__name__
+        self._failures.notice(name, "auto", f"attach('auto') leaves out probe {name!r}: {reason}")
+
     @property
     def closed(self) -> bool:
         """True after ``close()``."""
@@ -132,6 +137,16 @@ class Session:
     def global_step(self) -> int:
         """The session's step counter."""
         return self._step
+
+    @property
+    def passive(self) -> list[str]:
+        """Names of the passive probes."""
+        return [n for n, p in self.probes.items() if p.passive]
+
+    @property
+    def active(self) -> list[str]:
+        """Names of the active probes."""
+        return [n for n, p in self.probes.items() if not p.passive]
 
     @property
     def failures(self) -> dict[str, str]:
@@ -250,7 +265,6 @@ class Session:
             if name in self.probes:
                 self.probes[name].load_state_dict(sub)
 
-    # -- internals --------------------------------------------------------------------
     def _use(self, what: str, release: bool = True) -> None:
         """Every public method starts here: a closed session raises; a forward that an interrupt left unfinished
         is forgotten; held-back records are written."""

@@ -50,7 +50,25 @@ def named(exc: BaseException, name: str) -> BaseException:
     return new
 
 
+#: ``attach(model, "auto")``: every available probe that applies to the model
+AUTO = "auto"
+
+
 def parse_probes(probes: Any) -> list[tuple[str, Probe]]:
+    """``(name, probe)`` pairs of an ``attach`` spec: names, classes, instances, a ``{name: options}`` mapping, or
+    ``"auto"`` (every available probe at its defaults; the session leaves out those that do not apply).
+
+    Args:
+        probes: the spec.
+
+    Returns:
+        The probes in the order given.
+
+    Raises:
+        TypeError: a spec of the wrong type; ValueError: a probe given twice or bad options (naming the probe).
+    """
+    if isinstance(probes, str) and probes == AUTO:
+        return [(info.name, make_probe(info.cls, info.name, {})) for info in plugins.available()]
     if isinstance(probes, (str, Probe)) or (isinstance(probes, type) and issubclass(probes, Probe)):
         probes = [probes]
     items: list[tuple[Any, Any]]
@@ -119,7 +137,7 @@ def make_sinks(spec: list[Any], logdir: str | None, writer: Any) -> list[Sink]:
 
 
 def check_attach_options(model: Any, logdir: Any, writer: Any, optimizer: Any, strict: Any, output: Any,
-                         probe_batch_size: Any, mask: Any = None) -> None:
+                         probe_batch_size: Any, mask: Any = None, norm_stats: Any = "running") -> None:
     """Raise a clear error for a bad ``attach`` option (the probe batch, probes and sinks are checked apart)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"attach needs an nn.Module, got {type(model).__name__}")
@@ -137,3 +155,6 @@ def check_attach_options(model: Any, logdir: Any, writer: Any, optimizer: Any, s
     if mask is not None and not (isinstance(mask, str) and mask):
         raise TypeError(f"attach(mask=...) must be the name of the attention mask's keyword argument or dict entry "
                         f"(default 'attention_mask'), or None to count padded positions too; got {mask!r}")
+    if norm_stats not in ("running", "batch"):
+        raise ValueError(f"attach(norm_stats=...) must be 'running' (eval mode: the running statistics of batch "
+                         f"norm layers) or 'batch' (the statistics of the probe batch), got {norm_stats!r}")
