@@ -17,7 +17,6 @@ from probes.engine.spec import named
 from probes.probe import Pass, Probe, ProbeBatch
 from probes.records import Record
 
-
 #: a fraction of the probe batch whose predicted class changes between running and batch statistics (or a relative
 #: change of the outputs) above which the probe pass measures another model than the one that trains
 NORM_STATS_GAP = 0.25
