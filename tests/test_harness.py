@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -150,3 +151,86 @@ def test_the_resume_check_compares_with_the_unbroken_run():
 def test_the_follows_model_check_fails_on_a_cache_kept_across_a_move():
     with pytest.raises(RuntimeError, match="dtype"):
         testing.check_follows_model(_StaleCache)
+
+
+class _References(probes.Probe):
+    """Every kind of value add_state keeps: None until set, nested dicts of tensors, numpy arrays, numbers."""
+
+    name = "references"
+    every = 1
+
+    def __init__(self) -> None:
+        self.add_state("first", None, reduce=None, window=False)
+        self.add_state("nested", {}, reduce=None, window=False)
+        self.add_state("table", np.zeros(3), reduce=None, window=False)
+        self.add_state("count", 0, reduce="sum")
+
+    def measure(self, batch):
+        if self.first is None:
+            self.first = batch.output.detach().clone()
+        self.nested.setdefault("a", {})["b"] = batch.output.sum().reshape(1)
+        self.table = self.table + 1
+        self.count += 1
+        return [Scalar("references/drift", (batch.output - self.first).abs().sum())]
+
+
+def test_add_state_keeps_none_nested_dicts_and_arrays_through_a_checkpoint():
+    probe = _References()
+    state = probe.state_dict()
+    assert state["first"] is None and state["nested"] == {} and state["count"] == 0
+    s = probes.attach(testing.small_mlp(), {_References: {}}, probe_data=torch.randn(5, 8), sinks=["memory"],
+                      strict=True)
+    s.step()
+    saved = s.state_dict()["probes"]["references"]
+    assert saved["first"].shape == (5, 3) and set(saved["nested"]["a"]) == {"b"} and saved["count"] == 2
+    np.testing.assert_array_equal(saved["table"], np.full(3, 2.0))
+    saved["nested"]["a"]["b"] += 1  # a copy: the probe's own state is untouched
+    assert not torch.equal(s.probes["references"].nested["a"]["b"], saved["nested"]["a"]["b"])
+    fresh = _References()
+    fresh.load_state_dict(saved)
+    torch.testing.assert_close(fresh.first, saved["first"], rtol=0, atol=0)
+    assert fresh.nested["a"]["b"] is not saved["nested"]["a"]["b"] and fresh.count == 2
+    s.close()
+    with pytest.raises(ValueError, match="references: state 'first'.*reduce=None"):
+        fresh.add_state("first", None, reduce="sum")
+    with pytest.raises(ValueError, match="reduce=None"):
+        fresh.add_state("table", np.zeros(2), reduce="max")
+
+
+def test_load_state_dict_puts_tensors_on_the_device_they_replace_and_checks_shapes():
+    probe = _References()
+    probe.first = torch.zeros(2, 3, device="meta")  # a reference held on another device (meta: no GPU needed)
+    probe.load_state_dict({"first": torch.ones(2, 3)})
+    assert probe.first.device.type == "meta"
+    with pytest.raises(ValueError, match=r"references: saved state 'first' has shape \(4, 3\).*\(2, 3\)"):
+        probe.load_state_dict({"first": torch.ones(4, 3)})
+
+
+def test_every_builtin_state_survives_torch_save_and_a_weights_only_load():
+    """A checkpoint of the session holds only tensors, numbers, None, strings and containers: torch.load with
+    weights_only=True (no pickle of arbitrary objects) reads it back, and a resumed session holds the same state."""
+    import io
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+    x, y = torch.randn(12, 8), torch.arange(12) % 3
+    spec = {name: {**{k: v for k, v in options.items() if k in _accepted(probes.plugins.probe_class(name))},
+                   "every": 2} for name, options in BUILTIN_OPTIONS.items()}
+    s = probes.attach(model, spec, probe_data=(x, y), sinks=["memory"], strict=True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(3):
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+        s.step()
+    state = s.state_dict()
+    s.close()
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=True)
+    again = probes.attach(model, spec, probe_data=(x, y), sinks=["memory"], strict=True, state=loaded)
+    for name in BUILTIN_OPTIONS:
+        assert testing._equal(again.probes[name].state_dict(), state["probes"][name]), name
+    assert {n for n in BUILTIN_OPTIONS if state["probes"][n]} >= {"ntk", "patterns", "particles", "relu_zeros"}
+    again.close()
