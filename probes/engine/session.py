@@ -25,7 +25,7 @@ from probes.engine.measure import ActiveProbes
 from probes.engine.output import Output, check_records
 from probes.engine.passive import PassiveProbes
 from probes.engine.probe_pass import ProbeData, ProbePass, model_placement
-from probes.engine.spec import AUTO, check_attach_options, make_sinks, named, parse_probes, parse_sinks
+from probes.engine.spec import AUTO, check_attach_options, make_sinks, parse_probes, parse_sinks, setup_probes
 from probes.probe import Context, Probe
 from probes.sinks.memory import MemorySink
 
@@ -36,7 +36,11 @@ __all__ = ["Session", "ProbesClosedError", "ProbeFailedWarning", "ProbesNoticeWa
 
 
 class Session:
-    """Probes attached to one model. Use ``step()`` (or give ``optimizer``), then ``close()``. See ``attach``."""
+    """Probes attached to one model. Use ``step()`` (or give ``optimizer``), then ``close()``.
+
+    Args:
+        model: the model; probes: the probe spec; the keyword options are ``attach``'s (documented there).
+    """
 
     def __init__(self, model: nn.Module, probes: Any, *, probe_data: Any = None, label_key: str | None = None,
                  output: Any = None, logdir: str | None = None, writer: Any = None, sinks: Any = None,
@@ -89,24 +93,8 @@ class Session:
     def _setup(self, optimizer: Any, measure_now: bool) -> None:
         x, y = self.data.current()
         context = Context(self.module, x, y, self.logdir, self.device, self._active.probe_pass.output_spec)
-        failed: tuple[str, Exception] | None = None
-        for name, probe in list(self.probes.items()):
-            if self.sharded and not probe.supports_sharding:
-                self._failures.switch_off(name, f"probe {name!r} needs direct access to whole parameters, which a "
-                                                "sharded (FSDP) model does not give; it is switched off on every rank")
-                continue
-            try:
-                probe.setup(context)
-            except Exception as exc:
-                if self.auto:
-                    self._leave_out(name, exc)
-                    continue
-                failed = (name, exc)
-                break
-        if self.sharded and self.world_size > 1:  # no rank goes on into a probe pass that another rank skips
-            distributed.raise_if_failed_elsewhere(failed is not None, self.device)
-        if failed is not None:
-            raise named(failed[1], failed[0]) from failed[1]
+        setup_probes(self.probes, context, self._failures, self._leave_out if self.auto else None, self.sharded,
+                     self.device if self.sharded and self.world_size > 1 else None)
         self._passive.install(self.capture)
         if optimizer is not None:
             self._opt_handle = optimizer.register_step_post_hook(OptimizerStep(self))
@@ -183,28 +171,48 @@ class Session:
         raise AttributeError("this session has no memory sink; attach with sinks=['memory', ...]")
 
     def enabled(self, name: str) -> bool:
-        """Whether probe ``name`` is attached and not switched off."""
+        """Whether a probe is attached and not switched off.
+
+        Args:
+            name: the probe's name.
+        """
         return name in self.probes and self._failures.enabled(name)
 
     def step(self, n: int = 1) -> None:
-        """Advance the step counter by ``n``; flush/measure the probes that fall due at each step."""
+        """Advance the step counter; flush and measure the probes that fall due at each step.
+
+        Args:
+            n: how many steps to advance.
+        """
         self._use("step")
         for _ in range(n):
             self._move_to(self._step + 1)
 
     def advance_to(self, step: int) -> None:
-        """Jump to ``step`` and run what falls due at that step only (integrations that follow a trainer)."""
+        """Jump to a step and run what falls due at that step only (integrations that follow a trainer).
+
+        Args:
+            step: the trainer's step.
+        """
         self._use("advance_to")
         if step != self._step:
             self._move_to(int(step))
 
     def set_step(self, step: int) -> None:
-        """Jump the counter to ``step``, forward or backward; nothing is measured or flushed for the steps between."""
+        """Set the counter, forward or backward; nothing is measured or flushed for the steps between.
+
+        Args:
+            step: the new step.
+        """
         self._use("set_step")
         self._step = int(step)
 
     def measure(self, names: Iterable[str] | None = None) -> None:
-        """Measure the given (default: all) active probes now, at the current step."""
+        """Measure active probes now, at the current step.
+
+        Args:
+            names: the probes to measure (default: every active probe).
+        """
         self._use("measure")
         chosen = self.active if names is None else [n for n in names if n in self.active]
         self._active.measure([n for n in chosen if self.enabled(n)], self._step)
@@ -221,7 +229,11 @@ class Session:
         self._output.flush()
 
     def close(self, _during_error: bool = False) -> None:
-        """Flush passive probes, write a last measurement, remove hooks, close the sinks. Harmless twice."""
+        """Flush passive probes, write a last measurement, remove hooks, close the sinks. Harmless twice.
+
+        Args:
+            _during_error: the context manager closes on an exception: a probe's error is then only reported.
+        """
         if self._closed:
             return
         strict = self._failures.strict
@@ -254,7 +266,14 @@ class Session:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Resume: restore the step and probe state. Right after ``attach`` this also drops the held-back
-        at-attach measurement, so a resumed run writes no second step-0 point."""
+        at-attach measurement, so a resumed run writes no second step-0 point.
+
+        Args:
+            state: what ``state_dict()`` returned.
+
+        Raises:
+            ValueError: ``state`` is not a session's state.
+        """
         self._use("load_state_dict", release=False)
         if not isinstance(state, Mapping) or "step" not in state:
             raise ValueError("load_state_dict: expected what Session.state_dict() returned (a dict with 'step')")

@@ -4,19 +4,21 @@ factories. The integrations parse their specs here too."""
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
 from probes import plugins
+from probes.engine import distributed
+from probes.engine.failures import Failures
 from probes.engine.inputs import check_output_option
-from probes.probe import Probe
+from probes.probe import Context, Probe
 from probes.schedules import as_schedule
 from probes.sinks.base import Sink
 
-__all__ = ["parse_probes", "parse_sinks", "make_sinks", "make_probe", "named", "check_attach_options"]
+__all__ = ["parse_probes", "parse_sinks", "make_sinks", "make_probe", "named", "check_attach_options", "setup_probes"]
 
 
 def make_probe(cls: type[Probe], name: str, options: Mapping[str, Any]) -> Probe:
@@ -158,3 +160,39 @@ def check_attach_options(model: Any, logdir: Any, writer: Any, optimizer: Any, s
     if norm_stats not in ("running", "batch"):
         raise ValueError(f"attach(norm_stats=...) must be 'running' (eval mode: the running statistics of batch "
                          f"norm layers) or 'batch' (the statistics of the probe batch), got {norm_stats!r}")
+
+
+def setup_probes(probes: dict[str, Probe], context: Context, failures: Failures,
+                 leave_out: Callable[[str, Exception], None] | None = None, sharded: bool = False,
+                 agree_on: torch.device | None = None) -> None:
+    """Each probe's ``setup`` at attach, where a probe raises when it cannot apply to the model.
+
+    Args:
+        probes: the attached probes by name.
+        context: what the probes learn at attach.
+        failures: the session's failure policy (a probe needing whole parameters of a sharded model is switched off).
+        leave_out: ``attach(model, "auto")``: called for a probe whose setup raised, instead of raising.
+        sharded: whether the model is sharded (FSDP).
+        agree_on: under several ranks of a sharded model, the device of the agreement: no rank goes on into a probe
+            pass that another rank skips.
+
+    Raises:
+        Exception: the first probe's error, with a message naming the probe.
+    """
+    failed: tuple[str, Exception] | None = None
+    for name, probe in list(probes.items()):
+        if sharded and not probe.supports_sharding:
+            failures.switch_off(name, f"probe {name!r} needs direct access to whole parameters, which a sharded "
+                                      "(FSDP) model does not give; it is switched off on every rank")
+            continue
+        try:
+            probe.setup(context)
+        except Exception as exc:
+            if leave_out is None:
+                failed = (name, exc)
+                break
+            leave_out(name, exc)
+    if agree_on is not None:
+        distributed.raise_if_failed_elsewhere(failed is not None, agree_on)
+    if failed is not None:
+        raise named(failed[1], failed[0]) from failed[1]
