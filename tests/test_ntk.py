@@ -663,3 +663,20 @@ def test_labels_out_of_range_of_the_outputs_raise_at_attach(measure_at_attach):
     with pytest.raises(ValueError, match=r"ntk: class index 5 out of range.*3 outputs.*0\.\.2"):
         probes.attach(model, ["ntk"], probe_data=(torch.randn(6, 3), y), sinks=["memory"],
                       measure_at_attach=measure_at_attach)
+
+
+def test_a_model_without_a_per_sample_ntk_raises_at_attach_without_measuring() -> None:
+    """validate plans on two samples: a model that mixes samples raises at attach, also with
+    measure_at_attach=False, before any kernel is computed."""
+
+    class Centre(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.lin(x - x.mean(0, keepdim=True))
+
+    with pytest.raises(SampleMixingError, match="ntk: .*mixes samples"):
+        probes.attach(Centre(), ["ntk"], probe_data=(torch.randn(6, 3), torch.arange(6) % 2), sinks=["memory"],
+                      measure_at_attach=False)

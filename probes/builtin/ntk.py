@@ -110,9 +110,13 @@ class NTK(Probe):
                                             "zero and ntk/alignment is 0/0; use a probe batch with both classes")
 
     def validate(self, batch: ProbeBatch) -> None:
-        """Class labels must index the model's outputs (``ntk/alignment`` builds ``Y`` from them)."""
+        """Class labels must index the model's outputs (``ntk/alignment`` builds ``Y`` from them), and the model
+        must have an NTK this probe computes: the plan on two samples finds a non-tensor output, dropout, or
+        layers that mix samples (without computing any kernel)."""
         if batch.y is not None and isinstance(batch.output, torch.Tensor):
             batch.targets("ntk")
+        model, args = batch.positional()
+        ntk_plan(model, tuple(a[:2] for a in args), who="ntk")
 
     def measure(self, batch: ProbeBatch) -> list[Record]:
         model, args = batch.positional()  # model(*args) is the output tensor (dict inputs, selected outputs)
