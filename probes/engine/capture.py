@@ -9,11 +9,10 @@ forward of the module at ``path`` is the site ``path:relu`` (``forward:relu`` fo
 ``#k`` again when there are several.
 
 Hooks are process-wide module hooks (``register_module_forward_hook``) that react only to this
-model's modules, so the model can be copied, pickled and averaged (SWA / EMA) while attached, and
-copies are not observed. The one hook on the model itself reads the attention mask of training
-forwards (keyword arguments reach no process-wide hook); copies carry a no-op in its place.
-Padded positions (mask 0) of site tensors shaped ``(batch, positions, ...)`` are left out of what
-passive probes observe. Functional calls are caught by a
+model's modules, so the model itself carries no hook: it can be copied, pickled and averaged
+(SWA / EMA) while attached, and copies are not observed. The forward hook also receives the keyword
+arguments, where the attention mask of a training forward is found: padded positions (mask 0) of
+site tensors shaped ``(batch, positions, ...)`` are left out of what passive probes observe. Functional calls are caught by a
 ``TorchFunctionMode`` entered around the root module's forward, only while someone needs them:
 torch is never patched. Forwards recomputed by activation checkpointing (they run inside the
 backward pass) and forwards under ``torch.func`` transforms are not observed.
@@ -215,7 +214,6 @@ class Capture:
         self._error_at_entry: BaseException | None = None
         self._mode: _FunctionalMode | None = None
         self._handles: list[Any] = []
-        self._mask_handle: Any = None
         self.on_observe: Callable[[Site, torch.Tensor, torch.Tensor], None] | None = None
         self.on_forward: Callable[[list[Site]], None] | None = None  # after each observed training forward
         self.observing = False
@@ -275,8 +273,9 @@ class Capture:
                 self.on_observe(site, self._masked(pre), self._masked(post))
 
     def _read_mask(self, args: tuple, kwargs: dict) -> None:
-        """At the outermost forward: the attention mask among its keyword arguments (or in a dict argument)."""
-        if self._depth != 1 or not self._training_forward:
+        """At the end of the outermost forward, before its observations are dispatched: the attention mask among its
+        keyword arguments (or in a dict argument)."""
+        if self.mask_key is None or self._depth != 1 or not self._training_forward:
             return
         mask = kwargs.get(self.mask_key)
         if mask is None and args and isinstance(args[0], Mapping):
@@ -307,7 +306,11 @@ class Capture:
             want = self._wanted(self.site_modules[module], kind_of(module), module)
             self._pre_stack.append((_kept_input(_first_tensor(args), want, inplace=True), want))
 
-    def _post_hook(self, module: nn.Module, args: tuple, output: Any) -> None:
+    def _post_hook(self, module: nn.Module, args: tuple, *rest: Any) -> None:
+        # (kwargs, output); torch passes (output) alone to always-called hooks of a forward that raised
+        kwargs, output = rest if len(rest) == 2 else ({}, rest[0])
+        if module is self.model:
+            self._read_mask(args, kwargs)
         if module in self.site_modules:
             self._site_hook(module, args, output)
         elif self._recording is not None and module in self.leaves:
@@ -335,7 +338,7 @@ class Capture:
             self._error_at_entry = sys.exc_info()[1]
             self._counts.clear()
             self._buffer.clear()
-            self._mask = self._mask_rows = None  # the mask reader (a hook after this one) sets this forward's mask
+            self._mask = self._mask_rows = None
             # a training forward: train mode with gradients enabled (not no_grad / inference_mode), outside the
             # backward pass (checkpoint recomputation) and torch.func transforms
             self._training_forward = self._recording is None and self.observing and self.model.training \
@@ -400,24 +403,19 @@ class Capture:
         if not self._handles:
             self._handles = [
                 _module_hooks.register_module_forward_pre_hook(self._pre_hook),
-                _module_hooks.register_module_forward_hook(self._post_hook, always_call=True),
+                _module_hooks.register_module_forward_hook(self._post_hook, with_kwargs=True, always_call=True),
             ]
 
     def install_passive(self, on_observe: Callable[[Site, torch.Tensor, torch.Tensor], None]) -> None:
-        """Observe every training forward from now on (and read its attention mask, with ``mask_key``)."""
+        """Observe every training forward from now on."""
         self.on_observe = on_observe
         self._install()
-        if self.mask_key is not None and self._mask_handle is None:
-            self._mask_handle = self.model.register_forward_pre_hook(_MaskReader(self), with_kwargs=True)
         self.observing = True
 
     def remove(self) -> None:
         for h in self._handles:
             h.remove()
         self._handles = []
-        if self._mask_handle is not None:
-            self._mask_handle.remove()
-            self._mask_handle = None
         self.observing = False
         if self._mode is not None:
             self._mode.__exit__(None, None, None)
@@ -443,25 +441,3 @@ class Capture:
             self.observing = was_observing
             self._depth = 0
             rec._resolve()  # the site names are final now
-
-
-class _MaskReader:
-    """The root module's forward pre-hook (with keyword arguments) that hands each forward's attention mask to the
-    capture: the one hook the model itself carries. A copied or pickled model carries a no-op instead."""
-
-    def __init__(self, capture: Capture) -> None:
-        self.capture = capture
-
-    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        self.capture._read_mask(args, kwargs)
-
-    def __reduce__(self) -> Any:
-        return (_NoMask, ())
-
-    def __deepcopy__(self, memo: Any) -> Any:
-        return _NoMask()
-
-
-class _NoMask:
-    def __call__(self, *args: Any) -> None:
-        return None
