@@ -488,7 +488,9 @@ def test_probe_in_the_model_dtype_and_under_no_grad() -> None:
         s64 = probes.attach(model, ["linear_region"], probe_data=x, sinks=["memory"], strict=True)
     for tag in ("linear_region/flip_fraction_eps_0.1", "linear_region/flip_fraction_delta_0.1"):
         assert 0 < s32.memory.last(tag) < 1 and 0 < s64.memory.last(tag) < 1  # draws differ between dtypes
-    assert s64.memory.last("linear_region/identity_error") < 1e-14
+    # rounding of four float64 forwards and two jvp (a few u per layer), as the other tests bound it; float32 is
+    # some 1e8 times larger
+    assert s64.memory.last("linear_region/identity_error") < 1e-12 * (1 + s64.memory.last("linear_region/l_gen"))
     assert s32.memory.last("linear_region/identity_error") > s64.memory.last("linear_region/identity_error")
     s32.close()
     s64.close()
