@@ -12,10 +12,14 @@ Hooks are process-wide module hooks (``register_module_forward_hook``) that reac
 model's modules, so the model itself carries no hook: it can be copied, pickled and averaged
 (SWA / EMA) while attached, and copies are not observed. The forward hook also receives the keyword
 arguments, where the attention mask of a training forward is found: padded positions (mask 0) of
-site tensors shaped ``(batch, positions, ...)`` are left out of what passive probes observe. Functional calls are caught by a
-``TorchFunctionMode`` entered around the root module's forward, only while someone needs them:
-torch is never patched. Forwards recomputed by activation checkpointing (they run inside the
-backward pass) and forwards under ``torch.func`` transforms are not observed.
+site tensors shaped ``(batch, positions, ...)`` are left out of what passive probes observe.
+Functional calls are caught by a ``TorchFunctionMode`` entered around the root module's forward,
+only while someone needs them: torch is never patched.
+
+A training forward is one of the model in train mode with gradients enabled that completes: forwards
+under ``no_grad`` or ``inference_mode``, forwards that raise (KeyboardInterrupt included), forwards
+recomputed by activation checkpointing (inside the backward pass) and forwards under ``torch.func``
+transforms are not observed.
 """
 
 from __future__ import annotations

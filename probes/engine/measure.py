@@ -32,16 +32,17 @@ class ActiveProbes:
         write: ``write(name, records, hold)`` hands a probe's records to the session's output.
         logdir, rank, world_size, sharded, device: where the session writes and how the ranks share the work.
         mask_key: the probe inputs' entry holding the attention mask (``ProbeBatch.mask``).
+        label_shift: ``ProbeBatch.label_shift`` (token labels of a causal language model: 1).
     """
 
     def __init__(self, probes: dict[str, Probe], data: ProbeData, probe_pass: ProbePass, failures: Failures,
                  cadence: Cadence, write: Callable[[str, list[Record], bool], None], logdir: str | None = None,
                  rank: int = 0, world_size: int = 1, sharded: bool = False, device: torch.device | None = None,
-                 mask_key: str | None = None) -> None:
+                 mask_key: str | None = None, label_shift: int = 0) -> None:
         self.probes, self.data, self.probe_pass = probes, data, probe_pass
         self.failures, self.cadence, self.write = failures, cadence, write
         self.logdir, self.rank, self.world_size, self.sharded, self.device = logdir, rank, world_size, sharded, device
-        self.mask_key = mask_key
+        self.mask_key, self.label_shift = mask_key, label_shift
         self.measured_at: dict[str, int] = {}
         #: ``attach(model, "auto")``: called with ``(name, error)`` for a probe whose first measurement or validation
         #: raised, instead of raising (the probe is left out)
@@ -111,7 +112,7 @@ class ActiveProbes:
         return ProbeBatch(self.probe_pass.module, x, y, shared.output, shared.activations, step, self.logdir,
                           shared.calls, self.probe_pass.output_spec, tensor_output=shared.tensor_output,
                           writes=self.rank == 0, chunk_size=self.probe_pass.chunk_size, runner=self.probe_pass.run,
-                          mask=self.data.mask(self.mask_key))
+                          mask=self.data.mask(self.mask_key), label_shift=self.label_shift)
 
     def _measure_here(self, names: list[str], step: int, at_attach: bool) -> None:
         for n in names:

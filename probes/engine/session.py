@@ -48,8 +48,9 @@ class Session:
                  functional: bool | None = None, measure_at_attach: bool = True,
                  state: Mapping[str, Any] | None = None,
                  probe_batch_size: int | None = DEFAULT_PROBE_BATCH_SIZE, overhead: float | str | None = "auto",
-                 mask: str | None = "attention_mask", norm_stats: str = "running") -> None:
-        check_attach_options(model, logdir, writer, optimizer, strict, output, probe_batch_size, mask, norm_stats)
+                 mask: str | None = "attention_mask", norm_stats: str = "running", label_shift: int = 0) -> None:
+        check_attach_options(model, logdir, writer, optimizer, strict, output, probe_batch_size, mask, norm_stats,
+                             label_shift)
         self.model, self.module = model, unwrap(model)
         self.rank, self.world_size = distributed.rank_and_world()
         self.sharded = distributed.is_sharded(self.module)
@@ -79,7 +80,7 @@ class Session:
         probe_pass = ProbePass(self.module, self.capture, output, probe_batch_size, norm_stats)
         self._active = ActiveProbes({n: self.probes[n] for n in self.active}, self.data, probe_pass, self._failures,
                                     self.cadence, self._write, self.logdir, self.rank, self.world_size, self.sharded,
-                                    self.device, mask)
+                                    self.device, mask, label_shift)
         self._active.on_attach_error = self._leave_out if self.auto else None
         try:
             self._setup(optimizer, measure_at_attach and state is None)

@@ -139,7 +139,8 @@ def make_sinks(spec: list[Any], logdir: str | None, writer: Any) -> list[Sink]:
 
 
 def check_attach_options(model: Any, logdir: Any, writer: Any, optimizer: Any, strict: Any, output: Any,
-                         probe_batch_size: Any, mask: Any = None, norm_stats: Any = "running") -> None:
+                         probe_batch_size: Any, mask: Any = None, norm_stats: Any = "running",
+                         label_shift: Any = 0) -> None:
     """Raise a clear error for a bad ``attach`` option (the probe batch, probes and sinks are checked apart)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"attach needs an nn.Module, got {type(model).__name__}")
@@ -160,6 +161,9 @@ def check_attach_options(model: Any, logdir: Any, writer: Any, optimizer: Any, s
     if norm_stats not in ("running", "batch"):
         raise ValueError(f"attach(norm_stats=...) must be 'running' (eval mode: the running statistics of batch "
                          f"norm layers) or 'batch' (the statistics of the probe batch), got {norm_stats!r}")
+    if isinstance(label_shift, bool) or not isinstance(label_shift, int) or label_shift < 0:
+        raise ValueError(f"attach(label_shift=...) must be an int >= 0 (1 for a causal language model, whose features "
+                         f"at position t predict the label at t + 1), got {label_shift!r}")
 
 
 def setup_probes(probes: dict[str, Probe], context: Context, failures: Failures,

@@ -48,3 +48,57 @@ def label_matrix(y: torch.Tensor, num_classes: int | None = None, who: str = "la
     if int(y.max()) >= c:
         raise ValueError(f"{who}: class index {int(y.max())} out of range for {c} classes")
     return torch.nn.functional.one_hot(y, c).double()
+
+
+#: the Hugging Face convention for a position without a label
+IGNORE_INDEX = -100
+
+
+def token_positions(labels: torch.Tensor, shift: int = 0, positions: str = "all",
+                    mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which positions of token-level labels are samples, and their labels.
+
+    Labels ``(P, T)`` hold one class per position, ``-100`` where a position has none. With ``shift`` the features
+    at position ``t`` pair with the label at ``t + shift`` (a causal language model predicts the next token:
+    ``shift=1``, as in its own loss); a position is kept when its paired label is not ``-100`` and, with ``mask``,
+    the position itself is a real token.
+
+    Args:
+        labels: integer labels ``(P, T)``.
+        shift: how far ahead the paired label lies (0 or more).
+        positions: ``"all"`` every kept position, ``"last"`` the last kept position of each sequence (a sequence
+            without one contributes nothing).
+        mask: optional ``(P, T)`` attention mask (nonzero at real tokens).
+
+    Returns:
+        ``(index, y)``: ``index`` a ``(N, 2)`` long tensor of ``(sample, position)`` pairs of the features, ``y`` the
+        ``N`` labels paired with them.
+
+    Raises:
+        ValueError: labels that are not integer ``(P, T)``, a negative shift, a shift as long as the sequence, an
+            unknown ``positions``, a mask of another shape, or no position left to keep.
+    """
+    if labels.ndim != 2 or labels.is_floating_point():
+        raise ValueError(f"token labels must be integer (P, T) class indices, got {labels.dtype} "
+                         f"{tuple(labels.shape)}")
+    if positions not in ("all", "last"):
+        raise ValueError(f"positions must be 'all' or 'last', got {positions!r}")
+    P, T = labels.shape
+    if shift < 0 or shift >= T:
+        raise ValueError(f"label_shift must be in [0, {T}) for sequences of {T} positions, got {shift}")
+    paired = torch.full_like(labels, IGNORE_INDEX)
+    paired[:, :T - shift] = labels[:, shift:]
+    keep = paired != IGNORE_INDEX
+    if mask is not None:
+        if tuple(mask.shape) != (P, T):
+            raise ValueError(f"the attention mask has shape {tuple(mask.shape)}, the labels {(P, T)}")
+        keep &= mask.to(keep.device) != 0
+    if positions == "last":
+        last = torch.where(keep, torch.arange(T, device=keep.device), -1).max(dim=1).values
+        rows = torch.nonzero(last >= 0).squeeze(1)
+        index = torch.stack([rows, last[rows]], dim=1)
+    else:
+        index = torch.nonzero(keep)
+    if index.shape[0] == 0:
+        raise ValueError("no position has a label (all are -100 after the shift, or padding): nothing to measure")
+    return index, paired[index[:, 0], index[:, 1]]

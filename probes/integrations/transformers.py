@@ -71,6 +71,17 @@ _TRAINER_STATE = "trainer_state.json"
 
 
 # -- where the Trainer writes -------------------------------------------------------------------
+def is_causal_lm(model: Any) -> bool:
+    """Whether ``model`` is one of transformers' causal language models (``GPT2LMHeadModel``, ``*ForCausalLM``): its
+    loss pairs the logits at position t with the label at t + 1."""
+    try:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES as causal
+    except ImportError:  # a transformers without the auto mapping: the naming convention alone
+        causal = {}
+    name = type(model).__name__
+    return name in set(causal.values()) or name.endswith("ForCausalLM")
+
+
 def _reports_to_tensorboard(args: Any) -> bool:
     report_to = getattr(args, "report_to", None) or []
     report_to = [report_to] if isinstance(report_to, str) else list(report_to)
@@ -269,6 +280,8 @@ class ProbesCallback(TrainerCallback):
         extra: dict[str, Any] = {"logdir": self._output(args, state)}
         if label_key is not None and "label_key" not in self.attach_kwargs:
             extra["label_key"] = label_key  # the labels leave the inputs and become the targets
+        if "label_shift" not in self.attach_kwargs and is_causal_lm(model):
+            extra["label_shift"] = 1  # token labels: the features at position t pair with the label at t + 1
         resume_dir = self._resume_dir(args, state)
         saved = _load(resume_dir) if resume_dir is not None else None
         if state.global_step > 0 and saved is None:
