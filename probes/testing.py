@@ -243,6 +243,11 @@ def check_state_round_trip(cls: type[Probe], options: Mapping[str, Any] | None =
     assert not early, f"{cls.name}: the resumed run wrote points at or before step {split} again: {early}"
     assert set(got) == set(expected), f"{cls.name}: after resuming, tags differ from the unbroken run's: " \
         f"{sorted(set(got) ^ set(expected))}"
+    for kind in ("histograms", "images"):  # the steps of the other records too (an image cadence is state)
+        want_steps = {tag: [r.step for r in recs if r.step > split] for tag, recs in getattr(ws.memory, kind)().items()}
+        got_steps = {tag: [r.step for r in recs] for tag, recs in getattr(s2.memory, kind)().items()}
+        assert got_steps == {tag: steps for tag, steps in want_steps.items() if steps}, \
+            f"{cls.name}: {kind} written at steps {got_steps} after resuming, {want_steps} in the unbroken run"
     for tag, points in expected.items():
         assert [s for s, _ in got[tag]] == [s for s, _ in points], \
             f"{cls.name}: {tag} written at steps {[s for s, _ in got[tag]]} after resuming, " \

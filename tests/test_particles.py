@@ -417,3 +417,14 @@ def test_the_basis_follows_the_model():
         return nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 3))
 
     testing.check_follows_model(Particles, {"image_every": 10**6}, model=two_layer)
+
+
+def test_a_resumed_run_draws_its_images_where_the_unbroken_run_does():
+    """The step of the last image is declared state: resumed at step 4 with image_every=10, the next image comes
+    at step 12 as in the unbroken run (not at the first measurement after the resume, step 6)."""
+    from probes import testing
+
+    def two_layer() -> nn.Module:
+        return nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 3))
+
+    testing.check_state_round_trip(Particles, {"image_every": 10}, model=two_layer)

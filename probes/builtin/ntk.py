@@ -48,6 +48,7 @@ import numpy as np
 import torch
 
 from probes import options
+from probes.builtin._images import declare_image_state, image_due
 from probes.figures import ImageCadence, spectrum_figure
 from probes.functional.alignment import DegenerateKernelError
 from probes.functional.labels import label_matrix
@@ -93,6 +94,7 @@ class NTK(Probe):
         self.chunk_size = options.integer("ntk", "chunk_size", chunk_size, minimum=1, optional=True)
         self.image = options.flag("ntk", "image", image)
         self.image_cadence = ImageCadence("ntk", image_every)
+        declare_image_state(self)
         # the first kernel and its spectrum: persistent references, checkpointed with the session
         self.add_state("init_kernel", None, reduce=None, window=False)
         self.add_state("init_eigenvalues", None, reduce=None, window=False)
@@ -149,7 +151,7 @@ class NTK(Probe):
         lam = s.eigenvalues
         positive = lam[lam > 0]
         records.append(Histogram.of("ntk/log10_eigenvalues", torch.log10(positive), bins=self.bins))
-        if self.image and self.image_cadence.due(batch.step):
+        if self.image and image_due(self, self.image_cadence, batch.step):
             records.append(Image("ntk/spectrum", spectrum_drawing(lam, self.init_eigenvalues, batch.step,
                                                                   self.init_step, self.reduction, self.mode)))
         return records
@@ -175,7 +177,7 @@ class NTK(Probe):
         records += [Scalar(f"ntk/eig_top/{k + 1}", top[k]) for k in range(min(self.top_k, top.numel()))]
         if self.init_eigenvalues is None:
             self.init_eigenvalues, self.init_step = top.detach().clone(), step
-        if self.image and self.image_cadence.due(step):
+        if self.image and image_due(self, self.image_cadence, step):
             records.append(Image("ntk/spectrum", spectrum_drawing(top, self.init_eigenvalues, step, self.init_step,
                                                                   self.reduction, self.mode, of=n)))
         return records

@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from probes import options
+from probes.builtin._images import declare_image_state, image_due
 from probes.figures import ImageCadence, particles_figure
 from probes.functional.meanfield import MeanField
 from probes.probe import Context, Probe, ProbeBatch
@@ -199,6 +200,7 @@ class Particles(Probe):
         self.size = int(size)
         self.fixed_limit = float(limit) if limit is not None else None
         self.image_cadence = ImageCadence("particles", image_every)
+        declare_image_state(self)
         self.hidden: nn.Linear | None = None
         self.out: nn.Linear | None = None
         self.paths: tuple[str, str] = ("", "")
@@ -349,7 +351,7 @@ class Particles(Probe):
         self._store(xy)
         records: list[Record] = [Scalar("particles/mean_norm", norms.mean()),
                                  Histogram.of("particles/norms", norms)]
-        if self.image_cadence.due(batch.step):
+        if image_due(self, self.image_cadence, batch.step):
             records.append(Image("particles/positions", self.drawing(xy, None if sign is None else sign.cpu(),
                                                                      step=batch.step)))
         return records

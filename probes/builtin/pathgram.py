@@ -71,6 +71,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from probes import options
+from probes.builtin._images import declare_image_state, image_due
 from probes.engine.inputs import take
 from probes.figures import ImageCadence, matrix_figure
 from probes.functional.labels import label_matrix
@@ -264,6 +265,7 @@ class PathGramProbe(Probe):
         self.image = options.choice("pathgram", "image", image, ("cosine", "raw", None))
         self.image_side = options.integer("pathgram", "image_side", image_side, minimum=1)
         self.image_cadence = ImageCadence("pathgram", image_every)
+        declare_image_state(self)
         self.jitter_start = options.number("pathgram", "jitter_start", jitter_start, positive=True)
         self.jitter_max = options.number("pathgram", "jitter_max", jitter_max, positive=True)
         options.ordered("pathgram", "jitter_start", jitter_start, "jitter_max", jitter_max)
@@ -333,7 +335,7 @@ class PathGramProbe(Probe):
         ]
         if self.condition != "off":
             records.append(Scalar("pathgram/condition", fact.condition))
-        if self.image is not None and self.image_cadence.due(batch.step):
+        if self.image is not None and image_due(self, self.image_cadence, batch.step):
             title = f"pathgram/gram: {'cosine of ' if self.image == 'cosine' else ''}path kernel H, step {batch.step}"
             records.append(Image("pathgram/gram", gram_drawing(pg, Y, self.image, self.image_side, title)))
         return records

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from probes import options
+from probes.builtin._images import declare_image_state, image_due
 from probes.engine.inputs import take
 from probes.figures import ImageCadence, gates_figure
 from probes.functional.patterns import save_gates, snapshot_path
@@ -164,6 +165,7 @@ class Patterns(Probe):
         self.unit_dim = options.integer("patterns", "unit_dim", unit_dim, optional=True)
         self.image = options.flag("patterns", "image", image)
         self.image_cadence = ImageCadence("patterns", image_every)
+        declare_image_state(self)
         self.save = options.flag("patterns", "save", save)
         if directory is not None and not isinstance(directory, (str, Path)):
             raise TypeError(f"patterns: option 'directory' must be None or a path, got {directory!r}")
@@ -219,7 +221,7 @@ class Patterns(Probe):
                 raise ValueError(f"patterns: site {n!r} has gate shape {tuple(g.shape)} but the first snapshot had "
                                  f"{tuple(old)}; the probe batch or the model changed")
         packed = {n: PackedGates.of(g) for n, g in gates.items()}  # snapshots kept at one bit per gate
-        draw = self.image and self.image_cadence.due(batch.step)
+        draw = self.image and image_due(self, self.image_cadence, batch.step)
         order, starts, group_names = _groups(batch.y, P) if draw else (None, [], [])
         records: list[Record] = []
         for n, g in gates.items():
