@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -17,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["integer", "number", "choice", "flag", "names", "sizes", "floating_dtype", "module_types", "ordered"]
+__all__ = ["integer", "number", "choice", "flag", "names", "sizes", "floating_dtype", "module_types", "ordered", "path"]
 
 
 def _is_int(value: Any) -> bool:
@@ -33,8 +34,8 @@ def _int_words(minimum: int | None, optional: bool) -> str:
     return f"None or {words}" if optional else words
 
 
-def integer(probe: str, option: str, value: Any, *, minimum: int | None = None, optional: bool = False,
-            what: str | None = None) -> int | None:
+def integer(probe: str, option: str, value: Any, *, minimum: int | None = None, maximum: int | None = None,
+            optional: bool = False, what: str | None = None) -> int | None:
     """An integer (Python or numpy; not a bool, not a float) ``>= minimum``.
 
     Args:
@@ -42,8 +43,9 @@ def integer(probe: str, option: str, value: Any, *, minimum: int | None = None, 
         option: the option's name, for the message.
         value: the value given.
         minimum: the smallest allowed value (None: no bound).
+        maximum: the largest allowed value (None: no bound).
         optional: whether None is allowed (and returned).
-        what: how the message describes a valid value (default from ``minimum`` and ``optional``).
+        what: how the message describes a valid value (default from ``minimum``, ``maximum`` and ``optional``).
 
     Returns:
         ``int(value)``, or None when ``optional`` and ``value`` is None.
@@ -54,10 +56,10 @@ def integer(probe: str, option: str, value: Any, *, minimum: int | None = None, 
     """
     if value is None and optional:
         return None
-    what = what or _int_words(minimum, optional)
+    what = what or _int_words(minimum, optional) + (f" <= {maximum}" if maximum is not None else "")
     if not _is_int(value):
         raise TypeError(f"{probe}: option {option!r} must be {what}, got {value!r}")
-    if minimum is not None and int(value) < minimum:
+    if (minimum is not None and int(value) < minimum) or (maximum is not None and int(value) > maximum):
         raise ValueError(f"{probe}: option {option!r} must be {what}, got {value!r}")
     return int(value)
 
@@ -152,6 +154,19 @@ def names(probe: str, option: str, value: Any) -> list[str] | None:
     if not isinstance(items, (list, tuple)) or not items or not all(isinstance(s, str) and s for s in items):
         raise TypeError(f"{probe}: option {option!r} must be site names or fnmatch patterns, got {value!r}")
     return list(items)
+
+
+def path(probe: str, option: str, value: Any, *, optional: bool = False) -> str | None:
+    """A file-system path (a string or an ``os.PathLike``), returned as a string.
+
+    Raises:
+        TypeError: anything else (None unless ``optional``).
+    """
+    if value is None and optional:
+        return None
+    if not isinstance(value, (str, os.PathLike)) or not str(value):
+        raise TypeError(f"{probe}: option {option!r} must be {'None or ' if optional else ''}a path, got {value!r}")
+    return os.fspath(value)
 
 
 def sizes(probe: str, option: str, value: Any) -> tuple[float, ...]:

@@ -621,7 +621,7 @@ def test_dtype_of_a_float64_model_and_explicit_dtypes(caplog) -> None:
     ({"delta": (-1.0,)}, ValueError, "option 'delta'"),
     ({"delta": float("inf")}, ValueError, "option 'delta'"),
     ({"delta": None}, TypeError, "option 'delta'"),
-    ({"seed": 1.5}, TypeError, "linear_region: option 'seed' must be a non-negative int, got 1.5"),
+    ({"seed": 1.5}, TypeError, "linear_region: option 'seed' must be a non-negative int below 2..63, got 1.5"),
     ({"seed": "0"}, TypeError, "option 'seed'"),
     ({"seed": -1}, ValueError, "option 'seed'"),
     ({"seed": True}, TypeError, "option 'seed'"),

@@ -680,3 +680,18 @@ def test_a_model_without_a_per_sample_ntk_raises_at_attach_without_measuring() -
     with pytest.raises(SampleMixingError, match="ntk: .*mixes samples"):
         probes.attach(Centre(), ["ntk"], probe_data=(torch.randn(6, 3), torch.arange(6) % 2), sinks=["memory"],
                       measure_at_attach=False)
+
+
+@pytest.mark.parametrize("options, error, match", [
+    ({"mode": "diag"}, ValueError, "ntk: option 'mode' must be one of"),
+    ({"top_k": -1}, ValueError, "ntk: option 'top_k' must be a non-negative int, got -1"),
+    ({"bins": 2.5}, TypeError, "ntk: option 'bins' must be a positive int, got 2.5"),
+    ({"spectrum": "topk", "top_k": 0}, ValueError, "ntk: option 'top_k' must be >= 1 with spectrum='topk'"),
+    ({"memory_budget": True}, TypeError, "ntk: option 'memory_budget' must be a positive number of bytes"),
+    ({"chunk_size": 0}, ValueError, "ntk: option 'chunk_size' must be None or a positive int, got 0"),
+    ({"image": "yes"}, TypeError, "ntk: option 'image' must be True or False"),
+])
+def test_options_are_checked_through_the_schema(options, error, match) -> None:
+    with pytest.raises(error, match=match):
+        probes.attach(nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)), {"ntk": options},
+                      probe_data=(torch.randn(6, 3), torch.arange(6) % 2))

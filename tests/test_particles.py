@@ -428,3 +428,14 @@ def test_a_resumed_run_draws_its_images_where_the_unbroken_run_does():
         return nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 3))
 
     testing.check_state_round_trip(Particles, {"image_every": 10}, model=two_layer)
+
+
+@pytest.mark.parametrize("options, error, match", [
+    ({"trail_mode": "all"}, ValueError, "particles: option 'trail_mode' must be one of 'thin', 'ring', got 'all'"),
+    ({"basis": "pca"}, ValueError, "particles: option 'basis' must be one of 'init', 'teacher', got 'pca'"),
+    ({"limit": 0.0}, ValueError, "particles: option 'limit' must be None or a positive finite number, got 0.0"),
+    ({"signed": 1}, TypeError, "particles: option 'signed' must be True or False, got 1"),
+])
+def test_options_are_checked_through_the_schema(options, error, match):
+    with pytest.raises(error, match=match):
+        Particles(**options)

@@ -258,3 +258,8 @@ def test_the_snapshots_follow_the_model(move):
     moves = {"double": lambda m: m.double(), "half": lambda m: m.half()}
     testing.check_follows_model(Patterns, {"image": False}, move=moves[move],
                                 references=("patterns/*/churn", "patterns/*/churn_from_init"))
+
+
+def test_the_directory_option_is_a_path():
+    with pytest.raises(TypeError, match="patterns: option 'directory' must be None or a path, got 3"):
+        probes.attach(make_model(), {"patterns": {"directory": 3}}, probe_data=torch.randn(4, 6))

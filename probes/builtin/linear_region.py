@@ -159,9 +159,8 @@ class LinearRegion(Probe):
                  max_samples: int | None = None, allow: tuple[type[nn.Module], ...] = ()) -> None:
         self.eps = options.sizes("linear_region", "eps", eps)
         self.delta = options.sizes("linear_region", "delta", delta)
-        self.seed = options.integer("linear_region", "seed", seed, minimum=0)
-        if self.seed >= 2 ** 63:
-            raise ValueError(f"linear_region: option 'seed' must be a non-negative int below 2**63, got {seed!r}")
+        self.seed = options.integer("linear_region", "seed", seed, minimum=0, maximum=2 ** 63 - 1,
+                                    what="a non-negative int below 2**63")
         self.dtype = options.floating_dtype("linear_region", "dtype", dtype, keywords=("auto", None))
         self.max_samples = options.integer("linear_region", "max_samples", max_samples, minimum=1, optional=True)
         self.allow = options.module_types("linear_region", "allow", allow)

@@ -167,9 +167,7 @@ class Patterns(Probe):
         self.image_cadence = ImageCadence("patterns", image_every)
         declare_image_state(self)
         self.save = options.flag("patterns", "save", save)
-        if directory is not None and not isinstance(directory, (str, Path)):
-            raise TypeError(f"patterns: option 'directory' must be None or a path, got {directory!r}")
-        self.directory = None if directory is None else str(directory)
+        self.directory = options.path("patterns", "directory", directory, optional=True)
         # persistent references (checkpointed): the first and the previous gates of each site, packed one bit per
         # gate (``pack_rows``: P x ceil(n / 8) uint8), with each site's gate shape
         self.add_state("first", {}, reduce=None, window=False)
