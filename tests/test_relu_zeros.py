@@ -195,3 +195,22 @@ def test_long_windows_and_changing_batch_sizes_fold_exactly():
 def test_options_are_checked_through_the_schema(options, error, match):
     with pytest.raises(error, match=match):
         probes.attach(nn.Sequential(nn.Linear(3, 4), nn.ReLU()), {"relu_zeros": options})
+
+
+def test_a_dtype_move_within_a_window_keeps_counting():
+    """The model moves (model.double()) between two training forwards of one window: the counts go on, equal to a
+    hand count over both dtypes (the accumulators follow the activations' device)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 9), nn.ReLU(), nn.Linear(9, 2))
+    session = probes.attach(model, {"relu_zeros": {"every": 10}})
+    xs = [torch.randn(7, 5) for _ in range(4)]
+    zeros = 0
+    for i, x in enumerate(xs):
+        if i == 2:
+            model.double()
+        x = x.to(next(model.parameters()).dtype)
+        with torch.no_grad():
+            zeros += int((model[1](model[0](x)) == 0).sum())
+        model(x)
+    session.close()
+    assert session.memory.scalars()["relu_zeros/1/zeros"] == [(0, zeros)]

@@ -89,6 +89,9 @@ class ReluZeros(Probe):
         if nonzero is None:
             nonzero = self.nonzero[name] = torch.zeros(units, dtype=torch.int64, device=post.device)
             self.outputs[name], self.per_unit[name] = 0, 0
+        elif nonzero.device != post.device:  # the model moved within the window (or state came from elsewhere)
+            self._fold(name)
+            nonzero = self.nonzero[name] = self.nonzero[name].to(post.device)
         dims = tuple(d for d in range(post.ndim) if d != axis)
         nz = post.detach().bool()  # the "!= 0" test (NaN counts as non-zero, -0.0 as zero)
         if not dims:
