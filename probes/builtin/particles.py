@@ -347,6 +347,9 @@ class Particles(Probe):
                 raise ValueError(f"{self._who}: non-finite weights at the first measurement; "
                                  "cannot fix the projection basis")
             self.basis = _principal(p, center=True)
+        if tuple(self.basis.shape) != (self.dim, 2):
+            raise ValueError(f"{self._who}: the projection basis has shape {tuple(self.basis.shape)}, expected "
+                             f"({self.dim}, 2): a checkpoint of another model?")
         xy = (p @ self.basis.to(p.device)).cpu()  # the basis may come from another device (a moved model)
         self._store(xy)
         records: list[Record] = [Scalar("particles/mean_norm", norms.mean()),
