@@ -122,6 +122,7 @@ class ProbeBatch:
     chunk_size: int | None = None  # the session's probe_batch_size: samples per forward of a probe's own passes
     runner: Callable[..., Pass] | None = field(default=None, repr=False)  # the engine's probe pass (``run``)
     mask: torch.Tensor | None = None  # (P, positions) bool: True at real tokens, from the inputs' attention mask
+    label_shift: int = 0  # token labels (P, T): the features at position t pair with the label at t + label_shift
 
     def run(self, x: Any = None, *, keep: Callable[[Site], frozenset[str]] | None = None,
             params: Mapping[str, torch.Tensor] | None = None) -> Pass:
@@ -219,15 +220,20 @@ def _fresh(default: Any) -> Any:
 class Probe:
     """Base class of every probe (built-in or third party).
 
-    Class attributes say what a probe needs: ``passive`` (observes training forwards),
-    ``needs_sites`` (an active probe reading ``ProbeBatch.activations``; ``wants_site`` narrows it),
-    ``needs_probe_data``, and its default cadence ``every`` (a positive int, or a schedule
-    ``step -> bool`` from ``probes.schedules``). Options given to ``attach`` arrive as keyword
-    arguments of ``__init__``; ``every`` is taken by the session and stored on the instance.
+    Class attributes say what a probe needs and can do, each declared here with its default (torchmetrics'
+    way): ``passive`` (observes training forwards), ``needs_sites`` (an active probe reading
+    ``ProbeBatch.activations``; ``wants_site`` narrows it), ``site_values``, ``site_types``, ``needs_probe_data``,
+    ``supports_sharding``, and its default cadence ``every`` (a positive int, or a schedule ``step -> bool`` from
+    ``probes.schedules``). Options given to ``attach`` arrive as keyword arguments of ``__init__``, each checked
+    there through ``probes.options``; ``every`` is taken by the session and stored on the instance.
 
-    Accumulators are declared with ``add_state(name, default, reduce=...)`` (torchmetrics' idea): the
-    session resets window state after each flush, reduces it over ranks under DDP and saves it in
-    ``state_dict``. A state is read and written as an attribute, ``self.<name>``.
+    All state is declared with ``add_state(name, default, reduce=..., window=...)`` (torchmetrics' idea):
+    accumulators (reset by the session after each flush, reduced over ranks under DDP) and persistent references
+    (``window=False``: a first snapshot, a trail). The base class copies them in ``state_dict`` and restores them
+    in ``load_state_dict``; a probe does not override those. A state is read and written as ``self.<name>``.
+
+    At attach, ``setup`` sees the model and ``validate`` the at-attach probe batch: what can be known there raises
+    there. A probe runs extra passes of the model through ``ProbeBatch.run`` (never a capture of its own).
     """
 
     name: ClassVar[str] = ""
