@@ -45,7 +45,8 @@ ACCEPTANCE_RATIO = 1.3
 
 
 def figure_kinds(P: int = 300) -> dict[str, callable]:
-    """One drawing of each kind, sized as the demo (and a ResNet conv site) makes them."""
+    """One drawing of each kind, sized as the demo (and a ResNet conv site) makes them; the data change a
+    little at each call, as from one measurement to the next."""
     from probes.builtin.ntk import spectrum_drawing
     from probes.builtin.patterns import MAX_IMAGE_ROWS, gate_drawing
 
@@ -62,17 +63,25 @@ def figure_kinds(P: int = 300) -> dict[str, callable]:
     cur = rng.normal(size=(32, 2))
     trails = np.cumsum(rng.normal(size=(200, 32, 2)) * 0.02, axis=0)
     teacher = rng.normal(size=(3, 2))
+    def drift(a: np.ndarray | torch.Tensor, scale: float = 0.1) -> np.ndarray | torch.Tensor:
+        factor = np.exp(rng.normal(0, scale, a.shape))
+        return a * torch.from_numpy(factor) if isinstance(a, torch.Tensor) else a * factor
+
+    def flip(g: torch.Tensor) -> torch.Tensor:
+        return g ^ torch.from_numpy(rng.random(tuple(g.shape)) < 0.05)
+
     return {
-        "ntk/spectrum": lambda: spectrum_drawing(lam, lam / 3, step=200, reference_step=0),
+        "ntk/spectrum": lambda: spectrum_drawing(drift(lam), lam / 3, step=200, reference_step=0),
         "pathgram/gram": lambda: probes.records.Drawing(
-            figures.matrix_figure, gram, starts[:9], names, title="pathgram/gram: cosine of path kernel H, step 200",
+            figures.matrix_figure, np.clip(drift(gram, 0.05), -1, 1), starts[:9], names,
+            title="pathgram/gram: cosine of path kernel H, step 200",
             colorbar_label="cosine H_ij / sqrt(H_ii H_jj)", vmax=1.0, xlabel="probe sample j (128 of 300 samples)",
             ylabel="probe sample i (same order)"),
-        "patterns (MLP site)": lambda: gate_drawing(gates, order, starts, names, "patterns/1: gates, step 200"),
+        "patterns (MLP site)": lambda: gate_drawing(flip(gates), order, starts, names, "patterns/1: gates, step 200"),
         f"patterns (conv site, {MAX_IMAGE_ROWS} rows)": lambda: gate_drawing(
             conv, torch.arange(64), [32], ["0", "1"], "patterns/layers.0.relu#1: gates, step 200", 4),
         "particles/positions": lambda: probes.records.Drawing(
-            figures.particles_figure, cur, trails, cur[:, 0] > 0, teacher, None, 3.0,
+            figures.particles_figure, drift(cur, 0.02), trails, cur[:, 0] > 0, teacher, None, 3.0,
             title="particles/positions: a_j w_j of 32 hidden units, step 200"),
     }
 

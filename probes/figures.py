@@ -108,7 +108,9 @@ def place(fig: Any, ax: Any, title: str, xlabel: str, ylabel: str, *, left: floa
     xlabel = wrap(xlabel, W - left - right)
     bottom += LINE * xlabel.count("\n")
     ax.set_position((left / W, bottom / H, max(W - left - right, 10) / W, max(H - bottom - top, 10) / H))
-    ax.set_title(title, loc="left", x=-(left - 8) / max(W - left - right, 10), y=1.0, pad=6)
+    # the centre title (``ax.title``, one artist to redraw), placed at the figure's left edge
+    ax.set_title(title, loc="center", x=-(left - 8) / max(W - left - right, 10), y=1.0, pad=6,
+                 horizontalalignment="left")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
 
@@ -122,8 +124,8 @@ def frame(fig: Any, title: str, xlabel: str, ylabel: str, **margins: float) -> A
 
 #: figures kept between draws (one per kind and size): their artists get new data instead of being built again
 _KEPT: dict[tuple, dict[str, Any]] = {}
-#: most figures kept at once (the oldest is dropped)
-MAX_KEPT = 16
+#: most figures kept at once (the least recently used is dropped): a ResNet-18 has 17 gate sites
+MAX_KEPT = 32
 
 
 def _kept(key: tuple, build: Any) -> dict[str, Any]:
@@ -201,10 +203,22 @@ def _set_ticks(axis: Any, centres: Sequence[float] | None, names: Sequence[str] 
 def pixels(fig: Any, colors: int = 256) -> np.ndarray:
     """Draw ``fig`` and return its RGB pixels, uint8 ``(H, W, 3)``, reduced to at most ``colors`` colours
     (fast octree, no dithering: the eye sees no difference on a figure, and the TensorBoard sink then
-    writes it as a palette PNG, a third of the size)."""
+    writes it as a palette PNG, a third of the size).
+
+    Args:
+        fig: the figure.
+        colors: the most colours kept (0: all).
+
+    Returns:
+        uint8 ``(H, W, 3)``.
+    """
+    fig.canvas.draw()
+    return _buffer(fig, colors)
+
+
+def _buffer(fig: Any, colors: int = 256) -> np.ndarray:
     from PIL import Image as PILImage
 
-    fig.canvas.draw()
     rgb = np.ascontiguousarray(np.asarray(fig.canvas.buffer_rgba())[..., :3])
     if colors:
         im = PILImage.fromarray(rgb)
@@ -212,6 +226,49 @@ def pixels(fig: Any, colors: int = 256) -> np.ndarray:
             im = im.quantize(colors, method=PILImage.Quantize.FASTOCTREE, dither=PILImage.Dither.NONE).convert("RGB")
             rgb = np.asarray(im).copy()
     return rgb
+
+
+def _signature(fig: Any) -> tuple:
+    """What the still parts of a kept figure look like: axes places, limits, scales, labels, the ticks that the
+    locators and formatters will draw, legends and figure texts (not the titles: they are redrawn each time)."""
+    sig: list[Any] = [tuple(fig.bbox.bounds), tuple(t.get_text() for t in fig.texts)]
+    for ax in fig.axes:
+        sig += [ax.get_position().bounds, ax.get_xlim(), ax.get_ylim(), ax.get_xscale(), ax.get_yscale(),
+                ax.get_xlabel(), ax.get_ylabel(), ax.get_visible()]
+        for axis in (ax.xaxis, ax.yaxis):
+            for locator, formatter in ((axis.get_major_locator(), axis.get_major_formatter()),
+                                       (axis.get_minor_locator(), axis.get_minor_formatter())):
+                locs = tuple(locator())
+                sig += [locs, tuple(formatter.format_ticks(list(locs))), axis.get_tick_params().get("labelsize")]
+    legends = [*fig.legends, *(ax.get_legend() for ax in fig.axes)]
+    for leg in legends:
+        if leg is not None and not leg.get_animated():
+            sig += [tuple(t.get_text() for t in leg.get_texts()), leg.get_bbox_to_anchor().bounds, leg._loc]
+    return tuple(sig)
+
+
+def _blit(entry: dict[str, Any], dynamic: Sequence[Any], colors: int = 256) -> np.ndarray:
+    """The pixels of a kept figure whose ``dynamic`` artists (data, titles) change between draws: the still
+    parts are drawn once and kept as a background while their ``_signature`` stays the same; each draw then
+    restores it and draws only the ``dynamic`` artists (in their order) and the axes' spines over them."""
+    fig = entry["fig"]
+    canvas = fig.canvas
+    for artist in dynamic:
+        artist.set_animated(True)
+    signature = _signature(fig)
+    if entry.get("signature") != signature:
+        canvas.draw()  # the still parts only: animated artists are left out
+        entry["background"], entry["signature"] = canvas.copy_from_bbox(fig.bbox), signature
+    else:
+        canvas.restore_region(entry["background"])
+    renderer = canvas.get_renderer()
+    for artist in dynamic:
+        if artist.get_visible():
+            artist.draw(renderer)
+    for ax in fig.axes:
+        for spine in ax.spines.values():
+            spine.draw(renderer)
+    return _buffer(fig, colors)
 
 
 def png(fig: Any) -> bytes:
@@ -457,7 +514,7 @@ def spectrum_figure(now: Any, init: Any = None, *, step: int | None = None, init
         note = ax.text(0.5, 0.5, "no positive eigenvalue", transform=ax.transAxes, ha="center")
         return {"fig": fig, "ax": ax, "lines": lines, "note": note}
 
-    k = _kept(("spectrum", width, height), build)
+    k = _kept(("spectrum", width, height, ylabel), build)
     fig, ax = k["fig"], k["ax"]
     place(fig, ax, title, "rank k (1 = largest eigenvalue)", ylabel)
     handles, lo, hi = [], np.inf, 0.0
@@ -477,14 +534,15 @@ def spectrum_figure(now: Any, init: Any = None, *, step: int | None = None, init
     if handles:
         n = max(len(line.get_xdata()) for line in handles)
         ax.set_xlim(0.5 - 0.02 * n, n + 0.5 + 0.02 * n)
-        ax.set_ylim(lo / 10 ** (0.05 * np.log10(hi / lo) + 0.05), hi * 10 ** (0.05 * np.log10(hi / lo) + 0.05))
+        # whole decades: the axis (and so the kept background) stays the same from one measurement to the next
+        ax.set_ylim(10.0 ** np.floor(np.log10(lo) - 0.02), 10.0 ** np.ceil(np.log10(hi) + 0.02))
         _log_ticks(ax.yaxis, lo, hi)
         ax.legend(handles=handles, loc="upper right")
     else:
         ax.set_xlim(0, 1)
         ax.set_ylim(0.1, 10)
         _log_ticks(ax.yaxis, 0.1, 10)
-    return pixels(fig)
+    return _blit(k, [*k["lines"], k["note"], ax.title, *([ax.get_legend()] if ax.get_legend() else [])])
 
 
 # -- particles ---------------------------------------------------------------------------------------
@@ -529,7 +587,7 @@ def particles_figure(current: np.ndarray, trails: np.ndarray, sign: np.ndarray |
         ax.set_aspect("auto")
         return {"fig": fig, "ax": ax, "trail": trail, "tlines": tlines, "rings": rings, "dots": dots, "legend": None}
 
-    k = _kept(("particles", size), build)
+    k = _kept(("particles", size, tuple(axis_labels), legend), build)
     fig, ax = k["fig"], k["ax"]
     cur = np.asarray(current, dtype=np.float64).reshape(-1, 2)
     m = cur.shape[0]
@@ -581,7 +639,7 @@ def particles_figure(current: np.ndarray, trails: np.ndarray, sign: np.ndarray |
     if legend:
         k["legend"] = fig.legend(handles=handles, loc="lower center", ncol=2, fontsize="small", frameon=False,
                                  bbox_to_anchor=(0.5, 0.0))
-    return pixels(fig)
+    return _blit(k, [k["trail"], k["tlines"], k["rings"], k["dots"], ax.title])
 
 
 # -- matrices ----------------------------------------------------------------------------------------
@@ -644,7 +702,10 @@ def gates_figure(gates: np.ndarray, starts: Sequence[int] = (), names: Sequence[
                             loc="upper right", frameon=False)
         return {"fig": fig, "ax": ax, "im": im, "groups": groups, "legend": legend}
 
-    k = _kept(("gates", width, height), build)
+    # one kept figure per site (its sizes and groups), so that its still parts are drawn once
+    shape = np.asarray(gates).shape
+    k = _kept(("gates", width, height, shape[0], int(np.prod(shape[1:])), tuple(starts), tuple(names), unit_label,
+               total), build)
     fig, ax = k["fig"], k["ax"]
     g = np.asarray(gates, dtype=np.float32).reshape(np.asarray(gates).shape[0], -1)
     P, rows = g.shape
@@ -660,7 +721,7 @@ def gates_figure(gates: np.ndarray, starts: Sequence[int] = (), names: Sequence[
     ax.set_ylim(-0.5, rows - 0.5)
     k["legend"].set_bbox_to_anchor((1.0, 1 - (10 + LINE * (wrap(title, width - 16).count("\n") + 1)) / height),
                                    transform=fig.transFigure)
-    return pixels(fig)
+    return _blit(k, [k["im"], k["groups"], ax.title])
 
 
 @_styled
@@ -700,7 +761,8 @@ def matrix_figure(matrix: np.ndarray, starts: Sequence[int] = (), names: Sequenc
         bar = fig.colorbar(im, cax=cax)
         return {"fig": fig, "ax": ax, "im": im, "xg": xg, "yg": yg, "cax": cax, "bar": bar}
 
-    k = _kept(("matrix", width, height), build)
+    k = _kept(("matrix", width, height, np.shape(matrix), tuple(starts), tuple(names), xlabel, ylabel,
+               colorbar_label), build)
     fig, ax = k["fig"], k["ax"]
     m = np.asarray(matrix, dtype=np.float64)
     n, cols = m.shape[0], m.shape[1]
@@ -710,6 +772,10 @@ def matrix_figure(matrix: np.ndarray, starts: Sequence[int] = (), names: Sequenc
     hi = vmax if vmax is not None else (float(finite.max()) if finite.size else 1.0)
     if not hi > lo:
         hi = lo + 1.0
+    # a free end rounded out to a round number: the colour bar stays the same from one measurement to the next
+    step = 10.0 ** np.floor(np.log10(hi - lo)) / 2
+    lo = lo if vmin is not None else float(np.floor(lo / step) * step)
+    hi = hi if vmax is not None else float(np.ceil(hi / step) * step)
     k["im"].set_data(m)
     k["im"].set_extent((-0.5, cols - 0.5, n - 0.5, -0.5))
     k["im"].set_clim(lo, hi)
@@ -726,7 +792,7 @@ def matrix_figure(matrix: np.ndarray, starts: Sequence[int] = (), names: Sequenc
         ax.set_position((x0, y0, w, h))
     k["cax"].set_position((x0 + w + 12 / width, y0, 14 / width, h))
     k["bar"].set_label(wrap(colorbar_label, h * height))
-    return pixels(fig)
+    return _blit(k, [k["im"], k["xg"], k["yg"], ax.title])
 
 
 # -- when images are drawn ---------------------------------------------------------------------------

@@ -150,6 +150,17 @@ class Drawing:
                 raise self._error
             return self._pixels
 
+    def resolve(self, pixels: np.ndarray) -> None:
+        """Take pixels drawn elsewhere (a sink's drawing process) as this drawing's result, unless it was drawn.
+
+        Args:
+            pixels: what ``draw(*args, **kwargs)`` returned there.
+        """
+        with self._lock:
+            if self._pixels is None and self._error is None:
+                self._pixels = np.asarray(pixels)
+                self.args, self.kwargs = (), {}
+
     def __repr__(self) -> str:
         name = getattr(self.draw, "__qualname__", repr(self.draw))
         return f"Drawing({name}, {'drawn' if self.done else 'pending'})"

@@ -5,6 +5,7 @@ Speed itself is measured by ``benchmarks/figures.py`` (its smoke run is the last
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import threading
@@ -122,6 +123,39 @@ def test_a_drawing_is_drawn_once_for_every_sink_and_copies_its_arrays(tmp_path):
     assert calls == ["probes-tensorboard-images"]  # drawn once, on the sink's thread, shared by the memory sink
 
 
+def _pid_image(folder: str, value: int) -> np.ndarray:
+    """A drawing function another process can name: leaves a file named after the process that drew."""
+    (Path(folder) / f"{os.getpid()}-{value}").touch()
+    return np.full((3, 4, 3), value, dtype=np.uint8)
+
+
+def _failing_image(value: int) -> np.ndarray:
+    raise RuntimeError(f"cannot draw {value}")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a forked drawing process: Linux")
+def test_draw_in_process_draws_in_another_process_and_shares_the_pixels(tmp_path):
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    memory, tb = MemorySink(), TensorBoardSink(logdir=str(tmp_path / "tb"), draw_in="process")
+    records = [Scalar("p/s", 1.0), Image("p/img", Drawing(_pid_image, str(marks), 7)),
+               Image("p/bad", Drawing(_failing_image, 1))]
+    for sink in (memory, tb):
+        sink.write(records, step=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tb.close()
+    assert [p.name for p in marks.iterdir()] != [] and all(int(p.name.split("-")[0]) != os.getpid()
+                                                          for p in marks.iterdir())
+    assert int(memory.images()["p/img"][0].pixels.max()) == 7
+    assert len(list(marks.iterdir())) == 1  # the memory sink read the pixels drawn there, not a second drawing
+    assert sum("cannot draw 1" in str(w.message) for w in caught) == 1
+    ev = _events(tmp_path / "tb")
+    assert [(e.step, e.width) for e in ev["images"]["p/img"]] == [(2, 4)] and "p/bad" not in ev["images"]
+    with pytest.raises(ValueError, match="draw_in"):
+        TensorBoardSink(logdir=str(tmp_path / "x"), draw_in="gpu")
+
+
 def test_memory_sink_draws_a_deferred_image_only_when_read():
     calls = []
     sink = MemorySink()
@@ -172,10 +206,13 @@ def _texts_inside(fig) -> list[str]:
     box = fig.bbox
     hidden = set()  # labels of ticks outside the view, which matplotlib keeps but does not draw
     for a in fig.findobj(Axis):
-        lo, hi = sorted(a.get_view_interval())
+        ax, along = a.axes, 0 if a.axis_name == "x" else 1
+        lo, hi = sorted((ax.bbox.x0, ax.bbox.x1) if along == 0 else (ax.bbox.y0, ax.bbox.y1))
         for tick in a.get_major_ticks() + a.get_minor_ticks():
             loc = tick.get_loc()
-            if loc is None or not lo - 1e-9 * max(1.0, abs(hi)) <= loc <= hi + 1e-9 * max(1.0, abs(hi)):
+            at = None if loc is None else ax.transData.transform((loc, ax.get_ylim()[0]) if along == 0
+                                                                 else (ax.get_xlim()[0], loc))[along]
+            if at is None or not lo - 0.5 <= at <= hi + 0.5:
                 hidden.update({id(tick.label1), id(tick.label2)})
     texts = [t for t in fig.findobj(Text) if t.get_visible() and t.get_text().strip() and id(t) not in hidden]
     for t in texts:
@@ -210,16 +247,45 @@ def _kinds():
     }
 
 
+def _same_site():
+    """Two drawings of each kind with the same layout (one kept figure) and other data, ranges and titles."""
+    rng = np.random.default_rng(2)
+    lam = np.sort(rng.lognormal(0, 3, 300))[::-1]
+    gates = [rng.random((300, 64)) > q for q in (0.3, 0.7)]
+    groups = (list(range(30, 300, 30)), [str(k) for k in range(10)])
+    mats = [np.eye(40) + 0.1, rng.normal(size=(40, 40)) * 7]
+    return {
+        "spectrum": [lambda: figures.spectrum_figure(lam, lam / 3, step=100, init_step=0, title="ntk/spectrum: a\n(b)",
+                                                     ylabel="eigenvalue"),
+                     lambda: figures.spectrum_figure(lam[:20] * 1e6, None, step=5, title="ntk/spectrum: c",
+                                                     ylabel="eigenvalue")],
+        "gates": [lambda: figures.gates_figure(gates[0], *groups, title="patterns/1: step 0"),
+                  lambda: figures.gates_figure(gates[1], *groups, title="patterns/1: step 100")],
+        "matrix": [lambda: figures.matrix_figure(mats[0], [20], ["a", "b"], title="t", colorbar_label="c"),
+                   lambda: figures.matrix_figure(mats[1], [20], ["a", "b"], title="t2", colorbar_label="c")],
+        "particles": [lambda: figures.particles_figure(np.ones((4, 2)), np.zeros((3, 4, 2)),
+                                                       np.array([1, 0, 1, 0], bool), np.ones((2, 2)), None, 2.0,
+                                                       title="p"),
+                      lambda: figures.particles_figure(-np.ones((4, 2)) * 3, np.ones((5, 4, 2)),
+                                                       np.array([0, 0, 1, 1], bool), np.ones((2, 2)), None, 4.0,
+                                                       title="p, later")],
+    }
+
+
 @pytest.mark.parametrize("kind", ["spectrum", "gates", "matrix", "particles"])
-def test_a_kept_figure_draws_what_a_fresh_one_draws(kind):
-    first, second = _kinds()[kind]
+@pytest.mark.parametrize("cases", [_same_site, lambda: _kinds()], ids=["same layout", "other layouts"])
+def test_a_kept_figure_draws_what_a_fresh_one_draws(kind, cases):
+    first, second = cases()[kind]
     figures._KEPT.clear()
     a_fresh = first()
     b_after_a = second()
     a_after_b = first()
+    a_again = first()  # the kept background, unchanged
     figures._KEPT.clear()
     b_fresh = second()
+    assert not np.array_equal(a_fresh, b_fresh)
     np.testing.assert_array_equal(a_after_b, a_fresh)
+    np.testing.assert_array_equal(a_again, a_fresh)
     np.testing.assert_array_equal(b_after_a, b_fresh)
 
 
@@ -228,9 +294,9 @@ def test_figures_are_labelled_and_nothing_is_clipped(kind):
     for draw in _kinds()[kind]:
         figures._KEPT.clear()
         draw()
-        (entry,) = figures._KEPT.values()
+        (entry,) = figures._KEPT.values()  # one kept figure
         ax = entry["ax"]
-        assert ax.get_title(loc="left") and ax.get_xlabel() and ax.get_ylabel()
+        assert ax.get_title() and ax.get_xlabel() and ax.get_ylabel()
         with figures.style():
             _texts_inside(entry["fig"])
 

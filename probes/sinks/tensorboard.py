@@ -2,11 +2,15 @@
 
 Shares a user's ``SummaryWriter`` when one is given (and then leaves closing it to them).
 
-Images are drawn and encoded on the sink's own thread, fed by a bounded queue (``queue_size`` images): a
+Images are drawn and encoded off the training thread, fed by a bounded queue (``queue_size`` images): a
 measurement hands over the image (a ``probes.records.Drawing``: the figure function and host copies of its
-arrays) and training goes on; it waits only when the queue is full. ``flush()`` and ``close()`` wait until
-every queued image is written. An error while drawing is reported once, as a ``RuntimeWarning`` at the next
-write, flush or close (the count of failed images goes to the log at close), and costs only that image.
+arrays) and training goes on; it waits only when the queue is full. The sink's thread takes the images from
+the queue; with ``draw_in="process"`` (the default on Linux) it has them drawn by one worker process, forked at
+the first image, so matplotlib never holds the training process's interpreter lock (a drawing whose function
+cannot be sent there, a lambda say, is drawn in the thread); ``draw_in="thread"`` draws in the thread.
+``flush()`` and ``close()`` wait until every queued image is written. An error while drawing is reported
+once, as a ``RuntimeWarning`` at the next write, flush or close (the count of failed images goes to the log at
+close), and costs only that image.
 Images are written as PNG; one with at most 256 colours (every figure of ``probes.figures``) as a palette PNG,
 a third of the size of the RGB one, and still lossless.
 
@@ -21,11 +25,15 @@ chart appears (TensorBoard shows the latest one), so a run has its layout after 
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import queue
 import re
+import sys
 import threading
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 import numpy as np
@@ -38,6 +46,31 @@ log = logging.getLogger("probes")
 
 #: images waiting to be drawn before a measurement waits for the drawing thread
 QUEUE_SIZE = 16
+
+
+def _start_pool() -> ProcessPoolExecutor | None:
+    """One forked worker process for drawing (forked now, from this thread), or None where that fails."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # Python >= 3.12: fork of a process with threads
+            pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("fork"))
+            pool.submit(int).result()  # fork here, not later from the drawing thread
+        return pool
+    except Exception as exc:  # noqa: BLE001 - no process: the thread draws
+        log.warning("tensorboard sink: no drawing process (%r); images are drawn in a thread", exc)
+        return None
+
+
+def _sendable(draw: Callable[..., Any]) -> bool:
+    """Whether a drawing function can be named in another process (a module-level function, not a lambda)."""
+    qualname = getattr(draw, "__qualname__", "")
+    return bool(getattr(draw, "__module__", None)) and qualname and "<" not in qualname
+
+
+def _draw_png(draw: Callable[..., np.ndarray], args: tuple, kwargs: dict) -> tuple[np.ndarray, bytes]:
+    """In the drawing process: the pixels of ``draw(*args, **kwargs)`` and their PNG."""
+    pixels = Image("drawing", np.asarray(draw(*args, **kwargs))).as_uint8()
+    return pixels, encode_png(pixels)
 
 
 def layout_for(tags: Iterable[str], charts: Sequence[Chart] = ()) -> dict[str, dict[str, list[Any]]]:
@@ -84,14 +117,18 @@ class TensorBoardSink(Sink):
         writer: a ``SummaryWriter`` (or one with its methods) to share; left open at ``close``.
         layout: write the custom-scalars layout.
         queue_size: images waiting for the drawing thread before a ``write`` waits (0: draw in ``write``).
+        draw_in: ``"process"`` (a forked worker process), ``"thread"`` (the sink's thread), or ``"auto"``:
+            a process where ``fork`` is safe to use (Linux), else the thread.
         **writer_options: passed to ``SummaryWriter``.
 
     Raises:
-        ValueError: neither ``logdir`` nor ``writer``.
+        ValueError: neither ``logdir`` nor ``writer``, or an unknown ``draw_in``.
     """
 
     def __init__(self, logdir: str | None = None, writer: Any = None, layout: bool = True,
-                 queue_size: int = QUEUE_SIZE, **writer_options: Any) -> None:
+                 queue_size: int = QUEUE_SIZE, draw_in: str = "auto", **writer_options: Any) -> None:
+        if draw_in not in ("auto", "process", "thread"):
+            raise ValueError(f"tensorboard sink: draw_in must be 'auto', 'process' or 'thread', got {draw_in!r}")
         if writer is None:
             if logdir is None:
                 raise ValueError("tensorboard sink: give a logdir or a SummaryWriter")
@@ -108,6 +145,8 @@ class TensorBoardSink(Sink):
         self._queue_size = max(0, int(queue_size))
         self._queue: queue.Queue | None = None
         self._thread: threading.Thread | None = None
+        self._process = draw_in == "process" or (draw_in == "auto" and sys.platform.startswith("linux"))
+        self._pool: Any = None
         self._errors: list[str] = []
         self._reported = False
         self._closed = False
@@ -162,6 +201,8 @@ class TensorBoardSink(Sink):
             self._draw(image)
             return
         if self._thread is None or not self._thread.is_alive():
+            if self._process and self._pool is None:
+                self._pool = _start_pool()
             self._queue = queue.Queue(maxsize=self._queue_size)
             self._thread = threading.Thread(target=self._drain, name="probes-tensorboard-images", daemon=True)
             self._thread.start()
@@ -180,12 +221,24 @@ class TensorBoardSink(Sink):
 
     def _draw(self, image: Image) -> None:
         try:
-            self._write_image(image.tag, image.as_uint8(), image.step)
+            drawing = image.drawing
+            if drawing is not None and self._pool is not None and _sendable(drawing.draw):
+                try:
+                    pixels, png = self._pool.submit(_draw_png, drawing.draw, drawing.args, drawing.kwargs).result()
+                except BrokenProcessPool:  # the worker died: the thread draws from now on
+                    log.warning("tensorboard sink: the drawing process stopped; images are drawn in a thread now")
+                    self._pool = None
+                    self._write_image(image.tag, image.as_uint8(), image.step)
+                    return
+                drawing.resolve(pixels)  # the other sinks (a memory sink) get these pixels
+                self._write_image(image.tag, pixels, image.step, png)
+            else:
+                self._write_image(image.tag, image.as_uint8(), image.step)
         except Exception as exc:  # noqa: BLE001 - one image lost, reported once; scalars go on
             self._errors.append(f"{image.tag} at step {image.step}: {exc!r}")
             log.debug("tensorboard sink: image %s at step %s failed", image.tag, image.step, exc_info=True)
 
-    def _write_image(self, tag: str, pixels: np.ndarray, step: int | None) -> None:
+    def _write_image(self, tag: str, pixels: np.ndarray, step: int | None, png: bytes | None = None) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
         w = self.writer
@@ -195,7 +248,8 @@ class TensorBoardSink(Sink):
         from tensorboard.compat.proto.summary_pb2 import Summary
 
         h, wd = pixels.shape[:2]
-        image = Summary.Image(height=h, width=wd, colorspace=3, encoded_image_string=encode_png(pixels))
+        png = png if png is not None else encode_png(pixels)
+        image = Summary.Image(height=h, width=wd, colorspace=3, encoded_image_string=png)
         w._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), step)
 
     def _wait_for_images(self) -> None:
@@ -231,6 +285,9 @@ class TensorBoardSink(Sink):
             self._queue.put(None)
             self._thread.join()
         self._thread = None
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
         self._report_errors()
         if len(self._errors) > 1:  # warned once already: the count goes to the log
             log.warning("tensorboard sink: %d images could not be drawn in all; the first: %s", len(self._errors),
