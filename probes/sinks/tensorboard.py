@@ -5,9 +5,10 @@ Shares a user's ``SummaryWriter`` when one is given (and then leaves closing it 
 Images are drawn and encoded off the training thread, fed by a bounded queue (``queue_size`` images): a
 measurement hands over the image (a ``probes.records.Drawing``: the figure function and host copies of its
 arrays) and training goes on; it waits only when the queue is full. The sink's thread takes the images from
-the queue; with ``draw_in="process"`` (the default on Linux) it has them drawn by one worker process, forked at
-the first image, so matplotlib never holds the training process's interpreter lock (a drawing whose function
-cannot be sent there, a lambda say, is drawn in the thread); ``draw_in="thread"`` draws in the thread.
+the queue; with ``draw_in="process"`` (the default on Linux) it has them drawn by one worker process, forked
+at the first image and shared by the sinks of the process, so matplotlib never holds the training process's
+interpreter lock (a drawing whose function cannot be sent there, a lambda say, is drawn in the thread);
+``draw_in="thread"`` draws in the thread.
 ``flush()`` and ``close()`` wait until every queued image is written. An error while drawing is reported
 once, as a ``RuntimeWarning`` at the next write, flush or close (the count of failed images goes to the log at
 close), and costs only that image.
@@ -48,17 +49,43 @@ log = logging.getLogger("probes")
 QUEUE_SIZE = 16
 
 
-def _start_pool() -> ProcessPoolExecutor | None:
-    """One forked worker process for drawing (forked now, from this thread), or None where that fails."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)  # Python >= 3.12: fork of a process with threads
-            pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("fork"))
-            pool.submit(int).result()  # fork here, not later from the drawing thread
-        return pool
-    except Exception as exc:  # noqa: BLE001 - no process: the thread draws
-        log.warning("tensorboard sink: no drawing process (%r); images are drawn in a thread", exc)
-        return None
+_POOL: ProcessPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+
+
+def _drawing_pool() -> ProcessPoolExecutor | None:
+    """The drawing process that every TensorBoard sink of this process shares (forked at the first image of the
+    first sink, from the calling thread, and warmed up: matplotlib imported there), or None where that fails."""
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is not None:
+            return _POOL
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)  # Python >= 3.12: fork of a process with threads
+                pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("fork"))
+                pool.submit(int).result()  # fork here, not later from a drawing thread
+            pool.submit(_warm_up)  # matplotlib's import and fonts, while training goes on
+            _POOL = pool
+        except Exception as exc:  # noqa: BLE001 - no process: the thread draws
+            log.warning("tensorboard sink: no drawing process (%r); images are drawn in a thread", exc)
+        return _POOL
+
+
+def _drop_pool(pool: ProcessPoolExecutor) -> None:
+    """Forget a drawing process that stopped (the next image forks a new one)."""
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is pool:
+            _POOL = None
+    pool.shutdown(wait=False)
+
+
+def _warm_up() -> None:
+    from probes import figures
+
+    with figures.style():
+        figures.new_figure(8, 8)
 
 
 def _sendable(draw: Callable[..., Any]) -> bool:
@@ -202,7 +229,7 @@ class TensorBoardSink(Sink):
             return
         if self._thread is None or not self._thread.is_alive():
             if self._process and self._pool is None:
-                self._pool = _start_pool()
+                self._pool = _drawing_pool()
             self._queue = queue.Queue(maxsize=self._queue_size)
             self._thread = threading.Thread(target=self._drain, name="probes-tensorboard-images", daemon=True)
             self._thread.start()
@@ -225,8 +252,9 @@ class TensorBoardSink(Sink):
             if drawing is not None and self._pool is not None and _sendable(drawing.draw):
                 try:
                     pixels, png = self._pool.submit(_draw_png, drawing.draw, drawing.args, drawing.kwargs).result()
-                except BrokenProcessPool:  # the worker died: the thread draws from now on
+                except BrokenProcessPool:  # the worker died: this sink's thread draws from now on
                     log.warning("tensorboard sink: the drawing process stopped; images are drawn in a thread now")
+                    _drop_pool(self._pool)
                     self._pool = None
                     self._write_image(image.tag, image.as_uint8(), image.step)
                     return
@@ -285,9 +313,7 @@ class TensorBoardSink(Sink):
             self._queue.put(None)
             self._thread.join()
         self._thread = None
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
+        self._pool = None  # the drawing process stays for the next sink
         self._report_errors()
         if len(self._errors) > 1:  # warned once already: the count goes to the log
             log.warning("tensorboard sink: %d images could not be drawn in all; the first: %s", len(self._errors),
