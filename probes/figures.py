@@ -347,6 +347,16 @@ def _power_of_ten(value: float, _pos: Any = None) -> str:
     return "10" + str(int(round(e))).translate(_SUPERSCRIPT)
 
 
+def _nice_ceil(x: float) -> float:
+    """The smallest of 1, 1.5, 2, 3, 4, 5, 6, 8 times a power of ten that is >= ``x`` (> 0): limits that grow
+    in steps keep a kept figure's background over many measurements."""
+    base = 10.0 ** np.floor(np.log10(x))
+    for m in (1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0):
+        if m * base >= x * (1 - 1e-12):
+            return float(m * base)
+    return float(10 * base)
+
+
 def _single_point_axis(ax: Any, xs: np.ndarray) -> None:
     """A sensible x axis when every point has the same x: from 0 (or -1) to twice it, integer ticks."""
     from matplotlib.ticker import MaxNLocator
@@ -534,8 +544,8 @@ def spectrum_figure(now: Any, init: Any = None, *, step: int | None = None, init
     if handles:
         n = max(len(line.get_xdata()) for line in handles)
         ax.set_xlim(0.5 - 0.02 * n, n + 0.5 + 0.02 * n)
-        # whole decades: the axis (and so the kept background) stays the same from one measurement to the next
-        ax.set_ylim(10.0 ** np.floor(np.log10(lo) - 0.02), 10.0 ** np.ceil(np.log10(hi) + 0.02))
+        # even powers of ten: the axis (and so the kept background) stays the same over many measurements
+        ax.set_ylim(10.0 ** (2 * np.floor((np.log10(lo) - 0.02) / 2)), 10.0 ** (2 * np.ceil((np.log10(hi) + 0.02) / 2)))
         _log_ticks(ax.yaxis, lo, hi)
         ax.legend(handles=handles, loc="upper right")
     else:
@@ -592,7 +602,7 @@ def particles_figure(current: np.ndarray, trails: np.ndarray, sign: np.ndarray |
     cur = np.asarray(current, dtype=np.float64).reshape(-1, 2)
     m = cur.shape[0]
     teacher = np.asarray(teacher, dtype=np.float64).reshape(-1, 2)
-    lim = float(limit) if limit > 0 and np.isfinite(limit) else 1.0
+    lim = _nice_ceil(float(limit)) if limit > 0 and np.isfinite(limit) else 1.0
     colors = np.array([UNSIGNED] * m, dtype=object) if sign is None else \
         np.where(np.asarray(sign, dtype=bool), POSITIVE, NEGATIVE).astype(object)
     handles: list[Any] = []
@@ -772,8 +782,8 @@ def matrix_figure(matrix: np.ndarray, starts: Sequence[int] = (), names: Sequenc
     hi = vmax if vmax is not None else (float(finite.max()) if finite.size else 1.0)
     if not hi > lo:
         hi = lo + 1.0
-    # a free end rounded out to a round number: the colour bar stays the same from one measurement to the next
-    step = 10.0 ** np.floor(np.log10(hi - lo)) / 2
+    # a free end rounded out to a quarter of a power of ten: the colour bar stays the same over many measurements
+    step = 10.0 ** np.ceil(np.log10(hi - lo)) / 4
     lo = lo if vmin is not None else float(np.floor(lo / step) * step)
     hi = hi if vmax is not None else float(np.ceil(hi / step) * step)
     k["im"].set_data(m)
