@@ -263,10 +263,10 @@ def test_plan_falls_back_with_a_reason() -> None:
     model = TiedAndShared().double()
     t = torch.randint(0, 6, (5, 3))
     plan = ntk_plan(model, t)
-    assert "tied" in plan.reasons["emb"] and "tied" in plan.reasons["out"]
+    assert plan.tied == [["emb", "out"]]  # tied weights: their per-sample gradients summed
     assert "outside its own calls" in plan.reasons["conv"]
-    assert set(plan.fast) == {"other"}
-    assert set(plan.fallback) == {"emb.weight", "conv.weight", "conv.bias"}
+    assert set(plan.fast) == {"emb", "other", "out"}
+    assert set(plan.fallback) == {"conv.weight", "conv.bias"}
     assert_close(empirical_ntk(model, t), ntk_func(model, t))
     assert_close(ntk_operator(model, t).dense(), ntk_func(model, t))
 

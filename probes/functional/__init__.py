@@ -41,6 +41,7 @@ from probes.functional.ntk import (
     ntk_operator,
     ntk_plan,
     trace_over_outputs,
+    verify_plan,
 )
 from probes.functional.path_gram import (
     Factorization,
@@ -71,7 +72,8 @@ __all__ = [
     "cka", "linear_hsic", "hsic", "center", "center_features", "minibatch_cka", "StreamingCKA", "as_features",
     "DegenerateKernelError",
     # the empirical NTK
-    "empirical_ntk", "ntk_operator", "ntk_plan", "trace_over_outputs", "NTKOperator", "NTKPlan", "SampleMixingError",
+    "empirical_ntk", "ntk_operator", "ntk_plan", "verify_plan", "trace_over_outputs", "NTKOperator", "NTKPlan",
+    "SampleMixingError",
     # spectra
     "spectrum", "eigenvalues", "effective_rank", "condition_number", "label_alignment", "kernel_distance",
     "top_eigenvalues", "effective_rank_bounds", "Spectrum", "TopEigen",

@@ -52,9 +52,10 @@ from probes.functional.ntk.factors import _layer_terms as _layer_terms
 from probes.functional.ntk.inputs import MODES, REDUCTIONS, SampleMixingError
 from probes.functional.ntk.operator import NTKOperator, ntk_operator
 from probes.functional.ntk.plan import NTKPlan, ntk_plan
+from probes.functional.ntk.selfcheck import verify_plan
 
-__all__ = ["empirical_ntk", "ntk_operator", "ntk_plan", "NTKOperator", "NTKPlan", "SampleMixingError",
-           "trace_over_outputs", "MODES", "REDUCTIONS"]
+__all__ = ["empirical_ntk", "ntk_operator", "ntk_plan", "verify_plan", "NTKOperator", "NTKPlan",
+           "SampleMixingError", "trace_over_outputs", "MODES", "REDUCTIONS"]
 
 
 def _forwarded(name: str) -> property:

@@ -12,11 +12,12 @@ import warnings
 
 import torch
 from torch import nn
+from torch.func import functional_call
 
 from probes.functional.ntk import settings
 from probes.functional.ntk.inputs import _detached, _flat_output, _take
-from probes.functional.ntk.layers import _first, _kind_of
-from probes.functional.ntk.plan import NTKPlan
+from probes.functional.ntk.layers import _first, _kind_of, _own_params
+from probes.functional.ntk.plan import NTKPlan, _per_sample_copies
 from probes.functional.ntk.terms import (
     _alloc,
     _as_dtype,
@@ -31,24 +32,50 @@ from probes.functional.ntk.terms import (
     _term_bytes,
     _traced,
 )
+from probes.functional.ntk.tied import _tied_term
+
+
+def _term_params(model: nn.Module, plan: NTKPlan) -> dict[str, list[torch.Tensor]]:
+    """The parameters of each term ``_layer_terms`` returns, under the same keys: a layer's path, a tie group's
+    paths joined by ``+``, a directly used parameter's name."""
+    params = dict(model.named_parameters())
+    tied = {p for group in plan.tied for p in group}
+    out = {path: list(_own_params(m).values()) for path, m in plan.modules.items() if path not in tied}
+    for group in plan.tied:
+        ps = {id(p): p for path in group for p in _own_params(plan.modules[path]).values()}
+        out["+".join(group)] = list(ps.values())
+    out.update({name: [params[name]] for name in plan.direct})
+    return out
 
 
 def _layer_terms(model: nn.Module, args: tuple[torch.Tensor, ...], P: int, plan: NTKPlan, mode: str,
-                 chunk: int | None, dtype: torch.dtype, who: str, target: str = "dense") -> dict[str, _Term]:
+                 chunk: int | None, dtype: torch.dtype, who: str, target: str = "dense",
+                 project: torch.Tensor | None = None) -> dict[str, _Term]:
     """One term per layerwise layer over all ``P`` samples, each reduced to its route (``_route``).
 
     Terms whose route is "outer" are per-sample gradients ``D`` in ``dtype``; "pairs" factors are in ``dtype``
     for ``target="dense"`` and in the precision they were computed in for ``target="operator"`` (converted
-    block by block later; exact, and half the memory for a float32 model).
+    block by block later; exact, and half the memory for a float32 model). A tie group gives one term (its
+    layers' per-sample gradients summed per parameter), a directly used parameter one (its copies' gradients).
+    ``project`` (``C`` weights): the kernel of the one output ``f . project`` instead (the self-check's).
     """
-    C = plan.outputs
+    C = plan.outputs if project is None else 1
     calls: dict[str, list[tuple[tuple, dict, torch.Tensor]]] = {p: [] for p in plan.fast}
-    kinds = {p: _kind_of(m) for p, m in plan.modules.items()}
+    kinds = {p: plan.layer_kinds.get(p) or _kind_of(m) for p, m in plan.modules.items()}
+    tied = {p for group in plan.tied for p in group}
+    params = dict(model.named_parameters()) if plan.direct else {}
     full: dict[str, _Term] = {}
     routes: dict[str, str] = {}
+    batch = {"b": 0}
 
     def make_hook(path: str):
+        shared = path in plan.shared
+
         def hook(module, hargs, hkwargs, output):
+            if not batch["b"]:  # a layer re-run while its terms are computed
+                return None
+            if shared and batch["b"] > 1 and output.shape[0] == 1:  # one copy per sample of a shared output
+                output = output.expand((batch["b"],) + tuple(output.shape[1:]))
             calls[path].append((hargs, hkwargs, output))
             return output.clone()
         return hook
@@ -61,11 +88,16 @@ def _layer_terms(model: nn.Module, args: tuple[torch.Tensor, ...], P: int, plan:
             m = stop - start
             for v in calls.values():
                 v.clear()
+            batch["b"] = m
+            copies = _per_sample_copies(params, plan.direct, m)
             with torch.enable_grad():
-                out = _flat_output(model(*_take(args, start, stop)), m, who)
-                if out.shape[1] != C:
+                xs = _take(args, start, stop)
+                out = _flat_output(functional_call(model, copies, xs) if copies else model(*xs), m, who)
+                if out.shape[1] != plan.outputs:
                     raise ValueError(f"{who}: the model gives {out.shape[1]} outputs per sample for a batch of {m} "
-                                     f"but {C} for one sample")
+                                     f"but {plan.outputs} for one sample")
+                if project is not None:
+                    out = out @ project.to(out.device, out.dtype)[:, None]
                 recorded = []
                 for path, k in plan.fast.items():
                     if len(calls[path]) != k:
@@ -76,10 +108,12 @@ def _layer_terms(model: nn.Module, args: tuple[torch.Tensor, ...], P: int, plan:
                             raise RuntimeError(f"{who}: {plan.kinds[path]} {path!r} returned an output of shape "
                                                f"{tuple(o.shape)} in a forward of {m} samples (sample axis not first)")
                         recorded.append(o)
+                recorded += list(copies.values())
                 grads = _output_grads(out, recorded, C)
+            batch["b"] = 0
             for v in calls.values():  # nothing refers to the graph any more: it is freed
                 v[:] = [(_detached(a), _detached(kw), o.detach()) for a, kw, o in v]
-            del out, recorded
+            del out, recorded, copies
             i, chunk_bytes = 0, 0
             Ce = C if mode == "full" else 1
             for path, k in plan.fast.items():
@@ -88,14 +122,14 @@ def _layer_terms(model: nn.Module, args: tuple[torch.Tensor, ...], P: int, plan:
                 for j, (a, kw, o) in enumerate(calls[path]):
                     gb = grads[i + j]
                     g = (o.new_zeros((C,) + tuple(o.shape)) if gb is None else gb).transpose(0, 1)  # (m, C, *out)
-                    terms.append(kind.term(mod, _first(a, kw), g))
+                    terms.append(kind.term_call(mod, *_per_sample_call(a, kw, m), g))
                     grads[i + j] = None
                 i += k
                 t = _merge(terms)
                 del terms
                 chunk_bytes += _term_bytes(t)
                 if path not in routes:
-                    routes[path] = _route(t, P, torch.finfo(dtype).bits // 8, target, Ce)
+                    routes[path] = "outer" if path in tied else _route(t, P, torch.finfo(dtype).bits // 8, target, Ce)
                 if routes[path] == "outer":  # per-sample gradients written in place, all outputs: (P, C, F)
                     if path not in full:
                         full[path] = _Grad(g.new_empty(P, C, _outer_features(t), dtype=dtype))
@@ -109,6 +143,12 @@ def _layer_terms(model: nn.Module, args: tuple[torch.Tensor, ...], P: int, plan:
                     full[path] = _alloc(t, P)
                 _copy_rows(full[path], t, start)
                 del t
+            for name, gb in zip(plan.direct, grads[i:]):  # a directly used parameter: its copies' gradients
+                if name not in full:
+                    full[name] = _Grad(torch.zeros(P, C, params[name].numel(), dtype=dtype, device=args[0].device))
+                    routes[name] = "outer"
+                if gb is not None:
+                    full[name].D[start:stop] = gb.transpose(0, 1).reshape(m, C, -1)
             del grads
             for v in calls.values():
                 v.clear()
@@ -122,7 +162,24 @@ def _layer_terms(model: nn.Module, args: tuple[torch.Tensor, ...], P: int, plan:
         for h in handles:
             h.remove()
         calls.clear()
-    return {path: _traced(full[path], mode) if routes[path] == "outer" else full[path] for path in plan.fast}
+    terms = {path: _traced(full[path], mode) if routes[path] == "outer" else full[path]
+             for path in list(plan.fast) + list(plan.direct) if path not in tied}
+    for group in plan.tied:
+        t = _tied_term([(kinds[p], plan.modules[p], full.pop(p).D) for p in group])
+        terms["+".join(group)] = _traced(t, mode)
+    return terms
+
+
+def _per_sample_call(args: tuple, kwargs: dict, b: int) -> tuple[tuple, dict]:
+    """A call's arguments with its input expanded to ``b`` samples when it was shared (leading axis 1)."""
+    x = _first(args, kwargs)
+    if b == 1 or not isinstance(x, torch.Tensor) or x.ndim == 0 or x.shape[0] != 1:
+        return args, kwargs
+    xb = x.expand((b,) + tuple(x.shape[1:]))
+    if args:
+        return (xb,) + tuple(args[1:]), kwargs
+    key = "input" if "input" in kwargs else next(k for k, v in kwargs.items() if v is x)
+    return args, {**kwargs, key: xb}
 
 
 def _output_grads(out: torch.Tensor, recorded: list[torch.Tensor], C: int) -> list[torch.Tensor | None]:

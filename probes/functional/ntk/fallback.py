@@ -10,6 +10,7 @@ parameter does not fit are its sample blocks recomputed per pair of blocks.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 
 import torch
@@ -82,7 +83,10 @@ def _jacobian_fn(model: nn.Module, args: tuple[torch.Tensor, ...], names: Sequen
         return {n: torch.stack(v).reshape((e - s, C) + v[0].shape) for n, v in out.items()}
 
     def jac(s: int, e: int) -> torch.Tensor:
-        with torch.no_grad():  # the transforms still differentiate; no graph to the other parameters
+        # torch's "performance drop ... batching rule" warnings (attention under vmap) are about this computation
+        # only: filtered here, not for the user's own code
+        with torch.no_grad(), warnings.catch_warnings():  # the transforms still differentiate
+            warnings.filterwarnings("ignore", message="There is a performance drop")
             j = None
             for lvl, fn in enumerate((lambda: jac_fn(sub, *_take(args, s, e)), lambda: per_sample(s, e),
                                       lambda: by_autograd(s, e))):

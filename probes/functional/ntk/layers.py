@@ -10,7 +10,8 @@ sample's forward, sequence positions, output pixels), the per-sample gradient is
   ``dbeta = sum_k g_k`` (``xhat`` the normalised input, recomputed with torch's own formula);
 - ``nn.Embedding``: ``dE = sum_k e_{t_k} g_k^T`` (rows selected by the tokens ``t``).
 
-A subclass that overrides ``forward`` matches no kind (its parameters go to the fallback).
+A subclass that overrides ``forward`` matches no kind here; ``structural`` may still recognise it (confirmed on the
+probe inputs), else its parameters go to the fallback.
 """
 
 from __future__ import annotations
@@ -27,7 +28,13 @@ from probes.functional.ntk.terms import _Embed, _Grad, _Pairs, _Term
 
 
 def _first(args: tuple, kwargs: dict, name: str = "input") -> Any:
-    return args[0] if args else kwargs.get(name)
+    """A call's input: its first positional argument, else ``kwargs[name]``, else its only tensor keyword."""
+    if args:
+        return args[0]
+    if name in kwargs:
+        return kwargs[name]
+    tensors = [v for v in kwargs.values() if isinstance(v, torch.Tensor)]
+    return tensors[0] if len(tensors) == 1 else None
 
 
 class _Kind:
@@ -49,6 +56,10 @@ class _Kind:
     def term(self, m: nn.Module, x: torch.Tensor, g: torch.Tensor) -> _Term:
         """The kernel term of one call: input ``x`` (B, ...), output gradients ``g`` (B, C, *output.shape[1:])."""
         raise NotImplementedError
+
+    def term_call(self, m: nn.Module, args: tuple, kwargs: dict, g: torch.Tensor) -> _Term:
+        """The kernel term of one call from its recorded arguments (``term`` of its input, for most kinds)."""
+        return self.term(m, _first(args, kwargs), g)
 
 
 def _with_ones(Z: torch.Tensor, G: torch.Tensor, m: nn.Module) -> _Pairs:
