@@ -11,7 +11,7 @@ For each of several initialisation schemes (PyTorch's default, He/Kaiming normal
 normal, orthogonal, and He normal with biases shifted by +-0.1 to move the zero count) and several seeds:
 
 1. count the exactly-zero ReLU outputs at initialisation with the ``relu_zeros`` probe (training-mode forwards
-   over the whole training set under ``no_grad``: ``relu_zeros/total/fraction`` over the four sites);
+   over the whole training set, no backward: ``relu_zeros/total/fraction`` over the four sites);
 2. train for a few epochs (SGD with momentum, cross-entropy, batches of 64) with ``relu_zeros`` (per epoch) and
    ``linear_region`` (on 100 test images, per epoch) attached, writing TensorBoard runs
    ``<logdir>/<scheme>_s<seed>`` (plus ``train/loss`` and ``test/accuracy``);
@@ -156,14 +156,13 @@ def dataset(args: argparse.Namespace):
 
 
 def zeros_at_init(model: nn.Module, x: torch.Tensor, batch: int) -> tuple[float, float]:
-    """``relu_zeros/total/fraction`` of training-mode forwards over ``x`` (no gradients, no update), and the
+    """``relu_zeros/total/fraction`` of training forwards over ``x`` (no backward, no update), and the
     number of units of the last ReLU call (``act#4``: the logits, when they go through the ReLU) that are zero
     for every training input (``dead_units``; NaN without that site)."""
     session = probes.attach(model, {"relu_zeros": {"every": 10 ** 9}}, sinks=["memory"], strict=True)
     model.train()
-    with torch.no_grad():
-        for i in range(0, x.shape[0], batch):
-            model(x[i:i + batch])
+    for i in range(0, x.shape[0], batch):  # training forwards (grad enabled: no_grad forwards are not counted)
+        model(x[i:i + batch])
     session.close()
     mem = session.memory
     dead = mem.last("relu_zeros/act#4/dead_in_window") if "relu_zeros/act#4/dead_in_window" in mem.tags() else math.nan
