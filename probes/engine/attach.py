@@ -8,7 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from probes.engine.session import DEFAULT_PROBE_BATCH_SIZE, Session
+from probes.engine.session import Session
+from probes.engine.spec import DEFAULT_PROBE_BATCH_SIZE, Options
 
 __all__ = ["attach"]
 
@@ -68,7 +69,8 @@ def attach(model: nn.Module, probes: Any, *, probe_data: Any = None, label_key: 
         TypeError: an option of the wrong type (the message names the option or the probe).
         ValueError: a bad option value, probe batch or label, or a probe that cannot apply to this model.
     """
-    return Session(model, probes, probe_data=probe_data, label_key=label_key, output=output, logdir=logdir,
-                   writer=writer, sinks=sinks, optimizer=optimizer, strict=strict, functional=functional,
-                   measure_at_attach=measure_at_attach, state=state, probe_batch_size=probe_batch_size,
-                   overhead=overhead, mask=mask, norm_stats=norm_stats, label_shift=label_shift)
+    return Session(model, probes, Options(
+        probe_data=probe_data, label_key=label_key, output=output, logdir=logdir, writer=writer, sinks=sinks,
+        optimizer=optimizer, strict=strict, functional=functional, measure_at_attach=measure_at_attach, state=state,
+        probe_batch_size=probe_batch_size, overhead=overhead, mask=mask, norm_stats=norm_stats,
+        label_shift=label_shift))

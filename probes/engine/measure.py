@@ -85,6 +85,10 @@ class ActiveProbes:
         if error is not None:
             raise error
 
+    def stale(self, step: int) -> list[str]:
+        """The probes whose last measurement is not at ``step`` (``close()`` measures them once more)."""
+        return [n for n in self.probes if self.measured_at.get(n) != step]
+
     def validate(self, step: int) -> None:
         """At attach without a measurement: the shared pass once, and each probe's ``validate`` (errors raise)."""
         if not self.probes or not self.data.present or lazy_pending(self.probe_pass.module):

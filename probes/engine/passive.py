@@ -70,6 +70,12 @@ class PassiveProbes:
                 self.failures.notice(name, "no-site", f"probe {name!r} observes no {what} of this model: it counts "
                                      f"ReLU-family activations and the model has {found}{consequence}")
 
+    def unobserved(self, sites: list[Site]) -> list[tuple[str, str]]:
+        """The probes that observe none of ``sites``, each with why (``attach(model, "auto")`` leaves them out)."""
+        kinds = ", ".join(sorted({s.kind for s in sites})) or "none"
+        return [(n, f"no activation of this model is one it observes (the model has: {kinds})")
+                for n, p in self.probes.items() if not any(p.wants(s) for s in sites)]
+
     def flushable(self) -> list[str]:
         """Passive probes to flush. Under DDP every rank takes part in every probe's collective, also for a probe
         switched off on this rank only, so that the ranks stay in step and learn of the failure instead of hanging."""

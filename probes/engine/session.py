@@ -1,12 +1,5 @@
-"""``Session``: the lifecycle and the public methods; the work is done by the engine's parts (``probes.engine``).
-
-Lifecycle: ``attach`` either returns a working session or raises and leaves nothing behind (no hook, no writer, no
-file). Everything knowable at attach raises there: options, the probe batch, a probe that cannot apply to this
-model, labels that do not fit its outputs (the first measurement, or ``Probe.validate`` without one). The at-attach
-measurement (step 0) is held back until the session is first used, so that ``load_state_dict`` right after
-``attach`` (a resumed run) drops it instead of writing a second step-0 point. After ``close()`` every method but
-``close()`` raises ``ProbesClosedError``.
-"""
+"""``Session``: the lifecycle and the public methods; the work is done by the engine's parts (see ``probes.engine``
+for them and for the lifecycle's promises)."""
 
 from __future__ import annotations
 
@@ -25,68 +18,60 @@ from probes.engine.measure import ActiveProbes
 from probes.engine.output import Output, check_records
 from probes.engine.passive import PassiveProbes
 from probes.engine.probe_pass import ProbeData, ProbePass, model_placement
-from probes.engine.spec import AUTO, check_attach_options, make_sinks, parse_probes, parse_sinks, setup_probes
+from probes.engine.spec import AUTO, Options, make_sinks, parse_probes, parse_sinks, setup_probes
 from probes.probe import Context, Probe
 from probes.sinks.memory import MemorySink
 
-#: samples per chunk of the probe pass (a laptop holds the activations of this many CIFAR images in a ResNet)
-DEFAULT_PROBE_BATCH_SIZE = 256
-
-__all__ = ["Session", "ProbesClosedError", "ProbeFailedWarning", "ProbesNoticeWarning", "DEFAULT_PROBE_BATCH_SIZE"]
+__all__ = ["Session", "ProbesClosedError", "ProbeFailedWarning", "ProbesNoticeWarning"]
 
 
 class Session:
     """Probes attached to one model. Use ``step()`` (or give ``optimizer``), then ``close()``.
 
     Args:
-        model: the model; probes: the probe spec; the keyword options are ``attach``'s (documented there).
+        model: the model; probes: the probe spec; options: ``attach``'s keyword options (documented there).
     """
 
-    def __init__(self, model: nn.Module, probes: Any, *, probe_data: Any = None, label_key: str | None = None,
-                 output: Any = None, logdir: str | None = None, writer: Any = None, sinks: Any = None,
-                 optimizer: torch.optim.Optimizer | None = None, strict: bool = False,
-                 functional: bool | None = None, measure_at_attach: bool = True,
-                 state: Mapping[str, Any] | None = None,
-                 probe_batch_size: int | None = DEFAULT_PROBE_BATCH_SIZE, overhead: float | str | None = "auto",
-                 mask: str | None = "attention_mask", norm_stats: str = "running", label_shift: int = 0) -> None:
-        check_attach_options(model, logdir, writer, optimizer, strict, output, probe_batch_size, mask, norm_stats,
-                             label_shift)
+    def __init__(self, model: nn.Module, probes: Any, options: Options) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"attach needs an nn.Module, got {type(model).__name__}")
+        o = self.options = options
         self.model, self.module = model, unwrap(model)
         self.rank, self.world_size = distributed.rank_and_world()
         self.sharded = distributed.is_sharded(self.module)
-        self.logdir = str(logdir) if logdir is not None else (writer.get_logdir() if writer is not None else None)
+        self.logdir = o.log_to
         self.device = model_placement(self.module)[0]
-        self.data = ProbeData.from_probe_data(probe_data, label_key, self.module)
+        self.data = ProbeData.from_probe_data(o.probe_data, o.label_key, self.module)
         if self.sharded and self.world_size > 1:  # every rank runs the probe pass, on rank 0's batch
             self.data.same_on_every_rank(self.device, self.rank)
         self.probes: dict[str, Probe] = dict(parse_probes(probes))
-        self._failures = Failures(strict, self.rank)
+        self._failures = Failures(o.strict, self.rank)
         self.auto = isinstance(probes, str) and probes == AUTO  # leave out what does not apply, saying why
         for name in [n for n, p in self.probes.items() if not p.passive and p.needs_probe_data]:
             if not self.data.present and not self.auto:
                 raise ValueError(f"probe {name!r} runs on a fixed probe batch: pass probe_data=(x, y) to attach")
             if not self.data.present:
                 self._leave_out(name, "it measures on a probe batch; pass probe_data=(x, y)")
-        self.cadence = Cadence(self.probes, overhead, self._failures,
+        self.cadence = Cadence(self.probes, o.overhead, self._failures,
                                rank_agreement(self.device) if self.sharded and self.world_size > 1 else None)
-        sink_spec = parse_sinks(sinks, logdir, writer) if self.rank == 0 else []
+        sink_spec = parse_sinks(o.sinks, o.logdir, o.writer) if self.rank == 0 else []
         self._output, self._step, self._closed, self._opt_handle = Output(), 0, False, None
         extra = tuple({t for p in self.probes.values() for t in p.site_types})
         classes, names = plugins.registry.activation_types()
-        self.capture = Capture(self.module, extra_sites=extra + classes, functional=functional, extra_names=names,
-                               mask_key=mask)
+        self.capture = Capture(self.module, extra_sites=extra + classes, functional=o.functional, extra_names=names,
+                               mask_key=o.mask)
         self._passive = PassiveProbes({n: self.probes[n] for n in self.passive}, self._failures, self._write,
                                       lambda: self._step, self.world_size, self.rank, self.device)
-        probe_pass = ProbePass(self.module, self.capture, output, probe_batch_size, norm_stats)
+        probe_pass = ProbePass(self.module, self.capture, o.output, o.probe_batch_size, o.norm_stats)
         self._active = ActiveProbes({n: self.probes[n] for n in self.active}, self.data, probe_pass, self._failures,
                                     self.cadence, self._write, self.logdir, self.rank, self.world_size, self.sharded,
-                                    self.device, mask, label_shift)
+                                    self.device, o.mask, o.label_shift)
         self._active.on_attach_error = self._leave_out if self.auto else None
         try:
-            self._setup(optimizer, measure_at_attach and state is None)
-            if state is not None:
-                self.load_state_dict(state)
-            self._output.sinks = make_sinks(sink_spec, self.logdir, writer)  # files only once all else worked
+            self._setup(o.optimizer, o.measure_at_attach and o.state is None)
+            if o.state is not None:
+                self.load_state_dict(o.state)
+            self._output.sinks = make_sinks(sink_spec, self.logdir, o.writer)  # files only once all else worked
         except BaseException:
             self._teardown()
             raise
@@ -104,10 +89,8 @@ class Session:
         elif self.active:
             self._active.validate(self._step)
         if self.auto:  # passive probes: among the module sites, and the functional ones the probe pass met
-            sites = self.capture.module_sites() + self.capture.seen_sites()
-            kinds = ", ".join(sorted({s.kind for s in sites})) or "none"
-            for name in [n for n in self.passive if not any(self.probes[n].wants(s) for s in sites)]:
-                self._leave_out(name, f"no activation of this model is one it observes (the model has: {kinds})")
+            for name, why in self._passive.unobserved(self.capture.module_sites() + self.capture.seen_sites()):
+                self._leave_out(name, why)
 
     def _leave_out(self, name: str, why: Any) -> None:
         """``attach(model, "auto")``: drop a probe that does not apply, saying why in one line."""
@@ -243,10 +226,7 @@ class Session:
         try:
             self._use("close")
             self._passive.flush(self._passive.flushable(), self._step)
-            measured = self._active.measured_at
-            stale = [n for n in self.active if measured.get(n) != self._step and self.enabled(n)]
-            if stale:
-                self._active.measure(stale, self._step)
+            self._active.measure([n for n in self._active.stale(self._step) if self.enabled(n)], self._step)
         finally:
             self._failures.strict = strict
             self._teardown()

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
 
 from probes import plugins
 from probes.engine import distributed
@@ -18,7 +18,7 @@ from probes.probe import Context, Probe
 from probes.schedules import as_schedule
 from probes.sinks.base import Sink
 
-__all__ = ["parse_probes", "parse_sinks", "make_sinks", "make_probe", "named", "check_attach_options", "setup_probes"]
+__all__ = ["parse_probes", "parse_sinks", "make_sinks", "make_probe", "named", "Options", "setup_probes"]
 
 
 def make_probe(cls: type[Probe], name: str, options: Mapping[str, Any]) -> Probe:
@@ -138,32 +138,61 @@ def make_sinks(spec: list[Any], logdir: str | None, writer: Any) -> list[Sink]:
     return sinks
 
 
-def check_attach_options(model: Any, logdir: Any, writer: Any, optimizer: Any, strict: Any, output: Any,
-                         probe_batch_size: Any, mask: Any = None, norm_stats: Any = "running",
-                         label_shift: Any = 0) -> None:
-    """Raise a clear error for a bad ``attach`` option (the probe batch, probes and sinks are checked apart)."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"attach needs an nn.Module, got {type(model).__name__}")
-    if logdir is not None and writer is not None:
-        raise ValueError("attach: give logdir= or writer=, not both (with a writer, everything goes to "
-                         "writer.get_logdir())")
-    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
-        raise TypeError(f"attach(optimizer=...) must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-    if not isinstance(strict, bool):
-        raise TypeError(f"attach(strict=...) must be True or False, got {strict!r}")
-    check_output_option(output)
-    if probe_batch_size is not None and (isinstance(probe_batch_size, bool) or not isinstance(
-            probe_batch_size, int) or probe_batch_size < 1):
-        raise ValueError(f"attach(probe_batch_size=...) must be a positive int or None, got {probe_batch_size!r}")
-    if mask is not None and not (isinstance(mask, str) and mask):
-        raise TypeError(f"attach(mask=...) must be the name of the attention mask's keyword argument or dict entry "
-                        f"(default 'attention_mask'), or None to count padded positions too; got {mask!r}")
-    if norm_stats not in ("running", "batch"):
-        raise ValueError(f"attach(norm_stats=...) must be 'running' (eval mode: the running statistics of batch "
-                         f"norm layers) or 'batch' (the statistics of the probe batch), got {norm_stats!r}")
-    if isinstance(label_shift, bool) or not isinstance(label_shift, int) or label_shift < 0:
-        raise ValueError(f"attach(label_shift=...) must be an int >= 0 (1 for a causal language model, whose features "
-                         f"at position t predict the label at t + 1), got {label_shift!r}")
+#: samples per chunk of the probe pass (a laptop holds the activations of this many CIFAR images in a ResNet)
+DEFAULT_PROBE_BATCH_SIZE = 256
+
+
+@dataclass(frozen=True)
+class Options:
+    """The keyword options of ``attach`` (documented there), checked when made: a bad one raises naming it."""
+
+    probe_data: Any = None
+    label_key: str | None = None
+    output: Any = None
+    logdir: str | None = None
+    writer: Any = None
+    sinks: Any = None
+    optimizer: Any = None
+    strict: bool = False
+    functional: bool | None = None
+    measure_at_attach: bool = True
+    state: Mapping[str, Any] | None = None
+    probe_batch_size: int | None = DEFAULT_PROBE_BATCH_SIZE
+    overhead: float | str | None = "auto"
+    mask: str | None = "attention_mask"
+    norm_stats: str = "running"
+    label_shift: int = 0
+
+    def __post_init__(self) -> None:
+        if self.logdir is not None and self.writer is not None:
+            raise ValueError("attach: give logdir= or writer=, not both (with a writer, everything goes to "
+                             "writer.get_logdir())")
+        if self.optimizer is not None and not isinstance(self.optimizer, torch.optim.Optimizer):
+            raise TypeError(f"attach(optimizer=...) must be a torch.optim.Optimizer, got "
+                            f"{type(self.optimizer).__name__}")
+        if not isinstance(self.strict, bool):
+            raise TypeError(f"attach(strict=...) must be True or False, got {self.strict!r}")
+        check_output_option(self.output)
+        n = self.probe_batch_size
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+            raise ValueError(f"attach(probe_batch_size=...) must be a positive int or None, got {n!r}")
+        if self.mask is not None and not (isinstance(self.mask, str) and self.mask):
+            raise TypeError(f"attach(mask=...) must be the name of the attention mask's keyword argument or dict "
+                            f"entry (default 'attention_mask'), or None to count padded positions too; got "
+                            f"{self.mask!r}")
+        if self.norm_stats not in ("running", "batch"):
+            raise ValueError(f"attach(norm_stats=...) must be 'running' (eval mode: the running statistics of batch "
+                             f"norm layers) or 'batch' (the statistics of the probe batch), got {self.norm_stats!r}")
+        shift = self.label_shift
+        if isinstance(shift, bool) or not isinstance(shift, int) or shift < 0:
+            raise ValueError(f"attach(label_shift=...) must be an int >= 0 (1 for a causal language model, whose "
+                             f"features at position t predict the label at t + 1), got {shift!r}")
+
+    @property
+    def log_to(self) -> str | None:
+        """Where the session writes: ``logdir``, or the user's writer's folder."""
+        return str(self.logdir) if self.logdir is not None else (
+            self.writer.get_logdir() if self.writer is not None else None)
 
 
 def setup_probes(probes: dict[str, Probe], context: Context, failures: Failures,
