@@ -31,6 +31,14 @@ class Site:
     ``name`` is the module path (``features.1``), ``path#k`` for the k-th call of a module
     called more than once per forward, ``path:relu`` (``:relu#k``) for a functional call
     inside the ``forward`` of the module at ``path`` (``forward`` for the root module).
+
+    Attributes:
+        name: the site's name in tags.
+        path: the module path (of the calling module, for a functional call).
+        kind: the lower-case activation name (``"relu"``, ``"tanh"``, ``"gelu"``, ...).
+        call: the 1-based call index of this module or function within one forward.
+        functional: whether the site is a functional call (``F.relu`` in ``forward``) rather than a module.
+        module: the activation module (None for a functional call).
     """
 
     name: str
@@ -60,6 +68,11 @@ class Activation:
     Only what the due probes asked for is kept (``Probe.site_values``): when they need only the gates,
     ``pre`` is the boolean ``pre > 0`` itself (so ``pre > 0`` still reads the gates), and ``post`` is
     None when no due probe reads it.
+
+    Attributes:
+        site: where it was seen.
+        pre: the activation's input (values, or gates as booleans), or None.
+        post: the activation's output, or None.
     """
 
     site: Site
@@ -106,6 +119,23 @@ class ProbeBatch:
     ``forward(x)`` runs the model the same way on other inputs (perturbed copies, say). ``writes``: whether this
     process writes (rank 0, or no ``torch.distributed``); under FSDP every rank measures, and a probe that writes
     files itself (``patterns(save=True)``) does so only where ``writes`` is True.
+
+    Attributes:
+        model: the user's module, in eval mode while probes run.
+        x: the probe inputs, on the model's current device and dtype.
+        y: the probe labels, or None.
+        output: the probes' output tensor on ``x`` (samples first).
+        activations: site name -> what the shared pass kept of it.
+        step: the step of this measurement.
+        logdir: the session's log directory, or None.
+        calls: every leaf-module call and functional activation of the pass, in order.
+        output_spec: ``attach(output=...)``.
+        tensor_output: whether the model returned one tensor (no selection was needed).
+        writes: whether this process writes (rank 0).
+        chunk_size: samples per forward of the probe passes (``probe_batch_size``).
+        runner: the engine's probe pass behind ``run``.
+        mask: ``(P, positions)`` bool, True at real tokens (the inputs' attention mask), or None.
+        label_shift: token labels ``(P, T)``: features at position t pair with the label at t + label_shift.
     """
 
     model: nn.Module
@@ -157,12 +187,32 @@ class ProbeBatch:
         return sample_count(self.x) if self.x is not None else 0
 
     def forward(self, x: Any = None, model: Any = None) -> torch.Tensor:
-        """``model(x)`` with the session's input convention and output selection (default: the probe batch)."""
+        """``model(x)`` with the session's input convention and output selection, with gradients as the caller has
+        them (``run`` is the no-gradient probe pass).
+
+        Args:
+            x: inputs in the probe batch's convention (default: the probe batch).
+            model: another callable to run the same way (default: the model).
+
+        Returns:
+            The selected output tensor.
+        """
         out = call_model(model if model is not None else self.model, self.x if x is None else x)
         return select_output(out, self.output_spec)
 
     def targets(self, probe: str = "probe", num_classes: int | None = None) -> torch.Tensor:
-        """Labels as a float64 P x C matrix (binary as +-1 in one column, classes one-hot)."""
+        """Labels as a float64 P x C matrix (binary as +-1 in one column, classes one-hot).
+
+        Args:
+            probe: the name error messages start with.
+            num_classes: columns of the one-hot matrix (default: the output width of a 2-d output).
+
+        Returns:
+            ``Y``, float64 ``P x C``.
+
+        Raises:
+            ValueError: no labels, or labels that do not fit the model's outputs (the message says what to pass).
+        """
         if self.y is None:
             raise ValueError(f"{probe}: this probe needs labels; pass probe_data=(x, y) to probes.attach")
         from_output = num_classes is None and isinstance(self.output, torch.Tensor) and self.output.ndim == 2 \
@@ -180,7 +230,16 @@ class ProbeBatch:
 
 @dataclass
 class Context:
-    """What a probe learns at attach: the unwrapped model, the probe batch, the log directory, the output option."""
+    """What a probe learns at attach.
+
+    Attributes:
+        model: the unwrapped model.
+        x: the probe inputs (or None).
+        y: the probe labels (or None).
+        logdir: the session's log directory (or None).
+        device: the model's device.
+        output_spec: ``attach(output=...)``.
+    """
 
     model: nn.Module
     x: Any = None
@@ -308,24 +367,49 @@ class Probe:
 
     # -- passive probes -------------------------------------------------------------
     def wants(self, site: Site) -> bool:
-        """Which sites a passive probe observes (default: ReLU-family sites)."""
+        """Which sites a passive probe observes (default: ReLU-family sites).
+
+        Args:
+            site: a site of the model.
+        """
         return site.relu_family
 
     def observe(self, site: Site, pre: torch.Tensor, post: torch.Tensor) -> None:
-        """Hot path, every training forward: accumulate on the device, never sync."""
+        """Hot path, every training forward: accumulate on the device, never sync.
+
+        Args:
+            site: where the activation was seen.
+            pre: the activation's input.
+            post: the activation's output (padded positions left out, see ``attach(mask=...)``).
+        """
 
     def flush(self, step: int) -> Sequence[Record]:
-        """Return the window's records (passive probes); the session then resets the window state."""
+        """Return the window's records (passive probes); the session then resets the window state.
+
+        Args:
+            step: the step the records are written at.
+
+        Returns:
+            The records (tags under the probe's name).
+        """
         return []
 
     # -- active probes --------------------------------------------------------------
     def wants_site(self, site: Site) -> bool:
         """Which sites an active probe with ``needs_sites`` reads in the probe pass (default: every activation site,
-        and sites of this probe's own ``site_types``; not the extra sites that other probes asked for)."""
+        and sites of this probe's own ``site_types``; not the extra sites that other probes asked for).
+
+        Args:
+            site: a site of the model.
+        """
         return not site.extra or isinstance(site.module, type(self).site_types)
 
     def setup(self, context: Context) -> None:
-        """Called once at attach; raise a clear error here when the model does not fit."""
+        """Called once at attach; raise a clear error here when the model does not fit.
+
+        Args:
+            context: the model, the probe batch and the session's settings.
+        """
 
     def validate(self, batch: ProbeBatch) -> None:
         """Check, once at attach, what the at-attach probe pass reveals: raise when this probe cannot apply.
@@ -344,7 +428,14 @@ class Probe:
         """
 
     def measure(self, batch: ProbeBatch) -> Sequence[Record]:
-        """Return records for one measurement on the probe batch (active probes)."""
+        """Return records for one measurement on the probe batch (active probes).
+
+        Args:
+            batch: the probe batch, the shared pass's output and activations, and ``run`` for more passes.
+
+        Returns:
+            The records (tags under the probe's name).
+        """
         return []
 
     # -- checkpoints ----------------------------------------------------------------

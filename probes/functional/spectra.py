@@ -29,7 +29,16 @@ from probes.functional.alignment import alignment as _centered_alignment
 
 @dataclass
 class Spectrum:
-    """Eigenvalues (ascending, float64) and the statistics derived from them (0-d float64 tensors)."""
+    """Eigenvalues (ascending, float64) and the statistics derived from them (0-d float64 tensors).
+
+    Attributes:
+        eigenvalues: all eigenvalues, ascending.
+        trace: their sum.
+        eig_max: the largest.
+        eig_min: the smallest.
+        condition: ``eig_max / eig_min`` (inf when the matrix is numerically singular).
+        effective_rank: ``exp`` of the entropy of the normalised non-negative eigenvalues.
+    """
 
     eigenvalues: torch.Tensor
     trace: torch.Tensor
@@ -182,7 +191,15 @@ def kernel_distance(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
 @dataclass
 class TopEigen:
     """The ``k`` largest eigenvalues (descending, float64), Ritz vectors (n x k), residual norms
-    ``||K u - theta u||``, whether every one met the tolerance, and the number of products ``K v`` used."""
+    ``||K u - theta u||``, whether every one met the tolerance, and the number of products ``K v`` used.
+
+    Attributes:
+        values: the eigenvalues, descending.
+        vectors: the Ritz vectors, ``n x k``.
+        residuals: ``||K u - theta u||`` of each.
+        converged: whether every residual met the tolerance.
+        products: the number of products ``K v`` used.
+    """
 
     values: torch.Tensor
     vectors: torch.Tensor
