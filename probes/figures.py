@@ -157,7 +157,7 @@ def kept_axes(key: str, title: str, xlabel: str, ylabel: str, *, width: int = 56
     Returns:
         ``(figure, axes)``.
     """
-    from matplotlib.ticker import MaxNLocator, NullLocator, ScalarFormatter
+    from matplotlib.ticker import FuncFormatter, MaxNLocator, NullLocator
 
     def build() -> dict[str, Any]:
         fig = new_figure(width, height)
@@ -173,7 +173,7 @@ def kept_axes(key: str, title: str, xlabel: str, ylabel: str, *, width: int = 56
     ax.set_yscale("linear")
     for axis in (ax.xaxis, ax.yaxis):
         axis.set_major_locator(MaxNLocator(nbins=6, steps=[1, 2, 2.5, 5, 10]))  # few tick labels: each costs
-        axis.set_major_formatter(ScalarFormatter())
+        axis.set_major_formatter(FuncFormatter(_compact))  # no offset text over the title: 3e-14, not 3 and 1e-14
         axis.set_minor_locator(NullLocator())
         axis.set_tick_params(labelsize=STYLE["xtick.labelsize"])
     ax.grid(False)
@@ -345,6 +345,11 @@ def _power_of_ten(value: float, _pos: Any = None) -> str:
     if abs(e - round(e)) > 1e-6:
         return f"{value:.2g}"
     return "10" + str(int(round(e))).translate(_SUPERSCRIPT)
+
+
+def _compact(value: float, _pos: Any = None) -> str:
+    """A tick label that carries its own scale (``0.25``, ``3e-14``, ``1.2e+06``): no offset text."""
+    return f"{value:.4g}" if value else "0"
 
 
 def _nice_ceil(x: float) -> float:

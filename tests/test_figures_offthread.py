@@ -334,6 +334,9 @@ def test_report_chart_of_nan_only_values_says_so_and_one_point_gets_sensible_axe
     assert lo == 0 and hi == 80  # not 38 to 42
     ylo, yhi = ax.get_ylim()
     assert ylo < 3.5 < yhi
+    ax, texts = _report_axes("tiny", ["p/err"], {"p/err": (np.arange(5), np.array([1.0, 3, 2, 4, 2]) * 1e-14)})
+    assert ax.yaxis.get_offset_text().get_text() == ""  # no "1e-14" over the title: each tick says it
+    assert "3e-14" in texts
 
 
 def test_sink_layout_comes_from_the_declared_charts(tmp_path):
