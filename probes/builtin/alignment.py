@@ -22,6 +22,23 @@ cannot be summed chunk by chunk. When the chosen sites fit the budget together (
 their features come from the shared probe pass; otherwise the probe runs its own passes, one per group of sites
 that fits, so memory stays bounded at the cost of one more forward of the probe batch per group.
 Constant labels are an error at attach.
+
+**Token labels.** Integer labels of shape ``(P, T)`` (``-100`` where a position has no label, the Hugging Face
+convention) make each kept position a sample: the features of a site ``(P, T, ...)`` at position ``t`` of sequence
+``i`` (and the output logits ``(P, T, C)`` there) pair with the label at ``t + label_shift`` (``attach(label_shift=1)``
+for a causal language model, which the Transformers callback sets itself). Option ``positions``: ``"all"`` (the
+default) keeps every position with a label, ``"last"`` only the last one of each sequence. Padded positions (the
+probe inputs' attention mask, ``ProbeBatch.mask``) are left out. A site whose activations are not ``(P, T, ...)``
+(a pooler) is left out with one notice under the default ``sites``, and is an error when chosen in ``sites``.
+
+**Padding with one label per sequence.** When the probe inputs carry an attention mask, the features of a site
+``(P, T, ...)`` at padded positions are set to zero before the features are flattened per sample, so a padded
+position adds nothing to any inner product of ``F F^T`` (for a batch without padding the values are unchanged).
+
+**Fewer than two samples per class.** When the probe batch (the kept positions, for token labels) has fewer than
+two samples per class present, ``Y Y^T`` is close to the identity after centering and almost any features align
+with it (CKA near 1 whatever the layer learnt): the probe says so once (``ProbesNoticeWarning``); a larger probe
+batch (at least twice as many samples as classes) fixes it.
 """
 
 from __future__ import annotations
@@ -34,15 +51,63 @@ from collections.abc import Sequence
 import torch
 
 from probes import options
+from probes.engine.failures import ProbesNoticeWarning
 from probes.engine.inputs import take
 from probes.functional.alignment import DegenerateKernelError, Prepared, prepare
-from probes.functional.labels import label_matrix
+from probes.functional.labels import IGNORE_INDEX, label_matrix, token_positions
 from probes.probe import Context, Probe, ProbeBatch, Site
 from probes.records import Record, Scalar
 
 OUTPUT = "output"
 #: default ``memory_budget`` (bytes) for the features held at once: a CIFAR ResNet-18 at P = 1,024 holds 2.2 GiB
 MEMORY_BUDGET = 512 << 20
+#: what ``positions`` may be for token labels: every kept position, or the last kept one of each sequence
+POSITIONS = ("all", "last")
+
+
+def is_token_labels(y: torch.Tensor | None) -> bool:
+    """Whether ``y`` holds token labels: integer ``(P, T)`` class indices (``-100`` where a position has none).
+
+    Args:
+        y: the probe labels, or None.
+
+    Returns:
+        True for an integer (not bool) tensor with two axes.
+    """
+    return isinstance(y, torch.Tensor) and y.ndim == 2 and not y.is_floating_point() and y.dtype != torch.bool
+
+
+def token_pairs(who: str, batch: ProbeBatch, positions: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``(sample, position)`` pairs of the token labels that are samples, and their labels
+    (``probes.functional.labels.token_positions`` with the batch's ``label_shift`` and attention mask).
+
+    Args:
+        who: the probe's name, for messages.
+        batch: the probe batch, with token labels ``(P, T)``.
+        positions: ``"all"`` or ``"last"``.
+
+    Returns:
+        ``(index, y)``: ``index`` ``(N, 2)`` long, ``y`` the ``N`` paired labels.
+
+    Raises:
+        ValueError: as ``token_positions``, naming the probe and the options that change the pairing.
+    """
+    try:
+        return token_positions(batch.y, batch.label_shift, positions, batch.mask)
+    except ValueError as exc:
+        raise ValueError(f"{who}: {exc} (token labels {tuple(batch.y.shape)} with attach(label_shift="
+                         f"{batch.label_shift}), option positions={positions!r}; every position labelled "
+                         f"{IGNORE_INDEX} is left out)") from None
+
+
+def token_rows(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """The rows of ``t`` ``(P, T, ...)`` at the ``(sample, position)`` pairs ``index``, flattened: ``(N, -1)``."""
+    index = index.to(t.device)
+    return t[index[:, 0], index[:, 1]].reshape(index.shape[0], -1)
+
+
+def _token_shaped(t: torch.Tensor, y: torch.Tensor) -> bool:
+    return t.ndim >= 3 and tuple(t.shape[:2]) == tuple(y.shape)
 
 
 class Alignment(Probe):
@@ -57,8 +122,10 @@ class Alignment(Probe):
     needs_probe_data = True
 
     def __init__(self, sites: str | Sequence[str] | None = None, output: bool = True,
-                 degenerate: str = "skip", memory_budget: int | None = MEMORY_BUDGET) -> None:
+                 degenerate: str = "skip", memory_budget: int | None = MEMORY_BUDGET, positions: str = "all") -> None:
         self.sites = options.names("alignment", "sites", sites)
+        self.positions = options.choice("alignment", "positions", positions, POSITIONS)
+        self._per_class_checked = False
         self.output = options.flag("alignment", "output", output)
         self.memory_budget = options.integer("alignment", "memory_budget", memory_budget, minimum=1, optional=True)
         #: the shared probe pass keeps the chosen sites (no budget, or they fit it: known after one measurement)
@@ -72,6 +139,10 @@ class Alignment(Probe):
     def setup(self, context: Context) -> None:
         if context.y is None:
             raise ValueError("alignment: this probe needs labels; pass probe_data=(x, y) to probes.attach")
+        if is_token_labels(context.y):  # which positions are samples depends on the shift and the mask: validate
+            if not bool((context.y != IGNORE_INDEX).any()):
+                raise ValueError(f"alignment: every token label is {IGNORE_INDEX} (no position has a label)")
+            return
         Y = label_matrix(context.y, who="alignment")
         if Y.shape[0] < 2:
             raise ValueError(f"alignment: the probe batch has {Y.shape[0]} sample(s); centering needs at least 2")
@@ -142,11 +213,83 @@ class Alignment(Probe):
             raise TypeError(f"alignment: the model output is a {type(batch.output).__name__}, not a tensor; "
                             "pass output=False (or output= to attach, to pick a tensor)")
         if batch.y is not None and isinstance(batch.output, torch.Tensor):
-            batch.targets("alignment")
-        names = self._activation_names(self._probe_sites(batch))
+            self._labels(batch)
+        acts = self._probe_sites(batch)
+        names = self._activation_names(acts)
+        if is_token_labels(batch.y) and self.sites is not None:
+            T = batch.y.shape[1]
+            for n in names:
+                post = acts[n].post
+                if post is not None and (post.ndim < 3 or post.shape[1] != T):
+                    raise ValueError(self._not_token_wise(n, post, batch.y))
         if self.output and OUTPUT in names:
             raise ValueError("alignment: the model has an activation site named 'output', which clashes with the "
                              "tag alignment/output/cka of the model output; pass output=False or select sites")
+
+    def _labels(self, batch: ProbeBatch) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+        """``(index, Y, classes)``: for token labels the kept ``(sample, position)`` pairs and their label matrix,
+        else ``(None, batch.targets(), None)``; ``classes`` the integer labels per sample (for the per-class check)."""
+        if not is_token_labels(batch.y):
+            Y = batch.targets("alignment")
+            y = batch.y
+            classes = y if isinstance(y, torch.Tensor) and not y.is_floating_point() and y.ndim == 1 else None
+            return None, Y, classes
+        out = batch.output
+        if self.output and isinstance(out, torch.Tensor) and not _token_shaped(out, batch.y):
+            raise ValueError(f"alignment: token labels {tuple(batch.y.shape)} need an output (P, T, C) with a value "
+                             f"per position, but the model output has shape {tuple(out.shape)}; pass output=False to "
+                             "align the sites only, or one label per sample")
+        index, yk = token_pairs("alignment", batch, self.positions)
+        C = int(out.shape[-1]) if isinstance(out, torch.Tensor) and out.ndim == 3 and out.shape[-1] > 1 else None
+        try:
+            Y = label_matrix(yk, num_classes=C, who="alignment")
+        except ValueError as exc:
+            raise ValueError(f"{exc}: the model has {C} outputs per position, so token labels must lie in 0..{C - 1} "
+                             f"(or be {IGNORE_INDEX})") from None
+        return index, Y, yk
+
+    def _not_token_wise(self, site: str, f: torch.Tensor, y: torch.Tensor) -> str:
+        return (f"alignment: site {site!r} has activations of shape {tuple(f.shape)}, not (P, T, ...) with the "
+                f"{y.shape[1]} positions of the token labels {tuple(y.shape)}, so they cannot pair with a label per "
+                "position; leave it out with sites=[...] (the sites with a value per position)")
+
+    def _check_per_class(self, classes: torch.Tensor | None) -> None:
+        """Once per probe: a notice when the samples (or kept positions) number fewer than twice the classes."""
+        if self._per_class_checked or classes is None:
+            return
+        self._per_class_checked = True
+        n, k = int(classes.numel()), int(torch.unique(classes).numel())
+        if k > 2 and n < 2 * k:
+            warnings.warn(
+                f"alignment: the probe batch has {n} samples in {k} classes, fewer than two per class: centered, "
+                "the label kernel Y Y^T is then close to the identity, and almost any features align with it (CKA "
+                f"near 1 whatever the layer learnt); use a larger probe batch, at least {2 * k} samples (two or more "
+                "per class)", ProbesNoticeWarning, stacklevel=3)
+
+    def _rows(self, site: str, f: torch.Tensor, batch: ProbeBatch, index: torch.Tensor | None
+              ) -> torch.Tensor | None:
+        """The features of ``site`` as rows (one per sample, or per kept position for token labels): a new tensor,
+        or a view of the capture; None for a site left out (not token-wise under the default ``sites``)."""
+        P = batch.size
+        if f.ndim == 0 or f.shape[0] != P:
+            raise ValueError(f"alignment: site {site!r} has {f.shape[0] if f.ndim else 0} rows for a probe batch of "
+                             f"{P} samples (only activations with the batch as first axis are supported)")
+        f = f.detach()
+        if index is not None:
+            if _token_shaped(f, batch.y):
+                return token_rows(f, index)
+            if self.sites is not None or site == OUTPUT:
+                raise ValueError(self._not_token_wise(site, f, batch.y))
+            if site not in self._warned:
+                self._warned.add(site)
+                warnings.warn(self._not_token_wise(site, f, batch.y) + "; left out (said once)", ProbesNoticeWarning,
+                              stacklevel=3)
+            return None
+        mask = batch.mask
+        if mask is not None and f.ndim >= 3 and tuple(f.shape[:2]) == tuple(mask.shape):
+            # one label per sequence: padded positions add nothing to the inner products of F F^T
+            f = f * mask.to(f.device).reshape(*mask.shape, *(1,) * (f.ndim - 2))
+        return f.reshape(P, -1)
 
     # ------------------------------------------------------------------------------------------
     def _select(self, names: list[str]) -> list[str]:
@@ -181,19 +324,21 @@ class Alignment(Probe):
         if not names:
             return []
         P = batch.size
-        Y = batch.targets("alignment")
-        if Y.shape[0] != P:
+        index, Y, classes = self._labels(batch)
+        if index is None and Y.shape[0] != P:
             raise ValueError(f"alignment: {Y.shape[0]} labels for a probe batch of {P} samples")
+        self._check_per_class(classes)
         label_parts: dict[torch.device, Prepared] = {}  # centered labels on each device that holds a site
         values: list[torch.Tensor] = []
+        kept: list[str] = []
         flags = []
         for site, f in features:  # one site at a time: only its float64 copy (and, with a budget, its group) alive
-            if f.shape[0] != P:
-                raise ValueError(f"alignment: site {site!r} has {f.shape[0]} rows for a probe batch of {P} samples "
-                                 "(only activations with the batch as first axis are supported)")
-            flat = f.detach().reshape(P, -1)
+            flat = self._rows(site, f, batch, index)
+            if flat is None:
+                continue
+            kept.append(site)
             F = flat.to(torch.float64)
-            p = prepare(F, inplace=F.data_ptr() != flat.data_ptr())  # never center the capture itself
+            p = prepare(F, inplace=F.data_ptr() != f.data_ptr())  # never center the capture itself
             flags += [p.nonfinite, p.degenerate]
             if F.device not in label_parts:
                 label_parts[F.device] = prepare(Y.to(F.device))
@@ -205,7 +350,7 @@ class Alignment(Probe):
         if any(bool(p.degenerate) for p in label_parts.values()):
             raise DegenerateKernelError("alignment: the labels of the probe batch center to zero (all the same)")
         records: list[Record] = []
-        for i, (site, value) in enumerate(zip(names, values)):
+        for i, (site, value) in enumerate(zip(kept, values)):
             nonfinite, degenerate = bad[2 * i], bad[2 * i + 1]
             if nonfinite:
                 raise ValueError(f"alignment: site {site!r} has NaN or infinite features at step {batch.step}")

@@ -12,7 +12,15 @@ in the papers: parameters whose name starts with ``bias`` are left out), ``margi
 loss ``mean_i 1/2 max(0, Delta_i)^2``), histogram ``margin/delta``.
 
 Options: ``margin`` (1/2 as in the seed; the jamming papers use 1), ``bins`` (64), ``n_weights`` (override
-``N``). Default cadence: every 10 steps (one forward of the probe batch, shared with the other probes).
+``N``), ``positions`` (token labels: ``"all"`` or ``"last"``, below). Default cadence: every 10 steps (one forward of
+the probe batch, shared with the other probes).
+
+**Token labels.** Integer labels ``(P, T)`` (``-100`` where a position has no label) with an output ``(P, T, C)``
+make each kept position a sample: the logits at position ``t`` of sequence ``i`` pair with the label at
+``t + label_shift`` (``attach(label_shift=1)`` for a causal language model; the Transformers callback sets it), padded
+positions (the probe inputs' attention mask) are left out, and ``positions="all"`` (the default) keeps every labelled
+position, ``"last"`` the last one of each sequence. ``N_Delta`` then counts positions, and
+``margin/n_delta_fraction`` is ``N_Delta`` over the kept positions.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ import torch
 from torch import nn
 
 from probes import options
+from probes.builtin.alignment import POSITIONS, is_token_labels, token_pairs, token_rows
 from probes.functional.labels import label_matrix
 from probes.probe import Context, Probe, ProbeBatch
 from probes.records import Histogram, Record, Scalar
@@ -72,8 +81,10 @@ class Margin(Probe):
     needs_sites = False
     needs_probe_data = True
 
-    def __init__(self, margin: float = 0.5, bins: int = 64, n_weights: int | None = None) -> None:
+    def __init__(self, margin: float = 0.5, bins: int = 64, n_weights: int | None = None,
+                 positions: str = "all") -> None:
         self.margin = options.number("margin", "margin", margin, minimum=0.0)
+        self.positions = options.choice("margin", "positions", positions, POSITIONS)
         self.bins = options.integer("margin", "bins", bins, minimum=1)
         self.n_weights = options.integer("margin", "n_weights", n_weights, minimum=1, optional=True)
 
@@ -88,12 +99,36 @@ class Margin(Probe):
         integer class indices ``0..C-1`` for ``C`` outputs), checked on the at-attach output."""
         if batch.y is None:
             raise ValueError("margin: this probe needs labels; pass probe_data=(x, y) to probes.attach")
-        forces(batch.output, batch.y, self.margin)
+        self.forces(batch)
+
+    def forces(self, batch: ProbeBatch) -> torch.Tensor:
+        """The forces on the probe batch: one per sample, or one per kept position for token labels ``(P, T)``.
+
+        Args:
+            batch: the probe batch (its output, labels, ``label_shift`` and attention mask).
+
+        Returns:
+            ``Delta``, float64, one per sample or kept position.
+
+        Raises:
+            ValueError: labels that do not fit the output (see ``forces``); token labels with an output that has no
+                value per position.
+        """
+        if not is_token_labels(batch.y):
+            return forces(batch.output, batch.y, self.margin)
+        out = batch.output
+        if not isinstance(out, torch.Tensor) or out.ndim != 3 or tuple(out.shape[:2]) != tuple(batch.y.shape):
+            shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ValueError(f"margin: token labels {tuple(batch.y.shape)} need an output (P, T, C) of logits per "
+                             f"position, but the model output is {shape}; pick the per-position logits with "
+                             "attach(output=...), or pass one label per sample")
+        index, yk = token_pairs("margin", batch, self.positions)
+        return forces(token_rows(out, index), yk, self.margin)
 
     def measure(self, batch: ProbeBatch) -> list[Record]:
         if batch.y is None:
             raise ValueError("margin: this probe needs labels; pass probe_data=(x, y) to probes.attach")
-        delta = forces(batch.output, batch.y, self.margin)
+        delta = self.forces(batch)
         P = delta.numel()
         N = self.n_weights if self.n_weights is not None else count_weights(batch.model)
         n_delta = (delta > 0).sum().to(torch.float64)
