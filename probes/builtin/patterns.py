@@ -21,6 +21,12 @@ without pickle. ``image_every`` (None: an image at every measurement; k: at the 
 steps have passed since the last image) thins the images without thinning the scalars. The previous and the
 first snapshots are kept on the device and go through
 ``state_dict`` so that churn continues across a checkpoint.
+
+**Padding.** When the probe inputs carry an attention mask (``ProbeBatch.mask``, ``(P, T)``), the gates of a site
+``(P, T, ...)`` (units on an axis after the positions) at padded positions are left out: they count as closed in the
+kept snapshots, the images and the distinct patterns, and the fractions (``active_fraction``, ``churn``,
+``churn_from_init``) divide by the gates of real tokens only; a unit is dead when it is closed at every real token,
+always on when it is open at every real token.
 """
 
 from __future__ import annotations
@@ -207,11 +213,16 @@ class Patterns(Probe):
         names = self._site_names(batch.activations)
         P = batch.size
         gates: dict[str, torch.Tensor] = {}
+        real: dict[str, torch.Tensor] = {}  # sites with padded positions: True at the gates of real tokens
         for n in names:
             gate = batch.activations[n].gate  # the pass kept only the gates: no copy
             if gate.ndim == 0 or gate.shape[0] != P:
                 raise ValueError(f"patterns: site {n!r} has shape {tuple(gate.shape)}; its first axis must be the "
                                  f"{P} probe samples")
+            m = self._real(batch.mask, gate)
+            if m is not None:
+                real[n] = m
+                gate = gate & m  # padded positions closed: they add nothing to what follows
             gates[n] = gate
         for n, g in gates.items():
             old = self.shapes.get(n)
@@ -225,18 +236,21 @@ class Patterns(Probe):
         for n, g in gates.items():
             ud = _unit_dim(g.ndim, self.unit_dim)
             dims = tuple(d for d in range(g.ndim) if d != ud)
+            m = real.get(n)
+            count = g.numel() if m is None else m.expand(g.shape).sum(dtype=torch.int64).double()
             if g.ndim > 1:
-                per_unit_any, per_unit_all = g.any(dim=dims) if dims else g, g.all(dim=dims) if dims else g
+                on = g if m is None else g | ~m  # padded positions do not stop a unit from being always on
+                per_unit_any, per_unit_all = g.any(dim=dims) if dims else g, on.all(dim=dims) if dims else on
             else:
                 per_unit_any, per_unit_all = g.any().reshape(1), g.all().reshape(1)
             prev = self._unpack(self.previous, n, g) if n in self.previous else g
             first = self._unpack(self.first, n, g) if n in self.first else g
             records += [
-                Scalar(f"patterns/{n}/active_fraction", g.sum(dtype=torch.int64).double() / g.numel()),
+                Scalar(f"patterns/{n}/active_fraction", g.sum(dtype=torch.int64).double() / count),
                 Scalar(f"patterns/{n}/dead_on_probe_batch", (~per_unit_any).sum()),
                 Scalar(f"patterns/{n}/always_on_units", per_unit_all.sum()),
-                Scalar(f"patterns/{n}/churn", (g != prev).sum(dtype=torch.int64).double() / g.numel()),
-                Scalar(f"patterns/{n}/churn_from_init", (g != first).sum(dtype=torch.int64).double() / g.numel()),
+                Scalar(f"patterns/{n}/churn", (g != prev).sum(dtype=torch.int64).double() / count),
+                Scalar(f"patterns/{n}/churn_from_init", (g != first).sum(dtype=torch.int64).double() / count),
             ]
             if draw:
                 title = f"patterns/{n}: gates on the probe batch, step {batch.step}"
@@ -254,6 +268,15 @@ class Patterns(Probe):
             save_gates(snapshot_path(self.directory, batch.step), gates, batch.step,
                        labels=batch.y if isinstance(batch.y, torch.Tensor) else None)
         return records
+
+    def _real(self, mask: torch.Tensor | None, gate: torch.Tensor) -> torch.Tensor | None:
+        """``mask`` shaped to broadcast over ``gate`` when the gate has a value per position ``(P, T, ...)`` with its
+        units after the positions; None otherwise (no mask, or a site without positions)."""
+        if mask is None or gate.ndim < 3 or tuple(gate.shape[:2]) != tuple(mask.shape):
+            return None
+        if _unit_dim(gate.ndim, self.unit_dim) < 2:
+            return None
+        return mask.to(gate.device).reshape(*mask.shape, *(1,) * (gate.ndim - 2))
 
     def _unpack(self, store: dict[str, torch.Tensor], name: str, like: torch.Tensor) -> torch.Tensor:
         """A kept snapshot as booleans on the device of ``like`` (a checkpoint from elsewhere, a moved model)."""
