@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import io
+import os
 import textwrap
 import threading
 from collections.abc import Iterator, Sequence
@@ -44,6 +45,18 @@ LINE = 17
 CHAR = 7.6
 
 _LOCK = threading.RLock()
+
+
+def _after_fork_in_child() -> None:
+    """A forked process (the TensorBoard sink's drawing process, a data loader's worker) starts with a free
+    drawing lock and no kept figures: another thread may have held the one or been drawing into the others."""
+    global _LOCK
+    _LOCK = threading.RLock()
+    _KEPT.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 @contextlib.contextmanager

@@ -156,6 +156,41 @@ def test_draw_in_process_draws_in_another_process_and_shares_the_pixels(tmp_path
         TensorBoardSink(logdir=str(tmp_path / "x"), draw_in="gpu")
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a forked drawing process: Linux")
+def test_the_drawing_process_starts_with_a_free_lock_while_a_thread_draws(tmp_path, monkeypatch):
+    import probes.sinks.tensorboard as tbm
+
+    monkeypatch.setattr(tbm, "_POOL", None)  # a new process, forked below
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with figures._LOCK:  # another thread of the training process is drawing when the sink forks
+            held.set()
+            release.wait(60)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert held.wait(60)
+    sink = TensorBoardSink(logdir=str(tmp_path), draw_in="process")
+    plot = Drawing(figures.line_plot, [("a", [0, 1], [0, 1])], title="t", xlabel="x", ylabel="y")
+    sink.write([Image("p/img", plot)], 0)
+    flusher = threading.Thread(target=sink.flush)
+    flusher.start()
+    flusher.join(timeout=60)
+    done = not flusher.is_alive()
+    release.set()
+    holder.join()
+    pool = tbm._POOL
+    if not done:  # the process hangs on the copied lock: end it so that the test fails instead of hanging
+        for process in list(pool._processes.values()):
+            process.kill()
+    flusher.join()
+    sink.close()
+    pool.shutdown()
+    assert done  # drawn in the process although the lock was held here at the fork
+    assert [e.step for e in _events(tmp_path)["images"]["p/img"]] == [0]
+
+
 def test_memory_sink_draws_a_deferred_image_only_when_read():
     calls = []
     sink = MemorySink()
