@@ -46,14 +46,29 @@ probe batch (the same draws, cast exactly), because ``L_gen`` is a second differ
 would swamp, and ``identity_error`` would then measure rounding instead of the identity. For a float32 model
 the first measurement logs this choice once (INFO on the ``probes.linear_region`` logger; a float64 model logs
 that everything runs in float64). What remains in float64 dominates the cost: four forwards and the two
-forward-mode ``jvp`` of the identity check. Measured on a small CIFAR-style ResNet (stem + 4 BasicBlocks with
-BatchNorm and empty-``Sequential`` shortcuts, P = 64 inputs 3 x 16 x 16, one CPU thread, median of 3 interleaved
-rounds): 2.01 s per measurement with ``"auto"``, 2.22 s in float64 throughout, 0.65 s in float32 throughout.
-``dtype=None`` keeps the model's dtype throughout (cheapest; ``l_gen`` and ``identity_error`` then sit at its
-rounding level), ``dtype="float64"`` (or any floating dtype) uses that dtype throughout.
+forward-mode ``jvp`` of the identity check (on a small CIFAR-style ResNet ``"auto"`` costs about as much as
+float64 throughout, and about three times float32 throughout). ``dtype=None`` keeps the model's dtype throughout
+(cheapest; ``l_gen`` and ``identity_error`` then sit at its rounding level), ``dtype="float64"`` (or any floating
+dtype) uses that dtype throughout.
+
+Default sizes (``eps="auto"``, ``delta="auto"``): the sizes are relative already (to each sample's norm, to each
+tensor's norm), so the scale of the inputs does not matter; what does is the number of gates. A relative change
+``s`` moves every pre-activation by about ``s`` of its size, so each of the ``G`` pattern entries of a sample (gate
+bits, both kinks of ReLU6 / Hardtanh, pooling indices: summed over the sites, per sample) flips with a probability
+of order ``s``, and a sample flips somewhere once ``s G`` nears 1: a CNN with 25,000 gates per image flips every
+sample at 1e-3 (``flip_fraction`` 1, ``l_gen`` NaN). Under ``"auto"`` the sizes are ``(b, 10 b, 100 b)`` with
+
+    b = 10 ** -max(3, k),   k the least integer with 10 ** k >= G,
+
+the largest power of ten at most ``1e-3`` and at most ``1 / G``: the expected number of flipped entries per sample
+at the smallest size stays below one (about ``0.4 b G``), so the per-size fractions rise from well below 1 and the
+joint perturbation keeps some samples' gates. A net with at most 1,000 pattern entries per sample gets
+``(1e-3, 1e-2, 1e-1)``, the sizes of earlier versions; ``G`` is read from the probe pass at each measurement (the
+same for a fixed model and probe batch, so the tags stay the same). ``L_gen`` is of size ``~ eps delta |f|``, so at
+the smallest sizes float64 resolves it to about ``u / (eps delta)`` relative (1e-6 at ``b = 1e-5``).
 
 Options (checked when the probe is made; a bad type is a ``TypeError``, a bad value a ``ValueError``, both naming
-the probe and the option): ``eps`` (a positive finite number or a non-empty sequence of them; 1e-3, 1e-2, 1e-1),
+the probe and the option): ``eps`` (``"auto"``, a positive finite number or a non-empty sequence of them),
 ``delta`` (the same), ``seed`` (a non-negative int, 0), ``dtype`` (``"auto"``, None or a floating dtype or its
 name), ``max_samples`` (None: the whole probe batch, or a positive int), ``allow`` (an ``nn.Module`` subclass or a
 sequence of them: extra module types known to be piecewise linear).
@@ -91,6 +106,24 @@ from probes.probe import Context, Probe, ProbeBatch, Site
 from probes.records import Chart, Record, Scalar
 
 log = logging.getLogger("probes.linear_region")
+
+#: ``eps="auto"`` / ``delta="auto"``: the sizes scaled to the model's gates (``auto_sizes``)
+AUTO = "auto"
+
+
+def auto_sizes(gates: int) -> tuple[float, ...]:
+    """The default perturbation sizes for a net with ``gates`` pattern entries per sample: ``(b, 10 b, 100 b)``.
+
+    Args:
+        gates: pattern entries per sample (gate bits, both kinks of ReLU6 / Hardtanh, pooling indices), all sites.
+
+    Returns:
+        ``(b, 10 b, 100 b)`` with ``b = 10 ** -max(3, k)``, ``k`` the least integer with ``10 ** k >= gates``: the
+        largest power of ten at most ``1e-3`` and at most ``1 / gates``.
+    """
+    k = len(str(int(gates) - 1)) if gates > 1 else 0
+    e = max(3, k)
+    return tuple(float(f"1e-{e - i}") for i in range(3))
 
 #: the dtype of the joint perturbation (L_gen, A'x', the identity check) under ``dtype="auto"``
 EXACT_DTYPE = torch.float64
@@ -154,11 +187,12 @@ class LinearRegion(Probe):
     needs_probe_data = True
     site_types = MAX_POOLS  # the argmax of max pooling is part of a sample's linear region
 
-    def __init__(self, eps: Sequence[float] | float = (1e-3, 1e-2, 1e-1),
-                 delta: Sequence[float] | float = (1e-3, 1e-2, 1e-1), seed: int = 0, dtype: Any = "auto",
-                 max_samples: int | None = None, allow: tuple[type[nn.Module], ...] = ()) -> None:
-        self.eps = options.sizes("linear_region", "eps", eps)
-        self.delta = options.sizes("linear_region", "delta", delta)
+    def __init__(self, eps: Sequence[float] | float | str = AUTO, delta: Sequence[float] | float | str = AUTO,
+                 seed: int = 0, dtype: Any = "auto", max_samples: int | None = None,
+                 allow: tuple[type[nn.Module], ...] = ()) -> None:
+        self.eps = AUTO if isinstance(eps, str) and eps == AUTO else options.sizes("linear_region", "eps", eps)
+        self.delta = AUTO if isinstance(delta, str) and delta == AUTO else options.sizes("linear_region", "delta",
+                                                                                          delta)
         self.seed = options.integer("linear_region", "seed", seed, minimum=0, maximum=2 ** 63 - 1,
                                     what="a non-negative int below 2**63")
         self.dtype = options.floating_dtype("linear_region", "dtype", dtype, keywords=("auto", None))
@@ -253,10 +287,13 @@ class LinearRegion(Probe):
             return region_patterns(batch, inputs, params, self.site_types)
 
         f_x_p, pat_x_p = patterns(x, state)
+        gates = sum(p[0].numel() for p in pat_x_p.values())
+        eps_sizes = auto_sizes(gates) if self.eps == AUTO else self.eps
+        delta_sizes = auto_sizes(gates) if self.delta == AUTO else self.delta
         records: list[Record] = []
         first_x = first_state = None
         f_xs_p = pat_xs_p = f_x_ps = pat_x_ps = None
-        for eps in self.eps:
+        for eps in eps_sizes:
             xp = perturb_inputs(x, eps, g)
             f, pat = patterns(x + xp, state)
             records += [Scalar(f"linear_region/flip_fraction_eps_{eps:g}",
@@ -264,7 +301,7 @@ class LinearRegion(Probe):
                         Scalar(f"linear_region/gate_flip_rate_eps_{eps:g}", flip_rate(pat_x_p, pat))]
             if first_x is None:
                 first_x, f_xs_p, pat_xs_p = xp, f, pat
-        for delta in self.delta:
+        for delta in delta_sizes:
             sp = perturb_params(state, names, delta, g)
             f, pat = patterns(x, sp)
             records += [Scalar(f"linear_region/flip_fraction_delta_{delta:g}",
