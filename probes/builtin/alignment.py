@@ -253,18 +253,19 @@ class Alignment(Probe):
                 f"{y.shape[1]} positions of the token labels {tuple(y.shape)}, so they cannot pair with a label per "
                 "position; leave it out with sites=[...] (the sites with a value per position)")
 
-    def _check_per_class(self, classes: torch.Tensor | None) -> None:
+    def _check_per_class(self, classes: torch.Tensor | None, tokens: bool) -> None:
         """Once per probe: a notice when the samples (or kept positions) number fewer than twice the classes."""
         if self._per_class_checked or classes is None:
             return
         self._per_class_checked = True
         n, k = int(classes.numel()), int(torch.unique(classes).numel())
         if k > 2 and n < 2 * k:
+            what = "labelled positions (the samples of token labels)" if tokens else "samples"
             warnings.warn(
-                f"alignment: the probe batch has {n} samples in {k} classes, fewer than two per class: centered, "
-                "the label kernel Y Y^T is then close to the identity, and almost any features align with it (CKA "
-                f"near 1 whatever the layer learnt); use a larger probe batch, at least {2 * k} samples (two or more "
-                "per class)", ProbesNoticeWarning, stacklevel=3)
+                f"alignment: the probe batch has {n} {what} in {k} classes, fewer than two per class: centered, "
+                "the label kernel Y Y^T is then close to the identity, and almost any features align with it (the "
+                "value does not depend on which sample has which label); use a larger probe batch, at least "
+                f"{2 * k} {what} (two or more per class)", ProbesNoticeWarning, stacklevel=3)
 
     def _rows(self, site: str, f: torch.Tensor, batch: ProbeBatch, index: torch.Tensor | None
               ) -> torch.Tensor | None:
@@ -327,7 +328,7 @@ class Alignment(Probe):
         index, Y, classes = self._labels(batch)
         if index is None and Y.shape[0] != P:
             raise ValueError(f"alignment: {Y.shape[0]} labels for a probe batch of {P} samples")
-        self._check_per_class(classes)
+        self._check_per_class(classes, index is not None)
         label_parts: dict[torch.device, Prepared] = {}  # centered labels on each device that holds a site
         values: list[torch.Tensor] = []
         kept: list[str] = []
