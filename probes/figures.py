@@ -229,6 +229,10 @@ def pixels(fig: Any, colors: int = 256) -> np.ndarray:
     return _buffer(fig, colors)
 
 
+#: the last colour-reduced pixels and their palette image, which ``encode_png`` writes as they are
+_LAST_PALETTE: list[Any] = [None, None]
+
+
 def _buffer(fig: Any, colors: int = 256) -> np.ndarray:
     from PIL import Image as PILImage
 
@@ -236,8 +240,9 @@ def _buffer(fig: Any, colors: int = 256) -> np.ndarray:
     if colors:
         im = PILImage.fromarray(rgb)
         if im.getcolors(colors) is None:
-            im = im.quantize(colors, method=PILImage.Quantize.FASTOCTREE, dither=PILImage.Dither.NONE).convert("RGB")
-            rgb = np.asarray(im).copy()
+            paletted = im.quantize(colors, method=PILImage.Quantize.FASTOCTREE, dither=PILImage.Dither.NONE)
+            rgb = np.asarray(paletted.convert("RGB")).copy()
+            _LAST_PALETTE[:] = [rgb, paletted]  # these pixels exactly, as a palette image
     return rgb
 
 
@@ -301,6 +306,11 @@ def encode_png(pixels: np.ndarray) -> bytes:
     """
     from PIL import Image as PILImage
 
+    last, paletted = _LAST_PALETTE
+    if last is not None and last is pixels:  # just reduced by ``pixels``: its palette image is these pixels
+        buf = io.BytesIO()
+        paletted.save(buf, format="PNG", compress_level=3)
+        return buf.getvalue()
     p = np.ascontiguousarray(pixels, dtype=np.uint8)
     if p.ndim == 2:
         p = np.stack([p] * 3, axis=-1)
