@@ -405,3 +405,16 @@ def test_the_benchmark_smoke_run(tmp_path):
     for section in ("1. cost per image", "2. probes demo training time", "3. ResNet-18", "4. acceptance"):
         assert section in out.stdout
     assert "same scalars with and without images: True" in out.stdout and "(all)" in out.stdout
+
+
+@pytest.mark.parametrize("kind", ["spectrum", "gates", "matrix", "particles"])
+def test_a_figure_is_written_losslessly_as_its_palette_image(kind):
+    import io
+
+    from PIL import Image as PILImage
+
+    for draw in _kinds()[kind]:
+        pixels = draw()
+        back = PILImage.open(io.BytesIO(figures.encode_png(pixels)))
+        assert back.mode == "P"  # a palette PNG
+        np.testing.assert_array_equal(np.asarray(back.convert("RGB")), pixels)
