@@ -20,6 +20,7 @@ import probes
 from probes.builtin.alignment import Alignment
 from probes.builtin.margin import Margin
 from probes.engine.failures import ProbesNoticeWarning
+from probes.functional.labels import label_matrix
 
 transformers = pytest.importorskip("transformers")
 
@@ -167,6 +168,9 @@ def test_what_cannot_work_names_the_option() -> None:
     only_first[:, 0] = 1
     with pytest.raises(ValueError, match="label_shift"):
         probes.attach(model, ["margin"], probe_data=(x, only_first), label_shift=1)
+    # a probe that needs one label per sample says which probes take token labels
+    with pytest.raises(ValueError, match=r"ntk: integer labels must be one class index.*alignment and margin only"):
+        label_matrix(labels, who="ntk")
     with pytest.raises(ValueError, match="positions"):
         Alignment(positions="first")
     with pytest.raises(TypeError, match="positions"):

@@ -61,6 +61,8 @@ def _groups(y: torch.Tensor | None, P: int) -> tuple[torch.Tensor, list[int], li
     if y is None or not isinstance(y, torch.Tensor) or y.shape[0] != P:
         return torch.arange(P), [], []
     key = y.detach().cpu()
+    if key.ndim == 2 and not key.is_floating_point():  # token labels (P, T): no one label per sample to group by
+        return torch.arange(P), [], []
     if key.ndim > 1:
         key = key.reshape(P, -1)
         key = key.argmax(dim=1) if key.shape[1] > 1 else key[:, 0]

@@ -37,7 +37,11 @@ def label_matrix(y: torch.Tensor, num_classes: int | None = None, who: str = "la
     if y.dtype == torch.bool:
         y = y.long()
     if y.ndim != 1:
-        raise ValueError(f"{who}: integer labels must be one class index per sample, got shape {tuple(y.shape)}")
+        tokens = "" if y.ndim != 2 else ("; token labels (P, T) give one sample per position to alignment and "
+                                         "margin only (their option positions=): leave this probe out, or pass one "
+                                         "label per sample in probe_data")
+        raise ValueError(f"{who}: integer labels must be one class index per sample, got shape {tuple(y.shape)}"
+                         f"{tokens}")
     values = torch.unique(y)
     if values.numel() <= 2 and num_classes in (None, 1, 2) and values.min() >= 0:
         hi = values.max()
