@@ -4,9 +4,11 @@ For people who want a file to share rather than a server. The event files are re
 TensorBoard's own reader (``EventMultiplexer``, one run per directory that holds event files).
 The page has one section per run: a table of the last value of every scalar; the scalars plotted
 (matplotlib, ``probes.figures``) with one chart per quantity, where the sites of one quantity share one
-chart and so one scale (the grouping of the TensorBoard custom-scalars layout); the final-step shape of
-every histogram; and the first and the latest image of every image tag. Everything (plots, images,
-style) is inlined as base64 data, so the page opens anywhere without the log directory.
+chart and so one scale (the charts of the run's custom-scalars layout: the chart groups the probes declare,
+and one quantity across sites); the final-step shape of every histogram; and the first and the latest image
+of every image tag. A chart of many series draws the few with the largest last values and one band for the
+others; a chart without a finite value says so. All charts are drawn in one kept figure. Everything (plots,
+images, style) is inlined as base64 data, so the page opens anywhere without the log directory.
 """
 
 from __future__ import annotations
