@@ -6,12 +6,17 @@ title, labelled axes and a legend or colour bar where there is more than one ser
 
 Figures are only drawn at a probe's cadence (and, for the images, at its ``image_every``; see
 ``ImageCadence``), and a probe hands them to the sinks as a ``probes.records.Drawing`` (the function and
-host copies of its arrays), so the TensorBoard sink draws them on its own thread while training goes on.
-They are drawn cheaply: fixed margins in pixels instead of a layout engine (text that would not fit is
-wrapped), no minor ticks on wide log axes, about 560 x 400 pixels at 80 dpi, few colours for the heat maps
-(a quantised colour map), so that one PNG in an event file takes a few tens of KB. Drawing holds one lock
-(``style()``): matplotlib's settings are global. matplotlib is imported on the first figure, not when
-``probes`` is imported.
+host copies of its arrays), so the TensorBoard sink draws them in its drawing process (or thread) while
+training goes on.
+
+They are drawn cheaply. Each kind keeps one figure per layout (a probe's site: its sizes, groups and labels)
+and updates its artists; the still parts (axes, ticks, labels, legends, colour bars) are drawn once and kept
+as a background while they stay the same, and each image then draws only its data and title over it
+(limits move in steps so that this holds over many measurements). Margins are fixed in pixels instead of a
+layout engine (text that would not fit is wrapped), log axes have no minor ticks over wide ranges and plain
+text tick labels, figures are about 560 x 400 pixels at 80 dpi with few colours, so that one PNG in an event
+file takes a few tens of KB. Drawing holds one lock (``style()``): matplotlib's settings are global.
+matplotlib is imported on the first figure, not when ``probes`` is imported.
 """
 
 from __future__ import annotations
