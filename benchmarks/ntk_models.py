@@ -27,6 +27,7 @@ attributes to operators. Times are medians over rounds; never asserted.
 from __future__ import annotations
 
 import argparse
+import importlib
 import math
 import statistics
 import sys
@@ -180,9 +181,11 @@ def func_ntk(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def measure(name: str, P: int, rounds: int) -> dict[str, float]:
     from _timing import paired_ratios, samples
-    from ntk import peak_memory
 
     from probes.functional.ntk import empirical_ntk, ntk_plan
+
+    # after probes: benchmarks/ntk.py puts this checkout first on the path (PYTHONPATH may name another)
+    peak_memory = importlib.import_module("ntk").peak_memory
 
     model, x = MODELS[name](), inputs(name, P)
     n_params = sum(p.numel() for p in model.parameters())
@@ -222,8 +225,11 @@ def main() -> None:
     cases = a.cases.split(",") if a.cases else (list(MODELS) if a.smoke else ["gpt2", "vit"])
     P = a.P or (4 if a.smoke else 16)
     rounds = a.rounds or (1 if (a.smoke or a.quick) else 3)
+    import probes.functional.ntk as tangent
+
     print(f"NTK of real architectures, one measurement (trace over outputs), torch {torch.__version__}, "
-          f"{torch.get_num_threads()} thread(s); ratios torch.func / probes (above 1: probes is faster or smaller)")
+          f"{torch.get_num_threads()} thread(s); ratios torch.func / probes (above 1: probes is faster or smaller); "
+          f"probes from {Path(tangent.__file__).parents[3]}")
     for name in cases:
         r = measure(name, P, rounds)
         if not math.isfinite(r["err"]) or r["err"] > 1e-8:

@@ -155,6 +155,37 @@ def test_structural_layers_position_tables_and_direct_parameters() -> None:
     assert float((K - ref).abs().max()) <= TOL * float(ref.abs().max())
 
 
+def test_transformers_rms_norms() -> None:
+    pytest.importorskip("transformers")
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    from transformers.models.t5.modeling_t5 import T5LayerNorm
+
+    torch.manual_seed(8)
+    model = nn.Sequential(nn.Linear(4, 6), LlamaRMSNorm(6), nn.Tanh(), nn.Linear(6, 6), T5LayerNorm(6),
+                          nn.Linear(6, 3)).double()
+    with torch.no_grad():
+        model[1].weight.uniform_(0.5, 1.5)
+        model[4].weight.uniform_(0.5, 1.5)
+    x = torch.randn(5, 3, 4, dtype=torch.float64)
+    plan = ntk_plan(model, x)
+    assert plan.fallback == [] and plan.kinds["1"] == "LlamaRMSNorm (w * h(x) + b)"
+    assert plan.kinds["4"] == "T5LayerNorm (w * h(x) + b)"
+    assert_spectrum(empirical_ntk(model, x, plan=plan), ntk_func(model, x))
+
+
+def test_the_probe_measures_the_legacy_spectral_norm_kernel() -> None:
+    import probes
+
+    model = _hooked("spectral_norm")
+    x = torch.randn(8, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+    y = torch.arange(8) % 3
+    ref = ntk_func(model, x)
+    with pytest.warns(UserWarning, match="'2' disagrees with autograd"):
+        s = probes.attach(model, ["ntk"], probe_data=(x, y), strict=True)
+    s.close()
+    assert s.memory.last("ntk/trace") == pytest.approx(float(ref.trace()), rel=1e-10)
+
+
 class IndexedParam(nn.Module):
     """A leading-axis-1 parameter indexed (``p[0]``): one copy per sample would give every sample sample 0's copy."""
 

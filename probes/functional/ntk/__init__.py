@@ -21,21 +21,30 @@ pixels), with a bias as a constant input 1 appended to ``z``::
 Each layer takes the cheaper of the pairwise-position contraction above (``K^2 (n + d)`` per pair of samples)
 and the outer-product one through ``D_i = sum_k g_ik z_ik^T`` (``n d`` per pair); no ``P x n_params`` Jacobian
 of the whole model is formed. Cross terms ``k != k'`` of a layer called several times are summed
-(nngeometry's ``Linear`` handler drops them). Parameters outside these layers (other modules, tied weights,
-parametrizations, use outside the layer's own ``forward``) take per-sample Jacobians from ``torch.func``;
-``ntk_plan`` shows the split and the reason for every parameter left to that fallback. ``ntk_operator`` gives
+(nngeometry's ``Linear`` handler drops them). Beyond torch's own classes, the layerwise path takes modules by
+their structure once their formula is confirmed on the probe inputs (transformers' ``Conv1D``, LayerNorm and
+RMSNorm classes with their own ``forward``, scales), layers called on an input shared by all samples (position
+tables indexed by ``position_ids`` of shape ``(1, T)``), parameters with a leading axis of 1 used directly in a
+``forward`` (a ViT's ``cls_token`` and ``pos_embed``: one copy per sample gives their per-sample gradients), and
+tied weights (the per-sample gradients of each use summed). The other parameters (other modules, use outside
+the layer's own ``forward``, parametrizations) take per-sample Jacobians from ``torch.func``; ``ntk_plan``
+shows the split and the reason for every parameter left to that fallback, and checks itself: each layerwise
+term's per-sample gradient norms against plain autograd on two samples (``verify_plan``), a layer that
+disagrees (a legacy ``spectral_norm`` hook) going to the fallback with a warning. ``ntk_operator`` gives
 ``Theta V`` and the exact diagonal from the same factors without the ``P x P`` kernel, for the Krylov solver
-``probes.functional.spectra.top_eigenvalues``. Speed against ``torch.func``: ``benchmarks/ntk.py``.
+``probes.functional.spectra.top_eigenvalues``. Speed against ``torch.func``: ``benchmarks/ntk.py``,
+``benchmarks/ntk_models.py`` (GPT-2, BERT, a ViT, a ResNet-18).
 
 Samples must not interact (``SampleMixingError``): batch-statistics BatchNorm and active dropout are rejected,
 and sample 0 must give the same output alone and in a batch of two. Nothing here changes the model: no
 ``.grad`` is written, no mode and no parameter is touched.
 
 Modules: ``inputs`` (arguments, outputs, sample independence), ``plan`` (which parameters take which route,
-and why), ``layers`` (the layer formulas), ``terms`` (a layer's kernel term and its two contractions),
-``factors`` (recording the terms of all samples), ``fallback`` (``torch.func`` Jacobians), ``dense``
-(``empirical_ntk``), ``operator`` (``ntk_operator``), ``settings`` (memory budgets and switches; setting one
-on this package sets it there).
+and why), ``layers`` (the layer formulas), ``structural`` (layers recognised by structure, confirmed
+numerically), ``tied`` (tied weights), ``selfcheck`` (``verify_plan``), ``terms`` (a layer's kernel term and its
+two contractions), ``factors`` (recording the terms of all samples), ``fallback`` (``torch.func`` Jacobians),
+``dense`` (``empirical_ntk``), ``operator`` (``ntk_operator``), ``settings`` (memory budgets and switches;
+setting one on this package sets it there).
 """
 
 from __future__ import annotations

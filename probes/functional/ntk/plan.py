@@ -191,6 +191,10 @@ def ntk_plan(model: nn.Module, x: Any, *, fast_path: bool = True, check: bool = 
                     reason = "a module recognised by its structure is confirmed on two samples or more"
                 if reason:
                     plan.reasons[path or "<root>"] = reason
+            for name in direct:
+                plan.reasons[name.rpartition(".")[0] or "<root>"] = (
+                    f"{name} is used in its forward; such a parameter is taken layerwise after a check on two samples "
+                    "or more")
             direct.clear()
     finally:
         for h in handles:

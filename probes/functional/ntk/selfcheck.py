@@ -70,7 +70,7 @@ def verify_plan(model: nn.Module, x: Any, plan: NTKPlan, *, samples: int = 2,
     for k, mine in fast.items():
         mine = mine.cpu()
         err = float((mine - ref[k]).abs().max())
-        if err > eps ** 0.5 * (float(torch.maximum(mine, ref[k]).max()) + eps * total):
+        if err > eps ** 0.5 * (float(torch.maximum(mine, ref[k]).max()) + eps ** 0.5 * total):
             bad[k] = (f"per-sample gradient norms {', '.join(f'{v:.6g}' for v in mine.tolist())} on the layerwise "
                       f"path, {', '.join(f'{v:.6g}' for v in ref[k].tolist())} by autograd")
     return bad
