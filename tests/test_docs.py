@@ -208,9 +208,6 @@ def _all_docstrings() -> dict[str, str]:
 TIMING = re.compile(r"\b(\d+\.\d+\s?(s|sec|seconds)|\d+(\.\d+)?\s?ms|\d+(\.\d+)?x (faster|slower))\b")
 
 
-@pytest.mark.xfail(strict=False, reason="probes/builtin/linear_region.py's module docstring quotes measured "
-                   "timings (2.01 s, 2.22 s, 0.65 s per measurement): they belong in benchmarks/ and the docs' "
-                   "benchmarks page")
 def test_docstrings_quote_no_timings() -> None:
     """Timings belong to the benchmarks page, not to docstrings, where they go stale."""
     offenders = {name: m.group(0).strip() for name, doc in _all_docstrings().items() if (m := TIMING.search(doc))}
