@@ -18,7 +18,7 @@ from probes.engine.measure import ActiveProbes
 from probes.engine.output import Output, check_records
 from probes.engine.passive import PassiveProbes
 from probes.engine.probe_pass import ProbeData, ProbePass, model_placement
-from probes.engine.spec import AUTO, Options, make_sinks, parse_probes, parse_sinks, setup_probes
+from probes.engine.spec import AUTO, Options, declare_charts, make_sinks, parse_probes, parse_sinks, setup_probes
 from probes.probe import Context, Probe
 from probes.sinks.memory import MemorySink
 
@@ -72,6 +72,7 @@ class Session:
             if o.state is not None:
                 self.load_state_dict(o.state)
             self._output.sinks = make_sinks(sink_spec, self.logdir, o.writer)  # files only once all else worked
+            declare_charts(self._output.sinks, self.probes)
         except BaseException:
             self._teardown()
             raise

@@ -18,7 +18,8 @@ from probes.probe import Context, Probe
 from probes.schedules import as_schedule
 from probes.sinks.base import Sink
 
-__all__ = ["parse_probes", "parse_sinks", "make_sinks", "make_probe", "named", "Options", "setup_probes"]
+__all__ = ["parse_probes", "parse_sinks", "make_sinks", "make_probe", "named", "Options", "setup_probes",
+           "declare_charts"]
 
 
 def make_probe(cls: type[Probe], name: str, options: Mapping[str, Any]) -> Probe:
@@ -136,6 +137,13 @@ def make_sinks(spec: list[Any], logdir: str | None, writer: Any) -> list[Sink]:
         else:
             sinks.append(cls())
     return sinks
+
+
+def declare_charts(sinks: list[Sink], probes: dict[str, Probe]) -> None:
+    """Hand every sink the chart groups that the attached probes declare (``Probe.charts``)."""
+    charts = tuple(dict.fromkeys(c for p in probes.values() for c in type(p).charts))
+    for sink in sinks:
+        sink.declare(charts)
 
 
 #: samples per chunk of the probe pass (a laptop holds the activations of this many CIFAR images in a ResNet)
