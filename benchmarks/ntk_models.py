@@ -10,7 +10,9 @@ Models from small configs (random weights, nothing downloaded), float64, in eval
 - ``vit``: a plain-torch ViT as timm writes it (patch 4 on 3 x 32 x 32 images, width 32, 2 blocks, 2 heads,
   10 classes): ``cls_token`` concatenated and ``pos_embed`` added in the model's own ``forward``, a ``LayerNorm``
   subclass that overrides ``forward`` (timm's), a ``LayerScale`` of one parameter;
-- ``resnet``: a ResNet-18 (widths 8-64, BatchNorm in eval mode, 3 x 16 x 16 images, 10 classes).
+- ``resnet``: a ResNet-18 (widths 8-64, BatchNorm in eval mode, 3 x 16 x 16 images, 10 classes);
+- ``vit_tiny`` (on request, several GB for ``torch.func``): the same ViT at timm's ``vit_tiny_patch16_224``
+  widths (192, 12 blocks, 3 heads), 5.4M parameters.
 
 One NTK measurement (``empirical_ntk``, trace over outputs) at P samples: wall time and peak memory of probes
 against ``torch.func`` (``vmap(jacrev)`` per-sample Jacobians of every parameter, then ``J J^T``: the anchor,
@@ -22,6 +24,7 @@ attributes to operators. Times are medians over rounds; never asserted.
     python benchmarks/ntk_models.py --quick    # P = 16, 1 round
     python benchmarks/ntk_models.py --smoke    # P = 4, every model, 1 round (the test suite runs it)
     python benchmarks/ntk_models.py --cases gpt2,vit,bert,resnet --P 16
+    python benchmarks/ntk_models.py --cases vit_tiny --P 8 --rounds 1
 """
 
 from __future__ import annotations
@@ -134,6 +137,11 @@ def vit() -> nn.Module:
     return ViT().double().eval()
 
 
+def vit_tiny() -> nn.Module:
+    """timm's ``vit_tiny_patch16_224`` widths (192, 12 blocks, 3 heads) at 32 px with patch 4: 5.4M parameters."""
+    return ViT(d=192, depth=12, heads=3).double().eval()
+
+
 def resnet() -> nn.Module:
     from _resnet import ResNet18
 
@@ -150,7 +158,8 @@ def resnet() -> nn.Module:
     return model.eval()
 
 
-MODELS = {"gpt2": gpt2, "bert": bert, "vit": vit, "resnet": resnet}
+MODELS = {"gpt2": gpt2, "bert": bert, "vit": vit, "resnet": resnet, "vit_tiny": vit_tiny}
+SMALL = ("gpt2", "bert", "vit", "resnet")
 
 
 def inputs(name: str, P: int, seed: int = 1) -> torch.Tensor:
@@ -222,7 +231,7 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true")
     a = ap.parse_args()
     torch.set_num_threads(1)
-    cases = a.cases.split(",") if a.cases else (list(MODELS) if a.smoke else ["gpt2", "vit"])
+    cases = a.cases.split(",") if a.cases else (list(SMALL) if a.smoke else ["gpt2", "vit"])
     P = a.P or (4 if a.smoke else 16)
     rounds = a.rounds or (1 if (a.smoke or a.quick) else 3)
     import probes.functional.ntk as tangent
