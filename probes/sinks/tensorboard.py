@@ -5,10 +5,12 @@ Shares a user's ``SummaryWriter`` when one is given (and then leaves closing it 
 Images are drawn and encoded off the training thread, fed by a bounded queue (``queue_size`` images): a
 measurement hands over the image (a ``probes.records.Drawing``: the figure function and host copies of its
 arrays) and training goes on; it waits only when the queue is full. The sink's thread takes the images from
-the queue; with ``draw_in="process"`` (the default on Linux) it has them drawn by one worker process, forked
-at the first image and shared by the sinks of the process, so matplotlib never holds the training process's
-interpreter lock (a drawing whose function cannot be sent there, a lambda say, is drawn in the thread);
-``draw_in="thread"`` draws in the thread.
+the queue and draws them (the default, ``draw_in="thread"``: a kept figure costs about 20 ms of the interpreter
+lock per image). With ``draw_in="process"`` it has them drawn by one worker process, forked at the first image
+and shared by the sinks of the process, so matplotlib never holds the training process's interpreter lock (a
+drawing whose function cannot be sent there, a lambda say, is drawn in the thread). The process is opt-in: a
+fork of a process with threads (gloo, data loaders) is fragile, and a training process that ends with
+``os._exit`` (as torchrun workers may) leaves the forked drawer behind.
 ``flush()`` and ``close()`` wait until every queued image is written. An error while drawing is reported
 once, as a ``RuntimeWarning`` at the next write, flush or close (the count of failed images goes to the log at
 close), and costs only that image.
@@ -144,8 +146,8 @@ class TensorBoardSink(Sink):
         writer: a ``SummaryWriter`` (or one with its methods) to share; left open at ``close``.
         layout: write the custom-scalars layout.
         queue_size: images waiting for the drawing thread before a ``write`` waits (0: draw in ``write``).
-        draw_in: ``"process"`` (a forked worker process), ``"thread"`` (the sink's thread), or ``"auto"``:
-            a process where ``fork`` is safe to use (Linux), else the thread.
+        draw_in: ``"thread"`` (the sink's thread; ``"auto"`` means the same) or ``"process"`` (a forked worker
+            process, Linux; opt-in, see the module docstring).
         **writer_options: passed to ``SummaryWriter``.
 
     Raises:
@@ -172,7 +174,7 @@ class TensorBoardSink(Sink):
         self._queue_size = max(0, int(queue_size))
         self._queue: queue.Queue | None = None
         self._thread: threading.Thread | None = None
-        self._process = draw_in == "process" or (draw_in == "auto" and sys.platform.startswith("linux"))
+        self._process = draw_in == "process" and sys.platform.startswith("linux")
         self._pool: Any = None
         self._errors: list[str] = []
         self._reported = False
