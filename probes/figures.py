@@ -53,7 +53,7 @@ _LOCK = threading.RLock()
 
 
 def _after_fork_in_child() -> None:
-    """A forked process (the TensorBoard sink's drawing process, a data loader's worker) starts with a free
+    """A forked process (a data loader's worker that draws, say) starts with a free
     drawing lock and no kept figures: another thread may have held the one or been drawing into the others."""
     global _LOCK
     _LOCK = threading.RLock()

@@ -133,7 +133,7 @@ def _failing_image(value: int) -> np.ndarray:
     raise RuntimeError(f"cannot draw {value}")
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a forked drawing process: Linux")
+@pytest.mark.skipif(os.name != "posix", reason="the drawing process: POSIX")
 def test_draw_in_process_draws_in_another_process_and_shares_the_pixels(tmp_path):
     marks = tmp_path / "marks"
     marks.mkdir()
@@ -156,39 +156,41 @@ def test_draw_in_process_draws_in_another_process_and_shares_the_pixels(tmp_path
         TensorBoardSink(logdir=str(tmp_path / "x"), draw_in="gpu")
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a forked drawing process: Linux")
-def test_the_drawing_process_starts_with_a_free_lock_while_a_thread_draws(tmp_path, monkeypatch):
-    import probes.sinks.tensorboard as tbm
+@pytest.mark.skipif(os.name != "posix", reason="the drawing process: POSIX")
+def test_the_drawing_process_ends_with_a_training_process_that_ends_with_os_exit(tmp_path):
+    """A torchrun worker may end with os._exit: the drawing process must not outlive it (nor hold its pipes)."""
+    import subprocess
+    import time
 
-    monkeypatch.setattr(tbm, "_POOL", None)  # a new process, forked below
-    held, release = threading.Event(), threading.Event()
-
-    def hold() -> None:
-        with figures._LOCK:  # another thread of the training process is drawing when the sink forks
-            held.set()
-            release.wait(60)
-
-    holder = threading.Thread(target=hold)
-    holder.start()
-    assert held.wait(60)
-    sink = TensorBoardSink(logdir=str(tmp_path), draw_in="process")
-    plot = Drawing(figures.line_plot, [("a", [0, 1], [0, 1])], title="t", xlabel="x", ylabel="y")
-    sink.write([Image("p/img", plot)], 0)
-    flusher = threading.Thread(target=sink.flush)
-    flusher.start()
-    flusher.join(timeout=60)
-    done = not flusher.is_alive()
-    release.set()
-    holder.join()
-    pool = tbm._POOL
-    if not done:  # the process hangs on the copied lock: end it so that the test fails instead of hanging
-        for process in list(pool._processes.values()):
-            process.kill()
-    flusher.join()
-    sink.close()
-    pool.shutdown()
-    assert done  # drawn in the process although the lock was held here at the fork
-    assert [e.step for e in _events(tmp_path)["images"]["p/img"]] == [0]
+    script = f"""
+import os, sys
+from probes import figures
+from probes.records import Drawing, Image
+from probes.sinks.tensorboard import TensorBoardSink, _drawing_process
+sink = TensorBoardSink(logdir={str(tmp_path)!r}, draw_in="process")
+sink.write([Image("p/img", Drawing(figures.line_plot, [("a", [0, 1], [0, 1])], title="t", xlabel="x", ylabel="y"))], 0)
+sink.flush()
+print(_drawing_process()._proc.pid, flush=True)
+os._exit(0)
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    drawer = int(out.stdout.split()[-1])
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            os.kill(drawer, 0)
+        except ProcessLookupError:
+            break
+        try:  # reap it if it is our child's orphan that init has not reaped yet
+            os.waitpid(drawer, os.WNOHANG)
+        except ChildProcessError:
+            pass
+        time.sleep(0.1)
+    else:
+        os.kill(drawer, 9)
+        pytest.fail("the drawing process outlived its training process")
+    assert list(tmp_path.glob("events.out.tfevents*"))
 
 
 def test_memory_sink_draws_a_deferred_image_only_when_read():

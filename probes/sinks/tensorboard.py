@@ -5,12 +5,12 @@ Shares a user's ``SummaryWriter`` when one is given (and then leaves closing it 
 Images are drawn and encoded off the training thread, fed by a bounded queue (``queue_size`` images): a
 measurement hands over the image (a ``probes.records.Drawing``: the figure function and host copies of its
 arrays) and training goes on; it waits only when the queue is full. The sink's thread takes the images from
-the queue and draws them (the default, ``draw_in="thread"``: a kept figure costs about 20 ms of the interpreter
-lock per image). With ``draw_in="process"`` it has them drawn by one worker process, forked at the first image
-and shared by the sinks of the process, so matplotlib never holds the training process's interpreter lock (a
-drawing whose function cannot be sent there, a lambda say, is drawn in the thread). The process is opt-in: a
-fork of a process with threads (gloo, data loaders) is fragile, and a training process that ends with
-``os._exit`` (as torchrun workers may) leaves the forked drawer behind.
+the queue; with ``draw_in="process"`` (the default, ``"auto"``, on POSIX systems) it has them drawn by one
+drawing process (``probes.sinks.drawer``: a fresh interpreter started with ``subprocess``, never a fork of the
+training process, ending when this process ends) shared by the sinks of the process, so matplotlib never holds
+the training process's interpreter lock; a drawing whose function cannot be named there (a lambda, say) is drawn
+in the thread, and ``draw_in="thread"`` draws every image in the thread (about 20 ms of the interpreter lock
+per image of a kept figure).
 ``flush()`` and ``close()`` wait until every queued image is written. An error while drawing is reported
 once, as a ``RuntimeWarning`` at the next write, flush or close (the count of failed images goes to the log at
 close), and costs only that image.
@@ -28,15 +28,12 @@ chart appears (TensorBoard shows the latest one), so a run has its layout after 
 from __future__ import annotations
 
 import logging
-import multiprocessing
+import os
 import queue
 import re
-import sys
 import threading
 import warnings
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 import numpy as np
@@ -44,6 +41,7 @@ import numpy as np
 from probes.figures import encode_png
 from probes.records import Chart, Histogram, Image, Record, Scalar
 from probes.sinks.base import Sink
+from probes.sinks.drawer import Drawer, DrawerStopped, NotDrawable
 
 log = logging.getLogger("probes")
 
@@ -51,43 +49,32 @@ log = logging.getLogger("probes")
 QUEUE_SIZE = 16
 
 
-_POOL: ProcessPoolExecutor | None = None
-_POOL_LOCK = threading.Lock()
+_DRAWER: Drawer | None = None
+_DRAWER_LOCK = threading.Lock()
 
 
-def _drawing_pool() -> ProcessPoolExecutor | None:
-    """The drawing process that every TensorBoard sink of this process shares (forked at the first image of the
-    first sink, from the calling thread, and warmed up: matplotlib imported there), or None where that fails."""
-    global _POOL
-    with _POOL_LOCK:
-        if _POOL is not None:
-            return _POOL
+def _drawing_process() -> Drawer | None:
+    """The drawing process that every TensorBoard sink of this process shares (started at the first image of the
+    first sink; it imports matplotlib while training goes on), or None where it cannot start."""
+    global _DRAWER
+    with _DRAWER_LOCK:
+        if _DRAWER is not None and _DRAWER.alive:
+            return _DRAWER
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", DeprecationWarning)  # Python >= 3.12: fork of a process with threads
-                pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("fork"))
-                pool.submit(int).result()  # fork here, not later from a drawing thread
-            pool.submit(_warm_up)  # matplotlib's import and fonts, while training goes on
-            _POOL = pool
-        except Exception as exc:  # noqa: BLE001 - no process: the thread draws
-            log.warning("tensorboard sink: no drawing process (%r); images are drawn in a thread", exc)
-        return _POOL
+            _DRAWER = Drawer()
+        except DrawerStopped as exc:
+            log.warning("tensorboard sink: no drawing process (%s); images are drawn in a thread", exc)
+            _DRAWER = None
+        return _DRAWER
 
 
-def _drop_pool(pool: ProcessPoolExecutor) -> None:
-    """Forget a drawing process that stopped (the next image forks a new one)."""
-    global _POOL
-    with _POOL_LOCK:
-        if _POOL is pool:
-            _POOL = None
-    pool.shutdown(wait=False)
-
-
-def _warm_up() -> None:
-    from probes import figures
-
-    with figures.style():
-        figures.new_figure(8, 8)
+def _drop_drawer(drawer: Drawer) -> None:
+    """Forget a drawing process that stopped (the next sink starts a new one)."""
+    global _DRAWER
+    with _DRAWER_LOCK:
+        if _DRAWER is drawer:
+            _DRAWER = None
+    drawer.shutdown()
 
 
 def _sendable(draw: Callable[..., Any]) -> bool:
@@ -146,8 +133,8 @@ class TensorBoardSink(Sink):
         writer: a ``SummaryWriter`` (or one with its methods) to share; left open at ``close``.
         layout: write the custom-scalars layout.
         queue_size: images waiting for the drawing thread before a ``write`` waits (0: draw in ``write``).
-        draw_in: ``"thread"`` (the sink's thread; ``"auto"`` means the same) or ``"process"`` (a forked worker
-            process, Linux; opt-in, see the module docstring).
+        draw_in: ``"process"`` (the shared drawing process), ``"thread"`` (the sink's thread), or ``"auto"``:
+            the process on POSIX systems, else the thread.
         **writer_options: passed to ``SummaryWriter``.
 
     Raises:
@@ -174,7 +161,7 @@ class TensorBoardSink(Sink):
         self._queue_size = max(0, int(queue_size))
         self._queue: queue.Queue | None = None
         self._thread: threading.Thread | None = None
-        self._process = draw_in == "process" and sys.platform.startswith("linux")
+        self._process = draw_in == "process" or (draw_in == "auto" and os.name == "posix")
         self._pool: Any = None
         self._errors: list[str] = []
         self._reported = False
@@ -231,7 +218,7 @@ class TensorBoardSink(Sink):
             return
         if self._thread is None or not self._thread.is_alive():
             if self._process and self._pool is None:
-                self._pool = _drawing_pool()
+                self._pool = _drawing_process()
             self._queue = queue.Queue(maxsize=self._queue_size)
             self._thread = threading.Thread(target=self._drain, name="probes-tensorboard-images", daemon=True)
             self._thread.start()
@@ -254,9 +241,12 @@ class TensorBoardSink(Sink):
             if drawing is not None and self._pool is not None and _sendable(drawing.draw):
                 try:
                     pixels, png = self._pool.submit(_draw_png, drawing.draw, drawing.args, drawing.kwargs).result()
-                except BrokenProcessPool:  # the worker died: this sink's thread draws from now on
+                except NotDrawable:  # a function that process cannot load: drawn here
+                    self._write_image(image.tag, image.as_uint8(), image.step)
+                    return
+                except DrawerStopped:  # the process ended: this sink's thread draws from now on
                     log.warning("tensorboard sink: the drawing process stopped; images are drawn in a thread now")
-                    _drop_pool(self._pool)
+                    _drop_drawer(self._pool)
                     self._pool = None
                     self._write_image(image.tag, image.as_uint8(), image.step)
                     return
