@@ -119,3 +119,12 @@ def test_norm_stats_batch_measures_with_batch_statistics_and_leaves_the_running_
     assert seen["training"] is False  # eval mode all the same: dropout and the like stay off
     with pytest.raises(ValueError, match="norm_stats"):
         probes.attach(model, ["patterns"], probe_data=x, norm_stats="train")
+
+
+def test_a_fresh_batch_norm_model_gets_no_notice_before_its_statistics_are_estimated():
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(6, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 5))
+    x = torch.randn(40, 6) * 5 + 20  # far from the default running statistics (mean 0, variance 1)
+    s, notices = attach_quietly(model, {"patterns": {"every": 1}}, probe_data=x)
+    s.close()
+    assert not any("norm_stats" in m for m in notices)

@@ -47,7 +47,7 @@ class ActiveProbes:
         #: ``attach(model, "auto")``: called with ``(name, error)`` for a probe whose first measurement or validation
         #: raised, instead of raising (the probe is left out)
         self.on_attach_error: Callable[[str, Exception], None] | None = None
-        self._norms_checked = False
+        self._norms_checked, self._passes = False, 0
 
     def measure(self, names: list[str], step: int, at_attach: bool = False) -> None:
         """Measure ``names`` (those not switched off) at ``step``. ``at_attach``: the first measurement, whose
@@ -151,8 +151,10 @@ class ActiveProbes:
                 self.cadence.charge(name, shared + now() - t0)
 
     def _check_norms(self, x: Any, output: torch.Tensor | None, step: int) -> None:
-        """Once a measurement finds the eval-mode predictions far from those with batch statistics, say so (once)."""
-        if self._norms_checked:
+        """When a measurement finds the eval-mode predictions far from those with batch statistics, say so (once).
+        Checked at the 1st, 2nd, 4th, 8th, ... measurement: one more forward of the probe batch each time."""
+        self._passes += 1
+        if self._norms_checked or self._passes & (self._passes - 1):
             return
         gap = self.probe_pass.disagreement(x, output)
         if gap is None:

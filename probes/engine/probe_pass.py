@@ -227,9 +227,11 @@ class ProbePass:
     def disagreement(self, x: Any, output: torch.Tensor) -> float | None:
         """How far the eval-mode output (running statistics) is from the output with batch statistics: the fraction
         of samples whose predicted class differs (or the relative distance of the outputs when there are no classes);
-        None without norm layers that keep running statistics."""
+        None without norm layers that keep running statistics, 0 while they have seen no batch."""
         if not self.norms or self.norm_stats != "running" or output is None:
             return None
+        if all(m.num_batches_tracked is not None and int(m.num_batches_tracked) == 0 for m in self.norms):
+            return 0.0  # running statistics not estimated yet (a fresh model): nothing to compare with
         with self.batch_statistics():
             other = self.run(x).output
         if output.ndim == 2 and output.shape[1] > 1:
