@@ -342,6 +342,8 @@ def test_probe_topk_route_and_options() -> None:
         assert topk["ntk/spectrum"].pixels.ndim == 3  # an image of the top eigenvalues, now and at the start
     assert not NTK().uses_topk(40) and NTK().uses_topk(10_000)
     for bad, match in (({"spectrum": "some"}, "spectrum"), ({"spectrum": "topk", "top_k": 0}, "top_k"),
-                       ({"memory_budget": 0}, "memory_budget"), ({"memory_budget": "1GB"}, "memory_budget")):
+                       ({"memory_budget": 0}, "memory_budget")):
         with pytest.raises(ValueError, match=f"ntk: .*{match}"):
             NTK(**bad)
+    with pytest.raises(TypeError, match="ntk: .*memory_budget"):  # a string where a number is expected
+        NTK(memory_budget="1GB")

@@ -42,6 +42,10 @@ Default cadence: every 1000 steps (the kernel costs about ``P^2`` times the laye
 
 from __future__ import annotations
 
+import logging
+import math
+import time
+import warnings
 from typing import Any
 
 import numpy as np
@@ -53,6 +57,7 @@ from probes.figures import ImageCadence, spectrum_figure
 from probes.functional.alignment import DegenerateKernelError
 from probes.functional.labels import label_matrix
 from probes.functional.ntk import MODES, REDUCTIONS, NTKPlan, empirical_ntk, ntk_operator, ntk_plan, trace_over_outputs
+from probes.functional.ntk.outputs import SelectedOutput, gaussian_sketch, last_positions
 from probes.functional.spectra import effective_rank_bounds, kernel_distance, label_alignment, spectrum, top_eigenvalues
 from probes.probe import Context, Probe, ProbeBatch
 from probes.records import Chart, Drawing, Histogram, Image, Record, Scalar
@@ -61,6 +66,21 @@ from probes.records import Chart, Drawing, Histogram, Image, Record, Scalar
 SPECTRA = ("full", "topk", "auto")
 #: default ``memory_budget`` (bytes) of the "full" route: about four n x n float64 matrices
 MEMORY_BUDGET = 2 << 30
+#: ``positions`` option: which positions of a (P, T, ...) output the kernel covers
+POSITIONS = ("last", "all")
+#: default ``max_cost``: entries of the Jacobian ``J``, P x outputs x trainable parameters
+MAX_COST = 1e10
+#: a measurement longer than this (seconds) is said once, with the options that shorten it
+SLOW_SECONDS = 10.0
+
+log = logging.getLogger("probes")
+
+
+def _notice(message: str) -> None:
+    from probes.engine.failures import ProbesNoticeWarning
+
+    log.warning(message)
+    warnings.warn(message, ProbesNoticeWarning, stacklevel=3)
 
 
 class NTK(Probe):
@@ -77,7 +97,8 @@ class NTK(Probe):
 
     def __init__(self, mode: str = "trace", reduction: str = "sum", top_k: int = 5, bins: int = 64,
                  chunk_size: int | None = None, image: bool = True, image_every: int | None = None,
-                 spectrum: str = "auto", memory_budget: int | float = MEMORY_BUDGET) -> None:
+                 spectrum: str = "auto", memory_budget: int | float = MEMORY_BUDGET, positions: str = "last",
+                 outputs: int | None = None, seed: int = 0, max_cost: int | float | None = MAX_COST) -> None:
         self.mode = options.choice("ntk", "mode", mode, MODES)
         self.reduction = options.choice("ntk", "reduction", reduction, REDUCTIONS)
         if mode == "full" and reduction != "sum":
@@ -92,6 +113,14 @@ class NTK(Probe):
         self.memory_budget = options.number("ntk", "memory_budget", memory_budget, positive=True,
                                             what="a positive number of bytes")
         self.chunk_size = options.integer("ntk", "chunk_size", chunk_size, minimum=1, optional=True)
+        self.positions = options.choice("ntk", "positions", positions, POSITIONS)
+        self.outputs = options.integer("ntk", "outputs", outputs, minimum=1, optional=True)
+        self.seed = options.integer("ntk", "seed", seed, minimum=0, maximum=2 ** 63 - 1)
+        self.max_cost = options.number("ntk", "max_cost", max_cost, positive=True, optional=True,
+                                       what="a positive number of Jacobian entries (P x outputs x parameters), "
+                                            "or None")
+        self._sketch: torch.Tensor | None = None
+        self._said: set[str] = set()
         self.image = options.flag("ntk", "image", image)
         self.image_cadence = ImageCadence("ntk", image_every)
         declare_image_state(self)
@@ -117,11 +146,82 @@ class NTK(Probe):
         layers that mix samples (without computing any kernel)."""
         if batch.y is not None and isinstance(batch.output, torch.Tensor):
             batch.targets("ntk")
+        model, args = self.kernel_model(batch)
+        plan = ntk_plan(model, tuple(a[:2] for a in args), who="ntk")
+        self.check_cost(batch.size, plan.outputs, model)
+
+    def kernel_model(self, batch: ProbeBatch) -> tuple[torch.nn.Module, tuple[torch.Tensor, ...]]:
+        """``(module, args)`` whose output is what the kernel covers: the probes' output, at the last kept position
+        of each sample when it has more than 2 dimensions and ``positions="last"`` (the last True of ``batch.mask``,
+        else the last position; said once), projected on the ``outputs`` sketch when given.
+
+        Args:
+            batch: the probe batch.
+
+        Returns:
+            The module (the model's parameters, shared) and its positional arguments.
+        """
         model, args = batch.positional()
-        ntk_plan(model, tuple(a[:2] for a in args), who="ntk")
+        out = batch.output
+        position = self.positions == "last" and isinstance(out, torch.Tensor) and out.ndim > 2
+        if position:
+            P, T = int(out.shape[0]), int(out.shape[1])
+            masked = batch.mask is not None and tuple(batch.mask.shape) == (P, T)
+            args = args + (last_positions(batch.mask if masked else None, P, T, args[0].device),)
+            if "position" not in self._said:
+                self._said.add("position")
+                _notice(f"ntk: the output has shape {tuple(out.shape)} (samples, positions, ...): the kernel covers "
+                        f"the outputs at the {'last kept (attention mask)' if masked else 'last'} position of each "
+                        f"sample only ({math.prod(out.shape[2:])} outputs, not {math.prod(out.shape[1:])}); "
+                        "positions='all' covers every position, outputs=k sketches the outputs")
+        if self.outputs is not None and isinstance(out, torch.Tensor):
+            C = math.prod(out.shape[2:] if position else out.shape[1:])
+            if self._sketch is None or self._sketch.shape[0] != C:
+                self._sketch = gaussian_sketch(C, self.outputs, self.seed)
+        if position or self.outputs is not None:
+            model = SelectedOutput(model, position=position, sketch=self._sketch if self.outputs else None)
+        return model, args
+
+    def check_cost(self, P: int, outputs: int, model: torch.nn.Module) -> float:
+        """The cost of one measurement, ``P x outputs x trainable parameters`` (entries of the Jacobian ``J``: one
+        backward pass per output, and at most 8 bytes each of float64 per-sample factors), against ``max_cost``.
+
+        Args:
+            P: probe samples.
+            outputs: outputs per sample the kernel covers.
+            model: the module whose trainable parameters enter ``J``.
+
+        Returns:
+            The cost.
+
+        Raises:
+            ValueError: the cost is above ``max_cost``; the message names the options that lower it.
+        """
+        n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        cost = float(P) * outputs * n
+        if self.max_cost is not None and cost > self.max_cost:
+            k = max(1, int(self.max_cost // max(1, P * n)))
+            raise ValueError(
+                f"ntk: one measurement costs {cost:.3g} Jacobian entries (P={P} samples x {outputs} outputs x {n:,} "
+                f"parameters; up to {8 * cost / 2 ** 30:.3g} GiB of float64 per-sample factors), above "
+                f"max_cost={self.max_cost:.3g}; lower it with outputs=k (a Gaussian sketch of the outputs, "
+                f"k={k} fits), positions='last' for a sequence output, a smaller probe batch (probe_data), "
+                f"output= (fewer outputs), or raise max_cost (None: no limit)")
+        return cost
 
     def measure(self, batch: ProbeBatch) -> list[Record]:
-        model, args = batch.positional()  # model(*args) is the output tensor (dict inputs, selected outputs)
+        t0 = time.monotonic()
+        records = self._measure(batch)
+        seconds = time.monotonic() - t0
+        if seconds > SLOW_SECONDS and "slow" not in self._said:
+            self._said.add("slow")
+            _notice(f"ntk: one measurement took {seconds:.0f} s (progress: logging.getLogger('probes') at INFO); "
+                    "outputs=k (a sketch of the outputs), a smaller probe batch or a longer cadence (every=) "
+                    "make it cheaper")
+        return records
+
+    def _measure(self, batch: ProbeBatch) -> list[Record]:
+        model, args = self.kernel_model(batch)  # model(*args) is what the kernel covers (see kernel_model)
         key = (id(batch.model),
                tuple((n, id(p), p.requires_grad, p.dtype, p.device) for n, p in batch.model.named_parameters()),
                tuple((tuple(t.shape), t.dtype, t.device) for t in args))

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from probes.functional.ntk import settings
+from probes.functional.ntk import progress, settings
 from probes.functional.ntk.factors import _layer_terms
 from probes.functional.ntk.fallback import _fallback_blocks
 from probes.functional.ntk.plan import NTKPlan, _inputs_and_plan
@@ -97,7 +97,8 @@ def _accumulate_fallback(theta: torch.Tensor, model: nn.Module, args: tuple[torc
                          names: Sequence[str], C: int, mode: str, chunk: int | None, dtype: torch.dtype,
                          who: str) -> None:
     Ce = C if mode == "full" else 1
-    for _, J, streamed in _fallback_blocks(model, args, P, names, C, mode, chunk, dtype, who):
+    for done, (_, J, streamed) in enumerate(_fallback_blocks(model, args, P, names, C, mode, chunk, dtype, who)):
+        progress.report(f"torch.func fallback ({len(names)} parameters), blocks", done + 1, None)
         if J is not None:
             _accumulate_gram(theta, J, Ce, chunk)
             del J
@@ -152,10 +153,12 @@ def empirical_ntk(model: nn.Module, x: Any, *, mode: str = "trace", reduction: s
     C = plan.outputs
     Ce = C if mode == "full" else 1
     theta = torch.zeros(P * Ce, P * Ce, dtype=dtype, device=args[0].device)
+    progress.start(who)
     if plan.fast:
         terms = _layer_terms(model, args, P, plan, mode, chunk_size, dtype, who, "dense")
-        for path in list(terms):
+        for i, path in enumerate(list(terms)):
             _accumulate_term(theta, terms.pop(path), chunk_size)
+            progress.report("kernel products, layers", i + 1, len(plan.fast))
     if plan.fallback:
         _accumulate_fallback(theta, model, args, P, plan.fallback, C, mode, chunk_size, dtype, who)
     if reduction == "mean":

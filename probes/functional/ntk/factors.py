@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from probes.functional.ntk import settings
+from probes.functional.ntk import progress, settings
 from probes.functional.ntk.inputs import _detached, _flat_output, _take
 from probes.functional.ntk.layers import _first, _kind_of, _own_params
 from probes.functional.ntk.plan import NTKPlan, _per_sample_copies
@@ -153,6 +153,7 @@ def _layer_terms(model: nn.Module, args: tuple[torch.Tensor, ...], P: int, plan:
             for v in calls.values():
                 v.clear()
             start = stop
+            progress.report("per-sample factors, samples", start, P)
             if chunk is None:  # after the first chunk: as many samples as FACTOR_CHUNK_BYTES of factors allow
                 per_sample = max(1, chunk_bytes // m)
                 cpu = args[0].device.type == "cpu"

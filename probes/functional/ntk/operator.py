@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from probes.functional.ntk import settings
+from probes.functional.ntk import progress, settings
 from probes.functional.ntk.factors import _layer_terms
 from probes.functional.ntk.fallback import _fallback_blocks
 from probes.functional.ntk.plan import NTKPlan, _inputs_and_plan
@@ -265,6 +265,7 @@ def ntk_operator(model: nn.Module, x: Any, *, mode: str = "trace", reduction: st
     args, P, plan = _inputs_and_plan(model, x, mode, reduction, chunk_size, dtype, fast_path, plan, who)
     C = plan.outputs
     Ce = C if mode == "full" else 1
+    progress.start(who)
     terms = list(_layer_terms(model, args, P, plan, mode, chunk_size, dtype, who, "operator").values()) \
         if plan.fast else []
     terms = [_compressed(t, dtype) if isinstance(t, _Pairs) else t for t in terms]
