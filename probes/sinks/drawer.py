@@ -1,4 +1,4 @@
-"""A drawing process: a fresh Python interpreter (``python -m probes.sinks.drawer``, started with ``subprocess``,
+"""A drawing process: a fresh Python interpreter (running ``probes.sinks.drawer.main``, started with ``subprocess``,
 never forked from the training process) that runs drawing functions for the TensorBoard sink, so matplotlib never
 holds the training process's interpreter lock.
 
@@ -12,6 +12,7 @@ ends (``os._exit`` in a torchrun worker included).
 
 from __future__ import annotations
 
+import atexit
 import os
 import pickle
 import struct
@@ -65,11 +66,13 @@ class Drawer:
         env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys([package_root, *filter(None, sys.path)]))
         env.setdefault("MPLBACKEND", "Agg")
         try:
-            self._proc = subprocess.Popen([sys.executable, "-m", "probes.sinks.drawer"], stdin=subprocess.PIPE,
+            self._proc = subprocess.Popen([sys.executable, "-c", "from probes.sinks.drawer import main; main()"],
+                                          stdin=subprocess.PIPE,
                                           stdout=subprocess.PIPE, env=env, close_fds=True)
         except OSError as exc:
             raise DrawerStopped(f"the drawing process could not start: {exc!r}") from exc
         self._lock = threading.Lock()
+        atexit.register(self.shutdown, True)  # at exit: close its input and let it end
 
     @property
     def alive(self) -> bool:
@@ -92,12 +95,18 @@ class Drawer:
 
     def shutdown(self, wait: bool = False) -> None:
         """Close its input (it then ends), and wait for it with ``wait``."""
-        try:
-            self._proc.stdin.close()
-        except OSError:
-            pass
+        with self._lock:
+            for stream in (self._proc.stdin, self._proc.stdout):
+                try:
+                    stream.close()
+                except OSError:
+                    pass
         if wait:
-            self._proc.wait(timeout=10)
+            try:
+                self._proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
 
 
 def main() -> None:
