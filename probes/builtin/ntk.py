@@ -24,7 +24,17 @@ Tags (eigenvalues in float64, ``torch.linalg.eigvalsh``):
 
 Options: ``mode``, ``reduction``, ``top_k`` (5), ``bins`` (64), ``chunk_size`` (None: automatic),
 ``image`` (True), ``image_every`` (None: an image at every measurement; k: at the first measurement, then
-once at least k steps have passed since the last image), ``spectrum`` ("auto"), ``memory_budget`` (2 GiB).
+once at least k steps have passed since the last image), ``spectrum`` ("auto"), ``memory_budget`` (2 GiB),
+``positions`` ("last"), ``outputs`` (None), ``seed`` (0), ``max_cost`` (1e10).
+
+Outputs (``docs/probes/ntk.md``): an output with more than 2 dimensions (a language model's ``(P, T, C)``
+logits) is taken at the last kept position of each sample (the last True of the probe batch's attention mask,
+else the last position), said once; ``positions="all"`` keeps every position. ``outputs=k``: the kernel of the
+``k`` outputs ``f(x) S``, ``S`` a fixed ``C x k`` matrix of i.i.d. ``N(0, 1/k)`` entries from the probe's own
+generator (``seed``), an unbiased estimate of the kernel summed over the ``C`` outputs. Cost: at attach,
+``P x outputs x trainable parameters`` (entries of the Jacobian) above ``max_cost`` is refused with an error
+naming the options that lower it (the probe never switches routes by itself). A measurement reports progress on
+``logging.getLogger("probes")`` at INFO every few seconds; one over 10 s is said once.
 
 ``spectrum="full"`` computes the ``n x n`` kernel (``n = P``, or ``P C`` in ``mode="full"``) and every eigenvalue.
 ``spectrum="topk"`` never forms it: ``Theta V`` comes blockwise from the layerwise factors

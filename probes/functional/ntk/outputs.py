@@ -58,6 +58,11 @@ class SelectedOutput(nn.Module):
     """``model(*args)`` at one position per sample (``position`` given as the last argument) and/or sketched.
 
     Shares the model's parameters (registered as the submodule ``model``); ``sketch`` is a buffer.
+
+    Args:
+        model: the module whose output ``(P, T, ...)`` or ``(P, ...)`` is selected.
+        position: whether the last positional argument is a ``(P,)`` integer tensor of positions along axis 1.
+        sketch: a ``C x k`` matrix the flattened outputs are multiplied by, or None.
     """
 
     def __init__(self, model: nn.Module, *, position: bool, sketch: torch.Tensor | None = None) -> None:

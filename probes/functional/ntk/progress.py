@@ -20,7 +20,11 @@ _state = {"who": "ntk", "t0": 0.0, "last": 0.0}
 
 
 def start(who: str) -> None:
-    """Open a measurement named ``who``: the clock of ``report`` starts now."""
+    """Open a measurement named ``who``: the clock of ``report`` starts now.
+
+    Args:
+        who: the name progress lines start with.
+    """
     now = time.monotonic()
     _state.update(who=who, t0=now, last=now)
 
@@ -32,7 +36,13 @@ def elapsed() -> float:
 
 def report(stage: str, done: int, total: int | None) -> None:
     """Log ``done / total`` of ``stage`` (``done`` alone when ``total`` is None) if ``INTERVAL`` seconds passed
-    since the last line."""
+    since the last line.
+
+    Args:
+        stage: what is being counted ("per-sample factors, samples").
+        done: units done so far.
+        total: units in all, or None when not known in advance.
+    """
     now = time.monotonic()
     if now - _state["last"] < INTERVAL:
         return
