@@ -17,7 +17,12 @@ Models from small configs (random weights, nothing downloaded), float64, in eval
 One NTK measurement (``empirical_ntk``, trace over outputs) at P samples: wall time and peak memory of probes
 against ``torch.func`` (``vmap(jacrev)`` per-sample Jacobians of every parameter, then ``J J^T``: the anchor,
 measured in the same run), printed as ratios ``torch.func / probes``, and how many parameters the plan leaves
-to the fallback. Peak memory: the running total of the allocations ``torch.profiler(profile_memory=True)``
+to the fallback. With the ``gpt2`` case, one more row: the ``ntk`` probe's ``outputs=k`` sketch (k = 8 Gaussian
+projections of the 100 logits, ``probes.functional.ntk.outputs``) against the exact kernel and ``torch.func``,
+with the relative error of its trace and of the kernel (Frobenius) for one seed, and the mean over 8 seeds of
+the traces' relative error (the sketch is unbiased: the mean converges to the exact trace), and the exact kernel
+of every position's logits (``positions="all"``, the probe's former default on a ``(P, T, C)`` output). Peak memory: the
+running total of the allocations ``torch.profiler(profile_memory=True)``
 attributes to operators. Times are medians over rounds; never asserted.
 
     python benchmarks/ntk_models.py            # gpt2 and vit at P = 16, 3 rounds
@@ -222,6 +227,47 @@ def measure(name: str, P: int, rounds: int) -> dict[str, float]:
             "fallback": fallback}
 
 
+def measure_sketch(P: int, rounds: int, k: int = 8) -> dict[str, float]:
+    """``outputs=k`` on the gpt2 case: the kernel of ``k`` fixed Gaussian projections of the logits."""
+    from _timing import paired_ratios, samples
+
+    from probes.functional.ntk import empirical_ntk, ntk_plan
+    from probes.functional.ntk.outputs import SelectedOutput, gaussian_sketch
+
+    model, x = gpt2(), inputs("gpt2", P)
+    C = int(model(x[:1]).shape[1])
+    sketched = SelectedOutput(model, position=False, sketch=gaussian_sketch(C, k, 0))
+    plan, plan_k = ntk_plan(model, x), ntk_plan(sketched, x)
+    exact = empirical_ntk(model, x, plan=plan)
+    K = empirical_ntk(sketched, x, plan=plan_k)
+    trace_err = float((K.trace() - exact.trace()).abs() / exact.trace())
+    fro_err = float(torch.linalg.matrix_norm(K - exact) / torch.linalg.matrix_norm(exact))
+    seeds = [float(empirical_ntk(SelectedOutput(model, position=False, sketch=gaussian_sketch(C, k, s)), x).trace())
+             for s in range(8)]
+    mean_err = abs(statistics.fmean(seeds) - float(exact.trace())) / float(exact.trace())
+    cases = {"torch.func": lambda: func_ntk(model, x), "probes": lambda: empirical_ntk(model, x, plan=plan),
+             "sketch": lambda: empirical_ntk(sketched, x, plan=plan_k)}
+    times = samples(cases, rounds=rounds, warmup=0)
+    r = paired_ratios(times, "torch.func")
+    print(f"\n== gpt2 outputs={k}: P = {P}, {C} logits projected on {k} Gaussian directions (seed 0)")
+    print(f"   outputs={k}  {statistics.median(times['sketch']):8.3f} s;  exact probes "
+          f"{statistics.median(times['probes']):.3f} s;  torch.func {statistics.median(times['torch.func']):.3f} s")
+    print(f"   torch.func / outputs={k}: time {1.0 / r['sketch']:.2f}x;  exact probes / outputs={k}: time "
+          f"{r['probes'] / r['sketch']:.2f}x")
+    print(f"   relative error: trace {trace_err:.2%}, kernel (Frobenius) {fro_err:.2%}; mean trace of 8 seeds "
+          f"{mean_err:.2%}")
+    # the probe's old default on a language model's (P, T, C) logits: every position (positions="all")
+    seq = Logits(model.model, last=False)
+    t0 = time.perf_counter()
+    empirical_ntk(seq, x)
+    t_all = time.perf_counter() - t0
+    T = int(x.shape[1])
+    print(f"   (P, T, C) = ({P}, {T}, {C}) logits, every position (positions='all', {T * C} outputs): "
+          f"{t_all:.3f} s, {t_all / statistics.median(times['probes']):.1f}x the last position's exact kernel "
+          f"(positions='last', the default), {t_all / statistics.median(times['sketch']):.0f}x outputs={k} (1 round)")
+    return {"trace_err": trace_err, "fro_err": fro_err}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cases", default=None, help="comma-separated: gpt2, bert, vit, resnet")
@@ -243,6 +289,10 @@ def main() -> None:
         r = measure(name, P, rounds)
         if not math.isfinite(r["err"]) or r["err"] > 1e-8:
             raise SystemExit(f"{name}: probes and torch.func differ by {r['err']:.3g}")
+    if "gpt2" in cases:
+        r = measure_sketch(P, rounds)
+        if not math.isfinite(r["fro_err"]):
+            raise SystemExit("gpt2 outputs=k: the sketched kernel is not finite")
 
 
 if __name__ == "__main__":
