@@ -9,8 +9,8 @@ the queue; with ``draw_in="process"`` (the default, ``"auto"``, on POSIX systems
 drawing process (``probes.sinks.drawer``: a fresh interpreter started with ``subprocess``, never a fork of the
 training process, ending when this process ends) shared by the sinks of the process, so matplotlib never holds
 the training process's interpreter lock; a drawing whose function cannot be named there (a lambda, say) is drawn
-in the thread, and ``draw_in="thread"`` draws every image in the thread (about 20 ms of the interpreter lock
-per image of a kept figure).
+in the thread, and ``draw_in="thread"`` draws every image in the thread (holding the interpreter lock while it
+draws; benchmarks/figures.py measures what that costs).
 ``flush()`` and ``close()`` wait until every queued image is written. An error while drawing is reported
 once, as a ``RuntimeWarning`` at the next write, flush or close (the count of failed images goes to the log at
 close), and costs only that image.
