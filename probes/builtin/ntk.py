@@ -217,6 +217,9 @@ class NTK(Probe):
                 f"max_cost={self.max_cost:.3g}; lower it with outputs=k (a Gaussian sketch of the outputs, "
                 f"k={k} fits), positions='last' for a sequence output, a smaller probe batch (probe_data), "
                 f"output= (fewer outputs), or raise max_cost (None: no limit)")
+        log.info("ntk: one measurement costs %.3g Jacobian entries (P=%d x %d outputs x %d parameters; up to %.3g GiB "
+                 "of float64 per-sample factors), max_cost %s", cost, P, outputs, n, 8 * cost / 2 ** 30,
+                 "None" if self.max_cost is None else f"{self.max_cost:.3g}")
         return cost
 
     def measure(self, batch: ProbeBatch) -> list[Record]:
