@@ -191,6 +191,14 @@ def test_progress_lines_and_a_notice_for_a_slow_measurement(monkeypatch, caplog)
     assert any(line.startswith("ntk_operator: ") or line.startswith("empirical_ntk: ") for line in lines)
     assert any("per-sample factors, samples 4/4 (100%)" in line for line in lines)
     assert any("kernel products, layers 3/3 (100%)" in line for line in lines), lines
+    # timed from the measurement's start (the plan's own checks, outside a measurement, log nothing)
+    assert all(float(line.rsplit(", ", 1)[1].split(" s so far")[0]) < 600 for line in lines if "so far" in line)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="probes"):
+        progress.report("outside", 1, 1)
+        tangent_plan = NTK(positions="all")
+        tangent_plan.validate(batch)
+    assert not [r for r in caplog.records if "so far" in r.getMessage()]
 
 
 def test_sketch_dimension_is_what_the_plan_sees() -> None:

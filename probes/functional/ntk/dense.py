@@ -153,14 +153,14 @@ def empirical_ntk(model: nn.Module, x: Any, *, mode: str = "trace", reduction: s
     C = plan.outputs
     Ce = C if mode == "full" else 1
     theta = torch.zeros(P * Ce, P * Ce, dtype=dtype, device=args[0].device)
-    progress.start(who)
-    if plan.fast:
-        terms = _layer_terms(model, args, P, plan, mode, chunk_size, dtype, who, "dense")
-        for i, path in enumerate(list(terms)):
-            _accumulate_term(theta, terms.pop(path), chunk_size)
-            progress.report("kernel products, layers", i + 1, len(plan.fast))
-    if plan.fallback:
-        _accumulate_fallback(theta, model, args, P, plan.fallback, C, mode, chunk_size, dtype, who)
+    with progress.measuring(who):
+        if plan.fast:
+            terms = _layer_terms(model, args, P, plan, mode, chunk_size, dtype, who, "dense")
+            for i, path in enumerate(list(terms)):
+                _accumulate_term(theta, terms.pop(path), chunk_size)
+                progress.report("kernel products, layers", i + 1, len(plan.fast))
+        if plan.fallback:
+            _accumulate_fallback(theta, model, args, P, plan.fallback, C, mode, chunk_size, dtype, who)
     if reduction == "mean":
         theta /= C
     return theta

@@ -265,12 +265,12 @@ def ntk_operator(model: nn.Module, x: Any, *, mode: str = "trace", reduction: st
     args, P, plan = _inputs_and_plan(model, x, mode, reduction, chunk_size, dtype, fast_path, plan, who)
     C = plan.outputs
     Ce = C if mode == "full" else 1
-    progress.start(who)
-    terms = list(_layer_terms(model, args, P, plan, mode, chunk_size, dtype, who, "operator").values()) \
-        if plan.fast else []
-    terms = [_compressed(t, dtype) if isinstance(t, _Pairs) else t for t in terms]
-    fallback: list[tuple[torch.Tensor | None, Any]] = []
-    if plan.fallback:
-        fallback = [(J, streamed) for _, J, streamed in
-                    _fallback_blocks(model, args, P, plan.fallback, C, mode, chunk_size, dtype, who)]
+    with progress.measuring(who):
+        terms = list(_layer_terms(model, args, P, plan, mode, chunk_size, dtype, who, "operator").values()) \
+            if plan.fast else []
+        terms = [_compressed(t, dtype) if isinstance(t, _Pairs) else t for t in terms]
+        fallback: list[tuple[torch.Tensor | None, Any]] = []
+        if plan.fallback:
+            fallback = [(J, streamed) for _, J, streamed in
+                        _fallback_blocks(model, args, P, plan.fallback, C, mode, chunk_size, dtype, who)]
     return NTKOperator(terms, fallback, P, Ce, dtype, args[0].device, 1.0 / C if reduction == "mean" else 1.0)

@@ -1,6 +1,7 @@
 """Progress of a long kernel computation: a line on ``logging.getLogger("probes")`` at INFO every few seconds.
 
-``start(who)`` opens a measurement; ``report(stage, done, total)`` is called in the loops (once per chunk of
+``measuring(who)`` opens a measurement (outside one, ``report`` says nothing: the plan's own checks run the
+same loops); ``report(stage, done, total)`` is called in the loops (once per chunk of
 samples or per layer, never per element) and logs ``"<who>: <stage> <done>/<total> (<pct>%), <s> s so far"`` when
 ``INTERVAL`` seconds have passed since the start or the last line. It reads the host clock only: no device
 synchronisation is added.
@@ -8,30 +9,36 @@ synchronisation is added.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
+from collections.abc import Iterator
 
 log = logging.getLogger("probes")
 
 #: seconds between two progress lines (and before the first)
 INTERVAL = 5.0
 
-_state = {"who": "ntk", "t0": 0.0, "last": 0.0}
+_state: dict = {"who": "ntk", "t0": None, "last": 0.0}
 
 
-def start(who: str) -> None:
-    """Open a measurement named ``who``: the clock of ``report`` starts now.
+@contextlib.contextmanager
+def measuring(who: str) -> Iterator[None]:
+    """Within the block, ``report`` logs progress lines named ``who``, timed from the block's start.
 
     Args:
         who: the name progress lines start with.
+
+    Yields:
+        Nothing.
     """
     now = time.monotonic()
+    saved = dict(_state)
     _state.update(who=who, t0=now, last=now)
-
-
-def elapsed() -> float:
-    """Seconds since the last ``start``."""
-    return time.monotonic() - _state["t0"]
+    try:
+        yield
+    finally:
+        _state.update(saved)
 
 
 def report(stage: str, done: int, total: int | None) -> None:
@@ -43,6 +50,8 @@ def report(stage: str, done: int, total: int | None) -> None:
         done: units done so far.
         total: units in all, or None when not known in advance.
     """
+    if _state["t0"] is None:
+        return
     now = time.monotonic()
     if now - _state["last"] < INTERVAL:
         return
