@@ -43,8 +43,9 @@ Modules: ``inputs`` (arguments, outputs, sample independence), ``plan`` (which p
 and why), ``layers`` (the layer formulas), ``structural`` (layers recognised by structure, confirmed
 numerically), ``tied`` (tied weights), ``selfcheck`` (``verify_plan``), ``terms`` (a layer's kernel term and its
 two contractions), ``factors`` (recording the terms of all samples), ``fallback`` (``torch.func`` Jacobians),
-``dense`` (``empirical_ntk``), ``operator`` (``ntk_operator``), ``settings`` (memory budgets and switches;
-setting one on this package sets it there).
+``dense`` (``empirical_ntk``), ``operator`` (``ntk_operator``), ``outputs`` (one position of a sequence output,
+a Gaussian sketch of the outputs), ``progress`` (progress lines of a long measurement), ``settings`` (memory budgets
+and switches; setting one on this package sets it there).
 """
 
 from __future__ import annotations
