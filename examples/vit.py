@@ -13,7 +13,7 @@ kernel from the one at initialisation). One TensorBoard run; a PNG of the accura
 NTK's distance from init.
 
     python examples/vit.py --smoke    # seconds (the tests)
-    python examples/vit.py --quick    # a minute or two on 2 cores
+    python examples/vit.py --quick    # a few minutes on 2 cores
     python examples/vit.py            # a few minutes
     tensorboard --logdir runs/vit
 """
@@ -36,7 +36,7 @@ from probes.data import balanced_subset, load_digits
 def parse(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--smoke", action="store_true", help="seconds: a tiny run for the tests")
-    p.add_argument("--quick", action="store_true", help="a shorter run (a minute or two on 2 cores)")
+    p.add_argument("--quick", action="store_true", help="a shorter run (a few minutes on 2 cores)")
     p.add_argument("--steps", type=int, default=2000, help="Adam steps")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
