@@ -15,7 +15,7 @@ ReLU units at zero per block and the NTK's distance from its initial kernel.
 
     python examples/gpt2_trainer.py --smoke    # seconds (the tests)
     python examples/gpt2_trainer.py --quick    # a minute or two on 2 cores
-    python examples/gpt2_trainer.py            # a few minutes
+    python examples/gpt2_trainer.py            # 1,000 steps: about three times --quick
     tensorboard --logdir runs/gpt2_trainer
 """
 
