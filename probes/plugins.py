@@ -26,12 +26,14 @@ import pluggy
 
 from probes import hookspecs
 from probes.hookspecs import PROJECT, hookimpl
+from probes.records import Chart
 
 ENTRY_POINT_GROUP = PROJECT
 BUILTIN = "builtin"
 
 __all__ = ["Registry", "registry", "hookimpl", "ProbeInfo", "UnknownProbeError", "ProbesPluginWarning",
-           "available", "probe_class", "sink_class", "register", "reset", "probe_table", "sink_table"]
+           "available", "probe_class", "sink_class", "register", "reset", "probe_table", "sink_table",
+           "registered_charts"]
 
 
 class UnknownProbeError(KeyError):
@@ -330,3 +332,17 @@ probe_table = registry.probe_table
 sink_table = registry.sink_table
 register = registry.register
 reset = registry.reset
+
+
+def registered_charts() -> tuple[Chart, ...]:
+    """The chart groups every registered probe class declares (``Probe.charts``), for a sink used without a
+    session's ``declare``; none when the plugins cannot be loaded.
+
+    Returns:
+        The charts, each once, in the probes' order.
+    """
+    try:
+        infos = available()
+    except Exception:  # noqa: BLE001 - chart grouping never fails a report
+        return ()
+    return tuple(dict.fromkeys(c for info in infos for c in getattr(info.cls, "charts", ())))

@@ -130,7 +130,7 @@ def group_scalars(tags: list[str], layout: list[tuple[str, list[str]]] | None = 
     Returns:
         The charts.
     """
-    from probes.sinks.base import registered_charts
+    from probes.plugins import registered_charts
     from probes.sinks.tensorboard import layout_for
 
     if layout is None:

@@ -12,15 +12,16 @@ class Sink:
 
     ``declare(charts)`` hands the sink the chart groups the attached probes declare (``Probe.charts``), before
     the first ``write``; a sink that draws charts groups the scalar tags by them and names no probe itself.
-    Until ``declare`` is called, ``charts`` are those of every registered probe (``registered_charts``).
+    Until ``declare`` is called there are none (``probes.plugins.registered_charts`` has those of every
+    registered probe, for a sink used without a session).
     """
 
     _declared: tuple[Chart, ...] | None = None
 
     @property
     def charts(self) -> tuple[Chart, ...]:
-        """The declared chart groups (before ``declare``: those of every registered probe)."""
-        return self._declared if self._declared is not None else registered_charts()
+        """The declared chart groups (none before ``declare``)."""
+        return self._declared if self._declared is not None else ()
 
     def declare(self, charts: Sequence[Chart]) -> None:
         """Take the chart groups of the attached probes (the session calls it once, at attach).
@@ -38,19 +39,3 @@ class Sink:
 
     def close(self) -> None:
         self.flush()
-
-
-def registered_charts() -> tuple[Chart, ...]:
-    """The chart groups every registered probe class declares (``Probe.charts``), for a sink used without a
-    session's ``declare``; none when the plugins cannot be loaded.
-
-    Returns:
-        The charts, each once, in the probes' order.
-    """
-    try:
-        from probes import plugins
-
-        infos = plugins.available()
-    except Exception:  # noqa: BLE001 - a sink never fails over chart grouping
-        return ()
-    return tuple(dict.fromkeys(c for info in infos for c in getattr(info.cls, "charts", ())))

@@ -43,7 +43,8 @@ Modules: ``inputs`` (arguments, outputs, sample independence), ``plan`` (which p
 and why), ``layers`` (the layer formulas), ``structural`` (layers recognised by structure, confirmed
 numerically), ``tied`` (tied weights), ``selfcheck`` (``verify_plan``), ``terms`` (a layer's kernel term and its
 two contractions), ``factors`` (recording the terms of all samples), ``fallback`` (``torch.func`` Jacobians),
-``dense`` (``empirical_ntk``), ``operator`` (``ntk_operator``), ``outputs`` (one position of a sequence output,
+``dense`` (``empirical_ntk``), ``operator`` (``NTKOperator``), ``planning`` (``ntk_plan``,
+``ntk_operator``), ``outputs`` (one position of a sequence output,
 a Gaussian sketch of the outputs), ``progress`` (progress lines of a long measurement), ``settings`` (memory budgets
 and switches; setting one on this package sets it there).
 """
@@ -60,8 +61,9 @@ from probes.functional.ntk.dense import _accumulate_term as _accumulate_term
 from probes.functional.ntk.dense import empirical_ntk, trace_over_outputs
 from probes.functional.ntk.factors import _layer_terms as _layer_terms
 from probes.functional.ntk.inputs import MODES, REDUCTIONS, SampleMixingError
-from probes.functional.ntk.operator import NTKOperator, ntk_operator
-from probes.functional.ntk.plan import NTKPlan, ntk_plan
+from probes.functional.ntk.operator import NTKOperator
+from probes.functional.ntk.plan import NTKPlan
+from probes.functional.ntk.planning import ntk_operator, ntk_plan
 from probes.functional.ntk.selfcheck import verify_plan
 
 __all__ = ["empirical_ntk", "ntk_operator", "ntk_plan", "verify_plan", "NTKOperator", "NTKPlan",

@@ -15,7 +15,8 @@ from torch import nn
 from probes.functional.ntk import progress, settings
 from probes.functional.ntk.factors import _layer_terms
 from probes.functional.ntk.fallback import _fallback_blocks
-from probes.functional.ntk.plan import NTKPlan, _inputs_and_plan
+from probes.functional.ntk.plan import NTKPlan
+from probes.functional.ntk.planning import _inputs_and_plan
 from probes.functional.ntk.terms import _Embed, _Grad, _Pairs, _Term
 
 

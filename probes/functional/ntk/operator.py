@@ -11,12 +11,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import nn
 
-from probes.functional.ntk import progress, settings
-from probes.functional.ntk.factors import _layer_terms
-from probes.functional.ntk.fallback import _fallback_blocks
-from probes.functional.ntk.plan import NTKPlan, _inputs_and_plan
+from probes.functional.ntk import settings
 from probes.functional.ntk.terms import _Grad, _Pairs, _Term
 
 
@@ -232,45 +228,3 @@ class NTKOperator:
                 for s in range(0, n, block)]
         K = torch.cat(cols, dim=1)
         return (K + K.T) / 2
-
-
-def ntk_operator(model: nn.Module, x: Any, *, mode: str = "trace", reduction: str = "sum",
-                 chunk_size: int | None = None, dtype: torch.dtype = torch.float64, fast_path: bool = True,
-                 plan: NTKPlan | None = None) -> NTKOperator:
-    """The kernel of ``empirical_ntk`` as a matrix-free operator, memory linear in ``P``.
-
-    For the top eigenvalues at large ``P``: ``top_eigenvalues(op.matmat, op.shape[0], k)``
-    (``probes.functional.spectra``); ``op.trace()`` and ``op.diagonal()`` are exact.
-
-    Args:
-        model: as for ``empirical_ntk``.
-        x: as for ``empirical_ntk``.
-        mode: as for ``empirical_ntk``.
-        reduction: as for ``empirical_ntk``.
-        chunk_size: as for ``empirical_ntk``.
-        dtype: the precision of the products ``Theta V`` (the factors are kept in the model's precision).
-        fast_path: as for ``empirical_ntk``.
-        plan: as for ``empirical_ntk``.
-
-    Returns:
-        An ``NTKOperator`` holding the layerwise factors (and the fallback Jacobians that fit the budget).
-
-    Raises:
-        ValueError: as ``empirical_ntk``.
-        TypeError: as ``empirical_ntk``.
-        SampleMixingError: the model mixes samples.
-        RuntimeError: as ``empirical_ntk``.
-    """
-    who = "ntk_operator"
-    args, P, plan = _inputs_and_plan(model, x, mode, reduction, chunk_size, dtype, fast_path, plan, who)
-    C = plan.outputs
-    Ce = C if mode == "full" else 1
-    with progress.measuring(who):
-        terms = list(_layer_terms(model, args, P, plan, mode, chunk_size, dtype, who, "operator").values()) \
-            if plan.fast else []
-        terms = [_compressed(t, dtype) if isinstance(t, _Pairs) else t for t in terms]
-        fallback: list[tuple[torch.Tensor | None, Any]] = []
-        if plan.fallback:
-            fallback = [(J, streamed) for _, J, streamed in
-                        _fallback_blocks(model, args, P, plan.fallback, C, mode, chunk_size, dtype, who)]
-    return NTKOperator(terms, fallback, P, Ce, dtype, args[0].device, 1.0 / C if reduction == "mean" else 1.0)

@@ -31,7 +31,6 @@ from probes.functional.ntk.inputs import (
     _owners,
     _take,
     _trainable,
-    _validated,
 )
 from probes.functional.ntk.layers import _KINDS, _first, _Kind, _kind_of, _LinearKind, _own_params
 from probes.functional.ntk.structural import _candidate, _confirm, _describe
@@ -74,9 +73,9 @@ def _per_sample_copies(params: dict[str, torch.Tensor], names: list[str], b: int
             for n in names}
 
 
-def ntk_plan(model: nn.Module, x: Any, *, fast_path: bool = True, check: bool = True,
-             who: str = "empirical_ntk") -> NTKPlan:
-    """Decide the layerwise layers and the fallback parameters (forwards on one and two samples).
+def build_plan(model: nn.Module, x: Any, *, fast_path: bool = True, who: str = "empirical_ntk") -> NTKPlan:
+    """Decide the layerwise layers and the fallback parameters (forwards on one and two samples), before the
+    self-check against autograd (``probes.functional.ntk.planning.ntk_plan`` runs both).
 
     Also checks that samples do not interact. The plan's ``reasons`` name every module whose parameters go to
     the fallback and why (no layerwise formula for its type, use outside its own ``forward``, ...).
@@ -86,8 +85,6 @@ def ntk_plan(model: nn.Module, x: Any, *, fast_path: bool = True, check: bool = 
         model: any ``nn.Module`` with at least one trainable parameter, taking ``x`` positionally.
         x: a tensor, or a tuple or list of tensors (the model's positional inputs), samples along the first axis.
         fast_path: ``False`` sends every parameter to the fallback (a reference).
-        check: compare each layerwise layer's per-sample gradient norms with plain autograd on two samples
-            (``verify_plan``) and send a layer that disagrees to the fallback, with a warning naming it.
         who: the name that error messages start with.
 
     Returns:
@@ -214,11 +211,6 @@ def ntk_plan(model: nn.Module, x: Any, *, fast_path: bool = True, check: bool = 
     plan.direct = [n for n in direct if n in params]
     plan.tied = _tie_groups(plan)
     _refresh_fallback(plan, params)
-    if check and fast_path and P >= 2 and (plan.fast or plan.direct):
-        from probes.functional.ntk.selfcheck import _demote  # selfcheck computes terms: it imports this module
-
-        _demote(model, args, plan, who)
-        _refresh_fallback(plan, params)
     return plan
 
 
@@ -404,15 +396,3 @@ def _check_own_gradients(survivors: dict[str, tuple[nn.Module, Any]],
             for path in users[n]:
                 plan.reasons.setdefault(path or "<root>", "its parameters receive gradient from outside its own "
                                         "calls (used functionally elsewhere?)")
-
-
-def _inputs_and_plan(model: nn.Module, x: Any, mode: str, reduction: str, chunk_size: int | None,
-                     dtype: torch.dtype, fast_path: bool, plan: NTKPlan | None, who: str
-                     ) -> tuple[tuple[torch.Tensor, ...], int, NTKPlan]:
-    """The checked inputs, their sample count, and the plan (made now, or the given one checked)."""
-    args, P = _validated(model, x, mode, reduction, chunk_size, dtype, who)
-    if plan is None:
-        plan = ntk_plan(model, args, fast_path=fast_path, who=who)
-    else:
-        _check_modules(model, who)
-    return args, P, plan
