@@ -55,3 +55,27 @@ def test_a_causal_lm_pairs_position_t_with_label_t_plus_1():
 def test_bad_token_labels_say_what_is_wrong(labels, kwargs, match):
     with pytest.raises(ValueError, match=match):
         token_positions(labels, **kwargs)
+
+
+def test_ntk_with_token_labels_measures_the_kernel_and_leaves_its_label_alignment_out():
+    transformers = pytest.importorskip("transformers")
+    import warnings
+
+    import probes
+    from probes.engine.failures import ProbesNoticeWarning
+
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=1,
+                                                                  n_head=2, activation_function="relu"))
+    ids = torch.randint(0, 50, (6, 8))
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        s = probes.attach(model, {"ntk": {"every": 1, "image": False}}, probe_data=({"input_ids": ids}, ids),
+                          label_shift=1)
+        s.step()
+        s.close()
+    assert s.failures == {}
+    tags = s.memory.scalars()
+    assert [st for st, _ in tags["ntk/trace"]] == [0, 1] and "ntk/alignment" not in tags
+    said = [str(w.message) for w in rec if issubclass(w.category, ProbesNoticeWarning)]
+    assert sum("token labels" in m for m in said) == 1

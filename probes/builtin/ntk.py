@@ -63,6 +63,7 @@ import torch
 
 from probes import options
 from probes.builtin._images import declare_image_state, image_due
+from probes.engine.failures import ProbesNoticeWarning
 from probes.figures import ImageCadence, spectrum_figure
 from probes.functional.alignment import DegenerateKernelError
 from probes.functional.labels import label_matrix
@@ -138,12 +139,13 @@ class NTK(Probe):
         self.add_state("init_kernel", None, reduce=None, window=False)
         self.add_state("init_eigenvalues", None, reduce=None, window=False)
         self.add_state("init_step", None, reduce=None, window=False)
+        self._said_token_labels = False
         self._plan: tuple[Any, NTKPlan] | None = None  # a cache (re-planned when the model or its placement changes)
 
     def setup(self, context: Context) -> None:
         if not any(p.requires_grad for p in context.model.parameters()):
             raise ValueError("ntk: the model has no trainable parameters, so its NTK is zero")
-        if context.y is not None:
+        if context.y is not None and not _token_labels(context.y):
             Y = label_matrix(context.y, who="ntk")
             Yc = Y - Y.mean(dim=0, keepdim=True)
             if Y.shape[0] >= 2 and not bool(torch.linalg.vector_norm(Yc) > 1e-10 * torch.linalg.vector_norm(Y)):
@@ -154,11 +156,23 @@ class NTK(Probe):
         """Class labels must index the model's outputs (``ntk/alignment`` builds ``Y`` from them), and the model
         must have an NTK this probe computes: the plan on two samples finds a non-tensor output, dropout, or
         layers that mix samples (without computing any kernel)."""
-        if batch.y is not None and isinstance(batch.output, torch.Tensor):
+        if batch.y is not None and isinstance(batch.output, torch.Tensor) and not self._token_labels(batch):
             batch.targets("ntk")
         model, args = self.kernel_model(batch)
         plan = ntk_plan(model, tuple(a[:2] for a in args), who="ntk")
         self.check_cost(batch.size, plan.outputs, model)
+
+    def _token_labels(self, batch: ProbeBatch) -> bool:
+        """Token labels ``(P, T)`` (a language model's): ``ntk/alignment`` needs one label per sample, so it is left
+        out (said once) and the kernel is measured all the same."""
+        if not _token_labels(batch.y):
+            return False
+        if not self._said_token_labels:
+            self._said_token_labels = True
+            warnings.warn("ntk: the probe batch has token labels (P, T); ntk/alignment needs one label per sample "
+                          "and is left out (the kernel, its spectrum and its drift are measured)", ProbesNoticeWarning,
+                          stacklevel=3)
+        return True
 
     def kernel_model(self, batch: ProbeBatch) -> tuple[torch.nn.Module, tuple[torch.Tensor, ...]]:
         """``(module, args)`` whose output is what the kernel covers: the probes' output, at the last kept position
@@ -252,7 +266,7 @@ class NTK(Probe):
             Scalar("ntk/condition", s.condition), Scalar("ntk/effective_rank", s.effective_rank)]
         top = s.top(self.top_k)
         records += [Scalar(f"ntk/eig_top/{k + 1}", top[k]) for k in range(top.numel())]
-        if batch.y is not None and P >= 2:
+        if batch.y is not None and P >= 2 and not self._token_labels(batch):
             Y = batch.targets("ntk")
             traced = trace_over_outputs(theta, C) if C > 1 else theta
             records.append(Scalar("ntk/alignment", label_alignment(traced, Y)))
@@ -318,3 +332,8 @@ def spectrum_image(eigs: torch.Tensor, reference: torch.Tensor | None = None, st
                    of: int | None = None) -> np.ndarray:
     """The pixels of ``spectrum_drawing`` (drawn now)."""
     return spectrum_drawing(eigs, reference, step, reference_step, reduction, mode, of).result()
+
+
+def _token_labels(y: torch.Tensor | None) -> bool:
+    """Integer labels with one class per position, ``(P, T)``."""
+    return y is not None and y.ndim == 2 and not y.is_floating_point() and y.dtype != torch.bool
