@@ -22,7 +22,13 @@ DEFAULT_BINS = 64
 
 @dataclass
 class Scalar:
-    """One number, ``tag = probe/site/quantity``. ``value`` may be a 0-d tensor on any device."""
+    """One number, ``tag = probe/site/quantity``.
+
+    Attributes:
+        tag: ``probe/site/quantity``.
+        value: a number, or a 0-d tensor on any device (moved to the host in one transfer per device).
+        step: the step, when the record carries its own.
+    """
 
     tag: str
     value: Number
@@ -40,6 +46,14 @@ class Histogram:
     ``counts[i]`` counts finite values in ``[edges[i], edges[i+1])`` (the last bin is
     closed). Non-finite values are left out of the bins and counted in ``nonfinite``;
     the TensorBoard sink writes them as the scalar ``<tag>/nonfinite``.
+
+    Attributes:
+        tag: ``probe/site/quantity``.
+        counts: per bin.
+        edges: the ``bins + 1`` bin edges.
+        num, sum, sum_squares, min, max: of the finite values.
+        nonfinite: how many values were NaN or infinite.
+        step: the step, when the record carries its own.
     """
 
     tag: str
@@ -55,7 +69,16 @@ class Histogram:
 
     @classmethod
     def of(cls, tag: str, values: torch.Tensor, bins: int = DEFAULT_BINS) -> Histogram:
-        """Bin ``values`` on their own device: ``bins`` equal bins between min and max."""
+        """Bin ``values`` on their own device: ``bins`` equal bins between min and max.
+
+        Args:
+            tag: the record's tag.
+            values: any tensor (flattened).
+            bins: the number of bins.
+
+        Returns:
+            The histogram, its tensors on the values' device.
+        """
         v = values.detach().reshape(-1)
         if not v.is_floating_point():
             v = v.double()
@@ -202,7 +225,11 @@ class Image:
         self._source = value
 
     def at(self, step: int | None) -> Image:
-        """A copy stamped with ``step`` that shares the pixels (or the pending drawing)."""
+        """A copy stamped with ``step`` that shares the pixels (or the pending drawing).
+
+        Args:
+            step: the step to stamp.
+        """
         return Image(self.tag, self._source, step)
 
     def as_uint8(self) -> np.ndarray:

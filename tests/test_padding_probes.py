@@ -19,13 +19,7 @@ transformers = pytest.importorskip("transformers")
 
 ACT = "intermediate.intermediate_act_fn"
 
-
-def small_bert() -> nn.Module:
-    config = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                                     intermediate_size=24, hidden_act="relu", hidden_dropout_prob=0.0,
-                                     attention_probs_dropout_prob=0.0, num_labels=3)
-    torch.manual_seed(0)
-    return transformers.BertForSequenceClassification(config)
+from test_padding import small_bert  # noqa: E402 - one BERT for the padding tests
 
 
 def padded_batch(seed: int, n: int = 12, t: int = 10) -> dict[str, torch.Tensor]:

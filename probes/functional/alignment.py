@@ -455,6 +455,9 @@ class StreamingCKA:
     ``update(X, Y)`` takes two feature matrices (``compute()`` is a 0-d tensor), or two sequences of
     them, e.g. all layers of two networks (``compute()`` is the ``len(X) x len(Y)`` CKA matrix).
     Sums stay on the device; ``update`` syncs once per call for its input checks.
+
+    Args:
+        method: how each batch's HSIC is computed, as for ``cka`` (``"auto"`` picks by the batch's shape).
     """
 
     def __init__(self, method: str = "auto") -> None:

@@ -22,7 +22,13 @@ _NAME = re.compile(r"^step_(\d+)\.npz$")
 
 @dataclass
 class GateSnapshot:
-    """``gates``: site name -> bool array (samples first), in the order they were saved."""
+    """One saved snapshot of gate patterns.
+
+    Attributes:
+        step: the step it was taken at.
+        gates: site name -> bool array (samples first), in the order they were saved.
+        labels: the probe batch's labels, when saved with them.
+    """
 
     step: int
     gates: dict[str, np.ndarray]

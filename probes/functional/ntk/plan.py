@@ -73,31 +73,10 @@ def _per_sample_copies(params: dict[str, torch.Tensor], names: list[str], b: int
             for n in names}
 
 
-def build_plan(model: nn.Module, x: Any, *, fast_path: bool = True, who: str = "empirical_ntk") -> NTKPlan:
+def _build_plan(model: nn.Module, x: Any, *, fast_path: bool = True, who: str = "empirical_ntk") -> NTKPlan:
     """Decide the layerwise layers and the fallback parameters (forwards on one and two samples), before the
-    self-check against autograd (``probes.functional.ntk.planning.ntk_plan`` runs both).
-
-    Also checks that samples do not interact. The plan's ``reasons`` name every module whose parameters go to
-    the fallback and why (no layerwise formula for its type, use outside its own ``forward``, ...).
-    Nothing in the model changes (no ``.grad`` written, no mode switched).
-
-    Args:
-        model: any ``nn.Module`` with at least one trainable parameter, taking ``x`` positionally.
-        x: a tensor, or a tuple or list of tensors (the model's positional inputs), samples along the first axis.
-        fast_path: ``False`` sends every parameter to the fallback (a reference).
-        who: the name that error messages start with.
-
-    Returns:
-        The ``NTKPlan``, reusable by ``empirical_ntk(..., plan=)`` and ``ntk_operator(..., plan=)`` for the same
-        model and input shape.
-
-    Raises:
-        SampleMixingError: a BatchNorm normalises with batch statistics, or sample 0's output changes when another
-            sample is in the batch.
-        ValueError: active dropout, no trainable parameter, inputs without samples or with NaN or infinite values,
-            a model output without the samples along its first axis.
-        TypeError: ``x`` is not a tensor or a sequence of tensors, or the model does not return a floating
-            tensor.
+    self-check against autograd: ``probes.functional.ntk.planning.ntk_plan`` runs both, and documents the arguments,
+    the result and the errors (this takes the same ``model``, ``x``, ``fast_path`` and ``who``).
     """
     args, P = _as_args(x, who)
     _check_modules(model, who)

@@ -1,4 +1,4 @@
-"""The plan as the kernels use it: ``build_plan`` (which parameters go layerwise, which to the fallback), then the
+"""The plan as the kernels use it: ``_build_plan`` (which parameters go layerwise, which to the fallback), then the
 self-check against plain autograd (``selfcheck``), which sends a layer that disagrees to the fallback; and
 ``ntk_operator``, which plans and builds the matrix-free ``NTKOperator`` (the self-check uses that class, so its
 entry point lives here, above both)."""
@@ -15,7 +15,7 @@ from probes.functional.ntk.factors import _layer_terms
 from probes.functional.ntk.fallback import _fallback_blocks
 from probes.functional.ntk.inputs import _as_args, _check_modules, _trainable, _validated
 from probes.functional.ntk.operator import NTKOperator, _compressed
-from probes.functional.ntk.plan import NTKPlan, _refresh_fallback, build_plan
+from probes.functional.ntk.plan import NTKPlan, _build_plan, _refresh_fallback
 from probes.functional.ntk.selfcheck import _demote
 from probes.functional.ntk.terms import _Pairs
 
@@ -48,7 +48,7 @@ def ntk_plan(model: nn.Module, x: Any, *, fast_path: bool = True, check: bool = 
         TypeError: ``x`` is not a tensor or a sequence of tensors, or the model does not return a floating
             tensor.
     """
-    plan = build_plan(model, x, fast_path=fast_path, who=who)
+    plan = _build_plan(model, x, fast_path=fast_path, who=who)
     args, P = _as_args(x, who)
     if check and fast_path and P >= 2 and (plan.fast or plan.direct):
         _demote(model, args, plan, who)
