@@ -42,8 +42,9 @@ class PassiveProbes:
             return
         capture.on_forward = self._on_training_forward
         capture.install_passive(self._observe)
-        if capture.module_sites():
-            self._notice_no_site(capture.module_sites(), "activation module",
+        sites = capture.module_sites()
+        if sites:
+            self._notice_no_site(sites, "activation module",
                                  "; it will write nothing unless forward calls F.relu or the like")
 
     def _observe(self, site: Site, pre: torch.Tensor, post: torch.Tensor) -> None:
