@@ -9,6 +9,7 @@ TensorBoard: the session hands the records to every sink.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -136,6 +137,10 @@ class ProbeBatch:
         runner: the engine's probe pass behind ``run``.
         mask: ``(P, positions)`` bool, True at real tokens (the inputs' attention mask), or None.
         label_shift: token labels ``(P, T)``: features at position t pair with the label at t + label_shift.
+        rank: this process's rank under ``torch.distributed`` (0 without it).
+        world_size: the ranks taking part in this measurement (1 where this process measures alone; a
+            ``sharding="per_sample"`` probe splits the probe batch over them).
+        sharded: the model's parameters are sharded (FSDP2): read whole parameters inside ``gathered``.
     """
 
     model: nn.Module
@@ -153,6 +158,29 @@ class ProbeBatch:
     runner: Callable[..., Pass] | None = field(default=None, repr=False)  # the engine's probe pass (``run``)
     mask: torch.Tensor | None = None  # (P, positions) bool: True at real tokens, from the inputs' attention mask
     label_shift: int = 0  # token labels (P, T): the features at position t pair with the label at t + label_shift
+    rank: int = 0  # this process's rank under torch.distributed (0 without it)
+    world_size: int = 1  # ranks taking part in this measurement (1: this process alone)
+    sharded: bool = False  # the model's parameters are sharded (FSDP2): read them inside ``gathered``
+
+    def gathered(self, *modules: nn.Module) -> AbstractContextManager[None]:
+        """A block inside which the whole parameters of ``modules`` are on this rank.
+
+        Under FSDP2 the FSDP units that own the modules' parameters are all-gathered (``unshard``) on entry, unless
+        already gathered, and freed again (``reshard``) on exit, so a probe holds one module's parameters at a time
+        beyond what FSDP itself holds. Every rank must enter the same blocks in the same order (all-gathers).
+        Read the parameters (``module.weight``) inside the block, not before. Without sharding: nothing happens.
+
+        Args:
+            modules: submodules of ``model`` whose parameters the block reads.
+
+        Returns:
+            A context manager.
+        """
+        if not self.sharded:
+            return nullcontext()
+        from probes.engine.distributed import gathered
+
+        return gathered(self.model, modules)
 
     def run(self, x: Any = None, *, keep: Callable[[Site], frozenset[str]] | None = None,
             params: Mapping[str, torch.Tensor] | None = None) -> Pass:
@@ -282,9 +310,10 @@ class Probe:
     Class attributes say what a probe needs and can do, each declared here with its default (torchmetrics'
     way): ``passive`` (observes training forwards), ``needs_sites`` (an active probe reading
     ``ProbeBatch.activations``; ``wants_site`` narrows it), ``site_values``, ``site_types``, ``needs_probe_data``,
-    ``supports_sharding``, and its default cadence ``every`` (a positive int, or a schedule ``step -> bool`` from
-    ``probes.schedules``). Options given to ``attach`` arrive as keyword arguments of ``__init__``, each checked
-    there through ``probes.options``; ``every`` is taken by the session and stored on the instance.
+    ``supports_sharding``, ``sharding``, and its default cadence ``every`` (a positive int, or a schedule
+    ``step -> bool`` from ``probes.schedules``). Options given to ``attach`` arrive as keyword arguments of
+    ``__init__``, each checked there through ``probes.options``; ``every`` is taken by the session and stored on the
+    instance.
 
     All state is declared with ``add_state(name, default, reduce=..., window=...)`` (torchmetrics' idea):
     accumulators (reset by the session after each flush, reduced over ranks under DDP) and persistent references
@@ -308,6 +337,14 @@ class Probe:
     site_types: ClassVar[tuple[type[nn.Module], ...]] = ()
     #: whether the probe can run on a sharded (FSDP) model; False: switched off there at attach, on every rank
     supports_sharding: ClassVar[bool] = True
+    #: what the probe needs across ranks (``torch.distributed``), so that the engine arranges it:
+    #: ``"activations"``: the probe pass only (under DDP rank 0 measures alone, under FSDP every rank runs the pass);
+    #: ``"per_module"``: whole parameters of one module at a time, read inside ``ProbeBatch.gathered(module)`` (FSDP2
+    #: all-gathers that module's parameters for the block, then frees them);
+    #: ``"per_sample"``: every rank measures (under DDP too), each on its share of the probe batch, and the ranks
+    #: exchange per-sample factors (``ProbeBatch.rank``, ``world_size``; the probe's collectives must run on every
+    #: rank in the same order)
+    sharding: ClassVar[str] = "activations"
     #: chart groups of this probe's scalar tags that are not ``<probe>/<site>/<quantity>`` (``probes.records.Chart``):
     #: the sinks and the report draw each group in one chart (sites of one quantity are grouped without it)
     charts: ClassVar[tuple[Chart, ...]] = ()

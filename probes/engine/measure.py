@@ -33,16 +33,18 @@ class ActiveProbes:
         logdir, rank, world_size, sharded, device: where the session writes and how the ranks share the work.
         mask_key: the probe inputs' entry holding the attention mask (``ProbeBatch.mask``).
         label_shift: ``ProbeBatch.label_shift`` (token labels of a causal language model: 1).
+        collective: the ranks measure together (a sharded model, or a ``sharding="per_sample"`` probe under DDP):
+            the probes measured on every rank agree on their failures after each measurement.
     """
 
     def __init__(self, probes: dict[str, Probe], data: ProbeData, probe_pass: ProbePass, failures: Failures,
                  cadence: Cadence, write: Callable[[str, list[Record], bool], None], logdir: str | None = None,
                  rank: int = 0, world_size: int = 1, sharded: bool = False, device: torch.device | None = None,
-                 mask_key: str | None = None, label_shift: int = 0) -> None:
+                 mask_key: str | None = None, label_shift: int = 0, collective: bool = False) -> None:
         self.probes, self.data, self.probe_pass = probes, data, probe_pass
         self.failures, self.cadence, self.write = failures, cadence, write
         self.logdir, self.rank, self.world_size, self.sharded, self.device = logdir, rank, world_size, sharded, device
-        self.mask_key, self.label_shift = mask_key, label_shift
+        self.mask_key, self.label_shift, self.collective = mask_key, label_shift, collective
         self.measured_at: dict[str, int] = {}
         #: ``attach(model, "auto")``: called with ``(name, error)`` for a probe whose first measurement or validation
         #: raised, instead of raising (the probe is left out)
@@ -61,20 +63,24 @@ class ActiveProbes:
                                      "measures from the first due step after a training forward initialised them "
                                      "(run one forward before attach to measure the initialization)")
             return
-        if not self.sharded:
+        if not self.sharded and not self.collective:
             return self._measure_here(names, step, at_attach)
+        # measured on every rank: all under a sharded model, else the probes that split the probe batch (DDP)
+        together = names if self.sharded else [n for n in names if self.probes[n].sharding == "per_sample"]
         sharded_before, before, error = distributed.sharded_now(self.probe_pass.module), set(self.failures.failed), None
         try:
-            self._measure_here(names, step, at_attach)
+            self._measure_here(names if self.rank == 0 or self.sharded else together, step, at_attach)
         except Exception as exc:  # a raised error: the other ranks must still learn of it
             error = exc
         distributed.reshard(sharded_before)  # FSDP2 keeps the root gathered after a forward without backward
-        if self.world_size == 1:
+        if self.world_size == 1 or not together:
             if error is not None:
                 raise error
             return
-        here = {n for n in names if n in self.failures.failed and n not in before} | (set(names) if error else set())
-        elsewhere = distributed.failed_anywhere(names, here, self.device) - here
+        here = {n for n in together if n in self.failures.failed and n not in before} | (
+            set(together) if error else set())
+        elsewhere = distributed.failed_anywhere(together, here, self.device) - here
+        names = together
         if at_attach and elsewhere and error is None:
             raise RuntimeError(f"attach failed on another rank of this sharded model: probe(s) {sorted(elsewhere)} "
                                "raised there at the first measurement (that rank's error says why)")
@@ -116,12 +122,13 @@ class ActiveProbes:
         return ProbeBatch(self.probe_pass.module, x, y, shared.output, shared.activations, step, self.logdir,
                           shared.calls, self.probe_pass.output_spec, tensor_output=shared.tensor_output,
                           writes=self.rank == 0, chunk_size=self.probe_pass.chunk_size, runner=self.probe_pass.run,
-                          mask=self.data.mask(self.mask_key), label_shift=self.label_shift)
+                          mask=self.data.mask(self.mask_key), label_shift=self.label_shift, rank=self.rank,
+                          world_size=self.world_size if self.collective else 1, sharded=self.sharded)
 
     def _measure_here(self, names: list[str], step: int, at_attach: bool) -> None:
         for n in names:
             self.measured_at[n] = step
-        if self.rank != 0 and not self.sharded:
+        if self.rank != 0 and not self.collective:
             return
         started = now()
         with self.probe_pass.guarded():

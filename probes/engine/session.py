@@ -42,9 +42,14 @@ class Session:
         self.logdir = o.log_to
         self.device = model_placement(self.module)[0]
         self.data = ProbeData.from_probe_data(o.probe_data, o.label_key, self.module)
-        if self.sharded and self.world_size > 1:  # every rank runs the probe pass, on rank 0's batch
-            self.data.same_on_every_rank(self.device, self.rank)
         self.probes: dict[str, Probe] = dict(parse_probes(probes))
+        #: ranks measure together: a sharded model (every forward all-gathers), or a probe splitting the probe batch
+        #: over the ranks (``sharding="per_sample"``, under DDP too); then every rank runs those probe passes on rank
+        #: 0's batch, and the ranks agree on cadences, on setup errors and on failures
+        self.collective = self.world_size > 1 and (self.sharded or any(
+            p.sharding == "per_sample" for p in self.probes.values() if not p.passive))
+        if self.collective:
+            self.data.same_on_every_rank(self.device, self.rank)
         self._failures = Failures(o.strict, self.rank)
         self.auto = isinstance(probes, str) and probes == AUTO  # leave out what does not apply, saying why
         for name in [n for n, p in self.probes.items() if not p.passive and p.needs_probe_data]:
@@ -53,7 +58,7 @@ class Session:
             if not self.data.present:
                 self._leave_out(name, "it measures on a probe batch; pass probe_data=(x, y)")
         self.cadence = Cadence(self.probes, o.overhead, self._failures,
-                               rank_agreement(self.device) if self.sharded and self.world_size > 1 else None)
+                               rank_agreement(self.device) if self.collective else None)
         sink_spec = parse_sinks(o.sinks, o.logdir, o.writer) if self.rank == 0 else []
         self._output, self._step, self._closed, self._opt_handle = Output(), 0, False, None
         extra = tuple({t for p in self.probes.values() for t in p.site_types})
@@ -65,7 +70,7 @@ class Session:
         probe_pass = ProbePass(self.module, self.capture, o.output, o.probe_batch_size, o.norm_stats)
         self._active = ActiveProbes({n: self.probes[n] for n in self.active}, self.data, probe_pass, self._failures,
                                     self.cadence, self._write, self.logdir, self.rank, self.world_size, self.sharded,
-                                    self.device, o.mask, o.label_shift)
+                                    self.device, o.mask, o.label_shift, self.collective)
         self._active.on_attach_error = self._leave_out if self.auto else None
         try:
             self._setup(o.optimizer, o.measure_at_attach and o.state is None)
@@ -81,7 +86,7 @@ class Session:
         x, y = self.data.current()
         context = Context(self.module, x, y, self.logdir, self.device, self._active.probe_pass.output_spec)
         setup_probes(self.probes, context, self._failures, self._leave_out if self.auto else None, self.sharded,
-                     self.device if self.sharded and self.world_size > 1 else None)
+                     self.device if self.collective else None)
         self._passive.install(self.capture)
         if optimizer is not None:
             self._opt_handle = optimizer.register_step_post_hook(OptimizerStep(self))
