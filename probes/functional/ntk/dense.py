@@ -16,7 +16,8 @@ from probes.functional.ntk import progress, settings
 from probes.functional.ntk.factors import _layer_terms
 from probes.functional.ntk.fallback import _fallback_blocks
 from probes.functional.ntk.plan import NTKPlan
-from probes.functional.ntk.planning import _inputs_and_plan
+from probes.functional.ntk.planning import _inputs_and_plan, _share
+from probes.functional.ntk.ranks import Share, gather_term, tops_gathered
 from probes.functional.ntk.terms import _Embed, _Grad, _Pairs, _Term
 
 
@@ -40,58 +41,71 @@ def _add_strip(theta: torch.Tensor, blk: torch.Tensor, s: int, e: int, Ce: int) 
         theta[r1:, r0:r1] += blk[:, r1 - r0:].T
 
 
-def _accumulate_gram(theta: torch.Tensor, D: torch.Tensor, Ce: int, chunk: int | None) -> None:
-    """``theta += D D^T`` for rows ``D`` (P Ce, n), strip by strip."""
-    P = D.shape[0] // Ce
-    rows = _strip_rows(P, Ce * Ce, D.element_size(), chunk)
-    for s in range(0, P, rows):
-        e = min(P, s + rows)
-        _add_strip(theta, D[s * Ce:e * Ce] @ D[s * Ce:].T, s, e, Ce)
+def _rows(t: _Term, s: int, e: int) -> _Term:
+    """The term of samples ``s:e`` (views)."""
+    if isinstance(t, _Grad):
+        return _Grad(t.D[s:e])
+    if isinstance(t, _Pairs):
+        return _Pairs(t.G[s:e], t.Z[s:e], t.bias)
+    return _Embed(t.G[s:e], t.T[s:e], t.V)
 
 
-def _accumulate_pairs(theta: torch.Tensor, G: torch.Tensor, Z: torch.Tensor, chunk: int | None) -> None:
-    """``theta += sum_{k,k'} (G_k G_k'^T) * (Z_k Z_k'^T)`` for one group, ``G`` (P, Ce, K, n), ``Z`` (P, K, d)."""
-    P, Ce, K, n = G.shape
-    d = Z.shape[2]
-    rows = _strip_rows(P, Ce * Ce * K * K * 2, G.element_size(), chunk)
-    for s in range(0, P, rows):
-        e = min(P, s + rows)
-        ga, gc = G[s:e], G[s:]
-        if K == 1:
-            gg = ga.reshape(-1, n) @ gc.reshape(-1, n).T  # ((e-s) Ce, (P-s) Ce)
-            zz = Z[s:e, 0] @ Z[s:, 0].T  # (e-s, P-s)
-            if Ce == 1:
-                blk = gg.mul_(zz)
-            else:
-                blk = gg.view(e - s, Ce, P - s, Ce).mul_(zz[:, None, :, None]).view(gg.shape)
-        else:
-            gg = (ga.reshape(-1, n) @ gc.reshape(-1, n).T).view(e - s, Ce, K, P - s, Ce, K)
-            zz = (Z[s:e].reshape(-1, d) @ Z[s:].reshape(-1, d).T).view(e - s, 1, K, P - s, 1, K)
-            blk = gg.mul_(zz).sum(dim=(2, 5)).reshape((e - s) * Ce, (P - s) * Ce)
-        _add_strip(theta, blk, s, e, Ce)
+def _block(a: _Term, b: _Term) -> torch.Tensor:
+    """The kernel block ``Theta[A, B]`` of one term between two sets of samples: ``(|A| Ce, |B| Ce)``.
+
+    ``_Grad``: ``D_A D_B^T``; ``_Pairs``: ``sum_grp sum_{k,k'} (G_Ak G_Bk'^T) * (Z_Ak Z_Bk'^T)``; ``_Embed``:
+    ``sum_{k,k'} [T_Ak = T_Bk'] G_Ak G_Bk'^T``.
+    """
+    if isinstance(a, _Grad):
+        Pa, Ce = a.D.shape[:2]
+        return a.D.reshape(Pa * Ce, -1) @ b.D.reshape(b.D.shape[0] * Ce, -1).T
+    if isinstance(a, _Embed):
+        Pa, Ce, K, d = a.G.shape
+        Pb = b.G.shape[0]
+        gg = (a.G.reshape(-1, d) @ b.G.reshape(-1, d).T).view(Pa, Ce, K, Pb, Ce, K)
+        same = a.T.view(Pa, 1, K, 1, 1, 1) == b.T.view(1, 1, 1, Pb, 1, K)
+        return gg.mul_(same.to(gg.dtype)).sum(dim=(2, 5)).reshape(Pa * Ce, Pb * Ce)
+    blk = None
+    for j in range(a.G.shape[3]):
+        part = _pairs_block(a.G[:, :, :, j], a.Z[:, :, j], b.G[:, :, :, j], b.Z[:, :, j])
+        blk = part if blk is None else blk.add_(part)
+    return blk
 
 
-def _accumulate_embed(theta: torch.Tensor, t: _Embed, chunk: int | None) -> None:
-    """``theta += sum_{k,k'} [T_k = T_k'] (G_k G_k'^T)``, strip by strip."""
-    P, Ce, K, d = t.G.shape
-    rows = _strip_rows(P, Ce * Ce * K * K * 2, t.G.element_size(), chunk)
-    for s in range(0, P, rows):
-        e = min(P, s + rows)
-        gg = (t.G[s:e].reshape(-1, d) @ t.G[s:].reshape(-1, d).T).view(e - s, Ce, K, P - s, Ce, K)
-        same = (t.T[s:e].view(e - s, 1, K, 1, 1, 1) == t.T[s:].view(1, 1, 1, P - s, 1, K))
-        blk = gg.mul_(same.to(gg.dtype)).sum(dim=(2, 5)).reshape((e - s) * Ce, (P - s) * Ce)
-        _add_strip(theta, blk, s, e, Ce)
+def _pairs_block(Ga: torch.Tensor, Za: torch.Tensor, Gb: torch.Tensor, Zb: torch.Tensor) -> torch.Tensor:
+    """``sum_{k,k'} (G_ak G_bk'^T) * (Z_ak Z_bk'^T)`` for one group, ``G`` (P, Ce, K, n), ``Z`` (P, K, d)."""
+    Pa, Ce, K, n = Ga.shape
+    Pb, d = Gb.shape[0], Za.shape[2]
+    if K == 1:
+        gg = Ga.reshape(-1, n) @ Gb.reshape(-1, n).T  # (Pa Ce, Pb Ce)
+        zz = Za[:, 0] @ Zb[:, 0].T  # (Pa, Pb)
+        if Ce == 1:
+            return gg.mul_(zz)
+        return gg.view(Pa, Ce, Pb, Ce).mul_(zz[:, None, :, None]).view(gg.shape)
+    gg = (Ga.reshape(-1, n) @ Gb.reshape(-1, n).T).view(Pa, Ce, K, Pb, Ce, K)
+    zz = (Za.reshape(-1, d) @ Zb.reshape(-1, d).T).view(Pa, 1, K, Pb, 1, K)
+    return gg.mul_(zz).sum(dim=(2, 5)).reshape(Pa * Ce, Pb * Ce)
+
+
+def _pair_bytes(t: _Term) -> int:
+    """Numbers of a block's temporaries per pair of samples (``_strip_rows``)."""
+    if isinstance(t, _Grad):
+        return t.D.shape[1] ** 2
+    Ce, K = t.G.shape[1], t.G.shape[2]
+    return Ce * Ce * K * K * 2
 
 
 def _accumulate_term(theta: torch.Tensor, t: _Term, chunk: int | None) -> None:
-    if isinstance(t, _Grad):
-        P, Ce = t.D.shape[:2]
-        _accumulate_gram(theta, t.D.reshape(P * Ce, -1), Ce, chunk)
-    elif isinstance(t, _Pairs):
-        for j in range(t.G.shape[3]):
-            _accumulate_pairs(theta, t.G[:, :, :, j], t.Z[:, :, j], chunk)
-    else:
-        _accumulate_embed(theta, t, chunk)
+    """``theta += Theta_term``, strip by strip over the upper triangle (mirrored below the diagonal)."""
+    first = t.D if isinstance(t, _Grad) else t.G
+    P, Ce, itemsize = first.shape[0], first.shape[1], first.element_size()
+    groups = [t] if not isinstance(t, _Pairs) or t.G.shape[3] == 1 else \
+        [_Pairs(t.G[:, :, :, j:j + 1], t.Z[:, :, j:j + 1]) for j in range(t.G.shape[3])]
+    for part in groups:  # one group at a time: the strips' temporaries stay under STRIP_BYTES
+        rows = _strip_rows(P, _pair_bytes(part), itemsize, chunk)
+        for s in range(0, P, rows):
+            e = min(P, s + rows)
+            _add_strip(theta, _block(_rows(part, s, e), _rows(part, s, P)), s, e, Ce)
 
 
 def _accumulate_fallback(theta: torch.Tensor, model: nn.Module, args: tuple[torch.Tensor, ...], P: int,
@@ -101,7 +115,7 @@ def _accumulate_fallback(theta: torch.Tensor, model: nn.Module, args: tuple[torc
     for done, (_, J, streamed) in enumerate(_fallback_blocks(model, args, P, names, C, mode, chunk, dtype, who)):
         progress.report(f"torch.func fallback ({len(names)} parameters), blocks", done + 1, None)
         if J is not None:
-            _accumulate_gram(theta, J, Ce, chunk)
+            _accumulate_term(theta, _Grad(J.view(P, Ce, -1)), chunk)
             del J
             continue
         # one parameter too large to hold for all samples: sample blocks, recomputed per pair of blocks
@@ -116,9 +130,58 @@ def _accumulate_fallback(theta: torch.Tensor, model: nn.Module, args: tuple[torc
                 theta[s2 * Ce:e2 * Ce, s * Ce:e * Ce] += blk.T
 
 
+def _add_block(theta: torch.Tensor, t: _Term, rows_a: tuple[int, int], rows_b: tuple[int, int], Ce: int,
+               chunk: int | None) -> None:
+    """``theta[A, B] += Theta_term[A, B]`` for two sample ranges, in row strips whose temporaries stay under
+    STRIP_BYTES (a term with several groups one group at a time)."""
+    (s, e), (s2, e2) = rows_a, rows_b
+    first = t.D if isinstance(t, _Grad) else t.G
+    groups = [t] if not isinstance(t, _Pairs) or t.G.shape[3] == 1 else \
+        [_Pairs(t.G[:, :, :, j:j + 1], t.Z[:, :, j:j + 1]) for j in range(t.G.shape[3])]
+    for part in groups:
+        step = chunk or max(1, settings.STRIP_BYTES // max(1, (e2 - s2) * _pair_bytes(part) * first.element_size()))
+        for r in range(s, e, step):
+            r2 = min(e, r + step)
+            theta[r * Ce:r2 * Ce, s2 * Ce:e2 * Ce] += _block(_rows(part, r, r2), _rows(part, s2, e2))
+
+
+def _kernel_across_ranks(theta: torch.Tensor, model: nn.Module, args: tuple[torch.Tensor, ...], plan: NTKPlan,
+                         share: Share, mode: str, chunk: int | None, dtype: torch.dtype, who: str) -> None:
+    """``theta`` (zeros, ``P Ce`` square) filled with the kernel on every rank: this rank's factors of its share,
+    every term's factors all-gathered, this rank's blocks of the upper triangle, one all-reduce
+    (``probes.functional.ntk.ranks``)."""
+    C = plan.outputs
+    Ce = C if mode == "full" else 1
+    local = share.take(args)
+    terms = list(_layer_terms(model, local, share.S, plan, mode, chunk, dtype, who, "dense").values()) \
+        if plan.fast else []
+    for names, J, _ in (_fallback_blocks(model, local, share.S, plan.fallback, C, mode, chunk, dtype, who)
+                        if plan.fallback else []):
+        if J is None:
+            raise ValueError(f"{who}: distributed=True: the torch.func Jacobian of {list(names)} does not fit "
+                             "settings.FALLBACK_BUDGET for one share of the samples; raise it, or use more ranks")
+        terms.append(_Grad(J.view(share.S, Ce, -1)))
+    pairs = share.pairs(share.P)
+    for i in range(len(terms)):
+        full = gather_term(share, terms[i])  # every rank's share of this term (one all-gather per factor)
+        terms[i] = None  # type: ignore[call-overload]
+        for a, b in pairs:
+            _add_block(theta, full, a, b, Ce, chunk)
+        del full
+        progress.report("kernel products across ranks, terms", i + 1, len(terms))
+    for (s, e), (s2, e2) in pairs:
+        if (s, e) == (s2, e2):  # the diagonal block exactly symmetric
+            blk = theta[s * Ce:e * Ce, s * Ce:e * Ce]
+            blk.copy_((blk + blk.T) / 2)
+        else:
+            theta[s2 * Ce:e2 * Ce, s * Ce:e * Ce] = theta[s * Ce:e * Ce, s2 * Ce:e2 * Ce].T
+    share.all_reduce(theta)  # every entry comes from exactly one rank: the sum with zeros is exact
+
+
 def empirical_ntk(model: nn.Module, x: Any, *, mode: str = "trace", reduction: str = "sum",
                   chunk_size: int | None = None, dtype: torch.dtype = torch.float64,
-                  fast_path: bool = True, plan: NTKPlan | None = None) -> torch.Tensor:
+                  fast_path: bool = True, plan: NTKPlan | None = None, distributed: bool = False,
+                  group: Any = None) -> torch.Tensor:
     """The empirical NTK ``J J^T`` of ``model`` on the samples ``x``, over every trainable parameter.
 
     The model is used as it is (its train/eval mode is not changed, no ``.grad`` is written); the forward and
@@ -136,6 +199,11 @@ def empirical_ntk(model: nn.Module, x: Any, *, mode: str = "trace", reduction: s
         fast_path: ``False`` sends every parameter through ``torch.func`` (a reference).
         plan: a result of ``ntk_plan`` for this model and input shape, to skip its two discovery passes when the
             same kernel is measured repeatedly.
+        distributed: split the samples over the ranks of ``group`` (``torch.distributed``; every rank calls with
+            the same ``x`` and gets the whole kernel): each rank computes the factors of its ``P / world`` samples,
+            and the kernel's blocks come from factors exchanged between ranks (``probes.functional.ntk.ranks``).
+            Works on DDP replicas and FSDP2-sharded models (no rank needs a whole parameter).
+        group: the process group (None: the default group).
 
     Returns:
         The symmetric kernel, ``P x P`` or ``PC x PC``, in ``dtype`` on the inputs' device.
@@ -149,18 +217,27 @@ def empirical_ntk(model: nn.Module, x: Any, *, mode: str = "trace", reduction: s
         RuntimeError: the model cannot be differentiated one sample at a time (the fallback's last route), or
             calls a planned layer a different number of times than in the plan.
     """
+    with tops_gathered(model):
+        return _empirical_ntk(model, x, mode, reduction, chunk_size, dtype, fast_path, plan, distributed, group)
+
+
+def _empirical_ntk(model: nn.Module, x: Any, mode: str, reduction: str, chunk_size: int | None, dtype: torch.dtype,
+                   fast_path: bool, plan: NTKPlan | None, distributed: bool, group: Any) -> torch.Tensor:
     who = "empirical_ntk"
     args, P, plan = _inputs_and_plan(model, x, mode, reduction, chunk_size, dtype, fast_path, plan, who)
     C = plan.outputs
     Ce = C if mode == "full" else 1
     theta = torch.zeros(P * Ce, P * Ce, dtype=dtype, device=args[0].device)
+    share = _share(distributed, group, P, who)
     with progress.measuring(who):
-        if plan.fast:
+        if share is not None:
+            _kernel_across_ranks(theta, model, args, plan, share, mode, chunk_size, dtype, who)
+        if share is None and plan.fast:
             terms = _layer_terms(model, args, P, plan, mode, chunk_size, dtype, who, "dense")
             for i, path in enumerate(list(terms)):
                 _accumulate_term(theta, terms.pop(path), chunk_size)
                 progress.report("kernel products, layers", i + 1, len(plan.fast))
-        if plan.fallback:
+        if share is None and plan.fallback:
             _accumulate_fallback(theta, model, args, P, plan.fallback, C, mode, chunk_size, dtype, who)
     if reduction == "mean":
         theta /= C

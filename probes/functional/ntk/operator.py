@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from probes.functional.ntk import settings
+from probes.functional.ntk.ranks import Share, local_rows
 from probes.functional.ntk.terms import _Grad, _Pairs, _Term
 
 
@@ -83,13 +84,18 @@ class NTKOperator:
         dtype: the precision of the products.
         device: where the factors and the products are.
         scale: ``1 / C`` for ``reduction="mean"``, else 1.
+        share: across ranks (``ntk_operator(..., distributed=True)``), this rank's share of the samples: it holds
+            their factors only (``probes.functional.ntk.ranks``); None in one process.
+        rows: samples whose factors this process holds (``P``, or the share's padded size).
         products: vectors multiplied so far (columns of every ``V`` given to ``matmat``).
     """
 
     def __init__(self, terms: list[_Term], fallback: list[tuple[torch.Tensor | None, Any]], P: int, Ce: int,
-                 dtype: torch.dtype, device: torch.device, scale: float = 1.0) -> None:
+                 dtype: torch.dtype, device: torch.device, scale: float = 1.0, share: Share | None = None) -> None:
         self.terms, self.fallback = terms, fallback
         self.P, self.Ce, self.dtype, self.device, self.scale = P, Ce, dtype, device, scale
+        self.share = share
+        self.rows = share.S if share is not None else P  # samples whose factors this process holds
         self.products = 0
 
     @property
@@ -99,6 +105,10 @@ class NTKOperator:
 
     def matmat(self, V: torch.Tensor) -> torch.Tensor:
         """``Theta V``.
+
+        Across ranks (``share``), every rank calls this with the same ``V`` and gets the same ``Theta V``: each
+        term's partial product over this rank's samples, one all-reduce of them all, each rank's rows, one
+        all-gather.
 
         Args:
             V: ``n`` values or an ``n x b`` block (``n = shape[0]``), on the operator's device.
@@ -113,38 +123,54 @@ class NTKOperator:
         V = (V[:, None] if vec else V).to(self.dtype)
         if V.shape[0] != self.shape[0]:
             raise ValueError(f"NTKOperator.matmat: V has {V.shape[0]} rows for an {self.shape[0]}-row kernel")
-        out = torch.zeros_like(V)
-        for t in self.terms:
-            self._term_matmat(t, V, out)
-        for J, streamed in self.fallback:
-            if J is not None:
-                out += J @ (J.T @ V)
-                continue
-            jac, bounds = streamed
-            W = None
-            for s, e in bounds:
-                blk = jac(s, e).T @ V[s * self.Ce:e * self.Ce]
-                W = blk if W is None else W.add_(blk)
-            for s, e in bounds:
-                out[s * self.Ce:e * self.Ce] += jac(s, e) @ W
+        here = V if self.share is None else local_rows(self.share, V, self.Ce)
+        parts = [self._partial(t, here) for t in self.terms] + [self._fallback_partial(f, here) for f in self.fallback]
+        if self.share is not None and parts:  # W summed over every rank's samples, all terms in one all-reduce
+            flat = self.share.all_reduce(torch.cat([w.reshape(-1) for w in parts]))
+            parts = [w.view(part.shape) for w, part in zip(flat.split([w.numel() for w in parts]), parts)]
+        out = torch.zeros_like(here)
+        for t, W in zip(self.terms, parts):
+            self._apply(t, W, out)
+        for f, W in zip(self.fallback, parts[len(self.terms):]):
+            self._fallback_apply(f, W, out)
+        if self.share is not None:
+            out = self.share.gather_rows(out, self.Ce)
         if self.scale != 1.0:
             out *= self.scale
         self.products += V.shape[1]
         return out[:, 0] if vec else out
 
-    def _term_matmat(self, t: _Term, V: torch.Tensor, out: torch.Tensor) -> None:
-        P, Ce, b, dt = self.P, self.Ce, V.shape[1], self.dtype
-        Vs = V.view(P, Ce, b)
-        outs = out.view(P, Ce, b)
-        if isinstance(t, _Grad):
-            D = t.D.reshape(P * Ce, -1)
-            out += D @ (D.T @ V)
+    def _fallback_partial(self, f: tuple[torch.Tensor | None, Any], V: torch.Tensor) -> torch.Tensor:
+        J, streamed = f
+        if J is not None:
+            return J.T @ V
+        jac, bounds = streamed
+        W = None
+        for s, e in bounds:
+            blk = jac(s, e).T @ V[s * self.Ce:e * self.Ce]
+            W = blk if W is None else W.add_(blk)
+        return W
+
+    def _fallback_apply(self, f: tuple[torch.Tensor | None, Any], W: torch.Tensor, out: torch.Tensor) -> None:
+        J, streamed = f
+        if J is not None:
+            out += J @ W
             return
+        jac, bounds = streamed
+        for s, e in bounds:
+            out[s * self.Ce:e * self.Ce] += jac(s, e) @ W
+
+    def _partial(self, t: _Term, V: torch.Tensor) -> torch.Tensor:
+        """The term's ``W`` over the samples held here: ``D^T V``; ``sum_j g_j (v_j z_j)^T`` per group; the
+        embedding table's scatter-add."""
+        P, Ce, b, dt = self.rows, self.Ce, V.shape[1], self.dtype
+        Vs = V.view(P, Ce, b)
+        if isinstance(t, _Grad):
+            return t.D.reshape(P * Ce, -1).T @ V
         if isinstance(t, _Pairs):
             _, _, K, g, n = t.G.shape
             d = t.Z.shape[-1]
-            # W_grp = sum_{i,c,k} g_ick (v_icb z_ik)^T: one GEMM (n x rows) @ (rows x b d) per block and group;
-            # (Theta v)_icb = sum_k (g_ick^T W_b) . z_ik: a GEMM (rows x n) @ (n x b d), then a dot over d
+            # W_grp = sum_{i,c,k} g_ick (v_icb z_ik)^T: one GEMM (n x rows) @ (rows x b d) per block and group
             rows = _block_rows(P, Ce * K * (n + 2 * b * d) + K * d, 8)
             W = torch.zeros(g, n, b * d, dtype=dt, device=V.device)
             for s in range(0, P, rows):
@@ -152,6 +178,28 @@ class NTKOperator:
                 ZV = Z[:, None, :, :, None, :] * Vs[s:s + rows, :, None, None, :, None]  # (r, Ce, K, g, b, d)
                 for j in range(g):
                     W[j] += G[:, :, :, j].reshape(-1, n).T @ ZV[:, :, :, j].reshape(-1, b * d)
+            return W
+        _, _, K, d = t.G.shape
+        rows = _block_rows(P, K * (2 * d * b + Ce * d), 8)
+        W = torch.zeros(t.V, d * b, dtype=dt, device=V.device)
+        for s in range(0, P, rows):
+            G = t.G[s:s + rows].to(dt)
+            Gv = torch.einsum("rckd,rcb->rkdb", G, Vs[s:s + rows])
+            W.index_add_(0, t.T[s:s + rows].reshape(-1), Gv.reshape(-1, d * b))
+        return W
+
+    def _apply(self, t: _Term, W: torch.Tensor, out: torch.Tensor) -> None:
+        """``out += `` the term's ``Theta V`` rows of the samples held here, from its (summed) ``W``."""
+        P, Ce, b, dt = self.rows, self.Ce, out.shape[1], self.dtype
+        outs = out.view(P, Ce, b)
+        if isinstance(t, _Grad):
+            out += t.D.reshape(P * Ce, -1) @ W
+            return
+        if isinstance(t, _Pairs):
+            _, _, K, g, n = t.G.shape
+            d = t.Z.shape[-1]
+            # (Theta v)_icb = sum_k (g_ick^T W_b) . z_ik: a GEMM (rows x n) @ (n x b d), then a dot over d
+            rows = _block_rows(P, Ce * K * (n + 2 * b * d) + K * d, 8)
             for s in range(0, P, rows):
                 G, Z = t.G[s:s + rows].to(dt), t.Z[s:s + rows].to(dt)
                 r = G.shape[0]
@@ -161,11 +209,6 @@ class NTKOperator:
             return
         _, _, K, d = t.G.shape
         rows = _block_rows(P, K * (2 * d * b + Ce * d), 8)
-        W = torch.zeros(t.V, d * b, dtype=dt, device=V.device)
-        for s in range(0, P, rows):
-            G = t.G[s:s + rows].to(dt)
-            Gv = torch.einsum("rckd,rcb->rkdb", G, Vs[s:s + rows])
-            W.index_add_(0, t.T[s:s + rows].reshape(-1), Gv.reshape(-1, d * b))
         for s in range(0, P, rows):
             G, T = t.G[s:s + rows].to(dt), t.T[s:s + rows]
             outs[s:s + rows] += torch.einsum("rckd,rkdb->rcb", G, W[T].view(T.shape[0], K, d, b))
@@ -176,7 +219,7 @@ class NTKOperator:
         Returns:
             ``n`` values in the operator's dtype.
         """
-        P, Ce, dt = self.P, self.Ce, self.dtype
+        P, Ce, dt = self.rows, self.Ce, self.dtype
         diag = torch.zeros(P, Ce, dtype=dt, device=self.device)
         for t in self.terms:
             if isinstance(t, _Grad):
@@ -204,6 +247,8 @@ class NTKOperator:
             jac, bounds = streamed
             for s, e in bounds:
                 diag[s * Ce:e * Ce] += jac(s, e).pow(2).sum(1)
+        if self.share is not None:
+            diag = self.share.gather_rows(diag, Ce)
         return diag * self.scale
 
     def trace(self) -> torch.Tensor:

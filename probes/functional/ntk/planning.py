@@ -16,6 +16,7 @@ from probes.functional.ntk.fallback import _fallback_blocks
 from probes.functional.ntk.inputs import _as_args, _check_modules, _trainable, _validated
 from probes.functional.ntk.operator import NTKOperator, _compressed
 from probes.functional.ntk.plan import NTKPlan, _build_plan, _refresh_fallback
+from probes.functional.ntk.ranks import Share, sharded_parameters, tops_gathered
 from probes.functional.ntk.selfcheck import _demote
 from probes.functional.ntk.terms import _Pairs
 
@@ -48,11 +49,18 @@ def ntk_plan(model: nn.Module, x: Any, *, fast_path: bool = True, check: bool = 
         TypeError: ``x`` is not a tensor or a sequence of tensors, or the model does not return a floating
             tensor.
     """
-    plan = _build_plan(model, x, fast_path=fast_path, who=who)
-    args, P = _as_args(x, who)
-    if check and fast_path and P >= 2 and (plan.fast or plan.direct):
-        _demote(model, args, plan, who)
-        _refresh_fallback(plan, _trainable(model, who))
+    with tops_gathered(model):
+        plan = _build_plan(model, x, fast_path=fast_path, who=who)
+        args, P = _as_args(x, who)
+        if check and fast_path and P >= 2 and (plan.fast or plan.direct):
+            _demote(model, args, plan, who)
+            _refresh_fallback(plan, _trainable(model, who))
+        sharded = sharded_parameters(model, plan.fallback + plan.direct)
+    if sharded:
+        raise ValueError(f"{who}: the parameters {sharded} of this FSDP2-sharded model have no layerwise formula here "
+                         f"({'; '.join(f'{k}: {v}' for k, v in plan.reasons.items())}), and the torch.func route "
+                         "needs them whole; shard the modules that hold them with their parent, or leave them out of "
+                         "training (requires_grad=False)")
     return plan
 
 
@@ -68,9 +76,21 @@ def _inputs_and_plan(model: nn.Module, x: Any, mode: str, reduction: str, chunk_
     return args, P, plan
 
 
+def _share(distributed: bool, group: Any, P: int, who: str) -> Share | None:
+    """This rank's share of the ``P`` samples for ``distributed=True`` (None: one process, or one rank)."""
+    if not distributed:
+        return None
+    d = torch.distributed
+    if not (d.is_available() and d.is_initialized()):
+        raise ValueError(f"{who}: distributed=True needs an initialised torch.distributed process group "
+                         "(torch.distributed.init_process_group)")
+    share = Share.of(P, group)
+    return share if share.world > 1 else None
+
+
 def ntk_operator(model: nn.Module, x: Any, *, mode: str = "trace", reduction: str = "sum",
                  chunk_size: int | None = None, dtype: torch.dtype = torch.float64, fast_path: bool = True,
-                 plan: NTKPlan | None = None) -> NTKOperator:
+                 plan: NTKPlan | None = None, distributed: bool = False, group: Any = None) -> NTKOperator:
     """The kernel of ``empirical_ntk`` as a matrix-free operator, memory linear in ``P``.
 
     For the top eigenvalues at large ``P``: ``top_eigenvalues(op.matmat, op.shape[0], k)``
@@ -85,6 +105,11 @@ def ntk_operator(model: nn.Module, x: Any, *, mode: str = "trace", reduction: st
         dtype: the precision of the products ``Theta V`` (the factors are kept in the model's precision).
         fast_path: as for ``empirical_ntk``.
         plan: as for ``empirical_ntk``.
+        distributed: split the samples over the ranks of ``group``: each rank holds the factors of its
+            ``P / world`` samples only, and every product ``Theta V`` sums the ranks' partial products in one
+            all-reduce and assembles the rows in one all-gather (every rank calls ``matmat`` with the same ``V``
+            and gets the same result; no rank holds ``P x P`` or another rank's factors).
+        group: the process group (None: the default group).
 
     Returns:
         An ``NTKOperator`` holding the layerwise factors (and the fallback Jacobians that fit the budget).
@@ -95,16 +120,26 @@ def ntk_operator(model: nn.Module, x: Any, *, mode: str = "trace", reduction: st
         SampleMixingError: the model mixes samples.
         RuntimeError: as ``empirical_ntk``.
     """
+    with tops_gathered(model):
+        return _ntk_operator(model, x, mode, reduction, chunk_size, dtype, fast_path, plan, distributed, group)
+
+
+def _ntk_operator(model: nn.Module, x: Any, mode: str, reduction: str, chunk_size: int | None, dtype: torch.dtype,
+                  fast_path: bool, plan: NTKPlan | None, distributed: bool, group: Any) -> NTKOperator:
     who = "ntk_operator"
     args, P, plan = _inputs_and_plan(model, x, mode, reduction, chunk_size, dtype, fast_path, plan, who)
     C = plan.outputs
     Ce = C if mode == "full" else 1
+    share = _share(distributed, group, P, who)
+    local, rows = (args, P) if share is None else (share.take(args), share.S)
     with progress.measuring(who):
-        terms = list(_layer_terms(model, args, P, plan, mode, chunk_size, dtype, who, "operator").values()) \
+        terms = list(_layer_terms(model, local, rows, plan, mode, chunk_size, dtype, who, "operator").values()) \
             if plan.fast else []
-        terms = [_compressed(t, dtype) if isinstance(t, _Pairs) else t for t in terms]
+        if share is None:  # bases of the row spaces: per rank they would differ, so across ranks the factors stay
+            terms = [_compressed(t, dtype) if isinstance(t, _Pairs) else t for t in terms]
         fallback: list[tuple[torch.Tensor | None, Any]] = []
         if plan.fallback:
             fallback = [(J, streamed) for _, J, streamed in
-                        _fallback_blocks(model, args, P, plan.fallback, C, mode, chunk_size, dtype, who)]
-    return NTKOperator(terms, fallback, P, Ce, dtype, args[0].device, 1.0 / C if reduction == "mean" else 1.0)
+                        _fallback_blocks(model, local, rows, plan.fallback, C, mode, chunk_size, dtype, who)]
+    return NTKOperator(terms, fallback, P, Ce, dtype, args[0].device, 1.0 / C if reduction == "mean" else 1.0,
+                       share)

@@ -20,6 +20,7 @@ from torch import nn
 
 from probes.functional.ntk.factors import _layer_terms, _term_params
 from probes.functional.ntk.inputs import _as_args, _flat_output, _take
+from probes.functional.ntk.layers import _own_params
 from probes.functional.ntk.operator import NTKOperator
 from probes.functional.ntk.plan import NTKPlan
 
@@ -55,16 +56,31 @@ def verify_plan(model: nn.Module, x: Any, plan: NTKPlan, *, samples: int = 2,
     flat = [p for ps in owners.values() for p in ps]
     ref = {k: torch.zeros(s, dtype=torch.float64) for k in owners}
     eps = 1.0
-    for i in range(s):
-        with torch.enable_grad():
-            y = _flat_output(model(*_take(sub, i, i + 1)), 1, who)[0]
-            eps = torch.finfo(y.dtype).eps
-            yu = y @ u.to(y.device, y.dtype)
-            grads = (torch.autograd.grad(yu, flat, allow_unused=True) if yu.requires_grad
-                     else [None] * len(flat))  # the output depends on no trainable parameter
-        norms = iter([0.0 if g is None else float(g.double().pow(2).sum()) for g in grads])
-        for k, ps in owners.items():
-            ref[k][i] = sum(next(norms) for _ in ps)
+    where = {id(p): (path, key) for path, m in plan.modules.items() for key, p in _own_params(m).items()}
+    live: dict[str, dict[str, torch.Tensor]] = {}
+
+    def record(path: str):
+        def hook(module: nn.Module, args: Any) -> None:
+            live[path] = _own_params(module)
+        return hook
+
+    # the parameter tensors the forward uses: under FSDP2 the gathered ones, which the graph holds, not the shards
+    handles = [m.register_forward_pre_hook(record(path)) for path, m in plan.modules.items()]
+    try:
+        for i in range(s):
+            with torch.enable_grad():
+                y = _flat_output(model(*_take(sub, i, i + 1)), 1, who)[0]
+                eps = torch.finfo(y.dtype).eps
+                yu = y @ u.to(y.device, y.dtype)
+                used = [live.get(where[id(p)][0], {}).get(where[id(p)][1], p) if id(p) in where else p for p in flat]
+                grads = (torch.autograd.grad(yu, used, allow_unused=True) if yu.requires_grad
+                         else [None] * len(flat))  # the output depends on no trainable parameter
+            norms = iter([0.0 if g is None else float(g.double().pow(2).sum()) for g in grads])
+            for k, ps in owners.items():
+                ref[k][i] = sum(next(norms) for _ in ps)
+    finally:
+        for h in handles:
+            h.remove()
     total = sum(float(v.sum()) for v in ref.values())
     bad = {}
     for k, mine in fast.items():

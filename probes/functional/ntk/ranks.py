@@ -1,0 +1,183 @@
+"""The kernel across ranks: each rank takes ``P / world`` of the samples, the ranks exchange factors.
+
+Under ``torch.distributed`` (DDP, or an FSDP2-sharded model, whose forward and backward all-gather one unit at a
+time) every rank calls ``empirical_ntk(..., distributed=True)`` or ``ntk_operator(..., distributed=True)`` with the
+same samples. Rank ``r`` keeps the contiguous share ``[r S, (r + 1) S)`` of the ``P`` samples, ``S = ceil(P /
+world)`` (a short share is padded with copies of a real sample, so that every rank runs the same forwards and
+backwards, hence the same FSDP collectives; padded rows are dropped), and computes the layerwise factors of its
+share alone: forwards, output gradients, per-sample gradients. No rank needs a whole parameter beyond what FSDP
+gathers for its own forward and backward.
+
+- Dense kernel: the factors of every term are all-gathered (``world`` times the factors of one share reach every
+  rank); the upper triangle of ``2 world x 2 world`` sample blocks is dealt round-robin over the ranks, each rank
+  computes its blocks, and one all-reduce of the ``P x P`` kernel (every entry computed on exactly one rank, zeros
+  elsewhere: the sum is exact) gives every rank the kernel a single process computes, to rounding.
+- Operator (``Theta V``, matrix-free): no factor moves. For each term the ranks sum their partial products
+  ``W_r = sum_{j in r} f_j v_j^T`` in one all-reduce of all terms' ``W`` together, each rank applies ``W`` to its
+  own samples, and one all-gather assembles ``Theta V`` on every rank; no rank holds ``P x P``, and every rank
+  runs the same Krylov iterations on the same vectors.
+
+Work per rank: the factor passes and the products at about ``1 / world``; exchanged: the factors once (dense), or
+``W`` and ``Theta V`` per product (operator).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from probes.functional.ntk.terms import _Embed, _Grad, _Pairs, _Term
+
+
+@dataclass(frozen=True)
+class Share:
+    """Rank ``rank``'s samples of ``P``: real rows ``start:stop`` of the padded share ``[rank S, (rank + 1) S)``.
+
+    Attributes:
+        rank: this rank.
+        world: the ranks.
+        P: all samples.
+        S: samples per rank, padded (``ceil(P / world)``).
+        group: the process group (None: the default group).
+    """
+
+    rank: int
+    world: int
+    P: int
+    S: int
+    group: Any = None
+
+    @classmethod
+    def of(cls, P: int, group: Any = None) -> Share:
+        """This rank's share of ``P`` samples in ``group``."""
+        d = torch.distributed
+        rank, world = d.get_rank(group), d.get_world_size(group)
+        return cls(rank, world, P, max(1, -(-P // world)), group)
+
+    @property
+    def start(self) -> int:
+        return min(self.P, self.rank * self.S)
+
+    @property
+    def stop(self) -> int:
+        return min(self.P, (self.rank + 1) * self.S)
+
+    def real(self, rank: int) -> int:
+        """Real (not padded) samples of ``rank``."""
+        return max(0, min(self.P, (rank + 1) * self.S) - rank * self.S)
+
+    def take(self, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        """This rank's ``S`` samples of ``args``, padded with copies of its last real sample (of sample 0 when it
+        has none)."""
+        n, out = self.stop - self.start, []
+        for a in args:
+            rows = a[self.start:self.stop] if n else a[:1]
+            missing = self.S - rows.shape[0]
+            if missing:
+                rows = torch.cat([rows, rows[-1:].expand((missing,) + tuple(rows.shape[1:]))])
+            out.append(rows)
+        return tuple(out)
+
+    def gather_rows(self, local: torch.Tensor, per_sample: int = 1) -> torch.Tensor:
+        """Every rank's ``local`` (its ``S * per_sample`` rows) stacked in rank order, padded rows dropped: the
+        rows of all ``P`` samples, on every rank (one all-gather)."""
+        local = local.contiguous()
+        parts = [torch.empty_like(local) for _ in range(self.world)]
+        torch.distributed.all_gather(parts, local, group=self.group)
+        return torch.cat([p[:self.real(r) * per_sample] for r, p in enumerate(parts)])
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` summed over the ranks, in place."""
+        torch.distributed.all_reduce(t, group=self.group)
+        return t
+
+    def pairs(self, P: int) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+        """This rank's blocks of the upper triangle: ``P`` samples in ``2 world`` contiguous blocks, the
+        ``world (2 world + 1)`` pairs ``a <= b`` dealt round-robin (``2 world + 1`` each)."""
+        n = 2 * self.world
+        edges = [round(i * P / n) for i in range(n + 1)]
+        blocks = [(edges[i], edges[i + 1]) for i in range(n) if edges[i + 1] > edges[i]]
+        every = [(a, b) for i, a in enumerate(blocks) for b in blocks[i:]]
+        return every[self.rank::self.world]
+
+
+def gather_term(share: Share, t: _Term) -> _Term:
+    """The term of all ``P`` samples from every rank's share (all-gathered, padded rows dropped)."""
+    if isinstance(t, _Grad):
+        return _Grad(share.gather_rows(t.D))
+    if isinstance(t, _Pairs):
+        return _Pairs(share.gather_rows(t.G), share.gather_rows(t.Z), t.bias)
+    return _Embed(share.gather_rows(t.G), share.gather_rows(t.T), t.V)
+
+
+def local_rows(share: Share, V: torch.Tensor, Ce: int) -> torch.Tensor:
+    """This rank's rows of ``V`` (``P Ce`` rows), zero rows for its padded samples: ``S Ce`` rows."""
+    rows = V[share.start * Ce:share.stop * Ce]
+    missing = share.S * Ce - rows.shape[0]
+    return torch.cat([rows, rows.new_zeros((missing,) + tuple(rows.shape[1:]))]) if missing else rows
+
+
+def _fsdp_units(model: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:
+    """``(tops, all)``: the FSDP2 units of ``model`` with no FSDP2 unit above them, and every unit."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return [], []
+    tops: list[nn.Module] = []
+    units: list[nn.Module] = []
+
+    def walk(m: nn.Module, inside: bool) -> None:
+        unit = isinstance(m, FSDPModule)
+        if unit:
+            units.append(m)
+            if not inside:
+                tops.append(m)
+        for child in m.children():
+            walk(child, inside or unit)
+
+    walk(model, False)
+    return tops, units
+
+
+@contextmanager
+def tops_gathered(model: nn.Module) -> Iterator[None]:
+    """An FSDP2-sharded model with its top units' own parameters gathered for the block (``unshard``; every rank
+    enters alike), as after any forward: FSDP2 keeps the root gathered between a forward and its backward, so the
+    kernel's passes, some without a backward, see the same parameter tensors throughout; the other units gather
+    and free themselves in each forward and backward. The top units do not reshard after the kernel's backward
+    passes inside the block, and are left gathered after it (the caller's next backward, or ``reshard``, frees
+    them, as after a forward). Nothing for a model without FSDP2 units."""
+    tops = _fsdp_units(model)[0]
+    before = [_reshards_after_backward(u) for u in tops]
+    for unit in tops:
+        unit.unshard()
+        unit.set_reshard_after_backward(False, recurse=False)
+    try:
+        yield
+    finally:
+        for unit, flag in zip(tops, before):
+            unit.set_reshard_after_backward(flag, recurse=False)
+
+
+def _reshards_after_backward(unit: nn.Module) -> bool:
+    try:
+        groups = unit._get_fsdp_state()._fsdp_param_group
+        return bool(groups.reshard_after_backward) if groups is not None else True
+    except Exception:  # noqa: BLE001 - internals moved: FSDP2's default
+        return True
+
+
+def sharded_parameters(model: nn.Module, names: list[str]) -> list[str]:
+    """The parameters among ``names`` that are sharded now (``DTensor``): the ``torch.func`` fallback needs them
+    whole."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:
+        return []
+    params = dict(model.named_parameters())
+    return [n for n in names if isinstance(params.get(n), DTensor)]
