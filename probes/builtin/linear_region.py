@@ -80,7 +80,8 @@ two ``jvp``).
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -88,9 +89,11 @@ from torch import nn
 from torch.func import functional_call, jvp
 
 from probes import options
-from probes.engine.inputs import Positional, select_output
+from probes.engine.distributed import is_sharded
+from probes.engine.inputs import Positional, select_output, take
 from probes.functional.local_affine import (
     MAX_POOLS,
+    ModuleValues,
     Params,
     check_piecewise_linear,
     flip_rate,
@@ -99,7 +102,9 @@ from probes.functional.local_affine import (
     patterns_differ,
     perturb_inputs,
     perturb_params,
+    perturb_tensor,
     site_pattern,
+    swapped,
     trainable_names,
 )
 from probes.probe import Context, Probe, ProbeBatch, Site
@@ -158,11 +163,119 @@ def region_patterns(batch: ProbeBatch, x: torch.Tensor, state: Params | None = N
     return run.output.detach().reshape(P, -1), pats
 
 
-def _directional(batch: ProbeBatch, state: Params, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """``A(x) v`` per sample (P, C) by one forward-mode ``jvp`` of the probes' output tensor."""
+def _directional(batch: ProbeBatch, state: Params | None, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``A(x) v`` per sample (P, C) by one forward-mode ``jvp`` of the probes' output tensor (``state=None``: the
+    model's own forward and parameters)."""
     model, spec = batch.model, batch.output_spec
-    out = jvp(lambda z: select_output(functional_call(model, state, (z,)), spec), (x,), (v,))[1]
+
+    def f(z: torch.Tensor) -> torch.Tensor:
+        return select_output(model(z) if state is None else functional_call(model, state, (z,)), spec)
+
+    out = jvp(f, (x,), (v,))[1]
     return out.detach().reshape(x.shape[0], -1)
+
+
+class WholeParameters:
+    """The parameter sets of one measurement as whole tensors (``parameter_state``), swapped in by
+    ``functional_call``: a model that is not sharded."""
+
+    def __init__(self, batch: ProbeBatch, names: list[str], site_types: tuple[type[nn.Module], ...]) -> None:
+        self.batch, self.names, self.site_types = batch, names, site_types
+
+    def base(self, dtype: torch.dtype) -> Params:
+        return parameter_state(self.batch.model, dtype)
+
+    def perturbed(self, base: Params, delta: float, g: torch.Generator) -> Params:
+        return perturb_params(base, self.names, delta, g)
+
+    def cast(self, params: Params, dtype: torch.dtype) -> Params:
+        return {n: t.to(dtype) if t.is_floating_point() else t for n, t in params.items()}
+
+    def patterns(self, x: torch.Tensor, params: Params) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return region_patterns(self.batch, x, params, self.site_types)
+
+    def directional(self, params: Params, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return _directional(self.batch, params, x, v)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How a parameter set is made from a module's own tensors, module by module (``ModuleParameters``).
+
+    Attributes:
+        dtype: every floating tensor is cast to it first (``parameter_state``).
+        delta: the relative size of the perturbation of each trainable tensor (None: none).
+        states: the generator state before each trainable tensor's draw, by name (the draws of ``perturb_params``).
+        then: a dtype to cast to after the perturbation (a sweep set used in the joint dtype), or None.
+    """
+
+    dtype: torch.dtype
+    delta: float | None = None
+    states: Mapping[str, torch.Tensor] | None = None
+    then: torch.dtype | None = None
+
+
+class ModuleParameters:
+    """The parameter sets of one measurement as ``Recipe``s, applied to each module inside its own forward
+    (``local_affine.swapped``): a sharded model (FSDP2), whose forward all-gathers one unit at a time; no
+    whole-model copy is made. The values are those of ``WholeParameters``: the same casts, and the same draws,
+    replayed from the generator state saved before each tensor's draw in ``perturb_params``' order."""
+
+    def __init__(self, batch: ProbeBatch, names: list[str], site_types: tuple[type[nn.Module], ...]) -> None:
+        self.batch, self.names, self.site_types = batch, names, site_types
+        model = batch.model
+        self.tensors = dict(model.named_parameters())  # global shapes (sharded parameters are DTensors)
+        first: dict[int, str] = {}
+        #: (module, local name) -> the parameter's name in ``named_parameters`` (a tied parameter has one)
+        self.qualified: dict[tuple[int, str], str] = {}
+        for path, module in model.named_modules(remove_duplicate=False):
+            for local, t in module._parameters.items():
+                if t is not None:
+                    name = first.setdefault(id(t), f"{path}.{local}" if path else local)
+                    self.qualified[(id(module), local)] = name
+
+    def base(self, dtype: torch.dtype) -> Recipe:
+        return Recipe(dtype)
+
+    def perturbed(self, base: Recipe, delta: float, g: torch.Generator) -> Recipe:
+        states: dict[str, torch.Tensor] = {}
+        for n in self.names:  # the draws of perturb_params, in its order: only the generator's states are kept
+            p = self.tensors[n]
+            states[n] = g.get_state()
+            torch.randn(p.shape, generator=g, device=p.device, dtype=base.dtype)
+        return Recipe(base.dtype, delta, states)
+
+    def cast(self, recipe: Recipe, dtype: torch.dtype) -> Recipe:
+        return replace(recipe, then=dtype)
+
+    def values(self, recipe: Recipe) -> ModuleValues:
+        """``module -> its tensors in this set``, called inside the module's forward (its parameters whole)."""
+
+        def value(name: str | None, t: torch.Tensor) -> torch.Tensor:
+            t = t.detach()
+            if t.is_floating_point():
+                t = t.to(recipe.dtype)
+            if recipe.delta is not None and recipe.states is not None and name in recipe.states:
+                g = torch.Generator(device=t.device)
+                g.set_state(recipe.states[name])
+                t = perturb_tensor(t, recipe.delta, g)
+            return t.to(recipe.then) if recipe.then is not None and t.is_floating_point() else t
+
+        def of(module: nn.Module) -> dict[str, torch.Tensor]:
+            out = {n: value(self.qualified.get((id(module), n)), t) for n, t in module._parameters.items()
+                   if t is not None}
+            out.update({n: value(None, t) for n, t in module._buffers.items() if t is not None})
+            return out
+
+        return of
+
+    def patterns(self, x: torch.Tensor, recipe: Recipe) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        with swapped(self.batch.model, self.values(recipe)):
+            return region_patterns(self.batch, x, None, self.site_types)
+
+    def directional(self, recipe: Recipe, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        with swapped(self.batch.model, self.values(recipe)):
+            return _directional(self.batch, None, x, v)
 
 
 class LinearRegion(Probe):
@@ -179,7 +292,9 @@ class LinearRegion(Probe):
         Chart("fraction of gate bits that flip, per parameter perturbation size delta",
               r"^linear_region/gate_flip_rate_delta_[^/]+$"),
     )
-    supports_sharding = False  # FSDP: functional_call and jvp on whole parameters
+    # FSDP2: every forward runs through the model's own forward, which gathers one unit at a time; each module's
+    # parameter set (cast, perturbed) is made inside that module's forward (``ModuleParameters``)
+    sharding = "per_module"
     description = "samples whose linear region changes under small input/weight nudges"
     every = 100
     passive = False
@@ -205,17 +320,45 @@ class LinearRegion(Probe):
     def setup(self, context: Context) -> None:
         if not isinstance(context.x, torch.Tensor) or not context.x.is_floating_point():
             raise TypeError("linear_region: the probe batch x must be one floating tensor with samples first")
-        p = next((t for t in context.model.parameters() if t.is_floating_point()), None)
-        x = context.x[:2].to(p.dtype if p is not None else context.x.dtype)
-        model = self._tensor_model(context.model, context.output_spec, False)
+        if is_sharded(context.model):  # no forward at attach: the traced checks run in validate, on every rank
+            check_piecewise_linear(context.model, None, who="linear_region", allow=self.allow, assume_eval=True)
+            return
+        self._check(context.model, context.x, context.output_spec, own=False)
+
+    def _check(self, model: nn.Module, x: torch.Tensor, output_spec: Any, own: bool) -> None:
+        """``check_piecewise_linear`` with a traced forward of two samples (``own``: the model's own parameters)."""
+        p = next((t for t in model.parameters() if t.is_floating_point()), None)
+        x = x[:2].to(p.dtype if p is not None else x.dtype)
+        wrapped = self._tensor_model(model, output_spec, False)
         try:
-            check_piecewise_linear(model, x, who="linear_region", allow=self.allow, assume_eval=True)
+            check_piecewise_linear(wrapped, x, who="linear_region", allow=self.allow, assume_eval=True,
+                                   own_parameters=own)
         except (AttributeError, TypeError):
-            if model is not context.model:
+            if wrapped is not model:
                 raise
             # the model returns a dict / tuple / ModelOutput: check the output the probes use
-            check_piecewise_linear(self._tensor_model(context.model, context.output_spec, True), x,
-                                   who="linear_region", allow=self.allow, assume_eval=True)
+            check_piecewise_linear(self._tensor_model(model, output_spec, True), x, who="linear_region",
+                                   allow=self.allow, assume_eval=True, own_parameters=own)
+
+    def validate(self, batch: ProbeBatch) -> None:
+        """Under FSDP2: the traced checks of ``setup`` (through the model's own forward), and that every module
+        holding trainable parameters runs its own forward (where ``ModuleParameters`` makes their perturbed
+        copies). Without sharding ``setup`` checked everything."""
+        if not batch.sharded:
+            return
+        if not isinstance(batch.x, torch.Tensor) or not batch.x.is_floating_point():
+            raise TypeError("linear_region: the probe batch x must be one floating tensor with samples first")
+        self._check(batch.model, batch.x, batch.output_spec, own=True)
+        model = batch.model
+        with swapped(model, lambda module: {}) as called:
+            batch.run(take(batch.x, slice(0, 2)))
+        missing = [path or "<root>" for path, m in model.named_modules() if m not in called and any(
+            p is not None and p.requires_grad for p in m._parameters.values())]
+        if missing:
+            raise ValueError(f"linear_region: under FSDP the probe perturbs each module's parameters inside that "
+                             f"module's own forward, but the forward never calls module(s) {missing[:5]} whose "
+                             "parameters it reads (another module uses them directly); leave linear_region out "
+                             "for this sharded model")
 
     def _tensor_model(self, model: nn.Module, output_spec: Any, needed: bool) -> nn.Module:
         """``model`` as ``x -> the probes' output tensor`` when its output needs picking (one wrapper, kept, so the
@@ -280,11 +423,11 @@ class LinearRegion(Probe):
         self._announce(sweep, joint)
         x = x0.to(sweep)
         g = self._gen(x.device)
-        state = parameter_state(model, sweep)
         names = trainable_names(model)
-
-        def patterns(inputs: torch.Tensor, params: Params) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-            return region_patterns(batch, inputs, params, self.site_types)
+        # the parameter sets: whole copies, or under FSDP2 recipes applied module by module in the forward
+        sets = (ModuleParameters if batch.sharded else WholeParameters)(batch, names, self.site_types)
+        state = sets.base(sweep)
+        patterns = sets.patterns
 
         f_x_p, pat_x_p = patterns(x, state)
         gates = sum(p[0].numel() for p in pat_x_p.values())
@@ -302,7 +445,7 @@ class LinearRegion(Probe):
             if first_x is None:
                 first_x, f_xs_p, pat_xs_p = xp, f, pat
         for delta in delta_sizes:
-            sp = perturb_params(state, names, delta, g)
+            sp = sets.perturbed(state, delta, g)
             f, pat = patterns(x, sp)
             records += [Scalar(f"linear_region/flip_fraction_delta_{delta:g}",
                                patterns_differ(pat_x_p, pat).double().mean()),
@@ -310,16 +453,16 @@ class LinearRegion(Probe):
             if first_state is None:
                 first_state, f_x_ps, pat_x_ps = sp, f, pat
         if joint != sweep:  # the same draws, cast (exactly) to the joint dtype; three forwards again in it
-            x, state = x0.to(joint), parameter_state(model, joint)
+            x, state = x0.to(joint), sets.base(joint)
             first_x = first_x.to(joint)
-            first_state = {n: t.to(joint) if t.is_floating_point() else t for n, t in first_state.items()}
+            first_state = sets.cast(first_state, joint)
             f_x_p, pat_x_p = patterns(x, state)
             f_xs_p, pat_xs_p = patterns(x + first_x, state)
             f_x_ps, pat_x_ps = patterns(x, first_state)
         f_xs_ps, pat_xs_ps = patterns(x + first_x, first_state)
         keep = ~(patterns_differ(pat_x_p, pat_xs_p) | patterns_differ(pat_x_ps, pat_xs_ps))
         lg = l_gen(f_x_p, f_x_ps, f_xs_p, f_xs_ps)
-        axp = _directional(batch, first_state, x, first_x) - _directional(batch, state, x, first_x)
+        axp = sets.directional(first_state, x, first_x) - sets.directional(state, x, first_x)
         w = keep.to(lg.dtype)
         n_keep = w.sum()
         records += [

@@ -32,11 +32,16 @@ Trails live in one fixed-size tensor of ``trail`` positions per particle (part o
 dict). ``trail_mode="thin"`` (default) keeps the whole history since attach: when the buffer is
 full every other position is dropped and later ones are stored at half the rate, so the trail
 always starts at the initialisation. ``trail_mode="ring"`` keeps the last ``trail`` positions.
+
+Under FSDP2 (``fully_shard``) every rank measures: the hidden layer's weights are read inside
+``batch.gathered(hidden)``, then the output layer's inside ``batch.gathered(out)``, one unit's whole parameters at a
+time; the values are those of one process.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import numpy as np
@@ -167,7 +172,9 @@ class Particles(Probe):
     """
 
     name = "particles"
-    supports_sharding = False  # FSDP: reads the hidden and output weights directly
+    # FSDP2: positions() reads the hidden layer inside batch.gathered(hidden), then the output layer inside
+    # batch.gathered(out): one unit's whole parameters at a time (two blocks even when one unit holds both)
+    sharding = "per_module"
     description = "hidden units of a two-layer net as moving points, with trails"
     every = 20
     passive = False
@@ -291,14 +298,30 @@ class Particles(Probe):
 
     # -- measurement ----------------------------------------------------------------
     @torch.no_grad()
-    def positions(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        """``(p, sign, norms)``: positions (m x D float64), ``a_j >= 0`` (or None) and ``|a_j| ||w_j||``."""
+    def positions(self, gathered: Callable[..., AbstractContextManager[None]] | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """``(p, sign, norms)``: positions (m x D float64), ``a_j >= 0`` (or None) and ``|a_j| ||w_j||``.
+
+        Args:
+            gathered: ``ProbeBatch.gathered`` under FSDP2: the hidden layer's weights are read (copied) inside
+                ``gathered(hidden)``, then the output layer's inside ``gathered(out)``; None: read directly.
+
+        Returns:
+            ``(p, sign, norms)``.
+
+        Raises:
+            RuntimeError: called before ``setup``.
+        """
         if self.hidden is None:
             raise RuntimeError("particles: positions() before setup; attach the probe first")
-        w = self.hidden.weight.detach().double()
-        if self.bias:
-            w = torch.cat([w, self.hidden.bias.detach().double()[:, None]], dim=1)
-        a_all = self.out.weight.detach().double()
+        gather = gathered if gathered is not None else (lambda *modules: nullcontext())
+        copy = gathered is not None  # gathered tensors are freed after the block: float64 copies outlive it
+        with gather(self.hidden):
+            w = self.hidden.weight.detach().to(torch.float64, copy=copy)
+            if self.bias:
+                w = torch.cat([w, self.hidden.bias.detach().double()[:, None]], dim=1)
+        with gather(self.out):
+            a_all = self.out.weight.detach().to(torch.float64, copy=copy)
         if a_all.shape[0] == 1 or self.output_index is not None:
             a = a_all[0 if self.output_index is None else int(self.output_index)]
             sign = a >= 0
@@ -341,7 +364,7 @@ class Particles(Probe):
     def measure(self, batch: ProbeBatch) -> Sequence[Record]:
         if self.hidden is None:
             self.setup(Context(batch.model))
-        p, sign, norms = self.positions()
+        p, sign, norms = self.positions(batch.gathered if batch.sharded else None)
         if self.basis is None:
             if not torch.isfinite(p).all():
                 raise ValueError(f"{self._who}: non-finite weights at the first measurement; "

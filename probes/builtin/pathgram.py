@@ -63,6 +63,8 @@ model output, which catches residual connections, scalings or ``F.linear`` calls
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -156,10 +158,25 @@ def _relative_error(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def check_recomposition(batch: ProbeBatch | Pass, chain: Chain, X: torch.Tensor, who: str = "pathgram",
-                        rows: int = 256) -> None:
+                        rows: int = 256,
+                        gathered: Callable[..., AbstractContextManager[None]] | None = None) -> None:
     """Each gate's input must be its Linear applied to the previous gate's output (the flattened input
     for the first), and the model output the last Linear applied to the last gate's output; checked on
-    the first ``rows`` samples (a chain is per sample: any sample shows a break)."""
+    the first ``rows`` samples (a chain is per sample: any sample shows a break).
+
+    Args:
+        batch: the probe pass (activations, output).
+        chain: the chain found in it (``find_chain``).
+        X: the flattened probe inputs.
+        who: the name that error messages start with.
+        rows: how many samples to check.
+        gathered: ``ProbeBatch.gathered``: each Linear's weight is read inside ``gathered(linear)``, one Linear at a
+            time (FSDP2 all-gathers its unit for the block); None: read directly.
+
+    Raises:
+        ValueError: a shape or value that breaks the Linear->ReLU chain, naming where.
+    """
+    gather = gathered if gathered is not None else (lambda *modules: nullcontext())
     m = min(rows, X.shape[0])
     h = X[:m]
     errors: list[torch.Tensor] = []
@@ -170,7 +187,8 @@ def check_recomposition(batch: ProbeBatch | Pass, chain: Chain, X: torch.Tensor,
                 src = "the flattened input" if k == 0 else f"the output of gate {chain.gates[k - 1]!r}"
                 raise ValueError(f"{who}: Linear {path!r} expects {lin.in_features} features but {src} has shape "
                                  f"{tuple(h.shape)}; the path gram needs a plain Linear->ReLU chain on P x d inputs")
-            z = F.linear(h.to(lin.weight.dtype), lin.weight, lin.bias)
+            with gather(lin):  # this Linear's whole weight for the block, under FSDP2; the next one after it
+                z = F.linear(h.to(lin.weight.dtype), lin.weight, lin.bias)
             if k < len(chain.gates):
                 act = batch.activations.get(chain.gates[k])
                 if act is None:
@@ -251,7 +269,9 @@ class PathGramProbe(Probe):
     """Neural path kernel ``H`` of a Linear->ReLU chain on the probe batch and ``tr(Y^T H^{-1} Y)``."""
 
     name = "pathgram"
-    supports_sharding = False  # FSDP: recomposes the chain with each Linear's whole weight
+    # FSDP2: the recomposition check reads each Linear's weight inside ``batch.gathered(linear)``, one at a time;
+    # the path gram itself needs only the probe pass's gates
+    sharding = "per_module"
     description = "neural path kernel of the ReLU gates and how well it fits the labels"
     every = 100
     passive = False
@@ -292,7 +312,7 @@ class PathGramProbe(Probe):
         X = flatten_input(batch.x)[:found.output.shape[0]]
         chain = find_chain(found)
         if self.check:
-            check_recomposition(found, chain, X, rows=min(X.shape[0], 16))
+            check_recomposition(found, chain, X, rows=min(X.shape[0], 16), gathered=batch.gathered)
         batch.targets("pathgram")
 
     def compute(self, batch: ProbeBatch) -> tuple[PathGram, Chain]:
@@ -300,7 +320,7 @@ class PathGramProbe(Probe):
         X = flatten_input(batch.x)
         chain = find_chain(batch)
         if self.check:
-            check_recomposition(batch, chain, X)
+            check_recomposition(batch, chain, X, gathered=batch.gathered)
         gates = [batch.activations[s].pre > 0 for s in chain.gates]
         return path_gram(X, gates, chain.bias, xx=self._input_gram(X), workspace=self._workspace), chain
 

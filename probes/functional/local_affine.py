@@ -31,15 +31,20 @@ Public functions:
   (``pre > 0`` for the ReLU family, both kinks for ReLU6 / Hardtanh, the argmax indices for max pooling).
 - ``patterns_differ(a, b)``: (P,) bool, True where any bit of a sample's pattern differs; ``flip_rate(a, b)``
   the fraction of all pattern entries that differ.
-- ``perturb_inputs``, ``perturb_params``, ``directional``, ``l_gen``: the pieces of the probe.
+- ``perturb_inputs``, ``perturb_params`` (``perturb_tensor``), ``directional``, ``l_gen``: the pieces of the
+  probe.
+- ``swapped(model, values)``: each module's own parameters and buffers replaced by ``values(module)`` around that
+  module's own forward only, for a model whose whole parameters exist one module at a time (FSDP2: its forward
+  all-gathers each unit before the unit's modules run, and frees it after); the probe's route under sharding.
 
 Nothing here changes the model: parameters are swapped in through ``torch.func.functional_call``
-(copies in the chosen dtype), no ``.backward()``, no ``.grad``, modes untouched, hooks removed.
+(copies in the chosen dtype) or, under ``swapped``, for the length of one module's forward, put back before the
+module returns; no ``.backward()``, no ``.grad``, modes untouched, hooks removed.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from typing import Any, NamedTuple
 
@@ -157,13 +162,14 @@ class _TraceMode(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def _curvature(model: nn.Module, x: torch.Tensor, params: Params) -> torch.Tensor:
-    """``max |d^2/dt^2 f(x + t v)|`` over a few samples, by nested forward-mode AD (0 for piecewise-linear f)."""
+def _curvature(model: nn.Module, x: torch.Tensor, params: Params | None) -> torch.Tensor:
+    """``max |d^2/dt^2 f(x + t v)|`` over a few samples, by nested forward-mode AD (0 for piecewise-linear f);
+    ``params=None``: the model's own parameters (its own forward)."""
     g = torch.Generator(device=x.device).manual_seed(12345)
     v = torch.randn(x.shape, generator=g, device=x.device, dtype=x.dtype)
 
     def f(z):
-        return functional_call(model, params, (z,))
+        return model(z) if params is None else functional_call(model, params, (z,))
 
     def df(z):
         return jvp(f, (z,), (v,))[1]
@@ -185,7 +191,7 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
 
 def check_piecewise_linear(model: nn.Module, x: torch.Tensor | None = None, *, who: str = "linear_region",
                            allow: tuple[type[nn.Module], ...] = (), curvature: bool = True,
-                           assume_eval: bool = False) -> None:
+                           assume_eval: bool = False, own_parameters: bool = False) -> None:
     """Raise ``NotPiecewiseLinearError`` (naming the module) unless ``model`` is piecewise linear per sample.
 
     Module scan always; with ``x`` (a few samples suffice) a traced forward for smooth functional calls and,
@@ -201,6 +207,9 @@ def check_piecewise_linear(model: nn.Module, x: torch.Tensor | None = None, *, w
         allow: module classes to accept as piecewise linear without the scan.
         curvature: run the second-derivative test (with ``x``).
         assume_eval: judge the model as it runs in eval mode.
+        own_parameters: run the forwards of the check with the model's own parameters, through its own forward and
+            without gradients (a sharded model, whose forward gathers them unit by unit), instead of through
+            ``functional_call`` on detached copies.
 
     Raises:
         NotPiecewiseLinearError: a module that is not a known piecewise-linear layer, random or mixing samples,
@@ -211,10 +220,10 @@ def check_piecewise_linear(model: nn.Module, x: torch.Tensor | None = None, *, w
     if x is None:
         return
     with _eval_mode(model) if assume_eval else nullcontext():
-        _check_forward(model, x, who, curvature)
+        _check_forward(model, x, who, curvature, own_parameters)
 
 
-def _check_forward(model: nn.Module, x: torch.Tensor, who: str, curvature: bool) -> None:
+def _check_forward(model: nn.Module, x: torch.Tensor, who: str, curvature: bool, own: bool = False) -> None:
     if not isinstance(x, torch.Tensor) or x.ndim == 0 or not x.is_floating_point():
         raise TypeError(f"{who}: the input must be a floating tensor with samples first, got "
                         f"{type(x).__name__}{'' if not isinstance(x, torch.Tensor) else tuple(x.shape)}")
@@ -227,13 +236,14 @@ def _check_forward(model: nn.Module, x: torch.Tensor, who: str, curvature: bool)
         raise NotPiecewiseLinearError(f"{who}: the model calls smooth functions ({where}); it is not piecewise "
                                       "linear, so it has no local affine map f = A(x) x + c(x)")
     if curvature:
-        params = parameter_state(model, None)
+        params = None if own else parameter_state(model, None)
         try:
-            second = _curvature(model, xs, params)
+            with torch.no_grad() if own else nullcontext():  # forward-mode AD runs under no_grad
+                second = _curvature(model, xs, params)
         except (NotImplementedError, RuntimeError):  # an op without forward-mode AD: the scans above stand
             return
         with torch.no_grad():
-            scale = 1.0 + float(functional_call(model, params, (xs,)).abs().max())
+            scale = 1.0 + float((model(xs) if own else functional_call(model, params, (xs,))).abs().max())
         if float(second) > 1e-9 * scale:
             raise NotPiecewiseLinearError(
                 f"{who}: the output of {type(model).__name__} has a nonzero second derivative along a random "
@@ -329,6 +339,59 @@ def directional(model: nn.Module, state: Params, x: torch.Tensor, v: torch.Tenso
     """
     out = jvp(lambda z: functional_call(model, state, (z,)), (x,), (v,))[1]
     return out.detach().reshape(x.shape[0], -1)
+
+
+ModuleValues = Callable[[nn.Module], Mapping[str, torch.Tensor]]
+
+
+@contextmanager
+def swapped(model: nn.Module, values: ModuleValues) -> Iterator[set[nn.Module]]:
+    """Inside the block, each module of ``model`` that holds parameters or buffers runs its own forward with
+    ``values(module)`` (local name -> tensor) in place of its own tensors of those names, put back as it returns.
+
+    ``values`` is called in the module's forward pre-hook, where its whole parameters are present even when the
+    model is sharded: FSDP2 all-gathers a unit in the unit's own pre-hook, which runs first, and frees it in its
+    post-hook, which runs after the hook putting the tensors back. So a substitute built from a module's parameters
+    (a cast, a perturbed copy) exists for that module's forward only, and no more parameters are whole at a time
+    than the model's own forward holds. A parameter read outside its module's own forward (a parent calling
+    ``F.linear(x, self.child.weight)``) is not replaced.
+
+    Args:
+        model: the network.
+        values: ``values(module)``: the tensors to use for some of ``module``'s own (not its children's) parameters
+            and buffers during its forward, by local name; called at each call of the module.
+
+    Yields:
+        The set of modules whose forward ran inside the block (filled as they run).
+    """
+    called: set[nn.Module] = set()
+    saved: dict[nn.Module, list[list[tuple[dict[str, Any], str, Any]]]] = {}
+
+    def pre(module: nn.Module, args: Any) -> None:
+        called.add(module)
+        kept: list[tuple[dict[str, Any], str, Any]] = []
+        for name, tensor in values(module).items():
+            table = module._parameters if name in module._parameters else module._buffers
+            kept.append((table, name, table[name]))
+            table[name] = tensor  # the dicts themselves: a plain tensor where a Parameter was (functional_call's way)
+        saved.setdefault(module, []).append(kept)
+
+    def post(module: nn.Module, args: Any, output: Any) -> None:
+        for table, name, tensor in reversed(saved[module].pop()):
+            table[name] = tensor
+
+    handles = []
+    try:
+        for module in model.modules():
+            if any(t is not None for t in module._parameters.values()) or \
+                    any(t is not None for t in module._buffers.values()):
+                handles.append(module.register_forward_pre_hook(pre))
+                # prepended: it runs before FSDP2's post-forward hook frees the parameters; always: after an error too
+                handles.append(module.register_forward_hook(post, prepend=True, always_call=True))
+        yield called
+    finally:
+        for h in handles:
+            h.remove()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -446,10 +509,23 @@ def perturb_params(state: Params, names: list[str], delta: float, generator: tor
     """
     out = dict(state)
     for n in names:
-        p = state[n]
-        u = torch.randn(p.shape, generator=generator, device=p.device, dtype=p.dtype)
-        out[n] = p + u * (delta * p.norm() / u.norm().clamp_min(torch.finfo(p.dtype).tiny))
+        out[n] = perturb_tensor(state[n], delta, generator)
     return out
+
+
+def perturb_tensor(p: torch.Tensor, delta: float, generator: torch.Generator) -> torch.Tensor:
+    """``p + p'`` with ``||p'||_F = delta ||p||_F``: one Gaussian draw shaped like ``p`` (``perturb_params``' step).
+
+    Args:
+        p: a floating tensor.
+        delta: relative size of the perturbation.
+        generator: the random source (on ``p``'s device); one ``randn`` of ``p``'s shape and dtype is drawn.
+
+    Returns:
+        A new tensor.
+    """
+    u = torch.randn(p.shape, generator=generator, device=p.device, dtype=p.dtype)
+    return p + u * (delta * p.norm() / u.norm().clamp_min(torch.finfo(p.dtype).tiny))
 
 
 def l_gen(f_x_p: torch.Tensor, f_x_ps: torch.Tensor, f_xs_p: torch.Tensor, f_xs_ps: torch.Tensor) -> torch.Tensor:
