@@ -75,6 +75,13 @@ sequence of them: extra module types known to be piecewise linear).
 Default cadence: every 100 steps (``1 + len(eps) + len(delta)`` forwards in the model's dtype, then four forwards
 and two ``jvp`` of the probe batch in float64; with one dtype throughout, ``2 + len(eps) + len(delta)`` forwards and
 two ``jvp``).
+
+Under FSDP2 (``fully_shard``; ``sharding = "per_module"``) every rank measures through the model's own forward, which
+gathers one unit at a time: each module's cast or perturbed parameters are made inside its own forward
+(``ModuleParameters``, ``local_affine.swapped``; the draws replayed from the generator state saved before each
+tensor's), so no whole-model copy is made and the values are those of one process. At attach the module scan runs
+in ``setup`` and the traced checks in ``validate``; a forward that reads some module's parameters without calling
+that module makes ``attach`` raise.
 """
 
 from __future__ import annotations
