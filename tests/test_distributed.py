@@ -1,7 +1,8 @@
 """Probes under DDP: 2 CPU processes (gloo) give the totals of one process on the union of the data.
 
 Each rank trains a DDP-wrapped ReLU MLP on its half of every batch; ``relu_zeros`` counts are
-summed over the ranks at each flush, the active probes run once (rank 0), and only rank 0 writes.
+summed over the ranks at each flush, the active probes run once (rank 0), except ntk, which splits the probe
+batch over the ranks (its kernel equals one process's to 1e-10), and only rank 0 writes.
 The reference is one process whose forwards see both halves. The weights are not updated (forward
 and backward only; DDP still all-reduces the gradients), so both runs see the same network and the
 counts must agree exactly. A second test gives the ranks different accumulators: the probe is
@@ -66,7 +67,10 @@ def _worker(rank: int, root: str) -> None:
         x, y, probe_data = data()
         counting = CountingProbe()
         session = probes.attach(model, {**SPEC, counting: None}, probe_data=probe_data,
-                                logdir=os.path.join(root, f"tb_rank{rank}"))
+                                logdir=os.path.join(root, f"tb_rank{rank}"), sinks=["tensorboard", "memory"])
+        ntk, ntk_calls = session.probes["ntk"], []
+        measure = ntk.measure
+        ntk.measure = lambda batch: (ntk_calls.append([batch.world_size, batch.size]), measure(batch))[1]
         for s in range(STEPS):
             xb = x[s, rank * PER_RANK:(rank + 1) * PER_RANK]  # this rank's half of the global batch
             yb = y[s, rank * PER_RANK:(rank + 1) * PER_RANK]
@@ -75,8 +79,10 @@ def _worker(rank: int, root: str) -> None:
             session.step()
         session.close()
         with open(os.path.join(root, f"rank{rank}.json"), "w") as f:
-            json.dump({"sinks": len(session.sinks), "measure_calls": counting.calls,
-                       "failures": sorted(session.failures)}, f)
+            mem = session.memory.scalars() if session.sinks else {}
+            json.dump({"sinks": len(session.sinks), "measure_calls": counting.calls, "ntk_calls": ntk_calls,
+                       "failures": sorted(session.failures),
+                       "ntk": {t: v for t, v in mem.items() if t.startswith("ntk/")}}, f)
     finally:
         leave_group()
 
@@ -106,10 +112,21 @@ def test_ddp_totals_equal_a_single_process_run_on_the_union(tmp_path):
 
     info = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD)]
     assert [i["failures"] for i in info] == [[], []]
-    assert info[0]["sinks"] == 1 and info[1]["sinks"] == 0  # only rank 0 writes
+    assert info[0]["sinks"] == 2 and info[1]["sinks"] == 0  # only rank 0 writes (TensorBoard, memory)
     assert info[0]["measure_calls"] == counting.calls == 1 + STEPS // EVERY  # attach + cadence (close: none due)
     assert info[1]["measure_calls"] == 0  # active probes run once, on rank 0
     assert not (tmp_path / "tb_rank1").exists()
+    # ntk splits the probe batch over the ranks: both measure, each the factors of half of the 20 samples, and the
+    # kernel assembled from exchanged factors equals one process's (this float32 model's passes round differently on
+    # 10 samples than on 20: 1e-6; tests/test_ntk_ranks.py checks float64 models to 1e-10)
+    assert info[0]["ntk_calls"] == info[1]["ntk_calls"] == [[WORLD, 20]] * (STEPS // EVERY)
+    ntk_ref = {t: v for t, v in expected.items() if t.startswith("ntk/")}
+    assert {"ntk/trace", "ntk/eig_max", "ntk/eig_top/1", "ntk/eig_top/5", "ntk/alignment", "ntk/eig_min"} \
+        <= set(ntk_ref) == set(info[0]["ntk"])
+    for tag, values in ntk_ref.items():
+        assert [st for st, _ in info[0]["ntk"][tag]] == [st for st, _ in values] == [0, 2, 4], tag
+        tol = 1e-3 if tag in ("ntk/condition", "ntk/eig_min") else 1e-6  # eig_min: rounding relative to eig_max
+        assert [v for _, v in info[0]["ntk"][tag]] == pytest.approx([v for _, v in values], rel=tol, abs=1e-12), tag
 
     got = read_scalars(tmp_path / "tb_rank0")
     zero_tags = [t for t in expected if t.startswith("relu_zeros/")]

@@ -2,7 +2,8 @@
 
 Each rank trains a ``fully_shard`` ReLU MLP (each Linear sharded, then the root) on its half of every batch.
 Every forward all-gathers the parameters, so the active probes run on every rank (same probes, same order,
-same probe batch); passive counts are summed over the ranks at each flush; only rank 0 writes. The reference
+same probe batch); ntk splits the probe batch over the ranks and equals one process; passive counts are summed
+over the ranks at each flush; only rank 0 writes. The reference
 is one process training the same MLP on the union of the data: relu_zeros counts agree to a few gate flips
 (the reduce-scattered gradients differ from one process's only by rounding), the step-0 measurements agree
 exactly, and the parameters trained under FSDP with probes are bit-identical to those trained without.
@@ -49,6 +50,8 @@ STEPS = 4
 EVERY = 2
 PER_RANK = 8
 SPEC = {"relu_zeros": {"every": EVERY}, "patterns": {"every": EVERY}, "alignment": {"every": EVERY}}
+#: the NTK across the ranks, matrix-free (the distributed operator; tests/test_distributed.py covers the dense route)
+NTK = {"every": EVERY, "spectrum": "topk", "top_k": 3, "image": False}
 
 
 def shard(model: nn.Module, mesh, root_owns: bool = False) -> nn.Module:
@@ -89,8 +92,9 @@ def _worker(rank: int, root: str) -> None:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             gates = {"every": EVERY, "save": True, "directory": os.path.join(root, f"gates_rank{rank}")}
-            session = probes.attach(model, {**SPEC, "patterns": gates, "ntk": {"every": EVERY}, counting: None},
-                                    probe_data=probe_data, logdir=os.path.join(root, f"tb_rank{rank}"))
+            session = probes.attach(model, {**SPEC, "patterns": gates, "ntk": NTK, counting: None},
+                                    probe_data=probe_data, logdir=os.path.join(root, f"tb_rank{rank}"),
+                                    sinks=["tensorboard", "memory"])
         train(model, session, rank)
         session.close()
         with_probes = {n: p.full_tensor() for n, p in model.named_parameters()}  # collective: every rank
@@ -112,8 +116,10 @@ def _worker(rank: int, root: str) -> None:
         if rank == 0:
             torch.save({"with": with_probes, "without": without, "rooted_with": rooted_with,
                         "rooted_without": rooted_without}, os.path.join(root, "params.pt"))
+        mem = session.memory.scalars() if session.sinks else {}
         with open(os.path.join(root, f"rank{rank}.json"), "w") as f:
             json.dump({"sharded": session.sharded, "sinks": len(session.sinks), "measure_calls": counting.calls,
+                       "ntk": {t: v for t, v in mem.items() if t.startswith("ntk/")},
                        "rooted_parameter_kinds": kinds,
                        "failures": sorted(session.failures),
                        "ntk_messages": [str(w.message) for w in caught if "'ntk'" in str(w.message)]}, f)
@@ -137,20 +143,29 @@ def test_fully_shard_mlp_counts_like_one_process_and_trains_unchanged(fsdp_run):
     model = make_model()
     _, _, probe_data = data()
     counting = CountingProbe()
-    ref = probes.attach(model, {**SPEC, counting: None}, probe_data=probe_data, sinks=["memory"])
+    ref = probes.attach(model, {**SPEC, "ntk": NTK, counting: None}, probe_data=probe_data, sinks=["memory"])
     train(model, ref, None)
     ref.close()
     expected = ref.memory.scalars()
 
     info = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD)]
     assert info[0]["sharded"] and info[1]["sharded"]
-    # ntk needs whole parameters: off on every rank at attach, one message (rank 0) saying why
-    assert info[0]["failures"] == info[1]["failures"] == ["ntk"]
-    assert len(info[0]["ntk_messages"]) == 1 and "sharded" in info[0]["ntk_messages"][0]
-    assert info[1]["ntk_messages"] == []
+    assert info[0]["failures"] == info[1]["failures"] == []
+    assert not [m for m in info[0]["ntk_messages"] + info[1]["ntk_messages"] if "sharded" in m or "switched" in m]
     # the probe pass ran on every rank, as often as in one process; only rank 0 writes
     assert info[0]["measure_calls"] == info[1]["measure_calls"] == counting.calls == 1 + STEPS // EVERY
-    assert info[0]["sinks"] == 1 and info[1]["sinks"] == 0
+    assert info[0]["sinks"] == 2 and info[1]["sinks"] == 0
+    # the NTK across the ranks (each the factors of half the probe batch, FSDP gathering one unit at a time, the
+    # products Theta V assembled from the ranks' partial products): one process's trace and top eigenvalues, at step 0
+    # to the rounding of this float32 model's passes on 10 samples instead of 20, then as trained (rounding too)
+    ntk_ref = {t: v for t, v in expected.items() if t.startswith("ntk/")}
+    tags = {"ntk/trace", "ntk/eig_max", "ntk/eig_top/1", "ntk/eig_top/2", "ntk/eig_top/3", "ntk/effective_rank"}
+    assert tags == set(ntk_ref) == set(info[0]["ntk"])
+    for tag, values in ntk_ref.items():
+        mine = info[0]["ntk"][tag]
+        assert [st for st, _ in mine] == [st for st, _ in values] == [0, 2, 4], tag
+        assert mine[0][1] == pytest.approx(values[0][1], rel=1e-6), tag
+        assert [v for _, v in mine] == pytest.approx([v for _, v in values], rel=1e-3), tag
     assert not (tmp_path / "tb_rank1").exists()
     assert len(list((tmp_path / "gates_rank0").iterdir())) == 1 + STEPS // EVERY  # gate snapshots: rank 0 only
     assert not (tmp_path / "gates_rank1").exists()

@@ -47,6 +47,11 @@ flat and of a packed tail, ``probes.functional.spectra.effective_rank_bounds``);
 ``||Theta||_F``, i.e. every entry of the kernel). ``spectrum="auto"`` takes "topk" when the full route's four
 ``n x n`` float64 matrices would exceed ``memory_budget`` bytes (at the default, ``n`` above 8,192).
 
+Across ranks (DDP, FSDP2): every rank measures, each computing the factors of its ``P / world`` probe samples; the
+kernel's blocks are assembled from factors exchanged between the ranks (``spectrum="topk"``: the products ``Theta
+V`` are, and no rank holds ``P x P``), so every rank holds the kernel one process computes (``distributed=True`` of
+``probes.functional.ntk``); FSDP2 gathers one unit at a time, as in training. Only rank 0 writes.
+
 Default cadence: every 1000 steps (the kernel costs about ``P^2`` times the layer widths, the eigenvalues ``P^3``).
 """
 
@@ -99,7 +104,7 @@ class NTK(Probe):
 
     name = "ntk"
     charts = (Chart("NTK top eigenvalues (ntk/eig_top/<k>, k = 1 largest)", r"^ntk/eig_top/\d+$"),)
-    supports_sharding = False  # FSDP: reads the parameters and runs torch.func / backward passes on whole tensors
+    sharding = "per_sample"  # across ranks: each rank the factors of P / world samples, exchanged (ntk.ranks)
     description = "neural tangent kernel on the probe batch: spectrum, label fit, drift"
     every = 1000
     passive = False
@@ -255,9 +260,9 @@ class NTK(Probe):
         if self._plan is None or self._plan[0] != key:  # the two discovery passes only when the model changed
             self._plan = (key, ntk_plan(model, args, who="ntk"))
         if self.uses_topk(batch.size * (self._plan[1].outputs if self.mode == "full" else 1)):
-            return self._measure_topk(model, args, batch.step)
-        theta = empirical_ntk(model, args, mode=self.mode, reduction=self.reduction,
-                              chunk_size=self.chunk_size, dtype=torch.float64, plan=self._plan[1])
+            return self._measure_topk(model, args, batch.step, batch.world_size > 1)
+        theta = empirical_ntk(model, args, mode=self.mode, reduction=self.reduction, chunk_size=self.chunk_size,
+                              dtype=torch.float64, plan=self._plan[1], distributed=batch.world_size > 1)
         P = batch.size
         C = theta.shape[0] // P
         s = spectrum(theta)
@@ -289,12 +294,13 @@ class NTK(Probe):
         the first kernel for ``distance_from_init``) exceed ``memory_budget``."""
         return self.spectrum == "topk" or (self.spectrum == "auto" and 4 * 8 * n * n > self.memory_budget)
 
-    def _measure_topk(self, model: torch.nn.Module, args: tuple[torch.Tensor, ...], step: int) -> list[Record]:
+    def _measure_topk(self, model: torch.nn.Module, args: tuple[torch.Tensor, ...], step: int,
+                      distributed: bool = False) -> list[Record]:
         """Trace (exact), the ``top_k`` largest eigenvalues (block Krylov on ``Theta V`` from the layerwise factors,
         float64) and the effective rank estimated from them (``effective_rank_bounds``); no ``n x n`` matrix. The
         image plots the top eigenvalues, now and at the first measurement."""
-        op = ntk_operator(model, args, mode=self.mode, reduction=self.reduction,
-                          chunk_size=self.chunk_size, dtype=torch.float64, plan=self._plan[1])
+        op = ntk_operator(model, args, mode=self.mode, reduction=self.reduction, chunk_size=self.chunk_size,
+                          dtype=torch.float64, plan=self._plan[1], distributed=distributed)
         n = op.shape[0]
         trace = op.trace()
         top = top_eigenvalues(op.matmat, n, max(1, self.top_k), device=trace.device).values

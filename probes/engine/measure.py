@@ -68,8 +68,10 @@ class ActiveProbes:
         # measured on every rank: all under a sharded model, else the probes that split the probe batch (DDP)
         together = names if self.sharded else [n for n in names if self.probes[n].sharding == "per_sample"]
         sharded_before, before, error = distributed.sharded_now(self.probe_pass.module), set(self.failures.failed), None
+        here = names if self.rank == 0 or self.sharded else together
         try:
-            self._measure_here(names if self.rank == 0 or self.sharded else together, step, at_attach)
+            if here:
+                self._measure_here(here, step, at_attach)
         except Exception as exc:  # a raised error: the other ranks must still learn of it
             error = exc
         distributed.reshard(sharded_before)  # FSDP2 keeps the root gathered after a forward without backward
@@ -77,9 +79,9 @@ class ActiveProbes:
             if error is not None:
                 raise error
             return
-        here = {n for n in together if n in self.failures.failed and n not in before} | (
+        failed = {n for n in together if n in self.failures.failed and n not in before} | (
             set(together) if error else set())
-        elsewhere = distributed.failed_anywhere(together, here, self.device) - here
+        elsewhere = distributed.failed_anywhere(together, failed, self.device) - failed
         names = together
         if at_attach and elsewhere and error is None:
             raise RuntimeError(f"attach failed on another rank of this sharded model: probe(s) {sorted(elsewhere)} "
