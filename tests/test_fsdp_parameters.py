@@ -291,3 +291,48 @@ def test_a_parameter_read_outside_its_module_makes_linear_region_refuse_at_attac
     for r in range(WORLD):  # attach raised on every rank (none went on into a probe pass alone)
         assert info[r]["refused"] is not None and "never calls module(s) ['head']" in info[r]["refused"]
         assert "linear_region" in info[r]["refused"]
+
+
+class ConvNet(nn.Module):
+    """Conv, BatchNorm (running statistics as buffers), max pooling, and a Linear called twice (one parameter set
+    for both calls)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.conv, self.bn, self.pool = nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.MaxPool2d(2)
+        self.fc, self.twice, self.out = nn.Linear(64, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+        self.r1, self.r2, self.r3, self.r4 = nn.ReLU(), nn.ReLU(), nn.ReLU(), nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.pool(self.r1(self.bn(self.conv(x)))).flatten(1)
+        h = self.r3(self.twice(self.r2(self.twice(self.r2(self.fc(h))))))
+        return self.out(self.r4(h))
+
+
+def test_linear_region_per_module_route_equals_whole_parameters_in_one_process():
+    """The route taken under FSDP2 (``ModuleParameters``: each module's cast or perturbed tensors made in its own
+    forward, draws replayed) against whole parameters through ``functional_call``, on one unsharded model with
+    buffers, pooling indices, float32 sweeps and a float64 joint perturbation, and a module called twice."""
+    from dataclasses import replace
+
+    from probes.testing import probe_batch
+
+    model = ConvNet()
+    with torch.no_grad():
+        for _ in range(3):  # running statistics away from (0, 1)
+            model(torch.randn(16, 2, 8, 8) * 2 + 0.5)
+    model.eval()
+    x = torch.randn(12, 2, 8, 8, generator=torch.Generator().manual_seed(5))
+    batch = probe_batch(model, x, site_types=LinearRegion.site_types)
+    probe = LinearRegion(eps=(1e-3, 1e-1), delta=(1e-3, 3e-2))
+    probe.setup(probes.Context(model, x))
+    whole_route = {r.tag: float(r.item()) for r in probe.measure(batch)}
+    sharded = replace(batch, sharded=True)  # no FSDP units here: batch.gathered does nothing
+    probe.validate(sharded)
+    per_module = {r.tag: float(r.item()) for r in probe.measure(sharded)}
+    assert whole_route.keys() == per_module.keys() and len(whole_route) == 11
+    assert 0 < whole_route["linear_region/flip_fraction_delta_0.03"] < 1  # the perturbations matter here
+    assert whole_route["linear_region/l_gen"] > 0
+    for tag, value in whole_route.items():
+        assert per_module[tag] == value or (value != value and per_module[tag] != per_module[tag]), tag
