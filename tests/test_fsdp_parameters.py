@@ -208,7 +208,6 @@ def _worker(rank: int, root: str) -> None:
 def fsdp_run(tmp_path_factory):
     """One spawn of 2 ranks serves every test here (process start-up dominates the cost)."""
     root = tmp_path_factory.mktemp("fsdp_parameters")
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
     run_ranks(_worker, (str(root),), world=WORLD, deadline_s=90)
     info = [json.loads((root / f"rank{r}.json").read_text()) for r in range(WORLD)]
     saved = [torch.load(root / f"saved{r}.pt", weights_only=True) for r in range(WORLD)]
