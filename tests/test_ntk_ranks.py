@@ -3,7 +3,8 @@
 One spawn of 2 CPU processes computes, on replicated models (as under DDP) and then on FSDP2-sharded ones (each
 parameter layer its own unit, then the root), the dense kernel (trace and full modes), the matrix-free operator
 (its dense form, exact trace and top eigenvalues by block Krylov) for an MLP, a CNN (convolutions: positions
-within a sample) and a token model (Embedding, LayerNorm in the root unit). P = 7 samples do not split evenly:
+within a sample) and a token model (Embedding, LayerNorm in the root unit), and a GPT-2 from a config sharded one
+unit per block (transformers' Conv1D, tied embeddings, LayerNorms inside the units). P = 7 samples do not split evenly:
 rank 1 pads its share. The reference is one process on the same models. Each rank runs its forwards on its own
 4 samples only (the factor work is split), and holds only their factors in the operator.
 """
@@ -55,6 +56,30 @@ def models() -> dict[str, tuple[nn.Module, torch.Tensor]]:
             "tokens": (Tokens().double().eval(), torch.randint(0, 11, (P, 5), generator=g))}
 
 
+class LastLogits(nn.Module):
+    """A causal LM's logits at the last position (the kernel the ntk probe measures by default)."""
+
+    def __init__(self, lm: nn.Module) -> None:
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.lm(input_ids=ids).logits[:, -1]
+
+
+def gpt2() -> tuple[nn.Module, torch.Tensor] | None:
+    """A 2-block GPT-2 from a config (transformers' Conv1D layers, tied embeddings), float64, or None."""
+    try:
+        from transformers import GPT2Config, GPT2LMHeadModel
+    except ImportError:
+        return None
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=64, n_positions=16, attn_pdrop=0.0,
+                        embd_pdrop=0.0, resid_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+    lm = GPT2LMHeadModel(config).double().eval()
+    return lm, torch.randint(0, 64, (P, 8), generator=torch.Generator().manual_seed(1))
+
+
 def kernels(model: nn.Module, x: torch.Tensor, distributed: bool) -> dict[str, torch.Tensor]:
     op = tangent.ntk_operator(model, x, distributed=distributed)
     top = top_eigenvalues(op.matmat, op.shape[0], 3, device=x.device).values
@@ -81,6 +106,14 @@ def _worker(rank: int, root: str) -> None:
                 hook = model.register_forward_pre_hook(lambda _m, a: seen.append(int(a[0].shape[0])))
                 out[f"{how}/{name}"] = kernels(model, x, True)
                 hook.remove()
+        built = gpt2() if fully_shard is not None else None
+        if built is not None:  # FSDP2 the way transformer training does it: one unit per block, then the root
+            lm, ids = built
+            mesh = init_device_mesh("cpu", (WORLD,))
+            for block in lm.transformer.h:
+                fully_shard(block, mesh=mesh)
+            fully_shard(lm, mesh=mesh)
+            out["fsdp/gpt2"] = {"trace": tangent.empirical_ntk(LastLogits(lm), ids, distributed=True)}
         torch.save(out, os.path.join(root, f"rank{rank}.pt"))
         with open(os.path.join(root, f"rank{rank}.json"), "w") as f:
             json.dump({"batch_sizes": sorted(set(seen))}, f)
@@ -97,16 +130,21 @@ def ranks_run(tmp_path_factory):
 
 def test_the_kernel_across_two_ranks_equals_one_process_replicated_and_fsdp(ranks_run):
     got = [torch.load(ranks_run / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
-    assert len(got[0]) == (6 if fully_shard is not None else 3)
+    assert len(got[0]) == (3 if fully_shard is None else 6 if gpt2() is None else 7)
     for key, values in got[0].items():
-        ref = kernels(*models()[key.split("/")[1]], False)
+        if key == "fsdp/gpt2":
+            lm, ids = gpt2()
+            ref = {"trace": tangent.empirical_ntk(LastLogits(lm), ids)}
+        else:
+            ref = kernels(*models()[key.split("/")[1]], False)
         for what, expected in ref.items():
             if what == "rows":
                 continue
             for r in range(WORLD):  # every rank holds the same kernel
                 torch.testing.assert_close(got[r][key][what], expected, rtol=1e-10, atol=1e-12 * float(
                     expected.abs().max()), msg=f"{key} {what} rank {r}")
-        assert int(values["rows"]) == 4  # each rank holds the factors of ceil(7 / 2) samples, not 7
+        if "rows" in values:
+            assert int(values["rows"]) == 4  # each rank holds the factors of ceil(7 / 2) samples, not 7
 
 
 def test_each_rank_runs_its_factor_passes_on_its_own_share(ranks_run):

@@ -23,14 +23,13 @@ backward collectives.
 from __future__ import annotations
 
 import zlib
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import nn
 
 from probes.engine.inputs import iter_tensors, map_tensors
+from probes.functional.fsdp import gathered, owners
 
 __all__ = ["rank_and_world", "is_sharded", "owners", "gathered", "ReduceOutcome", "reduce_states", "broadcast_flag",
            "failed_anywhere", "same_probe_batch", "sharded_now", "reshard"]
@@ -94,66 +93,6 @@ def sharded_now(model: nn.Module) -> list[nn.Module]:
         except Exception:  # noqa: BLE001 - internals moved: reshard anyway, as a training step leaves it
             found.append(m)
     return found
-
-
-def _fsdp_class() -> type | None:
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:
-        return None
-    return FSDPModule
-
-
-def owners(model: nn.Module, modules: Any) -> list[nn.Module]:
-    """The FSDP2 units that own the parameters of ``modules`` (each module's nearest FSDP ancestor, itself
-    included), once each, in the order given; empty for a model without FSDP2 units."""
-    kind = _fsdp_class()
-    if kind is None:
-        return []
-    parent: dict[int, nn.Module | None] = {id(model): None}
-    for m in model.modules():
-        for child in m.children():
-            parent.setdefault(id(child), m)
-    found: dict[int, nn.Module] = {}
-    for m in modules:
-        at: nn.Module | None = m
-        while at is not None and not isinstance(at, kind):
-            at = parent.get(id(at))
-        if at is not None:
-            found.setdefault(id(at), at)
-    return list(found.values())
-
-
-def _sharded_unit(m: nn.Module) -> bool:
-    try:
-        state = m._get_fsdp_state()
-        groups = getattr(state, "_fsdp_param_groups", None)
-        if groups is None:
-            group = getattr(state, "_fsdp_param_group", None)
-            groups = [group] if group is not None else []
-        return bool(groups) and all(_group_sharded(g) for g in groups)
-    except Exception:  # noqa: BLE001 - internals moved: treat as sharded (unshard is then a no-op if it is not)
-        return True
-
-
-@contextmanager
-def gathered(model: nn.Module, modules: Any) -> Iterator[None]:
-    """The whole parameters of ``modules`` on this rank inside the block (``ProbeBatch.gathered``).
-
-    Each FSDP2 unit owning them (``owners``) that is sharded now is ``unshard()``-ed (an all-gather: every rank
-    must enter the same blocks in the same order) and ``reshard()``-ed on exit; a unit already gathered (the root
-    after the probe pass's forward) is left as it is.
-    """
-    units = [u for u in owners(model, modules) if _sharded_unit(u)]
-    done: list[nn.Module] = []
-    try:
-        for u in units:
-            u.unshard()
-            done.append(u)
-        yield
-    finally:
-        for u in done:
-            u.reshard()
 
 
 def reshard(modules: list[nn.Module]) -> None:

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from probes.functional.fsdp import gathered
 from probes.functional.ntk.inputs import (
     _as_args,
     _check_mixing,
@@ -33,6 +34,7 @@ from probes.functional.ntk.inputs import (
     _trainable,
 )
 from probes.functional.ntk.layers import _KINDS, _first, _Kind, _kind_of, _LinearKind, _own_params
+from probes.functional.ntk.ranks import _fsdp_units
 from probes.functional.ntk.structural import _candidate, _confirm, _describe
 
 
@@ -248,6 +250,21 @@ def _second_pass(model: nn.Module, args: tuple[torch.Tensor, ...], params: dict[
     ``plan.reasons``; the confirmed kinds of structural candidates into ``candidates``; ``direct`` pruned."""
     clones = {name_of[id(p)]: p.detach().clone().requires_grad_(True)
               for m, _ in candidates.values() for p in _own_params(m).values()}
+    slots: dict[str, tuple[str, str]] = {}  # parameter name -> (a candidate holding it, its attribute there)
+    for path, (m, _) in candidates.items():
+        for attr, p in _own_params(m).items():
+            slots.setdefault(name_of[id(p)], (path, attr))
+    # FSDP2 replaces a unit's parameters with gathered tensors in its forward, over any substitution: there the
+    # gradients are taken with respect to the tensors each candidate's forward uses (recorded before it runs)
+    sharded = bool(_fsdp_units(model)[1])
+    live: dict[str, dict[str, torch.Tensor]] = {}
+
+    def record(path: str):
+        def hook(module: nn.Module, hargs: Any) -> None:
+            live[path] = _own_params(module)
+        return hook
+
+    pre = [m.register_forward_pre_hook(record(path)) for path, (m, _) in candidates.items()] if sharded else []
     recording["b"] = 2
     for name in _failing_copies(model, args, params, direct):
         direct.remove(name)
@@ -259,7 +276,12 @@ def _second_pass(model: nn.Module, args: tuple[torch.Tensor, ...], params: dict[
     crossed: set[int] = set()
     try:
         with torch.enable_grad():
-            out2 = _flat_output(functional_call(model, {**clones, **copies}, _take(args, 0, 2)), 2, who)
+            out2 = _flat_output(functional_call(model, copies if sharded else {**clones, **copies},
+                                                _take(args, 0, 2)), 2, who)
+            for h in pre:
+                h.remove()
+            if sharded:
+                clones = {n: live.get(slots[n][0], {}).get(slots[n][1], c) for n, c in clones.items()}
             w = torch.linspace(1.0, 2.0, 7).to(out2.device, out2.dtype)
             w = w.repeat(out2.shape[1] // 7 + 1)[:out2.shape[1]]
             recorded = [o for p in candidates for _, _, o in calls[p]]
@@ -278,6 +300,8 @@ def _second_pass(model: nn.Module, args: tuple[torch.Tensor, ...], params: dict[
                 grads = [None] * len(targets)
     finally:
         recording["on"] = False
+        for h in pre:
+            h.remove()
     if shared or copies:  # the same forward without copies: they must not change the outputs
         with torch.enable_grad():
             plain = _flat_output(model(*_take(args, 0, 2)), 2, who).detach()
@@ -308,7 +332,8 @@ def _second_pass(model: nn.Module, args: tuple[torch.Tensor, ...], params: dict[
             reason = ("called on one input for all samples, and one copy of its output per sample "
                       + ("changes the outputs" if changed else "mixes the samples"))
         if reason is None and isinstance(kind, str):
-            confirmed = _confirm(m, kind, originals[path])
+            with gathered(model, [m]):  # FSDP2: the layer's whole parameters, its unit alone
+                confirmed = _confirm(m, kind, originals[path])
             if isinstance(confirmed, str):
                 reason = confirmed
             else:
@@ -318,7 +343,11 @@ def _second_pass(model: nn.Module, args: tuple[torch.Tensor, ...], params: dict[
         else:
             survivors[path] = candidates[path]
             owned[path] = [(a, kw, g) for (a, kw, _), g in zip(originals[path], gs)]
-    _check_own_gradients(survivors, owned, pgrad, name_of, plan)
+    slot_names = {slot: n for n, slot in slots.items()}
+    for path, (m, _) in survivors.items():  # every attribute holding a parameter, tied ones included
+        for attr, p in _own_params(m).items():
+            slot_names.setdefault((path, attr), name_of[id(p)])
+    _check_own_gradients(model, survivors, owned, pgrad, slot_names, plan)
 
 
 def _failing_copies(model: nn.Module, args: tuple[torch.Tensor, ...], params: dict[str, torch.Tensor],
@@ -337,9 +366,10 @@ def _failing_copies(model: nn.Module, args: tuple[torch.Tensor, ...], params: di
     return [n for n in names if fails([n])]
 
 
-def _check_own_gradients(survivors: dict[str, tuple[nn.Module, Any]],
+def _check_own_gradients(model: nn.Module, survivors: dict[str, tuple[nn.Module, Any]],
                          owned: dict[str, list[tuple[tuple, dict, torch.Tensor | None]]],
-                         pgrad: dict[str, torch.Tensor | None], name_of: dict[int, str], plan: NTKPlan) -> None:
+                         pgrad: dict[str, torch.Tensor | None], slot_names: dict[tuple[str, str], str],
+                         plan: NTKPlan) -> None:
     """The layers' own calls (each module re-run on its recorded inputs with fresh leaves for its parameters,
     ``sum_calls <output, recorded output gradient>``) must account for autograd's whole gradient of every
     parameter, summed over the layers that share it; a parameter that gets gradient elsewhere sends its layers
@@ -347,31 +377,44 @@ def _check_own_gradients(survivors: dict[str, tuple[nn.Module, Any]],
     total: dict[str, torch.Tensor] = {}
     users: dict[str, list[str]] = {}
     for path, (m, _) in survivors.items():
-        own = _own_params(m)
-        names = [name_of[id(p)] for p in own.values()]
-        for n in names:
-            users.setdefault(n, []).append(path)
-        leaves = {k: p.detach().clone().requires_grad_(True) for k, p in own.items()}
-        s = None
-        with torch.enable_grad():
-            for a, kw, g in owned[path]:
-                if g is None:
-                    continue
-                out = functional_call(m, leaves, a, kw)
-                term = (out * g).sum()
-                s = term if s is None else s + term
-        mine = (torch.autograd.grad(s, list(leaves.values()), allow_unused=True) if s is not None
-                else [None] * len(leaves))
-        for n, p, dp in zip(names, own.values(), mine):
-            dp = torch.zeros_like(p) if dp is None else (dp.to_dense() if dp.is_sparse else dp)
+        with gathered(model, [m]):  # FSDP2: the layer's whole parameters (its unit alone)
+            own = _own_params(m)
+            names = [slot_names[(path, attr)] for attr in own]
+            for n in names:
+                users.setdefault(n, []).append(path)
+            leaves = {k: p.detach().clone().requires_grad_(True) for k, p in own.items()}
+            s = None
+            with torch.enable_grad():
+                for a, kw, g in owned[path]:
+                    if g is None:
+                        continue
+                    out = _own_call(m, leaves, a, kw)
+                    term = (out * g).sum()
+                    s = term if s is None else s + term
+            mine = (torch.autograd.grad(s, list(leaves.values()), allow_unused=True) if s is not None
+                    else [None] * len(leaves))
+        for n, leaf, dp in zip(names, leaves.values(), mine):
+            dp = torch.zeros_like(leaf) if dp is None else (dp.to_dense() if dp.is_sparse else dp)
             total[n] = dp if n not in total else total[n] + dp
-    params = {name_of[id(p)]: p for m, _ in survivors.values() for p in _own_params(m).values()}
     for n, dp in total.items():
         ref = pgrad.get(n)
-        p = params[n]
-        ref = torch.zeros_like(p) if ref is None else (ref.to_dense() if ref.is_sparse else ref)
-        tol = torch.finfo(p.dtype).eps ** 0.5 * (float(ref.abs().max()) + float(dp.abs().max())) + 1e-30
+        ref = torch.zeros_like(dp) if ref is None else (ref.to_dense() if ref.is_sparse else ref)
+        tol = torch.finfo(dp.dtype).eps ** 0.5 * (float(ref.abs().max()) + float(dp.abs().max())) + 1e-30
         if float((ref - dp).abs().max()) > tol:
             for path in users[n]:
                 plan.reasons.setdefault(path or "<root>", "its parameters receive gradient from outside its own "
                                         "calls (used functionally elsewhere?)")
+
+
+def _own_call(m: nn.Module, leaves: dict[str, torch.Tensor], args: tuple, kwargs: dict) -> Any:
+    """``m(*args, **kwargs)`` with its own parameters replaced by ``leaves``. An FSDP2 unit's hooks would put its
+    gathered parameters back over any substitution, so a unit's ``forward`` runs without its hooks (gathered by
+    the caller); any other module through ``functional_call``, its hooks included."""
+    if m not in _fsdp_units(m)[1]:
+        return functional_call(m, leaves, args, kwargs)
+    saved = {k: m._parameters[k] for k in leaves}
+    try:
+        m._parameters.update(leaves)
+        return m.forward(*args, **kwargs)
+    finally:
+        m._parameters.update(saved)

@@ -1,0 +1,90 @@
+"""FSDP2 units: which unit owns a module's parameters, and whole parameters one unit at a time.
+
+Under FSDP2 (``fully_shard``) each unit's parameters are ``DTensor`` shards outside its forward and backward; a
+unit's ``unshard()`` all-gathers them (every rank must call it, in the same order) and ``reshard()`` frees them
+again (local). ``gathered`` gives a block in which the modules asked for hold their whole parameters
+(``ProbeBatch.gathered`` for probes; the NTK's checks of a layer's formula).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+
+from torch import nn
+
+__all__ = ["owners", "gathered", "is_gathered"]
+
+
+def _unit_class() -> type | None:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return None
+    return FSDPModule
+
+
+def owners(model: nn.Module, modules: Iterable[nn.Module]) -> list[nn.Module]:
+    """The FSDP2 units that own the parameters of ``modules`` (each module's nearest unit above it, itself
+    included), once each, in the order given; empty for a model without FSDP2 units.
+
+    Args:
+        model: the root the modules belong to.
+        modules: submodules of ``model``.
+
+    Returns:
+        The owning units.
+    """
+    kind = _unit_class()
+    if kind is None:
+        return []
+    parent: dict[int, nn.Module | None] = {id(model): None}
+    for m in model.modules():
+        for child in m.children():
+            parent.setdefault(id(child), m)
+    found: dict[int, nn.Module] = {}
+    for m in modules:
+        at: nn.Module | None = m
+        while at is not None and not isinstance(at, kind):
+            at = parent.get(id(at))
+        if at is not None:
+            found.setdefault(id(at), at)
+    return list(found.values())
+
+
+def is_gathered(unit: nn.Module) -> bool:
+    """Whether an FSDP2 unit holds its whole parameters now (after ``unshard``, or a forward without backward)."""
+    try:
+        state = unit._get_fsdp_state()
+        groups = getattr(state, "_fsdp_param_groups", None)
+        if groups is None:  # older FSDP2: one group per unit
+            group = getattr(state, "_fsdp_param_group", None)
+            groups = [group] if group is not None else []
+        flags = [g.is_sharded() if callable(g.is_sharded) else g.is_sharded for g in groups]
+        return not flags or not all(flags)
+    except Exception:  # noqa: BLE001 - internals moved: take it as sharded (an unshard is then a no-op if not)
+        return False
+
+
+@contextmanager
+def gathered(model: nn.Module, modules: Iterable[nn.Module]) -> Iterator[None]:
+    """The whole parameters of ``modules`` on this rank inside the block.
+
+    Each FSDP2 unit owning them (``owners``) that is sharded now is ``unshard()``-ed on entry (an all-gather:
+    every rank must enter the same blocks in the same order) and ``reshard()``-ed on exit; a unit already gathered
+    (the root after a forward) is left as it is. Nothing happens for a model without FSDP2 units.
+
+    Args:
+        model: the root the modules belong to.
+        modules: the modules whose parameters the block reads.
+    """
+    units = [u for u in owners(model, modules) if not is_gathered(u)]
+    done: list[nn.Module] = []
+    try:
+        for u in units:
+            u.unshard()
+            done.append(u)
+        yield
+    finally:
+        for u in done:
+            u.reshard()
