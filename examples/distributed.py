@@ -7,8 +7,11 @@ batch; the model is wrapped in ``DistributedDataParallel`` or, with ``--fsdp``, 
 
 - ``relu_zeros`` (passive): zero counts of the training forwards, summed over the ranks at each flush, so the
   written counts are those of one process that saw every rank's data;
-- ``patterns`` and ``alignment`` (active) on a fixed probe batch of 200 test images: under DDP on rank 0, under
-  FSDP on every rank (every forward all-gathers the parameters), in the same order;
+- ``patterns``, ``alignment``, ``pathgram``, ``linear_region`` and ``particles`` (of the second hidden layer)
+  (active) on a fixed probe batch of 200 test images: under DDP on rank 0, under FSDP on every rank (every
+  forward all-gathers the parameters), in the same order, pathgram and particles gathering one layer at a time;
+- ``ntk`` on every rank: each rank computes the layer factors of its share of the probe batch, the ranks
+  exchange them, and every rank holds the kernel one process computes;
 - only rank 0 writes: ``train/loss``, ``test/accuracy`` and the probe tags go into one run, ``<logdir>/<ddp|fsdp>``.
 
     torchrun --nproc_per_node 2 examples/distributed.py --backend gloo            # DDP on CPU
@@ -125,7 +128,9 @@ def run(args: argparse.Namespace, rank: int, world: int, device: torch.device) -
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(str(Path(args.logdir) / kind))
-    spec = {"relu_zeros": {"every": every}, "patterns": {"every": every}, "alignment": {"every": every}}
+    spec = {"relu_zeros": {"every": every}, "patterns": {"every": every}, "alignment": {"every": every},
+            "ntk": {"every": every}, "pathgram": {"every": every}, "linear_region": {"every": every},
+            "particles": {"every": every, "layer": "2"}}
     session = probes.attach(model, spec, probe_data=probe_data, writer=writer, optimizer=opt)
 
     steps_per_epoch = len(y_train) // args.batch_size

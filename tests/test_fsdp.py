@@ -286,5 +286,8 @@ def test_example_runs_under_torchrun_with_fsdp(tmp_path):
     assert [p.name for p in (tmp_path / "runs").iterdir()] == ["fsdp"]  # one run, written by rank 0
     got = read_scalars(tmp_path / "runs" / "fsdp")
     assert {"relu_zeros/total/fraction", "alignment/1/cka", "patterns/distinct", "train/loss",
-            "test/accuracy"} <= set(got)
-    assert [st for st, _ in got["alignment/1/cka"]] == [0, 4, 8, 12]
+            "test/accuracy", "ntk/trace", "ntk/eig_max", "pathgram/norm", "linear_region/flip_fraction_eps_0.01",
+            "particles/mean_norm"} <= set(got), sorted(got)
+    for tag in ("alignment/1/cka", "ntk/trace", "pathgram/norm", "linear_region/flip_fraction_eps_0.01",
+                "particles/mean_norm"):
+        assert [st for st, _ in got[tag]] == [0, 4, 8, 12], tag

@@ -60,6 +60,15 @@ def is_sharded(model: nn.Module) -> bool:
     return bool(kinds) and any(isinstance(m, tuple(kinds)) for m in model.modules())
 
 
+def legacy_sharded(model: nn.Module) -> bool:
+    """True for a model wrapped in the legacy ``FullyShardedDataParallel`` (flat parameters, no FSDP2 units)."""
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+    except ImportError:
+        return False
+    return any(isinstance(m, FullyShardedDataParallel) for m in model.modules())
+
+
 def _group_sharded(group: Any) -> bool:
     flag = group.is_sharded
     return bool(flag() if callable(flag) else flag)

@@ -101,13 +101,17 @@ class ActiveProbes:
         """At attach without a measurement: the shared pass once, and each probe's ``validate`` (errors raise)."""
         if not self.probes or not self.data.present or lazy_pending(self.probe_pass.module):
             return
-        with self.probe_pass.guarded():
-            batch = self._batch(list(self.probes), step)
-            for name, probe in list(self.probes.items()):
-                try:
-                    probe.validate(batch)
-                except Exception as exc:
-                    self._attach_error(name, exc)
+        before = distributed.sharded_now(self.probe_pass.module) if self.sharded else []
+        try:
+            with self.probe_pass.guarded():
+                batch = self._batch(list(self.probes), step)
+                for name, probe in list(self.probes.items()):
+                    try:
+                        probe.validate(batch)
+                    except Exception as exc:
+                        self._attach_error(name, exc)
+        finally:
+            distributed.reshard(before)  # as after a measurement: FSDP2 keeps the root gathered after a forward
 
     def _attach_error(self, name: str, exc: Exception) -> None:
         if self.on_attach_error is None:

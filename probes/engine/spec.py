@@ -226,6 +226,12 @@ def setup_probes(probes: dict[str, Probe], context: Context, failures: Failures,
             failures.switch_off(name, f"probe {name!r} needs direct access to whole parameters, which a sharded "
                                       "(FSDP) model does not give; it is switched off on every rank")
             continue
+        if sharded and probe.sharding != "activations" and distributed.legacy_sharded(context.model):
+            failures.switch_off(name, f"probe {name!r} gathers whole parameters one FSDP2 unit at a time "
+                                      f"(sharding={probe.sharding!r}), which the legacy FullyShardedDataParallel "
+                                      "wrapper does not give (use FSDP2's fully_shard); it is switched off on every "
+                                      "rank")
+            continue
         try:
             probe.setup(context)
         except Exception as exc:

@@ -53,7 +53,14 @@ def owners(model: nn.Module, modules: Iterable[nn.Module]) -> list[nn.Module]:
 
 
 def is_gathered(unit: nn.Module) -> bool:
-    """Whether an FSDP2 unit holds its whole parameters now (after ``unshard``, or a forward without backward)."""
+    """Whether an FSDP2 unit holds its whole parameters now (after ``unshard``, or a forward without backward).
+
+    Args:
+        unit: an FSDP2 unit (``fully_shard``-ed module).
+
+    Returns:
+        True when gathered (or when it manages no parameters).
+    """
     try:
         state = unit._get_fsdp_state()
         groups = getattr(state, "_fsdp_param_groups", None)

@@ -54,7 +54,15 @@ class Share:
 
     @classmethod
     def of(cls, P: int, group: Any = None) -> Share:
-        """This rank's share of ``P`` samples in ``group``."""
+        """This rank's share of ``P`` samples in ``group``.
+
+        Args:
+            P: all samples.
+            group: the process group (None: the default group).
+
+        Returns:
+            The ``Share``.
+        """
         d = torch.distributed
         rank, world = d.get_rank(group), d.get_world_size(group)
         return cls(rank, world, P, max(1, -(-P // world)), group)
@@ -68,12 +76,26 @@ class Share:
         return min(self.P, (self.rank + 1) * self.S)
 
     def real(self, rank: int) -> int:
-        """Real (not padded) samples of ``rank``."""
+        """Real (not padded) samples of ``rank``.
+
+        Args:
+            rank: a rank of the group.
+
+        Returns:
+            How many of its ``S`` samples are real.
+        """
         return max(0, min(self.P, (rank + 1) * self.S) - rank * self.S)
 
     def take(self, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         """This rank's ``S`` samples of ``args``, padded with copies of its last real sample (of sample 0 when it
-        has none)."""
+        has none).
+
+        Args:
+            args: the model's positional inputs, samples first.
+
+        Returns:
+            The inputs of this rank's share.
+        """
         n, out = self.stop - self.start, []
         for a in args:
             rows = a[self.start:self.stop] if n else a[:1]
@@ -85,20 +107,42 @@ class Share:
 
     def gather_rows(self, local: torch.Tensor, per_sample: int = 1) -> torch.Tensor:
         """Every rank's ``local`` (its ``S * per_sample`` rows) stacked in rank order, padded rows dropped: the
-        rows of all ``P`` samples, on every rank (one all-gather)."""
+        rows of all ``P`` samples, on every rank (one all-gather).
+
+        Args:
+            local: this rank's rows (same shape on every rank).
+            per_sample: rows per sample.
+
+        Returns:
+            ``P * per_sample`` rows.
+        """
         local = local.contiguous()
         parts = [torch.empty_like(local) for _ in range(self.world)]
         torch.distributed.all_gather(parts, local, group=self.group)
         return torch.cat([p[:self.real(r) * per_sample] for r, p in enumerate(parts)])
 
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
-        """``t`` summed over the ranks, in place."""
+        """``t`` summed over the ranks, in place.
+
+        Args:
+            t: a tensor of the same shape on every rank.
+
+        Returns:
+            ``t``.
+        """
         torch.distributed.all_reduce(t, group=self.group)
         return t
 
     def pairs(self, P: int) -> list[tuple[tuple[int, int], tuple[int, int]]]:
         """This rank's blocks of the upper triangle: ``P`` samples in ``2 world`` contiguous blocks, the
-        ``world (2 world + 1)`` pairs ``a <= b`` dealt round-robin (``2 world + 1`` each)."""
+        ``world (2 world + 1)`` pairs ``a <= b`` dealt round-robin (``2 world + 1`` each).
+
+        Args:
+            P: samples.
+
+        Returns:
+            ``((s, e), (s2, e2))`` sample ranges of this rank's blocks.
+        """
         n = 2 * self.world
         edges = [round(i * P / n) for i in range(n + 1)]
         blocks = [(edges[i], edges[i + 1]) for i in range(n) if edges[i + 1] > edges[i]]
@@ -107,7 +151,15 @@ class Share:
 
 
 def gather_term(share: Share, t: _Term) -> _Term:
-    """The term of all ``P`` samples from every rank's share (all-gathered, padded rows dropped)."""
+    """The term of all ``P`` samples from every rank's share (all-gathered, padded rows dropped).
+
+    Args:
+        share: this rank's share.
+        t: the term of its ``S`` samples.
+
+    Returns:
+        The term of all ``P`` samples.
+    """
     if isinstance(t, _Grad):
         return _Grad(share.gather_rows(t.D))
     if isinstance(t, _Pairs):
@@ -116,7 +168,16 @@ def gather_term(share: Share, t: _Term) -> _Term:
 
 
 def local_rows(share: Share, V: torch.Tensor, Ce: int) -> torch.Tensor:
-    """This rank's rows of ``V`` (``P Ce`` rows), zero rows for its padded samples: ``S Ce`` rows."""
+    """This rank's rows of ``V`` (``P Ce`` rows), zero rows for its padded samples: ``S Ce`` rows.
+
+    Args:
+        share: this rank's share.
+        V: ``P Ce`` rows.
+        Ce: rows per sample.
+
+    Returns:
+        ``S Ce`` rows.
+    """
     rows = V[share.start * Ce:share.stop * Ce]
     missing = share.S * Ce - rows.shape[0]
     return torch.cat([rows, rows.new_zeros((missing,) + tuple(rows.shape[1:]))]) if missing else rows
@@ -151,7 +212,11 @@ def tops_gathered(model: nn.Module) -> Iterator[None]:
     kernel's passes, some without a backward, see the same parameter tensors throughout; the other units gather
     and free themselves in each forward and backward. The top units do not reshard after the kernel's backward
     passes inside the block, and are left gathered after it (the caller's next backward, or ``reshard``, frees
-    them, as after a forward). Nothing for a model without FSDP2 units."""
+    them, as after a forward). Nothing for a model without FSDP2 units.
+
+    Args:
+        model: the model (or a wrapper around it).
+    """
     tops = _fsdp_units(model)[0]
     before = [_reshards_after_backward(u) for u in tops]
     for unit in tops:
@@ -174,7 +239,15 @@ def _reshards_after_backward(unit: nn.Module) -> bool:
 
 def sharded_parameters(model: nn.Module, names: list[str]) -> list[str]:
     """The parameters among ``names`` that are sharded now (``DTensor``): the ``torch.func`` fallback needs them
-    whole."""
+    whole.
+
+    Args:
+        model: the model.
+        names: parameter names.
+
+    Returns:
+        The sharded ones.
+    """
     try:
         from torch.distributed.tensor import DTensor
     except ImportError:
