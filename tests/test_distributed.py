@@ -57,7 +57,8 @@ def data():
     return x, y, probe
 
 
-SPEC = {"relu_zeros": {"every": EVERY}, "alignment": {"every": EVERY}, "ntk": {"every": EVERY, "image": False}}
+SPEC = {"relu_zeros": {"every": EVERY}, "alignment": {"every": EVERY}, "ntk": {"every": EVERY, "image": False},
+        "pathgram": {"every": EVERY, "image": None}}
 
 
 def _worker(rank: int, root: str) -> None:
@@ -146,7 +147,8 @@ def test_ddp_totals_equal_a_single_process_run_on_the_union(tmp_path):
     frac = dict(got["relu_zeros/1/fraction"])
     assert zeros[2] == pytest.approx(frac[2] * EVERY * WORLD * PER_RANK * 24, rel=1e-6)
     # ntk's backward passes on rank 0 (autograd.grad on the inner module) do not trigger DDP's reducer
-    for tag in ("alignment/1/cka", "alignment/3/cka", "counting/mean_output", "ntk/trace", "ntk/eig_max"):
+    for tag in ("alignment/1/cka", "alignment/3/cka", "counting/mean_output", "ntk/trace", "ntk/eig_max",
+                "pathgram/norm"):
         assert [st for st, _ in got[tag]] == [st for st, _ in expected[tag]] == [0, 2, 4]
         assert [v for _, v in got[tag]] == pytest.approx([v for _, v in expected[tag]], rel=1e-5)
 

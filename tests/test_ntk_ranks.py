@@ -106,6 +106,9 @@ def _worker(rank: int, root: str) -> None:
                 hook = model.register_forward_pre_hook(lambda _m, a: seen.append(int(a[0].shape[0])))
                 out[f"{how}/{name}"] = kernels(model, x, True)
                 hook.remove()
+        one_sample = models()["mlp"]  # fewer samples than ranks: rank 1's share is all padding
+        out["replicated/one_sample"] = {"trace": tangent.empirical_ntk(one_sample[0], one_sample[1][:1],
+                                                                       distributed=True)}
         built = gpt2() if fully_shard is not None else None
         if built is not None:  # FSDP2 the way transformer training does it: one unit per block, then the root
             lm, ids = built
@@ -130,11 +133,14 @@ def ranks_run(tmp_path_factory):
 
 def test_the_kernel_across_two_ranks_equals_one_process_replicated_and_fsdp(ranks_run):
     got = [torch.load(ranks_run / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
-    assert len(got[0]) == (3 if fully_shard is None else 6 if gpt2() is None else 7)
+    assert len(got[0]) == (4 if fully_shard is None else 7 if gpt2() is None else 8)
     for key, values in got[0].items():
         if key == "fsdp/gpt2":
             lm, ids = gpt2()
             ref = {"trace": tangent.empirical_ntk(LastLogits(lm), ids)}
+        elif key == "replicated/one_sample":
+            model, x = models()["mlp"]
+            ref = {"trace": tangent.empirical_ntk(model, x[:1])}
         else:
             ref = kernels(*models()[key.split("/")[1]], False)
         for what, expected in ref.items():
@@ -152,3 +158,20 @@ def test_each_rank_runs_its_factor_passes_on_its_own_share(ranks_run):
         sizes = json.loads((ranks_run / f"rank{r}.json").read_text())["batch_sizes"]
         # the plan's passes see 1 and 2 samples; every factor pass sees at most this rank's 4 of the 7 samples
         assert max(sizes) <= 4 and 4 in sizes, sizes
+
+
+def test_the_scaling_benchmark_smoke_run():
+    """``benchmarks/ntk_distributed.py --smoke``: 1 and 2 gloo ranks, the kernels equal, every row printed."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, str(root / "benchmarks" / "ntk_distributed.py"), "--smoke"],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    for case in ("resnet", "transformer"):
+        line = next(ln for ln in done.stdout.splitlines() if ln.startswith(case))
+        diff = float(line.split("max |diff| / max |K| = ")[1].split(",")[0])
+        assert diff < 1e-12, line
+    assert sum(1 for ln in done.stdout.splitlines() if ln.split()[:1] in (["1"], ["2"])) == 6

@@ -162,8 +162,11 @@ def _kernel_across_ranks(theta: torch.Tensor, model: nn.Module, args: tuple[torc
                              "settings.FALLBACK_BUDGET for one share of the samples; raise it, or use more ranks")
         terms.append(_Grad(J.view(share.S, Ce, -1)))
     pairs = share.pairs(share.P)
+    # every rank's share of each term, all-gathered; the next term's exchange runs while this one's blocks compute
+    pending = gather_term(share, terms[0]) if terms else None
     for i in range(len(terms)):
-        full = gather_term(share, terms[i])  # every rank's share of this term (one all-gather per factor)
+        full = pending()
+        pending = gather_term(share, terms[i + 1]) if i + 1 < len(terms) else None
         terms[i] = None  # type: ignore[call-overload]
         for a, b in pairs:
             _add_block(theta, full, a, b, Ce, chunk)

@@ -23,7 +23,7 @@ Work per rank: the factor passes and the products at about ``1 / world``; exchan
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -121,6 +121,26 @@ class Share:
         torch.distributed.all_gather(parts, local, group=self.group)
         return torch.cat([p[:self.real(r) * per_sample] for r, p in enumerate(parts)])
 
+    def gather_rows_async(self, local: torch.Tensor, per_sample: int = 1) -> Callable[[], torch.Tensor]:
+        """``gather_rows`` started now (``async_op``): returns the function that waits for it and gives the rows,
+        so that the exchange overlaps the caller's work until then.
+
+        Args:
+            local: this rank's rows (same shape on every rank).
+            per_sample: rows per sample.
+
+        Returns:
+            A function returning the ``P * per_sample`` rows.
+        """
+        local = local.contiguous()
+        parts = [torch.empty_like(local) for _ in range(self.world)]
+        work = torch.distributed.all_gather(parts, local, group=self.group, async_op=True)
+
+        def rows() -> torch.Tensor:
+            work.wait()
+            return torch.cat([p[:self.real(r) * per_sample] for r, p in enumerate(parts)])
+        return rows
+
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         """``t`` summed over the ranks, in place.
 
@@ -150,21 +170,24 @@ class Share:
         return every[self.rank::self.world]
 
 
-def gather_term(share: Share, t: _Term) -> _Term:
-    """The term of all ``P`` samples from every rank's share (all-gathered, padded rows dropped).
+def gather_term(share: Share, t: _Term) -> Callable[[], _Term]:
+    """The term of all ``P`` samples from every rank's share (all-gathered, padded rows dropped), started now.
 
     Args:
         share: this rank's share.
         t: the term of its ``S`` samples.
 
     Returns:
-        The term of all ``P`` samples.
+        A function that waits for the exchange and returns the term of all ``P`` samples.
     """
     if isinstance(t, _Grad):
-        return _Grad(share.gather_rows(t.D))
+        D = share.gather_rows_async(t.D)
+        return lambda: _Grad(D())
     if isinstance(t, _Pairs):
-        return _Pairs(share.gather_rows(t.G), share.gather_rows(t.Z), t.bias)
-    return _Embed(share.gather_rows(t.G), share.gather_rows(t.T), t.V)
+        G, Z = share.gather_rows_async(t.G), share.gather_rows_async(t.Z)
+        return lambda: _Pairs(G(), Z(), t.bias)
+    G, T = share.gather_rows_async(t.G), share.gather_rows_async(t.T)
+    return lambda: _Embed(G(), T(), t.V)
 
 
 def local_rows(share: Share, V: torch.Tensor, Ce: int) -> torch.Tensor:
