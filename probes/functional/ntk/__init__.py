@@ -44,9 +44,11 @@ and why), ``layers`` (the layer formulas), ``structural`` (layers recognised by 
 numerically), ``tied`` (tied weights), ``selfcheck`` (``verify_plan``), ``terms`` (a layer's kernel term and its
 two contractions), ``factors`` (recording the terms of all samples), ``fallback`` (``torch.func`` Jacobians),
 ``dense`` (``empirical_ntk``), ``operator`` (``NTKOperator``), ``planning`` (``ntk_plan``,
-``ntk_operator``), ``outputs`` (one position of a sequence output,
-a Gaussian sketch of the outputs), ``progress`` (progress lines of a long measurement), ``settings`` (memory budgets
-and switches; setting one on this package sets it there).
+``ntk_operator``), ``ranks`` (the kernel across ranks: ``distributed=True`` splits the samples over the ranks
+of a process group, DDP replicas or FSDP2-sharded models alike, and assembles the kernel from exchanged
+factors), ``outputs`` (one position of a sequence output, a Gaussian sketch of the outputs), ``progress``
+(progress lines of a long measurement), ``settings`` (memory budgets and switches; setting one on this package
+sets it there).
 """
 
 from __future__ import annotations
