@@ -14,6 +14,15 @@ Cases, each measured in one process, the ratios as medians over interleaved roun
 - ``transformer``: a 2-layer pre-norm transformer encoder (token and position Embedding, LayerNorm, 2-head
   attention from nn.Linear projections, GELU MLP, mean pooling, Linear head; d = 32, vocab 100, 10 outputs,
   float64), P = 256 sequences of 16 tokens;
+- on both, the kernel against its bound: the three costs of any exact method that forms per-sample gradients,
+  each timed alone in the same rounds by plain torch written here (none of probes' code): (a) the output-gradient
+  passes (chunked forwards with hooks recording each layer's input, one backward pass vectorised over the outputs
+  with ``autograd.grad(is_grads_batched=True)``), (b) each layer's per-sample gradients ``D = sum_k g_k z_k^T`` (one
+  ``torch.bmm`` per layer and chunk: Conv2d on ``F.unfold`` patches, Linear over tokens; ``sum_k g_k xhat_k`` for
+  the norm layers, a scatter-add for Embedding) into fresh buffers for all P, (c) the Gram products
+  ``sum_l D_l D_l^T`` in symmetric strips. Their kernel is checked against probes'; printed: each cost, their
+  sum, ``empirical_ntk``'s time and kernel / sum (median of the per-round ratios), with probes' own two stages
+  (``_layer_terms``, ``_accumulate_term``) beside them;
 - ``topk``: MLP 64-256-256-10 (float32), P = 4,000: top-10 eigenvalues from ``ntk_operator`` + block Krylov
   (``top_eigenvalues``) against ``eigvalsh`` of the dense kernel (time of each, largest relative error);
 - ``large``: the same MLP at P = 50,000 in a fresh process: top-10 eigenvalues and the exact trace, wall time
@@ -49,6 +58,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, jacrev, vmap
 
@@ -62,6 +72,7 @@ from probes.functional.spectra import top_eigenvalues  # noqa: E402
 
 ANCHOR = "torch.func"
 FLOOR = "products floor"
+FACTORS = "probes factors"
 CASES = ("mlp", "resnet", "transformer", "topk", "large")
 
 
@@ -225,6 +236,151 @@ def products_floor(model: nn.Module, x: torch.Tensor, plan: tangent.NTKPlan):
     return run
 
 
+# ------------------------------------------------------------------------------------------------
+# the three costs of an exact per-sample-gradient method, each alone, in plain torch (none of probes' code)
+# ------------------------------------------------------------------------------------------------
+BOUND = ("(a) output-gradient passes", "(b) per-sample gradients", "(c) Gram products")
+BOUND_SUM = "sum (a)+(b)+(c)"
+#: samples per forward/backward of the three costs timed alone: the fastest (a) + (b) of 4, 8, 16, 32, 64
+BOUND_CHUNK = {"resnet": 16, "transformer": 32}
+
+
+def bound_layers(model: nn.Module) -> list[nn.Module]:
+    """The modules that register a trainable parameter (each called once per forward in these nets)."""
+    return [m for m in model.modules() if any(p is not None and p.requires_grad for p in m._parameters.values())]
+
+
+def output_grad_passes(model: nn.Module, x: torch.Tensor, chunk: int):
+    """(a) Chunk by chunk: a forward with hooks recording every layer's input ``z`` and output, then one backward
+    pass vectorised over the ``C`` outputs (``is_grads_batched``) giving ``g = df_c / d(output)`` of every layer,
+    ``(C, B, *output)``. Yields ``(start, stop, [(module, z, g)])`` per chunk."""
+    layers = bound_layers(model)
+    seen: list[tuple[nn.Module, torch.Tensor, torch.Tensor]] = []
+    handles = [m.register_forward_hook(lambda m, a, o: seen.append((m, a[0], o))) for m in layers]
+    try:
+        P = x.shape[0]
+        for s in range(0, P, chunk):
+            e = min(P, s + chunk)
+            seen.clear()
+            with torch.enable_grad():
+                f = model(x[s:e]).reshape(e - s, -1)
+                C = f.shape[1]
+                eye = torch.eye(C, dtype=f.dtype, device=f.device)[:, None, :].expand(C, e - s, C)
+                gs = torch.autograd.grad(f, [o for _, _, o in seen], eye, is_grads_batched=True)
+            calls = [(m, z.detach(), g) for (m, z, _), g in zip(seen, gs)]
+            del f, gs
+            seen.clear()
+            yield s, e, calls
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _n_features(m: nn.Module) -> int:
+    return sum(p.numel() for p in m._parameters.values() if p is not None and p.requires_grad)
+
+
+def layer_gradients(m: nn.Module, z: torch.Tensor, g: torch.Tensor, D: torch.Tensor) -> None:
+    """(b) for one layer and one chunk: the per-sample gradients ``D`` (B, C, F) of ``m`` (weight then bias) from
+    its input ``z`` and output gradients ``g`` (C, B, *output): ``dW = sum_k g_k z_k^T`` by one batched GEMM
+    (Conv2d on ``F.unfold`` patches, Linear over positions), ``sum_k g_k xhat_k`` for the norm layers, a
+    scatter-add of ``g`` into the token rows for Embedding."""
+    C, B = g.shape[:2]
+    if isinstance(m, (nn.Conv2d, nn.Linear)):
+        if isinstance(m, nn.Conv2d):
+            assert m.groups == 1 and m.padding_mode == "zeros"
+            Z = F.unfold(z, m.kernel_size, m.dilation, m.padding, m.stride).transpose(1, 2)  # (B, K, d)
+        else:
+            Z = z.reshape(B, -1, m.in_features)
+        n, K, d = m.out_channels if isinstance(m, nn.Conv2d) else m.out_features, Z.shape[1], Z.shape[2]
+        A = g.reshape(C, B, -1, n) if isinstance(m, nn.Linear) else g.reshape(C, B, n, K).transpose(2, 3)
+        A = A.permute(1, 0, 3, 2).reshape(B, C * n, K)  # (B, C n, K): rows (c, n) of each sample
+        bias = m.bias is not None
+        W = D.view(B, C, n, d + bias)  # a row [dW_row, db] per output unit: the GEMM writes into it in place
+        torch.bmm(A, Z, out=W[..., :d].view(B, C * n, d))
+        if bias:
+            W[..., d] = A.view(B, C, n, K).sum(-1)
+    elif isinstance(m, (nn.BatchNorm2d, nn.LayerNorm)):
+        if isinstance(m, nn.BatchNorm2d):
+            xhat = F.batch_norm(z, m.running_mean, m.running_var, None, None, False, 0.0, m.eps)
+            n = m.num_features
+            gg, xx = g.reshape(C, B, n, -1), xhat.reshape(B, n, -1)
+            D[:, :, :n] = torch.einsum("cbnk,bnk->bcn", gg, xx)
+            D[:, :, n:] = gg.sum(-1).transpose(0, 1)
+        else:
+            xhat = F.layer_norm(z, m.normalized_shape, None, None, m.eps)
+            n = xhat.shape[-1]
+            gg, xx = g.reshape(C, B, -1, n), xhat.reshape(B, -1, n)
+            D[:, :, :n] = torch.einsum("cbkn,bkn->bcn", gg, xx)
+            D[:, :, n:] = gg.sum(2).transpose(0, 1)
+    elif isinstance(m, nn.Embedding):
+        t = z.reshape(B, -1)
+        n = m.embedding_dim
+        rows = D.view(B, C, m.num_embeddings, n).zero_()
+        rows.scatter_add_(2, t[:, None, :, None].expand(B, C, t.shape[1], n),
+                          g.reshape(C, B, -1, n).transpose(0, 1))
+    else:
+        raise TypeError(f"no per-sample gradient formula here for {type(m).__name__}")
+
+
+def per_sample_gradients(model: nn.Module, P: int, C: int, chunks) -> list[torch.Tensor]:
+    """(b) Every layer's per-sample gradients ``D`` (P, C, F), in fresh buffers, from ``chunks`` of records
+    ``(start, stop, [(module, z, g)])``."""
+    p = next(model.parameters())
+    Ds = {m: torch.empty(P, C, _n_features(m), dtype=p.dtype, device=p.device) for m in bound_layers(model)}
+    for s, e, calls in chunks:
+        for m, z, g in calls:
+            layer_gradients(m, z, g, Ds[m][s:e])
+    return list(Ds.values())
+
+
+def gram_products(Ds: list[torch.Tensor], P: int) -> torch.Tensor:
+    """(c) ``Theta = sum_l D_l D_l^T`` (trace over outputs: ``D_l`` as (P, C F)), in strips of ``P / 4`` rows
+    over the upper triangle, each mirrored below the diagonal."""
+    rows = max(1, -(-P // 4))
+    theta = torch.zeros(P, P, dtype=Ds[0].dtype, device=Ds[0].device)
+    for D in Ds:
+        D = D.reshape(P, -1)
+        for s in range(0, P, rows):
+            e = min(P, s + rows)
+            blk = D[s:e] @ D[s:].T
+            theta[s:e, s:] += blk
+            theta[e:, s:e] += blk[:, e - s:].T
+    return theta
+
+
+def bound_costs(model: nn.Module, x: torch.Tensor, C: int, chunk: int) -> tuple[dict, torch.Tensor]:
+    """The three costs as callables, each alone, and the kernel they compute together (to check them).
+
+    (a) runs the passes and drops their records. (b) forms the per-sample gradients of every chunk from the
+    records of one chunk, kept as after its backward pass (in cache, as in a method interleaving (a) and (b)),
+    into fresh buffers for all ``P`` samples. (c) takes the per-sample gradients of all ``P`` samples, computed
+    once beforehand."""
+    P = x.shape[0]
+    first: list = []
+
+    def keep_first(passes):
+        for s, e, calls in passes:
+            if not first:
+                first.extend(calls)
+            yield s, e, calls
+
+    Ds = per_sample_gradients(model, P, C, keep_first(output_grad_passes(model, x, chunk)))
+    theta = gram_products(Ds, P)
+
+    def one_chunk_repeated():
+        for s in range(0, P, chunk):
+            m = min(P, s + chunk) - s
+            yield s, s + m, [(mod, z[:m], g[:, :m]) for mod, z, g in first]
+
+    def passes_alone() -> None:
+        for _ in output_grad_passes(model, x, chunk):
+            pass
+
+    return {BOUND[0]: passes_alone,
+            BOUND[1]: lambda: per_sample_gradients(model, P, C, one_chunk_repeated()),
+            BOUND[2]: lambda: gram_products(Ds, P)}, theta
+
 def neural_tangents_case(model: nn.Module, x: torch.Tensor):
     """A callable computing neural-tangents' empirical NTK (trace, summed) on the same weights, or None."""
     try:
@@ -330,8 +486,10 @@ def mlp_section(Ps: list[int], sizes: tuple[int, ...], rounds: int, memory: bool
     return rows
 
 
-def model_section(name: str, model: nn.Module, x: torch.Tensor, rounds: int, describe: str) -> list[dict]:
-    """probes vs torch.func on one model: times, the median of the per-round ratios, and the exactness."""
+def model_section(name: str, model: nn.Module, x: torch.Tensor, rounds: int, describe: str,
+                  bound_chunk: int) -> list[dict]:
+    """probes vs torch.func on one model: times, the median of the per-round ratios, and the exactness; then the
+    kernel against the three costs of an exact per-sample-gradient method, each timed alone in the same rounds."""
     P = x.shape[0]
     plan = tangent.ntk_plan(model, x)
     n_params = sum(p.numel() for p in model.parameters())
@@ -343,28 +501,45 @@ def model_section(name: str, model: nn.Module, x: torch.Tensor, rounds: int, des
     err = rel_error(K, ref)
     eig_err = float(((lam - lam_ref).abs() / lam_ref[0]).max())
     trace_err = abs(float(K.trace() / ref.trace()) - 1)
-    del K, ref
+    del ref
+    bound, theta = bound_costs(model, x, plan.outputs, min(P, bound_chunk))
+    bound_err = rel_error(theta, K)
+    del K, theta
     floor = products_floor(model, x, plan)
     cases = {"probes": lambda: tangent.empirical_ntk(model, x, plan=plan), ANCHOR: lambda: ntk_torch_func(model, x),
-             FLOOR: floor}
+             FLOOR: floor, FACTORS: lambda: tangent._layer_terms(model, (x,), P, plan, "trace", None, torch.float64,
+                                                                  "bench"), **bound}
     measured = samples(cases, rounds=rounds, warmup=0)  # round 1 warms all alike; medians over rounds
-    del floor
+    del floor, bound
+    measured[BOUND_SUM] = [sum(ts) for ts in zip(*(measured[k] for k in BOUND))]
     ratios = [f / p for p, f in zip(measured["probes"], measured[ANCHOR])]
     floor_ratios = [f / p for p, f in zip(measured[FLOOR], measured[ANCHOR])]
+    over_sum = [p / s for p, s in zip(measured["probes"], measured[BOUND_SUM])]
     times = {k: statistics.median(v) for k, v in measured.items()}
-    ratio, best = statistics.median(ratios), statistics.median(floor_ratios)
+    ratio, best, vs_sum = (statistics.median(v) for v in (ratios, floor_ratios, over_sum))
     print(f"{'case':<15} {'median (s)':>11}   per round (s)")
-    for k, v in measured.items():
-        print(f"{k:<15} {times[k]:>11.3f}   {', '.join(f'{t:.2f}' for t in v)}")
+    for k in ("probes", ANCHOR, FLOOR):
+        print(f"{k:<15} {times[k]:>11.3f}   {', '.join(f'{t:.2f}' for t in measured[k])}")
     print(f"ratio torch.func / probes: median {ratio:.2f}x (per round: {', '.join(f'{r:.2f}' for r in ratios)}); "
           f"max |K - K_func| / max|K_func| = {err:.1e}, trace {trace_err:.1e}, top-5 eigenvalues {eig_err:.1e}")
     print(f"{FLOOR}: {times[FLOOR]:.3f} s, the P x P products alone (the Gram of the per-sample gradients, J J^T "
           f"in symmetric strips); torch.func / floor = {best:.2f}x, the best ratio of any exact method that forms "
           f"J J^T; probes = {times['probes'] / times[FLOOR]:.2f}x the floor")
+    print(f"\nthe kernel against its three costs, each alone (plain torch: hooks, autograd.grad, bmm; chunks of "
+          f"{min(P, bound_chunk)} samples); their kernel equals probes' to {bound_err:.1e}")
+    print(f"{'cost':<32} {'median (s)':>11}   per round (s)")
+    label = {"probes": "empirical_ntk", FACTORS: "  its (a)+(b): _layer_terms", FLOOR: "  its (c): _accumulate_term"}
+    for k in (*BOUND, BOUND_SUM, "probes", FACTORS, FLOOR):
+        print(f"{label.get(k, k):<32} {times[k]:>11.3f}   {', '.join(f'{t:.2f}' for t in measured[k])}")
+    print(f"kernel / sum: median {vs_sum:.2f}x (per round: {', '.join(f'{r:.2f}' for r in over_sum)})")
     return [{"section": name, "P": P, "case": "probes", "time": times["probes"], "speedup_vs_func": ratio,
-             "ratios": ratios, "max_error": err, "trace_error": trace_err, "eig_error": eig_err},
+             "ratios": ratios, "max_error": err, "trace_error": trace_err, "eig_error": eig_err,
+             "vs_bound_sum": vs_sum, "vs_bound_sum_rounds": over_sum},
             {"section": name, "P": P, "case": ANCHOR, "time": times[ANCHOR], "speedup_vs_func": 1.0},
-            {"section": name, "P": P, "case": FLOOR, "time": times[FLOOR], "speedup_vs_func": best}]
+            {"section": name, "P": P, "case": FLOOR, "time": times[FLOOR], "speedup_vs_func": best},
+            *({"section": name, "P": P, "case": k, "time": times[k], "rounds": measured[k]}
+              for k in (*BOUND, BOUND_SUM, FACTORS)),
+            {"section": name, "P": P, "case": "bound check", "max_error": bound_err}]
 
 
 def topk_section(P: int, sizes: tuple[int, ...], k: int = 10) -> list[dict]:
@@ -435,6 +610,8 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--bound-chunk", type=int, default=None,
+                   help=f"samples per forward/backward of the three costs timed alone (default {BOUND_CHUNK})")
     p.add_argument("--large-child", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--k", type=int, default=10, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -473,11 +650,13 @@ def main(argv=None) -> list[dict]:
     if "resnet" in cases:
         model, x = resnet_case(P_res, **res_kw)
         rows += model_section("resnet", model, x, rounds_models,
-                              "small ResNet (conv-BN-ReLU stem, 2 BasicBlocks, residuals, BN eval), 3x16x16 inputs")
+                              "small ResNet (conv-BN-ReLU stem, 2 BasicBlocks, residuals, BN eval), 3x16x16 inputs",
+                              args.bound_chunk or BOUND_CHUNK["resnet"])
     if "transformer" in cases:
         model, t = transformer_case(P_tr, **tr_kw)
         rows += model_section("transformer", model, t, rounds_models,
-                              f"2-layer transformer encoder (Embedding, LayerNorm, attention), {t.shape[1]} tokens")
+                              f"2-layer transformer encoder (Embedding, LayerNorm, attention), {t.shape[1]} tokens",
+                              args.bound_chunk or BOUND_CHUNK["transformer"])
     if "topk" in cases:
         rows += topk_section(P_topk, topk_sizes)
     if "large" in cases:

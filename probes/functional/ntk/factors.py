@@ -2,8 +2,10 @@
 
 Each chunk is one forward with hooks on the planned layers (their inputs and outputs recorded) and one
 backward pass vectorised over the ``C`` output cotangents (``is_grads_batched``; one pass per output where the
-model's backward cannot be vectorised) giving ``g = df_c / d(output)`` of every call. Each layer's term is then
-reduced to its route (``_route``) and written into buffers for all ``P`` samples.
+model's backward cannot be vectorised) giving ``g = df_c / d(output)`` of every call. A recorded output is not
+copied unless the forward changes it in place after its layer (its ``_version`` moves); that chunk then runs again
+with a copy of it. Each layer's term is then reduced to its route (``_route``) and written into buffers for all
+``P`` samples.
 """
 
 from __future__ import annotations
@@ -67,6 +69,11 @@ def _layer_terms(model: nn.Module, args: tuple[torch.Tensor, ...], P: int, plan:
     full: dict[str, _Term] = {}
     routes: dict[str, str] = {}
     batch = {"b": 0}
+    # A recorded output flows on as it is (no copy) unless the forward changed it in place after its layer
+    # (``out += shortcut``, an in-place ReLU, a later hook): then the gradient at it would be the one after the
+    # change, so the chunk is run again with a copy for those layers (from then on, every chunk).
+    copied: set[str] = set()
+    versions: list[tuple[str, torch.Tensor, int]] = []
 
     def make_hook(path: str):
         shared = path in plan.shared
@@ -76,8 +83,13 @@ def _layer_terms(model: nn.Module, args: tuple[torch.Tensor, ...], P: int, plan:
                 return None
             if shared and batch["b"] > 1 and output.shape[0] == 1:  # one copy per sample of a shared output
                 output = output.expand((batch["b"],) + tuple(output.shape[1:]))
+                calls[path].append((hargs, hkwargs, output))
+                return output.clone()
             calls[path].append((hargs, hkwargs, output))
-            return output.clone()
+            if path in copied:
+                return output.clone()
+            versions.append((path, output, output._version))  # autograd's own count of in-place changes
+            return None
         return hook
 
     handles = [m.register_forward_hook(make_hook(p), with_kwargs=True) for p, m in plan.modules.items()]
@@ -86,13 +98,20 @@ def _layer_terms(model: nn.Module, args: tuple[torch.Tensor, ...], P: int, plan:
         while start < P:
             stop = min(P, start + size)
             m = stop - start
-            for v in calls.values():
-                v.clear()
             batch["b"] = m
-            copies = _per_sample_copies(params, plan.direct, m)
             with torch.enable_grad():
                 xs = _take(args, start, stop)
-                out = _flat_output(functional_call(model, copies, xs) if copies else model(*xs), m, who)
+                while True:
+                    for v in calls.values():
+                        v.clear()
+                    versions.clear()
+                    copies = _per_sample_copies(params, plan.direct, m)
+                    out = _flat_output(functional_call(model, copies, xs) if copies else model(*xs), m, who)
+                    changed = {path for path, o, v in versions if o._version != v}
+                    versions.clear()
+                    if not changed:
+                        break
+                    copied.update(changed)
                 if out.shape[1] != plan.outputs:
                     raise ValueError(f"{who}: the model gives {out.shape[1]} outputs per sample for a batch of {m} "
                                      f"but {plan.outputs} for one sample")
