@@ -118,8 +118,20 @@ def _worker(rank: int, root: str) -> None:
             fully_shard(lm, mesh=mesh)
             out["fsdp/gpt2"] = {"trace": tangent.empirical_ntk(LastLogits(lm), ids, distributed=True)}
         torch.save(out, os.path.join(root, f"rank{rank}.pt"))
+        errors = []  # rank 1 fails in its factor pass (out of memory, say): both ranks raise, neither waits
+        import probes.functional.ntk.dense as dense
+
+        real = dense._layer_terms
+        if rank == 1:
+            dense._layer_terms = lambda *a, **k: (_ for _ in ()).throw(MemoryError("no memory on rank 1"))
+        try:
+            tangent.empirical_ntk(*models()["mlp"], distributed=True)
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(f"{type(exc).__name__}: {exc}")
+        finally:
+            dense._layer_terms = real
         with open(os.path.join(root, f"rank{rank}.json"), "w") as f:
-            json.dump({"batch_sizes": sorted(set(seen))}, f)
+            json.dump({"batch_sizes": sorted(set(seen)), "errors": errors}, f)
     finally:
         leave_group()
 
@@ -175,3 +187,9 @@ def test_the_scaling_benchmark_smoke_run():
         diff = float(line.split("max |diff| / max |K| = ")[1].split(",")[0])
         assert diff < 1e-12, line
     assert sum(1 for ln in done.stdout.splitlines() if ln.split()[:1] in (["1"], ["2"])) == 6
+
+
+def test_a_rank_failing_in_its_factor_pass_fails_every_rank_without_a_hang(ranks_run):
+    errors = [json.loads((ranks_run / f"rank{r}.json").read_text())["errors"] for r in range(WORLD)]
+    assert errors[1] == ["MemoryError: no memory on rank 1"]
+    assert len(errors[0]) == 1 and "another rank failed" in errors[0][0], errors[0]

@@ -209,7 +209,7 @@ def broadcast_flag(flag: bool, device: torch.device) -> bool:
 def raise_if_failed_elsewhere(failed_here: bool, device: torch.device) -> None:
     """At attach under a sharded model: raise on every rank where attach went well when it failed on another."""
     if broadcast_flag(failed_here, device) and not failed_here:
-        raise RuntimeError("attach failed on another rank of this sharded model (a probe's setup raised there; "
+        raise RuntimeError("attach failed on another rank (the ranks measure together; a probe's setup raised there; "
                            "that rank's error says which)")
 
 
@@ -254,9 +254,9 @@ def same_probe_batch(x: Any, y: Any, device: torch.device) -> tuple[Any, Any, bo
     content = zlib.crc32(b"".join(_checksum(t).to_bytes(4, "little") for t in tensors))
     hi, lo = max_and_min([crc, content], device)
     if hi[0] != lo[0]:
-        raise ValueError("probe_data differs in shape, dtype or presence between the ranks of a sharded (FSDP) "
-                         f"model (rank {d.get_rank()}: {layout}); every rank runs the probe pass, so every rank "
-                         "must pass the same probe batch to attach")
+        raise ValueError("probe_data differs in shape, dtype or presence between the ranks, which measure together "
+                         f"(a sharded model, or ntk's split probe batch) (rank {d.get_rank()}: {layout}); every "
+                         "rank runs the probe pass, so every rank must pass the same probe batch to attach")
     if hi[1] == lo[1]:
         return x, y, False
     received = iter([_broadcast_copy(t) for t in tensors])  # same layout, other values: rank 0's batch

@@ -84,8 +84,8 @@ class ActiveProbes:
         elsewhere = distributed.failed_anywhere(together, failed, self.device) - failed
         names = together
         if at_attach and elsewhere and error is None:
-            raise RuntimeError(f"attach failed on another rank of this sharded model: probe(s) {sorted(elsewhere)} "
-                               "raised there at the first measurement (that rank's error says why)")
+            raise RuntimeError(f"attach failed on another rank (the ranks measure together): probe(s) "
+                               f"{sorted(elsewhere)} raised there at the first measurement (its error says why)")
         for name in [n for n in names if n in elsewhere]:
             self.failures.fail(name, RuntimeError(
                 f"probe {name!r} raised on another rank during the probe pass at step {step}; it is switched off on "

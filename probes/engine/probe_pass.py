@@ -103,7 +103,7 @@ class ProbeData:
         x, y, replaced = distributed.same_probe_batch(*self.current(), device)
         self.replace(x, y)
         if replaced and rank == 0:
-            warnings.warn("probe_data differs between the ranks of this sharded model; every rank uses rank 0's "
+            warnings.warn("probe_data differs between the ranks, which measure together; every rank uses rank 0's "
                           "probe batch", ProbesNoticeWarning, stacklevel=4)
 
     @property

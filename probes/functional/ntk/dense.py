@@ -17,7 +17,7 @@ from probes.functional.ntk.factors import _layer_terms
 from probes.functional.ntk.fallback import _fallback_blocks
 from probes.functional.ntk.plan import NTKPlan
 from probes.functional.ntk.planning import _inputs_and_plan, _share
-from probes.functional.ntk.ranks import Share, gather_term, tops_gathered
+from probes.functional.ntk.ranks import Share, gather_term, together, tops_gathered
 from probes.functional.ntk.terms import _Embed, _Grad, _Pairs, _Term
 
 
@@ -153,14 +153,15 @@ def _kernel_across_ranks(theta: torch.Tensor, model: nn.Module, args: tuple[torc
     C = plan.outputs
     Ce = C if mode == "full" else 1
     local = share.take(args)
-    terms = list(_layer_terms(model, local, share.S, plan, mode, chunk, dtype, who, "dense").values()) \
-        if plan.fast else []
-    for names, J, _ in (_fallback_blocks(model, local, share.S, plan.fallback, C, mode, chunk, dtype, who)
-                        if plan.fallback else []):
-        if J is None:
-            raise ValueError(f"{who}: distributed=True: the torch.func Jacobian of {list(names)} does not fit "
-                             "settings.FALLBACK_BUDGET for one share of the samples; raise it, or use more ranks")
-        terms.append(_Grad(J.view(share.S, Ce, -1)))
+    with together(share, who):  # a rank that fails here does not leave the others waiting in the exchange
+        terms = list(_layer_terms(model, local, share.S, plan, mode, chunk, dtype, who, "dense").values()) \
+            if plan.fast else []
+        for names, J, _ in (_fallback_blocks(model, local, share.S, plan.fallback, C, mode, chunk, dtype, who)
+                            if plan.fallback else []):
+            if J is None:
+                raise ValueError(f"{who}: distributed=True: the torch.func Jacobian of {list(names)} does not fit "
+                                 "settings.FALLBACK_BUDGET for one share of the samples; raise it, or use more ranks")
+            terms.append(_Grad(J.view(share.S, Ce, -1)))
     pairs = share.pairs(share.P)
     # every rank's share of each term, all-gathered; the next term's exchange runs while this one's blocks compute
     pending = gather_term(share, terms[0]) if terms else None

@@ -5,6 +5,7 @@ entry point lives here, above both)."""
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -16,7 +17,7 @@ from probes.functional.ntk.fallback import _fallback_blocks
 from probes.functional.ntk.inputs import _as_args, _check_modules, _trainable, _validated
 from probes.functional.ntk.operator import NTKOperator, _compressed
 from probes.functional.ntk.plan import NTKPlan, _build_plan, _refresh_fallback
-from probes.functional.ntk.ranks import Share, sharded_parameters, tops_gathered
+from probes.functional.ntk.ranks import Share, sharded_parameters, together, tops_gathered
 from probes.functional.ntk.selfcheck import _demote
 from probes.functional.ntk.terms import _Pairs
 
@@ -132,7 +133,7 @@ def _ntk_operator(model: nn.Module, x: Any, mode: str, reduction: str, chunk_siz
     Ce = C if mode == "full" else 1
     share = _share(distributed, group, P, who)
     local, rows = (args, P) if share is None else (share.take(args), share.S)
-    with progress.measuring(who):
+    with progress.measuring(who), (together(share, who) if share is not None else nullcontext()):
         terms = list(_layer_terms(model, local, rows, plan, mode, chunk_size, dtype, who, "operator").values()) \
             if plan.fast else []
         if share is None:  # bases of the row spaces: per rank they would differ, so across ranks the factors stay

@@ -170,6 +170,29 @@ class Share:
         return every[self.rank::self.world]
 
 
+@contextmanager
+def together(share: Share, who: str) -> Iterator[None]:
+    """A block of work local to each rank, after which the ranks agree that it went well everywhere: an error on
+    one rank (memory, a bad input) raises there, and on every other rank a ``RuntimeError`` saying so, instead of
+    leaving them waiting in the next exchange. One small all-reduce.
+
+    Args:
+        share: this rank's share.
+        who: the name error messages start with.
+    """
+    failed = torch.zeros(1, dtype=torch.int32)
+    try:
+        yield
+    except BaseException:
+        failed.fill_(1)
+        torch.distributed.all_reduce(failed, op=torch.distributed.ReduceOp.MAX, group=share.group)
+        raise
+    torch.distributed.all_reduce(failed, op=torch.distributed.ReduceOp.MAX, group=share.group)
+    if int(failed):
+        raise RuntimeError(f"{who}: another rank failed while computing the factors of its share of the samples "
+                           "(its error says why)")
+
+
 def gather_term(share: Share, t: _Term) -> Callable[[], _Term]:
     """The term of all ``P`` samples from every rank's share (all-gathered, padded rows dropped), started now.
 
