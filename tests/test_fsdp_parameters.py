@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from test_distributed import data
+from test_fsdp import shard
 from torch import nn
 
 import probes
@@ -61,15 +62,6 @@ def make(kind: str) -> nn.Module:
         return nn.Sequential(nn.Linear(10, 24), nn.ReLU(), nn.Linear(24, 16), nn.ReLU(), nn.Linear(16, 3))
     torch.manual_seed(1)
     return nn.Sequential(nn.Linear(10, 12), nn.ReLU(), nn.Linear(12, 3))
-
-
-def shard(model: nn.Module, mesh, root_owns: bool = False) -> nn.Module:
-    """Each Linear its own unit, then the root; ``root_owns``: only the first Linear, the root holds the others."""
-    for layer in model[:1] if root_owns else model:
-        if isinstance(layer, nn.Linear):
-            fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
-    return model
 
 
 class ReadsChildWeight(nn.Module):

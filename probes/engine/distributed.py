@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from probes.engine.inputs import iter_tensors, map_tensors
-from probes.functional.fsdp import gathered, owners
+from probes.functional.fsdp import gathered, is_gathered, owners, units
 
 __all__ = ["rank_and_world", "is_sharded", "owners", "gathered", "ReduceOutcome", "reduce_states", "broadcast_flag",
            "failed_anywhere", "same_probe_batch", "sharded_now", "reshard"]
@@ -69,11 +69,6 @@ def legacy_sharded(model: nn.Module) -> bool:
     return any(isinstance(m, FullyShardedDataParallel) for m in model.modules())
 
 
-def _group_sharded(group: Any) -> bool:
-    flag = group.is_sharded
-    return bool(flag() if callable(flag) else flag)
-
-
 def sharded_now(model: nn.Module) -> list[nn.Module]:
     """The FSDP2 modules of ``model`` whose parameters are sharded now.
 
@@ -83,25 +78,7 @@ def sharded_now(model: nn.Module) -> list[nn.Module]:
     The session takes this list before a probe pass and ``reshard``s these modules after it. ``reshard``
     is local (no collective).
     """
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:
-        return []
-    found: list[nn.Module] = []
-    for m in model.modules():
-        if not isinstance(m, FSDPModule):
-            continue
-        try:
-            state = m._get_fsdp_state()
-            groups = getattr(state, "_fsdp_param_groups", None)
-            if groups is None:  # older FSDP2: one group per module
-                group = getattr(state, "_fsdp_param_group", None)
-                groups = [group] if group is not None else []
-            if all(_group_sharded(g) for g in groups):
-                found.append(m)
-        except Exception:  # noqa: BLE001 - internals moved: reshard anyway, as a training step leaves it
-            found.append(m)
-    return found
+    return [u for u in units(model) if not is_gathered(u)]
 
 
 def reshard(modules: list[nn.Module]) -> None:

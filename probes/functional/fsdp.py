@@ -13,7 +13,7 @@ from contextlib import contextmanager
 
 from torch import nn
 
-__all__ = ["owners", "gathered", "is_gathered"]
+__all__ = ["units", "owners", "gathered", "is_gathered"]
 
 
 def _unit_class() -> type | None:
@@ -22,6 +22,19 @@ def _unit_class() -> type | None:
     except ImportError:
         return None
     return FSDPModule
+
+
+def units(model: nn.Module) -> list[nn.Module]:
+    """The FSDP2 units of ``model`` (``fully_shard``-ed modules), in ``modules()`` order; empty without FSDP2.
+
+    Args:
+        model: a model.
+
+    Returns:
+        The units.
+    """
+    kind = _unit_class()
+    return [] if kind is None else [m for m in model.modules() if isinstance(m, kind)]
 
 
 def owners(model: nn.Module, modules: Iterable[nn.Module]) -> list[nn.Module]:

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from probes.functional.fsdp import gathered
+from probes.functional.fsdp import gathered, units
 from probes.functional.ntk.inputs import (
     _as_args,
     _check_mixing,
@@ -34,7 +34,6 @@ from probes.functional.ntk.inputs import (
     _trainable,
 )
 from probes.functional.ntk.layers import _KINDS, _first, _Kind, _kind_of, _LinearKind, _own_params
-from probes.functional.ntk.ranks import _fsdp_units
 from probes.functional.ntk.structural import _candidate, _confirm, _describe
 
 
@@ -256,7 +255,7 @@ def _second_pass(model: nn.Module, args: tuple[torch.Tensor, ...], params: dict[
             slots.setdefault(name_of[id(p)], (path, attr))
     # FSDP2 replaces a unit's parameters with gathered tensors in its forward, over any substitution: there the
     # gradients are taken with respect to the tensors each candidate's forward uses (recorded before it runs)
-    sharded = bool(_fsdp_units(model)[1])
+    sharded = bool(units(model))
     live: dict[str, dict[str, torch.Tensor]] = {}
 
     def record(path: str):
@@ -410,7 +409,7 @@ def _own_call(m: nn.Module, leaves: dict[str, torch.Tensor], args: tuple, kwargs
     """``m(*args, **kwargs)`` with its own parameters replaced by ``leaves``. An FSDP2 unit's hooks would put its
     gathered parameters back over any substitution, so a unit's ``forward`` runs without its hooks (gathered by
     the caller); any other module through ``functional_call``, its hooks included."""
-    if m not in _fsdp_units(m)[1]:
+    if m not in units(m):
         return functional_call(m, leaves, args, kwargs)
     saved = {k: m._parameters[k] for k in leaves}
     try:

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from probes.functional.fsdp import units
 from probes.functional.ntk.terms import _Embed, _Grad, _Pairs, _Term
 
 
@@ -229,26 +230,11 @@ def local_rows(share: Share, V: torch.Tensor, Ce: int) -> torch.Tensor:
     return torch.cat([rows, rows.new_zeros((missing,) + tuple(rows.shape[1:]))]) if missing else rows
 
 
-def _fsdp_units(model: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:
-    """``(tops, all)``: the FSDP2 units of ``model`` with no FSDP2 unit above them, and every unit."""
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:
-        return [], []
-    tops: list[nn.Module] = []
-    units: list[nn.Module] = []
-
-    def walk(m: nn.Module, inside: bool) -> None:
-        unit = isinstance(m, FSDPModule)
-        if unit:
-            units.append(m)
-            if not inside:
-                tops.append(m)
-        for child in m.children():
-            walk(child, inside or unit)
-
-    walk(model, False)
-    return tops, units
+def _top_units(model: nn.Module) -> list[nn.Module]:
+    """The FSDP2 units of ``model`` with no unit above them."""
+    every = units(model)
+    inner = {id(c) for u in every for c in u.modules() if c is not u}
+    return [u for u in every if id(u) not in inner]
 
 
 @contextmanager
@@ -263,7 +249,7 @@ def tops_gathered(model: nn.Module) -> Iterator[None]:
     Args:
         model: the model (or a wrapper around it).
     """
-    tops = _fsdp_units(model)[0]
+    tops = _top_units(model)
     before = [_reshards_after_backward(u) for u in tops]
     for unit in tops:
         unit.unshard()
