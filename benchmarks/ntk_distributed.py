@@ -14,9 +14,9 @@ Printed per case and world: seconds per measurement (median of the rounds; the p
 timing, as the ntk probe caches it), split into the factor passes (``_layer_terms``: forwards, backwards,
 per-sample factors), the exchange (the all-gathers and all-reduces, timed on the ranks' side: waiting for the
 slower rank included, an all-gather that overlapped the products not) and the rest (the kernel's products);
-the speed-up of world 2 over world 1; peak resident memory per rank (``ru_maxrss``, torch itself included);
-and the kernel's largest difference from one process, relative to its largest entry, with the trace's and the
-top eigenvalue's relative differences.
+the speed-up of world 2 over world 1; the bytes each rank received in the exchange; peak resident memory per
+rank (``ru_maxrss``, torch itself included); and the kernel's largest difference from one process, relative to
+its largest entry, with the trace's and the top eigenvalue's relative differences.
 Times are medians and never asserted; the machine may be shared.
 
     python benchmarks/ntk_distributed.py            # ResNet P = 256, transformer P = 256, 3 rounds
@@ -57,10 +57,11 @@ def build(case: str, P: int, small: bool):
 
 
 class Clock:
-    """Seconds spent in the factor passes and in the exchange during one measurement (patched in)."""
+    """Seconds spent in the factor passes and in the exchange during one measurement, and the bytes this rank
+    received in the exchange (patched in)."""
 
     def __init__(self) -> None:
-        self.factors = self.exchange = 0.0
+        self.factors = self.exchange = self.received = 0.0
         layer_terms, gather_rows, all_reduce = dense._layer_terms, Share.gather_rows, Share.all_reduce
         started = Share.gather_rows_async
 
@@ -73,16 +74,29 @@ class Clock:
                     setattr(self, field, getattr(self, field) + time.perf_counter() - t0)
             return wrapper
 
-        def gather_async(*args, **kwargs):  # the wait for an exchange started earlier: what it did not overlap
-            return timed(started(*args, **kwargs), "exchange")
+        def count(share, t):  # bytes received: an all-gather brings world - 1 blocks like t, an all-reduce about 1
+            blocks = share.world - 1 if t is not None else 0
+            self.received += blocks * t.numel() * t.element_size()
+
+        def gather_async(share, local, *args, **kwargs):  # waiting for an exchange started earlier: what it did
+            count(share, local)                           # not overlap
+            return timed(started(share, local, *args, **kwargs), "exchange")
+
+        def gather(share, local, *args, **kwargs):
+            count(share, local)
+            return timed(gather_rows, "exchange")(share, local, *args, **kwargs)
+
+        def reduce(share, t):
+            count(share, t)
+            return timed(all_reduce, "exchange")(share, t)
 
         dense._layer_terms = timed(layer_terms, "factors")
         Share.gather_rows_async = gather_async
-        Share.gather_rows = timed(gather_rows, "exchange")
-        Share.all_reduce = timed(all_reduce, "exchange")
+        Share.gather_rows = gather
+        Share.all_reduce = reduce
 
     def reset(self) -> None:
-        self.factors = self.exchange = 0.0
+        self.factors = self.exchange = self.received = 0.0
 
 
 def measure(rank: int, world: int, root: str, case: str, P: int, rounds: int, small: bool) -> None:
@@ -94,7 +108,8 @@ def measure(rank: int, world: int, root: str, case: str, P: int, rounds: int, sm
         distributed = world > 1
         plan = tangent.ntk_plan(model, x)
         clock = Clock()
-        rows: dict[str, list[float]] = {"dense": [], "factors": [], "exchange": [], "topk": []}
+        rows: dict[str, list[float]] = {"dense": [], "factors": [], "exchange": [], "received": [], "topk": [],
+                                        "topk_received": []}
         kernel = top = None
         for _ in range(rounds + 1):  # the first round warms up
             if distributed:
@@ -105,10 +120,13 @@ def measure(rank: int, world: int, root: str, case: str, P: int, rounds: int, sm
             rows["dense"].append(time.perf_counter() - t0)
             rows["factors"].append(clock.factors)
             rows["exchange"].append(clock.exchange)
+            rows["received"].append(clock.received)
+            clock.reset()
             t0 = time.perf_counter()
             op = tangent.ntk_operator(model, x, plan=plan, distributed=distributed)
             top = top_eigenvalues(op.matmat, op.shape[0], 5).values
             rows["topk"].append(time.perf_counter() - t0)
+            rows["topk_received"].append(clock.received)
         result = {k: statistics.median(v[1:]) for k, v in rows.items()}
         result["rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         with open(os.path.join(root, f"{case}_{world}_{rank}.json"), "w") as f:
@@ -153,13 +171,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
                   f"max |diff| / max |K| = {diff['kernel']:.1e}, trace {diff['trace']:.1e}, top eigenvalue "
                   f"{diff['eig_top']:.1e}")
             print(f"{'world':>5} {'rank':>4} {'dense s':>8} {'factors':>8} {'exchange':>9} {'products':>9} "
-                  f"{'speed-up':>9} {'top-5 s':>8} {'speed-up':>9} {'peak MiB':>9}")
+                  f"{'speed-up':>9} {'recv MiB':>9} {'top-5 s':>8} {'speed-up':>9} {'recv MiB':>9} {'peak MiB':>9}")
             for world, rows in ((1, [one]), (2, two)):
                 for r, row in enumerate(rows):
                     products = row["dense"] - row["factors"] - row["exchange"]
                     print(f"{world:>5} {r:>4} {row['dense']:>8.3f} {row['factors']:>8.3f} {row['exchange']:>9.3f} "
-                          f"{products:>9.3f} {one['dense'] / row['dense']:>8.2f}x {row['topk']:>8.3f} "
-                          f"{one['topk'] / row['topk']:>8.2f}x {row['rss_mib']:>9.0f}")
+                          f"{products:>9.3f} {one['dense'] / row['dense']:>8.2f}x {row['received'] / 2**20:>9.1f} "
+                          f"{row['topk']:>8.3f} {one['topk'] / row['topk']:>8.2f}x "
+                          f"{row['topk_received'] / 2**20:>9.1f} {row['rss_mib']:>9.0f}")
                     out.append({"case": case, "P": P, "world": world, "rank": r, **row, **diff})
     return out
 
