@@ -44,6 +44,20 @@ asserted. The machine may be shared: the spread of the per-round ratios is print
 # per-sample gradients were written in place by batched GEMMs, with implicit bias columns and small CPU chunks),
 # the P x P products alone 1.7 s (torch.func / products = 6.7x). Small transformer, P = 256: 1.06-1.08 s against
 # 1.4-1.7 s (1.4-1.55x; 1.1x before), the products alone 0.5 s (bound 3.3x).
+#
+# The kernel against its bound (--cases resnet,transformer --threads 1 --rounds 5; float64, medians of 5
+# interleaved rounds on the shared 2-core VM, other agents' tests running: rounds spread +-15%). ResNet, P = 512:
+# (a) output-gradient passes 1.49 s, (b) per-sample gradients 1.38 s (1.01 s into reused buffers), (c) Gram 1.42 s;
+# sum 4.20 s (3.84 s); empirical_ntk 4.13 s = 0.92x the sum (rounds 0.86-1.05), 1.01x with reused buffers
+# (0.97-1.15); torch.func 9.4 s. Transformer, P = 256: (a) 0.24 s, (b) 0.34 s (0.16 s), (c) 0.45 s; sum 1.03 s
+# (0.85 s); empirical_ntk 1.06 s = 1.05x (0.84-1.15), 1.26x with reused buffers (0.99-1.40); torch.func 1.67 s.
+# The difference between the two sums is the first touch of the fresh memory of the per-sample gradients (781 and
+# 414 MiB; page faults on this VM), which a kernel keeping no memory between calls pays too; THP_MEM_ALLOC_ENABLE=1
+# removed it on the transformer (0.02 s) but made the ResNet slower (compaction stalls, 0.8 s). probes' own Gram
+# (dense._accumulate_term, strips of max(128, P/4) rows) takes 0.51 s on the transformer against 0.45 s for (c)'s
+# P/4 rows: swapping dense._strip_rows for P/4 rows made empirical_ntk 10% faster there (median of 7 rounds).
+# Before _layer_terms stopped copying every recorded layer output (the same run otherwise): 0.94x and 1.05x the
+# sum, 1.02x and 1.25x with reused buffers; the change is within the noise of these rounds.
 
 from __future__ import annotations
 
