@@ -289,6 +289,23 @@ def test_equals_naive_autograd_loop_with_batchnorm_eval_and_inplace() -> None:
     assert_close(empirical_ntk(model2, x5), ntk_loop(model2, x5))
 
 
+
+def test_an_output_changed_in_place_keeps_its_layer_on_the_fast_path() -> None:
+    """Recorded layer outputs are not copied unless the forward changes one in place (an in-place ReLU, ``out +=``):
+    then the kernel still equals autograd's and the self-check keeps every layer (it warns and demotes otherwise)."""
+    import warnings
+
+    resnet = _load(ROOT / "benchmarks" / "_resnet.py", "_bench_resnet")
+    torch.manual_seed(9)
+    for model, x in ((InPlaceAfterLinear().double(), torch.randn(7, 5, dtype=torch.float64)),
+                     (resnet.ResNet18(4, 3).double().eval(), torch.randn(3, 3, 8, 8, dtype=torch.float64))):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            plan = ntk_plan(model, x)
+            kernel = empirical_ntk(model, x, plan=plan)
+        assert not plan.fallback
+        assert_close(kernel, ntk_loop(model, x))
+
 def test_functional_reuse_tied_weights_and_transposed_layout_leave_the_fast_path() -> None:
     torch.manual_seed(6)
     model = FunctionalReuse().double()
