@@ -27,7 +27,7 @@ def _strip_rows(P: int, per_pair: int, itemsize: int, chunk: int | None) -> int:
     numbers per pair of samples, stay under STRIP_BYTES."""
     if chunk is not None:
         return max(1, min(P, chunk))
-    rows = max(128, -(-P // 4))
+    rows = max(32, -(-P // 4))
     return max(1, min(P, rows, settings.STRIP_BYTES // max(1, P * per_pair * itemsize)))
 
 
