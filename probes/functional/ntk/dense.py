@@ -95,16 +95,18 @@ def _pair_bytes(t: _Term) -> int:
     return Ce * Ce * K * K * 2
 
 
-def _accumulate_term(theta: torch.Tensor, t: _Term, chunk: int | None) -> None:
-    """``theta += Theta_term``, strip by strip over the upper triangle (mirrored below the diagonal)."""
+def _accumulate_term(theta: torch.Tensor, t: _Term, chunk: int | None, rows_of: tuple[int, int] | None = None) -> None:
+    """``theta += Theta_term``, strip by strip over the upper triangle (mirrored below the diagonal); ``rows_of``:
+    only the strips of rows ``s:e`` (across ranks, each rank its own)."""
     first = t.D if isinstance(t, _Grad) else t.G
     P, Ce, itemsize = first.shape[0], first.shape[1], first.element_size()
+    start, stop = rows_of if rows_of is not None else (0, P)
     groups = [t] if not isinstance(t, _Pairs) or t.G.shape[3] == 1 else \
         [_Pairs(t.G[:, :, :, j:j + 1], t.Z[:, :, j:j + 1]) for j in range(t.G.shape[3])]
     for part in groups:  # one group at a time: the strips' temporaries stay under STRIP_BYTES
         rows = _strip_rows(P, _pair_bytes(part), itemsize, chunk)
-        for s in range(0, P, rows):
-            e = min(P, s + rows)
+        for s in range(start, stop, rows):
+            e = min(stop, s + rows)
             _add_strip(theta, _block(_rows(part, s, e), _rows(part, s, P)), s, e, Ce)
 
 
@@ -130,21 +132,6 @@ def _accumulate_fallback(theta: torch.Tensor, model: nn.Module, args: tuple[torc
                 theta[s2 * Ce:e2 * Ce, s * Ce:e * Ce] += blk.T
 
 
-def _add_block(theta: torch.Tensor, t: _Term, rows_a: tuple[int, int], rows_b: tuple[int, int], Ce: int,
-               chunk: int | None) -> None:
-    """``theta[A, B] += Theta_term[A, B]`` for two sample ranges, in row strips whose temporaries stay under
-    STRIP_BYTES (a term with several groups one group at a time)."""
-    (s, e), (s2, e2) = rows_a, rows_b
-    first = t.D if isinstance(t, _Grad) else t.G
-    groups = [t] if not isinstance(t, _Pairs) or t.G.shape[3] == 1 else \
-        [_Pairs(t.G[:, :, :, j:j + 1], t.Z[:, :, j:j + 1]) for j in range(t.G.shape[3])]
-    for part in groups:
-        step = chunk or max(1, settings.STRIP_BYTES // max(1, (e2 - s2) * _pair_bytes(part) * first.element_size()))
-        for r in range(s, e, step):
-            r2 = min(e, r + step)
-            theta[r * Ce:r2 * Ce, s2 * Ce:e2 * Ce] += _block(_rows(part, r, r2), _rows(part, s2, e2))
-
-
 def _kernel_across_ranks(theta: torch.Tensor, model: nn.Module, args: tuple[torch.Tensor, ...], plan: NTKPlan,
                          share: Share, mode: str, chunk: int | None, dtype: torch.dtype, who: str) -> None:
     """``theta`` (zeros, ``P Ce`` square) filled with the kernel on every rank: this rank's factors of its share,
@@ -162,23 +149,17 @@ def _kernel_across_ranks(theta: torch.Tensor, model: nn.Module, args: tuple[torc
                 raise ValueError(f"{who}: distributed=True: the torch.func Jacobian of {list(names)} does not fit "
                                  "settings.FALLBACK_BUDGET for one share of the samples; raise it, or use more ranks")
             terms.append(_Grad(J.view(share.S, Ce, -1)))
-    pairs = share.pairs(share.P)
-    # every rank's share of each term, all-gathered; the next term's exchange runs while this one's blocks compute
+    strips = share.strips(share.P)
+    # every rank's share of each term, all-gathered; the next term's exchange runs while this one's strips compute
     pending = gather_term(share, terms[0]) if terms else None
     for i in range(len(terms)):
         full = pending()
         pending = gather_term(share, terms[i + 1]) if i + 1 < len(terms) else None
         terms[i] = None  # type: ignore[call-overload]
-        for a, b in pairs:
-            _add_block(theta, full, a, b, Ce, chunk)
+        for rows in strips:
+            _accumulate_term(theta, full, chunk, rows)
         del full
         progress.report("kernel products across ranks, terms", i + 1, len(terms))
-    for (s, e), (s2, e2) in pairs:
-        if (s, e) == (s2, e2):  # the diagonal block exactly symmetric
-            blk = theta[s * Ce:e * Ce, s * Ce:e * Ce]
-            blk.copy_((blk + blk.T) / 2)
-        else:
-            theta[s2 * Ce:e2 * Ce, s * Ce:e * Ce] = theta[s * Ce:e * Ce, s2 * Ce:e2 * Ce].T
     share.all_reduce(theta)  # every entry comes from exactly one rank: the sum with zeros is exact
 
 

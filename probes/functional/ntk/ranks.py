@@ -9,9 +9,9 @@ share alone: forwards, output gradients, per-sample gradients. No rank needs a w
 gathers for its own forward and backward.
 
 - Dense kernel: the factors of every term are all-gathered (``world`` times the factors of one share reach every
-  rank); the upper triangle of ``2 world x 2 world`` sample blocks is dealt round-robin over the ranks, each rank
-  computes its blocks, and one all-reduce of the ``P x P`` kernel (every entry computed on exactly one rank, zeros
-  elsewhere: the sum is exact) gives every rank the kernel a single process computes, to rounding.
+  rank); the upper triangle's row strips of ``2 world`` sample blocks are dealt over the ranks in balanced pairs,
+  each rank computes its strips, and one all-reduce of the ``P x P`` kernel (every entry computed on exactly one
+  rank, zeros elsewhere: the sum is exact) gives every rank the kernel a single process computes, to rounding.
 - Operator (``Theta V``, matrix-free): no factor moves. For each term the ranks sum their partial products
   ``W_r = sum_{j in r} f_j v_j^T`` in one all-reduce of all terms' ``W`` together, each rank applies ``W`` to its
   own samples, and one all-gather assembles ``Theta V`` on every rank; no rank holds ``P x P``, and every rank
@@ -154,21 +154,22 @@ class Share:
         torch.distributed.all_reduce(t, group=self.group)
         return t
 
-    def pairs(self, P: int) -> list[tuple[tuple[int, int], tuple[int, int]]]:
-        """This rank's blocks of the upper triangle: ``P`` samples in ``2 world`` contiguous blocks, the
-        ``world (2 world + 1)`` pairs ``a <= b`` dealt round-robin (``2 world + 1`` each).
+    def strips(self, P: int) -> list[tuple[int, int]]:
+        """This rank's row strips of the upper triangle: ``P`` samples in ``2 world`` contiguous blocks, strip
+        ``i`` the rows of block ``i`` against the columns from block ``i`` on; rank ``r`` takes strips ``r`` and
+        ``2 world - 1 - r``, so every rank has ``2 world + 1`` blocks of products, in GEMMs as tall as one
+        process's strips.
 
         Args:
             P: samples.
 
         Returns:
-            ``((s, e), (s2, e2))`` sample ranges of this rank's blocks.
+            The ``(s, e)`` sample ranges of this rank's strips (columns ``s:P`` each).
         """
         n = 2 * self.world
         edges = [round(i * P / n) for i in range(n + 1)]
-        blocks = [(edges[i], edges[i + 1]) for i in range(n) if edges[i + 1] > edges[i]]
-        every = [(a, b) for i, a in enumerate(blocks) for b in blocks[i:]]
-        return every[self.rank::self.world]
+        mine = sorted({self.rank, n - 1 - self.rank})
+        return [(edges[i], edges[i + 1]) for i in mine if edges[i + 1] > edges[i]]
 
 
 @contextmanager
