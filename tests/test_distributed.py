@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 
 import pytest
 import torch
@@ -158,9 +159,12 @@ def _uneven_worker(rank: int, root: str) -> None:
     join_group(rank, WORLD, root, timeout_s=20)
     try:
         model = make_model()  # the session only needs torch.distributed; no DDP wrapper, so ranks may differ
-        x, y, probe_data = data()
-        session = probes.attach(model, SPEC, probe_data=probe_data,
-                                sinks=["memory"])
+        x, y, (px, py) = data()
+        if rank == 1:  # another probe batch on rank 1: ntk splits rank 0's over the ranks
+            px = px + 1.0
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            session = probes.attach(model, SPEC, probe_data=(px, py), sinks=["memory"])
         for s in range(STEPS):
             if rank == 0 or s >= EVERY:
                 model(x[s, rank * PER_RANK:(rank + 1) * PER_RANK])
@@ -170,7 +174,8 @@ def _uneven_worker(rank: int, root: str) -> None:
         with open(os.path.join(root, f"uneven{rank}.json"), "w") as f:
             json.dump({"failures": {k: v.strip().splitlines()[-1] for k, v in session.failures.items()},
                        "zeros_steps": [st for st, _ in mem.get("relu_zeros/1/zeros", [])],
-                       "cka_steps": [st for st, _ in mem.get("alignment/1/cka", [])]}, f)
+                       "cka_steps": [st for st, _ in mem.get("alignment/1/cka", [])],
+                       "ntk": mem.get("ntk/trace", []), "notices": [str(w.message) for w in caught]}, f)
     finally:
         leave_group()
 
@@ -183,6 +188,14 @@ def test_ranks_with_different_accumulators_fail_the_probe_clearly_instead_of_han
         assert "ranks hold different accumulators" in info[r]["failures"]["relu_zeros"]
     assert info[0]["zeros_steps"] == []  # nothing written from mismatched sums
     assert info[0]["cka_steps"] == [0, 2, 4]  # the other probes keep working
+    # rank 1 passed another probe batch: both ranks measure ntk on rank 0's (said once), equal to one process
+    assert any("probe_data differs between the ranks" in n for n in info[0]["notices"])
+    _, _, probe_data = data()
+    ref = probes.attach(make_model(), {"ntk": SPEC["ntk"]}, probe_data=probe_data, sinks=["memory"])
+    expected = ref.memory.scalars()["ntk/trace"][0][1]
+    ref.close()
+    assert [st for st, _ in info[0]["ntk"]] == [0, 2, 4]
+    assert info[0]["ntk"][0][1] == pytest.approx(expected, rel=1e-6)
 
 
 class FlakyPassive(probes.Probe):
