@@ -135,8 +135,8 @@ def _accumulate_fallback(theta: torch.Tensor, model: nn.Module, args: tuple[torc
 def _kernel_across_ranks(theta: torch.Tensor, model: nn.Module, args: tuple[torch.Tensor, ...], plan: NTKPlan,
                          share: Share, mode: str, chunk: int | None, dtype: torch.dtype, who: str) -> None:
     """``theta`` (zeros, ``P Ce`` square) filled with the kernel on every rank: this rank's factors of its share,
-    every term's factors all-gathered, this rank's blocks of the upper triangle, one all-reduce
-    (``probes.functional.ntk.ranks``)."""
+    every term's factors all-gathered, this rank's row strips of the upper triangle (``Share.strips``), one
+    all-reduce (``probes.functional.ntk.ranks``)."""
     C = plan.outputs
     Ce = C if mode == "full" else 1
     local = share.take(args)
