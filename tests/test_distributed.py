@@ -127,7 +127,10 @@ def test_ddp_totals_equal_a_single_process_run_on_the_union(tmp_path):
         <= set(ntk_ref) == set(info[0]["ntk"])
     for tag, values in ntk_ref.items():
         assert [st for st, _ in info[0]["ntk"][tag]] == [st for st, _ in values] == [0, 2, 4], tag
-        tol = 1e-3 if tag in ("ntk/condition", "ntk/eig_min") else 1e-6  # eig_min: rounding relative to eig_max
+        # the trace and the top eigenvalues to 1e-8 (the acceptance); eig_min and the condition number carry the
+        # float32 passes' rounding relative to eig_max, the rest (alignment, effective rank, drift) to 1e-6
+        tol = 1e-3 if tag in ("ntk/condition", "ntk/eig_min") else 1e-8 if tag == "ntk/trace" or \
+            tag.startswith(("ntk/eig_max", "ntk/eig_top/")) else 1e-6
         assert [v for _, v in info[0]["ntk"][tag]] == pytest.approx([v for _, v in values], rel=tol, abs=1e-12), tag
 
     got = read_scalars(tmp_path / "tb_rank0")

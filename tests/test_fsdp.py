@@ -164,7 +164,7 @@ def test_fully_shard_mlp_counts_like_one_process_and_trains_unchanged(fsdp_run):
     for tag, values in ntk_ref.items():
         mine = info[0]["ntk"][tag]
         assert [st for st, _ in mine] == [st for st, _ in values] == [0, 2, 4], tag
-        assert mine[0][1] == pytest.approx(values[0][1], rel=1e-6), tag
+        assert mine[0][1] == pytest.approx(values[0][1], rel=1e-6 if tag == "ntk/effective_rank" else 1e-8), tag
         assert [v for _, v in mine] == pytest.approx([v for _, v in values], rel=1e-3), tag
     assert not (tmp_path / "tb_rank1").exists()
     assert len(list((tmp_path / "gates_rank0").iterdir())) == 1 + STEPS // EVERY  # gate snapshots: rank 0 only
