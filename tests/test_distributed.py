@@ -120,7 +120,7 @@ def test_ddp_totals_equal_a_single_process_run_on_the_union(tmp_path):
     assert not (tmp_path / "tb_rank1").exists()
     # ntk splits the probe batch over the ranks: both measure, each the factors of half of the 20 samples, and the
     # kernel assembled from exchanged factors equals one process's (this float32 model's passes round differently on
-    # 10 samples than on 20: 1e-6; tests/test_ntk_ranks.py checks float64 models to 1e-10)
+    # 10 samples than on 20; tests/test_ntk_ranks.py checks float64 models to 1e-10)
     assert info[0]["ntk_calls"] == info[1]["ntk_calls"] == [[WORLD, 20]] * (STEPS // EVERY)
     ntk_ref = {t: v for t, v in expected.items() if t.startswith("ntk/")}
     assert {"ntk/trace", "ntk/eig_max", "ntk/eig_top/1", "ntk/eig_top/5", "ntk/alignment", "ntk/eig_min"} \

@@ -157,7 +157,7 @@ def test_fully_shard_mlp_counts_like_one_process_and_trains_unchanged(fsdp_run):
     assert info[0]["sinks"] == 2 and info[1]["sinks"] == 0
     # the NTK across the ranks (each the factors of half the probe batch, FSDP gathering one unit at a time, the
     # products Theta V assembled from the ranks' partial products): one process's trace and top eigenvalues, at step 0
-    # to the rounding of this float32 model's passes on 10 samples instead of 20, then as trained (rounding too)
+    # to 1e-8 (this float32 model's passes on 10 samples instead of 20), then as trained (the weights' rounding too)
     ntk_ref = {t: v for t, v in expected.items() if t.startswith("ntk/")}
     tags = {"ntk/trace", "ntk/eig_max", "ntk/eig_top/1", "ntk/eig_top/2", "ntk/eig_top/3", "ntk/effective_rank"}
     assert tags == set(ntk_ref) == set(info[0]["ntk"])
