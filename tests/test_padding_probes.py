@@ -19,6 +19,7 @@ transformers = pytest.importorskip("transformers")
 
 ACT = "intermediate.intermediate_act_fn"
 
+from test_alignment import ref_alignment  # noqa: E402 - the explicit P x P reference
 from test_padding import small_bert  # noqa: E402 - one BERT for the padding tests
 
 
@@ -54,14 +55,6 @@ def hand_stats(out: torch.Tensor, mask: torch.Tensor | None) -> dict[str, float]
     real = gates[mask.bool()] if mask is not None and gates.ndim == 3 else gates.reshape(-1, gates.shape[-1])
     return {"active_fraction": float(real.double().mean()), "dead_on_probe_batch": int((~real.any(0)).sum()),
             "always_on_units": int(real.all(0).sum())}
-
-
-def ref_alignment(F: np.ndarray, Y: np.ndarray) -> float:
-    F = F.reshape(F.shape[0], -1).astype(np.float64)
-    N = F.shape[0]
-    C = np.eye(N) - np.ones((N, N)) / N
-    Kc, Lc = C @ F @ F.T @ C, C @ Y @ Y.T @ C
-    return float((Kc * Lc).sum() / (np.linalg.norm(Kc) * np.linalg.norm(Lc)))
 
 
 def test_patterns_count_only_real_tokens_equal_to_a_hand_count() -> None:

@@ -14,6 +14,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from test_alignment import ref_alignment
 from torch import nn
 
 import probes
@@ -23,15 +24,6 @@ from probes.engine.failures import ProbesNoticeWarning
 from probes.functional.labels import label_matrix
 
 transformers = pytest.importorskip("transformers")
-
-
-def ref_alignment(F: np.ndarray, Y: np.ndarray) -> float:
-    """Centered alignment of F F^T and Y Y^T with C = I - 11^T/N, explicitly N x N."""
-    F = F.reshape(F.shape[0], -1).astype(np.float64)
-    N = F.shape[0]
-    C = np.eye(N) - np.ones((N, N)) / N
-    Kc, Lc = C @ F @ F.T @ C, C @ Y @ Y.T @ C
-    return float((Kc * Lc).sum() / (np.linalg.norm(Kc) * np.linalg.norm(Lc)))
 
 
 def kept_pairs(labels: torch.Tensor, shift: int, positions: str = "all",
