@@ -315,13 +315,13 @@ class Particles(Probe):
         if self.hidden is None:
             raise RuntimeError("particles: positions() before setup; attach the probe first")
         gather = gathered if gathered is not None else (lambda *modules: nullcontext())
-        copy = gathered is not None  # gathered tensors are freed after the block: float64 copies outlive it
+        # float64 copies: they outlive the block (under FSDP2 the gathered tensors are freed after it)
         with gather(self.hidden):
-            w = self.hidden.weight.detach().to(torch.float64, copy=copy)
+            w = self.hidden.weight.detach().to(torch.float64, copy=True)
             if self.bias:
                 w = torch.cat([w, self.hidden.bias.detach().double()[:, None]], dim=1)
         with gather(self.out):
-            a_all = self.out.weight.detach().to(torch.float64, copy=copy)
+            a_all = self.out.weight.detach().to(torch.float64, copy=True)
         if a_all.shape[0] == 1 or self.output_index is not None:
             a = a_all[0 if self.output_index is None else int(self.output_index)]
             sign = a >= 0
@@ -364,7 +364,7 @@ class Particles(Probe):
     def measure(self, batch: ProbeBatch) -> Sequence[Record]:
         if self.hidden is None:
             self.setup(Context(batch.model))
-        p, sign, norms = self.positions(batch.gathered if batch.sharded else None)
+        p, sign, norms = self.positions(batch.gathered)
         if self.basis is None:
             if not torch.isfinite(p).all():
                 raise ValueError(f"{self._who}: non-finite weights at the first measurement; "
