@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from probes.engine.inputs import Positional, call_model, sample_count, select_output
+from probes.functional.fsdp import gathered
 from probes.functional.labels import label_matrix
 from probes.records import Chart, Record
 
@@ -176,11 +177,7 @@ class ProbeBatch:
         Returns:
             A context manager.
         """
-        if not self.sharded:
-            return nullcontext()
-        from probes.engine.distributed import gathered
-
-        return gathered(self.model, modules)
+        return gathered(self.model, modules) if self.sharded else nullcontext()
 
     def run(self, x: Any = None, *, keep: Callable[[Site], frozenset[str]] | None = None,
             params: Mapping[str, torch.Tensor] | None = None) -> Pass:

@@ -29,9 +29,9 @@ import torch
 from torch import nn
 
 from probes.engine.inputs import iter_tensors, map_tensors
-from probes.functional.fsdp import gathered, is_gathered, owners, units
+from probes.functional.fsdp import is_gathered, units
 
-__all__ = ["rank_and_world", "is_sharded", "owners", "gathered", "ReduceOutcome", "reduce_states", "broadcast_flag",
+__all__ = ["rank_and_world", "is_sharded", "legacy_sharded", "ReduceOutcome", "reduce_states", "broadcast_flag",
            "failed_anywhere", "same_probe_batch", "sharded_now", "reshard"]
 
 
@@ -44,20 +44,7 @@ def rank_and_world() -> tuple[int, int]:
 
 def is_sharded(model: nn.Module) -> bool:
     """True for a model with FSDP2 (``fully_shard``) or legacy FSDP modules anywhere inside."""
-    kinds: list[type] = []
-    try:
-        from torch.distributed.fsdp import FSDPModule
-
-        kinds.append(FSDPModule)
-    except ImportError:  # older torch
-        pass
-    try:
-        from torch.distributed.fsdp import FullyShardedDataParallel
-
-        kinds.append(FullyShardedDataParallel)
-    except ImportError:
-        pass
-    return bool(kinds) and any(isinstance(m, tuple(kinds)) for m in model.modules())
+    return bool(units(model)) or legacy_sharded(model)
 
 
 def legacy_sharded(model: nn.Module) -> bool:

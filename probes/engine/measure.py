@@ -82,11 +82,10 @@ class ActiveProbes:
         failed = {n for n in together if n in self.failures.failed and n not in before} | (
             set(together) if error else set())
         elsewhere = distributed.failed_anywhere(together, failed, self.device) - failed
-        names = together
         if at_attach and elsewhere and error is None:
             raise RuntimeError(f"attach failed on another rank (the ranks measure together): probe(s) "
                                f"{sorted(elsewhere)} raised there at the first measurement (its error says why)")
-        for name in [n for n in names if n in elsewhere]:
+        for name in [n for n in together if n in elsewhere]:
             self.failures.fail(name, RuntimeError(
                 f"probe {name!r} raised on another rank during the probe pass at step {step}; it is switched off on "
                 "every rank, so that all ranks keep running the same probe passes"), step)
