@@ -123,17 +123,24 @@ class NTKOperator:
         V = (V[:, None] if vec else V).to(self.dtype)
         if V.shape[0] != self.shape[0]:
             raise ValueError(f"NTKOperator.matmat: V has {V.shape[0]} rows for an {self.shape[0]}-row kernel")
-        here = V if self.share is None else local_rows(self.share, V, self.Ce)
-        parts = [self._partial(t, here) for t in self.terms] + [self._fallback_partial(f, here) for f in self.fallback]
-        if self.share is not None and parts:  # W summed over every rank's samples, all terms in one all-reduce
-            flat = self.share.all_reduce(torch.cat([w.reshape(-1) for w in parts]))
-            parts = [w.view(part.shape) for w, part in zip(flat.split([w.numel() for w in parts]), parts)]
-        out = torch.zeros_like(here)
-        for t, W in zip(self.terms, parts):
-            self._apply(t, W, out)
-        for f, W in zip(self.fallback, parts[len(self.terms):]):
-            self._fallback_apply(f, W, out)
-        if self.share is not None:
+        if self.share is None:  # one term's W at a time (a W is as large as the term's parameters times b)
+            out = torch.zeros_like(V)
+            for t in self.terms:
+                self._apply(t, self._partial(t, V), out)
+            for f in self.fallback:
+                self._fallback_apply(f, self._fallback_partial(f, V), out)
+        else:
+            here = local_rows(self.share, V, self.Ce)
+            parts = [self._partial(t, here) for t in self.terms] + \
+                [self._fallback_partial(f, here) for f in self.fallback]
+            if parts:  # W summed over every rank's samples, all terms in one all-reduce
+                flat = self.share.all_reduce(torch.cat([w.reshape(-1) for w in parts]))
+                parts = [w.view(part.shape) for w, part in zip(flat.split([w.numel() for w in parts]), parts)]
+            out = torch.zeros_like(here)
+            for t, W in zip(self.terms, parts):
+                self._apply(t, W, out)
+            for f, W in zip(self.fallback, parts[len(self.terms):]):
+                self._fallback_apply(f, W, out)
             out = self.share.gather_rows(out, self.Ce)
         if self.scale != 1.0:
             out *= self.scale
