@@ -17,6 +17,8 @@ probe inputs), else its parameters go to the fallback.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -199,3 +201,22 @@ def _kind_of(m: nn.Module) -> _Kind | None:
 def _own_params(m: nn.Module) -> dict[str, torch.Tensor]:
     """The trainable parameters a layer registers itself (``weight``, ``bias``)."""
     return {n: p for n, p in m._parameters.items() if p is not None and p.requires_grad}
+
+
+@contextmanager
+def _used_params(modules: dict[str, nn.Module]) -> Iterator[dict[str, dict[str, torch.Tensor]]]:
+    """``path -> _own_params`` of each module as its forward uses them, recorded by a forward pre-hook at each call
+    inside the block: the graph's leaves, which under FSDP2 are the gathered tensors, not the registered shards."""
+    used: dict[str, dict[str, torch.Tensor]] = {}
+
+    def record(path: str):
+        def hook(module: nn.Module, args: Any) -> None:
+            used[path] = _own_params(module)
+        return hook
+
+    handles = [m.register_forward_pre_hook(record(path)) for path, m in modules.items()]
+    try:
+        yield used
+    finally:
+        for h in handles:
+            h.remove()

@@ -15,6 +15,7 @@ plain autograd on two samples; a layer that disagrees goes to the fallback with 
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,7 +34,7 @@ from probes.functional.ntk.inputs import (
     _take,
     _trainable,
 )
-from probes.functional.ntk.layers import _KINDS, _first, _Kind, _kind_of, _LinearKind, _own_params
+from probes.functional.ntk.layers import _KINDS, _first, _Kind, _kind_of, _LinearKind, _own_params, _used_params
 from probes.functional.ntk.structural import _candidate, _confirm, _describe
 
 
@@ -256,14 +257,6 @@ def _second_pass(model: nn.Module, args: tuple[torch.Tensor, ...], params: dict[
     # FSDP2 replaces a unit's parameters with gathered tensors in its forward, over any substitution: there the
     # gradients are taken with respect to the tensors each candidate's forward uses (recorded before it runs)
     sharded = bool(units(model))
-    live: dict[str, dict[str, torch.Tensor]] = {}
-
-    def record(path: str):
-        def hook(module: nn.Module, hargs: Any) -> None:
-            live[path] = _own_params(module)
-        return hook
-
-    pre = [m.register_forward_pre_hook(record(path)) for path, (m, _) in candidates.items()] if sharded else []
     recording["b"] = 2
     for name in _failing_copies(model, args, params, direct):
         direct.remove(name)
@@ -275,10 +268,9 @@ def _second_pass(model: nn.Module, args: tuple[torch.Tensor, ...], params: dict[
     crossed: set[int] = set()
     try:
         with torch.enable_grad():
-            out2 = _flat_output(functional_call(model, copies if sharded else {**clones, **copies},
-                                                _take(args, 0, 2)), 2, who)
-            for h in pre:
-                h.remove()
+            with _used_params({p: m for p, (m, _) in candidates.items()}) if sharded else nullcontext({}) as live:
+                out2 = _flat_output(functional_call(model, copies if sharded else {**clones, **copies},
+                                                    _take(args, 0, 2)), 2, who)
             if sharded:
                 clones = {n: live.get(slots[n][0], {}).get(slots[n][1], c) for n, c in clones.items()}
             w = torch.linspace(1.0, 2.0, 7).to(out2.device, out2.dtype)
@@ -299,8 +291,6 @@ def _second_pass(model: nn.Module, args: tuple[torch.Tensor, ...], params: dict[
                 grads = [None] * len(targets)
     finally:
         recording["on"] = False
-        for h in pre:
-            h.remove()
     if shared or copies:  # the same forward without copies: they must not change the outputs
         with torch.enable_grad():
             plain = _flat_output(model(*_take(args, 0, 2)), 2, who).detach()

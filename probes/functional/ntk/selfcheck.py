@@ -20,7 +20,7 @@ from torch import nn
 
 from probes.functional.ntk.factors import _layer_terms, _term_params
 from probes.functional.ntk.inputs import _as_args, _flat_output, _take
-from probes.functional.ntk.layers import _own_params
+from probes.functional.ntk.layers import _own_params, _used_params
 from probes.functional.ntk.operator import NTKOperator
 from probes.functional.ntk.plan import NTKPlan
 
@@ -57,16 +57,8 @@ def verify_plan(model: nn.Module, x: Any, plan: NTKPlan, *, samples: int = 2,
     ref = {k: torch.zeros(s, dtype=torch.float64) for k in owners}
     eps = 1.0
     where = {id(p): (path, key) for path, m in plan.modules.items() for key, p in _own_params(m).items()}
-    live: dict[str, dict[str, torch.Tensor]] = {}
-
-    def record(path: str):
-        def hook(module: nn.Module, args: Any) -> None:
-            live[path] = _own_params(module)
-        return hook
-
     # the parameter tensors the forward uses: under FSDP2 the gathered ones, which the graph holds, not the shards
-    handles = [m.register_forward_pre_hook(record(path)) for path, m in plan.modules.items()]
-    try:
+    with _used_params(plan.modules) as live:
         for i in range(s):
             with torch.enable_grad():
                 y = _flat_output(model(*_take(sub, i, i + 1)), 1, who)[0]
@@ -78,9 +70,6 @@ def verify_plan(model: nn.Module, x: Any, plan: NTKPlan, *, samples: int = 2,
             norms = iter([0.0 if g is None else float(g.double().pow(2).sum()) for g in grads])
             for k, ps in owners.items():
                 ref[k][i] = sum(next(norms) for _ in ps)
-    finally:
-        for h in handles:
-            h.remove()
     total = sum(float(v.sum()) for v in ref.values())
     bad = {}
     for k, mine in fast.items():
