@@ -12,12 +12,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from probes.functional.fsdp import tops_gathered
 from probes.functional.ntk import progress, settings
 from probes.functional.ntk.factors import _layer_terms
 from probes.functional.ntk.fallback import _fallback_blocks
 from probes.functional.ntk.plan import NTKPlan
 from probes.functional.ntk.planning import _inputs_and_plan, _share
-from probes.functional.ntk.ranks import Share, gather_term, together, tops_gathered
+from probes.functional.ntk.ranks import Share, gather_term, together
 from probes.functional.ntk.terms import _Embed, _Grad, _Pairs, _Term
 
 

@@ -29,9 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
 
-from probes.functional.fsdp import units
 from probes.functional.ntk.terms import _Embed, _Grad, _Pairs, _Term
 
 
@@ -229,61 +227,3 @@ def local_rows(share: Share, V: torch.Tensor, Ce: int) -> torch.Tensor:
     rows = V[share.start * Ce:share.stop * Ce]
     missing = share.S * Ce - rows.shape[0]
     return torch.cat([rows, rows.new_zeros((missing,) + tuple(rows.shape[1:]))]) if missing else rows
-
-
-def _top_units(model: nn.Module) -> list[nn.Module]:
-    """The FSDP2 units of ``model`` with no unit above them."""
-    every = units(model)
-    inner = {id(c) for u in every for c in u.modules() if c is not u}
-    return [u for u in every if id(u) not in inner]
-
-
-@contextmanager
-def tops_gathered(model: nn.Module) -> Iterator[None]:
-    """An FSDP2-sharded model with its top units' own parameters gathered for the block (``unshard``; every rank
-    enters alike), as after any forward: FSDP2 keeps the root gathered between a forward and its backward, so the
-    kernel's passes, some without a backward, see the same parameter tensors throughout; the other units gather
-    and free themselves in each forward and backward. The top units do not reshard after the kernel's backward
-    passes inside the block, and are left gathered after it (the caller's next backward, or ``reshard``, frees
-    them, as after a forward). Nothing for a model without FSDP2 units.
-
-    Args:
-        model: the model (or a wrapper around it).
-    """
-    tops = _top_units(model)
-    before = [_reshards_after_backward(u) for u in tops]
-    for unit in tops:
-        unit.unshard()
-        unit.set_reshard_after_backward(False, recurse=False)
-    try:
-        yield
-    finally:
-        for unit, flag in zip(tops, before):
-            unit.set_reshard_after_backward(flag, recurse=False)
-
-
-def _reshards_after_backward(unit: nn.Module) -> bool:
-    try:
-        groups = unit._get_fsdp_state()._fsdp_param_group
-        return bool(groups.reshard_after_backward) if groups is not None else True
-    except Exception:  # noqa: BLE001 - internals moved: FSDP2's default
-        return True
-
-
-def sharded_parameters(model: nn.Module, names: list[str]) -> list[str]:
-    """The parameters among ``names`` that are sharded now (``DTensor``): the ``torch.func`` fallback needs them
-    whole.
-
-    Args:
-        model: the model.
-        names: parameter names.
-
-    Returns:
-        The sharded ones.
-    """
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:
-        return []
-    params = dict(model.named_parameters())
-    return [n for n in names if isinstance(params.get(n), DTensor)]
