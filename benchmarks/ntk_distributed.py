@@ -6,7 +6,7 @@ with ``torch.set_num_threads(1)``:
 
 - world 1: ``empirical_ntk(model, x)`` in one process (the anchor);
 - world 2: ``empirical_ntk(model, x, distributed=True)`` on every rank: each rank the layer factors of its half
-  of the probe batch, every factor all-gathered, its share of the kernel's blocks, one all-reduce;
+  of the probe batch, every factor all-gathered, its row strips of the kernel, one all-reduce;
 - both: the matrix-free route, ``ntk_operator`` plus the top 5 eigenvalues by block Krylov
   (``top_eigenvalues``), where the ranks exchange only the partial products.
 
@@ -74,9 +74,8 @@ class Clock:
                     setattr(self, field, getattr(self, field) + time.perf_counter() - t0)
             return wrapper
 
-        def count(share, t):  # bytes received: an all-gather brings world - 1 blocks like t, an all-reduce about 1
-            blocks = share.world - 1 if t is not None else 0
-            self.received += blocks * t.numel() * t.element_size()
+        def count(share, t):  # bytes received: an all-gather brings world - 1 blocks like t (an all-reduce, about
+            self.received += (share.world - 1) * t.numel() * t.element_size()  # as many in a ring)
 
         def gather_async(share, local, *args, **kwargs):  # waiting for an exchange started earlier: what it did
             count(share, local)                           # not overlap
