@@ -9,8 +9,9 @@ from typing import Any
 
 import torch
 
-from probes.engine import distributed
+from probes.engine import distributed, inputs
 from probes.engine.cadence import Cadence, now
+from probes.engine.context import isolated
 from probes.engine.failures import Failures
 from probes.engine.probe_pass import OutputError, ProbeData, ProbePass, keeper, lazy_pending
 from probes.engine.spec import named
@@ -53,7 +54,12 @@ class ActiveProbes:
 
     def measure(self, names: list[str], step: int, at_attach: bool = False) -> None:
         """Measure ``names`` (those not switched off) at ``step``. ``at_attach``: the first measurement, whose
-        errors raise (attach fails) and whose records are held back."""
+        errors raise (attach fails) and whose records are held back. Nothing of the caller's context (autocast,
+        grad mode, transforms, modes: ``probes.engine.context``) reaches the measurement."""
+        with isolated():
+            self._measure(names, step, at_attach)
+
+    def _measure(self, names: list[str], step: int, at_attach: bool) -> None:
         names = [n for n in names if self.failures.enabled(n)]
         if not names:
             return
@@ -102,7 +108,7 @@ class ActiveProbes:
             return
         before = distributed.sharded_now(self.probe_pass.module) if self.sharded else []
         try:
-            with self.probe_pass.guarded():
+            with isolated(), self.probe_pass.guarded():
                 batch = self._batch(list(self.probes), step)
                 for name, probe in list(self.probes.items()):
                     try:
@@ -124,6 +130,7 @@ class ActiveProbes:
             due = [self.probes[n] for n in names if self.probes[n].needs_sites]
             shared = self.probe_pass.run(x, keeper(due) if due else None)
             self._check_norms(x, shared.output, step)
+            self._say_compute_dtype(shared.output)
         return ProbeBatch(self.probe_pass.module, x, y, shared.output, shared.activations, step, self.logdir,
                           shared.calls, self.probe_pass.output_spec, tensor_output=shared.tensor_output,
                           writes=self.rank == 0, chunk_size=self.probe_pass.chunk_size, runner=self.probe_pass.run,
@@ -161,6 +168,18 @@ class ActiveProbes:
                         continue
                     self.failures.fail(name, exc, step)
                 self.cadence.charge(name, shared + now() - t0)
+
+    def _say_compute_dtype(self, output: torch.Tensor | None) -> None:
+        """Once: the probe pass computed in another dtype than the parameters are stored in (FSDP2's
+        ``MixedPrecisionPolicy(param_dtype=...)``, a model casting inside its forward)."""
+        stored = inputs.model_dtype(self.probe_pass.module)
+        if output is None or not output.is_floating_point() or stored is None or output.dtype == stored:
+            return
+        self.failures.notice("probes", "compute-dtype", (
+            f"the probe pass computes in {str(output.dtype).removeprefix('torch.')} (the model's output on the probe "
+            f"batch; its parameters are stored in {str(stored).removeprefix('torch.')}, e.g. under FSDP2 mixed "
+            "precision): activations, gates and outputs are measured at that precision; solves and eigenvalues "
+            "are still computed in float64"))
 
     def _check_norms(self, x: Any, output: torch.Tensor | None, step: int) -> None:
         """When a measurement finds the eval-mode predictions far from those with batch statistics, say so (once).

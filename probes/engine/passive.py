@@ -11,6 +11,7 @@ import torch
 
 from probes.engine import distributed
 from probes.engine.capture import Capture
+from probes.engine.context import isolated
 from probes.engine.failures import Failures
 from probes.probe import Probe, Site
 from probes.records import Record
@@ -86,7 +87,12 @@ class PassiveProbes:
 
     def flush(self, names: list[str], step: int, scheduled: bool = False) -> None:
         """Write the windows of ``names`` at ``step`` and start new ones. A window already written at this step
-        with no training forward since is not written again (one point per tag per step)."""
+        with no training forward since is not written again (one point per tag per step). The caller's context
+        (autocast, grad or inference mode, modes) is set aside, as for a measurement."""
+        with isolated():
+            self._flush(names, step, scheduled)
+
+    def _flush(self, names: list[str], step: int, scheduled: bool) -> None:
         for name in names:
             last_step, last_forwards = self._window.get(name, (None, 0))
             if not scheduled and last_step == step and (self.world_size > 1 or last_forwards == self.forwards):

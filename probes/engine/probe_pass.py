@@ -23,6 +23,7 @@ from torch.func import functional_call
 
 from probes.engine import distributed, inputs
 from probes.engine.capture import Capture
+from probes.engine.context import isolated
 from probes.engine.failures import ProbesNoticeWarning
 from probes.probe import Activation, Pass, Probe, ProbeBatch, Site
 
@@ -194,21 +195,22 @@ class ProbePass:
 
     @contextmanager
     def guarded(self) -> Iterator[None]:
-        """Eval mode while inside; afterwards every module's mode (through its own ``train()``) and the RNG state
-        are as they were."""
+        """Eval mode, and none of the caller's context (``probes.engine.context.isolated``), while inside; afterwards
+        every module's mode (through its own ``train()``) and the RNG state are as they were."""
         module = self.module
         modes = [(m, m.training) for m in module.modules()]
         rng = _rng_state()
-        try:
-            module.eval()
-            if self.norm_stats == "batch":
-                with self.batch_statistics():
+        with isolated():
+            try:
+                module.eval()
+                if self.norm_stats == "batch":
+                    with self.batch_statistics():
+                        yield
+                else:
                     yield
-            else:
-                yield
-        finally:
-            _restore_modes(module, modes)
-            _set_rng_state(rng)
+            finally:
+                _restore_modes(module, modes)
+                _set_rng_state(rng)
 
     @contextmanager
     def batch_statistics(self) -> Iterator[None]:

@@ -13,6 +13,7 @@ from probes import plugins
 from probes.engine import distributed
 from probes.engine.cadence import Cadence, OptimizerStep, rank_agreement
 from probes.engine.capture import Capture, unwrap
+from probes.engine.context import isolated
 from probes.engine.failures import Failures, ProbeFailedWarning, ProbesClosedError, ProbesNoticeWarning
 from probes.engine.measure import ActiveProbes
 from probes.engine.output import Output, check_records
@@ -73,7 +74,8 @@ class Session:
                                     self.device, o.mask, o.label_shift, self.collective)
         self._active.on_attach_error = self._leave_out if self.auto else None
         try:
-            self._setup(o.optimizer, o.measure_at_attach and o.state is None)
+            with isolated():  # attach inside autocast or no_grad measures as at top level
+                self._setup(o.optimizer, o.measure_at_attach and o.state is None)
             if o.state is not None:
                 self.load_state_dict(o.state)
             self._output.sinks = make_sinks(sink_spec, self.logdir, o.writer)  # files only once all else worked
@@ -174,9 +176,10 @@ class Session:
         Args:
             n: how many steps to advance.
         """
-        self._use("step")
-        for _ in range(n):
-            self._move_to(self._step + 1)
+        with isolated():
+            self._use("step")
+            for _ in range(n):
+                self._move_to(self._step + 1)
 
     def advance_to(self, step: int) -> None:
         """Jump to a step and run what falls due at that step only (integrations that follow a trainer).
@@ -184,9 +187,10 @@ class Session:
         Args:
             step: the trainer's step.
         """
-        self._use("advance_to")
-        if step != self._step:
-            self._move_to(int(step))
+        with isolated():
+            self._use("advance_to")
+            if step != self._step:
+                self._move_to(int(step))
 
     def set_step(self, step: int) -> None:
         """Set the counter, forward or backward; nothing is measured or flushed for the steps between.
@@ -209,9 +213,10 @@ class Session:
 
     def flush(self) -> None:
         """Write what passive probes accumulated so far and flush the sinks."""
-        self._use("flush")
-        self._passive.flush(self._passive.flushable(), self._step)
-        self._output.flush()
+        with isolated():
+            self._use("flush")
+            self._passive.flush(self._passive.flushable(), self._step)
+            self._output.flush()
 
     def detach(self) -> None:
         """Remove every hook; the model is left exactly as it was (``close()`` does this too)."""

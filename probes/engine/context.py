@@ -1,0 +1,68 @@
+"""The probes' own context: a measurement runs as at top level, whatever the user's code wraps around the step.
+
+The optimizer's step hook and ``session.step()`` run inside whatever the user entered around them: autocast (any
+device type), ``no_grad``, ``inference_mode``, a ``torch.func`` transform, a ``TorchFunctionMode`` (``with
+torch.device(...)`` is one) or a ``TorchDispatchMode`` (a FLOP counter). None of these may change a measured value
+or see the probes' work: ``isolated()`` sets them all aside for its body and puts them back afterwards, exactly as
+they were.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+
+import torch
+from torch._functorch.pyfunctorch import temporarily_clear_interpreter_stack
+from torch.utils._python_dispatch import _disable_current_modes
+
+__all__ = ["isolated", "autocast_devices"]
+
+
+def autocast_devices() -> tuple[str, ...]:
+    """The device types that autocast knows in this build of torch (the private-use backend included)."""
+    names = ["cpu", "cuda", "xpu", "mps", "hpu", "mtia", "xla", "maia", "ipu", torch._C._get_privateuse1_backend_name()]
+    found = []
+    for name in dict.fromkeys(names):
+        try:
+            if torch.amp.is_autocast_available(name):
+                found.append(name)
+        except (RuntimeError, ValueError):  # a device type this build does not know
+            continue
+    return tuple(found)
+
+
+_AUTOCAST = autocast_devices()
+
+
+@contextmanager
+def isolated() -> Iterator[None]:
+    """Autocast off on every device type, gradients enabled outside inference mode, no ``torch.func`` transform and
+    no user ``TorchFunctionMode``/``TorchDispatchMode`` while inside; everything restored afterwards."""
+    with ExitStack() as stack:
+        if torch._C._len_torch_function_stack() > 0:  # first: the user's modes must not see the checks below
+            stack.enter_context(_without_function_modes())
+        if torch._C._len_torch_dispatch_stack() > 0:
+            stack.enter_context(_disable_current_modes())
+        if torch._C._functorch.peek_interpreter_stack() is not None:
+            stack.enter_context(temporarily_clear_interpreter_stack())
+        for device in _AUTOCAST:
+            if torch.is_autocast_enabled(device):
+                stack.enter_context(torch.autocast(device, enabled=False))
+        if torch.is_inference_mode_enabled():
+            stack.enter_context(torch.inference_mode(False))
+        stack.enter_context(torch.enable_grad())
+        yield
+
+
+@contextmanager
+def _without_function_modes() -> Iterator[None]:
+    """The user's ``TorchFunctionMode`` stack set aside (innermost first) and pushed back in order."""
+    popped = []
+    while torch._C._len_torch_function_stack() > 0:
+        popped.append(torch._C._pop_torch_function_stack())
+    try:
+        yield
+    finally:
+        for mode in reversed(popped):
+            torch._C._push_on_torch_function_stack(mode)
