@@ -64,15 +64,25 @@ class ProbeData:
     def from_probe_data(cls, probe_data: Any, label_key: str | None, module: nn.Module) -> ProbeData:
         """Split ``probe_data`` into inputs and labels and check them (see ``attach``)."""
         x, y = inputs.split_probe_data(probe_data, label_key)
-        if x is not None and y is not None and not isinstance(y, torch.Tensor):
-            y = torch.as_tensor(y)
+        if x is not None and y is not None:
+            y = _labels_tensor(y)
         data = cls(x, y if x is not None else None, module)
         if x is not None:
             data.check()
         return data
 
     def check(self) -> None:
+        """Every tensor of the probe batch holds values (not meta), is dense and real; the labels are bool, integer
+        or floating; inputs and labels have as many samples; floating values are finite. Errors name
+        ``probe_data``, the part (inputs ``x[...]`` or labels ``y``) and what is wrong."""
         x, y = self.given_x, self.given_y
+        if not any(True for _ in inputs.iter_tensors(x)):
+            raise TypeError(f"probe_data: the inputs (x) hold no tensor (got {type(x).__name__}); give a tensor, a "
+                            "tuple or a dict of tensors (numpy arrays and lists: torch.as_tensor(x) first)")
+        for where, t in inputs.iter_tensors(x):
+            _check_tensor(f"the inputs ({where})", t)
+        if y is not None:
+            _check_tensor("the labels (y)", y)
         n = inputs.sample_count(x)
         if n == 0:
             raise ValueError("probe_data: the probe batch is empty (0 samples)")
@@ -126,6 +136,39 @@ class ProbeData:
             y = self.given_y.to(device) if self.given_y is not None else None
             self._current, self._at = (inputs.map_tensors(self.given_x, to_model), y), at
         return self._current
+
+
+def _labels_tensor(y: Any) -> torch.Tensor:
+    """The labels as a tensor (arrays and lists of numbers are converted); anything else is an error naming them."""
+    if isinstance(y, torch.Tensor):
+        return y
+    try:
+        return torch.as_tensor(y)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise TypeError(f"probe_data: the labels (y) must be a tensor, or an array or list of numbers; got a "
+                        f"{type(y).__name__} that torch cannot convert ({str(exc).splitlines()[0]})") from None
+
+
+def _check_tensor(where: str, t: torch.Tensor) -> None:
+    if t.is_meta:
+        raise ValueError(f"probe_data: {where} are on the meta device, which holds shapes but no values; give "
+                         "tensors with data (on the CPU or the model's device)")
+    if t.layout != torch.strided:
+        raise ValueError(f"probe_data: {where} are a {str(t.layout).removeprefix('torch.')} tensor; the probe batch "
+                         "must be dense (t.to_dense())")
+    if t.is_complex():
+        raise TypeError(f"probe_data: {where} are complex ({t.dtype}); the probes measure real-valued inputs and "
+                        "labels")
+
+
+def check_model(module: nn.Module) -> None:
+    """The model's parameters and buffers hold values: a model on the meta device is an error naming a tensor."""
+    for kind, named in (("parameter", module.named_parameters()), ("buffer", module.named_buffers())):
+        for name, t in named:
+            if t.is_meta and not isinstance(t, nn.parameter.UninitializedTensorMixin):
+                raise ValueError(f"attach: the model is on the meta device ({kind} {name!r} has a shape but no "
+                                 "values), so nothing can be measured; materialise it first (model.to_empty("
+                                 "device=...) and initialise or load the weights), then attach")
 
 
 def keeper(due: list[Probe]) -> Keep:

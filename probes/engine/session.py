@@ -18,7 +18,7 @@ from probes.engine.failures import Failures, ProbeFailedWarning, ProbesClosedErr
 from probes.engine.measure import ActiveProbes
 from probes.engine.output import Output, check_records
 from probes.engine.passive import PassiveProbes
-from probes.engine.probe_pass import ProbeData, ProbePass, model_placement
+from probes.engine.probe_pass import ProbeData, ProbePass, check_model, model_placement
 from probes.engine.spec import AUTO, Options, declare_charts, make_sinks, parse_probes, parse_sinks, setup_probes
 from probes.probe import Context, Probe
 from probes.sinks.memory import MemorySink
@@ -41,6 +41,7 @@ class Session:
         self.rank, self.world_size = distributed.rank_and_world()
         self.sharded = distributed.is_sharded(self.module)
         self.logdir = o.log_to
+        check_model(self.module)
         self.device = model_placement(self.module)[0]
         self.data = ProbeData.from_probe_data(o.probe_data, o.label_key, self.module)
         self.probes: dict[str, Probe] = dict(parse_probes(probes))
