@@ -52,9 +52,23 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from probes.app.report import write_report
+    import warnings
 
-    path = write_report(args.logdir, args.output)
+    from probes.app.report import ReportWarning, write_report
+
+    with warnings.catch_warnings():  # a chart not drawn: one line each (the page names it too), and exit 0
+        warnings.simplefilter("always", ReportWarning)
+        show = warnings.showwarning
+
+        def one_line(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                     file: object = None, line: str | None = None) -> None:
+            if issubclass(category, ReportWarning):
+                print(f"probes report: warning: {message}", file=sys.stderr)
+            else:
+                show(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = one_line
+        path = write_report(args.logdir, args.output)
     print(f"wrote {path}")
     return 0
 

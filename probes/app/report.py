@@ -9,6 +9,10 @@ and one quantity across sites); the final-step shape of every histogram; and the
 of every image tag. A chart of many series draws the few with the largest last values and one band for the
 others; a chart without a finite value says so. All charts are drawn in one kept figure. Everything (plots,
 images, style) is inlined as base64 data, so the page opens anywhere without the log directory.
+
+Names (tags, sites, runs) come from whoever wrote the event files: the page shows them HTML-escaped and the
+charts draw them as they are (never as mathtext or TeX: ``probes.figures.PLAIN``). A chart that still fails to
+draw is named in its place with the reason (and a ``ReportWarning``), and the rest of the page is written.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ import html
 import math
 import os
 import re
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +49,16 @@ figure { margin: 0; } figcaption { font-size: 0.8em; font-family: ui-monospace, 
 img { max-width: 100%; }
 .note { color: #777; font-size: 0.85em; }
 details { margin: 0.6em 0; } summary { cursor: pointer; }
+p.failed { width: 520px; margin: 0; padding: 10px 20px; border: 1px dashed #c33; color: #a22; font-size: 0.85em;
+           overflow-wrap: anywhere; }
 """
+
+#: the longest reason given for a chart that was not drawn (characters)
+REASON_CHARS = 300
+
+
+class ReportWarning(UserWarning):
+    """A chart of the report was not drawn (the page names it and says why; the rest is written)."""
 
 
 def png_bytes(pixels: np.ndarray) -> bytes:
@@ -218,8 +233,38 @@ def _figure(png: bytes, alt: str, caption: str) -> str:
             f"<figcaption>{html.escape(caption)}</figcaption></figure>")
 
 
+def _reason(exc: BaseException) -> str:
+    """An exception in one line: its type and its message's words, at most ``REASON_CHARS`` characters."""
+    text = f"{type(exc).__name__}: {' '.join(str(exc).split())}".rstrip(": ")
+    return text if len(text) <= REASON_CHARS else text[:REASON_CHARS - 3] + "..."
+
+
+def _not_drawn(title: str, caption: str, reason: str) -> str:
+    """What stands in a chart's place when it could not be drawn: its name and why."""
+    return (f"<figure><p class='failed'>chart {html.escape(title)} not drawn: {html.escape(reason)}</p>"
+            f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+
+
+def _chart(failed: list[str], run: str, title: str, caption: str, draw: Callable[..., bytes], *args: Any) -> str:
+    """The figure of one chart (``draw(*args)`` gives its PNG), or, where drawing it raises, a note naming it and
+    the reason (its title appended to ``failed``, and a ``ReportWarning``): one chart never takes the page with
+    it."""
+    try:
+        png = draw(*args)
+    except Exception as exc:  # noqa: BLE001 - any failure of one chart is reported in its place
+        reason = _reason(exc)
+        failed.append(title)
+        warnings.warn(f"chart {title!r} of run {run!r} not drawn ({reason})", ReportWarning, stacklevel=3)
+        return _not_drawn(title, caption, reason)
+    return _figure(png, title, caption)
+
+
 def write_report(logdir: str | Path, output: str | Path | None = None) -> Path:
-    """Write the HTML report of ``logdir`` to ``output`` (default ``LOGDIR/report.html``); return its path."""
+    """Write the HTML report of ``logdir`` to ``output`` (default ``LOGDIR/report.html``); return its path.
+
+    A chart that fails to draw is named on the page with the reason, in its place, and warned about
+    (``ReportWarning``, one per chart); the rest of the page is still written.
+    """
     logdir = Path(logdir)
     runs = read_runs(logdir)
     output = Path(output) if output is not None else logdir / "report.html"
@@ -236,6 +281,8 @@ def write_report(logdir: str | Path, output: str | Path | None = None) -> Path:
     if len(runs) > 1:
         out.append("<p>Runs: " + ", ".join(f"<a href='#run-{i}'>{html.escape(r)}</a>" for i, r in enumerate(runs))
                    + "</p>")
+    notes_at = len(out)  # where the note on charts not drawn goes
+    failed: list[str] = []
     plotted = 0
     skipped = 0
     for i, (run, data) in enumerate(runs.items()):
@@ -259,15 +306,15 @@ def write_report(logdir: str | Path, output: str | Path | None = None) -> Path:
             if plotted >= MAX_PLOTS:
                 skipped += 1
                 continue
-            png = _scalar_plot(title, members, scalars)
             plotted += 1
-            out.append(_figure(png, title, ", ".join(members)))
+            out.append(_chart(failed, run, title, ", ".join(members), _scalar_plot, title, members, scalars))
         if section is not None:
             out.append("</div>")
         if data["histograms"]:
             out.append("<h3>histograms (final step)</h3><div class='grid'>")
             for tag, (step, lo, limits, counts) in sorted(data["histograms"].items()):
-                out.append(_figure(_histogram_plot(tag, step, lo, limits, counts), tag, f"{tag} (step {step})"))
+                out.append(_chart(failed, run, tag, f"{tag} (step {step})", _histogram_plot, tag, step, lo, limits,
+                                  counts))
             out.append("</div>")
         if data["images"]:
             out.append("<h3>images (first and latest)</h3><div class='grid'>")
@@ -278,6 +325,9 @@ def write_report(logdir: str | Path, output: str | Path | None = None) -> Path:
     if skipped:
         out.append(f"<p class='note'>{skipped} more charts are in the tables only "
                    f"(at most {MAX_PLOTS} plots per page).</p>")
+    if failed:
+        out.insert(notes_at, f"<p class='note'>{len(failed)} chart(s) could not be drawn: "
+                             f"{html.escape(', '.join(failed))}; each says why in its place.</p>")
     out.append("</body></html>")
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text("\n".join(out), encoding="utf-8")

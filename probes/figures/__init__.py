@@ -13,7 +13,8 @@ They are drawn cheaply. Each kind keeps one figure per layout (a probe's site: i
 and updates its artists; the still parts (axes, ticks, labels, legends, colour bars) are drawn once and kept
 as a background while they stay the same, and each image then draws only its data and title over it
 (limits move in steps so that this holds over many measurements). Margins are fixed in pixels instead of a
-layout engine (text that would not fit is wrapped), log axes have no minor ticks over wide ranges and plain
+layout engine (text that would not fit is wrapped), names (tags, sites, labels) are drawn as they are, never as
+mathtext or TeX (``PLAIN``, ``literal``), log axes have no minor ticks over wide ranges and plain
 text tick labels, figures are about 560 x 400 pixels at 80 dpi with few colours, so that one PNG in an event
 file takes a few tens of KB. Drawing holds one lock (``style()``): matplotlib's settings are global.
 matplotlib is imported on the first figure, not when ``probes`` is imported.
@@ -34,6 +35,7 @@ from probes.figures.canvas import (  # noqa: F401
     LINE,
     MAX_KEPT,
     NEGATIVE,
+    PLAIN,
     POSITIVE,
     STYLE,
     TEACHER,
@@ -49,9 +51,11 @@ from probes.figures.canvas import (  # noqa: F401
     encode_png,
     frame,
     kept_axes,
+    literal,
     new_figure,
     pixels,
     place,
+    plain,
     png,
     style,
     wrap,

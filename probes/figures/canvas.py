@@ -27,7 +27,8 @@ TEACHER = "#000000"
 
 #: text sizes (points; 1 pt = 1.1 pixels at 80 dpi) large enough to read when TensorBoard shrinks an image
 STYLE = {"font.size": 12, "axes.titlesize": 12, "axes.labelsize": 12, "xtick.labelsize": 10.5,
-         "ytick.labelsize": 10.5, "legend.fontsize": 10, "figure.facecolor": "white", "axes.titlelocation": "left"}
+         "ytick.labelsize": 10.5, "legend.fontsize": 10, "figure.facecolor": "white", "axes.titlelocation": "left",
+         "text.usetex": False}  # names are drawn as they are: a matplotlibrc's usetex would send them to LaTeX
 #: pixels of one line of 12 pt text, and of an average character (DejaVu Sans), for the fixed margins
 LINE = 17
 CHAR = 7.6
@@ -55,6 +56,25 @@ def style() -> Iterator[None]:
 
     with _LOCK, matplotlib.rc_context(STYLE):
         yield
+
+
+#: the text properties of every text drawn from a name (a tag, a site, a run, a label, a title): no mathtext and
+#: no TeX, so that ``$``, ``_`` and ``^`` are drawn as they are and never parsed (``$\frac{1}{$`` would not parse)
+PLAIN = {"parse_math": False, "usetex": False}
+
+
+def literal(text: Any) -> str:
+    """``text`` as a string that matplotlib draws as it is even where mathtext is on: every ``$`` escaped as
+    ``\\$`` (matplotlib draws ``\\$`` as ``$`` in text that is not mathtext, and text without an unescaped
+    ``$`` is not). For texts that matplotlib makes itself from strings (tick labels); texts made here get
+    ``PLAIN`` instead (``plain``)."""
+    return str(text).replace("$", r"\$")
+
+
+def plain(*texts: Any) -> None:
+    """Draw these matplotlib ``Text`` objects as they are (``PLAIN``): a legend's texts, say."""
+    for text in texts:
+        text.set(**PLAIN)
 
 
 def _styled(draw: Any) -> Any:
@@ -111,9 +131,9 @@ def place(fig: Any, ax: Any, title: str, xlabel: str, ylabel: str, *, left: floa
     ax.set_position((left / W, bottom / H, max(W - left - right, 10) / W, max(H - bottom - top, 10) / H))
     # the centre title (``ax.title``, one artist to redraw), placed at the figure's left edge
     ax.set_title(title, loc="center", x=-(left - 8) / max(W - left - right, 10), y=1.0, pad=6,
-                 horizontalalignment="left")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
+                 horizontalalignment="left", **PLAIN)
+    ax.set_xlabel(xlabel, **PLAIN)
+    ax.set_ylabel(ylabel, **PLAIN)
 
 
 def frame(fig: Any, title: str, xlabel: str, ylabel: str, **margins: float) -> Any:
@@ -193,7 +213,8 @@ def kept_axes(key: str, title: str, xlabel: str, ylabel: str, *, width: int = 56
 
 
 def _set_ticks(axis: Any, centres: Sequence[float] | None, names: Sequence[str] = ()) -> None:
-    """Fixed ticks with ``names`` at ``centres``, or (None) matplotlib's automatic integer ticks again."""
+    """Fixed ticks with ``names`` (drawn as they are) at ``centres``, or (None) matplotlib's automatic integer
+    ticks again."""
     from matplotlib.ticker import FixedFormatter, FixedLocator, MaxNLocator, ScalarFormatter
 
     if centres is None:
@@ -202,7 +223,7 @@ def _set_ticks(axis: Any, centres: Sequence[float] | None, names: Sequence[str] 
         axis.set_tick_params(labelsize=STYLE["xtick.labelsize"])
     else:
         axis.set_major_locator(FixedLocator(list(centres)))
-        axis.set_major_formatter(FixedFormatter(list(names)))
+        axis.set_major_formatter(FixedFormatter([literal(name) for name in names]))  # tick texts are made later
         axis.set_tick_params(labelsize=STYLE["xtick.labelsize"] if len(names) <= 12 else "x-small")
 
 

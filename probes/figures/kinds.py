@@ -12,6 +12,7 @@ from probes.figures.canvas import (
     LEVELS,
     LINE,
     NEGATIVE,
+    PLAIN,
     POSITIVE,
     TEACHER,
     UNSIGNED,
@@ -334,7 +335,7 @@ def matrix_figure(matrix: np.ndarray, starts: Sequence[int] = (), names: Sequenc
         y0, w, h = y0 + h - side / height, side / width, side / height
         ax.set_position((x0, y0, w, h))
     k["cax"].set_position((x0 + w + 12 / width, y0, 14 / width, h))
-    k["bar"].set_label(wrap(colorbar_label, h * height))
+    k["bar"].set_label(wrap(colorbar_label, h * height), **PLAIN)
     return _blit(k, [k["im"], k["xg"], k["yg"], ax.title])
 
 

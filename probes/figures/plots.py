@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 #: dots per inch of every figure: sizes below are in pixels
-from probes.figures.canvas import LEVELS, _styled, frame, new_figure, pixels
+from probes.figures.canvas import LEVELS, PLAIN, _styled, frame, new_figure, pixels, plain
 
 
 def _cmap(name: str = "viridis", levels: int = LEVELS) -> Any:
@@ -76,8 +76,9 @@ def _single_point_axis(ax: Any, xs: np.ndarray) -> None:
 MAX_LINES = 6
 
 
-def _others_band(ax: Any, rest: Sequence[tuple[str, Any, Any]]) -> None:
-    """The range (min to max at each step) of the series in ``rest``, as one grey band."""
+def _others_band(ax: Any, rest: Sequence[tuple[str, Any, Any]]) -> list[Any]:
+    """The range (min to max at each step) of the series in ``rest``, as one grey band (returned in a list;
+    none without a finite value)."""
     xs = np.unique(np.concatenate([np.asarray(x, dtype=np.float64) for _, x, _ in rest]))
     ys = []
     for _, x, y in rest:
@@ -86,11 +87,11 @@ def _others_band(ax: Any, rest: Sequence[tuple[str, Any, Any]]) -> None:
         if ok.sum():
             ys.append(np.interp(xs, x[ok], y[ok], left=np.nan, right=np.nan))
     if not ys:
-        return
+        return []
     with np.errstate(all="ignore"):
         stack = np.vstack(ys)
         lo, hi = np.nanmin(stack, axis=0), np.nanmax(stack, axis=0)
-    ax.fill_between(xs, lo, hi, color="#999999", alpha=0.35, lw=0, label=f"{len(rest)} others (min to max)")
+    return [ax.fill_between(xs, lo, hi, color="#999999", alpha=0.35, lw=0, label=f"{len(rest)} others (min to max)")]
 
 
 def line_axes(ax: Any, series: Sequence[tuple[str, Any, Any]], *, title: str | None = None,
@@ -98,7 +99,7 @@ def line_axes(ax: Any, series: Sequence[tuple[str, Any, Any]], *, title: str | N
               ylim: tuple[float, float] | None = None, markers: bool | None = None,
               title_size: float | None = None, max_lines: int = MAX_LINES) -> None:
     """Draw ``series = [(label, x, y), ...]`` in ``ax`` with a grid and a legend when there is more than one
-    series (and the title and axis labels when given).
+    series (and the title and axis labels when given); labels and titles are drawn as they are (``PLAIN``).
 
     More than ``max_lines`` series: the ``max_lines`` with the largest last finite value get a line each (in
     distinct colours), the others one grey band from their minimum to their maximum. Series without any
@@ -130,12 +131,13 @@ def line_axes(ax: Any, series: Sequence[tuple[str, Any, Any]], *, title: str | N
         lines, rest = ranked[:max_lines], ranked[max_lines:]
     colors = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
               "#bcbd22", "#17becf"]
+    handles = []
     for i, (label, x, y) in enumerate(lines):
         dots = markers if markers is not None else x.size < 40
-        ax.plot(x, y, lw=1.4, marker="." if dots or x.size == 1 else None, ms=5 if x.size > 1 else 9, label=label,
-                color=colors[i % len(colors)])
+        handles += ax.plot(x, y, lw=1.4, marker="." if dots or x.size == 1 else None, ms=5 if x.size > 1 else 9,
+                           label=str(label), color=colors[i % len(colors)])
     if rest:
-        _others_band(ax, rest)
+        handles += _others_band(ax, rest)
     if logx:
         ax.set_xscale("log")
     finite = np.concatenate([y[np.isfinite(y)] for _, _, y in clean]) if clean else np.zeros(0)
@@ -154,23 +156,23 @@ def line_axes(ax: Any, series: Sequence[tuple[str, Any, Any]], *, title: str | N
         d = max(abs(v) * 0.5, 0.5) if v else 0.5
         ax.set_ylim(v - d, v + d)
     if title is not None:
-        ax.set_title(title, fontsize=title_size) if title_size else ax.set_title(title)
+        ax.set_title(title, fontsize=title_size, **PLAIN) if title_size else ax.set_title(title, **PLAIN)
     if xlabel is not None:
-        ax.set_xlabel(xlabel)
+        ax.set_xlabel(xlabel, **PLAIN)
     if ylabel is not None:
-        ax.set_ylabel(ylabel)
+        ax.set_ylabel(ylabel, **PLAIN)
     ax.grid(alpha=0.3, which="major")
     if not clean:
         n = sum(y.size for _, _, y in empty)
         ax.text(0.5, 0.5, f"no finite value to draw: all {n} points are NaN or infinite", transform=ax.transAxes,
-                ha="center", va="center", wrap=True)
+                ha="center", va="center", wrap=True, **PLAIN)
         ax.set_yticks([])
     elif empty:
-        names = ", ".join(label for label, _, _ in empty[:3]) + (" ..." if len(empty) > 3 else "")
+        names = ", ".join(str(label) for label, _, _ in empty[:3]) + (" ..." if len(empty) > 3 else "")
         ax.text(0.01, 0.01, f"only NaN / inf, not drawn: {names}", transform=ax.transAxes, fontsize=9,
-                color="#777777")
-    if len(lines) + bool(rest) > 1:
-        ax.legend(loc="best", fontsize=9, framealpha=0.8)
+                color="#777777", **PLAIN)
+    if len(handles) > 1:  # the handles given: a label that starts with "_" (a site "_orig_mod.fc") is kept too
+        plain(*ax.legend(handles=handles, loc="best", fontsize=9, framealpha=0.8).get_texts())
 
 
 @_styled
