@@ -19,7 +19,8 @@ def attach(model: nn.Module, probes: Any, *, probe_data: Any = None, label_key: 
            optimizer: torch.optim.Optimizer | None = None, strict: bool = False, functional: bool | None = None,
            measure_at_attach: bool = True, state: Mapping[str, Any] | None = None,
            probe_batch_size: int | None = DEFAULT_PROBE_BATCH_SIZE, overhead: float | str | None = "auto",
-           mask: str | None = "attention_mask", norm_stats: str = "running", label_shift: int = 0) -> Session:
+           mask: str | None = "attention_mask", norm_stats: str = "running", label_shift: int = 0,
+           grad_scaler: Any = None) -> Session:
     """Attach probes to ``model`` and return the ``Session`` (or raise and leave nothing behind).
 
     Args:
@@ -61,6 +62,9 @@ def attach(model: nn.Module, probes: Any, *, probe_data: Any = None, label_key: 
         label_shift: with token labels ``(P, T)`` (``-100`` where a position has none), the features at position
             ``t`` pair with the label at ``t + label_shift``: 1 for a causal language model with ``labels =
             input_ids``, as in its own loss (the Transformers callback sets it for causal LMs); 0 otherwise.
+        grad_scaler: the ``torch.amp.GradScaler`` that steps ``optimizer``: iterations it skipped (inf or NaN
+            gradients, so ``optimizer.step()`` did not run and the session's step did not advance) are counted and
+            logged as ``train/skipped_steps`` (cumulative) at the next real step and at ``close()``.
 
     Returns:
         The ``Session``: ``step()``, ``close()`` (or use it as a context manager), ``state_dict()``.
@@ -73,4 +77,4 @@ def attach(model: nn.Module, probes: Any, *, probe_data: Any = None, label_key: 
         probe_data=probe_data, label_key=label_key, output=output, logdir=logdir, writer=writer, sinks=sinks,
         optimizer=optimizer, strict=strict, functional=functional, measure_at_attach=measure_at_attach, state=state,
         probe_batch_size=probe_batch_size, overhead=overhead, mask=mask, norm_stats=norm_stats,
-        label_shift=label_shift))
+        label_shift=label_shift, grad_scaler=grad_scaler))

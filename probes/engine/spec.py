@@ -24,8 +24,10 @@ __all__ = ["parse_probes", "parse_sinks", "make_sinks", "make_probe", "named", "
 
 def make_probe(cls: type[Probe], name: str, options: Mapping[str, Any]) -> Probe:
     opts = dict(options or {})
+    given = "every" in opts  # an explicit every=None is refused, as any other value that is not a cadence
     every = opts.pop("every", None)
-    as_schedule(every if every is not None else cls.every, who=f"probe {name!r}")  # checked before the probe is built
+    # checked before the probe is built; a schedule is called once, on step 1, and must answer a bool
+    as_schedule(every if given else cls.every, who=f"probe {name!r}", check=True)
     try:
         probe = cls(**opts)
     except TypeError as exc:
@@ -34,7 +36,7 @@ def make_probe(cls: type[Probe], name: str, options: Mapping[str, Any]) -> Probe
                         f"{', '.join(params) or '(no other options)'}") from exc
     except (ValueError, KeyError) as exc:
         raise named(exc, name) from exc
-    if every is not None:
+    if given:
         probe.every = every
     return probe
 
@@ -86,7 +88,7 @@ def parse_probes(probes: Any) -> list[tuple[str, Probe]]:
         if opts is not None and not isinstance(opts, Mapping):
             raise TypeError(f"options of probe {key!r} must be a mapping, got {opts!r}")
         if isinstance(key, Probe):
-            as_schedule(key.every, who=f"probe {key.name!r}")
+            as_schedule(key.every, who=f"probe {key.name!r}", check=True)
             out.append((key.name, key))
         elif isinstance(key, type) and issubclass(key, Probe):
             out.append((key.name, make_probe(key, key.name, opts or {})))
@@ -170,6 +172,7 @@ class Options:
     mask: str | None = "attention_mask"
     norm_stats: str = "running"
     label_shift: int = 0
+    grad_scaler: Any = None
 
     def __post_init__(self) -> None:
         if self.logdir is not None and self.writer is not None:
