@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import gc
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 
 def samples(cases: dict[str, Callable[[], None]], rounds: int = 7, repeat: int = 1,
@@ -44,3 +46,56 @@ def table(times: dict[str, float], anchor: str, title: str, unit: str = "ms",
     for name, t in times.items():
         lines.append(f"{name:<{width}}  {t * scale:>12.3f}  {ratios[name]:>16.3f}x")
     return "\n".join(lines)
+
+
+@dataclass
+class Case:
+    """One timed case for ``rotated_rounds``: ``run`` is timed; ``enter`` and ``leave`` run untimed around each block
+    (attach a session and take a warm step, detach it), so that other cases' blocks run without it."""
+
+    run: Callable[[], None]
+    enter: Callable[[], None] | None = None
+    leave: Callable[[], None] | None = None
+
+
+def rotated_rounds(cases: Mapping[str, Case | Callable[[], None]], rounds: int = 7, repeat: int = 1,
+                   warmup: int = 1, sync: Callable[[], None] | None = None) -> dict[str, list[float]]:
+    """Seconds per call of each case in every round, like ``samples``, with these additions.
+
+    Each case's block of ``repeat`` calls runs between its own ``enter`` and ``leave`` (untimed), and the order of
+    the cases rotates by one from round to round, so no case always runs right after the same neighbour. ``sync``
+    (``torch.cuda.synchronize`` on a GPU) runs before the clock starts and before it stops. ``warmup`` whole
+    blocks of each case run first, untimed (0: none). The garbage collector is off while the clock runs.
+    """
+    named = {name: c if isinstance(c, Case) else Case(c) for name, c in cases.items()}
+
+    def block(case: Case) -> float:
+        if case.enter is not None:
+            case.enter()
+        collecting = gc.isenabled()
+        try:
+            if sync is not None:
+                sync()
+            gc.disable()  # as timeit does: a collection (of a detached session, say) falls outside the block
+            t0 = time.perf_counter()
+            for _ in range(repeat):
+                case.run()
+            if sync is not None:
+                sync()
+            return (time.perf_counter() - t0) / repeat
+        finally:
+            if collecting:
+                gc.enable()
+            if case.leave is not None:
+                case.leave()
+
+    for case in named.values():
+        for _ in range(warmup):
+            block(case)
+    out: dict[str, list[float]] = {name: [] for name in named}
+    order = list(named)
+    for r in range(rounds):
+        k = r % len(order)
+        for name in order[k:] + order[:k]:
+            out[name].append(block(named[name]))
+    return out

@@ -13,7 +13,13 @@ from __future__ import annotations
 
 from probes import records, schedules
 from probes.engine.attach import attach
-from probes.engine.session import ProbesClosedError, Session
+from probes.engine.session import (
+    ProbeFailedWarning,
+    ProbesClosedError,
+    ProbesNoticeWarning,
+    Session,
+    SinkFailedWarning,
+)
 from probes.hookspecs import hookimpl
 from probes.plugins import ProbeInfo
 from probes.probe import Activation, Context, Probe, ProbeBatch, Site
@@ -26,7 +32,7 @@ __version__ = "0.1.0"
 __all__ = [
     "attach", "available", "Session", "Probe", "ProbeBatch", "Context", "Site", "Activation",
     "ProbeInfo", "hookimpl", "records", "schedules", "Scalar", "Histogram", "Image", "ProbesClosedError",
-    "__version__",
+    "ProbeFailedWarning", "ProbesNoticeWarning", "SinkFailedWarning", "__version__",
 ]
 
 

@@ -18,7 +18,12 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["integer", "number", "choice", "flag", "names", "sizes", "floating_dtype", "module_types", "ordered", "path"]
+__all__ = ["MAX_BINS", "integer", "number", "choice", "flag", "names", "text", "sizes", "array", "floating_dtype",
+           "module_types", "ordered", "path"]
+
+
+#: the most bins a probe's histogram option (``bins``) allows
+MAX_BINS = 10_000
 
 
 def _is_int(value: Any) -> bool:
@@ -56,6 +61,8 @@ def integer(probe: str, option: str, value: Any, *, minimum: int | None = None, 
     """
     if value is None and optional:
         return None
+    if what is None and maximum is not None and minimum not in (None, 0, 1):
+        what = f"{'None or ' if optional else ''}an int from {minimum} to {maximum}"
     what = what or _int_words(minimum, optional) + (f" <= {maximum}" if maximum is not None else "")
     if not _is_int(value):
         raise TypeError(f"{probe}: option {option!r} must be {what}, got {value!r}")
@@ -156,6 +163,30 @@ def names(probe: str, option: str, value: Any) -> list[str] | None:
     return list(items)
 
 
+def text(probe: str, option: str, value: Any, *, optional: bool = False,
+         what: str = "a non-empty string") -> str | None:
+    """A non-empty string (a module path, a name).
+
+    Args:
+        probe: the probe's name, for the message.
+        option: the option's name, for the message.
+        value: the value given.
+        optional: whether None is allowed (and returned).
+        what: how the message describes a valid value.
+
+    Returns:
+        ``value``, or None when ``optional`` and ``value`` is None.
+
+    Raises:
+        TypeError: anything else (an empty string included).
+    """
+    if value is None and optional:
+        return None
+    if not isinstance(value, str) or not value:
+        raise TypeError(f"{probe}: option {option!r} must be {'None or ' if optional else ''}{what}, got {value!r}")
+    return value
+
+
 def path(probe: str, option: str, value: Any, *, optional: bool = False) -> str | None:
     """A file-system path (a string or an ``os.PathLike``), returned as a string.
 
@@ -190,6 +221,52 @@ def sizes(probe: str, option: str, value: Any) -> tuple[float, ...]:
     out = tuple(float(v) for v in values)
     if not all(v > 0 and math.isfinite(v) for v in out):
         raise ValueError(f"{probe}: option {option!r} must be {wanted}, got {value!r}")
+    return out
+
+
+def array(probe: str, option: str, value: Any, *, ndim: Iterable[int] | None = None,
+          what: str = "a tensor of finite real numbers") -> torch.Tensor:
+    """A tensor, numpy array or nested list/tuple of real numbers, returned as a detached float64 CPU tensor.
+
+    Args:
+        probe: the probe's name, for the message.
+        option: the option's name, for the message.
+        value: the value given.
+        ndim: the allowed numbers of dimensions (None: any).
+        what: how the message describes a valid value.
+
+    Returns:
+        A new float64 tensor on the CPU (the shape checks against the model are the probe's).
+
+    Raises:
+        TypeError: not numbers (strings, bools, complex numbers, objects, a dtype, a module, ...).
+        ValueError: of the wrong number of dimensions, empty, or with a NaN or infinite entry.
+    """
+    bad_type = TypeError(f"{probe}: option {option!r} must be {what}, got {value!r}")
+    if isinstance(value, torch.Tensor):
+        if value.dtype == torch.bool or value.is_complex() or value.layout != torch.strided:
+            raise bad_type
+        out = value.detach().to("cpu", torch.float64, copy=True)
+    elif isinstance(value, np.ndarray):
+        if value.dtype.kind not in "iuf":
+            raise bad_type
+        out = torch.from_numpy(np.array(value, dtype=np.float64))
+    elif isinstance(value, (list, tuple)) or _is_real(value):
+        def numbers_only(v: Any) -> bool:
+            return _is_real(v) or (isinstance(v, (list, tuple)) and all(numbers_only(e) for e in v))
+        if not numbers_only(value):
+            raise bad_type
+        try:
+            out = torch.tensor(value, dtype=torch.float64)
+        except (ValueError, TypeError, RuntimeError, OverflowError) as exc:  # ragged lists, huge ints
+            raise ValueError(f"{probe}: option {option!r} must be {what}, got {value!r} ({exc})") from None
+    else:
+        raise bad_type
+    allowed = None if ndim is None else tuple(ndim)
+    why = (f"shape {tuple(out.shape)}" if allowed is not None and out.ndim not in allowed else "empty"
+           if out.numel() == 0 else "NaN or infinite entries" if not bool(torch.isfinite(out).all()) else None)
+    if why is not None:
+        raise ValueError(f"{probe}: option {option!r} must be {what}, got {value!r} ({why})")
     return out
 
 

@@ -49,18 +49,15 @@ class Site:
     call: int = 1  # 1-based call index of this module / function within one forward
     functional: bool = False
     module: nn.Module | None = field(default=None, compare=False, repr=False)
+    #: a module that a probe of this session declared in its ``site_types`` (max pooling for ``linear_region``)
+    #: rather than an activation: the session's capture sees the union of its probes' types, so a probe that reads
+    #: activations meets such a site only when another probe of the same session asked for it
+    extra: bool = field(default=False, compare=False)
 
     @property
     def relu_family(self) -> bool:
         return self.kind in RELU_FAMILY
 
-    @property
-    def extra(self) -> bool:
-        """Whether this site is a module some probe declared in its ``site_types`` (max pooling for
-        ``linear_region``) rather than an activation: the session's one capture sees the union of those types, so
-        a probe that reads activations meets them only when another probe asked for them."""
-        return (not self.functional and self.module is not None and not self.relu_family
-                and isinstance(self.module, tuple(_EXTRA_SITE_TYPES)))
 
 
 @dataclass
@@ -276,10 +273,6 @@ class Context:
 
 REDUCTIONS = ("sum", "max", "min", "cat", None)
 
-#: every module type that some probe class declares in ``site_types`` (filled as probe classes are defined)
-_EXTRA_SITE_TYPES: set[type[nn.Module]] = set()
-
-
 @dataclass
 class State:
     """A declared accumulator: its default (reset value), its reduction over ranks, and whether it is per window."""
@@ -345,10 +338,6 @@ class Probe:
     #: chart groups of this probe's scalar tags that are not ``<probe>/<site>/<quantity>`` (``probes.records.Chart``):
     #: the sinks and the report draw each group in one chart (sites of one quantity are grouped without it)
     charts: ClassVar[tuple[Chart, ...]] = ()
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        _EXTRA_SITE_TYPES.update(cls.__dict__.get("site_types", ()))
 
     # -- declared state ---------------------------------------------------------------
     def add_state(self, name: str, default: Any, reduce: str | None = "sum", window: bool = True) -> None:

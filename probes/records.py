@@ -91,11 +91,17 @@ class Histogram:
             return cls(tag, torch.zeros(bins, device=v.device), torch.linspace(0, 1, bins + 1, device=v.device),
                        zero.clone(), zero.clone(), zero.clone(), zero.clone(), zero.clone(), nonfinite)
         lo, hi = fv.min(), fv.max()
-        # widen a degenerate range so that every value falls in a bin
-        span = torch.where(hi > lo, hi - lo, torch.ones_like(hi))
-        hi_e = torch.where(hi > lo, hi, lo + span)
-        edges = lo + (hi_e - lo) * torch.linspace(0, 1, bins + 1, device=v.device, dtype=v.dtype)
-        idx = ((fv - lo) / (hi_e - lo) * bins).floor().clamp_(0, bins - 1).long()
+        # widen a degenerate range so that every value falls in a bin (by 1, or a little more for values so large
+        # that 1 would vanish in them, without overflowing the dtype)
+        top = torch.finfo(v.dtype).max
+        span = torch.where(hi > lo, hi - lo, torch.clamp(lo.abs() * 2.0 ** -20, min=1.0))
+        hi_e = torch.where(hi > lo, hi, torch.clamp(lo + span, max=top))
+        # halves: hi - lo itself may overflow; a range that cannot be widened (0 / 0) puts every value in bin 0
+        frac = (fv * 0.5 - lo * 0.5) / (hi_e * 0.5 - lo * 0.5)
+        t = torch.linspace(0, 1, bins + 1, device=v.device, dtype=v.dtype)
+        width = hi_e - lo
+        edges = torch.where(torch.isfinite(width), lo + width * t, lo * (1 - t) + hi_e * t)
+        idx = torch.nan_to_num(frac * bins, nan=0.0).floor().clamp_(0, bins - 1).long()
         counts = torch.bincount(idx, minlength=bins).to(v.dtype)
         return cls(tag, counts, edges, torch.tensor(fv.numel(), device=v.device, dtype=v.dtype),
                    fv.sum(), (fv * fv).sum(), lo, hi, nonfinite)

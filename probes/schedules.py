@@ -5,17 +5,34 @@ fastest at the start of training), ``at([...])`` (listed steps). Any callable ``
 A probe's ``every`` option is a positive int (``every(k)``) or a schedule. Step 0 is the
 initialization: active probes measure there at attach, and once more at ``close()``,
 whatever the schedule says.
+
+The schedule contract:
+
+- it takes the step, a Python ``int`` (1, 2, ... in training), and returns a Python ``bool``, a numpy
+  ``bool_`` or a one-element ``torch.bool`` tensor (read with ``bool()``: a host sync for a GPU tensor). Any other
+  result (None, an int such as ``step % 10``, whose truth is the opposite of "every 10 steps") is an error;
+- it should be a pure function of the step: ``attach`` calls it once on step 1 to check it (so a schedule that
+  raises or returns something else fails at attach, naming the probe and the option ``every``); a module, a class
+  or any other callable that is not such a function is refused there;
+- a schedule that raises (or returns something else) later, in training, is a failure of its probe: reported once
+  through the session's failure policy, the probe is switched off and training goes on (``strict=True``: the
+  error is raised, from ``optimizer.step()`` or ``session.step()``).
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+import numpy as np
+import torch
+from torch import nn
+
 Schedule = Callable[[int], bool]
 
-__all__ = ["Schedule", "every", "log", "at", "as_schedule"]
+__all__ = ["Schedule", "every", "log", "at", "as_schedule", "is_due"]
 
 
 @dataclass(frozen=True)
@@ -96,28 +113,77 @@ class log:  # noqa: N801
         return False
 
 
-def as_schedule(value: object, who: str = "probe") -> Schedule:
+#: the step on which ``as_schedule(..., check=True)`` calls a schedule (the first step asked in training)
+CHECK_STEP = 1
+
+
+def is_due(schedule: Schedule, step: int, who: str = "probe") -> bool:
+    """Ask ``schedule`` about ``step`` and check its answer.
+
+    Args:
+        schedule: the schedule.
+        step: the step.
+        who: the name errors start with (the probe's).
+
+    Returns:
+        Whether the probe is due at ``step``.
+
+    Raises:
+        TypeError: the schedule returned something other than a bool (Python, numpy, or a one-element bool tensor).
+        Exception: what the schedule itself raised.
+    """
+    answer = schedule(step)
+    if isinstance(answer, (bool, np.bool_)):
+        return bool(answer)
+    if isinstance(answer, torch.Tensor) and answer.dtype == torch.bool and answer.numel() == 1:
+        return bool(answer)
+    raise TypeError(f"{who}: option 'every': the schedule {schedule!r} returned {answer!r} at step {step}; a "
+                    "schedule returns a bool (True: measure at this step)")
+
+
+def as_schedule(value: object, who: str = "probe", *, check: bool = False) -> Schedule:
     """The schedule of a probe's ``every`` option.
 
     Args:
-        value: a positive int (``every(k)``) or a callable ``step -> bool`` (returned as it is).
+        value: a positive int, Python or numpy (``every(k)``), or a schedule: a callable ``step -> bool`` (returned
+            as it is). An ``nn.Module`` or a class is not a schedule.
         who: the name errors start with (the probe's).
+        check: call the schedule once on step 1 (``CHECK_STEP``) and check that it returns a bool (at attach).
 
     Returns:
         A callable ``step -> bool``.
 
     Raises:
-        TypeError: ``value`` is None, a bool, a float or not callable.
-        ValueError: ``value`` is an int below 1.
+        TypeError: ``value`` is None, a bool, a float, a module, a class or not callable; or (``check``) the
+            schedule does not take one step or returns something other than a bool.
+        ValueError: ``value`` is an int below 1; or (``check``) the schedule raised on step 1.
     """
-    if isinstance(value, bool) or value is None:
-        raise TypeError(f"{who}: option 'every' must be a positive int or a schedule (step -> bool), got {value!r}")
-    if isinstance(value, int):
+    wanted = "a positive int or a schedule (step -> bool, e.g. probes.schedules.every(10))"
+    if isinstance(value, (bool, np.bool_)) or value is None:
+        raise TypeError(f"{who}: option 'every' must be {wanted}, got {value!r}")
+    if isinstance(value, numbers.Integral):
         if value < 1:
             raise ValueError(f"{who}: option 'every' must be a positive number of steps, got {value}")
-        return every(value)
-    if isinstance(value, float):
+        return every(int(value))
+    if isinstance(value, numbers.Number):
         raise TypeError(f"{who}: option 'every' must be a whole number of steps, got {value!r}")
-    if callable(value):
-        return value  # type: ignore[return-value]
-    raise TypeError(f"{who}: option 'every' must be a positive int or a schedule (step -> bool), got {value!r}")
+    if isinstance(value, nn.Module):
+        raise TypeError(f"{who}: option 'every' must be {wanted}; an nn.Module is not a schedule, got "
+                        f"{type(value).__name__}")
+    if isinstance(value, type):
+        raise TypeError(f"{who}: option 'every' must be {wanted}; got the class {value.__name__}, not a schedule")
+    if not callable(value):
+        raise TypeError(f"{who}: option 'every' must be {wanted}, got {value!r}")
+    schedule: Schedule = value  # type: ignore[assignment]
+    if check:
+        try:
+            is_due(schedule, CHECK_STEP, who)
+        except TypeError as exc:
+            if str(exc).startswith(f"{who}: option 'every'"):
+                raise
+            raise TypeError(f"{who}: option 'every' must be {wanted}; calling {value!r} on step {CHECK_STEP} "
+                            f"raised {exc!r}") from exc
+        except Exception as exc:  # noqa: BLE001 - any error of the user's callable
+            raise ValueError(f"{who}: option 'every': the schedule {value!r} raised {exc!r} on step "
+                             f"{CHECK_STEP}") from exc
+    return schedule

@@ -330,7 +330,7 @@ class MLP(nn.Module):
 def test_structure_errors_name_the_model():
     with pytest.raises(ValueError, match=r"MLP.*not a two-layer net"):
         _attached(MLP())
-    with pytest.raises(ValueError, match="no module 'zz'"):
+    with pytest.raises(ValueError, match="option 'layer'='zz': model MLP has no such module"):
         _attached(MLP(), layer="zz")
     conv = nn.Sequential(nn.Conv1d(1, 2, 3), nn.ReLU(), nn.Linear(2, 1))
     with pytest.raises(ValueError, match=r"Sequential.*Conv1d"):
@@ -357,15 +357,15 @@ def test_bad_options_are_reported():
         _attached(model, bias=True)
     with pytest.raises(ValueError, match="output_index"):
         _attached(model, output_index=2)
-    with pytest.raises(ValueError, match=r"teacher must be an M x 3"):
+    with pytest.raises(ValueError, match=r"option 'teacher' must be an M x 3"):
         _attached(model, teacher=torch.ones(2, 2))
     with pytest.raises(ValueError, match="finite"):
         _attached(model, teacher=torch.tensor([[1.0, float("nan"), 0.0]]))
-    with pytest.raises(ValueError, match=r"basis must be a 3 x 2"):
+    with pytest.raises(ValueError, match=r"option 'basis' must be a 3 x 2"):
         _attached(model, basis=torch.ones(2, 2))
     with pytest.raises(ValueError, match="trail"):
         Particles(trail=1)
-    with pytest.raises(ValueError, match="option .size. must be an int >= 240"):
+    with pytest.raises(ValueError, match="option .size. must be an int from 240 to 4096"):
         Particles(size=100)
     with pytest.raises(ValueError, match="teacher"):
         Particles(basis="teacher")

@@ -236,7 +236,7 @@ def test_errors():
     x, y = torch.randn(8, 6), torch.randint(0, 2, (8,))
     with pytest.raises(ValueError, match="save=True needs a log directory"):
         probes.attach(model, {"patterns": {"save": True}}, probe_data=(x, y), sinks=["memory"], strict=True)
-    with pytest.raises(ValueError, match=r"sites \['nope\*'\] match no activation site"):
+    with pytest.raises(ValueError, match=r"'sites': \['nope\*'\] match no activation site"):
         probes.attach(model, {"patterns": {"sites": "nope*"}}, probe_data=(x, y), sinks=["memory"], strict=True)
     with pytest.raises(ValueError, match="no activation site"):
         probes.attach(nn.Linear(6, 2), ["patterns"], probe_data=(x, y), sinks=["memory"], strict=True)

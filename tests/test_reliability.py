@@ -118,7 +118,12 @@ def test_an_attached_model_can_be_copied_and_saved_and_copies_carry_no_probes(tm
         clone = torch.load(buf, weights_only=False)
     else:
         clone = torch.optim.swa_utils.AveragedModel(model).module
-    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in clone.modules())
+    # the copy's hooks are no-ops: nothing in it refers to the session
+    from probes.engine.capture import _NoopHook
+
+    assert all(isinstance(h, _NoopHook) for m in clone.modules()
+               for h in [*m._forward_hooks.values(), *m._forward_pre_hooks.values()])
+    assert any(m._forward_hooks for m in model.modules())  # while the original is hooked
     clone(x)  # a copy's forwards are not the original's
     clone(x)
     model(x)
@@ -251,12 +256,17 @@ def test_options_are_validated_at_attach_naming_probe_and_option(spec, match):
     assert next(iter(spec)) in str(info.value)
 
 
-def test_unit_dim_out_of_range_is_an_error_naming_the_site():
+def test_unit_dim_out_of_range_keeps_the_default_axis_and_says_so_naming_the_site():
+    from probes.engine.failures import ProbesNoticeWarning
+
     model = two_layer()
-    s = probes.attach(model, {"relu_zeros": {"unit_dim": 2}}, strict=True)
-    with pytest.raises(ValueError, match="unit_dim.*site '1'"):
+    s = probes.attach(model, {"relu_zeros": {"unit_dim": 2, "every": 1}}, strict=True)
+    with pytest.warns(ProbesNoticeWarning, match="unit_dim'=2 is out of range.*site '1'.*axis 1"):
         model(torch.randn(3, 8))
-    s.detach()
+    s.step()
+    s.close()
+    assert s.failures == {}
+    assert s.memory.histograms()["relu_zeros/1/unit_activity"][0].counts.sum() == 16  # 16 units: the last axis
 
 
 def test_float64_and_integer_probe_inputs_are_cast_to_the_model_dtype():

@@ -300,7 +300,7 @@ class Alignment(Probe):
         if not self._checked_patterns:
             unmatched = [p for p in self.sites if not any(n == p or fnmatch.fnmatchcase(n, p) for n in names)]
             if unmatched:
-                raise ValueError(f"alignment: sites {unmatched} match no activation site of the model; "
+                raise ValueError(f"alignment: option 'sites': {unmatched} match no activation site of the model; "
                                  f"its sites are {names}")
             self._checked_patterns = True
         return chosen

@@ -85,8 +85,9 @@ class Margin(Probe):
                  positions: str = "all") -> None:
         self.margin = options.number("margin", "margin", margin, minimum=0.0)
         self.positions = options.choice("margin", "positions", positions, POSITIONS)
-        self.bins = options.integer("margin", "bins", bins, minimum=1)
-        self.n_weights = options.integer("margin", "n_weights", n_weights, minimum=1, optional=True)
+        self.bins = options.integer("margin", "bins", bins, minimum=1, maximum=options.MAX_BINS)
+        self.n_weights = options.integer("margin", "n_weights", n_weights, minimum=1, maximum=2 ** 63 - 1,
+                                         optional=True)
 
     def setup(self, context: Context) -> None:
         if context.y is None:

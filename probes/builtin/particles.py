@@ -89,7 +89,7 @@ def find_two_layer(model: nn.Module, layer: str | None = None) -> tuple[str, nn.
             target = model.get_submodule(layer)
         except AttributeError as exc:
             names = [p for p, _ in model.named_modules() if p]
-            raise ValueError(f"particles: model {who} has no module {layer!r}; its modules: "
+            raise ValueError(f"particles: option 'layer'={layer!r}: model {who} has no such module; its modules: "
                              f"{', '.join(names[:20]) or 'none'}") from exc
         prefix = layer
     if isinstance(target, MeanField):
@@ -110,19 +110,20 @@ def find_two_layer(model: nn.Module, layer: str | None = None) -> tuple[str, nn.
         for path, mod in leaves[idx + 1:]:
             if isinstance(mod, nn.Linear):
                 if mod.in_features != target.out_features:
-                    raise ValueError(f"particles: in model {who}, the Linear after {layer!r} is {path!r} with "
-                                     f"{mod.in_features} inputs, but {layer!r} has {target.out_features} units; "
-                                     "this is not a two-layer net Linear -> activation -> Linear")
+                    raise ValueError(f"particles: option 'layer': in model {who}, the Linear after {layer!r} is "
+                                     f"{path!r} with {mod.in_features} inputs, but {layer!r} has "
+                                     f"{target.out_features} units; this is not a two-layer net Linear -> activation "
+                                     "-> Linear")
                 return layer, target, path, mod
             if _has_params(mod) and not isinstance(mod, nn.PReLU):
-                raise ValueError(f"particles: in model {who}, {path!r} ({type(mod).__name__}) has parameters "
-                                 f"between the hidden layer {layer!r} and the output layer; particles needs "
+                raise ValueError(f"particles: option 'layer': in model {who}, {path!r} ({type(mod).__name__}) has "
+                                 f"parameters between the hidden layer {layer!r} and the output layer; particles needs "
                                  "Linear -> activation -> Linear")
-        raise ValueError(f"particles: in model {who}, no Linear layer follows {layer!r}; particles needs "
-                         "Linear -> activation -> Linear")
+        raise ValueError(f"particles: option 'layer': in model {who}, no Linear layer follows {layer!r}; particles "
+                         "needs Linear -> activation -> Linear")
     sub = _leaves(target, prefix)
     with_params = [(p, m) for p, m in sub if _has_params(m) and not isinstance(m, nn.PReLU)]
-    where = f"module {prefix!r} of model {who}" if prefix else f"model {who}"
+    where = f"module {prefix!r} (option 'layer') of model {who}" if prefix else f"model {who}"
     if len(with_params) != 2 or not all(isinstance(m, nn.Linear) for _, m in with_params):
         raise ValueError(f"particles: {where} is not a two-layer net Linear -> activation -> Linear "
                          f"(parametrised modules: {_describe(sub)}); name the hidden Linear with layer=, "
@@ -156,16 +157,48 @@ def _principal(points: torch.Tensor, center: bool) -> torch.Tensor:
     return v * torch.where(sign == 0, torch.ones_like(sign), sign)
 
 
+#: the most positions kept per particle (``trail``: a trail x m x 2 float64 buffer) and the largest image side
+MAX_TRAIL, MAX_SIZE = 100_000, 4096
+TEACHER = "an M x D tensor of positions, or a tuple (a, W) / (a, W, b) of tensors"
+
+
+def _rectangular(value: list | tuple) -> bool:
+    """Whether a nested list is a rectangular array of numbers (the ``M x D`` positions, not ``(a, W)``)."""
+    try:
+        return np.asarray(value).dtype.kind in "iuf"
+    except (ValueError, TypeError):  # ragged
+        return False
+
+
+def _teacher_option(teacher: Any) -> torch.Tensor | tuple[torch.Tensor, ...] | None:
+    """The ``teacher`` option as float64 CPU tensors: an ``M x D`` (or ``D``) array (a tensor, a numpy array or a
+    rectangular nested list of numbers), or ``(a, W)`` / ``(a, W, b)`` (a tuple or list of tensors, numpy arrays or
+    lists); their shapes against the model are checked at attach, in ``setup``."""
+    if teacher is None:
+        return None
+    if isinstance(teacher, (tuple, list)) and (any(isinstance(v, (torch.Tensor, np.ndarray)) for v in teacher) or (
+            any(isinstance(v, (list, tuple)) for v in teacher) and not _rectangular(teacher))):
+        if len(teacher) not in (2, 3):
+            raise ValueError(f"particles: option 'teacher' must be {TEACHER}, got a sequence of {len(teacher)}")
+        parts = [options.array("particles", "teacher", v, ndim=(0, 1, 2), what=TEACHER) for v in teacher]
+        if parts[1].ndim != 2:
+            raise ValueError(f"particles: option 'teacher' (a, W) needs W of shape (M, d), got shape "
+                             f"{tuple(parts[1].shape)}")
+        return tuple(parts)
+    return options.array("particles", "teacher", teacher, ndim=(1, 2), what=TEACHER)
+
+
 class Particles(Probe):
     """Hidden units of a two-layer net as particles ``a_j w_j`` with trails (Chizat & Bach 2018).
 
-    Options: ``layer`` (module path of the hidden Linear, of a ``MeanField``, or of a two-layer
-    sub-module), ``teacher`` (an M x D tensor of teacher positions drawn as lines through the origin,
-    or a tuple ``(a, W)`` / ``(a, W, b)`` of teacher output weights (M,) and input weights (M x d),
-    turned into positions as the student's), ``trail`` (positions kept per particle),
-    ``trail_mode`` ("thin" or "ring"), ``basis`` ("init", "teacher" or a D x 2 matrix),
-    ``signed``, ``bias`` (append ``b_j`` to ``w_j``), ``output_index`` (which output's weight is
-    ``a_j`` when there are several), ``size`` (image side in pixels, at least 240), ``limit`` (fixed
+    Options (each checked at attach through ``probes.options``): ``layer`` (the module path, a string, of the
+    hidden Linear, of a ``MeanField``, or of a two-layer sub-module), ``teacher`` (an M x D array of teacher
+    positions drawn as lines through the origin: a tensor, a numpy array or a rectangular nested list of finite
+    numbers; or a tuple/list ``(a, W)`` / ``(a, W, b)`` of such arrays, the teacher output weights (M,) and input
+    weights (M x d), turned into positions as the student's), ``trail`` (positions kept per particle, 2 to
+    ``MAX_TRAIL``), ``trail_mode`` ("thin" or "ring"), ``basis`` ("init", "teacher" or a D x 2 array of finite
+    numbers), ``signed``, ``bias`` (append ``b_j`` to ``w_j``), ``output_index`` (which output's weight is
+    ``a_j`` when there are several), ``size`` (image side in pixels, 240 to ``MAX_SIZE``), ``limit`` (fixed
     half-width of the axes instead of grow-only), ``image_every`` (None: an image at every measurement;
     k: at the first, then once at least k steps have passed since the last image; the trail is still
     updated at every measurement).
@@ -184,15 +217,21 @@ class Particles(Probe):
     def __init__(self, layer: str | None = None, teacher: Any = None, trail: int = 200, trail_mode: str = "thin",
                  basis: Any = "init", signed: bool = True, bias: bool = False, output_index: int | None = None,
                  size: int = 480, limit: float | None = None, image_every: int | None = None) -> None:
-        options.integer("particles", "trail", trail, minimum=2)
-        options.integer("particles", "size", size, minimum=240)
+        options.integer("particles", "trail", trail, minimum=2, maximum=MAX_TRAIL)
+        options.integer("particles", "size", size, minimum=240, maximum=MAX_SIZE)
         options.integer("particles", "output_index", output_index, minimum=0, optional=True)
         options.flag("particles", "signed", signed)
         options.flag("particles", "bias", bias)
         options.number("particles", "limit", limit, positive=True, optional=True)
         options.choice("particles", "trail_mode", trail_mode, ("thin", "ring"))
+        layer = options.text("particles", "layer", layer, optional=True,
+                             what="the module path of the hidden Linear, a MeanField or a two-layer sub-module")
+        teacher = _teacher_option(teacher)
         if isinstance(basis, str):
             options.choice("particles", "basis", basis, ("init", "teacher"))
+        else:
+            basis = options.array("particles", "basis", basis, ndim=(2,),
+                                  what="'init', 'teacher' or a D x 2 matrix of finite numbers")
         if isinstance(basis, str) and basis == "teacher" and teacher is None:
             raise ValueError("particles: option basis='teacher' needs option 'teacher'")
         self.layer = layer
@@ -248,13 +287,11 @@ class Particles(Probe):
         dev = hidden.weight.device
         if self.teacher_spec is not None:
             self.teacher, self.teacher_sign = self._teacher_positions(self.teacher_spec, dev)
-        if not isinstance(self.basis_spec, str) and self.basis_spec is not None:
-            b = torch.as_tensor(self.basis_spec).detach().to(device=dev, dtype=torch.float64)
+        if isinstance(self.basis_spec, torch.Tensor):  # checked at construction: finite, 2-d, float64
+            b = self.basis_spec.to(device=dev)
             if b.shape != (self.dim, 2):
-                raise ValueError(f"{who}: basis must be a {self.dim} x 2 matrix (D = {self.dim} = input dimension"
-                                 f"{' + 1 for the bias' if self.bias else ''}), got shape {tuple(b.shape)}")
-            if not torch.isfinite(b).all():
-                raise ValueError(f"{who}: basis has NaN or infinite entries")
+                raise ValueError(f"{who}: option 'basis' must be a {self.dim} x 2 matrix (D = {self.dim} = input "
+                                 f"dimension{' + 1 for the bias' if self.bias else ''}), got shape {tuple(b.shape)}")
             self.basis = b
         elif self.dim <= 2 and self.basis_spec != "teacher":
             self.basis = torch.eye(self.dim, 2, dtype=torch.float64, device=dev)
@@ -267,33 +304,32 @@ class Particles(Probe):
 
     def _teacher_positions(self, spec: Any, dev: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
         who, dim = self._who, self.dim
-        if isinstance(spec, (tuple, list)):
-            if len(spec) not in (2, 3):
-                raise ValueError(f"{who}: teacher must be an M x {dim} tensor or a tuple (a, W) / (a, W, b)")
-            a = torch.as_tensor(spec[0]).detach().to(dev, torch.float64).reshape(-1)
-            w = torch.as_tensor(spec[1]).detach().to(dev, torch.float64)
+        if isinstance(spec, tuple):  # (a, W) or (a, W, b): float64 tensors, checked at construction
+            a = spec[0].to(dev).reshape(-1)
+            w = spec[1].to(dev)
             if w.ndim != 2 or w.shape[0] != a.shape[0] or w.shape[1] != self.hidden.in_features:
-                raise ValueError(f"{who}: teacher (a, W) needs a of shape (M,) and W of shape "
+                raise ValueError(f"{who}: option 'teacher' (a, W) needs a of shape (M,) and W of shape "
                                  f"(M, {self.hidden.in_features}), got {tuple(a.shape)} and {tuple(w.shape)}")
             if self.bias:
                 if len(spec) != 3:
-                    raise ValueError(f"{who}: bias=True needs the teacher as (a, W, b)")
-                b = torch.as_tensor(spec[2]).detach().to(dev, torch.float64).reshape(-1, 1)
+                    raise ValueError(f"{who}: bias=True needs option 'teacher' as (a, W, b)")
+                b = spec[2].to(dev).reshape(-1, 1)
                 if b.shape[0] != a.shape[0]:
-                    raise ValueError(f"{who}: teacher b has {b.shape[0]} entries for {a.shape[0]} units")
+                    raise ValueError(f"{who}: option 'teacher': b has {b.shape[0]} entries for {a.shape[0]} units")
                 w = torch.cat([w, b], dim=1)
             pos = (a if self.signed else a.abs())[:, None] * w
             sign = a >= 0
         else:
-            pos = torch.as_tensor(spec).detach().to(dev, torch.float64)
+            pos = spec.to(dev)
             if pos.ndim == 1:
                 pos = pos[None]
-            if pos.ndim != 2 or pos.shape[1] != dim:
-                raise ValueError(f"{who}: teacher must be an M x {dim} tensor of positions (D = input dimension"
-                                 f"{' + 1 for the bias' if self.bias else ''}), got shape {tuple(pos.shape)}")
+            if pos.shape[1] != dim:
+                raise ValueError(f"{who}: option 'teacher' must be an M x {dim} tensor of positions (D = input "
+                                 f"dimension{' + 1 for the bias' if self.bias else ''}), got shape "
+                                 f"{tuple(spec.shape)}")
             sign = None
-        if pos.shape[0] == 0 or not torch.isfinite(pos).all():
-            raise ValueError(f"{who}: teacher must have at least one row and only finite entries")
+        if not torch.isfinite(pos).all():
+            raise ValueError(f"{who}: option 'teacher' gives positions a_j w_j that overflow")
         return pos, sign
 
     # -- measurement ----------------------------------------------------------------

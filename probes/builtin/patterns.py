@@ -7,7 +7,8 @@ the non-zero outputs) and the ``P`` probe samples:
 - ``patterns/<site>/dead_on_probe_batch`` / ``always_on_units``: units closed / open for every sample of
   the probe batch (``relu_zeros/<site>/dead_in_window`` counts units never open in the training window
   instead; a unit is a feature, the last axis, of 2-D and 3-D activations and a channel, axis 1, of 4-D/5-D
-  ones; ``unit_dim`` overrides);
+  ones; ``unit_dim``, an int axis, overrides it at every site that has that axis, the others keep the default,
+  said once);
 - ``patterns/<site>/churn``: fraction of gate bits that flipped since the previous measurement, and
   ``patterns/<site>/churn_from_init`` since the first one (both 0 at the first measurement);
 - ``patterns/distinct``: the number of distinct whole-network patterns (all selected sites together) among
@@ -32,7 +33,10 @@ always on when it is open at every real token.
 from __future__ import annotations
 
 import fnmatch
+import logging
 import math
+import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -41,19 +45,36 @@ import torch
 
 from probes import options
 from probes.builtin._images import declare_image_state, image_due
+from probes.engine.failures import ProbesNoticeWarning
 from probes.engine.inputs import take
 from probes.figures import ImageCadence, gates_figure
-from probes.functional.patterns import save_gates, snapshot_path
+from probes.functional.patterns import save_gates, snapshot_path, unit_axis
 from probes.probe import Context, Probe, ProbeBatch
 from probes.records import Drawing, Image, Record, Scalar
 
+log = logging.getLogger("probes")
+
 
 def _unit_dim(ndim: int, override: int | None) -> int:
-    if override is not None:
-        return override % ndim
-    if ndim <= 1:
-        return 0
-    return ndim - 1 if ndim <= 3 else 1
+    return unit_axis(ndim, override)[0]
+
+
+def _check_folder(directory: str) -> None:
+    """Whether the snapshot folder ``directory`` can be made: its nearest existing ancestor must be a writable
+    folder. Checked at attach, so that a path that cannot hold the snapshots fails there, naming the option; the
+    folder itself is made at the first snapshot (attach writes nothing, and under FSDP only rank 0 saves).
+
+    Raises:
+        ValueError: a file in the way, or a folder without write permission.
+    """
+    path = Path(directory).absolute()
+    ancestor = path
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
+        why = "is not a folder" if not ancestor.is_dir() else "is not writable"
+        raise ValueError(f"patterns: option 'directory'={directory!r}: the snapshots (save=True) cannot be written "
+                         f"there ({str(ancestor)!r} {why})")
 
 
 def _groups(y: torch.Tensor | None, P: int) -> tuple[torch.Tensor, list[int], list[str]]:
@@ -176,6 +197,7 @@ class Patterns(Probe):
         declare_image_state(self)
         self.save = options.flag("patterns", "save", save)
         self.directory = options.path("patterns", "directory", directory, optional=True)
+        self._unit_said: set[str] = set()  # sites without the axis unit_dim (said once each)
         # persistent references (checkpointed): the first and the previous gates of each site, packed one bit per
         # gate (``pack_rows``: P x ceil(n / 8) uint8), with each site's gate shape
         self.add_state("first", {}, reduce=None, window=False)
@@ -189,14 +211,16 @@ class Patterns(Probe):
                 raise ValueError("patterns: save=True needs a log directory (attach(..., logdir=...)) or "
                                  "directory=... for the snapshots")
             self.directory = str(Path(context.logdir) / "patterns")
+        if self.save:
+            _check_folder(self.directory)
 
     def _select(self, names: list[str]) -> list[str]:
         if self.sites is None:
             return names
         unmatched = [p for p in self.sites if not any(n == p or fnmatch.fnmatchcase(n, p) for n in names)]
         if unmatched:
-            raise ValueError(f"patterns: sites {unmatched} match no activation site of the model; its sites are "
-                             f"{names}")
+            raise ValueError(f"patterns: option 'sites': {unmatched} match no activation site of the model; its "
+                             f"sites are {names}")
         return [n for n in names if any(n == p or fnmatch.fnmatchcase(n, p) for p in self.sites)]
 
     def _site_names(self, activations: dict) -> list[str]:
@@ -236,7 +260,13 @@ class Patterns(Probe):
         order, starts, group_names = _groups(batch.y, P) if draw else (None, [], [])
         records: list[Record] = []
         for n, g in gates.items():
-            ud = _unit_dim(g.ndim, self.unit_dim)
+            ud, fits = unit_axis(g.ndim, self.unit_dim)
+            if not fits and n not in self._unit_said:
+                self._unit_said.add(n)
+                message = (f"patterns: option 'unit_dim'={self.unit_dim} is out of range for the {g.ndim}-d gates "
+                           f"of site {n!r}; that site counts its units on axis {ud} (the default)")
+                log.warning(message)
+                warnings.warn(message, ProbesNoticeWarning, stacklevel=2)
             dims = tuple(d for d in range(g.ndim) if d != ud)
             m = real.get(n)
             count = g.numel() if m is None else m.expand(g.shape).sum(dtype=torch.int64).double()

@@ -4,9 +4,11 @@ Per site and window (the steps between two flushes): ``zeros`` (count of outputs
 ``fraction = zeros / outputs``, ``dead_in_window`` (units never non-zero in the window), and a
 histogram of each unit's activity frequency (fraction of its outputs that are non-zero);
 ``relu_zeros/total/fraction`` over all observed sites. A unit is a feature (last dim) of a
-2-D or 3-D (sequence) activation and a channel (dim 1) of a 4-D/5-D one; ``unit_dim`` overrides.
-Counting stays on the device: per site and forward one ``!= 0`` test added as bytes into a stash
-(reduced every 255 forwards), one host copy per flush. The counts are declared state
+2-D or 3-D (sequence) activation and a channel (dim 1) of a 4-D/5-D one; ``unit_dim`` (an int axis, negative
+from the end) overrides it at every site whose activations have that axis; a site without it keeps the default
+axis, said once.
+Counting stays on the device: per site and forward one ``!= 0`` test, held and summed per unit every up to 32
+forwards (one stack and one sum), one host copy per flush. The counts are declared state
 (``add_state``): the session resets them per window, sums them over ranks and checkpoints them.
 
 Tags: ``relu_zeros/<site>/fraction``, ``relu_zeros/<site>/zeros``, ``relu_zeros/<site>/dead_in_window``
@@ -16,25 +18,42 @@ which is over the probe batch), histogram ``relu_zeros/<site>/unit_activity``, `
 
 from __future__ import annotations
 
+import logging
+import warnings
+
 import torch
 
 from probes import options
+from probes.engine.failures import ProbesNoticeWarning
+from probes.functional.patterns import unit_axis
 from probes.probe import Probe, Site
 from probes.records import Histogram, Record, Scalar
 
-#: activations up to this many elements are stashed as bytes and reduced every <= 255 forwards
+log = logging.getLogger("probes")
+
+
+def _notice(message: str) -> None:
+    log.warning(message)
+    warnings.warn(message, ProbesNoticeWarning, stacklevel=3)
+
+
+#: per site, the ``post != 0`` tensors of up to this many elements (over forwards) are held, then summed at once
 STASH_MAX_ELEMENTS = 1 << 22
+#: and at most this many forwards of them
+STASH_MAX_FORWARDS = 32
 
 
 class _Stash:
-    """Per-site cache of ``post != 0`` bytes, added elementwise each forward and folded every <= 255 forwards."""
+    """Per-site ``post != 0`` tensors of the last forwards (one kernel per forward: the test itself), summed per
+    unit into the window's counts every ``limit`` forwards, at a flush, or when the site's shape changes."""
 
-    __slots__ = ("bytes", "count", "dims")
+    __slots__ = ("bools", "dims", "shape", "device", "limit", "units")
 
-    def __init__(self, dims: tuple[int, ...]) -> None:
-        self.bytes: torch.Tensor | None = None
-        self.count = 0
-        self.dims = dims
+    def __init__(self, post: torch.Tensor, dims: tuple[int, ...], units: int) -> None:
+        self.bools: list[torch.Tensor] = []
+        self.dims = tuple(d + 1 for d in dims)  # the axes to sum over, after stacking
+        self.shape, self.device, self.units = post.shape, post.device, units
+        self.limit = max(1, min(STASH_MAX_FORWARDS, STASH_MAX_ELEMENTS // max(1, post.numel())))
 
 
 class ReluZeros(Probe):
@@ -45,11 +64,12 @@ class ReluZeros(Probe):
     every = 100
     passive = True
     needs_probe_data = False
+    site_values = frozenset({"post"})  # the outputs only: the capture keeps no site input for it
 
     def __init__(self, unit_dim: int | None = None, sites: str = "relu", bins: int = 20) -> None:
         options.choice("relu_zeros", "sites", sites, ("relu", "all"))
         options.integer("relu_zeros", "unit_dim", unit_dim, optional=True, what="None or an int axis")
-        options.integer("relu_zeros", "bins", bins, minimum=1)
+        options.integer("relu_zeros", "bins", bins, minimum=1, maximum=options.MAX_BINS)
         self.unit_dim = None if unit_dim is None else int(unit_dim)
         self.sites = sites
         self.bins = int(bins)
@@ -64,17 +84,27 @@ class ReluZeros(Probe):
         return site.relu_family or (self.sites == "all" and not site.extra)
 
     def _unit_dim(self, site: str, ndim: int) -> int:
-        if self.unit_dim is not None:
-            if not -ndim <= self.unit_dim < ndim:
-                raise ValueError(f"relu_zeros: option 'unit_dim'={self.unit_dim} is out of range for the "
-                                 f"{ndim}-d activations of site {site!r}")
-            return self.unit_dim % ndim
-        if ndim <= 1:
-            return 0
-        return ndim - 1 if ndim <= 3 else 1
+        axis, fits = unit_axis(ndim, self.unit_dim)
+        if not fits:
+            _notice(f"relu_zeros: option 'unit_dim'={self.unit_dim} is out of range for the {ndim}-d activations of "
+                    f"site {site!r}; that site counts its units on axis {axis} (the default)")
+        return axis
 
-    def observe(self, site: Site, pre: torch.Tensor, post: torch.Tensor) -> None:
+    def observe(self, site: Site, pre: torch.Tensor | None, post: torch.Tensor) -> None:
         name = site.name
+        stash = self._stash.get(name)
+        if stash is not None and post.shape == stash.shape and post.device == stash.device:  # the hot path
+            stash.bools.append(post.bool())  # the "!= 0" test (NaN counts as non-zero, -0.0 as zero)
+            n = post.numel()
+            self.outputs[name] += n
+            self.per_unit[name] += n // stash.units
+            if len(stash.bools) >= stash.limit:
+                self._fold(name, keep=True)
+            return
+        self._observe_first(name, post)
+
+    def _observe_first(self, name: str, post: torch.Tensor) -> None:
+        """A site's first forward in the window, or one whose shape or device changed: checks, then a new stash."""
         known = self._units.get(name)
         if known is None:
             if post.ndim == 0:
@@ -85,38 +115,29 @@ class ReluZeros(Probe):
         if post.ndim <= axis or post.shape[axis] != units:
             raise ValueError(f"relu_zeros: site {name!r} changed its number of units from {units} to "
                              f"{post.shape[axis] if post.ndim > axis else 'none'}")
+        self._fold(name)
         nonzero = self.nonzero.get(name)
         if nonzero is None:
-            nonzero = self.nonzero[name] = torch.zeros(units, dtype=torch.int64, device=post.device)
+            self.nonzero[name] = torch.zeros(units, dtype=torch.int64, device=post.device)
             self.outputs[name], self.per_unit[name] = 0, 0
         elif nonzero.device != post.device:  # the model moved within the window (or state came from elsewhere)
-            self._fold(name)
-            nonzero = self.nonzero[name] = self.nonzero[name].to(post.device)
-        dims = tuple(d for d in range(post.ndim) if d != axis)
-        nz = post.detach().bool()  # the "!= 0" test (NaN counts as non-zero, -0.0 as zero)
-        if not dims:
-            nonzero += nz
-        elif post.numel() > STASH_MAX_ELEMENTS:
-            nonzero += nz.view(torch.uint8).sum(dims, dtype=torch.int64)
-        else:
-            stash = self._stash.get(name)
-            if stash is not None and stash.bytes is not None and (stash.bytes.shape != nz.shape or stash.count == 255):
-                self._fold(name)
-                stash = None
-            if stash is None or stash.bytes is None:
-                stash = self._stash[name] = _Stash(dims)
-                stash.bytes = nz.to(torch.uint8)
-            else:
-                stash.bytes += nz.view(torch.uint8)
-            stash.count += 1
+            self.nonzero[name] = nonzero.to(post.device)
+        self._stash[name] = _Stash(post, tuple(d for d in range(post.ndim) if d != axis), units)
+        stash = self._stash[name]
+        stash.bools.append(post.bool())
         n = post.numel()
         self.outputs[name] += n
         self.per_unit[name] += n // units
+        if len(stash.bools) >= stash.limit:
+            self._fold(name, keep=True)
 
-    def _fold(self, name: str) -> None:
-        stash = self._stash.pop(name, None)
-        if stash is not None and stash.bytes is not None:
-            self.nonzero[name] += stash.bytes.sum(stash.dims, dtype=torch.int64)
+    def _fold(self, name: str, keep: bool = False) -> None:
+        """Sum the stashed tests into the counts (``keep``: the stash stays for the next forwards)."""
+        stash = self._stash.get(name) if keep else self._stash.pop(name, None)
+        if stash is not None and stash.bools:
+            bools, stash.bools = stash.bools, []
+            stacked = bools[0].unsqueeze(0) if len(bools) == 1 else torch.stack(bools)
+            self.nonzero[name] += stacked.sum((0, *stash.dims), dtype=torch.int64)
 
     def settle(self) -> None:
         for name in list(self._stash):

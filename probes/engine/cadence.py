@@ -13,7 +13,7 @@ from typing import Any
 from probes.engine import distributed
 from probes.engine.failures import Failures
 from probes.probe import Probe
-from probes.schedules import Schedule, as_schedule, every
+from probes.schedules import Schedule, as_schedule, every, is_due
 
 #: the engine's clock (seconds); tests replace it
 clock: Callable[[], float] = time.perf_counter
@@ -64,6 +64,7 @@ class Cadence:
     def __init__(self, probes: dict[str, Probe], overhead: Any, failures: Failures,
                  agree: Callable[[list[int]], list[int]] | None = None) -> None:
         self.schedules: dict[str, Schedule] = {n: as_schedule(p.every, who=f"probe {n!r}") for n, p in probes.items()}
+        self.broken: set[str] = set()  # probes whose schedule raised: no longer asked
         self.given = {n for n, p in probes.items() if "every" in vars(p)}
         self.auto = isinstance(overhead, str) and overhead == "auto"
         self.overhead = check_overhead(overhead)
@@ -74,7 +75,26 @@ class Cadence:
         self._last_step_at: float | None = None
 
     def due(self, names: list[str], step: int) -> list[str]:
-        return [n for n in names if self.schedules[n](step)]
+        """The probes of ``names`` whose schedule says ``step``. A schedule that raises or returns something other
+        than a bool is its probe's failure (``Failures.fail``: said once, the probe switched off and its schedule no
+        longer asked; under ``strict`` the error is raised), and the other probes go on."""
+        out = []
+        for name in names:
+            if name in self.broken:
+                continue
+            schedule = self.schedules[name]
+            try:
+                if is_due(schedule, step, who=f"probe {name!r}"):
+                    out.append(name)
+            except Exception as exc:  # noqa: BLE001 - the user's schedule: reported, probe switched off
+                self.broken.add(name)
+                if not (isinstance(exc, TypeError) and str(exc).startswith(f"probe {name!r}: option 'every'")):
+                    error = RuntimeError(f"probe {name!r}: option 'every': the schedule {schedule!r} raised {exc!r} "
+                                         f"at step {step}")
+                    error.__cause__ = exc
+                    exc = error
+                self.failures.fail(name, exc, step)
+        return out
 
     def moved(self, old: int, new: int) -> None:
         """The step went from ``old`` to ``new``: the time since the last move (probe work excluded) was training."""

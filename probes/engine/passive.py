@@ -42,27 +42,33 @@ class PassiveProbes:
         if not self.probes:
             return
         capture.on_forward = self._on_training_forward
-        capture.install_passive(self._observe)
+        keep = frozenset().union(*[p.site_values for p in self.probes.values()])  # only what the probes read
+        capture.install_passive(self._observe, keep)
         sites = capture.module_sites()
         if sites:
             self._notice_no_site(sites, "activation module",
                                  "; it will write nothing unless forward calls F.relu or the like")
 
+    def sites_changed(self) -> None:
+        """The model's sites changed: each probe decides anew which sites it observes."""
+        self._observers.clear()
+
     def _observe(self, site: Site, pre: torch.Tensor, post: torch.Tensor) -> None:
         observers = self._observers.get(site.name)
         if observers is None:
             observers = self._observers[site.name] = [(n, p) for n, p in self.probes.items() if p.wants(site)]
+        failed = self.failures.failed
         for name, probe in observers:
-            if self.failures.enabled(name):
+            if name not in failed:
                 try:
                     probe.observe(site, pre, post)
                 except Exception as exc:  # noqa: BLE001 - reported, probe disabled
                     self.failures.fail(name, exc, self.step())
 
-    def _on_training_forward(self, sites: list[Site]) -> None:
+    def _on_training_forward(self, sites: Callable[[], list[Site]]) -> None:
         self.forwards += 1
         if self.forwards == 1:
-            self._notice_no_site(sites, "site", "; it will write nothing")
+            self._notice_no_site(sites(), "site", "; it will write nothing")
 
     def _notice_no_site(self, sites: list[Site], what: str, consequence: str) -> None:
         kinds = Counter(s.kind for s in sites)

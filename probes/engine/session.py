@@ -14,16 +14,24 @@ from probes.engine import distributed
 from probes.engine.cadence import Cadence, OptimizerStep, rank_agreement
 from probes.engine.capture import Capture, unwrap
 from probes.engine.context import isolated
-from probes.engine.failures import Failures, ProbeFailedWarning, ProbesClosedError, ProbesNoticeWarning
+from probes.engine.failures import (
+    Failures,
+    ProbeFailedWarning,
+    ProbesClosedError,
+    ProbesNoticeWarning,
+    SinkFailedWarning,
+)
 from probes.engine.measure import ActiveProbes
 from probes.engine.output import Output, check_records
 from probes.engine.passive import PassiveProbes
 from probes.engine.probe_pass import ProbeData, ProbePass, check_model, model_placement
+from probes.engine.scaler import SkippedSteps
 from probes.engine.spec import AUTO, Options, declare_charts, make_sinks, parse_probes, parse_sinks, setup_probes
 from probes.probe import Context, Probe
+from probes.records import Scalar
 from probes.sinks.memory import MemorySink
 
-__all__ = ["Session", "ProbesClosedError", "ProbeFailedWarning", "ProbesNoticeWarning"]
+__all__ = ["Session", "ProbesClosedError", "ProbeFailedWarning", "ProbesNoticeWarning", "SinkFailedWarning"]
 
 
 class Session:
@@ -62,11 +70,13 @@ class Session:
         self.cadence = Cadence(self.probes, o.overhead, self._failures,
                                rank_agreement(self.device) if self.collective else None)
         sink_spec = parse_sinks(o.sinks, o.logdir, o.writer) if self.rank == 0 else []
-        self._output, self._step, self._closed, self._opt_handle = Output(), 0, False, None
+        self._output, self._step, self._closed, self._opt_handle = Output(self._failures), 0, False, None
+        self._scaler: SkippedSteps | None = None
         extra = tuple({t for p in self.probes.values() for t in p.site_types})
         classes, names = plugins.registry.activation_types()
-        self.capture = Capture(self.module, extra_sites=extra + classes, functional=o.functional, extra_names=names,
-                               mask_key=o.mask)
+        self.capture = Capture(self.module, extra_sites=extra, functional=o.functional, extra_names=names,
+                               mask_key=o.mask, activation_types=classes)
+        self.capture.on_notice = lambda key, message: self._failures.notice("probes", key, message)
         self._passive = PassiveProbes({n: self.probes[n] for n in self.passive}, self._failures, self._write,
                                       lambda: self._step, self.world_size, self.rank, self.device)
         probe_pass = ProbePass(self.module, self.capture, o.output, o.probe_batch_size, o.norm_stats)
@@ -93,6 +103,8 @@ class Session:
         self._passive.install(self.capture)
         if optimizer is not None:
             self._opt_handle = optimizer.register_step_post_hook(OptimizerStep(self))
+        if self.options.grad_scaler is not None:
+            self._scaler = SkippedSteps(self.options.grad_scaler, optimizer, lambda: self._step, self._write_skipped)
         if self.active and measure_now:
             self._active.measure(self.active, self._step, at_attach=True)
         elif self.active:
@@ -209,6 +221,7 @@ class Session:
             names: the probes to measure (default: every active probe).
         """
         self._use("measure")
+        self._follow_model()
         chosen = self.active if names is None else [n for n in names if n in self.active]
         self._active.measure([n for n in chosen if self.enabled(n)], self._step)
 
@@ -217,33 +230,41 @@ class Session:
         with isolated():
             self._use("flush")
             self._passive.flush(self._passive.flushable(), self._step)
-            self._output.flush()
+            self._output.flush(self._step)
 
     def detach(self) -> None:
         """Remove every hook; the model is left exactly as it was (``close()`` does this too)."""
         self._teardown()
-        self._output.flush()
+        self._output.flush(self._step)
 
     def close(self, _during_error: bool = False) -> None:
         """Flush passive probes, write a last measurement, remove hooks, close the sinks. Harmless twice.
+
+        A sink that fails (a full disk) was reported and left the probes and the other sinks alone; ``close()``
+        returns all the same, and with ``strict=True`` raises the error of a sink that failed in this close.
 
         Args:
             _during_error: the context manager closes on an exception: a probe's error is then only reported.
         """
         if self._closed:
             return
-        strict = self._failures.strict
+        strict, ended = self._failures.strict, False
         if _during_error:
             self._failures.strict = False  # the user's exception wins; a probe error here is only reported
         try:
             self._use("close")
+            self._follow_model()
             self._passive.flush(self._passive.flushable(), self._step)
             self._active.measure([n for n in self._active.stale(self._step) if self.enabled(n)], self._step)
+            if self._scaler is not None:
+                self._scaler.flush()
+            ended = True
         finally:
             self._failures.strict = strict
             self._teardown()
-            self._output.close()
             self._closed = True
+            # every sink closes, each on its own; a sink's error raises only under strict, and never over another
+            self._output.close(self._step, strict=strict and ended and not _during_error)
 
     def __enter__(self) -> Session:
         return self
@@ -290,21 +311,56 @@ class Session:
         self.cadence.moved(self._step, step)
         self._step = step
         due_passive = self.cadence.due(self._passive.flushable(), step)
+        due_active = self.cadence.due([n for n in self.active if self.enabled(n)], step)
+        if due_passive or due_active:
+            self._follow_model()
         if due_passive:
             self._passive.flush(due_passive, step, scheduled=True)
-        due_active = self.cadence.due([n for n in self.active if self.enabled(n)], step)
         if due_active:
             self._active.measure(due_active, step)
             self.cadence.space_out(due_active, sum(self.enabled(n) for n in self.active))
         self.cadence.rested()
+
+    def _follow_model(self) -> None:
+        """Modules added, replaced or removed since attach (or the last look): said once per change, the passive
+        probes decide anew which sites they observe, and each active probe is set up again on the model as it is
+        (one that no longer applies is switched off, its error naming the module)."""
+        self.capture.check_structure()
+        if self.capture.observing:
+            self.capture.follow_dynamo()  # torch.compile first used after attach
+        changes = self.capture.changes()
+        if not changes:
+            return
+        for added, removed, replaced in changes:
+            said = [f"{what} {', '.join(map(repr, paths))}" for what, paths in
+                    (("new site(s)", added), ("replaced site(s)", replaced), ("removed site(s)", removed)) if paths]
+            self._failures.notice("probes", f"model-changed:{added}:{removed}:{replaced}", (
+                f"the model changed after attach ({'; '.join(said)}): sites follow the model, so new and replaced "
+                "sites are observed under their module paths from the first training forward after the change, "
+                "and removed ones are no longer written"))
+        self._passive.sites_changed()
+        x, y = self.data.current()
+        context = Context(self.module, x, y, self.logdir, self.device, self._active.probe_pass.output_spec)
+        for name in [n for n in self.active if self.enabled(n)]:
+            try:
+                self.probes[name].setup(context)
+            except Exception as exc:  # noqa: BLE001 - the probe no longer applies to the model
+                self._failures.fail(name, RuntimeError(
+                    f"probe {name!r} no longer applies to the model as changed after attach: {exc}"), self._step)
 
     def _write(self, name: str, records: Any, hold: bool = False) -> None:
         records = check_records(name, records)
         if self.rank == 0:
             self._output.write(records, self._step, hold)
 
+    def _write_skipped(self, count: int) -> None:
+        if self.rank == 0:
+            self._output.write([Scalar("train/skipped_steps", count)], self._step)
+
     def _teardown(self) -> None:
         self.capture.remove()
+        if self._scaler is not None:
+            self._scaler.remove()
         if self._opt_handle is not None:
             self._opt_handle.remove()
             self._opt_handle = None

@@ -20,6 +20,25 @@ FORMAT = "probes.gates.v1"
 _NAME = re.compile(r"^step_(\d+)\.npz$")
 
 
+def unit_axis(ndim: int, unit_dim: int | None = None) -> tuple[int, bool]:
+    """The axis of an ``ndim``-d activation that indexes units: the last of a 2-D or 3-D (sequence) one, 1 (channels)
+    of a 4-D/5-D one, 0 of a 1-D one; ``unit_dim`` (an axis, negative from the end) overrides it where the
+    activation has that axis.
+
+    Args:
+        ndim: the activation's number of dimensions (at least 1).
+        unit_dim: the ``unit_dim`` option of ``relu_zeros`` / ``patterns``, or None.
+
+    Returns:
+        ``(axis, fits)``: the axis (non-negative), and False when ``unit_dim`` was given but the activation has no
+        such axis (the default axis is returned then; the probes say so once per site).
+    """
+    if unit_dim is not None and -ndim <= unit_dim < ndim:
+        return unit_dim % ndim, True
+    default = 0 if ndim <= 1 else (ndim - 1 if ndim <= 3 else 1)
+    return default, unit_dim is None
+
+
 @dataclass
 class GateSnapshot:
     """One saved snapshot of gate patterns.

@@ -10,6 +10,11 @@ from probes.records import Chart, Record
 class Sink:
     """Write records somewhere. Only rank 0 of a distributed run has sinks that write.
 
+    A sink that raises in ``write``, ``flush`` or ``close`` (a full disk, a deleted logdir) fails alone: the session
+    says so once, naming the sink and its ``where``, keeps the probes on and the other sinks written, and calls
+    ``write`` again at a later step (a sink that can recover, recovers there: the TensorBoard sink opens a new event
+    file). ``strict=True`` raises the error instead.
+
     ``declare(charts)`` hands the sink the chart groups the attached probes declare (``Probe.charts``), before
     the first ``write``; a sink that draws charts groups the scalar tags by them and names no probe itself.
     Until ``declare`` is called there are none (``probes.plugins.registered_charts`` has those of every
@@ -30,6 +35,11 @@ class Sink:
             charts: every ``Chart`` the attached probes declare.
         """
         self._declared = tuple(dict.fromkeys(charts))
+
+    @property
+    def where(self) -> str | None:
+        """Where this sink writes (a directory, an address), named in messages about it; None: nowhere to name."""
+        return None
 
     def write(self, records: Sequence[Record], step: int) -> None:
         raise NotImplementedError

@@ -23,10 +23,21 @@ puts related scalars in one multi-line chart: every chart group the attached pro
 (``layout_for``). It is built from the scalar tags this sink has written and written again only when a new
 chart appears (TensorBoard shows the latest one), so a run has its layout after its first measurement.
 ``layout=False`` turns it off (e.g. when you write your own layout to a shared writer).
+
+A writer that fails (a full disk, a deleted logdir: ``SummaryWriter`` writes its event file in a background thread,
+so the error comes out at a later write, flush or close) raises from this sink's next ``write``, ``flush`` or
+``close``, in the training thread (an image written by the drawing thread included), and the session reports it
+as this sink's failure (``probes.engine.output``). The event file keeps every record written before the failure
+(a record cut short by it ends the file, and TensorBoard reads up to it). At its next ``write`` the sink starts
+again: a writer it made opens a new event file in the logdir once the logdir takes a small file again (the logdir
+is made again if it was deleted; an event file that could not be started is removed, so a disk that stays full
+gains no files), and a shared writer is simply called again. Images that come while the writer is failed are
+left out.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
@@ -47,6 +58,9 @@ log = logging.getLogger("probes")
 
 #: images waiting to be drawn before a measurement waits for the drawing thread
 QUEUE_SIZE = 16
+
+#: bytes a logdir must take (in a file written and removed at once) before a writer that failed starts again
+ROOM_CHECK_BYTES = 64 * 1024
 
 
 _DRAWER: Drawer | None = None
@@ -166,10 +180,23 @@ class TensorBoardSink(Sink):
         self._errors: list[str] = []
         self._reported = False
         self._closed = False
+        self._lock = threading.Lock()  # the writer's state, between the training thread and the drawing thread
+        self._broken: BaseException | None = None  # the writer failed: the next write starts again
+        self._thread_error: BaseException | None = None  # the drawing thread's write error, raised in training's
+        self._left_out = 0  # images not written because the writer had failed
+        self._layout_due = False  # a new event file: the layout again
 
     @property
     def logdir(self) -> str:
         return self.writer.get_logdir()
+
+    @property
+    def where(self) -> str | None:
+        """The logdir, for messages."""
+        try:
+            return str(self.logdir)
+        except Exception:  # noqa: BLE001 - a writer without get_logdir
+            return None
 
     def declare(self, charts: Sequence[Chart]) -> None:
         """Take the probes' chart groups; the layout is rewritten when they change it."""
@@ -186,30 +213,41 @@ class TensorBoardSink(Sink):
 
         Raises:
             TypeError: something that is not a record.
+            Exception: the writer's error (a full disk, ...): the writer failed, here or in the drawing thread since
+                the last call; the next ``write`` starts again (see the module's docstring).
         """
-        self._report_errors()
-        w = self.writer
-        new_tags = False
         for r in records:
-            if isinstance(r, Scalar):
-                w.add_scalar(r.tag, r.item(), global_step=step)
-                if r.tag not in self._scalar_tags:
-                    self._scalar_tags.add(r.tag)
-                    new_tags = True
-            elif isinstance(r, Histogram):
-                h = r.to_numpy()
-                if h["nonfinite"]:
-                    w.add_scalar(f"{r.tag}/nonfinite", h["nonfinite"], global_step=step)
-                if h["num"] > 0:
-                    w.add_histogram_raw(r.tag, min=h["min"], max=h["max"], num=h["num"], sum=h["sum"],
-                                        sum_squares=h["sum_squares"], bucket_limits=h["bucket_limits"].tolist(),
-                                        bucket_counts=h["bucket_counts"].tolist(), global_step=step)
-            elif isinstance(r, Image):
-                self._queue_image(r.at(step))
-            else:
+            if not isinstance(r, (Scalar, Histogram, Image)):
                 raise TypeError(f"tensorboard sink: not a record: {r!r}")
-        if new_tags and self.layout:
-            self._write_layout()
+        self._report_errors()
+        self._raise_thread_error()
+        self._start_again()
+        w = self.writer
+        new_tags = self._layout_due
+        try:
+            for r in records:
+                if isinstance(r, Scalar):
+                    w.add_scalar(r.tag, r.item(), global_step=step)
+                    if r.tag not in self._scalar_tags:
+                        self._scalar_tags.add(r.tag)
+                        new_tags = True
+                elif isinstance(r, Histogram):
+                    h = r.to_numpy()
+                    if h["nonfinite"]:
+                        w.add_scalar(f"{r.tag}/nonfinite", h["nonfinite"], global_step=step)
+                    if h["num"] > 0:
+                        w.add_histogram_raw(r.tag, min=h["min"], max=h["max"], num=h["num"], sum=h["sum"],
+                                            sum_squares=h["sum_squares"], bucket_limits=h["bucket_limits"].tolist(),
+                                            bucket_counts=h["bucket_counts"].tolist(), global_step=step)
+                else:
+                    self._queue_image(r.at(step))
+            if new_tags and self.layout:
+                self._layout_due = False
+                self._write_layout()
+        except Exception as exc:
+            self._break(exc)
+            raise
+        self._raise_thread_error()  # an image drawn in this call (queue_size=0) whose write failed
 
     # -- images, on the drawing thread -----------------------------------------------------------------
     def _queue_image(self, image: Image) -> None:
@@ -263,14 +301,96 @@ class TensorBoardSink(Sink):
 
         w = self.writer
         if not isinstance(w, SummaryWriter):  # another writer (tensorboardX, ...): its own encoder
-            w.add_image(tag, pixels, global_step=step, dataformats="HWC")
+            self._to_writer(lambda: w.add_image(tag, pixels, global_step=step, dataformats="HWC"))
             return
         from tensorboard.compat.proto.summary_pb2 import Summary
 
         h, wd = pixels.shape[:2]
         png = png if png is not None else encode_png(pixels)
         image = Summary.Image(height=h, width=wd, colorspace=3, encoded_image_string=png)
-        w._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), step)
+        summary = Summary(value=[Summary.Value(tag=tag, image=image)])
+        self._to_writer(lambda: w._get_file_writer().add_summary(summary, step))
+
+    # -- a writer that fails -----------------------------------------------------------------------------
+    def _to_writer(self, add: Callable[[], Any]) -> None:
+        """Hand one image to the writer (either thread): left out while the writer has failed; the writer's error
+        is kept for the training thread, which raises it at its next call."""
+        with self._lock:
+            if self._broken is not None:
+                self._left_out += 1
+                return
+            try:
+                add()
+            except Exception as exc:  # noqa: BLE001 - raised in the training thread (_raise_thread_error)
+                self._broken = self._thread_error = exc
+                self._left_out += 1
+
+    def _raise_thread_error(self) -> None:
+        if self._thread_error is None:  # the usual case, without waiting for the drawing thread's lock
+            return
+        with self._lock:
+            error, self._thread_error = self._thread_error, None
+        if error is not None:
+            raise error
+
+    def _break(self, exc: BaseException) -> None:
+        """The writer raised ``exc``: images are left out until the next ``write`` starts again."""
+        with self._lock:
+            if self._broken is None:
+                self._broken = exc
+
+    def _start_again(self) -> None:
+        """After a failure: a writer this sink made gets a new event file (raises if that fails too); a shared one
+        is called again."""
+        if self._broken is None:  # the usual case, without waiting for the drawing thread's lock
+            return
+        with self._lock:
+            if self._broken is None:
+                return
+            if self._owns:
+                self._drop_event_file()
+                self._check_room()  # a disk still full raises here, before an event file and its thread are made
+                w = self.writer
+                before = self._event_files()
+                try:
+                    w._get_file_writer()  # a new event file (SummaryWriter makes the logdir again if it is gone)
+                except Exception:
+                    w.file_writer = w.all_writers = None
+                    for name in self._event_files() - before:  # ours, started and cut short by the failure
+                        if f".{os.getpid()}." in name:
+                            with contextlib.suppress(OSError):
+                                os.remove(os.path.join(w.log_dir, name))
+                    raise
+            self._broken = self._thread_error = None
+            self._written_layout, self._layout_due = None, bool(self._scalar_tags)  # into the new event file
+
+    def _drop_event_file(self) -> None:
+        """Forget the failed event file of a writer this sink made (its thread and file closed, errors ignored)."""
+        w = self.writer
+        dead, w.file_writer, w.all_writers = w.file_writer, None, None
+        if dead is not None:
+            try:
+                dead.close()
+            except Exception:  # noqa: BLE001 - it failed already; what it wrote stays
+                log.debug("tensorboard sink: closing the failed event file raised", exc_info=True)
+
+    def _check_room(self) -> None:
+        """Raise unless the logdir (made again if it is gone) takes ``ROOM_CHECK_BYTES`` in a file removed at once."""
+        logdir = self.writer.log_dir
+        os.makedirs(logdir, exist_ok=True)
+        path = os.path.join(logdir, f".probes-room-check.{os.getpid()}")
+        try:
+            with open(path, "wb") as f:
+                f.write(bytes(ROOM_CHECK_BYTES))
+        finally:
+            with contextlib.suppress(OSError):
+                os.remove(path)
+
+    def _event_files(self) -> set[str]:
+        try:
+            return {n for n in os.listdir(self.writer.log_dir) if n.startswith("events.out.tfevents.")}
+        except OSError:
+            return set()
 
     def _wait_for_images(self) -> None:
         if self._thread is not None and self._thread.is_alive():
@@ -291,13 +411,29 @@ class TensorBoardSink(Sink):
             self._written_layout = layout
 
     def flush(self) -> None:
-        """Wait until every queued image is written, then flush the writer."""
+        """Wait until every queued image is written, then flush the writer.
+
+        Raises:
+            Exception: the writer's error (it failed since the last call; see ``write``).
+        """
         self._wait_for_images()
         self._report_errors()
-        self.writer.flush()
+        self._raise_thread_error()
+        if self._broken is not None:  # nothing was written since it failed
+            return
+        try:
+            self.writer.flush()
+        except Exception as exc:
+            self._break(exc)
+            raise
 
     def close(self) -> None:
-        """Write every queued image, stop the drawing thread, flush (and close a writer this sink made)."""
+        """Write every queued image, stop the drawing thread, flush (and close a writer this sink made).
+
+        Raises:
+            Exception: the writer's error (it failed since the last call, or in this flush); the sink is closed
+                all the same.
+        """
         if self._closed:
             return
         self._wait_for_images()
@@ -310,7 +446,20 @@ class TensorBoardSink(Sink):
         if len(self._errors) > 1:  # warned once already: the count goes to the log
             log.warning("tensorboard sink: %d images could not be drawn in all; the first: %s", len(self._errors),
                         self._errors[0])
+        if self._left_out:
+            log.debug("tensorboard sink: %d images were left out while the writer had failed", self._left_out)
         self._closed = True
-        self.writer.flush()
-        if self._owns:
-            self.writer.close()
+        with self._lock:
+            error, self._thread_error = self._thread_error, None
+        if self._broken is None:
+            try:
+                self.writer.flush()
+                if self._owns:
+                    self.writer.close()
+            except Exception as exc:
+                error = error or exc
+                self._broken = exc
+        if self._broken is not None and self._owns:
+            self._drop_event_file()
+        if error is not None:
+            raise error
