@@ -32,7 +32,7 @@ from torch import nn
 
 Schedule = Callable[[int], bool]
 
-__all__ = ["Schedule", "every", "log", "at", "as_schedule", "is_due"]
+__all__ = ["Schedule", "every", "log", "at", "as_schedule", "is_due", "check_answer"]
 
 
 @dataclass(frozen=True)
@@ -132,7 +132,13 @@ def is_due(schedule: Schedule, step: int, who: str = "probe") -> bool:
         TypeError: the schedule returned something other than a bool (Python, numpy, or a one-element bool tensor).
         Exception: what the schedule itself raised.
     """
-    answer = schedule(step)
+    return check_answer(schedule(step), schedule, step, who)
+
+
+def check_answer(answer: object, schedule: Schedule, step: int, who: str = "probe") -> bool:
+    """A schedule's ``answer`` at ``step`` as a bool (see ``is_due``); raises ``TypeError`` for anything else."""
+    if answer is True or answer is False:
+        return answer
     if isinstance(answer, (bool, np.bool_)):
         return bool(answer)
     if isinstance(answer, torch.Tensor) and answer.dtype == torch.bool and answer.numel() == 1:

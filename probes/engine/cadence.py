@@ -13,7 +13,7 @@ from typing import Any
 from probes.engine import distributed
 from probes.engine.failures import Failures
 from probes.probe import Probe
-from probes.schedules import Schedule, as_schedule, every, is_due
+from probes.schedules import Schedule, as_schedule, check_answer, every
 
 #: the engine's clock (seconds); tests replace it
 clock: Callable[[], float] = time.perf_counter
@@ -84,7 +84,8 @@ class Cadence:
                 continue
             schedule = self.schedules[name]
             try:
-                if is_due(schedule, step, who=f"probe {name!r}"):
+                answer = schedule(step)  # a bool, checked without building a message unless it is not one
+                if answer is True or (answer is not False and check_answer(answer, schedule, step, f"probe {name!r}")):
                     out.append(name)
             except Exception as exc:  # noqa: BLE001 - the user's schedule: reported, probe switched off
                 self.broken.add(name)

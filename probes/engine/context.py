@@ -10,7 +10,7 @@ they were.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 
 import torch
 from torch._functorch.pyfunctorch import temporarily_clear_interpreter_stack
@@ -35,10 +35,31 @@ def autocast_devices() -> tuple[str, ...]:
 _AUTOCAST = autocast_devices()
 
 
-@contextmanager
-def isolated() -> Iterator[None]:
+class _Nothing:
+    """The context when there is nothing to set aside (the common case: a step at top level)."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+_NOTHING = _Nothing()
+
+
+def isolated() -> AbstractContextManager[None]:
     """Autocast off on every device type, gradients enabled outside inference mode, no ``torch.func`` transform and
     no user ``TorchFunctionMode``/``TorchDispatchMode`` while inside; everything restored afterwards."""
+    if (torch.is_grad_enabled() and not torch._C._is_any_autocast_enabled() and not torch.is_inference_mode_enabled()
+            and torch._C._len_torch_function_stack() == 0 and torch._C._len_torch_dispatch_stack() == 0
+            and torch._C._functorch.peek_interpreter_stack() is None):
+        return _NOTHING
+    return _isolated()
+
+
+@contextmanager
+def _isolated() -> Iterator[None]:
     with ExitStack() as stack:
         if torch._C._len_torch_function_stack() > 0:  # first: the user's modes must not see the checks below
             stack.enter_context(_without_function_modes())
