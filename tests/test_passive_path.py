@@ -262,3 +262,25 @@ def test_a_compiled_model_keeps_one_graph_counts_as_eager_and_trains_as_compiled
     compiled_zeros = {t: v for t, v in session.memory.scalars().items() if t.endswith("/zeros")}
     eager_zeros = {t: v for t, v in session_eager.memory.scalars().items() if t.endswith("/zeros")}
     assert compiled_zeros == eager_zeros and compiled_zeros
+
+
+@pytest.mark.parametrize("batch, forwards", [(3, 40), (300, 3)])  # 40 > one stash; 300 x 256: count_nonzero
+def test_relu_zeros_counts_small_and_large_activations_like_a_loop(batch, forwards):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 256), nn.ReLU(), nn.Linear(256, 2))
+    session = probes.attach(model, {"relu_zeros": {"every": 1}})
+    xs = [torch.randn(batch, 8) for _ in range(forwards)]
+    per_unit = torch.zeros(256, dtype=torch.int64)
+    for x in xs:
+        model(x).sum().backward()
+        with torch.no_grad():  # not a training forward: not counted
+            h = model[1](model[0](x))
+        for row in h:  # the naive loop
+            for j, v in enumerate(row.tolist()):
+                per_unit[j] += v != 0
+    session.step()
+    session.close()
+    scalars = session.memory.scalars()
+    zeros = forwards * batch * 256 - int(per_unit.sum())
+    assert scalars["relu_zeros/1/zeros"] == [(1, zeros)]
+    assert scalars["relu_zeros/1/dead_in_window"] == [(1, float((per_unit == 0).sum()))]

@@ -8,7 +8,8 @@ histogram of each unit's activity frequency (fraction of its outputs that are no
 from the end) overrides it at every site whose activations have that axis; a site without it keeps the default
 axis, said once.
 Counting stays on the device: per site and forward one ``!= 0`` test, held and summed per unit every up to 32
-forwards (one stack and one sum), one host copy per flush. The counts are declared state
+forwards (one stack and one sum), or for activations of 65,536 elements and more one ``count_nonzero`` per unit;
+one host copy per flush. The counts are declared state
 (``add_state``): the session resets them per window, sums them over ranks and checkpoints them.
 
 Tags: ``relu_zeros/<site>/fraction``, ``relu_zeros/<site>/zeros``, ``relu_zeros/<site>/dead_in_window``
@@ -41,19 +42,23 @@ def _notice(message: str) -> None:
 STASH_MAX_ELEMENTS = 1 << 22
 #: and at most this many forwards of them
 STASH_MAX_FORWARDS = 32
+#: activations of at least this many elements are counted per forward instead (``count_nonzero``: less traffic)
+DIRECT_MIN_ELEMENTS = 1 << 16
 
 
 class _Stash:
     """Per-site ``post != 0`` tensors of the last forwards (one kernel per forward: the test itself), summed per
     unit into the window's counts every ``limit`` forwards, at a flush, or when the site's shape changes."""
 
-    __slots__ = ("bools", "dims", "shape", "device", "limit", "units")
+    __slots__ = ("bools", "dims", "shape", "device", "limit", "units", "direct")
 
     def __init__(self, post: torch.Tensor, dims: tuple[int, ...], units: int) -> None:
         self.bools: list[torch.Tensor] = []
         self.dims = tuple(d + 1 for d in dims)  # the axes to sum over, after stacking
         self.shape, self.device, self.units = post.shape, post.device, units
         self.limit = max(1, min(STASH_MAX_FORWARDS, STASH_MAX_ELEMENTS // max(1, post.numel())))
+        #: a large activation: its non-zeros counted per unit at once (over ``dims``), nothing held
+        self.direct = dims if dims and post.numel() >= DIRECT_MIN_ELEMENTS else None
 
 
 class ReluZeros(Probe):
@@ -94,14 +99,20 @@ class ReluZeros(Probe):
         name = site.name
         stash = self._stash.get(name)
         if stash is not None and post.shape == stash.shape and post.device == stash.device:  # the hot path
-            stash.bools.append(post.bool())  # the "!= 0" test (NaN counts as non-zero, -0.0 as zero)
-            n = post.numel()
-            self.outputs[name] += n
-            self.per_unit[name] += n // stash.units
-            if len(stash.bools) >= stash.limit:
-                self._fold(name, keep=True)
+            self._count(name, stash, post)
             return
         self._observe_first(name, post)
+
+    def _count(self, name: str, stash: _Stash, post: torch.Tensor) -> None:
+        if stash.direct is not None:
+            self.nonzero[name] += torch.count_nonzero(post.detach(), dim=stash.direct)
+        else:
+            stash.bools.append(post.bool())  # the "!= 0" test (NaN counts as non-zero, -0.0 as zero)
+            if len(stash.bools) >= stash.limit:
+                self._fold(name, keep=True)
+        n = post.numel()
+        self.outputs[name] += n
+        self.per_unit[name] += n // stash.units
 
     def _observe_first(self, name: str, post: torch.Tensor) -> None:
         """A site's first forward in the window, or one whose shape or device changed: checks, then a new stash."""
@@ -122,14 +133,8 @@ class ReluZeros(Probe):
             self.outputs[name], self.per_unit[name] = 0, 0
         elif nonzero.device != post.device:  # the model moved within the window (or state came from elsewhere)
             self.nonzero[name] = nonzero.to(post.device)
-        self._stash[name] = _Stash(post, tuple(d for d in range(post.ndim) if d != axis), units)
-        stash = self._stash[name]
-        stash.bools.append(post.bool())
-        n = post.numel()
-        self.outputs[name] += n
-        self.per_unit[name] += n // units
-        if len(stash.bools) >= stash.limit:
-            self._fold(name, keep=True)
+        stash = self._stash[name] = _Stash(post, tuple(d for d in range(post.ndim) if d != axis), units)
+        self._count(name, stash, post)
 
     def _fold(self, name: str, keep: bool = False) -> None:
         """Sum the stashed tests into the counts (``keep``: the stash stays for the next forwards)."""
