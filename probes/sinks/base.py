@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Sequence
+from typing import Any
 
 from probes.records import Chart, Record
 
@@ -49,3 +51,23 @@ class Sink:
 
     def close(self) -> None:
         self.flush()
+
+
+def import_tracker(module: str, extra: str) -> Any:
+    """Import a tracker's package, or raise an ImportError that says how to install it.
+
+    Args:
+        module: the package to import (``"wandb"``, ``"mlflow"``).
+        extra: the extra of ``torch-probes`` that installs it.
+
+    Returns:
+        The module.
+
+    Raises:
+        ImportError: the package is not installed.
+    """
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise ImportError(f"the {extra} sink needs {module}: pip install 'torch-probes[{extra}]' "
+                          f"(or pip install {module}); {exc}") from exc
