@@ -26,7 +26,13 @@ Cases, each measured in one process, the ratios as medians over interleaved roun
 - ``topk``: MLP 64-256-256-10 (float32), P = 4,000: top-10 eigenvalues from ``ntk_operator`` + block Krylov
   (``top_eigenvalues``) against ``eigvalsh`` of the dense kernel (time of each, largest relative error);
 - ``large``: the same MLP at P = 50,000 in a fresh process: top-10 eigenvalues and the exact trace, wall time
-  and peak resident memory (``ru_maxrss``, torch included).
+  and peak resident memory (``ru_maxrss``, torch included);
+- ``budget``: the ``ntk`` probe's estimate at attach (``probes.functional.ntk.ntk_cost``: peak memory and time)
+  beside what its measurements take, each case in a fresh process: the peak is ``ru_maxrss`` after two
+  measurements less the resident memory before them (torch, model and probe batch already there), the time that of
+  the second measurement. Cases: an MLP 64-256-256-10 (tanh, float32, 85,002 parameters, top-10 spectrum with the
+  default options) at P = 50,000; the same MLP's full spectrum at P = 4,000; the ResNet (P = 512) and the
+  transformer (P = 256) above, full spectrum; every case with class labels (the alignment's kernels included).
 
 Peak memory of the mlp cases: on CUDA ``torch.cuda.max_memory_allocated``; on the CPU the running total of the
 allocations that ``torch.profiler(profile_memory=True)`` attributes to operators. Times are medians; never
@@ -34,6 +40,7 @@ asserted. The machine may be shared: the spread of the per-round ratios is print
 
     python benchmarks/ntk.py                      # every case at the sizes above
     python benchmarks/ntk.py --cases resnet,transformer
+    python benchmarks/ntk.py --cases budget       # the NTK's estimate against the measured peak and time
     python benchmarks/ntk.py --quick              # smaller P (ResNet 128, transformer 64, top-k 2,000, large 10,000)
     python benchmarks/ntk.py --smoke              # seconds (the test suite runs it)
 """
@@ -87,7 +94,7 @@ from probes.functional.spectra import top_eigenvalues  # noqa: E402
 ANCHOR = "torch.func"
 FLOOR = "products floor"
 FACTORS = "probes factors"
-CASES = ("mlp", "resnet", "transformer", "topk", "large")
+CASES = ("mlp", "resnet", "transformer", "topk", "large", "budget")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -631,6 +638,124 @@ def large_section(P: int, sizes: tuple[int, ...], k: int = 10, threads: int | No
     return [{"section": "large", "P": P, "case": "topk", "time": r["total_s"], "peak_rss_gib": r["peak_rss_gib"]}]
 
 
+BUDGET_MODELS = ("mlp topk", "mlp full", "resnet", "transformer")
+
+
+def _budget_model(name: str, P: int, smoke: bool):
+    """The model, the probe inputs and labels, and the ntk options of one ``budget`` case."""
+    g = torch.Generator().manual_seed(3)
+    if name.startswith("mlp"):
+        model, x = build(P, (8, 16, 16, 3) if smoke else (64, 256, 256, 10), "cpu")
+        spectrum = "topk" if name == "mlp topk" else "full"
+    elif name == "resnet":
+        model, x = resnet_case(P, **({"width": 4, "side": 8} if smoke else {}))
+        spectrum = "full"
+    else:
+        model, x = transformer_case(P, **({"T": 4, "d": 8, "vocab": 11} if smoke else {}))
+        spectrum = "full"
+    with torch.no_grad():
+        C = model(x[:1]).shape[1]
+    y = torch.randint(0, C, (P,), generator=g)
+    return model, x, y, {"spectrum": spectrum, "top_k": 10, "image": False}
+
+
+def _rss_now() -> int:
+    """Resident bytes of this process now (``/proc/self/statm``), else the peak so far."""
+    import resource
+
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * resource.getpagesize()
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def budget_child(cases: str, smoke: bool) -> None:
+    """``name:P,...`` in this process, one after the other, a JSON line each (a fresh process per case measures its
+    peak alone)."""
+    for case in cases.split(","):
+        name, P = case.rsplit(":", 1)
+        print(json.dumps(budget_case(name, int(P), smoke)))
+
+
+def budget_case(name: str, P: int, smoke: bool) -> dict:
+    """The ntk probe's estimate at attach (``validate``), then two measurements; the peak is ``ru_maxrss`` after
+    them less the resident memory before them (torch, the model and the probe batch)."""
+    import resource
+    import warnings
+
+    import probes.builtin.ntk as ntk_probe
+    from probes.testing import probe_batch
+
+    model, x, y, opts = _budget_model(name, P, smoke)
+    probe = ntk_probe.NTK(**opts)
+    products: list[int] = []
+    solve = ntk_probe.top_eigenvalues
+
+    def counted(*args, **kwargs):
+        top = solve(*args, **kwargs)
+        products.append(top.products)
+        return top
+
+    ntk_probe.top_eigenvalues = counted  # the vectors the Krylov solver multiplied, beside the estimate's
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        batch = probe_batch(model, x, y)
+        probe.validate(batch)
+        cost = probe.cost
+        before = _rss_now()
+        times = []
+        for step in (0, 1):
+            batch.step = step
+            t0 = time.perf_counter()
+            probe.measure(batch)
+            times.append(time.perf_counter() - t0)
+    ntk_probe.top_eigenvalues = solve
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # ru_maxrss: KiB on Linux
+    return {"case": name, "P": P, "route": cost.route, "n": cost.n, "est_peak": cost.peak_bytes, "est_s": cost.seconds,
+            "stages": cost.stages, "products": cost.products, "measured_products": products[-1] if products else 0,
+            "peak": maxrss - before, "maxrss": maxrss, "first_s": times[0], "second_s": times[1], "baseline": before,
+            "summary": cost.summary()}
+
+
+def budget_section(sizes: dict[str, int], smoke: bool, threads: int | None = None) -> list[dict]:
+    """The ntk probe's attach-time estimate (``probes.functional.ntk.ntk_cost``) against the measured peak and time,
+    one fresh process per case."""
+    print("\n== budget: the ntk probe's estimate at attach against what its measurement takes; peak = ru_maxrss "
+          "after two measurements less the resident memory before them, "
+          + ("in this process (--smoke: a case's peak shows only above the earlier ones')" if smoke
+             else "a fresh process per case") + "; time of the second measurement")
+    print(f"{'case':<12} {'route':<5} {'P':>7} {'est. peak':>10} {'measured':>10} {'ratio':>6} {'est. time':>10} "
+          f"{'measured':>9} {'ratio':>6} {'process peak':>13}")
+    rows = []
+    if smoke:
+        results = [budget_case(name, P, smoke) for name, P in sizes.items()]
+    else:
+        results = []
+        for name, P in sizes.items():
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--budget-child", f"{name}:{P}"] + \
+                (["--threads", str(threads)] if threads else [])
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()
+            results += [json.loads(line) for line in out if line.startswith("{")]
+    for r in results:
+        name, P = r["case"], r["P"]
+        ratio, t_ratio = r["peak"] / max(1, r["est_peak"]), r["second_s"] / max(1e-9, r["est_s"])
+        print(f"{name:<12} {r['route']:<5} {P:>7} {r['est_peak'] / 2**20:>7.0f} MiB {r['peak'] / 2**20:>6.0f} MiB "
+              f"{ratio:>6.2f} {r['est_s']:>9.3g}s {r['second_s']:>8.3g}s {t_ratio:>6.2f} "
+              f"{r['maxrss'] / 2**30:>9.2f} GiB")
+        rows.append({"section": "budget", "P": P, "case": name, **{k: r[k] for k in (
+            "route", "est_peak", "peak", "maxrss", "est_s", "first_s", "second_s", "stages", "products",
+            "measured_products")}, "peak_ratio": ratio, "time_ratio": t_ratio})
+    for r in rows:
+        print(f"  {r['case']}: estimate by stage (MiB): "
+              + ", ".join(f"{k} {v / 2**20:.0f}" for k, v in r["stages"].items())
+              + (f"; Krylov products: {r['products']} estimated, {r['measured_products']} taken"
+                 if r["route"] == "topk" else ""))
+    print("ratio = measured / estimated (peak: memory the measurement adds; time: the estimate's operations at "
+          "the measured float64 GEMM rate); process peak: ru_maxrss, torch, model and probe batch included")
+    return rows
+
+
 def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true")
@@ -645,11 +770,15 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--bound-chunk", type=int, default=None,
                    help=f"samples per forward/backward of the three costs timed alone (default {BOUND_CHUNK})")
     p.add_argument("--large-child", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--budget-child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--k", type=int, default=10, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     big_sizes = (64, 256, 256, 10)
+    if args.budget_child is not None:
+        budget_child(args.budget_child, args.smoke)
+        return []
     if args.large_child is not None:
         large_child(args.large_child, tuple(int(s) for s in args.sizes.split(",")), args.k)
         return []
@@ -663,14 +792,17 @@ def main(argv=None) -> list[dict]:
         P_res, P_tr, P_topk, P_large, rounds_models = 6, 4, 200, 1000, 1
         res_kw, tr_kw = {"width": 4, "side": 8}, {"T": 4, "d": 8, "vocab": 11}
         topk_sizes = large_sizes = (8, 16, 16, 3)
+        budget = {"mlp topk": 300, "mlp full": 100, "resnet": 8, "transformer": 8}
     elif args.quick:
         Ps, rounds, memory = [250, 500], 3, not args.no_memory
         P_res, P_tr, P_topk, P_large, rounds_models = 128, 64, 2000, 10_000, 3
         res_kw, tr_kw, topk_sizes, large_sizes = {}, {}, big_sizes, big_sizes
+        budget = {"mlp topk": 10_000, "mlp full": 2000, "resnet": 128, "transformer": 64}
     else:
         Ps, rounds, memory = [250, 500, 1000], 5, not args.no_memory
         P_res, P_tr, P_topk, P_large, rounds_models = 512, 256, 4000, 50_000, 3
         res_kw, tr_kw, topk_sizes, large_sizes = {}, {}, big_sizes, big_sizes
+        budget = {"mlp topk": 50_000, "mlp full": 4000, "resnet": 512, "transformer": 256}
     if args.P:
         Ps = [int(v) for v in args.P.split(",")]
     rounds = args.rounds or rounds
@@ -693,6 +825,8 @@ def main(argv=None) -> list[dict]:
         rows += topk_section(P_topk, topk_sizes)
     if "large" in cases:
         rows += large_section(P_large, large_sizes, threads=args.threads)
+    if "budget" in cases:
+        rows += budget_section(budget, args.smoke, threads=args.threads)
     return rows
 
 

@@ -6,12 +6,15 @@ sequence is either a random motif of 2 to 4 tokens repeated, or a counting run `
 vocabulary) with a step ``s`` of 1 to 3. After its first few tokens every sequence is predictable, so the loss
 falls from ``log(vocab)`` towards the cost of those first tokens, and the features have something to align with.
 
-``ProbesCallback("auto", probe_data=...)`` attaches every built-in probe that applies to the model (the callback
-says in one line each which it left out and why) on a fixed probe batch of held-out sequences. The callback sees a
+One callback, ``ProbesCallback("auto", probe_data=...)``, attaches every built-in probe that applies to the model
+(the callback says in one line each which it left out and why) on a fixed probe batch of held-out sequences, at the
+default cadences scaled to the run's length (about 10 points per probe; said in one line). The callback sees a
 causal LM and sets ``label_shift=1``: the token labels ``(P, T)`` pair the features at position ``t`` with the token
-at ``t + 1``, as the loss does. The Trainer's ``train/loss`` and the probe tags share one TensorBoard run, and a PNG
-shows the loss, the alignment of each block's features (and of the logits) with the next token, the fraction of
-ReLU units at zero per block and the NTK's distance from its initial kernel.
+at ``t + 1``, as the loss does; ``ntk`` keeps the token labels too (it leaves out only ``ntk/alignment``, which needs
+one label per sequence) and takes the kernel of the last position's logits. The Trainer's ``train/loss`` and the
+probe tags share one TensorBoard run, and a PNG shows the loss, the alignment of each block's features (and of the
+logits) with the next token, the fraction of ReLU units at zero per block and the NTK's distance from its initial
+kernel.
 
     python examples/gpt2_trainer.py --smoke    # seconds (the tests)
     python examples/gpt2_trainer.py --quick    # a minute or two on 2 cores
@@ -44,14 +47,13 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--seq", type=int, default=24, help="tokens per sequence")
     p.add_argument("--train", type=int, default=4096, help="training sequences")
     p.add_argument("--probe", type=int, default=16, help="sequences in the probe batch")
-    p.add_argument("--ntk", type=int, default=8, help="sequences in the NTK's probe batch")
-    p.add_argument("--every", type=int, default=None, help="probe cadence in steps (default steps/20)")
+    p.add_argument("--every", type=int, default=None, help="loss logging cadence in steps (default steps/20)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--logdir", default="runs/gpt2_trainer")
     p.add_argument("--out", default=None, help="PNG path (default <logdir>/gpt2_trainer.png)")
     args = p.parse_args(argv)
     if args.smoke:
-        args.steps, args.train, args.probe, args.ntk, args.batch, args.every = 4, 64, 8, 4, 16, 2
+        args.steps, args.train, args.probe, args.batch, args.every = 4, 64, 8, 16, 2
     elif args.quick:
         args.steps = min(args.steps, 300)
     if args.every is None:
@@ -122,29 +124,25 @@ def train(args: argparse.Namespace, logdir: Path) -> dict:
                                  warmup_steps=0, lr_scheduler_type="constant", weight_decay=0.0,
                                  logging_steps=args.every, save_strategy="no", report_to=["tensorboard"],
                                  use_cpu=True, seed=args.seed, disable_tqdm=True, dataloader_num_workers=0)
-    # the probe batch: held-out sequences, a dict batch with its token labels (P, T) inside. Every probe that
-    # applies to a GPT-2 with token labels: relu_zeros (passive, on the Trainer's forwards), patterns (the ReLU
-    # gates), alignment and margin (each kept position a sample, paired with the next token). ntk takes one label
-    # per sample, not token labels: it gets its own callback whose probe batch is the inputs alone, and its kernel
-    # is that of the last position's logits (vocab outputs per sequence). Of the rest, particles needs a two-layer
-    # net, and linear_region and pathgram a tensor input (attach("auto") says so, one line each).
-    # The memory sink keeps the series for the PNG, logdir is the run the Trainer writes train/loss into.
-    every = {"every": args.every}
+    # the probe batch: held-out sequences, a dict batch with its token labels (P, T) inside. "auto" attaches every
+    # probe that applies to a GPT-2 with token labels: relu_zeros (passive, on the Trainer's forwards), patterns
+    # (the ReLU gates), alignment and margin (each kept position a sample, paired with the next token), and ntk
+    # (the kernel of the last position's logits, vocab outputs per sequence; ntk/alignment is left out, as it needs
+    # one label per sequence). Of the rest, particles needs a two-layer net, and linear_region and pathgram a
+    # tensor input (attach("auto") says so, one line each). The memory sink keeps the series for the PNG, logdir
+    # is the run the Trainer writes train/loss into.
     probe_batch = {"input_ids": probe_ids, "labels": probe_ids.clone()}
-    callback = ProbesCallback({"relu_zeros": every, "patterns": every, "alignment": every, "margin": every},
-                              probe_data=probe_batch, logdir=str(logdir), sinks=["memory"], strict=args.smoke)
-    ntk = ProbesCallback({"ntk": every}, probe_data={"input_ids": probe_ids[:args.ntk]}, logdir=str(logdir),
-                         sinks=["memory"], output=lambda out: out.logits[:, -1], strict=args.smoke)
+    callback = ProbesCallback("auto", probe_data=probe_batch, logdir=str(logdir), sinks=["memory"],
+                              strict=args.smoke)
     with tensorboard_dir(logdir), warnings.catch_warnings():
-        trainer = Trainer(model=model, args=training, train_dataset=Texts(train_ids), callbacks=[callback, ntk])
+        trainer = Trainer(model=model, args=training, train_dataset=Texts(train_ids), callbacks=[callback])
         warnings.filterwarnings("ignore", message=".*was not found in model parameters.*")
         trainer.train()
-    session, ntk_session = callback.session, ntk.session
+    session = callback.session
     losses = [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h]
-    scalars = {**session.memory.scalars(), **ntk_session.memory.scalars()}
-    failures = {**session.failures, **ntk_session.failures}
-    return {"probes": sorted([*session.probes, *ntk_session.probes]), "loss": losses, "scalars": scalars,
-            "failures": failures}
+    callbacks = sum(isinstance(c, ProbesCallback) for c in trainer.callback_handler.callbacks)
+    return {"probes": sorted(session.probes), "loss": losses, "scalars": session.memory.scalars(),
+            "failures": dict(session.failures), "callbacks": callbacks}
 
 
 def plot(result: dict, path: Path, args: argparse.Namespace) -> None:
@@ -198,7 +196,7 @@ def main(argv=None) -> dict:
     print(f"{seconds:.1f} s; probes: {', '.join(result['probes'])}; TensorBoard run {logdir}; "
           f"figure {out}")
     return {"png": str(out), "logdir": str(logdir), "loss": loss, "scalars": s,
-            "probes": result["probes"], "failures": result["failures"],
+            "probes": result["probes"], "failures": result["failures"], "callbacks": result["callbacks"],
             "seconds": seconds}
 
 

@@ -15,6 +15,8 @@ seeded probe batch:
 - ``check_follows_model`` (active probes): after ``model.double()`` (or another move) the probe measures what it
   measures when attached afresh to the moved model.
 
+``check_probe`` ends with one printed line saying which checks passed (its return value too).
+
 ``probe_batch(model, x, y)`` builds the ``ProbeBatch`` a session would hand ``measure``, for tests of one measurement.
 
 Factories must be importable (module-level) for the DDP check, which starts processes.
@@ -448,8 +450,8 @@ def check_ddp_flush(cls: type[Probe], options: Mapping[str, Any] | None = None,
 
 def check_probe(cls: type[Probe], options: Mapping[str, Any] | None = None, *,
                 model: Callable[[], nn.Module] = small_mlp, ddp: bool = False,
-                allow_nan: tuple[str, ...] = (), references: tuple[str, ...] = ()) -> None:
-    """Run every check of this module on ``cls`` with ``options``.
+                allow_nan: tuple[str, ...] = (), references: tuple[str, ...] = (), quiet: bool = False) -> str:
+    """Run every check of this module on ``cls`` with ``options``, and say in one line what passed.
 
     Args:
         cls: the probe class.
@@ -458,17 +460,33 @@ def check_probe(cls: type[Probe], options: Mapping[str, Any] | None = None, *,
         ddp: add the 2-process check ``check_ddp_flush``.
         allow_nan: scalar tags that may be NaN.
         references: for ``check_follows_model``, tags that compare with state kept from before a move of the model.
+        quiet: do not print the summary line (it is returned all the same).
+
+    Returns:
+        The summary, also printed: ``check_probe(MyProbe): 5 checks passed (training unchanged, ...)``.
 
     Raises:
         AssertionError: the first check that fails, with a message naming the probe and what differs.
     """
+    passed: list[str] = []
     check_training_unchanged(cls, options, model)
+    passed.append("training unchanged")
     check_records(cls, options, model, allow_nan)
+    passed.append("records")
     check_state_round_trip(cls, options, model)
+    passed.append("state round trip")
     check_failure_isolation(cls, options, model)
-    check_follows_model(cls, options, model, references=references)
+    passed.append("failure isolation")
+    if not cls.passive:  # passive probes see the training forwards themselves: nothing to follow
+        check_follows_model(cls, options, model, references=references)
+        passed.append("follows the model")
     if ddp:
         check_ddp_flush(cls, options, model)
+        passed.append("DDP flush")
+    summary = f"check_probe({cls.__name__}): {len(passed)} checks passed ({', '.join(passed)})"
+    if not quiet:
+        print(summary)
+    return summary
 
 
 def probe_batch(model: nn.Module, x: Any, y: torch.Tensor | None = None, *, step: int = 0, output: Any = None,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import html
 import io
 import re
 
@@ -86,7 +87,9 @@ def test_report_is_one_self_contained_page(demo_run, tmp_path):
     captions = re.findall(r"<figcaption>([^<]*)</figcaption>", page)
     charts = [c for c in captions if "(step" not in c]
     plotted = [t for c in charts for t in c.split(", ")]
-    assert sorted(plotted) == sorted(scalars)  # every scalar tag in exactly one chart
+    constant = [html.unescape(t) for t in re.findall(r"<li><code>([^<]*)</code>: ", page)]
+    assert constant and not set(constant) & set(plotted)  # a series that never changes: one line, no chart
+    assert sorted(plotted + constant) == sorted(scalars)  # every scalar tag in exactly one chart or line
     assert len(charts) < len(scalars)  # the sites of one quantity share a chart
     assert "relu_zeros/1/fraction, relu_zeros/3/fraction, relu_zeros/total/fraction" in charts
     shots = [c for c in captions if "(step" in c]

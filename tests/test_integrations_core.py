@@ -119,3 +119,52 @@ def test_start_advance_close_and_resume_follow_the_trainers_step():
     late.start(model, None, step=7)
     assert late.session.global_step == 7
     late.close()
+
+
+def _mlp_and_batch():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    return model, (torch.randn(12, 4), torch.arange(12) % 3)
+
+
+@pytest.mark.parametrize("total, want", [(72, 8), (20, 2), (5, 1), (10_000, None), (None, None),
+                                         (float("inf"), None), (0, None)])
+def test_default_cadences_scale_to_the_length_of_the_run_and_given_ones_stay(total, want, caplog):
+    import logging
+    import warnings
+
+    from probes.schedules import every
+
+    model, data = _mlp_and_batch()
+    core = CallbackCore("Cb", {"alignment": {}, "margin": {}, "relu_zeros": {}, "patterns": {"every": 50}}, {})
+    caplog.set_level(logging.INFO, logger="probes")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        session = core.start(model, data, step=0, sinks=["memory"], total_steps=total)
+    defaults = {"alignment": 100, "margin": 10, "relu_zeros": 100}
+    for name, k in defaults.items():  # a long run, or one of unknown length, keeps the defaults
+        assert session.schedules[name] == every(min(k, want) if want else k), name
+    assert session.schedules["patterns"] == every(50)  # given: kept
+    # said once, in one line, on the channel of a framework-driven session (the "probes" log) or as a warning
+    said = [m for m in [str(w.message) for w in caught] + [r.getMessage() for r in caplog.records]
+            if "default cadence" in m]
+    assert len(said) == (1 if want else 0)
+    if want:
+        assert "\n" not in said[0] and (f"every {want} steps" if want > 1 else "every step") in said[0]
+    core.close()
+
+
+def test_a_72_step_run_gets_about_ten_points_per_probe_at_its_default_cadence():
+    model, (x, y) = _mlp_and_batch()
+    core = CallbackCore("Cb", ["alignment", "margin", "relu_zeros"], {"overhead": None})
+    session = core.start(model, (x, y), step=0, sinks=["memory"], total_steps=72)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    for step in range(1, 73):
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+        core.advance(step)
+    core.close()
+    scalars = session.memory.scalars()
+    for tag in ("alignment/output/cka", "margin/n_delta", "relu_zeros/total/fraction"):
+        assert 9 <= len(scalars[tag]) <= 12, (tag, [s for s, _ in scalars[tag]])

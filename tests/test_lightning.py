@@ -255,3 +255,33 @@ def test_two_callbacks_checkpoint_and_resume_without_collision(tmp_path):
             assert rest[tag] == [pt for pt in whole[tag] if pt[0] > 6], tag
     assert any(tag.startswith("relu_zeros") and [st for st, _ in pts] == [3, 7, 11]
                for tag, pts in full[0].session.memory.scalars().items())
+
+
+def test_default_cadences_scale_to_the_estimated_stepping_batches_and_given_ones_stay(tmp_path, caplog):
+    # 2 epochs x 6 batches = 12 optimizer steps: a default cadence (alignment 100, relu_zeros 100) becomes every
+    # ceil(12 / 10) = 2 steps, about 10 points; margin's given every=3 is kept; said once, in one line
+    import logging
+
+    from probes.schedules import every
+
+    caplog.set_level(logging.INFO, logger="probes")
+
+    torch.manual_seed(4)
+    train, val, _ = loaders()
+    cb = ProbesCallback({"alignment": {}, "relu_zeros": {}, "margin": {"every": 3}}, sinks=["memory"],
+                        overhead=None)  # no widening by the overhead budget on a loaded machine
+    t = trainer(tmp_path, [cb], logger=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        t.fit(Net(), train, val)
+    assert t.estimated_stepping_batches == 12 and t.global_step == 12
+    s = cb.session
+    assert s.schedules["alignment"] == every(2) and s.schedules["relu_zeros"] == every(2)
+    assert s.schedules["margin"] == every(3)
+    scalars = s.memory.scalars()
+    assert [k for k, _ in scalars["alignment/output/cka"]] == list(range(0, 13, 2))
+    assert [k for k, _ in scalars["margin/n_delta"]] == [0, 3, 6, 9, 12]
+    assert len(scalars["relu_zeros/total/fraction"]) == 6  # windows of 2 steps, at the logger step of their last
+    said = [m for m in [str(w.message) for w in caught] + [r.getMessage() for r in caplog.records]
+            if "default cadence" in m]  # the "probes" log of a framework-driven session, or a warning
+    assert len(said) == 1 and "\n" not in said[0] and "12 steps" in said[0] and "every 2 steps" in said[0]

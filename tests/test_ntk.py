@@ -659,6 +659,7 @@ def test_benchmark_smoke(capsys) -> None:
     rows = bench.main(["--smoke"])
     out = capsys.readouterr().out
     assert "torch.func" in out and "ratio" in out
+    assert "est. peak" in out and {r["case"] for r in rows if r["section"] == "budget"} == set(bench.BUDGET_MODELS)
     assert all(r["max_error"] < 1e-4 for r in rows if r.get("max_error") is not None)
 
 
@@ -702,7 +703,7 @@ def test_a_model_without_a_per_sample_ntk_raises_at_attach_without_measuring() -
 @pytest.mark.parametrize("options, error, match", [
     ({"mode": "diag"}, ValueError, "ntk: option 'mode' must be one of"),
     ({"top_k": -1}, ValueError, "ntk: option 'top_k' must be a non-negative int, got -1"),
-    ({"bins": 2.5}, TypeError, "ntk: option 'bins' must be a positive int, got 2.5"),
+    ({"bins": 2.5}, TypeError, "ntk: option 'bins' must be a positive int <= 10000, got 2.5"),
     ({"spectrum": "topk", "top_k": 0}, ValueError, "ntk: option 'top_k' must be >= 1 with spectrum='topk'"),
     ({"memory_budget": True}, TypeError, "ntk: option 'memory_budget' must be a positive number of bytes"),
     ({"chunk_size": 0}, ValueError, "ntk: option 'chunk_size' must be None or a positive int, got 0"),

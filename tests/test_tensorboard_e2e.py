@@ -22,6 +22,7 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 pytest.importorskip("tensorboard")
@@ -102,9 +103,10 @@ def test_tensorboard_serves_the_probe_scalars_from_the_event_files(demo_logdir, 
                                                              "patterns", "linear_region", "particles"}}
     assert {"relu_zeros/total/fraction", "alignment/1/cka", "margin/n_delta_fraction"} <= probe_tags
 
-    runs = wait_for("the run", lambda: run in get_json(base, "/data/runs") and get_json(base, "/data/runs"),
-                    deadline, proc)
-    assert runs == [run]
+    site_runs = {f"{run}/site={site}" for site in ("1", "3", "output", "total")}
+    runs = wait_for("the runs", lambda: (lambda r: r if {run} | site_runs <= set(r) else None)(
+        get_json(base, "/data/runs")), deadline, proc)
+    assert set(runs) == {run} | site_runs  # the run and one run per site (the per-site charts' colours)
     served = wait_for("every scalar tag",
                       lambda: (lambda t: t if file_tags <= set(t.get(run, {})) else None)(
                           get_json(base, "/data/plugin/scalars/tags")), deadline, proc)
@@ -129,10 +131,16 @@ def test_custom_scalars_layout_is_served(demo_logdir, server):
     assert {cat["title"] for cat in layout["category"]} >= {"relu_zeros", "alignment", "ntk", "linear_region"}
     (run,) = [p.name for p in demo_logdir.iterdir() if p.is_dir()]
     served = get_json(base, "/data/plugin/scalars/tags")[run]
-    for title_part, expected in [("(relu_zeros/<site>/fraction)", {"relu_zeros/1/fraction", "relu_zeros/3/fraction"}),
-                                 ("(alignment/<site>/cka)", {"alignment/1/cka", "alignment/3/cka",
-                                                             "alignment/output/cka"}),
-                                 ("NTK top eigenvalues", {f"ntk/eig_top/{k}" for k in range(1, 6)}),
+    for site in ("1", "3", "output"):  # a per-site chart shows its sites' runs, each in a colour of its own
+        (regexes,) = [tags for title, tags in charts.items() if "(alignment/<site>/cka)" in title]
+        points = get_json(base, "/data/plugin/custom_scalars/scalars", run=f"{run}/site={site}", tag=regexes[0])
+        assert set(points["tag_to_events"]) == {"alignment/per_site/cka"}, site
+        assert get_json(base, "/data/plugin/scalars/scalars", run=run, tag=f"alignment/{site}/cka")  # kept
+    eig = [tags for title, tags in charts.items() if "NTK top eigenvalues" in title]
+    matched = [{t for t in served if any(re.match(r, t) for r in regexes)} for regexes in eig]
+    assert set().union(*matched) == {f"ntk/eig_top/{k}" for k in range(1, 6)}, matched
+    assert {"ntk/eig_top/1"} in matched  # far above the others: a chart of its own, or it runs off the chart
+    for title_part, expected in [
                                  ("samples whose gates flip, per input", {"linear_region/flip_fraction_eps_0.001",
                                                                           "linear_region/flip_fraction_eps_0.01",
                                                                           "linear_region/flip_fraction_eps_0.1"})]:
@@ -155,3 +163,43 @@ def test_images_are_small_pngs(demo_logdir, server):
         with urllib.request.urlopen(url, timeout=10) as r:  # noqa: S310 - loopback only
             body = r.read()
         assert body.startswith(b"\x89PNG") and len(body) < 48 * 1024, (tag, len(body))
+
+
+#: where the first chart's plot (alignment's cka per site: the demo's first category) lies in a 1600 x 1400
+#: screenshot of the custom-scalars dashboard
+FIRST_PLOT = (420, 150, 730, 345)
+
+
+def line_colours(png: Path, box: tuple[int, int, int, int] = FIRST_PLOT, min_pixels: int = 30) -> set[int]:
+    """The hues (in 20-degree bins) of the saturated pixels in ``box``: one per colour of line drawn there."""
+    import colorsys
+
+    from PIL import Image
+
+    pixels = np.asarray(Image.open(png).convert("RGB").crop(box)).reshape(-1, 3).tolist()
+    bins: dict[int, int] = {}
+    for r, g, b in pixels:
+        h, s, v = colorsys.rgb_to_hsv(r / 255, g / 255, b / 255)
+        if s > 0.5 and v > 0.3:
+            bins[int(h * 18)] = bins.get(int(h * 18), 0) + 1
+    return {h for h, n in bins.items() if n >= min_pixels}
+
+
+def test_the_custom_scalars_dashboard_gives_each_site_a_colour(demo_logdir, server, tmp_path):
+    import shutil
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("no chromium to take the screenshot")
+    pytest.importorskip("PIL")
+    base, proc = server
+    deadline = time.monotonic() + TIMEOUT
+    wait_for("the custom-scalars layout", lambda: get_json(base, "/data/plugin/custom_scalars/layout").get("category"),
+             deadline, proc)
+    shot = tmp_path / "custom_scalars.png"
+    subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                    "--window-size=1600,1400", "--virtual-time-budget=15000", f"--screenshot={shot}",
+                    f"{base}/#custom_scalars"], capture_output=True, timeout=120, check=False)
+    assert shot.exists(), "chromium wrote no screenshot"
+    # alignment's sites 1, 3 and output: three runs, three colours (one colour, the run's, before site runs)
+    assert len(line_colours(shot)) >= 3, line_colours(shot)

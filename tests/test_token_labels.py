@@ -15,7 +15,8 @@ def naive(labels, shift, positions, mask):
     pairs = []
     for i in range(P):
         kept = [(i, t, int(labels[i, t + shift])) for t in range(T - shift)
-                if int(labels[i, t + shift]) != IGNORE_INDEX and (mask is None or mask[i, t] != 0)]
+                if int(labels[i, t + shift]) != IGNORE_INDEX
+                and (mask is None or (mask[i, t] != 0 and mask[i, t + shift] != 0))]
         pairs += kept[-1:] if positions == "last" else kept
     return pairs
 

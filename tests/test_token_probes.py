@@ -28,14 +28,15 @@ transformers = pytest.importorskip("transformers")
 
 def kept_pairs(labels: torch.Tensor, shift: int, positions: str = "all",
                mask: torch.Tensor | None = None) -> list[tuple[int, int, int]]:
-    """``(sample, position, label)`` by a loop: the label ``shift`` ahead, not -100, the position a real token."""
+    """``(sample, position, label)`` by a loop: the label ``shift`` ahead, not -100, the position and the label's
+    position real tokens."""
     out = []
     P, T = labels.shape
     for i in range(P):
         row = []
         for t in range(T - shift):
             lab = int(labels[i, t + shift])
-            if lab != -100 and (mask is None or int(mask[i, t]) != 0):
+            if lab != -100 and (mask is None or (int(mask[i, t]) != 0 and int(mask[i, t + shift]) != 0)):
                 row.append((i, t, lab))
         out += row[-1:] if positions == "last" else row
     return out

@@ -225,12 +225,14 @@ def test_resume_from_checkpoint_continues_the_probe_steps(runs, monkeypatch):
 def test_logdir_given_wins_and_the_probe_batch_can_be_given(tmp_path, monkeypatch):
     monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / "tb"))
     batch = {"input_ids": EVAL.ids[:9], "attention_mask": torch.ones_like(EVAL.ids[:9]), "labels": EVAL.labels[:9]}
-    cb = ProbesCallback(["alignment"], probe_data=batch, logdir=str(tmp_path / "own"))
+    cb = ProbesCallback(["alignment"], probe_data=batch, logdir=str(tmp_path / "own"), overhead=None)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer(bert(), tmp_path / "out", callbacks=[cb], eval_dataset=None).train()
     assert torch.equal(cb.session.y, EVAL.labels[:9]) and "labels" not in cb.session.x
-    assert [s for s, _ in read_scalars(tmp_path / "own")["alignment/output/cka"]] == [0, 20]
+    # a 20-step run: the default cadence (100) becomes every 2 steps, about 10 points (overhead=None: no widening
+    # on a loaded machine)
+    assert [s for s, _ in read_scalars(tmp_path / "own")["alignment/output/cka"]] == list(range(0, 21, 2))
     assert not any(t.startswith("alignment/") for t in read_scalars(tmp_path / "tb"))
     assert "train/loss" in read_scalars(tmp_path / "tb")
 
@@ -247,6 +249,68 @@ def test_without_probe_data_the_probe_batch_is_the_first_training_samples_and_tr
                                                                                 TRAIN.ids[:len(EVAL)])
     for (name, p), q in zip(runs["plain"].named_parameters(), model.parameters()):
         assert torch.equal(p, q), name
+
+
+def _notices(caught, caplog, needle: str) -> list[str]:
+    """What was said containing ``needle``: on the "probes" log (a framework-driven session) or as a warning."""
+    messages = [str(w.message) for w in caught] + [r.getMessage() for r in caplog.records]
+    caplog.clear()
+    return [m for m in messages if needle in m]
+
+
+def test_without_probe_data_one_line_says_the_probe_batch_is_training_samples(tmp_path, caplog):
+    # the Trainer has an eval set, but a callback is not handed it at train begin: the probe batch is the first
+    # per_device_eval_batch_size training samples, and one line says so and how to pass the eval set
+    import logging
+
+    caplog.set_level(logging.INFO, logger="probes")
+    cb = ProbesCallback(["alignment"], sinks=["memory"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(bert(), tmp_path / "a", callbacks=[cb], report_to=()).train()
+    assert torch.equal(cb.session.x["input_ids"], TRAIN.ids[:len(EVAL)])
+    said = _notices(caught, caplog, "probe batch is")
+    assert len(said) == 1 and "\n" not in said[0]
+    assert f"first {len(EVAL)} samples of the training set" in said[0] and "probe_data=eval_dataset" in said[0]
+    given = ProbesCallback(["alignment"], probe_data=EVAL, sinks=["memory"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(bert(), tmp_path / "b", callbacks=[given], report_to=()).train()
+    assert torch.equal(given.session.x["input_ids"], EVAL.ids) and not _notices(caught, caplog, "probe batch is")
+
+
+def test_the_docs_say_what_the_default_probe_batch_is():
+    root = os.path.join(os.path.dirname(__file__), os.pardir)
+    with open(os.path.join(root, "docs", "integrations.md"), encoding="utf-8") as f:
+        doc = f.read()
+    hf = doc[doc.index("## Hugging Face Trainer"):doc.index("## DDP")]
+    assert "first eval batch" not in hf
+    assert "probe_data=eval_dataset" in hf and "training set" in hf
+    import probes.integrations.transformers as module
+
+    for text in (module.__doc__, ProbesCallback.__doc__):
+        assert "probe_data=eval_dataset" in text and "training set" in text
+
+
+def test_default_cadences_scale_to_max_steps_and_given_ones_stay(tmp_path, caplog):
+    # max_steps = 20: alignment (default every 100) measures every ceil(20 / 10) = 2 steps; margin keeps every=5
+    import logging
+
+    from probes.schedules import every
+
+    caplog.set_level(logging.INFO, logger="probes")
+    # overhead=None: the overhead budget would widen a default cadence on a loaded machine, which is not tested here
+    cb = ProbesCallback({"alignment": {}, "margin": {"every": 5}}, probe_data=EVAL, sinks=["memory"], overhead=None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(bert(), tmp_path, callbacks=[cb], report_to=()).train()
+    s = cb.session
+    assert s.schedules["alignment"] == every(2) and s.schedules["margin"] == every(5)
+    scalars = s.memory.scalars()
+    assert [k for k, _ in scalars["alignment/output/cka"]] == list(range(0, STEPS + 1, 2))
+    assert [k for k, _ in scalars["margin/n_delta"]] == list(range(0, STEPS + 1, 5))
+    said = _notices(caught, caplog, "default cadence")
+    assert len(said) == 1 and "\n" not in said[0] and f"{STEPS} steps" in said[0] and "every 2 steps" in said[0]
 
 
 def test_an_iterable_training_set_without_probe_data_is_a_clear_error(tmp_path):

@@ -160,7 +160,7 @@ def run_demo(logdir: str = "runs/demo", epochs: int | None = None, smoke: bool =
         result: filled with ``train_s`` (seconds from attach to the end of ``close``) and ``steps``.
 
     Returns:
-        The exit code: 0, or 2 for a bad ``epochs``.
+        The exit code: 0, or 2 for a bad ``epochs`` or a ``logdir`` that cannot be written.
     """
     out = out or sys.stdout
     epochs = int(epochs) if epochs is not None else (SMOKE_EPOCHS if smoke else DEFAULT_EPOCHS)
@@ -195,6 +195,12 @@ def _run(logdir: str, epochs: int, smoke: bool, progress: bool, out: Any, images
     while run.exists():
         suffix += 1
         run = run.with_name(f"{run.name.split('+')[0]}+{suffix}")
+    try:  # before any training: a logdir that cannot be written is one line, not a traceback at the end
+        run.mkdir(parents=True)
+    except OSError as exc:
+        print(f"probes demo: cannot write to --logdir {str(logdir)!r}: {exc.strerror or type(exc).__name__}",
+              file=sys.stderr)
+        return 2
     print(f"probes demo: ReLU MLP 64-64-32-10 on {xtr.shape[0]} digits ({xte.shape[0]} held out), "
           f"probe batch {xp.shape[0]}, {epochs} epochs -> {run}", file=out)
     chosen = choose_probes(model, (xp, yp), smoke, out=out, images=images)
@@ -211,7 +217,8 @@ def _run(logdir: str, epochs: int, smoke: bool, progress: bool, out: Any, images
         session = probes.attach(model, chosen, probe_data=(xp, yp), writer=writer, sinks=["memory", "tensorboard"],
                                 optimizer=opt)
         try:
-            step, test_acc = 0, float("nan")
+            step = 0
+            test_acc: float | None = None
             own: dict[str, tuple[int, float]] = {}  # the demo's own curves, as written
             for epoch in range(1, epochs + 1):
                 perm = torch.randperm(xtr.shape[0], generator=g)
@@ -228,14 +235,15 @@ def _run(logdir: str, epochs: int, smoke: bool, progress: bool, out: Any, images
                         own["train/accuracy"] = (step, (logits.argmax(1) == ytr[idx]).double().mean().item())
                         for tag in ("train/loss", "train/accuracy"):
                             writer.add_scalar(tag, own[tag][1], step)
-                    bar.update(step, f"epoch {epoch}/{epochs} loss {loss.item():.3f} test acc {test_acc:.3f}")
+                    tested = "" if test_acc is None else f" test acc {test_acc:.3f}"  # none before the first test
+                    bar.update(step, f"epoch {epoch}/{epochs} loss {loss.item():.3f}{tested}")
                 model.eval()
                 with torch.no_grad():
                     test_acc = (model(xte).argmax(1) == yte).double().mean().item()
                 model.train()
                 writer.add_scalar("test/accuracy", test_acc, step)
                 own["test/accuracy"] = (step, test_acc)
-            bar.update(step, f"epoch {epochs}/{epochs} loss {loss.item():.3f} test acc {test_acc:.3f}")
+            bar.update(step, f"epoch {epochs}/{epochs} loss {loss.item():.3f} test acc {float(test_acc or 0):.3f}")
         finally:
             bar.close()
             session.close()

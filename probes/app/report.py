@@ -2,13 +2,17 @@
 
 For people who want a file to share rather than a server. The event files are read with
 TensorBoard's own reader (``EventMultiplexer``, one run per directory that holds event files).
-The page has one section per run: a table of the last value of every scalar; the scalars plotted
+The page has one section per run (event files in the logdir itself: the run is named by the folder; the site
+runs ``<run>/site=<site>`` of the TensorBoard sink are copies of their run's per-site scalars and are left out):
+a table of the last value of every scalar; a table of the tags written once (a training's one-off summary such
+as ``train_runtime``); one line for each series that never changes, instead of a chart; the scalars plotted
 (matplotlib, ``probes.figures``) with one chart per quantity, where the sites of one quantity share one
 chart and so one scale (the charts of the run's custom-scalars layout: the chart groups the probes declare,
 and one quantity across sites); the final-step shape of every histogram; and the first and the latest image
 of every image tag. A chart of many series draws the few with the largest last values and one band for the
 others; a chart without a finite value says so. All charts are drawn in one kept figure. Everything (plots,
-images, style) is inlined as base64 data, so the page opens anywhere without the log directory.
+images, style) is inlined as base64 data, so the page opens anywhere without the log directory; the charts
+share the page's width.
 
 Names (tags, sites, runs) come from whoever wrote the event files: the page shows them HTML-escaped and the
 charts draw them as they are (never as mathtext or TeX: ``probes.figures.PLAIN``). A chart that still fails to
@@ -38,19 +42,22 @@ MAX_PLOTS = 300
 PLOT_SIZE = (560, 340)
 
 _STYLE = """
-body { font-family: system-ui, sans-serif; margin: 1.5em; color: #222; max-width: 1800px; }
+body { font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }
 h1 { font-size: 1.5em; } h2 { font-size: 1.3em; margin-top: 2em; border-bottom: 2px solid #bbb; }
 h3 { font-size: 1.05em; margin-top: 1.4em; color: #444; }
 table { border-collapse: collapse; font-size: 0.85em; }
 td, th { padding: 2px 10px; border-bottom: 1px solid #eee; text-align: left; }
 td.num { text-align: right; font-family: ui-monospace, monospace; }
-.grid { display: flex; flex-wrap: wrap; gap: 14px; }
-figure { margin: 0; } figcaption { font-size: 0.8em; font-family: ui-monospace, monospace; max-width: 560px; }
+.grid { display: grid; grid-template-columns: repeat(auto-fill, minmax(460px, 1fr)); gap: 14px; }
+.grid.images { grid-template-columns: repeat(auto-fill, minmax(320px, 1fr)); }
+figure { margin: 0; min-width: 0; } figcaption { font-size: 0.8em; font-family: ui-monospace, monospace; }
+.grid figure img { width: 100%; height: auto; }
 img { max-width: 100%; }
 .note { color: #777; font-size: 0.85em; }
 details { margin: 0.6em 0; } summary { cursor: pointer; }
-p.failed { width: 520px; margin: 0; padding: 10px 20px; border: 1px dashed #c33; color: #a22; font-size: 0.85em;
-           overflow-wrap: anywhere; }
+p.failed { box-sizing: border-box; margin: 0; padding: 10px 20px; border: 1px dashed #c33; color: #a22;
+           font-size: 0.85em; overflow-wrap: anywhere; }
+ul.constant { font-size: 0.85em; margin: 0.4em 0; } ul.constant code { font-family: ui-monospace, monospace; }
 """
 
 #: the longest reason given for a chart that was not drawn (characters)
@@ -92,7 +99,10 @@ def read_runs(logdir: str | Path) -> dict[str, dict[str, dict]]:
     mux.AddRunsFromDirectory(str(logdir))
     mux.Reload()
     runs: dict[str, dict[str, dict]] = {}
-    for run in sorted(mux.Runs()):
+    names = set(mux.Runs())
+    for run in sorted(names):
+        if _is_site_run(run, names):  # the copies of a run's per-site scalars, for TensorBoard's colours
+            continue
         acc = mux.GetAccumulator(run)
         tags = acc.Tags()
         scalars = {}
@@ -114,10 +124,25 @@ def read_runs(logdir: str | Path) -> dict[str, dict[str, dict]]:
                 histograms[tag] = (events[-1].step, float(h.min), np.array(h.bucket_limit, dtype=np.float64),
                                    np.array(h.bucket, dtype=np.float64))
         if scalars or images or histograms:
-            runs[run] = {"scalars": scalars, "images": images, "histograms": histograms, "layout": layout}
+            runs[_run_name(run, logdir)] = {"scalars": scalars, "images": images, "histograms": histograms,
+                                            "layout": layout}
     if not runs:
         raise ValueError(f"probes report: no TensorBoard scalars or images under {str(logdir)!r}")
     return runs
+
+
+def _is_site_run(run: str, runs: set[str]) -> bool:
+    """Whether ``run`` is the site run (``<run>/site=<site>``) of another of ``runs``."""
+    from probes.sinks.tensorboard import SITE_RUN
+
+    parent, _, last = run.replace("\\", "/").rpartition("/")
+    return last.startswith(SITE_RUN) and (parent or ".") in {r.replace("\\", "/") for r in runs}
+
+
+def _run_name(run: str, logdir: Path) -> str:
+    """A run's name: its directory under ``logdir``, and the folder's own name for event files in ``logdir``
+    itself (TensorBoard calls that run ``.``)."""
+    return logdir.resolve().name or str(logdir) if run in (".", "") else run
 
 
 def _layout(acc: Any, tags: dict) -> list[tuple[str, list[str]]] | None:
@@ -154,12 +179,22 @@ def group_scalars(tags: list[str], layout: list[tuple[str, list[str]]] | None = 
     charts: list[tuple[str, list[str]]] = []
     claimed: set[str] = set()
     for title, regexes in layout:
-        members = [t for t in tags if t not in claimed and any(re.match(r, t) for r in regexes)]
+        members = [t for t in tags if t not in claimed and any(re.match(r, t) or re.match(r, _as_site_tag(t))
+                                                               for r in regexes)]
         if members:
             charts.append((title, members))
             claimed.update(members)
     charts += [(t, [t]) for t in tags if t not in claimed]
     return sorted(charts, key=lambda c: (c[1][0].split("/")[0], c[1][0]))
+
+
+def _as_site_tag(tag: str) -> str:
+    """The tag a per-site scalar ``<probe>/<site>/<quantity>`` has in its site run (which a per-site chart of the
+    layout names): ``<probe>/per_site/<quantity>``."""
+    from probes.sinks.tensorboard import SITE_TAG
+
+    parts = tag.split("/")
+    return f"{parts[0]}/{SITE_TAG}/{parts[2]}" if len(parts) == 3 else tag
 
 
 def _series_label(tag: str, members: list[str]) -> str:
@@ -259,6 +294,45 @@ def _chart(failed: list[str], run: str, title: str, caption: str, draw: Callable
     return _figure(png, title, caption)
 
 
+def _constant(values: np.ndarray) -> float | None:
+    """The one value of a series of at least two points that never changes (NaN for all NaN), else None."""
+    if values.size < 2:
+        return None
+    if np.isnan(values).all():
+        return math.nan
+    return float(values[0]) if np.array_equal(values, np.full_like(values, values[0])) else None
+
+
+def _sections(charts: list[tuple[str, list[str]]], scalars: dict
+              ) -> tuple[list[str], dict[str, tuple[list[tuple[str, list[str]]], list[str]]]]:
+    """The tags of one point each (a training's one-off summary: a table, not charts), and by probe the charts
+    to draw and one HTML line for each series that never changes (instead of a flat chart)."""
+    singles: list[str] = []
+    sections: dict[str, tuple[list[tuple[str, list[str]]], list[str]]] = {}
+    for title, members in charts:
+        if all(scalars[t][0].size == 1 for t in members):
+            singles += members
+            continue
+        drawn, constant = sections.setdefault(members[0].split("/")[0], ([], []))
+        values = [_constant(scalars[t][1]) for t in members]
+        if any(v is None for v in values):
+            drawn.append((title, members))
+            continue
+        for tag, v in zip(members, values):
+            steps = scalars[tag][0]
+            constant.append(f"<code>{html.escape(tag)}</code>: {_fmt(v)} at every one of its {steps.size} points "
+                            f"(steps {int(steps[0])} to {int(steps[-1])})")
+    return singles, sections
+
+
+def _singles_table(tags: list[str], scalars: dict) -> str:
+    """The table of the scalars written once (``train_runtime``, ``total_flos``, ...)."""
+    rows = "".join(f"<tr><td>{html.escape(t)}</td><td class='num'>{int(scalars[t][0][0])}</td>"
+                   f"<td class='num'>{_fmt(float(scalars[t][1][0]))}</td></tr>" for t in sorted(tags))
+    return ("<h3>values written once</h3><table class='singles'><tr><th>tag</th><th>step</th><th>value</th></tr>"
+            f"{rows}</table>")
+
+
 def write_report(logdir: str | Path, output: str | Path | None = None) -> Path:
     """Write the HTML report of ``logdir`` to ``output`` (default ``LOGDIR/report.html``); return its path.
 
@@ -296,19 +370,22 @@ def write_report(logdir: str | Path, output: str | Path | None = None) -> Path:
                 out.append(f"<tr><td>{html.escape(tag)}</td><td class='num'>{int(steps[-1])}</td>"
                            f"<td class='num'>{_fmt(float(values[-1]))}</td></tr>")
         out.append("</table></details>")
-        section = None
-        for title, members in group_scalars(tags, data.get("layout")):
-            probe = members[0].split("/")[0]
-            if probe != section:
-                out.append(("</div>" if section is not None else "")
-                           + f"<h3>{html.escape(probe)}</h3><div class='grid'>")
-                section = probe
-            if plotted >= MAX_PLOTS:
-                skipped += 1
+        singles, sections = _sections(group_scalars(tags, data.get("layout")), scalars)
+        if singles:
+            out.append(_singles_table(singles, scalars))
+        for probe, (charts, constant) in sections.items():
+            out.append(f"<h3>{html.escape(probe)}</h3>")
+            if constant:
+                out.append("<ul class='constant'>" + "".join(f"<li>{line}</li>" for line in constant) + "</ul>")
+            if not charts:
                 continue
-            plotted += 1
-            out.append(_chart(failed, run, title, ", ".join(members), _scalar_plot, title, members, scalars))
-        if section is not None:
+            out.append("<div class='grid'>")
+            for title, members in charts:
+                if plotted >= MAX_PLOTS:
+                    skipped += 1
+                    continue
+                plotted += 1
+                out.append(_chart(failed, run, title, ", ".join(members), _scalar_plot, title, members, scalars))
             out.append("</div>")
         if data["histograms"]:
             out.append("<h3>histograms (final step)</h3><div class='grid'>")

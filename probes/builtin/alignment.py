@@ -28,8 +28,11 @@ convention) make each kept position a sample: the features of a site ``(P, T, ..
 ``i`` (and the output logits ``(P, T, C)`` there) pair with the label at ``t + label_shift`` (``attach(label_shift=1)``
 for a causal language model, which the Transformers callback sets itself). Option ``positions``: ``"all"`` (the
 default) keeps every position with a label, ``"last"`` only the last one of each sequence. Padded positions (the
-probe inputs' attention mask, ``ProbeBatch.mask``) are left out. A site whose activations are not ``(P, T, ...)``
-(a pooler) is left out with one notice under the default ``sites``, and is an error when chosen in ``sites``.
+probe inputs' attention mask, ``ProbeBatch.mask``) are left out, like ``-100`` labels: a pair is kept when both the
+feature position ``t`` and the label position ``t + label_shift`` are real tokens, so ``labels = input_ids`` with the
+pads left in gives what ``-100`` at the pads gives (labelled positions left out so are said once). A site whose
+activations are not ``(P, T, ...)`` (a pooler) is left out with one notice under the default ``sites``, and is an
+error when chosen in ``sites``.
 
 **Padding with one label per sequence.** When the probe inputs carry an attention mask, the features of a site
 ``(P, T, ...)`` at padded positions are set to zero before the features are flattened per sample, so a padded
@@ -45,16 +48,15 @@ from __future__ import annotations
 
 import fnmatch
 import itertools
-import warnings
 from collections.abc import Sequence
 
 import torch
 
 from probes import options
-from probes.engine.failures import ProbesNoticeWarning
+from probes.engine.failures import ProbesNoticeWarning, say
 from probes.engine.inputs import take
 from probes.functional.alignment import DegenerateKernelError, Prepared, prepare
-from probes.functional.labels import IGNORE_INDEX, label_matrix, token_positions
+from probes.functional.labels import IGNORE_INDEX, label_matrix, padded_labels, token_positions
 from probes.probe import Context, Probe, ProbeBatch, Site
 from probes.records import Record, Scalar
 
@@ -77,14 +79,18 @@ def is_token_labels(y: torch.Tensor | None) -> bool:
     return isinstance(y, torch.Tensor) and y.ndim == 2 and not y.is_floating_point() and y.dtype != torch.bool
 
 
-def token_pairs(who: str, batch: ProbeBatch, positions: str) -> tuple[torch.Tensor, torch.Tensor]:
+def token_pairs(who: str, batch: ProbeBatch, positions: str, said: set[str] | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``(sample, position)`` pairs of the token labels that are samples, and their labels
-    (``probes.functional.labels.token_positions`` with the batch's ``label_shift`` and attention mask).
+    (``probes.functional.labels.token_positions`` with the batch's ``label_shift`` and attention mask: a pair whose
+    feature position or label position is padding is left out, like a ``-100`` label).
 
     Args:
         who: the probe's name, for messages.
         batch: the probe batch, with token labels ``(P, T)``.
         positions: ``"all"`` or ``"last"``.
+        said: the probe's set of notices said; when given, labelled positions that the attention mask leaves out
+            (``labels = input_ids`` with the pads not set to ``-100``) are said once (key ``"padding"``).
 
     Returns:
         ``(index, y)``: ``index`` ``(N, 2)`` long, ``y`` the ``N`` paired labels.
@@ -92,6 +98,13 @@ def token_pairs(who: str, batch: ProbeBatch, positions: str) -> tuple[torch.Tens
     Raises:
         ValueError: as ``token_positions``, naming the probe and the options that change the pairing.
     """
+    if said is not None and "padding" not in said:
+        n = padded_labels(batch.y, batch.label_shift, batch.mask)
+        if n:
+            said.add("padding")
+            say(f"{who}: {n} labelled position(s) of the token labels pair with padding (attention mask 0, "
+                f"label_shift={batch.label_shift}) and are left out, as if labelled {IGNORE_INDEX} (said once)",
+                ProbesNoticeWarning)
     try:
         return token_positions(batch.y, batch.label_shift, positions, batch.mask)
     except ValueError as exc:
@@ -134,6 +147,7 @@ class Alignment(Probe):
         self.degenerate = degenerate
         self._checked_patterns = False
         self._warned: set[str] = set()
+        self._said: set[str] = set()  # notices said once (token labels at padded positions)
         self._seen: tuple | None = None  # ((step, model, x), sites seen on two samples): see _probe_sites
 
     def setup(self, context: Context) -> None:
@@ -239,7 +253,7 @@ class Alignment(Probe):
             raise ValueError(f"alignment: token labels {tuple(batch.y.shape)} need an output (P, T, C) with a value "
                              f"per position, but the model output has shape {tuple(out.shape)}; pass output=False to "
                              "align the sites only, or one label per sample")
-        index, yk = token_pairs("alignment", batch, self.positions)
+        index, yk = token_pairs("alignment", batch, self.positions, self._said)
         C = int(out.shape[-1]) if isinstance(out, torch.Tensor) and out.ndim == 3 and out.shape[-1] > 1 else None
         try:
             Y = label_matrix(yk, num_classes=C, who="alignment")
@@ -261,11 +275,11 @@ class Alignment(Probe):
         n, k = int(classes.numel()), int(torch.unique(classes).numel())
         if k > 2 and n < 2 * k:
             what = "labelled positions (the samples of token labels)" if tokens else "samples"
-            warnings.warn(
+            say(
                 f"alignment: the probe batch has {n} {what} in {k} classes, fewer than two per class: centered, "
                 "the label kernel Y Y^T is then close to the identity, and almost any features align with it (the "
                 "value does not depend on which sample has which label); use a larger probe batch, at least "
-                f"{2 * k} {what} (two or more per class)", ProbesNoticeWarning, stacklevel=3)
+                f"{2 * k} {what} (two or more per class)", ProbesNoticeWarning)
 
     def _rows(self, site: str, f: torch.Tensor, batch: ProbeBatch, index: torch.Tensor | None
               ) -> torch.Tensor | None:
@@ -283,8 +297,7 @@ class Alignment(Probe):
                 raise ValueError(self._not_token_wise(site, f, batch.y))
             if site not in self._warned:
                 self._warned.add(site)
-                warnings.warn(self._not_token_wise(site, f, batch.y) + "; left out (said once)", ProbesNoticeWarning,
-                              stacklevel=3)
+                say(self._not_token_wise(site, f, batch.y) + "; left out (said once)", ProbesNoticeWarning)
             return None
         mask = batch.mask
         if mask is not None and f.ndim >= 3 and tuple(f.shape[:2]) == tuple(mask.shape):
@@ -362,7 +375,7 @@ class Alignment(Probe):
                     raise DegenerateKernelError(msg + "; attach with degenerate='skip' to leave such sites out")
                 if site not in self._warned:
                     self._warned.add(site)
-                    warnings.warn(msg + "; left out (warned once per site)", RuntimeWarning, stacklevel=2)
+                    say(msg + "; left out (warned once per site)", RuntimeWarning)
                 continue
             records.append(Scalar(f"alignment/{site}/cka", value))
         return records

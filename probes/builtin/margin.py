@@ -18,7 +18,9 @@ the probe batch, shared with the other probes).
 **Token labels.** Integer labels ``(P, T)`` (``-100`` where a position has no label) with an output ``(P, T, C)``
 make each kept position a sample: the logits at position ``t`` of sequence ``i`` pair with the label at
 ``t + label_shift`` (``attach(label_shift=1)`` for a causal language model; the Transformers callback sets it), padded
-positions (the probe inputs' attention mask) are left out, and ``positions="all"`` (the default) keeps every labelled
+positions (the probe inputs' attention mask) are left out like ``-100`` labels (a pair is kept when the logits'
+position and the label's position are both real tokens; labelled positions left out so are said once), and
+``positions="all"`` (the default) keeps every labelled
 position, ``"last"`` the last one of each sequence. ``N_Delta`` then counts positions, and
 ``margin/n_delta_fraction`` is ``N_Delta`` over the kept positions.
 """
@@ -88,6 +90,7 @@ class Margin(Probe):
         self.bins = options.integer("margin", "bins", bins, minimum=1, maximum=options.MAX_BINS)
         self.n_weights = options.integer("margin", "n_weights", n_weights, minimum=1, maximum=2 ** 63 - 1,
                                          optional=True)
+        self._said: set[str] = set()  # notices said once (token labels at padded positions)
 
     def setup(self, context: Context) -> None:
         if context.y is None:
@@ -123,7 +126,7 @@ class Margin(Probe):
             raise ValueError(f"margin: token labels {tuple(batch.y.shape)} need an output (P, T, C) of logits per "
                              f"position, but the model output is {shape}; pick the per-position logits with "
                              "attach(output=...), or pass one label per sample")
-        index, yk = token_pairs("margin", batch, self.positions)
+        index, yk = token_pairs("margin", batch, self.positions, self._said)
         return forces(token_rows(out, index), yk, self.margin)
 
     def measure(self, batch: ProbeBatch) -> list[Record]:

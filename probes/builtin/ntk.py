@@ -25,16 +25,24 @@ Tags (eigenvalues in float64, ``torch.linalg.eigvalsh``):
 Options: ``mode``, ``reduction``, ``top_k`` (5), ``bins`` (64), ``chunk_size`` (None: automatic),
 ``image`` (True), ``image_every`` (None: an image at every measurement; k: at the first measurement, then
 once at least k steps have passed since the last image), ``spectrum`` ("auto"), ``memory_budget`` (2 GiB),
-``positions`` ("last"), ``outputs`` (None), ``seed`` (0), ``max_cost`` (1e10).
+``positions`` ("last"), ``outputs`` (None), ``seed`` (0), ``max_memory`` ("auto"), ``max_cost`` (None).
 
 Outputs (``docs/probes/ntk.md``): an output with more than 2 dimensions (a language model's ``(P, T, C)``
 logits) is taken at the last kept position of each sample (the last True of the probe batch's attention mask,
 else the last position), said once; ``positions="all"`` keeps every position. ``outputs=k``: the kernel of the
 ``k`` outputs ``f(x) S``, ``S`` a fixed ``C x k`` matrix of i.i.d. ``N(0, 1/k)`` entries from the probe's own
-generator (``seed``), an unbiased estimate of the kernel summed over the ``C`` outputs. Cost: at attach,
-``P x outputs x trainable parameters`` (entries of the Jacobian) above ``max_cost`` is refused with an error
-naming the options that lower it (the probe never switches routes by itself). A measurement reports progress on
-``logging.getLogger("probes")`` at INFO every few seconds; one over 10 s is said once.
+generator (``seed``), an unbiased estimate of the kernel summed over the ``C`` outputs.
+
+Budget: at attach (``validate``) the probe estimates what its route will take (``probes.functional.ntk.ntk_cost``:
+each layer's factors or per-sample gradients, the fallback's Jacobians, the ``n x n`` kernels of the full route or
+the Krylov basis and streamed blocks of the top-k route, the largest temporary; and a time figure) and refuses,
+with a ``ValueError`` naming what lowers it (``spectrum="topk"``, a smaller probe batch, ``outputs=k``, and how much
+each gives), when the peak exceeds ``max_memory``: by default (``"auto"``) half of the memory available on the probe
+batch's device at attach (``probes.functional.ntk.cost.available_memory``); a number of bytes; None: no limit. The
+estimate is kept as ``probe.cost``. ``max_cost`` (None by default) also refuses above ``P x outputs x trainable
+parameters``, the backward passes' work. Only ``spectrum="auto"`` picks a route; the probe never sketches or drops
+outputs by itself. A measurement reports progress on ``logging.getLogger("probes")`` at INFO every few seconds;
+one over 10 s is said once.
 
 ``spectrum="full"`` computes the ``n x n`` kernel (``n = P``, or ``P C`` in ``mode="full"``) and every eigenvalue.
 ``spectrum="topk"`` never forms it: ``Theta V`` comes blockwise from the layerwise factors
@@ -45,7 +53,8 @@ flat and of a packed tail, ``probes.functional.spectra.effective_rank_bounds``);
 ``ntk/eig_max``, ``ntk/eig_top/<k>``, ``ntk/effective_rank`` and the image of the top eigenvalues are logged then
 (``eig_min``, ``condition`` and the histogram need every eigenvalue; ``alignment`` and ``distance_from_init`` need
 ``||Theta||_F``, i.e. every entry of the kernel). ``spectrum="auto"`` takes "topk" when the full route's four
-``n x n`` float64 matrices would exceed ``memory_budget`` bytes (at the default, ``n`` above 8,192).
+``n x n`` float64 matrices would exceed ``memory_budget`` bytes (at the default, ``n`` above 8,192), and when at
+attach the full route's estimate is above ``max_memory`` while the top-k route's is not (said once).
 
 Across ranks (DDP, FSDP2): every rank measures, each computing the factors of its ``P / world`` probe samples; the
 kernel's blocks are assembled from factors exchanged between the ranks (``spectrum="topk"``: the products ``Theta
@@ -60,7 +69,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-import warnings
 from typing import Any
 
 import numpy as np
@@ -72,7 +80,19 @@ from probes.engine.failures import ProbesNoticeWarning
 from probes.figures import ImageCadence, spectrum_figure
 from probes.functional.alignment import DegenerateKernelError
 from probes.functional.labels import label_matrix
-from probes.functional.ntk import MODES, REDUCTIONS, NTKPlan, empirical_ntk, ntk_operator, ntk_plan, trace_over_outputs
+from probes.functional.ntk import (
+    MODES,
+    REDUCTIONS,
+    NTKCost,
+    NTKPlan,
+    empirical_ntk,
+    ntk_cost,
+    ntk_operator,
+    ntk_plan,
+    trace_over_outputs,
+)
+from probes.functional.ntk import cost as ntk_cost_module
+from probes.functional.ntk.cost import gib as _gib
 from probes.functional.ntk.outputs import SelectedOutput, gaussian_sketch, last_positions
 from probes.functional.spectra import effective_rank_bounds, kernel_distance, label_alignment, spectrum, top_eigenvalues
 from probes.probe import Context, Probe, ProbeBatch
@@ -84,8 +104,13 @@ SPECTRA = ("full", "topk", "auto")
 MEMORY_BUDGET = 2 << 30
 #: ``positions`` option: which positions of a (P, T, ...) output the kernel covers
 POSITIONS = ("last", "all")
-#: default ``max_cost``: entries of the Jacobian ``J``, P x outputs x trainable parameters
-MAX_COST = 1e10
+#: the most Gaussian projections ``outputs=k`` takes (the exact kernel of fewer outputs is cheaper)
+MAX_OUTPUTS = 1 << 20
+#: default ``max_cost``: entries of the Jacobian ``J``, P x outputs x trainable parameters (None: no limit; the memory
+#: budget ``max_memory`` is what refuses a measurement by default)
+MAX_COST = None
+#: ``max_memory="auto"``: this fraction of the memory available on the probe batch's device at attach
+MEMORY_FRACTION = 0.5
 #: a measurement longer than this (seconds) is said once, with the options that shorten it
 SLOW_SECONDS = 10.0
 
@@ -93,10 +118,9 @@ log = logging.getLogger("probes")
 
 
 def _notice(message: str) -> None:
-    from probes.engine.failures import ProbesNoticeWarning
+    from probes.engine.failures import say
 
-    log.warning(message)
-    warnings.warn(message, ProbesNoticeWarning, stacklevel=3)
+    say(message, ProbesNoticeWarning)  # once, pointing at the user's line
 
 
 class NTK(Probe):
@@ -114,14 +138,15 @@ class NTK(Probe):
     def __init__(self, mode: str = "trace", reduction: str = "sum", top_k: int = 5, bins: int = 64,
                  chunk_size: int | None = None, image: bool = True, image_every: int | None = None,
                  spectrum: str = "auto", memory_budget: int | float = MEMORY_BUDGET, positions: str = "last",
-                 outputs: int | None = None, seed: int = 0, max_cost: int | float | None = MAX_COST) -> None:
+                 outputs: int | None = None, seed: int = 0, max_memory: int | float | str | None = "auto",
+                 max_cost: int | float | None = MAX_COST) -> None:
         self.mode = options.choice("ntk", "mode", mode, MODES)
         self.reduction = options.choice("ntk", "reduction", reduction, REDUCTIONS)
         if mode == "full" and reduction != "sum":
             raise ValueError("ntk: option 'reduction'='mean' applies to the trace over outputs; use it with "
                              "mode='trace'")
         self.top_k = options.integer("ntk", "top_k", top_k, minimum=0)
-        self.bins = options.integer("ntk", "bins", bins, minimum=1)
+        self.bins = options.integer("ntk", "bins", bins, minimum=1, maximum=options.MAX_BINS)
         self.spectrum = options.choice("ntk", "spectrum", spectrum, SPECTRA)
         if spectrum == "topk" and self.top_k < 1:
             raise ValueError(f"ntk: option 'top_k' must be >= 1 with spectrum='topk' (the eigenvalues to compute), "
@@ -130,11 +155,15 @@ class NTK(Probe):
                                             what="a positive number of bytes")
         self.chunk_size = options.integer("ntk", "chunk_size", chunk_size, minimum=1, optional=True)
         self.positions = options.choice("ntk", "positions", positions, POSITIONS)
-        self.outputs = options.integer("ntk", "outputs", outputs, minimum=1, optional=True)
+        self.outputs = options.integer("ntk", "outputs", outputs, minimum=1, maximum=MAX_OUTPUTS, optional=True)
         self.seed = options.integer("ntk", "seed", seed, minimum=0, maximum=2 ** 63 - 1)
         self.max_cost = options.number("ntk", "max_cost", max_cost, positive=True, optional=True,
                                        what="a positive number of Jacobian entries (P x outputs x parameters), "
                                             "or None")
+        self.max_memory = max_memory if isinstance(max_memory, str) and max_memory == "auto" else options.number(
+            "ntk", "max_memory", max_memory, positive=True, optional=True,
+            what="'auto', a positive number of bytes, or None")
+        self.cost: NTKCost | None = None  # the estimate made at attach (validate)
         self._sketch: torch.Tensor | None = None
         self._said: set[str] = set()
         self.image = options.flag("ntk", "image", image)
@@ -146,6 +175,7 @@ class NTK(Probe):
         self.add_state("init_step", None, reduce=None, window=False)
         self._said_token_labels = False
         self._plan: tuple[Any, NTKPlan] | None = None  # a cache (re-planned when the model or its placement changes)
+        self._auto_topk: int | None = None  # spectrum="auto": kernels this large take "topk" (max_memory, at attach)
 
     def setup(self, context: Context) -> None:
         if not any(p.requires_grad for p in context.model.parameters()):
@@ -166,6 +196,7 @@ class NTK(Probe):
         model, args = self.kernel_model(batch)
         plan = ntk_plan(model, tuple(a[:2] for a in args), who="ntk")
         self.check_cost(batch.size, plan.outputs, model)
+        self.check_memory(model, args, plan, batch)
 
     def _token_labels(self, batch: ProbeBatch) -> bool:
         """Token labels ``(P, T)`` (a language model's): ``ntk/alignment`` needs one label per sample, so it is left
@@ -174,9 +205,8 @@ class NTK(Probe):
             return False
         if not self._said_token_labels:
             self._said_token_labels = True
-            warnings.warn("ntk: the probe batch has token labels (P, T); ntk/alignment needs one label per sample "
-                          "and is left out (the kernel, its spectrum and its drift are measured)", ProbesNoticeWarning,
-                          stacklevel=3)
+            _notice("ntk: the probe batch has token labels (P, T); ntk/alignment needs one label per sample and is "
+                    "left out (the kernel, its spectrum and its drift are measured)")
         return True
 
     def kernel_model(self, batch: ProbeBatch) -> tuple[torch.nn.Module, tuple[torch.Tensor, ...]]:
@@ -212,8 +242,8 @@ class NTK(Probe):
         return model, args
 
     def check_cost(self, P: int, outputs: int, model: torch.nn.Module) -> float:
-        """The cost of one measurement, ``P x outputs x trainable parameters`` (entries of the Jacobian ``J``: one
-        backward pass per output, and at most 8 bytes each of float64 per-sample factors), against ``max_cost``.
+        """The work of one measurement, ``P x outputs x trainable parameters`` (entries of the Jacobian ``J``: one
+        backward pass per output and sample), against ``max_cost`` (memory is ``check_memory``'s).
 
         Args:
             P: probe samples.
@@ -232,14 +262,99 @@ class NTK(Probe):
             k = max(1, int(self.max_cost // max(1, P * n)))
             raise ValueError(
                 f"ntk: one measurement costs {cost:.3g} Jacobian entries (P={P} samples x {outputs} outputs x {n:,} "
-                f"parameters; up to {8 * cost / 2 ** 30:.3g} GiB of float64 per-sample factors), above "
-                f"max_cost={self.max_cost:.3g}; lower it with outputs=k (a Gaussian sketch of the outputs, "
-                f"k={k} fits), positions='last' for a sequence output, a smaller probe batch (probe_data), "
-                f"output= (fewer outputs), or raise max_cost (None: no limit)")
-        log.info("ntk: one measurement costs %.3g Jacobian entries (P=%d x %d outputs x %d parameters; up to %.3g GiB "
-                 "of float64 per-sample factors), max_cost %s", cost, P, outputs, n, 8 * cost / 2 ** 30,
-                 "None" if self.max_cost is None else f"{self.max_cost:.3g}")
+                f"parameters: the backward passes' work), above max_cost={self.max_cost:.3g}; lower it with "
+                f"outputs=k (a Gaussian sketch of the outputs, k={k} fits), positions='last' for a sequence output, "
+                f"a smaller probe batch (probe_data), output= (fewer outputs), or raise max_cost (None: no limit)")
         return cost
+
+    def check_memory(self, model: torch.nn.Module, args: tuple[torch.Tensor, ...], plan: NTKPlan,
+                     batch: ProbeBatch) -> NTKCost:
+        """The estimate of one measurement on the route this probe will take (``ntk_cost``), against the memory
+        budget ``max_memory``; kept as ``self.cost`` and logged at INFO.
+
+        Args:
+            model: the module whose kernel is measured (``kernel_model``).
+            args: its inputs for the whole probe batch (one sample is run).
+            plan: its ``ntk_plan``.
+            batch: the probe batch.
+
+        Returns:
+            The estimate.
+
+        Raises:
+            ValueError: the estimated peak exceeds the budget; the message gives the estimate and what each option
+                that lowers it would need.
+        """
+        Ce = plan.outputs if self.mode == "full" else 1
+        labels = batch.y is not None and not _token_labels(batch.y)
+        route = "topk" if self.uses_topk(batch.size * Ce) else "full"
+        cost = ntk_cost(model, tuple(a[:1] for a in args), P=batch.size, plan=plan, mode=self.mode, route=route,
+                        top_k=max(1, self.top_k), chunk_size=self.chunk_size, world=batch.world_size,
+                        kernels=7 if labels else 5)
+        budget, source = self.memory_limit(args[0].device)
+        if budget is not None and cost.peak_bytes > budget and route == "full" and self.spectrum == "auto":
+            topk = cost.at(route="topk")
+            if topk.peak_bytes <= budget:  # "auto" chooses the route: the one that fits
+                _notice(f"ntk: spectrum='auto' takes 'topk' (the top_k eigenvalues, the trace and the effective rank "
+                        f"only): the full route would need about {_gib(cost.peak_bytes)}, above the memory budget, "
+                        f"{source}")
+                self._auto_topk, cost = cost.n, topk
+        self.cost = cost
+        if budget is not None and cost.peak_bytes > budget:
+            raise ValueError(self._refusal(cost, budget, source))
+        log.info("ntk: one measurement: %s; memory budget: %s", cost.summary(), source)
+        return cost
+
+    def memory_limit(self, device: torch.device) -> tuple[int | None, str]:
+        """``(bytes, where they come from)`` of the memory budget on ``device`` (None: no limit)."""
+        if self.max_memory is None:
+            return None, "none (max_memory=None)"
+        if self.max_memory != "auto":
+            return int(self.max_memory), f"max_memory={int(self.max_memory):,} bytes"
+        avail = ntk_cost_module.available_memory(device)
+        if avail is None:
+            return None, f"none (the memory available on {device} cannot be read; max_memory= sets one)"
+        return int(MEMORY_FRACTION * avail), (f"max_memory='auto', {MEMORY_FRACTION:g} of the {_gib(avail)} "
+                                                f"available on {device} now, {_gib(MEMORY_FRACTION * avail)}")
+
+    def _alternative(self, cost: NTKCost, **changes: Any) -> NTKCost:
+        """``cost`` with other options (``P``, ``outputs``, ``mode``), on the route this probe would take then."""
+        P, C = changes.get("P", cost.P), changes.get("outputs", cost.outputs)
+        n = P * (C if changes.get("mode", cost.mode) == "full" else 1)
+        return cost.at(**changes, route="topk" if self.uses_topk(n) else "full")
+
+    def _refusal(self, cost: NTKCost, budget: int, source: str) -> str:
+        """The message of a refused measurement: the estimate, and what each fix would need."""
+        def largest(name: str, top: int) -> int:
+            """The largest value of ``name`` in ``1..top`` that fits the budget (0: none), by bisection."""
+            lo, hi = 0, top + 1
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                lo, hi = (mid, hi) if self._alternative(cost, **{name: mid}).peak_bytes <= budget else (lo, mid)
+            return lo
+
+        fixes = []
+        if cost.route == "full":
+            topk = cost.at(route="topk")
+            fixes.append(f"spectrum='topk' (the top_k eigenvalues and the trace without the n x n kernel: about "
+                         f"{_gib(topk.peak_bytes)}{'' if topk.peak_bytes <= budget else ', still above the budget'})")
+        P = largest("P", cost.P - 1)
+        fixes.append(f"a smaller probe batch (P <= {P:,} fits)" if P else
+                     "a smaller probe batch (not even one sample fits)")
+        C = cost.outputs
+        k = largest("outputs", C - 1) if C > 1 else 0
+        if C == 1:
+            fixes.append("outputs=k (no help here: the kernel covers one output)")
+        elif k:
+            fixes.append(f"outputs=k (a Gaussian sketch of the {C} outputs; k <= {k:,} fits)")
+        else:
+            fixes.append(f"outputs=k (a Gaussian sketch of the {C} outputs; even k=1 needs about "
+                         f"{_gib(self._alternative(cost, outputs=1).peak_bytes)})")
+        if cost.mode == "full":
+            fixes.append(f"mode='trace' (about {_gib(self._alternative(cost, mode='trace').peak_bytes)})")
+        return (f"ntk: one measurement would need about {_gib(cost.peak_bytes)} (route {cost.route!r}, n = {cost.n:,}: "
+                f"{cost.parts()}; {cost.time()}), above the memory budget, {source}: it would fail in the allocator "
+                f"or thrash. Lower it with {'; '.join(fixes)}; or set max_memory= (bytes; None: no limit)")
 
     def measure(self, batch: ProbeBatch) -> list[Record]:
         t0 = time.monotonic()
@@ -279,7 +394,10 @@ class NTK(Probe):
             self.init_kernel = theta.detach().clone()
             self.init_eigenvalues = s.eigenvalues.detach().clone()
             self.init_step = batch.step
-        records.append(Scalar("ntk/distance_from_init", kernel_distance(self.init_kernel.to(theta.device), theta)))
+            distance = torch.zeros((), dtype=torch.float64)  # 0 by definition (rounding would give ~1e-15)
+        else:
+            distance = kernel_distance(self.init_kernel.to(theta.device), theta)
+        records.append(Scalar("ntk/distance_from_init", distance))
         lam = s.eigenvalues
         positive = lam[lam > 0]
         records.append(Histogram.of("ntk/log10_eigenvalues", torch.log10(positive), bins=self.bins))
@@ -291,8 +409,10 @@ class NTK(Probe):
     def uses_topk(self, n: int) -> bool:
         """Whether an ``n x n`` kernel takes the matrix-free top-k route: ``spectrum="topk"``, or ``"auto"`` when
         the full route's four ``n x n`` float64 matrices (kernel, symmetrised copy for ``eigvalsh``, its workspace,
-        the first kernel for ``distance_from_init``) exceed ``memory_budget``."""
-        return self.spectrum == "topk" or (self.spectrum == "auto" and 4 * 8 * n * n > self.memory_budget)
+        the first kernel for ``distance_from_init``) exceed ``memory_budget``, or when at attach the full route
+        did not fit the memory budget ``max_memory`` and the top-k route did (``check_memory``)."""
+        return self.spectrum == "topk" or (self.spectrum == "auto" and (
+            4 * 8 * n * n > self.memory_budget or (self._auto_topk is not None and n >= self._auto_topk)))
 
     def _measure_topk(self, model: torch.nn.Module, args: tuple[torch.Tensor, ...], step: int,
                       distributed: bool = False) -> list[Record]:

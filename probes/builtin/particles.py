@@ -69,8 +69,13 @@ def _has_params(mod: nn.Module) -> bool:
 
 
 def _describe(leaves: list[tuple[str, nn.Module]]) -> str:
+    """The parametrised leaves in a few words: up to three by name, else how many."""
     shown = [f"{p or '<root>'} ({type(m).__name__})" for p, m in leaves if _has_params(m)]
-    return ", ".join(shown[:12]) + (" ..." if len(shown) > 12 else "") if shown else "none"
+    if not shown:
+        return "it has no parametrised module"
+    if len(shown) > 3:
+        return f"it has {len(shown)} parametrised modules"
+    return "its parametrised modules: " + ", ".join(shown)
 
 
 def find_two_layer(model: nn.Module, layer: str | None = None) -> tuple[str, nn.Linear, str, nn.Linear]:
@@ -126,8 +131,7 @@ def find_two_layer(model: nn.Module, layer: str | None = None) -> tuple[str, nn.
     where = f"module {prefix!r} (option 'layer') of model {who}" if prefix else f"model {who}"
     if len(with_params) != 2 or not all(isinstance(m, nn.Linear) for _, m in with_params):
         raise ValueError(f"particles: {where} is not a two-layer net Linear -> activation -> Linear "
-                         f"(parametrised modules: {_describe(sub)}); name the hidden Linear with layer=, "
-                         "or use probes.functional.meanfield.MeanField")
+                         f"({_describe(sub)}); name the hidden Linear with layer=")
     (hp, hidden), (op, out) = with_params
     if hidden.out_features != out.in_features:
         raise ValueError(f"particles: in {where}, {hp!r} has {hidden.out_features} units but {op!r} takes "

@@ -33,10 +33,8 @@ always on when it is open at every real token.
 from __future__ import annotations
 
 import fnmatch
-import logging
 import math
 import os
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -45,14 +43,12 @@ import torch
 
 from probes import options
 from probes.builtin._images import declare_image_state, image_due
-from probes.engine.failures import ProbesNoticeWarning
+from probes.engine.failures import ProbesNoticeWarning, say
 from probes.engine.inputs import take
 from probes.figures import ImageCadence, gates_figure
 from probes.functional.patterns import save_gates, snapshot_path, unit_axis
 from probes.probe import Context, Probe, ProbeBatch
 from probes.records import Drawing, Image, Record, Scalar
-
-log = logging.getLogger("probes")
 
 
 def _unit_dim(ndim: int, override: int | None) -> int:
@@ -265,8 +261,7 @@ class Patterns(Probe):
                 self._unit_said.add(n)
                 message = (f"patterns: option 'unit_dim'={self.unit_dim} is out of range for the {g.ndim}-d gates "
                            f"of site {n!r}; that site counts its units on axis {ud} (the default)")
-                log.warning(message)
-                warnings.warn(message, ProbesNoticeWarning, stacklevel=2)
+                say(message, ProbesNoticeWarning)
             dims = tuple(d for d in range(g.ndim) if d != ud)
             m = real.get(n)
             count = g.numel() if m is None else m.expand(g.shape).sum(dtype=torch.int64).double()

@@ -19,23 +19,17 @@ which is over the probe batch), histogram ``relu_zeros/<site>/unit_activity``, `
 
 from __future__ import annotations
 
-import logging
-import warnings
-
 import torch
 
 from probes import options
-from probes.engine.failures import ProbesNoticeWarning
+from probes.engine.failures import ProbesNoticeWarning, say
 from probes.functional.patterns import unit_axis
 from probes.probe import Probe, Site
 from probes.records import Histogram, Record, Scalar
 
-log = logging.getLogger("probes")
-
 
 def _notice(message: str) -> None:
-    log.warning(message)
-    warnings.warn(message, ProbesNoticeWarning, stacklevel=3)
+    say(message, ProbesNoticeWarning)  # once, pointing at the user's line
 
 
 #: per site, the ``post != 0`` tensors of up to this many elements (over forwards) are held, then summed at once

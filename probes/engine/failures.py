@@ -3,15 +3,32 @@
 
 A sink that raises is the sink's failure, not the probes': ``probes.engine.output`` keeps the probes on and the
 other sinks written, and says so here (``sink_failed``, ``sink_back``); with ``strict=True`` it re-raises the
-sink's error (marked with ``sink_error``, so that a probe's measurement that was writing is not blamed for it)."""
+sink's error (marked with ``sink_error``, so that a probe's measurement that was writing is not blamed for it).
+
+Everything is said once, on one channel (``say``): a warning whose location is the user's line (the first frame
+outside probes and torch), or, when a framework drives the session (``framework_driven``: the Lightning and
+Transformers callbacks), a line on ``logging.getLogger("probes")``, since the frame that called would be the
+framework's. ``warnings.filterwarnings("ignore", category=probes.ProbesNoticeWarning)`` silences the notices."""
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
+import os
+import sys
 import traceback
 import warnings
+from collections.abc import Iterator
+
+import torch
 
 log = logging.getLogger("probes")
+
+#: frames in these folders are not the user's: a warning points at the first frame outside them
+_NOT_USERS = tuple(os.path.dirname(os.path.abspath(f)) + os.sep
+                   for f in (os.path.dirname(os.path.abspath(__file__)), torch.__file__))
+_FRAMEWORK: contextvars.ContextVar[bool] = contextvars.ContextVar("probes_framework", default=False)
 
 
 class ProbeFailedWarning(RuntimeWarning):
@@ -31,16 +48,55 @@ class ProbesClosedError(RuntimeError):
     """The session was closed; only ``close()`` may be called again."""
 
 
+def _not_users(filename: str) -> bool:
+    """Whether a frame of ``filename`` is probes' or torch's own (or code that torch generated: FX graph modules,
+    torch.compile's kernels in its cache folder)."""
+    return filename.startswith(_NOT_USERS) or filename.startswith("<eval_with_key>") or \
+        f"{os.sep}torchinductor_" in filename
+
+
+def user_stacklevel() -> int:
+    """The ``stacklevel`` that makes a ``warnings.warn`` called by the caller of this function point at the user's
+    code: the first frame whose file is outside the probes package (and outside torch, whose hooks call probes)."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and _not_users(frame.f_code.co_filename):
+        frame, level = frame.f_back, level + 1
+    return level if frame is not None else 1
+
+
+@contextlib.contextmanager
+def framework_driven() -> Iterator[None]:
+    """Sessions made inside this context say things as log lines only (a framework's callback makes them)."""
+    token = _FRAMEWORK.set(True)
+    try:
+        yield
+    finally:
+        _FRAMEWORK.reset(token)
+
+
+def say(message: str, category: type[Warning] = UserWarning, framework: bool = False,
+        level: int = logging.WARNING) -> None:
+    """Say ``message`` once: a ``category`` warning pointing at the user's line, or with ``framework`` a log line
+    at ``level`` on ``logging.getLogger("probes")``."""
+    if framework:
+        log.log(level, message)
+        return
+    warnings.warn(message, category, stacklevel=user_stacklevel())
+
+
 class Failures:
     """Which probes are switched off and why (``failed``: name -> traceback or message), and the notices said.
 
     Args:
         strict: re-raise a probe's error instead of switching the probe off.
         rank: this process's rank; only rank 0 speaks.
+        framework: a framework drives the session (its callbacks call it): say things as log lines, not warnings
+            pointing at the framework's code (default: whether the session is made inside ``framework_driven()``).
     """
 
-    def __init__(self, strict: bool, rank: int = 0) -> None:
+    def __init__(self, strict: bool, rank: int = 0, framework: bool | None = None) -> None:
         self.strict, self.rank = strict, rank
+        self.framework = _FRAMEWORK.get() if framework is None else framework
         self.failed: dict[str, str] = {}
         self._said: set[tuple[str, str]] = set()
 
@@ -57,8 +113,7 @@ class Failures:
             return
         self.failed[name] = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
         msg = f"probe {name!r} raised at step {step} and is switched off; training goes on: {exc!r}"
-        log.error(msg)
-        warnings.warn(msg, ProbeFailedWarning, stacklevel=4)
+        say(msg, ProbeFailedWarning, self.framework, logging.ERROR)
 
     def switch_off(self, name: str, message: str) -> None:
         """Switch ``name`` off for a known reason (every rank does; rank 0 says so)."""
@@ -66,12 +121,12 @@ class Failures:
         self.notice(name, "off", message)
 
     def notice(self, name: str, key: str, message: str) -> None:
-        """Say ``message`` once per ``(name, key)``, as a log warning and a ``ProbesNoticeWarning``."""
+        """Say ``message`` once per ``(name, key)``: a ``ProbesNoticeWarning`` (a log warning when a framework
+        drives)."""
         if (name, key) in self._said or self.rank != 0:
             return
         self._said.add((name, key))
-        log.warning(message)
-        warnings.warn(message, ProbesNoticeWarning, stacklevel=5)
+        say(message, ProbesNoticeWarning, self.framework)
 
     def sink_failed(self, sink: str, what: str, exc: BaseException, step: int | None) -> None:
         """Say that ``sink`` (its description: name and path) raised in ``what`` (write, flush, close)."""
@@ -80,17 +135,14 @@ class Failures:
         at = f" at step {step}" if step is not None else ""
         msg = (f"{sink} raised in {what}{at}: {type(exc).__name__}: {exc}; the probes stay on and every other sink "
                "still gets every record; this sink is tried again at its next write and says when it writes again")
-        log.error(msg)
-        warnings.warn(msg, SinkFailedWarning, stacklevel=2)
+        say(msg, SinkFailedWarning, self.framework, logging.ERROR)
 
     def sink_back(self, message: str, warn: bool = True) -> None:
-        """Say that a sink that raised writes again (a ``ProbesNoticeWarning`` too), or, with ``warn=False``, only
-        log what a sink that did not write again missed."""
+        """Say that a sink that raised writes again (a ``ProbesNoticeWarning``), or, with ``warn=False``, only log
+        what a sink that did not write again missed."""
         if self.rank != 0:
             return
-        log.warning(message)
-        if warn:
-            warnings.warn(message, ProbesNoticeWarning, stacklevel=2)
+        say(message, ProbesNoticeWarning, self.framework or not warn)
 
 
 def sink_error(exc: BaseException, note: str) -> BaseException:

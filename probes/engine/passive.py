@@ -37,17 +37,18 @@ class PassiveProbes:
         self._observers: dict[str, list[tuple[str, Probe]]] = {}
         self._window: dict[str, tuple[int, int]] = {}  # name -> (step, forwards) of its last flush
 
-    def install(self, capture: Capture) -> None:
-        """Observe every training forward from now on; say once which probes see no site of this model."""
+    def install(self, capture: Capture, notice: bool = True) -> None:
+        """Observe every training forward from now on; say once which probes see no site of this model (with
+        ``notice=False`` not at once: ``attach(model, "auto")`` leaves such probes out and says that instead)."""
         if not self.probes:
             return
         capture.on_forward = self._on_training_forward
         keep = frozenset().union(*[p.site_values for p in self.probes.values()])  # only what the probes read
         capture.install_passive(self._observe, keep)
         sites = capture.module_sites()
-        if sites:
+        if sites and notice:
             self._notice_no_site(sites, "activation module",
-                                 "; it will write nothing unless forward calls F.relu or the like")
+                                 "; it writes nothing unless forward calls F.relu or the like")
 
     def sites_changed(self) -> None:
         """The model's sites changed: each probe decides anew which sites it observes."""
@@ -68,15 +69,15 @@ class PassiveProbes:
     def _on_training_forward(self, sites: Callable[[], list[Site]]) -> None:
         self.forwards += 1
         if self.forwards == 1:
-            self._notice_no_site(sites(), "site", "; it will write nothing")
+            self._notice_no_site(sites(), "site", "; it writes nothing")
 
     def _notice_no_site(self, sites: list[Site], what: str, consequence: str) -> None:
         kinds = Counter(s.kind for s in sites)
         found = ", ".join(f"{k} x{n}" for k, n in sorted(kinds.items())) or "none"
         for name, probe in self.probes.items():
             if not any(probe.wants(s) for s in sites):
-                self.failures.notice(name, "no-site", f"probe {name!r} observes no {what} of this model: it counts "
-                                     f"ReLU-family activations and the model has {found}{consequence}")
+                self.failures.notice(name, "no-site", f"probe {name!r} observes no {what} of this model (it counts "
+                                     f"ReLU-family activations; the model has {found}){consequence}")
 
     def unobserved(self, sites: list[Site]) -> list[tuple[str, str]]:
         """The probes that observe none of ``sites``, each with why (``attach(model, "auto")`` leaves them out)."""

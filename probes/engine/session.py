@@ -100,7 +100,7 @@ class Session:
         context = Context(self.module, x, y, self.logdir, self.device, self._active.probe_pass.output_spec)
         setup_probes(self.probes, context, self._failures, self._leave_out if self.auto else None, self.sharded,
                      self.device if self.collective else None)
-        self._passive.install(self.capture)
+        self._passive.install(self.capture, notice=not self.auto)  # auto: only the leave-out line
         if optimizer is not None:
             self._opt_handle = optimizer.register_step_post_hook(OptimizerStep(self))
         if self.options.grad_scaler is not None:

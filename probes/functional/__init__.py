@@ -34,10 +34,12 @@ from probes.functional.local_affine import (
 )
 from probes.functional.meanfield import MeanField, sphere_
 from probes.functional.ntk import (
+    NTKCost,
     NTKOperator,
     NTKPlan,
     SampleMixingError,
     empirical_ntk,
+    ntk_cost,
     ntk_operator,
     ntk_plan,
     trace_over_outputs,
@@ -72,8 +74,8 @@ __all__ = [
     "cka", "linear_hsic", "hsic", "center", "center_features", "minibatch_cka", "StreamingCKA", "as_features",
     "DegenerateKernelError",
     # the empirical NTK
-    "empirical_ntk", "ntk_operator", "ntk_plan", "verify_plan", "trace_over_outputs", "NTKOperator", "NTKPlan",
-    "SampleMixingError",
+    "empirical_ntk", "ntk_operator", "ntk_plan", "ntk_cost", "verify_plan", "trace_over_outputs", "NTKOperator",
+    "NTKPlan", "NTKCost", "SampleMixingError",
     # spectra
     "spectrum", "eigenvalues", "effective_rank", "condition_number", "label_alignment", "kernel_distance",
     "top_eigenvalues", "effective_rank_bounds", "Spectrum", "TopEigen",

@@ -58,6 +58,29 @@ def label_matrix(y: torch.Tensor, num_classes: int | None = None, who: str = "la
 IGNORE_INDEX = -100
 
 
+def padded_labels(labels: torch.Tensor, shift: int, mask: torch.Tensor | None) -> int:
+    """How many labelled pairs the attention mask leaves out: positions ``t`` whose paired label (at ``t + shift``)
+    is not ``-100`` but whose own position or label position is padding (mask 0).
+
+    Args:
+        labels: integer labels ``(P, T)``.
+        shift: how far ahead the paired label lies.
+        mask: the ``(P, T)`` attention mask, or None (then 0).
+
+    Returns:
+        The number of such pairs (0 for labels or a mask of another shape, or a shift out of range).
+    """
+    if mask is None or labels.ndim != 2 or tuple(mask.shape) != tuple(labels.shape):
+        return 0
+    T = labels.shape[1]
+    if shift < 0 or shift >= T:
+        return 0
+    real = mask.to(labels.device) != 0
+    labelled = labels[:, shift:] != IGNORE_INDEX
+    kept = real[:, :T - shift] & real[:, shift:]
+    return int((labelled & ~kept).sum())
+
+
 def token_positions(labels: torch.Tensor, shift: int = 0, positions: str = "all",
                     mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Which positions of token-level labels are samples, and their labels.
@@ -65,14 +88,16 @@ def token_positions(labels: torch.Tensor, shift: int = 0, positions: str = "all"
     Labels ``(P, T)`` hold one class per position, ``-100`` where a position has none. With ``shift`` the features
     at position ``t`` pair with the label at ``t + shift`` (a causal language model predicts the next token:
     ``shift=1``, as in its own loss); a position is kept when its paired label is not ``-100`` and, with ``mask``,
-    the position itself is a real token.
+    both the position and the position of its label are real tokens: a position whose mask is 0 is not a sample, like
+    one labelled ``-100`` (so ``labels = input_ids`` with the pads left in gives what ``-100`` at the pads gives).
 
     Args:
         labels: integer labels ``(P, T)``.
         shift: how far ahead the paired label lies (0 or more).
         positions: ``"all"`` every kept position, ``"last"`` the last kept position of each sequence (a sequence
             without one contributes nothing).
-        mask: optional ``(P, T)`` attention mask (nonzero at real tokens).
+        mask: optional ``(P, T)`` attention mask (nonzero at real tokens): a pair is kept only when the features'
+            position ``t`` and the label's position ``t + shift`` are both real.
 
     Returns:
         ``(index, y)``: ``index`` a ``(N, 2)`` long tensor of ``(sample, position)`` pairs of the features, ``y`` the
@@ -96,7 +121,9 @@ def token_positions(labels: torch.Tensor, shift: int = 0, positions: str = "all"
     if mask is not None:
         if tuple(mask.shape) != (P, T):
             raise ValueError(f"the attention mask has shape {tuple(mask.shape)}, the labels {(P, T)}")
-        keep &= mask.to(keep.device) != 0
+        real = mask.to(keep.device) != 0
+        keep[:, :T - shift] &= real[:, :T - shift] & real[:, shift:]  # the feature's position and its label's
+        keep[:, T - shift:] = False
     if positions == "last":
         last = torch.where(keep, torch.arange(T, device=keep.device), -1).max(dim=1).values
         rows = torch.nonzero(last >= 0).squeeze(1)

@@ -5,10 +5,17 @@ trainer's step, a saved state) and calls ``start`` when training starts, ``advan
 ``close`` when training ends, and ``state_dict`` / ``load_state_dict`` for checkpoints. The probe spec is parsed
 once, when the callback is made (``probes.engine.spec.parse_probes``), so a misspelled probe fails there and not
 after the trainer has set up.
+
+Cadences: when the framework knows the run's length (``total_steps`` at ``start``: the Trainer's ``state.max_steps``,
+Lightning's ``estimated_stepping_batches``), the probes left at their default cadence (``every(k)``, no ``every=``
+given) measure every ``ceil(total_steps / POINTS_PER_RUN)`` steps when that is sooner than their default, so a short
+run gets about ``POINTS_PER_RUN`` points per probe (besides the one at attach) instead of two; said once, in one line.
+A given ``every`` is kept, and a long run keeps the defaults.
 """
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Mapping
 from typing import Any
@@ -18,10 +25,39 @@ import torch
 from torch import nn
 
 import probes
+from probes.engine import distributed
+from probes.engine.failures import ProbesNoticeWarning, framework_driven, say
 from probes.engine.session import Session
 from probes.engine.spec import parse_probes
+from probes.schedules import every
 
-__all__ = ["CallbackCore", "KeepRNG", "first_batch", "first_samples", "as_probe_data"]
+__all__ = ["CallbackCore", "KeepRNG", "first_batch", "first_samples", "as_probe_data", "notice", "POINTS_PER_RUN",
+           "run_cadence"]
+
+#: about how many points a probe at its default cadence gets over a run of known length (besides the one at attach)
+POINTS_PER_RUN = 10
+
+
+def notice(message: str) -> None:
+    """Say ``message`` (one line) on rank 0 only, as the sessions a framework drives say things: a line on
+    ``logging.getLogger("probes")`` (``probes.engine.failures.say``; a warning would point at the framework's code)."""
+    if distributed.rank_and_world()[0] == 0:
+        say(message, ProbesNoticeWarning, framework=True)
+
+
+def run_cadence(total_steps: Any) -> int | None:
+    """The cadence that gives a run of ``total_steps`` optimizer steps about ``POINTS_PER_RUN`` points.
+
+    Args:
+        total_steps: the run's length as the framework knows it (None, 0, a negative number or infinity: unknown).
+
+    Returns:
+        ``ceil(total_steps / POINTS_PER_RUN)`` (at least 1), or None when the length is unknown.
+    """
+    if isinstance(total_steps, bool) or not isinstance(total_steps, (int, float)) or not math.isfinite(total_steps) \
+            or total_steps < 1:
+        return None
+    return max(1, math.ceil(int(total_steps) / POINTS_PER_RUN))
 
 
 class KeepRNG:
@@ -154,6 +190,7 @@ class CallbackCore:
         self.session: Session | None = None
         self._pending: dict[str, Any] | None = None
         self._last: dict[str, Any] | None = None
+        self._said_cadence = False
 
     @property
     def open(self) -> bool:
@@ -161,7 +198,7 @@ class CallbackCore:
         return self.session is not None and not self.session.closed
 
     def start(self, model: nn.Module, probe_data: Any, *, step: int, state: Mapping[str, Any] | None = None,
-              **attach_kwargs: Any) -> Session:
+              total_steps: Any = None, **attach_kwargs: Any) -> Session:
         """Attach a session for a training run that starts (or resumes) at ``step``.
 
         A fresh run (``step`` 0, no state) measures the initialization at step 0; a resumed one loads ``state``
@@ -173,6 +210,8 @@ class CallbackCore:
             probe_data: the probe batch, or None.
             step: the trainer's optimizer step now.
             state: a ``Session.state_dict()`` to resume from.
+            total_steps: the run's length in optimizer steps when the framework knows it (None: unknown); the probes
+                left at their default cadence then measure often enough for about ``POINTS_PER_RUN`` points.
             **attach_kwargs: more ``probes.attach`` keywords (``logdir``, ``writer``, ``label_key``, ``sinks``), over
                 the callback's own ``attach_kwargs`` (the framework callback decides from those what to pass).
 
@@ -190,13 +229,34 @@ class CallbackCore:
             state, self._pending = self._pending, None
         kwargs = {**self.attach_kwargs, **attach_kwargs}
         kwargs.setdefault("measure_at_attach", state is None and step == 0)
-        session = probes.attach(model, self.probes, probe_data=probe_data, **kwargs)
+        with framework_driven():  # the session's notices and failures go to the "probes" log, not to warnings
+            session = probes.attach(model, self.probes, probe_data=probe_data, **kwargs)
         if state:
             session.load_state_dict(state)
         if session.global_step != step:  # no probe state, or another step's: continue from the trainer's step
             session.load_state_dict({"step": int(step)})
         self.session = session
+        self._scale_cadences(session, total_steps)
         return session
+
+    def _scale_cadences(self, session: Session, total_steps: Any) -> None:
+        """Default ``every(k)`` cadences longer than ``run_cadence(total_steps)`` become that (said once)."""
+        k = run_cadence(total_steps)
+        if k is None:
+            return
+        scaled = []
+        for name, probe in session.probes.items():
+            schedule = session.schedules.get(name)
+            if "every" in vars(probe) or not isinstance(schedule, every) or schedule.k <= k:
+                continue  # a cadence given, a schedule of another kind, or already as frequent
+            session.schedules[name] = every(k)
+            scaled.append(f"{name} every {schedule.k}")
+        if scaled and not self._said_cadence:
+            self._said_cadence = True
+            period = "every step" if k == 1 else f"every {k} steps"
+            notice(f"{self.who}: a run of {int(total_steps)} steps: the probes at their default cadence measure "
+                   f"{period} (about {POINTS_PER_RUN} points each), not at their defaults ({', '.join(scaled)}); "
+                   "give every=... to keep a cadence")
 
     def advance(self, step: int) -> None:
         """Move the session to the trainer's ``step`` and run what falls due there (nothing when it is not ahead).

@@ -6,7 +6,10 @@ trainer = L.Trainer(callbacks=[ProbesCallback(["relu_zeros", "alignment"])], max
 trainer.fit(model, train_loader, val_loader)
 ```
 
-- The probe cadence follows ``trainer.global_step`` (optimizer steps, so gradient accumulation counts once).
+- The probe cadence follows ``trainer.global_step`` (optimizer steps, so gradient accumulation counts once). The
+  probes left at their default cadence measure every ``ceil(trainer.estimated_stepping_batches / 10)`` steps when
+  that is sooner than their default, so a short ``fit`` gets about 10 points per probe (said once); a given
+  ``every`` is kept, and a run of unknown length keeps the defaults.
 - Points land on the steps of Lightning's logger, next to the module's own ``self.log`` points. Lightning logs what
   a training batch computes at the number of optimizer steps before that batch's own step (``self.log`` in
   ``training_step`` of the first batch writes at step 0; with ``log_every_n_steps=2`` at 1, 3, 5, ...). So a passive
@@ -172,6 +175,15 @@ class ProbesCallback(Callback):
         return first_batch(trainer.val_dataloaders)
 
     @staticmethod
+    def _total_steps(trainer: pl.Trainer) -> Any:
+        """The optimizer steps ``fit`` will take (``estimated_stepping_batches``), or None when Lightning cannot
+        tell (an infinite or unsized loader without ``max_steps``)."""
+        try:
+            return trainer.estimated_stepping_batches
+        except Exception:  # noqa: BLE001 - Lightning's own complaint: the length is unknown, the defaults stay
+            return None
+
+    @staticmethod
     def _writer(trainer: pl.Trainer) -> Any:
         for logger in getattr(trainer, "loggers", []) or []:
             if isinstance(logger, TensorBoardLogger):
@@ -205,7 +217,8 @@ class ProbesCallback(Callback):
         sinks = _logger_step_sinks(self.attach_kwargs.get("sinks"), self.logdir, writer, self.core.passive) \
             if trainer.global_rank == 0 else []
         try:
-            self.core.start(pl_module, probe_data, step=trainer.global_step, sinks=sinks, **extra)
+            self.core.start(pl_module, probe_data, step=trainer.global_step, sinks=sinks,
+                            total_steps=self._total_steps(trainer), **extra)
         except BaseException:
             for sink in sinks:
                 sink.close()

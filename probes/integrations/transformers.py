@@ -5,7 +5,7 @@ from probes.integrations.transformers import ProbesCallback
 trainer = Trainer(model=model, args=TrainingArguments(..., report_to=["tensorboard"]),
                   train_dataset=train, eval_dataset=val,
                   callbacks=[ProbesCallback({"relu_zeros": {"every": 10}, "alignment": {"every": 50}},
-                                            probe_data=val)])
+                                            probe_data=val)])   # the probe batch: the first samples of val
 trainer.train()                     # probe tags land in the Trainer's own TensorBoard run
 ```
 
@@ -15,7 +15,9 @@ so it works however the Trainer is built, subclassed or called (``callbacks=[...
 
 - Attaches at ``on_train_begin`` to the event's ``model`` (unwrapped), closes at ``on_train_end`` (flushing passive
   probes and writing a last measurement).
-- The probe step follows ``state.global_step`` (optimizer steps: gradient accumulation counts once).
+- The probe step follows ``state.global_step`` (optimizer steps: gradient accumulation counts once). The probes left
+  at their default cadence measure every ``ceil(state.max_steps / 10)`` steps when that is sooner than their
+  default, so a short run gets about 10 points per probe (said once); a given ``every`` is kept.
 - Records go to ``logdir`` when given; else (``writer=`` or ``sinks=`` without ``logdir``: only there); else into
   the directory of the Trainer's TensorBoard run: ``$TENSORBOARD_LOGGING_DIR``, else the ``output_dir/runs/<date>_
   <host>`` that the Trainer's ``TensorBoardCallback`` made at this ``on_train_begin`` (4.x: ``args.logging_dir``),
@@ -23,10 +25,12 @@ so it works however the Trainer is built, subclassed or called (``callbacks=[...
 - The probe batch: ``probe_data`` as a batch (``(x, y)``, or a dict batch with ``labels`` inside: the model is
   called as ``model(**inputs)`` and the labels are the targets), a loader (its first batch), or a map-style
   dataset such as the eval dataset (its first ``per_device_eval_batch_size`` samples, collated as the Trainer
-  collates training batches). Without ``probe_data``: the first batch of the event's ``eval_dataloader`` when the
-  Trainer has evaluated already, else the first ``per_device_eval_batch_size`` samples of the training set in
-  index order. The sampler is not touched and the random number generators are left as they were, so training
-  is unchanged.
+  collates training batches): pass ``probe_data=eval_dataset`` to measure on held-out samples. Without
+  ``probe_data`` it is **not** the eval set: a callback is not handed the Trainer's ``eval_dataset`` at train
+  begin, so the probe batch is the first ``per_device_eval_batch_size`` samples of the **training set** in index
+  order (or, when the Trainer has evaluated before training, the first batch of the event's ``eval_dataloader``),
+  said once in one line. The sampler is not touched and the random number generators are left as they were, so
+  training is unchanged.
 - Checkpoints: ``on_save`` writes the probe state (step counter and probe accumulators; tensors and plain data
   only) to ``probes_state.pt`` in the checkpoint folder ``<output_dir>[/<trial>]/checkpoint-<step>``;
   ``trainer.train(resume_from_checkpoint=...)`` loads it with ``torch.load(weights_only=True)`` from the folder
@@ -35,8 +39,8 @@ so it works however the Trainer is built, subclassed or called (``callbacks=[...
   checkpoint without that file continues from the Trainer's step.
 - Under ``torch.distributed`` the session sums passive counts over ranks and only rank 0 writes.
 
-``transformers`` is an optional extra (``pip install probes[transformers]``); importing ``probes`` never imports
-it.
+``transformers`` is an optional extra (``pip install 'torch-probes[transformers]'``); importing ``probes`` never
+imports it.
 """
 
 from __future__ import annotations
@@ -57,10 +61,11 @@ try:
     from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 except ImportError as exc:  # pragma: no cover - depends on what is installed
     raise ImportError("probes.integrations.transformers needs Hugging Face transformers: "
-                      "pip install 'probes[transformers]'") from exc
+                      "pip install 'torch-probes[transformers]'") from exc
 
+from probes.engine.inputs import iter_tensors
 from probes.engine.session import Session
-from probes.integrations.core import CallbackCore, as_probe_data, first_batch, first_samples
+from probes.integrations.core import CallbackCore, as_probe_data, first_batch, first_samples, notice
 
 __all__ = ["ProbesCallback", "STATE_FILE"]
 
@@ -188,8 +193,10 @@ class ProbesCallback(TrainerCallback):
         probes: names, or ``{name: options}`` (what ``probes.attach`` takes).
         probe_data: the fixed probe batch: a batch (``(x, y)``, or a dict batch with ``labels`` inside), a loader
             (its first batch) or a map-style dataset (its first ``per_device_eval_batch_size`` samples, collated
-            as the Trainer collates). Default: the event's eval dataloader when the Trainer has evaluated, else the
-            first samples of the training set.
+            as the Trainer collates); ``probe_data=eval_dataset`` measures on the eval set. Default: the first
+            ``per_device_eval_batch_size`` samples of the training set (the callback does not see the Trainer's
+            ``eval_dataset`` at train begin), or the first batch of the event's eval dataloader when the Trainer has
+            evaluated before training; said once.
         logdir: TensorBoard directory; default: the Trainer's own TensorBoard run.
         **attach_kwargs: more ``probes.attach`` keywords (``sinks``, ``strict``, ``output``, ``label_key``, ...).
 
@@ -228,22 +235,32 @@ class ProbesCallback(TrainerCallback):
         data = self.probe_data
         if data is None and not self.core.needs_probe_batch:
             return None
+        what = None  # where a default probe batch comes from, said once
         if data is None and kwargs.get("eval_dataloader") is not None:
             data = kwargs["eval_dataloader"]
+            what = "the first batch of the Trainer's eval dataloader (it evaluated before training)"
         train = kwargs.get("train_dataloader")
         size = int(getattr(args, "per_device_eval_batch_size", 0) or getattr(train, "batch_size", 0) or 8)
         if data is None:
             if train is None or getattr(train, "dataset", None) is None:
                 return None
             data = train.dataset
+            what = "the first {n} samples of the training set (in index order), not the eval set"
         if isinstance(data, torch.utils.data.DataLoader):
-            return first_batch(data)
-        if isinstance(data, torch.utils.data.Dataset):
+            batch = first_batch(data)
+        elif isinstance(data, torch.utils.data.Dataset):
             try:
-                return first_samples(data, getattr(train, "collate_fn", None), size)
+                batch = first_samples(data, getattr(train, "collate_fn", None), size)
             except TypeError as exc:
                 raise ValueError(f"ProbesCallback: {exc}") from exc
-        return data
+        else:
+            batch = data
+        if what is not None and batch is not None:
+            found = [t for _, t in iter_tensors(batch) if t.ndim > 0]
+            n = int(found[0].shape[0]) if found else size
+            notice(f"ProbesCallback: without probe_data the probe batch is {what.format(n=n)}; pass "
+                   "probe_data=eval_dataset (or a batch, a loader) to choose it")
+        return batch
 
     def _resume_dir(self, args: Any, state: Any) -> str | None:
         if state.global_step <= 0:
@@ -289,7 +306,8 @@ class ProbesCallback(TrainerCallback):
                           "this run was found (set TrainingArguments.resume_from_checkpoint to the folder, or keep it "
                           "under output_dir); the probes continue from that step with fresh state", stacklevel=2)
         self.resumed_from = resume_dir if saved is not None else None
-        self.core.start(model, probe_data, step=int(state.global_step), state=saved, **extra)
+        self.core.start(model, probe_data, step=int(state.global_step), state=saved,
+                        total_steps=getattr(state, "max_steps", None), **extra)
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Follow the Trainer's step and run what falls due there.

@@ -24,6 +24,16 @@ puts related scalars in one multi-line chart: every chart group the attached pro
 chart appears (TensorBoard shows the latest one), so a run has its layout after its first measurement.
 ``layout=False`` turns it off (e.g. when you write your own layout to a shared writer).
 
+TensorBoard colours lines by run, never by tag: every line of one run has the run's colour. So that the sites of a
+per-site chart can be told apart, each per-site scalar ``<probe>/<site>/<quantity>`` (of a quantity with at least
+two sites) is also written to the site's own run, the directory ``site=<site>`` inside the logdir (TensorBoard's
+run ``<run>/site=<site>``), as ``<probe>/per_site/<quantity>``, and the per-site chart shows those copies: one
+colour per site, named in the run list and in every tooltip; the Scalars and Time Series dashboards show the
+same copies as one card per quantity. The run's own tags are unchanged (``site_runs=False`` leaves the copies
+out; a writer that is not PyTorch's ``SummaryWriter`` never gets them). The lines of a declared chart more than
+``SCALE_RATIO`` times above its median line (latest values, when the layout is written) get a chart of their own
+(TensorBoard's default "ignore outliers" y range, 5% to 95% of all the chart's points, would cut them off).
+
 A writer that fails (a full disk, a deleted logdir: ``SummaryWriter`` writes its event file in a background thread,
 so the error comes out at a later write, flush or close) raises from this sink's next ``write``, ``flush`` or
 ``close``, in the training thread (an image written by the drawing thread included), and the session reports it
@@ -39,12 +49,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import queue
 import re
 import threading
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -97,43 +108,127 @@ def _sendable(draw: Callable[..., Any]) -> bool:
     return bool(getattr(draw, "__module__", None)) and qualname and "<" not in qualname
 
 
+def _is_summary_writer(writer: Any) -> bool:
+    """Whether ``writer`` is PyTorch's ``SummaryWriter`` (the site runs need its logdir and event-file options)."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    return isinstance(writer, SummaryWriter)
+
+
 def _draw_png(draw: Callable[..., np.ndarray], args: tuple, kwargs: dict) -> tuple[np.ndarray, bytes]:
     """In the drawing process: the pixels of ``draw(*args, **kwargs)`` and their PNG."""
     pixels = Image("drawing", np.asarray(draw(*args, **kwargs))).as_uint8()
     return pixels, encode_png(pixels)
 
 
-def layout_for(tags: Iterable[str], charts: Sequence[Chart] = ()) -> dict[str, dict[str, list[Any]]]:
+#: the tag component that stands for the site in a site run's copy of a per-site scalar (``<probe>/per_site/<q>``)
+SITE_TAG = "per_site"
+#: the directory (inside the run's logdir) of the site run of site ``s``: TensorBoard's run ``<run>/site=<s>``
+SITE_RUN = "site="
+#: a declared chart's lines more than this factor above the median line (latest values) get a chart of their own
+SCALE_RATIO = 20.0
+
+
+def _per_site(tags: Sequence[str], charts: Sequence[Chart]) -> tuple[list[tuple[Chart, list[str]]],
+                                                                       dict[tuple[str, str], list[str]]]:
+    """The declared charts with the tags each matches, and the sites of every ``<probe>/<site>/<quantity>`` that
+    no declared chart claims, by ``(probe, quantity)``."""
+    declared: list[tuple[Chart, list[str]]] = []
+    claimed: set[str] = set()
+    for chart in charts:
+        hit = [t for t in tags if re.match(chart.pattern, t)]
+        claimed.update(hit)
+        declared.append((chart, hit))
+    per_site: dict[tuple[str, str], list[str]] = {}
+    for t in tags:
+        parts = t.split("/")
+        if len(parts) != 3 or t in claimed or parts[2] == "nonfinite" or parts[1] == SITE_TAG:
+            continue
+        per_site.setdefault((parts[0], parts[2]), []).append(parts[1])
+    return declared, per_site
+
+
+def site_series(tags: Iterable[str], charts: Sequence[Chart] = ()) -> dict[str, tuple[str, str]]:
+    """``{tag: (site, tag in the site run)}`` for every scalar of a per-site chart (a quantity of at least two
+    sites): ``<probe>/<site>/<quantity>`` goes to the site run ``site=<site>`` as ``<probe>/per_site/<quantity>``.
+
+    Args:
+        tags: scalar tags.
+        charts: chart groups declared by the probes (their tags are not per site).
+
+    Returns:
+        The site and the site run's tag of each per-site tag.
+    """
+    _, per_site = _per_site(sorted(set(tags)), charts)
+    return {f"{probe}/{site}/{quantity}": (site, f"{probe}/{SITE_TAG}/{quantity}")
+            for (probe, quantity), sites in per_site.items() if len(sites) >= 2 for site in sites}
+
+
+def site_run_dir(logdir: str, site: str) -> str:
+    """The directory of a site's run inside ``logdir`` (path separators in the site's name become ``_``)."""
+    return os.path.join(logdir, SITE_RUN + re.sub(r"[/\\]", "_", site))
+
+
+def _by_scale(tags: list[str], last: Mapping[str, float]) -> list[list[str]]:
+    """The tags whose latest value is more than ``SCALE_RATIO`` times the median of the chart's latest values (in
+    size), then the others; one group where there are none such (tags without a finite latest value stay with
+    the others)."""
+    sizes = {t: abs(last[t]) for t in tags if math.isfinite(last.get(t, math.nan))}
+    if len(sizes) < 3:
+        return [tags]
+    median = float(np.median(list(sizes.values())))
+    top = [t for t in tags if t in sizes and sizes[t] > SCALE_RATIO * median]
+    return [top, [t for t in tags if t not in top]] if top else [tags]
+
+
+def _scale_title(title: str, group: list[str], members: list[str]) -> str:
+    """The title of one scale's part of a split chart: the chart's title and what tells its tags apart."""
+    prefix = os.path.commonprefix(members)
+    prefix = prefix[:prefix.rfind("/") + 1] if "/" in prefix else prefix
+    return f"{title}: {', '.join(t[len(prefix):] or t for t in group)}"
+
+
+def layout_for(tags: Iterable[str], charts: Sequence[Chart] = (), site_runs: bool = False,
+               last: Mapping[str, float] | None = None) -> dict[str, dict[str, list[Any]]]:
     """The custom-scalars layout ``{category: {title: ["Multiline", [regex]]}}`` for these scalar tags.
 
     Every declared chart that matches at least two tags (its category: the first component of its tags, the
     probe's name), then one chart per ``<probe>/*/<quantity>`` with at least two sites (``<quantity> per
     site``), leaving out tags that a declared chart matches (their middle component is not a site).
 
+    TensorBoard colours a chart's lines by run, so the lines of one run all share one colour. With
+    ``site_runs``, a per-site chart shows the site runs' copies (``site_series``: one run, and so one colour,
+    per site) instead of the run's own tags. With ``last`` (the latest value of each tag), the lines of a declared
+    chart more than ``SCALE_RATIO`` times above its median line get a chart of their own, since TensorBoard's
+    default "ignore outliers" y range (5% to 95% of all the chart's points) would cut them off.
+
     Args:
         tags: scalar tags.
         charts: chart groups declared by the probes.
+        site_runs: the per-site tags are also written to site runs (``site_series``).
+        last: the latest value of each tag.
 
     Returns:
         The layout, categories and titles sorted.
     """
     tags = sorted(set(tags))
     layout: dict[str, dict[str, list[Any]]] = {}
-    claimed: set[str] = set()
-    for chart in charts:
-        hit = [t for t in tags if re.match(chart.pattern, t)]
-        claimed.update(hit)
-        if len(hit) >= 2:
-            layout.setdefault(hit[0].split("/")[0], {})[chart.title] = ["Multiline", [chart.pattern]]
-    per_site: dict[tuple[str, str], list[str]] = {}
-    for t in tags:
-        parts = t.split("/")
-        if len(parts) != 3 or t in claimed or parts[2] == "nonfinite":
+    declared, per_site = _per_site(tags, charts)
+    for chart, hit in declared:
+        if len(hit) < 2:
             continue
-        per_site.setdefault((parts[0], parts[2]), []).append(parts[1])
+        category = layout.setdefault(hit[0].split("/")[0], {})
+        groups = _by_scale(hit, last) if last is not None else [hit]
+        if len(groups) == 1:
+            category[chart.title] = ["Multiline", [chart.pattern]]
+            continue
+        for group in groups:
+            regex = "^(?:" + "|".join(re.escape(t) for t in group) + ")$"
+            category[_scale_title(chart.title, group, hit)] = ["Multiline", [regex]]
     for (probe, quantity), sites in sorted(per_site.items()):
         if len(sites) >= 2:
-            regex = f"^{re.escape(probe)}/[^/]+/{re.escape(quantity)}$"
+            middle = re.escape(SITE_TAG) if site_runs else "[^/]+"
+            regex = f"^{re.escape(probe)}/{middle}/{re.escape(quantity)}$"
             title = f"{quantity} per site ({probe}/<site>/{quantity})"
             layout.setdefault(probe, {})[title] = ["Multiline", [regex]]
     return {c: dict(sorted(charts.items())) for c, charts in sorted(layout.items())}
@@ -146,6 +241,8 @@ class TensorBoardSink(Sink):
         logdir: where a new ``SummaryWriter`` writes (when ``writer`` is None).
         writer: a ``SummaryWriter`` (or one with its methods) to share; left open at ``close``.
         layout: write the custom-scalars layout.
+        site_runs: also write every per-site scalar to its site's run (``site_series``), so that TensorBoard gives
+            each site a colour of its own; only with a ``torch.utils.tensorboard.SummaryWriter``.
         queue_size: images waiting for the drawing thread before a ``write`` waits (0: draw in ``write``).
         draw_in: ``"process"`` (the shared drawing process), ``"thread"`` (the sink's thread), or ``"auto"``:
             the process on POSIX systems, else the thread.
@@ -156,7 +253,8 @@ class TensorBoardSink(Sink):
     """
 
     def __init__(self, logdir: str | None = None, writer: Any = None, layout: bool = True,
-                 queue_size: int = QUEUE_SIZE, draw_in: str = "auto", **writer_options: Any) -> None:
+                 queue_size: int = QUEUE_SIZE, draw_in: str = "auto", site_runs: bool = True,
+                 **writer_options: Any) -> None:
         if draw_in not in ("auto", "process", "thread"):
             raise ValueError(f"tensorboard sink: draw_in must be 'auto', 'process' or 'thread', got {draw_in!r}")
         if writer is None:
@@ -185,6 +283,10 @@ class TensorBoardSink(Sink):
         self._thread_error: BaseException | None = None  # the drawing thread's write error, raised in training's
         self._left_out = 0  # images not written because the writer had failed
         self._layout_due = False  # a new event file: the layout again
+        self._last: dict[str, float] = {}  # the latest value of each scalar tag (the layout's split by scale)
+        self._site_runs = bool(site_runs) and _is_summary_writer(writer)
+        self._site_map: dict[str, tuple[str, str]] = {}  # per-site tag -> (site, its tag in the site run)
+        self._site_writers: dict[str, Any] = {}  # site -> the FileWriter of its run
 
     @property
     def logdir(self) -> str:
@@ -201,6 +303,7 @@ class TensorBoardSink(Sink):
     def declare(self, charts: Sequence[Chart]) -> None:
         """Take the probes' chart groups; the layout is rewritten when they change it."""
         super().declare(charts)
+        self._site_map = site_series(self._scalar_tags, self.charts) if self._site_runs else {}
         if self._scalar_tags and self.layout:
             self._write_layout()
 
@@ -228,6 +331,7 @@ class TensorBoardSink(Sink):
             for r in records:
                 if isinstance(r, Scalar):
                     w.add_scalar(r.tag, r.item(), global_step=step)
+                    self._last[r.tag] = r.item()
                     if r.tag not in self._scalar_tags:
                         self._scalar_tags.add(r.tag)
                         new_tags = True
@@ -241,6 +345,8 @@ class TensorBoardSink(Sink):
                                             bucket_counts=h["bucket_counts"].tolist(), global_step=step)
                 else:
                     self._queue_image(r.at(step))
+            if self._site_runs:
+                self._write_site_runs(records, step, new_tags)
             if new_tags and self.layout:
                 self._layout_due = False
                 self._write_layout()
@@ -248,6 +354,38 @@ class TensorBoardSink(Sink):
             self._break(exc)
             raise
         self._raise_thread_error()  # an image drawn in this call (queue_size=0) whose write failed
+
+    # -- site runs --------------------------------------------------------------------------------------
+    def _write_site_runs(self, records: Sequence[Record], step: int, new_tags: bool) -> None:
+        """Copy this step's per-site scalars to their sites' runs (``logdir/site=<site>``)."""
+        from torch.utils.tensorboard.summary import scalar
+
+        if new_tags:
+            self._site_map = site_series(self._scalar_tags, self.charts)
+        for r in records:
+            if isinstance(r, Scalar) and r.tag in self._site_map:
+                site, tag = self._site_map[r.tag]
+                self._site_writer(site).add_summary(scalar(tag, self._last[r.tag]), step)
+
+    def _site_writer(self, site: str) -> Any:
+        fw = self._site_writers.get(site)
+        if fw is None:
+            from torch.utils.tensorboard.writer import FileWriter
+
+            w = self.writer
+            fw = FileWriter(site_run_dir(w.get_logdir(), site), getattr(w, "max_queue", 10),
+                            getattr(w, "flush_secs", 120), getattr(w, "filename_suffix", ""))
+            self._site_writers[site] = fw
+        return fw
+
+    def _drop_site_writers(self) -> None:
+        """Close the site runs' event files, errors ignored (the next copy opens new ones)."""
+        writers, self._site_writers = self._site_writers, {}
+        for fw in writers.values():
+            try:
+                fw.close()
+            except Exception:  # noqa: BLE001 - it failed with the writer; what it wrote stays
+                log.debug("tensorboard sink: closing a site run's event file raised", exc_info=True)
 
     # -- images, on the drawing thread -----------------------------------------------------------------
     def _queue_image(self, image: Image) -> None:
@@ -347,6 +485,7 @@ class TensorBoardSink(Sink):
         with self._lock:
             if self._broken is None:
                 return
+            self._drop_site_writers()
             if self._owns:
                 self._drop_event_file()
                 self._check_room()  # a disk still full raises here, before an event file and its thread are made
@@ -405,7 +544,7 @@ class TensorBoardSink(Sink):
 
     # -- layout -----------------------------------------------------------------------------------------
     def _write_layout(self) -> None:
-        layout = layout_for(self._scalar_tags, self.charts)
+        layout = layout_for(self._scalar_tags, self.charts, site_runs=self._site_runs, last=self._last)
         if layout and layout != self._written_layout and hasattr(self.writer, "add_custom_scalars"):
             self.writer.add_custom_scalars(layout)
             self._written_layout = layout
@@ -423,6 +562,8 @@ class TensorBoardSink(Sink):
             return
         try:
             self.writer.flush()
+            for fw in self._site_writers.values():
+                fw.flush()
         except Exception as exc:
             self._break(exc)
             raise
@@ -456,9 +597,12 @@ class TensorBoardSink(Sink):
                 self.writer.flush()
                 if self._owns:
                     self.writer.close()
+                for fw in self._site_writers.values():
+                    fw.close()
             except Exception as exc:
                 error = error or exc
                 self._broken = exc
+        self._drop_site_writers()
         if self._broken is not None and self._owns:
             self._drop_event_file()
         if error is not None:

@@ -44,7 +44,8 @@ and why), ``layers`` (the layer formulas), ``structural`` (layers recognised by 
 numerically), ``tied`` (tied weights), ``selfcheck`` (``verify_plan``), ``terms`` (a layer's kernel term and its
 two contractions), ``factors`` (recording the terms of all samples), ``fallback`` (``torch.func`` Jacobians),
 ``dense`` (``empirical_ntk``), ``operator`` (``NTKOperator``), ``planning`` (``ntk_plan``,
-``ntk_operator``), ``ranks`` (the kernel across ranks: ``distributed=True`` splits the samples over the ranks
+``ntk_operator``), ``cost`` (``ntk_cost``: the memory and time one measurement will take, before it runs),
+``ranks`` (the kernel across ranks: ``distributed=True`` splits the samples over the ranks
 of a process group, DDP replicas or FSDP2-sharded models alike, and assembles the kernel from exchanged
 factors), ``outputs`` (one position of a sequence output, a Gaussian sketch of the outputs), ``progress``
 (progress lines of a long measurement), ``settings`` (memory budgets and switches; setting one on this package
@@ -57,6 +58,7 @@ import sys
 import types
 
 from probes.functional.ntk import settings
+from probes.functional.ntk.cost import NTKCost, ntk_cost
 
 # ``_accumulate_term`` and ``_layer_terms`` are importable from here too: benchmarks/ntk.py times them on their own
 from probes.functional.ntk.dense import _accumulate_term as _accumulate_term
@@ -68,8 +70,8 @@ from probes.functional.ntk.plan import NTKPlan
 from probes.functional.ntk.planning import ntk_operator, ntk_plan
 from probes.functional.ntk.selfcheck import verify_plan
 
-__all__ = ["empirical_ntk", "ntk_operator", "ntk_plan", "verify_plan", "NTKOperator", "NTKPlan",
-           "SampleMixingError", "trace_over_outputs", "MODES", "REDUCTIONS"]
+__all__ = ["empirical_ntk", "ntk_operator", "ntk_plan", "ntk_cost", "verify_plan", "NTKOperator", "NTKPlan",
+           "NTKCost", "SampleMixingError", "trace_over_outputs", "MODES", "REDUCTIONS"]
 
 
 def _forwarded(name: str) -> property:
