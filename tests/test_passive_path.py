@@ -284,3 +284,13 @@ def test_relu_zeros_counts_small_and_large_activations_like_a_loop(batch, forwar
     zeros = forwards * batch * 256 - int(per_unit.sum())
     assert scalars["relu_zeros/1/zeros"] == [(1, zeros)]
     assert scalars["relu_zeros/1/dead_in_window"] == [(1, float((per_unit == 0).sum()))]
+
+
+def test_a_probe_pass_leaves_no_process_wide_hook_behind():
+    """torch.compile warns of global hooks while any is registered: none is left after probe passes."""
+    model = mlp()
+    x, y = torch.randn(10, 6), torch.arange(10) % 3
+    with probes.attach(model, {"alignment": {"every": 1}, "relu_zeros": {"every": 1}}, probe_data=(x, y)) as s:
+        model(x).sum().backward()
+        s.step()
+    assert not module_hooks._has_any_global_hook()

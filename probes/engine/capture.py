@@ -641,8 +641,7 @@ class Capture:
     def _post_hook(self, module: nn.Module, args: tuple, *rest: Any) -> None:
         if module not in self.paths:
             return
-        # (kwargs, output); torch passes (output) alone to always-called hooks of a forward that raised
-        output = rest[1] if len(rest) == 2 else rest[0]
+        output = rest[-1]
         if self._stack and self._stack[-1] is module:
             self._stack.pop()
         if module in self.site_modules:
@@ -696,7 +695,9 @@ class Capture:
         if not self._handles:
             self._handles = [
                 _module_hooks.register_module_forward_pre_hook(self._pre_hook),
-                _module_hooks.register_module_forward_hook(self._post_hook, with_kwargs=True, always_call=True),
+                # no with_kwargs: torch leaves its id in _global_forward_hooks_with_kwargs after removal, and
+                # torch.compile then warns of global hooks for the rest of the process
+                _module_hooks.register_module_forward_hook(self._post_hook, always_call=True),
             ]
 
     def _hook_sites(self) -> None:
