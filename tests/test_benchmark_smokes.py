@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 OVERHEAD_ROWS = [
     "24-block MLP: plain step",
     "24-block MLP: relu_zeros",
-    "24-block MLP: alignment every 50, not due",
+    "24-block MLP: alignment, between measurements",
     "second MLP, not attached: plain step",
     "second MLP, not attached, first attached",
     "GPT-2: plain step",

@@ -264,7 +264,7 @@ def test_a_compiled_model_keeps_one_graph_counts_as_eager_and_trains_as_compiled
     assert compiled_zeros == eager_zeros and compiled_zeros
 
 
-@pytest.mark.parametrize("batch, forwards", [(3, 40), (300, 3)])  # 40 > one stash; 300 x 256: count_nonzero
+@pytest.mark.parametrize("batch, forwards", [(3, 40), (300, 3)])  # 40 > one stash; 300 x 256: byte tensor
 def test_relu_zeros_counts_small_and_large_activations_like_a_loop(batch, forwards):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 256), nn.ReLU(), nn.Linear(256, 2))

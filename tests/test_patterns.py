@@ -263,3 +263,62 @@ def test_the_snapshots_follow_the_model(move):
 def test_the_directory_option_is_a_path():
     with pytest.raises(TypeError, match="patterns: option 'directory' must be None or a path, got 3"):
         probes.attach(make_model(), {"patterns": {"directory": 3}}, probe_data=torch.randn(4, 6))
+
+
+def _near(img: np.ndarray, colour: str, tol: int = 16) -> np.ndarray:
+    rgb = np.array([int(colour[i:i + 2], 16) for i in (1, 3, 5)])
+    return np.abs(img.astype(float) - rgb).max(axis=2) <= tol
+
+
+def test_image_draws_padding_in_its_own_colour():
+    """Padded positions (attention mask 0) are neither open nor closed gates in the image: a colour of their own,
+    with a legend entry, far from every shade between closed and open."""
+    from probes.figures.kinds import PADDING
+
+    OPEN, CLOSED = "#f2d64b", "#2b2b50"
+    rgb = lambda c: np.array([int(c[i:i + 2], 16) for i in (1, 3, 5)], dtype=float)  # noqa: E731
+    shades = rgb(CLOSED) + (rgb(OPEN) - rgb(CLOSED)) * np.linspace(0, 1, 101)[:, None]
+    assert np.abs(shades - rgb(PADDING)).max(axis=1).min() > 60
+    P, T, n = 8, 6, 4
+    mask = torch.ones(P, T, dtype=torch.bool)
+    mask[:, T // 2:] = False  # the second half of every sequence is padding
+    gates = torch.ones(P, T, n, dtype=torch.bool) & mask[:, :, None]  # every real gate open, padding closed
+    order = torch.arange(P)
+    padded = gate_image(gates, order, [], [], real=mask[:, :, None], ndim=3)
+    plain = gate_image(gates, order, [], [], ndim=3)  # without the mask, padding is drawn as closed gates
+    legend = 40 * 40  # generous area of one legend patch
+    assert _near(padded, PADDING).sum() > 20 * legend
+    assert _near(padded, OPEN).sum() > 20 * legend
+    assert _near(padded, CLOSED).sum() < legend  # the closed legend patch only: no gate is closed
+    assert _near(plain, PADDING).sum() < 1000  # anti-aliased text only: no padding cell, no padding legend patch
+    assert not (_near(plain, PADDING).sum(axis=1) > 100).any()
+    # the legend's patches sit right of the axes (which end 150 pixels before the right edge)
+    assert _near(padded[:, 495:528], PADDING).sum() > 100 and _near(plain[:, 495:528], PADDING).sum() < 20
+    assert _near(plain, CLOSED).sum() > 20 * legend
+    # the padding cells lie where the mask is 0: rows of the upper half of the gates (flattened t * n + unit)
+    rows = np.nonzero(_near(padded, PADDING).sum(axis=1) > 100)[0]
+    open_rows = np.nonzero(_near(padded, OPEN).sum(axis=1) > 100)[0]
+    assert rows.max() < open_rows.min()  # origin lower: later positions on top
+    # the probe passes the batch's mask to its image
+    probe = Patterns()
+    site = probes.probe.Site("s", "s", "relu")
+    pre = torch.where(gates, 1.0, -1.0)
+    batch = probes.probe.ProbeBatch(nn.Identity(), torch.zeros(P, T, n), None, torch.zeros(P, 1), {}, 0, mask=mask)
+    batch.activations["s"] = probes.probe.Activation(site, pre, torch.relu(pre))
+    image = next(r for r in probe.measure(batch) if r.tag == "patterns/s").pixels
+    expected = gate_image(gates, order, [], [], "patterns/s: gates on the probe batch, step 0", 3, mask[:, :, None])
+    np.testing.assert_array_equal(image, expected)
+
+
+def test_image_padding_in_blocks_of_gates():
+    """Beyond MAX_IMAGE_ROWS rows, a block of padded gates only is padding; the others shade by the open
+    fraction of their real gates."""
+    from probes.builtin.patterns import MAX_IMAGE_ROWS
+    from probes.figures.kinds import PADDING
+
+    P, T, n = 4, 8, 2 * MAX_IMAGE_ROWS // 8 + 8  # more gates than rows
+    mask = torch.zeros(P, T, dtype=torch.bool)
+    mask[:, :2] = True
+    gates = torch.ones(P, T, n, dtype=torch.bool) & mask[:, :, None]
+    img = gate_image(gates, torch.arange(P), [], [], real=mask[:, :, None], ndim=3)
+    assert _near(img, PADDING).sum() > 10000 and _near(img, "#f2d64b").sum() > 5000

@@ -25,7 +25,8 @@ first snapshots are kept on the device and go through
 
 **Padding.** When the probe inputs carry an attention mask (``ProbeBatch.mask``, ``(P, T)``), the gates of a site
 ``(P, T, ...)`` (units on an axis after the positions) at padded positions are left out: they count as closed in the
-kept snapshots, the images and the distinct patterns, and the fractions (``active_fraction``, ``churn``,
+kept snapshots and the distinct patterns, the images draw them in a colour of their own (grey, "padding" in the
+legend) rather than as closed gates, and the fractions (``active_fraction``, ``churn``,
 ``churn_from_init``) divide by the gates of real tokens only; a unit is dead when it is closed at every real token,
 always on when it is open at every real token.
 """
@@ -97,29 +98,44 @@ MAX_IMAGE_ROWS = 512
 
 
 def gate_image(gates: torch.Tensor, order: torch.Tensor, starts: list[int], names: Sequence[str] = (),
-               title: str = "gates on the probe batch", ndim: int = 2) -> np.ndarray:
+               title: str = "gates on the probe batch", ndim: int = 2, real: torch.Tensor | None = None
+               ) -> np.ndarray:
     """The pixels of ``gate_drawing`` (drawn now)."""
-    return gate_drawing(gates, order, starts, names, title, ndim).result()
+    return gate_drawing(gates, order, starts, names, title, ndim, real).result()
 
 
 def gate_drawing(gates: torch.Tensor, order: torch.Tensor, starts: list[int], names: Sequence[str] = (),
-                 title: str = "gates on the probe batch", ndim: int = 2) -> Drawing:
+                 title: str = "gates on the probe batch", ndim: int = 2, real: torch.Tensor | None = None
+                 ) -> Drawing:
     """Figure of a P x units gate matrix, to draw later (a host copy of the gates): units (y) by samples (x)
-    in ``order``, a line before every group start, the groups' labels ``names`` under them."""
+    in ``order``, a line before every group start, the groups' labels ``names`` under them. ``real``
+    (broadcastable to ``gates``: true at the gates of real tokens, as the attention mask says) marks the
+    others as padding, drawn in a colour of their own instead of as closed gates."""
     flat = gates.reshape(gates.shape[0], -1)
+    kept = None if real is None else real.expand(gates.shape).reshape(gates.shape[0], -1)
     unit = "unit" if ndim <= 2 else "gate (unit x position, flattened)"
     units = flat.shape[1]
+    padding = None
     if units > MAX_IMAGE_ROWS:  # more gates than pixel rows: show the open fraction of blocks of gates
         block = -(-units // MAX_IMAGE_ROWS)
-        pad = block * MAX_IMAGE_ROWS - units
-        if pad:
-            flat = torch.cat([flat, flat.new_zeros(flat.shape[0], pad)], dim=1)
+        extra = block * MAX_IMAGE_ROWS - units
+        if kept is None:
+            kept = torch.ones_like(flat, dtype=torch.bool)
+        if extra:
+            flat = torch.cat([flat, flat.new_zeros(flat.shape[0], extra)], dim=1)
+            kept = torch.cat([kept, kept.new_zeros(kept.shape[0], extra)], dim=1)
         counts = flat.reshape(flat.shape[0], MAX_IMAGE_ROWS, block).sum(dim=2, dtype=torch.int32)
-        m = (counts.float() / block).cpu().numpy()[order.numpy()]
+        reals = kept.reshape(kept.shape[0], MAX_IMAGE_ROWS, block).sum(dim=2, dtype=torch.int32)
+        # the open fraction of a block's real gates; a block of padding only is padding
+        m = (counts.float() / reals.clamp(min=1).float()).cpu().numpy()[order.numpy()]
+        if real is not None:
+            padding = (reals == 0).cpu().numpy()[order.numpy()]
         unit = f"{unit}, open fraction of blocks of {block}"
     else:
         m = flat.to(torch.uint8).cpu().numpy()[order.numpy()]
-    return Drawing(gates_figure, m, starts, names, title=title, unit_label=unit, total=units)
+        if kept is not None:
+            padding = (~kept).cpu().numpy()[order.numpy()]
+    return Drawing(gates_figure, m, starts, names, title=title, unit_label=unit, total=units, padding=padding)
 
 
 class PackedGates:
@@ -281,7 +297,8 @@ class Patterns(Probe):
             ]
             if draw:
                 title = f"patterns/{n}: gates on the probe batch, step {batch.step}"
-                records.append(Image(f"patterns/{n}", gate_drawing(g, order, starts, group_names, title, g.ndim)))
+                records.append(Image(f"patterns/{n}", gate_drawing(g, order, starts, group_names, title, g.ndim,
+                                                                   real.get(n))))
             del prev, first
         records.insert(0, Scalar("patterns/distinct", distinct_packed_rows([p.bits for p in packed.values()])))
         for n, p in packed.items():

@@ -8,8 +8,8 @@ histogram of each unit's activity frequency (fraction of its outputs that are no
 from the end) overrides it at every site whose activations have that axis; a site without it keeps the default
 axis, said once.
 Counting stays on the device: per site and forward one ``!= 0`` test, held and summed per unit every up to 32
-forwards (one stack and one sum), or for activations of 65,536 elements and more one ``count_nonzero`` per unit;
-one host copy per flush. The counts are declared state
+forwards (one stack and one sum); for activations of 65,536 elements and more the tests are added into one byte
+tensor (folded every 255 forwards); one host copy per flush. The counts are declared state
 (``add_state``): the session resets them per window, sums them over ranks and checkpoints them.
 
 Tags: ``relu_zeros/<site>/fraction``, ``relu_zeros/<site>/zeros``, ``relu_zeros/<site>/dead_in_window``
@@ -36,23 +36,28 @@ def _notice(message: str) -> None:
 STASH_MAX_ELEMENTS = 1 << 22
 #: and at most this many forwards of them
 STASH_MAX_FORWARDS = 32
-#: activations of at least this many elements are counted per forward instead (``count_nonzero``: less traffic)
-DIRECT_MIN_ELEMENTS = 1 << 16
+#: activations of at least this many elements are added into one byte tensor per forward instead (less copying)
+BYTES_MIN_ELEMENTS = 1 << 16
 
 
 class _Stash:
-    """Per-site ``post != 0`` tensors of the last forwards (one kernel per forward: the test itself), summed per
-    unit into the window's counts every ``limit`` forwards, at a flush, or when the site's shape changes."""
+    """Per site, the ``post != 0`` tests of the last forwards, summed per unit into the window's counts at a fold
+    (every ``limit`` forwards, at a flush, or when the site's shape changes). Small activations: the tests are held
+    (one kernel per forward) and stacked at the fold; large ones are added into one byte tensor (two kernels per
+    forward, no copies), folded every 255 forwards."""
 
-    __slots__ = ("bools", "dims", "shape", "device", "limit", "units", "direct")
+    __slots__ = ("bools", "bytes", "count", "dims", "shape", "device", "limit", "units")
 
     def __init__(self, post: torch.Tensor, dims: tuple[int, ...], units: int) -> None:
         self.bools: list[torch.Tensor] = []
-        self.dims = tuple(d + 1 for d in dims)  # the axes to sum over, after stacking
+        self.bytes: torch.Tensor | None = None
+        self.count = 0
+        self.dims = dims  # the axes to sum over (all but the unit axis)
         self.shape, self.device, self.units = post.shape, post.device, units
-        self.limit = max(1, min(STASH_MAX_FORWARDS, STASH_MAX_ELEMENTS // max(1, post.numel())))
-        #: a large activation: its non-zeros counted per unit at once (over ``dims``), nothing held
-        self.direct = dims if dims and post.numel() >= DIRECT_MIN_ELEMENTS else None
+        large = post.numel() >= BYTES_MIN_ELEMENTS
+        self.limit = 255 if large else max(1, min(STASH_MAX_FORWARDS, STASH_MAX_ELEMENTS // max(1, post.numel())))
+        if large:
+            self.bytes = torch.zeros(post.shape, dtype=torch.uint8, device=post.device)
 
 
 class ReluZeros(Probe):
@@ -98,12 +103,14 @@ class ReluZeros(Probe):
         self._observe_first(name, post)
 
     def _count(self, name: str, stash: _Stash, post: torch.Tensor) -> None:
-        if stash.direct is not None:
-            self.nonzero[name] += torch.count_nonzero(post.detach(), dim=stash.direct)
+        nz = post.bool()  # the "!= 0" test (NaN counts as non-zero, -0.0 as zero)
+        if stash.bytes is not None:
+            stash.bytes += nz
         else:
-            stash.bools.append(post.bool())  # the "!= 0" test (NaN counts as non-zero, -0.0 as zero)
-            if len(stash.bools) >= stash.limit:
-                self._fold(name, keep=True)
+            stash.bools.append(nz)
+        stash.count += 1
+        if stash.count >= stash.limit:
+            self._fold(name, keep=True)
         n = post.numel()
         self.outputs[name] += n
         self.per_unit[name] += n // stash.units
@@ -133,10 +140,16 @@ class ReluZeros(Probe):
     def _fold(self, name: str, keep: bool = False) -> None:
         """Sum the stashed tests into the counts (``keep``: the stash stays for the next forwards)."""
         stash = self._stash.get(name) if keep else self._stash.pop(name, None)
-        if stash is not None and stash.bools:
-            bools, stash.bools = stash.bools, []
-            stacked = bools[0].unsqueeze(0) if len(bools) == 1 else torch.stack(bools)
-            self.nonzero[name] += stacked.sum((0, *stash.dims), dtype=torch.int64)
+        if stash is None or stash.count == 0:
+            return
+        if stash.bytes is not None:
+            total = stash.bytes
+        else:  # at most 32 forwards: a sum in bytes, then one reduction per unit
+            total = torch.stack(stash.bools).view(torch.uint8).sum(0, dtype=torch.uint8)
+        self.nonzero[name] += total.sum(stash.dims, dtype=torch.int64) if stash.dims else total.to(torch.int64)
+        stash.bools, stash.count = [], 0
+        if stash.bytes is not None and keep:
+            stash.bytes.zero_()
 
     def settle(self) -> None:
         for name in list(self._stash):

@@ -206,14 +206,20 @@ def _group_ticks(axis: Any, starts: Sequence[int], names: Sequence[str], n: int)
         _set_ticks(axis, None)
 
 
+#: the colour of padded gates (attention mask 0) in ``gates_figure``: a grey, far from every open-to-closed shade
+PADDING = "#b4b4b4"
+
+
 @_styled
 def gates_figure(gates: np.ndarray, starts: Sequence[int] = (), names: Sequence[str] = (), *, title: str,
-                 unit_label: str = "unit", width: int = 640, height: int = 360, total: int | None = None
-                 ) -> np.ndarray:
+                 unit_label: str = "unit", width: int = 640, height: int = 360, total: int | None = None,
+                 padding: np.ndarray | None = None) -> np.ndarray:
     """A ``P x units`` 0/1 gate matrix drawn units (y) by samples (x), samples in the given order; ``starts``
     are the sample positions where a new label group begins (a white line), ``names`` the groups' labels.
     Values between 0 and 1 (open fractions of blocks of gates, ``total`` gates in all) shade between the two.
-    The figure is kept and its artists updated at the next call.
+    Cells where ``padding`` is true (gates of padded positions, attention mask 0) are drawn in a colour of
+    their own, neither open nor closed, with a legend entry. The figure is kept and its artists updated at the
+    next call.
 
     Args:
         gates: ``P x units`` in [0, 1].
@@ -224,6 +230,7 @@ def gates_figure(gates: np.ndarray, starts: Sequence[int] = (), names: Sequence[
         width: pixels.
         height: pixels.
         total: the number of gates (when rows are blocks of gates).
+        padding: ``P x units`` booleans, true at padded gates (shaped like ``gates``), or None.
 
     Returns:
         uint8 ``(height, width, 3)``.
@@ -233,30 +240,35 @@ def gates_figure(gates: np.ndarray, starts: Sequence[int] = (), names: Sequence[
     from matplotlib.patches import Patch
 
     closed, open_ = "#2b2b50", "#f2d64b"
+    shape = np.asarray(gates).shape
+    pad = None if padding is None else np.asarray(padding, dtype=bool).reshape(shape[0], -1)
+    padded = pad is not None and bool(pad.any())
 
     def build() -> dict[str, Any]:
         fig = new_figure(width, height)
         ax = fig.add_axes((0.1, 0.1, 0.8, 0.8))
         c0, c1 = np.array([0x2b, 0x2b, 0x50]) / 255, np.array([0xf2, 0xd6, 0x4b]) / 255
-        cmap = ListedColormap(c0 + (c1 - c0) * np.linspace(0, 1, LEVELS)[:, None])
+        # masked cells (the padded gates) take the "bad" colour
+        cmap = ListedColormap(c0 + (c1 - c0) * np.linspace(0, 1, LEVELS)[:, None]).with_extremes(bad=PADDING)
         im = ax.imshow(np.zeros((2, 2)), aspect="auto", interpolation="nearest", cmap=cmap, vmin=0, vmax=1,
                        origin="lower")
         groups = ax.add_collection(LineCollection([], colors="white", linewidths=1.0), autolim=False)
-        legend = fig.legend(handles=[Patch(color=open_, label="open (pre > 0)"), Patch(color=closed, label="closed")],
-                            loc="upper right", frameon=False)
+        handles = [Patch(color=open_, label="open (pre > 0)"), Patch(color=closed, label="closed")]
+        if padded:
+            handles.append(Patch(color=PADDING, label="padding (mask 0)"))
+        legend = fig.legend(handles=handles, loc="upper right", frameon=False)
         return {"fig": fig, "ax": ax, "im": im, "groups": groups, "legend": legend}
 
     # one kept figure per site (its sizes and groups), so that its still parts are drawn once
-    shape = np.asarray(gates).shape
     k = _kept(("gates", width, height, shape[0], int(np.prod(shape[1:])), tuple(starts), tuple(names), unit_label,
-               total), build)
+               total, padded), build)
     fig, ax = k["fig"], k["ax"]
     g = np.asarray(gates, dtype=np.float32).reshape(np.asarray(gates).shape[0], -1)
     P, rows = g.shape
     U = total if total is not None else rows
     xlabel = f"probe sample ({P}, grouped by label)" if starts or names else f"probe sample ({P})"
     place(fig, ax, title, xlabel, f"{unit_label} ({U})", right=150)
-    k["im"].set_data(g.T)
+    k["im"].set_data(np.ma.masked_array(g.T, mask=pad.T) if padded else g.T)
     k["im"].set_extent((-0.5, P - 0.5, -0.5, rows - 0.5))
     k["groups"].set_segments(_group_lines(starts, "x"))
     _group_ticks(ax.xaxis, starts, names, P)
