@@ -16,8 +16,9 @@ Rows, each against its own model's plain step (goals printed, never enforced: th
 1. a 24-block ``Linear(64, 64) - LayerNorm - ReLU`` MLP (one flat ``nn.Sequential``, 73 modules), batch 32,
    SGD: ``relu_zeros`` attached (goal <= 1.15x); ``alignment`` on a 64-sample probe batch, the steps between its
    measurements (attached once for the whole run, steady state: what ``session.step()`` costs when nothing is due;
-   goal <= 1.01x; the active-probe rows below are measured the same way); a second instance of the MLP that is not attached (a teacher, an
-   EMA copy) taking a training step while the first is attached with ``relu_zeros`` (goal <= 1.01x).
+   goal <= 1.01x; the active-probe rows below are measured the same way); a second instance of the MLP that is
+   not attached (a teacher, an EMA copy) taking a training step while the first is attached with ``relu_zeros``
+   (goal <= 1.01x).
 2. GPT-2 built from ``transformers.GPT2Config`` (no weights downloaded): 4 layers, width 128, 4 heads, sequence
    64, batch 8, AdamW, vocabulary 1024 (the GPT-2 tokenizer's 50257 would put most of the step in the embedding
    and its AdamW update); ``relu_zeros`` with ``sites="all"`` (goal <= 1.02x). Skipped, with the reason printed,

@@ -59,6 +59,27 @@ def test_mkdocs_build_strict(tmp_path: Path) -> None:
         page = (site / "probes" / name / "index.html").read_text()
         assert f"{name}/" in page, f"the {name} page lists no tag"
     assert "linear_region/flip_fraction_eps_" in (site / "changelog" / "index.html").read_text()
+    # attach's signature shows the probe batch size's value, not the constant's name (docs/_griffe)
+    from probes.engine.spec import DEFAULT_PROBE_BATCH_SIZE
+    text = re.sub(r"<[^>]+>", "", api)
+    assert f"probe_batch_size: int | None = {DEFAULT_PROBE_BATCH_SIZE}" in text
+    assert "DEFAULT_PROBE_BATCH_SIZE" not in api
+    # every built-in probe class is in the API reference, with its options in the signature
+    builtin = re.sub(r"<[^>]+>", "", (site / "api" / "builtin" / "index.html").read_text())
+    for info in probes.available():
+        if info.source == "builtin":
+            assert f"probes.builtin.{info.name}.{info.cls.__name__}" in builtin, info.name
+    assert "top_k: int = 5" in builtin and "memory_budget: int | float = 2 &lt;&lt; 30" in builtin
+    # formulas are math typeset by the KaTeX copy shipped with the site, referenced relatively (offline)
+    for name in ("relu_zeros", "patterns", "pathgram", "alignment", "ntk", "margin", "linear_region", "particles"):
+        page = (site / "probes" / name / "index.html").read_text()
+        assert page.count('class="arithmatex"') >= 2, f"the {name} page has no math"
+        for script in ("js/katex/katex.min.js", "js/katex/contrib/auto-render.min.js", "js/math.js"):
+            assert f'<script src="../../{script}"' in page, (name, script)
+        assert 'href="../../js/katex/katex.min.css"' in page
+    for shipped in ("js/katex/katex.min.js", "js/katex/LICENSE", "js/katex/fonts/KaTeX_Main-Regular.woff2"):
+        assert (site / shipped).is_file(), shipped
+    assert not (site / "_griffe").exists()  # build code, not part of the site
 
 
 def test_every_builtin_probe_has_a_page_in_the_nav() -> None:

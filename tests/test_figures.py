@@ -208,3 +208,36 @@ def test_spectrum_image_of_the_probe():
     lam = torch.tensor([3.0, 2.0, 1.0, 0.0, -1e-9], dtype=torch.float64)
     pixels = spectrum_image(lam, lam * 0.5, step=10, reference_step=0)
     assert pixels.shape == (400, 560, 3) and pixels.dtype == np.uint8
+
+
+@pytest.mark.parametrize("limit", [3e-5, 0.0123, 1.0, 12345.0, 2.5e7])
+@pytest.mark.parametrize("labels", [("x", "y"), ("a_j w_j on PC 1 (at init)", "a_j w_j on PC 2 (at init)"),
+                                    ("|a_j| (w_j, b_j) on PC 1 of the teacher", "|a_j| (w_j, b_j) on PC 2 of the "
+                                                                                "teacher")])
+def test_particles_labels_lie_inside_the_figure(limit, labels):
+    """The step-0 particles image had its y label left of the figure's edge (long tick labels of a small first
+    limit): every label and tick label lies inside the figure, and the axes stay square."""
+    figures._KEPT.clear()
+    rng = np.random.default_rng(0)
+    cur = rng.normal(size=(40, 2)) * limit / 3
+    for size in (240, 480):
+        pixels = figures.particles_figure(cur, np.zeros((0, 40, 2)), cur[:, 0] > 0, np.zeros((0, 2)), None, limit,
+                                          title="particles/positions: step 0", axis_labels=labels, size=size)
+        assert pixels.shape == (size, size, 3)
+        entry = next(v for k, v in figures._KEPT.items() if k[0] == "particles" and k[1] == size)
+        fig, ax = entry["fig"], entry["ax"]
+        renderer = fig.canvas.get_renderer()
+        inside = fig.bbox
+        # tick labels past the axes' limits exist but are not drawn
+        shown = [t for t in ax.get_xticklabels() if abs(t.get_position()[0]) <= ax.get_xlim()[1] * (1 + 1e-9)]
+        shown += [t for t in ax.get_yticklabels() if abs(t.get_position()[1]) <= ax.get_ylim()[1] * (1 + 1e-9)]
+        for text in [ax.title, ax.yaxis.label, ax.xaxis.label, *shown]:
+            if not text.get_visible() or not text.get_text():
+                continue
+            box = text.get_window_extent(renderer)
+            assert inside.x0 <= box.x0 and box.x1 <= inside.x1 and inside.y0 <= box.y0 and box.y1 <= inside.y1, \
+                (text.get_text(), box, inside)
+        if "\n" not in ax.yaxis.label.get_text():  # a y label wrapped to more lines takes width from the axes
+            axes = ax.get_window_extent(renderer)
+            assert abs(axes.width - axes.height) <= 1.0, axes
+    figures._KEPT.clear()

@@ -90,6 +90,17 @@ def spectrum_figure(now: Any, init: Any = None, *, step: int | None = None, init
 
 
 # -- particles ---------------------------------------------------------------------------------------
+#: pixels kept free between the figure's edges and the axis labels of ``particles_figure``
+EDGE = 4.0
+
+
+def _right_edge(renderer: Any, labels: Sequence[Any], lim: float) -> float:
+    """The rightmost pixel of the x tick ``labels`` drawn on axes ``[-lim, lim]`` (others exist, not drawn)."""
+    edges = [t.get_window_extent(renderer).x1 for t in labels
+             if t.get_visible() and t.get_text() and abs(t.get_position()[0]) <= lim * (1 + 1e-9)]
+    return float(max(edges)) if edges else 0.0
+
+
 @_styled
 def particles_figure(current: np.ndarray, trails: np.ndarray, sign: np.ndarray | None, teacher: np.ndarray,
                      teacher_sign: np.ndarray | None, limit: float, *, title: str,
@@ -177,6 +188,24 @@ def particles_figure(current: np.ndarray, trails: np.ndarray, sign: np.ndarray |
           bottom=48 + LINE * legend_rows)
     ax.set_xlim(-lim, lim)
     ax.set_ylim(-lim, lim)
+    # long tick labels (small or large limits: "-0.015", "-15000") push the y label past the left edge and the
+    # last x tick label past the right one: move the axes' left side right, their right side left, by what is
+    # missing, and shrink them by as much from the top, so that they stay square
+    renderer = fig.canvas.get_renderer()
+    into_left = into_right = 0.0
+    for _ in range(3):  # smaller axes may get other ticks: measure again
+        # the axes' tight boxes place the labels and ticks where a draw would (not before); the x axis's box
+        # leaves out a tick label centred on the axes' edge, so the drawn x tick labels are measured themselves
+        need_left = EDGE - ax.yaxis.get_tightbbox(renderer).x0
+        ax.xaxis.get_tightbbox(renderer)
+        need_right = _right_edge(renderer, ax.get_xticklabels(), lim) - (size - EDGE)
+        if need_left <= 0 and need_right <= 0:
+            break
+        into_left += float(np.ceil(max(need_left, 0.0)))
+        into_right += float(np.ceil(max(need_right, 0.0)))
+        place(fig, ax, title, axis_labels[0], axis_labels[1], left=left + into_left,
+              right=size - left - side + into_right, bottom=48 + LINE * legend_rows,
+              top_extra=into_left + into_right)
     if k["legend"] is not None:
         k["legend"].remove()
         k["legend"] = None
