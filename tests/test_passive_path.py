@@ -294,3 +294,20 @@ def test_a_probe_pass_leaves_no_process_wide_hook_behind():
         model(x).sum().backward()
         s.step()
     assert not module_hooks._has_any_global_hook()
+
+
+@compile_ok
+def test_a_module_added_to_a_compiled_model_is_counted_from_its_next_forward():
+    model = mlp()
+    session = probes.attach(model, {"relu_zeros": {"every": 1}})
+    compiled = torch.compile(model)
+    x = torch.randn(8, 6)
+    compiled(x).sum().backward()
+    session.step()
+    model.append(nn.ReLU())  # site "5", on the logits
+    compiled(x).sum().backward()
+    session.step()
+    with torch.no_grad():
+        zeros = int((model(x) == 0).sum())
+    assert session.memory.scalars()["relu_zeros/5/zeros"] == [(2, zeros)]
+    session.close()

@@ -362,6 +362,9 @@ class Capture:
         self.paths: dict[nn.Module, str] = {}
         self.site_modules: dict[nn.Module, str] = {}
         self.leaves: set[nn.Module] = set()
+        #: the module of each site hook's id (ids are never reused: a compiled graph keeps the ids it was traced with)
+        self._site_by_id: dict[int, nn.Module] = {}
+        self._early: dict[nn.Module, tuple[str, str]] = {}  # sites registered since the last index: (path, kind)
         self._index()
         self.functional = functional  # None: auto (on until a forward shows there are no functional sites)
         self.multi: set[str] = set()
@@ -401,7 +404,7 @@ class Capture:
         self.site_modules = {m: p for m, p in self.paths.items()
                              if isinstance(m, self.site_types) or type(m).__name__ in self.activation_names}
         self.leaves = {m for m in self.paths if m not in self.site_modules and not any(True for _ in m.children())}
-        self._site_list = [(m, p, kind_of(m)) for m, p in self.site_modules.items()]
+        self._kinds = {m: kind_of(m) for m in self.site_modules}
         self._extra = {m for m in self.site_modules if self._is_extra(m)}
 
     def _is_extra(self, module: nn.Module) -> bool:
@@ -409,8 +412,23 @@ class Capture:
             and type(module).__name__ not in self.activation_names
 
     def _registered(self, parent: nn.Module, name: str, child: Any) -> None:
-        if parent in self.paths:
-            self._dirty = True
+        """torch registers ``child`` under ``parent`` (before it is set): the model is indexed again at the next
+        training forward, and while observing, the child's site modules are hooked now, so that a compiled model
+        traces their hooks in its next forward too."""
+        if parent not in self.paths:
+            return
+        self._dirty = True
+        if not self._passive_handles or not isinstance(child, nn.Module) or self._depth > 0:
+            return
+        base = ".".join(p for p in (self.paths[parent], name) if p)
+        for sub_path, sub in child.named_modules():
+            if sub in self.site_modules or sub in self._early:
+                continue
+            if isinstance(sub, self.site_types) or type(sub).__name__ in self.activation_names:
+                self._early[sub] = (site_path(".".join(p for p in (base, sub_path) if p)), kind_of(sub))
+                if self._is_extra(sub):
+                    self._extra.add(sub)
+                self._hook_site(sub)
 
     def check_structure(self) -> None:
         """Index the model again when its modules are not those indexed (a removal is found only so); outside a
@@ -531,8 +549,13 @@ class Capture:
                               output if "post" in keep else None)
 
     def _site_values(self, index: int, pre: torch.Tensor | None, post: torch.Tensor | None) -> None:
-        module, path, kind = self._site_list[index]
-        self.record(path, kind, module, pre, post)
+        module = self._site_by_id.get(index)
+        path = self.site_modules.get(module) if module is not None else None
+        if path is not None:
+            self.record(path, self._kinds[module], module, pre, post)
+        elif module in self._early:  # registered since the last index
+            path, kind = self._early[module]
+            self.record(path, kind, module, pre, post)
 
     def _end(self, compiled: bool = False) -> None:
         if torch.compiler.is_compiling():
@@ -711,8 +734,14 @@ class Capture:
         for h in self._passive_handles[2:]:
             h.remove()
         del self._passive_handles[2:]
-        for index, (module, _, _) in enumerate(self._site_list):
-            self._passive_handles.append(module.register_forward_hook(_SiteOutput(self, module, index)))
+        self._early = {}
+        for module in self.site_modules:
+            self._hook_site(module)
+
+    def _hook_site(self, module: nn.Module) -> None:
+        index = len(self._site_by_id)
+        self._site_by_id[index] = module
+        self._passive_handles.append(module.register_forward_hook(_SiteOutput(self, module, index)))
 
     def follow_dynamo(self) -> None:
         """While observing: compiled forwards call the hooks (``dynamo_sees_hooks``), said once when it reset."""
