@@ -9,8 +9,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 
-def samples(cases: dict[str, Callable[[], None]], rounds: int = 7, repeat: int = 1,
-            warmup: int = 1) -> dict[str, list[float]]:
+def samples(
+    cases: dict[str, Callable[[], None]], rounds: int = 7, repeat: int = 1, warmup: int = 1
+) -> dict[str, list[float]]:
     """Seconds per call of each case in every round, measured round-robin so drift hits all alike."""
     for fn in cases.values():
         for _ in range(warmup):
@@ -25,8 +26,9 @@ def samples(cases: dict[str, Callable[[], None]], rounds: int = 7, repeat: int =
     return out
 
 
-def interleaved(cases: dict[str, Callable[[], None]], rounds: int = 7, repeat: int = 1,
-                warmup: int = 1) -> dict[str, float]:
+def interleaved(
+    cases: dict[str, Callable[[], None]], rounds: int = 7, repeat: int = 1, warmup: int = 1
+) -> dict[str, float]:
     """Median seconds per call of each case, measured round-robin so drift hits all cases alike."""
     return {name: statistics.median(v) for name, v in samples(cases, rounds, repeat, warmup).items()}
 
@@ -36,8 +38,9 @@ def paired_ratios(measured: dict[str, list[float]], anchor: str) -> dict[str, fl
     return {name: statistics.median(a / b for a, b in zip(v, measured[anchor])) for name, v in measured.items()}
 
 
-def table(times: dict[str, float], anchor: str, title: str, unit: str = "ms",
-          ratios: dict[str, float] | None = None) -> str:
+def table(
+    times: dict[str, float], anchor: str, title: str, unit: str = "ms", ratios: dict[str, float] | None = None
+) -> str:
     """Times and ratios against ``anchor`` (``ratios`` given: the paired per-round medians)."""
     scale = {"ms": 1e3, "s": 1.0, "us": 1e6}[unit]
     ratios = ratios or {name: t / times[anchor] for name, t in times.items()}
@@ -58,8 +61,13 @@ class Case:
     leave: Callable[[], None] | None = None
 
 
-def rotated_rounds(cases: Mapping[str, Case | Callable[[], None]], rounds: int = 7, repeat: int = 1,
-                   warmup: int = 1, sync: Callable[[], None] | None = None) -> dict[str, list[float]]:
+def rotated_rounds(
+    cases: Mapping[str, Case | Callable[[], None]],
+    rounds: int = 7,
+    repeat: int = 1,
+    warmup: int = 1,
+    sync: Callable[[], None] | None = None,
+) -> dict[str, list[float]]:
     """Seconds per call of each case in every round, like ``samples``, with these additions.
 
     Each case's block of ``repeat`` calls runs between its own ``enter`` and ``leave`` (untimed), and the order of

@@ -81,8 +81,11 @@ def route_seed(F: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
     return torch.dot(Kc.reshape(-1), Lc.reshape(-1)) / (torch.linalg.vector_norm(Kc) * torch.linalg.vector_norm(Lc))
 
 
-ROUTES = {"features": ("feature space", route_features), "efficient": ("P x P, mean subtraction", route_efficient),
-          "seed": ("P x P, seed (C K C)", route_seed)}
+ROUTES = {
+    "features": ("feature space", route_features),
+    "efficient": ("P x P, mean subtraction", route_efficient),
+    "seed": ("P x P, seed (C K C)", route_seed),
+}
 
 
 def make_data(P: int, d: int, C: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -131,10 +134,19 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--sizes", type=int, nargs="+", default=[10_000, 60_000], help="sample counts P")
     p.add_argument("--d", type=int, default=1000, help="feature dimension")
     p.add_argument("--classes", type=int, default=10, help="number of classes C")
-    p.add_argument("--seed-max", type=int, default=3000,
-                   help="largest P at which the seed's P^3 route is timed; above it, extrapolated")
-    p.add_argument("--seed-fit", type=int, nargs="+", default=[1000, 2000, 3000],
-                   help="sizes at which the seed route is timed for the power-law fit")
+    p.add_argument(
+        "--seed-max",
+        type=int,
+        default=3000,
+        help="largest P at which the seed's P^3 route is timed; above it, extrapolated",
+    )
+    p.add_argument(
+        "--seed-fit",
+        type=int,
+        nargs="+",
+        default=[1000, 2000, 3000],
+        help="sizes at which the seed route is timed for the power-law fit",
+    )
     p.add_argument("--repeat", type=int, default=3, help="best of this many runs (1 for routes over 30 s)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
@@ -150,9 +162,11 @@ def parse(argv=None) -> argparse.Namespace:
 def main(argv=None) -> list[dict]:
     args = parse(argv)
     d, C = args.d, args.classes
-    print(f"alignment benchmark: d = {d}, C = {C}, float64; torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
-          f"{available_memory() / 2**30:.1f} GiB available")
+    print(
+        f"alignment benchmark: d = {d}, C = {C}, float64; torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
+        f"{available_memory() / 2**30:.1f} GiB available"
+    )
     rows: list[dict] = []
     F, Y = make_data(64, 8, 3, args.seed)
     for _, fn in ROUTES.values():  # warm up: first calls pay for thread pools and allocator set-up
@@ -168,8 +182,11 @@ def main(argv=None) -> list[dict]:
         fit_points.append((P, t))
     law = fit_seed_model(fit_points) if len(fit_points) >= 2 else None
     if law:
-        print("seed route timed at " + ", ".join(f"P={p}: {t:.3g} s" for p, t in fit_points)
-              + f"; fitted t = {law[0]:.3g} P^2 + {law[1]:.3g} P^3 s")
+        print(
+            "seed route timed at "
+            + ", ".join(f"P={p}: {t:.3g} s" for p, t in fit_points)
+            + f"; fitted t = {law[0]:.3g} P^2 + {law[1]:.3g} P^3 s"
+        )
 
     header = f"{'P':>7} {'route':<26} {'time (s)':>12} {'ratio':>9} {'value':>12}  note"
     print(header)

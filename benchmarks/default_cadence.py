@@ -76,8 +76,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     width = 4 if args.smoke else 16 if args.quick else 64
     batch, P, steps = (8, 16, 12) if args.smoke else (128, 256, 200)
     rounds = args.rounds or (1 if args.smoke else 2)
-    cases = {"plain training": (None, False), "default cadences, overhead=None": (None, True),
-             "default cadences, overhead='auto'": ("auto", True)}
+    cases = {
+        "plain training": (None, False),
+        "default cadences, overhead=None": (None, True),
+        "default cadences, overhead='auto'": ("auto", True),
+    }
     times: dict[str, list[float]] = {c: [] for c in cases}
     chosen: dict[str, int] = {}
     for r in range(rounds):
@@ -89,8 +92,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             if overhead == "auto":
                 chosen = cad
     plain = times["plain training"]
-    print(f"ResNet-18 (width {width}), batch {batch}, probe batch P = {P}, {steps} SGD steps, "
-          f"{torch.get_num_threads()} threads, {rounds} round(s); probes: {', '.join(PROBES)}")
+    print(
+        f"ResNet-18 (width {width}), batch {batch}, probe batch P = {P}, {steps} SGD steps, "
+        f"{torch.get_num_threads()} threads, {rounds} round(s); probes: {', '.join(PROBES)}"
+    )
     ratios: dict[str, float] = {}
     for case, ts in times.items():
         ratios[case] = statistics.median(t / p for t, p in zip(ts, plain))

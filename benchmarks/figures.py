@@ -63,6 +63,7 @@ def figure_kinds(P: int = 300) -> dict[str, callable]:
     cur = rng.normal(size=(32, 2))
     trails = np.cumsum(rng.normal(size=(200, 32, 2)) * 0.02, axis=0)
     teacher = rng.normal(size=(3, 2))
+
     def drift(a: np.ndarray | torch.Tensor, scale: float = 0.1) -> np.ndarray | torch.Tensor:
         factor = np.exp(rng.normal(0, scale, a.shape))
         return a * torch.from_numpy(factor) if isinstance(a, torch.Tensor) else a * factor
@@ -73,16 +74,30 @@ def figure_kinds(P: int = 300) -> dict[str, callable]:
     return {
         "ntk/spectrum": lambda: spectrum_drawing(drift(lam, 0.01), lam / 3, step=200, reference_step=0),
         "pathgram/gram": lambda: probes.records.Drawing(
-            figures.matrix_figure, np.clip(drift(gram, 0.01), -1, 1), starts[:9], names,
+            figures.matrix_figure,
+            np.clip(drift(gram, 0.01), -1, 1),
+            starts[:9],
+            names,
             title="pathgram/gram: cosine of path kernel H, step 200",
-            colorbar_label="cosine H_ij / sqrt(H_ii H_jj)", vmax=1.0, xlabel="probe sample j (128 of 300 samples)",
-            ylabel="probe sample i (same order)"),
+            colorbar_label="cosine H_ij / sqrt(H_ii H_jj)",
+            vmax=1.0,
+            xlabel="probe sample j (128 of 300 samples)",
+            ylabel="probe sample i (same order)",
+        ),
         "patterns (MLP site)": lambda: gate_drawing(flip(gates), order, starts, names, "patterns/1: gates, step 200"),
         f"patterns (conv site, {MAX_IMAGE_ROWS} rows)": lambda: gate_drawing(
-            conv, torch.arange(64), [32], ["0", "1"], "patterns/layers.0.relu#1: gates, step 200", 4),
+            conv, torch.arange(64), [32], ["0", "1"], "patterns/layers.0.relu#1: gates, step 200", 4
+        ),
         "particles/positions": lambda: probes.records.Drawing(
-            figures.particles_figure, drift(cur, 0.02), trails, cur[:, 0] > 0, teacher, None, 3.0,
-            title="particles/positions: a_j w_j of 32 hidden units, step 200"),
+            figures.particles_figure,
+            drift(cur, 0.02),
+            trails,
+            cur[:, 0] > 0,
+            teacher,
+            None,
+            3.0,
+            title="particles/positions: a_j w_j of 32 hidden units, step 200",
+        ),
     }
 
 
@@ -105,22 +120,32 @@ def per_kind(rounds: int) -> dict[str, float]:
             figures.encode_png(kinds[name]().result())
             if case == "layout kept":
                 cpu[name].append(time.thread_time() - t0)
+
         return fn
 
     cases = ("layout kept", "layout changed", "new figure")
-    cost = {c: {k: statistics.median(v) for k, v in samples({k: drawn(k, c) for k in kinds}, rounds=rounds).items()}
-            for c in cases}
+    cost = {
+        c: {k: statistics.median(v) for k, v in samples({k: drawn(k, c) for k in kinds}, rounds=rounds).items()}
+        for c in cases
+    }
     handed = {k: statistics.median(v) for k, v in samples(dict(kinds), rounds=rounds, warmup=1).items()}
     width = max(len(k) for k in kinds)
-    print(f"\n1. cost per image, ms, median of {rounds} (budget {PER_IMAGE_MS:.0f} ms for the images of a run: the "
-          "layout is kept but where the limits move; CPU: the drawing thread's own time, which other processes on "
-          "the cores do not inflate)")
-    print(f"{'figure':<{width}}  " + "  ".join(f"{c:>14}" for c in cases) + f"  {'kept, CPU':>9}  {'hand-over':>9}"
-          "  within budget")
+    print(
+        f"\n1. cost per image, ms, median of {rounds} (budget {PER_IMAGE_MS:.0f} ms for the images of a run: the "
+        "layout is kept but where the limits move; CPU: the drawing thread's own time, which other processes on "
+        "the cores do not inflate)"
+    )
+    print(
+        f"{'figure':<{width}}  " + "  ".join(f"{c:>14}" for c in cases) + f"  {'kept, CPU':>9}  {'hand-over':>9}"
+        "  within budget"
+    )
     for k in kinds:
-        print(f"{k:<{width}}  " + "  ".join(f"{cost[c][k] * 1e3:>14.1f}" for c in cases)
-              + f"  {statistics.median(cpu[k]) * 1e3:>9.1f}  {handed[k] * 1e3:>9.2f}  "
-              f"{'yes' if cost['layout kept'][k] * 1e3 <= PER_IMAGE_MS else 'NO'}")
+        print(
+            f"{k:<{width}}  "
+            + "  ".join(f"{cost[c][k] * 1e3:>14.1f}" for c in cases)
+            + f"  {statistics.median(cpu[k]) * 1e3:>9.1f}  {handed[k] * 1e3:>9.2f}  "
+            f"{'yes' if cost['layout kept'][k] * 1e3 <= PER_IMAGE_MS else 'NO'}"
+        )
     return cost["layout kept"]
 
 
@@ -131,14 +156,24 @@ def demo_ratio(rounds: int, epochs: int | None, smoke: bool) -> float:
     for _ in range(rounds):
         for case, images in (("images off", False), ("images on", True)):
             result: dict[str, float] = {}
-            demo.run_demo(str(tmp / case.replace(" ", "-")), epochs=epochs, smoke=smoke, progress=False,
-                          out=io.StringIO(), images=images, result=result)
+            demo.run_demo(
+                str(tmp / case.replace(" ", "-")),
+                epochs=epochs,
+                smoke=smoke,
+                progress=False,
+                out=io.StringIO(),
+                images=images,
+                result=result,
+            )
             times[case].append(result["train_s"])
     ratios = paired_ratios(times, "images off")
     med = {k: statistics.median(v) for k, v in times.items()}
     what = f"{epochs or demo.DEFAULT_EPOCHS} epochs{', smoke' if smoke else ''}, {rounds} rounds"
-    print(table(med, "images off", f"\n2. probes demo training time ({what}; budget {DEMO_RATIO}x)", unit="s",
-                ratios=ratios))
+    print(
+        table(
+            med, "images off", f"\n2. probes demo training time ({what}; budget {DEMO_RATIO}x)", unit="s", ratios=ratios
+        )
+    )
     return ratios["images on"]
 
 
@@ -151,8 +186,14 @@ def resnet_patterns(rounds: int, width: int, P: int) -> tuple[float, float]:
     tmp = Path(tempfile.mkdtemp(prefix="probes-figures-resnet-"))
     sessions = {}
     for case, image in (("no images", False), ("images", True)):
-        sessions[case] = probes.attach(model, {"patterns": {"every": 10**9, "image": image}}, probe_data=(x, y),
-                                       logdir=str(tmp / case.replace(" ", "-")), sinks=["memory"], overhead=None)
+        sessions[case] = probes.attach(
+            model,
+            {"patterns": {"every": 10**9, "image": image}},
+            probe_data=(x, y),
+            logdir=str(tmp / case.replace(" ", "-")),
+            sinks=["memory"],
+            overhead=None,
+        )
     n_images = len(sessions["images"].memory.images())  # image tags: one per site
 
     def measure(case: str, drain: bool) -> None:
@@ -162,15 +203,26 @@ def resnet_patterns(rounds: int, width: int, P: int) -> tuple[float, float]:
         if drain:
             s.flush()
 
-    cases = {"no images": lambda: measure("no images", True), "images (training thread)": lambda: measure(
-        "images", False), "images (all written)": lambda: measure("images", True)}
+    cases = {
+        "no images": lambda: measure("no images", True),
+        "images (training thread)": lambda: measure("images", False),
+        "images (all written)": lambda: measure("images", True),
+    }
     got = samples(cases, rounds=rounds, warmup=1)
     for s in sessions.values():
         s.close()
     ratios = paired_ratios(got, "no images")
     med = {k: statistics.median(v) for k, v in got.items()}
-    print(table(med, "no images", f"\n3. ResNet-18 (width {width}) patterns measurement at P = {P} ({n_images} images; "
-                f"{rounds} rounds; budget {RESNET_RATIO}x)", unit="s", ratios=ratios))
+    print(
+        table(
+            med,
+            "no images",
+            f"\n3. ResNet-18 (width {width}) patterns measurement at P = {P} ({n_images} images; "
+            f"{rounds} rounds; budget {RESNET_RATIO}x)",
+            unit="s",
+            ratios=ratios,
+        )
+    )
     return ratios["images (training thread)"], ratios["images (all written)"]
 
 
@@ -191,14 +243,17 @@ def acceptance(rounds: int, steps: int, every: int, image_every: int) -> float:
         model = demo.build_model()
         opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
         off = {"ntk": {"image": False}, "pathgram": {"image": None}, "patterns": {"image": False}}
-        spec = {name: {"every": every, **({"image_every": image_every} if images else off[name])}
-                for name in ("ntk", "pathgram", "patterns")}
+        spec = {
+            name: {"every": every, **({"image_every": image_every} if images else off[name])}
+            for name in ("ntk", "pathgram", "patterns")
+        }
         logdir = tmp / f"{case.replace(' ', '-')}-{k}"
         g = torch.Generator().manual_seed(1)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            session = probes.attach(model, spec, probe_data=(xp, yp), logdir=str(logdir), sinks=["memory"],
-                                    optimizer=opt, overhead=None)
+            session = probes.attach(
+                model, spec, probe_data=(xp, yp), logdir=str(logdir), sinks=["memory"], optimizer=opt, overhead=None
+            )
         for _ in range(steps):
             idx = torch.randint(0, xtr.shape[0], (50,), generator=g)
             loss = F.cross_entropy(model(xtr[idx]), ytr[idx])
@@ -221,18 +276,28 @@ def acceptance(rounds: int, steps: int, every: int, image_every: int) -> float:
         def fn() -> None:
             run(case, case == "images on", counter[case])
             counter[case] += 1
+
         return fn
 
     got = samples({c: case_fn(c) for c in cases}, rounds=rounds, warmup=0)
     ratios = paired_ratios(got, "images off")
     med = {k: statistics.median(v) for k, v in got.items()}
-    print(table(med, "images off", f"\n4. acceptance: MLP, ntk + pathgram + patterns every {every} steps, an image "
-                f"every {image_every}, {steps} steps, {rounds} interleaved rounds (budget {ACCEPTANCE_RATIO}x)",
-                unit="s", ratios=ratios))
+    print(
+        table(
+            med,
+            "images off",
+            f"\n4. acceptance: MLP, ntk + pathgram + patterns every {every} steps, an image "
+            f"every {image_every}, {steps} steps, {rounds} interleaved rounds (budget {ACCEPTANCE_RATIO}x)",
+            unit="s",
+            ratios=ratios,
+        )
+    )
     same = scalars["images off"] == scalars["images on"]
-    print(f"same scalars with and without images: {same} ({sum(len(v) for v in scalars['images on'].values())} "
-          f"points); images written by close: {written['images on']} of {expected_images} "
-          f"({'all' if written['images on'] == expected_images else 'MISSING'})")
+    print(
+        f"same scalars with and without images: {same} ({sum(len(v) for v in scalars['images on'].values())} "
+        f"points); images written by close: {written['images on']} of {expected_images} "
+        f"({'all' if written['images on'] == expected_images else 'MISSING'})"
+    )
     if not same or written["images on"] != expected_images or written["images off"] != 0:
         raise SystemExit("acceptance: scalars differ or images are missing")
     return ratios["images on"]
@@ -253,11 +318,14 @@ def main() -> None:
         return
     quick = args.quick
     if args.only:
-        {"figures": lambda: per_kind(rounds=5 if quick else 15),
-         "demo": lambda: demo_ratio(rounds=2 if quick else 3, epochs=10 if quick else None, smoke=False),
-         "resnet": lambda: resnet_patterns(rounds=2 if quick else 5, width=64, P=64),
-         "acceptance": lambda: acceptance(rounds=2 if quick else 4, steps=400 if quick else 1000, every=20,
-                                          image_every=200)}[args.only]()
+        {
+            "figures": lambda: per_kind(rounds=5 if quick else 15),
+            "demo": lambda: demo_ratio(rounds=2 if quick else 3, epochs=10 if quick else None, smoke=False),
+            "resnet": lambda: resnet_patterns(rounds=2 if quick else 5, width=64, P=64),
+            "acceptance": lambda: acceptance(
+                rounds=2 if quick else 4, steps=400 if quick else 1000, every=20, image_every=200
+            ),
+        }[args.only]()
         return
     drawn = per_kind(rounds=5 if quick else 15)
     r_demo = demo_ratio(rounds=2 if quick else 3, epochs=10 if quick else None, smoke=False)
@@ -266,8 +334,10 @@ def main() -> None:
     print("\nsummary against the issue's budgets")
     print(f"  slowest figure: {max(drawn.values()) * 1e3:.1f} ms per image (budget {PER_IMAGE_MS:.0f})")
     print(f"  demo with images / without: {r_demo:.2f}x (budget {DEMO_RATIO}x)")
-    print(f"  ResNet-18 patterns with images / without: {r_thread:.2f}x waited by training, {r_all:.2f}x until "
-          f"every image is written (budget {RESNET_RATIO}x)")
+    print(
+        f"  ResNet-18 patterns with images / without: {r_thread:.2f}x waited by training, {r_all:.2f}x until "
+        f"every image is written (budget {RESNET_RATIO}x)"
+    )
     print(f"  acceptance MLP with images / without: {r_acc:.2f}x (budget {ACCEPTANCE_RATIO}x)")
 
 

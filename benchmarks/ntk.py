@@ -100,8 +100,9 @@ CASES = ("mlp", "resnet", "transformer", "topk", "large", "budget")
 # ------------------------------------------------------------------------------------------------
 # models
 # ------------------------------------------------------------------------------------------------
-def build(P: int, sizes: tuple[int, ...], device: str, seed: int = 0,
-          act: type[nn.Module] = nn.Tanh) -> tuple[nn.Module, torch.Tensor]:
+def build(
+    P: int, sizes: tuple[int, ...], device: str, seed: int = 0, act: type[nn.Module] = nn.Tanh
+) -> tuple[nn.Module, torch.Tensor]:
     torch.manual_seed(seed)
     layers: list[nn.Module] = []
     for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
@@ -166,8 +167,9 @@ class EncoderLayer(nn.Module):
 
 
 class Encoder(nn.Module):
-    def __init__(self, vocab: int = 100, T: int = 16, d: int = 32, heads: int = 2, layers: int = 2,
-                 out: int = 10) -> None:
+    def __init__(
+        self, vocab: int = 100, T: int = 16, d: int = 32, heads: int = 2, layers: int = 2, out: int = 10
+    ) -> None:
         super().__init__()
         self.tok, self.pos = nn.Embedding(vocab, d), nn.Embedding(T, d)
         self.layers = nn.ModuleList(EncoderLayer(d, heads, 2 * d) for _ in range(layers))
@@ -215,7 +217,7 @@ def ntk_loop(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     params = list(model.parameters())
     rows = []
     for i in range(x.shape[0]):
-        grads = torch.autograd.grad(model(x[i:i + 1]).sum(), params)
+        grads = torch.autograd.grad(model(x[i : i + 1]).sum(), params)
         rows.append(torch.cat([g.reshape(-1) for g in grads]))
     J = torch.stack(rows)
     return J @ J.T
@@ -340,20 +342,23 @@ def layer_gradients(m: nn.Module, z: torch.Tensor, g: torch.Tensor, D: torch.Ten
         t = z.reshape(B, -1)
         n = m.embedding_dim
         rows = D.view(B, C, m.num_embeddings, n).zero_()
-        rows.scatter_add_(2, t[:, None, :, None].expand(B, C, t.shape[1], n),
-                          g.reshape(C, B, -1, n).transpose(0, 1))
+        rows.scatter_add_(2, t[:, None, :, None].expand(B, C, t.shape[1], n), g.reshape(C, B, -1, n).transpose(0, 1))
     else:
         raise TypeError(f"no per-sample gradient formula here for {type(m).__name__}")
 
 
-def per_sample_gradients(model: nn.Module, P: int, C: int, chunks,
-                         out: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+def per_sample_gradients(
+    model: nn.Module, P: int, C: int, chunks, out: list[torch.Tensor] | None = None
+) -> list[torch.Tensor]:
     """(b) Every layer's per-sample gradients ``D`` (P, C, F), in fresh buffers (or in ``out``), from ``chunks`` of
     records ``(start, stop, [(module, z, g)])``."""
     p = next(model.parameters())
     layers = bound_layers(model)
-    Ds = dict(zip(layers, out)) if out is not None else {
-        m: torch.empty(P, C, _n_features(m), dtype=p.dtype, device=p.device) for m in layers}
+    Ds = (
+        dict(zip(layers, out))
+        if out is not None
+        else {m: torch.empty(P, C, _n_features(m), dtype=p.dtype, device=p.device) for m in layers}
+    )
     for s, e, calls in chunks:
         for m, z, g in calls:
             layer_gradients(m, z, g, Ds[m][s:e])
@@ -371,7 +376,7 @@ def gram_products(Ds: list[torch.Tensor], P: int) -> torch.Tensor:
             e = min(P, s + rows)
             blk = D[s:e] @ D[s:].T
             theta[s:e, s:] += blk
-            theta[e:, s:e] += blk[:, e - s:].T
+            theta[e:, s:e] += blk[:, e - s :].T
     return theta
 
 
@@ -405,10 +410,12 @@ def bound_costs(model: nn.Module, x: torch.Tensor, C: int, chunk: int) -> tuple[
         for _ in output_grad_passes(model, x, chunk):
             pass
 
-    return {BOUND[0]: passes_alone,
-            BOUND[1]: lambda: per_sample_gradients(model, P, C, one_chunk_repeated()),
-            BOUND[2]: lambda: gram_products(Ds, P),
-            BOUND_REUSED: lambda: per_sample_gradients(model, P, C, one_chunk_repeated(), out=Ds)}, theta
+    return {
+        BOUND[0]: passes_alone,
+        BOUND[1]: lambda: per_sample_gradients(model, P, C, one_chunk_repeated()),
+        BOUND[2]: lambda: gram_products(Ds, P),
+        BOUND_REUSED: lambda: per_sample_gradients(model, P, C, one_chunk_repeated(), out=Ds),
+    }, theta
 
 
 def neural_tangents_case(model: nn.Module, x: torch.Tensor):
@@ -420,8 +427,9 @@ def neural_tangents_case(model: nn.Module, x: torch.Tensor):
     except Exception:  # noqa: BLE001 - optional column
         return None
     linears = [m for m in model if isinstance(m, nn.Linear)]
-    params = [(jnp.asarray(m.weight.detach().cpu().numpy().T), jnp.asarray(m.bias.detach().cpu().numpy()))
-              for m in linears]
+    params = [
+        (jnp.asarray(m.weight.detach().cpu().numpy().T), jnp.asarray(m.bias.detach().cpu().numpy())) for m in linears
+    ]
 
     def apply(p, xs):
         h = xs
@@ -473,8 +481,10 @@ def rel_error(a: torch.Tensor, ref: torch.Tensor) -> float:
 # sections
 # ------------------------------------------------------------------------------------------------
 def mlp_section(Ps: list[int], sizes: tuple[int, ...], rounds: int, memory: bool, device: str) -> list[dict]:
-    print(f"\n== mlp: empirical NTK (trace over outputs) of MLP {'-'.join(map(str, sizes))} (tanh, float32), "
-          f"device {device}; medians of {rounds} interleaved rounds")
+    print(
+        f"\n== mlp: empirical NTK (trace over outputs) of MLP {'-'.join(map(str, sizes))} (tanh, float32), "
+        f"device {device}; medians of {rounds} interleaved rounds"
+    )
     rows: list[dict] = []
     for P in Ps:
         model, x = build(P, sizes, device)
@@ -492,14 +502,17 @@ def mlp_section(Ps: list[int], sizes: tuple[int, ...], rounds: int, memory: bool
         if nt_case is not None:
             fns["neural-tangents"] = nt_case
         ref = ntk_torch_func(model, x).double()
-        errors = {name: rel_error(fns[name](), ref) for name in ("probes (float64)", "probes (float32)",
-                                                                    "autograd loop")}
+        errors = {
+            name: rel_error(fns[name](), ref) for name in ("probes (float64)", "probes (float32)", "autograd loop")
+        }
         timed = {k: (lambda f=f: (f(), sync(device))) for k, f in fns.items()}
         times = interleaved(timed, rounds=rounds, warmup=1)
         mems = {k: peak_memory(f, device) for k, f in fns.items()} if memory else {}
         print(f"\nP = {P}")
-        print(f"{'case':<20} {'time (ms)':>11} {'ratio vs ' + ANCHOR:>20} {'x products':>11} {'peak MiB':>9} "
-              f"{'rel. error':>11}")
+        print(
+            f"{'case':<20} {'time (ms)':>11} {'ratio vs ' + ANCHOR:>20} {'x products':>11} {'peak MiB':>9} "
+            f"{'rel. error':>11}"
+        )
         for name, t in times.items():
             prod = times["products (float32)" if "float32" in name else "products (float64)"]
             vs_products = f"{t / prod:>11.2f}" if name.startswith("probes") else f"{'':>11}"
@@ -508,23 +521,37 @@ def mlp_section(Ps: list[int], sizes: tuple[int, ...], rounds: int, memory: bool
             err = errors.get(name)
             err_s = f"{err:>11.1e}" if err is not None else f"{'':>11}"
             print(f"{name:<20} {t * 1e3:>11.2f} {times[ANCHOR] / t:>19.2f}x {vs_products} {mem_s} {err_s}")
-            rows.append({"section": "mlp", "P": P, "case": name, "time": t, "speedup_vs_func": times[ANCHOR] / t,
-                         "vs_products": t / prod if name.startswith("probes") else None,
-                         "peak_mib": mem, "max_error": err})
-    print("ratio vs torch.func = torch.func time / case time (higher is faster); x products = case time / time "
-          "of the P x P products of the layerwise formula in the same precision")
+            rows.append(
+                {
+                    "section": "mlp",
+                    "P": P,
+                    "case": name,
+                    "time": t,
+                    "speedup_vs_func": times[ANCHOR] / t,
+                    "vs_products": t / prod if name.startswith("probes") else None,
+                    "peak_mib": mem,
+                    "max_error": err,
+                }
+            )
+    print(
+        "ratio vs torch.func = torch.func time / case time (higher is faster); x products = case time / time "
+        "of the P x P products of the layerwise formula in the same precision"
+    )
     return rows
 
 
-def model_section(name: str, model: nn.Module, x: torch.Tensor, rounds: int, describe: str,
-                  bound_chunk: int) -> list[dict]:
+def model_section(
+    name: str, model: nn.Module, x: torch.Tensor, rounds: int, describe: str, bound_chunk: int
+) -> list[dict]:
     """probes vs torch.func on one model: times, the median of the per-round ratios, and the exactness; then the
     kernel against the three costs of an exact per-sample-gradient method, each timed alone in the same rounds."""
     P = x.shape[0]
     plan = tangent.ntk_plan(model, x)
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"\n== {name}: {describe}; P = {P}, {n_params} parameters, {plan.outputs} outputs, float64; "
-          f"layerwise: {len(plan.fast)} layers, fallback: {plan.fallback or 'none'}")
+    print(
+        f"\n== {name}: {describe}; P = {P}, {n_params} parameters, {plan.outputs} outputs, float64; "
+        f"layerwise: {len(plan.fast)} layers, fallback: {plan.fallback or 'none'}"
+    )
     K = tangent.empirical_ntk(model, x)
     ref = ntk_torch_func(model, x)
     lam, lam_ref = torch.linalg.eigvalsh(K).flip(0)[:5], torch.linalg.eigvalsh(ref).flip(0)[:5]
@@ -536,9 +563,13 @@ def model_section(name: str, model: nn.Module, x: torch.Tensor, rounds: int, des
     bound_err = rel_error(theta, K)
     del K, theta
     floor = products_floor(model, x, plan)
-    cases = {"probes": lambda: tangent.empirical_ntk(model, x, plan=plan), ANCHOR: lambda: ntk_torch_func(model, x),
-             FLOOR: floor, FACTORS: lambda: tangent._layer_terms(model, (x,), P, plan, "trace", None, torch.float64,
-                                                                  "bench"), **bound}
+    cases = {
+        "probes": lambda: tangent.empirical_ntk(model, x, plan=plan),
+        ANCHOR: lambda: ntk_torch_func(model, x),
+        FLOOR: floor,
+        FACTORS: lambda: tangent._layer_terms(model, (x,), P, plan, "trace", None, torch.float64, "bench"),
+        **bound,
+    }
     measured = samples(cases, rounds=rounds, warmup=0)  # round 1 warms all alike; medians over rounds
     del floor, bound
     measured[BOUND_SUM] = [sum(ts) for ts in zip(*(measured[k] for k in BOUND))]
@@ -552,39 +583,71 @@ def model_section(name: str, model: nn.Module, x: torch.Tensor, rounds: int, des
     print(f"{'case':<15} {'median (s)':>11}   per round (s)")
     for k in ("probes", ANCHOR, FLOOR):
         print(f"{k:<15} {times[k]:>11.3f}   {', '.join(f'{t:.2f}' for t in measured[k])}")
-    print(f"ratio torch.func / probes: median {ratio:.2f}x (per round: {', '.join(f'{r:.2f}' for r in ratios)}); "
-          f"max |K - K_func| / max|K_func| = {err:.1e}, trace {trace_err:.1e}, top-5 eigenvalues {eig_err:.1e}")
-    print(f"{FLOOR}: {times[FLOOR]:.3f} s, the P x P products alone (the Gram of the per-sample gradients, J J^T "
-          f"in symmetric strips); torch.func / floor = {best:.2f}x, the best ratio of any exact method that forms "
-          f"J J^T; probes = {times['probes'] / times[FLOOR]:.2f}x the floor")
-    print(f"\nthe kernel against its three costs, each alone (plain torch: hooks, autograd.grad, bmm; chunks of "
-          f"{min(P, bound_chunk)} samples); their kernel equals probes' to {bound_err:.1e}")
+    print(
+        f"ratio torch.func / probes: median {ratio:.2f}x (per round: {', '.join(f'{r:.2f}' for r in ratios)}); "
+        f"max |K - K_func| / max|K_func| = {err:.1e}, trace {trace_err:.1e}, top-5 eigenvalues {eig_err:.1e}"
+    )
+    print(
+        f"{FLOOR}: {times[FLOOR]:.3f} s, the P x P products alone (the Gram of the per-sample gradients, J J^T "
+        f"in symmetric strips); torch.func / floor = {best:.2f}x, the best ratio of any exact method that forms "
+        f"J J^T; probes = {times['probes'] / times[FLOOR]:.2f}x the floor"
+    )
+    print(
+        f"\nthe kernel against its three costs, each alone (plain torch: hooks, autograd.grad, bmm; chunks of "
+        f"{min(P, bound_chunk)} samples); their kernel equals probes' to {bound_err:.1e}"
+    )
     print(f"{'cost':<34} {'median (s)':>11}   per round (s)")
-    label = {"probes": "empirical_ntk", FACTORS: "  its (a)+(b): _layer_terms", FLOOR: "  its (c): _accumulate_term",
-             BOUND_REUSED: "  (b) into reused buffers", WARM_SUM: "  sum with (b) into reused buffers"}
+    label = {
+        "probes": "empirical_ntk",
+        FACTORS: "  its (a)+(b): _layer_terms",
+        FLOOR: "  its (c): _accumulate_term",
+        BOUND_REUSED: "  (b) into reused buffers",
+        WARM_SUM: "  sum with (b) into reused buffers",
+    }
     for k in (BOUND[0], BOUND[1], BOUND_REUSED, BOUND[2], BOUND_SUM, WARM_SUM, "probes", FACTORS, FLOOR):
         print(f"{label.get(k, k):<34} {times[k]:>11.3f}   {', '.join(f'{t:.2f}' for t in measured[k])}")
-    print(f"kernel / sum: median {vs_sum:.2f}x (per round: {', '.join(f'{r:.2f}' for r in over_sum)}); "
-          f"kernel / sum with (b) into reused buffers: {vs_warm:.2f}x (per round: "
-          f"{', '.join(f'{r:.2f}' for r in over_warm)})")
+    print(
+        f"kernel / sum: median {vs_sum:.2f}x (per round: {', '.join(f'{r:.2f}' for r in over_sum)}); "
+        f"kernel / sum with (b) into reused buffers: {vs_warm:.2f}x (per round: "
+        f"{', '.join(f'{r:.2f}' for r in over_warm)})"
+    )
     mib = P * plan.outputs * n_params * 8 / 2**20
     touch = times[BOUND[1]] - times[BOUND_REUSED]
-    print(f"(b) writes the {mib:.0f} MiB of per-sample gradients into fresh memory, as a kernel that keeps none "
-          f"between calls must: its first touch (page faults, zeroing) is {touch:.3f} s of (b)")
-    return [{"section": name, "P": P, "case": "probes", "time": times["probes"], "speedup_vs_func": ratio,
-             "ratios": ratios, "max_error": err, "trace_error": trace_err, "eig_error": eig_err,
-             "vs_bound_sum": vs_sum, "vs_bound_sum_rounds": over_sum, "vs_warm_sum": vs_warm},
-            {"section": name, "P": P, "case": ANCHOR, "time": times[ANCHOR], "speedup_vs_func": 1.0},
-            {"section": name, "P": P, "case": FLOOR, "time": times[FLOOR], "speedup_vs_func": best},
-            *({"section": name, "P": P, "case": k, "time": times[k], "rounds": measured[k]}
-              for k in (*BOUND, BOUND_SUM, BOUND_REUSED, WARM_SUM, FACTORS)),
-            {"section": name, "P": P, "case": "bound check", "max_error": bound_err}]
+    print(
+        f"(b) writes the {mib:.0f} MiB of per-sample gradients into fresh memory, as a kernel that keeps none "
+        f"between calls must: its first touch (page faults, zeroing) is {touch:.3f} s of (b)"
+    )
+    return [
+        {
+            "section": name,
+            "P": P,
+            "case": "probes",
+            "time": times["probes"],
+            "speedup_vs_func": ratio,
+            "ratios": ratios,
+            "max_error": err,
+            "trace_error": trace_err,
+            "eig_error": eig_err,
+            "vs_bound_sum": vs_sum,
+            "vs_bound_sum_rounds": over_sum,
+            "vs_warm_sum": vs_warm,
+        },
+        {"section": name, "P": P, "case": ANCHOR, "time": times[ANCHOR], "speedup_vs_func": 1.0},
+        {"section": name, "P": P, "case": FLOOR, "time": times[FLOOR], "speedup_vs_func": best},
+        *(
+            {"section": name, "P": P, "case": k, "time": times[k], "rounds": measured[k]}
+            for k in (*BOUND, BOUND_SUM, BOUND_REUSED, WARM_SUM, FACTORS)
+        ),
+        {"section": name, "P": P, "case": "bound check", "max_error": bound_err},
+    ]
 
 
 def topk_section(P: int, sizes: tuple[int, ...], k: int = 10) -> list[dict]:
     model, x = build(P, sizes, "cpu", act=nn.ReLU)
-    print(f"\n== topk: top-{k} eigenvalues of the NTK of MLP {'-'.join(map(str, sizes))} (ReLU, float32 model, "
-          f"float64 products), P = {P}")
+    print(
+        f"\n== topk: top-{k} eigenvalues of the NTK of MLP {'-'.join(map(str, sizes))} (ReLU, float32 model, "
+        f"float64 products), P = {P}"
+    )
     t0 = time.perf_counter()
     K = tangent.empirical_ntk(model, x)
     t1 = time.perf_counter()
@@ -598,12 +661,25 @@ def topk_section(P: int, sizes: tuple[int, ...], k: int = 10) -> list[dict]:
     trace = float(op.trace())
     t4 = time.perf_counter()
     err = float(((top.values - lam).abs() / lam).max())
-    print(f"dense kernel {t1 - t0:.2f} s + eigvalsh {t2 - t1:.2f} s; operator {t3 - t0 - (t2 - t0):.2f} s "
-          f"+ block Krylov {t4 - t3:.2f} s ({top.products} products, converged: {top.converged})")
-    print(f"largest relative error of the top-{k}: {err:.1e}; trace relative error {abs(trace / trace_ref - 1):.1e}; "
-          f"lambda_{k} / lambda_1 = {float(lam[-1] / lam[0]):.2e}")
-    return [{"section": "topk", "P": P, "case": "topk", "time": t4 - t2, "dense_time": t2 - t0,
-             "eig_error": err, "products": top.products}]
+    print(
+        f"dense kernel {t1 - t0:.2f} s + eigvalsh {t2 - t1:.2f} s; operator {t3 - t0 - (t2 - t0):.2f} s "
+        f"+ block Krylov {t4 - t3:.2f} s ({top.products} products, converged: {top.converged})"
+    )
+    print(
+        f"largest relative error of the top-{k}: {err:.1e}; trace relative error {abs(trace / trace_ref - 1):.1e}; "
+        f"lambda_{k} / lambda_1 = {float(lam[-1] / lam[0]):.2e}"
+    )
+    return [
+        {
+            "section": "topk",
+            "P": P,
+            "case": "topk",
+            "time": t4 - t2,
+            "dense_time": t2 - t0,
+            "eig_error": err,
+            "products": top.products,
+        }
+    ]
 
 
 def large_child(P: int, sizes: tuple[int, ...], k: int) -> None:
@@ -619,21 +695,46 @@ def large_child(P: int, sizes: tuple[int, ...], k: int) -> None:
     trace = float(op.trace())
     t3 = time.perf_counter()
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
-    print(json.dumps({"P": P, "factors_s": t1 - t0, "krylov_s": t2 - t1, "trace_s": t3 - t2, "total_s": t3 - t0,
-                      "products": top.products, "converged": top.converged, "peak_rss_gib": rss,
-                      "top": top.values.tolist(), "trace": trace}))
+    print(
+        json.dumps(
+            {
+                "P": P,
+                "factors_s": t1 - t0,
+                "krylov_s": t2 - t1,
+                "trace_s": t3 - t2,
+                "total_s": t3 - t0,
+                "products": top.products,
+                "converged": top.converged,
+                "peak_rss_gib": rss,
+                "top": top.values.tolist(),
+                "trace": trace,
+            }
+        )
+    )
 
 
 def large_section(P: int, sizes: tuple[int, ...], k: int = 10, threads: int | None = None) -> list[dict]:
-    print(f"\n== large: top-{k} eigenvalues and trace of the NTK of MLP {'-'.join(map(str, sizes))} (ReLU, float32 "
-          f"model, float64 products) at P = {P}, fresh process")
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--large-child", str(P), "--sizes", ",".join(map(str, sizes)),
-           "--k", str(k)] + (["--threads", str(threads)] if threads else [])
+    print(
+        f"\n== large: top-{k} eigenvalues and trace of the NTK of MLP {'-'.join(map(str, sizes))} (ReLU, float32 "
+        f"model, float64 products) at P = {P}, fresh process"
+    )
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--large-child",
+        str(P),
+        "--sizes",
+        ",".join(map(str, sizes)),
+        "--k",
+        str(k),
+    ] + (["--threads", str(threads)] if threads else [])
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
     r = json.loads(out)
-    print(f"factors {r['factors_s']:.1f} s, block Krylov {r['krylov_s']:.1f} s ({r['products']} products, converged: "
-          f"{r['converged']}), trace {r['trace_s']:.1f} s; total {r['total_s']:.1f} s; peak RSS "
-          f"{r['peak_rss_gib']:.2f} GiB (a P x P float64 kernel would be {P * P * 8 / 2**30:.1f} GiB)")
+    print(
+        f"factors {r['factors_s']:.1f} s, block Krylov {r['krylov_s']:.1f} s ({r['products']} products, converged: "
+        f"{r['converged']}), trace {r['trace_s']:.1f} s; total {r['total_s']:.1f} s; peak RSS "
+        f"{r['peak_rss_gib']:.2f} GiB (a P x P float64 kernel would be {P * P * 8 / 2**30:.1f} GiB)"
+    )
     print(f"top eigenvalues: {', '.join(f'{v:.4g}' for v in r['top'][:5])}, ...; trace {r['trace']:.6g}")
     return [{"section": "large", "P": P, "case": "topk", "time": r["total_s"], "peak_rss_gib": r["peak_rss_gib"]}]
 
@@ -712,47 +813,99 @@ def budget_case(name: str, P: int, smoke: bool) -> dict:
             times.append(time.perf_counter() - t0)
     ntk_probe.top_eigenvalues = solve
     maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # ru_maxrss: KiB on Linux
-    return {"case": name, "P": P, "route": cost.route, "n": cost.n, "est_peak": cost.peak_bytes, "est_s": cost.seconds,
-            "stages": cost.stages, "products": cost.products, "measured_products": products[-1] if products else 0,
-            "peak": maxrss - before, "maxrss": maxrss, "first_s": times[0], "second_s": times[1], "baseline": before,
-            "summary": cost.summary()}
+    return {
+        "case": name,
+        "P": P,
+        "route": cost.route,
+        "n": cost.n,
+        "est_peak": cost.peak_bytes,
+        "est_s": cost.seconds,
+        "stages": cost.stages,
+        "products": cost.products,
+        "measured_products": products[-1] if products else 0,
+        "peak": maxrss - before,
+        "maxrss": maxrss,
+        "first_s": times[0],
+        "second_s": times[1],
+        "baseline": before,
+        "summary": cost.summary(),
+    }
 
 
 def budget_section(sizes: dict[str, int], smoke: bool, threads: int | None = None) -> list[dict]:
     """The ntk probe's attach-time estimate (``probes.functional.ntk.ntk_cost``) against the measured peak and time,
     one fresh process per case."""
-    print("\n== budget: the ntk probe's estimate at attach against what its measurement takes; peak = ru_maxrss "
-          "after two measurements less the resident memory before them, "
-          + ("in this process (--smoke: a case's peak shows only above the earlier ones')" if smoke
-             else "a fresh process per case") + "; time of the second measurement")
-    print(f"{'case':<12} {'route':<5} {'P':>7} {'est. peak':>10} {'measured':>10} {'ratio':>6} {'est. time':>10} "
-          f"{'measured':>9} {'ratio':>6} {'process peak':>13}")
+    print(
+        "\n== budget: the ntk probe's estimate at attach against what its measurement takes; peak = ru_maxrss "
+        "after two measurements less the resident memory before them, "
+        + (
+            "in this process (--smoke: a case's peak shows only above the earlier ones')"
+            if smoke
+            else "a fresh process per case"
+        )
+        + "; time of the second measurement"
+    )
+    print(
+        f"{'case':<12} {'route':<5} {'P':>7} {'est. peak':>10} {'measured':>10} {'ratio':>6} {'est. time':>10} "
+        f"{'measured':>9} {'ratio':>6} {'process peak':>13}"
+    )
     rows = []
     if smoke:
         results = [budget_case(name, P, smoke) for name, P in sizes.items()]
     else:
         results = []
         for name, P in sizes.items():
-            cmd = [sys.executable, str(Path(__file__).resolve()), "--budget-child", f"{name}:{P}"] + \
-                (["--threads", str(threads)] if threads else [])
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--budget-child", f"{name}:{P}"] + (
+                ["--threads", str(threads)] if threads else []
+            )
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()
             results += [json.loads(line) for line in out if line.startswith("{")]
     for r in results:
         name, P = r["case"], r["P"]
         ratio, t_ratio = r["peak"] / max(1, r["est_peak"]), r["second_s"] / max(1e-9, r["est_s"])
-        print(f"{name:<12} {r['route']:<5} {P:>7} {r['est_peak'] / 2**20:>7.0f} MiB {r['peak'] / 2**20:>6.0f} MiB "
-              f"{ratio:>6.2f} {r['est_s']:>9.3g}s {r['second_s']:>8.3g}s {t_ratio:>6.2f} "
-              f"{r['maxrss'] / 2**30:>9.2f} GiB")
-        rows.append({"section": "budget", "P": P, "case": name, **{k: r[k] for k in (
-            "route", "est_peak", "peak", "maxrss", "est_s", "first_s", "second_s", "stages", "products",
-            "measured_products")}, "peak_ratio": ratio, "time_ratio": t_ratio})
+        print(
+            f"{name:<12} {r['route']:<5} {P:>7} {r['est_peak'] / 2**20:>7.0f} MiB {r['peak'] / 2**20:>6.0f} MiB "
+            f"{ratio:>6.2f} {r['est_s']:>9.3g}s {r['second_s']:>8.3g}s {t_ratio:>6.2f} "
+            f"{r['maxrss'] / 2**30:>9.2f} GiB"
+        )
+        rows.append(
+            {
+                "section": "budget",
+                "P": P,
+                "case": name,
+                **{
+                    k: r[k]
+                    for k in (
+                        "route",
+                        "est_peak",
+                        "peak",
+                        "maxrss",
+                        "est_s",
+                        "first_s",
+                        "second_s",
+                        "stages",
+                        "products",
+                        "measured_products",
+                    )
+                },
+                "peak_ratio": ratio,
+                "time_ratio": t_ratio,
+            }
+        )
     for r in rows:
-        print(f"  {r['case']}: estimate by stage (MiB): "
-              + ", ".join(f"{k} {v / 2**20:.0f}" for k, v in r["stages"].items())
-              + (f"; Krylov products: {r['products']} estimated, {r['measured_products']} taken"
-                 if r["route"] == "topk" else ""))
-    print("ratio = measured / estimated (peak: memory the measurement adds; time: the estimate's operations at "
-          "the measured float64 GEMM rate); process peak: ru_maxrss, torch, model and probe batch included")
+        print(
+            f"  {r['case']}: estimate by stage (MiB): "
+            + ", ".join(f"{k} {v / 2**20:.0f}" for k, v in r["stages"].items())
+            + (
+                f"; Krylov products: {r['products']} estimated, {r['measured_products']} taken"
+                if r["route"] == "topk"
+                else ""
+            )
+        )
+    print(
+        "ratio = measured / estimated (peak: memory the measurement adds; time: the estimate's operations at "
+        "the measured float64 GEMM rate); process peak: ru_maxrss, torch, model and probe batch included"
+    )
     return rows
 
 
@@ -767,8 +920,12 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    p.add_argument("--bound-chunk", type=int, default=None,
-                   help=f"samples per forward/backward of the three costs timed alone (default {BOUND_CHUNK})")
+    p.add_argument(
+        "--bound-chunk",
+        type=int,
+        default=None,
+        help=f"samples per forward/backward of the three costs timed alone (default {BOUND_CHUNK})",
+    )
     p.add_argument("--large-child", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--budget-child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--k", type=int, default=10, help=argparse.SUPPRESS)
@@ -813,14 +970,24 @@ def main(argv=None) -> list[dict]:
         rows += mlp_section(Ps, sizes, rounds, memory, args.device)
     if "resnet" in cases:
         model, x = resnet_case(P_res, **res_kw)
-        rows += model_section("resnet", model, x, rounds_models,
-                              "small ResNet (conv-BN-ReLU stem, 2 BasicBlocks, residuals, BN eval), 3x16x16 inputs",
-                              args.bound_chunk or BOUND_CHUNK["resnet"])
+        rows += model_section(
+            "resnet",
+            model,
+            x,
+            rounds_models,
+            "small ResNet (conv-BN-ReLU stem, 2 BasicBlocks, residuals, BN eval), 3x16x16 inputs",
+            args.bound_chunk or BOUND_CHUNK["resnet"],
+        )
     if "transformer" in cases:
         model, t = transformer_case(P_tr, **tr_kw)
-        rows += model_section("transformer", model, t, rounds_models,
-                              f"2-layer transformer encoder (Embedding, LayerNorm, attention), {t.shape[1]} tokens",
-                              args.bound_chunk or BOUND_CHUNK["transformer"])
+        rows += model_section(
+            "transformer",
+            model,
+            t,
+            rounds_models,
+            f"2-layer transformer encoder (Embedding, LayerNorm, attention), {t.shape[1]} tokens",
+            args.bound_chunk or BOUND_CHUNK["transformer"],
+        )
     if "topk" in cases:
         rows += topk_section(P_topk, topk_sizes)
     if "large" in cases:

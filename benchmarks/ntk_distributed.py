@@ -72,13 +72,14 @@ class Clock:
                     return fn(*args, **kwargs)
                 finally:
                     setattr(self, field, getattr(self, field) + time.perf_counter() - t0)
+
             return wrapper
 
         def count(share, t):  # bytes received: an all-gather brings world - 1 blocks like t (an all-reduce, about
             self.received += (share.world - 1) * t.numel() * t.element_size()  # as many in a ring)
 
         def gather_async(share, local, *args, **kwargs):  # waiting for an exchange started earlier: what it did
-            count(share, local)                           # not overlap
+            count(share, local)  # not overlap
             return timed(started(share, local, *args, **kwargs), "exchange")
 
         def gather(share, local, *args, **kwargs):
@@ -107,8 +108,14 @@ def measure(rank: int, world: int, root: str, case: str, P: int, rounds: int, sm
         distributed = world > 1
         plan = tangent.ntk_plan(model, x)
         clock = Clock()
-        rows: dict[str, list[float]] = {"dense": [], "factors": [], "exchange": [], "received": [], "topk": [],
-                                        "topk_received": []}
+        rows: dict[str, list[float]] = {
+            "dense": [],
+            "factors": [],
+            "exchange": [],
+            "received": [],
+            "topk": [],
+            "topk_received": [],
+        }
         kernel = top = None
         for _ in range(rounds + 1):  # the first round warms up
             if distributed:
@@ -152,8 +159,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--cases", default="resnet,transformer")
     ap.add_argument("--rounds", type=int, default=None, help="timed rounds (default 3; --smoke 1)")
     args = ap.parse_args(argv)
-    sizes = {"resnet": 9, "transformer": 9} if args.smoke else \
-        {"resnet": 128, "transformer": 64} if args.quick else {"resnet": 256, "transformer": 256}
+    sizes = (
+        {"resnet": 9, "transformer": 9}
+        if args.smoke
+        else {"resnet": 128, "transformer": 64}
+        if args.quick
+        else {"resnet": 256, "transformer": 256}
+    )
     rounds = args.rounds or (1 if args.smoke else 3)
     out: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="ntk-dist-") as root:
@@ -163,21 +175,29 @@ def main(argv: list[str] | None = None) -> list[dict]:
             two = run(case, P, 2, rounds, args.smoke, root)
             ref, got = (torch.load(next(Path(root).glob(f"*/{case}_{w}.pt")), weights_only=True) for w in (1, 2))
             scale = float(ref["kernel"].abs().max())
-            diff = {"kernel": float((got["kernel"] - ref["kernel"]).abs().max()) / scale,
-                    "trace": abs(float(got["kernel"].trace() / ref["kernel"].trace()) - 1),
-                    "eig_top": abs(float(got["top"][0] / ref["top"][0]) - 1)}
-            print(f"\n{case}, P = {P}, float64, one thread per rank; the kernel of 2 ranks against one process: "
-                  f"max |diff| / max |K| = {diff['kernel']:.1e}, trace {diff['trace']:.1e}, top eigenvalue "
-                  f"{diff['eig_top']:.1e}")
-            print(f"{'world':>5} {'rank':>4} {'dense s':>8} {'factors':>8} {'exchange':>9} {'products':>9} "
-                  f"{'speed-up':>9} {'recv MiB':>9} {'top-5 s':>8} {'speed-up':>9} {'recv MiB':>9} {'peak MiB':>9}")
+            diff = {
+                "kernel": float((got["kernel"] - ref["kernel"]).abs().max()) / scale,
+                "trace": abs(float(got["kernel"].trace() / ref["kernel"].trace()) - 1),
+                "eig_top": abs(float(got["top"][0] / ref["top"][0]) - 1),
+            }
+            print(
+                f"\n{case}, P = {P}, float64, one thread per rank; the kernel of 2 ranks against one process: "
+                f"max |diff| / max |K| = {diff['kernel']:.1e}, trace {diff['trace']:.1e}, top eigenvalue "
+                f"{diff['eig_top']:.1e}"
+            )
+            print(
+                f"{'world':>5} {'rank':>4} {'dense s':>8} {'factors':>8} {'exchange':>9} {'products':>9} "
+                f"{'speed-up':>9} {'recv MiB':>9} {'top-5 s':>8} {'speed-up':>9} {'recv MiB':>9} {'peak MiB':>9}"
+            )
             for world, rows in ((1, [one]), (2, two)):
                 for r, row in enumerate(rows):
                     products = row["dense"] - row["factors"] - row["exchange"]
-                    print(f"{world:>5} {r:>4} {row['dense']:>8.3f} {row['factors']:>8.3f} {row['exchange']:>9.3f} "
-                          f"{products:>9.3f} {one['dense'] / row['dense']:>8.2f}x {row['received'] / 2**20:>9.1f} "
-                          f"{row['topk']:>8.3f} {one['topk'] / row['topk']:>8.2f}x "
-                          f"{row['topk_received'] / 2**20:>9.1f} {row['rss_mib']:>9.0f}")
+                    print(
+                        f"{world:>5} {r:>4} {row['dense']:>8.3f} {row['factors']:>8.3f} {row['exchange']:>9.3f} "
+                        f"{products:>9.3f} {one['dense'] / row['dense']:>8.2f}x {row['received'] / 2**20:>9.1f} "
+                        f"{row['topk']:>8.3f} {one['topk'] / row['topk']:>8.2f}x "
+                        f"{row['topk_received'] / 2**20:>9.1f} {row['rss_mib']:>9.0f}"
+                    )
                     out.append({"case": case, "P": P, "world": world, "rank": r, **row, **diff})
     return out
 

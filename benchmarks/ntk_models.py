@@ -69,8 +69,7 @@ def gpt2(vocab: int = 100) -> nn.Module:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    cfg = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=vocab, n_positions=16, bos_token_id=0,
-                     eos_token_id=0)
+    cfg = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=vocab, n_positions=16, bos_token_id=0, eos_token_id=0)
     return Logits(GPT2LMHeadModel(cfg), last=True).double().eval()
 
 
@@ -78,8 +77,15 @@ def bert(vocab: int = 100) -> nn.Module:
     from transformers import BertConfig, BertForSequenceClassification
 
     torch.manual_seed(0)
-    cfg = BertConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=2, intermediate_size=64,
-                     vocab_size=vocab, max_position_embeddings=16, num_labels=3)
+    cfg = BertConfig(
+        num_hidden_layers=2,
+        hidden_size=32,
+        num_attention_heads=2,
+        intermediate_size=64,
+        vocab_size=vocab,
+        max_position_embeddings=16,
+        num_labels=3,
+    )
     return Logits(BertForSequenceClassification(cfg), last=False).double().eval()
 
 
@@ -120,8 +126,9 @@ class ViT(nn.Module):
     """timm's ``VisionTransformer`` in plain torch: conv patch embedding, ``cls_token`` and ``pos_embed`` used in
     ``forward`` (``_pos_embed``), pre-norm blocks, final norm, the class token's features to a Linear head."""
 
-    def __init__(self, img: int = 32, patch: int = 4, d: int = 32, depth: int = 2, heads: int = 2,
-                 classes: int = 10) -> None:
+    def __init__(
+        self, img: int = 32, patch: int = 4, d: int = 32, depth: int = 2, heads: int = 2, classes: int = 10
+    ) -> None:
         super().__init__()
         torch.manual_seed(0)
         self.patch_embed = nn.Conv2d(3, d, patch, patch)
@@ -216,15 +223,23 @@ def measure(name: str, P: int, rounds: int) -> dict[str, float]:
     ratio = 1.0 / paired_ratios(times, "torch.func")["probes"]
     mem = {k: peak_memory(fn, "cpu") for k, fn in cases.items()}
     t_probes, t_func = statistics.median(times["probes"]), statistics.median(times["torch.func"])
-    print(f"\n== {name}: P = {P}, {plan.outputs} outputs, {n_params} parameters, float64; fallback: "
-          f"{len(plan.fallback)} tensors ({fallback} values){', ' + str(sorted(plan.reasons)) if plan.reasons else ''}")
+    print(
+        f"\n== {name}: P = {P}, {plan.outputs} outputs, {n_params} parameters, float64; fallback: "
+        f"{len(plan.fallback)} tensors ({fallback} values){', ' + str(sorted(plan.reasons)) if plan.reasons else ''}"
+    )
     print(f"   plan (discovery and self-check): {t_plan:.3f} s")
     print(f"   probes     {t_probes:8.3f} s  peak {mem['probes']:8.1f} MiB")
     print(f"   torch.func {t_func:8.3f} s  peak {mem['torch.func']:8.1f} MiB")
-    print(f"   torch.func / probes: time {ratio:.2f}x, peak memory {mem['torch.func'] / max(mem['probes'], 1e-9):.2f}x;"
-          f" max relative difference {err:.2e}")
-    return {"time_ratio": ratio, "mem_ratio": mem["torch.func"] / max(mem["probes"], 1e-9), "err": err,
-            "fallback": fallback}
+    print(
+        f"   torch.func / probes: time {ratio:.2f}x, peak memory {mem['torch.func'] / max(mem['probes'], 1e-9):.2f}x;"
+        f" max relative difference {err:.2e}"
+    )
+    return {
+        "time_ratio": ratio,
+        "mem_ratio": mem["torch.func"] / max(mem["probes"], 1e-9),
+        "err": err,
+        "fallback": fallback,
+    }
 
 
 def measure_sketch(P: int, rounds: int, k: int = 8) -> dict[str, float]:
@@ -242,29 +257,42 @@ def measure_sketch(P: int, rounds: int, k: int = 8) -> dict[str, float]:
     K = empirical_ntk(sketched, x, plan=plan_k)
     trace_err = float((K.trace() - exact.trace()).abs() / exact.trace())
     fro_err = float(torch.linalg.matrix_norm(K - exact) / torch.linalg.matrix_norm(exact))
-    seeds = [float(empirical_ntk(SelectedOutput(model, position=False, sketch=gaussian_sketch(C, k, s)), x).trace())
-             for s in range(8)]
+    seeds = [
+        float(empirical_ntk(SelectedOutput(model, position=False, sketch=gaussian_sketch(C, k, s)), x).trace())
+        for s in range(8)
+    ]
     mean_err = abs(statistics.fmean(seeds) - float(exact.trace())) / float(exact.trace())
-    cases = {"torch.func": lambda: func_ntk(model, x), "probes": lambda: empirical_ntk(model, x, plan=plan),
-             "sketch": lambda: empirical_ntk(sketched, x, plan=plan_k)}
+    cases = {
+        "torch.func": lambda: func_ntk(model, x),
+        "probes": lambda: empirical_ntk(model, x, plan=plan),
+        "sketch": lambda: empirical_ntk(sketched, x, plan=plan_k),
+    }
     times = samples(cases, rounds=rounds, warmup=0)
     r = paired_ratios(times, "torch.func")
     print(f"\n== gpt2 outputs={k}: P = {P}, {C} logits projected on {k} Gaussian directions (seed 0)")
-    print(f"   outputs={k}  {statistics.median(times['sketch']):8.3f} s;  exact probes "
-          f"{statistics.median(times['probes']):.3f} s;  torch.func {statistics.median(times['torch.func']):.3f} s")
-    print(f"   torch.func / outputs={k}: time {1.0 / r['sketch']:.2f}x;  exact probes / outputs={k}: time "
-          f"{r['probes'] / r['sketch']:.2f}x")
-    print(f"   relative error: trace {trace_err:.2%}, kernel (Frobenius) {fro_err:.2%}; mean trace of 8 seeds "
-          f"{mean_err:.2%}")
+    print(
+        f"   outputs={k}  {statistics.median(times['sketch']):8.3f} s;  exact probes "
+        f"{statistics.median(times['probes']):.3f} s;  torch.func {statistics.median(times['torch.func']):.3f} s"
+    )
+    print(
+        f"   torch.func / outputs={k}: time {1.0 / r['sketch']:.2f}x;  exact probes / outputs={k}: time "
+        f"{r['probes'] / r['sketch']:.2f}x"
+    )
+    print(
+        f"   relative error: trace {trace_err:.2%}, kernel (Frobenius) {fro_err:.2%}; mean trace of 8 seeds "
+        f"{mean_err:.2%}"
+    )
     # the probe's old default on a language model's (P, T, C) logits: every position (positions="all")
     seq = Logits(model.model, last=False)
     t0 = time.perf_counter()
     empirical_ntk(seq, x)
     t_all = time.perf_counter() - t0
     T = int(x.shape[1])
-    print(f"   (P, T, C) = ({P}, {T}, {C}) logits, every position (positions='all', {T * C} outputs): "
-          f"{t_all:.3f} s, {t_all / statistics.median(times['probes']):.1f}x the last position's exact kernel "
-          f"(positions='last', the default), {t_all / statistics.median(times['sketch']):.0f}x outputs={k} (1 round)")
+    print(
+        f"   (P, T, C) = ({P}, {T}, {C}) logits, every position (positions='all', {T * C} outputs): "
+        f"{t_all:.3f} s, {t_all / statistics.median(times['probes']):.1f}x the last position's exact kernel "
+        f"(positions='last', the default), {t_all / statistics.median(times['sketch']):.0f}x outputs={k} (1 round)"
+    )
     return {"trace_err": trace_err, "fro_err": fro_err}
 
 
@@ -282,9 +310,11 @@ def main() -> None:
     rounds = a.rounds or (1 if (a.smoke or a.quick) else 3)
     import probes.functional.ntk as tangent
 
-    print(f"NTK of real architectures, one measurement (trace over outputs), torch {torch.__version__}, "
-          f"{torch.get_num_threads()} thread(s); ratios torch.func / probes (above 1: probes is faster or smaller); "
-          f"probes from {Path(tangent.__file__).parents[3]}")
+    print(
+        f"NTK of real architectures, one measurement (trace over outputs), torch {torch.__version__}, "
+        f"{torch.get_num_threads()} thread(s); ratios torch.func / probes (above 1: probes is faster or smaller); "
+        f"probes from {Path(tangent.__file__).parents[3]}"
+    )
     for name in cases:
         r = measure(name, P, rounds)
         if not math.isfinite(r["err"]) or r["err"] > 1e-8:

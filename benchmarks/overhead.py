@@ -100,8 +100,14 @@ def deep_mlp(blocks: int = 24, width: int = 64) -> nn.Sequential:
 class Trainer:
     """One model's training step; ``session`` (when attached) steps with it."""
 
-    def __init__(self, model: nn.Module, batch: tuple, loss: Callable[..., torch.Tensor],
-                 opt: type[torch.optim.Optimizer] = torch.optim.SGD, lr: float = 0.01) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        batch: tuple,
+        loss: Callable[..., torch.Tensor],
+        opt: type[torch.optim.Optimizer] = torch.optim.SGD,
+        lr: float = 0.01,
+    ) -> None:
         self.model, self.batch, self.loss = model, batch, loss
         self.opt = opt(model.parameters(), lr=lr)
         self.session: Any = None
@@ -149,9 +155,11 @@ class Trainer:
 
     def beside(self, other: Trainer, spec: dict) -> Case:
         """This model's step while ``other`` (another model) is attached with ``spec`` and has stepped."""
+
         def enter() -> None:
             other._attach(spec, {})
             self.step()
+
         return Case(self.step, enter=enter, leave=other._detach)
 
     def site_calls(self, sites: str = "relu") -> int:
@@ -200,8 +208,9 @@ def applicable(model: nn.Module, probe_data: tuple) -> tuple[list[str], dict[str
         if getattr(info.cls, "passive", False):
             continue
         try:
-            s = probes.attach(model, {info.name: {"every": NEVER}}, probe_data=probe_data, sinks=["memory"],
-                              measure_at_attach=False)
+            s = probes.attach(
+                model, {info.name: {"every": NEVER}}, probe_data=probe_data, sinks=["memory"], measure_at_attach=False
+            )
         except Exception as e:  # noqa: BLE001 - a probe that does not apply says why
             why = str(e).splitlines()[0] if str(e) else type(e).__name__
             left_out[info.name] = why if len(why) <= 160 else why[:157] + "..."
@@ -221,12 +230,20 @@ def deep_section(dev: torch.device, smoke: bool) -> Section:
     rows = [
         Row("24-block MLP: plain step", student.plain()),
         Row("24-block MLP: relu_zeros", student.attached(rz), "24-block MLP: plain step", PASSIVE_MLP_GOAL, n),
-        Row("24-block MLP: alignment, between measurements",
-            student.kept({"alignment": {"every": NEVER}}, probe_data=probe_data,
-                         measure_at_attach=False), "24-block MLP: plain step", NOT_DUE_GOAL),
+        Row(
+            "24-block MLP: alignment, between measurements",
+            student.kept({"alignment": {"every": NEVER}}, probe_data=probe_data, measure_at_attach=False),
+            "24-block MLP: plain step",
+            NOT_DUE_GOAL,
+        ),
         Row("second MLP, not attached: plain step", teacher.plain()),
-        Row("second MLP, not attached, first attached", teacher.beside(student, rz),
-            "second MLP, not attached: plain step", NOT_ATTACHED_GOAL, teacher.site_calls()),
+        Row(
+            "second MLP, not attached, first attached",
+            teacher.beside(student, rz),
+            "second MLP, not attached: plain step",
+            NOT_ATTACHED_GOAL,
+            teacher.site_calls(),
+        ),
     ]
     # relu_zeros' flush (one host copy of the counts and the records), once per 100 steps: outside the blocks
     s = probes.attach(student.model, rz, sinks=["memory"])
@@ -239,10 +256,17 @@ def deep_section(dev: torch.device, smoke: bool) -> Section:
         flushes.append(time.perf_counter() - t0)
     s.detach()
     flush = statistics.median(flushes)
-    note = (f"relu_zeros flush on the 24-block MLP ({n} sites): {flush * 1e3:.2f} ms, every 100 steps: "
-            f"+{flush / 100 * 1e6:.1f} us per step (not in the blocks)")
-    return Section(f"24-block Linear(64,64)-LayerNorm-ReLU MLP ({len(list(student.model.modules()))} modules), "
-                   "batch 32, SGD", rows, student.step, max_repeat=ALIGNMENT_EVERY - 10, notes=[note])
+    note = (
+        f"relu_zeros flush on the 24-block MLP ({n} sites): {flush * 1e3:.2f} ms, every 100 steps: "
+        f"+{flush / 100 * 1e6:.1f} us per step (not in the blocks)"
+    )
+    return Section(
+        f"24-block Linear(64,64)-LayerNorm-ReLU MLP ({len(list(student.model.modules()))} modules), batch 32, SGD",
+        rows,
+        student.step,
+        max_repeat=ALIGNMENT_EVERY - 10,
+        notes=[note],
+    )
 
 
 def gpt2_section(dev: torch.device, smoke: bool) -> Section:
@@ -255,16 +279,32 @@ def gpt2_section(dev: torch.device, smoke: bool) -> Section:
         return Section("GPT-2", [Row(n, None, skipped=reason) for n in names])
     transformers.logging.set_verbosity_error()
     torch.manual_seed(0)
-    cfg = GPT2Config(n_layer=4, n_embd=128, n_head=4, n_positions=64, vocab_size=GPT2_VOCAB, bos_token_id=0,
-                     eos_token_id=0)
+    cfg = GPT2Config(
+        n_layer=4, n_embd=128, n_head=4, n_positions=64, vocab_size=GPT2_VOCAB, bos_token_id=0, eos_token_id=0
+    )
     b = 2 if smoke else 8
-    lm = Trainer(GPT2LMHeadModel(cfg).to(dev), (torch.randint(0, GPT2_VOCAB, (b, 64), device=dev),), lm_loss,
-                 torch.optim.AdamW, lr=1e-4)
-    rows = [Row(names[0], lm.plain()),
-            Row(names[1], lm.attached({"relu_zeros": {"every": 100, "sites": "all"}}), names[0], PASSIVE_LARGE_GOAL,
-                lm.site_calls("all"))]
-    return Section(f"GPT-2 from GPT2Config: 4 layers, width 128, 4 heads, vocabulary {GPT2_VOCAB}, sequence 64, "
-                   f"batch {b}, AdamW", rows, lm.step)
+    lm = Trainer(
+        GPT2LMHeadModel(cfg).to(dev),
+        (torch.randint(0, GPT2_VOCAB, (b, 64), device=dev),),
+        lm_loss,
+        torch.optim.AdamW,
+        lr=1e-4,
+    )
+    rows = [
+        Row(names[0], lm.plain()),
+        Row(
+            names[1],
+            lm.attached({"relu_zeros": {"every": 100, "sites": "all"}}),
+            names[0],
+            PASSIVE_LARGE_GOAL,
+            lm.site_calls("all"),
+        ),
+    ]
+    return Section(
+        f"GPT-2 from GPT2Config: 4 layers, width 128, 4 heads, vocabulary {GPT2_VOCAB}, sequence 64, batch {b}, AdamW",
+        rows,
+        lm.step,
+    )
 
 
 def resnet_section(dev: torch.device, smoke: bool, quick: bool) -> Section:
@@ -272,9 +312,16 @@ def resnet_section(dev: torch.device, smoke: bool, quick: bool) -> Section:
     w, b = (8, 2) if smoke else (64, 4 if quick else 8)
     batch = (torch.randn(b, 3, 32, 32, device=dev), torch.randint(0, 10, (b,), device=dev))
     net = Trainer(ResNet18(w).to(dev), batch, mlp_loss)
-    rows = [Row("ResNet-18: plain step", net.plain()),
-            Row("ResNet-18: relu_zeros", net.attached({"relu_zeros": {"every": 100}}), "ResNet-18: plain step",
-                PASSIVE_LARGE_GOAL, net.site_calls())]
+    rows = [
+        Row("ResNet-18: plain step", net.plain()),
+        Row(
+            "ResNet-18: relu_zeros",
+            net.attached({"relu_zeros": {"every": 100}}),
+            "ResNet-18: plain step",
+            PASSIVE_LARGE_GOAL,
+            net.site_calls(),
+        ),
+    ]
     return Section(f"CIFAR ResNet-18, width {w}, batch {b}, SGD", rows, net.step)
 
 
@@ -293,18 +340,29 @@ def seed_section(dev: torch.device) -> Section:
     active_lin, left_out_lin = applicable(linear.model, probe_data)
     idle = {n: {"every": NEVER} for n in active}
     idle_lin = {n: {"every": NEVER} for n in active_lin}
-    plain, plain_lin, plain_f = "seed MLP: plain step", "seed MLP, Linear output: plain step", \
-        "F.relu seed MLP: plain step"
+    plain, plain_lin, plain_f = (
+        "seed MLP: plain step",
+        "seed MLP, Linear output: plain step",
+        "F.relu seed MLP: plain step",
+    )
     rows = [
         Row(plain, shared.plain()),
         Row("seed MLP: relu_zeros", shared.attached(rz), plain, None, shared.site_calls()),
-        Row("seed MLP: active probes, not due",
-            shared.kept(idle, probe_data=probe_data, measure_at_attach=False) if active else None, plain,
-            NOT_DUE_GOAL, skipped=None if active else "skipped: no active probe applies"),
+        Row(
+            "seed MLP: active probes, not due",
+            shared.kept(idle, probe_data=probe_data, measure_at_attach=False) if active else None,
+            plain,
+            NOT_DUE_GOAL,
+            skipped=None if active else "skipped: no active probe applies",
+        ),
         Row(plain_lin, linear.plain()),
-        Row("seed MLP, Linear output: active probes, not due",
+        Row(
+            "seed MLP, Linear output: active probes, not due",
             linear.kept(idle_lin, probe_data=probe_data, measure_at_attach=False) if active_lin else None,
-            plain_lin, NOT_DUE_GOAL, skipped=None if active_lin else "skipped: no active probe applies"),
+            plain_lin,
+            NOT_DUE_GOAL,
+            skipped=None if active_lin else "skipped: no active probe applies",
+        ),
         Row(plain_f, func.plain()),
         Row("F.relu seed MLP: relu_zeros", func.attached(rz), plain_f, None, func.site_calls()),
     ]
@@ -312,8 +370,12 @@ def seed_section(dev: torch.device) -> Section:
     notes += [f"  left out {name}: {why}" for name, why in left_out.items()]
     notes.append(f"seed MLP with a Linear output layer, not due: {', '.join(active_lin) or '(none)'}")
     notes += [f"  left out {name}: {why}" for name, why in left_out_lin.items()]
-    return Section("seed 003: 784-750-320-50-10 MLP, one shared nn.ReLU (after the logits too), batch 64, SGD", rows,
-                   shared.step, notes=notes)
+    return Section(
+        "seed 003: 784-750-320-50-10 MLP, one shared nn.ReLU (after the logits too), batch 64, SGD",
+        rows,
+        shared.step,
+        notes=notes,
+    )
 
 
 def sync(dev: torch.device) -> None:
@@ -338,8 +400,9 @@ def measure(section: Section, dev: torch.device, rounds: int, block_s: float, wa
         repeat = max(1, round(block_s / ((time.perf_counter() - t0) / 3)))
     if section.max_repeat is not None:
         repeat = min(repeat, section.max_repeat)
-    measured = rotated_rounds(live, rounds=rounds, repeat=repeat, warmup=warmup,
-                              sync=(lambda: sync(dev)) if dev.type == "cuda" else None)
+    measured = rotated_rounds(
+        live, rounds=rounds, repeat=repeat, warmup=warmup, sync=(lambda: sync(dev)) if dev.type == "cuda" else None
+    )
     section.title += f"; blocks of {repeat} step{'s' * (repeat > 1)}"
     out = {}
     for r in section.rows:
@@ -352,8 +415,10 @@ def measure(section: Section, dev: torch.device, rounds: int, block_s: float, wa
 
 def report(sections: list[Section], results: list[dict], title: str) -> str:
     width = max(len(r.name) for s in sections for r in s.rows)
-    head = (f"{'case':<{width}}  {'step (ms)':>9}  {'ratio':>7}  {'extra/step (us)':>15}  {'site calls':>10}  "
-            f"{'us/site call':>12}  {'goal':>8}  meets")
+    head = (
+        f"{'case':<{width}}  {'step (ms)':>9}  {'ratio':>7}  {'extra/step (us)':>15}  {'site calls':>10}  "
+        f"{'us/site call':>12}  {'goal':>8}  meets"
+    )
     lines = [title, head, "-" * len(head)]
     for section, res in zip(sections, results):
         lines.append(f"[{section.title}]")
@@ -370,8 +435,10 @@ def report(sections: list[Section], results: list[dict], title: str) -> str:
             extra = (ratio - 1.0) * res[r.anchor][0]
             per_call = f"{extra / r.sites * 1e6:>12.2f}" if r.sites else f"{'-':>12}"
             sites = f"{r.sites:>10d}" if r.sites is not None else f"{'-':>10}"
-            lines.append(f"{r.name:<{width}}  {t * 1e3:>9.3f}  {ratio:>6.3f}x  {extra * 1e6:>+15.1f}  {sites}  "
-                         f"{per_call}  {goal:>8}  {meets}")
+            lines.append(
+                f"{r.name:<{width}}  {t * 1e3:>9.3f}  {ratio:>6.3f}x  {extra * 1e6:>+15.1f}  {sites}  "
+                f"{per_call}  {goal:>8}  {meets}"
+            )
         lines += [f"  {n}" for n in (section.notes or [])]
     return "\n".join(lines)
 
@@ -381,13 +448,19 @@ def run_device(dev: torch.device, args: argparse.Namespace) -> dict[str, float]:
     rounds, block_s, warmup = (1, 0.0, 0) if smoke else ((21, 0.025, 1) if quick else (41, 0.06, 2))
     if args.rounds:
         rounds = args.rounds
-    sections = [deep_section(dev, smoke), gpt2_section(dev, smoke), resnet_section(dev, smoke, quick),
-                seed_section(dev)]
+    sections = [
+        deep_section(dev, smoke),
+        gpt2_section(dev, smoke),
+        resnet_section(dev, smoke, quick),
+        seed_section(dev),
+    ]
     results = [measure(s, dev, rounds, block_s, warmup, smoke) for s in sections]
     where = f"cuda ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else dev.type
-    title = (f"training-step overhead on {where}, {torch.get_num_threads()} thread(s), {rounds} interleaved "
-             "round(s); ratio: median of the per-round ratios to the plain step of the same model; goals are "
-             "reported, not enforced")
+    title = (
+        f"training-step overhead on {where}, {torch.get_num_threads()} thread(s), {rounds} interleaved "
+        "round(s); ratio: median of the per-round ratios to the plain step of the same model; goals are "
+        "reported, not enforced"
+    )
     print(report(sections, results, title), flush=True)
     return {name: ratio for res in results for name, (_, ratio) in res.items()}
 

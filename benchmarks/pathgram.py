@@ -65,8 +65,9 @@ def make_net(d_in: int, depth: int, width: int, generator: torch.Generator) -> n
     for k, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
         lin = nn.Linear(a, b, bias=False)
         with torch.no_grad():
-            lin.weight.copy_((torch.randint(0, 2, lin.weight.shape, generator=generator) * 2 - 1).float()
-                             * math.sqrt(2.0 / width))
+            lin.weight.copy_(
+                (torch.randint(0, 2, lin.weight.shape, generator=generator) * 2 - 1).float() * math.sqrt(2.0 / width)
+            )
         layers.append(lin)
         if k < depth - 1:
             layers.append(nn.ReLU())
@@ -89,8 +90,12 @@ def numpy_route(X: np.ndarray, gates: list[np.ndarray], y: np.ndarray) -> float:
     return float(y @ np.linalg.inv(Hn) @ y)
 
 
-def floor_route(X: torch.Tensor, gates: list[torch.Tensor], xx: tuple[torch.Tensor, bool] | None = None,
-                workspace: Workspace | None = None) -> None:
+def floor_route(
+    X: torch.Tensor,
+    gates: list[torch.Tensor],
+    xx: tuple[torch.Tensor, bool] | None = None,
+    workspace: Workspace | None = None,
+) -> None:
     """Only what cannot be avoided: the probe's own products (``path_gram``: ``X X^T`` unless ``xx`` is given,
     the gate grams and their Hadamard product, in the same workspace) and one Cholesky factorization."""
     pg = path_gram(X, gates, xx=xx, workspace=workspace)
@@ -130,8 +135,15 @@ def run(P: int, depth: int, width: int, repeat: int, anchor: bool = True) -> dic
     t_floor_cold, _ = best_of(lambda: floor_route(x, gates_t, None, ws), repeat)
     xx = gram(x, torch.float64)
     t_floor_warm, _ = best_of(lambda: floor_route(x, gates_t, xx, ws), repeat)
-    row = {"P": P, "cold_s": t_cold, "warm_s": t_warm, "core_s": t_core, "floor_cold_s": t_floor_cold,
-           "floor_warm_s": t_floor_warm, "q": q_probe}
+    row = {
+        "P": P,
+        "cold_s": t_cold,
+        "warm_s": t_warm,
+        "core_s": t_core,
+        "floor_cold_s": t_floor_cold,
+        "floor_warm_s": t_floor_warm,
+        "q": q_probe,
+    }
     if anchor:
         X = x.double().numpy()
         gates = [g_.double().numpy() for g_ in gates_t]
@@ -179,8 +191,18 @@ def memory_child(P: int, depth: int, width: int) -> dict:
 
 def memory_run(P: int, depth: int, width: int) -> dict:
     """``memory_child`` in a fresh interpreter (same torch thread count); its JSON line back."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child-memory", str(P), "--depth", str(depth),
-           "--width", str(width), "--threads", str(torch.get_num_threads())]
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--child-memory",
+        str(P),
+        "--depth",
+        str(depth),
+        "--width",
+        str(width),
+        "--threads",
+        str(torch.get_num_threads()),
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if out.returncode != 0:
         raise RuntimeError(f"memory child for P = {P} failed:\n{out.stderr[-4000:]}")
@@ -191,15 +213,22 @@ def memory_run(P: int, depth: int, width: int) -> dict:
 
 
 def print_memory(rows: list[dict]) -> None:
-    gib = 2.0 ** 30
-    print(f"{'P':>6} {'P x P f64 (GiB)':>16} {'peak RSS (GiB)':>15} {'before attach (GiB)':>20} "
-          f"{'extra / (P x P)':>16} {'attach (s)':>11}")
+    gib = 2.0**30
+    print(
+        f"{'P':>6} {'P x P f64 (GiB)':>16} {'peak RSS (GiB)':>15} {'before attach (GiB)':>20} "
+        f"{'extra / (P x P)':>16} {'attach (s)':>11}"
+    )
     for r in rows:
-        print(f"{r['P']:>6} {r['pp_bytes'] / gib:>16.3f} {r['peak_bytes'] / gib:>15.3f} {r['base_bytes'] / gib:>20.3f} "
-              f"{r['extra_pp']:>16.2f} {r['seconds']:>11.2f}", flush=True)
-    print("peak RSS: ru_maxrss of a fresh process that imports torch, attaches pathgram and measures once; "
-          "before attach: its RSS with torch, data and model loaded; extra / (P x P): (peak - before) in units "
-          "of one P x P float64 matrix (target: at most 3).")
+        print(
+            f"{r['P']:>6} {r['pp_bytes'] / gib:>16.3f} {r['peak_bytes'] / gib:>15.3f} {r['base_bytes'] / gib:>20.3f} "
+            f"{r['extra_pp']:>16.2f} {r['seconds']:>11.2f}",
+            flush=True,
+        )
+    print(
+        "peak RSS: ru_maxrss of a fresh process that imports torch, attaches pathgram and measures once; "
+        "before attach: its RSS with torch, data and model loaded; extra / (P x P): (peak - before) in units "
+        "of one P x P float64 matrix (target: at most 3)."
+    )
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -212,8 +241,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     p.add_argument("--quick", action="store_true", help="P = 500, 1000 once each")
     p.add_argument("--smoke", action="store_true", help="P = 100 and 200, a tiny net (seconds)")
-    p.add_argument("--memory", type=int, nargs="*", default=None,
-                   help="peak memory of a fresh process measuring once at these P (default with --big: 10,000)")
+    p.add_argument(
+        "--memory",
+        type=int,
+        nargs="*",
+        default=None,
+        help="peak memory of a fresh process measuring once at these P (default with --big: 10,000)",
+    )
     p.add_argument("--child-memory", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child_memory is not None:  # the fresh process of a memory case
@@ -235,26 +269,35 @@ def main(argv: list[str] | None = None) -> list[dict]:
         memory = sorted(set(memory) | {10_000})
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; depth {args.depth} "
-          f"({args.depth - 1} hidden ReLU layers) x width {args.width}, bias-free; best of {args.repeat}")
-    header = (f"{'P':>6} {'numpy (s)':>10} {'cold (s)':>9} {'warm (s)':>9} {'np/cold':>8} {'np/warm':>8} "
-              f"{'floor c (s)':>11} {'floor w (s)':>11} {'cold/fl c':>10} {'warm/fl w':>10} {'core (s)':>9} "
-              f"{'rel diff q':>11}")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; depth {args.depth} "
+        f"({args.depth - 1} hidden ReLU layers) x width {args.width}, bias-free; best of {args.repeat}"
+    )
+    header = (
+        f"{'P':>6} {'numpy (s)':>10} {'cold (s)':>9} {'warm (s)':>9} {'np/cold':>8} {'np/warm':>8} "
+        f"{'floor c (s)':>11} {'floor w (s)':>11} {'cold/fl c':>10} {'warm/fl w':>10} {'core (s)':>9} "
+        f"{'rel diff q':>11}"
+    )
     rows = []
     if sizes:
         print(header)
     for P in sizes:
         r = run(P, args.depth, args.width, 1 if P >= 10_000 else args.repeat)
         rows.append(r)
-        print(f"{P:>6} {r['numpy_s']:>10.4f} {r['cold_s']:>9.4f} {r['warm_s']:>9.4f} "
-              f"{r['numpy_s'] / r['cold_s']:>8.2f} {r['numpy_s'] / r['warm_s']:>8.2f} {r['floor_cold_s']:>11.4f} "
-              f"{r['floor_warm_s']:>11.4f} {r['cold_s'] / r['floor_cold_s']:>10.2f} "
-              f"{r['warm_s'] / r['floor_warm_s']:>10.2f} {r['core_s']:>9.4f} {r['rel_diff']:>11.2e}", flush=True)
+        print(
+            f"{P:>6} {r['numpy_s']:>10.4f} {r['cold_s']:>9.4f} {r['warm_s']:>9.4f} "
+            f"{r['numpy_s'] / r['cold_s']:>8.2f} {r['numpy_s'] / r['warm_s']:>8.2f} {r['floor_cold_s']:>11.4f} "
+            f"{r['floor_warm_s']:>11.4f} {r['cold_s'] / r['floor_cold_s']:>10.2f} "
+            f"{r['warm_s'] / r['floor_warm_s']:>10.2f} {r['core_s']:>9.4f} {r['rel_diff']:>11.2e}",
+            flush=True,
+        )
     if sizes:
-        print("numpy: the seed's route (np.linalg.inv). cold: the probe's first measurement (computes X X^T); warm: "
-              "any later one (X X^T of the fixed probe batch reused). np/cold, np/warm: speed-up ratios (higher is "
-              "better). floor c / floor w: the same products + one Cholesky, with / without X X^T; cold/fl c and "
-              "warm/fl w: the probe's time over its floor. core: warm probe without condition estimate and image.")
+        print(
+            "numpy: the seed's route (np.linalg.inv). cold: the probe's first measurement (computes X X^T); warm: "
+            "any later one (X X^T of the fixed probe batch reused). np/cold, np/warm: speed-up ratios (higher is "
+            "better). floor c / floor w: the same products + one Cholesky, with / without X X^T; cold/fl c and "
+            "warm/fl w: the probe's time over its floor. core: warm probe without condition estimate and image."
+        )
     if memory:
         mem_rows = [dict(memory_run(P, args.depth, args.width), kind="memory") for P in memory]
         print_memory(mem_rows)

@@ -59,8 +59,12 @@ print(json.dumps({"peak_kib": peak, "base_kib": base, "seconds": time.perf_count
 
 
 def run(P: int, chunk: str, width: int, mode: str, names: str = "margin") -> dict:
-    out = subprocess.run([sys.executable, "-c", CHILD, str(P), chunk, str(width), mode, names, str(HERE)],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD, str(P), chunk, str(width), mode, names, str(HERE)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -69,10 +73,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--P", type=int, default=None)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--smoke", action="store_true")
-    ap.add_argument("--sets", nargs="+", default=["margin", "patterns", "alignment", "patterns,alignment,margin",
-                                                  "patterns,alignment:none,margin"],
-                    help="probe sets to measure, comma-separated names (alignment:512: memory_budget=512 MiB, "
-                         "alignment:none: no budget, every site's features held at once)")
+    ap.add_argument(
+        "--sets",
+        nargs="+",
+        default=["margin", "patterns", "alignment", "patterns,alignment,margin", "patterns,alignment:none,margin"],
+        help="probe sets to measure, comma-separated names (alignment:512: memory_budget=512 MiB, "
+        "alignment:none: no budget, every site's features held at once)",
+    )
     args = ap.parse_args(argv)
     P = args.P or (16 if args.smoke else 256 if args.quick else 1024)
     width = 8 if args.smoke else 64
@@ -80,8 +87,10 @@ def main(argv: list[str] | None = None) -> int:
     gib = 1 / (1024 * 1024)
     t0 = time.perf_counter()
     floor = run(P, "none", width, "forward")
-    print(f"ResNet-18 (width {width}), P = {P}: plain forward peak {floor['peak_kib'] * gib:.2f} GiB "
-          f"(torch imported: {floor['base_kib'] * gib:.2f} GiB)")
+    print(
+        f"ResNet-18 (width {width}), P = {P}: plain forward peak {floor['peak_kib'] * gib:.2f} GiB "
+        f"(torch imported: {floor['base_kib'] * gib:.2f} GiB)"
+    )
     for names in args.sets:
         ref = None
         for chunk in chunks:
@@ -93,9 +102,11 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 diffs = [abs(r["values"][t] - v) / max(abs(v), 1e-12) for t, v in ref.items() if t in r["values"]]
                 worst = f", max rel. difference to one pass {max(diffs):.1e}" if diffs else ""
-            print(f"  {names.replace(',', ' + '):>28}, {label:>14}: peak {r['peak_kib'] * gib:.2f} GiB "
-                  f"({r['peak_kib'] / floor['peak_kib']:.2f}x the plain forward), {r['seconds']:.1f} s{worst}",
-                  flush=True)
+            print(
+                f"  {names.replace(',', ' + '):>28}, {label:>14}: peak {r['peak_kib'] * gib:.2f} GiB "
+                f"({r['peak_kib'] / floor['peak_kib']:.2f}x the plain forward), {r['seconds']:.1f} s{worst}",
+                flush=True,
+            )
     print(f"({time.perf_counter() - t0:.0f} s)")
     return 0
 

@@ -77,9 +77,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             model(c)
         sessions[-1].flush()
 
-    measured = rotated_rounds({"plain training forward": Case(plain, enter=warm),
-                               "relu_zeros probe": Case(probe, enter=attach, leave=lambda: sessions.pop().close())},
-                              rounds=5 if not args.smoke else 2)
+    measured = rotated_rounds(
+        {
+            "plain training forward": Case(plain, enter=warm),
+            "relu_zeros probe": Case(probe, enter=attach, leave=lambda: sessions.pop().close()),
+        },
+        rounds=5 if not args.smoke else 2,
+    )
     times = {name: statistics.median(v) for name, v in measured.items()}
     t0 = time.perf_counter()
     zeros_subset = seed_count(model, x[:subset])
@@ -90,14 +94,18 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     s.close()
     probe_zeros = sum(v[-1][1] for t, v in s.memory.scalars().items() if t.endswith("/zeros"))
     assert probe_zeros == zeros_subset, (probe_zeros, zeros_subset)
-    print(f"counting ReLU zeros of {n} inputs, 784-750-320-50-10 MLP, batches of {batch}, "
-          f"{torch.get_num_threads()} threads")
+    print(
+        f"counting ReLU zeros of {n} inputs, 784-750-320-50-10 MLP, batches of {batch}, "
+        f"{torch.get_num_threads()} threads"
+    )
     print(f"{'case':<24} {'time (s)':>10} {'ratio vs plain':>16}")
     rows = {**times, f"seed loop (x{n // subset} of {subset})": seed_time}
     for name, t in rows.items():
         print(f"{name:<24} {t:>10.3f} {t / times['plain training forward']:>15.2f}x")
-    print(f"probe vs seed loop: {seed_time / times['relu_zeros probe']:.0f}x faster; "
-          f"counts agree on the subset ({zeros_subset} zeros)")
+    print(
+        f"probe vs seed loop: {seed_time / times['relu_zeros probe']:.0f}x faster; "
+        f"counts agree on the subset ({zeros_subset} zeros)"
+    )
     return rows
 
 

@@ -44,8 +44,12 @@ from probes.data import load_digits
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--backend", choices=["gloo", "nccl"], default=None,
-                   help="process group backend (default: nccl with CUDA, else gloo)")
+    p.add_argument(
+        "--backend",
+        choices=["gloo", "nccl"],
+        default=None,
+        help="process group backend (default: nccl with CUDA, else gloo)",
+    )
     p.add_argument("--fsdp", action="store_true", help="shard the model with FSDP2 fully_shard instead of DDP")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--smoke", action="store_true", help="12 steps, probes every 4 (seconds)")
@@ -128,9 +132,15 @@ def run(args: argparse.Namespace, rank: int, world: int, device: torch.device) -
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(str(Path(args.logdir) / kind))
-    spec = {"relu_zeros": {"every": every}, "patterns": {"every": every}, "alignment": {"every": every},
-            "ntk": {"every": every}, "pathgram": {"every": every}, "linear_region": {"every": every},
-            "particles": {"every": every, "layer": "2"}}
+    spec = {
+        "relu_zeros": {"every": every},
+        "patterns": {"every": every},
+        "alignment": {"every": every},
+        "ntk": {"every": every},
+        "pathgram": {"every": every},
+        "linear_region": {"every": every},
+        "particles": {"every": every, "layer": "2"},
+    }
     session = probes.attach(model, spec, probe_data=probe_data, writer=writer, optimizer=opt)
 
     steps_per_epoch = len(y_train) // args.batch_size
@@ -141,7 +151,7 @@ def run(args: argparse.Namespace, rank: int, world: int, device: torch.device) -
             perm = torch.randperm(len(y_train), generator=torch.Generator().manual_seed(args.seed + epoch))
             model.train()
             for b in range(steps_per_epoch):
-                idx = perm[b * args.batch_size:(b + 1) * args.batch_size][rank * per_rank:(rank + 1) * per_rank]
+                idx = perm[b * args.batch_size : (b + 1) * args.batch_size][rank * per_rank : (rank + 1) * per_rank]
                 loss = F.cross_entropy(model(x_train[idx]), y_train[idx])
                 opt.zero_grad()
                 loss.backward()
@@ -157,8 +167,11 @@ def run(args: argparse.Namespace, rank: int, world: int, device: torch.device) -
             accuracy = evaluate(model, x_test, y_test, device)
             if writer is not None:
                 writer.add_scalar("test/accuracy", accuracy, step)
-                print(f"[{kind} x{world}] epoch {epoch + 1}/{epochs} step {step}: loss {loss.item():.4f}, "
-                      f"test accuracy {accuracy:.3f} ({time.perf_counter() - start:.1f} s)", flush=True)
+                print(
+                    f"[{kind} x{world}] epoch {epoch + 1}/{epochs} step {step}: loss {loss.item():.4f}, "
+                    f"test accuracy {accuracy:.3f} ({time.perf_counter() - start:.1f} s)",
+                    flush=True,
+                )
     if session.failures and rank == 0:
         print("switched-off probes:", ", ".join(sorted(session.failures)))
     if writer is not None:

@@ -117,13 +117,34 @@ def train(args: argparse.Namespace, logdir: Path) -> dict:
     train_ids = make_text(args.train, args.vocab, args.seq, g)
     probe_ids = make_text(args.probe, args.vocab, args.seq, g)
     torch.manual_seed(args.seed)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=args.vocab, n_positions=args.seq, n_embd=32, n_layer=2, n_head=2,
-                                       activation_function="relu", bos_token_id=0, eos_token_id=0))
-    training = TrainingArguments(output_dir=str(logdir / "trainer"), max_steps=args.steps,
-                                 per_device_train_batch_size=args.batch, learning_rate=args.lr,
-                                 warmup_steps=0, lr_scheduler_type="constant", weight_decay=0.0,
-                                 logging_steps=args.every, save_strategy="no", report_to=["tensorboard"],
-                                 use_cpu=True, seed=args.seed, disable_tqdm=True, dataloader_num_workers=0)
+    model = GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=args.vocab,
+            n_positions=args.seq,
+            n_embd=32,
+            n_layer=2,
+            n_head=2,
+            activation_function="relu",
+            bos_token_id=0,
+            eos_token_id=0,
+        )
+    )
+    training = TrainingArguments(
+        output_dir=str(logdir / "trainer"),
+        max_steps=args.steps,
+        per_device_train_batch_size=args.batch,
+        learning_rate=args.lr,
+        warmup_steps=0,
+        lr_scheduler_type="constant",
+        weight_decay=0.0,
+        logging_steps=args.every,
+        save_strategy="no",
+        report_to=["tensorboard"],
+        use_cpu=True,
+        seed=args.seed,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
     # the probe batch: held-out sequences, a dict batch with its token labels (P, T) inside. "auto" attaches every
     # probe that applies to a GPT-2 with token labels: relu_zeros (passive, on the Trainer's forwards), patterns
     # (the ReLU gates), alignment and margin (each kept position a sample, paired with the next token), and ntk
@@ -132,8 +153,7 @@ def train(args: argparse.Namespace, logdir: Path) -> dict:
     # tensor input (attach("auto") says so, one line each). The memory sink keeps the series for the PNG, logdir
     # is the run the Trainer writes train/loss into.
     probe_batch = {"input_ids": probe_ids, "labels": probe_ids.clone()}
-    callback = ProbesCallback("auto", probe_data=probe_batch, logdir=str(logdir), sinks=["memory"],
-                              strict=args.smoke)
+    callback = ProbesCallback("auto", probe_data=probe_batch, logdir=str(logdir), sinks=["memory"], strict=args.smoke)
     with tensorboard_dir(logdir), warnings.catch_warnings():
         trainer = Trainer(model=model, args=training, train_dataset=Texts(train_ids), callbacks=[callback])
         warnings.filterwarnings("ignore", message=".*was not found in model parameters.*")
@@ -141,8 +161,13 @@ def train(args: argparse.Namespace, logdir: Path) -> dict:
     session = callback.session
     losses = [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h]
     callbacks = sum(isinstance(c, ProbesCallback) for c in trainer.callback_handler.callbacks)
-    return {"probes": sorted(session.probes), "loss": losses, "scalars": session.memory.scalars(),
-            "failures": dict(session.failures), "callbacks": callbacks}
+    return {
+        "probes": sorted(session.probes),
+        "loss": losses,
+        "scalars": session.memory.scalars(),
+        "failures": dict(session.failures),
+        "callbacks": callbacks,
+    }
 
 
 def plot(result: dict, path: Path, args: argparse.Namespace) -> None:
@@ -158,10 +183,10 @@ def plot(result: dict, path: Path, args: argparse.Namespace) -> None:
     axes[0].axhline(math.log(args.vocab), color="gray", ls=":", label=f"log(vocab) = {math.log(args.vocab):.2f}")
     axes[0].set_title("training loss (next token)")
     for tag in sorted(t for t in s if t.startswith("alignment/") and t.endswith("/cka")):
-        axes[1].plot(*zip(*s[tag]), marker=".", label=tag[len("alignment/"):-len("/cka")])
+        axes[1].plot(*zip(*s[tag]), marker=".", label=tag[len("alignment/") : -len("/cka")])
     axes[1].set_title("alignment with the next token (cka)")
     for tag in sorted(t for t in s if t.startswith("relu_zeros/") and t.endswith("/fraction") and "total" not in t):
-        axes[2].plot(*zip(*s[tag]), marker=".", label=tag[len("relu_zeros/"):])
+        axes[2].plot(*zip(*s[tag]), marker=".", label=tag[len("relu_zeros/") :])
     axes[2].set_title("ReLU units at zero")
     if "ntk/distance_from_init" in s:
         axes[3].plot(*zip(*s["ntk/distance_from_init"]), marker=".", label="ntk/distance_from_init")
@@ -172,8 +197,10 @@ def plot(result: dict, path: Path, args: argparse.Namespace) -> None:
         ax.set_xlabel("optimizer step")
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
-    fig.suptitle(f"GPT-2 (2 layers, width 32, ReLU) on generated text, vocab {args.vocab}, {args.seq} tokens, "
-                 f"batch {args.batch}, {args.steps} steps, probe batch {args.probe} sequences")
+    fig.suptitle(
+        f"GPT-2 (2 layers, width 32, ReLU) on generated text, vocab {args.vocab}, {args.seq} tokens, "
+        f"batch {args.batch}, {args.steps} steps, probe batch {args.probe} sequences"
+    )
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -191,13 +218,23 @@ def main(argv=None) -> dict:
     seconds = time.perf_counter() - t0
     loss = result["loss"]
     align = s.get("alignment/output/cka", [])
-    print(f"loss {loss[0][1]:.3f} (step {loss[0][0]}) -> {loss[-1][1]:.3f} (step {loss[-1][0]}); "
-          f"output alignment {align[0][1]:.3f} -> {align[-1][1]:.3f}" if loss and align else "no loss logged")
-    print(f"{seconds:.1f} s; probes: {', '.join(result['probes'])}; TensorBoard run {logdir}; "
-          f"figure {out}")
-    return {"png": str(out), "logdir": str(logdir), "loss": loss, "scalars": s,
-            "probes": result["probes"], "failures": result["failures"], "callbacks": result["callbacks"],
-            "seconds": seconds}
+    print(
+        f"loss {loss[0][1]:.3f} (step {loss[0][0]}) -> {loss[-1][1]:.3f} (step {loss[-1][0]}); "
+        f"output alignment {align[0][1]:.3f} -> {align[-1][1]:.3f}"
+        if loss and align
+        else "no loss logged"
+    )
+    print(f"{seconds:.1f} s; probes: {', '.join(result['probes'])}; TensorBoard run {logdir}; figure {out}")
+    return {
+        "png": str(out),
+        "logdir": str(logdir),
+        "loss": loss,
+        "scalars": s,
+        "probes": result["probes"],
+        "failures": result["failures"],
+        "callbacks": result["callbacks"],
+        "seconds": seconds,
+    }
 
 
 if __name__ == "__main__":

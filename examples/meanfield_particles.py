@@ -39,8 +39,9 @@ import probes
 from probes.functional.meanfield import MeanField
 
 
-def make_teacher(units: int, dim: int, signs: str, generator: torch.Generator,
-                 min_angle: float = 25.0) -> tuple[torch.Tensor, torch.Tensor]:
+def make_teacher(
+    units: int, dim: int, signs: str, generator: torch.Generator, min_angle: float = 25.0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Teacher ``(a*, W*)``: unit directions uniform on the sphere, redrawn until no two are within
     ``min_angle`` degrees of each other or of each other's opposite (so that their lines are told
     apart in a picture: ``w`` and ``-w`` lie on one line through the origin)."""
@@ -88,10 +89,13 @@ def train_width(width: int, args: argparse.Namespace, teacher: tuple[torch.Tenso
     x_test = torch.randn(4096, args.dim, generator=g)
     y_test = teacher_fn(x_test, a_t, w_t)
     writer = SummaryWriter(os.path.join(args.logdir, f"width{width}"))
-    options = {"teacher": (a_t, w_t), "every": args.every, "trail": args.trail,
-               "basis": "teacher" if args.dim > 2 else "init"}
-    session = probes.attach(model, {"particles": options},
-                            writer=writer, sinks=["memory"], strict=True)
+    options = {
+        "teacher": (a_t, w_t),
+        "every": args.every,
+        "trail": args.trail,
+        "basis": "teacher" if args.dim > 2 else "init",
+    }
+    session = probes.attach(model, {"particles": options}, writer=writer, sinks=["memory"], strict=True)
     with torch.no_grad():
         losses = [(0, 0.5 * (model(x_test) - y_test).pow(2).mean().item())]
     angles = [(0, line_angle(model, teacher))]
@@ -117,8 +121,15 @@ def train_width(width: int, args: argparse.Namespace, teacher: tuple[torch.Tenso
     session.close()
     writer.close()
     frames = [im.as_uint8() for im in session.memory.images()["particles/positions"]]
-    return {"width": width, "model": model, "probe": session.probes["particles"], "frames": frames,
-            "losses": losses, "angles": angles, "lr": lr}
+    return {
+        "width": width,
+        "model": model,
+        "probe": session.probes["particles"],
+        "frames": frames,
+        "losses": losses,
+        "angles": angles,
+        "lr": lr,
+    }
 
 
 def write_gif(path: str, runs: list[dict], max_frames: int = 150, ms: int = 80) -> int:
@@ -139,8 +150,9 @@ def write_gif(path: str, runs: list[dict], max_frames: int = 150, ms: int = 80) 
     return len(images)
 
 
-def write_summary(path: str, runs: list[dict], teacher: tuple[torch.Tensor, torch.Tensor],
-                  args: argparse.Namespace) -> None:
+def write_summary(
+    path: str, runs: list[dict], teacher: tuple[torch.Tensor, torch.Tensor], args: argparse.Namespace
+) -> None:
     """matplotlib figure: the trails of each width with the teacher rays, and the test losses."""
     import matplotlib
 
@@ -169,8 +181,9 @@ def write_summary(path: str, runs: list[dict], teacher: tuple[torch.Tensor, torc
         ax.set_xlim(-lim, lim)
         ax.set_ylim(-lim, lim)
         ax.set_aspect("equal")
-        ax.set_title(f"m = {r['width']}, radius {args.radius}, {args.steps} steps, "
-                     f"angle {r['angles'][-1][1]:.1f}\N{DEGREE SIGN}")
+        ax.set_title(
+            f"m = {r['width']}, radius {args.radius}, {args.steps} steps, angle {r['angles'][-1][1]:.1f}\N{DEGREE SIGN}"
+        )
         ax.set_xlabel("$(a_j w_j)_1$")
         ax.set_ylabel("$(a_j w_j)_2$")
     ax = axes[-1]
@@ -185,9 +198,12 @@ def write_summary(path: str, runs: list[dict], teacher: tuple[torch.Tensor, torc
     twin.set_ylabel("angle to the nearest teacher line, degrees (dashed)")
     twin.set_ylim(bottom=0)
     ax.legend(loc="lower left", fontsize=8)
-    fig.suptitle("particles $a_j w_j$ (red $a_j > 0$, blue $a_j < 0$) with their trails; teacher lines "
-                 "$\\mathbb{R}\\,a^*_i w^*_i$ in black, rings at $a^*_i w^*_i$; angle: norm-weighted mean angle "
-                 "to the nearest teacher line", fontsize=10)
+    fig.suptitle(
+        "particles $a_j w_j$ (red $a_j > 0$, blue $a_j < 0$) with their trails; teacher lines "
+        "$\\mathbb{R}\\,a^*_i w^*_i$ in black, rings at $a^*_i w^*_i$; angle: norm-weighted mean angle "
+        "to the nearest teacher line",
+        fontsize=10,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -208,8 +224,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--batch", type=int, default=20)
     ap.add_argument("--steps", type=int, default=None, help="default 20000 (--quick 4000, --smoke 60)")
     ap.add_argument("--every", type=int, default=None, help="probe cadence (default steps / 200)")
-    ap.add_argument("--early", type=int, default=60,
-                    help="extra measurements at geometrically spaced steps (the fast escape from the sphere)")
+    ap.add_argument(
+        "--early",
+        type=int,
+        default=60,
+        help="extra measurements at geometrically spaced steps (the fast escape from the sphere)",
+    )
     ap.add_argument("--trail", type=int, default=200)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--logdir", default=os.path.join("runs", "meanfield_particles"))
@@ -237,8 +257,7 @@ def main(argv: list[str] | None = None) -> dict:
     for p in (args.out, args.gif):
         os.makedirs(os.path.dirname(os.path.abspath(p)), exist_ok=True)
     torch.manual_seed(args.seed)
-    teacher = make_teacher(args.teacher_units, args.dim, args.teacher_signs,
-                           torch.Generator().manual_seed(args.seed))
+    teacher = make_teacher(args.teacher_units, args.dim, args.teacher_signs, torch.Generator().manual_seed(args.seed))
     runs = []
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a net this small runs fastest on one thread (and does not fight other processes)
@@ -249,9 +268,11 @@ def main(argv: list[str] | None = None) -> dict:
             run["seconds"] = time.perf_counter() - t0
             runs.append(run)
             first, last = run["losses"][0][1], run["losses"][-1][1]
-            print(f"width {width:4d}: lr {run['lr']:g}, test loss {first:.2e} -> {last:.2e}, angle to the teacher "
-                  f"lines {run['angles'][0][1]:.1f} -> {run['angles'][-1][1]:.1f} deg, {len(run['frames'])} frames, "
-                  f"{run['seconds']:.1f} s")
+            print(
+                f"width {width:4d}: lr {run['lr']:g}, test loss {first:.2e} -> {last:.2e}, angle to the teacher "
+                f"lines {run['angles'][0][1]:.1f} -> {run['angles'][-1][1]:.1f} deg, {len(run['frames'])} frames, "
+                f"{run['seconds']:.1f} s"
+            )
     finally:
         torch.set_num_threads(threads)
     n = write_gif(args.gif, runs)

@@ -48,10 +48,18 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--P", type=int, default=500, help="training samples")
     p.add_argument("--dim", type=int, default=20, help="principal components kept")
     p.add_argument("--act", choices=("erf", "tanh"), default="erf")
-    p.add_argument("--widths", type=int, default=None,
-                   help="number of widths between P/N = ratio-max and 0.1 (default 16; --quick 10)")
-    p.add_argument("--ratio-max", type=float, default=25.0,
-                   help="largest P/N of the sweep (25: past the jamming point of this data at margin 1/2)")
+    p.add_argument(
+        "--widths",
+        type=int,
+        default=None,
+        help="number of widths between P/N = ratio-max and 0.1 (default 16; --quick 10)",
+    )
+    p.add_argument(
+        "--ratio-max",
+        type=float,
+        default=25.0,
+        help="largest P/N of the sweep (25: past the jamming point of this data at margin 1/2)",
+    )
     p.add_argument("--margin", type=float, default=0.5, help="margin m of Delta = m - y f (papers: 1)")
     p.add_argument("--lr", type=float, default=1e-2)
     p.add_argument("--steps", type=int, default=None, help="step cap per width (default 50,000; --quick 5,000)")
@@ -73,11 +81,11 @@ def dataset(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor]:
     """Parity labels +-1, PCA to ``dim`` components, rows scaled to norm sqrt(dim); ``P`` random samples."""
     x, digit = load(args.data, args.root)
     g = torch.Generator().manual_seed(args.seed)
-    idx = torch.randperm(x.shape[0], generator=g)[:args.P]
+    idx = torch.randperm(x.shape[0], generator=g)[: args.P]
     x, digit = x[idx].double(), digit[idx]
     xc = x - x.mean(0, keepdim=True)
     _, _, vt = torch.linalg.svd(xc, full_matrices=False)
-    z = xc @ vt[:args.dim].T
+    z = xc @ vt[: args.dim].T
     z = z / z.norm(dim=1, keepdim=True) * math.sqrt(args.dim)
     y = torch.where(digit % 2 == 0, 1.0, -1.0)
     return z.float(), y
@@ -103,10 +111,15 @@ def train_one(args, x, y, h: int, logdir: Path) -> dict:
     torch.manual_seed(args.seed + h)
     model = make_model(args.dim, h, args.act)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
-    session = probes.attach(model, {"margin": {"every": args.margin_every, "margin": args.margin},
-                                    "ntk": {"every": 10 ** 9}},
-                            probe_data=(x, y), logdir=str(logdir / f"h{h}"), sinks=["memory"], optimizer=opt,
-                            strict=True)
+    session = probes.attach(
+        model,
+        {"margin": {"every": args.margin_every, "margin": args.margin}, "ntk": {"every": 10**9}},
+        probe_data=(x, y),
+        logdir=str(logdir / f"h{h}"),
+        sinks=["memory"],
+        optimizer=opt,
+        strict=True,
+    )
     ntk_probe = session.probes["ntk"]
     init_eigs = ntk_probe.init_eigenvalues.cpu().numpy()
     best, since, steps = math.inf, 0, 0
@@ -129,10 +142,19 @@ def train_one(args, x, y, h: int, logdir: Path) -> dict:
     mem = session.memory
     N = sum(p.numel() for n, p in model.named_parameters() if not n.endswith("bias"))
     n_delta = mem.last("margin/n_delta")
-    return {"h": h, "N": N, "P_over_N": args.P / N, "n_delta": n_delta, "n_delta_per_weight": n_delta / N,
-            "loss": mem.last("margin/loss"), "steps": steps, "init_eigs": init_eigs,
-            "ntk_distance": mem.last("ntk/distance_from_init"), "cond_init": mem.scalars()["ntk/condition"][0][1],
-            "cond_end": mem.last("ntk/condition")}
+    return {
+        "h": h,
+        "N": N,
+        "P_over_N": args.P / N,
+        "n_delta": n_delta,
+        "n_delta_per_weight": n_delta / N,
+        "loss": mem.last("margin/loss"),
+        "steps": steps,
+        "init_eigs": init_eigs,
+        "ntk_distance": mem.last("ntk/distance_from_init"),
+        "cond_init": mem.scalars()["ntk/condition"][0][1],
+        "cond_end": mem.last("ntk/condition"),
+    }
 
 
 def figure(rows: list[dict], path: Path, args: argparse.Namespace) -> None:
@@ -154,8 +176,13 @@ def figure(rows: list[dict], path: Path, args: argparse.Namespace) -> None:
     for i, row in enumerate(rows):
         lam = row["init_eigs"]
         lam = lam[lam > 0]
-        b.hist(np.log10(lam), bins=40, histtype="step", color=cmap(i / max(1, len(rows) - 1)),
-               label=f"h={row['h']} (P/N={row['P_over_N']:.2g})")
+        b.hist(
+            np.log10(lam),
+            bins=40,
+            histtype="step",
+            color=cmap(i / max(1, len(rows) - 1)),
+            label=f"h={row['h']} (P/N={row['P_over_N']:.2g})",
+        )
     b.set_xlabel("log10 eigenvalue of the NTK at initialisation")
     b.set_ylabel("count")
     b.legend(fontsize=6)
@@ -182,14 +209,19 @@ def run(args: argparse.Namespace) -> dict:
     rows = []
     t0 = time.perf_counter()
     print(f"P = {args.P}, widths {widths}")
-    print(f"{'h':>4} {'N':>6} {'P/N':>7} {'steps':>6} {'N_Delta':>8} {'N_Delta/N':>10} {'loss':>10} "
-          f"{'cond(init)':>11} {'cond(end)':>11} {'ntk moved':>9}")
+    print(
+        f"{'h':>4} {'N':>6} {'P/N':>7} {'steps':>6} {'N_Delta':>8} {'N_Delta/N':>10} {'loss':>10} "
+        f"{'cond(init)':>11} {'cond(end)':>11} {'ntk moved':>9}"
+    )
     for h in widths:
         row = train_one(args, x, y, h, logdir)
         rows.append(row)
-        print(f"{row['h']:>4} {row['N']:>6} {row['P_over_N']:>7.3f} {row['steps']:>6} {row['n_delta']:>8.0f} "
-              f"{row['n_delta_per_weight']:>10.4f} {row['loss']:>10.3g} {row['cond_init']:>11.3g} "
-              f"{row['cond_end']:>11.3g} {row['ntk_distance']:>9.3f}", flush=True)
+        print(
+            f"{row['h']:>4} {row['N']:>6} {row['P_over_N']:>7.3f} {row['steps']:>6} {row['n_delta']:>8.0f} "
+            f"{row['n_delta_per_weight']:>10.4f} {row['loss']:>10.3g} {row['cond_init']:>11.3g} "
+            f"{row['cond_end']:>11.3g} {row['ntk_distance']:>9.3f}",
+            flush=True,
+        )
     out = Path(args.out) if args.out else logdir / "ntk_jamming.png"
     figure(rows, out, args)
     print(f"wrote {out} ({time.perf_counter() - t0:.1f} s)")

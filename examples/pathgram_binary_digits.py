@@ -74,14 +74,14 @@ def load_data(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor]:
 def shuffled_norm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> float:
     """``pathgram/norm_normalized`` of the same gates with the labels permuted: the label-blind control."""
     y_perm = y[torch.randperm(y.shape[0], generator=generator)]
-    session = probes.attach(model, {"pathgram": {"image": None, "condition": "off"}}, probe_data=(x, y_perm),
-                            sinks=["memory"], strict=True)
+    session = probes.attach(
+        model, {"pathgram": {"image": None, "condition": "off"}}, probe_data=(x, y_perm), sinks=["memory"], strict=True
+    )
     session.close()
     return session.memory.last("pathgram/norm_normalized")
 
 
-def run_repeat(r: int, args: argparse.Namespace, x: torch.Tensor, y: torch.Tensor,
-               probe_idx: torch.Tensor) -> dict:
+def run_repeat(r: int, args: argparse.Namespace, x: torch.Tensor, y: torch.Tensor, probe_idx: torch.Tensor) -> dict:
     """Train one net; return the epochs, ``pathgram/norm_normalized`` measured at them, and the control
     (shuffled labels) at the first and the last epoch."""
     torch.manual_seed(args.seed + r)
@@ -93,15 +93,21 @@ def run_repeat(r: int, args: argparse.Namespace, x: torch.Tensor, y: torch.Tenso
     xp, yp = x[probe_idx], y[probe_idx]
     control = [shuffled_norm(model, xp, yp, torch.Generator().manual_seed(1000 + r))]
     logdir = os.path.join(args.logdir, f"repeat_{r}")
-    session = probes.attach(model, {"pathgram": {"every": steps_per_epoch * args.every}},
-                            probe_data=(xp, yp), logdir=logdir,
-                            sinks=["memory", "tensorboard"], optimizer=opt, strict=True)
+    session = probes.attach(
+        model,
+        {"pathgram": {"every": steps_per_epoch * args.every}},
+        probe_data=(xp, yp),
+        logdir=logdir,
+        sinks=["memory", "tensorboard"],
+        optimizer=opt,
+        strict=True,
+    )
     loss_fn = nn.MSELoss()
     with session:
         for _ in range(args.epochs):
             order = torch.randperm(n, generator=g)
             for i in range(0, n, args.batch_size):
-                idx = order[i:i + args.batch_size]
+                idx = order[i : i + args.batch_size]
                 loss = loss_fn(model(x[idx])[:, 0], y[idx])
                 opt.zero_grad()
                 loss.backward()
@@ -109,12 +115,22 @@ def run_repeat(r: int, args: argparse.Namespace, x: torch.Tensor, y: torch.Tenso
     control.append(shuffled_norm(model, xp, yp, torch.Generator().manual_seed(1000 + r)))
     series = session.memory.scalars()["pathgram/norm_normalized"]
     steps = np.array([s for s, _ in series], dtype=np.float64)
-    return {"epochs": steps / steps_per_epoch, "values": np.array([v for _, v in series], dtype=np.float64),
-            "control": np.array(control)}
+    return {
+        "epochs": steps / steps_per_epoch,
+        "values": np.array([v for _, v in series], dtype=np.float64),
+        "control": np.array(control),
+    }
 
 
-def plot(epochs: np.ndarray, mean: np.ndarray, std: np.ndarray, control: np.ndarray, repeats: int,
-         args: argparse.Namespace, out: str) -> None:
+def plot(
+    epochs: np.ndarray,
+    mean: np.ndarray,
+    std: np.ndarray,
+    control: np.ndarray,
+    repeats: int,
+    args: argparse.Namespace,
+    out: str,
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -123,14 +139,24 @@ def plot(epochs: np.ndarray, mean: np.ndarray, std: np.ndarray, control: np.ndar
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     ax.plot(epochs, mean, color="C0", marker="o", markersize=3, label=f"mean over {repeats} repeat(s)")
     ax.fill_between(epochs, mean - std, mean + std, color="C0", alpha=0.25, label="+- 1 std")
-    ax.plot([epochs[0], epochs[-1]], control.mean(axis=0), color="C1", linestyle="--", marker="s", markersize=4,
-            label="same gates, shuffled labels (mean)")
+    ax.plot(
+        [epochs[0], epochs[-1]],
+        control.mean(axis=0),
+        color="C1",
+        linestyle="--",
+        marker="s",
+        markersize=4,
+        label="same gates, shuffled labels (mean)",
+    )
     ax.set_yscale("log")
     ax.set_xlabel("epoch")
     ax.set_ylabel(r"$y^\top (H / \mathrm{tr}\,H)^{-1} y$")
     hidden = args.depth - 1
-    ax.set_title(f"path-gram norm, {args.data} 4 vs 7: {hidden} hidden ReLU layers x {args.width}, "
-                 f"P = {2 * args.probe_per_class}", fontsize=9)
+    ax.set_title(
+        f"path-gram norm, {args.data} 4 vs 7: {hidden} hidden ReLU layers x {args.width}, "
+        f"P = {2 * args.probe_per_class}",
+        fontsize=9,
+    )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -154,8 +180,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--probe-per-class", type=int, default=100)
     p.add_argument("--train-size", type=int, default=None, help="class-balanced subset of the training images")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch threads (default 1: these nets are small, more threads only add synchronisation)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (default 1: these nets are small, more threads only add synchronisation)",
+    )
     p.add_argument("--logdir", default=os.path.join("runs", NAME))
     p.add_argument("--out", default=None, help="PNG path (default <logdir>/pathgram_norm.png)")
     p.add_argument("--quick", action="store_true", help="fewer epochs and repeats (about a minute)")
@@ -194,16 +224,27 @@ def _run(args: argparse.Namespace, t0: float) -> dict:
     mean, std = values.mean(axis=0), values.std(axis=0)
     os.makedirs(args.logdir, exist_ok=True)
     header = "epoch,mean,std," + ",".join(f"repeat_{r}" for r in range(args.repeats))
-    np.savetxt(os.path.join(args.logdir, "pathgram_norm.csv"), np.column_stack([epochs, mean, std, values.T]),
-               delimiter=",", header=header, comments="")
+    np.savetxt(
+        os.path.join(args.logdir, "pathgram_norm.csv"),
+        np.column_stack([epochs, mean, std, values.T]),
+        delimiter=",",
+        header=header,
+        comments="",
+    )
     plot(epochs, mean, std, control, args.repeats, args, args.out)
-    print(f"{args.data}: {x.shape[0]} training images, {args.depth - 1} hidden layers x {args.width}, "
-          f"{args.repeats} repeat(s), {time.perf_counter() - t0:.1f} s")
-    print(f"normalized norm at epoch {epochs[0]:g}: {mean[0]:.4g} +- {std[0]:.2g}; "
-          f"at epoch {epochs[-1]:g}: {mean[-1]:.4g} +- {std[-1]:.2g} (ratio {mean[-1] / mean[0]:.3f})")
+    print(
+        f"{args.data}: {x.shape[0]} training images, {args.depth - 1} hidden layers x {args.width}, "
+        f"{args.repeats} repeat(s), {time.perf_counter() - t0:.1f} s"
+    )
+    print(
+        f"normalized norm at epoch {epochs[0]:g}: {mean[0]:.4g} +- {std[0]:.2g}; "
+        f"at epoch {epochs[-1]:g}: {mean[-1]:.4g} +- {std[-1]:.2g} (ratio {mean[-1] / mean[0]:.3f})"
+    )
     c0, c1 = control.mean(axis=0)
-    print(f"shuffled labels (same gates): {c0:.4g} at epoch {epochs[0]:g}, {c1:.4g} at epoch {epochs[-1]:g} "
-          f"(ratio {c1 / c0:.3f})")
+    print(
+        f"shuffled labels (same gates): {c0:.4g} at epoch {epochs[0]:g}, {c1:.4g} at epoch {epochs[-1]:g} "
+        f"(ratio {c1 / c0:.3f})"
+    )
     print(f"wrote {args.out} and TensorBoard logs under {args.logdir}")
     return {"epochs": epochs, "mean": mean, "std": std, "values": values, "control": control, "out": args.out}
 

@@ -43,8 +43,15 @@ from torch import nn
 import probes
 from probes.data import load
 
-SCHEMES = ("default", "kaiming_normal", "kaiming_uniform", "xavier_normal", "orthogonal", "kaiming_bias+0.1",
-           "kaiming_bias-0.1")
+SCHEMES = (
+    "default",
+    "kaiming_normal",
+    "kaiming_uniform",
+    "xavier_normal",
+    "orthogonal",
+    "kaiming_bias+0.1",
+    "kaiming_bias-0.1",
+)
 
 
 class SeedMLP(nn.Module):
@@ -101,7 +108,7 @@ def rankdata(v: np.ndarray) -> np.ndarray:
         j = i
         while j + 1 < len(v) and sv[j + 1] == sv[i]:
             j += 1
-        ranks[order[i:j + 1]] = (i + j) / 2.0 + 1.0
+        ranks[order[i : j + 1]] = (i + j) / 2.0 + 1.0
         i = j + 1
     return ranks
 
@@ -126,8 +133,12 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--no-relu-logits", dest="relu_logits", action="store_false",
-                   help="leave the logits linear (the seed applies its shared ReLU to them too)")
+    p.add_argument(
+        "--no-relu-logits",
+        dest="relu_logits",
+        action="store_false",
+        help="leave the logits linear (the seed applies its shared ReLU to them too)",
+    )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--logdir", default="runs/relu_zeros_at_init")
     p.add_argument("--out", default=None, help="PNG path (default <logdir>/relu_zeros_at_init.png)")
@@ -159,10 +170,10 @@ def zeros_at_init(model: nn.Module, x: torch.Tensor, batch: int) -> tuple[float,
     """``relu_zeros/total/fraction`` of training forwards over ``x`` (no backward, no update), and the
     number of units of the last ReLU call (``act#4``: the logits, when they go through the ReLU) that are zero
     for every training input (``dead_units``; NaN without that site)."""
-    session = probes.attach(model, {"relu_zeros": {"every": 10 ** 9}}, sinks=["memory"], strict=True)
+    session = probes.attach(model, {"relu_zeros": {"every": 10**9}}, sinks=["memory"], strict=True)
     model.train()
     for i in range(0, x.shape[0], batch):  # training forwards (grad enabled: no_grad forwards are not counted)
-        model(x[i:i + batch])
+        model(x[i : i + batch])
     session.close()
     mem = session.memory
     dead = mem.last("relu_zeros/act#4/dead_in_window") if "relu_zeros/act#4/dead_in_window" in mem.tags() else math.nan
@@ -189,16 +200,23 @@ def train_one(args, data, scheme: str, seed: int, logdir: Path) -> dict:
     steps_per_epoch = math.ceil(x.shape[0] / args.batch)
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum)
     writer = SummaryWriter(str(logdir / f"{scheme}_s{seed}"))
-    session = probes.attach(model, {"relu_zeros": {"every": steps_per_epoch},
-                                    "linear_region": {"every": steps_per_epoch, "eps": (1e-3, 1e-2, 1e-1),
-                                                      "delta": (1e-3, 1e-2)}},
-                            probe_data=(xt[:100], yt[:100]), writer=writer, optimizer=opt, strict=True)
+    session = probes.attach(
+        model,
+        {
+            "relu_zeros": {"every": steps_per_epoch},
+            "linear_region": {"every": steps_per_epoch, "eps": (1e-3, 1e-2, 1e-1), "delta": (1e-3, 1e-2)},
+        },
+        probe_data=(xt[:100], yt[:100]),
+        writer=writer,
+        optimizer=opt,
+        strict=True,
+    )
     g = torch.Generator().manual_seed(seed)
     step, loss_t = 0, torch.tensor(float("nan"))
     for _ in range(args.epochs):
         perm = torch.randperm(x.shape[0], generator=g)
         for i in range(0, x.shape[0], args.batch):
-            idx = perm[i:i + args.batch]
+            idx = perm[i : i + args.batch]
             out = model(x[idx])
             loss_t = F.cross_entropy(out, y[idx])
             loss_t.backward()
@@ -212,12 +230,18 @@ def train_one(args, data, scheme: str, seed: int, logdir: Path) -> dict:
     acc = accuracy(model, xt, yt)
     session.close()
     writer.close()
-    return {"scheme": scheme, "seed": seed, "zero_fraction": zero_frac, "dead_logits": dead_logits,
-            "acc_init": acc0, "acc": acc, "loss": loss}
+    return {
+        "scheme": scheme,
+        "seed": seed,
+        "zero_fraction": zero_frac,
+        "dead_logits": dead_logits,
+        "acc_init": acc0,
+        "acc": acc,
+        "loss": loss,
+    }
 
 
-def figure(rows: list[dict], rho: float, pvalue: float, rho_dead: float, path: Path,
-           args: argparse.Namespace) -> None:
+def figure(rows: list[dict], rho: float, pvalue: float, rho_dead: float, path: Path, args: argparse.Namespace) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -231,10 +255,12 @@ def figure(rows: list[dict], rho: float, pvalue: float, rho_dead: float, path: P
     ax.set_ylabel(f"test accuracy after {args.epochs} epoch(s)")
     data = "digits upsampled to 28x28" if args.data == "digits" else "MNIST"
     logits = "ReLU on the logits too" if args.relu_logits else "linear logits"
-    ax.set_title(f"784-750-320-50-10 ReLU MLP ({logits}), {data}, {len(rows)} inits\n"
-                 f"Spearman rho = {rho:+.3f} (permutation p = {pvalue:.3g})"
-                 + ("" if math.isnan(rho_dead) else f"; rho(acc, dead logits at init) = {rho_dead:+.3f}"),
-                 fontsize=9)
+    ax.set_title(
+        f"784-750-320-50-10 ReLU MLP ({logits}), {data}, {len(rows)} inits\n"
+        f"Spearman rho = {rho:+.3f} (permutation p = {pvalue:.3g})"
+        + ("" if math.isnan(rho_dead) else f"; rho(acc, dead logits at init) = {rho_dead:+.3f}"),
+        fontsize=9,
+    )
     ax.legend(fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -256,16 +282,21 @@ def run(args: argparse.Namespace) -> dict:
     logdir = Path(args.logdir)
     data = dataset(args)
     t0 = time.perf_counter()
-    print(f"{data[0].shape[0]} training / {data[2].shape[0]} test images of {data[0].shape[1]} pixels; "
-          f"{len(args.schemes)} schemes x {args.seeds} seeds, {args.epochs} epoch(s) each")
+    print(
+        f"{data[0].shape[0]} training / {data[2].shape[0]} test images of {data[0].shape[1]} pixels; "
+        f"{len(args.schemes)} schemes x {args.seeds} seeds, {args.epochs} epoch(s) each"
+    )
     print(f"{'scheme':>18} {'seed':>4} {'zeros@init':>10} {'dead logits':>11} {'acc@init':>8} {'acc':>6} {'loss':>7}")
     rows = []
     for seed in range(args.seeds):
         for scheme in args.schemes:
             row = train_one(args, data, scheme, seed, logdir)
             rows.append(row)
-            print(f"{scheme:>18} {seed:>4} {row['zero_fraction']:>10.4f} {row['dead_logits']:>11.0f} "
-                  f"{row['acc_init']:>8.3f} {row['acc']:>6.3f} {row['loss']:>7.3f}", flush=True)
+            print(
+                f"{scheme:>18} {seed:>4} {row['zero_fraction']:>10.4f} {row['dead_logits']:>11.0f} "
+                f"{row['acc_init']:>8.3f} {row['acc']:>6.3f} {row['loss']:>7.3f}",
+                flush=True,
+            )
     z = [r["zero_fraction"] for r in rows]
     a = [r["acc"] for r in rows]
     rho = spearman(z, a)

@@ -75,18 +75,36 @@ def make_data(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
-def train(model: nn.Module, first_lr: float, readout_lr: float, x: torch.Tensor, y: torch.Tensor,
-          args: argparse.Namespace, logdir: Path) -> dict:
+def train(
+    model: nn.Module,
+    first_lr: float,
+    readout_lr: float,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    args: argparse.Namespace,
+    logdir: Path,
+) -> dict:
     from torch.utils.tensorboard import SummaryWriter
 
-    opt = torch.optim.SGD([{"params": model[0].parameters(), "lr": first_lr},
-                           {"params": model[2].parameters(), "lr": readout_lr}])
+    opt = torch.optim.SGD(
+        [{"params": model[0].parameters(), "lr": first_lr}, {"params": model[2].parameters(), "lr": readout_lr}]
+    )
     writer = SummaryWriter(log_dir=str(logdir))
-    writer.add_text("settings", f"first-layer lr {first_lr}, readout lr {readout_lr}, width {args.width}, "
-                                f"batch {args.batch}, {args.steps} steps, data {args.data} 8 vs 9, P = {len(y)}")
+    writer.add_text(
+        "settings",
+        f"first-layer lr {first_lr}, readout lr {readout_lr}, width {args.width}, "
+        f"batch {args.batch}, {args.steps} steps, data {args.data} 8 vs 9, P = {len(y)}",
+    )
     # the probe batch is the training set; the session steps itself after every optimizer.step()
-    session = probes.attach(model, {"alignment": {"every": args.every}}, probe_data=(x, y), writer=writer,
-                            sinks=["memory"], optimizer=opt, strict=True)
+    session = probes.attach(
+        model,
+        {"alignment": {"every": args.every}},
+        probe_data=(x, y),
+        writer=writer,
+        sinks=["memory"],
+        optimizer=opt,
+        strict=True,
+    )
     g = torch.Generator().manual_seed(args.seed + 1)
     losses: list[tuple[int, float]] = []
 
@@ -101,7 +119,7 @@ def train(model: nn.Module, first_lr: float, readout_lr: float, x: torch.Tensor,
     while step < args.steps:
         if pos + args.batch > len(y):  # a new epoch: reshuffle, drop the ragged end
             perm, pos = torch.randperm(len(y), generator=g), 0
-        idx = perm[pos:pos + min(args.batch, len(y))]
+        idx = perm[pos : pos + min(args.batch, len(y))]
         pos += len(idx)
         loss = 0.5 * (model(x[idx]).squeeze(1) - y[idx]).pow(2).mean()
         opt.zero_grad(set_to_none=True)
@@ -154,8 +172,10 @@ def main(argv=None) -> dict:
         model = copy.deepcopy(base)  # the same initialisation for both
         results[run] = train(model, first_lr, args.lr, x, y, args, logdir / run)
         h = results[run]["hidden"]
-        print(f"{run:8s} hidden alignment {h[0][1]:.4f} (step 0) -> {h[-1][1]:.4f} (step {h[-1][0]}), "
-              f"output {results[run]['output'][-1][1]:.4f}, loss {results[run]['loss'][-1][1]:.4g}")
+        print(
+            f"{run:8s} hidden alignment {h[0][1]:.4f} (step 0) -> {h[-1][1]:.4f} (step {h[-1][0]}), "
+            f"output {results[run]['output'][-1][1]:.4f}, loss {results[run]['loss'][-1][1]:.4g}"
+        )
     out = Path(args.out) if args.out else logdir / "alignment.png"
     plot(results, out, args)
     print(f"{time.perf_counter() - t0:.1f} s; TensorBoard runs in {logdir}/slow and {logdir}/regular; figure {out}")

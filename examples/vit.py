@@ -93,8 +93,9 @@ class Block(nn.Module):
 class ViT(nn.Module):
     """A compact ViT for ``side x side`` single-channel images given flat, as ``probes.data`` loads them."""
 
-    def __init__(self, side: int = 8, patch: int = 2, dim: int = 32, depth: int = 3, heads: int = 2,
-                 classes: int = 10) -> None:
+    def __init__(
+        self, side: int = 8, patch: int = 2, dim: int = 32, depth: int = 3, heads: int = 2, classes: int = 10
+    ) -> None:
         super().__init__()
         self.side = side
         self.patch_embed = nn.Conv2d(1, dim, kernel_size=patch, stride=patch)
@@ -130,15 +131,19 @@ def train(args: argparse.Namespace, logdir: Path) -> dict:
     model = ViT(patch=args.patch, dim=args.dim, depth=args.depth, heads=args.heads)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     writer = SummaryWriter(log_dir=str(logdir))
-    writer.add_text("settings", f"ViT patch {args.patch}, dim {args.dim}, depth {args.depth}, heads {args.heads}, "
-                                f"Adam lr {args.lr}, batch {args.batch}, {args.steps} steps, "
-                                f"probe batch {len(probe_idx)} digits")
+    writer.add_text(
+        "settings",
+        f"ViT patch {args.patch}, dim {args.dim}, depth {args.depth}, heads {args.heads}, "
+        f"Adam lr {args.lr}, batch {args.batch}, {args.steps} steps, "
+        f"probe batch {len(probe_idx)} digits",
+    )
     every = {"every": args.every}
     # the NTK (P x P kernel of 10 logits, from per-sample gradients) costs most: half as often as the rest
     ntk_every = {"every": args.every if args.smoke else 2 * args.every}
     spec = {"alignment": every, "margin": every, "patterns": every, "relu_zeros": every, "ntk": ntk_every}
-    session = probes.attach(model, spec, probe_data=(xtr[probe_idx], ytr[probe_idx]), writer=writer,
-                            sinks=["memory"], optimizer=opt)
+    session = probes.attach(
+        model, spec, probe_data=(xtr[probe_idx], ytr[probe_idx]), writer=writer, sinks=["memory"], optimizer=opt
+    )
     acc: dict[str, list[tuple[int, float]]] = {"train": [], "test": []}
     losses: list[tuple[int, float]] = []
 
@@ -155,7 +160,7 @@ def train(args: argparse.Namespace, logdir: Path) -> dict:
     while step < args.steps:
         if pos + args.batch > len(ytr):
             order, pos = torch.randperm(len(ytr), generator=g), 0
-        idx = order[pos:pos + args.batch]
+        idx = order[pos : pos + args.batch]
         pos += len(idx)
         loss = F.cross_entropy(model(xtr[idx]), ytr[idx])
         opt.zero_grad(set_to_none=True)
@@ -183,7 +188,7 @@ def plot(result: dict, path: Path, args: argparse.Namespace) -> None:
         axes[0].plot(*zip(*points), label=name)
     axes[0].set_title("accuracy")
     for tag in sorted(t for t in s if t.startswith("alignment/") and t.endswith("/cka")):
-        site = tag[len("alignment/"):-len("/cka")]
+        site = tag[len("alignment/") : -len("/cka")]
         axes[1].plot(*zip(*s[tag]), marker=".", label=site if site == "output" else f"{site} (MLP ReLU)")
     axes[1].set_title("alignment with the labels (cka)")
     if "ntk/distance_from_init" in s:
@@ -193,8 +198,10 @@ def plot(result: dict, path: Path, args: argparse.Namespace) -> None:
         ax.set_xlabel("Adam step")
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
-    fig.suptitle(f"ViT on the digits: patch {args.patch}, dim {args.dim}, depth {args.depth}, heads {args.heads}, "
-                 f"{args.steps} steps")
+    fig.suptitle(
+        f"ViT on the digits: patch {args.patch}, dim {args.dim}, depth {args.depth}, heads {args.heads}, "
+        f"{args.steps} steps"
+    )
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -211,12 +218,21 @@ def main(argv=None) -> dict:
     seconds = time.perf_counter() - t0
     s, acc = result["scalars"], result["accuracy"]
     dist = s.get("ntk/distance_from_init", [(0, float("nan"))])
-    print(f"test accuracy {acc['test'][0][1]:.3f} -> {acc['test'][-1][1]:.3f}; output alignment "
-          f"{s['alignment/output/cka'][0][1]:.3f} -> {s['alignment/output/cka'][-1][1]:.3f}; "
-          f"ntk distance from init {dist[-1][1]:.3f}")
+    print(
+        f"test accuracy {acc['test'][0][1]:.3f} -> {acc['test'][-1][1]:.3f}; output alignment "
+        f"{s['alignment/output/cka'][0][1]:.3f} -> {s['alignment/output/cka'][-1][1]:.3f}; "
+        f"ntk distance from init {dist[-1][1]:.3f}"
+    )
     print(f"{seconds:.1f} s; TensorBoard run {logdir}; figure {out}")
-    return {"png": str(out), "logdir": str(logdir), "accuracy": acc, "loss": result["loss"], "scalars": s,
-            "failures": dict(result["session"].failures), "seconds": seconds}
+    return {
+        "png": str(out),
+        "logdir": str(logdir),
+        "accuracy": acc,
+        "loss": result["loss"],
+        "scalars": s,
+        "failures": dict(result["session"].failures),
+        "seconds": seconds,
+    }
 
 
 if __name__ == "__main__":

@@ -30,9 +30,26 @@ from probes.records import Histogram, Image, Scalar
 __version__ = "0.1.0"
 
 __all__ = [
-    "attach", "available", "Session", "Probe", "ProbeBatch", "Context", "Site", "Activation",
-    "ProbeInfo", "hookimpl", "records", "schedules", "Scalar", "Histogram", "Image", "ProbesClosedError",
-    "ProbeFailedWarning", "ProbesNoticeWarning", "SinkFailedWarning", "__version__",
+    "attach",
+    "available",
+    "Session",
+    "Probe",
+    "ProbeBatch",
+    "Context",
+    "Site",
+    "Activation",
+    "ProbeInfo",
+    "hookimpl",
+    "records",
+    "schedules",
+    "Scalar",
+    "Histogram",
+    "Image",
+    "ProbesClosedError",
+    "ProbeFailedWarning",
+    "ProbesNoticeWarning",
+    "SinkFailedWarning",
+    "__version__",
 ]
 
 

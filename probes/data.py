@@ -24,8 +24,9 @@ import torch
 _IDX_TYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
-def load_digits(classes: tuple[int, ...] | None = None, size: int | None = None,
-                dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+def load_digits(
+    classes: tuple[int, ...] | None = None, size: int | None = None, dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The embedded digits (scikit-learn's 1,797 8 x 8 images), read without pickle.
 
     Args:
@@ -72,10 +73,10 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     kind, ndim = raw[2], raw[3]
     if kind not in _IDX_TYPES:
         raise ValueError(f"{path}: unknown IDX element type 0x{kind:02x}")
-    shape = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
+    shape = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
     dt = np.dtype(_IDX_TYPES[kind])
     expected = int(np.prod(shape)) * dt.itemsize
-    body = raw[4 + 4 * ndim:]
+    body = raw[4 + 4 * ndim :]
     if len(body) != expected:
         raise ValueError(f"{path}: IDX header promises {expected} bytes of data, file has {len(body)}")
     return np.frombuffer(body, dtype=dt).reshape(shape).astype(dt.newbyteorder("="))
@@ -85,12 +86,18 @@ def _find(root: Path, stem: str) -> Path:
     for name in (stem, stem + ".gz", stem.replace("-idx", ".idx"), stem.replace("-idx", ".idx") + ".gz"):
         if (root / name).exists():
             return root / name
-    raise FileNotFoundError(f"MNIST file {stem}[.gz] not found in {root}; probes never downloads data: "
-                            "put the four IDX files there (or use --data digits)")
+    raise FileNotFoundError(
+        f"MNIST file {stem}[.gz] not found in {root}; probes never downloads data: "
+        "put the four IDX files there (or use --data digits)"
+    )
 
 
-def load_mnist(root: str | os.PathLike, train: bool = True, classes: tuple[int, ...] | None = None,
-               dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+def load_mnist(
+    root: str | os.PathLike,
+    train: bool = True,
+    classes: tuple[int, ...] | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """MNIST from IDX files you already have; nothing is downloaded.
 
     Args:
@@ -136,8 +143,9 @@ def torchvision_available() -> bool:
     return True
 
 
-def load_mnist_torchvision(root: str | os.PathLike, train: bool = True,
-                           classes: tuple[int, ...] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def load_mnist_torchvision(
+    root: str | os.PathLike, train: bool = True, classes: tuple[int, ...] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """MNIST through torchvision's dataset class, which may download it into ``root``.
 
     Args:
@@ -152,8 +160,10 @@ def load_mnist_torchvision(root: str | os.PathLike, train: bool = True,
         RuntimeError: torchvision does not import here.
     """
     if not torchvision_available():
-        raise RuntimeError("torchvision does not import here; install the torchvision build that "
-                           "matches your torch (with --no-deps), or use load_mnist(root) on IDX files you have")
+        raise RuntimeError(
+            "torchvision does not import here; install the torchvision build that "
+            "matches your torch (with --no-deps), or use load_mnist(root) on IDX files you have"
+        )
     from torchvision.datasets import MNIST
 
     ds = MNIST(str(root), train=train, download=True)
@@ -165,8 +175,13 @@ def load_mnist_torchvision(root: str | os.PathLike, train: bool = True,
     return x, y
 
 
-def load(name: str, root: str | os.PathLike = "data", train: bool = True,
-         classes: tuple[int, ...] | None = None, size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def load(
+    name: str,
+    root: str | os.PathLike = "data",
+    train: bool = True,
+    classes: tuple[int, ...] | None = None,
+    size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """A data set by name, as the examples' ``--data`` option gives it.
 
     Args:

@@ -16,5 +16,15 @@ from probes.functional.spectra import (
     spectrum,
 )
 
-__all__ = [*_alignment_all, "empirical_ntk", "ntk_plan", "SampleMixingError", "Spectrum", "spectrum",
-           "condition_number", "effective_rank", "kernel_distance", "label_alignment"]
+__all__ = [
+    *_alignment_all,
+    "empirical_ntk",
+    "ntk_plan",
+    "SampleMixingError",
+    "Spectrum",
+    "spectrum",
+    "condition_number",
+    "effective_rank",
+    "kernel_distance",
+    "label_alignment",
+]

@@ -18,8 +18,21 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["MAX_BINS", "integer", "number", "choice", "flag", "names", "text", "sizes", "array", "floating_dtype",
-           "module_types", "ordered", "path"]
+__all__ = [
+    "MAX_BINS",
+    "integer",
+    "number",
+    "choice",
+    "flag",
+    "names",
+    "text",
+    "sizes",
+    "array",
+    "floating_dtype",
+    "module_types",
+    "ordered",
+    "path",
+]
 
 
 #: the most bins a probe's histogram option (``bins``) allows
@@ -39,8 +52,16 @@ def _int_words(minimum: int | None, optional: bool) -> str:
     return f"None or {words}" if optional else words
 
 
-def integer(probe: str, option: str, value: Any, *, minimum: int | None = None, maximum: int | None = None,
-            optional: bool = False, what: str | None = None) -> int | None:
+def integer(
+    probe: str,
+    option: str,
+    value: Any,
+    *,
+    minimum: int | None = None,
+    maximum: int | None = None,
+    optional: bool = False,
+    what: str | None = None,
+) -> int | None:
     """An integer (Python or numpy; not a bool, not a float) ``>= minimum``.
 
     Args:
@@ -71,8 +92,17 @@ def integer(probe: str, option: str, value: Any, *, minimum: int | None = None, 
     return int(value)
 
 
-def number(probe: str, option: str, value: Any, *, minimum: float | None = None, positive: bool = False,
-           below: float | None = None, optional: bool = False, what: str | None = None) -> float | None:
+def number(
+    probe: str,
+    option: str,
+    value: Any,
+    *,
+    minimum: float | None = None,
+    positive: bool = False,
+    below: float | None = None,
+    optional: bool = False,
+    what: str | None = None,
+) -> float | None:
     """A finite real number (int, float or numpy scalar; not a bool, not a string) in range.
 
     Args:
@@ -107,8 +137,12 @@ def number(probe: str, option: str, value: Any, *, minimum: float | None = None,
     if not _is_real(value):
         raise TypeError(f"{probe}: option {option!r} must be {what}, got {value!r}")
     v = float(value)
-    if not math.isfinite(v) or (positive and not v > 0) or (minimum is not None and v < minimum) \
-            or (below is not None and not v < below):
+    if (
+        not math.isfinite(v)
+        or (positive and not v > 0)
+        or (minimum is not None and v < minimum)
+        or (below is not None and not v < below)
+    ):
         raise ValueError(f"{probe}: option {option!r} must be {what}, got {value!r}")
     return v
 
@@ -163,8 +197,9 @@ def names(probe: str, option: str, value: Any) -> list[str] | None:
     return list(items)
 
 
-def text(probe: str, option: str, value: Any, *, optional: bool = False,
-         what: str = "a non-empty string") -> str | None:
+def text(
+    probe: str, option: str, value: Any, *, optional: bool = False, what: str = "a non-empty string"
+) -> str | None:
     """A non-empty string (a module path, a name).
 
     Args:
@@ -224,8 +259,14 @@ def sizes(probe: str, option: str, value: Any) -> tuple[float, ...]:
     return out
 
 
-def array(probe: str, option: str, value: Any, *, ndim: Iterable[int] | None = None,
-          what: str = "a tensor of finite real numbers") -> torch.Tensor:
+def array(
+    probe: str,
+    option: str,
+    value: Any,
+    *,
+    ndim: Iterable[int] | None = None,
+    what: str = "a tensor of finite real numbers",
+) -> torch.Tensor:
     """A tensor, numpy array or nested list/tuple of real numbers, returned as a detached float64 CPU tensor.
 
     Args:
@@ -252,8 +293,10 @@ def array(probe: str, option: str, value: Any, *, ndim: Iterable[int] | None = N
             raise bad_type
         out = torch.from_numpy(np.array(value, dtype=np.float64))
     elif isinstance(value, (list, tuple)) or _is_real(value):
+
         def numbers_only(v: Any) -> bool:
             return _is_real(v) or (isinstance(v, (list, tuple)) and all(numbers_only(e) for e in v))
+
         if not numbers_only(value):
             raise bad_type
         try:
@@ -263,8 +306,15 @@ def array(probe: str, option: str, value: Any, *, ndim: Iterable[int] | None = N
     else:
         raise bad_type
     allowed = None if ndim is None else tuple(ndim)
-    why = (f"shape {tuple(out.shape)}" if allowed is not None and out.ndim not in allowed else "empty"
-           if out.numel() == 0 else "NaN or infinite entries" if not bool(torch.isfinite(out).all()) else None)
+    why = (
+        f"shape {tuple(out.shape)}"
+        if allowed is not None and out.ndim not in allowed
+        else "empty"
+        if out.numel() == 0
+        else "NaN or infinite entries"
+        if not bool(torch.isfinite(out).all())
+        else None
+    )
     if why is not None:
         raise ValueError(f"{probe}: option {option!r} must be {what}, got {value!r} ({why})")
     return out
@@ -298,10 +348,14 @@ def module_types(probe: str, option: str, value: Any) -> tuple[type[nn.Module], 
         TypeError: anything else (an instance, a name, another class).
     """
     items = (value,) if isinstance(value, type) else value
-    if isinstance(items, (str, bytes)) or not isinstance(items, (Sequence, set, frozenset)) or not all(
-            isinstance(c, type) and issubclass(c, nn.Module) for c in items):
-        raise TypeError(f"{probe}: option {option!r} must be an nn.Module subclass or a sequence of them, "
-                        f"got {value!r}")
+    if (
+        isinstance(items, (str, bytes))
+        or not isinstance(items, (Sequence, set, frozenset))
+        or not all(isinstance(c, type) and issubclass(c, nn.Module) for c in items)
+    ):
+        raise TypeError(
+            f"{probe}: option {option!r} must be an nn.Module subclass or a sequence of them, got {value!r}"
+        )
     return tuple(items)
 
 
@@ -312,5 +366,6 @@ def ordered(probe: str, low_option: str, low: float, high_option: str, high: flo
         ValueError: ``low > high``.
     """
     if low > high:
-        raise ValueError(f"{probe}: option {low_option!r} must not exceed option {high_option!r}, got {low!r} > "
-                         f"{high!r}")
+        raise ValueError(
+            f"{probe}: option {low_option!r} must not exceed option {high_option!r}, got {low!r} > {high!r}"
+        )

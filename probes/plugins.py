@@ -31,9 +31,22 @@ from probes.records import Chart
 ENTRY_POINT_GROUP = PROJECT
 BUILTIN = "builtin"
 
-__all__ = ["Registry", "registry", "hookimpl", "ProbeInfo", "UnknownProbeError", "ProbesPluginWarning",
-           "available", "probe_class", "sink_class", "register", "reset", "probe_table", "sink_table",
-           "registered_charts"]
+__all__ = [
+    "Registry",
+    "registry",
+    "hookimpl",
+    "ProbeInfo",
+    "UnknownProbeError",
+    "ProbesPluginWarning",
+    "available",
+    "probe_class",
+    "sink_class",
+    "register",
+    "reset",
+    "probe_table",
+    "sink_table",
+    "registered_charts",
+]
 
 
 class UnknownProbeError(KeyError):
@@ -114,8 +127,9 @@ class Registry:
                 self._sources[name] = BUILTIN
             pm.check_pending()
             self._pm = pm  # before the entry points: a plugin that asks the registry at import finds this one
-            autoload = self._autoload if self._autoload is not None else \
-                not os.environ.get("PROBES_DISABLE_PLUGIN_AUTOLOAD")
+            autoload = (
+                self._autoload if self._autoload is not None else not os.environ.get("PROBES_DISABLE_PLUGIN_AUTOLOAD")
+            )
             if autoload:
                 self._load_entrypoints(pm)
         return self._pm
@@ -133,8 +147,12 @@ class Registry:
                     pm.set_blocked(ep.name)
                     self.failed[ep.name] = repr(exc)
                     self._failed_from[ep.name] = f"{_distribution(dist)}, {ep.value}"
-                    warnings.warn(f"probes: plugin {ep.name!r} ({self._failed_from[ep.name]}) failed to load: "
-                                  f"{exc!r}; the other probes keep working", ProbesPluginWarning, stacklevel=4)
+                    warnings.warn(
+                        f"probes: plugin {ep.name!r} ({self._failed_from[ep.name]}) failed to load: "
+                        f"{exc!r}; the other probes keep working",
+                        ProbesPluginWarning,
+                        stacklevel=4,
+                    )
                     continue
                 self._sources[ep.name] = _distribution(dist)
 
@@ -148,8 +166,10 @@ class Registry:
             pm.unregister(name=name)
             hooks = [h for h in dir(plugin) if h.startswith(f"{PROJECT}_") and not hasattr(hookspecs, h)]
             raise pluggy.PluginValidationError(
-                plugin, f"plugin {name!r} implements {', '.join(map(repr, hooks)) or 'a hook'} with no hook "
-                        f"specification (a misspelling? the hooks are {', '.join(_hook_names())}): {exc}") from exc
+                plugin,
+                f"plugin {name!r} implements {', '.join(map(repr, hooks)) or 'a hook'} with no hook "
+                f"specification (a misspelling? the hooks are {', '.join(_hook_names())}): {exc}",
+            ) from exc
         return name
 
     def reset(self) -> None:
@@ -205,8 +225,10 @@ class Registry:
     def failures(self) -> str:
         """The plugins that failed to load, one per line with their errors (empty when none)."""
         self.manager  # noqa: B018 - loading is what fills the failures
-        return "\n".join(f"  plugin {name!r} ({self._failed_from.get(name, '?')}) failed to load: {err}"
-                         for name, err in self.failed.items())
+        return "\n".join(
+            f"  plugin {name!r} ({self._failed_from.get(name, '?')}) failed to load: {err}"
+            for name, err in self.failed.items()
+        )
 
     # -- tables -----------------------------------------------------------------------
     def probe_table(self) -> dict[str, ProbeInfo]:
@@ -221,18 +243,27 @@ class Registry:
             try:
                 classes = impl.function() or []
             except Exception as exc:  # noqa: BLE001
-                warnings.warn(f"probes: plugin {impl.plugin_name!r} failed to list its probes: {exc!r}",
-                              ProbesPluginWarning, stacklevel=3)
+                warnings.warn(
+                    f"probes: plugin {impl.plugin_name!r} failed to list its probes: {exc!r}",
+                    ProbesPluginWarning,
+                    stacklevel=3,
+                )
                 continue
             for cls in classes:
                 name = getattr(cls, "name", "")
                 if not name:
-                    warnings.warn(f"probes: plugin {impl.plugin_name!r} returned {cls!r} without a name",
-                                  ProbesPluginWarning, stacklevel=3)
+                    warnings.warn(
+                        f"probes: plugin {impl.plugin_name!r} returned {cls!r} without a name",
+                        ProbesPluginWarning,
+                        stacklevel=3,
+                    )
                     continue
                 if name in table:
-                    warnings.warn(f"probes: probe {name!r} from {self.source(impl.plugin)} is shadowed by "
-                                  f"{table[name].source}", ProbesPluginWarning, stacklevel=3)
+                    warnings.warn(
+                        f"probes: probe {name!r} from {self.source(impl.plugin)} is shadowed by {table[name].source}",
+                        ProbesPluginWarning,
+                        stacklevel=3,
+                    )
                     continue
                 doc = getattr(cls, "description", "") or (cls.__doc__ or "").strip().split("\n")[0]
                 table[name] = ProbeInfo(name, doc, self.source(impl.plugin), cls)
@@ -313,8 +344,10 @@ class Registry:
         text = f"unknown {kind} {name!r}." + (f" Did you mean {close[0]!r}?" if close else "")
         failures = self.failures()
         if failures:
-            text += (f" No loaded plugin provides it; {len(self.failed)} plugin(s) failed to load (one of them may "
-                     f"provide it):\n{failures}\n")
+            text += (
+                f" No loaded plugin provides it; {len(self.failed)} plugin(s) failed to load (one of them may "
+                f"provide it):\n{failures}\n"
+            )
         return f"{text} Available: {', '.join(sorted(table))}"
 
 

@@ -59,7 +59,6 @@ class Site:
         return self.kind in RELU_FAMILY
 
 
-
 @dataclass
 class Activation:
     """What the probe pass saw at one site: ``pre`` the activation's input, ``post`` its output.
@@ -176,8 +175,13 @@ class ProbeBatch:
         """
         return gathered(self.model, modules) if self.sharded else nullcontext()
 
-    def run(self, x: Any = None, *, keep: Callable[[Site], frozenset[str]] | None = None,
-            params: Mapping[str, torch.Tensor] | None = None) -> Pass:
+    def run(
+        self,
+        x: Any = None,
+        *,
+        keep: Callable[[Site], frozenset[str]] | None = None,
+        params: Mapping[str, torch.Tensor] | None = None,
+    ) -> Pass:
         """One more pass of the engine's probe pass: ``model(x)`` without gradients, in eval mode, in chunks of the
         session's ``probe_batch_size``, through the same sites as the shared pass.
 
@@ -191,8 +195,10 @@ class ProbeBatch:
             A ``Pass``: the selected output tensor (samples first), the kept activations and the call trace.
         """
         if self.runner is None:
-            raise RuntimeError("this ProbeBatch has no probe pass to run: the session gives one; in a test, build the "
-                               "batch with probes.testing.probe_batch(model, x, y)")
+            raise RuntimeError(
+                "this ProbeBatch has no probe pass to run: the session gives one; in a test, build the "
+                "batch with probes.testing.probe_batch(model, x, y)"
+            )
         return self.runner(self.x if x is None else x, keep=keep, params=params)
 
     def positional(self) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
@@ -237,8 +243,12 @@ class ProbeBatch:
         """
         if self.y is None:
             raise ValueError(f"{probe}: this probe needs labels; pass probe_data=(x, y) to probes.attach")
-        from_output = num_classes is None and isinstance(self.output, torch.Tensor) and self.output.ndim == 2 \
+        from_output = (
+            num_classes is None
+            and isinstance(self.output, torch.Tensor)
+            and self.output.ndim == 2
             and self.output.shape[1] > 1
+        )
         if from_output:
             num_classes = int(self.output.shape[1])
         try:
@@ -246,8 +256,10 @@ class ProbeBatch:
         except ValueError as exc:
             if not from_output:
                 raise
-            raise ValueError(f"{exc}: the model has {num_classes} outputs, so class labels must lie in "
-                             f"0..{num_classes - 1}; pass labels that fit the model's outputs in probe_data") from None
+            raise ValueError(
+                f"{exc}: the model has {num_classes} outputs, so class labels must lie in "
+                f"0..{num_classes - 1}; pass labels that fit the model's outputs in probe_data"
+            ) from None
 
 
 @dataclass
@@ -272,6 +284,7 @@ class Context:
 
 
 REDUCTIONS = ("sum", "max", "min", "cat", None)
+
 
 @dataclass
 class State:
@@ -368,8 +381,10 @@ class Probe:
         if reduce == "cat" and not isinstance(default, list):
             raise ValueError(f"{who}: state {name!r}: reduce='cat' needs a list default")
         if reduce is not None and (default is None or isinstance(default, np.ndarray)):
-            raise ValueError(f"{who}: state {name!r}: a {type(default).__name__} default is not reduced over "
-                             "ranks; declare it with reduce=None")
+            raise ValueError(
+                f"{who}: state {name!r}: a {type(default).__name__} default is not reduced over "
+                "ranks; declare it with reduce=None"
+            )
         specs = self.__dict__.setdefault("_states", {})
         specs[name] = State(name, default, reduce, window)
         setattr(self, name, _fresh(default))
@@ -509,8 +524,10 @@ def _load_like(current: Any, saved: Any, where: str) -> Any:
         saved = saved.detach().clone()
         if isinstance(current, torch.Tensor):
             if current.shape != saved.shape:
-                raise ValueError(f"{where} has shape {tuple(saved.shape)}, but this probe holds "
-                                 f"{tuple(current.shape)}: the checkpoint comes from another configuration")
+                raise ValueError(
+                    f"{where} has shape {tuple(saved.shape)}, but this probe holds "
+                    f"{tuple(current.shape)}: the checkpoint comes from another configuration"
+                )
             saved = saved.to(current.device)
         return saved
     if isinstance(saved, dict):

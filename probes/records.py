@@ -88,13 +88,22 @@ class Histogram:
         fv = v[finite] if v.numel() else v
         if fv.numel() == 0:
             zero = torch.zeros((), dtype=v.dtype, device=v.device)
-            return cls(tag, torch.zeros(bins, device=v.device), torch.linspace(0, 1, bins + 1, device=v.device),
-                       zero.clone(), zero.clone(), zero.clone(), zero.clone(), zero.clone(), nonfinite)
+            return cls(
+                tag,
+                torch.zeros(bins, device=v.device),
+                torch.linspace(0, 1, bins + 1, device=v.device),
+                zero.clone(),
+                zero.clone(),
+                zero.clone(),
+                zero.clone(),
+                zero.clone(),
+                nonfinite,
+            )
         lo, hi = fv.min(), fv.max()
         # widen a degenerate range so that every value falls in a bin (by 1, or a little more for values so large
         # that 1 would vanish in them, without overflowing the dtype)
         top = torch.finfo(v.dtype).max
-        span = torch.where(hi > lo, hi - lo, torch.clamp(lo.abs() * 2.0 ** -20, min=1.0))
+        span = torch.where(hi > lo, hi - lo, torch.clamp(lo.abs() * 2.0**-20, min=1.0))
         hi_e = torch.where(hi > lo, hi, torch.clamp(lo + span, max=top))
         # halves: hi - lo itself may overflow; a range that cannot be widened (0 / 0) puts every value in bin 0
         frac = (fv * 0.5 - lo * 0.5) / (hi_e * 0.5 - lo * 0.5)
@@ -103,20 +112,47 @@ class Histogram:
         edges = torch.where(torch.isfinite(width), lo + width * t, lo * (1 - t) + hi_e * t)
         idx = torch.nan_to_num(frac * bins, nan=0.0).floor().clamp_(0, bins - 1).long()
         counts = torch.bincount(idx, minlength=bins).to(v.dtype)
-        return cls(tag, counts, edges, torch.tensor(fv.numel(), device=v.device, dtype=v.dtype),
-                   fv.sum(), (fv * fv).sum(), lo, hi, nonfinite)
+        return cls(
+            tag,
+            counts,
+            edges,
+            torch.tensor(fv.numel(), device=v.device, dtype=v.dtype),
+            fv.sum(),
+            (fv * fv).sum(),
+            lo,
+            hi,
+            nonfinite,
+        )
 
     def to_numpy(self) -> dict[str, np.ndarray | float]:
         """Host copy (one transfer): the arguments of ``add_histogram_raw`` plus ``nonfinite``."""
         n = self.counts.numel()
-        stats = torch.stack([torch.as_tensor(getattr(self, k), device=self.counts.device).double().reshape(())
-                             for k in ("min", "max", "num", "sum", "sum_squares", "nonfinite")])
-        host = torch.cat([self.counts.detach().double().reshape(-1), self.edges.detach().double().reshape(-1)
-                          .to(self.counts.device), stats]).cpu().numpy()
+        stats = torch.stack(
+            [
+                torch.as_tensor(getattr(self, k), device=self.counts.device).double().reshape(())
+                for k in ("min", "max", "num", "sum", "sum_squares", "nonfinite")
+            ]
+        )
+        host = (
+            torch.cat(
+                [
+                    self.counts.detach().double().reshape(-1),
+                    self.edges.detach().double().reshape(-1).to(self.counts.device),
+                    stats,
+                ]
+            )
+            .cpu()
+            .numpy()
+        )
         return {
-            "min": float(host[-6]), "max": float(host[-5]), "num": float(host[-4]),
-            "sum": float(host[-3]), "sum_squares": float(host[-2]), "nonfinite": int(host[-1]),
-            "bucket_counts": host[:n], "bucket_limits": host[n + 1:2 * n + 1],
+            "min": float(host[-6]),
+            "max": float(host[-5]),
+            "num": float(host[-4]),
+            "sum": float(host[-3]),
+            "sum_squares": float(host[-2]),
+            "nonfinite": int(host[-1]),
+            "bucket_counts": host[:n],
+            "bucket_limits": host[n + 1 : 2 * n + 1],
         }
 
     def on_host(self) -> Histogram:
@@ -124,8 +160,18 @@ class Histogram:
         h = self.to_numpy()
         t = lambda v: torch.as_tensor(v, dtype=torch.float64)  # noqa: E731
         edges = torch.cat([t([h["min"]]), t(h["bucket_limits"])])
-        return Histogram(self.tag, t(h["bucket_counts"]), edges, t(h["num"]), t(h["sum"]), t(h["sum_squares"]),
-                         t(h["min"]), t(h["max"]), torch.as_tensor(h["nonfinite"]), self.step)
+        return Histogram(
+            self.tag,
+            t(h["bucket_counts"]),
+            edges,
+            t(h["num"]),
+            t(h["sum"]),
+            t(h["sum_squares"]),
+            t(h["min"]),
+            t(h["max"]),
+            torch.as_tensor(h["nonfinite"]),
+            self.step,
+        )
 
 
 def _host_copy(value: Any) -> Any:

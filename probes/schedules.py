@@ -143,8 +143,10 @@ def check_answer(answer: object, schedule: Schedule, step: int, who: str = "prob
         return bool(answer)
     if isinstance(answer, torch.Tensor) and answer.dtype == torch.bool and answer.numel() == 1:
         return bool(answer)
-    raise TypeError(f"{who}: option 'every': the schedule {schedule!r} returned {answer!r} at step {step}; a "
-                    "schedule returns a bool (True: measure at this step)")
+    raise TypeError(
+        f"{who}: option 'every': the schedule {schedule!r} returned {answer!r} at step {step}; a "
+        "schedule returns a bool (True: measure at this step)"
+    )
 
 
 def as_schedule(value: object, who: str = "probe", *, check: bool = False) -> Schedule:
@@ -174,8 +176,9 @@ def as_schedule(value: object, who: str = "probe", *, check: bool = False) -> Sc
     if isinstance(value, numbers.Number):
         raise TypeError(f"{who}: option 'every' must be a whole number of steps, got {value!r}")
     if isinstance(value, nn.Module):
-        raise TypeError(f"{who}: option 'every' must be {wanted}; an nn.Module is not a schedule, got "
-                        f"{type(value).__name__}")
+        raise TypeError(
+            f"{who}: option 'every' must be {wanted}; an nn.Module is not a schedule, got {type(value).__name__}"
+        )
     if isinstance(value, type):
         raise TypeError(f"{who}: option 'every' must be {wanted}; got the class {value.__name__}, not a schedule")
     if not callable(value):
@@ -187,9 +190,11 @@ def as_schedule(value: object, who: str = "probe", *, check: bool = False) -> Sc
         except TypeError as exc:
             if str(exc).startswith(f"{who}: option 'every'"):
                 raise
-            raise TypeError(f"{who}: option 'every' must be {wanted}; calling {value!r} on step {CHECK_STEP} "
-                            f"raised {exc!r}") from exc
+            raise TypeError(
+                f"{who}: option 'every' must be {wanted}; calling {value!r} on step {CHECK_STEP} raised {exc!r}"
+            ) from exc
         except Exception as exc:  # noqa: BLE001 - any error of the user's callable
-            raise ValueError(f"{who}: option 'every': the schedule {value!r} raised {exc!r} on step "
-                             f"{CHECK_STEP}") from exc
+            raise ValueError(
+                f"{who}: option 'every': the schedule {value!r} raised {exc!r} on step {CHECK_STEP}"
+            ) from exc
     return schedule

@@ -42,9 +42,21 @@ from torch import nn
 import probes
 from probes.probe import Probe
 
-__all__ = ["check_probe", "check_training_unchanged", "check_records", "check_state_round_trip",
-           "check_failure_isolation", "check_ddp_flush", "check_follows_model", "probe_batch", "small_mlp",
-           "default_data", "run_ranks", "join_group", "leave_group"]
+__all__ = [
+    "check_probe",
+    "check_training_unchanged",
+    "check_records",
+    "check_state_round_trip",
+    "check_failure_isolation",
+    "check_ddp_flush",
+    "check_follows_model",
+    "probe_batch",
+    "small_mlp",
+    "default_data",
+    "run_ranks",
+    "join_group",
+    "leave_group",
+]
 
 STEPS = 12
 EVERY = 3
@@ -79,11 +91,20 @@ def _spec(cls: type[Probe], options: Mapping[str, Any] | None, every: int = EVER
     return {cls: opts}
 
 
-def _train(cls: type[Probe] | None, options: Mapping[str, Any] | None, model: Callable[[], nn.Module],
-           steps: int = STEPS, state: Mapping[str, Any] | None = None, start: int = 0,
-           rank: int | None = None, world: int = 1, params: dict[str, torch.Tensor] | None = None,
-           opt_state: dict[str, Any] | None = None, saved: dict[str, Any] | None = None,
-           on_attach: Callable[[Any], None] | None = None) -> tuple[nn.Module, Any]:
+def _train(
+    cls: type[Probe] | None,
+    options: Mapping[str, Any] | None,
+    model: Callable[[], nn.Module],
+    steps: int = STEPS,
+    state: Mapping[str, Any] | None = None,
+    start: int = 0,
+    rank: int | None = None,
+    world: int = 1,
+    params: dict[str, torch.Tensor] | None = None,
+    opt_state: dict[str, Any] | None = None,
+    saved: dict[str, Any] | None = None,
+    on_attach: Callable[[Any], None] | None = None,
+) -> tuple[nn.Module, Any]:
     """Train ``steps`` SGD steps from ``start`` with ``cls`` attached (None: no probe); ``params`` / ``opt_state``
     resume the model and the optimizer, ``saved["optimizer"]`` receives the optimizer's state at the end."""
     x, t, px, py = default_data()
@@ -103,7 +124,7 @@ def _train(cls: type[Probe] | None, options: Mapping[str, Any] | None, model: Ca
         xb, tb = x[s % STEPS], t[s % STEPS]
         if rank is not None:
             half = xb.shape[0] // world
-            xb, tb = xb[rank * half:(rank + 1) * half], tb[rank * half:(rank + 1) * half]
+            xb, tb = xb[rank * half : (rank + 1) * half], tb[rank * half : (rank + 1) * half]
         torch.randint(0, 10, (3,))  # the global RNG: probes must leave it untouched
         loss = F.cross_entropy(net(xb), tb)
         loss.backward()
@@ -124,8 +145,9 @@ def _records(session: Any) -> dict[str, list[tuple[int, float]]]:
     return session.memory.scalars() if session is not None and session.sinks else {}
 
 
-def check_training_unchanged(cls: type[Probe], options: Mapping[str, Any] | None = None,
-                             model: Callable[[], nn.Module] = small_mlp) -> None:
+def check_training_unchanged(
+    cls: type[Probe], options: Mapping[str, Any] | None = None, model: Callable[[], nn.Module] = small_mlp
+) -> None:
     """The same seeds give bit-identical parameters with and without the probe attached.
 
     Args:
@@ -144,8 +166,12 @@ def check_training_unchanged(cls: type[Probe], options: Mapping[str, Any] | None
         assert torch.equal(a, b), f"{cls.name}: training changed ({name} differs with the probe attached)"
 
 
-def check_records(cls: type[Probe], options: Mapping[str, Any] | None = None,
-                  model: Callable[[], nn.Module] = small_mlp, allow_nan: tuple[str, ...] = ()) -> set[str]:
+def check_records(
+    cls: type[Probe],
+    options: Mapping[str, Any] | None = None,
+    model: Callable[[], nn.Module] = small_mlp,
+    allow_nan: tuple[str, ...] = (),
+) -> set[str]:
     """Every record finite (tags in ``allow_nan`` may be NaN), tags under the probe's name and the same in two runs.
 
     Args:
@@ -195,8 +221,12 @@ def _same_value(a: float, b: float, rel: float) -> bool:
     return math.isclose(a, b, rel_tol=rel, abs_tol=rel * 1e-3) or (math.isnan(a) and math.isnan(b))
 
 
-def check_state_round_trip(cls: type[Probe], options: Mapping[str, Any] | None = None,
-                           model: Callable[[], nn.Module] = small_mlp, rel: float = 1e-9) -> None:
+def check_state_round_trip(
+    cls: type[Probe],
+    options: Mapping[str, Any] | None = None,
+    model: Callable[[], nn.Module] = small_mlp,
+    rel: float = 1e-9,
+) -> None:
     """Stop mid-window, save, resume in a fresh session: the state survives and the resumed run writes, after the
     stop, the records of an unbroken run.
 
@@ -228,11 +258,21 @@ def check_state_round_trip(cls: type[Probe], options: Mapping[str, Any] | None =
 
     def right_after_attach(s2: Any) -> None:
         assert s2.global_step == split, f"{cls.name}: the step did not survive the round trip"
-        assert _equal(s2.probes[cls.name].state_dict(), state["probes"][cls.name]), \
+        assert _equal(s2.probes[cls.name].state_dict(), state["probes"][cls.name]), (
             f"{cls.name}: state_dict -> load_state_dict -> state_dict changed the state"
+        )
 
-    resumed, s2 = _train(cls, options, model, steps=STEPS - split, state=state_copy, start=split, params=params,
-                         opt_state=saved["optimizer"], on_attach=right_after_attach)
+    resumed, s2 = _train(
+        cls,
+        options,
+        model,
+        steps=STEPS - split,
+        state=state_copy,
+        start=split,
+        params=params,
+        opt_state=saved["optimizer"],
+        on_attach=right_after_attach,
+    )
     s2.close()
     assert not s2.failures, f"{cls.name}: failed in the resumed run: {s2.failures}"
     for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
@@ -243,23 +283,27 @@ def check_state_round_trip(cls: type[Probe], options: Mapping[str, Any] | None =
     early = {tag: [step for step, _ in points if step <= split] for tag, points in got.items()}
     early = {tag: steps for tag, steps in early.items() if steps}
     assert not early, f"{cls.name}: the resumed run wrote points at or before step {split} again: {early}"
-    assert set(got) == set(expected), f"{cls.name}: after resuming, tags differ from the unbroken run's: " \
-        f"{sorted(set(got) ^ set(expected))}"
+    assert set(got) == set(expected), (
+        f"{cls.name}: after resuming, tags differ from the unbroken run's: {sorted(set(got) ^ set(expected))}"
+    )
     for kind in ("histograms", "images"):  # the steps of the other records too (an image cadence is state)
         want_steps = {tag: [r.step for r in recs if r.step > split] for tag, recs in getattr(ws.memory, kind)().items()}
         got_steps = {tag: [r.step for r in recs] for tag, recs in getattr(s2.memory, kind)().items()}
-        assert got_steps == {tag: steps for tag, steps in want_steps.items() if steps}, \
+        assert got_steps == {tag: steps for tag, steps in want_steps.items() if steps}, (
             f"{cls.name}: {kind} written at steps {got_steps} after resuming, {want_steps} in the unbroken run"
+        )
     for tag, points in expected.items():
-        assert [s for s, _ in got[tag]] == [s for s, _ in points], \
-            f"{cls.name}: {tag} written at steps {[s for s, _ in got[tag]]} after resuming, " \
+        assert [s for s, _ in got[tag]] == [s for s, _ in points], (
+            f"{cls.name}: {tag} written at steps {[s for s, _ in got[tag]]} after resuming, "
             f"{[s for s, _ in points]} in the unbroken run"
+        )
         for (step, a), (_, b) in zip(got[tag], points):
             assert _same_value(a, b, rel), f"{cls.name}: {tag} = {a} at step {step} after resuming, {b} unbroken"
 
 
-def check_failure_isolation(cls: type[Probe], options: Mapping[str, Any] | None = None,
-                            model: Callable[[], nn.Module] = small_mlp) -> None:
+def check_failure_isolation(
+    cls: type[Probe], options: Mapping[str, Any] | None = None, model: Callable[[], nn.Module] = small_mlp
+) -> None:
     """A probe that raises during training is switched off, reported once, and training goes on bit-identically.
 
     The failure is injected into ``observe`` (passive probes) or into ``measure`` after attach (active probes: a
@@ -297,9 +341,14 @@ def check_failure_isolation(cls: type[Probe], options: Mapping[str, Any] | None 
         assert torch.equal(a, b), f"{cls.name}: a failing probe changed training"
 
 
-def check_follows_model(cls: type[Probe], options: Mapping[str, Any] | None = None,
-                        model: Callable[[], nn.Module] = small_mlp, move: Callable[[nn.Module], Any] | None = None,
-                        references: tuple[str, ...] = (), rel: float = 1e-9) -> None:
+def check_follows_model(
+    cls: type[Probe],
+    options: Mapping[str, Any] | None = None,
+    model: Callable[[], nn.Module] = small_mlp,
+    move: Callable[[nn.Module], Any] | None = None,
+    references: tuple[str, ...] = (),
+    rel: float = 1e-9,
+) -> None:
     """After the model moves (``model.double()`` by default; ``.half()``, ``.to(device)``), an attached probe
     measures what it measures when attached afresh to the moved model: its caches follow the model.
 
@@ -326,21 +375,24 @@ def check_follows_model(cls: type[Probe], options: Mapping[str, Any] | None = No
     moved = probes.attach(net, _spec(cls, options, every=1), probe_data=(px, py), sinks=["memory"], strict=True)
     move(net)
     moved.step()  # a measurement at step 1, on the moved model (strict: a failure raises here)
-    fresh = probes.attach(copy.deepcopy(net), _spec(cls, options, every=1), probe_data=(px, py), sinks=["memory"],
-                          strict=True)
+    fresh = probes.attach(
+        copy.deepcopy(net), _spec(cls, options, every=1), probe_data=(px, py), sinks=["memory"], strict=True
+    )
     got = {tag: points[-1] for tag, points in _records(moved).items()}
     want = {tag: points[-1] for tag, points in _records(fresh).items()}
     moved.close()
     fresh.close()
-    assert set(got) == set(want), f"{cls.name}: after the move, tags differ from a fresh attach's: " \
-        f"{sorted(set(got) ^ set(want))}"
+    assert set(got) == set(want), (
+        f"{cls.name}: after the move, tags differ from a fresh attach's: {sorted(set(got) ^ set(want))}"
+    )
     for tag, (step, value) in got.items():
         assert step == 1, f"{cls.name}: {tag} was not measured after the move (last point at step {step})"
         if any(fnmatch.fnmatchcase(tag, pattern) for pattern in references):
             assert math.isfinite(value), f"{cls.name}: {tag} = {value} after the move"
         else:
-            assert _same_value(value, want[tag][1], rel), \
+            assert _same_value(value, want[tag][1], rel), (
                 f"{cls.name}: {tag} = {value} after the move, {want[tag][1]} attached afresh to the moved model"
+            )
 
 
 def join_group(rank: int, world: int, root: str, timeout_s: float = 60) -> None:
@@ -352,8 +404,13 @@ def join_group(rank: int, world: int, root: str, timeout_s: float = 60) -> None:
         root: a directory shared by the processes (the rendezvous file ``root/pg`` is created there).
         timeout_s: how long collectives wait before raising.
     """
-    torch.distributed.init_process_group("gloo", init_method=f"file://{root}/pg", rank=rank, world_size=world,
-                                         timeout=datetime.timedelta(seconds=timeout_s))
+    torch.distributed.init_process_group(
+        "gloo",
+        init_method=f"file://{root}/pg",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=timeout_s),
+    )
     torch.set_num_threads(1)
 
 
@@ -376,8 +433,7 @@ def _rank_main(rank: int, worker: Callable[..., None], args: tuple[Any, ...]) ->
     os._exit(0)
 
 
-def run_ranks(worker: Callable[..., None], args: tuple[Any, ...] = (), world: int = 2,
-              deadline_s: float = 120) -> None:
+def run_ranks(worker: Callable[..., None], args: tuple[Any, ...] = (), world: int = 2, deadline_s: float = 120) -> None:
     """Run ``worker(rank, *args)`` in ``world`` spawned processes; raise if one fails, or after ``deadline_s``.
 
     Args:
@@ -418,8 +474,13 @@ def _ddp_worker(rank: int, world: int, root: str, cls: type[Probe], options: Any
         leave_group()
 
 
-def check_ddp_flush(cls: type[Probe], options: Mapping[str, Any] | None = None,
-                    model: Callable[[], nn.Module] = small_mlp, world: int = 2, rel: float = 1e-6) -> None:
+def check_ddp_flush(
+    cls: type[Probe],
+    options: Mapping[str, Any] | None = None,
+    model: Callable[[], nn.Module] = small_mlp,
+    world: int = 2,
+    rel: float = 1e-6,
+) -> None:
     """2 gloo processes, each on half of every batch, write what one process writes on the whole batches.
 
     Args:
@@ -444,13 +505,21 @@ def check_ddp_flush(cls: type[Probe], options: Mapping[str, Any] | None = None,
         got = out["scalars"][tag]
         assert [s for s, _ in got] == [s for s, _ in points], f"{cls.name}: {tag} written at other steps under DDP"
         for (_, a), (_, b) in zip(got, points):
-            assert math.isclose(a, b, rel_tol=rel, abs_tol=1e-9) or (math.isnan(a) and math.isnan(b)), \
+            assert math.isclose(a, b, rel_tol=rel, abs_tol=1e-9) or (math.isnan(a) and math.isnan(b)), (
                 f"{cls.name}: {tag} = {a} under DDP, {b} in one process"
+            )
 
 
-def check_probe(cls: type[Probe], options: Mapping[str, Any] | None = None, *,
-                model: Callable[[], nn.Module] = small_mlp, ddp: bool = False,
-                allow_nan: tuple[str, ...] = (), references: tuple[str, ...] = (), quiet: bool = False) -> str:
+def check_probe(
+    cls: type[Probe],
+    options: Mapping[str, Any] | None = None,
+    *,
+    model: Callable[[], nn.Module] = small_mlp,
+    ddp: bool = False,
+    allow_nan: tuple[str, ...] = (),
+    references: tuple[str, ...] = (),
+    quiet: bool = False,
+) -> str:
     """Run every check of this module on ``cls`` with ``options``, and say in one line what passed.
 
     Args:
@@ -489,8 +558,16 @@ def check_probe(cls: type[Probe], options: Mapping[str, Any] | None = None, *,
     return summary
 
 
-def probe_batch(model: nn.Module, x: Any, y: torch.Tensor | None = None, *, step: int = 0, output: Any = None,
-                probe_batch_size: int | None = None, site_types: tuple[type[nn.Module], ...] = ()) -> Any:
+def probe_batch(
+    model: nn.Module,
+    x: Any,
+    y: torch.Tensor | None = None,
+    *,
+    step: int = 0,
+    output: Any = None,
+    probe_batch_size: int | None = None,
+    site_types: tuple[type[nn.Module], ...] = (),
+) -> Any:
     """A ``ProbeBatch`` for calling a probe's ``measure`` by hand, as the session would build it: the model's output
     on ``x`` (no gradients, eval mode) and a probe pass for ``batch.run`` over a capture of its own.
 
@@ -509,5 +586,6 @@ def probe_batch(model: nn.Module, x: Any, y: torch.Tensor | None = None, *, step
     """
     from probes.engine.probe_pass import standalone_batch
 
-    return standalone_batch(model, x, y, step=step, output=output, probe_batch_size=probe_batch_size,
-                            site_types=site_types)
+    return standalone_batch(
+        model, x, y, step=step, output=output, probe_batch_size=probe_batch_size, site_types=site_types
+    )

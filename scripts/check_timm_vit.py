@@ -60,8 +60,11 @@ def main() -> None:
     from probes.functional.ntk import empirical_ntk, ntk_plan
 
     torch.manual_seed(0)
-    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=4,
-                              num_classes=10).double().eval()
+    model = (
+        timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=4, num_classes=10)
+        .double()
+        .eval()
+    )
     x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
     plan = ntk_plan(model, x)
     print("fallback reasons:", plan.reasons or "none", "| fallback parameters:", len(plan.fallback))
@@ -75,8 +78,10 @@ def main() -> None:
     flat = torch.cat([j.reshape(x.shape[0], 10, -1) for j in jac.values()], dim=2)
     reference = torch.einsum("aci,bci->ab", flat, flat)
     top, top_ref = torch.linalg.eigvalsh(kernel)[-1], torch.linalg.eigvalsh(reference)[-1]
-    print(f"trace relative error {float((kernel.trace() - reference.trace()).abs() / reference.trace()):.2e}, "
-          f"top eigenvalue relative error {float((top - top_ref).abs() / top_ref):.2e}")
+    print(
+        f"trace relative error {float((kernel.trace() - reference.trace()).abs() / reference.trace()):.2e}, "
+        f"top eigenvalue relative error {float((top - top_ref).abs() / top_ref):.2e}"
+    )
 
 
 if __name__ == "__main__":

@@ -35,9 +35,18 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync", "--no-first-run", "--hide-scrollbars",
-                  "--disable-dev-shm-usage", "--mute-audio"]
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--hide-scrollbars",
+    "--disable-dev-shm-usage",
+    "--mute-audio",
+]
 #: (file name, TensorBoard URL fragment, window height in pixels)
 DASHBOARDS = [
     ("tb_timeseries.png", "#timeseries", 2600),
@@ -94,8 +103,15 @@ def save_served_images(base: str, out: Path) -> None:
 
 def screenshot(chromium: str, url: str, path: Path, width: int, height: int, wait_ms: int) -> None:
     with tempfile.TemporaryDirectory() as profile:
-        cmd = [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", f"--window-size={width},{height}",
-               f"--virtual-time-budget={wait_ms}", f"--screenshot={path}", url]
+        cmd = [
+            chromium,
+            *CHROMIUM_FLAGS,
+            f"--user-data-dir={profile}",
+            f"--window-size={width},{height}",
+            f"--virtual-time-budget={wait_ms}",
+            f"--screenshot={path}",
+            url,
+        ]
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
     if not path.exists():
         raise SystemExit(f"chromium wrote no screenshot for {url} (exit {out.returncode}):\n{out.stderr[-2000:]}")
@@ -120,8 +136,9 @@ def main(argv: list[str] | None = None) -> int:
         tmp = tempfile.TemporaryDirectory(prefix="probes-screenshots-")
         logdir = Path(tmp.name) / "runs"
         print(f"running probes demo into {logdir} ...")
-        subprocess.run([sys.executable, "-m", "probes", "demo", "--no-progress", "--logdir", str(logdir)],
-                       check=True, env=env)
+        subprocess.run(
+            [sys.executable, "-m", "probes", "demo", "--no-progress", "--logdir", str(logdir)], check=True, env=env
+        )
     else:
         logdir = Path(args.logdir).absolute()
     try:
@@ -129,8 +146,19 @@ def main(argv: list[str] | None = None) -> int:
         subprocess.run([sys.executable, "-m", "probes", "report", str(logdir), "-o", str(report)], check=True, env=env)
         port = free_port()
         base = f"http://127.0.0.1:{port}"
-        cmd = [sys.executable, "-m", "tensorboard.main", "--logdir", str(logdir), "--host", "127.0.0.1",
-               "--port", str(port), "--samples_per_plugin", "images=100"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "tensorboard.main",
+            "--logdir",
+            str(logdir),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--samples_per_plugin",
+            "images=100",
+        ]
         print(f"starting tensorboard on {base} ...")
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
         try:

@@ -34,8 +34,9 @@ def one_hot(y: torch.Tensor, c: int) -> np.ndarray:
     return np.eye(c)[y.numpy()]
 
 
-def make_batch(acts: dict[str, tuple[torch.Tensor, torch.Tensor]], y: torch.Tensor, output: torch.Tensor,
-               step: int = 0) -> ProbeBatch:
+def make_batch(
+    acts: dict[str, tuple[torch.Tensor, torch.Tensor]], y: torch.Tensor, output: torch.Tensor, step: int = 0
+) -> ProbeBatch:
     activations = {name: Activation(Site(name, name, "relu"), pre, post) for name, (pre, post) in acts.items()}
     return ProbeBatch(nn.Identity(), None, y, output, activations, step)
 
@@ -161,16 +162,19 @@ def test_session_attach_logs_every_site_and_output() -> None:
 
 
 @settings(max_examples=25, deadline=None)
-@given(widths=st.lists(st.integers(1, 24), min_size=1, max_size=3), P=st.integers(6, 40),
-       classes=st.integers(2, 4), acts=st.lists(st.sampled_from(["relu", "tanh", "gelu"]), min_size=3, max_size=3),
-       seed=st.integers(0, 2**31 - 1))
+@given(
+    widths=st.lists(st.integers(1, 24), min_size=1, max_size=3),
+    P=st.integers(6, 40),
+    classes=st.integers(2, 4),
+    acts=st.lists(st.sampled_from(["relu", "tanh", "gelu"]), min_size=3, max_size=3),
+    seed=st.integers(0, 2**31 - 1),
+)
 def test_random_nets_match_pxp_reference(widths, P, classes, acts, seed) -> None:
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     layers, dims = [], [5, *widths]
     for i in range(len(widths)):
-        layers += [nn.Linear(dims[i], dims[i + 1]),
-                   {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU}[acts[i]]()]
+        layers += [nn.Linear(dims[i], dims[i + 1]), {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU}[acts[i]]()]
     model = nn.Sequential(*layers, nn.Linear(dims[-1], classes))
     x = torch.randn(P, 5, generator=g)
     y = torch.arange(P) % classes
@@ -221,8 +225,9 @@ def test_benchmark_smoke(capsys) -> None:
 def test_a_memory_budget_gives_the_values_of_the_shared_pass() -> None:
     """Sites in groups over the probe's own passes (budget of about one site) equal the shared pass."""
     torch.manual_seed(5)
-    model = nn.Sequential(nn.Linear(6, 40), nn.ReLU(), nn.Linear(40, 30), nn.ReLU(), nn.Linear(30, 20), nn.Tanh(),
-                          nn.Linear(20, 3))
+    model = nn.Sequential(
+        nn.Linear(6, 40), nn.ReLU(), nn.Linear(40, 30), nn.ReLU(), nn.Linear(30, 20), nn.Tanh(), nn.Linear(20, 3)
+    )
     x, y = torch.randn(300, 6), torch.arange(300) % 3
     shared = probes.attach(model, {"alignment": {"memory_budget": None}}, probe_data=(x, y))
     shared.close()
@@ -265,8 +270,13 @@ def test_labels_out_of_range_of_the_outputs_raise_at_attach(measure_at_attach) -
     model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 3))
     y = torch.tensor([0, 1, 5, 1, 0, 2])  # class 5 for a model with 3 outputs
     with pytest.raises(ValueError, match=r"alignment: class index 5 out of range.*3 outputs.*0\.\.2"):
-        probes.attach(model, ["alignment"], probe_data=(torch.randn(6, 3), y), sinks=["memory"],
-                      measure_at_attach=measure_at_attach)
+        probes.attach(
+            model,
+            ["alignment"],
+            probe_data=(torch.randn(6, 3), y),
+            sinks=["memory"],
+            measure_at_attach=measure_at_attach,
+        )
     assert (len(hooks._global_forward_hooks), len(hooks._global_forward_pre_hooks)) == before
 
 

@@ -16,9 +16,18 @@ from probes.engine.failures import ProbesNoticeWarning
 
 def conv_net() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
-                         nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 4),
+    )
 
 
 def attach_quietly(*args, **kwargs):
@@ -33,8 +42,11 @@ def test_auto_on_a_cnn_leaves_out_what_cannot_apply_and_says_why_in_one_line_eac
     x, y = torch.randn(12, 3, 8, 8), torch.arange(12) % 4
     explicit = {p.name for p in probes.available()}
     s, notices = attach_quietly(model, "auto", probe_data=(x, y))
-    left_out = {re.match(r"attach\('auto'\) leaves out probe '(\w+)'", m).group(1) for m in notices
-                if m.startswith("attach('auto') leaves out")}
+    left_out = {
+        re.match(r"attach\('auto'\) leaves out probe '(\w+)'", m).group(1)
+        for m in notices
+        if m.startswith("attach('auto') leaves out")
+    }
     assert "particles" in left_out and "pathgram" in left_out  # two-layer and fully connected probes
     assert set(s.probes) == explicit - left_out
     assert {"relu_zeros", "patterns", "alignment", "margin"} <= set(s.probes)

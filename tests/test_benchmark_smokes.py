@@ -34,8 +34,13 @@ OVERHEAD_ROWS = [
 
 
 def _smoke(script: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--smoke"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), "--smoke"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def _line(stdout: str, row: str) -> str:
@@ -76,8 +81,9 @@ def test_every_benchmark_smoke_runs_in_the_suite() -> None:
     for script in sorted((ROOT / "benchmarks").glob("[!_]*.py")):
         if "--smoke" not in script.read_text():
             continue
-        runners = [name for name, text in tests.items()
-                   if script.name in text and re.search(r"[\"']--smoke[\"']", text)]
+        runners = [
+            name for name, text in tests.items() if script.name in text and re.search(r"[\"']--smoke[\"']", text)
+        ]
         if script.name in ("overhead.py", "relu_zeros.py"):
             assert "test_benchmark_smokes.py" in runners
         assert runners, f"no test runs benchmarks/{script.name} --smoke"

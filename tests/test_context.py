@@ -15,8 +15,14 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import probes
 from probes.engine.context import isolated
 
-PROBES = {"ntk": {"every": 2}, "pathgram": {"every": 2}, "patterns": {"every": 2}, "alignment": {"every": 2},
-          "margin": {"every": 2}, "relu_zeros": {"every": 2}}
+PROBES = {
+    "ntk": {"every": 2},
+    "pathgram": {"every": 2},
+    "patterns": {"every": 2},
+    "alignment": {"every": 2},
+    "margin": {"every": 2},
+    "relu_zeros": {"every": 2},
+}
 
 
 class Calls(TorchFunctionMode):
@@ -53,7 +59,7 @@ def run(around_step, steps: int = 4, *, optimizer: bool = True):
     session = probes.attach(model, PROBES, probe_data=(x[:24], y[:24]), optimizer=opt if optimizer else None)
     used = []
     for i in range(steps):
-        xb, yb = x[i * 10:(i + 1) * 10], y[i * 10:(i + 1) * 10]
+        xb, yb = x[i * 10 : (i + 1) * 10], y[i * 10 : (i + 1) * 10]
         F.mse_loss(model(xb).squeeze(1), yb).backward()
         ctx = around_step()
         used.append(ctx)

@@ -20,8 +20,11 @@ def event_scalars(run_dir):
 
     acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "images": 0, "histograms": 1})
     acc.Reload()
-    return ({t: [(e.step, e.value) for e in acc.Scalars(t)] for t in acc.Tags()["scalars"]},
-            acc.Tags()["images"], acc.Tags()["histograms"])
+    return (
+        {t: [(e.step, e.value) for e in acc.Scalars(t)] for t in acc.Tags()["scalars"]},
+        acc.Tags()["images"],
+        acc.Tags()["histograms"],
+    )
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +50,13 @@ def test_demo_attaches_every_builtin_probe_and_prints_the_table(demo_run):
     scalars, images, _ = event_scalars(run)
     rows = re.findall(r"^  (\S+/\S+)\s+(\d+)\s+(\S+)$", text, flags=re.M)
     shown = {tag: (int(step), float(value)) for tag, step, value in rows}
-    for key in ("relu_zeros/total/fraction", "alignment/1/cka", "ntk/condition", "margin/n_delta_fraction",
-                "test/accuracy"):
+    for key in (
+        "relu_zeros/total/fraction",
+        "alignment/1/cka",
+        "ntk/condition",
+        "margin/n_delta_fraction",
+        "test/accuracy",
+    ):
         if key.split("/")[0] in builtins + ["test"]:
             assert key in shown, key
     for tag, (step, value) in shown.items():
@@ -104,8 +112,11 @@ def test_report_is_one_self_contained_page(demo_run, tmp_path):
     # the table holds the last value of every scalar
     for tag, series in scalars.items():
         step, value = series[-1]
-        m = re.search(rf"<tr><td>{re.escape(tag)}</td><td class='num'>(\d+)</td>"
-                      rf"<td class='num'>([^<]+)</td>", page)
+        m = re.search(
+            rf"<tr><td>{re.escape(tag)}</td><td class='num'>(\d+)</td>"
+            rf"<td class='num'>([^<]+)</td>",
+            page,
+        )
         assert m, tag
         assert int(m.group(1)) == step
         assert float(m.group(2)) == pytest.approx(value, rel=1e-5, abs=1e-12) or np.isnan(value)
@@ -117,12 +128,17 @@ def test_report_plots_are_large_and_labelled(demo_run):
     logdir, run, _ = demo_run
     scalars, _, _ = event_scalars(run)
     members = ["alignment/1/cka", "alignment/3/cka", "alignment/output/cka"]
-    png = report._scalar_plot("cka per site", members, {t: (np.array([s for s, _ in scalars[t]]),
-                                                            np.array([v for _, v in scalars[t]])) for t in members})
+    png = report._scalar_plot(
+        "cka per site",
+        members,
+        {t: (np.array([s for s, _ in scalars[t]]), np.array([v for _, v in scalars[t]])) for t in members},
+    )
     assert Image.open(io.BytesIO(png)).size == report.PLOT_SIZE
     assert report._ylabel(members) == "cka" and report._series_label("alignment/3/cka", members) == "3"
-    assert report._ylabel(["linear_region/flip_fraction_eps_0.1", "linear_region/flip_fraction_eps_0.01"]) \
+    assert (
+        report._ylabel(["linear_region/flip_fraction_eps_0.1", "linear_region/flip_fraction_eps_0.01"])
         == "flip_fraction_eps"
+    )
 
 
 def test_report_cli_default_output_and_plot_limit(demo_run, tmp_path, monkeypatch, capsys):

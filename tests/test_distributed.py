@@ -58,8 +58,12 @@ def data():
     return x, y, probe
 
 
-SPEC = {"relu_zeros": {"every": EVERY}, "alignment": {"every": EVERY}, "ntk": {"every": EVERY, "image": False},
-        "pathgram": {"every": EVERY, "image": None}}
+SPEC = {
+    "relu_zeros": {"every": EVERY},
+    "alignment": {"every": EVERY},
+    "ntk": {"every": EVERY, "image": False},
+    "pathgram": {"every": EVERY, "image": None},
+}
 
 
 def _worker(rank: int, root: str) -> None:
@@ -68,23 +72,35 @@ def _worker(rank: int, root: str) -> None:
         model = nn.parallel.DistributedDataParallel(make_model())
         x, y, probe_data = data()
         counting = CountingProbe()
-        session = probes.attach(model, {**SPEC, counting: None}, probe_data=probe_data,
-                                logdir=os.path.join(root, f"tb_rank{rank}"), sinks=["tensorboard", "memory"])
+        session = probes.attach(
+            model,
+            {**SPEC, counting: None},
+            probe_data=probe_data,
+            logdir=os.path.join(root, f"tb_rank{rank}"),
+            sinks=["tensorboard", "memory"],
+        )
         ntk, ntk_calls = session.probes["ntk"], []
         measure = ntk.measure
         ntk.measure = lambda batch: (ntk_calls.append([batch.world_size, batch.size]), measure(batch))[1]
         for s in range(STEPS):
-            xb = x[s, rank * PER_RANK:(rank + 1) * PER_RANK]  # this rank's half of the global batch
-            yb = y[s, rank * PER_RANK:(rank + 1) * PER_RANK]
+            xb = x[s, rank * PER_RANK : (rank + 1) * PER_RANK]  # this rank's half of the global batch
+            yb = y[s, rank * PER_RANK : (rank + 1) * PER_RANK]
             F.cross_entropy(model(xb), yb).backward()
             model.zero_grad()
             session.step()
         session.close()
         with open(os.path.join(root, f"rank{rank}.json"), "w") as f:
             mem = session.memory.scalars() if session.sinks else {}
-            json.dump({"sinks": len(session.sinks), "measure_calls": counting.calls, "ntk_calls": ntk_calls,
-                       "failures": sorted(session.failures),
-                       "ntk": {t: v for t, v in mem.items() if t.startswith("ntk/")}}, f)
+            json.dump(
+                {
+                    "sinks": len(session.sinks),
+                    "measure_calls": counting.calls,
+                    "ntk_calls": ntk_calls,
+                    "failures": sorted(session.failures),
+                    "ntk": {t: v for t, v in mem.items() if t.startswith("ntk/")},
+                },
+                f,
+            )
     finally:
         leave_group()
 
@@ -123,20 +139,32 @@ def test_ddp_totals_equal_a_single_process_run_on_the_union(tmp_path):
     # 10 samples than on 20; tests/test_ntk_ranks.py checks float64 models to 1e-10)
     assert info[0]["ntk_calls"] == info[1]["ntk_calls"] == [[WORLD, 20]] * (STEPS // EVERY)
     ntk_ref = {t: v for t, v in expected.items() if t.startswith("ntk/")}
-    assert {"ntk/trace", "ntk/eig_max", "ntk/eig_top/1", "ntk/eig_top/5", "ntk/alignment", "ntk/eig_min"} \
-        <= set(ntk_ref) == set(info[0]["ntk"])
+    assert (
+        {"ntk/trace", "ntk/eig_max", "ntk/eig_top/1", "ntk/eig_top/5", "ntk/alignment", "ntk/eig_min"}
+        <= set(ntk_ref)
+        == set(info[0]["ntk"])
+    )
     for tag, values in ntk_ref.items():
         assert [st for st, _ in info[0]["ntk"][tag]] == [st for st, _ in values] == [0, 2, 4], tag
         # the trace and the top eigenvalues to 1e-8 (the acceptance); eig_min and the condition number carry the
         # float32 passes' rounding relative to eig_max, the rest (alignment, effective rank, drift) to 1e-6
-        tol = 1e-3 if tag in ("ntk/condition", "ntk/eig_min") else 1e-8 if tag == "ntk/trace" or \
-            tag.startswith(("ntk/eig_max", "ntk/eig_top/")) else 1e-6
+        tol = (
+            1e-3
+            if tag in ("ntk/condition", "ntk/eig_min")
+            else 1e-8
+            if tag == "ntk/trace" or tag.startswith(("ntk/eig_max", "ntk/eig_top/"))
+            else 1e-6
+        )
         assert [v for _, v in info[0]["ntk"][tag]] == pytest.approx([v for _, v in values], rel=tol, abs=1e-12), tag
 
     got = read_scalars(tmp_path / "tb_rank0")
     zero_tags = [t for t in expected if t.startswith("relu_zeros/")]
-    assert {"relu_zeros/1/zeros", "relu_zeros/3/zeros", "relu_zeros/1/dead_in_window", "relu_zeros/total/fraction"} \
-        <= set(expected)
+    assert {
+        "relu_zeros/1/zeros",
+        "relu_zeros/3/zeros",
+        "relu_zeros/1/dead_in_window",
+        "relu_zeros/total/fraction",
+    } <= set(expected)
     assert zero_tags and set(zero_tags) <= set(got)
     for tag in zero_tags:
         steps_expected = [st for st, _ in expected[tag]]
@@ -151,8 +179,14 @@ def test_ddp_totals_equal_a_single_process_run_on_the_union(tmp_path):
     frac = dict(got["relu_zeros/1/fraction"])
     assert zeros[2] == pytest.approx(frac[2] * EVERY * WORLD * PER_RANK * 24, rel=1e-6)
     # ntk's backward passes on rank 0 (autograd.grad on the inner module) do not trigger DDP's reducer
-    for tag in ("alignment/1/cka", "alignment/3/cka", "counting/mean_output", "ntk/trace", "ntk/eig_max",
-                "pathgram/norm"):
+    for tag in (
+        "alignment/1/cka",
+        "alignment/3/cka",
+        "counting/mean_output",
+        "ntk/trace",
+        "ntk/eig_max",
+        "pathgram/norm",
+    ):
         assert [st for st, _ in got[tag]] == [st for st, _ in expected[tag]] == [0, 2, 4]
         assert [v for _, v in got[tag]] == pytest.approx([v for _, v in expected[tag]], rel=1e-5)
 
@@ -170,15 +204,21 @@ def _uneven_worker(rank: int, root: str) -> None:
             session = probes.attach(model, SPEC, probe_data=(px, py), sinks=["memory"])
         for s in range(STEPS):
             if rank == 0 or s >= EVERY:
-                model(x[s, rank * PER_RANK:(rank + 1) * PER_RANK])
+                model(x[s, rank * PER_RANK : (rank + 1) * PER_RANK])
             session.step()
         session.close()
         mem = session.memory.scalars() if session.sinks else {}
         with open(os.path.join(root, f"uneven{rank}.json"), "w") as f:
-            json.dump({"failures": {k: v.strip().splitlines()[-1] for k, v in session.failures.items()},
-                       "zeros_steps": [st for st, _ in mem.get("relu_zeros/1/zeros", [])],
-                       "cka_steps": [st for st, _ in mem.get("alignment/1/cka", [])],
-                       "ntk": mem.get("ntk/trace", []), "notices": [str(w.message) for w in caught]}, f)
+            json.dump(
+                {
+                    "failures": {k: v.strip().splitlines()[-1] for k, v in session.failures.items()},
+                    "zeros_steps": [st for st, _ in mem.get("relu_zeros/1/zeros", [])],
+                    "cka_steps": [st for st, _ in mem.get("alignment/1/cka", [])],
+                    "ntk": mem.get("ntk/trace", []),
+                    "notices": [str(w.message) for w in caught],
+                },
+                f,
+            )
     finally:
         leave_group()
 
@@ -228,13 +268,19 @@ def _one_rank_fails_worker(rank: int, root: str) -> None:
         x, _, _ = data()
         session = probes.attach(model, {FlakyPassive(): None, "relu_zeros": {"every": EVERY}}, sinks=["memory"])
         for s in range(STEPS):
-            model(x[s, rank * PER_RANK:(rank + 1) * PER_RANK])
+            model(x[s, rank * PER_RANK : (rank + 1) * PER_RANK])
             session.step()
         session.close()
         mem = session.memory.scalars() if session.sinks else {}
         with open(os.path.join(root, f"fails{rank}.json"), "w") as f:
-            json.dump({"failures": sorted(session.failures), "flaky": mem.get("flaky/count", []),
-                       "zeros_steps": [st for st, _ in mem.get("relu_zeros/1/zeros", [])]}, f)
+            json.dump(
+                {
+                    "failures": sorted(session.failures),
+                    "flaky": mem.get("flaky/count", []),
+                    "zeros_steps": [st for st, _ in mem.get("relu_zeros/1/zeros", [])],
+                },
+                f,
+            )
     finally:
         leave_group()
 

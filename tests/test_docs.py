@@ -45,12 +45,19 @@ def _mkdocs_missing() -> str | None:
     return None
 
 
-@pytest.mark.skipif(_mkdocs_missing() is not None, reason="mkdocs, mkdocs-material or mkdocstrings not installed "
-                    "(the docs extra: pip install -e '.[docs]')")
+@pytest.mark.skipif(
+    _mkdocs_missing() is not None,
+    reason="mkdocs, mkdocs-material or mkdocstrings not installed (the docs extra: pip install -e '.[docs]')",
+)
 def test_mkdocs_build_strict(tmp_path: Path) -> None:
     site = tmp_path / "site"
-    out = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(site)],
-                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(site)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, f"mkdocs build --strict failed:\n{out.stdout[-4000:]}\n{out.stderr[-4000:]}"
     # the API reference is generated from the docstrings: attach's own Args section is on the page
     api = (site / "api" / "probes" / "index.html").read_text()
@@ -61,6 +68,7 @@ def test_mkdocs_build_strict(tmp_path: Path) -> None:
     assert "linear_region/flip_fraction_eps_" in (site / "changelog" / "index.html").read_text()
     # attach's signature shows the probe batch size's value, not the constant's name (docs/_griffe)
     from probes.engine.spec import DEFAULT_PROBE_BATCH_SIZE
+
     text = re.sub(r"<[^>]+>", "", api)
     assert f"probe_batch_size: int | None = {DEFAULT_PROBE_BATCH_SIZE}" in text
     assert "DEFAULT_PROBE_BATCH_SIZE" not in api
@@ -100,9 +108,13 @@ def test_the_changelog_starts_with_this_version() -> None:
     assert released and released[0] == probes.__version__, (released[:1], probes.__version__)
 
 
-@pytest.mark.parametrize("page, index, code", [
-    pytest.param(page, i, code, id=f"{page}:{i}", marks=[pytest.mark.slow] if page in SLOW_PAGES else [])
-    for page, i, code in BLOCKS])
+@pytest.mark.parametrize(
+    "page, index, code",
+    [
+        pytest.param(page, i, code, id=f"{page}:{i}", marks=[pytest.mark.slow] if page in SLOW_PAGES else [])
+        for page, i, code in BLOCKS
+    ],
+)
 def test_docs_example_runs(page: str, index: int, code: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     registered: list[str] = []  # plugins an example registers are unregistered after it, for the tests that follow
@@ -201,8 +213,10 @@ _FRACTION = 1 - len(_MISSING) / max(_TOTAL, 1)
 def test_public_api_documents_its_parameters() -> None:
     assert _TOTAL >= 50, f"only {_TOTAL} public callables found: the walk over the public modules is broken"
     listing = "\n  ".join(_MISSING)
-    assert _FRACTION >= THRESHOLD, (f"{len(_MISSING)} of {_TOTAL} public callables with parameters have no "
-                                    f"Args: section ({_FRACTION:.1%} documented):\n  {listing}")
+    assert _FRACTION >= THRESHOLD, (
+        f"{len(_MISSING)} of {_TOTAL} public callables with parameters have no "
+        f"Args: section ({_FRACTION:.1%} documented):\n  {listing}"
+    )
 
 
 def _all_docstrings() -> dict[str, str]:

@@ -128,8 +128,11 @@ def test_a_keyboard_interrupt_inside_a_forward_leaves_the_session_consistent(fun
 
 
 def patterns_and_ntk(session) -> dict[str, float]:
-    return {t: pts[-1][1] for t, pts in session.memory.scalars().items() if t.startswith(("patterns/", "ntk/trace",
-                                                                                          "alignment/"))}
+    return {
+        t: pts[-1][1]
+        for t, pts in session.memory.scalars().items()
+        if t.startswith(("patterns/", "ntk/trace", "alignment/"))
+    }
 
 
 def test_the_probe_batch_follows_the_model_to_float64_equal_to_a_fresh_attach():
@@ -176,8 +179,9 @@ def lazy_run(with_probes: bool) -> tuple[list[torch.Tensor], torch.Tensor]:
     opt = None
     session = None
     if with_probes:
-        session = probes.attach(model, {"relu_zeros": {"every": 2}, "patterns": {"every": 2}},
-                                probe_data=torch.ones(4, 7))
+        session = probes.attach(
+            model, {"relu_zeros": {"every": 2}, "patterns": {"every": 2}}, probe_data=torch.ones(4, 7)
+        )
     for _ in range(4):
         x = torch.randn(8, 7)
         loss = model(x).square().mean()

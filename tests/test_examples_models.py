@@ -94,6 +94,6 @@ def test_vit_smoke(tmp_path: Path) -> None:
 def test_the_gpt2_trainer_page_says_what_ntk_does_with_token_labels() -> None:
     # ntk keeps token labels (the kernel of the last position's logits) and leaves out only ntk/alignment
     doc = (ROOT / "docs" / "examples.md").read_text(encoding="utf-8")
-    gpt2 = doc[doc.index("**A GPT-2 under the Trainer.**"):doc.index("**A small ViT on the digits.**")]
+    gpt2 = doc[doc.index("**A GPT-2 under the Trainer.**") : doc.index("**A small ViT on the digits.**")]
     assert "refuses token labels" not in gpt2 and "a second callback" not in gpt2
     assert "`ntk/alignment`" in gpt2 and 'ProbesCallback("auto"' in gpt2

@@ -38,32 +38,47 @@ def test_figures_are_small_rgb_arrays():
     lam = np.sort(rng.exponential(size=300) ** 4)[::-1]
     _check(figures.spectrum_figure(lam, lam / 10, step=5, init_step=0, title="t"), (400, 560))
     _check(figures.spectrum_figure(-lam, None, title="no positive eigenvalue"), (400, 560))
-    _check(figures.line_plot([("a", [0, 1, 2], [1, 2, 3]), ("b", [0, 1, 2], [3, 2, 1])], title="t", xlabel="x",
-                             ylabel="y"), (400, 560))
+    _check(
+        figures.line_plot(
+            [("a", [0, 1, 2], [1, 2, 3]), ("b", [0, 1, 2], [3, 2, 1])], title="t", xlabel="x", ylabel="y"
+        ),
+        (400, 560),
+    )
     gates = rng.random((300, 64)) < 0.5
     _check(figures.gates_figure(gates, list(range(30, 300, 30)), [str(k) for k in range(10)], title="t"), (360, 640))
     a = rng.normal(size=(128, 5))
     _check(figures.matrix_figure(a @ a.T, [64], ["-1", "1"], title="t", colorbar_label="c"), (420, 500))
     cur = rng.normal(size=(50, 2))
     trails = np.cumsum(rng.normal(size=(30, 50, 2)) * 0.05, axis=0)
-    _check(figures.particles_figure(cur, trails, cur[:, 0] > 0, rng.normal(size=(3, 2)), None, 3.0, title="t"),
-           (480, 480))
+    _check(
+        figures.particles_figure(cur, trails, cur[:, 0] > 0, rng.normal(size=(3, 2)), None, 3.0, title="t"), (480, 480)
+    )
 
 
 def test_encode_png_is_lossless():
     from PIL import Image
 
     rng = np.random.default_rng(1)
-    for pixels in (rng.integers(0, 4, (9, 13, 3), dtype=np.uint8) * 60,  # few colours: palette
-                   rng.integers(0, 256, (40, 30, 3), dtype=np.uint8)):  # many: RGB
+    for pixels in (
+        rng.integers(0, 4, (9, 13, 3), dtype=np.uint8) * 60,  # few colours: palette
+        rng.integers(0, 256, (40, 30, 3), dtype=np.uint8),
+    ):  # many: RGB
         back = np.asarray(Image.open(io.BytesIO(figures.encode_png(pixels))).convert("RGB"))
         np.testing.assert_array_equal(back, pixels)
 
 
 def test_image_cadence():
     c = figures.ImageCadence("p", 100)
-    assert [c.due(s) for s in (0, 20, 80, 100, 120, 180, 210, 300)] == [True, False, False, True, False, False,
-                                                                          True, True]
+    assert [c.due(s) for s in (0, 20, 80, 100, 120, 180, 210, 300)] == [
+        True,
+        False,
+        False,
+        True,
+        False,
+        False,
+        True,
+        True,
+    ]
     assert all(figures.ImageCadence("p", None).due(s) for s in (0, 1, 2))
 
 
@@ -80,11 +95,24 @@ def test_every_image_probe_checks_image_every_at_construction(name):
 
 
 def test_layout_groups_one_quantity_across_sites():
-    tags = ["relu_zeros/1/fraction", "relu_zeros/3/fraction", "relu_zeros/total/fraction", "relu_zeros/1/zeros",
-            "ntk/eig_top/1", "ntk/eig_top/2", "ntk/trace", "alignment/1/cka", "alignment/output/cka",
-            "linear_region/flip_fraction_eps_0.001", "linear_region/flip_fraction_eps_0.1",
-            "linear_region/flip_fraction_delta_0.01", "linear_region/flip_fraction", "patterns/distinct",
-            "margin/delta/nonfinite", "particles/norms/nonfinite"]
+    tags = [
+        "relu_zeros/1/fraction",
+        "relu_zeros/3/fraction",
+        "relu_zeros/total/fraction",
+        "relu_zeros/1/zeros",
+        "ntk/eig_top/1",
+        "ntk/eig_top/2",
+        "ntk/trace",
+        "alignment/1/cka",
+        "alignment/output/cka",
+        "linear_region/flip_fraction_eps_0.001",
+        "linear_region/flip_fraction_eps_0.1",
+        "linear_region/flip_fraction_delta_0.01",
+        "linear_region/flip_fraction",
+        "patterns/distinct",
+        "margin/delta/nonfinite",
+        "particles/norms/nonfinite",
+    ]
     from probes import plugins
 
     declared = plugins.probe_class("ntk").charts + plugins.probe_class("linear_region").charts
@@ -98,12 +126,17 @@ def test_layout_groups_one_quantity_across_sites():
         (regexes,) = [r for t, r in charts.items() if title_part in t]
         return sorted(t for t in tags if any(re.match(r, t) for r in regexes))
 
-    assert members("fraction per site") == ["relu_zeros/1/fraction", "relu_zeros/3/fraction",
-                                            "relu_zeros/total/fraction"]
+    assert members("fraction per site") == [
+        "relu_zeros/1/fraction",
+        "relu_zeros/3/fraction",
+        "relu_zeros/total/fraction",
+    ]
     assert members("top eigenvalues") == ["ntk/eig_top/1", "ntk/eig_top/2"]
     assert members("cka per site") == ["alignment/1/cka", "alignment/output/cka"]
-    assert members("input perturbation size eps") == ["linear_region/flip_fraction_eps_0.001",
-                                                      "linear_region/flip_fraction_eps_0.1"]
+    assert members("input perturbation size eps") == [
+        "linear_region/flip_fraction_eps_0.001",
+        "linear_region/flip_fraction_eps_0.1",
+    ]
     assert len(charts) == 4  # one site of relu_zeros/*/zeros, one delta: no chart of one line
     assert layout_for(["a/b", "c/d"]) == {}
 
@@ -164,8 +197,13 @@ def full_demo(tmp_path_factory):
     """The demo as a user runs it (default length), through the command line."""
     logdir = tmp_path_factory.mktemp("full-demo")
     env = dict(os.environ, PROBES_DISABLE_PLUGIN_AUTOLOAD="1")
-    out = subprocess.run([sys.executable, "-m", "probes", "demo", "--no-progress", "--logdir", str(logdir)],
-                         capture_output=True, text=True, env=env, timeout=600)
+    out = subprocess.run(
+        [sys.executable, "-m", "probes", "demo", "--no-progress", "--logdir", str(logdir)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     return logdir, out.stdout
 
@@ -211,9 +249,14 @@ def test_spectrum_image_of_the_probe():
 
 
 @pytest.mark.parametrize("limit", [3e-5, 0.0123, 1.0, 12345.0, 2.5e7])
-@pytest.mark.parametrize("labels", [("x", "y"), ("a_j w_j on PC 1 (at init)", "a_j w_j on PC 2 (at init)"),
-                                    ("|a_j| (w_j, b_j) on PC 1 of the teacher", "|a_j| (w_j, b_j) on PC 2 of the "
-                                                                                "teacher")])
+@pytest.mark.parametrize(
+    "labels",
+    [
+        ("x", "y"),
+        ("a_j w_j on PC 1 (at init)", "a_j w_j on PC 2 (at init)"),
+        ("|a_j| (w_j, b_j) on PC 1 of the teacher", "|a_j| (w_j, b_j) on PC 2 of the teacher"),
+    ],
+)
 def test_particles_labels_lie_inside_the_figure(limit, labels):
     """The step-0 particles image had its y label left of the figure's edge (long tick labels of a small first
     limit): every label and tick label lies inside the figure, and the axes stay square."""
@@ -221,8 +264,17 @@ def test_particles_labels_lie_inside_the_figure(limit, labels):
     rng = np.random.default_rng(0)
     cur = rng.normal(size=(40, 2)) * limit / 3
     for size in (240, 480):
-        pixels = figures.particles_figure(cur, np.zeros((0, 40, 2)), cur[:, 0] > 0, np.zeros((0, 2)), None, limit,
-                                          title="particles/positions: step 0", axis_labels=labels, size=size)
+        pixels = figures.particles_figure(
+            cur,
+            np.zeros((0, 40, 2)),
+            cur[:, 0] > 0,
+            np.zeros((0, 2)),
+            None,
+            limit,
+            title="particles/positions: step 0",
+            axis_labels=labels,
+            size=size,
+        )
         assert pixels.shape == (size, size, 3)
         entry = next(v for k, v in figures._KEPT.items() if k[0] == "particles" and k[1] == size)
         fig, ax = entry["fig"], entry["ax"]
@@ -235,8 +287,11 @@ def test_particles_labels_lie_inside_the_figure(limit, labels):
             if not text.get_visible() or not text.get_text():
                 continue
             box = text.get_window_extent(renderer)
-            assert inside.x0 <= box.x0 and box.x1 <= inside.x1 and inside.y0 <= box.y0 and box.y1 <= inside.y1, \
-                (text.get_text(), box, inside)
+            assert inside.x0 <= box.x0 and box.x1 <= inside.x1 and inside.y0 <= box.y0 and box.y1 <= inside.y1, (
+                text.get_text(),
+                box,
+                inside,
+            )
         if "\n" not in ax.yaxis.label.get_text():  # a y label wrapped to more lines takes width from the axes
             axes = ax.get_window_extent(renderer)
             assert abs(axes.width - axes.height) <= 1.0, axes

@@ -30,8 +30,10 @@ def _events(logdir: Path) -> dict:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     acc = EventAccumulator(str(logdir), size_guidance={"images": 0, "scalars": 0}).Reload()
-    return {"images": {t: acc.Images(t) for t in acc.Tags()["images"]},
-            "scalars": {t: [(e.step, e.value) for e in acc.Scalars(t)] for t in acc.Tags()["scalars"]}}
+    return {
+        "images": {t: acc.Images(t) for t in acc.Tags()["images"]},
+        "scalars": {t: [(e.step, e.value) for e in acc.Scalars(t)] for t in acc.Tags()["scalars"]},
+    }
 
 
 def _blocking(gate: threading.Event, seen: list[str]):
@@ -39,6 +41,7 @@ def _blocking(gate: threading.Event, seen: list[str]):
         seen.append(threading.current_thread().name)
         assert gate.wait(timeout=60)
         return np.full((6, 7, 3), int(value), dtype=np.uint8)
+
     return draw
 
 
@@ -86,8 +89,14 @@ def test_a_drawing_error_is_one_warning_and_costs_only_that_image(tmp_path):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for step in range(3):
-            sink.write([Scalar("p/s", float(step)), Image("p/bad", Drawing(broken, 0.0)),
-                        Image("p/good", np.zeros((4, 5, 3), dtype=np.uint8))], step)
+            sink.write(
+                [
+                    Scalar("p/s", float(step)),
+                    Image("p/bad", Drawing(broken, 0.0)),
+                    Image("p/good", np.zeros((4, 5, 3), dtype=np.uint8)),
+                ],
+                step,
+            )
         sink.flush()
         sink.write([Scalar("p/s", 3.0)], 3)
         sink.close()
@@ -138,15 +147,19 @@ def test_draw_in_process_draws_in_another_process_and_shares_the_pixels(tmp_path
     marks = tmp_path / "marks"
     marks.mkdir()
     memory, tb = MemorySink(), TensorBoardSink(logdir=str(tmp_path / "tb"), draw_in="process")
-    records = [Scalar("p/s", 1.0), Image("p/img", Drawing(_pid_image, str(marks), 7)),
-               Image("p/bad", Drawing(_failing_image, 1))]
+    records = [
+        Scalar("p/s", 1.0),
+        Image("p/img", Drawing(_pid_image, str(marks), 7)),
+        Image("p/bad", Drawing(_failing_image, 1)),
+    ]
     for sink in (memory, tb):
         sink.write(records, step=2)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         tb.close()
-    assert [p.name for p in marks.iterdir()] != [] and all(int(p.name.split("-")[0]) != os.getpid()
-                                                          for p in marks.iterdir())
+    assert [p.name for p in marks.iterdir()] != [] and all(
+        int(p.name.split("-")[0]) != os.getpid() for p in marks.iterdir()
+    )
     assert int(memory.images()["p/img"][0].pixels.max()) == 7
     assert len(list(marks.iterdir())) == 1  # the memory sink read the pixels drawn there, not a second drawing
     assert sum("cannot draw 1" in str(w.message) for w in caught) == 1
@@ -210,11 +223,14 @@ def test_a_session_writes_every_image_by_close_and_the_same_scalars_without_imag
         torch.manual_seed(1)
         model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3))
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        spec = {"patterns": {"every": 2, "image": images, "image_every": 4},
-                "pathgram": {"every": 2, "image": "cosine" if images else None, "image_every": 4},
-                "ntk": {"every": 2, "image": images, "image_every": 4}}
-        session = probes.attach(model, spec, probe_data=(x, y), logdir=str(logdir), sinks=["memory"],
-                                optimizer=opt, overhead=None)
+        spec = {
+            "patterns": {"every": 2, "image": images, "image_every": 4},
+            "pathgram": {"every": 2, "image": "cosine" if images else None, "image_every": 4},
+            "ntk": {"every": 2, "image": images, "image_every": 4},
+        }
+        session = probes.attach(
+            model, spec, probe_data=(x, y), logdir=str(logdir), sinks=["memory"], optimizer=opt, overhead=None
+        )
         for _ in range(9):
             loss = nn.functional.cross_entropy(model(x), y)
             opt.zero_grad()
@@ -247,15 +263,21 @@ def _texts_inside(fig) -> list[str]:
         lo, hi = sorted((ax.bbox.x0, ax.bbox.x1) if along == 0 else (ax.bbox.y0, ax.bbox.y1))
         for tick in a.get_major_ticks() + a.get_minor_ticks():
             loc = tick.get_loc()
-            at = None if loc is None else ax.transData.transform((loc, ax.get_ylim()[0]) if along == 0
-                                                                 else (ax.get_xlim()[0], loc))[along]
+            at = (
+                None
+                if loc is None
+                else ax.transData.transform((loc, ax.get_ylim()[0]) if along == 0 else (ax.get_xlim()[0], loc))[along]
+            )
             if at is None or not lo - 0.5 <= at <= hi + 0.5:
                 hidden.update({id(tick.label1), id(tick.label2)})
     texts = [t for t in fig.findobj(Text) if t.get_visible() and t.get_text().strip() and id(t) not in hidden]
     for t in texts:
         e = t.get_window_extent()
-        assert e.x0 >= box.x0 - 0.5 and e.x1 <= box.x1 + 0.5 and e.y0 >= box.y0 - 0.5 and e.y1 <= box.y1 + 0.5, \
-            (t.get_text(), e, box)
+        assert e.x0 >= box.x0 - 0.5 and e.x1 <= box.x1 + 0.5 and e.y0 >= box.y0 - 0.5 and e.y1 <= box.y1 + 0.5, (
+            t.get_text(),
+            e,
+            box,
+        )
     return [t.get_text() for t in texts]
 
 
@@ -264,23 +286,53 @@ def _kinds():
     lam = np.sort(rng.lognormal(0, 3, 300))[::-1]
     long_title = "patterns/layers.3.0.conv_block.activation_function: gates on the probe batch, step 120000"
     return {
-        "spectrum": [lambda: figures.spectrum_figure(lam, lam / 3, step=100, init_step=0, title="ntk/spectrum: a\n(b)",
-                                                     ylabel="eigenvalue of the NTK (log scale)"),
-                     lambda: figures.spectrum_figure(np.array([2.0, 1.5]), None, step=5, title="other", ylabel="z")],
-        "gates": [lambda: figures.gates_figure(np.random.default_rng(1).random((300, 64)) > 0.5,
-                                               list(range(30, 300, 30)), [str(k) for k in range(10)], title="t"),
-                  lambda: figures.gates_figure(np.ones((10, 512)) * 0.5, [], [], title=long_title, total=65536,
-                                               unit_label="gate (unit x position, flattened), open fraction of "
-                                                          "blocks of 128")],
-        "matrix": [lambda: figures.matrix_figure(np.eye(40) + 0.1, [20], ["a", "b"], title="t", colorbar_label="c",
-                                                 vmax=1.0),
-                   lambda: figures.matrix_figure(-np.ones((5, 5)), [], [], title="t2",
-                                                 colorbar_label="a colour bar label long enough to need two lines")],
-        "particles": [lambda: figures.particles_figure(np.ones((4, 2)), np.zeros((3, 4, 2)),
-                                                       np.array([1, 0, 1, 0], bool), np.ones((2, 2)), None, 2.0,
-                                                       title="p"),
-                      lambda: figures.particles_figure(np.ones((7, 2)), np.zeros((0,)), None, np.zeros((0, 2)), None,
-                                                       5.0, title="q", legend=False)],
+        "spectrum": [
+            lambda: figures.spectrum_figure(
+                lam,
+                lam / 3,
+                step=100,
+                init_step=0,
+                title="ntk/spectrum: a\n(b)",
+                ylabel="eigenvalue of the NTK (log scale)",
+            ),
+            lambda: figures.spectrum_figure(np.array([2.0, 1.5]), None, step=5, title="other", ylabel="z"),
+        ],
+        "gates": [
+            lambda: figures.gates_figure(
+                np.random.default_rng(1).random((300, 64)) > 0.5,
+                list(range(30, 300, 30)),
+                [str(k) for k in range(10)],
+                title="t",
+            ),
+            lambda: figures.gates_figure(
+                np.ones((10, 512)) * 0.5,
+                [],
+                [],
+                title=long_title,
+                total=65536,
+                unit_label="gate (unit x position, flattened), open fraction of blocks of 128",
+            ),
+        ],
+        "matrix": [
+            lambda: figures.matrix_figure(np.eye(40) + 0.1, [20], ["a", "b"], title="t", colorbar_label="c", vmax=1.0),
+            lambda: figures.matrix_figure(
+                -np.ones((5, 5)), [], [], title="t2", colorbar_label="a colour bar label long enough to need two lines"
+            ),
+        ],
+        "particles": [
+            lambda: figures.particles_figure(
+                np.ones((4, 2)),
+                np.zeros((3, 4, 2)),
+                np.array([1, 0, 1, 0], bool),
+                np.ones((2, 2)),
+                None,
+                2.0,
+                title="p",
+            ),
+            lambda: figures.particles_figure(
+                np.ones((7, 2)), np.zeros((0,)), None, np.zeros((0, 2)), None, 5.0, title="q", legend=False
+            ),
+        ],
     }
 
 
@@ -292,20 +344,40 @@ def _same_site():
     groups = (list(range(30, 300, 30)), [str(k) for k in range(10)])
     mats = [np.eye(40) + 0.1, rng.normal(size=(40, 40)) * 7]
     return {
-        "spectrum": [lambda: figures.spectrum_figure(lam, lam / 3, step=100, init_step=0, title="ntk/spectrum: a\n(b)",
-                                                     ylabel="eigenvalue"),
-                     lambda: figures.spectrum_figure(lam[:20] * 1e6, None, step=5, title="ntk/spectrum: c",
-                                                     ylabel="eigenvalue")],
-        "gates": [lambda: figures.gates_figure(gates[0], *groups, title="patterns/1: step 0"),
-                  lambda: figures.gates_figure(gates[1], *groups, title="patterns/1: step 100")],
-        "matrix": [lambda: figures.matrix_figure(mats[0], [20], ["a", "b"], title="t", colorbar_label="c"),
-                   lambda: figures.matrix_figure(mats[1], [20], ["a", "b"], title="t2", colorbar_label="c")],
-        "particles": [lambda: figures.particles_figure(np.ones((4, 2)), np.zeros((3, 4, 2)),
-                                                       np.array([1, 0, 1, 0], bool), np.ones((2, 2)), None, 2.0,
-                                                       title="p"),
-                      lambda: figures.particles_figure(-np.ones((4, 2)) * 3, np.ones((5, 4, 2)),
-                                                       np.array([0, 0, 1, 1], bool), np.ones((2, 2)), None, 4.0,
-                                                       title="p, later")],
+        "spectrum": [
+            lambda: figures.spectrum_figure(
+                lam, lam / 3, step=100, init_step=0, title="ntk/spectrum: a\n(b)", ylabel="eigenvalue"
+            ),
+            lambda: figures.spectrum_figure(lam[:20] * 1e6, None, step=5, title="ntk/spectrum: c", ylabel="eigenvalue"),
+        ],
+        "gates": [
+            lambda: figures.gates_figure(gates[0], *groups, title="patterns/1: step 0"),
+            lambda: figures.gates_figure(gates[1], *groups, title="patterns/1: step 100"),
+        ],
+        "matrix": [
+            lambda: figures.matrix_figure(mats[0], [20], ["a", "b"], title="t", colorbar_label="c"),
+            lambda: figures.matrix_figure(mats[1], [20], ["a", "b"], title="t2", colorbar_label="c"),
+        ],
+        "particles": [
+            lambda: figures.particles_figure(
+                np.ones((4, 2)),
+                np.zeros((3, 4, 2)),
+                np.array([1, 0, 1, 0], bool),
+                np.ones((2, 2)),
+                None,
+                2.0,
+                title="p",
+            ),
+            lambda: figures.particles_figure(
+                -np.ones((4, 2)) * 3,
+                np.ones((5, 4, 2)),
+                np.array([0, 0, 1, 1], bool),
+                np.ones((2, 2)),
+                None,
+                4.0,
+                title="p, later",
+            ),
+        ],
     }
 
 
@@ -356,15 +428,25 @@ def test_report_chart_of_many_series_shows_the_top_few_and_a_band():
     labels = [t.get_text() for t in ax.get_legend().get_texts()]
     assert len(labels) == figures.MAX_LINES + 1 and labels[-1].startswith("11 others")
     assert labels[0] == "layers.16.relu"  # the largest last value first
-    assert len({tuple(line.get_color()) if not isinstance(line.get_color(), str) else line.get_color()
-                for line in ax.lines}) == figures.MAX_LINES  # no colour repeated
+    assert (
+        len(
+            {
+                tuple(line.get_color()) if not isinstance(line.get_color(), str) else line.get_color()
+                for line in ax.lines
+            }
+        )
+        == figures.MAX_LINES
+    )  # no colour repeated
     band = ax.collections[-1].get_paths()[0].vertices[:, 1]
     assert band.min() == 0.0 and band.max() == 10.0  # min to max of the others
 
 
 def test_report_chart_of_nan_only_values_says_so_and_one_point_gets_sensible_axes():
-    ax, texts = _report_axes("pathgram/condition", ["pathgram/condition"],
-                             {"pathgram/condition": (np.array([0, 20, 40]), np.full(3, np.nan))})
+    ax, texts = _report_axes(
+        "pathgram/condition",
+        ["pathgram/condition"],
+        {"pathgram/condition": (np.array([0, 20, 40]), np.full(3, np.nan))},
+    )
     assert any("NaN" in t for t in texts)
     ax, _ = _report_axes("ntk/trace", ["ntk/trace"], {"ntk/trace": (np.array([40]), np.array([3.5]))})
     lo, hi = ax.get_xlim()
@@ -401,8 +483,13 @@ def test_no_sink_or_report_module_names_a_probe():
 
 
 def test_the_benchmark_smoke_run(tmp_path):
-    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "figures.py"), "--smoke"], capture_output=True,
-                         text=True, timeout=600, cwd=tmp_path)
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "figures.py"), "--smoke"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     for section in ("1. cost per image", "2. probes demo training time", "3. ResNet-18", "4. acceptance"):
         assert section in out.stdout

@@ -134,8 +134,12 @@ def test_tensorboard_stops_with_the_command(tmp_path, sig) -> None:
     fake, launcher, pidfile = tmp_path / "tensorboard_fake.py", tmp_path / "launch.py", tmp_path / "tb.pid"
     fake.write_text(textwrap.dedent(FAKE_TENSORBOARD))
     launcher.write_text(textwrap.dedent(LAUNCHER))
-    proc = subprocess.Popen([sys.executable, str(launcher), str(fake), str(pidfile), str(tmp_path / "runs")],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(launcher), str(fake), str(pidfile), str(tmp_path / "runs")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     child = None
     try:
         deadline = time.monotonic() + 60
@@ -196,5 +200,8 @@ def test_check_probe_ends_with_one_line_of_what_passed(capsys) -> None:
     summary = testing.check_probe(ReluZeros)
     printed = capsys.readouterr().out.strip().splitlines()
     assert printed[-1] == summary
-    assert re.fullmatch(r"check_probe\(ReluZeros\): 4 checks passed \(training unchanged, records, state round trip, "
-                        r"failure isolation\)", summary), summary
+    assert re.fullmatch(
+        r"check_probe\(ReluZeros\): 4 checks passed \(training unchanged, records, state round trip, "
+        r"failure isolation\)",
+        summary,
+    ), summary

@@ -42,7 +42,8 @@ except ImportError:  # torch without FSDP2
 
 pytestmark = pytest.mark.skipif(
     fully_shard is None or not dist.is_available() or not dist.is_gloo_available(),
-    reason="FSDP2 (torch.distributed.fsdp.fully_shard) with gloo is not available")
+    reason="FSDP2 (torch.distributed.fsdp.fully_shard) with gloo is not available",
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 WORLD = 2
@@ -92,9 +93,13 @@ def _worker(rank: int, root: str) -> None:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             gates = {"every": EVERY, "save": True, "directory": os.path.join(root, f"gates_rank{rank}")}
-            session = probes.attach(model, {**SPEC, "patterns": gates, "ntk": NTK, counting: None},
-                                    probe_data=probe_data, logdir=os.path.join(root, f"tb_rank{rank}"),
-                                    sinks=["tensorboard", "memory"])
+            session = probes.attach(
+                model,
+                {**SPEC, "patterns": gates, "ntk": NTK, counting: None},
+                probe_data=probe_data,
+                logdir=os.path.join(root, f"tb_rank{rank}"),
+                sinks=["tensorboard", "memory"],
+            )
         train(model, session, rank)
         session.close()
         with_probes = {n: p.full_tensor() for n, p in model.named_parameters()}  # collective: every rank
@@ -114,15 +119,24 @@ def _worker(rank: int, root: str) -> None:
         train(plain, None, rank)
         rooted_without = {n: p.full_tensor() for n, p in plain.named_parameters()}
         if rank == 0:
-            torch.save({"with": with_probes, "without": without, "rooted_with": rooted_with,
-                        "rooted_without": rooted_without}, os.path.join(root, "params.pt"))
+            torch.save(
+                {"with": with_probes, "without": without, "rooted_with": rooted_with, "rooted_without": rooted_without},
+                os.path.join(root, "params.pt"),
+            )
         mem = session.memory.scalars() if session.sinks else {}
         with open(os.path.join(root, f"rank{rank}.json"), "w") as f:
-            json.dump({"sharded": session.sharded, "sinks": len(session.sinks), "measure_calls": counting.calls,
-                       "ntk": {t: v for t, v in mem.items() if t.startswith("ntk/")},
-                       "rooted_parameter_kinds": kinds,
-                       "failures": sorted(session.failures),
-                       "ntk_messages": [str(w.message) for w in caught if "'ntk'" in str(w.message)]}, f)
+            json.dump(
+                {
+                    "sharded": session.sharded,
+                    "sinks": len(session.sinks),
+                    "measure_calls": counting.calls,
+                    "ntk": {t: v for t, v in mem.items() if t.startswith("ntk/")},
+                    "rooted_parameter_kinds": kinds,
+                    "failures": sorted(session.failures),
+                    "ntk_messages": [str(w.message) for w in caught if "'ntk'" in str(w.message)],
+                },
+                f,
+            )
         failing_probes(rank, root, mesh)
     finally:
         leave_group()
@@ -177,11 +191,19 @@ def test_fully_shard_mlp_counts_like_one_process_and_trains_unchanged(fsdp_run):
         assert [st for st, _ in got[tag]] == [st for st, _ in expected[tag]] == [2, 4], tag
         for (_, a), (_, b) in zip(got[tag], expected[tag]):
             assert abs(a - b) <= 3, (tag, a, b)  # summed over ranks = one process, to a few gate flips
-    assert got["relu_zeros/total/fraction"][0][1] == pytest.approx(expected["relu_zeros/total/fraction"][0][1],
-                                                                   abs=3 / (EVERY * WORLD * PER_RANK * 40))
+    assert got["relu_zeros/total/fraction"][0][1] == pytest.approx(
+        expected["relu_zeros/total/fraction"][0][1], abs=3 / (EVERY * WORLD * PER_RANK * 40)
+    )
     # step 0: the same network on the same probe batch, so the active probes agree exactly
-    for tag in ("alignment/1/cka", "alignment/3/cka", "alignment/output/cka", "patterns/1/active_fraction",
-                "patterns/3/active_fraction", "patterns/distinct", "counting/mean_output"):
+    for tag in (
+        "alignment/1/cka",
+        "alignment/3/cka",
+        "alignment/output/cka",
+        "patterns/1/active_fraction",
+        "patterns/3/active_fraction",
+        "patterns/distinct",
+        "counting/mean_output",
+    ):
         assert [st for st, _ in got[tag]] == [st for st, _ in expected[tag]] == [0, 2, 4], tag
         assert got[tag][0][1] == pytest.approx(expected[tag][0][1], rel=1e-6, abs=1e-12), tag
         assert [v for _, v in got[tag]] == pytest.approx([v for _, v in expected[tag]], rel=1e-3, abs=1e-6), tag
@@ -232,8 +254,9 @@ def failing_probes(rank: int, root: str, mesh) -> None:
     flaky_active = FlakyActive()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        session = probes.attach(model, {FlakyPassive(): None, flaky_active: None, **SPEC},
-                                probe_data=(px, py), sinks=["memory"])
+        session = probes.attach(
+            model, {FlakyPassive(): None, flaky_active: None, **SPEC}, probe_data=(px, py), sinks=["memory"]
+        )
         train(model, session, rank)
         session.close()
     mem = session.memory.scalars() if session.sinks else {}
@@ -243,9 +266,16 @@ def failing_probes(rank: int, root: str, mesh) -> None:
     except Exception as exc:  # noqa: BLE001
         attach_error = f"{type(exc).__name__}: {exc}"
     with open(os.path.join(root, f"fails{rank}.json"), "w") as f:
-        json.dump({"failures": {k: v.strip().splitlines()[-1] for k, v in session.failures.items()},
-                   "x_sums": flaky_active.x_sums, "steps": {t: [st for st, _ in v] for t, v in mem.items()},
-                   "warnings": [str(w.message) for w in caught], "attach_error": attach_error}, f)
+        json.dump(
+            {
+                "failures": {k: v.strip().splitlines()[-1] for k, v in session.failures.items()},
+                "x_sums": flaky_active.x_sums,
+                "steps": {t: [st for st, _ in v] for t, v in mem.items()},
+                "warnings": [str(w.message) for w in caught],
+                "attach_error": attach_error,
+            },
+            f,
+        )
 
 
 def test_a_probe_failing_on_one_rank_is_switched_off_on_every_rank_without_hanging(fsdp_run):
@@ -270,9 +300,21 @@ def test_a_probe_failing_on_one_rank_is_switched_off_on_every_rank_without_hangi
 
 
 def test_example_runs_under_torchrun_with_fsdp(tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD),
-           str(ROOT / "examples" / "distributed.py"), "--backend", "gloo", "--fsdp", "--smoke",
-           "--logdir", str(tmp_path / "runs")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        str(WORLD),
+        str(ROOT / "examples" / "distributed.py"),
+        "--backend",
+        "gloo",
+        "--fsdp",
+        "--smoke",
+        "--logdir",
+        str(tmp_path / "runs"),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=150, env=env, cwd=tmp_path)
@@ -285,9 +327,23 @@ def test_example_runs_under_torchrun_with_fsdp(tmp_path):
     assert "test accuracy" in done.stdout
     assert [p.name for p in (tmp_path / "runs").iterdir()] == ["fsdp"]  # one run, written by rank 0
     got = read_scalars(tmp_path / "runs" / "fsdp")
-    assert {"relu_zeros/total/fraction", "alignment/1/cka", "patterns/distinct", "train/loss",
-            "test/accuracy", "ntk/trace", "ntk/eig_max", "pathgram/norm", "linear_region/flip_fraction_eps_0.01",
-            "particles/mean_norm"} <= set(got), sorted(got)
-    for tag in ("alignment/1/cka", "ntk/trace", "pathgram/norm", "linear_region/flip_fraction_eps_0.01",
-                "particles/mean_norm"):
+    assert {
+        "relu_zeros/total/fraction",
+        "alignment/1/cka",
+        "patterns/distinct",
+        "train/loss",
+        "test/accuracy",
+        "ntk/trace",
+        "ntk/eig_max",
+        "pathgram/norm",
+        "linear_region/flip_fraction_eps_0.01",
+        "particles/mean_norm",
+    } <= set(got), sorted(got)
+    for tag in (
+        "alignment/1/cka",
+        "ntk/trace",
+        "pathgram/norm",
+        "linear_region/flip_fraction_eps_0.01",
+        "particles/mean_norm",
+    ):
         assert [st for st, _ in got[tag]] == [0, 4, 8, 12], tag

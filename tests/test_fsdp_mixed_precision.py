@@ -22,9 +22,14 @@ except ImportError:  # torch without FSDP2 (the module is skipped then)
     MixedPrecisionPolicy = None
 
 EVERY = 2
-SPEC = {"relu_zeros": {"every": EVERY}, "patterns": {"every": EVERY}, "alignment": {"every": EVERY},
-        "margin": {"every": EVERY}, "pathgram": {"every": EVERY, "image": None},
-        "ntk": {"every": EVERY, "spectrum": "topk", "top_k": 3, "image": False}}
+SPEC = {
+    "relu_zeros": {"every": EVERY},
+    "patterns": {"every": EVERY},
+    "alignment": {"every": EVERY},
+    "margin": {"every": EVERY},
+    "pathgram": {"every": EVERY, "image": None},
+    "ntk": {"every": EVERY, "spectrum": "topk", "top_k": 3, "image": False},
+}
 
 
 def _worker(rank: int, root: str) -> None:
@@ -50,10 +55,17 @@ def _worker(rank: int, root: str) -> None:
             session.close()
         mem = session.memory.scalars() if session.sinks else {}
         with open(os.path.join(root, f"rank{rank}.json"), "w") as f:
-            json.dump({"failures": session.failures, "tags": sorted(mem),
-                       "finite": all(torch.isfinite(torch.tensor([v for _, v in pts])).all().item()
-                                     for pts in mem.values()),
-                       "messages": [str(w.message) for w in caught]}, f)
+            json.dump(
+                {
+                    "failures": session.failures,
+                    "tags": sorted(mem),
+                    "finite": all(
+                        torch.isfinite(torch.tensor([v for _, v in pts])).all().item() for pts in mem.values()
+                    ),
+                    "messages": [str(w.message) for w in caught],
+                },
+                f,
+            )
     finally:
         leave_group()
 

@@ -40,7 +40,8 @@ except ImportError:  # torch without FSDP2
 
 pytestmark = pytest.mark.skipif(
     fully_shard is None or not dist.is_available() or not dist.is_gloo_available(),
-    reason="FSDP2 (torch.distributed.fsdp.fully_shard) with gloo is not available")
+    reason="FSDP2 (torch.distributed.fsdp.fully_shard) with gloo is not available",
+)
 
 WORLD = 2
 STEPS = 4
@@ -49,8 +50,11 @@ PER_RANK = 8
 PROBES = ("pathgram", "linear_region", "particles")
 SPECS = {
     "mlp": {"pathgram": {"every": EVERY, "image": None}, "linear_region": {"every": EVERY}},
-    "two_layer": {"pathgram": {"every": EVERY, "image": None}, "linear_region": {"every": EVERY},
-                  "particles": {"every": EVERY, "image_every": 1000}},
+    "two_layer": {
+        "pathgram": {"every": EVERY, "image": None},
+        "linear_region": {"every": EVERY},
+        "particles": {"every": EVERY, "image_every": 1000},
+    },
     # the root holds the last two Linears: it stays whole after each forward of the probes (FSDP's own choice)
     "rooted": {"pathgram": {"every": EVERY, "image": None}, "linear_region": {"every": EVERY}},
 }
@@ -174,14 +178,21 @@ def _worker(rank: int, root: str) -> None:
             plain = shard(make(kind), mesh, root_owns=kind == "rooted")
             train(plain, rank)
             out[kind] = {
-                "peak": gathers.peak, "explicit": gathers.explicit,
-                "sharded": session.sharded, "failures": sorted(session.failures),
+                "peak": gathers.peak,
+                "explicit": gathers.explicit,
+                "sharded": session.sharded,
+                "failures": sorted(session.failures),
                 "scalars": {t: [(st, float(v)) for st, v in series] for t, series in session.memory.scalars().items()}
-                if session.sinks else {},
+                if session.sinks
+                else {},
                 "kinds": sorted({type(p).__name__ for p in model.parameters()}),
             }
-            saved[kind] = {"snapshots": snapshots, "with": trained, "without": whole(plain),
-                           "trails": particles.trails() if particles is not None else None}
+            saved[kind] = {
+                "snapshots": snapshots,
+                "with": trained,
+                "without": whole(plain),
+                "trails": particles.trails() if particles is not None else None,
+            }
         try:
             odd = ReadsChildWeight()
             fully_shard(odd.body, mesh=mesh)

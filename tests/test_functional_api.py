@@ -121,8 +121,19 @@ def test_ntk_tunable_set_on_the_package_changes_the_route(monkeypatch):
 
 
 def test_names_imported_from_the_ntk_package_elsewhere_are_there():
-    for name in ("MODES", "REDUCTIONS", "NTKPlan", "NTKOperator", "SampleMixingError", "empirical_ntk",
-                 "ntk_operator", "ntk_plan", "trace_over_outputs", "_layer_terms", "_accumulate_term"):
+    for name in (
+        "MODES",
+        "REDUCTIONS",
+        "NTKPlan",
+        "NTKOperator",
+        "SampleMixingError",
+        "empirical_ntk",
+        "ntk_operator",
+        "ntk_plan",
+        "trace_over_outputs",
+        "_layer_terms",
+        "_accumulate_term",
+    ):
         assert hasattr(ntk_package, name), name
 
 

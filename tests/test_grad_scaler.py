@@ -20,8 +20,7 @@ def loop(attach: bool, iterations: int = 8, scaler_kw=None):
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     scaler = torch.amp.GradScaler("cpu", **(scaler_kw or {"init_scale": 2.0**127, "growth_interval": 1000}))
-    session = probes.attach(model, {"relu_zeros": {"every": 1}}, optimizer=opt, grad_scaler=scaler) if attach \
-        else None
+    session = probes.attach(model, {"relu_zeros": {"every": 1}}, optimizer=opt, grad_scaler=scaler) if attach else None
     stepped = []
     for _ in range(iterations):
         x = torch.randn(16, 4)

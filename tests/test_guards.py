@@ -58,16 +58,25 @@ def test_alignment_with_fewer_than_two_samples_per_class_says_so_once() -> None:
 
 
 def small_cnn() -> nn.Module:
-    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
-                         nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
-                         nn.Flatten(), nn.Linear(32, 10))
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1),
+        nn.BatchNorm2d(32),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(32, 10),
+    )
 
 
 def test_auto_sizes_formula() -> None:
     assert auto_sizes(1) == auto_sizes(96) == auto_sizes(1000) == (1e-3, 1e-2, 1e-1)
     assert auto_sizes(1001) == auto_sizes(10_000) == (1e-4, 1e-3, 1e-2)
     assert auto_sizes(28_672) == (1e-5, 1e-4, 1e-3)
-    for g in (1, 7, 999, 1000, 1001, 12_345, 10 ** 6, 10 ** 6 + 1):
+    for g in (1, 7, 999, 1000, 1001, 12_345, 10**6, 10**6 + 1):
         b = auto_sizes(g)[0]
         assert b <= 1e-3 and b <= 1 / g and (b == 1e-3 or 10 * b > 1 / g)  # the largest such power of ten
         assert math.log10(b) == round(math.log10(b))

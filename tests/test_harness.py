@@ -28,8 +28,7 @@ def two_layer() -> torch.nn.Module:
 
 
 def bias_free() -> torch.nn.Module:
-    return torch.nn.Sequential(torch.nn.Linear(8, 16, bias=False), torch.nn.ReLU(),
-                               torch.nn.Linear(16, 3, bias=False))
+    return torch.nn.Sequential(torch.nn.Linear(8, 16, bias=False), torch.nn.ReLU(), torch.nn.Linear(16, 3, bias=False))
 
 
 MODELS = {"particles": two_layer, "pathgram": bias_free}
@@ -39,9 +38,13 @@ MODELS = {"particles": two_layer, "pathgram": bias_free}
 def test_builtin_probe_passes_the_harness(name):
     cls = probes.plugins.probe_class(name)
     options = {k: v for k, v in BUILTIN_OPTIONS[name].items() if k in _accepted(cls)}
-    testing.check_probe(cls, options, model=MODELS.get(name, testing.small_mlp),
-                        allow_nan=("linear_region/l_gen", "linear_region/identity_error", "ntk/condition"),
-                        references=REFERENCES)
+    testing.check_probe(
+        cls,
+        options,
+        model=MODELS.get(name, testing.small_mlp),
+        allow_nan=("linear_region/l_gen", "linear_region/identity_error", "ntk/condition"),
+        references=REFERENCES,
+    )
 
 
 #: tags compared with what a probe kept from before a move of the model (check_follows_model: finite, not equal)
@@ -98,7 +101,7 @@ def test_windows_reset_after_each_flush_by_hand_count():
     s.close()
     hidden = [torch.relu(net[0](x)) for x in xs]
     with torch.no_grad():
-        expected = [int(sum((h > 0).sum() for h in hidden[k:k + 3])) for k in (0, 3)]
+        expected = [int(sum((h > 0).sum() for h in hidden[k : k + 3])) for k in (0, 3)]
     got = [v for _, v in s.memory.scalars()["sign_counter/1/positive"]]
     assert got == expected
 
@@ -178,8 +181,9 @@ def test_add_state_keeps_none_nested_dicts_and_arrays_through_a_checkpoint():
     probe = _References()
     state = probe.state_dict()
     assert state["first"] is None and state["nested"] == {} and state["count"] == 0
-    s = probes.attach(testing.small_mlp(), {_References: {}}, probe_data=torch.randn(5, 8), sinks=["memory"],
-                      strict=True)
+    s = probes.attach(
+        testing.small_mlp(), {_References: {}}, probe_data=torch.randn(5, 8), sinks=["memory"], strict=True
+    )
     s.step()
     saved = s.state_dict()["probes"]["references"]
     assert saved["first"].shape == (5, 3) and set(saved["nested"]["a"]) == {"b"} and saved["count"] == 2
@@ -214,8 +218,10 @@ def test_every_builtin_state_survives_torch_save_and_a_weights_only_load():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
     x, y = torch.randn(12, 8), torch.arange(12) % 3
-    spec = {name: {**{k: v for k, v in options.items() if k in _accepted(probes.plugins.probe_class(name))},
-                   "every": 2} for name, options in BUILTIN_OPTIONS.items()}
+    spec = {
+        name: {**{k: v for k, v in options.items() if k in _accepted(probes.plugins.probe_class(name))}, "every": 2}
+        for name, options in BUILTIN_OPTIONS.items()
+    }
     s = probes.attach(model, spec, probe_data=(x, y), sinks=["memory"], strict=True)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     for _ in range(3):

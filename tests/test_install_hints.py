@@ -28,11 +28,22 @@ def searched() -> list[Path]:
 
 
 def test_no_install_hint_names_the_probes_distribution() -> None:
-    for wrong in ("pip install 'probes[transformers]'", 'pip install "probes[lightning]"', "pip install probes",
-                  "(``pip install probes[transformers]``)", "pip install -U probes"):
+    for wrong in (
+        "pip install 'probes[transformers]'",
+        'pip install "probes[lightning]"',
+        "pip install probes",
+        "(``pip install probes[transformers]``)",
+        "pip install -U probes",
+    ):
         assert WRONG.search(wrong), wrong
-    for right in ("pip install 'torch-probes[transformers]'", "pip install torch-probes", "self.probes[name]",
-                  "session.probes['alignment']", "pip install probes-extra-thing", "pip install ./examples/plugin"):
+    for right in (
+        "pip install 'torch-probes[transformers]'",
+        "pip install torch-probes",
+        "self.probes[name]",
+        "session.probes['alignment']",
+        "pip install probes-extra-thing",
+        "pip install ./examples/plugin",
+    ):
         assert not WRONG.search(right), right
     files = searched()
     assert len(files) > 20
@@ -45,15 +56,19 @@ def test_no_install_hint_names_the_probes_distribution() -> None:
 
 
 def test_the_missing_extra_errors_say_torch_probes() -> None:
-    for module, blocked, extra in [("probes.integrations.transformers", ["transformers"], "transformers"),
-                                   ("probes.integrations.lightning", ["lightning", "pytorch_lightning"], "lightning")]:
-        code = ("import sys\n"
-                f"for name in {blocked!r}:\n"
-                "    sys.modules[name] = None\n"
-                "try:\n"
-                f"    import {module}\n"
-                "except ImportError as exc:\n"
-                "    print(exc)\n")
+    for module, blocked, extra in [
+        ("probes.integrations.transformers", ["transformers"], "transformers"),
+        ("probes.integrations.lightning", ["lightning", "pytorch_lightning"], "lightning"),
+    ]:
+        code = (
+            "import sys\n"
+            f"for name in {blocked!r}:\n"
+            "    sys.modules[name] = None\n"
+            "try:\n"
+            f"    import {module}\n"
+            "except ImportError as exc:\n"
+            "    print(exc)\n"
+        )
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
         assert out.returncode == 0, out.stderr
         assert f"pip install 'torch-probes[{extra}]'" in out.stdout, (module, out.stdout)

@@ -41,6 +41,7 @@ def test_drawing_the_probe_batch_moves_no_random_stream_and_no_training_order():
     assert drawn[0].shape == (4, 2)
     assert torch.equal(samples[0], x[:6]) and torch.equal(samples[1], y[:6])  # index order, collated
     assert first_samples(TensorDataset(x, y), None, 100)[0].shape == (20, 2)
+
     class Stream(torch.utils.data.IterableDataset):
         def __iter__(self):
             return iter(range(3))
@@ -127,8 +128,9 @@ def _mlp_and_batch():
     return model, (torch.randn(12, 4), torch.arange(12) % 3)
 
 
-@pytest.mark.parametrize("total, want", [(72, 8), (20, 2), (5, 1), (10_000, None), (None, None),
-                                         (float("inf"), None), (0, None)])
+@pytest.mark.parametrize(
+    "total, want", [(72, 8), (20, 2), (5, 1), (10_000, None), (None, None), (float("inf"), None), (0, None)]
+)
 def test_default_cadences_scale_to_the_length_of_the_run_and_given_ones_stay(total, want, caplog):
     import logging
     import warnings
@@ -146,8 +148,9 @@ def test_default_cadences_scale_to_the_length_of_the_run_and_given_ones_stay(tot
         assert session.schedules[name] == every(min(k, want) if want else k), name
     assert session.schedules["patterns"] == every(50)  # given: kept
     # said once, in one line, on the channel of a framework-driven session (the "probes" log) or as a warning
-    said = [m for m in [str(w.message) for w in caught] + [r.getMessage() for r in caplog.records]
-            if "default cadence" in m]
+    said = [
+        m for m in [str(w.message) for w in caught] + [r.getMessage() for r in caplog.records] if "default cadence" in m
+    ]
     assert len(said) == (1 if want else 0)
     if want:
         assert "\n" not in said[0] and (f"every {want} steps" if want > 1 else "every step") in said[0]

@@ -49,8 +49,14 @@ class Zeros:
 
 
 def event(model, loader):
-    return {"model": model, "train_dataloader": loader, "eval_dataloader": None, "optimizer": None,
-            "lr_scheduler": None, "processing_class": None}
+    return {
+        "model": model,
+        "train_dataloader": loader,
+        "eval_dataloader": None,
+        "optimizer": None,
+        "lr_scheduler": None,
+        "processing_class": None,
+    }
 
 
 def train(cb, model, loader, args, state, steps, save_at=None, start=0):
@@ -82,8 +88,13 @@ def train(cb, model, loader, args, state, steps, save_at=None, start=0):
 
 
 def args_for(out, resume=None):
-    return TrainingArguments(output_dir=str(out), report_to=[], use_cpu=True, per_device_eval_batch_size=10,
-                             resume_from_checkpoint=None if resume is None else str(resume))
+    return TrainingArguments(
+        output_dir=str(out),
+        report_to=[],
+        use_cpu=True,
+        per_device_eval_batch_size=10,
+        resume_from_checkpoint=None if resume is None else str(resume),
+    )
 
 
 def test_the_callback_needs_nothing_but_its_events(tmp_path):
@@ -149,19 +160,38 @@ def tiny_bert():
     from transformers import BertConfig, BertForSequenceClassification
 
     torch.manual_seed(0)
-    return BertForSequenceClassification(BertConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1,
-                                                    num_attention_heads=2, intermediate_size=32, hidden_act="relu",
-                                                    num_labels=2))
+    return BertForSequenceClassification(
+        BertConfig(
+            vocab_size=VOCAB,
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=32,
+            hidden_act="relu",
+            num_labels=2,
+        )
+    )
 
 
 def build_and_train(out, callback, resume=None):
     """A helper that builds the Trainer, adds the callback afterwards and trains: the user's code, not ours."""
     from transformers import Trainer
 
-    args = TrainingArguments(output_dir=str(out), max_steps=6, per_device_train_batch_size=4,
-                             per_device_eval_batch_size=6, learning_rate=1e-3, seed=0, use_cpu=True, report_to=[],
-                             save_strategy="steps", save_steps=3, disable_tqdm=True, dataloader_num_workers=0,
-                             resume_from_checkpoint=None if resume is None else str(resume))
+    args = TrainingArguments(
+        output_dir=str(out),
+        max_steps=6,
+        per_device_train_batch_size=4,
+        per_device_eval_batch_size=6,
+        learning_rate=1e-3,
+        seed=0,
+        use_cpu=True,
+        report_to=[],
+        save_strategy="steps",
+        save_steps=3,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        resume_from_checkpoint=None if resume is None else str(resume),
+    )
     trainer = Trainer(model=tiny_bert(), args=args, train_dataset=Tokens(24, 1))
     trainer.add_callback(callback)
     with warnings.catch_warnings():

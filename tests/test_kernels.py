@@ -45,8 +45,14 @@ def ref_hsic_unbiased(K: np.ndarray, L: np.ndarray) -> float:
     np.fill_diagonal(Kt, 0.0)
     np.fill_diagonal(Lt, 0.0)
     one = np.ones(n)
-    return float((np.trace(Kt @ Lt) + (one @ Kt @ one) * (one @ Lt @ one) / ((n - 1) * (n - 2))
-                  - 2.0 / (n - 2) * one @ Kt @ Lt @ one) / (n * (n - 3)))
+    return float(
+        (
+            np.trace(Kt @ Lt)
+            + (one @ Kt @ one) * (one @ Lt @ one) / ((n - 1) * (n - 2))
+            - 2.0 / (n - 2) * one @ Kt @ Lt @ one
+        )
+        / (n * (n - 3))
+    )
 
 
 def ref_hsic_ustat(K: np.ndarray, L: np.ndarray) -> float:
@@ -132,8 +138,14 @@ def test_cka_flattens_trailing_dims_and_accepts_vectors() -> None:
 
 # ---------------------------------------------------------------- invariances and the value 1
 @SETTINGS
-@given(P=samples, d=st.integers(1, 12), c=st.integers(1, 4), seed=seeds,
-       scale=st.floats(1e-3, 1e3), shift=st.floats(-100, 100))
+@given(
+    P=samples,
+    d=st.integers(1, 12),
+    c=st.integers(1, 4),
+    seed=seeds,
+    scale=st.floats(1e-3, 1e3),
+    shift=st.floats(-100, 100),
+)
 def test_cka_invariances(P: int, d: int, c: int, seed: int, scale: float, shift: float) -> None:
     X, Y = rng_matrix(seed, P, d), rng_matrix(seed + 7, P, c)
     Y[:, : min(c, d)] += 0.7 * X[:, : min(c, d)]
@@ -221,8 +233,9 @@ def test_debiased_cka_feature_space_equals_pxp(P: int, d1: int, d2: int, seed: i
         value = cka(torch.tensor(X), torch.tensor(Y), debiased=True, method=method).item()
         assert value == pytest.approx(expected, rel=1e-7, abs=1e-9)
         assert abs(value) <= 1.0 + 1e-9
-    assert alignment(torch.tensor(K), torch.tensor(L), debiased=True).item() == pytest.approx(expected, rel=1e-7,
-                                                                                              abs=1e-9)
+    assert alignment(torch.tensor(K), torch.tensor(L), debiased=True).item() == pytest.approx(
+        expected, rel=1e-7, abs=1e-9
+    )
 
 
 def test_debiased_cka_removes_the_bias_of_wide_random_features() -> None:
@@ -255,10 +268,10 @@ def test_streaming_approaches_full_estimate() -> None:
     for batch in (20, 100):
         est = StreamingCKA()
         for i in range(0, N, batch):
-            est.update(X[i:i + batch], Y[i:i + batch])
+            est.update(X[i : i + batch], Y[i : i + batch])
         assert est.compute().item() == pytest.approx(full, abs=0.015)
     # contrast: averaging the plain (biased) CKA of small batches does not approach the full value
-    biased = np.mean([cka(X[i:i + 20], Y[i:i + 20]).item() for i in range(0, N, 20)])
+    biased = np.mean([cka(X[i : i + 20], Y[i : i + 20]).item() for i in range(0, N, 20)])
     assert biased - full > 0.05
 
 
@@ -268,12 +281,12 @@ def test_streaming_matrix_matches_pairs_and_minibatch_cka() -> None:
     other = [layers[0] @ torch.randn(3, 4, generator=g), torch.randn(120, 7, generator=g)]
     est = StreamingCKA()
     for i in range(0, 120, 40):
-        est.update([f[i:i + 40] for f in layers], [f[i:i + 40] for f in other])
+        est.update([f[i : i + 40] for f in layers], [f[i : i + 40] for f in other])
     matrix = est.compute()
     assert matrix.shape == (3, 2)
     for a, fa in enumerate(layers):
         for b, fb in enumerate(other):
-            single = minibatch_cka((fa[i:i + 40], fb[i:i + 40]) for i in range(0, 120, 40))
+            single = minibatch_cka((fa[i : i + 40], fb[i : i + 40]) for i in range(0, 120, 40))
             assert matrix[a, b].item() == pytest.approx(single.item(), rel=1e-10)
     assert est.batches == 3 and est.samples == 120
 

@@ -39,8 +39,9 @@ def import_graph() -> dict[str, set[str]]:
             elif isinstance(node, ast.ImportFrom):
                 base = node.module or ""
                 if node.level:
-                    base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base
-                                                                                                      else []))
+                    base = ".".join(
+                        package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else [])
+                    )
                 targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names]
             for t in targets:
                 if t in modules and t != name:
@@ -57,7 +58,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         stack.append(n)
         for m in sorted(graph[n]):
             if state.get(m) == 1:
-                return stack[stack.index(m):] + [m]
+                return stack[stack.index(m) :] + [m]
             if m not in state:
                 found = visit(m)
                 if found:
@@ -98,25 +99,49 @@ def test_arrows_point_down_app_builtin_engine():
         if name.startswith("probes.builtin"):
             assert not {d for d in deps if d.startswith(("probes.app", "probes.integrations"))}, name
         if not name.startswith(("probes.app", "probes.builtin", "probes.integrations")) and name not in (
-                "probes", "probes.__main__"):
+            "probes",
+            "probes.__main__",
+        ):
             up = {d for d in deps if d.startswith(("probes.app", "probes.builtin."))}
             assert not up, f"engine module {name} imports {up}"
 
 
 @pytest.mark.slow
 def test_a_wheel_built_from_the_repository_carries_every_module(tmp_path):
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                    str(tmp_path), str(ROOT)], check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(ROOT),
+        ],
+        check=True,
+        capture_output=True,
+    )
     wheel = next(tmp_path.glob("torch_probes-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
     expected = {str(p.relative_to(ROOT)) for p in PACKAGE.rglob("*.py")} | {"probes/_data/digits.npz"}
     assert expected <= names, sorted(expected - names)
     target = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(target)
-    code = ("import probes, probes.functional.ntk, probes.integrations.lightning, probes.app.cli, probes.testing;"
-            "print(probes.__file__)")
-    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
-                         env={"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"}, check=True)
+    code = (
+        "import probes, probes.functional.ntk, probes.integrations.lightning, probes.app.cli, probes.testing;"
+        "print(probes.__file__)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"},
+        check=True,
+    )
     assert str(target) in out.stdout
 
 
@@ -138,8 +163,9 @@ class Ticks(probes.Probe):
         return [Scalar("ticks/step", float(batch.step))]
 
 
-@pytest.mark.parametrize("schedule", [schedules.every(4), schedules.log(3), schedules.at([2, 3, 17, 40]),
-                                      lambda s: s % 7 == 1])
+@pytest.mark.parametrize(
+    "schedule", [schedules.every(4), schedules.log(3), schedules.at([2, 3, 17, 40]), lambda s: s % 7 == 1]
+)
 def test_a_schedule_measures_at_exactly_the_steps_it_accepts(schedule):
     s = probes.attach(nn.Linear(2, 2), {Ticks: {"every": schedule}})
     probe2 = s.probes["ticks"]

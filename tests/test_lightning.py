@@ -48,10 +48,19 @@ def loaders():
 def trainer(tmp_path, callbacks, logger=True, log_every_n_steps=1, max_epochs=2, **kw):
     from lightning.pytorch.loggers import TensorBoardLogger
 
-    return pl.Trainer(max_epochs=max_epochs, accelerator="cpu", devices=1, callbacks=callbacks,
-                      logger=TensorBoardLogger(str(tmp_path), name="lt") if logger else False,
-                      enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-                      num_sanity_val_steps=0, log_every_n_steps=log_every_n_steps, **kw)
+    return pl.Trainer(
+        max_epochs=max_epochs,
+        accelerator="cpu",
+        devices=1,
+        callbacks=callbacks,
+        logger=TensorBoardLogger(str(tmp_path), name="lt") if logger else False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        num_sanity_val_steps=0,
+        log_every_n_steps=log_every_n_steps,
+        **kw,
+    )
 
 
 def read_scalars(logdir):
@@ -219,8 +228,10 @@ def test_two_callbacks_checkpoint_and_resume_without_collision(tmp_path):
     train, val, (xv, yv) = loaders()
 
     def callbacks():
-        return [ProbesCallback({"relu_zeros": {"every": 4}}, sinks=["memory"]),
-                ProbesCallback({"patterns": {"every": 2}}, probe_data=(xv, yv), sinks=["memory"])]
+        return [
+            ProbesCallback({"relu_zeros": {"every": 4}}, sinks=["memory"]),
+            ProbesCallback({"patterns": {"every": 2}}, probe_data=(xv, yv), sinks=["memory"]),
+        ]
 
     def fit(cbs, epochs, ckpt=None):
         torch.manual_seed(6)
@@ -253,8 +264,10 @@ def test_two_callbacks_checkpoint_and_resume_without_collision(tmp_path):
             # relu_zeros' window 5..8 straddles the checkpoint; patterns' churn_from_init compares with the
             # snapshot of step 0, which only the checkpoint holds
             assert rest[tag] == [pt for pt in whole[tag] if pt[0] > 6], tag
-    assert any(tag.startswith("relu_zeros") and [st for st, _ in pts] == [3, 7, 11]
-               for tag, pts in full[0].session.memory.scalars().items())
+    assert any(
+        tag.startswith("relu_zeros") and [st for st, _ in pts] == [3, 7, 11]
+        for tag, pts in full[0].session.memory.scalars().items()
+    )
 
 
 def test_default_cadences_scale_to_the_estimated_stepping_batches_and_given_ones_stay(tmp_path, caplog):
@@ -268,8 +281,9 @@ def test_default_cadences_scale_to_the_estimated_stepping_batches_and_given_ones
 
     torch.manual_seed(4)
     train, val, _ = loaders()
-    cb = ProbesCallback({"alignment": {}, "relu_zeros": {}, "margin": {"every": 3}}, sinks=["memory"],
-                        overhead=None)  # no widening by the overhead budget on a loaded machine
+    cb = ProbesCallback(
+        {"alignment": {}, "relu_zeros": {}, "margin": {"every": 3}}, sinks=["memory"], overhead=None
+    )  # no widening by the overhead budget on a loaded machine
     t = trainer(tmp_path, [cb], logger=False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -282,6 +296,7 @@ def test_default_cadences_scale_to_the_estimated_stepping_batches_and_given_ones
     assert [k for k, _ in scalars["alignment/output/cka"]] == list(range(0, 13, 2))
     assert [k for k, _ in scalars["margin/n_delta"]] == [0, 3, 6, 9, 12]
     assert len(scalars["relu_zeros/total/fraction"]) == 6  # windows of 2 steps, at the logger step of their last
-    said = [m for m in [str(w.message) for w in caught] + [r.getMessage() for r in caplog.records]
-            if "default cadence" in m]  # the "probes" log of a framework-driven session, or a warning
+    said = [
+        m for m in [str(w.message) for w in caught] + [r.getMessage() for r in caplog.records] if "default cadence" in m
+    ]  # the "probes" log of a framework-driven session, or a warning
     assert len(said) == 1 and "\n" not in said[0] and "12 steps" in said[0] and "every 2 steps" in said[0]

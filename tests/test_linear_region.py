@@ -34,8 +34,12 @@ from probes.functional.local_affine import (
 from probes.testing import probe_batch
 
 ROOT = Path(__file__).resolve().parents[1]
-HYP = settings(max_examples=40, deadline=None, derandomize=True,
-               suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+HYP = settings(
+    max_examples=40,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -90,7 +94,7 @@ def nets(draw, bias: bool | None = None):
     sizes = [draw(st.integers(2, 5))] + [draw(st.integers(2, 6)) for _ in range(depth)] + [draw(st.integers(1, 3))]
     slope = draw(st.sampled_from([0.0, 0.0, 0.1, 0.3]))
     b = draw(st.booleans()) if bias is None else bias
-    seed = draw(st.integers(0, 10 ** 6))
+    seed = draw(st.integers(0, 10**6))
     return make_mlp(seed, sizes, slope, b), sizes, slope, seed
 
 
@@ -125,9 +129,20 @@ def test_offset_comes_from_the_biases(net, P) -> None:
 
 def test_affine_map_of_conv_pool_batchnorm_against_per_sample_jacobian() -> None:
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3), nn.LeakyReLU(0.2), nn.MaxPool2d(2),
-                          nn.Conv2d(3, 4, 2), nn.ReLU(), nn.AvgPool2d(2), nn.Flatten(), nn.Dropout(0.3),
-                          nn.Linear(4, 3), nn.ReLU6(), nn.Linear(3, 2)).double()
+    model = nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1),
+        nn.BatchNorm2d(3),
+        nn.LeakyReLU(0.2),
+        nn.MaxPool2d(2),
+        nn.Conv2d(3, 4, 2),
+        nn.ReLU(),
+        nn.AvgPool2d(2),
+        nn.Flatten(),
+        nn.Dropout(0.3),
+        nn.Linear(4, 3),
+        nn.ReLU6(),
+        nn.Linear(3, 2),
+    ).double()
     with torch.no_grad():
         model[1].running_mean.normal_()
         model[1].running_var.uniform_(0.5, 2.0)
@@ -210,8 +225,10 @@ def test_identity_fails_once_a_gate_flips(net, scale_p) -> None:
     x = torch.randn(1, sizes[0], dtype=torch.float64, generator=g)
     v = -x + 0.5 * torch.randn(x.shape, dtype=x.dtype, generator=g)
     params = net_params(model)
-    pstar = {n: p + scale_p * p.norm() / math.sqrt(p.numel()) * torch.randn(p.shape, dtype=p.dtype, generator=g)
-             for n, p in params.items()}
+    pstar = {
+        n: p + scale_p * p.norm() / math.sqrt(p.numel()) * torch.randn(p.shape, dtype=p.dtype, generator=g)
+        for n, p in params.items()
+    }
     A_p = local_affine_map(model, x).A
     assume(bool(A_p.abs().max() > 1e-6))  # a net dead at x has nothing to show
     flipped_residuals, kept = [], 0
@@ -270,21 +287,25 @@ class MyRelu(nn.Module):
         return x.clamp(min=0)
 
 
-@pytest.mark.parametrize("model, match", [
-    (nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)), r"'1' \(Tanh\)"),
-    (nn.Sequential(nn.Linear(3, 4), nn.GELU()), r"'1' \(GELU\)"),
-    (nn.Sequential(nn.Linear(3, 4), nn.Softplus()), r"'1' \(Softplus\)"),
-    (nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4)), r"'1' \(LayerNorm\)"),
-    (TanhInForward(), r"tanh in the forward of '<root>'"),
-    (Square(), "second derivative"),
-    (nn.Sequential(nn.Linear(3, 4), MyRelu()), r"'1' \(MyRelu\)"),
-])
+@pytest.mark.parametrize(
+    "model, match",
+    [
+        (nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)), r"'1' \(Tanh\)"),
+        (nn.Sequential(nn.Linear(3, 4), nn.GELU()), r"'1' \(GELU\)"),
+        (nn.Sequential(nn.Linear(3, 4), nn.Softplus()), r"'1' \(Softplus\)"),
+        (nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4)), r"'1' \(LayerNorm\)"),
+        (TanhInForward(), r"tanh in the forward of '<root>'"),
+        (Square(), "second derivative"),
+        (nn.Sequential(nn.Linear(3, 4), MyRelu()), r"'1' \(MyRelu\)"),
+    ],
+)
 def test_not_piecewise_linear_is_an_error_naming_the_module(model, match) -> None:
     with pytest.raises(NotPiecewiseLinearError, match=match):
         check_piecewise_linear(model, torch.randn(4, 3))
     with pytest.raises(NotPiecewiseLinearError, match=match):
-        probes.attach(model, ["linear_region"], probe_data=(torch.randn(6, 3), torch.arange(6) % 2),
-                      sinks=["memory"], strict=True)
+        probes.attach(
+            model, ["linear_region"], probe_data=(torch.randn(6, 3), torch.arange(6) % 2), sinks=["memory"], strict=True
+        )
 
 
 def test_allow_and_modes() -> None:
@@ -342,8 +363,13 @@ def test_probe_flip_fractions_match_naive_replay(slope) -> None:
     model = make_mlp(5, sizes, slope, True).float()
     x = torch.randn(200, 6)
     eps, delta = (1e-3, 3e-2, 0.3), (1e-2, 0.2)
-    session = probes.attach(model, {"linear_region": {"eps": eps, "delta": delta, "seed": 7, "dtype": "float64"}},
-                            probe_data=(x, torch.arange(200) % 3), sinks=["memory"], strict=True)
+    session = probes.attach(
+        model,
+        {"linear_region": {"eps": eps, "delta": delta, "seed": 7, "dtype": "float64"}},
+        probe_data=(x, torch.arange(200) % 3),
+        sinks=["memory"],
+        strict=True,
+    )
     mem = session.memory
     expected = naive_flip_fractions(model, slope, sizes, x, eps, delta, 7)
     for tag, value in expected.items():
@@ -395,11 +421,17 @@ def test_perturbation_sizes() -> None:
 def test_probe_on_functional_relu_and_shared_relu_sites() -> None:
     for model, d in ((FunctionalMLP(), 6), (SharedReluMLP(), 12)):
         x = torch.randn(40, d)
-        session = probes.attach(model, {"linear_region": {"eps": (1e-2,), "delta": (1e-2,)}},
-                                probe_data=(x, torch.arange(40) % 2), sinks=["memory"], strict=True)
+        session = probes.attach(
+            model,
+            {"linear_region": {"eps": (1e-2,), "delta": (1e-2,)}},
+            probe_data=(x, torch.arange(40) % 2),
+            sinks=["memory"],
+            strict=True,
+        )
         assert session.memory.last("linear_region/identity_error") < 1e-10
-        _, pats = region_patterns(probe_batch(model, x), x.double(),
-                                  {n: t.double() for n, t in model.state_dict().items()})
+        _, pats = region_patterns(
+            probe_batch(model, x), x.double(), {n: t.double() for n, t in model.state_dict().items()}
+        )
         assert len(pats) == 3  # three functional sites / three calls of the shared ReLU
         session.close()
 
@@ -424,8 +456,14 @@ def test_probe_leaves_training_bit_identical() -> None:
         xs, ys = torch.randn(4, 16, 5), torch.randint(0, 3, (4, 16))
         session = None
         if with_probe:
-            session = probes.attach(model, {"linear_region": {"every": 1}}, probe_data=(xs[0], ys[0]),
-                                    sinks=["memory"], optimizer=opt, strict=True)
+            session = probes.attach(
+                model,
+                {"linear_region": {"every": 1}},
+                probe_data=(xs[0], ys[0]),
+                sinks=["memory"],
+                optimizer=opt,
+                strict=True,
+            )
         for x, y in zip(xs, ys):
             loss = nn.functional.cross_entropy(model(x), y)
             loss.backward()
@@ -451,8 +489,12 @@ def test_probe_options_are_checked() -> None:
     with pytest.raises(ValueError, match="dtype"):
         cls(dtype="int32")
     with pytest.raises(TypeError, match="probe batch"):
-        probes.attach(nn.Sequential(nn.Linear(2, 2), nn.ReLU()), ["linear_region"],
-                      probe_data=(torch.arange(4).reshape(2, 2), None), strict=True)
+        probes.attach(
+            nn.Sequential(nn.Linear(2, 2), nn.ReLU()),
+            ["linear_region"],
+            probe_data=(torch.arange(4).reshape(2, 2), None),
+            strict=True,
+        )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -522,8 +564,17 @@ class BasicBlock(nn.Module):
 
 def tiny_resnet() -> nn.Module:
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 4, 3, 1, 1, bias=False), nn.BatchNorm2d(4), nn.ReLU(), BasicBlock(4, 4),
-                          BasicBlock(4, 6, 2), nn.Identity(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 3))
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, 1, 1, bias=False),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        BasicBlock(4, 4),
+        BasicBlock(4, 6, 2),
+        nn.Identity(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(6, 3),
+    )
     with torch.no_grad():
         for _ in range(3):  # running statistics that are not the defaults
             model(torch.randn(16, 3, 6, 6))
@@ -566,8 +617,7 @@ def test_auto_dtype_sweeps_in_the_model_dtype_and_checks_the_identity_in_float64
         auto.measure()
     said = [r.getMessage() for r in caplog.records if r.name == "probes.linear_region"]
     assert len(said) == 1 and "in float32" in said[0] and "in float64" in said[0] and "L_gen" in said[0]
-    f32 = probes.attach(model, {"linear_region": dict(opts, dtype=None)}, probe_data=x, sinks=["memory"],
-                        strict=True)
+    f32 = probes.attach(model, {"linear_region": dict(opts, dtype=None)}, probe_data=x, sinks=["memory"], strict=True)
     a, b = auto.memory, f32.memory
     swept = [t for t in a.tags() if "_eps_" in t or "_delta_" in t]
     assert len(swept) == 2 * (len(eps) + len(delta))
@@ -581,8 +631,9 @@ def test_auto_dtype_sweeps_in_the_model_dtype_and_checks_the_identity_in_float64
     p32 = {n: p.detach() for n, p in model.named_parameters()}
     pstar = perturb_params(p32, list(p32), delta[0], g)
     m64 = copy.deepcopy(model).double()
-    keep, lg, axp = _l_gen_and_axp(m64, sizes, 0.0, x.double(), xp.double(), net_params(m64),
-                                   {n: t.double() for n, t in pstar.items()})
+    keep, lg, axp = _l_gen_and_axp(
+        m64, sizes, 0.0, x.double(), xp.double(), net_params(m64), {n: t.double() for n, t in pstar.items()}
+    )
     assert 0 < keep.sum() < 200
     assert a.last("linear_region/flip_fraction") == pytest.approx(1 - keep.double().mean().item(), abs=1e-12)
     assert a.last("linear_region/l_gen") == pytest.approx(lg[keep].norm(dim=1).mean().item(), rel=1e-10)
@@ -604,52 +655,72 @@ def test_dtype_of_a_float64_model_and_explicit_dtypes(caplog) -> None:
     assert cls(dtype="float64").dtypes(model.float(), torch.randn(2, 4)) == (torch.float64, torch.float64)
     assert cls(dtype=torch.float64).dtypes(model.float(), torch.randn(2, 4)) == (torch.float64, torch.float64)
     with caplog.at_level(logging.INFO, logger="probes.linear_region"):
-        s = probes.attach(model.double(), ["linear_region"], probe_data=torch.randn(20, 4, dtype=torch.float64),
-                          sinks=["memory"], strict=True)
+        s = probes.attach(
+            model.double(),
+            ["linear_region"],
+            probe_data=torch.randn(20, 4, dtype=torch.float64),
+            sinks=["memory"],
+            strict=True,
+        )
     said = [r.getMessage() for r in caplog.records if r.name == "probes.linear_region"]
     assert said == ["linear_region: everything in float64 (the model's dtype)."]
     s.close()
 
 
-@pytest.mark.parametrize("options, error, match", [
-    ({"eps": "0.1"}, TypeError, "linear_region: option 'eps' must be a positive finite number or a non-empty "
-                                "sequence of them, got '0.1'"),
-    ({"eps": ()}, ValueError, "option 'eps'"),
-    ({"eps": (0.1, "0.2")}, TypeError, "option 'eps'"),
-    ({"eps": (0.1, float("nan"))}, ValueError, "option 'eps'"),
-    ({"eps": True}, TypeError, "option 'eps'"),
-    ({"delta": (-1.0,)}, ValueError, "option 'delta'"),
-    ({"delta": float("inf")}, ValueError, "option 'delta'"),
-    ({"delta": None}, TypeError, "option 'delta'"),
-    ({"seed": 1.5}, TypeError, "linear_region: option 'seed' must be a non-negative int below 2..63, got 1.5"),
-    ({"seed": "0"}, TypeError, "option 'seed'"),
-    ({"seed": -1}, ValueError, "option 'seed'"),
-    ({"seed": True}, TypeError, "option 'seed'"),
-    ({"dtype": "int32"}, ValueError, "linear_region: option 'dtype'"),
-    ({"dtype": "double64"}, ValueError, "option 'dtype'"),
-    ({"dtype": torch.int64}, ValueError, "option 'dtype'"),
-    ({"dtype": 64}, TypeError, "option 'dtype'"),
-    ({"max_samples": 0}, ValueError, "option 'max_samples'"),
-    ({"max_samples": 2.7}, TypeError, "linear_region: option 'max_samples' must be None or a positive int, got 2.7"),
-    ({"max_samples": "10"}, TypeError, "option 'max_samples'"),
-    ({"max_samples": True}, TypeError, "option 'max_samples'"),
-    ({"allow": "MyRelu"}, TypeError, "linear_region: option 'allow'"),
-    ({"allow": (int,)}, TypeError, "option 'allow'"),
-    ({"allow": MyRelu()}, TypeError, "option 'allow'"),
-])
+@pytest.mark.parametrize(
+    "options, error, match",
+    [
+        (
+            {"eps": "0.1"},
+            TypeError,
+            "linear_region: option 'eps' must be a positive finite number or a non-empty sequence of them, got '0.1'",
+        ),
+        ({"eps": ()}, ValueError, "option 'eps'"),
+        ({"eps": (0.1, "0.2")}, TypeError, "option 'eps'"),
+        ({"eps": (0.1, float("nan"))}, ValueError, "option 'eps'"),
+        ({"eps": True}, TypeError, "option 'eps'"),
+        ({"delta": (-1.0,)}, ValueError, "option 'delta'"),
+        ({"delta": float("inf")}, ValueError, "option 'delta'"),
+        ({"delta": None}, TypeError, "option 'delta'"),
+        ({"seed": 1.5}, TypeError, "linear_region: option 'seed' must be a non-negative int below 2..63, got 1.5"),
+        ({"seed": "0"}, TypeError, "option 'seed'"),
+        ({"seed": -1}, ValueError, "option 'seed'"),
+        ({"seed": True}, TypeError, "option 'seed'"),
+        ({"dtype": "int32"}, ValueError, "linear_region: option 'dtype'"),
+        ({"dtype": "double64"}, ValueError, "option 'dtype'"),
+        ({"dtype": torch.int64}, ValueError, "option 'dtype'"),
+        ({"dtype": 64}, TypeError, "option 'dtype'"),
+        ({"max_samples": 0}, ValueError, "option 'max_samples'"),
+        (
+            {"max_samples": 2.7},
+            TypeError,
+            "linear_region: option 'max_samples' must be None or a positive int, got 2.7",
+        ),
+        ({"max_samples": "10"}, TypeError, "option 'max_samples'"),
+        ({"max_samples": True}, TypeError, "option 'max_samples'"),
+        ({"allow": "MyRelu"}, TypeError, "linear_region: option 'allow'"),
+        ({"allow": (int,)}, TypeError, "option 'allow'"),
+        ({"allow": MyRelu()}, TypeError, "option 'allow'"),
+    ],
+)
 def test_every_option_is_checked_at_construction(options, error, match) -> None:
     cls = probes.plugins.probe_class("linear_region")
     with pytest.raises(error, match=match.replace("(", "\\(").replace(")", "\\)")):
         cls(**options)
     with pytest.raises(error, match="linear_region"):  # and through attach, before anything runs
-        probes.attach(nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)), {"linear_region": options},
-                      probe_data=torch.randn(6, 3), sinks=["memory"])
+        probes.attach(
+            nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)),
+            {"linear_region": options},
+            probe_data=torch.randn(6, 3),
+            sinks=["memory"],
+        )
 
 
 def test_good_options_are_normalised() -> None:
     cls = probes.plugins.probe_class("linear_region")
-    p = cls(eps=0.5, delta=np.array([1e-3, 1e-2]), seed=np.int64(3), dtype="float32", max_samples=np.int32(7),
-            allow=MyRelu)
+    p = cls(
+        eps=0.5, delta=np.array([1e-3, 1e-2]), seed=np.int64(3), dtype="float32", max_samples=np.int32(7), allow=MyRelu
+    )
     assert p.eps == (0.5,) and p.delta == (1e-3, 1e-2) and p.seed == 3 and p.dtype == torch.float32
     assert p.max_samples == 7 and type(p.max_samples) is int and p.allow == (MyRelu,)
     assert cls(allow=[MyRelu, nn.Tanh]).allow == (MyRelu, nn.Tanh) and cls().dtype == "auto"
@@ -659,6 +730,8 @@ def test_good_options_are_normalised() -> None:
 def test_linear_region_follows_the_model(dtype) -> None:
     from probes import testing
 
-    testing.check_follows_model(probes.plugins.probe_class("linear_region"), {"eps": (0.01,), "delta": (0.01,),
-                                                                              "dtype": dtype},
-                                move=lambda m: m.double())
+    testing.check_follows_model(
+        probes.plugins.probe_class("linear_region"),
+        {"eps": (0.01,), "delta": (0.01,), "dtype": dtype},
+        move=lambda m: m.double(),
+    )

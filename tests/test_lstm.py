@@ -58,8 +58,12 @@ def test_probes_do_not_change_lstm_training():
     ref, x, y = make()
     train(ref, x, y)
     model, x, y = make()
-    s = probes.attach(model, {n: {"every": 2} for n in ("relu_zeros", "alignment", "margin", "ntk", "patterns")},
-                      probe_data=(x, y), strict=True)
+    s = probes.attach(
+        model,
+        {n: {"every": 2} for n in ("relu_zeros", "alignment", "margin", "ntk", "patterns")},
+        probe_data=(x, y),
+        strict=True,
+    )
     train(model, x, y, s)
     s.close()
     assert s.failures == {}
@@ -77,10 +81,15 @@ def test_lstm_ntk_equals_torch_func_and_the_plan_says_why_the_lstm_falls_back():
     params = list(model.parameters())
     rows = []  # per-sample autograd: torch.func cannot vmap nn.LSTM here (no batching rule for its in-place ops)
     for i in range(P):
-        out = model(x[i:i + 1])[0]
-        rows.append(torch.stack([torch.cat([g.reshape(-1) for g in torch.autograd.grad(out[c], params,
-                                                                                         retain_graph=True)])
-                                 for c in range(3)]))
+        out = model(x[i : i + 1])[0]
+        rows.append(
+            torch.stack(
+                [
+                    torch.cat([g.reshape(-1) for g in torch.autograd.grad(out[c], params, retain_graph=True)])
+                    for c in range(3)
+                ]
+            )
+        )
     J = torch.stack(rows)
     theta = torch.einsum("pck,qck->pq", J, J)
     s = probes.attach(model, {"ntk": {"image": False}}, probe_data=(x, y), strict=True)
@@ -92,12 +101,13 @@ def test_lstm_ntk_equals_torch_func_and_the_plan_says_why_the_lstm_falls_back():
 
 def test_lstm_alignment_and_relu_zeros_equal_hand_computations():
     model, x, y = make()
-    s = probes.attach(model, {"alignment": {"every": 10**6}, "relu_zeros": {"every": 3}}, probe_data=(x, y),
-                      strict=True)
+    s = probes.attach(
+        model, {"alignment": {"every": 10**6}, "relu_zeros": {"every": 3}}, probe_data=(x, y), strict=True
+    )
     zeros = 0
     model.train()
     for i in range(3):
-        xb = x[8 * i:8 * (i + 1)]
+        xb = x[8 * i : 8 * (i + 1)]
         with torch.no_grad():  # the hand count (a forward under no_grad is not a training forward: not counted)
             h, _ = model.lstm(model.embed(xb))
             zeros += int((model.fc(h[:, -1]) <= 0).sum())

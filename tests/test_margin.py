@@ -94,8 +94,9 @@ def test_session_tags_and_training_reaches_zero() -> None:
     y = (x[:, 0] + 0.3 * x[:, 1] > 0).long()
     model = nn.Sequential(nn.Linear(3, 32), nn.Tanh(), nn.Linear(32, 1))
     opt = torch.optim.Adam(model.parameters(), lr=0.05)
-    session = probes.attach(model, {"margin": {"every": 50, "margin": 1.0}}, probe_data=(x, y), sinks=["memory"],
-                            optimizer=opt, strict=True)
+    session = probes.attach(
+        model, {"margin": {"every": 50, "margin": 1.0}}, probe_data=(x, y), sinks=["memory"], optimizer=opt, strict=True
+    )
     ypm = 2.0 * y - 1
     for _ in range(120):
         delta = 1.0 - ypm * model(x)[:, 0]
@@ -105,18 +106,26 @@ def test_session_tags_and_training_reaches_zero() -> None:
         opt.zero_grad()
     session.close()
     mem = session.memory
-    assert {"margin/n_delta", "margin/n_delta_fraction", "margin/n_delta_per_weight", "margin/loss",
-            "margin/delta"} <= mem.tags()
+    assert {
+        "margin/n_delta",
+        "margin/n_delta_fraction",
+        "margin/n_delta_per_weight",
+        "margin/loss",
+        "margin/delta",
+    } <= mem.tags()
     n = mem.scalars()["margin/n_delta"]
     assert n[0][0] == 0 and n[0][1] > 0 and n[-1][1] == 0  # a separable problem gets fitted: no forces left
     assert mem.scalars()["margin/loss"][-1][1] == 0.0
 
 
 @pytest.mark.parametrize("measure_at_attach", [True, False])
-@pytest.mark.parametrize("y, match", [
-    (torch.tensor([0.0, 1.0, 2.0, 1.0, 0.0, 2.0]), r"integer class labels.*y\.long\(\)"),  # float class labels
-    (torch.tensor([0, 1, 5, 1, 0, 2]), r"0\.\.2 for 3 outputs, got 0\.\.5"),  # out of range of the 3 outputs
-])
+@pytest.mark.parametrize(
+    "y, match",
+    [
+        (torch.tensor([0.0, 1.0, 2.0, 1.0, 0.0, 2.0]), r"integer class labels.*y\.long\(\)"),  # float class labels
+        (torch.tensor([0, 1, 5, 1, 0, 2]), r"0\.\.2 for 3 outputs, got 0\.\.5"),  # out of range of the 3 outputs
+    ],
+)
 def test_labels_that_do_not_fit_the_outputs_raise_at_attach(y, match, measure_at_attach) -> None:
     """Knowable at attach (the at-attach pass gives the output width): attach raises, without strict too, and
     leaves no hook behind, instead of switching the probe off at step 0 with a warning."""
@@ -125,8 +134,9 @@ def test_labels_that_do_not_fit_the_outputs_raise_at_attach(y, match, measure_at
     before = (len(hooks._global_forward_hooks), len(hooks._global_forward_pre_hooks))
     model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 3))
     with pytest.raises(ValueError, match=match):
-        probes.attach(model, ["margin"], probe_data=(torch.randn(6, 3), y), sinks=["memory"],
-                      measure_at_attach=measure_at_attach)
+        probes.attach(
+            model, ["margin"], probe_data=(torch.randn(6, 3), y), sinks=["memory"], measure_at_attach=measure_at_attach
+        )
     assert (len(hooks._global_forward_hooks), len(hooks._global_forward_pre_hooks)) == before
 
 

@@ -19,8 +19,10 @@ from probes.sinks import Sink
 
 def _said(caught, caplog, kind: type[Warning] = Warning) -> tuple[list[warnings.WarningMessage], list[str]]:
     """The warnings of ``kind`` and the messages of the log records of the ``probes`` loggers."""
-    return ([w for w in caught if issubclass(w.category, kind)],
-            [r.getMessage() for r in caplog.records if r.name.split(".")[0] == "probes"])
+    return (
+        [w for w in caught if issubclass(w.category, kind)],
+        [r.getMessage() for r in caplog.records if r.name.split(".")[0] == "probes"],
+    )
 
 
 def _each_once(caught, caplog) -> Counter:
@@ -50,22 +52,25 @@ def test_auto_on_a_gelu_model_says_each_notice_once_at_the_users_line(caplog) ->
     counts = _each_once(caught, caplog)
     assert counts, "auto on a GELU model leaves probes out and says so"
     about_relu_zeros = [m for m in counts if "relu_zeros" in m]  # one thing: it is left out, and why
-    assert len(about_relu_zeros) == 1 and about_relu_zeros[0].startswith("attach('auto') leaves out probe"), \
+    assert len(about_relu_zeros) == 1 and about_relu_zeros[0].startswith("attach('auto') leaves out probe"), (
         about_relu_zeros
+    )
     assert not caplog.records  # the warnings said it: no second channel
 
 
 def test_auto_on_a_small_gpt2_says_each_notice_once(caplog) -> None:
     transformers = pytest.importorskip("transformers")
-    config = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=64, n_positions=16,
-                                     bos_token_id=0, eos_token_id=0)
+    config = transformers.GPT2Config(
+        n_layer=2, n_head=2, n_embd=32, vocab_size=64, n_positions=16, bos_token_id=0, eos_token_id=0
+    )
     torch.manual_seed(0)
     model = transformers.GPT2LMHeadModel(config)  # built from the config: nothing is downloaded
     ids = torch.randint(0, 64, (4, 8), generator=torch.Generator().manual_seed(0))
     with caplog.at_level(logging.WARNING, logger="probes"), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        session = probes.attach(model, "auto", probe_data={"input_ids": ids, "labels": ids}, label_key="labels",
-                                sinks=["memory"])
+        session = probes.attach(
+            model, "auto", probe_data={"input_ids": ids, "labels": ids}, label_key="labels", sinks=["memory"]
+        )
         session.close()
     counts = _each_once(caught, caplog)
     left_out = [m for m in counts if m.startswith("attach('auto') leaves out probe")]

@@ -57,9 +57,11 @@ def ntk_loop(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     params = [p for p in model.parameters() if p.requires_grad]
     rows = []
     for i in range(x.shape[0]):
-        out = model(x[i:i + 1]).reshape(-1)
-        per_c = [torch.cat([g.reshape(-1) for g in torch.autograd.grad(out[c], params, retain_graph=True)])
-                 for c in range(out.numel())]
+        out = model(x[i : i + 1]).reshape(-1)
+        per_c = [
+            torch.cat([g.reshape(-1) for g in torch.autograd.grad(out[c], params, retain_graph=True)])
+            for c in range(out.numel())
+        ]
         rows.append(torch.stack(per_c))
     J = torch.stack(rows)
     return torch.einsum("icn,jcn->ij", J, J)
@@ -165,8 +167,9 @@ class InPlaceAfterLinear(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(5, 8), nn.ReLU(inplace=True), nn.Linear(8, 8), nn.ReLU(inplace=True),
-                                 nn.Linear(8, 2))
+        self.net = nn.Sequential(
+            nn.Linear(5, 8), nn.ReLU(inplace=True), nn.Linear(8, 8), nn.ReLU(inplace=True), nn.Linear(8, 2)
+        )
 
     def forward(self, x):
         return self.net(x)
@@ -228,7 +231,7 @@ def test_no_cross_terms_would_be_wrong() -> None:
     for c in range(out.shape[1]):
         gs.append(torch.autograd.grad(out[:, c].sum(), [o for _, o in zs], retain_graph=True))
     diag_only = sum(((g[k] @ g[k].T) * (zs[k][0] @ zs[k][0].T)) for g in gs for k in range(2))
-    J_head = jacobian_rows(model, x)[:, :, model.shared.weight.numel():]
+    J_head = jacobian_rows(model, x)[:, :, model.shared.weight.numel() :]
     diag_only = diag_only + torch.einsum("icn,jcn->ij", J_head, J_head)
     assert float((diag_only - ref).abs().max()) > 1e-3 * float(ref.abs().max())
     assert_close(empirical_ntk(model, x), ref)
@@ -289,7 +292,6 @@ def test_equals_naive_autograd_loop_with_batchnorm_eval_and_inplace() -> None:
     assert_close(empirical_ntk(model2, x5), ntk_loop(model2, x5))
 
 
-
 def test_an_output_changed_in_place_keeps_its_layer_on_the_fast_path() -> None:
     """Recorded layer outputs are not copied unless the forward changes one in place (an in-place ReLU, ``out +=``):
     then the kernel still equals autograd's and the self-check keeps every layer (it warns and demotes otherwise)."""
@@ -297,14 +299,17 @@ def test_an_output_changed_in_place_keeps_its_layer_on_the_fast_path() -> None:
 
     resnet = _load(ROOT / "benchmarks" / "_resnet.py", "_bench_resnet")
     torch.manual_seed(9)
-    for model, x in ((InPlaceAfterLinear().double(), torch.randn(7, 5, dtype=torch.float64)),
-                     (resnet.ResNet18(4, 3).double().eval(), torch.randn(3, 3, 8, 8, dtype=torch.float64))):
+    for model, x in (
+        (InPlaceAfterLinear().double(), torch.randn(7, 5, dtype=torch.float64)),
+        (resnet.ResNet18(4, 3).double().eval(), torch.randn(3, 3, 8, 8, dtype=torch.float64)),
+    ):
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             plan = ntk_plan(model, x)
             kernel = empirical_ntk(model, x, plan=plan)
         assert not plan.fallback
         assert_close(kernel, ntk_loop(model, x))
+
 
 def test_functional_reuse_tied_weights_and_transposed_layout_leave_the_fast_path() -> None:
     torch.manual_seed(6)
@@ -395,9 +400,16 @@ def test_float32_model_float64_products() -> None:
 
 
 @settings(max_examples=25, deadline=None)
-@given(depth=st.integers(1, 4), widths=st.lists(st.integers(1, 9), min_size=4, max_size=4),
-       d=st.integers(1, 6), out=st.integers(1, 3), P=st.integers(1, 9), bias=st.booleans(),
-       act=st.sampled_from(sorted(ACTS)), seed=st.integers(0, 2**16))
+@given(
+    depth=st.integers(1, 4),
+    widths=st.lists(st.integers(1, 9), min_size=4, max_size=4),
+    d=st.integers(1, 6),
+    out=st.integers(1, 3),
+    P=st.integers(1, 9),
+    bias=st.booleans(),
+    act=st.sampled_from(sorted(ACTS)),
+    seed=st.integers(0, 2**16),
+)
 def test_hypothesis_random_mlps(depth, widths, d, out, P, bias, act, seed) -> None:
     torch.manual_seed(seed)
     model = mlp([d, *widths[:depth], out], act, bias)
@@ -559,8 +571,9 @@ def test_probe_measure_by_hand_matches_spectrum() -> None:
         model[0].weight.add_(0.5)
     fresh = NTK()
     fresh.load_state_dict(state)
-    moved = {r.tag: r.item() for r in fresh.measure(ProbeBatch(model, x, y, model(x).detach(), {}, 5))
-             if hasattr(r, "item")}
+    moved = {
+        r.tag: r.item() for r in fresh.measure(ProbeBatch(model, x, y, model(x).detach(), {}, 5)) if hasattr(r, "item")
+    }
     assert moved["ntk/distance_from_init"] > 1e-4
     assert fresh.init_step == 0
 
@@ -619,9 +632,19 @@ def test_session_logs_every_tag_and_survives_checkpoint() -> None:
         assert model.training
     mem = session.memory
     tags = mem.tags()
-    expected = {"ntk/trace", "ntk/eig_max", "ntk/eig_min", "ntk/condition", "ntk/effective_rank", "ntk/alignment",
-                "ntk/distance_from_init", "ntk/log10_eigenvalues", "ntk/spectrum",
-                "ntk/eig_top/1", "ntk/eig_top/5"}
+    expected = {
+        "ntk/trace",
+        "ntk/eig_max",
+        "ntk/eig_min",
+        "ntk/condition",
+        "ntk/effective_rank",
+        "ntk/alignment",
+        "ntk/distance_from_init",
+        "ntk/log10_eigenvalues",
+        "ntk/spectrum",
+        "ntk/eig_top/1",
+        "ntk/eig_top/5",
+    }
     assert expected <= tags
     dist = mem.scalars()["ntk/distance_from_init"]
     assert [s for s, _ in dist] == [0, 2, 4] and dist[0][1] == pytest.approx(0.0, abs=1e-12) and dist[-1][1] > 0
@@ -637,8 +660,13 @@ def test_session_logs_every_tag_and_survives_checkpoint() -> None:
 def test_probe_constant_labels_fail_at_attach() -> None:
     model = nn.Sequential(nn.Linear(3, 1))
     with pytest.raises(DegenerateKernelError, match="all the same"):
-        probes.attach(model, ["ntk"], probe_data=(torch.randn(6, 3), torch.ones(6, dtype=torch.long)),
-                      sinks=["memory"], strict=True)
+        probes.attach(
+            model,
+            ["ntk"],
+            probe_data=(torch.randn(6, 3), torch.ones(6, dtype=torch.long)),
+            sinks=["memory"],
+            strict=True,
+        )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -679,8 +707,9 @@ def test_labels_out_of_range_of_the_outputs_raise_at_attach(measure_at_attach):
     model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 3))
     y = torch.tensor([0, 1, 5, 1, 0, 2])  # class 5 for a model with 3 outputs
     with pytest.raises(ValueError, match=r"ntk: class index 5 out of range.*3 outputs.*0\.\.2"):
-        probes.attach(model, ["ntk"], probe_data=(torch.randn(6, 3), y), sinks=["memory"],
-                      measure_at_attach=measure_at_attach)
+        probes.attach(
+            model, ["ntk"], probe_data=(torch.randn(6, 3), y), sinks=["memory"], measure_at_attach=measure_at_attach
+        )
 
 
 def test_a_model_without_a_per_sample_ntk_raises_at_attach_without_measuring() -> None:
@@ -696,20 +725,31 @@ def test_a_model_without_a_per_sample_ntk_raises_at_attach_without_measuring() -
             return self.lin(x - x.mean(0, keepdim=True))
 
     with pytest.raises(SampleMixingError, match="ntk: .*mixes samples"):
-        probes.attach(Centre(), ["ntk"], probe_data=(torch.randn(6, 3), torch.arange(6) % 2), sinks=["memory"],
-                      measure_at_attach=False)
+        probes.attach(
+            Centre(),
+            ["ntk"],
+            probe_data=(torch.randn(6, 3), torch.arange(6) % 2),
+            sinks=["memory"],
+            measure_at_attach=False,
+        )
 
 
-@pytest.mark.parametrize("options, error, match", [
-    ({"mode": "diag"}, ValueError, "ntk: option 'mode' must be one of"),
-    ({"top_k": -1}, ValueError, "ntk: option 'top_k' must be a non-negative int, got -1"),
-    ({"bins": 2.5}, TypeError, "ntk: option 'bins' must be a positive int <= 10000, got 2.5"),
-    ({"spectrum": "topk", "top_k": 0}, ValueError, "ntk: option 'top_k' must be >= 1 with spectrum='topk'"),
-    ({"memory_budget": True}, TypeError, "ntk: option 'memory_budget' must be a positive number of bytes"),
-    ({"chunk_size": 0}, ValueError, "ntk: option 'chunk_size' must be None or a positive int, got 0"),
-    ({"image": "yes"}, TypeError, "ntk: option 'image' must be True or False"),
-])
+@pytest.mark.parametrize(
+    "options, error, match",
+    [
+        ({"mode": "diag"}, ValueError, "ntk: option 'mode' must be one of"),
+        ({"top_k": -1}, ValueError, "ntk: option 'top_k' must be a non-negative int, got -1"),
+        ({"bins": 2.5}, TypeError, "ntk: option 'bins' must be a positive int <= 10000, got 2.5"),
+        ({"spectrum": "topk", "top_k": 0}, ValueError, "ntk: option 'top_k' must be >= 1 with spectrum='topk'"),
+        ({"memory_budget": True}, TypeError, "ntk: option 'memory_budget' must be a positive number of bytes"),
+        ({"chunk_size": 0}, ValueError, "ntk: option 'chunk_size' must be None or a positive int, got 0"),
+        ({"image": "yes"}, TypeError, "ntk: option 'image' must be True or False"),
+    ],
+)
 def test_options_are_checked_through_the_schema(options, error, match) -> None:
     with pytest.raises(error, match=match):
-        probes.attach(nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)), {"ntk": options},
-                      probe_data=(torch.randn(6, 3), torch.arange(6) % 2))
+        probes.attach(
+            nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)),
+            {"ntk": options},
+            probe_data=(torch.randn(6, 3), torch.arange(6) % 2),
+        )

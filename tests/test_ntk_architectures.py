@@ -161,8 +161,9 @@ def test_transformers_rms_norms() -> None:
     from transformers.models.t5.modeling_t5 import T5LayerNorm
 
     torch.manual_seed(8)
-    model = nn.Sequential(nn.Linear(4, 6), LlamaRMSNorm(6), nn.Tanh(), nn.Linear(6, 6), T5LayerNorm(6),
-                          nn.Linear(6, 3)).double()
+    model = nn.Sequential(
+        nn.Linear(4, 6), LlamaRMSNorm(6), nn.Tanh(), nn.Linear(6, 6), T5LayerNorm(6), nn.Linear(6, 3)
+    ).double()
     with torch.no_grad():
         model[1].weight.uniform_(0.5, 1.5)
         model[4].weight.uniform_(0.5, 1.5)
@@ -266,6 +267,7 @@ def test_no_batching_rule_warning_reaches_the_user() -> None:
     with warnings.catch_warnings():  # the filter is inside the NTK only: torch still warns elsewhere
         warnings.simplefilter("error")
         from torch.func import vmap
+
         q = torch.randn(2, 1, 2, 3, 4, dtype=torch.float64)
         with pytest.raises(UserWarning, match="performance drop"):
             vmap(nn.functional.scaled_dot_product_attention)(q, q, q)
@@ -273,7 +275,11 @@ def test_no_batching_rule_warning_reaches_the_user() -> None:
 
 def test_benchmark_smoke() -> None:
     pytest.importorskip("transformers")
-    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "ntk_models.py"), "--smoke"],
-                         capture_output=True, text=True, timeout=600)
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "ntk_models.py"), "--smoke"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert run.returncode == 0, run.stderr[-2000:]
     assert "torch.func / probes" in run.stdout

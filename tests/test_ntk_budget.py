@@ -17,7 +17,7 @@ from probes.functional.ntk import _layer_terms, cost, ntk_cost, ntk_plan
 from probes.functional.ntk.terms import _Embed, _Grad, _Pairs
 from probes.testing import probe_batch
 
-GiB = 2 ** 30
+GiB = 2**30
 
 
 def mlp(sizes: tuple[int, ...], seed: int = 0) -> nn.Sequential:
@@ -31,8 +31,10 @@ def mlp(sizes: tuple[int, ...], seed: int = 0) -> nn.Sequential:
 @pytest.fixture
 def machine(monkeypatch):
     """A machine with this much memory available (``max_memory="auto"`` takes half of it)."""
+
     def set_available(nbytes: int | None) -> None:
         monkeypatch.setattr(cost, "available_memory", lambda device: nbytes)
+
     return set_available
 
 
@@ -88,11 +90,16 @@ def test_a_budget_in_bytes_and_none() -> None:
     model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2))
     x = torch.randn(3000, 3)
     with pytest.raises(ValueError, match=r"max_memory=1,000,000 bytes.*a smaller probe batch \(P <= \d+ fits\)"):
-        probes.attach(model, {"ntk": {"spectrum": "full", "max_memory": 10 ** 6}}, probe_data=x, sinks=["memory"],
-                      measure_at_attach=False)
+        probes.attach(
+            model,
+            {"ntk": {"spectrum": "full", "max_memory": 10**6}},
+            probe_data=x,
+            sinks=["memory"],
+            measure_at_attach=False,
+        )
     probe = NTK(spectrum="full", max_memory=None)
     probes.attach(model, [probe], probe_data=x, sinks=["memory"], measure_at_attach=False).detach()
-    assert probe.cost.kernel_bytes == 5 * 8 * 3000 ** 2  # no labels: the kernel, the first one, the spectrum's
+    assert probe.cost.kernel_bytes == 5 * 8 * 3000**2  # no labels: the kernel, the first one, the spectrum's
 
 
 def test_auto_takes_topk_when_only_topk_fits_the_budget() -> None:
@@ -112,8 +119,10 @@ def test_auto_takes_topk_when_only_topk_fits_the_budget() -> None:
     assert "ntk/eig_top/3" in tags and "ntk/eig_min" not in tags
 
 
-@pytest.mark.parametrize("bad, error", [({"max_memory": 0}, ValueError), ({"max_memory": "lots"}, TypeError),
-                                        ({"max_memory": True}, TypeError)])
+@pytest.mark.parametrize(
+    "bad, error",
+    [({"max_memory": 0}, ValueError), ({"max_memory": "lots"}, TypeError), ({"max_memory": True}, TypeError)],
+)
 def test_max_memory_is_checked(bad, error) -> None:
     with pytest.raises(error, match="ntk: option 'max_memory' must be 'auto', a positive number of bytes, or None"):
         NTK(**bad)
@@ -145,12 +154,14 @@ def test_the_estimate_is_what_the_plan_holds(mode, route) -> None:
     plan = ntk_plan(model, t)
     assert plan.fallback == ["scale"]
     c = ntk_cost(model, t, plan=plan, mode=mode, route=route)
-    terms = _layer_terms(model, (t,), 40, plan, mode, None, torch.float64, "test",
-                         "operator" if route == "topk" else "dense")
+    terms = _layer_terms(
+        model, (t,), 40, plan, mode, None, torch.float64, "test", "operator" if route == "topk" else "dense"
+    )
     held = {}
     for key, term in terms.items():
-        fields = [term.D] if isinstance(term, _Grad) else [term.G, term.Z] if isinstance(term, _Pairs) else \
-            [term.G, term.T]
+        fields = (
+            [term.D] if isinstance(term, _Grad) else [term.G, term.Z] if isinstance(term, _Pairs) else [term.G, term.T]
+        )
         assert isinstance(term, (_Grad, _Pairs, _Embed))
         held[key] = sum(f.numel() * f.element_size() for f in fields)
     assert {key: b for key, _, _, b in c.terms if key != "fallback"} == held

@@ -141,8 +141,17 @@ class Encoder(nn.Module):
         self.pos = nn.Embedding(T, d)
         self.blocks = nn.ModuleList()
         for _ in range(layers):
-            self.blocks.append(nn.ModuleDict({"ln1": nn.LayerNorm(d), "att": Attention(d), "ln2": nn.LayerNorm(d),
-                                              "fc1": nn.Linear(d, 2 * d), "fc2": nn.Linear(2 * d, d)}))
+            self.blocks.append(
+                nn.ModuleDict(
+                    {
+                        "ln1": nn.LayerNorm(d),
+                        "att": Attention(d),
+                        "ln2": nn.LayerNorm(d),
+                        "fc1": nn.Linear(d, 2 * d),
+                        "fc2": nn.Linear(2 * d, d),
+                    }
+                )
+            )
         self.ln = nn.LayerNorm(d)
         self.head = nn.Linear(d, out)
 
@@ -198,8 +207,13 @@ def test_conv1d_conv3d_groupnorm() -> None:
     model = _randomise_bn(Conv13().double())
     x = torch.randn(6, 2, 16, dtype=torch.float64)
     plan = ntk_plan(model, x)
-    assert plan.fallback == [] and set(plan.kinds.values()) == {"Conv1d", "GroupNorm", "Conv3d", "BatchNorm3d",
-                                                                 "Linear"}
+    assert plan.fallback == [] and set(plan.kinds.values()) == {
+        "Conv1d",
+        "GroupNorm",
+        "Conv3d",
+        "BatchNorm3d",
+        "Linear",
+    }
     exact_everywhere(model, x)
 
 
@@ -229,8 +243,9 @@ def test_torch_transformer_encoder_layer() -> None:
 
 def test_linear_layer_norm_frozen_and_no_affine_parts() -> None:
     torch.manual_seed(5)
-    model = nn.Sequential(nn.Conv2d(2, 3, 2), nn.GroupNorm(3, 3, affine=False), nn.Flatten(), nn.LayerNorm(12),
-                          nn.Linear(12, 2)).double()
+    model = nn.Sequential(
+        nn.Conv2d(2, 3, 2), nn.GroupNorm(3, 3, affine=False), nn.Flatten(), nn.LayerNorm(12), nn.Linear(12, 2)
+    ).double()
     model[0].weight.requires_grad_(False)  # only the conv bias trains
     model[3].bias.requires_grad_(False)
     x = torch.randn(5, 2, 3, 3, dtype=torch.float64)
@@ -341,8 +356,11 @@ def test_probe_topk_route_and_options() -> None:
         assert topk["ntk/effective_rank"].item() > 1
         assert topk["ntk/spectrum"].pixels.ndim == 3  # an image of the top eigenvalues, now and at the start
     assert not NTK().uses_topk(40) and NTK().uses_topk(10_000)
-    for bad, match in (({"spectrum": "some"}, "spectrum"), ({"spectrum": "topk", "top_k": 0}, "top_k"),
-                       ({"memory_budget": 0}, "memory_budget")):
+    for bad, match in (
+        ({"spectrum": "some"}, "spectrum"),
+        ({"spectrum": "topk", "top_k": 0}, "top_k"),
+        ({"memory_budget": 0}, "memory_budget"),
+    ):
         with pytest.raises(ValueError, match=f"ntk: .*{match}"):
             NTK(**bad)
     with pytest.raises(TypeError, match="ntk: .*memory_budget"):  # a string where a number is expected

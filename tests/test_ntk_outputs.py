@@ -42,8 +42,14 @@ def kernel_at(model: nn.Module, call, where: list[int]) -> torch.Tensor:
     rows = []
     for i, t in enumerate(where):
         out = call(i)[0, t]
-        rows.append(torch.stack([torch.cat([g.reshape(-1) for g in torch.autograd.grad(
-            out[c], params, retain_graph=True)]) for c in range(out.shape[0])]))
+        rows.append(
+            torch.stack(
+                [
+                    torch.cat([g.reshape(-1) for g in torch.autograd.grad(out[c], params, retain_graph=True)])
+                    for c in range(out.shape[0])
+                ]
+            )
+        )
     J = torch.stack(rows)  # (P, C, n)
     return torch.einsum("icn,jcn->ij", J, J)
 
@@ -80,13 +86,13 @@ def test_sequence_output_takes_the_last_kept_position_with_one_notice() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error", ProbesNoticeWarning)  # said once: not again at the measurement
         got = {r.tag: r for r in probe.measure(batch)}
-    ref = kernel_at(model, lambda i: model(ids[i:i + 1]), [5, 2, 0, 5])
+    ref = kernel_at(model, lambda i: model(ids[i : i + 1]), [5, 2, 0, 5])
     assert got["ntk/trace"].item() == pytest.approx(ref.trace().item(), rel=1e-10)
     assert got["ntk/eig_max"].item() == pytest.approx(torch.linalg.eigvalsh(ref)[-1].item(), rel=1e-10)
     # without a mask: the last position; positions="all": every position (the flattened output)
     batch.mask = None
     last = records(NTK(spectrum="full"), batch)["ntk/trace"].item()
-    assert last == pytest.approx(kernel_at(model, lambda i: model(ids[i:i + 1]), [5] * 4).trace().item(), rel=1e-10)
+    assert last == pytest.approx(kernel_at(model, lambda i: model(ids[i : i + 1]), [5] * 4).trace().item(), rel=1e-10)
     every = records(NTK(spectrum="full", positions="all"), batch)["ntk/trace"].item()
     assert every == pytest.approx(empirical_ntk(model, ids, fast_path=False).trace().item(), rel=1e-10)
     assert every > 2 * last  # the other positions add to the summed kernel
@@ -95,8 +101,9 @@ def test_sequence_output_takes_the_last_kept_position_with_one_notice() -> None:
 def test_gpt2_padded_batch_kernel_at_the_last_real_token() -> None:
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    cfg = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=30, n_positions=8, bos_token_id=0,
-                                  eos_token_id=0)
+    cfg = transformers.GPT2Config(
+        n_layer=1, n_embd=16, n_head=2, vocab_size=30, n_positions=8, bos_token_id=0, eos_token_id=0
+    )
     model = transformers.GPT2LMHeadModel(cfg).double().eval()
     ids = torch.randint(0, 30, (3, 6), generator=torch.Generator().manual_seed(2))
     am = torch.ones(3, 6, dtype=torch.long)
@@ -105,7 +112,7 @@ def test_gpt2_padded_batch_kernel_at_the_last_real_token() -> None:
     batch.mask = am.bool()
     got = records(NTK(spectrum="full"), batch)["ntk/trace"].item()
 
-    ref = kernel_at(model, lambda i: model(input_ids=ids[i:i + 1], attention_mask=am[i:i + 1]).logits, [5, 3, 5])
+    ref = kernel_at(model, lambda i: model(input_ids=ids[i : i + 1], attention_mask=am[i : i + 1]).logits, [5, 3, 5])
     assert got == pytest.approx(ref.trace().item(), rel=1e-10)
 
 
@@ -136,8 +143,9 @@ def test_sketch_is_the_kernel_of_the_projected_outputs_and_unbiased() -> None:
     # from the formula above) of the exact summed kernel, entry by entry
     N = 300
     for k in (2, 16):
-        kernels = torch.stack([empirical_ntk(SelectedOutput(model, position=False, sketch=gaussian_sketch(C, k, s)),
-                                             x) for s in range(N)])
+        kernels = torch.stack(
+            [empirical_ntk(SelectedOutput(model, position=False, sketch=gaussian_sketch(C, k, s)), x) for s in range(N)]
+        )
         var = sketch_variance(full, P, C, k)
         assert ((kernels.mean(0) - exact).abs() <= 6 * (var / N).sqrt()).all(), k
         # the variance is the formula's (within the sampling error of a variance from N draws) and shrinks as 1/k
@@ -156,8 +164,11 @@ def test_max_cost_refuses_at_attach_naming_the_options() -> None:
     probe = NTK(max_cost=4 * 5 * n - 1)  # P x (last position's 5 outputs) x parameters, one below
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ProbesNoticeWarning)
-        with pytest.raises(ValueError, match=r"ntk: one measurement costs .*P=4 samples x 5 outputs.*outputs=k.*"
-                                             r"k=4 fits.*smaller probe batch.*output=.*max_cost"):
+        with pytest.raises(
+            ValueError,
+            match=r"ntk: one measurement costs .*P=4 samples x 5 outputs.*outputs=k.*"
+            r"k=4 fits.*smaller probe batch.*output=.*max_cost",
+        ):
             probe.validate(batch)
         assert NTK(max_cost=4 * 5 * n).check_cost(4, 5, model) == 4 * 5 * n
         NTK(max_cost=4 * 5 * n).validate(batch)

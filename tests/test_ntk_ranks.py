@@ -29,8 +29,9 @@ try:
 except ImportError:  # torch without FSDP2
     fully_shard = init_device_mesh = None
 
-pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
-                                reason="torch.distributed with gloo is not available")
+pytestmark = pytest.mark.skipif(
+    not dist.is_available() or not dist.is_gloo_available(), reason="torch.distributed with gloo is not available"
+)
 
 WORLD = 2
 P = 7
@@ -49,11 +50,19 @@ def models() -> dict[str, tuple[nn.Module, torch.Tensor]]:
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(3)
     mlp = nn.Sequential(nn.Linear(10, 24), nn.ReLU(), nn.Linear(24, 16), nn.Tanh(), nn.Linear(16, 3))
-    cnn = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, stride=2), nn.ReLU(),
-                        nn.Flatten(), nn.Linear(36, 3))
-    return {"mlp": (mlp.double().eval(), torch.randn(P, 10, generator=g, dtype=torch.float64)),
-            "cnn": (cnn.double().eval(), torch.randn(P, 2, 8, 8, generator=g, dtype=torch.float64)),
-            "tokens": (Tokens().double().eval(), torch.randint(0, 11, (P, 5), generator=g))}
+    cnn = nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(4, 4, 3, stride=2),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(36, 3),
+    )
+    return {
+        "mlp": (mlp.double().eval(), torch.randn(P, 10, generator=g, dtype=torch.float64)),
+        "cnn": (cnn.double().eval(), torch.randn(P, 2, 8, 8, generator=g, dtype=torch.float64)),
+        "tokens": (Tokens().double().eval(), torch.randint(0, 11, (P, 5), generator=g)),
+    }
 
 
 class LastLogits(nn.Module):
@@ -74,8 +83,18 @@ def gpt2() -> tuple[nn.Module, torch.Tensor] | None:
     except ImportError:
         return None
     torch.manual_seed(0)
-    config = GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=64, n_positions=16, attn_pdrop=0.0,
-                        embd_pdrop=0.0, resid_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+    config = GPT2Config(
+        n_layer=2,
+        n_head=2,
+        n_embd=32,
+        vocab_size=64,
+        n_positions=16,
+        attn_pdrop=0.0,
+        embd_pdrop=0.0,
+        resid_pdrop=0.0,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     lm = GPT2LMHeadModel(config).double().eval()
     return lm, torch.randint(0, 64, (P, 8), generator=torch.Generator().manual_seed(1))
 
@@ -84,10 +103,15 @@ def kernels(model: nn.Module, x: torch.Tensor, distributed: bool) -> dict[str, t
     op = tangent.ntk_operator(model, x, distributed=distributed)
     top = top_eigenvalues(op.matmat, op.shape[0], 3, device=x.device).values
     full = tangent.ntk_operator(model, x, mode="full", distributed=distributed)
-    return {"trace": tangent.empirical_ntk(model, x, distributed=distributed),
-            "full": tangent.empirical_ntk(model, x, mode="full", distributed=distributed),
-            "operator": op.dense(block=3), "operator_trace": op.trace(), "operator_top3": top,
-            "operator_full": full.dense(block=5), "rows": torch.tensor(op.rows)}
+    return {
+        "trace": tangent.empirical_ntk(model, x, distributed=distributed),
+        "full": tangent.empirical_ntk(model, x, mode="full", distributed=distributed),
+        "operator": op.dense(block=3),
+        "operator_trace": op.trace(),
+        "operator_top3": top,
+        "operator_full": full.dense(block=5),
+        "rows": torch.tensor(op.rows),
+    }
 
 
 def _worker(rank: int, root: str) -> None:
@@ -107,8 +131,9 @@ def _worker(rank: int, root: str) -> None:
                 out[f"{how}/{name}"] = kernels(model, x, True)
                 hook.remove()
         one_sample = models()["mlp"]  # fewer samples than ranks: rank 1's share is all padding
-        out["replicated/one_sample"] = {"trace": tangent.empirical_ntk(one_sample[0], one_sample[1][:1],
-                                                                       distributed=True)}
+        out["replicated/one_sample"] = {
+            "trace": tangent.empirical_ntk(one_sample[0], one_sample[1][:1], distributed=True)
+        }
         built = gpt2() if fully_shard is not None else None
         if built is not None:  # FSDP2 the way transformer training does it: one unit per block, then the root
             lm, ids = built
@@ -159,8 +184,13 @@ def test_the_kernel_across_two_ranks_equals_one_process_replicated_and_fsdp(rank
             if what == "rows":
                 continue
             for r in range(WORLD):  # every rank holds the same kernel
-                torch.testing.assert_close(got[r][key][what], expected, rtol=1e-10, atol=1e-12 * float(
-                    expected.abs().max()), msg=f"{key} {what} rank {r}")
+                torch.testing.assert_close(
+                    got[r][key][what],
+                    expected,
+                    rtol=1e-10,
+                    atol=1e-12 * float(expected.abs().max()),
+                    msg=f"{key} {what} rank {r}",
+                )
         if "rows" in values:
             assert int(values["rows"]) == 4  # each rank holds the factors of ceil(7 / 2) samples, not 7
 
@@ -179,8 +209,13 @@ def test_the_scaling_benchmark_smoke_run():
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    done = subprocess.run([sys.executable, str(root / "benchmarks" / "ntk_distributed.py"), "--smoke"],
-                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    done = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "ntk_distributed.py"), "--smoke"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     for case in ("resnet", "transformer"):
         line = next(ln for ln in done.stdout.splitlines() if ln.startswith(case))

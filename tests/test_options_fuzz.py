@@ -60,63 +60,174 @@ def _raises(step: int) -> bool:
 
 
 NASTY: list[Callable[[], Any]] = [
-    *(_const(v) for v in (None, True, False, 0, 1, -1, 2, 3, 7, 10 ** 20, -(10 ** 20), 0.0, 0.5, -0.5, 1.0, 2.5,
-                          1e300, math.nan, math.inf, -math.inf, 1j, "", "x", "auto", "all", "relu", "last", "sum",
-                          "float64", b"x", (), [], {}, {"a": 1}, frozenset(), (1, 2), [0.1, 0.2], ["0"], [""], [1],
-                          (None,), torch.float64, torch.int64, torch.bool, nn.ReLU, nn.Linear, int, len)),
-    lambda: np.int64(3), lambda: np.float64(0.25), lambda: np.bool_(True), lambda: np.array([1.0, 2.0]),
-    lambda: np.zeros((D, 2)), lambda: torch.tensor(1.0), lambda: torch.tensor(2), lambda: torch.tensor(True),
-    lambda: torch.tensor([1.0, 2.0]), lambda: torch.zeros(0), lambda: torch.randn(D, 2), lambda: torch.randn(3, D),
-    lambda: torch.full((2, 2), math.nan), lambda: (torch.randn(2), torch.randn(2, D)),
-    lambda: (torch.tensor(1.0), torch.tensor(2.0)), lambda: (torch.randn(3), torch.randn(3, D), torch.randn(3)),
-    lambda: nn.Linear(2, 2), lambda: object(), lambda: (lambda step: True), lambda: (lambda step: None),
-    lambda: (lambda step: step), lambda: _raises, lambda: (lambda: True), lambda: schedules.every(2),
-    lambda: (lambda step: np.bool_(step % 2 == 0)), lambda: (lambda step: torch.tensor(step > 1)),
+    *(
+        _const(v)
+        for v in (
+            None,
+            True,
+            False,
+            0,
+            1,
+            -1,
+            2,
+            3,
+            7,
+            10**20,
+            -(10**20),
+            0.0,
+            0.5,
+            -0.5,
+            1.0,
+            2.5,
+            1e300,
+            math.nan,
+            math.inf,
+            -math.inf,
+            1j,
+            "",
+            "x",
+            "auto",
+            "all",
+            "relu",
+            "last",
+            "sum",
+            "float64",
+            b"x",
+            (),
+            [],
+            {},
+            {"a": 1},
+            frozenset(),
+            (1, 2),
+            [0.1, 0.2],
+            ["0"],
+            [""],
+            [1],
+            (None,),
+            torch.float64,
+            torch.int64,
+            torch.bool,
+            nn.ReLU,
+            nn.Linear,
+            int,
+            len,
+        )
+    ),
+    lambda: np.int64(3),
+    lambda: np.float64(0.25),
+    lambda: np.bool_(True),
+    lambda: np.array([1.0, 2.0]),
+    lambda: np.zeros((D, 2)),
+    lambda: torch.tensor(1.0),
+    lambda: torch.tensor(2),
+    lambda: torch.tensor(True),
+    lambda: torch.tensor([1.0, 2.0]),
+    lambda: torch.zeros(0),
+    lambda: torch.randn(D, 2),
+    lambda: torch.randn(3, D),
+    lambda: torch.full((2, 2), math.nan),
+    lambda: (torch.randn(2), torch.randn(2, D)),
+    lambda: (torch.tensor(1.0), torch.tensor(2.0)),
+    lambda: (torch.randn(3), torch.randn(3, D), torch.randn(3)),
+    lambda: nn.Linear(2, 2),
+    lambda: object(),
+    lambda: lambda step: True,
+    lambda: lambda step: None,
+    lambda: lambda step: step,
+    lambda: _raises,
+    lambda: lambda: True,
+    lambda: schedules.every(2),
+    lambda: lambda step: np.bool_(step % 2 == 0),
+    lambda: lambda step: torch.tensor(step > 1),
 ]
 
 # plausible values of each option (valid alone; some combinations are not)
 FLAG = [_const(True), _const(False)]
 IMAGE_EVERY = [_const(None), _const(1), _const(3)]
 PLAUSIBLE: dict[str, dict[str, list[Callable[[], Any]]]] = {
-    "relu_zeros": {"unit_dim": [_const(v) for v in (None, 0, 1, -1, 2, -3)],
-                   "sites": [_const("relu"), _const("all")], "bins": [_const(v) for v in (1, 5, 20)]},
-    "patterns": {"sites": [_const(v) for v in (None, "*", "1", ["1"], "nothing")],
-                 "unit_dim": [_const(v) for v in (None, 0, 1, -1, 2, 5)], "image": FLAG, "save": FLAG,
-                 "directory": [_const(None), _const(SNAPSHOTS)], "image_every": IMAGE_EVERY},
-    "alignment": {"sites": [_const(v) for v in (None, "*", "1")], "output": FLAG,
-                  "degenerate": [_const("skip"), _const("raise")],
-                  "memory_budget": [_const(v) for v in (None, 1, 10 ** 6)],
-                  "positions": [_const("all"), _const("last")]},
-    "margin": {"margin": [_const(v) for v in (0, 0.5, 2.0)], "bins": [_const(v) for v in (1, 64)],
-               "n_weights": [_const(v) for v in (None, 1, 100)], "positions": [_const("all"), _const("last")]},
-    "ntk": {"mode": [_const("trace"), _const("full")], "reduction": [_const("sum"), _const("mean")],
-            "top_k": [_const(v) for v in (0, 1, 5, 100)], "bins": [_const(v) for v in (1, 64)],
-            "chunk_size": [_const(v) for v in (None, 1, 3)], "image": FLAG, "image_every": IMAGE_EVERY,
-            "spectrum": [_const(v) for v in ("full", "topk", "auto")],
-            "memory_budget": [_const(v) for v in (1, 2 ** 30)], "positions": [_const("last"), _const("all")],
-            "outputs": [_const(v) for v in (None, 1, 2, 5)], "seed": [_const(v) for v in (0, 1)],
-            "max_cost": [_const(v) for v in (None, 1e10)]},
-    "pathgram": {"condition": [_const(v) for v in ("estimate", "exact", "off")],
-                 "image": [_const(v) for v in ("cosine", "raw", None)],
-                 "image_side": [_const(v) for v in (1, 8, 128)],
-                 "jitter_start": [_const(v) for v in (1e-12, 1e-3)], "jitter_max": [_const(v) for v in (1e-2, 1.0)],
-                 "check": FLAG, "image_every": IMAGE_EVERY, "rcond": [_const(v) for v in (None, 1e-6, 0.5)]},
-    "linear_region": {"eps": [_const(v) for v in ("auto", 1e-3, [1e-3, 1e-2])],
-                      "delta": [_const(v) for v in ("auto", 1e-3, (1e-4,))], "seed": [_const(v) for v in (0, 5)],
-                      "dtype": [_const(v) for v in ("auto", None, torch.float64, "float32")],
-                      "max_samples": [_const(v) for v in (None, 1, 4)],
-                      "allow": [_const(v) for v in ((), nn.ReLU, (nn.Linear,), [nn.Tanh])]},
-    "particles": {"layer": [_const(v) for v in (None, "0", "2", "1", "x")],
-                  "teacher": [_const(None), lambda: torch.randn(3, D), lambda: (torch.randn(3), torch.randn(3, D)),
-                              lambda: (torch.randn(3), torch.randn(3, D), torch.randn(3))],
-                  "trail": [_const(v) for v in (2, 5, 200)], "trail_mode": [_const("thin"), _const("ring")],
-                  "basis": [_const("init"), _const("teacher"), lambda: torch.randn(D, 2), lambda: np.eye(D, 2)],
-                  "signed": FLAG, "bias": FLAG, "output_index": [_const(v) for v in (None, 0, 2, 3)],
-                  "size": [_const(v) for v in (240, 300)], "limit": [_const(None), _const(1.0)],
-                  "image_every": IMAGE_EVERY},
+    "relu_zeros": {
+        "unit_dim": [_const(v) for v in (None, 0, 1, -1, 2, -3)],
+        "sites": [_const("relu"), _const("all")],
+        "bins": [_const(v) for v in (1, 5, 20)],
+    },
+    "patterns": {
+        "sites": [_const(v) for v in (None, "*", "1", ["1"], "nothing")],
+        "unit_dim": [_const(v) for v in (None, 0, 1, -1, 2, 5)],
+        "image": FLAG,
+        "save": FLAG,
+        "directory": [_const(None), _const(SNAPSHOTS)],
+        "image_every": IMAGE_EVERY,
+    },
+    "alignment": {
+        "sites": [_const(v) for v in (None, "*", "1")],
+        "output": FLAG,
+        "degenerate": [_const("skip"), _const("raise")],
+        "memory_budget": [_const(v) for v in (None, 1, 10**6)],
+        "positions": [_const("all"), _const("last")],
+    },
+    "margin": {
+        "margin": [_const(v) for v in (0, 0.5, 2.0)],
+        "bins": [_const(v) for v in (1, 64)],
+        "n_weights": [_const(v) for v in (None, 1, 100)],
+        "positions": [_const("all"), _const("last")],
+    },
+    "ntk": {
+        "mode": [_const("trace"), _const("full")],
+        "reduction": [_const("sum"), _const("mean")],
+        "top_k": [_const(v) for v in (0, 1, 5, 100)],
+        "bins": [_const(v) for v in (1, 64)],
+        "chunk_size": [_const(v) for v in (None, 1, 3)],
+        "image": FLAG,
+        "image_every": IMAGE_EVERY,
+        "spectrum": [_const(v) for v in ("full", "topk", "auto")],
+        "memory_budget": [_const(v) for v in (1, 2**30)],
+        "positions": [_const("last"), _const("all")],
+        "outputs": [_const(v) for v in (None, 1, 2, 5)],
+        "seed": [_const(v) for v in (0, 1)],
+        "max_cost": [_const(v) for v in (None, 1e10)],
+    },
+    "pathgram": {
+        "condition": [_const(v) for v in ("estimate", "exact", "off")],
+        "image": [_const(v) for v in ("cosine", "raw", None)],
+        "image_side": [_const(v) for v in (1, 8, 128)],
+        "jitter_start": [_const(v) for v in (1e-12, 1e-3)],
+        "jitter_max": [_const(v) for v in (1e-2, 1.0)],
+        "check": FLAG,
+        "image_every": IMAGE_EVERY,
+        "rcond": [_const(v) for v in (None, 1e-6, 0.5)],
+    },
+    "linear_region": {
+        "eps": [_const(v) for v in ("auto", 1e-3, [1e-3, 1e-2])],
+        "delta": [_const(v) for v in ("auto", 1e-3, (1e-4,))],
+        "seed": [_const(v) for v in (0, 5)],
+        "dtype": [_const(v) for v in ("auto", None, torch.float64, "float32")],
+        "max_samples": [_const(v) for v in (None, 1, 4)],
+        "allow": [_const(v) for v in ((), nn.ReLU, (nn.Linear,), [nn.Tanh])],
+    },
+    "particles": {
+        "layer": [_const(v) for v in (None, "0", "2", "1", "x")],
+        "teacher": [
+            _const(None),
+            lambda: torch.randn(3, D),
+            lambda: (torch.randn(3), torch.randn(3, D)),
+            lambda: (torch.randn(3), torch.randn(3, D), torch.randn(3)),
+        ],
+        "trail": [_const(v) for v in (2, 5, 200)],
+        "trail_mode": [_const("thin"), _const("ring")],
+        "basis": [_const("init"), _const("teacher"), lambda: torch.randn(D, 2), lambda: np.eye(D, 2)],
+        "signed": FLAG,
+        "bias": FLAG,
+        "output_index": [_const(v) for v in (None, 0, 2, 3)],
+        "size": [_const(v) for v in (240, 300)],
+        "limit": [_const(None), _const(1.0)],
+        "image_every": IMAGE_EVERY,
+    },
 }
-EVERY = [_const(v) for v in (1, 2, np.int64(2))] + [lambda: schedules.every(2), lambda: schedules.log(),
-                                                     lambda: (lambda step: step % 2 == 0)]
+EVERY = [_const(v) for v in (1, 2, np.int64(2))] + [
+    lambda: schedules.every(2),
+    lambda: schedules.log(),
+    lambda: lambda step: step % 2 == 0,
+]
 UNKNOWN = "no_such_option"
 
 
@@ -150,8 +261,9 @@ def outcome(name: str, opts: dict[str, Any]) -> str | None:
         warnings.simplefilter("ignore", ProbesNoticeWarning)
         warnings.simplefilter("ignore", UserWarning)
         try:
-            session = probes.attach(model, {name: given_opts}, probe_data=probe_data(), sinks=["memory"],
-                                    optimizer=opt, overhead=None)
+            session = probes.attach(
+                model, {name: given_opts}, probe_data=probe_data(), sinks=["memory"], optimizer=opt, overhead=None
+            )
         except (ValueError, TypeError) as exc:
             text = str(exc)
             if name not in text:
@@ -176,8 +288,13 @@ def outcome(name: str, opts: dict[str, Any]) -> str | None:
     return None
 
 
-FUZZ = settings(max_examples=50, deadline=None, derandomize=True, database=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+FUZZ = settings(
+    max_examples=50,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 
 
 @pytest.mark.parametrize("name", sorted(PLAUSIBLE))
@@ -199,16 +316,20 @@ def test_every_option_dict_works_or_is_refused_at_attach_naming_probe_and_option
 
 
 def attach(name: str, opts: dict[str, Any], model: nn.Module | None = None, **kw: Any) -> Any:
-    return probes.attach(model if model is not None else two_layer(), {name: opts}, probe_data=probe_data(),
-                         sinks=["memory"], **kw)
+    return probes.attach(
+        model if model is not None else two_layer(), {name: opts}, probe_data=probe_data(), sinks=["memory"], **kw
+    )
 
 
 @pytest.mark.parametrize("name", ["relu_zeros", "patterns"])
 def test_unit_dim_beyond_the_axes_of_a_site_keeps_its_default_axis_and_says_so(name):
     model = two_layer()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    with pytest.warns(ProbesNoticeWarning, match=rf"{name}: option 'unit_dim'=2 is out of range for the 2-d .*site "
-                                                 r"'1'; that site counts its units on axis 1 \(the default\)"):
+    with pytest.warns(
+        ProbesNoticeWarning,
+        match=rf"{name}: option 'unit_dim'=2 is out of range for the 2-d .*site "
+        r"'1'; that site counts its units on axis 1 \(the default\)",
+    ):
         session = attach(name, {"unit_dim": 2, "every": 1}, model, optimizer=opt)
         train(model, session, opt)
         session.close()
@@ -239,17 +360,29 @@ def test_particles_layer_of_the_wrong_type_is_refused_naming_the_option(layer):
 def test_particles_layer_that_is_not_a_module_of_the_model_names_the_option():
     with pytest.raises(ValueError, match=r"particles: option 'layer'='x': model Sequential has no such module"):
         attach("particles", {"layer": "x"})
-    with pytest.raises(ValueError, match=r"particles: module '1' \(option 'layer'\) of model Sequential is not a "
-                                         "two-layer net"):
+    with pytest.raises(
+        ValueError,
+        match=r"particles: module '1' \(option 'layer'\) of model Sequential is not a "
+        "two-layer net",
+    ):
         attach("particles", {"layer": "1"})  # the ReLU
 
 
-@pytest.mark.parametrize("basis, error", [
-    ((torch.randn(D), torch.randn(D)), TypeError), ((torch.tensor(1.0), torch.tensor(2.0)), TypeError),
-    (torch.float64, TypeError), (None, TypeError), ("pca", ValueError), (["0"], TypeError), (10 ** 20, ValueError),
-    (torch.randn(D), ValueError), (torch.full((D, 2), math.nan), ValueError), (torch.zeros(D, 2, dtype=torch.bool),
-                                                                              TypeError),
-])
+@pytest.mark.parametrize(
+    "basis, error",
+    [
+        ((torch.randn(D), torch.randn(D)), TypeError),
+        ((torch.tensor(1.0), torch.tensor(2.0)), TypeError),
+        (torch.float64, TypeError),
+        (None, TypeError),
+        ("pca", ValueError),
+        (["0"], TypeError),
+        (10**20, ValueError),
+        (torch.randn(D), ValueError),
+        (torch.full((D, 2), math.nan), ValueError),
+        (torch.zeros(D, 2, dtype=torch.bool), TypeError),
+    ],
+)
 def test_particles_basis_is_checked_at_attach(basis, error):
     with pytest.raises(error, match=r"particles: option 'basis'"):
         attach("particles", {"basis": basis})
@@ -260,21 +393,39 @@ def test_particles_basis_of_the_wrong_shape_names_the_option():
         attach("particles", {"basis": torch.randn(3, 2)})
 
 
-@pytest.mark.parametrize("teacher, error", [
-    (torch.float64, TypeError), (b"x", TypeError), ("teacher", TypeError), (lambda: 0, TypeError),
-    (nn.Linear(2, 2), TypeError), ((torch.randn(3),), ValueError), ((torch.randn(3), "W"), TypeError),
-    ((torch.randn(3), torch.randn(3)), ValueError), (torch.zeros(0, D), ValueError),
-    (torch.full((2, D), math.inf), ValueError), (torch.zeros(2, D, 1), ValueError),
-])
+@pytest.mark.parametrize(
+    "teacher, error",
+    [
+        (torch.float64, TypeError),
+        (b"x", TypeError),
+        ("teacher", TypeError),
+        (lambda: 0, TypeError),
+        (nn.Linear(2, 2), TypeError),
+        ((torch.randn(3),), ValueError),
+        ((torch.randn(3), "W"), TypeError),
+        ((torch.randn(3), torch.randn(3)), ValueError),
+        (torch.zeros(0, D), ValueError),
+        (torch.full((2, D), math.inf), ValueError),
+        (torch.zeros(2, D, 1), ValueError),
+    ],
+)
 def test_particles_teacher_is_checked_at_attach(teacher, error):
     with pytest.raises(error, match=r"particles: option 'teacher'"):
         attach("particles", {"teacher": teacher})
 
 
-@pytest.mark.parametrize("teacher", [torch.randn(3, D), np.ones((2, D), dtype=np.float32), [[1.0, 2, 3, 4]],
-                                     [1.0, 2, 3, 4], (torch.randn(3), torch.randn(3, D)),
-                                     ([1.0, -1.0], [[1.0, 0, 0, 0], [0, 1.0, 0, 0]]),
-                                     (np.ones(2), np.ones((2, D)), np.zeros(2))])
+@pytest.mark.parametrize(
+    "teacher",
+    [
+        torch.randn(3, D),
+        np.ones((2, D), dtype=np.float32),
+        [[1.0, 2, 3, 4]],
+        [1.0, 2, 3, 4],
+        (torch.randn(3), torch.randn(3, D)),
+        ([1.0, -1.0], [[1.0, 0, 0, 0], [0, 1.0, 0, 0]]),
+        (np.ones(2), np.ones((2, D)), np.zeros(2)),
+    ],
+)
 def test_particles_teacher_accepts_arrays_tensors_and_lists(teacher):
     session = attach("particles", {"teacher": teacher, "bias": isinstance(teacher, tuple) and len(teacher) == 3})
     session.close()
@@ -288,12 +439,20 @@ def test_every_that_is_not_a_schedule_is_refused_at_attach(every):
         attach("relu_zeros", {"every": every})
 
 
-@pytest.mark.parametrize("every, error, match", [
-    (None, TypeError, "must be a positive int"), (2.0, TypeError, "whole number"), (np.float64(2), TypeError, "whole"),
-    (0, ValueError, "positive number"), (np.int64(-1), ValueError, "positive number"),
-    (lambda step: None, TypeError, "returned None at step 1"), (lambda step: step, TypeError, "returned 1 at step 1"),
-    (lambda step: torch.tensor([True, False]), TypeError, "returned tensor"), (_raises, ValueError, "raised Runtime"),
-])
+@pytest.mark.parametrize(
+    "every, error, match",
+    [
+        (None, TypeError, "must be a positive int"),
+        (2.0, TypeError, "whole number"),
+        (np.float64(2), TypeError, "whole"),
+        (0, ValueError, "positive number"),
+        (np.int64(-1), ValueError, "positive number"),
+        (lambda step: None, TypeError, "returned None at step 1"),
+        (lambda step: step, TypeError, "returned 1 at step 1"),
+        (lambda step: torch.tensor([True, False]), TypeError, "returned tensor"),
+        (_raises, ValueError, "raised Runtime"),
+    ],
+)
 def test_every_is_checked_at_attach_on_step_one(every, error, match):
     with pytest.raises(error, match=rf"probe 'margin': option 'every'.*{match}"):
         attach("margin", {"every": every})
@@ -375,8 +534,11 @@ def test_a_schedule_that_fails_in_training_is_a_probe_failure(name, fault):
 
 
 def test_a_schedule_that_raises_in_training_raises_under_strict():
-    with pytest.raises(RuntimeError, match=r"probe 'margin': option 'every': the schedule BrokenAt\(3\) raised "
-                                           r"ValueError\('schedule bug'\) at step 3") as info:
+    with pytest.raises(
+        RuntimeError,
+        match=r"probe 'margin': option 'every': the schedule BrokenAt\(3\) raised "
+        r"ValueError\('schedule bug'\) at step 3",
+    ) as info:
         run({"margin": {"every": BrokenAt(3, error=ValueError("schedule bug"))}}, strict=True)
     assert isinstance(info.value.__cause__, ValueError)
 
@@ -384,12 +546,12 @@ def test_a_schedule_that_raises_in_training_raises_under_strict():
 @pytest.mark.parametrize("name", ["relu_zeros", "margin", "ntk"])
 def test_bins_beyond_the_limit_are_refused_at_attach(name):
     with pytest.raises(ValueError, match=rf"{name}: option 'bins' must be a positive int <= 10000"):
-        attach(name, {"bins": 10 ** 20})
+        attach(name, {"bins": 10**20})
 
 
 def test_ntk_outputs_beyond_the_limit_are_refused_at_attach_whatever_the_budget():
     with pytest.raises(ValueError, match=r"ntk: option 'outputs' must be None or a positive int <= 1048576"):
-        attach("ntk", {"outputs": 10 ** 20, "max_cost": 1e20})
+        attach("ntk", {"outputs": 10**20, "max_cost": 1e20})
 
 
 def test_a_huge_margin_gives_records_not_a_failure():
@@ -400,8 +562,15 @@ def test_a_huge_margin_gives_records_not_a_failure():
     assert hist.counts.sum() == P and bool(torch.isfinite(hist.edges).all())
 
 
-@pytest.mark.parametrize("values", [torch.full((5,), 1e300, dtype=torch.float64), torch.tensor([-1e308, 1e308],
-                                    dtype=torch.float64), torch.full((3,), 3.4e38), torch.tensor([-3e38, 3e38])])
+@pytest.mark.parametrize(
+    "values",
+    [
+        torch.full((5,), 1e300, dtype=torch.float64),
+        torch.tensor([-1e308, 1e308], dtype=torch.float64),
+        torch.full((3,), 3.4e38),
+        torch.tensor([-3e38, 3e38]),
+    ],
+)
 def test_histograms_of_huge_values_bin_every_value(values):
     from probes.records import Histogram
 
@@ -434,11 +603,21 @@ def test_options_text_and_array():
     t = torch.ones(2)
     assert options.array("p", "o", t) is not t  # a copy
     assert options.array("p", "o", np.float32(2)).ndim == 0
-    for bad in ("1", b"1", [1, "a"], [True], torch.ones(2, dtype=torch.bool), torch.ones(2, dtype=torch.cfloat),
-                np.array(["a"]), torch.float64, object(), {1: 2}):
+    for bad in (
+        "1",
+        b"1",
+        [1, "a"],
+        [True],
+        torch.ones(2, dtype=torch.bool),
+        torch.ones(2, dtype=torch.cfloat),
+        np.array(["a"]),
+        torch.float64,
+        object(),
+        {1: 2},
+    ):
         with pytest.raises(TypeError, match="p: option 'o' must be"):
             options.array("p", "o", bad)
-    for bad in ([], [[1, 2], [3]], [math.nan], torch.zeros(0), [10 ** 400]):
+    for bad in ([], [[1, 2], [3]], [math.nan], torch.zeros(0), [10**400]):
         with pytest.raises(ValueError, match="p: option 'o' must be"):
             options.array("p", "o", bad)
     with pytest.raises(ValueError, match=r"shape \(2,\)"):

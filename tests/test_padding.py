@@ -17,9 +17,17 @@ transformers = pytest.importorskip("transformers")
 
 
 def small_bert() -> nn.Module:
-    config = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                                     intermediate_size=24, hidden_act="relu", hidden_dropout_prob=0.0,
-                                     attention_probs_dropout_prob=0.0, num_labels=3)
+    config = transformers.BertConfig(
+        vocab_size=50,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=24,
+        hidden_act="relu",
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        num_labels=3,
+    )
     torch.manual_seed(0)
     return transformers.BertForSequenceClassification(config)
 
@@ -60,8 +68,9 @@ def hand_count(model: nn.Module, batches: list[dict[str, torch.Tensor]], padding
 
 def feed_forward_zeros(session) -> float:
     mem = session.memory.scalars()
-    return sum(pts[-1][1] for tag, pts in mem.items()
-               if tag.startswith("relu_zeros/bert.encoder") and tag.endswith("/zeros"))
+    return sum(
+        pts[-1][1] for tag, pts in mem.items() if tag.startswith("relu_zeros/bert.encoder") and tag.endswith("/zeros")
+    )
 
 
 def test_relu_zeros_counts_only_real_tokens_of_a_padded_bert_batch():

@@ -35,8 +35,11 @@ def padded_batch(seed: int, n: int = 12, t: int = 10) -> dict[str, torch.Tensor]
 def feed_forward_outputs(model: nn.Module, x: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The feed-forward ReLU outputs (P, T, units) and the pooler's tanh (P, d), from hooks of this test's own."""
     seen: dict[str, torch.Tensor] = {}
-    handles = [m.register_forward_hook(lambda mod, a, o, n=n: seen.__setitem__(n, o.detach().clone()))
-               for n, m in model.named_modules() if n.endswith(ACT) or n == "bert.pooler.activation"]
+    handles = [
+        m.register_forward_hook(lambda mod, a, o, n=n: seen.__setitem__(n, o.detach().clone()))
+        for n, m in model.named_modules()
+        if n.endswith(ACT) or n == "bert.pooler.activation"
+    ]
     was = model.training
     model.eval()
     try:
@@ -53,8 +56,11 @@ def feed_forward_outputs(model: nn.Module, x: dict[str, torch.Tensor]) -> dict[s
 def hand_stats(out: torch.Tensor, mask: torch.Tensor | None) -> dict[str, float]:
     gates = out > 0
     real = gates[mask.bool()] if mask is not None and gates.ndim == 3 else gates.reshape(-1, gates.shape[-1])
-    return {"active_fraction": float(real.double().mean()), "dead_on_probe_batch": int((~real.any(0)).sum()),
-            "always_on_units": int(real.all(0).sum())}
+    return {
+        "active_fraction": float(real.double().mean()),
+        "dead_on_probe_batch": int((~real.any(0)).sum()),
+        "always_on_units": int(real.all(0).sum()),
+    }
 
 
 def test_patterns_count_only_real_tokens_equal_to_a_hand_count() -> None:
@@ -63,8 +69,9 @@ def test_patterns_count_only_real_tokens_equal_to_a_hand_count() -> None:
     mask = x["attention_mask"]
     y = torch.arange(12) % 3
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
-    session = probes.attach(model, {"patterns": {"every": 1, "image": False}}, probe_data=(x, y), sinks=["memory"],
-                            strict=True)
+    session = probes.attach(
+        model, {"patterns": {"every": 1, "image": False}}, probe_data=(x, y), sinks=["memory"], strict=True
+    )
     before = feed_forward_outputs(model, x)
     train = padded_batch(5)
     for _ in range(2):
@@ -93,8 +100,12 @@ def test_patterns_count_only_real_tokens_equal_to_a_hand_count() -> None:
     keys = set()
     for i in range(12):
         real = mask[i].bool()
-        parts = [tuple((after[n][i][real] > 0).reshape(-1).tolist()) if after[n].ndim == 3
-                 else tuple((after[n][i] > 0).tolist()) for n in sorted(after)]
+        parts = [
+            tuple((after[n][i][real] > 0).reshape(-1).tolist())
+            if after[n].ndim == 3
+            else tuple((after[n][i] > 0).tolist())
+            for n in sorted(after)
+        ]
         keys.add(tuple(parts))
     assert got["patterns/distinct"] == len(keys)
 

@@ -81,8 +81,16 @@ def test_meanfield_lr_is_eta_times_width():
 
 # -- positions ---------------------------------------------------------------------------
 @SETTINGS
-@given(d=st.integers(1, 5), m=st.integers(1, 9), c=st.integers(1, 3), bias=st.booleans(), signed=st.booleans(),
-       use_bias=st.booleans(), pick=st.booleans(), seed=st.integers(0, 999))
+@given(
+    d=st.integers(1, 5),
+    m=st.integers(1, 9),
+    c=st.integers(1, 3),
+    bias=st.booleans(),
+    signed=st.booleans(),
+    use_bias=st.booleans(),
+    pick=st.booleans(),
+    seed=st.integers(0, 999),
+)
 def test_positions_equal_a_times_w(d, m, c, bias, signed, use_bias, pick, seed):
     model = _two_layer(d, m, c, bias, seed)
     use_bias = use_bias and bias
@@ -252,7 +260,7 @@ def test_state_dict_round_trip():
 # -- the image -------------------------------------------------------------------------------
 def _colour_pixels(img: np.ndarray, hex_colour: str) -> np.ndarray:
     """(row, column) of the pixels of this colour (up to the figure's reduction to 256 colours)."""
-    rgb = np.array([int(hex_colour[k:k + 2], 16) for k in (1, 3, 5)], dtype=np.float64)
+    rgb = np.array([int(hex_colour[k : k + 2], 16) for k in (1, 3, 5)], dtype=np.float64)
     return np.argwhere(np.abs(img.astype(np.float64) - rgb).max(axis=2) <= 24)
 
 
@@ -261,8 +269,9 @@ def test_image_is_a_labelled_figure_with_colours_in_place_and_stable_axes(monkey
     from probes.builtin import particles
 
     # the legend's markers share the particles' colours: leave it out to locate the particles by colour
-    monkeypatch.setattr(particles, "particles_figure",
-                        lambda *a, **k: figures.particles_figure(*a, **{**k, "legend": False}))
+    monkeypatch.setattr(
+        particles, "particles_figure", lambda *a, **k: figures.particles_figure(*a, **{**k, "legend": False})
+    )
 
     model = _counter_model()
     _set_counter(model, 1)
@@ -430,12 +439,15 @@ def test_a_resumed_run_draws_its_images_where_the_unbroken_run_does():
     testing.check_state_round_trip(Particles, {"image_every": 10}, model=two_layer)
 
 
-@pytest.mark.parametrize("options, error, match", [
-    ({"trail_mode": "all"}, ValueError, "particles: option 'trail_mode' must be one of 'thin', 'ring', got 'all'"),
-    ({"basis": "pca"}, ValueError, "particles: option 'basis' must be one of 'init', 'teacher', got 'pca'"),
-    ({"limit": 0.0}, ValueError, "particles: option 'limit' must be None or a positive finite number, got 0.0"),
-    ({"signed": 1}, TypeError, "particles: option 'signed' must be True or False, got 1"),
-])
+@pytest.mark.parametrize(
+    "options, error, match",
+    [
+        ({"trail_mode": "all"}, ValueError, "particles: option 'trail_mode' must be one of 'thin', 'ring', got 'all'"),
+        ({"basis": "pca"}, ValueError, "particles: option 'basis' must be one of 'init', 'teacher', got 'pca'"),
+        ({"limit": 0.0}, ValueError, "particles: option 'limit' must be None or a positive finite number, got 0.0"),
+        ({"signed": 1}, TypeError, "particles: option 'signed' must be True or False, got 1"),
+    ],
+)
 def test_options_are_checked_through_the_schema(options, error, match):
     with pytest.raises(error, match=match):
         Particles(**options)

@@ -149,8 +149,9 @@ def test_a_module_added_after_attach_is_counted_by_its_path():
 def test_a_replaced_module_is_said_and_a_broken_chain_names_it():
     model = mlp()
     x, y = torch.randn(20, 6), torch.arange(20) % 3
-    session = probes.attach(model, {"patterns": {"every": 1}, "pathgram": {"every": 1}, "relu_zeros": {"every": 1}},
-                            probe_data=(x, y))
+    session = probes.attach(
+        model, {"patterns": {"every": 1}, "pathgram": {"every": 1}, "relu_zeros": {"every": 1}}, probe_data=(x, y)
+    )
     model[3] = nn.GELU()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -67,8 +67,12 @@ def manual_forward(model: nn.Sequential, x: torch.Tensor):
 
 def enumerate_model(model: nn.Sequential, x: torch.Tensor):
     gates, out, linears = manual_forward(model, x)
-    Phi, V = enumerate_paths(x.numpy(), gates, [lin.weight.detach().numpy() for lin in linears],
-                             [None if lin.bias is None else lin.bias.detach().numpy() for lin in linears])
+    Phi, V = enumerate_paths(
+        x.numpy(),
+        gates,
+        [lin.weight.detach().numpy() for lin in linears],
+        [None if lin.bias is None else lin.bias.detach().numpy() for lin in linears],
+    )
     return Phi, V, out.detach().numpy()
 
 
@@ -79,7 +83,7 @@ def probe_on(model, x, y, probe=None, **opts):
 
 
 @settings(max_examples=30, deadline=None)
-@given(depth=st.integers(2, 5), data=st.data(), seed=st.integers(0, 2 ** 31 - 1))
+@given(depth=st.integers(2, 5), data=st.data(), seed=st.integers(0, 2**31 - 1))
 def test_path_gram_equals_enumerated_path_features(depth, data, seed):
     widths = data.draw(st.lists(st.integers(1, 6), min_size=depth - 1, max_size=depth - 1), label="widths")
     d = data.draw(st.integers(1, 4), label="d")
@@ -270,16 +274,19 @@ class FunctionalLinear(nn.Module):
         return self.b(torch.relu(h) * 2)
 
 
-@pytest.mark.parametrize("model, match", [
-    (Residual(), "input of gate 'forward:relu#2' is not the output of Linear 'b'"),
-    (FunctionalLinear(), "activation site 'forward:relu' at the start of the chain"),
-    (nn.Sequential(nn.Linear(5, 5), nn.Tanh(), nn.Linear(5, 1)), "site '1' is a tanh"),
-    (nn.Sequential(nn.Linear(5, 5), nn.LeakyReLU(), nn.Linear(5, 1)), "site '1' is a leakyrelu"),
-    (nn.Sequential(nn.Linear(5, 5), nn.ReLU()), "ends with gate '1'"),
-    (nn.Sequential(nn.Linear(5, 5), nn.BatchNorm1d(5), nn.ReLU(), nn.Linear(5, 1)), "module '1' \\(batchnorm1d\\)"),
-    (nn.Sequential(nn.Linear(5, 5), nn.ReLU(), nn.ReLU(), nn.Linear(5, 1)), "activation site '2'"),
-    (nn.Sequential(nn.Linear(5, 5), nn.ReLU(), nn.Flatten(), nn.Linear(5, 1)), "module '2' \\(flatten\\)"),
-])
+@pytest.mark.parametrize(
+    "model, match",
+    [
+        (Residual(), "input of gate 'forward:relu#2' is not the output of Linear 'b'"),
+        (FunctionalLinear(), "activation site 'forward:relu' at the start of the chain"),
+        (nn.Sequential(nn.Linear(5, 5), nn.Tanh(), nn.Linear(5, 1)), "site '1' is a tanh"),
+        (nn.Sequential(nn.Linear(5, 5), nn.LeakyReLU(), nn.Linear(5, 1)), "site '1' is a leakyrelu"),
+        (nn.Sequential(nn.Linear(5, 5), nn.ReLU()), "ends with gate '1'"),
+        (nn.Sequential(nn.Linear(5, 5), nn.BatchNorm1d(5), nn.ReLU(), nn.Linear(5, 1)), "module '1' \\(batchnorm1d\\)"),
+        (nn.Sequential(nn.Linear(5, 5), nn.ReLU(), nn.ReLU(), nn.Linear(5, 1)), "activation site '2'"),
+        (nn.Sequential(nn.Linear(5, 5), nn.ReLU(), nn.Flatten(), nn.Linear(5, 1)), "module '2' \\(flatten\\)"),
+    ],
+)
 def test_structure_errors_name_the_module(model, match):
     x, y = torch.randn(8, 5), torch.randn(8)
     with pytest.raises(ValueError, match=match):
@@ -294,14 +301,25 @@ def test_a_model_it_cannot_handle_raises_at_attach_once_without_strict(measure_a
 
     before = (len(hooks._global_forward_hooks), len(hooks._global_forward_pre_hooks))
     conv = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 6 * 6, 1))
-    for model, x, match in ((Residual(), torch.randn(8, 5), "Linear 'b'"),
-                            (conv, torch.randn(8, 1, 8, 8), r"module '0' \(conv2d\) at the start of the chain.*"
-                                                            "leave pathgram out")):
+    for model, x, match in (
+        (Residual(), torch.randn(8, 5), "Linear 'b'"),
+        (
+            conv,
+            torch.randn(8, 1, 8, 8),
+            r"module '0' \(conv2d\) at the start of the chain.*"
+            "leave pathgram out",
+        ),
+    ):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             with pytest.raises(ValueError, match=match):
-                probes.attach(model, ["pathgram"], probe_data=(x, torch.randn(8)), sinks=["memory"],
-                              measure_at_attach=measure_at_attach)
+                probes.attach(
+                    model,
+                    ["pathgram"],
+                    probe_data=(x, torch.randn(8)),
+                    sinks=["memory"],
+                    measure_at_attach=measure_at_attach,
+                )
         assert not [w for w in caught if "pathgram" in str(w.message)], [str(w.message) for w in caught]
     assert (len(hooks._global_forward_hooks), len(hooks._global_forward_pre_hooks)) == before
 
@@ -316,8 +334,11 @@ def test_labels_required():
 
 def test_bad_options():
     with pytest.raises(ValueError, match="condition"):
-        probes.attach(chain([5, 4, 1], [True, True]), {"pathgram": {"condition": "fast"}},
-                      probe_data=(torch.randn(8, 5), torch.randn(8)))
+        probes.attach(
+            chain([5, 4, 1], [True, True]),
+            {"pathgram": {"condition": "fast"}},
+            probe_data=(torch.randn(8, 5), torch.randn(8)),
+        )
 
 
 def test_example_smoke(tmp_path):
@@ -357,16 +378,16 @@ def test_example_reads_mnist_idx_files(tmp_path):
     _write_idx(tmp_path / "train-images-idx3-ubyte", images)
     _write_idx(tmp_path / "train-labels-idx1-ubyte", y[keep].to(torch.uint8).numpy())
     example = _load(ROOT / "examples" / "pathgram_binary_digits.py", "pathgram_binary_digits")
-    result = example.main(["--smoke", "--data", "mnist", "--root", str(tmp_path), "--logdir",
-                           str(tmp_path / "runs")])
+    result = example.main(["--smoke", "--data", "mnist", "--root", str(tmp_path), "--logdir", str(tmp_path / "runs")])
     assert Path(result["out"]).exists() and np.all(np.isfinite(result["mean"]))
     from probes.data import torchvision_available
 
     if torchvision_available():  # torchvision would download MNIST into the empty directory
         return
     with pytest.raises(FileNotFoundError, match="never downloads"):
-        example.main(["--smoke", "--data", "mnist", "--root", str(tmp_path / "empty"), "--logdir",
-                      str(tmp_path / "runs2")])
+        example.main(
+            ["--smoke", "--data", "mnist", "--root", str(tmp_path / "empty"), "--logdir", str(tmp_path / "runs2")]
+        )
 
 
 @pytest.mark.parametrize("P", [1, 2, 3, 5, 17])
@@ -409,7 +430,7 @@ def test_blocked_lower_route_and_workspace_match_the_full_products():
         # the Cholesky factor reads the lower triangle only: same factor as from the full matrix
         fact = cholesky_jitter(pg.h)
         torch.testing.assert_close(fact.L * 2 ** (pg.exponent / 2), torch.linalg.cholesky(ref), rtol=1e-9, atol=0)
-        q = float(quadratic_form(fact, y)) * 2.0 ** -pg.exponent
+        q = float(quadratic_form(fact, y)) * 2.0**-pg.exponent
         assert math.isclose(q, float(y @ torch.linalg.solve(ref, y)), rel_tol=1e-7)
         V = torch.randn(P, 3, generator=g, dtype=torch.float64)
         full = pg.symmetric() @ V
@@ -423,8 +444,16 @@ def test_blocked_lower_route_and_workspace_match_the_full_products():
 
 def test_flatten_inplace_relu_and_dropout_are_part_of_a_chain():
     torch.manual_seed(8)
-    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 6), nn.ReLU(inplace=True), nn.Dropout(0.5), nn.Linear(6, 5),
-                          nn.ReLU(inplace=True), nn.Identity(), nn.Linear(5, 2)).double()
+    model = nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(16, 6),
+        nn.ReLU(inplace=True),
+        nn.Dropout(0.5),
+        nn.Linear(6, 5),
+        nn.ReLU(inplace=True),
+        nn.Identity(),
+        nn.Linear(5, 2),
+    ).double()
     x = torch.rand(9, 4, 4, dtype=torch.float64)
     probe, s = probe_on(model, x, torch.randint(0, 2, (9,)), gram_only=True)
     assert probe.chain.gates == ["2", "5"] and [p for p, _ in probe.chain.linears] == ["1", "4", "7"]
@@ -560,8 +589,9 @@ def test_one_measurement_holds_at_most_three_p_by_p_matrices():
     # glibc's sliding mmap threshold and per-thread arenas make resident memory depend on timing (up to 4.2 P x P
     # seen under load); fixed, the peak follows the live allocations (2.42 alone and beside two busy processes)
     env = {**os.environ, "MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_THRESHOLD_": "131072", "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, "-c", _MEMORY_CHILD, str(P)], capture_output=True, text=True,
-                         check=False, timeout=600, env=env)
+    out = subprocess.run(
+        [sys.executable, "-c", _MEMORY_CHILD, str(P)], capture_output=True, text=True, check=False, timeout=600, env=env
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     row = json.loads(out.stdout.strip().splitlines()[-1])
     extra = (row["peak"] - row["base"]) / (8 * P * P)
@@ -652,44 +682,68 @@ def test_rcond_option_sets_what_counts_as_singular():
 # ------------------------------------------------------------------------------------------------
 # options checked at construction (issue 12, item 6)
 # ------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("options, error, match", [
-    ({"jitter_start": "1e-3"}, TypeError,
-     "pathgram: option 'jitter_start' must be a positive finite number, got '1e-3'"),
-    ({"jitter_start": 0.0}, ValueError, "option 'jitter_start'"),
-    ({"jitter_start": -1e-3}, ValueError, "option 'jitter_start'"),
-    ({"jitter_max": float("nan")}, ValueError, "option 'jitter_max'"),
-    ({"jitter_max": float("inf")}, ValueError, "option 'jitter_max'"),
-    ({"jitter_max": True}, TypeError, "option 'jitter_max'"),
-    ({"jitter_start": 1e-2, "jitter_max": 1e-3}, ValueError, "'jitter_start' must not exceed option 'jitter_max'"),
-    ({"condition": "fast"}, ValueError, "pathgram: option 'condition' must be one of 'estimate', 'exact', 'off'"),
-    ({"condition": None}, ValueError, "option 'condition'"),
-    ({"condition": 1}, TypeError, "option 'condition'"),
-    ({"image": "gray"}, ValueError, "option 'image'"),
-    ({"image": False}, TypeError, "option 'image'"),
-    ({"image_side": "128"}, TypeError, "pathgram: option 'image_side' must be a positive int, got '128'"),
-    ({"image_side": 12.5}, TypeError, "option 'image_side'"),
-    ({"image_side": 0}, ValueError, "option 'image_side'"),
-    ({"image_side": True}, TypeError, "option 'image_side'"),
-    ({"check": "no"}, TypeError, "pathgram: option 'check' must be True or False, got 'no'"),
-    ({"check": 0}, TypeError, "option 'check'"),
-    ({"rcond": 0.0}, ValueError, "option 'rcond'"),
-    ({"rcond": 1.0}, ValueError, "option 'rcond'"),
-    ({"rcond": "1e-10"}, TypeError, "option 'rcond'"),
-    ({"image_every": 2.5}, ValueError, "pathgram: option 'image_every'"),
-])
+@pytest.mark.parametrize(
+    "options, error, match",
+    [
+        (
+            {"jitter_start": "1e-3"},
+            TypeError,
+            "pathgram: option 'jitter_start' must be a positive finite number, got '1e-3'",
+        ),
+        ({"jitter_start": 0.0}, ValueError, "option 'jitter_start'"),
+        ({"jitter_start": -1e-3}, ValueError, "option 'jitter_start'"),
+        ({"jitter_max": float("nan")}, ValueError, "option 'jitter_max'"),
+        ({"jitter_max": float("inf")}, ValueError, "option 'jitter_max'"),
+        ({"jitter_max": True}, TypeError, "option 'jitter_max'"),
+        ({"jitter_start": 1e-2, "jitter_max": 1e-3}, ValueError, "'jitter_start' must not exceed option 'jitter_max'"),
+        ({"condition": "fast"}, ValueError, "pathgram: option 'condition' must be one of 'estimate', 'exact', 'off'"),
+        ({"condition": None}, ValueError, "option 'condition'"),
+        ({"condition": 1}, TypeError, "option 'condition'"),
+        ({"image": "gray"}, ValueError, "option 'image'"),
+        ({"image": False}, TypeError, "option 'image'"),
+        ({"image_side": "128"}, TypeError, "pathgram: option 'image_side' must be a positive int, got '128'"),
+        ({"image_side": 12.5}, TypeError, "option 'image_side'"),
+        ({"image_side": 0}, ValueError, "option 'image_side'"),
+        ({"image_side": True}, TypeError, "option 'image_side'"),
+        ({"check": "no"}, TypeError, "pathgram: option 'check' must be True or False, got 'no'"),
+        ({"check": 0}, TypeError, "option 'check'"),
+        ({"rcond": 0.0}, ValueError, "option 'rcond'"),
+        ({"rcond": 1.0}, ValueError, "option 'rcond'"),
+        ({"rcond": "1e-10"}, TypeError, "option 'rcond'"),
+        ({"image_every": 2.5}, ValueError, "pathgram: option 'image_every'"),
+    ],
+)
 def test_options_are_checked_at_construction(options, error, match):
     with pytest.raises(error, match=match.replace("(", "\\(").replace(")", "\\)")):
         PathGramProbe(**options)
     with pytest.raises(error, match="pathgram"):  # and through attach, before anything is measured
-        probes.attach(chain([5, 4, 1], [True, True]), {"pathgram": options},
-                      probe_data=(torch.randn(8, 5), torch.randn(8)), sinks=["memory"])
+        probes.attach(
+            chain([5, 4, 1], [True, True]),
+            {"pathgram": options},
+            probe_data=(torch.randn(8, 5), torch.randn(8)),
+            sinks=["memory"],
+        )
 
 
 def test_good_options_are_kept():
-    p = PathGramProbe(condition="off", image=None, image_side=np.int64(64), jitter_start=1e-10, jitter_max=1,
-                      check=np.bool_(False), rcond=1e-12)
-    assert (p.condition, p.image, p.image_side, p.jitter_start, p.jitter_max, p.check, p.rcond) == \
-        ("off", None, 64, 1e-10, 1.0, False, 1e-12)
+    p = PathGramProbe(
+        condition="off",
+        image=None,
+        image_side=np.int64(64),
+        jitter_start=1e-10,
+        jitter_max=1,
+        check=np.bool_(False),
+        rcond=1e-12,
+    )
+    assert (p.condition, p.image, p.image_side, p.jitter_start, p.jitter_max, p.check, p.rcond) == (
+        "off",
+        None,
+        64,
+        1e-10,
+        1.0,
+        False,
+        1e-12,
+    )
     assert type(p.image_side) is int and type(p.jitter_max) is float
 
 

@@ -21,7 +21,7 @@ def naive_gates(model: nn.Sequential, x: torch.Tensor) -> dict[str, list[list[bo
     """Gate bits ``pre > 0`` of every activation module, sample by sample, element by element."""
     out: dict[str, list[list[bool]]] = {}
     for i in range(x.shape[0]):
-        h = x[i:i + 1]
+        h = x[i : i + 1]
         for name, m in model.named_children():
             if isinstance(m, (nn.ReLU, nn.GELU, nn.Tanh)):
                 out.setdefault(name, []).append([bool(v > 0) for v in h[0].tolist()])
@@ -43,8 +43,9 @@ def flips(a: list[list[bool]], b: list[list[bool]]) -> float:
 
 def make_model() -> nn.Sequential:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(6, 9), nn.ReLU(), nn.Linear(9, 7), nn.GELU(), nn.Linear(7, 5), nn.Tanh(),
-                         nn.Linear(5, 3))
+    return nn.Sequential(
+        nn.Linear(6, 9), nn.ReLU(), nn.Linear(9, 7), nn.GELU(), nn.Linear(7, 5), nn.Tanh(), nn.Linear(5, 3)
+    )
 
 
 def test_against_naive_loops_and_churn():
@@ -64,8 +65,7 @@ def test_against_naive_loops_and_churn():
         assert mem.last(f"patterns/{site}/always_on_units") == always
         assert mem.last(f"patterns/{site}/churn") == 0.0
         assert mem.last(f"patterns/{site}/churn_from_init") == 0.0
-    assert mem.last("patterns/distinct") == len({tuple(sum((first[k][i] for k in first), []))
-                                                   for i in range(30)})
+    assert mem.last("patterns/distinct") == len({tuple(sum((first[k][i] for k in first), [])) for i in range(30)})
     assert stats(first["1"])[1] >= 2 and stats(first["3"])[2] >= 2
 
     g = torch.Generator().manual_seed(1)
@@ -78,8 +78,7 @@ def test_against_naive_loops_and_churn():
         history.append(naive_gates(model, x))
         for site in first:
             assert mem.last(f"patterns/{site}/churn") == pytest.approx(flips(history[-2][site], history[-1][site]))
-            assert mem.last(f"patterns/{site}/churn_from_init") == pytest.approx(flips(first[site],
-                                                                                        history[-1][site]))
+            assert mem.last(f"patterns/{site}/churn_from_init") == pytest.approx(flips(first[site], history[-1][site]))
     assert mem.last("patterns/1/churn") > 0 and mem.last("patterns/1/churn_from_init") > 0
     assert set(mem.images()) == {"patterns/1", "patterns/3", "patterns/5"}
     s.close()
@@ -105,7 +104,7 @@ def test_churn_goes_through_state_dict():
 
 
 @settings(max_examples=40, deadline=None)
-@given(P=st.integers(1, 30), B=st.integers(0, 20), density=st.floats(0.0, 1.0), seed=st.integers(0, 10 ** 6))
+@given(P=st.integers(1, 30), B=st.integers(0, 20), density=st.floats(0.0, 1.0), seed=st.integers(0, 10**6))
 def test_distinct_rows_matches_a_set(P, B, density, seed):
     g = torch.Generator().manual_seed(seed)
     bits = torch.rand(P, B, generator=g) < density
@@ -116,8 +115,11 @@ def test_distinct_rows_matches_a_set(P, B, density, seed):
 
 
 @settings(max_examples=25, deadline=None)
-@given(shapes=st.lists(st.tuples(st.integers(1, 5), st.integers(1, 13)), min_size=1, max_size=4),
-       seed=st.integers(0, 10 ** 6), with_labels=st.booleans())
+@given(
+    shapes=st.lists(st.tuples(st.integers(1, 5), st.integers(1, 13)), min_size=1, max_size=4),
+    seed=st.integers(0, 10**6),
+    with_labels=st.booleans(),
+)
 def test_snapshots_round_trip(tmp_path_factory, shapes, seed, with_labels):
     rng = np.random.default_rng(seed)
     gates = {f"layer.{i}#1" if i % 2 else f"f:{i}": rng.random(shape) < 0.4 for i, shape in enumerate(shapes)}
@@ -142,8 +144,12 @@ def test_snapshots_refuse_pickles_and_foreign_files(tmp_path):
     np.savez(tmp_path / "other.npz", a=np.zeros(3))
     with pytest.raises(ValueError, match="not a probes gate snapshot"):
         load_gates(tmp_path / "other.npz")
-    np.savez(tmp_path / "evil.npz", format=np.array("probes.gates.v1"), step=np.array(1),
-             names=np.array([{"x": 1}], dtype=object))
+    np.savez(
+        tmp_path / "evil.npz",
+        format=np.array("probes.gates.v1"),
+        step=np.array(1),
+        names=np.array([{"x": 1}], dtype=object),
+    )
     with pytest.raises(ValueError, match="pickle"):
         load_gates(tmp_path / "evil.npz")
     path = save_gates(tmp_path / "ok.npz", {"a": np.ones((2, 9), dtype=bool)}, 1)
@@ -157,8 +163,14 @@ def test_snapshots_refuse_pickles_and_foreign_files(tmp_path):
 def test_snapshots_saved_under_logdir(tmp_path):
     model = SharedReluMLP()
     x, y = torch.randn(16, 12), torch.randint(0, 2, (16,))
-    s = probes.attach(model, {"patterns": {"every": 2, "save": True}}, probe_data=(x, y), logdir=str(tmp_path),
-                      sinks=["memory"], strict=True)
+    s = probes.attach(
+        model,
+        {"patterns": {"every": 2, "save": True}},
+        probe_data=(x, y),
+        logdir=str(tmp_path),
+        sinks=["memory"],
+        strict=True,
+    )
     for _ in range(4):
         s.step()
     s.close()
@@ -185,8 +197,8 @@ def test_image_groups_samples_by_label():
     img = gate_image(gates, order, [5], ["0", "1"]).astype(float)
     assert img.ndim == 3 and img.shape[2] == 3
     # units (y) by samples (x): the open (bright) gates of label 0 lie left of the closed ones of label 1
-    bright = np.argwhere(np.abs(img - np.array([0xf2, 0xd6, 0x4b])).max(axis=2) <= 16)
-    dark = np.argwhere(np.abs(img - np.array([0x2b, 0x2b, 0x50])).max(axis=2) <= 16)
+    bright = np.argwhere(np.abs(img - np.array([0xF2, 0xD6, 0x4B])).max(axis=2) <= 16)
+    dark = np.argwhere(np.abs(img - np.array([0x2B, 0x2B, 0x50])).max(axis=2) <= 16)
     assert len(bright) and len(dark)
     inside = lambda px, rows: px[(px[:, 0] > rows[0]) & (px[:, 0] < rows[1])]  # noqa: E731
     rows = (dark[:, 0].min(), dark[:, 0].max())  # the matrix's rows, without the legend's patch
@@ -256,8 +268,9 @@ def test_the_snapshots_follow_the_model(move):
     from probes.builtin.patterns import Patterns
 
     moves = {"double": lambda m: m.double(), "half": lambda m: m.half()}
-    testing.check_follows_model(Patterns, {"image": False}, move=moves[move],
-                                references=("patterns/*/churn", "patterns/*/churn_from_init"))
+    testing.check_follows_model(
+        Patterns, {"image": False}, move=moves[move], references=("patterns/*/churn", "patterns/*/churn_from_init")
+    )
 
 
 def test_the_directory_option_is_a_path():
@@ -266,7 +279,7 @@ def test_the_directory_option_is_a_path():
 
 
 def _near(img: np.ndarray, colour: str, tol: int = 16) -> np.ndarray:
-    rgb = np.array([int(colour[i:i + 2], 16) for i in (1, 3, 5)])
+    rgb = np.array([int(colour[i : i + 2], 16) for i in (1, 3, 5)])
     return np.abs(img.astype(float) - rgb).max(axis=2) <= tol
 
 
@@ -276,12 +289,12 @@ def test_image_draws_padding_in_its_own_colour():
     from probes.figures.kinds import PADDING
 
     OPEN, CLOSED = "#f2d64b", "#2b2b50"
-    rgb = lambda c: np.array([int(c[i:i + 2], 16) for i in (1, 3, 5)], dtype=float)  # noqa: E731
+    rgb = lambda c: np.array([int(c[i : i + 2], 16) for i in (1, 3, 5)], dtype=float)  # noqa: E731
     shades = rgb(CLOSED) + (rgb(OPEN) - rgb(CLOSED)) * np.linspace(0, 1, 101)[:, None]
     assert np.abs(shades - rgb(PADDING)).max(axis=1).min() > 60
     P, T, n = 8, 6, 4
     mask = torch.ones(P, T, dtype=torch.bool)
-    mask[:, T // 2:] = False  # the second half of every sequence is padding
+    mask[:, T // 2 :] = False  # the second half of every sequence is padding
     gates = torch.ones(P, T, n, dtype=torch.bool) & mask[:, :, None]  # every real gate open, padding closed
     order = torch.arange(P)
     padded = gate_image(gates, order, [], [], real=mask[:, :, None], ndim=3)

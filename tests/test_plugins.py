@@ -67,8 +67,9 @@ def test_entry_point_plugin_is_attached_by_name(site_dir):
 
 
 def test_broken_plugin_is_reported_by_name_and_others_work(site_dir):
-    make_distribution(site_dir, "probes_broken", "probes_broken", "raise ImportError('missing dep xyz')",
-                      "broken = probes_broken")
+    make_distribution(
+        site_dir, "probes_broken", "probes_broken", "raise ImportError('missing dep xyz')", "broken = probes_broken"
+    )
     make_distribution(site_dir, "probes_fake_norm", "probes_fake_norm", PLUGIN, "fakenorm = probes_fake_norm")
     plugins.reset()
     with pytest.warns(ProbesPluginWarning, match="broken"):
@@ -116,8 +117,10 @@ def test_asking_for_a_probe_of_a_plugin_that_failed_to_import_names_the_plugin_a
     plugins.reset()
     with pytest.warns(ProbesPluginWarning, match="brokenplugin"):
         plugins.registry.manager  # noqa: B018 - loads the entry points
-    for ask in (lambda: probes.attach(nn.Linear(2, 2), ["broken_probe"]),
-                lambda: probes.attach(nn.Linear(2, 2), ["relu_zeros"], sinks=["broken_sink"])):
+    for ask in (
+        lambda: probes.attach(nn.Linear(2, 2), ["broken_probe"]),
+        lambda: probes.attach(nn.Linear(2, 2), ["relu_zeros"], sinks=["broken_sink"]),
+    ):
         with pytest.raises(plugins.UnknownProbeError) as info:
             ask()
         text = str(info.value)

@@ -47,8 +47,7 @@ def test_two_input_model_gets_patterns_alignment_and_an_exact_ntk(form):
     a, b = torch.randn(12, 5, dtype=torch.float64), torch.randn(12, 3, dtype=torch.float64)
     y = torch.arange(12) % 3
     x = (a, b) if form == "tuple" else {"a": a, "b": b}
-    s = probes.attach(model, ["patterns", "alignment", "ntk"],
-                      probe_data=(x, y), strict=True)
+    s = probes.attach(model, ["patterns", "alignment", "ntk"], probe_data=(x, y), strict=True)
     s.close()
     assert s.failures == {}
     mem = s.memory
@@ -62,8 +61,9 @@ def test_two_input_model_gets_patterns_alignment_and_an_exact_ntk(form):
 def test_dict_batch_with_labels_inside_and_samples_checked_per_tensor():
     model = TwoInputs()
     a, b, y = torch.randn(6, 5), torch.randn(6, 3), torch.arange(6) % 2
-    s = probes.attach(model, ["margin"], probe_data={"a": a, "b": b, "labels": y}, label_key="labels",
-                      output=lambda out: out[:, :1])
+    s = probes.attach(
+        model, ["margin"], probe_data={"a": a, "b": b, "labels": y}, label_key="labels", output=lambda out: out[:, :1]
+    )
     s.close()
     assert s.failures == {}
     with pytest.raises(ValueError, match=r"x\['b'\] has shape \(5, 3\)"):
@@ -91,9 +91,15 @@ class Outputs(nn.Module):
         return logits
 
 
-@pytest.mark.parametrize("kind, output, width", [
-    ("dict", None, 2), ("tuple", None, 2), ("dict", "hidden", 6), ("tuple", lambda out: out[1], 6),
-])
+@pytest.mark.parametrize(
+    "kind, output, width",
+    [
+        ("dict", None, 2),
+        ("tuple", None, 2),
+        ("dict", "hidden", 6),
+        ("tuple", lambda out: out[1], 6),
+    ],
+)
 def test_outputs_are_picked_by_default_or_by_the_output_option(kind, output, width):
     model = Outputs(kind)
     x, y = torch.randn(8, 4), torch.arange(8) % 2
@@ -138,9 +144,11 @@ def hand_count(model: nn.Module, xs: list[torch.Tensor]) -> dict[str, int]:
     """Zeros per ReLU from plain forward hooks on forwards run without checkpointing."""
     counts: dict[str, int] = {}
     mode, model.mode = model.mode, None
-    handles = [m.register_forward_hook(lambda mod, i, o, n=n: counts.__setitem__(n, counts.get(n, 0)
-                                                                              + int((o == 0).sum())))
-               for n, m in model.named_modules() if isinstance(m, nn.ReLU)]
+    handles = [
+        m.register_forward_hook(lambda mod, i, o, n=n: counts.__setitem__(n, counts.get(n, 0) + int((o == 0).sum())))
+        for n, m in model.named_modules()
+        if isinstance(m, nn.ReLU)
+    ]
     with torch.no_grad():
         for x in xs:
             model(x)
@@ -317,8 +325,13 @@ def test_the_probe_pass_memory_benchmark_runs():
     from pathlib import Path
 
     script = Path(__file__).resolve().parent.parent / "benchmarks" / "probe_pass_memory.py"
-    out = subprocess.run([sys.executable, str(script), "--smoke", "--sets", "margin"], capture_output=True,
-                         text=True, check=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, str(script), "--smoke", "--sets", "margin"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
+    )
     assert "chunks of 4" in out.stdout and "max rel. difference to one pass 0.0e+00" in out.stdout
 
 
@@ -335,6 +348,11 @@ def test_the_default_cadence_benchmark_runs():
     from pathlib import Path
 
     script = Path(__file__).resolve().parent.parent / "benchmarks" / "default_cadence.py"
-    out = subprocess.run([sys.executable, str(script), "--smoke", "--threads", "1"], capture_output=True,
-                         text=True, check=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, str(script), "--smoke", "--threads", "1"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
+    )
     assert out.stdout.count("x plain training") == 3 and "margin every" in out.stdout, out.stdout

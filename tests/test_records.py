@@ -47,9 +47,14 @@ def test_tensorboard_sink_writes_scalars_histograms_images(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     sink = TensorBoardSink(logdir=str(tmp_path))
-    sink.write([Scalar("p/s", torch.tensor(0.25)),
-                Histogram.of("p/h", torch.tensor([0.0, 1.0, float("nan")])),
-                Image("p/img", np.zeros((4, 5, 3), dtype=np.uint8))], step=7)
+    sink.write(
+        [
+            Scalar("p/s", torch.tensor(0.25)),
+            Histogram.of("p/h", torch.tensor([0.0, 1.0, float("nan")])),
+            Image("p/img", np.zeros((4, 5, 3), dtype=np.uint8)),
+        ],
+        step=7,
+    )
     sink.close()
     acc = EventAccumulator(str(tmp_path), size_guidance={"images": 0, "histograms": 0}).Reload()
     assert acc.Scalars("p/s")[0].value == 0.25 and acc.Scalars("p/s")[0].step == 7

@@ -33,8 +33,9 @@ pytestmark = pytest.mark.slow
 
 def _run(cmd: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: float = 300) -> str:
     out = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert out.returncode == 0, \
+    assert out.returncode == 0, (
         f"{' '.join(cmd)} failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+    )
     return out.stdout + out.stderr
 
 
@@ -47,8 +48,10 @@ def dist(tmp_path_factory: pytest.TempPathFactory) -> Path:
     pytest.importorskip("build", reason="the release check needs `build` (the dev extra installs it)")
     out = tmp_path_factory.mktemp("dist")
     before = _torch_version()
-    _run([sys.executable, "-m", "build", "--no-isolation", "--sdist", "--wheel", "--outdir", str(out), str(ROOT)],
-         cwd=out)
+    _run(
+        [sys.executable, "-m", "build", "--no-isolation", "--sdist", "--wheel", "--outdir", str(out), str(ROOT)],
+        cwd=out,
+    )
     assert _torch_version() == before, "building the release changed torch"
     return out
 
@@ -95,22 +98,50 @@ def test_the_wheel_runs_the_demo_from_a_fresh_venv(dist: Path, tmp_path: Path) -
     venv.EnvBuilder(with_pip=False, symlinks=True).create(env_dir)
     bindir = env_dir / ("Scripts" if os.name == "nt" else "bin")
     python = bindir / "python"
-    purelib = Path(_run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                        tmp_path).strip())
+    purelib = Path(
+        _run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], tmp_path).strip()
+    )
     # dependencies only: this environment's site-packages appended to sys.path (its .pth files are not run)
     (purelib / "_dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    env = {"PATH": f"{bindir}{os.pathsep}/usr/bin:/bin", "HOME": str(tmp_path), "PYTHONNOUSERSITE": "1",
-           "MPLBACKEND": "Agg"}
-    _run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "--no-index", "--quiet",
-          "--disable-pip-version-check", str(wheel)], cwd=tmp_path, env={**env, "PATH": os.environ["PATH"]})
-    where = _run([str(python), "-c", "import probes, importlib.metadata as m, torch; "
-                  "print(probes.__file__); print(probes.__version__); print(m.version('torch-probes'))"],
-                 cwd=tmp_path, env=env).split()
+    env = {
+        "PATH": f"{bindir}{os.pathsep}/usr/bin:/bin",
+        "HOME": str(tmp_path),
+        "PYTHONNOUSERSITE": "1",
+        "MPLBACKEND": "Agg",
+    }
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "--python",
+            str(python),
+            "install",
+            "--no-deps",
+            "--no-index",
+            "--quiet",
+            "--disable-pip-version-check",
+            str(wheel),
+        ],
+        cwd=tmp_path,
+        env={**env, "PATH": os.environ["PATH"]},
+    )
+    where = _run(
+        [
+            str(python),
+            "-c",
+            "import probes, importlib.metadata as m, torch; "
+            "print(probes.__file__); print(probes.__version__); print(m.version('torch-probes'))",
+        ],
+        cwd=tmp_path,
+        env=env,
+    ).split()
     assert Path(where[0]).is_relative_to(purelib), f"probes came from {where[0]}, not the wheel"
     assert where[1] == where[2] == probes.__version__
     assert (Path(where[0]).parent / "py.typed").is_file()
     logdir = tmp_path / "runs"
-    out = _run([str(bindir / "probes"), "demo", "--smoke", "--no-progress", "--logdir", str(logdir)],
-               cwd=tmp_path, env=env)
+    out = _run(
+        [str(bindir / "probes"), "demo", "--smoke", "--no-progress", "--logdir", str(logdir)], cwd=tmp_path, env=env
+    )
     events = list(logdir.rglob("events.out.tfevents.*"))
     assert events and sum(e.stat().st_size for e in events) > 1000, out

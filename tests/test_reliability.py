@@ -23,8 +23,9 @@ def train(model_fn, spec, steps: int = 50, seed: int = 0, probe_data=None, use_o
     y_all = torch.sign(x_all[:, :1] + 0.3 * x_all[:, 1:2])
     session = None
     if spec is not None:
-        session = probes.attach(model, spec, probe_data=probe_data, sinks=["memory"],
-                                optimizer=opt if use_optimizer_hook else None)
+        session = probes.attach(
+            model, spec, probe_data=probe_data, sinks=["memory"], optimizer=opt if use_optimizer_hook else None
+        )
     for _ in range(steps):
         idx = torch.randint(0, 200, (20,))  # global RNG: probes must leave it untouched
         loss = F.mse_loss(model(x_all[idx]), y_all[idx])
@@ -75,8 +76,16 @@ def test_dropout_and_batchnorm_training_is_bit_identical(extra):
     names = [n for n in extra if n in builtin_names()]
 
     def net():
-        return nn.Sequential(nn.Linear(8, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Dropout(0.3),
-                             nn.Linear(32, 16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, 1))
+        return nn.Sequential(
+            nn.Linear(8, 32),
+            nn.BatchNorm1d(32),
+            nn.ReLU(),
+            nn.Dropout(0.3),
+            nn.Linear(32, 16),
+            nn.ReLU(),
+            nn.Dropout(0.3),
+            nn.Linear(16, 1),
+        )
 
     px = torch.randn(30, 8, generator=torch.Generator().manual_seed(3))
     py = (px[:, 0] > 0).long()
@@ -121,8 +130,11 @@ def test_an_attached_model_can_be_copied_and_saved_and_copies_carry_no_probes(tm
     # the copy's hooks are no-ops: nothing in it refers to the session
     from probes.engine.capture import _NoopHook
 
-    assert all(isinstance(h, _NoopHook) for m in clone.modules()
-               for h in [*m._forward_hooks.values(), *m._forward_pre_hooks.values()])
+    assert all(
+        isinstance(h, _NoopHook)
+        for m in clone.modules()
+        for h in [*m._forward_hooks.values(), *m._forward_pre_hooks.values()]
+    )
     assert any(m._forward_hooks for m in model.modules())  # while the original is hooked
     clone(x)  # a copy's forwards are not the original's
     clone(x)
@@ -144,8 +156,14 @@ def test_failed_attach_leaves_no_hook_writer_or_file(tmp_path):
     before = _global_hooks(), len(opt._optimizer_step_post_hooks)
     bad_width = (torch.randn(5, 3), torch.tensor([0, 1, 0, 1, 1]))  # the model takes 8 features
     with pytest.raises(RuntimeError):
-        probes.attach(model, ["relu_zeros", "alignment"], probe_data=bad_width, logdir=str(tmp_path / "a"),
-                      optimizer=opt, strict=True)
+        probes.attach(
+            model,
+            ["relu_zeros", "alignment"],
+            probe_data=bad_width,
+            logdir=str(tmp_path / "a"),
+            optimizer=opt,
+            strict=True,
+        )
     assert (_global_hooks(), len(opt._optimizer_step_post_hooks)) == before
     assert _files(tmp_path) == []
     with pytest.raises(TypeError, match="optimizer"):
@@ -177,8 +195,9 @@ class Augmenting(nn.Module):
 def test_train_overrides_run_both_ways_and_frozen_modules_stay_in_eval():
     px = torch.randn(12, 8)
     ref, _ = train(Augmenting, None, steps=12)
-    got, session = train(Augmenting, {"alignment": {"every": 2}, "margin": {"every": 3}},
-                         probe_data=(px, torch.sign(px[:, 0])), steps=12)
+    got, session = train(
+        Augmenting, {"alignment": {"every": 2}, "margin": {"every": 3}}, probe_data=(px, torch.sign(px[:, 0])), steps=12
+    )
     assert session.failures == {}
     assert got.augment is True
     for a, b in zip(ref.parameters(), got.parameters()):
@@ -196,13 +215,13 @@ def test_train_overrides_run_both_ways_and_frozen_modules_stay_in_eval():
 def test_resume_by_the_readme_writes_no_second_step0_point(tmp_path):
     px = torch.randn(10, 8)
     model = two_layer()
-    s = probes.attach(model, {"alignment": {"every": 2}}, probe_data=(px, torch.sign(px[:, 0])),
-                      logdir=str(tmp_path))
+    s = probes.attach(model, {"alignment": {"every": 2}}, probe_data=(px, torch.sign(px[:, 0])), logdir=str(tmp_path))
     s.step(4)
     state = s.state_dict()
     s.close()
-    resumed = probes.attach(model, {"alignment": {"every": 2}}, probe_data=(px, torch.sign(px[:, 0])),
-                            logdir=str(tmp_path))
+    resumed = probes.attach(
+        model, {"alignment": {"every": 2}}, probe_data=(px, torch.sign(px[:, 0])), logdir=str(tmp_path)
+    )
     resumed.load_state_dict(state)
     resumed.step(2)
     resumed.close()
@@ -225,32 +244,42 @@ def test_resume_by_the_readme_writes_no_second_step0_point(tmp_path):
 
 def test_methods_after_close_raise_and_a_second_close_is_harmless(tmp_path):
     px = torch.randn(10, 8)
-    s = probes.attach(two_layer(), ["alignment", "relu_zeros"], probe_data=(px, torch.sign(px[:, 0])),
-                      logdir=str(tmp_path))
+    s = probes.attach(
+        two_layer(), ["alignment", "relu_zeros"], probe_data=(px, torch.sign(px[:, 0])), logdir=str(tmp_path)
+    )
     s.close()
     events = _files(tmp_path)
-    for call in (s.measure, s.step, s.flush, lambda: s.set_step(3), lambda: s.load_state_dict({"step": 1}),
-                 s.state_dict):
+    for call in (
+        s.measure,
+        s.step,
+        s.flush,
+        lambda: s.set_step(3),
+        lambda: s.load_state_dict({"step": 1}),
+        s.state_dict,
+    ):
         with pytest.raises(ProbesClosedError, match="closed"):
             call()
     s.close()
     assert s.closed and _files(tmp_path) == events
 
 
-@pytest.mark.parametrize("spec, match", [
-    ({"relu_zeros": {"every": 2.7}}, "every"),
-    ({"relu_zeros": {"every": True}}, "every"),
-    ({"relu_zeros": {"every": 0}}, "every"),
-    ({"relu_zeros": {"bins": "20"}}, "bins"),
-    ({"relu_zeros": {"unit_dim": "1"}}, "unit_dim"),
-    ({"alignment": {"sites": 3}}, "sites"),
-    ({"margin": {"margin": "half"}}, "option 'margin'"),
-    ({"margin": {"bins": 2.5}}, "option 'bins'"),
-    ({"patterns": {"unit_dim": 1.0}}, "option 'unit_dim'"),
-    ({"patterns": {"image": "no"}}, "option 'image'"),
-    ({"alignment": {"degenerate": "ignore"}}, "option 'degenerate'"),
-    ({"ntk": {"top_k": -1}}, "top_k"),
-])
+@pytest.mark.parametrize(
+    "spec, match",
+    [
+        ({"relu_zeros": {"every": 2.7}}, "every"),
+        ({"relu_zeros": {"every": True}}, "every"),
+        ({"relu_zeros": {"every": 0}}, "every"),
+        ({"relu_zeros": {"bins": "20"}}, "bins"),
+        ({"relu_zeros": {"unit_dim": "1"}}, "unit_dim"),
+        ({"alignment": {"sites": 3}}, "sites"),
+        ({"margin": {"margin": "half"}}, "option 'margin'"),
+        ({"margin": {"bins": 2.5}}, "option 'bins'"),
+        ({"patterns": {"unit_dim": 1.0}}, "option 'unit_dim'"),
+        ({"patterns": {"image": "no"}}, "option 'image'"),
+        ({"alignment": {"degenerate": "ignore"}}, "option 'degenerate'"),
+        ({"ntk": {"top_k": -1}}, "top_k"),
+    ],
+)
 def test_options_are_validated_at_attach_naming_probe_and_option(spec, match):
     px = torch.randn(6, 8)
     with pytest.raises((TypeError, ValueError), match=match) as info:
@@ -290,12 +319,15 @@ def test_logdir_and_writer_together_are_refused(tmp_path):
     assert not (tmp_path / "l").exists()
 
 
-@pytest.mark.parametrize("x, y, match", [
-    (torch.randn(0, 8), torch.ones(0), "empty"),
-    (torch.full((4, 8), float("inf")), torch.ones(4), "infinite"),
-    (torch.randn(4, 8), torch.ones(5), "4 samples"),
-    ((torch.randn(4, 8), torch.randn(5, 8)), torch.ones(4), r"x\[1\]"),
-])
+@pytest.mark.parametrize(
+    "x, y, match",
+    [
+        (torch.randn(0, 8), torch.ones(0), "empty"),
+        (torch.full((4, 8), float("inf")), torch.ones(4), "infinite"),
+        (torch.randn(4, 8), torch.ones(5), "4 samples"),
+        ((torch.randn(4, 8), torch.randn(5, 8)), torch.ones(4), r"x\[1\]"),
+    ],
+)
 def test_bad_probe_batches_get_one_message_from_the_session(x, y, match):
     with pytest.raises(ValueError, match=match) as info:
         probes.attach(two_layer(), ["pathgram", "alignment"], probe_data=(x, y))

@@ -185,13 +185,16 @@ def test_long_windows_and_changing_batch_sizes_fold_exactly():
         assert session.memory.last(f"relu_zeros/{site}/dead_in_window") == sum(1 for u in units if u == 0)
 
 
-@pytest.mark.parametrize("options, error, match", [
-    ({"sites": "gelu"}, ValueError, "relu_zeros: option 'sites' must be one of 'relu', 'all', got 'gelu'"),
-    ({"sites": 1}, TypeError, "relu_zeros: option 'sites'"),
-    ({"unit_dim": 1.0}, TypeError, "relu_zeros: option 'unit_dim' must be None or an int axis, got 1.0"),
-    ({"bins": 0}, ValueError, "relu_zeros: option 'bins' must be a positive int <= 10000, got 0"),
-    ({"bins": "20"}, TypeError, "relu_zeros: option 'bins'"),
-])
+@pytest.mark.parametrize(
+    "options, error, match",
+    [
+        ({"sites": "gelu"}, ValueError, "relu_zeros: option 'sites' must be one of 'relu', 'all', got 'gelu'"),
+        ({"sites": 1}, TypeError, "relu_zeros: option 'sites'"),
+        ({"unit_dim": 1.0}, TypeError, "relu_zeros: option 'unit_dim' must be None or an int axis, got 1.0"),
+        ({"bins": 0}, ValueError, "relu_zeros: option 'bins' must be a positive int <= 10000, got 0"),
+        ({"bins": "20"}, TypeError, "relu_zeros: option 'bins'"),
+    ],
+)
 def test_options_are_checked_through_the_schema(options, error, match):
     with pytest.raises(error, match=match):
         probes.attach(nn.Sequential(nn.Linear(3, 4), nn.ReLU()), {"relu_zeros": options})

@@ -144,6 +144,7 @@ def test_figures_draw_under_a_usetex_matplotlibrc():
     import matplotlib
 
     with matplotlib.rc_context({"text.usetex": True}):  # a user's matplotlibrc: no LaTeX is run on a name
-        pixels = figures.line_plot([("$x$", [0, 1], [0, 1]), ("a_b", [0, 1], [1, 0])], title=r"$\frac{1}{$",
-                                   xlabel="step", ylabel="y")
+        pixels = figures.line_plot(
+            [("$x$", [0, 1], [0, 1]), ("a_b", [0, 1], [1, 0])], title=r"$\frac{1}{$", xlabel="step", ylabel="y"
+        )
     assert pixels.shape == (400, 560, 3)

@@ -22,8 +22,15 @@ def run_dir(tmp_path):
     run = tmp_path / "my-experiment"
     sink = TensorBoardSink(logdir=str(run), draw_in="thread")
     for step in range(0, 50, 10):
-        sink.write([Scalar("q/1/x", 0.1 * step), Scalar("q/3/x", 0.2 * step), Scalar("q/flat", 4.0),
-                    Scalar("q/moving", float(step))], step)
+        sink.write(
+            [
+                Scalar("q/1/x", 0.1 * step),
+                Scalar("q/3/x", 0.2 * step),
+                Scalar("q/flat", 4.0),
+                Scalar("q/moving", float(step)),
+            ],
+            step,
+        )
     sink.write([Scalar("train_runtime", 12.5), Scalar("total_flos", 3e12)], 40)
     sink.close()
     return run
@@ -45,8 +52,8 @@ def test_one_point_tags_are_a_table_and_constant_series_one_line(run_dir, tmp_pa
     captions = re.findall(r"<figcaption>([^<]*)</figcaption>", page)
     assert "q/1/x, q/3/x" in captions and "q/moving" in captions
     assert not {"q/flat", "train_runtime", "total_flos"} & set(captions)  # no one-dot or flat charts
-    table = page[page.index("<table class='singles'>"):]
-    table = table[:table.index("</table>")]
+    table = page[page.index("<table class='singles'>") :]
+    table = table[: table.index("</table>")]
     assert "train_runtime</td><td class='num'>40</td><td class='num'>12.5</td>" in table
     assert "total_flos" in table and "q/moving" not in table
     assert "<li><code>q/flat</code>: 4 at every one of its 5 points (steps 0 to 40)</li>" in page

@@ -172,8 +172,9 @@ def test_failing_probe_is_reported_once_and_switched_off(shared_relu_mlp):
     plugins.register(TestPlugin())
     failing = FailingProbe()
     with pytest.warns(ProbeFailedWarning, match="failing") as rec:
-        s = probes.attach(shared_relu_mlp, [failing, "relu_zeros"], probe_data=torch.randn(4, 12),
-                          measure_at_attach=False)
+        s = probes.attach(
+            shared_relu_mlp, [failing, "relu_zeros"], probe_data=torch.randn(4, 12), measure_at_attach=False
+        )
         for _ in range(5):
             shared_relu_mlp(torch.randn(4, 12))
             s.step()
@@ -190,8 +191,9 @@ def test_a_probe_whose_first_measurement_raises_makes_attach_raise_and_leaves_no
     plugins.register(TestPlugin())
     before = (len(hooks._global_forward_hooks), len(hooks._global_forward_pre_hooks))
     with pytest.raises(RuntimeError, match="probe 'failing': boom"):
-        probes.attach(shared_relu_mlp, ["failing", "relu_zeros"], probe_data=torch.randn(4, 12),
-                      logdir=str(tmp_path / "run"))
+        probes.attach(
+            shared_relu_mlp, ["failing", "relu_zeros"], probe_data=torch.randn(4, 12), logdir=str(tmp_path / "run")
+        )
     assert (len(hooks._global_forward_hooks), len(hooks._global_forward_pre_hooks)) == before
     assert not (tmp_path / "run").exists()
 
@@ -238,8 +240,15 @@ def test_probe_batch_captures_pre_and_post(shared_relu_mlp):
     assert torch.equal(seen["act#1"].post, torch.relu(h))
     assert torch.equal(seen["act#1"].gate, h > 0)
     kinds = [(c.kind, c.site) for c in seen["calls"]]
-    assert kinds == [("linear", None), ("relu", "act#1"), ("linear", None), ("relu", "act#2"),
-                     ("linear", None), ("relu", "act#3"), ("linear", None)]
+    assert kinds == [
+        ("linear", None),
+        ("relu", "act#1"),
+        ("linear", None),
+        ("relu", "act#2"),
+        ("linear", None),
+        ("relu", "act#3"),
+        ("linear", None),
+    ]
 
 
 def test_inplace_relu_pre_is_the_input():
@@ -398,8 +407,9 @@ def test_an_overhead_budget_spaces_out_a_costly_probe_and_says_so_once(shared_re
         probes.attach(shared_relu_mlp, ["relu_zeros"], overhead=5)
 
 
-def test_auto_overhead_widens_only_default_cadences_after_the_grace_and_to_a_round_number(shared_relu_mlp, clock,
-                                                                                          monkeypatch):
+def test_auto_overhead_widens_only_default_cadences_after_the_grace_and_to_a_round_number(
+    shared_relu_mlp, clock, monkeypatch
+):
     monkeypatch.setattr(probes.engine.cadence, "AUTO_GRACE_SECONDS", 0.05)
 
     class Given(Slow):
@@ -430,8 +440,20 @@ def test_auto_overhead_widens_only_default_cadences_after_the_grace_and_to_a_rou
 def test_round_up_125():
     from probes.engine.cadence import round_up_125 as _round_up_125
 
-    assert [_round_up_125(k) for k in (1, 2, 3, 5, 6, 10, 11, 21, 51, 999, 1000, 1001)] == \
-        [1, 2, 5, 5, 10, 10, 20, 50, 100, 1000, 1000, 2000]
+    assert [_round_up_125(k) for k in (1, 2, 3, 5, 6, 10, 11, 21, 51, 999, 1000, 1001)] == [
+        1,
+        2,
+        5,
+        5,
+        10,
+        10,
+        20,
+        50,
+        100,
+        1000,
+        1000,
+        2000,
+    ]
 
 
 def test_the_overhead_budget_also_follows_a_trainer_that_advances_the_step(shared_relu_mlp, clock):

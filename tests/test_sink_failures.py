@@ -95,7 +95,7 @@ class Disk:
 
             class Cut:
                 def write(self, chunk: bytes) -> None:
-                    inner.write(chunk[:disk.room])
+                    inner.write(chunk[: disk.room])
                     disk.room = 0
                     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 

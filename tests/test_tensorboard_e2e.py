@@ -62,8 +62,13 @@ def wait_for(what: str, fn, deadline: float, proc: subprocess.Popen):
 def demo_logdir(tmp_path_factory) -> Path:
     logdir = tmp_path_factory.mktemp("e2e") / "runs"
     env = dict(os.environ, PROBES_DISABLE_PLUGIN_AUTOLOAD="1")
-    out = subprocess.run([sys.executable, "-m", "probes", "demo", "--smoke", "--no-progress", "--logdir", str(logdir)],
-                         capture_output=True, text=True, env=env, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-m", "probes", "demo", "--smoke", "--no-progress", "--logdir", str(logdir)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert f"tensorboard --logdir {logdir.absolute()}" in out.stdout
     return logdir
@@ -72,10 +77,24 @@ def demo_logdir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def server(demo_logdir):
     port = free_port()
-    cmd = [sys.executable, "-m", "tensorboard.main", "--logdir", str(demo_logdir), "--host", "127.0.0.1",
-           "--port", str(port), "--load_fast", "false", "--reload_interval", "1"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+    cmd = [
+        sys.executable,
+        "-m",
+        "tensorboard.main",
+        "--logdir",
+        str(demo_logdir),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--load_fast",
+        "false",
+        "--reload_interval",
+        "1",
+    ]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    )
     try:
         yield f"http://127.0.0.1:{port}", proc
     finally:
@@ -99,17 +118,30 @@ def test_tensorboard_serves_the_probe_scalars_from_the_event_files(demo_logdir, 
     acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
     acc.Reload()
     file_tags = set(acc.Tags()["scalars"])
-    probe_tags = {t for t in file_tags if t.split("/")[0] in {"relu_zeros", "alignment", "margin", "ntk", "pathgram",
-                                                             "patterns", "linear_region", "particles"}}
+    probe_tags = {
+        t
+        for t in file_tags
+        if t.split("/")[0]
+        in {"relu_zeros", "alignment", "margin", "ntk", "pathgram", "patterns", "linear_region", "particles"}
+    }
     assert {"relu_zeros/total/fraction", "alignment/1/cka", "margin/n_delta_fraction"} <= probe_tags
 
     site_runs = {f"{run}/site={site}" for site in ("1", "3", "output", "total")}
-    runs = wait_for("the runs", lambda: (lambda r: r if {run} | site_runs <= set(r) else None)(
-        get_json(base, "/data/runs")), deadline, proc)
+    runs = wait_for(
+        "the runs",
+        lambda: (lambda r: r if {run} | site_runs <= set(r) else None)(get_json(base, "/data/runs")),
+        deadline,
+        proc,
+    )
     assert set(runs) == {run} | site_runs  # the run and one run per site (the per-site charts' colours)
-    served = wait_for("every scalar tag",
-                      lambda: (lambda t: t if file_tags <= set(t.get(run, {})) else None)(
-                          get_json(base, "/data/plugin/scalars/tags")), deadline, proc)
+    served = wait_for(
+        "every scalar tag",
+        lambda: (lambda t: t if file_tags <= set(t.get(run, {})) else None)(
+            get_json(base, "/data/plugin/scalars/tags")
+        ),
+        deadline,
+        proc,
+    )
     assert set(served[run]) == file_tags
     for tag in sorted(probe_tags):
         points = get_json(base, "/data/plugin/scalars/scalars", run=run, tag=tag)
@@ -124,9 +156,14 @@ def test_tensorboard_serves_the_probe_scalars_from_the_event_files(demo_logdir, 
 def test_custom_scalars_layout_is_served(demo_logdir, server):
     base, proc = server
     deadline = time.monotonic() + TIMEOUT
-    layout = wait_for("the custom-scalars layout",
-                      lambda: (lambda lay: lay if lay.get("category") else None)(
-                          get_json(base, "/data/plugin/custom_scalars/layout")), deadline, proc)
+    layout = wait_for(
+        "the custom-scalars layout",
+        lambda: (lambda lay: lay if lay.get("category") else None)(
+            get_json(base, "/data/plugin/custom_scalars/layout")
+        ),
+        deadline,
+        proc,
+    )
     charts = {c["title"]: c["multiline"]["tag"] for cat in layout["category"] for c in cat["chart"]}
     assert {cat["title"] for cat in layout["category"]} >= {"relu_zeros", "alignment", "ntk", "linear_region"}
     (run,) = [p.name for p in demo_logdir.iterdir() if p.is_dir()]
@@ -141,9 +178,15 @@ def test_custom_scalars_layout_is_served(demo_logdir, server):
     assert set().union(*matched) == {f"ntk/eig_top/{k}" for k in range(1, 6)}, matched
     assert {"ntk/eig_top/1"} in matched  # far above the others: a chart of its own, or it runs off the chart
     for title_part, expected in [
-                                 ("samples whose gates flip, per input", {"linear_region/flip_fraction_eps_0.001",
-                                                                          "linear_region/flip_fraction_eps_0.01",
-                                                                          "linear_region/flip_fraction_eps_0.1"})]:
+        (
+            "samples whose gates flip, per input",
+            {
+                "linear_region/flip_fraction_eps_0.001",
+                "linear_region/flip_fraction_eps_0.01",
+                "linear_region/flip_fraction_eps_0.1",
+            },
+        )
+    ]:
         (regexes,) = [tags for title, tags in charts.items() if title_part in title]
         matched = {t for t in served if any(re.match(r, t) for r in regexes)}
         assert expected <= matched, (title_part, matched)
@@ -194,12 +237,29 @@ def test_the_custom_scalars_dashboard_gives_each_site_a_colour(demo_logdir, serv
     pytest.importorskip("PIL")
     base, proc = server
     deadline = time.monotonic() + TIMEOUT
-    wait_for("the custom-scalars layout", lambda: get_json(base, "/data/plugin/custom_scalars/layout").get("category"),
-             deadline, proc)
+    wait_for(
+        "the custom-scalars layout",
+        lambda: get_json(base, "/data/plugin/custom_scalars/layout").get("category"),
+        deadline,
+        proc,
+    )
     shot = tmp_path / "custom_scalars.png"
-    subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-                    "--window-size=1600,1400", "--virtual-time-budget=15000", f"--screenshot={shot}",
-                    f"{base}/#custom_scalars"], capture_output=True, timeout=120, check=False)
+    subprocess.run(
+        [
+            chromium,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--hide-scrollbars",
+            "--window-size=1600,1400",
+            "--virtual-time-budget=15000",
+            f"--screenshot={shot}",
+            f"{base}/#custom_scalars",
+        ],
+        capture_output=True,
+        timeout=120,
+        check=False,
+    )
     assert shot.exists(), "chromium wrote no screenshot"
     # alignment's sites 1, 3 and output: three runs, three colours (one colour, the run's, before site runs)
     assert len(line_colours(shot)) >= 3, line_colours(shot)

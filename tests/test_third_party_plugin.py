@@ -33,8 +33,20 @@ def _install(target: Path, work: Path) -> str:
         import pip  # noqa: F401
     except ImportError:
         return _write_dist_info(src, target)
-    cmd = [sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "--no-build-isolation",
-           "--disable-pip-version-check", "--quiet", "--target", str(target), str(src)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        "--no-deps",
+        "--no-index",
+        "--no-build-isolation",
+        "--disable-pip-version-check",
+        "--quiet",
+        "--target",
+        str(target),
+        str(src),
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, f"pip could not build the example plugin:\n{out.stdout}\n{out.stderr}"
     return "pip"
@@ -120,12 +132,14 @@ def test_plugin_options_are_checked(on_path):
 def test_probes_list_shows_where_each_probe_comes_from(installed):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(installed), os.environ.get("PYTHONPATH", "")]))
     env.pop("PROBES_DISABLE_PLUGIN_AUTOLOAD", None)
-    out = subprocess.run([sys.executable, "-m", "probes", "list"], capture_output=True, text=True, env=env,
-                         timeout=120, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "probes", "list"], capture_output=True, text=True, env=env, timeout=120, check=True
+    ).stdout
     rows = {line.split()[0]: line for line in out.splitlines()[1:] if line.strip()}
     assert "probes-weightnorm 0.1.0" in rows["weightnorm"]
     assert rows["relu_zeros"].split()[2] == "builtin"  # probe, every, from, description
     env["PROBES_DISABLE_PLUGIN_AUTOLOAD"] = "1"
-    out = subprocess.run([sys.executable, "-m", "probes", "list"], capture_output=True, text=True, env=env,
-                         timeout=120, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "probes", "list"], capture_output=True, text=True, env=env, timeout=120, check=True
+    ).stdout
     assert "weightnorm" not in out and "relu_zeros" in out

@@ -14,16 +14,25 @@ def naive(labels, shift, positions, mask):
     P, T = labels.shape
     pairs = []
     for i in range(P):
-        kept = [(i, t, int(labels[i, t + shift])) for t in range(T - shift)
-                if int(labels[i, t + shift]) != IGNORE_INDEX
-                and (mask is None or (mask[i, t] != 0 and mask[i, t + shift] != 0))]
+        kept = [
+            (i, t, int(labels[i, t + shift]))
+            for t in range(T - shift)
+            if int(labels[i, t + shift]) != IGNORE_INDEX
+            and (mask is None or (mask[i, t] != 0 and mask[i, t + shift] != 0))
+        ]
         pairs += kept[-1:] if positions == "last" else kept
     return pairs
 
 
 @settings(max_examples=60, deadline=None)
-@given(P=st.integers(1, 5), T=st.integers(2, 7), shift=st.integers(0, 1), seed=st.integers(0, 10**6),
-       positions=st.sampled_from(["all", "last"]), masked=st.booleans())
+@given(
+    P=st.integers(1, 5),
+    T=st.integers(2, 7),
+    shift=st.integers(0, 1),
+    seed=st.integers(0, 10**6),
+    positions=st.sampled_from(["all", "last"]),
+    masked=st.booleans(),
+)
 def test_token_positions_equal_a_naive_loop(P, T, shift, seed, positions, masked):
     g = torch.Generator().manual_seed(seed)
     labels = torch.randint(0, 4, (P, T), generator=g)
@@ -46,13 +55,16 @@ def test_a_causal_lm_pairs_position_t_with_label_t_plus_1():
     assert index.tolist() == [[0, 2]] and y.tolist() == [8]
 
 
-@pytest.mark.parametrize("labels, kwargs, match", [
-    (torch.zeros(3, 4), {}, "integer"),
-    (torch.zeros(3, dtype=torch.long), {}, r"\(P, T\)"),
-    (torch.zeros(3, 4, dtype=torch.long), {"shift": 4}, "label_shift"),
-    (torch.zeros(3, 4, dtype=torch.long), {"positions": "first"}, "positions"),
-    (torch.full((3, 4), IGNORE_INDEX), {}, "no position"),
-])
+@pytest.mark.parametrize(
+    "labels, kwargs, match",
+    [
+        (torch.zeros(3, 4), {}, "integer"),
+        (torch.zeros(3, dtype=torch.long), {}, r"\(P, T\)"),
+        (torch.zeros(3, 4, dtype=torch.long), {"shift": 4}, "label_shift"),
+        (torch.zeros(3, 4, dtype=torch.long), {"positions": "first"}, "positions"),
+        (torch.full((3, 4), IGNORE_INDEX), {}, "no position"),
+    ],
+)
 def test_bad_token_labels_say_what_is_wrong(labels, kwargs, match):
     with pytest.raises(ValueError, match=match):
         token_positions(labels, **kwargs)
@@ -66,13 +78,17 @@ def test_ntk_with_token_labels_measures_the_kernel_and_leaves_its_label_alignmen
     from probes.engine.failures import ProbesNoticeWarning
 
     torch.manual_seed(0)
-    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=1,
-                                                                  n_head=2, activation_function="relu"))
+    model = transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(
+            vocab_size=50, n_positions=16, n_embd=16, n_layer=1, n_head=2, activation_function="relu"
+        )
+    )
     ids = torch.randint(0, 50, (6, 8))
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
-        s = probes.attach(model, {"ntk": {"every": 1, "image": False}}, probe_data=({"input_ids": ids}, ids),
-                          label_shift=1)
+        s = probes.attach(
+            model, {"ntk": {"every": 1, "image": False}}, probe_data=({"input_ids": ids}, ids), label_shift=1
+        )
         s.step()
         s.close()
     assert s.failures == {}

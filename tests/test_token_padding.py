@@ -27,9 +27,17 @@ P, T, VOCAB, PAD = 12, 10, 40, 0
 
 def tiny_gpt2() -> torch.nn.Module:
     torch.manual_seed(0)
-    config = transformers.GPT2Config(vocab_size=VOCAB, n_positions=16, n_embd=32, n_layer=2, n_head=2,
-                                     activation_function="relu", bos_token_id=PAD, eos_token_id=PAD,
-                                     pad_token_id=PAD)
+    config = transformers.GPT2Config(
+        vocab_size=VOCAB,
+        n_positions=16,
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        activation_function="relu",
+        bos_token_id=PAD,
+        eos_token_id=PAD,
+        pad_token_id=PAD,
+    )
     return transformers.GPT2LMHeadModel(config)
 
 
@@ -45,8 +53,9 @@ def padded_batch() -> tuple[torch.Tensor, torch.Tensor]:
 def measure(model, x, y, notices: list | None = None) -> dict[str, float]:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        session = probes.attach(model, ["alignment", "margin"], probe_data=(x, y), sinks=["memory"], strict=True,
-                                label_shift=1)
+        session = probes.attach(
+            model, ["alignment", "margin"], probe_data=(x, y), sinks=["memory"], strict=True, label_shift=1
+        )
         session.close()
     if notices is not None:
         notices += [str(w.message) for w in caught if issubclass(w.category, ProbesNoticeWarning)]
@@ -55,14 +64,21 @@ def measure(model, x, y, notices: list | None = None) -> dict[str, float]:
 
 def hand_pairs(labels: torch.Tensor, mask: torch.Tensor) -> list[tuple[int, int, int]]:
     """``(sequence, position, label)``: position t pairs with the label at t + 1, both real tokens."""
-    return [(i, t, int(labels[i, t + 1])) for i in range(P) for t in range(T - 1)
-            if int(mask[i, t]) == 1 and int(mask[i, t + 1]) == 1]
+    return [
+        (i, t, int(labels[i, t + 1]))
+        for i in range(P)
+        for t in range(T - 1)
+        if int(mask[i, t]) == 1 and int(mask[i, t + 1]) == 1
+    ]
 
 
 def features(model, x) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     seen: dict[str, torch.Tensor] = {}
-    handles = [m.register_forward_hook(lambda mod, a, o, n=n: seen.__setitem__(n, o.detach().clone()))
-               for n, m in model.named_modules() if n.endswith("mlp.act")]
+    handles = [
+        m.register_forward_hook(lambda mod, a, o, n=n: seen.__setitem__(n, o.detach().clone()))
+        for n, m in model.named_modules()
+        if n.endswith("mlp.act")
+    ]
     model.eval()
     try:
         with torch.no_grad():
@@ -111,4 +127,3 @@ def test_literal_labels_equal_input_ids_leave_the_padded_pairs_out() -> None:
     assert got["margin/n_delta"] == (delta > 0).sum()
     assert got["margin/n_delta_fraction"] == pytest.approx((delta > 0).mean(), rel=1e-12)
     assert got["margin/loss"] == pytest.approx(0.5 * np.mean(np.maximum(delta, 0) ** 2), rel=1e-9)
-

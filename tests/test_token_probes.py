@@ -26,8 +26,9 @@ from probes.functional.labels import label_matrix
 transformers = pytest.importorskip("transformers")
 
 
-def kept_pairs(labels: torch.Tensor, shift: int, positions: str = "all",
-               mask: torch.Tensor | None = None) -> list[tuple[int, int, int]]:
+def kept_pairs(
+    labels: torch.Tensor, shift: int, positions: str = "all", mask: torch.Tensor | None = None
+) -> list[tuple[int, int, int]]:
     """``(sample, position, label)`` by a loop: the label ``shift`` ahead, not -100, the position and the label's
     position real tokens."""
     out = []
@@ -45,8 +46,11 @@ def kept_pairs(labels: torch.Tensor, shift: int, positions: str = "all",
 def hooked(model: nn.Module, suffix: str, inputs: dict) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """The outputs of the modules whose names end with ``suffix``, and the logits, from hooks of this test's own."""
     seen: dict[str, torch.Tensor] = {}
-    handles = [m.register_forward_hook(lambda mod, a, o, n=n: seen.__setitem__(n, o.detach().clone()))
-               for n, m in model.named_modules() if n.endswith(suffix)]
+    handles = [
+        m.register_forward_hook(lambda mod, a, o, n=n: seen.__setitem__(n, o.detach().clone()))
+        for n, m in model.named_modules()
+        if n.endswith(suffix)
+    ]
     was = model.training
     model.eval()
     try:
@@ -71,16 +75,25 @@ def ref_forces(logits: torch.Tensor, pairs, m: float) -> np.ndarray:
 
 def small_gpt2() -> nn.Module:
     torch.manual_seed(0)
-    config = transformers.GPT2Config(vocab_size=100, n_positions=32, n_embd=32, n_layer=2, n_head=2,
-                                     activation_function="relu")
+    config = transformers.GPT2Config(
+        vocab_size=100, n_positions=32, n_embd=32, n_layer=2, n_head=2, activation_function="relu"
+    )
     return transformers.GPT2LMHeadModel(config)
 
 
 def small_bert_tokens() -> nn.Module:
     torch.manual_seed(0)
-    config = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                                     intermediate_size=24, hidden_act="relu", hidden_dropout_prob=0.0,
-                                     attention_probs_dropout_prob=0.0, num_labels=4)
+    config = transformers.BertConfig(
+        vocab_size=50,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=24,
+        hidden_act="relu",
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        num_labels=4,
+    )
     return transformers.BertForTokenClassification(config)
 
 
@@ -96,8 +109,13 @@ def measured(model, x, y, spec, **attach) -> dict[str, float]:
 def test_gpt2_causal_lm_against_features_at_the_kept_positions(positions) -> None:
     model = small_gpt2()
     ids = torch.randint(0, 100, (8, 16), generator=torch.Generator().manual_seed(1))
-    got = measured(model, {"input_ids": ids}, ids,
-                   {"alignment": {"positions": positions}, "margin": {"positions": positions}}, label_shift=1)
+    got = measured(
+        model,
+        {"input_ids": ids},
+        ids,
+        {"alignment": {"positions": positions}, "margin": {"positions": positions}},
+        label_shift=1,
+    )
     pairs = kept_pairs(ids, 1, positions)
     assert len(pairs) == (8 * 15 if positions == "all" else 8)
     acts, logits = hooked(model, "mlp.act", {"input_ids": ids})
@@ -134,7 +152,8 @@ def test_bert_token_classification_with_ignored_labels_and_padding() -> None:
     Y = np.eye(4)[[lab for _, _, lab in pairs]]
     rows = ([i for i, _, _ in pairs], [t for _, t, _ in pairs])
     assert {t for t in got if t.startswith("alignment/")} == {f"alignment/{n}/cka" for n in acts} | {
-        "alignment/output/cka"}
+        "alignment/output/cka"
+    }
     for name, a in acts.items():
         assert got[f"alignment/{name}/cka"] == pytest.approx(ref_alignment(a[rows].numpy(), Y), rel=1e-9)
     assert got["alignment/output/cka"] == pytest.approx(ref_alignment(logits[rows].numpy(), Y), rel=1e-9)
@@ -211,8 +230,15 @@ def test_trainer_runs_a_causal_lm_with_every_probe_that_applies(tmp_path) -> Non
         def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
             return {"input_ids": self.ids[i], "labels": self.ids[i]}
 
-    args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=8,
-                                          report_to=[], use_cpu=True, logging_steps=100, save_strategy="no")
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=4,
+        per_device_train_batch_size=8,
+        report_to=[],
+        use_cpu=True,
+        logging_steps=100,
+        save_strategy="no",
+    )
     spec = {n: {"every": 2} for n in ("relu_zeros", "patterns", "alignment", "margin")}
     callback = ProbesCallback(spec, probe_data=Texts(8, 1), sinks=["memory"])
     trainer = transformers.Trainer(model=small_gpt2(), args=args, train_dataset=Texts(32, 0), callbacks=[callback])

@@ -59,15 +59,26 @@ def check_memory(memory: MemorySink) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 # wandb
 
+
 @pytest.fixture
 def wandb_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     wandb = pytest.importorskip("wandb")
-    for key, value in {"WANDB_MODE": "offline", "WANDB_DIR": tmp_path, "WANDB_SILENT": "true",
-                       "WANDB_CONSOLE": "off", "WANDB_DISABLE_GIT": "true", "WANDB_DISABLE_CODE": "true",
-                       "WANDB_ERROR_REPORTING": "false", "WANDB_CACHE_DIR": tmp_path / "cache",
-                       "WANDB_CONFIG_DIR": tmp_path / "config", "WANDB_DATA_DIR": tmp_path / "data",
-                       "WANDB__DISABLE_STATS": "true", "WANDB__DISABLE_META": "true",
-                       "WANDB__DISABLE_MACHINE_INFO": "true", "WANDB__SAVE_REQUIREMENTS": "false"}.items():
+    for key, value in {
+        "WANDB_MODE": "offline",
+        "WANDB_DIR": tmp_path,
+        "WANDB_SILENT": "true",
+        "WANDB_CONSOLE": "off",
+        "WANDB_DISABLE_GIT": "true",
+        "WANDB_DISABLE_CODE": "true",
+        "WANDB_ERROR_REPORTING": "false",
+        "WANDB_CACHE_DIR": tmp_path / "cache",
+        "WANDB_CONFIG_DIR": tmp_path / "config",
+        "WANDB_DATA_DIR": tmp_path / "data",
+        "WANDB__DISABLE_STATS": "true",
+        "WANDB__DISABLE_META": "true",
+        "WANDB__DISABLE_MACHINE_INFO": "true",
+        "WANDB__SAVE_REQUIREMENTS": "false",
+    }.items():
         monkeypatch.setenv(key, str(value))
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     wandb.teardown()  # wandb reads its settings from the environment once per process: read these
@@ -108,13 +119,13 @@ def _parse_wandb_file(tmp_path: Path) -> tuple[list[dict], list[str]]:
         if room < 7:  # the block's tail is padding
             pos += room
             continue
-        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
         if kind == 0:
             pos += room
             continue
         if pos + 7 + length > len(data):
             break
-        pending += data[pos + 7:pos + 7 + length]
+        pending += data[pos + 7 : pos + 7 + length]
         pos += 7 + length
         if kind in (1, 4):
             chunks.append(pending)
@@ -157,8 +168,7 @@ def check_wandb_rows(rows: list[dict], memory, run_dir: Path, step_key: str = "_
             assert (run_dir / "files" / row[tag]["path"]).is_file()
 
 
-def test_wandb_sink_starts_a_run_writes_at_the_records_steps_and_finishes_it(wandb_offline, shared_relu_mlp,
-                                                                            tmp_path):
+def test_wandb_sink_starts_a_run_writes_at_the_records_steps_and_finishes_it(wandb_offline, shared_relu_mlp, tmp_path):
     memory = train(shared_relu_mlp, ["wandb"])
     check_memory(memory)
     assert wandb_offline.run is None  # the sink's own run was finished at close
@@ -196,6 +206,7 @@ def test_wandb_step_metric_keeps_a_shared_run_whose_own_step_runs_ahead(wandb_of
 
 # ----------------------------------------------------------------------------------------------------------------
 # mlflow
+
 
 @pytest.fixture
 def mlflow_local(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
@@ -269,9 +280,12 @@ def test_histogram_quantiles_interpolate_inside_bins():
 # ----------------------------------------------------------------------------------------------------------------
 # lazy imports and a missing package
 
+
 def test_importing_probes_imports_no_tracker():
-    code = ("import sys, probes, probes.sinks; probes.plugins.sink_table(); "
-            "assert not {'wandb', 'mlflow'} & set(sys.modules), sorted({'wandb', 'mlflow'} & set(sys.modules))")
+    code = (
+        "import sys, probes, probes.sinks; probes.plugins.sink_table(); "
+        "assert not {'wandb', 'mlflow'} & set(sys.modules), sorted({'wandb', 'mlflow'} & set(sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
 

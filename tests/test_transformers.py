@@ -29,9 +29,17 @@ def bert(seed: int = 0):
     from transformers import BertConfig, BertForSequenceClassification
 
     torch.manual_seed(seed)
-    return BertForSequenceClassification(BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
-                                                    num_attention_heads=2, intermediate_size=64, hidden_act="relu",
-                                                    num_labels=CLASSES))
+    return BertForSequenceClassification(
+        BertConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            hidden_act="relu",
+            num_labels=CLASSES,
+        )
+    )
 
 
 class TokenData(torch.utils.data.Dataset):
@@ -53,11 +61,21 @@ TRAIN, EVAL = TokenData(48, 1), TokenData(24, 2)
 def trainer(model, out, callbacks=(), report_to=("tensorboard",), eval_dataset=EVAL, save_steps=None):
     from transformers import Trainer, TrainingArguments
 
-    args = TrainingArguments(output_dir=str(out), max_steps=STEPS, per_device_train_batch_size=8,
-                             per_device_eval_batch_size=len(EVAL), learning_rate=1e-3, seed=0, use_cpu=True,
-                             report_to=list(report_to), logging_steps=5, disable_tqdm=True,
-                             save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500,
-                             dataloader_num_workers=0)
+    args = TrainingArguments(
+        output_dir=str(out),
+        max_steps=STEPS,
+        per_device_train_batch_size=8,
+        per_device_eval_batch_size=len(EVAL),
+        learning_rate=1e-3,
+        seed=0,
+        use_cpu=True,
+        report_to=list(report_to),
+        logging_steps=5,
+        disable_tqdm=True,
+        save_strategy="steps" if save_steps else "no",
+        save_steps=save_steps or 500,
+        dataloader_num_workers=0,
+    )
     return Trainer(model=model, args=args, train_dataset=TRAIN, eval_dataset=eval_dataset, callbacks=list(callbacks))
 
 
@@ -84,6 +102,7 @@ class HandCount:
                 if name == ACTS[0]:
                     self.per_forward.append({})
                 self.per_forward[-1][name] = int((output == 0).sum())
+
         return hook
 
     def windows(self, every: int) -> dict[str, list[tuple[int, int]]]:
@@ -91,7 +110,7 @@ class HandCount:
         out = {}
         for name in ACTS:
             counts = [f[name] for f in self.per_forward]
-            out[name] = [(s, sum(counts[s - every:s])) for s in range(every, len(counts) + 1, every)]
+            out[name] = [(s, sum(counts[s - every : s])) for s in range(every, len(counts) + 1, every)]
         return out
 
     def remove(self) -> None:
@@ -109,8 +128,12 @@ def centered_alignment(features: torch.Tensor, labels: torch.Tensor) -> float:
     return float((kc * lc).sum() / (kc.norm() * lc.norm()))
 
 
-PROBES = {"relu_zeros": {"every": ZEROS_EVERY}, "alignment": {"every": CKA_EVERY},
-          "patterns": {"every": PATTERNS_EVERY}, "ntk": {"every": CKA_EVERY, "image": False}}
+PROBES = {
+    "relu_zeros": {"every": ZEROS_EVERY},
+    "alignment": {"every": CKA_EVERY},
+    "patterns": {"every": PATTERNS_EVERY},
+    "ntk": {"every": CKA_EVERY, "image": False},
+}
 
 
 @pytest.fixture(scope="module")
@@ -130,8 +153,17 @@ def runs(tmp_path_factory):
         t = trainer(model, root / "out", callbacks=[cb], save_steps=10)
         t.train()
         hand.remove()
-    return {"root": root, "plain": plain, "model": model, "init": init, "hand": hand, "cb": cb, "trainer": t,
-            "tb": root / "tb", "scalars": read_scalars(root / "tb")}
+    return {
+        "root": root,
+        "plain": plain,
+        "model": model,
+        "init": init,
+        "hand": hand,
+        "cb": cb,
+        "trainer": t,
+        "tb": root / "tb",
+        "scalars": read_scalars(root / "tb"),
+    }
 
 
 def test_callback_writes_into_the_trainers_tensorboard_run(runs):
@@ -245,8 +277,9 @@ def test_without_probe_data_the_probe_batch_is_the_first_training_samples_and_tr
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer(model, tmp_path, callbacks=[cb], report_to=(), eval_dataset=None).train()
-    assert torch.equal(cb.session.y, TRAIN.labels[:len(EVAL)]) and torch.equal(cb.session.x["input_ids"],
-                                                                                TRAIN.ids[:len(EVAL)])
+    assert torch.equal(cb.session.y, TRAIN.labels[: len(EVAL)]) and torch.equal(
+        cb.session.x["input_ids"], TRAIN.ids[: len(EVAL)]
+    )
     for (name, p), q in zip(runs["plain"].named_parameters(), model.parameters()):
         assert torch.equal(p, q), name
 
@@ -268,7 +301,7 @@ def test_without_probe_data_one_line_says_the_probe_batch_is_training_samples(tm
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer(bert(), tmp_path / "a", callbacks=[cb], report_to=()).train()
-    assert torch.equal(cb.session.x["input_ids"], TRAIN.ids[:len(EVAL)])
+    assert torch.equal(cb.session.x["input_ids"], TRAIN.ids[: len(EVAL)])
     said = _notices(caught, caplog, "probe batch is")
     assert len(said) == 1 and "\n" not in said[0]
     assert f"first {len(EVAL)} samples of the training set" in said[0] and "probe_data=eval_dataset" in said[0]
@@ -283,7 +316,7 @@ def test_the_docs_say_what_the_default_probe_batch_is():
     root = os.path.join(os.path.dirname(__file__), os.pardir)
     with open(os.path.join(root, "docs", "integrations.md"), encoding="utf-8") as f:
         doc = f.read()
-    hf = doc[doc.index("## Hugging Face Trainer"):doc.index("## DDP")]
+    hf = doc[doc.index("## Hugging Face Trainer") : doc.index("## DDP")]
     assert "first eval batch" not in hf
     assert "probe_data=eval_dataset" in hf and "training set" in hf
     import probes.integrations.transformers as module
@@ -321,8 +354,15 @@ def test_an_iterable_training_set_without_probe_data_is_a_clear_error(tmp_path):
     cb = ProbesCallback(["alignment"], sinks=["memory"])
     from transformers import Trainer, TrainingArguments
 
-    args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=8, use_cpu=True,
-                             report_to=[], disable_tqdm=True, save_strategy="no")
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=2,
+        per_device_train_batch_size=8,
+        use_cpu=True,
+        report_to=[],
+        disable_tqdm=True,
+        save_strategy="no",
+    )
     with warnings.catch_warnings(), pytest.raises(ValueError, match="probe_data"):
         warnings.simplefilter("ignore")
         Trainer(model=bert(), args=args, train_dataset=Stream(), callbacks=[cb]).train()
@@ -345,8 +385,9 @@ def gpt2():
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    return GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=VOCAB, n_positions=32,
-                                      bos_token_id=0, eos_token_id=0))
+    return GPT2LMHeadModel(
+        GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=VOCAB, n_positions=32, bos_token_id=0, eos_token_id=0)
+    )
 
 
 def test_gpt2_mlp_activations_get_patterns_and_training_is_unchanged():
@@ -357,8 +398,18 @@ def test_gpt2_mlp_activations_get_patterns_and_training_is_unchanged():
     def train(attach: bool):
         model = gpt2().train()
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        session = probes.attach(model, {"patterns": {"every": 1}}, probe_data=({"input_ids": ids}, y),
-                                sinks=["memory"], optimizer=opt, strict=True) if attach else None
+        session = (
+            probes.attach(
+                model,
+                {"patterns": {"every": 1}},
+                probe_data=({"input_ids": ids}, y),
+                sinks=["memory"],
+                optimizer=opt,
+                strict=True,
+            )
+            if attach
+            else None
+        )
         torch.manual_seed(7)  # dropout
         for _ in range(3):
             model(input_ids=ids, labels=ids).loss.backward()
@@ -396,7 +447,9 @@ def test_ntk_on_bert_with_an_attention_mask():
 
 
 def test_importing_probes_does_not_import_transformers():
-    code = ("import sys, probes, probes.integrations; "
-            "bad = [m for m in sys.modules if m.split('.')[0] in ('transformers', 'accelerate')]; "
-            "assert not bad, bad")
+    code = (
+        "import sys, probes, probes.integrations; "
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('transformers', 'accelerate')]; "
+        "assert not bad, bad"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -40,7 +40,7 @@ def list_lines(width: int = LIST_WIDTH) -> list[str]:
         lines += [" " * indent + more for more in wrapped[1:]]
     for name, err in plugins.registry.failed.items():
         lines += textwrap.wrap(f"(plugin {name!r} failed to load: {err})", width, subsequent_indent="  ")
-    lines.append("every: the default cadence in training steps (change it with {name: {\"every\": k}}).")
+    lines.append('every: the default cadence in training steps (change it with {name: {"every": k}}).')
     return lines
 
 
@@ -52,7 +52,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
 def _problem(command: str, message: str) -> int:
     """Say a problem in one line (``probes <command>: <message>``) on stderr; the exit status 2."""
     prefix = f"probes {command}: "
-    message = message[len(prefix):] if message.startswith(prefix) else message
+    message = message[len(prefix) :] if message.startswith(prefix) else message
     print(prefix + message, file=sys.stderr)
     return 2
 
@@ -80,14 +80,22 @@ def _cmd_report(args: argparse.Namespace) -> int:
     if not logdir.exists():
         return _problem("report", f"no such directory {args.logdir!r}")
     if not logdir.is_dir():
-        return _problem("report", f"{args.logdir!r} is a file, not a log directory (give the folder that holds "
-                                  "the runs' event files)")
+        return _problem(
+            "report",
+            f"{args.logdir!r} is a file, not a log directory (give the folder that holds the runs' event files)",
+        )
     with warnings.catch_warnings():  # a chart not drawn: one line each (the page names it too), and exit 0
         warnings.simplefilter("always", ReportWarning)
         show = warnings.showwarning
 
-        def one_line(message: Warning | str, category: type[Warning], filename: str, lineno: int,
-                     file: object = None, line: str | None = None) -> None:
+        def one_line(
+            message: Warning | str,
+            category: type[Warning],
+            filename: str,
+            lineno: int,
+            file: object = None,
+            line: str | None = None,
+        ) -> None:
             if issubclass(category, ReportWarning):
                 print(f"probes report: warning: {message}", file=sys.stderr)
             else:
@@ -110,8 +118,10 @@ def _cmd_tensorboard(args: argparse.Namespace, extra: list[str]) -> int:
     from probes.app.demo import tensorboard_command
 
     if not Path(args.logdir).exists():
-        print(f"probes tensorboard: {args.logdir!r} does not exist yet; TensorBoard will show runs as they appear",
-              file=sys.stderr)
+        print(
+            f"probes tensorboard: {args.logdir!r} does not exist yet; TensorBoard will show runs as they appear",
+            file=sys.stderr,
+        )
     cmd = [*tensorboard_command(args.logdir), *extra]
     if args.dry_run:
         print(shlex.join(cmd))
@@ -171,37 +181,53 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="probes", description="Instrument PyTorch training with probes.")
     parser.add_argument("--version", action="version", version=f"probes {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("list", help="list the available probes and where they come from",
-                       description="List every probe that probes.attach accepts: its name, default cadence, where "
-                                   "it comes from (builtin or the plugin's distribution) and what it measures.")
+    p = sub.add_parser(
+        "list",
+        help="list the available probes and where they come from",
+        description="List every probe that probes.attach accepts: its name, default cadence, where "
+        "it comes from (builtin or the plugin's distribution) and what it measures.",
+    )
     p.set_defaults(func=_cmd_list)
-    p = sub.add_parser("demo", help="train a small ReLU MLP on the embedded digits with the built-in probes",
-                       description="Train a 64-64-32-10 ReLU MLP on the embedded handwritten digits with every "
-                                   "built-in probe that applies to it, write TensorBoard events to a new run folder "
-                                   "under LOGDIR, and print the last value of each key scalar.")
+    p = sub.add_parser(
+        "demo",
+        help="train a small ReLU MLP on the embedded digits with the built-in probes",
+        description="Train a 64-64-32-10 ReLU MLP on the embedded handwritten digits with every "
+        "built-in probe that applies to it, write TensorBoard events to a new run folder "
+        "under LOGDIR, and print the last value of each key scalar.",
+    )
     p.add_argument("--logdir", default="runs/demo", help="the parent folder of the run's folder (default runs/demo)")
-    p.add_argument("--epochs", type=int, default=None,
-                   help=f"training epochs (default {DEFAULT_EPOCHS}, {SMOKE_EPOCHS} with --smoke)")
+    p.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help=f"training epochs (default {DEFAULT_EPOCHS}, {SMOKE_EPOCHS} with --smoke)",
+    )
     p.add_argument("--smoke", action="store_true", help="a few seconds on fewer digits, for tests")
-    p.add_argument("--no-progress", action="store_true",
-                   help="no progress bar (it is off anyway when stdout is not a terminal)")
+    p.add_argument(
+        "--no-progress", action="store_true", help="no progress bar (it is off anyway when stdout is not a terminal)"
+    )
     p.set_defaults(func=_cmd_demo)
-    p = sub.add_parser("report", help="write one self-contained HTML page from a log directory",
-                       description="Write one self-contained HTML page from the TensorBoard event files under "
-                                   "LOGDIR: per run, the last value of every scalar, one chart per quantity, the "
-                                   "final histograms and the first and latest image of each image tag, all inlined "
-                                   "so the file opens anywhere. A chart that cannot be drawn is named on the page.")
+    p = sub.add_parser(
+        "report",
+        help="write one self-contained HTML page from a log directory",
+        description="Write one self-contained HTML page from the TensorBoard event files under "
+        "LOGDIR: per run, the last value of every scalar, one chart per quantity, the "
+        "final histograms and the first and latest image of each image tag, all inlined "
+        "so the file opens anywhere. A chart that cannot be drawn is named on the page.",
+    )
     p.add_argument("logdir", help="the folder that holds the runs (each a folder of event files)")
     p.add_argument("-o", "--output", default=None, help="HTML file (default LOGDIR/report.html)")
     p.set_defaults(func=_cmd_report)
     keep = SAMPLES_PER_PLUGIN.split("=")[1]
-    p = sub.add_parser("tensorboard", help=f"open TensorBoard on a log directory (the venv's own, keeping up to "
-                                           f"{keep} images per tag)",
-                       description=f"Run this environment's TensorBoard on LOGDIR with --samples_per_plugin "
-                                   f"{SAMPLES_PER_PLUGIN}: TensorBoard keeps up to {keep} images per tag instead of "
-                                   "its default 10, so with no more than that the step-0 image stays visible. Other "
-                                   "options go to tensorboard as they are, e.g. probes tensorboard runs --port 6007. "
-                                   "Stopping this command (Ctrl-C, SIGTERM) stops TensorBoard.")
+    p = sub.add_parser(
+        "tensorboard",
+        help=f"open TensorBoard on a log directory (the venv's own, keeping up to {keep} images per tag)",
+        description=f"Run this environment's TensorBoard on LOGDIR with --samples_per_plugin "
+        f"{SAMPLES_PER_PLUGIN}: TensorBoard keeps up to {keep} images per tag instead of "
+        "its default 10, so with no more than that the step-0 image stays visible. Other "
+        "options go to tensorboard as they are, e.g. probes tensorboard runs --port 6007. "
+        "Stopping this command (Ctrl-C, SIGTERM) stops TensorBoard.",
+    )
     p.add_argument("logdir", help="the folder that holds the runs")
     p.add_argument("--dry-run", action="store_true", help="print the tensorboard command instead of running it")
     p.set_defaults(func=_cmd_tensorboard, passthrough=True)

@@ -52,15 +52,31 @@ SAMPLES_PER_PLUGIN = "images=100"
 
 #: scalars shown in the final table, in this order, when they were written
 KEY_SCALARS = [
-    "train/loss", "train/accuracy", "test/accuracy",
-    "relu_zeros/total/fraction", "relu_zeros/1/dead_in_window", "relu_zeros/3/dead_in_window",
-    "patterns/1/dead_on_probe_batch", "patterns/3/dead_on_probe_batch", "patterns/distinct",
-    "patterns/1/churn_from_init", "patterns/3/churn_from_init",
-    "pathgram/norm_normalized", "pathgram/condition",
-    "alignment/1/cka", "alignment/3/cka", "alignment/output/cka",
-    "ntk/trace", "ntk/condition", "ntk/effective_rank", "ntk/alignment", "ntk/distance_from_init",
-    "margin/n_delta_fraction", "margin/loss",
-    "linear_region/flip_fraction", "linear_region/l_gen",
+    "train/loss",
+    "train/accuracy",
+    "test/accuracy",
+    "relu_zeros/total/fraction",
+    "relu_zeros/1/dead_in_window",
+    "relu_zeros/3/dead_in_window",
+    "patterns/1/dead_on_probe_batch",
+    "patterns/3/dead_on_probe_batch",
+    "patterns/distinct",
+    "patterns/1/churn_from_init",
+    "patterns/3/churn_from_init",
+    "pathgram/norm_normalized",
+    "pathgram/condition",
+    "alignment/1/cka",
+    "alignment/3/cka",
+    "alignment/output/cka",
+    "ntk/trace",
+    "ntk/condition",
+    "ntk/effective_rank",
+    "ntk/alignment",
+    "ntk/distance_from_init",
+    "margin/n_delta_fraction",
+    "margin/loss",
+    "linear_region/flip_fraction",
+    "linear_region/l_gen",
     "particles/mean_norm",
 ]
 
@@ -81,8 +97,13 @@ def _split(seed: int = 0) -> tuple[torch.Tensor, ...]:
     return xtr, ytr, xte, yte, xtr[idx], ytr[idx]
 
 
-def choose_probes(model: nn.Module, probe_data: tuple[torch.Tensor, torch.Tensor], smoke: bool,
-                  out: Any = sys.stdout, images: bool = True) -> dict[str, dict[str, Any]]:
+def choose_probes(
+    model: nn.Module,
+    probe_data: tuple[torch.Tensor, torch.Tensor],
+    smoke: bool,
+    out: Any = sys.stdout,
+    images: bool = True,
+) -> dict[str, dict[str, Any]]:
     """Every built-in probe whose set-up accepts this model, with its demo options (``images=False``: with
     ``IMAGES_OFF`` too)."""
     import probes
@@ -128,8 +149,10 @@ class Progress:
         filled = int(round(frac * self.width))
         elapsed = now - self.t0
         eta = elapsed / frac - elapsed if frac > 0 else 0.0
-        self.out.write(f"\r[{'#' * filled}{'.' * (self.width - filled)}] {done}/{self.total} {text} "
-                       f"{elapsed:4.0f}s (~{eta:3.0f}s left) ")
+        self.out.write(
+            f"\r[{'#' * filled}{'.' * (self.width - filled)}] {done}/{self.total} {text} "
+            f"{elapsed:4.0f}s (~{eta:3.0f}s left) "
+        )
         self.out.flush()
 
     def close(self) -> None:
@@ -146,8 +169,15 @@ def _format(v: float) -> str:
     return f"{v:.4g}"
 
 
-def run_demo(logdir: str = "runs/demo", epochs: int | None = None, smoke: bool = False, progress: bool = True,
-             out: Any = None, images: bool = True, result: dict[str, float] | None = None) -> int:
+def run_demo(
+    logdir: str = "runs/demo",
+    epochs: int | None = None,
+    smoke: bool = False,
+    progress: bool = True,
+    out: Any = None,
+    images: bool = True,
+    result: dict[str, float] | None = None,
+) -> int:
     """Train the demo MLP with every built-in probe; write TensorBoard events under ``logdir/<run>``.
 
     Args:
@@ -177,8 +207,15 @@ def run_demo(logdir: str = "runs/demo", epochs: int | None = None, smoke: bool =
         torch.set_num_threads(threads)
 
 
-def _run(logdir: str, epochs: int, smoke: bool, progress: bool, out: Any, images: bool = True,
-         result: dict[str, float] | None = None) -> int:
+def _run(
+    logdir: str,
+    epochs: int,
+    smoke: bool,
+    progress: bool,
+    out: Any,
+    images: bool = True,
+    result: dict[str, float] | None = None,
+) -> int:
     from torch.utils.tensorboard import SummaryWriter
 
     import probes
@@ -198,11 +235,16 @@ def _run(logdir: str, epochs: int, smoke: bool, progress: bool, out: Any, images
     try:  # before any training: a logdir that cannot be written is one line, not a traceback at the end
         run.mkdir(parents=True)
     except OSError as exc:
-        print(f"probes demo: cannot write to --logdir {str(logdir)!r}: {exc.strerror or type(exc).__name__}",
-              file=sys.stderr)
+        print(
+            f"probes demo: cannot write to --logdir {str(logdir)!r}: {exc.strerror or type(exc).__name__}",
+            file=sys.stderr,
+        )
         return 2
-    print(f"probes demo: ReLU MLP 64-64-32-10 on {xtr.shape[0]} digits ({xte.shape[0]} held out), "
-          f"probe batch {xp.shape[0]}, {epochs} epochs -> {run}", file=out)
+    print(
+        f"probes demo: ReLU MLP 64-64-32-10 on {xtr.shape[0]} digits ({xte.shape[0]} held out), "
+        f"probe batch {xp.shape[0]}, {epochs} epochs -> {run}",
+        file=out,
+    )
     chosen = choose_probes(model, (xp, yp), smoke, out=out, images=images)
     listed = ", ".join(f"{n} (every {o.get('every')})" for n, o in chosen.items())
     print(f"  probes: {listed}", file=out)
@@ -214,8 +256,9 @@ def _run(logdir: str, epochs: int, smoke: bool, progress: bool, out: Any, images
     g = torch.Generator().manual_seed(1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ProbeFailedWarning)  # reported after the bar, from session.failures
-        session = probes.attach(model, chosen, probe_data=(xp, yp), writer=writer, sinks=["memory", "tensorboard"],
-                                optimizer=opt)
+        session = probes.attach(
+            model, chosen, probe_data=(xp, yp), writer=writer, sinks=["memory", "tensorboard"], optimizer=opt
+        )
         try:
             step = 0
             test_acc: float | None = None
@@ -223,7 +266,7 @@ def _run(logdir: str, epochs: int, smoke: bool, progress: bool, out: Any, images
             for epoch in range(1, epochs + 1):
                 perm = torch.randperm(xtr.shape[0], generator=g)
                 for i in range(0, xtr.shape[0], BATCH):
-                    idx = perm[i:i + BATCH]
+                    idx = perm[i : i + BATCH]
                     logits = model(xtr[idx])
                     loss = F.cross_entropy(logits, ytr[idx])
                     opt.zero_grad()
@@ -281,8 +324,13 @@ def _venv_command(name: str, module: str) -> list[str]:
 
 def tensorboard_command(logdir: str | Path) -> list[str]:
     """The command that opens TensorBoard on ``logdir`` and keeps every demo image (step 0 included)."""
-    return [*_venv_command("tensorboard", "tensorboard.main"), "--logdir", str(Path(logdir).absolute()),
-            "--samples_per_plugin", SAMPLES_PER_PLUGIN]
+    return [
+        *_venv_command("tensorboard", "tensorboard.main"),
+        "--logdir",
+        str(Path(logdir).absolute()),
+        "--samples_per_plugin",
+        SAMPLES_PER_PLUGIN,
+    ]
 
 
 def closing_lines(logdir: str | Path) -> list[str]:
@@ -291,7 +339,9 @@ def closing_lines(logdir: str | Path) -> list[str]:
 
     probes_cmd = _venv_command("probes", "probes")
     where = str(Path(logdir).absolute())
-    return ["",
-            f"open TensorBoard:  {shlex.join([*probes_cmd, 'tensorboard', where])}",
-            f"  (the same as:    {shlex.join(tensorboard_command(logdir))})",
-            f"or one HTML file:  {shlex.join([*probes_cmd, 'report', where, '-o', 'report.html'])}"]
+    return [
+        "",
+        f"open TensorBoard:  {shlex.join([*probes_cmd, 'tensorboard', where])}",
+        f"  (the same as:    {shlex.join(tensorboard_command(logdir))})",
+        f"or one HTML file:  {shlex.join([*probes_cmd, 'report', where, '-o', 'report.html'])}",
+    ]

@@ -94,8 +94,9 @@ def read_runs(logdir: str | Path) -> dict[str, dict[str, dict]]:
     logdir = Path(logdir)
     if not logdir.exists():
         raise FileNotFoundError(f"probes report: no such directory {str(logdir)!r}")
-    mux = event_multiplexer.EventMultiplexer(size_guidance={"scalars": 0, "images": 0, "histograms": 1,
-                                                            "tensors": 1, "compressedHistograms": 1})
+    mux = event_multiplexer.EventMultiplexer(
+        size_guidance={"scalars": 0, "images": 0, "histograms": 1, "tensors": 1, "compressedHistograms": 1}
+    )
     mux.AddRunsFromDirectory(str(logdir))
     mux.Reload()
     runs: dict[str, dict[str, dict]] = {}
@@ -121,11 +122,19 @@ def read_runs(logdir: str | Path) -> dict[str, dict[str, dict]]:
             events = acc.Histograms(tag)
             if events:
                 h = events[-1].histogram_value
-                histograms[tag] = (events[-1].step, float(h.min), np.array(h.bucket_limit, dtype=np.float64),
-                                   np.array(h.bucket, dtype=np.float64))
+                histograms[tag] = (
+                    events[-1].step,
+                    float(h.min),
+                    np.array(h.bucket_limit, dtype=np.float64),
+                    np.array(h.bucket, dtype=np.float64),
+                )
         if scalars or images or histograms:
-            runs[_run_name(run, logdir)] = {"scalars": scalars, "images": images, "histograms": histograms,
-                                            "layout": layout}
+            runs[_run_name(run, logdir)] = {
+                "scalars": scalars,
+                "images": images,
+                "histograms": histograms,
+                "layout": layout,
+            }
     if not runs:
         raise ValueError(f"probes report: no TensorBoard scalars or images under {str(logdir)!r}")
     return runs
@@ -153,12 +162,15 @@ def _layout(acc: Any, tags: dict) -> list[tuple[str, list[str]]] | None:
 
     layout = layout_pb2.Layout()
     layout.ParseFromString(acc.Tensors("custom_scalars__config__")[-1].tensor_proto.string_val[0])
-    return [(chart.title, list(chart.multiline.tag)) for category in layout.category for chart in category.chart
-            if chart.HasField("multiline")]
+    return [
+        (chart.title, list(chart.multiline.tag))
+        for category in layout.category
+        for chart in category.chart
+        if chart.HasField("multiline")
+    ]
 
 
-def group_scalars(tags: list[str], layout: list[tuple[str, list[str]]] | None = None
-                  ) -> list[tuple[str, list[str]]]:
+def group_scalars(tags: list[str], layout: list[tuple[str, list[str]]] | None = None) -> list[tuple[str, list[str]]]:
     """Charts ``[(title, [tag, ...]), ...]``: the charts of the run's custom-scalars layout (the chart groups
     the probes declared and one quantity across sites), computed as the TensorBoard sink does when the run has
     none, then every other tag alone; by probe, then tag.
@@ -174,13 +186,17 @@ def group_scalars(tags: list[str], layout: list[tuple[str, list[str]]] | None = 
     from probes.sinks.tensorboard import layout_for
 
     if layout is None:
-        layout = [(title, regexes) for category in layout_for(tags, registered_charts()).values()
-                  for title, (_, regexes) in category.items()]
+        layout = [
+            (title, regexes)
+            for category in layout_for(tags, registered_charts()).values()
+            for title, (_, regexes) in category.items()
+        ]
     charts: list[tuple[str, list[str]]] = []
     claimed: set[str] = set()
     for title, regexes in layout:
-        members = [t for t in tags if t not in claimed and any(re.match(r, t) or re.match(r, _as_site_tag(t))
-                                                               for r in regexes)]
+        members = [
+            t for t in tags if t not in claimed and any(re.match(r, t) or re.match(r, _as_site_tag(t)) for r in regexes)
+        ]
         if members:
             charts.append((title, members))
             claimed.update(members)
@@ -215,9 +231,9 @@ def _ylabel(members: list[str]) -> str:
     if shared:
         return shared[-1]
     last = [q[-1] for q in parts]
-    prefix = last[0][:len(os.path.commonprefix(last))]
+    prefix = last[0][: len(os.path.commonprefix(last))]
     if len(members) > 1 and "_" in prefix:
-        prefix = prefix[:prefix.rindex("_")]
+        prefix = prefix[: prefix.rindex("_")]
     return prefix.strip("_") or "value"
 
 
@@ -228,8 +244,9 @@ def _scalar_plot(title: str, members: list[str], scalars: dict) -> bytes:
     finite = np.concatenate([v[np.isfinite(v)] for _, _, v in series]) if series else np.zeros(0)
     logy = bool(finite.size and finite.min() > 0 and finite.max() / finite.min() > 1e3)
     with figures.style():
-        fig, ax = figures.kept_axes("report chart", title, "training step", _ylabel(members), width=PLOT_SIZE[0],
-                                    height=PLOT_SIZE[1])
+        fig, ax = figures.kept_axes(
+            "report chart", title, "training step", _ylabel(members), width=PLOT_SIZE[0], height=PLOT_SIZE[1]
+        )
         figures.line_axes(ax, series, logy=logy)
         return figures.png(fig)
 
@@ -246,8 +263,9 @@ def _draw_histogram(tag: str, step: int, edges: np.ndarray, counts: np.ndarray) 
         fig, ax = figures.kept_axes("report chart", f"{tag}, step {step}", tag.split("/")[-1], "count", **size)
         ax.stairs(counts, edges, fill=True, alpha=0.7, color="#1f77b4")
     else:  # edges TensorBoard filled with +-DBL_MAX: bucket index instead
-        fig, ax = figures.kept_axes("report chart", f"{tag}, step {step}", f"{tag.split('/')[-1]} (bucket)", "count",
-                                    **size)
+        fig, ax = figures.kept_axes(
+            "report chart", f"{tag}, step {step}", f"{tag.split('/')[-1]} (bucket)", "count", **size
+        )
         ax.bar(np.arange(counts.size), counts, width=1.0, color="#1f77b4")
     ax.grid(alpha=0.3)
     return figures.png(fig)
@@ -264,20 +282,24 @@ def _data_uri(png: bytes) -> str:
 
 
 def _figure(png: bytes, alt: str, caption: str) -> str:
-    return (f"<figure><img alt='{html.escape(alt, quote=True)}' src='{_data_uri(png)}'>"
-            f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+    return (
+        f"<figure><img alt='{html.escape(alt, quote=True)}' src='{_data_uri(png)}'>"
+        f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+    )
 
 
 def _reason(exc: BaseException) -> str:
     """An exception in one line: its type and its message's words, at most ``REASON_CHARS`` characters."""
     text = f"{type(exc).__name__}: {' '.join(str(exc).split())}".rstrip(": ")
-    return text if len(text) <= REASON_CHARS else text[:REASON_CHARS - 3] + "..."
+    return text if len(text) <= REASON_CHARS else text[: REASON_CHARS - 3] + "..."
 
 
 def _not_drawn(title: str, caption: str, reason: str) -> str:
     """What stands in a chart's place when it could not be drawn: its name and why."""
-    return (f"<figure><p class='failed'>chart {html.escape(title)} not drawn: {html.escape(reason)}</p>"
-            f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+    return (
+        f"<figure><p class='failed'>chart {html.escape(title)} not drawn: {html.escape(reason)}</p>"
+        f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+    )
 
 
 def _chart(failed: list[str], run: str, title: str, caption: str, draw: Callable[..., bytes], *args: Any) -> str:
@@ -303,8 +325,9 @@ def _constant(values: np.ndarray) -> float | None:
     return float(values[0]) if np.array_equal(values, np.full_like(values, values[0])) else None
 
 
-def _sections(charts: list[tuple[str, list[str]]], scalars: dict
-              ) -> tuple[list[str], dict[str, tuple[list[tuple[str, list[str]]], list[str]]]]:
+def _sections(
+    charts: list[tuple[str, list[str]]], scalars: dict
+) -> tuple[list[str], dict[str, tuple[list[tuple[str, list[str]]], list[str]]]]:
     """The tags of one point each (a training's one-off summary: a table, not charts), and by probe the charts
     to draw and one HTML line for each series that never changes (instead of a flat chart)."""
     singles: list[str] = []
@@ -320,17 +343,24 @@ def _sections(charts: list[tuple[str, list[str]]], scalars: dict
             continue
         for tag, v in zip(members, values):
             steps = scalars[tag][0]
-            constant.append(f"<code>{html.escape(tag)}</code>: {_fmt(v)} at every one of its {steps.size} points "
-                            f"(steps {int(steps[0])} to {int(steps[-1])})")
+            constant.append(
+                f"<code>{html.escape(tag)}</code>: {_fmt(v)} at every one of its {steps.size} points "
+                f"(steps {int(steps[0])} to {int(steps[-1])})"
+            )
     return singles, sections
 
 
 def _singles_table(tags: list[str], scalars: dict) -> str:
     """The table of the scalars written once (``train_runtime``, ``total_flos``, ...)."""
-    rows = "".join(f"<tr><td>{html.escape(t)}</td><td class='num'>{int(scalars[t][0][0])}</td>"
-                   f"<td class='num'>{_fmt(float(scalars[t][1][0]))}</td></tr>" for t in sorted(tags))
-    return ("<h3>values written once</h3><table class='singles'><tr><th>tag</th><th>step</th><th>value</th></tr>"
-            f"{rows}</table>")
+    rows = "".join(
+        f"<tr><td>{html.escape(t)}</td><td class='num'>{int(scalars[t][0][0])}</td>"
+        f"<td class='num'>{_fmt(float(scalars[t][1][0]))}</td></tr>"
+        for t in sorted(tags)
+    )
+    return (
+        "<h3>values written once</h3><table class='singles'><tr><th>tag</th><th>step</th><th>value</th></tr>"
+        f"{rows}</table>"
+    )
 
 
 def write_report(logdir: str | Path, output: str | Path | None = None) -> Path:
@@ -344,7 +374,8 @@ def write_report(logdir: str | Path, output: str | Path | None = None) -> Path:
     output = Path(output) if output is not None else logdir / "report.html"
     n_tags = len({t for data in runs.values() for t in data["scalars"]})
     out: list[str] = [
-        "<!DOCTYPE html>", "<html><head><meta charset='utf-8'>",
+        "<!DOCTYPE html>",
+        "<html><head><meta charset='utf-8'>",
         f"<title>probes report: {html.escape(str(logdir))}</title><style>{_STYLE}</style></head><body>",
         f"<h1>probes report: {html.escape(str(logdir))}</h1>",
         f"<p class='note'>{len(runs)} run(s), {n_tags} scalar tags; written "
@@ -353,8 +384,9 @@ def write_report(logdir: str | Path, output: str | Path | None = None) -> Path:
         "final shape of each histogram, and the first and the latest image of each image tag.</p>",
     ]
     if len(runs) > 1:
-        out.append("<p>Runs: " + ", ".join(f"<a href='#run-{i}'>{html.escape(r)}</a>" for i, r in enumerate(runs))
-                   + "</p>")
+        out.append(
+            "<p>Runs: " + ", ".join(f"<a href='#run-{i}'>{html.escape(r)}</a>" for i, r in enumerate(runs)) + "</p>"
+        )
     notes_at = len(out)  # where the note on charts not drawn goes
     failed: list[str] = []
     plotted = 0
@@ -362,13 +394,17 @@ def write_report(logdir: str | Path, output: str | Path | None = None) -> Path:
     for i, (run, data) in enumerate(runs.items()):
         scalars, tags = data["scalars"], sorted(data["scalars"])
         out.append(f"<h2 id='run-{i}'>run: {html.escape(run)}</h2>")
-        out.append(f"<details><summary>Last values ({len(tags)} scalars)</summary>"
-                   "<table><tr><th>tag</th><th>step</th><th>value</th></tr>")
+        out.append(
+            f"<details><summary>Last values ({len(tags)} scalars)</summary>"
+            "<table><tr><th>tag</th><th>step</th><th>value</th></tr>"
+        )
         for tag in tags:
             steps, values = scalars[tag]
             if len(steps):
-                out.append(f"<tr><td>{html.escape(tag)}</td><td class='num'>{int(steps[-1])}</td>"
-                           f"<td class='num'>{_fmt(float(values[-1]))}</td></tr>")
+                out.append(
+                    f"<tr><td>{html.escape(tag)}</td><td class='num'>{int(steps[-1])}</td>"
+                    f"<td class='num'>{_fmt(float(values[-1]))}</td></tr>"
+                )
         out.append("</table></details>")
         singles, sections = _sections(group_scalars(tags, data.get("layout")), scalars)
         if singles:
@@ -390,8 +426,9 @@ def write_report(logdir: str | Path, output: str | Path | None = None) -> Path:
         if data["histograms"]:
             out.append("<h3>histograms (final step)</h3><div class='grid'>")
             for tag, (step, lo, limits, counts) in sorted(data["histograms"].items()):
-                out.append(_chart(failed, run, tag, f"{tag} (step {step})", _histogram_plot, tag, step, lo, limits,
-                                  counts))
+                out.append(
+                    _chart(failed, run, tag, f"{tag} (step {step})", _histogram_plot, tag, step, lo, limits, counts)
+                )
             out.append("</div>")
         if data["images"]:
             out.append("<h3>images (first and latest)</h3><div class='grid'>")
@@ -400,11 +437,15 @@ def write_report(logdir: str | Path, output: str | Path | None = None) -> Path:
                     out.append(_figure(png, tag, f"{tag} (step {step})"))
             out.append("</div>")
     if skipped:
-        out.append(f"<p class='note'>{skipped} more charts are in the tables only "
-                   f"(at most {MAX_PLOTS} plots per page).</p>")
+        out.append(
+            f"<p class='note'>{skipped} more charts are in the tables only (at most {MAX_PLOTS} plots per page).</p>"
+        )
     if failed:
-        out.insert(notes_at, f"<p class='note'>{len(failed)} chart(s) could not be drawn: "
-                             f"{html.escape(', '.join(failed))}; each says why in its place.</p>")
+        out.insert(
+            notes_at,
+            f"<p class='note'>{len(failed)} chart(s) could not be drawn: "
+            f"{html.escape(', '.join(failed))}; each says why in its place.</p>",
+        )
     out.append("</body></html>")
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text("\n".join(out), encoding="utf-8")

@@ -14,7 +14,14 @@ from probes.hookspecs import hookimpl
 from probes.probe import Probe
 
 BUILTIN_PROBES: list[type[Probe]] = [
-    Alignment, LinearRegion, Margin, NTK, Particles, PathGramProbe, Patterns, ReluZeros,
+    Alignment,
+    LinearRegion,
+    Margin,
+    NTK,
+    Particles,
+    PathGramProbe,
+    Patterns,
+    ReluZeros,
 ]
 
 

@@ -79,8 +79,9 @@ def is_token_labels(y: torch.Tensor | None) -> bool:
     return isinstance(y, torch.Tensor) and y.ndim == 2 and not y.is_floating_point() and y.dtype != torch.bool
 
 
-def token_pairs(who: str, batch: ProbeBatch, positions: str, said: set[str] | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+def token_pairs(
+    who: str, batch: ProbeBatch, positions: str, said: set[str] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``(sample, position)`` pairs of the token labels that are samples, and their labels
     (``probes.functional.labels.token_positions`` with the batch's ``label_shift`` and attention mask: a pair whose
     feature position or label position is padding is left out, like a ``-100`` label).
@@ -102,15 +103,19 @@ def token_pairs(who: str, batch: ProbeBatch, positions: str, said: set[str] | No
         n = padded_labels(batch.y, batch.label_shift, batch.mask)
         if n:
             said.add("padding")
-            say(f"{who}: {n} labelled position(s) of the token labels pair with padding (attention mask 0, "
+            say(
+                f"{who}: {n} labelled position(s) of the token labels pair with padding (attention mask 0, "
                 f"label_shift={batch.label_shift}) and are left out, as if labelled {IGNORE_INDEX} (said once)",
-                ProbesNoticeWarning)
+                ProbesNoticeWarning,
+            )
     try:
         return token_positions(batch.y, batch.label_shift, positions, batch.mask)
     except ValueError as exc:
-        raise ValueError(f"{who}: {exc} (token labels {tuple(batch.y.shape)} with attach(label_shift="
-                         f"{batch.label_shift}), option positions={positions!r}; every position labelled "
-                         f"{IGNORE_INDEX} is left out)") from None
+        raise ValueError(
+            f"{who}: {exc} (token labels {tuple(batch.y.shape)} with attach(label_shift="
+            f"{batch.label_shift}), option positions={positions!r}; every position labelled "
+            f"{IGNORE_INDEX} is left out)"
+        ) from None
 
 
 def token_rows(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -134,8 +139,14 @@ class Alignment(Probe):
     site_values = frozenset({"post"})
     needs_probe_data = True
 
-    def __init__(self, sites: str | Sequence[str] | None = None, output: bool = True,
-                 degenerate: str = "skip", memory_budget: int | None = MEMORY_BUDGET, positions: str = "all") -> None:
+    def __init__(
+        self,
+        sites: str | Sequence[str] | None = None,
+        output: bool = True,
+        degenerate: str = "skip",
+        memory_budget: int | None = MEMORY_BUDGET,
+        positions: str = "all",
+    ) -> None:
         self.sites = options.names("alignment", "sites", sites)
         self.positions = options.choice("alignment", "positions", positions, POSITIONS)
         self._per_class_checked = False
@@ -164,7 +175,8 @@ class Alignment(Probe):
         if not bool(torch.linalg.vector_norm(Yc) > 1e-10 * torch.linalg.vector_norm(Y)):
             raise DegenerateKernelError(
                 "alignment: the labels of the probe batch are all the same, so Y Y^T centers to zero and the "
-                "alignment is 0/0; use a probe batch with more than one class (or non-constant targets)")
+                "alignment is 0/0; use a probe batch with more than one class (or non-constant targets)"
+            )
 
     def wants_site(self, site: Site) -> bool:
         # otherwise the probe runs its own passes, group of sites by group
@@ -186,9 +198,10 @@ class Alignment(Probe):
         this step: ``validate`` at attach, then the at-attach measurement)."""
         key = (batch.step, id(batch.model), id(batch.x))
         if self._seen is None or self._seen[0] != key:
-            acts = batch.run(take(batch.x, slice(0, 2)),
-                             keep=lambda site: frozenset({"post"}) if Probe.wants_site(self, site) else frozenset()
-                             ).activations
+            acts = batch.run(
+                take(batch.x, slice(0, 2)),
+                keep=lambda site: frozenset({"post"}) if Probe.wants_site(self, site) else frozenset(),
+            ).activations
             self._seen = (key, acts)
         return self._seen[1]
 
@@ -224,8 +237,10 @@ class Alignment(Probe):
     def validate(self, batch: ProbeBatch) -> None:
         """Labels that index the model's outputs, chosen sites that exist, a tensor output when it is aligned too."""
         if self.output and not isinstance(batch.output, torch.Tensor):
-            raise TypeError(f"alignment: the model output is a {type(batch.output).__name__}, not a tensor; "
-                            "pass output=False (or output= to attach, to pick a tensor)")
+            raise TypeError(
+                f"alignment: the model output is a {type(batch.output).__name__}, not a tensor; "
+                "pass output=False (or output= to attach, to pick a tensor)"
+            )
         if batch.y is not None and isinstance(batch.output, torch.Tensor):
             self._labels(batch)
         acts = self._probe_sites(batch)
@@ -237,8 +252,10 @@ class Alignment(Probe):
                 if post is not None and (post.ndim < 3 or post.shape[1] != T):
                     raise ValueError(self._not_token_wise(n, post, batch.y))
         if self.output and OUTPUT in names:
-            raise ValueError("alignment: the model has an activation site named 'output', which clashes with the "
-                             "tag alignment/output/cka of the model output; pass output=False or select sites")
+            raise ValueError(
+                "alignment: the model has an activation site named 'output', which clashes with the "
+                "tag alignment/output/cka of the model output; pass output=False or select sites"
+            )
 
     def _labels(self, batch: ProbeBatch) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
         """``(index, Y, classes)``: for token labels the kept ``(sample, position)`` pairs and their label matrix,
@@ -250,22 +267,28 @@ class Alignment(Probe):
             return None, Y, classes
         out = batch.output
         if self.output and isinstance(out, torch.Tensor) and not _token_shaped(out, batch.y):
-            raise ValueError(f"alignment: token labels {tuple(batch.y.shape)} need an output (P, T, C) with a value "
-                             f"per position, but the model output has shape {tuple(out.shape)}; pass output=False to "
-                             "align the sites only, or one label per sample")
+            raise ValueError(
+                f"alignment: token labels {tuple(batch.y.shape)} need an output (P, T, C) with a value "
+                f"per position, but the model output has shape {tuple(out.shape)}; pass output=False to "
+                "align the sites only, or one label per sample"
+            )
         index, yk = token_pairs("alignment", batch, self.positions, self._said)
         C = int(out.shape[-1]) if isinstance(out, torch.Tensor) and out.ndim == 3 and out.shape[-1] > 1 else None
         try:
             Y = label_matrix(yk, num_classes=C, who="alignment")
         except ValueError as exc:
-            raise ValueError(f"{exc}: the model has {C} outputs per position, so token labels must lie in 0..{C - 1} "
-                             f"(or be {IGNORE_INDEX})") from None
+            raise ValueError(
+                f"{exc}: the model has {C} outputs per position, so token labels must lie in 0..{C - 1} "
+                f"(or be {IGNORE_INDEX})"
+            ) from None
         return index, Y, yk
 
     def _not_token_wise(self, site: str, f: torch.Tensor, y: torch.Tensor) -> str:
-        return (f"alignment: site {site!r} has activations of shape {tuple(f.shape)}, not (P, T, ...) with the "
-                f"{y.shape[1]} positions of the token labels {tuple(y.shape)}, so they cannot pair with a label per "
-                "position; leave it out with sites=[...] (the sites with a value per position)")
+        return (
+            f"alignment: site {site!r} has activations of shape {tuple(f.shape)}, not (P, T, ...) with the "
+            f"{y.shape[1]} positions of the token labels {tuple(y.shape)}, so they cannot pair with a label per "
+            "position; leave it out with sites=[...] (the sites with a value per position)"
+        )
 
     def _check_per_class(self, classes: torch.Tensor | None, tokens: bool) -> None:
         """Once per probe: a notice when the samples (or kept positions) number fewer than twice the classes."""
@@ -279,16 +302,19 @@ class Alignment(Probe):
                 f"alignment: the probe batch has {n} {what} in {k} classes, fewer than two per class: centered, "
                 "the label kernel Y Y^T is then close to the identity, and almost any features align with it (the "
                 "value does not depend on which sample has which label); use a larger probe batch, at least "
-                f"{2 * k} {what} (two or more per class)", ProbesNoticeWarning)
+                f"{2 * k} {what} (two or more per class)",
+                ProbesNoticeWarning,
+            )
 
-    def _rows(self, site: str, f: torch.Tensor, batch: ProbeBatch, index: torch.Tensor | None
-              ) -> torch.Tensor | None:
+    def _rows(self, site: str, f: torch.Tensor, batch: ProbeBatch, index: torch.Tensor | None) -> torch.Tensor | None:
         """The features of ``site`` as rows (one per sample, or per kept position for token labels): a new tensor,
         or a view of the capture; None for a site left out (not token-wise under the default ``sites``)."""
         P = batch.size
         if f.ndim == 0 or f.shape[0] != P:
-            raise ValueError(f"alignment: site {site!r} has {f.shape[0] if f.ndim else 0} rows for a probe batch of "
-                             f"{P} samples (only activations with the batch as first axis are supported)")
+            raise ValueError(
+                f"alignment: site {site!r} has {f.shape[0] if f.ndim else 0} rows for a probe batch of "
+                f"{P} samples (only activations with the batch as first axis are supported)"
+            )
         f = f.detach()
         if index is not None:
             if _token_shaped(f, batch.y):
@@ -313,8 +339,10 @@ class Alignment(Probe):
         if not self._checked_patterns:
             unmatched = [p for p in self.sites if not any(n == p or fnmatch.fnmatchcase(n, p) for n in names)]
             if unmatched:
-                raise ValueError(f"alignment: option 'sites': {unmatched} match no activation site of the model; "
-                                 f"its sites are {names}")
+                raise ValueError(
+                    f"alignment: option 'sites': {unmatched} match no activation site of the model; "
+                    f"its sites are {names}"
+                )
             self._checked_patterns = True
         return chosen
 
@@ -327,12 +355,15 @@ class Alignment(Probe):
             names = self._activation_names(batch.activations)
             features = ((n, batch.activations[n].post) for n in names)
         if self.output and OUTPUT in names:
-            raise ValueError("alignment: the model has an activation site named 'output', which clashes with the "
-                             "tag alignment/output/cka of the model output; pass output=False or select sites")
+            raise ValueError(
+                "alignment: the model has an activation site named 'output', which clashes with the "
+                "tag alignment/output/cka of the model output; pass output=False or select sites"
+            )
         if self.output:
             if not isinstance(batch.output, torch.Tensor):
-                raise TypeError(f"alignment: the model output is a {type(batch.output).__name__}, not a tensor; "
-                                "pass output=False")
+                raise TypeError(
+                    f"alignment: the model output is a {type(batch.output).__name__}, not a tensor; pass output=False"
+                )
             features = itertools.chain(features, [(OUTPUT, batch.output)])
             names = [*names, OUTPUT]
         if not names:
@@ -369,8 +400,10 @@ class Alignment(Probe):
             if nonfinite:
                 raise ValueError(f"alignment: site {site!r} has NaN or infinite features at step {batch.step}")
             if degenerate:
-                msg = (f"alignment: the features of site {site!r} are the same for every probe sample at step "
-                       f"{batch.step} (a dead layer?), so their kernel centers to zero and the alignment is 0/0")
+                msg = (
+                    f"alignment: the features of site {site!r} are the same for every probe sample at step "
+                    f"{batch.step} (a dead layer?), so their kernel centers to zero and the alignment is 0/0"
+                )
                 if self.degenerate == "raise":
                     raise DegenerateKernelError(msg + "; attach with degenerate='skip' to leave such sites out")
                 if site not in self._warned:

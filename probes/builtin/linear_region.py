@@ -137,13 +137,14 @@ def auto_sizes(gates: int) -> tuple[float, ...]:
     e = max(3, k)
     return tuple(float(f"1e-{e - i}") for i in range(3))
 
+
 #: the dtype of the joint perturbation (L_gen, A'x', the identity check) under ``dtype="auto"``
 EXACT_DTYPE = torch.float64
 
 
-def region_patterns(batch: ProbeBatch, x: torch.Tensor, state: Params | None = None,
-                    site_types: tuple[type[nn.Module], ...] = MAX_POOLS
-                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def region_patterns(
+    batch: ProbeBatch, x: torch.Tensor, state: Params | None = None, site_types: tuple[type[nn.Module], ...] = MAX_POOLS
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One pass of the engine's probe pass (``batch.run``: no grad, eval mode) with parameters ``state``: output
     (P, C) and site -> per-sample pattern (P, ...).
 
@@ -164,8 +165,10 @@ def region_patterns(batch: ProbeBatch, x: torch.Tensor, state: Params | None = N
         if act.pre is None:
             continue
         if act.pre.ndim == 0 or act.pre.shape[0] != P:
-            raise ValueError(f"linear_region: site {name!r} sees shape {tuple(act.pre.shape)}, not the {P} samples "
-                             "first; patterns are per sample")
+            raise ValueError(
+                f"linear_region: site {name!r} sees shape {tuple(act.pre.shape)}, not the {P} samples "
+                "first; patterns are per sample"
+            )
         pats[name] = site_pattern(act.site.kind, act.site.module, act.pre)
     return run.output.detach().reshape(P, -1), pats
 
@@ -269,8 +272,9 @@ class ModuleParameters:
             return t.to(recipe.then) if recipe.then is not None and t.is_floating_point() else t
 
         def of(module: nn.Module) -> dict[str, torch.Tensor]:
-            out = {n: value(self.qualified.get((id(module), n)), t) for n, t in module._parameters.items()
-                   if t is not None}
+            out = {
+                n: value(self.qualified.get((id(module), n)), t) for n, t in module._parameters.items() if t is not None
+            }
             out.update({n: value(None, t) for n, t in module._buffers.items() if t is not None})
             return out
 
@@ -290,14 +294,22 @@ class LinearRegion(Probe):
 
     name = "linear_region"
     charts = (
-        Chart("fraction of samples whose gates flip, per input perturbation size eps",
-              r"^linear_region/flip_fraction_eps_[^/]+$"),
-        Chart("fraction of samples whose gates flip, per parameter perturbation size delta",
-              r"^linear_region/flip_fraction_delta_[^/]+$"),
-        Chart("fraction of gate bits that flip, per input perturbation size eps",
-              r"^linear_region/gate_flip_rate_eps_[^/]+$"),
-        Chart("fraction of gate bits that flip, per parameter perturbation size delta",
-              r"^linear_region/gate_flip_rate_delta_[^/]+$"),
+        Chart(
+            "fraction of samples whose gates flip, per input perturbation size eps",
+            r"^linear_region/flip_fraction_eps_[^/]+$",
+        ),
+        Chart(
+            "fraction of samples whose gates flip, per parameter perturbation size delta",
+            r"^linear_region/flip_fraction_delta_[^/]+$",
+        ),
+        Chart(
+            "fraction of gate bits that flip, per input perturbation size eps",
+            r"^linear_region/gate_flip_rate_eps_[^/]+$",
+        ),
+        Chart(
+            "fraction of gate bits that flip, per parameter perturbation size delta",
+            r"^linear_region/gate_flip_rate_delta_[^/]+$",
+        ),
     )
     # FSDP2: every forward runs through the model's own forward, which gathers one unit at a time; each module's
     # parameter set (cast, perturbed) is made inside that module's forward (``ModuleParameters``)
@@ -309,14 +321,22 @@ class LinearRegion(Probe):
     needs_probe_data = True
     site_types = MAX_POOLS  # the argmax of max pooling is part of a sample's linear region
 
-    def __init__(self, eps: Sequence[float] | float | str = AUTO, delta: Sequence[float] | float | str = AUTO,
-                 seed: int = 0, dtype: Any = "auto", max_samples: int | None = None,
-                 allow: tuple[type[nn.Module], ...] = ()) -> None:
+    def __init__(
+        self,
+        eps: Sequence[float] | float | str = AUTO,
+        delta: Sequence[float] | float | str = AUTO,
+        seed: int = 0,
+        dtype: Any = "auto",
+        max_samples: int | None = None,
+        allow: tuple[type[nn.Module], ...] = (),
+    ) -> None:
         self.eps = AUTO if isinstance(eps, str) and eps == AUTO else options.sizes("linear_region", "eps", eps)
-        self.delta = AUTO if isinstance(delta, str) and delta == AUTO else options.sizes("linear_region", "delta",
-                                                                                          delta)
-        self.seed = options.integer("linear_region", "seed", seed, minimum=0, maximum=2 ** 63 - 1,
-                                    what="a non-negative int below 2**63")
+        self.delta = (
+            AUTO if isinstance(delta, str) and delta == AUTO else options.sizes("linear_region", "delta", delta)
+        )
+        self.seed = options.integer(
+            "linear_region", "seed", seed, minimum=0, maximum=2**63 - 1, what="a non-negative int below 2**63"
+        )
         self.dtype = options.floating_dtype("linear_region", "dtype", dtype, keywords=("auto", None))
         self.max_samples = options.integer("linear_region", "max_samples", max_samples, minimum=1, optional=True)
         self.allow = options.module_types("linear_region", "allow", allow)
@@ -338,14 +358,21 @@ class LinearRegion(Probe):
         x = x[:2].to(p.dtype if p is not None else x.dtype)
         wrapped = self._tensor_model(model, output_spec, False)
         try:
-            check_piecewise_linear(wrapped, x, who="linear_region", allow=self.allow, assume_eval=True,
-                                   own_parameters=own)
+            check_piecewise_linear(
+                wrapped, x, who="linear_region", allow=self.allow, assume_eval=True, own_parameters=own
+            )
         except (AttributeError, TypeError):
             if wrapped is not model:
                 raise
             # the model returns a dict / tuple / ModelOutput: check the output the probes use
-            check_piecewise_linear(self._tensor_model(model, output_spec, True), x, who="linear_region",
-                                   allow=self.allow, assume_eval=True, own_parameters=own)
+            check_piecewise_linear(
+                self._tensor_model(model, output_spec, True),
+                x,
+                who="linear_region",
+                allow=self.allow,
+                assume_eval=True,
+                own_parameters=own,
+            )
 
     def validate(self, batch: ProbeBatch) -> None:
         """Under FSDP2: the traced checks of ``setup`` (through the model's own forward), and that every module
@@ -359,13 +386,18 @@ class LinearRegion(Probe):
         model = batch.model
         with swapped(model, lambda module: {}) as called:
             batch.run(take(batch.x, slice(0, 2)))
-        missing = [path or "<root>" for path, m in model.named_modules() if m not in called and any(
-            p is not None and p.requires_grad for p in m._parameters.values())]
+        missing = [
+            path or "<root>"
+            for path, m in model.named_modules()
+            if m not in called and any(p is not None and p.requires_grad for p in m._parameters.values())
+        ]
         if missing:
-            raise ValueError(f"linear_region: under FSDP the probe perturbs each module's parameters inside that "
-                             f"module's own forward, but the forward never calls module(s) {missing[:5]} whose "
-                             "parameters it reads (another module uses them directly); leave linear_region out "
-                             "for this sharded model")
+            raise ValueError(
+                f"linear_region: under FSDP the probe perturbs each module's parameters inside that "
+                f"module's own forward, but the forward never calls module(s) {missing[:5]} whose "
+                "parameters it reads (another module uses them directly); leave linear_region out "
+                "for this sharded model"
+            )
 
     def _tensor_model(self, model: nn.Module, output_spec: Any, needed: bool) -> nn.Module:
         """``model`` as ``x -> the probes' output tensor`` when its output needs picking (one wrapper, kept, so the
@@ -397,11 +429,17 @@ class LinearRegion(Probe):
             return str(d).replace("torch.", "")
 
         if sweep != joint:
-            log.info("linear_region: flip fractions per eps / delta in %s (the model's dtype: patterns need no more); "
-                     "the joint perturbation (flip_fraction, l_gen, identity_error) in %s, because L_gen is a second "
-                     "difference of outputs of size ~ eps * delta * |f| that %s rounding (%.0e |f|) would swamp. "
-                     "Option dtype=None keeps %s throughout, dtype='float64' uses float64 throughout.",
-                     name(sweep), name(joint), name(sweep), torch.finfo(sweep).eps, name(sweep))
+            log.info(
+                "linear_region: flip fractions per eps / delta in %s (the model's dtype: patterns need no more); "
+                "the joint perturbation (flip_fraction, l_gen, identity_error) in %s, because L_gen is a second "
+                "difference of outputs of size ~ eps * delta * |f| that %s rounding (%.0e |f|) would swamp. "
+                "Option dtype=None keeps %s throughout, dtype='float64' uses float64 throughout.",
+                name(sweep),
+                name(joint),
+                name(sweep),
+                torch.finfo(sweep).eps,
+                name(sweep),
+            )
             return
         if self.dtype == "auto":
             source = "the model's dtype"
@@ -409,8 +447,14 @@ class LinearRegion(Probe):
             source = "the model's dtype, option dtype=None"
         else:
             source = f"option dtype={name(sweep)!r}"
-        note = "" if sweep == EXACT_DTYPE else (f"; L_gen, a second difference of size ~ eps * delta * |f|, is then at "
-                                                f"{name(sweep)} rounding ({torch.finfo(sweep).eps:.0e} |f|)")
+        note = (
+            ""
+            if sweep == EXACT_DTYPE
+            else (
+                f"; L_gen, a second difference of size ~ eps * delta * |f|, is then at "
+                f"{name(sweep)} rounding ({torch.finfo(sweep).eps:.0e} |f|)"
+            )
+        )
         log.info("linear_region: everything in %s (%s)%s.", name(sweep), source, note)
 
     def _gen(self, device: torch.device) -> torch.Generator:
@@ -425,7 +469,7 @@ class LinearRegion(Probe):
         model = batch.model
         x0 = batch.x.detach()
         if self.max_samples is not None:
-            x0 = x0[:self.max_samples]
+            x0 = x0[: self.max_samples]
         sweep, joint = self.dtypes(model, x0)
         self._announce(sweep, joint)
         x = x0.to(sweep)
@@ -446,17 +490,19 @@ class LinearRegion(Probe):
         for eps in eps_sizes:
             xp = perturb_inputs(x, eps, g)
             f, pat = patterns(x + xp, state)
-            records += [Scalar(f"linear_region/flip_fraction_eps_{eps:g}",
-                               patterns_differ(pat_x_p, pat).double().mean()),
-                        Scalar(f"linear_region/gate_flip_rate_eps_{eps:g}", flip_rate(pat_x_p, pat))]
+            records += [
+                Scalar(f"linear_region/flip_fraction_eps_{eps:g}", patterns_differ(pat_x_p, pat).double().mean()),
+                Scalar(f"linear_region/gate_flip_rate_eps_{eps:g}", flip_rate(pat_x_p, pat)),
+            ]
             if first_x is None:
                 first_x, f_xs_p, pat_xs_p = xp, f, pat
         for delta in delta_sizes:
             sp = sets.perturbed(state, delta, g)
             f, pat = patterns(x, sp)
-            records += [Scalar(f"linear_region/flip_fraction_delta_{delta:g}",
-                               patterns_differ(pat_x_p, pat).double().mean()),
-                        Scalar(f"linear_region/gate_flip_rate_delta_{delta:g}", flip_rate(pat_x_p, pat))]
+            records += [
+                Scalar(f"linear_region/flip_fraction_delta_{delta:g}", patterns_differ(pat_x_p, pat).double().mean()),
+                Scalar(f"linear_region/gate_flip_rate_delta_{delta:g}", flip_rate(pat_x_p, pat)),
+            ]
             if first_state is None:
                 first_state, f_x_ps, pat_x_ps = sp, f, pat
         if joint != sweep:  # the same draws, cast (exactly) to the joint dtype; three forwards again in it
@@ -475,7 +521,9 @@ class LinearRegion(Probe):
         records += [
             Scalar("linear_region/flip_fraction", 1.0 - w.mean().double()),
             Scalar("linear_region/l_gen", ((lg.norm(dim=1) * w).sum() / n_keep).double()),
-            Scalar("linear_region/identity_error",
-                   torch.where(n_keep > 0, ((lg - axp).norm(dim=1) * w).max(), torch.nan).double()),
+            Scalar(
+                "linear_region/identity_error",
+                torch.where(n_keep > 0, ((lg - axp).norm(dim=1) * w).max(), torch.nan).double(),
+            ),
         ]
         return records

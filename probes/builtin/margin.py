@@ -39,8 +39,11 @@ from probes.records import Histogram, Record, Scalar
 
 def count_weights(model: nn.Module) -> int:
     """Trainable parameters without biases (names whose last part starts with ``bias`` are left out)."""
-    return sum(p.numel() for n, p in model.named_parameters()
-               if p.requires_grad and not n.rsplit(".", 1)[-1].startswith("bias"))
+    return sum(
+        p.numel()
+        for n, p in model.named_parameters()
+        if p.requires_grad and not n.rsplit(".", 1)[-1].startswith("bias")
+    )
 
 
 def forces(output: torch.Tensor, y: torch.Tensor, margin: float, who: str = "margin") -> torch.Tensor:
@@ -58,16 +61,22 @@ def forces(output: torch.Tensor, y: torch.Tensor, margin: float, who: str = "mar
     if f.shape[1] == 1:
         Y = label_matrix(y, num_classes=2, who=who)
         if Y.shape[1] != 1 or not bool((Y.abs() == 1).all()):
-            raise ValueError(f"{who}: a model with one output needs binary labels (+-1, or two class indices); "
-                             f"got labels of shape {tuple(y.shape)} with values other than +-1")
+            raise ValueError(
+                f"{who}: a model with one output needs binary labels (+-1, or two class indices); "
+                f"got labels of shape {tuple(y.shape)} with values other than +-1"
+            )
         return margin - Y[:, 0].to(f.device) * f[:, 0]
     if y.is_floating_point() or y.ndim != 1:
-        raise ValueError(f"{who}: a model with {f.shape[1]} outputs needs integer class labels of shape (P,), "
-                         f"got {y.dtype} of shape {tuple(y.shape)}; pass class indices (y.long()) in probe_data")
+        raise ValueError(
+            f"{who}: a model with {f.shape[1]} outputs needs integer class labels of shape (P,), "
+            f"got {y.dtype} of shape {tuple(y.shape)}; pass class indices (y.long()) in probe_data"
+        )
     idx = y.to(f.device).long()
     if bool((idx < 0).any()) or bool((idx >= f.shape[1]).any()):
-        raise ValueError(f"{who}: class labels must lie in 0..{f.shape[1] - 1} for {f.shape[1]} outputs, got "
-                         f"{int(idx.min())}..{int(idx.max())}; the labels do not fit the model's output width")
+        raise ValueError(
+            f"{who}: class labels must lie in 0..{f.shape[1] - 1} for {f.shape[1]} outputs, got "
+            f"{int(idx.min())}..{int(idx.max())}; the labels do not fit the model's output width"
+        )
     true = f.gather(1, idx[:, None])[:, 0]
     others = f.scatter(1, idx[:, None], float("-inf")).max(dim=1).values
     return margin - (true - others)
@@ -83,13 +92,13 @@ class Margin(Probe):
     needs_sites = False
     needs_probe_data = True
 
-    def __init__(self, margin: float = 0.5, bins: int = 64, n_weights: int | None = None,
-                 positions: str = "all") -> None:
+    def __init__(
+        self, margin: float = 0.5, bins: int = 64, n_weights: int | None = None, positions: str = "all"
+    ) -> None:
         self.margin = options.number("margin", "margin", margin, minimum=0.0)
         self.positions = options.choice("margin", "positions", positions, POSITIONS)
         self.bins = options.integer("margin", "bins", bins, minimum=1, maximum=options.MAX_BINS)
-        self.n_weights = options.integer("margin", "n_weights", n_weights, minimum=1, maximum=2 ** 63 - 1,
-                                         optional=True)
+        self.n_weights = options.integer("margin", "n_weights", n_weights, minimum=1, maximum=2**63 - 1, optional=True)
         self._said: set[str] = set()  # notices said once (token labels at padded positions)
 
     def setup(self, context: Context) -> None:
@@ -123,9 +132,11 @@ class Margin(Probe):
         out = batch.output
         if not isinstance(out, torch.Tensor) or out.ndim != 3 or tuple(out.shape[:2]) != tuple(batch.y.shape):
             shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-            raise ValueError(f"margin: token labels {tuple(batch.y.shape)} need an output (P, T, C) of logits per "
-                             f"position, but the model output is {shape}; pick the per-position logits with "
-                             "attach(output=...), or pass one label per sample")
+            raise ValueError(
+                f"margin: token labels {tuple(batch.y.shape)} need an output (P, T, C) of logits per "
+                f"position, but the model output is {shape}; pick the per-position logits with "
+                "attach(output=...), or pass one label per sample"
+            )
         index, yk = token_pairs("margin", batch, self.positions, self._said)
         return forces(token_rows(out, index), yk, self.margin)
 
@@ -137,6 +148,10 @@ class Margin(Probe):
         N = self.n_weights if self.n_weights is not None else count_weights(batch.model)
         n_delta = (delta > 0).sum().to(torch.float64)
         loss = 0.5 * delta.clamp(min=0).square().mean()
-        return [Scalar("margin/n_delta", n_delta), Scalar("margin/n_delta_fraction", n_delta / P),
-                Scalar("margin/n_delta_per_weight", n_delta / N), Scalar("margin/loss", loss),
-                Histogram.of("margin/delta", delta, bins=self.bins)]
+        return [
+            Scalar("margin/n_delta", n_delta),
+            Scalar("margin/n_delta_fraction", n_delta / P),
+            Scalar("margin/n_delta_per_weight", n_delta / N),
+            Scalar("margin/loss", loss),
+            Histogram.of("margin/delta", delta, bins=self.bins),
+        ]

@@ -135,34 +135,63 @@ class NTK(Probe):
     needs_sites = False
     needs_probe_data = True
 
-    def __init__(self, mode: str = "trace", reduction: str = "sum", top_k: int = 5, bins: int = 64,
-                 chunk_size: int | None = None, image: bool = True, image_every: int | None = None,
-                 spectrum: str = "auto", memory_budget: int | float = MEMORY_BUDGET, positions: str = "last",
-                 outputs: int | None = None, seed: int = 0, max_memory: int | float | str | None = "auto",
-                 max_cost: int | float | None = MAX_COST) -> None:
+    def __init__(
+        self,
+        mode: str = "trace",
+        reduction: str = "sum",
+        top_k: int = 5,
+        bins: int = 64,
+        chunk_size: int | None = None,
+        image: bool = True,
+        image_every: int | None = None,
+        spectrum: str = "auto",
+        memory_budget: int | float = MEMORY_BUDGET,
+        positions: str = "last",
+        outputs: int | None = None,
+        seed: int = 0,
+        max_memory: int | float | str | None = "auto",
+        max_cost: int | float | None = MAX_COST,
+    ) -> None:
         self.mode = options.choice("ntk", "mode", mode, MODES)
         self.reduction = options.choice("ntk", "reduction", reduction, REDUCTIONS)
         if mode == "full" and reduction != "sum":
-            raise ValueError("ntk: option 'reduction'='mean' applies to the trace over outputs; use it with "
-                             "mode='trace'")
+            raise ValueError(
+                "ntk: option 'reduction'='mean' applies to the trace over outputs; use it with mode='trace'"
+            )
         self.top_k = options.integer("ntk", "top_k", top_k, minimum=0)
         self.bins = options.integer("ntk", "bins", bins, minimum=1, maximum=options.MAX_BINS)
         self.spectrum = options.choice("ntk", "spectrum", spectrum, SPECTRA)
         if spectrum == "topk" and self.top_k < 1:
-            raise ValueError(f"ntk: option 'top_k' must be >= 1 with spectrum='topk' (the eigenvalues to compute), "
-                             f"got {top_k}")
-        self.memory_budget = options.number("ntk", "memory_budget", memory_budget, positive=True,
-                                            what="a positive number of bytes")
+            raise ValueError(
+                f"ntk: option 'top_k' must be >= 1 with spectrum='topk' (the eigenvalues to compute), got {top_k}"
+            )
+        self.memory_budget = options.number(
+            "ntk", "memory_budget", memory_budget, positive=True, what="a positive number of bytes"
+        )
         self.chunk_size = options.integer("ntk", "chunk_size", chunk_size, minimum=1, optional=True)
         self.positions = options.choice("ntk", "positions", positions, POSITIONS)
         self.outputs = options.integer("ntk", "outputs", outputs, minimum=1, maximum=MAX_OUTPUTS, optional=True)
-        self.seed = options.integer("ntk", "seed", seed, minimum=0, maximum=2 ** 63 - 1)
-        self.max_cost = options.number("ntk", "max_cost", max_cost, positive=True, optional=True,
-                                       what="a positive number of Jacobian entries (P x outputs x parameters), "
-                                            "or None")
-        self.max_memory = max_memory if isinstance(max_memory, str) and max_memory == "auto" else options.number(
-            "ntk", "max_memory", max_memory, positive=True, optional=True,
-            what="'auto', a positive number of bytes, or None")
+        self.seed = options.integer("ntk", "seed", seed, minimum=0, maximum=2**63 - 1)
+        self.max_cost = options.number(
+            "ntk",
+            "max_cost",
+            max_cost,
+            positive=True,
+            optional=True,
+            what="a positive number of Jacobian entries (P x outputs x parameters), or None",
+        )
+        self.max_memory = (
+            max_memory
+            if isinstance(max_memory, str) and max_memory == "auto"
+            else options.number(
+                "ntk",
+                "max_memory",
+                max_memory,
+                positive=True,
+                optional=True,
+                what="'auto', a positive number of bytes, or None",
+            )
+        )
         self.cost: NTKCost | None = None  # the estimate made at attach (validate)
         self._sketch: torch.Tensor | None = None
         self._said: set[str] = set()
@@ -184,8 +213,10 @@ class NTK(Probe):
             Y = label_matrix(context.y, who="ntk")
             Yc = Y - Y.mean(dim=0, keepdim=True)
             if Y.shape[0] >= 2 and not bool(torch.linalg.vector_norm(Yc) > 1e-10 * torch.linalg.vector_norm(Y)):
-                raise DegenerateKernelError("ntk: the labels of the probe batch are all the same, so Y Y^T centers to "
-                                            "zero and ntk/alignment is 0/0; use a probe batch with both classes")
+                raise DegenerateKernelError(
+                    "ntk: the labels of the probe batch are all the same, so Y Y^T centers to "
+                    "zero and ntk/alignment is 0/0; use a probe batch with both classes"
+                )
 
     def validate(self, batch: ProbeBatch) -> None:
         """Class labels must index the model's outputs (``ntk/alignment`` builds ``Y`` from them), and the model
@@ -205,8 +236,10 @@ class NTK(Probe):
             return False
         if not self._said_token_labels:
             self._said_token_labels = True
-            _notice("ntk: the probe batch has token labels (P, T); ntk/alignment needs one label per sample and is "
-                    "left out (the kernel, its spectrum and its drift are measured)")
+            _notice(
+                "ntk: the probe batch has token labels (P, T); ntk/alignment needs one label per sample and is "
+                "left out (the kernel, its spectrum and its drift are measured)"
+            )
         return True
 
     def kernel_model(self, batch: ProbeBatch) -> tuple[torch.nn.Module, tuple[torch.Tensor, ...]]:
@@ -229,10 +262,12 @@ class NTK(Probe):
             args = args + (last_positions(batch.mask if masked else None, P, T, args[0].device),)
             if "position" not in self._said:
                 self._said.add("position")
-                _notice(f"ntk: the output has shape {tuple(out.shape)} (samples, positions, ...): the kernel covers "
-                        f"the outputs at the {'last kept (attention mask)' if masked else 'last'} position of each "
-                        f"sample only ({math.prod(out.shape[2:])} outputs, not {math.prod(out.shape[1:])}); "
-                        "positions='all' covers every position, outputs=k sketches the outputs")
+                _notice(
+                    f"ntk: the output has shape {tuple(out.shape)} (samples, positions, ...): the kernel covers "
+                    f"the outputs at the {'last kept (attention mask)' if masked else 'last'} position of each "
+                    f"sample only ({math.prod(out.shape[2:])} outputs, not {math.prod(out.shape[1:])}); "
+                    "positions='all' covers every position, outputs=k sketches the outputs"
+                )
         if self.outputs is not None and isinstance(out, torch.Tensor):
             C = math.prod(out.shape[2:] if position else out.shape[1:])
             if self._sketch is None or self._sketch.shape[0] != C:
@@ -264,11 +299,13 @@ class NTK(Probe):
                 f"ntk: one measurement costs {cost:.3g} Jacobian entries (P={P} samples x {outputs} outputs x {n:,} "
                 f"parameters: the backward passes' work), above max_cost={self.max_cost:.3g}; lower it with "
                 f"outputs=k (a Gaussian sketch of the outputs, k={k} fits), positions='last' for a sequence output, "
-                f"a smaller probe batch (probe_data), output= (fewer outputs), or raise max_cost (None: no limit)")
+                f"a smaller probe batch (probe_data), output= (fewer outputs), or raise max_cost (None: no limit)"
+            )
         return cost
 
-    def check_memory(self, model: torch.nn.Module, args: tuple[torch.Tensor, ...], plan: NTKPlan,
-                     batch: ProbeBatch) -> NTKCost:
+    def check_memory(
+        self, model: torch.nn.Module, args: tuple[torch.Tensor, ...], plan: NTKPlan, batch: ProbeBatch
+    ) -> NTKCost:
         """The estimate of one measurement on the route this probe will take (``ntk_cost``), against the memory
         budget ``max_memory``; kept as ``self.cost`` and logged at INFO.
 
@@ -288,16 +325,27 @@ class NTK(Probe):
         Ce = plan.outputs if self.mode == "full" else 1
         labels = batch.y is not None and not _token_labels(batch.y)
         route = "topk" if self.uses_topk(batch.size * Ce) else "full"
-        cost = ntk_cost(model, tuple(a[:1] for a in args), P=batch.size, plan=plan, mode=self.mode, route=route,
-                        top_k=max(1, self.top_k), chunk_size=self.chunk_size, world=batch.world_size,
-                        kernels=7 if labels else 5)
+        cost = ntk_cost(
+            model,
+            tuple(a[:1] for a in args),
+            P=batch.size,
+            plan=plan,
+            mode=self.mode,
+            route=route,
+            top_k=max(1, self.top_k),
+            chunk_size=self.chunk_size,
+            world=batch.world_size,
+            kernels=7 if labels else 5,
+        )
         budget, source = self.memory_limit(args[0].device)
         if budget is not None and cost.peak_bytes > budget and route == "full" and self.spectrum == "auto":
             topk = cost.at(route="topk")
             if topk.peak_bytes <= budget:  # "auto" chooses the route: the one that fits
-                _notice(f"ntk: spectrum='auto' takes 'topk' (the top_k eigenvalues, the trace and the effective rank "
-                        f"only): the full route would need about {_gib(cost.peak_bytes)}, above the memory budget, "
-                        f"{source}")
+                _notice(
+                    f"ntk: spectrum='auto' takes 'topk' (the top_k eigenvalues, the trace and the effective rank "
+                    f"only): the full route would need about {_gib(cost.peak_bytes)}, above the memory budget, "
+                    f"{source}"
+                )
                 self._auto_topk, cost = cost.n, topk
         self.cost = cost
         if budget is not None and cost.peak_bytes > budget:
@@ -314,8 +362,10 @@ class NTK(Probe):
         avail = ntk_cost_module.available_memory(device)
         if avail is None:
             return None, f"none (the memory available on {device} cannot be read; max_memory= sets one)"
-        return int(MEMORY_FRACTION * avail), (f"max_memory='auto', {MEMORY_FRACTION:g} of the {_gib(avail)} "
-                                                f"available on {device} now, {_gib(MEMORY_FRACTION * avail)}")
+        return int(MEMORY_FRACTION * avail), (
+            f"max_memory='auto', {MEMORY_FRACTION:g} of the {_gib(avail)} "
+            f"available on {device} now, {_gib(MEMORY_FRACTION * avail)}"
+        )
 
     def _alternative(self, cost: NTKCost, **changes: Any) -> NTKCost:
         """``cost`` with other options (``P``, ``outputs``, ``mode``), on the route this probe would take then."""
@@ -325,6 +375,7 @@ class NTK(Probe):
 
     def _refusal(self, cost: NTKCost, budget: int, source: str) -> str:
         """The message of a refused measurement: the estimate, and what each fix would need."""
+
         def largest(name: str, top: int) -> int:
             """The largest value of ``name`` in ``1..top`` that fits the budget (0: none), by bisection."""
             lo, hi = 0, top + 1
@@ -336,11 +387,14 @@ class NTK(Probe):
         fixes = []
         if cost.route == "full":
             topk = cost.at(route="topk")
-            fixes.append(f"spectrum='topk' (the top_k eigenvalues and the trace without the n x n kernel: about "
-                         f"{_gib(topk.peak_bytes)}{'' if topk.peak_bytes <= budget else ', still above the budget'})")
+            fixes.append(
+                f"spectrum='topk' (the top_k eigenvalues and the trace without the n x n kernel: about "
+                f"{_gib(topk.peak_bytes)}{'' if topk.peak_bytes <= budget else ', still above the budget'})"
+            )
         P = largest("P", cost.P - 1)
-        fixes.append(f"a smaller probe batch (P <= {P:,} fits)" if P else
-                     "a smaller probe batch (not even one sample fits)")
+        fixes.append(
+            f"a smaller probe batch (P <= {P:,} fits)" if P else "a smaller probe batch (not even one sample fits)"
+        )
         C = cost.outputs
         k = largest("outputs", C - 1) if C > 1 else 0
         if C == 1:
@@ -348,13 +402,17 @@ class NTK(Probe):
         elif k:
             fixes.append(f"outputs=k (a Gaussian sketch of the {C} outputs; k <= {k:,} fits)")
         else:
-            fixes.append(f"outputs=k (a Gaussian sketch of the {C} outputs; even k=1 needs about "
-                         f"{_gib(self._alternative(cost, outputs=1).peak_bytes)})")
+            fixes.append(
+                f"outputs=k (a Gaussian sketch of the {C} outputs; even k=1 needs about "
+                f"{_gib(self._alternative(cost, outputs=1).peak_bytes)})"
+            )
         if cost.mode == "full":
             fixes.append(f"mode='trace' (about {_gib(self._alternative(cost, mode='trace').peak_bytes)})")
-        return (f"ntk: one measurement would need about {_gib(cost.peak_bytes)} (route {cost.route!r}, n = {cost.n:,}: "
-                f"{cost.parts()}; {cost.time()}), above the memory budget, {source}: it would fail in the allocator "
-                f"or thrash. Lower it with {'; '.join(fixes)}; or set max_memory= (bytes; None: no limit)")
+        return (
+            f"ntk: one measurement would need about {_gib(cost.peak_bytes)} (route {cost.route!r}, n = {cost.n:,}: "
+            f"{cost.parts()}; {cost.time()}), above the memory budget, {source}: it would fail in the allocator "
+            f"or thrash. Lower it with {'; '.join(fixes)}; or set max_memory= (bytes; None: no limit)"
+        )
 
     def measure(self, batch: ProbeBatch) -> list[Record]:
         t0 = time.monotonic()
@@ -362,28 +420,44 @@ class NTK(Probe):
         seconds = time.monotonic() - t0
         if seconds > SLOW_SECONDS and "slow" not in self._said:
             self._said.add("slow")
-            _notice(f"ntk: one measurement took {seconds:.0f} s (progress: logging.getLogger('probes') at INFO); "
-                    "outputs=k (a sketch of the outputs), a smaller probe batch or a longer cadence (every=) "
-                    "make it cheaper")
+            _notice(
+                f"ntk: one measurement took {seconds:.0f} s (progress: logging.getLogger('probes') at INFO); "
+                "outputs=k (a sketch of the outputs), a smaller probe batch or a longer cadence (every=) "
+                "make it cheaper"
+            )
         return records
 
     def _measure(self, batch: ProbeBatch) -> list[Record]:
         model, args = self.kernel_model(batch)  # model(*args) is what the kernel covers (see kernel_model)
-        key = (id(batch.model),
-               tuple((n, id(p), p.requires_grad, p.dtype, p.device) for n, p in batch.model.named_parameters()),
-               tuple((tuple(t.shape), t.dtype, t.device) for t in args))
+        key = (
+            id(batch.model),
+            tuple((n, id(p), p.requires_grad, p.dtype, p.device) for n, p in batch.model.named_parameters()),
+            tuple((tuple(t.shape), t.dtype, t.device) for t in args),
+        )
         if self._plan is None or self._plan[0] != key:  # the two discovery passes only when the model changed
             self._plan = (key, ntk_plan(model, args, who="ntk"))
         if self.uses_topk(batch.size * (self._plan[1].outputs if self.mode == "full" else 1)):
             return self._measure_topk(model, args, batch.step, batch.world_size > 1)
-        theta = empirical_ntk(model, args, mode=self.mode, reduction=self.reduction, chunk_size=self.chunk_size,
-                              dtype=torch.float64, plan=self._plan[1], distributed=batch.world_size > 1)
+        theta = empirical_ntk(
+            model,
+            args,
+            mode=self.mode,
+            reduction=self.reduction,
+            chunk_size=self.chunk_size,
+            dtype=torch.float64,
+            plan=self._plan[1],
+            distributed=batch.world_size > 1,
+        )
         P = batch.size
         C = theta.shape[0] // P
         s = spectrum(theta)
         records: list[Record] = [
-            Scalar("ntk/trace", s.trace), Scalar("ntk/eig_max", s.eig_max), Scalar("ntk/eig_min", s.eig_min),
-            Scalar("ntk/condition", s.condition), Scalar("ntk/effective_rank", s.effective_rank)]
+            Scalar("ntk/trace", s.trace),
+            Scalar("ntk/eig_max", s.eig_max),
+            Scalar("ntk/eig_min", s.eig_min),
+            Scalar("ntk/condition", s.condition),
+            Scalar("ntk/effective_rank", s.effective_rank),
+        ]
         top = s.top(self.top_k)
         records += [Scalar(f"ntk/eig_top/{k + 1}", top[k]) for k in range(top.numel())]
         if batch.y is not None and P >= 2 and not self._token_labels(batch):
@@ -402,8 +476,12 @@ class NTK(Probe):
         positive = lam[lam > 0]
         records.append(Histogram.of("ntk/log10_eigenvalues", torch.log10(positive), bins=self.bins))
         if self.image and image_due(self, self.image_cadence, batch.step):
-            records.append(Image("ntk/spectrum", spectrum_drawing(lam, self.init_eigenvalues, batch.step,
-                                                                  self.init_step, self.reduction, self.mode)))
+            records.append(
+                Image(
+                    "ntk/spectrum",
+                    spectrum_drawing(lam, self.init_eigenvalues, batch.step, self.init_step, self.reduction, self.mode),
+                )
+            )
         return records
 
     def uses_topk(self, n: int) -> bool:
@@ -411,51 +489,88 @@ class NTK(Probe):
         the full route's four ``n x n`` float64 matrices (kernel, symmetrised copy for ``eigvalsh``, its workspace,
         the first kernel for ``distance_from_init``) exceed ``memory_budget``, or when at attach the full route
         did not fit the memory budget ``max_memory`` and the top-k route did (``check_memory``)."""
-        return self.spectrum == "topk" or (self.spectrum == "auto" and (
-            4 * 8 * n * n > self.memory_budget or (self._auto_topk is not None and n >= self._auto_topk)))
+        return self.spectrum == "topk" or (
+            self.spectrum == "auto"
+            and (4 * 8 * n * n > self.memory_budget or (self._auto_topk is not None and n >= self._auto_topk))
+        )
 
-    def _measure_topk(self, model: torch.nn.Module, args: tuple[torch.Tensor, ...], step: int,
-                      distributed: bool = False) -> list[Record]:
+    def _measure_topk(
+        self, model: torch.nn.Module, args: tuple[torch.Tensor, ...], step: int, distributed: bool = False
+    ) -> list[Record]:
         """Trace (exact), the ``top_k`` largest eigenvalues (block Krylov on ``Theta V`` from the layerwise factors,
         float64) and the effective rank estimated from them (``effective_rank_bounds``); no ``n x n`` matrix. The
         image plots the top eigenvalues, now and at the first measurement."""
-        op = ntk_operator(model, args, mode=self.mode, reduction=self.reduction, chunk_size=self.chunk_size,
-                          dtype=torch.float64, plan=self._plan[1], distributed=distributed)
+        op = ntk_operator(
+            model,
+            args,
+            mode=self.mode,
+            reduction=self.reduction,
+            chunk_size=self.chunk_size,
+            dtype=torch.float64,
+            plan=self._plan[1],
+            distributed=distributed,
+        )
         n = op.shape[0]
         trace = op.trace()
         top = top_eigenvalues(op.matmat, n, max(1, self.top_k), device=trace.device).values
         estimate = effective_rank_bounds(top, trace, n)[0]
-        records: list[Record] = [Scalar("ntk/trace", trace), Scalar("ntk/eig_max", top[0]),
-                                 Scalar("ntk/effective_rank", torch.tensor(estimate, dtype=torch.float64))]
+        records: list[Record] = [
+            Scalar("ntk/trace", trace),
+            Scalar("ntk/eig_max", top[0]),
+            Scalar("ntk/effective_rank", torch.tensor(estimate, dtype=torch.float64)),
+        ]
         records += [Scalar(f"ntk/eig_top/{k + 1}", top[k]) for k in range(min(self.top_k, top.numel()))]
         if self.init_eigenvalues is None:
             self.init_eigenvalues, self.init_step = top.detach().clone(), step
         if self.image and image_due(self, self.image_cadence, step):
-            records.append(Image("ntk/spectrum", spectrum_drawing(top, self.init_eigenvalues, step, self.init_step,
-                                                                  self.reduction, self.mode, of=n)))
+            records.append(
+                Image(
+                    "ntk/spectrum",
+                    spectrum_drawing(top, self.init_eigenvalues, step, self.init_step, self.reduction, self.mode, of=n),
+                )
+            )
         return records
 
 
-def spectrum_drawing(eigs: torch.Tensor, reference: torch.Tensor | None = None, step: int | None = None,
-                   reference_step: int | None = None, reduction: str = "sum", mode: str = "trace",
-                   of: int | None = None) -> Drawing:
+def spectrum_drawing(
+    eigs: torch.Tensor,
+    reference: torch.Tensor | None = None,
+    step: int | None = None,
+    reference_step: int | None = None,
+    reduction: str = "sum",
+    mode: str = "trace",
+    of: int | None = None,
+) -> Drawing:
     """Labelled plot of the positive eigenvalues against their rank (largest first), log y; ``reference``
     (the first kernel's) dashed, to draw later (host copies of the eigenvalues). ``of``: the kernel's size when
     ``eigs`` are only its largest eigenvalues."""
-    what = "PC x PC kernel" if mode == "full" else f"kernel {'summed' if reduction == 'sum' else 'averaged'} " \
-        "over outputs"
+    what = (
+        "PC x PC kernel" if mode == "full" else f"kernel {'summed' if reduction == 'sum' else 'averaged'} over outputs"
+    )
     which = f"top {eigs.numel()} of {of:,} NTK eigenvalues" if of is not None else "NTK eigenvalues"
     title = f"ntk/spectrum: {which}" + (f", step {step}" if step is not None else "") + f"\n({what})"
     if reference is not None and step is not None and step == reference_step:
         reference = None  # at the first measurement, now is the initialization: one curve
-    return Drawing(spectrum_figure, eigs.detach().double().cpu().numpy(),
-                   None if reference is None else reference.detach().double().cpu().numpy(),
-                   step=step, init_step=reference_step, title=title, ylabel="eigenvalue of the NTK (log scale)")
+    return Drawing(
+        spectrum_figure,
+        eigs.detach().double().cpu().numpy(),
+        None if reference is None else reference.detach().double().cpu().numpy(),
+        step=step,
+        init_step=reference_step,
+        title=title,
+        ylabel="eigenvalue of the NTK (log scale)",
+    )
 
 
-def spectrum_image(eigs: torch.Tensor, reference: torch.Tensor | None = None, step: int | None = None,
-                   reference_step: int | None = None, reduction: str = "sum", mode: str = "trace",
-                   of: int | None = None) -> np.ndarray:
+def spectrum_image(
+    eigs: torch.Tensor,
+    reference: torch.Tensor | None = None,
+    step: int | None = None,
+    reference_step: int | None = None,
+    reduction: str = "sum",
+    mode: str = "trace",
+    of: int | None = None,
+) -> np.ndarray:
     """The pixels of ``spectrum_drawing`` (drawn now)."""
     return spectrum_drawing(eigs, reference, step, reference_step, reduction, mode, of).result()
 

@@ -94,8 +94,10 @@ def find_two_layer(model: nn.Module, layer: str | None = None) -> tuple[str, nn.
             target = model.get_submodule(layer)
         except AttributeError as exc:
             names = [p for p, _ in model.named_modules() if p]
-            raise ValueError(f"particles: option 'layer'={layer!r}: model {who} has no such module; its modules: "
-                             f"{', '.join(names[:20]) or 'none'}") from exc
+            raise ValueError(
+                f"particles: option 'layer'={layer!r}: model {who} has no such module; its modules: "
+                f"{', '.join(names[:20]) or 'none'}"
+            ) from exc
         prefix = layer
     if isinstance(target, MeanField):
         p = f"{prefix}." if prefix else ""
@@ -106,36 +108,48 @@ def find_two_layer(model: nn.Module, layer: str | None = None) -> tuple[str, nn.
             p = f"{fields[0][0]}." if fields[0][0] else ""
             return p + "hidden", fields[0][1].hidden, p + "output", fields[0][1].output
         if len(fields) > 1:
-            raise ValueError(f"particles: model {who} holds {len(fields)} MeanField modules "
-                             f"({', '.join(p for p, _ in fields)}); name one with layer=")
+            raise ValueError(
+                f"particles: model {who} holds {len(fields)} MeanField modules "
+                f"({', '.join(p for p, _ in fields)}); name one with layer="
+            )
     leaves = _leaves(model)
     if isinstance(target, nn.Linear):
         # the hidden layer is named: its output layer is the next Linear (registration order)
         idx = next(i for i, (p, _) in enumerate(leaves) if p == layer)
-        for path, mod in leaves[idx + 1:]:
+        for path, mod in leaves[idx + 1 :]:
             if isinstance(mod, nn.Linear):
                 if mod.in_features != target.out_features:
-                    raise ValueError(f"particles: option 'layer': in model {who}, the Linear after {layer!r} is "
-                                     f"{path!r} with {mod.in_features} inputs, but {layer!r} has "
-                                     f"{target.out_features} units; this is not a two-layer net Linear -> activation "
-                                     "-> Linear")
+                    raise ValueError(
+                        f"particles: option 'layer': in model {who}, the Linear after {layer!r} is "
+                        f"{path!r} with {mod.in_features} inputs, but {layer!r} has "
+                        f"{target.out_features} units; this is not a two-layer net Linear -> activation "
+                        "-> Linear"
+                    )
                 return layer, target, path, mod
             if _has_params(mod) and not isinstance(mod, nn.PReLU):
-                raise ValueError(f"particles: option 'layer': in model {who}, {path!r} ({type(mod).__name__}) has "
-                                 f"parameters between the hidden layer {layer!r} and the output layer; particles needs "
-                                 "Linear -> activation -> Linear")
-        raise ValueError(f"particles: option 'layer': in model {who}, no Linear layer follows {layer!r}; particles "
-                         "needs Linear -> activation -> Linear")
+                raise ValueError(
+                    f"particles: option 'layer': in model {who}, {path!r} ({type(mod).__name__}) has "
+                    f"parameters between the hidden layer {layer!r} and the output layer; particles needs "
+                    "Linear -> activation -> Linear"
+                )
+        raise ValueError(
+            f"particles: option 'layer': in model {who}, no Linear layer follows {layer!r}; particles "
+            "needs Linear -> activation -> Linear"
+        )
     sub = _leaves(target, prefix)
     with_params = [(p, m) for p, m in sub if _has_params(m) and not isinstance(m, nn.PReLU)]
     where = f"module {prefix!r} (option 'layer') of model {who}" if prefix else f"model {who}"
     if len(with_params) != 2 or not all(isinstance(m, nn.Linear) for _, m in with_params):
-        raise ValueError(f"particles: {where} is not a two-layer net Linear -> activation -> Linear "
-                         f"({_describe(sub)}); name the hidden Linear with layer=")
+        raise ValueError(
+            f"particles: {where} is not a two-layer net Linear -> activation -> Linear "
+            f"({_describe(sub)}); name the hidden Linear with layer="
+        )
     (hp, hidden), (op, out) = with_params
     if hidden.out_features != out.in_features:
-        raise ValueError(f"particles: in {where}, {hp!r} has {hidden.out_features} units but {op!r} takes "
-                         f"{out.in_features} inputs; this is not a two-layer net")
+        raise ValueError(
+            f"particles: in {where}, {hp!r} has {hidden.out_features} units but {op!r} takes "
+            f"{out.in_features} inputs; this is not a two-layer net"
+        )
     return hp, hidden, op, out
 
 
@@ -180,14 +194,17 @@ def _teacher_option(teacher: Any) -> torch.Tensor | tuple[torch.Tensor, ...] | N
     lists); their shapes against the model are checked at attach, in ``setup``."""
     if teacher is None:
         return None
-    if isinstance(teacher, (tuple, list)) and (any(isinstance(v, (torch.Tensor, np.ndarray)) for v in teacher) or (
-            any(isinstance(v, (list, tuple)) for v in teacher) and not _rectangular(teacher))):
+    if isinstance(teacher, (tuple, list)) and (
+        any(isinstance(v, (torch.Tensor, np.ndarray)) for v in teacher)
+        or (any(isinstance(v, (list, tuple)) for v in teacher) and not _rectangular(teacher))
+    ):
         if len(teacher) not in (2, 3):
             raise ValueError(f"particles: option 'teacher' must be {TEACHER}, got a sequence of {len(teacher)}")
         parts = [options.array("particles", "teacher", v, ndim=(0, 1, 2), what=TEACHER) for v in teacher]
         if parts[1].ndim != 2:
-            raise ValueError(f"particles: option 'teacher' (a, W) needs W of shape (M, d), got shape "
-                             f"{tuple(parts[1].shape)}")
+            raise ValueError(
+                f"particles: option 'teacher' (a, W) needs W of shape (M, d), got shape {tuple(parts[1].shape)}"
+            )
         return tuple(parts)
     return options.array("particles", "teacher", teacher, ndim=(1, 2), what=TEACHER)
 
@@ -218,9 +235,20 @@ class Particles(Probe):
     needs_sites = False
     needs_probe_data = False
 
-    def __init__(self, layer: str | None = None, teacher: Any = None, trail: int = 200, trail_mode: str = "thin",
-                 basis: Any = "init", signed: bool = True, bias: bool = False, output_index: int | None = None,
-                 size: int = 480, limit: float | None = None, image_every: int | None = None) -> None:
+    def __init__(
+        self,
+        layer: str | None = None,
+        teacher: Any = None,
+        trail: int = 200,
+        trail_mode: str = "thin",
+        basis: Any = "init",
+        signed: bool = True,
+        bias: bool = False,
+        output_index: int | None = None,
+        size: int = 480,
+        limit: float | None = None,
+        image_every: int | None = None,
+    ) -> None:
         options.integer("particles", "trail", trail, minimum=2, maximum=MAX_TRAIL)
         options.integer("particles", "size", size, minimum=240, maximum=MAX_SIZE)
         options.integer("particles", "output_index", output_index, minimum=0, optional=True)
@@ -228,14 +256,20 @@ class Particles(Probe):
         options.flag("particles", "bias", bias)
         options.number("particles", "limit", limit, positive=True, optional=True)
         options.choice("particles", "trail_mode", trail_mode, ("thin", "ring"))
-        layer = options.text("particles", "layer", layer, optional=True,
-                             what="the module path of the hidden Linear, a MeanField or a two-layer sub-module")
+        layer = options.text(
+            "particles",
+            "layer",
+            layer,
+            optional=True,
+            what="the module path of the hidden Linear, a MeanField or a two-layer sub-module",
+        )
         teacher = _teacher_option(teacher)
         if isinstance(basis, str):
             options.choice("particles", "basis", basis, ("init", "teacher"))
         else:
-            basis = options.array("particles", "basis", basis, ndim=(2,),
-                                  what="'init', 'teacher' or a D x 2 matrix of finite numbers")
+            basis = options.array(
+                "particles", "basis", basis, ndim=(2,), what="'init', 'teacher' or a D x 2 matrix of finite numbers"
+            )
         if isinstance(basis, str) and basis == "teacher" and teacher is None:
             raise ValueError("particles: option basis='teacher' needs option 'teacher'")
         self.layer = layer
@@ -294,8 +328,10 @@ class Particles(Probe):
         if isinstance(self.basis_spec, torch.Tensor):  # checked at construction: finite, 2-d, float64
             b = self.basis_spec.to(device=dev)
             if b.shape != (self.dim, 2):
-                raise ValueError(f"{who}: option 'basis' must be a {self.dim} x 2 matrix (D = {self.dim} = input "
-                                 f"dimension{' + 1 for the bias' if self.bias else ''}), got shape {tuple(b.shape)}")
+                raise ValueError(
+                    f"{who}: option 'basis' must be a {self.dim} x 2 matrix (D = {self.dim} = input "
+                    f"dimension{' + 1 for the bias' if self.bias else ''}), got shape {tuple(b.shape)}"
+                )
             self.basis = b
         elif self.dim <= 2 and self.basis_spec != "teacher":
             self.basis = torch.eye(self.dim, 2, dtype=torch.float64, device=dev)
@@ -312,8 +348,10 @@ class Particles(Probe):
             a = spec[0].to(dev).reshape(-1)
             w = spec[1].to(dev)
             if w.ndim != 2 or w.shape[0] != a.shape[0] or w.shape[1] != self.hidden.in_features:
-                raise ValueError(f"{who}: option 'teacher' (a, W) needs a of shape (M,) and W of shape "
-                                 f"(M, {self.hidden.in_features}), got {tuple(a.shape)} and {tuple(w.shape)}")
+                raise ValueError(
+                    f"{who}: option 'teacher' (a, W) needs a of shape (M,) and W of shape "
+                    f"(M, {self.hidden.in_features}), got {tuple(a.shape)} and {tuple(w.shape)}"
+                )
             if self.bias:
                 if len(spec) != 3:
                     raise ValueError(f"{who}: bias=True needs option 'teacher' as (a, W, b)")
@@ -328,9 +366,11 @@ class Particles(Probe):
             if pos.ndim == 1:
                 pos = pos[None]
             if pos.shape[1] != dim:
-                raise ValueError(f"{who}: option 'teacher' must be an M x {dim} tensor of positions (D = input "
-                                 f"dimension{' + 1 for the bias' if self.bias else ''}), got shape "
-                                 f"{tuple(spec.shape)}")
+                raise ValueError(
+                    f"{who}: option 'teacher' must be an M x {dim} tensor of positions (D = input "
+                    f"dimension{' + 1 for the bias' if self.bias else ''}), got shape "
+                    f"{tuple(spec.shape)}"
+                )
             sign = None
         if not torch.isfinite(pos).all():
             raise ValueError(f"{who}: option 'teacher' gives positions a_j w_j that overflow")
@@ -338,8 +378,9 @@ class Particles(Probe):
 
     # -- measurement ----------------------------------------------------------------
     @torch.no_grad()
-    def positions(self, gathered: Callable[..., AbstractContextManager[None]] | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    def positions(
+        self, gathered: Callable[..., AbstractContextManager[None]] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """``(p, sign, norms)``: positions (m x D float64), ``a_j >= 0`` (or None) and ``|a_j| ||w_j||``.
 
         Args:
@@ -378,7 +419,7 @@ class Particles(Probe):
             return torch.zeros(0, 0, 2, dtype=torch.float64)
         if self.trail_mode == "ring" and self.seen > self.trail_length:
             return torch.roll(self.trail, -(self.seen % self.trail_length), dims=0)
-        return self.trail[:self.filled]
+        return self.trail[: self.filled]
 
     def _store(self, xy: torch.Tensor) -> None:
         n = self.seen
@@ -391,9 +432,9 @@ class Particles(Probe):
         if n % self.stride:
             return
         if self.filled == self.trail_length:
-            kept = buf[0:self.trail_length:2].clone()
+            kept = buf[0 : self.trail_length : 2].clone()
             buf.fill_(float("nan"))
-            buf[:kept.shape[0]] = kept
+            buf[: kept.shape[0]] = kept
             self.filled = kept.shape[0]
             self.stride *= 2
             if n % self.stride:
@@ -407,19 +448,22 @@ class Particles(Probe):
         p, sign, norms = self.positions(batch.gathered)
         if self.basis is None:
             if not torch.isfinite(p).all():
-                raise ValueError(f"{self._who}: non-finite weights at the first measurement; "
-                                 "cannot fix the projection basis")
+                raise ValueError(
+                    f"{self._who}: non-finite weights at the first measurement; cannot fix the projection basis"
+                )
             self.basis = _principal(p, center=True)
         if tuple(self.basis.shape) != (self.dim, 2):
-            raise ValueError(f"{self._who}: the projection basis has shape {tuple(self.basis.shape)}, expected "
-                             f"({self.dim}, 2): a checkpoint of another model?")
+            raise ValueError(
+                f"{self._who}: the projection basis has shape {tuple(self.basis.shape)}, expected "
+                f"({self.dim}, 2): a checkpoint of another model?"
+            )
         xy = (p @ self.basis.to(p.device)).cpu()  # the basis may come from another device (a moved model)
         self._store(xy)
-        records: list[Record] = [Scalar("particles/mean_norm", norms.mean()),
-                                 Histogram.of("particles/norms", norms)]
+        records: list[Record] = [Scalar("particles/mean_norm", norms.mean()), Histogram.of("particles/norms", norms)]
         if image_due(self, self.image_cadence, batch.step):
-            records.append(Image("particles/positions", self.drawing(xy, None if sign is None else sign.cpu(),
-                                                                     step=batch.step)))
+            records.append(
+                Image("particles/positions", self.drawing(xy, None if sign is None else sign.cpu(), step=batch.step))
+            )
         return records
 
     # -- image ----------------------------------------------------------------------
@@ -431,8 +475,11 @@ class Particles(Probe):
         """The image of ``render``, to draw later (host copies of the positions)."""
         cur = xy.numpy()
         hist = self.trails().numpy()
-        teacher = (self.teacher.to(self.basis.device) @ self.basis).cpu().numpy() if self.teacher is not None \
+        teacher = (
+            (self.teacher.to(self.basis.device) @ self.basis).cpu().numpy()
+            if self.teacher is not None
             else np.zeros((0, 2))
+        )
         if self.fixed_limit is not None:
             lim = self.fixed_limit
         else:
@@ -445,8 +492,18 @@ class Particles(Probe):
             tsign = self.teacher_sign.cpu().numpy()
         at = f", step {step}" if step is not None else ""
         title = f"particles/positions: {self._position_name()} of {cur.shape[0]} hidden units{at}"
-        return Drawing(particles_figure, cur, hist, None if sign is None else sign.numpy(), teacher, tsign, lim,
-                       title=title, axis_labels=self._axis_labels(), size=self.size)
+        return Drawing(
+            particles_figure,
+            cur,
+            hist,
+            None if sign is None else sign.numpy(),
+            teacher,
+            tsign,
+            lim,
+            title=title,
+            axis_labels=self._axis_labels(),
+            size=self.size,
+        )
 
     def _position_name(self) -> str:
         w = "(w_j, b_j)" if self.bias else "w_j"

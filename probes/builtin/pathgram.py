@@ -115,8 +115,10 @@ class Chain:
 def find_chain(batch: ProbeBatch | Pass, who: str = "pathgram") -> Chain:
     """Read ``Linear, gate, Linear, ..., Linear`` off ``batch.calls``; raise naming the module that breaks it."""
     if not batch.calls:
-        raise ValueError(f"{who}: the probe pass recorded no module calls; is the model an nn.Module whose "
-                         "forward calls Linear layers?")
+        raise ValueError(
+            f"{who}: the probe pass recorded no module calls; is the model an nn.Module whose "
+            "forward calls Linear layers?"
+        )
     linears: list[tuple[str, nn.Linear]] = []
     gates: list[str] = []
     expect_linear = True
@@ -126,8 +128,10 @@ def find_chain(batch: ProbeBatch | Pass, who: str = "pathgram") -> Chain:
             continue
         if call.site is None and isinstance(call.module, nn.Flatten):
             if linears:
-                raise ValueError(f"{who}: {where} comes after Linear {linears[-1][0]!r}; only a leading Flatten "
-                                 "fits a Linear->ReLU chain")
+                raise ValueError(
+                    f"{who}: {where} comes after Linear {linears[-1][0]!r}; only a leading Flatten "
+                    "fits a Linear->ReLU chain"
+                )
             continue
         if expect_linear:
             if call.site is None and isinstance(call.module, nn.Linear):
@@ -136,19 +140,25 @@ def find_chain(batch: ProbeBatch | Pass, who: str = "pathgram") -> Chain:
                 continue
             what = f"activation site {call.site!r}" if call.site is not None else where
             after = f"after gate {gates[-1]!r}" if gates else "at the start of the chain"
-            raise ValueError(f"{who}: {what} {after} where an nn.Linear was expected; the path gram applies to "
-                             "Linear->ReLU chains only (an MLP of nn.Linear and nn.ReLU); leave pathgram out for "
-                             "this model")
+            raise ValueError(
+                f"{who}: {what} {after} where an nn.Linear was expected; the path gram applies to "
+                "Linear->ReLU chains only (an MLP of nn.Linear and nn.ReLU); leave pathgram out for "
+                "this model"
+            )
         if call.site is not None:
             if call.kind not in GATE_KINDS:
-                raise ValueError(f"{who}: activation site {call.site!r} is a {call.kind}; the neural path kernel "
-                                 "needs 0/1 gates, i.e. ReLU (post = pre * (pre > 0)) after every hidden Linear")
+                raise ValueError(
+                    f"{who}: activation site {call.site!r} is a {call.kind}; the neural path kernel "
+                    "needs 0/1 gates, i.e. ReLU (post = pre * (pre > 0)) after every hidden Linear"
+                )
             gates.append(call.site)
             expect_linear = True
             continue
-        raise ValueError(f"{who}: {where} follows Linear {linears[-1][0]!r} where a ReLU was expected; the path "
-                         "gram applies to Linear->ReLU chains only (an MLP of nn.Linear and nn.ReLU); leave pathgram "
-                         "out for this model")
+        raise ValueError(
+            f"{who}: {where} follows Linear {linears[-1][0]!r} where a ReLU was expected; the path "
+            "gram applies to Linear->ReLU chains only (an MLP of nn.Linear and nn.ReLU); leave pathgram "
+            "out for this model"
+        )
     if not linears:
         raise ValueError(f"{who}: the probe pass called no nn.Linear; the path gram applies to Linear->ReLU chains")
     if expect_linear:
@@ -161,9 +171,14 @@ def _relative_error(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a - b).abs().max() / (b.abs().max() + a.abs().max() + 1e-30)
 
 
-def check_recomposition(batch: ProbeBatch | Pass, chain: Chain, X: torch.Tensor, who: str = "pathgram",
-                        rows: int = 256,
-                        gathered: Callable[..., AbstractContextManager[None]] | None = None) -> None:
+def check_recomposition(
+    batch: ProbeBatch | Pass,
+    chain: Chain,
+    X: torch.Tensor,
+    who: str = "pathgram",
+    rows: int = 256,
+    gathered: Callable[..., AbstractContextManager[None]] | None = None,
+) -> None:
     """Each gate's input must be its Linear applied to the previous gate's output (the flattened input
     for the first), and the model output the last Linear applied to the last gate's output; checked on
     the first ``rows`` samples (a chain is per sample: any sample shows a break).
@@ -189,8 +204,10 @@ def check_recomposition(batch: ProbeBatch | Pass, chain: Chain, X: torch.Tensor,
         for k, (path, lin) in enumerate(chain.linears):
             if h.ndim != 2 or h.shape[-1] != lin.in_features:
                 src = "the flattened input" if k == 0 else f"the output of gate {chain.gates[k - 1]!r}"
-                raise ValueError(f"{who}: Linear {path!r} expects {lin.in_features} features but {src} has shape "
-                                 f"{tuple(h.shape)}; the path gram needs a plain Linear->ReLU chain on P x d inputs")
+                raise ValueError(
+                    f"{who}: Linear {path!r} expects {lin.in_features} features but {src} has shape "
+                    f"{tuple(h.shape)}; the path gram needs a plain Linear->ReLU chain on P x d inputs"
+                )
             with gather(lin):  # this Linear's whole weight for the block, under FSDP2; the next one after it
                 z = F.linear(h.to(lin.weight.dtype), lin.weight, lin.bias)
             if k < len(chain.gates):
@@ -198,29 +215,43 @@ def check_recomposition(batch: ProbeBatch | Pass, chain: Chain, X: torch.Tensor,
                 if act is None:
                     raise ValueError(f"{who}: gate site {chain.gates[k]!r} was not captured on the probe pass")
                 if act.pre.ndim != 2 or tuple(act.pre.shape) != (X.shape[0], z.shape[1]):
-                    raise ValueError(f"{who}: gate {chain.gates[k]!r} has input shape {tuple(act.pre.shape)} but "
-                                     f"Linear {path!r} gives {tuple(z.shape)}; something between them breaks "
-                                     "the Linear->ReLU chain")
+                    raise ValueError(
+                        f"{who}: gate {chain.gates[k]!r} has input shape {tuple(act.pre.shape)} but "
+                        f"Linear {path!r} gives {tuple(z.shape)}; something between them breaks "
+                        "the Linear->ReLU chain"
+                    )
                 errors.append(_relative_error(z, act.pre[:m]))
-                where.append(f"the input of gate {chain.gates[k]!r} is not the output of Linear {path!r} applied to "
-                             + ("the flattened input" if k == 0 else f"the output of gate {chain.gates[k - 1]!r}"))
+                where.append(
+                    f"the input of gate {chain.gates[k]!r} is not the output of Linear {path!r} applied to "
+                    + ("the flattened input" if k == 0 else f"the output of gate {chain.gates[k - 1]!r}")
+                )
                 h = act.post[:m]
             else:
                 out = batch.output
-                if not isinstance(out, torch.Tensor) or out.ndim == 0 or out.shape[0] != X.shape[0] \
-                        or out[0].numel() != z.shape[1]:
+                if (
+                    not isinstance(out, torch.Tensor)
+                    or out.ndim == 0
+                    or out.shape[0] != X.shape[0]
+                    or out[0].numel() != z.shape[1]
+                ):
                     shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-                    raise ValueError(f"{who}: the model output {shape} is not the output of the last Linear "
-                                     f"{path!r} ({X.shape[0]} x {z.shape[1]}); the path gram needs the Linear as "
-                                     "output layer")
+                    raise ValueError(
+                        f"{who}: the model output {shape} is not the output of the last Linear "
+                        f"{path!r} ({X.shape[0]} x {z.shape[1]}); the path gram needs the Linear as "
+                        "output layer"
+                    )
                 errors.append(_relative_error(z, out[:m].reshape(m, -1)))
-                where.append(f"the model output is not the output of Linear {path!r} applied to "
-                             + (f"the output of gate {chain.gates[k - 1]!r}" if k else "the flattened input"))
+                where.append(
+                    f"the model output is not the output of Linear {path!r} applied to "
+                    + (f"the output of gate {chain.gates[k - 1]!r}" if k else "the flattened input")
+                )
     errs = torch.stack(errors).cpu().tolist()
     for e, msg in zip(errs, where):
         if not e <= RECOMPOSE_RTOL:
-            raise ValueError(f"{who}: {msg} (relative difference {e:.2e}); a residual connection, scaling, "
-                             "normalization or functional call in forward breaks the Linear->ReLU chain")
+            raise ValueError(
+                f"{who}: {msg} (relative difference {e:.2e}); a residual connection, scaling, "
+                "normalization or functional call in forward breaks the Linear->ReLU chain"
+            )
 
 
 def flatten_input(x: object, who: str = "pathgram") -> torch.Tensor:
@@ -236,14 +267,16 @@ def _label_order(Y: torch.Tensor) -> torch.Tensor:
     return torch.argsort(key, stable=True)
 
 
-def gram_image(pg: PathGram, Y: torch.Tensor, mode: str = "cosine", side: int = 128,
-               title: str = "pathgram/gram") -> np.ndarray:
+def gram_image(
+    pg: PathGram, Y: torch.Tensor, mode: str = "cosine", side: int = 128, title: str = "pathgram/gram"
+) -> np.ndarray:
     """The pixels of ``gram_drawing`` (drawn now)."""
     return gram_drawing(pg, Y, mode, side, title).result()
 
 
-def gram_drawing(pg: PathGram, Y: torch.Tensor, mode: str = "cosine", side: int = 128,
-                 title: str = "pathgram/gram") -> Drawing:
+def gram_drawing(
+    pg: PathGram, Y: torch.Tensor, mode: str = "cosine", side: int = 128, title: str = "pathgram/gram"
+) -> Drawing:
     """Figure of the path gram, to draw later (host copies of the entries shown), samples sorted by label;
     above ``side`` samples, ``side`` of them evenly spaced in that order (each cell one entry of ``H``, the
     diagonal kept); label groups marked."""
@@ -264,9 +297,17 @@ def gram_drawing(pg: PathGram, Y: torch.Tensor, mode: str = "cosine", side: int 
     starts = (torch.nonzero(key[1:] != key[:-1]).flatten() + 1).tolist()
     names = [f"{v:g}" for v in key[[0, *starts]].tolist()] if key.numel() else []
     shown = f"{order.numel()} of {P} samples" if order.numel() < P else f"{P} samples"
-    return Drawing(matrix_figure, m.double().cpu().numpy(), starts, names, title=title, colorbar_label=bar,
-                   vmax=vmax, xlabel=f"probe sample j ({shown}, grouped by label)",
-                   ylabel="probe sample i (same order)")
+    return Drawing(
+        matrix_figure,
+        m.double().cpu().numpy(),
+        starts,
+        names,
+        title=title,
+        colorbar_label=bar,
+        vmax=vmax,
+        xlabel=f"probe sample j ({shown}, grouped by label)",
+        ylabel="probe sample i (same order)",
+    )
 
 
 class PathGramProbe(Probe):
@@ -282,9 +323,17 @@ class PathGramProbe(Probe):
     needs_sites = True
     needs_probe_data = True
 
-    def __init__(self, condition: str = "estimate", image: str | None = "cosine", image_side: int = 128,
-                 jitter_start: float = 1e-12, jitter_max: float = 1e-2, check: bool = True,
-                 image_every: int | None = None, rcond: float | None = None) -> None:
+    def __init__(
+        self,
+        condition: str = "estimate",
+        image: str | None = "cosine",
+        image_side: int = 128,
+        jitter_start: float = 1e-12,
+        jitter_max: float = 1e-2,
+        check: bool = True,
+        image_every: int | None = None,
+        rcond: float | None = None,
+    ) -> None:
         self.condition = options.choice("pathgram", "condition", condition, ("estimate", "exact", "off"))
         self.image = options.choice("pathgram", "image", image, ("cosine", "raw", None))
         self.image_side = options.integer("pathgram", "image_side", image_side, minimum=1)
@@ -311,9 +360,11 @@ class PathGramProbe(Probe):
         labels fit the model's outputs: what would otherwise fail at the first measurement."""
         found: ProbeBatch | Pass = batch
         if not batch.calls:  # a batch without the shared pass's trace: one pass over two samples shows the chain
-            found = batch.run(take(batch.x, slice(0, 2)),
-                              keep=lambda site: frozenset({"pre", "post"}) if self.wants_site(site) else frozenset())
-        X = flatten_input(batch.x)[:found.output.shape[0]]
+            found = batch.run(
+                take(batch.x, slice(0, 2)),
+                keep=lambda site: frozenset({"pre", "post"}) if self.wants_site(site) else frozenset(),
+            )
+        X = flatten_input(batch.x)[: found.output.shape[0]]
         chain = find_chain(found)
         if self.check:
             check_recomposition(found, chain, X, rows=min(X.shape[0], 16), gathered=batch.gathered)
@@ -343,8 +394,10 @@ class PathGramProbe(Probe):
             raise ValueError(f"pathgram: {Y.shape[0]} label rows for a probe batch of {P} samples")
         Y = Y.to(pg.h.device)
         if not bool(pg.diagonal().max() > 0):
-            raise ValueError("pathgram: H = 0: no input-to-output path is open for any probe sample (a layer "
-                             "whose gates are all closed, i.e. the net is dead on the probe batch, or x = 0)")
+            raise ValueError(
+                "pathgram: H = 0: no input-to-output path is open for any probe sample (a layer "
+                "whose gates are all closed, i.e. the net is dead on the probe batch, or x = 0)"
+            )
         # in place: pg.h then holds the factor below the diagonal and H above it (no second P x P matrix)
         fact = factorize(pg, self.jitter_start, self.jitter_max, condition=self.condition, rcond=self.rcond)
         q = quadratic_form(fact, Y)  # q(h); H = 2^e h  =>  q(H) = 2^-e q(h)

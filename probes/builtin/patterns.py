@@ -70,8 +70,10 @@ def _check_folder(directory: str) -> None:
         ancestor = ancestor.parent
     if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
         why = "is not a folder" if not ancestor.is_dir() else "is not writable"
-        raise ValueError(f"patterns: option 'directory'={directory!r}: the snapshots (save=True) cannot be written "
-                         f"there ({str(ancestor)!r} {why})")
+        raise ValueError(
+            f"patterns: option 'directory'={directory!r}: the snapshots (save=True) cannot be written "
+            f"there ({str(ancestor)!r} {why})"
+        )
 
 
 def _groups(y: torch.Tensor | None, P: int) -> tuple[torch.Tensor, list[int], list[str]]:
@@ -97,16 +99,28 @@ def _groups(y: torch.Tensor | None, P: int) -> tuple[torch.Tensor, list[int], li
 MAX_IMAGE_ROWS = 512
 
 
-def gate_image(gates: torch.Tensor, order: torch.Tensor, starts: list[int], names: Sequence[str] = (),
-               title: str = "gates on the probe batch", ndim: int = 2, real: torch.Tensor | None = None
-               ) -> np.ndarray:
+def gate_image(
+    gates: torch.Tensor,
+    order: torch.Tensor,
+    starts: list[int],
+    names: Sequence[str] = (),
+    title: str = "gates on the probe batch",
+    ndim: int = 2,
+    real: torch.Tensor | None = None,
+) -> np.ndarray:
     """The pixels of ``gate_drawing`` (drawn now)."""
     return gate_drawing(gates, order, starts, names, title, ndim, real).result()
 
 
-def gate_drawing(gates: torch.Tensor, order: torch.Tensor, starts: list[int], names: Sequence[str] = (),
-                 title: str = "gates on the probe batch", ndim: int = 2, real: torch.Tensor | None = None
-                 ) -> Drawing:
+def gate_drawing(
+    gates: torch.Tensor,
+    order: torch.Tensor,
+    starts: list[int],
+    names: Sequence[str] = (),
+    title: str = "gates on the probe batch",
+    ndim: int = 2,
+    real: torch.Tensor | None = None,
+) -> Drawing:
     """Figure of a P x units gate matrix, to draw later (a host copy of the gates): units (y) by samples (x)
     in ``order``, a line before every group start, the groups' labels ``names`` under them. ``real``
     (broadcastable to ``gates``: true at the gates of real tokens, as the attention mask says) marks the
@@ -200,8 +214,15 @@ class Patterns(Probe):
     site_values = frozenset({"gate"})
     needs_probe_data = True
 
-    def __init__(self, sites: str | Sequence[str] | None = None, unit_dim: int | None = None, image: bool = True,
-                 save: bool = False, directory: str | None = None, image_every: int | None = None) -> None:
+    def __init__(
+        self,
+        sites: str | Sequence[str] | None = None,
+        unit_dim: int | None = None,
+        image: bool = True,
+        save: bool = False,
+        directory: str | None = None,
+        image_every: int | None = None,
+    ) -> None:
         self.sites = options.names("patterns", "sites", sites)
         self.unit_dim = options.integer("patterns", "unit_dim", unit_dim, optional=True)
         self.image = options.flag("patterns", "image", image)
@@ -220,8 +241,10 @@ class Patterns(Probe):
     def setup(self, context: Context) -> None:
         if self.save and self.directory is None:
             if context.logdir is None:
-                raise ValueError("patterns: save=True needs a log directory (attach(..., logdir=...)) or "
-                                 "directory=... for the snapshots")
+                raise ValueError(
+                    "patterns: save=True needs a log directory (attach(..., logdir=...)) or "
+                    "directory=... for the snapshots"
+                )
             self.directory = str(Path(context.logdir) / "patterns")
         if self.save:
             _check_folder(self.directory)
@@ -231,16 +254,19 @@ class Patterns(Probe):
             return names
         unmatched = [p for p in self.sites if not any(n == p or fnmatch.fnmatchcase(n, p) for n in names)]
         if unmatched:
-            raise ValueError(f"patterns: option 'sites': {unmatched} match no activation site of the model; its "
-                             f"sites are {names}")
+            raise ValueError(
+                f"patterns: option 'sites': {unmatched} match no activation site of the model; its sites are {names}"
+            )
         return [n for n in names if any(n == p or fnmatch.fnmatchcase(n, p) for p in self.sites)]
 
     def _site_names(self, activations: dict) -> list[str]:
         names = self._select([n for n, a in activations.items() if self.wants_site(a.site)])
         if not names:
-            raise ValueError("patterns: the model has no activation site on the probe pass (no ReLU, GELU, ... "
-                             "module or functional call was seen); patterns reads the gates of activations, so "
-                             "it cannot apply to this model")
+            raise ValueError(
+                "patterns: the model has no activation site on the probe pass (no ReLU, GELU, ... "
+                "module or functional call was seen); patterns reads the gates of activations, so "
+                "it cannot apply to this model"
+            )
         return names
 
     def validate(self, batch: ProbeBatch) -> None:
@@ -255,8 +281,9 @@ class Patterns(Probe):
         for n in names:
             gate = batch.activations[n].gate  # the pass kept only the gates: no copy
             if gate.ndim == 0 or gate.shape[0] != P:
-                raise ValueError(f"patterns: site {n!r} has shape {tuple(gate.shape)}; its first axis must be the "
-                                 f"{P} probe samples")
+                raise ValueError(
+                    f"patterns: site {n!r} has shape {tuple(gate.shape)}; its first axis must be the {P} probe samples"
+                )
             m = self._real(batch.mask, gate)
             if m is not None:
                 real[n] = m
@@ -265,8 +292,10 @@ class Patterns(Probe):
         for n, g in gates.items():
             old = self.shapes.get(n)
             if old is not None and tuple(old) != tuple(g.shape):
-                raise ValueError(f"patterns: site {n!r} has gate shape {tuple(g.shape)} but the first snapshot had "
-                                 f"{tuple(old)}; the probe batch or the model changed")
+                raise ValueError(
+                    f"patterns: site {n!r} has gate shape {tuple(g.shape)} but the first snapshot had "
+                    f"{tuple(old)}; the probe batch or the model changed"
+                )
         packed = {n: PackedGates.of(g) for n, g in gates.items()}  # snapshots kept at one bit per gate
         draw = self.image and image_due(self, self.image_cadence, batch.step)
         order, starts, group_names = _groups(batch.y, P) if draw else (None, [], [])
@@ -275,8 +304,10 @@ class Patterns(Probe):
             ud, fits = unit_axis(g.ndim, self.unit_dim)
             if not fits and n not in self._unit_said:
                 self._unit_said.add(n)
-                message = (f"patterns: option 'unit_dim'={self.unit_dim} is out of range for the {g.ndim}-d gates "
-                           f"of site {n!r}; that site counts its units on axis {ud} (the default)")
+                message = (
+                    f"patterns: option 'unit_dim'={self.unit_dim} is out of range for the {g.ndim}-d gates "
+                    f"of site {n!r}; that site counts its units on axis {ud} (the default)"
+                )
                 say(message, ProbesNoticeWarning)
             dims = tuple(d for d in range(g.ndim) if d != ud)
             m = real.get(n)
@@ -297,8 +328,9 @@ class Patterns(Probe):
             ]
             if draw:
                 title = f"patterns/{n}: gates on the probe batch, step {batch.step}"
-                records.append(Image(f"patterns/{n}", gate_drawing(g, order, starts, group_names, title, g.ndim,
-                                                                   real.get(n))))
+                records.append(
+                    Image(f"patterns/{n}", gate_drawing(g, order, starts, group_names, title, g.ndim, real.get(n)))
+                )
             del prev, first
         records.insert(0, Scalar("patterns/distinct", distinct_packed_rows([p.bits for p in packed.values()])))
         for n, p in packed.items():
@@ -309,8 +341,12 @@ class Patterns(Probe):
         if self.first_step is None:
             self.first_step = batch.step
         if self.save and batch.writes:  # under FSDP every rank measures; rank 0 alone writes
-            save_gates(snapshot_path(self.directory, batch.step), gates, batch.step,
-                       labels=batch.y if isinstance(batch.y, torch.Tensor) else None)
+            save_gates(
+                snapshot_path(self.directory, batch.step),
+                gates,
+                batch.step,
+                labels=batch.y if isinstance(batch.y, torch.Tensor) else None,
+            )
         return records
 
     def _real(self, mask: torch.Tensor | None, gate: torch.Tensor) -> torch.Tensor | None:

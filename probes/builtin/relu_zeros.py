@@ -90,8 +90,10 @@ class ReluZeros(Probe):
     def _unit_dim(self, site: str, ndim: int) -> int:
         axis, fits = unit_axis(ndim, self.unit_dim)
         if not fits:
-            _notice(f"relu_zeros: option 'unit_dim'={self.unit_dim} is out of range for the {ndim}-d activations of "
-                    f"site {site!r}; that site counts its units on axis {axis} (the default)")
+            _notice(
+                f"relu_zeros: option 'unit_dim'={self.unit_dim} is out of range for the {ndim}-d activations of "
+                f"site {site!r}; that site counts its units on axis {axis} (the default)"
+            )
         return axis
 
     def observe(self, site: Site, pre: torch.Tensor | None, post: torch.Tensor) -> None:
@@ -125,8 +127,10 @@ class ReluZeros(Probe):
             known = self._units[name] = (axis, post.shape[axis])
         axis, units = known
         if post.ndim <= axis or post.shape[axis] != units:
-            raise ValueError(f"relu_zeros: site {name!r} changed its number of units from {units} to "
-                             f"{post.shape[axis] if post.ndim > axis else 'none'}")
+            raise ValueError(
+                f"relu_zeros: site {name!r} changed its number of units from {units} to "
+                f"{post.shape[axis] if post.ndim > axis else 'none'}"
+            )
         self._fold(name)
         nonzero = self.nonzero.get(name)
         if nonzero is None:

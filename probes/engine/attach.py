@@ -14,13 +14,28 @@ from probes.engine.spec import DEFAULT_PROBE_BATCH_SIZE, Options
 __all__ = ["attach"]
 
 
-def attach(model: nn.Module, probes: Any, *, probe_data: Any = None, label_key: str | None = None,
-           output: Any = None, logdir: str | None = None, writer: Any = None, sinks: Any = None,
-           optimizer: torch.optim.Optimizer | None = None, strict: bool = False, functional: bool | None = None,
-           measure_at_attach: bool = True, state: Mapping[str, Any] | None = None,
-           probe_batch_size: int | None = DEFAULT_PROBE_BATCH_SIZE, overhead: float | str | None = "auto",
-           mask: str | None = "attention_mask", norm_stats: str = "running", label_shift: int = 0,
-           grad_scaler: Any = None) -> Session:
+def attach(
+    model: nn.Module,
+    probes: Any,
+    *,
+    probe_data: Any = None,
+    label_key: str | None = None,
+    output: Any = None,
+    logdir: str | None = None,
+    writer: Any = None,
+    sinks: Any = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    strict: bool = False,
+    functional: bool | None = None,
+    measure_at_attach: bool = True,
+    state: Mapping[str, Any] | None = None,
+    probe_batch_size: int | None = DEFAULT_PROBE_BATCH_SIZE,
+    overhead: float | str | None = "auto",
+    mask: str | None = "attention_mask",
+    norm_stats: str = "running",
+    label_shift: int = 0,
+    grad_scaler: Any = None,
+) -> Session:
     """Attach probes to ``model`` and return the ``Session`` (or raise and leave nothing behind).
 
     Args:
@@ -73,8 +88,26 @@ def attach(model: nn.Module, probes: Any, *, probe_data: Any = None, label_key: 
         TypeError: an option of the wrong type (the message names the option or the probe).
         ValueError: a bad option value, probe batch or label, or a probe that cannot apply to this model.
     """
-    return Session(model, probes, Options(
-        probe_data=probe_data, label_key=label_key, output=output, logdir=logdir, writer=writer, sinks=sinks,
-        optimizer=optimizer, strict=strict, functional=functional, measure_at_attach=measure_at_attach, state=state,
-        probe_batch_size=probe_batch_size, overhead=overhead, mask=mask, norm_stats=norm_stats,
-        label_shift=label_shift, grad_scaler=grad_scaler))
+    return Session(
+        model,
+        probes,
+        Options(
+            probe_data=probe_data,
+            label_key=label_key,
+            output=output,
+            logdir=logdir,
+            writer=writer,
+            sinks=sinks,
+            optimizer=optimizer,
+            strict=strict,
+            functional=functional,
+            measure_at_attach=measure_at_attach,
+            state=state,
+            probe_batch_size=probe_batch_size,
+            overhead=overhead,
+            mask=mask,
+            norm_stats=norm_stats,
+            label_shift=label_shift,
+            grad_scaler=grad_scaler,
+        ),
+    )

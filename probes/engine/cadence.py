@@ -43,10 +43,12 @@ def check_overhead(overhead: Any) -> float | None:
     """``attach(overhead=...)`` as a fraction, or None; raises on anything else."""
     if isinstance(overhead, str) and overhead == "auto":
         return AUTO_OVERHEAD
-    if overhead is not None and (isinstance(overhead, bool) or not isinstance(overhead, (int, float))
-                                 or not 0 < overhead < 1):
-        raise ValueError(f"attach(overhead=...) must be 'auto', None or a fraction of training time in (0, 1), "
-                         f"got {overhead!r}")
+    if overhead is not None and (
+        isinstance(overhead, bool) or not isinstance(overhead, (int, float)) or not 0 < overhead < 1
+    ):
+        raise ValueError(
+            f"attach(overhead=...) must be 'auto', None or a fraction of training time in (0, 1), got {overhead!r}"
+        )
     return None if overhead is None else float(overhead)
 
 
@@ -61,8 +63,13 @@ class Cadence:
             widest of every rank (one all-reduce); None otherwise.
     """
 
-    def __init__(self, probes: dict[str, Probe], overhead: Any, failures: Failures,
-                 agree: Callable[[list[int]], list[int]] | None = None) -> None:
+    def __init__(
+        self,
+        probes: dict[str, Probe],
+        overhead: Any,
+        failures: Failures,
+        agree: Callable[[list[int]], list[int]] | None = None,
+    ) -> None:
         self.schedules: dict[str, Schedule] = {n: as_schedule(p.every, who=f"probe {n!r}") for n, p in probes.items()}
         self.broken: set[str] = set()  # probes whose schedule raised: no longer asked
         self.given = {n for n, p in probes.items() if "every" in vars(p)}
@@ -90,8 +97,9 @@ class Cadence:
             except Exception as exc:  # noqa: BLE001 - the user's schedule: reported, probe switched off
                 self.broken.add(name)
                 if not (isinstance(exc, TypeError) and str(exc).startswith(f"probe {name!r}: option 'every'")):
-                    error = RuntimeError(f"probe {name!r}: option 'every': the schedule {schedule!r} raised {exc!r} "
-                                         f"at step {step}")
+                    error = RuntimeError(
+                        f"probe {name!r}: option 'every': the schedule {schedule!r} raised {exc!r} at step {step}"
+                    )
                     error.__cause__ = exc
                     exc = error
                 self.failures.fail(name, exc, step)
@@ -136,20 +144,32 @@ class Cadence:
             old, cost = self.schedules[name], self.cost.get(name)
             self.schedules[name] = every(k)
             share = f"{cost / (old.k * per_step):.0%}" if cost is not None and per_step > 0 else "too much"
-            timing = (f"takes {cost * 1e3:.3g} ms per measurement against {per_step * 1e3:.3g} ms per training step"
-                      if cost is not None and per_step > 0 else "is costly on another rank")
-            how = ("at its default cadence; give it every=... to keep a cadence, or attach(overhead=None)"
-                   if self.auto else f"overhead={self.overhead:g}")
-            self.failures.notice(name, "overhead", f"probe {name!r} {timing}: measuring every {old.k} steps would "
-                                 f"cost {share} of training (its share is {budget:.1%}: {self.overhead:.0%} for all "
-                                 f"active probes, {how}); it now measures every {k} steps")
+            timing = (
+                f"takes {cost * 1e3:.3g} ms per measurement against {per_step * 1e3:.3g} ms per training step"
+                if cost is not None and per_step > 0
+                else "is costly on another rank"
+            )
+            how = (
+                "at its default cadence; give it every=... to keep a cadence, or attach(overhead=None)"
+                if self.auto
+                else f"overhead={self.overhead:g}"
+            )
+            self.failures.notice(
+                name,
+                "overhead",
+                f"probe {name!r} {timing}: measuring every {old.k} steps would "
+                f"cost {share} of training (its share is {budget:.1%}: {self.overhead:.0%} for all "
+                f"active probes, {how}); it now measures every {k} steps",
+            )
 
 
 def rank_agreement(device: Any) -> Callable[[list[int]], list[int]]:
     """The widest proposal of every rank, per probe (one all-reduce)."""
+
     def agree(proposals: list[int]) -> list[int]:
         widest, _ = distributed.max_and_min(proposals, device)
         return list(widest)
+
     return agree
 
 

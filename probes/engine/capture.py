@@ -50,25 +50,68 @@ from torch.overrides import TorchFunctionMode, _get_current_function_mode_stack
 from probes.probe import Activation, Call, Site
 
 ACTIVATION_MODULES: tuple[type[nn.Module], ...] = (
-    nn.ReLU, nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.ELU, nn.CELU, nn.SELU, nn.GELU, nn.SiLU, nn.Mish,
-    nn.Tanh, nn.Sigmoid, nn.Softplus, nn.Hardtanh, nn.ReLU6, nn.Hardswish, nn.Hardsigmoid,
+    nn.ReLU,
+    nn.LeakyReLU,
+    nn.PReLU,
+    nn.RReLU,
+    nn.ELU,
+    nn.CELU,
+    nn.SELU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Mish,
+    nn.Tanh,
+    nn.Sigmoid,
+    nn.Softplus,
+    nn.Hardtanh,
+    nn.ReLU6,
+    nn.Hardswish,
+    nn.Hardsigmoid,
 )
 
 #: activation classes of other libraries, by class name (their packages are never imported):
 #: Hugging Face ``transformers.activations`` and ``timm.layers.activations``
-ACTIVATION_CLASS_NAMES = frozenset({
-    "NewGELUActivation", "GELUActivation", "FastGELUActivation", "QuickGELUActivation", "SiLUActivation",
-    "GELUTanh", "PytorchGELUTanh", "ClippedGELUActivation", "AccurateGELUActivation", "MishActivation",
-    "LaplaceActivation", "ReLUSquaredActivation", "XIELUActivation",
-    "Swish", "QuickGELU", "HardSwish", "HardSigmoid", "HardMish", "GELU", "Mish", "Sigmoid", "Tanh", "PReLU",
-})
+ACTIVATION_CLASS_NAMES = frozenset(
+    {
+        "NewGELUActivation",
+        "GELUActivation",
+        "FastGELUActivation",
+        "QuickGELUActivation",
+        "SiLUActivation",
+        "GELUTanh",
+        "PytorchGELUTanh",
+        "ClippedGELUActivation",
+        "AccurateGELUActivation",
+        "MishActivation",
+        "LaplaceActivation",
+        "ReLUSquaredActivation",
+        "XIELUActivation",
+        "Swish",
+        "QuickGELU",
+        "HardSwish",
+        "HardSigmoid",
+        "HardMish",
+        "GELU",
+        "Mish",
+        "Sigmoid",
+        "Tanh",
+        "PReLU",
+    }
+)
 
 #: functional activations caught inside ``forward``: function -> (kind, in place)
 FUNCTIONAL_ACTIVATIONS: dict[Callable, tuple[str, bool]] = {
-    F.relu: ("relu", False), torch.relu: ("relu", False), torch.Tensor.relu: ("relu", False),
-    F.relu_: ("relu", True), torch.relu_: ("relu", True), torch.Tensor.relu_: ("relu", True),
-    F.relu6: ("relu6", False), F.leaky_relu: ("leaky_relu", False), F.gelu: ("gelu", False),
-    F.silu: ("silu", False), F.elu: ("elu", False),
+    F.relu: ("relu", False),
+    torch.relu: ("relu", False),
+    torch.Tensor.relu: ("relu", False),
+    F.relu_: ("relu", True),
+    torch.relu_: ("relu", True),
+    torch.Tensor.relu_: ("relu", True),
+    F.relu6: ("relu6", False),
+    F.leaky_relu: ("leaky_relu", False),
+    F.gelu: ("gelu", False),
+    F.silu: ("silu", False),
+    F.elu: ("elu", False),
 }
 
 
@@ -172,8 +215,14 @@ class _FunctionalMode(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         entry = FUNCTIONAL_ACTIVATIONS.get(func)
-        if entry is None or not args or not isinstance(args[0], torch.Tensor) or self.capture._mode is not self \
-                or not self.capture._active() or not observable():
+        if (
+            entry is None
+            or not args
+            or not isinstance(args[0], torch.Tensor)
+            or self.capture._mode is not self
+            or not self.capture._active()
+            or not observable()
+        ):
             return func(*args, **kwargs)
         stack = self.capture._stack
         module = stack[-1] if stack else None
@@ -189,8 +238,9 @@ class _FunctionalMode(TorchFunctionMode):
             want = self.capture._wanted(path, kind, None, functional=True)
             pre = _kept_input(pre, want, inplace)
         out = func(*args, **kwargs)
-        self.capture.record(path, kind, None, pre, out if "post" in want else None, functional=True,
-                            kept=rec is None or bool(want))
+        self.capture.record(
+            path, kind, None, pre, out if "post" in want else None, functional=True, kept=rec is None or bool(want)
+        )
         return out
 
 
@@ -249,8 +299,9 @@ class _SiteOutput(_Hook):
         if torch.compiler.is_compiling():
             if cap._compiled_observing() and isinstance(output, torch.Tensor):
                 pre = _first_tensor(args) if "pre" in cap.passive_keep else None
-                torch.ops.probes.site(cap._token, cap._id, self.index, pre,
-                                      output if "post" in cap.passive_keep else None)
+                torch.ops.probes.site(
+                    cap._token, cap._id, self.index, pre, output if "post" in cap.passive_keep else None
+                )
             return
         if cap._training_forward or (cap._depth == 0 and cap._recording is None and cap._observable_alone()):
             cap._site_call(self.index, args, output)
@@ -276,6 +327,7 @@ class _StackPop(_Hook):
 
 # -- the custom ops of compiled forwards ---------------------------------------------------------------------------
 
+
 @torch.library.custom_op("probes::begin", mutates_args=("token",))
 def _op_begin(token: torch.Tensor, capture: int, training: bool, mask: torch.Tensor | None) -> None:
     cap = _CAPTURES.get(capture)
@@ -284,8 +336,9 @@ def _op_begin(token: torch.Tensor, capture: int, training: bool, mask: torch.Ten
 
 
 @torch.library.custom_op("probes::site", mutates_args=("token",))
-def _op_site(token: torch.Tensor, capture: int, index: int, pre: torch.Tensor | None,
-             post: torch.Tensor | None) -> None:
+def _op_site(
+    token: torch.Tensor, capture: int, index: int, pre: torch.Tensor | None, post: torch.Tensor | None
+) -> None:
     cap = _CAPTURES.get(capture)
     if cap is not None and cap._training_forward:
         cap._site_values(index, pre, post)
@@ -348,9 +401,15 @@ class Capture:
         activation_types: more activation module types (plugins); their sites are activations, not extra.
     """
 
-    def __init__(self, model: nn.Module, extra_sites: tuple[type[nn.Module], ...] = (),
-                 functional: bool | None = None, extra_names: frozenset[str] = frozenset(),
-                 mask_key: str | None = None, activation_types: tuple[type[nn.Module], ...] = ()) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        extra_sites: tuple[type[nn.Module], ...] = (),
+        functional: bool | None = None,
+        extra_names: frozenset[str] = frozenset(),
+        mask_key: str | None = None,
+        activation_types: tuple[type[nn.Module], ...] = (),
+    ) -> None:
         self.model = unwrap(model)
         self.mask_key = mask_key
         self._mask: torch.Tensor | None = None  # (batch, positions) of the running training forward
@@ -410,8 +469,11 @@ class Capture:
         return isinstance(module, self.site_types) or type(module).__name__ in self.activation_names
 
     def _is_extra(self, module: nn.Module) -> bool:
-        return isinstance(module, self.extra_types) and not isinstance(module, self.activation_types) \
+        return (
+            isinstance(module, self.extra_types)
+            and not isinstance(module, self.activation_types)
             and type(module).__name__ not in self.activation_names
+        )
 
     def _registered(self, parent: nn.Module, name: str, child: Any) -> None:
         """torch registers ``child`` under ``parent`` (before it is set): the model is indexed again at the next
@@ -468,8 +530,15 @@ class Capture:
         if site is None:  # the cache is cleared whenever a module turns out to be called several times
             base = f"{path or 'forward'}:{kind}" if functional else path
             name = site_name(base, call, base in self.multi)
-            site = Site(name=name, path=path, kind=kind, call=call, functional=functional, module=module,
-                        extra=module is not None and module in self._extra)
+            site = Site(
+                name=name,
+                path=path,
+                kind=kind,
+                call=call,
+                functional=functional,
+                module=module,
+                extra=module is not None and module in self._extra,
+            )
             self._sites[key] = site
         return site
 
@@ -521,9 +590,12 @@ class Capture:
             self._set_mask(mask)
             if self.functional is not False and not self._compiled_said and self.on_notice is not None:
                 self._compiled_said = True
-                self.on_notice("compiled-functional", "the model runs compiled (torch.compile): passive probes "
-                               "observe its activation modules, but not functional activation calls (F.relu in "
-                               "forward) inside the compiled graph")
+                self.on_notice(
+                    "compiled-functional",
+                    "the model runs compiled (torch.compile): passive probes "
+                    "observe its activation modules, but not functional activation calls (F.relu in "
+                    "forward) inside the compiled graph",
+                )
 
     def _start(self, training: bool) -> None:
         self._depth = 1
@@ -546,8 +618,7 @@ class Capture:
     def _site_call(self, index: int, args: tuple, output: Any) -> None:
         if isinstance(output, torch.Tensor):
             keep = self.passive_keep
-            self._site_values(index, _first_tensor(args) if "pre" in keep else None,
-                              output if "post" in keep else None)
+            self._site_values(index, _first_tensor(args) if "pre" in keep else None, output if "post" in keep else None)
 
     def _site_values(self, index: int, pre: torch.Tensor | None, post: torch.Tensor | None) -> None:
         module = self._site_by_id.get(index)
@@ -602,8 +673,16 @@ class Capture:
             return self._training_forward
         return self._observable_alone()
 
-    def record(self, path: str, kind: str, module: nn.Module | None, pre: torch.Tensor | None,
-               post: torch.Tensor | None, functional: bool = False, kept: bool = True) -> None:
+    def record(
+        self,
+        path: str,
+        kind: str,
+        module: nn.Module | None,
+        pre: torch.Tensor | None,
+        post: torch.Tensor | None,
+        functional: bool = False,
+        kept: bool = True,
+    ) -> None:
         key = (path if not functional else f"{path or 'forward'}:{kind}", functional)
         call = self._counts.get(key, 0) + 1
         self._counts[key] = call
@@ -679,8 +758,9 @@ class Capture:
         pre, want = self._pre_stack.pop() if self.keep_pre and self._pre_stack else (None, ALL_VALUES)
         if not isinstance(output, torch.Tensor) or not observable():
             return
-        self.record(self.site_modules[module], kind_of(module), module, pre, output if "post" in want else None,
-                    kept=bool(want))
+        self.record(
+            self.site_modules[module], kind_of(module), module, pre, output if "post" in want else None, kept=bool(want)
+        )
 
     def _root_pre_hook(self, module: nn.Module, args: tuple) -> None:
         self._depth += 1
@@ -731,7 +811,8 @@ class Capture:
             root = self.model
             self._passive_handles = [
                 root.register_forward_pre_hook(_RootBegin(self, root), with_kwargs=True, prepend=True),
-                root.register_forward_hook(_RootEnd(self, root), always_call=True)]
+                root.register_forward_hook(_RootEnd(self, root), always_call=True),
+            ]
         for h in self._passive_handles[2:]:
             h.remove()
         del self._passive_handles[2:]
@@ -747,10 +828,13 @@ class Capture:
     def follow_dynamo(self) -> None:
         """While observing: compiled forwards call the hooks (``dynamo_sees_hooks``), said once when it reset."""
         if dynamo_sees_hooks() and self.on_notice is not None:
-            self.on_notice("dynamo-reset", "torch.compile has compiled graphs in this process: dynamo now guards on "
-                           "module hooks (torch._dynamo.config.skip_nnmodule_hook_guards = False) and its graphs were "
-                           "dropped once (torch._dynamo.reset()), so that compiled forwards call the probes' hooks; "
-                           "compiled models recompile on their next call")
+            self.on_notice(
+                "dynamo-reset",
+                "torch.compile has compiled graphs in this process: dynamo now guards on "
+                "module hooks (torch._dynamo.config.skip_nnmodule_hook_guards = False) and its graphs were "
+                "dropped once (torch._dynamo.reset()), so that compiled forwards call the probes' hooks; "
+                "compiled models recompile on their next call",
+            )
 
     def _hook_stack(self) -> None:
         self._unhook_stack()
@@ -764,8 +848,11 @@ class Capture:
             h.remove()
         self._stack_handles = []
 
-    def install_passive(self, on_observe: Callable[[Site, torch.Tensor | None, torch.Tensor | None], None],
-                        keep: frozenset[str] = ALL_VALUES) -> None:
+    def install_passive(
+        self,
+        on_observe: Callable[[Site, torch.Tensor | None, torch.Tensor | None], None],
+        keep: frozenset[str] = ALL_VALUES,
+    ) -> None:
         """Observe every training forward from now on, handing ``on_observe`` what ``keep`` says of each site
         (``"pre"``, ``"post"``; the other is None)."""
         self.on_observe = on_observe

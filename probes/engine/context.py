@@ -51,9 +51,14 @@ _NOTHING = _Nothing()
 def isolated() -> AbstractContextManager[None]:
     """Autocast off on every device type, gradients enabled outside inference mode, no ``torch.func`` transform and
     no user ``TorchFunctionMode``/``TorchDispatchMode`` while inside; everything restored afterwards."""
-    if (torch.is_grad_enabled() and not torch._C._is_any_autocast_enabled() and not torch.is_inference_mode_enabled()
-            and torch._C._len_torch_function_stack() == 0 and torch._C._len_torch_dispatch_stack() == 0
-            and torch._C._functorch.peek_interpreter_stack() is None):
+    if (
+        torch.is_grad_enabled()
+        and not torch._C._is_any_autocast_enabled()
+        and not torch.is_inference_mode_enabled()
+        and torch._C._len_torch_function_stack() == 0
+        and torch._C._len_torch_dispatch_stack() == 0
+        and torch._C._functorch.peek_interpreter_stack() is None
+    ):
         return _NOTHING
     return _isolated()
 

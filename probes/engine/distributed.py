@@ -31,8 +31,18 @@ from torch import nn
 from probes.engine.inputs import iter_tensors, map_tensors
 from probes.functional.fsdp import is_gathered, units
 
-__all__ = ["rank_and_world", "is_sharded", "legacy_sharded", "ReduceOutcome", "reduce_states", "broadcast_flag",
-           "failed_anywhere", "same_probe_batch", "sharded_now", "reshard"]
+__all__ = [
+    "rank_and_world",
+    "is_sharded",
+    "legacy_sharded",
+    "ReduceOutcome",
+    "reduce_states",
+    "broadcast_flag",
+    "failed_anywhere",
+    "same_probe_batch",
+    "sharded_now",
+    "reshard",
+]
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -142,13 +152,21 @@ def reduce_states(probe: Any, failed_here: bool, device: torch.device, step: int
     if error is not None:
         return ReduceOutcome(False, error)
     if hi[0]:
-        return ReduceOutcome(False, RuntimeError(
-            f"probe {name!r} raised on another rank (or was switched off there) before the reduction at step {step}"))
+        return ReduceOutcome(
+            False,
+            RuntimeError(
+                f"probe {name!r} raised on another rank (or was switched off there) before the reduction at step {step}"
+            ),
+        )
     if hi != lo:
-        return ReduceOutcome(False, RuntimeError(
-            f"probe {name!r}: the ranks hold different accumulators at step {step} (rank {rank}: {len(flat)} "
-            f"tensors [{layout or 'none'}]; the ranks hold {lo[1]} to {hi[1]}), e.g. a rank ran no training "
-            "forward in the window or saw other sites; reducing them would mix unrelated counts"))
+        return ReduceOutcome(
+            False,
+            RuntimeError(
+                f"probe {name!r}: the ranks hold different accumulators at step {step} (rank {rank}: {len(flat)} "
+                f"tensors [{layout or 'none'}]; the ranks hold {lo[1]} to {hi[1]}), e.g. a rank ran no training "
+                "forward in the window or saw other sites; reducing them would mix unrelated counts"
+            ),
+        )
     ops = {"sum": d.ReduceOp.SUM, "max": d.ReduceOp.MAX, "min": d.ReduceOp.MIN}
     reduced: dict[str, torch.Tensor] = {}
     for where, t, r in flat:
@@ -173,8 +191,10 @@ def broadcast_flag(flag: bool, device: torch.device) -> bool:
 def raise_if_failed_elsewhere(failed_here: bool, device: torch.device) -> None:
     """At attach under a sharded model: raise on every rank where attach went well when it failed on another."""
     if broadcast_flag(failed_here, device) and not failed_here:
-        raise RuntimeError("attach failed on another rank (the ranks measure together; a probe's setup raised there; "
-                           "that rank's error says which)")
+        raise RuntimeError(
+            "attach failed on another rank (the ranks measure together; a probe's setup raised there; "
+            "that rank's error says which)"
+        )
 
 
 def failed_anywhere(names: list[str], failed_here: set[str], device: torch.device) -> set[str]:
@@ -190,8 +210,7 @@ def failed_anywhere(names: list[str], failed_here: set[str], device: torch.devic
 
 def _batch_layout(x: Any, y: Any) -> tuple[str, list[torch.Tensor]]:
     tensors = list(iter_tensors(x)) + ([("y", y)] if isinstance(y, torch.Tensor) else [])
-    layout = f"x:{x is not None};y:{y is not None};" + ";".join(
-        f"{w}:{tuple(t.shape)}/{t.dtype}" for w, t in tensors)
+    layout = f"x:{x is not None};y:{y is not None};" + ";".join(f"{w}:{tuple(t.shape)}/{t.dtype}" for w, t in tensors)
     return layout, [t for _, t in tensors]
 
 
@@ -218,9 +237,11 @@ def same_probe_batch(x: Any, y: Any, device: torch.device) -> tuple[Any, Any, bo
     content = zlib.crc32(b"".join(_checksum(t).to_bytes(4, "little") for t in tensors))
     hi, lo = max_and_min([crc, content], device)
     if hi[0] != lo[0]:
-        raise ValueError("probe_data differs in shape, dtype or presence between the ranks, which measure together "
-                         f"(a sharded model, or ntk's split probe batch) (rank {d.get_rank()}: {layout}); every "
-                         "rank runs the probe pass, so every rank must pass the same probe batch to attach")
+        raise ValueError(
+            "probe_data differs in shape, dtype or presence between the ranks, which measure together "
+            f"(a sharded model, or ntk's split probe batch) (rank {d.get_rank()}: {layout}); every "
+            "rank runs the probe pass, so every rank must pass the same probe batch to attach"
+        )
     if hi[1] == lo[1]:
         return x, y, False
     received = iter([_broadcast_copy(t) for t in tensors])  # same layout, other values: rank 0's batch

@@ -26,8 +26,9 @@ import torch
 log = logging.getLogger("probes")
 
 #: frames in these folders are not the user's: a warning points at the first frame outside them
-_NOT_USERS = tuple(os.path.dirname(os.path.abspath(f)) + os.sep
-                   for f in (os.path.dirname(os.path.abspath(__file__)), torch.__file__))
+_NOT_USERS = tuple(
+    os.path.dirname(os.path.abspath(f)) + os.sep for f in (os.path.dirname(os.path.abspath(__file__)), torch.__file__)
+)
 _FRAMEWORK: contextvars.ContextVar[bool] = contextvars.ContextVar("probes_framework", default=False)
 
 
@@ -51,8 +52,11 @@ class ProbesClosedError(RuntimeError):
 def _not_users(filename: str) -> bool:
     """Whether a frame of ``filename`` is probes' or torch's own (or code that torch generated: FX graph modules,
     torch.compile's kernels in its cache folder)."""
-    return filename.startswith(_NOT_USERS) or filename.startswith("<eval_with_key>") or \
-        f"{os.sep}torchinductor_" in filename
+    return (
+        filename.startswith(_NOT_USERS)
+        or filename.startswith("<eval_with_key>")
+        or f"{os.sep}torchinductor_" in filename
+    )
 
 
 def user_stacklevel() -> int:
@@ -74,8 +78,9 @@ def framework_driven() -> Iterator[None]:
         _FRAMEWORK.reset(token)
 
 
-def say(message: str, category: type[Warning] = UserWarning, framework: bool = False,
-        level: int = logging.WARNING) -> None:
+def say(
+    message: str, category: type[Warning] = UserWarning, framework: bool = False, level: int = logging.WARNING
+) -> None:
     """Say ``message`` once: a ``category`` warning pointing at the user's line, or with ``framework`` a log line
     at ``level`` on ``logging.getLogger("probes")``."""
     if framework:
@@ -133,8 +138,10 @@ class Failures:
         if self.rank != 0:
             return
         at = f" at step {step}" if step is not None else ""
-        msg = (f"{sink} raised in {what}{at}: {type(exc).__name__}: {exc}; the probes stay on and every other sink "
-               "still gets every record; this sink is tried again at its next write and says when it writes again")
+        msg = (
+            f"{sink} raised in {what}{at}: {type(exc).__name__}: {exc}; the probes stay on and every other sink "
+            "still gets every record; this sink is tried again at its next write and says when it writes again"
+        )
         say(msg, SinkFailedWarning, self.framework, logging.ERROR)
 
     def sink_back(self, message: str, warn: bool = True) -> None:

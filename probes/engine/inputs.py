@@ -18,8 +18,16 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["call_model", "map_tensors", "iter_tensors", "sample_count", "take", "select_output",
-           "split_probe_data", "check_output_option"]
+__all__ = [
+    "call_model",
+    "map_tensors",
+    "iter_tensors",
+    "sample_count",
+    "take",
+    "select_output",
+    "split_probe_data",
+    "check_output_option",
+]
 
 
 def map_tensors(x: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
@@ -58,8 +66,10 @@ def sample_count(x: Any, who: str = "probe_data") -> int:
     n = int(t0.shape[0])
     for where, t in found[1:]:
         if t.ndim == 0 or int(t.shape[0]) != n:
-            raise ValueError(f"{who}: {where} has shape {tuple(t.shape)} but {where0} has {n} samples; "
-                             "every tensor of the probe batch needs the samples along its first axis")
+            raise ValueError(
+                f"{who}: {where} has shape {tuple(t.shape)} but {where0} has {n} samples; "
+                "every tensor of the probe batch needs the samples along its first axis"
+            )
     return n
 
 
@@ -95,8 +105,9 @@ def select_output(out: Any, output: str | Callable[[Any], Any] | None = None) ->
         elif hasattr(out, output):
             picked = getattr(out, output)
         else:
-            raise ValueError(f"attach(output={output!r}): the model returned a {_describe(out)}, which has no "
-                             f"{output!r}")
+            raise ValueError(
+                f"attach(output={output!r}): the model returned a {_describe(out)}, which has no {output!r}"
+            )
         if not isinstance(picked, torch.Tensor):
             raise TypeError(f"attach(output={output!r}) gave a {type(picked).__name__}, not a tensor")
         return picked
@@ -110,14 +121,17 @@ def select_output(out: Any, output: str | Callable[[Any], Any] | None = None) ->
         for v in out:
             if isinstance(v, torch.Tensor):
                 return v
-    raise TypeError(f"the model returned a {_describe(out)}; the probes need one tensor: pass attach(output=...) "
-                    "with a key or attribute name or a callable output -> tensor")
+    raise TypeError(
+        f"the model returned a {_describe(out)}; the probes need one tensor: pass attach(output=...) "
+        "with a key or attribute name or a callable output -> tensor"
+    )
 
 
 def check_output_option(output: Any) -> None:
     if output is not None and not isinstance(output, str) and not callable(output):
-        raise TypeError(f"attach(output=...) must be a key/attribute name or a callable output -> tensor, "
-                        f"got {output!r}")
+        raise TypeError(
+            f"attach(output=...) must be a key/attribute name or a callable output -> tensor, got {output!r}"
+        )
 
 
 def split_probe_data(probe_data: Any, label_key: str | None = None) -> tuple[Any, Any]:
@@ -126,11 +140,13 @@ def split_probe_data(probe_data: Any, label_key: str | None = None) -> tuple[Any
         return None, None
     if label_key is not None:
         if not isinstance(probe_data, Mapping):
-            raise TypeError(f"attach(label_key={label_key!r}) needs probe_data to be a dict batch, got "
-                            f"{type(probe_data).__name__}")
+            raise TypeError(
+                f"attach(label_key={label_key!r}) needs probe_data to be a dict batch, got {type(probe_data).__name__}"
+            )
         if label_key not in probe_data:
-            raise KeyError(f"attach(label_key={label_key!r}): the probe batch has no such key; it has "
-                           f"{list(probe_data.keys())}")
+            raise KeyError(
+                f"attach(label_key={label_key!r}): the probe batch has no such key; it has {list(probe_data.keys())}"
+            )
         # the labels leave the inputs: a Hugging Face model given `labels` would also compute a loss
         return {k: v for k, v in probe_data.items() if k != label_key}, probe_data[label_key]
     if isinstance(probe_data, (tuple, list)) and not isinstance(probe_data, torch.Tensor):
@@ -138,8 +154,10 @@ def split_probe_data(probe_data: Any, label_key: str | None = None) -> tuple[Any
             return probe_data[0], probe_data[1]
         if len(probe_data) == 1:
             return probe_data[0], None
-        raise ValueError(f"probe_data must be x or (x, y), got a sequence of {len(probe_data)} items; several "
-                         "model inputs go in a tuple or dict as x: probe_data=((a, b), y)")
+        raise ValueError(
+            f"probe_data must be x or (x, y), got a sequence of {len(probe_data)} items; several "
+            "model inputs go in a tuple or dict as x: probe_data=((a, b), y)"
+        )
     return probe_data, None
 
 
@@ -166,8 +184,9 @@ class Positional(nn.Module):
         return select_output(call_model(self.model, self._rebuild(tensors)), self._output)
 
     @classmethod
-    def wrap(cls, model: nn.Module, x: Any, output: Any = None, force: bool = False
-             ) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+    def wrap(
+        cls, model: nn.Module, x: Any, output: Any = None, force: bool = False
+    ) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
         """``(module, args)`` with ``module(*args)`` the selected output; the model itself when nothing is to do."""
         if isinstance(x, torch.Tensor) and output is None and not force:
             return model, (x,)

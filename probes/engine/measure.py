@@ -38,10 +38,23 @@ class ActiveProbes:
             the probes measured on every rank agree on their failures after each measurement.
     """
 
-    def __init__(self, probes: dict[str, Probe], data: ProbeData, probe_pass: ProbePass, failures: Failures,
-                 cadence: Cadence, write: Callable[[str, list[Record], bool], None], logdir: str | None = None,
-                 rank: int = 0, world_size: int = 1, sharded: bool = False, device: torch.device | None = None,
-                 mask_key: str | None = None, label_shift: int = 0, collective: bool = False) -> None:
+    def __init__(
+        self,
+        probes: dict[str, Probe],
+        data: ProbeData,
+        probe_pass: ProbePass,
+        failures: Failures,
+        cadence: Cadence,
+        write: Callable[[str, list[Record], bool], None],
+        logdir: str | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+        sharded: bool = False,
+        device: torch.device | None = None,
+        mask_key: str | None = None,
+        label_shift: int = 0,
+        collective: bool = False,
+    ) -> None:
         self.probes, self.data, self.probe_pass = probes, data, probe_pass
         self.failures, self.cadence, self.write = failures, cadence, write
         self.logdir, self.rank, self.world_size, self.sharded, self.device = logdir, rank, world_size, sharded, device
@@ -65,9 +78,13 @@ class ActiveProbes:
             return
         if lazy_pending(self.probe_pass.module):  # a pass now would initialise lazy parameters
             for n in names:
-                self.failures.notice(n, "lazy", f"probe {n!r}: the model has uninitialised lazy modules; it "
-                                     "measures from the first due step after a training forward initialised them "
-                                     "(run one forward before attach to measure the initialization)")
+                self.failures.notice(
+                    n,
+                    "lazy",
+                    f"probe {n!r}: the model has uninitialised lazy modules; it "
+                    "measures from the first due step after a training forward initialised them "
+                    "(run one forward before attach to measure the initialization)",
+                )
             return
         if not self.sharded and not self.collective:
             return self._measure_here(names, step, at_attach)
@@ -86,15 +103,23 @@ class ActiveProbes:
                 raise error
             return
         failed = {n for n in together if n in self.failures.failed and n not in before} | (
-            set(together) if error else set())
+            set(together) if error else set()
+        )
         elsewhere = distributed.failed_anywhere(together, failed, self.device) - failed
         if at_attach and elsewhere and error is None:
-            raise RuntimeError(f"attach failed on another rank (the ranks measure together): probe(s) "
-                               f"{sorted(elsewhere)} raised there at the first measurement (its error says why)")
+            raise RuntimeError(
+                f"attach failed on another rank (the ranks measure together): probe(s) "
+                f"{sorted(elsewhere)} raised there at the first measurement (its error says why)"
+            )
         for name in [n for n in together if n in elsewhere]:
-            self.failures.fail(name, RuntimeError(
-                f"probe {name!r} raised on another rank during the probe pass at step {step}; it is switched off on "
-                "every rank, so that all ranks keep running the same probe passes"), step)
+            self.failures.fail(
+                name,
+                RuntimeError(
+                    f"probe {name!r} raised on another rank during the probe pass at step {step}; it is switched off on "
+                    "every rank, so that all ranks keep running the same probe passes"
+                ),
+                step,
+            )
         if error is not None:
             raise error
 
@@ -131,11 +156,26 @@ class ActiveProbes:
             shared = self.probe_pass.run(x, keeper(due) if due else None)
             self._check_norms(x, shared.output, step)
             self._say_compute_dtype(shared.output)
-        return ProbeBatch(self.probe_pass.module, x, y, shared.output, shared.activations, step, self.logdir,
-                          shared.calls, self.probe_pass.output_spec, tensor_output=shared.tensor_output,
-                          writes=self.rank == 0, chunk_size=self.probe_pass.chunk_size, runner=self.probe_pass.run,
-                          mask=self.data.mask(self.mask_key), label_shift=self.label_shift, rank=self.rank,
-                          world_size=self.world_size if self.collective else 1, sharded=self.sharded)
+        return ProbeBatch(
+            self.probe_pass.module,
+            x,
+            y,
+            shared.output,
+            shared.activations,
+            step,
+            self.logdir,
+            shared.calls,
+            self.probe_pass.output_spec,
+            tensor_output=shared.tensor_output,
+            writes=self.rank == 0,
+            chunk_size=self.probe_pass.chunk_size,
+            runner=self.probe_pass.run,
+            mask=self.data.mask(self.mask_key),
+            label_shift=self.label_shift,
+            rank=self.rank,
+            world_size=self.world_size if self.collective else 1,
+            sharded=self.sharded,
+        )
 
     def _measure_here(self, names: list[str], step: int, at_attach: bool) -> None:
         for n in names:
@@ -175,11 +215,16 @@ class ActiveProbes:
         stored = inputs.model_dtype(self.probe_pass.module)
         if output is None or not output.is_floating_point() or stored is None or output.dtype == stored:
             return
-        self.failures.notice("probes", "compute-dtype", (
-            f"the probe pass computes in {str(output.dtype).removeprefix('torch.')} (the model's output on the probe "
-            f"batch; its parameters are stored in {str(stored).removeprefix('torch.')}, e.g. under FSDP2 mixed "
-            "precision): activations, gates and outputs are measured at that precision; solves and eigenvalues "
-            "are still computed in float64"))
+        self.failures.notice(
+            "probes",
+            "compute-dtype",
+            (
+                f"the probe pass computes in {str(output.dtype).removeprefix('torch.')} (the model's output on the probe "
+                f"batch; its parameters are stored in {str(stored).removeprefix('torch.')}, e.g. under FSDP2 mixed "
+                "precision): activations, gates and outputs are measured at that precision; solves and eigenvalues "
+                "are still computed in float64"
+            ),
+        )
 
     def _check_norms(self, x: Any, output: torch.Tensor | None, step: int) -> None:
         """When a measurement finds the eval-mode predictions far from those with batch statistics, say so (once).
@@ -192,9 +237,14 @@ class ActiveProbes:
             self._norms_checked = True
         elif gap > NORM_STATS_GAP:
             self._norms_checked = True
-            self.failures.notice("probes", "norm-stats", (
-                f"the probe pass runs in eval mode, and at step {step} its predictions with the batch-norm running "
-                f"statistics differ from those with batch statistics (training mode) on {gap:.0%} of the probe "
-                "batch: the running statistics do not describe the model as it trains, and the probes measure a "
-                "model other than the trained one; attach(norm_stats='batch') measures with batch statistics and "
-                "leaves the running ones untouched"))
+            self.failures.notice(
+                "probes",
+                "norm-stats",
+                (
+                    f"the probe pass runs in eval mode, and at step {step} its predictions with the batch-norm running "
+                    f"statistics differ from those with batch statistics (training mode) on {gap:.0%} of the probe "
+                    "batch: the running statistics do not describe the model as it trains, and the probes measure a "
+                    "model other than the trained one; attach(norm_stats='batch') measures with batch statistics and "
+                    "leaves the running ones untouched"
+                ),
+            )

@@ -64,10 +64,15 @@ class _Down:
 
     def what(self) -> str:
         """What the sink lacks, for messages."""
-        steps = "" if self.since is None else (
-            f" of step {self.since}" if self.last == self.since else f" of steps {self.since} to {self.last}")
-        return (f"the records{steps} it was handed, and any it held unwritten when it failed, are not there (the "
-                "other sinks have them)")
+        steps = (
+            ""
+            if self.since is None
+            else (f" of step {self.since}" if self.last == self.since else f" of steps {self.since} to {self.last}")
+        )
+        return (
+            f"the records{steps} it was handed, and any it held unwritten when it failed, are not there (the "
+            "other sinks have them)"
+        )
 
 
 class Output:
@@ -142,8 +147,9 @@ class Output:
             self._down[id(sink)] = _Down(at, at, time.monotonic(), step)
         if strict:
             at_step = f" at step {step}" if step is not None else ""
-            return sink_error(exc, f"(in {describe(sink)}, in {what}{at_step}; the other sinks got every record; "
-                                   "strict=True)")
+            return sink_error(
+                exc, f"(in {describe(sink)}, in {what}{at_step}; the other sinks got every record; strict=True)"
+            )
         if down is not None:  # still failing: said already
             log.debug("%s raised again in %s at step %s", describe(sink), what, step, exc_info=True)
         else:

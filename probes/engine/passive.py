@@ -28,9 +28,16 @@ class PassiveProbes:
         world_size, rank, device: the ranks that reduce together (1, 0 and the model's device without them).
     """
 
-    def __init__(self, probes: dict[str, Probe], failures: Failures, write: Callable[[str, list[Record]], None],
-                 step: Callable[[], int], world_size: int = 1, rank: int = 0, device: torch.device | None = None
-                 ) -> None:
+    def __init__(
+        self,
+        probes: dict[str, Probe],
+        failures: Failures,
+        write: Callable[[str, list[Record]], None],
+        step: Callable[[], int],
+        world_size: int = 1,
+        rank: int = 0,
+        device: torch.device | None = None,
+    ) -> None:
         self.probes, self.failures, self.write, self.step = probes, failures, write, step
         self.world_size, self.rank, self.device = world_size, rank, device
         self.forwards = 0  # completed training forwards seen
@@ -47,8 +54,9 @@ class PassiveProbes:
         capture.install_passive(self._observe, keep)
         sites = capture.module_sites()
         if sites and notice:
-            self._notice_no_site(sites, "activation module",
-                                 "; it writes nothing unless forward calls F.relu or the like")
+            self._notice_no_site(
+                sites, "activation module", "; it writes nothing unless forward calls F.relu or the like"
+            )
 
     def sites_changed(self) -> None:
         """The model's sites changed: each probe decides anew which sites it observes."""
@@ -76,14 +84,21 @@ class PassiveProbes:
         found = ", ".join(f"{k} x{n}" for k, n in sorted(kinds.items())) or "none"
         for name, probe in self.probes.items():
             if not any(probe.wants(s) for s in sites):
-                self.failures.notice(name, "no-site", f"probe {name!r} observes no {what} of this model (it counts "
-                                     f"ReLU-family activations; the model has {found}){consequence}")
+                self.failures.notice(
+                    name,
+                    "no-site",
+                    f"probe {name!r} observes no {what} of this model (it counts "
+                    f"ReLU-family activations; the model has {found}){consequence}",
+                )
 
     def unobserved(self, sites: list[Site]) -> list[tuple[str, str]]:
         """The probes that observe none of ``sites``, each with why (``attach(model, "auto")`` leaves them out)."""
         kinds = ", ".join(sorted({s.kind for s in sites})) or "none"
-        return [(n, f"no activation of this model is one it observes (the model has: {kinds})")
-                for n, p in self.probes.items() if not any(p.wants(s) for s in sites)]
+        return [
+            (n, f"no activation of this model is one it observes (the model has: {kinds})")
+            for n, p in self.probes.items()
+            if not any(p.wants(s) for s in sites)
+        ]
 
     def flushable(self) -> list[str]:
         """Passive probes to flush. Under DDP every rank takes part in every probe's collective, also for a probe
@@ -106,18 +121,23 @@ class PassiveProbes:
                 continue  # under DDP decided on the step alone: every rank decides alike
             probe = self.probes[name]
             if self.world_size > 1:
-                outcome = distributed.reduce_states(probe, not self.failures.enabled(name), self.device, step,
-                                                    self.rank)
+                outcome = distributed.reduce_states(
+                    probe, not self.failures.enabled(name), self.device, step, self.rank
+                )
                 if not outcome.ok:
                     self.failures.fail(name, outcome.reason, step)
                     continue
             if not self.failures.enabled(name):
                 continue
             if self.forwards == (last_forwards if scheduled else 0):
-                self.failures.notice(name, "no-forward", f"probe {name!r} saw no training forward before step "
-                                     f"{step}: passive probes count forwards in train mode with gradients enabled "
-                                     "(call model.train() and run outside torch.no_grad(), or this is a window "
-                                     "without training)")
+                self.failures.notice(
+                    name,
+                    "no-forward",
+                    f"probe {name!r} saw no training forward before step "
+                    f"{step}: passive probes count forwards in train mode with gradients enabled "
+                    "(call model.train() and run outside torch.no_grad(), or this is a window "
+                    "without training)",
+                )
             self._window[name] = (step, self.forwards)
             try:
                 probe.settle()

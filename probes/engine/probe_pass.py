@@ -77,8 +77,10 @@ class ProbeData:
         ``probe_data``, the part (inputs ``x[...]`` or labels ``y``) and what is wrong."""
         x, y = self.given_x, self.given_y
         if not any(True for _ in inputs.iter_tensors(x)):
-            raise TypeError(f"probe_data: the inputs (x) hold no tensor (got {type(x).__name__}); give a tensor, a "
-                            "tuple or a dict of tensors (numpy arrays and lists: torch.as_tensor(x) first)")
+            raise TypeError(
+                f"probe_data: the inputs (x) hold no tensor (got {type(x).__name__}); give a tensor, a "
+                "tuple or a dict of tensors (numpy arrays and lists: torch.as_tensor(x) first)"
+            )
         for where, t in inputs.iter_tensors(x):
             _check_tensor(f"the inputs ({where})", t)
         if y is not None:
@@ -89,8 +91,9 @@ class ProbeData:
         for where, t in inputs.iter_tensors(x):
             if t.is_floating_point() and not torch.isfinite(t).all():
                 bad = int((~torch.isfinite(t)).sum())
-                raise ValueError(f"probe_data: {where} has {bad} NaN or infinite values; the probe batch must be "
-                                 "finite")
+                raise ValueError(
+                    f"probe_data: {where} has {bad} NaN or infinite values; the probe batch must be finite"
+                )
         if y is not None:
             if y.ndim == 0 or y.shape[0] != n:
                 raise ValueError(f"probe_data: x has {n} samples but y has shape {tuple(y.shape)}")
@@ -114,8 +117,11 @@ class ProbeData:
         x, y, replaced = distributed.same_probe_batch(*self.current(), device)
         self.replace(x, y)
         if replaced and rank == 0:
-            warnings.warn("probe_data differs between the ranks, which measure together; every rank uses rank 0's "
-                          "probe batch", ProbesNoticeWarning, stacklevel=4)
+            warnings.warn(
+                "probe_data differs between the ranks, which measure together; every rank uses rank 0's probe batch",
+                ProbesNoticeWarning,
+                stacklevel=4,
+            )
 
     @property
     def present(self) -> bool:
@@ -145,20 +151,27 @@ def _labels_tensor(y: Any) -> torch.Tensor:
     try:
         return torch.as_tensor(y)
     except (TypeError, ValueError, RuntimeError) as exc:
-        raise TypeError(f"probe_data: the labels (y) must be a tensor, or an array or list of numbers; got a "
-                        f"{type(y).__name__} that torch cannot convert ({str(exc).splitlines()[0]})") from None
+        raise TypeError(
+            f"probe_data: the labels (y) must be a tensor, or an array or list of numbers; got a "
+            f"{type(y).__name__} that torch cannot convert ({str(exc).splitlines()[0]})"
+        ) from None
 
 
 def _check_tensor(where: str, t: torch.Tensor) -> None:
     if t.is_meta:
-        raise ValueError(f"probe_data: {where} are on the meta device, which holds shapes but no values; give "
-                         "tensors with data (on the CPU or the model's device)")
+        raise ValueError(
+            f"probe_data: {where} are on the meta device, which holds shapes but no values; give "
+            "tensors with data (on the CPU or the model's device)"
+        )
     if t.layout != torch.strided:
-        raise ValueError(f"probe_data: {where} are a {str(t.layout).removeprefix('torch.')} tensor; the probe batch "
-                         "must be dense (t.to_dense())")
+        raise ValueError(
+            f"probe_data: {where} are a {str(t.layout).removeprefix('torch.')} tensor; the probe batch "
+            "must be dense (t.to_dense())"
+        )
     if t.is_complex():
-        raise TypeError(f"probe_data: {where} are complex ({t.dtype}); the probes measure real-valued inputs and "
-                        "labels")
+        raise TypeError(
+            f"probe_data: {where} are complex ({t.dtype}); the probes measure real-valued inputs and labels"
+        )
 
 
 def check_model(module: nn.Module) -> None:
@@ -166,9 +179,11 @@ def check_model(module: nn.Module) -> None:
     for kind, named in (("parameter", module.named_parameters()), ("buffer", module.named_buffers())):
         for name, t in named:
             if t.is_meta and not isinstance(t, nn.parameter.UninitializedTensorMixin):
-                raise ValueError(f"attach: the model is on the meta device ({kind} {name!r} has a shape but no "
-                                 "values), so nothing can be measured; materialise it first (model.to_empty("
-                                 "device=...) and initialise or load the weights), then attach")
+                raise ValueError(
+                    f"attach: the model is on the meta device ({kind} {name!r} has a shape but no "
+                    "values), so nothing can be measured; materialise it first (model.to_empty("
+                    "device=...) and initialise or load the weights), then attach"
+                )
 
 
 def keeper(due: list[Probe]) -> Keep:
@@ -188,12 +203,19 @@ def keeper(due: list[Probe]) -> Keep:
 class ProbePass:
     """Runs the model on probe inputs through one ``Capture`` (see the module docstring)."""
 
-    def __init__(self, module: nn.Module, capture: Capture, output_spec: Any = None,
-                 chunk_size: int | None = None, norm_stats: str = "running") -> None:
+    def __init__(
+        self,
+        module: nn.Module,
+        capture: Capture,
+        output_spec: Any = None,
+        chunk_size: int | None = None,
+        norm_stats: str = "running",
+    ) -> None:
         self.module, self.capture, self.output_spec, self.chunk_size = module, capture, output_spec, chunk_size
         self.norm_stats = norm_stats
-        self.norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._NormBase)
-                      and m.track_running_stats]
+        self.norms = [
+            m for m in module.modules() if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats
+        ]
 
     def run(self, x: Any, keep: Keep | None = None, params: Mapping[str, torch.Tensor] | None = None) -> Pass:
         """``model(x)`` without gradients, in chunks, keeping of each site what ``keep`` asks (default nothing)."""
@@ -212,16 +234,20 @@ class ProbePass:
             for name, act in part.activations.items():
                 whole = activations.get(name)
                 activations[name] = Activation(
-                    act.site, _place(whole.pre if whole else None, act.pre, name, start, stop, P),
-                    _place(whole.post if whole else None, act.post, name, start, stop, P))
+                    act.site,
+                    _place(whole.pre if whole else None, act.pre, name, start, stop, P),
+                    _place(whole.post if whole else None, act.post, name, start, stop, P),
+                )
         return Pass(output, activations, part.calls, part.tensor_output)
 
     def _forward(self, x: Any, keep: Keep | None, params: Mapping[str, torch.Tensor] | None) -> Pass:
         module = self.module
         model: Callable[..., Any] = module
         if params is not None:
+
             def model(*args: Any, **kwargs: Any) -> Any:
                 return functional_call(module, dict(params), args, kwargs)
+
         with torch.no_grad():
             if keep is None:
                 raw = inputs.call_model(model, x)
@@ -284,8 +310,16 @@ class ProbePass:
         return float((output - other).double().norm() / other.double().norm().clamp_min(1e-300))
 
 
-def standalone_batch(model: nn.Module, x: Any, y: torch.Tensor | None = None, *, step: int = 0, output: Any = None,
-                     probe_batch_size: int | None = None, site_types: tuple[type[nn.Module], ...] = ()) -> ProbeBatch:
+def standalone_batch(
+    model: nn.Module,
+    x: Any,
+    y: torch.Tensor | None = None,
+    *,
+    step: int = 0,
+    output: Any = None,
+    probe_batch_size: int | None = None,
+    site_types: tuple[type[nn.Module], ...] = (),
+) -> ProbeBatch:
     """A ``ProbeBatch`` outside a session (``probes.testing.probe_batch``): the model's output on ``x`` and a probe
     pass of its own for ``batch.run``, each run in eval mode with the modes and RNG state restored (``site_types``:
     extra module types to treat as sites, as a session takes them from its probes)."""
@@ -296,8 +330,18 @@ def standalone_batch(model: nn.Module, x: Any, y: torch.Tensor | None = None, *,
             return probe_pass.run(x, keep, params)
 
     shared = run(x)
-    return ProbeBatch(model, x, y, shared.output, {}, step, output_spec=output, tensor_output=shared.tensor_output,
-                      chunk_size=probe_batch_size, runner=run)
+    return ProbeBatch(
+        model,
+        x,
+        y,
+        shared.output,
+        {},
+        step,
+        output_spec=output,
+        tensor_output=shared.tensor_output,
+        chunk_size=probe_batch_size,
+        runner=run,
+    )
 
 
 def _rng_state() -> tuple[torch.Tensor, list[torch.Tensor] | None]:
@@ -319,15 +363,18 @@ def _restore_modes(root: nn.Module, modes: list[tuple[nn.Module, bool]]) -> None
             m.train(training)
 
 
-def _place(whole: torch.Tensor | None, part: torch.Tensor | None, site_name: str, start: int, stop: int,
-           total: int) -> torch.Tensor | None:
+def _place(
+    whole: torch.Tensor | None, part: torch.Tensor | None, site_name: str, start: int, stop: int, total: int
+) -> torch.Tensor | None:
     """Copy the rows ``start:stop`` of a chunked pass into ``whole`` (allocated at the first chunk)."""
     if part is None:
         return None
     if part.ndim == 0 or part.shape[0] != stop - start:
-        raise ValueError(f"probe_batch_size: site {site_name!r} has shape {tuple(part.shape)} for a chunk of "
-                         f"{stop - start} samples; chunked probe passes need the samples along the first axis of "
-                         "every site (pass probe_batch_size=None to run the probe batch in one pass)")
+        raise ValueError(
+            f"probe_batch_size: site {site_name!r} has shape {tuple(part.shape)} for a chunk of "
+            f"{stop - start} samples; chunked probe passes need the samples along the first axis of "
+            "every site (pass probe_batch_size=None to run the probe batch in one pass)"
+        )
     if whole is None:
         whole = torch.empty((total, *part.shape[1:]), dtype=part.dtype, device=part.device)
     whole[start:stop] = part

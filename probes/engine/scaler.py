@@ -47,8 +47,10 @@ class SkippedSteps:
         if not callable(getattr(scaler, "step", None)):
             raise TypeError(f"attach(grad_scaler=...) must be a torch.amp.GradScaler, got {type(scaler).__name__}")
         if optimizer is None:
-            raise ValueError("attach(grad_scaler=...) needs optimizer=...: the skipped steps are the iterations in "
-                             "which scaler.step(optimizer) did not step it")
+            raise ValueError(
+                "attach(grad_scaler=...) needs optimizer=...: the skipped steps are the iterations in "
+                "which scaler.step(optimizer) did not step it"
+            )
         if scaler in _COUNTERS:
             raise ValueError("attach(grad_scaler=...): this scaler is already counted by another open session")
         self.scaler, self.optimizer, self.steps, self.write = scaler, optimizer, steps, write

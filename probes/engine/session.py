@@ -56,8 +56,9 @@ class Session:
         #: ranks measure together: a sharded model (every forward all-gathers), or a probe splitting the probe batch
         #: over the ranks (``sharding="per_sample"``, under DDP too); then every rank runs those probe passes on rank
         #: 0's batch, and the ranks agree on cadences, on setup errors and on failures
-        self.collective = self.world_size > 1 and (self.sharded or any(
-            p.sharding == "per_sample" for p in self.probes.values() if not p.passive))
+        self.collective = self.world_size > 1 and (
+            self.sharded or any(p.sharding == "per_sample" for p in self.probes.values() if not p.passive)
+        )
         if self.collective:
             self.data.same_on_every_rank(self.device, self.rank)
         self._failures = Failures(o.strict, self.rank)
@@ -67,22 +68,49 @@ class Session:
                 raise ValueError(f"probe {name!r} runs on a fixed probe batch: pass probe_data=(x, y) to attach")
             if not self.data.present:
                 self._leave_out(name, "it measures on a probe batch; pass probe_data=(x, y)")
-        self.cadence = Cadence(self.probes, o.overhead, self._failures,
-                               rank_agreement(self.device) if self.collective else None)
+        self.cadence = Cadence(
+            self.probes, o.overhead, self._failures, rank_agreement(self.device) if self.collective else None
+        )
         sink_spec = parse_sinks(o.sinks, o.logdir, o.writer) if self.rank == 0 else []
         self._output, self._step, self._closed, self._opt_handle = Output(self._failures), 0, False, None
         self._scaler: SkippedSteps | None = None
         extra = tuple({t for p in self.probes.values() for t in p.site_types})
         classes, names = plugins.registry.activation_types()
-        self.capture = Capture(self.module, extra_sites=extra, functional=o.functional, extra_names=names,
-                               mask_key=o.mask, activation_types=classes)
+        self.capture = Capture(
+            self.module,
+            extra_sites=extra,
+            functional=o.functional,
+            extra_names=names,
+            mask_key=o.mask,
+            activation_types=classes,
+        )
         self.capture.on_notice = lambda key, message: self._failures.notice("probes", key, message)
-        self._passive = PassiveProbes({n: self.probes[n] for n in self.passive}, self._failures, self._write,
-                                      lambda: self._step, self.world_size, self.rank, self.device)
+        self._passive = PassiveProbes(
+            {n: self.probes[n] for n in self.passive},
+            self._failures,
+            self._write,
+            lambda: self._step,
+            self.world_size,
+            self.rank,
+            self.device,
+        )
         probe_pass = ProbePass(self.module, self.capture, o.output, o.probe_batch_size, o.norm_stats)
-        self._active = ActiveProbes({n: self.probes[n] for n in self.active}, self.data, probe_pass, self._failures,
-                                    self.cadence, self._write, self.logdir, self.rank, self.world_size, self.sharded,
-                                    self.device, o.mask, o.label_shift, self.collective)
+        self._active = ActiveProbes(
+            {n: self.probes[n] for n in self.active},
+            self.data,
+            probe_pass,
+            self._failures,
+            self.cadence,
+            self._write,
+            self.logdir,
+            self.rank,
+            self.world_size,
+            self.sharded,
+            self.device,
+            o.mask,
+            o.label_shift,
+            self.collective,
+        )
         self._active.on_attach_error = self._leave_out if self.auto else None
         try:
             with isolated():  # attach inside autocast or no_grad measures as at top level
@@ -97,8 +125,14 @@ class Session:
 
     def _setup(self, optimizer: Any, measure_now: bool) -> None:
         context = self._context()
-        setup_probes(self.probes, context, self._failures, self._leave_out if self.auto else None, self.sharded,
-                     self.device if self.collective else None)
+        setup_probes(
+            self.probes,
+            context,
+            self._failures,
+            self._leave_out if self.auto else None,
+            self.sharded,
+            self.device if self.collective else None,
+        )
         self._passive.install(self.capture, notice=not self.auto)  # auto: only the leave-out line
         if optimizer is not None:
             self._opt_handle = optimizer.register_step_post_hook(OptimizerStep(self))
@@ -274,8 +308,11 @@ class Session:
     def state_dict(self) -> dict[str, Any]:
         """Step counter and probe state, for a checkpoint (``torch.save`` it with the model)."""
         self._use("state_dict", release=False)
-        return {"step": self._step, "probes": {n: p.state_dict() for n, p in self.probes.items()},
-                "failures": dict(self.failures)}
+        return {
+            "step": self._step,
+            "probes": {n: p.state_dict() for n, p in self.probes.items()},
+            "failures": dict(self.failures),
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Resume: restore the step and probe state. Right after ``attach`` this also drops the held-back
@@ -331,12 +368,24 @@ class Session:
         if not changes:
             return
         for added, removed, replaced in changes:
-            said = [f"{what} {', '.join(map(repr, paths))}" for what, paths in
-                    (("new site(s)", added), ("replaced site(s)", replaced), ("removed site(s)", removed)) if paths]
-            self._failures.notice("probes", f"model-changed:{added}:{removed}:{replaced}", (
-                f"the model changed after attach ({'; '.join(said)}): sites follow the model, so new and replaced "
-                "sites are observed under their module paths from the first training forward after the change, "
-                "and removed ones are no longer written"))
+            said = [
+                f"{what} {', '.join(map(repr, paths))}"
+                for what, paths in (
+                    ("new site(s)", added),
+                    ("replaced site(s)", replaced),
+                    ("removed site(s)", removed),
+                )
+                if paths
+            ]
+            self._failures.notice(
+                "probes",
+                f"model-changed:{added}:{removed}:{replaced}",
+                (
+                    f"the model changed after attach ({'; '.join(said)}): sites follow the model, so new and replaced "
+                    "sites are observed under their module paths from the first training forward after the change, "
+                    "and removed ones are no longer written"
+                ),
+            )
         self._passive.sites_changed()
         context = self._context()
         with isolated():  # a setup may run the model (measure() and close() are not isolated as a whole)
@@ -344,8 +393,11 @@ class Session:
                 try:
                     self.probes[name].setup(context)
                 except Exception as exc:  # noqa: BLE001 - the probe no longer applies to the model
-                    self._failures.fail(name, RuntimeError(
-                        f"probe {name!r} no longer applies to the model as changed after attach: {exc}"), self._step)
+                    self._failures.fail(
+                        name,
+                        RuntimeError(f"probe {name!r} no longer applies to the model as changed after attach: {exc}"),
+                        self._step,
+                    )
 
     def _context(self) -> Context:
         """What a probe's ``setup`` learns: the model, the probe batch as it is now, the session's settings."""

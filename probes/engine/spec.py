@@ -18,8 +18,16 @@ from probes.probe import Context, Probe
 from probes.schedules import as_schedule
 from probes.sinks.base import Sink
 
-__all__ = ["parse_probes", "parse_sinks", "make_sinks", "make_probe", "named", "Options", "setup_probes",
-           "declare_charts"]
+__all__ = [
+    "parse_probes",
+    "parse_sinks",
+    "make_sinks",
+    "make_probe",
+    "named",
+    "Options",
+    "setup_probes",
+    "declare_charts",
+]
 
 
 def make_probe(cls: type[Probe], name: str, options: Mapping[str, Any]) -> Probe:
@@ -32,8 +40,10 @@ def make_probe(cls: type[Probe], name: str, options: Mapping[str, Any]) -> Probe
         probe = cls(**opts)
     except TypeError as exc:
         params = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "args", "kwargs")]
-        raise TypeError(f"probe {name!r}: bad options {sorted(opts)} ({exc}); it accepts: every, "
-                        f"{', '.join(params) or '(no other options)'}") from exc
+        raise TypeError(
+            f"probe {name!r}: bad options {sorted(opts)} ({exc}); it accepts: every, "
+            f"{', '.join(params) or '(no other options)'}"
+        ) from exc
     except (ValueError, KeyError) as exc:
         raise named(exc, name) from exc
     if given:
@@ -119,7 +129,8 @@ def parse_sinks(sinks: Any, logdir: str | None, writer: Any) -> list[Any]:
             raise TypeError(f"a sink is a name or a probes.sinks.Sink, got {s!r}")
     tensorboard = plugins.sink_class("tensorboard")
     if (logdir is not None or writer is not None) and not any(
-            isinstance(s, tensorboard) or (isinstance(s, tuple) and s[1] is tensorboard) for s in spec):
+        isinstance(s, tensorboard) or (isinstance(s, tuple) and s[1] is tensorboard) for s in spec
+    ):
         spec.append(("tensorboard", tensorboard))
     return spec
 
@@ -176,11 +187,13 @@ class Options:
 
     def __post_init__(self) -> None:
         if self.logdir is not None and self.writer is not None:
-            raise ValueError("attach: give logdir= or writer=, not both (with a writer, everything goes to "
-                             "writer.get_logdir())")
+            raise ValueError(
+                "attach: give logdir= or writer=, not both (with a writer, everything goes to writer.get_logdir())"
+            )
         if self.optimizer is not None and not isinstance(self.optimizer, torch.optim.Optimizer):
-            raise TypeError(f"attach(optimizer=...) must be a torch.optim.Optimizer, got "
-                            f"{type(self.optimizer).__name__}")
+            raise TypeError(
+                f"attach(optimizer=...) must be a torch.optim.Optimizer, got {type(self.optimizer).__name__}"
+            )
         if not isinstance(self.strict, bool):
             raise TypeError(f"attach(strict=...) must be True or False, got {self.strict!r}")
         check_output_option(self.output)
@@ -188,27 +201,41 @@ class Options:
         if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
             raise ValueError(f"attach(probe_batch_size=...) must be a positive int or None, got {n!r}")
         if self.mask is not None and not (isinstance(self.mask, str) and self.mask):
-            raise TypeError(f"attach(mask=...) must be the name of the attention mask's keyword argument or dict "
-                            f"entry (default 'attention_mask'), or None to count padded positions too; got "
-                            f"{self.mask!r}")
+            raise TypeError(
+                f"attach(mask=...) must be the name of the attention mask's keyword argument or dict "
+                f"entry (default 'attention_mask'), or None to count padded positions too; got "
+                f"{self.mask!r}"
+            )
         if self.norm_stats not in ("running", "batch"):
-            raise ValueError(f"attach(norm_stats=...) must be 'running' (eval mode: the running statistics of batch "
-                             f"norm layers) or 'batch' (the statistics of the probe batch), got {self.norm_stats!r}")
+            raise ValueError(
+                f"attach(norm_stats=...) must be 'running' (eval mode: the running statistics of batch "
+                f"norm layers) or 'batch' (the statistics of the probe batch), got {self.norm_stats!r}"
+            )
         shift = self.label_shift
         if isinstance(shift, bool) or not isinstance(shift, int) or shift < 0:
-            raise ValueError(f"attach(label_shift=...) must be an int >= 0 (1 for a causal language model, whose "
-                             f"features at position t predict the label at t + 1), got {shift!r}")
+            raise ValueError(
+                f"attach(label_shift=...) must be an int >= 0 (1 for a causal language model, whose "
+                f"features at position t predict the label at t + 1), got {shift!r}"
+            )
 
     @property
     def log_to(self) -> str | None:
         """Where the session writes: ``logdir``, or the user's writer's folder."""
-        return str(self.logdir) if self.logdir is not None else (
-            self.writer.get_logdir() if self.writer is not None else None)
+        return (
+            str(self.logdir)
+            if self.logdir is not None
+            else (self.writer.get_logdir() if self.writer is not None else None)
+        )
 
 
-def setup_probes(probes: dict[str, Probe], context: Context, failures: Failures,
-                 leave_out: Callable[[str, Exception], None] | None = None, sharded: bool = False,
-                 agree_on: torch.device | None = None) -> None:
+def setup_probes(
+    probes: dict[str, Probe],
+    context: Context,
+    failures: Failures,
+    leave_out: Callable[[str, Exception], None] | None = None,
+    sharded: bool = False,
+    agree_on: torch.device | None = None,
+) -> None:
     """Each probe's ``setup`` at attach, where a probe raises when it cannot apply to the model.
 
     Args:
@@ -226,14 +253,20 @@ def setup_probes(probes: dict[str, Probe], context: Context, failures: Failures,
     failed: tuple[str, Exception] | None = None
     for name, probe in list(probes.items()):
         if sharded and not probe.supports_sharding:
-            failures.switch_off(name, f"probe {name!r} needs direct access to whole parameters, which a sharded "
-                                      "(FSDP) model does not give; it is switched off on every rank")
+            failures.switch_off(
+                name,
+                f"probe {name!r} needs direct access to whole parameters, which a sharded "
+                "(FSDP) model does not give; it is switched off on every rank",
+            )
             continue
         if sharded and probe.sharding != "activations" and distributed.legacy_sharded(context.model):
-            failures.switch_off(name, f"probe {name!r} gathers whole parameters one FSDP2 unit at a time "
-                                      f"(sharding={probe.sharding!r}), which the legacy FullyShardedDataParallel "
-                                      "wrapper does not give (use FSDP2's fully_shard); it is switched off on every "
-                                      "rank")
+            failures.switch_off(
+                name,
+                f"probe {name!r} gathers whole parameters one FSDP2 unit at a time "
+                f"(sharding={probe.sharding!r}), which the legacy FullyShardedDataParallel "
+                "wrapper does not give (use FSDP2's fully_shard); it is switched off on every "
+                "rank",
+            )
             continue
         try:
             probe.setup(context)

@@ -19,8 +19,9 @@ class ImageCadence:
     def __init__(self, probe: str, every: int | None = None, option: str = "image_every") -> None:
         if every is not None:
             if isinstance(every, bool) or not isinstance(every, (int, np.integer)) or int(every) < 1:
-                raise ValueError(f"{probe}: option {option!r} must be a positive int (steps between images) or None, "
-                                 f"got {every!r}")
+                raise ValueError(
+                    f"{probe}: option {option!r} must be a positive int (steps between images) or None, got {every!r}"
+                )
             every = int(every)
         self.every = every
         self.last: int | None = None

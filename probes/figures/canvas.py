@@ -26,9 +26,17 @@ TEACHER = "#000000"
 
 
 #: text sizes (points; 1 pt = 1.1 pixels at 80 dpi) large enough to read when TensorBoard shrinks an image
-STYLE = {"font.size": 12, "axes.titlesize": 12, "axes.labelsize": 12, "xtick.labelsize": 10.5,
-         "ytick.labelsize": 10.5, "legend.fontsize": 10, "figure.facecolor": "white", "axes.titlelocation": "left",
-         "text.usetex": False}  # names are drawn as they are: a matplotlibrc's usetex would send them to LaTeX
+STYLE = {
+    "font.size": 12,
+    "axes.titlesize": 12,
+    "axes.labelsize": 12,
+    "xtick.labelsize": 10.5,
+    "ytick.labelsize": 10.5,
+    "legend.fontsize": 10,
+    "figure.facecolor": "white",
+    "axes.titlelocation": "left",
+    "text.usetex": False,
+}  # names are drawn as they are: a matplotlibrc's usetex would send them to LaTeX
 #: pixels of one line of 12 pt text, and of an average character (DejaVu Sans), for the fixed margins
 LINE = 17
 CHAR = 7.6
@@ -79,10 +87,12 @@ def plain(*texts: Any) -> None:
 
 def _styled(draw: Any) -> Any:
     """Draw inside ``style()`` (text properties are fixed when artists are created)."""
+
     @functools.wraps(draw)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         with style():
             return draw(*args, **kwargs)
+
     return wrapper
 
 
@@ -101,12 +111,24 @@ def wrap(text: str, pixels: float, size: float = 1.0) -> str:
     """``text`` broken into lines of at most ``pixels`` wide (estimated from the average character width of
     the style's 12 pt text, times ``size``); existing line breaks are kept."""
     width = max(8, int(pixels / (CHAR * size)))
-    return "\n".join(textwrap.fill(line, width, break_long_words=True, break_on_hyphens=False) or line
-                     for line in str(text).split("\n"))
+    return "\n".join(
+        textwrap.fill(line, width, break_long_words=True, break_on_hyphens=False) or line
+        for line in str(text).split("\n")
+    )
 
 
-def place(fig: Any, ax: Any, title: str, xlabel: str, ylabel: str, *, left: float = 78, right: float = 16,
-          bottom: float = 48, top_extra: float = 0) -> None:
+def place(
+    fig: Any,
+    ax: Any,
+    title: str,
+    xlabel: str,
+    ylabel: str,
+    *,
+    left: float = 78,
+    right: float = 16,
+    bottom: float = 48,
+    top_extra: float = 0,
+) -> None:
     """Place ``ax`` at fixed margins (pixels) that leave room for the title (wrapped to the figure's width),
     the tick labels and the axis labels (the y label wrapped to the axes' height), and set those texts.
 
@@ -130,8 +152,15 @@ def place(fig: Any, ax: Any, title: str, xlabel: str, ylabel: str, *, left: floa
     bottom += LINE * xlabel.count("\n")
     ax.set_position((left / W, bottom / H, max(W - left - right, 10) / W, max(H - bottom - top, 10) / H))
     # the centre title (``ax.title``, one artist to redraw), placed at the figure's left edge
-    ax.set_title(title, loc="center", x=-(left - 8) / max(W - left - right, 10), y=1.0, pad=6,
-                 horizontalalignment="left", **PLAIN)
+    ax.set_title(
+        title,
+        loc="center",
+        x=-(left - 8) / max(W - left - right, 10),
+        y=1.0,
+        pad=6,
+        horizontalalignment="left",
+        **PLAIN,
+    )
     ax.set_xlabel(xlabel, **PLAIN)
     ax.set_ylabel(ylabel, **PLAIN)
 
@@ -165,8 +194,9 @@ def _compact(value: float, _pos: Any = None) -> str:
     return f"{value:.4g}" if value else "0"
 
 
-def kept_axes(key: str, title: str, xlabel: str, ylabel: str, *, width: int = 560, height: int = 400,
-              **margins: float) -> tuple[Any, Any]:
+def kept_axes(
+    key: str, title: str, xlabel: str, ylabel: str, *, width: int = 560, height: int = 400, **margins: float
+) -> tuple[Any, Any]:
     """A kept figure (one per ``key`` and size) with one empty axes, placed by ``place``: what was drawn there
     before is removed and the scales, limits and tick locators are reset, so drawing many charts does not build
     a figure, its axes and their ticks for each. Draw inside ``with style():``.
@@ -265,11 +295,21 @@ def _signature(fig: Any) -> tuple:
     locators and formatters will draw, legends and figure texts (not the titles: they are redrawn each time)."""
     sig: list[Any] = [tuple(fig.bbox.bounds), tuple(t.get_text() for t in fig.texts)]
     for ax in fig.axes:
-        sig += [ax.get_position().bounds, ax.get_xlim(), ax.get_ylim(), ax.get_xscale(), ax.get_yscale(),
-                ax.get_xlabel(), ax.get_ylabel(), ax.get_visible()]
+        sig += [
+            ax.get_position().bounds,
+            ax.get_xlim(),
+            ax.get_ylim(),
+            ax.get_xscale(),
+            ax.get_yscale(),
+            ax.get_xlabel(),
+            ax.get_ylabel(),
+            ax.get_visible(),
+        ]
         for axis in (ax.xaxis, ax.yaxis):
-            for locator, formatter in ((axis.get_major_locator(), axis.get_major_formatter()),
-                                       (axis.get_minor_locator(), axis.get_minor_formatter())):
+            for locator, formatter in (
+                (axis.get_major_locator(), axis.get_major_formatter()),
+                (axis.get_minor_locator(), axis.get_minor_formatter()),
+            ):
                 locs = tuple(locator())
                 sig += [locs, tuple(formatter.format_ticks(list(locs))), axis.get_tick_params().get("labelsize")]
     legends = [*fig.legends, *(ax.get_legend() for ax in fig.axes)]
@@ -342,5 +382,3 @@ def encode_png(pixels: np.ndarray) -> bytes:
     buf = io.BytesIO()
     im.save(buf, format="PNG", compress_level=3)  # zlib level 3: a third of the time of 6, 7% larger
     return buf.getvalue()
-
-

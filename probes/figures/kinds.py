@@ -28,9 +28,17 @@ from probes.figures.plots import _cmap, _finite_positive, _log_ticks, _nice_ceil
 
 
 @_styled
-def spectrum_figure(now: Any, init: Any = None, *, step: int | None = None, init_step: int | None = None,
-                    title: str = "NTK spectrum", ylabel: str = "eigenvalue", width: int = 560,
-                    height: int = 400) -> np.ndarray:
+def spectrum_figure(
+    now: Any,
+    init: Any = None,
+    *,
+    step: int | None = None,
+    init_step: int | None = None,
+    title: str = "NTK spectrum",
+    ylabel: str = "eigenvalue",
+    width: int = 560,
+    height: int = 400,
+) -> np.ndarray:
     """Eigenvalues against their rank (1 = largest), log y: ``now`` and, when given, ``init``.
 
     Only positive eigenvalues can be drawn on a log axis; the legend says how many each curve has. The figure
@@ -49,6 +57,7 @@ def spectrum_figure(now: Any, init: Any = None, *, step: int | None = None, init
     Returns:
         uint8 ``(height, width, 3)``.
     """
+
     def build() -> dict[str, Any]:
         fig = new_figure(width, height)
         ax = fig.add_axes((0.1, 0.1, 0.8, 0.8))
@@ -96,15 +105,28 @@ EDGE = 4.0
 
 def _right_edge(renderer: Any, labels: Sequence[Any], lim: float) -> float:
     """The rightmost pixel of the x tick ``labels`` drawn on axes ``[-lim, lim]`` (others exist, not drawn)."""
-    edges = [t.get_window_extent(renderer).x1 for t in labels
-             if t.get_visible() and t.get_text() and abs(t.get_position()[0]) <= lim * (1 + 1e-9)]
+    edges = [
+        t.get_window_extent(renderer).x1
+        for t in labels
+        if t.get_visible() and t.get_text() and abs(t.get_position()[0]) <= lim * (1 + 1e-9)
+    ]
     return float(max(edges)) if edges else 0.0
 
 
 @_styled
-def particles_figure(current: np.ndarray, trails: np.ndarray, sign: np.ndarray | None, teacher: np.ndarray,
-                     teacher_sign: np.ndarray | None, limit: float, *, title: str,
-                     axis_labels: tuple[str, str] = ("x", "y"), size: int = 480, legend: bool = True) -> np.ndarray:
+def particles_figure(
+    current: np.ndarray,
+    trails: np.ndarray,
+    sign: np.ndarray | None,
+    teacher: np.ndarray,
+    teacher_sign: np.ndarray | None,
+    limit: float,
+    *,
+    title: str,
+    axis_labels: tuple[str, str] = ("x", "y"),
+    size: int = 480,
+    legend: bool = True,
+) -> np.ndarray:
     """Particles ``current`` (m x 2) as dots, their ``trails`` (k x m x 2, time first) as faint lines,
     teacher rows (M x 2) as black lines through the origin with a ring at each row, axes ``[-limit, limit]``.
 
@@ -136,8 +158,9 @@ def particles_figure(current: np.ndarray, trails: np.ndarray, sign: np.ndarray |
         ax.axvline(0.0, color="#dddddd", lw=0.8, zorder=0)
         trail = ax.add_collection(LineCollection([], linewidths=0.8, alpha=0.3, zorder=1), autolim=False)
         tlines = ax.add_collection(LineCollection([], linewidths=1.0, zorder=2), autolim=False)
-        rings = ax.scatter(np.zeros(0), np.zeros(0), s=90, facecolors="white", edgecolors=TEACHER, linewidths=1.5,
-                           zorder=3)
+        rings = ax.scatter(
+            np.zeros(0), np.zeros(0), s=90, facecolors="white", edgecolors=TEACHER, linewidths=1.5, zorder=3
+        )
         dots = ax.scatter(np.zeros(0), np.zeros(0), s=14, edgecolors="none", zorder=4)
         ax.set_aspect("auto")
         return {"fig": fig, "ax": ax, "trail": trail, "tlines": tlines, "rings": rings, "dots": dots, "legend": None}
@@ -148,8 +171,11 @@ def particles_figure(current: np.ndarray, trails: np.ndarray, sign: np.ndarray |
     m = cur.shape[0]
     teacher = np.asarray(teacher, dtype=np.float64).reshape(-1, 2)
     lim = _nice_ceil(float(limit)) if limit > 0 and np.isfinite(limit) else 1.0
-    colors = np.array([UNSIGNED] * m, dtype=object) if sign is None else \
-        np.where(np.asarray(sign, dtype=bool), POSITIVE, NEGATIVE).astype(object)
+    colors = (
+        np.array([UNSIGNED] * m, dtype=object)
+        if sign is None
+        else np.where(np.asarray(sign, dtype=bool), POSITIVE, NEGATIVE).astype(object)
+    )
     handles: list[Any] = []
     hist = np.asarray(trails, dtype=np.float64).reshape(-1, m, 2) if m else np.zeros((0, 0, 2))
     path = np.concatenate([hist, cur[None]], axis=0) if hist.shape[0] else cur[None]
@@ -163,12 +189,16 @@ def particles_figure(current: np.ndarray, trails: np.ndarray, sign: np.ndarray |
         norm = np.linalg.norm(teacher, axis=1)
         ok = norm > 0
         ends = teacher[ok] / norm[ok, None] * lim * 1.5
-        tcol = list(np.where(np.asarray(teacher_sign, dtype=bool)[ok], "#7f1010", "#0f3b5a")) \
-            if teacher_sign is not None else [TEACHER] * int(ok.sum())
+        tcol = (
+            list(np.where(np.asarray(teacher_sign, dtype=bool)[ok], "#7f1010", "#0f3b5a"))
+            if teacher_sign is not None
+            else [TEACHER] * int(ok.sum())
+        )
         k["tlines"].set_segments([np.array([[-ex, -ey], [ex, ey]]) for ex, ey in ends])
         k["tlines"].set_color(tcol)
-        handles.append(Line2D([], [], color=TEACHER, lw=1, marker="o", mfc="white", ms=8,
-                              label="teacher line (ring: unit)"))
+        handles.append(
+            Line2D([], [], color=TEACHER, lw=1, marker="o", mfc="white", ms=8, label="teacher line (ring: unit)")
+        )
     else:
         k["tlines"].set_segments([])
     k["rings"].set_offsets(teacher)
@@ -178,14 +208,24 @@ def particles_figure(current: np.ndarray, trails: np.ndarray, sign: np.ndarray |
     if sign is None:
         handles.append(Line2D([], [], ls="", marker="o", color=UNSIGNED, label="hidden unit j"))
     else:
-        handles += [Line2D([], [], ls="", marker="o", color=POSITIVE, label="a_j >= 0"),
-                    Line2D([], [], ls="", marker="o", color=NEGATIVE, label="a_j < 0")]
+        handles += [
+            Line2D([], [], ls="", marker="o", color=POSITIVE, label="a_j >= 0"),
+            Line2D([], [], ls="", marker="o", color=NEGATIVE, label="a_j < 0"),
+        ]
     legend_rows = -(-len(handles) // 2) if legend else 0
     title_lines = wrap(title, size - 16).count("\n") + 1
     side = max(size - 48 - LINE * legend_rows - 10 - LINE * title_lines, 60)  # the axes stay square
     left = max(56.0, (size - side) / 2)
-    place(fig, ax, title, axis_labels[0], axis_labels[1], left=left, right=size - left - side,
-          bottom=48 + LINE * legend_rows)
+    place(
+        fig,
+        ax,
+        title,
+        axis_labels[0],
+        axis_labels[1],
+        left=left,
+        right=size - left - side,
+        bottom=48 + LINE * legend_rows,
+    )
     ax.set_xlim(-lim, lim)
     ax.set_ylim(-lim, lim)
     # long tick labels (small or large limits: "-0.015", "-15000") push the y label past the left edge and the
@@ -203,15 +243,24 @@ def particles_figure(current: np.ndarray, trails: np.ndarray, sign: np.ndarray |
             break
         into_left += float(np.ceil(max(need_left, 0.0)))
         into_right += float(np.ceil(max(need_right, 0.0)))
-        place(fig, ax, title, axis_labels[0], axis_labels[1], left=left + into_left,
-              right=size - left - side + into_right, bottom=48 + LINE * legend_rows,
-              top_extra=into_left + into_right)
+        place(
+            fig,
+            ax,
+            title,
+            axis_labels[0],
+            axis_labels[1],
+            left=left + into_left,
+            right=size - left - side + into_right,
+            bottom=48 + LINE * legend_rows,
+            top_extra=into_left + into_right,
+        )
     if k["legend"] is not None:
         k["legend"].remove()
         k["legend"] = None
     if legend:
-        k["legend"] = fig.legend(handles=handles, loc="lower center", ncol=2, fontsize="small", frameon=False,
-                                 bbox_to_anchor=(0.5, 0.0))
+        k["legend"] = fig.legend(
+            handles=handles, loc="lower center", ncol=2, fontsize="small", frameon=False, bbox_to_anchor=(0.5, 0.0)
+        )
     return _blit(k, [k["trail"], k["tlines"], k["rings"], k["dots"], ax.title])
 
 
@@ -240,9 +289,18 @@ PADDING = "#b4b4b4"
 
 
 @_styled
-def gates_figure(gates: np.ndarray, starts: Sequence[int] = (), names: Sequence[str] = (), *, title: str,
-                 unit_label: str = "unit", width: int = 640, height: int = 360, total: int | None = None,
-                 padding: np.ndarray | None = None) -> np.ndarray:
+def gates_figure(
+    gates: np.ndarray,
+    starts: Sequence[int] = (),
+    names: Sequence[str] = (),
+    *,
+    title: str,
+    unit_label: str = "unit",
+    width: int = 640,
+    height: int = 360,
+    total: int | None = None,
+    padding: np.ndarray | None = None,
+) -> np.ndarray:
     """A ``P x units`` 0/1 gate matrix drawn units (y) by samples (x), samples in the given order; ``starts``
     are the sample positions where a new label group begins (a white line), ``names`` the groups' labels.
     Values between 0 and 1 (open fractions of blocks of gates, ``total`` gates in all) shade between the two.
@@ -276,11 +334,12 @@ def gates_figure(gates: np.ndarray, starts: Sequence[int] = (), names: Sequence[
     def build() -> dict[str, Any]:
         fig = new_figure(width, height)
         ax = fig.add_axes((0.1, 0.1, 0.8, 0.8))
-        c0, c1 = np.array([0x2b, 0x2b, 0x50]) / 255, np.array([0xf2, 0xd6, 0x4b]) / 255
+        c0, c1 = np.array([0x2B, 0x2B, 0x50]) / 255, np.array([0xF2, 0xD6, 0x4B]) / 255
         # masked cells (the padded gates) take the "bad" colour
         cmap = ListedColormap(c0 + (c1 - c0) * np.linspace(0, 1, LEVELS)[:, None]).with_extremes(bad=PADDING)
-        im = ax.imshow(np.zeros((2, 2)), aspect="auto", interpolation="nearest", cmap=cmap, vmin=0, vmax=1,
-                       origin="lower")
+        im = ax.imshow(
+            np.zeros((2, 2)), aspect="auto", interpolation="nearest", cmap=cmap, vmin=0, vmax=1, origin="lower"
+        )
         groups = ax.add_collection(LineCollection([], colors="white", linewidths=1.0), autolim=False)
         handles = [Patch(color=open_, label="open (pre > 0)"), Patch(color=closed, label="closed")]
         if padded:
@@ -289,8 +348,21 @@ def gates_figure(gates: np.ndarray, starts: Sequence[int] = (), names: Sequence[
         return {"fig": fig, "ax": ax, "im": im, "groups": groups, "legend": legend}
 
     # one kept figure per site (its sizes and groups), so that its still parts are drawn once
-    k = _kept(("gates", width, height, shape[0], int(np.prod(shape[1:])), tuple(starts), tuple(names), unit_label,
-               total, padded), build)
+    k = _kept(
+        (
+            "gates",
+            width,
+            height,
+            shape[0],
+            int(np.prod(shape[1:])),
+            tuple(starts),
+            tuple(names),
+            unit_label,
+            total,
+            padded,
+        ),
+        build,
+    )
     fig, ax = k["fig"], k["ax"]
     g = np.asarray(gates, dtype=np.float32).reshape(np.asarray(gates).shape[0], -1)
     P, rows = g.shape
@@ -304,16 +376,27 @@ def gates_figure(gates: np.ndarray, starts: Sequence[int] = (), names: Sequence[
     _set_ticks(ax.yaxis, None)
     ax.set_xlim(-0.5, P - 0.5)
     ax.set_ylim(-0.5, rows - 0.5)
-    k["legend"].set_bbox_to_anchor((1.0, 1 - (10 + LINE * (wrap(title, width - 16).count("\n") + 1)) / height),
-                                   transform=fig.transFigure)
+    k["legend"].set_bbox_to_anchor(
+        (1.0, 1 - (10 + LINE * (wrap(title, width - 16).count("\n") + 1)) / height), transform=fig.transFigure
+    )
     return _blit(k, [k["im"], k["groups"], ax.title])
 
 
 @_styled
-def matrix_figure(matrix: np.ndarray, starts: Sequence[int] = (), names: Sequence[str] = (), *, title: str,
-                  colorbar_label: str, xlabel: str = "probe sample j", ylabel: str = "probe sample i",
-                  vmin: float | None = None, vmax: float | None = None, width: int = 500,
-                  height: int = 420) -> np.ndarray:
+def matrix_figure(
+    matrix: np.ndarray,
+    starts: Sequence[int] = (),
+    names: Sequence[str] = (),
+    *,
+    title: str,
+    colorbar_label: str,
+    xlabel: str = "probe sample j",
+    ylabel: str = "probe sample i",
+    vmin: float | None = None,
+    vmax: float | None = None,
+    width: int = 500,
+    height: int = 420,
+) -> np.ndarray:
     """A matrix as a heat map (rows top to bottom; a square one in square axes) with a labelled colour bar;
     ``starts`` / ``names`` mark label groups on both axes. The figure is kept and its artists updated at the
     next call.
@@ -346,8 +429,9 @@ def matrix_figure(matrix: np.ndarray, starts: Sequence[int] = (), names: Sequenc
         bar = fig.colorbar(im, cax=cax)
         return {"fig": fig, "ax": ax, "im": im, "xg": xg, "yg": yg, "cax": cax, "bar": bar}
 
-    k = _kept(("matrix", width, height, np.shape(matrix), tuple(starts), tuple(names), xlabel, ylabel,
-               colorbar_label), build)
+    k = _kept(
+        ("matrix", width, height, np.shape(matrix), tuple(starts), tuple(names), xlabel, ylabel, colorbar_label), build
+    )
     fig, ax = k["fig"], k["ax"]
     m = np.asarray(matrix, dtype=np.float64)
     n, cols = m.shape[0], m.shape[1]
@@ -378,5 +462,3 @@ def matrix_figure(matrix: np.ndarray, starts: Sequence[int] = (), names: Sequenc
     k["cax"].set_position((x0 + w + 12 / width, y0, 14 / width, h))
     k["bar"].set_label(wrap(colorbar_label, h * height), **PLAIN)
     return _blit(k, [k["im"], k["xg"], k["yg"], ax.title])
-
-

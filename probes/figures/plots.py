@@ -94,10 +94,20 @@ def _others_band(ax: Any, rest: Sequence[tuple[str, Any, Any]]) -> list[Any]:
     return [ax.fill_between(xs, lo, hi, color="#999999", alpha=0.35, lw=0, label=f"{len(rest)} others (min to max)")]
 
 
-def line_axes(ax: Any, series: Sequence[tuple[str, Any, Any]], *, title: str | None = None,
-              xlabel: str | None = None, ylabel: str | None = None, logx: bool = False, logy: bool = False,
-              ylim: tuple[float, float] | None = None, markers: bool | None = None,
-              title_size: float | None = None, max_lines: int = MAX_LINES) -> None:
+def line_axes(
+    ax: Any,
+    series: Sequence[tuple[str, Any, Any]],
+    *,
+    title: str | None = None,
+    xlabel: str | None = None,
+    ylabel: str | None = None,
+    logx: bool = False,
+    logy: bool = False,
+    ylim: tuple[float, float] | None = None,
+    markers: bool | None = None,
+    title_size: float | None = None,
+    max_lines: int = MAX_LINES,
+) -> None:
     """Draw ``series = [(label, x, y), ...]`` in ``ax`` with a grid and a legend when there is more than one
     series (and the title and axis labels when given); labels and titles are drawn as they are (``PLAIN``).
 
@@ -129,13 +139,30 @@ def line_axes(ax: Any, series: Sequence[tuple[str, Any, Any]], *, title: str | N
     if len(clean) > max_lines:
         ranked = sorted(clean, key=last, reverse=True)
         lines, rest = ranked[:max_lines], ranked[max_lines:]
-    colors = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
-              "#bcbd22", "#17becf"]
+    colors = [
+        "#1f77b4",
+        "#ff7f0e",
+        "#2ca02c",
+        "#d62728",
+        "#9467bd",
+        "#8c564b",
+        "#e377c2",
+        "#7f7f7f",
+        "#bcbd22",
+        "#17becf",
+    ]
     handles = []
     for i, (label, x, y) in enumerate(lines):
         dots = markers if markers is not None else x.size < 40
-        handles += ax.plot(x, y, lw=1.4, marker="." if dots or x.size == 1 else None, ms=5 if x.size > 1 else 9,
-                           label=str(label), color=colors[i % len(colors)])
+        handles += ax.plot(
+            x,
+            y,
+            lw=1.4,
+            marker="." if dots or x.size == 1 else None,
+            ms=5 if x.size > 1 else 9,
+            label=str(label),
+            color=colors[i % len(colors)],
+        )
     if rest:
         handles += _others_band(ax, rest)
     if logx:
@@ -164,20 +191,44 @@ def line_axes(ax: Any, series: Sequence[tuple[str, Any, Any]], *, title: str | N
     ax.grid(alpha=0.3, which="major")
     if not clean:
         n = sum(y.size for _, _, y in empty)
-        ax.text(0.5, 0.5, f"no finite value to draw: all {n} points are NaN or infinite", transform=ax.transAxes,
-                ha="center", va="center", wrap=True, **PLAIN)
+        ax.text(
+            0.5,
+            0.5,
+            f"no finite value to draw: all {n} points are NaN or infinite",
+            transform=ax.transAxes,
+            ha="center",
+            va="center",
+            wrap=True,
+            **PLAIN,
+        )
         ax.set_yticks([])
     elif empty:
         names = ", ".join(str(label) for label, _, _ in empty[:3]) + (" ..." if len(empty) > 3 else "")
-        ax.text(0.01, 0.01, f"only NaN / inf, not drawn: {names}", transform=ax.transAxes, fontsize=9,
-                color="#777777", **PLAIN)
+        ax.text(
+            0.01,
+            0.01,
+            f"only NaN / inf, not drawn: {names}",
+            transform=ax.transAxes,
+            fontsize=9,
+            color="#777777",
+            **PLAIN,
+        )
     if len(handles) > 1:  # the handles given: a label that starts with "_" (a site "_orig_mod.fc") is kept too
         plain(*ax.legend(handles=handles, loc="best", fontsize=9, framealpha=0.8).get_texts())
 
 
 @_styled
-def line_plot(series: Sequence[tuple[str, Any, Any]], *, title: str, xlabel: str, ylabel: str,
-              logx: bool = False, logy: bool = False, width: int = 560, height: int = 400) -> np.ndarray:
+def line_plot(
+    series: Sequence[tuple[str, Any, Any]],
+    *,
+    title: str,
+    xlabel: str,
+    ylabel: str,
+    logx: bool = False,
+    logy: bool = False,
+    width: int = 560,
+    height: int = 400,
+) -> np.ndarray:
     """Pixels of a line plot of ``series = [(label, x, y), ...]`` (legend when more than one; see
     ``line_axes``).
 
@@ -197,5 +248,3 @@ def line_plot(series: Sequence[tuple[str, Any, Any]], *, title: str, xlabel: str
     fig = new_figure(width, height)
     line_axes(frame(fig, title, xlabel, ylabel), series, logx=logx, logy=logy)
     return pixels(fig)
-
-

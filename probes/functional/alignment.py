@@ -99,8 +99,10 @@ def _check_pair(F1: torch.Tensor, F2: torch.Tensor, who: str, names=("F1", "F2")
         hint = f"; {a} ({n1} x {d1}) looks transposed: pass {a}.T"
     elif d2 == n1 and d2 > n2:
         hint = f"; {b} ({n2} x {d2}) looks transposed: pass {b}.T"
-    raise ValueError(f"{who}: {a} has {n1} samples (rows) and {b} has {n2}; inputs are samples x features "
-                     f"with one row per sample{hint}")
+    raise ValueError(
+        f"{who}: {a} has {n1} samples (rows) and {b} has {n2}; inputs are samples x features "
+        f"with one row per sample{hint}"
+    )
 
 
 def _as_kernel(K, name: str, who: str) -> torch.Tensor:
@@ -161,7 +163,8 @@ def _degenerate(raw_norm: torch.Tensor, centered_norm: torch.Tensor) -> torch.Te
 def _raise_degenerate(name: str, who: str, what: str = "kernel") -> None:
     raise DegenerateKernelError(
         f"{who}: the {what} {name} is (numerically) zero after centering, so its alignment is 0/0; "
-        "this happens with constant labels, a dead layer, or features that are the same for every sample")
+        "this happens with constant labels, a dead layer, or features that are the same for every sample"
+    )
 
 
 def hsic(K: torch.Tensor, L: torch.Tensor, *, unbiased: bool = False) -> torch.Tensor:
@@ -230,8 +233,14 @@ def alignment(K: torch.Tensor, L: torch.Tensor, *, debiased: bool = False) -> to
         raise ValueError(f"{who}: K is {tuple(K.shape)} and L is {tuple(L.shape)}; both must be P x P for the same P")
     Kc, Lc = center(K), center(L)
     nk, nl = torch.linalg.vector_norm(Kc), torch.linalg.vector_norm(Lc)
-    flags = torch.stack([~torch.isfinite(K).all(), ~torch.isfinite(L).all(),
-                         _degenerate(torch.linalg.vector_norm(K), nk), _degenerate(torch.linalg.vector_norm(L), nl)])
+    flags = torch.stack(
+        [
+            ~torch.isfinite(K).all(),
+            ~torch.isfinite(L).all(),
+            _degenerate(torch.linalg.vector_norm(K), nk),
+            _degenerate(torch.linalg.vector_norm(L), nl),
+        ]
+    )
     bad = flags.tolist()  # one host sync for all four checks
     for name, b in zip(("K", "L"), bad[:2]):
         if b:
@@ -325,8 +334,9 @@ def _hsic_u(ip: torch.Tensor, a: Prepared, b: Prepared) -> torch.Tensor:
     ``[<Kc, Lc> - P/(P-2) k.l + sum(k) sum(l) / ((P-1)(P-2))] / (P (P-3))``.
     """
     n = a.n
-    return (ip - n / (n - 2) * torch.dot(a.rows, b.rows)
-            + a.rows.sum() * b.rows.sum() / ((n - 1) * (n - 2))) / (n * (n - 3))
+    return (ip - n / (n - 2) * torch.dot(a.rows, b.rows) + a.rows.sum() * b.rows.sum() / ((n - 1) * (n - 2))) / (
+        n * (n - 3)
+    )
 
 
 def _check_method(method: str, who: str) -> None:
@@ -346,7 +356,8 @@ def _check_positive(xx: torch.Tensor, yy: torch.Tensor, scales: torch.Tensor, wh
             raise DegenerateKernelError(
                 f"{who}: the unbiased HSIC of {name} with itself is {v:.3g} (not positive), so the debiased "
                 "CKA is undefined: too few samples, features that center to zero, or kernels whose "
-                "off-diagonal part vanishes")
+                "off-diagonal part vanishes"
+            )
 
 
 def _prepare_pair(F1, F2, who: str, method: str, names=("F1", "F2")) -> tuple[Prepared, Prepared]:
@@ -396,8 +407,9 @@ def cka(F1, F2, *, debiased: bool = False, method: str = "auto") -> torch.Tensor
     if not debiased:
         return ip / torch.sqrt(a.self_ip * b.self_ip)
     if a.n < 4:
-        raise ValueError(f"{who}: the debiased estimator needs at least 4 samples, got {a.n} "
-                         "(other CKA libraries return NaN here)")
+        raise ValueError(
+            f"{who}: the debiased estimator needs at least 4 samples, got {a.n} (other CKA libraries return NaN here)"
+        )
     xy, xx, yy = _hsic_u(ip, a, b), _hsic_u(a.self_ip, a, a), _hsic_u(b.self_ip, b, b)
     scales = torch.stack([a.self_ip, b.self_ip]) / (a.n * (a.n - 3))
     _check_positive(xx, yy, scales, who, ("F1", "F2"))
@@ -510,10 +522,12 @@ class StreamingCKA:
         for j, f in enumerate(fy):
             _check_pair(fx[0], f, who, ("X[0]", f"Y[{j}]"))
         if n < 4:
-            raise ValueError(f"{who}: a batch of {n} samples is too small for the unbiased HSIC estimator "
-                             "(it needs at least 4; other CKA libraries return NaN here)")
+            raise ValueError(
+                f"{who}: a batch of {n} samples is too small for the unbiased HSIC estimator "
+                "(it needs at least 4; other CKA libraries return NaN here)"
+            )
         prepared = [prepare(f, self.method, inplace=fr) for f, fr in zip(fx + fy, fresh)]
-        px, py = prepared[:len(fx)], prepared[len(fx):]
+        px, py = prepared[: len(fx)], prepared[len(fx) :]
         bad = torch.stack([p.nonfinite for p in prepared]).tolist()  # one host sync
         names = [f"X[{i}]" for i in range(len(fx))] + [f"Y[{j}]" for j in range(len(fy))]
         for name, b in zip(names, bad):
@@ -554,7 +568,8 @@ class StreamingCKA:
             if not v > 1e-10 * scale / self.batches:
                 raise DegenerateKernelError(
                     f"{who}: the averaged unbiased HSIC of {name} with itself is {v:.3g} (not positive): "
-                    "its features center to zero or vary too little across samples")
+                    "its features center to zero or vary too little across samples"
+                )
         out = (self._xy / self.batches) / torch.sqrt(xx[:, None] * yy[None, :])
         return out[0, 0] if self._single else out
 
@@ -581,6 +596,14 @@ def minibatch_cka(batches, method: str = "auto") -> torch.Tensor:
 
 
 __all__ = [
-    "DegenerateKernelError", "as_features", "center", "center_features", "hsic", "alignment",
-    "cka", "linear_hsic", "StreamingCKA", "minibatch_cka",
+    "DegenerateKernelError",
+    "as_features",
+    "center",
+    "center_features",
+    "hsic",
+    "alignment",
+    "cka",
+    "linear_hsic",
+    "StreamingCKA",
+    "minibatch_cka",
 ]

@@ -37,11 +37,18 @@ def label_matrix(y: torch.Tensor, num_classes: int | None = None, who: str = "la
     if y.dtype == torch.bool:
         y = y.long()
     if y.ndim != 1:
-        tokens = "" if y.ndim != 2 else ("; token labels (P, T) give one sample per position to alignment and "
-                                         "margin only (their option positions=): leave this probe out, or pass one "
-                                         "label per sample in probe_data")
-        raise ValueError(f"{who}: integer labels must be one class index per sample, got shape {tuple(y.shape)}"
-                         f"{tokens}")
+        tokens = (
+            ""
+            if y.ndim != 2
+            else (
+                "; token labels (P, T) give one sample per position to alignment and "
+                "margin only (their option positions=): leave this probe out, or pass one "
+                "label per sample in probe_data"
+            )
+        )
+        raise ValueError(
+            f"{who}: integer labels must be one class index per sample, got shape {tuple(y.shape)}{tokens}"
+        )
     values = torch.unique(y)
     if values.numel() <= 2 and num_classes in (None, 1, 2) and values.min() >= 0:
         hi = values.max()
@@ -77,12 +84,13 @@ def padded_labels(labels: torch.Tensor, shift: int, mask: torch.Tensor | None) -
         return 0
     real = mask.to(labels.device) != 0
     labelled = labels[:, shift:] != IGNORE_INDEX
-    kept = real[:, :T - shift] & real[:, shift:]
+    kept = real[:, : T - shift] & real[:, shift:]
     return int((labelled & ~kept).sum())
 
 
-def token_positions(labels: torch.Tensor, shift: int = 0, positions: str = "all",
-                    mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def token_positions(
+    labels: torch.Tensor, shift: int = 0, positions: str = "all", mask: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Which positions of token-level labels are samples, and their labels.
 
     Labels ``(P, T)`` hold one class per position, ``-100`` where a position has none. With ``shift`` the features
@@ -108,22 +116,21 @@ def token_positions(labels: torch.Tensor, shift: int = 0, positions: str = "all"
             unknown ``positions``, a mask of another shape, or no position left to keep.
     """
     if labels.ndim != 2 or labels.is_floating_point():
-        raise ValueError(f"token labels must be integer (P, T) class indices, got {labels.dtype} "
-                         f"{tuple(labels.shape)}")
+        raise ValueError(f"token labels must be integer (P, T) class indices, got {labels.dtype} {tuple(labels.shape)}")
     if positions not in ("all", "last"):
         raise ValueError(f"positions must be 'all' or 'last', got {positions!r}")
     P, T = labels.shape
     if shift < 0 or shift >= T:
         raise ValueError(f"label_shift must be in [0, {T}) for sequences of {T} positions, got {shift}")
     paired = torch.full_like(labels, IGNORE_INDEX)
-    paired[:, :T - shift] = labels[:, shift:]
+    paired[:, : T - shift] = labels[:, shift:]
     keep = paired != IGNORE_INDEX
     if mask is not None:
         if tuple(mask.shape) != (P, T):
             raise ValueError(f"the attention mask has shape {tuple(mask.shape)}, the labels {(P, T)}")
         real = mask.to(keep.device) != 0
-        keep[:, :T - shift] &= real[:, :T - shift] & real[:, shift:]  # the feature's position and its label's
-        keep[:, T - shift:] = False
+        keep[:, : T - shift] &= real[:, : T - shift] & real[:, shift:]  # the feature's position and its label's
+        keep[:, T - shift :] = False
     if positions == "last":
         last = torch.where(keep, torch.arange(T, device=keep.device), -1).max(dim=1).values
         rows = torch.nonzero(last >= 0).squeeze(1)

@@ -60,30 +60,112 @@ Params = dict[str, torch.Tensor]
 
 #: leaf modules that are piecewise linear in their input (in eval mode where noted in the check)
 PIECEWISE_LINEAR_MODULES: tuple[type[nn.Module], ...] = (
-    nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
-    nn.ReLU, nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.ReLU6, nn.Hardtanh,
-    nn.Flatten, nn.Unflatten, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
-    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
-    nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
-    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d,
-    nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d,
+    nn.Linear,
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+    nn.ConvTranspose1d,
+    nn.ConvTranspose2d,
+    nn.ConvTranspose3d,
+    nn.ReLU,
+    nn.LeakyReLU,
+    nn.PReLU,
+    nn.RReLU,
+    nn.ReLU6,
+    nn.Hardtanh,
+    nn.Flatten,
+    nn.Unflatten,
+    nn.Identity,
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AlphaDropout,
+    nn.MaxPool1d,
+    nn.MaxPool2d,
+    nn.MaxPool3d,
+    nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d,
+    nn.AdaptiveMaxPool3d,
+    nn.AvgPool1d,
+    nn.AvgPool2d,
+    nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveAvgPool3d,
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.BatchNorm3d,
+    nn.ZeroPad1d,
+    nn.ZeroPad2d,
+    nn.ZeroPad3d,
+    nn.ConstantPad1d,
+    nn.ConstantPad2d,
+    nn.ConstantPad3d,
 )
 
 #: max-pooling modules: their argmax indices are part of the activation pattern
 MAX_POOLS: tuple[type[nn.Module], ...] = (
-    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
+    nn.MaxPool1d,
+    nn.MaxPool2d,
+    nn.MaxPool3d,
+    nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d,
+    nn.AdaptiveMaxPool3d,
+)
 
 #: site kinds whose pattern is ``pre > 0``
 _ONE_KINK = frozenset({"relu", "leakyrelu", "leaky_relu", "prelu", "rrelu"})
 
 #: names of smooth (not piecewise-linear) torch functions rejected when a ``forward`` calls them
-SMOOTH_FUNCTIONS = frozenset({
-    "tanh", "tanh_", "sigmoid", "sigmoid_", "gelu", "silu", "elu", "elu_", "selu", "celu", "softplus", "mish",
-    "hardswish", "logsigmoid", "exp", "exp_", "expm1", "log", "log_", "log1p", "log2", "log10", "erf", "erfc",
-    "sin", "cos", "tan", "sinh", "cosh", "atan", "softmax", "log_softmax", "softmin", "layer_norm",
-    "group_norm", "instance_norm", "rms_norm", "normalize", "sqrt", "rsqrt", "pow", "__pow__", "reciprocal",
-    "square",
-})
+SMOOTH_FUNCTIONS = frozenset(
+    {
+        "tanh",
+        "tanh_",
+        "sigmoid",
+        "sigmoid_",
+        "gelu",
+        "silu",
+        "elu",
+        "elu_",
+        "selu",
+        "celu",
+        "softplus",
+        "mish",
+        "hardswish",
+        "logsigmoid",
+        "exp",
+        "exp_",
+        "expm1",
+        "log",
+        "log_",
+        "log1p",
+        "log2",
+        "log10",
+        "erf",
+        "erfc",
+        "sin",
+        "cos",
+        "tan",
+        "sinh",
+        "cosh",
+        "atan",
+        "softmax",
+        "log_softmax",
+        "softmin",
+        "layer_norm",
+        "group_norm",
+        "instance_norm",
+        "rms_norm",
+        "normalize",
+        "sqrt",
+        "rsqrt",
+        "pow",
+        "__pow__",
+        "reciprocal",
+        "square",
+    }
+)
 
 
 class NotPiecewiseLinearError(ValueError):
@@ -132,16 +214,23 @@ def _scan_modules(model: nn.Module, who: str, allow: tuple[type[nn.Module], ...]
             raise NotPiecewiseLinearError(
                 f"{who}: module {name} is not a known piecewise-linear layer; the local affine map f = A(x) x + c(x) "
                 "needs affine layers (Linear, Conv, pooling, BatchNorm in eval) and ReLU / LeakyReLU / PReLU / "
-                "ReLU6 / Hardtanh activations (pass allow=(YourModule,) if you know it is piecewise linear)")
-        if isinstance(m, (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.RReLU)) \
-                and m.training and not assume_eval:
-            raise NotPiecewiseLinearError(f"{who}: module {name} is random in training mode; call model.eval() "
-                                          "(the probe runs in eval mode)")
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and ((m.training and not assume_eval)
-                                                                 or not m.track_running_stats):
+                "ReLU6 / Hardtanh activations (pass allow=(YourModule,) if you know it is piecewise linear)"
+            )
+        if (
+            isinstance(m, (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.RReLU))
+            and m.training
+            and not assume_eval
+        ):
+            raise NotPiecewiseLinearError(
+                f"{who}: module {name} is random in training mode; call model.eval() (the probe runs in eval mode)"
+            )
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and (
+            (m.training and not assume_eval) or not m.track_running_stats
+        ):
             raise NotPiecewiseLinearError(
                 f"{who}: module {name} normalises with batch statistics (training mode or track_running_stats="
-                "False), which mixes samples; in eval mode with running statistics it is affine")
+                "False), which mixes samples; in eval mode with running statistics it is affine"
+            )
 
 
 class _TraceMode(TorchFunctionMode):
@@ -189,9 +278,16 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
             m.training = training
 
 
-def check_piecewise_linear(model: nn.Module, x: torch.Tensor | None = None, *, who: str = "linear_region",
-                           allow: tuple[type[nn.Module], ...] = (), curvature: bool = True,
-                           assume_eval: bool = False, own_parameters: bool = False) -> None:
+def check_piecewise_linear(
+    model: nn.Module,
+    x: torch.Tensor | None = None,
+    *,
+    who: str = "linear_region",
+    allow: tuple[type[nn.Module], ...] = (),
+    curvature: bool = True,
+    assume_eval: bool = False,
+    own_parameters: bool = False,
+) -> None:
     """Raise ``NotPiecewiseLinearError`` (naming the module) unless ``model`` is piecewise linear per sample.
 
     Module scan always; with ``x`` (a few samples suffice) a traced forward for smooth functional calls and,
@@ -225,16 +321,20 @@ def check_piecewise_linear(model: nn.Module, x: torch.Tensor | None = None, *, w
 
 def _check_forward(model: nn.Module, x: torch.Tensor, who: str, curvature: bool, own: bool = False) -> None:
     if not isinstance(x, torch.Tensor) or x.ndim == 0 or not x.is_floating_point():
-        raise TypeError(f"{who}: the input must be a floating tensor with samples first, got "
-                        f"{type(x).__name__}{'' if not isinstance(x, torch.Tensor) else tuple(x.shape)}")
+        raise TypeError(
+            f"{who}: the input must be a floating tensor with samples first, got "
+            f"{type(x).__name__}{'' if not isinstance(x, torch.Tensor) else tuple(x.shape)}"
+        )
     xs = x[:2].detach().to(_model_dtype(model, x))
     mode = _TraceMode(model)
     with torch.no_grad(), mode:
         model(xs)
     if mode.found:
         where = ", ".join(f"{fn} in the forward of {path or '<root>'!r}" for path, fn in mode.found[:5])
-        raise NotPiecewiseLinearError(f"{who}: the model calls smooth functions ({where}); it is not piecewise "
-                                      "linear, so it has no local affine map f = A(x) x + c(x)")
+        raise NotPiecewiseLinearError(
+            f"{who}: the model calls smooth functions ({where}); it is not piecewise "
+            "linear, so it has no local affine map f = A(x) x + c(x)"
+        )
     if curvature:
         params = None if own else parameter_state(model, None)
         try:
@@ -247,7 +347,8 @@ def _check_forward(model: nn.Module, x: torch.Tensor, who: str, curvature: bool,
         if float(second) > 1e-9 * scale:
             raise NotPiecewiseLinearError(
                 f"{who}: the output of {type(model).__name__} has a nonzero second derivative along a random "
-                f"direction (max |d2f/dt2| = {float(second):.3g}): some custom forward is not piecewise linear")
+                f"direction (max |d2f/dt2| = {float(second):.3g}): some custom forward is not piecewise linear"
+            )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -275,9 +376,15 @@ def _model_dtype(model: nn.Module, x: torch.Tensor) -> torch.dtype:
     return p.dtype if p is not None else x.dtype
 
 
-def local_affine_map(model: nn.Module, x: torch.Tensor, *, params: Mapping[str, torch.Tensor] | None = None,
-                     dtype: torch.dtype | None = None, chunk_size: int | None = None, check: bool = True
-                     ) -> LocalAffineMap:
+def local_affine_map(
+    model: nn.Module,
+    x: torch.Tensor,
+    *,
+    params: Mapping[str, torch.Tensor] | None = None,
+    dtype: torch.dtype | None = None,
+    chunk_size: int | None = None,
+    check: bool = True,
+) -> LocalAffineMap:
     """The affine map ``f(z) = A(x) z + c(x)`` of a piecewise-linear ``model`` around each row of ``x``.
 
     ``A(x)`` is the input Jacobian (P, C, D), one per sample, by ``vmap(jacrev)`` (``jacfwd`` when C > D),
@@ -302,8 +409,10 @@ def local_affine_map(model: nn.Module, x: torch.Tensor, *, params: Mapping[str, 
         NotPiecewiseLinearError: as ``check_piecewise_linear`` (with ``check=True``).
     """
     if not isinstance(x, torch.Tensor) or x.ndim == 0 or x.shape[0] == 0:
-        raise ValueError(f"local_affine_map: x must be a tensor with samples first, got "
-                         f"{type(x).__name__}{tuple(x.shape) if isinstance(x, torch.Tensor) else ''}")
+        raise ValueError(
+            f"local_affine_map: x must be a tensor with samples first, got "
+            f"{type(x).__name__}{tuple(x.shape) if isinstance(x, torch.Tensor) else ''}"
+        )
     if check:
         check_piecewise_linear(model, x, who="local_affine_map", curvature=False)
     dtype = dtype or _model_dtype(model, x)
@@ -383,8 +492,9 @@ def swapped(model: nn.Module, values: ModuleValues) -> Iterator[set[nn.Module]]:
     handles = []
     try:
         for module in model.modules():
-            if any(t is not None for t in module._parameters.values()) or \
-                    any(t is not None for t in module._buffers.values()):
+            if any(t is not None for t in module._parameters.values()) or any(
+                t is not None for t in module._buffers.values()
+            ):
                 handles.append(module.register_forward_pre_hook(pre))
                 # prepended: it runs before FSDP2's post-forward hook frees the parameters; always: after an error too
                 handles.append(module.register_forward_hook(post, prepend=True, always_call=True))
@@ -419,14 +529,23 @@ def site_pattern(kind: str, module: nn.Module | None, pre: torch.Tensor) -> torc
         return torch.stack([pre > lo, pre < hi], dim=-1)
     if isinstance(module, (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)):
         fn = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}[int(type(module).__name__[-2])]
-        return fn(pre, module.kernel_size, module.stride, module.padding, module.dilation, module.ceil_mode,
-                  return_indices=True)[1]
+        return fn(
+            pre,
+            module.kernel_size,
+            module.stride,
+            module.padding,
+            module.dilation,
+            module.ceil_mode,
+            return_indices=True,
+        )[1]
     if isinstance(module, (nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)):
         fn = {1: F.adaptive_max_pool1d, 2: F.adaptive_max_pool2d, 3: F.adaptive_max_pool3d}[
-            int(type(module).__name__[-2])]
+            int(type(module).__name__[-2])
+        ]
         return fn(pre, module.output_size, return_indices=True)[1]
-    raise NotPiecewiseLinearError(f"linear_region: site of kind {kind!r} has no activation pattern "
-                                  "(not piecewise linear)")
+    raise NotPiecewiseLinearError(
+        f"linear_region: site of kind {kind!r} has no activation pattern (not piecewise linear)"
+    )
 
 
 def patterns_differ(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -449,8 +568,10 @@ def patterns_differ(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]
         d = (pa != b[name]).reshape(pa.shape[0], -1).any(dim=1)
         flips = d if flips is None else flips | d
     if flips is None:
-        raise ValueError("linear_region: the model has no gated site (ReLU family, ReLU6, Hardtanh, max pooling); "
-                         "it is affine and has a single linear region")
+        raise ValueError(
+            "linear_region: the model has no gated site (ReLU family, ReLU6, Hardtanh, max pooling); "
+            "it is affine and has a single linear region"
+        )
     return flips
 
 

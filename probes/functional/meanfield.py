@@ -50,13 +50,24 @@ class MeanField(nn.Module):
         ValueError: a dimension below 1, an unknown ``init``, or a radius that is not positive and finite.
     """
 
-    def __init__(self, in_features: int, width: int, out_features: int = 1, bias: bool = True,
-                 activation: nn.Module | None = None, init: str = "sphere", radius: float = 1.0,
-                 balanced: bool = True, generator: torch.Generator | None = None) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        width: int,
+        out_features: int = 1,
+        bias: bool = True,
+        activation: nn.Module | None = None,
+        init: str = "sphere",
+        radius: float = 1.0,
+        balanced: bool = True,
+        generator: torch.Generator | None = None,
+    ) -> None:
         super().__init__()
         if int(width) < 1 or int(in_features) < 1 or int(out_features) < 1:
-            raise ValueError(f"MeanField: in_features, width and out_features must be positive, got "
-                             f"{in_features}, {width}, {out_features}")
+            raise ValueError(
+                f"MeanField: in_features, width and out_features must be positive, got "
+                f"{in_features}, {width}, {out_features}"
+            )
         self.width = int(width)
         self.hidden = nn.Linear(in_features, width, bias=bias)
         self.activation = activation if activation is not None else nn.ReLU()
@@ -103,8 +114,9 @@ class MeanField(nn.Module):
 
 
 @torch.no_grad()
-def sphere_(model: MeanField, radius: float, balanced: bool = True,
-            generator: torch.Generator | None = None) -> MeanField:
+def sphere_(
+    model: MeanField, radius: float, balanced: bool = True, generator: torch.Generator | None = None
+) -> MeanField:
     """Put every particle ``theta_j = (w_j, b_j, a_j)`` on the sphere ``||theta_j|| = radius``, in place.
 
     ``balanced=True``: the input part ``(w_j, b_j)`` is uniform on the sphere of radius

@@ -78,8 +78,12 @@ def snapshot_path(directory: str | os.PathLike, step: int) -> Path:
     return Path(directory) / f"step_{int(step):08d}.npz"
 
 
-def save_gates(path: str | os.PathLike, gates: Mapping[str, np.ndarray | torch.Tensor], step: int,
-               labels: np.ndarray | torch.Tensor | None = None) -> Path:
+def save_gates(
+    path: str | os.PathLike,
+    gates: Mapping[str, np.ndarray | torch.Tensor],
+    step: int,
+    labels: np.ndarray | torch.Tensor | None = None,
+) -> Path:
     """Write ``gates`` (site -> bool array) packed 8 per byte to ``path`` (a compressed ``.npz``).
 
     The file is written beside ``path`` and renamed onto it, so a reader never sees half a snapshot.
@@ -149,8 +153,9 @@ def load_gates(path: str | os.PathLike) -> GateSnapshot:
             count = int(np.prod(shape)) if shape else 1
             bits = data[f"bits_{i}"]
             if bits.dtype != np.uint8 or bits.size != (count + 7) // 8:
-                raise ValueError(f"{path}: site {name!r} holds {bits.size} bytes for {count} gates; "
-                                 "the file is damaged")
+                raise ValueError(
+                    f"{path}: site {name!r} holds {bits.size} bytes for {count} gates; the file is damaged"
+                )
             gates[name] = np.unpackbits(bits, count=count).astype(np.bool_).reshape(shape)
         labels = data["labels"] if "labels" in keys else None
         return GateSnapshot(int(data["step"]), gates, labels)

@@ -67,8 +67,9 @@ def _as_symmetric(K, who: str, rtol: float = 1e-6) -> torch.Tensor:
     if K.is_complex():
         raise TypeError(f"{who}: the matrix is complex; kernels here are real")
     K = K.to(torch.float64)
-    norms = torch.stack([torch.linalg.vector_norm(K - K.T), torch.linalg.vector_norm(K),
-                         (~torch.isfinite(K)).any().double()]).tolist()
+    norms = torch.stack(
+        [torch.linalg.vector_norm(K - K.T), torch.linalg.vector_norm(K), (~torch.isfinite(K)).any().double()]
+    ).tolist()
     if norms[2]:
         raise ValueError(f"{who}: the matrix contains NaN or infinite values")
     if norms[0] > rtol * norms[1]:
@@ -121,8 +122,7 @@ def condition_number(eigs: torch.Tensor) -> torch.Tensor:
     lam = eigs.to(torch.float64)
     lo, hi = lam.min(), lam.max()
     floor = lam.numel() * torch.finfo(torch.float64).eps * hi.abs()
-    return torch.where(lo > floor, hi / torch.where(lo > 0, lo, torch.ones_like(lo)),
-                       torch.full_like(hi, float("inf")))
+    return torch.where(lo > floor, hi / torch.where(lo > 0, lo, torch.ones_like(lo)), torch.full_like(hi, float("inf")))
 
 
 def spectrum(K: torch.Tensor) -> Spectrum:
@@ -208,9 +208,17 @@ class TopEigen:
     products: int
 
 
-def top_eigenvalues(matmat: Callable[[torch.Tensor], torch.Tensor], n: int, k: int, *, block: int | None = None,
-                    tol: float = 1e-10, max_basis: int | None = None, device: torch.device | str | None = None,
-                    seed: int = 0) -> TopEigen:
+def top_eigenvalues(
+    matmat: Callable[[torch.Tensor], torch.Tensor],
+    n: int,
+    k: int,
+    *,
+    block: int | None = None,
+    tol: float = 1e-10,
+    max_basis: int | None = None,
+    device: torch.device | str | None = None,
+    seed: int = 0,
+) -> TopEigen:
     """The ``k`` largest eigenvalues of a symmetric ``n x n`` matrix given only ``V -> K V`` (float64).
 
     Block Krylov (block Lanczos with full reorthogonalisation; Golub & Underwood 1977, Musco & Musco 2015):
@@ -279,7 +287,7 @@ def top_eigenvalues(matmat: Callable[[torch.Tensor], torch.Tensor], n: int, k: i
         keep = R.diagonal().abs() > n * eps * max(top, 1e-300)
         if not bool(keep.any()):  # an invariant subspace: the Ritz values are exact
             return TopEigen(theta[:k], U[:, :k], res[:k], True, products)
-        Qn = Qn[:, keep][:, :cap - m]
+        Qn = Qn[:, keep][:, : cap - m]
         basis.append(Qn)
         images.append(matmat(Qn).to(torch.float64))
         products += Qn.shape[1]
@@ -325,6 +333,15 @@ def effective_rank_bounds(top: torch.Tensor, trace: float | torch.Tensor, n: int
     return math.sqrt(lo * hi), lo, hi
 
 
-__all__ = ["TopEigen", "top_eigenvalues", "effective_rank_bounds",
-           "Spectrum", "eigenvalues", "effective_rank", "condition_number", "spectrum", "label_alignment",
-           "kernel_distance"]
+__all__ = [
+    "TopEigen",
+    "top_eigenvalues",
+    "effective_rank_bounds",
+    "Spectrum",
+    "eigenvalues",
+    "effective_rank",
+    "condition_number",
+    "spectrum",
+    "label_alignment",
+    "kernel_distance",
+]

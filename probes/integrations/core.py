@@ -31,8 +31,16 @@ from probes.engine.session import Session
 from probes.engine.spec import parse_probes
 from probes.schedules import every
 
-__all__ = ["CallbackCore", "KeepRNG", "first_batch", "first_samples", "as_probe_data", "notice", "POINTS_PER_RUN",
-           "run_cadence"]
+__all__ = [
+    "CallbackCore",
+    "KeepRNG",
+    "first_batch",
+    "first_samples",
+    "as_probe_data",
+    "notice",
+    "POINTS_PER_RUN",
+    "run_cadence",
+]
 
 #: about how many points a probe at its default cadence gets over a run of known length (besides the one at attach)
 POINTS_PER_RUN = 10
@@ -54,8 +62,12 @@ def run_cadence(total_steps: Any) -> int | None:
     Returns:
         ``ceil(total_steps / POINTS_PER_RUN)`` (at least 1), or None when the length is unknown.
     """
-    if isinstance(total_steps, bool) or not isinstance(total_steps, (int, float)) or not math.isfinite(total_steps) \
-            or total_steps < 1:
+    if (
+        isinstance(total_steps, bool)
+        or not isinstance(total_steps, (int, float))
+        or not math.isfinite(total_steps)
+        or total_steps < 1
+    ):
         return None
     return max(1, math.ceil(int(total_steps) / POINTS_PER_RUN))
 
@@ -69,8 +81,9 @@ class KeepRNG:
 
     def __enter__(self) -> KeepRNG:
         self.py, self.np, self.cpu = random.getstate(), np.random.get_state(), torch.get_rng_state()
-        self.cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() \
-            else None
+        self.cuda = (
+            torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+        )
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -119,10 +132,15 @@ def first_samples(dataset: Any, collate_fn: Any, n: int) -> Any:
         TypeError: ``dataset`` is not map-style (an iterable dataset has no first ``n`` by index).
         ValueError: the dataset is empty.
     """
-    if isinstance(dataset, torch.utils.data.IterableDataset) or not hasattr(dataset, "__len__") \
-            or not hasattr(dataset, "__getitem__"):
-        raise TypeError(f"cannot take the first samples of a {type(dataset).__name__} by index (an iterable "
-                        "dataset): pass probe_data=(x, y) or a loader")
+    if (
+        isinstance(dataset, torch.utils.data.IterableDataset)
+        or not hasattr(dataset, "__len__")
+        or not hasattr(dataset, "__getitem__")
+    ):
+        raise TypeError(
+            f"cannot take the first samples of a {type(dataset).__name__} by index (an iterable "
+            "dataset): pass probe_data=(x, y) or a loader"
+        )
     count = min(int(n), len(dataset))
     if count < 1:
         raise ValueError("the dataset for the probe batch is empty")
@@ -153,8 +171,10 @@ def as_probe_data(batch: Any, who: str) -> tuple[Any, str | None]:
         return dict(batch), ("labels" if "labels" in batch else None)  # model(**inputs); no labels: none
     if isinstance(batch, (tuple, list)) and batch:
         return ((batch[0], batch[1]) if len(batch) >= 2 else batch[0]), None
-    raise ValueError(f"{who}: cannot use a batch of type {type(batch).__name__} as the probe batch; pass "
-                     "probe_data=(x, y) to the callback")
+    raise ValueError(
+        f"{who}: cannot use a batch of type {type(batch).__name__} as the probe batch; pass "
+        "probe_data=(x, y) to the callback"
+    )
 
 
 class CallbackCore:
@@ -197,8 +217,16 @@ class CallbackCore:
         """Whether a session is attached and not closed."""
         return self.session is not None and not self.session.closed
 
-    def start(self, model: nn.Module, probe_data: Any, *, step: int, state: Mapping[str, Any] | None = None,
-              total_steps: Any = None, **attach_kwargs: Any) -> Session:
+    def start(
+        self,
+        model: nn.Module,
+        probe_data: Any,
+        *,
+        step: int,
+        state: Mapping[str, Any] | None = None,
+        total_steps: Any = None,
+        **attach_kwargs: Any,
+    ) -> Session:
         """Attach a session for a training run that starts (or resumes) at ``step``.
 
         A fresh run (``step`` 0, no state) measures the initialization at step 0; a resumed one loads ``state``
@@ -254,9 +282,11 @@ class CallbackCore:
         if scaled and not self._said_cadence:
             self._said_cadence = True
             period = "every step" if k == 1 else f"every {k} steps"
-            notice(f"{self.who}: a run of {int(total_steps)} steps: the probes at their default cadence measure "
-                   f"{period} (about {POINTS_PER_RUN} points each), not at their defaults ({', '.join(scaled)}); "
-                   "give every=... to keep a cadence")
+            notice(
+                f"{self.who}: a run of {int(total_steps)} steps: the probes at their default cadence measure "
+                f"{period} (about {POINTS_PER_RUN} points each), not at their defaults ({', '.join(scaled)}); "
+                "give every=... to keep a cadence"
+            )
 
     def advance(self, step: int) -> None:
         """Move the session to the trainer's ``step`` and run what falls due there (nothing when it is not ahead).
@@ -301,4 +331,3 @@ class CallbackCore:
     def pending_state(self) -> dict[str, Any] | None:
         """The state that the next ``start`` loads, if any."""
         return self._pending
-

@@ -47,8 +47,10 @@ except ImportError:  # pragma: no cover - depends on what is installed
         from pytorch_lightning.callbacks import Callback
         from pytorch_lightning.loggers import TensorBoardLogger
     except ImportError as exc:
-        raise ImportError("probes.integrations.lightning needs Lightning: pip install 'torch-probes[lightning]' "
-                          "(or pytorch_lightning)") from exc
+        raise ImportError(
+            "probes.integrations.lightning needs Lightning: pip install 'torch-probes[lightning]' "
+            "(or pytorch_lightning)"
+        ) from exc
 
 from probes import plugins
 from probes.engine.session import Session
@@ -170,8 +172,10 @@ class ProbesCallback(Callback):
         try:
             trainer.fit_loop.epoch_loop.val_loop.setup_data()  # what the first validation does; Lightning keeps them
         except Exception as exc:  # noqa: BLE001 - Lightning's own complaint, with the way out added
-            raise ValueError(f"ProbesCallback: could not load the first validation batch as the probe batch "
-                             f"({exc}); pass probe_data=(x, y) to the callback") from exc
+            raise ValueError(
+                f"ProbesCallback: could not load the first validation batch as the probe batch "
+                f"({exc}); pass probe_data=(x, y) to the callback"
+            ) from exc
         return first_batch(trainer.val_dataloaders)
 
     @staticmethod
@@ -205,8 +209,10 @@ class ProbesCallback(Callback):
         if probe_data is None and self.core.needs_probe_batch:
             batch = self._validation_batch(trainer)
             if batch is None:
-                raise ValueError("ProbesCallback: active probes need a probe batch: pass probe_data=(x, y) or give "
-                                 "the trainer a validation loader (its first batch is used)")
+                raise ValueError(
+                    "ProbesCallback: active probes need a probe batch: pass probe_data=(x, y) or give "
+                    "the trainer a validation loader (its first batch is used)"
+                )
             probe_data, label_key = as_probe_data(batch, "ProbesCallback")
         writer = self.attach_kwargs.get("writer")
         if self.logdir is None and writer is None and trainer.global_rank == 0:
@@ -214,18 +220,28 @@ class ProbesCallback(Callback):
         extra: dict[str, Any] = {"logdir": self.logdir, "writer": writer}
         if label_key is not None and "label_key" not in self.attach_kwargs:
             extra["label_key"] = label_key
-        sinks = _logger_step_sinks(self.attach_kwargs.get("sinks"), self.logdir, writer, self.core.passive) \
-            if trainer.global_rank == 0 else []
+        sinks = (
+            _logger_step_sinks(self.attach_kwargs.get("sinks"), self.logdir, writer, self.core.passive)
+            if trainer.global_rank == 0
+            else []
+        )
         try:
-            self.core.start(pl_module, probe_data, step=trainer.global_step, sinks=sinks,
-                            total_steps=self._total_steps(trainer), **extra)
+            self.core.start(
+                pl_module,
+                probe_data,
+                step=trainer.global_step,
+                sinks=sinks,
+                total_steps=self._total_steps(trainer),
+                **extra,
+            )
         except BaseException:
             for sink in sinks:
                 sink.close()
             raise
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         """Follow ``trainer.global_step`` and run what falls due there.
 
         Args:

@@ -60,8 +60,9 @@ try:
     from transformers import TrainerCallback
     from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 except ImportError as exc:  # pragma: no cover - depends on what is installed
-    raise ImportError("probes.integrations.transformers needs Hugging Face transformers: "
-                      "pip install 'torch-probes[transformers]'") from exc
+    raise ImportError(
+        "probes.integrations.transformers needs Hugging Face transformers: pip install 'torch-probes[transformers]'"
+    ) from exc
 
 from probes.engine.inputs import iter_tensors
 from probes.engine.session import Session
@@ -115,8 +116,10 @@ def _default_tensorboard_dir(args: Any, state: Any = None) -> str:
     import socket
 
     now = datetime.now()
-    names = [os.path.join("runs", t.strftime("%b%d_%H-%M-%S") + "_" + socket.gethostname())
-             for t in (now, now - timedelta(seconds=1))]  # transformers' default_logdir(), now and a second ago
+    names = [
+        os.path.join("runs", t.strftime("%b%d_%H-%M-%S") + "_" + socket.gethostname())
+        for t in (now, now - timedelta(seconds=1))
+    ]  # transformers' default_logdir(), now and a second ago
     candidates = [os.path.join(args.output_dir, n, *([trial] if trial else [])) for n in names]
     if _reports_to_tensorboard(args):
         for path in candidates:
@@ -128,8 +131,9 @@ def _default_tensorboard_dir(args: Any, state: Any = None) -> str:
 def _checkpoint_folders(args: Any, step: int) -> list[str]:
     """``checkpoint-<step>`` folders where the Trainer may have put this step: ``output_dir`` and its trial runs."""
     name = f"{PREFIX_CHECKPOINT_DIR}-{step}"
-    found = [os.path.join(args.output_dir, name)] + sorted(glob.glob(os.path.join(glob.escape(args.output_dir),
-                                                                                   "*", name)))
+    found = [os.path.join(args.output_dir, name)] + sorted(
+        glob.glob(os.path.join(glob.escape(args.output_dir), "*", name))
+    )
     return [f for f in found if os.path.isdir(f)]
 
 
@@ -144,8 +148,11 @@ def _trainer_state(folder: str) -> dict[str, Any] | None:
 def _is_this_run(folder: str, state: Any) -> bool:
     """Whether ``folder`` holds the Trainer state ``state`` was saved as (its step and log history)."""
     saved = _trainer_state(folder)
-    return saved is not None and saved.get("global_step") == state.global_step and \
-        saved.get("log_history") == list(state.log_history)
+    return (
+        saved is not None
+        and saved.get("global_step") == state.global_step
+        and saved.get("log_history") == list(state.log_history)
+    )
 
 
 # -- checkpoint files ---------------------------------------------------------------------------
@@ -258,16 +265,19 @@ class ProbesCallback(TrainerCallback):
         if what is not None and batch is not None:
             found = [t for _, t in iter_tensors(batch) if t.ndim > 0]
             n = int(found[0].shape[0]) if found else size
-            notice(f"ProbesCallback: without probe_data the probe batch is {what.format(n=n)}; pass "
-                   "probe_data=eval_dataset (or a batch, a loader) to choose it")
+            notice(
+                f"ProbesCallback: without probe_data the probe batch is {what.format(n=n)}; pass "
+                "probe_data=eval_dataset (or a batch, a loader) to choose it"
+            )
         return batch
 
     def _resume_dir(self, args: Any, state: Any) -> str | None:
         if state.global_step <= 0:
             return None
         given = getattr(args, "resume_from_checkpoint", None)
-        candidates = ([str(given)] if isinstance(given, (str, os.PathLike)) and os.path.isdir(given) else []) + \
-            _checkpoint_folders(args, state.global_step)
+        candidates = (
+            [str(given)] if isinstance(given, (str, os.PathLike)) and os.path.isdir(given) else []
+        ) + _checkpoint_folders(args, state.global_step)
         for folder in candidates:
             if os.path.isfile(os.path.join(folder, STATE_FILE)) and _is_this_run(folder, state):
                 return folder
@@ -291,8 +301,10 @@ class ProbesCallback(TrainerCallback):
             raise ValueError("ProbesCallback: the Trainer passed no model to on_train_begin")
         batch = self._probe_batch(args, kwargs)
         if batch is None and self.core.needs_probe_batch:
-            raise ValueError("ProbesCallback: active probes need a probe batch: pass probe_data=(x, y), a dict "
-                             "batch with 'labels', a loader or a dataset (the eval dataset, say)")
+            raise ValueError(
+                "ProbesCallback: active probes need a probe batch: pass probe_data=(x, y), a dict "
+                "batch with 'labels', a loader or a dataset (the eval dataset, say)"
+            )
         probe_data, label_key = as_probe_data(batch, "ProbesCallback") if batch is not None else (None, None)
         extra: dict[str, Any] = {"logdir": self._output(args, state)}
         if label_key is not None and "label_key" not in self.attach_kwargs:
@@ -302,12 +314,21 @@ class ProbesCallback(TrainerCallback):
         resume_dir = self._resume_dir(args, state)
         saved = _load(resume_dir) if resume_dir is not None else None
         if state.global_step > 0 and saved is None:
-            warnings.warn(f"ProbesCallback: training resumes at step {state.global_step} but no {STATE_FILE} of "
-                          "this run was found (set TrainingArguments.resume_from_checkpoint to the folder, or keep it "
-                          "under output_dir); the probes continue from that step with fresh state", stacklevel=2)
+            warnings.warn(
+                f"ProbesCallback: training resumes at step {state.global_step} but no {STATE_FILE} of "
+                "this run was found (set TrainingArguments.resume_from_checkpoint to the folder, or keep it "
+                "under output_dir); the probes continue from that step with fresh state",
+                stacklevel=2,
+            )
         self.resumed_from = resume_dir if saved is not None else None
-        self.core.start(model, probe_data, step=int(state.global_step), state=saved,
-                        total_steps=getattr(state, "max_steps", None), **extra)
+        self.core.start(
+            model,
+            probe_data,
+            step=int(state.global_step),
+            state=saved,
+            total_steps=getattr(state, "max_steps", None),
+            **extra,
+        )
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Follow the Trainer's step and run what falls due there.
@@ -333,13 +354,19 @@ class ProbesCallback(TrainerCallback):
             return
         folders = [f for f in _checkpoint_folders(args, state.global_step) if _is_this_run(f, state)]
         if not folders:
-            warnings.warn(f"ProbesCallback: no {PREFIX_CHECKPOINT_DIR}-{state.global_step} folder of this run under "
-                          f"{args.output_dir}; probe state not saved", stacklevel=2)
+            warnings.warn(
+                f"ProbesCallback: no {PREFIX_CHECKPOINT_DIR}-{state.global_step} folder of this run under "
+                f"{args.output_dir}; probe state not saved",
+                stacklevel=2,
+            )
             return
         # several trials of a search may hold this step: the one written last is this one
         folder = max(folders, key=lambda f: os.path.getmtime(os.path.join(f, _TRAINER_STATE)))
-        payload = {"format": _FORMAT, "global_step": int(state.global_step),
-                   "session": _safe_state(self.core.state_dict())}
+        payload = {
+            "format": _FORMAT,
+            "global_step": int(state.global_step),
+            "session": _safe_state(self.core.state_dict()),
+        }
         torch.save(payload, os.path.join(folder, STATE_FILE))
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:

@@ -69,5 +69,6 @@ def import_tracker(module: str, extra: str) -> Any:
     try:
         return importlib.import_module(module)
     except ImportError as exc:
-        raise ImportError(f"the {extra} sink needs {module}: pip install 'torch-probes[{extra}]' "
-                          f"(or pip install {module}); {exc}") from exc
+        raise ImportError(
+            f"the {extra} sink needs {module}: pip install 'torch-probes[{extra}]' (or pip install {module}); {exc}"
+        ) from exc

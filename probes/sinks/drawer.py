@@ -66,9 +66,13 @@ class Drawer:
         env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys([package_root, *filter(None, sys.path)]))
         env.setdefault("MPLBACKEND", "Agg")
         try:
-            self._proc = subprocess.Popen([sys.executable, "-c", "from probes.sinks.drawer import main; main()"],
-                                          stdin=subprocess.PIPE,
-                                          stdout=subprocess.PIPE, env=env, close_fds=True)
+            self._proc = subprocess.Popen(
+                [sys.executable, "-c", "from probes.sinks.drawer import main; main()"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                env=env,
+                close_fds=True,
+            )
         except OSError as exc:
             raise DrawerStopped(f"the drawing process could not start: {exc!r}") from exc
         self._lock = threading.Lock()

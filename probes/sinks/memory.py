@@ -25,9 +25,15 @@ class MemorySink(Sink):
             if isinstance(r, Scalar):
                 r = dataclasses.replace(r, value=r.item(), step=step)
             elif isinstance(r, Histogram):
-                r = dataclasses.replace(r, **{f.name: getattr(r, f.name).detach().cpu()
-                                              for f in dataclasses.fields(r) if f.name not in ("tag", "step")},
-                                        step=step)
+                r = dataclasses.replace(
+                    r,
+                    **{
+                        f.name: getattr(r, f.name).detach().cpu()
+                        for f in dataclasses.fields(r)
+                        if f.name not in ("tag", "step")
+                    },
+                    step=step,
+                )
             elif isinstance(r, Image):
                 r = r.at(step)
             else:

@@ -89,8 +89,15 @@ class MlflowSink(Sink):
         ImportError: MLflow is not installed.
     """
 
-    def __init__(self, experiment: str | None = None, run_name: str | None = None, tracking_uri: str | None = None,
-                 run_id: str | None = None, prefix: str = "", quantiles: Sequence[float] = QUANTILES) -> None:
+    def __init__(
+        self,
+        experiment: str | None = None,
+        run_name: str | None = None,
+        tracking_uri: str | None = None,
+        run_id: str | None = None,
+        prefix: str = "",
+        quantiles: Sequence[float] = QUANTILES,
+    ) -> None:
         self._mlflow = import_tracker("mlflow", "mlflow")
         self.experiment, self.run_name, self.tracking_uri = experiment, run_name, tracking_uri
         self.run_id = run_id

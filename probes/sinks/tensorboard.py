@@ -129,8 +129,9 @@ SITE_RUN = "site="
 SCALE_RATIO = 20.0
 
 
-def _per_site(tags: Sequence[str], charts: Sequence[Chart]) -> tuple[list[tuple[Chart, list[str]]],
-                                                                       dict[tuple[str, str], list[str]]]:
+def _per_site(
+    tags: Sequence[str], charts: Sequence[Chart]
+) -> tuple[list[tuple[Chart, list[str]]], dict[tuple[str, str], list[str]]]:
     """The declared charts with the tags each matches, and the sites of every ``<probe>/<site>/<quantity>`` that
     no declared chart claims, by ``(probe, quantity)``."""
     declared: list[tuple[Chart, list[str]]] = []
@@ -160,8 +161,12 @@ def site_series(tags: Iterable[str], charts: Sequence[Chart] = ()) -> dict[str, 
         The site and the site run's tag of each per-site tag.
     """
     _, per_site = _per_site(sorted(set(tags)), charts)
-    return {f"{probe}/{site}/{quantity}": (site, f"{probe}/{SITE_TAG}/{quantity}")
-            for (probe, quantity), sites in per_site.items() if len(sites) >= 2 for site in sites}
+    return {
+        f"{probe}/{site}/{quantity}": (site, f"{probe}/{SITE_TAG}/{quantity}")
+        for (probe, quantity), sites in per_site.items()
+        if len(sites) >= 2
+        for site in sites
+    }
 
 
 def site_run_dir(logdir: str, site: str) -> str:
@@ -184,12 +189,13 @@ def _by_scale(tags: list[str], last: Mapping[str, float]) -> list[list[str]]:
 def _scale_title(title: str, group: list[str], members: list[str]) -> str:
     """The title of one scale's part of a split chart: the chart's title and what tells its tags apart."""
     prefix = os.path.commonprefix(members)
-    prefix = prefix[:prefix.rfind("/") + 1] if "/" in prefix else prefix
-    return f"{title}: {', '.join(t[len(prefix):] or t for t in group)}"
+    prefix = prefix[: prefix.rfind("/") + 1] if "/" in prefix else prefix
+    return f"{title}: {', '.join(t[len(prefix) :] or t for t in group)}"
 
 
-def layout_for(tags: Iterable[str], charts: Sequence[Chart] = (), site_runs: bool = False,
-               last: Mapping[str, float] | None = None) -> dict[str, dict[str, list[Any]]]:
+def layout_for(
+    tags: Iterable[str], charts: Sequence[Chart] = (), site_runs: bool = False, last: Mapping[str, float] | None = None
+) -> dict[str, dict[str, list[Any]]]:
     """The custom-scalars layout ``{category: {title: ["Multiline", [regex]]}}`` for these scalar tags.
 
     Every declared chart that matches at least two tags (its category: the first component of its tags, the
@@ -252,9 +258,16 @@ class TensorBoardSink(Sink):
         ValueError: neither ``logdir`` nor ``writer``, or an unknown ``draw_in``.
     """
 
-    def __init__(self, logdir: str | None = None, writer: Any = None, layout: bool = True,
-                 queue_size: int = QUEUE_SIZE, draw_in: str = "auto", site_runs: bool = True,
-                 **writer_options: Any) -> None:
+    def __init__(
+        self,
+        logdir: str | None = None,
+        writer: Any = None,
+        layout: bool = True,
+        queue_size: int = QUEUE_SIZE,
+        draw_in: str = "auto",
+        site_runs: bool = True,
+        **writer_options: Any,
+    ) -> None:
         if draw_in not in ("auto", "process", "thread"):
             raise ValueError(f"tensorboard sink: draw_in must be 'auto', 'process' or 'thread', got {draw_in!r}")
         if writer is None:
@@ -340,9 +353,17 @@ class TensorBoardSink(Sink):
                     if h["nonfinite"]:
                         w.add_scalar(f"{r.tag}/nonfinite", h["nonfinite"], global_step=step)
                     if h["num"] > 0:
-                        w.add_histogram_raw(r.tag, min=h["min"], max=h["max"], num=h["num"], sum=h["sum"],
-                                            sum_squares=h["sum_squares"], bucket_limits=h["bucket_limits"].tolist(),
-                                            bucket_counts=h["bucket_counts"].tolist(), global_step=step)
+                        w.add_histogram_raw(
+                            r.tag,
+                            min=h["min"],
+                            max=h["max"],
+                            num=h["num"],
+                            sum=h["sum"],
+                            sum_squares=h["sum_squares"],
+                            bucket_limits=h["bucket_limits"].tolist(),
+                            bucket_counts=h["bucket_counts"].tolist(),
+                            global_step=step,
+                        )
                 else:
                     self._queue_image(r.at(step))
             if self._site_runs:
@@ -373,8 +394,12 @@ class TensorBoardSink(Sink):
             from torch.utils.tensorboard.writer import FileWriter
 
             w = self.writer
-            fw = FileWriter(site_run_dir(w.get_logdir(), site), getattr(w, "max_queue", 10),
-                            getattr(w, "flush_secs", 120), getattr(w, "filename_suffix", ""))
+            fw = FileWriter(
+                site_run_dir(w.get_logdir(), site),
+                getattr(w, "max_queue", 10),
+                getattr(w, "flush_secs", 120),
+                getattr(w, "filename_suffix", ""),
+            )
             self._site_writers[site] = fw
         return fw
 
@@ -539,8 +564,12 @@ class TensorBoardSink(Sink):
         """One warning for the first image that failed to draw (and a count at close if more did)."""
         if self._errors and not self._reported:
             self._reported = True
-            warnings.warn(f"tensorboard sink: an image could not be drawn and was left out (scalars and other "
-                          f"images are written): {self._errors[0]}", RuntimeWarning, stacklevel=3)
+            warnings.warn(
+                f"tensorboard sink: an image could not be drawn and was left out (scalars and other "
+                f"images are written): {self._errors[0]}",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
     # -- layout -----------------------------------------------------------------------------------------
     def _write_layout(self) -> None:
@@ -585,8 +614,11 @@ class TensorBoardSink(Sink):
         self._pool = None  # the drawing process stays for the next sink
         self._report_errors()
         if len(self._errors) > 1:  # warned once already: the count goes to the log
-            log.warning("tensorboard sink: %d images could not be drawn in all; the first: %s", len(self._errors),
-                        self._errors[0])
+            log.warning(
+                "tensorboard sink: %d images could not be drawn in all; the first: %s",
+                len(self._errors),
+                self._errors[0],
+            )
         if self._left_out:
             log.debug("tensorboard sink: %d images were left out while the writer had failed", self._left_out)
         self._closed = True

@@ -39,8 +39,15 @@ class WandbSink(Sink):
         ImportError: wandb is not installed.
     """
 
-    def __init__(self, project: str | None = None, name: str | None = None, run: Any = None, prefix: str = "",
-                 step_metric: str | None = None, **init_options: Any) -> None:
+    def __init__(
+        self,
+        project: str | None = None,
+        name: str | None = None,
+        run: Any = None,
+        prefix: str = "",
+        step_metric: str | None = None,
+        **init_options: Any,
+    ) -> None:
         self._wandb = import_tracker("wandb", "wandb")
         self._init = dict(init_options, project=project, name=name)
         self.run = run

@@ -54,8 +54,7 @@ class WeightNorm(probes.Probe):
     def setup(self, context: probes.Context) -> None:
         layers = []
         for path, module in context.model.named_modules():
-            params = [p for n, p in module.named_parameters(recurse=False)
-                      if self.bias or not n.startswith("bias")]
+            params = [p for n, p in module.named_parameters(recurse=False) if self.bias or not n.startswith("bias")]
             if not params:
                 continue
             label = path or "root"
@@ -63,8 +62,10 @@ class WeightNorm(probes.Probe):
                 continue
             layers.append((label, params))
         if not layers:
-            raise ValueError(f"weightnorm: model {type(context.model).__name__} has no parameters"
-                             f"{' matching ' + repr(self.patterns) if self.patterns is not None else ''}")
+            raise ValueError(
+                f"weightnorm: model {type(context.model).__name__} has no parameters"
+                f"{' matching ' + repr(self.patterns) if self.patterns is not None else ''}"
+            )
         self.layers = layers
 
     def measure(self, batch: probes.ProbeBatch) -> list[Scalar]:

@@ -70,13 +70,28 @@ from probes.functional.ntk.plan import NTKPlan
 from probes.functional.ntk.planning import ntk_operator, ntk_plan
 from probes.functional.ntk.selfcheck import verify_plan
 
-__all__ = ["empirical_ntk", "ntk_operator", "ntk_plan", "ntk_cost", "verify_plan", "NTKOperator", "NTKPlan",
-           "NTKCost", "SampleMixingError", "trace_over_outputs", "MODES", "REDUCTIONS"]
+__all__ = [
+    "empirical_ntk",
+    "ntk_operator",
+    "ntk_plan",
+    "ntk_cost",
+    "verify_plan",
+    "NTKOperator",
+    "NTKPlan",
+    "NTKCost",
+    "SampleMixingError",
+    "trace_over_outputs",
+    "MODES",
+    "REDUCTIONS",
+]
 
 
 def _forwarded(name: str) -> property:
-    return property(lambda _self: getattr(settings, name), lambda _self, value: setattr(settings, name, value),
-                    doc=f"``settings.{name}``, read and written there")
+    return property(
+        lambda _self: getattr(settings, name),
+        lambda _self, value: setattr(settings, name, value),
+        doc=f"``settings.{name}``, read and written there",
+    )
 
 
 class _Package(types.ModuleType):

@@ -101,16 +101,22 @@ class _TermShape:
         return self.V * self.n
 
     def route(self, C: int, Ce: int, rows: int, itemsize: int, target: str) -> str:
-        """"outer" or "pairs", decided by ``terms._route`` itself on shape-only (meta) tensors."""
+        """ "outer" or "pairs", decided by ``terms._route`` itself on shape-only (meta) tensors."""
         if self.outer or self.form == "grad":
             return "outer"
         meta = torch.device("meta")
         if self.form == "pairs":
-            t: Any = _Pairs(torch.empty((1, C, self.K, self.g, self.n), device=meta),
-                            torch.empty((1, self.K, self.g, self.d), device=meta), self.bias)
+            t: Any = _Pairs(
+                torch.empty((1, C, self.K, self.g, self.n), device=meta),
+                torch.empty((1, self.K, self.g, self.d), device=meta),
+                self.bias,
+            )
         else:
-            t = _Embed(torch.empty((1, C, self.K, self.n), device=meta),
-                       torch.empty((1, self.K), dtype=torch.long, device=meta), self.V)
+            t = _Embed(
+                torch.empty((1, C, self.K, self.n), device=meta),
+                torch.empty((1, self.K), dtype=torch.long, device=meta),
+                self.V,
+            )
         return _route(t, rows, itemsize, target, Ce)
 
 
@@ -187,22 +193,32 @@ class NTKCost:
 
     def parts(self) -> str:
         """The memory held, part by part, and the largest temporary."""
-        return ", ".join(f"{what} {gib(b)}" for what, b in (
-            ("layer factors", self.factor_bytes), ("per-sample gradients", self.gradient_bytes),
-            ("fallback Jacobians", self.jacobian_bytes),
-            (f"{self.kernel_bytes // max(1, 8 * self.n * self.n)} n x n kernels", self.kernel_bytes),
-            (f"Krylov basis ({self.basis} vectors)", self.krylov_bytes),
-            ("largest temporary", self.transient_bytes)) if b)
+        return ", ".join(
+            f"{what} {gib(b)}"
+            for what, b in (
+                ("layer factors", self.factor_bytes),
+                ("per-sample gradients", self.gradient_bytes),
+                ("fallback Jacobians", self.jacobian_bytes),
+                (f"{self.kernel_bytes // max(1, 8 * self.n * self.n)} n x n kernels", self.kernel_bytes),
+                (f"Krylov basis ({self.basis} vectors)", self.krylov_bytes),
+                ("largest temporary", self.transient_bytes),
+            )
+            if b
+        )
 
     def time(self) -> str:
         """The time figure and what it counts."""
-        return (f"about {_duration(self.seconds)} ({self.flops:.2g} operations at {self.rate / 1e9:.3g} GFLOP/s"
-                + (f", {self.products} products" if self.route == "topk" else "") + ")")
+        return (
+            f"about {_duration(self.seconds)} ({self.flops:.2g} operations at {self.rate / 1e9:.3g} GFLOP/s"
+            + (f", {self.products} products" if self.route == "topk" else "")
+            + ")"
+        )
 
     def summary(self) -> str:
         """One line: the route, the peak, its parts, and the time figure."""
-        return (f"route {self.route!r}, n = {self.n:,}: peak about {gib(self.peak_bytes)} ({self.parts()}); "
-                f"{self.time()}")
+        return (
+            f"route {self.route!r}, n = {self.n:,}: peak about {gib(self.peak_bytes)} ({self.parts()}); {self.time()}"
+        )
 
 
 def _significant(v: float) -> str:
@@ -214,20 +230,36 @@ def _significant(v: float) -> str:
 
 def gib(b: float) -> str:
     """Bytes in MiB, GiB or TiB, two or three significant digits."""
-    for unit, size in (("TiB", 2 ** 40), ("GiB", 2 ** 30)):
+    for unit, size in (("TiB", 2**40), ("GiB", 2**30)):
         if b >= size:
             return f"{b / size:.3g} {unit}"
-    return f"{b / 2 ** 20:.3g} MiB" if b >= 2 ** 20 / 10 else f"{b / 2 ** 10:.3g} KiB"
+    return f"{b / 2**20:.3g} MiB" if b >= 2**20 / 10 else f"{b / 2**10:.3g} KiB"
 
 
 def _duration(s: float) -> str:
-    return f"{_significant(s)} s" if s < 120 else f"{_significant(s / 60)} min" if s < 7200 else \
-        f"{_significant(s / 3600)} h"
+    return (
+        f"{_significant(s)} s"
+        if s < 120
+        else f"{_significant(s / 60)} min"
+        if s < 7200
+        else f"{_significant(s / 3600)} h"
+    )
 
 
-def ntk_cost(model: nn.Module, x: Any, *, P: int | None = None, plan: NTKPlan | None = None, mode: str = "trace",
-             route: str = "full", top_k: int = 5, dtype: torch.dtype = torch.float64, chunk_size: int | None = None,
-             world: int = 1, kernels: int = 1) -> NTKCost:
+def ntk_cost(
+    model: nn.Module,
+    x: Any,
+    *,
+    P: int | None = None,
+    plan: NTKPlan | None = None,
+    mode: str = "trace",
+    route: str = "full",
+    top_k: int = 5,
+    dtype: torch.dtype = torch.float64,
+    chunk_size: int | None = None,
+    world: int = 1,
+    kernels: int = 1,
+) -> NTKCost:
     """Estimate the memory and time of one kernel measurement, without computing it.
 
     Args:
@@ -259,9 +291,18 @@ def ntk_cost(model: nn.Module, x: Any, *, P: int | None = None, plan: NTKPlan | 
     if plan is None:
         plan = ntk_plan(model, args, who="ntk_cost")
     layout = _layout(model, _take(args, 0, 1), plan)
-    return _evaluate(layout, P=P0 if P is None else int(P), mode=mode, route=route, top_k=top_k,
-                     itemsize=torch.finfo(dtype).bits // 8, chunk_size=chunk_size, world=world, kernels=kernels,
-                     outputs=plan.outputs)
+    return _evaluate(
+        layout,
+        P=P0 if P is None else int(P),
+        mode=mode,
+        route=route,
+        top_k=top_k,
+        itemsize=torch.finfo(dtype).bits // 8,
+        chunk_size=chunk_size,
+        world=world,
+        kernels=kernels,
+        outputs=plan.outputs,
+    )
 
 
 def _layout(model: nn.Module, args: tuple[torch.Tensor, ...], plan: NTKPlan) -> _Layout:
@@ -272,6 +313,7 @@ def _layout(model: nn.Module, args: tuple[torch.Tensor, ...], plan: NTKPlan) -> 
         def hook(module, hargs, hkwargs, output):
             if isinstance(output, torch.Tensor):
                 calls[path].append((_detached(hargs), _detached(hkwargs), output.detach()))
+
         return hook
 
     handles = [m.register_forward_hook(make_hook(p), with_kwargs=True) for p, m in plan.modules.items()]
@@ -298,14 +340,18 @@ def _layout(model: nn.Module, args: tuple[torch.Tensor, ...], plan: NTKPlan) -> 
                 for path, recorded in calls.items():
                     m, kind = plan.modules[path], kinds[path]
                     terms = []
-                    for a, kw, o in recorded[:plan.fast[path]]:
-                        activations += sum(t.numel() * t.element_size() for t in (*a, o)
-                                           if isinstance(t, torch.Tensor))
+                    for a, kw, o in recorded[: plan.fast[path]]:
+                        activations += sum(t.numel() * t.element_size() for t in (*a, o) if isinstance(t, torch.Tensor))
                         g = o.new_zeros((1, 1) + tuple(o.shape[1:]))  # one output's gradient at the layer's output
                         terms.append(kind.term_call(m, *_per_sample_call(a, kw, 1), g))
                     label = plan.kinds.get(path, type(m).__name__)
-                    shapes[path] = _shape_of(path, label, _merge(terms), path in tied) if terms else _TermShape(
-                        path, label, "grad", F=sum(p.numel() for p in _own_params(m).values()), outer=True)
+                    shapes[path] = (
+                        _shape_of(path, label, _merge(terms), path in tied)
+                        if terms
+                        else _TermShape(
+                            path, label, "grad", F=sum(p.numel() for p in _own_params(m).values()), outer=True
+                        )
+                    )
     finally:
         for h in handles:
             h.remove()
@@ -313,18 +359,30 @@ def _layout(model: nn.Module, args: tuple[torch.Tensor, ...], plan: NTKPlan) -> 
     terms = [s for p, s in shapes.items() if p not in tied]
     for group in plan.tied:  # one term: the per-sample gradients of the group's parameters
         params = {id(p): p for path in group for p in plan.modules[path].parameters() if p.requires_grad}
-        terms.append(_TermShape("+".join(group), "tied", "grad", F=sum(p.numel() for p in params.values()),
-                                itemsize=8, outer=True))
+        terms.append(
+            _TermShape(
+                "+".join(group), "tied", "grad", F=sum(p.numel() for p in params.values()), itemsize=8, outer=True
+            )
+        )
     named = dict(model.named_parameters())
-    terms += [_TermShape(name, "parameter", "grad", F=named[name].numel(), itemsize=8, outer=True)
-              for name in plan.direct]
+    terms += [
+        _TermShape(name, "parameter", "grad", F=named[name].numel(), itemsize=8, outer=True) for name in plan.direct
+    ]
     if flops is None:
-        flops = sum(2.0 * t.K * t.g * t.n * t.d for t in terms if t.form == "pairs") + \
-            sum(2.0 * named[n].numel() for n in plan.fallback)
+        flops = sum(2.0 * t.K * t.g * t.n * t.d for t in terms if t.form == "pairs") + sum(
+            2.0 * named[n].numel() for n in plan.fallback
+        )
     device = args[0].device if args[0].device.type != "meta" else torch.device("cpu")
     fallback = {n: (named[n].numel(), int(named[n].shape[0]) if named[n].ndim else 0) for n in plan.fallback}
-    return _Layout(terms, fallback, next((p.element_size() for p in model.parameters()), 4), flops,
-                   activations, device, plan.outputs)
+    return _Layout(
+        terms,
+        fallback,
+        next((p.element_size() for p in model.parameters()), 4),
+        flops,
+        activations,
+        device,
+        plan.outputs,
+    )
 
 
 def _shape_of(key: str, kind: str, t: Any, tied: bool) -> _TermShape:
@@ -333,8 +391,18 @@ def _shape_of(key: str, kind: str, t: Any, tied: bool) -> _TermShape:
         return _TermShape(key, kind, "grad", F=int(t.D.shape[2]), itemsize=t.D.element_size(), outer=tied)
     if isinstance(t, _Pairs):
         _, _, K, g, n = t.G.shape
-        return _TermShape(key, kind, "pairs", K=int(K), g=int(g), n=int(n), d=int(t.Z.shape[-1]), bias=t.bias,
-                          itemsize=t.G.element_size(), outer=tied)
+        return _TermShape(
+            key,
+            kind,
+            "pairs",
+            K=int(K),
+            g=int(g),
+            n=int(n),
+            d=int(t.Z.shape[-1]),
+            bias=t.bias,
+            itemsize=t.G.element_size(),
+            outer=tied,
+        )
     _, _, K, d = t.G.shape
     return _TermShape(key, kind, "embed", K=int(K), n=int(d), V=int(t.V), itemsize=t.G.element_size(), outer=tied)
 
@@ -397,8 +465,11 @@ def _add_term(s: _Tally, t: _TermShape, geo: _Geometry) -> None:
             dd = t.d + t.bias
             held = rows * (C * t.K * t.g * t.n + t.K * t.g * dd) * lit
             if full:
-                s.flops += t.g * ((n * n * np_ + P * P * dd + n * n) if t.K == 1 else
-                                  (n * n * t.K * t.K * (np_ + 2) + P * P * t.K * t.K * dd))
+                s.flops += t.g * (
+                    (n * n * np_ + P * P * dd + n * n)
+                    if t.K == 1
+                    else (n * n * t.K * t.K * (np_ + 2) + P * P * t.K * t.K * dd)
+                )
             s.per_column += 4.0 * n * t.K * t.g * np_ * dd
             s.diag += 2.0 * n * t.K * t.K * t.g * (np_ + dd)
             if not full and geo.world == 1 and t.g == 1:
@@ -452,14 +523,26 @@ def _add_fallback(s: _Tally, layout: _Layout, geo: _Geometry) -> None:
         s.diag += 2.0 * n * size
 
 
-def _evaluate(layout: _Layout, *, P: int, mode: str, route: str, top_k: int, itemsize: int,
-              chunk_size: int | None, world: int, kernels: int, outputs: int) -> NTKCost:
+def _evaluate(
+    layout: _Layout,
+    *,
+    P: int,
+    mode: str,
+    route: str,
+    top_k: int,
+    itemsize: int,
+    chunk_size: int | None,
+    world: int,
+    kernels: int,
+    outputs: int,
+) -> NTKCost:
     """The estimate for ``P`` samples and ``outputs`` outputs per sample (sizes only: no tensor is made)."""
     C = int(outputs)
     Ce = C if mode == "full" else 1
     n = P * Ce
-    geo = _Geometry(P, C, Ce, n, -(-P // world) if world > 1 else P, itemsize, route, _block_size(top_k, n),
-                    chunk_size, world)
+    geo = _Geometry(
+        P, C, Ce, n, -(-P // world) if world > 1 else P, itemsize, route, _block_size(top_k, n), chunk_size, world
+    )
     s = _Tally()
     for t in layout.terms:
         _add_term(s, t, geo)
@@ -489,7 +572,7 @@ def _evaluate(layout: _Layout, *, P: int, mode: str, route: str, top_k: int, ite
             stages["fallback"] = theta + 3 * s.jac_largest + fb_chunk
         stages["spectrum"] = kernels * theta
         kernel, jacobian = kernels * theta, 2 * s.jac_largest
-        s.flops += EIG_FLOPS * n ** 3
+        s.flops += EIG_FLOPS * n**3
         transient = max(passes, s.strip, s.jac_largest + fb_chunk)
     else:
         basis = min(_basis_cap(top_k, n), EXPECTED_BLOCKS * geo.b + 40)
@@ -501,17 +584,44 @@ def _evaluate(layout: _Layout, *, P: int, mode: str, route: str, top_k: int, ite
             stages["fallback"] = held + s.jac_largest + fb_chunk
         stages["krylov"] = held + krylov + matmat
         kernel, jacobian = 0, s.jac_held
-        s.flops += basis * s.per_column + 4.0 * n * basis ** 2 + s.diag
+        s.flops += basis * s.per_column + 4.0 * n * basis**2 + s.diag
         transient = max(passes, s.squeeze, matmat, s.jac_largest + fb_chunk)
         calls += 2 * -(-basis // geo.b)
     rate = _gemm_rate(str(layout.device))
     seconds = s.flops / rate + OVERHEAD_S[0] + OVERHEAD_S[1] * calls * len(s.listing)
-    return NTKCost(route=route, P=P, n=n, outputs=C, mode=mode, factor_bytes=s.factor, gradient_bytes=s.gradient,
-                   jacobian_bytes=jacobian, kernel_bytes=kernel, krylov_bytes=krylov, transient_bytes=transient,
-                   peak_bytes=int(max(stages.values())), stages=stages, flops=s.flops, rate=rate,
-                   seconds=seconds, terms=s.listing, products=basis, basis=basis, _layout=layout,
-                   _options=dict(P=P, mode=mode, route=route, top_k=top_k, itemsize=itemsize, chunk_size=chunk_size,
-                                 world=world, kernels=kernels, outputs=C))
+    return NTKCost(
+        route=route,
+        P=P,
+        n=n,
+        outputs=C,
+        mode=mode,
+        factor_bytes=s.factor,
+        gradient_bytes=s.gradient,
+        jacobian_bytes=jacobian,
+        kernel_bytes=kernel,
+        krylov_bytes=krylov,
+        transient_bytes=transient,
+        peak_bytes=int(max(stages.values())),
+        stages=stages,
+        flops=s.flops,
+        rate=rate,
+        seconds=seconds,
+        terms=s.listing,
+        products=basis,
+        basis=basis,
+        _layout=layout,
+        _options=dict(
+            P=P,
+            mode=mode,
+            route=route,
+            top_k=top_k,
+            itemsize=itemsize,
+            chunk_size=chunk_size,
+            world=world,
+            kernels=kernels,
+            outputs=C,
+        ),
+    )
 
 
 def _compress_cost(m: int, rows: int) -> tuple[int, float]:
@@ -521,9 +631,9 @@ def _compress_cost(m: int, rows: int) -> tuple[int, float]:
         return 0, 0.0
     block = min(rows, max(1, settings.STRIP_BYTES // (m * 8))) * m * 8
     memory = block + 4 * m * m * 8 + min(rows, 4096) * m * 8  # a block, Gram and eigh (vectors, workspace), a slice
-    flops = 2.0 * rows * m * m + 3 * EIG_FLOPS * m ** 3
+    flops = 2.0 * rows * m * m + 3 * EIG_FLOPS * m**3
     if rows > 4 * m:
-        flops += 4.0 * m ** 3 + EIG_FLOPS * m ** 3
+        flops += 4.0 * m**3 + EIG_FLOPS * m**3
     return memory, flops
 
 
@@ -557,7 +667,7 @@ def _gemm_rate(device: str) -> float:
             a @ a
             sync()
             best = min(best, time.perf_counter() - t0)
-        return 2 * RATE_SIZE ** 3 / max(best, 1e-9)
+        return 2 * RATE_SIZE**3 / max(best, 1e-9)
     except Exception:  # noqa: BLE001 - a device without float64 products (mps): a nominal rate
         return 1e10
 
@@ -599,8 +709,10 @@ def available_memory(device: torch.device | str) -> int | None:
         except (AttributeError, ValueError, OSError):
             return None
     v1 = "/sys/fs/cgroup/memory/memory."
-    for limit, usage in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-                         (v1 + "limit_in_bytes", v1 + "usage_in_bytes")):
+    for limit, usage in (
+        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+        (v1 + "limit_in_bytes", v1 + "usage_in_bytes"),
+    ):
         try:
             with open(limit) as f:
                 text = f.read().strip()

@@ -35,11 +35,11 @@ def _strip_rows(P: int, per_pair: int, itemsize: int, chunk: int | None) -> int:
 def _add_strip(theta: torch.Tensor, blk: torch.Tensor, s: int, e: int, Ce: int) -> None:
     """Add the strip ``rows s:e x columns s:P`` (sample units) and its mirror image below the diagonal."""
     r0, r1 = s * Ce, e * Ce
-    diag = blk[:, :r1 - r0]
+    diag = blk[:, : r1 - r0]
     diag.copy_((diag + diag.T) / 2)  # the diagonal block exactly symmetric, like the mirrored blocks
     theta[r0:r1, r0:] += blk
     if blk.shape[1] > r1 - r0:
-        theta[r1:, r0:r1] += blk[:, r1 - r0:].T
+        theta[r1:, r0:r1] += blk[:, r1 - r0 :].T
 
 
 def _rows(t: _Term, s: int, e: int) -> _Term:
@@ -102,8 +102,11 @@ def _accumulate_term(theta: torch.Tensor, t: _Term, chunk: int | None, rows_of: 
     first = t.D if isinstance(t, _Grad) else t.G
     P, Ce, itemsize = first.shape[0], first.shape[1], first.element_size()
     start, stop = rows_of if rows_of is not None else (0, P)
-    groups = [t] if not isinstance(t, _Pairs) or t.G.shape[3] == 1 else \
-        [_Pairs(t.G[:, :, :, j:j + 1], t.Z[:, :, j:j + 1]) for j in range(t.G.shape[3])]
+    groups = (
+        [t]
+        if not isinstance(t, _Pairs) or t.G.shape[3] == 1
+        else [_Pairs(t.G[:, :, :, j : j + 1], t.Z[:, :, j : j + 1]) for j in range(t.G.shape[3])]
+    )
     for part in groups:  # one group at a time: the strips' temporaries stay under STRIP_BYTES
         rows = _strip_rows(P, _pair_bytes(part), itemsize, chunk)
         for s in range(start, stop, rows):
@@ -111,9 +114,18 @@ def _accumulate_term(theta: torch.Tensor, t: _Term, chunk: int | None, rows_of: 
             _add_strip(theta, _block(_rows(part, s, e), _rows(part, s, P)), s, e, Ce)
 
 
-def _accumulate_fallback(theta: torch.Tensor, model: nn.Module, args: tuple[torch.Tensor, ...], P: int,
-                         names: Sequence[str], C: int, mode: str, chunk: int | None, dtype: torch.dtype,
-                         who: str) -> None:
+def _accumulate_fallback(
+    theta: torch.Tensor,
+    model: nn.Module,
+    args: tuple[torch.Tensor, ...],
+    P: int,
+    names: Sequence[str],
+    C: int,
+    mode: str,
+    chunk: int | None,
+    dtype: torch.dtype,
+    who: str,
+) -> None:
     Ce = C if mode == "full" else 1
     for done, (_, J, streamed) in enumerate(_fallback_blocks(model, args, P, names, C, mode, chunk, dtype, who)):
         progress.report(f"torch.func fallback ({len(names)} parameters), blocks", done + 1, None)
@@ -126,15 +138,24 @@ def _accumulate_fallback(theta: torch.Tensor, model: nn.Module, args: tuple[torc
         for a, (s, e) in enumerate(bounds):
             Ja = jac(s, e)
             blk = Ja @ Ja.T
-            theta[s * Ce:e * Ce, s * Ce:e * Ce] += (blk + blk.T) / 2
-            for s2, e2 in bounds[a + 1:]:
+            theta[s * Ce : e * Ce, s * Ce : e * Ce] += (blk + blk.T) / 2
+            for s2, e2 in bounds[a + 1 :]:
                 blk = Ja @ jac(s2, e2).T
-                theta[s * Ce:e * Ce, s2 * Ce:e2 * Ce] += blk
-                theta[s2 * Ce:e2 * Ce, s * Ce:e * Ce] += blk.T
+                theta[s * Ce : e * Ce, s2 * Ce : e2 * Ce] += blk
+                theta[s2 * Ce : e2 * Ce, s * Ce : e * Ce] += blk.T
 
 
-def _kernel_across_ranks(theta: torch.Tensor, model: nn.Module, args: tuple[torch.Tensor, ...], plan: NTKPlan,
-                         share: Share, mode: str, chunk: int | None, dtype: torch.dtype, who: str) -> None:
+def _kernel_across_ranks(
+    theta: torch.Tensor,
+    model: nn.Module,
+    args: tuple[torch.Tensor, ...],
+    plan: NTKPlan,
+    share: Share,
+    mode: str,
+    chunk: int | None,
+    dtype: torch.dtype,
+    who: str,
+) -> None:
     """``theta`` (zeros, ``P Ce`` square) filled with the kernel on every rank: this rank's factors of its share,
     every term's factors all-gathered, this rank's row strips of the upper triangle (``Share.strips``), one
     all-reduce (``probes.functional.ntk.ranks``)."""
@@ -142,13 +163,19 @@ def _kernel_across_ranks(theta: torch.Tensor, model: nn.Module, args: tuple[torc
     Ce = C if mode == "full" else 1
     local = share.take(args)
     with together(share, who):  # a rank that fails here does not leave the others waiting in the exchange
-        terms = list(_layer_terms(model, local, share.S, plan, mode, chunk, dtype, who, "dense").values()) \
-            if plan.fast else []
-        for names, J, _ in (_fallback_blocks(model, local, share.S, plan.fallback, C, mode, chunk, dtype, who)
-                            if plan.fallback else []):
+        terms = (
+            list(_layer_terms(model, local, share.S, plan, mode, chunk, dtype, who, "dense").values())
+            if plan.fast
+            else []
+        )
+        for names, J, _ in (
+            _fallback_blocks(model, local, share.S, plan.fallback, C, mode, chunk, dtype, who) if plan.fallback else []
+        ):
             if J is None:
-                raise ValueError(f"{who}: distributed=True: the torch.func Jacobian of {list(names)} does not fit "
-                                 "settings.FALLBACK_BUDGET for one share of the samples; raise it, or use more ranks")
+                raise ValueError(
+                    f"{who}: distributed=True: the torch.func Jacobian of {list(names)} does not fit "
+                    "settings.FALLBACK_BUDGET for one share of the samples; raise it, or use more ranks"
+                )
             terms.append(_Grad(J.view(share.S, Ce, -1)))
     strips = share.strips(share.P)
     # every rank's share of each term, all-gathered; the next term's exchange runs while this one's strips compute
@@ -164,10 +191,19 @@ def _kernel_across_ranks(theta: torch.Tensor, model: nn.Module, args: tuple[torc
     share.all_reduce(theta)  # every entry comes from exactly one rank: the sum with zeros is exact
 
 
-def empirical_ntk(model: nn.Module, x: Any, *, mode: str = "trace", reduction: str = "sum",
-                  chunk_size: int | None = None, dtype: torch.dtype = torch.float64,
-                  fast_path: bool = True, plan: NTKPlan | None = None, distributed: bool = False,
-                  group: Any = None) -> torch.Tensor:
+def empirical_ntk(
+    model: nn.Module,
+    x: Any,
+    *,
+    mode: str = "trace",
+    reduction: str = "sum",
+    chunk_size: int | None = None,
+    dtype: torch.dtype = torch.float64,
+    fast_path: bool = True,
+    plan: NTKPlan | None = None,
+    distributed: bool = False,
+    group: Any = None,
+) -> torch.Tensor:
     """The empirical NTK ``J J^T`` of ``model`` on the samples ``x``, over every trainable parameter.
 
     The model is used as it is (its train/eval mode is not changed, no ``.grad`` is written); the forward and
@@ -207,8 +243,18 @@ def empirical_ntk(model: nn.Module, x: Any, *, mode: str = "trace", reduction: s
         return _empirical_ntk(model, x, mode, reduction, chunk_size, dtype, fast_path, plan, distributed, group)
 
 
-def _empirical_ntk(model: nn.Module, x: Any, mode: str, reduction: str, chunk_size: int | None, dtype: torch.dtype,
-                   fast_path: bool, plan: NTKPlan | None, distributed: bool, group: Any) -> torch.Tensor:
+def _empirical_ntk(
+    model: nn.Module,
+    x: Any,
+    mode: str,
+    reduction: str,
+    chunk_size: int | None,
+    dtype: torch.dtype,
+    fast_path: bool,
+    plan: NTKPlan | None,
+    distributed: bool,
+    group: Any,
+) -> torch.Tensor:
     who = "empirical_ntk"
     args, P, plan = _inputs_and_plan(model, x, mode, reduction, chunk_size, dtype, fast_path, plan, who)
     C = plan.outputs

@@ -50,9 +50,18 @@ def _term_params(model: nn.Module, plan: NTKPlan) -> dict[str, list[torch.Tensor
     return out
 
 
-def _layer_terms(model: nn.Module, args: tuple[torch.Tensor, ...], P: int, plan: NTKPlan, mode: str,
-                 chunk: int | None, dtype: torch.dtype, who: str, target: str = "dense",
-                 project: torch.Tensor | None = None) -> dict[str, _Term]:
+def _layer_terms(
+    model: nn.Module,
+    args: tuple[torch.Tensor, ...],
+    P: int,
+    plan: NTKPlan,
+    mode: str,
+    chunk: int | None,
+    dtype: torch.dtype,
+    who: str,
+    target: str = "dense",
+    project: torch.Tensor | None = None,
+) -> dict[str, _Term]:
     """One term per layerwise layer over all ``P`` samples, each reduced to its route (``_route``).
 
     Terms whose route is "outer" are per-sample gradients ``D`` in ``dtype``; "pairs" factors are in ``dtype``
@@ -90,6 +99,7 @@ def _layer_terms(model: nn.Module, args: tuple[torch.Tensor, ...], P: int, plan:
                 return output.clone()
             versions.append((path, output, output._version))  # autograd's own count of in-place changes
             return None
+
         return hook
 
     handles = [m.register_forward_hook(make_hook(p), with_kwargs=True) for p, m in plan.modules.items()]
@@ -113,19 +123,25 @@ def _layer_terms(model: nn.Module, args: tuple[torch.Tensor, ...], P: int, plan:
                         break
                     copied.update(changed)
                 if out.shape[1] != plan.outputs:
-                    raise ValueError(f"{who}: the model gives {out.shape[1]} outputs per sample for a batch of {m} "
-                                     f"but {plan.outputs} for one sample")
+                    raise ValueError(
+                        f"{who}: the model gives {out.shape[1]} outputs per sample for a batch of {m} "
+                        f"but {plan.outputs} for one sample"
+                    )
                 if project is not None:
                     out = out @ project.to(out.device, out.dtype)[:, None]
                 recorded = []
                 for path, k in plan.fast.items():
                     if len(calls[path]) != k:
-                        raise RuntimeError(f"{who}: {plan.kinds[path]} {path!r} was called {len(calls[path])} times "
-                                           f"in a forward of {m} samples and {k} times for one sample")
+                        raise RuntimeError(
+                            f"{who}: {plan.kinds[path]} {path!r} was called {len(calls[path])} times "
+                            f"in a forward of {m} samples and {k} times for one sample"
+                        )
                     for _, _, o in calls[path]:
                         if int(o.shape[0]) != m:
-                            raise RuntimeError(f"{who}: {plan.kinds[path]} {path!r} returned an output of shape "
-                                               f"{tuple(o.shape)} in a forward of {m} samples (sample axis not first)")
+                            raise RuntimeError(
+                                f"{who}: {plan.kinds[path]} {path!r} returned an output of shape "
+                                f"{tuple(o.shape)} in a forward of {m} samples (sample axis not first)"
+                            )
                         recorded.append(o)
                 recorded += list(copies.values())
                 grads = _output_grads(out, recorded, C)
@@ -182,8 +198,11 @@ def _layer_terms(model: nn.Module, args: tuple[torch.Tensor, ...], P: int, plan:
         for h in handles:
             h.remove()
         calls.clear()
-    terms = {path: _traced(full[path], mode) if routes[path] == "outer" else full[path]
-             for path in list(plan.fast) + list(plan.direct) if path not in tied}
+    terms = {
+        path: _traced(full[path], mode) if routes[path] == "outer" else full[path]
+        for path in list(plan.fast) + list(plan.direct)
+        if path not in tied
+    }
     for group in plan.tied:
         t = _tied_term([(kinds[p], plan.modules[p], full.pop(p).D) for p in group])
         terms["+".join(group)] = _traced(t, mode)
@@ -216,10 +235,12 @@ def _output_grads(out: torch.Tensor, recorded: list[torch.Tensor], C: int) -> li
         try:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="There is a performance drop")
-                return list(torch.autograd.grad(out, recorded, eye, retain_graph=True, allow_unused=True,
-                                                is_grads_batched=True))
+                return list(
+                    torch.autograd.grad(out, recorded, eye, retain_graph=True, allow_unused=True, is_grads_batched=True)
+                )
         except Exception:  # noqa: BLE001 - an operation without a batching rule for its backward: one pass each
             pass
-    per_c = [torch.autograd.grad(out[:, c].sum(), recorded, retain_graph=c < C - 1, allow_unused=True)
-             for c in range(C)]
+    per_c = [
+        torch.autograd.grad(out[:, c].sum(), recorded, retain_graph=c < C - 1, allow_unused=True) for c in range(C)
+    ]
     return [None if per_c[0][r] is None else torch.stack([p[r] for p in per_c]) for r in range(len(recorded))]

@@ -39,9 +39,16 @@ def _fallback_groups(sizes: dict[str, int], rows: int, itemsize: int) -> list[li
     return groups
 
 
-def _jacobian_fn(model: nn.Module, args: tuple[torch.Tensor, ...], names: Sequence[str], C: int, mode: str,
-                 dtype: torch.dtype, who: str,
-                 rows: tuple[int, int] | None = None) -> Callable[[int, int], torch.Tensor]:
+def _jacobian_fn(
+    model: nn.Module,
+    args: tuple[torch.Tensor, ...],
+    names: Sequence[str],
+    C: int,
+    mode: str,
+    dtype: torch.dtype,
+    who: str,
+    rows: tuple[int, int] | None = None,
+) -> Callable[[int, int], torch.Tensor]:
     """``jac(s, e)``: per-sample Jacobians of the parameters ``names`` for samples ``s:e``, as rows
     ``(e - s) x (C n)`` (trace) or ``(e - s) C x n`` (full), in ``dtype``. ``rows=(a, b)`` (one parameter):
     only with respect to its slice ``[a:b]`` along the first axis (the rest held constant)."""
@@ -74,12 +81,12 @@ def _jacobian_fn(model: nn.Module, args: tuple[torch.Tensor, ...], names: Sequen
         out: dict[str, list[torch.Tensor]] = {n: [] for n in names}
         with torch.enable_grad():
             for i in range(s, e):
-                y = _flat_output(model(*(a[i:i + 1] for a in args)), 1, who)[0]
+                y = _flat_output(model(*(a[i : i + 1] for a in args)), 1, who)[0]
                 for c in range(y.shape[0]):
                     grads = torch.autograd.grad(y[c], live, retain_graph=c < y.shape[0] - 1, allow_unused=True)
                     for n, p, g in zip(names, live, grads):
                         g = torch.zeros_like(p) if g is None else g
-                        out[n].append(g[rows[0]:rows[1]] if rows is not None else g)
+                        out[n].append(g[rows[0] : rows[1]] if rows is not None else g)
         return {n: torch.stack(v).reshape((e - s, C) + v[0].shape) for n, v in out.items()}
 
     def jac(s: int, e: int) -> torch.Tensor:
@@ -88,8 +95,9 @@ def _jacobian_fn(model: nn.Module, args: tuple[torch.Tensor, ...], names: Sequen
         with torch.no_grad(), warnings.catch_warnings():  # the transforms still differentiate
             warnings.filterwarnings("ignore", message="There is a performance drop")
             j = None
-            for lvl, fn in enumerate((lambda: jac_fn(sub, *_take(args, s, e)), lambda: per_sample(s, e),
-                                      lambda: by_autograd(s, e))):
+            for lvl, fn in enumerate(
+                (lambda: jac_fn(sub, *_take(args, s, e)), lambda: per_sample(s, e), lambda: by_autograd(s, e))
+            ):
                 if lvl < level[0]:
                     continue
                 try:
@@ -101,7 +109,8 @@ def _jacobian_fn(model: nn.Module, args: tuple[torch.Tensor, ...], names: Sequen
                         raise RuntimeError(
                             f"{who}: could not take per-sample Jacobians of {list(names)[:6]}"
                             f"{'...' if len(names) > 6 else ''} ({type(exc).__name__}: {exc}); the model must work "
-                            "on one sample at a time (no .item() on values that need gradients)") from exc
+                            "on one sample at a time (no .item() on values that need gradients)"
+                        ) from exc
         flat = torch.cat([v.reshape(e - s, C, -1) for v in j.values()], dim=2).to(dtype)
         return flat.reshape((e - s) * Ce, -1)
 
@@ -116,8 +125,17 @@ def _fallback_chunk(model: nn.Module, names: Sequence[str], P: int, C: int, chun
     return max(1, min(P, settings.FALLBACK_CHUNK_BYTES // max(1, 3 * C * n * params[names[0]].element_size())))
 
 
-def _fallback_blocks(model: nn.Module, args: tuple[torch.Tensor, ...], P: int, names: Sequence[str], C: int,
-                     mode: str, chunk: int | None, dtype: torch.dtype, who: str):
+def _fallback_blocks(
+    model: nn.Module,
+    args: tuple[torch.Tensor, ...],
+    P: int,
+    names: Sequence[str],
+    C: int,
+    mode: str,
+    chunk: int | None,
+    dtype: torch.dtype,
+    who: str,
+):
     """Yield ``(group, J, jac)``: for each parameter group, its Jacobian rows for all samples (computed once,
     sample chunk by sample chunk). A parameter whose Jacobian alone exceeds FALLBACK_BUDGET is split into slices
     along its first axis that fit (each entry still computed once); only when one slice of one row does not fit,

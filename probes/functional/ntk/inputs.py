@@ -27,8 +27,10 @@ class SampleMixingError(ValueError):
 def _as_args(x: Any, who: str) -> tuple[tuple[torch.Tensor, ...], int]:
     args = tuple(x) if isinstance(x, (tuple, list)) else (x,)
     if not args or not all(isinstance(a, torch.Tensor) for a in args):
-        raise TypeError(f"{who}: x must be a tensor (or a tuple of tensors, the model's positional inputs) "
-                        f"with the samples along the first axis, got {type(x).__name__}")
+        raise TypeError(
+            f"{who}: x must be a tensor (or a tuple of tensors, the model's positional inputs) "
+            f"with the samples along the first axis, got {type(x).__name__}"
+        )
     if any(a.ndim == 0 for a in args):
         raise ValueError(f"{who}: x must have the samples along its first axis, got a 0-d tensor")
     P = int(args[0].shape[0])
@@ -48,11 +50,15 @@ def _take(args: tuple[torch.Tensor, ...], start: int, stop: int) -> tuple[torch.
 
 def _flat_output(out: Any, rows: int, who: str) -> torch.Tensor:
     if not isinstance(out, torch.Tensor):
-        raise TypeError(f"{who}: the model returned a {type(out).__name__}; the NTK needs a tensor output "
-                        "(wrap the model so that it returns one tensor with the samples first)")
+        raise TypeError(
+            f"{who}: the model returned a {type(out).__name__}; the NTK needs a tensor output "
+            "(wrap the model so that it returns one tensor with the samples first)"
+        )
     if out.ndim == 0 or int(out.shape[0]) != rows:
-        raise ValueError(f"{who}: the model output has shape {tuple(out.shape)} for {rows} input sample(s); "
-                         "it must have the samples along its first axis")
+        raise ValueError(
+            f"{who}: the model output has shape {tuple(out.shape)} for {rows} input sample(s); "
+            "it must have the samples along its first axis"
+        )
     if not out.is_floating_point():
         raise TypeError(f"{who}: the model output has dtype {out.dtype}; it must be floating point")
     return out.reshape(rows, -1)
@@ -67,10 +73,13 @@ def _check_modules(model: nn.Module, who: str) -> None:
                 raise SampleMixingError(
                     f"{who}: {type(m).__name__} {path or '<root>'!r} {why}, so it normalises with the statistics "
                     "of the batch and every output depends on every sample: the per-sample NTK is undefined. "
-                    "Call model.eval() first (the ntk probe runs the model in eval mode by design)")
+                    "Call model.eval() first (the ntk probe runs the model in eval mode by design)"
+                )
         if isinstance(m, nn.modules.dropout._DropoutNd) and m.training and m.p > 0:
-            raise ValueError(f"{who}: {type(m).__name__} {path or '<root>'!r} is active (training mode), so the "
-                             "model is random and has no fixed Jacobian; call model.eval() first")
+            raise ValueError(
+                f"{who}: {type(m).__name__} {path or '<root>'!r} is active (training mode), so the "
+                "model is random and has no fixed Jacobian; call model.eval() first"
+            )
 
 
 def _trainable(model: nn.Module, who: str) -> dict[str, torch.Tensor]:
@@ -111,18 +120,22 @@ def _check_mixing(out1: torch.Tensor, out2: torch.Tensor, who: str) -> None:
         raise SampleMixingError(
             f"{who}: the output for sample 0 changes by {float(diff):.3g} (scale {float(scale):.3g}) when another "
             "sample is in the batch: the model mixes samples (batch statistics, attention over the batch, ...), "
-            "so the per-sample NTK is undefined. Evaluate in eval mode without cross-sample operations")
+            "so the per-sample NTK is undefined. Evaluate in eval mode without cross-sample operations"
+        )
 
 
-def _validated(model: nn.Module, x: Any, mode: str, reduction: str, chunk_size: int | None, dtype: torch.dtype,
-               who: str) -> tuple[tuple[torch.Tensor, ...], int]:
+def _validated(
+    model: nn.Module, x: Any, mode: str, reduction: str, chunk_size: int | None, dtype: torch.dtype, who: str
+) -> tuple[tuple[torch.Tensor, ...], int]:
     if mode not in MODES:
         raise ValueError(f"{who}: mode must be one of {MODES}, got {mode!r}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"{who}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if mode == "full" and reduction != "sum":
-        raise ValueError(f"{who}: reduction={reduction!r} applies to the trace over outputs; mode='full' keeps "
-                         "every output pair (use reduction='sum')")
+        raise ValueError(
+            f"{who}: reduction={reduction!r} applies to the trace over outputs; mode='full' keeps "
+            "every output pair (use reduction='sum')"
+        )
     if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TypeError(f"{who}: dtype must be a floating torch.dtype, got {dtype!r}")
     if chunk_size is not None and int(chunk_size) < 1:

@@ -108,7 +108,7 @@ class _ConvKind(_Kind):
         for i in range(n):
             x = x.unfold(2 + i, m.dilation[i] * (m.kernel_size[i] - 1) + 1, m.stride[i])
         x = x[(Ellipsis,) + tuple(slice(None, None, d) for d in m.dilation)]  # (B, Cin, *O, *k)
-        K = math.prod(x.shape[2:2 + n])
+        K = math.prod(x.shape[2 : 2 + n])
         perm = (0, 1) + tuple(range(2 + n, 2 + 2 * n)) + tuple(range(2, 2 + n))
         # copied as (B, Cin, *k, *O), positions innermost (a fast copy); per group (Cin / groups) * prod(k) inputs
         # in the weight's layout; Z (B, K, groups, d) is a transposed view of it
@@ -157,11 +157,11 @@ class _NormKind(_Kind):
         # a block of outputs at a time: the product g * xhat stays a small temporary (g is C x a layer's output)
         step = max(1, settings.OUTPUT_BLOCK_BYTES // max(1, g[:, :1].numel() * g.element_size()))
         for c in range(0, C, step):
-            gc = g[:, c:c + step]
+            gc = g[:, c : c + step]
             if weight:
-                D[:, c:c + step, :n] = _summed(gc * xhat, sum_dims).reshape(B, -1, n)
+                D[:, c : c + step, :n] = _summed(gc * xhat, sum_dims).reshape(B, -1, n)
             if bias:
-                D[:, c:c + step, weight * n:] = _summed(gc, sum_dims).reshape(B, -1, n)
+                D[:, c : c + step, weight * n :] = _summed(gc, sum_dims).reshape(B, -1, n)
         return _Grad(D)
 
 
@@ -212,6 +212,7 @@ def _used_params(modules: dict[str, nn.Module]) -> Iterator[dict[str, dict[str, 
     def record(path: str):
         def hook(module: nn.Module, args: Any) -> None:
             used[path] = _own_params(module)
+
         return hook
 
     handles = [m.register_forward_pre_hook(record(path)) for path, m in modules.items()]

@@ -39,7 +39,7 @@ def _row_basis(F2: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
     step = _block_rows(rows, m, 8)
     gram = torch.zeros(m, m, dtype=torch.float64, device=F2.device)
     for s in range(0, rows, step):
-        blk = F2[s:s + step].to(torch.float64)
+        blk = F2[s : s + step].to(torch.float64)
         gram += blk.T @ blk
     lam, vec = torch.linalg.eigh(gram)
     keep = lam > m * eps * lam[-1].clamp(min=tiny)
@@ -58,7 +58,7 @@ def _compressed(t: _Pairs, dtype: torch.dtype) -> _Pairs:
     G, Z = t.G, t.Z
     Q = _row_basis(G.reshape(-1, n), dtype)
     if Q is not None:
-        G = torch.cat([G[s:s + 4096].to(dtype).reshape(-1, n) @ Q for s in range(0, P, 4096)])
+        G = torch.cat([G[s : s + 4096].to(dtype).reshape(-1, n) @ Q for s in range(0, P, 4096)])
         G = G.reshape(P, Ce, K, 1, -1)
     d = Z.shape[-1]
     Q = _row_basis(Z.reshape(-1, d), dtype)
@@ -90,8 +90,17 @@ class NTKOperator:
         products: vectors multiplied so far (columns of every ``V`` given to ``matmat``).
     """
 
-    def __init__(self, terms: list[_Term], fallback: list[tuple[torch.Tensor | None, Any]], P: int, Ce: int,
-                 dtype: torch.dtype, device: torch.device, scale: float = 1.0, share: Share | None = None) -> None:
+    def __init__(
+        self,
+        terms: list[_Term],
+        fallback: list[tuple[torch.Tensor | None, Any]],
+        P: int,
+        Ce: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        scale: float = 1.0,
+        share: Share | None = None,
+    ) -> None:
         self.terms, self.fallback = terms, fallback
         self.P, self.Ce, self.dtype, self.device, self.scale = P, Ce, dtype, device, scale
         self.share = share
@@ -131,15 +140,16 @@ class NTKOperator:
                 self._fallback_apply(f, self._fallback_partial(f, V), out)
         else:
             here = local_rows(self.share, V, self.Ce)
-            parts = [self._partial(t, here) for t in self.terms] + \
-                [self._fallback_partial(f, here) for f in self.fallback]
+            parts = [self._partial(t, here) for t in self.terms] + [
+                self._fallback_partial(f, here) for f in self.fallback
+            ]
             if parts:  # W summed over every rank's samples, all terms in one all-reduce
                 flat = self.share.all_reduce(torch.cat([w.reshape(-1) for w in parts]))
                 parts = [w.view(part.shape) for w, part in zip(flat.split([w.numel() for w in parts]), parts)]
             out = torch.zeros_like(here)
             for t, W in zip(self.terms, parts):
                 self._apply(t, W, out)
-            for f, W in zip(self.fallback, parts[len(self.terms):]):
+            for f, W in zip(self.fallback, parts[len(self.terms) :]):
                 self._fallback_apply(f, W, out)
             out = self.share.gather_rows(out, self.Ce)
         if self.scale != 1.0:
@@ -154,7 +164,7 @@ class NTKOperator:
         jac, bounds = streamed
         W = None
         for s, e in bounds:
-            blk = jac(s, e).T @ V[s * self.Ce:e * self.Ce]
+            blk = jac(s, e).T @ V[s * self.Ce : e * self.Ce]
             W = blk if W is None else W.add_(blk)
         return W
 
@@ -165,7 +175,7 @@ class NTKOperator:
             return
         jac, bounds = streamed
         for s, e in bounds:
-            out[s * self.Ce:e * self.Ce] += jac(s, e) @ W
+            out[s * self.Ce : e * self.Ce] += jac(s, e) @ W
 
     def _partial(self, t: _Term, V: torch.Tensor) -> torch.Tensor:
         """The term's ``W`` over the samples held here: ``D^T V``; ``sum_j g_j (v_j z_j)^T`` per group; the
@@ -181,8 +191,8 @@ class NTKOperator:
             rows = _block_rows(P, Ce * K * (n + 2 * b * d) + K * d, 8)
             W = torch.zeros(g, n, b * d, dtype=dt, device=V.device)
             for s in range(0, P, rows):
-                G, Z = t.G[s:s + rows].to(dt), t.Z[s:s + rows].to(dt)
-                ZV = Z[:, None, :, :, None, :] * Vs[s:s + rows, :, None, None, :, None]  # (r, Ce, K, g, b, d)
+                G, Z = t.G[s : s + rows].to(dt), t.Z[s : s + rows].to(dt)
+                ZV = Z[:, None, :, :, None, :] * Vs[s : s + rows, :, None, None, :, None]  # (r, Ce, K, g, b, d)
                 for j in range(g):
                     W[j] += G[:, :, :, j].reshape(-1, n).T @ ZV[:, :, :, j].reshape(-1, b * d)
             return W
@@ -190,9 +200,9 @@ class NTKOperator:
         rows = _block_rows(P, K * (2 * d * b + Ce * d), 8)
         W = torch.zeros(t.V, d * b, dtype=dt, device=V.device)
         for s in range(0, P, rows):
-            G = t.G[s:s + rows].to(dt)
-            Gv = torch.einsum("rckd,rcb->rkdb", G, Vs[s:s + rows])
-            W.index_add_(0, t.T[s:s + rows].reshape(-1), Gv.reshape(-1, d * b))
+            G = t.G[s : s + rows].to(dt)
+            Gv = torch.einsum("rckd,rcb->rkdb", G, Vs[s : s + rows])
+            W.index_add_(0, t.T[s : s + rows].reshape(-1), Gv.reshape(-1, d * b))
         return W
 
     def _apply(self, t: _Term, W: torch.Tensor, out: torch.Tensor) -> None:
@@ -208,17 +218,17 @@ class NTKOperator:
             # (Theta v)_icb = sum_k (g_ick^T W_b) . z_ik: a GEMM (rows x n) @ (n x b d), then a dot over d
             rows = _block_rows(P, Ce * K * (n + 2 * b * d) + K * d, 8)
             for s in range(0, P, rows):
-                G, Z = t.G[s:s + rows].to(dt), t.Z[s:s + rows].to(dt)
+                G, Z = t.G[s : s + rows].to(dt), t.Z[s : s + rows].to(dt)
                 r = G.shape[0]
                 for j in range(g):
                     GW = (G[:, :, :, j].reshape(-1, n) @ W[j]).view(r, Ce, K, b, d)
-                    outs[s:s + rows] += torch.einsum("rckbd,rkd->rcb", GW, Z[:, :, j])
+                    outs[s : s + rows] += torch.einsum("rckbd,rkd->rcb", GW, Z[:, :, j])
             return
         _, _, K, d = t.G.shape
         rows = _block_rows(P, K * (2 * d * b + Ce * d), 8)
         for s in range(0, P, rows):
-            G, T = t.G[s:s + rows].to(dt), t.T[s:s + rows]
-            outs[s:s + rows] += torch.einsum("rckd,rkdb->rcb", G, W[T].view(T.shape[0], K, d, b))
+            G, T = t.G[s : s + rows].to(dt), t.T[s : s + rows]
+            outs[s : s + rows] += torch.einsum("rckd,rkdb->rcb", G, W[T].view(T.shape[0], K, d, b))
 
     def diagonal(self) -> torch.Tensor:
         """``Theta_ii`` exactly: the squared norms of the per-sample gradients.
@@ -235,17 +245,17 @@ class NTKOperator:
                 _, _, K, g, n = t.G.shape
                 rows = _block_rows(P, K * K * g * (Ce + 1) + Ce * K * g * n, 8)
                 for s in range(0, P, rows):
-                    G, Z = t.G[s:s + rows].to(dt), t.Z[s:s + rows].to(dt)
+                    G, Z = t.G[s : s + rows].to(dt), t.Z[s : s + rows].to(dt)
                     gg = torch.einsum("rckgn,rclgn->rcgkl", G, G)
                     zz = torch.einsum("rkgd,rlgd->rgkl", Z, Z)
-                    diag[s:s + rows] += (gg * zz[:, None]).sum(dim=(2, 3, 4))
+                    diag[s : s + rows] += (gg * zz[:, None]).sum(dim=(2, 3, 4))
             else:
                 _, _, K, d = t.G.shape
                 rows = _block_rows(P, K * K * (Ce + 1) + Ce * K * d, 8)
                 for s in range(0, P, rows):
-                    G, T = t.G[s:s + rows].to(dt), t.T[s:s + rows]
+                    G, T = t.G[s : s + rows].to(dt), t.T[s : s + rows]
                     gg = torch.einsum("rckd,rcld->rckl", G, G)
-                    diag[s:s + rows] += (gg * (T[:, :, None] == T[:, None, :])[:, None].to(dt)).sum(dim=(2, 3))
+                    diag[s : s + rows] += (gg * (T[:, :, None] == T[:, None, :])[:, None].to(dt)).sum(dim=(2, 3))
         diag = diag.reshape(-1)
         for J, streamed in self.fallback:
             if J is not None:
@@ -253,7 +263,7 @@ class NTKOperator:
                 continue
             jac, bounds = streamed
             for s, e in bounds:
-                diag[s * Ce:e * Ce] += jac(s, e).pow(2).sum(1)
+                diag[s * Ce : e * Ce] += jac(s, e).pow(2).sum(1)
         if self.share is not None:
             diag = self.share.gather_rows(diag, Ce)
         return diag * self.scale
@@ -276,7 +286,9 @@ class NTKOperator:
             The symmetric ``n x n`` kernel in the operator's dtype.
         """
         n = self.shape[0]
-        cols = [self.matmat(torch.eye(n, dtype=self.dtype, device=self.device)[:, s:s + block])
-                for s in range(0, n, block)]
+        cols = [
+            self.matmat(torch.eye(n, dtype=self.dtype, device=self.device)[:, s : s + block])
+            for s in range(0, n, block)
+        ]
         K = torch.cat(cols, dim=1)
         return (K + K.T) / 2

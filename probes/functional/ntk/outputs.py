@@ -51,7 +51,7 @@ def gaussian_sketch(C: int, k: int, seed: int, dtype: torch.dtype = torch.float6
         ``S``, with ``E[S S^T] = I_C``.
     """
     g = torch.Generator(device="cpu").manual_seed(int(seed))
-    return torch.randn(C, k, generator=g, dtype=torch.float64).div_(k ** 0.5).to(dtype)
+    return torch.randn(C, k, generator=g, dtype=torch.float64).div_(k**0.5).to(dtype)
 
 
 class SelectedOutput(nn.Module):

@@ -71,8 +71,7 @@ class NTKPlan:
 
 def _per_sample_copies(params: dict[str, torch.Tensor], names: list[str], b: int) -> dict[str, torch.Tensor]:
     """One copy per sample (leading axis ``b`` instead of 1) of the directly used parameters ``names``."""
-    return {n: params[n].detach().expand((b,) + tuple(params[n].shape[1:])).clone().requires_grad_(True)
-            for n in names}
+    return {n: params[n].detach().expand((b,) + tuple(params[n].shape[1:])).clone().requires_grad_(True) for n in names}
 
 
 def _build_plan(model: nn.Module, x: Any, *, fast_path: bool = True, who: str = "empirical_ntk") -> NTKPlan:
@@ -97,16 +96,21 @@ def _build_plan(model: nn.Module, x: Any, *, fast_path: bool = True, who: str = 
             kind = _candidate(m)
         if kind is None:
             base = next((b for k in _KINDS for b in k.bases if isinstance(m, b)), None)
-            left = {n: p for n, p in direct_params.items()
-                    if not (fast_path and p.ndim >= 2 and p.shape[0] == 1 and len(owners[id(p)]) == 1)}
+            left = {
+                n: p
+                for n, p in direct_params.items()
+                if not (fast_path and p.ndim >= 2 and p.shape[0] == 1 and len(owners[id(p)]) == 1)
+            }
             direct += [name_of[id(p)] for n, p in direct_params.items() if n not in left]
             if base is not None and left:
                 plan.reasons[label] = f"{type(m).__name__} overrides {base.__name__}.forward"
             elif base is not None and not direct_params and any(p.requires_grad for p in m.parameters()):
                 plan.reasons[label] = "its weight or bias is computed (a parametrization), not a plain parameter"
             elif left:
-                plan.reasons[label] = (f"no layerwise formula for {type(m).__name__} (parameters used in its own "
-                                       "forward are taken only with a leading axis of 1, broadcast over samples)")
+                plan.reasons[label] = (
+                    f"no layerwise formula for {type(m).__name__} (parameters used in its own "
+                    "forward are taken only with a leading axis of 1, broadcast over samples)"
+                )
             continue
         params_m = [p for n, p in m.named_parameters() if p.requires_grad]
         if not params_m:
@@ -134,12 +138,21 @@ def _build_plan(model: nn.Module, x: Any, *, fast_path: bool = True, who: str = 
             xin = _first(hargs, hkwargs)
             why = layout.layout(module, xin)
             b = recording["b"]
-            one = (why is None and b > 1 and int(xin.shape[0]) == 1 and isinstance(output, torch.Tensor)
-                   and output.ndim >= 1 and output.shape[0] == 1)
+            one = (
+                why is None
+                and b > 1
+                and int(xin.shape[0]) == 1
+                and isinstance(output, torch.Tensor)
+                and output.ndim >= 1
+                and output.shape[0] == 1
+            )
             if why is None and not one and int(xin.shape[0]) != b:
                 why = "a call does not see the samples along the input's first axis"
-            if why is None and not one and not (isinstance(output, torch.Tensor) and output.ndim >= 1
-                                                and output.shape[0] == b):
+            if (
+                why is None
+                and not one
+                and not (isinstance(output, torch.Tensor) and output.ndim >= 1 and output.shape[0] == b)
+            ):
                 why = "a call does not return the samples along the output's first axis"
             layouts[path].append(why)
             if recording["on"] and isinstance(output, torch.Tensor):
@@ -150,6 +163,7 @@ def _build_plan(model: nn.Module, x: Any, *, fast_path: bool = True, who: str = 
                 calls[path].append((_detached(hargs), _detached(hkwargs), output))
                 return output.clone()  # later in-place ops must not alter the recorded output
             return None
+
         return hook
 
     handles = [m.register_forward_hook(make_hook(p, k), with_kwargs=True) for p, (m, k) in candidates.items()]
@@ -160,8 +174,23 @@ def _build_plan(model: nn.Module, x: Any, *, fast_path: bool = True, who: str = 
             out1 = _flat_output(model(*_take(args, 0, 1)), 1, who).detach()
         counts1 = {p: len(v) for p, v in layouts.items()}
         if b2 == 2:
-            _second_pass(model, args, params, name_of, candidates, direct, calls, originals, layouts, counts1,
-                         shared, recording, out1, plan, who)
+            _second_pass(
+                model,
+                args,
+                params,
+                name_of,
+                candidates,
+                direct,
+                calls,
+                originals,
+                layouts,
+                counts1,
+                shared,
+                recording,
+                out1,
+                plan,
+                who,
+            )
         else:
             for path, (_m, kind) in candidates.items():
                 reason = next((why for why in layouts[path] if why), None)
@@ -172,7 +201,8 @@ def _build_plan(model: nn.Module, x: Any, *, fast_path: bool = True, who: str = 
             for name in direct:
                 plan.reasons[name.rpartition(".")[0] or "<root>"] = (
                     f"{name} is used in its forward; such a parameter is taken layerwise after a check on two samples "
-                    "or more")
+                    "or more"
+                )
             direct.clear()
     finally:
         for h in handles:
@@ -180,8 +210,9 @@ def _build_plan(model: nn.Module, x: Any, *, fast_path: bool = True, who: str = 
         calls.clear()
         originals.clear()
     plan.outputs = int(out1.shape[1])
-    _drop_partial_ties(model, {p: c for p, c in candidates.items() if (p or "<root>") not in plan.reasons},
-                       owners, paths, plan)
+    _drop_partial_ties(
+        model, {p: c for p, c in candidates.items() if (p or "<root>") not in plan.reasons}, owners, paths, plan
+    )
     for path, (m, kind) in candidates.items():
         if (path or "<root>") not in plan.reasons and counts1[path] > 0:
             plan.fast[path] = counts1[path]
@@ -201,22 +232,33 @@ def _refresh_fallback(plan: NTKPlan, params: dict[str, torch.Tensor]) -> None:
     plan.fallback = [n for n, p in params.items() if id(p) not in fast_ids]
 
 
-def _drop_partial_ties(model: nn.Module, candidates: dict[str, tuple[nn.Module, Any]], owners: dict[int, set[int]],
-                       paths: dict[int, str], plan: NTKPlan) -> None:
+def _drop_partial_ties(
+    model: nn.Module,
+    candidates: dict[str, tuple[nn.Module, Any]],
+    owners: dict[int, set[int]],
+    paths: dict[int, str],
+    plan: NTKPlan,
+) -> None:
     """Send to the fallback the candidates sharing a parameter with a module that is not a candidate (repeated
     until none is left): tied weights are layerwise only when every module that uses them is."""
     while True:
         ids = {id(m) for m, _ in candidates.values()}
-        drop = [path for path, (m, _) in candidates.items()
-                if any(not owners[id(p)] <= ids for p in _own_params(m).values())]
+        drop = [
+            path
+            for path, (m, _) in candidates.items()
+            if any(not owners[id(p)] <= ids for p in _own_params(m).values())
+        ]
         if not drop:
             return
         for path in drop:
             candidates.pop(path)
             m_ids = set().union(*(owners[id(p)] for p in _own_params(model.get_submodule(path)).values()))
             others = sorted(paths.get(i, "?") or "<root>" for i in m_ids if paths.get(i) != path)
-            plan.reasons.setdefault(path or "<root>", "its parameters are registered in another module too (tied "
-                                    f"weights: {', '.join(others)}) that is not on the layerwise path")
+            plan.reasons.setdefault(
+                path or "<root>",
+                "its parameters are registered in another module too (tied "
+                f"weights: {', '.join(others)}) that is not on the layerwise path",
+            )
 
 
 def _tie_groups(plan: NTKPlan) -> list[list[str]]:
@@ -241,15 +283,30 @@ def _tie_groups(plan: NTKPlan) -> list[list[str]]:
     return [g for g in groups.values() if len(g) > 1]
 
 
-def _second_pass(model: nn.Module, args: tuple[torch.Tensor, ...], params: dict[str, torch.Tensor],
-                 name_of: dict[int, str], candidates: dict[str, tuple[nn.Module, Any]], direct: list[str],
-                 calls: dict[str, list], originals: dict[str, list], layouts: dict[str, list[str | None]],
-                 counts1: dict[str, int], shared: set[str], recording: dict, out1: torch.Tensor, plan: NTKPlan,
-                 who: str) -> None:
+def _second_pass(
+    model: nn.Module,
+    args: tuple[torch.Tensor, ...],
+    params: dict[str, torch.Tensor],
+    name_of: dict[int, str],
+    candidates: dict[str, tuple[nn.Module, Any]],
+    direct: list[str],
+    calls: dict[str, list],
+    originals: dict[str, list],
+    layouts: dict[str, list[str | None]],
+    counts1: dict[str, int],
+    shared: set[str],
+    recording: dict,
+    out1: torch.Tensor,
+    plan: NTKPlan,
+    who: str,
+) -> None:
     """The recorded forward and backward of two samples: each candidate's reason to fall back, if any, into
     ``plan.reasons``; the confirmed kinds of structural candidates into ``candidates``; ``direct`` pruned."""
-    clones = {name_of[id(p)]: p.detach().clone().requires_grad_(True)
-              for m, _ in candidates.values() for p in _own_params(m).values()}
+    clones = {
+        name_of[id(p)]: p.detach().clone().requires_grad_(True)
+        for m, _ in candidates.values()
+        for p in _own_params(m).values()
+    }
     slots: dict[str, tuple[str, str]] = {}  # parameter name -> (a candidate holding it, its attribute there)
     for path, (m, _) in candidates.items():
         for attr, p in _own_params(m).items():
@@ -262,30 +319,34 @@ def _second_pass(model: nn.Module, args: tuple[torch.Tensor, ...], params: dict[
         direct.remove(name)
         plan.reasons[name.rpartition(".")[0] or "<root>"] = (
             f"{name} is used in its forward, and one copy of it per sample (leading axis 2) makes the forward fail "
-            "(its leading axis is not the samples')")
+            "(its leading axis is not the samples')"
+        )
     copies = _per_sample_copies(params, direct, 2)
     recording.update(on=True, b=2)
     crossed: set[int] = set()
     try:
         with torch.enable_grad():
             with _used_params({p: m for p, (m, _) in candidates.items()}) if sharded else nullcontext({}) as live:
-                out2 = _flat_output(functional_call(model, copies if sharded else {**clones, **copies},
-                                                    _take(args, 0, 2)), 2, who)
+                out2 = _flat_output(
+                    functional_call(model, copies if sharded else {**clones, **copies}, _take(args, 0, 2)), 2, who
+                )
             if sharded:
                 clones = {n: live.get(slots[n][0], {}).get(slots[n][1], c) for n, c in clones.items()}
             w = torch.linspace(1.0, 2.0, 7).to(out2.device, out2.dtype)
-            w = w.repeat(out2.shape[1] // 7 + 1)[:out2.shape[1]]
+            w = w.repeat(out2.shape[1] // 7 + 1)[: out2.shape[1]]
             recorded = [o for p in candidates for _, _, o in calls[p]]
             split = [o for p in shared for _, _, o in calls[p] if o.stride(0) == 0] + list(copies.values())
             targets = list(clones.values()) + recorded + list(copies.values())
             if targets and out2.requires_grad:
-                grads = list(torch.autograd.grad((out2 * w).sum(), targets, allow_unused=True,
-                                                 retain_graph=bool(split)))
+                grads = list(
+                    torch.autograd.grad((out2 * w).sum(), targets, allow_unused=True, retain_graph=bool(split))
+                )
                 for i in range(2) if split else ():  # sample i's output must not depend on the other's copy
                     gi = torch.autograd.grad((out2[i] * w).sum(), split, retain_graph=i == 0, allow_unused=True)
                     for t, g in zip(split, gi):
-                        if g is not None and float(g[1 - i].abs().max()) > 1e3 * torch.finfo(g.dtype).eps * \
-                                float(g[i].abs().max()):
+                        if g is not None and float(g[1 - i].abs().max()) > 1e3 * torch.finfo(g.dtype).eps * float(
+                            g[i].abs().max()
+                        ):
                             crossed.add(id(t))
             else:  # the output depends on none of these parameters
                 grads = [None] * len(targets)
@@ -304,22 +365,27 @@ def _second_pass(model: nn.Module, args: tuple[torch.Tensor, ...], params: dict[
         if changed or id(copies[name]) in crossed:
             direct.remove(name)
             label = name.rpartition(".")[0] or "<root>"
-            plan.reasons[label] = (f"{name} is used in its forward, and one copy of it per sample "
-                                   + ("changes the outputs" if changed else "mixes the samples")
-                                   + " (it is not broadcast along the samples)")
-    pgrad = dict(zip(clones, grads[:len(clones)]))
-    ograd = iter(grads[len(clones):len(clones) + len(recorded)])
+            plan.reasons[label] = (
+                f"{name} is used in its forward, and one copy of it per sample "
+                + ("changes the outputs" if changed else "mixes the samples")
+                + " (it is not broadcast along the samples)"
+            )
+    pgrad = dict(zip(clones, grads[: len(clones)]))
+    ograd = iter(grads[len(clones) : len(clones) + len(recorded)])
     survivors: dict[str, tuple[nn.Module, Any]] = {}
     owned: dict[str, list[tuple[tuple, dict, torch.Tensor | None]]] = {}
     for path, (m, kind) in list(candidates.items()):
         gs = [next(ograd) for _ in calls[path]]
         reason = next((why for why in layouts[path] if why), None)
         if reason is None and len(calls[path]) != counts1[path]:
-            reason = (f"called {counts1[path]} time(s) in a forward of one sample but {len(calls[path])} for "
-                      "two (data-dependent)")
+            reason = (
+                f"called {counts1[path]} time(s) in a forward of one sample but {len(calls[path])} for "
+                "two (data-dependent)"
+            )
         if reason is None and path in shared and (changed or any(id(o) in crossed for _, _, o in calls[path])):
-            reason = ("called on one input for all samples, and one copy of its output per sample "
-                      + ("changes the outputs" if changed else "mixes the samples"))
+            reason = "called on one input for all samples, and one copy of its output per sample " + (
+                "changes the outputs" if changed else "mixes the samples"
+            )
         if reason is None and isinstance(kind, str):
             with gathered(model, [m]):  # FSDP2: the layer's whole parameters, its unit alone
                 confirmed = _confirm(m, kind, originals[path])
@@ -339,9 +405,11 @@ def _second_pass(model: nn.Module, args: tuple[torch.Tensor, ...], params: dict[
     _check_own_gradients(model, survivors, owned, pgrad, slot_names, plan)
 
 
-def _failing_copies(model: nn.Module, args: tuple[torch.Tensor, ...], params: dict[str, torch.Tensor],
-                    names: list[str]) -> list[str]:
+def _failing_copies(
+    model: nn.Module, args: tuple[torch.Tensor, ...], params: dict[str, torch.Tensor], names: list[str]
+) -> list[str]:
     """The directly used parameters whose copies per sample make a forward of two samples raise."""
+
     def fails(subset: list[str]) -> bool:
         try:
             with torch.no_grad():
@@ -355,10 +423,14 @@ def _failing_copies(model: nn.Module, args: tuple[torch.Tensor, ...], params: di
     return [n for n in names if fails([n])]
 
 
-def _check_own_gradients(model: nn.Module, survivors: dict[str, tuple[nn.Module, Any]],
-                         owned: dict[str, list[tuple[tuple, dict, torch.Tensor | None]]],
-                         pgrad: dict[str, torch.Tensor | None], slot_names: dict[tuple[str, str], str],
-                         plan: NTKPlan) -> None:
+def _check_own_gradients(
+    model: nn.Module,
+    survivors: dict[str, tuple[nn.Module, Any]],
+    owned: dict[str, list[tuple[tuple, dict, torch.Tensor | None]]],
+    pgrad: dict[str, torch.Tensor | None],
+    slot_names: dict[tuple[str, str], str],
+    plan: NTKPlan,
+) -> None:
     """The layers' own calls (each module re-run on its recorded inputs with fresh leaves for its parameters,
     ``sum_calls <output, recorded output gradient>``) must account for autograd's whole gradient of every
     parameter, summed over the layers that share it; a parameter that gets gradient elsewhere sends its layers
@@ -380,8 +452,11 @@ def _check_own_gradients(model: nn.Module, survivors: dict[str, tuple[nn.Module,
                     out = _own_call(m, leaves, a, kw)
                     term = (out * g).sum()
                     s = term if s is None else s + term
-            mine = (torch.autograd.grad(s, list(leaves.values()), allow_unused=True) if s is not None
-                    else [None] * len(leaves))
+            mine = (
+                torch.autograd.grad(s, list(leaves.values()), allow_unused=True)
+                if s is not None
+                else [None] * len(leaves)
+            )
         for n, leaf, dp in zip(names, leaves.values(), mine):
             dp = torch.zeros_like(leaf) if dp is None else (dp.to_dense() if dp.is_sparse else dp)
             total[n] = dp if n not in total else total[n] + dp
@@ -391,8 +466,10 @@ def _check_own_gradients(model: nn.Module, survivors: dict[str, tuple[nn.Module,
         tol = torch.finfo(dp.dtype).eps ** 0.5 * (float(ref.abs().max()) + float(dp.abs().max())) + 1e-30
         if float((ref - dp).abs().max()) > tol:
             for path in users[n]:
-                plan.reasons.setdefault(path or "<root>", "its parameters receive gradient from outside its own "
-                                        "calls (used functionally elsewhere?)")
+                plan.reasons.setdefault(
+                    path or "<root>",
+                    "its parameters receive gradient from outside its own calls (used functionally elsewhere?)",
+                )
 
 
 def _own_call(m: nn.Module, leaves: dict[str, torch.Tensor], args: tuple, kwargs: dict) -> Any:

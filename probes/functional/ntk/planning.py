@@ -23,8 +23,9 @@ from probes.functional.ntk.selfcheck import _demote
 from probes.functional.ntk.terms import _Pairs
 
 
-def ntk_plan(model: nn.Module, x: Any, *, fast_path: bool = True, check: bool = True,
-             who: str = "empirical_ntk") -> NTKPlan:
+def ntk_plan(
+    model: nn.Module, x: Any, *, fast_path: bool = True, check: bool = True, who: str = "empirical_ntk"
+) -> NTKPlan:
     """Decide the layerwise layers and the fallback parameters (forwards on one and two samples), then check them.
 
     Also checks that samples do not interact. The plan's ``reasons`` name every module whose parameters go to
@@ -59,16 +60,26 @@ def ntk_plan(model: nn.Module, x: Any, *, fast_path: bool = True, check: bool = 
             _refresh_fallback(plan, _trainable(model, who))
         sharded = sharded_parameters(model, plan.fallback + plan.direct)
     if sharded:
-        raise ValueError(f"{who}: the parameters {sharded} of this FSDP2-sharded model have no layerwise formula here "
-                         f"({'; '.join(f'{k}: {v}' for k, v in plan.reasons.items())}), and the torch.func route "
-                         "needs them whole; shard the modules that hold them with their parent, or leave them out of "
-                         "training (requires_grad=False)")
+        raise ValueError(
+            f"{who}: the parameters {sharded} of this FSDP2-sharded model have no layerwise formula here "
+            f"({'; '.join(f'{k}: {v}' for k, v in plan.reasons.items())}), and the torch.func route "
+            "needs them whole; shard the modules that hold them with their parent, or leave them out of "
+            "training (requires_grad=False)"
+        )
     return plan
 
 
-def _inputs_and_plan(model: nn.Module, x: Any, mode: str, reduction: str, chunk_size: int | None,
-                     dtype: torch.dtype, fast_path: bool, plan: NTKPlan | None, who: str
-                     ) -> tuple[tuple[torch.Tensor, ...], int, NTKPlan]:
+def _inputs_and_plan(
+    model: nn.Module,
+    x: Any,
+    mode: str,
+    reduction: str,
+    chunk_size: int | None,
+    dtype: torch.dtype,
+    fast_path: bool,
+    plan: NTKPlan | None,
+    who: str,
+) -> tuple[tuple[torch.Tensor, ...], int, NTKPlan]:
     """The checked inputs, their sample count, and the plan (made now, or the given one checked)."""
     args, P = _validated(model, x, mode, reduction, chunk_size, dtype, who)
     if plan is None:
@@ -84,15 +95,27 @@ def _share(distributed: bool, group: Any, P: int, who: str) -> Share | None:
         return None
     d = torch.distributed
     if not (d.is_available() and d.is_initialized()):
-        raise ValueError(f"{who}: distributed=True needs an initialised torch.distributed process group "
-                         "(torch.distributed.init_process_group)")
+        raise ValueError(
+            f"{who}: distributed=True needs an initialised torch.distributed process group "
+            "(torch.distributed.init_process_group)"
+        )
     share = Share.of(P, group)
     return share if share.world > 1 else None
 
 
-def ntk_operator(model: nn.Module, x: Any, *, mode: str = "trace", reduction: str = "sum",
-                 chunk_size: int | None = None, dtype: torch.dtype = torch.float64, fast_path: bool = True,
-                 plan: NTKPlan | None = None, distributed: bool = False, group: Any = None) -> NTKOperator:
+def ntk_operator(
+    model: nn.Module,
+    x: Any,
+    *,
+    mode: str = "trace",
+    reduction: str = "sum",
+    chunk_size: int | None = None,
+    dtype: torch.dtype = torch.float64,
+    fast_path: bool = True,
+    plan: NTKPlan | None = None,
+    distributed: bool = False,
+    group: Any = None,
+) -> NTKOperator:
     """The kernel of ``empirical_ntk`` as a matrix-free operator, memory linear in ``P``.
 
     For the top eigenvalues at large ``P``: ``top_eigenvalues(op.matmat, op.shape[0], k)``
@@ -126,22 +149,38 @@ def ntk_operator(model: nn.Module, x: Any, *, mode: str = "trace", reduction: st
         return _ntk_operator(model, x, mode, reduction, chunk_size, dtype, fast_path, plan, distributed, group)
 
 
-def _ntk_operator(model: nn.Module, x: Any, mode: str, reduction: str, chunk_size: int | None, dtype: torch.dtype,
-                  fast_path: bool, plan: NTKPlan | None, distributed: bool, group: Any) -> NTKOperator:
+def _ntk_operator(
+    model: nn.Module,
+    x: Any,
+    mode: str,
+    reduction: str,
+    chunk_size: int | None,
+    dtype: torch.dtype,
+    fast_path: bool,
+    plan: NTKPlan | None,
+    distributed: bool,
+    group: Any,
+) -> NTKOperator:
     who = "ntk_operator"
     args, P, plan = _inputs_and_plan(model, x, mode, reduction, chunk_size, dtype, fast_path, plan, who)
     C = plan.outputs
     Ce = C if mode == "full" else 1
     share = _share(distributed, group, P, who)
     local, rows = (args, P) if share is None else (share.take(args), share.S)
-    with progress.measuring(who), (together(share, who) if share is not None else nullcontext()):
-        terms = list(_layer_terms(model, local, rows, plan, mode, chunk_size, dtype, who, "operator").values()) \
-            if plan.fast else []
+    with progress.measuring(who), together(share, who) if share is not None else nullcontext():
+        terms = (
+            list(_layer_terms(model, local, rows, plan, mode, chunk_size, dtype, who, "operator").values())
+            if plan.fast
+            else []
+        )
         if share is None:  # bases of the row spaces: per rank they would differ, so across ranks the factors stay
             terms = [_compressed(t, dtype) if isinstance(t, _Pairs) else t for t in terms]
         fallback: list[tuple[torch.Tensor | None, Any]] = []
         if plan.fallback:
-            fallback = [(J, streamed) for _, J, streamed in
-                        _fallback_blocks(model, local, rows, plan.fallback, C, mode, chunk_size, dtype, who)]
-    return NTKOperator(terms, fallback, P, Ce, dtype, args[0].device, 1.0 / C if reduction == "mean" else 1.0,
-                       share)
+            fallback = [
+                (J, streamed)
+                for _, J, streamed in _fallback_blocks(
+                    model, local, rows, plan.fallback, C, mode, chunk_size, dtype, who
+                )
+            ]
+    return NTKOperator(terms, fallback, P, Ce, dtype, args[0].device, 1.0 / C if reduction == "mean" else 1.0, share)

@@ -97,7 +97,7 @@ class Share:
         """
         n, out = self.stop - self.start, []
         for a in args:
-            rows = a[self.start:self.stop] if n else a[:1]
+            rows = a[self.start : self.stop] if n else a[:1]
             missing = self.S - rows.shape[0]
             if missing:
                 rows = torch.cat([rows, rows[-1:].expand((missing,) + tuple(rows.shape[1:]))])
@@ -118,7 +118,7 @@ class Share:
         local = local.contiguous()
         parts = [torch.empty_like(local) for _ in range(self.world)]
         torch.distributed.all_gather(parts, local, group=self.group)
-        return torch.cat([p[:self.real(r) * per_sample] for r, p in enumerate(parts)])
+        return torch.cat([p[: self.real(r) * per_sample] for r, p in enumerate(parts)])
 
     def gather_rows_async(self, local: torch.Tensor, per_sample: int = 1) -> Callable[[], torch.Tensor]:
         """``gather_rows`` started now (``async_op``): returns the function that waits for it and gives the rows,
@@ -137,7 +137,8 @@ class Share:
 
         def rows() -> torch.Tensor:
             work.wait()
-            return torch.cat([p[:self.real(r) * per_sample] for r, p in enumerate(parts)])
+            return torch.cat([p[: self.real(r) * per_sample] for r, p in enumerate(parts)])
+
         return rows
 
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
@@ -189,8 +190,9 @@ def together(share: Share, who: str) -> Iterator[None]:
         raise
     torch.distributed.all_reduce(failed, op=torch.distributed.ReduceOp.MAX, group=share.group)
     if int(failed):
-        raise RuntimeError(f"{who}: another rank failed while computing the factors of its share of the samples "
-                           "(its error says why)")
+        raise RuntimeError(
+            f"{who}: another rank failed while computing the factors of its share of the samples (its error says why)"
+        )
 
 
 def gather_term(share: Share, t: _Term) -> Callable[[], _Term]:
@@ -224,6 +226,6 @@ def local_rows(share: Share, V: torch.Tensor, Ce: int) -> torch.Tensor:
     Returns:
         ``S Ce`` rows.
     """
-    rows = V[share.start * Ce:share.stop * Ce]
+    rows = V[share.start * Ce : share.stop * Ce]
     missing = share.S * Ce - rows.shape[0]
     return torch.cat([rows, rows.new_zeros((missing,) + tuple(rows.shape[1:]))]) if missing else rows

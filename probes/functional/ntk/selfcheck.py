@@ -25,8 +25,9 @@ from probes.functional.ntk.operator import NTKOperator
 from probes.functional.ntk.plan import NTKPlan
 
 
-def verify_plan(model: nn.Module, x: Any, plan: NTKPlan, *, samples: int = 2,
-                who: str = "verify_plan") -> dict[str, str]:
+def verify_plan(
+    model: nn.Module, x: Any, plan: NTKPlan, *, samples: int = 2, who: str = "verify_plan"
+) -> dict[str, str]:
     """The layerwise terms of ``plan`` whose per-sample gradient norms disagree with plain autograd.
 
     Args:
@@ -65,8 +66,9 @@ def verify_plan(model: nn.Module, x: Any, plan: NTKPlan, *, samples: int = 2,
                 eps = torch.finfo(y.dtype).eps
                 yu = y @ u.to(y.device, y.dtype)
                 used = [live.get(where[id(p)][0], {}).get(where[id(p)][1], p) if id(p) in where else p for p in flat]
-                grads = (torch.autograd.grad(yu, used, allow_unused=True) if yu.requires_grad
-                         else [None] * len(flat))  # the output depends on no trainable parameter
+                grads = (
+                    torch.autograd.grad(yu, used, allow_unused=True) if yu.requires_grad else [None] * len(flat)
+                )  # the output depends on no trainable parameter
             norms = iter([0.0 if g is None else float(g.double().pow(2).sum()) for g in grads])
             for k, ps in owners.items():
                 ref[k][i] = sum(next(norms) for _ in ps)
@@ -75,9 +77,11 @@ def verify_plan(model: nn.Module, x: Any, plan: NTKPlan, *, samples: int = 2,
     for k, mine in fast.items():
         mine = mine.cpu()
         err = float((mine - ref[k]).abs().max())
-        if err > eps ** 0.5 * (float(torch.maximum(mine, ref[k]).max()) + eps ** 0.5 * total):
-            bad[k] = (f"per-sample gradient norms {', '.join(f'{v:.6g}' for v in mine.tolist())} on the layerwise "
-                      f"path, {', '.join(f'{v:.6g}' for v in ref[k].tolist())} by autograd")
+        if err > eps**0.5 * (float(torch.maximum(mine, ref[k]).max()) + eps**0.5 * total):
+            bad[k] = (
+                f"per-sample gradient norms {', '.join(f'{v:.6g}' for v in mine.tolist())} on the layerwise "
+                f"path, {', '.join(f'{v:.6g}' for v in ref[k].tolist())} by autograd"
+            )
     return bad
 
 
@@ -100,6 +104,9 @@ def _demote(model: nn.Module, args: tuple[torch.Tensor, ...], plan: NTKPlan, who
                 if path in plan.shared:
                     plan.shared.remove(path)
                 plan.reasons[path or "<root>"] = f"the self-check failed ({why})"
-        warnings.warn(f"{who}: the layerwise NTK of {desc} disagrees with autograd ({why}); a forward pre-hook "
-                      "or parametrization rewriting its weight? Its parameters go to the exact but slower torch.func "
-                      "fallback", stacklevel=3)
+        warnings.warn(
+            f"{who}: the layerwise NTK of {desc} disagrees with autograd ({why}); a forward pre-hook "
+            "or parametrization rewriting its weight? Its parameters go to the exact but slower torch.func "
+            "fallback",
+            stacklevel=3,
+        )

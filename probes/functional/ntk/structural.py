@@ -57,8 +57,9 @@ class _ScaleKind(_Kind):
     def matches(self, m: nn.Module) -> bool:
         return False
 
-    def unit(self, m: nn.Module, args: tuple, kwargs: dict, w: torch.Tensor | None = None,
-             b: torch.Tensor | None = None) -> torch.Tensor:
+    def unit(
+        self, m: nn.Module, args: tuple, kwargs: dict, w: torch.Tensor | None = None, b: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """The module's output with scale ``w`` (default 1) and shift ``b`` (default 0)."""
         p = getattr(m, self.scale)
         sub = {self.scale: torch.ones_like(p) if w is None else w}
@@ -78,16 +79,16 @@ class _ScaleKind(_Kind):
         D = g.new_empty(B, C, (weight + bias) * n)
         step = max(1, settings.OUTPUT_BLOCK_BYTES // max(1, g[:, :1].numel() * g.element_size()))
         for c in range(0, C, step):
-            gc = g[:, c:c + step]
+            gc = g[:, c : c + step]
             if weight:
-                D[:, c:c + step, :n] = _summed(gc * h, sum_dims)
+                D[:, c : c + step, :n] = _summed(gc * h, sum_dims)
             if bias:
-                D[:, c:c + step, weight * n:] = _summed(gc, sum_dims)
+                D[:, c : c + step, weight * n :] = _summed(gc, sum_dims)
         return _Grad(D)
 
 
 def _candidate(m: nn.Module) -> str | None:
-    """"affine" or "scale" when the module has one of the two structures (no children), else None."""
+    """ "affine" or "scale" when the module has one of the two structures (no children), else None."""
     if next(m.children(), None) is not None:
         return None
     params = {n: p for n, p in m._parameters.items() if p is not None}
@@ -132,8 +133,10 @@ def _confirm(m: nn.Module, structure: str, calls: list[tuple[tuple, dict, torch.
         kind = _ScaleKind(scale, shift, axis)
         if all(_scale_holds(m, kind, a, kw, o) for a, kw, o in calls):
             return kind
-    return (f"{type(m).__name__} does not compute w * h(x) + b with its 1-d parameters on the probe inputs "
-            "(not a LayerNorm, RMSNorm or scale)")
+    return (
+        f"{type(m).__name__} does not compute w * h(x) + b with its 1-d parameters on the probe inputs "
+        "(not a LayerNorm, RMSNorm or scale)"
+    )
 
 
 def _affine_holds(m: nn.Module, kind: _AffineKind, x: torch.Tensor, out: torch.Tensor) -> bool:
@@ -169,7 +172,7 @@ def _scale_holds(m: nn.Module, kind: _ScaleKind, args: tuple, kwargs: dict, out:
     for wi, bi, oi in ((w, b, out.detach()), (w2, b2, None)):
         oi = kind.unit(m, args, kwargs, wi, bi) if oi is None else oi
         ref = affine(h, wi, bi)
-        scale = (wi.abs().max() * h.abs().max() + (0 if bi is None else bi.abs().max()))
+        scale = wi.abs().max() * h.abs().max() + (0 if bi is None else bi.abs().max())
         if not _close(oi, ref, scale, 2):
             return False
     return True
@@ -182,4 +185,3 @@ def _describe(kind: _Kind, m: nn.Module) -> str:
     if isinstance(kind, _ScaleKind):
         return f"{type(m).__name__} (w * h(x) + b)"
     return type(m).__name__
-

@@ -87,7 +87,7 @@ def _traced(t: _Term, mode: str) -> _Term:
 
 
 def _route(t: _Term, P: int, itemsize: int, target: str, Ce: int) -> str:
-    """"outer" (per-sample gradients D) or "pairs" (pairwise positions), by operation count per pair of samples
+    """ "outer" (per-sample gradients D) or "pairs" (pairwise positions), by operation count per pair of samples
     (``target="dense"``: the ``P x P`` products) or by memory (``target="operator"``: what ``Theta v`` keeps).
 
     ``t`` has all ``C`` outputs (not traced); ``Ce`` is ``C`` (``mode="full"``) or 1 (trace: the outputs then
@@ -175,7 +175,7 @@ def _alloc(t: _Term, P: int) -> _Term:
 
 def _copy_rows(dst: _Term, src: _Term, start: int) -> None:
     for a, b in zip(_fields(dst), _fields(src)):
-        a[start:start + b.shape[0]].copy_(b)
+        a[start : start + b.shape[0]].copy_(b)
 
 
 def _as_dtype(t: _Term, dtype: torch.dtype) -> _Term:

@@ -28,7 +28,7 @@ def _param_grads(kind: _Kind, m: nn.Module, D: torch.Tensor) -> list[tuple[torch
         n_out = m.weight.shape[1] if isinstance(kind, _AffineKind) and kind.transposed else m.weight.shape[0]
         groups = m.groups if isinstance(kind, _ConvKind) else 1
         V = D.reshape(P, C, groups, n_out // groups, -1)
-        W = V[..., :V.shape[-1] - bias]
+        W = V[..., : V.shape[-1] - bias]
         if isinstance(kind, _AffineKind) and kind.transposed:
             W = W.reshape(P, C, n_out, -1).transpose(2, 3)
         out = [(m.weight, W.reshape(P, C, -1))]

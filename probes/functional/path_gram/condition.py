@@ -64,8 +64,9 @@ def _lanczos_top(pg: PathGram, shift: float = 0.0, block: int = 4, steps: int = 
     return _largest(Q.T @ apply(Q))
 
 
-def _lanczos_extremes(pg: PathGram, fact: Factorization, block: int = 4, steps: int = 3,
-                      seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def _lanczos_extremes(
+    pg: PathGram, fact: Factorization, block: int = 4, steps: int = 3, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Ritz values ``(top, low)``: ``top <= lambda_max`` of ``M = h + shift I`` from its block Krylov space and
     ``low >= lambda_min`` from that of ``M^{-1}`` (``inf`` when the Ritz value of ``M^{-1}`` is not positive)."""
     Lf = fact.L
@@ -107,8 +108,9 @@ def _ratio(lmax: torch.Tensor, lmin: torch.Tensor) -> torch.Tensor:
     return torch.where(lmin > 0, lmax / lmin, torch.full_like(lmax, math.inf))
 
 
-def condition_estimate(pg: PathGram, fact: Factorization, block: int = 4, steps: int = 3,
-                       seed: int = 0) -> torch.Tensor:
+def condition_estimate(
+    pg: PathGram, fact: Factorization, block: int = 4, steps: int = 3, seed: int = 0
+) -> torch.Tensor:
     """``lambda_max / lambda_min`` of the factorized matrix ``M = h + shift I``, estimated by block Lanczos.
 
     ``lambda_max`` comes from the block Krylov space of ``M`` (products with the symmetric ``h``), ``lambda_min``

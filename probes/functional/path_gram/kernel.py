@@ -38,7 +38,7 @@ import torch
 from probes.functional.path_gram.layout import PathGram
 
 #: float32 holds every integer count exactly up to this width
-EXACT_FLOAT32 = 2 ** 24
+EXACT_FLOAT32 = 2**24
 #: rescale the running product once its magnitude bound leaves [2^-LIMIT, 2^LIMIT]
 _LIMIT = 256
 #: rows of a float32 gate-gram panel widened to float64 and multiplied into the result at a time (on the CPU
@@ -108,8 +108,12 @@ class Workspace:
         return buf
 
 
-def gram(M: torch.Tensor, dtype: torch.dtype = torch.float64, out: torch.Tensor | None = None,
-         blocks: list[tuple[int, int]] | None = None) -> tuple[torch.Tensor, bool]:
+def gram(
+    M: torch.Tensor,
+    dtype: torch.dtype = torch.float64,
+    out: torch.Tensor | None = None,
+    blocks: list[tuple[int, int]] | None = None,
+) -> tuple[torch.Tensor, bool]:
     """``M M^T`` in ``dtype``, and whether only its lower triangle was computed.
 
     With several row ``blocks`` only the blocks on and below the diagonal are multiplied, ``(nb + 1) / (2 nb)``
@@ -132,13 +136,14 @@ def gram(M: torch.Tensor, dtype: torch.dtype = torch.float64, out: torch.Tensor 
     if out is None:
         out = torch.zeros(P, P, dtype=dtype, device=m.device)
     for i, (a, b) in enumerate(blocks):
-        for c, d in blocks[:i + 1]:
+        for c, d in blocks[: i + 1]:
             torch.matmul(m[a:b], m[c:d].T, out=out[a:b, c:d])
     return out, True
 
 
-def gate_gram(A: torch.Tensor, workspace: Workspace | None = None,
-              blocks: list[tuple[int, int]] | None = None) -> tuple[torch.Tensor, bool]:
+def gate_gram(
+    A: torch.Tensor, workspace: Workspace | None = None, blocks: list[tuple[int, int]] | None = None
+) -> tuple[torch.Tensor, bool]:
     """``lambda = A A^T`` for a 0/1 matrix ``A`` as exact float64 counts.
 
     The products are done in float32 (exact while ``n <= 2^24``, float64 beyond) and converted after.
@@ -174,8 +179,13 @@ def input_gram(X: torch.Tensor) -> tuple[torch.Tensor, bool]:
     return gram(X.reshape(X.shape[0], -1), torch.float64)
 
 
-def path_gram(X: torch.Tensor, gates: Sequence[torch.Tensor], bias: Sequence[bool] | None = None,
-              xx: tuple[torch.Tensor, bool] | None = None, workspace: Workspace | None = None) -> PathGram:
+def path_gram(
+    X: torch.Tensor,
+    gates: Sequence[torch.Tensor],
+    bias: Sequence[bool] | None = None,
+    xx: tuple[torch.Tensor, bool] | None = None,
+    workspace: Workspace | None = None,
+) -> PathGram:
     """The neural path kernel of a Linear->gate chain, rescaled: ``H = 2**e h``.
 
     Recursion ``S_0 = X X^T``, ``S_l = (S_{l-1} + b_l) * A_l A_l^T``, ``H = S_{L-1} + b_L`` on ``s = 2^{-e} S``,
@@ -221,8 +231,11 @@ def path_gram(X: torch.Tensor, gates: Sequence[torch.Tensor], bias: Sequence[boo
         base, lower = xx
         if tuple(base.shape) != (P, P) or base.dtype != torch.float64:
             raise ValueError(f"path_gram: xx must be the float64 {P} x {P} input gram, got {tuple(base.shape)}")
-        h = (workspace.get("h", P, torch.float64, base.device) if workspace is not None
-             else torch.zeros(P, P, dtype=torch.float64, device=base.device))
+        h = (
+            workspace.get("h", P, torch.float64, base.device)
+            if workspace is not None
+            else torch.zeros(P, P, dtype=torch.float64, device=base.device)
+        )
         copy_base = True
         dev = base.device
     blocks = row_blocks(P, dev) if lower else [(0, P)]
@@ -253,23 +266,31 @@ def path_gram(X: torch.Tensor, gates: Sequence[torch.Tensor], bias: Sequence[boo
     if flags[-1]:
         ops.append(("add", math.ldexp(1.0, -e)))
 
-    mats = [A.detach().to(device=dev, dtype=torch.float32 if A.shape[1] <= EXACT_FLOAT32 else torch.float64)
-            for A in gates]
+    mats = [
+        A.detach().to(device=dev, dtype=torch.float32 if A.shape[1] <= EXACT_FLOAT32 else torch.float64) for A in gates
+    ]
     widest = max(((b - a) * b for a, b in blocks), default=0)
 
     def panel(name: str, dtype: torch.dtype, a: int, b: int) -> torch.Tensor:
         n = (b - a) * b
-        buf = workspace.flat(name, widest, dtype, dev) if workspace is not None else torch.empty(n, dtype=dtype,
-                                                                                                 device=dev)
+        buf = (
+            workspace.flat(name, widest, dtype, dev)
+            if workspace is not None
+            else torch.empty(n, dtype=dtype, device=dev)
+        )
         return buf[:n].view(b - a, b)
 
     widen = dev.type == "cpu"  # a float32 operand of an in-place float64 product costs a float64 copy on the CPU
 
     def wide_buffer(cols: int) -> torch.Tensor:
         n = _WIDEN_ROWS * cols
-        buf = (workspace.flat("panel_wide", _WIDEN_ROWS * P, torch.float64, dev) if workspace is not None
-               else torch.empty(n, dtype=torch.float64, device=dev))
+        buf = (
+            workspace.flat("panel_wide", _WIDEN_ROWS * P, torch.float64, dev)
+            if workspace is not None
+            else torch.empty(n, dtype=torch.float64, device=dev)
+        )
         return buf[:n].view(_WIDEN_ROWS, cols)
+
     for a, b in blocks:
         hb = h[a:b, :b]
         if copy_base:
@@ -286,7 +307,7 @@ def path_gram(X: torch.Tensor, gates: Sequence[torch.Tensor], bias: Sequence[boo
                     wide = wide_buffer(b)
                     for r in range(0, b - a, _WIDEN_ROWS):
                         rows = min(_WIDEN_ROWS, b - a - r)
-                        hb[r:r + rows].mul_(wide[:rows].copy_(lam[r:r + rows]))
+                        hb[r : r + rows].mul_(wide[:rows].copy_(lam[r : r + rows]))
                 else:
                     hb.mul_(lam)
     return PathGram(h, e, lower, blocks)

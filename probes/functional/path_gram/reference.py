@@ -18,8 +18,9 @@ from collections.abc import Sequence
 import numpy as np
 
 
-def enumerate_paths(x: np.ndarray, gates: Sequence[np.ndarray], weights: Sequence[np.ndarray],
-                    biases: Sequence[np.ndarray | None]) -> tuple[np.ndarray, np.ndarray]:
+def enumerate_paths(
+    x: np.ndarray, gates: Sequence[np.ndarray], weights: Sequence[np.ndarray], biases: Sequence[np.ndarray | None]
+) -> tuple[np.ndarray, np.ndarray]:
     """Every input-to-output path of a Linear->gate chain, listed one by one (a reference for tests).
 
     A path starts at an input coordinate ``i`` or at a unit ``j`` of a layer whose Linear has a bias, visits one

@@ -30,8 +30,9 @@ from probes.functional.path_gram.layout import Factorization, PathGram
 CHOLESKY_BLOCK = 512
 
 
-def cholesky_jitter(M: torch.Tensor, jitter_start: float = 1e-12, jitter_max: float = 1e-2,
-                    who: str = "pathgram") -> Factorization:
+def cholesky_jitter(
+    M: torch.Tensor, jitter_start: float = 1e-12, jitter_max: float = 1e-2, who: str = "pathgram"
+) -> Factorization:
     """Cholesky of the float64 SPD matrix ``M`` into a new factor, ``M`` unchanged, with a jitter on failure.
 
     On failure ``delta * mean(diag M)`` is added to the diagonal, ``delta = jitter_start, 10 jitter_start, ...``
@@ -56,8 +57,10 @@ def cholesky_jitter(M: torch.Tensor, jitter_start: float = 1e-12, jitter_max: fl
         return Factorization(L, 0.0, 0.0)
     scale = float(torch.diagonal(M).mean())
     if not math.isfinite(scale) or scale <= 0:
-        raise ValueError(f"{who}: the matrix has mean diagonal {scale}; it is not positive definite "
-                         "(all inputs zero, or non-finite values)")
+        raise ValueError(
+            f"{who}: the matrix has mean diagonal {scale}; it is not positive definite "
+            "(all inputs zero, or non-finite values)"
+        )
     delta = jitter_start
     while delta <= jitter_max * (1 + 1e-9):
         shifted = M.clone()
@@ -67,8 +70,10 @@ def cholesky_jitter(M: torch.Tensor, jitter_start: float = 1e-12, jitter_max: fl
         if int(info) == 0:
             return Factorization(L, delta, delta * scale, singular=True)
         delta *= 10.0
-    raise ValueError(f"{who}: Cholesky failed even with jitter {jitter_max:g} * mean(diag); the matrix is "
-                     "not positive semi-definite (non-finite values?)")
+    raise ValueError(
+        f"{who}: Cholesky failed even with jitter {jitter_max:g} * mean(diag); the matrix is "
+        "not positive semi-definite (non-finite values?)"
+    )
 
 
 def cholesky_in_place(h: torch.Tensor, block: int = CHOLESKY_BLOCK) -> int:
@@ -105,8 +110,15 @@ def cholesky_in_place(h: torch.Tensor, block: int = CHOLESKY_BLOCK) -> int:
     return 0
 
 
-def factorize(pg: PathGram, jitter_start: float = 1e-12, jitter_max: float = 1e-2, condition: str = "estimate",
-              rcond: float | None = None, block: int = CHOLESKY_BLOCK, who: str = "pathgram") -> Factorization:
+def factorize(
+    pg: PathGram,
+    jitter_start: float = 1e-12,
+    jitter_max: float = 1e-2,
+    condition: str = "estimate",
+    rcond: float | None = None,
+    block: int = CHOLESKY_BLOCK,
+    who: str = "pathgram",
+) -> Factorization:
     """Cholesky factorization of ``H`` in ``pg``'s own buffer, treating a numerically singular ``H`` as singular.
 
     ``pg`` is put in the factored layout (``PathGram.mirror``: ``H`` mirrored into the strict upper triangle, its
@@ -151,8 +163,10 @@ def factorize(pg: PathGram, jitter_start: float = 1e-12, jitter_max: float = 1e-
         pg.mirror()
     scale = float(pg.diagonal().mean())
     if not math.isfinite(scale) or scale <= 0:
-        raise ValueError(f"{who}: the matrix has mean diagonal {scale}; it is not positive definite "
-                         "(all inputs zero, or non-finite values)")
+        raise ValueError(
+            f"{who}: the matrix has mean diagonal {scale}; it is not positive definite "
+            "(all inputs zero, or non-finite values)"
+        )
     delta, singular, first = 0.0, False, True
     while True:
         if not first:
@@ -182,8 +196,10 @@ def factorize(pg: PathGram, jitter_start: float = 1e-12, jitter_max: float = 1e-
         if delta > jitter_max * (1 + 1e-9):
             if ok is not None:
                 return ok
-            raise ValueError(f"{who}: Cholesky failed even with jitter {jitter_max:g} * mean(diag); the matrix is "
-                             "not positive semi-definite (non-finite values?)")
+            raise ValueError(
+                f"{who}: Cholesky failed even with jitter {jitter_max:g} * mean(diag); the matrix is "
+                "not positive semi-definite (non-finite values?)"
+            )
 
 
 def quadratic_form(fact: Factorization, Y: torch.Tensor) -> torch.Tensor:
