@@ -115,8 +115,8 @@ class ActiveProbes:
             self.failures.fail(
                 name,
                 RuntimeError(
-                    f"probe {name!r} raised on another rank during the probe pass at step {step}; it is switched off on "
-                    "every rank, so that all ranks keep running the same probe passes"
+                    f"probe {name!r} raised on another rank during the probe pass at step {step}; it is switched off "
+                    "on every rank, so that all ranks keep running the same probe passes"
                 ),
                 step,
             )
@@ -219,8 +219,8 @@ class ActiveProbes:
             "probes",
             "compute-dtype",
             (
-                f"the probe pass computes in {str(output.dtype).removeprefix('torch.')} (the model's output on the probe "
-                f"batch; its parameters are stored in {str(stored).removeprefix('torch.')}, e.g. under FSDP2 mixed "
+                f"the probe pass computes in {str(output.dtype).removeprefix('torch.')} (the model's output on the "
+                f"probe batch; its parameters are stored in {str(stored).removeprefix('torch.')}, e.g. under FSDP2 mixed "
                 "precision): activations, gates and outputs are measured at that precision; solves and eigenvalues "
                 "are still computed in float64"
             ),
