@@ -220,8 +220,8 @@ class ActiveProbes:
             "compute-dtype",
             (
                 f"the probe pass computes in {str(output.dtype).removeprefix('torch.')} (the model's output on the "
-                f"probe batch; its parameters are stored in {str(stored).removeprefix('torch.')}, e.g. under FSDP2 mixed "
-                "precision): activations, gates and outputs are measured at that precision; solves and eigenvalues "
+                f"probe batch; its parameters are stored in {str(stored).removeprefix('torch.')}, e.g. under FSDP2 "
+                "mixed precision): activations, gates and outputs are measured at that precision; solves and eigenvalues "
                 "are still computed in float64"
             ),
         )
