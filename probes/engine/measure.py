@@ -221,8 +221,8 @@ class ActiveProbes:
             (
                 f"the probe pass computes in {str(output.dtype).removeprefix('torch.')} (the model's output on the "
                 f"probe batch; its parameters are stored in {str(stored).removeprefix('torch.')}, e.g. under FSDP2 "
-                "mixed precision): activations, gates and outputs are measured at that precision; solves and eigenvalues "
-                "are still computed in float64"
+                "mixed precision): activations, gates and outputs are measured at that precision; solves and "
+                "eigenvalues are still computed in float64"
             ),
         )
 
