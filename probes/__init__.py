@@ -22,7 +22,7 @@ from probes.engine.session import (
 )
 from probes.hookspecs import hookimpl
 from probes.plugins import ProbeInfo
-from probes.probe import Activation, Context, Probe, ProbeBatch, Site
+from probes.probe import Activation, Context, Needs, Probe, ProbeBatch, ProbeContext, Site
 from probes.records import Histogram, Image, Scalar
 
 # the one place the version is written: pyproject.toml reads it (dynamic = ["version"]), and so
@@ -35,6 +35,8 @@ __all__ = [
     "Session",
     "Probe",
     "ProbeBatch",
+    "ProbeContext",
+    "Needs",
     "Context",
     "Site",
     "Activation",

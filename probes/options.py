@@ -4,14 +4,21 @@ Each function returns the value normalised (a Python ``int`` for a numpy integer
 naming the probe and the option: a ``TypeError`` for a value of the wrong type, a ``ValueError`` for a value of the
 right type out of range. A bad option therefore fails when the probe is made, i.e. inside ``attach``, before
 anything is measured.
+
+A probe declares its options once, as a dataclass ``Options`` whose fields carry their check
+(``option(default, check, **bounds)``); ``read`` checks what ``attach`` gave against it and returns one object,
+and ``described`` lists the options with their defaults and help for the docs and ``probes list``.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import inspect
 import math
 import numbers
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -20,6 +27,10 @@ from torch import nn
 
 __all__ = [
     "MAX_BINS",
+    "option",
+    "read",
+    "described",
+    "signature",
     "integer",
     "number",
     "choice",
@@ -369,3 +380,87 @@ def ordered(probe: str, low_option: str, low: float, high_option: str, high: flo
         raise ValueError(
             f"{probe}: option {low_option!r} must not exceed option {high_option!r}, got {low!r} > {high!r}"
         )
+
+
+# -- options declared as a dataclass ------------------------------------------------------------------------------
+
+#: ``check(probe, option, value) -> value``: one of the functions above with its bounds bound
+Check = Callable[[str, str, Any], Any]
+
+
+def option(default: Any, check: Callable[..., Any] | None = None, *, doc: str = "", **bounds: Any) -> Any:
+    """A field of a probe's ``Options`` dataclass: its default, its check and a line of help.
+
+    Args:
+        default: the value when ``attach`` does not give one (a list or dict is copied per probe).
+        check: one of this module's functions (``integer``, ``number``, ``choice``, ...), called as
+            ``check(probe, option, value, **bounds)`` on a given value; None: any value.
+        doc: one line for the docs and ``probes list``.
+        bounds: the check's keyword arguments (``minimum=1``, ``allowed=(...)``, ``optional=True``, ...).
+
+    Returns:
+        A ``dataclasses.field``.
+    """
+    bound = functools.partial(check, **bounds) if check is not None else None
+    meta = {"check": bound, "doc": doc}
+    if isinstance(default, (list, dict, set)):
+        return dataclasses.field(default_factory=functools.partial(_copy, default), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def _copy(value: Any) -> Any:
+    return type(value)(value)
+
+
+def read(probe: str, options: type | None, given: dict[str, Any]) -> Any:
+    """The options ``attach`` gave to ``probe``, checked against its ``Options`` dataclass.
+
+    Each given value goes through its field's check (which names the probe and the option); then the dataclass
+    is built, so that its ``__post_init__`` checks options against each other.
+
+    Args:
+        probe: the probe's name, for messages.
+        options: the probe's ``Options`` dataclass, or None (the probe takes no options).
+        given: the options given (``every`` already taken by the session).
+
+    Returns:
+        An ``Options`` instance (None when ``options`` is None).
+
+    Raises:
+        TypeError: an option the probe does not take, or a value of the wrong type.
+        ValueError: a value out of range.
+    """
+    known = [f.name for f in dataclasses.fields(options)] if options is not None else []
+    unknown = sorted(set(given) - set(known))
+    if unknown:
+        takes = ", ".join(known) or "no other options"
+        raise TypeError(f"{probe}: unknown option(s) {unknown}; it takes: every, {takes}")
+    if options is None:
+        return None
+    values = {}
+    for f in dataclasses.fields(options):
+        if f.name in given:
+            check = f.metadata.get("check")
+            values[f.name] = check(probe, f.name, given[f.name]) if check is not None else given[f.name]
+    return options(**values)
+
+
+def described(options: type | None) -> list[tuple[str, Any, str]]:
+    """``(name, default, help)`` of each option of an ``Options`` dataclass (none for None), in declaration order."""
+    if options is None:
+        return []
+    out = []
+    for f in dataclasses.fields(options):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        out.append((f.name, default, f.metadata.get("doc", "")))
+    return out
+
+
+def signature(options: type) -> inspect.Signature:
+    """``__init__``'s signature for a probe declaring ``options``: ``(self, *, name=default, ...)``."""
+    params = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    params += [
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default)
+        for name, default, _ in described(options)
+    ]
+    return inspect.Signature(params)

@@ -8,6 +8,7 @@ TensorBoard: the session hands the records to every sink.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
@@ -63,7 +64,7 @@ class Site:
 class Activation:
     """What the probe pass saw at one site: ``pre`` the activation's input, ``post`` its output.
 
-    Only what the due probes asked for is kept (``Probe.site_values``): when they need only the gates,
+    Only what the due probes asked for is kept (``Needs.sites``): when they need only the gates,
     ``pre`` is the boolean ``pre > 0`` itself (so ``pre > 0`` still reads the gates), and ``post`` is
     None when no due probe reads it.
 
@@ -105,59 +106,96 @@ class Pass:
     tensor_output: bool = True
 
 
-@dataclass
-class ProbeBatch:
-    """What an active probe's ``measure`` receives: the probe batch and one shared capture.
-
-    ``model`` is the user's module (unwrapped from DDP), in eval mode while probes run; ``x`` the
-    probe inputs as given (a tensor, a tuple for ``model(*x)``, a dict for ``model(**x)``); ``output``
-    the tensor picked from ``model(x)`` (computed without gradients; see ``probes.engine.inputs``);
-    ``activations`` maps site names to captures in call order (only the sites that the due probes
-    need); ``calls`` lists every leaf-module call and functional activation of the pass in order.
-    ``forward(x)`` runs the model the same way on other inputs (perturbed copies, say). ``writes``: whether this
-    process writes (rank 0, or no ``torch.distributed``); under FSDP every rank measures, and a probe that writes
-    files itself (``patterns(save=True)``) does so only where ``writes`` is True.
+@dataclass(frozen=True)
+class Needs:
+    """The one declaration of what a probe needs; the engine arranges it and checks it once at attach.
 
     Attributes:
-        model: the user's module, in eval mode while probes run.
-        x: the probe inputs, on the model's current device and dtype.
-        y: the probe labels, or None.
-        output: the probes' output tensor on ``x`` (samples first).
-        activations: site name -> what the shared pass kept of it.
-        step: the step of this measurement.
-        logdir: the session's log directory, or None.
-        calls: every leaf-module call and functional activation of the pass, in order.
-        output_spec: ``attach(output=...)``.
-        tensor_output: whether the model returned one tensor (no selection was needed).
-        writes: whether this process writes (rank 0).
-        chunk_size: samples per forward of the probe passes (``probe_batch_size``).
-        runner: the engine's probe pass behind ``run``.
-        mask: ``(P, positions)`` bool, True at real tokens (the inputs' attention mask), or None.
-        label_shift: token labels ``(P, T)``: features at position t pair with the label at t + label_shift.
+        sites: what of each site the probe reads: ``"pre"`` (the activation's input), ``"gate"`` (only ``pre > 0``),
+            ``"post"`` (its output); empty: no sites. For an active probe, the probe pass keeps these in
+            ``ProbeBatch.activations``; for a passive probe, the capture keeps them for ``observe``.
+        site_types: extra module types to treat as sites (beyond the activation modules), e.g. ``(nn.MaxPool2d,)``;
+            the session's one capture sees the union over its probes, so other probes may meet them
+            (``Probe.wants`` filters).
+        labels: the probe measures against labels: ``attach`` without labels raises, once, naming the probe.
+        probe_data: the probe measures on the fixed probe batch (an active probe): ``attach`` without
+            ``probe_data`` raises, naming the probe.
+        tensor_input: the probe batch ``x`` must be one floating tensor with samples first (checked at attach).
+        sharding: what the probe needs across ranks (``torch.distributed``): ``"activations"`` (the probe pass only;
+            under DDP rank 0 measures alone, under FSDP every rank runs the pass), ``"per_module"`` (whole
+            parameters of one module at a time, read inside ``batch.context.gathered(module)``), ``"per_sample"``
+            (every rank measures its share of the probe batch and the ranks exchange per-sample factors), or None:
+            the probe cannot run on a sharded model and is switched off there at attach.
+    """
+
+    sites: frozenset[str] = frozenset()
+    site_types: tuple[type[nn.Module], ...] = ()
+    labels: bool = False
+    probe_data: bool = True
+    tensor_input: bool = False
+    sharding: str | None = "activations"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sites", frozenset(self.sites))
+        object.__setattr__(self, "site_types", tuple(self.site_types))
+        if not self.sites <= SITE_VALUES:
+            raise ValueError(f"Needs: sites must be among {sorted(SITE_VALUES)}, got {sorted(self.sites)}")
+        if self.sharding not in SHARDINGS:
+            raise ValueError(f"Needs: sharding must be one of {SHARDINGS}, got {self.sharding!r}")
+        if not all(isinstance(t, type) and issubclass(t, nn.Module) for t in self.site_types):
+            raise TypeError(f"Needs: site_types must be nn.Module subclasses, got {self.site_types!r}")
+
+
+#: what of a site a probe can read (``Needs.sites``)
+SITE_VALUES = frozenset({"pre", "gate", "post"})
+#: what a probe can need across ranks (``Needs.sharding``; None: not on a sharded model)
+SHARDINGS = ("activations", "per_module", "per_sample", None)
+
+
+class ProbeContext:
+    """How a probe reaches the model and the session while it measures: ``batch.context``.
+
+    The data of a measurement is on the ``ProbeBatch``; what runs the model and what the session knows is here,
+    so that a probe never holds an engine handle. Built by the session (or ``probes.testing.probe_batch``); a
+    ``ProbeBatch`` made by hand gets one that runs the model directly.
+
+    Attributes:
+        model: the user's module (unwrapped from DDP), in eval mode while probes run.
         rank: this process's rank under ``torch.distributed`` (0 without it).
         world_size: the ranks taking part in this measurement (1 where this process measures alone; a
             ``sharding="per_sample"`` probe splits the probe batch over them).
         sharded: the model's parameters are sharded (FSDP2): read whole parameters inside ``gathered``.
+        label_shift: token labels ``(P, T)``: features at position t pair with the label at t + label_shift.
+        device: the model's device.
+        optimizer: the optimizer given to ``attach`` (None without one).
+        writes: whether this process writes (rank 0): a probe that writes files itself does so only here.
+        logdir: the session's log directory, or None.
     """
 
-    model: nn.Module
-    x: Any
-    y: torch.Tensor | None
-    output: torch.Tensor | None
-    activations: dict[str, Activation]
-    step: int
-    logdir: str | None = None
-    calls: list[Call] = field(default_factory=list)
-    output_spec: Any = None
-    tensor_output: bool = True  # the model returned one tensor (no selection was needed)
-    writes: bool = True
-    chunk_size: int | None = None  # the session's probe_batch_size: samples per forward of a probe's own passes
-    runner: Callable[..., Pass] | None = field(default=None, repr=False)  # the engine's probe pass (``run``)
-    mask: torch.Tensor | None = None  # (P, positions) bool: True at real tokens, from the inputs' attention mask
-    label_shift: int = 0  # token labels (P, T): the features at position t pair with the label at t + label_shift
-    rank: int = 0  # this process's rank under torch.distributed (0 without it)
-    world_size: int = 1  # ranks taking part in this measurement (1: this process alone)
-    sharded: bool = False  # the model's parameters are sharded (FSDP2): read them inside ``gathered``
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        sharded: bool = False,
+        label_shift: int = 0,
+        device: torch.device | None = None,
+        optimizer: Any = None,
+        writes: bool = True,
+        logdir: str | None = None,
+        runner: Callable[..., Pass] | None = None,
+        output_spec: Any = None,
+        tensor_output: bool = True,
+        notify: Callable[[str, str, str], None] | None = None,
+    ) -> None:
+        self.model, self.rank, self.world_size, self.sharded = model, rank, world_size, sharded
+        self.label_shift, self.optimizer, self.writes, self.logdir = label_shift, optimizer, writes, logdir
+        self.device = device if device is not None else _first_device(model)
+        self._runner, self._output_spec, self._tensor_output, self._notify = runner, output_spec, tensor_output, notify
+        self._said: set[tuple[str, str]] = set()
+        #: the probe being called (the engine sets it before each call): ``notice`` says under its name
+        self.probe = ""
 
     def gathered(self, *modules: nn.Module) -> AbstractContextManager[None]:
         """A block inside which the whole parameters of ``modules`` are on this rank.
@@ -177,7 +215,7 @@ class ProbeBatch:
 
     def run(
         self,
-        x: Any = None,
+        x: Any,
         *,
         keep: Callable[[Site], frozenset[str]] | None = None,
         params: Mapping[str, torch.Tensor] | None = None,
@@ -186,7 +224,7 @@ class ProbeBatch:
         session's ``probe_batch_size``, through the same sites as the shared pass.
 
         Args:
-            x: inputs in the probe batch's convention (default: the probe batch itself).
+            x: inputs in the probe batch's convention.
             keep: ``site -> what to keep`` among ``{"pre", "gate", "post"}`` (default: nothing, the output only).
             params: parameters and buffers by name to run the model with instead of its own
                 (``torch.func.functional_call``), e.g. perturbed weights.
@@ -194,18 +232,136 @@ class ProbeBatch:
         Returns:
             A ``Pass``: the selected output tensor (samples first), the kept activations and the call trace.
         """
-        if self.runner is None:
+        if self._runner is None:
             raise RuntimeError(
                 "this ProbeBatch has no probe pass to run: the session gives one; in a test, build the "
                 "batch with probes.testing.probe_batch(model, x, y)"
             )
-        return self.runner(self.x if x is None else x, keep=keep, params=params)
+        return self._runner(x, keep=keep, params=params)
+
+    def forward(self, x: Any, *, grad: bool = True, model: Any = None) -> torch.Tensor:
+        """``model(x)`` with the session's input convention and output selection.
+
+        Args:
+            x: inputs in the probe batch's convention.
+            grad: True: with gradients as the caller has them (a probe differentiating through the model); False:
+                the engine's probe pass without gradients (as ``run``, output only).
+            model: another callable to run the same way (default: the model; only with ``grad=True``).
+
+        Returns:
+            The selected output tensor.
+        """
+        if not grad and model is None and self._runner is not None:
+            return self.run(x).output
+        with nullcontext() if grad else torch.no_grad():
+            out = call_model(model if model is not None else self.model, x)
+        return select_output(out, self._output_spec)
+
+    def positional(self, x: Any) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+        """``(module, args)`` with ``module(*args)`` the probes' output tensor on ``x``: the model itself for
+        ``model(x)`` returning a tensor, else a wrapper (``probes.engine.inputs.Positional``) sharing its
+        parameters."""
+        return Positional.wrap(self.model, x, self._output_spec, force=not self._tensor_output)
+
+    def notice(self, key: str, message: str) -> None:
+        """Say ``message`` once per session and probe for ``key``, on rank 0 only (a ``ProbesNoticeWarning``).
+
+        Args:
+            key: what the notice is about (``"slow"``, ``"position"``): said once per key.
+            message: the text, starting with the probe's name.
+        """
+        if (self.probe, key) in self._said:
+            return
+        self._said.add((self.probe, key))
+        if self._notify is not None:
+            self._notify(self.probe, key, message)
+        elif self.rank == 0:
+            from probes.engine.failures import ProbesNoticeWarning, say
+
+            say(message, ProbesNoticeWarning)
+
+
+def _first_device(model: nn.Module) -> torch.device:
+    first = next(model.parameters(), None) if isinstance(model, nn.Module) else None
+    return first.device if first is not None else torch.device("cpu")
+
+
+#: what the batch of the old contract had and the new one moved to ``batch.context`` (read through with a warning
+#: nowhere: these keep working), and what it no longer gives (an error saying what to use)
+_MOVED = ("gathered", "rank", "world_size", "sharded", "label_shift", "writes", "logdir")
+_REMOVED = {
+    "runner": "batch.context.run(x, keep=..., params=...)",
+    "chunk_size": "batch.context.run(x) (it runs in the session's probe_batch_size chunks)",
+    "output_spec": "batch.context.forward(x) or batch.context.positional(batch.x)",
+}
+
+
+@dataclass
+class ProbeBatch:
+    """What an active probe's ``measure`` and ``check`` receive: the data of one measurement, and its context.
+
+    The data: ``x`` the probe inputs as given (a tensor, a tuple for ``model(*x)``, a dict for ``model(**x)``);
+    ``y`` the labels; ``output`` the tensor picked from ``model(x)`` (computed without gradients; see
+    ``probes.engine.inputs``); ``activations`` site name -> what the shared pass kept (only the sites that the due
+    probes need); ``mask`` the attention mask; ``step``. ``context`` (a ``ProbeContext``) runs the model (with or
+    without gradients, more probe passes), gathers sharded parameters, says notices once, and knows the ranks.
+
+    Attributes:
+        model: the user's module, in eval mode while probes run.
+        x: the probe inputs, on the model's current device and dtype.
+        y: the probe labels, or None.
+        output: the probes' output tensor on ``x`` (samples first), or None (no probe batch).
+        activations: site name -> what the shared pass kept of it.
+        step: the step of this measurement.
+        mask: ``(P, positions)`` bool, True at real tokens (the inputs' attention mask), or None.
+        calls: every leaf-module call and functional activation of the pass, in order.
+        context: the ``ProbeContext`` (default: one that runs ``model`` directly, without a session).
+    """
+
+    model: nn.Module
+    x: Any
+    y: torch.Tensor | None
+    output: torch.Tensor | None
+    activations: dict[str, Activation]
+    step: int
+    mask: torch.Tensor | None = None
+    calls: list[Call] = field(default_factory=list)
+    context: ProbeContext = field(default=None, repr=False)  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        if self.context is None:
+            self.context = ProbeContext(self.model)
+
+    def __getattr__(self, name: str) -> Any:
+        # only reached for names the batch lacks: the old contract's engine handles and moved attributes
+        if name in _MOVED:
+            return getattr(self.__dict__["context"], name) if "context" in self.__dict__ else None
+        if name in _REMOVED:
+            raise AttributeError(f"ProbeBatch.{name} is no longer part of the probe contract; use {_REMOVED[name]}")
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def run(
+        self,
+        x: Any = None,
+        *,
+        keep: Callable[[Site], frozenset[str]] | None = None,
+        params: Mapping[str, torch.Tensor] | None = None,
+    ) -> Pass:
+        """The old contract's ``batch.run``: ``batch.context.run(x if given else batch.x, ...)``."""
+        return self.context.run(self.x if x is None else x, keep=keep, params=params)
+
+    def forward(self, x: Any = None, model: Any = None) -> torch.Tensor:
+        """The old contract's ``batch.forward``: ``batch.context.forward(x if given else batch.x, grad=True)``."""
+        return self.context.forward(self.x if x is None else x, grad=True, model=model)
 
     def positional(self) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
-        """``(module, args)`` with ``module(*args)`` the probes' output tensor: the model itself for ``model(x)``
-        returning a tensor, else a wrapper (``probes.engine.inputs.Positional``) sharing the model's parameters."""
-        force = not self.tensor_output
-        return Positional.wrap(self.model, self.x, self.output_spec, force=force)
+        """``batch.context.positional(batch.x)``."""
+        return self.context.positional(self.x)
+
+    @property
+    def tensor_output(self) -> bool:
+        """Whether the model returned one tensor (no selection was needed)."""
+        return self.context._tensor_output
 
     @property
     def size(self) -> int:
@@ -213,20 +369,6 @@ class ProbeBatch:
         if isinstance(self.output, torch.Tensor) and self.output.ndim > 0:
             return int(self.output.shape[0])
         return sample_count(self.x) if self.x is not None else 0
-
-    def forward(self, x: Any = None, model: Any = None) -> torch.Tensor:
-        """``model(x)`` with the session's input convention and output selection, with gradients as the caller has
-        them (``run`` is the no-gradient probe pass).
-
-        Args:
-            x: inputs in the probe batch's convention (default: the probe batch).
-            model: another callable to run the same way (default: the model).
-
-        Returns:
-            The selected output tensor.
-        """
-        out = call_model(model if model is not None else self.model, self.x if x is None else x)
-        return select_output(out, self.output_spec)
 
     def targets(self, probe: str = "probe", num_classes: int | None = None) -> torch.Tensor:
         """Labels as a float64 P x C matrix (binary as +-1 in one column, classes one-hot).
@@ -310,47 +452,61 @@ def _fresh(default: Any) -> Any:
 class Probe:
     """Base class of every probe (built-in or third party).
 
-    Class attributes say what a probe needs and can do, each declared here with its default (torchmetrics'
-    way): ``passive`` (observes training forwards), ``needs_sites`` (an active probe reading
-    ``ProbeBatch.activations``; ``wants_site`` narrows it), ``site_values``, ``site_types``, ``needs_probe_data``,
-    ``supports_sharding``, ``sharding``, and its default cadence ``every`` (a positive int, or a schedule
-    ``step -> bool`` from ``probes.schedules``). Options given to ``attach`` arrive as keyword arguments of
-    ``__init__``, each checked there through ``probes.options``; ``every`` is taken by the session and stored on the
-    instance.
+    A probe declares, as class attributes: ``name``, ``description``, ``passive`` (observes training forwards),
+    its default cadence ``every`` (a positive int, or a schedule ``step -> bool`` from ``probes.schedules``),
+    ``charts``, and what it needs in one ``needs = Needs(...)`` (sites and what of them, extra site types, labels,
+    the probe batch, sharding); ``wants(site)`` narrows the sites. Options given to ``attach`` arrive as keyword
+    arguments of ``__init__``; a probe declaring them as a dataclass ``Options`` gets them checked by
+    ``probes.options`` and stored as ``self.options`` by the base ``__init__``. ``every`` is taken by the session
+    and stored on the instance.
 
     All state is declared with ``add_state(name, default, reduce=..., window=...)`` (torchmetrics' idea):
     accumulators (reset by the session after each flush, reduced over ranks under DDP) and persistent references
     (``window=False``: a first snapshot, a trail). The base class copies them in ``state_dict`` and restores them
     in ``load_state_dict``; a probe does not override those. A state is read and written as ``self.<name>``.
 
-    At attach, ``setup`` sees the model and ``validate`` the at-attach probe batch: what can be known there raises
-    there. A probe runs extra passes of the model through ``ProbeBatch.run`` (never a capture of its own).
+    At attach, ``check(batch)`` sees the model and the at-attach probe batch: what can be known there raises there.
+    ``measure(batch)`` reads the data of ``batch`` and runs more passes through ``batch.context`` (never a capture
+    of its own). The old contract (flags ``needs_sites``, ``site_values``, ``needs_probe_data``,
+    ``supports_sharding``, ``sharding``, ``site_types``; ``setup``, ``validate``, ``wants_site``) keeps working
+    through ``probes.legacy``.
     """
 
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
     every: Any = 100
     passive: ClassVar[bool] = False
-    needs_sites: ClassVar[bool] = False
-    #: what of each site an active probe reads: "pre" (the input values), "gate" (only ``pre > 0``), "post"
-    site_values: ClassVar[frozenset[str]] = frozenset({"pre", "post"})
-    needs_probe_data: ClassVar[bool] = True
-    #: extra module types to treat as sites (beyond the activation modules), e.g. ``(nn.MaxPool2d,)``; the session's
-    #: one capture sees the union over the attached probes, so other probes may meet them (``wants_site`` filters)
-    site_types: ClassVar[tuple[type[nn.Module], ...]] = ()
-    #: whether the probe can run on a sharded (FSDP) model; False: switched off there at attach, on every rank
-    supports_sharding: ClassVar[bool] = True
-    #: what the probe needs across ranks (``torch.distributed``), so that the engine arranges it:
-    #: ``"activations"``: the probe pass only (under DDP rank 0 measures alone, under FSDP every rank runs the pass);
-    #: ``"per_module"``: whole parameters of one module at a time, read inside ``ProbeBatch.gathered(module)`` (FSDP2
-    #: all-gathers that module's parameters for the block, then frees them);
-    #: ``"per_sample"``: every rank measures (under DDP too), each on its share of the probe batch, and the ranks
-    #: exchange per-sample factors (``ProbeBatch.rank``, ``world_size``; the probe's collectives must run on every
-    #: rank in the same order)
-    sharding: ClassVar[str] = "activations"
+    #: what the probe needs (``Needs``); a class declaring the old flags instead gets one built from them
+    needs: ClassVar[Needs] = Needs()
+    #: the probe's options as a dataclass (fields with defaults, checks in ``probes.options.option``), or None:
+    #: options are the keyword arguments of ``__init__``
+    Options: ClassVar[type | None] = None
     #: chart groups of this probe's scalar tags that are not ``<probe>/<site>/<quantity>`` (``probes.records.Chart``):
     #: the sinks and the report draw each group in one chart (sites of one quantity are grouped without it)
     charts: ClassVar[tuple[Chart, ...]] = ()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        from probes import legacy
+        from probes.options import signature
+
+        legacy.adapt(cls)
+        if cls.__dict__.get("Options") is not None:  # ``inspect.signature(cls)`` names the options
+            if "__init__" not in cls.__dict__:
+
+                def __init__(self: Probe, **options: Any) -> None:
+                    super(cls, self).__init__(**options)
+
+                cls.__init__ = __init__  # type: ignore[method-assign]
+            params = list(inspect.signature(cls.__dict__["__init__"]).parameters.values())[1:]
+            if all(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+                cls.__init__.__signature__ = signature(cls.Options)  # type: ignore[attr-defined]
+
+    def __init__(self, **options: Any) -> None:
+        """Check ``options`` against ``Options`` (``probes.options.read``) and keep them as ``self.options``."""
+        from probes.options import read
+
+        self.options = read(self.name or type(self).__name__, type(self).Options, options)
 
     # -- declared state ---------------------------------------------------------------
     def add_state(self, name: str, default: Any, reduce: str | None = "sum", window: bool = True) -> None:
@@ -403,15 +559,20 @@ class Probe:
     def settle(self) -> None:
         """Bring the declared state up to date (fold caches into it); called before it is read, reduced or saved."""
 
-    # -- passive probes -------------------------------------------------------------
+    # -- sites ----------------------------------------------------------------------
     def wants(self, site: Site) -> bool:
-        """Which sites a passive probe observes (default: ReLU-family sites).
+        """Which sites the probe reads: a passive probe observes them, an active one finds them in
+        ``batch.activations`` (default: passive, the ReLU-family sites; active, every activation site and the
+        sites of its own ``needs.site_types``, not the extra sites that other probes asked for).
 
         Args:
             site: a site of the model.
         """
-        return site.relu_family
+        if self.passive:
+            return site.relu_family
+        return not site.extra or isinstance(site.module, type(self).needs.site_types)
 
+    # -- passive probes -------------------------------------------------------------
     def observe(self, site: Site, pre: torch.Tensor, post: torch.Tensor) -> None:
         """Hot path, every training forward: accumulate on the device, never sync.
 
@@ -433,43 +594,42 @@ class Probe:
         return []
 
     # -- active probes --------------------------------------------------------------
-    def wants_site(self, site: Site) -> bool:
-        """Which sites an active probe with ``needs_sites`` reads in the probe pass (default: every activation site,
-        and sites of this probe's own ``site_types``; not the extra sites that other probes asked for).
-
-        Args:
-            site: a site of the model.
-        """
-        return not site.extra or isinstance(site.module, type(self).site_types)
-
-    def setup(self, context: Context) -> None:
-        """Called once at attach; raise a clear error here when the model does not fit.
-
-        Args:
-            context: the model, the probe batch and the session's settings.
-        """
-
-    def validate(self, batch: ProbeBatch) -> None:
-        """Check, once at attach, what the at-attach probe pass reveals: raise when this probe cannot apply.
+    def check(self, batch: ProbeBatch) -> None:
+        """Check, once at attach, that this probe applies: raise when it cannot (also after the model changes).
 
         The session calls it on the at-attach probe batch (with the model's output), also when
         ``measure_at_attach=False``, so that labels of the wrong kind or range for the model's output width, or a
         model whose structure the probe cannot handle, make ``attach`` raise instead of switching the probe off at
-        its first measurement. Keep it cheap: checks, not the measurement. The default checks nothing.
+        its first measurement. Passive probes, and active probes while no probe pass can run (no probe batch, lazy
+        modules), get a batch whose ``x``, ``y`` are as given and whose ``output`` is None. What ``needs``
+        declares (labels, the probe batch, one floating tensor) is checked by the engine before. Keep it cheap:
+        checks, not the measurement. The default checks nothing.
 
         Args:
-            batch: the at-attach probe batch; ``batch.output`` is the model's output on it, ``batch.run`` runs
-                more passes (a couple of samples are enough to see the call structure).
+            batch: the at-attach probe batch; ``batch.output`` is the model's output on it (or None),
+                ``batch.context.run`` runs more passes (a couple of samples are enough to see the call structure).
 
         Raises:
             Exception: any error, with a message naming the probe, the problem and the fix; ``attach`` raises it.
         """
 
+    # -- the old contract (``probes.legacy`` calls these for a probe that defines them) ---
+    def setup(self, context: Context) -> None:
+        """The old contract's attach hook (``check`` replaces it); called only where a probe defines it."""
+
+    def validate(self, batch: ProbeBatch) -> None:
+        """The old contract's at-attach check (``check`` replaces it); called only where a probe defines it."""
+
+    def wants_site(self, site: Site) -> bool:
+        """The old contract's active-probe site filter (``wants`` replaces it)."""
+        return self.wants(site)
+
     def measure(self, batch: ProbeBatch) -> Sequence[Record]:
         """Return records for one measurement on the probe batch (active probes).
 
         Args:
-            batch: the probe batch, the shared pass's output and activations, and ``run`` for more passes.
+            batch: the probe batch, the shared pass's output and activations, and ``batch.context`` for more
+                passes, sharded parameters, notices and the ranks.
 
         Returns:
             The records (tags under the probe's name).

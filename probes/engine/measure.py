@@ -15,7 +15,8 @@ from probes.engine.context import isolated
 from probes.engine.failures import Failures
 from probes.engine.probe_pass import OutputError, ProbeData, ProbePass, keeper, lazy_pending
 from probes.engine.spec import named
-from probes.probe import Pass, Probe, ProbeBatch
+from probes.legacy import uses_validate
+from probes.probe import Pass, Probe, ProbeBatch, ProbeContext
 from probes.records import Record
 
 #: a fraction of the probe batch whose predicted class changes between running and batch statistics (or a relative
@@ -60,6 +61,8 @@ class ActiveProbes:
         self.logdir, self.rank, self.world_size, self.sharded, self.device = logdir, rank, world_size, sharded, device
         self.mask_key, self.label_shift, self.collective = mask_key, label_shift, collective
         self.measured_at: dict[str, int] = {}
+        #: the optimizer given to ``attach`` (``batch.context.optimizer``), set by the session
+        self.optimizer: Any = None
         #: ``attach(model, "auto")``: called with ``(name, error)`` for a probe whose first measurement or validation
         #: raised, instead of raising (the probe is left out)
         self.on_attach_error: Callable[[str, Exception], None] | None = None
@@ -77,6 +80,8 @@ class ActiveProbes:
         if not names:
             return
         if lazy_pending(self.probe_pass.module):  # a pass now would initialise lazy parameters
+            if at_attach:
+                self.check_without_pass(names, step)
             for n in names:
                 self.failures.notice(
                     n,
@@ -89,7 +94,7 @@ class ActiveProbes:
         if not self.sharded and not self.collective:
             return self._measure_here(names, step, at_attach)
         # measured on every rank: all under a sharded model, else the probes that split the probe batch (DDP)
-        together = names if self.sharded else [n for n in names if self.probes[n].sharding == "per_sample"]
+        together = names if self.sharded else [n for n in names if self.probes[n].needs.sharding == "per_sample"]
         sharded_before, before, error = distributed.sharded_now(self.probe_pass.module), set(self.failures.failed), None
         here = names if self.rank == 0 or self.sharded else together
         try:
@@ -128,20 +133,65 @@ class ActiveProbes:
         return [n for n in self.probes if self.measured_at.get(n) != step]
 
     def validate(self, step: int) -> None:
-        """At attach without a measurement: the shared pass once, and each probe's ``validate`` (errors raise)."""
-        if not self.probes or not self.data.present or lazy_pending(self.probe_pass.module):
+        """At attach without a measurement: the shared pass once, and each probe's ``check`` (errors raise)."""
+        if not self.probes:
             return
+        if not self.data.present or lazy_pending(self.probe_pass.module):
+            return self.check_without_pass(list(self.probes), step)
         before = distributed.sharded_now(self.probe_pass.module) if self.sharded else []
         try:
             with self.probe_pass.guarded():  # isolated from the caller's context, as every probe pass
                 batch = self._batch(list(self.probes), step)
-                for name, probe in list(self.probes.items()):
+                for name in list(self.probes):
                     try:
-                        probe.validate(batch)
+                        self.check_one(name, batch)
                     except Exception as exc:
                         self._attach_error(name, exc)
         finally:
             distributed.reshard(before)  # as after a measurement: FSDP2 keeps the root gathered after a forward
+
+    def check_without_pass(self, names: list[str], step: int, probes: dict[str, Probe] | None = None) -> None:
+        """Each probe's ``check`` on a batch without a probe pass (``output`` None): where no pass can run at attach
+        (no probe batch, lazy modules), for passive probes (``probes``), and after the model changed."""
+        probes = self.probes if probes is None else probes
+        batch = self.bare_batch(step)
+        for name in names:
+            try:
+                self.check_one(name, batch, probes, old_validate=False)
+            except Exception as exc:
+                self._attach_error(name, exc)
+
+    def check_one(
+        self, name: str, batch: ProbeBatch, probes: dict[str, Probe] | None = None, old_validate: bool = True
+    ) -> None:
+        """The probe's ``check`` (and the old contract's ``validate`` where it defines one) on ``batch``."""
+        probe = (self.probes if probes is None else probes)[name]
+        batch.context.probe = name
+        probe.check(batch)
+        if old_validate and uses_validate(probe):
+            probe.validate(batch)
+
+    def bare_batch(self, step: int) -> ProbeBatch:
+        """The probe batch as given, without a probe pass (``output`` None, no activations)."""
+        x, y = self.data.current()
+        return ProbeBatch(self.probe_pass.module, x, y, None, {}, step, context=self._context(True))
+
+    def _context(self, tensor_output: bool) -> ProbeContext:
+        return ProbeContext(
+            self.probe_pass.module,
+            rank=self.rank,
+            world_size=self.world_size if self.collective else 1,
+            sharded=self.sharded,
+            label_shift=self.label_shift,
+            device=self.device,
+            optimizer=self.optimizer,
+            writes=self.rank == 0,
+            logdir=self.logdir,
+            runner=self.probe_pass.run,
+            output_spec=self.probe_pass.output_spec,
+            tensor_output=tensor_output,
+            notify=self.failures.notice,
+        )
 
     def _attach_error(self, name: str, exc: Exception) -> None:
         if self.on_attach_error is None:
@@ -152,30 +202,13 @@ class ActiveProbes:
         x, y = self.data.current()
         shared = Pass(None, {}, [])
         if x is not None:
-            due = [self.probes[n] for n in names if self.probes[n].needs_sites]
+            due = [self.probes[n] for n in names if self.probes[n].needs.sites]
             shared = self.probe_pass.run(x, keeper(due) if due else None)
             self._check_norms(x, shared.output, step)
             self._say_compute_dtype(shared.output)
-        return ProbeBatch(
-            self.probe_pass.module,
-            x,
-            y,
-            shared.output,
-            shared.activations,
-            step,
-            self.logdir,
-            shared.calls,
-            self.probe_pass.output_spec,
-            tensor_output=shared.tensor_output,
-            writes=self.rank == 0,
-            chunk_size=self.probe_pass.chunk_size,
-            runner=self.probe_pass.run,
-            mask=self.data.mask(self.mask_key),
-            label_shift=self.label_shift,
-            rank=self.rank,
-            world_size=self.world_size if self.collective else 1,
-            sharded=self.sharded,
-        )
+        mask = self.data.mask(self.mask_key)
+        context = self._context(shared.tensor_output)
+        return ProbeBatch(self.probe_pass.module, x, y, shared.output, shared.activations, step, mask, shared.calls, context)
 
     def _measure_here(self, names: list[str], step: int, at_attach: bool) -> None:
         for n in names:
@@ -200,7 +233,8 @@ class ActiveProbes:
                 t0 = now()
                 try:
                     if at_attach:
-                        self.probes[name].validate(batch)
+                        self.check_one(name, batch)
+                    batch.context.probe = name
                     self.write(name, self.probes[name].measure(batch), at_attach)
                 except Exception as exc:  # noqa: BLE001
                     if at_attach:

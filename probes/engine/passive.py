@@ -50,7 +50,7 @@ class PassiveProbes:
         if not self.probes:
             return
         capture.on_forward = self._on_training_forward
-        keep = frozenset().union(*[p.site_values for p in self.probes.values()])  # only what the probes read
+        keep = frozenset().union(*[p.needs.sites for p in self.probes.values()])  # only what the probes read
         capture.install_passive(self._observe, keep)
         sites = capture.module_sites()
         if sites and notice:

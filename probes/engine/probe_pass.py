@@ -1,7 +1,7 @@
 """The one probe pass: the fixed probe batch through the model, without gradients and in eval mode.
 
 Every active probe reads the model through this pass: the shared pass at each measurement (the sites that the due
-probes need, only what they read of each), and ``ProbeBatch.run`` for a probe's own passes (perturbed inputs or
+probes need, only what they read of each), and ``batch.context.run`` for a probe's own passes (perturbed inputs or
 parameters, site groups that must not all be held at once). All go through one ``Capture``, so every pass sees the
 same sites, in chunks of the session's ``probe_batch_size``. Around a measurement ``guarded`` puts the model in
 eval mode and restores every module's mode (through its own ``train()``) and the RNG state afterwards.
@@ -25,7 +25,8 @@ from probes.engine import distributed, inputs
 from probes.engine.capture import Capture
 from probes.engine.context import isolated
 from probes.engine.failures import ProbesNoticeWarning
-from probes.probe import Activation, Pass, Probe, ProbeBatch, Site
+from probes.legacy import site_filter
+from probes.probe import Activation, Pass, Probe, ProbeBatch, ProbeContext, Site
 
 Keep = Callable[[Site], frozenset[str]]
 
@@ -193,7 +194,7 @@ def keeper(due: list[Probe]) -> Keep:
     def keep(site: Site) -> frozenset[str]:
         want = cache.get(site.name)
         if want is None:
-            want = frozenset().union(*[p.site_values for p in due if p.wants_site(site)])
+            want = frozenset().union(*[p.needs.sites for p in due if site_filter(p)(site)])
             cache[site.name] = want
         return want
 
@@ -321,7 +322,7 @@ def standalone_batch(
     site_types: tuple[type[nn.Module], ...] = (),
 ) -> ProbeBatch:
     """A ``ProbeBatch`` outside a session (``probes.testing.probe_batch``): the model's output on ``x`` and a probe
-    pass of its own for ``batch.run``, each run in eval mode with the modes and RNG state restored (``site_types``:
+    pass of its own for ``batch.context.run``, each run in eval mode with the modes and RNG state restored (``site_types``:
     extra module types to treat as sites, as a session takes them from its probes)."""
     probe_pass = ProbePass(model, Capture(model, extra_sites=tuple(site_types)), output, probe_batch_size)
 
@@ -330,18 +331,8 @@ def standalone_batch(
             return probe_pass.run(x, keep, params)
 
     shared = run(x)
-    return ProbeBatch(
-        model,
-        x,
-        y,
-        shared.output,
-        {},
-        step,
-        output_spec=output,
-        tensor_output=shared.tensor_output,
-        chunk_size=probe_batch_size,
-        runner=run,
-    )
+    context = ProbeContext(model, runner=run, output_spec=output, tensor_output=shared.tensor_output)
+    return ProbeBatch(model, x, y, shared.output, {}, step, context=context)
 
 
 def _rng_state() -> tuple[torch.Tensor, list[torch.Tensor] | None]:

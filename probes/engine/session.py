@@ -27,6 +27,7 @@ from probes.engine.passive import PassiveProbes
 from probes.engine.probe_pass import ProbeData, ProbePass, check_model, model_placement
 from probes.engine.scaler import SkippedSteps
 from probes.engine.spec import AUTO, Options, declare_charts, make_sinks, parse_probes, parse_sinks, setup_probes
+from probes.legacy import uses_setup
 from probes.probe import Context, Probe
 from probes.records import Scalar
 from probes.sinks.memory import MemorySink
@@ -57,13 +58,13 @@ class Session:
         #: over the ranks (``sharding="per_sample"``, under DDP too); then every rank runs those probe passes on rank
         #: 0's batch, and the ranks agree on cadences, on setup errors and on failures
         self.collective = self.world_size > 1 and (
-            self.sharded or any(p.sharding == "per_sample" for p in self.probes.values() if not p.passive)
+            self.sharded or any(p.needs.sharding == "per_sample" for p in self.probes.values() if not p.passive)
         )
         if self.collective:
             self.data.same_on_every_rank(self.device, self.rank)
         self._failures = Failures(o.strict, self.rank)
         self.auto = isinstance(probes, str) and probes == AUTO  # leave out what does not apply, saying why
-        for name in [n for n, p in self.probes.items() if not p.passive and p.needs_probe_data]:
+        for name in [n for n, p in self.probes.items() if not p.passive and p.needs.probe_data]:
             if not self.data.present and not self.auto:
                 raise ValueError(f"probe {name!r} runs on a fixed probe batch: pass probe_data=(x, y) to attach")
             if not self.data.present:
@@ -74,7 +75,7 @@ class Session:
         sink_spec = parse_sinks(o.sinks, o.logdir, o.writer) if self.rank == 0 else []
         self._output, self._step, self._closed, self._opt_handle = Output(self._failures), 0, False, None
         self._scaler: SkippedSteps | None = None
-        extra = tuple({t for p in self.probes.values() for t in p.site_types})
+        extra = tuple({t for p in self.probes.values() for t in p.needs.site_types})
         classes, names = plugins.registry.activation_types()
         self.capture = Capture(
             self.module,
@@ -133,6 +134,9 @@ class Session:
             self.sharded,
             self.device if self.collective else None,
         )
+        self._active.optimizer = optimizer  # ``batch.context.optimizer``
+        passive = {n: self.probes[n] for n in self.passive}
+        self._active.check_without_pass(list(passive), self._step, passive)  # passive probes see no probe pass
         self._passive.install(self.capture, notice=not self.auto)  # auto: only the leave-out line
         if optimizer is not None:
             self._opt_handle = optimizer.register_step_post_hook(OptimizerStep(self))
@@ -388,10 +392,13 @@ class Session:
             )
         self._passive.sites_changed()
         context = self._context()
-        with isolated():  # a setup may run the model (measure() and close() are not isolated as a whole)
+        with isolated():  # a check may run the model (measure() and close() are not isolated as a whole)
             for name in [n for n in self.active if self.enabled(n)]:
                 try:
-                    self.probes[name].setup(context)
+                    if uses_setup(self.probes[name]):
+                        self.probes[name].setup(context)
+                    else:
+                        self._active.check_one(name, self._active.bare_batch(self._step), old_validate=False)
                 except Exception as exc:  # noqa: BLE001 - the probe no longer applies to the model
                     self._failures.fail(
                         name,

@@ -11,7 +11,9 @@ from typing import Any
 import torch
 
 from probes import plugins
+from probes import legacy
 from probes.engine import distributed
+from probes.engine.needs import check_declared
 from probes.engine.failures import Failures
 from probes.engine.inputs import check_output_option
 from probes.probe import Context, Probe
@@ -36,6 +38,9 @@ def make_probe(cls: type[Probe], name: str, options: Mapping[str, Any]) -> Probe
     every = opts.pop("every", None)
     # checked before the probe is built; a schedule is called once, on step 1, and must answer a bool
     as_schedule(every if given else cls.every, who=f"probe {name!r}", check=True)
+    mixed = legacy.contract_error(cls, name)
+    if mixed is not None:
+        raise mixed
     try:
         probe = cls(**opts)
     except TypeError as exc:
@@ -236,13 +241,14 @@ def setup_probes(
     sharded: bool = False,
     agree_on: torch.device | None = None,
 ) -> None:
-    """Each probe's ``setup`` at attach, where a probe raises when it cannot apply to the model.
+    """At attach, what each probe declares in ``needs`` (``probes.engine.needs``) and the old contract's ``setup``,
+    where a probe raises when it cannot apply to the model (its ``check`` follows on the at-attach batch).
 
     Args:
         probes: the attached probes by name.
         context: what the probes learn at attach.
         failures: the session's failure policy (a probe needing whole parameters of a sharded model is switched off).
-        leave_out: ``attach(model, "auto")``: called for a probe whose setup raised, instead of raising.
+        leave_out: ``attach(model, "auto")``: called for a probe whose checks raised, instead of raising.
         sharded: whether the model is sharded (FSDP).
         agree_on: under several ranks of a sharded model, the device of the agreement: no rank goes on into a probe
             pass that another rank skips.
@@ -252,24 +258,26 @@ def setup_probes(
     """
     failed: tuple[str, Exception] | None = None
     for name, probe in list(probes.items()):
-        if sharded and not probe.supports_sharding:
+        if sharded and probe.needs.sharding is None:
             failures.switch_off(
                 name,
                 f"probe {name!r} needs direct access to whole parameters, which a sharded "
                 "(FSDP) model does not give; it is switched off on every rank",
             )
             continue
-        if sharded and probe.sharding != "activations" and distributed.legacy_sharded(context.model):
+        if sharded and probe.needs.sharding != "activations" and distributed.legacy_sharded(context.model):
             failures.switch_off(
                 name,
                 f"probe {name!r} gathers whole parameters one FSDP2 unit at a time "
-                f"(sharding={probe.sharding!r}), which the legacy FullyShardedDataParallel "
+                f"(sharding={probe.needs.sharding!r}), which the legacy FullyShardedDataParallel "
                 "wrapper does not give (use FSDP2's fully_shard); it is switched off on every "
                 "rank",
             )
             continue
         try:
-            probe.setup(context)
+            check_declared(name, probe, context.x, context.y)
+            if legacy.uses_setup(probe):
+                probe.setup(context)
         except Exception as exc:
             if leave_out is None:
                 failed = (name, exc)

@@ -24,4 +24,4 @@ def needs_probe_data(spec: Any) -> bool:
         probes.plugins.UnknownProbeError: a name no plugin provides.
         TypeError: a spec of another form, or options a probe does not take.
     """
-    return any(not p.passive and p.needs_probe_data for _, p in parse_probes(spec))
+    return any(not p.passive and p.needs.probe_data for _, p in parse_probes(spec))

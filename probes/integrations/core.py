@@ -206,7 +206,7 @@ class CallbackCore:
         self.attach_kwargs = dict(attach_kwargs)
         self.names = [name for name, _ in entries]
         self.passive = frozenset(name for name, p in entries if p.passive)
-        self.needs_probe_batch = any(not p.passive and p.needs_probe_data for _, p in entries)
+        self.needs_probe_batch = any(not p.passive and p.needs.probe_data for _, p in entries)
         self.session: Session | None = None
         self._pending: dict[str, Any] | None = None
         self._last: dict[str, Any] | None = None

@@ -1,0 +1,111 @@
+"""The old probe contract, adapted to the new one: a probe written against the flags keeps working.
+
+Before ``Needs``, a probe declared what it needs in separate class flags; ``adapt`` (run for every ``Probe``
+subclass) builds the class's ``needs`` from them, so the engine reads one declaration only:
+
+=====================================  ==========================================================
+old                                    new
+=====================================  ==========================================================
+``needs_sites = True``, ``site_values``  ``needs = Needs(sites=...)`` (empty ``sites``: no sites)
+``site_types``                         ``Needs(site_types=...)``
+``needs_probe_data``                   ``Needs(probe_data=...)``
+``supports_sharding``, ``sharding``    ``Needs(sharding=...)`` (None: not on a sharded model)
+``wants_site(site)``                   ``wants(site)`` (one filter, passive and active)
+``setup(context)``, ``validate(batch)``  ``check(batch)``
+=====================================  ==========================================================
+
+The old hooks keep being called where a probe defines them (``setup`` before the at-attach pass with a
+``probes.Context``, ``validate`` on the at-attach batch). A class that mixes both contracts gets an error at attach
+that says what to change (``contract_error``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from probes.probe import Needs, Probe
+
+#: the old contract's flags, with the defaults the base class gave them
+FLAGS: dict[str, Any] = {
+    "needs_sites": False,
+    "site_values": frozenset({"pre", "post"}),
+    "site_types": (),
+    "needs_probe_data": True,
+    "supports_sharding": True,
+    "sharding": "activations",
+}
+
+
+def _declares(cls: type, name: str) -> bool:
+    """Whether a class between ``Probe`` and ``cls`` (included) declares ``name``."""
+    return any(name in k.__dict__ for k in cls.__mro__ if k is not Probe and issubclass(k, Probe))
+
+
+def declares_needs(cls: type) -> bool:
+    """Whether ``cls`` or a base below ``Probe`` declares ``needs`` itself (not built from its old flags here)."""
+    return any(
+        "needs" in k.__dict__ and not k.__dict__.get("_needs_from_flags", False)
+        for k in cls.__mro__
+        if k is not Probe and issubclass(k, Probe)
+    )
+
+
+def old_flags(cls: type) -> list[str]:
+    """The old flags that ``cls`` or a base below ``Probe`` declares."""
+    return [f for f in FLAGS if _declares(cls, f)]
+
+
+def adapt(cls: type[Probe]) -> None:
+    """Give a class written against the old flags its ``needs`` (see the module docstring); a new-style class
+    keeps its own. Mixing both is recorded for ``contract_error``, not raised here (at import)."""
+    if declares_needs(cls):
+        return
+    flag = {f: getattr(cls, f, default) for f, default in FLAGS.items()}
+    passive = bool(getattr(cls, "passive", False))
+    sites = frozenset(flag["site_values"]) if passive or flag["needs_sites"] else frozenset()
+    sharding = flag["sharding"] if flag["supports_sharding"] else None
+    try:
+        cls.needs = Needs(
+            sites=sites, site_types=tuple(flag["site_types"]), probe_data=bool(flag["needs_probe_data"]), sharding=sharding
+        )
+        cls._needs_from_flags = True
+    except (TypeError, ValueError) as exc:
+        cls._contract_problem = f"its old flags do not make a valid Needs ({exc})"
+
+
+def contract_error(cls: type[Probe], name: str) -> TypeError | None:
+    """An error saying exactly what to change, for a class that mixes the old and the new contract (else None)."""
+    problem = getattr(cls, "_contract_problem", None)
+    flags = old_flags(cls)
+    if problem is None and flags and declares_needs(cls):
+        problem = (
+            f"it declares needs = Needs(...) and the old flags {flags} as well; keep needs and delete the flags "
+            "(needs_sites/site_values -> Needs(sites=...), needs_probe_data -> Needs(probe_data=...), "
+            "supports_sharding/sharding -> Needs(sharding=...), site_types -> Needs(site_types=...))"
+        )
+    if problem is None and declares_needs(cls) and _overrides(cls, "wants_site"):
+        problem = "it declares needs = Needs(...) but filters sites with wants_site; rename wants_site to wants"
+    if problem is None and _overrides(cls, "check") and (_overrides(cls, "setup") or _overrides(cls, "validate")):
+        problem = "it defines check and the old setup/validate as well; move their checks into check(batch)"
+    return None if problem is None else TypeError(f"probe {name!r} ({cls.__qualname__}): {problem}")
+
+
+def _overrides(cls: type, method: str) -> bool:
+    return getattr(cls, method) is not getattr(Probe, method)
+
+
+def site_filter(probe: Probe) -> Any:
+    """``site -> bool``: the probe's ``wants``, or the old contract's ``wants_site`` where an active probe defines it."""
+    if not probe.passive and _overrides(type(probe), "wants_site"):
+        return probe.wants_site
+    return probe.wants
+
+
+def uses_setup(probe: Probe) -> bool:
+    """Whether the probe defines the old ``setup(context)``."""
+    return _overrides(type(probe), "setup")
+
+
+def uses_validate(probe: Probe) -> bool:
+    """Whether the probe defines the old ``validate(batch)``."""
+    return _overrides(type(probe), "validate")
