@@ -66,7 +66,10 @@ def adapt(cls: type[Probe]) -> None:
     sharding = flag["sharding"] if flag["supports_sharding"] else None
     try:
         cls.needs = Needs(
-            sites=sites, site_types=tuple(flag["site_types"]), probe_data=bool(flag["needs_probe_data"]), sharding=sharding
+            sites=sites,
+            site_types=tuple(flag["site_types"]),
+            probe_data=bool(flag["needs_probe_data"]),
+            sharding=sharding,
         )
         cls._needs_from_flags = True
     except (TypeError, ValueError) as exc:
@@ -95,7 +98,7 @@ def _overrides(cls: type, method: str) -> bool:
 
 
 def site_filter(probe: Probe) -> Any:
-    """``site -> bool``: the probe's ``wants``, or the old contract's ``wants_site`` where an active probe defines it."""
+    """``site -> bool``: the probe's ``wants``, or the old ``wants_site`` where an active probe defines it."""
     if not probe.passive and _overrides(type(probe), "wants_site"):
         return probe.wants_site
     return probe.wants

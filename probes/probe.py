@@ -257,11 +257,16 @@ class ProbeContext:
             out = call_model(model if model is not None else self.model, x)
         return select_output(out, self._output_spec)
 
-    def positional(self, x: Any) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+    def positional(self, x: Any, *, force: bool = False) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
         """``(module, args)`` with ``module(*args)`` the probes' output tensor on ``x``: the model itself for
-        ``model(x)`` returning a tensor, else a wrapper (``probes.engine.inputs.Positional``) sharing its
-        parameters."""
-        return Positional.wrap(self.model, x, self._output_spec, force=not self._tensor_output)
+        ``model(x)`` returning a tensor (unless ``force``), else a wrapper (``probes.engine.inputs.Positional``)
+        sharing its parameters."""
+        return Positional.wrap(self.model, x, self._output_spec, force=force or not self._tensor_output)
+
+    @property
+    def picks_output(self) -> bool:
+        """Whether ``attach(output=...)`` picks the probes' output from what the model returns."""
+        return self._output_spec is not None
 
     def notice(self, key: str, message: str) -> None:
         """Say ``message`` once per session and probe for ``key``, on rank 0 only (a ``ProbesNoticeWarning``).
@@ -503,10 +508,18 @@ class Probe:
                 cls.__init__.__signature__ = signature(cls.Options)  # type: ignore[attr-defined]
 
     def __init__(self, **options: Any) -> None:
-        """Check ``options`` against ``Options`` (``probes.options.read``) and keep them as ``self.options``."""
+        """Check ``options`` against ``Options`` (``probes.options.read``) and keep them as ``self.options``; an
+        option reads as ``self.options.<name>``, or ``self.<name>`` where the probe has no attribute of that name."""
         from probes.options import read
 
         self.options = read(self.name or type(self).__name__, type(self).Options, options)
+
+    def __getattr__(self, name: str) -> Any:
+        # only reached for a name the probe lacks: an option of its ``Options``
+        options = self.__dict__.get("options")
+        if options is not None and name in getattr(type(options), "__dataclass_fields__", {}):
+            return getattr(options, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     # -- declared state ---------------------------------------------------------------
     def add_state(self, name: str, default: Any, reduce: str | None = "sum", window: bool = True) -> None:

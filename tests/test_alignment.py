@@ -16,7 +16,7 @@ from torch import nn
 import probes
 from probes.builtin.alignment import Alignment
 from probes.kernels import DegenerateKernelError
-from probes.probe import Activation, Context, ProbeBatch, Site
+from probes.probe import Activation, ProbeBatch, Site
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,7 +55,7 @@ def test_measure_matches_pxp_formula_on_post_features() -> None:
     post2 = torch.tanh(pre2)
     out = torch.randn(P, 3, generator=g) + 2 * torch.nn.functional.one_hot(y, 3)
     probe = Alignment()
-    probe.setup(Context(nn.Identity(), None, y))
+    probe.check(ProbeBatch(nn.Identity(), None, y, None, {}, 0))
     got = scalars(probe.measure(make_batch({"fc.1": (pre1, post1), "conv:relu#2": (pre2, post2)}, y, out)))
     Y = one_hot(y, 3)
     assert set(got) == {"alignment/fc.1/cka", "alignment/conv:relu#2/cka", "alignment/output/cka"}
@@ -109,9 +109,9 @@ def test_site_selection() -> None:
 def test_constant_labels_fail_at_setup_and_dead_layers() -> None:
     P = 10
     with pytest.raises(DegenerateKernelError, match="labels .* all the same"):
-        Alignment().setup(Context(nn.Identity(), None, torch.full((P,), 3)))
-    with pytest.raises(ValueError, match="needs labels"):
-        Alignment().setup(Context(nn.Identity(), None, None))
+        Alignment().check(ProbeBatch(nn.Identity(), None, torch.full((P,), 3), None, {}, 0))
+    with pytest.raises(ValueError, match="alignment: this probe needs labels"):  # Needs(labels=True), at attach
+        probes.attach(nn.Sequential(nn.Linear(3, 4), nn.ReLU()), ["alignment"], probe_data=torch.randn(P, 3))
     y = torch.arange(P) % 2
     dead = torch.zeros(P, 5)
     alive = torch.randn(P, 5)

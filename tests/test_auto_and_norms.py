@@ -63,7 +63,7 @@ def test_auto_on_a_cnn_leaves_out_what_cannot_apply_and_says_why_in_one_line_eac
 
 def test_auto_without_a_probe_batch_keeps_the_passive_probes_only():
     s, notices = attach_quietly(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)), "auto")
-    assert set(s.probes) == {p.name for p in probes.available() if p.cls.passive or not p.cls.needs_probe_data}
+    assert set(s.probes) == {p.name for p in probes.available() if p.cls.passive or not p.cls.needs.probe_data}
     assert any("pass probe_data" in m for m in notices)
     s.close()
 

@@ -15,6 +15,7 @@ hold no parameters here), and the explicit gathers happen one unit at a time.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 
@@ -326,12 +327,14 @@ def test_linear_region_per_module_route_equals_whole_parameters_in_one_process()
             model(torch.randn(16, 2, 8, 8) * 2 + 0.5)
     model.eval()
     x = torch.randn(12, 2, 8, 8, generator=torch.Generator().manual_seed(5))
-    batch = probe_batch(model, x, site_types=LinearRegion.site_types)
+    batch = probe_batch(model, x, site_types=LinearRegion.needs.site_types)
     probe = LinearRegion(eps=(1e-3, 1e-1), delta=(1e-3, 3e-2))
-    probe.setup(probes.Context(model, x))
+    probe.check(batch)
     whole_route = {r.tag: float(r.item()) for r in probe.measure(batch)}
-    sharded = replace(batch, sharded=True)  # no FSDP units here: batch.gathered does nothing
-    probe.validate(sharded)
+    context = copy.copy(batch.context)
+    context.sharded = True  # no FSDP units here: batch.context.gathered does nothing
+    sharded = replace(batch, context=context)
+    probe.check(sharded)
     per_module = {r.tag: float(r.item()) for r in probe.measure(sharded)}
     assert whole_route.keys() == per_module.keys() and len(whole_route) == 11
     assert 0 < whole_route["linear_region/flip_fraction_delta_0.03"] < 1  # the perturbations matter here

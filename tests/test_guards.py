@@ -94,7 +94,9 @@ def test_linear_region_defaults_on_a_cnn_with_batchnorm_are_informative() -> Non
         loss.backward()
         opt.step()
     model.eval()
-    got = {r.tag: r.item() for r in LinearRegion().measure(probe_batch(model, x, site_types=LinearRegion.site_types))}
+    got = {
+        r.tag: r.item() for r in LinearRegion().measure(probe_batch(model, x, site_types=LinearRegion.needs.site_types))
+    }
     # gates per image: ReLU 16 x 32 x 32, max-pool indices 16 x 16 x 16, ReLU 32 x 16 x 16 = 28,672 -> 1e-5
     assert "linear_region/flip_fraction_eps_1e-05" in got and "linear_region/flip_fraction_delta_0.001" in got
     assert 0 < got["linear_region/flip_fraction"] < 1
@@ -105,11 +107,11 @@ def test_linear_region_defaults_on_a_cnn_with_batchnorm_are_informative() -> Non
     # the defaults are the documented sizes, and the sizes of earlier versions gave nothing to read (the check can
     # fail)
     explicit = LinearRegion(eps=(1e-5, 1e-4, 1e-3), delta=(1e-5, 1e-4, 1e-3))
-    same = {r.tag: r.item() for r in explicit.measure(probe_batch(model, x, site_types=LinearRegion.site_types))}
+    same = {r.tag: r.item() for r in explicit.measure(probe_batch(model, x, site_types=LinearRegion.needs.site_types))}
     assert same.keys() == got.keys()
     assert all(same[t] == got[t] or (math.isnan(same[t]) and math.isnan(got[t])) for t in got)
     old = LinearRegion(eps=(1e-3, 1e-2, 1e-1), delta=(1e-3, 1e-2, 1e-1))
-    before = {r.tag: r.item() for r in old.measure(probe_batch(model, x, site_types=LinearRegion.site_types))}
+    before = {r.tag: r.item() for r in old.measure(probe_batch(model, x, site_types=LinearRegion.needs.site_types))}
     assert before["linear_region/flip_fraction"] == 1 and math.isnan(before["linear_region/l_gen"])
 
 

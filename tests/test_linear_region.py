@@ -388,8 +388,9 @@ def test_probe_joint_quantities_against_reference() -> None:
     model = make_mlp(11, sizes, 0.0, True)
     x = torch.randn(50, 4, dtype=torch.float64)
     probe = probes.plugins.probe_class("linear_region")(eps=(0.05,), delta=(0.05,), seed=3)
-    probe.setup(probes.probe.Context(model, x))
-    records = {r.tag: r.item() for r in probe.measure(probe_batch(model, x))}
+    batch = probe_batch(model, x)
+    probe.check(batch)
+    records = {r.tag: r.item() for r in probe.measure(batch)}
     g = torch.Generator().manual_seed(3)
     xp = perturb_inputs(x, 0.05, g)
     params = net_params(model)

@@ -82,7 +82,7 @@ def test_sequence_output_takes_the_last_kept_position_with_one_notice() -> None:
     batch.mask = mask
     probe = NTK(spectrum="full")
     with pytest.warns(ProbesNoticeWarning, match=r"last kept \(attention mask\) position.*positions='all'"):
-        probe.validate(batch)
+        probe.check(batch)
     with warnings.catch_warnings():
         warnings.simplefilter("error", ProbesNoticeWarning)  # said once: not again at the measurement
         got = {r.tag: r for r in probe.measure(batch)}
@@ -169,13 +169,13 @@ def test_max_cost_refuses_at_attach_naming_the_options() -> None:
             match=r"ntk: one measurement costs .*P=4 samples x 5 outputs.*outputs=k.*"
             r"k=4 fits.*smaller probe batch.*output=.*max_cost",
         ):
-            probe.validate(batch)
+            probe.check(batch)
         assert NTK(max_cost=4 * 5 * n).check_cost(4, 5, model) == 4 * 5 * n
-        NTK(max_cost=4 * 5 * n).validate(batch)
-        NTK(max_cost=4 * 4 * n, outputs=4).validate(batch)  # the sketch fits where the 5 outputs do not
-        NTK(max_cost=None, positions="all").validate(batch)
+        NTK(max_cost=4 * 5 * n).check(batch)
+        NTK(max_cost=4 * 4 * n, outputs=4).check(batch)  # the sketch fits where the 5 outputs do not
+        NTK(max_cost=None, positions="all").check(batch)
         with pytest.raises(ValueError, match="max_cost"):
-            NTK(max_cost=4 * 5 * n, positions="all").validate(batch)  # 6 positions x 5 outputs
+            NTK(max_cost=4 * 5 * n, positions="all").check(batch)  # 6 positions x 5 outputs
         with pytest.raises(ValueError, match="outputs=k"):
             probes.attach(model, [NTK(max_cost=100)], probe_data=ids)
 
@@ -208,7 +208,7 @@ def test_progress_lines_and_a_notice_for_a_slow_measurement(monkeypatch, caplog)
     with caplog.at_level(logging.INFO, logger="probes"):
         progress.report("outside", 1, 1)
         tangent_plan = NTK(positions="all")
-        tangent_plan.validate(batch)
+        tangent_plan.check(batch)
     assert not [r for r in caplog.records if "so far" in r.getMessage()]
 
 

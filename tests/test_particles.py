@@ -16,7 +16,7 @@ from torch import nn
 import probes
 from probes.builtin.particles import Particles, find_two_layer
 from probes.functional.meanfield import MeanField, sphere_
-from probes.probe import Context, ProbeBatch
+from probes.probe import ProbeBatch
 
 SETTINGS = settings(max_examples=25, deadline=None)
 
@@ -28,7 +28,7 @@ def _batch(model: nn.Module, step: int = 0) -> ProbeBatch:
 
 def _attached(model: nn.Module, **opts) -> Particles:
     probe = Particles(**opts)
-    probe.setup(Context(model))
+    probe.check(_batch(model))
     return probe
 
 

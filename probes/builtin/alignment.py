@@ -57,7 +57,7 @@ from probes.engine.failures import ProbesNoticeWarning, say
 from probes.engine.inputs import take
 from probes.functional.alignment import DegenerateKernelError, Prepared, prepare
 from probes.functional.labels import IGNORE_INDEX, label_matrix, padded_labels, token_positions
-from probes.probe import Context, Probe, ProbeBatch, Site
+from probes.probe import Needs, Probe, ProbeBatch, Site
 from probes.records import Record, Scalar
 
 OUTPUT = "output"
@@ -79,9 +79,7 @@ def is_token_labels(y: torch.Tensor | None) -> bool:
     return isinstance(y, torch.Tensor) and y.ndim == 2 and not y.is_floating_point() and y.dtype != torch.bool
 
 
-def token_pairs(
-    who: str, batch: ProbeBatch, positions: str, said: set[str] | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
+def token_pairs(who: str, batch: ProbeBatch, positions: str, notice: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``(sample, position)`` pairs of the token labels that are samples, and their labels
     (``probes.functional.labels.token_positions`` with the batch's ``label_shift`` and attention mask: a pair whose
     feature position or label position is padding is left out, like a ``-100`` label).
@@ -90,8 +88,8 @@ def token_pairs(
         who: the probe's name, for messages.
         batch: the probe batch, with token labels ``(P, T)``.
         positions: ``"all"`` or ``"last"``.
-        said: the probe's set of notices said; when given, labelled positions that the attention mask leaves out
-            (``labels = input_ids`` with the pads not set to ``-100``) are said once (key ``"padding"``).
+        notice: say once (``batch.context.notice``, key ``"padding"``) how many labelled positions the attention
+            mask leaves out (``labels = input_ids`` with the pads not set to ``-100``).
 
     Returns:
         ``(index, y)``: ``index`` ``(N, 2)`` long, ``y`` the ``N`` paired labels.
@@ -99,21 +97,20 @@ def token_pairs(
     Raises:
         ValueError: as ``token_positions``, naming the probe and the options that change the pairing.
     """
-    if said is not None and "padding" not in said:
-        n = padded_labels(batch.y, batch.label_shift, batch.mask)
-        if n:
-            said.add("padding")
-            say(
-                f"{who}: {n} labelled position(s) of the token labels pair with padding (attention mask 0, "
-                f"label_shift={batch.label_shift}) and are left out, as if labelled {IGNORE_INDEX} (said once)",
-                ProbesNoticeWarning,
-            )
+    shift = batch.context.label_shift
+    n = padded_labels(batch.y, shift, batch.mask) if notice else 0
+    if n:
+        batch.context.notice(
+            "padding",
+            f"{who}: {n} labelled position(s) of the token labels pair with padding (attention mask 0, "
+            f"label_shift={shift}) and are left out, as if labelled {IGNORE_INDEX} (said once)",
+        )
     try:
-        return token_positions(batch.y, batch.label_shift, positions, batch.mask)
+        return token_positions(batch.y, shift, positions, batch.mask)
     except ValueError as exc:
         raise ValueError(
             f"{who}: {exc} (token labels {tuple(batch.y.shape)} with attach(label_shift="
-            f"{batch.label_shift}), option positions={positions!r}; every position labelled "
+            f"{shift}), option positions={positions!r}; every position labelled "
             f"{IGNORE_INDEX} is left out)"
         ) from None
 
@@ -135,9 +132,7 @@ class Alignment(Probe):
     description = "how well each layer's features line up with the labels (centered CKA)"
     every = 100
     passive = False
-    needs_sites = True
-    site_values = frozenset({"post"})
-    needs_probe_data = True
+    needs = Needs(sites={"post"}, labels=True, probe_data=True)
 
     def __init__(
         self,
@@ -158,17 +153,21 @@ class Alignment(Probe):
         self.degenerate = degenerate
         self._checked_patterns = False
         self._warned: set[str] = set()
-        self._said: set[str] = set()  # notices said once (token labels at padded positions)
         self._seen: tuple | None = None  # ((step, model, x), sites seen on two samples): see _probe_sites
 
-    def setup(self, context: Context) -> None:
-        if context.y is None:
-            raise ValueError("alignment: this probe needs labels; pass probe_data=(x, y) to probes.attach")
-        if is_token_labels(context.y):  # which positions are samples depends on the shift and the mask: validate
-            if not bool((context.y != IGNORE_INDEX).any()):
+    def check(self, batch: ProbeBatch) -> None:
+        """Labels that vary (or token labels with a labelled position); on the at-attach pass, labels that index the
+        model's outputs, chosen sites that exist, a tensor output when it is aligned too."""
+        if is_token_labels(batch.y):  # which positions are samples depends on the shift and the mask: below
+            if not bool((batch.y != IGNORE_INDEX).any()):
                 raise ValueError(f"alignment: every token label is {IGNORE_INDEX} (no position has a label)")
-            return
-        Y = label_matrix(context.y, who="alignment")
+        elif batch.y is not None:
+            self._check_labels(batch.y)
+        if batch.output is not None:
+            self._check_pass(batch)
+
+    def _check_labels(self, y: torch.Tensor) -> None:
+        Y = label_matrix(y, who="alignment")
         if Y.shape[0] < 2:
             raise ValueError(f"alignment: the probe batch has {Y.shape[0]} sample(s); centering needs at least 2")
         Yc = Y - Y.mean(dim=0, keepdim=True)
@@ -178,13 +177,13 @@ class Alignment(Probe):
                 "alignment is 0/0; use a probe batch with more than one class (or non-constant targets)"
             )
 
-    def wants_site(self, site: Site) -> bool:
+    def wants(self, site: Site) -> bool:
         # otherwise the probe runs its own passes, group of sites by group
-        return self._shared and super().wants_site(site)
+        return self._shared and super().wants(site)
 
     def _activation_names(self, activations: dict) -> list[str]:
         """The chosen sites among ``activations`` (activation sites only: not other probes' extra sites)."""
-        return self._select([n for n, a in activations.items() if Probe.wants_site(self, a.site)])
+        return self._select([n for n, a in activations.items() if Probe.wants(self, a.site)])
 
     def _held(self, batch: ProbeBatch) -> bool:
         """Whether the probe pass kept the outputs of every chosen site (for this probe or another)."""
@@ -195,12 +194,12 @@ class Alignment(Probe):
 
     def _probe_sites(self, batch: ProbeBatch) -> dict:
         """The sites of the model and what each gives, from one pass over two probe samples (kept for the rest of
-        this step: ``validate`` at attach, then the at-attach measurement)."""
+        this step: ``check`` at attach, then the at-attach measurement)."""
         key = (batch.step, id(batch.model), id(batch.x))
         if self._seen is None or self._seen[0] != key:
-            acts = batch.run(
+            acts = batch.context.run(
                 take(batch.x, slice(0, 2)),
-                keep=lambda site: frozenset({"post"}) if Probe.wants_site(self, site) else frozenset(),
+                keep=lambda site: frozenset({"post"}) if Probe.wants(self, site) else frozenset(),
             ).activations
             self._seen = (key, acts)
         return self._seen[1]
@@ -228,13 +227,15 @@ class Alignment(Probe):
         of sites (in chunks of the session's ``probe_batch_size``)."""
         for group in groups:
             wanted = set(group)
-            kept = batch.run(keep=lambda site, w=wanted: frozenset({"post"}) if site.name in w else frozenset())
+            kept = batch.context.run(
+                batch.x, keep=lambda site, w=wanted: frozenset({"post"}) if site.name in w else frozenset()
+            )
             acts = kept.activations
             del kept
             for n in group:
                 yield n, acts.pop(n).post
 
-    def validate(self, batch: ProbeBatch) -> None:
+    def _check_pass(self, batch: ProbeBatch) -> None:
         """Labels that index the model's outputs, chosen sites that exist, a tensor output when it is aligned too."""
         if self.output and not isinstance(batch.output, torch.Tensor):
             raise TypeError(
@@ -272,7 +273,7 @@ class Alignment(Probe):
                 f"per position, but the model output has shape {tuple(out.shape)}; pass output=False to "
                 "align the sites only, or one label per sample"
             )
-        index, yk = token_pairs("alignment", batch, self.positions, self._said)
+        index, yk = token_pairs("alignment", batch, self.positions, notice=True)
         C = int(out.shape[-1]) if isinstance(out, torch.Tensor) and out.ndim == 3 and out.shape[-1] > 1 else None
         try:
             Y = label_matrix(yk, num_classes=C, who="alignment")
@@ -321,9 +322,9 @@ class Alignment(Probe):
                 return token_rows(f, index)
             if self.sites is not None or site == OUTPUT:
                 raise ValueError(self._not_token_wise(site, f, batch.y))
-            if site not in self._warned:
-                self._warned.add(site)
-                say(self._not_token_wise(site, f, batch.y) + "; left out (said once)", ProbesNoticeWarning)
+            batch.context.notice(
+                f"not-token-wise:{site}", self._not_token_wise(site, f, batch.y) + "; left out (said once)"
+            )
             return None
         mask = batch.mask
         if mask is not None and f.ndim >= 3 and tuple(f.shape[:2]) == tuple(mask.shape):

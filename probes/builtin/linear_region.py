@@ -97,7 +97,7 @@ from torch.func import functional_call, jvp
 
 from probes import options
 from probes.engine.distributed import is_sharded
-from probes.engine.inputs import Positional, select_output, take
+from probes.engine.inputs import take
 from probes.functional.local_affine import (
     MAX_POOLS,
     ModuleValues,
@@ -114,7 +114,7 @@ from probes.functional.local_affine import (
     swapped,
     trainable_names,
 )
-from probes.probe import Context, Probe, ProbeBatch, Site
+from probes.probe import Needs, Probe, ProbeBatch, ProbeContext, Site
 from probes.records import Chart, Record, Scalar
 
 log = logging.getLogger("probes.linear_region")
@@ -145,7 +145,7 @@ EXACT_DTYPE = torch.float64
 def region_patterns(
     batch: ProbeBatch, x: torch.Tensor, state: Params | None = None, site_types: tuple[type[nn.Module], ...] = MAX_POOLS
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """One pass of the engine's probe pass (``batch.run``: no grad, eval mode) with parameters ``state``: output
+    """One pass of the engine's probe pass (``batch.context.run``: no grad, eval mode) with parameters ``state``: output
     (P, C) and site -> per-sample pattern (P, ...).
 
     Patterns: ``pre > 0`` (ReLU, LeakyReLU, PReLU, RReLU, functional relu / leaky_relu), ``(pre > lo, pre < hi)``
@@ -158,7 +158,7 @@ def region_patterns(
     def keep(site: Site) -> frozenset[str]:
         return frozenset({"pre"}) if not site.extra or isinstance(site.module, extra) else frozenset()
 
-    run = batch.run(x, keep=keep, params=state)
+    run = batch.context.run(x, keep=keep, params=state)
     P = x.shape[0]
     pats: dict[str, torch.Tensor] = {}
     for name, act in run.activations.items():
@@ -176,10 +176,11 @@ def region_patterns(
 def _directional(batch: ProbeBatch, state: Params | None, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """``A(x) v`` per sample (P, C) by one forward-mode ``jvp`` of the probes' output tensor (``state=None``: the
     model's own forward and parameters)."""
-    model, spec = batch.model, batch.output_spec
+    model = batch.model
 
     def f(z: torch.Tensor) -> torch.Tensor:
-        return select_output(model(z) if state is None else functional_call(model, state, (z,)), spec)
+        swapped = None if state is None else (lambda t: functional_call(model, state, (t,)))
+        return batch.context.forward(z, model=swapped)
 
     out = jvp(f, (x,), (v,))[1]
     return out.detach().reshape(x.shape[0], -1)
@@ -313,13 +314,11 @@ class LinearRegion(Probe):
     )
     # FSDP2: every forward runs through the model's own forward, which gathers one unit at a time; each module's
     # parameter set (cast, perturbed) is made inside that module's forward (``ModuleParameters``)
-    sharding = "per_module"
     description = "samples whose linear region changes under small input/weight nudges"
     every = 100
     passive = False
-    needs_sites = False
-    needs_probe_data = True
-    site_types = MAX_POOLS  # the argmax of max pooling is part of a sample's linear region
+    # the argmax of max pooling is part of a sample's linear region
+    needs = Needs(site_types=MAX_POOLS, probe_data=True, tensor_input=True, sharding="per_module")
 
     def __init__(
         self,
@@ -344,19 +343,23 @@ class LinearRegion(Probe):
         self._wrapped: tuple[Any, nn.Module] | None = None
         self._announced: tuple | None = None
 
-    def setup(self, context: Context) -> None:
-        if not isinstance(context.x, torch.Tensor) or not context.x.is_floating_point():
-            raise TypeError("linear_region: the probe batch x must be one floating tensor with samples first")
-        if is_sharded(context.model):  # no forward at attach: the traced checks run in validate, on every rank
-            check_piecewise_linear(context.model, None, who="linear_region", allow=self.allow, assume_eval=True)
-            return
-        self._check(context.model, context.x, context.output_spec, own=False)
+    def check(self, batch: ProbeBatch) -> None:
+        """A piecewise-linear model (``check_piecewise_linear`` with a traced forward of two samples); under FSDP2
+        the structure first, then, on the at-attach pass, the traced checks through the model's own forward and
+        that every module holding trainable parameters runs its own forward (where ``ModuleParameters`` makes
+        their perturbed copies)."""
+        if not batch.context.sharded:
+            return self._check(batch.model, batch.x, batch.context, own=False)
+        # no forward before the probe pass: the traced checks run on it, on every rank
+        check_piecewise_linear(batch.model, None, who="linear_region", allow=self.allow, assume_eval=True)
+        if batch.output is not None:
+            self._check_sharded(batch)
 
-    def _check(self, model: nn.Module, x: torch.Tensor, output_spec: Any, own: bool) -> None:
+    def _check(self, model: nn.Module, x: torch.Tensor, context: ProbeContext, own: bool) -> None:
         """``check_piecewise_linear`` with a traced forward of two samples (``own``: the model's own parameters)."""
         p = next((t for t in model.parameters() if t.is_floating_point()), None)
         x = x[:2].to(p.dtype if p is not None else x.dtype)
-        wrapped = self._tensor_model(model, output_spec, False)
+        wrapped = self._tensor_model(model, context, False)
         try:
             check_piecewise_linear(
                 wrapped, x, who="linear_region", allow=self.allow, assume_eval=True, own_parameters=own
@@ -366,7 +369,7 @@ class LinearRegion(Probe):
                 raise
             # the model returns a dict / tuple / ModelOutput: check the output the probes use
             check_piecewise_linear(
-                self._tensor_model(model, output_spec, True),
+                self._tensor_model(model, context, True),
                 x,
                 who="linear_region",
                 allow=self.allow,
@@ -374,18 +377,13 @@ class LinearRegion(Probe):
                 own_parameters=own,
             )
 
-    def validate(self, batch: ProbeBatch) -> None:
-        """Under FSDP2: the traced checks of ``setup`` (through the model's own forward), and that every module
-        holding trainable parameters runs its own forward (where ``ModuleParameters`` makes their perturbed
-        copies). Without sharding ``setup`` checked everything."""
-        if not batch.sharded:
-            return
-        if not isinstance(batch.x, torch.Tensor) or not batch.x.is_floating_point():
-            raise TypeError("linear_region: the probe batch x must be one floating tensor with samples first")
-        self._check(batch.model, batch.x, batch.output_spec, own=True)
+    def _check_sharded(self, batch: ProbeBatch) -> None:
+        """Under FSDP2, on the at-attach pass: the traced checks through the model's own forward, and that every
+        module holding trainable parameters runs its own forward."""
+        self._check(batch.model, batch.x, batch.context, own=True)
         model = batch.model
         with swapped(model, lambda module: {}) as called:
-            batch.run(take(batch.x, slice(0, 2)))
+            batch.context.run(take(batch.x, slice(0, 2)))
         missing = [
             path or "<root>"
             for path, m in model.named_modules()
@@ -399,14 +397,14 @@ class LinearRegion(Probe):
                 "for this sharded model"
             )
 
-    def _tensor_model(self, model: nn.Module, output_spec: Any, needed: bool) -> nn.Module:
+    def _tensor_model(self, model: nn.Module, context: ProbeContext, needed: bool) -> nn.Module:
         """``model`` as ``x -> the probes' output tensor`` when its output needs picking (one wrapper, kept, so the
         capture stays valid); the model itself otherwise."""
-        if not needed and output_spec is None:
+        if not needed and not context.picks_output:
             return model
-        key = (id(model), id(output_spec))
+        key = (id(model), context.picks_output)
         if self._wrapped is None or self._wrapped[0] != key:
-            self._wrapped = (key, Positional.wrap(model, torch.empty(0), output_spec, force=True)[0])
+            self._wrapped = (key, context.positional(torch.empty(0), force=True)[0])
         return self._wrapped[1]
 
     def dtypes(self, model: nn.Module, x: torch.Tensor) -> tuple[torch.dtype, torch.dtype]:
@@ -464,8 +462,6 @@ class LinearRegion(Probe):
         return self.generator.manual_seed(self.seed)
 
     def measure(self, batch: ProbeBatch) -> list[Record]:
-        if not isinstance(batch.x, torch.Tensor):
-            raise TypeError("linear_region: the probe batch x must be one floating tensor with samples first")
         model = batch.model
         x0 = batch.x.detach()
         if self.max_samples is not None:
@@ -476,7 +472,7 @@ class LinearRegion(Probe):
         g = self._gen(x.device)
         names = trainable_names(model)
         # the parameter sets: whole copies, or under FSDP2 recipes applied module by module in the forward
-        sets = (ModuleParameters if batch.sharded else WholeParameters)(batch, names, self.site_types)
+        sets = (ModuleParameters if batch.context.sharded else WholeParameters)(batch, names, self.needs.site_types)
         state = sets.base(sweep)
         patterns = sets.patterns
 

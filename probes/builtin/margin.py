@@ -27,13 +27,15 @@ position, ``"last"`` the last one of each sequence. ``N_Delta`` then counts posi
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
-from probes import options
 from probes.builtin.alignment import POSITIONS, is_token_labels, token_pairs, token_rows
 from probes.functional.labels import label_matrix
-from probes.probe import Context, Probe, ProbeBatch
+from probes.options import MAX_BINS, choice, integer, number, option
+from probes.probe import Needs, Probe, ProbeBatch
 from probes.records import Histogram, Record, Scalar
 
 
@@ -89,30 +91,25 @@ class Margin(Probe):
     description = "samples not yet fitted with a margin (jamming): count, share, loss"
     every = 10
     passive = False
-    needs_sites = False
-    needs_probe_data = True
+    needs = Needs(labels=True, probe_data=True)
 
-    def __init__(
-        self, margin: float = 0.5, bins: int = 64, n_weights: int | None = None, positions: str = "all"
-    ) -> None:
-        self.margin = options.number("margin", "margin", margin, minimum=0.0)
-        self.positions = options.choice("margin", "positions", positions, POSITIONS)
-        self.bins = options.integer("margin", "bins", bins, minimum=1, maximum=options.MAX_BINS)
-        self.n_weights = options.integer("margin", "n_weights", n_weights, minimum=1, maximum=2**63 - 1, optional=True)
-        self._said: set[str] = set()  # notices said once (token labels at padded positions)
+    @dataclass(frozen=True)
+    class Options:
+        margin: float = option(0.5, number, minimum=0.0, doc="the margin m of Delta = m - y f(x)")
+        bins: int = option(64, integer, minimum=1, maximum=MAX_BINS, doc="bins of the histogram of Delta")
+        n_weights: int | None = option(
+            None, integer, minimum=1, maximum=2**63 - 1, optional=True, doc="N (default: the trainable weights)"
+        )
+        positions: str = option("all", choice, allowed=POSITIONS, doc="token labels: every kept position or the last")
 
-    def setup(self, context: Context) -> None:
-        if context.y is None:
-            raise ValueError("margin: this probe needs labels; pass probe_data=(x, y) to probes.attach")
-        if self.n_weights is None and count_weights(context.model) == 0:
+    def check(self, batch: ProbeBatch) -> None:
+        """A model with trainable weights (or ``n_weights``); labels of the kind and range the model's output width
+        needs (binary +-1 or two classes for one output, integer class indices ``0..C-1`` for ``C`` outputs),
+        checked on the at-attach output."""
+        if self.n_weights is None and count_weights(batch.model) == 0:
             raise ValueError("margin: the model has no trainable weights (without biases); pass n_weights=N")
-
-    def validate(self, batch: ProbeBatch) -> None:
-        """Labels of the kind and range the model's output width needs (binary +-1 or two classes for one output,
-        integer class indices ``0..C-1`` for ``C`` outputs), checked on the at-attach output."""
-        if batch.y is None:
-            raise ValueError("margin: this probe needs labels; pass probe_data=(x, y) to probes.attach")
-        self.forces(batch)
+        if batch.output is not None:
+            self.forces(batch)
 
     def forces(self, batch: ProbeBatch) -> torch.Tensor:
         """The forces on the probe batch: one per sample, or one per kept position for token labels ``(P, T)``.
@@ -137,12 +134,10 @@ class Margin(Probe):
                 f"position, but the model output is {shape}; pick the per-position logits with "
                 "attach(output=...), or pass one label per sample"
             )
-        index, yk = token_pairs("margin", batch, self.positions, self._said)
+        index, yk = token_pairs("margin", batch, self.positions, notice=True)
         return forces(token_rows(out, index), yk, self.margin)
 
     def measure(self, batch: ProbeBatch) -> list[Record]:
-        if batch.y is None:
-            raise ValueError("margin: this probe needs labels; pass probe_data=(x, y) to probes.attach")
         delta = self.forces(batch)
         P = delta.numel()
         N = self.n_weights if self.n_weights is not None else count_weights(batch.model)

@@ -33,7 +33,7 @@ else the last position), said once; ``positions="all"`` keeps every position. ``
 ``k`` outputs ``f(x) S``, ``S`` a fixed ``C x k`` matrix of i.i.d. ``N(0, 1/k)`` entries from the probe's own
 generator (``seed``), an unbiased estimate of the kernel summed over the ``C`` outputs.
 
-Budget: at attach (``validate``) the probe estimates what its route will take (``probes.functional.ntk.ntk_cost``:
+Budget: at attach (``check``) the probe estimates what its route will take (``probes.functional.ntk.ntk_cost``:
 each layer's factors or per-sample gradients, the fallback's Jacobians, the ``n x n`` kernels of the full route or
 the Krylov basis and streamed blocks of the top-k route, the largest temporary; and a time figure) and refuses,
 with a ``ValueError`` naming what lowers it (``spectrum="topk"``, a smaller probe batch, ``outputs=k``, and how much
@@ -76,7 +76,6 @@ import torch
 
 from probes import options
 from probes.builtin._images import declare_image_state, image_due
-from probes.engine.failures import ProbesNoticeWarning
 from probes.figures import ImageCadence, spectrum_figure
 from probes.functional.alignment import DegenerateKernelError
 from probes.functional.labels import label_matrix
@@ -95,7 +94,7 @@ from probes.functional.ntk import cost as ntk_cost_module
 from probes.functional.ntk.cost import gib as _gib
 from probes.functional.ntk.outputs import SelectedOutput, gaussian_sketch, last_positions
 from probes.functional.spectra import effective_rank_bounds, kernel_distance, label_alignment, spectrum, top_eigenvalues
-from probes.probe import Context, Probe, ProbeBatch
+from probes.probe import Needs, Probe, ProbeBatch
 from probes.records import Chart, Drawing, Histogram, Image, Record, Scalar
 
 #: ``spectrum`` option: every eigenvalue from the P x P kernel, the top-k matrix-free, or by memory_budget
@@ -117,23 +116,16 @@ SLOW_SECONDS = 10.0
 log = logging.getLogger("probes")
 
 
-def _notice(message: str) -> None:
-    from probes.engine.failures import say
-
-    say(message, ProbesNoticeWarning)  # once, pointing at the user's line
-
-
 class NTK(Probe):
     """Empirical NTK on the probe batch: spectrum, alignment with the labels, distance from the first kernel."""
 
     name = "ntk"
     charts = (Chart("NTK top eigenvalues (ntk/eig_top/<k>, k = 1 largest)", r"^ntk/eig_top/\d+$"),)
-    sharding = "per_sample"  # across ranks: each rank the factors of P / world samples, exchanged (ntk.ranks)
     description = "neural tangent kernel on the probe batch: spectrum, label fit, drift"
     every = 1000
     passive = False
-    needs_sites = False
-    needs_probe_data = True
+    # across ranks: each rank the factors of P / world samples, exchanged (ntk.ranks)
+    needs = Needs(probe_data=True, sharding="per_sample")
 
     def __init__(
         self,
@@ -192,9 +184,8 @@ class NTK(Probe):
                 what="'auto', a positive number of bytes, or None",
             )
         )
-        self.cost: NTKCost | None = None  # the estimate made at attach (validate)
+        self.cost: NTKCost | None = None  # the estimate made at attach (check)
         self._sketch: torch.Tensor | None = None
-        self._said: set[str] = set()
         self.image = options.flag("ntk", "image", image)
         self.image_cadence = ImageCadence("ntk", image_every)
         declare_image_state(self)
@@ -202,15 +193,18 @@ class NTK(Probe):
         self.add_state("init_kernel", None, reduce=None, window=False)
         self.add_state("init_eigenvalues", None, reduce=None, window=False)
         self.add_state("init_step", None, reduce=None, window=False)
-        self._said_token_labels = False
         self._plan: tuple[Any, NTKPlan] | None = None  # a cache (re-planned when the model or its placement changes)
         self._auto_topk: int | None = None  # spectrum="auto": kernels this large take "topk" (max_memory, at attach)
 
-    def setup(self, context: Context) -> None:
-        if not any(p.requires_grad for p in context.model.parameters()):
+    def check(self, batch: ProbeBatch) -> None:
+        """The model has trainable parameters and the labels are not all the same; on the at-attach pass, class
+        labels must index the model's outputs (``ntk/alignment`` builds ``Y`` from them), and the model must have
+        an NTK this probe computes: the plan on two samples finds a non-tensor output, dropout, or layers that mix
+        samples (without computing any kernel)."""
+        if not any(p.requires_grad for p in batch.model.parameters()):
             raise ValueError("ntk: the model has no trainable parameters, so its NTK is zero")
-        if context.y is not None and not _token_labels(context.y):
-            Y = label_matrix(context.y, who="ntk")
+        if batch.y is not None and not _token_labels(batch.y):
+            Y = label_matrix(batch.y, who="ntk")
             Yc = Y - Y.mean(dim=0, keepdim=True)
             if Y.shape[0] >= 2 and not bool(torch.linalg.vector_norm(Yc) > 1e-10 * torch.linalg.vector_norm(Y)):
                 raise DegenerateKernelError(
@@ -218,10 +212,8 @@ class NTK(Probe):
                     "zero and ntk/alignment is 0/0; use a probe batch with both classes"
                 )
 
-    def validate(self, batch: ProbeBatch) -> None:
-        """Class labels must index the model's outputs (``ntk/alignment`` builds ``Y`` from them), and the model
-        must have an NTK this probe computes: the plan on two samples finds a non-tensor output, dropout, or
-        layers that mix samples (without computing any kernel)."""
+        if batch.output is None:
+            return
         if batch.y is not None and isinstance(batch.output, torch.Tensor) and not self._token_labels(batch):
             batch.targets("ntk")
         model, args = self.kernel_model(batch)
@@ -234,12 +226,11 @@ class NTK(Probe):
         out (said once) and the kernel is measured all the same."""
         if not _token_labels(batch.y):
             return False
-        if not self._said_token_labels:
-            self._said_token_labels = True
-            _notice(
-                "ntk: the probe batch has token labels (P, T); ntk/alignment needs one label per sample and is "
-                "left out (the kernel, its spectrum and its drift are measured)"
-            )
+        batch.context.notice(
+            "token-labels",
+            "ntk: the probe batch has token labels (P, T); ntk/alignment needs one label per sample and is "
+            "left out (the kernel, its spectrum and its drift are measured)",
+        )
         return True
 
     def kernel_model(self, batch: ProbeBatch) -> tuple[torch.nn.Module, tuple[torch.Tensor, ...]]:
@@ -253,21 +244,20 @@ class NTK(Probe):
         Returns:
             The module (the model's parameters, shared) and its positional arguments.
         """
-        model, args = batch.positional()
+        model, args = batch.context.positional(batch.x)
         out = batch.output
         position = self.positions == "last" and isinstance(out, torch.Tensor) and out.ndim > 2
         if position:
             P, T = int(out.shape[0]), int(out.shape[1])
             masked = batch.mask is not None and tuple(batch.mask.shape) == (P, T)
             args = args + (last_positions(batch.mask if masked else None, P, T, args[0].device),)
-            if "position" not in self._said:
-                self._said.add("position")
-                _notice(
-                    f"ntk: the output has shape {tuple(out.shape)} (samples, positions, ...): the kernel covers "
-                    f"the outputs at the {'last kept (attention mask)' if masked else 'last'} position of each "
-                    f"sample only ({math.prod(out.shape[2:])} outputs, not {math.prod(out.shape[1:])}); "
-                    "positions='all' covers every position, outputs=k sketches the outputs"
-                )
+            batch.context.notice(
+                "position",
+                f"ntk: the output has shape {tuple(out.shape)} (samples, positions, ...): the kernel covers "
+                f"the outputs at the {'last kept (attention mask)' if masked else 'last'} position of each "
+                f"sample only ({math.prod(out.shape[2:])} outputs, not {math.prod(out.shape[1:])}); "
+                "positions='all' covers every position, outputs=k sketches the outputs",
+            )
         if self.outputs is not None and isinstance(out, torch.Tensor):
             C = math.prod(out.shape[2:] if position else out.shape[1:])
             if self._sketch is None or self._sketch.shape[0] != C:
@@ -334,17 +324,18 @@ class NTK(Probe):
             route=route,
             top_k=max(1, self.top_k),
             chunk_size=self.chunk_size,
-            world=batch.world_size,
+            world=batch.context.world_size,
             kernels=7 if labels else 5,
         )
         budget, source = self.memory_limit(args[0].device)
         if budget is not None and cost.peak_bytes > budget and route == "full" and self.spectrum == "auto":
             topk = cost.at(route="topk")
             if topk.peak_bytes <= budget:  # "auto" chooses the route: the one that fits
-                _notice(
+                batch.context.notice(
+                    "auto-topk",
                     f"ntk: spectrum='auto' takes 'topk' (the top_k eigenvalues, the trace and the effective rank "
                     f"only): the full route would need about {_gib(cost.peak_bytes)}, above the memory budget, "
-                    f"{source}"
+                    f"{source}",
                 )
                 self._auto_topk, cost = cost.n, topk
         self.cost = cost
@@ -418,12 +409,12 @@ class NTK(Probe):
         t0 = time.monotonic()
         records = self._measure(batch)
         seconds = time.monotonic() - t0
-        if seconds > SLOW_SECONDS and "slow" not in self._said:
-            self._said.add("slow")
-            _notice(
+        if seconds > SLOW_SECONDS:
+            batch.context.notice(
+                "slow",
                 f"ntk: one measurement took {seconds:.0f} s (progress: logging.getLogger('probes') at INFO); "
                 "outputs=k (a sketch of the outputs), a smaller probe batch or a longer cadence (every=) "
-                "make it cheaper"
+                "make it cheaper",
             )
         return records
 
@@ -437,7 +428,7 @@ class NTK(Probe):
         if self._plan is None or self._plan[0] != key:  # the two discovery passes only when the model changed
             self._plan = (key, ntk_plan(model, args, who="ntk"))
         if self.uses_topk(batch.size * (self._plan[1].outputs if self.mode == "full" else 1)):
-            return self._measure_topk(model, args, batch.step, batch.world_size > 1)
+            return self._measure_topk(model, args, batch.step, batch.context.world_size > 1)
         theta = empirical_ntk(
             model,
             args,
@@ -446,7 +437,7 @@ class NTK(Probe):
             chunk_size=self.chunk_size,
             dtype=torch.float64,
             plan=self._plan[1],
-            distributed=batch.world_size > 1,
+            distributed=batch.context.world_size > 1,
         )
         P = batch.size
         C = theta.shape[0] // P

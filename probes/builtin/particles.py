@@ -34,8 +34,8 @@ full every other position is dropped and later ones are stored at half the rate,
 always starts at the initialisation. ``trail_mode="ring"`` keeps the last ``trail`` positions.
 
 Under FSDP2 (``fully_shard``) every rank measures: the hidden layer's weights are read inside
-``batch.gathered(hidden)``, then the output layer's inside ``batch.gathered(out)``, one unit's whole parameters at a
-time; the values are those of one process.
+``batch.context.gathered(hidden)``, then the output layer's inside ``batch.context.gathered(out)``, one unit's
+whole parameters at a time; the values are those of one process.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ from probes import options
 from probes.builtin._images import declare_image_state, image_due
 from probes.figures import ImageCadence, particles_figure
 from probes.functional.meanfield import MeanField
-from probes.probe import Context, Probe, ProbeBatch
+from probes.probe import Needs, Probe, ProbeBatch
 from probes.records import Drawing, Histogram, Image, Record, Scalar
 
 
@@ -226,14 +226,12 @@ class Particles(Probe):
     """
 
     name = "particles"
-    # FSDP2: positions() reads the hidden layer inside batch.gathered(hidden), then the output layer inside
-    # batch.gathered(out): one unit's whole parameters at a time (two blocks even when one unit holds both)
-    sharding = "per_module"
     description = "hidden units of a two-layer net as moving points, with trails"
     every = 20
     passive = False
-    needs_sites = False
-    needs_probe_data = False
+    # FSDP2: positions() reads the hidden layer inside batch.context.gathered(hidden), then the output layer inside
+    # batch.context.gathered(out): one unit's whole parameters at a time (two blocks even when one unit holds both)
+    needs = Needs(probe_data=False, sharding="per_module")
 
     def __init__(
         self,
@@ -311,8 +309,11 @@ class Particles(Probe):
         assert self.hidden is not None
         return self.hidden.out_features
 
-    def setup(self, context: Context) -> None:
-        model = context.model
+    def check(self, batch: ProbeBatch) -> None:
+        """A two-layer net at ``layer`` (``find_two_layer``) that fits the options; binds its layers."""
+        self._bind(batch.model)
+
+    def _bind(self, model: nn.Module) -> None:
         hp, hidden, op, out = find_two_layer(model, self.layer)
         who = f"particles ({type(model).__name__}.{hp})"
         if self.bias and hidden.bias is None:
@@ -444,8 +445,8 @@ class Particles(Probe):
 
     def measure(self, batch: ProbeBatch) -> Sequence[Record]:
         if self.hidden is None:
-            self.setup(Context(batch.model))
-        p, sign, norms = self.positions(batch.gathered)
+            self._bind(batch.model)
+        p, sign, norms = self.positions(batch.context.gathered)
         if self.basis is None:
             if not torch.isfinite(p).all():
                 raise ValueError(

@@ -89,7 +89,7 @@ from probes.functional.path_gram import (
     path_gram,
     quadratic_form,
 )
-from probes.probe import Context, Pass, Probe, ProbeBatch
+from probes.probe import Needs, Pass, Probe, ProbeBatch
 from probes.records import Drawing, Image, Record, Scalar
 
 #: leaf modules that are the identity in eval mode and may sit anywhere in the chain
@@ -314,14 +314,12 @@ class PathGramProbe(Probe):
     """Neural path kernel ``H`` of a Linear->ReLU chain on the probe batch and ``tr(Y^T H^{-1} Y)``."""
 
     name = "pathgram"
-    # FSDP2: the recomposition check reads each Linear's weight inside ``batch.gathered(linear)``, one at a time;
-    # the path gram itself needs only the probe pass's gates
-    sharding = "per_module"
     description = "neural path kernel of the ReLU gates and how well it fits the labels"
     every = 100
     passive = False
-    needs_sites = True
-    needs_probe_data = True
+    # FSDP2: the recomposition check reads each Linear's weight inside ``batch.context.gathered(linear)``, one at a
+    # time; the path gram itself needs only the probe pass's gates
+    needs = Needs(sites={"pre", "post"}, labels=True, probe_data=True, sharding="per_module")
 
     def __init__(
         self,
@@ -343,39 +341,38 @@ class PathGramProbe(Probe):
         self.jitter_max = options.number("pathgram", "jitter_max", jitter_max, positive=True)
         options.ordered("pathgram", "jitter_start", jitter_start, "jitter_max", jitter_max)
         self.rcond = options.number("pathgram", "rcond", rcond, positive=True, below=1, optional=True)
-        self.check = options.flag("pathgram", "check", check)
+        self.recompose = options.flag("pathgram", "check", check)  # option ``check``: ``self.check`` is the hook
         self._xx: tuple | None = None
         self._workspace = Workspace()
 
-    def setup(self, context: Context) -> None:
-        if context.y is None:
-            raise ValueError("pathgram: this probe needs labels; pass probe_data=(x, y) to probes.attach")
-        flatten_input(context.x)
-        Y = label_matrix(context.y, who="pathgram")
-        if Y.shape[0] != context.x.shape[0]:
-            raise ValueError(f"pathgram: {Y.shape[0]} labels for {context.x.shape[0]} probe samples")
-
-    def validate(self, batch: ProbeBatch) -> None:
-        """The model is a Linear->ReLU chain that recomposes from its layers (read off the at-attach pass), and the
-        labels fit the model's outputs: what would otherwise fail at the first measurement."""
+    def check(self, batch: ProbeBatch) -> None:
+        """Inputs that flatten to ``P x d`` and a label per sample; on the at-attach pass, the model is a
+        Linear->ReLU chain that recomposes from its layers (read off the pass), and the labels fit the model's
+        outputs: what would otherwise fail at the first measurement."""
+        flatten_input(batch.x)
+        Y = label_matrix(batch.y, who="pathgram")
+        if Y.shape[0] != batch.x.shape[0]:
+            raise ValueError(f"pathgram: {Y.shape[0]} labels for {batch.x.shape[0]} probe samples")
+        if batch.output is None:
+            return
         found: ProbeBatch | Pass = batch
         if not batch.calls:  # a batch without the shared pass's trace: one pass over two samples shows the chain
-            found = batch.run(
+            found = batch.context.run(
                 take(batch.x, slice(0, 2)),
-                keep=lambda site: frozenset({"pre", "post"}) if self.wants_site(site) else frozenset(),
+                keep=lambda site: frozenset({"pre", "post"}) if self.wants(site) else frozenset(),
             )
         X = flatten_input(batch.x)[: found.output.shape[0]]
         chain = find_chain(found)
-        if self.check:
-            check_recomposition(found, chain, X, rows=min(X.shape[0], 16), gathered=batch.gathered)
+        if self.recompose:
+            check_recomposition(found, chain, X, rows=min(X.shape[0], 16), gathered=batch.context.gathered)
         batch.targets("pathgram")
 
     def compute(self, batch: ProbeBatch) -> tuple[PathGram, Chain]:
         """The rescaled path gram of the probe batch, after checking the chain structure."""
         X = flatten_input(batch.x)
         chain = find_chain(batch)
-        if self.check:
-            check_recomposition(batch, chain, X, gathered=batch.gathered)
+        if self.recompose:
+            check_recomposition(batch, chain, X, gathered=batch.context.gathered)
         gates = [batch.activations[s].pre > 0 for s in chain.gates]
         return path_gram(X, gates, chain.bias, xx=self._input_gram(X), workspace=self._workspace), chain
 

@@ -44,11 +44,10 @@ import torch
 
 from probes import options
 from probes.builtin._images import declare_image_state, image_due
-from probes.engine.failures import ProbesNoticeWarning, say
 from probes.engine.inputs import take
 from probes.figures import ImageCadence, gates_figure
 from probes.functional.patterns import save_gates, snapshot_path, unit_axis
-from probes.probe import Context, Probe, ProbeBatch
+from probes.probe import Needs, Probe, ProbeBatch
 from probes.records import Drawing, Image, Record, Scalar
 
 
@@ -210,9 +209,7 @@ class Patterns(Probe):
     description = "which ReLU gates are open on the probe batch and how they change"
     every = 100
     passive = False
-    needs_sites = True
-    site_values = frozenset({"gate"})
-    needs_probe_data = True
+    needs = Needs(sites={"gate"}, probe_data=True)
 
     def __init__(
         self,
@@ -230,7 +227,6 @@ class Patterns(Probe):
         declare_image_state(self)
         self.save = options.flag("patterns", "save", save)
         self.directory = options.path("patterns", "directory", directory, optional=True)
-        self._unit_said: set[str] = set()  # sites without the axis unit_dim (said once each)
         # persistent references (checkpointed): the first and the previous gates of each site, packed one bit per
         # gate (``pack_rows``: P x ceil(n / 8) uint8), with each site's gate shape
         self.add_state("first", {}, reduce=None, window=False)
@@ -238,16 +234,22 @@ class Patterns(Probe):
         self.add_state("shapes", {}, reduce=None, window=False)
         self.add_state("first_step", None, reduce=None, window=False)
 
-    def setup(self, context: Context) -> None:
+    def check(self, batch: ProbeBatch) -> None:
+        """A folder for the snapshots (``save=True``); on the at-attach pass, the model has activation sites, and
+        ``sites`` matches some of them (two samples show them)."""
+        logdir = batch.context.logdir
         if self.save and self.directory is None:
-            if context.logdir is None:
+            if logdir is None:
                 raise ValueError(
                     "patterns: save=True needs a log directory (attach(..., logdir=...)) or "
                     "directory=... for the snapshots"
                 )
-            self.directory = str(Path(context.logdir) / "patterns")
+            self.directory = str(Path(logdir) / "patterns")
         if self.save:
             _check_folder(self.directory)
+        if batch.output is not None:
+            keep = lambda site: frozenset({"gate"})  # noqa: E731
+            self._site_names(batch.context.run(take(batch.x, slice(0, 2)), keep=keep).activations)
 
     def _select(self, names: list[str]) -> list[str]:
         if self.sites is None:
@@ -260,7 +262,7 @@ class Patterns(Probe):
         return [n for n in names if any(n == p or fnmatch.fnmatchcase(n, p) for p in self.sites)]
 
     def _site_names(self, activations: dict) -> list[str]:
-        names = self._select([n for n, a in activations.items() if self.wants_site(a.site)])
+        names = self._select([n for n, a in activations.items() if self.wants(a.site)])
         if not names:
             raise ValueError(
                 "patterns: the model has no activation site on the probe pass (no ReLU, GELU, ... "
@@ -268,10 +270,6 @@ class Patterns(Probe):
                 "it cannot apply to this model"
             )
         return names
-
-    def validate(self, batch: ProbeBatch) -> None:
-        """The model has activation sites, and ``sites`` matches some of them (two samples show them)."""
-        self._site_names(batch.run(take(batch.x, slice(0, 2)), keep=lambda site: frozenset({"gate"})).activations)
 
     def measure(self, batch: ProbeBatch) -> list[Record]:
         names = self._site_names(batch.activations)
@@ -302,13 +300,12 @@ class Patterns(Probe):
         records: list[Record] = []
         for n, g in gates.items():
             ud, fits = unit_axis(g.ndim, self.unit_dim)
-            if not fits and n not in self._unit_said:
-                self._unit_said.add(n)
+            if not fits:
                 message = (
                     f"patterns: option 'unit_dim'={self.unit_dim} is out of range for the {g.ndim}-d gates "
                     f"of site {n!r}; that site counts its units on axis {ud} (the default)"
                 )
-                say(message, ProbesNoticeWarning)
+                batch.context.notice(f"unit-dim:{n}", message)
             dims = tuple(d for d in range(g.ndim) if d != ud)
             m = real.get(n)
             count = g.numel() if m is None else m.expand(g.shape).sum(dtype=torch.int64).double()
@@ -340,7 +337,7 @@ class Patterns(Probe):
                 self.shapes[n] = tuple(p.shape)
         if self.first_step is None:
             self.first_step = batch.step
-        if self.save and batch.writes:  # under FSDP every rank measures; rank 0 alone writes
+        if self.save and batch.context.writes:  # under FSDP every rank measures; rank 0 alone writes
             save_gates(
                 snapshot_path(self.directory, batch.step),
                 gates,

@@ -19,12 +19,15 @@ which is over the probe batch), histogram ``relu_zeros/<site>/unit_activity``, `
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 
-from probes import options
 from probes.engine.failures import ProbesNoticeWarning, say
 from probes.functional.patterns import unit_axis
-from probes.probe import Probe, Site
+from probes.options import MAX_BINS, choice, integer, option
+from probes.probe import Needs, Probe, Site
 from probes.records import Histogram, Record, Scalar
 
 
@@ -67,16 +70,18 @@ class ReluZeros(Probe):
     description = "ReLU outputs that are exactly zero in training, per layer; dead units"
     every = 100
     passive = True
-    needs_probe_data = False
-    site_values = frozenset({"post"})  # the outputs only: the capture keeps no site input for it
+    needs = Needs(sites={"post"}, probe_data=False)  # the outputs only: the capture keeps no site input for it
 
-    def __init__(self, unit_dim: int | None = None, sites: str = "relu", bins: int = 20) -> None:
-        options.choice("relu_zeros", "sites", sites, ("relu", "all"))
-        options.integer("relu_zeros", "unit_dim", unit_dim, optional=True, what="None or an int axis")
-        options.integer("relu_zeros", "bins", bins, minimum=1, maximum=options.MAX_BINS)
-        self.unit_dim = None if unit_dim is None else int(unit_dim)
-        self.sites = sites
-        self.bins = int(bins)
+    @dataclass(frozen=True)
+    class Options:
+        unit_dim: int | None = option(
+            None, integer, optional=True, what="None or an int axis", doc="the axis of units (default: channels)"
+        )
+        sites: str = option("relu", choice, allowed=("relu", "all"), doc="ReLU-family sites, or every activation")
+        bins: int = option(20, integer, minimum=1, maximum=MAX_BINS, doc="bins of the unit-activity histogram")
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
         self.add_state("nonzero", {}, reduce="sum")  # site -> (units,) int64: outputs != 0 per unit
         self.add_state("outputs", {}, reduce="sum")  # site -> number of outputs seen (python int: from shapes)
         self.add_state("per_unit", {}, reduce="sum")  # site -> outputs per unit
@@ -85,14 +90,14 @@ class ReluZeros(Probe):
 
     def wants(self, site: Site) -> bool:
         # "all": every activation site, not the extra module types that active probes asked the capture for
-        return site.relu_family or (self.sites == "all" and not site.extra)
+        return site.relu_family or (self.options.sites == "all" and not site.extra)
 
     def _unit_dim(self, site: str, ndim: int) -> int:
-        axis, fits = unit_axis(ndim, self.unit_dim)
+        axis, fits = unit_axis(ndim, self.options.unit_dim)
         if not fits:
             _notice(
-                f"relu_zeros: option 'unit_dim'={self.unit_dim} is out of range for the {ndim}-d activations of "
-                f"site {site!r}; that site counts its units on axis {axis} (the default)"
+                f"relu_zeros: option 'unit_dim'={self.options.unit_dim} is out of range for the {ndim}-d activations "
+                f"of site {site!r}; that site counts its units on axis {axis} (the default)"
             )
         return axis
 
@@ -177,7 +182,7 @@ class ReluZeros(Probe):
                 Scalar(f"relu_zeros/{name}/fraction", zeros / outputs),
                 Scalar(f"relu_zeros/{name}/zeros", zeros),
                 Scalar(f"relu_zeros/{name}/dead_in_window", (nonzero == 0).sum()),
-                Histogram.of(f"relu_zeros/{name}/unit_activity", nonzero.double() / per_unit, bins=self.bins),
+                Histogram.of(f"relu_zeros/{name}/unit_activity", nonzero.double() / per_unit, bins=self.options.bins),
             ]
         if zeros_all:
             records.insert(0, Scalar("relu_zeros/total/fraction", torch.stack(zeros_all).sum() / sum(outputs_all)))

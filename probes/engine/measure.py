@@ -208,7 +208,9 @@ class ActiveProbes:
             self._say_compute_dtype(shared.output)
         mask = self.data.mask(self.mask_key)
         context = self._context(shared.tensor_output)
-        return ProbeBatch(self.probe_pass.module, x, y, shared.output, shared.activations, step, mask, shared.calls, context)
+        return ProbeBatch(
+            self.probe_pass.module, x, y, shared.output, shared.activations, step, mask, shared.calls, context
+        )
 
     def _measure_here(self, names: list[str], step: int, at_attach: bool) -> None:
         for n in names:

@@ -322,8 +322,8 @@ def standalone_batch(
     site_types: tuple[type[nn.Module], ...] = (),
 ) -> ProbeBatch:
     """A ``ProbeBatch`` outside a session (``probes.testing.probe_batch``): the model's output on ``x`` and a probe
-    pass of its own for ``batch.context.run``, each run in eval mode with the modes and RNG state restored (``site_types``:
-    extra module types to treat as sites, as a session takes them from its probes)."""
+    pass of its own for ``batch.context.run``, each run in eval mode with the modes and RNG state restored
+    (``site_types``: extra module types to treat as sites, as a session takes them from its probes)."""
     probe_pass = ProbePass(model, Capture(model, extra_sites=tuple(site_types)), output, probe_batch_size)
 
     def run(x: Any, keep: Keep | None = None, params: Mapping[str, torch.Tensor] | None = None) -> Pass:

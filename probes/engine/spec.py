@@ -10,12 +10,11 @@ from typing import Any
 
 import torch
 
-from probes import plugins
-from probes import legacy
+from probes import legacy, plugins
 from probes.engine import distributed
-from probes.engine.needs import check_declared
 from probes.engine.failures import Failures
 from probes.engine.inputs import check_output_option
+from probes.engine.needs import check_declared
 from probes.probe import Context, Probe
 from probes.schedules import as_schedule
 from probes.sinks.base import Sink
