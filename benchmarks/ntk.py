@@ -802,7 +802,7 @@ def budget_case(name: str, P: int, smoke: bool) -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         batch = probe_batch(model, x, y)
-        probe.validate(batch)
+        probe.check(batch)
         cost = probe.cost
         before = _rss_now()
         times = []

@@ -3,6 +3,8 @@
 ``check_probe(MyProbe, {"option": 1})`` runs, on a small ReLU MLP (or your ``model=`` factory) and a
 seeded probe batch:
 
+- ``check_contract``: the class declares the contract once (``needs`` a ``Needs``, not mixed with the old flags or
+  hooks; ``Options`` a dataclass of fields with defaults, each declared with ``probes.options.option``);
 - ``check_training_unchanged``: the same seeds give bit-identical parameters with and without the probe;
 - ``check_records``: finite values (or documented NaN), tags that start with the probe's name and are the
   same from one run to the next;
@@ -25,6 +27,7 @@ Factories must be importable (module-level) for the DDP check, which starts proc
 from __future__ import annotations
 
 import copy
+import dataclasses
 import datetime
 import math
 import os
@@ -40,10 +43,11 @@ import torch.nn.functional as F
 from torch import nn
 
 import probes
-from probes.probe import Probe
+from probes.probe import Needs, Probe
 
 __all__ = [
     "check_probe",
+    "check_contract",
     "check_training_unchanged",
     "check_records",
     "check_state_round_trip",
@@ -510,6 +514,32 @@ def check_ddp_flush(
             )
 
 
+def check_contract(cls: type[Probe]) -> None:
+    """The class declares the probe contract once: ``needs`` is a ``Needs`` (built from the old flags where the class
+    uses them), the old and the new contract are not mixed (``probes.legacy.contract_error``), and ``Options``, when
+    declared, is a dataclass whose fields all have defaults and carry their check (``probes.options.option``).
+
+    Args:
+        cls: the probe class.
+
+    Raises:
+        AssertionError: what is wrong and what to change.
+    """
+    from probes import legacy
+
+    who = cls.name or cls.__name__
+    error = legacy.contract_error(cls, who)
+    assert error is None, str(error)
+    assert isinstance(cls.needs, Needs), f"{who}: needs must be a probes.Needs, got {cls.needs!r}"
+    if cls.Options is None:
+        return
+    assert dataclasses.is_dataclass(cls.Options), f"{who}: Options must be a dataclass"
+    for f in dataclasses.fields(cls.Options):
+        has_default = f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+        assert has_default, f"{who}: option {f.name!r} has no default; declare it with probes.options.option(default)"
+        assert "check" in f.metadata, f"{who}: option {f.name!r} is not declared with probes.options.option"
+
+
 def check_probe(
     cls: type[Probe],
     options: Mapping[str, Any] | None = None,
@@ -537,6 +567,7 @@ def check_probe(
     Raises:
         AssertionError: the first check that fails, with a message naming the probe and what differs.
     """
+    check_contract(cls)  # a precondition of the others, not counted among them
     passed: list[str] = []
     check_training_unchanged(cls, options, model)
     passed.append("training unchanged")
@@ -568,8 +599,9 @@ def probe_batch(
     probe_batch_size: int | None = None,
     site_types: tuple[type[nn.Module], ...] = (),
 ) -> Any:
-    """A ``ProbeBatch`` for calling a probe's ``measure`` by hand, as the session would build it: the model's output
-    on ``x`` (no gradients, eval mode) and a probe pass for ``batch.run`` over a capture of its own.
+    """A ``ProbeBatch`` for calling a probe's ``check`` or ``measure`` by hand, as the session would build it: the
+    model's output on ``x`` (no gradients, eval mode) and a probe pass for ``batch.context.run`` over a capture of its
+    own.
 
     Args:
         model: the model.
@@ -578,11 +610,12 @@ def probe_batch(
         step: the step the batch reports.
         output: the ``attach(output=...)`` option.
         probe_batch_size: samples per chunk of the probe passes (None: one pass).
-        site_types: extra module types to treat as sites, as a session takes them from its probes' ``site_types``
-            (e.g. ``LinearRegion.site_types``).
+        site_types: extra module types to treat as sites, as a session takes them from its probes'
+            ``needs.site_types`` (e.g. ``LinearRegion.needs.site_types``).
 
     Returns:
-        A ``probes.ProbeBatch`` without site activations (``needs_sites`` probes get them through a session).
+        A ``probes.ProbeBatch`` without site activations (probes with ``Needs(sites=...)`` get them through a
+        session).
     """
     from probes.engine.probe_pass import standalone_batch
 

@@ -96,7 +96,6 @@ from torch import nn
 from torch.func import functional_call, jvp
 
 from probes import options
-from probes.engine.distributed import is_sharded
 from probes.engine.inputs import take
 from probes.functional.local_affine import (
     MAX_POOLS,

@@ -59,9 +59,9 @@ ReLU, Linear`` (a leading ``nn.Flatten`` and identities/dropouts are allowed), a
 chain from the Linear layers and the captured activations must reproduce each gate's input and the
 model output, which catches residual connections, scalings or ``F.linear`` calls that no hook sees.
 
-Under FSDP2 (``fully_shard``) every rank measures (``sharding = "per_module"``): the gates come from the probe
-pass, and the recomposition check reads each Linear's weight inside ``batch.gathered(linear)``, one unit at a time;
-the values are those of one process.
+Under FSDP2 (``fully_shard``) every rank measures (``Needs(sharding="per_module")``): the gates come from the probe
+pass, and the recomposition check reads each Linear's weight inside ``batch.context.gathered(linear)``, one unit at
+a time; the values are those of one process.
 """
 
 from __future__ import annotations
