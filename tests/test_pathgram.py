@@ -735,7 +735,15 @@ def test_good_options_are_kept():
         check=np.bool_(False),
         rcond=1e-12,
     )
-    assert (p.condition, p.image, p.image_side, p.jitter_start, p.jitter_max, p.check, p.rcond) == (
+    assert (
+        p.condition,
+        p.image,
+        p.image_side,
+        p.jitter_start,
+        p.jitter_max,
+        p.recompose,
+        p.rcond,
+    ) == (  # option check: p.check is the hook
         "off",
         None,
         64,

@@ -21,8 +21,23 @@ def _cadence(cls: type) -> str:
     return repr(every) if every is not None else "-"
 
 
-def list_lines(width: int = LIST_WIDTH) -> list[str]:
-    """The lines of ``probes list``: name, default cadence (steps), where it came from, description."""
+def option_lines(cls: type) -> list[str]:
+    """``probes list --options``: a probe's options with their defaults (and help, where its ``Options`` dataclass
+    gives one), one per line."""
+    import inspect
+
+    from probes.options import described
+
+    options = getattr(cls, "Options", None)
+    if options is not None:
+        return [f"    {n}={d!r}" + (f"  ({doc})" if doc else "") for n, d, doc in described(options)]
+    params = [p for p in inspect.signature(cls.__init__).parameters.values() if p.default is not p.empty]
+    return [f"    {p.name}={p.default!r}" for p in params]
+
+
+def list_lines(width: int = LIST_WIDTH, options: bool = False) -> list[str]:
+    """The lines of ``probes list``: name, default cadence (steps), where it came from, description (``options``:
+    each probe's options below it)."""
     import textwrap
 
     from probes import plugins
@@ -38,6 +53,8 @@ def list_lines(width: int = LIST_WIDTH) -> list[str]:
         wrapped = textwrap.wrap(text, room) or [""]
         lines.append(f"{name:<{w[0]}}  {every:>{w[1]}}  {source:<{w[2]}}  {wrapped[0]}")
         lines += [" " * indent + more for more in wrapped[1:]]
+        if options:
+            lines += option_lines(next(i.cls for i in infos if i.name == name))
     for name, err in plugins.registry.failed.items():
         lines += textwrap.wrap(f"(plugin {name!r} failed to load: {err})", width, subsequent_indent="  ")
     lines.append('every: the default cadence in training steps (change it with {name: {"every": k}}).')
@@ -45,7 +62,7 @@ def list_lines(width: int = LIST_WIDTH) -> list[str]:
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
-    print("\n".join(list_lines()))
+    print("\n".join(list_lines(options=args.options)))
     return 0
 
 
@@ -187,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="List every probe that probes.attach accepts: its name, default cadence, where "
         "it comes from (builtin or the plugin's distribution) and what it measures.",
     )
+    p.add_argument("--options", action="store_true", help="show each probe's options and their defaults")
     p.set_defaults(func=_cmd_list)
     p = sub.add_parser(
         "demo",

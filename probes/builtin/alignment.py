@@ -49,6 +49,8 @@ from __future__ import annotations
 import fnmatch
 import itertools
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -57,6 +59,7 @@ from probes.engine.failures import ProbesNoticeWarning, say
 from probes.engine.inputs import take
 from probes.functional.alignment import DegenerateKernelError, Prepared, prepare
 from probes.functional.labels import IGNORE_INDEX, label_matrix, padded_labels, token_positions
+from probes.options import option
 from probes.probe import Needs, Probe, ProbeBatch, Site
 from probes.records import Record, Scalar
 
@@ -134,23 +137,23 @@ class Alignment(Probe):
     passive = False
     needs = Needs(sites={"post"}, labels=True, probe_data=True)
 
-    def __init__(
-        self,
-        sites: str | Sequence[str] | None = None,
-        output: bool = True,
-        degenerate: str = "skip",
-        memory_budget: int | None = MEMORY_BUDGET,
-        positions: str = "all",
-    ) -> None:
-        self.sites = options.names("alignment", "sites", sites)
-        self.positions = options.choice("alignment", "positions", positions, POSITIONS)
+    @dataclass(frozen=True)
+    class Options:
+        sites: str | Sequence[str] | None = option(None, options.names, doc="site names or fnmatch patterns")
+        output: bool = option(True, options.flag, doc="align the model output too (alignment/output/cka)")
+        degenerate: str = option(
+            "skip", options.choice, allowed=("raise", "skip"), doc="a site whose kernel centers to zero: raise or skip"
+        )
+        memory_budget: int | None = option(
+            MEMORY_BUDGET, options.integer, minimum=1, optional=True, doc="bytes of features held at once (None: all)"
+        )
+        positions: str = option("all", options.choice, allowed=POSITIONS, doc="token labels: kept positions")
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
         self._per_class_checked = False
-        self.output = options.flag("alignment", "output", output)
-        self.memory_budget = options.integer("alignment", "memory_budget", memory_budget, minimum=1, optional=True)
         #: the shared probe pass keeps the chosen sites (no budget, or they fit it: known after one measurement)
-        self._shared = self.memory_budget is None
-        options.choice("alignment", "degenerate", degenerate, ("raise", "skip"))
-        self.degenerate = degenerate
+        self._shared = self.options.memory_budget is None
         self._checked_patterns = False
         self._warned: set[str] = set()
         self._seen: tuple | None = None  # ((step, model, x), sites seen on two samples): see _probe_sites

@@ -113,6 +113,7 @@ from probes.functional.local_affine import (
     swapped,
     trainable_names,
 )
+from probes.options import option
 from probes.probe import Needs, Probe, ProbeBatch, ProbeContext, Site
 from probes.records import Chart, Record, Scalar
 
@@ -289,6 +290,11 @@ class ModuleParameters:
             return _directional(self.batch, None, x, v)
 
 
+def _sizes_or_auto(probe: str, key: str, value: Any) -> tuple[float, ...] | str:
+    """``"auto"`` or ``probes.options.sizes``."""
+    return AUTO if isinstance(value, str) and value == AUTO else options.sizes(probe, key, value)
+
+
 class LinearRegion(Probe):
     """Gate flips under input / parameter perturbations, and ``L_gen`` against ``A'x'`` where gates are kept."""
 
@@ -319,25 +325,19 @@ class LinearRegion(Probe):
     # the argmax of max pooling is part of a sample's linear region
     needs = Needs(site_types=MAX_POOLS, probe_data=True, tensor_input=True, sharding="per_module")
 
-    def __init__(
-        self,
-        eps: Sequence[float] | float | str = AUTO,
-        delta: Sequence[float] | float | str = AUTO,
-        seed: int = 0,
-        dtype: Any = "auto",
-        max_samples: int | None = None,
-        allow: tuple[type[nn.Module], ...] = (),
-    ) -> None:
-        self.eps = AUTO if isinstance(eps, str) and eps == AUTO else options.sizes("linear_region", "eps", eps)
-        self.delta = (
-            AUTO if isinstance(delta, str) and delta == AUTO else options.sizes("linear_region", "delta", delta)
+    @dataclass(frozen=True)
+    class Options:
+        eps: Sequence[float] | float | str = option(AUTO, _sizes_or_auto, doc="input nudge sizes ('auto': from G)")
+        delta: Sequence[float] | float | str = option(AUTO, _sizes_or_auto, doc="weight nudge sizes ('auto')")
+        seed: int = option(
+            0, options.integer, minimum=0, maximum=2**63 - 1, what="a non-negative int below 2**63", doc="seed"
         )
-        self.seed = options.integer(
-            "linear_region", "seed", seed, minimum=0, maximum=2**63 - 1, what="a non-negative int below 2**63"
-        )
-        self.dtype = options.floating_dtype("linear_region", "dtype", dtype, keywords=("auto", None))
-        self.max_samples = options.integer("linear_region", "max_samples", max_samples, minimum=1, optional=True)
-        self.allow = options.module_types("linear_region", "allow", allow)
+        dtype: Any = option("auto", options.floating_dtype, keywords=("auto", None), doc="the dtype of the sweeps")
+        max_samples: int | None = option(None, options.integer, minimum=1, optional=True, doc="samples measured")
+        allow: tuple[type[nn.Module], ...] = option((), options.module_types, doc="more piecewise-linear modules")
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
         self.generator: torch.Generator | None = None
         self._wrapped: tuple[Any, nn.Module] | None = None
         self._announced: tuple | None = None
