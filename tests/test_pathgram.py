@@ -735,15 +735,8 @@ def test_good_options_are_kept():
         check=np.bool_(False),
         rcond=1e-12,
     )
-    assert (
-        p.condition,
-        p.image,
-        p.image_side,
-        p.jitter_start,
-        p.jitter_max,
-        p.recompose,
-        p.rcond,
-    ) == (  # option check: p.check is the hook
+    # option ``check`` is kept as ``p.recompose``: ``p.check`` is the probe's hook
+    assert (p.condition, p.image, p.image_side, p.jitter_start, p.jitter_max, p.recompose, p.rcond) == (
         "off",
         None,
         64,
