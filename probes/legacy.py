@@ -42,7 +42,11 @@ def _declares(cls: type, name: str) -> bool:
 
 
 def declares_needs(cls: type) -> bool:
-    """Whether ``cls`` or a base below ``Probe`` declares ``needs`` itself (not built from its old flags here)."""
+    """Whether ``cls`` or a base below ``Probe`` declares ``needs`` itself (not built from its old flags here).
+
+    Args:
+        cls: a probe class.
+    """
     return any(
         "needs" in k.__dict__ and not k.__dict__.get("_needs_from_flags", False)
         for k in cls.__mro__
@@ -51,13 +55,21 @@ def declares_needs(cls: type) -> bool:
 
 
 def old_flags(cls: type) -> list[str]:
-    """The old flags that ``cls`` or a base below ``Probe`` declares."""
+    """The old flags that ``cls`` or a base below ``Probe`` declares.
+
+    Args:
+        cls: a probe class.
+    """
     return [f for f in FLAGS if _declares(cls, f)]
 
 
 def adapt(cls: type[Probe]) -> None:
     """Give a class written against the old flags its ``needs`` (see the module docstring); a new-style class
-    keeps its own. Mixing both is recorded for ``contract_error``, not raised here (at import)."""
+    keeps its own. Mixing both is recorded for ``contract_error``, not raised here (at import).
+
+    Args:
+        cls: a new ``Probe`` subclass.
+    """
     if declares_needs(cls):
         return
     flag = {f: getattr(cls, f, default) for f, default in FLAGS.items()}
@@ -77,7 +89,12 @@ def adapt(cls: type[Probe]) -> None:
 
 
 def contract_error(cls: type[Probe], name: str) -> TypeError | None:
-    """An error saying exactly what to change, for a class that mixes the old and the new contract (else None)."""
+    """An error saying exactly what to change, for a class that mixes the old and the new contract (else None).
+
+    Args:
+        cls: a probe class.
+        name: the name it is attached under, for the message.
+    """
     problem = getattr(cls, "_contract_problem", None)
     flags = old_flags(cls)
     if problem is None and flags and declares_needs(cls):
@@ -98,17 +115,29 @@ def _overrides(cls: type, method: str) -> bool:
 
 
 def site_filter(probe: Probe) -> Any:
-    """``site -> bool``: the probe's ``wants``, or the old ``wants_site`` where an active probe defines it."""
+    """``site -> bool``: the probe's ``wants``, or the old ``wants_site`` where an active probe defines it.
+
+    Args:
+        probe: a probe.
+    """
     if not probe.passive and _overrides(type(probe), "wants_site"):
         return probe.wants_site
     return probe.wants
 
 
 def uses_setup(probe: Probe) -> bool:
-    """Whether the probe defines the old ``setup(context)``."""
+    """Whether the probe defines the old ``setup(context)``.
+
+    Args:
+        probe: a probe.
+    """
     return _overrides(type(probe), "setup")
 
 
 def uses_validate(probe: Probe) -> bool:
-    """Whether the probe defines the old ``validate(batch)``."""
+    """Whether the probe defines the old ``validate(batch)``.
+
+    Args:
+        probe: a probe.
+    """
     return _overrides(type(probe), "validate")

@@ -446,7 +446,11 @@ def read(probe: str, options: type | None, given: dict[str, Any]) -> Any:
 
 
 def described(options: type | None) -> list[tuple[str, Any, str]]:
-    """``(name, default, help)`` of each option of an ``Options`` dataclass (none for None), in declaration order."""
+    """``(name, default, help)`` of each option of an ``Options`` dataclass (none for None), in declaration order.
+
+    Args:
+        options: a probe's ``Options`` dataclass, or None.
+    """
     if options is None:
         return []
     out = []
@@ -457,7 +461,11 @@ def described(options: type | None) -> list[tuple[str, Any, str]]:
 
 
 def signature(options: type) -> inspect.Signature:
-    """``__init__``'s signature for a probe declaring ``options``: ``(self, *, name=default, ...)``."""
+    """``__init__``'s signature for a probe declaring ``options``: ``(self, *, name=default, ...)``.
+
+    Args:
+        options: a probe's ``Options`` dataclass.
+    """
     params = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
     params += [
         inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default)

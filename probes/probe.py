@@ -260,7 +260,12 @@ class ProbeContext:
     def positional(self, x: Any, *, force: bool = False) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
         """``(module, args)`` with ``module(*args)`` the probes' output tensor on ``x``: the model itself for
         ``model(x)`` returning a tensor (unless ``force``), else a wrapper (``probes.engine.inputs.Positional``)
-        sharing its parameters."""
+        sharing its parameters.
+
+        Args:
+            x: inputs in the probe batch's convention.
+            force: wrap even a model that returns a tensor.
+        """
         return Positional.wrap(self.model, x, self._output_spec, force=force or not self._tensor_output)
 
     @property
@@ -352,11 +357,22 @@ class ProbeBatch:
         keep: Callable[[Site], frozenset[str]] | None = None,
         params: Mapping[str, torch.Tensor] | None = None,
     ) -> Pass:
-        """The old contract's ``batch.run``: ``batch.context.run(x if given else batch.x, ...)``."""
+        """The old contract's ``batch.run``: ``batch.context.run(x if given else batch.x, ...)``.
+
+        Args:
+            x: inputs (default: the probe batch).
+            keep: ``site -> what to keep``.
+            params: parameters and buffers to run the model with.
+        """
         return self.context.run(self.x if x is None else x, keep=keep, params=params)
 
     def forward(self, x: Any = None, model: Any = None) -> torch.Tensor:
-        """The old contract's ``batch.forward``: ``batch.context.forward(x if given else batch.x, grad=True)``."""
+        """The old contract's ``batch.forward``: ``batch.context.forward(x if given else batch.x, grad=True)``.
+
+        Args:
+            x: inputs (default: the probe batch).
+            model: another callable to run the same way.
+        """
         return self.context.forward(self.x if x is None else x, grad=True, model=model)
 
     def positional(self) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
@@ -509,7 +525,11 @@ class Probe:
 
     def __init__(self, **options: Any) -> None:
         """Check ``options`` against ``Options`` (``probes.options.read``) and keep them as ``self.options``; an
-        option reads as ``self.options.<name>``, or ``self.<name>`` where the probe has no attribute of that name."""
+        option reads as ``self.options.<name>``, or ``self.<name>`` where the probe has no attribute of that name.
+
+        Args:
+            options: the options given to ``attach`` (``every`` taken by the session).
+        """
         from probes.options import read
 
         self.options = read(self.name or type(self).__name__, type(self).Options, options)
@@ -628,13 +648,25 @@ class Probe:
 
     # -- the old contract (``probes.legacy`` calls these for a probe that defines them) ---
     def setup(self, context: Context) -> None:
-        """The old contract's attach hook (``check`` replaces it); called only where a probe defines it."""
+        """The old contract's attach hook (``check`` replaces it); called only where a probe defines it.
+
+        Args:
+            context: the model, the probe batch as given and the session's settings.
+        """
 
     def validate(self, batch: ProbeBatch) -> None:
-        """The old contract's at-attach check (``check`` replaces it); called only where a probe defines it."""
+        """The old contract's at-attach check (``check`` replaces it); called only where a probe defines it.
+
+        Args:
+            batch: the at-attach probe batch.
+        """
 
     def wants_site(self, site: Site) -> bool:
-        """The old contract's active-probe site filter (``wants`` replaces it)."""
+        """The old contract's active-probe site filter (``wants`` replaces it).
+
+        Args:
+            site: a site of the model.
+        """
         return self.wants(site)
 
     def measure(self, batch: ProbeBatch) -> Sequence[Record]:

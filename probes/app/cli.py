@@ -23,7 +23,11 @@ def _cadence(cls: type) -> str:
 
 def option_lines(cls: type) -> list[str]:
     """``probes list --options``: a probe's options with their defaults (and help, where its ``Options`` dataclass
-    gives one), one per line."""
+    gives one), one per line.
+
+    Args:
+        cls: a probe class.
+    """
     import inspect
 
     from probes.options import described

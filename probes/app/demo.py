@@ -107,7 +107,8 @@ def choose_probes(
     """Every built-in probe whose set-up accepts this model, with its demo options (``images=False``: with
     ``IMAGES_OFF`` too)."""
     import probes
-    from probes.probe import Context
+    from probes.engine.needs import check_declared
+    from probes.probe import ProbeBatch
 
     chosen: dict[str, dict[str, Any]] = {}
     for info in probes.available():
@@ -122,7 +123,9 @@ def choose_probes(
                 opts["image_every"] = max(1, int(opts["image_every"]) // 5)
         trial = {k: v for k, v in opts.items() if k != "every"}
         try:
-            info.cls(**trial).setup(Context(model, probe_data[0], probe_data[1], None, torch.device("cpu")))
+            probe = info.cls(**trial)
+            check_declared(info.name, probe, probe_data[0], probe_data[1])
+            probe.check(ProbeBatch(model, probe_data[0], probe_data[1], None, {}, 0))
         except Exception as exc:  # noqa: BLE001 - a probe that cannot apply is left out, with the reason
             print(f"  left out {info.name}: {exc}", file=out)
             continue

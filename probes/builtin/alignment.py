@@ -55,7 +55,7 @@ from typing import Any
 import torch
 
 from probes import options
-from probes.engine.failures import ProbesNoticeWarning, say
+from probes.engine.failures import say
 from probes.engine.inputs import take
 from probes.functional.alignment import DegenerateKernelError, Prepared, prepare
 from probes.functional.labels import IGNORE_INDEX, label_matrix, padded_labels, token_positions
@@ -294,7 +294,7 @@ class Alignment(Probe):
             "position; leave it out with sites=[...] (the sites with a value per position)"
         )
 
-    def _check_per_class(self, classes: torch.Tensor | None, tokens: bool) -> None:
+    def _check_per_class(self, classes: torch.Tensor | None, tokens: bool, batch: ProbeBatch) -> None:
         """Once per probe: a notice when the samples (or kept positions) number fewer than twice the classes."""
         if self._per_class_checked or classes is None:
             return
@@ -302,12 +302,12 @@ class Alignment(Probe):
         n, k = int(classes.numel()), int(torch.unique(classes).numel())
         if k > 2 and n < 2 * k:
             what = "labelled positions (the samples of token labels)" if tokens else "samples"
-            say(
+            batch.context.notice(
+                "per-class",
                 f"alignment: the probe batch has {n} {what} in {k} classes, fewer than two per class: centered, "
                 "the label kernel Y Y^T is then close to the identity, and almost any features align with it (the "
                 "value does not depend on which sample has which label); use a larger probe batch, at least "
                 f"{2 * k} {what} (two or more per class)",
-                ProbesNoticeWarning,
             )
 
     def _rows(self, site: str, f: torch.Tensor, batch: ProbeBatch, index: torch.Tensor | None) -> torch.Tensor | None:
@@ -376,7 +376,7 @@ class Alignment(Probe):
         index, Y, classes = self._labels(batch)
         if index is None and Y.shape[0] != P:
             raise ValueError(f"alignment: {Y.shape[0]} labels for a probe batch of {P} samples")
-        self._check_per_class(classes, index is not None)
+        self._check_per_class(classes, index is not None, batch)
         label_parts: dict[torch.device, Prepared] = {}  # centered labels on each device that holds a site
         values: list[torch.Tensor] = []
         kept: list[str] = []
@@ -412,7 +412,8 @@ class Alignment(Probe):
                     raise DegenerateKernelError(msg + "; attach with degenerate='skip' to leave such sites out")
                 if site not in self._warned:
                     self._warned.add(site)
-                    say(msg + "; left out (warned once per site)", RuntimeWarning)
+                    if batch.context.writes:  # rank 0 only (under FSDP every rank measures)
+                        say(msg + "; left out (warned once per site)", RuntimeWarning)
                 continue
             records.append(Scalar(f"alignment/{site}/cka", value))
         return records

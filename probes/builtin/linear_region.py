@@ -466,7 +466,8 @@ class LinearRegion(Probe):
         if self.max_samples is not None:
             x0 = x0[: self.max_samples]
         sweep, joint = self.dtypes(model, x0)
-        self._announce(sweep, joint)
+        if batch.context.writes:  # said on rank 0 only (under FSDP every rank measures)
+            self._announce(sweep, joint)
         x = x0.to(sweep)
         g = self._gen(x.device)
         names = trainable_names(model)

@@ -16,6 +16,10 @@ from probes.probe import Probe
 def labels(name: str, y: torch.Tensor | None) -> None:
     """``Needs(labels=True)``: the probe batch has labels.
 
+    Args:
+        name: the probe's name, for the message.
+        y: the probe labels, or None.
+
     Raises:
         ValueError: no labels, saying what to pass.
     """
@@ -26,6 +30,10 @@ def labels(name: str, y: torch.Tensor | None) -> None:
 def tensor_input(name: str, x: Any) -> None:
     """``Needs(tensor_input=True)``: the probe inputs are one floating tensor with samples first.
 
+    Args:
+        name: the probe's name, for the message.
+        x: the probe inputs.
+
     Raises:
         TypeError: inputs of another kind (a tuple, a dict, integer token ids).
     """
@@ -34,7 +42,14 @@ def tensor_input(name: str, x: Any) -> None:
 
 
 def check_declared(name: str, probe: Probe, x: Any, y: torch.Tensor | None) -> None:
-    """Every check that ``probe.needs`` asks for, on the probe batch as given."""
+    """Every check that ``probe.needs`` asks for, on the probe batch as given.
+
+    Args:
+        name: the probe's name, for messages.
+        probe: the probe.
+        x: the probe inputs (or None).
+        y: the probe labels (or None).
+    """
     needs = type(probe).needs
     if needs.labels:
         labels(name, y)
