@@ -12,7 +12,7 @@
 
 Lifecycle: ``attach`` either returns a working session or raises and leaves nothing behind (no hook, no writer, no
 file). Everything knowable at attach raises there: options, the probe batch, a probe that cannot apply to this
-model, labels that do not fit its outputs (the first measurement, or ``Probe.validate`` without one). The at-attach
+model, labels that do not fit its outputs (the first measurement, or ``Probe.check`` without one). The at-attach
 measurement (step 0) is held back until the session is first used, so that ``load_state_dict`` right after
 ``attach`` (a resumed run) drops it instead of writing a second step-0 point. After ``close()`` every method but
 ``close()`` raises ``ProbesClosedError``.

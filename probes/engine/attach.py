@@ -58,7 +58,7 @@ def attach(
         strict: re-raise a probe's error instead of switching the probe off.
         functional: catch functional activations (``F.relu`` in ``forward``); default auto.
         measure_at_attach: measure the active probes once now, the initialization (step 0). Without it each
-            probe's ``validate`` still checks the probe batch at attach.
+            probe's ``check`` still checks the probe batch at attach.
         state: a ``Session.state_dict()`` to resume from (no step-0 measurement is written).
         probe_batch_size: the probe pass runs the probe batch in chunks of this many samples, keeping of each
             site only what the due probes read (gates as bits for ``patterns``); None: one pass.
