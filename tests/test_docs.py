@@ -125,7 +125,8 @@ def test_docs_example_runs(page: str, index: int, code: str, tmp_path: Path, mon
 
     monkeypatch.setattr(probes.plugins, "register", register)
     try:
-        exec(compile(code, f"docs/{page} block {index}", "exec"), {"__name__": "docs_example"})
+        # dont_inherit: the example runs as a user's file would, without this module's ``from __future__`` imports
+        exec(compile(code, f"docs/{page} block {index}", "exec", dont_inherit=True), {"__name__": "docs_example"})
     finally:
         for name in registered:
             probes.plugins.registry.unregister(name)
