@@ -104,13 +104,29 @@ class Failures:
         self.framework = _FRAMEWORK.get() if framework is None else framework
         self.failed: dict[str, str] = {}
         self._said: set[tuple[str, str]] = set()
+        self._lenient = 0  # inside reporting_only()
 
     def enabled(self, name: str) -> bool:
         return name not in self.failed
 
+    @contextlib.contextmanager
+    def reporting_only(self) -> Iterator[None]:
+        """Inside: a probe's error is reported and the probe switched off, even under ``strict`` (a session closed
+        on the user's exception: the user's error wins)."""
+        self._lenient += 1
+        try:
+            yield
+        finally:
+            self._lenient -= 1
+
+    @property
+    def raises(self) -> bool:
+        """Whether an error is raised now (``strict``, outside ``reporting_only()``)."""
+        return self.strict and not self._lenient
+
     def fail(self, name: str, exc: BaseException, step: int) -> None:
         """Switch ``name`` off and say so once (or re-raise ``exc`` under ``strict``)."""
-        if self.strict:
+        if self.raises:
             if hasattr(exc, "add_note") and not is_sink_error(exc):  # a sink's error names the sink already
                 exc.add_note(f"(in probe {name!r} at step {step}; strict=True)")
             raise exc

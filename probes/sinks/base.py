@@ -25,6 +25,18 @@ class Sink:
 
     _declared: tuple[Chart, ...] | None = None
 
+    @classmethod
+    def from_run(cls, run: Any, **options: Any) -> Sink:
+        """The one constructor protocol (``probes.sinks.build``): the sink for ``run`` (an object with ``logdir``
+        and ``writer``, ``probes.engine.run.Run``), made with ``options`` (``attach(sinks={name: options})``).
+        By default ``cls(**options)``; a sink that writes files next to the run's overrides it.
+
+        Args:
+            run: the run the sink writes for.
+            **options: the sink's own keyword options.
+        """
+        return cls(**options)
+
     @property
     def charts(self) -> tuple[Chart, ...]:
         """The declared chart groups (none before ``declare``)."""

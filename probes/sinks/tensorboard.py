@@ -258,6 +258,14 @@ class TensorBoardSink(Sink):
         ValueError: neither ``logdir`` nor ``writer``, or an unknown ``draw_in``.
     """
 
+    @classmethod
+    def from_run(cls, run: Any, **options: Any) -> TensorBoardSink:
+        """The sink of a run: on the user's ``writer`` when there is one (not closed here), else on ``logdir``
+        (``logdir=``/``writer=`` among ``options`` win)."""
+        writer = options.pop("writer", run.writer)
+        logdir = options.pop("logdir", None if writer is not None else run.logdir)
+        return cls(logdir=logdir, writer=writer, **options)
+
     def __init__(
         self,
         logdir: str | None = None,
