@@ -24,7 +24,7 @@ def measures_at_attach(asked: bool, state: Mapping[str, Any] | None) -> bool:
 def state_at(state: Mapping[str, Any] | None, step: int) -> dict[str, Any] | None:
     """The state a framework's run resumes from at the trainer's ``step``: ``state`` with that step (its probe
     state kept), ``{"step": step}`` without one after step 0, or None for a fresh run (step 0, no state)."""
-    if state:
+    if state is not None:  # an empty state too: a resumed run, measured from its step on
         return {**state, "step": int(step)}
     return {"step": int(step)} if step != 0 else None
 
