@@ -1,0 +1,392 @@
+"""Unit tests of ``probes.engine.capture``: the site index and its names, the module stack of functional calls, where
+the hooks live (and when), copies and pickles of an attached model, changes of the model's structure, and which
+forwards count as training forwards."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules import module as torch_module
+
+from probes.engine.capture import Capture
+
+
+class Block(nn.Module):
+    """A submodule whose forward calls ``F.relu``: a functional site named by this module's path."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.lin(x))
+
+
+class Nested(nn.Module):
+    """``torch.relu`` in the root's forward after a submodule with its own functional call returned."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = Block()
+        self.head = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.head(self.block(x)))
+
+
+class Failing(nn.Module):
+    """One ReLU module called twice, then (when told) an error before the forward returns."""
+
+    def __init__(self, error: type[BaseException] | None = None) -> None:
+        super().__init__()
+        self.act = nn.ReLU()
+        self.error = error
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.act(self.act(x))
+        if self.error is not None:
+            raise self.error("in forward")
+        return y
+
+
+class Masked(nn.Module):
+    """A token model: ``(batch, positions, features)`` through one GELU; takes an ``attention_mask`` keyword."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 5)
+        self.act = nn.GELU()
+
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.act(self.lin(x))
+
+
+def sequential() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+
+
+def observed(capture: Capture, keep: frozenset[str] = frozenset({"pre", "post"})) -> list:
+    """Install passive observation and return the list it appends ``(site, pre, post)`` to."""
+    seen: list = []
+    capture.install_passive(lambda site, pre, post: seen.append((site, pre, post)), keep)
+    return seen
+
+
+def names(seen: list) -> list[str]:
+    return [site.name for site, _, _ in seen]
+
+
+def hooked(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """``path -> (forward pre-hooks, forward hooks)`` of the modules of ``model`` that have any."""
+    out = {}
+    for path, module in model.named_modules():
+        counts = (len(module._forward_pre_hooks), len(module._forward_hooks))
+        if counts != (0, 0):
+            out[path] = counts
+    return out
+
+
+def global_hooks() -> int:
+    return len(torch_module._global_forward_pre_hooks) + len(torch_module._global_forward_hooks)
+
+
+# -- the site index ------------------------------------------------------------------------------------------------
+
+
+def test_site_modules_are_named_by_their_module_path():
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Sequential(nn.Linear(4, 4), nn.Tanh()), nn.Linear(4, 1))
+    capture = Capture(model)
+    assert sorted(capture.site_modules.values()) == ["1", "2.1"]
+    assert [(s.name, s.kind, s.call, s.functional) for s in capture.module_sites()] == [
+        ("1", "relu", 1, False),
+        ("2.1", "tanh", 1, False),
+    ]
+
+
+def test_a_module_called_k_times_gives_sites_hash_1_to_k_from_the_first_forward(shared_relu_mlp):
+    capture = Capture(shared_relu_mlp)
+    seen = observed(capture)
+    shared_relu_mlp(torch.randn(2, 12))
+    assert names(seen) == ["act#1", "act#2", "act#3"]
+    assert [site.call for site, _, _ in seen] == [1, 2, 3]
+    assert [tuple(post.shape) for _, _, post in seen] == [(2, 10), (2, 8), (2, 6)]
+    shared_relu_mlp(torch.randn(2, 12))  # the names stay those of the first forward
+    assert names(seen)[3:] == ["act#1", "act#2", "act#3"]
+
+
+def test_functional_calls_of_the_root_are_forward_relu_hash_k(functional_mlp):
+    capture = Capture(functional_mlp)
+    seen = observed(capture)
+    functional_mlp(torch.randn(2, 6))
+    assert names(seen) == ["forward:relu#1", "forward:relu#2", "forward:relu#3"]
+    assert all(site.functional and site.path == "" and site.module is None for site, _, _ in seen)
+    assert [tuple(pre.shape) for _, pre, _ in seen] == [(2, 9), (2, 7), (2, 2)]
+
+
+def test_a_functional_call_is_named_by_the_module_running_it_from_the_module_stack():
+    model = Nested()
+    capture = Capture(model)
+    seen = observed(capture)
+    model(torch.randn(3, 4))
+    # F.relu inside block.forward; torch.relu in the root's forward once block has returned
+    assert [(s.name, s.path, s.kind, s.call) for s, _, _ in seen] == [
+        ("block:relu", "block", "relu", 1),
+        ("forward:relu", "", "relu", 1),
+    ]
+
+
+def test_the_values_handed_on_are_the_activations_input_and_output():
+    model = sequential()
+    capture = Capture(model, functional=False)
+    seen = observed(capture)
+    x = torch.randn(5, 3)
+    model(x)
+    ((site, pre, post),) = seen
+    expected_pre = model[0](x)
+    assert site.name == "1"
+    torch.testing.assert_close(pre, expected_pre)
+    torch.testing.assert_close(post, expected_pre.clamp_min(0))
+
+
+def test_keep_post_only_hands_none_for_the_input():
+    model = sequential()
+    seen = observed(Capture(model, functional=False), keep=frozenset({"post"}))
+    model(torch.randn(2, 3))
+    ((_, pre, post),) = seen
+    assert pre is None and post is not None and tuple(post.shape) == (2, 4)
+
+
+# -- where the hooks are -------------------------------------------------------------------------------------------
+
+
+def test_between_probe_passes_only_the_root_and_the_site_modules_are_hooked():
+    model = sequential()
+    capture = Capture(model, functional=False)
+    assert hooked(model) == {}  # nothing until passive observation is installed
+    observed(capture)
+    assert hooked(model) == {"": (1, 1), "1": (0, 1)}
+    assert global_hooks() == 0
+
+
+def test_the_module_stack_hooks_go_once_a_forward_shows_no_functional_calls():
+    model = sequential()
+    capture = Capture(model)  # functional=None: catch functional calls until a forward shows there are none
+    observed(capture)
+    assert hooked(model) == {"": (1, 1), "0": (1, 1), "1": (1, 2), "2": (1, 1)}
+    model(torch.randn(2, 3))
+    assert capture.functional is False
+    assert hooked(model) == {"": (1, 1), "1": (0, 1)}
+
+
+def test_a_model_with_functional_calls_keeps_its_stack_hooks():
+    model = Nested()
+    capture = Capture(model)
+    observed(capture)
+    model(torch.randn(3, 4))
+    assert capture.functional is None
+    assert hooked(model) == {"": (1, 1), "block": (1, 1), "block.lin": (1, 1), "head": (1, 1)}
+
+
+def test_process_wide_hooks_exist_only_inside_recording():
+    model = sequential()
+    capture = Capture(model, functional=False)
+    observed(capture)
+    before = global_hooks()
+    with capture.recording():
+        assert global_hooks() == before + 2
+    assert global_hooks() == before
+
+
+def test_remove_leaves_no_hook_on_the_model():
+    model = sequential()
+    capture = Capture(model)
+    observed(capture)
+    model(torch.randn(2, 3))
+    capture.remove()
+    assert hooked(model) == {}
+    assert capture.observing is False
+
+
+def test_a_model_that_is_not_attached_has_no_hooks_and_is_not_observed():
+    model, other = sequential(), sequential()
+    seen = observed(Capture(model))
+    other(torch.randn(2, 3))
+    assert hooked(other) == {}
+    assert seen == []
+
+
+def test_copies_and_pickles_of_an_attached_model_carry_no_op_hooks():
+    model = sequential()
+    seen = observed(Capture(model, functional=False))
+    duplicate = copy.deepcopy(model)
+    unpickled = pickle.loads(pickle.dumps(model))
+    for clone in (duplicate, unpickled):
+        assert hooked(clone) == {"": (1, 1), "1": (0, 1)}  # the hooks are there, as no-ops
+        clone(torch.randn(2, 3))
+    assert seen == []
+    model(torch.randn(2, 3))  # the original is still observed
+    assert names(seen) == ["1"]
+
+
+# -- probe passes --------------------------------------------------------------------------------------------------
+
+
+def test_a_recording_collects_activations_and_the_call_trace_without_feeding_passive_probes(shared_relu_mlp):
+    capture = Capture(shared_relu_mlp)
+    seen = observed(capture)
+    with capture.recording() as rec, torch.no_grad():
+        shared_relu_mlp(torch.randn(4, 12))
+    assert seen == []
+    assert list(rec.activations) == ["act#1", "act#2", "act#3"]
+    assert [(c.path, c.kind, c.site) for c in rec.calls] == [
+        ("layers.0", "linear", None),
+        ("act", "relu", "act#1"),
+        ("layers.1", "linear", None),
+        ("act", "relu", "act#2"),
+        ("layers.2", "linear", None),
+        ("act", "relu", "act#3"),
+        ("layers.3", "linear", None),
+    ]
+    assert tuple(rec.activations["act#2"].pre.shape) == (4, 8)
+
+
+def test_a_recording_keeps_what_keep_asks_per_site(shared_relu_mlp):
+    capture = Capture(shared_relu_mlp)
+
+    def keep(site):
+        return frozenset({"gate"}) if site.call == 1 else frozenset()
+
+    with capture.recording(keep) as rec, torch.no_grad():
+        shared_relu_mlp(torch.randn(4, 12))
+    assert list(rec.activations) == ["act#1"]  # the other sites are in the trace only
+    kept = rec.activations["act#1"]
+    assert kept.pre.dtype == torch.bool and kept.post is None
+    assert [c.site for c in rec.calls if c.site] == ["act#1", "act#2", "act#3"]
+
+
+def test_functional_sites_of_a_recording_are_named_as_in_training(functional_mlp):
+    capture = Capture(functional_mlp)
+    with capture.recording() as rec, torch.no_grad():
+        functional_mlp(torch.randn(3, 6))
+    assert list(rec.activations) == ["forward:relu#1", "forward:relu#2", "forward:relu#3"]
+
+
+# -- the model changes after attach --------------------------------------------------------------------------------
+
+
+def test_an_added_site_is_observed_from_the_next_training_forward_and_reported_once():
+    model = sequential()
+    capture = Capture(model, functional=False)
+    seen = observed(capture)
+    model(torch.randn(2, 3))
+    assert capture.changes() == []
+    model.append(nn.Tanh())
+    model(torch.randn(2, 3))
+    assert names(seen) == ["1", "1", "3"]
+    assert capture.changes() == [(["3"], [], [])]
+    assert capture.changes() == []  # handed over once
+
+
+def test_a_replaced_site_module_is_reported_as_replaced_and_observed_with_its_kind():
+    model = sequential()
+    capture = Capture(model, functional=False)
+    seen = observed(capture)
+    model[1] = nn.GELU()
+    model(torch.randn(2, 3))
+    assert capture.changes() == [([], [], ["1"])]
+    ((site, _, _),) = seen
+    assert (site.name, site.kind) == ("1", "gelu")
+
+
+def test_a_removed_site_is_found_by_check_structure_and_no_longer_observed():
+    model = sequential()
+    model.append(nn.Tanh())
+    capture = Capture(model, functional=False)
+    seen = observed(capture)
+    del model[3]
+    capture.check_structure()
+    assert capture.changes() == [([], ["3"], [])]
+    model(torch.randn(2, 3))
+    assert names(seen) == ["1"]
+
+
+def test_check_structure_on_an_unchanged_model_reports_nothing():
+    model = sequential()
+    capture = Capture(model, functional=False)
+    observed(capture)
+    capture.check_structure()
+    assert capture.changes() == []
+
+
+# -- which forwards count ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("context", ["no_grad", "inference_mode", "eval"])
+def test_forwards_without_grad_or_in_eval_are_not_observed(context):
+    model = sequential()
+    seen = observed(Capture(model, functional=False))
+    x = torch.randn(2, 3)
+    if context == "no_grad":
+        with torch.no_grad():
+            model(x)
+    elif context == "inference_mode":
+        with torch.inference_mode():
+            model(x)
+    else:
+        model.eval()
+        model(x)
+        model.train()
+    assert seen == []
+    model(x)
+    assert names(seen) == ["1"]
+
+
+@pytest.mark.parametrize("error", [ValueError, KeyboardInterrupt])
+def test_a_forward_that_raises_counts_for_nothing_and_the_next_one_counts_from_call_1(error):
+    model = Failing(error)
+    capture = Capture(model, functional=False)
+    seen = observed(capture)
+    with pytest.raises(error):
+        model(torch.randn(2, 4))
+    capture.recover()  # what the session does between forwards
+    assert seen == []
+    model.error = None
+    model(torch.randn(2, 4))
+    assert names(seen) == ["act#1", "act#2"]
+
+
+def test_a_forward_interrupted_without_recover_is_forgotten_by_the_next_forward():
+    model = Failing(KeyboardInterrupt)
+    seen = observed(Capture(model, functional=False))
+    with pytest.raises(KeyboardInterrupt):
+        model(torch.randn(2, 4))
+    model.error = None
+    model(torch.randn(2, 4))
+    assert names(seen) == ["act#1", "act#2"]  # not act#3, act#4: the unfinished forward's calls are gone
+
+
+def test_padded_positions_are_left_out_of_site_tensors():
+    model = Masked()
+    seen = observed(Capture(model, functional=False, mask_key="attention_mask"))
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    x = torch.randn(2, 3, 3)
+    model(x, attention_mask=mask)
+    ((site, pre, post),) = seen
+    assert site.name == "act"
+    assert tuple(pre.shape) == (1, 3, 5) and tuple(post.shape) == (1, 3, 5)
+    expected = model.lin(x)[mask.bool()]
+    torch.testing.assert_close(pre[0], expected)
+
+
+def test_without_a_mask_key_every_position_is_observed():
+    model = Masked()
+    seen = observed(Capture(model, functional=False))
+    model(torch.randn(2, 3, 3), attention_mask=torch.tensor([[1, 1, 0], [1, 0, 0]]))
+    ((_, pre, _),) = seen
+    assert tuple(pre.shape) == (2, 3, 5)
