@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules import module as torch_module
+from torch.utils.checkpoint import checkpoint
 
 from probes.engine.capture import Capture
 
@@ -390,3 +391,72 @@ def test_without_a_mask_key_every_position_is_observed():
     model(torch.randn(2, 3, 3), attention_mask=torch.tensor([[1, 1, 0], [1, 0, 0]]))
     ((_, pre, _),) = seen
     assert tuple(pre.shape) == (2, 3, 5)
+
+
+def test_on_forward_is_called_once_per_completed_training_forward_with_its_sites(shared_relu_mlp):
+    capture = Capture(shared_relu_mlp)
+    observed(capture)
+    forwards: list[list[str]] = []
+    capture.on_forward = lambda sites: forwards.append([s.name for s in sites()])
+    x = torch.randn(2, 12)
+    shared_relu_mlp(x)
+    with torch.no_grad():
+        shared_relu_mlp(x)
+    with capture.recording(), torch.no_grad():
+        shared_relu_mlp(x)
+    shared_relu_mlp(x)
+    assert forwards == [["act#1", "act#2", "act#3"]] * 2
+
+
+class Checkpointed(nn.Module):
+    """A block under activation checkpointing: its forward runs again inside the backward pass."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = nn.Sequential(nn.Linear(3, 3), nn.ReLU())
+        self.head = nn.Linear(3, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(checkpoint(self.block, x, use_reentrant=False))
+
+
+def test_the_recompute_of_a_checkpointed_block_is_not_observed():
+    model = Checkpointed()
+    seen = observed(Capture(model, functional=False))
+    model(torch.randn(2, 3)).sum().backward()
+    assert names(seen) == ["block.1"]  # the first pass only
+
+
+def test_forwards_under_torch_func_transforms_are_not_observed():
+    model = sequential()
+    seen = observed(Capture(model, functional=False))
+    torch.func.vmap(model)(torch.randn(4, 3))
+    torch.func.grad(lambda x: model(x).sum())(torch.randn(3))
+    assert seen == []
+
+
+class NewGELUActivation(nn.Module):
+    """Named as Hugging Face's activation class: a site by its class name alone."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+class Pool(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def test_activation_classes_of_other_libraries_and_extra_site_types_are_sites():
+    model = nn.Sequential(nn.Linear(3, 3), NewGELUActivation(), Pool())
+    assert [s.name for s in Capture(model).module_sites()] == ["1"]
+    sites = Capture(model, extra_sites=(Pool,)).module_sites()
+    assert [(s.name, s.kind, s.extra) for s in sites] == [("1", "newgelu", False), ("2", "pool", True)]
+
+
+def test_wrappers_are_looked_through_and_left_out_of_site_names():
+    model = sequential()
+    assert Capture(nn.DataParallel(model)).model is model
+    wrapped = nn.Module()
+    wrapped._checkpoint_wrapped_module = model  # what activation checkpointing's wrapper holds
+    assert sorted(Capture(wrapped).site_modules.values()) == ["1"]
