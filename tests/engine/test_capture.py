@@ -437,10 +437,10 @@ def test_forwards_under_torch_func_transforms_are_not_observed():
 
 
 class NewGELUActivation(nn.Module):
-    """Named as Hugging Face's activation class: a site by its class name alone."""
+    """Named as Hugging Face's activation class: a site by its class name alone; calls ``F.gelu`` inside."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x
+        return F.gelu(x)
 
 
 class Pool(nn.Module):
@@ -453,6 +453,25 @@ def test_activation_classes_of_other_libraries_and_extra_site_types_are_sites():
     assert [s.name for s in Capture(model).module_sites()] == ["1"]
     sites = Capture(model, extra_sites=(Pool,)).module_sites()
     assert [(s.name, s.kind, s.extra) for s in sites] == [("1", "newgelu", False), ("2", "pool", True)]
+
+
+def test_a_functional_call_inside_a_site_module_is_not_a_second_site():
+    model = nn.Sequential(nn.Linear(3, 3), NewGELUActivation())
+    capture = Capture(model)
+    seen = observed(capture)
+    model(torch.randn(2, 3))
+    assert [(s.name, s.kind, s.functional) for s, _, _ in seen] == [("1", "newgelu", False)]
+    assert capture.functional is False  # no functional site of its own: the stack hooks are gone
+
+
+def test_a_site_module_replaced_by_a_non_site_is_reported_removed():
+    model = sequential()
+    capture = Capture(model, functional=False)
+    seen = observed(capture)
+    model[1] = nn.Identity()
+    model(torch.randn(2, 3))
+    assert capture.changes() == [([], ["1"], [])]
+    assert seen == []
 
 
 def test_wrappers_are_looked_through_and_left_out_of_site_names():
