@@ -482,7 +482,50 @@ def test_wrappers_are_looked_through_and_left_out_of_site_names():
     assert sorted(Capture(wrapped).site_modules.values()) == ["1"]
 
 
+class InPlace(nn.Module):
+    """An in-place ReLU, as a module (torchvision's ResNets) or as a functional call."""
+
+    def __init__(self, functional: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(3, 6)
+        self.act = None if functional else nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.lin(x)
+        return F.relu(z, inplace=True) if self.act is None else self.act(z)
+
+
+@pytest.mark.parametrize("functional", [False, True], ids=["module", "functional"])
+def test_a_recording_keeps_the_input_of_an_in_place_relu_as_it_was(functional):
+    model = InPlace(functional)
+    capture = Capture(model)
+    x = torch.randn(8, 3)
+    with capture.recording() as rec, torch.no_grad():
+        model(x)
+    (kept,) = rec.activations.values()
+    with torch.no_grad():
+        torch.testing.assert_close(kept.pre, model.lin(x))
+    assert bool((kept.pre < 0).any())
+
+
 # -- known bugs ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug: passive probes get an in-place activation's input after the activation overwrote it (pre == post "
+    "for nn.ReLU(inplace=True) and F.relu(inplace=True)); Probe.observe documents pre as the activation's input",
+)
+@pytest.mark.parametrize("functional", [False, True], ids=["module", "functional"])
+def test_passive_probes_get_the_input_of_an_in_place_relu_as_it_was(functional):
+    model = InPlace(functional)
+    seen = observed(Capture(model))
+    x = torch.randn(8, 3)
+    model(x)
+    ((_, pre, _),) = seen
+    with torch.no_grad():
+        torch.testing.assert_close(pre, model.lin(x))
 
 
 def test_after_a_first_forward_keep_is_asked_about_sites_by_their_hash_k_names(shared_relu_mlp):
