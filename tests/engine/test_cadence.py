@@ -3,6 +3,8 @@ bools, a schedule that raises, the replaceable clock and the overhead budget, wi
 
 from __future__ import annotations
 
+import copy
+import pickle
 import warnings
 
 import numpy as np
@@ -302,3 +304,36 @@ def test_the_agreement_of_ranks_decides_the_widened_cadence(clock):
         c.space_out(["a", "b"], active=2)
     assert asked == [[10, 0]]  # this rank's proposal: 1.8 / (0.05 * 4) = 9, rounded up to 10
     assert c.schedules == {"a": every(50), "b": every(1)}
+
+
+# -- the optimizer's step hook -------------------------------------------------------------------------------------
+
+
+class Steps:
+    """What the optimizer's step hook needs of a session."""
+
+    def __init__(self) -> None:
+        self.closed, self.steps = False, 0
+
+    def step(self) -> None:
+        self.steps += 1
+
+
+def test_the_optimizer_step_hook_steps_the_session_until_it_is_closed():
+    session = Steps()
+    optimizer = torch.optim.SGD(nn.Linear(2, 1).parameters(), lr=0.1)
+    optimizer.register_step_post_hook(cadence.OptimizerStep(session))
+    optimizer.step()
+    optimizer.step()
+    session.closed = True
+    optimizer.step()
+    assert session.steps == 2
+
+
+def test_a_copied_or_pickled_optimizer_step_hook_steps_nothing():
+    session = Steps()
+    hook = cadence.OptimizerStep(session)
+    for clone in (copy.deepcopy(hook), pickle.loads(pickle.dumps(hook))):
+        assert clone(None, (), {}) is None
+        assert not isinstance(clone, cadence.OptimizerStep)
+    assert session.steps == 0
