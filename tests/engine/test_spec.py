@@ -133,9 +133,11 @@ def test_a_spec_of_the_wrong_type_is_a_type_error(spec, text):
 
 
 def test_an_unknown_option_names_the_probe_and_the_option():
-    with pytest.raises(TypeError, match=r"^probe 'relu_zeros': bad options \['binz'\]") as info:
+    with pytest.raises(TypeError) as info:
         parse_probes({"relu_zeros": {"binz": 3}})
-    assert "bins" in str(info.value)  # what it accepts
+    message = str(info.value)
+    assert message.startswith("probe 'relu_zeros': ") and "binz" in message
+    assert "bins" in message.replace("binz", "")  # what it accepts
 
 
 def test_a_bad_option_value_names_the_probe_and_the_option():
@@ -214,6 +216,12 @@ def test_the_default_options_are_valid():
     options = Options()
     assert options.strict is False and options.mask == "attention_mask" and options.log_to is None
     assert Options(logdir="runs/x").log_to == "runs/x"
+
+    class Writer:
+        def get_logdir(self) -> str:
+            return "runs/shared"
+
+    assert Options(writer=Writer()).log_to == "runs/shared"  # the user's writer's folder
 
 
 @pytest.mark.parametrize(
