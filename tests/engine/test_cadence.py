@@ -88,14 +88,12 @@ def test_log_is_dense_early_and_sparse_late():
         log(start=0)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: at() and every() refuse numpy ints (at(np.arange(0, 1000, 100)) raises), while as_schedule and "
-    "probes.options accept them as ints",
-)
 def test_at_and_every_take_numpy_ints():
     assert steps_due(at(np.arange(0, 30, 10)), 30) == [0, 10, 20]
     assert every(np.int64(5)) == every(5)
+    assert type(every(np.int64(5)).k) is int
+    with pytest.raises(ValueError, match="positive int"):
+        every(np.bool_(True))
 
 
 def test_as_schedule_makes_every_k_of_an_int_and_keeps_a_callable():
