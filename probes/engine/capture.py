@@ -38,7 +38,7 @@ import sys
 import weakref
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -725,10 +725,20 @@ class Capture:
         return t.reshape(-1, *t.shape[2:]).index_select(0, self._mask_rows).unsqueeze(0)
 
     def _wanted(self, path: str, kind: str, module: nn.Module | None, functional: bool = False) -> frozenset[str]:
-        """During a recording: what to keep of this call's site (decided on the site as currently named)."""
-        key = (f"{path or 'forward'}:{kind}" if functional else path, functional)
-        call = self._counts.get(key, 0) + 1
-        return frozenset(self._recording.keep(self.site(path, call, functional, kind, module)))
+        """During a recording: what to keep of this call's site, asked by the name it has once the pass ends.
+
+        A module first seen called twice in this pass is named ``path#k`` only when the pass ends; its k-th call
+        (k > 1) is asked as ``path#k`` already, and a first call not yet known to repeat is kept for either name.
+        """
+        base = f"{path or 'forward'}:{kind}" if functional else path
+        call = self._counts.get((base, functional), 0) + 1
+        site = self.site(path, call, functional, kind, module)
+        keep = self._recording.keep
+        if base in self.multi:
+            return frozenset(keep(site))
+        if call > 1:
+            return frozenset(keep(replace(site, name=site_name(base, call, True))))
+        return frozenset(keep(site)) | frozenset(keep(replace(site, name=site_name(base, 1, True))))
 
     # -- probe passes (process-wide hooks for the recording's duration) -------------------
     def _pre_hook(self, module: nn.Module, args: tuple) -> None:
