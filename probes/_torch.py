@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 from contextlib import AbstractContextManager
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -135,14 +135,14 @@ def conv_padding(conv: nn.Module) -> list[int]:
     """A convolution's padding as ``F.pad`` takes it (last axis first, two numbers per axis)."""
     # Public alternative: derive it from conv.padding, kernel_size and dilation (the strings "same" and "valid"
     # included); _ConvNd._reversed_padding_repeated_twice holds it already (there since torch 1.5).
-    return list(conv._reversed_padding_repeated_twice)
+    return list(cast(Any, conv)._reversed_padding_repeated_twice)
 
 
 def fsdp_param_groups(unit: nn.Module) -> list:
     """The FSDP2 parameter groups of a ``fully_shard``-ed unit (internals: callers catch what moved)."""
     # No public alternative: FSDPModule offers unshard()/reshard() but no query of whether a unit is sharded now.
     # _get_fsdp_state()._fsdp_param_groups is there since torch 2.6, _fsdp_param_group (one group) before it.
-    state = unit._get_fsdp_state()
+    state = cast(Any, unit)._get_fsdp_state()
     groups = getattr(state, "_fsdp_param_groups", None)
     if groups is None:  # older FSDP2: one group per unit
         group = getattr(state, "_fsdp_param_group", None)

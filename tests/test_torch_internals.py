@@ -30,9 +30,10 @@ def _private(name: str) -> bool:
     return name.startswith("_") and not name.startswith("__")
 
 
-def _torch_chain(node: ast.Attribute) -> list[str] | None:
+def _torch_chain(attribute: ast.Attribute) -> list[str] | None:
     """``torch._C._foo`` -> ["torch", "_C", "_foo"]; None when the chain does not start at the name ``torch``."""
     parts = []
+    node: ast.expr = attribute
     while isinstance(node, ast.Attribute):
         parts.append(node.attr)
         node = node.value
