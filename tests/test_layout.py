@@ -89,7 +89,7 @@ def test_functional_maths_never_imports_the_engine():
     graph = import_graph()
     for name, deps in graph.items():
         if name.startswith("probes.functional"):
-            outside = {d for d in deps if not d.startswith("probes.functional")}
+            outside = {d for d in deps if not d.startswith("probes.functional") and d != "probes._torch"}
             assert not outside, f"{name} imports {outside}"
 
 

@@ -677,7 +677,11 @@ def test_example_smoke(tmp_path: Path) -> None:
     result = example.main(["--smoke", "--logdir", str(tmp_path)])
     assert Path(result["png"]).is_file()
     rows = result["rows"]
-    assert len(rows) >= 2 and all(r["n_delta"] >= 0 for r in rows)
+    assert len(rows) >= 2
+    for r in rows:  # N_Delta counts probe samples with a positive force: a whole number in [0, P], 0 iff no loss
+        P = round(r["P_over_N"] * r["N"])
+        assert float(r["n_delta"]).is_integer() and 0 <= r["n_delta"] <= P, r
+        assert (r["n_delta"] == 0) == (r["loss"] == 0.0), r
     assert all(r["n_delta_per_weight"] == pytest.approx(r["n_delta"] / r["N"]) for r in rows)
     assert any(p.is_dir() for p in tmp_path.iterdir())
 

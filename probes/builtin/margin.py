@@ -1,28 +1,8 @@
-"""``margin``: how many probe samples are not yet fitted with margin ``m`` (seed 002; jamming).
+"""``margin``: how many probe samples are not yet fitted with margin ``m``, the force ``Delta_i = m - y_i f(x_i)``
+(seed 002; jamming, Geiger et al. 2019).
 
-For a binary classifier with one output ``f`` and labels ``y = +-1`` (two classes map to -1 / +1, the
-larger class index to +1), the force on sample ``i`` is ``Delta_i = m - y_i f(x_i)`` (Geiger, Spigler,
-d'Ascoli, Sagun, Baity-Jesi, Biroli & Wyart 2019, "Jamming transition as a paradigm to understand the loss
-landscape of deep neural networks"). With ``C > 1`` outputs and integer class labels the multi-class
-margin is used, ``Delta_i = m - (f_{y_i}(x_i) - max_{c != y_i} f_c(x_i))``.
-
-Tags: ``margin/n_delta`` (``N_Delta = #{i: Delta_i > 0}``), ``margin/n_delta_fraction`` (``N_Delta / P``),
-``margin/n_delta_per_weight`` (``N_Delta / N``, ``N`` the number of trainable weights **without biases**, as
-in the papers: parameters whose name starts with ``bias`` are left out), ``margin/loss`` (the hinge-squared
-loss ``mean_i 1/2 max(0, Delta_i)^2``), histogram ``margin/delta``.
-
-Options: ``margin`` (1/2 as in the seed; the jamming papers use 1), ``bins`` (64), ``n_weights`` (override
-``N``), ``positions`` (token labels: ``"all"`` or ``"last"``, below). Default cadence: every 10 steps (one forward of
-the probe batch, shared with the other probes).
-
-**Token labels.** Integer labels ``(P, T)`` (``-100`` where a position has no label) with an output ``(P, T, C)``
-make each kept position a sample: the logits at position ``t`` of sequence ``i`` pair with the label at
-``t + label_shift`` (``attach(label_shift=1)`` for a causal language model; the Transformers callback sets it), padded
-positions (the probe inputs' attention mask) are left out like ``-100`` labels (a pair is kept when the logits'
-position and the label's position are both real tokens; labelled positions left out so are said once), and
-``positions="all"`` (the default) keeps every labelled
-position, ``"last"`` the last one of each sequence. ``N_Delta`` then counts positions, and
-``margin/n_delta_fraction`` is ``N_Delta`` over the kept positions.
+The probe class: labels (binary, classes, token labels), the weight count ``N``. What it measures, its tags,
+options and cost: ``docs/probes/margin.md``.
 """
 
 from __future__ import annotations

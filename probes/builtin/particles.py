@@ -1,41 +1,8 @@
-"""particles: the hidden units of a two-layer net as particles (seed 001; Chizat & Bach 2018).
+"""``particles``: the hidden units of a two-layer net as particles ``a_j w_j``, with their trails (seed 001; Chizat &
+Bach 2018).
 
-For ``f(x) = sum_j a_j sigma(w_j . x + b_j)`` (any output scale: ``nn.Linear`` pairs or the
-``1/m`` ``probes.functional.meanfield.MeanField``), hidden unit ``j`` is a particle with position
-
-- ``signed=True`` (default, as the seed plots it): ``p_j = a_j w_j``;
-- ``signed=False`` (as Chizat & Bach's figures): ``p_j = |a_j| w_j``, coloured by the sign of ``a_j``;
-
-with ``w_j`` replaced by ``(w_j, b_j)`` when ``bias=True``. The scale factor of the output
-(``1/m`` in the mean-field module) is the particle's mass, not part of its position.
-Several outputs: ``a_j`` is the column ``A[:, j]`` of the output weight ``A`` (C x m);
-``output_index=c`` uses the scalar ``a_j = A[c, j]``; otherwise ``a_j`` is replaced by its
-Euclidean norm ``||A[:, j]||_2`` (signs are then undefined and particles are drawn in one colour).
-
-Positions in ``R^D`` are drawn as they are when ``D = 2``; otherwise projected on a basis
-``B`` (D x 2) fixed at the first measurement: the top two principal directions of the initial
-cloud (centred; ``basis="init"``, default), of the teacher rows (uncentred; ``basis="teacher"``),
-or a given matrix (used as it is, not orthonormalised).
-
-Records: scalar ``particles/mean_norm`` (mean of ``|a_j| ||w_j||``, the norm of ``p_j`` in
-``R^D``), histogram ``particles/norms`` (the ``|a_j| ||w_j||``), image ``particles/positions``
-(a labelled matplotlib figure: current particles as dots, red ``a_j >= 0``, blue ``a_j < 0``; faint trails
-since attach; teacher directions as black lines through the origin with a ring at each teacher row; axes
-in the units of the positions, a legend). Lines,
-not rays: without bias, ``relu(w.x) - relu(-w.x) = w.x`` is linear, so units at ``w*`` and
-``-w*`` have the same kinks and a student may split a teacher unit's mass between the two rays
-of its line, the linear remainder being made up by the other lines (the example
-``examples/meanfield_particles.py`` shows it). Axes are symmetric about the origin and only
-ever grow, so consecutive images make a movie.
-
-Trails live in one fixed-size tensor of ``trail`` positions per particle (part of the state
-dict). ``trail_mode="thin"`` (default) keeps the whole history since attach: when the buffer is
-full every other position is dropped and later ones are stored at half the rate, so the trail
-always starts at the initialisation. ``trail_mode="ring"`` keeps the last ``trail`` positions.
-
-Under FSDP2 (``fully_shard``) every rank measures: the hidden layer's weights are read inside
-``batch.gathered(hidden)``, then the output layer's inside ``batch.gathered(out)``, one unit's whole parameters at a
-time; the values are those of one process.
+The probe class: which layers, the projection basis fixed at the first measurement, the trails it keeps. What it
+measures, its tags, options and cost: ``docs/probes/particles.md``.
 """
 
 from __future__ import annotations

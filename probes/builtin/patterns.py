@@ -1,34 +1,8 @@
-"""``patterns``: the gates ``pre > 0`` of every activation site on the probe batch, and how they move.
+"""``patterns``: the gates ``pre > 0`` of every activation site on the probe batch, how they move between
+measurements, and the distinct whole-network patterns (linear regions) the probe batch meets.
 
-For each site (every activation kind; a gate is ``pre > 0`` on the activation's input, for ReLU exactly
-the non-zero outputs) and the ``P`` probe samples:
-
-- ``patterns/<site>/active_fraction``: fraction of gate bits that are open;
-- ``patterns/<site>/dead_on_probe_batch`` / ``always_on_units``: units closed / open for every sample of
-  the probe batch (``relu_zeros/<site>/dead_in_window`` counts units never open in the training window
-  instead; a unit is a feature, the last axis, of 2-D and 3-D activations and a channel, axis 1, of 4-D/5-D
-  ones; ``unit_dim``, an int axis, overrides it at every site that has that axis, the others keep the default,
-  said once);
-- ``patterns/<site>/churn``: fraction of gate bits that flipped since the previous measurement, and
-  ``patterns/<site>/churn_from_init`` since the first one (both 0 at the first measurement);
-- ``patterns/distinct``: the number of distinct whole-network patterns (all selected sites together) among
-  the ``P`` inputs, i.e. the linear regions of a piecewise-linear net that the probe batch meets;
-- image ``patterns/<site>``: a labelled figure of the gate matrix, units (y) by probe samples (x), open gates
-  bright; samples grouped by label, a white line between groups and the label under each group.
-
-With ``save=True`` every measurement is also written as a packed snapshot (``np.packbits``) to
-``<logdir>/patterns/step_XXXXXXXX.npz``; ``probes.functional.patterns.load_gates`` / ``load_all`` read them back
-without pickle. ``image_every`` (None: an image at every measurement; k: at the first, then once at least k
-steps have passed since the last image) thins the images without thinning the scalars. The previous and the
-first snapshots are kept on the device and go through
-``state_dict`` so that churn continues across a checkpoint.
-
-**Padding.** When the probe inputs carry an attention mask (``ProbeBatch.mask``, ``(P, T)``), the gates of a site
-``(P, T, ...)`` (units on an axis after the positions) at padded positions are left out: they count as closed in the
-kept snapshots and the distinct patterns, the images draw them in a colour of their own (grey, "padding" in the
-legend) rather than as closed gates, and the fractions (``active_fraction``, ``churn``,
-``churn_from_init``) divide by the gates of real tokens only; a unit is dead when it is closed at every real token,
-always on when it is open at every real token.
+The probe class; packed snapshots are saved and loaded by ``probes.functional.patterns``. What it measures, its
+tags, options and cost: ``docs/probes/patterns.md``.
 """
 
 from __future__ import annotations

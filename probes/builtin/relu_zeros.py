@@ -1,20 +1,8 @@
-"""``relu_zeros``: exactly-zero outputs of ReLU-family sites on the training forwards (seed 003).
+"""``relu_zeros``: exactly-zero outputs of ReLU-family sites on the training forwards, per site and window: zero
+counts and fractions, units dead in the window, each unit's activity frequency (seed 003).
 
-Per site and window (the steps between two flushes): ``zeros`` (count of outputs == 0),
-``fraction = zeros / outputs``, ``dead_in_window`` (units never non-zero in the window), and a
-histogram of each unit's activity frequency (fraction of its outputs that are non-zero);
-``relu_zeros/total/fraction`` over all observed sites. A unit is a feature (last dim) of a
-2-D or 3-D (sequence) activation and a channel (dim 1) of a 4-D/5-D one; ``unit_dim`` (an int axis, negative
-from the end) overrides it at every site whose activations have that axis; a site without it keeps the default
-axis, said once.
-Counting stays on the device: per site and forward one ``!= 0`` test, held and summed per unit every up to 32
-forwards (one stack and one sum); for activations of 65,536 elements and more the tests are added into one byte
-tensor (folded every 255 forwards); one host copy per flush. The counts are declared state
-(``add_state``): the session resets them per window, sums them over ranks and checkpoints them.
-
-Tags: ``relu_zeros/<site>/fraction``, ``relu_zeros/<site>/zeros``, ``relu_zeros/<site>/dead_in_window``
-(units never non-zero over the training forwards of the window; compare ``patterns/<site>/dead_on_probe_batch``,
-which is over the probe batch), histogram ``relu_zeros/<site>/unit_activity``, ``relu_zeros/total/fraction``.
+A passive probe: its counts stay on the device as declared state (``add_state``). What it measures, its tags,
+options and cost: ``docs/probes/relu_zeros.md``.
 """
 
 from __future__ import annotations

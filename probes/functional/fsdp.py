@@ -14,6 +14,8 @@ from contextlib import contextmanager
 
 from torch import nn
 
+from probes import _torch
+
 __all__ = ["units", "owners", "gathered", "is_gathered", "tops_gathered", "sharded_parameters"]
 
 
@@ -84,12 +86,7 @@ def is_gathered(unit: nn.Module) -> bool:
 
 def _param_groups(unit: nn.Module) -> list:
     """The FSDP2 parameter groups of a unit (FSDP2 internals: callers catch what moved)."""
-    state = unit._get_fsdp_state()
-    groups = getattr(state, "_fsdp_param_groups", None)
-    if groups is None:  # older FSDP2: one group per unit
-        group = getattr(state, "_fsdp_param_group", None)
-        groups = [group] if group is not None else []
-    return list(groups)
+    return _torch.fsdp_param_groups(unit)
 
 
 @contextmanager

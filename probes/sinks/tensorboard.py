@@ -60,6 +60,7 @@ from typing import Any
 
 import numpy as np
 
+from probes import _torch
 from probes.figures import encode_png
 from probes.records import Chart, Histogram, Image, Record, Scalar
 from probes.sinks.base import Sink
@@ -472,7 +473,7 @@ class TensorBoardSink(Sink):
         png = png if png is not None else encode_png(pixels)
         image = Summary.Image(height=h, width=wd, colorspace=3, encoded_image_string=png)
         summary = Summary(value=[Summary.Value(tag=tag, image=image)])
-        self._to_writer(lambda: w._get_file_writer().add_summary(summary, step))
+        self._to_writer(lambda: _torch.file_writer(w).add_summary(summary, step))
 
     # -- a writer that fails -----------------------------------------------------------------------------
     def _to_writer(self, add: Callable[[], Any]) -> None:
@@ -517,7 +518,7 @@ class TensorBoardSink(Sink):
                 w = self.writer
                 before = self._event_files()
                 try:
-                    w._get_file_writer()  # a new event file (SummaryWriter makes the logdir again if it is gone)
+                    _torch.file_writer(w)  # a new event file (SummaryWriter makes the logdir again if it is gone)
                 except Exception:
                     w.file_writer = w.all_writers = None
                     for name in self._event_files() - before:  # ours, started and cut short by the failure

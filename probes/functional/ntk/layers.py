@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from probes import _torch
 from probes.functional.ntk import settings
 from probes.functional.ntk.terms import _Embed, _Grad, _Pairs, _Term
 
@@ -101,7 +102,7 @@ class _ConvKind(_Kind):
         """Patches ``z_k`` by unfolding the padded input (``Tensor.unfold`` per spatial axis, then ``::dilation``)."""
         B, C = g.shape[:2]
         groups, n = m.groups, len(m.kernel_size)
-        pad = list(m._reversed_padding_repeated_twice)
+        pad = _torch.conv_padding(m)
         if any(pad):
             mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
             x = F.pad(x, pad, mode=mode)
