@@ -6,7 +6,7 @@ The code lives in ``probes.functional`` (``alignment``, ``ntk``, ``spectra``); t
 
 from probes.functional.alignment import *  # noqa: F403
 from probes.functional.alignment import __all__ as _alignment_all
-from probes.functional.ntk import SampleMixingError, empirical_ntk, ntk_plan
+from probes.autodiff.ntk import SampleMixingError, empirical_ntk, ntk_plan
 from probes.functional.spectra import (
     Spectrum,
     condition_number,

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 import probes.functional as F
-import probes.functional.ntk as ntk_package
+import probes.autodiff.ntk as ntk_package
 from probes.functional import alignment, labels, local_affine, meanfield, path_gram, patterns, spectra
 from probes.functional.ntk import settings
 
@@ -53,7 +53,7 @@ def test_every_callable_of_the_submodules_all_is_exported_except_module_names():
 def test_submodules_stay_reachable_as_modules():
     for name in ("alignment", "path_gram", "spectra", "ntk", "local_affine", "patterns", "labels", "meanfield"):
         assert isinstance(getattr(F, name), types.ModuleType), name
-    import probes.functional.path_gram as fpg
+    import probes.functional.pathgram as fpg
 
     assert isinstance(fpg, types.ModuleType) and callable(fpg.path_gram)
 
@@ -70,21 +70,21 @@ pkg.__path__ = [{str(ROOT / "probes")!r}]
 sys.modules["probes"] = pkg
 before = set(sys.modules)
 import probes.functional
-import probes.functional.ntk
+import probes.autodiff.ntk
 new = sorted(set(sys.modules) - before)
 print(json.dumps(new))
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     new = json.loads(out.stdout.strip().splitlines()[-1])
     ours = [m for m in new if m.startswith("probes.")]
-    assert "probes.functional.ntk.plan" in ours and "probes.functional.spectra" in ours  # the check saw them
+    assert "probes.autodiff.ntk.plan" in ours and "probes.functional.spectra" in ours  # the check saw them
     assert not [m for m in ours if not m.startswith("probes.functional")], ours
     roots = {m.split(".")[0] for m in new} - {"probes", "torch", "numpy"}
     assert not sorted(roots - set(sys.stdlib_module_names)), sorted(roots - set(sys.stdlib_module_names))
 
 
 def test_ntk_tunables_set_on_the_package_reach_the_code(monkeypatch):
-    """``probes.functional.ntk.X = v`` (tests, benchmarks and users did this on the single module) sets
+    """``probes.autodiff.ntk.X = v`` (tests, benchmarks and users did this on the single module) sets
     ``settings.X``, which the code reads; ``monkeypatch`` restores it."""
     assert set(settings.TUNABLES) == {n for n in vars(settings) if n.isupper() and n != "TUNABLES"}
     default = settings.PAIRS_METHOD
@@ -109,7 +109,7 @@ def test_ntk_tunable_set_on_the_package_changes_the_route(monkeypatch):
     import torch
     from torch import nn
 
-    from probes.functional.ntk.layers import _kind_of
+    from probes.autodiff.ntk.layers import _kind_of
     from probes.functional.ntk.terms import _route
 
     layer = nn.Linear(3, 2).double()

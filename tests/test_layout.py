@@ -131,7 +131,7 @@ def test_a_wheel_built_from_the_repository_carries_every_module(tmp_path):
     target = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(target)
     code = (
-        "import probes, probes.functional.ntk, probes.integrations.lightning, probes.app.cli, probes.testing;"
+        "import probes, probes.autodiff.ntk, probes.integrations.lightning, probes.app.cli, probes.testing;"
         "print(probes.__file__)"
     )
     out = subprocess.run(

@@ -1,4 +1,4 @@
-"""Local affine maps (probes.functional.local_affine), the L_gen identity of seed 003, and the ``linear_region`` probe.
+"""Local affine maps (probes.autodiff.linear_region), the L_gen identity of seed 003, and the ``linear_region`` probe.
 
 References: an explicit layer loop for the gates and the product ``W_L D_{L-1} W_{L-1} ... D_1 W_1`` for
 ``A(x)``; ``torch.autograd.functional.jacobian`` per sample for other layers; a naive re-implementation of
@@ -21,16 +21,8 @@ from torch import nn
 
 import probes
 from probes.builtin.linear_region import region_patterns
-from probes.functional.local_affine import (
-    MAX_POOLS,
-    NotPiecewiseLinearError,
-    check_piecewise_linear,
-    l_gen,
-    local_affine_map,
-    patterns_differ,
-    perturb_inputs,
-    perturb_params,
-)
+from probes.autodiff.linear_region import MAX_POOLS, check_piecewise_linear, local_affine_map
+from probes.functional.linear_region import NotPiecewiseLinearError, l_gen, patterns_differ, perturb_inputs, perturb_params
 from probes.testing import probe_batch
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
-"""The empirical NTK (probes.functional.ntk), its eigen statistics (probes.functional.spectra) and the ``ntk`` probe.
+"""The empirical NTK (probes.autodiff.ntk), its eigen statistics (probes.functional.spectra) and the ``ntk`` probe.
 
 References: ``torch.func`` ``vmap(jacrev)`` contraction over every parameter, and a naive per-sample
 autograd loop; numpy for the eigen statistics.
@@ -19,8 +19,8 @@ from torch import nn
 from torch.func import functional_call, jacrev, vmap
 
 import probes
-import probes.functional.ntk as tangent
-from probes.functional.ntk import SampleMixingError, empirical_ntk, ntk_plan
+import probes.autodiff.ntk as tangent
+from probes.autodiff.ntk import SampleMixingError, empirical_ntk, ntk_plan
 from probes.functional.spectra import condition_number, effective_rank, kernel_distance, label_alignment, spectrum
 from probes.kernels import DegenerateKernelError
 from probes.probe import ProbeBatch

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, jacrev, vmap
 
-from probes.functional.ntk import empirical_ntk, fallback, ntk_operator, ntk_plan, settings
+from probes.autodiff.ntk import empirical_ntk, fallback, ntk_operator, ntk_plan, settings
 from probes.functional.spectra import effective_rank, effective_rank_bounds, top_eigenvalues
 from probes.probe import ProbeBatch
 

@@ -11,7 +11,7 @@ import torch
 from test_ntk_layers import ntk_func  # the torch.func reference, float64
 from torch import nn
 
-from probes.functional.ntk import empirical_ntk, ntk_operator, ntk_plan, settings, terms
+from probes.autodiff.ntk import empirical_ntk, ntk_operator, ntk_plan, settings, terms
 
 TOL = 1e-12
 

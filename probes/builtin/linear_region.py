@@ -98,22 +98,8 @@ from torch.func import functional_call, jvp
 from probes import options
 from probes.engine.distributed import is_sharded
 from probes.engine.inputs import Positional, select_output, take
-from probes.functional.local_affine import (
-    MAX_POOLS,
-    ModuleValues,
-    Params,
-    check_piecewise_linear,
-    flip_rate,
-    l_gen,
-    parameter_state,
-    patterns_differ,
-    perturb_inputs,
-    perturb_params,
-    perturb_tensor,
-    site_pattern,
-    swapped,
-    trainable_names,
-)
+from probes.autodiff.linear_region import MAX_POOLS, ModuleValues, check_piecewise_linear, parameter_state, swapped, trainable_names
+from probes.functional.linear_region import Params, flip_rate, l_gen, patterns_differ, perturb_inputs, perturb_params, perturb_tensor, site_pattern
 from probes.probe import Context, Probe, ProbeBatch, Site
 from probes.records import Chart, Record, Scalar
 

@@ -1,6 +1,6 @@
 """``ntk``: the empirical neural tangent kernel on the probe batch and its spectrum (seed 002).
 
-``Theta = J J^T`` over every trainable parameter (``probes.functional.ntk.empirical_ntk``: layerwise formulas for
+``Theta = J J^T`` over every trainable parameter (``probes.autodiff.ntk.empirical_ntk``: layerwise formulas for
 Linear, Conv1d/2d/3d, LayerNorm, GroupNorm, BatchNorm (eval) and Embedding layers, per-sample Jacobians with
 ``torch.func`` for everything else; exact for any model whose samples do not interact). By default the
 ``P x P`` kernel **summed** over outputs is logged
@@ -33,12 +33,12 @@ else the last position), said once; ``positions="all"`` keeps every position. ``
 ``k`` outputs ``f(x) S``, ``S`` a fixed ``C x k`` matrix of i.i.d. ``N(0, 1/k)`` entries from the probe's own
 generator (``seed``), an unbiased estimate of the kernel summed over the ``C`` outputs.
 
-Budget: at attach (``validate``) the probe estimates what its route will take (``probes.functional.ntk.ntk_cost``:
+Budget: at attach (``validate``) the probe estimates what its route will take (``probes.autodiff.ntk.ntk_cost``:
 each layer's factors or per-sample gradients, the fallback's Jacobians, the ``n x n`` kernels of the full route or
 the Krylov basis and streamed blocks of the top-k route, the largest temporary; and a time figure) and refuses,
 with a ``ValueError`` naming what lowers it (``spectrum="topk"``, a smaller probe batch, ``outputs=k``, and how much
 each gives), when the peak exceeds ``max_memory``: by default (``"auto"``) half of the memory available on the probe
-batch's device at attach (``probes.functional.ntk.cost.available_memory``); a number of bytes; None: no limit. The
+batch's device at attach (``probes.autodiff.ntk.cost.available_memory``); a number of bytes; None: no limit. The
 estimate is kept as ``probe.cost``. ``max_cost`` (None by default) also refuses above ``P x outputs x trainable
 parameters``, the backward passes' work. Only ``spectrum="auto"`` picks a route; the probe never sketches or drops
 outputs by itself. A measurement reports progress on ``logging.getLogger("probes")`` at INFO every few seconds;
@@ -46,7 +46,7 @@ one over 10 s is said once.
 
 ``spectrum="full"`` computes the ``n x n`` kernel (``n = P``, or ``P C`` in ``mode="full"``) and every eigenvalue.
 ``spectrum="topk"`` never forms it: ``Theta V`` comes blockwise from the layerwise factors
-(``probes.functional.ntk.ntk_operator``), the ``top_k`` largest eigenvalues from block Krylov iterations in float64
+(``probes.autodiff.ntk.ntk_operator``), the ``top_k`` largest eigenvalues from block Krylov iterations in float64
 (``probes.functional.spectra.top_eigenvalues``), ``ntk/trace`` exactly from the per-sample gradient norms, and
 ``ntk/effective_rank`` is estimated from the top eigenvalues and the trace (geometric mean of the bounds of a
 flat and of a packed tail, ``probes.functional.spectra.effective_rank_bounds``); only ``ntk/trace``,
@@ -59,7 +59,7 @@ attach the full route's estimate is above ``max_memory`` while the top-k route's
 Across ranks (DDP, FSDP2): every rank measures, each computing the factors of its ``P / world`` probe samples; the
 kernel's blocks are assembled from factors exchanged between the ranks (``spectrum="topk"``: the products ``Theta
 V`` are, and no rank holds ``P x P``), so every rank holds the kernel one process computes (``distributed=True`` of
-``probes.functional.ntk``); FSDP2 gathers one unit at a time, as in training. Only rank 0 writes.
+``probes.autodiff.ntk``); FSDP2 gathers one unit at a time, as in training. Only rank 0 writes.
 
 Default cadence: every 1000 steps (the kernel costs about ``P^2`` times the layer widths, the eigenvalues ``P^3``).
 """
@@ -80,7 +80,7 @@ from probes.engine.failures import ProbesNoticeWarning
 from probes.figures import ImageCadence, spectrum_figure
 from probes.functional.alignment import DegenerateKernelError
 from probes.functional.labels import label_matrix
-from probes.functional.ntk import (
+from probes.autodiff.ntk import (
     MODES,
     REDUCTIONS,
     NTKCost,
@@ -91,9 +91,9 @@ from probes.functional.ntk import (
     ntk_plan,
     trace_over_outputs,
 )
-from probes.functional.ntk import cost as ntk_cost_module
-from probes.functional.ntk.cost import gib as _gib
-from probes.functional.ntk.outputs import SelectedOutput, gaussian_sketch, last_positions
+from probes.autodiff.ntk import cost as ntk_cost_module
+from probes.autodiff.ntk.cost import gib as _gib
+from probes.autodiff.ntk.outputs import SelectedOutput, gaussian_sketch, last_positions
 from probes.functional.spectra import effective_rank_bounds, kernel_distance, label_alignment, spectrum, top_eigenvalues
 from probes.probe import Context, Probe, ProbeBatch
 from probes.records import Chart, Drawing, Histogram, Image, Record, Scalar

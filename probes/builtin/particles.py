@@ -1,7 +1,7 @@
 """particles: the hidden units of a two-layer net as particles (seed 001; Chizat & Bach 2018).
 
 For ``f(x) = sum_j a_j sigma(w_j . x + b_j)`` (any output scale: ``nn.Linear`` pairs or the
-``1/m`` ``probes.functional.meanfield.MeanField``), hidden unit ``j`` is a particle with position
+``1/m`` ``probes.functional.particles.MeanField``), hidden unit ``j`` is a particle with position
 
 - ``signed=True`` (default, as the seed plots it): ``p_j = a_j w_j``;
 - ``signed=False`` (as Chizat & Bach's figures): ``p_j = |a_j| w_j``, coloured by the sign of ``a_j``;
@@ -51,7 +51,7 @@ from torch import nn
 from probes import options
 from probes.builtin._images import declare_image_state, image_due
 from probes.figures import ImageCadence, particles_figure
-from probes.functional.meanfield import MeanField
+from probes.functional.particles import MeanField
 from probes.probe import Context, Probe, ProbeBatch
 from probes.records import Drawing, Histogram, Image, Record, Scalar
 

@@ -81,7 +81,7 @@ from probes.builtin._images import declare_image_state, image_due
 from probes.engine.inputs import take
 from probes.figures import ImageCadence, matrix_figure
 from probes.functional.labels import label_matrix
-from probes.functional.path_gram import (
+from probes.functional.pathgram import (
     PathGram,
     Workspace,
     factorize,

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from probes.engine.inputs import iter_tensors, map_tensors
-from probes.functional.fsdp import is_gathered, units
+from probes.autodiff.fsdp import is_gathered, units
 
 __all__ = [
     "rank_and_world",

@@ -8,7 +8,7 @@ label matrices, mean-field networks and gate snapshots. Everything is importable
     from probes.functional import cka, empirical_ntk, spectrum
 
 Two functions share their module's name and are reached through it: ``probes.functional.alignment.alignment``
-(centered kernel alignment) and ``probes.functional.path_gram.path_gram`` (the neural path kernel).
+(centered kernel alignment) and ``probes.functional.pathgram.path_gram`` (the neural path kernel).
 Importing this package imports torch and numpy and nothing else beyond the standard library.
 """
 
@@ -26,14 +26,14 @@ from probes.functional.alignment import (
     minibatch_cka,
 )
 from probes.functional.labels import label_matrix
-from probes.functional.local_affine import (
+from probes.autodiff.linear_region import (
     LocalAffineMap,
     NotPiecewiseLinearError,
     check_piecewise_linear,
     local_affine_map,
 )
-from probes.functional.meanfield import MeanField, sphere_
-from probes.functional.ntk import (
+from probes.functional.particles import MeanField, sphere_
+from probes.autodiff.ntk import (
     NTKCost,
     NTKOperator,
     NTKPlan,
@@ -45,7 +45,7 @@ from probes.functional.ntk import (
     trace_over_outputs,
     verify_plan,
 )
-from probes.functional.path_gram import (
+from probes.functional.pathgram import (
     Factorization,
     PathGram,
     cholesky_jitter,
@@ -102,7 +102,7 @@ __all__ = [
     "effective_rank_bounds",
     "Spectrum",
     "TopEigen",
-    # the path gram (the kernel itself: probes.functional.path_gram.path_gram)
+    # the path gram (the kernel itself: probes.functional.pathgram.path_gram)
     "factorize",
     "quadratic_form",
     "condition_estimate",

@@ -23,8 +23,8 @@ import math
 
 import torch
 
-from probes.functional.path_gram.condition import _extremes, _lanczos_top, _ratio
-from probes.functional.path_gram.layout import Factorization, PathGram
+from probes.functional.pathgram.condition import _extremes, _lanczos_top, _ratio
+from probes.functional.pathgram.layout import Factorization, PathGram
 
 #: columns per step of the blocked in-place Cholesky factorization
 CHOLESKY_BLOCK = 512

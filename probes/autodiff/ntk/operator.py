@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from probes.functional.ntk import settings
-from probes.functional.ntk.ranks import Share, local_rows
+from probes.autodiff.ntk.ranks import Share, local_rows
 from probes.functional.ntk.terms import _Grad, _Pairs, _Term
 
 
@@ -85,7 +85,7 @@ class NTKOperator:
         device: where the factors and the products are.
         scale: ``1 / C`` for ``reduction="mean"``, else 1.
         share: across ranks (``ntk_operator(..., distributed=True)``), this rank's share of the samples: it holds
-            their factors only (``probes.functional.ntk.ranks``); None in one process.
+            their factors only (``probes.autodiff.ntk.ranks``); None in one process.
         rows: samples whose factors this process holds (``P``, or the share's padded size).
         products: vectors multiplied so far (columns of every ``V`` given to ``matmat``).
     """

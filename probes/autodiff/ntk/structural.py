@@ -23,7 +23,7 @@ from torch import nn
 from torch.func import functional_call
 
 from probes.functional.ntk import settings
-from probes.functional.ntk.layers import _first, _Kind, _LinearKind, _summed
+from probes.autodiff.ntk.layers import _first, _Kind, _LinearKind, _summed
 from probes.functional.ntk.terms import _Grad, _Term
 
 _ADDITIVE = ("bias", "beta")

@@ -18,7 +18,7 @@ from torch import nn
 from torch.func import functional_call, jacrev, vmap
 
 from probes.functional.ntk import settings
-from probes.functional.ntk.inputs import _flat_output, _take
+from probes.autodiff.ntk.inputs import _flat_output, _take
 
 
 def _fallback_groups(sizes: dict[str, int], rows: int, itemsize: int) -> list[list[str]]:

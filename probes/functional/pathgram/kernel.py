@@ -35,7 +35,7 @@ from collections.abc import Sequence
 
 import torch
 
-from probes.functional.path_gram.layout import PathGram
+from probes.functional.pathgram.layout import PathGram
 
 #: float32 holds every integer count exactly up to this width
 EXACT_FLOAT32 = 2**24

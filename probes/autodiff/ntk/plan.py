@@ -23,8 +23,8 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from probes.functional.fsdp import gathered, units
-from probes.functional.ntk.inputs import (
+from probes.autodiff.fsdp import gathered, units
+from probes.autodiff.ntk.inputs import (
     _as_args,
     _check_mixing,
     _check_modules,
@@ -34,8 +34,8 @@ from probes.functional.ntk.inputs import (
     _take,
     _trainable,
 )
-from probes.functional.ntk.layers import _KINDS, _first, _Kind, _kind_of, _LinearKind, _own_params, _used_params
-from probes.functional.ntk.structural import _candidate, _confirm, _describe
+from probes.autodiff.ntk.layers import _KINDS, _first, _Kind, _kind_of, _LinearKind, _own_params, _used_params
+from probes.autodiff.ntk.structural import _candidate, _confirm, _describe
 
 
 @dataclass
@@ -76,7 +76,7 @@ def _per_sample_copies(params: dict[str, torch.Tensor], names: list[str], b: int
 
 def _build_plan(model: nn.Module, x: Any, *, fast_path: bool = True, who: str = "empirical_ntk") -> NTKPlan:
     """Decide the layerwise layers and the fallback parameters (forwards on one and two samples), before the
-    self-check against autograd: ``probes.functional.ntk.planning.ntk_plan`` runs both, and documents the arguments,
+    self-check against autograd: ``probes.autodiff.ntk.planning.ntk_plan`` runs both, and documents the arguments,
     the result and the errors (this takes the same ``model``, ``x``, ``fast_path`` and ``who``).
     """
     args, P = _as_args(x, who)

@@ -12,13 +12,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from probes.functional.fsdp import tops_gathered
-from probes.functional.ntk import progress, settings
-from probes.functional.ntk.factors import _layer_terms
-from probes.functional.ntk.fallback import _fallback_blocks
-from probes.functional.ntk.plan import NTKPlan
-from probes.functional.ntk.planning import _inputs_and_plan, _share
-from probes.functional.ntk.ranks import Share, gather_term, together
+from probes.autodiff.fsdp import tops_gathered
+from probes.autodiff.ntk import progress, settings
+from probes.autodiff.ntk.factors import _layer_terms
+from probes.autodiff.ntk.fallback import _fallback_blocks
+from probes.autodiff.ntk.plan import NTKPlan
+from probes.autodiff.ntk.planning import _inputs_and_plan, _share
+from probes.autodiff.ntk.ranks import Share, gather_term, together
 from probes.functional.ntk.terms import _Embed, _Grad, _Pairs, _Term
 
 
@@ -158,7 +158,7 @@ def _kernel_across_ranks(
 ) -> None:
     """``theta`` (zeros, ``P Ce`` square) filled with the kernel on every rank: this rank's factors of its share,
     every term's factors all-gathered, this rank's row strips of the upper triangle (``Share.strips``), one
-    all-reduce (``probes.functional.ntk.ranks``)."""
+    all-reduce (``probes.autodiff.ntk.ranks``)."""
     C = plan.outputs
     Ce = C if mode == "full" else 1
     local = share.take(args)
@@ -223,7 +223,7 @@ def empirical_ntk(
             same kernel is measured repeatedly.
         distributed: split the samples over the ranks of ``group`` (``torch.distributed``; every rank calls with
             the same ``x`` and gets the whole kernel): each rank computes the factors of its ``P / world`` samples,
-            and the kernel's blocks come from factors exchanged between ranks (``probes.functional.ntk.ranks``).
+            and the kernel's blocks come from factors exchanged between ranks (``probes.autodiff.ntk.ranks``).
             Works on DDP replicas and FSDP2-sharded models (no rank needs a whole parameter).
         group: the process group (None: the default group).
 

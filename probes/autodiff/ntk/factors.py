@@ -16,10 +16,10 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from probes.functional.ntk import progress, settings
-from probes.functional.ntk.inputs import _detached, _flat_output, _take
-from probes.functional.ntk.layers import _first, _kind_of, _own_params
-from probes.functional.ntk.plan import NTKPlan, _per_sample_copies
+from probes.autodiff.ntk import progress, settings
+from probes.autodiff.ntk.inputs import _detached, _flat_output, _take
+from probes.autodiff.ntk.layers import _first, _kind_of, _own_params
+from probes.autodiff.ntk.plan import NTKPlan, _per_sample_copies
 from probes.functional.ntk.terms import (
     _alloc,
     _as_dtype,
@@ -34,7 +34,7 @@ from probes.functional.ntk.terms import (
     _term_bytes,
     _traced,
 )
-from probes.functional.ntk.tied import _tied_term
+from probes.autodiff.ntk.tied import _tied_term
 
 
 def _term_params(model: nn.Module, plan: NTKPlan) -> dict[str, list[torch.Tensor]]:

@@ -11,15 +11,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from probes.functional.fsdp import sharded_parameters, tops_gathered
-from probes.functional.ntk import progress
-from probes.functional.ntk.factors import _layer_terms
-from probes.functional.ntk.fallback import _fallback_blocks
-from probes.functional.ntk.inputs import _as_args, _check_modules, _trainable, _validated
-from probes.functional.ntk.operator import NTKOperator, _compressed
-from probes.functional.ntk.plan import NTKPlan, _build_plan, _refresh_fallback
-from probes.functional.ntk.ranks import Share, together
-from probes.functional.ntk.selfcheck import _demote
+from probes.autodiff.fsdp import sharded_parameters, tops_gathered
+from probes.autodiff.ntk import progress
+from probes.autodiff.ntk.factors import _layer_terms
+from probes.autodiff.ntk.fallback import _fallback_blocks
+from probes.autodiff.ntk.inputs import _as_args, _check_modules, _trainable, _validated
+from probes.autodiff.ntk.operator import NTKOperator, _compressed
+from probes.autodiff.ntk.plan import NTKPlan, _build_plan, _refresh_fallback
+from probes.autodiff.ntk.ranks import Share, together
+from probes.autodiff.ntk.selfcheck import _demote
 from probes.functional.ntk.terms import _Pairs
 
 

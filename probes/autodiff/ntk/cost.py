@@ -43,15 +43,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from probes.functional.fsdp import tops_gathered
+from probes.autodiff.fsdp import tops_gathered
 from probes.functional.ntk import settings
-from probes.functional.ntk.dense import _strip_rows
-from probes.functional.ntk.factors import _per_sample_call
-from probes.functional.ntk.fallback import _fallback_groups
-from probes.functional.ntk.inputs import _as_args, _detached, _take
-from probes.functional.ntk.layers import _kind_of, _own_params
-from probes.functional.ntk.plan import NTKPlan
-from probes.functional.ntk.planning import ntk_plan
+from probes.autodiff.ntk.dense import _strip_rows
+from probes.autodiff.ntk.factors import _per_sample_call
+from probes.autodiff.ntk.fallback import _fallback_groups
+from probes.autodiff.ntk.inputs import _as_args, _detached, _take
+from probes.autodiff.ntk.layers import _kind_of, _own_params
+from probes.autodiff.ntk.plan import NTKPlan
+from probes.autodiff.ntk.planning import ntk_plan
 from probes.functional.ntk.terms import _Embed, _Grad, _merge, _Pairs, _route
 
 #: routes of ``ntk_cost``: the dense ``n x n`` kernel, or the matrix-free top-k operator
