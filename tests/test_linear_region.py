@@ -22,7 +22,13 @@ from torch import nn
 import probes
 from probes.builtin.linear_region import region_patterns
 from probes.autodiff.linear_region import MAX_POOLS, check_piecewise_linear, local_affine_map
-from probes.functional.linear_region import NotPiecewiseLinearError, l_gen, patterns_differ, perturb_inputs, perturb_params
+from probes.functional.linear_region import (
+    NotPiecewiseLinearError,
+    l_gen,
+    patterns_differ,
+    perturb_inputs,
+    perturb_params,
+)
 from probes.testing import probe_batch
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -167,10 +167,6 @@ SMOOTH_FUNCTIONS = frozenset(
 )
 
 
-
-
-
-
 # ------------------------------------------------------------------------------------------------
 # the check
 # ------------------------------------------------------------------------------------------------
@@ -523,19 +519,9 @@ def swapped(model: nn.Module, values: ModuleValues) -> Iterator[set[nn.Module]]:
 # ------------------------------------------------------------------------------------------------
 
 
-
-
-
-
 # ------------------------------------------------------------------------------------------------
 # perturbations and L_gen
 # ------------------------------------------------------------------------------------------------
-
-
-
-
-
-
 
 
 def trainable_names(model: nn.Module) -> list[str]:
@@ -548,5 +534,3 @@ def trainable_names(model: nn.Module) -> list[str]:
         Parameter names, in ``named_parameters`` order.
     """
     return [n for n, p in model.named_parameters() if p.requires_grad and p.is_floating_point()]
-
-

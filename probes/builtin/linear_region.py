@@ -96,10 +96,26 @@ from torch import nn
 from torch.func import functional_call, jvp
 
 from probes import options
+from probes.autodiff.linear_region import (
+    MAX_POOLS,
+    ModuleValues,
+    check_piecewise_linear,
+    parameter_state,
+    swapped,
+    trainable_names,
+)
 from probes.engine.distributed import is_sharded
 from probes.engine.inputs import Positional, select_output, take
-from probes.autodiff.linear_region import MAX_POOLS, ModuleValues, check_piecewise_linear, parameter_state, swapped, trainable_names
-from probes.functional.linear_region import Params, flip_rate, l_gen, patterns_differ, perturb_inputs, perturb_params, perturb_tensor, site_pattern
+from probes.functional.linear_region import (
+    Params,
+    flip_rate,
+    l_gen,
+    patterns_differ,
+    perturb_inputs,
+    perturb_params,
+    perturb_tensor,
+    site_pattern,
+)
 from probes.probe import Context, Probe, ProbeBatch, Site
 from probes.records import Chart, Record, Scalar
 

@@ -12,13 +12,15 @@ from probes.autodiff.ntk.cost import NTKCost, ntk_cost
 
 # ``_accumulate_term`` and ``_layer_terms`` are importable from here too: benchmarks/ntk.py times them on their own
 from probes.autodiff.ntk.dense import _accumulate_term as _accumulate_term
-from probes.autodiff.ntk.dense import empirical_ntk, trace_over_outputs
+from probes.autodiff.ntk.dense import empirical_ntk
 from probes.autodiff.ntk.factors import _layer_terms as _layer_terms
 from probes.autodiff.ntk.inputs import MODES, REDUCTIONS, SampleMixingError
 from probes.autodiff.ntk.operator import NTKOperator
 from probes.autodiff.ntk.plan import NTKPlan
 from probes.autodiff.ntk.planning import ntk_operator, ntk_plan
 from probes.autodiff.ntk.selfcheck import verify_plan
+from probes.functional.ntk.kernel import trace_over_outputs
+from probes.functional.ntk.settings import DEFAULT, NTKSettings
 
 __all__ = [
     "empirical_ntk",
@@ -33,4 +35,6 @@ __all__ = [
     "trace_over_outputs",
     "MODES",
     "REDUCTIONS",
+    "NTKSettings",
+    "DEFAULT",
 ]
