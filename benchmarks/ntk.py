@@ -226,12 +226,8 @@ def ntk_loop(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def product_factors(model: nn.Module, x: torch.Tensor, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """``(G, [Z 1])`` of every Linear of an MLP with one output (the factors the products need)."""
     plan = tangent.ntk_plan(model, x)
-    saved = tangent.PAIRS_METHOD
-    tangent.PAIRS_METHOD = "pairs"
-    try:
-        terms = tangent._layer_terms(model, (x,), x.shape[0], plan, "trace", None, dtype, "bench")
-    finally:
-        tangent.PAIRS_METHOD = saved
+    pairs = tangent.NTKSettings(pairs_method="pairs")
+    terms = tangent._layer_terms(model, (x,), x.shape[0], plan, "trace", None, dtype, "bench", settings=pairs)
     return [(t.G[:, 0, 0, 0], t.Z[:, 0, 0]) for t in terms.values()]
 
 

@@ -20,8 +20,6 @@ FORMAT = "probes.gates.v1"
 _NAME = re.compile(r"^step_(\d+)\.npz$")
 
 
-
-
 @dataclass
 class GateSnapshot:
     """One saved snapshot of gate patterns.

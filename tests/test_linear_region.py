@@ -20,8 +20,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 import probes
-from probes.builtin.linear_region import region_patterns
 from probes.autodiff.linear_region import MAX_POOLS, check_piecewise_linear, local_affine_map
+from probes.builtin.linear_region import region_patterns
 from probes.functional.linear_region import (
     NotPiecewiseLinearError,
     l_gen,

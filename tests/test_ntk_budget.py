@@ -11,9 +11,9 @@ from torch import nn
 
 import probes
 import probes.builtin.ntk as ntk_module
+from probes.autodiff.ntk import _layer_terms, cost, ntk_cost, ntk_plan
 from probes.builtin.ntk import NTK
 from probes.engine.failures import ProbesNoticeWarning
-from probes.autodiff.ntk import _layer_terms, cost, ntk_cost, ntk_plan
 from probes.functional.ntk.terms import _Embed, _Grad, _Pairs
 from probes.testing import probe_batch
 

@@ -19,7 +19,6 @@ class ModuleCall(Protocol):
     site: str | None
 
 
-
 #: leaf modules that are the identity in eval mode and may sit anywhere in the chain
 PASS_THROUGH = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.AlphaDropout, nn.FeatureAlphaDropout)
 

@@ -66,12 +66,6 @@ OUTPUT = "output"
 MEMORY_BUDGET = 512 << 20
 
 
-
-
-
-
-
-
 def _token_shaped(t: torch.Tensor, y: torch.Tensor) -> bool:
     return t.ndim >= 3 and tuple(t.shape[:2]) == tuple(y.shape)
 

@@ -47,8 +47,6 @@ def count_weights(model: nn.Module) -> int:
     )
 
 
-
-
 class Margin(Probe):
     """Forces ``Delta = m - y f(x)`` on the probe batch: ``N_Delta``, per sample and per weight, hinge loss."""
 

@@ -153,10 +153,6 @@ def find_two_layer(model: nn.Module, layer: str | None = None) -> tuple[str, nn.
     return hp, hidden, op, out
 
 
-
-
-
-
 #: the most positions kept per particle (``trail``: a trail x m x 2 float64 buffer) and the largest image side
 MAX_TRAIL, MAX_SIZE = 100_000, 4096
 TEACHER = "an M x D tensor of positions, or a tuple (a, W) / (a, W, b) of tensors"

@@ -95,10 +95,6 @@ from probes.records import Drawing, Image, Record, Scalar
 RECOMPOSE_RTOL = 1e-4
 
 
-
-
-
-
 def _relative_error(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     a, b = a.detach().double(), b.detach().double()
     return (a - b).abs().max() / (b.abs().max() + a.abs().max() + 1e-30)

@@ -142,7 +142,6 @@ def token_positions(
     return index, paired[index[:, 0], index[:, 1]]
 
 
-
 #: what ``positions`` may be for token labels: every kept position, or the last kept one of each sequence
 POSITIONS = ("all", "last")
 

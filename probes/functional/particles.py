@@ -159,7 +159,6 @@ def sphere_(
     return model
 
 
-
 def _complete(v: torch.Tensor, dim: int) -> torch.Tensor:
     """Extend orthonormal columns ``v`` (dim x k, k <= 2) to two orthonormal columns."""
     if v.shape[1] >= 2:

@@ -291,5 +291,3 @@ def _empirical_ntk(
     if reduction == "mean":
         theta /= C
     return theta
-
-
