@@ -530,6 +530,24 @@ def _add_fallback(s: _Tally, layout: _Layout, geo: _Geometry) -> None:
         s.diag += 2.0 * n * size
 
 
+def _passes(s: _Tally, layout: _Layout, geo: _Geometry) -> tuple[int, int]:
+    """The layerwise passes: chunks of one forward and one backward vectorised over the ``C`` outputs, their
+    operations added to ``s.flops``. Returns the bytes of one chunk's temporaries (recorded, merged, converted) and
+    the calls (chunks and products, each costing ``OVERHEAD_S[1]`` per term)."""
+    if not layout.terms:
+        return 0, 1
+    C, settings = geo.C, geo.settings
+    per_fresh = sum(t.fresh(C) for t in layout.terms)
+    s.flops += geo.P * layout.forward_flops * (1 + C)
+    if geo.chunk_size is not None:
+        chunk = min(geo.rows, int(geo.chunk_size))
+    else:
+        budget = settings.cpu_factor_chunk_bytes if layout.device.type == "cpu" else settings.factor_chunk_bytes
+        chunk = max(min(geo.rows, 8), min(geo.rows, settings.fast_chunk, budget // max(1, per_fresh)))
+    passes = chunk * (3 * per_fresh + (2 + C) * layout.activation_bytes)
+    return passes, -(-geo.rows // chunk) + (2 if geo.route == "full" else 0)
+
+
 def _evaluate(
     layout: _Layout,
     *,
@@ -564,48 +582,16 @@ def _evaluate(
     s = _Tally()
     for t in layout.terms:
         _add_term(s, t, geo)
-    passes, calls = 0, 1  # calls: passes' chunks and products, each costing OVERHEAD_S[1] per term
-    if layout.terms:  # chunks of one forward and one backward vectorised over the C outputs
-        per_fresh = sum(t.fresh(C) for t in layout.terms)
-        s.flops += P * layout.forward_flops * (1 + C)
-        if chunk_size is not None:
-            chunk = min(geo.rows, int(chunk_size))
-        else:
-            cpu = layout.device.type == "cpu"
-            budget = settings.cpu_factor_chunk_bytes if cpu else settings.factor_chunk_bytes
-            chunk = max(min(geo.rows, 8), min(geo.rows, settings.fast_chunk, budget // max(1, per_fresh)))
-        passes = chunk * (3 * per_fresh + (2 + C) * layout.activation_bytes)  # recorded, merged, converted
-        calls = -(-geo.rows // chunk) + (2 if route == "full" else 0)
+    passes, calls = _passes(s, layout, geo)
     fb_chunk = settings.fallback_chunk_bytes if layout.fallback else 0
     if layout.fallback:
         _add_fallback(s, layout, geo)
-    stages: dict[str, int] = {}
-    krylov = basis = 0
     if route == "full":
-        theta = 8 * n * n
-        gathered = 2 * s.largest_term * (world - 1) if world > 1 else 0  # the shares of one term, and the next
-        held = s.factor + s.gradient
-        stages["factors"] = theta + held + passes
-        stages["products"] = theta + held + gathered + min(s.strip, theta + settings.strip_bytes)
-        if layout.fallback:  # the previous group still referenced, a group's chunks and their concatenation
-            stages["fallback"] = theta + 3 * s.jac_largest + fb_chunk
-        stages["spectrum"] = kernels * theta
-        kernel, jacobian = kernels * theta, 2 * s.jac_largest
-        s.flops += EIG_FLOPS * n**3
-        transient = max(passes, s.strip, s.jac_largest + fb_chunk)
+        m = _full_route(s, geo, passes, fb_chunk, kernels, bool(layout.fallback))
     else:
-        basis = min(_basis_cap(top_k, n), EXPECTED_BLOCKS * geo.b + 40)
-        krylov = 4 * 8 * n * basis  # basis and images, and their concatenations at each step
-        matmat = s.block + 4 * 8 * geo.b * n  # a product's largest block, V, Theta V and their float64 copies
-        held = s.factor + s.gradient + s.jac_held
-        stages["factors"] = s.factor + s.gradient + max(passes, s.squeeze)
-        if layout.fallback:
-            stages["fallback"] = held + s.jac_largest + fb_chunk
-        stages["krylov"] = held + krylov + matmat
-        kernel, jacobian = 0, s.jac_held
-        s.flops += basis * s.per_column + 4.0 * n * basis**2 + s.diag
-        transient = max(passes, s.squeeze, matmat, s.jac_largest + fb_chunk)
-        calls += 2 * -(-basis // geo.b)
+        m = _topk_route(s, geo, passes, fb_chunk, top_k, bool(layout.fallback))
+        calls += 2 * -(-m.basis // geo.b)
+    stages, kernel, jacobian, krylov, basis, transient = m.stages, m.kernel, m.jacobian, m.krylov, m.basis, m.transient
     rate = _gemm_rate(str(layout.device))
     seconds = s.flops / rate + OVERHEAD_S[0] + OVERHEAD_S[1] * calls * len(s.listing)
     return NTKCost(
@@ -642,6 +628,54 @@ def _evaluate(
             settings=settings,
         ),
     )
+
+
+@dataclass
+class _Memory:
+    """What one route holds: bytes per stage, the kernel matrices, the Jacobians, the Krylov basis (columns and
+    bytes), the largest temporary."""
+
+    stages: dict[str, int]
+    kernel: int
+    jacobian: int
+    transient: int
+    krylov: int = 0
+    basis: int = 0
+
+
+def _full_route(s: _Tally, geo: _Geometry, passes: int, fb_chunk: int, kernels: int, fallback: bool) -> _Memory:
+    """The ``n x n`` kernel's stages: factors being recorded, products (with the shares gathered across ranks),
+    the fallback, the spectrum; adds the eigenvalue operations to ``s.flops``."""
+    n, world = geo.n, geo.world
+    theta = 8 * n * n
+    gathered = 2 * s.largest_term * (world - 1) if world > 1 else 0  # the shares of one term, and the next
+    held = s.factor + s.gradient
+    stages = {
+        "factors": theta + held + passes,
+        "products": theta + held + gathered + min(s.strip, theta + geo.settings.strip_bytes),
+    }
+    if fallback:  # the previous group still referenced, a group's chunks and their concatenation
+        stages["fallback"] = theta + 3 * s.jac_largest + fb_chunk
+    stages["spectrum"] = kernels * theta
+    s.flops += EIG_FLOPS * n**3
+    return _Memory(stages, kernels * theta, 2 * s.jac_largest, max(passes, s.strip, s.jac_largest + fb_chunk))
+
+
+def _topk_route(s: _Tally, geo: _Geometry, passes: int, fb_chunk: int, top_k: int, fallback: bool) -> _Memory:
+    """The operator's stages: factors, the fallback, the Krylov iterations; adds their operations to
+    ``s.flops``."""
+    n = geo.n
+    basis = min(_basis_cap(top_k, n), EXPECTED_BLOCKS * geo.b + 40)
+    krylov = 4 * 8 * n * basis  # basis and images, and their concatenations at each step
+    matmat = s.block + 4 * 8 * geo.b * n  # a product's largest block, V, Theta V and their float64 copies
+    held = s.factor + s.gradient + s.jac_held
+    stages = {"factors": s.factor + s.gradient + max(passes, s.squeeze)}
+    if fallback:
+        stages["fallback"] = held + s.jac_largest + fb_chunk
+    stages["krylov"] = held + krylov + matmat
+    s.flops += basis * s.per_column + 4.0 * n * basis**2 + s.diag
+    transient = max(passes, s.squeeze, matmat, s.jac_largest + fb_chunk)
+    return _Memory(stages, 0, s.jac_held, transient, krylov, basis)
 
 
 def _compress_cost(m: int, rows: int, settings: NTKSettings = DEFAULT) -> tuple[int, float]:
