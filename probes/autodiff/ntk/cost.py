@@ -11,10 +11,10 @@ The estimate follows the plan, layer by layer, as ``factors``, ``dense`` and ``o
   first kernel and the temporaries of its spectrum and alignment make five, seven with labels), the top-k route a
   Krylov basis (``2 n m`` numbers and their concatenated copies, ``m`` the vectors ``top_eigenvalues`` typically
   takes, ``EXPECTED_BLOCKS``) and one block of every product;
-- the transients: one chunk of the forward/backward passes (``FACTOR_CHUNK_BYTES`` of recorded factors, with the
-  chunk's activations and the gradients of its ``C`` batched cotangents), a strip of products (``STRIP_BYTES``), the
-  rank test of a factor before the operator expresses it in a row basis, a fallback chunk
-  (``FALLBACK_CHUNK_BYTES``).
+- the transients: one chunk of the forward/backward passes (``settings.factor_chunk_bytes`` of recorded factors,
+  with the chunk's activations and the gradients of its ``C`` batched cotangents), a strip of products
+  (``settings.strip_bytes``), the rank test of a factor before the operator expresses it in a row basis, a
+  fallback chunk (``settings.fallback_chunk_bytes``).
 
 The peak is the largest of the stages' totals (factors being recorded, products, fallback, spectrum or Krylov),
 above what is allocated before the measurement (model, probe batch). The time figure counts floating-point
