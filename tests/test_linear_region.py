@@ -8,6 +8,7 @@ the probe's draws for its flip fractions.
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -283,6 +284,36 @@ class Square(nn.Module):
 class MyRelu(nn.Module):
     def forward(self, x):
         return x.clamp(min=0)
+
+
+class SinInChild(nn.Module):
+    def forward(self, x):
+        return torch.sin(x)
+
+
+class ExpAfterChild(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.child = nn.Sequential(nn.Linear(3, 3), nn.ReLU())
+
+    def forward(self, x):
+        return torch.exp(self.child(x))  # called by the root after its child returned
+
+
+def test_a_smooth_call_is_named_by_the_module_whose_forward_makes_it_without_reading_frames(monkeypatch) -> None:
+    """The trace names the innermost running module from a stack kept by module hooks: the nested child, then the
+    root once the child has returned; no call frame is read, and no hook is left behind."""
+    real, reads = sys._getframe, []
+    monkeypatch.setattr(sys, "_getframe", lambda depth=0: reads.append(depth) or real(depth + 1))
+    nested = nn.Sequential(nn.Linear(3, 4), nn.Sequential(nn.Identity(), SinInChild()))
+    with pytest.raises(NotPiecewiseLinearError, match=r"sin in the forward of '1\.1'"):
+        check_piecewise_linear(nested, torch.randn(4, 3), allow=(SinInChild,))
+    after = ExpAfterChild()
+    with pytest.raises(NotPiecewiseLinearError, match=r"exp in the forward of '<root>'"):
+        check_piecewise_linear(after, torch.randn(4, 3), allow=(ExpAfterChild,))
+    assert reads == []
+    for m in (*nested.modules(), *after.modules()):
+        assert not m._forward_hooks and not m._forward_pre_hooks
 
 
 @pytest.mark.parametrize(
