@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from probes.autodiff.fsdp import gathered
 from probes.engine.inputs import Positional, call_model, sample_count, select_output
-from probes.functional.fsdp import gathered
 from probes.functional.labels import label_matrix
 from probes.records import Chart, Record
 

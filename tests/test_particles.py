@@ -15,7 +15,7 @@ from torch import nn
 
 import probes
 from probes.builtin.particles import Particles, find_two_layer
-from probes.functional.meanfield import MeanField, sphere_
+from probes.functional.particles import MeanField, sphere_
 from probes.probe import Context, ProbeBatch
 
 SETTINGS = settings(max_examples=25, deadline=None)

@@ -13,8 +13,9 @@ from hypothesis import strategies as st
 from torch import nn
 
 import probes
-from probes.builtin.patterns import Patterns, distinct_rows, gate_image
-from probes.functional.patterns import list_snapshots, load_all, load_gates, save_gates
+from probes.builtin.patterns import Patterns, gate_image
+from probes.functional.patterns import distinct_rows
+from probes.snapshots import list_snapshots, load_all, load_gates, save_gates
 
 
 def naive_gates(model: nn.Sequential, x: torch.Tensor) -> dict[str, list[list[bool]]]:

@@ -15,75 +15,17 @@ from collections.abc import Sequence
 import torch
 
 from probes import options
+from probes.builtin._tokens import token_pairs
 from probes.engine.failures import ProbesNoticeWarning, say
 from probes.engine.inputs import take
 from probes.functional.alignment import DegenerateKernelError, Prepared, prepare
-from probes.functional.labels import IGNORE_INDEX, label_matrix, padded_labels, token_positions
+from probes.functional.labels import IGNORE_INDEX, POSITIONS, is_token_labels, label_matrix, token_rows
 from probes.probe import Context, Probe, ProbeBatch, Site
 from probes.records import Record, Scalar
 
 OUTPUT = "output"
 #: default ``memory_budget`` (bytes) for the features held at once: a CIFAR ResNet-18 at P = 1,024 holds 2.2 GiB
 MEMORY_BUDGET = 512 << 20
-#: what ``positions`` may be for token labels: every kept position, or the last kept one of each sequence
-POSITIONS = ("all", "last")
-
-
-def is_token_labels(y: torch.Tensor | None) -> bool:
-    """Whether ``y`` holds token labels: integer ``(P, T)`` class indices (``-100`` where a position has none).
-
-    Args:
-        y: the probe labels, or None.
-
-    Returns:
-        True for an integer (not bool) tensor with two axes.
-    """
-    return isinstance(y, torch.Tensor) and y.ndim == 2 and not y.is_floating_point() and y.dtype != torch.bool
-
-
-def token_pairs(
-    who: str, batch: ProbeBatch, positions: str, said: set[str] | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``(sample, position)`` pairs of the token labels that are samples, and their labels
-    (``probes.functional.labels.token_positions`` with the batch's ``label_shift`` and attention mask: a pair whose
-    feature position or label position is padding is left out, like a ``-100`` label).
-
-    Args:
-        who: the probe's name, for messages.
-        batch: the probe batch, with token labels ``(P, T)``.
-        positions: ``"all"`` or ``"last"``.
-        said: the probe's set of notices said; when given, labelled positions that the attention mask leaves out
-            (``labels = input_ids`` with the pads not set to ``-100``) are said once (key ``"padding"``).
-
-    Returns:
-        ``(index, y)``: ``index`` ``(N, 2)`` long, ``y`` the ``N`` paired labels.
-
-    Raises:
-        ValueError: as ``token_positions``, naming the probe and the options that change the pairing.
-    """
-    if said is not None and "padding" not in said:
-        n = padded_labels(batch.y, batch.label_shift, batch.mask)
-        if n:
-            said.add("padding")
-            say(
-                f"{who}: {n} labelled position(s) of the token labels pair with padding (attention mask 0, "
-                f"label_shift={batch.label_shift}) and are left out, as if labelled {IGNORE_INDEX} (said once)",
-                ProbesNoticeWarning,
-            )
-    try:
-        return token_positions(batch.y, batch.label_shift, positions, batch.mask)
-    except ValueError as exc:
-        raise ValueError(
-            f"{who}: {exc} (token labels {tuple(batch.y.shape)} with attach(label_shift="
-            f"{batch.label_shift}), option positions={positions!r}; every position labelled "
-            f"{IGNORE_INDEX} is left out)"
-        ) from None
-
-
-def token_rows(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """The rows of ``t`` ``(P, T, ...)`` at the ``(sample, position)`` pairs ``index``, flattened: ``(N, -1)``."""
-    index = index.to(t.device)
-    return t[index[:, 0], index[:, 1]].reshape(index.shape[0], -1)
 
 
 def _token_shaped(t: torch.Tensor, y: torch.Tensor) -> bool:

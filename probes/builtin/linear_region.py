@@ -1,8 +1,9 @@
 """``linear_region``: how stable the probe samples' linear regions are under small perturbations of the inputs and
 of the parameters, and the identity ``L_gen = A'x'`` on the samples that keep their gates (seed 003).
 
-The probe class only; the maths is in ``probes.functional.local_affine``. What it measures, its tags, options,
-default sizes, dtype and cost: ``docs/probes/linear_region.md``.
+The probe class only; the maths is in ``probes.functional.linear_region``, what needs the model in
+``probes.autodiff.linear_region``. What it measures, its tags, options, default sizes, dtype and cost:
+``docs/probes/linear_region.md``.
 """
 
 from __future__ import annotations
@@ -17,23 +18,25 @@ from torch import nn
 from torch.func import functional_call, jvp
 
 from probes import options
-from probes.engine.distributed import is_sharded
-from probes.engine.inputs import Positional, select_output, take
-from probes.functional.local_affine import (
+from probes.autodiff.linear_region import (
     MAX_POOLS,
     ModuleValues,
-    Params,
     check_piecewise_linear,
+    parameter_state,
+    swapped,
+    trainable_names,
+)
+from probes.engine.distributed import is_sharded
+from probes.engine.inputs import Positional, select_output, take
+from probes.functional.linear_region import (
+    Params,
     flip_rate,
     l_gen,
-    parameter_state,
     patterns_differ,
     perturb_inputs,
     perturb_params,
     perturb_tensor,
     site_pattern,
-    swapped,
-    trainable_names,
 )
 from probes.probe import Context, Probe, ProbeBatch, Site
 from probes.records import Chart, Record, Scalar

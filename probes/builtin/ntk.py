@@ -15,12 +15,7 @@ import numpy as np
 import torch
 
 from probes import options
-from probes.builtin._images import declare_image_state, image_due
-from probes.engine.failures import ProbesNoticeWarning
-from probes.figures import ImageCadence, spectrum_figure
-from probes.functional.alignment import DegenerateKernelError
-from probes.functional.labels import label_matrix
-from probes.functional.ntk import (
+from probes.autodiff.ntk import (
     MODES,
     REDUCTIONS,
     NTKCost,
@@ -31,9 +26,15 @@ from probes.functional.ntk import (
     ntk_plan,
     trace_over_outputs,
 )
-from probes.functional.ntk import cost as ntk_cost_module
-from probes.functional.ntk.cost import gib as _gib
-from probes.functional.ntk.outputs import SelectedOutput, gaussian_sketch, last_positions
+from probes.autodiff.ntk import cost as ntk_cost_module
+from probes.autodiff.ntk.cost import gib as _gib
+from probes.autodiff.ntk.outputs import SelectedOutput, gaussian_sketch, last_positions
+from probes.builtin._images import declare_image_state, image_due
+from probes.engine.failures import ProbesNoticeWarning
+from probes.figures import ImageCadence, spectrum_figure
+from probes.functional.alignment import DegenerateKernelError
+from probes.functional.labels import label_matrix
+from probes.functional.ntk.settings import NTKSettings
 from probes.functional.spectra import effective_rank_bounds, kernel_distance, label_alignment, spectrum, top_eigenvalues
 from probes.probe import Context, Probe, ProbeBatch
 from probes.records import Chart, Drawing, Histogram, Image, Record, Scalar
@@ -132,6 +133,7 @@ class NTK(Probe):
                 what="'auto', a positive number of bytes, or None",
             )
         )
+        self.settings = NTKSettings()  # the NTK code's budgets and switches: its defaults, passed to every call
         self.cost: NTKCost | None = None  # the estimate made at attach (validate)
         self._sketch: torch.Tensor | None = None
         self._said: set[str] = set()
@@ -276,6 +278,7 @@ class NTK(Probe):
             chunk_size=self.chunk_size,
             world=batch.world_size,
             kernels=7 if labels else 5,
+            settings=self.settings,
         )
         budget, source = self.memory_limit(args[0].device)
         if budget is not None and cost.peak_bytes > budget and route == "full" and self.spectrum == "auto":
@@ -387,6 +390,7 @@ class NTK(Probe):
             dtype=torch.float64,
             plan=self._plan[1],
             distributed=batch.world_size > 1,
+            settings=self.settings,
         )
         P = batch.size
         C = theta.shape[0] // P
@@ -449,6 +453,7 @@ class NTK(Probe):
             dtype=torch.float64,
             plan=self._plan[1],
             distributed=distributed,
+            settings=self.settings,
         )
         n = op.shape[0]
         trace = op.trace()

@@ -18,7 +18,7 @@ from torch import nn
 from probes import options
 from probes.builtin._images import declare_image_state, image_due
 from probes.figures import ImageCadence, particles_figure
-from probes.functional.meanfield import MeanField
+from probes.functional.particles import MeanField, principal_plane
 from probes.probe import Context, Probe, ProbeBatch
 from probes.records import Drawing, Histogram, Image, Record, Scalar
 
@@ -118,28 +118,6 @@ def find_two_layer(model: nn.Module, layer: str | None = None) -> tuple[str, nn.
             f"{out.in_features} inputs; this is not a two-layer net"
         )
     return hp, hidden, op, out
-
-
-def _complete(v: torch.Tensor, dim: int) -> torch.Tensor:
-    """Extend orthonormal columns ``v`` (dim x k, k <= 2) to two orthonormal columns."""
-    if v.shape[1] >= 2:
-        return v[:, :2]
-    eye = torch.eye(dim, dtype=v.dtype, device=v.device)
-    q, _ = torch.linalg.qr(torch.cat([v, eye], dim=1))
-    return q[:, :2]
-
-
-def _principal(points: torch.Tensor, center: bool) -> torch.Tensor:
-    """Top two principal directions (D x 2, float64) of the rows of ``points``, signs made deterministic."""
-    x = points.double()
-    if center:
-        x = x - x.mean(dim=0, keepdim=True)
-    _, _, vh = torch.linalg.svd(x, full_matrices=False)
-    v = _complete(vh[:2].T.contiguous(), x.shape[1])
-    # sign convention: the largest-magnitude entry of each direction is positive
-    pick = v.abs().argmax(dim=0)
-    sign = torch.sign(v[pick, torch.arange(2, device=v.device)])
-    return v * torch.where(sign == 0, torch.ones_like(sign), sign)
 
 
 #: the most positions kept per particle (``trail``: a trail x m x 2 float64 buffer) and the largest image side
@@ -304,7 +282,7 @@ class Particles(Probe):
             self.basis = torch.eye(self.dim, 2, dtype=torch.float64, device=dev)
         elif self.basis_spec == "teacher":
             assert self.teacher is not None
-            self.basis = _principal(self.teacher, center=False)
+            self.basis = principal_plane(self.teacher, center=False)
         if self.trail is None or self.trail.shape[1] != self.width:
             self.trail = torch.full((self.trail_length, self.width, 2), float("nan"), dtype=torch.float64)
             self.filled, self.stride, self.seen, self.limit = 0, 1, 0, 0.0
@@ -418,7 +396,7 @@ class Particles(Probe):
                 raise ValueError(
                     f"{self._who}: non-finite weights at the first measurement; cannot fix the projection basis"
                 )
-            self.basis = _principal(p, center=True)
+            self.basis = principal_plane(p, center=True)
         if tuple(self.basis.shape) != (self.dim, 2):
             raise ValueError(
                 f"{self._who}: the projection basis has shape {tuple(self.basis.shape)}, expected "

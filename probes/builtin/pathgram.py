@@ -2,7 +2,7 @@
 ``tr(Y^T H^{-1} Y)`` (seed 000; Lakshminarayanan & Singh 2020).
 
 The probe class and the check of the chain it relies on; the kernel and its solve are in
-``probes.functional.path_gram``. What it measures, its tags, options and cost: ``docs/probes/pathgram.md``.
+``probes.functional.pathgram``. What it measures, its tags, options and cost: ``docs/probes/pathgram.md``.
 """
 
 from __future__ import annotations
@@ -10,19 +10,18 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from probes import options
+from probes.autodiff.pathgram import Chain, find_chain
 from probes.builtin._images import declare_image_state, image_due
 from probes.engine.inputs import take
 from probes.figures import ImageCadence, matrix_figure
 from probes.functional.labels import label_matrix
-from probes.functional.path_gram import (
+from probes.functional.pathgram import (
     PathGram,
     Workspace,
     factorize,
@@ -33,78 +32,8 @@ from probes.functional.path_gram import (
 from probes.probe import Context, Pass, Probe, ProbeBatch
 from probes.records import Drawing, Image, Record, Scalar
 
-#: leaf modules that are the identity in eval mode and may sit anywhere in the chain
-PASS_THROUGH = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.AlphaDropout, nn.FeatureAlphaDropout)
-#: gate kinds for which post = pre * (pre > 0), i.e. the path kernel's 0/1 gates
-GATE_KINDS = frozenset({"relu"})
 #: relative tolerance of the recomposition check
 RECOMPOSE_RTOL = 1e-4
-
-
-@dataclass
-class Chain:
-    """A Linear->gate chain found in the probe pass: ``linears[k]`` then gate ``gates[k]`` (site names)."""
-
-    linears: list[tuple[str, nn.Linear]]
-    gates: list[str]
-
-    @property
-    def bias(self) -> list[bool]:
-        return [lin.bias is not None for _, lin in self.linears]
-
-
-def find_chain(batch: ProbeBatch | Pass, who: str = "pathgram") -> Chain:
-    """Read ``Linear, gate, Linear, ..., Linear`` off ``batch.calls``; raise naming the module that breaks it."""
-    if not batch.calls:
-        raise ValueError(
-            f"{who}: the probe pass recorded no module calls; is the model an nn.Module whose "
-            "forward calls Linear layers?"
-        )
-    linears: list[tuple[str, nn.Linear]] = []
-    gates: list[str] = []
-    expect_linear = True
-    for call in batch.calls:
-        where = f"module {call.path or '<root>'!r} ({call.kind})"
-        if call.site is None and isinstance(call.module, PASS_THROUGH):
-            continue
-        if call.site is None and isinstance(call.module, nn.Flatten):
-            if linears:
-                raise ValueError(
-                    f"{who}: {where} comes after Linear {linears[-1][0]!r}; only a leading Flatten "
-                    "fits a Linear->ReLU chain"
-                )
-            continue
-        if expect_linear:
-            if call.site is None and isinstance(call.module, nn.Linear):
-                linears.append((call.path, call.module))
-                expect_linear = False
-                continue
-            what = f"activation site {call.site!r}" if call.site is not None else where
-            after = f"after gate {gates[-1]!r}" if gates else "at the start of the chain"
-            raise ValueError(
-                f"{who}: {what} {after} where an nn.Linear was expected; the path gram applies to "
-                "Linear->ReLU chains only (an MLP of nn.Linear and nn.ReLU); leave pathgram out for "
-                "this model"
-            )
-        if call.site is not None:
-            if call.kind not in GATE_KINDS:
-                raise ValueError(
-                    f"{who}: activation site {call.site!r} is a {call.kind}; the neural path kernel "
-                    "needs 0/1 gates, i.e. ReLU (post = pre * (pre > 0)) after every hidden Linear"
-                )
-            gates.append(call.site)
-            expect_linear = True
-            continue
-        raise ValueError(
-            f"{who}: {where} follows Linear {linears[-1][0]!r} where a ReLU was expected; the path "
-            "gram applies to Linear->ReLU chains only (an MLP of nn.Linear and nn.ReLU); leave pathgram "
-            "out for this model"
-        )
-    if not linears:
-        raise ValueError(f"{who}: the probe pass called no nn.Linear; the path gram applies to Linear->ReLU chains")
-    if expect_linear:
-        raise ValueError(f"{who}: the chain ends with gate {gates[-1]!r}; the path gram needs a Linear output layer")
-    return Chain(linears, gates)
 
 
 def _relative_error(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -306,7 +235,7 @@ class PathGramProbe(Probe):
                 keep=lambda site: frozenset({"pre", "post"}) if self.wants_site(site) else frozenset(),
             )
         X = flatten_input(batch.x)[: found.output.shape[0]]
-        chain = find_chain(found)
+        chain = find_chain(found.calls)
         if self.check:
             check_recomposition(found, chain, X, rows=min(X.shape[0], 16), gathered=batch.gathered)
         batch.targets("pathgram")
@@ -314,7 +243,7 @@ class PathGramProbe(Probe):
     def compute(self, batch: ProbeBatch) -> tuple[PathGram, Chain]:
         """The rescaled path gram of the probe batch, after checking the chain structure."""
         X = flatten_input(batch.x)
-        chain = find_chain(batch)
+        chain = find_chain(batch.calls)
         if self.check:
             check_recomposition(batch, chain, X, gathered=batch.gathered)
         gates = [batch.activations[s].pre > 0 for s in chain.gates]

@@ -8,7 +8,6 @@ tags, options and cost: ``docs/probes/patterns.md``.
 from __future__ import annotations
 
 import fnmatch
-import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,9 +20,11 @@ from probes.builtin._images import declare_image_state, image_due
 from probes.engine.failures import ProbesNoticeWarning, say
 from probes.engine.inputs import take
 from probes.figures import ImageCadence, gates_figure
-from probes.functional.patterns import save_gates, snapshot_path, unit_axis
+from probes.functional.patterns import PackedGates, distinct_packed_rows
+from probes.functional.relu_zeros import unit_axis
 from probes.probe import Context, Probe, ProbeBatch
 from probes.records import Drawing, Image, Record, Scalar
+from probes.snapshots import save_gates, snapshot_path
 
 
 def _unit_dim(ndim: int, override: int | None) -> int:
@@ -124,57 +125,6 @@ def gate_drawing(
         if kept is not None:
             padding = (~kept).cpu().numpy()[order.numpy()]
     return Drawing(gates_figure, m, starts, names, title=title, unit_label=unit, total=units, padding=padding)
-
-
-class PackedGates:
-    """A boolean gate tensor (samples first) kept at one bit per gate: ``bits`` is P x ceil(n / 8) uint8."""
-
-    __slots__ = ("bits", "shape")
-
-    def __init__(self, bits: torch.Tensor, shape: tuple[int, ...]) -> None:
-        self.bits, self.shape = bits, shape
-
-    @classmethod
-    def of(cls, gates: torch.Tensor) -> PackedGates:
-        return cls(pack_rows(gates.reshape(gates.shape[0], -1)), tuple(gates.shape))
-
-    def unpack(self, device: torch.device | None = None) -> torch.Tensor:
-        bits = self.bits if device is None else self.bits.to(device)
-        n = math.prod(self.shape[1:])
-        unpacked = (bits.unsqueeze(-1) & _BIT_WEIGHTS.to(bits.device)).ne(0).reshape(bits.shape[0], -1)[:, :n]
-        return unpacked.reshape(self.shape)
-
-
-_BIT_WEIGHTS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
-
-
-def pack_rows(bits: torch.Tensor) -> torch.Tensor:
-    """P x B booleans -> P x ceil(B / 8) bytes, most significant bit first (as ``np.packbits``)."""
-    P, B = bits.shape
-    pad = (-B) % 8
-    if pad:
-        bits = torch.cat([bits, bits.new_zeros(P, pad)], dim=1)
-    weights = _BIT_WEIGHTS.to(bits.device)
-    return (bits.reshape(P, -1, 8).to(torch.uint8) * weights).sum(dim=2, dtype=torch.uint8)
-
-
-def distinct_packed_rows(parts: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Number of distinct rows of row-packed gate matrices placed side by side."""
-    if not parts:
-        return torch.tensor(0)
-    rows = np.ascontiguousarray(torch.cat(list(parts), dim=1).cpu().numpy())
-    if rows.shape[1] == 0:
-        return torch.tensor(1 if rows.shape[0] else 0)
-    # each row as one opaque value: numpy sorts them without the per-element copies of torch.unique(dim=0)
-    return torch.tensor(np.unique(rows.view(np.dtype((np.void, rows.shape[1]))).ravel()).shape[0])
-
-
-def distinct_rows(bits: torch.Tensor) -> torch.Tensor:
-    """Number of distinct rows of a P x B boolean matrix (packed into bytes, then ``torch.unique``)."""
-    P, B = bits.shape
-    if B == 0:
-        return torch.tensor(1 if P else 0)
-    return distinct_packed_rows([pack_rows(bits)])
 
 
 class Patterns(Probe):

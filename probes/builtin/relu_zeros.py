@@ -11,7 +11,7 @@ import torch
 
 from probes import options
 from probes.engine.failures import ProbesNoticeWarning, say
-from probes.functional.patterns import unit_axis
+from probes.functional.relu_zeros import unit_axis, zero_counts
 from probes.probe import Probe, Site
 from probes.records import Histogram, Record, Scalar
 
@@ -158,14 +158,14 @@ class ReluZeros(Probe):
             outputs, per_unit = self.outputs[name], self.per_unit[name]
             if outputs == 0:
                 continue
-            zeros = outputs - nonzero.sum().double()
-            zeros_all.append(zeros)
+            counts = zero_counts(nonzero, outputs, per_unit)
+            zeros_all.append(counts.zeros)
             outputs_all.append(float(outputs))
             records += [
-                Scalar(f"relu_zeros/{name}/fraction", zeros / outputs),
-                Scalar(f"relu_zeros/{name}/zeros", zeros),
-                Scalar(f"relu_zeros/{name}/dead_in_window", (nonzero == 0).sum()),
-                Histogram.of(f"relu_zeros/{name}/unit_activity", nonzero.double() / per_unit, bins=self.bins),
+                Scalar(f"relu_zeros/{name}/fraction", counts.fraction),
+                Scalar(f"relu_zeros/{name}/zeros", counts.zeros),
+                Scalar(f"relu_zeros/{name}/dead_in_window", counts.dead),
+                Histogram.of(f"relu_zeros/{name}/unit_activity", counts.activity, bins=self.bins),
             ]
         if zeros_all:
             records.insert(0, Scalar("relu_zeros/total/fraction", torch.stack(zeros_all).sum() / sum(outputs_all)))

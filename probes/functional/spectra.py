@@ -208,6 +208,21 @@ class TopEigen:
     products: int
 
 
+def _ritz_accepted(theta: torch.Tensor, res: torch.Tensor, kk: int, n: int, tol: float) -> bool:
+    """Whether the top ``kk`` Ritz pairs meet ``min(r_j, r_j^2 / delta_j) <= tol * max(|theta_j|, n eps
+    theta_max)`` (Kato-Temple; ``delta_j`` the gap from ``theta_j`` to the nearest other Ritz value)."""
+    m, eps = theta.numel(), torch.finfo(torch.float64).eps
+    gaps = torch.full((kk,), float("inf"), dtype=torch.float64, device=theta.device)
+    if m > 1:
+        diffs = (theta[:kk, None] - theta[None, :]).abs()
+        idx = torch.arange(kk, device=theta.device)
+        diffs[idx, idx] = float("inf")
+        gaps = diffs.min(dim=1).values
+    bound = torch.minimum(res, res * res / gaps.clamp(min=1e-300))
+    floor = torch.clamp(theta[:kk].abs(), min=n * eps * float(theta.abs().max()))
+    return bool((bound <= tol * floor).all())
+
+
 def top_eigenvalues(
     matmat: Callable[[torch.Tensor], torch.Tensor],
     n: int,
@@ -268,15 +283,7 @@ def top_eigenvalues(
         U = V @ S[:, :kk]
         res = torch.linalg.vector_norm(AV @ S[:, :kk] - U * theta[:kk], dim=0)
         top = float(theta.abs().max())
-        gaps = torch.full((kk,), float("inf"), dtype=torch.float64, device=theta.device)
-        if m > 1:
-            diffs = (theta[:kk, None] - theta[None, :]).abs()
-            idx = torch.arange(kk, device=theta.device)
-            diffs[idx, idx] = float("inf")
-            gaps = diffs.min(dim=1).values
-        bound = torch.minimum(res, res * res / gaps.clamp(min=1e-300))
-        floor = torch.clamp(theta[:kk].abs(), min=n * eps * top)
-        ok = bool((bound <= tol * floor).all()) and kk == k
+        ok = _ritz_accepted(theta, res, kk, n, tol) and kk == k
         exhausted = m >= n
         if ok or exhausted or m >= cap:
             return TopEigen(theta[:k], U[:, :k], res[:k], ok or exhausted, products)

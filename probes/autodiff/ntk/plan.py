@@ -23,8 +23,8 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from probes.functional.fsdp import gathered, units
-from probes.functional.ntk.inputs import (
+from probes.autodiff.fsdp import gathered, units
+from probes.autodiff.ntk.inputs import (
     _as_args,
     _check_mixing,
     _check_modules,
@@ -34,8 +34,8 @@ from probes.functional.ntk.inputs import (
     _take,
     _trainable,
 )
-from probes.functional.ntk.layers import _KINDS, _first, _Kind, _kind_of, _LinearKind, _own_params, _used_params
-from probes.functional.ntk.structural import _candidate, _confirm, _describe
+from probes.autodiff.ntk.layers import _KINDS, _first, _Kind, _kind_of, _LinearKind, _own_params, _used_params
+from probes.autodiff.ntk.structural import _candidate, _confirm, _describe
 
 
 @dataclass
@@ -74,20 +74,13 @@ def _per_sample_copies(params: dict[str, torch.Tensor], names: list[str], b: int
     return {n: params[n].detach().expand((b,) + tuple(params[n].shape[1:])).clone().requires_grad_(True) for n in names}
 
 
-def _build_plan(model: nn.Module, x: Any, *, fast_path: bool = True, who: str = "empirical_ntk") -> NTKPlan:
-    """Decide the layerwise layers and the fallback parameters (forwards on one and two samples), before the
-    self-check against autograd: ``probes.functional.ntk.planning.ntk_plan`` runs both, and documents the arguments,
-    the result and the errors (this takes the same ``model``, ``x``, ``fast_path`` and ``who``).
-    """
-    args, P = _as_args(x, who)
-    _check_modules(model, who)
-    params = _trainable(model, who)
-    name_of = {id(p): n for n, p in params.items()}
-    plan = NTKPlan()
+def _candidate_layers(
+    model: nn.Module, name_of: dict[int, str], owners: dict[int, set[int]], fast_path: bool, plan: NTKPlan
+) -> tuple[dict[str, tuple[nn.Module, _Kind | str]], list[str]]:
+    """The modules that may take the layerwise path (a kind, or a structure to confirm), and the parameters with a
+    leading axis of 1 used directly in a module's own forward; every other module's reason into ``plan.reasons``."""
     candidates: dict[str, tuple[nn.Module, _Kind | str]] = {}
     direct: list[str] = []
-    owners = _owners(model)
-    paths = {id(m): path for path, m in model.named_modules(remove_duplicate=False)}
     for path, m in model.named_modules():
         direct_params = {n: p for n, p in m._parameters.items() if p is not None and p.requires_grad}
         kind: _Kind | str | None = _kind_of(m)
@@ -123,92 +116,99 @@ def _build_plan(model: nn.Module, x: Any, *, fast_path: bool = True, who: str = 
             plan.reasons[label] = why
         else:
             candidates[path] = (m, kind)
-    _drop_partial_ties(model, candidates, owners, paths, plan)
+    return candidates, direct
 
-    calls: dict[str, list[tuple[tuple, dict, torch.Tensor]]] = {p: [] for p in candidates}
-    originals: dict[str, list[tuple[tuple, dict, torch.Tensor]]] = {p: [] for p in candidates}
-    layouts: dict[str, list[str | None]] = {p: [] for p in candidates}
-    shared: set[str] = set()
-    recording = {"on": False, "b": 0}
 
-    def make_hook(path: str, kind: _Kind | str):
+@dataclass
+class _Discovery:
+    """What the hooks of the discovery passes record per candidate layer: why a call does not fit (``layouts``),
+    and while ``on``, its calls (outputs expanded per sample where one input serves all samples) and the calls
+    as they were (``originals``); ``b`` is the pass's number of samples."""
+
+    candidates: dict[str, tuple[nn.Module, _Kind | str]]
+    direct: list[str]
+    calls: dict[str, list[tuple[tuple, dict, torch.Tensor]]] = field(default_factory=dict)
+    originals: dict[str, list[tuple[tuple, dict, torch.Tensor]]] = field(default_factory=dict)
+    layouts: dict[str, list[str | None]] = field(default_factory=dict)
+    shared: set[str] = field(default_factory=set)
+    on: bool = False
+    b: int = 0
+
+    def __post_init__(self) -> None:
+        for table in (self.calls, self.originals, self.layouts):
+            table.update({p: [] for p in self.candidates})
+
+    def hook(self, path: str, kind: _Kind | str):
         layout = (_LinearKind() if kind == "affine" else _Kind()) if isinstance(kind, str) else kind
 
-        def hook(module, hargs, hkwargs, output):
+        def record(module, hargs, hkwargs, output):
             xin = _first(hargs, hkwargs)
             why = layout.layout(module, xin)
-            b = recording["b"]
-            one = (
-                why is None
-                and b > 1
-                and int(xin.shape[0]) == 1
-                and isinstance(output, torch.Tensor)
-                and output.ndim >= 1
-                and output.shape[0] == 1
-            )
+            b = self.b
+            is_tensor = isinstance(output, torch.Tensor) and output.ndim >= 1
+            one = why is None and b > 1 and int(xin.shape[0]) == 1 and is_tensor and output.shape[0] == 1
             if why is None and not one and int(xin.shape[0]) != b:
                 why = "a call does not see the samples along the input's first axis"
-            if (
-                why is None
-                and not one
-                and not (isinstance(output, torch.Tensor) and output.ndim >= 1 and output.shape[0] == b)
-            ):
+            if why is None and not one and not (is_tensor and output.shape[0] == b):
                 why = "a call does not return the samples along the output's first axis"
-            layouts[path].append(why)
-            if recording["on"] and isinstance(output, torch.Tensor):
-                originals[path].append((_detached(hargs), _detached(hkwargs), output.detach()))
+            self.layouts[path].append(why)
+            if self.on and isinstance(output, torch.Tensor):
+                self.originals[path].append((_detached(hargs), _detached(hkwargs), output.detach()))
                 if one:  # one input for all samples: one copy of the output per sample (its gradient per sample)
-                    shared.add(path)
+                    self.shared.add(path)
                     output = output.expand((b,) + tuple(output.shape[1:]))
-                calls[path].append((_detached(hargs), _detached(hkwargs), output))
+                self.calls[path].append((_detached(hargs), _detached(hkwargs), output))
                 return output.clone()  # later in-place ops must not alter the recorded output
             return None
 
-        return hook
+        return record
 
-    handles = [m.register_forward_hook(make_hook(p, k), with_kwargs=True) for p, (m, k) in candidates.items()]
-    b2 = min(P, 2)
+
+def _one_sample_reasons(d: _Discovery, plan: NTKPlan) -> None:
+    """With one sample only: what cannot be decided without a second one goes to the fallback."""
+    for path, (_m, kind) in d.candidates.items():
+        reason = next((why for why in d.layouts[path] if why), None)
+        if reason is None and isinstance(kind, str):
+            reason = "a module recognised by its structure is confirmed on two samples or more"
+        if reason:
+            plan.reasons[path or "<root>"] = reason
+    for name in d.direct:
+        plan.reasons[name.rpartition(".")[0] or "<root>"] = (
+            f"{name} is used in its forward; such a parameter is taken layerwise after a check on two samples or more"
+        )
+    d.direct.clear()
+
+
+def _build_plan(model: nn.Module, x: Any, *, fast_path: bool = True, who: str = "empirical_ntk") -> NTKPlan:
+    """Decide the layerwise layers and the fallback parameters (forwards on one and two samples), before the
+    self-check against autograd: ``probes.autodiff.ntk.planning.ntk_plan`` runs both, and documents the arguments,
+    the result and the errors (this takes the same ``model``, ``x``, ``fast_path`` and ``who``).
+    """
+    args, P = _as_args(x, who)
+    _check_modules(model, who)
+    params = _trainable(model, who)
+    name_of = {id(p): n for n, p in params.items()}
+    plan = NTKPlan()
+    owners = _owners(model)
+    paths = {id(m): path for path, m in model.named_modules(remove_duplicate=False)}
+    candidates, direct = _candidate_layers(model, name_of, owners, fast_path, plan)
+    _drop_partial_ties(model, candidates, owners, paths, plan)
+    d = _Discovery(candidates, direct)
+    handles = [m.register_forward_hook(d.hook(p, k), with_kwargs=True) for p, (m, k) in candidates.items()]
     try:
         with torch.enable_grad():  # as in the measured passes (some modules take fused paths without grad)
-            recording["b"] = 1
+            d.b = 1
             out1 = _flat_output(model(*_take(args, 0, 1)), 1, who).detach()
-        counts1 = {p: len(v) for p, v in layouts.items()}
-        if b2 == 2:
-            _second_pass(
-                model,
-                args,
-                params,
-                name_of,
-                candidates,
-                direct,
-                calls,
-                originals,
-                layouts,
-                counts1,
-                shared,
-                recording,
-                out1,
-                plan,
-                who,
-            )
+        counts1 = {p: len(v) for p, v in d.layouts.items()}
+        if min(P, 2) == 2:
+            _second_pass(model, args, params, name_of, d, counts1, out1, plan, who)
         else:
-            for path, (_m, kind) in candidates.items():
-                reason = next((why for why in layouts[path] if why), None)
-                if reason is None and isinstance(kind, str):
-                    reason = "a module recognised by its structure is confirmed on two samples or more"
-                if reason:
-                    plan.reasons[path or "<root>"] = reason
-            for name in direct:
-                plan.reasons[name.rpartition(".")[0] or "<root>"] = (
-                    f"{name} is used in its forward; such a parameter is taken layerwise after a check on two samples "
-                    "or more"
-                )
-            direct.clear()
+            _one_sample_reasons(d, plan)
     finally:
         for h in handles:
             h.remove()
-        calls.clear()
-        originals.clear()
+        d.calls.clear()
+        d.originals.clear()
     plan.outputs = int(out1.shape[1])
     _drop_partial_ties(
         model, {p: c for p, c in candidates.items() if (p or "<root>") not in plan.reasons}, owners, paths, plan
@@ -219,7 +219,7 @@ def _build_plan(model: nn.Module, x: Any, *, fast_path: bool = True, who: str = 
             plan.layer_kinds[path] = kind
             plan.kinds[path] = _describe(kind, m)
             plan.modules[path] = m
-    plan.shared = [p for p in plan.fast if p in shared]
+    plan.shared = [p for p in plan.fast if p in d.shared]
     plan.direct = [n for n in direct if n in params]
     plan.tied = _tie_groups(plan)
     _refresh_fallback(plan, params)
@@ -283,50 +283,27 @@ def _tie_groups(plan: NTKPlan) -> list[list[str]]:
     return [g for g in groups.values() if len(g) > 1]
 
 
-def _second_pass(
+def _two_sample_gradients(
     model: nn.Module,
     args: tuple[torch.Tensor, ...],
-    params: dict[str, torch.Tensor],
-    name_of: dict[int, str],
-    candidates: dict[str, tuple[nn.Module, Any]],
-    direct: list[str],
-    calls: dict[str, list],
-    originals: dict[str, list],
-    layouts: dict[str, list[str | None]],
-    counts1: dict[str, int],
-    shared: set[str],
-    recording: dict,
-    out1: torch.Tensor,
-    plan: NTKPlan,
+    d: _Discovery,
+    clones: dict[str, torch.Tensor],
+    slots: dict[str, tuple[str, str]],
+    copies: dict[str, torch.Tensor],
     who: str,
-) -> None:
-    """The recorded forward and backward of two samples: each candidate's reason to fall back, if any, into
-    ``plan.reasons``; the confirmed kinds of structural candidates into ``candidates``; ``direct`` pruned."""
-    clones = {
-        name_of[id(p)]: p.detach().clone().requires_grad_(True)
-        for m, _ in candidates.values()
-        for p in _own_params(m).values()
-    }
-    slots: dict[str, tuple[str, str]] = {}  # parameter name -> (a candidate holding it, its attribute there)
-    for path, (m, _) in candidates.items():
-        for attr, p in _own_params(m).items():
-            slots.setdefault(name_of[id(p)], (path, attr))
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], list, list[torch.Tensor], set[int]]:
+    """The recorded forward of two samples and the gradient of a weighted sum of its outputs with respect to the
+    candidates' parameters (clones), their recorded outputs and the per-sample copies; also which shared outputs
+    and copies mix the samples (sample ``i``'s output depends on the other's copy). Returns ``(out2, clones,
+    grads, recorded, crossed)``."""
     # FSDP2 replaces a unit's parameters with gathered tensors in its forward, over any substitution: there the
     # gradients are taken with respect to the tensors each candidate's forward uses (recorded before it runs)
     sharded = bool(units(model))
-    recording["b"] = 2
-    for name in _failing_copies(model, args, params, direct):
-        direct.remove(name)
-        plan.reasons[name.rpartition(".")[0] or "<root>"] = (
-            f"{name} is used in its forward, and one copy of it per sample (leading axis 2) makes the forward fail "
-            "(its leading axis is not the samples')"
-        )
-    copies = _per_sample_copies(params, direct, 2)
-    recording.update(on=True, b=2)
     crossed: set[int] = set()
+    d.on, d.b = True, 2
     try:
         with torch.enable_grad():
-            with _used_params({p: m for p, (m, _) in candidates.items()}) if sharded else nullcontext({}) as live:
+            with _used_params({p: m for p, (m, _) in d.candidates.items()}) if sharded else nullcontext({}) as live:
                 out2 = _flat_output(
                     functional_call(model, copies if sharded else {**clones, **copies}, _take(args, 0, 2)), 2, who
                 )
@@ -334,38 +311,99 @@ def _second_pass(
                 clones = {n: live.get(slots[n][0], {}).get(slots[n][1], c) for n, c in clones.items()}
             w = torch.linspace(1.0, 2.0, 7).to(out2.device, out2.dtype)
             w = w.repeat(out2.shape[1] // 7 + 1)[: out2.shape[1]]
-            recorded = [o for p in candidates for _, _, o in calls[p]]
-            split = [o for p in shared for _, _, o in calls[p] if o.stride(0) == 0] + list(copies.values())
+            recorded = [o for p in d.candidates for _, _, o in d.calls[p]]
+            split = [o for p in d.shared for _, _, o in d.calls[p] if o.stride(0) == 0] + list(copies.values())
             targets = list(clones.values()) + recorded + list(copies.values())
-            if targets and out2.requires_grad:
-                grads = list(
-                    torch.autograd.grad((out2 * w).sum(), targets, allow_unused=True, retain_graph=bool(split))
-                )
-                for i in range(2) if split else ():  # sample i's output must not depend on the other's copy
-                    gi = torch.autograd.grad((out2[i] * w).sum(), split, retain_graph=i == 0, allow_unused=True)
-                    for t, g in zip(split, gi):
-                        if g is not None and float(g[1 - i].abs().max()) > 1e3 * torch.finfo(g.dtype).eps * float(
-                            g[i].abs().max()
-                        ):
-                            crossed.add(id(t))
-            else:  # the output depends on none of these parameters
-                grads = [None] * len(targets)
+            if not (targets and out2.requires_grad):  # the output depends on none of these parameters
+                return out2, clones, [None] * len(targets), recorded, crossed
+            grads = list(torch.autograd.grad((out2 * w).sum(), targets, allow_unused=True, retain_graph=bool(split)))
+            for i in range(2) if split else ():  # sample i's output must not depend on the other's copy
+                gi = torch.autograd.grad((out2[i] * w).sum(), split, retain_graph=i == 0, allow_unused=True)
+                for t, g in zip(split, gi):
+                    if g is not None and float(g[1 - i].abs().max()) > 1e3 * torch.finfo(g.dtype).eps * float(
+                        g[i].abs().max()
+                    ):
+                        crossed.add(id(t))
     finally:
-        recording["on"] = False
-    if shared or copies:  # the same forward without copies: they must not change the outputs
-        with torch.enable_grad():
-            plain = _flat_output(model(*_take(args, 0, 2)), 2, who).detach()
-        _check_mixing(out1, plain, who)
-        a, b = out2.detach(), plain
-        changed = bool((a - b).abs().max() > 1e3 * torch.finfo(a.dtype).eps * b.abs().max())
-    else:
+        d.on = False
+    return out2, clones, grads, recorded, crossed
+
+
+def _copies_change_outputs(
+    model: nn.Module, args: tuple, d: _Discovery, copies: dict, out1: torch.Tensor, out2: torch.Tensor, who: str
+) -> bool:
+    """Whether the per-sample copies (of shared outputs, of direct parameters) change the outputs of two samples;
+    checks on the way that the model does not mix samples."""
+    if not (d.shared or copies):
         _check_mixing(out1, out2, who)
-        changed = False
-    for name in list(direct):
+        return False
+    with torch.enable_grad():  # the same forward without copies: they must not change the outputs
+        plain = _flat_output(model(*_take(args, 0, 2)), 2, who).detach()
+    _check_mixing(out1, plain, who)
+    a, b = out2.detach(), plain
+    return bool((a - b).abs().max() > 1e3 * torch.finfo(a.dtype).eps * b.abs().max())
+
+
+def _candidate_reason(
+    model: nn.Module, d: _Discovery, path: str, counts1: dict[str, int], changed: bool, crossed: set[int]
+) -> str | None:
+    """Why a candidate layer leaves the layerwise path after two samples (None: it stays; a structural candidate
+    confirmed on its recorded calls gets its kind in ``d.candidates``)."""
+    m, kind = d.candidates[path]
+    calls = d.calls[path]
+    reason = next((why for why in d.layouts[path] if why), None)
+    if reason is None and len(calls) != counts1[path]:
+        reason = f"called {counts1[path]} time(s) in a forward of one sample but {len(calls)} for two (data-dependent)"
+    if reason is None and path in d.shared and (changed or any(id(o) in crossed for _, _, o in calls)):
+        reason = "called on one input for all samples, and one copy of its output per sample " + (
+            "changes the outputs" if changed else "mixes the samples"
+        )
+    if reason is None and isinstance(kind, str):
+        with gathered(model, [m]):  # FSDP2: the layer's whole parameters, its unit alone
+            confirmed = _confirm(m, kind, d.originals[path])
+        if isinstance(confirmed, str):
+            reason = confirmed
+        else:
+            d.candidates[path] = (m, confirmed)
+    return reason
+
+
+def _second_pass(
+    model: nn.Module,
+    args: tuple[torch.Tensor, ...],
+    params: dict[str, torch.Tensor],
+    name_of: dict[int, str],
+    d: _Discovery,
+    counts1: dict[str, int],
+    out1: torch.Tensor,
+    plan: NTKPlan,
+    who: str,
+) -> None:
+    """The recorded forward and backward of two samples: each candidate's reason to fall back, if any, into
+    ``plan.reasons``; the confirmed kinds of structural candidates into ``d.candidates``; ``d.direct`` pruned."""
+    clones = {
+        name_of[id(p)]: p.detach().clone().requires_grad_(True)
+        for m, _ in d.candidates.values()
+        for p in _own_params(m).values()
+    }
+    slots: dict[str, tuple[str, str]] = {}  # parameter name -> (a candidate holding it, its attribute there)
+    for path, (m, _) in d.candidates.items():
+        for attr, p in _own_params(m).items():
+            slots.setdefault(name_of[id(p)], (path, attr))
+    d.b = 2
+    for name in _failing_copies(model, args, params, d.direct):
+        d.direct.remove(name)
+        plan.reasons[name.rpartition(".")[0] or "<root>"] = (
+            f"{name} is used in its forward, and one copy of it per sample (leading axis 2) makes the forward fail "
+            "(its leading axis is not the samples')"
+        )
+    copies = _per_sample_copies(params, d.direct, 2)
+    out2, clones, grads, recorded, crossed = _two_sample_gradients(model, args, d, clones, slots, copies, who)
+    changed = _copies_change_outputs(model, args, d, copies, out1, out2, who)
+    for name in list(d.direct):
         if changed or id(copies[name]) in crossed:
-            direct.remove(name)
-            label = name.rpartition(".")[0] or "<root>"
-            plan.reasons[label] = (
+            d.direct.remove(name)
+            plan.reasons[name.rpartition(".")[0] or "<root>"] = (
                 f"{name} is used in its forward, and one copy of it per sample "
                 + ("changes the outputs" if changed else "mixes the samples")
                 + " (it is not broadcast along the samples)"
@@ -374,30 +412,14 @@ def _second_pass(
     ograd = iter(grads[len(clones) : len(clones) + len(recorded)])
     survivors: dict[str, tuple[nn.Module, Any]] = {}
     owned: dict[str, list[tuple[tuple, dict, torch.Tensor | None]]] = {}
-    for path, (m, kind) in list(candidates.items()):
-        gs = [next(ograd) for _ in calls[path]]
-        reason = next((why for why in layouts[path] if why), None)
-        if reason is None and len(calls[path]) != counts1[path]:
-            reason = (
-                f"called {counts1[path]} time(s) in a forward of one sample but {len(calls[path])} for "
-                "two (data-dependent)"
-            )
-        if reason is None and path in shared and (changed or any(id(o) in crossed for _, _, o in calls[path])):
-            reason = "called on one input for all samples, and one copy of its output per sample " + (
-                "changes the outputs" if changed else "mixes the samples"
-            )
-        if reason is None and isinstance(kind, str):
-            with gathered(model, [m]):  # FSDP2: the layer's whole parameters, its unit alone
-                confirmed = _confirm(m, kind, originals[path])
-            if isinstance(confirmed, str):
-                reason = confirmed
-            else:
-                candidates[path] = (m, confirmed)
+    for path in list(d.candidates):
+        gs = [next(ograd) for _ in d.calls[path]]
+        reason = _candidate_reason(model, d, path, counts1, changed, crossed)
         if reason:
             plan.reasons[path or "<root>"] = reason
         else:
-            survivors[path] = candidates[path]
-            owned[path] = [(a, kw, g) for (a, kw, _), g in zip(originals[path], gs)]
+            survivors[path] = d.candidates[path]
+            owned[path] = [(a, kw, g) for (a, kw, _), g in zip(d.originals[path], gs)]
     slot_names = {slot: n for n, slot in slots.items()}
     for path, (m, _) in survivors.items():  # every attribute holding a parameter, tied ones included
         for attr, p in _own_params(m).items():

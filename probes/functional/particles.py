@@ -157,3 +157,35 @@ def sphere_(
         h.bias.copy_(theta[:, d])
     o.weight.copy_(theta[:, inner:].T)
     return model
+
+
+def _complete(v: torch.Tensor, dim: int) -> torch.Tensor:
+    """Extend orthonormal columns ``v`` (dim x k, k <= 2) to two orthonormal columns."""
+    if v.shape[1] >= 2:
+        return v[:, :2]
+    eye = torch.eye(dim, dtype=v.dtype, device=v.device)
+    q, _ = torch.linalg.qr(torch.cat([v, eye], dim=1))
+    return q[:, :2]
+
+
+def principal_plane(points: torch.Tensor, center: bool) -> torch.Tensor:
+    """Top two principal directions (D x 2, float64) of the rows of ``points`` (the first two right singular
+    vectors, completed to two orthonormal columns when the rank is below 2), signs made deterministic: the
+    largest-magnitude entry of each direction is positive.
+
+    Args:
+        points: ``(M, D)`` positions, one row per particle.
+        center: subtract the mean row first (PCA) or not (the plane of the rows themselves).
+
+    Returns:
+        ``(D, 2)`` float64 orthonormal columns.
+    """
+    x = points.double()
+    if center:
+        x = x - x.mean(dim=0, keepdim=True)
+    _, _, vh = torch.linalg.svd(x, full_matrices=False)
+    v = _complete(vh[:2].T.contiguous(), x.shape[1])
+    # sign convention: the largest-magnitude entry of each direction is positive
+    pick = v.abs().argmax(dim=0)
+    sign = torch.sign(v[pick, torch.arange(2, device=v.device)])
+    return v * torch.where(sign == 0, torch.ones_like(sign), sign)

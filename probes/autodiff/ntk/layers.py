@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from probes import _torch
-from probes.functional.ntk import settings
+from probes.functional.ntk.settings import DEFAULT, NTKSettings
 from probes.functional.ntk.terms import _Embed, _Grad, _Pairs, _Term
 
 
@@ -56,13 +56,15 @@ class _Kind:
         """Why this input does not have the samples along its first axis in the expected layout (None: fine)."""
         return None if isinstance(x, torch.Tensor) and x.ndim >= 1 else "its input is not a tensor with a sample axis"
 
-    def term(self, m: nn.Module, x: torch.Tensor, g: torch.Tensor) -> _Term:
+    def term(self, m: nn.Module, x: torch.Tensor, g: torch.Tensor, settings: NTKSettings = DEFAULT) -> _Term:
         """The kernel term of one call: input ``x`` (B, ...), output gradients ``g`` (B, C, *output.shape[1:])."""
         raise NotImplementedError
 
-    def term_call(self, m: nn.Module, args: tuple, kwargs: dict, g: torch.Tensor) -> _Term:
+    def term_call(
+        self, m: nn.Module, args: tuple, kwargs: dict, g: torch.Tensor, settings: NTKSettings = DEFAULT
+    ) -> _Term:
         """The kernel term of one call from its recorded arguments (``term`` of its input, for most kinds)."""
-        return self.term(m, _first(args, kwargs), g)
+        return self.term(m, _first(args, kwargs), g, settings)
 
 
 def _with_ones(Z: torch.Tensor, G: torch.Tensor, m: nn.Module) -> _Pairs:
@@ -82,7 +84,7 @@ class _LinearKind(_Kind):
             return "its input has no sample axis (an unbatched call)"
         return None
 
-    def term(self, m, x, g):
+    def term(self, m, x, g, settings=DEFAULT):
         B, C = g.shape[:2]
         Z = x.reshape(B, -1, 1, x.shape[-1])
         G = g.reshape(B, C, Z.shape[1], 1, g.shape[-1])
@@ -98,7 +100,7 @@ class _ConvKind(_Kind):
             return f"its input is not batched (expected {n + 2} dimensions)"
         return None
 
-    def term(self, m, x, g):
+    def term(self, m, x, g, settings=DEFAULT):
         """Patches ``z_k`` by unfolding the padded input (``Tensor.unfold`` per spatial axis, then ``::dilation``)."""
         B, C = g.shape[:2]
         groups, n = m.groups, len(m.kernel_size)
@@ -138,7 +140,7 @@ class _NormKind(_Kind):
             return "its input has no sample axis (an unbatched call)"
         return None
 
-    def term(self, m, x, g):
+    def term(self, m, x, g, settings=DEFAULT):
         B, C = g.shape[:2]
         if isinstance(m, nn.LayerNorm):
             xhat = F.layer_norm(x, m.normalized_shape, None, None, m.eps)
@@ -156,7 +158,7 @@ class _NormKind(_Kind):
         n = math.prod(s for i, s in enumerate(g.shape) if i >= 2 and i not in sum_dims)
         D = g.new_empty(B, C, (weight + bias) * n)
         # a block of outputs at a time: the product g * xhat stays a small temporary (g is C x a layer's output)
-        step = max(1, settings.OUTPUT_BLOCK_BYTES // max(1, g[:, :1].numel() * g.element_size()))
+        step = max(1, settings.output_block_bytes // max(1, g[:, :1].numel() * g.element_size()))
         for c in range(0, C, step):
             gc = g[:, c : c + step]
             if weight:
@@ -180,7 +182,7 @@ class _EmbeddingKind(_Kind):
             return "scale_grad_by_freq scales its gradient by token counts of the whole batch"
         return None
 
-    def term(self, m, x, g):
+    def term(self, m, x, g, settings=DEFAULT):
         B, C = g.shape[:2]
         T = x.reshape(B, -1).long()
         G = g.reshape(B, C, T.shape[1], m.embedding_dim)

@@ -12,43 +12,43 @@ from typing import Any
 
 import torch
 
-from probes.functional.ntk import settings
-from probes.functional.ntk.ranks import Share, local_rows
+from probes.autodiff.ntk.ranks import Share, local_rows
+from probes.functional.ntk.settings import DEFAULT, NTKSettings
 from probes.functional.ntk.terms import _Grad, _Pairs, _Term
 
 
-def _block_rows(P: int, per_row: int, itemsize: int) -> int:
-    return max(1, min(P, settings.STRIP_BYTES // max(1, per_row * itemsize)))
+def _block_rows(P: int, per_row: int, itemsize: int, settings: NTKSettings = DEFAULT) -> int:
+    return max(1, min(P, settings.strip_bytes // max(1, per_row * itemsize)))
 
 
-def _row_basis(F2: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
-    """An orthonormal basis ``Q`` (m x r) of the row space of ``F2`` (rows x m) when ``r <= COMPRESS_RATIO m``.
+def _row_basis(F2: torch.Tensor, dtype: torch.dtype, settings: NTKSettings = DEFAULT) -> torch.Tensor | None:
+    """An orthonormal basis ``Q`` (m x r) of the row space of ``F2`` (rows x m) when ``r <= settings.compress_ratio m``.
 
     From the eigenvectors of the Gram ``F2^T F2`` (float64, accumulated by row blocks) whose eigenvalues exceed
     ``m eps lambda_max``: ``F2 Q Q^T = F2`` up to that level, so every inner product ``f . f'`` of two rows is kept.
     """
     rows, m = F2.shape
-    if m < 16 or m > settings.COMPRESS_MAX or rows < 2 * m:  # the Gram and its eigh must pay off over many products
+    if m < 16 or m > settings.compress_max or rows < 2 * m:  # the Gram and its eigh must pay off over many products
         return None
     eps, tiny = torch.finfo(torch.float64).eps, torch.finfo(torch.float64).tiny
     if rows > 4 * m:  # rank of 2m spread rows first (a lower bound of the rank): cheap rejection of full rank
         sub = F2[torch.linspace(0, rows - 1, 2 * m, device=F2.device).long()].to(torch.float64)
         lam = torch.linalg.eigvalsh(sub.T @ sub)
-        if int((lam > m * eps * lam[-1].clamp(min=tiny)).sum()) > settings.COMPRESS_RATIO * m:
+        if int((lam > m * eps * lam[-1].clamp(min=tiny)).sum()) > settings.compress_ratio * m:
             return None
-    step = _block_rows(rows, m, 8)
+    step = _block_rows(rows, m, 8, settings)
     gram = torch.zeros(m, m, dtype=torch.float64, device=F2.device)
     for s in range(0, rows, step):
         blk = F2[s : s + step].to(torch.float64)
         gram += blk.T @ blk
     lam, vec = torch.linalg.eigh(gram)
     keep = lam > m * eps * lam[-1].clamp(min=tiny)
-    if int(keep.sum()) > settings.COMPRESS_RATIO * m:
+    if int(keep.sum()) > settings.compress_ratio * m:
         return None
     return vec[:, keep].to(dtype)
 
 
-def _compressed(t: _Pairs, dtype: torch.dtype) -> _Pairs:
+def _compressed(t: _Pairs, dtype: torch.dtype, settings: NTKSettings = DEFAULT) -> _Pairs:
     """``G`` and ``Z`` of a one-group layer expressed in bases of their row spaces (inner products unchanged):
     e.g. in ``mode="trace"`` the ``C n`` output-gradient axis of the layer before a linear head has rank ``n``.
     Costs one Gram per factor (about two or three products ``Theta V``); each product then shrinks likewise."""
@@ -56,12 +56,12 @@ def _compressed(t: _Pairs, dtype: torch.dtype) -> _Pairs:
     if g != 1:
         return t
     G, Z = t.G, t.Z
-    Q = _row_basis(G.reshape(-1, n), dtype)
+    Q = _row_basis(G.reshape(-1, n), dtype, settings)
     if Q is not None:
         G = torch.cat([G[s : s + 4096].to(dtype).reshape(-1, n) @ Q for s in range(0, P, 4096)])
         G = G.reshape(P, Ce, K, 1, -1)
     d = Z.shape[-1]
-    Q = _row_basis(Z.reshape(-1, d), dtype)
+    Q = _row_basis(Z.reshape(-1, d), dtype, settings)
     if Q is not None:
         Z = (Z.to(dtype).reshape(-1, d) @ Q).reshape(P, K, 1, -1)
     return _Pairs(G, Z)
@@ -73,7 +73,7 @@ class NTKOperator:
     ``matmat(V)`` = ``Theta V`` (``V``: ``n`` or ``n x b``), blockwise over samples: per-sample gradients held
     as ``D`` give ``D (D^T V)``; factors give ``W = sum_j v_j sum_k g_jk z_jk^T`` per group, then
     ``(Theta v)_i = sum_k g_ik^T W z_ik`` (embeddings: ``W`` scatter-added by token, then gathered); fallback
-    Jacobians are held when they fit ``settings.FALLBACK_BUDGET``, else recomputed twice per product.
+    Jacobians are held when they fit ``settings.fallback_budget``, else recomputed twice per product.
     ``diagonal()`` is exact: the squared norms of the per-sample gradients (``sum_{k,k'}`` within a sample).
     Work per product: about ``2 P C_e K g n d`` per layer and vector, memory: the factors. Built by
     ``ntk_operator``.
@@ -85,7 +85,7 @@ class NTKOperator:
         device: where the factors and the products are.
         scale: ``1 / C`` for ``reduction="mean"``, else 1.
         share: across ranks (``ntk_operator(..., distributed=True)``), this rank's share of the samples: it holds
-            their factors only (``probes.functional.ntk.ranks``); None in one process.
+            their factors only (``probes.autodiff.ntk.ranks``); None in one process.
         rows: samples whose factors this process holds (``P``, or the share's padded size).
         products: vectors multiplied so far (columns of every ``V`` given to ``matmat``).
     """
@@ -100,8 +100,10 @@ class NTKOperator:
         device: torch.device,
         scale: float = 1.0,
         share: Share | None = None,
+        settings: NTKSettings = DEFAULT,
     ) -> None:
         self.terms, self.fallback = terms, fallback
+        self.settings = settings
         self.P, self.Ce, self.dtype, self.device, self.scale = P, Ce, dtype, device, scale
         self.share = share
         self.rows = share.S if share is not None else P  # samples whose factors this process holds
@@ -188,7 +190,7 @@ class NTKOperator:
             _, _, K, g, n = t.G.shape
             d = t.Z.shape[-1]
             # W_grp = sum_{i,c,k} g_ick (v_icb z_ik)^T: one GEMM (n x rows) @ (rows x b d) per block and group
-            rows = _block_rows(P, Ce * K * (n + 2 * b * d) + K * d, 8)
+            rows = _block_rows(P, Ce * K * (n + 2 * b * d) + K * d, 8, self.settings)
             W = torch.zeros(g, n, b * d, dtype=dt, device=V.device)
             for s in range(0, P, rows):
                 G, Z = t.G[s : s + rows].to(dt), t.Z[s : s + rows].to(dt)
@@ -197,7 +199,7 @@ class NTKOperator:
                     W[j] += G[:, :, :, j].reshape(-1, n).T @ ZV[:, :, :, j].reshape(-1, b * d)
             return W
         _, _, K, d = t.G.shape
-        rows = _block_rows(P, K * (2 * d * b + Ce * d), 8)
+        rows = _block_rows(P, K * (2 * d * b + Ce * d), 8, self.settings)
         W = torch.zeros(t.V, d * b, dtype=dt, device=V.device)
         for s in range(0, P, rows):
             G = t.G[s : s + rows].to(dt)
@@ -216,7 +218,7 @@ class NTKOperator:
             _, _, K, g, n = t.G.shape
             d = t.Z.shape[-1]
             # (Theta v)_icb = sum_k (g_ick^T W_b) . z_ik: a GEMM (rows x n) @ (n x b d), then a dot over d
-            rows = _block_rows(P, Ce * K * (n + 2 * b * d) + K * d, 8)
+            rows = _block_rows(P, Ce * K * (n + 2 * b * d) + K * d, 8, self.settings)
             for s in range(0, P, rows):
                 G, Z = t.G[s : s + rows].to(dt), t.Z[s : s + rows].to(dt)
                 r = G.shape[0]
@@ -225,7 +227,7 @@ class NTKOperator:
                     outs[s : s + rows] += torch.einsum("rckbd,rkd->rcb", GW, Z[:, :, j])
             return
         _, _, K, d = t.G.shape
-        rows = _block_rows(P, K * (2 * d * b + Ce * d), 8)
+        rows = _block_rows(P, K * (2 * d * b + Ce * d), 8, self.settings)
         for s in range(0, P, rows):
             G, T = t.G[s : s + rows].to(dt), t.T[s : s + rows]
             outs[s : s + rows] += torch.einsum("rckd,rkdb->rcb", G, W[T].view(T.shape[0], K, d, b))
@@ -243,7 +245,7 @@ class NTKOperator:
                 diag += t.D.to(dt).pow(2).sum(-1)
             elif isinstance(t, _Pairs):
                 _, _, K, g, n = t.G.shape
-                rows = _block_rows(P, K * K * g * (Ce + 1) + Ce * K * g * n, 8)
+                rows = _block_rows(P, K * K * g * (Ce + 1) + Ce * K * g * n, 8, self.settings)
                 for s in range(0, P, rows):
                     G, Z = t.G[s : s + rows].to(dt), t.Z[s : s + rows].to(dt)
                     gg = torch.einsum("rckgn,rclgn->rcgkl", G, G)
@@ -251,7 +253,7 @@ class NTKOperator:
                     diag[s : s + rows] += (gg * zz[:, None]).sum(dim=(2, 3, 4))
             else:
                 _, _, K, d = t.G.shape
-                rows = _block_rows(P, K * K * (Ce + 1) + Ce * K * d, 8)
+                rows = _block_rows(P, K * K * (Ce + 1) + Ce * K * d, 8, self.settings)
                 for s in range(0, P, rows):
                     G, T = t.G[s : s + rows].to(dt), t.T[s : s + rows]
                     gg = torch.einsum("rckd,rcld->rckl", G, G)

@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import torch
 
-from probes.functional.path_gram.layout import Factorization, PathGram
+from probes.functional.pathgram.layout import Factorization, PathGram
 
 
 def _orth(V: torch.Tensor) -> torch.Tensor:

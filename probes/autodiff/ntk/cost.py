@@ -6,15 +6,15 @@ The estimate follows the plan, layer by layer, as ``factors``, ``dense`` and ``o
   position, ``Theta_ij += sum_{k,k'} (g_ik . g_jk') (z_ik . z_jk')``) or its **per-sample gradients** ``D``,
   whichever ``terms._route`` picks at this ``P`` (the same function decides both);
 - a parameter left to the fallback holds its **Jacobian** rows (``torch.func``), grouped as ``fallback`` groups
-  them under ``settings.FALLBACK_BUDGET`` (all groups at once for the operator, one at a time for the dense kernel);
+  them under ``settings.fallback_budget`` (all groups at once for the operator, one at a time for the dense kernel);
 - the dense kernel adds ``n x n`` float64 matrices (``kernels`` of them at once: the ``ntk`` probe's kernel, its
   first kernel and the temporaries of its spectrum and alignment make five, seven with labels), the top-k route a
   Krylov basis (``2 n m`` numbers and their concatenated copies, ``m`` the vectors ``top_eigenvalues`` typically
   takes, ``EXPECTED_BLOCKS``) and one block of every product;
-- the transients: one chunk of the forward/backward passes (``FACTOR_CHUNK_BYTES`` of recorded factors, with the
-  chunk's activations and the gradients of its ``C`` batched cotangents), a strip of products (``STRIP_BYTES``), the
-  rank test of a factor before the operator expresses it in a row basis, a fallback chunk
-  (``FALLBACK_CHUNK_BYTES``).
+- the transients: one chunk of the forward/backward passes (``settings.factor_chunk_bytes`` of recorded factors,
+  with the chunk's activations and the gradients of its ``C`` batched cotangents), a strip of products
+  (``settings.strip_bytes``), the rank test of a factor before the operator expresses it in a row basis, a
+  fallback chunk (``settings.fallback_chunk_bytes``).
 
 The peak is the largest of the stages' totals (factors being recorded, products, fallback, spectrum or Krylov),
 above what is allocated before the measurement (model, probe batch). The time figure counts floating-point
@@ -43,15 +43,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from probes.functional.fsdp import tops_gathered
-from probes.functional.ntk import settings
-from probes.functional.ntk.dense import _strip_rows
-from probes.functional.ntk.factors import _per_sample_call
-from probes.functional.ntk.fallback import _fallback_groups
-from probes.functional.ntk.inputs import _as_args, _detached, _take
-from probes.functional.ntk.layers import _kind_of, _own_params
-from probes.functional.ntk.plan import NTKPlan
-from probes.functional.ntk.planning import ntk_plan
+from probes.autodiff.fsdp import tops_gathered
+from probes.autodiff.ntk.dense import _strip_rows
+from probes.autodiff.ntk.factors import _per_sample_call
+from probes.autodiff.ntk.fallback import _fallback_groups
+from probes.autodiff.ntk.inputs import _as_args, _detached, _take
+from probes.autodiff.ntk.layers import _kind_of, _own_params
+from probes.autodiff.ntk.plan import NTKPlan
+from probes.autodiff.ntk.planning import ntk_plan
+from probes.functional.ntk.settings import DEFAULT, NTKSettings
 from probes.functional.ntk.terms import _Embed, _Grad, _merge, _Pairs, _route
 
 #: routes of ``ntk_cost``: the dense ``n x n`` kernel, or the matrix-free top-k operator
@@ -100,7 +100,7 @@ class _TermShape:
             return self.g * self.n * (self.d + self.bias)
         return self.V * self.n
 
-    def route(self, C: int, Ce: int, rows: int, itemsize: int, target: str) -> str:
+    def route(self, C: int, Ce: int, rows: int, itemsize: int, target: str, settings: NTKSettings = DEFAULT) -> str:
         """ "outer" or "pairs", decided by ``terms._route`` itself on shape-only (meta) tensors."""
         if self.outer or self.form == "grad":
             return "outer"
@@ -117,7 +117,7 @@ class _TermShape:
                 torch.empty((1, self.K), dtype=torch.long, device=meta),
                 self.V,
             )
-        return _route(t, rows, itemsize, target, Ce)
+        return _route(t, rows, itemsize, target, Ce, settings)
 
 
 @dataclass
@@ -259,6 +259,7 @@ def ntk_cost(
     chunk_size: int | None = None,
     world: int = 1,
     kernels: int = 1,
+    settings: NTKSettings = DEFAULT,
 ) -> NTKCost:
     """Estimate the memory and time of one kernel measurement, without computing it.
 
@@ -277,6 +278,7 @@ def ntk_cost(
         kernels: ``n x n`` float64 matrices alive at once after the kernel is made (1 for ``empirical_ntk``
             alone; the ``ntk`` probe keeps the kernel, its first kernel and the temporaries of its spectrum or
             alignment: 5, or 7 with labels).
+        settings: as for ``empirical_ntk``.
 
     Returns:
         The ``NTKCost``; ``NTKCost.at(P=...)`` re-evaluates it for other options without another forward.
@@ -290,7 +292,7 @@ def ntk_cost(
     args, P0 = _as_args(x, "ntk_cost")
     if plan is None:
         plan = ntk_plan(model, args, who="ntk_cost")
-    layout = _layout(model, _take(args, 0, 1), plan)
+    layout = _layout(model, _take(args, 0, 1), plan, settings)
     return _evaluate(
         layout,
         P=P0 if P is None else int(P),
@@ -302,10 +304,13 @@ def ntk_cost(
         world=world,
         kernels=kernels,
         outputs=plan.outputs,
+        settings=settings,
     )
 
 
-def _layout(model: nn.Module, args: tuple[torch.Tensor, ...], plan: NTKPlan) -> _Layout:
+def _layout(
+    model: nn.Module, args: tuple[torch.Tensor, ...], plan: NTKPlan, settings: NTKSettings = DEFAULT
+) -> _Layout:
     """One forward of one sample: each planned layer's term for one output (its shapes), the forward's work."""
     calls: dict[str, list] = {p: [] for p in plan.fast}
 
@@ -343,7 +348,7 @@ def _layout(model: nn.Module, args: tuple[torch.Tensor, ...], plan: NTKPlan) -> 
                     for a, kw, o in recorded[: plan.fast[path]]:
                         activations += sum(t.numel() * t.element_size() for t in (*a, o) if isinstance(t, torch.Tensor))
                         g = o.new_zeros((1, 1) + tuple(o.shape[1:]))  # one output's gradient at the layer's output
-                        terms.append(kind.term_call(m, *_per_sample_call(a, kw, 1), g))
+                        terms.append(kind.term_call(m, *_per_sample_call(a, kw, 1), g, settings))
                     label = plan.kinds.get(path, type(m).__name__)
                     shapes[path] = (
                         _shape_of(path, label, _merge(terms), path in tied)
@@ -421,6 +426,7 @@ class _Geometry:
     b: int  # Krylov block (top-k)
     chunk_size: int | None
     world: int
+    settings: NTKSettings = DEFAULT
 
 
 @dataclass
@@ -445,7 +451,8 @@ def _add_term(s: _Tally, t: _TermShape, geo: _Geometry) -> None:
     """One layerwise term: held bytes on its route, the operations of its products, its temporaries."""
     P, C, Ce, n, rows, it, b = geo.P, geo.C, geo.Ce, geo.n, geo.rows, geo.itemsize, geo.b
     full = geo.route == "full"
-    how = t.route(C, Ce, rows, it, "dense" if full else "operator")
+    settings = geo.settings
+    how = t.route(C, Ce, rows, it, "dense" if full else "operator", settings)
     if how == "outer":
         F = t.outer_features()
         held = rows * C * F * it
@@ -474,7 +481,7 @@ def _add_term(s: _Tally, t: _TermShape, geo: _Geometry) -> None:
             s.diag += 2.0 * n * t.K * t.K * t.g * (np_ + dd)
             if not full and geo.world == 1 and t.g == 1:
                 for m, r in ((np_, n * t.K), (dd, P * t.K)):
-                    memory, ops = _compress_cost(m, r)
+                    memory, ops = _compress_cost(m, r, settings)
                     s.squeeze, s.flops = max(s.squeeze, memory), s.flops + ops
             per_row, W = Ce * t.K * (np_ + 2 * b * dd) + t.K * dd, t.g * np_ * b * dd * 8
         else:
@@ -483,29 +490,29 @@ def _add_term(s: _Tally, t: _TermShape, geo: _Geometry) -> None:
             s.per_column += 4.0 * n * t.K * np_
             s.diag += 2.0 * n * t.K * t.K * np_
             per_row, W = t.K * (2 * np_ * b + Ce * np_), t.V * np_ * b * 8
-        s.block = max(s.block, min(rows, max(1, settings.STRIP_BYTES // (8 * per_row))) * per_row * 8 + W)
+        s.block = max(s.block, min(rows, max(1, settings.strip_bytes // (8 * per_row))) * per_row * 8 + W)
         s.factor += held
         per_pair = Ce * Ce * t.K * t.K * 2
     s.largest_term = max(s.largest_term, held)
     s.listing.append((t.key, t.kind, "per-sample gradients" if how == "outer" else "factors", held))
     if full:
-        r = _strip_rows(P, per_pair, it, geo.chunk_size)
+        r = _strip_rows(P, per_pair, it, geo.chunk_size, settings)
         s.strip = max(s.strip, r * P * (per_pair + Ce * Ce) * it)
 
 
 def _add_fallback(s: _Tally, layout: _Layout, geo: _Geometry) -> None:
     """The fallback's Jacobian rows, grouped and sliced as ``fallback._fallback_blocks`` does."""
-    P, C, Ce, n, rows, it = geo.P, geo.C, geo.Ce, geo.n, geo.rows, geo.itemsize
+    P, C, Ce, n, rows, it, settings = geo.P, geo.C, geo.Ce, geo.n, geo.rows, geo.itemsize, geo.settings
     sizes = {name: numel * (C // Ce) for name, (numel, _) in layout.fallback.items()}
-    for group in _fallback_groups(sizes, rows * Ce, it):
+    for group in _fallback_groups(sizes, rows * Ce, it, settings):
         size = sum(sizes[name] for name in group)
         J = rows * Ce * size * it
         _numel, first = layout.fallback[group[0]]
-        step = max(1, min(rows, settings.FALLBACK_CHUNK_BYTES // max(1, 3 * C * size * layout.model_itemsize)))
+        step = max(1, min(rows, settings.fallback_chunk_bytes // max(1, 3 * C * size * layout.model_itemsize)))
         slices = 1
-        if J > settings.FALLBACK_BUDGET:
+        if J > settings.fallback_budget:
             per_row = rows * Ce * (sizes[group[0]] // max(1, first)) * it
-            if first == 0 or per_row > settings.FALLBACK_BUDGET:  # streamed: blocks recomputed, nothing held
+            if first == 0 or per_row > settings.fallback_budget:  # streamed: blocks recomputed, nothing held
                 blocks = -(-rows // step)
                 one = step * layout.forward_flops * (1 + 2 * C)
                 s.jac_largest = max(s.jac_largest, 2 * step * Ce * size * it)
@@ -513,7 +520,7 @@ def _add_fallback(s: _Tally, layout: _Layout, geo: _Geometry) -> None:
                 s.flops += one * (blocks + blocks * (blocks - 1) / 2) if geo.route == "full" else 0.0
                 s.per_column += 2.0 * one * blocks / geo.b  # every block twice per product
                 continue
-            slices = -(-first // max(1, settings.FALLBACK_BUDGET // per_row))
+            slices = -(-first // max(1, settings.fallback_budget // per_row))
         s.listing.append(("fallback", ",".join(group), "jacobian", J))
         s.jac_held += J
         s.jac_largest = max(s.jac_largest, J)
@@ -521,6 +528,24 @@ def _add_fallback(s: _Tally, layout: _Layout, geo: _Geometry) -> None:
         s.flops += n * n * size if geo.route == "full" else 0.0
         s.per_column += 4.0 * n * size
         s.diag += 2.0 * n * size
+
+
+def _passes(s: _Tally, layout: _Layout, geo: _Geometry) -> tuple[int, int]:
+    """The layerwise passes: chunks of one forward and one backward vectorised over the ``C`` outputs, their
+    operations added to ``s.flops``. Returns the bytes of one chunk's temporaries (recorded, merged, converted) and
+    the calls (chunks and products, each costing ``OVERHEAD_S[1]`` per term)."""
+    if not layout.terms:
+        return 0, 1
+    C, settings = geo.C, geo.settings
+    per_fresh = sum(t.fresh(C) for t in layout.terms)
+    s.flops += geo.P * layout.forward_flops * (1 + C)
+    if geo.chunk_size is not None:
+        chunk = min(geo.rows, int(geo.chunk_size))
+    else:
+        budget = settings.cpu_factor_chunk_bytes if layout.device.type == "cpu" else settings.factor_chunk_bytes
+        chunk = max(min(geo.rows, 8), min(geo.rows, settings.fast_chunk, budget // max(1, per_fresh)))
+    passes = chunk * (3 * per_fresh + (2 + C) * layout.activation_bytes)
+    return passes, -(-geo.rows // chunk) + (2 if geo.route == "full" else 0)
 
 
 def _evaluate(
@@ -535,58 +560,38 @@ def _evaluate(
     world: int,
     kernels: int,
     outputs: int,
+    settings: NTKSettings = DEFAULT,
 ) -> NTKCost:
     """The estimate for ``P`` samples and ``outputs`` outputs per sample (sizes only: no tensor is made)."""
     C = int(outputs)
     Ce = C if mode == "full" else 1
     n = P * Ce
     geo = _Geometry(
-        P, C, Ce, n, -(-P // world) if world > 1 else P, itemsize, route, _block_size(top_k, n), chunk_size, world
+        P,
+        C,
+        Ce,
+        n,
+        -(-P // world) if world > 1 else P,
+        itemsize,
+        route,
+        _block_size(top_k, n),
+        chunk_size,
+        world,
+        settings,
     )
     s = _Tally()
     for t in layout.terms:
         _add_term(s, t, geo)
-    passes, calls = 0, 1  # calls: passes' chunks and products, each costing OVERHEAD_S[1] per term
-    if layout.terms:  # chunks of one forward and one backward vectorised over the C outputs
-        per_fresh = sum(t.fresh(C) for t in layout.terms)
-        s.flops += P * layout.forward_flops * (1 + C)
-        if chunk_size is not None:
-            chunk = min(geo.rows, int(chunk_size))
-        else:
-            budget = settings.CPU_FACTOR_CHUNK_BYTES if layout.device.type == "cpu" else settings.FACTOR_CHUNK_BYTES
-            chunk = max(min(geo.rows, 8), min(geo.rows, settings.FAST_CHUNK, budget // max(1, per_fresh)))
-        passes = chunk * (3 * per_fresh + (2 + C) * layout.activation_bytes)  # recorded, merged, converted
-        calls = -(-geo.rows // chunk) + (2 if route == "full" else 0)
-    fb_chunk = settings.FALLBACK_CHUNK_BYTES if layout.fallback else 0
+    passes, calls = _passes(s, layout, geo)
+    fb_chunk = settings.fallback_chunk_bytes if layout.fallback else 0
     if layout.fallback:
         _add_fallback(s, layout, geo)
-    stages: dict[str, int] = {}
-    krylov = basis = 0
     if route == "full":
-        theta = 8 * n * n
-        gathered = 2 * s.largest_term * (world - 1) if world > 1 else 0  # the shares of one term, and the next
-        held = s.factor + s.gradient
-        stages["factors"] = theta + held + passes
-        stages["products"] = theta + held + gathered + min(s.strip, theta + settings.STRIP_BYTES)
-        if layout.fallback:  # the previous group still referenced, a group's chunks and their concatenation
-            stages["fallback"] = theta + 3 * s.jac_largest + fb_chunk
-        stages["spectrum"] = kernels * theta
-        kernel, jacobian = kernels * theta, 2 * s.jac_largest
-        s.flops += EIG_FLOPS * n**3
-        transient = max(passes, s.strip, s.jac_largest + fb_chunk)
+        m = _full_route(s, geo, passes, fb_chunk, kernels, bool(layout.fallback))
     else:
-        basis = min(_basis_cap(top_k, n), EXPECTED_BLOCKS * geo.b + 40)
-        krylov = 4 * 8 * n * basis  # basis and images, and their concatenations at each step
-        matmat = s.block + 4 * 8 * geo.b * n  # a product's largest block, V, Theta V and their float64 copies
-        held = s.factor + s.gradient + s.jac_held
-        stages["factors"] = s.factor + s.gradient + max(passes, s.squeeze)
-        if layout.fallback:
-            stages["fallback"] = held + s.jac_largest + fb_chunk
-        stages["krylov"] = held + krylov + matmat
-        kernel, jacobian = 0, s.jac_held
-        s.flops += basis * s.per_column + 4.0 * n * basis**2 + s.diag
-        transient = max(passes, s.squeeze, matmat, s.jac_largest + fb_chunk)
-        calls += 2 * -(-basis // geo.b)
+        m = _topk_route(s, geo, passes, fb_chunk, top_k, bool(layout.fallback))
+        calls += 2 * -(-m.basis // geo.b)
+    stages, kernel, jacobian, krylov, basis, transient = m.stages, m.kernel, m.jacobian, m.krylov, m.basis, m.transient
     rate = _gemm_rate(str(layout.device))
     seconds = s.flops / rate + OVERHEAD_S[0] + OVERHEAD_S[1] * calls * len(s.listing)
     return NTKCost(
@@ -620,16 +625,65 @@ def _evaluate(
             world=world,
             kernels=kernels,
             outputs=C,
+            settings=settings,
         ),
     )
 
 
-def _compress_cost(m: int, rows: int) -> tuple[int, float]:
+@dataclass
+class _Memory:
+    """What one route holds: bytes per stage, the kernel matrices, the Jacobians, the Krylov basis (columns and
+    bytes), the largest temporary."""
+
+    stages: dict[str, int]
+    kernel: int
+    jacobian: int
+    transient: int
+    krylov: int = 0
+    basis: int = 0
+
+
+def _full_route(s: _Tally, geo: _Geometry, passes: int, fb_chunk: int, kernels: int, fallback: bool) -> _Memory:
+    """The ``n x n`` kernel's stages: factors being recorded, products (with the shares gathered across ranks),
+    the fallback, the spectrum; adds the eigenvalue operations to ``s.flops``."""
+    n, world = geo.n, geo.world
+    theta = 8 * n * n
+    gathered = 2 * s.largest_term * (world - 1) if world > 1 else 0  # the shares of one term, and the next
+    held = s.factor + s.gradient
+    stages = {
+        "factors": theta + held + passes,
+        "products": theta + held + gathered + min(s.strip, theta + geo.settings.strip_bytes),
+    }
+    if fallback:  # the previous group still referenced, a group's chunks and their concatenation
+        stages["fallback"] = theta + 3 * s.jac_largest + fb_chunk
+    stages["spectrum"] = kernels * theta
+    s.flops += EIG_FLOPS * n**3
+    return _Memory(stages, kernels * theta, 2 * s.jac_largest, max(passes, s.strip, s.jac_largest + fb_chunk))
+
+
+def _topk_route(s: _Tally, geo: _Geometry, passes: int, fb_chunk: int, top_k: int, fallback: bool) -> _Memory:
+    """The operator's stages: factors, the fallback, the Krylov iterations; adds their operations to
+    ``s.flops``."""
+    n = geo.n
+    basis = min(_basis_cap(top_k, n), EXPECTED_BLOCKS * geo.b + 40)
+    krylov = 4 * 8 * n * basis  # basis and images, and their concatenations at each step
+    matmat = s.block + 4 * 8 * geo.b * n  # a product's largest block, V, Theta V and their float64 copies
+    held = s.factor + s.gradient + s.jac_held
+    stages = {"factors": s.factor + s.gradient + max(passes, s.squeeze)}
+    if fallback:
+        stages["fallback"] = held + s.jac_largest + fb_chunk
+    stages["krylov"] = held + krylov + matmat
+    s.flops += basis * s.per_column + 4.0 * n * basis**2 + s.diag
+    transient = max(passes, s.squeeze, matmat, s.jac_largest + fb_chunk)
+    return _Memory(stages, 0, s.jac_held, transient, krylov, basis)
+
+
+def _compress_cost(m: int, rows: int, settings: NTKSettings = DEFAULT) -> tuple[int, float]:
     """Bytes of the largest temporary and operations of ``operator._row_basis`` on a ``rows x m`` factor: the rank
     test on ``2 m`` spread rows, then the Gram accumulated by row blocks, its ``eigh`` and the projection."""
-    if m < 16 or m > settings.COMPRESS_MAX or rows < 2 * m:
+    if m < 16 or m > settings.compress_max or rows < 2 * m:
         return 0, 0.0
-    block = min(rows, max(1, settings.STRIP_BYTES // (m * 8))) * m * 8
+    block = min(rows, max(1, settings.strip_bytes // (m * 8))) * m * 8
     memory = block + 4 * m * m * 8 + min(rows, 4096) * m * 8  # a block, Gram and eigh (vectors, workspace), a slice
     flops = 2.0 * rows * m * m + 3 * EIG_FLOPS * m**3
     if rows > 4 * m:

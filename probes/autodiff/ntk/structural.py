@@ -22,8 +22,8 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from probes.functional.ntk import settings
-from probes.functional.ntk.layers import _first, _Kind, _LinearKind, _summed
+from probes.autodiff.ntk.layers import _first, _Kind, _LinearKind, _summed
+from probes.functional.ntk.settings import DEFAULT, NTKSettings
 from probes.functional.ntk.terms import _Grad, _Term
 
 _ADDITIVE = ("bias", "beta")
@@ -68,7 +68,9 @@ class _ScaleKind(_Kind):
         with torch.no_grad():
             return functional_call(m, sub, args, kwargs)
 
-    def term_call(self, m: nn.Module, args: tuple, kwargs: dict, g: torch.Tensor) -> _Term:
+    def term_call(
+        self, m: nn.Module, args: tuple, kwargs: dict, g: torch.Tensor, settings: NTKSettings = DEFAULT
+    ) -> _Term:
         B, C = g.shape[:2]
         h = self.unit(m, args, kwargs).unsqueeze(1).to(g.dtype)
         ax = g.ndim - 1 if self.axis == -1 else 2
@@ -77,7 +79,7 @@ class _ScaleKind(_Kind):
         bias = self.shift is not None and getattr(m, self.shift).requires_grad
         n = g.shape[ax]
         D = g.new_empty(B, C, (weight + bias) * n)
-        step = max(1, settings.OUTPUT_BLOCK_BYTES // max(1, g[:, :1].numel() * g.element_size()))
+        step = max(1, settings.output_block_bytes // max(1, g[:, :1].numel() * g.element_size()))
         for c in range(0, C, step):
             gc = g[:, c : c + step]
             if weight:

@@ -23,8 +23,8 @@ import math
 
 import torch
 
-from probes.functional.path_gram.condition import _extremes, _lanczos_top, _ratio
-from probes.functional.path_gram.layout import Factorization, PathGram
+from probes.functional.pathgram.condition import _extremes, _lanczos_top, _ratio
+from probes.functional.pathgram.layout import Factorization, PathGram
 
 #: columns per step of the blocked in-place Cholesky factorization
 CHOLESKY_BLOCK = 512
@@ -151,45 +151,15 @@ def factorize(
         ValueError: ``condition`` is not one of the three methods, the mean diagonal of ``H`` is not positive and
             finite, or no factorization succeeded up to ``jitter_max``.
     """
-    if condition not in ("estimate", "exact", "off"):
-        raise ValueError(f"{who}: condition must be 'estimate', 'exact' or 'off', got {condition!r}")
-    h = pg.h
-    P = h.shape[0]
-    tol = P * torch.finfo(torch.float64).eps if rcond is None else float(rcond)
-    limit = 1.0 / tol
-    if pg.factored:  # factorized before: start again from H
-        pg.restore_lower()
-    else:
-        pg.mirror()
-    scale = float(pg.diagonal().mean())
-    if not math.isfinite(scale) or scale <= 0:
-        raise ValueError(
-            f"{who}: the matrix has mean diagonal {scale}; it is not positive definite "
-            "(all inputs zero, or non-finite values)"
-        )
+    limit, scale = _prepared(pg, condition, rcond, who)
     delta, singular, first = 0.0, False, True
     while True:
         if not first:
             pg.restore_lower()
         first = False
-        shift = delta * scale
-        if shift:
-            torch.diagonal(h).add_(shift)
-        ok: Factorization | None = None
-        if cholesky_in_place(h, block) == 0:
-            ok = Factorization(h, delta, shift, singular)
-            lmax, lmin = _extremes(pg, ok, condition)
-            ok.condition = _ratio(lmax, lmin)
-            if float(ok.condition) <= limit:
-                return ok
-            ok.singular = singular = True
-            # lambda_min(H + s I) >= s: the smallest s with (lambda_max(H) + s) / s <= limit / 2, as a step of delta
-            need = 2.0 * max(float(lmax) - shift, 0.0) / max(limit - 2.0, 1.0) / scale
-        else:  # size the shift from lambda_max(H), read from H above the diagonal (the failure left it intact)
-            singular = True
-            top = max(float(_lanczos_top(pg)), float(pg.diagonal().max()))
-            need = 2.0 * top / max(limit - 2.0, 1.0) / scale
-            need = need if math.isfinite(need) else 0.0
+        ok, fits, need, singular = _attempt(pg, delta, scale, singular, condition, limit, block)
+        if fits:
+            return ok
         delta = jitter_start if delta == 0 else delta * 10.0
         while delta < need:
             delta *= 10.0
@@ -200,6 +170,48 @@ def factorize(
                 f"{who}: Cholesky failed even with jitter {jitter_max:g} * mean(diag); the matrix is "
                 "not positive semi-definite (non-finite values?)"
             )
+
+
+def _prepared(pg: PathGram, condition: str, rcond: float | None, who: str) -> tuple[float, float]:
+    """``pg`` in the factored layout holding ``H``, and ``(1 / rcond, mean(diag H))``, after the checks."""
+    if condition not in ("estimate", "exact", "off"):
+        raise ValueError(f"{who}: condition must be 'estimate', 'exact' or 'off', got {condition!r}")
+    P = pg.h.shape[0]
+    tol = P * torch.finfo(torch.float64).eps if rcond is None else float(rcond)
+    if pg.factored:  # factorized before: start again from H
+        pg.restore_lower()
+    else:
+        pg.mirror()
+    scale = float(pg.diagonal().mean())
+    if not math.isfinite(scale) or scale <= 0:
+        raise ValueError(
+            f"{who}: the matrix has mean diagonal {scale}; it is not positive definite "
+            "(all inputs zero, or non-finite values)"
+        )
+    return 1.0 / tol, scale
+
+
+def _attempt(
+    pg: PathGram, delta: float, scale: float, singular: bool, condition: str, limit: float, block: int
+) -> tuple[Factorization | None, bool, float, bool]:
+    """One Cholesky of ``H + delta * scale * I`` in place: ``(factorization or None, whether it is within the
+    condition limit, the smallest relative jitter to try next, singular)``."""
+    h, shift = pg.h, delta * scale
+    if shift:
+        torch.diagonal(h).add_(shift)
+    if cholesky_in_place(h, block) == 0:
+        ok = Factorization(h, delta, shift, singular)
+        lmax, lmin = _extremes(pg, ok, condition)
+        ok.condition = _ratio(lmax, lmin)
+        if float(ok.condition) <= limit:
+            return ok, True, 0.0, singular
+        ok.singular = True
+        # lambda_min(H + s I) >= s: the smallest s with (lambda_max(H) + s) / s <= limit / 2, as a step of delta
+        return ok, False, 2.0 * max(float(lmax) - shift, 0.0) / max(limit - 2.0, 1.0) / scale, True
+    # sized from lambda_max(H), read from H above the diagonal (the failure left it intact)
+    top = max(float(_lanczos_top(pg)), float(pg.diagonal().max()))
+    need = 2.0 * top / max(limit - 2.0, 1.0) / scale
+    return None, False, need if math.isfinite(need) else 0.0, True
 
 
 def quadratic_form(fact: Factorization, Y: torch.Tensor) -> torch.Tensor:

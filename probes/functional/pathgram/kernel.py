@@ -35,7 +35,7 @@ from collections.abc import Sequence
 
 import torch
 
-from probes.functional.path_gram.layout import PathGram
+from probes.functional.pathgram.layout import PathGram
 
 #: float32 holds every integer count exactly up to this width
 EXACT_FLOAT32 = 2**24
@@ -212,6 +212,29 @@ def path_gram(
         ValueError: ``X`` is not 2-d, the number of bias flags is not ``len(gates) + 1``, a gate matrix is not
             ``P x n``, ``xx`` is not the float64 P x P input gram, or ``X X^T`` is not finite.
     """
+    flags = _checked_flags(X, gates, bias)
+    P = X.shape[0]
+    h, base, lower, copy_base = _start(X, xx, workspace)
+    dev = base.device
+    blocks = row_blocks(P, dev) if lower else [(0, P)]
+    dmax = float(torch.diagonal(base).max()) if P else 0.0
+    if not math.isfinite(dmax):
+        raise ValueError("path_gram: X X^T is not finite (inputs too large for float64, or NaN)")
+    ops, e = _operations(dmax, [A.shape[1] for A in gates], flags)
+    mats = [
+        A.detach().to(device=dev, dtype=torch.float32 if A.shape[1] <= EXACT_FLOAT32 else torch.float64) for A in gates
+    ]
+    panels = _Panels(workspace, dev, max(((b - a) * b for a, b in blocks), default=0), P)
+    for a, b in blocks:
+        hb = h[a:b, :b]
+        if copy_base:
+            hb.copy_(base[a:b, :b])
+        _apply(hb, ops, mats, a, b, panels)
+    return PathGram(h, e, lower, blocks)
+
+
+def _checked_flags(X: torch.Tensor, gates: Sequence[torch.Tensor], bias: Sequence[bool] | None) -> list[bool]:
+    """The ``L`` bias flags, after checking the shapes of ``X`` and the gate matrices."""
     if X.ndim != 2:
         raise ValueError(f"path_gram: X must be P x d, got shape {tuple(X.shape)}")
     P = X.shape[0]
@@ -222,28 +245,34 @@ def path_gram(
     for l, A in enumerate(gates, start=1):
         if A.ndim != 2 or A.shape[0] != P:
             raise ValueError(f"path_gram: gate matrix {l} must be {P} x n, got shape {tuple(A.shape)}")
-    dev = X.device
-    if xx is None:  # X X^T straight into the result buffer
-        out = workspace.get("h", P, torch.float64, dev) if workspace is not None else None
-        base, lower = gram(X.reshape(P, -1), torch.float64, out=out)
-        h, copy_base = base, False
-    else:
-        base, lower = xx
-        if tuple(base.shape) != (P, P) or base.dtype != torch.float64:
-            raise ValueError(f"path_gram: xx must be the float64 {P} x {P} input gram, got {tuple(base.shape)}")
-        h = (
-            workspace.get("h", P, torch.float64, base.device)
-            if workspace is not None
-            else torch.zeros(P, P, dtype=torch.float64, device=base.device)
-        )
-        copy_base = True
-        dev = base.device
-    blocks = row_blocks(P, dev) if lower else [(0, P)]
-    dmax = float(torch.diagonal(base).max()) if P else 0.0
-    if not math.isfinite(dmax):
-        raise ValueError("path_gram: X X^T is not finite (inputs too large for float64, or NaN)")
+    return flags
 
-    # the operations on s = 2^-e S, in order: ("add", c), ("scale", c), ("gate", l)
+
+def _start(
+    X: torch.Tensor, xx: tuple[torch.Tensor, bool] | None, workspace: Workspace | None
+) -> tuple[torch.Tensor, torch.Tensor, bool, bool]:
+    """``(h, base, lower, copy_base)``: the result buffer, the input gram ``X X^T`` (written straight into ``h``
+    when it is not given), its layout, and whether each panel starts by copying it."""
+    P = X.shape[0]
+    if xx is None:  # X X^T straight into the result buffer
+        out = workspace.get("h", P, torch.float64, X.device) if workspace is not None else None
+        base, lower = gram(X.reshape(P, -1), torch.float64, out=out)
+        return base, base, lower, False
+    base, lower = xx
+    if tuple(base.shape) != (P, P) or base.dtype != torch.float64:
+        raise ValueError(f"path_gram: xx must be the float64 {P} x {P} input gram, got {tuple(base.shape)}")
+    h = (
+        workspace.get("h", P, torch.float64, base.device)
+        if workspace is not None
+        else torch.zeros(P, P, dtype=torch.float64, device=base.device)
+    )
+    return h, base, lower, True
+
+
+def _operations(dmax: float, widths: list[int], flags: list[bool]) -> tuple[list[tuple[str, float | int]], int]:
+    """The operations on ``s = 2^-e S`` in order, ``("add", c)``, ``("scale", c)``, ``("gate", l)``, and the final
+    ``e``: a power-of-two rescaling (exact) whenever the bound ``log2 max|s|`` (``max diag X X^T`` times the
+    widths so far) leaves ``[-_LIMIT, _LIMIT]``."""
     ops: list[tuple[str, float | int]] = []
     e = 0
     bound = math.log2(dmax) if dmax > 0 else 0.0
@@ -256,58 +285,63 @@ def path_gram(
             e, bound = e + m, bound - m
 
     rescale()
-    for l, A in enumerate(gates):
+    for l, n in enumerate(widths):
         if flags[l]:
             ops.append(("add", math.ldexp(1.0, -e)))
             bound = max(bound, -e) + 1.0
         ops.append(("gate", l))
-        bound += math.log2(max(A.shape[1], 1))
+        bound += math.log2(max(n, 1))
         rescale()
     if flags[-1]:
         ops.append(("add", math.ldexp(1.0, -e)))
+    return ops, e
 
-    mats = [
-        A.detach().to(device=dev, dtype=torch.float32 if A.shape[1] <= EXACT_FLOAT32 else torch.float64) for A in gates
-    ]
-    widest = max(((b - a) * b for a, b in blocks), default=0)
 
-    def panel(name: str, dtype: torch.dtype, a: int, b: int) -> torch.Tensor:
+class _Panels:
+    """The reused buffers of the row-block products: a gate-gram panel per dtype and, on the CPU, a float64 slice
+    that widens a float32 panel a few rows at a time (a float32 operand of an in-place float64 product costs a
+    float64 copy there)."""
+
+    def __init__(self, workspace: Workspace | None, dev: torch.device, widest: int, P: int) -> None:
+        self.workspace, self.dev, self.widest, self.P = workspace, dev, widest, P
+        self.widen = dev.type == "cpu"
+
+    def panel(self, name: str, dtype: torch.dtype, a: int, b: int) -> torch.Tensor:
         n = (b - a) * b
         buf = (
-            workspace.flat(name, widest, dtype, dev)
-            if workspace is not None
-            else torch.empty(n, dtype=dtype, device=dev)
+            self.workspace.flat(name, self.widest, dtype, self.dev)
+            if self.workspace is not None
+            else torch.empty(n, dtype=dtype, device=self.dev)
         )
         return buf[:n].view(b - a, b)
 
-    widen = dev.type == "cpu"  # a float32 operand of an in-place float64 product costs a float64 copy on the CPU
-
-    def wide_buffer(cols: int) -> torch.Tensor:
+    def wide(self, cols: int) -> torch.Tensor:
         n = _WIDEN_ROWS * cols
         buf = (
-            workspace.flat("panel_wide", _WIDEN_ROWS * P, torch.float64, dev)
-            if workspace is not None
-            else torch.empty(n, dtype=torch.float64, device=dev)
+            self.workspace.flat("panel_wide", _WIDEN_ROWS * self.P, torch.float64, self.dev)
+            if self.workspace is not None
+            else torch.empty(n, dtype=torch.float64, device=self.dev)
         )
         return buf[:n].view(_WIDEN_ROWS, cols)
 
-    for a, b in blocks:
-        hb = h[a:b, :b]
-        if copy_base:
-            hb.copy_(base[a:b, :b])
-        for kind, v in ops:
-            if kind == "add":
-                hb.add_(v)
-            elif kind == "scale":
-                hb.mul_(v)
+
+def _apply(
+    hb: torch.Tensor, ops: list[tuple[str, float | int]], mats: list[torch.Tensor], a: int, b: int, panels: _Panels
+) -> None:
+    """The operations on the row block ``h[a:b, :b]``, in place: adds, exact rescalings and the products by
+    ``A_l[a:b] A_l[:b]^T``."""
+    for kind, v in ops:
+        if kind == "add":
+            hb.add_(v)
+        elif kind == "scale":
+            hb.mul_(v)
+        else:
+            M = mats[int(v)]
+            lam = torch.matmul(M[a:b], M[:b].T, out=panels.panel(f"panel_{M.dtype}", M.dtype, a, b))
+            if panels.widen and lam.dtype != torch.float64:  # widened a slice of rows at a time, in a reused buffer
+                wide = panels.wide(b)
+                for r in range(0, b - a, _WIDEN_ROWS):
+                    rows = min(_WIDEN_ROWS, b - a - r)
+                    hb[r : r + rows].mul_(wide[:rows].copy_(lam[r : r + rows]))
             else:
-                M = mats[int(v)]
-                lam = torch.matmul(M[a:b], M[:b].T, out=panel(f"panel_{M.dtype}", M.dtype, a, b))
-                if widen and lam.dtype != torch.float64:  # widened a slice of rows at a time, in a reused buffer
-                    wide = wide_buffer(b)
-                    for r in range(0, b - a, _WIDEN_ROWS):
-                        rows = min(_WIDEN_ROWS, b - a - r)
-                        hb[r : r + rows].mul_(wide[:rows].copy_(lam[r : r + rows]))
-                else:
-                    hb.mul_(lam)
-    return PathGram(h, e, lower, blocks)
+                hb.mul_(lam)

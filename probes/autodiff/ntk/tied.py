@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from probes.functional.ntk.layers import _ConvKind, _EmbeddingKind, _Kind, _LinearKind, _NormKind
-from probes.functional.ntk.structural import _AffineKind, _ScaleKind
+from probes.autodiff.ntk.layers import _ConvKind, _EmbeddingKind, _Kind, _LinearKind, _NormKind
+from probes.autodiff.ntk.structural import _AffineKind, _ScaleKind
 from probes.functional.ntk.terms import _Grad
 
 

@@ -18,11 +18,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from probes.functional.ntk.factors import _layer_terms, _term_params
-from probes.functional.ntk.inputs import _as_args, _flat_output, _take
-from probes.functional.ntk.layers import _own_params, _used_params
-from probes.functional.ntk.operator import NTKOperator
-from probes.functional.ntk.plan import NTKPlan
+from probes.autodiff.ntk.factors import _layer_terms, _term_params
+from probes.autodiff.ntk.inputs import _as_args, _flat_output, _take
+from probes.autodiff.ntk.layers import _own_params, _used_params
+from probes.autodiff.ntk.operator import NTKOperator
+from probes.autodiff.ntk.plan import NTKPlan
 
 
 def verify_plan(

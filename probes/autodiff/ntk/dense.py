@@ -1,7 +1,7 @@
 """The dense kernel ``empirical_ntk``: ``P x P`` (or ``PC x PC``) products, row strip by row strip.
 
 The strips cover the upper triangle (about ``P / 4`` rows each, their temporaries under
-``settings.STRIP_BYTES``) and are mirrored below the diagonal, so the kernel is exactly symmetric.
+``settings.strip_bytes``) and are mirrored below the diagonal, so the kernel is exactly symmetric.
 """
 
 from __future__ import annotations
@@ -12,24 +12,25 @@ from typing import Any
 import torch
 from torch import nn
 
-from probes.functional.fsdp import tops_gathered
-from probes.functional.ntk import progress, settings
-from probes.functional.ntk.factors import _layer_terms
-from probes.functional.ntk.fallback import _fallback_blocks
-from probes.functional.ntk.plan import NTKPlan
-from probes.functional.ntk.planning import _inputs_and_plan, _share
-from probes.functional.ntk.ranks import Share, gather_term, together
+from probes.autodiff.fsdp import tops_gathered
+from probes.autodiff.ntk import progress
+from probes.autodiff.ntk.factors import _layer_terms
+from probes.autodiff.ntk.fallback import _fallback_blocks
+from probes.autodiff.ntk.plan import NTKPlan
+from probes.autodiff.ntk.planning import _inputs_and_plan, _share
+from probes.autodiff.ntk.ranks import Share, gather_term, together
+from probes.functional.ntk.settings import DEFAULT, NTKSettings
 from probes.functional.ntk.terms import _Embed, _Grad, _Pairs, _Term
 
 
-def _strip_rows(P: int, per_pair: int, itemsize: int, chunk: int | None) -> int:
+def _strip_rows(P: int, per_pair: int, itemsize: int, chunk: int | None, settings: NTKSettings = DEFAULT) -> int:
     """Rows per strip: ``chunk`` if given, else about P/4 (so that the strips above the diagonal skip ~3/8 of
     the products of a full ``P x P`` product) and small enough that a strip's temporaries, ``per_pair``
-    numbers per pair of samples, stay under STRIP_BYTES."""
+    numbers per pair of samples, stay under ``settings.strip_bytes``."""
     if chunk is not None:
         return max(1, min(P, chunk))
     rows = max(32, -(-P // 4))
-    return max(1, min(P, rows, settings.STRIP_BYTES // max(1, P * per_pair * itemsize)))
+    return max(1, min(P, rows, settings.strip_bytes // max(1, P * per_pair * itemsize)))
 
 
 def _add_strip(theta: torch.Tensor, blk: torch.Tensor, s: int, e: int, Ce: int) -> None:
@@ -96,7 +97,13 @@ def _pair_bytes(t: _Term) -> int:
     return Ce * Ce * K * K * 2
 
 
-def _accumulate_term(theta: torch.Tensor, t: _Term, chunk: int | None, rows_of: tuple[int, int] | None = None) -> None:
+def _accumulate_term(
+    theta: torch.Tensor,
+    t: _Term,
+    chunk: int | None,
+    rows_of: tuple[int, int] | None = None,
+    settings: NTKSettings = DEFAULT,
+) -> None:
     """``theta += Theta_term``, strip by strip over the upper triangle (mirrored below the diagonal); ``rows_of``:
     only the strips of rows ``s:e`` (across ranks, each rank its own)."""
     first = t.D if isinstance(t, _Grad) else t.G
@@ -107,8 +114,8 @@ def _accumulate_term(theta: torch.Tensor, t: _Term, chunk: int | None, rows_of: 
         if not isinstance(t, _Pairs) or t.G.shape[3] == 1
         else [_Pairs(t.G[:, :, :, j : j + 1], t.Z[:, :, j : j + 1]) for j in range(t.G.shape[3])]
     )
-    for part in groups:  # one group at a time: the strips' temporaries stay under STRIP_BYTES
-        rows = _strip_rows(P, _pair_bytes(part), itemsize, chunk)
+    for part in groups:  # one group at a time: the strips' temporaries stay under settings.strip_bytes
+        rows = _strip_rows(P, _pair_bytes(part), itemsize, chunk, settings)
         for s in range(start, stop, rows):
             e = min(stop, s + rows)
             _add_strip(theta, _block(_rows(part, s, e), _rows(part, s, P)), s, e, Ce)
@@ -125,12 +132,14 @@ def _accumulate_fallback(
     chunk: int | None,
     dtype: torch.dtype,
     who: str,
+    settings: NTKSettings = DEFAULT,
 ) -> None:
     Ce = C if mode == "full" else 1
-    for done, (_, J, streamed) in enumerate(_fallback_blocks(model, args, P, names, C, mode, chunk, dtype, who)):
+    blocks = _fallback_blocks(model, args, P, names, C, mode, chunk, dtype, who, settings)
+    for done, (_, J, streamed) in enumerate(blocks):
         progress.report(f"torch.func fallback ({len(names)} parameters), blocks", done + 1, None)
         if J is not None:
-            _accumulate_term(theta, _Grad(J.view(P, Ce, -1)), chunk)
+            _accumulate_term(theta, _Grad(J.view(P, Ce, -1)), chunk, None, settings)
             del J
             continue
         # one parameter too large to hold for all samples: sample blocks, recomputed per pair of blocks
@@ -155,26 +164,29 @@ def _kernel_across_ranks(
     chunk: int | None,
     dtype: torch.dtype,
     who: str,
+    settings: NTKSettings = DEFAULT,
 ) -> None:
     """``theta`` (zeros, ``P Ce`` square) filled with the kernel on every rank: this rank's factors of its share,
     every term's factors all-gathered, this rank's row strips of the upper triangle (``Share.strips``), one
-    all-reduce (``probes.functional.ntk.ranks``)."""
+    all-reduce (``probes.autodiff.ntk.ranks``)."""
     C = plan.outputs
     Ce = C if mode == "full" else 1
     local = share.take(args)
     with together(share, who):  # a rank that fails here does not leave the others waiting in the exchange
         terms = (
-            list(_layer_terms(model, local, share.S, plan, mode, chunk, dtype, who, "dense").values())
+            list(_layer_terms(model, local, share.S, plan, mode, chunk, dtype, who, "dense", None, settings).values())
             if plan.fast
             else []
         )
         for names, J, _ in (
-            _fallback_blocks(model, local, share.S, plan.fallback, C, mode, chunk, dtype, who) if plan.fallback else []
+            _fallback_blocks(model, local, share.S, plan.fallback, C, mode, chunk, dtype, who, settings)
+            if plan.fallback
+            else []
         ):
             if J is None:
                 raise ValueError(
                     f"{who}: distributed=True: the torch.func Jacobian of {list(names)} does not fit "
-                    "settings.FALLBACK_BUDGET for one share of the samples; raise it, or use more ranks"
+                    "settings.fallback_budget for one share of the samples; raise it, or use more ranks"
                 )
             terms.append(_Grad(J.view(share.S, Ce, -1)))
     strips = share.strips(share.P)
@@ -185,7 +197,7 @@ def _kernel_across_ranks(
         pending = gather_term(share, terms[i + 1]) if i + 1 < len(terms) else None
         terms[i] = None  # type: ignore[call-overload]
         for rows in strips:
-            _accumulate_term(theta, full, chunk, rows)
+            _accumulate_term(theta, full, chunk, rows, settings)
         del full
         progress.report("kernel products across ranks, terms", i + 1, len(terms))
     share.all_reduce(theta)  # every entry comes from exactly one rank: the sum with zeros is exact
@@ -203,6 +215,7 @@ def empirical_ntk(
     plan: NTKPlan | None = None,
     distributed: bool = False,
     group: Any = None,
+    settings: NTKSettings = DEFAULT,
 ) -> torch.Tensor:
     """The empirical NTK ``J J^T`` of ``model`` on the samples ``x``, over every trainable parameter.
 
@@ -223,9 +236,10 @@ def empirical_ntk(
             same kernel is measured repeatedly.
         distributed: split the samples over the ranks of ``group`` (``torch.distributed``; every rank calls with
             the same ``x`` and gets the whole kernel): each rank computes the factors of its ``P / world`` samples,
-            and the kernel's blocks come from factors exchanged between ranks (``probes.functional.ntk.ranks``).
+            and the kernel's blocks come from factors exchanged between ranks (``probes.autodiff.ntk.ranks``).
             Works on DDP replicas and FSDP2-sharded models (no rank needs a whole parameter).
         group: the process group (None: the default group).
+        settings: the memory budgets and switches (``probes.functional.ntk.settings.NTKSettings``).
 
     Returns:
         The symmetric kernel, ``P x P`` or ``PC x PC``, in ``dtype`` on the inputs' device.
@@ -240,7 +254,9 @@ def empirical_ntk(
             calls a planned layer a different number of times than in the plan.
     """
     with tops_gathered(model):
-        return _empirical_ntk(model, x, mode, reduction, chunk_size, dtype, fast_path, plan, distributed, group)
+        return _empirical_ntk(
+            model, x, mode, reduction, chunk_size, dtype, fast_path, plan, distributed, group, settings
+        )
 
 
 def _empirical_ntk(
@@ -254,6 +270,7 @@ def _empirical_ntk(
     plan: NTKPlan | None,
     distributed: bool,
     group: Any,
+    settings: NTKSettings,
 ) -> torch.Tensor:
     who = "empirical_ntk"
     args, P, plan = _inputs_and_plan(model, x, mode, reduction, chunk_size, dtype, fast_path, plan, who)
@@ -263,28 +280,14 @@ def _empirical_ntk(
     share = _share(distributed, group, P, who)
     with progress.measuring(who):
         if share is not None:
-            _kernel_across_ranks(theta, model, args, plan, share, mode, chunk_size, dtype, who)
+            _kernel_across_ranks(theta, model, args, plan, share, mode, chunk_size, dtype, who, settings)
         if share is None and plan.fast:
-            terms = _layer_terms(model, args, P, plan, mode, chunk_size, dtype, who, "dense")
+            terms = _layer_terms(model, args, P, plan, mode, chunk_size, dtype, who, "dense", None, settings)
             for i, path in enumerate(list(terms)):
-                _accumulate_term(theta, terms.pop(path), chunk_size)
+                _accumulate_term(theta, terms.pop(path), chunk_size, None, settings)
                 progress.report("kernel products, layers", i + 1, len(plan.fast))
         if share is None and plan.fallback:
-            _accumulate_fallback(theta, model, args, P, plan.fallback, C, mode, chunk_size, dtype, who)
+            _accumulate_fallback(theta, model, args, P, plan.fallback, C, mode, chunk_size, dtype, who, settings)
     if reduction == "mean":
         theta /= C
     return theta
-
-
-def trace_over_outputs(theta_full: torch.Tensor, outputs: int) -> torch.Tensor:
-    """The trace over outputs of a full kernel: ``Theta_ij = sum_c Theta_(i,c),(j,c)``.
-
-    Args:
-        theta_full: a ``PC x PC`` kernel with row ``i * C + c`` (``empirical_ntk(..., mode="full")``).
-        outputs: ``C``, output values per sample.
-
-    Returns:
-        The ``P x P`` kernel, equal to ``empirical_ntk(..., mode="trace")``.
-    """
-    n = theta_full.shape[0] // outputs
-    return theta_full.view(n, outputs, n, outputs).diagonal(dim1=1, dim2=3).sum(-1)

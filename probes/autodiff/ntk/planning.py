@@ -11,15 +11,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from probes.functional.fsdp import sharded_parameters, tops_gathered
-from probes.functional.ntk import progress
-from probes.functional.ntk.factors import _layer_terms
-from probes.functional.ntk.fallback import _fallback_blocks
-from probes.functional.ntk.inputs import _as_args, _check_modules, _trainable, _validated
-from probes.functional.ntk.operator import NTKOperator, _compressed
-from probes.functional.ntk.plan import NTKPlan, _build_plan, _refresh_fallback
-from probes.functional.ntk.ranks import Share, together
-from probes.functional.ntk.selfcheck import _demote
+from probes.autodiff.fsdp import sharded_parameters, tops_gathered
+from probes.autodiff.ntk import progress
+from probes.autodiff.ntk.factors import _layer_terms
+from probes.autodiff.ntk.fallback import _fallback_blocks
+from probes.autodiff.ntk.inputs import _as_args, _check_modules, _trainable, _validated
+from probes.autodiff.ntk.operator import NTKOperator, _compressed
+from probes.autodiff.ntk.plan import NTKPlan, _build_plan, _refresh_fallback
+from probes.autodiff.ntk.ranks import Share, together
+from probes.autodiff.ntk.selfcheck import _demote
+from probes.functional.ntk.settings import DEFAULT, NTKSettings
 from probes.functional.ntk.terms import _Pairs
 
 
@@ -115,6 +116,7 @@ def ntk_operator(
     plan: NTKPlan | None = None,
     distributed: bool = False,
     group: Any = None,
+    settings: NTKSettings = DEFAULT,
 ) -> NTKOperator:
     """The kernel of ``empirical_ntk`` as a matrix-free operator, memory linear in ``P``.
 
@@ -135,6 +137,7 @@ def ntk_operator(
             all-reduce and assembles the rows in one all-gather (every rank calls ``matmat`` with the same ``V``
             and gets the same result; no rank holds ``P x P`` or another rank's factors).
         group: the process group (None: the default group).
+        settings: as for ``empirical_ntk``.
 
     Returns:
         An ``NTKOperator`` holding the layerwise factors (and the fallback Jacobians that fit the budget).
@@ -146,7 +149,9 @@ def ntk_operator(
         RuntimeError: as ``empirical_ntk``.
     """
     with tops_gathered(model):
-        return _ntk_operator(model, x, mode, reduction, chunk_size, dtype, fast_path, plan, distributed, group)
+        return _ntk_operator(
+            model, x, mode, reduction, chunk_size, dtype, fast_path, plan, distributed, group, settings
+        )
 
 
 def _ntk_operator(
@@ -160,6 +165,7 @@ def _ntk_operator(
     plan: NTKPlan | None,
     distributed: bool,
     group: Any,
+    settings: NTKSettings,
 ) -> NTKOperator:
     who = "ntk_operator"
     args, P, plan = _inputs_and_plan(model, x, mode, reduction, chunk_size, dtype, fast_path, plan, who)
@@ -169,18 +175,23 @@ def _ntk_operator(
     local, rows = (args, P) if share is None else (share.take(args), share.S)
     with progress.measuring(who), together(share, who) if share is not None else nullcontext():
         terms = (
-            list(_layer_terms(model, local, rows, plan, mode, chunk_size, dtype, who, "operator").values())
+            list(
+                _layer_terms(
+                    model, local, rows, plan, mode, chunk_size, dtype, who, "operator", None, settings
+                ).values()
+            )
             if plan.fast
             else []
         )
         if share is None:  # bases of the row spaces: per rank they would differ, so across ranks the factors stay
-            terms = [_compressed(t, dtype) if isinstance(t, _Pairs) else t for t in terms]
+            terms = [_compressed(t, dtype, settings) if isinstance(t, _Pairs) else t for t in terms]
         fallback: list[tuple[torch.Tensor | None, Any]] = []
         if plan.fallback:
             fallback = [
                 (J, streamed)
                 for _, J, streamed in _fallback_blocks(
-                    model, local, rows, plan.fallback, C, mode, chunk_size, dtype, who
+                    model, local, rows, plan.fallback, C, mode, chunk_size, dtype, who, settings
                 )
             ]
-    return NTKOperator(terms, fallback, P, Ce, dtype, args[0].device, 1.0 / C if reduction == "mean" else 1.0, share)
+    scale = 1.0 / C if reduction == "mean" else 1.0
+    return NTKOperator(terms, fallback, P, Ce, dtype, args[0].device, scale, share, settings)

@@ -4,7 +4,7 @@ For a parameter of any other module, a layer whose weight is tied to another mod
 ``forward``, or computed by a parametrization: ``torch.func.vmap(jacrev(functional_call))`` over the samples
 (then ``jacrev`` one sample at a time, then plain autograd one output at a time, for models the transforms
 refuse). The parameters are split into groups whose Jacobians for all ``P`` samples fit
-``settings.FALLBACK_BUDGET`` (a larger tensor into slices along its first axis); only when one row of one
+``settings.fallback_budget`` (a larger tensor into slices along its first axis); only when one row of one
 parameter does not fit are its sample blocks recomputed per pair of blocks.
 """
 
@@ -17,14 +17,16 @@ import torch
 from torch import nn
 from torch.func import functional_call, jacrev, vmap
 
-from probes.functional.ntk import settings
-from probes.functional.ntk.inputs import _flat_output, _take
+from probes.autodiff.ntk.inputs import _flat_output, _take
+from probes.functional.ntk.settings import DEFAULT, NTKSettings
 
 
-def _fallback_groups(sizes: dict[str, int], rows: int, itemsize: int) -> list[list[str]]:
+def _fallback_groups(
+    sizes: dict[str, int], rows: int, itemsize: int, settings: NTKSettings = DEFAULT
+) -> list[list[str]]:
     """Consecutive parameters grouped so that a group's Jacobian for all samples, ``rows x n_grp``, fits
-    FALLBACK_BUDGET (a parameter larger than that alone forms its own group)."""
-    cap = max(1, settings.FALLBACK_BUDGET // max(1, rows * itemsize))
+    ``settings.fallback_budget`` (a parameter larger than that alone forms its own group)."""
+    cap = max(1, settings.fallback_budget // max(1, rows * itemsize))
     groups: list[list[str]] = []
     cur: list[str] = []
     size = 0
@@ -117,12 +119,14 @@ def _jacobian_fn(
     return jac
 
 
-def _fallback_chunk(model: nn.Module, names: Sequence[str], P: int, C: int, chunk: int | None) -> int:
+def _fallback_chunk(
+    model: nn.Module, names: Sequence[str], P: int, C: int, chunk: int | None, settings: NTKSettings = DEFAULT
+) -> int:
     if chunk is not None:
         return max(1, min(P, int(chunk)))
     params = dict(model.named_parameters())
     n = sum(params[k].numel() for k in names)
-    return max(1, min(P, settings.FALLBACK_CHUNK_BYTES // max(1, 3 * C * n * params[names[0]].element_size())))
+    return max(1, min(P, settings.fallback_chunk_bytes // max(1, 3 * C * n * params[names[0]].element_size())))
 
 
 def _fallback_blocks(
@@ -135,26 +139,27 @@ def _fallback_blocks(
     chunk: int | None,
     dtype: torch.dtype,
     who: str,
+    settings: NTKSettings = DEFAULT,
 ):
     """Yield ``(group, J, jac)``: for each parameter group, its Jacobian rows for all samples (computed once,
-    sample chunk by sample chunk). A parameter whose Jacobian alone exceeds FALLBACK_BUDGET is split into slices
-    along its first axis that fit (each entry still computed once); only when one slice of one row does not fit,
-    ``J = None`` comes with the chunk function ``jac`` (its blocks are then recomputed per pair)."""
+    sample chunk by sample chunk). A parameter whose Jacobian alone exceeds ``settings.fallback_budget`` is split
+    into slices along its first axis that fit (each entry still computed once); only when one slice of one row does
+    not fit, ``J = None`` comes with the chunk function ``jac`` (its blocks are then recomputed per pair)."""
     params = dict(model.named_parameters())
     Ce = C if mode == "full" else 1
     itemsize = torch.finfo(dtype).bits // 8
     sizes = {n: params[n].numel() * (C // Ce) for n in names}
-    for group in _fallback_groups(sizes, P * Ce, itemsize):
-        step = _fallback_chunk(model, group, P, C, chunk)
+    for group in _fallback_groups(sizes, P * Ce, itemsize, settings):
+        step = _fallback_chunk(model, group, P, C, chunk, settings)
         bounds = [(s, min(P, s + step)) for s in range(0, P, step)]
         slices: list[tuple[int, int] | None] = [None]
-        if P * Ce * sum(sizes[n] for n in group) * itemsize > settings.FALLBACK_BUDGET:
+        if P * Ce * sum(sizes[n] for n in group) * itemsize > settings.fallback_budget:
             p = params[group[0]]
             per_row = P * Ce * (sizes[group[0]] // max(1, p.shape[0] if p.ndim else 1)) * itemsize
-            if p.ndim == 0 or per_row > settings.FALLBACK_BUDGET:
+            if p.ndim == 0 or per_row > settings.fallback_budget:
                 yield group, None, (_jacobian_fn(model, args, group, C, mode, dtype, who), bounds)
                 continue
-            height = max(1, settings.FALLBACK_BUDGET // per_row)
+            height = max(1, settings.fallback_budget // per_row)
             slices = [(a, min(p.shape[0], a + height)) for a in range(0, p.shape[0], height)]
         for rows in slices:
             jac = _jacobian_fn(model, args, group, C, mode, dtype, who, rows)

@@ -35,26 +35,26 @@ from __future__ import annotations
 import sys
 import types
 
-from probes.functional.path_gram import condition, kernel, layout, reference, solve
-from probes.functional.path_gram.condition import condition_estimate as condition_estimate
-from probes.functional.path_gram.condition import condition_exact as condition_exact
-from probes.functional.path_gram.kernel import EXACT_FLOAT32 as EXACT_FLOAT32
-from probes.functional.path_gram.kernel import Workspace as Workspace
-from probes.functional.path_gram.kernel import gate_gram as gate_gram
-from probes.functional.path_gram.kernel import gram as gram
-from probes.functional.path_gram.kernel import input_gram as input_gram
-from probes.functional.path_gram.kernel import path_gram as path_gram
-from probes.functional.path_gram.kernel import row_blocks as row_blocks
-from probes.functional.path_gram.layout import CHUNK as CHUNK
-from probes.functional.path_gram.layout import Factorization as Factorization
-from probes.functional.path_gram.layout import PathGram as PathGram
-from probes.functional.path_gram.layout import chunks as chunks
-from probes.functional.path_gram.reference import enumerate_paths as enumerate_paths
-from probes.functional.path_gram.solve import CHOLESKY_BLOCK as CHOLESKY_BLOCK
-from probes.functional.path_gram.solve import cholesky_in_place as cholesky_in_place
-from probes.functional.path_gram.solve import cholesky_jitter as cholesky_jitter
-from probes.functional.path_gram.solve import factorize as factorize
-from probes.functional.path_gram.solve import quadratic_form as quadratic_form
+from probes.functional.pathgram import condition, kernel, layout, reference, solve
+from probes.functional.pathgram.condition import condition_estimate as condition_estimate
+from probes.functional.pathgram.condition import condition_exact as condition_exact
+from probes.functional.pathgram.kernel import EXACT_FLOAT32 as EXACT_FLOAT32
+from probes.functional.pathgram.kernel import Workspace as Workspace
+from probes.functional.pathgram.kernel import gate_gram as gate_gram
+from probes.functional.pathgram.kernel import gram as gram
+from probes.functional.pathgram.kernel import input_gram as input_gram
+from probes.functional.pathgram.kernel import path_gram as path_gram
+from probes.functional.pathgram.kernel import row_blocks as row_blocks
+from probes.functional.pathgram.layout import CHUNK as CHUNK
+from probes.functional.pathgram.layout import Factorization as Factorization
+from probes.functional.pathgram.layout import PathGram as PathGram
+from probes.functional.pathgram.layout import chunks as chunks
+from probes.functional.pathgram.reference import enumerate_paths as enumerate_paths
+from probes.functional.pathgram.solve import CHOLESKY_BLOCK as CHOLESKY_BLOCK
+from probes.functional.pathgram.solve import cholesky_in_place as cholesky_in_place
+from probes.functional.pathgram.solve import cholesky_jitter as cholesky_jitter
+from probes.functional.pathgram.solve import factorize as factorize
+from probes.functional.pathgram.solve import quadratic_form as quadratic_form
 
 _MODULES = (layout, kernel, condition, solve, reference)
 _UNSET = object()
