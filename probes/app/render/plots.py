@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 #: dots per inch of every figure: sizes below are in pixels
-from probes.figures.canvas import LEVELS, PLAIN, _styled, frame, new_figure, pixels, plain
+from probes.app.render.canvas import LEVELS, PLAIN, _styled, frame, new_figure, pixels, plain
 
 
 def _cmap(name: str = "viridis", levels: int = LEVELS) -> Any:

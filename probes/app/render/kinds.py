@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 #: dots per inch of every figure: sizes below are in pixels
-from probes.figures.canvas import (
+from probes.app.render.canvas import (
     LEVELS,
     LINE,
     NEGATIVE,
@@ -24,7 +24,7 @@ from probes.figures.canvas import (
     place,
     wrap,
 )
-from probes.figures.plots import _cmap, _finite_positive, _log_ticks, _nice_ceil
+from probes.app.render.plots import _cmap, _finite_positive, _log_ticks, _nice_ceil
 
 
 @_styled
@@ -149,7 +149,6 @@ def particles_figure(
         uint8 ``(size, size, 3)``.
     """
     from matplotlib.collections import LineCollection
-    from matplotlib.lines import Line2D
 
     def build() -> dict[str, Any]:
         fig = new_figure(size, size)
@@ -167,10 +166,35 @@ def particles_figure(
 
     k = _kept(("particles", size, tuple(axis_labels), legend), build)
     fig, ax = k["fig"], k["ax"]
+    lim = _nice_ceil(float(limit)) if limit > 0 and np.isfinite(limit) else 1.0
+    handles = _set_particles(k, current, trails, sign, teacher, teacher_sign, lim)
+    legend_rows = -(-len(handles) // 2) if legend else 0
+    _fit_square_axes(fig, ax, title, axis_labels, size, legend_rows, lim)
+    if k["legend"] is not None:
+        k["legend"].remove()
+        k["legend"] = None
+    if legend:
+        k["legend"] = fig.legend(
+            handles=handles, loc="lower center", ncol=2, fontsize="small", frameon=False, bbox_to_anchor=(0.5, 0.0)
+        )
+    return _blit(k, [k["trail"], k["tlines"], k["rings"], k["dots"], ax.title])
+
+
+def _set_particles(
+    k: dict[str, Any],
+    current: np.ndarray,
+    trails: np.ndarray,
+    sign: np.ndarray | None,
+    teacher: np.ndarray,
+    teacher_sign: np.ndarray | None,
+    lim: float,
+) -> list[Any]:
+    """Set the kept particles figure's data artists (trails, teacher lines and rings, dots); the legend handles."""
+    from matplotlib.lines import Line2D
+
     cur = np.asarray(current, dtype=np.float64).reshape(-1, 2)
     m = cur.shape[0]
     teacher = np.asarray(teacher, dtype=np.float64).reshape(-1, 2)
-    lim = _nice_ceil(float(limit)) if limit > 0 and np.isfinite(limit) else 1.0
     colors = (
         np.array([UNSIGNED] * m, dtype=object)
         if sign is None
@@ -212,7 +236,14 @@ def particles_figure(
             Line2D([], [], ls="", marker="o", color=POSITIVE, label="a_j >= 0"),
             Line2D([], [], ls="", marker="o", color=NEGATIVE, label="a_j < 0"),
         ]
-    legend_rows = -(-len(handles) // 2) if legend else 0
+    return handles
+
+
+def _fit_square_axes(
+    fig: Any, ax: Any, title: str, axis_labels: Sequence[str], size: int, legend_rows: int, lim: float
+) -> None:
+    """Place square axes ``[-lim, lim]^2`` under the title and above ``legend_rows`` legend rows, moved in by what
+    long tick labels need to stay inside the figure."""
     title_lines = wrap(title, size - 16).count("\n") + 1
     side = max(size - 48 - LINE * legend_rows - 10 - LINE * title_lines, 60)  # the axes stay square
     left = max(56.0, (size - side) / 2)
@@ -254,14 +285,6 @@ def particles_figure(
             bottom=48 + LINE * legend_rows,
             top_extra=into_left + into_right,
         )
-    if k["legend"] is not None:
-        k["legend"].remove()
-        k["legend"] = None
-    if legend:
-        k["legend"] = fig.legend(
-            handles=handles, loc="lower center", ncol=2, fontsize="small", frameon=False, bbox_to_anchor=(0.5, 0.0)
-        )
-    return _blit(k, [k["trail"], k["tlines"], k["rings"], k["dots"], ax.title])
 
 
 # -- matrices ----------------------------------------------------------------------------------------
