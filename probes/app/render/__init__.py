@@ -42,9 +42,10 @@ from probes.app.render.canvas import (
     style,
     wrap,
 )
+from probes.app.render.figure import draw
 from probes.app.render.kinds import gates_figure, matrix_figure, particles_figure, spectrum_figure
 from probes.app.render.plots import MAX_LINES, line_axes, line_plot
-from probes.app.render.renderer import MatplotlibRenderer, draw, renderer
+from probes.app.render.renderer import MatplotlibRenderer, renderer
 
 __all__ = [
     "DPI",

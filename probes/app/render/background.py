@@ -208,7 +208,7 @@ def drop(process: DrawingProcess) -> None:
 # -- the drawing process's side ---------------------------------------------------------------------------------
 def _answer(header: dict[str, Any], blocks: list[bytes]) -> tuple[dict[str, Any], list[bytes]]:
     from probes.app.render.canvas import encode_png
-    from probes.app.render.renderer import as_uint8, draw
+    from probes.app.render.figure import as_uint8, draw
 
     try:
         pixels = as_uint8(draw(decode_figure(header, blocks)))
