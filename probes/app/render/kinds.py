@@ -311,6 +311,27 @@ def _group_ticks(axis: Any, starts: Sequence[int], names: Sequence[str], n: int)
 PADDING = "#b4b4b4"
 
 
+def _new_gates_figure(width: int, height: int, padded: bool) -> dict[str, Any]:
+    """A new gates figure: the image, the group lines and the legend (with padding's entry when ``padded``)."""
+    from matplotlib.collections import LineCollection
+    from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
+
+    closed, open_ = "#2b2b50", "#f2d64b"
+    fig = new_figure(width, height)
+    ax = fig.add_axes((0.1, 0.1, 0.8, 0.8))
+    c0, c1 = np.array([0x2B, 0x2B, 0x50]) / 255, np.array([0xF2, 0xD6, 0x4B]) / 255
+    # masked cells (the padded gates) take the "bad" colour
+    cmap = ListedColormap(c0 + (c1 - c0) * np.linspace(0, 1, LEVELS)[:, None]).with_extremes(bad=PADDING)
+    im = ax.imshow(np.zeros((2, 2)), aspect="auto", interpolation="nearest", cmap=cmap, vmin=0, vmax=1, origin="lower")
+    groups = ax.add_collection(LineCollection([], colors="white", linewidths=1.0), autolim=False)
+    handles = [Patch(color=open_, label="open (pre > 0)"), Patch(color=closed, label="closed")]
+    if padded:
+        handles.append(Patch(color=PADDING, label="padding (mask 0)"))
+    legend = fig.legend(handles=handles, loc="upper right", frameon=False)
+    return {"fig": fig, "ax": ax, "im": im, "groups": groups, "legend": legend}
+
+
 @_styled
 def gates_figure(
     gates: np.ndarray,
@@ -345,30 +366,10 @@ def gates_figure(
     Returns:
         uint8 ``(height, width, 3)``.
     """
-    from matplotlib.collections import LineCollection
-    from matplotlib.colors import ListedColormap
-    from matplotlib.patches import Patch
 
-    closed, open_ = "#2b2b50", "#f2d64b"
     shape = np.asarray(gates).shape
     pad = None if padding is None else np.asarray(padding, dtype=bool).reshape(shape[0], -1)
     padded = pad is not None and bool(pad.any())
-
-    def build() -> dict[str, Any]:
-        fig = new_figure(width, height)
-        ax = fig.add_axes((0.1, 0.1, 0.8, 0.8))
-        c0, c1 = np.array([0x2B, 0x2B, 0x50]) / 255, np.array([0xF2, 0xD6, 0x4B]) / 255
-        # masked cells (the padded gates) take the "bad" colour
-        cmap = ListedColormap(c0 + (c1 - c0) * np.linspace(0, 1, LEVELS)[:, None]).with_extremes(bad=PADDING)
-        im = ax.imshow(
-            np.zeros((2, 2)), aspect="auto", interpolation="nearest", cmap=cmap, vmin=0, vmax=1, origin="lower"
-        )
-        groups = ax.add_collection(LineCollection([], colors="white", linewidths=1.0), autolim=False)
-        handles = [Patch(color=open_, label="open (pre > 0)"), Patch(color=closed, label="closed")]
-        if padded:
-            handles.append(Patch(color=PADDING, label="padding (mask 0)"))
-        legend = fig.legend(handles=handles, loc="upper right", frameon=False)
-        return {"fig": fig, "ax": ax, "im": im, "groups": groups, "legend": legend}
 
     # one kept figure per site (its sizes and groups), so that its still parts are drawn once
     k = _kept(
@@ -384,7 +385,7 @@ def gates_figure(
             total,
             padded,
         ),
-        build,
+        lambda: _new_gates_figure(width, height, padded),
     )
     fig, ax = k["fig"], k["ax"]
     g = np.asarray(gates, dtype=np.float32).reshape(np.asarray(gates).shape[0], -1)
