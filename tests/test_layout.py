@@ -109,7 +109,6 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ),
     ("engine", ("probes.engine",)),
     ("builtin", ("probes.builtin",)),
-    ("figures", ("probes.figures",)),
     ("sinks", ("probes.sinks",)),
     (
         "app",  # what gathers everything: the public face, the plugin registry, the harness, the front ends
@@ -129,12 +128,6 @@ KNOWN: set[tuple[str, str]] = {
     # the registry where it is used"); nearest branch: `wiring` (the spec parsed once)
     ("probes.engine.session", "probes.plugins"),
     ("probes.engine.spec", "probes.plugins"),
-    # branch `render` (probes return data records; the figures move to a renderer under app/)
-    ("probes.builtin._images", "probes.figures"),
-    ("probes.builtin.ntk", "probes.figures"),
-    ("probes.builtin.particles", "probes.figures"),
-    ("probes.builtin.pathgram", "probes.figures"),
-    ("probes.builtin.patterns", "probes.figures"),
 }
 
 
@@ -181,7 +174,8 @@ def test_the_layer_check_catches_an_upward_edge():
         ("probes.probe", "probes.engine"),
         ("probes.engine", "probes.sinks.base"),
     }
-    assert layer_of("probes.functional") == 0 and layer_of("probes.builtin") == layer_of("probes.builtin.ntk")
+    assert layer_of("probes.functional") == layer_of("probes._torch") + 1
+    assert layer_of("probes.builtin") == layer_of("probes.builtin.ntk")
     with pytest.raises(KeyError):
         layer_of("probes_other.x")
 

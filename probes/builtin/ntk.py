@@ -11,7 +11,6 @@ import math
 import time
 from typing import Any
 
-import numpy as np
 import torch
 
 from probes import options
@@ -29,15 +28,14 @@ from probes.autodiff.ntk import (
 from probes.autodiff.ntk import cost as ntk_cost_module
 from probes.autodiff.ntk.cost import gib as _gib
 from probes.autodiff.ntk.outputs import SelectedOutput, gaussian_sketch, last_positions
-from probes.builtin._images import declare_image_state, image_due
+from probes.builtin._images import ImageCadence, declare_image_state, image_due
 from probes.engine.failures import ProbesNoticeWarning
-from probes.figures import ImageCadence, spectrum_figure
 from probes.functional.alignment import DegenerateKernelError
 from probes.functional.labels import label_matrix
 from probes.functional.ntk.settings import NTKSettings
 from probes.functional.spectra import effective_rank_bounds, kernel_distance, label_alignment, spectrum, top_eigenvalues
 from probes.probe import Context, Probe, ProbeBatch
-from probes.records import Chart, Drawing, Histogram, Image, Record, Scalar
+from probes.records import Chart, Histogram, Image, Record, Scalar, Spectrum
 
 #: ``spectrum`` option: every eigenvalue from the P x P kernel, the top-k matrix-free, or by memory_budget
 SPECTRA = ("full", "topk", "auto")
@@ -485,9 +483,9 @@ def spectrum_drawing(
     reduction: str = "sum",
     mode: str = "trace",
     of: int | None = None,
-) -> Drawing:
-    """Labelled plot of the positive eigenvalues against their rank (largest first), log y; ``reference``
-    (the first kernel's) dashed, to draw later (host copies of the eigenvalues). ``of``: the kernel's size when
+) -> Spectrum:
+    """The picture data of the positive eigenvalues against their rank (largest first), log y; ``reference``
+    (the first kernel's) dashed (host copies of the eigenvalues). ``of``: the kernel's size when
     ``eigs`` are only its largest eigenvalues."""
     what = (
         "PC x PC kernel" if mode == "full" else f"kernel {'summed' if reduction == 'sum' else 'averaged'} over outputs"
@@ -496,28 +494,14 @@ def spectrum_drawing(
     title = f"ntk/spectrum: {which}" + (f", step {step}" if step is not None else "") + f"\n({what})"
     if reference is not None and step is not None and step == reference_step:
         reference = None  # at the first measurement, now is the initialization: one curve
-    return Drawing(
-        spectrum_figure,
+    return Spectrum(
         eigs.detach().double().cpu().numpy(),
         None if reference is None else reference.detach().double().cpu().numpy(),
         step=step,
-        init_step=reference_step,
+        reference_step=reference_step,
         title=title,
         ylabel="eigenvalue of the NTK (log scale)",
     )
-
-
-def spectrum_image(
-    eigs: torch.Tensor,
-    reference: torch.Tensor | None = None,
-    step: int | None = None,
-    reference_step: int | None = None,
-    reduction: str = "sum",
-    mode: str = "trace",
-    of: int | None = None,
-) -> np.ndarray:
-    """The pixels of ``spectrum_drawing`` (drawn now)."""
-    return spectrum_drawing(eigs, reference, step, reference_step, reduction, mode, of).result()
 
 
 def _token_labels(y: torch.Tensor | None) -> bool:

@@ -16,11 +16,10 @@ import torch
 from torch import nn
 
 from probes import options
-from probes.builtin._images import declare_image_state, image_due
-from probes.figures import ImageCadence, particles_figure
+from probes.builtin._images import ImageCadence, declare_image_state, image_due
 from probes.functional.particles import MeanField, principal_plane
 from probes.probe import Context, Probe, ProbeBatch
-from probes.records import Drawing, Histogram, Image, Record, Scalar
+from probes.records import Histogram, Image, Record, Scalar, Trails
 
 
 def _leaves(model: nn.Module, prefix: str = "") -> list[tuple[str, nn.Module]]:
@@ -412,12 +411,9 @@ class Particles(Probe):
         return records
 
     # -- image ----------------------------------------------------------------------
-    def render(self, xy: torch.Tensor, sign: torch.Tensor | None, step: int | None = None) -> np.ndarray:
-        """The image: trails, teacher lines, current particles ``xy`` (m x 2); uint8 (size, size, 3)."""
-        return self.drawing(xy, sign, step).result()
-
-    def drawing(self, xy: torch.Tensor, sign: torch.Tensor | None, step: int | None = None) -> Drawing:
-        """The image of ``render``, to draw later (host copies of the positions)."""
+    def drawing(self, xy: torch.Tensor, sign: torch.Tensor | None, step: int | None = None) -> Trails:
+        """The picture data (host copies of the positions): trails, teacher lines, current particles ``xy``
+        (m x 2)."""
         cur = xy.numpy()
         hist = self.trails().numpy()
         teacher = (
@@ -437,8 +433,7 @@ class Particles(Probe):
             tsign = self.teacher_sign.cpu().numpy()
         at = f", step {step}" if step is not None else ""
         title = f"particles/positions: {self._position_name()} of {cur.shape[0]} hidden units{at}"
-        return Drawing(
-            particles_figure,
+        return Trails(
             cur,
             hist,
             None if sign is None else sign.numpy(),

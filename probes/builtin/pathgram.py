@@ -11,15 +11,13 @@ import math
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from probes import options
 from probes.autodiff.pathgram import Chain, find_chain
-from probes.builtin._images import declare_image_state, image_due
+from probes.builtin._images import ImageCadence, declare_image_state, image_due
 from probes.engine.inputs import take
-from probes.figures import ImageCadence, matrix_figure
 from probes.functional.labels import label_matrix
 from probes.functional.pathgram import (
     PathGram,
@@ -30,7 +28,7 @@ from probes.functional.pathgram import (
     quadratic_form,
 )
 from probes.probe import Context, Pass, Probe, ProbeBatch
-from probes.records import Drawing, Image, Record, Scalar
+from probes.records import Image, Matrix, Record, Scalar
 
 #: relative tolerance of the recomposition check
 RECOMPOSE_RTOL = 1e-4
@@ -137,17 +135,10 @@ def _label_order(Y: torch.Tensor) -> torch.Tensor:
     return torch.argsort(key, stable=True)
 
 
-def gram_image(
-    pg: PathGram, Y: torch.Tensor, mode: str = "cosine", side: int = 128, title: str = "pathgram/gram"
-) -> np.ndarray:
-    """The pixels of ``gram_drawing`` (drawn now)."""
-    return gram_drawing(pg, Y, mode, side, title).result()
-
-
 def gram_drawing(
     pg: PathGram, Y: torch.Tensor, mode: str = "cosine", side: int = 128, title: str = "pathgram/gram"
-) -> Drawing:
-    """Figure of the path gram, to draw later (host copies of the entries shown), samples sorted by label;
+) -> Matrix:
+    """The picture data of the path gram (host copies of the entries shown), samples sorted by label;
     above ``side`` samples, ``side`` of them evenly spaced in that order (each cell one entry of ``H``, the
     diagonal kept); label groups marked."""
     Y = Y.to(pg.h.device)
@@ -167,11 +158,10 @@ def gram_drawing(
     starts = (torch.nonzero(key[1:] != key[:-1]).flatten() + 1).tolist()
     names = [f"{v:g}" for v in key[[0, *starts]].tolist()] if key.numel() else []
     shown = f"{order.numel()} of {P} samples" if order.numel() < P else f"{P} samples"
-    return Drawing(
-        matrix_figure,
+    return Matrix(
         m.double().cpu().numpy(),
-        starts,
-        names,
+        tuple(starts),
+        tuple(names),
         title=title,
         colorbar_label=bar,
         vmax=vmax,

@@ -12,18 +12,16 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from probes import options
-from probes.builtin._images import declare_image_state, image_due
+from probes.builtin._images import ImageCadence, declare_image_state, image_due
 from probes.engine.failures import ProbesNoticeWarning, say
 from probes.engine.inputs import take
-from probes.figures import ImageCadence, gates_figure
 from probes.functional.patterns import PackedGates, distinct_packed_rows
 from probes.functional.relu_zeros import unit_axis
 from probes.probe import Context, Probe, ProbeBatch
-from probes.records import Drawing, Image, Record, Scalar
+from probes.records import Gates, Image, Record, Scalar
 from probes.snapshots import save_gates, snapshot_path
 
 
@@ -74,19 +72,6 @@ def _groups(y: torch.Tensor | None, P: int) -> tuple[torch.Tensor, list[int], li
 MAX_IMAGE_ROWS = 512
 
 
-def gate_image(
-    gates: torch.Tensor,
-    order: torch.Tensor,
-    starts: list[int],
-    names: Sequence[str] = (),
-    title: str = "gates on the probe batch",
-    ndim: int = 2,
-    real: torch.Tensor | None = None,
-) -> np.ndarray:
-    """The pixels of ``gate_drawing`` (drawn now)."""
-    return gate_drawing(gates, order, starts, names, title, ndim, real).result()
-
-
 def gate_drawing(
     gates: torch.Tensor,
     order: torch.Tensor,
@@ -95,8 +80,8 @@ def gate_drawing(
     title: str = "gates on the probe batch",
     ndim: int = 2,
     real: torch.Tensor | None = None,
-) -> Drawing:
-    """Figure of a P x units gate matrix, to draw later (a host copy of the gates): units (y) by samples (x)
+) -> Gates:
+    """The picture data of a P x units gate matrix (a host copy of the gates): units (y) by samples (x)
     in ``order``, a line before every group start, the groups' labels ``names`` under them. ``real``
     (broadcastable to ``gates``: true at the gates of real tokens, as the attention mask says) marks the
     others as padding, drawn in a colour of their own instead of as closed gates."""
@@ -124,7 +109,7 @@ def gate_drawing(
         m = flat.to(torch.uint8).cpu().numpy()[order.numpy()]
         if kept is not None:
             padding = (~kept).cpu().numpy()[order.numpy()]
-    return Drawing(gates_figure, m, starts, names, title=title, unit_label=unit, total=units, padding=padding)
+    return Gates(m, tuple(starts), tuple(names), title=title, unit_label=unit, total=units, padding=padding)
 
 
 class Patterns(Probe):

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 #: dots per inch of every figure: sizes below are in pixels
-from probes.figures.canvas import LEVELS, PLAIN, _styled, frame, new_figure, pixels, plain
+from probes.app.render.canvas import LEVELS, PLAIN, _styled, frame, new_figure, pixels, plain
 
 
 def _cmap(name: str = "viridis", levels: int = LEVELS) -> Any:
@@ -139,18 +139,39 @@ def line_axes(
     if len(clean) > max_lines:
         ranked = sorted(clean, key=last, reverse=True)
         lines, rest = ranked[:max_lines], ranked[max_lines:]
-    colors = [
-        "#1f77b4",
-        "#ff7f0e",
-        "#2ca02c",
-        "#d62728",
-        "#9467bd",
-        "#8c564b",
-        "#e377c2",
-        "#7f7f7f",
-        "#bcbd22",
-        "#17becf",
-    ]
+    handles = _draw_lines(ax, lines, markers)
+    if rest:
+        handles += _others_band(ax, rest)
+    _set_limits(ax, clean, logx, logy, ylim)
+    if title is not None:
+        ax.set_title(title, fontsize=title_size, **PLAIN) if title_size else ax.set_title(title, **PLAIN)
+    if xlabel is not None:
+        ax.set_xlabel(xlabel, **PLAIN)
+    if ylabel is not None:
+        ax.set_ylabel(ylabel, **PLAIN)
+    ax.grid(alpha=0.3, which="major")
+    _note_missing(ax, clean, empty)
+    if len(handles) > 1:  # the handles given: a label that starts with "_" (a site "_orig_mod.fc") is kept too
+        plain(*ax.legend(handles=handles, loc="best", fontsize=9, framealpha=0.8).get_texts())
+
+
+#: the colours of the lines of ``line_axes``, in order
+COLORS = (
+    "#1f77b4",
+    "#ff7f0e",
+    "#2ca02c",
+    "#d62728",
+    "#9467bd",
+    "#8c564b",
+    "#e377c2",
+    "#7f7f7f",
+    "#bcbd22",
+    "#17becf",
+)
+
+
+def _draw_lines(ax: Any, lines: Sequence[tuple[str, np.ndarray, np.ndarray]], markers: bool | None) -> list[Any]:
+    """One line per ``(label, x, y)`` in ``COLORS`` order; their legend handles."""
     handles = []
     for i, (label, x, y) in enumerate(lines):
         dots = markers if markers is not None else x.size < 40
@@ -161,10 +182,19 @@ def line_axes(
             marker="." if dots or x.size == 1 else None,
             ms=5 if x.size > 1 else 9,
             label=str(label),
-            color=colors[i % len(colors)],
+            color=COLORS[i % len(COLORS)],
         )
-    if rest:
-        handles += _others_band(ax, rest)
+    return handles
+
+
+def _set_limits(
+    ax: Any,
+    clean: Sequence[tuple[str, np.ndarray, np.ndarray]],
+    logx: bool,
+    logy: bool,
+    ylim: tuple[float, float] | None,
+) -> None:
+    """Scales and limits of ``line_axes``: log ticks, ``ylim``, and a readable range for a single x or y value."""
     if logx:
         ax.set_xscale("log")
     finite = np.concatenate([y[np.isfinite(y)] for _, _, y in clean]) if clean else np.zeros(0)
@@ -182,13 +212,12 @@ def line_axes(
         v = float(finite[0])
         d = max(abs(v) * 0.5, 0.5) if v else 0.5
         ax.set_ylim(v - d, v + d)
-    if title is not None:
-        ax.set_title(title, fontsize=title_size, **PLAIN) if title_size else ax.set_title(title, **PLAIN)
-    if xlabel is not None:
-        ax.set_xlabel(xlabel, **PLAIN)
-    if ylabel is not None:
-        ax.set_ylabel(ylabel, **PLAIN)
-    ax.grid(alpha=0.3, which="major")
+
+
+def _note_missing(
+    ax: Any, clean: Sequence[tuple[str, np.ndarray, np.ndarray]], empty: Sequence[tuple[str, np.ndarray, np.ndarray]]
+) -> None:
+    """Say in words what ``line_axes`` could not draw: every point, or the series without a finite value."""
     if not clean:
         n = sum(y.size for _, _, y in empty)
         ax.text(
@@ -213,8 +242,6 @@ def line_axes(
             color="#777777",
             **PLAIN,
         )
-    if len(handles) > 1:  # the handles given: a label that starts with "_" (a site "_orig_mod.fc") is kept too
-        plain(*ax.legend(handles=handles, loc="best", fontsize=9, framealpha=0.8).get_texts())
 
 
 @_styled

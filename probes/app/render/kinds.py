@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 #: dots per inch of every figure: sizes below are in pixels
-from probes.figures.canvas import (
+from probes.app.render.canvas import (
     LEVELS,
     LINE,
     NEGATIVE,
@@ -24,7 +24,7 @@ from probes.figures.canvas import (
     place,
     wrap,
 )
-from probes.figures.plots import _cmap, _finite_positive, _log_ticks, _nice_ceil
+from probes.app.render.plots import _cmap, _finite_positive, _log_ticks, _nice_ceil
 
 
 @_styled
@@ -149,7 +149,6 @@ def particles_figure(
         uint8 ``(size, size, 3)``.
     """
     from matplotlib.collections import LineCollection
-    from matplotlib.lines import Line2D
 
     def build() -> dict[str, Any]:
         fig = new_figure(size, size)
@@ -167,10 +166,35 @@ def particles_figure(
 
     k = _kept(("particles", size, tuple(axis_labels), legend), build)
     fig, ax = k["fig"], k["ax"]
+    lim = _nice_ceil(float(limit)) if limit > 0 and np.isfinite(limit) else 1.0
+    handles = _set_particles(k, current, trails, sign, teacher, teacher_sign, lim)
+    legend_rows = -(-len(handles) // 2) if legend else 0
+    _fit_square_axes(fig, ax, title, axis_labels, size, legend_rows, lim)
+    if k["legend"] is not None:
+        k["legend"].remove()
+        k["legend"] = None
+    if legend:
+        k["legend"] = fig.legend(
+            handles=handles, loc="lower center", ncol=2, fontsize="small", frameon=False, bbox_to_anchor=(0.5, 0.0)
+        )
+    return _blit(k, [k["trail"], k["tlines"], k["rings"], k["dots"], ax.title])
+
+
+def _set_particles(
+    k: dict[str, Any],
+    current: np.ndarray,
+    trails: np.ndarray,
+    sign: np.ndarray | None,
+    teacher: np.ndarray,
+    teacher_sign: np.ndarray | None,
+    lim: float,
+) -> list[Any]:
+    """Set the kept particles figure's data artists (trails, teacher lines and rings, dots); the legend handles."""
+    from matplotlib.lines import Line2D
+
     cur = np.asarray(current, dtype=np.float64).reshape(-1, 2)
     m = cur.shape[0]
     teacher = np.asarray(teacher, dtype=np.float64).reshape(-1, 2)
-    lim = _nice_ceil(float(limit)) if limit > 0 and np.isfinite(limit) else 1.0
     colors = (
         np.array([UNSIGNED] * m, dtype=object)
         if sign is None
@@ -212,7 +236,14 @@ def particles_figure(
             Line2D([], [], ls="", marker="o", color=POSITIVE, label="a_j >= 0"),
             Line2D([], [], ls="", marker="o", color=NEGATIVE, label="a_j < 0"),
         ]
-    legend_rows = -(-len(handles) // 2) if legend else 0
+    return handles
+
+
+def _fit_square_axes(
+    fig: Any, ax: Any, title: str, axis_labels: Sequence[str], size: int, legend_rows: int, lim: float
+) -> None:
+    """Place square axes ``[-lim, lim]^2`` under the title and above ``legend_rows`` legend rows, moved in by what
+    long tick labels need to stay inside the figure."""
     title_lines = wrap(title, size - 16).count("\n") + 1
     side = max(size - 48 - LINE * legend_rows - 10 - LINE * title_lines, 60)  # the axes stay square
     left = max(56.0, (size - side) / 2)
@@ -254,14 +285,6 @@ def particles_figure(
             bottom=48 + LINE * legend_rows,
             top_extra=into_left + into_right,
         )
-    if k["legend"] is not None:
-        k["legend"].remove()
-        k["legend"] = None
-    if legend:
-        k["legend"] = fig.legend(
-            handles=handles, loc="lower center", ncol=2, fontsize="small", frameon=False, bbox_to_anchor=(0.5, 0.0)
-        )
-    return _blit(k, [k["trail"], k["tlines"], k["rings"], k["dots"], ax.title])
 
 
 # -- matrices ----------------------------------------------------------------------------------------
@@ -286,6 +309,27 @@ def _group_ticks(axis: Any, starts: Sequence[int], names: Sequence[str], n: int)
 
 #: the colour of padded gates (attention mask 0) in ``gates_figure``: a grey, far from every open-to-closed shade
 PADDING = "#b4b4b4"
+
+
+def _new_gates_figure(width: int, height: int, padded: bool) -> dict[str, Any]:
+    """A new gates figure: the image, the group lines and the legend (with padding's entry when ``padded``)."""
+    from matplotlib.collections import LineCollection
+    from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
+
+    closed, open_ = "#2b2b50", "#f2d64b"
+    fig = new_figure(width, height)
+    ax = fig.add_axes((0.1, 0.1, 0.8, 0.8))
+    c0, c1 = np.array([0x2B, 0x2B, 0x50]) / 255, np.array([0xF2, 0xD6, 0x4B]) / 255
+    # masked cells (the padded gates) take the "bad" colour
+    cmap = ListedColormap(c0 + (c1 - c0) * np.linspace(0, 1, LEVELS)[:, None]).with_extremes(bad=PADDING)
+    im = ax.imshow(np.zeros((2, 2)), aspect="auto", interpolation="nearest", cmap=cmap, vmin=0, vmax=1, origin="lower")
+    groups = ax.add_collection(LineCollection([], colors="white", linewidths=1.0), autolim=False)
+    handles = [Patch(color=open_, label="open (pre > 0)"), Patch(color=closed, label="closed")]
+    if padded:
+        handles.append(Patch(color=PADDING, label="padding (mask 0)"))
+    legend = fig.legend(handles=handles, loc="upper right", frameon=False)
+    return {"fig": fig, "ax": ax, "im": im, "groups": groups, "legend": legend}
 
 
 @_styled
@@ -322,30 +366,10 @@ def gates_figure(
     Returns:
         uint8 ``(height, width, 3)``.
     """
-    from matplotlib.collections import LineCollection
-    from matplotlib.colors import ListedColormap
-    from matplotlib.patches import Patch
 
-    closed, open_ = "#2b2b50", "#f2d64b"
     shape = np.asarray(gates).shape
     pad = None if padding is None else np.asarray(padding, dtype=bool).reshape(shape[0], -1)
     padded = pad is not None and bool(pad.any())
-
-    def build() -> dict[str, Any]:
-        fig = new_figure(width, height)
-        ax = fig.add_axes((0.1, 0.1, 0.8, 0.8))
-        c0, c1 = np.array([0x2B, 0x2B, 0x50]) / 255, np.array([0xF2, 0xD6, 0x4B]) / 255
-        # masked cells (the padded gates) take the "bad" colour
-        cmap = ListedColormap(c0 + (c1 - c0) * np.linspace(0, 1, LEVELS)[:, None]).with_extremes(bad=PADDING)
-        im = ax.imshow(
-            np.zeros((2, 2)), aspect="auto", interpolation="nearest", cmap=cmap, vmin=0, vmax=1, origin="lower"
-        )
-        groups = ax.add_collection(LineCollection([], colors="white", linewidths=1.0), autolim=False)
-        handles = [Patch(color=open_, label="open (pre > 0)"), Patch(color=closed, label="closed")]
-        if padded:
-            handles.append(Patch(color=PADDING, label="padding (mask 0)"))
-        legend = fig.legend(handles=handles, loc="upper right", frameon=False)
-        return {"fig": fig, "ax": ax, "im": im, "groups": groups, "legend": legend}
 
     # one kept figure per site (its sizes and groups), so that its still parts are drawn once
     k = _kept(
@@ -361,7 +385,7 @@ def gates_figure(
             total,
             padded,
         ),
-        build,
+        lambda: _new_gates_figure(width, height, padded),
     )
     fig, ax = k["fig"], k["ax"]
     g = np.asarray(gates, dtype=np.float32).reshape(np.asarray(gates).shape[0], -1)
