@@ -30,7 +30,9 @@ def naive(model: nn.Module, losses) -> dict[str, float]:
         )
     G = torch.stack(rows).double()
     g, var = G.mean(0), G.var(0, unbiased=True)
-    kept = var > 0
+    eps = torch.finfo(named[0][1].dtype).eps
+    floor = (64 * eps) ** 2 * G.square().mean()  # rounding, not noise (the probe's documented floor)
+    kept = var > floor
     out = {
         "grad_noise/noise_scale": float(var.sum() / g.square().sum()),
         "grad_noise/gsnr": float((g[kept].square() / var[kept]).mean()),
@@ -46,7 +48,7 @@ def naive(model: nn.Module, losses) -> dict[str, float]:
     for key in [k for k in out if isinstance(k, tuple)]:
         idx = torch.cat([torch.arange(G.shape[1])[s] for s in out.pop(key)])
         v, m = var[idx], g[idx]
-        out[f"grad_noise/{key[1]}/gsnr"] = float((m[v > 0].square() / v[v > 0]).mean())
+        out[f"grad_noise/{key[1]}/gsnr"] = float((m[v > floor].square() / v[v > floor]).mean())
     return out
 
 
@@ -228,3 +230,93 @@ def test_batchnorm_with_running_statistics_is_said_once_and_equals_the_eval_mode
     ref = naive(model, [lambda i=i: F.cross_entropy(model(x[i : i + 1]), y[i : i + 1]) for i in range(8)])
     got = session.memory.scalars()["grad_noise/noise_scale"][0][1]
     assert got == pytest.approx(ref["grad_noise/noise_scale"], rel=1e-9)
+
+
+def _models():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "ntk_models.py"
+    spec = importlib.util.spec_from_file_location("_ntk_models", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def session_values(model, x, y, **attach) -> dict[str, float]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        session = probes.attach(model, ["grad_noise"], probe_data=(x, y), sinks=["memory"], strict=True, **attach)
+    session.close()
+    return {tag: series[-1][1] for tag, series in session.memory.scalars().items()}
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")
+def test_gpt2_token_labels_with_padding_and_the_shift_equal_its_own_loss_per_sequence():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=40, n_positions=16, n_embd=16, n_layer=2, n_head=2)
+    model = transformers.GPT2LMHeadModel(config).double().eval()
+    g = torch.Generator().manual_seed(1)
+    P, T = 6, 8
+    ids = torch.randint(0, 40, (P, T), generator=g)
+    lengths = torch.tensor([8, 5, 7, 3, 8, 6])
+    mask = (torch.arange(T)[None, :] < lengths[:, None]).long()
+    labels = torch.where(mask.bool(), ids, -100)
+    x = {"input_ids": ids, "attention_mask": mask}
+    got = session_values(model, x, labels, label_shift=1)
+
+    def hf_loss(i):
+        return lambda: model(input_ids=ids[i : i + 1], attention_mask=mask[i : i + 1], labels=labels[i : i + 1]).loss
+
+    ref = naive(model, [hf_loss(i) for i in range(P)])
+    for tag in ("grad_noise/noise_scale", "grad_noise/grad_norm", "grad_noise/gsnr"):
+        assert got[tag] == pytest.approx(ref[tag], rel=1e-7), tag
+    assert "grad_noise/transformer.h.0.attn.c_attn/gsnr" in got
+    unshifted = session_values(model, x, labels, label_shift=0)  # the shift matters (the check can fail)
+    assert unshifted["grad_noise/noise_scale"] != pytest.approx(got["grad_noise/noise_scale"], rel=1e-3)
+
+
+def test_padded_bert_classifier_equals_its_own_loss_per_sample():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        vocab_size=30,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=24,
+        hidden_dropout_prob=0.1,
+        attention_probs_dropout_prob=0.1,
+        num_labels=3,
+    )
+    model = transformers.BertForSequenceClassification(config).double()
+    g = torch.Generator().manual_seed(2)
+    P, T = 6, 7
+    ids = torch.randint(1, 30, (P, T), generator=g)
+    mask = (torch.arange(T)[None, :] < torch.tensor([7, 4, 6, 2, 7, 5])[:, None]).long()
+    y = torch.randint(0, 3, (P,), generator=g)
+    got = session_values(model, {"input_ids": ids * mask, "attention_mask": mask}, y)
+    model.eval()
+
+    def hf_loss(i):
+        return lambda: (
+            model(input_ids=(ids * mask)[i : i + 1], attention_mask=mask[i : i + 1], labels=y[i : i + 1]).loss
+        )
+
+    ref = naive(model, [hf_loss(i) for i in range(P)])
+    for tag in ("grad_noise/noise_scale", "grad_noise/grad_norm"):
+        assert got[tag] == pytest.approx(ref[tag], rel=1e-7), tag
+    assert model.training is False
+
+
+@pytest.mark.parametrize("name", ["vit", "resnet"])
+def test_vit_and_resnet18_with_batchnorm_equal_the_naive_loop(name):
+    models = _models()
+    model = models.MODELS[name]()
+    x = models.inputs(name, 5)
+    y = torch.randint(0, 10, (5,), generator=torch.Generator().manual_seed(4))
+    got = session_values(model, x, y)
+    ref = naive(model, [lambda i=i: F.cross_entropy(model(x[i : i + 1]), y[i : i + 1]) for i in range(5)])
+    for tag in ("grad_noise/noise_scale", "grad_noise/grad_norm", "grad_noise/gsnr"):
+        assert got[tag] == pytest.approx(ref[tag], rel=1e-7), tag

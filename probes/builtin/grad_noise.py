@@ -28,12 +28,23 @@ from probes import options
 from probes.autodiff.grad_noise import ROUTES, all_reduce_sums, sample_gradient_sums, share, trainable
 from probes.builtin.alignment import is_token_labels, token_pairs
 from probes.engine.failures import ProbesNoticeWarning, say
-from probes.functional.grad_noise import GradientSums, grad_norm, gsnr, noise_scale, sample_loss, token_targets
+from probes.functional.grad_noise import (
+    GradientSums,
+    grad_norm,
+    gsnr,
+    noise_scale,
+    sample_loss,
+    token_targets,
+    variance_floor,
+)
 from probes.probe import Context, Probe, ProbeBatch
 from probes.records import Histogram, Record, Scalar
 
 #: default ``max_cost``: per-sample gradient entries ``P x trainable parameters`` of one measurement
 MAX_COST = 1e10
+#: GSNR leaves out coordinates whose gradient standard deviation is below this many ``eps`` (of the gradients'
+#: dtype) times the root mean square gradient entry: rounding, not noise
+ROUNDING = 64
 #: default ``memory_budget`` (bytes) of one chunk's per-sample gradients
 MEMORY_BUDGET = 256 << 20
 
@@ -73,6 +84,7 @@ class GradNoise(Probe):
         self.max_cost = options.number("grad_noise", "max_cost", max_cost, positive=True, optional=True)
         self._said: set[str] = set()
         self._route: str | None = None if self.route == "auto" else self.route
+        self._eps = torch.finfo(torch.float32).eps  # of the gradients' dtype, set at each measurement
 
     def setup(self, context: Context) -> None:
         if context.y is None:
@@ -174,6 +186,7 @@ class GradNoise(Probe):
         if self._route is None:
             self._route = self._pick_route(module, args, target, weight, loss, batch)
         params = trainable(module)
+        self._eps = torch.finfo(next(iter(params.values())).dtype).eps
         P, world = int(target.shape[0]), batch.world_size
         mine = share(P, batch.rank, world) if world > 1 else slice(0, P)
         chunk = self._chunk(batch, params)
@@ -198,12 +211,13 @@ class GradNoise(Probe):
             Scalar("grad_noise/noise_scale", noise_scale(sums)),
             Scalar("grad_noise/grad_norm", grad_norm(sums)),
         ]
-        overall = gsnr(sums)
+        floor = variance_floor(sums, ROUNDING * self._eps)
+        overall = gsnr(sums, floor=floor)
         if overall is not None:
             out.append(Scalar("grad_noise/gsnr", overall))
         if self.per_module:
             for path, names in module_parameters(model, sums.total).items():
-                value = gsnr(sums, names)
+                value = gsnr(sums, names, floor)
                 if value is not None:
                     out.append(Scalar(f"grad_noise/{path}/gsnr", value))
         out.append(Histogram.of("grad_noise/sample_grad_norm", sums.sample_norms(), bins=self.bins))

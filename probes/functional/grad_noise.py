@@ -93,21 +93,33 @@ def grad_norm(sums: GradientSums) -> torch.Tensor:
     return torch.as_tensor(g2, dtype=torch.float64).sqrt()
 
 
-def gsnr(sums: GradientSums, names: Iterable[str] | None = None) -> torch.Tensor | None:
+def variance_floor(sums: GradientSums, rtol: float) -> torch.Tensor:
+    """``(rtol * rms)^2`` with ``rms^2 = mean_j q_j / n`` the mean square of a gradient entry over every coordinate:
+    variances below it are rounding (a coordinate whose gradient is zero in exact arithmetic, such as an attention
+    key bias, varies at ``eps`` of the gradients' scale), float64 0-d."""
+    count = sum(q.numel() for q in sums.squares.values())
+    total = sum(q.sum() for q in sums.squares.values())
+    return torch.as_tensor(rtol**2 * total / max(1, count * sums.n), dtype=torch.float64)
+
+
+def gsnr(
+    sums: GradientSums, names: Iterable[str] | None = None, floor: torch.Tensor | float = 0.0
+) -> torch.Tensor | None:
     """The gradient signal-to-noise ratio ``mean_j g_j^2 / Sigma_jj`` (Liu, Wang, Zhang et al. 2020,
     "Understanding why neural networks generalize well through GSNR of parameters", eq. 1), over the coordinates
-    ``j`` of the parameters ``names`` (default: all) whose variance is positive; coordinates whose per-sample
-    gradients are all equal (``Sigma_jj = 0``, e.g. embedding rows no sample uses) are left out.
+    ``j`` of the parameters ``names`` (default: all) whose variance is above ``floor`` (``variance_floor``);
+    coordinates whose per-sample gradients are all equal (``Sigma_jj = 0``, e.g. embedding rows no sample uses) or
+    equal up to rounding are left out.
 
     Returns:
-        float64 0-d, or None when no coordinate has a positive variance.
+        float64 0-d, or None when no coordinate has a variance above the floor.
     """
     ratio_sum = torch.zeros((), dtype=torch.float64)
     count = 0
     for k in sums.total if names is None else names:
         var = variances(sums.total[k], sums.squares[k], sums.n)
         g = mean_gradient(sums.total[k], sums.n)
-        kept = var > 0
+        kept = var > torch.as_tensor(floor, dtype=var.dtype, device=var.device)
         ratio_sum = ratio_sum + (g[kept].square() / var[kept]).sum().cpu()
         count += int(kept.sum())
     return ratio_sum / count if count else None
