@@ -320,3 +320,24 @@ def test_vit_and_resnet18_with_batchnorm_equal_the_naive_loop(name):
     ref = naive(model, [lambda i=i: F.cross_entropy(model(x[i : i + 1]), y[i : i + 1]) for i in range(5)])
     for tag in ("grad_noise/noise_scale", "grad_noise/grad_norm", "grad_noise/gsnr"):
         assert got[tag] == pytest.approx(ref[tag], rel=1e-7), tag
+
+
+def test_auto_leaves_the_probe_out_above_max_cost_saying_the_cost(monkeypatch):
+    import probes.builtin.grad_noise as module
+
+    model = mlp().float()
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    n = sum(p.numel() for p in model.parameters())
+    monkeypatch.setattr(module, "MAX_COST", 8 * n - 1)  # as if the model were large
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        session = probes.attach(model, "auto", probe_data=(x, y), sinks=["memory"])
+    session.close()
+    assert "grad_noise" not in session.probes
+    assert any(
+        "leaves out probe 'grad_noise'" in str(w.message) and f"{n:,} parameters" in str(w.message) for w in said
+    )
+    monkeypatch.setattr(module, "MAX_COST", 8 * n)
+    session = probes.attach(model, ["grad_noise"], probe_data=(x, y), sinks=["memory"], strict=True)
+    session.close()
+    assert "grad_noise/noise_scale" in session.memory.tags()

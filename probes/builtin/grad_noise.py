@@ -71,7 +71,7 @@ class GradNoise(Probe):
         bins: int = 64,
         per_module: bool = True,
         memory_budget: int | float = MEMORY_BUDGET,
-        max_cost: int | float | None = MAX_COST,
+        max_cost: int | float | str | None = "auto",
     ) -> None:
         if loss is not None and not callable(loss):
             raise TypeError(f"grad_noise: option 'loss' must be None or a callable (output, y) -> scalar, got {loss!r}")
@@ -81,7 +81,10 @@ class GradNoise(Probe):
         self.bins = options.integer("grad_noise", "bins", bins, minimum=1, maximum=options.MAX_BINS)
         self.per_module = options.flag("grad_noise", "per_module", per_module)
         self.memory_budget = options.number("grad_noise", "memory_budget", memory_budget, positive=True)
-        self.max_cost = options.number("grad_noise", "max_cost", max_cost, positive=True, optional=True)
+        auto = isinstance(max_cost, str) and max_cost == "auto"
+        self.max_cost = (
+            MAX_COST if auto else options.number("grad_noise", "max_cost", max_cost, positive=True, optional=True)
+        )
         self._said: set[str] = set()
         self._route: str | None = None if self.route == "auto" else self.route
         self._eps = torch.finfo(torch.float32).eps  # of the gradients' dtype, set at each measurement

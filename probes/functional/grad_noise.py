@@ -38,7 +38,11 @@ class GradientSums:
     norms: list[torch.Tensor] = field(default_factory=list)
 
     def add(self, grads: Mapping[str, torch.Tensor]) -> None:
-        """Add a block of per-sample gradients ``name -> (b, *shape)`` (the same ``b`` samples for every name)."""
+        """Add a block of per-sample gradients.
+
+        Args:
+            grads: ``name -> (b, *shape)``, the same ``b`` samples for every name.
+        """
         sq_norm: torch.Tensor | None = None
         b = 0
         for name, g in grads.items():
@@ -59,7 +63,12 @@ class GradientSums:
 
 
 def mean_gradient(total: torch.Tensor, n: int) -> torch.Tensor:
-    """``g = s / n``."""
+    """``g = s / n``.
+
+    Args:
+        total: ``s = sum_i g_i``.
+        n: the number of samples.
+    """
     return total / n
 
 
@@ -81,14 +90,22 @@ def variances(total: torch.Tensor, squares: torch.Tensor, n: int) -> torch.Tenso
 
 def noise_scale(sums: GradientSums) -> torch.Tensor:
     """The simple noise scale ``B_simple = tr(Sigma) / |g|^2`` (McCandlish, Kaplan, Amodei et al. 2018, "An
-    empirical model of large-batch training", eq. 2.9), float64 0-d (``inf`` when ``g = 0``)."""
+    empirical model of large-batch training", eq. 2.9), float64 0-d (``inf`` when ``g = 0``).
+
+    Args:
+        sums: the sums over at least 2 samples.
+    """
     trace = sum(variances(sums.total[k], sums.squares[k], sums.n).sum() for k in sums.total)
     g2 = sum(mean_gradient(sums.total[k], sums.n).square().sum() for k in sums.total)
     return torch.as_tensor(trace / g2, dtype=torch.float64)
 
 
 def grad_norm(sums: GradientSums) -> torch.Tensor:
-    """``|g|``, the norm of the mean gradient, float64 0-d."""
+    """``|g|``, the norm of the mean gradient, float64 0-d.
+
+    Args:
+        sums: the sums over the samples.
+    """
     g2 = sum(mean_gradient(sums.total[k], sums.n).square().sum() for k in sums.total)
     return torch.as_tensor(g2, dtype=torch.float64).sqrt()
 
@@ -96,7 +113,12 @@ def grad_norm(sums: GradientSums) -> torch.Tensor:
 def variance_floor(sums: GradientSums, rtol: float) -> torch.Tensor:
     """``(rtol * rms)^2`` with ``rms^2 = mean_j q_j / n`` the mean square of a gradient entry over every coordinate:
     variances below it are rounding (a coordinate whose gradient is zero in exact arithmetic, such as an attention
-    key bias, varies at ``eps`` of the gradients' scale), float64 0-d."""
+    key bias, varies at ``eps`` of the gradients' scale), float64 0-d.
+
+    Args:
+        sums: the sums over the samples.
+        rtol: the floor's standard deviation relative to ``rms`` (the probe: 64 ``eps`` of the gradients' dtype).
+    """
     count = sum(q.numel() for q in sums.squares.values())
     total = sum(q.sum() for q in sums.squares.values())
     return torch.as_tensor(rtol**2 * total / max(1, count * sums.n), dtype=torch.float64)
@@ -110,6 +132,11 @@ def gsnr(
     ``j`` of the parameters ``names`` (default: all) whose variance is above ``floor`` (``variance_floor``);
     coordinates whose per-sample gradients are all equal (``Sigma_jj = 0``, e.g. embedding rows no sample uses) or
     equal up to rounding are left out.
+
+    Args:
+        sums: the sums over at least 2 samples.
+        names: the parameters whose coordinates are averaged (default: all).
+        floor: variances at or below it are left out.
 
     Returns:
         float64 0-d, or None when no coordinate has a variance above the floor.
