@@ -105,6 +105,8 @@ class GradNoise(Probe):
         """Labels that fit a loss, no batch statistics, a cost under ``max_cost``; picks the route (``vmap`` unless it
         cannot trace the model or disagrees with one backward per sample on two samples)."""
         module, args, target, weight, loss = self.problem(batch)
+        if self.loss is not None:
+            self._check_loss(module, args, target, weight, loss)
         n_params = sum(p.numel() for p in trainable(batch.model).values())
         cost = float(target.shape[0]) * n_params
         if self.max_cost is not None and cost > self.max_cost:
@@ -115,6 +117,24 @@ class GradNoise(Probe):
             )
         if self._route is None:
             self._route = self._pick_route(module, args, target, weight, loss, batch)
+
+    def _check_loss(
+        self, module: nn.Module, args: tuple, target: torch.Tensor, weight: torch.Tensor, loss: Any
+    ) -> None:
+        """The callable ``loss`` gives a finite scalar on the first sample."""
+        try:
+            with torch.no_grad():
+                value = loss(module(*(a[:1] for a in args)), target[:1], weight[:1])
+        except Exception as exc:  # noqa: BLE001 - the user's callable: say which option failed
+            raise TypeError(
+                f"grad_noise: option 'loss' raised {type(exc).__name__} on one sample ({exc}); it must be a callable "
+                "(output, y) -> scalar tensor"
+            ) from exc
+        if not isinstance(value, torch.Tensor) or value.ndim != 0 or not value.is_floating_point():
+            raise TypeError(
+                f"grad_noise: option 'loss' returned {type(value).__name__}"
+                f"{tuple(value.shape) if isinstance(value, torch.Tensor) else ''}; it must return a scalar tensor"
+            )
 
     def _pick_route(self, module: nn.Module, args: tuple, target: torch.Tensor, weight: torch.Tensor, loss: Any, batch):
         two = (tuple(a[:2] for a in args), target[:2], weight[:2])
