@@ -55,7 +55,7 @@ class GradNoise(Probe):
     """Gradient noise on the probe batch: simple noise scale, GSNR (overall and per module), mean gradient norm."""
 
     name = "grad_noise"
-    description = "gradient noise on the probe batch: noise scale, GSNR per module, gradient norm"
+    description = "gradient noise on the probe batch: noise scale, GSNR, gradient norm"
     every = 100
     passive = False
     needs_sites = False
