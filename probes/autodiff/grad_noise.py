@@ -9,6 +9,7 @@ the samples and ``all_reduce_sums`` adds the sums of every rank (one all-reduce)
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -41,7 +42,10 @@ def _vmap_block(
         out = functional_call(module, {**p, **rest}, tuple(a.unsqueeze(0) for a in xs))
         return loss(out, t.unsqueeze(0), w.unsqueeze(0))
 
-    return vmap(grad(one), in_dims=(None, 0, 0, 0))(params, args, target, weight)
+    with warnings.catch_warnings():
+        # torch's "performance drop ... batching rule" warnings (attention under vmap) are about this computation
+        warnings.filterwarnings("ignore", message="There is a performance drop")
+        return vmap(grad(one), in_dims=(None, 0, 0, 0))(params, args, target, weight)
 
 
 def _loop_block(
