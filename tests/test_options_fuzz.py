@@ -165,6 +165,15 @@ PLAUSIBLE: dict[str, dict[str, list[Callable[[], Any]]]] = {
         "memory_budget": [_const(v) for v in (None, 1, 10**6)],
         "positions": [_const("all"), _const("last")],
     },
+    "grad_noise": {
+        "loss": [_const(None), _const(lambda f, y: nn.functional.cross_entropy(f, y))],
+        "route": [_const(v) for v in ("auto", "vmap", "loop")],
+        "chunk_size": [_const(v) for v in (None, 1, 3)],
+        "bins": [_const(v) for v in (1, 64)],
+        "per_module": FLAG,
+        "memory_budget": [_const(v) for v in (1, 2**30)],
+        "max_cost": [_const(v) for v in (None, "auto", 1e10)],
+    },
     "margin": {
         "margin": [_const(v) for v in (0, 0.5, 2.0)],
         "bins": [_const(v) for v in (1, 64)],
