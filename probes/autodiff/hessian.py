@@ -5,7 +5,8 @@ theta``. The probe batch comes in chunks (the session's ``probe_batch_size``); e
 summed loss, and the sum is divided by the total weight (samples, kept token positions or output entries:
 ``probes.functional.hessian.chunk_loss``), so the chunks give exactly the Hessian of the mean over the whole batch.
 With one chunk the gradient's graph is kept between products (one backward per product); with several it is
-rebuilt per chunk and product, so memory stays that of one chunk's double backward. Vectors are float64 (the
+rebuilt per chunk and product, so memory stays that of one chunk's double backward. Attention runs through
+``scaled_dot_product_attention``'s math kernel inside the products (the fused kernels have no double backward). Vectors are float64 (the
 Lanczos basis); the products run in the parameters' dtype.
 
 Across ranks (DDP): each rank takes its share of the probe batch (``share``), and the summed products and weights
@@ -20,6 +21,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from probes.functional.hessian import EdgeSetting, adam_preconditioner, chunk_loss
 
@@ -75,7 +77,7 @@ class HessianProducts:
 
     def _gradient(self, chunk: Chunk) -> tuple[tuple[torch.Tensor, ...], float]:
         """The gradient of the chunk's summed loss, with its graph, and the chunk's weight."""
-        with torch.enable_grad():
+        with torch.enable_grad(), sdpa_kernel([SDPBackend.MATH]):  # fused attention kernels lack double backward
             out = self.forward(chunk.x)
             total, weight = chunk_loss(out, chunk.y, loss=self.loss, label_shift=self.label_shift, mask=chunk.mask)
             grads = torch.autograd.grad(

@@ -412,7 +412,8 @@ def lanczos(
         matvec: ``v -> A v`` for a float64 vector ``v`` of length ``n``.
         start: ``q_1`` (normalised here).
         steps: the most steps (at most ``n``).
-        done: called after each step with the run so far; True stops it (a convergence test).
+        done: called with the run so far after each step while it has at most 16 steps, then every ``m // 16``
+            steps (so that its ``m x m`` eigen-decompositions cost less than the products); True stops it.
         generator: draws the restart vectors (default: seed 0).
 
     Returns:
@@ -435,7 +436,7 @@ def lanczos(
         b = torch.linalg.vector_norm(w)
         norm = torch.maximum(norm, a.abs() + b)
         run = LanczosRun(torch.stack(alpha), torch.stack(beta) if beta else q.new_zeros(0), b, j + 1)
-        if j + 1 == steps or (done is not None and done(run)):
+        if j + 1 == steps or (done is not None and (j + 1) % max(1, (j + 1) // 16) == 0 and done(run)):
             break
         if b <= n * torch.finfo(torch.float64).eps * norm:  # invariant subspace: go on orthogonally
             w = _orthogonalise(_unit_start(n, generator, start.device), Q[:, : j + 1])
