@@ -37,7 +37,9 @@ def flat_loss(model: nn.Module, loss_of_output):
 
     def f(w):
         parts = torch.split(w, [math.prod(s) for s in shapes])
-        return loss_of_output(lambda *a: functional_call(model, {n: t.view(s) for n, t, s in zip(names, parts, shapes)}, a))
+        return loss_of_output(
+            lambda *a: functional_call(model, {n: t.view(s) for n, t, s in zip(names, parts, shapes)}, a)
+        )
 
     return f, w0
 
