@@ -6,7 +6,8 @@ summed loss, and the sum is divided by the total weight (samples, kept token pos
 ``probes.functional.hessian.chunk_loss``), so the chunks give exactly the Hessian of the mean over the whole batch.
 With one chunk the gradient's graph is kept between products (one backward per product); with several it is
 rebuilt per chunk and product, so memory stays that of one chunk's double backward. Attention runs through
-``scaled_dot_product_attention``'s math kernel inside the products (the fused kernels have no double backward). Vectors are float64 (the
+``scaled_dot_product_attention``'s math kernel inside the products (the fused kernels have no double backward).
+Vectors are float64 (the
 Lanczos basis); the products run in the parameters' dtype.
 
 Across ranks (DDP): each rank takes its share of the probe batch (``share``), and the summed products and weights
