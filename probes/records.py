@@ -425,11 +425,19 @@ class Image:
         return self._picture.result()
 
     def draw(self, renderer: Renderer | None) -> np.ndarray:
-        """The pixels, drawn by ``renderer`` (None: the default one) when they are not drawn yet."""
+        """The pixels, drawn by ``renderer`` (None: the default one) when they are not drawn yet.
+
+        Args:
+            renderer: what draws the picture data (None: the default renderer).
+        """
         return self._picture.result(renderer)
 
     def resolve(self, pixels: np.ndarray) -> None:
-        """Take pixels drawn elsewhere (a sink's drawing process) as this image's, unless they were drawn."""
+        """Take pixels drawn elsewhere (a sink's drawing process) as this image's, unless they were drawn.
+
+        Args:
+            pixels: ``(H, W, 3)`` or ``(H, W)`` pixels.
+        """
         self._picture.resolve(pixels)
 
     def at(self, step: int | None) -> Image:
@@ -441,7 +449,11 @@ class Image:
         return Image(self.tag, self._picture, step)
 
     def as_uint8(self, renderer: Renderer | None = None) -> np.ndarray:
-        """The pixels as uint8 ``(H, W, 3)`` (drawn by ``renderer``, None: the default one, when not drawn yet)."""
+        """The pixels as uint8 ``(H, W, 3)`` (drawn by ``renderer``, None: the default one, when not drawn yet).
+
+        Args:
+            renderer: what draws the picture data (None: the default renderer).
+        """
         p = np.asarray(self.draw(renderer))
         if p.dtype != np.uint8:
             p = (np.clip(p, 0.0, 1.0) * 255).round().astype(np.uint8)

@@ -146,7 +146,14 @@ def is_due(schedule: Schedule, step: int, who: str = "probe") -> bool:
 
 
 def check_answer(answer: object, schedule: Schedule, step: int, who: str = "probe") -> bool:
-    """A schedule's ``answer`` at ``step`` as a bool (see ``is_due``); raises ``TypeError`` for anything else."""
+    """A schedule's ``answer`` at ``step`` as a bool (see ``is_due``); raises ``TypeError`` for anything else.
+
+    Args:
+        answer: what the schedule returned.
+        schedule: the schedule (named in the error).
+        step: the step it was asked about.
+        who: the probe named in the error.
+    """
     if answer is True or answer is False:
         return answer
     if isinstance(answer, (bool, np.bool_)):

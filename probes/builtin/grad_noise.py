@@ -26,7 +26,7 @@ from torch import nn
 
 from probes import options
 from probes.autodiff.grad_noise import ROUTES, all_reduce_sums, sample_gradient_sums, share, trainable
-from probes.builtin.alignment import is_token_labels, token_pairs
+from probes.builtin._tokens import token_pairs
 from probes.engine.failures import ProbesNoticeWarning, say
 from probes.functional.grad_noise import (
     GradientSums,
@@ -37,6 +37,7 @@ from probes.functional.grad_noise import (
     token_targets,
     variance_floor,
 )
+from probes.functional.labels import is_token_labels
 from probes.probe import Context, Probe, ProbeBatch
 from probes.records import Histogram, Record, Scalar
 

@@ -402,7 +402,8 @@ class Session:
     def _context(self) -> Context:
         """What a probe's ``setup`` learns: the model, the probe batch as it is now, the session's settings."""
         x, y = self.data.current()
-        return Context(self.module, x, y, self.logdir, self.device, self._active.probe_pass.output_spec)
+        spec = self._active.probe_pass.output_spec
+        return Context(self.module, x, y, self.logdir, self.device, spec, optimizer=self.options.optimizer)
 
     def _write(self, name: str, records: Any, hold: bool = False) -> None:
         records = check_records(name, records)

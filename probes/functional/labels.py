@@ -159,6 +159,11 @@ def is_token_labels(y: torch.Tensor | None) -> bool:
 
 
 def token_rows(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """The rows of ``t`` ``(P, T, ...)`` at the ``(sample, position)`` pairs ``index``, flattened: ``(N, -1)``."""
+    """The rows of ``t`` ``(P, T, ...)`` at the ``(sample, position)`` pairs ``index``, flattened: ``(N, -1)``.
+
+    Args:
+        t: a ``(P, T, ...)`` tensor.
+        index: ``(N, 2)`` integer ``(sample, position)`` pairs.
+    """
     index = index.to(t.device)
     return t[index[:, 0], index[:, 1]].reshape(index.shape[0], -1)

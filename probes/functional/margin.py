@@ -10,7 +10,14 @@ from probes.functional.labels import label_matrix
 
 
 def forces(output: torch.Tensor, y: torch.Tensor, margin: float, who: str = "margin") -> torch.Tensor:
-    """``Delta = m - y f(x)`` (binary, one output) or ``m - (f_y - max_{c != y} f_c)`` (classes), float64 (P,)."""
+    """``Delta = m - y f(x)`` (binary, one output) or ``m - (f_y - max_{c != y} f_c)`` (classes), float64 (P,).
+
+    Args:
+        output: the model output, samples first.
+        y: labels in ``{-1, +1}`` (one output) or class indices.
+        margin: the margin ``m``.
+        who: the probe named in errors.
+    """
     if not isinstance(output, torch.Tensor):
         raise TypeError(f"{who}: the model output is a {type(output).__name__}, not a tensor")
     P = int(output.shape[0]) if output.ndim else 0
