@@ -97,6 +97,11 @@ def _split(seed: int = 0) -> tuple[torch.Tensor, ...]:
     return xtr, ytr, xte, yte, xtr[idx], ytr[idx]
 
 
+#: built-ins the demo leaves out: the curvature probes have their own example (examples/edge_of_stability.py), and the
+#: demo keeps to the seeds' probes and its time
+NOT_IN_DEMO = frozenset({"hessian", "grad_noise"})
+
+
 def choose_probes(
     model: nn.Module,
     probe_data: tuple[torch.Tensor, torch.Tensor],
@@ -111,7 +116,7 @@ def choose_probes(
 
     chosen: dict[str, dict[str, Any]] = {}
     for info in probes.available():
-        if info.source != "builtin":
+        if info.source != "builtin" or info.name in NOT_IN_DEMO:
             continue
         opts = dict(OPTIONS.get(info.name, {}))
         if not images:

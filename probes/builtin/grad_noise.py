@@ -27,7 +27,7 @@ from torch import nn
 from probes import options
 from probes.autodiff.grad_noise import ROUTES, all_reduce_sums, sample_gradient_sums, share, trainable
 from probes.builtin._tokens import token_pairs
-from probes.engine.failures import ProbesNoticeWarning, say
+from probes.engine.failures import ProbesNoticeWarning, framework_default, say
 from probes.functional.grad_noise import (
     GradientSums,
     grad_norm,
@@ -87,6 +87,7 @@ class GradNoise(Probe):
             MAX_COST if auto else options.number("grad_noise", "max_cost", max_cost, positive=True, optional=True)
         )
         self._said: set[str] = set()
+        self._framework = framework_default()  # made at attach: say notices as the session does
         self._route: str | None = None if self.route == "auto" else self.route
         self._eps = torch.finfo(torch.float32).eps  # of the gradients' dtype, set at each measurement
 
@@ -100,7 +101,7 @@ class GradNoise(Probe):
         if key not in self._said:
             self._said.add(key)
             if batch.rank == 0:
-                say(message, ProbesNoticeWarning)
+                say(message, ProbesNoticeWarning, framework=self._framework)
 
     def validate(self, batch: ProbeBatch) -> None:
         """Labels that fit a loss, no batch statistics, a cost under ``max_cost``; picks the route (``vmap`` unless it

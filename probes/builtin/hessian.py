@@ -17,7 +17,8 @@ from probes import options
 from probes.autodiff.hessian import Chunk, HessianProducts, adam_diagonal, preconditioned, share, trainable
 from probes.autodiff.ntk.cost import available_memory
 from probes.builtin._images import ImageCadence, declare_image_state, image_due
-from probes.engine.failures import ProbesNoticeWarning, say
+from probes.engine.distributed import rank_and_world
+from probes.engine.failures import ProbesNoticeWarning, framework_default, say
 from probes.engine.inputs import take
 from probes.functional.hessian import EdgeSetting, edge_setting, hutchinson
 from probes.functional.spectra import Quadrature, density_grid, extreme_eigenvalues, slq_runs
@@ -77,6 +78,7 @@ class Hessian(Probe):
         )
         self.optimizer: Any = None
         self._said: set[str] = set()
+        self._framework = framework_default()  # made at attach: say notices as the session does
         declare_image_state(self)
 
     # -- attach ---------------------------------------------------------------------------------
@@ -120,7 +122,8 @@ class Hessian(Probe):
     def _notice(self, key: str, message: str) -> None:
         if key not in self._said:
             self._said.add(key)
-            say(message + " (said once)", ProbesNoticeWarning)
+            if rank_and_world()[0] == 0:
+                say(message + " (said once)", ProbesNoticeWarning, framework=self._framework)
 
     # -- measure --------------------------------------------------------------------------------
     def products(self, batch: ProbeBatch) -> HessianProducts:
