@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from probes.autodiff.fsdp import gathered
 from probes.engine.inputs import Positional, call_model, sample_count, select_output
-from probes.functional.fsdp import gathered
 from probes.functional.labels import label_matrix
 from probes.records import Chart, Record
 
@@ -273,6 +273,8 @@ class Context:
         logdir: the session's log directory (or None).
         device: the model's device.
         output_spec: ``attach(output=...)``.
+        optimizer: ``attach(optimizer=...)`` (or None): a probe that reads its hyper-parameters or state at
+            measurement time (``hessian``'s edge of stability) keeps the reference.
     """
 
     model: nn.Module
@@ -281,6 +283,7 @@ class Context:
     logdir: str | None = None
     device: torch.device = torch.device("cpu")
     output_spec: Any = None
+    optimizer: Any = None
 
 
 REDUCTIONS = ("sum", "max", "min", "cat", None)

@@ -78,6 +78,12 @@ def framework_driven() -> Iterator[None]:
         _FRAMEWORK.reset(token)
 
 
+def framework_default() -> bool:
+    """Whether sessions made now are driven by a framework (inside ``framework_driven()``): a probe reads it when it
+    is made, at attach, to say its notices later as the session does (``say(..., framework=...)``)."""
+    return _FRAMEWORK.get()
+
+
 def say(
     message: str, category: type[Warning] = UserWarning, framework: bool = False, level: int = logging.WARNING
 ) -> None:

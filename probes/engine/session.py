@@ -460,7 +460,8 @@ class Session:
     def _context(self) -> Context:
         """What a probe's ``setup`` learns: the model, the probe batch as it is now, the session's settings."""
         x, y = self.data.current()
-        return Context(self.module, x, y, self.run.logdir, self.run.device, self._active.probe_pass.output_spec)
+        spec = self._active.probe_pass.output_spec
+        return Context(self.module, x, y, self.run.logdir, self.run.device, spec, optimizer=self.options.optimizer)
 
     def _write_skipped(self, count: int) -> None:
         self._output.write([Scalar("train/skipped_steps", count)], self.step_now)

@@ -50,7 +50,11 @@ POINTS_PER_RUN = 10
 
 def notice(message: str) -> None:
     """Say ``message`` (one line) on rank 0 only, as the sessions a framework drives say things: a line on
-    ``logging.getLogger("probes")`` (``probes.engine.failures.say``; a warning would point at the framework's code)."""
+    ``logging.getLogger("probes")`` (``probes.engine.failures.say``; a warning would point at the framework's code).
+
+    Args:
+        message: the line to say.
+    """
     if distributed.rank_and_world()[0] == 0:
         say(message, ProbesNoticeWarning, framework=True)
 
