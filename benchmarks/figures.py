@@ -2,7 +2,7 @@
 
 1. Per figure kind: the median time to draw one image and encode it as the PNG the TensorBoard sink writes
    (what the sink's drawing thread spends per image), and what the measurement itself spends to hand the
-   image over (a ``Drawing`` with host copies of the arrays). Target: <= 50 ms per image.
+   image over (a data record with host copies of the arrays). Target: <= 50 ms per image.
 2. ``probes demo`` training time (attach to the end of ``close``, which waits for every image) with images
    against the same demo with images off, interleaved rounds. Target: within 1.3x.
 3. A ResNet-18 (CIFAR, plain torch) ``patterns`` measurement at P = 64 (17 sites) with images against one
@@ -34,8 +34,11 @@ from _resnet import ResNet18  # noqa: E402
 from _timing import paired_ratios, samples, table  # noqa: E402
 
 import probes  # noqa: E402
-from probes import figures  # noqa: E402
-from probes.app import demo  # noqa: E402
+from probes.app import (
+    demo,  # noqa: E402
+    render,  # noqa: E402
+)
+from probes.app.render import canvas  # noqa: E402
 
 #: the issue's budgets
 PER_IMAGE_MS = 50.0
@@ -73,11 +76,10 @@ def figure_kinds(P: int = 300) -> dict[str, callable]:
 
     return {
         "ntk/spectrum": lambda: spectrum_drawing(drift(lam, 0.01), lam / 3, step=200, reference_step=0),
-        "pathgram/gram": lambda: probes.records.Drawing(
-            figures.matrix_figure,
+        "pathgram/gram": lambda: probes.records.Matrix(
             np.clip(drift(gram, 0.01), -1, 1),
-            starts[:9],
-            names,
+            tuple(starts[:9]),
+            tuple(names),
             title="pathgram/gram: cosine of path kernel H, step 200",
             colorbar_label="cosine H_ij / sqrt(H_ii H_jj)",
             vmax=1.0,
@@ -88,8 +90,7 @@ def figure_kinds(P: int = 300) -> dict[str, callable]:
         f"patterns (conv site, {MAX_IMAGE_ROWS} rows)": lambda: gate_drawing(
             conv, torch.arange(64), [32], ["0", "1"], "patterns/layers.0.relu#1: gates, step 200", 4
         ),
-        "particles/positions": lambda: probes.records.Drawing(
-            figures.particles_figure,
+        "particles/positions": lambda: probes.records.Trails(
             drift(cur, 0.02),
             trails,
             cur[:, 0] > 0,
@@ -112,12 +113,12 @@ def per_kind(rounds: int) -> dict[str, float]:
     def drawn(name: str, case: str) -> callable:
         def fn() -> None:
             if case == "new figure":
-                figures._KEPT.clear()
+                canvas._KEPT.clear()
             elif case == "layout changed":
-                for entry in figures._KEPT.values():
+                for entry in canvas._KEPT.values():
                     entry.pop("signature", None)
             t0 = time.thread_time()
-            figures.encode_png(kinds[name]().result())
+            render.encode_png(render.draw(kinds[name]()))
             if case == "layout kept":
                 cpu[name].append(time.thread_time() - t0)
 

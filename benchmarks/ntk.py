@@ -27,7 +27,7 @@ Cases, each measured in one process, the ratios as medians over interleaved roun
   (``top_eigenvalues``) against ``eigvalsh`` of the dense kernel (time of each, largest relative error);
 - ``large``: the same MLP at P = 50,000 in a fresh process: top-10 eigenvalues and the exact trace, wall time
   and peak resident memory (``ru_maxrss``, torch included);
-- ``budget``: the ``ntk`` probe's estimate at attach (``probes.functional.ntk.ntk_cost``: peak memory and time)
+- ``budget``: the ``ntk`` probe's estimate at attach (``probes.autodiff.ntk.ntk_cost``: peak memory and time)
   beside what its measurements take, each case in a fresh process: the peak is ``ru_maxrss`` after two
   measurements less the resident memory before them (torch, model and probe batch already there), the time that of
   the second measurement. Cases: an MLP 64-256-256-10 (tanh, float32, 85,002 parameters, top-10 spectrum with the
@@ -88,7 +88,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _timing import interleaved, samples  # noqa: E402
 
-import probes.functional.ntk as tangent  # noqa: E402
+import probes.autodiff.ntk as tangent  # noqa: E402
 from probes.functional.spectra import top_eigenvalues  # noqa: E402
 
 ANCHOR = "torch.func"
@@ -226,12 +226,8 @@ def ntk_loop(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def product_factors(model: nn.Module, x: torch.Tensor, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """``(G, [Z 1])`` of every Linear of an MLP with one output (the factors the products need)."""
     plan = tangent.ntk_plan(model, x)
-    saved = tangent.PAIRS_METHOD
-    tangent.PAIRS_METHOD = "pairs"
-    try:
-        terms = tangent._layer_terms(model, (x,), x.shape[0], plan, "trace", None, dtype, "bench")
-    finally:
-        tangent.PAIRS_METHOD = saved
+    pairs = tangent.NTKSettings(pairs_method="pairs")
+    terms = tangent._layer_terms(model, (x,), x.shape[0], plan, "trace", None, dtype, "bench", settings=pairs)
     return [(t.G[:, 0, 0, 0], t.Z[:, 0, 0]) for t in terms.values()]
 
 
@@ -833,7 +829,7 @@ def budget_case(name: str, P: int, smoke: bool) -> dict:
 
 
 def budget_section(sizes: dict[str, int], smoke: bool, threads: int | None = None) -> list[dict]:
-    """The ntk probe's attach-time estimate (``probes.functional.ntk.ntk_cost``) against the measured peak and time,
+    """The ntk probe's attach-time estimate (``probes.autodiff.ntk.ntk_cost``) against the measured peak and time,
     one fresh process per case."""
     print(
         "\n== budget: the ntk probe's estimate at attach against what its measurement takes; peak = ru_maxrss "

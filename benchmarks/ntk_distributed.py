@@ -41,9 +41,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import probes.functional.ntk as tangent  # noqa: E402
-import probes.functional.ntk.dense as dense  # noqa: E402
-from probes.functional.ntk.ranks import Share  # noqa: E402
+import probes.autodiff.ntk as tangent  # noqa: E402
+import probes.autodiff.ntk.dense as dense  # noqa: E402
+from probes.autodiff.ntk.ranks import Share  # noqa: E402
 from probes.functional.spectra import top_eigenvalues  # noqa: E402
 from probes.testing import join_group, leave_group, run_ranks  # noqa: E402
 

@@ -18,7 +18,7 @@ One NTK measurement (``empirical_ntk``, trace over outputs) at P samples: wall t
 against ``torch.func`` (``vmap(jacrev)`` per-sample Jacobians of every parameter, then ``J J^T``: the anchor,
 measured in the same run), printed as ratios ``torch.func / probes``, and how many parameters the plan leaves
 to the fallback. With the ``gpt2`` case, one more row: the ``ntk`` probe's ``outputs=k`` sketch (k = 8 Gaussian
-projections of the 100 logits, ``probes.functional.ntk.outputs``) against the exact kernel and ``torch.func``,
+projections of the 100 logits, ``probes.autodiff.ntk.outputs``) against the exact kernel and ``torch.func``,
 with the relative error of its trace and of the kernel (Frobenius) for one seed, and the mean over 8 seeds of
 the traces' relative error (the sketch is unbiased: the mean converges to the exact trace), and the exact kernel
 of every position's logits (``positions="all"``, the probe's former default on a ``(P, T, C)`` output). Peak memory: the
@@ -203,7 +203,7 @@ def func_ntk(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def measure(name: str, P: int, rounds: int) -> dict[str, float]:
     from _timing import paired_ratios, samples
 
-    from probes.functional.ntk import empirical_ntk, ntk_plan
+    from probes.autodiff.ntk import empirical_ntk, ntk_plan
 
     # after probes: benchmarks/ntk.py puts this checkout first on the path (PYTHONPATH may name another)
     peak_memory = importlib.import_module("ntk").peak_memory
@@ -246,8 +246,8 @@ def measure_sketch(P: int, rounds: int, k: int = 8) -> dict[str, float]:
     """``outputs=k`` on the gpt2 case: the kernel of ``k`` fixed Gaussian projections of the logits."""
     from _timing import paired_ratios, samples
 
-    from probes.functional.ntk import empirical_ntk, ntk_plan
-    from probes.functional.ntk.outputs import SelectedOutput, gaussian_sketch
+    from probes.autodiff.ntk import empirical_ntk, ntk_plan
+    from probes.autodiff.ntk.outputs import SelectedOutput, gaussian_sketch
 
     model, x = gpt2(), inputs("gpt2", P)
     C = int(model(x[:1]).shape[1])
@@ -308,7 +308,7 @@ def main() -> None:
     cases = a.cases.split(",") if a.cases else (list(SMALL) if a.smoke else ["gpt2", "vit"])
     P = a.P or (4 if a.smoke else 16)
     rounds = a.rounds or (1 if (a.smoke or a.quick) else 3)
-    import probes.functional.ntk as tangent
+    import probes.autodiff.ntk as tangent
 
     print(
         f"NTK of real architectures, one measurement (trace over outputs), torch {torch.__version__}, "

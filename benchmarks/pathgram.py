@@ -6,7 +6,7 @@ Ours: ``PathGramProbe.measure`` on the captured probe batch, everything included
 gate grams, float64 Hadamard products, Cholesky, both norms, the condition estimate, the image): "cold"
 is the first measurement of a probe, which computes ``X X^T``; "warm" any later one, which reuses it
 (the probe batch is fixed during training, so every measurement but the first is warm).
-Floor: the products we cannot avoid, computed as the probe computes them (``probes.functional.path_gram.path_gram``:
+Floor: the products we cannot avoid, computed as the probe computes them (``probes.functional.pathgram.path_gram``:
 ``X X^T`` in float64 for the cold floor only, one float32 ``A_l A_l^T`` per layer, both only on and below
 the diagonal on the CPU, their Hadamard product) plus one float64 Cholesky factorization of ``H``.
 
@@ -44,7 +44,7 @@ from torch import nn
 import probes
 from probes.builtin.pathgram import PathGramProbe
 from probes.data import load_digits
-from probes.functional.path_gram import Workspace, gram, path_gram
+from probes.functional.pathgram import Workspace, gram, path_gram
 from probes.probe import Probe
 
 

@@ -3,7 +3,7 @@
 A teacher ``f*(x) = (1/M) sum_i a*_i relu(w*_i . x)`` with ``M = 4`` random unit directions
 ``w*_i`` in ``d = 2`` (output weights ``a*_i = +1``, or alternating signs with
 ``--teacher-signs mixed``) labels fresh Gaussian inputs ``x ~ N(0, I_d)``. Students
-``f(x) = (1/m) sum_j a_j relu(w_j . x)`` (``probes.functional.meanfield.MeanField``) of width 20 and
+``f(x) = (1/m) sum_j a_j relu(w_j . x)`` (``probes.functional.particles.MeanField``) of width 20 and
 100 start with every particle ``(a_j, w_j)`` on the sphere of radius 0.05 (balanced:
 ``|a_j| = ||w_j|| = 0.05 / sqrt(2)``) and are trained by SGD on the square loss
 ``(f - f*)^2 / 2`` with batches of 20 fresh samples. The step is 0.5 in mean-field time, i.e.
@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 import probes
-from probes.functional.meanfield import MeanField
+from probes.functional.particles import MeanField
 
 
 def make_teacher(

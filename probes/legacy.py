@@ -23,7 +23,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from probes.probe import Needs, Probe
+#: the name of the class attribute that marks the root of the contract (``probes.probe.Probe``); this module never
+#: imports ``probes.probe`` (which calls ``adapt`` for each new subclass), so it finds the root through the marker
+ROOT_MARK = "_contract_root"
 
 #: the old contract's flags, with the defaults the base class gave them
 FLAGS: dict[str, Any] = {
@@ -36,9 +38,19 @@ FLAGS: dict[str, Any] = {
 }
 
 
+def _root(cls: type) -> type:
+    """``Probe``, the base class that carries the contract's defaults."""
+    return next(k for k in cls.__mro__ if ROOT_MARK in k.__dict__)
+
+
+def _below_root(cls: type) -> list[type]:
+    """The classes between ``Probe`` (excluded) and ``cls`` (included)."""
+    return [k for k in cls.__mro__ if ROOT_MARK not in k.__dict__ and hasattr(k, ROOT_MARK)]
+
+
 def _declares(cls: type, name: str) -> bool:
     """Whether a class between ``Probe`` and ``cls`` (included) declares ``name``."""
-    return any(name in k.__dict__ for k in cls.__mro__ if k is not Probe and issubclass(k, Probe))
+    return any(name in k.__dict__ for k in _below_root(cls))
 
 
 def declares_needs(cls: type) -> bool:
@@ -47,11 +59,7 @@ def declares_needs(cls: type) -> bool:
     Args:
         cls: a probe class.
     """
-    return any(
-        "needs" in k.__dict__ and not k.__dict__.get("_needs_from_flags", False)
-        for k in cls.__mro__
-        if k is not Probe and issubclass(k, Probe)
-    )
+    return any("needs" in k.__dict__ and not k.__dict__.get("_needs_from_flags", False) for k in _below_root(cls))
 
 
 def old_flags(cls: type) -> list[str]:
@@ -63,7 +71,7 @@ def old_flags(cls: type) -> list[str]:
     return [f for f in FLAGS if _declares(cls, f)]
 
 
-def adapt(cls: type[Probe]) -> None:
+def adapt(cls: type) -> None:
     """Give a class written against the old flags its ``needs`` (see the module docstring); a new-style class
     keeps its own. Mixing both is recorded for ``contract_error``, not raised here (at import).
 
@@ -77,7 +85,8 @@ def adapt(cls: type[Probe]) -> None:
     sites = frozenset(flag["site_values"]) if passive or flag["needs_sites"] else frozenset()
     sharding = flag["sharding"] if flag["supports_sharding"] else None
     try:
-        cls.needs = Needs(
+        needs_type = type(_root(cls).needs)  # ``probes.probe.Needs``
+        cls.needs = needs_type(
             sites=sites,
             site_types=tuple(flag["site_types"]),
             probe_data=bool(flag["needs_probe_data"]),
@@ -88,7 +97,7 @@ def adapt(cls: type[Probe]) -> None:
         cls._contract_problem = f"its old flags do not make a valid Needs ({exc})"
 
 
-def contract_error(cls: type[Probe], name: str) -> TypeError | None:
+def contract_error(cls: type, name: str) -> TypeError | None:
     """An error saying exactly what to change, for a class that mixes the old and the new contract (else None).
 
     Args:
@@ -111,10 +120,10 @@ def contract_error(cls: type[Probe], name: str) -> TypeError | None:
 
 
 def _overrides(cls: type, method: str) -> bool:
-    return getattr(cls, method) is not getattr(Probe, method)
+    return getattr(cls, method) is not getattr(_root(cls), method)
 
 
-def site_filter(probe: Probe) -> Any:
+def site_filter(probe: Any) -> Any:
     """``site -> bool``: the probe's ``wants``, or the old ``wants_site`` where an active probe defines it.
 
     Args:
@@ -125,7 +134,7 @@ def site_filter(probe: Probe) -> Any:
     return probe.wants
 
 
-def uses_setup(probe: Probe) -> bool:
+def uses_setup(probe: Any) -> bool:
     """Whether the probe defines the old ``setup(context)``.
 
     Args:
@@ -134,7 +143,7 @@ def uses_setup(probe: Probe) -> bool:
     return _overrides(type(probe), "setup")
 
 
-def uses_validate(probe: Probe) -> bool:
+def uses_validate(probe: Any) -> bool:
     """Whether the probe defines the old ``validate(batch)``.
 
     Args:

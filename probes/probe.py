@@ -9,6 +9,7 @@ TensorBoard: the session hands the records to every sink.
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
@@ -18,13 +19,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from probes.engine.inputs import Positional, call_model, sample_count, select_output
-from probes.functional.fsdp import gathered
+from probes.autodiff.fsdp import gathered
 from probes.functional.labels import label_matrix
+from probes.inputs import Positional, call_model, sample_count, select_output
 from probes.records import Chart, Record
 
 #: activation kinds whose zeros mean "gate closed" (module class names, lower case, and functional names)
 RELU_FAMILY = frozenset({"relu", "relu6", "leakyrelu", "leaky_relu", "prelu", "rrelu"})
+
+
+class ProbesNoticeWarning(UserWarning):
+    """Something a user should know once: a probe that sees nothing on this model, a window without training."""
 
 
 @dataclass(frozen=True)
@@ -170,6 +175,8 @@ class ProbeContext:
         optimizer: the optimizer given to ``attach`` (None without one).
         writes: whether this process writes (rank 0): a probe that writes files itself does so only here.
         logdir: the session's log directory, or None.
+        chunk_size: the session's ``probe_batch_size`` (None: one pass): how many samples a probe's own passes
+            with gradients (``forward(x, grad=True)`` per chunk) should take at once.
     """
 
     def __init__(
@@ -184,6 +191,7 @@ class ProbeContext:
         optimizer: Any = None,
         writes: bool = True,
         logdir: str | None = None,
+        chunk_size: int | None = None,
         runner: Callable[..., Pass] | None = None,
         output_spec: Any = None,
         tensor_output: bool = True,
@@ -192,6 +200,7 @@ class ProbeContext:
         self.model, self.rank, self.world_size, self.sharded = model, rank, world_size, sharded
         self.label_shift, self.optimizer, self.writes, self.logdir = label_shift, optimizer, writes, logdir
         self.device = device if device is not None else _first_device(model)
+        self.chunk_size = chunk_size
         self._runner, self._output_spec, self._tensor_output, self._notify = runner, output_spec, tensor_output, notify
         self._said: set[tuple[str, str]] = set()
         #: the probe being called (the engine sets it before each call): ``notice`` says under its name
@@ -259,7 +268,7 @@ class ProbeContext:
 
     def positional(self, x: Any, *, force: bool = False) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
         """``(module, args)`` with ``module(*args)`` the probes' output tensor on ``x``: the model itself for
-        ``model(x)`` returning a tensor (unless ``force``), else a wrapper (``probes.engine.inputs.Positional``)
+        ``model(x)`` returning a tensor (unless ``force``), else a wrapper (``probes.inputs.Positional``)
         sharing its parameters.
 
         Args:
@@ -286,9 +295,7 @@ class ProbeContext:
         if self._notify is not None:
             self._notify(self.probe, key, message)
         elif self.rank == 0:
-            from probes.engine.failures import ProbesNoticeWarning, say
-
-            say(message, ProbesNoticeWarning)
+            warnings.warn(message, ProbesNoticeWarning, stacklevel=3)
 
 
 def _first_device(model: nn.Module) -> torch.device:
@@ -298,10 +305,9 @@ def _first_device(model: nn.Module) -> torch.device:
 
 #: what the batch of the old contract had and the new one moved to ``batch.context`` (read through with a warning
 #: nowhere: these keep working), and what it no longer gives (an error saying what to use)
-_MOVED = ("gathered", "rank", "world_size", "sharded", "label_shift", "writes", "logdir")
+_MOVED = ("gathered", "rank", "world_size", "sharded", "label_shift", "writes", "logdir", "chunk_size")
 _REMOVED = {
     "runner": "batch.context.run(x, keep=..., params=...)",
-    "chunk_size": "batch.context.run(x) (it runs in the session's probe_batch_size chunks)",
     "output_spec": "batch.context.forward(x) or batch.context.positional(batch.x)",
 }
 
@@ -312,7 +318,7 @@ class ProbeBatch:
 
     The data: ``x`` the probe inputs as given (a tensor, a tuple for ``model(*x)``, a dict for ``model(**x)``);
     ``y`` the labels; ``output`` the tensor picked from ``model(x)`` (computed without gradients; see
-    ``probes.engine.inputs``); ``activations`` site name -> what the shared pass kept (only the sites that the due
+    ``probes.inputs``); ``activations`` site name -> what the shared pass kept (only the sites that the due
     probes need); ``mask`` the attention mask; ``step``. ``context`` (a ``ProbeContext``) runs the model (with or
     without gradients, more probe passes), gathers sharded parameters, says notices once, and knows the ranks.
 
@@ -436,6 +442,8 @@ class Context:
         logdir: the session's log directory (or None).
         device: the model's device.
         output_spec: ``attach(output=...)``.
+        optimizer: ``attach(optimizer=...)`` (or None): a probe that reads its hyper-parameters or state at
+            measurement time (``hessian``'s edge of stability) keeps the reference.
     """
 
     model: nn.Module
@@ -444,6 +452,7 @@ class Context:
     logdir: str | None = None
     device: torch.device = torch.device("cpu")
     output_spec: Any = None
+    optimizer: Any = None
 
 
 REDUCTIONS = ("sum", "max", "min", "cat", None)
@@ -497,6 +506,8 @@ class Probe:
     description: ClassVar[str] = ""
     every: Any = 100
     passive: ClassVar[bool] = False
+    #: marks the root of the contract for ``probes.legacy`` (which does not import this module)
+    _contract_root: ClassVar[bool] = True
     #: what the probe needs (``Needs``); a class declaring the old flags instead gets one built from them
     needs: ClassVar[Needs] = Needs()
     #: the probe's options as a dataclass (fields with defaults, checks in ``probes.options.option``), or None:

@@ -7,10 +7,12 @@ them to the host once, when it writes, so a probe never forces a host sync.
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
+import importlib.util
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any, Protocol, Union, runtime_checkable
 
 import numpy as np
 import torch
@@ -174,119 +176,285 @@ class Histogram:
         )
 
 
-def _host_copy(value: Any) -> Any:
+def _host(value: Any) -> Any:
     """A host copy of an array argument (a tensor becomes a numpy array), so that later in-place changes by the
-    probe cannot reach a figure that is drawn later; other values as they are."""
+    probe cannot reach a figure that is drawn later; tuples and lists element by element; other values as they
+    are."""
     if isinstance(value, torch.Tensor):
         return value.detach().cpu().numpy().copy()
     if isinstance(value, np.ndarray):
         return value.copy()
+    if isinstance(value, (tuple, list)):
+        return tuple(_host(v) for v in value)
     return value
 
 
-class Drawing:
-    """A figure to draw later: ``draw(*args, **kwargs)`` returns its pixels, uint8 ``(H, W, 3)``.
+class _HostData:
+    """Data of a picture: every field a host value (numpy arrays, numbers, strings, tuples of them), copied when
+    the probe measures, so that a sink can draw it on another thread (or process) while training goes on."""
 
-    The arguments are host values (numpy arrays, numbers, strings) copied when the probe measures, so a
-    sink can draw on another thread while training goes on. The pixels are drawn once, on the first
-    ``result()``, and kept (the arguments are then dropped); every copy of an ``Image`` shares them.
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            object.__setattr__(self, f.name, _host(getattr(self, f.name)))
+
+
+@dataclass(frozen=True)
+class Matrix(_HostData):
+    """A matrix shown as a heat map with a labelled colour scale (e.g. the path gram ``H``).
+
+    Attributes:
+        values: ``n x m`` entries.
+        starts: positions (rows and columns) where a label group begins; ``names`` the groups' labels.
+        title: the figure's title.
+        colorbar_label: what the colours mean (the quantity and its unit).
+        xlabel, ylabel: what the columns and the rows are.
+        vmin, vmax: the colour scale's ends (None: the smallest / largest finite entry, rounded out).
     """
 
-    __slots__ = ("draw", "args", "kwargs", "_pixels", "_error", "_lock")
+    values: np.ndarray
+    starts: tuple[int, ...] = ()
+    names: tuple[str, ...] = ()
+    title: str = ""
+    colorbar_label: str = ""
+    xlabel: str = "probe sample j"
+    ylabel: str = "probe sample i"
+    vmin: float | None = None
+    vmax: float | None = None
 
-    def __init__(self, draw: Callable[..., np.ndarray], *args: Any, **kwargs: Any) -> None:
-        self.draw = draw
-        self.args = tuple(_host_copy(a) for a in args)
-        self.kwargs = {k: _host_copy(v) for k, v in kwargs.items()}
-        self._pixels: np.ndarray | None = None
+
+@dataclass(frozen=True)
+class Gates(_HostData):
+    """A gate pattern: a ``P x units`` matrix of open (1) and closed (0) gates, or open fractions of blocks of
+    gates, samples in the order shown.
+
+    Attributes:
+        values: ``P x units`` in [0, 1].
+        starts: sample positions where a label group begins; ``names`` the groups' labels.
+        title: the figure's title.
+        unit_label: what a row is.
+        total: the number of gates when rows are blocks of gates (None: one gate a row).
+        padding: ``P x units`` booleans, true at gates of padded positions (attention mask 0), or None.
+    """
+
+    values: np.ndarray
+    starts: tuple[int, ...] = ()
+    names: tuple[str, ...] = ()
+    title: str = ""
+    unit_label: str = "unit"
+    total: int | None = None
+    padding: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class Trails(_HostData):
+    """Points in the plane with the trails they left (e.g. the particles of a two-layer net), and teacher
+    directions drawn as lines through the origin.
+
+    Attributes:
+        current: ``m x 2`` positions now.
+        trails: ``k x m x 2`` earlier positions, oldest first.
+        sign: ``m`` booleans that colour the points (None: one colour).
+        teacher: ``M x 2`` teacher rows (``0 x 2``: none).
+        teacher_sign: ``M`` booleans that colour the teacher lines (None: black).
+        limit: half the width of the square shown.
+        title: the figure's title.
+        axis_labels: the x and y labels.
+        size: pixels of the square figure.
+        legend: draw the legend.
+    """
+
+    current: np.ndarray
+    trails: np.ndarray
+    sign: np.ndarray | None = None
+    teacher: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0, 2)))
+    teacher_sign: np.ndarray | None = None
+    limit: float = 1.0
+    title: str = ""
+    axis_labels: tuple[str, str] = ("x", "y")
+    size: int = 480
+    legend: bool = True
+
+
+@dataclass(frozen=True)
+class Spectrum(_HostData):
+    """Eigenvalues against their rank (1 = largest) on a log scale, now and (dashed) at a reference step.
+
+    Attributes:
+        values: the eigenvalues now (only the positive ones can be shown).
+        reference: the eigenvalues at ``reference_step`` (the first measurement), or None.
+        step, reference_step: their steps.
+        title: the figure's title.
+        ylabel: what the eigenvalues are (and their unit).
+    """
+
+    values: np.ndarray
+    reference: np.ndarray | None = None
+    step: int | None = None
+    reference_step: int | None = None
+    title: str = "spectrum"
+    ylabel: str = "eigenvalue"
+
+
+@dataclass(frozen=True)
+class Curves(_HostData):
+    """Curves ``y(x)``, one per ``(label, x, y)`` of ``series``, with a legend when there is more than one.
+
+    Attributes:
+        series: ``((label, x, y), ...)``.
+        title, xlabel, ylabel: the figure's texts (the labels with their units).
+        logx, logy: log scales.
+    """
+
+    series: tuple[tuple[str, np.ndarray, np.ndarray], ...]
+    title: str = ""
+    xlabel: str = "x"
+    ylabel: str = "y"
+    logx: bool = False
+    logy: bool = False
+
+
+#: the data of a picture, which a renderer (``Renderer``) turns into pixels
+Figure = Union[Matrix, Gates, Trails, Spectrum, Curves]
+#: every kind of picture data, by name (the names a renderer and its drawing process agree on)
+FIGURE_KINDS: dict[str, type] = {k.__name__: k for k in (Matrix, Gates, Trails, Spectrum, Curves)}
+
+
+@runtime_checkable
+class Renderer(Protocol):
+    """What turns picture data into pixels (``probes.app.render.Renderer`` with matplotlib). A sink receives
+    one at construction, or loads the default (``default_renderer``) at its first picture."""
+
+    def pixels(self, figure: Figure) -> np.ndarray:
+        """The figure's pixels, uint8 ``(H, W, 3)``, drawn in the calling thread."""
+
+    def png(self, figure: Figure, background: bool = True) -> tuple[np.ndarray, bytes]:
+        """The figure's pixels and their PNG, drawn in the renderer's drawing process with ``background``."""
+
+    def encode(self, pixels: np.ndarray) -> bytes:
+        """PNG bytes of uint8 ``(H, W, 3)`` pixels."""
+
+
+#: what to install for pictures, named in every message about a missing renderer
+PLOTS_EXTRA = "pip install 'torch-probes[plots]' (matplotlib and Pillow)"
+
+
+def default_renderer() -> Renderer | None:
+    """The matplotlib renderer of ``probes.app.render``, loaded by name on the first call, or None where
+    matplotlib is not installed (pictures are then left out; scalars and histograms are written all the same)."""
+    try:
+        if importlib.util.find_spec("matplotlib") is None:
+            return None
+        return importlib.import_module("probes.app.render").renderer()
+    except (ImportError, ValueError):  # ValueError: a module set to None in sys.modules
+        return None
+
+
+class _Picture:
+    """The pixels of one image, given or drawn once from its data and shared by every copy of the ``Image``."""
+
+    __slots__ = ("figure", "_pixels", "_error", "_lock")
+
+    def __init__(self, source: np.ndarray | Figure) -> None:
+        data = isinstance(source, tuple(FIGURE_KINDS.values()))
+        self.figure: Figure | None = source if data else None
+        self._pixels: np.ndarray | None = None if data else source
         self._error: BaseException | None = None
         self._lock = threading.Lock()
 
     @property
     def done(self) -> bool:
-        """Whether the pixels were drawn (or the drawing failed)."""
         return self._pixels is not None or self._error is not None
 
-    def result(self) -> np.ndarray:
-        """The pixels, drawn on the first call (in the calling thread).
-
-        Raises:
-            Exception: what drawing raised (again on every later call).
-        """
+    def result(self, renderer: Renderer | None = None) -> np.ndarray:
         with self._lock:
-            if self._pixels is None and self._error is None:
+            if not self.done:
                 try:
-                    self._pixels = np.asarray(self.draw(*self.args, **self.kwargs))
+                    renderer = renderer if renderer is not None else default_renderer()
+                    if renderer is None:
+                        raise ImportError(f"drawing a picture needs matplotlib: {PLOTS_EXTRA}")
+                    self._pixels = np.asarray(renderer.pixels(self.figure))
                 except Exception as exc:
                     self._error = exc
-                finally:
-                    self.args, self.kwargs = (), {}
             if self._error is not None:
                 raise self._error
             return self._pixels
 
     def resolve(self, pixels: np.ndarray) -> None:
-        """Take pixels drawn elsewhere (a sink's drawing process) as this drawing's result, unless it was drawn.
-
-        Args:
-            pixels: what ``draw(*args, **kwargs)`` returned there.
-        """
         with self._lock:
-            if self._pixels is None and self._error is None:
+            if not self.done:
                 self._pixels = np.asarray(pixels)
-                self.args, self.kwargs = (), {}
-
-    def __repr__(self) -> str:
-        name = getattr(self.draw, "__qualname__", repr(self.draw))
-        return f"Drawing({name}, {'drawn' if self.done else 'pending'})"
 
 
 class Image:
-    """An RGB image, ``pixels`` a uint8 array of shape (H, W, 3) (or a float array in [0, 1]).
+    """A picture: RGB pixels, a uint8 array of shape (H, W, 3) (or a float array in [0, 1]), or the data to draw
+    them from (a ``Figure``: ``Matrix``, ``Gates``, ``Trails``, ``Spectrum``, ``Curves``).
 
-    ``pixels`` may be given as a ``Drawing``: the figure is then drawn when a sink (or a reader) first asks
-    for the pixels, on the sink's drawing thread for the TensorBoard sink, so a measurement does not wait
-    for matplotlib.
+    A probe returns the data; a sink asks its renderer for the pixels (the TensorBoard sink on its drawing
+    thread, in the renderer's drawing process, so a measurement does not wait for matplotlib), or keeps the data
+    (the memory sink). The pixels are drawn once and shared by every copy (``at``) of the image.
 
     Args:
         tag: ``probe/...``.
-        pixels: the pixels, or a ``Drawing`` that returns them.
+        pixels: the pixels, or the data of the figure.
         step: the step (stamped by the session).
     """
 
-    __slots__ = ("tag", "step", "_source")
+    __slots__ = ("tag", "step", "_picture")
 
-    def __init__(self, tag: str, pixels: np.ndarray | Drawing, step: int | None = None) -> None:
+    def __init__(self, tag: str, pixels: np.ndarray | Figure | _Picture, step: int | None = None) -> None:
         self.tag, self.step = tag, step
-        self._source = pixels
+        self._picture = pixels if isinstance(pixels, _Picture) else _Picture(pixels)
 
     @property
-    def drawing(self) -> Drawing | None:
-        """The pending ``Drawing`` (None once the pixels are given or drawn)."""
-        src = self._source
-        return src if isinstance(src, Drawing) and not src.done else None
+    def figure(self) -> Figure | None:
+        """The data the pixels are drawn from (None for an image given as pixels)."""
+        return self._picture.figure
+
+    @property
+    def pending(self) -> bool:
+        """Whether the image is data whose pixels are not drawn yet."""
+        return self._picture.figure is not None and not self._picture.done
 
     @property
     def pixels(self) -> np.ndarray:
-        """The pixels (drawn now, in the calling thread, when they were deferred and not drawn yet)."""
-        src = self._source
-        return src.result() if isinstance(src, Drawing) else src
+        """The pixels (drawn now, in the calling thread, by the default renderer, when they are not drawn yet).
 
-    @pixels.setter
-    def pixels(self, value: np.ndarray | Drawing) -> None:
-        self._source = value
+        Raises:
+            ImportError: they must be drawn and matplotlib is not installed.
+        """
+        return self._picture.result()
+
+    def draw(self, renderer: Renderer | None) -> np.ndarray:
+        """The pixels, drawn by ``renderer`` (None: the default one) when they are not drawn yet.
+
+        Args:
+            renderer: what draws the picture data (None: the default renderer).
+        """
+        return self._picture.result(renderer)
+
+    def resolve(self, pixels: np.ndarray) -> None:
+        """Take pixels drawn elsewhere (a sink's drawing process) as this image's, unless they were drawn.
+
+        Args:
+            pixels: ``(H, W, 3)`` or ``(H, W)`` pixels.
+        """
+        self._picture.resolve(pixels)
 
     def at(self, step: int | None) -> Image:
-        """A copy stamped with ``step`` that shares the pixels (or the pending drawing).
+        """A copy stamped with ``step`` that shares the pixels (or the data still to draw).
 
         Args:
             step: the step to stamp.
         """
-        return Image(self.tag, self._source, step)
+        return Image(self.tag, self._picture, step)
 
-    def as_uint8(self) -> np.ndarray:
-        """The pixels as uint8 ``(H, W, 3)``."""
-        p = np.asarray(self.pixels)
+    def as_uint8(self, renderer: Renderer | None = None) -> np.ndarray:
+        """The pixels as uint8 ``(H, W, 3)`` (drawn by ``renderer``, None: the default one, when not drawn yet).
+
+        Args:
+            renderer: what draws the picture data (None: the default renderer).
+        """
+        p = np.asarray(self.draw(renderer))
         if p.dtype != np.uint8:
             p = (np.clip(p, 0.0, 1.0) * 255).round().astype(np.uint8)
         if p.ndim == 2:
@@ -296,8 +464,11 @@ class Image:
         return p
 
     def __repr__(self) -> str:
-        src = self._source
-        what = repr(src) if isinstance(src, Drawing) else f"pixels {getattr(src, 'shape', '?')}"
+        fig = self.figure
+        if fig is not None:
+            what = f"{type(fig).__name__} {'drawn' if self._picture.done else 'pending'}"
+        else:
+            what = f"pixels {getattr(self._picture._pixels, 'shape', '?')}"
         return f"Image(tag={self.tag!r}, {what}, step={self.step!r})"
 
 

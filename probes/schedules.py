@@ -35,6 +35,13 @@ Schedule = Callable[[int], bool]
 __all__ = ["Schedule", "every", "log", "at", "as_schedule", "is_due", "check_answer"]
 
 
+def _as_int(value: object) -> int | None:
+    """``value`` as a Python int when it is an integer (a numpy integer too, never a bool), else None."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        return None
+    return int(value)
+
+
 @dataclass(frozen=True)
 class every:  # noqa: N801 - reads as a function: every(10)
     """Steps ``k, 2k, 3k, ...`` (step 0, the initialization, is measured at attach anyway).
@@ -49,8 +56,10 @@ class every:  # noqa: N801 - reads as a function: every(10)
     k: int
 
     def __post_init__(self) -> None:
-        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
+        k = _as_int(self.k)
+        if k is None or k < 1:
             raise ValueError(f"every(k): k must be a positive int, got {self.k!r}")
+        object.__setattr__(self, "k", k)
 
     def __call__(self, step: int) -> bool:
         return step > 0 and step % self.k == 0
@@ -70,9 +79,10 @@ class at:  # noqa: N801
     steps: frozenset[int]
 
     def __init__(self, steps: Iterable[int]) -> None:
-        values = list(steps)
-        if any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in values):
-            raise ValueError(f"at(steps): steps must be non-negative ints, got {values!r}")
+        given = list(steps)
+        values = [_as_int(s) for s in given]
+        if any(v is None or v < 0 for v in values):
+            raise ValueError(f"at(steps): steps must be non-negative ints, got {given!r}")
         object.__setattr__(self, "steps", frozenset(values))
 
     def __call__(self, step: int) -> bool:
@@ -136,7 +146,14 @@ def is_due(schedule: Schedule, step: int, who: str = "probe") -> bool:
 
 
 def check_answer(answer: object, schedule: Schedule, step: int, who: str = "probe") -> bool:
-    """A schedule's ``answer`` at ``step`` as a bool (see ``is_due``); raises ``TypeError`` for anything else."""
+    """A schedule's ``answer`` at ``step`` as a bool (see ``is_due``); raises ``TypeError`` for anything else.
+
+    Args:
+        answer: what the schedule returned.
+        schedule: the schedule (named in the error).
+        step: the step it was asked about.
+        who: the probe named in the error.
+    """
     if answer is True or answer is False:
         return answer
     if isinstance(answer, (bool, np.bool_)):

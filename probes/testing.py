@@ -598,6 +598,7 @@ def probe_batch(
     output: Any = None,
     probe_batch_size: int | None = None,
     site_types: tuple[type[nn.Module], ...] = (),
+    optimizer: Any = None,
 ) -> Any:
     """A ``ProbeBatch`` for calling a probe's ``check`` or ``measure`` by hand, as the session would build it: the
     model's output on ``x`` (no gradients, eval mode) and a probe pass for ``batch.context.run`` over a capture of its
@@ -612,6 +613,7 @@ def probe_batch(
         probe_batch_size: samples per chunk of the probe passes (None: one pass).
         site_types: extra module types to treat as sites, as a session takes them from its probes'
             ``needs.site_types`` (e.g. ``LinearRegion.needs.site_types``).
+        optimizer: the optimizer a session would be given (``batch.context.optimizer``).
 
     Returns:
         A ``probes.ProbeBatch`` without site activations (probes with ``Needs(sites=...)`` get them through a
@@ -620,5 +622,12 @@ def probe_batch(
     from probes.engine.probe_pass import standalone_batch
 
     return standalone_batch(
-        model, x, y, step=step, output=output, probe_batch_size=probe_batch_size, site_types=site_types
+        model,
+        x,
+        y,
+        step=step,
+        output=output,
+        probe_batch_size=probe_batch_size,
+        site_types=site_types,
+        optimizer=optimizer,
     )

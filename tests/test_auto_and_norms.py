@@ -103,7 +103,8 @@ def test_eval_mode_far_from_batch_statistics_is_said_once(matched):
 def test_norm_stats_batch_measures_with_batch_statistics_and_leaves_the_running_ones_untouched():
     model, x = bn_model()
     bn = model[1]
-    before = (bn.running_mean.clone(), bn.running_var.clone(), bn.num_batches_tracked.clone())
+    buffers = (bn.running_mean, bn.running_var, bn.num_batches_tracked)
+    before = tuple(t.clone() for t in buffers)
     seen = {}
 
     class Output(probes.Probe):
@@ -118,7 +119,8 @@ def test_norm_stats_batch_measures_with_batch_statistics_and_leaves_the_running_
     s, notices = attach_quietly(model, [Output()], probe_data=x, norm_stats="batch", probe_batch_size=None)
     s.close()
     assert not any("norm_stats" in m for m in notices)
-    assert (bn.running_mean, bn.running_var, bn.num_batches_tracked) is not None
+    now = (bn.running_mean, bn.running_var, bn.num_batches_tracked)
+    assert all(t is b for t, b in zip(now, buffers)), "the module's running buffers were not put back"
     assert torch.equal(bn.running_mean, before[0]) and torch.equal(bn.running_var, before[1])
     assert torch.equal(bn.num_batches_tracked, before[2])
     # the reference: a copy in train mode normalises by the batch (its own running statistics then move)

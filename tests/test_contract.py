@@ -206,9 +206,9 @@ def test_old_batch_handles_say_what_to_use() -> None:
         name, every, needs_probe_data = "handles", 1, True
 
         def measure(self, batch: ProbeBatch) -> list[Scalar]:
-            return [Scalar("handles/chunk", batch.chunk_size or 0)]
+            return [Scalar("handles/runner", 0 if batch.runner is None else 1)]
 
-    with pytest.raises(AttributeError, match=r"ProbeBatch.chunk_size is no longer part of the probe contract; use"):
+    with pytest.raises(AttributeError, match=r"ProbeBatch.runner is no longer part of the probe contract; use"):
         probes.attach(mlp(), [Handles()], probe_data=data(), strict=True)
 
 
@@ -218,6 +218,7 @@ def test_old_batch_reads_keep_working() -> None:
     assert torch.equal(batch.run().output, batch.output)  # the old ``batch.run``: the probe batch by default
     assert torch.allclose(batch.forward(), batch.output)
     assert (batch.rank, batch.world_size, batch.sharded, batch.writes, batch.label_shift) == (0, 1, False, True, 0)
+    assert batch.chunk_size is None and batch.chunk_size == batch.context.chunk_size
     with batch.gathered(model[0]):
         pass
 

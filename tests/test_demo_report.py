@@ -39,9 +39,12 @@ def demo_run(tmp_path_factory):
     return logdir, run, buf.getvalue()
 
 
-def test_demo_attaches_every_builtin_probe_and_prints_the_table(demo_run):
+def test_demo_attaches_every_builtin_probe_but_the_curvature_ones_and_prints_the_table(demo_run):
     logdir, run, text = demo_run
-    builtins = sorted(i.name for i in probes.available() if i.source == "builtin")
+    from probes.app.demo import NOT_IN_DEMO
+
+    assert NOT_IN_DEMO == {"hessian", "grad_noise"}  # the seeds' probes only: the curvature ones have their example
+    builtins = sorted(i.name for i in probes.available() if i.source == "builtin" and i.name not in NOT_IN_DEMO)
     listed = re.search(r"probes: (.*)", text).group(1)
     assert sorted(re.findall(r"(\w+) \(every \d+\)", listed)) == builtins
     assert "left out" not in text and "failed" not in text
@@ -119,7 +122,10 @@ def test_report_is_one_self_contained_page(demo_run, tmp_path):
         )
         assert m, tag
         assert int(m.group(1)) == step
-        assert float(m.group(2)) == pytest.approx(value, rel=1e-5, abs=1e-12) or np.isnan(value)
+        if np.isnan(value):  # the table says so, in the words Python prints it
+            assert m.group(2) == "nan", tag
+        else:
+            assert float(m.group(2)) == pytest.approx(value, rel=1e-5, abs=1e-12), tag
 
 
 def test_report_plots_are_large_and_labelled(demo_run):

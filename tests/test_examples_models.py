@@ -44,7 +44,7 @@ def test_gpt2_trainer_smoke(tmp_path: Path) -> None:
         result = example.main(["--smoke", "--logdir", str(tmp_path)])
     assert result["failures"] == {}
     assert Path(result["png"]).is_file() and Path(result["png"]).stat().st_size > 10_000
-    assert result["probes"] == ["alignment", "margin", "ntk", "patterns", "relu_zeros"]
+    assert result["probes"] == ["alignment", "grad_noise", "hessian", "margin", "ntk", "patterns", "relu_zeros"]
     assert result["callbacks"] == 1  # one ProbesCallback("auto"): no duplicate callback for the Trainer to warn of
     s = result["scalars"]
     # token labels worked: one alignment per block's MLP activation and the logits, and the margin, from step 0

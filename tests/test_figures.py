@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 import torch
 
-from probes import figures
-from probes.app import cli
+from probes.app import cli, render
+from probes.app.render import canvas
+from probes.builtin._images import ImageCadence
 from probes.sinks.tensorboard import TensorBoardSink, layout_for
 
 #: "a few tens of KB" for one image in an event file
@@ -24,7 +25,7 @@ MAX_IMAGE_BYTES = 48 * 1024
 
 
 def _png_size(pixels: np.ndarray) -> int:
-    return len(figures.encode_png(pixels))
+    return len(render.encode_png(pixels))
 
 
 def _check(pixels: np.ndarray, shape: tuple[int, int]) -> None:
@@ -36,22 +37,20 @@ def _check(pixels: np.ndarray, shape: tuple[int, int]) -> None:
 def test_figures_are_small_rgb_arrays():
     rng = np.random.default_rng(0)
     lam = np.sort(rng.exponential(size=300) ** 4)[::-1]
-    _check(figures.spectrum_figure(lam, lam / 10, step=5, init_step=0, title="t"), (400, 560))
-    _check(figures.spectrum_figure(-lam, None, title="no positive eigenvalue"), (400, 560))
+    _check(render.spectrum_figure(lam, lam / 10, step=5, init_step=0, title="t"), (400, 560))
+    _check(render.spectrum_figure(-lam, None, title="no positive eigenvalue"), (400, 560))
     _check(
-        figures.line_plot(
-            [("a", [0, 1, 2], [1, 2, 3]), ("b", [0, 1, 2], [3, 2, 1])], title="t", xlabel="x", ylabel="y"
-        ),
+        render.line_plot([("a", [0, 1, 2], [1, 2, 3]), ("b", [0, 1, 2], [3, 2, 1])], title="t", xlabel="x", ylabel="y"),
         (400, 560),
     )
     gates = rng.random((300, 64)) < 0.5
-    _check(figures.gates_figure(gates, list(range(30, 300, 30)), [str(k) for k in range(10)], title="t"), (360, 640))
+    _check(render.gates_figure(gates, list(range(30, 300, 30)), [str(k) for k in range(10)], title="t"), (360, 640))
     a = rng.normal(size=(128, 5))
-    _check(figures.matrix_figure(a @ a.T, [64], ["-1", "1"], title="t", colorbar_label="c"), (420, 500))
+    _check(render.matrix_figure(a @ a.T, [64], ["-1", "1"], title="t", colorbar_label="c"), (420, 500))
     cur = rng.normal(size=(50, 2))
     trails = np.cumsum(rng.normal(size=(30, 50, 2)) * 0.05, axis=0)
     _check(
-        figures.particles_figure(cur, trails, cur[:, 0] > 0, rng.normal(size=(3, 2)), None, 3.0, title="t"), (480, 480)
+        render.particles_figure(cur, trails, cur[:, 0] > 0, rng.normal(size=(3, 2)), None, 3.0, title="t"), (480, 480)
     )
 
 
@@ -63,12 +62,12 @@ def test_encode_png_is_lossless():
         rng.integers(0, 4, (9, 13, 3), dtype=np.uint8) * 60,  # few colours: palette
         rng.integers(0, 256, (40, 30, 3), dtype=np.uint8),
     ):  # many: RGB
-        back = np.asarray(Image.open(io.BytesIO(figures.encode_png(pixels))).convert("RGB"))
+        back = np.asarray(Image.open(io.BytesIO(render.encode_png(pixels))).convert("RGB"))
         np.testing.assert_array_equal(back, pixels)
 
 
 def test_image_cadence():
-    c = figures.ImageCadence("p", 100)
+    c = ImageCadence("p", 100)
     assert [c.due(s) for s in (0, 20, 80, 100, 120, 180, 210, 300)] == [
         True,
         False,
@@ -79,7 +78,7 @@ def test_image_cadence():
         True,
         True,
     ]
-    assert all(figures.ImageCadence("p", None).due(s) for s in (0, 1, 2))
+    assert all(ImageCadence("p", None).due(s) for s in (0, 1, 2))
 
 
 @pytest.mark.parametrize("name", ["ntk", "pathgram", "patterns", "particles"])
@@ -157,7 +156,7 @@ def test_sink_writes_the_layout_once_per_change_and_images_as_small_pngs(tmp_pat
     sink.write([Scalar("alignment/1/cka", 0.6), Scalar("alignment/3/cka", 0.5)], 2)  # nothing new
     sink.write([Scalar("relu_zeros/1/fraction", 0.5), Scalar("relu_zeros/3/fraction", 0.4)], 3)
     assert [sorted(c) for c in calls] == [["alignment"], ["alignment", "relu_zeros"]]
-    pixels = figures.line_plot([("a", [0, 1], [0, 1])], title="t", xlabel="x", ylabel="y")
+    pixels = render.line_plot([("a", [0, 1], [0, 1])], title="t", xlabel="x", ylabel="y")
     sink.write([Image("probe/picture", pixels)], 3)
     sink.close()
     acc = EventAccumulator(str(tmp_path), size_guidance={"tensors": 0, "images": 0})
@@ -241,7 +240,7 @@ def test_demo_prints_commands_that_work_as_printed(full_demo):
 
 
 def test_spectrum_image_of_the_probe():
-    from probes.builtin.ntk import spectrum_image
+    from helpers.pictures import spectrum_image
 
     lam = torch.tensor([3.0, 2.0, 1.0, 0.0, -1e-9], dtype=torch.float64)
     pixels = spectrum_image(lam, lam * 0.5, step=10, reference_step=0)
@@ -260,11 +259,11 @@ def test_spectrum_image_of_the_probe():
 def test_particles_labels_lie_inside_the_figure(limit, labels):
     """The step-0 particles image had its y label left of the figure's edge (long tick labels of a small first
     limit): every label and tick label lies inside the figure, and the axes stay square."""
-    figures._KEPT.clear()
+    canvas._KEPT.clear()
     rng = np.random.default_rng(0)
     cur = rng.normal(size=(40, 2)) * limit / 3
     for size in (240, 480):
-        pixels = figures.particles_figure(
+        pixels = render.particles_figure(
             cur,
             np.zeros((0, 40, 2)),
             cur[:, 0] > 0,
@@ -276,7 +275,7 @@ def test_particles_labels_lie_inside_the_figure(limit, labels):
             size=size,
         )
         assert pixels.shape == (size, size, 3)
-        entry = next(v for k, v in figures._KEPT.items() if k[0] == "particles" and k[1] == size)
+        entry = next(v for k, v in canvas._KEPT.items() if k[0] == "particles" and k[1] == size)
         fig, ax = entry["fig"], entry["ax"]
         renderer = fig.canvas.get_renderer()
         inside = fig.bbox
@@ -295,4 +294,4 @@ def test_particles_labels_lie_inside_the_figure(limit, labels):
         if "\n" not in ax.yaxis.label.get_text():  # a y label wrapped to more lines takes width from the axes
             axes = ax.get_window_extent(renderer)
             assert abs(axes.width - axes.height) <= 1.0, axes
-    figures._KEPT.clear()
+    canvas._KEPT.clear()

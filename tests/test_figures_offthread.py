@@ -18,8 +18,9 @@ import torch
 from torch import nn
 
 import probes
-from probes import figures
-from probes.records import Chart, Drawing, Image, Scalar
+from probes.app import render
+from probes.app.render import canvas
+from probes.records import Chart, Image, Matrix, Scalar
 from probes.sinks.memory import MemorySink
 from probes.sinks.tensorboard import TensorBoardSink, layout_for
 
@@ -36,20 +37,42 @@ def _events(logdir: Path) -> dict:
     }
 
 
-def _blocking(gate: threading.Event, seen: list[str]):
-    def draw(value: float) -> np.ndarray:
+class _Renderer:
+    """A renderer of test pictures (``probes.records.Renderer``): ``fn(figure)`` draws, in the calling thread."""
+
+    def __init__(self, fn) -> None:
+        self.fn = fn
+
+    def pixels(self, figure) -> np.ndarray:
+        return np.asarray(self.fn(figure))
+
+    def png(self, figure, background: bool = True) -> tuple[np.ndarray, bytes]:
+        pixels = self.pixels(figure)
+        return pixels, render.encode_png(pixels)
+
+    def encode(self, pixels: np.ndarray) -> bytes:
+        return render.encode_png(pixels)
+
+
+def _value(v: float) -> Matrix:
+    """Picture data that stands for the number ``v``."""
+    return Matrix(np.full((1, 1), v))
+
+
+def _blocking(gate: threading.Event, seen: list[str]) -> _Renderer:
+    def draw(figure: Matrix) -> np.ndarray:
         seen.append(threading.current_thread().name)
         assert gate.wait(timeout=60)
-        return np.full((6, 7, 3), int(value), dtype=np.uint8)
+        return np.full((6, 7, 3), int(figure.values[0, 0]), dtype=np.uint8)
 
-    return draw
+    return _Renderer(draw)
 
 
 def test_write_hands_images_to_a_drawing_thread_and_close_writes_them_all(tmp_path):
     gate, seen = threading.Event(), []
-    sink = TensorBoardSink(logdir=str(tmp_path), queue_size=4)
-    sink.write([Scalar("p/s", 1.0), Image("p/img", Drawing(_blocking(gate, seen), 10.0))], step=0)
-    sink.write([Scalar("p/s", 2.0), Image("p/img", Drawing(_blocking(gate, seen), 20.0))], step=1)
+    sink = TensorBoardSink(logdir=str(tmp_path), queue_size=4, renderer=_blocking(gate, seen))
+    sink.write([Scalar("p/s", 1.0), Image("p/img", _value(10.0))], step=0)
+    sink.write([Scalar("p/s", 2.0), Image("p/img", _value(20.0))], step=1)
     # both writes returned although no image could be drawn yet: the training thread did not wait
     assert all(name == "probes-tensorboard-images" for name in seen) and len(seen) <= 1
     closer = threading.Thread(target=sink.close)
@@ -66,12 +89,12 @@ def test_write_hands_images_to_a_drawing_thread_and_close_writes_them_all(tmp_pa
 
 def test_a_full_queue_makes_write_wait(tmp_path):
     gate, seen = threading.Event(), []
-    sink = TensorBoardSink(logdir=str(tmp_path), queue_size=1)
-    sink.write([Image("p/a", Drawing(_blocking(gate, seen), 1.0))], step=0)  # taken by the thread, which blocks
+    sink = TensorBoardSink(logdir=str(tmp_path), queue_size=1, renderer=_blocking(gate, seen))
+    sink.write([Image("p/a", _value(1.0))], step=0)  # taken by the thread, which blocks
     while not seen:
         threading.Event().wait(0.01)
-    sink.write([Image("p/b", Drawing(_blocking(gate, seen), 2.0))], step=0)  # fills the queue
-    writer = threading.Thread(target=sink.write, args=([Image("p/c", Drawing(_blocking(gate, seen), 3.0))], 0))
+    sink.write([Image("p/b", _value(2.0))], step=0)  # fills the queue
+    writer = threading.Thread(target=sink.write, args=([Image("p/c", _value(3.0))], 0))
     writer.start()
     writer.join(timeout=0.2)
     assert writer.is_alive()  # no room: this write waits for the thread
@@ -82,17 +105,17 @@ def test_a_full_queue_makes_write_wait(tmp_path):
 
 
 def test_a_drawing_error_is_one_warning_and_costs_only_that_image(tmp_path):
-    def broken(_: float) -> np.ndarray:
+    def broken(_: Matrix) -> np.ndarray:
         raise ValueError("no such colour")
 
-    sink = TensorBoardSink(logdir=str(tmp_path))
+    sink = TensorBoardSink(logdir=str(tmp_path), renderer=_Renderer(broken))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for step in range(3):
             sink.write(
                 [
                     Scalar("p/s", float(step)),
-                    Image("p/bad", Drawing(broken, 0.0)),
+                    Image("p/bad", _value(0.0)),
                     Image("p/good", np.zeros((4, 5, 3), dtype=np.uint8)),
                 ],
                 step,
@@ -111,60 +134,68 @@ def test_a_drawing_error_is_one_warning_and_costs_only_that_image(tmp_path):
 def test_a_drawing_is_drawn_once_for_every_sink_and_copies_its_arrays(tmp_path):
     calls = []
 
-    def draw(a: np.ndarray) -> np.ndarray:
+    def draw(figure: Matrix) -> np.ndarray:
         calls.append(threading.current_thread().name)
-        return np.repeat(a[:, :, None], 3, axis=2).astype(np.uint8)
+        if figure.title == "sum":
+            return np.zeros((1, 1, 3), np.uint8) + np.uint8(figure.values.sum())
+        return np.repeat(figure.values[:, :, None], 3, axis=2).astype(np.uint8)
 
     source = np.arange(12, dtype=np.float64).reshape(3, 4)
     tensor = torch.ones(2, 2)
-    drawing = Drawing(draw, source)
-    kept = Drawing(lambda t: np.zeros((1, 1, 3), np.uint8) + np.uint8(t.sum()), tensor)
+    drawing = Matrix(source)
+    kept = Matrix(tensor, title="sum")
     source[:] = 0  # the probe changes its arrays after handing the image over
     tensor.add_(1)
-    memory, tb = MemorySink(), TensorBoardSink(logdir=str(tmp_path))
+    memory, tb = MemorySink(), TensorBoardSink(logdir=str(tmp_path), renderer=_Renderer(draw))
+    records = [Image("p/img", drawing), Image("p/t", kept)]  # one list for every sink, as the session hands it
     for sink in (memory, tb):
-        sink.write([Image("p/img", drawing), Image("p/t", kept)], step=4)
+        sink.write(records, step=4)
     tb.close()
     (image,) = memory.images()["p/img"]
     assert image.step == 4
     np.testing.assert_array_equal(image.pixels[:, :, 0], np.arange(12).reshape(3, 4))  # the values handed over
     assert int(memory.images()["p/t"][0].pixels.max()) == 4
-    assert calls == ["probes-tensorboard-images"]  # drawn once, on the sink's thread, shared by the memory sink
+    assert (
+        calls == ["probes-tensorboard-images"] * 2
+    )  # each drawn once, on the sink's thread, shared by the memory sink
 
 
-def _pid_image(folder: str, value: int) -> np.ndarray:
-    """A drawing function another process can name: leaves a file named after the process that drew."""
-    (Path(folder) / f"{os.getpid()}-{value}").touch()
-    return np.full((3, 4, 3), value, dtype=np.uint8)
-
-
-def _failing_image(value: int) -> np.ndarray:
-    raise RuntimeError(f"cannot draw {value}")
+_IN_PROCESS = """
+import os, sys, warnings
+import numpy as np
+from probes.app.render import background
+from probes.records import Image, Matrix, Scalar
+from probes.sinks.memory import MemorySink
+from probes.sinks.tensorboard import TensorBoardSink
+memory, tb = MemorySink(), TensorBoardSink(logdir=sys.argv[1], draw_in="process")
+records = [
+    Scalar("p/s", 1.0),
+    Image("p/img", Matrix(np.eye(4) * 7, title="seven", colorbar_label="c")),
+    Image("p/bad", Matrix(np.arange(3.0), title="a matrix of one axis", colorbar_label="c")),
+]
+for sink in (memory, tb):
+    sink.write(records, step=2)
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    tb.close()
+pixels = memory.images()["p/img"][0].pixels
+print(background.shared().pid != os.getpid(), "matplotlib" in sys.modules, pixels.shape[1],
+      sum("p/bad at step 2" in str(w.message) for w in caught))
+"""
 
 
 @pytest.mark.skipif(os.name != "posix", reason="the drawing process: POSIX")
 def test_draw_in_process_draws_in_another_process_and_shares_the_pixels(tmp_path):
-    marks = tmp_path / "marks"
-    marks.mkdir()
-    memory, tb = MemorySink(), TensorBoardSink(logdir=str(tmp_path / "tb"), draw_in="process")
-    records = [
-        Scalar("p/s", 1.0),
-        Image("p/img", Drawing(_pid_image, str(marks), 7)),
-        Image("p/bad", Drawing(_failing_image, 1)),
-    ]
-    for sink in (memory, tb):
-        sink.write(records, step=2)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        tb.close()
-    assert [p.name for p in marks.iterdir()] != [] and all(
-        int(p.name.split("-")[0]) != os.getpid() for p in marks.iterdir()
+    out = subprocess.run(
+        [sys.executable, "-c", _IN_PROCESS, str(tmp_path / "tb")], capture_output=True, text=True, timeout=300
     )
-    assert int(memory.images()["p/img"][0].pixels.max()) == 7
-    assert len(list(marks.iterdir())) == 1  # the memory sink read the pixels drawn there, not a second drawing
-    assert sum("cannot draw 1" in str(w.message) for w in caught) == 1
+    assert out.returncode == 0, out.stderr
+    other, imported, width, warned = out.stdout.split()
+    # drawn in another process: this one never imported matplotlib, the memory sink read the pixels drawn there
+    assert other == "True" and imported == "False"
+    assert warned == "1"  # the error in the drawing process, reported once
     ev = _events(tmp_path / "tb")
-    assert [(e.step, e.width) for e in ev["images"]["p/img"]] == [(2, 4)] and "p/bad" not in ev["images"]
+    assert [(e.step, e.width) for e in ev["images"]["p/img"]] == [(2, int(width))] and "p/bad" not in ev["images"]
     with pytest.raises(ValueError, match="draw_in"):
         TensorBoardSink(logdir=str(tmp_path / "x"), draw_in="gpu")
 
@@ -177,13 +208,14 @@ def test_the_drawing_process_ends_with_a_training_process_that_ends_with_os_exit
 
     script = f"""
 import os, sys
-from probes import figures
-from probes.records import Drawing, Image
-from probes.sinks.tensorboard import TensorBoardSink, _drawing_process
+import numpy as np
+from probes.app.render import background
+from probes.records import Curves, Image
+from probes.sinks.tensorboard import TensorBoardSink
 sink = TensorBoardSink(logdir={str(tmp_path)!r}, draw_in="process")
-sink.write([Image("p/img", Drawing(figures.line_plot, [("a", [0, 1], [0, 1])], title="t", xlabel="x", ylabel="y"))], 0)
+sink.write([Image("p/img", Curves((("a", np.array([0, 1]), np.array([0, 1])),), title="t"))], 0)
 sink.flush()
-print(_drawing_process()._proc.pid, flush=True)
+print(background.shared().pid, flush=True)
 os._exit(0)
 """
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
@@ -208,11 +240,13 @@ os._exit(0)
 
 def test_memory_sink_draws_a_deferred_image_only_when_read():
     calls = []
+    counting = _Renderer(lambda figure: calls.append(1) or np.zeros((2, 2, 3), np.uint8))
     sink = MemorySink()
-    sink.write([Image("p/img", Drawing(lambda: calls.append(1) or np.zeros((2, 2, 3), np.uint8)))], step=1)
-    assert calls == [] and sink.images()["p/img"][0].drawing is not None
-    assert sink.images()["p/img"][0].as_uint8().shape == (2, 2, 3) and calls == [1]
-    assert sink.images()["p/img"][0].drawing is None
+    sink.write([Image("p/img", _value(1.0))], step=1)
+    assert calls == [] and sink.images()["p/img"][0].pending
+    assert sink.images()["p/img"][0].as_uint8(counting).shape == (2, 2, 3) and calls == [1]
+    assert not sink.images()["p/img"][0].pending
+    assert isinstance(sink.images()["p/img"][0].figure, Matrix)  # the data is kept
 
 
 def test_a_session_writes_every_image_by_close_and_the_same_scalars_without_images(tmp_path):
@@ -287,7 +321,7 @@ def _kinds():
     long_title = "patterns/layers.3.0.conv_block.activation_function: gates on the probe batch, step 120000"
     return {
         "spectrum": [
-            lambda: figures.spectrum_figure(
+            lambda: render.spectrum_figure(
                 lam,
                 lam / 3,
                 step=100,
@@ -295,16 +329,16 @@ def _kinds():
                 title="ntk/spectrum: a\n(b)",
                 ylabel="eigenvalue of the NTK (log scale)",
             ),
-            lambda: figures.spectrum_figure(np.array([2.0, 1.5]), None, step=5, title="other", ylabel="z"),
+            lambda: render.spectrum_figure(np.array([2.0, 1.5]), None, step=5, title="other", ylabel="z"),
         ],
         "gates": [
-            lambda: figures.gates_figure(
+            lambda: render.gates_figure(
                 np.random.default_rng(1).random((300, 64)) > 0.5,
                 list(range(30, 300, 30)),
                 [str(k) for k in range(10)],
                 title="t",
             ),
-            lambda: figures.gates_figure(
+            lambda: render.gates_figure(
                 np.ones((10, 512)) * 0.5,
                 [],
                 [],
@@ -314,13 +348,13 @@ def _kinds():
             ),
         ],
         "matrix": [
-            lambda: figures.matrix_figure(np.eye(40) + 0.1, [20], ["a", "b"], title="t", colorbar_label="c", vmax=1.0),
-            lambda: figures.matrix_figure(
+            lambda: render.matrix_figure(np.eye(40) + 0.1, [20], ["a", "b"], title="t", colorbar_label="c", vmax=1.0),
+            lambda: render.matrix_figure(
                 -np.ones((5, 5)), [], [], title="t2", colorbar_label="a colour bar label long enough to need two lines"
             ),
         ],
         "particles": [
-            lambda: figures.particles_figure(
+            lambda: render.particles_figure(
                 np.ones((4, 2)),
                 np.zeros((3, 4, 2)),
                 np.array([1, 0, 1, 0], bool),
@@ -329,7 +363,7 @@ def _kinds():
                 2.0,
                 title="p",
             ),
-            lambda: figures.particles_figure(
+            lambda: render.particles_figure(
                 np.ones((7, 2)), np.zeros((0,)), None, np.zeros((0, 2)), None, 5.0, title="q", legend=False
             ),
         ],
@@ -345,21 +379,21 @@ def _same_site():
     mats = [np.eye(40) + 0.1, rng.normal(size=(40, 40)) * 7]
     return {
         "spectrum": [
-            lambda: figures.spectrum_figure(
+            lambda: render.spectrum_figure(
                 lam, lam / 3, step=100, init_step=0, title="ntk/spectrum: a\n(b)", ylabel="eigenvalue"
             ),
-            lambda: figures.spectrum_figure(lam[:20] * 1e6, None, step=5, title="ntk/spectrum: c", ylabel="eigenvalue"),
+            lambda: render.spectrum_figure(lam[:20] * 1e6, None, step=5, title="ntk/spectrum: c", ylabel="eigenvalue"),
         ],
         "gates": [
-            lambda: figures.gates_figure(gates[0], *groups, title="patterns/1: step 0"),
-            lambda: figures.gates_figure(gates[1], *groups, title="patterns/1: step 100"),
+            lambda: render.gates_figure(gates[0], *groups, title="patterns/1: step 0"),
+            lambda: render.gates_figure(gates[1], *groups, title="patterns/1: step 100"),
         ],
         "matrix": [
-            lambda: figures.matrix_figure(mats[0], [20], ["a", "b"], title="t", colorbar_label="c"),
-            lambda: figures.matrix_figure(mats[1], [20], ["a", "b"], title="t2", colorbar_label="c"),
+            lambda: render.matrix_figure(mats[0], [20], ["a", "b"], title="t", colorbar_label="c"),
+            lambda: render.matrix_figure(mats[1], [20], ["a", "b"], title="t2", colorbar_label="c"),
         ],
         "particles": [
-            lambda: figures.particles_figure(
+            lambda: render.particles_figure(
                 np.ones((4, 2)),
                 np.zeros((3, 4, 2)),
                 np.array([1, 0, 1, 0], bool),
@@ -368,7 +402,7 @@ def _same_site():
                 2.0,
                 title="p",
             ),
-            lambda: figures.particles_figure(
+            lambda: render.particles_figure(
                 -np.ones((4, 2)) * 3,
                 np.ones((5, 4, 2)),
                 np.array([0, 0, 1, 1], bool),
@@ -385,12 +419,12 @@ def _same_site():
 @pytest.mark.parametrize("cases", [_same_site, lambda: _kinds()], ids=["same layout", "other layouts"])
 def test_a_kept_figure_draws_what_a_fresh_one_draws(kind, cases):
     first, second = cases()[kind]
-    figures._KEPT.clear()
+    canvas._KEPT.clear()
     a_fresh = first()
     b_after_a = second()
     a_after_b = first()
     a_again = first()  # the kept background, unchanged
-    figures._KEPT.clear()
+    canvas._KEPT.clear()
     b_fresh = second()
     assert not np.array_equal(a_fresh, b_fresh)
     np.testing.assert_array_equal(a_after_b, a_fresh)
@@ -401,12 +435,12 @@ def test_a_kept_figure_draws_what_a_fresh_one_draws(kind, cases):
 @pytest.mark.parametrize("kind", ["spectrum", "gates", "matrix", "particles"])
 def test_figures_are_labelled_and_nothing_is_clipped(kind):
     for draw in _kinds()[kind]:
-        figures._KEPT.clear()
+        canvas._KEPT.clear()
         draw()
-        (entry,) = figures._KEPT.values()  # one kept figure
+        (entry,) = canvas._KEPT.values()  # one kept figure
         ax = entry["ax"]
         assert ax.get_title() and ax.get_xlabel() and ax.get_ylabel()
-        with figures.style():
+        with render.style():
             _texts_inside(entry["fig"])
 
 
@@ -414,8 +448,8 @@ def _report_axes(title, members, scalars):
     from probes.app import report
 
     report._scalar_plot(title, members, scalars)
-    entry = figures._KEPT[("axes", "report chart", *report.PLOT_SIZE)]
-    with figures.style():
+    entry = canvas._KEPT[("axes", "report chart", *report.PLOT_SIZE)]
+    with render.style():
         texts = _texts_inside(entry["fig"])
     return entry["ax"], texts
 
@@ -426,7 +460,7 @@ def test_report_chart_of_many_series_shows_the_top_few_and_a_band():
     scalars = {t: (steps, np.full(10, float(i))) for i, t in enumerate(members)}
     ax, texts = _report_axes("churn per site", members, scalars)
     labels = [t.get_text() for t in ax.get_legend().get_texts()]
-    assert len(labels) == figures.MAX_LINES + 1 and labels[-1].startswith("11 others")
+    assert len(labels) == render.MAX_LINES + 1 and labels[-1].startswith("11 others")
     assert labels[0] == "layers.16.relu"  # the largest last value first
     assert (
         len(
@@ -435,7 +469,7 @@ def test_report_chart_of_many_series_shows_the_top_few_and_a_band():
                 for line in ax.lines
             }
         )
-        == figures.MAX_LINES
+        == render.MAX_LINES
     )  # no colour repeated
     band = ax.collections[-1].get_paths()[0].vertices[:, 1]
     assert band.min() == 0.0 and band.max() == 10.0  # min to max of the others
@@ -504,6 +538,6 @@ def test_a_figure_is_written_losslessly_as_its_palette_image(kind):
 
     for draw in _kinds()[kind]:
         pixels = draw()
-        back = PILImage.open(io.BytesIO(figures.encode_png(pixels)))
+        back = PILImage.open(io.BytesIO(render.encode_png(pixels)))
         assert back.mode == "P"  # a palette PNG
         np.testing.assert_array_equal(np.asarray(back.convert("RGB")), pixels)

@@ -14,13 +14,24 @@ from pathlib import Path
 
 import pytest
 
+import probes.autodiff as A
+import probes.autodiff.ntk as ntk_package
 import probes.functional as F
-import probes.functional.ntk as ntk_package
-from probes.functional import alignment, labels, local_affine, meanfield, path_gram, patterns, spectra
-from probes.functional.ntk import settings
+from probes.functional import (
+    alignment,
+    labels,
+    linear_region,
+    margin,
+    particles,
+    pathgram,
+    patterns,
+    relu_zeros,
+    spectra,
+)
+from probes.functional.ntk import kernel, settings
 
 ROOT = Path(__file__).resolve().parent.parent
-SUBMODULES = (alignment, labels, local_affine, meanfield, path_gram, patterns, spectra, ntk_package)
+SUBMODULES = (alignment, labels, linear_region, margin, particles, pathgram, patterns, relu_zeros, spectra, kernel)
 
 
 @pytest.mark.parametrize("name", F.__all__)
@@ -51,9 +62,9 @@ def test_every_callable_of_the_submodules_all_is_exported_except_module_names():
 
 
 def test_submodules_stay_reachable_as_modules():
-    for name in ("alignment", "path_gram", "spectra", "ntk", "local_affine", "patterns", "labels", "meanfield"):
+    for name in ("alignment", "pathgram", "spectra", "ntk", "linear_region", "patterns", "labels", "particles"):
         assert isinstance(getattr(F, name), types.ModuleType), name
-    import probes.functional.path_gram as fpg
+    import probes.functional.pathgram as fpg
 
     assert isinstance(fpg, types.ModuleType) and callable(fpg.path_gram)
 
@@ -70,54 +81,52 @@ pkg.__path__ = [{str(ROOT / "probes")!r}]
 sys.modules["probes"] = pkg
 before = set(sys.modules)
 import probes.functional
-import probes.functional.ntk
 new = sorted(set(sys.modules) - before)
 print(json.dumps(new))
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     new = json.loads(out.stdout.strip().splitlines()[-1])
     ours = [m for m in new if m.startswith("probes.")]
-    assert "probes.functional.ntk.plan" in ours and "probes.functional.spectra" in ours  # the check saw them
+    assert "probes.functional.ntk.settings" in ours and "probes.functional.spectra" in ours  # the check saw them
     assert not [m for m in ours if not m.startswith("probes.functional")], ours
     roots = {m.split(".")[0] for m in new} - {"probes", "torch", "numpy"}
     assert not sorted(roots - set(sys.stdlib_module_names)), sorted(roots - set(sys.stdlib_module_names))
 
 
-def test_ntk_tunables_set_on_the_package_reach_the_code(monkeypatch):
-    """``probes.functional.ntk.X = v`` (tests, benchmarks and users did this on the single module) sets
-    ``settings.X``, which the code reads; ``monkeypatch`` restores it."""
-    assert set(settings.TUNABLES) == {n for n in vars(settings) if n.isupper() and n != "TUNABLES"}
-    default = settings.PAIRS_METHOD
-    with monkeypatch.context() as m:
-        m.setattr(ntk_package, "PAIRS_METHOD", "pairs")
-        m.setattr(ntk_package, "FALLBACK_BUDGET", 123)
-        assert settings.PAIRS_METHOD == "pairs" and settings.FALLBACK_BUDGET == 123
-        assert ntk_package.FALLBACK_BUDGET == 123
-        assert "PAIRS_METHOD" not in vars(ntk_package)  # no stale copy in the package namespace
-    assert settings.PAIRS_METHOD == default and settings.FALLBACK_BUDGET == 1 << 30
-    settings.STRIP_BYTES, saved = 77, settings.STRIP_BYTES
-    try:
-        assert ntk_package.STRIP_BYTES == 77  # and reads follow settings
-    finally:
-        settings.STRIP_BYTES = saved
+def test_ntk_settings_are_a_frozen_object_with_the_documented_defaults():
+    """The NTK tunables are one frozen ``NTKSettings`` passed as an argument: no module state to set, a typo in a
+    field name fails, a route name is checked, and the package has no tunable of its own any more."""
+    import dataclasses
+
+    s = settings.NTKSettings()
+    assert s == settings.DEFAULT and s.pairs_method == "auto" and s.fallback_budget == 1 << 30
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        s.pairs_method = "outer"  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        settings.NTKSettings(PAIRS_METHOD="outer")  # type: ignore[call-arg]
+    with pytest.raises(ValueError, match="pairs_method"):
+        settings.NTKSettings(pairs_method="fast")
+    assert dataclasses.replace(s, strip_bytes=77).strip_bytes == 77 and s.strip_bytes == 1 << 28
+    assert not [n for n in vars(ntk_package) if n.isupper() and n not in ("MODES", "REDUCTIONS", "DEFAULT")]
+    assert ntk_package.NTKSettings is settings.NTKSettings
 
 
-def test_ntk_tunable_set_on_the_package_changes_the_route(monkeypatch):
+def test_ntk_settings_passed_as_an_argument_change_the_route():
     """A small Linear layer's term (one position per sample, 2 outputs) takes the pairwise route by default
     (``K^2 (C n + d) = 8`` against ``C n (d + 1) = 16`` operations per pair of samples), the outer-product one
-    once ``PAIRS_METHOD`` is set to "outer" on the package."""
+    when the settings passed say ``pairs_method="outer"``."""
     import torch
     from torch import nn
 
-    from probes.functional.ntk.layers import _kind_of
+    from probes.autodiff.ntk.layers import _kind_of
     from probes.functional.ntk.terms import _route
 
     layer = nn.Linear(3, 2).double()
     x, g = torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 2, 2, dtype=torch.float64)  # g: (B, C, out)
     t = _kind_of(layer).term(layer, x, g)
     assert _route(t, 4, 8, "dense", 1) == "pairs"
-    monkeypatch.setattr(ntk_package, "PAIRS_METHOD", "outer")
-    assert _route(t, 4, 8, "dense", 1) == "outer"
+    assert _route(t, 4, 8, "dense", 1, settings.NTKSettings(pairs_method="outer")) == "outer"
+    assert _route(t, 4, 8, "dense", 1, settings.NTKSettings(pairs_method="outer", fallback_budget=1)) == "pairs"
 
 
 def test_names_imported_from_the_ntk_package_elsewhere_are_there():
@@ -145,4 +154,4 @@ def test_the_legacy_kernels_module_re_exports_the_same_objects():
         if name == "alignment":
             assert obj is alignment.alignment
         else:
-            assert obj is getattr(F, name), name
+            assert obj is (getattr(F, name) if name in F.__all__ else getattr(A, name)), name

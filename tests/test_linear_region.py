@@ -1,4 +1,4 @@
-"""Local affine maps (probes.functional.local_affine), the L_gen identity of seed 003, and the ``linear_region`` probe.
+"""Local affine maps (probes.autodiff.linear_region), the L_gen identity of seed 003, and the ``linear_region`` probe.
 
 References: an explicit layer loop for the gates and the product ``W_L D_{L-1} W_{L-1} ... D_1 W_1`` for
 ``A(x)``; ``torch.autograd.functional.jacobian`` per sample for other layers; a naive re-implementation of
@@ -8,6 +8,7 @@ the probe's draws for its flip fractions.
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,13 +21,11 @@ from hypothesis import strategies as st
 from torch import nn
 
 import probes
+from probes.autodiff.linear_region import MAX_POOLS, check_piecewise_linear, local_affine_map
 from probes.builtin.linear_region import region_patterns
-from probes.functional.local_affine import (
-    MAX_POOLS,
+from probes.functional.linear_region import (
     NotPiecewiseLinearError,
-    check_piecewise_linear,
     l_gen,
-    local_affine_map,
     patterns_differ,
     perturb_inputs,
     perturb_params,
@@ -285,6 +284,36 @@ class Square(nn.Module):
 class MyRelu(nn.Module):
     def forward(self, x):
         return x.clamp(min=0)
+
+
+class SinInChild(nn.Module):
+    def forward(self, x):
+        return torch.sin(x)
+
+
+class ExpAfterChild(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.child = nn.Sequential(nn.Linear(3, 3), nn.ReLU())
+
+    def forward(self, x):
+        return torch.exp(self.child(x))  # called by the root after its child returned
+
+
+def test_a_smooth_call_is_named_by_the_module_whose_forward_makes_it_without_reading_frames(monkeypatch) -> None:
+    """The trace names the innermost running module from a stack kept by module hooks: the nested child, then the
+    root once the child has returned; no call frame is read, and no hook is left behind."""
+    real, reads = sys._getframe, []
+    monkeypatch.setattr(sys, "_getframe", lambda depth=0: reads.append(depth) or real(depth + 1))
+    nested = nn.Sequential(nn.Linear(3, 4), nn.Sequential(nn.Identity(), SinInChild()))
+    with pytest.raises(NotPiecewiseLinearError, match=r"sin in the forward of '1\.1'"):
+        check_piecewise_linear(nested, torch.randn(4, 3), allow=(SinInChild,))
+    after = ExpAfterChild()
+    with pytest.raises(NotPiecewiseLinearError, match=r"exp in the forward of '<root>'"):
+        check_piecewise_linear(after, torch.randn(4, 3), allow=(ExpAfterChild,))
+    assert reads == []
+    for m in (*nested.modules(), *after.modules()):
+        assert not m._forward_hooks and not m._forward_pre_hooks
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import probes
-from probes.functional.ntk import ntk_plan
+from probes.autodiff.ntk import ntk_plan
 
 VOCAB, T, P = 20, 7, 24
 

@@ -1,4 +1,4 @@
-"""The empirical NTK (probes.functional.ntk), its eigen statistics (probes.functional.spectra) and the ``ntk`` probe.
+"""The empirical NTK (probes.autodiff.ntk), its eigen statistics (probes.functional.spectra) and the ``ntk`` probe.
 
 References: ``torch.func`` ``vmap(jacrev)`` contraction over every parameter, and a naive per-sample
 autograd loop; numpy for the eigen statistics.
@@ -19,8 +19,8 @@ from torch import nn
 from torch.func import functional_call, jacrev, vmap
 
 import probes
-import probes.functional.ntk as tangent
-from probes.functional.ntk import SampleMixingError, empirical_ntk, ntk_plan
+from probes.autodiff.ntk import SampleMixingError, empirical_ntk, ntk_plan
+from probes.functional.ntk.settings import NTKSettings
 from probes.functional.spectra import condition_number, effective_rank, kernel_distance, label_alignment, spectrum
 from probes.kernels import DegenerateKernelError
 from probes.probe import ProbeBatch
@@ -206,16 +206,16 @@ def test_mlp_equals_torch_func(act, bias, out) -> None:
 
 
 @pytest.mark.parametrize("method", ["auto", "pairs", "outer"])
-def test_linear_called_twice_sums_over_pairs_of_calls(method, monkeypatch) -> None:
-    monkeypatch.setattr(tangent, "PAIRS_METHOD", method)
+def test_linear_called_twice_sums_over_pairs_of_calls(method) -> None:
+    settings = NTKSettings(pairs_method=method)
     torch.manual_seed(1)
     for bias in (True, False):
         model = TwiceLinear(bias=bias).double()
         x = torch.randn(9, 5, dtype=torch.float64)
         assert ntk_plan(model, x).fast == {"shared": 2, "head": 1}
         ref = ntk_func(model, x)
-        assert_close(empirical_ntk(model, x), ref)
-        assert_close(empirical_ntk(model, x, mode="full"), ntk_func(model, x, "full"))
+        assert_close(empirical_ntk(model, x, settings=settings), ref)
+        assert_close(empirical_ntk(model, x, mode="full", settings=settings), ntk_func(model, x, "full"))
 
 
 def test_no_cross_terms_would_be_wrong() -> None:
@@ -238,14 +238,14 @@ def test_no_cross_terms_would_be_wrong() -> None:
 
 
 @pytest.mark.parametrize("method", ["auto", "pairs", "outer"])
-def test_linear_over_sequence_axis(method, monkeypatch) -> None:
-    monkeypatch.setattr(tangent, "PAIRS_METHOD", method)
+def test_linear_over_sequence_axis(method) -> None:
+    settings = NTKSettings(pairs_method=method)
     torch.manual_seed(3)
     model = SequenceModel().double()
     x = torch.randn(7, 5, 4, dtype=torch.float64)
     assert ntk_plan(model, x).fast == {"embed": 1, "head": 1}
-    assert_close(empirical_ntk(model, x), ntk_func(model, x))
-    assert_close(empirical_ntk(model, x, mode="full"), ntk_func(model, x, "full"))
+    assert_close(empirical_ntk(model, x, settings=settings), ntk_func(model, x))
+    assert_close(empirical_ntk(model, x, mode="full", settings=settings), ntk_func(model, x, "full"))
 
 
 class ScaledConvNorm(ConvNorm):
@@ -374,18 +374,18 @@ def test_frozen_parameters_do_not_count() -> None:
     assert_close(empirical_ntk(model, x), ntk_func(model, x))
 
 
-def test_chunking_and_recomputed_fallback_blocks(monkeypatch) -> None:
+def test_chunking_and_recomputed_fallback_blocks() -> None:
     torch.manual_seed(8)
     model = ConvNorm().double()
     x = torch.randn(10, 1, 6, 6, dtype=torch.float64)
     ref = ntk_func(model, x, "full")
     assert_close(empirical_ntk(model, x, mode="full", chunk_size=3), ref)
     assert_close(empirical_ntk(model, x, mode="full", chunk_size=3, fast_path=False), ref)
-    monkeypatch.setattr(tangent, "FALLBACK_BUDGET", 10 * 2 * 500 * 8)  # parameter groups of <= 500 entries
-    assert_close(empirical_ntk(model, x, mode="full", fast_path=False), ref)
-    monkeypatch.setattr(tangent, "FALLBACK_BUDGET", 1)  # forces the pairwise recomputation of Jacobian blocks
-    assert_close(empirical_ntk(model, x, mode="full", chunk_size=4, fast_path=False), ref)
-    assert_close(empirical_ntk(model, x, chunk_size=4, fast_path=False), ntk_func(model, x))
+    groups = NTKSettings(fallback_budget=10 * 2 * 500 * 8)  # parameter groups of <= 500 entries
+    assert_close(empirical_ntk(model, x, mode="full", fast_path=False, settings=groups), ref)
+    streamed = NTKSettings(fallback_budget=1)  # forces the pairwise recomputation of Jacobian blocks
+    assert_close(empirical_ntk(model, x, mode="full", chunk_size=4, fast_path=False, settings=streamed), ref)
+    assert_close(empirical_ntk(model, x, chunk_size=4, fast_path=False, settings=streamed), ntk_func(model, x))
 
 
 def test_float32_model_float64_products() -> None:
@@ -677,7 +677,11 @@ def test_example_smoke(tmp_path: Path) -> None:
     result = example.main(["--smoke", "--logdir", str(tmp_path)])
     assert Path(result["png"]).is_file()
     rows = result["rows"]
-    assert len(rows) >= 2 and all(r["n_delta"] >= 0 for r in rows)
+    assert len(rows) >= 2
+    for r in rows:  # N_Delta counts probe samples with a positive force: a whole number in [0, P], 0 iff no loss
+        P = round(r["P_over_N"] * r["N"])
+        assert float(r["n_delta"]).is_integer() and 0 <= r["n_delta"] <= P, r
+        assert (r["n_delta"] == 0) == (r["loss"] == 0.0), r
     assert all(r["n_delta_per_weight"] == pytest.approx(r["n_delta"] / r["N"]) for r in rows)
     assert any(p.is_dir() for p in tmp_path.iterdir())
 

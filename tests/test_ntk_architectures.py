@@ -20,7 +20,7 @@ import torch
 from test_ntk_layers import ntk_func  # the torch.func reference, float64
 from torch import nn
 
-from probes.functional.ntk import empirical_ntk, ntk_operator, ntk_plan, verify_plan
+from probes.autodiff.ntk import empirical_ntk, ntk_operator, ntk_plan, verify_plan
 from probes.functional.spectra import top_eigenvalues
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -1,4 +1,4 @@
-"""The NTK's budget is the route's true cost (``probes.functional.ntk.ntk_cost``): the estimate follows the plan, a
+"""The NTK's budget is the route's true cost (``probes.autodiff.ntk.ntk_cost``): the estimate follows the plan, a
 feasible top-k spectrum is not refused, an infeasible full spectrum is refused at attach before anything is
 allocated, and the refusal names the fixes. Measured peaks and times beside the estimates: ``benchmarks/ntk.py
 --cases budget``."""
@@ -11,9 +11,9 @@ from torch import nn
 
 import probes
 import probes.builtin.ntk as ntk_module
+from probes.autodiff.ntk import _layer_terms, cost, ntk_cost, ntk_plan
 from probes.builtin.ntk import NTK
 from probes.engine.failures import ProbesNoticeWarning
-from probes.functional.ntk import _layer_terms, cost, ntk_cost, ntk_plan
 from probes.functional.ntk.terms import _Embed, _Grad, _Pairs
 from probes.testing import probe_batch
 

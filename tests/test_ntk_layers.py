@@ -13,7 +13,8 @@ import torch
 from torch import nn
 from torch.func import functional_call, jacrev, vmap
 
-from probes.functional.ntk import empirical_ntk, fallback, ntk_operator, ntk_plan, settings
+from probes.autodiff.ntk import empirical_ntk, fallback, ntk_operator, ntk_plan
+from probes.functional.ntk.settings import NTKSettings
 from probes.functional.spectra import effective_rank, effective_rank_bounds, top_eigenvalues
 from probes.probe import ProbeBatch
 
@@ -190,16 +191,16 @@ def test_conv_net_batchnorm_residual_strides_groups() -> None:
 
 
 @pytest.mark.parametrize("method", ["pairs", "outer"])
-def test_both_contractions(method, monkeypatch) -> None:
-    monkeypatch.setattr(settings, "PAIRS_METHOD", method)
+def test_both_contractions(method) -> None:
+    settings = NTKSettings(pairs_method=method)
     torch.manual_seed(1)
     model = _randomise_bn(ResNetish().double())
     x = torch.randn(5, 3, 6, 6, dtype=torch.float64)
-    assert_close(empirical_ntk(model, x, mode="full"), ntk_func(model, x, "full"))
+    assert_close(empirical_ntk(model, x, mode="full", settings=settings), ntk_func(model, x, "full"))
     enc = Encoder().double()
     t = torch.randint(0, 11, (6, 5))
-    assert_close(empirical_ntk(enc, t), ntk_func(enc, t))
-    assert_close(ntk_operator(enc, t).dense(), ntk_func(enc, t))
+    assert_close(empirical_ntk(enc, t, settings=settings), ntk_func(enc, t))
+    assert_close(ntk_operator(enc, t, settings=settings).dense(), ntk_func(enc, t))
 
 
 def test_conv1d_conv3d_groupnorm() -> None:
@@ -302,8 +303,8 @@ def test_fallback_computes_each_jacobian_once(monkeypatch) -> None:
     ref = ntk_func(model, x)
     for params_per_block, chunk in ((400, 4), (150, None)):  # at 150, the larger tensors are cut into row slices
         seen.clear()
-        monkeypatch.setattr(settings, "FALLBACK_BUDGET", 6 * 3 * 8 * params_per_block)
-        assert_close(empirical_ntk(model, x, fast_path=False, chunk_size=chunk), ref)
+        settings = NTKSettings(fallback_budget=6 * 3 * 8 * params_per_block)
+        assert_close(empirical_ntk(model, x, fast_path=False, chunk_size=chunk, settings=settings), ref)
         assert len(seen) > 3 and all(sum(m) == 6 for m in seen)  # every sample once per group or slice
     op = ntk_operator(model, x, fast_path=False)
     assert all(J is not None for J, _ in op.fallback)

@@ -13,10 +13,10 @@ from torch import nn
 
 import probes
 import probes.builtin.ntk as ntk_module
+from probes.autodiff.ntk import empirical_ntk, progress
+from probes.autodiff.ntk.outputs import SelectedOutput, gaussian_sketch, last_positions
 from probes.builtin.ntk import NTK
 from probes.engine.failures import ProbesNoticeWarning
-from probes.functional.ntk import empirical_ntk, progress
-from probes.functional.ntk.outputs import SelectedOutput, gaussian_sketch, last_positions
 from probes.testing import probe_batch
 
 

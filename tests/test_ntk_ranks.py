@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-import probes.functional.ntk as tangent
+import probes.autodiff.ntk as tangent
 from probes.functional.spectra import top_eigenvalues
 from probes.testing import join_group, leave_group, run_ranks
 
@@ -144,7 +144,7 @@ def _worker(rank: int, root: str) -> None:
             out["fsdp/gpt2"] = {"trace": tangent.empirical_ntk(LastLogits(lm), ids, distributed=True)}
         torch.save(out, os.path.join(root, f"rank{rank}.pt"))
         errors = []  # rank 1 fails in its factor pass (out of memory, say): both ranks raise, neither waits
-        import probes.functional.ntk.dense as dense
+        import probes.autodiff.ntk.dense as dense
 
         real = dense._layer_terms
         if rank == 1:

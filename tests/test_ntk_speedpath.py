@@ -11,7 +11,9 @@ import torch
 from test_ntk_layers import ntk_func  # the torch.func reference, float64
 from torch import nn
 
-from probes.functional.ntk import empirical_ntk, ntk_operator, ntk_plan, settings, terms
+from probes.autodiff.ntk import empirical_ntk, ntk_operator, ntk_plan
+from probes.functional.ntk import terms
+from probes.functional.ntk.settings import NTKSettings
 
 TOL = 1e-12
 
@@ -50,19 +52,18 @@ def _model(seed: int = 0) -> tuple[nn.Module, torch.Tensor]:
 
 @pytest.mark.parametrize("mode", ["trace", "full"])
 @pytest.mark.parametrize("method", ["auto", "outer", "pairs"])
-def test_every_route_and_mode_against_torch_func(mode, method, monkeypatch) -> None:
-    monkeypatch.setattr(settings, "PAIRS_METHOD", method)
+def test_every_route_and_mode_against_torch_func(mode, method) -> None:
+    settings = NTKSettings(pairs_method=method)
     model, x = _model()
     ref = ntk_func(model, x, mode)
-    assert_close(empirical_ntk(model, x, mode=mode), ref)
-    assert_close(ntk_operator(model, x, mode=mode).dense(), ref, 1e-10)
+    assert_close(empirical_ntk(model, x, mode=mode, settings=settings), ref)
+    assert_close(ntk_operator(model, x, mode=mode, settings=settings).dense(), ref, 1e-10)
 
 
-def test_per_output_backward_passes_give_the_same_kernel(monkeypatch) -> None:
+def test_per_output_backward_passes_give_the_same_kernel() -> None:
     model, x = _model(1)
     batched = empirical_ntk(model, x, mode="full")
-    monkeypatch.setattr(settings, "BATCHED_GRADS", False)
-    assert_close(empirical_ntk(model, x, mode="full"), batched)
+    assert_close(empirical_ntk(model, x, mode="full", settings=NTKSettings(batched_grads=False)), batched)
     assert_close(batched, ntk_func(model, x, "full"))
 
 
@@ -87,12 +88,12 @@ def test_vectorised_backward_falls_back_to_one_pass_per_output(monkeypatch) -> N
     assert_close(K, ntk_func(model, x))
 
 
-def test_small_cpu_chunks_and_blocks_of_outputs(monkeypatch) -> None:
+def test_small_cpu_chunks_and_blocks_of_outputs() -> None:
     model, x = _model(3)
-    monkeypatch.setattr(settings, "CPU_FACTOR_CHUNK_BYTES", 1)  # one sample per chunk after the first
-    monkeypatch.setattr(settings, "OUTPUT_BLOCK_BYTES", 1)  # norm layers: one output at a time
+    # one sample per chunk after the first; norm layers: one output at a time
+    settings = NTKSettings(cpu_factor_chunk_bytes=1, output_block_bytes=1)
     for mode in ("trace", "full"):
-        assert_close(empirical_ntk(model, x, mode=mode), ntk_func(model, x, mode))
+        assert_close(empirical_ntk(model, x, mode=mode, settings=settings), ntk_func(model, x, mode))
 
 
 def test_float32_model_float64_per_sample_gradients() -> None:
@@ -105,13 +106,13 @@ def test_float32_model_float64_per_sample_gradients() -> None:
 
 @pytest.mark.parametrize("frozen", ["weight", "bias"])
 @pytest.mark.parametrize("method", ["outer", "pairs"])
-def test_frozen_weight_or_bias_with_the_implicit_ones_column(frozen, method, monkeypatch) -> None:
-    monkeypatch.setattr(settings, "PAIRS_METHOD", method)
+def test_frozen_weight_or_bias_with_the_implicit_ones_column(frozen, method) -> None:
+    settings = NTKSettings(pairs_method=method)
     model, x = _model(5)
     for m in (model.c1, model.c2, model.lin):
         getattr(m, frozen).requires_grad_(False)
     for mode in ("trace", "full"):
-        assert_close(empirical_ntk(model, x, mode=mode), ntk_func(model, x, mode))
+        assert_close(empirical_ntk(model, x, mode=mode, settings=settings), ntk_func(model, x, mode))
 
 
 @pytest.mark.parametrize("groups", [1, 3])

@@ -15,7 +15,7 @@ from torch import nn
 
 import probes
 from probes.builtin.particles import Particles, find_two_layer
-from probes.functional.meanfield import MeanField, sphere_
+from probes.functional.particles import MeanField, sphere_
 from probes.probe import ProbeBatch
 
 SETTINGS = settings(max_examples=25, deadline=None)
@@ -264,14 +264,10 @@ def _colour_pixels(img: np.ndarray, hex_colour: str) -> np.ndarray:
     return np.argwhere(np.abs(img.astype(np.float64) - rgb).max(axis=2) <= 24)
 
 
-def test_image_is_a_labelled_figure_with_colours_in_place_and_stable_axes(monkeypatch):
-    from probes import figures
-    from probes.builtin import particles
+def test_image_is_a_labelled_figure_with_colours_in_place_and_stable_axes():
+    import dataclasses
 
-    # the legend's markers share the particles' colours: leave it out to locate the particles by colour
-    monkeypatch.setattr(
-        particles, "particles_figure", lambda *a, **k: figures.particles_figure(*a, **{**k, "legend": False})
-    )
+    from probes.app import render
 
     model = _counter_model()
     _set_counter(model, 1)
@@ -279,12 +275,14 @@ def test_image_is_a_labelled_figure_with_colours_in_place_and_stable_axes(monkey
         model[2].weight.copy_(torch.tensor([[1.0, -1.0]]))  # w_0 = (1, 0), a_0 = 1; w_1 = (0, -1), a_1 = -1
     teacher = torch.tensor([[0.0, -2.0]])
     probe = _attached(model, teacher=teacher, size=320)
-    img = {r.tag: r for r in probe.measure(_batch(model, 7))}["particles/positions"].pixels
+    data = {r.tag: r for r in probe.measure(_batch(model, 7))}["particles/positions"].figure
+    # the legend's markers share the particles' colours: leave it out to locate the particles by colour
+    img = render.draw(dataclasses.replace(data, legend=False))
     assert img.shape == (320, 320, 3) and img.dtype == np.uint8
     lim = probe.limit
     assert lim == pytest.approx(1.08 * 2.0)  # the teacher row is the farthest point
-    red = _colour_pixels(img, figures.POSITIVE)  # a_0 > 0 at (1, 0): right of the centre
-    blue = _colour_pixels(img, figures.NEGATIVE)  # a_1 < 0 at a_1 w_1 = (0, 1): above it
+    red = _colour_pixels(img, render.POSITIVE)  # a_0 > 0 at (1, 0): right of the centre
+    blue = _colour_pixels(img, render.NEGATIVE)  # a_1 < 0 at a_1 w_1 = (0, 1): above it
     black = _colour_pixels(img, "#000000")  # the teacher line through (0, -2) is vertical
     assert len(red) and len(blue) and len(black)
     (rr, rc), (br, bc) = red.mean(axis=0), blue.mean(axis=0)

@@ -19,7 +19,7 @@ from torch import nn
 
 import probes
 from probes.builtin.pathgram import PathGramProbe
-from probes.functional.path_gram import cholesky_jitter, condition_estimate, enumerate_paths, path_gram
+from probes.functional.pathgram import cholesky_jitter, condition_estimate, enumerate_paths, path_gram
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -392,7 +392,7 @@ def test_example_reads_mnist_idx_files(tmp_path):
 
 @pytest.mark.parametrize("P", [1, 2, 3, 5, 17])
 def test_condition_estimate_small_and_degenerate(P):
-    from probes.functional.path_gram import PathGram, condition_exact
+    from probes.functional.pathgram import PathGram, condition_exact
 
     g = torch.Generator().manual_seed(P)
     A = torch.randn(P, P, generator=g, dtype=torch.float64)
@@ -405,7 +405,7 @@ def test_condition_estimate_small_and_degenerate(P):
 
 def test_blocked_lower_route_and_workspace_match_the_full_products():
     """P >= 800 on the CPU: products on and below the diagonal only, buffers reused between calls."""
-    from probes.functional.path_gram import Workspace, condition_exact, input_gram, quadratic_form, row_blocks
+    from probes.functional.pathgram import Workspace, condition_exact, input_gram, quadratic_form, row_blocks
 
     g = torch.Generator().manual_seed(7)
     P = 1000
@@ -466,7 +466,7 @@ def test_flatten_inplace_relu_and_dropout_are_part_of_a_chain():
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("block", [1, 7, 64, 512])
 def test_cholesky_in_place_matches_lapack_and_keeps_the_upper_triangle(block):
-    from probes.functional.path_gram import cholesky_in_place
+    from probes.functional.pathgram import cholesky_in_place
 
     g = torch.Generator().manual_seed(block)
     P = 150
@@ -488,7 +488,7 @@ def test_cholesky_in_place_matches_lapack_and_keeps_the_upper_triangle(block):
 def test_factored_layout_reads_h_and_restores_it():
     """After ``factorize`` the buffer holds the factor below the diagonal and H above it; every read of H
     (entries, products, the full matrix) and the restoration of the lower triangle give H back."""
-    from probes.functional.path_gram import factorize, input_gram, quadratic_form
+    from probes.functional.pathgram import factorize, input_gram, quadratic_form
 
     g = torch.Generator().manual_seed(9)
     P = 850  # several row blocks and several Cholesky blocks
@@ -751,7 +751,7 @@ def test_good_options_are_kept():
 def test_jitter_is_sized_from_lambda_max(monkeypatch):
     """A singular H (duplicated samples) gets a jitter that makes its condition resolvable in one retry:
     the shift is sized from block Lanczos on H instead of climbing tenfold from 1e-12."""
-    import probes.functional.path_gram as fpg
+    import probes.functional.pathgram as fpg
 
     calls = []
     real = fpg.cholesky_in_place

@@ -8,13 +8,15 @@ import numpy as np
 import pytest
 import torch
 from conftest import SharedReluMLP
+from helpers.pictures import gate_image
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
 import probes
-from probes.builtin.patterns import Patterns, distinct_rows, gate_image
-from probes.functional.patterns import list_snapshots, load_all, load_gates, save_gates
+from probes.builtin.patterns import Patterns
+from probes.functional.patterns import distinct_rows
+from probes.snapshots import list_snapshots, load_all, load_gates, save_gates
 
 
 def naive_gates(model: nn.Sequential, x: torch.Tensor) -> dict[str, list[list[bool]]]:
@@ -286,7 +288,7 @@ def _near(img: np.ndarray, colour: str, tol: int = 16) -> np.ndarray:
 def test_image_draws_padding_in_its_own_colour():
     """Padded positions (attention mask 0) are neither open nor closed gates in the image: a colour of their own,
     with a legend entry, far from every shade between closed and open."""
-    from probes.figures.kinds import PADDING
+    from probes.app.render.kinds import PADDING
 
     OPEN, CLOSED = "#f2d64b", "#2b2b50"
     rgb = lambda c: np.array([int(c[i : i + 2], 16) for i in (1, 3, 5)], dtype=float)  # noqa: E731
@@ -326,8 +328,8 @@ def test_image_draws_padding_in_its_own_colour():
 def test_image_padding_in_blocks_of_gates():
     """Beyond MAX_IMAGE_ROWS rows, a block of padded gates only is padding; the others shade by the open
     fraction of their real gates."""
+    from probes.app.render.kinds import PADDING
     from probes.builtin.patterns import MAX_IMAGE_ROWS
-    from probes.figures.kinds import PADDING
 
     P, T, n = 4, 8, 2 * MAX_IMAGE_ROWS // 8 + 8  # more gates than rows
     mask = torch.zeros(P, T, dtype=torch.bool)

@@ -11,9 +11,9 @@ import re
 import numpy as np
 import pytest
 
-from probes import figures
-from probes.app import report
+from probes.app import render, report
 from probes.app.cli import main
+from probes.app.render import canvas
 
 pytest.importorskip("matplotlib")
 pytest.importorskip("tensorboard")
@@ -111,23 +111,23 @@ def test_figures_draw_names_literally():
     import matplotlib
 
     site = r"enc.$\frac{1}{$.fc"
-    with figures.style():
+    with render.style():
         assert matplotlib.rcParams["text.usetex"] is False
-        fig = figures.new_figure()
-        ax = figures.frame(fig, f"relu_zeros/{site}", "$x$", "a_b^c")
+        fig = render.new_figure()
+        ax = render.frame(fig, f"relu_zeros/{site}", "$x$", "a_b^c")
         series = [(r"$\frac{1}{$", [0, 1], [1, 2]), ("_orig_mod.$x$", [0, 1], [2, 3]), ("nan $y$", [0], [np.nan])]
-        figures.line_axes(ax, series)
-        figures.pixels(fig)  # draws
+        render.line_axes(ax, series)
+        render.pixels(fig)  # draws
     assert _drawn_as(ax.title) == f"relu_zeros/{site}"
     assert _drawn_as(ax.xaxis.label) == "$x$" and _drawn_as(ax.yaxis.label) == "a_b^c"
     assert [_drawn_as(t) for t in ax.get_legend().get_texts()] == [r"$\frac{1}{$", "_orig_mod.$x$"]
     assert [_drawn_as(t) for t in ax.texts] == ["only NaN / inf, not drawn: nan $y$"]
 
     names = [r"$\frac{1}{$", "$y$"]
-    figures.gates_figure(np.ones((6, 4)), [3], names, title=f"patterns/{site}: step 0", unit_label="$u$")
-    figures.matrix_figure(np.eye(6), [3], names, title=f"pathgram/{site}", colorbar_label="$c$")
-    figures.spectrum_figure(np.array([2.0, 1.0]), title=f"ntk/{site}", ylabel="$\\lambda$")
-    kept = {key[0]: entry for key, entry in figures._KEPT.items()}
+    render.gates_figure(np.ones((6, 4)), [3], names, title=f"patterns/{site}: step 0", unit_label="$u$")
+    render.matrix_figure(np.eye(6), [3], names, title=f"pathgram/{site}", colorbar_label="$c$")
+    render.spectrum_figure(np.array([2.0, 1.0]), title=f"ntk/{site}", ylabel="$\\lambda$")
+    kept = {key[0]: entry for key, entry in canvas._KEPT.items()}
     for kind in ("gates", "matrix", "spectrum"):
         ax = kept[kind]["ax"]
         assert site in _drawn_as(ax.title), kind
@@ -144,7 +144,7 @@ def test_figures_draw_under_a_usetex_matplotlibrc():
     import matplotlib
 
     with matplotlib.rc_context({"text.usetex": True}):  # a user's matplotlibrc: no LaTeX is run on a name
-        pixels = figures.line_plot(
+        pixels = render.line_plot(
             [("$x$", [0, 1], [0, 1]), ("a_b", [0, 1], [1, 0])], title=r"$\frac{1}{$", xlabel="step", ylabel="y"
         )
     assert pixels.shape == (400, 560, 3)

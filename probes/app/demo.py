@@ -97,6 +97,11 @@ def _split(seed: int = 0) -> tuple[torch.Tensor, ...]:
     return xtr, ytr, xte, yte, xtr[idx], ytr[idx]
 
 
+#: built-ins the demo leaves out: the curvature probes have their own example (examples/edge_of_stability.py), and the
+#: demo keeps to the seeds' probes and its time
+NOT_IN_DEMO = frozenset({"hessian", "grad_noise"})
+
+
 def choose_probes(
     model: nn.Module,
     probe_data: tuple[torch.Tensor, torch.Tensor],
@@ -112,7 +117,7 @@ def choose_probes(
 
     chosen: dict[str, dict[str, Any]] = {}
     for info in probes.available():
-        if info.source != "builtin":
+        if info.source != "builtin" or info.name in NOT_IN_DEMO:
             continue
         opts = dict(OPTIONS.get(info.name, {}))
         if not images:
@@ -230,18 +235,8 @@ def _run(
         xtr, ytr = xtr[:500], ytr[:500]
     model = build_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    run = Path(logdir) / time.strftime("mlp-%Y%m%d-%H%M%S")
-    suffix = 1
-    while run.exists():
-        suffix += 1
-        run = run.with_name(f"{run.name.split('+')[0]}+{suffix}")
-    try:  # before any training: a logdir that cannot be written is one line, not a traceback at the end
-        run.mkdir(parents=True)
-    except OSError as exc:
-        print(
-            f"probes demo: cannot write to --logdir {str(logdir)!r}: {exc.strerror or type(exc).__name__}",
-            file=sys.stderr,
-        )
+    run = _new_run_folder(logdir)
+    if run is None:
         return 2
     print(
         f"probes demo: ReLU MLP 64-64-32-10 on {xtr.shape[0]} digits ({xte.shape[0]} held out), "
@@ -253,43 +248,15 @@ def _run(
     print(f"  probes: {listed}", file=out)
 
     writer = SummaryWriter(log_dir=str(run))
-    steps_per_epoch = math.ceil(xtr.shape[0] / BATCH)
-    bar = Progress(epochs * steps_per_epoch, progress, out=out)
+    bar = Progress(epochs * math.ceil(xtr.shape[0] / BATCH), progress, out=out)
     t0 = time.perf_counter()
-    g = torch.Generator().manual_seed(1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ProbeFailedWarning)  # reported after the bar, from session.failures
         session = probes.attach(
             model, chosen, probe_data=(xp, yp), writer=writer, sinks=["memory", "tensorboard"], optimizer=opt
         )
         try:
-            step = 0
-            test_acc: float | None = None
-            own: dict[str, tuple[int, float]] = {}  # the demo's own curves, as written
-            for epoch in range(1, epochs + 1):
-                perm = torch.randperm(xtr.shape[0], generator=g)
-                for i in range(0, xtr.shape[0], BATCH):
-                    idx = perm[i : i + BATCH]
-                    logits = model(xtr[idx])
-                    loss = F.cross_entropy(logits, ytr[idx])
-                    opt.zero_grad()
-                    loss.backward()
-                    opt.step()  # the session steps in the optimizer's post-hook
-                    step += 1
-                    if step % 10 == 0:
-                        own["train/loss"] = (step, loss.item())
-                        own["train/accuracy"] = (step, (logits.argmax(1) == ytr[idx]).double().mean().item())
-                        for tag in ("train/loss", "train/accuracy"):
-                            writer.add_scalar(tag, own[tag][1], step)
-                    tested = "" if test_acc is None else f" test acc {test_acc:.3f}"  # none before the first test
-                    bar.update(step, f"epoch {epoch}/{epochs} loss {loss.item():.3f}{tested}")
-                model.eval()
-                with torch.no_grad():
-                    test_acc = (model(xte).argmax(1) == yte).double().mean().item()
-                model.train()
-                writer.add_scalar("test/accuracy", test_acc, step)
-                own["test/accuracy"] = (step, test_acc)
-            bar.update(step, f"epoch {epochs}/{epochs} loss {loss.item():.3f} test acc {float(test_acc or 0):.3f}")
+            step, own = _train(model, opt, (xtr, ytr, xte, yte), epochs, writer, bar)
         finally:
             bar.close()
             session.close()
@@ -297,7 +264,78 @@ def _run(
     seconds = time.perf_counter() - t0
     if result is not None:
         result.update(train_s=seconds, steps=step)
+    _print_summary(session, chosen, own, step, seconds, out)
+    for line in closing_lines(logdir):
+        print(line, file=out)
+    return 0
 
+
+def _new_run_folder(logdir: str) -> Path | None:
+    """A new folder ``<logdir>/mlp-<time>`` (``+2``, ``+3``, ... when taken), made before any training; None, with
+    one line on stderr, when the logdir cannot be written (a line, not a traceback at the end)."""
+    run = Path(logdir) / time.strftime("mlp-%Y%m%d-%H%M%S")
+    suffix = 1
+    while run.exists():
+        suffix += 1
+        run = run.with_name(f"{run.name.split('+')[0]}+{suffix}")
+    try:
+        run.mkdir(parents=True)
+    except OSError as exc:
+        print(
+            f"probes demo: cannot write to --logdir {str(logdir)!r}: {exc.strerror or type(exc).__name__}",
+            file=sys.stderr,
+        )
+        return None
+    return run
+
+
+def _train(
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    data: tuple[torch.Tensor, ...],
+    epochs: int,
+    writer: Any,
+    bar: Progress,
+) -> tuple[int, dict[str, tuple[int, float]]]:
+    """The training loop (the session steps in the optimizer's post-hook): the number of steps, and the demo's own
+    curves as written (``train/loss``, ``train/accuracy`` every 10 steps, ``test/accuracy`` per epoch)."""
+    xtr, ytr, xte, yte = data
+    g = torch.Generator().manual_seed(1)
+    step = 0
+    test_acc: float | None = None
+    own: dict[str, tuple[int, float]] = {}
+    for epoch in range(1, epochs + 1):
+        perm = torch.randperm(xtr.shape[0], generator=g)
+        for i in range(0, xtr.shape[0], BATCH):
+            idx = perm[i : i + BATCH]
+            logits = model(xtr[idx])
+            loss = F.cross_entropy(logits, ytr[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            step += 1
+            if step % 10 == 0:
+                own["train/loss"] = (step, loss.item())
+                own["train/accuracy"] = (step, (logits.argmax(1) == ytr[idx]).double().mean().item())
+                for tag in ("train/loss", "train/accuracy"):
+                    writer.add_scalar(tag, own[tag][1], step)
+            tested = "" if test_acc is None else f" test acc {test_acc:.3f}"  # none before the first test
+            bar.update(step, f"epoch {epoch}/{epochs} loss {loss.item():.3f}{tested}")
+        model.eval()
+        with torch.no_grad():
+            test_acc = (model(xte).argmax(1) == yte).double().mean().item()
+        model.train()
+        writer.add_scalar("test/accuracy", test_acc, step)
+        own["test/accuracy"] = (step, test_acc)
+    bar.update(step, f"epoch {epochs}/{epochs} loss {loss.item():.3f} test acc {float(test_acc or 0):.3f}")
+    return step, own
+
+
+def _print_summary(
+    session: Any, chosen: dict, own: dict[str, tuple[int, float]], step: int, seconds: float, out: Any
+) -> None:
+    """The last value of each key scalar (the session's memory sink and the demo's own curves), and each probe
+    that failed."""
     last: dict[str, tuple[int, float]] = {}
     for tag, series in session.memory.scalars().items():
         last[tag] = series[-1]
@@ -314,9 +352,6 @@ def _run(
         print(f"  {tag:<{width}}  {st:>6}  {_format(float(v))}", file=out)
     for name, tb in session.failures.items():
         print(f"  probe {name} failed and was switched off: {tb.strip().splitlines()[-1]}", file=out)
-    for line in closing_lines(logdir):
-        print(line, file=out)
-    return 0
 
 
 def _venv_command(name: str, module: str) -> list[str]:

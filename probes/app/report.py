@@ -6,7 +6,7 @@ The page has one section per run (event files in the logdir itself: the run is n
 runs ``<run>/site=<site>`` of the TensorBoard sink are copies of their run's per-site scalars and are left out):
 a table of the last value of every scalar; a table of the tags written once (a training's one-off summary such
 as ``train_runtime``); one line for each series that never changes, instead of a chart; the scalars plotted
-(matplotlib, ``probes.figures``) with one chart per quantity, where the sites of one quantity share one
+(matplotlib, ``probes.app.render``) with one chart per quantity, where the sites of one quantity share one
 chart and so one scale (the charts of the run's custom-scalars layout: the chart groups the probes declare,
 and one quantity across sites); the final-step shape of every histogram; and the first and the latest image
 of every image tag. A chart of many series draws the few with the largest last values and one band for the
@@ -15,7 +15,7 @@ images, style) is inlined as base64 data, so the page opens anywhere without the
 share the page's width.
 
 Names (tags, sites, runs) come from whoever wrote the event files: the page shows them HTML-escaped and the
-charts draw them as they are (never as mathtext or TeX: ``probes.figures.PLAIN``). A chart that still fails to
+charts draw them as they are (never as mathtext or TeX: ``probes.render.PLAIN``). A chart that still fails to
 draw is named in its place with the reason (and a ``ReportWarning``), and the rest of the page is written.
 """
 
@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from probes import figures
+from probes.app import render
 
 #: most plots on one page; the tables still list every scalar
 MAX_PLOTS = 300
@@ -69,8 +69,8 @@ class ReportWarning(UserWarning):
 
 
 def png_bytes(pixels: np.ndarray) -> bytes:
-    """Encode an (H, W, 3) uint8 array as PNG (``probes.figures.encode_png``)."""
-    return figures.encode_png(pixels)
+    """Encode an (H, W, 3) uint8 array as PNG (``probes.render.encode_png``)."""
+    return render.encode_png(pixels)
 
 
 def read_runs(logdir: str | Path) -> dict[str, dict[str, dict]]:
@@ -238,37 +238,37 @@ def _ylabel(members: list[str]) -> str:
 
 
 def _scalar_plot(title: str, members: list[str], scalars: dict) -> bytes:
-    """A chart of ``members``: at most ``figures.MAX_LINES`` lines and a band for the rest, a note where values
-    are all NaN, sensible axes for one point (``figures.line_axes``)."""
+    """A chart of ``members``: at most ``render.MAX_LINES`` lines and a band for the rest, a note where values
+    are all NaN, sensible axes for one point (``render.line_axes``)."""
     series = [(_series_label(t, members), *scalars[t]) for t in members]
     finite = np.concatenate([v[np.isfinite(v)] for _, _, v in series]) if series else np.zeros(0)
     logy = bool(finite.size and finite.min() > 0 and finite.max() / finite.min() > 1e3)
-    with figures.style():
-        fig, ax = figures.kept_axes(
+    with render.style():
+        fig, ax = render.kept_axes(
             "report chart", title, "training step", _ylabel(members), width=PLOT_SIZE[0], height=PLOT_SIZE[1]
         )
-        figures.line_axes(ax, series, logy=logy)
-        return figures.png(fig)
+        render.line_axes(ax, series, logy=logy)
+        return render.png(fig)
 
 
 def _histogram_plot(tag: str, step: int, lo: float, limits: np.ndarray, counts: np.ndarray) -> bytes:
     """The histogram's last step as bars: TensorBoard stores right bucket edges, the first left edge is min."""
-    with figures.style():
+    with render.style():
         return _draw_histogram(tag, step, np.concatenate([[lo], limits]), counts)
 
 
 def _draw_histogram(tag: str, step: int, edges: np.ndarray, counts: np.ndarray) -> bytes:
     size = {"width": PLOT_SIZE[0], "height": PLOT_SIZE[1]}
     if edges.size == counts.size + 1 and np.isfinite(edges).all() and np.abs(edges).max() < 1e300:
-        fig, ax = figures.kept_axes("report chart", f"{tag}, step {step}", tag.split("/")[-1], "count", **size)
+        fig, ax = render.kept_axes("report chart", f"{tag}, step {step}", tag.split("/")[-1], "count", **size)
         ax.stairs(counts, edges, fill=True, alpha=0.7, color="#1f77b4")
     else:  # edges TensorBoard filled with +-DBL_MAX: bucket index instead
-        fig, ax = figures.kept_axes(
+        fig, ax = render.kept_axes(
             "report chart", f"{tag}, step {step}", f"{tag.split('/')[-1]} (bucket)", "count", **size
         )
         ax.bar(np.arange(counts.size), counts, width=1.0, color="#1f77b4")
     ax.grid(alpha=0.3)
-    return figures.png(fig)
+    return render.png(fig)
 
 
 def _fmt(v: float) -> str:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from probes.builtin.alignment import Alignment
+from probes.builtin.grad_noise import GradNoise
+from probes.builtin.hessian import Hessian
 from probes.builtin.linear_region import LinearRegion
 from probes.builtin.margin import Margin
 from probes.builtin.ntk import NTK
@@ -15,6 +17,8 @@ from probes.probe import Probe
 
 BUILTIN_PROBES: list[type[Probe]] = [
     Alignment,
+    GradNoise,
+    Hessian,
     LinearRegion,
     Margin,
     NTK,

@@ -1,47 +1,9 @@
-"""``alignment``: centered kernel alignment of each site's features with the labels (seed 004).
+"""``alignment``: centered kernel alignment (linear CKA) of each site's features, and of the model output, with
+the labels (seed 004; Cortes, Mohri & Rostamizadeh 2012).
 
-For the features ``F`` of a site (the activation's **output**, ``Activation.post``, flattened per
-sample: the hidden features the next layer sees) and the targets ``Y`` (one-hot classes, +-1 for
-two classes, or the regression targets), the probe logs the centered alignment
-(Cortes, Mohri & Rostamizadeh 2012) of the linear kernel ``F F^T`` with ``Y Y^T``,
-
-    rho = ||Fc^T Yc||_F^2 / (||Fc^T Fc||_F ||Yc^T Yc||_F)     (column-centered Fc, Yc),
-
-i.e. linear CKA between features and labels. ``||Fc^T Fc||_F`` is computed from the ``d x d`` matrix
-when the feature dimension ``d`` is below ``P`` and from the ``P x P`` matrix ``Fc Fc^T`` otherwise;
-no ``P x P`` matrix is built when ``d < P``; float64 throughout (``probes.functional.alignment``).
-
-Tags: ``alignment/<site>/cka`` for every selected activation site and ``alignment/output/cka`` for
-the model output. Options: ``sites`` (names or fnmatch patterns; default every activation site),
-``output`` (default True), ``degenerate`` (``"skip"``, the default: a site whose
-features center to zero on the probe batch, a dead layer, is left out with one warning, so the
-other sites keep logging; ``"raise"``: such a site is an error that switches the probe off),
-``memory_budget`` (bytes, default 512 MiB; None: no limit). The probe needs the features of each chosen site for
-all P samples at once (P x d_s floats): CKA's normaliser ``||Fc^T Fc||_F`` couples every pair of samples, so it
-cannot be summed chunk by chunk. When the chosen sites fit the budget together (found at the first measurement),
-their features come from the shared probe pass; otherwise the probe runs its own passes, one per group of sites
-that fits, so memory stays bounded at the cost of one more forward of the probe batch per group.
-Constant labels are an error at attach.
-
-**Token labels.** Integer labels of shape ``(P, T)`` (``-100`` where a position has no label, the Hugging Face
-convention) make each kept position a sample: the features of a site ``(P, T, ...)`` at position ``t`` of sequence
-``i`` (and the output logits ``(P, T, C)`` there) pair with the label at ``t + label_shift`` (``attach(label_shift=1)``
-for a causal language model, which the Transformers callback sets itself). Option ``positions``: ``"all"`` (the
-default) keeps every position with a label, ``"last"`` only the last one of each sequence. Padded positions (the
-probe inputs' attention mask, ``ProbeBatch.mask``) are left out, like ``-100`` labels: a pair is kept when both the
-feature position ``t`` and the label position ``t + label_shift`` are real tokens, so ``labels = input_ids`` with the
-pads left in gives what ``-100`` at the pads gives (labelled positions left out so are said once). A site whose
-activations are not ``(P, T, ...)`` (a pooler) is left out with one notice under the default ``sites``, and is an
-error when chosen in ``sites``.
-
-**Padding with one label per sequence.** When the probe inputs carry an attention mask, the features of a site
-``(P, T, ...)`` at padded positions are set to zero before the features are flattened per sample, so a padded
-position adds nothing to any inner product of ``F F^T`` (for a batch without padding the values are unchanged).
-
-**Fewer than two samples per class.** When the probe batch (the kept positions, for token labels) has fewer than
-two samples per class present, ``Y Y^T`` is close to the identity after centering and almost any features align
-with it (CKA near 1 whatever the layer learnt): the probe says so once (``ProbesNoticeWarning``); a larger probe
-batch (at least twice as many samples as classes) fixes it.
+The probe class: which sites, the memory budget that groups them into passes, token labels and padding; the
+formula is in ``probes.functional.alignment``. What it measures, its tags, options and cost:
+``docs/probes/alignment.md``.
 """
 
 from __future__ import annotations
@@ -55,10 +17,11 @@ from typing import Any
 import torch
 
 from probes import options
+from probes.builtin._tokens import token_pairs
 from probes.engine.failures import say
-from probes.engine.inputs import take
 from probes.functional.alignment import DegenerateKernelError, Prepared, prepare
-from probes.functional.labels import IGNORE_INDEX, label_matrix, padded_labels, token_positions
+from probes.functional.labels import IGNORE_INDEX, POSITIONS, is_token_labels, label_matrix, token_rows
+from probes.inputs import take
 from probes.options import option
 from probes.probe import Needs, Probe, ProbeBatch, Site
 from probes.records import Record, Scalar
@@ -66,62 +29,6 @@ from probes.records import Record, Scalar
 OUTPUT = "output"
 #: default ``memory_budget`` (bytes) for the features held at once: a CIFAR ResNet-18 at P = 1,024 holds 2.2 GiB
 MEMORY_BUDGET = 512 << 20
-#: what ``positions`` may be for token labels: every kept position, or the last kept one of each sequence
-POSITIONS = ("all", "last")
-
-
-def is_token_labels(y: torch.Tensor | None) -> bool:
-    """Whether ``y`` holds token labels: integer ``(P, T)`` class indices (``-100`` where a position has none).
-
-    Args:
-        y: the probe labels, or None.
-
-    Returns:
-        True for an integer (not bool) tensor with two axes.
-    """
-    return isinstance(y, torch.Tensor) and y.ndim == 2 and not y.is_floating_point() and y.dtype != torch.bool
-
-
-def token_pairs(who: str, batch: ProbeBatch, positions: str, notice: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``(sample, position)`` pairs of the token labels that are samples, and their labels
-    (``probes.functional.labels.token_positions`` with the batch's ``label_shift`` and attention mask: a pair whose
-    feature position or label position is padding is left out, like a ``-100`` label).
-
-    Args:
-        who: the probe's name, for messages.
-        batch: the probe batch, with token labels ``(P, T)``.
-        positions: ``"all"`` or ``"last"``.
-        notice: say once (``batch.context.notice``, key ``"padding"``) how many labelled positions the attention
-            mask leaves out (``labels = input_ids`` with the pads not set to ``-100``).
-
-    Returns:
-        ``(index, y)``: ``index`` ``(N, 2)`` long, ``y`` the ``N`` paired labels.
-
-    Raises:
-        ValueError: as ``token_positions``, naming the probe and the options that change the pairing.
-    """
-    shift = batch.context.label_shift
-    n = padded_labels(batch.y, shift, batch.mask) if notice else 0
-    if n:
-        batch.context.notice(
-            "padding",
-            f"{who}: {n} labelled position(s) of the token labels pair with padding (attention mask 0, "
-            f"label_shift={shift}) and are left out, as if labelled {IGNORE_INDEX} (said once)",
-        )
-    try:
-        return token_positions(batch.y, shift, positions, batch.mask)
-    except ValueError as exc:
-        raise ValueError(
-            f"{who}: {exc} (token labels {tuple(batch.y.shape)} with attach(label_shift="
-            f"{shift}), option positions={positions!r}; every position labelled "
-            f"{IGNORE_INDEX} is left out)"
-        ) from None
-
-
-def token_rows(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """The rows of ``t`` ``(P, T, ...)`` at the ``(sample, position)`` pairs ``index``, flattened: ``(N, -1)``."""
-    index = index.to(t.device)
-    return t[index[:, 0], index[:, 1]].reshape(index.shape[0], -1)
 
 
 def _token_shaped(t: torch.Tensor, y: torch.Tensor) -> bool:

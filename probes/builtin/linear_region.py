@@ -1,87 +1,9 @@
-"""``linear_region``: how stable the probe samples' linear regions are under small perturbations (seed 003).
+"""``linear_region``: how stable the probe samples' linear regions are under small perturbations of the inputs and
+of the parameters, and the identity ``L_gen = A'x'`` on the samples that keep their gates (seed 003).
 
-A piecewise-linear net is ``f(x) = A(x) x + c(x)`` on the linear region of ``x`` (``functional.local_affine``). On the
-probe batch, with a generator owned by the probe (the global RNG is never drawn from; it is reseeded with
-``seed`` at every measurement, so every measurement uses the same directions and changes over training come
-from the model, not from new draws):
-
-- input perturbations ``x' = eps ||x_i|| u_i / ||u_i||`` (Gaussian ``u_i``, one per sample, size relative to
-  the sample's norm) for each ``eps``: the fraction of samples whose activation pattern changes;
-- parameter perturbations ``P'_k = delta ||P_k||_F G_k / ||G_k||_F`` (Gaussian ``G_k``, each trainable tensor,
-  one draw per ``delta``, relative size per tensor): the fraction of samples whose pattern changes;
-- the joint perturbation (the first ``eps`` with the first ``delta``; order the options to choose it),
-  ``x* = x + x'``, ``P* = P + P'``: a sample *keeps its gates* when ``x`` and ``x*`` share their pattern under
-  ``P`` and under ``P*``. Then
-  ``L_gen = (f(x,P) - f(x,P*)) - (f(x*,P) - f(x*,P*)) = (A(x,P*) - A(x,P)) x' = A'x'`` exactly.
-
-Patterns: ``pre > 0`` at every ReLU / LeakyReLU / PReLU / RReLU site (module or functional), both kinks of
-ReLU6 / Hardtanh, the argmax of max pooling. ``A'x'`` is two forward-mode ``jvp`` of ``functional_call``.
-
-Tags (``<eps>``, ``<delta>`` formatted with ``:g``, e.g. ``linear_region/flip_fraction_eps_0.01``; the size
-ends the tag, so TensorBoard's shortened card titles still tell the variants apart):
-
-- ``linear_region/flip_fraction_eps_<eps>``: fraction of samples whose pattern flips under ``x'`` of size eps;
-- ``linear_region/flip_fraction_delta_<delta>``: the same under ``P'`` of relative size delta;
-- ``linear_region/gate_flip_rate_eps_<eps>``, ``linear_region/gate_flip_rate_delta_<delta>``: the fraction of
-  all gate bits (samples x units x sites; pooling indices count one each) that flip. In a wide net almost
-  every sample flips *some* gate even for tiny perturbations; this rate says how many;
-- ``linear_region/flip_fraction``: fraction of samples that do not keep their gates under the joint perturbation;
-- ``linear_region/l_gen``: mean over the samples that keep their gates of ``||L_gen||`` (Euclidean over outputs),
-  which equals the mean of ``||A'x'||`` there (so that one is not written separately);
-- ``linear_region/identity_error``: max over the same samples of ``||L_gen - A'x'||`` (0 up to rounding).
-
-The last two are NaN when no sample keeps its gates (nothing to average). Where the check lives: at attach
-``functional.local_affine.check_piecewise_linear`` scans the leaf modules (judged in eval mode, where the probe runs
-), traces one forward for smooth functional calls and tests the second derivative; a model that is not
-piecewise linear is an error naming the module.
-
-Identity modules (``nn.Identity``, an empty ``nn.Sequential()`` such as the shortcut of a ResNet block) are
-piecewise linear; so are residual additions, BatchNorm in eval mode, pooling and the ReLU family.
-
-Dtype (option ``dtype``, default ``"auto"``): the per-size flip fractions (``*_eps_<eps>``, ``*_delta_<delta>``)
-only compare activation patterns, so they run in the model's own dtype; the joint perturbation
-(``flip_fraction``, ``l_gen``, ``identity_error``) runs in float64 on float64 copies of the parameters and the
-probe batch (the same draws, cast exactly), because ``L_gen`` is a second difference of outputs of size
-``~ eps * delta * |f|``: at eps = delta = 1e-3 that is 1e-6 ``|f|``, which float32 rounding (1e-7 ``|f|``)
-would swamp, and ``identity_error`` would then measure rounding instead of the identity. For a float32 model
-the first measurement logs this choice once (INFO on the ``probes.linear_region`` logger; a float64 model logs
-that everything runs in float64). What remains in float64 dominates the cost: four forwards and the two
-forward-mode ``jvp`` of the identity check (on a small CIFAR-style ResNet ``"auto"`` costs about as much as
-float64 throughout, and about three times float32 throughout). ``dtype=None`` keeps the model's dtype throughout
-(cheapest; ``l_gen`` and ``identity_error`` then sit at its rounding level), ``dtype="float64"`` (or any floating
-dtype) uses that dtype throughout.
-
-Default sizes (``eps="auto"``, ``delta="auto"``): the sizes are relative already (to each sample's norm, to each
-tensor's norm), so the scale of the inputs does not matter; what does is the number of gates. A relative change
-``s`` moves every pre-activation by about ``s`` of its size, so each of the ``G`` pattern entries of a sample (gate
-bits, both kinks of ReLU6 / Hardtanh, pooling indices: summed over the sites, per sample) flips with a probability
-of order ``s``, and a sample flips somewhere once ``s G`` nears 1: a CNN with 25,000 gates per image flips every
-sample at 1e-3 (``flip_fraction`` 1, ``l_gen`` NaN). Under ``"auto"`` the sizes are ``(b, 10 b, 100 b)`` with
-
-    b = 10 ** -max(3, k),   k the least integer with 10 ** k >= G,
-
-the largest power of ten at most ``1e-3`` and at most ``1 / G``: the expected number of flipped entries per sample
-at the smallest size stays below one (about ``0.4 b G``), so the per-size fractions rise from well below 1 and the
-joint perturbation keeps some samples' gates. A net with at most 1,000 pattern entries per sample gets
-``(1e-3, 1e-2, 1e-1)``, the sizes of earlier versions; ``G`` is read from the probe pass at each measurement (the
-same for a fixed model and probe batch, so the tags stay the same). ``L_gen`` is of size ``~ eps delta |f|``, so at
-the smallest sizes float64 resolves it to about ``u / (eps delta)`` relative (1e-6 at ``b = 1e-5``).
-
-Options (checked when the probe is made; a bad type is a ``TypeError``, a bad value a ``ValueError``, both naming
-the probe and the option): ``eps`` (``"auto"``, a positive finite number or a non-empty sequence of them),
-``delta`` (the same), ``seed`` (a non-negative int, 0), ``dtype`` (``"auto"``, None or a floating dtype or its
-name), ``max_samples`` (None: the whole probe batch, or a positive int), ``allow`` (an ``nn.Module`` subclass or a
-sequence of them: extra module types known to be piecewise linear).
-Default cadence: every 100 steps (``1 + len(eps) + len(delta)`` forwards in the model's dtype, then four forwards
-and two ``jvp`` of the probe batch in float64; with one dtype throughout, ``2 + len(eps) + len(delta)`` forwards and
-two ``jvp``).
-
-Under FSDP2 (``fully_shard``; ``sharding = "per_module"``) every rank measures through the model's own forward, which
-gathers one unit at a time: each module's cast or perturbed parameters are made inside its own forward
-(``ModuleParameters``, ``local_affine.swapped``; the draws replayed from the generator state saved before each
-tensor's), so no whole-model copy is made and the values are those of one process. At attach the module scan runs
-in ``setup`` and the traced checks in ``validate``; a forward that reads some module's parameters without calling
-that module makes ``attach`` raise.
+The probe class only; the maths is in ``probes.functional.linear_region``, what needs the model in
+``probes.autodiff.linear_region``. What it measures, its tags, options, default sizes, dtype and cost:
+``docs/probes/linear_region.md``.
 """
 
 from __future__ import annotations
@@ -96,23 +18,25 @@ from torch import nn
 from torch.func import functional_call, jvp
 
 from probes import options
-from probes.engine.inputs import take
-from probes.functional.local_affine import (
+from probes.autodiff.linear_region import (
     MAX_POOLS,
     ModuleValues,
-    Params,
     check_piecewise_linear,
+    parameter_state,
+    swapped,
+    trainable_names,
+)
+from probes.functional.linear_region import (
+    Params,
     flip_rate,
     l_gen,
-    parameter_state,
     patterns_differ,
     perturb_inputs,
     perturb_params,
     perturb_tensor,
     site_pattern,
-    swapped,
-    trainable_names,
 )
+from probes.inputs import take
 from probes.options import option
 from probes.probe import Needs, Probe, ProbeBatch, ProbeContext, Site
 from probes.records import Chart, Record, Scalar

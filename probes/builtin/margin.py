@@ -1,28 +1,8 @@
-"""``margin``: how many probe samples are not yet fitted with margin ``m`` (seed 002; jamming).
+"""``margin``: how many probe samples are not yet fitted with margin ``m``, the force ``Delta_i = m - y_i f(x_i)``
+(seed 002; jamming, Geiger et al. 2019).
 
-For a binary classifier with one output ``f`` and labels ``y = +-1`` (two classes map to -1 / +1, the
-larger class index to +1), the force on sample ``i`` is ``Delta_i = m - y_i f(x_i)`` (Geiger, Spigler,
-d'Ascoli, Sagun, Baity-Jesi, Biroli & Wyart 2019, "Jamming transition as a paradigm to understand the loss
-landscape of deep neural networks"). With ``C > 1`` outputs and integer class labels the multi-class
-margin is used, ``Delta_i = m - (f_{y_i}(x_i) - max_{c != y_i} f_c(x_i))``.
-
-Tags: ``margin/n_delta`` (``N_Delta = #{i: Delta_i > 0}``), ``margin/n_delta_fraction`` (``N_Delta / P``),
-``margin/n_delta_per_weight`` (``N_Delta / N``, ``N`` the number of trainable weights **without biases**, as
-in the papers: parameters whose name starts with ``bias`` are left out), ``margin/loss`` (the hinge-squared
-loss ``mean_i 1/2 max(0, Delta_i)^2``), histogram ``margin/delta``.
-
-Options: ``margin`` (1/2 as in the seed; the jamming papers use 1), ``bins`` (64), ``n_weights`` (override
-``N``), ``positions`` (token labels: ``"all"`` or ``"last"``, below). Default cadence: every 10 steps (one forward of
-the probe batch, shared with the other probes).
-
-**Token labels.** Integer labels ``(P, T)`` (``-100`` where a position has no label) with an output ``(P, T, C)``
-make each kept position a sample: the logits at position ``t`` of sequence ``i`` pair with the label at
-``t + label_shift`` (``attach(label_shift=1)`` for a causal language model; the Transformers callback sets it), padded
-positions (the probe inputs' attention mask) are left out like ``-100`` labels (a pair is kept when the logits'
-position and the label's position are both real tokens; labelled positions left out so are said once), and
-``positions="all"`` (the default) keeps every labelled
-position, ``"last"`` the last one of each sequence. ``N_Delta`` then counts positions, and
-``margin/n_delta_fraction`` is ``N_Delta`` over the kept positions.
+The probe class: labels (binary, classes, token labels), the weight count ``N``. What it measures, its tags,
+options and cost: ``docs/probes/margin.md``.
 """
 
 from __future__ import annotations
@@ -32,8 +12,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from probes.builtin.alignment import POSITIONS, is_token_labels, token_pairs, token_rows
-from probes.functional.labels import label_matrix
+from probes.builtin._tokens import token_pairs
+from probes.functional.labels import POSITIONS, is_token_labels, token_rows
+from probes.functional.margin import forces
 from probes.options import MAX_BINS, choice, integer, number, option
 from probes.probe import Needs, Probe, ProbeBatch
 from probes.records import Histogram, Record, Scalar
@@ -46,42 +27,6 @@ def count_weights(model: nn.Module) -> int:
         for n, p in model.named_parameters()
         if p.requires_grad and not n.rsplit(".", 1)[-1].startswith("bias")
     )
-
-
-def forces(output: torch.Tensor, y: torch.Tensor, margin: float, who: str = "margin") -> torch.Tensor:
-    """``Delta = m - y f(x)`` (binary, one output) or ``m - (f_y - max_{c != y} f_c)`` (classes), float64 (P,)."""
-    if not isinstance(output, torch.Tensor):
-        raise TypeError(f"{who}: the model output is a {type(output).__name__}, not a tensor")
-    P = int(output.shape[0]) if output.ndim else 0
-    if P == 0:
-        raise ValueError(f"{who}: the model output has shape {tuple(output.shape)}; it needs the samples first")
-    f = output.detach().reshape(P, -1).to(torch.float64)
-    if not bool(torch.isfinite(f).all()):
-        raise ValueError(f"{who}: the model output contains NaN or infinite values")
-    if y.shape[0] != P:
-        raise ValueError(f"{who}: {y.shape[0]} labels for a probe batch of {P} samples")
-    if f.shape[1] == 1:
-        Y = label_matrix(y, num_classes=2, who=who)
-        if Y.shape[1] != 1 or not bool((Y.abs() == 1).all()):
-            raise ValueError(
-                f"{who}: a model with one output needs binary labels (+-1, or two class indices); "
-                f"got labels of shape {tuple(y.shape)} with values other than +-1"
-            )
-        return margin - Y[:, 0].to(f.device) * f[:, 0]
-    if y.is_floating_point() or y.ndim != 1:
-        raise ValueError(
-            f"{who}: a model with {f.shape[1]} outputs needs integer class labels of shape (P,), "
-            f"got {y.dtype} of shape {tuple(y.shape)}; pass class indices (y.long()) in probe_data"
-        )
-    idx = y.to(f.device).long()
-    if bool((idx < 0).any()) or bool((idx >= f.shape[1]).any()):
-        raise ValueError(
-            f"{who}: class labels must lie in 0..{f.shape[1] - 1} for {f.shape[1]} outputs, got "
-            f"{int(idx.min())}..{int(idx.max())}; the labels do not fit the model's output width"
-        )
-    true = f.gather(1, idx[:, None])[:, 0]
-    others = f.scatter(1, idx[:, None], float("-inf")).max(dim=1).values
-    return margin - (true - others)
 
 
 class Margin(Probe):

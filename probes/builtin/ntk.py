@@ -1,67 +1,7 @@
-"""``ntk``: the empirical neural tangent kernel on the probe batch and its spectrum (seed 002).
+"""``ntk``: the empirical neural tangent kernel ``Theta = J J^T`` on the probe batch and its spectrum (seed 002).
 
-``Theta = J J^T`` over every trainable parameter (``probes.functional.ntk.empirical_ntk``: layerwise formulas for
-Linear, Conv1d/2d/3d, LayerNorm, GroupNorm, BatchNorm (eval) and Embedding layers, per-sample Jacobians with
-``torch.func`` for everything else; exact for any model whose samples do not interact). By default the
-``P x P`` kernel **summed** over outputs is logged
-(``reduction="mean"`` divides by the number of outputs, neural-tangents' default); ``mode="full"``
-analyses the ``PC x PC`` kernel instead. The session runs the probe with the model in eval mode, so
-BatchNorm uses its running statistics; a model that still mixes samples is an error.
-
-Tags (eigenvalues in float64, ``torch.linalg.eigvalsh``):
-
-- ``ntk/trace``, ``ntk/eig_max``, ``ntk/eig_min``, ``ntk/condition`` (``inf`` when numerically singular),
-  ``ntk/effective_rank`` (``exp(entropy(lambda / sum lambda))``);
-- ``ntk/eig_top/<k>`` for ``k = 1..top_k``: the k-th largest eigenvalue;
-- ``ntk/alignment``: centered alignment of the trace kernel (summed over outputs, also in ``mode="full"``)
-  with ``Y Y^T`` (left out when the probe batch has no labels);
-- ``ntk/distance_from_init``: ``1 - <Theta_0, Theta_t>_F / (||Theta_0|| ||Theta_t||)`` with ``Theta_0`` the
-  first kernel this probe measured (kept in ``state_dict`` for checkpoints);
-- histogram ``ntk/log10_eigenvalues`` (positive eigenvalues only; a linear histogram would put nearly all of
-  them in its first bin);
-- image ``ntk/spectrum``: a labelled plot of the eigenvalues against their rank (1 = largest), log y: now
-  (solid) and at the first measurement, the initialization (dashed).
-
-Options: ``mode``, ``reduction``, ``top_k`` (5), ``bins`` (64), ``chunk_size`` (None: automatic),
-``image`` (True), ``image_every`` (None: an image at every measurement; k: at the first measurement, then
-once at least k steps have passed since the last image), ``spectrum`` ("auto"), ``memory_budget`` (2 GiB),
-``positions`` ("last"), ``outputs`` (None), ``seed`` (0), ``max_memory`` ("auto"), ``max_cost`` (None).
-
-Outputs (``docs/probes/ntk.md``): an output with more than 2 dimensions (a language model's ``(P, T, C)``
-logits) is taken at the last kept position of each sample (the last True of the probe batch's attention mask,
-else the last position), said once; ``positions="all"`` keeps every position. ``outputs=k``: the kernel of the
-``k`` outputs ``f(x) S``, ``S`` a fixed ``C x k`` matrix of i.i.d. ``N(0, 1/k)`` entries from the probe's own
-generator (``seed``), an unbiased estimate of the kernel summed over the ``C`` outputs.
-
-Budget: at attach (``check``) the probe estimates what its route will take (``probes.functional.ntk.ntk_cost``:
-each layer's factors or per-sample gradients, the fallback's Jacobians, the ``n x n`` kernels of the full route or
-the Krylov basis and streamed blocks of the top-k route, the largest temporary; and a time figure) and refuses,
-with a ``ValueError`` naming what lowers it (``spectrum="topk"``, a smaller probe batch, ``outputs=k``, and how much
-each gives), when the peak exceeds ``max_memory``: by default (``"auto"``) half of the memory available on the probe
-batch's device at attach (``probes.functional.ntk.cost.available_memory``); a number of bytes; None: no limit. The
-estimate is kept as ``probe.cost``. ``max_cost`` (None by default) also refuses above ``P x outputs x trainable
-parameters``, the backward passes' work. Only ``spectrum="auto"`` picks a route; the probe never sketches or drops
-outputs by itself. A measurement reports progress on ``logging.getLogger("probes")`` at INFO every few seconds;
-one over 10 s is said once.
-
-``spectrum="full"`` computes the ``n x n`` kernel (``n = P``, or ``P C`` in ``mode="full"``) and every eigenvalue.
-``spectrum="topk"`` never forms it: ``Theta V`` comes blockwise from the layerwise factors
-(``probes.functional.ntk.ntk_operator``), the ``top_k`` largest eigenvalues from block Krylov iterations in float64
-(``probes.functional.spectra.top_eigenvalues``), ``ntk/trace`` exactly from the per-sample gradient norms, and
-``ntk/effective_rank`` is estimated from the top eigenvalues and the trace (geometric mean of the bounds of a
-flat and of a packed tail, ``probes.functional.spectra.effective_rank_bounds``); only ``ntk/trace``,
-``ntk/eig_max``, ``ntk/eig_top/<k>``, ``ntk/effective_rank`` and the image of the top eigenvalues are logged then
-(``eig_min``, ``condition`` and the histogram need every eigenvalue; ``alignment`` and ``distance_from_init`` need
-``||Theta||_F``, i.e. every entry of the kernel). ``spectrum="auto"`` takes "topk" when the full route's four
-``n x n`` float64 matrices would exceed ``memory_budget`` bytes (at the default, ``n`` above 8,192), and when at
-attach the full route's estimate is above ``max_memory`` while the top-k route's is not (said once).
-
-Across ranks (DDP, FSDP2): every rank measures, each computing the factors of its ``P / world`` probe samples; the
-kernel's blocks are assembled from factors exchanged between the ranks (``spectrum="topk"``: the products ``Theta
-V`` are, and no rank holds ``P x P``), so every rank holds the kernel one process computes (``distributed=True`` of
-``probes.functional.ntk``); FSDP2 gathers one unit at a time, as in training. Only rank 0 writes.
-
-Default cadence: every 1000 steps (the kernel costs about ``P^2`` times the layer widths, the eigenvalues ``P^3``).
+The probe class only: its options, the at-attach budget and the route it takes; the kernel and its cost estimate
+are in ``probes.functional.ntk``. What it measures, its tags, options, budget and cost: ``docs/probes/ntk.md``.
 """
 
 from __future__ import annotations
@@ -71,15 +11,10 @@ import math
 import time
 from typing import Any
 
-import numpy as np
 import torch
 
 from probes import options
-from probes.builtin._images import declare_image_state, image_due
-from probes.figures import ImageCadence, spectrum_figure
-from probes.functional.alignment import DegenerateKernelError
-from probes.functional.labels import label_matrix
-from probes.functional.ntk import (
+from probes.autodiff.ntk import (
     MODES,
     REDUCTIONS,
     NTKCost,
@@ -90,12 +25,16 @@ from probes.functional.ntk import (
     ntk_plan,
     trace_over_outputs,
 )
-from probes.functional.ntk import cost as ntk_cost_module
-from probes.functional.ntk.cost import gib as _gib
-from probes.functional.ntk.outputs import SelectedOutput, gaussian_sketch, last_positions
+from probes.autodiff.ntk import cost as ntk_cost_module
+from probes.autodiff.ntk.cost import gib as _gib
+from probes.autodiff.ntk.outputs import SelectedOutput, gaussian_sketch, last_positions
+from probes.builtin._images import ImageCadence, declare_image_state, image_due
+from probes.functional.alignment import DegenerateKernelError
+from probes.functional.labels import label_matrix
+from probes.functional.ntk.settings import NTKSettings
 from probes.functional.spectra import effective_rank_bounds, kernel_distance, label_alignment, spectrum, top_eigenvalues
 from probes.probe import Needs, Probe, ProbeBatch
-from probes.records import Chart, Drawing, Histogram, Image, Record, Scalar
+from probes.records import Chart, Histogram, Image, Record, Scalar, Spectrum
 
 #: ``spectrum`` option: every eigenvalue from the P x P kernel, the top-k matrix-free, or by memory_budget
 SPECTRA = ("full", "topk", "auto")
@@ -184,6 +123,7 @@ class NTK(Probe):
                 what="'auto', a positive number of bytes, or None",
             )
         )
+        self.settings = NTKSettings()  # the NTK code's budgets and switches: its defaults, passed to every call
         self.cost: NTKCost | None = None  # the estimate made at attach (check)
         self._sketch: torch.Tensor | None = None
         self.image = options.flag("ntk", "image", image)
@@ -326,6 +266,7 @@ class NTK(Probe):
             chunk_size=self.chunk_size,
             world=batch.context.world_size,
             kernels=7 if labels else 5,
+            settings=self.settings,
         )
         budget, source = self.memory_limit(args[0].device)
         if budget is not None and cost.peak_bytes > budget and route == "full" and self.spectrum == "auto":
@@ -438,6 +379,7 @@ class NTK(Probe):
             dtype=torch.float64,
             plan=self._plan[1],
             distributed=batch.context.world_size > 1,
+            settings=self.settings,
         )
         P = batch.size
         C = theta.shape[0] // P
@@ -500,6 +442,7 @@ class NTK(Probe):
             dtype=torch.float64,
             plan=self._plan[1],
             distributed=distributed,
+            settings=self.settings,
         )
         n = op.shape[0]
         trace = op.trace()
@@ -531,9 +474,9 @@ def spectrum_drawing(
     reduction: str = "sum",
     mode: str = "trace",
     of: int | None = None,
-) -> Drawing:
-    """Labelled plot of the positive eigenvalues against their rank (largest first), log y; ``reference``
-    (the first kernel's) dashed, to draw later (host copies of the eigenvalues). ``of``: the kernel's size when
+) -> Spectrum:
+    """The picture data of the positive eigenvalues against their rank (largest first), log y; ``reference``
+    (the first kernel's) dashed (host copies of the eigenvalues). ``of``: the kernel's size when
     ``eigs`` are only its largest eigenvalues."""
     what = (
         "PC x PC kernel" if mode == "full" else f"kernel {'summed' if reduction == 'sum' else 'averaged'} over outputs"
@@ -542,28 +485,14 @@ def spectrum_drawing(
     title = f"ntk/spectrum: {which}" + (f", step {step}" if step is not None else "") + f"\n({what})"
     if reference is not None and step is not None and step == reference_step:
         reference = None  # at the first measurement, now is the initialization: one curve
-    return Drawing(
-        spectrum_figure,
+    return Spectrum(
         eigs.detach().double().cpu().numpy(),
         None if reference is None else reference.detach().double().cpu().numpy(),
         step=step,
-        init_step=reference_step,
+        reference_step=reference_step,
         title=title,
         ylabel="eigenvalue of the NTK (log scale)",
     )
-
-
-def spectrum_image(
-    eigs: torch.Tensor,
-    reference: torch.Tensor | None = None,
-    step: int | None = None,
-    reference_step: int | None = None,
-    reduction: str = "sum",
-    mode: str = "trace",
-    of: int | None = None,
-) -> np.ndarray:
-    """The pixels of ``spectrum_drawing`` (drawn now)."""
-    return spectrum_drawing(eigs, reference, step, reference_step, reduction, mode, of).result()
 
 
 def _token_labels(y: torch.Tensor | None) -> bool:

@@ -1,41 +1,8 @@
-"""particles: the hidden units of a two-layer net as particles (seed 001; Chizat & Bach 2018).
+"""``particles``: the hidden units of a two-layer net as particles ``a_j w_j``, with their trails (seed 001; Chizat &
+Bach 2018).
 
-For ``f(x) = sum_j a_j sigma(w_j . x + b_j)`` (any output scale: ``nn.Linear`` pairs or the
-``1/m`` ``probes.functional.meanfield.MeanField``), hidden unit ``j`` is a particle with position
-
-- ``signed=True`` (default, as the seed plots it): ``p_j = a_j w_j``;
-- ``signed=False`` (as Chizat & Bach's figures): ``p_j = |a_j| w_j``, coloured by the sign of ``a_j``;
-
-with ``w_j`` replaced by ``(w_j, b_j)`` when ``bias=True``. The scale factor of the output
-(``1/m`` in the mean-field module) is the particle's mass, not part of its position.
-Several outputs: ``a_j`` is the column ``A[:, j]`` of the output weight ``A`` (C x m);
-``output_index=c`` uses the scalar ``a_j = A[c, j]``; otherwise ``a_j`` is replaced by its
-Euclidean norm ``||A[:, j]||_2`` (signs are then undefined and particles are drawn in one colour).
-
-Positions in ``R^D`` are drawn as they are when ``D = 2``; otherwise projected on a basis
-``B`` (D x 2) fixed at the first measurement: the top two principal directions of the initial
-cloud (centred; ``basis="init"``, default), of the teacher rows (uncentred; ``basis="teacher"``),
-or a given matrix (used as it is, not orthonormalised).
-
-Records: scalar ``particles/mean_norm`` (mean of ``|a_j| ||w_j||``, the norm of ``p_j`` in
-``R^D``), histogram ``particles/norms`` (the ``|a_j| ||w_j||``), image ``particles/positions``
-(a labelled matplotlib figure: current particles as dots, red ``a_j >= 0``, blue ``a_j < 0``; faint trails
-since attach; teacher directions as black lines through the origin with a ring at each teacher row; axes
-in the units of the positions, a legend). Lines,
-not rays: without bias, ``relu(w.x) - relu(-w.x) = w.x`` is linear, so units at ``w*`` and
-``-w*`` have the same kinks and a student may split a teacher unit's mass between the two rays
-of its line, the linear remainder being made up by the other lines (the example
-``examples/meanfield_particles.py`` shows it). Axes are symmetric about the origin and only
-ever grow, so consecutive images make a movie.
-
-Trails live in one fixed-size tensor of ``trail`` positions per particle (part of the state
-dict). ``trail_mode="thin"`` (default) keeps the whole history since attach: when the buffer is
-full every other position is dropped and later ones are stored at half the rate, so the trail
-always starts at the initialisation. ``trail_mode="ring"`` keeps the last ``trail`` positions.
-
-Under FSDP2 (``fully_shard``) every rank measures: the hidden layer's weights are read inside
-``batch.context.gathered(hidden)``, then the output layer's inside ``batch.context.gathered(out)``, one unit's
-whole parameters at a time; the values are those of one process.
+The probe class: which layers, the projection basis fixed at the first measurement, the trails it keeps. What it
+measures, its tags, options and cost: ``docs/probes/particles.md``.
 """
 
 from __future__ import annotations
@@ -49,11 +16,10 @@ import torch
 from torch import nn
 
 from probes import options
-from probes.builtin._images import declare_image_state, image_due
-from probes.figures import ImageCadence, particles_figure
-from probes.functional.meanfield import MeanField
+from probes.builtin._images import ImageCadence, declare_image_state, image_due
+from probes.functional.particles import MeanField, principal_plane
 from probes.probe import Needs, Probe, ProbeBatch
-from probes.records import Drawing, Histogram, Image, Record, Scalar
+from probes.records import Histogram, Image, Record, Scalar, Trails
 
 
 def _leaves(model: nn.Module, prefix: str = "") -> list[tuple[str, nn.Module]]:
@@ -153,28 +119,6 @@ def find_two_layer(model: nn.Module, layer: str | None = None) -> tuple[str, nn.
     return hp, hidden, op, out
 
 
-def _complete(v: torch.Tensor, dim: int) -> torch.Tensor:
-    """Extend orthonormal columns ``v`` (dim x k, k <= 2) to two orthonormal columns."""
-    if v.shape[1] >= 2:
-        return v[:, :2]
-    eye = torch.eye(dim, dtype=v.dtype, device=v.device)
-    q, _ = torch.linalg.qr(torch.cat([v, eye], dim=1))
-    return q[:, :2]
-
-
-def _principal(points: torch.Tensor, center: bool) -> torch.Tensor:
-    """Top two principal directions (D x 2, float64) of the rows of ``points``, signs made deterministic."""
-    x = points.double()
-    if center:
-        x = x - x.mean(dim=0, keepdim=True)
-    _, _, vh = torch.linalg.svd(x, full_matrices=False)
-    v = _complete(vh[:2].T.contiguous(), x.shape[1])
-    # sign convention: the largest-magnitude entry of each direction is positive
-    pick = v.abs().argmax(dim=0)
-    sign = torch.sign(v[pick, torch.arange(2, device=v.device)])
-    return v * torch.where(sign == 0, torch.ones_like(sign), sign)
-
-
 #: the most positions kept per particle (``trail``: a trail x m x 2 float64 buffer) and the largest image side
 MAX_TRAIL, MAX_SIZE = 100_000, 4096
 TEACHER = "an M x D tensor of positions, or a tuple (a, W) / (a, W, b) of tensors"
@@ -191,7 +135,7 @@ def _rectangular(value: list | tuple) -> bool:
 def _teacher_option(teacher: Any) -> torch.Tensor | tuple[torch.Tensor, ...] | None:
     """The ``teacher`` option as float64 CPU tensors: an ``M x D`` (or ``D``) array (a tensor, a numpy array or a
     rectangular nested list of numbers), or ``(a, W)`` / ``(a, W, b)`` (a tuple or list of tensors, numpy arrays or
-    lists); their shapes against the model are checked at attach, in ``setup``."""
+    lists); their shapes against the model are checked at attach, in ``check``."""
     if teacher is None:
         return None
     if isinstance(teacher, (tuple, list)) and (
@@ -338,7 +282,7 @@ class Particles(Probe):
             self.basis = torch.eye(self.dim, 2, dtype=torch.float64, device=dev)
         elif self.basis_spec == "teacher":
             assert self.teacher is not None
-            self.basis = _principal(self.teacher, center=False)
+            self.basis = principal_plane(self.teacher, center=False)
         if self.trail is None or self.trail.shape[1] != self.width:
             self.trail = torch.full((self.trail_length, self.width, 2), float("nan"), dtype=torch.float64)
             self.filled, self.stride, self.seen, self.limit = 0, 1, 0, 0.0
@@ -392,10 +336,10 @@ class Particles(Probe):
             ``(p, sign, norms)``.
 
         Raises:
-            RuntimeError: called before ``setup``.
+            RuntimeError: called before ``check``.
         """
         if self.hidden is None:
-            raise RuntimeError("particles: positions() before setup; attach the probe first")
+            raise RuntimeError("particles: positions() before check; attach the probe first")
         gather = gathered if gathered is not None else (lambda *modules: nullcontext())
         # float64 copies: they outlive the block (under FSDP2 the gathered tensors are freed after it)
         with gather(self.hidden):
@@ -452,7 +396,7 @@ class Particles(Probe):
                 raise ValueError(
                     f"{self._who}: non-finite weights at the first measurement; cannot fix the projection basis"
                 )
-            self.basis = _principal(p, center=True)
+            self.basis = principal_plane(p, center=True)
         if tuple(self.basis.shape) != (self.dim, 2):
             raise ValueError(
                 f"{self._who}: the projection basis has shape {tuple(self.basis.shape)}, expected "
@@ -468,12 +412,9 @@ class Particles(Probe):
         return records
 
     # -- image ----------------------------------------------------------------------
-    def render(self, xy: torch.Tensor, sign: torch.Tensor | None, step: int | None = None) -> np.ndarray:
-        """The image: trails, teacher lines, current particles ``xy`` (m x 2); uint8 (size, size, 3)."""
-        return self.drawing(xy, sign, step).result()
-
-    def drawing(self, xy: torch.Tensor, sign: torch.Tensor | None, step: int | None = None) -> Drawing:
-        """The image of ``render``, to draw later (host copies of the positions)."""
+    def drawing(self, xy: torch.Tensor, sign: torch.Tensor | None, step: int | None = None) -> Trails:
+        """The picture data (host copies of the positions): trails, teacher lines, current particles ``xy``
+        (m x 2)."""
         cur = xy.numpy()
         hist = self.trails().numpy()
         teacher = (
@@ -493,8 +434,7 @@ class Particles(Probe):
             tsign = self.teacher_sign.cpu().numpy()
         at = f", step {step}" if step is not None else ""
         title = f"particles/positions: {self._position_name()} of {cur.shape[0]} hidden units{at}"
-        return Drawing(
-            particles_figure,
+        return Trails(
             cur,
             hist,
             None if sign is None else sign.numpy(),

@@ -1,67 +1,8 @@
-"""``pathgram``: the neural path kernel of a Linear->ReLU chain and its label norm (seed 000).
+"""``pathgram``: the neural path kernel ``H = Phi Phi^T`` of a Linear->ReLU chain and its label norm
+``tr(Y^T H^{-1} Y)`` (seed 000; Lakshminarayanan & Singh 2020).
 
-Lakshminarayanan & Singh 2020 ("Neural path features and neural path kernel") write a ReLU net as
-``f(x) = sum_p phi_p(x) v_p`` over input-to-output paths; the gram of the path features,
-``H = Phi Phi^T``, depends on the gates only:
-
-    bias-free:   H = (X X^T) * prod_l A_l A_l^T
-    with biases: S_0 = X X^T,  S_l = (S_{l-1} + b_l) * A_l A_l^T,  H = S_{L-1} + b_L
-
-(``A_l`` the 0/1 gates ``pre > 0`` of hidden layer ``l`` on the probe batch, ``b_k = 1`` when Linear ``k``
-has a bias; see ``functional.path_gram``). Logged, with ``Y`` the labels (binary +-1 in one column, classes one-hot):
-
-- ``pathgram/norm``: ``q(H) = tr(Y^T H^{-1} Y)`` of the unscaled path gram (counts of shared active paths
-  times ``<x, x'>``), float64. It scales like ``(n/2)^{-(L-1)}``: deep wide nets reach values below the
-  float32 range that TensorBoard stores, so ``pathgram/log10_norm`` gives ``log10 q(H)`` as well.
-- ``pathgram/norm_normalized``: ``q(H / tr H) = tr(H) q(H)``, the seed's ``y^T (H / tr H)^{-1} y``.
-- ``pathgram/jitter``: ``delta``, when ``H + delta * mean(diag H) * I`` had to be factorized because ``H``
-  is numerically singular (0 otherwise); both norms then refer to that matrix.
-- ``pathgram/singular``: 1 when ``H`` is numerically singular, 0 otherwise: its float64 Cholesky failed, *or* it
-  succeeded but the condition of ``H`` exceeds ``1 / rcond`` (default ``rcond = P * eps``, ``eps = 2.2e-16``,
-  the tolerance of ``numpy.linalg.matrix_rank``: beyond it ``H^{-1} Y`` keeps no reliable digit, and ``q(H)``
-  would be a number made of rounding errors, e.g. 7e14 for a rank-9 10 x 10 ``H`` of condition 3e16). ``H`` is
-  then never reported as it is: the jitter route is taken, ``delta`` growing tenfold from ``jitter_start`` until
-  the shifted matrix factorizes with a condition within ``1 / rcond`` (so ``pathgram/jitter > 0`` whenever this
-  flag is 1). The condition that decides: with ``condition="exact"`` all eigenvalues, otherwise the block
-  Lanczos estimate combined with the pivot bounds ``max diag H / min L_ii^2`` of the factor; the estimate runs
-  for this check even with ``condition="off"`` (which then only leaves ``pathgram/condition`` out), since the
-  pivot bounds alone miss singular path grams.
-- ``pathgram/condition``: ``lambda_max / lambda_min`` of the factorized matrix; by default a block Lanczos
-  estimate (Rayleigh-Ritz on Krylov spaces of ``H`` and of ``H^{-1}`` through the Cholesky factor), a lower
-  bound within 8% on the path grams tried, at a fraction of the cost of the factorization;
-  ``condition="exact"`` takes all eigenvalues (several times the cost of the factorization, P x P
-  temporaries), ``"off"`` leaves the tag out (the estimate still runs for ``pathgram/singular``). The
-  estimate is combined with the pivot bounds of the factor; both are lower bounds of the true condition.
-- image ``pathgram/gram``: a heat map of ``H_ij / sqrt(H_ii H_jj)`` with a colour bar, samples grouped by
-  label (lines between groups, the label on each), at most ``image_side`` samples evenly spaced in that order
-  (``image="raw"`` shows ``H / max |H|``; ``image=None`` turns it off; ``image_every`` thins the images:
-  None draws one at every measurement, k at the first, then once at least k steps have passed since the last).
-
-Cost: the input gram ``X X^T`` (float64) is computed at the first measurement and reused while the probe
-batch is unchanged (same storage and version counter); then each measurement costs one float32 ``A_l A_l^T``
-per layer, the Hadamard products, one float64 Cholesky factorization (``P^3 / 3``) and ``O(P^2)`` more,
-in buffers kept from one measurement to the next. On the CPU the symmetric products are computed only on
-and below the diagonal, blockwise.
-
-Options (checked when the probe is made; a bad type is a ``TypeError``, a bad value a ``ValueError``, both
-naming the probe and the option): ``condition`` (``"estimate"``, ``"exact"``, ``"off"``), ``image``
-(``"cosine"``, ``"raw"``, None), ``image_side`` (a positive int, 128), ``image_every`` (None or a positive
-int), ``jitter_start`` / ``jitter_max`` (relative jitter range: positive finite floats, start <= max; 1e-12 and
-1e-2), ``rcond`` (None for ``P * eps``, or a float in (0, 1): ``H`` is singular when
-``lambda_min < rcond * lambda_max``), ``check`` (a bool: the recomposition check below; default on).
-
-Memory: one measurement holds two P x P float64 matrices, the cached ``X X^T`` and the buffer in which the
-products and then the Cholesky factorization are done in place (``functional.path_gram``), plus panels of a
-few rows; at P = 10,000 about 1.5 GiB (``condition="exact"`` adds P x P temporaries for the eigenvalues).
-
-The probe checks the structure it relies on: the probe pass must call ``Linear, ReLU, Linear, ...,
-ReLU, Linear`` (a leading ``nn.Flatten`` and identities/dropouts are allowed), and recomposing the
-chain from the Linear layers and the captured activations must reproduce each gate's input and the
-model output, which catches residual connections, scalings or ``F.linear`` calls that no hook sees.
-
-Under FSDP2 (``fully_shard``) every rank measures (``Needs(sharding="per_module")``): the gates come from the probe
-pass, and the recomposition check reads each Linear's weight inside ``batch.context.gathered(linear)``, one unit at
-a time; the values are those of one process.
+The probe class and the check of the chain it relies on; the kernel and its solve are in
+``probes.functional.pathgram``. What it measures, its tags, options and cost: ``docs/probes/pathgram.md``.
 """
 
 from __future__ import annotations
@@ -69,19 +10,15 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from probes import options
-from probes.builtin._images import declare_image_state, image_due
-from probes.engine.inputs import take
-from probes.figures import ImageCadence, matrix_figure
+from probes.autodiff.pathgram import Chain, find_chain
+from probes.builtin._images import ImageCadence, declare_image_state, image_due
 from probes.functional.labels import label_matrix
-from probes.functional.path_gram import (
+from probes.functional.pathgram import (
     PathGram,
     Workspace,
     factorize,
@@ -89,81 +26,12 @@ from probes.functional.path_gram import (
     path_gram,
     quadratic_form,
 )
+from probes.inputs import take
 from probes.probe import Needs, Pass, Probe, ProbeBatch
-from probes.records import Drawing, Image, Record, Scalar
+from probes.records import Image, Matrix, Record, Scalar
 
-#: leaf modules that are the identity in eval mode and may sit anywhere in the chain
-PASS_THROUGH = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.AlphaDropout, nn.FeatureAlphaDropout)
-#: gate kinds for which post = pre * (pre > 0), i.e. the path kernel's 0/1 gates
-GATE_KINDS = frozenset({"relu"})
 #: relative tolerance of the recomposition check
 RECOMPOSE_RTOL = 1e-4
-
-
-@dataclass
-class Chain:
-    """A Linear->gate chain found in the probe pass: ``linears[k]`` then gate ``gates[k]`` (site names)."""
-
-    linears: list[tuple[str, nn.Linear]]
-    gates: list[str]
-
-    @property
-    def bias(self) -> list[bool]:
-        return [lin.bias is not None for _, lin in self.linears]
-
-
-def find_chain(batch: ProbeBatch | Pass, who: str = "pathgram") -> Chain:
-    """Read ``Linear, gate, Linear, ..., Linear`` off ``batch.calls``; raise naming the module that breaks it."""
-    if not batch.calls:
-        raise ValueError(
-            f"{who}: the probe pass recorded no module calls; is the model an nn.Module whose "
-            "forward calls Linear layers?"
-        )
-    linears: list[tuple[str, nn.Linear]] = []
-    gates: list[str] = []
-    expect_linear = True
-    for call in batch.calls:
-        where = f"module {call.path or '<root>'!r} ({call.kind})"
-        if call.site is None and isinstance(call.module, PASS_THROUGH):
-            continue
-        if call.site is None and isinstance(call.module, nn.Flatten):
-            if linears:
-                raise ValueError(
-                    f"{who}: {where} comes after Linear {linears[-1][0]!r}; only a leading Flatten "
-                    "fits a Linear->ReLU chain"
-                )
-            continue
-        if expect_linear:
-            if call.site is None and isinstance(call.module, nn.Linear):
-                linears.append((call.path, call.module))
-                expect_linear = False
-                continue
-            what = f"activation site {call.site!r}" if call.site is not None else where
-            after = f"after gate {gates[-1]!r}" if gates else "at the start of the chain"
-            raise ValueError(
-                f"{who}: {what} {after} where an nn.Linear was expected; the path gram applies to "
-                "Linear->ReLU chains only (an MLP of nn.Linear and nn.ReLU); leave pathgram out for "
-                "this model"
-            )
-        if call.site is not None:
-            if call.kind not in GATE_KINDS:
-                raise ValueError(
-                    f"{who}: activation site {call.site!r} is a {call.kind}; the neural path kernel "
-                    "needs 0/1 gates, i.e. ReLU (post = pre * (pre > 0)) after every hidden Linear"
-                )
-            gates.append(call.site)
-            expect_linear = True
-            continue
-        raise ValueError(
-            f"{who}: {where} follows Linear {linears[-1][0]!r} where a ReLU was expected; the path "
-            "gram applies to Linear->ReLU chains only (an MLP of nn.Linear and nn.ReLU); leave pathgram "
-            "out for this model"
-        )
-    if not linears:
-        raise ValueError(f"{who}: the probe pass called no nn.Linear; the path gram applies to Linear->ReLU chains")
-    if expect_linear:
-        raise ValueError(f"{who}: the chain ends with gate {gates[-1]!r}; the path gram needs a Linear output layer")
-    return Chain(linears, gates)
 
 
 def _relative_error(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -267,17 +135,10 @@ def _label_order(Y: torch.Tensor) -> torch.Tensor:
     return torch.argsort(key, stable=True)
 
 
-def gram_image(
-    pg: PathGram, Y: torch.Tensor, mode: str = "cosine", side: int = 128, title: str = "pathgram/gram"
-) -> np.ndarray:
-    """The pixels of ``gram_drawing`` (drawn now)."""
-    return gram_drawing(pg, Y, mode, side, title).result()
-
-
 def gram_drawing(
     pg: PathGram, Y: torch.Tensor, mode: str = "cosine", side: int = 128, title: str = "pathgram/gram"
-) -> Drawing:
-    """Figure of the path gram, to draw later (host copies of the entries shown), samples sorted by label;
+) -> Matrix:
+    """The picture data of the path gram (host copies of the entries shown), samples sorted by label;
     above ``side`` samples, ``side`` of them evenly spaced in that order (each cell one entry of ``H``, the
     diagonal kept); label groups marked."""
     Y = Y.to(pg.h.device)
@@ -297,11 +158,10 @@ def gram_drawing(
     starts = (torch.nonzero(key[1:] != key[:-1]).flatten() + 1).tolist()
     names = [f"{v:g}" for v in key[[0, *starts]].tolist()] if key.numel() else []
     shown = f"{order.numel()} of {P} samples" if order.numel() < P else f"{P} samples"
-    return Drawing(
-        matrix_figure,
+    return Matrix(
         m.double().cpu().numpy(),
-        starts,
-        names,
+        tuple(starts),
+        tuple(names),
         title=title,
         colorbar_label=bar,
         vmax=vmax,
@@ -362,7 +222,7 @@ class PathGramProbe(Probe):
                 keep=lambda site: frozenset({"pre", "post"}) if self.wants(site) else frozenset(),
             )
         X = flatten_input(batch.x)[: found.output.shape[0]]
-        chain = find_chain(found)
+        chain = find_chain(found.calls)
         if self.recompose:
             check_recomposition(found, chain, X, rows=min(X.shape[0], 16), gathered=batch.context.gathered)
         batch.targets("pathgram")
@@ -370,7 +230,7 @@ class PathGramProbe(Probe):
     def compute(self, batch: ProbeBatch) -> tuple[PathGram, Chain]:
         """The rescaled path gram of the probe batch, after checking the chain structure."""
         X = flatten_input(batch.x)
-        chain = find_chain(batch)
+        chain = find_chain(batch.calls)
         if self.recompose:
             check_recomposition(batch, chain, X, gathered=batch.context.gathered)
         gates = [batch.activations[s].pre > 0 for s in chain.gates]

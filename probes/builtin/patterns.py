@@ -1,54 +1,27 @@
-"""``patterns``: the gates ``pre > 0`` of every activation site on the probe batch, and how they move.
+"""``patterns``: the gates ``pre > 0`` of every activation site on the probe batch, how they move between
+measurements, and the distinct whole-network patterns (linear regions) the probe batch meets.
 
-For each site (every activation kind; a gate is ``pre > 0`` on the activation's input, for ReLU exactly
-the non-zero outputs) and the ``P`` probe samples:
-
-- ``patterns/<site>/active_fraction``: fraction of gate bits that are open;
-- ``patterns/<site>/dead_on_probe_batch`` / ``always_on_units``: units closed / open for every sample of
-  the probe batch (``relu_zeros/<site>/dead_in_window`` counts units never open in the training window
-  instead; a unit is a feature, the last axis, of 2-D and 3-D activations and a channel, axis 1, of 4-D/5-D
-  ones; ``unit_dim``, an int axis, overrides it at every site that has that axis, the others keep the default,
-  said once);
-- ``patterns/<site>/churn``: fraction of gate bits that flipped since the previous measurement, and
-  ``patterns/<site>/churn_from_init`` since the first one (both 0 at the first measurement);
-- ``patterns/distinct``: the number of distinct whole-network patterns (all selected sites together) among
-  the ``P`` inputs, i.e. the linear regions of a piecewise-linear net that the probe batch meets;
-- image ``patterns/<site>``: a labelled figure of the gate matrix, units (y) by probe samples (x), open gates
-  bright; samples grouped by label, a white line between groups and the label under each group.
-
-With ``save=True`` every measurement is also written as a packed snapshot (``np.packbits``) to
-``<logdir>/patterns/step_XXXXXXXX.npz``; ``probes.functional.patterns.load_gates`` / ``load_all`` read them back
-without pickle. ``image_every`` (None: an image at every measurement; k: at the first, then once at least k
-steps have passed since the last image) thins the images without thinning the scalars. The previous and the
-first snapshots are kept on the device and go through
-``state_dict`` so that churn continues across a checkpoint.
-
-**Padding.** When the probe inputs carry an attention mask (``ProbeBatch.mask``, ``(P, T)``), the gates of a site
-``(P, T, ...)`` (units on an axis after the positions) at padded positions are left out: they count as closed in the
-kept snapshots and the distinct patterns, the images draw them in a colour of their own (grey, "padding" in the
-legend) rather than as closed gates, and the fractions (``active_fraction``, ``churn``,
-``churn_from_init``) divide by the gates of real tokens only; a unit is dead when it is closed at every real token,
-always on when it is open at every real token.
+The probe class; packed snapshots are saved and loaded by ``probes.functional.patterns``. What it measures, its
+tags, options and cost: ``docs/probes/patterns.md``.
 """
 
 from __future__ import annotations
 
 import fnmatch
-import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from probes import options
-from probes.builtin._images import declare_image_state, image_due
-from probes.engine.inputs import take
-from probes.figures import ImageCadence, gates_figure
-from probes.functional.patterns import save_gates, snapshot_path, unit_axis
+from probes.builtin._images import ImageCadence, declare_image_state, image_due
+from probes.functional.patterns import PackedGates, distinct_packed_rows
+from probes.functional.relu_zeros import unit_axis
+from probes.inputs import take
 from probes.probe import Needs, Probe, ProbeBatch
-from probes.records import Drawing, Image, Record, Scalar
+from probes.records import Gates, Image, Record, Scalar
+from probes.snapshots import save_gates, snapshot_path
 
 
 def _unit_dim(ndim: int, override: int | None) -> int:
@@ -98,19 +71,6 @@ def _groups(y: torch.Tensor | None, P: int) -> tuple[torch.Tensor, list[int], li
 MAX_IMAGE_ROWS = 512
 
 
-def gate_image(
-    gates: torch.Tensor,
-    order: torch.Tensor,
-    starts: list[int],
-    names: Sequence[str] = (),
-    title: str = "gates on the probe batch",
-    ndim: int = 2,
-    real: torch.Tensor | None = None,
-) -> np.ndarray:
-    """The pixels of ``gate_drawing`` (drawn now)."""
-    return gate_drawing(gates, order, starts, names, title, ndim, real).result()
-
-
 def gate_drawing(
     gates: torch.Tensor,
     order: torch.Tensor,
@@ -119,8 +79,8 @@ def gate_drawing(
     title: str = "gates on the probe batch",
     ndim: int = 2,
     real: torch.Tensor | None = None,
-) -> Drawing:
-    """Figure of a P x units gate matrix, to draw later (a host copy of the gates): units (y) by samples (x)
+) -> Gates:
+    """The picture data of a P x units gate matrix (a host copy of the gates): units (y) by samples (x)
     in ``order``, a line before every group start, the groups' labels ``names`` under them. ``real``
     (broadcastable to ``gates``: true at the gates of real tokens, as the attention mask says) marks the
     others as padding, drawn in a colour of their own instead of as closed gates."""
@@ -148,58 +108,7 @@ def gate_drawing(
         m = flat.to(torch.uint8).cpu().numpy()[order.numpy()]
         if kept is not None:
             padding = (~kept).cpu().numpy()[order.numpy()]
-    return Drawing(gates_figure, m, starts, names, title=title, unit_label=unit, total=units, padding=padding)
-
-
-class PackedGates:
-    """A boolean gate tensor (samples first) kept at one bit per gate: ``bits`` is P x ceil(n / 8) uint8."""
-
-    __slots__ = ("bits", "shape")
-
-    def __init__(self, bits: torch.Tensor, shape: tuple[int, ...]) -> None:
-        self.bits, self.shape = bits, shape
-
-    @classmethod
-    def of(cls, gates: torch.Tensor) -> PackedGates:
-        return cls(pack_rows(gates.reshape(gates.shape[0], -1)), tuple(gates.shape))
-
-    def unpack(self, device: torch.device | None = None) -> torch.Tensor:
-        bits = self.bits if device is None else self.bits.to(device)
-        n = math.prod(self.shape[1:])
-        unpacked = (bits.unsqueeze(-1) & _BIT_WEIGHTS.to(bits.device)).ne(0).reshape(bits.shape[0], -1)[:, :n]
-        return unpacked.reshape(self.shape)
-
-
-_BIT_WEIGHTS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
-
-
-def pack_rows(bits: torch.Tensor) -> torch.Tensor:
-    """P x B booleans -> P x ceil(B / 8) bytes, most significant bit first (as ``np.packbits``)."""
-    P, B = bits.shape
-    pad = (-B) % 8
-    if pad:
-        bits = torch.cat([bits, bits.new_zeros(P, pad)], dim=1)
-    weights = _BIT_WEIGHTS.to(bits.device)
-    return (bits.reshape(P, -1, 8).to(torch.uint8) * weights).sum(dim=2, dtype=torch.uint8)
-
-
-def distinct_packed_rows(parts: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Number of distinct rows of row-packed gate matrices placed side by side."""
-    if not parts:
-        return torch.tensor(0)
-    rows = np.ascontiguousarray(torch.cat(list(parts), dim=1).cpu().numpy())
-    if rows.shape[1] == 0:
-        return torch.tensor(1 if rows.shape[0] else 0)
-    # each row as one opaque value: numpy sorts them without the per-element copies of torch.unique(dim=0)
-    return torch.tensor(np.unique(rows.view(np.dtype((np.void, rows.shape[1]))).ravel()).shape[0])
-
-
-def distinct_rows(bits: torch.Tensor) -> torch.Tensor:
-    """Number of distinct rows of a P x B boolean matrix (packed into bytes, then ``torch.unique``)."""
-    P, B = bits.shape
-    if B == 0:
-        return torch.tensor(1 if P else 0)
-    return distinct_packed_rows([pack_rows(bits)])
+    return Gates(m, tuple(starts), tuple(names), title=title, unit_label=unit, total=units, padding=padding)
 
 
 class Patterns(Probe):

@@ -1,20 +1,8 @@
-"""``relu_zeros``: exactly-zero outputs of ReLU-family sites on the training forwards (seed 003).
+"""``relu_zeros``: exactly-zero outputs of ReLU-family sites on the training forwards, per site and window: zero
+counts and fractions, units dead in the window, each unit's activity frequency (seed 003).
 
-Per site and window (the steps between two flushes): ``zeros`` (count of outputs == 0),
-``fraction = zeros / outputs``, ``dead_in_window`` (units never non-zero in the window), and a
-histogram of each unit's activity frequency (fraction of its outputs that are non-zero);
-``relu_zeros/total/fraction`` over all observed sites. A unit is a feature (last dim) of a
-2-D or 3-D (sequence) activation and a channel (dim 1) of a 4-D/5-D one; ``unit_dim`` (an int axis, negative
-from the end) overrides it at every site whose activations have that axis; a site without it keeps the default
-axis, said once.
-Counting stays on the device: per site and forward one ``!= 0`` test, held and summed per unit every up to 32
-forwards (one stack and one sum); for activations of 65,536 elements and more the tests are added into one byte
-tensor (folded every 255 forwards); one host copy per flush. The counts are declared state
-(``add_state``): the session resets them per window, sums them over ranks and checkpoints them.
-
-Tags: ``relu_zeros/<site>/fraction``, ``relu_zeros/<site>/zeros``, ``relu_zeros/<site>/dead_in_window``
-(units never non-zero over the training forwards of the window; compare ``patterns/<site>/dead_on_probe_batch``,
-which is over the probe batch), histogram ``relu_zeros/<site>/unit_activity``, ``relu_zeros/total/fraction``.
+A passive probe: its counts stay on the device as declared state (``add_state``). What it measures, its tags,
+options and cost: ``docs/probes/relu_zeros.md``.
 """
 
 from __future__ import annotations
@@ -25,7 +13,7 @@ from typing import Any
 import torch
 
 from probes.engine.failures import ProbesNoticeWarning, say
-from probes.functional.patterns import unit_axis
+from probes.functional.relu_zeros import unit_axis, zero_counts
 from probes.options import MAX_BINS, choice, integer, option
 from probes.probe import Needs, Probe, Site
 from probes.records import Histogram, Record, Scalar
@@ -175,14 +163,14 @@ class ReluZeros(Probe):
             outputs, per_unit = self.outputs[name], self.per_unit[name]
             if outputs == 0:
                 continue
-            zeros = outputs - nonzero.sum().double()
-            zeros_all.append(zeros)
+            counts = zero_counts(nonzero, outputs, per_unit)
+            zeros_all.append(counts.zeros)
             outputs_all.append(float(outputs))
             records += [
-                Scalar(f"relu_zeros/{name}/fraction", zeros / outputs),
-                Scalar(f"relu_zeros/{name}/zeros", zeros),
-                Scalar(f"relu_zeros/{name}/dead_in_window", (nonzero == 0).sum()),
-                Histogram.of(f"relu_zeros/{name}/unit_activity", nonzero.double() / per_unit, bins=self.options.bins),
+                Scalar(f"relu_zeros/{name}/fraction", counts.fraction),
+                Scalar(f"relu_zeros/{name}/zeros", counts.zeros),
+                Scalar(f"relu_zeros/{name}/dead_in_window", counts.dead),
+                Histogram.of(f"relu_zeros/{name}/unit_activity", counts.activity, bins=self.options.bins),
             ]
         if zeros_all:
             records.insert(0, Scalar("relu_zeros/total/fraction", torch.stack(zeros_all).sum() / sum(outputs_all)))

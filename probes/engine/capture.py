@@ -38,15 +38,16 @@ import sys
 import weakref
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules import module as _module_hooks
-from torch.overrides import TorchFunctionMode, _get_current_function_mode_stack
+from torch.overrides import TorchFunctionMode
 
+from probes import _torch
 from probes.probe import Activation, Call, Site
 
 ACTIVATION_MODULES: tuple[type[nn.Module], ...] = (
@@ -120,8 +121,8 @@ def unwrap(model: nn.Module) -> nn.Module:
     while True:
         if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
             model = model.module
-        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
-            model = model._orig_mod
+        elif _torch.compiled_original(model) is not None:
+            model = _torch.compiled_original(model)
         else:
             return model
 
@@ -160,9 +161,9 @@ def _first_tensor(args: tuple) -> torch.Tensor | None:
 def observable() -> bool:
     """False inside the backward pass (checkpoint recomputation) and under ``torch.func`` transforms (eager only: a
     compiled forward is traced once, and ``probes::begin`` is told what the trace saw)."""
-    if torch._C._current_graph_task_id() != -1:
+    if _torch.in_backward():
         return False
-    return torch._C._functorch.peek_interpreter_stack() is None
+    return not _torch.in_functorch_transform()
 
 
 ALL_VALUES = frozenset({"pre", "post"})
@@ -371,12 +372,11 @@ def dynamo_sees_hooks() -> bool:
     that guard (``torch._dynamo.reset()``): by default it skips those guards, so a compiled forward traced before
     the probes' hooks existed (or traced for another model of the same class) would skip the hooks silently.
     Returns whether it reset (said once by the session); a no-op while ``torch._dynamo`` was never imported."""
-    dynamo = sys.modules.get("torch._dynamo")
+    dynamo = _torch.dynamo_module()
     if dynamo is None or not getattr(dynamo.config, "skip_nnmodule_hook_guards", False):
         return False
     dynamo.config.skip_nnmodule_hook_guards = False
-    utils = sys.modules.get("torch._dynamo.utils")
-    compiled = utils is None or utils.counters["frames"].get("total", 0) > 0  # imported is not compiled
+    compiled = _torch.dynamo_frames_compiled()  # imported is not compiled
     if compiled:
         dynamo.reset()
     return compiled
@@ -725,10 +725,20 @@ class Capture:
         return t.reshape(-1, *t.shape[2:]).index_select(0, self._mask_rows).unsqueeze(0)
 
     def _wanted(self, path: str, kind: str, module: nn.Module | None, functional: bool = False) -> frozenset[str]:
-        """During a recording: what to keep of this call's site (decided on the site as currently named)."""
-        key = (f"{path or 'forward'}:{kind}" if functional else path, functional)
-        call = self._counts.get(key, 0) + 1
-        return frozenset(self._recording.keep(self.site(path, call, functional, kind, module)))
+        """During a recording: what to keep of this call's site, asked by the name it has once the pass ends.
+
+        A module first seen called twice in this pass is named ``path#k`` only when the pass ends; its k-th call
+        (k > 1) is asked as ``path#k`` already, and a first call not yet known to repeat is kept for either name.
+        """
+        base = f"{path or 'forward'}:{kind}" if functional else path
+        call = self._counts.get((base, functional), 0) + 1
+        site = self.site(path, call, functional, kind, module)
+        keep = self._recording.keep
+        if base in self.multi:
+            return frozenset(keep(site))
+        if call > 1:
+            return frozenset(keep(replace(site, name=site_name(base, call, True))))
+        return frozenset(keep(site)) | frozenset(keep(replace(site, name=site_name(base, 1, True))))
 
     # -- probe passes (process-wide hooks for the recording's duration) -------------------
     def _pre_hook(self, module: nn.Module, args: tuple) -> None:
@@ -787,7 +797,7 @@ class Capture:
     def _forget(self) -> None:
         mode, self._mode = self._mode, None
         if mode is not None:
-            stack = _get_current_function_mode_stack()
+            stack = _torch.function_modes()
             if stack and stack[-1] is mode:
                 mode.__exit__(None, None, None)
         self._depth, self._training_forward = 0, False

@@ -13,15 +13,15 @@ from collections.abc import Iterator
 from contextlib import AbstractContextManager, ExitStack, contextmanager
 
 import torch
-from torch._functorch.pyfunctorch import temporarily_clear_interpreter_stack
-from torch.utils._python_dispatch import _disable_current_modes
+
+from probes import _torch
 
 __all__ = ["isolated", "autocast_devices"]
 
 
 def autocast_devices() -> tuple[str, ...]:
     """The device types that autocast knows in this build of torch (the private-use backend included)."""
-    names = ["cpu", "cuda", "xpu", "mps", "hpu", "mtia", "xla", "maia", "ipu", torch._C._get_privateuse1_backend_name()]
+    names = ["cpu", "cuda", "xpu", "mps", "hpu", "mtia", "xla", "maia", "ipu", _torch.privateuse1_backend_name()]
     found = []
     for name in dict.fromkeys(names):
         try:
@@ -53,11 +53,11 @@ def isolated() -> AbstractContextManager[None]:
     no user ``TorchFunctionMode``/``TorchDispatchMode`` while inside; everything restored afterwards."""
     if (
         torch.is_grad_enabled()
-        and not torch._C._is_any_autocast_enabled()
+        and not _torch.any_autocast_enabled()
         and not torch.is_inference_mode_enabled()
-        and torch._C._len_torch_function_stack() == 0
-        and torch._C._len_torch_dispatch_stack() == 0
-        and torch._C._functorch.peek_interpreter_stack() is None
+        and _torch.function_mode_depth() == 0
+        and _torch.dispatch_mode_depth() == 0
+        and not _torch.in_functorch_transform()
     ):
         return _NOTHING
     return _isolated()
@@ -66,12 +66,12 @@ def isolated() -> AbstractContextManager[None]:
 @contextmanager
 def _isolated() -> Iterator[None]:
     with ExitStack() as stack:
-        if torch._C._len_torch_function_stack() > 0:  # first: the user's modes must not see the checks below
+        if _torch.function_mode_depth() > 0:  # first: the user's modes must not see the checks below
             stack.enter_context(_without_function_modes())
-        if torch._C._len_torch_dispatch_stack() > 0:
-            stack.enter_context(_disable_current_modes())
-        if torch._C._functorch.peek_interpreter_stack() is not None:
-            stack.enter_context(temporarily_clear_interpreter_stack())
+        if _torch.dispatch_mode_depth() > 0:
+            stack.enter_context(_torch.without_dispatch_modes())
+        if _torch.in_functorch_transform():
+            stack.enter_context(_torch.without_functorch_transforms())
         for device in _AUTOCAST:
             if torch.is_autocast_enabled(device):
                 stack.enter_context(torch.autocast(device, enabled=False))
@@ -85,10 +85,10 @@ def _isolated() -> Iterator[None]:
 def _without_function_modes() -> Iterator[None]:
     """The user's ``TorchFunctionMode`` stack set aside (innermost first) and pushed back in order."""
     popped = []
-    while torch._C._len_torch_function_stack() > 0:
-        popped.append(torch._C._pop_torch_function_stack())
+    while _torch.function_mode_depth() > 0:
+        popped.append(_torch.pop_function_mode())
     try:
         yield
     finally:
         for mode in reversed(popped):
-            torch._C._push_on_torch_function_stack(mode)
+            _torch.push_function_mode(mode)

@@ -28,8 +28,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from probes.engine.inputs import iter_tensors, map_tensors
-from probes.functional.fsdp import is_gathered, units
+from probes.autodiff.fsdp import is_gathered, units
+from probes.inputs import iter_tensors, map_tensors
 
 __all__ = [
     "rank_and_world",

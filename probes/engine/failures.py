@@ -23,6 +23,8 @@ from collections.abc import Iterator
 
 import torch
 
+from probes.probe import ProbesNoticeWarning
+
 log = logging.getLogger("probes")
 
 #: frames in these folders are not the user's: a warning points at the first frame outside them
@@ -34,10 +36,6 @@ _FRAMEWORK: contextvars.ContextVar[bool] = contextvars.ContextVar("probes_framew
 
 class ProbeFailedWarning(RuntimeWarning):
     """A probe raised; it is switched off and training goes on."""
-
-
-class ProbesNoticeWarning(UserWarning):
-    """Something a user should know once: a probe that sees nothing on this model, a window without training."""
 
 
 class SinkFailedWarning(RuntimeWarning):
@@ -78,6 +76,12 @@ def framework_driven() -> Iterator[None]:
         _FRAMEWORK.reset(token)
 
 
+def framework_default() -> bool:
+    """Whether sessions made now are driven by a framework (inside ``framework_driven()``): a probe reads it when it
+    is made, at attach, to say its notices later as the session does (``say(..., framework=...)``)."""
+    return _FRAMEWORK.get()
+
+
 def say(
     message: str, category: type[Warning] = UserWarning, framework: bool = False, level: int = logging.WARNING
 ) -> None:
@@ -104,13 +108,29 @@ class Failures:
         self.framework = _FRAMEWORK.get() if framework is None else framework
         self.failed: dict[str, str] = {}
         self._said: set[tuple[str, str]] = set()
+        self._lenient = 0  # inside reporting_only()
 
     def enabled(self, name: str) -> bool:
         return name not in self.failed
 
+    @contextlib.contextmanager
+    def reporting_only(self) -> Iterator[None]:
+        """Inside: a probe's error is reported and the probe switched off, even under ``strict`` (a session closed
+        on the user's exception: the user's error wins)."""
+        self._lenient += 1
+        try:
+            yield
+        finally:
+            self._lenient -= 1
+
+    @property
+    def raises(self) -> bool:
+        """Whether an error is raised now (``strict``, outside ``reporting_only()``)."""
+        return self.strict and not self._lenient
+
     def fail(self, name: str, exc: BaseException, step: int) -> None:
         """Switch ``name`` off and say so once (or re-raise ``exc`` under ``strict``)."""
-        if self.strict:
+        if self.raises:
             if hasattr(exc, "add_note") and not is_sink_error(exc):  # a sink's error names the sink already
                 exc.add_note(f"(in probe {name!r} at step {step}; strict=True)")
             raise exc

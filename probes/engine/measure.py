@@ -4,20 +4,23 @@ which probes failed anywhere, so that the next pass runs the same probes everywh
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from probes.engine import distributed, inputs
-from probes.engine.cadence import Cadence, now
+from probes import inputs
+from probes.engine import distributed
+from probes.engine.cadence import now
 from probes.engine.context import isolated
 from probes.engine.failures import Failures
+from probes.engine.measured import Measured
+from probes.engine.output import check_records
 from probes.engine.probe_pass import OutputError, ProbeData, ProbePass, keeper, lazy_pending
+from probes.engine.probeset import ProbeSet
+from probes.engine.run import Run
 from probes.engine.spec import named
 from probes.legacy import uses_validate
 from probes.probe import Pass, Probe, ProbeBatch, ProbeContext
-from probes.records import Record
 
 #: a fraction of the probe batch whose predicted class changes between running and batch statistics (or a relative
 #: change of the outputs) above which the probe pass measures another model than the one that trains
@@ -25,63 +28,39 @@ NORM_STATS_GAP = 0.25
 
 
 class ActiveProbes:
-    """The active probes of a session and their measurements.
+    """The active probes of a session and their measurements, which return their records and seconds
+    (``Measured``): the session hands those to the output and the cadence.
 
     Args:
-        probes: the active probes by name.
+        run: the run context (ranks, device, sharding, logdir, mask key, label shift).
+        probes: the session's probe set (its active probes are measured here).
         data: the probe batch; probe_pass: the engine's probe pass over the model.
-        failures, cadence: the session's failure policy and cadence (charged with each measurement's time).
-        write: ``write(name, records, hold)`` hands a probe's records to the session's output.
-        logdir, rank, world_size, sharded, device: where the session writes and how the ranks share the work.
-        mask_key: the probe inputs' entry holding the attention mask (``ProbeBatch.mask``).
-        label_shift: ``ProbeBatch.label_shift`` (token labels of a causal language model: 1).
-        collective: the ranks measure together (a sharded model, or a ``sharding="per_sample"`` probe under DDP):
-            the probes measured on every rank agree on their failures after each measurement.
+        failures: the session's failure policy.
     """
 
-    def __init__(
-        self,
-        probes: dict[str, Probe],
-        data: ProbeData,
-        probe_pass: ProbePass,
-        failures: Failures,
-        cadence: Cadence,
-        write: Callable[[str, list[Record], bool], None],
-        logdir: str | None = None,
-        rank: int = 0,
-        world_size: int = 1,
-        sharded: bool = False,
-        device: torch.device | None = None,
-        mask_key: str | None = None,
-        label_shift: int = 0,
-        collective: bool = False,
-    ) -> None:
-        self.probes, self.data, self.probe_pass = probes, data, probe_pass
-        self.failures, self.cadence, self.write = failures, cadence, write
-        self.logdir, self.rank, self.world_size, self.sharded, self.device = logdir, rank, world_size, sharded, device
-        self.mask_key, self.label_shift, self.collective = mask_key, label_shift, collective
-        self.measured_at: dict[str, int] = {}
-        #: the optimizer given to ``attach`` (``batch.context.optimizer``), set by the session
-        self.optimizer: Any = None
-        #: ``attach(model, "auto")``: called with ``(name, error)`` for a probe whose first measurement or validation
-        #: raised, instead of raising (the probe is left out)
-        self.on_attach_error: Callable[[str, Exception], None] | None = None
+    def __init__(self, run: Run, probes: ProbeSet, data: ProbeData, probe_pass: ProbePass, failures: Failures) -> None:
+        self.run, self.probes, self.data, self.probe_pass, self.failures = run, probes, data, probe_pass, failures
+        self._measured_at: dict[str, int] = {}
         self._norms_checked, self._passes = False, 0
 
-    def measure(self, names: list[str], step: int, at_attach: bool = False) -> None:
+    def measure(self, names: list[str], step: int, at_attach: bool = False, leave_out: bool = False) -> Measured:
         """Measure ``names`` (those not switched off) at ``step``. ``at_attach``: the first measurement, whose
-        errors raise (attach fails) and whose records are held back. Nothing of the caller's context (autocast,
-        grad mode, transforms, modes: ``probes.engine.context``) reaches the measurement."""
+        errors raise (attach fails; with ``leave_out``, ``attach(model, "auto")``, the probe is left out instead).
+        Nothing of the caller's context (autocast, grad mode, transforms, modes: ``probes.engine.context``) reaches
+        the measurement."""
         with isolated():
-            self._measure(names, step, at_attach)
+            return self._measure(names, step, at_attach, leave_out)
 
-    def _measure(self, names: list[str], step: int, at_attach: bool) -> None:
+    def resumed(self, step: int) -> None:
+        """A state was loaded at ``step``: every active probe counts as measured there (``close()`` then measures
+        only those measured since)."""
+        self._measured_at = dict.fromkeys(self.probes.active, step)
+
+    def _measure(self, names: list[str], step: int, at_attach: bool, leave_out: bool) -> Measured:
         names = [n for n in names if self.failures.enabled(n)]
         if not names:
-            return
+            return Measured()
         if lazy_pending(self.probe_pass.module):  # a pass now would initialise lazy parameters
-            if at_attach:
-                self.check_without_pass(names, step)
             for n in names:
                 self.failures.notice(
                     n,
@@ -90,82 +69,90 @@ class ActiveProbes:
                     "measures from the first due step after a training forward initialised them "
                     "(run one forward before attach to measure the initialization)",
                 )
-            return
-        if not self.sharded and not self.collective:
-            return self._measure_here(names, step, at_attach)
+            return self.check_without_pass(names, step, leave_out=leave_out) if at_attach else Measured()
+        run = self.run
+        if not run.sharded and not run.collective:
+            return self._measure_here(names, step, at_attach, leave_out)
         # measured on every rank: all under a sharded model, else the probes that split the probe batch (DDP)
-        together = names if self.sharded else [n for n in names if self.probes[n].needs.sharding == "per_sample"]
-        sharded_before, before, error = distributed.sharded_now(self.probe_pass.module), set(self.failures.failed), None
-        here = names if self.rank == 0 or self.sharded else together
+        together = names if run.sharded else [n for n in names if self.probes[n].needs.sharding == "per_sample"]
+        sharded_before, before = distributed.sharded_now(self.probe_pass.module), set(self.failures.failed)
+        here = names if run.rank == 0 or run.sharded else together
+        result, error = Measured(), None
         try:
             if here:
-                self._measure_here(here, step, at_attach)
+                result = self._measure_here(here, step, at_attach, leave_out)
+                error, result.raised = result.raised, None
         except Exception as exc:  # a raised error: the other ranks must still learn of it
             error = exc
         distributed.reshard(sharded_before)  # FSDP2 keeps the root gathered after a forward without backward
-        if self.world_size == 1 or not together:
-            if error is not None:
-                raise error
-            return
+        if run.world_size == 1 or not together:
+            result.raised = error
+            return result
         failed = {n for n in together if n in self.failures.failed and n not in before} | (
             set(together) if error else set()
         )
-        elsewhere = distributed.failed_anywhere(together, failed, self.device) - failed
+        elsewhere = distributed.failed_anywhere(together, failed, run.device) - failed
         if at_attach and elsewhere and error is None:
             raise RuntimeError(
                 f"attach failed on another rank (the ranks measure together): probe(s) "
                 f"{sorted(elsewhere)} raised there at the first measurement (its error says why)"
             )
         for name in [n for n in together if n in elsewhere]:
-            self.failures.fail(
-                name,
-                RuntimeError(
-                    f"probe {name!r} raised on another rank during the probe pass at step {step}; it is switched off "
-                    "on every rank, so that all ranks keep running the same probe passes"
-                ),
-                step,
+            remote = RuntimeError(
+                f"probe {name!r} raised on another rank during the probe pass at step {step}; it is switched off "
+                "on every rank, so that all ranks keep running the same probe passes"
             )
-        if error is not None:
-            raise error
+            if result.fail(self.failures, name, remote, step):
+                break
+        result.raised = result.raised or error
+        return result
 
     def stale(self, step: int) -> list[str]:
         """The probes whose last measurement is not at ``step`` (``close()`` measures them once more)."""
-        return [n for n in self.probes if self.measured_at.get(n) != step]
+        return [n for n in self.probes.active if self._measured_at.get(n) != step]
 
-    def validate(self, step: int) -> None:
-        """At attach without a measurement: the shared pass once, and each probe's ``check`` (errors raise)."""
-        if not self.probes:
-            return
+    def check(self, step: int, leave_out: bool = False) -> Measured:
+        """At attach without a measurement: the shared pass once, and each probe's ``check`` (errors raise;
+        with ``leave_out`` the probe is left out instead). Returns the probes left out."""
+        result = Measured()
+        active = self.probes.active
+        if not active:
+            return result
         if not self.data.present or lazy_pending(self.probe_pass.module):
-            return self.check_without_pass(list(self.probes), step)
-        before = distributed.sharded_now(self.probe_pass.module) if self.sharded else []
+            return self.check_without_pass(list(active), step, leave_out=leave_out)
+        before = distributed.sharded_now(self.probe_pass.module) if self.run.sharded else []
         try:
             with self.probe_pass.guarded():  # isolated from the caller's context, as every probe pass
-                batch = self._batch(list(self.probes), step)
-                for name in list(self.probes):
+                batch = self._batch(list(active), step)
+                for name in list(active):
                     try:
                         self.check_one(name, batch)
                     except Exception as exc:
-                        self._attach_error(name, exc)
+                        self._attach_error(result, name, exc, leave_out)
         finally:
             distributed.reshard(before)  # as after a measurement: FSDP2 keeps the root gathered after a forward
+        return result
 
-    def check_without_pass(self, names: list[str], step: int, probes: dict[str, Probe] | None = None) -> None:
+    def check_without_pass(
+        self, names: list[str], step: int, probes: dict[str, Probe] | None = None, leave_out: bool = False
+    ) -> Measured:
         """Each probe's ``check`` on a batch without a probe pass (``output`` None): where no pass can run at attach
-        (no probe batch, lazy modules), for passive probes (``probes``), and after the model changed."""
-        probes = self.probes if probes is None else probes
-        batch = self.bare_batch(step)
+        (no probe batch, lazy modules), for passive probes (``probes``), and after the model changed. Returns the
+        probes left out (with ``leave_out``; else the first error raises)."""
+        probes = dict(self.probes.active) if probes is None else probes
+        batch, result = self.bare_batch(step), Measured()
         for name in names:
             try:
                 self.check_one(name, batch, probes, old_validate=False)
             except Exception as exc:
-                self._attach_error(name, exc)
+                self._attach_error(result, name, exc, leave_out)
+        return result
 
     def check_one(
         self, name: str, batch: ProbeBatch, probes: dict[str, Probe] | None = None, old_validate: bool = True
     ) -> None:
         """The probe's ``check`` (and the old contract's ``validate`` where it defines one) on ``batch``."""
-        probe = (self.probes if probes is None else probes)[name]
+        probe = (self.probes.active if probes is None else probes)[name]
         batch.context.probe = name
         probe.check(batch)
         if old_validate and uses_validate(probe):
@@ -177,26 +164,29 @@ class ActiveProbes:
         return ProbeBatch(self.probe_pass.module, x, y, None, {}, step, context=self._context(True))
 
     def _context(self, tensor_output: bool) -> ProbeContext:
+        run = self.run
         return ProbeContext(
             self.probe_pass.module,
-            rank=self.rank,
-            world_size=self.world_size if self.collective else 1,
-            sharded=self.sharded,
-            label_shift=self.label_shift,
-            device=self.device,
-            optimizer=self.optimizer,
-            writes=self.rank == 0,
-            logdir=self.logdir,
+            rank=run.rank,
+            world_size=run.world_size if run.collective else 1,
+            sharded=run.sharded,
+            label_shift=run.label_shift,
+            device=run.device,
+            optimizer=run.optimizer,
+            writes=run.writes,
+            logdir=run.logdir,
+            chunk_size=self.probe_pass.chunk_size,
             runner=self.probe_pass.run,
             output_spec=self.probe_pass.output_spec,
             tensor_output=tensor_output,
             notify=self.failures.notice,
         )
 
-    def _attach_error(self, name: str, exc: Exception) -> None:
-        if self.on_attach_error is None:
+    @staticmethod
+    def _attach_error(result: Measured, name: str, exc: Exception, leave_out: bool) -> None:
+        if not leave_out:
             raise named(exc, name) from exc
-        self.on_attach_error(name, exc)
+        result.left_out.append((name, exc))
 
     def _batch(self, names: list[str], step: int) -> ProbeBatch:
         x, y = self.data.current()
@@ -206,17 +196,18 @@ class ActiveProbes:
             shared = self.probe_pass.run(x, keeper(due) if due else None)
             self._check_norms(x, shared.output, step)
             self._say_compute_dtype(shared.output)
-        mask = self.data.mask(self.mask_key)
+        mask = self.data.mask(self.run.mask_key)
         context = self._context(shared.tensor_output)
         return ProbeBatch(
             self.probe_pass.module, x, y, shared.output, shared.activations, step, mask, shared.calls, context
         )
 
-    def _measure_here(self, names: list[str], step: int, at_attach: bool) -> None:
+    def _measure_here(self, names: list[str], step: int, at_attach: bool, leave_out: bool) -> Measured:
+        result = Measured()
         for n in names:
-            self.measured_at[n] = step
-        if self.rank != 0 and not self.collective:
-            return
+            self._measured_at[n] = step
+        if not self.run.writes and not self.run.collective:
+            return result
         started = now()
         with self.probe_pass.guarded():
             try:
@@ -228,8 +219,9 @@ class ActiveProbes:
                         raise cause from None
                     raise named(cause, names[0]) from cause
                 for name in names:
-                    self.failures.fail(name, cause, step)
-                return
+                    if result.fail(self.failures, name, cause, step):
+                        break
+                return result
             shared = (now() - started) / len(names)  # the pass, shared by the due probes
             for name in names:
                 t0 = now()
@@ -237,13 +229,15 @@ class ActiveProbes:
                     if at_attach:
                         self.check_one(name, batch)
                     batch.context.probe = name
-                    self.write(name, self.probes[name].measure(batch), at_attach)
+                    result.records.append((name, check_records(name, self.probes[name].measure(batch))))
                 except Exception as exc:  # noqa: BLE001
                     if at_attach:
-                        self._attach_error(name, exc)
+                        self._attach_error(result, name, exc, leave_out)
                         continue
-                    self.failures.fail(name, exc, step)
-                self.cadence.charge(name, shared + now() - t0)
+                    if result.fail(self.failures, name, exc, step):
+                        break
+                result.seconds[name] = shared + now() - t0
+        return result
 
     def _say_compute_dtype(self, output: torch.Tensor | None) -> None:
         """Once: the probe pass computed in another dtype than the parameters are stored in (FSDP2's

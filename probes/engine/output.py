@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from probes.engine.failures import Failures, sink_error
+from probes.engine.run import Run
 from probes.records import Record, to_host
 from probes.sinks.base import Sink
 
@@ -80,17 +81,25 @@ class Output:
 
     Args:
         failures: the session's failure policy (it says what a sink's failure is, and whether ``strict``).
+        run: the run context (only rank 0 writes); default: a run of one process.
     """
 
-    def __init__(self, failures: Failures | None = None) -> None:
+    def __init__(self, failures: Failures | None = None, run: Run | None = None) -> None:
         self.failures = failures if failures is not None else Failures(strict=False)
+        self.run = run if run is not None else Run()
         self.sinks: list[Sink] = []
         self.pending: list[tuple[list[Record], int]] = []
         self._last: dict[str, int] = {}  # tag -> step of its last point
         self._down: dict[int, _Down] = {}  # id(sink) -> since when it misses records
 
+    def write_all(self, records: list[tuple[str, list[Record]]], step: int, hold: bool = False) -> None:
+        """Write the checked records of each probe (a ``Measured``'s ``records``) at ``step``, in order; on ranks
+        other than 0, nothing. ``hold``: the at-attach measurement, held back until the session is first used."""
+        for _, some in records:
+            self.write(some, step, hold)
+
     def write(self, records: list[Record], step: int, hold: bool = False) -> None:
-        if not records:
+        if not records or not self.run.writes:
             return
         if hold:  # the sinks are made once attach has succeeded
             self.pending.append((records, step))
@@ -129,7 +138,7 @@ class Output:
         try:
             sink.write(records, step)
         except Exception as exc:  # noqa: BLE001 - the sink's failure, not the probe's whose records these are
-            return self._failed(sink, "write", exc, step, self.failures.strict)
+            return self._failed(sink, "write", exc, step, self.failures.raises)
         if down is not None:
             del self._down[id(sink)]
             self.failures.sink_back(f"{describe(sink)} writes again from step {step}: {down.what()}")
@@ -172,7 +181,7 @@ class Output:
             try:
                 sink.flush()
             except Exception as exc:  # noqa: BLE001 - the sink's failure
-                error = error or self._failed(sink, "flush", exc, step, self.failures.strict)
+                error = error or self._failed(sink, "flush", exc, step, self.failures.raises)
         if error is not None:
             raise error
 

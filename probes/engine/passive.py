@@ -13,36 +13,32 @@ from probes.engine import distributed
 from probes.engine.capture import Capture
 from probes.engine.context import isolated
 from probes.engine.failures import Failures
+from probes.engine.measured import Measured
+from probes.engine.output import check_records
+from probes.engine.probeset import ProbeSet
+from probes.engine.run import Run
 from probes.probe import Probe, Site
-from probes.records import Record
 
 
 class PassiveProbes:
-    """The passive probes of a session.
+    """The passive probes of a session; a flush returns their records (``Measured``), which the session writes.
 
     Args:
-        probes: the passive probes by name.
+        run: the run context (the ranks that reduce together, the device, the step clock for messages).
+        probes: the session's probe set (its passive probes are observed here).
         failures: the session's failure policy.
-        write: ``write(name, records)`` hands a probe's records to the session's output.
-        step: the session's current step (for messages).
-        world_size, rank, device: the ranks that reduce together (1, 0 and the model's device without them).
     """
 
-    def __init__(
-        self,
-        probes: dict[str, Probe],
-        failures: Failures,
-        write: Callable[[str, list[Record]], None],
-        step: Callable[[], int],
-        world_size: int = 1,
-        rank: int = 0,
-        device: torch.device | None = None,
-    ) -> None:
-        self.probes, self.failures, self.write, self.step = probes, failures, write, step
-        self.world_size, self.rank, self.device = world_size, rank, device
+    def __init__(self, run: Run, probes: ProbeSet, failures: Failures) -> None:
+        self.run, self.set, self.failures = run, probes, failures
         self.forwards = 0  # completed training forwards seen
         self._observers: dict[str, list[tuple[str, Probe]]] = {}
         self._window: dict[str, tuple[int, int]] = {}  # name -> (step, forwards) of its last flush
+
+    @property
+    def probes(self) -> dict[str, Probe]:
+        """The passive probes by name."""
+        return self.set.passive
 
     def install(self, capture: Capture, notice: bool = True) -> None:
         """Observe every training forward from now on; say once which probes see no site of this model (with
@@ -72,7 +68,7 @@ class PassiveProbes:
                 try:
                     probe.observe(site, pre, post)
                 except Exception as exc:  # noqa: BLE001 - reported, probe disabled
-                    self.failures.fail(name, exc, self.step())
+                    self.failures.fail(name, exc, self.run.step)
 
     def _on_training_forward(self, sites: Callable[[], list[Site]]) -> None:
         self.forwards += 1
@@ -103,29 +99,31 @@ class PassiveProbes:
     def flushable(self) -> list[str]:
         """Passive probes to flush. Under DDP every rank takes part in every probe's collective, also for a probe
         switched off on this rank only, so that the ranks stay in step and learn of the failure instead of hanging."""
-        if self.world_size > 1:
+        if self.run.world_size > 1:
             return list(self.probes)
         return [n for n in self.probes if self.failures.enabled(n)]
 
-    def flush(self, names: list[str], step: int, scheduled: bool = False) -> None:
-        """Write the windows of ``names`` at ``step`` and start new ones. A window already written at this step
-        with no training forward since is not written again (one point per tag per step). The caller's context
-        (autocast, grad or inference mode, modes) is set aside, as for a measurement."""
+    def flush(self, names: list[str], step: int, scheduled: bool = False) -> Measured:
+        """The windows of ``names`` at ``step`` (their records, to write), and new windows started. A window
+        already written at this step with no training forward since is not written again (one point per tag per
+        step). The caller's context (autocast, grad or inference mode, modes) is set aside, as for a measurement."""
         with isolated():
-            self._flush(names, step, scheduled)
+            return self._flush(names, step, scheduled)
 
-    def _flush(self, names: list[str], step: int, scheduled: bool) -> None:
+    def _flush(self, names: list[str], step: int, scheduled: bool) -> Measured:
+        result, world = Measured(), self.run.world_size
         for name in names:
             last_step, last_forwards = self._window.get(name, (None, 0))
-            if not scheduled and last_step == step and (self.world_size > 1 or last_forwards == self.forwards):
+            if not scheduled and last_step == step and (world > 1 or last_forwards == self.forwards):
                 continue  # under DDP decided on the step alone: every rank decides alike
             probe = self.probes[name]
-            if self.world_size > 1:
+            if world > 1:
                 outcome = distributed.reduce_states(
-                    probe, not self.failures.enabled(name), self.device, step, self.rank
+                    probe, not self.failures.enabled(name), self.run.device, step, self.run.rank
                 )
                 if not outcome.ok:
-                    self.failures.fail(name, outcome.reason, step)
+                    if result.fail(self.failures, name, outcome.reason, step):
+                        break
                     continue
             if not self.failures.enabled(name):
                 continue
@@ -141,8 +139,10 @@ class PassiveProbes:
             self._window[name] = (step, self.forwards)
             try:
                 probe.settle()
-                self.write(name, list(probe.flush(step)))
+                result.records.append((name, check_records(name, probe.flush(step))))
             except Exception as exc:  # noqa: BLE001
-                self.failures.fail(name, exc, step)
+                if result.fail(self.failures, name, exc, step):
+                    break
             finally:
                 probe.reset_window()
+        return result

@@ -21,7 +21,8 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from probes.engine import distributed, inputs
+from probes import inputs
+from probes.engine import distributed
 from probes.engine.capture import Capture
 from probes.engine.context import isolated
 from probes.engine.failures import ProbesNoticeWarning
@@ -320,10 +321,12 @@ def standalone_batch(
     output: Any = None,
     probe_batch_size: int | None = None,
     site_types: tuple[type[nn.Module], ...] = (),
+    optimizer: Any = None,
 ) -> ProbeBatch:
     """A ``ProbeBatch`` outside a session (``probes.testing.probe_batch``): the model's output on ``x`` and a probe
     pass of its own for ``batch.context.run``, each run in eval mode with the modes and RNG state restored
-    (``site_types``: extra module types to treat as sites, as a session takes them from its probes)."""
+    (``site_types``: extra module types to treat as sites, as a session takes them from its probes; ``optimizer``:
+    ``batch.context.optimizer``)."""
     probe_pass = ProbePass(model, Capture(model, extra_sites=tuple(site_types)), output, probe_batch_size)
 
     def run(x: Any, keep: Keep | None = None, params: Mapping[str, torch.Tensor] | None = None) -> Pass:
@@ -331,7 +334,14 @@ def standalone_batch(
             return probe_pass.run(x, keep, params)
 
     shared = run(x)
-    context = ProbeContext(model, runner=run, output_spec=output, tensor_output=shared.tensor_output)
+    context = ProbeContext(
+        model,
+        optimizer=optimizer,
+        chunk_size=probe_batch_size,
+        runner=run,
+        output_spec=output,
+        tensor_output=shared.tensor_output,
+    )
     return ProbeBatch(model, x, y, shared.output, {}, step, context=context)
 
 

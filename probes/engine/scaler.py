@@ -26,10 +26,10 @@ def step(self: Any, optimizer: Any, *args: Any, **kwargs: Any) -> Any:
     counter = _COUNTERS.get(self)
     if counter is None:  # a copy, or a scaler whose session closed
         return type(self).step(self, optimizer, *args, **kwargs)
-    before = counter.steps()
+    before = counter.clock.step
     out = type(self).step(self, optimizer, *args, **kwargs)
     if optimizer is counter.optimizer:
-        counter.after(stepped=counter.steps() != before)
+        counter.after(stepped=counter.clock.step != before)
     return out
 
 
@@ -39,11 +39,11 @@ class SkippedSteps:
 
     Args:
         scaler: a ``torch.amp.GradScaler`` (or anything with a ``step(optimizer, ...)`` method).
-        optimizer: the session's optimizer; steps: the session's step counter (``() -> int``).
+        optimizer: the session's optimizer; clock: the session's step clock (``probes.engine.run.StepClock``).
         write: ``write(count)`` hands the cumulative count to the session's output.
     """
 
-    def __init__(self, scaler: Any, optimizer: Any, steps: Any, write: Any) -> None:
+    def __init__(self, scaler: Any, optimizer: Any, clock: Any, write: Any) -> None:
         if not callable(getattr(scaler, "step", None)):
             raise TypeError(f"attach(grad_scaler=...) must be a torch.amp.GradScaler, got {type(scaler).__name__}")
         if optimizer is None:
@@ -53,7 +53,7 @@ class SkippedSteps:
             )
         if scaler in _COUNTERS:
             raise ValueError("attach(grad_scaler=...): this scaler is already counted by another open session")
-        self.scaler, self.optimizer, self.steps, self.write = scaler, optimizer, steps, write
+        self.scaler, self.optimizer, self.clock, self.write = scaler, optimizer, clock, write
         self.skipped, self._written = 0, 0
         _COUNTERS[scaler] = self
         scaler.step = types.MethodType(step, scaler)

@@ -3,7 +3,8 @@ for them and for the lifecycle's promises)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import contextlib
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -22,15 +23,18 @@ from probes.engine.failures import (
     SinkFailedWarning,
 )
 from probes.engine.measure import ActiveProbes
-from probes.engine.output import Output, check_records
+from probes.engine.measured import Measured
+from probes.engine.output import Output
 from probes.engine.passive import PassiveProbes
 from probes.engine.probe_pass import ProbeData, ProbePass, check_model, model_placement
+from probes.engine.probeset import ProbeSet
+from probes.engine.resume import check_state, measures_at_attach
+from probes.engine.run import Run
 from probes.engine.scaler import SkippedSteps
-from probes.engine.spec import AUTO, Options, declare_charts, make_sinks, parse_probes, parse_sinks, setup_probes
+from probes.engine.spec import Options, ProbeSpec, declare_charts, setup_probes
 from probes.legacy import uses_setup
-from probes.probe import Context, Probe
+from probes.probe import Context
 from probes.records import Scalar
-from probes.sinks.memory import MemorySink
 
 __all__ = ["Session", "ProbesClosedError", "ProbeFailedWarning", "ProbesNoticeWarning", "SinkFailedWarning"]
 
@@ -38,46 +42,92 @@ __all__ = ["Session", "ProbesClosedError", "ProbeFailedWarning", "ProbesNoticeWa
 class Session:
     """Probes attached to one model. Use ``step()`` (or give ``optimizer``), then ``close()``.
 
+    The parts are wired by data: one run context (``self.run``: ranks, device, sharding, logdir, mask key, label
+    shift, strictness and the step clock) and one probe set (``self.probes``), both shared by reference by the
+    active and passive drivers and the output; measurements return their records and seconds, which the session
+    hands to the output and the cadence.
+
     Args:
-        model: the model; probes: the probe spec; options: ``attach``'s keyword options (documented there).
+        model: the model; probes: the probe spec (or a parsed ``ProbeSpec``); options: ``attach``'s keyword
+            options (documented there).
+        sinks: how the sinks are planned: ``sinks(spec, logdir, writer, sink_class)`` checks ``attach``'s sink
+            spec and returns a plan whose ``build(run)`` makes them once all else worked (``plan_sinks`` of
+            ``probes.sinks``; the engine names no sink); called on rank 0 only. None: no sinks.
     """
 
-    def __init__(self, model: nn.Module, probes: Any, options: Options) -> None:
+    def __init__(
+        self, model: nn.Module, probes: Any, options: Options, sinks: Callable[..., Any] | None = None
+    ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"attach needs an nn.Module, got {type(model).__name__}")
         o = self.options = options
         self.model, self.module = model, unwrap(model)
-        self.rank, self.world_size = distributed.rank_and_world()
-        self.sharded = distributed.is_sharded(self.module)
-        self.logdir = o.log_to
         check_model(self.module)
-        self.device = model_placement(self.module)[0]
         self.data = ProbeData.from_probe_data(o.probe_data, o.label_key, self.module)
-        self.probes: dict[str, Probe] = dict(parse_probes(probes))
-        #: ranks measure together: a sharded model (every forward all-gathers), or a probe splitting the probe batch
-        #: over the ranks (``sharding="per_sample"``, under DDP too); then every rank runs those probe passes on rank
-        #: 0's batch, and the ranks agree on cadences, on setup errors and on failures
-        self.collective = self.world_size > 1 and (
-            self.sharded or any(p.needs.sharding == "per_sample" for p in self.probes.values() if not p.passive)
-        )
-        if self.collective:
-            self.data.same_on_every_rank(self.device, self.rank)
-        self._failures = Failures(o.strict, self.rank)
-        self.auto = isinstance(probes, str) and probes == AUTO  # leave out what does not apply, saying why
-        for name in [n for n, p in self.probes.items() if not p.passive and p.needs.probe_data]:
+        spec = ProbeSpec.parse(probes)
+        self.auto = spec.auto  # leave out what does not apply, saying why
+        self.run = run = self._make_run(spec)
+        if run.collective:
+            self.data.same_on_every_rank(run.device, run.rank)
+        self._failures = Failures(o.strict, run.rank)
+        self.probes = ProbeSet(spec.entries, self._failures)
+        for name in [n for n, p in self.probes.active.items() if p.needs.probe_data]:
             if not self.data.present and not self.auto:
                 raise ValueError(f"probe {name!r} runs on a fixed probe batch: pass probe_data=(x, y) to attach")
             if not self.data.present:
                 self._leave_out(name, "it measures on a probe batch; pass probe_data=(x, y)")
         self.cadence = Cadence(
-            self.probes, o.overhead, self._failures, rank_agreement(self.device) if self.collective else None
+            self.probes, o.overhead, self._failures, rank_agreement(run.device) if run.collective else None
         )
-        sink_spec = parse_sinks(o.sinks, o.logdir, o.writer) if self.rank == 0 else []
-        self._output, self._step, self._closed, self._opt_handle = Output(self._failures), 0, False, None
+        plan = sinks(o.sinks, o.logdir, o.writer, plugins.sink_class) if sinks is not None and run.writes else None
+        self._output, self._closed, self._opt_handle = Output(self._failures, run), False, None
         self._scaler: SkippedSteps | None = None
+        self.capture = self._make_capture()
+        self._passive = PassiveProbes(run, self.probes, self._failures)
+        probe_pass = ProbePass(self.module, self.capture, o.output, o.probe_batch_size, o.norm_stats)
+        self._active = ActiveProbes(run, self.probes, self.data, probe_pass, self._failures)
+        try:
+            with isolated():  # attach inside autocast or no_grad measures as at top level
+                self._setup(o.optimizer, measures_at_attach(o.measure_at_attach, o.state))
+            if o.state is not None:
+                self.load_state_dict(o.state)
+            if plan is not None:  # files only once all else worked
+                self._output.sinks = plan.build(run)
+            declare_charts(self._output.sinks, self.probes)
+        except BaseException:
+            self._teardown()
+            raise
+
+    def _make_run(self, spec: ProbeSpec) -> Run:
+        """The run context: this process's rank, the model's placement and sharding, the options it measures by."""
+        o = self.options
+        rank, world_size = distributed.rank_and_world()
+        sharded = distributed.is_sharded(self.module)
+        #: ranks measure together: a sharded model (every forward all-gathers), or a probe splitting the probe batch
+        #: over the ranks (``sharding="per_sample"``, under DDP too); then every rank runs those probe passes on rank
+        #: 0's batch, and the ranks agree on cadences, on setup errors and on failures
+        collective = world_size > 1 and (
+            sharded or any(p.needs.sharding == "per_sample" for _, p in spec.entries if not p.passive)
+        )
+        return Run(
+            rank=rank,
+            world_size=world_size,
+            device=model_placement(self.module)[0],
+            sharded=sharded,
+            collective=collective,
+            logdir=o.log_to,
+            writer=o.writer,
+            mask_key=o.mask,
+            label_shift=o.label_shift,
+            strict=o.strict,
+            optimizer=o.optimizer,
+        )
+
+    def _make_capture(self) -> Capture:
+        o = self.options
         extra = tuple({t for p in self.probes.values() for t in p.needs.site_types})
         classes, names = plugins.registry.activation_types()
-        self.capture = Capture(
+        capture = Capture(
             self.module,
             extra_sites=extra,
             functional=o.functional,
@@ -85,44 +135,8 @@ class Session:
             mask_key=o.mask,
             activation_types=classes,
         )
-        self.capture.on_notice = lambda key, message: self._failures.notice("probes", key, message)
-        self._passive = PassiveProbes(
-            {n: self.probes[n] for n in self.passive},
-            self._failures,
-            self._write,
-            lambda: self._step,
-            self.world_size,
-            self.rank,
-            self.device,
-        )
-        probe_pass = ProbePass(self.module, self.capture, o.output, o.probe_batch_size, o.norm_stats)
-        self._active = ActiveProbes(
-            {n: self.probes[n] for n in self.active},
-            self.data,
-            probe_pass,
-            self._failures,
-            self.cadence,
-            self._write,
-            self.logdir,
-            self.rank,
-            self.world_size,
-            self.sharded,
-            self.device,
-            o.mask,
-            o.label_shift,
-            self.collective,
-        )
-        self._active.on_attach_error = self._leave_out if self.auto else None
-        try:
-            with isolated():  # attach inside autocast or no_grad measures as at top level
-                self._setup(o.optimizer, o.measure_at_attach and o.state is None)
-            if o.state is not None:
-                self.load_state_dict(o.state)
-            self._output.sinks = make_sinks(sink_spec, self.logdir, o.writer)  # files only once all else worked
-            declare_charts(self._output.sinks, self.probes)
-        except BaseException:
-            self._teardown()
-            raise
+        capture.on_notice = lambda key, message: self._failures.notice("probes", key, message)
+        return capture
 
     def _setup(self, optimizer: Any, measure_now: bool) -> None:
         context = self._context()
@@ -131,32 +145,52 @@ class Session:
             context,
             self._failures,
             self._leave_out if self.auto else None,
-            self.sharded,
-            self.device if self.collective else None,
+            self.run.sharded,
+            self.run.device if self.run.collective else None,
         )
-        self._active.optimizer = optimizer  # ``batch.context.optimizer``
-        passive = {n: self.probes[n] for n in self.passive}
-        self._active.check_without_pass(list(passive), self._step, passive)  # passive probes see no probe pass
+        passive = dict(self.probes.passive)  # passive probes see no probe pass
+        self._take(self._active.check_without_pass(list(passive), self.step_now, passive, leave_out=self.auto))
         self._passive.install(self.capture, notice=not self.auto)  # auto: only the leave-out line
         if optimizer is not None:
             self._opt_handle = optimizer.register_step_post_hook(OptimizerStep(self))
         if self.options.grad_scaler is not None:
-            self._scaler = SkippedSteps(self.options.grad_scaler, optimizer, lambda: self._step, self._write_skipped)
+            self._scaler = SkippedSteps(self.options.grad_scaler, optimizer, self.run.clock, self._write_skipped)
         if self.active and measure_now:
-            self._active.measure(self.active, self._step, at_attach=True)
+            self._measure(self.active, at_attach=True)
         elif self.active:
-            self._active.validate(self._step)
+            self._take(self._active.check(self.step_now, leave_out=self.auto))
         if self.auto:  # passive probes: among the module sites, and the functional ones the probe pass met
             for name, why in self._passive.unobserved(self.capture.module_sites() + self.capture.seen_sites()):
                 self._leave_out(name, why)
 
     def _leave_out(self, name: str, why: Any) -> None:
         """``attach(model, "auto")``: drop a probe that does not apply, saying why in one line."""
-        for part in (self, getattr(self, "_active", None), getattr(self, "_passive", None)):
-            if part is not None:
-                part.probes.pop(name, None)
+        self.probes.leave_out(name)
         reason = str(why).splitlines()[0] if str(why) else type(why).__name__
         self._failures.notice(name, "auto", f"attach('auto') leaves out probe {name!r}: {reason}")
+
+    @property
+    def step_now(self) -> int:
+        """The session's step (``global_step``), read from the run's clock."""
+        return self.run.clock.step
+
+    def _measure(self, names: list[str], at_attach: bool = False) -> None:
+        """Measure the active probes ``names`` at the current step and hand on what the measurement returned."""
+        step = self.step_now
+        self._take(self._active.measure(names, step, at_attach, leave_out=at_attach and self.auto), hold=at_attach)
+
+    def _take(self, result: Measured, hold: bool = False) -> None:
+        """Hand a measurement's or a flush's outcome on: its records to the output, its seconds to the cadence,
+        the probes it left out out of the set; then raise its error (``strict=True``), if any."""
+        try:
+            self._output.write_all(result.records, self.step_now, hold)
+        finally:
+            for name, seconds in result.seconds.items():
+                self.cadence.charge(name, seconds)
+            for name, exc in result.left_out:
+                self._leave_out(name, exc)
+        if result.raised is not None:
+            raise result.raised
 
     @property
     def closed(self) -> bool:
@@ -166,17 +200,42 @@ class Session:
     @property
     def global_step(self) -> int:
         """The session's step counter."""
-        return self._step
+        return self.run.clock.step
+
+    @property
+    def rank(self) -> int:
+        """This process's rank (``run.rank``)."""
+        return self.run.rank
+
+    @property
+    def world_size(self) -> int:
+        """The number of ranks (``run.world_size``)."""
+        return self.run.world_size
+
+    @property
+    def sharded(self) -> bool:
+        """Whether the model is sharded (FSDP; ``run.sharded``)."""
+        return self.run.sharded
+
+    @property
+    def device(self) -> torch.device | None:
+        """The model's device at attach (``run.device``)."""
+        return self.run.device
+
+    @property
+    def logdir(self) -> str | None:
+        """Where the session writes (``run.logdir``)."""
+        return self.run.logdir
 
     @property
     def passive(self) -> list[str]:
         """Names of the passive probes."""
-        return [n for n, p in self.probes.items() if p.passive]
+        return list(self.probes.passive)
 
     @property
     def active(self) -> list[str]:
         """Names of the active probes."""
-        return [n for n, p in self.probes.items() if not p.passive]
+        return list(self.probes.active)
 
     @property
     def failures(self) -> dict[str, str]:
@@ -204,11 +263,12 @@ class Session:
         return self.data.current()[1]
 
     @property
-    def memory(self) -> MemorySink:
+    def memory(self) -> Any:
         """The first memory sink (``sinks=["memory"]``, or the default without a logdir)."""
         self._output.release()
+        memory = plugins.sink_class("memory")
         for s in self.sinks:
-            if isinstance(s, MemorySink):
+            if isinstance(s, memory):
                 return s
         raise AttributeError("this session has no memory sink; attach with sinks=['memory', ...]")
 
@@ -218,7 +278,7 @@ class Session:
         Args:
             name: the probe's name.
         """
-        return name in self.probes and self._failures.enabled(name)
+        return self.probes.on(name)
 
     def step(self, n: int = 1) -> None:
         """Advance the step counter; flush and measure the probes that fall due at each step.
@@ -229,7 +289,7 @@ class Session:
         with isolated():
             self._use("step")
             for _ in range(n):
-                self._move_to(self._step + 1)
+                self._move_to(self.step_now + 1)
 
     def advance_to(self, step: int) -> None:
         """Jump to a step and run what falls due at that step only (integrations that follow a trainer).
@@ -239,7 +299,7 @@ class Session:
         """
         with isolated():
             self._use("advance_to")
-            if step != self._step:
+            if step != self.step_now:
                 self._move_to(int(step))
 
     def set_step(self, step: int) -> None:
@@ -249,7 +309,7 @@ class Session:
             step: the new step.
         """
         self._use("set_step")
-        self._step = int(step)
+        self.run.clock.step = int(step)
 
     def measure(self, names: Iterable[str] | None = None) -> None:
         """Measure active probes now, at the current step.
@@ -259,20 +319,20 @@ class Session:
         """
         self._use("measure")
         self._follow_model()
-        chosen = self.active if names is None else [n for n in names if n in self.active]
-        self._active.measure([n for n in chosen if self.enabled(n)], self._step)
+        chosen = self.active if names is None else [n for n in names if n in self.probes.active]
+        self._measure([n for n in chosen if self.enabled(n)])
 
     def flush(self) -> None:
         """Write what passive probes accumulated so far and flush the sinks."""
         with isolated():
             self._use("flush")
-            self._passive.flush(self._passive.flushable(), self._step)
-            self._output.flush(self._step)
+            self._take(self._passive.flush(self._passive.flushable(), self.step_now))
+            self._output.flush(self.step_now)
 
     def detach(self) -> None:
         """Remove every hook; the model is left exactly as it was (``close()`` does this too)."""
         self._teardown()
-        self._output.flush(self._step)
+        self._output.flush(self.step_now)
 
     def close(self, _during_error: bool = False) -> None:
         """Flush passive probes, write a last measurement, remove hooks, close the sinks. Harmless twice.
@@ -285,23 +345,22 @@ class Session:
         """
         if self._closed:
             return
-        strict, ended = self._failures.strict, False
-        if _during_error:
-            self._failures.strict = False  # the user's exception wins; a probe error here is only reported
+        ended = False
+        lenient = self._failures.reporting_only() if _during_error else contextlib.nullcontext()
         try:
-            self._use("close")
-            self._follow_model()
-            self._passive.flush(self._passive.flushable(), self._step)
-            self._active.measure([n for n in self._active.stale(self._step) if self.enabled(n)], self._step)
-            if self._scaler is not None:
-                self._scaler.flush()
+            with lenient:  # on the user's exception, a probe error here is only reported: the user's error wins
+                self._use("close")
+                self._follow_model()
+                self._take(self._passive.flush(self._passive.flushable(), self.step_now))
+                self._measure([n for n in self._active.stale(self.step_now) if self.enabled(n)])
+                if self._scaler is not None:
+                    self._scaler.flush()
             ended = True
         finally:
-            self._failures.strict = strict
             self._teardown()
             self._closed = True
             # every sink closes, each on its own; a sink's error raises only under strict, and never over another
-            self._output.close(self._step, strict=strict and ended and not _during_error)
+            self._output.close(self.step_now, strict=self.run.strict and ended and not _during_error)
 
     def __enter__(self) -> Session:
         return self
@@ -313,14 +372,14 @@ class Session:
         """Step counter and probe state, for a checkpoint (``torch.save`` it with the model)."""
         self._use("state_dict", release=False)
         return {
-            "step": self._step,
+            "step": self.step_now,
             "probes": {n: p.state_dict() for n, p in self.probes.items()},
             "failures": dict(self.failures),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Resume: restore the step and probe state. Right after ``attach`` this also drops the held-back
-        at-attach measurement, so a resumed run writes no second step-0 point.
+        at-attach measurement, so a resumed run writes no second step-0 point (``probes.engine.resume``).
 
         Args:
             state: what ``state_dict()`` returned.
@@ -329,11 +388,10 @@ class Session:
             ValueError: ``state`` is not a session's state.
         """
         self._use("load_state_dict", release=False)
-        if not isinstance(state, Mapping) or "step" not in state:
-            raise ValueError("load_state_dict: expected what Session.state_dict() returned (a dict with 'step')")
+        check_state(state)
         self._output.drop_pending()
-        self._step = int(state["step"])
-        self._active.measured_at = dict.fromkeys(self.active, self._step)
+        self.run.clock.step = step = int(state["step"])
+        self._active.resumed(step)
         for name, sub in state.get("probes", {}).items():
             if name in self.probes:
                 self.probes[name].load_state_dict(sub)
@@ -348,17 +406,17 @@ class Session:
             self._output.release()
 
     def _move_to(self, step: int) -> None:
-        self.cadence.moved(self._step, step)
-        self._step = step
+        self.cadence.moved(self.step_now, step)
+        self.run.clock.step = step
         due_passive = self.cadence.due(self._passive.flushable(), step)
-        due_active = self.cadence.due([n for n in self.active if self.enabled(n)], step)
+        due_active = self.cadence.due(self.probes.active_on(), step)
         if due_passive or due_active:
             self._follow_model()
         if due_passive:
-            self._passive.flush(due_passive, step, scheduled=True)
+            self._take(self._passive.flush(due_passive, step, scheduled=True))
         if due_active:
-            self._active.measure(due_active, step)
-            self.cadence.space_out(due_active, sum(self.enabled(n) for n in self.active))
+            self._measure(due_active)
+            self.cadence.space_out(due_active, len(self.probes.active_on()))
         self.cadence.rested()
 
     def _follow_model(self) -> None:
@@ -393,32 +451,27 @@ class Session:
         self._passive.sites_changed()
         context = self._context()
         with isolated():  # a check may run the model (measure() and close() are not isolated as a whole)
-            for name in [n for n in self.active if self.enabled(n)]:
+            for name in self.probes.active_on():
                 try:
                     if uses_setup(self.probes[name]):
                         self.probes[name].setup(context)
                     else:
-                        self._active.check_one(name, self._active.bare_batch(self._step), old_validate=False)
+                        self._active.check_one(name, self._active.bare_batch(self.step_now), old_validate=False)
                 except Exception as exc:  # noqa: BLE001 - the probe no longer applies to the model
                     self._failures.fail(
                         name,
                         RuntimeError(f"probe {name!r} no longer applies to the model as changed after attach: {exc}"),
-                        self._step,
+                        self.step_now,
                     )
 
     def _context(self) -> Context:
         """What a probe's ``setup`` learns: the model, the probe batch as it is now, the session's settings."""
         x, y = self.data.current()
-        return Context(self.module, x, y, self.logdir, self.device, self._active.probe_pass.output_spec)
-
-    def _write(self, name: str, records: Any, hold: bool = False) -> None:
-        records = check_records(name, records)
-        if self.rank == 0:
-            self._output.write(records, self._step, hold)
+        spec = self._active.probe_pass.output_spec
+        return Context(self.module, x, y, self.run.logdir, self.run.device, spec, optimizer=self.options.optimizer)
 
     def _write_skipped(self, count: int) -> None:
-        if self.rank == 0:
-            self._output.write([Scalar("train/skipped_steps", count)], self._step)
+        self._output.write([Scalar("train/skipped_steps", count)], self.step_now)
 
     def _teardown(self) -> None:
         self.capture.remove()

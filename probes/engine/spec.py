@@ -1,28 +1,29 @@
-"""Probe and sink specs: what ``attach(probes=..., sinks=...)`` accepts, parsed into probe instances and sink
-factories. The integrations parse their specs here too."""
+"""Probe specs: what ``attach(probes=...)`` accepts, parsed once into probe instances (``ProbeSpec``); the
+integrations parse their specs here too and hand the parsed spec to ``attach``. (Sink specs: ``probes.sinks.build``.)"""
 
 from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from probes import legacy, plugins
 from probes.engine import distributed
 from probes.engine.failures import Failures
-from probes.engine.inputs import check_output_option
 from probes.engine.needs import check_declared
+from probes.inputs import check_output_option
 from probes.probe import Context, Probe
 from probes.schedules import as_schedule
-from probes.sinks.base import Sink
+
+if TYPE_CHECKING:
+    from probes.sinks.base import Sink
 
 __all__ = [
     "parse_probes",
-    "parse_sinks",
-    "make_sinks",
+    "ProbeSpec",
     "make_probe",
     "named",
     "Options",
@@ -117,43 +118,43 @@ def parse_probes(probes: Any) -> list[tuple[str, Probe]]:
     return out
 
 
-def parse_sinks(sinks: Any, logdir: str | None, writer: Any) -> list[Any]:
-    """Validated sink names/instances; instances of named sinks are made only once attach has succeeded."""
-    if sinks is None:
-        sinks = ["tensorboard"] if (logdir is not None or writer is not None) else ["memory"]
-    elif isinstance(sinks, (str, Sink)):
-        sinks = [sinks]
-    spec: list[Any] = []
-    for s in sinks:
-        if isinstance(s, Sink):
-            spec.append(s)
-        elif isinstance(s, str):
-            spec.append((s, plugins.sink_class(s)))
-        else:
-            raise TypeError(f"a sink is a name or a probes.sinks.Sink, got {s!r}")
-    tensorboard = plugins.sink_class("tensorboard")
-    if (logdir is not None or writer is not None) and not any(
-        isinstance(s, tensorboard) or (isinstance(s, tuple) and s[1] is tensorboard) for s in spec
-    ):
-        spec.append(("tensorboard", tensorboard))
-    return spec
+@dataclass(frozen=True)
+class ProbeSpec:
+    """An ``attach`` probe spec, parsed once: the probes by name in the order given, and whether it was ``"auto"``.
 
+    ``attach`` takes a ``ProbeSpec`` as it is (an integration parses its spec when the callback is made and hands
+    the parsed spec to the run's ``attach``).
+    """
 
-def make_sinks(spec: list[Any], logdir: str | None, writer: Any) -> list[Sink]:
-    """The sinks of a parsed spec: instances as given, named sinks made now (the TensorBoard sink on ``logdir``, or
-    sharing the user's ``writer``)."""
-    tensorboard = plugins.sink_class("tensorboard")
-    sinks: list[Sink] = []
-    for item in spec:
-        if isinstance(item, Sink):
-            sinks.append(item)
-            continue
-        name, cls = item
-        if name == "tensorboard" or cls is tensorboard:
-            sinks.append(cls(logdir=None if writer is not None else logdir, writer=writer))
-        else:
-            sinks.append(cls())
-    return sinks
+    given: Any
+    entries: tuple[tuple[str, Probe], ...]
+    auto: bool = False
+
+    @classmethod
+    def parse(cls, probes: Any) -> ProbeSpec:
+        """``probes`` parsed (``parse_probes``), or as it is when it is a ``ProbeSpec`` already."""
+        if isinstance(probes, ProbeSpec):
+            return probes
+        return cls(probes, tuple(parse_probes(probes)), isinstance(probes, str) and probes == AUTO)
+
+    def fresh(self) -> ProbeSpec:
+        """The same spec with new probe instances (a second run of the same callback starts from scratch; probe
+        instances given by the user are theirs and stay as given)."""
+        return ProbeSpec.parse(self.given)
+
+    @property
+    def names(self) -> list[str]:
+        return [n for n, _ in self.entries]
+
+    @property
+    def passive(self) -> frozenset[str]:
+        """The names of the passive probes."""
+        return frozenset(n for n, p in self.entries if p.passive)
+
+    @property
+    def needs_probe_batch(self) -> bool:
+        """Whether an active probe measures on a probe batch."""
+        return any(not p.passive and p.needs.probe_data for _, p in self.entries)
 
 
 def declare_charts(sinks: list[Sink], probes: dict[str, Probe]) -> None:

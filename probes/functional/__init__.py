@@ -1,15 +1,19 @@
-"""Pure mathematics behind the probes: tensors in, tensors out, no hooks, no session, never the engine.
+"""Pure mathematics behind the probes: tensors in, tensors out; no hooks, no collectives, no files, never the engine.
 
-Kernels and their spectra (``cka``, ``empirical_ntk``, ``spectrum``, ``top_eigenvalues``, ...), the path gram of
-gated networks (``factorize``, ``quadratic_form``, ...), local affine maps of piecewise-linear networks,
-label matrices, mean-field networks and gate snapshots. Everything is importable from here, as in
+Kernels and their spectra (``cka``, ``spectrum``, ``top_eigenvalues``, ...), the path gram of gated networks
+(``factorize``, ``quadratic_form``, ...), activation patterns and ``L_gen`` of linear regions, label matrices,
+mean-field networks, the forces of the margin probe and the bit packing of gate patterns. One module per probe,
+named like it (``alignment``, ``pathgram``, ``ntk``, ``patterns``, ``margin``, ``linear_region``, ``particles``,
+``relu_zeros``), with ``labels`` and ``spectra``. Everything is importable from here, as in
 ``torchmetrics.functional``::
 
-    from probes.functional import cka, empirical_ntk, spectrum
+    from probes.functional import cka, spectrum
 
-Two functions share their module's name and are reached through it: ``probes.functional.alignment.alignment``
-(centered kernel alignment) and ``probes.functional.path_gram.path_gram`` (the neural path kernel).
-Importing this package imports torch and numpy and nothing else beyond the standard library.
+What needs the model itself (``empirical_ntk``, ``ntk_operator``, ``local_affine_map``, ...) is
+``probes.autodiff``; snapshot files are ``probes.snapshots``. Two functions share their module's name and are
+reached through it: ``probes.functional.alignment.alignment`` (centered kernel alignment) and
+``probes.functional.pathgram.path_gram`` (the neural path kernel). Importing this package imports torch and numpy
+and nothing else beyond the standard library.
 """
 
 from __future__ import annotations
@@ -26,26 +30,18 @@ from probes.functional.alignment import (
     minibatch_cka,
 )
 from probes.functional.labels import label_matrix
-from probes.functional.local_affine import (
+from probes.functional.linear_region import (
     LocalAffineMap,
     NotPiecewiseLinearError,
-    check_piecewise_linear,
-    local_affine_map,
+    flip_rate,
+    l_gen,
+    patterns_differ,
 )
-from probes.functional.meanfield import MeanField, sphere_
-from probes.functional.ntk import (
-    NTKCost,
-    NTKOperator,
-    NTKPlan,
-    SampleMixingError,
-    empirical_ntk,
-    ntk_cost,
-    ntk_operator,
-    ntk_plan,
-    trace_over_outputs,
-    verify_plan,
-)
-from probes.functional.path_gram import (
+from probes.functional.margin import forces
+from probes.functional.ntk.kernel import trace_over_outputs
+from probes.functional.ntk.settings import NTKSettings
+from probes.functional.particles import MeanField, principal_plane, sphere_
+from probes.functional.pathgram import (
     Factorization,
     PathGram,
     cholesky_jitter,
@@ -55,7 +51,7 @@ from probes.functional.path_gram import (
     factorize,
     quadratic_form,
 )
-from probes.functional.patterns import GateSnapshot, list_snapshots, load_all, load_gates, save_gates
+from probes.functional.patterns import distinct_rows, pack_rows
 from probes.functional.spectra import (
     Spectrum,
     TopEigen,
@@ -80,17 +76,9 @@ __all__ = [
     "StreamingCKA",
     "as_features",
     "DegenerateKernelError",
-    # the empirical NTK
-    "empirical_ntk",
-    "ntk_operator",
-    "ntk_plan",
-    "ntk_cost",
-    "verify_plan",
+    # the NTK's pure side (the kernel of a model: probes.autodiff.ntk)
     "trace_over_outputs",
-    "NTKOperator",
-    "NTKPlan",
-    "NTKCost",
-    "SampleMixingError",
+    "NTKSettings",
     # spectra
     "spectrum",
     "eigenvalues",
@@ -102,7 +90,7 @@ __all__ = [
     "effective_rank_bounds",
     "Spectrum",
     "TopEigen",
-    # the path gram (the kernel itself: probes.functional.path_gram.path_gram)
+    # the path gram (the kernel itself: probes.functional.pathgram.path_gram)
     "factorize",
     "quadratic_form",
     "condition_estimate",
@@ -111,18 +99,18 @@ __all__ = [
     "enumerate_paths",
     "PathGram",
     "Factorization",
-    # local affine maps
-    "local_affine_map",
-    "check_piecewise_linear",
+    # linear regions (the local affine map of a model: probes.autodiff.linear_region)
+    "patterns_differ",
+    "flip_rate",
+    "l_gen",
     "LocalAffineMap",
     "NotPiecewiseLinearError",
-    # labels, mean-field networks, gate snapshots
+    # labels, margin forces, mean-field networks, gate bits
     "label_matrix",
+    "forces",
     "MeanField",
     "sphere_",
-    "save_gates",
-    "load_gates",
-    "load_all",
-    "list_snapshots",
-    "GateSnapshot",
+    "principal_plane",
+    "pack_rows",
+    "distinct_rows",
 ]

@@ -140,3 +140,30 @@ def token_positions(
     if index.shape[0] == 0:
         raise ValueError("no position has a label (all are -100 after the shift, or padding): nothing to measure")
     return index, paired[index[:, 0], index[:, 1]]
+
+
+#: what ``positions`` may be for token labels: every kept position, or the last kept one of each sequence
+POSITIONS = ("all", "last")
+
+
+def is_token_labels(y: torch.Tensor | None) -> bool:
+    """Whether ``y`` holds token labels: integer ``(P, T)`` class indices (``-100`` where a position has none).
+
+    Args:
+        y: the probe labels, or None.
+
+    Returns:
+        True for an integer (not bool) tensor with two axes.
+    """
+    return isinstance(y, torch.Tensor) and y.ndim == 2 and not y.is_floating_point() and y.dtype != torch.bool
+
+
+def token_rows(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """The rows of ``t`` ``(P, T, ...)`` at the ``(sample, position)`` pairs ``index``, flattened: ``(N, -1)``.
+
+    Args:
+        t: a ``(P, T, ...)`` tensor.
+        index: ``(N, 2)`` integer ``(sample, position)`` pairs.
+    """
+    index = index.to(t.device)
+    return t[index[:, 0], index[:, 1]].reshape(index.shape[0], -1)

@@ -208,6 +208,21 @@ class TopEigen:
     products: int
 
 
+def _ritz_accepted(theta: torch.Tensor, res: torch.Tensor, kk: int, n: int, tol: float) -> bool:
+    """Whether the top ``kk`` Ritz pairs meet ``min(r_j, r_j^2 / delta_j) <= tol * max(|theta_j|, n eps
+    theta_max)`` (Kato-Temple; ``delta_j`` the gap from ``theta_j`` to the nearest other Ritz value)."""
+    m, eps = theta.numel(), torch.finfo(torch.float64).eps
+    gaps = torch.full((kk,), float("inf"), dtype=torch.float64, device=theta.device)
+    if m > 1:
+        diffs = (theta[:kk, None] - theta[None, :]).abs()
+        idx = torch.arange(kk, device=theta.device)
+        diffs[idx, idx] = float("inf")
+        gaps = diffs.min(dim=1).values
+    bound = torch.minimum(res, res * res / gaps.clamp(min=1e-300))
+    floor = torch.clamp(theta[:kk].abs(), min=n * eps * float(theta.abs().max()))
+    return bool((bound <= tol * floor).all())
+
+
 def top_eigenvalues(
     matmat: Callable[[torch.Tensor], torch.Tensor],
     n: int,
@@ -268,15 +283,7 @@ def top_eigenvalues(
         U = V @ S[:, :kk]
         res = torch.linalg.vector_norm(AV @ S[:, :kk] - U * theta[:kk], dim=0)
         top = float(theta.abs().max())
-        gaps = torch.full((kk,), float("inf"), dtype=torch.float64, device=theta.device)
-        if m > 1:
-            diffs = (theta[:kk, None] - theta[None, :]).abs()
-            idx = torch.arange(kk, device=theta.device)
-            diffs[idx, idx] = float("inf")
-            gaps = diffs.min(dim=1).values
-        bound = torch.minimum(res, res * res / gaps.clamp(min=1e-300))
-        floor = torch.clamp(theta[:kk].abs(), min=n * eps * top)
-        ok = bool((bound <= tol * floor).all()) and kk == k
+        ok = _ritz_accepted(theta, res, kk, n, tol) and kk == k
         exhausted = m >= n
         if ok or exhausted or m >= cap:
             return TopEigen(theta[:k], U[:, :k], res[:k], ok or exhausted, products)
@@ -345,3 +352,288 @@ __all__ = [
     "label_alignment",
     "kernel_distance",
 ]
+
+
+# -- symmetric indefinite operators (the Hessian): Lanczos and stochastic Lanczos quadrature -------------------
+@dataclass
+class LanczosRun:
+    """One Lanczos run on a symmetric operator ``A`` from a unit start ``q_1`` (float64).
+
+    ``T = Q^T A Q`` is tridiagonal with ``alpha`` on its diagonal and ``beta`` beside it (a 0 where the run broke
+    down and restarted orthogonally: ``T`` is then block diagonal). Its eigenpairs ``(theta_j, s_j)`` are the Ritz
+    pairs; ``|beta_m s_{m j}|`` bounds ``||A Q s_j - theta_j Q s_j||`` (Paige 1971), and ``s_{1 j}^2`` are the
+    quadrature weights of the spectral measure of ``q_1`` (Golub & Meurant 1994).
+
+    Attributes:
+        alpha: ``(m,)`` diagonal of ``T``.
+        beta: ``(m - 1,)`` off-diagonal of ``T``.
+        last: ``beta_m``, the norm of the residual after the last step (0 when the basis spans an invariant space).
+        products: the products ``A v`` used.
+    """
+
+    alpha: torch.Tensor
+    beta: torch.Tensor
+    last: torch.Tensor
+    products: int
+
+    def ritz(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(theta, S)``: the eigenvalues of ``T`` (ascending) and its eigenvectors (columns)."""
+        T = torch.diag(self.alpha) + torch.diag(self.beta, 1) + torch.diag(self.beta, -1)
+        return torch.linalg.eigh(T)
+
+    def residuals(self, S: torch.Tensor) -> torch.Tensor:
+        """``|beta_m s_{m j}|``: the residual norm of each Ritz pair."""
+        return (self.last * S[-1, :]).abs()
+
+
+def _orthogonalise(w: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
+    """``w`` minus its projection on the columns of ``Q``, twice (classical Gram-Schmidt, full reorthogonalisation;
+    Parlett 1980, "twice is enough")."""
+    for _ in range(2):
+        w = w - Q @ (Q.T @ w)
+    return w
+
+
+def _unit_start(n: int, generator: torch.Generator, device: torch.device | str | None) -> torch.Tensor:
+    v = torch.randn(n, generator=generator, dtype=torch.float64).to(device)
+    return v / torch.linalg.vector_norm(v)
+
+
+def lanczos(
+    matvec: Callable[[torch.Tensor], torch.Tensor],
+    start: torch.Tensor,
+    steps: int,
+    *,
+    done: Callable[[LanczosRun], bool] | None = None,
+    generator: torch.Generator | None = None,
+) -> LanczosRun:
+    """Lanczos with full reorthogonalisation on a symmetric operator ``v -> A v`` (float64), from ``start``.
+
+    Each step ``w = A q_j - alpha_j q_j - beta_{j-1} q_{j-1}`` is orthogonalised against every kept ``q`` (twice),
+    so ``Q`` stays orthonormal to rounding and the Ritz values carry no ghost copies. When ``beta_j`` falls to
+    rounding (an invariant subspace: fewer distinct eigenvalues in reach than steps), the run goes on from a random
+    unit vector orthogonal to ``Q`` with ``beta_j = 0``, so repeated eigenvalues are found too. Memory: ``n x
+    steps`` numbers.
+
+    Args:
+        matvec: ``v -> A v`` for a float64 vector ``v`` of length ``n``.
+        start: ``q_1`` (normalised here).
+        steps: the most steps (at most ``n``).
+        done: called with the run so far after each step while it has at most 16 steps, then every ``m // 16``
+            steps (so that its ``m x m`` eigen-decompositions cost less than the products); True stops it.
+        generator: draws the restart vectors (default: seed 0).
+
+    Returns:
+        A ``LanczosRun``.
+    """
+    n = start.numel()
+    steps = max(1, min(int(steps), n))
+    generator = generator if generator is not None else torch.Generator().manual_seed(0)
+    Q = torch.empty(n, steps, dtype=torch.float64, device=start.device)
+    alpha, beta = [], []
+    q = start.to(torch.float64) / torch.linalg.vector_norm(start.to(torch.float64))
+    norm = torch.zeros((), dtype=torch.float64, device=start.device)
+    run = LanczosRun(alpha=q.new_zeros(0), beta=q.new_zeros(0), last=norm, products=0)
+    for j in range(steps):
+        Q[:, j] = q
+        w = matvec(q).to(torch.float64)
+        a = torch.dot(q, w)
+        alpha.append(a)
+        w = _orthogonalise(w, Q[:, : j + 1])
+        b = torch.linalg.vector_norm(w)
+        norm = torch.maximum(norm, a.abs() + b)
+        run = LanczosRun(torch.stack(alpha), torch.stack(beta) if beta else q.new_zeros(0), b, j + 1)
+        if j + 1 == steps or (done is not None and (j + 1) % max(1, (j + 1) // 16) == 0 and done(run)):
+            break
+        if b <= n * torch.finfo(torch.float64).eps * norm:  # invariant subspace: go on orthogonally
+            w = _orthogonalise(_unit_start(n, generator, start.device), Q[:, : j + 1])
+            beta.append(torch.zeros((), dtype=torch.float64, device=start.device))
+            q = w / torch.linalg.vector_norm(w)
+        else:
+            beta.append(b)
+            q = w / b
+    return run
+
+
+@dataclass
+class Extremes:
+    """The ``k`` largest eigenvalues (descending) and the smallest of a symmetric operator, from one Lanczos run.
+
+    Attributes:
+        top: ``(k,)`` float64, descending.
+        min: the smallest (most negative) eigenvalue, 0-d float64.
+        converged: whether every one met the tolerance.
+        run: the Lanczos run (its Ritz values and weights give one sample of the spectral density).
+    """
+
+    top: torch.Tensor
+    min: torch.Tensor
+    converged: bool
+    run: LanczosRun
+
+
+def extreme_eigenvalues(
+    matvec: Callable[[torch.Tensor], torch.Tensor],
+    n: int,
+    k: int,
+    *,
+    tol: float = 1e-8,
+    max_steps: int | None = None,
+    min_steps: int = 0,
+    seed: int = 0,
+    device: torch.device | str | None = None,
+) -> Extremes:
+    """The ``k`` largest and the smallest eigenvalue of a symmetric (indefinite) ``n x n`` operator from products
+    ``A v`` only: Lanczos with full reorthogonalisation (``lanczos``) in float64 from a Gaussian start.
+
+    A Ritz value ``theta_j`` lies within its residual ``r_j = |beta_m s_{m j}|`` of an eigenvalue (and within
+    ``r_j^2 / delta_j``, ``delta_j`` the gap to the other Ritz values; Kato-Temple), so the run stops once the ``k``
+    largest and the smallest Ritz values each have ``min(r_j, r_j^2 / delta_j) <= tol * max_j |theta_j|``, or the
+    basis reaches ``n`` (exact) or ``max_steps`` (default ``min(n, max(100, 10 k))``; ``converged=False``). A
+    repeated eigenvalue may show once: like every Krylov method, the run sees one copy per start vector until the
+    others appear through restarts.
+
+    Args:
+        matvec: ``v -> A v`` for a float64 vector of length ``n``.
+        n: the size.
+        k: how many of the largest (at most ``n``).
+        tol: relative accuracy at which the Ritz values are accepted.
+        max_steps: the most steps.
+        min_steps: at least this many steps (more Ritz values for a density), at most ``n``.
+        seed: the start vector's and the restarts' generator seed.
+        device: where the vectors live.
+
+    Returns:
+        ``Extremes``.
+    """
+    k = max(1, min(int(k), n))
+    max_steps = min(n, max_steps if max_steps is not None else max(100, 10 * k))
+    min_steps = min(int(min_steps), max_steps)
+    generator = torch.Generator().manual_seed(seed)
+    start = _unit_start(n, generator, device)
+
+    def accepted(run: LanczosRun) -> bool:
+        if run.products < max(k + 1, min_steps):
+            return False
+        theta, S = run.ritz()
+        return bool(_accepted(theta, run.residuals(S), k, tol).all())
+
+    run = lanczos(matvec, start, max_steps, done=accepted, generator=generator)
+    theta, S = run.ritz()
+    ok = bool(_accepted(theta, run.residuals(S), k, tol).all()) or run.products == n
+    m = theta.numel()
+    return Extremes(theta.flip(0)[: min(k, m)], theta[0], ok, run)
+
+
+def _accepted(theta: torch.Tensor, r: torch.Tensor, k: int, tol: float) -> torch.Tensor:
+    """Whether the ``k`` largest and the smallest Ritz values meet ``min(r, r^2 / gap) <= tol * max |theta|``."""
+    m = theta.numel()
+    scale = theta.abs().max().clamp_min(torch.finfo(torch.float64).tiny)
+    gaps = torch.full_like(theta, float("inf"))
+    if m > 1:
+        d = theta[1:] - theta[:-1]
+        gaps[:-1] = d
+        gaps[1:] = torch.minimum(gaps[1:], d)
+    bound = torch.minimum(r, r * r / gaps.clamp_min(torch.finfo(torch.float64).tiny))
+    which = torch.cat([theta.new_zeros(1, dtype=torch.long), torch.arange(max(0, m - k), m, device=theta.device)])
+    return bound[which] <= tol * scale
+
+
+@dataclass
+class Quadrature:
+    """Stochastic Lanczos quadrature (Ghorbani, Krishnan & Xiao 2019; Ubaru, Chen & Saad 2017): for each of ``V``
+    start vectors ``v``, nodes ``theta_j`` (Ritz values) and weights ``s_{1 j}^2`` (summing to 1) such that
+    ``v^T f(A) v / |v|^2 ~ sum_j w_j f(theta_j)``; averaged over the vectors, the spectral density
+    ``phi(t) = (1/n) sum_i delta(t - lambda_i)``.
+
+    Attributes:
+        nodes: list of ``(m_v,)`` float64 Ritz values, one per start vector.
+        weights: list of ``(m_v,)`` float64 weights.
+    """
+
+    nodes: list[torch.Tensor]
+    weights: list[torch.Tensor]
+
+    @classmethod
+    def of_runs(cls, runs: list[LanczosRun]) -> Quadrature:
+        """The nodes and weights of Lanczos runs (each from a unit start vector)."""
+        nodes, weights = [], []
+        for run in runs:
+            theta, S = run.ritz()
+            nodes.append(theta)
+            weights.append(S[0, :] ** 2)
+        return cls(nodes, weights)
+
+    def all_nodes(self) -> torch.Tensor:
+        """Every Ritz value of every vector (for a histogram)."""
+        return torch.cat(self.nodes)
+
+
+def slq_runs(
+    matvec: Callable[[torch.Tensor], torch.Tensor],
+    n: int,
+    steps: int,
+    vectors: int,
+    *,
+    seed: int = 0,
+    device: torch.device | str | None = None,
+) -> list[LanczosRun]:
+    """``vectors`` Lanczos runs of ``steps`` steps from Rademacher start vectors (the SLQ samples), float64.
+
+    Args:
+        matvec: ``v -> A v``.
+        n: the size.
+        steps: Lanczos steps per vector (at most ``n``).
+        vectors: how many start vectors.
+        seed: their generator's seed.
+        device: where the vectors live.
+
+    Returns:
+        The runs, one per vector.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    runs = []
+    for _ in range(vectors):
+        v = (torch.randint(0, 2, (n,), generator=generator, dtype=torch.float64) * 2 - 1).to(device)
+        runs.append(lanczos(matvec, v, steps, generator=generator))
+    return runs
+
+
+def spectral_density(quadrature: Quadrature, grid: torch.Tensor, width: float) -> torch.Tensor:
+    """The smoothed spectral density on ``grid``: ``phi(t) = mean_v sum_j w_j N(t; theta_j, width^2)``
+    (Ghorbani et al. 2019, eq. 4; a Gaussian kernel of standard deviation ``width``). Integrates to 1.
+
+    Args:
+        quadrature: SLQ nodes and weights.
+        grid: ``(G,)`` points ``t``.
+        width: the Gaussian's standard deviation (> 0).
+
+    Returns:
+        ``(G,)`` float64 densities.
+    """
+    grid = grid.to(torch.float64)
+    total = torch.zeros_like(grid)
+    for theta, w in zip(quadrature.nodes, quadrature.weights):
+        z = (grid[:, None] - theta.to(grid.device)[None, :]) / width
+        total += (torch.exp(-0.5 * z * z) * w.to(grid.device)[None, :]).sum(dim=1)
+    return total / (len(quadrature.nodes) * width * math.sqrt(2 * math.pi))
+
+
+def density_grid(quadrature: Quadrature, points: int = 512, width: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+    """A grid over the Ritz values (padded by ``5 width`` of their range on both sides) and the SLQ density on it,
+    the Gaussian's standard deviation ``width`` times the range (PyHessian's choice, relative).
+
+    Args:
+        quadrature: SLQ nodes and weights.
+        points: grid points.
+        width: the Gaussian's standard deviation, relative to the range of the Ritz values.
+
+    Returns:
+        ``(grid, density)``, float64.
+    """
+    nodes = quadrature.all_nodes()
+    lo, hi = nodes.min(), nodes.max()
+    span = torch.clamp(hi - lo, min=max(float(hi.abs()), 1.0) * 1e-6)
+    sigma = width * span
+    grid = torch.linspace(float(lo - 5 * sigma), float(hi + 5 * sigma), points, dtype=torch.float64)
+    return grid, spectral_density(quadrature, grid, float(sigma))

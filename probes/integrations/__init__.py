@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from probes.engine.spec import parse_probes
+from probes.engine.spec import ProbeSpec
 
 
 def needs_probe_data(spec: Any) -> bool:
@@ -24,4 +24,4 @@ def needs_probe_data(spec: Any) -> bool:
         probes.plugins.UnknownProbeError: a name no plugin provides.
         TypeError: a spec of another form, or options a probe does not take.
     """
-    return any(not p.passive and p.needs.probe_data for _, p in parse_probes(spec))
+    return ProbeSpec.parse(spec).needs_probe_batch

@@ -3,8 +3,9 @@
 A framework callback hands ``CallbackCore`` what its framework hands it (the model, a batch or a loader, the
 trainer's step, a saved state) and calls ``start`` when training starts, ``advance`` after each optimizer step,
 ``close`` when training ends, and ``state_dict`` / ``load_state_dict`` for checkpoints. The probe spec is parsed
-once, when the callback is made (``probes.engine.spec.parse_probes``), so a misspelled probe fails there and not
-after the trainer has set up.
+once, when the callback is made (``probes.engine.spec.ProbeSpec``), so a misspelled probe fails there and not
+after the trainer has set up; the first run attaches the probes of that parse (a later run of the same callback,
+new instances). A resumed run hands ``attach`` its state at the trainer's step (``probes.engine.resume``).
 
 Cadences: when the framework knows the run's length (``total_steps`` at ``start``: the Trainer's ``state.max_steps``,
 Lightning's ``estimated_stepping_batches``), the probes left at their default cadence (``every(k)``, no ``every=``
@@ -27,8 +28,9 @@ from torch import nn
 import probes
 from probes.engine import distributed
 from probes.engine.failures import ProbesNoticeWarning, framework_driven, say
+from probes.engine.resume import state_at
 from probes.engine.session import Session
-from probes.engine.spec import parse_probes
+from probes.engine.spec import ProbeSpec
 from probes.schedules import every
 
 __all__ = [
@@ -48,7 +50,11 @@ POINTS_PER_RUN = 10
 
 def notice(message: str) -> None:
     """Say ``message`` (one line) on rank 0 only, as the sessions a framework drives say things: a line on
-    ``logging.getLogger("probes")`` (``probes.engine.failures.say``; a warning would point at the framework's code)."""
+    ``logging.getLogger("probes")`` (``probes.engine.failures.say``; a warning would point at the framework's code).
+
+    Args:
+        message: the line to say.
+    """
     if distributed.rank_and_world()[0] == 0:
         say(message, ProbesNoticeWarning, framework=True)
 
@@ -200,13 +206,14 @@ class CallbackCore:
     def __init__(self, who: str, probes: Any, attach_kwargs: Mapping[str, Any]) -> None:
         if "optimizer" in attach_kwargs:
             raise TypeError(f"{who}: the probe step follows the trainer's step; do not pass optimizer=")
-        entries = parse_probes(probes)
+        self.spec = ProbeSpec.parse(probes)  # the one parse: the first run attaches these probes
         self.who = who
         self.probes = probes
         self.attach_kwargs = dict(attach_kwargs)
-        self.names = [name for name, _ in entries]
-        self.passive = frozenset(name for name, p in entries if p.passive)
-        self.needs_probe_batch = any(not p.passive and p.needs.probe_data for _, p in entries)
+        self.names = self.spec.names
+        self.passive = self.spec.passive
+        self.needs_probe_batch = self.spec.needs_probe_batch
+        self._spec_used = False
         self.session: Session | None = None
         self._pending: dict[str, Any] | None = None
         self._last: dict[str, Any] | None = None
@@ -256,13 +263,10 @@ class CallbackCore:
         if state is None:
             state, self._pending = self._pending, None
         kwargs = {**self.attach_kwargs, **attach_kwargs}
-        kwargs.setdefault("measure_at_attach", state is None and step == 0)
+        kwargs["state"] = state_at(state, step)  # the one resume rule: a resumed run has no step-0 point
+        spec, self._spec_used = (self.spec.fresh() if self._spec_used else self.spec), True
         with framework_driven():  # the session's notices and failures go to the "probes" log, not to warnings
-            session = probes.attach(model, self.probes, probe_data=probe_data, **kwargs)
-        if state:
-            session.load_state_dict(state)
-        if session.global_step != step:  # no probe state, or another step's: continue from the trainer's step
-            session.load_state_dict({"step": int(step)})
+            session = probes.attach(model, spec, probe_data=probe_data, **kwargs)
         self.session = session
         self._scale_cadences(session, total_steps)
         return session

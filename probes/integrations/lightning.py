@@ -53,11 +53,12 @@ except ImportError:  # pragma: no cover - depends on what is installed
         ) from exc
 
 from probes import plugins
+from probes.engine.run import Run
 from probes.engine.session import Session
-from probes.engine.spec import parse_sinks
 from probes.integrations.core import CallbackCore, as_probe_data, first_batch
 from probes.records import Record
 from probes.sinks.base import Sink
+from probes.sinks.build import plan_sinks
 
 __all__ = ["ProbesCallback"]
 
@@ -99,25 +100,15 @@ class _AtLoggerStepProxy(Sink):
 
 
 def _logger_step_sinks(sinks: Any, logdir: str | None, writer: Any, passive: frozenset[str]) -> list[Sink]:
-    """The sinks ``attach`` would make from ``sinks``/``logdir``/``writer``, writing at Lightning's logger steps."""
-    tensorboard = plugins.sink_class("tensorboard")
-    made: list[Sink] = []
-    try:
-        for spec in parse_sinks(sinks, logdir, writer):
-            if isinstance(spec, Sink):
-                made.append(_AtLoggerStepProxy(spec, passive))
-                continue
-            name, cls = spec
-            shifted = type(cls.__name__, (_AtLoggerStep, cls), {"passive": passive, "__module__": cls.__module__})
-            if name == "tensorboard" or cls is tensorboard:
-                made.append(shifted(logdir=None if writer is not None else logdir, writer=writer))
-            else:
-                made.append(shifted())
-    except BaseException:
-        for sink in made:
-            sink.close()
-        raise
-    return made
+    """The sinks ``attach`` would make from ``sinks``/``logdir``/``writer`` (the same plan, each named sink made by
+    ``from_run`` of a subclass), writing at Lightning's logger steps."""
+
+    def shifted(cls: type[Sink]) -> type[Sink]:
+        return type(cls.__name__, (_AtLoggerStep, cls), {"passive": passive, "__module__": cls.__module__})
+
+    plan = plan_sinks(sinks, logdir, writer, plugins.sink_class)
+    made = plan.build(Run(logdir=logdir, writer=writer), wrap=shifted)
+    return [_AtLoggerStepProxy(s, passive) if any(s is e for e in plan.entries) else s for s in made]
 
 
 class ProbesCallback(Callback):

@@ -64,8 +64,8 @@ except ImportError as exc:  # pragma: no cover - depends on what is installed
         "probes.integrations.transformers needs Hugging Face transformers: pip install 'torch-probes[transformers]'"
     ) from exc
 
-from probes.engine.inputs import iter_tensors
 from probes.engine.session import Session
+from probes.inputs import iter_tensors
 from probes.integrations.core import CallbackCore, as_probe_data, first_batch, first_samples, notice
 
 __all__ = ["ProbesCallback", "STATE_FILE"]

@@ -3,10 +3,30 @@
 from __future__ import annotations
 
 import importlib
+import threading
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
-from probes.records import Chart, Record
+from probes.records import PLOTS_EXTRA, Chart, Record, Renderer, default_renderer
+
+_NOTICE_LOCK = threading.Lock()
+_NOTICED = False
+
+
+def notice_no_renderer() -> None:
+    """Say once per process that pictures are left out for want of matplotlib (scalars and histograms are not)."""
+    global _NOTICED
+    with _NOTICE_LOCK:
+        if _NOTICED:
+            return
+        _NOTICED = True
+    warnings.warn(
+        f"probes: matplotlib is not installed, so images are left out (every scalar and histogram is written); "
+        f"for images: {PLOTS_EXTRA}",
+        RuntimeWarning,
+        stacklevel=3,
+    )
 
 
 class Sink:
@@ -24,6 +44,31 @@ class Sink:
     """
 
     _declared: tuple[Chart, ...] | None = None
+    #: what draws pictures (``probes.records.Renderer``): given at construction, else loaded at the first picture
+    renderer: Renderer | None = None
+    _renderer_loaded = False
+
+    def _pictures(self, notice: bool = True) -> Renderer | None:
+        """The renderer: the one given, else ``default_renderer()`` (loaded once); None without matplotlib, after
+        one notice (with ``notice``)."""
+        if self.renderer is None and not self._renderer_loaded:
+            self._renderer_loaded = True
+            self.renderer = default_renderer()
+        if self.renderer is None and notice:
+            notice_no_renderer()
+        return self.renderer
+
+    @classmethod
+    def from_run(cls, run: Any, **options: Any) -> Sink:
+        """The one constructor protocol (``probes.sinks.build``): the sink for ``run`` (an object with ``logdir``
+        and ``writer``, ``probes.engine.run.Run``), made with ``options`` (``attach(sinks={name: options})``).
+        By default ``cls(**options)``; a sink that writes files next to the run's overrides it.
+
+        Args:
+            run: the run the sink writes for.
+            **options: the sink's own keyword options.
+        """
+        return cls(**options)
 
     @property
     def charts(self) -> tuple[Chart, ...]:

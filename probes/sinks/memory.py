@@ -13,8 +13,9 @@ class MemorySink(Sink):
     """``records`` is the list of everything written (steps filled in, values on the host);
     ``scalars()`` gives ``{tag: [(step, value), ...]}``.
 
-    An image whose figure is deferred (``probes.records.Drawing``) is kept as it is and drawn when its
-    ``pixels`` are first read (once, shared with the other sinks), so keeping images costs training nothing.
+    An image is kept as the probe returned it: its picture data (``probes.records.Matrix``, ``Trails``, ...), drawn
+    by the default renderer only when its ``pixels`` are first read (once, shared with the other sinks; the
+    TensorBoard sink's pixels when it drew them first), so keeping images costs training nothing.
     """
 
     def __init__(self) -> None:
@@ -62,7 +63,7 @@ class MemorySink(Sink):
         return out
 
     def images(self) -> dict[str, list[Image]]:
-        """``{tag: [Image, ...]}``; a deferred figure is drawn when its ``pixels`` are read."""
+        """``{tag: [Image, ...]}``; ``image.figure`` is the picture data, drawn when ``image.pixels`` is read."""
         out: dict[str, list[Image]] = {}
         for r in self.records:
             if isinstance(r, Image):

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from probes.records import Histogram, Image, Record, Scalar
+from probes.records import Histogram, Image, Record, Renderer, Scalar
 from probes.sinks.base import Sink, import_tracker
 
 __all__ = ["MlflowSink", "histogram_quantiles", "metric_key"]
@@ -84,6 +84,8 @@ class MlflowSink(Sink):
         run_id: a run to share (default: the active run, else start one).
         prefix: put before every metric name.
         quantiles: the quantiles a histogram is logged as.
+        renderer: what draws the pictures (``probes.records.Renderer``; None: ``default_renderer()``, at the
+            first picture; without matplotlib pictures are left out after one notice).
 
     Raises:
         ImportError: MLflow is not installed.
@@ -97,8 +99,10 @@ class MlflowSink(Sink):
         run_id: str | None = None,
         prefix: str = "",
         quantiles: Sequence[float] = QUANTILES,
+        renderer: Renderer | None = None,
     ) -> None:
         self._mlflow = import_tracker("mlflow", "mlflow")
+        self.renderer = renderer
         self.experiment, self.run_name, self.tracking_uri = experiment, run_name, tracking_uri
         self.run_id = run_id
         self.owns = False
@@ -158,7 +162,8 @@ class MlflowSink(Sink):
                 if nonfinite:
                     values[f"{key}/nonfinite"] = float(nonfinite)
             elif isinstance(r, Image):
-                images.append(r)
+                if not r.pending or self._pictures() is not None:  # without matplotlib: left out, one notice
+                    images.append(r)
             else:
                 raise TypeError(f"mlflow sink: not a record: {r!r}")
         if not values and not images:
@@ -170,7 +175,9 @@ class MlflowSink(Sink):
             now = int(time.time() * 1000)
             self.client.log_batch(run_id, metrics=[Metric(k, v, now, int(step)) for k, v in values.items()])
         for r in images:
-            self.client.log_image(run_id, r.as_uint8(), key=metric_key(self.prefix + r.tag), step=int(step))
+            self.client.log_image(
+                run_id, r.as_uint8(self.renderer), key=metric_key(self.prefix + r.tag), step=int(step)
+            )
 
     def close(self) -> None:
         """End the run if this sink started it (a shared run goes on). Harmless twice."""

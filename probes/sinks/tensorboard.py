@@ -3,18 +3,20 @@
 Shares a user's ``SummaryWriter`` when one is given (and then leaves closing it to them).
 
 Images are drawn and encoded off the training thread, fed by a bounded queue (``queue_size`` images): a
-measurement hands over the image (a ``probes.records.Drawing``: the figure function and host copies of its
-arrays) and training goes on; it waits only when the queue is full. The sink's thread takes the images from
-the queue; with ``draw_in="process"`` (the default, ``"auto"``, on POSIX systems) it has them drawn by one
-drawing process (``probes.sinks.drawer``: a fresh interpreter started with ``subprocess``, never a fork of the
-training process, ending when this process ends) shared by the sinks of the process, so matplotlib never holds
-the training process's interpreter lock; a drawing whose function cannot be named there (a lambda, say) is drawn
-in the thread, and ``draw_in="thread"`` draws every image in the thread (holding the interpreter lock while it
-draws; benchmarks/figures.py measures what that costs).
+measurement hands over the picture data (``probes.records.Matrix``, ``Trails``, ...: host arrays and strings) and
+training goes on; it waits only when the queue is full. The sink's thread takes the images from the queue and asks
+its renderer (``probes.records.Renderer``, given as ``renderer=`` or ``probes.records.default_renderer()``) for
+their pixels and PNG: with ``draw_in="process"`` (the default, ``"auto"``, on POSIX systems) the renderer draws
+them in its drawing process (``probes.app.render.background``: a fresh interpreter started with ``subprocess``,
+never a fork of the training process, ending when this process ends) shared by the sinks of the process, so
+matplotlib never holds the training process's interpreter lock; ``draw_in="thread"`` draws every image in the
+thread (holding the interpreter lock while it draws; benchmarks/figures.py measures what that costs). Without
+matplotlib there is no renderer: picture data is left out, with one notice naming the ``plots`` extra, and every
+scalar and histogram is written.
 ``flush()`` and ``close()`` wait until every queued image is written. An error while drawing is reported
 once, as a ``RuntimeWarning`` at the next write, flush or close (the count of failed images goes to the log at
 close), and costs only that image.
-Images are written as PNG; one with at most 256 colours (every figure of ``probes.figures``) as a palette PNG,
+Images are written as PNG; one with at most 256 colours (every figure of ``probes.app.render``) as a palette PNG,
 a third of the size of the RGB one, and still lossless.
 
 The custom-scalars layout (``SummaryWriter.add_custom_scalars``; TensorBoard's "Custom Scalars" dashboard)
@@ -60,10 +62,9 @@ from typing import Any
 
 import numpy as np
 
-from probes.figures import encode_png
-from probes.records import Chart, Histogram, Image, Record, Scalar
+from probes import _torch
+from probes.records import Chart, Histogram, Image, Record, Renderer, Scalar
 from probes.sinks.base import Sink
-from probes.sinks.drawer import Drawer, DrawerStopped, NotDrawable
 
 log = logging.getLogger("probes")
 
@@ -74,51 +75,11 @@ QUEUE_SIZE = 16
 ROOM_CHECK_BYTES = 64 * 1024
 
 
-_DRAWER: Drawer | None = None
-_DRAWER_LOCK = threading.Lock()
-
-
-def _drawing_process() -> Drawer | None:
-    """The drawing process that every TensorBoard sink of this process shares (started at the first image of the
-    first sink; it imports matplotlib while training goes on), or None where it cannot start."""
-    global _DRAWER
-    with _DRAWER_LOCK:
-        if _DRAWER is not None and _DRAWER.alive:
-            return _DRAWER
-        try:
-            _DRAWER = Drawer()
-        except DrawerStopped as exc:
-            log.warning("tensorboard sink: no drawing process (%s); images are drawn in a thread", exc)
-            _DRAWER = None
-        return _DRAWER
-
-
-def _drop_drawer(drawer: Drawer) -> None:
-    """Forget a drawing process that stopped (the next sink starts a new one)."""
-    global _DRAWER
-    with _DRAWER_LOCK:
-        if _DRAWER is drawer:
-            _DRAWER = None
-    drawer.shutdown()
-
-
-def _sendable(draw: Callable[..., Any]) -> bool:
-    """Whether a drawing function can be named in another process (a module-level function, not a lambda)."""
-    qualname = getattr(draw, "__qualname__", "")
-    return bool(getattr(draw, "__module__", None)) and qualname and "<" not in qualname
-
-
 def _is_summary_writer(writer: Any) -> bool:
     """Whether ``writer`` is PyTorch's ``SummaryWriter`` (the site runs need its logdir and event-file options)."""
     from torch.utils.tensorboard import SummaryWriter
 
     return isinstance(writer, SummaryWriter)
-
-
-def _draw_png(draw: Callable[..., np.ndarray], args: tuple, kwargs: dict) -> tuple[np.ndarray, bytes]:
-    """In the drawing process: the pixels of ``draw(*args, **kwargs)`` and their PNG."""
-    pixels = Image("drawing", np.asarray(draw(*args, **kwargs))).as_uint8()
-    return pixels, encode_png(pixels)
 
 
 #: the tag component that stands for the site in a site run's copy of a per-site scalar (``<probe>/per_site/<q>``)
@@ -250,13 +211,23 @@ class TensorBoardSink(Sink):
         site_runs: also write every per-site scalar to its site's run (``site_series``), so that TensorBoard gives
             each site a colour of its own; only with a ``torch.utils.tensorboard.SummaryWriter``.
         queue_size: images waiting for the drawing thread before a ``write`` waits (0: draw in ``write``).
-        draw_in: ``"process"`` (the shared drawing process), ``"thread"`` (the sink's thread), or ``"auto"``:
+        draw_in: ``"process"`` (the renderer's drawing process), ``"thread"`` (the sink's thread), or ``"auto"``:
             the process on POSIX systems, else the thread.
+        renderer: what draws the pictures (``probes.records.Renderer``; None: ``default_renderer()``, loaded at
+            the first picture; without matplotlib pictures are left out after one notice).
         **writer_options: passed to ``SummaryWriter``.
 
     Raises:
         ValueError: neither ``logdir`` nor ``writer``, or an unknown ``draw_in``.
     """
+
+    @classmethod
+    def from_run(cls, run: Any, **options: Any) -> TensorBoardSink:
+        """The sink of a run: on the user's ``writer`` when there is one (not closed here), else on ``logdir``
+        (``logdir=``/``writer=`` among ``options`` win)."""
+        writer = options.pop("writer", run.writer)
+        logdir = options.pop("logdir", None if writer is not None else run.logdir)
+        return cls(logdir=logdir, writer=writer, **options)
 
     def __init__(
         self,
@@ -266,6 +237,7 @@ class TensorBoardSink(Sink):
         queue_size: int = QUEUE_SIZE,
         draw_in: str = "auto",
         site_runs: bool = True,
+        renderer: Renderer | None = None,
         **writer_options: Any,
     ) -> None:
         if draw_in not in ("auto", "process", "thread"):
@@ -287,7 +259,7 @@ class TensorBoardSink(Sink):
         self._queue: queue.Queue | None = None
         self._thread: threading.Thread | None = None
         self._process = draw_in == "process" or (draw_in == "auto" and os.name == "posix")
-        self._pool: Any = None
+        self.renderer = renderer
         self._errors: list[str] = []
         self._reported = False
         self._closed = False
@@ -364,7 +336,7 @@ class TensorBoardSink(Sink):
                             bucket_counts=h["bucket_counts"].tolist(),
                             global_step=step,
                         )
-                else:
+                elif not r.pending or self._pictures() is not None:
                     self._queue_image(r.at(step))
             if self._site_runs:
                 self._write_site_runs(records, step, new_tags)
@@ -418,8 +390,6 @@ class TensorBoardSink(Sink):
             self._draw(image)
             return
         if self._thread is None or not self._thread.is_alive():
-            if self._process and self._pool is None:
-                self._pool = _drawing_process()
             self._queue = queue.Queue(maxsize=self._queue_size)
             self._thread = threading.Thread(target=self._drain, name="probes-tensorboard-images", daemon=True)
             self._thread.start()
@@ -438,22 +408,12 @@ class TensorBoardSink(Sink):
 
     def _draw(self, image: Image) -> None:
         try:
-            drawing = image.drawing
-            if drawing is not None and self._pool is not None and _sendable(drawing.draw):
-                try:
-                    pixels, png = self._pool.submit(_draw_png, drawing.draw, drawing.args, drawing.kwargs).result()
-                except NotDrawable:  # a function that process cannot load: drawn here
-                    self._write_image(image.tag, image.as_uint8(), image.step)
-                    return
-                except DrawerStopped:  # the process ended: this sink's thread draws from now on
-                    log.warning("tensorboard sink: the drawing process stopped; images are drawn in a thread now")
-                    _drop_drawer(self._pool)
-                    self._pool = None
-                    self._write_image(image.tag, image.as_uint8(), image.step)
-                    return
-                drawing.resolve(pixels)  # the other sinks (a memory sink) get these pixels
+            if image.pending:
+                pixels, png = self._pictures().png(image.figure, background=self._process)
+                image.resolve(pixels)  # the other sinks (a memory sink) get these pixels
                 self._write_image(image.tag, pixels, image.step, png)
             else:
+                self._pictures(notice=False)  # raw pixels: written with the renderer's encoder where there is one
                 self._write_image(image.tag, image.as_uint8(), image.step)
         except Exception as exc:  # noqa: BLE001 - one image lost, reported once; scalars go on
             self._errors.append(f"{image.tag} at step {image.step}: {exc!r}")
@@ -463,16 +423,16 @@ class TensorBoardSink(Sink):
         from torch.utils.tensorboard import SummaryWriter
 
         w = self.writer
-        if not isinstance(w, SummaryWriter):  # another writer (tensorboardX, ...): its own encoder
+        if not isinstance(w, SummaryWriter) or (png is None and self.renderer is None):  # its own encoder
             self._to_writer(lambda: w.add_image(tag, pixels, global_step=step, dataformats="HWC"))
             return
         from tensorboard.compat.proto.summary_pb2 import Summary
 
         h, wd = pixels.shape[:2]
-        png = png if png is not None else encode_png(pixels)
+        png = png if png is not None else self.renderer.encode(pixels)
         image = Summary.Image(height=h, width=wd, colorspace=3, encoded_image_string=png)
         summary = Summary(value=[Summary.Value(tag=tag, image=image)])
-        self._to_writer(lambda: w._get_file_writer().add_summary(summary, step))
+        self._to_writer(lambda: _torch.file_writer(w).add_summary(summary, step))
 
     # -- a writer that fails -----------------------------------------------------------------------------
     def _to_writer(self, add: Callable[[], Any]) -> None:
@@ -517,7 +477,7 @@ class TensorBoardSink(Sink):
                 w = self.writer
                 before = self._event_files()
                 try:
-                    w._get_file_writer()  # a new event file (SummaryWriter makes the logdir again if it is gone)
+                    _torch.file_writer(w)  # a new event file (SummaryWriter makes the logdir again if it is gone)
                 except Exception:
                     w.file_writer = w.all_writers = None
                     for name in self._event_files() - before:  # ours, started and cut short by the failure
@@ -611,7 +571,6 @@ class TensorBoardSink(Sink):
             self._queue.put(None)
             self._thread.join()
         self._thread = None
-        self._pool = None  # the drawing process stays for the next sink
         self._report_errors()
         if len(self._errors) > 1:  # warned once already: the count goes to the log
             log.warning(

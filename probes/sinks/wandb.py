@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from probes.records import Histogram, Image, Record, Scalar
+from probes.records import Histogram, Image, Record, Renderer, Scalar
 from probes.sinks.base import Sink, import_tracker
 
 __all__ = ["WandbSink"]
@@ -29,6 +29,8 @@ class WandbSink(Sink):
         project: the project of a run this sink starts (default: wandb's, e.g. ``WANDB_PROJECT``).
         name: the name of a run this sink starts.
         run: a run to share (default: ``wandb.run`` if active, else start one).
+        renderer: what draws the pictures (``probes.records.Renderer``; None: ``default_renderer()``, at the
+            first picture; without matplotlib pictures are left out after one notice).
         prefix: put before every key (``"probes/"``: the probes' charts in a section of their own).
         step_metric: log the step as this metric and plot the probes' keys against it (``define_metric``) instead
             of passing ``step=``: for a shared run whose own step runs ahead of the session's (several
@@ -46,9 +48,11 @@ class WandbSink(Sink):
         run: Any = None,
         prefix: str = "",
         step_metric: str | None = None,
+        renderer: Renderer | None = None,
         **init_options: Any,
     ) -> None:
         self._wandb = import_tracker("wandb", "wandb")
+        self.renderer = renderer
         self._init = dict(init_options, project=project, name=name)
         self.run = run
         self.owns = False
@@ -95,7 +99,8 @@ class WandbSink(Sink):
             elif isinstance(r, Histogram):
                 payload.update(self._histogram(key, r))
             elif isinstance(r, Image):
-                payload[key] = self._wandb.Image(r.as_uint8())
+                if not r.pending or self._pictures() is not None:  # without matplotlib: left out, one notice
+                    payload[key] = self._wandb.Image(r.as_uint8(self.renderer))
             else:
                 raise TypeError(f"wandb sink: not a record: {r!r}")
         if not payload:

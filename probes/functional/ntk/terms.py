@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from probes.functional.ntk import settings
+from probes.functional.ntk.settings import DEFAULT, NTKSettings
 
 
 @dataclass
@@ -86,7 +86,7 @@ def _traced(t: _Term, mode: str) -> _Term:
     return _Embed(t.G.permute(0, 2, 1, 3).reshape(B, 1, K, C * d), t.T, t.V)
 
 
-def _route(t: _Term, P: int, itemsize: int, target: str, Ce: int) -> str:
+def _route(t: _Term, P: int, itemsize: int, target: str, Ce: int, settings: NTKSettings = DEFAULT) -> str:
     """ "outer" (per-sample gradients D) or "pairs" (pairwise positions), by operation count per pair of samples
     (``target="dense"``: the ``P x P`` products) or by memory (``target="operator"``: what ``Theta v`` keeps).
 
@@ -104,9 +104,9 @@ def _route(t: _Term, P: int, itemsize: int, target: str, Ce: int) -> str:
         B, C, K, d = t.G.shape
         outer_size = C * t.V * d
         pair_cost, factor_size = K * K * (Ce * C * d + 1), C * K * d + K
-    fits = P * outer_size * itemsize <= settings.FALLBACK_BUDGET
-    if settings.PAIRS_METHOD != "auto":
-        return "outer" if (settings.PAIRS_METHOD == "outer" and fits) else "pairs"
+    fits = P * outer_size * itemsize <= settings.fallback_budget
+    if settings.pairs_method != "auto":
+        return "outer" if (settings.pairs_method == "outer" and fits) else "pairs"
     if target == "operator":
         return "outer" if fits and outer_size <= factor_size else "pairs"
     return "outer" if fits and Ce * outer_size < pair_cost else "pairs"
