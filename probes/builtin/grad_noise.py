@@ -61,8 +61,7 @@ class GradNoise(Probe):
     passive = False
     needs_sites = False
     needs_probe_data = True
-    sharding = "per_sample"  # across ranks: each rank the per-sample gradients of its share, sums all-reduced
-    supports_sharding = False  # FSDP2: per-sample gradients of sharded parameters are not computed yet
+    sharding = "per_sample"  # DDP and FSDP2: each rank the per-sample gradients of its share, sums all-reduced
 
     def __init__(
         self,

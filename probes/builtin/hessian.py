@@ -39,8 +39,7 @@ class Hessian(Probe):
     passive = False
     needs_sites = False
     needs_probe_data = True
-    supports_sharding = False  # FSDP2: not yet (the Lanczos vectors would be sharded like the parameters)
-    sharding = "per_sample"  # under DDP every rank takes its share of the probe batch; products all-reduced
+    sharding = "per_sample"  # DDP and FSDP2: every rank takes its share of the probe batch; products all-reduced
 
     def __init__(
         self,
@@ -143,6 +142,7 @@ class Hessian(Probe):
             loss=self.loss,
             label_shift=batch.label_shift,
             distributed=batch.world_size > 1,
+            model=batch.model,  # FSDP2: each product on the whole parameters (all_gathered)
         )
 
     def measure(self, batch: ProbeBatch) -> list[Record]:
