@@ -40,6 +40,8 @@ __all__ = [
     "compiled_original",
     "conv_padding",
     "fsdp_param_groups",
+    "fsdp_schedule",
+    "set_fsdp_schedule",
     "file_writer",
 ]
 
@@ -148,6 +150,32 @@ def fsdp_param_groups(unit: nn.Module) -> list:
         group = getattr(state, "_fsdp_param_group", None)
         groups = [group] if group is not None else []
     return list(groups)
+
+
+#: the FSDP2 parameter group's settings that decide when it reshards and whether it reduces gradients
+_SCHEDULE = ("post_forward_mesh_info", "reshard_after_backward", "reduce_grads", "all_reduce_grads")
+
+
+def fsdp_schedule(unit: nn.Module) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """What ``set_reshard_after_forward``, ``set_reshard_after_backward`` and ``set_requires_gradient_sync`` change
+    on a ``fully_shard``-ed unit, to put back with ``set_fsdp_schedule`` (internals: callers catch what moved)."""
+    # No public alternative: FSDPModule has the setters but no getters. The state's _auto_reshard_after_forward
+    # (there since torch 2.7; the root's default) and the groups' fields are what the setters write.
+    state = cast(Any, unit)._get_fsdp_state()
+    groups = [{k: getattr(g, k) for k in _SCHEDULE if hasattr(g, k)} for g in fsdp_param_groups(unit)]
+    own = {k: getattr(state, k) for k in ("_auto_reshard_after_forward",) if hasattr(state, k)}
+    return own, groups
+
+
+def set_fsdp_schedule(unit: nn.Module, schedule: tuple[dict[str, Any], list[dict[str, Any]]]) -> None:
+    """Put back what ``fsdp_schedule`` read."""
+    own, groups = schedule
+    state = cast(Any, unit)._get_fsdp_state()
+    for k, v in own.items():
+        setattr(state, k, v)
+    for group, saved in zip(fsdp_param_groups(unit), groups):
+        for k, v in saved.items():
+            setattr(group, k, v)
 
 
 def file_writer(writer: Any) -> Any:

@@ -4,7 +4,9 @@ Under FSDP2 (``fully_shard``) each unit's parameters are ``DTensor`` shards outs
 unit's ``unshard()`` all-gathers them (every rank must call it, in the same order) and ``reshard()`` frees them
 again (local). ``gathered`` gives a block in which the modules asked for hold their whole parameters
 (``ProbeBatch.gathered`` for probes; the NTK's checks of a layer's formula); ``tops_gathered`` holds the top units
-gathered for the NTK's passes, as after a forward; ``sharded_parameters`` names the parameters that are shards now.
+gathered for the NTK's passes, as after a forward; ``all_gathered`` holds every unit's whole parameters through
+forwards and backwards of the block (the Hessian's double backward, per-sample gradients); ``sharded_parameters``
+names the parameters that are shards now.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from torch import nn
 
 from probes import _torch
 
-__all__ = ["units", "owners", "gathered", "is_gathered", "tops_gathered", "sharded_parameters"]
+__all__ = ["units", "owners", "gathered", "is_gathered", "tops_gathered", "all_gathered", "sharded_parameters"]
 
 
 def _unit_class() -> type | None:
@@ -149,6 +151,44 @@ def _reshards_after_backward(unit: nn.Module) -> bool:
         return all(bool(g.reshard_after_backward) for g in _param_groups(unit))
     except Exception:  # noqa: BLE001 - internals moved: FSDP2's default
         return True
+
+
+@contextmanager
+def all_gathered(model: nn.Module) -> Iterator[None]:
+    """Every FSDP2 unit of ``model`` holding its whole parameters through the block, forwards and backwards included.
+
+    The units sharded now are ``unshard()``-ed on entry (all-gathers: every rank enters alike). Inside the block no
+    unit reshards after a forward or a backward, nor reduces gradients (``set_reshard_after_forward(False)``,
+    ``set_reshard_after_backward(False)``, ``set_requires_gradient_sync(False)``), so ``model.parameters()`` are
+    the whole (unsharded) parameters and autograd through the model sees them throughout: gradients with their
+    graph, double backward (Hessian-vector products), ``torch.func`` over ``functional_call``. On exit each unit's
+    settings are put back as they were, and the units gathered on entry are ``reshard()``-ed; a unit gathered
+    already (the root after a forward) is left gathered. Memory: the whole model on every rank for the block.
+    Nothing happens for a model without FSDP2 units.
+
+    Args:
+        model: the model (or a wrapper around it).
+    """
+    every = units(model)
+    if not every:
+        yield
+        return
+    saved = [_torch.fsdp_schedule(u) for u in every]
+    done: list[nn.Module] = []
+    try:
+        for u in every:
+            if not is_gathered(u):
+                u.unshard()
+                done.append(u)
+            u.set_reshard_after_forward(False, recurse=False)
+            u.set_reshard_after_backward(False, recurse=False)
+            u.set_requires_gradient_sync(False, recurse=False)
+        yield
+    finally:
+        for u, schedule in zip(every, saved):
+            _torch.set_fsdp_schedule(u, schedule)
+        for u in done:
+            u.reshard()
 
 
 def sharded_parameters(model: nn.Module, names: list[str]) -> list[str]:

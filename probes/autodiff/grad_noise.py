@@ -4,7 +4,8 @@
 the samples (``route="vmap"``), or one ``torch.autograd.grad`` per sample (``route="loop"``, for models that
 ``vmap`` cannot trace); only the sums of ``probes.functional.grad_noise.GradientSums`` are kept, never a
 ``samples x parameters`` matrix beyond one chunk. Under ``torch.distributed`` each rank takes a contiguous share of
-the samples and ``all_reduce_sums`` adds the sums of every rank (one all-reduce) and gathers the per-sample norms.
+the samples and ``all_reduce_sums`` adds the sums of every rank (one all-reduce) and gathers the per-sample norms; under
+FSDP2 the per-sample gradients are taken of the whole parameters, gathered for the blocks (``all_gathered``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
+from probes.autodiff.fsdp import all_gathered
+from probes.autodiff.ntk.ranks import share as share  # the one definition, shared with the NTK and the Hessian
 from probes.functional.grad_noise import GradientSums
 
 #: ``route``: vectorised per-sample gradients, or one backward per sample
@@ -85,22 +88,19 @@ def sample_gradient_sums(
 
     Returns:
         The sums, keyed by ``module``'s parameter names.
+
+    Under FSDP2 the blocks run inside ``probes.autodiff.fsdp.all_gathered(module)``: the per-sample gradients are
+    those of the whole parameters, on every rank.
     """
     sums = GradientSums()
     P = int(target.shape[0])
     block = _vmap_block if route == "vmap" else _loop_block
-    with torch.enable_grad():
+    with torch.enable_grad(), all_gathered(module):  # FSDP2: the whole parameters (every rank calls alike)
         for start in range(0, P, max(1, chunk)):
             stop = min(P, start + max(1, chunk))
             part = tuple(a[start:stop] for a in args)
             sums.add(block(module, part, target[start:stop], weight[start:stop], loss))
     return sums
-
-
-def share(P: int, rank: int, world: int) -> slice:
-    """Rank ``rank``'s contiguous share ``[r S, (r + 1) S)`` of ``P`` samples, ``S = ceil(P / world)``."""
-    S = -(-P // world)
-    return slice(min(P, rank * S), min(P, (rank + 1) * S))
 
 
 def all_reduce_sums(

@@ -10,8 +10,9 @@ rebuilt per chunk and product, so memory stays that of one chunk's double backwa
 Vectors are float64 (the
 Lanczos basis); the products run in the parameters' dtype.
 
-Across ranks (DDP): each rank takes its share of the probe batch (``share``), and the summed products and weights
-are all-reduced, so every rank holds the products one process computes (to the rounding of the sum).
+Across ranks (DDP, FSDP2): each rank takes its share of the probe batch (``share``), and the summed products and
+weights are all-reduced, so every rank holds the products one process computes (to the rounding of the sum). Under
+FSDP2 each product runs inside ``probes.autodiff.fsdp.all_gathered``: every rank holds the whole parameters for it.
 """
 
 from __future__ import annotations
@@ -24,13 +25,9 @@ import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from probes.autodiff.fsdp import all_gathered, units
+from probes.autodiff.ntk.ranks import share as share  # the one definition, shared with the NTK and grad_noise
 from probes.functional.hessian import EdgeSetting, adam_preconditioner, chunk_loss
-
-
-def share(P: int, rank: int, world: int) -> slice:
-    """Rank ``rank``'s contiguous share of ``P`` samples: ``ceil(P / world)`` each, the last ones shorter or empty."""
-    size = -(-P // world)
-    return slice(min(P, rank * size), min(P, (rank + 1) * size))
 
 
 @dataclass
@@ -57,6 +54,9 @@ class HessianProducts:
         loss: a callable ``(output, y) -> mean loss``, or None (``chunk_loss``'s default).
         label_shift: token labels: the output at ``t`` pairs with the label at ``t + label_shift``.
         distributed: all-reduce the products and weights over the default process group.
+        model: the model ``params`` belong to; when it is FSDP2-sharded each product runs inside
+            ``all_gathered(model)``, on its whole parameters (every rank calls alike), and no graph is kept between
+            products (the gathered parameters are freed after each).
     """
 
     def __init__(
@@ -68,44 +68,57 @@ class HessianProducts:
         loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
         label_shift: int = 0,
         distributed: bool = False,
+        model: nn.Module | None = None,
     ) -> None:
         self.forward, self.chunks, self.params = forward, list(chunks), list(params)
         self.loss, self.label_shift, self.distributed = loss, label_shift, distributed
+        self.sharded = model if model is not None and units(model) else None
         self.n = sum(p.numel() for p in self.params)
         self.device = self.params[0].device if self.params else torch.device("cpu")
         self.products = 0
         self._kept: list[tuple[tuple[torch.Tensor, ...], float]] | None = None
 
-    def _gradient(self, chunk: Chunk) -> tuple[tuple[torch.Tensor, ...], float]:
+    def _gradient(self, chunk: Chunk, params: list[torch.Tensor]) -> tuple[tuple[torch.Tensor, ...], float]:
         """The gradient of the chunk's summed loss, with its graph, and the chunk's weight."""
         with torch.enable_grad(), sdpa_kernel([SDPBackend.MATH]):  # fused attention kernels lack double backward
             out = self.forward(chunk.x)
             total, weight = chunk_loss(out, chunk.y, loss=self.loss, label_shift=self.label_shift, mask=chunk.mask)
-            grads = torch.autograd.grad(
-                total, self.params, create_graph=True, allow_unused=True, materialize_grads=True
-            )
+            grads = torch.autograd.grad(total, params, create_graph=True, allow_unused=True, materialize_grads=True)
         return grads, weight
 
-    def _split(self, v: torch.Tensor) -> list[torch.Tensor]:
-        parts = torch.split(v, [p.numel() for p in self.params])
-        return [part.view_as(p).to(p.dtype) for part, p in zip(parts, self.params)]
+    @staticmethod
+    def _split(v: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tensor]:
+        parts = torch.split(v, [p.numel() for p in params])
+        return [part.view_as(p).to(p.dtype) for part, p in zip(parts, params)]
 
-    def _chunk_product(self, grads: tuple[torch.Tensor, ...], vs: list[torch.Tensor], retain: bool) -> torch.Tensor:
-        hv = torch.autograd.grad(grads, self.params, grad_outputs=vs, retain_graph=retain, allow_unused=True)
-        return torch.cat([(h if h is not None else torch.zeros_like(p)).reshape(-1) for h, p in zip(hv, self.params)])
+    @staticmethod
+    def _chunk_product(
+        grads: tuple[torch.Tensor, ...], vs: list[torch.Tensor], params: list[torch.Tensor], retain: bool
+    ) -> torch.Tensor:
+        hv = torch.autograd.grad(grads, params, grad_outputs=vs, retain_graph=retain, allow_unused=True)
+        return torch.cat([(h if h is not None else torch.zeros_like(p)).reshape(-1) for h, p in zip(hv, params)])
+
+    def _local(self, v: torch.Tensor, params: list[torch.Tensor], keep: bool) -> torch.Tensor:
+        """This rank's summed products and weight: ``[sum_chunks H_c v, sum_chunks weight_c]`` (float64)."""
+        vs = self._split(v, params)
+        total = torch.zeros(self.n + 1, dtype=torch.float64, device=self.device)
+        if keep and self._kept is None:
+            self._kept = [self._gradient(self.chunks[0], params)]
+        for chunk in self.chunks:
+            grads, weight = self._kept[0] if keep and self._kept else self._gradient(chunk, params)
+            if any(g.requires_grad for g in grads):
+                total[:-1] += self._chunk_product(grads, vs, params, retain=keep).to(torch.float64)
+            total[-1] += weight
+        return total
 
     def __call__(self, v: torch.Tensor) -> torch.Tensor:
         """``H v`` (float64, length ``n``)."""
-        vs = self._split(v.to(self.device))
-        total = torch.zeros(self.n + 1, dtype=torch.float64, device=self.device)
-        keep = len(self.chunks) == 1
-        if keep and self._kept is None:
-            self._kept = [self._gradient(self.chunks[0])]
-        for chunk in self.chunks:
-            grads, weight = self._kept[0] if keep else self._gradient(chunk)
-            if any(g.requires_grad for g in grads):
-                total[:-1] += self._chunk_product(grads, vs, retain=keep).to(torch.float64)
-            total[-1] += weight
+        v = v.to(self.device)
+        if self.sharded is None:
+            total = self._local(v, self.params, keep=len(self.chunks) == 1)
+        else:
+            with all_gathered(self.sharded):  # the whole parameters, in the same order as the shards
+                total = self._local(v, trainable(self.sharded), keep=False)
         if self.distributed:
             import torch.distributed as dist
 
@@ -143,5 +156,15 @@ def adam_diagonal(optimizer: Any, params: Sequence[nn.Parameter], setting: EdgeS
         if key not in state:
             return f"the optimizer has no {key} for every trainable parameter yet (before its first step?)"
         step = float(state["step"])
-        parts.append(adam_preconditioner(state[key].detach().reshape(-1), step, setting.beta2, setting.eps))
+        second = _whole(state[key].detach())  # FSDP2: the shard of a DTensor state, gathered (every rank alike)
+        parts.append(adam_preconditioner(second.reshape(-1), step, setting.beta2, setting.eps))
     return torch.cat(parts).to(params[0].device)
+
+
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    """A ``DTensor``'s whole value (an all-gather), any other tensor as it is."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:
+        return t
+    return t.full_tensor() if isinstance(t, DTensor) else t

@@ -58,8 +58,7 @@ class GradNoise(Probe):
     description = "gradient noise on the probe batch: noise scale, GSNR, gradient norm"
     every = 100
     passive = False
-    # across ranks: each rank the per-sample gradients of its share, sums all-reduced; FSDP2: not yet (``check``
-    # refuses a sharded model: per-sample gradients of sharded parameters are not computed yet)
+    # DDP and FSDP2: each rank the per-sample gradients of its share, sums all-reduced
     needs = Needs(labels=True, probe_data=True, sharding="per_sample")
 
     def __init__(
@@ -88,16 +87,11 @@ class GradNoise(Probe):
         self._eps = torch.finfo(torch.float32).eps  # of the gradients' dtype, set at each measurement
 
     def check(self, batch: ProbeBatch) -> None:
-        """Trainable parameters and a model that is not sharded (FSDP2 is not supported yet); on the at-attach
-        batch, labels that fit a loss, no batch statistics, a cost under ``max_cost``, and the route (``vmap`` unless
-        it cannot trace the model or disagrees with one backward per sample on two samples)."""
+        """Trainable parameters; on the at-attach batch, labels that fit a loss, no batch statistics, a cost under
+        ``max_cost``, and the route (``vmap`` unless it cannot trace the model or disagrees with one backward per
+        sample on two samples)."""
         if not trainable(batch.model):
             raise ValueError("grad_noise: the model has no trainable parameters (requires_grad=True)")
-        if batch.context.sharded:
-            raise ValueError(
-                "grad_noise: a sharded (FSDP2) model is not supported yet (per-sample gradients of sharded "
-                "parameters); measure the gradient noise under DDP or in one process"
-            )
         if batch.output is None:
             return
         module, args, target, weight, loss = self.problem(batch)

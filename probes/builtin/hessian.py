@@ -35,8 +35,7 @@ class Hessian(Probe):
     charts = (Chart("Hessian top eigenvalues (hessian/eig_top/<k>, k = 1 largest)", r"^hessian/eig_top/\d+$"),)
     every = 1000
     passive = False
-    # under DDP every rank takes its share of the probe batch and the products are all-reduced; FSDP2: not yet
-    # (``check`` refuses a sharded model: the Lanczos vectors would be sharded like the parameters)
+    # DDP and FSDP2: every rank takes its share of the probe batch; products all-reduced
     needs = Needs(labels=True, probe_data=True, sharding="per_sample")
 
     def __init__(
@@ -79,14 +78,9 @@ class Hessian(Probe):
 
     # -- attach ---------------------------------------------------------------------------------
     def check(self, batch: ProbeBatch) -> None:
-        """Trainable parameters whose Lanczos basis fits ``max_memory``, a model that is not sharded (FSDP2 is not
-        supported yet), and the attached optimizer (``hessian/edge_ratio``); batch-norm layers are said once."""
+        """Trainable parameters whose Lanczos basis fits ``max_memory`` and the attached optimizer
+        (``hessian/edge_ratio``); batch-norm layers are said once."""
         self._context = batch.context
-        if batch.context.sharded:
-            raise ValueError(
-                "hessian: a sharded (FSDP2) model is not supported yet: the Lanczos vectors would have to be "
-                "sharded like the parameters; measure the curvature under DDP or in one process"
-            )
         params = trainable(batch.model)
         if not params:
             raise ValueError("hessian: the model has no trainable parameter (requires_grad)")
@@ -144,6 +138,7 @@ class Hessian(Probe):
             loss=self.loss,
             label_shift=context.label_shift,
             distributed=context.world_size > 1,
+            model=batch.model,  # FSDP2: each product on the whole parameters (all_gathered)
         )
 
     def measure(self, batch: ProbeBatch) -> list[Record]:

@@ -33,6 +33,22 @@ import torch
 from probes.functional.ntk.terms import _Embed, _Grad, _Pairs, _Term
 
 
+def share(P: int, rank: int, world: int) -> slice:
+    """Rank ``rank``'s contiguous share ``[r S, (r + 1) S)`` of ``P`` samples, ``S = ceil(P / world)``: the last
+    shares shorter or empty (the NTK's ``Share`` pads them; ``hessian`` and ``grad_noise`` take them as they are).
+
+    Args:
+        P: all samples.
+        rank: this rank.
+        world: the ranks.
+
+    Returns:
+        The rows of rank ``rank``.
+    """
+    S = max(1, -(-P // world))
+    return slice(min(P, rank * S), min(P, (rank + 1) * S))
+
+
 @dataclass(frozen=True)
 class Share:
     """Rank ``rank``'s samples of ``P``: real rows ``start:stop`` of the padded share ``[rank S, (rank + 1) S)``.
@@ -68,11 +84,11 @@ class Share:
 
     @property
     def start(self) -> int:
-        return min(self.P, self.rank * self.S)
+        return share(self.P, self.rank, self.world).start
 
     @property
     def stop(self) -> int:
-        return min(self.P, (self.rank + 1) * self.S)
+        return share(self.P, self.rank, self.world).stop
 
     def real(self, rank: int) -> int:
         """Real (not padded) samples of ``rank``.
