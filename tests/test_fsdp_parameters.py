@@ -142,7 +142,7 @@ class Gathers:
         wrap(FSDPParamGroup, "_to_sharded_post_forward", after=lambda g: gathers.live.discard(id(g)))
         wrap(FSDPModule, "unshard", before=explicit)
         for cls in (PathGramProbe, LinearRegion, Particles):
-            for method in ("validate", "measure"):
+            for method in ("check", "measure"):
                 original = getattr(cls, method)
 
                 def within(obj, batch, _original=original):
