@@ -71,8 +71,9 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import probes  # noqa: E402
 from _timing import paired_ratios, rotated_rounds  # noqa: E402
+
+import probes  # noqa: E402
 from probes.builtin.hessian import Hessian  # noqa: E402
 from probes.functional.hessian import hutchinson  # noqa: E402
 from probes.probe import Probe  # noqa: E402
@@ -295,7 +296,7 @@ def eigenthings_eigen(case: Case, k: int, tol: float, steps: int | None = None) 
     import hessian_eigenthings as he
 
     def run() -> Result:
-        r = _quiet(lambda: he.lanczos(_operator(case), k=k, which="LA", tol=tol, seed=0, max_iter=steps))
+        r = _quiet(lambda steps=steps: he.lanczos(_operator(case), k=k, which="LA", tol=tol, seed=0, max_iter=steps))
         return Result(top=[float(v) for v in r.eigenvalues], extra={"converged": bool(r.converged.all())})
 
     return run
@@ -307,7 +308,7 @@ def eigenthings_steps(case: Case, k: int, tol: float, most: int = 512) -> int | 
 
     steps = 2 * k
     while True:
-        r = _quiet(lambda: he.lanczos(_operator(case), k=k, which="LA", tol=tol, seed=0, max_iter=steps))
+        r = _quiet(lambda steps=steps: he.lanczos(_operator(case), k=k, which="LA", tol=tol, seed=0, max_iter=steps))
         if bool(r.converged.all()) or steps >= min(most, case.n):
             return steps
         steps = min(2 * steps, most, case.n)
@@ -448,7 +449,7 @@ def _note(result: Result, kind: str, steps: int | None, name: str) -> str:
 def measure_kind(base: Case, kind: str, args: argparse.Namespace, ref: Any, steps: int | None) -> list[dict]:
     """Every method of ``kind`` on copies of the case's model: interleaved timings, memory, accuracy."""
     runs, results = {}, {}
-    for name, make in factories(base, kind, args.k, args.tol, args.trace_samples, steps).items():
+    for name in factories(base, kind, args.k, args.tol, args.trace_samples, steps):
         own = copy.deepcopy(base)  # each method its own model: no session, mode or .grad left to another
         run, results[name] = prepare(factories(own, kind, args.k, args.tol, args.trace_samples, steps)[name])
         if run is not None:
@@ -499,8 +500,10 @@ def _fmt(v: float | None, spec: str, suffix: str = "") -> str:
 
 def print_rows(case: Case, kind: str, rows: list[dict], ref: Any) -> None:
     what = f"top-{len(rows[0]['values'] or [0])} eigenvalues" if kind == "eigen" else "trace"
-    exact = "no dense reference" if ref is None else (
-        f"exact: {[round(float(v), 5) for v in ref[0][:3]]}..." if kind == "eigen" else f"exact: {ref[1]:.6g}"
+    exact = (
+        "no dense reference"
+        if ref is None
+        else (f"exact: {[round(float(v), 5) for v in ref[0][:3]]}..." if kind == "eigen" else f"exact: {ref[1]:.6g}")
     )
     print(f"\n{case.name} ({case.n:,} parameters, P = {case.x.shape[0]}): {what}; {exact}")
     print(
