@@ -41,7 +41,7 @@ top-``k`` eigenvalues, and the trace's relative error. A peer that is not instal
 
     python benchmarks/curvature.py                 # every case, default sizes (a few minutes)
     python benchmarks/curvature.py --quick         # smaller batches, 3 rounds
-    python benchmarks/curvature.py --smoke         # seconds, tiny models, no peer needed (the test suite runs it)
+    python benchmarks/curvature.py --smoke         # tiny MLP and GPT-2s, no peer needed (the test suite runs it)
     python benchmarks/curvature.py --cases mlp,gpt2 --json out.json
 
 Install the peers with ``pip install --no-deps PyHessian hessian-eigenthings`` (their requirements would replace
@@ -446,6 +446,10 @@ def _note(result: Result, kind: str, steps: int | None, name: str) -> str:
     return ", ".join(bits)
 
 
+#: every case, in the order printed
+CASES = "mlp,cnn,gpt2,gpt2-sdpa,mlp-wide"
+
+
 def measure_kind(base: Case, kind: str, args: argparse.Namespace, ref: Any, steps: int | None) -> list[dict]:
     """Every method of ``kind`` on copies of the case's model: interleaved timings, memory, accuracy."""
     runs, results = {}, {}
@@ -457,6 +461,8 @@ def measure_kind(base: Case, kind: str, args: argparse.Namespace, ref: Any, step
     measured = rotated_rounds(runs, rounds=args.rounds, warmup=0) if runs else {}
     ratios = paired_ratios(measured, "probes") if "probes" in measured else {}
     chosen = [n for n in runs if args.memory and (args.memory_methods is None or n in args.memory_methods)]
+    if args.memory_cases is not None and base.name not in args.memory_cases:
+        chosen = []
     memory = {n: memory_run(base.name, kind, n, args, steps) for n in chosen}
     rows = []
     for name, result in results.items():
@@ -536,7 +542,7 @@ def run_case(name: str, args: argparse.Namespace) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description="the hessian probe against PyHessian and hessian-eigenthings")
-    p.add_argument("--cases", default="mlp,cnn,gpt2,gpt2-sdpa,mlp-wide")
+    p.add_argument("--cases", default=CASES)
     p.add_argument("--k", type=int, default=5, help="top eigenvalues")
     p.add_argument("--tol", type=float, default=1e-3, help="the tolerance given to every method (PyHessian's default)")
     p.add_argument("--trace-samples", type=int, default=32, help="Hutchinson vectors (probes, eigenthings)")
@@ -551,7 +557,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--steps", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--child", nargs=3, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    args.memory_methods = None
+    args.memory_methods = args.memory_cases = None
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     if args.child is not None:  # the fresh process of a memory case
@@ -562,7 +568,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
         args.mode, args.rounds = "quick", 3
     if args.smoke:
         args.mode, args.rounds, args.trace_samples, args.k = "smoke", 1, 4, 2
-        args.memory_methods = {"probes"}  # one fresh process per table: the path runs, in seconds
+        # one fresh process, the probe's, on the first case: the path runs, in seconds; the CNN and the wide MLP add
+        # nothing the MLP and GPT-2 do not test here
+        args.memory_methods, args.memory_cases = {"probes"}, {"mlp"}
+        if args.cases == CASES:
+            args.cases = "mlp,gpt2,gpt2-sdpa"
     peers = [f"{m}: {_have(m) or 'installed'}" for m in ("pyhessian", "hessian_eigenthings")]
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.mode} sizes; tol {args.tol}, "

@@ -106,7 +106,7 @@ def test_the_curvature_benchmark_smoke_runs_without_the_peers_and_agrees_with_th
     rows = json.loads(out_json.read_text())
     ours = [r for r in rows if r["method"] == "probes"]
     cases = {r["case"] for r in ours}
-    assert {"mlp", "cnn"} <= cases, cases
+    assert "mlp" in cases, cases
     if importlib.util.find_spec("transformers") is not None:
         assert {"gpt2", "gpt2-sdpa"} <= cases, cases
     for r in ours:
