@@ -103,6 +103,14 @@ def integer(
     return int(value)
 
 
+def _float(value: Any) -> float:
+    """``float(value)``, infinite for an int too large for a float (refused as not finite, with the option named)."""
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf if value > 0 else -math.inf
+
+
 def number(
     probe: str,
     option: str,
@@ -147,7 +155,7 @@ def number(
         what = f"None or {what}" if optional else what
     if not _is_real(value):
         raise TypeError(f"{probe}: option {option!r} must be {what}, got {value!r}")
-    v = float(value)
+    v = _float(value)
     if (
         not math.isfinite(v)
         or (positive and not v > 0)
@@ -254,6 +262,8 @@ def sizes(probe: str, option: str, value: Any) -> tuple[float, ...]:
         ValueError: empty, or a number that is not positive and finite.
     """
     wanted = "a positive finite number or a non-empty sequence of them"
+    if isinstance(value, (np.ndarray, torch.Tensor)) and value.ndim == 0:  # a 0-d array or tensor: one number
+        value = value.item()
     if _is_real(value):
         values: tuple = (value,)
     elif isinstance(value, (str, bytes)) or not isinstance(value, (Sequence, np.ndarray, torch.Tensor)):
@@ -264,7 +274,7 @@ def sizes(probe: str, option: str, value: Any) -> tuple[float, ...]:
         raise ValueError(f"{probe}: option {option!r} must be {wanted}, got {value!r}")
     if not all(_is_real(v) for v in values):
         raise TypeError(f"{probe}: option {option!r} must be {wanted}, got {value!r}")
-    out = tuple(float(v) for v in values)
+    out = tuple(_float(v) for v in values)
     if not all(v > 0 and math.isfinite(v) for v in out):
         raise ValueError(f"{probe}: option {option!r} must be {wanted}, got {value!r}")
     return out

@@ -213,14 +213,9 @@ def test_ordered_refuses_a_low_bound_above_the_high_one():
     assert str(info.value) == "p: option 'low' must not exceed option 'high', got 2.0 > 1.0"
 
 
-# -- known bugs ----------------------------------------------------------------------------------------------------
+# -- what were known bugs: 0-d sizes, huge ints ------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: sizes() of a 0-d tensor or array raises a bare TypeError ('float' object is not iterable) that names "
-    "neither the probe nor the option",
-)
 @pytest.mark.parametrize("value", [torch.tensor(0.5), np.array(0.5)], ids=["tensor", "array"])
 def test_sizes_of_a_0d_tensor_is_one_size_or_a_named_error(value):
     try:
@@ -229,10 +224,5 @@ def test_sizes_of_a_0d_tensor_is_one_size_or_a_named_error(value):
         assert str(exc).startswith("p: option 'opt' must ")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: number() of an int too large for a float raises a bare OverflowError instead of a ValueError "
-    "naming the probe and the option",
-)
 def test_number_of_a_huge_int_is_a_named_value_error():
     refused(ValueError, options.number, 10**400)

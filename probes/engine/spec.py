@@ -103,6 +103,12 @@ def parse_probes(probes: Any) -> list[tuple[str, Probe]]:
         if opts is not None and not isinstance(opts, Mapping):
             raise TypeError(f"options of probe {key!r} must be a mapping, got {opts!r}")
         if isinstance(key, Probe):
+            if opts:
+                raise TypeError(
+                    f"probe {key.name!r} is given as an instance with options {dict(opts)!r}: an instance keeps the "
+                    f"options it was made with; pass them to its constructor ({type(key).__name__}(...)) or give "
+                    f"its class, {{{type(key).__name__}: {{...}}}}"
+                )
             as_schedule(key.every, who=f"probe {key.name!r}", check=True)
             out.append((key.name, key))
         elif isinstance(key, type) and issubclass(key, Probe):

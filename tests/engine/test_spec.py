@@ -170,10 +170,6 @@ def test_an_instance_with_a_bad_cadence_is_refused_naming_it():
         parse_probes([mine])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: options given for a probe instance ({instance: {'every': 5}}) are dropped without a word",
-)
 def test_options_given_for_an_instance_are_not_dropped_silently():
     mine = Own()
     try:
