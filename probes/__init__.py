@@ -33,7 +33,7 @@ from probes.records import Histogram, Image, Scalar
 from probes.sinks.build import plan_sinks
 
 # the one place the version is written: pyproject.toml reads it (dynamic = ["version"]), and so
-# does tests/test_release.py for the archives
+# does tests/project/test_release.py for the archives
 __version__ = "0.1.0"
 
 __all__ = [

@@ -2,7 +2,7 @@
 
 Each internal is read by one small function here; its comment names the public alternative, or says that none
 exists and since when the internal is there (versions as first seen, to recheck when the torch bound moves). A test
-(``tests/test_torch_internals.py``) keeps every other module off these names. See ``docs/architecture.md``.
+(``tests/project/test_torch_internals.py``) keeps every other module off these names. See ``docs/architecture.md``.
 """
 
 from __future__ import annotations
