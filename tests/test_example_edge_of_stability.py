@@ -84,10 +84,10 @@ def test_sharpness_is_the_dense_hessians_top_eigenvalue(example, smoke):
     for lr, s in result["scalars"].items():
         (first_step, first), (last_step, last) = s["hessian/eig_top/1"][0], s["hessian/eig_top/1"][-1]
         assert (first_step, last_step) == (0, args.steps)
-        assert math.isclose(first, initial, rel_tol=1e-4)
+        assert math.isclose(first, initial, rel_tol=1e-6)  # float32 products: about 1e-8 here
         trained = dense_sharpness(example, result["models"][lr], args.P)
         assert not math.isclose(trained, initial, rel_tol=1e-3)  # training moved the sharpness
-        assert math.isclose(last, trained, rel_tol=1e-4)
+        assert math.isclose(last, trained, rel_tol=1e-6)
 
 
 def test_the_summary_reads_the_logged_series(smoke):
