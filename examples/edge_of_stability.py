@@ -96,7 +96,7 @@ def train(args: argparse.Namespace, lr: float, x: torch.Tensor, targets: torch.T
             probe_batch_size=len(x),  # one chunk: the gradient's graph is kept between the Lanczos products
         )
         memory = session.memory
-        losses = []
+        losses = []  # losses[k]: the loss at step k (after k updates), as the probe measures it
         for _ in range(args.steps):
             opt.zero_grad()
             loss = half_squared_error(model(x), targets)
@@ -129,7 +129,7 @@ def plot(results: dict[float, dict], path: Path, args: argparse.Namespace) -> No
             axes[0].axvline(cross, color=colour, ls=":", lw=1, label=f"first at 2 / lr: step {cross}")
         steps, ratio = zip(*s["hessian/edge_ratio"])
         axes[1].plot(steps, ratio, color=colour, label=label)
-        axes[2].plot(range(1, len(run["losses"]) + 1), run["losses"], color=colour, lw=1, label=label)
+        axes[2].plot(range(len(run["losses"])), run["losses"], color=colour, lw=1, label=label)
     axes[1].axhline(1.0, color="black", ls="--", lw=1.2, label="edge of stability: lambda_max = 2 / lr")
     axes[0].set(title="sharpness: top eigenvalue of the loss Hessian", xlabel="step (full-batch GD updates)")
     axes[0].set_ylabel("lambda_max (1 / lr units: GD is stable below 2 / lr)")
