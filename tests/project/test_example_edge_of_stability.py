@@ -19,7 +19,7 @@ pytest.importorskip("matplotlib")
 def example():
     from conftest import load_script
 
-    path = Path(__file__).resolve().parents[1] / "examples" / "edge_of_stability.py"
+    path = Path(__file__).resolve().parents[2] / "examples" / "edge_of_stability.py"
     return load_script(path, "edge_of_stability_example")
 
 
