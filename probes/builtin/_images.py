@@ -3,6 +3,8 @@ state."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from probes.probe import Probe
@@ -52,7 +54,8 @@ def image_due(probe: Probe, cadence: ImageCadence, step: int) -> bool:
     Returns:
         Whether to draw the image at ``step``.
     """
-    cadence.last = probe.last_image
+    state: Any = probe  # ``last_image`` is a declared state (``add_state``), set on the instance
+    cadence.last = state.last_image
     due = cadence.due(step)
-    probe.last_image = cadence.last
+    state.last_image = cadence.last
     return due

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from probes.builtin._narrow import labels
 from probes.functional.labels import IGNORE_INDEX, padded_labels, token_positions
 from probes.probe import ProbeBatch
 
@@ -28,7 +29,8 @@ def token_pairs(who: str, batch: ProbeBatch, positions: str, notice: bool = Fals
         ValueError: as ``token_positions``, naming the probe and the options that change the pairing.
     """
     shift = batch.context.label_shift
-    n = padded_labels(batch.y, shift, batch.mask) if notice else 0
+    y = labels(who, batch)
+    n = padded_labels(y, shift, batch.mask) if notice else 0
     if n:
         batch.context.notice(
             "padding",
@@ -36,10 +38,10 @@ def token_pairs(who: str, batch: ProbeBatch, positions: str, notice: bool = Fals
             f"label_shift={shift}) and are left out, as if labelled {IGNORE_INDEX} (said once)",
         )
     try:
-        return token_positions(batch.y, shift, positions, batch.mask)
+        return token_positions(y, shift, positions, batch.mask)
     except ValueError as exc:
         raise ValueError(
-            f"{who}: {exc} (token labels {tuple(batch.y.shape)} with attach(label_shift="
+            f"{who}: {exc} (token labels {tuple(y.shape)} with attach(label_shift="
             f"{shift}), option positions={positions!r}; every position labelled "
             f"{IGNORE_INDEX} is left out)"
         ) from None

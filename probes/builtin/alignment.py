@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import fnmatch
 import itertools
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from probes import options
+from probes.builtin._narrow import labels
 from probes.builtin._tokens import token_pairs
 from probes.engine.failures import say
 from probes.functional.alignment import DegenerateKernelError, Prepared, prepare
@@ -42,7 +43,7 @@ class Alignment(Probe):
     description = "how well each layer's features line up with the labels (centered CKA)"
     every = 100
     passive = False
-    needs = Needs(sites={"post"}, labels=True, probe_data=True)
+    needs = Needs(sites=frozenset({"post"}), labels=True, probe_data=True)
 
     @dataclass(frozen=True)
     class Options:
@@ -68,11 +69,12 @@ class Alignment(Probe):
     def check(self, batch: ProbeBatch) -> None:
         """Labels that vary (or token labels with a labelled position); on the at-attach pass, labels that index the
         model's outputs, chosen sites that exist, a tensor output when it is aligned too."""
-        if is_token_labels(batch.y):  # which positions are samples depends on the shift and the mask: below
-            if not bool((batch.y != IGNORE_INDEX).any()):
+        y = batch.y
+        if y is not None and is_token_labels(y):  # which positions are samples depends on the shift and the mask
+            if not bool((y != IGNORE_INDEX).any()):
                 raise ValueError(f"alignment: every token label is {IGNORE_INDEX} (no position has a label)")
-        elif batch.y is not None:
-            self._check_labels(batch.y)
+        elif y is not None:
+            self._check_labels(y)
         if batch.output is not None:
             self._check_pass(batch)
 
@@ -132,14 +134,18 @@ class Alignment(Probe):
                 used = size
         return names, groups
 
-    def _grouped_features(self, batch: ProbeBatch, groups: list[list[str]]):
+    def _grouped_features(
+        self, batch: ProbeBatch, groups: list[list[str]]
+    ) -> Iterator[tuple[str, torch.Tensor | None]]:
         """``(site, features)`` group by group: one pass of the engine's probe pass over the probe batch per group
         of sites (in chunks of the session's ``probe_batch_size``)."""
         for group in groups:
             wanted = set(group)
-            kept = batch.context.run(
-                batch.x, keep=lambda site, w=wanted: frozenset({"post"}) if site.name in w else frozenset()
-            )
+
+            def keep(site: Site, w: set[str] = wanted) -> frozenset[str]:
+                return frozenset({"post"}) if site.name in w else frozenset()
+
+            kept = batch.context.run(batch.x, keep=keep)
             acts = kept.activations
             del kept
             for n in group:
@@ -156,12 +162,13 @@ class Alignment(Probe):
             self._labels(batch)
         acts = self._probe_sites(batch)
         names = self._activation_names(acts)
-        if is_token_labels(batch.y) and self.sites is not None:
-            T = batch.y.shape[1]
+        y = batch.y
+        if y is not None and is_token_labels(y) and self.sites is not None:
+            T = y.shape[1]
             for n in names:
                 post = acts[n].post
                 if post is not None and (post.ndim < 3 or post.shape[1] != T):
-                    raise ValueError(self._not_token_wise(n, post, batch.y))
+                    raise ValueError(self._not_token_wise(n, post, y))
         if self.output and OUTPUT in names:
             raise ValueError(
                 "alignment: the model has an activation site named 'output', which clashes with the "
@@ -171,15 +178,15 @@ class Alignment(Probe):
     def _labels(self, batch: ProbeBatch) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
         """``(index, Y, classes)``: for token labels the kept ``(sample, position)`` pairs and their label matrix,
         else ``(None, batch.targets(), None)``; ``classes`` the integer labels per sample (for the per-class check)."""
-        if not is_token_labels(batch.y):
+        y = batch.y
+        if y is None or not is_token_labels(y):
             Y = batch.targets("alignment")
-            y = batch.y
             classes = y if isinstance(y, torch.Tensor) and not y.is_floating_point() and y.ndim == 1 else None
             return None, Y, classes
         out = batch.output
-        if self.output and isinstance(out, torch.Tensor) and not _token_shaped(out, batch.y):
+        if self.output and isinstance(out, torch.Tensor) and not _token_shaped(out, y):
             raise ValueError(
-                f"alignment: token labels {tuple(batch.y.shape)} need an output (P, T, C) with a value "
+                f"alignment: token labels {tuple(y.shape)} need an output (P, T, C) with a value "
                 f"per position, but the model output has shape {tuple(out.shape)}; pass output=False to "
                 "align the sites only, or one label per sample"
             )
@@ -188,6 +195,8 @@ class Alignment(Probe):
         try:
             Y = label_matrix(yk, num_classes=C, who="alignment")
         except ValueError as exc:
+            if C is None:  # no output size to name: the labels' own message
+                raise
             raise ValueError(
                 f"{exc}: the model has {C} outputs per position, so token labels must lie in 0..{C - 1} "
                 f"(or be {IGNORE_INDEX})"
@@ -227,14 +236,13 @@ class Alignment(Probe):
                 f"{P} samples (only activations with the batch as first axis are supported)"
             )
         f = f.detach()
-        if index is not None:
-            if _token_shaped(f, batch.y):
+        if index is not None:  # token labels
+            y = labels("alignment", batch)
+            if _token_shaped(f, y):
                 return token_rows(f, index)
             if self.sites is not None or site == OUTPUT:
-                raise ValueError(self._not_token_wise(site, f, batch.y))
-            batch.context.notice(
-                f"not-token-wise:{site}", self._not_token_wise(site, f, batch.y) + "; left out (said once)"
-            )
+                raise ValueError(self._not_token_wise(site, f, y))
+            batch.context.notice(f"not-token-wise:{site}", self._not_token_wise(site, f, y) + "; left out (said once)")
             return None
         mask = batch.mask
         if mask is not None and f.ndim >= 3 and tuple(f.shape[:2]) == tuple(mask.shape):
@@ -289,6 +297,8 @@ class Alignment(Probe):
         kept: list[str] = []
         flags = []
         for site, f in features:  # one site at a time: only its float64 copy (and, with a budget, its group) alive
+            if f is None:
+                raise ValueError(f"alignment: site {site!r} kept no output on the probe pass")
             flat = self._rows(site, f, batch, index)
             if flat is None:
                 continue

@@ -26,6 +26,7 @@ from torch import nn
 
 from probes import options
 from probes.autodiff.grad_noise import ROUTES, all_reduce_sums, sample_gradient_sums, share, trainable
+from probes.builtin._narrow import required
 from probes.builtin._tokens import token_pairs
 from probes.functional.grad_noise import (
     GradientSums,
@@ -76,9 +77,9 @@ class GradNoise(Probe):
         self.loss = loss
         self.route = options.choice("grad_noise", "route", route, ("auto", *ROUTES))
         self.chunk_size = options.integer("grad_noise", "chunk_size", chunk_size, minimum=1, optional=True)
-        self.bins = options.integer("grad_noise", "bins", bins, minimum=1, maximum=options.MAX_BINS)
+        self.bins = required(options.integer("grad_noise", "bins", bins, minimum=1, maximum=options.MAX_BINS))
         self.per_module = options.flag("grad_noise", "per_module", per_module)
-        self.memory_budget = options.number("grad_noise", "memory_budget", memory_budget, positive=True)
+        self.memory_budget = required(options.number("grad_noise", "memory_budget", memory_budget, positive=True))
         auto = isinstance(max_cost, str) and max_cost == "auto"
         self.max_cost = (
             MAX_COST if auto else options.number("grad_noise", "max_cost", max_cost, positive=True, optional=True)

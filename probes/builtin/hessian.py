@@ -17,6 +17,7 @@ from probes import options
 from probes.autodiff.hessian import Chunk, HessianProducts, adam_diagonal, preconditioned, share, trainable
 from probes.autodiff.ntk.cost import available_memory
 from probes.builtin._images import ImageCadence, declare_image_state, image_due
+from probes.builtin._narrow import labels, required
 from probes.functional.hessian import EdgeSetting, edge_setting, hutchinson
 from probes.functional.spectra import Quadrature, density_grid, extreme_eigenvalues, slq_runs
 from probes.inputs import take
@@ -54,18 +55,18 @@ class Hessian(Probe):
         image_every: int | None = None,
         max_memory: int | float | str | None = "auto",
     ) -> None:
-        self.top_k = options.integer("hessian", "top_k", top_k, minimum=1)
-        self.trace_samples = options.integer("hessian", "trace_samples", trace_samples, minimum=0)
-        self.tol = options.number("hessian", "tol", tol, positive=True)
+        self.top_k = required(options.integer("hessian", "top_k", top_k, minimum=1))
+        self.trace_samples = required(options.integer("hessian", "trace_samples", trace_samples, minimum=0))
+        self.tol = required(options.number("hessian", "tol", tol, positive=True))
         self.max_steps = options.integer("hessian", "max_steps", max_steps, minimum=2, optional=True)
         self.density = options.flag("hessian", "density", density)
-        self.density_vectors = options.integer("hessian", "density_vectors", density_vectors, minimum=1)
-        self.density_steps = options.integer("hessian", "density_steps", density_steps, minimum=2)
-        self.bins = options.integer("hessian", "bins", bins, minimum=1, maximum=options.MAX_BINS)
+        self.density_vectors = required(options.integer("hessian", "density_vectors", density_vectors, minimum=1))
+        self.density_steps = required(options.integer("hessian", "density_steps", density_steps, minimum=2))
+        self.bins = required(options.integer("hessian", "bins", bins, minimum=1, maximum=options.MAX_BINS))
         if loss is not None and not callable(loss):
             raise ValueError(f"hessian: option 'loss' must be None or a callable (output, y) -> loss, got {loss!r}")
         self.loss = loss
-        self.seed = options.integer("hessian", "seed", seed, minimum=0, maximum=2**63 - 1)
+        self.seed = required(options.integer("hessian", "seed", seed, minimum=0, maximum=2**63 - 1))
         self.image = options.flag("hessian", "image", image)
         self.image_cadence = ImageCadence("hessian", image_every)
         auto = isinstance(max_memory, str) and max_memory == "auto"
@@ -129,7 +130,7 @@ class Hessian(Probe):
         for start in range(part.start, part.stop, size):
             rows = slice(start, min(start + size, part.stop))
             mask = batch.mask[rows] if batch.mask is not None else None
-            chunks.append(Chunk(take(batch.x, rows), batch.y[rows], mask))
+            chunks.append(Chunk(take(batch.x, rows), labels("hessian", batch)[rows], mask))
         params = trainable(batch.model)
         return HessianProducts(
             context.forward,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import torch
 from torch import nn
@@ -42,6 +42,8 @@ from probes.probe import Needs, Probe, ProbeBatch, ProbeContext, Site
 from probes.records import Chart, Record, Scalar
 
 log = logging.getLogger("probes.linear_region")
+
+S = TypeVar("S")
 
 #: ``eps="auto"`` / ``delta="auto"``: the sizes scaled to the model's gates (``auto_sizes``)
 AUTO = "auto"
@@ -94,6 +96,8 @@ def region_patterns(
                 "first; patterns are per sample"
             )
         pats[name] = site_pattern(act.site.kind, act.site.module, act.pre)
+    if run.output is None:
+        raise ValueError("linear_region: the probe pass gave no output tensor")
     return run.output.detach().reshape(P, -1), pats
 
 
@@ -190,7 +194,7 @@ class ModuleParameters:
             t = t.detach()
             if t.is_floating_point():
                 t = t.to(recipe.dtype)
-            if recipe.delta is not None and recipe.states is not None and name in recipe.states:
+            if recipe.delta is not None and recipe.states is not None and name is not None and name in recipe.states:
                 g = torch.Generator(device=t.device)
                 g.set_state(recipe.states[name])
                 t = perturb_tensor(t, recipe.delta, g)
@@ -212,6 +216,20 @@ class ModuleParameters:
     def directional(self, recipe: Recipe, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         with swapped(self.batch.model, self.values(recipe)):
             return _directional(self.batch, None, x, v)
+
+
+class ParameterSets(Protocol[S]):
+    """What ``measure`` reads of ``WholeParameters`` (``S`` = ``Params``) and ``ModuleParameters`` (``Recipe``)."""
+
+    def base(self, dtype: torch.dtype) -> S: ...
+
+    def perturbed(self, base: S, delta: float, g: torch.Generator) -> S: ...
+
+    def cast(self, params: S, dtype: torch.dtype) -> S: ...
+
+    def patterns(self, x: torch.Tensor, params: S) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
+
+    def directional(self, params: S, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor: ...
 
 
 def _sizes_or_auto(probe: str, key: str, value: Any) -> tuple[float, ...] | str:
@@ -396,7 +414,9 @@ class LinearRegion(Probe):
         g = self._gen(x.device)
         names = trainable_names(model)
         # the parameter sets: whole copies, or under FSDP2 recipes applied module by module in the forward
-        sets = (ModuleParameters if batch.context.sharded else WholeParameters)(batch, names, self.needs.site_types)
+        sets: ParameterSets[Any] = (ModuleParameters if batch.context.sharded else WholeParameters)(
+            batch, names, self.needs.site_types
+        )
         state = sets.base(sweep)
         patterns = sets.patterns
 
@@ -425,6 +445,8 @@ class LinearRegion(Probe):
             ]
             if first_state is None:
                 first_state, f_x_ps, pat_x_ps = sp, f, pat
+        if first_x is None or f_xs_p is None or pat_xs_p is None or f_x_ps is None or pat_x_ps is None:
+            raise RuntimeError("linear_region: no eps or no delta size (both options are non-empty)")
         if joint != sweep:  # the same draws, cast (exactly) to the joint dtype; three forwards again in it
             x, state = x0.to(joint), sets.base(joint)
             first_x = first_x.to(joint)

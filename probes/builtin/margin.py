@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from probes.builtin._narrow import labels, output
 from probes.builtin._tokens import token_pairs
 from probes.functional.labels import POSITIONS, is_token_labels, token_rows
 from probes.functional.margin import forces
@@ -69,13 +70,14 @@ class Margin(Probe):
             ValueError: labels that do not fit the output (see ``forces``); token labels with an output that has no
                 value per position.
         """
-        if not is_token_labels(batch.y):
-            return forces(batch.output, batch.y, self.margin)
+        y = labels("margin", batch)
+        if not is_token_labels(y):
+            return forces(output("margin", batch), y, self.margin)
         out = batch.output
-        if not isinstance(out, torch.Tensor) or out.ndim != 3 or tuple(out.shape[:2]) != tuple(batch.y.shape):
+        if not isinstance(out, torch.Tensor) or out.ndim != 3 or tuple(out.shape[:2]) != tuple(y.shape):
             shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise ValueError(
-                f"margin: token labels {tuple(batch.y.shape)} need an output (P, T, C) of logits per "
+                f"margin: token labels {tuple(y.shape)} need an output (P, T, C) of logits per "
                 f"position, but the model output is {shape}; pick the per-position logits with "
                 "attach(output=...), or pass one label per sample"
             )

@@ -29,6 +29,7 @@ from probes.autodiff.ntk import cost as ntk_cost_module
 from probes.autodiff.ntk.cost import gib as _gib
 from probes.autodiff.ntk.outputs import SelectedOutput, gaussian_sketch, last_positions
 from probes.builtin._images import ImageCadence, declare_image_state, image_due
+from probes.builtin._narrow import required
 from probes.functional.alignment import DegenerateKernelError
 from probes.functional.labels import label_matrix
 from probes.functional.ntk.settings import NTKSettings
@@ -65,6 +66,10 @@ class NTK(Probe):
     passive = False
     # across ranks: each rank the factors of P / world samples, exchanged (ntk.ranks)
     needs = Needs(probe_data=True, sharding="per_sample")
+    # declared states (``add_state``), for the type checker
+    init_kernel: torch.Tensor | None
+    init_eigenvalues: torch.Tensor | None
+    init_step: int | None
 
     def __init__(
         self,
@@ -89,20 +94,20 @@ class NTK(Probe):
             raise ValueError(
                 "ntk: option 'reduction'='mean' applies to the trace over outputs; use it with mode='trace'"
             )
-        self.top_k = options.integer("ntk", "top_k", top_k, minimum=0)
-        self.bins = options.integer("ntk", "bins", bins, minimum=1, maximum=options.MAX_BINS)
+        self.top_k = required(options.integer("ntk", "top_k", top_k, minimum=0))
+        self.bins = required(options.integer("ntk", "bins", bins, minimum=1, maximum=options.MAX_BINS))
         self.spectrum = options.choice("ntk", "spectrum", spectrum, SPECTRA)
         if spectrum == "topk" and self.top_k < 1:
             raise ValueError(
                 f"ntk: option 'top_k' must be >= 1 with spectrum='topk' (the eigenvalues to compute), got {top_k}"
             )
-        self.memory_budget = options.number(
-            "ntk", "memory_budget", memory_budget, positive=True, what="a positive number of bytes"
+        self.memory_budget = required(
+            options.number("ntk", "memory_budget", memory_budget, positive=True, what="a positive number of bytes")
         )
         self.chunk_size = options.integer("ntk", "chunk_size", chunk_size, minimum=1, optional=True)
         self.positions = options.choice("ntk", "positions", positions, POSITIONS)
         self.outputs = options.integer("ntk", "outputs", outputs, minimum=1, maximum=MAX_OUTPUTS, optional=True)
-        self.seed = options.integer("ntk", "seed", seed, minimum=0, maximum=2**63 - 1)
+        self.seed = required(options.integer("ntk", "seed", seed, minimum=0, maximum=2**63 - 1))
         self.max_cost = options.number(
             "ntk",
             "max_cost",
@@ -187,7 +192,7 @@ class NTK(Probe):
         model, args = batch.context.positional(batch.x)
         out = batch.output
         position = self.positions == "last" and isinstance(out, torch.Tensor) and out.ndim > 2
-        if position:
+        if position and isinstance(out, torch.Tensor):  # position: a tensor output
             P, T = int(out.shape[0]), int(out.shape[1])
             masked = batch.mask is not None and tuple(batch.mask.shape) == (P, T)
             args = args + (last_positions(batch.mask if masked else None, P, T, args[0].device),)
@@ -433,6 +438,8 @@ class NTK(Probe):
         """Trace (exact), the ``top_k`` largest eigenvalues (block Krylov on ``Theta V`` from the layerwise factors,
         float64) and the effective rank estimated from them (``effective_rank_bounds``); no ``n x n`` matrix. The
         image plots the top eigenvalues, now and at the first measurement."""
+        if self._plan is None:
+            raise RuntimeError("ntk: the top-k route runs after _measure has planned the model (self._plan)")
         op = ntk_operator(
             model,
             args,

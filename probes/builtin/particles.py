@@ -91,7 +91,7 @@ def find_two_layer(model: nn.Module, layer: str | None = None) -> tuple[str, nn.
                         f"{target.out_features} units; this is not a two-layer net Linear -> activation "
                         "-> Linear"
                     )
-                return layer, target, path, mod
+                return prefix, target, path, mod  # prefix: layer, the Linear found
             if _has_params(mod) and not isinstance(mod, nn.PReLU):
                 raise ValueError(
                     f"particles: option 'layer': in model {who}, {path!r} ({type(mod).__name__}) has "
@@ -105,12 +105,13 @@ def find_two_layer(model: nn.Module, layer: str | None = None) -> tuple[str, nn.
     sub = _leaves(target, prefix)
     with_params = [(p, m) for p, m in sub if _has_params(m) and not isinstance(m, nn.PReLU)]
     where = f"module {prefix!r} (option 'layer') of model {who}" if prefix else f"model {who}"
-    if len(with_params) != 2 or not all(isinstance(m, nn.Linear) for _, m in with_params):
+    linears = [(p, m) for p, m in with_params if isinstance(m, nn.Linear)]
+    if len(with_params) != 2 or len(linears) != 2:
         raise ValueError(
             f"particles: {where} is not a two-layer net Linear -> activation -> Linear "
             f"({_describe(sub)}); name the hidden Linear with layer="
         )
-    (hp, hidden), (op, out) = with_params
+    (hp, hidden), (op, out) = linears
     if hidden.out_features != out.in_features:
         raise ValueError(
             f"particles: in {where}, {hp!r} has {hidden.out_features} units but {op!r} takes "
@@ -176,6 +177,13 @@ class Particles(Probe):
     # FSDP2: positions() reads the hidden layer inside batch.context.gathered(hidden), then the output layer inside
     # batch.context.gathered(out): one unit's whole parameters at a time (two blocks even when one unit holds both)
     needs = Needs(probe_data=False, sharding="per_module")
+    # declared states (``add_state``), for the type checker
+    basis: torch.Tensor | None
+    trail: torch.Tensor | None
+    filled: int
+    stride: int
+    seen: int
+    limit: float
 
     def __init__(
         self,
@@ -288,6 +296,7 @@ class Particles(Probe):
             self.filled, self.stride, self.seen, self.limit = 0, 1, 0, 0.0
 
     def _teacher_positions(self, spec: Any, dev: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        assert self.hidden is not None  # called by _bind, after it binds the layers
         who, dim = self._who, self.dim
         if isinstance(spec, tuple):  # (a, W) or (a, W, b): float64 tensors, checked at construction
             a = spec[0].to(dev).reshape(-1)
@@ -338,7 +347,7 @@ class Particles(Probe):
         Raises:
             RuntimeError: called before ``check``.
         """
-        if self.hidden is None:
+        if self.hidden is None or self.out is None:
             raise RuntimeError("particles: positions() before check; attach the probe first")
         gather = gathered if gathered is not None else (lambda *modules: nullcontext())
         # float64 copies: they outlive the block (under FSDP2 the gathered tensors are freed after it)
@@ -370,6 +379,8 @@ class Particles(Probe):
         n = self.seen
         self.seen += 1
         buf = self.trail
+        if buf is None:
+            raise RuntimeError("particles: no trail buffer before check binds the layers; attach the probe first")
         if self.trail_mode == "ring":
             buf[n % self.trail_length] = xy
             self.filled = min(self.filled + 1, self.trail_length)
@@ -417,11 +428,13 @@ class Particles(Probe):
         (m x 2)."""
         cur = xy.numpy()
         hist = self.trails().numpy()
-        teacher = (
-            (self.teacher.to(self.basis.device) @ self.basis).cpu().numpy()
-            if self.teacher is not None
-            else np.zeros((0, 2))
-        )
+        basis = self.basis
+        if self.teacher is None:
+            teacher = np.zeros((0, 2))
+        elif basis is None:
+            raise RuntimeError("particles: no projection basis to draw the teacher in before the first measurement")
+        else:
+            teacher = (self.teacher.to(basis.device) @ basis).cpu().numpy()
         if self.fixed_limit is not None:
             lim = self.fixed_limit
         else:
@@ -455,9 +468,9 @@ class Particles(Probe):
     def _axis_labels(self) -> tuple[str, str]:
         pos = self._position_name()
         if isinstance(self.basis_spec, str) and self.basis_spec == "teacher":
-            return tuple(f"{pos} on PC {k} of the teacher" for k in (1, 2))
+            return f"{pos} on PC 1 of the teacher", f"{pos} on PC 2 of the teacher"
         if not isinstance(self.basis_spec, str) and self.basis_spec is not None:
-            return tuple(f"{pos} on basis column {k}" for k in (1, 2))
+            return f"{pos} on basis column 1", f"{pos} on basis column 2"
         if self.hidden is not None and self.dim <= 2:
             return f"{pos}, coordinate 1", (f"{pos}, coordinate 2" if self.dim == 2 else "(one-dimensional)")
-        return tuple(f"{pos} on PC {k} (at init)" for k in (1, 2))
+        return f"{pos} on PC 1 (at init)", f"{pos} on PC 2 (at init)"

@@ -8,15 +8,17 @@ The probe class and the check of the chain it relies on; the kernel and its solv
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
+from typing import cast
 
 import torch
 import torch.nn.functional as F
 
 from probes import options
-from probes.autodiff.pathgram import Chain, find_chain
+from probes.autodiff.pathgram import Chain, ModuleCall, find_chain
 from probes.builtin._images import ImageCadence, declare_image_state, image_due
+from probes.builtin._narrow import kept, labels, required
 from probes.functional.labels import label_matrix
 from probes.functional.pathgram import (
     PathGram,
@@ -82,18 +84,19 @@ def check_recomposition(
                 act = batch.activations.get(chain.gates[k])
                 if act is None:
                     raise ValueError(f"{who}: gate site {chain.gates[k]!r} was not captured on the probe pass")
-                if act.pre.ndim != 2 or tuple(act.pre.shape) != (X.shape[0], z.shape[1]):
+                pre = kept(who, chain.gates[k], act.pre, "input")
+                if pre.ndim != 2 or tuple(pre.shape) != (X.shape[0], z.shape[1]):
                     raise ValueError(
-                        f"{who}: gate {chain.gates[k]!r} has input shape {tuple(act.pre.shape)} but "
+                        f"{who}: gate {chain.gates[k]!r} has input shape {tuple(pre.shape)} but "
                         f"Linear {path!r} gives {tuple(z.shape)}; something between them breaks "
                         "the Linear->ReLU chain"
                     )
-                errors.append(_relative_error(z, act.pre[:m]))
+                errors.append(_relative_error(z, pre[:m]))
                 where.append(
                     f"the input of gate {chain.gates[k]!r} is not the output of Linear {path!r} applied to "
                     + ("the flattened input" if k == 0 else f"the output of gate {chain.gates[k - 1]!r}")
                 )
-                h = act.post[:m]
+                h = kept(who, chain.gates[k], act.post, "output")[:m]
             else:
                 out = batch.output
                 if (
@@ -179,7 +182,7 @@ class PathGramProbe(Probe):
     passive = False
     # FSDP2: the recomposition check reads each Linear's weight inside ``batch.context.gathered(linear)``, one at a
     # time; the path gram itself needs only the probe pass's gates
-    needs = Needs(sites={"pre", "post"}, labels=True, probe_data=True, sharding="per_module")
+    needs = Needs(sites=frozenset({"pre", "post"}), labels=True, probe_data=True, sharding="per_module")
 
     def __init__(
         self,
@@ -194,11 +197,11 @@ class PathGramProbe(Probe):
     ) -> None:
         self.condition = options.choice("pathgram", "condition", condition, ("estimate", "exact", "off"))
         self.image = options.choice("pathgram", "image", image, ("cosine", "raw", None))
-        self.image_side = options.integer("pathgram", "image_side", image_side, minimum=1)
+        self.image_side = required(options.integer("pathgram", "image_side", image_side, minimum=1))
         self.image_cadence = ImageCadence("pathgram", image_every)
         declare_image_state(self)
-        self.jitter_start = options.number("pathgram", "jitter_start", jitter_start, positive=True)
-        self.jitter_max = options.number("pathgram", "jitter_max", jitter_max, positive=True)
+        self.jitter_start = required(options.number("pathgram", "jitter_start", jitter_start, positive=True))
+        self.jitter_max = required(options.number("pathgram", "jitter_max", jitter_max, positive=True))
         options.ordered("pathgram", "jitter_start", jitter_start, "jitter_max", jitter_max)
         self.rcond = options.number("pathgram", "rcond", rcond, positive=True, below=1, optional=True)
         self.recompose = options.flag("pathgram", "check", check)  # option ``check``: ``self.check`` is the hook
@@ -210,7 +213,7 @@ class PathGramProbe(Probe):
         Linear->ReLU chain that recomposes from its layers (read off the pass), and the labels fit the model's
         outputs: what would otherwise fail at the first measurement."""
         flatten_input(batch.x)
-        Y = label_matrix(batch.y, who="pathgram")
+        Y = label_matrix(labels("pathgram", batch), who="pathgram")
         if Y.shape[0] != batch.x.shape[0]:
             raise ValueError(f"pathgram: {Y.shape[0]} labels for {batch.x.shape[0]} probe samples")
         if batch.output is None:
@@ -221,8 +224,10 @@ class PathGramProbe(Probe):
                 take(batch.x, slice(0, 2)),
                 keep=lambda site: frozenset({"pre", "post"}) if self.wants(site) else frozenset(),
             )
+        if found.output is None:
+            raise ValueError("pathgram: the probe pass over two samples gave no output")
         X = flatten_input(batch.x)[: found.output.shape[0]]
-        chain = find_chain(found.calls)
+        chain = find_chain(cast("Sequence[ModuleCall]", found.calls))
         if self.recompose:
             check_recomposition(found, chain, X, rows=min(X.shape[0], 16), gathered=batch.context.gathered)
         batch.targets("pathgram")
@@ -230,10 +235,10 @@ class PathGramProbe(Probe):
     def compute(self, batch: ProbeBatch) -> tuple[PathGram, Chain]:
         """The rescaled path gram of the probe batch, after checking the chain structure."""
         X = flatten_input(batch.x)
-        chain = find_chain(batch.calls)
+        chain = find_chain(cast("Sequence[ModuleCall]", batch.calls))
         if self.recompose:
             check_recomposition(batch, chain, X, gathered=batch.context.gathered)
-        gates = [batch.activations[s].pre > 0 for s in chain.gates]
+        gates = [kept("pathgram", s, batch.activations[s].pre, "input") > 0 for s in chain.gates]
         return path_gram(X, gates, chain.bias, xx=self._input_gram(X), workspace=self._workspace), chain
 
     def _input_gram(self, X: torch.Tensor) -> tuple[torch.Tensor, bool]:
@@ -268,6 +273,8 @@ class PathGramProbe(Probe):
             Scalar("pathgram/singular", float(fact.singular)),
         ]
         if self.condition != "off":
+            if fact.condition is None:
+                raise RuntimeError("pathgram: factorize judged no condition of the factorized matrix")
             records.append(Scalar("pathgram/condition", fact.condition))
         if self.image is not None and image_due(self, self.image_cadence, batch.step):
             title = f"pathgram/gram: {'cosine of ' if self.image == 'cosine' else ''}path kernel H, step {batch.step}"

@@ -118,7 +118,12 @@ class Patterns(Probe):
     description = "which ReLU gates are open on the probe batch and how they change"
     every = 100
     passive = False
-    needs = Needs(sites={"gate"}, probe_data=True)
+    needs = Needs(sites=frozenset({"gate"}), probe_data=True)
+    # declared states (``add_state``), for the type checker
+    first: dict[str, torch.Tensor]
+    previous: dict[str, torch.Tensor]
+    shapes: dict[str, tuple[int, ...]]
+    first_step: int | None
 
     def __init__(
         self,
@@ -155,10 +160,16 @@ class Patterns(Probe):
                 )
             self.directory = str(Path(logdir) / "patterns")
         if self.save:
-            _check_folder(self.directory)
+            _check_folder(self._directory())
         if batch.output is not None:
             keep = lambda site: frozenset({"gate"})  # noqa: E731
             self._site_names(batch.context.run(take(batch.x, slice(0, 2)), keep=keep).activations)
+
+    def _directory(self) -> str:
+        """The snapshots' folder (``save=True``): given, or set by ``check``."""
+        if self.directory is None:
+            raise ValueError("patterns: save=True and no folder for the snapshots (check sets it at attach)")
+        return self.directory
 
     def _select(self, names: list[str]) -> list[str]:
         if self.sites is None:
@@ -232,7 +243,7 @@ class Patterns(Probe):
                 Scalar(f"patterns/{n}/churn", (g != prev).sum(dtype=torch.int64).double() / count),
                 Scalar(f"patterns/{n}/churn_from_init", (g != first).sum(dtype=torch.int64).double() / count),
             ]
-            if draw:
+            if draw and order is not None:  # order: drawn
                 title = f"patterns/{n}: gates on the probe batch, step {batch.step}"
                 records.append(
                     Image(f"patterns/{n}", gate_drawing(g, order, starts, group_names, title, g.ndim, real.get(n)))
@@ -248,7 +259,7 @@ class Patterns(Probe):
             self.first_step = batch.step
         if self.save and batch.context.writes:  # under FSDP every rank measures; rank 0 alone writes
             save_gates(
-                snapshot_path(self.directory, batch.step),
+                snapshot_path(self._directory(), batch.step),
                 gates,
                 batch.step,
                 labels=batch.y if isinstance(batch.y, torch.Tensor) else None,

@@ -58,7 +58,8 @@ class ReluZeros(Probe):
     description = "ReLU outputs that are exactly zero in training, per layer; dead units"
     every = 100
     passive = True
-    needs = Needs(sites={"post"}, probe_data=False)  # the outputs only: the capture keeps no site input for it
+    # the outputs only: the capture keeps no site input for it
+    needs = Needs(sites=frozenset({"post"}), probe_data=False)
 
     @dataclass(frozen=True)
     class Options:
