@@ -13,10 +13,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING, cast
 
 from torch import nn
 
 from probes import _torch
+
+if TYPE_CHECKING:
+    from torch.distributed.fsdp import FSDPModule
 
 __all__ = ["units", "owners", "gathered", "is_gathered", "tops_gathered", "all_gathered", "sharded_parameters"]
 
@@ -86,6 +90,11 @@ def is_gathered(unit: nn.Module) -> bool:
         return False
 
 
+def _fsdp(unit: nn.Module) -> FSDPModule:
+    """A unit as FSDP2's class, for the type checker (``units`` and ``owners`` give only ``FSDPModule``s)."""
+    return cast("FSDPModule", unit)
+
+
 def _param_groups(unit: nn.Module) -> list:
     """The FSDP2 parameter groups of a unit (FSDP2 internals: callers catch what moved)."""
     return _torch.fsdp_param_groups(unit)
@@ -107,12 +116,12 @@ def gathered(model: nn.Module, modules: Iterable[nn.Module]) -> Iterator[None]:
     done: list[nn.Module] = []
     try:
         for u in units:
-            u.unshard()
+            _fsdp(u).unshard()
             done.append(u)
         yield
     finally:
         for u in done:
-            u.reshard()
+            _fsdp(u).reshard()
 
 
 def _top_units(model: nn.Module) -> list[nn.Module]:
@@ -137,13 +146,13 @@ def tops_gathered(model: nn.Module) -> Iterator[None]:
     tops = _top_units(model)
     before = [_reshards_after_backward(u) for u in tops]
     for unit in tops:
-        unit.unshard()
-        unit.set_reshard_after_backward(False, recurse=False)
+        _fsdp(unit).unshard()
+        _fsdp(unit).set_reshard_after_backward(False, recurse=False)
     try:
         yield
     finally:
         for unit, flag in zip(tops, before):
-            unit.set_reshard_after_backward(flag, recurse=False)
+            _fsdp(unit).set_reshard_after_backward(flag, recurse=False)
 
 
 def _reshards_after_backward(unit: nn.Module) -> bool:
@@ -178,17 +187,17 @@ def all_gathered(model: nn.Module) -> Iterator[None]:
     try:
         for u in every:
             if not is_gathered(u):
-                u.unshard()
+                _fsdp(u).unshard()
                 done.append(u)
-            u.set_reshard_after_forward(False, recurse=False)
-            u.set_reshard_after_backward(False, recurse=False)
-            u.set_requires_gradient_sync(False, recurse=False)
+            _fsdp(u).set_reshard_after_forward(False, recurse=False)
+            _fsdp(u).set_reshard_after_backward(False, recurse=False)
+            _fsdp(u).set_requires_gradient_sync(False, recurse=False)
         yield
     finally:
         for u, schedule in zip(every, saved):
             _torch.set_fsdp_schedule(u, schedule)
         for u in done:
-            u.reshard()
+            _fsdp(u).reshard()
 
 
 def sharded_parameters(model: nn.Module, names: list[str]) -> list[str]:

@@ -62,7 +62,7 @@ def _loop_block(
         rows.append(torch.autograd.grad(value, tensors, allow_unused=True))
     out = {}
     for k, (name, p) in enumerate(zip(names, tensors)):
-        out[name] = torch.stack([r[k] if r[k] is not None else torch.zeros_like(p) for r in rows])
+        out[name] = torch.stack([g if (g := r[k]) is not None else torch.zeros_like(p) for r in rows])
     return out
 
 

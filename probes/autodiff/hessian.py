@@ -78,7 +78,7 @@ class HessianProducts:
         self.products = 0
         self._kept: list[tuple[tuple[torch.Tensor, ...], float]] | None = None
 
-    def _gradient(self, chunk: Chunk, params: list[torch.Tensor]) -> tuple[tuple[torch.Tensor, ...], float]:
+    def _gradient(self, chunk: Chunk, params: Sequence[torch.Tensor]) -> tuple[tuple[torch.Tensor, ...], float]:
         """The gradient of the chunk's summed loss, with its graph, and the chunk's weight."""
         with torch.enable_grad(), sdpa_kernel([SDPBackend.MATH]):  # fused attention kernels lack double backward
             out = self.forward(chunk.x)
@@ -87,18 +87,18 @@ class HessianProducts:
         return grads, weight
 
     @staticmethod
-    def _split(v: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tensor]:
+    def _split(v: torch.Tensor, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         parts = torch.split(v, [p.numel() for p in params])
         return [part.view_as(p).to(p.dtype) for part, p in zip(parts, params)]
 
     @staticmethod
     def _chunk_product(
-        grads: tuple[torch.Tensor, ...], vs: list[torch.Tensor], params: list[torch.Tensor], retain: bool
+        grads: tuple[torch.Tensor, ...], vs: list[torch.Tensor], params: Sequence[torch.Tensor], retain: bool
     ) -> torch.Tensor:
         hv = torch.autograd.grad(grads, params, grad_outputs=vs, retain_graph=retain, allow_unused=True)
         return torch.cat([(h if h is not None else torch.zeros_like(p)).reshape(-1) for h, p in zip(hv, params)])
 
-    def _local(self, v: torch.Tensor, params: list[torch.Tensor], keep: bool) -> torch.Tensor:
+    def _local(self, v: torch.Tensor, params: Sequence[torch.Tensor], keep: bool) -> torch.Tensor:
         """This rank's summed products and weight: ``[sum_chunks H_c v, sum_chunks weight_c]`` (float64)."""
         vs = self._split(v, params)
         total = torch.zeros(self.n + 1, dtype=torch.float64, device=self.device)
@@ -150,6 +150,7 @@ def adam_diagonal(optimizer: Any, params: Sequence[nn.Parameter], setting: EdgeS
         update has none either.
     """
     key = "max_exp_avg_sq" if setting.amsgrad else "exp_avg_sq"
+    beta2, eps = setting.beta2, setting.eps
     parts = []
     for p in params:
         state = optimizer.state.get(p, {})
@@ -157,7 +158,9 @@ def adam_diagonal(optimizer: Any, params: Sequence[nn.Parameter], setting: EdgeS
             return f"the optimizer has no {key} for every trainable parameter yet (before its first step?)"
         step = float(state["step"])
         second = _whole(state[key].detach())  # FSDP2: the shard of a DTensor state, gathered (every rank alike)
-        parts.append(adam_preconditioner(second.reshape(-1), step, setting.beta2, setting.eps))
+        if beta2 is None or eps is None:
+            raise ValueError("adam_diagonal: the setting has no Adam beta2 and eps (an SGD setting?)")
+        parts.append(adam_preconditioner(second.reshape(-1), step, beta2, eps))
     return torch.cat(parts).to(params[0].device)
 
 

@@ -353,7 +353,8 @@ def _check_forward(model: nn.Module, x: torch.Tensor, who: str, curvature: bool,
         except (NotImplementedError, RuntimeError):  # an op without forward-mode AD: the scans above stand
             return
         with torch.no_grad():
-            scale = 1.0 + float((model(xs) if own else functional_call(model, params, (xs,))).abs().max())
+            # ``params`` is None exactly when ``own``
+            scale = 1.0 + float((model(xs) if params is None else functional_call(model, params, (xs,))).abs().max())
         if float(second) > 1e-9 * scale:
             raise NotPiecewiseLinearError(
                 f"{who}: the output of {type(model).__name__} has a nonzero second derivative along a random "
@@ -490,7 +491,7 @@ def swapped(model: nn.Module, values: ModuleValues) -> Iterator[set[nn.Module]]:
         called.add(module)
         kept: list[tuple[dict[str, Any], str, Any]] = []
         for name, tensor in values(module).items():
-            table = module._parameters if name in module._parameters else module._buffers
+            table: dict[str, Any] = module._parameters if name in module._parameters else module._buffers
             kept.append((table, name, table[name]))
             table[name] = tensor  # the dicts themselves: a plain tensor where a Parameter was (functional_call's way)
         saved.setdefault(module, []).append(kept)

@@ -512,10 +512,10 @@ class StreamingCKA:
         shape = (len(xs), len(ys))
         if self._shape is not None and (shape != self._shape or single != self._single):
             raise ValueError(f"{who}: this estimator accumulates {self._shape} pairs, got {shape}")
-        fx = [_features64(x, f"X[{i}]", who) for i, x in enumerate(xs)]
-        fy = [_features64(y, f"Y[{j}]", who) for j, y in enumerate(ys)]
-        fresh = [f for _, f in fx + fy]
-        fx, fy = [f for f, _ in fx], [f for f, _ in fy]
+        cx = [_features64(x, f"X[{i}]", who) for i, x in enumerate(xs)]
+        cy = [_features64(y, f"Y[{j}]", who) for j, y in enumerate(ys)]
+        fresh = [f for _, f in cx + cy]
+        fx, fy = [f for f, _ in cx], [f for f, _ in cy]
         n = fx[0].shape[0]
         for i, f in enumerate(fx):
             _check_pair(fx[0], f, who, ("X[0]", f"X[{i}]"))
@@ -542,6 +542,8 @@ class StreamingCKA:
             self._xy, self._xx, self._yy, self._sxx, self._syy = xy, xx, yy, sxx, syy
             self._shape, self._single = shape, single
         else:
+            # all five are set together on the first batch
+            assert self._xx is not None and self._yy is not None and self._sxx is not None and self._syy is not None
             self._xy, self._xx, self._yy = self._xy + xy, self._xx + xx, self._yy + yy
             self._sxx, self._syy = self._sxx + sxx, self._syy + syy
         self.batches += 1
@@ -560,6 +562,8 @@ class StreamingCKA:
         who = "StreamingCKA.compute"
         if self._xy is None:
             raise ValueError(f"{who}: no batches yet; call update(X, Y) first")
+        # all five are set together on the first batch
+        assert self._xx is not None and self._yy is not None and self._sxx is not None and self._syy is not None
         xx, yy = self._xx / self.batches, self._yy / self.batches
         vals = torch.cat([xx, yy]).tolist()
         scales = torch.cat([self._sxx, self._syy]).tolist()

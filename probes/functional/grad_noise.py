@@ -207,6 +207,8 @@ def sample_loss(kind: str, output: torch.Tensor, target: torch.Tensor, weight: t
         f = output.reshape(b, -1)
         return (f - target.reshape(b, -1).to(f.dtype)).square().mean(dim=1).sum()
     if kind == "token_cross_entropy":
+        if weight is None:
+            raise ValueError("grad_noise: the token_cross_entropy loss needs the token weights (token_targets)")
         T, C = output.shape[1], output.shape[-1]
         ce = F.cross_entropy(output.reshape(b * T, C), target.reshape(b * T), reduction="none").reshape(b, T)
         return (ce * weight.to(ce.dtype)).sum()

@@ -7,7 +7,7 @@ The model side (the piecewise-linearity check, ``local_affine_map``, parameter s
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import torch
@@ -54,7 +54,8 @@ def site_pattern(kind: str, module: nn.Module | None, pre: torch.Tensor) -> torc
         lo, hi = (module.min_val, module.max_val) if isinstance(module, nn.Hardtanh) else (0.0, 6.0)
         return torch.stack([pre > lo, pre < hi], dim=-1)
     if isinstance(module, (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)):
-        fn = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}[int(type(module).__name__[-2])]
+        pools: dict[int, Callable[..., Any]] = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
+        fn = pools[int(type(module).__name__[-2])]
         return fn(
             pre,
             module.kernel_size,
@@ -65,9 +66,12 @@ def site_pattern(kind: str, module: nn.Module | None, pre: torch.Tensor) -> torc
             return_indices=True,
         )[1]
     if isinstance(module, (nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)):
-        fn = {1: F.adaptive_max_pool1d, 2: F.adaptive_max_pool2d, 3: F.adaptive_max_pool3d}[
-            int(type(module).__name__[-2])
-        ]
+        adaptive: dict[int, Callable[..., Any]] = {
+            1: F.adaptive_max_pool1d,
+            2: F.adaptive_max_pool2d,
+            3: F.adaptive_max_pool3d,
+        }
+        fn = adaptive[int(type(module).__name__[-2])]
         return fn(pre, module.output_size, return_indices=True)[1]
     raise NotPiecewiseLinearError(
         f"linear_region: site of kind {kind!r} has no activation pattern (not piecewise linear)"
@@ -117,6 +121,7 @@ def flip_rate(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> t
     if set(a) != set(b) or not a:
         raise ValueError("linear_region: the two passes must meet the same, non-empty set of gated sites")
     changed = sum((pa != b[n]).sum() for n, pa in a.items())
+    assert isinstance(changed, torch.Tensor)  # a sum of tensors: ``a`` is not empty
     return changed.double() / sum(pa.numel() for pa in a.values())
 
 

@@ -430,7 +430,8 @@ def lanczos(
     steps = max(1, min(int(steps), n))
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
     Q = torch.empty(n, steps, dtype=torch.float64, device=start.device)
-    alpha, beta = [], []
+    alpha: list[torch.Tensor] = []
+    beta: list[torch.Tensor] = []
     q = start.to(torch.float64) / torch.linalg.vector_norm(start.to(torch.float64))
     norm = torch.zeros((), dtype=torch.float64, device=start.device)
     run = LanczosRun(alpha=q.new_zeros(0), beta=q.new_zeros(0), last=norm, products=0)

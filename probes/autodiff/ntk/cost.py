@@ -189,6 +189,8 @@ class NTKCost:
         """The same estimate with some options changed: ``P``, ``outputs`` (``C``, e.g. a sketch's ``k``),
         ``route``, ``mode``, ``top_k``, ``chunk_size``, ``world``, ``kernels``."""
         options = {**self._options, **changes}
+        if self._layout is None:
+            raise ValueError("NTKCost.at: this estimate keeps no layout to re-evaluate (made by ntk_cost, it has one)")
         return _evaluate(self._layout, **options)
 
     def parts(self) -> str:
@@ -344,15 +346,17 @@ def _layout(
             with torch.no_grad():
                 for path, recorded in calls.items():
                     m, kind = plan.modules[path], kinds[path]
-                    terms = []
+                    if kind is None:
+                        raise RuntimeError(f"ntk_cost: no layer formula for the planned {type(m).__name__} {path!r}")
+                    layer_terms = []
                     for a, kw, o in recorded[: plan.fast[path]]:
                         activations += sum(t.numel() * t.element_size() for t in (*a, o) if isinstance(t, torch.Tensor))
                         g = o.new_zeros((1, 1) + tuple(o.shape[1:]))  # one output's gradient at the layer's output
-                        terms.append(kind.term_call(m, *_per_sample_call(a, kw, 1), g, settings))
+                        layer_terms.append(kind.term_call(m, *_per_sample_call(a, kw, 1), g, settings))
                     label = plan.kinds.get(path, type(m).__name__)
                     shapes[path] = (
-                        _shape_of(path, label, _merge(terms), path in tied)
-                        if terms
+                        _shape_of(path, label, _merge(layer_terms), path in tied)
+                        if layer_terms
                         else _TermShape(
                             path, label, "grad", F=sum(p.numel() for p in _own_params(m).values()), outer=True
                         )

@@ -7,7 +7,7 @@ The strips cover the upper triangle (about ``P / 4`` rows each, their temporarie
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -58,19 +58,24 @@ def _block(a: _Term, b: _Term) -> torch.Tensor:
     ``_Grad``: ``D_A D_B^T``; ``_Pairs``: ``sum_grp sum_{k,k'} (G_Ak G_Bk'^T) * (Z_Ak Z_Bk'^T)``; ``_Embed``:
     ``sum_{k,k'} [T_Ak = T_Bk'] G_Ak G_Bk'^T``.
     """
+    # ``a`` and ``b`` are rows of one term: of one kind
     if isinstance(a, _Grad):
+        bD = cast(_Grad, b).D
         Pa, Ce = a.D.shape[:2]
-        return a.D.reshape(Pa * Ce, -1) @ b.D.reshape(b.D.shape[0] * Ce, -1).T
+        return a.D.reshape(Pa * Ce, -1) @ bD.reshape(bD.shape[0] * Ce, -1).T
     if isinstance(a, _Embed):
+        be = cast(_Embed, b)
         Pa, Ce, K, d = a.G.shape
-        Pb = b.G.shape[0]
-        gg = (a.G.reshape(-1, d) @ b.G.reshape(-1, d).T).view(Pa, Ce, K, Pb, Ce, K)
-        same = a.T.view(Pa, 1, K, 1, 1, 1) == b.T.view(1, 1, 1, Pb, 1, K)
+        Pb = be.G.shape[0]
+        gg = (a.G.reshape(-1, d) @ be.G.reshape(-1, d).T).view(Pa, Ce, K, Pb, Ce, K)
+        same = a.T.view(Pa, 1, K, 1, 1, 1) == be.T.view(1, 1, 1, Pb, 1, K)
         return gg.mul_(same.to(gg.dtype)).sum(dim=(2, 5)).reshape(Pa * Ce, Pb * Ce)
+    bp = cast(_Pairs, b)
     blk = None
     for j in range(a.G.shape[3]):
-        part = _pairs_block(a.G[:, :, :, j], a.Z[:, :, j], b.G[:, :, :, j], b.Z[:, :, j])
+        part = _pairs_block(a.G[:, :, :, j], a.Z[:, :, j], bp.G[:, :, :, j], bp.Z[:, :, j])
         blk = part if blk is None else blk.add_(part)
+    assert blk is not None  # a layer has at least one group
     return blk
 
 
@@ -193,6 +198,7 @@ def _kernel_across_ranks(
     # every rank's share of each term, all-gathered; the next term's exchange runs while this one's strips compute
     pending = gather_term(share, terms[0]) if terms else None
     for i in range(len(terms)):
+        assert pending is not None  # set for every term: the first before the loop, the next in it
         full = pending()
         pending = gather_term(share, terms[i + 1]) if i + 1 < len(terms) else None
         terms[i] = None  # type: ignore[call-overload]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 from torch import nn
@@ -153,7 +154,7 @@ class _Buffers:
             if path not in self.full:
                 ref = t.D if isinstance(t, _Grad) else t.G
                 self.full[path] = _Grad(ref.new_empty(self.P, self.C, _outer_features(t), dtype=self.dtype))
-            _outer_into(t, self.full[path].D[start:stop])
+            _outer_into(t, cast(_Grad, self.full[path]).D[start:stop])  # an outer route's term is a _Grad
             return
         t = _traced(_materialized(t), self.mode)
         if self.target == "dense":
@@ -168,7 +169,9 @@ class _Buffers:
             self.full[name] = _Grad(torch.zeros(self.P, self.C, numel, dtype=self.dtype, device=device))
             self.routes[name] = "outer"
         if gb is not None:
-            self.full[name].D[rows[0] : rows[1]] = gb.transpose(0, 1).reshape(rows[1] - rows[0], self.C, -1)
+            cast(_Grad, self.full[name]).D[rows[0] : rows[1]] = gb.transpose(0, 1).reshape(
+                rows[1] - rows[0], self.C, -1
+            )
 
 
 def _reduce_chunk(
@@ -227,7 +230,7 @@ def _layer_terms(
     rec = _Recorder(plan, {p: [] for p in plan.fast})
     kinds = {p: plan.layer_kinds.get(p) or _kind_of(m) for p, m in plan.modules.items()}
     tied = {p for group in plan.tied for p in group}
-    params = dict(model.named_parameters()) if plan.direct else {}
+    params: dict[str, torch.Tensor] = dict(model.named_parameters()) if plan.direct else {}
     buffers = _Buffers(P, C, mode, target, dtype, settings)
     handles = [m.register_forward_hook(rec.hook(p), with_kwargs=True) for p, m in plan.modules.items()]
     try:
@@ -275,7 +278,8 @@ def _final_terms(plan: NTKPlan, kinds: dict, buffers: _Buffers, tied: set[str], 
         if path not in tied
     }
     for group in plan.tied:
-        t = _tied_term([(kinds[p], plan.modules[p], full.pop(p).D) for p in group])
+        # tied layers take the outer route: their terms are _Grad
+        t = _tied_term([(kinds[p], plan.modules[p], cast(_Grad, full.pop(p)).D) for p in group])
         terms["+".join(group)] = _traced(t, mode)
     return terms
 

@@ -113,6 +113,8 @@ def _jacobian_fn(
                             f"{'...' if len(names) > 6 else ''} ({type(exc).__name__}: {exc}); the model must work "
                             "on one sample at a time (no .item() on values that need gradients)"
                         ) from exc
+        if j is None:  # every route failed on an earlier call, which raised
+            raise RuntimeError(f"{who}: could not take per-sample Jacobians of {list(names)[:6]} (no route left)")
         flat = torch.cat([v.reshape(e - s, C, -1) for v in j.values()], dim=2).to(dtype)
         return flat.reshape((e - s) * Ce, -1)
 

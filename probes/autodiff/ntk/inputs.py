@@ -83,7 +83,7 @@ def _check_modules(model: nn.Module, who: str) -> None:
 
 
 def _trainable(model: nn.Module, who: str) -> dict[str, torch.Tensor]:
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    params: dict[str, torch.Tensor] = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if not params:
         raise ValueError(f"{who}: the model has no trainable parameters (requires_grad=True), so its NTK is zero")
     return params

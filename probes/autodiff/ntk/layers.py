@@ -43,7 +43,7 @@ def _first(args: tuple, kwargs: dict, name: str = "input") -> Any:
 class _Kind:
     """A standard layer with a layerwise formula: which modules, the sample layout, the kernel term of one call."""
 
-    bases: tuple[type, ...] = ()
+    bases: tuple[type[nn.Module], ...] = ()
 
     def matches(self, m: nn.Module) -> bool:
         return any(isinstance(m, b) and type(m).forward is b.forward for b in self.bases)
@@ -70,14 +70,14 @@ class _Kind:
 def _with_ones(Z: torch.Tensor, G: torch.Tensor, m: nn.Module) -> _Pairs:
     """The term of ``[z, 1]`` for a trainable weight and bias (the ones left implicit, ``bias=True``), ``z`` or
     ``1`` alone when only one of them trains."""
-    bias = m.bias is not None and m.bias.requires_grad
+    bias = bool(m.bias is not None and m.bias.requires_grad)
     if not m.weight.requires_grad:
         return _Pairs(G, Z.new_ones(Z.shape[:-1] + (1,)))
     return _Pairs(G, Z, bias)
 
 
 class _LinearKind(_Kind):
-    bases = (nn.Linear,)
+    bases: tuple[type[nn.Module], ...] = (nn.Linear,)  # declared: the structural _AffineKind has none
 
     def layout(self, m, x):
         if not isinstance(x, torch.Tensor) or x.ndim < 2:

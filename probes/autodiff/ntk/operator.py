@@ -168,6 +168,7 @@ class NTKOperator:
         for s, e in bounds:
             blk = jac(s, e).T @ V[s * self.Ce : e * self.Ce]
             W = blk if W is None else W.add_(blk)
+        assert W is not None  # the sample blocks cover at least one sample
         return W
 
     def _fallback_apply(self, f: tuple[torch.Tensor | None, Any], W: torch.Tensor, out: torch.Tensor) -> None:

@@ -73,7 +73,8 @@ class SelectedOutput(nn.Module):
 
     def forward(self, *args: torch.Tensor) -> torch.Tensor:
         if self.position:
-            *args, where = args
+            *front, where = args
+            args = tuple(front)
         out = self.model(*args)
         if self.position:
             idx = where.reshape((-1, 1) + (1,) * (out.ndim - 2)).expand((out.shape[0], 1) + tuple(out.shape[2:]))

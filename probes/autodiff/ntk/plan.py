@@ -15,9 +15,9 @@ plain autograd on two samples; a layer that disagrees goes to the fallback with 
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -215,6 +215,8 @@ def _build_plan(model: nn.Module, x: Any, *, fast_path: bool = True, who: str = 
     )
     for path, (m, kind) in candidates.items():
         if (path or "<root>") not in plan.reasons and counts1[path] > 0:
+            # a structural candidate left without a reason was confirmed: its kind replaced the structure
+            assert not isinstance(kind, str)
             plan.fast[path] = counts1[path]
             plan.layer_kinds[path] = kind
             plan.kinds[path] = _describe(kind, m)
@@ -278,8 +280,8 @@ def _tie_groups(plan: NTKPlan) -> list[list[str]]:
         for other in group[1:]:
             parent[root(other)] = root(group[0])
     groups: dict[str, list[str]] = {}
-    for p in plan.modules:
-        groups.setdefault(root(p), []).append(p)
+    for path in plan.modules:
+        groups.setdefault(root(path), []).append(path)
     return [g for g in groups.values() if len(g) > 1]
 
 
@@ -303,7 +305,10 @@ def _two_sample_gradients(
     d.on, d.b = True, 2
     try:
         with torch.enable_grad():
-            with _used_params({p: m for p, (m, _) in d.candidates.items()}) if sharded else nullcontext({}) as live:
+            used: AbstractContextManager[dict[str, dict[str, torch.Tensor]]] = (
+                _used_params({p: m for p, (m, _) in d.candidates.items()}) if sharded else nullcontext({})
+            )
+            with used as live:
                 out2 = _flat_output(
                     functional_call(model, copies if sharded else {**clones, **copies}, _take(args, 0, 2)), 2, who
                 )
@@ -502,7 +507,7 @@ def _own_call(m: nn.Module, leaves: dict[str, torch.Tensor], args: tuple, kwargs
         return functional_call(m, leaves, args, kwargs)
     saved = {k: m._parameters[k] for k in leaves}
     try:
-        m._parameters.update(leaves)
+        cast("dict[str, Any]", m._parameters).update(leaves)
         return m.forward(*args, **kwargs)
     finally:
         m._parameters.update(saved)

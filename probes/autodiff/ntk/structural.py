@@ -18,6 +18,8 @@ output equals the formula (affine), or equals ``w * h + b`` at the module's para
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import nn
 from torch.func import functional_call
@@ -41,9 +43,10 @@ class _AffineKind(_LinearKind):
         return False
 
     def formula(self, m: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        W = m.weight.detach()
+        W = cast(torch.Tensor, m.weight).detach()
         y = x @ W if self.transposed else x @ W.T
-        return y if m.bias is None else y + m.bias.detach()
+        bias = cast("torch.Tensor | None", m.bias)
+        return y if bias is None else y + bias.detach()
 
 
 class _ScaleKind(_Kind):
@@ -132,9 +135,9 @@ def _confirm(m: nn.Module, structure: str, calls: list[tuple[tuple, dict, torch.
     o = calls[0][2]
     axes = [ax for ax in (-1, 1) if o.ndim >= (1 if ax == -1 else 3) and o.shape[ax] == n]
     for axis in axes:
-        kind = _ScaleKind(scale, shift, axis)
-        if all(_scale_holds(m, kind, a, kw, o) for a, kw, o in calls):
-            return kind
+        scale_kind = _ScaleKind(scale, shift, axis)
+        if all(_scale_holds(m, scale_kind, a, kw, o) for a, kw, o in calls):
+            return scale_kind
     return (
         f"{type(m).__name__} does not compute w * h(x) + b with its 1-d parameters on the probe inputs "
         "(not a LayerNorm, RMSNorm or scale)"
@@ -142,7 +145,8 @@ def _confirm(m: nn.Module, structure: str, calls: list[tuple[tuple, dict, torch.
 
 
 def _affine_holds(m: nn.Module, kind: _AffineKind, x: torch.Tensor, out: torch.Tensor) -> bool:
-    W = m.weight
+    W = cast(torch.Tensor, m.weight)  # an affine candidate's 2-d weight
+    bias = cast("torch.Tensor | None", m.bias)
     d_in, d_out = (W.shape[0], W.shape[1]) if kind.transposed else (W.shape[1], W.shape[0])
     if x.ndim < 2 or x.shape[-1] != d_in or out.shape != x.shape[:-1] + (d_out,) or not x.is_floating_point():
         return False
@@ -150,8 +154,8 @@ def _affine_holds(m: nn.Module, kind: _AffineKind, x: torch.Tensor, out: torch.T
         ref = kind.formula(m, x)
         Wa = W.detach().abs()
         scale = (x.abs() @ (Wa if kind.transposed else Wa.T)).max()
-        if m.bias is not None:
-            scale = scale + m.bias.detach().abs().max()
+        if bias is not None:
+            scale = scale + bias.detach().abs().max()
     return _close(out.detach(), ref, scale, d_in)
 
 

@@ -9,6 +9,8 @@ gradients of each shared parameter over the layers that use it, and gives one te
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import nn
 
@@ -22,21 +24,22 @@ def _param_grads(kind: _Kind, m: nn.Module, D: torch.Tensor) -> list[tuple[torch
     layer's per-sample gradients ``D`` (P, C, F) as ``terms._outer_into`` writes them."""
     P, C = D.shape[:2]
     if isinstance(kind, (_LinearKind, _ConvKind)):
-        bias = m.bias is not None and m.bias.requires_grad
-        if not m.weight.requires_grad:
-            return [(m.bias, D.reshape(P, C, -1))]
-        n_out = m.weight.shape[1] if isinstance(kind, _AffineKind) and kind.transposed else m.weight.shape[0]
-        groups = m.groups if isinstance(kind, _ConvKind) else 1
+        weight, b = cast(torch.Tensor, m.weight), cast("torch.Tensor | None", m.bias)
+        bias = b is not None and b.requires_grad
+        if not weight.requires_grad:  # then the bias is what trains
+            return [(cast(torch.Tensor, b), D.reshape(P, C, -1))]
+        n_out = weight.shape[1] if isinstance(kind, _AffineKind) and kind.transposed else weight.shape[0]
+        groups = cast(int, m.groups) if isinstance(kind, _ConvKind) else 1
         V = D.reshape(P, C, groups, n_out // groups, -1)
         W = V[..., : V.shape[-1] - bias]
         if isinstance(kind, _AffineKind) and kind.transposed:
             W = W.reshape(P, C, n_out, -1).transpose(2, 3)
-        out = [(m.weight, W.reshape(P, C, -1))]
+        out = [(weight, W.reshape(P, C, -1))]
         if bias:
-            out.append((m.bias, V[..., -1].reshape(P, C, -1)))
+            out.append((cast(torch.Tensor, b), V[..., -1].reshape(P, C, -1)))
         return out
     if isinstance(kind, _EmbeddingKind):
-        return [(m.weight, D)]
+        return [(cast(torch.Tensor, m.weight), D)]
     if isinstance(kind, _ScaleKind):
         names = [kind.scale] + ([kind.shift] if kind.shift is not None else [])
     elif isinstance(kind, _NormKind):

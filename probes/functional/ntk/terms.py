@@ -16,6 +16,7 @@ memory; ``_outer_into`` writes it in place, one batched GEMM per sample block).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 
@@ -66,11 +67,15 @@ def _merge(terms: list[_Term]) -> _Term:
     t0 = terms[0]
     if len(terms) == 1:
         return t0
+    # all calls of one layer give terms of one kind, that of the first
     if isinstance(t0, _Grad):
-        return _Grad(torch.stack([t.D for t in terms]).sum(0))
+        grads = cast("list[_Grad]", terms)
+        return _Grad(torch.stack([t.D for t in grads]).sum(0))
     if isinstance(t0, _Pairs):
-        return _Pairs(torch.cat([t.G for t in terms], dim=2), torch.cat([t.Z for t in terms], dim=1), t0.bias)
-    return _Embed(torch.cat([t.G for t in terms], dim=2), torch.cat([t.T for t in terms], dim=1), t0.V)
+        pairs = cast("list[_Pairs]", terms)
+        return _Pairs(torch.cat([t.G for t in pairs], dim=2), torch.cat([t.Z for t in pairs], dim=1), t0.bias)
+    embeds = cast("list[_Embed]", terms)
+    return _Embed(torch.cat([t.G for t in embeds], dim=2), torch.cat([t.T for t in embeds], dim=1), t0.V)
 
 
 def _traced(t: _Term, mode: str) -> _Term:
@@ -170,7 +175,11 @@ def _fields(t: _Term) -> list[torch.Tensor]:
 def _alloc(t: _Term, P: int) -> _Term:
     """A term like ``t`` with room for ``P`` samples."""
     new = [v.new_empty((P,) + tuple(v.shape[1:])) for v in _fields(t)]
-    return _Grad(*new) if isinstance(t, _Grad) else _Pairs(*new) if isinstance(t, _Pairs) else _Embed(*new, t.V)
+    if isinstance(t, _Grad):
+        return _Grad(new[0])
+    if isinstance(t, _Pairs):
+        return _Pairs(new[0], new[1])
+    return _Embed(new[0], new[1], t.V)
 
 
 def _copy_rows(dst: _Term, src: _Term, start: int) -> None:

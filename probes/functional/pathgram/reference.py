@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
+from typing import cast
 
 import numpy as np
 
@@ -59,7 +60,8 @@ def enumerate_paths(
             for rest in itertools.product(*later):
                 units = (s, *rest) if start > 0 else rest  # unit per hidden layer from hidden_from
                 phi = x[:, s].astype(np.float64).copy() if start == 0 else np.ones(P)
-                val = 1.0 if start == 0 else float(biases[start - 1][s])
+                # a start layer k >= 1 has a bias (the others were skipped above)
+                val = 1.0 if start == 0 else float(cast(np.ndarray, biases[start - 1])[s])
                 prev = s
                 for offset, j in enumerate(units):
                     layer = hidden_from + offset  # hidden layer index (1-based)

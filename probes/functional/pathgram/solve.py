@@ -159,6 +159,7 @@ def factorize(
         first = False
         ok, fits, need, singular = _attempt(pg, delta, scale, singular, condition, limit, block)
         if fits:
+            assert ok is not None  # within the limit: a factorization was made
             return ok
         delta = jitter_start if delta == 0 else delta * 10.0
         while delta < need:
