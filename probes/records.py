@@ -12,12 +12,26 @@ import importlib
 import importlib.util
 import threading
 from dataclasses import dataclass
-from typing import Any, Protocol, Union, cast, runtime_checkable
+from typing import Any, Protocol, TypedDict, Union, cast, runtime_checkable
 
 import numpy as np
 import torch
 
 Number = Union[float, int, torch.Tensor]
+
+
+class _HistogramArrays(TypedDict):
+    """What ``Histogram.to_numpy`` gives: the arguments of ``add_histogram_raw`` plus ``nonfinite``."""
+
+    min: float
+    max: float
+    num: float
+    sum: float
+    sum_squares: float
+    nonfinite: int
+    bucket_counts: np.ndarray
+    bucket_limits: np.ndarray
+
 
 DEFAULT_BINS = 64
 
@@ -126,7 +140,7 @@ class Histogram:
             nonfinite,
         )
 
-    def to_numpy(self) -> dict[str, np.ndarray | float]:
+    def to_numpy(self) -> _HistogramArrays:
         """Host copy (one transfer): the arguments of ``add_histogram_raw`` plus ``nonfinite``."""
         n = self.counts.numel()
         stats = torch.stack(
