@@ -21,6 +21,7 @@ def probes_add_probes() -> list:
     Returns:
         Probe classes (subclasses of ``probes.Probe`` with a ``name``).
     """
+    raise NotImplementedError  # a specification: pluggy calls the implementations, never this body
 
 
 @hookspec
@@ -30,6 +31,7 @@ def probes_add_sinks() -> dict:
     Returns:
         ``{name: sink class}``; a sink class takes keyword options and writes records.
     """
+    raise NotImplementedError  # a specification: pluggy calls the implementations, never this body
 
 
 @hookspec
@@ -39,3 +41,4 @@ def probes_add_activations() -> list:
     Returns:
         Extra activation module classes (or class names) to treat as sites, e.g. a library's own GELU.
     """
+    raise NotImplementedError  # a specification: pluggy calls the implementations, never this body

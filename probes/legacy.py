@@ -84,17 +84,20 @@ def adapt(cls: type) -> None:
     passive = bool(getattr(cls, "passive", False))
     sites = frozenset(flag["site_values"]) if passive or flag["needs_sites"] else frozenset()
     sharding = flag["sharding"] if flag["supports_sharding"] else None
+    # ``cls`` and its root ``Probe``, typed loosely: this module never imports ``probes.probe`` (see ROOT_MARK)
+    probe_cls: Any = cls
+    root: Any = _root(cls)
     try:
-        needs_type = type(_root(cls).needs)  # ``probes.probe.Needs``
-        cls.needs = needs_type(
+        needs_type = type(root.needs)  # ``probes.probe.Needs``
+        probe_cls.needs = needs_type(
             sites=sites,
             site_types=tuple(flag["site_types"]),
             probe_data=bool(flag["needs_probe_data"]),
             sharding=sharding,
         )
-        cls._needs_from_flags = True
+        probe_cls._needs_from_flags = True
     except (TypeError, ValueError) as exc:
-        cls._contract_problem = f"its old flags do not make a valid Needs ({exc})"
+        probe_cls._contract_problem = f"its old flags do not make a valid Needs ({exc})"
 
 
 def contract_error(cls: type, name: str) -> TypeError | None:

@@ -20,7 +20,9 @@ import difflib
 import importlib.metadata
 import os
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any, cast
 
 import pluggy
 
@@ -170,7 +172,8 @@ class Registry:
                 f"plugin {name!r} implements {', '.join(map(repr, hooks)) or 'a hook'} with no hook "
                 f"specification (a misspelling? the hooks are {', '.join(_hook_names())}): {exc}",
             ) from exc
-        return name
+        # pluggy gives None for a blocked name (an entry point that failed to load), returned as it is
+        return cast(str, name)
 
     def reset(self) -> None:
         """Forget what was loaded (after installing a plugin in a running process, or in tests)."""
@@ -241,7 +244,7 @@ class Registry:
         table: dict[str, ProbeInfo] = {}
         for impl in reversed(pm.hook.probes_add_probes.get_hookimpls()):
             try:
-                classes = impl.function() or []
+                classes = cast("list[Any]", impl.function() or [])  # the hook's: probe classes
             except Exception as exc:  # noqa: BLE001
                 warnings.warn(
                     f"probes: plugin {impl.plugin_name!r} failed to list its probes: {exc!r}",
@@ -339,7 +342,7 @@ class Registry:
             return table[name]
         raise UnknownProbeError(self._unknown("sink", name, table))
 
-    def _unknown(self, kind: str, name: str, table: dict[str, object]) -> str:
+    def _unknown(self, kind: str, name: str, table: Mapping[str, object]) -> str:
         close = difflib.get_close_matches(name, table, n=1)
         text = f"unknown {kind} {name!r}." + (f" Did you mean {close[0]!r}?" if close else "")
         failures = self.failures()

@@ -12,12 +12,26 @@ import importlib
 import importlib.util
 import threading
 from dataclasses import dataclass
-from typing import Any, Protocol, Union, runtime_checkable
+from typing import Any, Protocol, TypedDict, Union, cast, runtime_checkable
 
 import numpy as np
 import torch
 
 Number = Union[float, int, torch.Tensor]
+
+
+class _HistogramArrays(TypedDict):
+    """What ``Histogram.to_numpy`` gives: the arguments of ``add_histogram_raw`` plus ``nonfinite``."""
+
+    min: float
+    max: float
+    num: float
+    sum: float
+    sum_squares: float
+    nonfinite: int
+    bucket_counts: np.ndarray
+    bucket_limits: np.ndarray
+
 
 DEFAULT_BINS = 64
 
@@ -126,7 +140,7 @@ class Histogram:
             nonfinite,
         )
 
-    def to_numpy(self) -> dict[str, np.ndarray | float]:
+    def to_numpy(self) -> _HistogramArrays:
         """Host copy (one transfer): the arguments of ``add_histogram_raw`` plus ``nonfinite``."""
         n = self.counts.numel()
         stats = torch.stack(
@@ -194,7 +208,7 @@ class _HostData:
     the probe measures, so that a sink can draw it on another thread (or process) while training goes on."""
 
     def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):
+        for f in dataclasses.fields(cast(Any, self)):  # every subclass is a dataclass
             object.__setattr__(self, f.name, _host(getattr(self, f.name)))
 
 
@@ -356,8 +370,8 @@ class _Picture:
 
     def __init__(self, source: np.ndarray | Figure) -> None:
         data = isinstance(source, tuple(FIGURE_KINDS.values()))
-        self.figure: Figure | None = source if data else None
-        self._pixels: np.ndarray | None = None if data else source
+        self.figure: Figure | None = cast("Figure", source) if data else None
+        self._pixels: np.ndarray | None = None if data else cast(np.ndarray, source)
         self._error: BaseException | None = None
         self._lock = threading.Lock()
 
@@ -372,11 +386,13 @@ class _Picture:
                     renderer = renderer if renderer is not None else default_renderer()
                     if renderer is None:
                         raise ImportError(f"drawing a picture needs matplotlib: {PLOTS_EXTRA}")
-                    self._pixels = np.asarray(renderer.pixels(self.figure))
+                    # not done: the image is data (given pixels are done from the start)
+                    self._pixels = np.asarray(renderer.pixels(cast("Figure", self.figure)))
                 except Exception as exc:
                     self._error = exc
             if self._error is not None:
                 raise self._error
+            assert self._pixels is not None  # done, and no error
             return self._pixels
 
     def resolve(self, pixels: np.ndarray) -> None:
@@ -499,7 +515,8 @@ def to_host(records: list[Record]) -> list[Record]:
         elif isinstance(r, Histogram) and r.counts.device.type != "cpu":
             out[i] = r.on_host()
     for idxs in by_device.values():
-        values = torch.stack([out[i].value.detach().reshape(()).double() for i in idxs]).cpu().tolist()
+        tensors = [cast(torch.Tensor, cast(Scalar, out[i]).value) for i in idxs]  # the tensor scalars found above
+        values = torch.stack([t.detach().reshape(()).double() for t in tensors]).cpu().tolist()
         for i, v in zip(idxs, values):
             out[i] = Scalar(out[i].tag, v, out[i].step)
     return out

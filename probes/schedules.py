@@ -200,7 +200,7 @@ def as_schedule(value: object, who: str = "probe", *, check: bool = False) -> Sc
         raise TypeError(f"{who}: option 'every' must be {wanted}; got the class {value.__name__}, not a schedule")
     if not callable(value):
         raise TypeError(f"{who}: option 'every' must be {wanted}, got {value!r}")
-    schedule: Schedule = value  # type: ignore[assignment]
+    schedule: Schedule = value
     if check:
         try:
             is_due(schedule, CHECK_STEP, who)

@@ -12,6 +12,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -101,7 +102,7 @@ def save_gates(
         arrays["labels"] = lab
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
-        np.savez_compressed(f, **arrays)
+        np.savez_compressed(f, **cast("dict[str, Any]", arrays))  # no key is 'allow_pickle'
     os.replace(tmp, path)
     return path
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from typing import cast
 
 from probes.records import Histogram, Image, Record, Scalar
 from probes.sinks.base import Sink
@@ -45,7 +46,8 @@ class MemorySink(Sink):
         out: dict[str, list[tuple[int, float]]] = {}
         for r in self.records:
             if isinstance(r, Scalar):
-                out.setdefault(r.tag, []).append((r.step, r.value))
+                # as ``write`` keeps it: stamped with the step, the value a float
+                out.setdefault(r.tag, []).append((cast(int, r.step), cast(float, r.value)))
         return out
 
     def last(self, tag: str) -> float:

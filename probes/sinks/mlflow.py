@@ -120,6 +120,7 @@ class MlflowSink(Sink):
 
     def _run(self) -> str:
         if self.client is not None:
+            assert self.run_id is not None  # set with the client, on each of the paths below
             return self.run_id
         mlflow = self._mlflow
         if self.run_id is not None:  # a run given: on tracking_uri (default: MLflow's)

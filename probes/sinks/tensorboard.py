@@ -393,10 +393,12 @@ class TensorBoardSink(Sink):
             self._queue = queue.Queue(maxsize=self._queue_size)
             self._thread = threading.Thread(target=self._drain, name="probes-tensorboard-images", daemon=True)
             self._thread.start()
+        assert self._queue is not None  # made with the thread
         self._queue.put(image)  # waits only when the queue is full
 
     def _drain(self) -> None:
         q = self._queue
+        assert q is not None  # made before the thread starts
         while True:
             image = q.get()
             try:
@@ -409,7 +411,11 @@ class TensorBoardSink(Sink):
     def _draw(self, image: Image) -> None:
         try:
             if image.pending:
-                pixels, png = self._pictures().png(image.figure, background=self._process)
+                renderer, figure = self._pictures(), image.figure
+                if renderer is None:  # an image of data is queued only once there is a renderer
+                    raise RuntimeError("tensorboard sink: no renderer to draw a picture with")
+                assert figure is not None  # pending: an image of data
+                pixels, png = renderer.png(figure, background=self._process)
                 image.resolve(pixels)  # the other sinks (a memory sink) get these pixels
                 self._write_image(image.tag, pixels, image.step, png)
             else:
@@ -422,14 +428,16 @@ class TensorBoardSink(Sink):
     def _write_image(self, tag: str, pixels: np.ndarray, step: int | None, png: bytes | None = None) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
-        w = self.writer
-        if not isinstance(w, SummaryWriter) or (png is None and self.renderer is None):  # its own encoder
+        w, renderer = self.writer, self.renderer
+        if not isinstance(w, SummaryWriter) or (png is None and renderer is None):  # its own encoder
             self._to_writer(lambda: w.add_image(tag, pixels, global_step=step, dataformats="HWC"))
             return
         from tensorboard.compat.proto.summary_pb2 import Summary
 
         h, wd = pixels.shape[:2]
-        png = png if png is not None else self.renderer.encode(pixels)
+        if png is None:
+            assert renderer is not None  # else written with the writer's own encoder above
+            png = renderer.encode(pixels)
         image = Summary.Image(height=h, width=wd, colorspace=3, encoded_image_string=png)
         summary = Summary(value=[Summary.Value(tag=tag, image=image)])
         self._to_writer(lambda: _torch.file_writer(w).add_summary(summary, step))
@@ -518,6 +526,7 @@ class TensorBoardSink(Sink):
 
     def _wait_for_images(self) -> None:
         if self._thread is not None and self._thread.is_alive():
+            assert self._queue is not None  # made with the thread
             self._queue.join()
 
     def _report_errors(self) -> None:
@@ -568,6 +577,7 @@ class TensorBoardSink(Sink):
             return
         self._wait_for_images()
         if self._thread is not None and self._thread.is_alive():
+            assert self._queue is not None  # made with the thread
             self._queue.put(None)
             self._thread.join()
         self._thread = None

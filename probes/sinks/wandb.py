@@ -123,9 +123,11 @@ class WandbSink(Sink):
 
     def _define(self, run: Any, payload: dict[str, Any]) -> None:
         """Plot every key against ``step_metric``: one ``define_metric`` per first component, the first time."""
+        step_metric = self.step_metric
+        assert step_metric is not None  # ``write`` defines the metrics only with a step metric
         if not self._defined:
-            run.define_metric(self.step_metric)
-            self._defined.add(self.step_metric)
+            run.define_metric(step_metric)
+            self._defined.add(step_metric)
         for key in payload:
             glob = key.split("/")[0] + "/*" if "/" in key else key
             if glob not in self._defined:

@@ -22,7 +22,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import IO, Any
 
 import numpy as np
 
@@ -64,7 +64,7 @@ def _unpack(value: Any, blocks: list[bytes]) -> Any:
     return value
 
 
-def _send(stream: BinaryIO, header: dict[str, Any], blocks: list[bytes]) -> None:
+def _send(stream: IO[bytes], header: dict[str, Any], blocks: list[bytes]) -> None:
     head = json.dumps(header).encode()
     parts = [_LENGTH.pack(len(blocks)), _LENGTH.pack(len(head)), head]
     for block in blocks:
@@ -73,14 +73,14 @@ def _send(stream: BinaryIO, header: dict[str, Any], blocks: list[bytes]) -> None
     stream.flush()
 
 
-def _read(stream: BinaryIO, n: int) -> bytes:
+def _read(stream: IO[bytes], n: int) -> bytes:
     data = stream.read(n)
     if len(data) < n:
         raise EOFError
     return data
 
 
-def _receive(stream: BinaryIO) -> tuple[dict[str, Any], list[bytes]]:
+def _receive(stream: IO[bytes]) -> tuple[dict[str, Any], list[bytes]]:
     (count,) = _LENGTH.unpack(_read(stream, _LENGTH.size))
     (n,) = _LENGTH.unpack(_read(stream, _LENGTH.size))
     header = json.loads(_read(stream, n))
@@ -139,6 +139,12 @@ class DrawingProcess:
     def alive(self) -> bool:
         return self._proc.poll() is None
 
+    def _pipes(self) -> tuple[IO[bytes], IO[bytes]]:
+        """The process's input and output: the pipes ``__init__`` asked for."""
+        stdin, stdout = self._proc.stdin, self._proc.stdout
+        assert stdin is not None and stdout is not None  # both subprocess.PIPE
+        return stdin, stdout
+
     def draw(self, figure: Figure) -> tuple[np.ndarray, bytes]:
         """The pixels of ``figure``, uint8 ``(H, W, 3)``, and their PNG, drawn there.
 
@@ -148,10 +154,11 @@ class DrawingProcess:
             RuntimeError: drawing raised there (its message).
         """
         header, blocks = encode_figure(figure)
+        stdin, stdout = self._pipes()
         with self._lock:
             try:
-                _send(self._proc.stdin, header, blocks)
-                answer, out = _receive(self._proc.stdout)
+                _send(stdin, header, blocks)
+                answer, out = _receive(stdout)
             except (OSError, EOFError, ValueError) as exc:
                 raise DrawerStopped(f"the drawing process stopped ({exc!r})") from exc
         if "error" in answer:
@@ -162,7 +169,7 @@ class DrawingProcess:
     def shutdown(self, wait: bool = False) -> None:
         """Close its input (it then ends), and wait for it with ``wait``."""
         with self._lock:
-            for stream in (self._proc.stdin, self._proc.stdout):
+            for stream in self._pipes():
                 try:
                     stream.close()
                 except OSError:

@@ -10,9 +10,12 @@ import os
 import textwrap
 import threading
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from matplotlib.typing import RcKeyType
 
 #: dots per inch of every figure: sizes below are in pixels
 
@@ -26,7 +29,7 @@ TEACHER = "#000000"
 
 
 #: text sizes (points; 1 pt = 1.1 pixels at 80 dpi) large enough to read when TensorBoard shrinks an image
-STYLE = {
+STYLE: dict[RcKeyType, Any] = {
     "font.size": 12,
     "axes.titlesize": 12,
     "axes.labelsize": 12,
@@ -372,7 +375,8 @@ def encode_png(pixels: np.ndarray) -> bytes:
     im = PILImage.fromarray(p)
     counted = im.getcolors(256)
     if counted is not None:  # at most 256 colours: an exact palette
-        palette = np.array(sorted((r << 16) | (g << 8) | b for _, (r, g, b) in counted), dtype=np.uint32)
+        colours = cast("list[tuple[int, tuple[int, int, int]]]", counted)  # an RGB image's: (count, (r, g, b))
+        palette = np.array(sorted((r << 16) | (g << 8) | b for _, (r, g, b) in colours), dtype=np.uint32)
         flat = (p[..., 0].astype(np.uint32) << 16) | (p[..., 1].astype(np.uint32) << 8) | p[..., 2]
         index = np.searchsorted(palette, flat).astype(np.uint8)
         h, w = p.shape[:2]

@@ -393,7 +393,7 @@ def gates_figure(
     U = total if total is not None else rows
     xlabel = f"probe sample ({P}, grouped by label)" if starts or names else f"probe sample ({P})"
     place(fig, ax, title, xlabel, f"{unit_label} ({U})", right=150)
-    k["im"].set_data(np.ma.masked_array(g.T, mask=pad.T) if padded else g.T)
+    k["im"].set_data(np.ma.masked_array(g.T, mask=pad.T) if padded and pad is not None else g.T)
     k["im"].set_extent((-0.5, P - 0.5, -0.5, rows - 0.5))
     k["groups"].set_segments(_group_lines(starts, "x"))
     _group_ticks(ax.xaxis, starts, names, P)

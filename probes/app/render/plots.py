@@ -129,7 +129,8 @@ def line_axes(
         title_size: the title's font size.
         max_lines: series drawn as lines before the rest become a band.
     """
-    clean, empty = [], []
+    clean: list[tuple[str, np.ndarray, np.ndarray]] = []
+    empty: list[tuple[str, np.ndarray, np.ndarray]] = []
     for label, x, y in series:
         x = np.asarray(x, dtype=np.float64).ravel()
         y = np.asarray(y, dtype=np.float64).ravel()
