@@ -465,7 +465,12 @@ def described(options: type | None) -> list[tuple[str, Any, str]]:
         return []
     out = []
     for f in dataclasses.fields(options):
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            raise TypeError(f"{options.__name__}: option {f.name!r} has no default; every option needs one")
         out.append((f.name, default, f.metadata.get("doc", "")))
     return out
 

@@ -86,7 +86,13 @@ class Activation:
     @property
     def gate(self) -> torch.Tensor:
         """``pre > 0``: for ReLU exactly the units whose output is non-zero."""
-        return self.pre if self.pre.dtype == torch.bool else self.pre > 0
+        pre = self.pre
+        if pre is None:
+            raise ValueError(
+                f"site {self.site.name!r}: its input was not kept, so it has no gates; declare what the probe "
+                'reads in Needs(sites=...) ("gate" or "pre")'
+            )
+        return pre if pre.dtype == torch.bool else pre > 0
 
 
 @dataclass(frozen=True)
@@ -261,7 +267,10 @@ class ProbeContext:
             The selected output tensor.
         """
         if not grad and model is None and self._runner is not None:
-            return self.run(x).output
+            output = self.run(x).output
+            if output is None:  # only a pass over no samples has no output
+                raise ValueError("ProbeBatch.forward: the inputs hold no samples, so the model gave no output")
+            return output
         with nullcontext() if grad else torch.no_grad():
             out = call_model(model if model is not None else self.model, x)
         return select_output(out, self._output_spec)
@@ -412,22 +421,20 @@ class ProbeBatch:
         """
         if self.y is None:
             raise ValueError(f"{probe}: this probe needs labels; pass probe_data=(x, y) to probes.attach")
-        from_output = (
-            num_classes is None
-            and isinstance(self.output, torch.Tensor)
-            and self.output.ndim == 2
-            and self.output.shape[1] > 1
-        )
-        if from_output:
-            num_classes = int(self.output.shape[1])
+        out = self.output
+        outputs = (
+            int(out.shape[1])
+            if num_classes is None and isinstance(out, torch.Tensor) and out.ndim == 2 and out.shape[1] > 1
+            else None
+        )  # the class count read from the model's outputs
         try:
-            return label_matrix(self.y, num_classes=num_classes, who=probe)
+            return label_matrix(self.y, num_classes=num_classes if outputs is None else outputs, who=probe)
         except ValueError as exc:
-            if not from_output:
+            if outputs is None:
                 raise
             raise ValueError(
-                f"{exc}: the model has {num_classes} outputs, so class labels must lie in "
-                f"0..{num_classes - 1}; pass labels that fit the model's outputs in probe_data"
+                f"{exc}: the model has {outputs} outputs, so class labels must lie in "
+                f"0..{outputs - 1}; pass labels that fit the model's outputs in probe_data"
             ) from None
 
 
@@ -523,7 +530,8 @@ class Probe:
         from probes.options import signature
 
         legacy.adapt(cls)
-        if cls.__dict__.get("Options") is not None:  # ``inspect.signature(cls)`` names the options
+        declared = cls.__dict__.get("Options")
+        if declared is not None:  # ``inspect.signature(cls)`` names the options
             if "__init__" not in cls.__dict__:
 
                 def __init__(self: Probe, **options: Any) -> None:
@@ -532,7 +540,7 @@ class Probe:
                 cls.__init__ = __init__  # type: ignore[method-assign]
             params = list(inspect.signature(cls.__dict__["__init__"]).parameters.values())[1:]
             if all(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
-                cls.__init__.__signature__ = signature(cls.Options)  # type: ignore[attr-defined]
+                cls.__init__.__signature__ = signature(declared)  # type: ignore[attr-defined]
 
     def __init__(self, **options: Any) -> None:
         """Check ``options`` against ``Options`` (``probes.options.read``) and keep them as ``self.options``; an

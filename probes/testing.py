@@ -134,8 +134,9 @@ def _train(
         loss.backward()
         if rank is not None:
             for p in net.parameters():  # DDP by hand: average the gradients
-                torch.distributed.all_reduce(p.grad)
-                p.grad /= world
+                if p.grad is not None:
+                    torch.distributed.all_reduce(p.grad)
+                    p.grad /= world
         opt.step()
         opt.zero_grad()
         if session is not None:

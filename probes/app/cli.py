@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TextIO
 
 #: ``probes list`` fits this many columns (descriptions wrap under their column)
 LIST_WIDTH = 100
@@ -35,7 +36,7 @@ def option_lines(cls: type) -> list[str]:
     options = getattr(cls, "Options", None)
     if options is not None:
         return [f"    {n}={d!r}" + (f"  ({doc})" if doc else "") for n, d, doc in described(options)]
-    params = [p for p in inspect.signature(cls.__init__).parameters.values() if p.default is not p.empty]
+    params = [p for p in inspect.signature(cls).parameters.values() if p.default is not p.empty]
     return [f"    {p.name}={p.default!r}" for p in params]
 
 
@@ -114,7 +115,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
             category: type[Warning],
             filename: str,
             lineno: int,
-            file: object = None,
+            file: TextIO | None = None,
             line: str | None = None,
         ) -> None:
             if issubclass(category, ReportWarning):

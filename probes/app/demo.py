@@ -123,7 +123,7 @@ def choose_probes(
         if not images:
             opts.update(IMAGES_OFF.get(info.name, {}))
         if smoke:
-            opts["every"] = max(1, int(opts.get("every", info.cls.every)) // 5)
+            opts["every"] = max(1, int(opts.get("every", getattr(info.cls, "every", 1))) // 5)
             if "image_every" in opts and images:
                 opts["image_every"] = max(1, int(opts["image_every"]) // 5)
         trial = {k: v for k, v in opts.items() if k != "every"}

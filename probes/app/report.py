@@ -29,8 +29,9 @@ import os
 import re
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 
@@ -64,6 +65,21 @@ ul.constant { font-size: 0.85em; margin: 0.4em 0; } ul.constant code { font-fami
 REASON_CHARS = 300
 
 
+#: one scalar tag's series: its steps and its values (float64)
+Series = tuple[np.ndarray, np.ndarray]
+
+
+class RunData(TypedDict):
+    """What ``read_runs`` reads of one run: ``scalars`` (tag -> steps, values), ``images`` (tag -> the first and the
+    last ``(step, png bytes)``), ``histograms`` (tag -> the last ``(step, min, bucket limits, counts)``) and
+    ``layout`` (the custom-scalars charts, ``(title, [regex, ...])``, or None)."""
+
+    scalars: dict[str, Series]
+    images: dict[str, list[tuple[int, bytes]]]
+    histograms: dict[str, tuple[int, float, np.ndarray, np.ndarray]]
+    layout: list[tuple[str, list[str]]] | None
+
+
 class ReportWarning(UserWarning):
     """A chart of the report was not drawn (the page names it and says why; the rest is written)."""
 
@@ -73,7 +89,7 @@ def png_bytes(pixels: np.ndarray) -> bytes:
     return render.encode_png(pixels)
 
 
-def read_runs(logdir: str | Path) -> dict[str, dict[str, dict]]:
+def read_runs(logdir: str | Path) -> dict[str, RunData]:
     """``{run: {"scalars": {tag: (steps, values)}, "images": {tag: [(step, png bytes), ...]},
     "histograms": {tag: (step, limits, counts)}, "layout": [(title, [regex, ...]), ...] or None}}`` from the
     event files: every scalar, the first and the last image of each tag, the last histogram of each tag, and
@@ -99,25 +115,25 @@ def read_runs(logdir: str | Path) -> dict[str, dict[str, dict]]:
     )
     mux.AddRunsFromDirectory(str(logdir))
     mux.Reload()
-    runs: dict[str, dict[str, dict]] = {}
+    runs: dict[str, RunData] = {}
     names = set(mux.Runs())
     for run in sorted(names):
         if _is_site_run(run, names):  # the copies of a run's per-site scalars, for TensorBoard's colours
             continue
         acc = mux.GetAccumulator(run)
         tags = acc.Tags()
-        scalars = {}
+        scalars: dict[str, Series] = {}
         for tag in tags.get("scalars", []):
             events = acc.Scalars(tag)
             scalars[tag] = (np.array([e.step for e in events]), np.array([e.value for e in events], dtype=np.float64))
-        images = {}
+        images: dict[str, list[tuple[int, bytes]]] = {}
         for tag in tags.get("images", []):
             events = acc.Images(tag)
             if events:
                 keep = [events[0], events[-1]] if len(events) > 1 else [events[-1]]
                 images[tag] = [(e.step, e.encoded_image_string) for e in keep]
         layout = _layout(acc, tags)
-        histograms = {}
+        histograms: dict[str, tuple[int, float, np.ndarray, np.ndarray]] = {}
         for tag in tags.get("histograms", []):
             events = acc.Histograms(tag)
             if events:
@@ -129,12 +145,7 @@ def read_runs(logdir: str | Path) -> dict[str, dict[str, dict]]:
                     np.array(h.bucket, dtype=np.float64),
                 )
         if scalars or images or histograms:
-            runs[_run_name(run, logdir)] = {
-                "scalars": scalars,
-                "images": images,
-                "histograms": histograms,
-                "layout": layout,
-            }
+            runs[_run_name(run, logdir)] = RunData(scalars=scalars, images=images, histograms=histograms, layout=layout)
     if not runs:
         raise ValueError(f"probes report: no TensorBoard scalars or images under {str(logdir)!r}")
     return runs
@@ -337,8 +348,8 @@ def _sections(
             singles += members
             continue
         drawn, constant = sections.setdefault(members[0].split("/")[0], ([], []))
-        values = [_constant(scalars[t][1]) for t in members]
-        if any(v is None for v in values):
+        values = [v for v in (_constant(scalars[t][1]) for t in members) if v is not None]
+        if len(values) < len(members):  # a series that changes: the chart is drawn
             drawn.append((title, members))
             continue
         for tag, v in zip(members, values):
@@ -363,17 +374,19 @@ def _singles_table(tags: list[str], scalars: dict) -> str:
     )
 
 
-def write_report(logdir: str | Path, output: str | Path | None = None) -> Path:
-    """Write the HTML report of ``logdir`` to ``output`` (default ``LOGDIR/report.html``); return its path.
+@dataclass
+class _Page:
+    """What the page has drawn so far: the plot budget (``MAX_PLOTS``) and the charts that failed to draw."""
 
-    A chart that fails to draw is named on the page with the reason, in its place, and warned about
-    (``ReportWarning``, one per chart); the rest of the page is still written.
-    """
-    logdir = Path(logdir)
-    runs = read_runs(logdir)
-    output = Path(output) if output is not None else logdir / "report.html"
+    plotted: int = 0
+    skipped: int = 0
+    failed: list[str] = field(default_factory=list)
+
+
+def _header(logdir: Path, runs: dict[str, RunData]) -> list[str]:
+    """The page's head, title, summary line and (for several runs) the links to each run."""
     n_tags = len({t for data in runs.values() for t in data["scalars"]})
-    out: list[str] = [
+    out = [
         "<!DOCTYPE html>",
         "<html><head><meta charset='utf-8'>",
         f"<title>probes report: {html.escape(str(logdir))}</title><style>{_STYLE}</style></head><body>",
@@ -387,64 +400,89 @@ def write_report(logdir: str | Path, output: str | Path | None = None) -> Path:
         out.append(
             "<p>Runs: " + ", ".join(f"<a href='#run-{i}'>{html.escape(r)}</a>" for i, r in enumerate(runs)) + "</p>"
         )
-    notes_at = len(out)  # where the note on charts not drawn goes
-    failed: list[str] = []
-    plotted = 0
-    skipped = 0
-    for i, (run, data) in enumerate(runs.items()):
-        scalars, tags = data["scalars"], sorted(data["scalars"])
-        out.append(f"<h2 id='run-{i}'>run: {html.escape(run)}</h2>")
-        out.append(
-            f"<details><summary>Last values ({len(tags)} scalars)</summary>"
-            "<table><tr><th>tag</th><th>step</th><th>value</th></tr>"
-        )
-        for tag in tags:
-            steps, values = scalars[tag]
-            if len(steps):
-                out.append(
-                    f"<tr><td>{html.escape(tag)}</td><td class='num'>{int(steps[-1])}</td>"
-                    f"<td class='num'>{_fmt(float(values[-1]))}</td></tr>"
-                )
-        out.append("</table></details>")
-        singles, sections = _sections(group_scalars(tags, data.get("layout")), scalars)
-        if singles:
-            out.append(_singles_table(singles, scalars))
-        for probe, (charts, constant) in sections.items():
-            out.append(f"<h3>{html.escape(probe)}</h3>")
-            if constant:
-                out.append("<ul class='constant'>" + "".join(f"<li>{line}</li>" for line in constant) + "</ul>")
-            if not charts:
+    return out
+
+
+def _last_values(scalars: dict[str, Series]) -> str:
+    """The folded table of every scalar's last step and value."""
+    rows = "".join(
+        f"<tr><td>{html.escape(tag)}</td><td class='num'>{int(steps[-1])}</td>"
+        f"<td class='num'>{_fmt(float(values[-1]))}</td></tr>"
+        for tag, (steps, values) in sorted(scalars.items())
+        if len(steps)
+    )
+    return (
+        f"<details><summary>Last values ({len(scalars)} scalars)</summary>"
+        f"<table><tr><th>tag</th><th>step</th><th>value</th></tr>{rows}</table></details>"
+    )
+
+
+def _scalar_sections(run: str, data: RunData, page: _Page) -> list[str]:
+    """The table of values written once, then per probe: its constant series as lines, its charts as a grid."""
+    scalars = data["scalars"]
+    singles, sections = _sections(group_scalars(sorted(scalars), data["layout"]), scalars)
+    out = [_singles_table(singles, scalars)] if singles else []
+    for probe, (charts, constant) in sections.items():
+        out.append(f"<h3>{html.escape(probe)}</h3>")
+        if constant:
+            out.append("<ul class='constant'>" + "".join(f"<li>{line}</li>" for line in constant) + "</ul>")
+        if not charts:
+            continue
+        out.append("<div class='grid'>")
+        for title, members in charts:
+            if page.plotted >= MAX_PLOTS:
+                page.skipped += 1
                 continue
-            out.append("<div class='grid'>")
-            for title, members in charts:
-                if plotted >= MAX_PLOTS:
-                    skipped += 1
-                    continue
-                plotted += 1
-                out.append(_chart(failed, run, title, ", ".join(members), _scalar_plot, title, members, scalars))
-            out.append("</div>")
-        if data["histograms"]:
-            out.append("<h3>histograms (final step)</h3><div class='grid'>")
-            for tag, (step, lo, limits, counts) in sorted(data["histograms"].items()):
-                out.append(
-                    _chart(failed, run, tag, f"{tag} (step {step})", _histogram_plot, tag, step, lo, limits, counts)
-                )
-            out.append("</div>")
-        if data["images"]:
-            out.append("<h3>images (first and latest)</h3><div class='grid'>")
-            for tag, shots in sorted(data["images"].items()):
-                for step, png in shots:
-                    out.append(_figure(png, tag, f"{tag} (step {step})"))
-            out.append("</div>")
-    if skipped:
+            page.plotted += 1
+            out.append(_chart(page.failed, run, title, ", ".join(members), _scalar_plot, title, members, scalars))
+        out.append("</div>")
+    return out
+
+
+def _histograms_and_images(run: str, data: RunData, page: _Page) -> list[str]:
+    """The final-step shape of each histogram, then the first and the latest image of each image tag."""
+    out = []
+    if data["histograms"]:
+        out.append("<h3>histograms (final step)</h3><div class='grid'>")
+        for tag, (step, lo, limits, counts) in sorted(data["histograms"].items()):
+            caption = f"{tag} (step {step})"
+            out.append(_chart(page.failed, run, tag, caption, _histogram_plot, tag, step, lo, limits, counts))
+        out.append("</div>")
+    if data["images"]:
+        out.append("<h3>images (first and latest)</h3><div class='grid'>")
+        for tag, shots in sorted(data["images"].items()):
+            out += [_figure(png, tag, f"{tag} (step {step})") for step, png in shots]
+        out.append("</div>")
+    return out
+
+
+def write_report(logdir: str | Path, output: str | Path | None = None) -> Path:
+    """Write the HTML report of ``logdir`` to ``output`` (default ``LOGDIR/report.html``); return its path.
+
+    A chart that fails to draw is named on the page with the reason, in its place, and warned about
+    (``ReportWarning``, one per chart); the rest of the page is still written.
+    """
+    logdir = Path(logdir)
+    runs = read_runs(logdir)
+    output = Path(output) if output is not None else logdir / "report.html"
+    out = _header(logdir, runs)
+    notes_at = len(out)  # where the note on charts not drawn goes
+    page = _Page()
+    for i, (run, data) in enumerate(runs.items()):
+        out.append(f"<h2 id='run-{i}'>run: {html.escape(run)}</h2>")
+        out.append(_last_values(data["scalars"]))
+        out += _scalar_sections(run, data, page)
+        out += _histograms_and_images(run, data, page)
+    if page.skipped:
         out.append(
-            f"<p class='note'>{skipped} more charts are in the tables only (at most {MAX_PLOTS} plots per page).</p>"
+            f"<p class='note'>{page.skipped} more charts are in the tables only (at most {MAX_PLOTS} plots per "
+            "page).</p>"
         )
-    if failed:
+    if page.failed:
         out.insert(
             notes_at,
-            f"<p class='note'>{len(failed)} chart(s) could not be drawn: "
-            f"{html.escape(', '.join(failed))}; each says why in its place.</p>",
+            f"<p class='note'>{len(page.failed)} chart(s) could not be drawn: "
+            f"{html.escape(', '.join(page.failed))}; each says why in its place.</p>",
         )
     out.append("</body></html>")
     output.parent.mkdir(parents=True, exist_ok=True)

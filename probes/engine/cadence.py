@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from probes.engine import distributed
@@ -65,7 +65,7 @@ class Cadence:
 
     def __init__(
         self,
-        probes: dict[str, Probe],
+        probes: Mapping[str, Probe],
         overhead: Any,
         failures: Failures,
         agree: Callable[[list[int]], list[int]] | None = None,
@@ -142,8 +142,9 @@ class Cadence:
             proposals = {n: k for n, k in zip(names, agreed) if k > 0}
         for name, k in proposals.items():
             old, cost = self.schedules[name], self.cost.get(name)
+            old_k = old.k if isinstance(old, every) else k  # only ``every`` cadences are widened
             self.schedules[name] = every(k)
-            share = f"{cost / (old.k * per_step):.0%}" if cost is not None and per_step > 0 else "too much"
+            share = f"{cost / (old_k * per_step):.0%}" if cost is not None and per_step > 0 else "too much"
             timing = (
                 f"takes {cost * 1e3:.3g} ms per measurement against {per_step * 1e3:.3g} ms per training step"
                 if cost is not None and per_step > 0
@@ -157,7 +158,7 @@ class Cadence:
             self.failures.notice(
                 name,
                 "overhead",
-                f"probe {name!r} {timing}: measuring every {old.k} steps would "
+                f"probe {name!r} {timing}: measuring every {old_k} steps would "
                 f"cost {share} of training (its share is {budget:.1%}: {self.overhead:.0%} for all "
                 f"active probes, {how}); it now measures every {k} steps",
             )

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import sys
 import weakref
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -121,8 +121,8 @@ def unwrap(model: nn.Module) -> nn.Module:
     while True:
         if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
             model = model.module
-        elif _torch.compiled_original(model) is not None:
-            model = _torch.compiled_original(model)
+        elif (original := _torch.compiled_original(model)) is not None:
+            model = original
         else:
             return model
 
@@ -192,7 +192,7 @@ class Recording:
     activations overwrite them); the call trace is always complete.
     """
 
-    keep: Callable[[Site], bool] = lambda site: True
+    keep: Callable[[Site], Iterable[str]] = keep_everything
     activations: dict[str, Activation] = field(default_factory=dict)
     calls: list[Call] = field(default_factory=list)
     _raw_calls: list[tuple[bool, str, str, nn.Module | None]] = field(default_factory=list, repr=False)
@@ -229,10 +229,10 @@ class _FunctionalMode(TorchFunctionMode):
         module = stack[-1] if stack else None
         if module in self.capture.site_modules:  # inside an activation module that is a site already
             return func(*args, **kwargs)
-        path = self.capture.paths.get(module, "")
+        path = self.capture.paths.get(module, "") if module is not None else ""
         kind, inplace = entry
         inplace = inplace or bool(kwargs.get("inplace", False))
-        pre = args[0]
+        pre: torch.Tensor | None = args[0]
         rec = self.capture._recording
         want = ALL_VALUES
         if rec is not None:
@@ -622,7 +622,9 @@ class Capture:
 
     def _site_values(self, index: int, pre: torch.Tensor | None, post: torch.Tensor | None) -> None:
         module = self._site_by_id.get(index)
-        path = self.site_modules.get(module) if module is not None else None
+        if module is None:
+            return
+        path = self.site_modules.get(module)
         if path is not None:
             self.record(path, self._kinds[module], module, pre, post)
         elif module in self._early:  # registered since the last index
@@ -733,6 +735,8 @@ class Capture:
         base = f"{path or 'forward'}:{kind}" if functional else path
         call = self._counts.get((base, functional), 0) + 1
         site = self.site(path, call, functional, kind, module)
+        if self._recording is None:  # only asked during a recording; outside one every value counts
+            return ALL_VALUES
         keep = self._recording.keep
         if base in self.multi:
             return frozenset(keep(site))

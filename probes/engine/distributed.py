@@ -78,8 +78,9 @@ def sharded_now(model: nn.Module) -> list[nn.Module]:
     return [u for u in units(model) if not is_gathered(u)]
 
 
-def reshard(modules: list[nn.Module]) -> None:
-    """``FSDPModule.reshard()`` on each module (free the gathered parameters, register the shards again)."""
+def reshard(modules: list[Any]) -> None:
+    """``FSDPModule.reshard()`` on each module (FSDP2 units: free the gathered parameters, register the shards
+    again)."""
     for m in modules:
         m.reshard()
 
@@ -118,10 +119,15 @@ def _unflatten(value: Any, reduced: dict[str, torch.Tensor], where: str) -> Any:
 
 
 class ReduceOutcome:
-    """What ``reduce_states`` decided for one probe: ok, or the reason it must be switched off."""
+    """What ``reduce_states`` decided for one probe: ok (no reason), or the reason it must be switched off."""
 
-    def __init__(self, ok: bool, reason: BaseException | None = None) -> None:
-        self.ok, self.reason = ok, reason
+    def __init__(self, reason: BaseException | None = None) -> None:
+        self.reason = reason
+
+    @property
+    def ok(self) -> bool:
+        """Whether the states were reduced (no reason to switch the probe off)."""
+        return self.reason is None
 
 
 def reduce_states(probe: Any, failed_here: bool, device: torch.device, step: int, rank: int) -> ReduceOutcome:
@@ -150,17 +156,15 @@ def reduce_states(probe: Any, failed_here: bool, device: torch.device, step: int
     layout += "|" + ";".join(f"{n}:cat" for n, r, _ in items if r == "cat")
     hi, lo = max_and_min([int(error is not None or failed_here), len(flat), zlib.crc32(layout.encode())], device)
     if error is not None:
-        return ReduceOutcome(False, error)
+        return ReduceOutcome(error)
     if hi[0]:
         return ReduceOutcome(
-            False,
             RuntimeError(
                 f"probe {name!r} raised on another rank (or was switched off there) before the reduction at step {step}"
             ),
         )
     if hi != lo:
         return ReduceOutcome(
-            False,
             RuntimeError(
                 f"probe {name!r}: the ranks hold different accumulators at step {step} (rank {rank}: {len(flat)} "
                 f"tensors [{layout or 'none'}]; the ranks hold {lo[1]} to {hi[1]}), e.g. a rank ran no training "
@@ -180,7 +184,7 @@ def reduce_states(probe: Any, failed_here: bool, device: torch.device, step: int
             setattr(probe, state_name, [v for part in gathered for v in part])
         else:
             setattr(probe, state_name, _unflatten(value, reduced, state_name))
-    return ReduceOutcome(True)
+    return ReduceOutcome()
 
 
 def broadcast_flag(flag: bool, device: torch.device) -> bool:

@@ -20,6 +20,7 @@ import sys
 import traceback
 import warnings
 from collections.abc import Iterator
+from types import FrameType
 
 import torch
 
@@ -60,7 +61,8 @@ def _not_users(filename: str) -> bool:
 def user_stacklevel() -> int:
     """The ``stacklevel`` that makes a ``warnings.warn`` called by the caller of this function point at the user's
     code: the first frame whose file is outside the probes package (and outside torch, whose hooks call probes)."""
-    frame, level = sys._getframe(1), 1
+    frame: FrameType | None = sys._getframe(1)
+    level = 1
     while frame is not None and _not_users(frame.f_code.co_filename):
         frame, level = frame.f_back, level + 1
     return level if frame is not None else 1

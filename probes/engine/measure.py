@@ -213,7 +213,7 @@ class ActiveProbes:
             try:
                 batch = self._batch(names, step)
             except Exception as exc:  # the pass itself failed: every due probe is off (attach raises)
-                cause = exc.__cause__ if isinstance(exc, OutputError) else exc
+                cause = (exc.__cause__ or exc) if isinstance(exc, OutputError) else exc
                 if at_attach:  # a model that cannot run its probe batch: say so now, naming the probes
                     if isinstance(exc, OutputError) or len(names) > 1:
                         raise cause from None

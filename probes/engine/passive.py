@@ -58,7 +58,7 @@ class PassiveProbes:
         """The model's sites changed: each probe decides anew which sites it observes."""
         self._observers.clear()
 
-    def _observe(self, site: Site, pre: torch.Tensor, post: torch.Tensor) -> None:
+    def _observe(self, site: Site, pre: torch.Tensor | None, post: torch.Tensor | None) -> None:
         observers = self._observers.get(site.name)
         if observers is None:
             observers = self._observers[site.name] = [(n, p) for n, p in self.probes.items() if p.wants(site)]
@@ -66,7 +66,7 @@ class PassiveProbes:
         for name, probe in observers:
             if name not in failed:
                 try:
-                    probe.observe(site, pre, post)
+                    probe.observe(site, pre, post)  # type: ignore[arg-type]  # a value the probe declared is a tensor
                 except Exception as exc:  # noqa: BLE001 - reported, probe disabled
                     self.failures.fail(name, exc, self.run.step)
 
@@ -121,7 +121,7 @@ class PassiveProbes:
                 outcome = distributed.reduce_states(
                     probe, not self.failures.enabled(name), self.run.device, step, self.run.rank
                 )
-                if not outcome.ok:
+                if outcome.reason is not None:  # not reduced: switched off
                     if result.fail(self.failures, name, outcome.reason, step):
                         break
                     continue

@@ -38,7 +38,7 @@ class OutputError(Exception):
 
 def model_placement(module: nn.Module) -> tuple[torch.device, torch.dtype | None]:
     """The device of the model's first parameter (or buffer) and its floating dtype, as they are now."""
-    first = next(module.parameters(), None)
+    first: torch.Tensor | None = next(module.parameters(), None)
     if first is None:
         first = next(module.buffers(), None)
     return (first.device if first is not None else torch.device("cpu")), inputs.model_dtype(module)
@@ -180,7 +180,7 @@ def check_model(module: nn.Module) -> None:
     """The model's parameters and buffers hold values: a model on the meta device is an error naming a tensor."""
     for kind, named in (("parameter", module.named_parameters()), ("buffer", module.named_buffers())):
         for name, t in named:
-            if t.is_meta and not isinstance(t, nn.parameter.UninitializedTensorMixin):
+            if t.is_meta and not isinstance(t, (nn.parameter.UninitializedParameter, nn.parameter.UninitializedBuffer)):
                 raise ValueError(
                     f"attach: the model is on the meta device ({kind} {name!r} has a shape but no "
                     "values), so nothing can be measured; materialise it first (model.to_empty("
@@ -297,7 +297,7 @@ class ProbePass:
             for m, mean, var in kept:
                 m.running_mean, m.running_var = mean, var
 
-    def disagreement(self, x: Any, output: torch.Tensor) -> float | None:
+    def disagreement(self, x: Any, output: torch.Tensor | None) -> float | None:
         """How far the eval-mode output (running statistics) is from the output with batch statistics: the fraction
         of samples whose predicted class differs (or the relative distance of the outputs when there are no classes);
         None without norm layers that keep running statistics, 0 while they have seen no batch."""
@@ -307,6 +307,8 @@ class ProbePass:
             return 0.0  # running statistics not estimated yet (a fresh model): nothing to compare with
         with self.batch_statistics():
             other = self.run(x).output
+        if other is None:
+            return None
         if output.ndim == 2 and output.shape[1] > 1:
             return float((output.argmax(1) != other.argmax(1)).double().mean())
         return float((output - other).double().norm() / other.double().norm().clamp_min(1e-300))

@@ -3,7 +3,7 @@ by reference by the session and its drivers; only ``leave_out`` removes a probe 
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 
 from probes.engine.failures import Failures
 from probes.probe import Probe
@@ -19,7 +19,7 @@ class ProbeSet(Mapping[str, Probe]):
         failures: the session's failure policy, which knows the probes switched off.
     """
 
-    def __init__(self, probes: Mapping[str, Probe] | list[tuple[str, Probe]], failures: Failures) -> None:
+    def __init__(self, probes: Mapping[str, Probe] | Iterable[tuple[str, Probe]], failures: Failures) -> None:
         self._all: dict[str, Probe] = dict(probes)
         self._failures = failures
         self._split()

@@ -24,7 +24,7 @@ class Run:
 
     Args:
         rank, world_size: this process's rank and the number of ranks (0 and 1 without ``torch.distributed``).
-        device: the model's device at attach (the device of the ranks' collectives).
+        device: the model's device at attach (the device of the ranks' collectives; the CPU unless given).
         sharded: the model is sharded (FSDP): every forward all-gathers, so every rank runs the probe passes.
         collective: the ranks measure together (a sharded model, or a ``sharding="per_sample"`` probe under DDP).
         logdir: where the session writes (``attach(logdir=...)``, or the user's writer's folder); writer: that
@@ -37,7 +37,7 @@ class Run:
 
     rank: int = 0
     world_size: int = 1
-    device: torch.device | None = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     sharded: bool = False
     collective: bool = False
     logdir: str | None = None

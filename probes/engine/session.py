@@ -218,7 +218,7 @@ class Session:
         return self.run.sharded
 
     @property
-    def device(self) -> torch.device | None:
+    def device(self) -> torch.device:
         """The model's device at attach (``run.device``)."""
         return self.run.device
 

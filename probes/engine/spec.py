@@ -163,7 +163,7 @@ class ProbeSpec:
         return any(not p.passive and p.needs.probe_data for _, p in self.entries)
 
 
-def declare_charts(sinks: list[Sink], probes: dict[str, Probe]) -> None:
+def declare_charts(sinks: list[Sink], probes: Mapping[str, Probe]) -> None:
     """Hand every sink the chart groups that the attached probes declare (``Probe.charts``)."""
     charts = tuple(dict.fromkeys(c for p in probes.values() for c in type(p).charts))
     for sink in sinks:
@@ -240,7 +240,7 @@ class Options:
 
 
 def setup_probes(
-    probes: dict[str, Probe],
+    probes: Mapping[str, Probe],
     context: Context,
     failures: Failures,
     leave_out: Callable[[str, Exception], None] | None = None,

@@ -222,7 +222,12 @@ class CallbackCore:
     @property
     def open(self) -> bool:
         """Whether a session is attached and not closed."""
-        return self.session is not None and not self.session.closed
+        return self._live is not None
+
+    @property
+    def _live(self) -> Session | None:
+        """The session while it is attached and not closed, else None."""
+        return self.session if self.session is not None and not self.session.closed else None
 
     def start(
         self,
@@ -298,14 +303,16 @@ class CallbackCore:
         Args:
             step: the trainer's optimizer step.
         """
-        if self.open and step > self.session.global_step:
-            self.session.advance_to(int(step))
+        live = self._live
+        if live is not None and step > live.global_step:
+            live.advance_to(int(step))
 
     def close(self) -> None:
         """Flush, write the last measurement and close the session (kept for ``state_dict``); harmless twice."""
-        if self.open:
-            self._last = self.session.state_dict()
-            self.session.close()
+        live = self._live
+        if live is not None:
+            self._last = live.state_dict()
+            live.close()
 
     def state_dict(self) -> dict[str, Any]:
         """The state a checkpoint keeps.
@@ -314,8 +321,9 @@ class CallbackCore:
             The open session's ``state_dict()``; after ``close``, the state it closed with; before a session, the
             state waiting to be loaded (``{}`` when none).
         """
-        if self.open:
-            return self.session.state_dict()
+        live = self._live
+        if live is not None:
+            return live.state_dict()
         return dict(self._last or self._pending or {})
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -326,8 +334,9 @@ class CallbackCore:
         """
         if not state:
             return
-        if self.open:
-            self.session.load_state_dict(state)
+        live = self._live
+        if live is not None:
+            live.load_state_dict(state)
         else:
             self._pending = dict(state)
 

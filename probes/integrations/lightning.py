@@ -43,9 +43,9 @@ try:  # the unified package first, then the standalone one
     from lightning.pytorch.loggers import TensorBoardLogger
 except ImportError:  # pragma: no cover - depends on what is installed
     try:
-        import pytorch_lightning as pl
-        from pytorch_lightning.callbacks import Callback
-        from pytorch_lightning.loggers import TensorBoardLogger
+        import pytorch_lightning as pl  # type: ignore[no-redef]
+        from pytorch_lightning.callbacks import Callback  # type: ignore[assignment]
+        from pytorch_lightning.loggers import TensorBoardLogger  # type: ignore[assignment]
     except ImportError as exc:
         raise ImportError(
             "probes.integrations.lightning needs Lightning: pip install 'torch-probes[lightning]' "

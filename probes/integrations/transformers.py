@@ -80,6 +80,7 @@ _TRAINER_STATE = "trainer_state.json"
 def is_causal_lm(model: Any) -> bool:
     """Whether ``model`` is one of transformers' causal language models (``GPT2LMHeadModel``, ``*ForCausalLM``): its
     loss pairs the logits at position t with the label at t + 1."""
+    causal: Mapping[str, str]
     try:
         from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES as causal
     except ImportError:  # a transformers without the auto mapping: the naming convention alone

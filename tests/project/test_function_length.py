@@ -14,9 +14,8 @@ PACKAGE = ROOT / "probes"
 LIMIT = 80
 
 #: today's offenders outside this branch's area, each with the branch that splits it; the lead empties this at merge
-ALLOWED = {
-    "probes/app/report.py::write_report": "the lead",
-}
+#: functions allowed over the limit for now, each with who keeps it (none left)
+ALLOWED: dict[str, str] = {}
 
 
 def _docstring_lines(node: ast.FunctionDef | ast.AsyncFunctionDef) -> int:

@@ -310,6 +310,25 @@ def ntk_cost(
     )
 
 
+def _counted_forward(model: nn.Module, args: tuple[torch.Tensor, ...], calls: dict[str, list]) -> float | None:
+    """``model(*args)`` with grad on, as in the measured passes (some modules take fused paths without grad), under
+    torch's FLOP counter: its total, or None for a model the counter cannot follow (run again without it, the
+    hooks' ``calls`` cleared first; the work is then counted from the layers)."""
+    with torch.enable_grad():
+        try:
+            from torch.utils.flop_counter import FlopCounterMode
+
+            counter = FlopCounterMode(display=False)
+            with counter:
+                model(*args)
+            return float(counter.get_total_flops())
+        except Exception:  # noqa: BLE001 - a model the counter cannot follow: counted from the layers
+            for v in calls.values():
+                v.clear()
+            model(*args)
+            return None
+
+
 def _layout(
     model: nn.Module, args: tuple[torch.Tensor, ...], plan: NTKPlan, settings: NTKSettings = DEFAULT
 ) -> _Layout:
@@ -324,25 +343,14 @@ def _layout(
         return hook
 
     handles = [m.register_forward_hook(make_hook(p), with_kwargs=True) for p, m in plan.modules.items()]
-    flops = None
+    flops: float | None = None
     tied = {p for group in plan.tied for p in group}
     kinds = {p: plan.layer_kinds.get(p) or _kind_of(m) for p, m in plan.modules.items()}
     shapes: dict[str, _TermShape] = {}
     activations = 0
     try:
         with tops_gathered(model):
-            with torch.enable_grad():  # as in the measured passes (some modules take fused paths without grad)
-                try:
-                    from torch.utils.flop_counter import FlopCounterMode
-
-                    counter = FlopCounterMode(display=False)
-                    with counter:
-                        model(*args)
-                    flops = float(counter.get_total_flops())
-                except Exception:  # noqa: BLE001 - a model the counter cannot follow: counted from the layers below
-                    for v in calls.values():
-                        v.clear()
-                    model(*args)
+            flops = _counted_forward(model, args, calls)
             with torch.no_grad():
                 for path, recorded in calls.items():
                     m, kind = plan.modules[path], kinds[path]
