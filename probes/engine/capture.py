@@ -234,10 +234,12 @@ class _FunctionalMode(TorchFunctionMode):
         inplace = inplace or bool(kwargs.get("inplace", False))
         pre: torch.Tensor | None = args[0]
         rec = self.capture._recording
-        want = ALL_VALUES
         if rec is not None:
             want = self.capture._wanted(path, kind, None, functional=True)
             pre = _kept_input(pre, want, inplace)
+        else:  # a training forward: what passive probes read (an in-place op's input copied before it is overwritten)
+            want = self.capture.passive_keep
+            pre = (args[0].detach().clone() if inplace else args[0]) if "pre" in want else None
         out = func(*args, **kwargs)
         self.capture.record(
             path, kind, None, pre, out if "post" in want else None, functional=True, kept=rec is None or bool(want)
@@ -306,6 +308,32 @@ class _SiteOutput(_Hook):
             return
         if cap._training_forward or (cap._depth == 0 and cap._recording is None and cap._observable_alone()):
             cap._site_call(self.index, args, output)
+
+
+class _SiteInput(_Hook):
+    """Before an in-place site module (``nn.ReLU(inplace=True)``) overwrites its input: a copy of the input, for
+    passive probes that read ``pre`` (registered only on in-place site modules, and only when a probe reads it)."""
+
+    __slots__ = ()
+
+    def __call__(self, module: nn.Module, args: tuple) -> None:
+        if module is not self.module or torch.compiler.is_compiling():
+            return
+        cap = self.capture
+        if cap._training_forward or (cap._depth == 0 and cap._recording is None and cap._observable_alone()):
+            t = _first_tensor(args)
+            if t is not None:
+                cap._inplace_inputs[self.index] = t.detach().clone()
+
+
+class _InPlaceSiteOutput(_SiteOutput):
+    """``_SiteOutput`` of an in-place site module: hands on the input as ``_SiteInput`` copied it."""
+
+    __slots__ = ()
+
+    def __call__(self, module: nn.Module, args: tuple, output: Any) -> None:
+        saved = self.capture._inplace_inputs.pop(self.index, None) if module is self.module else None
+        super().__call__(module, args if saved is None else (saved,), output)
 
 
 class _StackPush(_Hook):
@@ -451,6 +479,7 @@ class Capture:
         self.on_notice: Callable[[str, str], None] | None = None  # (key, message): said once by the session
         self.observing = False
         self.passive_keep: frozenset[str] = ALL_VALUES
+        self._inplace_inputs: dict[int, torch.Tensor] = {}  # site index -> its input, copied before an in-place op
         self.keep_pre = False
         self._recording: Recording | None = None
 
@@ -837,6 +866,10 @@ class Capture:
     def _hook_site(self, module: nn.Module) -> None:
         index = len(self._site_by_id)
         self._site_by_id[index] = module
+        if getattr(module, "inplace", False) is True and "pre" in self.passive_keep:  # its input is overwritten
+            self._passive_handles.append(module.register_forward_pre_hook(_SiteInput(self, module, index)))
+            self._passive_handles.append(module.register_forward_hook(_InPlaceSiteOutput(self, module, index)))
+            return
         self._passive_handles.append(module.register_forward_hook(_SiteOutput(self, module, index)))
 
     def follow_dynamo(self) -> None:
@@ -887,6 +920,7 @@ class Capture:
             self._registration.remove()
             self._registration = None
         _CAPTURES.pop(self._id, None)
+        self._inplace_inputs.clear()
         self.observing = False
         if self._mode is not None:
             self._mode.__exit__(None, None, None)

@@ -509,23 +509,49 @@ def test_a_recording_keeps_the_input_of_an_in_place_relu_as_it_was(functional):
     assert bool((kept.pre < 0).any())
 
 
-# -- known bugs ----------------------------------------------------------------------------------------------------
+# -- in-place activations and interrupts -----------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: passive probes get an in-place activation's input after the activation overwrote it (pre == post "
-    "for nn.ReLU(inplace=True) and F.relu(inplace=True)); Probe.observe documents pre as the activation's input",
-)
 @pytest.mark.parametrize("functional", [False, True], ids=["module", "functional"])
 def test_passive_probes_get_the_input_of_an_in_place_relu_as_it_was(functional):
     model = InPlace(functional)
     seen = observed(Capture(model))
     x = torch.randn(8, 3)
-    model(x)
-    ((_, pre, _),) = seen
+    out = model(x)
+    ((_, pre, post),) = seen
     with torch.no_grad():
-        torch.testing.assert_close(pre, model.lin(x))
+        z = model.lin(x)
+    assert bool((z < 0).any())  # the in-place op had something to overwrite
+    torch.testing.assert_close(pre, z)
+    torch.testing.assert_close(post, out)
+    torch.testing.assert_close(post, z.clamp_min(0))
+
+
+@pytest.mark.parametrize("functional", [False, True], ids=["module", "functional"])
+def test_an_in_place_site_is_not_copied_when_no_passive_probe_reads_its_input(functional, monkeypatch):
+    model = InPlace(functional)
+    seen = observed(Capture(model), keep=frozenset({"post"}))
+    clones = []
+    real = torch.Tensor.clone
+    monkeypatch.setattr(torch.Tensor, "clone", lambda t, *a, **k: clones.append(t.shape) or real(t, *a, **k))
+    model(torch.randn(8, 3))
+    ((_, pre, post),) = seen
+    assert pre is None and post is not None
+    assert clones == []
+
+
+def test_an_in_place_site_keeps_training_bit_identical():
+    """The copy is detached: the gradients are those of the model without a capture."""
+    x = torch.randn(8, 3)
+    grads = []
+    for attached in (False, True):
+        model = InPlace(False)
+        if attached:
+            observed(Capture(model))
+        model(x).square().sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
 
 
 def test_after_a_first_forward_keep_is_asked_about_sites_by_their_hash_k_names(shared_relu_mlp):
