@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from probes import records, schedules
+from probes import plugins, records, schedules
 from probes.engine.session import (
     ProbeFailedWarning,
     ProbesClosedError,
@@ -172,4 +172,5 @@ def attach(
             grad_scaler=grad_scaler,
         ),
         sinks=plan_sinks,  # sinks are made above the engine, each through Sink.from_run
+        catalog=plugins.registry,  # the engine looks names up here and imports no registry
     )

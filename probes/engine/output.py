@@ -21,7 +21,7 @@ from typing import Any
 from probes.engine.failures import Failures, sink_error
 from probes.engine.run import Run
 from probes.records import Record, to_host
-from probes.sinks.base import Sink
+from probes.sink import Sink
 
 log = logging.getLogger("probes")
 

@@ -10,7 +10,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from probes import plugins
 from probes.engine import distributed
 from probes.engine.cadence import Cadence, OptimizerStep, rank_agreement
 from probes.engine.capture import Capture, unwrap
@@ -31,7 +30,7 @@ from probes.engine.probeset import ProbeSet
 from probes.engine.resume import check_state, measures_at_attach
 from probes.engine.run import Run
 from probes.engine.scaler import SkippedSteps
-from probes.engine.spec import Options, ProbeSpec, declare_charts, setup_probes
+from probes.engine.spec import Catalog, Options, ProbeSpec, declare_charts, setup_probes
 from probes.legacy import uses_setup
 from probes.probe import Context
 from probes.records import Scalar
@@ -53,10 +52,18 @@ class Session:
         sinks: how the sinks are planned: ``sinks(spec, logdir, writer, sink_class)`` checks ``attach``'s sink
             spec and returns a plan whose ``build(run)`` makes them once all else worked (``plan_sinks`` of
             ``probes.sinks``; the engine names no sink); called on rank 0 only. None: no sinks.
+        catalog: where probe and sink names, and the activation types plugins add, are looked up
+            (``probes.plugins.registry``, handed in by ``attach``: the engine imports no registry).
     """
 
     def __init__(
-        self, model: nn.Module, probes: Any, options: Options, sinks: Callable[..., Any] | None = None
+        self,
+        model: nn.Module,
+        probes: Any,
+        options: Options,
+        sinks: Callable[..., Any] | None = None,
+        *,
+        catalog: Catalog,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"attach needs an nn.Module, got {type(model).__name__}")
@@ -64,7 +71,8 @@ class Session:
         self.model, self.module = model, unwrap(model)
         check_model(self.module)
         self.data = ProbeData.from_probe_data(o.probe_data, o.label_key, self.module)
-        spec = ProbeSpec.parse(probes)
+        self.catalog = catalog
+        spec = ProbeSpec.parse(probes, catalog)
         self.auto = spec.auto  # leave out what does not apply, saying why
         self.run = run = self._make_run(spec)
         if run.collective:
@@ -79,7 +87,7 @@ class Session:
         self.cadence = Cadence(
             self.probes, o.overhead, self._failures, rank_agreement(run.device) if run.collective else None
         )
-        plan = sinks(o.sinks, o.logdir, o.writer, plugins.sink_class) if sinks is not None and run.writes else None
+        plan = sinks(o.sinks, o.logdir, o.writer, catalog.sink_class) if sinks is not None and run.writes else None
         self._output, self._closed, self._opt_handle = Output(self._failures, run), False, None
         self._scaler: SkippedSteps | None = None
         self.capture = self._make_capture()
@@ -126,7 +134,7 @@ class Session:
     def _make_capture(self) -> Capture:
         o = self.options
         extra = tuple({t for p in self.probes.values() for t in p.needs.site_types})
-        classes, names = plugins.registry.activation_types()
+        classes, names = self.catalog.activation_types()
         capture = Capture(
             self.module,
             extra_sites=extra,
@@ -266,7 +274,7 @@ class Session:
     def memory(self) -> Any:
         """The first memory sink (``sinks=["memory"]``, or the default without a logdir)."""
         self._output.release()
-        memory = plugins.sink_class("memory")
+        memory = self.catalog.sink_class("memory")
         for s in self.sinks:
             if isinstance(s, memory):
                 return s

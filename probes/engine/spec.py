@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
-from probes import legacy, plugins
+from probes import legacy
 from probes.engine import distributed
 from probes.engine.failures import Failures
 from probes.engine.needs import check_declared
@@ -19,7 +19,7 @@ from probes.probe import Context, Probe
 from probes.schedules import as_schedule
 
 if TYPE_CHECKING:
-    from probes.sinks.base import Sink
+    from probes.sink import Sink
 
 __all__ = [
     "parse_probes",
@@ -74,12 +74,34 @@ def named(exc: BaseException, name: str) -> BaseException:
 AUTO = "auto"
 
 
-def parse_probes(probes: Any) -> list[tuple[str, Probe]]:
+class Catalog(Protocol):
+    """What the engine asks of the plugin registry: ``probes.plugins.registry`` is one, handed in by ``attach`` and
+    the integrations (the engine imports no registry)."""
+
+    def available(self) -> Any:
+        """Every available probe: items with ``name`` and ``cls``."""
+        ...
+
+    def probe_class(self, name: str) -> type:
+        """The class of the probe called ``name`` (``probes.plugins.UnknownProbeError`` when none is)."""
+        ...
+
+    def sink_class(self, name: str) -> type:
+        """The class of the sink called ``name``."""
+        ...
+
+    def activation_types(self) -> tuple[tuple[type, ...], frozenset[str]]:
+        """The activation module types and functional names that plugins add."""
+        ...
+
+
+def parse_probes(probes: Any, catalog: Catalog) -> list[tuple[str, Probe]]:
     """``(name, probe)`` pairs of an ``attach`` spec: names, classes, instances, a ``{name: options}`` mapping, or
     ``"auto"`` (every available probe at its defaults; the session leaves out those that do not apply).
 
     Args:
         probes: the spec.
+        catalog: where probe names are looked up (``probes.plugins.registry``).
 
     Returns:
         The probes in the order given.
@@ -88,7 +110,7 @@ def parse_probes(probes: Any) -> list[tuple[str, Probe]]:
         TypeError: a spec of the wrong type; ValueError: a probe given twice or bad options (naming the probe).
     """
     if isinstance(probes, str) and probes == AUTO:
-        return [(info.name, make_probe(info.cls, info.name, {})) for info in plugins.available()]
+        return [(info.name, make_probe(info.cls, info.name, {})) for info in catalog.available()]
     if isinstance(probes, (str, Probe)) or (isinstance(probes, type) and issubclass(probes, Probe)):
         probes = [probes]
     items: list[tuple[Any, Any]]
@@ -114,7 +136,7 @@ def parse_probes(probes: Any) -> list[tuple[str, Probe]]:
         elif isinstance(key, type) and issubclass(key, Probe):
             out.append((key.name, make_probe(key, key.name, opts or {})))
         elif isinstance(key, str):
-            out.append((key, make_probe(plugins.probe_class(key), key, opts or {})))
+            out.append((key, make_probe(catalog.probe_class(key), key, opts or {})))
         else:
             raise TypeError(f"probe names must be strings, got {key!r}")
     names = [n for n, _ in out]
@@ -135,18 +157,23 @@ class ProbeSpec:
     given: Any
     entries: tuple[tuple[str, Probe], ...]
     auto: bool = False
+    catalog: Catalog | None = field(default=None, compare=False, repr=False)
 
     @classmethod
-    def parse(cls, probes: Any) -> ProbeSpec:
-        """``probes`` parsed (``parse_probes``), or as it is when it is a ``ProbeSpec`` already."""
+    def parse(cls, probes: Any, catalog: Catalog) -> ProbeSpec:
+        """``probes`` parsed (``parse_probes``, names looked up in ``catalog``), or as it is when it is a
+        ``ProbeSpec`` already."""
         if isinstance(probes, ProbeSpec):
             return probes
-        return cls(probes, tuple(parse_probes(probes)), isinstance(probes, str) and probes == AUTO)
+        auto = isinstance(probes, str) and probes == AUTO
+        return cls(probes, tuple(parse_probes(probes, catalog)), auto, catalog)
 
     def fresh(self) -> ProbeSpec:
         """The same spec with new probe instances (a second run of the same callback starts from scratch; probe
         instances given by the user are theirs and stay as given)."""
-        return ProbeSpec.parse(self.given)
+        if self.catalog is None:
+            raise RuntimeError("ProbeSpec.fresh: this spec was made without a catalog; make it with ProbeSpec.parse")
+        return ProbeSpec.parse(self.given, self.catalog)
 
     @property
     def names(self) -> list[str]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from probes.engine.spec import ProbeSpec
+from probes.plugins import registry
 
 
 def needs_probe_data(spec: Any) -> bool:
@@ -24,4 +25,4 @@ def needs_probe_data(spec: Any) -> bool:
         probes.plugins.UnknownProbeError: a name no plugin provides.
         TypeError: a spec of another form, or options a probe does not take.
     """
-    return ProbeSpec.parse(spec).needs_probe_batch
+    return ProbeSpec.parse(spec, registry).needs_probe_batch

@@ -31,6 +31,7 @@ from probes.engine.failures import ProbesNoticeWarning, framework_driven, say
 from probes.engine.resume import state_at
 from probes.engine.session import Session
 from probes.engine.spec import ProbeSpec
+from probes.plugins import registry
 from probes.schedules import every
 
 __all__ = [
@@ -206,7 +207,7 @@ class CallbackCore:
     def __init__(self, who: str, probes: Any, attach_kwargs: Mapping[str, Any]) -> None:
         if "optimizer" in attach_kwargs:
             raise TypeError(f"{who}: the probe step follows the trainer's step; do not pass optimizer=")
-        self.spec = ProbeSpec.parse(probes)  # the one parse: the first run attaches these probes
+        self.spec = ProbeSpec.parse(probes, registry)  # the one parse: the first run attaches these probes
         self.who = who
         self.probes = probes
         self.attach_kwargs = dict(attach_kwargs)

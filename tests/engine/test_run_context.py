@@ -9,6 +9,7 @@ import pytest
 from torch import nn
 
 import probes
+from probes import plugins
 from probes.engine.failures import Failures
 from probes.engine.measured import Measured
 from probes.engine.probeset import ProbeSet
@@ -241,9 +242,9 @@ def test_the_integrations_parse_the_spec_once_and_attach_what_they_parsed():
 
 
 def test_a_parsed_spec_is_taken_as_it_is():
-    spec = ProbeSpec.parse([Ticks])
-    assert ProbeSpec.parse(spec) is spec and spec.names == ["ticks"] and not spec.auto
-    assert ProbeSpec.parse("auto").auto
+    spec = ProbeSpec.parse([Ticks], plugins.registry)
+    assert ProbeSpec.parse(spec, plugins.registry) is spec and spec.names == ["ticks"] and not spec.auto
+    assert ProbeSpec.parse("auto", plugins.registry).auto
 
 
 def test_the_step_clock_is_a_plain_shared_counter():

@@ -37,19 +37,19 @@ def spec_names(parsed: list[tuple[str, Probe]]) -> list[str]:
 
 
 def test_a_list_of_names_gives_probes_in_the_order_given():
-    parsed = parse_probes(["relu_zeros", "patterns"])
+    parsed = parse_probes(["relu_zeros", "patterns"], plugins.registry)
     assert spec_names(parsed) == ["relu_zeros", "patterns"]
     assert type(parsed[0][1]) is ReluZeros and type(parsed[1][1]) is Patterns
 
 
 def test_one_name_is_a_list_of_one():
-    parsed = parse_probes("relu_zeros")
+    parsed = parse_probes("relu_zeros", plugins.registry)
     assert spec_names(parsed) == ["relu_zeros"]
     assert parsed[0][1].bins == 20  # the default
 
 
 def test_a_mapping_gives_each_probe_its_options_and_every_is_taken_as_the_cadence():
-    parsed = parse_probes({"relu_zeros": {"bins": 5, "every": 3}, "patterns": None})
+    parsed = parse_probes({"relu_zeros": {"bins": 5, "every": 3}, "patterns": None}, plugins.registry)
     assert spec_names(parsed) == ["relu_zeros", "patterns"]
     relu_zeros = parsed[0][1]
     assert relu_zeros.bins == 5
@@ -59,21 +59,21 @@ def test_a_mapping_gives_each_probe_its_options_and_every_is_taken_as_the_cadenc
 
 def test_a_schedule_is_a_cadence_option():
     schedule = at([1, 5])
-    ((_, probe),) = parse_probes({"relu_zeros": {"every": schedule}})
+    ((_, probe),) = parse_probes({"relu_zeros": {"every": schedule}}, plugins.registry)
     assert probe.every is schedule
 
 
 def test_classes_and_instances_are_probes_too():
     mine = Own(scale=2.0)
-    parsed = parse_probes({Own: {"scale": 3.0}})
+    parsed = parse_probes({Own: {"scale": 3.0}}, plugins.registry)
     assert spec_names(parsed) == ["own"] and parsed[0][1].scale == 3.0
-    parsed = parse_probes([mine, "relu_zeros"])
+    parsed = parse_probes([mine, "relu_zeros"], plugins.registry)
     assert spec_names(parsed) == ["own", "relu_zeros"]
     assert parsed[0][1] is mine
 
 
 def test_auto_gives_every_available_probe_at_its_defaults():
-    parsed = parse_probes("auto")
+    parsed = parse_probes("auto", plugins.registry)
     available = plugins.available()
     assert spec_names(parsed) == [info.name for info in available]
     assert "relu_zeros" in spec_names(parsed)
@@ -88,7 +88,7 @@ def test_a_registered_plugin_probe_parses_by_name():
             return [Own]
 
     plugins.register(Plugin(), name="own-plugin")
-    ((name, probe),) = parse_probes({"own": {"scale": 4.0}})
+    ((name, probe),) = parse_probes({"own": {"scale": 4.0}}, plugins.registry)
     assert name == "own" and isinstance(probe, Own) and probe.scale == 4.0
 
 
@@ -97,7 +97,7 @@ def test_a_registered_plugin_probe_parses_by_name():
 
 def test_an_unknown_name_suggests_the_closest_and_lists_what_is_available():
     with pytest.raises(UnknownProbeError) as info:
-        parse_probes(["relu_zero"])
+        parse_probes(["relu_zero"], plugins.registry)
     message = str(info.value)
     assert message.startswith("unknown probe 'relu_zero'. Did you mean 'relu_zeros'?")
     assert "Available: " in message and "patterns" in message
@@ -105,7 +105,7 @@ def test_an_unknown_name_suggests_the_closest_and_lists_what_is_available():
 
 def test_an_unknown_name_far_from_every_probe_suggests_nothing():
     with pytest.raises(UnknownProbeError, match="^unknown probe 'zzzzzz'. Available: ") as info:
-        parse_probes(["zzzzzz"])
+        parse_probes(["zzzzzz"], plugins.registry)
     assert "Did you mean" not in str(info.value)
 
 
@@ -116,7 +116,7 @@ def test_an_unknown_name_far_from_every_probe_suggests_nothing():
 )
 def test_a_probe_given_twice_is_refused_naming_it(spec):
     with pytest.raises(ValueError, match=r"^probe\(s\) \['relu_zeros'\] given more than once$"):
-        parse_probes(spec)
+        parse_probes(spec, plugins.registry)
 
 
 @pytest.mark.parametrize(
@@ -129,13 +129,13 @@ def test_a_probe_given_twice_is_refused_naming_it(spec):
 )
 def test_a_spec_of_the_wrong_type_is_a_type_error(spec, text):
     with pytest.raises(TypeError) as info:
-        parse_probes(spec)
+        parse_probes(spec, plugins.registry)
     assert str(info.value) == text
 
 
 def test_an_unknown_option_names_the_probe_and_the_option():
     with pytest.raises(TypeError) as info:
-        parse_probes({"relu_zeros": {"binz": 3}})
+        parse_probes({"relu_zeros": {"binz": 3}}, plugins.registry)
     message = str(info.value)
     assert message.startswith("probe 'relu_zeros': ") and "binz" in message
     assert "bins" in message.replace("binz", "")  # what it accepts
@@ -143,9 +143,9 @@ def test_an_unknown_option_names_the_probe_and_the_option():
 
 def test_a_bad_option_value_names_the_probe_and_the_option():
     with pytest.raises(ValueError, match=r"relu_zeros.*option 'bins'.*got 0"):
-        parse_probes({"relu_zeros": {"bins": 0}})
+        parse_probes({"relu_zeros": {"bins": 0}}, plugins.registry)
     with pytest.raises(TypeError, match=r"relu_zeros.*option 'sites'.*got 3"):
-        parse_probes({"relu_zeros": {"sites": 3}})
+        parse_probes({"relu_zeros": {"sites": 3}}, plugins.registry)
 
 
 @pytest.mark.parametrize(
@@ -159,7 +159,7 @@ def test_a_bad_option_value_names_the_probe_and_the_option():
 )
 def test_a_bad_cadence_is_refused_naming_the_probe_and_every(every, error, text):
     with pytest.raises(error, match="^probe 'relu_zeros': option 'every'") as info:
-        parse_probes({"relu_zeros": {"every": every}})
+        parse_probes({"relu_zeros": {"every": every}}, plugins.registry)
     assert text in str(info.value)
 
 
@@ -167,13 +167,13 @@ def test_an_instance_with_a_bad_cadence_is_refused_naming_it():
     mine = Own()
     mine.every = "often"
     with pytest.raises(TypeError, match="^probe 'own': option 'every'"):
-        parse_probes([mine])
+        parse_probes([mine], plugins.registry)
 
 
 def test_options_given_for_an_instance_are_not_dropped_silently():
     mine = Own()
     try:
-        parsed = parse_probes({mine: {"every": 5}})
+        parsed = parse_probes({mine: {"every": 5}}, plugins.registry)
     except (TypeError, ValueError) as exc:  # refusing them, naming the probe, is as good as using them
         assert "'own'" in str(exc)
     else:
@@ -251,3 +251,33 @@ def test_good_attach_options_are_kept():
     options = Options(optimizer=optimizer, strict=True, output="logits", probe_batch_size=None, mask=None)
     assert options.optimizer is optimizer and options.output == "logits" and options.probe_batch_size is None
     assert Options(norm_stats="batch", label_shift=1).label_shift == 1
+
+
+def test_names_are_looked_up_in_the_catalog_given_not_a_global_registry():
+    """The engine imports no registry: ``parse_probes`` looks names up in the catalog it is handed."""
+
+    class OneProbe:
+        def __init__(self) -> None:
+            self.asked: list[str] = []
+
+        def available(self):
+            return [plugins.ProbeInfo("own", "a probe of this catalog only", "test", Own)]
+
+        def probe_class(self, name: str) -> type:
+            self.asked.append(name)
+            if name != "own":
+                raise UnknownProbeError(f"no probe {name!r} in this catalog")
+            return Own
+
+        def sink_class(self, name: str) -> type:
+            raise KeyError(name)
+
+        def activation_types(self):
+            return (), frozenset()
+
+    catalog = OneProbe()
+    ((name, probe),) = parse_probes({"own": {"scale": 2.0}}, catalog)
+    assert name == "own" and isinstance(probe, Own) and probe.scale == 2.0 and catalog.asked == ["own"]
+    with pytest.raises(UnknownProbeError, match="relu_zeros"):
+        parse_probes(["relu_zeros"], catalog)  # a built-in name, but not in this catalog
+    assert [n for n, _ in parse_probes("auto", catalog)] == ["own"]

@@ -103,6 +103,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "probes.hookspecs",
             "probes.snapshots",
             "probes.probe",
+            "probes.sink",
             "probes.legacy",
             "probes.inputs",
             "probes.kernels",
@@ -118,16 +119,9 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ),
 )
 
-#: upward edges other branches remove; the lead empties this set when the branches are merged
-KNOWN: set[tuple[str, str]] = {
-    # branch `wiring` (sinks through one constructor protocol, measurements return records)
-    ("probes.engine.output", "probes.sinks.base"),
-    ("probes.engine.spec", "probes.sinks.base"),
-    # the engine looks probes and sinks up in the process-wide registry; to be passed in instead (STYLE: "pass
-    # the registry where it is used"); nearest branch: `wiring` (the spec parsed once)
-    ("probes.engine.session", "probes.plugins"),
-    ("probes.engine.spec", "probes.plugins"),
-}
+#: upward edges allowed for now (none: the engine takes the ``Sink`` contract from ``probes.sink`` and the plugin
+#: registry as an argument, ``Catalog``)
+KNOWN: set[tuple[str, str]] = set()
 
 
 def layer_of(module: str, layers: tuple[tuple[str, tuple[str, ...]], ...] = LAYERS) -> int:
