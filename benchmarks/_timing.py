@@ -1,9 +1,12 @@
-"""Shared timing helpers for the benchmarks: interleaved rounds, medians, a ratio table."""
+"""Shared helpers for the benchmarks: interleaved rounds, medians, a ratio table, resident memory."""
 
 from __future__ import annotations
 
 import gc
+import os
+import resource
 import statistics
+import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -107,3 +110,18 @@ def rotated_rounds(
         for name in order[k:] + order[:k]:
             out[name].append(block(named[name]))
     return out
+
+
+def rss_now() -> float:
+    """Resident memory of this process now, in bytes (Linux ``/proc``; the peak where that is unavailable)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return rss_peak()
+
+
+def rss_peak() -> float:
+    """Peak resident memory of this process, in bytes (``ru_maxrss`` is KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return float(peak if sys.platform == "darwin" else peak * 1024)

@@ -54,7 +54,6 @@ import argparse
 import copy
 import importlib.util
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -71,7 +70,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from _timing import paired_ratios, rotated_rounds  # noqa: E402
+from _timing import paired_ratios, rotated_rounds, rss_now, rss_peak  # noqa: E402
 
 import probes  # noqa: E402
 from probes.builtin.hessian import Hessian  # noqa: E402
@@ -362,21 +361,6 @@ def prepare(make: Callable[[], Any]) -> tuple[Callable[[], Result] | None, Resul
 
 
 # -- peak memory in a fresh process ----------------------------------------------------------------------------
-def _rss_now() -> float:
-    try:
-        import os
-
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError, AttributeError):
-        return _rss_peak()
-
-
-def _rss_peak() -> float:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return float(peak if sys.platform == "darwin" else peak * 1024)
-
-
 def _reset_peak() -> bool:
     """Reset this process's peak resident memory (Linux: ``VmHWM`` through ``/proc/self/clear_refs``)."""
     try:
@@ -402,14 +386,14 @@ def memory_child(args: argparse.Namespace) -> dict:
     case_name, kind, method = args.child
     case = build(case_name, args.mode)
     make = factories(case, kind, args.k, args.tol, args.trace_samples, args.steps)[method]
-    base = _rss_now()
+    base = rss_now()
     run, result = prepare(make)  # builds (probes: attach, which measures once) and measures once
     if run is not None and _reset_peak():
-        base = _rss_now()
+        base = rss_now()
         run()
         peak = _hwm()
-        return {"base": base, "peak": peak if peak is not None else _rss_peak(), "why": result.why, "second": True}
-    return {"base": base, "peak": _rss_peak(), "why": result.why, "second": False}
+        return {"base": base, "peak": peak if peak is not None else rss_peak(), "why": result.why, "second": True}
+    return {"base": base, "peak": rss_peak(), "why": result.why, "second": False}
 
 
 def memory_run(case: str, kind: str, method: str, args: argparse.Namespace, steps: int | None) -> dict:

@@ -41,11 +41,14 @@ import numpy as np
 import torch
 from torch import nn
 
-import probes
-from probes.builtin.pathgram import PathGramProbe
-from probes.data import load_digits
-from probes.functional.pathgram import Workspace, gram, path_gram
-from probes.probe import Probe
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _timing import rss_now, rss_peak  # noqa: E402
+
+import probes  # noqa: E402
+from probes.builtin.pathgram import PathGramProbe  # noqa: E402
+from probes.data import load_digits  # noqa: E402
+from probes.functional.pathgram import Workspace, gram, path_gram  # noqa: E402
+from probes.probe import Probe  # noqa: E402
 
 
 class _Grab(Probe):
@@ -153,25 +156,6 @@ def run(P: int, depth: int, width: int, repeat: int, anchor: bool = True) -> dic
     return row
 
 
-def _rss_now() -> float:
-    """Resident memory of this process now, in bytes (Linux ``/proc``; the peak where that is unavailable)."""
-    try:
-        with open("/proc/self/statm") as f:
-            import os
-
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError, AttributeError):
-        return _rss_peak()
-
-
-def _rss_peak() -> float:
-    """Peak resident memory of this process, in bytes (``ru_maxrss`` is KiB on Linux, bytes on macOS)."""
-    import resource
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return float(peak if sys.platform == "darwin" else peak * 1024)
-
-
 def memory_child(P: int, depth: int, width: int) -> dict:
     """In a fresh process: attach ``pathgram`` (one measurement) at ``P`` on 64-d inputs; peak and base RSS."""
     g = torch.Generator().manual_seed(P)
@@ -180,13 +164,13 @@ def memory_child(P: int, depth: int, width: int) -> dict:
     xs = (x[idx] + 0.05 * torch.rand(P, x.shape[1], generator=g)).clamp(0, 1)
     ys = torch.where(y[idx] % 2 == 0, 1.0, -1.0)
     model = make_net(xs.shape[1], depth, width, g)
-    base = _rss_now()
+    base = rss_now()
     t = time.perf_counter()
     session = probes.attach(model, ["pathgram"], probe_data=(xs, ys), sinks=["memory"], strict=True)
     seconds = time.perf_counter() - t
     norm = session.memory.last("pathgram/norm")
     session.close()
-    return {"P": P, "base_bytes": base, "peak_bytes": _rss_peak(), "seconds": seconds, "norm": norm}
+    return {"P": P, "base_bytes": base, "peak_bytes": rss_peak(), "seconds": seconds, "norm": norm}
 
 
 def memory_run(P: int, depth: int, width: int) -> dict:
