@@ -901,9 +901,10 @@ class Capture:
         keep: frozenset[str] = ALL_VALUES,
     ) -> None:
         """Observe every training forward from now on, handing ``on_observe`` what ``keep`` says of each site
-        (``"pre"``, ``"post"``; the other is None)."""
+        (``"pre"``, ``"post"``; the other is None; ``"gate"`` hands on ``pre``, whose ``pre > 0`` are the gates)."""
         self.on_observe = on_observe
-        self.passive_keep = frozenset(keep) & ALL_VALUES
+        keep = frozenset(keep)
+        self.passive_keep = (keep | {"pre"} if "gate" in keep else keep) & ALL_VALUES
         _CAPTURES[self._id] = self
         self._hook_sites()
         if self.functional is not False:

@@ -540,6 +540,19 @@ def test_an_in_place_site_is_not_copied_when_no_passive_probe_reads_its_input(fu
     assert clones == []
 
 
+def test_a_passive_probe_that_reads_only_the_gates_gets_the_input():
+    """``Needs(sites={"gate"})`` on the passive path: ``pre`` is handed on (its ``pre > 0`` are the gates)."""
+    model = InPlace(False)
+    seen = observed(Capture(model), keep=frozenset({"gate"}))
+    x = torch.randn(8, 3)
+    model(x)
+    ((_, pre, post),) = seen
+    with torch.no_grad():
+        z = model.lin(x)
+    assert pre is not None and post is None
+    assert torch.equal(pre > 0, z > 0)
+
+
 def test_an_in_place_site_keeps_training_bit_identical():
     """The copy is detached: the gradients are those of the model without a capture."""
     x = torch.randn(8, 3)

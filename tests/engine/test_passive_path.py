@@ -312,3 +312,36 @@ def test_a_module_added_to_a_compiled_model_is_counted_from_its_next_forward():
         zeros = int((model(x) == 0).sum())
     assert session.memory.scalars()["relu_zeros/5/zeros"] == [(2, zeros)]
     session.close()
+
+
+def test_a_passive_probe_declaring_gates_reads_them_in_training():
+    """Through ``attach``: a passive probe with ``Needs(sites={"gate"})`` gets each site's input, whose signs are the
+    gates of a naive forward."""
+
+    class Gates(probes.Probe):
+        name = "gatewatch"
+        passive = True
+        every = 1
+        needs = probes.Needs(sites=frozenset({"gate"}))
+
+        def __init__(self, **options):
+            super().__init__(**options)
+            self.gates = []
+
+        def observe(self, site, pre, post):
+            self.gates.append(pre > 0)
+
+        def flush(self, step):
+            return []
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 1))
+    probe = Gates()
+    session = probes.attach(model, [probe], sinks=["memory"])
+    x = torch.randn(5, 3)
+    model(x).sum().backward()
+    session.step()
+    session.close()
+    with torch.no_grad():
+        expected = model[0](x) > 0
+    assert len(probe.gates) == 1 and torch.equal(probe.gates[0], expected)
