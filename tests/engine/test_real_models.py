@@ -356,3 +356,76 @@ def test_the_default_cadence_benchmark_runs():
         timeout=300,
     )
     assert out.stdout.count("x plain training") == 3 and "margin every" in out.stdout, out.stdout
+
+
+def _torchvision_resnet18() -> nn.Module:
+    """``benchmarks/_resnet.py``: a CIFAR ResNet-18 as torchvision writes it (one ``nn.ReLU(inplace=True)`` module
+    called twice per block, BatchNorm)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "_resnet.py"
+    spec = importlib.util.spec_from_file_location("_resnet_for_tests", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    torch.manual_seed(0)
+    return module.ResNet18(w=4)
+
+
+class _Inputs(probes.Probe):
+    """A passive probe that keeps every site's input (``pre``) of every training forward, in call order."""
+
+    name = "inputs_kept"
+    passive = True
+    every = 1
+    needs = probes.Needs(sites=frozenset({"pre"}))
+
+    def __init__(self, **options) -> None:
+        super().__init__(**options)
+        self.seen: list[tuple[str, torch.Tensor]] = []
+
+    def observe(self, site, pre, post):
+        self.seen.append((site.name, pre.detach().clone()))
+
+    def flush(self, step):
+        return []
+
+
+def test_a_torchvision_resnet18_with_in_place_relus_hands_passive_probes_each_input_as_it_was():
+    """Each in-place ReLU call's input against a naive forward pre-hook that copies it, and training bit-identical
+    with and without the probe (BatchNorm in train mode, SGD with momentum)."""
+    x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    y = torch.randint(0, 10, (4,), generator=torch.Generator().manual_seed(2))
+
+    def train(attach: bool):
+        model = _torchvision_resnet18().train()
+        naive: list[torch.Tensor] = []
+        handles = [
+            m.register_forward_pre_hook(lambda _m, args: naive.append(args[0].detach().clone()))
+            for m in model.modules()
+            if isinstance(m, nn.ReLU)
+        ]
+        probe = _Inputs()
+        session = probes.attach(model, [probe], sinks=["memory"]) if attach else None
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        for _ in range(2):
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+            if session is not None:
+                session.step()
+        if session is not None:
+            session.close()
+        for h in handles:
+            h.remove()
+        return model, probe, naive
+
+    plain, _, _ = train(False)
+    model, probe, naive = train(True)
+    assert len(probe.seen) == len(naive) > 20
+    assert any(bool((t < 0).any()) for t in naive)  # the ReLUs had negative inputs to overwrite
+    for (name, kept), ref in zip(probe.seen, naive):
+        assert torch.equal(kept, ref), name
+    assert len({n for n, _ in probe.seen}) > 10  # the reused module's calls are sites of their own (#k)
+    for (n, a), b in zip(model.state_dict().items(), plain.state_dict().values()):
+        assert torch.equal(a, b), n
