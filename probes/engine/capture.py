@@ -15,7 +15,8 @@ top of that stack (no call frames are read). Models that are not attached pay no
 that pickles and deep-copies to a no-op and ignores any module but its own, so copies, pickles, EMA/SWA averages
 and DataParallel replicas of an attached model carry nothing that observes them. Functional calls are caught by a
 ``TorchFunctionMode`` entered around the root's forward, only while someone needs them: torch is never patched.
-Under ``torch.compile`` the hooks call opaque custom ops (``probes::begin``, ``probes::site``, ``probes::end``), so
+Under ``torch.compile`` the hooks call opaque custom ops (``probes::begin``, ``probes::site``, ``probes::end``, and
+``probes::site_input`` before an in-place site that a passive probe reads the input of), so
 dynamo keeps one graph and the observations run on the compiled graph's tensors; functional calls inside a
 compiled forward are not seen (said once).
 
@@ -317,23 +318,32 @@ class _SiteInput(_Hook):
     __slots__ = ()
 
     def __call__(self, module: nn.Module, args: tuple) -> None:
-        if module is not self.module or torch.compiler.is_compiling():
+        if module is not self.module:
             return
         cap = self.capture
+        t = _first_tensor(args)
+        if t is None:
+            return
+        if torch.compiler.is_compiling():  # the opaque op copies it when the graph runs, before the activation
+            if cap._compiled_observing():
+                torch.ops.probes.site_input(cap._token, cap._id, self.index, t)
+            return
         if cap._training_forward or (cap._depth == 0 and cap._recording is None and cap._observable_alone()):
-            t = _first_tensor(args)
-            if t is not None:
-                cap._inplace_inputs[self.index] = t.detach().clone()
+            cap._inplace_inputs[self.index] = t.detach().clone()
 
 
 class _InPlaceSiteOutput(_SiteOutput):
-    """``_SiteOutput`` of an in-place site module: hands on the input as ``_SiteInput`` copied it."""
+    """``_SiteOutput`` of an in-place site module: hands on the input as ``_SiteInput`` copied it (in a compiled
+    graph, ``probes::site`` takes the copy that ``probes::site_input`` made)."""
 
     __slots__ = ()
 
     def __call__(self, module: nn.Module, args: tuple, output: Any) -> None:
-        saved = self.capture._inplace_inputs.pop(self.index, None) if module is self.module else None
-        super().__call__(module, args if saved is None else (saved,), output)
+        if module is self.module and not torch.compiler.is_compiling():
+            saved = self.capture._inplace_inputs.pop(self.index, None)
+            if saved is not None:
+                args = (saved,)
+        super().__call__(module, args, output)
 
 
 class _StackPush(_Hook):
@@ -370,7 +380,15 @@ def _op_site(
 ) -> None:
     cap = _CAPTURES.get(capture)
     if cap is not None and cap._training_forward:
-        cap._site_values(index, pre, post)
+        saved = cap._inplace_inputs.pop(index, None)  # an in-place site's input, copied by probes::site_input
+        cap._site_values(index, saved if saved is not None else pre, post)
+
+
+@torch.library.custom_op("probes::site_input", mutates_args=("token",))
+def _op_site_input(token: torch.Tensor, capture: int, index: int, pre: torch.Tensor) -> None:
+    cap = _CAPTURES.get(capture)
+    if cap is not None and cap._training_forward:
+        cap._inplace_inputs[index] = pre.detach().clone()
 
 
 @torch.library.custom_op("probes::end", mutates_args=("token",))
@@ -387,6 +405,11 @@ def _(token: torch.Tensor, capture: int, training: bool, mask: torch.Tensor | No
 
 @_op_site.register_fake
 def _(token: torch.Tensor, capture: int, index: int, pre: torch.Tensor | None, post: torch.Tensor | None) -> None:
+    return None
+
+
+@_op_site_input.register_fake
+def _(token: torch.Tensor, capture: int, index: int, pre: torch.Tensor) -> None:
     return None
 
 

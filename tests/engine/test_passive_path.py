@@ -345,3 +345,67 @@ def test_a_passive_probe_declaring_gates_reads_them_in_training():
     with torch.no_grad():
         expected = model[0](x) > 0
     assert len(probe.gates) == 1 and torch.equal(probe.gates[0], expected)
+
+
+class _InputsKept(probes.Probe):
+    """A passive probe that keeps every site's input (``pre``), in call order."""
+
+    name = "inputs_kept"
+    passive = True
+    every = 1
+    needs = probes.Needs(sites=frozenset({"pre"}))
+
+    def __init__(self, **options):
+        super().__init__(**options)
+        self.kept = []
+
+    def observe(self, site, pre, post):
+        self.kept.append((site.name, pre.detach().clone()))
+
+    def flush(self, step):
+        return []
+
+
+@compile_ok
+@pytest.mark.parametrize("backend", [None, "aot_eager", "inductor"])
+def test_a_compiled_in_place_relu_hands_passive_probes_its_input_as_eager_does(backend):
+    """``nn.ReLU(inplace=True)`` under ``torch.compile``: ``probes::site_input`` copies the input when the graph
+    runs, before the activation overwrites it; the inputs equal a naive eager copy, in one graph."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(3, 8), nn.ReLU(inplace=True), nn.Linear(8, 8), nn.ReLU(inplace=True), nn.Linear(8, 1)
+    )
+    naive = []
+    for m in (model[1], model[3]):
+        m.register_forward_pre_hook(lambda _m, args: naive.append(args[0].detach().clone()))
+    probe = _InputsKept()
+    session = probes.attach(model, [probe], sinks=["memory"])
+    run = torch.compile(model, backend=backend) if backend else model
+    g = torch.Generator().manual_seed(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", probes.ProbesNoticeWarning)
+        for _ in range(3):
+            run(torch.randn(4, 3, generator=g)).sum().backward()
+            session.step()
+        explained = torch._dynamo.explain(run)(torch.randn(4, 3)) if backend else None
+    session.close()
+    kept = probe.kept[:6]  # explain's run is observed too
+    assert [n for n, _ in kept] == ["1", "3"] * 3
+    assert any(bool((t < 0).any()) for _, t in kept)  # inputs with negatives, as they were
+    if backend is None:
+        for (_, got), ref in zip(kept, naive):
+            assert torch.equal(got, ref)
+    else:
+        assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
+        torch.manual_seed(0)
+        eager = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 1))
+        g = torch.Generator().manual_seed(1)
+        refs = []
+        for _ in range(3):
+            x = torch.randn(4, 3, generator=g)
+            with torch.no_grad():
+                z1 = eager[0](x)
+                refs += [z1, eager[2](z1.relu())]
+        for (_, got), ref in zip(kept, refs):
+            torch.testing.assert_close(got, ref)
