@@ -403,18 +403,20 @@ def _header(logdir: Path, runs: dict[str, RunData]) -> list[str]:
     return out
 
 
-def _last_values(scalars: dict[str, Series]) -> str:
-    """The folded table of every scalar's last step and value."""
-    rows = "".join(
+def _last_values(scalars: dict[str, Series]) -> list[str]:
+    """The folded table of every scalar's last step and value (one line per row)."""
+    rows = [
         f"<tr><td>{html.escape(tag)}</td><td class='num'>{int(steps[-1])}</td>"
         f"<td class='num'>{_fmt(float(values[-1]))}</td></tr>"
         for tag, (steps, values) in sorted(scalars.items())
         if len(steps)
-    )
-    return (
+    ]
+    return [
         f"<details><summary>Last values ({len(scalars)} scalars)</summary>"
-        f"<table><tr><th>tag</th><th>step</th><th>value</th></tr>{rows}</table></details>"
-    )
+        "<table><tr><th>tag</th><th>step</th><th>value</th></tr>",
+        *rows,
+        "</table></details>",
+    ]
 
 
 def _scalar_sections(run: str, data: RunData, page: _Page) -> list[str]:
@@ -470,7 +472,7 @@ def write_report(logdir: str | Path, output: str | Path | None = None) -> Path:
     page = _Page()
     for i, (run, data) in enumerate(runs.items()):
         out.append(f"<h2 id='run-{i}'>run: {html.escape(run)}</h2>")
-        out.append(_last_values(data["scalars"]))
+        out += _last_values(data["scalars"])
         out += _scalar_sections(run, data, page)
         out += _histograms_and_images(run, data, page)
     if page.skipped:
