@@ -10,6 +10,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers.passive import InputsKept
 from torch import nn
 from torch.nn.modules import module as module_hooks
 
@@ -347,25 +348,6 @@ def test_a_passive_probe_declaring_gates_reads_them_in_training():
     assert len(probe.gates) == 1 and torch.equal(probe.gates[0], expected)
 
 
-class _InputsKept(probes.Probe):
-    """A passive probe that keeps every site's input (``pre``), in call order."""
-
-    name = "inputs_kept"
-    passive = True
-    every = 1
-    needs = probes.Needs(sites=frozenset({"pre"}))
-
-    def __init__(self, **options):
-        super().__init__(**options)
-        self.kept = []
-
-    def observe(self, site, pre, post):
-        self.kept.append((site.name, pre.detach().clone()))
-
-    def flush(self, step):
-        return []
-
-
 @compile_ok
 @pytest.mark.parametrize("backend", [None, "aot_eager", "inductor"])
 def test_a_compiled_in_place_relu_hands_passive_probes_its_input_as_eager_does(backend):
@@ -379,7 +361,7 @@ def test_a_compiled_in_place_relu_hands_passive_probes_its_input_as_eager_does(b
     naive = []
     for m in (model[1], model[3]):
         m.register_forward_pre_hook(lambda _m, args: naive.append(args[0].detach().clone()))
-    probe = _InputsKept()
+    probe = InputsKept()
     session = probes.attach(model, [probe], sinks=["memory"])
     run = torch.compile(model, backend=backend) if backend else model
     g = torch.Generator().manual_seed(1)

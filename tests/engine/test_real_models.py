@@ -8,6 +8,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers.passive import InputsKept
 from torch import nn
 from torch.func import functional_call, grad, jacrev, vmap
 from torch.utils.checkpoint import checkpoint
@@ -372,25 +373,6 @@ def _torchvision_resnet18() -> nn.Module:
     return module.ResNet18(w=4)
 
 
-class _Inputs(probes.Probe):
-    """A passive probe that keeps every site's input (``pre``) of every training forward, in call order."""
-
-    name = "inputs_kept"
-    passive = True
-    every = 1
-    needs = probes.Needs(sites=frozenset({"pre"}))
-
-    def __init__(self, **options) -> None:
-        super().__init__(**options)
-        self.seen: list[tuple[str, torch.Tensor]] = []
-
-    def observe(self, site, pre, post):
-        self.seen.append((site.name, pre.detach().clone()))
-
-    def flush(self, step):
-        return []
-
-
 def test_a_torchvision_resnet18_with_in_place_relus_hands_passive_probes_each_input_as_it_was():
     """Each in-place ReLU call's input against a naive forward pre-hook that copies it, and training bit-identical
     with and without the probe (BatchNorm in train mode, SGD with momentum)."""
@@ -405,7 +387,7 @@ def test_a_torchvision_resnet18_with_in_place_relus_hands_passive_probes_each_in
             for m in model.modules()
             if isinstance(m, nn.ReLU)
         ]
-        probe = _Inputs()
+        probe = InputsKept()
         session = probes.attach(model, [probe], sinks=["memory"]) if attach else None
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
         for _ in range(2):
@@ -422,10 +404,10 @@ def test_a_torchvision_resnet18_with_in_place_relus_hands_passive_probes_each_in
 
     plain, _, _ = train(False)
     model, probe, naive = train(True)
-    assert len(probe.seen) == len(naive) > 20
+    assert len(probe.kept) == len(naive) > 20
     assert any(bool((t < 0).any()) for t in naive)  # the ReLUs had negative inputs to overwrite
-    for (name, kept), ref in zip(probe.seen, naive):
+    for (name, kept), ref in zip(probe.kept, naive):
         assert torch.equal(kept, ref), name
-    assert len({n for n, _ in probe.seen}) > 10  # the reused module's calls are sites of their own (#k)
+    assert len({n for n, _ in probe.kept}) > 10  # the reused module's calls are sites of their own (#k)
     for (n, a), b in zip(model.state_dict().items(), plain.state_dict().values()):
         assert torch.equal(a, b), n
