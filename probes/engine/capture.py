@@ -784,11 +784,11 @@ class Capture:
         A module first seen called twice in this pass is named ``path#k`` only when the pass ends; its k-th call
         (k > 1) is asked as ``path#k`` already, and a first call not yet known to repeat is kept for either name.
         """
+        if self._recording is None:  # only asked during a recording; outside one every value counts
+            return ALL_VALUES
         base = f"{path or 'forward'}:{kind}" if functional else path
         call = self._counts.get((base, functional), 0) + 1
         site = self.site(path, call, functional, kind, module)
-        if self._recording is None:  # only asked during a recording; outside one every value counts
-            return ALL_VALUES
         keep = self._recording.keep
         if base in self.multi:
             return frozenset(keep(site))
